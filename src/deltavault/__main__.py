@@ -1,0 +1,3 @@
+from deltavault.cli.main import entry
+
+entry()

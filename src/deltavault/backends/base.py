@@ -1,0 +1,45 @@
+"""The storage backend contract: a simple object store.
+
+Names are '/'-separated relative keys such as ``data/ab/ab12...``. Everything above this
+layer talks to a :class:`Backend` only, so S3 or SFTP can slot in unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    name: str
+    size: int
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """All methods raise :class:`deltavault.errors.BackendError` subclasses on failure."""
+
+    def location(self) -> str: ...
+
+    def exists(self) -> bool:
+        """True when the repository root exists (not that it holds a repository)."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects whose names start with ``prefix`` (a folder such as ``index/``)."""
+        ...
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read an object, or ``length`` bytes of it from ``offset``. A negative
+        ``offset`` counts from the end (for pack trailers)."""
+        ...
+
+    def put(self, name: str, data: bytes) -> None:
+        """Store atomically: readers see the old object, or none, or all of the new one."""
+        ...
+
+    def delete(self, name: str) -> None: ...
+
+    def stat(self, name: str) -> ObjectInfo: ...

@@ -1,0 +1,65 @@
+"""Counts bytes and requests crossing the backend boundary, for run summaries."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from deltavault.backends.base import Backend, ObjectInfo
+
+
+@dataclass
+class Traffic:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    gets: int = 0
+    puts: int = 0
+    lists: int = 0
+    deletes: int = 0
+    read_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> Traffic:
+        return Traffic(self.bytes_read, self.bytes_written, self.gets, self.puts, self.lists,
+                       self.deletes, dict(self.read_by_kind))
+
+
+class CountingBackend:
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.traffic = Traffic()
+        self._lock = threading.Lock()
+
+    def location(self) -> str:
+        return self.inner.location()
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        with self._lock:
+            self.traffic.lists += 1
+        return self.inner.list(prefix)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = self.inner.get(name, offset, length)
+        kind = name.split("/", 1)[0]
+        with self._lock:
+            self.traffic.gets += 1
+            self.traffic.bytes_read += len(data)
+            self.traffic.read_by_kind[kind] = self.traffic.read_by_kind.get(kind, 0) + len(data)
+        return data
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(name, data)
+        with self._lock:
+            self.traffic.puts += 1
+            self.traffic.bytes_written += len(data)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+        with self._lock:
+            self.traffic.deletes += 1
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self.inner.stat(name)

@@ -1,0 +1,152 @@
+"""Local directory backend: the embedded default."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from deltavault.backends.base import ObjectInfo
+from deltavault.errors import BackendError, NoSpace, ObjectNotFound
+
+_TMP = ".tmp"
+
+
+def _raise_for(exc: OSError, what: str) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise NoSpace(f"no space left on the repository disk while writing {what}") from exc
+    if exc.errno == errno.ENOENT:
+        raise ObjectNotFound(f"{what}: not found") from exc
+    raise BackendError(f"{what}: {exc.strerror or exc}", retryable=False) from exc
+
+
+class LocalBackend:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self._fsync = fsync
+        self._made_dirs: set[Path] = set()
+
+    def location(self) -> str:
+        return str(self.root)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def _path(self, name: str) -> Path:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise BackendError(f"invalid object name {name!r}", retryable=False)
+        return self.root / name
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if not base.is_dir():
+            return
+        stack = [base]
+        while stack:
+            d = stack.pop()
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                _raise_for(exc, str(d))
+            for e in entries:
+                if e.name.startswith(_TMP):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                else:
+                    try:
+                        size = e.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+                    yield ObjectInfo(os.path.relpath(e.path, self.root).replace(os.sep, "/"), size)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if offset < 0:
+                    f.seek(offset, os.SEEK_END)
+                elif offset:
+                    f.seek(offset)
+                if length is None:
+                    return f.readall()
+                out = bytearray()
+                while len(out) < length:
+                    piece = f.read(length - len(out))
+                    if not piece:
+                        break
+                    out += piece
+                return bytes(out)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and offset < 0:
+                raise ObjectNotFound(f"{name}: shorter than {-offset} bytes") from exc
+            _raise_for(exc, name)
+            raise  # unreachable: _raise_for always raises
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        parent = path.parent
+        if parent not in self._made_dirs:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                _raise_for(exc, name)
+            self._made_dirs.add(parent)
+        tmp = parent / f"{_TMP}-{path.name}-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self._fsync:
+                dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            _raise_for(exc, name)
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            _raise_for(exc, name)
+
+    def stat(self, name: str) -> ObjectInfo:
+        try:
+            st = os.stat(self._path(name))
+        except OSError as exc:
+            _raise_for(exc, name)
+            raise
+        return ObjectInfo(name, st.st_size)
+
+    def remove_stale_temp_files(self) -> int:
+        """Remove temp files left by a crash in the middle of a put. Returns the count."""
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(_TMP):
+                    try:
+                        os.unlink(os.path.join(dirpath, f))
+                        n += 1
+                    except OSError:
+                        pass
+        return n

@@ -1,0 +1,1 @@
+"""Backup engines: files (archiver) and volumes."""

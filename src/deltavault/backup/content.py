@@ -1,0 +1,330 @@
+"""Turning an open file into content references.
+
+Three paths:
+- small files: one read, FastCDC, chunks to the worker pool;
+- big files: streamed in page-aligned windows through FastCDC; holes of sparse files
+  become Hole references; files over the delta threshold also get per-page digests;
+- large files whose previous version has page digests (a database, a VM image changed
+  in place): the previous chunk boundaries are kept and each changed chunk is stored as
+  a patch of its changed 4 KiB pages against its base blob.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import blake3
+
+from deltavault.chunking.cdc import Chunker
+from deltavault.chunking.pages import DIGEST
+from deltavault.fs.sparse import data_extents
+from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
+from deltavault.model.types import BlobType
+from deltavault.objects.patch import coalesce, encode_patch
+
+WINDOW = 8 * 1024 * 1024
+PAGES_PER_DIGEST_BLOB = 16384  # 64 MiB of file per META blob
+PATCH_LEVEL = 3  # patches are small: spend a little more on compressing them
+# A chunk whose patch would cover more than this share of its pages is stored whole.
+MAX_PATCH_SHARE = 0.5
+
+
+class FileChanged(Exception):
+    """The file changed size while being read; the caller retries."""
+
+
+class BlobSaver(Protocol):
+    def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
+                  level: int | None = None, compress: bool = True) -> tuple[bytes, int]: ...
+
+    def has_blob(self, blob_id: bytes) -> bool: ...
+
+
+class Inflight:
+    """Bounds the bytes queued for the worker pool."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+@dataclass
+class PendingContent:
+    parts: list[ContentRef | Future[ContentRef]] = field(default_factory=list)
+    digests: list[bytes | Future[bytes]] | None = None
+    bytes_read: int = 0
+
+    def refs(self) -> list[ContentRef]:
+        return [p.result() if isinstance(p, Future) else p for p in self.parts]
+
+    def digest_bytes(self) -> bytes | None:
+        if self.digests is None:
+            return None
+        return b"".join(d.result() if isinstance(d, Future) else d for d in self.digests)
+
+
+def _read_exact(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        piece = os.pread(fd, length - got, offset + got)
+        if not piece:
+            raise FileChanged("file shrank while being read")
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def _aligned_extents(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Round data extents out to page boundaries and merge overlaps."""
+    out: list[tuple[int, int]] = []
+    for off, ln in extents:
+        s = off - off % PAGE_SIZE
+        e = min(size, -(-(off + ln) // PAGE_SIZE) * PAGE_SIZE)
+        if out and s <= out[-1][0] + out[-1][1]:
+            ps, pl = out[-1]
+            out[-1] = (ps, max(ps + pl, e) - ps)
+        else:
+            out.append((s, e - s))
+    return out
+
+
+def bitmap(pages: list[int], first: int, count: int) -> bytes:
+    bm = bytearray((count + 7) // 8)
+    for p in pages:
+        j = p - first
+        bm[j >> 3] |= 1 << (j & 7)
+    return bytes(bm)
+
+
+def bitmap_pages(bm: bytes, first: int) -> set[int]:
+    out = set()
+    for i, byte in enumerate(bm):
+        while byte:
+            low = byte & -byte
+            out.add(first + i * 8 + low.bit_length() - 1)
+            byte ^= low
+    return out
+
+
+class ContentReader:
+    def __init__(self, repo: BlobSaver, pool: ThreadPoolExecutor, chunker: Chunker, *,
+                 page_key: bytes | None, delta_threshold: int, inflight: Inflight) -> None:
+        self.repo = repo
+        self.pool = pool
+        self.chunker = chunker
+        self.page_key = page_key
+        self.delta_threshold = delta_threshold
+        self.inflight = inflight
+        self._zero_digest = self._digest(bytes(PAGE_SIZE))
+
+    # ------------------------------------------------------------------ helpers
+    def _digest(self, page: bytes | memoryview) -> bytes:
+        if self.page_key is None:
+            return blake3.blake3(page).digest(DIGEST)
+        return blake3.blake3(page, key=self.page_key).digest(DIGEST)
+
+    def _digests(self, buf: bytes) -> bytes:
+        mv = memoryview(buf)
+        d = self._digest
+        return b"".join([d(mv[i:i + PAGE_SIZE]) for i in range(0, len(mv), PAGE_SIZE)])
+
+    def _hole_digests(self, start: int, end: int) -> bytes:
+        """Digests of the zero pages covering [start, end); start is page-aligned."""
+        full, rest = divmod(end - start, PAGE_SIZE)
+        out = self._zero_digest * full
+        if rest:
+            out += self._digest(bytes(rest))
+        return out
+
+    def _submit(self, fn: Callable[[bytes], ContentRef], data: bytes) -> Future[ContentRef]:
+        n = len(data)
+        self.inflight.acquire(n)
+        fut = self.pool.submit(fn, data)
+        fut.add_done_callback(lambda _f: self.inflight.release(n))
+        return fut
+
+    def _save_full(self, data: bytes) -> ContentRef:
+        bid, _ = self.repo.save_blob(BlobType.DATA, data)
+        return Full(bid, len(data))
+
+    def _save_patch(self, base: bytes, size: int, bm: bytes) -> Callable[[bytes], ContentRef]:
+        def job(patch: bytes) -> ContentRef:
+            pid, _ = self.repo.save_blob(BlobType.DATA, patch, level=PATCH_LEVEL)
+            return Patch(base, [pid], size, bm)
+        return job
+
+    # ------------------------------------------------------------------ entry point
+    def read(self, fd: int, st: os.stat_result, prev_refs: list[ContentRef] | None,
+             prev_digests: bytes | None) -> PendingContent:
+        size = st.st_size
+        if size == 0:
+            return PendingContent()
+        large = size >= self.delta_threshold
+        if large and prev_refs and prev_digests is not None:
+            return self._read_delta(fd, size, prev_refs, prev_digests)
+        sparse = st.st_blocks * 512 < size
+        extents = data_extents(fd, size) if sparse else [(0, size)]
+        if not large and extents == [(0, size)] and size <= self.chunker.params.max_size:
+            data = _read_exact(fd, 0, size)
+            out = PendingContent(bytes_read=size)
+            if len(data) <= self.chunker.params.min_size:
+                out.parts.append(self._submit(self._save_full, data))
+            else:
+                mv = memoryview(data)
+                for off, ln in self.chunker.cut(data):
+                    out.parts.append(self._submit(self._save_full, bytes(mv[off:off + ln])))
+            return out
+        return self._read_stream(fd, size, _aligned_extents(extents, size), large)
+
+    # ------------------------------------------------------------------ streaming
+    def _windows(self, fd: int, start: int, length: int, out: PendingContent,
+                 digests: bool) -> Iterator[bytes]:
+        pos, end = start, start + length
+        while pos < end:
+            n = min(WINDOW, end - pos)
+            data = _read_exact(fd, pos, n)
+            out.bytes_read += n
+            if digests and out.digests is not None:
+                out.digests.append(self.pool.submit(self._digests, data))
+            yield data
+            pos += n
+
+    def _read_stream(self, fd: int, size: int, extents: list[tuple[int, int]], large: bool) -> PendingContent:
+        out = PendingContent(digests=[] if large else None)
+        pos = 0
+        for off, ln in extents:
+            if off > pos:
+                out.parts.append(Hole(off - pos))
+                if out.digests is not None:
+                    out.digests.append(self._hole_digests(pos, off))
+            for chunk in self.chunker.cut_stream(self._windows(fd, off, ln, out, large)):
+                out.parts.append(self._submit(self._save_full, chunk))
+            pos = off + ln
+        if pos < size:
+            out.parts.append(Hole(size - pos))
+            if out.digests is not None:
+                out.digests.append(self._hole_digests(pos, size))
+        return out
+
+    # ------------------------------------------------------------------ delta
+    def _read_delta(self, fd: int, size: int, prev_refs: list[ContentRef], prev_dig: bytes) -> PendingContent:
+        out = PendingContent(digests=[])
+        assert out.digests is not None
+        extents = _aligned_extents(data_extents(fd, size), size)
+        n_pages = -(-size // PAGE_SIZE)
+        prev_pages = len(prev_dig) // DIGEST
+        new_dig = bytearray(n_pages * DIGEST)
+        reader = _SlidingReader(fd, size, out)
+        next_page = 0
+
+        def digest_up_to(end: int) -> None:
+            nonlocal next_page
+            last = (end - 1) // PAGE_SIZE
+            while next_page <= last:
+                s = next_page * PAGE_SIZE
+                e = min(s + PAGE_SIZE, size)
+                new_dig[next_page * DIGEST:(next_page + 1) * DIGEST] = (
+                    self._digest(reader.get(s, e - s)) if _overlaps(extents, s, e)
+                    else self._hole_digests(s, e)[:DIGEST])
+                next_page += 1
+
+        off = 0
+        for ref in prev_refs:
+            if off >= size:
+                break
+            r_len = min(ref.size, size - off)
+            r_end = off + r_len
+            digest_up_to(r_end)
+            first, last = off // PAGE_SIZE, (r_end - 1) // PAGE_SIZE
+            if not _overlaps(extents, off, r_end):
+                out.parts.append(Hole(r_len))
+            else:
+                changed = [p for p in range(first, last + 1)
+                           if p >= prev_pages
+                           or new_dig[p * DIGEST:(p + 1) * DIGEST] != prev_dig[p * DIGEST:(p + 1) * DIGEST]]
+                if not changed and r_len == ref.size and not isinstance(ref, Hole):
+                    out.parts.append(ref)
+                elif isinstance(ref, Hole) or r_len != ref.size:
+                    out.parts.append(self._submit(self._save_full, reader.get(off, r_len)))
+                else:
+                    base = ref.id if isinstance(ref, Full) else ref.base
+                    prior = bitmap_pages(ref.pages, first) if isinstance(ref, Patch) else set()
+                    union = sorted(prior.union(changed))
+                    if len(union) > MAX_PATCH_SHARE * (last - first + 1):
+                        out.parts.append(self._submit(self._save_full, reader.get(off, r_len)))
+                    else:
+                        pieces: list[tuple[int, bytes | memoryview]] = [
+                            (s, reader.get(off + s, ln)) for s, ln in coalesce(union, off, r_len, PAGE_SIZE)]
+                        job = self._save_patch(base, r_len, bitmap(union, first, last - first + 1))
+                        out.parts.append(self._submit(job, encode_patch(pieces)))
+            off = r_end
+            reader.release_before(off - off % PAGE_SIZE)
+        if off < size:
+            # Grown beyond the previous end: content-defined chunks, as for a new file.
+            digest_up_to(size)
+            tail = reader.get(off, size - off)
+            mv = memoryview(tail)
+            for s, ln in self.chunker.cut(tail):
+                out.parts.append(self._submit(self._save_full, bytes(mv[s:s + ln])))
+        else:
+            digest_up_to(size)
+        out.digests.append(bytes(new_dig))
+        return out
+
+
+def _overlaps(extents: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) touches any of the sorted, disjoint extents."""
+    i = bisect.bisect_right(extents, (end, -1)) - 1  # last extent starting before end
+    return i >= 0 and extents[i][0] + extents[i][1] > start
+
+
+class _SlidingReader:
+    """Sequential page-aligned reads with a window that forgets what lies behind."""
+
+    def __init__(self, fd: int, size: int, out: PendingContent) -> None:
+        self.fd = fd
+        self.size = size
+        self.out = out
+        self.start = 0
+        self.buf = bytearray()
+
+    def get(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        if offset < self.start:
+            raise AssertionError("sliding reader moved backwards")
+        while self.start + len(self.buf) < end:
+            pos = self.start + len(self.buf)
+            n = min(WINDOW, self.size - pos)
+            if n <= 0:
+                raise FileChanged("file shrank while being read")
+            self.buf += _read_exact(self.fd, pos, n)
+            self.out.bytes_read += n
+        return bytes(self.buf[offset - self.start:end - self.start])
+
+    def release_before(self, offset: int) -> None:
+        drop = offset - self.start
+        if drop > WINDOW:
+            del self.buf[:drop]
+            self.start = offset

@@ -1,0 +1,121 @@
+"""What the previous run saw, for change detection.
+
+Two providers behind one protocol: the local catalog (no downloads at all) and, when the
+catalog is missing or belongs to a snapshot that is gone, the parent snapshot's trees
+read from the repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+
+from deltavault.errors import CorruptionError, DeltavaultError
+from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.tracking.catalog import Catalog
+
+
+@dataclass
+class PrevDir:
+    tree_id: bytes
+    nodes: dict[bytes, Node]
+
+
+class PreviousState(Protocol):
+    kind: str  # "catalog" | "parent-trees" | "none"
+    snapshot_id: str | None
+    run_start_ns: int
+
+    def dir(self, relpath: bytes) -> PrevDir | None: ...
+
+    def meta_blob(self, blob_id: bytes) -> bytes | None: ...
+
+
+class BlobLoader(Protocol):
+    def load_blob(self, blob_id: bytes) -> bytes: ...
+
+
+def decode_tree(raw: bytes) -> Tree:
+    try:
+        return msgspec.msgpack.decode(raw, type=Tree)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptionError(f"tree does not parse: {exc}") from exc
+
+
+def _as_prev(tree_id: bytes, raw: bytes) -> PrevDir:
+    return PrevDir(tree_id, {n.name: n for n in decode_tree(raw).nodes})
+
+
+class NoPrevious:
+    kind = "none"
+    snapshot_id: str | None = None
+    run_start_ns = 0
+
+    def dir(self, relpath: bytes) -> PrevDir | None:
+        return None
+
+    def meta_blob(self, blob_id: bytes) -> bytes | None:
+        return None
+
+
+class CatalogPrevious:
+    kind = "catalog"
+
+    def __init__(self, catalog: Catalog, source_id: str, snapshot_id: str, run_start_ns: int) -> None:
+        self.catalog = catalog
+        self.source_id = source_id
+        self.snapshot_id: str | None = snapshot_id
+        self.run_start_ns = run_start_ns
+
+    def dir(self, relpath: bytes) -> PrevDir | None:
+        row = self.catalog.get_dir(self.source_id, relpath)
+        if row is None:
+            return None
+        try:
+            return _as_prev(*row)
+        except CorruptionError:
+            return None  # a damaged cache row only costs a re-read
+
+    def meta_blob(self, blob_id: bytes) -> bytes | None:
+        return self.catalog.get_blob(self.source_id, blob_id)
+
+
+class TreePrevious:
+    """Reads the parent snapshot's trees from the repository, on demand."""
+
+    kind = "parent-trees"
+
+    def __init__(self, repo: BlobLoader, root_tree: bytes, snapshot_id: str, run_start_ns: int) -> None:
+        self.repo = repo
+        self.snapshot_id: str | None = snapshot_id
+        self.run_start_ns = run_start_ns
+        self._root = root_tree
+        self._cache: dict[bytes, PrevDir | None] = {}
+
+    def _load(self, tree_id: bytes) -> PrevDir | None:
+        try:
+            return _as_prev(tree_id, self.repo.load_blob(tree_id))
+        except DeltavaultError:
+            return None
+
+    def dir(self, relpath: bytes) -> PrevDir | None:
+        if relpath in self._cache:
+            return self._cache[relpath]
+        if relpath == b"":
+            result = self._load(self._root)
+        else:
+            parent, _, name = relpath.rpartition(b"/")
+            pdir = self.dir(parent)
+            node = pdir.nodes.get(name) if pdir else None
+            result = (self._load(node.subtree) if node is not None and node.type == NodeType.DIR
+                      and node.subtree else None)
+        self._cache[relpath] = result
+        return result
+
+    def meta_blob(self, blob_id: bytes) -> bytes | None:
+        try:
+            return self.repo.load_blob(blob_id)
+        except DeltavaultError:
+            return None

@@ -1,0 +1,155 @@
+"""One file backup run: choose what to compare against, archive, save the snapshot,
+then update the catalog."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deltavault import __version__
+from deltavault.backup.files import FileArchiver, FileBackupOptions, FileStats, Problem, Source
+from deltavault.backup.previous import CatalogPrevious, NoPrevious, PreviousState, TreePrevious
+from deltavault.chunking.cdc import CdcParams, Chunker
+from deltavault.errors import UsageError
+from deltavault.model.snapshot import Snapshot, SnapshotSummary
+from deltavault.progress import NullReporter, Reporter
+from deltavault.repository.repository import Repository
+from deltavault.tracking.catalog import Catalog
+
+
+@dataclass
+class BackupRequest:
+    paths: list[str]  # what to read
+    logical_paths: list[str] | None = None  # what to record (--as, or the path before a snapshot)
+    source_id: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    tags: list[str] = field(default_factory=list)
+    parent: str | None = None
+    options: FileBackupOptions = field(default_factory=FileBackupOptions)
+    use_catalog: bool = True
+
+
+@dataclass
+class BackupResult:
+    snapshot_id: str
+    snapshot: Snapshot
+    stats: FileStats
+    problems: list[Problem]
+    change_source: str  # catalog | parent-trees | none
+    parent: str | None
+    bytes_added: int
+    bytes_downloaded: int
+    seconds: float
+
+    @property
+    def partial(self) -> bool:
+        return any(p.partial for p in self.problems)
+
+
+def default_source_id(hostname: str, logical_paths: list[str]) -> str:
+    return f"{hostname}:" + "\n".join(sorted(logical_paths))
+
+
+def chunker_for(repo: Repository) -> Chunker:
+    c = repo.config.chunker
+    seed = repo.master.chunker_seed() if repo.master else 0
+    return Chunker(CdcParams(c.min, c.avg, c.max, seed))
+
+
+def _sources(paths: list[str], logical: list[str]) -> list[Source]:
+    out = []
+    names: set[bytes] = set()
+    for p, lp in zip(paths, logical, strict=True):
+        name = os.fsencode(os.path.basename(os.path.normpath(lp))) or b"root"
+        if name in (b".", b".."):
+            name = os.fsencode(os.path.basename(os.path.abspath(lp))) or b"root"
+        if name in names:
+            raise UsageError(f"two sources share the name {os.fsdecode(name)!r}; back them up separately or use --as")
+        names.add(name)
+        out.append(Source(os.fsencode(os.path.abspath(p)), name))
+    return out
+
+
+def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
+                     parent: str | None) -> PreviousState:
+    existing = set(repo.snapshot_ids())
+    if parent is None and catalog is not None:
+        state = catalog.source_state(source_id)
+        if state is not None and state.snapshot in existing:
+            return CatalogPrevious(catalog, source_id, state.snapshot, state.run_start_ns)
+    if parent is not None:
+        sid, snap = repo.resolve_snapshot(parent)
+    else:
+        candidates = [s for s in repo.list_snapshots() if s[1].source_id == source_id and s[1].tree]
+        if not candidates:
+            return NoPrevious()
+        sid, snap = candidates[-1]
+    if snap.tree is None:
+        return NoPrevious()
+    return TreePrevious(repo, snap.tree, sid, snap.time_ns)
+
+
+def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None = None,
+               catalog_path: Path | None = None) -> BackupResult:
+    reporter = reporter or NullReporter()
+    t0 = time.monotonic()
+    start_ns = time.time_ns()
+    logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
+    sources = _sources(req.paths, logical)
+    source_id = req.source_id or default_source_id(req.hostname, logical)
+    for p in req.paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"source {p!r} does not exist")
+    catalog = None
+    if req.use_catalog and repo.cache_dir is not None:
+        catalog = Catalog(catalog_path or repo.cache_dir / "catalog.sqlite")
+    try:
+        if repo.adopt_orphan_packs():
+            pass  # packs of an interrupted run are reused from here on
+        previous: PreviousState = NoPrevious() if req.options.read_all else _choose_previous(
+            repo, catalog, source_id, req.parent)
+        writer = catalog.writer(source_id) if catalog is not None else None
+        opts = req.options
+        if repo.backend.location():
+            opts.skip_paths = set(opts.skip_paths) | {os.fsencode(os.path.abspath(repo.backend.location()))}
+            if repo.cache_dir is not None:
+                opts.skip_paths.add(os.fsencode(os.path.abspath(repo.cache_dir)))
+        page_key = repo.master.mac if repo.master else None
+        archiver = FileArchiver(repo, chunker_for(repo), previous, reporter, opts,
+                                page_key=page_key, catalog=writer)
+        reporter.start("backup")
+        root = archiver.run(sources)
+        reporter.finish()
+        st = archiver.stats
+        traffic = repo.traffic
+        summary = SnapshotSummary(
+            files_new=st.files_new, files_changed=st.files_changed, files_unmodified=st.files_unmodified,
+            dirs=st.dirs, bytes_processed=st.bytes_read, bytes_total=st.bytes_total,
+            bytes_added=repo.write_stats.bytes_written, bytes_downloaded=traffic.bytes_read,
+            blobs_added=repo.write_stats.blobs_added,
+            errors=sum(1 for p in archiver.problems if p.partial), seconds=round(time.monotonic() - t0, 3))
+        snap = Snapshot(time=datetime.fromtimestamp(start_ns / 1e9, UTC).isoformat().replace("+00:00", "Z"),
+                        time_ns=start_ns, hostname=req.hostname, username=_user(), kind="files",
+                        paths=logical, source_id=source_id, tree=root, parent=previous.snapshot_id,
+                        tags=req.tags, summary=summary, program=f"deltavault {__version__}")
+        sid = repo.save_snapshot(snap)
+        if writer is not None:
+            writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids)
+        return BackupResult(sid, snap, st, archiver.problems, previous.kind, previous.snapshot_id,
+                            repo.write_stats.bytes_written, repo.traffic.bytes_read,
+                            time.monotonic() - t0)
+    finally:
+        if catalog is not None:
+            catalog.close()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""

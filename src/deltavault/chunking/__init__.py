@@ -1,0 +1,1 @@
+"""Chunking: content-defined (FastCDC), fixed blocks, page digests, RDC signatures."""

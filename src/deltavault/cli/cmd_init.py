@@ -1,0 +1,30 @@
+"""deltavault init: create a repository."""
+
+from __future__ import annotations
+
+import argparse
+
+from deltavault.backends import open_backend
+from deltavault.cli.common import Context, parse_size, read_password
+from deltavault.repository.repository import DEFAULT_LEVEL, DEFAULT_PACK_SIZE, Repository
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create a repository")
+    p.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_SIZE, help="target pack size (default 32M)")
+    p.add_argument("--compression", type=int, default=DEFAULT_LEVEL, help="zstd level (default %(default)s)")
+    p.add_argument("--insecure-no-encryption", action="store_true",
+                   help="store data unencrypted (ids are then plain BLAKE3)")
+    p.set_defaults(func=run)
+
+
+def run(ctx: Context) -> int:
+    a = ctx.args
+    backend = open_backend(ctx.repo_location())
+    pw = None if a.insecure_no_encryption else read_password(a, confirm=True)
+    repo = Repository.init(backend, pw, pack_size=a.pack_size, compression=a.compression)
+    ctx.emit({"type": "init", "repository": backend.location(), "id": repo.config.id,
+              "encryption": repo.config.encryption},
+             f"created repository {repo.config.id[:8]} at {backend.location()} "
+             f"({'encrypted' if pw is not None else 'NOT encrypted'})")
+    return 0

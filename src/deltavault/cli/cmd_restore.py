@@ -1,0 +1,51 @@
+"""deltavault restore: restore a snapshot or chosen paths of it."""
+
+from __future__ import annotations
+
+import argparse
+
+from deltavault.cli.common import Context, human
+from deltavault.errors import ExitCode, UsageError
+from deltavault.repository.repository import short_id
+from deltavault.restore.files import FileRestorer, RestoreOptions
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("restore", help="restore a snapshot")
+    p.add_argument("snapshot", help="snapshot id, a unique prefix, or 'latest'")
+    p.add_argument("-t", "--target", help="directory to restore into")
+    p.add_argument("-i", "--include", action="append", default=[], metavar="PATH",
+                   help="restore only this path of the snapshot (repeatable)")
+    p.add_argument("--verify", action="store_true", help="re-read every written file and check it")
+    p.add_argument("--no-owner", action="store_true", help="do not restore ownership")
+    p.set_defaults(func=run)
+
+
+def run(ctx: Context) -> int:
+    a = ctx.args
+    if not a.target:
+        raise UsageError("restore needs --target DIR")
+    repo = ctx.open_repo()
+    with repo.lock(command="restore", wait=a.lock_wait):
+        sid, snap = repo.resolve_snapshot(a.snapshot)
+        if snap.tree is None:
+            raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: use restore --volume")
+        restorer = FileRestorer(repo, a.target, RestoreOptions(include=a.include, verify=a.verify,
+                                                                owner=not a.no_owner), ctx.reporter())
+        st = restorer.run(snap.tree)
+    probs = restorer.problems
+    obj = {"type": "summary", "snapshot": sid, "target": a.target, "files": st.files, "dirs": st.dirs,
+           "links": st.links, "special": st.special, "bytes_written": st.bytes_written,
+           "bytes_verified": st.bytes_verified, "verified": a.verify, "errors": len(probs),
+           "problems": [p.__dict__ for p in probs]}
+    text = (f"restored snapshot {short_id(sid)} to {a.target}: {st.files} files, {st.dirs} dirs, "
+            f"{st.links} hard links, {st.special} other; {human(st.bytes_written)}")
+    if a.verify:
+        text += f"\nverified: {human(st.bytes_verified)} re-read, " + (
+            "all match" if not any(p.kind == "verify" for p in probs) else "MISMATCHES found")
+    if probs:
+        text += f"\n{len(probs)} problem(s):\n" + "\n".join(f"  {p.kind}: {p.path}: {p.message}" for p in probs)
+    ctx.emit(obj, text)
+    if any(p.kind == "corrupt" for p in probs):
+        return int(ExitCode.CORRUPT)
+    return int(ExitCode.PARTIAL) if probs else 0

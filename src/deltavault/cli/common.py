@@ -1,0 +1,120 @@
+"""What every command shares: options, password, opening the repository, output."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltavault.backends import open_backend
+from deltavault.errors import UsageError
+from deltavault.progress import Reporter
+from deltavault.repository.repository import Repository
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64K, 4MiB, 1G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    json: bool
+    quiet: bool
+    stdout: Any = field(default_factory=lambda: sys.stdout)
+    stderr: Any = field(default_factory=lambda: sys.stderr)
+
+    # ------------------------------------------------------------- output
+    def emit(self, obj: dict[str, Any], text: str | None = None) -> None:
+        """A result: one JSON line in --json mode, else ``text`` (if any)."""
+        if self.json:
+            self.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+            self.stdout.flush()
+        elif text is not None and not self.quiet:
+            self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+    def say(self, text: str) -> None:
+        if not self.json and not self.quiet:
+            self.stdout.write(text + "\n")
+
+    def warn(self, text: str) -> None:
+        if self.json:
+            self.stdout.write(json.dumps({"type": "warning", "message": text}) + "\n")
+        else:
+            self.stderr.write(f"warning: {text}\n")
+
+    def reporter(self) -> Reporter:
+        from deltavault.cli.progress import JsonReporter, QuietReporter, RichReporter
+
+        if self.json:
+            return JsonReporter(self.stdout)
+        if not self.quiet and self.stderr.isatty():
+            return RichReporter(self.stderr)
+        return QuietReporter(self.stderr)
+
+    # ------------------------------------------------------------- repository
+    def repo_location(self) -> str:
+        loc = self.args.repo or os.environ.get("DELTAVAULT_REPOSITORY")
+        if not loc:
+            raise UsageError("no repository given: use -r/--repo or set DELTAVAULT_REPOSITORY")
+        return str(loc)
+
+    def password_source(self, *, confirm: bool = False) -> Callable[[], bytes]:
+        return lambda: read_password(self.args, confirm=confirm)
+
+    def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
+        backend = open_backend(self.repo_location())
+        cache = Path(self.args.cache_dir) if self.args.cache_dir else None
+        return Repository.open(backend, self.password_source(), cache_root=cache,
+                               use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
+
+
+def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    env = os.environ.get("DELTAVAULT_PASSWORD")
+    if env is not None:
+        return env.encode()
+    path = getattr(args, "password_file", None) or os.environ.get("DELTAVAULT_PASSWORD_FILE")
+    if path:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
+        return data.rstrip(b"\r\n")
+    if sys.stdin.isatty():
+        pw = getpass.getpass("repository password: ")
+        if confirm and getpass.getpass("enter it again: ") != pw:
+            raise UsageError("the passwords do not match")
+        return pw.encode()
+    raise UsageError("no password: set DELTAVAULT_PASSWORD_FILE (or --password-file, or DELTAVAULT_PASSWORD), "
+                     "or run on a terminal to be asked")
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, bytes):
+        return o.hex()
+    if isinstance(o, set):
+        return sorted(o)
+    if hasattr(o, "__dict__"):
+        return o.__dict__
+    return str(o)

@@ -1,0 +1,89 @@
+"""deltavault entry point: parse arguments, dispatch, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from deltavault import __version__
+from deltavault.cli.common import Context
+from deltavault.errors import DeltavaultError, ExitCode
+
+# Each cli/cmd_NAME.py has register(subparsers); commands are found by module name, so a
+# new command is a new module. ORDER only sorts the help listing.
+ORDER = ["init", "backup", "snapshots", "restore", "ls", "diff", "check", "stats", "forget", "prune",
+         "repair", "sync", "key"]
+
+
+def _commands() -> list[str]:
+    import deltavault.cli as pkg
+
+    names = [m.name[4:] for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cmd_")]
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    # On subcommands the defaults are suppressed so a value given before the command survives.
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-r", "--repo", help="repository location (env DELTAVAULT_REPOSITORY)", **d)
+    p.add_argument("--password-file", help="file holding the password (env DELTAVAULT_PASSWORD_FILE)", **d)
+    p.add_argument("--json", action="store_true", help="machine-readable output: JSON lines", **d)
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors", **d)
+    p.add_argument("--cache-dir", help="local cache (default ~/.cache/deltavault; env DELTAVAULT_CACHE_DIR)", **d)
+    p.add_argument("--no-cache", action="store_true", help="use no local cache (incrementals read trees)", **d)
+    p.add_argument("--lock-wait", type=float, metavar="SECONDS",
+                   help="wait this long for a locked repository", **({"default": 0.0} if top else d))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltavault", description="Backup and sync that moves only what changed.")
+    p.add_argument("--version", action="version", version=f"deltavault {__version__}")
+    _global_options(p, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, top=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _commands():
+        importlib.import_module(f"deltavault.cli.cmd_{name}").register(sub)
+    for sp in sub.choices.values():
+        for action in common._actions:
+            sp._add_action(action)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Context(args, json=args.json, quiet=args.quiet)
+    try:
+        rc = int(args.func(ctx))
+    except DeltavaultError as exc:
+        rc = int(exc.exit_code)
+        if ctx.json:
+            print(json.dumps({"type": "error", "error": type(exc).__name__, "message": exc.message,
+                              "exit_code": rc, "retryable": exc.retryable}))
+        else:
+            print(f"deltavault: {exc.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("deltavault: interrupted; what was stored so far stays valid", file=sys.stderr)
+        rc = int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        rc = int(ExitCode.OK)
+    except Exception:
+        traceback.print_exc()
+        print("deltavault: internal error (a bug); the repository is unchanged or still valid", file=sys.stderr)
+        rc = int(ExitCode.FATAL)
+    return rc
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

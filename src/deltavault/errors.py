@@ -1,0 +1,108 @@
+"""Typed errors. Each carries the process exit code and whether a retry may help.
+
+Exit codes are part of the CLI contract (docs/user-guide.md lists them).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FATAL = 1
+    USAGE = 2
+    PARTIAL = 3  # finished, but some files could not be read or written
+    REPO_NOT_FOUND = 10
+    WRONG_PASSWORD = 11
+    LOCKED = 12
+    CORRUPT = 13
+    NO_SPACE = 14
+    BACKEND = 15  # backend unreachable or failing after retries
+    SOURCE = 16  # the source (volume, snapshot, change source) is unusable
+    INTERRUPTED = 130
+
+
+class DeltavaultError(Exception):
+    """Base of all expected failures. Anything else is a bug."""
+
+    exit_code: ExitCode = ExitCode.FATAL
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class UsageError(DeltavaultError):
+    exit_code = ExitCode.USAGE
+
+
+class RepositoryNotFound(DeltavaultError):
+    exit_code = ExitCode.REPO_NOT_FOUND
+
+
+class RepositoryExists(DeltavaultError):
+    exit_code = ExitCode.FATAL
+
+
+class WrongPassword(DeltavaultError):
+    exit_code = ExitCode.WRONG_PASSWORD
+
+
+class KeyFileDamaged(DeltavaultError):
+    """The key file fails its own checksum: tampering or corruption, not a wrong password."""
+
+    exit_code = ExitCode.CORRUPT
+
+
+class RepositoryLocked(DeltavaultError):
+    exit_code = ExitCode.LOCKED
+    retryable = True
+
+
+class CorruptionError(DeltavaultError):
+    """Stored data fails authentication, a hash check or parsing."""
+
+    exit_code = ExitCode.CORRUPT
+
+
+class FormatError(CorruptionError):
+    """A stored object could not be parsed: truncated, wrong magic, bad field."""
+
+
+class UnsupportedVersion(DeltavaultError):
+    exit_code = ExitCode.FATAL
+
+
+class BackendError(DeltavaultError):
+    exit_code = ExitCode.BACKEND
+    retryable = True
+
+
+class ObjectNotFound(BackendError):
+    retryable = False
+
+
+class NoSpace(BackendError):
+    """The target is full. Whatever was written before stays valid."""
+
+    exit_code = ExitCode.NO_SPACE
+    retryable = False
+
+
+class SourceError(DeltavaultError):
+    exit_code = ExitCode.SOURCE
+
+
+class SnapshotError(SourceError):
+    """A point-in-time snapshot could not be created or removed."""
+
+
+class Interrupted(DeltavaultError):
+    exit_code = ExitCode.INTERRUPTED

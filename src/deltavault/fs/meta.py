@@ -1,0 +1,123 @@
+"""Capture and apply file metadata: mode, owner, ns times, xattrs (incl. POSIX ACLs).
+
+POSIX ACLs live in the ``system.posix_acl_access`` / ``system.posix_acl_default`` xattrs,
+so copying xattrs byte for byte carries them.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from functools import lru_cache
+
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+@lru_cache(maxsize=4096)
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@lru_cache(maxsize=4096)
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""
+
+
+def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = None) -> list[tuple[bytes, bytes]]:
+    """All extended attributes, sorted by name. Unsupported file systems give []."""
+    target: int | bytes | str = fd if fd is not None else path
+    try:
+        names = os.listxattr(target, follow_symlinks=follow) if fd is None else os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM):
+            return []
+        raise
+    out: list[tuple[bytes, bytes]] = []
+    for n in names:
+        try:
+            v = os.getxattr(target, n, follow_symlinks=follow) if fd is None else os.getxattr(fd, n)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue
+            raise
+        out.append((os.fsencode(n), v))
+    out.sort()
+    return out
+
+
+@dataclass
+class ApplyProblems:
+    """Metadata that could not be applied; the caller reports it."""
+
+    messages: list[str]
+
+    def add(self, what: str, exc: OSError) -> None:
+        self.messages.append(f"{what}: {exc.strerror or exc}")
+
+
+def apply_xattrs(path: bytes, xattrs: list[tuple[bytes, bytes]], problems: ApplyProblems,
+                 *, follow: bool = False, clear_others: bool = False) -> None:
+    want = dict(xattrs)
+    if clear_others:
+        for name, _ in read_xattrs(path, follow=follow):
+            if name not in want:
+                try:
+                    os.removexattr(path, name, follow_symlinks=follow)
+                except OSError as exc:
+                    problems.add(f"remove xattr {name.decode(errors='replace')}", exc)
+    for name, value in xattrs:
+        try:
+            os.setxattr(path, name, value, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno == errno.EPERM and name.startswith(b"trusted."):
+                problems.add(f"xattr {name.decode(errors='replace')} (needs CAP_SYS_ADMIN)", exc)
+            else:
+                problems.add(f"xattr {name.decode(errors='replace')}", exc)
+
+
+def apply_owner(path: bytes, uid: int, gid: int, user: str, group: str, problems: ApplyProblems,
+                *, by_name: bool = False) -> None:
+    if by_name:
+        try:
+            uid = pwd.getpwnam(user).pw_uid if user else uid
+        except KeyError:
+            pass
+        try:
+            gid = grp.getgrnam(group).gr_gid if group else gid
+        except KeyError:
+            pass
+    try:
+        os.chown(path, uid, gid, follow_symlinks=False)
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+        # Unprivileged restore: ownership cannot be given away; not an error.
+    except OSError as exc:
+        problems.add("chown", exc)
+
+
+def apply_mode(path: bytes, mode: int, problems: ApplyProblems) -> None:
+    try:
+        os.chmod(path, stat.S_IMODE(mode))
+    except OSError as exc:
+        problems.add("chmod", exc)
+
+
+def apply_times(path: bytes, atime_ns: int, mtime_ns: int, problems: ApplyProblems,
+                *, follow: bool = False) -> None:
+    try:
+        os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno == errno.ENOTSUP and not follow:
+            return  # some systems cannot set symlink times
+        problems.add("utime", exc)

@@ -1,0 +1,28 @@
+"""Safe joining of untrusted names (from a repository that may be tampered with)."""
+
+from __future__ import annotations
+
+import os
+
+from deltavault.errors import CorruptionError
+
+
+def check_name(name: bytes) -> bytes:
+    """A single path component: no separators, not '.', '..' or empty, no NUL."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise CorruptionError(f"refusing unsafe name {name!r} from the repository")
+    return name
+
+
+def safe_join(root: bytes, parts: list[bytes]) -> bytes:
+    for p in parts:
+        check_name(p)
+    return os.path.join(root, *parts) if parts else root
+
+
+def display(name: bytes) -> str:
+    """Printable form of a raw name: undecodable bytes and control characters escaped."""
+    s = name.decode("utf-8", errors="backslashreplace")
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        s = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in s)
+    return s

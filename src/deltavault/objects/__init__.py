@@ -1,0 +1,1 @@
+"""Object layer: turning content references into bytes and back (patches, readers)."""

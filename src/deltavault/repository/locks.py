@@ -1,0 +1,173 @@
+"""Repository locks: shared for backup/restore/check, exclusive for prune and repair.
+
+A lock is a small sealed object under ``locks/``. Holders refresh it in the background;
+a lock is stale when its refresh is older than STALE_AFTER, or when it names a process on
+this host that no longer exists. Stale locks are removed, live conflicting ones waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from deltavault.backends.base import Backend
+from deltavault.errors import BackendError, CorruptionError, ObjectNotFound, RepositoryLocked
+from deltavault.repository.envelope import Envelope
+
+LOCK_AAD = b"lock"
+REFRESH_EVERY = 120.0
+STALE_AFTER = 15 * 60.0
+
+
+class LockInfo(msgspec.Struct, kw_only=True):
+    hostname: str
+    pid: int
+    pid_start: int  # process start time in clock ticks (guards against pid reuse)
+    exclusive: bool
+    created: float
+    refreshed: float
+    command: str = ""
+
+
+def _proc_start(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def process_alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start == 0 or _proc_start(pid) in (0, start)
+
+
+@dataclass
+class HeldLock:
+    name: str
+    info: LockInfo
+
+
+class LockManager:
+    def __init__(self, backend: Backend, env: Envelope, *, clock: Callable[[], float] = time.time) -> None:
+        self.backend = backend
+        self.env = env
+        self.clock = clock
+        self.hostname = socket.gethostname()
+
+    def _read(self, name: str) -> LockInfo | None:
+        try:
+            raw = self.env.open(self.backend.get(name), aad=LOCK_AAD, what=name)
+            return msgspec.json.decode(raw, type=LockInfo)
+        except ObjectNotFound:
+            return None
+        except (CorruptionError, msgspec.DecodeError, msgspec.ValidationError):
+            # Unreadable lock: treat as stale only once it is old by file listing age.
+            return LockInfo(hostname="?", pid=0, pid_start=0, exclusive=True, created=0.0, refreshed=0.0)
+
+    def is_stale(self, info: LockInfo) -> bool:
+        if self.clock() - info.refreshed > STALE_AFTER:
+            return True
+        return info.hostname == self.hostname and not process_alive(info.pid, info.pid_start)
+
+    def _write(self, info: LockInfo) -> str:
+        name = f"locks/{os.urandom(16).hex()}"
+        self.backend.put(name, self.env.seal(msgspec.json.encode(info), aad=LOCK_AAD))
+        return name
+
+    def list_locks(self) -> list[tuple[str, LockInfo]]:
+        out = []
+        for obj in self.backend.list("locks/"):
+            info = self._read(obj.name)
+            if info is not None:
+                out.append((obj.name, info))
+        return out
+
+    def remove_stale(self) -> int:
+        n = 0
+        for name, info in self.list_locks():
+            if self.is_stale(info):
+                self.backend.delete(name)
+                n += 1
+        return n
+
+    def acquire(self, *, exclusive: bool, command: str = "", wait: float = 0.0) -> Lock:
+        deadline = time.monotonic() + wait
+        delay = 0.2
+        while True:
+            now = self.clock()
+            info = LockInfo(hostname=self.hostname, pid=os.getpid(), pid_start=_proc_start(os.getpid()),
+                            exclusive=exclusive, created=now, refreshed=now, command=command)
+            name = self._write(info)
+            blocker: LockInfo | None = None
+            for other_name, other in self.list_locks():
+                if other_name == name:
+                    continue
+                if self.is_stale(other):
+                    self.backend.delete(other_name)
+                    continue
+                if exclusive or other.exclusive:
+                    blocker = other
+                    break
+            if blocker is None:
+                return Lock(self, name, info)
+            self.backend.delete(name)
+            if time.monotonic() >= deadline:
+                kind = "exclusively" if blocker.exclusive else "shared"
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(blocker.created))
+                raise RepositoryLocked(
+                    f"repository is locked {kind} by pid {blocker.pid} on {blocker.hostname} "
+                    f"({blocker.command or 'unknown command'}) since {since}; "
+                    f"retry later, or use --lock-wait SECONDS")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+class Lock:
+    def __init__(self, mgr: LockManager, name: str, info: LockInfo) -> None:
+        self.mgr = mgr
+        self.name = name
+        self.info = info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresher, name="lock-refresh", daemon=True)
+        self._thread.start()
+
+    def _refresher(self) -> None:
+        while not self._stop.wait(REFRESH_EVERY):
+            try:
+                self.refresh()
+            except BackendError:
+                pass  # retried on the next tick; stale only after STALE_AFTER
+
+    def refresh(self) -> None:
+        self.info.refreshed = self.mgr.clock()
+        old = self.name
+        self.name = self.mgr._write(self.info)
+        self.mgr.backend.delete(old)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.mgr.backend.delete(self.name)
+        except BackendError:
+            pass
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,1 @@
+"""Restore engines: files, volumes, mount."""

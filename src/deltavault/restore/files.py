@@ -1,0 +1,381 @@
+"""Restore a files snapshot (or chosen paths of it) with its metadata.
+
+Safety: every path operation is relative to an open directory fd with O_NOFOLLOW, names
+are checked to be single components, and duplicate names in a tree are refused, so a
+tampered repository cannot write outside the target, not even through symlinks it
+restores itself or that already exist in the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import blake3
+
+from deltavault.backup.previous import decode_tree
+from deltavault.errors import CorruptionError, DeltavaultError, NoSpace
+from deltavault.fs.meta import ApplyProblems
+from deltavault.fs.paths import check_name, display
+from deltavault.model.content import ContentRef, Full, Hole, Patch
+from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.patch import apply_patches
+from deltavault.progress import NullReporter, Reporter
+
+
+class BlobReader(Protocol):
+    def load_blob(self, blob_id: bytes) -> bytes: ...
+
+    def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
+
+
+@dataclass
+class RestoreOptions:
+    include: list[str] = field(default_factory=list)  # paths inside the snapshot; empty = all
+    verify: bool = False
+    owner: bool = True  # chown (effective only as root)
+    workers: int = 3
+
+
+@dataclass
+class RestoreProblem:
+    path: str
+    kind: str  # corrupt | write | metadata | verify
+    message: str
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    special: int = 0
+    bytes_written: int = 0
+    bytes_verified: int = 0
+
+
+@dataclass
+class _Selection:
+    whole: bool  # restore everything below
+    children: dict[bytes, _Selection] = field(default_factory=dict)
+
+
+def _selection(include: list[str]) -> _Selection:
+    if not include:
+        return _Selection(True)
+    root = _Selection(False)
+    for inc in include:
+        parts = [os.fsencode(p) for p in inc.strip("/").split("/") if p and p != "."]
+        cur = root
+        for p in parts:
+            cur = cur.children.setdefault(p, _Selection(False))
+        cur.whole = True
+    return root
+
+
+BATCH_BYTES = 64 * 1024 * 1024
+
+
+def _proc_path(dir_fd: int, name: bytes) -> bytes:
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+class FileRestorer:
+    def __init__(self, repo: BlobReader, target: str | bytes, options: RestoreOptions,
+                 reporter: Reporter | None = None) -> None:
+        self.repo = repo
+        self.target = os.fsencode(target)
+        self.opts = options
+        self.reporter = reporter or NullReporter()
+        self.problems: list[RestoreProblem] = []
+        self.stats = RestoreStats()
+        self._links: dict[tuple[int, int], bytes] = {}
+        self._pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="dv-restore")
+        self._pending: list[tuple[Future[None], bytes]] = []
+        self._is_root = os.geteuid() == 0
+        self._found: set[bytes] = set()
+
+    def _problem(self, path: bytes, kind: str, message: str) -> None:
+        p = RestoreProblem(display(path), kind, message)
+        self.problems.append(p)
+        self.reporter.problem(p.path, kind, message)
+
+    # ------------------------------------------------------------------ entry
+    def run(self, root_tree: bytes) -> RestoreStats:
+        os.makedirs(self.target, exist_ok=True)
+        fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
+        self.reporter.start("restore")
+        try:
+            self._restore_tree(fd, b"", root_tree, _selection(self.opts.include))
+            self._wait_all()
+        finally:
+            os.close(fd)
+            self._pool.shutdown(wait=True)
+            self.reporter.finish()
+        for inc in self.opts.include:
+            if os.fsencode(inc.strip("/")) not in self._found:
+                self._problem(os.fsencode(inc), "missing", "not in the snapshot")
+        return self.stats
+
+    def _wait_all(self) -> None:
+        pending, self._pending = self._pending, []
+        for fut, _path in pending:
+            fut.result()
+
+    def _load_tree(self, tree_id: bytes, relpath: bytes) -> list[Node]:
+        nodes = decode_tree(self.repo.load_blob(tree_id)).nodes
+        seen: set[bytes] = set()
+        for n in nodes:
+            check_name(n.name)
+            if n.name in seen:
+                raise CorruptionError(f"tree {display(relpath) or '/'} lists {display(n.name)} twice")
+            seen.add(n.name)
+        return nodes
+
+    # ------------------------------------------------------------------ tree walk
+    def _restore_tree(self, dir_fd: int, relpath: bytes, tree_id: bytes, sel: _Selection) -> None:
+        try:
+            nodes = self._load_tree(tree_id, relpath)
+        except DeltavaultError as exc:
+            self._problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
+            return
+        for node in nodes:
+            child_sel = sel if sel.whole else sel.children.get(node.name)
+            if child_sel is None:
+                continue
+            child_rel = relpath + b"/" + node.name if relpath else node.name
+            if child_sel.whole and not sel.whole:
+                self._found.add(child_rel)
+            try:
+                self._restore_node(dir_fd, child_rel, node, child_sel)
+            except NoSpace:
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"restore target is full while writing {display(child_rel)}") from exc
+                self._problem(child_rel, "write", exc.strerror or str(exc))
+
+    def _restore_node(self, dir_fd: int, relpath: bytes, node: Node, sel: _Selection) -> None:
+        name = node.name
+        if node.type == NodeType.DIR:
+            self._mkdir(dir_fd, name)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                if node.subtree is not None:
+                    self._restore_tree(sub, relpath, node.subtree, sel)
+                    self._wait_all()  # children before the directory's own times
+                self._apply_meta_fd(sub, relpath, node)
+            finally:
+                os.close(sub)
+            self.stats.dirs += 1
+            return
+        if not sel.whole:
+            return  # a path through a non-directory: nothing selected below
+        self._remove_existing(dir_fd, name)
+        if node.type == NodeType.FILE:
+            key = (node.dev, node.inode) if node.links > 1 else None
+            if key is not None and key in self._links:
+                os.link(self._links[key], name, dst_dir_fd=dir_fd, follow_symlinks=False)
+                self.stats.links += 1
+                return
+            if key is not None:
+                self._links[key] = os.path.join(self.target, relpath)
+            dup = os.dup(dir_fd)
+            fut = self._pool.submit(self._restore_file_guarded, dup, relpath, node)
+            self._pending.append((fut, relpath))
+            if key is not None:
+                fut.result()  # a link to it may follow at once
+            return
+        if node.type == NodeType.SYMLINK:
+            os.symlink(node.target, name, dir_fd=dir_fd)
+        elif node.type == NodeType.FIFO:
+            os.mkfifo(name, 0o600, dir_fd=dir_fd)
+        else:
+            kind = stat.S_IFCHR if node.type == NodeType.CHARDEV else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, node.rdev, dir_fd=dir_fd)
+        self.stats.special += 1
+        self._apply_meta_path(dir_fd, relpath, node)
+
+    def _mkdir(self, dir_fd: int, name: bytes) -> None:
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+
+    def _remove_existing(self, dir_fd: int, name: bytes) -> None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", name)
+        os.unlink(name, dir_fd=dir_fd)
+
+    # ------------------------------------------------------------------ files
+    def _restore_file_guarded(self, dir_fd: int, relpath: bytes, node: Node) -> None:
+        try:
+            self._restore_file(dir_fd, relpath, node)
+        except NoSpace:
+            raise
+        except CorruptionError as exc:
+            self._problem(relpath, "corrupt", str(exc))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
+            self._problem(relpath, "write", exc.strerror or str(exc))
+        finally:
+            os.close(dir_fd)
+
+    def _restore_file(self, dir_fd: int, relpath: bytes, node: Node) -> None:
+        name = node.name
+        tmp = b".dv-restore-" + os.urandom(6).hex().encode() + b"-" + name[:120]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+        try:
+            digest = self._write_content(fd, node.content)
+            os.ftruncate(fd, node.size)
+            if self.opts.verify:
+                os.fsync(fd)
+            self._apply_meta_fd(fd, relpath, node)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if self.opts.verify:
+            self._verify(dir_fd, relpath, name, node, digest)
+        self.stats.files += 1
+        self.stats.bytes_written += node.size
+        self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))
+
+    def _write_content(self, fd: int, refs: list[ContentRef]) -> bytes:
+        """Write every reference at its offset, in batches of bounded memory.
+        Returns BLAKE3 of the whole expected content (for --verify)."""
+        h = blake3.blake3()
+        off = 0
+        batch: list[tuple[int, ContentRef]] = []
+        batch_bytes = 0
+        for ref in refs:
+            batch.append((off, ref))
+            off += ref.size
+            batch_bytes += 0 if isinstance(ref, Hole) else ref.size
+            if batch_bytes >= BATCH_BYTES:
+                self._write_batch(fd, batch, h)
+                batch, batch_bytes = [], 0
+        self._write_batch(fd, batch, h)
+        return h.digest()
+
+    def _write_batch(self, fd: int, batch: list[tuple[int, ContentRef]], h: blake3.blake3) -> None:
+        wanted = list(dict.fromkeys(r.id for _, r in batch if isinstance(r, Full)))
+        loaded = dict(self.repo.load_blobs(wanted)) if wanted else {}
+        for o, ref in batch:
+            if isinstance(ref, Hole):
+                _hash_zeros(h, ref.size)
+                continue
+            if isinstance(ref, Full):
+                data = loaded[ref.id]
+                if len(data) != ref.size:
+                    raise CorruptionError(f"blob {ref.id.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
+            elif isinstance(ref, Patch):
+                data = apply_patches(self.repo.load_blob(ref.base),
+                                     [self.repo.load_blob(p) for p in ref.patches], ref.size)
+            else:
+                raise CorruptionError(f"unknown content reference {ref!r}")
+            _pwrite_all(fd, data, o)
+            h.update(data)
+
+    def _verify(self, dir_fd: int, relpath: bytes, name: bytes, node: Node, want: bytes) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # re-read from disk, not cache
+            h = blake3.blake3()
+            n = 0
+            while True:
+                b = os.read(fd, 8 << 20)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+        finally:
+            os.close(fd)
+        self.stats.bytes_verified += n
+        if n != node.size or h.digest() != want:
+            self._problem(relpath, "verify", f"read back {n} bytes that differ from what was written")
+
+    # ------------------------------------------------------------------ metadata
+    def _apply_meta_fd(self, fd: int, relpath: bytes, node: Node) -> None:
+        probs = ApplyProblems([])
+        for k, v in node.xattrs:
+            try:
+                os.setxattr(fd, k, v)
+            except OSError as exc:
+                probs.add(f"xattr {display(k)}", exc)
+        if self.opts.owner:
+            try:
+                os.fchown(fd, node.uid, node.gid)
+            except PermissionError as exc:
+                if self._is_root:
+                    probs.add("chown", exc)
+        try:
+            os.fchmod(fd, node.mode)
+        except OSError as exc:
+            probs.add("chmod", exc)
+        try:
+            os.utime(fd, ns=(node.atime, node.mtime))
+        except OSError as exc:
+            probs.add("utime", exc)
+        for m in probs.messages:
+            self._problem(relpath, "metadata", m)
+
+    def _apply_meta_path(self, dir_fd: int, relpath: bytes, node: Node) -> None:
+        """Symlinks and special files: never opened, never followed."""
+        probs = ApplyProblems([])
+        path = _proc_path(dir_fd, node.name)
+        for k, v in node.xattrs:
+            try:
+                os.setxattr(path, k, v, follow_symlinks=False)
+            except OSError as exc:
+                probs.add(f"xattr {display(k)}", exc)
+        if self.opts.owner:
+            try:
+                os.chown(node.name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+            except PermissionError as exc:
+                if self._is_root:
+                    probs.add("chown", exc)
+        if node.type != NodeType.SYMLINK:
+            try:
+                os.chmod(node.name, node.mode, dir_fd=dir_fd)
+            except OSError as exc:
+                probs.add("chmod", exc)
+        try:
+            os.utime(node.name, ns=(node.atime, node.mtime), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            probs.add("utime", exc)
+        for m in probs.messages:
+            self._problem(relpath, "metadata", m)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv = mv[n:]
+        offset += n
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _hash_zeros(h: blake3.blake3, n: int) -> None:
+    while n:
+        k = min(n, len(_ZEROS))
+        h.update(memoryview(_ZEROS)[:k])
+        n -= k

@@ -1,0 +1,1 @@
+"""Change sources: what changed since the previous run (catalog, fs metadata, bitmaps...)."""

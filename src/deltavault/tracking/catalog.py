@@ -1,0 +1,142 @@
+"""Local catalog (SQLite, in the user's cache dir): the previous run's directory trees.
+
+Rows are keyed by (source id, path relative to the snapshot root), never by device id or
+mount point, so a snapshot mounted somewhere else still matches. Each row holds the tree
+blob's plaintext, which carries size, mtime, ctime and inode of every entry plus its
+content references: an incremental run compares against it and downloads nothing.
+
+The catalog is a cache. Losing it costs speed (the previous snapshot's trees are read
+instead), never correctness: every reused reference is checked against the index.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = 3
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS sources(
+  source_id TEXT PRIMARY KEY, snapshot TEXT, run_start_ns INTEGER, updated REAL);
+CREATE TABLE IF NOT EXISTS dirs(
+  source_id TEXT, path BLOB, tree_id BLOB, tree BLOB,
+  PRIMARY KEY(source_id, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs(
+  source_id TEXT, id BLOB, data BLOB, PRIMARY KEY(source_id, id)) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class SourceState:
+    snapshot: str
+    run_start_ns: int
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = self._connect()
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_DDL)
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
+        elif row[0] != str(SCHEMA):
+            # A cache from another version: start over rather than misread it.
+            db.executescript("DROP TABLE dirs; DROP TABLE sources; DROP TABLE blobs;")
+            db.executescript(_DDL)
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def source_state(self, source_id: str) -> SourceState | None:
+        with self._lock:
+            row = self._db.execute("SELECT snapshot, run_start_ns FROM sources WHERE source_id=?",
+                                   (source_id,)).fetchone()
+        return SourceState(row[0], row[1]) if row else None
+
+    def get_dir(self, source_id: str, path: bytes) -> tuple[bytes, bytes] | None:
+        with self._lock:
+            row = self._db.execute("SELECT tree_id, tree FROM dirs WHERE source_id=? AND path=?",
+                                   (source_id, path)).fetchone()
+        return (bytes(row[0]), bytes(row[1])) if row else None
+
+    def get_blob(self, source_id: str, blob_id: bytes) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM blobs WHERE source_id=? AND id=?",
+                                   (source_id, blob_id)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def forget_source(self, source_id: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM dirs WHERE source_id=?", (source_id,))
+            self._db.execute("DELETE FROM blobs WHERE source_id=?", (source_id,))
+            self._db.execute("DELETE FROM sources WHERE source_id=?", (source_id,))
+            self._db.execute("COMMIT")
+
+    def writer(self, source_id: str) -> CatalogWriter:
+        return CatalogWriter(self, source_id)
+
+
+class CatalogWriter:
+    """Collects a run's changes; ``commit`` applies them in one transaction once the
+    snapshot is saved, so a failed run leaves the previous catalog intact."""
+
+    def __init__(self, catalog: Catalog, source_id: str) -> None:
+        self.catalog = catalog
+        self.source_id = source_id
+        self._dirs: dict[bytes, tuple[bytes, bytes]] = {}
+        self._blobs: dict[bytes, bytes] = {}
+        self._visited: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def visit(self, path: bytes) -> None:
+        self._visited.add(path)
+
+    def put_dir(self, path: bytes, tree_id: bytes, tree: bytes) -> None:
+        with self._lock:
+            self._dirs[path] = (tree_id, tree)
+            self._visited.add(path)
+
+    def put_blob(self, blob_id: bytes, data: bytes) -> None:
+        with self._lock:
+            self._blobs[blob_id] = data
+
+    def commit(self, snapshot_id: str, run_start_ns: int, *, keep_blobs: set[bytes]) -> None:
+        """``keep_blobs``: every META blob the new snapshot refers to; others are dropped."""
+        cat = self.catalog
+        with cat._lock:
+            db = cat._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR REPLACE INTO dirs VALUES(?,?,?,?)",
+                               [(self.source_id, p, t, d) for p, (t, d) in self._dirs.items()])
+                db.executemany("INSERT OR IGNORE INTO blobs VALUES(?,?,?)",
+                               [(self.source_id, k, v) for k, v in self._blobs.items()])
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(path BLOB PRIMARY KEY)")
+                db.execute("DELETE FROM seen")
+                db.executemany("INSERT OR IGNORE INTO seen VALUES(?)", [(p,) for p in self._visited])
+                db.execute("DELETE FROM dirs WHERE source_id=? AND path NOT IN (SELECT path FROM seen)",
+                           (self.source_id,))
+                rows = db.execute("SELECT id FROM blobs WHERE source_id=?", (self.source_id,)).fetchall()
+                drop = [(self.source_id, r[0]) for r in rows if bytes(r[0]) not in keep_blobs]
+                db.executemany("DELETE FROM blobs WHERE source_id=? AND id=?", drop)
+                db.execute("INSERT OR REPLACE INTO sources VALUES(?,?,?,strftime('%s','now'))",
+                           (self.source_id, snapshot_id, run_start_ns))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise

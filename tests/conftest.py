@@ -1,0 +1,97 @@
+"""Shared fixtures: repositories, the real CLI, and requirements (root, tools)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from deltavault.backends.local import LocalBackend
+from deltavault.repository.repository import Repository
+
+FAST_SCRYPT = (2**10, 8, 1)
+PASSWORD = b"test password"
+
+
+def needs_root() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts, chown)")
+
+
+def needs_tools(*tools: str) -> pytest.MarkDecorator:
+    missing = [t for t in tools if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} "
+                              "(scripts/install-system-deps.sh installs it)")
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path, cache_root: Path) -> Callable[..., Repository]:
+    """Create a fresh repository (fast KDF); call again with the same name to reopen it."""
+
+    def factory(name: str = "repo", *, encrypted: bool = True, reopen: bool = False, **kw: object) -> Repository:
+        backend = LocalBackend(tmp_path / name, fsync=False)
+        if reopen:
+            return Repository.open(backend, lambda: PASSWORD, cache_root=cache_root)
+        return Repository.init(backend, PASSWORD if encrypted else None, scrypt=FAST_SCRYPT,
+                               cache_root=cache_root, **kw)  # type: ignore[arg-type]
+
+    return factory
+
+
+@pytest.fixture
+def repo(make_repo: Callable[..., Repository]) -> Repository:
+    return make_repo()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+
+    def last(self, type_: str) -> dict:
+        items = [o for o in self.json if o.get("type") == type_]
+        assert items, f"no {type_!r} line in output:\n{self.stdout}\n{self.stderr}"
+        return items[-1]
+
+
+@dataclass
+class Cli:
+    repo: Path
+    cache: Path
+    password_file: Path
+    env: dict[str, str]
+
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 600) -> CliResult:
+        e = dict(self.env)
+        if env:
+            e.update(env)
+        p = subprocess.run([sys.executable, "-m", "deltavault", *args], env=e, input=input,
+                           capture_output=True, text=True, timeout=timeout)
+        return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    pw = tmp_path / "password"
+    pw.write_text(PASSWORD.decode() + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
+    env.update(DELTAVAULT_REPOSITORY=str(tmp_path / "clirepo"), DELTAVAULT_PASSWORD_FILE=str(pw),
+               DELTAVAULT_CACHE_DIR=str(tmp_path / "clicache"))
+    yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env)
