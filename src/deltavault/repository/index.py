@@ -1,12 +1,13 @@
 """Blob index: blob id -> (pack, offset, length, type).
 
 Index files are sealed msgpack documents under ``index/``; a file may supersede others
-(compaction by prune or repair). In memory, a location is packed into one int to keep
-a large repository's index small.
+(compaction by prune or repair). In memory, each blob is one fixed-size record in a
+bucketed byte array, to keep a large repository's index small.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -60,29 +61,43 @@ class BlobLocation:
     type: BlobType
 
 
-_OFF_BITS = 40  # packs up to 1 TiB
-_LEN_BITS = 32
-_PACK_SHIFT = _OFF_BITS + _LEN_BITS
+# One fixed-size record per blob: id | pack number | offset | length | raw length | type | seq.
+# Records live in 65,536 append-only buckets chosen by the id's first two bytes and are found
+# with bytes.find (C speed); about 60 bytes per blob instead of ~230 for dicts of objects.
+_REC = struct.Struct("<32sIQIIBI")
+_RS = _REC.size
+_BUCKETS = 1 << 16
 
 
 class Index:
-    """Thread-safe for concurrent lookups and adds."""
+    """Thread-safe for concurrent lookups and adds. Each blob also gets a dense position
+    (0..len-1, in insertion order) so callers can keep per-blob marks in a bitmap."""
 
     def __init__(self) -> None:
         self._packs: list[bytes] = []
         self._pack_no: dict[bytes, int] = {}
-        # value: pack_no << 72 | offset << 32 | length; type kept apart (few bits, rarely read)
-        self._loc: dict[bytes, int] = {}
-        self._tree_ids: set[bytes] = set()
-        self._meta_ids: set[bytes] = set()
-        self._raw: dict[bytes, int] = {}
+        self._buckets: list[bytearray | None] = [None] * _BUCKETS
+        self._n = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._loc)
+        return self._n
+
+    def _find(self, blob_id: bytes) -> tuple[bytearray, int] | None:
+        if len(blob_id) != ID_LEN:
+            return None
+        b = self._buckets[int.from_bytes(blob_id[:2], "big")]
+        if b is None:
+            return None
+        pos = b.find(blob_id)
+        while pos >= 0:
+            if pos % _RS == 0:
+                return b, pos
+            pos = b.find(blob_id, pos + 1)
+        return None
 
     def __contains__(self, blob_id: object) -> bool:
-        return blob_id in self._loc
+        return isinstance(blob_id, bytes) and self._find(blob_id) is not None
 
     def add_pack(self, pack_id: bytes, entries: Iterable[PackEntry]) -> None:
         with self._lock:
@@ -91,48 +106,64 @@ class Index:
                 no = self._pack_no[pack_id] = len(self._packs)
                 self._packs.append(pack_id)
             for e in entries:
-                if e.id in self._loc:
+                if self._find(e.id) is not None:
                     continue  # a duplicate copy in another pack: keep the first
-                self._loc[e.id] = no << _PACK_SHIFT | e.offset << _LEN_BITS | e.length
-                self._raw[e.id] = e.raw_length
-                if e.type == BlobType.TREE:
-                    self._tree_ids.add(e.id)
-                elif e.type == BlobType.META:
-                    self._meta_ids.add(e.id)
+                k = int.from_bytes(e.id[:2], "big")
+                b = self._buckets[k]
+                if b is None:
+                    b = self._buckets[k] = bytearray()
+                b += _REC.pack(e.id, no, e.offset, e.length, e.raw_length, e.type, self._n)
+                self._n += 1
+
+    def _record(self, blob_id: bytes) -> tuple[bytes, int, int, int, int, int, int] | None:
+        hit = self._find(blob_id)
+        if hit is None:
+            return None
+        b, pos = hit
+        return _REC.unpack_from(b, pos)  # type: ignore[return-value]
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
-        v = self._loc.get(blob_id)
-        if v is None:
+        r = self._record(blob_id)
+        if r is None:
             return None
-        return BlobLocation(self._packs[v >> _PACK_SHIFT], (v >> _LEN_BITS) & ((1 << _OFF_BITS) - 1),
-                            v & ((1 << _LEN_BITS) - 1), self.blob_type(blob_id))
+        return BlobLocation(self._packs[r[1]], r[2], r[3], BlobType(r[5]))
 
     def blob_type(self, blob_id: bytes) -> BlobType:
-        if blob_id in self._tree_ids:
-            return BlobType.TREE
-        if blob_id in self._meta_ids:
-            return BlobType.META
-        return BlobType.DATA
+        r = self._record(blob_id)
+        return BlobType.DATA if r is None else BlobType(r[5])
 
     def raw_length(self, blob_id: bytes) -> int:
-        return self._raw.get(blob_id, 0)
+        r = self._record(blob_id)
+        return 0 if r is None else r[4]
+
+    def position(self, blob_id: bytes) -> int | None:
+        """Dense number of the blob (0..len-1), for bitmaps of marks."""
+        r = self._record(blob_id)
+        return None if r is None else r[6]
 
     def packs(self) -> list[bytes]:
-        return [p for p in self._packs if p is not None]
+        return list(self._packs)
 
     def has_pack(self, pack_id: bytes) -> bool:
         return pack_id in self._pack_no
 
+    def iter_records(self) -> Iterator[tuple[bytes, bytes, PackEntry, int]]:
+        """(blob id, pack id, entry, position) for every blob, in no particular order,
+        without building a list of them all."""
+        packs = self._packs
+        for b in list(self._buckets):
+            if b is None:
+                continue
+            for bid, no, off, ln, raw, typ, seq in _REC.iter_unpack(bytes(b)):
+                yield bid, packs[no], PackEntry(typ, bid, off, ln, raw), seq
+
     def blob_ids(self) -> Iterator[bytes]:
-        return iter(list(self._loc))
+        return (r[0] for r in self.iter_records())
 
     def entries_by_pack(self) -> dict[bytes, list[PackEntry]]:
         out: dict[bytes, list[PackEntry]] = {}
-        for bid, v in list(self._loc.items()):
-            pack = self._packs[v >> _PACK_SHIFT]
-            out.setdefault(pack, []).append(PackEntry(
-                int(self.blob_type(bid)), bid, (v >> _LEN_BITS) & ((1 << _OFF_BITS) - 1),
-                v & ((1 << _LEN_BITS) - 1), self._raw.get(bid, 0)))
+        for _bid, pack, entry, _pos in self.iter_records():
+            out.setdefault(pack, []).append(entry)
         for entries in out.values():
             entries.sort(key=lambda e: e.offset)
         return out
