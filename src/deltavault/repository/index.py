@@ -120,7 +120,8 @@ class Index:
         if hit is None:
             return None
         b, pos = hit
-        return _REC.unpack_from(b, pos)  # type: ignore[return-value]
+        rec: tuple[bytes, int, int, int, int, int, int] = _REC.unpack_from(b, pos)
+        return rec
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         r = self._record(blob_id)
