@@ -25,6 +25,7 @@ from deltavault.errors import (
     FormatError,
     ObjectNotFound,
     RepositoryExists,
+    RepositoryLocked,
     RepositoryNotFound,
     UnsupportedVersion,
     UsageError,
@@ -134,6 +135,8 @@ class Repository:
         self._pending_ids: set[bytes] = set()
         self._pending = _Pending()
         self._loaded_index_files: set[str] = set()
+        self._superseded_index_files: set[str] = set()
+        self.held_locks: list[Lock] = []
         self.index_errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
         self.locks = LockManager(self.backend, self.env)
 
@@ -279,7 +282,7 @@ class Repository:
         names = self.index_names()
         files: dict[str, IndexFile] = {}
         for name in names:
-            if name in self._loaded_index_files:
+            if name in self._loaded_index_files or name in self._superseded_index_files:
                 continue
             try:
                 files[name] = self.read_index_file(name)
@@ -288,6 +291,7 @@ class Repository:
                     raise
                 self.index_errors.append((name, str(exc)))
         superseded = {f"index/{s.hex()}" for f in files.values() for s in f.supersedes}
+        self._superseded_index_files |= superseded
         for name, f in files.items():
             if name in superseded:
                 continue
@@ -295,6 +299,40 @@ class Repository:
                 self.index.add_pack(p.id, p.blobs)
             self._loaded_index_files.add(name)
         self._cache_prune("index", set(names))
+
+    def refresh_index(self) -> bool:
+        """Bring the in-memory index up to date (called once a lock is held): load new index
+        files, and rebuild from scratch when a file loaded earlier was removed or superseded,
+        since a prune or repair compacted the index and packs it named may be gone.
+        Returns True when it rebuilt."""
+        names = set(self.index_names())
+        rebuild = bool(self._loaded_index_files - names)
+        for name in sorted(names - self._loaded_index_files - self._superseded_index_files):
+            if rebuild:
+                break
+            try:
+                f = self.read_index_file(name)
+            except (CorruptionError, UnsupportedVersion):
+                continue  # load_index reports it
+            rebuild = any(f"index/{s.hex()}" in self._loaded_index_files for s in f.supersedes)
+        if rebuild:
+            with self._lock:
+                self.index = Index()
+                self._loaded_index_files = set()
+                self._superseded_index_files = set()
+                for pid, entries in self._pending.unindexed:
+                    self.index.add_pack(pid, entries)
+        self.load_index(tolerant=bool(self.index_errors))
+        return rebuild
+
+    def check_locks(self) -> None:
+        """Raise if a lock this process holds was removed by a peer as stale."""
+        for lk in self.held_locks:
+            if not lk.released and not lk.still_held():
+                raise RepositoryLocked(
+                    f"the repository lock ({lk.info.command or 'lock'}) was removed by another process "
+                    "that judged it stale; stopping before writing a snapshot. Nothing stored is "
+                    "damaged; run the command again")
 
     def write_index_file(self, packs: list[tuple[bytes, list[PackEntry]]],
                          supersedes: Iterable[str] = ()) -> str:
@@ -466,6 +504,7 @@ class Repository:
 
     # ----------------------------------------------------------------- snapshots
     def save_snapshot(self, snap: Snapshot) -> str:
+        self.check_locks()
         sealed = self.env.seal(msgspec.msgpack.encode(snap), aad=SNAPSHOT_AAD)
         sid = blake3.blake3(sealed).hexdigest()
         name = f"snapshots/{sid}"
@@ -519,7 +558,16 @@ class Repository:
 
     # ----------------------------------------------------------------- locking
     def lock(self, *, exclusive: bool = False, command: str = "", wait: float = 0.0) -> Lock:
-        return self.locks.acquire(exclusive=exclusive, command=command, wait=wait)
+        """Take a lock, then refresh the index: while this process waited, a prune may
+        have removed packs that the index it loaded at open still names."""
+        lk = self.locks.acquire(exclusive=exclusive, command=command, wait=wait)
+        try:
+            self.refresh_index()
+        except BaseException:
+            lk.release()
+            raise
+        self.held_locks = [x for x in self.held_locks if not x.released] + [lk]
+        return lk
 
 
 def hostname() -> str:
