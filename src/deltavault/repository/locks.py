@@ -1,8 +1,11 @@
 """Repository locks: shared for backup/restore/check, exclusive for prune and repair.
 
-A lock is a small sealed object under ``locks/``. Holders refresh it in the background;
-a lock is stale when its refresh is older than STALE_AFTER, or when it names a process on
-this host that no longer exists. Stale locks are removed, live conflicting ones waited for.
+A lock is a small sealed object under ``locks/``. Holders refresh it in the background
+(rewritten under a new name, then the old one deleted). A lock is stale when its refresh is
+older than STALE_AFTER, or at once when it names a process of this very boot of this host
+that no longer exists (or is a zombie). Stale locks are removed, live conflicting ones
+waited for. A holder whose lock was removed as stale notices (``lost``) and must not
+commit anything that relies on it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ class LockInfo(msgspec.Struct, kw_only=True):
     created: float
     refreshed: float
     command: str = ""
+    # Kernel boot id: a pid is only meaningful within one boot, and two machines that share
+    # a host name (containers) never share it.
+    boot_id: str = ""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _proc_start(pid: int) -> int:
@@ -45,13 +59,26 @@ def _proc_start(pid: int) -> int:
         return 0
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def process_alive(pid: int, start: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    if _is_zombie(pid):
+        return False  # killed, not yet reaped: it holds nothing any more
     return start == 0 or _proc_start(pid) in (0, start)
 
 
@@ -67,6 +94,7 @@ class LockManager:
         self.env = env
         self.clock = clock
         self.hostname = socket.gethostname()
+        self.boot_id = _boot_id()
 
     def _read(self, name: str) -> LockInfo | None:
         try:
@@ -81,7 +109,13 @@ class LockManager:
     def is_stale(self, info: LockInfo) -> bool:
         if self.clock() - info.refreshed > STALE_AFTER:
             return True
-        return info.hostname == self.hostname and not process_alive(info.pid, info.pid_start)
+        if info.hostname != self.hostname:
+            return False  # another host: only its refresh time tells
+        if info.boot_id and self.boot_id and info.boot_id != self.boot_id:
+            # Same name, other boot: either this host rebooted (the holder is gone) or it
+            # is another machine with the same name; only time can tell those apart.
+            return False
+        return not process_alive(info.pid, info.pid_start)
 
     def _write(self, info: LockInfo) -> str:
         name = f"locks/{os.urandom(16).hex()}"
@@ -110,7 +144,8 @@ class LockManager:
         while True:
             now = self.clock()
             info = LockInfo(hostname=self.hostname, pid=os.getpid(), pid_start=_proc_start(os.getpid()),
-                            exclusive=exclusive, created=now, refreshed=now, command=command)
+                            exclusive=exclusive, created=now, refreshed=now, command=command,
+                            boot_id=self.boot_id)
             name = self._write(info)
             blocker: LockInfo | None = None
             for other_name, other in self.list_locks():
@@ -141,6 +176,8 @@ class Lock:
         self.mgr = mgr
         self.name = name
         self.info = info
+        self.lost = False  # our lock file was removed by someone who judged it stale
+        self.released = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresher, name="lock-refresh", daemon=True)
         self._thread.start()
@@ -153,12 +190,30 @@ class Lock:
                 pass  # retried on the next tick; stale only after STALE_AFTER
 
     def refresh(self) -> None:
+        if self.lost or not self.still_held():
+            return
         self.info.refreshed = self.mgr.clock()
         old = self.name
         self.name = self.mgr._write(self.info)
         self.mgr.backend.delete(old)
 
+    def still_held(self) -> bool:
+        """False once our lock file is gone: a peer removed it as stale, so an exclusive
+        holder may have run since. Not re-created: work under it is no longer safe."""
+        if self.lost:
+            return False
+        try:
+            self.mgr.backend.stat(self.name)
+        except ObjectNotFound:
+            self.lost = True
+        except BackendError:
+            return True  # cannot tell; the next refresh or check asks again
+        return not self.lost
+
     def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
         self._stop.set()
         self._thread.join(timeout=5)
         try:
