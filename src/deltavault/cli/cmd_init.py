@@ -6,16 +6,26 @@ import argparse
 
 from deltavault.backends import open_backend
 from deltavault.cli.common import Context, parse_size, read_password
-from deltavault.repository.repository import DEFAULT_LEVEL, DEFAULT_PACK_SIZE, Repository
+from deltavault.repository.repository import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, Repository
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a repository")
     p.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_SIZE, help="target pack size (default 32M)")
-    p.add_argument("--compression", type=int, default=DEFAULT_LEVEL, help="zstd level (default %(default)s)")
+    p.add_argument("--compression", type=_compression, default=DEFAULT_COMPRESSION,
+                   help="'auto' (default: level 3 for text-like data, -3 for high-entropy data) or a zstd level")
     p.add_argument("--insecure-no-encryption", action="store_true",
                    help="store data unencrypted (ids are then plain BLAKE3)")
     p.set_defaults(func=run)
+
+
+def _compression(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("compression is 'auto' or a zstd level such as 3") from None
 
 
 def run(ctx: Context) -> int:

@@ -41,6 +41,16 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 
 
+def _unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(name, help=f"(unavailable: {exc})")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(ctx: Context) -> int:
+        raise DeltavaultError(f"the {name} command is unavailable in this installation: {exc}")
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltavault", description="Backup and sync that moves only what changed.")
     p.add_argument("--version", action="version", version=f"deltavault {__version__}")
@@ -49,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, top=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _commands():
-        importlib.import_module(f"deltavault.cli.cmd_{name}").register(sub)
+        try:
+            module = importlib.import_module(f"deltavault.cli.cmd_{name}")
+        except ImportError as exc:
+            # One broken optional command must not take backup and restore down with it.
+            _unavailable(sub, name, exc)
+            continue
+        module.register(sub)
     for sp in sub.choices.values():
         for action in common._actions:
             sp._add_action(action)

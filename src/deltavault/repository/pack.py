@@ -38,25 +38,34 @@ def pack_name(pack_id: bytes) -> str:
 
 
 class PackBuilder:
-    """Accumulates sealed blobs in memory; ``finish`` returns (pack id, bytes, entries)."""
+    """Accumulates sealed blobs as parts; ``finish`` joins them once and returns
+    (pack id, bytes, entries)."""
 
     def __init__(self) -> None:
-        self.buf = bytearray(MAGIC)
+        self.parts: list[bytes | memoryview] = [MAGIC]
+        self.size = len(MAGIC)
         self.entries: list[PackEntry] = []
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self.size
 
-    def add(self, btype: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
-        self.entries.append(PackEntry(int(btype), blob_id, len(self.buf), len(sealed), raw_length))
-        self.buf += sealed
+    def add(self, btype: BlobType, blob_id: bytes, sealed: tuple[bytes, bytes | memoryview],
+            raw_length: int) -> int:
+        head, body = sealed
+        length = len(head) + len(body)
+        self.entries.append(PackEntry(int(btype), blob_id, self.size, length, raw_length))
+        self.parts.append(head)
+        self.parts.append(body)
+        self.size += length
+        return length
 
     def finish(self, env: Envelope) -> tuple[bytes, bytes, list[PackEntry]]:
         header = env.seal(msgspec.msgpack.encode(self.entries), aad=HEADER_AAD)
-        self.buf += header
-        self.buf += _TAIL.pack(len(header), TRAILER)
-        data = bytes(self.buf)
-        return blake3.blake3(data).digest(), data, self.entries
+        self.parts.append(header)
+        self.parts.append(_TAIL.pack(len(header), TRAILER))
+        data = b"".join(self.parts)
+        self.parts = []
+        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest(), data, self.entries
 
 
 def tail_size() -> int:

@@ -8,6 +8,7 @@ them by reading their headers (see ``adopt_orphan_packs``).
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -57,7 +58,7 @@ from deltavault.repository.pack import (
 REPO_VERSION = 1
 SNAPSHOT_AAD = b"snapshot"
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
-DEFAULT_LEVEL = 1
+DEFAULT_COMPRESSION = "auto"
 # How many freshly written packs may wait before an index file names them.
 INDEX_EVERY_PACKS = 32
 
@@ -76,7 +77,7 @@ class RepoConfig(msgspec.Struct, kw_only=True):
     encryption: str  # "aes-256-gcm+scrypt" | "none"
     chunker: ChunkerParams = msgspec.field(default_factory=ChunkerParams)
     pack_size: int = DEFAULT_PACK_SIZE
-    compression: int = DEFAULT_LEVEL
+    compression: int | str = DEFAULT_COMPRESSION  # "auto" or a zstd level
     # Keyed BLAKE3 of the fields above under the master key (empty when unencrypted),
     # so an edited config is noticed.
     mac: str = ""
@@ -126,7 +127,7 @@ class Repository:
         self.backend: Backend = self.counter
         self.config = config
         self.master = master
-        self.env = Envelope(master, level=config.compression)
+        self.env = Envelope(master, level=config.compression if isinstance(config.compression, int) else None)
         self.index = Index()
         self.cache_dir: Path | None = (cache_root or default_cache_root()) / config.id if use_cache else None
         self.write_stats = WriteStats()
@@ -138,12 +139,15 @@ class Repository:
         self._superseded_index_files: set[str] = set()
         self.held_locks: list[Lock] = []
         self.index_errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
+        self._uploader: threading.Thread | None = None
+        self._uploads: queue.Queue[PackBuilder | None] = queue.Queue(maxsize=2)
+        self._upload_error: BaseException | None = None
         self.locks = LockManager(self.backend, self.env)
 
     # ----------------------------------------------------------------- creation / opening
     @classmethod
     def init(cls, backend: Backend, password: bytes | None, *, pack_size: int = DEFAULT_PACK_SIZE,
-             compression: int = DEFAULT_LEVEL, chunker: ChunkerParams | None = None,
+             compression: int | str = DEFAULT_COMPRESSION, chunker: ChunkerParams | None = None,
              scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT, cache_root: Path | None = None) -> Repository:
         try:
             backend.stat("config")
@@ -152,6 +156,8 @@ class Repository:
             pass
         if not 1024 * 1024 <= pack_size <= 1024**3:
             raise UsageError("pack size must be between 1 MiB and 1 GiB")
+        if compression != "auto" and not (isinstance(compression, int) and -7 <= compression <= 22):
+            raise UsageError("compression must be 'auto' or a zstd level from -7 to 22")
         master = keymod.MasterKey.generate() if password is not None else None
         cfg = RepoConfig(id=os.urandom(16).hex(),
                          encryption="aes-256-gcm+scrypt" if master else "none",
@@ -180,6 +186,8 @@ class Repository:
             raise FormatError(f"repository config is damaged: {exc}") from exc
         if cfg.format != "deltavault":
             raise FormatError("not a deltavault repository")
+        if cfg.compression != "auto" and not isinstance(cfg.compression, int):
+            raise FormatError(f"repository config: unknown compression {cfg.compression!r}")
         if cfg.v != REPO_VERSION:
             raise UnsupportedVersion(f"repository format {cfg.v}; this build reads {REPO_VERSION}")
         key_names = [o.name for o in counting.list("keys/")]
@@ -403,13 +411,14 @@ class Repository:
     def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
                   level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
         """Store a blob unless present. Returns (id, sealed bytes added). Thread-safe."""
+        self._raise_upload_error()
         bid = blob_id or self.env.blob_id(data)
         with self._lock:
             if bid in self.index or bid in self._pending_ids:
                 return bid, 0
             self._pending_ids.add(bid)
         try:
-            sealed = self.env.seal(data, compress=compress, level=level, aad=BLOB_AAD)
+            sealed = self.env.seal_parts(data, compress=compress, level=level, aad=BLOB_AAD)
         except BaseException:
             with self._lock:
                 self._pending_ids.discard(bid)
@@ -420,16 +429,43 @@ class Repository:
             b = self._pending.builders.get(kind)
             if b is None:
                 b = self._pending.builders[kind] = PackBuilder()
-            b.add(btype, bid, sealed, len(data))
+            stored = b.add(btype, bid, sealed, len(data))
             if len(b) >= self.config.pack_size:
                 full = self._pending.builders.pop(kind)
         with self._lock:
             self.write_stats.blobs_added += 1
             self.write_stats.bytes_added_raw += len(data)
-            self.write_stats.bytes_added_stored += len(sealed)
+            self.write_stats.bytes_added_stored += stored
         if full is not None:
-            self._upload(full)
-        return bid, len(sealed)
+            self._queue_upload(full)
+        return bid, stored
+
+    # Packs are finished and written by one uploader thread, so workers never wait on fsync;
+    # the bounded queue keeps at most a few packs in memory.
+    def _queue_upload(self, builder: PackBuilder) -> None:
+        if self._uploader is None:
+            self._uploads = queue.Queue(maxsize=2)
+            self._uploader = threading.Thread(target=self._upload_loop, name="dv-upload", daemon=True)
+            self._uploader.start()
+        self._uploads.put(builder)
+        self._raise_upload_error()
+
+    def _upload_loop(self) -> None:
+        while True:
+            builder = self._uploads.get()
+            try:
+                if builder is None:
+                    return
+                if self._upload_error is None:
+                    self._upload(builder)
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer threads
+                self._upload_error = exc
+            finally:
+                self._uploads.task_done()
+
+    def _raise_upload_error(self) -> None:
+        if self._upload_error is not None:
+            raise self._upload_error
 
     def _upload(self, builder: PackBuilder) -> None:
         pid, data, entries = builder.finish(self.env)
@@ -452,6 +488,9 @@ class Repository:
         with self._pack_lock:
             builders = list(self._pending.builders.values())
             self._pending.builders.clear()
+        if self._uploader is not None:
+            self._uploads.join()
+            self._raise_upload_error()
         for b in builders:
             if b.entries:
                 self._upload(b)
@@ -459,6 +498,13 @@ class Repository:
             todo, self._pending.unindexed = self._pending.unindexed, []
         if todo:
             self.write_index_file(todo)
+
+    def close(self) -> None:
+        """Stop the uploader thread (after ``flush``)."""
+        if self._uploader is not None:
+            self._uploads.put(None)
+            self._uploader.join()
+            self._uploader = None
 
     def load_blob(self, blob_id: bytes) -> bytes:
         loc = self.index.lookup(blob_id)
