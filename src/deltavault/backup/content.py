@@ -200,7 +200,7 @@ class ContentReader:
         for data, fut in batch:
             try:
                 fut.set_result(self._save_full(data))
-            except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            except BaseException as exc:
                 fut.set_exception(exc)
 
     def _save_full(self, data: bytes | memoryview) -> ContentRef:

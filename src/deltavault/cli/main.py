@@ -41,7 +41,7 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 
 
-def _unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -> None:  # type: ignore[type-arg]
+def _unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -> None:
     p = sub.add_parser(name, help=f"(unavailable: {exc})")
     p.add_argument("rest", nargs=argparse.REMAINDER)
 

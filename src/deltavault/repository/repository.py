@@ -458,7 +458,7 @@ class Repository:
                     return
                 if self._upload_error is None:
                     self._upload(builder)
-            except BaseException as exc:  # noqa: BLE001 - handed to the writer threads
+            except BaseException as exc:
                 self._upload_error = exc
             finally:
                 self._uploads.task_done()
