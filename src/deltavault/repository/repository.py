@@ -308,13 +308,13 @@ class Repository:
             self._loaded_index_files.add(name)
         self._cache_prune("index", set(names))
 
-    def refresh_index(self) -> bool:
+    def refresh_index(self, *, force: bool = False) -> bool:
         """Bring the in-memory index up to date (called once a lock is held): load new index
         files, and rebuild from scratch when a file loaded earlier was removed or superseded,
         since a prune or repair compacted the index and packs it named may be gone.
-        Returns True when it rebuilt."""
+        ``force`` always rebuilds. Returns True when it rebuilt."""
         names = set(self.index_names())
-        rebuild = bool(self._loaded_index_files - names)
+        rebuild = force or bool(self._loaded_index_files - names)
         for name in sorted(names - self._loaded_index_files - self._superseded_index_files):
             if rebuild:
                 break
