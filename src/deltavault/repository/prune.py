@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltavault.errors import CorruptionError, DeltavaultError, RepositoryLocked
-from deltavault.model.types import BlobType
 from deltavault.repository.index import Index
-from deltavault.repository.pack import PackBuilder, PackEntry, pack_name
+from deltavault.repository.pack import PackEntry, pack_name
+from deltavault.repository.packwriter import PackWriter
 from deltavault.repository.reachable import Bitmap, Marker
 from deltavault.repository.repository import Repository, short_id
 
@@ -184,14 +184,7 @@ def _repack(repo: Repository, plan: Plan, rep: PruneReport) -> None:
     for _bid, pid, e, pos in repo.index.iter_records():
         if pid in live and plan.used[pos]:
             live[pid].append(e)
-    builders: dict[bool, PackBuilder] = {}
-    written: list[tuple[bytes, list[PackEntry]]] = []
-
-    def upload(b: PackBuilder) -> None:
-        pid, data, entries = b.finish(repo.env)
-        repo.backend.put(pack_name(pid), data)
-        written.append((pid, entries))
-
+    writer = PackWriter(repo)
     for old in sorted(live):
         entries = sorted(live[old], key=lambda e: e.offset)
         try:
@@ -204,17 +197,9 @@ def _repack(repo: Repository, plan: Plan, rep: PruneReport) -> None:
             rep.damaged_skipped.append(f"{old.hex()[:16]}: {exc}")
             continue
         for e, s in zip(entries, sealed):
-            is_data = e.type == BlobType.DATA
-            b = builders.get(is_data)
-            if b is None:
-                b = builders[is_data] = PackBuilder()
-            b.add(BlobType(e.type), e.id, (s, b""), e.raw_length)
+            writer.add(e.type, e.id, s, e.raw_length)
             rep.blobs_repacked += 1
-            if len(b) >= repo.config.pack_size:
-                upload(builders.pop(is_data))
-    for b in builders.values():
-        if b.entries:
-            upload(b)
+    written = writer.finish()
     if written:
         # Indexed at once (additively), so a crash before the sweep leaves duplicates, not orphans.
         repo.write_index_file(written)
@@ -263,6 +248,7 @@ def sweep(repo: Repository, plan: Plan, rep: PruneReport, say: Progress,
         repo.backend.delete(name)
         rep.index_files_removed += 1
     repo._cache_prune("index", set(repo.index_names()))
+    repo.refresh_index(force=True)
     rep.bytes_freed = sum(plan.sizes.get(p, 0) for p in gone) - sum(_pack_bytes(e) for p, e in plan.repacked)
 
 

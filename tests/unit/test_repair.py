@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deltavault.backends.local import LocalBackend
+from deltavault.model.content import Hole
+from deltavault.model.nodes import NodeType
+from deltavault.objects.walk import walk
+from deltavault.repository.check import check_repository
+from deltavault.repository.pack import pack_name
+from deltavault.repository.repair import DAMAGED_XATTR, repair
+from deltavault.repository.repository import Repository
+from tests.conftest import PASSWORD
+from tests.unit.test_prune_helpers import save_snapshot, snapshot_files
+
+MiB = 1024 * 1024
+
+
+def open_tolerant(tmp_path: Path) -> Repository:
+    return Repository.open(LocalBackend(tmp_path / "repo", fsync=False), lambda: PASSWORD,
+                           use_cache=False, tolerant=True)
+
+
+def flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def two_snapshots(make_repo) -> tuple[Repository, dict[str, bytes], dict[str, bytes], str, str]:
+    repo = make_repo(pack_size=MiB)
+    a = {f"a{i}": os.urandom(150_000) for i in range(8)}
+    b = {f"b{i}": os.urandom(150_000) for i in range(8)}
+    return repo, a, b, save_snapshot(repo, a), save_snapshot(repo, b)
+
+
+def test_damaged_index_file_is_rebuilt_from_pack_headers(make_repo, tmp_path: Path) -> None:
+    _repo, a, b, s1, s2 = two_snapshots(make_repo)
+    for f in (tmp_path / "repo" / "index").iterdir():
+        flip(f, 40)
+    r = open_tolerant(tmp_path)
+    assert r.index_errors
+    rep = repair(r)
+    assert rep.blobs_lost == 0 and not rep.affected and rep.index_files_removed >= 2
+    fresh = open_tolerant(tmp_path)
+    assert not fresh.index_errors
+    assert snapshot_files(fresh, s1) == a and snapshot_files(fresh, s2) == b
+    assert not check_repository(fresh, read_data=True).issues
+
+
+def test_lost_blob_is_reported_with_its_snapshot_and_path_and_rest_survives(make_repo, tmp_path: Path) -> None:
+    repo, a, b, s1, s2 = two_snapshots(make_repo)
+    victim = repo.index.lookup(repo.blob_id(a["a3"]))
+    assert victim is not None
+    flip(tmp_path / "repo" / pack_name(victim.pack_id), victim.offset + 100)
+    rep = repair(open_tolerant(tmp_path))
+    assert rep.blobs_lost == 1 and len(rep.packs_salvaged) == 1
+    assert rep.affected == {s1: ["a3"]}
+    fresh = open_tolerant(tmp_path)
+    assert snapshot_files(fresh, s2) == b
+    assert not fresh.has_blob(repo.blob_id(a["a3"]))
+    report = check_repository(fresh, read_data=True)
+    assert not [i for i in report.errors if i.kind in ("pack", "blob", "index")]  # storage is clean again
+    assert report.affected == {s1: ["a3"]}
+
+
+def test_rewrite_marks_damaged_files_and_keeps_sizes(make_repo, tmp_path: Path) -> None:
+    repo, a, _b, s1, _s2 = two_snapshots(make_repo)
+    victim = repo.index.lookup(repo.blob_id(a["a5"]))
+    assert victim is not None
+    flip(tmp_path / "repo" / pack_name(victim.pack_id), victim.offset + 7)
+    rep = repair(open_tolerant(tmp_path), rewrite=True)
+    new = rep.rewritten[s1]
+    fresh = open_tolerant(tmp_path)
+    assert s1 not in fresh.snapshot_ids()
+    snap = fresh.load_snapshot(new)
+    assert "repaired" in snap.tags and snap.parent == s1
+    assert snap.tree is not None
+    nodes = {p.decode(): n for p, n in walk(fresh, snap.tree) if n.type == NodeType.FILE}
+    assert dict(nodes["a5"].xattrs)[DAMAGED_XATTR]
+    assert nodes["a5"].content == [Hole(150_000)]
+    files = snapshot_files(fresh, new)
+    assert {k: v for k, v in files.items() if k != "a5"} == {k: v for k, v in a.items() if k != "a5"}
+    assert not check_repository(fresh, read_data=True).errors
+
+
+def test_damaged_pack_header_is_salvaged_through_the_old_index(make_repo, tmp_path: Path) -> None:
+    repo, a, _b, s1, _s2 = two_snapshots(make_repo)
+    loc = repo.index.lookup(repo.blob_id(a["a0"]))
+    assert loc is not None
+    path = tmp_path / "repo" / pack_name(loc.pack_id)
+    flip(path, path.stat().st_size - 30)  # inside the sealed header
+    rep = repair(open_tolerant(tmp_path))
+    assert rep.packs_salvaged and rep.blobs_lost == 0 and not rep.affected
+    fresh = open_tolerant(tmp_path)
+    assert snapshot_files(fresh, s1) == a
+    assert not check_repository(fresh, read_data=True).issues
+
+
+def test_unreadable_snapshot_is_removed_and_reported(make_repo, tmp_path: Path) -> None:
+    _repo, a, _b, s1, s2 = two_snapshots(make_repo)
+    flip(tmp_path / "repo" / "snapshots" / s2, 20)
+    rep = repair(open_tolerant(tmp_path))
+    assert rep.snapshots_removed == [s2]
+    fresh = open_tolerant(tmp_path)
+    assert fresh.snapshot_ids() == [s1]
+    assert snapshot_files(fresh, s1) == a
+
+
+def test_dry_run_changes_nothing(make_repo, tmp_path: Path) -> None:
+    repo, _a, b, _s1, _s2 = two_snapshots(make_repo)
+    loc = repo.index.lookup(repo.blob_id(b["b1"]))
+    assert loc is not None
+    flip(tmp_path / "repo" / pack_name(loc.pack_id), loc.offset + 3)
+    before = {p: p.read_bytes() for p in (tmp_path / "repo").rglob("*") if p.is_file()}
+    rep = repair(open_tolerant(tmp_path), dry_run=True)
+    assert rep.blobs_lost == 1 and rep.packs_salvaged
+    after = {p: p.read_bytes() for p in (tmp_path / "repo").rglob("*") if p.is_file()}
+    assert after == before
