@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -120,4 +121,46 @@ def apply_times(path: bytes, atime_ns: int, mtime_ns: int, problems: ApplyProble
     except OSError as exc:
         if exc.errno == errno.ENOTSUP and not follow:
             return  # some systems cannot set symlink times
+        problems.add("utime", exc)
+
+
+def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: int, gid: int,
+                  atime_ns: int, mtime_ns: int, xattrs: list[tuple[bytes, bytes]] | None = None,
+                  owner: bool = True, drop_xattr: Callable[[bytes], bool] | None = None) -> None:
+    """Metadata of an open file or directory, in the order that keeps each step:
+    xattrs (ACLs), owner (chown clears setuid), mode, times last.
+
+    ``drop_xattr(name)`` says which existing xattrs missing from ``xattrs`` to remove (mirroring).
+    ``mode`` None: the file already has it (created with it).
+    """
+    if xattrs is not None:
+        want = dict(xattrs)
+        if drop_xattr is not None:
+            for name, _ in read_xattrs(b"", fd=fd):
+                if name not in want and drop_xattr(name):
+                    try:
+                        os.removexattr(fd, name)
+                    except OSError as exc:
+                        problems.add(f"remove xattr {name.decode(errors='replace')}", exc)
+        for name, value in xattrs:
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                problems.add(f"xattr {name.decode(errors='replace')}", exc)
+    if owner:
+        try:
+            os.fchown(fd, uid, gid)
+        except PermissionError as exc:
+            if os.geteuid() == 0:
+                problems.add("chown", exc)
+        except OSError as exc:
+            problems.add("chown", exc)
+    if mode is not None:
+        try:
+            os.fchmod(fd, stat.S_IMODE(mode))
+        except OSError as exc:
+            problems.add("chmod", exc)
+    try:
+        os.utime(fd, ns=(atime_ns, mtime_ns))
+    except OSError as exc:
         problems.add("utime", exc)

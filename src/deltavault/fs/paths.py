@@ -23,6 +23,8 @@ def safe_join(root: bytes, parts: list[bytes]) -> bytes:
 def display(name: bytes) -> str:
     """Printable form of a raw name: undecodable bytes and control characters escaped."""
     s = name.decode("utf-8", errors="backslashreplace")
+    if s.isprintable():  # fast path; it is false for every character escaped below
+        return s
     if any(ord(c) < 32 or ord(c) == 127 for c in s):
         s = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in s)
     return s

@@ -1,0 +1,118 @@
+"""deltavault sync: mirror a directory (optionally from a point-in-time snapshot)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from types import FrameType
+from typing import Any
+
+from deltavault.cli.common import Context, human, parse_size
+from deltavault.errors import DeltavaultError, ExitCode
+from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
+from deltavault.sync.engine import Syncer, SyncResult
+from deltavault.sync.options import MiB, SyncOptions
+from deltavault.sync.report import SyncLog
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sync", help="mirror SRC to DST (new and changed files; --delete for extras)",
+                       description="Mirror SRC to DST. Files are written under a temp name and renamed "
+                       "into place. Big changed files get only their changed pages rewritten.")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("dest", metavar="DST")
+    p.add_argument("--delete", action="store_true", help="remove entries in DST that SRC does not have")
+    p.add_argument("--checksum", action="store_true", help="compare content, not size and mtime")
+    p.add_argument("--skip-empty-dirs", action="store_true", help="do not create directories left empty")
+    p.add_argument("--acl", action="store_true", help="keep POSIX ACLs")
+    p.add_argument("--xattrs", action="store_true", help="keep extended attributes")
+    p.add_argument("--no-owner", action="store_true", help="do not keep owner and group")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching entries")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="take only matching files (directories are still searched)")
+    p.add_argument("--no-default-excludes", action="store_true",
+                   help="also copy $RECYCLE.BIN, System Volume Information at the root of SRC")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read each written file from disk and compare its BLAKE3 digest")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--continue-on-error", dest="stop_on_error", action="store_false", default=False,
+                   help="list errors and go on (default)")
+    g.add_argument("--stop-on-error", dest="stop_on_error", action="store_true",
+                   help="stop at the first error")
+    p.add_argument("--log", metavar="FILE", help="append one line per entry to FILE")
+    p.add_argument("--bufsize", type=int, default=8, metavar="MB", help="I/O buffer size (default 8)")
+    p.add_argument("--threads", type=int, default=2, help="files copied at once (default 2)")
+    p.add_argument("--no-delta", action="store_true", help="copy changed files whole")
+    p.add_argument("--delta-min", type=parse_size, default=SyncOptions.delta_min, metavar="SIZE",
+                   help="smallest file updated by delta (default 4MiB)")
+    p.add_argument("--inplace", action="store_true",
+                   help="let delta write into the existing file when no reflink clone is possible "
+                   "(fewer writes; not atomic)")
+    p.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="none",
+                   help="sync from a point-in-time snapshot of SRC's volume (default none)")
+    p.set_defaults(func=run)
+
+
+def _options(a: argparse.Namespace) -> SyncOptions:
+    return SyncOptions(delete=a.delete, checksum=a.checksum, skip_empty_dirs=a.skip_empty_dirs, acl=a.acl,
+                       xattrs=a.xattrs, owner=not a.no_owner, excludes=a.exclude, includes=a.include,
+                       default_excludes=not a.no_default_excludes, verify=a.verify,
+                       stop_on_error=a.stop_on_error, bufsize=max(1, a.bufsize) * MiB,
+                       threads=max(1, a.threads), delta=not a.no_delta, delta_min=a.delta_min,
+                       inplace=a.inplace)
+
+
+def _sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files and the snapshot are removed
+
+
+def run(ctx: Context) -> int:
+    a = ctx.args
+    opts = _options(a)
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    log = SyncLog(a.log) if a.log else None
+    t0 = time.monotonic()
+    syncer: Syncer | None = None
+    snap_info: dict[str, Any] = {"kind": "none"}
+    try:
+        with take_snapshot(a.source, a.snapshot) as snap:
+            snap_info = {"kind": snap.kind, "mount_path": snap.mount_path, "source_path": snap.source_path}
+            if snap.note:
+                ctx.warn(snap.note)
+            syncer = Syncer(snap.source_path, a.dest, opts, ctx.reporter(), log)
+            try:
+                result = syncer.run()
+            except DeltavaultError:
+                _summary(ctx, a, SyncResult(syncer.stats, syncer.problems), snap_info, time.monotonic() - t0)
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if log is not None:
+            log.close()
+    _summary(ctx, a, result, snap_info, time.monotonic() - t0)
+    return int(ExitCode.PARTIAL) if result.problems else 0
+
+
+def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str, Any], seconds: float) -> None:
+    st = r.stats
+    obj = {"type": "summary", "source": a.source, "dest": a.dest, "snapshot": snap, "seconds": round(seconds, 3),
+           **st.__dict__, "bytes_written": st.bytes_written, "stopped": r.stopped, "errors": len(r.problems),
+           "problems": [p.__dict__ for p in r.problems]}
+    text = (f"synced {a.source} -> {a.dest} in {seconds:.1f}s: {st.files_new} new, {st.files_updated} updated, "
+            f"{st.files_delta} delta, {st.files_same} unchanged, {st.meta_fixed} metadata only, "
+            f"{st.dirs_created} dirs, {st.symlinks} symlinks, {st.hardlinks} hard links, {st.special} special, "
+            f"{st.deleted} deleted; wrote {human(st.bytes_written)}")
+    if st.files_delta:
+        text += (f"\ndelta: wrote {human(st.delta_bytes_written)} of {human(st.delta_file_bytes)} "
+                 f"in {st.files_delta} changed file(s)")
+    if a.verify:
+        text += f"\nverified: {st.files_verified} files, {human(st.bytes_verified)} re-read from disk"
+    if snap.get("kind", "none") != "none":
+        text += f"\nfrom {snap['kind']} snapshot {snap['mount_path']} (removed)"
+    if r.stopped:
+        text += "\nstopped at the first error (--stop-on-error)"
+    if r.problems:
+        text += f"\n{len(r.problems)} error(s):\n" + "\n".join(f"  {p.kind}: {p.path}: {p.message}"
+                                                             for p in r.problems)
+    ctx.emit(obj, text)

@@ -1,0 +1,79 @@
+"""Which metadata a sync carries, and applying it to entries that are never opened
+(symlinks, device nodes, FIFOs). Open files and directories use fs.meta.apply_meta_fd."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.tree import proc_path
+
+
+class MetaPolicy:
+    def __init__(self, opts: SyncOptions) -> None:
+        self.acl = opts.acl
+        self.xattrs = opts.xattrs
+        self.chown = opts.owner and os.geteuid() == 0
+
+    @property
+    def any_xattrs(self) -> bool:
+        return self.acl or self.xattrs
+
+    def wants(self, name: bytes) -> bool:
+        return self.acl if name in ACL_XATTRS else self.xattrs
+
+    def source_xattrs(self, *, fd: int | None = None, path: bytes = b"") -> list[tuple[bytes, bytes]] | None:
+        """The xattrs to mirror, or None when neither --acl nor --xattrs is on."""
+        if not self.any_xattrs:
+            return None
+        return [x for x in read_xattrs(path, fd=fd) if self.wants(x[0])]
+
+    def differs(self, dst: os.stat_result, src: os.stat_result, dst_xattrs: list[tuple[bytes, bytes]] | None,
+                src_xattrs: list[tuple[bytes, bytes]] | None, *, times: bool = True) -> bool:
+        if not stat.S_ISLNK(src.st_mode) and stat.S_IMODE(dst.st_mode) != stat.S_IMODE(src.st_mode):
+            return True
+        if self.chown and (dst.st_uid, dst.st_gid) != (src.st_uid, src.st_gid):
+            return True
+        if times and dst.st_mtime_ns != src.st_mtime_ns:
+            return True
+        if src_xattrs is not None:
+            mine = [x for x in (dst_xattrs or []) if self.wants(x[0])]
+            return mine != src_xattrs
+        return False
+
+    def apply_at(self, dir_fd: int, name: bytes, st: os.stat_result,
+                 xattrs: list[tuple[bytes, bytes]] | None, problems: ApplyProblems) -> None:
+        """Metadata of a symlink or special file, without following it."""
+        path = proc_path(dir_fd, name)
+        if xattrs is not None:
+            have = {k for k, _ in read_xattrs(path)}
+            want = dict(xattrs)
+            for k in have:
+                if k not in want and self.wants(k):
+                    try:
+                        os.removexattr(path, k, follow_symlinks=False)
+                    except OSError as exc:
+                        problems.add(f"remove xattr {k.decode(errors='replace')}", exc)
+            for k, v in xattrs:
+                try:
+                    os.setxattr(path, k, v, follow_symlinks=False)
+                except OSError as exc:
+                    problems.add(f"xattr {k.decode(errors='replace')}", exc)
+        if self.chown:
+            try:
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError as exc:
+                problems.add("chown", exc)
+        if not stat.S_ISLNK(st.st_mode):
+            try:
+                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+            except OSError as exc:
+                problems.add("chmod", exc)
+        try:
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENOTSUP:
+                problems.add("utime", exc)

@@ -1,0 +1,28 @@
+"""What a sync run may do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class SyncOptions:
+    delete: bool = False  # remove DST entries that SRC does not have (mirror)
+    checksum: bool = False  # compare content, not size + mtime
+    skip_empty_dirs: bool = False
+    acl: bool = False  # POSIX ACLs (system.posix_acl_* xattrs)
+    xattrs: bool = False  # every other extended attribute
+    owner: bool = True  # chown (effective as root)
+    excludes: list[str] = field(default_factory=list)
+    includes: list[str] = field(default_factory=list)
+    default_excludes: bool = True  # $RECYCLE.BIN, System Volume Information at the root
+    verify: bool = False
+    stop_on_error: bool = False
+    bufsize: int = 8 * MiB
+    threads: int = 2
+    delta: bool = True  # rewrite only changed pages of big changed files
+    delta_min: int = 4 * MiB  # smaller files are copied whole
+    inplace: bool = False  # delta may write into the existing file (not atomic)
+    attempts: int = 3  # copies of a file that keeps changing before giving up

@@ -1,0 +1,79 @@
+"""Fixtures for sync tests: loop-mounted file systems (always detached), source trees, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
+MIN_MB = {"ext4": 8, "xfs": 300, "btrfs": 120}
+
+
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def _umount(path: Path) -> None:
+    for _ in range(20):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def loopfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """loopfs("xfs", 300) -> mount point of a fresh file system on a loop device of ours."""
+    with ExitStack() as stack:
+        def make(fstype: str, size_mb: int | None = None, name: str | None = None) -> Path:
+            name = name or f"{fstype}{len(list(tmp_path.glob('*.img')))}"
+            img = tmp_path / f"{name}.img"
+            with open(img, "wb") as f:
+                f.truncate((size_mb or MIN_MB[fstype]) << 20)
+            _run(*MKFS[fstype], str(img))
+            loop = _run("losetup", "-f", "--show", str(img)).strip()
+            stack.callback(_run, "losetup", "-d", loop)
+            mnt = tmp_path / f"{name}.mnt"
+            mnt.mkdir()
+            _run("mount", loop, str(mnt))
+            stack.callback(_umount, mnt)
+            return mnt
+        yield make
+
+
+def dv(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+       timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
+    e.update(env or {})
+    return subprocess.run([*prefix, sys.executable, "-m", "deltavault", *args], env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary(p: subprocess.CompletedProcess[str]) -> dict:
+    import json
+
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    found = [x for x in lines if x.get("type") == "summary"]
+    assert found, f"no summary:\n{p.stdout}\n{p.stderr}"
+    return found[-1]
+
+
+def write(path: Path, data: bytes, mode: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mode is not None:
+        os.chmod(path, mode)
+    return path
+
+
+def nothing_to_do(src: Path, dst: Path, *flags: str) -> str:
+    """rsync's itemized list of what it would still change, comparing content: '' when equal."""
+    return _run("rsync", "-n", "-i", "-a", "--checksum", "-H", *flags, f"{src}/", f"{dst}/").strip()
