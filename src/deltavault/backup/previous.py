@@ -40,7 +40,7 @@ class BlobLoader(Protocol):
 def decode_tree(raw: bytes) -> Tree:
     try:
         return msgspec.msgpack.decode(raw, type=Tree)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise CorruptionError(f"tree does not parse: {exc}") from exc
 
 

@@ -182,7 +182,7 @@ class Repository:
             raise RepositoryNotFound(f"no repository at {backend.location()} (run 'deltavault init')") from None
         try:
             cfg = msgspec.json.decode(raw, type=RepoConfig)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise FormatError(f"repository config is damaged: {exc}") from exc
         if cfg.format != "deltavault":
             raise FormatError("not a deltavault repository")
@@ -568,7 +568,7 @@ class Repository:
         raw = self.env.open(self._get_immutable(name), aad=SNAPSHOT_AAD, what=f"snapshot {short_id(sid)}")
         try:
             snap = msgspec.msgpack.decode(raw, type=Snapshot)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise FormatError(f"snapshot {short_id(sid)} does not parse: {exc}") from exc
         if snap.tree is not None and len(snap.tree) != ID_LEN:
             raise FormatError(f"snapshot {short_id(sid)}: bad tree id")
