@@ -88,13 +88,14 @@ def make_key_file(master: MasterKey, password: bytes,
 def parse_key_file(data: bytes, name: str = "key") -> KeyFile:
     try:
         kf = msgspec.json.decode(data, type=KeyFile)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise KeyFileDamaged(f"key file {name} is damaged: {exc}") from exc
     if kf.v != KEYFILE_VERSION:
         raise UnsupportedVersion(f"key file {name} has version {kf.v}; this build reads {KEYFILE_VERSION}")
     if kf.checksum != kf._body_digest():
         raise KeyFileDamaged(f"key file {name} fails its checksum: it was damaged or tampered with")
-    if kf.kdf != "scrypt" or not (2 <= kf.n <= 2**22 and 1 <= kf.r <= 64 and 1 <= kf.p <= 16):
+    if kf.kdf != "scrypt" or not (2 <= kf.n <= 2**22 and kf.n & (kf.n - 1) == 0
+                                  and 1 <= kf.r <= 64 and 1 <= kf.p <= 16):
         raise KeyFileDamaged(f"key file {name} has unsupported or unsafe KDF parameters")
     return kf
 
@@ -105,6 +106,8 @@ def unwrap(kf: KeyFile, password: bytes) -> MasterKey:
                                 for x in (kf.salt, kf.nonce, kf.wrapped))
     except ValueError as exc:
         raise KeyFileDamaged(f"key file is damaged: {exc}") from exc
+    if len(salt) < 16 or len(nonce) != 12 or len(wrapped) != 64 + 16:
+        raise KeyFileDamaged("key file is damaged: salt, nonce or wrapped key has the wrong length")
     try:
         raw = AESGCM(_kek(password, salt, kf.n, kf.r, kf.p)).decrypt(nonce, wrapped, _AAD)
     except InvalidTag:

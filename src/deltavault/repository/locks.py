@@ -102,7 +102,7 @@ class LockManager:
             return msgspec.json.decode(raw, type=LockInfo)
         except ObjectNotFound:
             return None
-        except (CorruptionError, msgspec.DecodeError, msgspec.ValidationError):
+        except (CorruptionError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             # Unreadable lock: treat as stale only once it is old by file listing age.
             return LockInfo(hostname="?", pid=0, pid_start=0, exclusive=True, created=0.0, refreshed=0.0)
 
