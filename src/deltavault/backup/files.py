@@ -281,6 +281,8 @@ class FileArchiver:
             return False
         if prev.ctime >= self._racy_before:
             return False
+        if self.previous.blobs_trusted:
+            return True
         has = self.store.has_blob
         if prev.pages and not all(has(p) for p in prev.pages):
             return False

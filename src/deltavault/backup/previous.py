@@ -27,6 +27,9 @@ class PreviousState(Protocol):
     kind: str  # "catalog" | "parent-trees" | "none"
     snapshot_id: str | None
     run_start_ns: int
+    # True when no blob can have been removed since these trees were current, so reused
+    # references need no per-blob index lookups.
+    blobs_trusted: bool
 
     def dir(self, relpath: bytes) -> PrevDir | None: ...
 
@@ -52,6 +55,7 @@ class NoPrevious:
     kind = "none"
     snapshot_id: str | None = None
     run_start_ns = 0
+    blobs_trusted = False
 
     def dir(self, relpath: bytes) -> PrevDir | None:
         return None
@@ -63,11 +67,13 @@ class NoPrevious:
 class CatalogPrevious:
     kind = "catalog"
 
-    def __init__(self, catalog: Catalog, source_id: str, snapshot_id: str, run_start_ns: int) -> None:
+    def __init__(self, catalog: Catalog, source_id: str, snapshot_id: str, run_start_ns: int,
+                 *, blobs_trusted: bool = False) -> None:
         self.catalog = catalog
         self.source_id = source_id
         self.snapshot_id: str | None = snapshot_id
         self.run_start_ns = run_start_ns
+        self.blobs_trusted = blobs_trusted
 
     def dir(self, relpath: bytes) -> PrevDir | None:
         row = self.catalog.get_dir(self.source_id, relpath)
@@ -86,6 +92,7 @@ class TreePrevious:
     """Reads the parent snapshot's trees from the repository, on demand."""
 
     kind = "parent-trees"
+    blobs_trusted = False
 
     def __init__(self, repo: BlobLoader, root_tree: bytes, snapshot_id: str, run_start_ns: int) -> None:
         self.repo = repo

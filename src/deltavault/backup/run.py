@@ -81,7 +81,9 @@ def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
     if parent is None and catalog is not None:
         state = catalog.source_state(source_id)
         if state is not None and state.snapshot in existing:
-            return CatalogPrevious(catalog, source_id, state.snapshot, state.run_start_ns)
+            trusted = bool(state.index_files) and state.index_files <= repo.live_index_files()
+            return CatalogPrevious(catalog, source_id, state.snapshot, state.run_start_ns,
+                                   blobs_trusted=trusted)
     if parent is not None:
         sid, snap = repo.resolve_snapshot(parent)
     else:
@@ -139,7 +141,8 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
                         tags=req.tags, summary=summary, program=f"deltavault {__version__}")
         sid = repo.save_snapshot(snap)
         if writer is not None:
-            writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids)
+            writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids,
+                          index_files=repo.live_index_files())
         return BackupResult(sid, snap, st, archiver.problems, previous.kind, previous.snapshot_id,
                             repo.write_stats.bytes_written, repo.traffic.bytes_read,
                             time.monotonic() - t0)

@@ -279,6 +279,11 @@ class Repository:
         return data
 
     # ----------------------------------------------------------------- index
+    def live_index_files(self) -> set[str]:
+        """Index files in force: loaded and not superseded. Blobs are removed only by
+        writing an index that supersedes these, so an unchanged set means no blob is gone."""
+        return set(self._loaded_index_files) - self._superseded_index_files
+
     def index_names(self) -> list[str]:
         return sorted(o.name for o in self.backend.list("index/"))
 

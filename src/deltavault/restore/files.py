@@ -16,8 +16,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import blake3
-
 from deltavault.backup.previous import decode_tree
 from deltavault.errors import CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.meta import ApplyProblems
@@ -30,6 +28,8 @@ from deltavault.progress import NullReporter, Reporter
 
 class BlobReader(Protocol):
     def load_blob(self, blob_id: bytes) -> bytes: ...
+
+    def blob_id(self, data: bytes | memoryview) -> bytes: ...
 
     def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
 
@@ -239,7 +239,7 @@ class FileRestorer:
         tmp = b".dv-restore-" + os.urandom(6).hex().encode() + b"-" + name[:120]
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
         try:
-            digest = self._write_content(fd, node.content)
+            expect = self._write_content(fd, node.content)
             os.ftruncate(fd, node.size)
             if self.opts.verify:
                 os.fsync(fd)
@@ -251,15 +251,15 @@ class FileRestorer:
         os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         if self.opts.verify:
-            self._verify(dir_fd, relpath, name, node, digest)
+            self._verify(dir_fd, relpath, name, node, expect)
         self.stats.files += 1
         self.stats.bytes_written += node.size
         self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))
 
-    def _write_content(self, fd: int, refs: list[ContentRef]) -> bytes:
-        """Write every reference at its offset, in batches of bounded memory.
-        Returns BLAKE3 of the whole expected content (for --verify)."""
-        h = blake3.blake3()
+    def _write_content(self, fd: int, refs: list[ContentRef]) -> list[tuple[int, int, bytes | None]]:
+        """Write every reference at its offset, in batches of bounded memory. Returns what
+        --verify checks: (offset, size, blob id of the bytes, or None for a hole)."""
+        expect: list[tuple[int, int, bytes | None]] = []
         off = 0
         batch: list[tuple[int, ContentRef]] = []
         batch_bytes = 0
@@ -268,47 +268,57 @@ class FileRestorer:
             off += ref.size
             batch_bytes += 0 if isinstance(ref, Hole) else ref.size
             if batch_bytes >= BATCH_BYTES:
-                self._write_batch(fd, batch, h)
+                self._write_batch(fd, batch, expect)
                 batch, batch_bytes = [], 0
-        self._write_batch(fd, batch, h)
-        return h.digest()
+        self._write_batch(fd, batch, expect)
+        return expect
 
-    def _write_batch(self, fd: int, batch: list[tuple[int, ContentRef]], h: blake3.blake3) -> None:
+    def _write_batch(self, fd: int, batch: list[tuple[int, ContentRef]],
+                     expect: list[tuple[int, int, bytes | None]]) -> None:
         wanted = list(dict.fromkeys(r.id for _, r in batch if isinstance(r, Full)))
         loaded = dict(self.repo.load_blobs(wanted)) if wanted else {}
         for o, ref in batch:
             if isinstance(ref, Hole):
-                _hash_zeros(h, ref.size)
+                expect.append((o, ref.size, None))
                 continue
             if isinstance(ref, Full):
                 data = loaded[ref.id]
                 if len(data) != ref.size:
                     raise CorruptionError(f"blob {ref.id.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
+                digest = ref.id  # load_blobs checked the bytes against it
             elif isinstance(ref, Patch):
                 data = apply_patches(self.repo.load_blob(ref.base),
                                      [self.repo.load_blob(p) for p in ref.patches], ref.size)
+                digest = self.repo.blob_id(data) if self.opts.verify else b""
             else:
                 raise CorruptionError(f"unknown content reference {ref!r}")
             _pwrite_all(fd, data, o)
-            h.update(data)
+            expect.append((o, ref.size, digest))
 
-    def _verify(self, dir_fd: int, relpath: bytes, name: bytes, node: Node, want: bytes) -> None:
+    def _verify(self, dir_fd: int, relpath: bytes, name: bytes, node: Node,
+                expect: list[tuple[int, int, bytes | None]]) -> None:
+        """Re-read what was written, bypassing the page cache, and check every range
+        against its blob id; holes must read as zeros."""
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        bad: list[str] = []
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # re-read from disk, not cache
-            h = blake3.blake3()
-            n = 0
-            while True:
-                b = os.read(fd, 8 << 20)
-                if not b:
-                    break
-                h.update(b)
-                n += len(b)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            size = os.fstat(fd).st_size
+            if size != node.size:
+                bad.append(f"size {size}, expected {node.size}")
+            for off, ln, digest in expect:
+                if digest is None:
+                    if not _zeros(fd, off, ln):
+                        bad.append(f"hole at {off} holds data")
+                    continue
+                data = os.pread(fd, ln, off)
+                self.stats.bytes_verified += len(data)
+                if len(data) != ln or self.repo.blob_id(data) != digest:
+                    bad.append(f"bytes {off}..{off + ln} differ")
         finally:
             os.close(fd)
-        self.stats.bytes_verified += n
-        if n != node.size or h.digest() != want:
-            self._problem(relpath, "verify", f"read back {n} bytes that differ from what was written")
+        if bad:
+            self._problem(relpath, "verify", "read back differs from what was written: " + "; ".join(bad[:5]))
 
     # ------------------------------------------------------------------ metadata
     def _apply_meta_fd(self, fd: int, relpath: bytes, node: Node) -> None:
@@ -374,8 +384,21 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 _ZEROS = bytes(1 << 20)
 
 
-def _hash_zeros(h: blake3.blake3, n: int) -> None:
-    while n:
-        k = min(n, len(_ZEROS))
-        h.update(memoryview(_ZEROS)[:k])
-        n -= k
+def _zeros(fd: int, off: int, ln: int) -> bool:
+    """Whether [off, off+ln) reads as zeros; a range with no data extent needs no read."""
+    try:
+        nxt = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return True  # no data at or after off
+    pos = max(off, nxt)
+    end = off + ln
+    while pos < end:
+        data = os.pread(fd, min(len(_ZEROS), end - pos), pos)
+        if not data:
+            return True
+        if data != _ZEROS[:len(data)]:
+            return False
+        pos += len(data)
+    return True

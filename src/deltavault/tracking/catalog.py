@@ -16,12 +16,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = 3
+SCHEMA = 4
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sources(
-  source_id TEXT PRIMARY KEY, snapshot TEXT, run_start_ns INTEGER, updated REAL);
+  source_id TEXT PRIMARY KEY, snapshot TEXT, run_start_ns INTEGER, updated REAL, index_files TEXT);
 CREATE TABLE IF NOT EXISTS dirs(
   source_id TEXT, path BLOB, tree_id BLOB, tree BLOB,
   PRIMARY KEY(source_id, path)) WITHOUT ROWID;
@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS blobs(
 class SourceState:
     snapshot: str
     run_start_ns: int
+    index_files: frozenset[str]  # index files in force when the catalog was written
 
 
 class Catalog:
@@ -63,9 +64,11 @@ class Catalog:
 
     def source_state(self, source_id: str) -> SourceState | None:
         with self._lock:
-            row = self._db.execute("SELECT snapshot, run_start_ns FROM sources WHERE source_id=?",
+            row = self._db.execute("SELECT snapshot, run_start_ns, index_files FROM sources WHERE source_id=?",
                                    (source_id,)).fetchone()
-        return SourceState(row[0], row[1]) if row else None
+        if not row:
+            return None
+        return SourceState(row[0], row[1], frozenset((row[2] or "").split()))
 
     def get_dir(self, source_id: str, path: bytes) -> tuple[bytes, bytes] | None:
         with self._lock:
@@ -115,7 +118,8 @@ class CatalogWriter:
         with self._lock:
             self._blobs[blob_id] = data
 
-    def commit(self, snapshot_id: str, run_start_ns: int, *, keep_blobs: set[bytes]) -> None:
+    def commit(self, snapshot_id: str, run_start_ns: int, *, keep_blobs: set[bytes],
+               index_files: set[str]) -> None:
         """``keep_blobs``: every META blob the new snapshot refers to; others are dropped."""
         cat = self.catalog
         with cat._lock:
@@ -134,8 +138,8 @@ class CatalogWriter:
                 rows = db.execute("SELECT id FROM blobs WHERE source_id=?", (self.source_id,)).fetchall()
                 drop = [(self.source_id, r[0]) for r in rows if bytes(r[0]) not in keep_blobs]
                 db.executemany("DELETE FROM blobs WHERE source_id=? AND id=?", drop)
-                db.execute("INSERT OR REPLACE INTO sources VALUES(?,?,?,strftime('%s','now'))",
-                           (self.source_id, snapshot_id, run_start_ns))
+                db.execute("INSERT OR REPLACE INTO sources VALUES(?,?,?,strftime('%s','now'),?)",
+                           (self.source_id, snapshot_id, run_start_ns, " ".join(sorted(index_files))))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

@@ -1,0 +1,214 @@
+"""Bad input: unreadable, vanishing and changing files, a full disk, a wrong password."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavault.backup.files import FileBackupOptions
+from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.progress import NullReporter
+from deltavault.repository.repository import Repository
+from tests.conftest import Cli, needs_root, needs_tools
+from tests.treeutil import manifest
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that user nobody can reach (pytest's own tmp root is private to root)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="dv-nobody-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@needs_root()
+@needs_tools("setpriv")
+def test_unreadable_files_are_listed_and_the_rest_is_saved(shared_dir: Path, cli: Cli) -> None:
+    import json
+
+    src = shared_dir / "src"
+    (src / "locked-dir").mkdir(parents=True)
+    (src / "ok.txt").write_text("readable")
+    (src / "secret.txt").write_text("root only")
+    (src / "locked-dir" / "inside").write_text("x")
+    (src / "secret.txt").chmod(0o000)
+    (src / "locked-dir").chmod(0o000)
+    pw = shared_dir / "pw"
+    pw.write_text("pw")
+    home = shared_dir / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    env = dict(cli.env, DELTAVAULT_REPOSITORY=str(home / "repo"), DELTAVAULT_PASSWORD_FILE=str(pw),
+               DELTAVAULT_CACHE_DIR=str(home / "cache"), HOME=str(home))
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               sys.executable, "-m", "deltavault", "--json", *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    assert as_nobody("init").returncode == 0
+    r = as_nobody("backup", str(src))
+    assert r.returncode == 3, r.stdout + r.stderr
+    summary = [json.loads(x) for x in r.stdout.splitlines() if '"summary"' in x][-1]
+    kinds = sorted((p["path"].rsplit("/", 1)[-1], p["kind"]) for p in summary["problems"])
+    assert kinds == [("locked-dir", "unreadable"), ("secret.txt", "unreadable")]
+    assert summary["files_new"] == 1 and summary["errors"] == 2
+    ls = as_nobody("ls", "latest")
+    names = sorted(json.loads(x)["path"] for x in ls.stdout.splitlines() if '"node"' in x)
+    assert names == ["src", "src/locked-dir", "src/ok.txt"]
+
+
+class _DeleteOnFirstFile(NullReporter):
+    """Deletes other entries as soon as the first file has been read: a real race, made
+    deterministic by the walker's sorted order."""
+
+    def __init__(self, victims: list[Path]) -> None:
+        self.victims = victims
+
+    def advance(self, *, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        while self.victims:
+            v = self.victims.pop()
+            if v.is_dir():
+                import shutil
+
+                shutil.rmtree(v)
+            else:
+                v.unlink()
+
+
+def test_vanishing_files_are_reported_and_the_run_goes_on(tmp_path: Path, repo: Repository) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a_first").write_text("1")
+    (src / "b_victim").write_text("2")
+    (src / "c_victim_dir").mkdir()
+    (src / "c_victim_dir" / "x").write_text("3")
+    (src / "d_last").write_text("4")
+    res = run_backup(repo, BackupRequest(paths=[str(src)]),
+                     _DeleteOnFirstFile([src / "c_victim_dir", src / "b_victim"]))
+    assert sorted((p.path.rsplit("/", 1)[-1], p.kind) for p in res.problems) == [
+        ("b_victim", "vanished"), ("c_victim_dir", "vanished")]
+    assert res.partial and res.stats.files_new == 2
+
+
+@contextlib.contextmanager
+def _keep_rewriting(path: Path) -> Iterator[None]:
+    stop = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(path, os.O_WRONLY)
+        i = 0
+        while not stop.is_set():
+            os.pwrite(fd, os.urandom(4096), (i * 7919 % 4000) * 4096)
+            i += 1
+            time.sleep(0.0005)
+        os.close(fd)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_file_changing_while_read_is_retried_then_flagged(tmp_path: Path, repo: Repository) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    busy = src / "busy.db"
+    busy.write_bytes(os.urandom(4000 * 4096))
+    (src / "calm").write_text("calm")
+    time.sleep(0.05)  # let "calm" age past the racy window used below
+    with _keep_rewriting(busy):
+        res = run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(workers=2)))
+    assert [(p.path.rsplit("/", 1)[-1], p.kind) for p in res.problems] == [("busy.db", "changed")]
+    assert "read" in res.problems[0].message and res.partial
+    assert res.stats.files_new == 2  # stored (marked) rather than dropped
+    # the next run reads it again: its ctime moved on after the stat we stored
+    time.sleep(0.05)
+    res2 = run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(racy_window_ns=10_000_000)))
+    assert res2.stats.files_changed == 1 and res2.stats.files_unmodified == 1 and not res2.problems
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    img = tmp_path / "small.img"
+    subprocess.run(["truncate", "-s", "40M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", loop, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+@needs_root()
+@needs_tools("mkfs.ext4", "losetup")
+def test_full_repository_disk_keeps_the_repository_valid(tmp_path: Path, cli: Cli, small_fs: Path) -> None:
+    repo_dir = small_fs / "repo"
+    env = {"DELTAVAULT_REPOSITORY": str(repo_dir)}
+    assert cli("init", env=env).returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(os.urandom(2 << 20))
+    time.sleep(0.05)
+    assert cli("backup", str(src), env=env).returncode == 0
+    first = manifest(src)
+    (src / "huge").write_bytes(os.urandom(60 << 20))  # does not fit
+    r = cli("--json", "backup", str(src), env=env)
+    assert r.returncode == 14, r.stdout + r.stderr
+    assert "no space" in r.last("error")["message"]
+    c = cli("check", "--read-data", env=env)
+    assert c.returncode == 0, c.stdout + c.stderr
+    out = tmp_path / "out"
+    rr = cli("restore", "latest", "--target", str(out), "--verify", env=env)
+    assert rr.returncode == 0, rr.stdout + rr.stderr
+    assert manifest(out / "src") == first
+    # with room again, the next run succeeds and reuses what the failed run uploaded
+    (src / "huge").unlink()
+    (src / "mid").write_bytes(os.urandom(10 << 20))
+    r2 = cli("--json", "backup", str(src), env=env)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert cli("check", "--read-data", env=env).returncode == 0
+
+
+def test_wrong_password_changes_nothing(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    assert cli("backup", str(src)).returncode == 0
+
+    def state() -> list[tuple[str, int, int]]:
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in cli.repo.rglob("*"))
+
+    before = state()
+    for args in (["backup", str(src)], ["snapshots"], ["restore", "latest", "--target", str(tmp_path / "o")],
+                 ["check"]):
+        r = cli(*args, env={"DELTAVAULT_PASSWORD": "not the password"})
+        assert r.returncode == 11, (args, r.stderr)
+        assert "wrong password" in r.stderr
+    assert state() == before
+    assert not (tmp_path / "o").exists()
