@@ -48,8 +48,13 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), ma
 values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=6),
                                                     st.dictionaries(st.text(max_size=10), c, max_size=6)),
                       max_leaves=30)
-entry = st.lists(st.one_of(st.integers(min_value=-5, max_value=2**64 - 1), st.binary(min_size=31, max_size=33)),
-                 min_size=4, max_size=6)
+_edge = st.one_of(st.integers(-2, 3), st.sampled_from([2**31, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]),
+                  st.integers(0, 10**6))
+entry = st.one_of(
+    st.lists(st.one_of(st.integers(min_value=-5, max_value=2**64 - 1), st.binary(min_size=31, max_size=33)),
+             min_size=4, max_size=6),
+    # well-formed entries with values at the edges: type, id, offset, length, raw length
+    st.tuples(st.integers(-1, 3), st.binary(min_size=32, max_size=32), _edge, _edge, _edge).map(list))
 
 
 def typed_only(fn, *args, **kw):  # type: ignore[no-untyped-def]
@@ -102,12 +107,14 @@ def test_whole_pack(entries: list, edits: list[tuple[int, int]], cut: int) -> No
 
 # ---------------------------------------------------------------- index files
 index_docs = st.fixed_dictionaries(
-    {"packs": st.lists(st.tuples(st.binary(min_size=31, max_size=33), st.lists(entry, max_size=4)), max_size=4)},
+    {"packs": st.lists(st.tuples(st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=33)),
+                                 st.lists(entry, max_size=4)), max_size=4)},
     optional={"supersedes": st.lists(st.binary(max_size=33), max_size=3), "v": st.integers(-1, 3)})
 
 
 @fuzz
 @given(st.one_of(st.binary(max_size=300), index_docs.map(msgspec.msgpack.encode), values.map(msgspec.msgpack.encode)))
+@example(msgspec.msgpack.encode({"packs": [[b"p" * 32, [[0, b"i" * 32, 8, 2**32, -1]]]]}))  # length, raw out of range
 def test_index_file(raw: bytes) -> None:
     f = typed_only(decode_index, raw, "i")
     if f is not None:

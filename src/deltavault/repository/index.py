@@ -48,7 +48,8 @@ def decode_index(raw: bytes, name: str) -> IndexFile:
         if len(p.id) != ID_LEN:
             raise FormatError(f"index {name}: bad pack id")
         for b in p.blobs:
-            if len(b.id) != ID_LEN or b.offset < 0 or b.length <= 0 or b.type not in BlobType._value2member_map_:
+            if (len(b.id) != ID_LEN or not 0 <= b.offset < 1 << 40 or not 0 < b.length < 1 << 32
+                    or not 0 <= b.raw_length < 1 << 32 or b.type not in BlobType._value2member_map_):
                 raise FormatError(f"index {name}: bad blob entry")
     return f
 

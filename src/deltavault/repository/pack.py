@@ -94,7 +94,7 @@ def parse_header(env: Envelope, sealed_header: bytes, pack_size: int, name: str)
     for e in entries:
         if (len(e.id) != ID_LEN or e.offset < len(MAGIC) or e.length <= 0
                 or e.offset + e.length > limit or e.type not in BlobType._value2member_map_
-                or e.raw_length < 0):
+                or not 0 <= e.raw_length < 1 << 32):
             raise FormatError(f"pack {name}: header entry out of bounds or invalid")
     return entries
 
