@@ -34,12 +34,17 @@ def lvs_command(device: str) -> list[str]:
             "-o", "vg_name,lv_name,lv_attr,lv_size", device]
 
 
-def parse_lvs(out: str) -> LogicalVolume:
+def parse_lvs(out: str, device: str = "the device") -> LogicalVolume:
     try:
         rows = json.loads(out)["report"][0]["lv"]
-        row = rows[0]
-        return LogicalVolume(row["vg_name"], row["lv_name"], row.get("lv_attr", ""))
     except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise SnapshotError(f"cannot read the output of lvs: {out[:200]!r}") from exc
+    if not rows:
+        raise SnapshotError(f"{device} is not an LVM logical volume")
+    row = rows[0]
+    try:
+        return LogicalVolume(row["vg_name"], row["lv_name"], row.get("lv_attr", ""))
+    except (KeyError, TypeError) as exc:
         raise SnapshotError(f"cannot read the output of lvs: {out[:200]!r}") from exc
 
 
@@ -69,7 +74,7 @@ class LvmSnapshotter:
         self.extents = extents
 
     def lookup(self, m: Mount) -> LogicalVolume:
-        lv = parse_lvs(self.run(lvs_command(m.source)))
+        lv = parse_lvs(self.run(lvs_command(m.source)), m.source)
         if lv.attr[:1] in ("s", "S"):
             raise SnapshotError(f"{m.source} is itself a snapshot")
         return lv

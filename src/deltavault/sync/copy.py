@@ -101,12 +101,13 @@ def _copy_mapped(sfd: int, tfd: int, size: int, extents: list[tuple[int, int]], 
             while o < end:
                 if cancelled():
                     raise Cancelled
-                n = min(step, end - o)
                 try:
-                    pwrite_all(tfd, mv[o:o + n], o)
+                    # No helper frame may hold a view of the mapping when an error unwinds,
+                    # or the mapping cannot be closed.
+                    n = os.pwrite(tfd, mv[o:min(o + step, end)], o)
                 except OSError as exc:
                     if exc.errno == errno.EFAULT:
-                        raise SourceChanged("it shrank while being copied") from exc
+                        raise SourceChanged("it shrank while being copied") from None
                     raise
                 o += n
                 written += n

@@ -115,6 +115,7 @@ class Syncer:
         self._jobs: list[Future[None]] = []
         self._open: set[_Dir] = set()
         self._deferred: list[_Deferred] = []
+        self._temps: set[bytes] = set()  # temp files that may exist: removed if the run is interrupted
         self._first_link: dict[tuple[int, int], bytes] = {}
         self._links: list[tuple[bytes, bytes]] = []
 
@@ -144,6 +145,8 @@ class Syncer:
                 self._finish_deferred(root_fd)
         except BaseException:
             self._cancel.set()  # copy threads stop at their next buffer and remove temp files
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._remove_temps()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -156,6 +159,27 @@ class Syncer:
         if self._fatal is not None:
             raise self._fatal
         return SyncResult(self.stats, self.problems, self._stopped)
+
+    def _temp(self, relpath: bytes, name: bytes) -> bytes:
+        """A temp name next to relpath, registered before it is created so that an interrupt
+        at any point (Ctrl-C lands between any two statements) cannot leave it behind."""
+        tmp = temp_name(name)
+        with self._lock:
+            self._temps.add(os.path.join(self.dst, os.path.dirname(relpath), tmp))
+        return tmp
+
+    def _untemp(self, relpath: bytes, tmp: bytes) -> None:
+        with self._lock:
+            self._temps.discard(os.path.join(self.dst, os.path.dirname(relpath), tmp))
+
+    def _remove_temps(self) -> None:
+        with self._lock:
+            temps, self._temps = self._temps, set()
+        for path in temps:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _check_paths(self) -> None:
         src = os.path.realpath(self.src)
@@ -411,7 +435,7 @@ class Syncer:
             return
         if dst is not None and stat.S_ISDIR(dst.st_mode) and not self._clear_dir(dfd, name, relpath):
             return
-        tmp = temp_name(name)
+        tmp = self._temp(relpath, name)
         if is_link:
             os.symlink(target, tmp, dir_fd=dfd)
         elif stat.S_ISFIFO(st.st_mode):
@@ -424,6 +448,7 @@ class Syncer:
         except BaseException:
             _unlink_quiet(dfd, tmp)
             raise
+        self._untemp(relpath, tmp)
         self._count(**({"symlinks": 1} if is_link else {"special": 1}))
         self._done("symlink" if is_link else "special", relpath, 0)
 
@@ -616,7 +641,7 @@ class Syncer:
             staged = self._stage_delta(fd, st, dfd, name, relpath, dst, xattrs, hasher)
             if staged is not None:
                 return staged
-        tmp = temp_name(name)
+        tmp = self._temp(relpath, name)
         perm = stat.S_IMODE(st.st_mode) & 0o777
         # In a directory this run created (no default ACL, not setgid) a new file gets
         # (euid, egid) and perm & ~umask: then chown and chmod can be skipped.
@@ -648,7 +673,7 @@ class Syncer:
             if inplace:
                 tfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             else:
-                tmp = temp_name(name)
+                tmp = self._temp(relpath, name)
                 tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                               0o600, dir_fd=dfd)
                 if not reflink(ofd, tfd):
@@ -688,6 +713,8 @@ class Syncer:
             if n != st.st_size or digest != staged.digest:
                 aside = aside_name(name)
                 os.rename(current, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+                if staged.tmp is not None:
+                    self._untemp(relpath, staged.tmp)
                 self._problem(relpath, "verify",
                               f"read back ({method}) {n} bytes that differ from what was written; "
                               f"kept aside as {display(aside)}", size=st.st_size)
@@ -698,6 +725,7 @@ class Syncer:
             except BaseException:
                 _unlink_quiet(dfd, staged.tmp)
                 raise
+            self._untemp(relpath, staged.tmp)
         if staged.action == "delta":
             self._count(files_delta=1, delta_bytes_written=staged.written, delta_file_bytes=st.st_size,
                         delta_reflinked=int(staged.reflinked))
@@ -740,13 +768,14 @@ class Syncer:
             return
         if cur is not None and stat.S_ISDIR(cur.st_mode) and not self._clear_dir(pfd, name, relpath):
             return
-        tmp = temp_name(name)
+        tmp = self._temp(relpath, name)
         os.link(fname, tmp, src_dir_fd=ffd, dst_dir_fd=pfd, follow_symlinks=False)
         try:
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
         except BaseException:
             _unlink_quiet(pfd, tmp)
             raise
+        self._untemp(relpath, tmp)
         self._count(hardlinks=1)
         self._done("hardlink", relpath, fst.st_size, note=f"-> {display(first)}")
 

@@ -1,0 +1,60 @@
+"""Pieces of sync that need no file system: filters, page comparison, the log format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deltavault.sync.delta import PAGE, changed_runs
+from deltavault.sync.filters import Filter
+from deltavault.sync.report import SyncLog, SyncStats
+
+
+def test_filter_names_paths_and_defaults() -> None:
+    f = Filter(["*.tmp", "/build", "cache/"], [])
+    assert f.excluded(b"a/b/x.tmp", b"x.tmp")
+    assert f.excluded(b"build", b"build") and not f.excluded(b"src/build", b"build")
+    assert f.excluded(b"a/cache", b"cache")  # a trailing slash is dropped; matches the name anywhere
+    for name in (b"$RECYCLE.BIN", b"$Recycle.Bin", b"System Volume Information", b".deltavault-snapshots"):
+        assert f.excluded(name, name)  # only at the root, any case
+        assert not f.excluded(b"sub/" + name, name)
+    assert not Filter([], [], default_excludes=False).excluded(b"$RECYCLE.BIN", b"$RECYCLE.BIN")
+
+
+def test_filter_includes() -> None:
+    f = Filter([], ["*.txt", "/docs"])
+    assert f.has_includes
+    assert f.included(b"a/b.txt", b"b.txt") and f.included(b"docs", b"docs")
+    assert not f.included(b"a/b.bin", b"b.bin")
+    raw = Filter(["caf\udce9*"], [])  # a non-UTF-8 pattern from the command line (surrogateescape)
+    assert raw.excluded(b"caf\xe9-latin1", b"caf\xe9-latin1")
+
+
+def test_changed_runs_merges_adjacent_pages_and_counts_growth() -> None:
+    old = bytearray(os.urandom(10 * PAGE))
+    new = bytearray(old)
+    new[PAGE * 2 + 5] ^= 1
+    new[PAGE * 3] ^= 1
+    new[PAGE * 7 + 100] ^= 1
+    assert changed_runs(new, old, len(new), len(old)) == [(2 * PAGE, 4 * PAGE), (7 * PAGE, 8 * PAGE)]
+    grown = new + b"tail"
+    assert changed_runs(grown, old, len(grown), len(old))[-1] == (10 * PAGE, 10 * PAGE + 4)
+    # the last page partly beyond the old end counts as changed
+    assert changed_runs(old, old, 10 * PAGE, 10 * PAGE - 1) == [(9 * PAGE, 10 * PAGE)]
+    assert changed_runs(old, bytearray(old), len(old), len(old)) == []
+
+
+def test_log_line_format(tmp_path: Path) -> None:
+    log = SyncLog(tmp_path / "l")
+    log.write("delta", 100, b"dir/new\nline\xff", written=4096, digest=b"\x01\x02")
+    log.write("error", 0, b"x", error="unreadable: Permission denied")
+    log.close()
+    rows = [ln.split("\t") for ln in (tmp_path / "l").read_text().splitlines()]
+    assert rows[0][1:] == ["delta", "100", "4096", "0102", "dir/new\\x0aline\\xff", "-"]
+    assert rows[1][1:] == ["error", "0", "0", "-", "x", "unreadable: Permission denied"]
+
+
+def test_stats_add() -> None:
+    a, b = SyncStats(files_new=1, bytes_copied=5), SyncStats(files_new=2, delta_bytes_written=7)
+    a.add(b)
+    assert a.files_new == 3 and a.bytes_written == 12
