@@ -298,3 +298,48 @@ def test_damaged_blob_spoils_only_its_file(tmp_path: Path, repo: Repository) -> 
     assert [(p.path, p.kind) for p in r.problems] == [("src/bad", "corrupt")]
     with pytest.raises(CorruptionError):
         repo.load_blob(node.content[0].id)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def btrfs_mount(tmp_path: Path):  # type: ignore[no-untyped-def]
+    img = tmp_path / "btrfs.img"
+    subprocess.run(["truncate", "-s", "200M", str(img)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
+    mnt = tmp_path / "btrfs"
+    mnt.mkdir()
+    loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", loop, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+@needs_root()
+@needs_tools("mkfs.btrfs", "btrfs", "losetup")
+def test_catalog_survives_a_snapshot_with_another_device_id(btrfs_mount: Path, repo: Repository) -> None:
+    """Each btrfs snapshot is its own device (st_dev) and lives at its own path; the
+    catalog still matches, so only the changed file is read."""
+    vol = btrfs_mount / "vol"
+    subprocess.run(["btrfs", "subvolume", "create", str(vol)], check=True, capture_output=True)
+    for i in range(40):
+        (vol / f"f{i}").write_bytes(os.urandom(20_000))
+    settle()
+    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(vol), str(btrfs_mount / "snap1")],
+                   check=True, capture_output=True)
+    first = backup(repo, btrfs_mount / "snap1", logical_paths=["/srv/data"])
+    (vol / "f7").write_bytes(os.urandom(20_000))
+    settle()
+    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(vol), str(btrfs_mount / "snap2")],
+                   check=True, capture_output=True)
+    assert (btrfs_mount / "snap1").stat().st_dev != (btrfs_mount / "snap2").stat().st_dev
+    second = backup(repo, btrfs_mount / "snap2", logical_paths=["/srv/data"])
+    assert first.stats.files_new == 40
+    assert second.change_source == "catalog"
+    assert (second.stats.files_changed, second.stats.files_unmodified) == (1, 39)
+    assert second.stats.bytes_read == 20_000
+    assert second.snapshot.paths == ["/srv/data"]

@@ -299,7 +299,7 @@ class FileArchiver:
             assert prev is not None
             node = prev if not hl_key else msgspec.structs.replace(prev, dev=st.st_dev, links=st.st_nlink)
             self.stats.files_unmodified += 1
-            self.reporter.advance(items=1)
+            self.reporter.advance(nbytes=st.st_size, items=1)
             if prev.pages:
                 self.page_blob_ids.update(prev.pages)
                 self._remember_pages(prev.pages)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,6 +127,8 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
         archiver = FileArchiver(repo, chunker_for(repo), previous, reporter, opts,
                                 page_key=page_key, catalog=writer)
         reporter.start("backup")
+        if getattr(reporter, "wants_totals", False):
+            _start_scanner(sources, opts, reporter)
         root = archiver.run(sources)
         reporter.finish()
         st = archiver.stats
@@ -149,6 +153,32 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
     finally:
         if catalog is not None:
             catalog.close()
+
+
+def _start_scanner(sources: list[Source], opts: FileBackupOptions, reporter: Reporter) -> None:
+    """Sum sizes in the background so a terminal progress bar can show an ETA."""
+
+    def scan() -> None:
+        total = count = 0
+        stack = [s.path for s in sources]
+        while stack:
+            p = stack.pop()
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    with os.scandir(p) as it:
+                        stack.extend(e.path for e in it if e.path not in opts.skip_paths)
+                except OSError:
+                    pass
+            elif stat.S_ISREG(st.st_mode):
+                total += st.st_size
+                count += 1
+        reporter.set_totals(total_bytes=total, total_items=count)
+
+    threading.Thread(target=scan, name="dv-scan", daemon=True).start()
 
 
 def _user() -> str:
