@@ -58,7 +58,7 @@ class Harness:
         self.ops: dict[str, int] = {}  # backend puts+deletes of the last whole run, per command
         self.stats = {"trials": 0, "killed": 0, "finished_before_kill": 0, "backup": 0, "prune": 0,
                       "restore": 0, "snapshots_saved_by_killed_runs": 0, "reuse_checks": 0,
-                      "reuse_bytes_uploaded_before_kill": 0, "reuse_bytes_readded": 0,
+                      "reuse_bytes_uploaded_before_kill": 0, "reuse_bytes_readded": 0, "reuse_bytes_new": 0,
                       "snapshot_verifications": 0, "check_runs": 0, "data_lost": 0,
                       "killed_at_op": 0, "killed_after_delay": 0}
 
@@ -188,6 +188,7 @@ class Harness:
             self.stats["reuse_checks"] += 1
             self.stats["reuse_bytes_uploaded_before_kill"] += uploaded
             self.stats["reuse_bytes_readded"] += added
+            self.stats["reuse_bytes_new"] += new_bytes
             limit = new_bytes - uploaded + 0.05 * new_bytes + 512 * KiB
             assert added <= limit, (f"rerun added {added} bytes; {new_bytes} new, {uploaded} already "
                                     f"uploaded by the killed run")
