@@ -536,7 +536,10 @@ class Syncer:
                 except OSError as exc:
                     self._problem(relpath, "metadata", f"extended attributes unreadable: {exc.strerror}")
                     xattrs = None
-                if (self.opts.checksum and dst_reg is not None and dst_reg.st_size == fst.st_size
+                # Same size, other mtime (or --checksum): often the same bytes (a reinstall, a
+                # touch). Comparing costs a read of DST; copying would cost a write of it.
+                if (dst_reg is not None and dst_reg.st_size == fst.st_size
+                        and (self.opts.checksum or fst.st_size < self.opts.delta_min)
                         and self._same_content(fd, dfd, name, fst.st_size)):
                     self._same(dfd, name, relpath, fst, dst_reg, xattrs)
                     return
