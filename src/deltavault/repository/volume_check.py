@@ -1,14 +1,103 @@
-"""Checks of volume snapshot manifests. Filled in by the volume engine."""
+"""Volume manifests in checks and reachability: which blobs a volume snapshot references,
+and whether each is present and undamaged.
+
+Restoring needs the block maps and every block's blobs; verifying a restore and the next
+incremental need the page digests. All of those are errors when missing. The change
+sources' state (metadata digests) only speeds up the next backup: its loss is a warning.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from deltavault.errors import DeltavaultError
+from deltavault.model.content import ref_blob_ids
+from deltavault.model.volume import BlockMap, VolumeManifest, decode
 
 if TYPE_CHECKING:
     from deltavault.repository.check import CheckReport
-    from deltavault.repository.repository import Repository
+
+MAX_LISTED = 5
 
 
-def check_volume_manifest(repo: Repository, rep: CheckReport, sid: str, manifest_id: bytes,
+class BlobLoader(Protocol):
+    def load_blob(self, blob_id: bytes) -> bytes: ...
+
+
+class IndexedRepo(BlobLoader, Protocol):
+    def has_blob(self, blob_id: bytes) -> bool: ...
+
+
+def load_manifest(repo: BlobLoader, manifest_id: bytes) -> VolumeManifest:
+    return decode(repo.load_blob(manifest_id), VolumeManifest, f"volume manifest {manifest_id.hex()[:16]}")
+
+
+def volume_blob_ids(repo: BlobLoader, manifest_id: bytes) -> Iterator[bytes]:
+    """Every blob the manifest references (not the manifest itself). Raises if a block map
+    cannot be read: a caller about to delete data must not guess."""
+    m = load_manifest(repo, manifest_id)
+    for c in m.checkpoints:
+        yield from c.state
+    maps: set[bytes] = set()
+    for seg in m.segments:
+        yield seg.digests
+        if seg.map in maps:
+            continue
+        maps.add(seg.map)
+        yield seg.map
+        bm = decode(repo.load_blob(seg.map), BlockMap, f"block map {seg.map.hex()[:16]}")
+        for r in bm.refs:
+            yield from ref_blob_ids(r)
+
+
+def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifest_id: bytes,
                           bad: set[bytes]) -> bool:
-    return True
+    from deltavault.repository.check import CheckIssue
+
+    def note(kind: str, msg: str, severity: str = "error") -> None:
+        rep.add(CheckIssue(kind, f"snapshot {sid[:8]}: (volume): {msg}", snapshot=sid, path="(volume)",
+                           severity=severity))
+        if severity == "error":
+            rep.affected.setdefault(sid, []).append("(volume)")
+
+    def lost(b: bytes) -> bool:
+        return b in bad or not repo.has_blob(b)
+
+    try:
+        m = load_manifest(repo, manifest_id)
+    except DeltavaultError as exc:
+        note("tree", f"volume manifest unreadable: {exc}")
+        return False
+    ok = True
+    for c in m.checkpoints:
+        gone = [b for b in c.state if lost(b)]
+        if gone:
+            note("missing", f"{c.source} checkpoint state: {len(gone)} blob(s) missing or damaged; the "
+                            "next backup cannot use this source and reads more", severity="warning")
+    damaged_blocks: list[int] = []
+    for i, seg in enumerate(m.segments):
+        if lost(seg.digests):
+            ok = False
+            note("missing", f"segment {i}: page digests missing or damaged")
+        if lost(seg.map):
+            ok = False
+            note("tree", f"segment {i}: block map missing or damaged; {m.segment_pages * m.page_size} bytes "
+                         "of the volume cannot be restored")
+            continue
+        try:
+            bm = decode(repo.load_blob(seg.map), BlockMap, f"block map {seg.map.hex()[:16]}")
+        except DeltavaultError as exc:
+            ok = False
+            note("tree", f"segment {i}: block map unreadable: {exc}")
+            continue
+        for j, r in enumerate(bm.refs):
+            if any(lost(b) for b in ref_blob_ids(r)):
+                damaged_blocks.append(bm.first + j)
+    if damaged_blocks:
+        ok = False
+        listed = ", ".join(f"{b * m.block_size}" for b in damaged_blocks[:MAX_LISTED])
+        more = f" and {len(damaged_blocks) - MAX_LISTED} more" if len(damaged_blocks) > MAX_LISTED else ""
+        note("missing", f"{len(damaged_blocks)} block(s) of {m.block_size} bytes have missing or damaged "
+                        f"blobs, at byte offsets {listed}{more}")
+    return ok

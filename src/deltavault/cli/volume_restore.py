@@ -1,0 +1,49 @@
+"""deltavault restore --volume SNAPSHOT TARGET (the engine is restore/volume.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from deltavault.cli.common import Context, human
+from deltavault.errors import ExitCode, UsageError
+from deltavault.repository.repository import short_id
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+
+
+def add_volume_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("volume restore (--volume)")
+    g.add_argument("--volume", action="store_true",
+                   help="restore a volume snapshot to TARGET: an image file or a block device")
+    g.add_argument("volume_target", nargs="?", metavar="TARGET", help="with --volume: where to restore")
+    g.add_argument("--overwrite", action="store_true", help="with --volume: replace an existing image file")
+
+
+def run_volume_restore(ctx: Context) -> int:
+    a = ctx.args
+    target = a.volume_target or a.target
+    if not target:
+        raise UsageError("restore --volume needs a TARGET (an image file or a block device)")
+    if a.include:
+        raise UsageError("--include does not apply to volume snapshots")
+    repo = ctx.open_repo()
+    with repo.lock(command="restore", wait=a.lock_wait):
+        sid, snap = repo.resolve_snapshot(a.snapshot)
+        if snap.volume is None:
+            raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: restore it without --volume")
+        manifest = load_manifest(repo, snap.volume)
+        opts = VolumeRestoreOptions(overwrite=a.overwrite, verify=a.verify,
+                                    page_key=repo.master.mac if repo.master else None)
+        st = VolumeRestorer(repo, manifest, target, opts, ctx.reporter()).run()
+    obj = {"type": "summary", "kind": "volume", "snapshot": sid, "target": target,
+           "target_kind": st.target_kind, "size": st.size, "blocks": st.blocks, "holes": st.holes,
+           "bytes_written": st.bytes_written, "bytes_zeroed": st.bytes_zeroed, "verified": a.verify,
+           "pages_verified": st.pages_verified, "pages_mismatched": st.pages_mismatched,
+           "mismatched_pages": st.mismatches, "free_space": manifest.free_space,
+           "seconds": round(st.seconds, 3)}
+    text = (f"restored volume snapshot {short_id(sid)} to {target} ({st.target_kind}): {human(st.size)}, "
+            f"{st.blocks} blocks ({st.holes} holes); wrote {human(st.bytes_written)} in {st.seconds:.2f} s")
+    if a.verify:
+        text += (f"\nverified: {st.pages_verified} pages, "
+                 + ("all match" if not st.pages_mismatched else f"{st.pages_mismatched} DIFFER"))
+    ctx.emit(obj, text)
+    return int(ExitCode.CORRUPT) if st.pages_mismatched else 0

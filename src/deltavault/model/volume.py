@@ -1,0 +1,96 @@
+"""Volume snapshots: the manifest (a META blob) and the pieces it names.
+
+A volume is cut into segments of ``SEGMENT_PAGES`` 4 KiB pages (64 MiB). Each segment has
+one block map blob (the content references of its fixed-size blocks) and one page-digest
+blob (16 bytes per page). An incremental run rewrites only the segments that changed, so an
+unchanged segment costs two ids in the manifest. See docs/design.md, "Volume snapshots".
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+
+from deltavault.errors import FormatError, UnsupportedVersion
+from deltavault.model.content import ContentRef
+
+VOLUME_VERSION = 1
+SEGMENT_PAGES = 16384  # 64 MiB of volume per segment
+
+
+class Checkpoint(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a change source needs to answer "what changed since this run" next time."""
+
+    source: str  # "fs-digests" | "qemu-bitmap" | "btrfs"
+    id: str  # random per run; the next run checks it against the source's own handle
+    token: str = ""  # the source's handle: bitmap name, snapshot path
+    uuid: str = ""  # file-system or snapshot uuid the state belongs to
+    state: list[bytes] = []  # META blobs holding the source's state (metadata digests)
+
+
+class FsInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    type: str  # "ext4" | "ntfs"
+    uuid: str = ""
+    unit: int = 4096  # block or cluster size
+    units: int = 0  # blocks or clusters the file system covers
+
+
+class Segment(msgspec.Struct, array_like=True, frozen=True):
+    map: bytes  # META blob: BlockMap
+    digests: bytes  # META blob: 16-byte page digests, one per page of the segment
+
+
+class BlockMap(msgspec.Struct, kw_only=True):
+    first: int  # index of the segment's first block
+    refs: list[ContentRef]  # one per block; the last block of the volume may be short
+    v: int = VOLUME_VERSION
+
+
+class VolumeManifest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    size: int  # bytes
+    block_size: int
+    segments: list[Segment]
+    page_size: int = 4096
+    segment_pages: int = SEGMENT_PAGES
+    # Portable roaring bitmaps of page numbers. ``zero``: pages not read because they were
+    # known to be zeros (holes of the source) or free; restored as zeros. ``free``: the
+    # subset the file system called free, whose real content was not captured.
+    zero: bytes = b""
+    free: bytes = b""
+    free_space: str = "skip"  # "skip" | "read"
+    fs: FsInfo | None = None
+    checkpoints: list[Checkpoint] = []
+    v: int = VOLUME_VERSION
+
+
+class DigestState(msgspec.Struct, kw_only=True):
+    """Metadata digests of one run (fs-digests checkpoint): parallel arrays, sorted."""
+
+    fs: str
+    uuid: str
+    nums: bytes  # u64 LE: inode or MFT record numbers
+    digests: bytes  # 16 bytes each
+    v: int = VOLUME_VERSION
+
+
+T = TypeVar("T")
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return msgspec.msgpack.encode(obj)
+
+
+def decode(raw: bytes, kind: type[T], what: str) -> T:
+    try:
+        obj = msgspec.msgpack.decode(raw, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"{what} does not parse: {exc}") from exc
+    if getattr(obj, "v", VOLUME_VERSION) != VOLUME_VERSION:
+        raise UnsupportedVersion(f"{what} has format version {getattr(obj, 'v', '?')}; this build "
+                                 f"reads {VOLUME_VERSION}")
+    return obj
+
+
+__all__ = ["SEGMENT_PAGES", "VOLUME_VERSION", "BlockMap", "Checkpoint", "DigestState", "FsInfo",
+           "Segment", "VolumeManifest", "decode", "encode"]

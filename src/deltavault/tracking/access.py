@@ -1,0 +1,109 @@
+"""How a volume is reached, and what it can tell about its own changes.
+
+An access opens a reader for this run and may carry a native change source with its own
+checkpoint (a qemu dirty bitmap, a btrfs snapshot). ``commit`` runs after the snapshot is
+saved: only then may the previous checkpoint go. ``abort`` undoes this run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Protocol
+
+from deltavault.model.volume import Checkpoint
+from deltavault.tracking.base import ChangeSource
+from deltavault.tracking.readers import FileReader, VolumeReader
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+class VolumeAccess(Protocol):
+    kind: str
+
+    def open(self, prev: Checkpoint | None, new_id: str) -> VolumeReader: ...
+
+    def native(self) -> ChangeSource | None: ...
+
+    def commit(self) -> list[str]:
+        """After the snapshot is saved; returns warnings (a leftover that could not go)."""
+        ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileAccess:
+    """A block device or a raw image file, read directly."""
+
+    kind = "file"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reader: FileReader | None = None
+
+    def open(self, prev: Checkpoint | None, new_id: str) -> VolumeReader:
+        self.reader = FileReader(self.path)
+        return self.reader
+
+    def native(self) -> ChangeSource | None:
+        return None
+
+    def commit(self) -> list[str]:
+        return []
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+
+def is_qcow2(path: str) -> bool:
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        with open(path, "rb") as f:
+            return f.read(4) == QCOW2_MAGIC
+    except OSError:
+        return False
+
+
+def mounted_rw(path: str) -> str | None:
+    """Where the volume is mounted read-write (a device, or an image through a loop
+    device), or None. Reading it then gives a consistent copy only if it is frozen."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    devs: set[str] = set()
+    if stat.S_ISBLK(st.st_mode):
+        devs.add(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    elif stat.S_ISREG(st.st_mode):
+        try:
+            for name in os.listdir("/sys/block"):
+                try:
+                    with open(f"/sys/block/{name}/loop/backing_file") as f:
+                        backing = f.read().strip()
+                    if backing == real:
+                        with open(f"/sys/block/{name}/dev") as f:
+                            devs.add(f.read().strip())
+                except OSError:
+                    continue
+        except OSError:
+            return None
+    if not devs:
+        return None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[2] in devs and "rw" in parts[5].split(","):
+                    return parts[4]
+    except OSError:
+        return None
+    return None

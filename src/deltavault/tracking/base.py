@@ -1,0 +1,91 @@
+"""The change-source interface shared by every kind of changed block tracking.
+
+A change source answers one question: which pages of the volume may have changed since
+the checkpoint the previous backup left? It answers with a superset (a page it names may
+be unchanged; a page it leaves out must be unchanged), or it refuses with the reason it
+cannot be trusted this time. The volume engine tries sources in order and falls back to
+block digests, which read everything and always work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyroaring import BitMap
+
+from deltavault.model.volume import Checkpoint, FsInfo, VolumeManifest
+
+
+class Rejected(Exception):
+    """The source cannot be trusted for this run; the message says why."""
+
+
+@dataclass
+class Changes:
+    source: str
+    pages: BitMap | None  # pages that may have changed; None: every page
+    dirty_bytes: int | None = None  # what the source itself reported, for the report
+    notes: list[str] = field(default_factory=list)
+
+
+class ChangeSource(Protocol):
+    name: str
+
+    def changes(self, prev: VolumeManifest | None) -> Changes:
+        """Raises Rejected when it cannot answer for this run."""
+        ...
+
+    def checkpoint(self) -> Checkpoint | None:
+        """What to record for the next run (after ``changes``, or without it)."""
+        ...
+
+
+def find_checkpoint(prev: VolumeManifest | None, source: str) -> Checkpoint:
+    if prev is None:
+        raise Rejected("no previous volume snapshot to compare with")
+    for c in prev.checkpoints:
+        if c.source == source:
+            return c
+    raise Rejected("the previous snapshot left no checkpoint for this source")
+
+
+@dataclass
+class Allocation:
+    """What a file system uses, in volume pages."""
+
+    info: FsInfo
+    fs_pages: int  # pages from the start of the volume the file system covers
+    allocated: BitMap  # pages holding anything in use (rounded outward)
+
+
+@dataclass
+class DigestScan:
+    """Metadata digests of one run and the pages the comparison says must be read."""
+
+    digests: dict[int, bytes]  # inode / MFT record number -> digest
+    must_read: BitMap  # allocated pages minus the data of unchanged files
+    objects: int = 0
+    changed_objects: int = 0
+
+
+class FsScanner(Protocol):
+    kind: str
+    info: FsInfo
+    distrust: str  # why the on-disk metadata cannot be trusted now; "" if it can
+
+    def allocation(self) -> Allocation: ...
+
+    def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan: ...
+
+
+class BlockDigestSource:
+    """The fallback: every page may have changed; comparing page digests finds out which."""
+
+    name = "block-digests"
+
+    def changes(self, prev: VolumeManifest | None) -> Changes:
+        return Changes(self.name, None)
+
+    def checkpoint(self) -> Checkpoint | None:
+        return None

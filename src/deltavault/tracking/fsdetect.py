@@ -1,0 +1,27 @@
+"""Which file system a volume holds, if any this project understands (ext2/3/4, NTFS).
+
+A file system that cannot be parsed is not an error: the volume is then backed up block by
+block, with no free-space skipping and no metadata digests, and the report says why.
+"""
+
+from __future__ import annotations
+
+from deltavault.errors import DeltavaultError
+from deltavault.tracking import ext4, ntfs
+from deltavault.tracking.base import FsScanner
+from deltavault.tracking.readers import VolumeReader
+
+
+def detect(reader: VolumeReader) -> tuple[FsScanner | None, str]:
+    """(scanner, "") or (None, why there is none)."""
+    for name, module, cls in (("ext4", ext4, ext4.Ext4Scanner), ("NTFS", ntfs, ntfs.NtfsScanner)):
+        try:
+            if not module.probe(reader):
+                continue
+            scanner: FsScanner = cls(reader)
+            return scanner, ""
+        except DeltavaultError:
+            raise  # the source itself failed: not a parsing question
+        except Exception as exc:  # untrusted on-disk structures: any parse failure
+            return None, f"the {name} file system could not be parsed: {exc}"
+    return None, "no ext2/3/4 or NTFS file system at the start of the volume"
