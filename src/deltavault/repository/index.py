@@ -54,6 +54,22 @@ def decode_index(raw: bytes, name: str) -> IndexFile:
     return f
 
 
+class _IndexHead(msgspec.Struct):
+    supersedes: list[bytes] = []
+    v: int = INDEX_VERSION
+
+
+def decode_index_head(raw: bytes, name: str) -> list[bytes]:
+    """Only the ids an index file supersedes; its entries are skipped without being built."""
+    try:
+        head = msgspec.msgpack.decode(raw, type=_IndexHead)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"index {name} does not parse: {exc}") from exc
+    if head.v != INDEX_VERSION:
+        raise UnsupportedVersion(f"index {name} has version {head.v}; this build reads {INDEX_VERSION}")
+    return head.supersedes
+
+
 @dataclass(frozen=True, slots=True)
 class BlobLocation:
     pack_id: bytes

@@ -41,6 +41,7 @@ from deltavault.repository.index import (
     IndexFile,
     IndexPack,
     decode_index,
+    decode_index_head,
     encode_index,
 )
 from deltavault.repository.locks import Lock, LockManager
@@ -292,24 +293,35 @@ class Repository:
         return decode_index(self.env.open(sealed, aad=INDEX_AAD, what=name), name)
 
     def load_index(self, *, tolerant: bool = False) -> None:
+        # Two passes: first only what each file supersedes, then each file decoded and added
+        # on its own, so a large index never sits in memory as objects all at once.
         names = self.index_names()
-        files: dict[str, IndexFile] = {}
+        heads: dict[str, tuple[list[bytes], bytes | None]] = {}
         for name in names:
             if name in self._loaded_index_files or name in self._superseded_index_files:
                 continue
             try:
-                files[name] = self.read_index_file(name)
+                raw = self.env.open(self._get_immutable(name), aad=INDEX_AAD, what=name)
+                heads[name] = (decode_index_head(raw, name), raw if len(raw) < 8 << 20 else None)
             except (CorruptionError, UnsupportedVersion) as exc:
                 if not tolerant:
                     raise
                 self.index_errors.append((name, str(exc)))
-        superseded = {f"index/{s.hex()}" for f in files.values() for s in f.supersedes}
+        superseded = {f"index/{s.hex()}" for sup, _raw in heads.values() for s in sup}
         self._superseded_index_files |= superseded
-        for name, f in files.items():
+        for name, (_sup, kept) in heads.items():
             if name in superseded:
+                continue
+            try:
+                f = decode_index(kept, name) if kept is not None else self.read_index_file(name)
+            except (CorruptionError, UnsupportedVersion) as exc:
+                if not tolerant:
+                    raise
+                self.index_errors.append((name, str(exc)))
                 continue
             for p in f.packs:
                 self.index.add_pack(p.id, p.blobs)
+            del f
             self._loaded_index_files.add(name)
         self._cache_prune("index", set(names))
 
