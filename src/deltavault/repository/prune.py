@@ -110,6 +110,7 @@ def prune(repo: Repository, opts: PruneOptions | None = None, *, progress: Progr
         t1 = time.monotonic()
         sweep(repo, plan, rep, say, still_held=lk.still_held)
         rep.exclusive_seconds = time.monotonic() - t1
+    repo.refresh_index(force=True)  # outside the exclusive lock: backups may go on meanwhile
     return rep
 
 
@@ -248,7 +249,6 @@ def sweep(repo: Repository, plan: Plan, rep: PruneReport, say: Progress,
         repo.backend.delete(name)
         rep.index_files_removed += 1
     repo._cache_prune("index", set(repo.index_names()))
-    repo.refresh_index(force=True)
     rep.bytes_freed = sum(plan.sizes.get(p, 0) for p in gone) - sum(_pack_bytes(e) for p, e in plan.repacked)
 
 
