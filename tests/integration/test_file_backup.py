@@ -343,3 +343,31 @@ def test_catalog_survives_a_snapshot_with_another_device_id(btrfs_mount: Path, r
     assert (second.stats.files_changed, second.stats.files_unmodified) == (1, 39)
     assert second.stats.bytes_read == 20_000
     assert second.snapshot.paths == ["/srv/data"]
+
+
+@needs_root()
+@needs_tools("mkfs.btrfs", "btrfs", "losetup")
+def test_backup_from_a_btrfs_snapshot_it_takes_and_removes(btrfs_mount: Path, repo: Repository) -> None:
+    vol = btrfs_mount / "vol"
+    subprocess.run(["btrfs", "subvolume", "create", str(vol)], check=True, capture_output=True)
+    for i in range(10):
+        (vol / f"f{i}").write_bytes(os.urandom(5000))
+    settle()
+
+    def subvolumes() -> list[str]:
+        out = subprocess.run(["btrfs", "subvolume", "list", str(btrfs_mount)], check=True,
+                             capture_output=True, text=True).stdout
+        return [line.split()[-1] for line in out.splitlines()]
+
+    first = backup(repo, vol, snapshot="btrfs")
+    assert first.snapshots and first.snapshots[0]["kind"] == "btrfs"
+    assert first.snapshot.paths == [str(vol)]
+    assert subvolumes() == ["vol"]  # the snapshot is gone again
+    (vol / "f2").write_bytes(os.urandom(5000))
+    second = backup(repo, vol, snapshot="btrfs")
+    assert second.change_source == "catalog"
+    assert (second.stats.files_changed, second.stats.files_unmodified) == (1, 9)
+    assert subvolumes() == ["vol"]
+    out = btrfs_mount.parent / "out"
+    restore(repo, second, out)
+    assert manifest(out / "vol") == manifest(vol)

@@ -59,7 +59,7 @@ def test_streamed_file_chunks_equal_whole_buffer_chunks(tmp_path: Path, repo: Re
         try:
             fd = os.open(p, os.O_RDONLY)
             try:
-                pending = reader._read_stream(fd, size, [(0, size)] if size else [], large=False)
+                pending = reader._read_stream(fd, size, [(0, size)] if size else [])
             finally:
                 os.close(fd)
         finally:
@@ -120,7 +120,7 @@ def test_delta_path_reconstructs_in_place_changes(tmp_path_factory: pytest.TempP
     with ThreadPoolExecutor(2) as pool:
         reader = ContentReader(repo, pool, chunker, page_key=b"k" * 32, delta_threshold=0, inflight=Inflight(1 << 26))
         fd = os.open(p, os.O_RDONLY)
-        first = reader.read(fd, os.fstat(fd), None, None)
+        first = reader.read(fd, os.fstat(fd), None, None, os.fsencode(p))
         os.close(fd)
         refs1, dig1 = first.refs(), first.digest_bytes()
         assert dig1 is not None
@@ -135,9 +135,10 @@ def test_delta_path_reconstructs_in_place_changes(tmp_path_factory: pytest.TempP
             del new[grow:]
         p.write_bytes(new)
         fd = os.open(p, os.O_RDONLY)
-        second = reader.read(fd, os.fstat(fd), refs1, dig1)
+        second = reader.read(fd, os.fstat(fd), refs1, dig1, os.fsencode(p))
         os.close(fd)
         refs2 = second.refs()
+        reader.digester.close()
     repo.flush()
     from deltavault.objects.reader import iter_content
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import blake3
 
 from deltavault.chunking.cdc import Chunker
+from deltavault.backup.pagedigests import PageDigester
 from deltavault.chunking.pages import DIGEST
 from deltavault.fs.sparse import data_extents
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
@@ -71,16 +72,27 @@ class Inflight:
 @dataclass
 class PendingContent:
     parts: list[ContentRef | Future[ContentRef]] = field(default_factory=list)
-    digests: list[bytes | Future[bytes]] | None = None
+    digests: list[bytes | Future[bytes | None]] | None = None
     bytes_read: int = 0
 
     def refs(self) -> list[ContentRef]:
         return [p.result() if isinstance(p, Future) else p for p in self.parts]
 
     def digest_bytes(self) -> bytes | None:
+        """The page digests, or None when there are none (or the helper could not vouch
+        for them): the file is then stored whole by its next change."""
         if self.digests is None:
             return None
-        return b"".join(d.result() if isinstance(d, Future) else d for d in self.digests)
+        out = []
+        for d in self.digests:
+            try:
+                v = d.result() if isinstance(d, Future) else d
+            except Exception:  # noqa: BLE001 - a dead helper process only costs digests
+                return None
+            if v is None:
+                return None
+            out.append(v)
+        return b"".join(out)
 
 
 def _read_exact(fd: int, offset: int, length: int) -> bytes:
@@ -132,13 +144,15 @@ def bitmap_pages(bm: bytes, first: int) -> set[int]:
 
 class ContentReader:
     def __init__(self, repo: BlobSaver, pool: ThreadPoolExecutor, chunker: Chunker, *,
-                 page_key: bytes | None, delta_threshold: int, inflight: Inflight) -> None:
+                 page_key: bytes | None, delta_threshold: int, inflight: Inflight,
+                 digester: PageDigester | None = None) -> None:
         self.repo = repo
         self.pool = pool
         self.chunker = chunker
         self.page_key = page_key
         self.delta_threshold = delta_threshold
         self.inflight = inflight
+        self.digester = digester or PageDigester(page_key)
         self._zero_digest = self._digest(bytes(PAGE_SIZE))
         self._batch: list[tuple[bytes | memoryview, Future[ContentRef]]] = []
         self._batch_bytes = 0
@@ -215,7 +229,7 @@ class ContentReader:
 
     # ------------------------------------------------------------------ entry point
     def read(self, fd: int, st: os.stat_result, prev_refs: list[ContentRef] | None,
-             prev_digests: bytes | None) -> PendingContent:
+             prev_digests: bytes | None, path: bytes | None = None) -> PendingContent:
         size = st.st_size
         if size == 0:
             return PendingContent()
@@ -234,46 +248,38 @@ class ContentReader:
                 for off, ln in self.chunker.cut(data):
                     out.parts.append(self._batched(mv[off:off + ln]))
             return out
-        return self._read_stream(fd, size, _aligned_extents(extents, size), large)
+        out = self._read_stream(fd, size, _aligned_extents(extents, size))
+        if large and path is not None:
+            out.digests = [self.digester.submit(path, st)]
+        return out
 
     # ------------------------------------------------------------------ streaming
     def _stream(self, fd: int, start: int, length: int, out: PendingContent) -> None:
         """Chunk [start, start+length) without copying: chunks are views of the read window.
         The unfinished chunk at a window's end is read again with the next window."""
         pos, end = start, start + length
-        digested = start  # page-aligned: extents are page-aligned
         while pos < end:
-            base = min(pos, digested) if out.digests is not None else pos
-            data = _read_exact(fd, base, min(WINDOW, end - base))
-            out.bytes_read += len(data) - (pos - base)
+            data = _read_exact(fd, pos, min(WINDOW, end - pos))
+            out.bytes_read += len(data)
             mv = memoryview(data)
-            final = base + len(data) >= end
-            if out.digests is not None:
-                dig_end = base + len(data) if final else base + len(data) - (base + len(data)) % PAGE_SIZE
-                if dig_end > digested:
-                    out.digests.append(self.pool.submit(self._digests, mv[digested - base:dig_end - base]))
-                    digested = dig_end
-            cuts = self.chunker.cut(mv[pos - base:])
-            if not final and len(cuts) > 1:
+            cuts = self.chunker.cut(mv)
+            if pos + len(data) < end and len(cuts) > 1:
                 cuts.pop()  # it may end only because the window ended
+                out.bytes_read -= len(data) - sum(ln for _, ln in cuts)
             for off, ln in cuts:
-                out.parts.append(self._submit(self._save_full, mv[pos - base + off:pos - base + off + ln]))
+                out.parts.append(self._submit(self._save_full, mv[off:off + ln]))
             pos += sum(ln for _, ln in cuts)
 
-    def _read_stream(self, fd: int, size: int, extents: list[tuple[int, int]], large: bool) -> PendingContent:
-        out = PendingContent(digests=[] if large else None)
+    def _read_stream(self, fd: int, size: int, extents: list[tuple[int, int]]) -> PendingContent:
+        out = PendingContent()
         pos = 0
         for off, ln in extents:
             if off > pos:
                 out.parts.append(Hole(off - pos))
-                if out.digests is not None:
-                    out.digests.append(self._hole_digests(pos, off))
             self._stream(fd, off, ln, out)
             pos = off + ln
         if pos < size:
             out.parts.append(Hole(size - pos))
-            if out.digests is not None:
-                out.digests.append(self._hole_digests(pos, size))
         return out
 
     # ------------------------------------------------------------------ delta

@@ -3,6 +3,8 @@ then update the catalog."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import getpass
 import os
 import socket
@@ -34,6 +36,7 @@ class BackupRequest:
     parent: str | None = None
     options: FileBackupOptions = field(default_factory=FileBackupOptions)
     use_catalog: bool = True
+    snapshot: str = "none"  # auto | btrfs | lvm | vss | none: read from a point-in-time snapshot
 
 
 @dataclass
@@ -47,6 +50,7 @@ class BackupResult:
     bytes_added: int
     bytes_downloaded: int
     seconds: float
+    snapshots: list[dict[str, str]] = field(default_factory=list)  # point-in-time sources used
 
     @property
     def partial(self) -> bool:
@@ -100,6 +104,27 @@ def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
 
 def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None = None,
                catalog_path: Path | None = None) -> BackupResult:
+    """Back up ``req.paths``; with ``req.snapshot`` other than "none", each path is read from
+    a point-in-time snapshot of its volume (removed afterwards, also on errors), while the
+    snapshot records, and the catalog matches on, the original paths."""
+    if req.snapshot == "none":
+        return _run(repo, req, reporter, catalog_path, [])
+    from deltavault.snapshot import take_snapshot
+    from deltavault.snapshot.btrfs import SNAP_DIR
+
+    logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(take_snapshot(os.path.abspath(p), req.snapshot)) for p in req.paths]
+        # a snapshot shows the (then empty) folder that holds snapshots: not user data
+        opts = dataclasses.replace(req.options, excludes=[*req.options.excludes, SNAP_DIR])
+        inner = dataclasses.replace(req, paths=[h.source_path for h in handles], logical_paths=logical,
+                                    options=opts)
+        info = [{"path": h.original_path, "kind": h.kind, "snapshot": h.ident, "note": h.note} for h in handles]
+        return _run(repo, inner, reporter, catalog_path, info)
+
+
+def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalog_path: Path | None,
+         snapshots: list[dict[str, str]]) -> BackupResult:
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
     start_ns = time.time_ns()
@@ -149,7 +174,7 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
                           index_files=repo.live_index_files())
         return BackupResult(sid, snap, st, archiver.problems, previous.kind, previous.snapshot_id,
                             repo.write_stats.bytes_written, repo.traffic.bytes_read,
-                            time.monotonic() - t0)
+                            time.monotonic() - t0, snapshots)
     finally:
         if catalog is not None:
             catalog.close()

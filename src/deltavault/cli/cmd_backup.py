@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta-threshold", type=parse_size, default=None, metavar="SIZE",
                    help="files this large are stored as page patches when changed in place (default 32M)")
     p.add_argument("--workers", type=int, default=0, help="worker threads (default: cores)")
+    p.add_argument("--snapshot", choices=["auto", "btrfs", "lvm", "vss", "none"], default="none",
+                   help="read from a point-in-time snapshot of each source's volume, removed afterwards "
+                        "(auto: btrfs or LVM when the source is on one; default: none)")
     add_volume_options(p)
     p.set_defaults(func=run)
 
@@ -47,7 +50,7 @@ def run(ctx: Context) -> int:
     if a.delta_threshold:
         opts.delta_threshold = a.delta_threshold
     req = BackupRequest(paths=a.paths, logical_paths=logical, source_id=a.source_id, tags=a.tag,
-                        parent=a.parent, options=opts)
+                        parent=a.parent, options=opts, snapshot=a.snapshot)
     if a.host:
         req.hostname = a.host
     repo = ctx.open_repo()
@@ -64,7 +67,7 @@ def report(ctx: Context, r: BackupResult) -> None:
            "files_new": st.files_new, "files_changed": st.files_changed, "files_unmodified": st.files_unmodified,
            "dirs": st.dirs, "bytes_read": st.bytes_read, "bytes_total": st.bytes_total,
            "bytes_added": r.bytes_added, "bytes_downloaded": r.bytes_downloaded,
-           "seconds": round(r.seconds, 3), "errors": len(problems),
+           "seconds": round(r.seconds, 3), "errors": len(problems), "snapshots": r.snapshots,
            "problems": [{"path": p.path, "kind": p.kind, "message": p.message, "partial": p.partial}
                         for p in r.problems]}
     lines = [
@@ -76,6 +79,9 @@ def report(ctx: Context, r: BackupResult) -> None:
         f"downloaded: {human(r.bytes_downloaded)} from the repository",
         f"time:       {r.seconds:.2f} s",
     ]
+    for s in r.snapshots:
+        lines.append(f"source:     {s['path']} read from a {s['kind']} snapshot"
+                     + (f" ({s['snapshot']})" if s["snapshot"] else "") + (f"; {s['note']}" if s["note"] else ""))
     if problems:
         lines.append(f"{len(problems)} file(s) could not be saved completely:")
         lines += [f"  {p.kind}: {p.path}: {p.message}" for p in problems]

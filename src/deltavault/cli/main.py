@@ -14,6 +14,7 @@ from typing import Any
 from deltavault import __version__
 from deltavault.cli.common import Context
 from deltavault.errors import DeltavaultError, ExitCode
+from deltavault.platform import tune_allocator
 
 # Each cli/cmd_NAME.py has register(subparsers); commands are found by module name, so a
 # new command is a new module. ORDER only sorts the help listing.
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx = Context(args, json=args.json, quiet=args.quiet)
