@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.local import LocalBackend
-from deltavault.errors import CorruptionError
+from deltavault.errors import CorruptionError, RepositoryLocked
 from deltavault.model.types import BlobType
 from deltavault.repository.check import check_repository
 from deltavault.repository.prune import PruneOptions, PruneReport, make_plan, prune, sweep
@@ -166,3 +166,17 @@ def test_prune_removes_orphans_of_a_crashed_backup(make_repo, tmp_path: Path, ca
     assert len(fresh.list_pack_names()) == 2
     assert snapshot_files(fresh, s1)["a"]
     assert not check_repository(fresh, read_data=True).issues
+
+
+def test_sweep_that_cannot_get_the_exclusive_lock_deletes_nothing(make_repo, tmp_path: Path,
+                                                                  cache_root: Path) -> None:
+    repo = make_repo(pack_size=MiB)
+    s1 = save_snapshot(repo, {"a": rand(300_000)})
+    save_snapshot(repo, {"b": rand(300_000)})
+    repo.delete_snapshot(s1)
+    backup = reopen(tmp_path, cache_root)
+    listing = files(tmp_path / "repo")
+    with backup.lock(command="backup"), pytest.raises(RepositoryLocked, match="deleted nothing"):
+        prune(reopen(tmp_path, cache_root))
+    assert set(listing) <= set(files(tmp_path / "repo"))
+    assert prune(reopen(tmp_path, cache_root)).packs_deleted >= 1

@@ -106,7 +106,13 @@ def prune(repo: Repository, opts: PruneOptions | None = None, *, progress: Progr
     if opts.dry_run or not plan.doomed_packs:
         return rep
     say("waiting for the exclusive lock")
-    with repo.lock(exclusive=True, command=f"{command} (sweep)", wait=opts.lock_wait) as lk:
+    try:
+        lk = repo.lock(exclusive=True, command=f"{command} (sweep)", wait=opts.lock_wait)
+    except RepositoryLocked as exc:
+        raise RepositoryLocked(f"{exc.message}. Prune planned (and wrote {rep.packs_written} repacked "
+                               "pack(s), harmless duplicates) but deleted nothing: run it again when no "
+                               "backup is running, or with --lock-wait") from exc
+    with lk:
         t1 = time.monotonic()
         sweep(repo, plan, rep, say, still_held=lk.still_held)
         rep.exclusive_seconds = time.monotonic() - t1
