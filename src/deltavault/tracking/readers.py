@@ -59,6 +59,10 @@ class FileReader:
         self.size = volume_size(self.fd, path)
         self.is_file = stat.S_ISREG(os.fstat(self.fd).st_mode)
         self.bytes_read = 0
+        if not self.is_file:
+            # A mounted file system writes file data past the device's page cache: drop
+            # its clean pages, or a read could return what a block held before.
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         got = 0
