@@ -163,6 +163,7 @@ class VolumeBackup:
         self.hasher = PageHasher(repo.master.mac if repo.master else None)
         self.new_id = secrets.token_hex(8)
         self.native: ChangeSource | None = None
+        self._written0 = self._blobs0 = self._downloaded0 = 0
 
     # ------------------------------------------------------------------ selection
     def _sources(self, access: VolumeAccess, fs_source: FsDigestSource) -> list[ChangeSource]:
@@ -203,6 +204,10 @@ class VolumeBackup:
             raise UsageError(f"volume {self.req.path!r} does not exist")
         t0 = time.monotonic()
         start_ns = time.time_ns()
+        # The repository's counters may already hold earlier runs (one process, many runs).
+        self._written0 = self.repo.write_stats.bytes_written
+        self._blobs0 = self.repo.write_stats.blobs_added
+        self._downloaded0 = self.repo.traffic.bytes_read
         self.repo.adopt_orphan_packs()
         prev, why = find_previous(self.repo, self.meta, self.source_id, self.req.parent)
         if why:
@@ -277,15 +282,16 @@ class VolumeBackup:
         manifest_id = self.meta.put(encode(manifest))
         self.repo.flush()
         rep.bytes_read = reader.bytes_read
-        rep.bytes_added = self.repo.write_stats.bytes_written
-        rep.bytes_downloaded = self.repo.traffic.bytes_read
+        rep.bytes_added = self.repo.write_stats.bytes_written - self._written0
+        rep.bytes_downloaded = self.repo.traffic.bytes_read - self._downloaded0
         rep.blocks_total = -(-size // opts.block_size)
         rep.bytes_changed = rep.pages_changed * PAGE_SIZE
         rep.parent = prev.snapshot_id if prev else None
         rep.seconds = round(time.monotonic() - t0, 3)
         summary = SnapshotSummary(bytes_processed=rep.bytes_read, bytes_total=size,
                                   bytes_added=rep.bytes_added, bytes_downloaded=rep.bytes_downloaded,
-                                  blobs_added=self.repo.write_stats.blobs_added, seconds=rep.seconds)
+                                  blobs_added=self.repo.write_stats.blobs_added - self._blobs0,
+                                  seconds=rep.seconds)
         snap = Snapshot(time=datetime.fromtimestamp(start_ns / 1e9, UTC).isoformat().replace("+00:00", "Z"),
                         time_ns=start_ns, hostname=self.req.hostname, username=_user(), kind="volume",
                         paths=[self.logical], source_id=self.source_id, volume=manifest_id,

@@ -6,7 +6,7 @@ since the previous snapshot). Read and zero pages get fresh digests; comparing t
 the previous digests gives the pages that really changed. A block with no changed page
 keeps its reference. Otherwise:
 
-- the whole block is known (or it was all zeros before): it is stored whole, or as a Hole;
+- it was all zeros before (or is new): it is stored whole, or as a Hole;
 - else a patch of the changed pages is added to the previous block's chain (the base
   blob is never re-read);
 - a chain at ``MAX_CHAIN`` patches is merged into one patch, and a block whose patches
@@ -153,11 +153,10 @@ class SegmentEncoder:
                 continue
             st.blocks_changed += 1
             st.pages_changed += len(changed)
-            whole = len(block_known) == bp1 - bp0
-            if prev is None and not whole:
-                raise AssertionError(f"block {bstart}: neither read whole nor known before")
-            if prev is None or whole or isinstance(prev, Hole):
-                # Unread pages of a block that was all zeros are still zeros.
+            if prev is None or isinstance(prev, Hole):
+                # No base to patch. Unread pages of a block that was all zeros are zeros.
+                if prev is None and len(block_known) != bp1 - bp0:
+                    raise AssertionError(f"block {bstart}: neither read whole nor known before")
                 refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
                 continue
             assert isinstance(prev, Full | Patch)

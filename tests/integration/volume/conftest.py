@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-PAGE = 4096
-
 from deltavault.backup.volume import VolumeOptions, VolumeRequest, VolumeResult, run_volume_backup
 from deltavault.repository.repository import Repository
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+
+PAGE = 4096
 
 
 def run(*argv: str, check: bool = True) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume import VolumeBackup, VolumeOptions, VolumeRequest
+from deltavault.backup.volume import VolumeBackup, VolumeRequest
 from deltavault.backup.volume_state import LocalState
 from deltavault.progress import NullReporter
 from deltavault.tracking import nbdlib

@@ -1,0 +1,87 @@
+"""The real CLI: backup --volume / restore --volume, JSON reports, exit codes for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from deltavault.errors import ExitCode
+from tests.conftest import Cli
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_volume_backup_restore_report_and_check(cli: Cli, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(3 << 20) + bytes(1 << 20))
+    assert cli("init").returncode == 0
+    r = cli("--json", "backup", "--volume", str(img), "--block-size", "256K", "--report",
+            str(tmp_path / "rep.json"))
+    assert r.returncode == 0, r.stderr
+    s = r.last("summary")
+    assert s["kind"] == "volume" and s["change_source"] == "block-digests"
+    assert s["block_size"] == 256 * 1024 and s["bytes_read"] >= 3 << 20
+    assert json.loads((tmp_path / "rep.json").read_text())["snapshot"] == s["snapshot"]
+    assert len(s["report_files"]) == 2  # --report and the copy in the cache
+    with open(img, "r+b") as f:
+        f.seek(5000)
+        f.write(b"changed")
+    r = cli("--json", "backup", "--volume", str(img), "--block-size", "256K")
+    s2 = r.last("summary")
+    assert s2["parent"] == s["snapshot"] and s2["pages_changed"] == 1
+    text = cli("backup", "--volume", str(img), "--block-size", "256K")
+    assert "change source: block-digests" in text.stdout and "blocks:  0 of 16 changed" in text.stdout
+    out = tmp_path / "out.img"
+    r = cli("--json", "restore", "--volume", s2["snapshot"], str(out), "--verify")
+    assert r.returncode == 0, r.stderr
+    assert r.last("summary")["pages_mismatched"] == 0
+    assert sha(out) == hashlib.sha256(img.read_bytes()).hexdigest()
+    c = cli("--json", "check", "--read-data")
+    assert c.returncode == 0, c.stdout
+    assert c.last("check_summary")["errors"] == 0
+    snaps = cli("--json", "snapshots")
+    assert snaps.returncode == 0
+
+
+def test_bad_input_exit_codes(cli: Cli, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(1 << 20))
+    cli("init")
+    cases = [
+        (["backup", "--volume", str(img), str(img)], "exactly one"),
+        (["backup", "--volume", str(tmp_path / "missing.img")], "does not exist"),
+        (["backup", "--volume", str(img), "--block-size", "3K"], "power of two"),
+        (["backup", "--volume", str(img), "--block-size", "8M"], "power of two"),
+        (["backup", "--volume", str(img), "--cbt", "qemu"], "qcow2"),
+        (["backup", "--volume", str(img), "--verify-cbt", "-1"], "--verify-cbt"),
+    ]
+    for args, message in cases:
+        r = cli("--json", *args)
+        assert r.returncode == ExitCode.USAGE, (args, r.stdout, r.stderr)
+        assert message in r.last("error")["message"], (args, r.stdout)
+    assert cli("backup", "--volume", str(img)).returncode == 0
+    out = tmp_path / "exists.img"
+    out.write_bytes(b"keep me")
+    r = cli("--json", "restore", "--volume", "latest", str(out))
+    assert r.returncode == ExitCode.USAGE and "--overwrite" in r.last("error")["message"]
+    assert out.read_bytes() == b"keep me"
+    assert cli("restore", "--volume", "latest", str(out), "--overwrite").returncode == 0
+    assert sha(out) == sha(img)
+    r = cli("--json", "restore", "--volume", "latest")
+    assert r.returncode == ExitCode.USAGE and "TARGET" in r.last("error")["message"]
+    # A files snapshot is not a volume, and a volume snapshot is not a tree.
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "a").write_text("x")
+    files = cli("--json", "backup", str(tmp_path / "tree")).last("summary")["snapshot"]
+    r = cli("--json", "restore", "--volume", files, str(tmp_path / "v.img"))
+    assert r.returncode == ExitCode.USAGE and "without --volume" in r.last("error")["message"]
+    vol_snap = [s for s in cli("--json", "snapshots").json if s.get("kind") == "volume"]
+    assert vol_snap
+    r = cli("--json", "restore", vol_snap[0]["id"], "-t", str(tmp_path / "t"))
+    assert r.returncode == ExitCode.USAGE and "restore --volume" in r.last("error")["message"]
+    r = cli("--json", "restore", files, str(tmp_path / "stray"), "-t", str(tmp_path / "t"))
+    assert r.returncode == ExitCode.USAGE and "--volume" in r.last("error")["message"]
