@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import gc
 import os
 import stat
 import sys
@@ -141,6 +142,10 @@ class FileArchiver:
         """Back up the sources as entries of one root tree; returns the root tree id."""
         old_limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(old_limit, 20000))
+        # A run allocates millions of short-lived, acyclic objects; the cyclic collector
+        # scanning them cost 2-3% of CPU (perf). Collect rarely, not never.
+        old_gc = gc.get_threshold()
+        gc.set_threshold(200_000, 50, 50)
         try:
             root_prev = self.previous.dir(b"")
             children: list[_Child] = []
@@ -158,6 +163,7 @@ class FileArchiver:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.content.digester.close()
             sys.setrecursionlimit(old_limit)
+            gc.set_threshold(*old_gc)
 
     # ------------------------------------------------------------------ problems
     def _problem(self, path: bytes, kind: str, message: str, *, partial: bool = True) -> None:

@@ -65,7 +65,7 @@ class PackBuilder:
         self.parts.append(_TAIL.pack(len(header), TRAILER))
         data = b"".join(self.parts)
         self.parts = []
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest(), data, self.entries
+        return blake3.blake3(data).digest(), data, self.entries
 
 
 def tail_size() -> int:
