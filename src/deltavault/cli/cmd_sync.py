@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop at the first error")
     p.add_argument("--log", metavar="FILE", help="append one line per entry to FILE")
     p.add_argument("--bufsize", type=int, default=8, metavar="MB", help="I/O buffer size (default 8)")
-    p.add_argument("--threads", type=int, default=2, help="files copied at once (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="threads copying big files (default 2)")
+    p.add_argument("--processes", type=int, default=2,
+                   help="worker processes walking subtrees (default 2; 1 walks in one process)")
     p.add_argument("--no-delta", action="store_true", help="copy changed files whole")
     p.add_argument("--delta-min", type=parse_size, default=SyncOptions.delta_min, metavar="SIZE",
                    help="smallest file updated by delta (default 4MiB)")
@@ -59,7 +61,7 @@ def _options(a: argparse.Namespace) -> SyncOptions:
                        xattrs=a.xattrs, owner=not a.no_owner, excludes=a.exclude, includes=a.include,
                        default_excludes=not a.no_default_excludes, verify=a.verify,
                        stop_on_error=a.stop_on_error, bufsize=max(1, a.bufsize) * MiB,
-                       threads=max(1, a.threads), delta=not a.no_delta, delta_min=a.delta_min,
+                       threads=max(1, a.threads), processes=max(1, a.processes), delta=not a.no_delta, delta_min=a.delta_min,
                        inplace=a.inplace)
 
 
@@ -84,7 +86,7 @@ def run(ctx: Context) -> int:
             try:
                 result = syncer.run()
             except DeltavaultError:
-                _summary(ctx, a, SyncResult(syncer.stats, syncer.problems), snap_info, time.monotonic() - t0)
+                _summary(ctx, a, SyncResult(syncer.stats, syncer.problems, syncer.stopped, syncer.workers), snap_info, time.monotonic() - t0)
                 raise
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -97,7 +99,7 @@ def run(ctx: Context) -> int:
 def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str, Any], seconds: float) -> None:
     st = r.stats
     obj = {"type": "summary", "source": a.source, "dest": a.dest, "snapshot": snap, "seconds": round(seconds, 3),
-           **st.__dict__, "bytes_written": st.bytes_written, "stopped": r.stopped, "errors": len(r.problems),
+           **st.__dict__, "bytes_written": st.bytes_written, "stopped": r.stopped, "workers": r.workers, "errors": len(r.problems),
            "problems": [p.__dict__ for p in r.problems]}
     text = (f"synced {a.source} -> {a.dest} in {seconds:.1f}s: {st.files_new} new, {st.files_updated} updated, "
             f"{st.files_delta} delta, {st.files_same} unchanged, {st.meta_fixed} metadata only, "

@@ -12,12 +12,14 @@ Every operation on DST is relative to an open directory fd and follows no symlin
 from __future__ import annotations
 
 import errno
+import multiprocessing as mp
 import os
 import stat
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 
@@ -32,6 +34,7 @@ from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
+from deltavault.sync.shard import ShardPool, ShardResult, shard_depth
 from deltavault.sync.tree import (
     DIR_FLAGS,
     aside_name,
@@ -87,11 +90,13 @@ class SyncResult:
     stats: SyncStats
     problems: list[SyncProblem] = field(default_factory=list)
     stopped: bool = False  # --stop-on-error ended the run early
+    workers: int = 0  # worker processes that synced subtrees (0: all in this process)
 
 
 class Syncer:
     def __init__(self, src: str | bytes, dst: str | bytes, options: SyncOptions,
-                 reporter: Reporter | None = None, log: SyncLog | None = None) -> None:
+                 reporter: Reporter | None = None, log: SyncLog | None = None, *,
+                 cancel: Any = None, processes: int | None = None) -> None:
         self.src = os.fsencode(src)
         self.dst = os.fsencode(dst)
         self.opts = options
@@ -108,7 +113,13 @@ class Syncer:
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        # Shared with worker processes when there are any (a multiprocessing Event).
+        self._cancel: Any = cancel if cancel is not None else threading.Event()
+        self._processes = options.processes if processes is None else processes
+        self._shards: ShardPool | None = None
+        self._shard_depth = -1
+        self.workers = 0
+        self._relinked_dirs: set[bytes] = set()
         self._fatal: NoSpace | None = None
         self._stopped = False
         self._slots = threading.BoundedSemaphore(self._threads * 2)
@@ -118,47 +129,110 @@ class Syncer:
         self._temps: set[bytes] = set()  # temp files that may exist: removed if the run is interrupted
         self._first_link: dict[tuple[int, int], bytes] = {}
         self._links: list[tuple[bytes, bytes]] = []
+        # What this run did to hard-linked files, for merging workers' counts.
+        self.link_copies: dict[bytes, str] = {}  # relpath -> the stats counter it went to
+        self.links_made: set[bytes] = set()
 
     # ------------------------------------------------------------------ entry
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def run(self) -> SyncResult:
         self._check_paths()
-        sfd = os.open(self.src, DIR_FLAGS & ~os.O_NOFOLLOW)
+        os.makedirs(self.dst, exist_ok=True)
+        self._run(b"", fresh=False, included=not self.filter.has_includes, top=True)
+        if self._fatal is not None:
+            raise self._fatal
+        return SyncResult(self.stats, self.problems, self._stopped, self.workers)
+
+    def run_subtree(self, relpath: bytes, *, fresh: bool, included: bool) -> int:
+        """Sync SRC/relpath into DST/relpath, which exists, leaving that directory's own
+        metadata to the caller. Returns how many entries it kept."""
+        kept = self._run(relpath, fresh=fresh, included=included, top=False)
+        if self._fatal is not None:
+            raise self._fatal
+        return kept
+
+    def _run(self, relpath: bytes, *, fresh: bool, included: bool, top: bool) -> int:
+        sroot = os.open(self.src, DIR_FLAGS & ~os.O_NOFOLLOW)
         try:
-            os.makedirs(self.dst, exist_ok=True)
-            dfd = os.open(self.dst, DIR_FLAGS & ~os.O_NOFOLLOW)
+            droot = os.open(self.dst, DIR_FLAGS & ~os.O_NOFOLLOW)
         except BaseException:
-            os.close(sfd)
+            os.close(sroot)
             raise
+        try:
+            sfd = open_dir(sroot, relpath)
+            try:
+                dfd = open_dir(droot, relpath)
+            except BaseException:
+                os.close(sfd)
+                raise
+        except OSError as exc:
+            os.close(sroot)
+            os.close(droot)
+            self._problem(relpath or b".", "unreadable", exc.strerror or str(exc))
+            return 1
+        os.close(sroot)
+        if top and self._processes > 1:
+            depth = shard_depth(sfd, self._processes, self.filter.excluded)
+            if depth is not None:
+                # Forked now, while this process has a single thread.
+                self._cancel = mp.get_context("fork").Event()
+                self._shards = ShardPool(self._processes, self.src, self.dst, self.opts, self.log,
+                                         self._cancel, self.reporter)
+                self._shard_depth = depth
+                self.workers = self._processes
         pool = ThreadPoolExecutor(self._threads, thread_name_prefix="dv-sync")
-        self.reporter.start("sync")
+        if top:
+            self.reporter.start("sync")
         old_limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(old_limit, 20000))
-        root_fd = os.dup(dfd)
+        kept = 1
         try:
             self._pool = pool
-            root = self._enter(None, b"", os.fstat(sfd), sfd, dfd, fresh=False)
-            self._sync_dir(root, included=not self.filter.has_includes)
-            self._release(root)
+            root = self._enter(None, relpath, os.fstat(sfd), sfd, dfd, fresh=fresh)
+            root.dropped = not top  # the caller owns the subtree root's metadata
+            try:
+                kept = self._sync_dir(root, included=included)
+            finally:
+                self._release(root)
             self._wait_jobs()
+            if self._shards is not None:
+                self._shards.close()
+                self._shards = None
             if not self._cancel.is_set():
-                self._make_links(root_fd)
-                self._finish_deferred(root_fd)
+                self._make_links(droot)
+                self._finish_deferred(droot)
         except BaseException:
             self._cancel.set()  # copy threads stop at their next buffer and remove temp files
             pool.shutdown(wait=True, cancel_futures=True)
+            if self._shards is not None:
+                self._shards.close()  # workers see the event, clean up and return
+                self._shards = None
             self._remove_temps()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             for d in list(self._open):  # left open by an interruption
-                os.close(d.sfd)
-                os.close(d.dfd)
-            os.close(root_fd)
+                for fd in (d.sfd, d.dfd):
+                    if fd >= 0:
+                        os.close(fd)
+            if self._cancel.is_set():
+                self._remove_temps()
+            os.close(droot)
             sys.setrecursionlimit(old_limit)
-            self.reporter.finish()
-        if self._fatal is not None:
-            raise self._fatal
-        return SyncResult(self.stats, self.problems, self._stopped)
+            if top:
+                self.reporter.finish()
+        return kept
+
+    def hardlink_groups(self) -> dict[tuple[int, int], list[bytes]]:
+        """Source inode -> DST paths, the copied one first (for merging across workers)."""
+        groups = {k: [v] for k, v in self._first_link.items()}
+        firsts = {v: k for k, v in self._first_link.items()}
+        for rel, first in self._links:
+            groups[firsts[first]].append(rel)
+        return groups
 
     def _temp(self, relpath: bytes, name: bytes) -> bytes:
         """A temp name next to relpath, registered before it is created so that an interrupt
@@ -265,8 +339,9 @@ class Syncer:
                 return
             self._apply_dir_meta(d.dfd, d.relpath, d.st, d.xattrs)
         finally:
-            os.close(d.sfd)
-            os.close(d.dfd)
+            for fd in (d.sfd, d.dfd):
+                if fd >= 0:
+                    os.close(fd)
 
     def _apply_dir_meta(self, fd: int, relpath: bytes, st: os.stat_result,
                         xattrs: list[tuple[bytes, bytes]] | None) -> None:
@@ -376,6 +451,9 @@ class Syncer:
         if created:
             os.mkdir(name, 0o700, dir_fd=dfd)
             self._count(dirs_created=1)
+        if self._shards is not None and relpath.count(b"/") + 1 == self._shard_depth:
+            self._delegate(parent, relpath, st, created, included)
+            return 1
         try:
             csfd = os.open(name, DIR_FLAGS, dir_fd=sfd)
         except FileNotFoundError:
@@ -408,6 +486,62 @@ class Syncer:
                 self._count(dirs_created=-1)
             return 0
         return 1
+
+    def _delegate(self, parent: _Dir, relpath: bytes, st: os.stat_result, created: bool, included: bool) -> None:
+        """A worker process syncs this subtree; its metadata is applied at the end."""
+        assert self._shards is not None
+        xattrs = None
+        if self.meta.any_xattrs:
+            try:
+                xattrs = self.meta.source_xattrs(path=proc_path(parent.sfd, relpath.rpartition(b"/")[2]))
+            except OSError as exc:
+                self._problem(relpath, "metadata", f"extended attributes unreadable: {exc.strerror}")
+        d = _Dir(relpath, st, xattrs, -1, -1, parent, created, deferred=True)
+        with self._lock:
+            parent.pending += 1
+        self._shards.submit(relpath, created, included, lambda r: self._shard_done(d, r))
+
+    def _shard_done(self, d: _Dir, r: ShardResult | None) -> None:
+        if r is None:
+            if not self._cancel.is_set():
+                self._problem(d.relpath, "write", "the worker process syncing it died")
+            self._release(d)
+            return
+        with self._lock:
+            self.stats.add(r.stats)
+            self.problems.extend(r.problems)
+            self._stopped = self._stopped or r.stopped
+        if r.fatal is not None:
+            kind, _, message = r.fatal.partition(": ")
+            if kind == "NoSpace":
+                with self._lock:
+                    self._fatal = self._fatal or NoSpace(message)
+            else:
+                self._problem(d.relpath, "write", f"worker process failed: {r.fatal}")
+            self._cancel.set()
+        for key, paths in r.links.items():
+            with self._lock:
+                first = self._first_link.setdefault(key, paths[0])
+            if first == paths[0]:
+                continue
+            # The inode is already in DST under another subtree's path: link these to it.
+            # What the worker copied and linked for them is redone, so not counted twice.
+            undo = {"hardlinks": -sum(p in r.links_made for p in paths)}
+            if paths[0] in r.link_copies:
+                undo[r.link_copies[paths[0]]] = -1
+            self._count(**undo)
+            for p in paths:
+                self._links.append((p, first))
+                self._relinked_dirs.add(p.rpartition(b"/")[0])
+        if r.kept == 0 and self.opts.skip_empty_dirs:
+            try:
+                os.rmdir(d.relpath.rpartition(b"/")[2], dir_fd=d.parent.dfd if d.parent else -1)
+                d.dropped = True
+                if d.fresh:
+                    self._count(dirs_created=-1)
+            except OSError:
+                pass
+        self._release(d)
 
     # ------------------------------------------------------------------ symlinks, devices, FIFOs
     def _special(self, sfd: int, dfd: int, name: bytes, relpath: bytes, st: os.stat_result) -> None:
@@ -729,6 +863,10 @@ class Syncer:
                 _unlink_quiet(dfd, staged.tmp)
                 raise
             self._untemp(relpath, staged.tmp)
+        if st.st_nlink > 1:
+            with self._lock:
+                self.link_copies[relpath] = {"delta": "files_delta", "update": "files_updated"}.get(
+                    staged.action, "files_new")
         if staged.action == "delta":
             self._count(files_delta=1, delta_bytes_written=staged.written, delta_file_bytes=st.st_size,
                         delta_reflinked=int(staged.reflinked))
@@ -779,11 +917,21 @@ class Syncer:
             _unlink_quiet(pfd, tmp)
             raise
         self._untemp(relpath, tmp)
+        with self._lock:
+            self.links_made.add(relpath)
         self._count(hardlinks=1)
         self._done("hardlink", relpath, fst.st_size, note=f"-> {display(first)}")
 
     def _finish_deferred(self, root: int) -> None:
         """Metadata of directories that received hard links, deepest first."""
+        have = {d.relpath for d in self._deferred}
+        for rel in self._relinked_dirs - have:  # a worker applied it before the link was made
+            try:
+                st = os.stat(os.path.join(self.src, rel), follow_symlinks=False)
+                xattrs = self.meta.source_xattrs(path=os.path.join(self.src, rel))
+            except OSError:
+                continue
+            self._deferred.append(_Deferred(rel, st, xattrs))
         for d in sorted(self._deferred, key=lambda x: -x.relpath.count(b"/") - bool(x.relpath)):
             try:
                 fd = open_dir(root, d.relpath)

@@ -21,7 +21,8 @@ class SyncOptions:
     verify: bool = False
     stop_on_error: bool = False
     bufsize: int = 8 * MiB
-    threads: int = 2
+    threads: int = 2  # threads copying big files
+    processes: int = 2  # worker processes walking subtrees (1: walk in this process only)
     delta: bool = True  # rewrite only changed pages of big changed files
     delta_min: int = 4 * MiB  # smaller files are copied whole
     inplace: bool = False  # delta may write into the existing file (not atomic)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass, fields
-from typing import BinaryIO
 
 from deltavault.fs.paths import display
 
@@ -48,11 +46,13 @@ class SyncStats:
 
 class SyncLog:
     """One tab-separated line per entry: time, action, size, bytes written, BLAKE3 (with
-    --verify) or -, path (control characters and undecodable bytes escaped), note or error or -."""
+    --verify) or -, path (control characters and undecodable bytes escaped), note or error or -.
+
+    Each line is one O_APPEND write, so worker processes can share the file."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._f: BinaryIO = open(path, "ab")  # noqa: SIM115  closed by close()
-        self._lock = threading.Lock()
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, action: str, size: int, relpath: bytes, *, written: int = 0,
               digest: bytes | None = None, error: str | None = None) -> None:
@@ -60,9 +60,9 @@ class SyncLog:
         err = (error or "-").replace("\t", " ").replace("\n", " ")
         line = "\t".join([stamp, action, str(size), str(written), digest.hex() if digest else "-",
                           display(relpath), err]) + "\n"
-        with self._lock:
-            self._f.write(line.encode("utf-8", "backslashreplace"))
+        os.write(self._fd, line.encode("utf-8", "backslashreplace"))
 
     def close(self) -> None:
-        with self._lock:
-            self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
