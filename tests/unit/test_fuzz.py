@@ -262,6 +262,7 @@ def test_patch_blob(raw: bytes, size: int, ranges: list[tuple[int, int]], data: 
                                         "segments": st.lists(st.lists(st.binary(max_size=33), max_size=3), max_size=3)},
                                        optional={"zero": st.binary(max_size=20), "v": st.integers(-1, 3)})
                  .map(msgspec.msgpack.encode)))
+@example(b"\x84\xa4size\x01\xaablock_size\x01\xa8segments\x90\xaafree_space\xa1\x80")  # invalid UTF-8
 def test_volume_manifest_and_block_map(raw: bytes) -> None:
     vol = pytest.importorskip("deltavault.model.volume")
     for kind in (vol.VolumeManifest, vol.BlockMap, vol.DigestState):

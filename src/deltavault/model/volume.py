@@ -84,7 +84,7 @@ def encode(obj: msgspec.Struct) -> bytes:
 def decode(raw: bytes, kind: type[T], what: str) -> T:
     try:
         obj = msgspec.msgpack.decode(raw, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise FormatError(f"{what} does not parse: {exc}") from exc
     if getattr(obj, "v", VOLUME_VERSION) != VOLUME_VERSION:
         raise UnsupportedVersion(f"{what} has format version {getattr(obj, 'v', '?')}; this build "
