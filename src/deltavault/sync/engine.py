@@ -96,7 +96,7 @@ class SyncResult:
 class Syncer:
     def __init__(self, src: str | bytes, dst: str | bytes, options: SyncOptions,
                  reporter: Reporter | None = None, log: SyncLog | None = None, *,
-                 cancel: Any = None, processes: int | None = None) -> None:
+                 cancel: Any = None, processes: int | None = None, buffers: BufferPool | None = None) -> None:
         self.src = os.fsencode(src)
         self.dst = os.fsencode(dst)
         self.opts = options
@@ -107,7 +107,7 @@ class Syncer:
         self.filter = Filter(options.excludes, options.includes, default_excludes=options.default_excludes)
         self.meta = MetaPolicy(options)
         bufsize = max(PAGE, -(-options.bufsize // PAGE) * PAGE)
-        self.buffers = BufferPool(bufsize)
+        self.buffers = buffers if buffers is not None else BufferPool(bufsize)
         self._threads = max(1, options.threads)
         self._ids = (os.geteuid(), os.getegid())
         self._umask = os.umask(0o022)

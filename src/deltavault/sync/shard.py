@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltavault.progress import Reporter
+from deltavault.sync.copy import BufferPool
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 
@@ -90,13 +91,14 @@ def _worker(src: bytes, dst: bytes, opts: SyncOptions, log_path: str | None, can
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it sets `cancel`
     _die_with_parent()
     log = SyncLog(log_path) if log_path else None
+    buffers = BufferPool(max(4096, -(-opts.bufsize // 4096) * 4096))  # one per worker, not per subtree
     while True:
         task = tasks.get()
         if task is None:
             break
         tid, relpath, fresh, included = task
         rep = QueueReporter(out)
-        s = Syncer(src, dst, opts, rep, log, cancel=cancel, processes=1)
+        s = Syncer(src, dst, opts, rep, log, cancel=cancel, processes=1, buffers=buffers)
         try:
             kept = s.run_subtree(relpath, fresh=fresh, included=included)
             fatal = None
