@@ -78,6 +78,12 @@ def _bucketers(tz: tzinfo | None) -> list[tuple[str, Callable[[datetime], object
     ]
 
 
+def _require_rule(policy: Policy) -> None:
+    if policy.empty():
+        raise UsageError("no retention rule given: that would forget every snapshot "
+                         "(use --keep-last, --keep-daily, ... or name snapshots to forget)")
+
+
 def snapshot_time(snap: Snapshot) -> datetime:
     return datetime.fromtimestamp(snap.time_ns / 1e9, UTC)
 
@@ -85,9 +91,7 @@ def snapshot_time(snap: Snapshot) -> datetime:
 def apply_policy(snaps: Sequence[tuple[str, Snapshot]], policy: Policy, *,
                  tz: tzinfo | None = None) -> list[Decision]:
     """Decide one group. ``tz`` sets the calendar for periods (default: local time)."""
-    if policy.empty():
-        raise UsageError("no retention rule given: that would forget every snapshot "
-                         "(use --keep-last, --keep-daily, ... or name snapshots to forget)")
+    _require_rule(policy)
     ordered = sorted(snaps, key=lambda s: (s[1].time_ns, s[0]), reverse=True)
     counts = {"last": policy.last, "hourly": policy.hourly, "daily": policy.daily,
               "weekly": policy.weekly, "monthly": policy.monthly, "yearly": policy.yearly}
@@ -142,6 +146,7 @@ def group_key(snap: Snapshot, by: Sequence[str]) -> tuple[tuple[str, object], ..
 
 def plan_forget(snaps: Sequence[tuple[str, Snapshot]], policy: Policy, *,
                 group_by: Sequence[str] = ("host", "paths"), tz: tzinfo | None = None) -> list[Group]:
+    _require_rule(policy)
     groups: dict[tuple[tuple[str, object], ...], list[tuple[str, Snapshot]]] = {}
     for sid, snap in snaps:
         groups.setdefault(group_key(snap, group_by), []).append((sid, snap))

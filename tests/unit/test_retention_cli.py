@@ -1,0 +1,44 @@
+"""forget and prune through the real CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.conftest import Cli
+
+
+def test_forget_dry_run_explains_then_forget_and_prune(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init", "--pack-size", "1M").returncode == 0
+    src = tmp_path / "data"
+    src.mkdir()
+    ids = []
+    for i in range(4):
+        (src / "f").write_bytes(os.urandom(400_000))
+        r = cli("--json", "backup", str(src), "--host", "h1" if i < 3 else "h2")
+        assert r.returncode == 0, r.stderr
+        ids.append(r.last("summary")["snapshot"])
+    r = cli("--json", "forget", "--keep-last", "1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    rows = {o["snapshot"]: o for o in r.json if o["type"] == "forget"}
+    assert rows[ids[2]]["action"] == "keep" and rows[ids[2]]["reasons"] == ["last"]
+    assert rows[ids[3]]["action"] == "keep"  # the only snapshot of its group (host h2)
+    assert [rows[i]["action"] for i in ids[:2]] == ["remove", "remove"]
+    assert r.last("forget_summary") == {"type": "forget_summary", "kept": 2, "removed": 2, "dry_run": True}
+    assert len(cli("--json", "snapshots").json) == 4  # dry run changed nothing
+    text = cli("forget", "--keep-last", "1")
+    assert "removed 2 snapshot(s)" in text.stdout and "keep" in text.stdout
+    r = cli("--json", "prune")
+    assert r.returncode == 0, r.stderr
+    s = r.last("prune_summary")
+    assert s["packs_deleted"] >= 2 and s["bytes_freed"] > 700_000
+    assert cli("check", "--read-data").returncode == 0
+    r = cli("--json", "forget", ids[3])
+    assert r.last("forget_summary")["removed"] == 1
+    assert {o["id"] for o in cli("--json", "snapshots").json if o["type"] == "snapshot"} == {ids[2]}
+
+
+def test_forget_without_a_rule_is_refused(cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    r = cli("forget")
+    assert r.returncode == 2 and "no retention rule" in r.stderr
