@@ -279,3 +279,25 @@ def test_cli_check_names_damaged_file_and_repair_reports_it(cli: Cli, tmp_path: 
     r = cli("repair", "--rewrite-snapshots")
     assert "rewritten" in r.stdout
     assert cli("check", "--read-data").returncode == 0
+
+
+def test_cli_check_reports_a_damaged_index_file_once_and_repair_recovers_everything(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").returncode == 0
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(100_000))
+    assert cli("backup", str(src)).returncode == 0
+    idx = next((cli.repo / "index").iterdir())
+    raw = bytearray(idx.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    idx.write_bytes(bytes(raw))
+    r = cli("--json", "check")
+    assert r.returncode == 13
+    index_issues = [o for o in r.json if o.get("type") == "issue" and o["kind"] == "index"]
+    assert len(index_issues) == 1, index_issues
+    r = cli("--json", "repair")
+    assert r.returncode == 0, r.stdout + r.stderr  # nothing was lost: the packs were intact
+    assert r.last("repair_summary")["blobs_lost"] == 0
+    assert cli("check", "--read-data").returncode == 0
+    assert cli("restore", "latest", "--target", str(tmp_path / "o")).returncode == 0
+    assert (tmp_path / "o" / "s" / "a").read_bytes() == (src / "a").read_bytes()

@@ -306,7 +306,8 @@ class Repository:
             except (CorruptionError, UnsupportedVersion) as exc:
                 if not tolerant:
                     raise
-                self.index_errors.append((name, str(exc)))
+                if name not in {n for n, _m in self.index_errors}:  # a reload meets it again
+                    self.index_errors.append((name, str(exc)))
         superseded = {f"index/{s.hex()}" for sup, _raw in heads.values() for s in sup}
         self._superseded_index_files |= superseded
         for name, (_sup, kept) in heads.items():
