@@ -404,6 +404,7 @@ class VolumeBackup:
                 while len(pending) > 2:
                     r = pending.pop(0)
                     segments[r.plan.index] = self._finish(r)
+                    enc.release(r)
             for r in pending:
                 segments[r.plan.index] = self._finish(r)
         self.reporter.finish()

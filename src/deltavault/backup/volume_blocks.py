@@ -16,6 +16,7 @@ keeps its reference. Otherwise:
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,11 +34,13 @@ from deltavault.backup.content import (
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
+from deltavault.model.volume import SEGMENT_PAGES
 from deltavault.objects.patch import coalesce, encode_patch
 from deltavault.tracking import pagesets
 from deltavault.tracking.readers import VolumeReader
 
 MAX_CHAIN = 8  # patches on one base before they are merged: bounds restore reads
+ZERO_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass
@@ -66,7 +69,7 @@ class SegmentResult:
     refs: list[ContentRef | Future[ContentRef]]
     digests: bytes
     stats: SegmentStats
-    buf: bytearray = field(repr=False, default_factory=bytearray)
+    buf: mmap.mmap | None = field(repr=False, default=None)
 
     def resolved(self) -> list[ContentRef]:
         return [r.result() if isinstance(r, Future) else r for r in self.refs]
@@ -84,6 +87,21 @@ class SegmentEncoder:
         self.pool = pool
         self.inflight = inflight
         self._zero_block = bytes(block_size)
+        self._zeros = memoryview(bytes(ZERO_CHUNK))
+        # Segment buffers are reused: allocating (and zeroing) 64 MiB per segment cost more
+        # than reading it. A buffer comes back with ``release`` once its blobs are stored.
+        self._buffers: list[mmap.mmap] = []
+
+    def release(self, result: SegmentResult) -> None:
+        if result.buf is not None:
+            self._buffers.append(result.buf)
+            result.buf = None
+
+    def _zero(self, mv: memoryview, start: int, end: int) -> None:
+        while start < end:
+            n = min(end - start, ZERO_CHUNK)
+            mv[start:start + n] = self._zeros[:n]
+            start += n
 
     # ------------------------------------------------------------------ workers
     def _submit(self, fn: Callable[[memoryview], ContentRef], data: memoryview) -> Future[ContentRef]:
@@ -124,10 +142,17 @@ class SegmentEncoder:
     # ------------------------------------------------------------------ the segment
     def encode(self, plan: SegmentPlan) -> SegmentResult:
         first, n = plan.first_page, plan.n_pages
-        buf = bytearray(n * PAGE_SIZE)  # zero pages stay zero
-        mv = memoryview(buf)
+        # Anonymous mappings are page-aligned: O_DIRECT reads of a device land in them.
+        buf = self._buffers.pop() if self._buffers else mmap.mmap(-1, SEGMENT_PAGES * PAGE_SIZE)
+        mv = memoryview(buf)[:n * PAGE_SIZE]
         st = SegmentStats()
         st.pages_read = len(plan.read)
+        # The buffer holds an older segment: only read and zeroed pages are valid in it.
+        for a, b in pagesets.runs(plan.zero):
+            self._zero(mv, (a - first) * PAGE_SIZE, (b - first) * PAGE_SIZE)
+        tail = self.size - first * PAGE_SIZE
+        if tail < n * PAGE_SIZE:
+            self._zero(mv, tail, n * PAGE_SIZE)  # past the end of the volume
         self._read_pages(mv, first, plan.read)
         prev_dig = plan.prev_digests
         dig = bytearray(prev_dig) if prev_dig is not None else bytearray(n * DIGEST)
@@ -142,12 +167,15 @@ class SegmentEncoder:
             bp1 = bp0 + pagesets.pages_of(blen)
             prev = plan.prev_refs[j] if plan.prev_refs is not None else None
             block_known = pagesets.clamp(known, bp0, bp1)
-            if prev_dig is not None:
+            if prev_dig is None:
+                changed = list(block_known)
+            elif (dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]
+                  == prev_dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]):
+                changed = []  # one comparison for the usual case: nothing in the block changed
+            else:
                 changed = [p for p in block_known
                            if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]
                            != prev_dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]]
-            else:
-                changed = list(block_known)
             if prev is not None and not changed:
                 refs.append(prev)
                 continue
@@ -157,6 +185,8 @@ class SegmentEncoder:
                 # No base to patch. Unread pages of a block that was all zeros are zeros.
                 if prev is None and len(block_known) != bp1 - bp0:
                     raise AssertionError(f"block {bstart}: neither read whole nor known before")
+                for a, b in pagesets.runs(pagesets.span(bp0, bp1) - block_known):
+                    self._zero(mv, (a - first) * PAGE_SIZE, (b - first) * PAGE_SIZE)
                 refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
                 continue
             assert isinstance(prev, Full | Patch)

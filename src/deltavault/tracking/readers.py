@@ -6,8 +6,10 @@ and benchmarks call "bytes read".
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
+import mmap
 import os
 import stat
 from collections import OrderedDict
@@ -19,6 +21,13 @@ from deltavault.errors import SourceError
 from deltavault.fs.sparse import data_extents
 from deltavault.model.content import PAGE_SIZE
 from deltavault.tracking import pagesets
+
+DIRECT_ALIGN = 4096
+SECTOR = 512
+
+
+def _address(buf: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
 class VolumeReader(Protocol):
@@ -47,24 +56,42 @@ def volume_size(fd: int, path: str) -> int:
 
 
 class FileReader:
-    """An image file or a block device, read with pread."""
+    """An image file or a block device, read with pread.
+
+    A block device is read with O_DIRECT. A mounted (frozen) file system writes its data and
+    journal with I/O that bypasses the device's page cache, and keeps pages of it pinned
+    (its superblocks), so a buffered read could return what a block held earlier.
+    """
 
     def __init__(self, path: str) -> None:
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SourceError(f"cannot open {path}: {exc.strerror}") from exc
+        self.fd = fd
         self.path = path
         self.description = path
-        self.size = volume_size(self.fd, path)
-        self.is_file = stat.S_ISREG(os.fstat(self.fd).st_mode)
+        self.size = volume_size(fd, path)
+        self.is_file = stat.S_ISREG(os.fstat(fd).st_mode)
         self.bytes_read = 0
+        self.direct = False
+        self._bounce: mmap.mmap | None = None
         if not self.is_file:
-            # A mounted file system writes file data past the device's page cache: drop
-            # its clean pages, or a read could return what a block held before.
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+                os.close(fd)
+                self.direct = True
+            except OSError:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the next best thing
 
     def read_into(self, buf: memoryview, offset: int) -> None:
+        if self.direct and (offset % DIRECT_ALIGN or len(buf) % SECTOR or _address(buf) % DIRECT_ALIGN):
+            self._read_bounced(buf, offset)
+        else:
+            self._read(buf, offset)
+        self.bytes_read += len(buf)
+
+    def _read(self, buf: memoryview, offset: int) -> None:
         got = 0
         want = len(buf)
         while got < want:
@@ -76,7 +103,19 @@ class FileReader:
             if n == 0:
                 raise SourceError(f"{self.path} ended at byte {offset + got}: it shrank during the backup")
             got += n
-        self.bytes_read += want
+
+    def _read_bounced(self, buf: memoryview, offset: int) -> None:
+        """O_DIRECT needs aligned buffers, offsets and lengths: go through an aligned copy."""
+        start = offset - offset % DIRECT_ALIGN
+        end = min(-(-(offset + len(buf)) // DIRECT_ALIGN) * DIRECT_ALIGN, -(-self.size // SECTOR) * SECTOR)
+        if self._bounce is None or len(self._bounce) < end - start:
+            self._bounce = mmap.mmap(-1, max(end - start, 1 << 20))  # page-aligned
+        view = memoryview(self._bounce)
+        try:
+            self._read(view[:end - start], start)
+            buf[:] = view[offset - start:offset - start + len(buf)]
+        finally:
+            view.release()
 
     def zero_pages(self) -> BitMap:
         if not self.is_file:
@@ -96,6 +135,9 @@ class FileReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
 
 
 class ReaderFile(io.RawIOBase):

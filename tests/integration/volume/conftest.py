@@ -78,14 +78,13 @@ def ext4_free_blocks(device: str | Path) -> tuple[int, list[tuple[int, int]]]:
     out = run("dumpe2fs", str(device))
     bs = int(re.search(r"^Block size:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
     ranges = []
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Free blocks: "):
-            for part in line[len("Free blocks: "):].split(","):
-                part = part.strip()
-                if part:
-                    a, _, b = part.partition("-")
-                    ranges.append((int(a), int(b or a)))
+    # Per-group lines are indented; the header's "Free blocks:" is a count, not a range.
+    for m in re.finditer(r"^\s+Free blocks: (.*)$", out, re.M):
+        for part in m.group(1).split(","):
+            part = part.strip()
+            if part:
+                a, _, b = part.partition("-")
+                ranges.append((int(a), int(b or a)))
     return bs, ranges
 
 
@@ -103,9 +102,11 @@ def sha256_free_zeroed(path: str | Path, size: int, unit: int, free: list[tuple[
     return hashlib.sha256(data).hexdigest()
 
 
-def ext4_expected(device: str | Path, size: int) -> str:
-    bs, free = ext4_free_blocks(device)
-    return sha256_free_zeroed(device, size, bs, free)
+def ext4_expected(image: str | Path, size: int, device: str | Path | None = None) -> str:
+    """Free blocks from dumpe2fs (of the mounted device, if given: the metadata it reads is
+    current), data from the image file: a buffered read of a mounted device can be stale."""
+    bs, free = ext4_free_blocks(device or image)
+    return sha256_free_zeroed(image, size, bs, free)
 
 
 @dataclass

@@ -99,7 +99,7 @@ def test_btrfs_image_holding_a_mounted_file_system(vol: Vol, btrfs: Path, tmp_pa
         with mounted(dev, tmp_path / "m") as mnt:
             (mnt / "new.bin").write_bytes(os.urandom(2 * MiB))
             (mnt / "d0" / "f0.bin").unlink()
-        expected = ext4_expected(dev, 64 * MiB)
+        expected = ext4_expected(image, 64 * MiB)
     r = vol.backup(image, cbt="btrfs")
     assert r.report.change_source == "btrfs", r.report.rejected
     assert sha256(vol.restore(r.snapshot_id)) == expected

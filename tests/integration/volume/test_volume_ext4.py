@@ -103,7 +103,7 @@ def test_block_device_source_and_target(vol: Vol, tmp_path: Path) -> None:
         vol.backup(dev)
         with mounted(dev, tmp_path / "m") as mnt:
             _changes(mnt)
-        expected = ext4_expected(dev, SIZE_MB << 20)
+        expected = ext4_expected(img, SIZE_MB << 20)
         r = vol.backup(dev)
         _assert_report(r, "fs-digests")
     with loop(target) as tdev:
@@ -133,7 +133,7 @@ def test_frozen_mounted_file_system(vol: Vol, tmp_path: Path) -> None:
         (mnt / "after.bin").write_bytes(os.urandom(100_000))
         run("fsfreeze", "-f", str(mnt))
         try:
-            expected = ext4_expected(dev, SIZE_MB << 20)
+            expected = ext4_expected(img, SIZE_MB << 20, dev)
             frozen = vol.backup(dev)
         finally:
             run("fsfreeze", "-u", str(mnt))
