@@ -23,6 +23,21 @@ class SourceChanged(Exception):
     """The source file changed while it was copied; the caller retries."""
 
 
+class SourceReadError(Exception):
+    """Reading the source failed (an I/O error, a dying disk); writing is not at fault."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"read error: {exc.strerror or exc}")
+        self.errno = exc.errno
+
+
+def read_source(fd: int, buf: memoryview, offset: int) -> int:
+    try:
+        return pread_full(fd, buf, offset)
+    except OSError as exc:
+        raise SourceReadError(exc) from exc
+
+
 class Cancelled(Exception):
     """The run is being stopped (Ctrl-C, --stop-on-error, a full disk)."""
 
@@ -68,7 +83,7 @@ def copy_data(sfd: int, tfd: int, st: os.stat_result, buffers: BufferPool,
             if cancelled():
                 raise Cancelled
             want = min(len(buf), end - o)
-            n = pread_full(sfd, buf[:want], o)
+            n = read_source(sfd, buf[:want], o)
             if n < want:
                 raise SourceChanged("it shrank while being copied")
             if hasher is not None:

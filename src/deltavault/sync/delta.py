@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import blake3
 
 from deltavault.fs.clone import pread_full, pwrite_all
-from deltavault.sync.copy import BufferPool, Cancelled, SourceChanged
+from deltavault.sync.copy import BufferPool, Cancelled, SourceChanged, read_source
 
 PAGE = 4096
 
@@ -64,7 +64,7 @@ def page_delta(sfd: int, ofd: int, tfd: int, new_size: int, old_size: int, buffe
         if cancelled():
             raise Cancelled
         want = min(block, new_size - off)
-        n = pread_full(sfd, sbuf[:want], off)
+        n = read_source(sfd, sbuf[:want], off)
         if n < want:
             raise SourceChanged("it shrank while being copied")
         m = pread_full(ofd, obuf[:min(want, max(0, old_size - off))], off) if off < old_size else 0

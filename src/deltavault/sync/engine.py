@@ -28,7 +28,15 @@ from deltavault.fs.clone import pread_full, reflink
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
 from deltavault.fs.paths import display
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.copy import BufferPool, Cancelled, SourceChanged, copy_data, read_back
+from deltavault.sync.copy import (
+    BufferPool,
+    Cancelled,
+    SourceChanged,
+    SourceReadError,
+    copy_data,
+    read_back,
+    read_source,
+)
 from deltavault.sync.delta import PAGE, page_delta
 from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
@@ -682,13 +690,15 @@ class Syncer:
                 except SourceChanged:
                     staged = None
                 after = os.fstat(fd)
+            except SourceReadError as exc:
+                self._problem(relpath, "unreadable", str(exc), size=st.st_size)
+                return
             except OSError as exc:
                 if staged is not None and staged.tmp is not None:
                     _unlink_quiet(dfd, staged.tmp)
                 if exc.errno in _NOSPACE or exc.errno == errno.EROFS:
                     raise
-                self._problem(relpath, "unreadable" if exc.errno == errno.EIO else "write",
-                              exc.strerror or str(exc), size=st.st_size)
+                self._problem(relpath, "write", exc.strerror or str(exc), size=st.st_size)
                 return
             except BaseException:
                 if staged is not None and staged.tmp is not None:
@@ -760,7 +770,7 @@ class Syncer:
             a, b = self.buffers.get(0), self.buffers.get(1)
             off = 0
             while off < size:
-                n = pread_full(fd, a, off)
+                n = read_source(fd, a, off)
                 m = pread_full(ofd, b[:n], off)
                 if n == 0 or m != n or a[:n].tobytes() != b[:n].tobytes():
                     return False
