@@ -69,14 +69,44 @@ class Inflight:
             self._cond.notify_all()
 
 
+class _Batch:
+    """Small chunks sent to the workers as one task, with one event for all of them."""
+
+    __slots__ = ("done_event", "error", "items", "results")
+
+    def __init__(self) -> None:
+        self.items: list[bytes | memoryview] = []
+        self.results: list[ContentRef] = []
+        self.error: BaseException | None = None
+        self.done_event = threading.Event()
+
+
+class Slot:
+    """One chunk's place in a batch: a much lighter stand-in for a Future."""
+
+    __slots__ = ("batch", "i")
+
+    def __init__(self, batch: _Batch, i: int) -> None:
+        self.batch, self.i = batch, i
+
+    def done(self) -> bool:
+        return self.batch.done_event.is_set()
+
+    def result(self) -> ContentRef:
+        self.batch.done_event.wait()
+        if self.batch.error is not None:
+            raise self.batch.error
+        return self.batch.results[self.i]
+
+
 @dataclass
 class PendingContent:
-    parts: list[ContentRef | Future[ContentRef]] = field(default_factory=list)
+    parts: list[ContentRef | Future[ContentRef] | Slot] = field(default_factory=list)
     digests: list[bytes | Future[bytes | None]] | None = None
     bytes_read: int = 0
 
     def refs(self) -> list[ContentRef]:
-        return [p.result() if isinstance(p, Future) else p for p in self.parts]
+        return [p.result() if isinstance(p, (Future, Slot)) else p for p in self.parts]
 
     def digest_bytes(self) -> bytes | None:
         """The page digests, or None when there are none (or the helper could not vouch
@@ -154,7 +184,7 @@ class ContentReader:
         self.inflight = inflight
         self.digester = digester or PageDigester(page_key)
         self._zero_digest = self._digest(bytes(PAGE_SIZE))
-        self._batch: list[tuple[bytes | memoryview, Future[ContentRef]]] = []
+        self._batch = _Batch()
         self._batch_bytes = 0
 
     # ------------------------------------------------------------------ helpers
@@ -192,30 +222,33 @@ class ContentReader:
         fut.add_done_callback(lambda _f: self.inflight.release(n))
         return fut
 
-    def _batched(self, data: bytes | memoryview) -> Future[ContentRef]:
+    def _batched(self, data: bytes | memoryview) -> Slot:
         """Small chunks travel to the workers in batches: one task per batch, not per chunk."""
-        fut: Future[ContentRef] = Future()
-        self._batch.append((data, fut))
+        b = self._batch
+        b.items.append(data)
         self._batch_bytes += len(data)
-        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_ITEMS:
+        slot = Slot(b, len(b.items) - 1)
+        if self._batch_bytes >= BATCH_BYTES or len(b.items) >= BATCH_ITEMS:
             self.flush_batch()
-        return fut
+        return slot
 
     def flush_batch(self) -> None:
-        if not self._batch:
+        if not self._batch.items:
             return
         batch, n = self._batch, self._batch_bytes
-        self._batch, self._batch_bytes = [], 0
+        self._batch, self._batch_bytes = _Batch(), 0
         self.inflight.acquire(n)
         task = self.pool.submit(self._run_batch, batch)
         task.add_done_callback(lambda _f: self.inflight.release(n))
 
-    def _run_batch(self, batch: list[tuple[bytes | memoryview, Future[ContentRef]]]) -> None:
-        for data, fut in batch:
-            try:
-                fut.set_result(self._save_full(data))
-            except BaseException as exc:
-                fut.set_exception(exc)
+    def _run_batch(self, batch: _Batch) -> None:
+        try:
+            batch.results = [self._save_full(data) for data in batch.items]
+        except BaseException as exc:
+            batch.error = exc
+        finally:
+            batch.items = []
+            batch.done_event.set()
 
     def _save_full(self, data: bytes | memoryview) -> ContentRef:
         bid, _ = self.repo.save_blob(BlobType.DATA, data)
