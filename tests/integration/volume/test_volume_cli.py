@@ -85,3 +85,22 @@ def test_bad_input_exit_codes(cli: Cli, tmp_path: Path) -> None:
     assert r.returncode == ExitCode.USAGE and "restore --volume" in r.last("error")["message"]
     r = cli("--json", "restore", files, str(tmp_path / "stray"), "-t", str(tmp_path / "t"))
     assert r.returncode == ExitCode.USAGE and "--volume" in r.last("error")["message"]
+
+
+def test_forget_and_prune_keep_what_volume_snapshots_use(cli: Cli, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(2 << 20) + bytes(2 << 20))
+    cli("init")
+    for i in range(3):
+        with open(img, "r+b") as f:
+            f.seek(i * 700_000)
+            f.write(os.urandom(300_000))
+        assert cli("backup", "--volume", str(img), "--block-size", "64K").returncode == 0
+    assert cli("forget", "--keep-last", "1").returncode == 0
+    p = cli("prune")
+    assert p.returncode == 0, p.stdout + p.stderr
+    c = cli("--json", "check", "--read-data")
+    assert c.returncode == 0 and c.last("check_summary")["errors"] == 0, c.stdout
+    out = tmp_path / "out.img"
+    assert cli("restore", "--volume", "latest", str(out), "--verify").returncode == 0
+    assert sha(out) == sha(img)
