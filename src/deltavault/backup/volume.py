@@ -249,6 +249,8 @@ class VolumeBackup:
                                  "reading everything")
                 prev = None
         n_pages = pagesets.pages_of(size)
+        if n_pages > pagesets.MAX_PAGES:
+            raise SourceError(f"{self.req.path} has {size} bytes; volumes up to 16 TiB are supported")
         everything = pagesets.span(0, n_pages)
         scanner, why_no_fs = detect(reader)
         holes = reader.zero_pages() & everything

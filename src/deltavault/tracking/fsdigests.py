@@ -82,7 +82,12 @@ class FsDigestSource:
             prev_digests = decode_state([self.meta.get(b) for b in ck.state], scanner.kind, info.uuid)
         except DeltavaultError as exc:
             raise Rejected(f"the previous metadata digests are missing or damaged: {exc}") from None
-        self.scan = scanner.digest_scan(prev_digests)
+        try:
+            self.scan = scanner.digest_scan(prev_digests)
+        except DeltavaultError:
+            raise
+        except Exception as exc:  # damaged on-disk metadata: any parse failure
+            raise Rejected(f"the {scanner.kind} metadata could not be parsed: {exc}") from None
         unit = "inodes" if scanner.kind == "ext4" else "MFT records"
         return Changes(NAME, self.scan.must_read,
                        notes=[f"{self.scan.changed_objects} of {self.scan.objects} {unit} changed"])
