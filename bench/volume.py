@@ -82,8 +82,8 @@ def budget(img: Path, changed_bytes: int) -> dict:
     r = FileReader(str(img))
     try:
         s = Ext4Scanner(r)
-        meta = s.digest_scan(s.digest_scan(None).digests).must_read
         alloc = s.allocation().allocated
+        meta = s.digest_scan(s.digest_scan(None).digests).must_read & alloc
     finally:
         r.close()
     return {"changed_bytes": changed_bytes, "metadata_bytes": len(meta) * 4096,

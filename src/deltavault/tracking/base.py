@@ -64,7 +64,7 @@ class DigestScan:
     """Metadata digests of one run and the pages the comparison says must be read."""
 
     digests: dict[int, bytes]  # inode / MFT record number -> digest
-    must_read: BitMap  # allocated pages minus the data of unchanged files
+    must_read: BitMap  # every page of the volume minus the data of unchanged files
     objects: int = 0
     changed_objects: int = 0
 

@@ -232,7 +232,6 @@ class Ext4Scanner:
         return [(b, n) for b, n in INode(self.fs, inum).dataruns() if b]
 
     def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan:
-        alloc = self.allocation().allocated
         special = self._special_inodes()
         digests: dict[int, bytes] = {}
         unchanged = BitMap()
@@ -258,4 +257,7 @@ class Ext4Scanner:
                 continue
             for start, count in extents or ():
                 self._add_blocks(unchanged, start, count, outward=False)
-        return DigestScan(digests, alloc - unchanged, objects=files, changed_objects=changed)
+        # Everything no unchanged file vouches for: free space and whatever lies past
+        # the file system too (free space is left out later, if it is skipped).
+        everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
+        return DigestScan(digests, everything - unchanged, objects=files, changed_objects=changed)

@@ -114,7 +114,6 @@ class NtfsScanner:
             segment_reference(a.attribute.attr.ParentDirectory) == FILE_NUMBER_EXTEND for a in names)
 
     def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan:
-        alloc = self.allocation().allocated
         digests: dict[int, bytes] = {}
         unchanged = BitMap()
         changed = files = 0
@@ -146,4 +145,7 @@ class NtfsScanner:
                 continue
             for lcn, count in runs:
                 pagesets.add_bytes(unchanged, lcn * self.cs, (lcn + count) * self.cs, outward=False)
-        return DigestScan(digests, alloc - unchanged, objects=files, changed_objects=changed)
+        # Everything no unchanged file vouches for: free space and whatever lies past
+        # the file system too (free space is left out later, if it is skipped).
+        everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
+        return DigestScan(digests, everything - unchanged, objects=files, changed_objects=changed)

@@ -94,6 +94,31 @@ def test_free_space_read_is_exact_without_trimming(vol: Vol, tmp_path: Path) -> 
     assert sha256(vol.restore(r.snapshot_id)) == sha256(img)
 
 
+def test_changes_no_metadata_vouches_for_are_read(vol: Vol, tmp_path: Path) -> None:
+    """Free space (with --free-space read) and the tail past a smaller file system change
+    without any inode changing: a temporary file written and deleted, a raw write past the
+    file system's end. Neither may be missed."""
+    img = tmp_path / "v.img"
+    with open(img, "wb") as f:
+        f.write(os.urandom(SIZE_MB << 20))  # old data everywhere: no holes to give changes away
+    # A file system 8 MiB smaller than the volume: the tail lies past it.
+    run("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-E", "nodiscard",
+        "-d", str(fill_tree(tmp_path / "src", seed=10)), str(img), str((SIZE_MB - 8) * 256))
+    first = vol.backup(img, free_space="read")
+    with loop(img) as dev, mounted(dev, tmp_path / "m") as mnt:
+        (mnt / "tmp.bin").write_bytes(os.urandom(3 << 20))
+        os.sync()
+        (mnt / "tmp.bin").unlink()
+    with open(img, "r+b") as f:
+        f.seek((SIZE_MB - 4) << 20)
+        f.write(os.urandom(70_000))
+    r = vol.backup(img, free_space="read")
+    _assert_report(r, "fs-digests")
+    assert r.report.pages_changed * 4096 >= (3 << 20) + 70_000
+    assert sha256(vol.restore(r.snapshot_id)) == sha256(img)
+    assert first.snapshot_id != r.snapshot_id
+
+
 def test_block_device_source_and_target(vol: Vol, tmp_path: Path) -> None:
     img = make_ext4(tmp_path / "v.img", SIZE_MB, fill_tree(tmp_path / "src", seed=4))
     target = tmp_path / "target.img"
