@@ -2,7 +2,7 @@
 """Volume backup benchmark: deltavault against the peers on the shared disk images.
 
 image-full backs up disk-v1.img and image-incr then disk-v2.img, staged as anchors.sh does
-(``cp --sparse=always`` to the same path). The volume runs use their own repository (the
+(``cp --sparse=always`` to the same path); image-nochange backs up disk-v2.img once more. The volume runs use their own repository (the
 peers' image runs share one with their file runs; ours would dedup against nothing there
 anyway, a block is not a file chunk). Measured per run: wall time of the whole command,
 bytes read from the source (as deltavault counts them), bytes added (growth of the
@@ -136,8 +136,9 @@ def volume_pair(ds: Path, work: Path, *, block_size: str, cbt: str = "auto",
     dv(work, "-r", str(repo), "init")
     img = work / "img" / "disk.img"
     out: dict = {}
-    for scen, version in (("image-full", "v1"), ("image-incr", "v2")):
-        sh("cp", "--sparse=always", str(ds / f"disk-{version}.img"), str(img))
+    for scen, version in (("image-full", "v1"), ("image-incr", "v2"), ("image-nochange", None)):
+        if version is not None:
+            sh("cp", "--sparse=always", str(ds / f"disk-{version}.img"), str(img))
         before = du(work / "t")
         sh("sync")
         secs, s = dv(work, "-r", str(repo), "backup", "--volume", str(img), "--block-size", block_size,
@@ -267,10 +268,11 @@ def main() -> int:
             log(f"round {i + 1}: deltavault qemu bitmap")
             for k, v in qemu_pair(ds, a.work / "qemu", a.default_block_size).items():
                 runs.setdefault(f"deltavault:{k}", []).append(v)
-    for bs in a.block_sizes:
-        log(f"block size {bs}")
-        for k, v in volume_pair(ds, a.work / "dv", block_size=bs).items():
-            runs.setdefault(f"block-size-{bs}:{k}", []).append(v)
+    for i in range(a.repeat):
+        for bs in a.block_sizes:
+            log(f"round {i + 1}: block size {bs}")
+            for k, v in volume_pair(ds, a.work / "dv", block_size=bs).items():
+                runs.setdefault(f"block-size-{bs}:{k}", []).append(v)
     res["runs"] = runs
     res["median"] = {k: {f: statistics.median(r[f] for r in rs) for f in ("seconds", "bytes_added", "bytes_read")
                          if all(isinstance(r.get(f), int | float) for r in rs)} for k, rs in runs.items()}
