@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ANCHORS = ROOT.parent / "shared" / "bench" / "anchors.sh"
 sys.path.insert(0, str(ROOT / "src"))
 MiB = 1 << 20
 
@@ -219,17 +218,12 @@ def qemu_pair(ds: Path, work: Path, block_size: str) -> dict:
 
 
 def anchors(ds: Path, work: Path, tools: list[str]) -> dict[str, dict]:
-    shutil.rmtree(work, ignore_errors=True)
-    p = subprocess.run(["bash", str(ANCHORS), str(ds), str(work), *tools], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"anchors.sh failed:\n{p.stderr}")
-    out = {}
-    for line in p.stdout.splitlines():
-        tool, scen, secs, added = line.split("\t")
-        if scen.startswith("image"):
-            out[f"{tool}:{scen}"] = {"seconds": float(secs), "bytes_added": int(added)}
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+    """The peers' image runs, timed by anchors.sh (through bench/files.py's runner)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from files import anchors as run_anchors  # type: ignore[import-not-found]
+
+    return {f"{tool}:{scen}": v for (tool, scen), v in run_anchors(ds, work, tools).items()
+            if scen.startswith("image")}
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from typing import Protocol
 
 from deltavault.model.volume import Checkpoint
@@ -16,6 +17,37 @@ from deltavault.tracking.base import ChangeSource
 from deltavault.tracking.readers import FileReader, VolumeReader
 
 QCOW2_MAGIC = b"QFI\xfb"
+
+
+class Pending(Protocol):
+    """Handles this client created (bitmaps, snapshots) that a killed run may leave behind."""
+
+    pending: list[dict[str, str]]
+
+    def add_pending(self, kind: str, handle: str, where: str) -> None: ...
+
+    def drop_pending(self, handle: str) -> None: ...
+
+
+def sweep(pending: Pending, kind: str, where: str, *, keep: str | None, previous: str | None,
+          exists: Callable[[str], bool], remove: Callable[[str], str | None], what: str) -> list[str]:
+    """After a saved snapshot: remove the previous checkpoint's handle and those of killed
+    runs, keep this run's. Returns warnings for what could not be removed (retried later)."""
+    stale = {p["handle"] for p in pending.pending if p.get("kind") == kind and p.get("where") == where}
+    if previous:
+        stale.add(previous)
+    stale.discard(keep or "")
+    warnings = []
+    for handle in sorted(stale):
+        if exists(handle):
+            err = remove(handle)
+            if err:
+                warnings.append(f"old {what} {handle} could not be removed: {err}")
+                continue
+        pending.drop_pending(handle)
+    if keep:
+        pending.drop_pending(keep)
+    return warnings
 
 
 class VolumeAccess(Protocol):

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from deltavault.errors import SourceError, UsageError
 from deltavault.model.volume import Checkpoint, VolumeManifest
 from deltavault.tracking import fiemap, pagesets
+from deltavault.tracking.access import Pending, sweep
 from deltavault.tracking.base import Changes, Rejected, find_checkpoint
 from deltavault.tracking.readers import FileReader
 
@@ -72,7 +72,7 @@ def subvolume_uuid(path: Path) -> str:
 class BtrfsAccess:
     kind = "btrfs"
 
-    def __init__(self, path: str, *, snapshot_dir: str | None, pending: Any) -> None:
+    def __init__(self, path: str, *, snapshot_dir: str | None, pending: Pending) -> None:
         self.path = Path(os.path.abspath(path))
         if not is_btrfs(str(self.path)):
             raise UsageError(f"--cbt btrfs: {path} is not on a btrfs file system")
@@ -111,20 +111,11 @@ class BtrfsAccess:
 
     def commit(self) -> list[str]:
         self.close()
-        warnings: list[str] = []
-        stale = {p["handle"] for p in self.pending.pending
-                 if p.get("kind") == NAME and p.get("where") == str(self.path)} - {str(self.new)}
-        if self.prev is not None and Path(self.prev.token).name.startswith(PREFIX):
-            stale.add(self.prev.token)
-        for snap in sorted(stale):
-            if os.path.isdir(snap):
-                err = self._delete(Path(snap))
-                if err:
-                    warnings.append(f"old snapshot {snap} could not be deleted: {err}")
-                    continue
-            self.pending.drop_pending(snap)
-        self.pending.drop_pending(str(self.new))
-        return warnings
+        previous = (self.prev.token if self.prev is not None and Path(self.prev.token).name.startswith(PREFIX)
+                    else None)
+        return sweep(self.pending, NAME, str(self.path), keep=str(self.new) if self.new else None,
+                     previous=previous, exists=os.path.isdir, remove=lambda p: self._delete(Path(p)),
+                     what="snapshot")
 
     def abort(self) -> None:
         self.close()

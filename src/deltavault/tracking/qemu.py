@@ -27,6 +27,7 @@ from pyroaring import BitMap
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint, VolumeManifest
 from deltavault.tracking import pagesets
+from deltavault.tracking.access import Pending, sweep
 from deltavault.tracking.base import Changes, Rejected, find_checkpoint
 from deltavault.tracking.nbdlib import load_nbd
 
@@ -178,11 +179,11 @@ class QcowAccess:
 
     kind = "qcow2"
 
-    def __init__(self, path: str, *, track: bool, granularity: int, pending: Any) -> None:
+    def __init__(self, path: str, *, track: bool, granularity: int, pending: Pending) -> None:
         self.path = path
         self.track = track
         self.granularity = granularity
-        self.pending = pending  # LocalState: bitmaps a killed run may leave behind
+        self.pending = pending
         self.server: NbdServer | None = None
         self.reader: NbdReader | None = None
         self.prev: Checkpoint | None = None
@@ -246,25 +247,11 @@ class QcowAccess:
 
     def commit(self) -> list[str]:
         self._disconnect()
-        warnings: list[str] = []
         if not self.track:
-            return warnings
-        # The previous bitmap, and bitmaps of runs that were killed before cleaning up.
-        stale = {p["handle"] for p in self.pending.pending
-                 if p.get("kind") == NAME and p.get("where") == self.path} - {self.new_name}
-        if self.prev is not None and self.prev.token.startswith(PREFIX):
-            stale.add(self.prev.token)
-        for name in sorted(stale & set(self.existing)):
-            err = self._remove(name)
-            if err:
-                warnings.append(f"old bitmap {name} could not be removed: {err}")
-                continue
-            self.pending.drop_pending(name)
-        for name in stale - set(self.existing):
-            self.pending.drop_pending(name)
-        if self.new_name:
-            self.pending.drop_pending(self.new_name)
-        return warnings
+            return []
+        previous = self.prev.token if self.prev is not None and self.prev.token.startswith(PREFIX) else None
+        return sweep(self.pending, NAME, self.path, keep=self.new_name, previous=previous,
+                     exists=lambda name: name in self.existing, remove=self._remove, what="bitmap")
 
     def abort(self) -> None:
         self._disconnect()
