@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -122,13 +123,17 @@ def settle() -> None:
 def timed(loop: Loop, argv: list[str]) -> dict[str, float | int | dict]:
     settle()
     before = loop.sectors_written()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"{argv[:4]} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     os.sync()
     out: dict[str, float | int | dict] = {"seconds": round(seconds, 3),
+                                          "cpu_user": round(ru1.ru_utime - ru0.ru_utime, 3),
+                                          "cpu_sys": round(ru1.ru_stime - ru0.ru_stime, 3),
                                           "device_bytes": (loop.sectors_written() - before) * 512}
     summaries = [json.loads(x) for x in p.stdout.splitlines() if x.startswith('{"type": "summary"')]
     if summaries:
@@ -187,7 +192,8 @@ def run(args: argparse.Namespace) -> dict:
                 if not same_tree(src, dst):
                     raise SystemExit(f"{tool} incremental sync left differences")
             print(f"rep {rep + 1}: " + ", ".join(
-                f"{sc} {tool} {res[sc][tool][-1]['seconds']:.2f}s" for sc in ("full", "incr")
+                f"{sc} {tool} {res[sc][tool][-1]['seconds']:.2f}s (cpu {res[sc][tool][-1]['cpu_user']:.2f}u"
+                f"+{res[sc][tool][-1]['cpu_sys']:.2f}s)" for sc in ("full", "incr")
                 for tool in ("rsync", "deltavault")), flush=True)
     finally:
         loop.close()
