@@ -226,3 +226,20 @@ def test_verify_cbt_catches_a_change_behind_the_file_systems_back(vol: Vol, tmp_
     assert any("verify-cbt" in x["reason"] for x in r.report.rejected)
     assert sha256(vol.restore(r.snapshot_id)) == ext4_expected(img, SIZE_MB << 20)
     assert first.snapshot_id != r.snapshot_id
+
+
+def test_restore_refuses_mounted_or_small_devices(vol: Vol, tmp_path: Path) -> None:
+    from deltavault.errors import UsageError
+
+    img = make_ext4(tmp_path / "v.img", SIZE_MB, fill_tree(tmp_path / "src", seed=12))
+    r = vol.backup(img)
+    small = tmp_path / "small.img"
+    with open(small, "wb") as f:
+        f.truncate((SIZE_MB - 1) << 20)
+    other = make_ext4(tmp_path / "other.img", SIZE_MB)
+    with loop(small) as sdev, pytest.raises(UsageError, match="needs"):
+        vol.restore(r.snapshot_id, Path(sdev))
+    with loop(other) as odev, mounted(odev, tmp_path / "o"), pytest.raises(UsageError, match="mounted"):
+        vol.restore(r.snapshot_id, Path(odev))
+    assert small.read_bytes() == bytes((SIZE_MB - 1) << 20)  # nothing written before refusing
+    fsck_clean(other)
