@@ -15,7 +15,8 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--volume", action="store_true",
                    help="restore a volume snapshot to TARGET: an image file or a block device")
     g.add_argument("volume_target", nargs="?", metavar="TARGET", help="with --volume: where to restore")
-    g.add_argument("--overwrite", action="store_true", help="with --volume: replace an existing image file")
+    g.add_argument("--overwrite", action="store_true",
+                   help="with --volume: replace an existing image file, or the content of a block device")
 
 
 def run_volume_restore(ctx: Context) -> int:

@@ -104,6 +104,8 @@ class VolumeRestorer:
             where = _mounted(st)
             if where:
                 raise UsageError(f"{self.target} is mounted at {where}; unmount it first")
+            if not self.opts.overwrite:
+                raise UsageError(f"{self.target} is a block device: pass --overwrite to replace its content")
             fd = os.open(self.target, os.O_WRONLY | os.O_CLOEXEC)
             size = os.lseek(fd, 0, os.SEEK_END)
             if size < self.m.size:

@@ -239,6 +239,12 @@ def test_restore_refuses_mounted_or_small_devices(vol: Vol, tmp_path: Path) -> N
     other = make_ext4(tmp_path / "other.img", SIZE_MB)
     with loop(small) as sdev, pytest.raises(UsageError, match="needs"):
         vol.restore(r.snapshot_id, Path(sdev))
+    from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+
+    assert r.snapshot.volume is not None
+    manifest = load_manifest(vol.repo, r.snapshot.volume)
+    with loop(other) as odev, pytest.raises(UsageError, match="--overwrite"):
+        VolumeRestorer(vol.repo, manifest, odev, VolumeRestoreOptions()).run()
     with loop(other) as odev, mounted(odev, tmp_path / "o"), pytest.raises(UsageError, match="mounted"):
         vol.restore(r.snapshot_id, Path(odev))
     assert small.read_bytes() == bytes((SIZE_MB - 1) << 20)  # nothing written before refusing
