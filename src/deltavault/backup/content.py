@@ -19,12 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import blake3
-
 from deltavault.backup.pagedigests import PageDigester
 from deltavault.chunking.cdc import Chunker
-from deltavault.chunking.pages import DIGEST
-from deltavault.fs.sparse import data_extents
+from deltavault.chunking.pages import DIGEST, PageHasher
+from deltavault.fs.sparse import data_extents, page_aligned_extents
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.patch import coalesce, encode_patch
@@ -140,20 +138,6 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def _aligned_extents(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """Round data extents out to page boundaries and merge overlaps."""
-    out: list[tuple[int, int]] = []
-    for off, ln in extents:
-        s = off - off % PAGE_SIZE
-        e = min(size, -(-(off + ln) // PAGE_SIZE) * PAGE_SIZE)
-        if out and s <= out[-1][0] + out[-1][1]:
-            ps, pl = out[-1]
-            out[-1] = (ps, max(ps + pl, e) - ps)
-        else:
-            out.append((s, e - s))
-    return out
-
-
 def bitmap(pages: list[int], first: int, count: int) -> bytes:
     bm = bytearray((count + 7) // 8)
     for p in pages:
@@ -183,37 +167,13 @@ class ContentReader:
         self.delta_threshold = delta_threshold
         self.inflight = inflight
         self.digester = digester or PageDigester(page_key)
-        self._zero_digest = self._digest(bytes(PAGE_SIZE))
+        self._pages = PageHasher(page_key)
         self._batch = _Batch()
         self._batch_bytes = 0
 
     # ------------------------------------------------------------------ helpers
-    def _hasher(self) -> blake3.blake3:
-        return blake3.blake3(key=self.page_key) if self.page_key else blake3.blake3()
-
     def _digest(self, page: bytes | memoryview) -> bytes:
-        h = self._hasher()
-        h.update(page)
-        return h.digest(DIGEST)
-
-    def _digests(self, buf: bytes | memoryview) -> bytes:
-        # Copying a keyed hasher skips the key setup: about 20% faster per page.
-        mv = memoryview(buf)
-        h0 = self._hasher()
-        out = []
-        for i in range(0, len(mv), PAGE_SIZE):
-            h = h0.copy()
-            h.update(mv[i:i + PAGE_SIZE])
-            out.append(h.digest(DIGEST))
-        return b"".join(out)
-
-    def _hole_digests(self, start: int, end: int) -> bytes:
-        """Digests of the zero pages covering [start, end); start is page-aligned."""
-        full, rest = divmod(end - start, PAGE_SIZE)
-        out = self._zero_digest * full
-        if rest:
-            out += self._digest(bytes(rest))
-        return out
+        return self._pages.digest(page)
 
     def _submit(self, fn: Callable[[Any], ContentRef], data: bytes | memoryview) -> Future[ContentRef]:
         n = len(data)
@@ -281,7 +241,7 @@ class ContentReader:
                 for off, ln in self.chunker.cut(data):
                     out.parts.append(self._batched(mv[off:off + ln]))
             return out
-        out = self._read_stream(fd, size, _aligned_extents(extents, size))
+        out = self._read_stream(fd, size, page_aligned_extents(extents, size))
         if large and path is not None:
             out.digests = [self.digester.submit(path, st)]
         return out
@@ -319,7 +279,7 @@ class ContentReader:
     def _read_delta(self, fd: int, size: int, prev_refs: list[ContentRef], prev_dig: bytes) -> PendingContent:
         out = PendingContent(digests=[])
         assert out.digests is not None
-        extents = _aligned_extents(data_extents(fd, size), size)
+        extents = page_aligned_extents(data_extents(fd, size), size)
         n_pages = -(-size // PAGE_SIZE)
         prev_pages = len(prev_dig) // DIGEST
         new_dig = bytearray(n_pages * DIGEST)
@@ -334,7 +294,7 @@ class ContentReader:
                 e = min(s + PAGE_SIZE, size)
                 new_dig[next_page * DIGEST:(next_page + 1) * DIGEST] = (
                     self._digest(reader.get(s, e - s)) if _overlaps(extents, s, e)
-                    else self._hole_digests(s, e)[:DIGEST])
+                    else self._pages.zero_run(e - s))
                 next_page += 1
 
         off = 0

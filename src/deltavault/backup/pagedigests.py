@@ -18,39 +18,23 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import blake3
-
-from deltavault.chunking.pages import DIGEST
-from deltavault.fs.sparse import data_extents
+from deltavault.chunking.pages import PageHasher
+from deltavault.fs.sparse import data_extents, page_aligned_extents
 from deltavault.model.content import PAGE_SIZE
 
 WINDOW = 8 * 1024 * 1024
 Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
 
-_key: bytes | None = None
+_hasher: PageHasher | None = None
 
 
 def _init(key: bytes | None) -> None:
-    global _key
-    _key = key
+    global _hasher
+    _hasher = PageHasher(key)
 
 
 def _sig(st: os.stat_result) -> Signature:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _hasher() -> blake3.blake3:
-    return blake3.blake3(key=_key) if _key else blake3.blake3()
-
-
-def digest_pages(buf: bytes | memoryview, h0: blake3.blake3) -> bytes:
-    mv = memoryview(buf)
-    out = []
-    for i in range(0, len(mv), PAGE_SIZE):
-        h = h0.copy()
-        h.update(mv[i:i + PAGE_SIZE])
-        out.append(h.digest(DIGEST))
-    return b"".join(out)
 
 
 def file_digests(path: bytes, expect: Signature) -> bytes | None:
@@ -67,26 +51,23 @@ def file_digests(path: bytes, expect: Signature) -> bytes | None:
         if _sig(os.fstat(fd)) != expect:
             return None
         size = expect[1]
-        h0 = _hasher()
-        zero = digest_pages(bytes(PAGE_SIZE), h0)
+        hasher = _hasher or PageHasher(None)
         out = bytearray()
         pos = 0
-        for off, ln in data_extents(fd, size):
-            start = off - off % PAGE_SIZE
-            end = min(size, -(-(off + ln) // PAGE_SIZE) * PAGE_SIZE)
-            start = max(start, pos)
+        for start, ln in page_aligned_extents(data_extents(fd, size), size, PAGE_SIZE):
+            end = start + ln
             if start > pos:
-                out += _holes(pos, start, size, zero, h0)
+                out += hasher.zero_run(start - pos)
             while start < end:
                 n = min(WINDOW, end - start)
                 data = os.pread(fd, n, start)
                 if len(data) != n:
                     return None
-                out += digest_pages(data, h0)
+                out += hasher.digests(data)
                 start += n
-            pos = max(pos, end)
+            pos = end
         if pos < size:
-            out += _holes(pos, size, size, zero, h0)
+            out += hasher.zero_run(size - pos)
         if _sig(os.fstat(fd)) != expect:
             return None
         return bytes(out)
@@ -94,14 +75,6 @@ def file_digests(path: bytes, expect: Signature) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-def _holes(start: int, end: int, size: int, zero: bytes, h0: blake3.blake3) -> bytes:
-    full, rest = divmod(end - start, PAGE_SIZE)
-    out = zero * full
-    if rest:
-        out += digest_pages(bytes(rest), h0)
-    return out
 
 
 class PageDigester:

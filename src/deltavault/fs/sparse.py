@@ -36,3 +36,17 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 def is_sparse(st: os.stat_result) -> bool:
     return st.st_blocks * 512 < st.st_size
+
+
+def page_aligned_extents(extents: list[tuple[int, int]], size: int, page: int = 4096) -> list[tuple[int, int]]:
+    """Round data extents out to page boundaries (clipped at ``size``) and merge overlaps."""
+    out: list[tuple[int, int]] = []
+    for off, ln in extents:
+        s = off - off % page
+        e = min(size, -(-(off + ln) // page) * page)
+        if out and s <= out[-1][0] + out[-1][1]:
+            ps, pl = out[-1]
+            out[-1] = (ps, max(ps + pl, e) - ps)
+        else:
+            out.append((s, e - s))
+    return out
