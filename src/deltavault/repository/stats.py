@@ -8,6 +8,7 @@ from deltavault.model.content import Full, Patch
 from deltavault.model.nodes import NodeType
 from deltavault.objects.walk import walk
 from deltavault.repository.repository import Repository
+from deltavault.repository.volume_check import volume_blob_ids
 
 
 @dataclass
@@ -45,8 +46,10 @@ def compute_stats(repo: Repository, snapshot_ids: list[str] | None = None) -> Re
                             unique.add(r.base)
                             unique.update(r.patches)
             seen_trees.add(snap.tree)
-        elif snap.summary:
-            restore_size += snap.summary.bytes_total
+        elif snap.volume:
+            unique.update(volume_blob_ids(repo, snap.volume))
+            if snap.summary:
+                restore_size += snap.summary.bytes_total
     blob_ids = list(repo.index.blob_ids())
     raw_total = sum(repo.index.raw_length(b) for b in blob_ids)
     unique_raw = sum(repo.index.raw_length(b) for b in unique)
