@@ -94,9 +94,12 @@ class Loop:
         self.img = work / "dst-xfs.img"
         self.mnt = work / "dst"
         with open(self.img, "wb") as f:
-            f.truncate(size_gb << 30)
+            # Allocated up front, like a real disk: a sparse image makes every first write
+            # through the loop device allocate in the backing file system too.
+            os.posix_fallocate(f.fileno(), 0, size_gb << 30)
         sh("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.img))
-        self.dev = sh("losetup", "-f", "--show", str(self.img)).strip()
+        # Direct I/O to the image: a real disk has no second page cache under the file system's.
+        self.dev = sh("losetup", "-f", "--show", "--direct-io=on", str(self.img)).strip()
         self.mnt.mkdir(exist_ok=True)
         sh("mount", self.dev, str(self.mnt))
 

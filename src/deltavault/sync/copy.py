@@ -15,8 +15,6 @@ from deltavault.fs.clone import pread_full, pwrite_all
 from deltavault.fs.sparse import data_extents, is_sparse
 
 _ZEROS = bytes(1 << 20)
-# From this size on, copies write from a mapping of the source (see _copy_mapped).
-MMAP_MIN = 256 * 1024
 
 
 class SourceChanged(Exception):
@@ -71,8 +69,6 @@ def copy_data(sfd: int, tfd: int, st: os.stat_result, buffers: BufferPool,
     Returns the bytes written."""
     size = st.st_size
     extents = data_extents(sfd, size) if is_sparse(st) else ([(0, size)] if size else [])
-    if hasher is None and size >= MMAP_MIN:
-        return _copy_mapped(sfd, tfd, size, extents, len(buffers.get(0)), cancelled)
     buf = buffers.get(0)
     pos = written = 0
     for off, length in extents:
@@ -97,40 +93,6 @@ def copy_data(sfd: int, tfd: int, st: os.stat_result, buffers: BufferPool,
     if pos < size or not extents:
         # A trailing hole. Only then: on XFS a truncate makes close() flush the file.
         os.ftruncate(tfd, size)
-    return written
-
-
-def _copy_mapped(sfd: int, tfd: int, size: int, extents: list[tuple[int, int]], step: int,
-                 cancelled: Callable[[], bool]) -> int:
-    """write() straight from a mapping of the source: one memory copy instead of two.
-
-    Python never touches the mapped bytes itself; only the kernel does, inside write(), so
-    a source truncated meanwhile gives EFAULT (a SourceChanged), not SIGBUS."""
-    mm = mmap.mmap(sfd, size, prot=mmap.PROT_READ)
-    mv = memoryview(mm)
-    written = 0
-    try:
-        mm.madvise(mmap.MADV_SEQUENTIAL)
-        for off, length in extents:
-            o, end = off, off + length
-            while o < end:
-                if cancelled():
-                    raise Cancelled
-                try:
-                    # No helper frame may hold a view of the mapping when an error unwinds,
-                    # or the mapping cannot be closed.
-                    n = os.pwrite(tfd, mv[o:min(o + step, end)], o)
-                except OSError as exc:
-                    if exc.errno == errno.EFAULT:
-                        raise SourceChanged("it shrank while being copied") from None
-                    raise
-                o += n
-                written += n
-        if extents and extents[-1][0] + extents[-1][1] < size:
-            os.ftruncate(tfd, size)
-    finally:
-        mv.release()
-        mm.close()
     return written
 
 
