@@ -103,6 +103,14 @@ class Loop:
         self.mnt.mkdir(exist_ok=True)
         sh("mount", self.dev, str(self.mnt))
 
+    def remount(self) -> None:
+        """Empty the targets' page cache, so that every run starts with the same free memory.
+        On this VM, writing into memory the kernel has not used for a while is several times
+        slower than reusing recent pages (the host backs guest memory lazily): without this,
+        whichever run comes later in the sequence is slower, whatever the tool."""
+        sh("umount", str(self.mnt))
+        sh("mount", self.dev, str(self.mnt))
+
     def sectors_written(self) -> int:
         return int(Path(f"/sys/block/{os.path.basename(self.dev)}/stat").read_text().split()[6])
 
@@ -124,6 +132,7 @@ def settle() -> None:
 
 
 def timed(loop: Loop, argv: list[str]) -> dict[str, float | int | dict]:
+    loop.remount()
     settle()
     before = loop.sectors_written()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -12,7 +12,7 @@ from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import DeltavaultError, ExitCode
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.engine import Syncer, SyncResult
-from deltavault.sync.options import MiB, SyncOptions
+from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog
 
 
@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stop-on-error", dest="stop_on_error", action="store_true",
                    help="stop at the first error")
     p.add_argument("--log", metavar="FILE", help="append one line per entry to FILE")
-    p.add_argument("--bufsize", type=int, default=8, metavar="MB", help="I/O buffer size (default 8)")
+    p.add_argument("--bufsize", type=_mb, default=SyncOptions.bufsize, metavar="MB",
+                   help="I/O buffer per copy thread, in MB or with a unit (256K); default 1")
     p.add_argument("--threads", type=int, default=2, help="threads copying big files (default 2)")
     p.add_argument("--processes", type=int, default=2,
                    help="worker processes walking subtrees (default 2; 1 walks in one process)")
@@ -60,9 +61,17 @@ def _options(a: argparse.Namespace) -> SyncOptions:
     return SyncOptions(delete=a.delete, checksum=a.checksum, skip_empty_dirs=a.skip_empty_dirs, acl=a.acl,
                        xattrs=a.xattrs, owner=not a.no_owner, excludes=a.exclude, includes=a.include,
                        default_excludes=not a.no_default_excludes, verify=a.verify,
-                       stop_on_error=a.stop_on_error, bufsize=max(1, a.bufsize) * MiB,
+                       stop_on_error=a.stop_on_error, bufsize=a.bufsize,
                        threads=max(1, a.threads), processes=max(1, a.processes), delta=not a.no_delta, delta_min=a.delta_min,
                        inplace=a.inplace)
+
+
+def _mb(text: str) -> int:
+    """A plain number is MB (FastCopy's unit); '256K' and the like are sizes."""
+    n = parse_size(text + "M" if text.strip().isdigit() else text)
+    if not 4096 <= n <= 1 << 30:
+        raise argparse.ArgumentTypeError("the buffer must be between 4K and 1G")
+    return n
 
 
 def _sigterm(_signum: int, _frame: FrameType | None) -> None:
