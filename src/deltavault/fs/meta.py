@@ -67,11 +67,13 @@ class ApplyProblems:
 
 
 def apply_xattrs(path: bytes, xattrs: list[tuple[bytes, bytes]], problems: ApplyProblems,
-                 *, follow: bool = False, clear_others: bool = False) -> None:
+                 *, follow: bool = False, clear_others: bool = False,
+                 only: Callable[[bytes], bool] | None = None) -> None:
+    """Set xattrs; with clear_others, remove the others (those ``only`` accepts, if given)."""
     want = dict(xattrs)
     if clear_others:
         for name, _ in read_xattrs(path, follow=follow):
-            if name not in want:
+            if name not in want and (only is None or only(name)):
                 try:
                     os.removexattr(path, name, follow_symlinks=follow)
                 except OSError as exc:

@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_xattrs, read_xattrs
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.tree import proc_path
 
@@ -47,21 +47,8 @@ class MetaPolicy:
     def apply_at(self, dir_fd: int, name: bytes, st: os.stat_result,
                  xattrs: list[tuple[bytes, bytes]] | None, problems: ApplyProblems) -> None:
         """Metadata of a symlink or special file, without following it."""
-        path = proc_path(dir_fd, name)
         if xattrs is not None:
-            have = {k for k, _ in read_xattrs(path)}
-            want = dict(xattrs)
-            for k in have:
-                if k not in want and self.wants(k):
-                    try:
-                        os.removexattr(path, k, follow_symlinks=False)
-                    except OSError as exc:
-                        problems.add(f"remove xattr {k.decode(errors='replace')}", exc)
-            for k, v in xattrs:
-                try:
-                    os.setxattr(path, k, v, follow_symlinks=False)
-                except OSError as exc:
-                    problems.add(f"xattr {k.decode(errors='replace')}", exc)
+            apply_xattrs(proc_path(dir_fd, name), xattrs, problems, clear_others=True, only=self.wants)
         if self.chown:
             try:
                 os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
