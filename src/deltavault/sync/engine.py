@@ -432,12 +432,12 @@ class Syncer:
         if stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
             if key is not None:
-                first = self._first_link.get(key)
-                if first is not None:
+                with self._lock:  # a worker's result may register the same inode meanwhile
+                    first = self._first_link.setdefault(key, relpath)
+                if first != relpath:
                     self._links.append((relpath, first))
                     d.deferred = True
                     return 1
-                self._first_link[key] = relpath
             self._submit(d, name, relpath, st)
             return 1
         if stat.S_ISSOCK(mode):
