@@ -58,3 +58,31 @@ def test_stats_add() -> None:
     a, b = SyncStats(files_new=1, bytes_copied=5), SyncStats(files_new=2, delta_bytes_written=7)
     a.add(b)
     assert a.files_new == 3 and a.bytes_written == 12
+
+
+def test_shard_depth_picks_a_level_with_enough_directories(tmp_path: Path) -> None:
+    from deltavault.sync.shard import shard_depth
+
+    for a in range(3):
+        for b in range(40):
+            (tmp_path / f"a{a}/b{b:02}").mkdir(parents=True)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert shard_depth(fd, 2, lambda rel, name: False) == 2  # 120 dirs at depth 2
+        assert shard_depth(fd, 2, lambda rel, name: name == b"a1" or name.startswith(b"b")) == 1
+        assert shard_depth(fd, 2, lambda rel, name: True) is None
+    finally:
+        os.close(fd)
+
+
+def test_bufsize_option_units() -> None:
+    import argparse
+
+    import pytest
+
+    from deltavault.cli.cmd_sync import _mb
+
+    assert _mb("1") == 1 << 20 and _mb("256K") == 256 << 10 and _mb("2MiB") == 2 << 20
+    for bad in ("0", "2K", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _mb(bad)
