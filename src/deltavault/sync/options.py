@@ -24,7 +24,9 @@ class SyncOptions:
     # folios come from memory the host backs lazily); 1 MiB is as fast as smaller ones.
     bufsize: int = 1 * MiB
     threads: int = 2  # threads copying big files
-    processes: int = 2  # worker processes walking subtrees (1: walk in this process only)
+    # Worker processes walking subtrees (1: walk in this process only). They are forked, so a
+    # caller that already runs threads of its own should pass 1.
+    processes: int = 2
     delta: bool = True  # rewrite only changed pages of big changed files
     delta_min: int = 4 * MiB  # smaller files are copied whole
     inplace: bool = False  # delta may write into the existing file (not atomic)
