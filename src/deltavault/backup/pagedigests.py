@@ -13,10 +13,15 @@ ctime lies before the racy window of the run that computed them (see
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from typing import IO, Any
+
+import msgspec
 
 from deltavault.chunking.pages import PageHasher
 from deltavault.fs.sparse import data_extents, page_aligned_extents
@@ -77,29 +82,108 @@ def file_digests(path: bytes, expect: Signature) -> bytes | None:
         os.close(fd)
 
 
+# The helper is a plain child process (python -m deltavault.backup.pagedigests) speaking
+# length-prefixed msgpack over its stdin/stdout. multiprocessing's spawn would re-import the
+# caller's __main__ module, re-running an unguarded script that uses deltavault as a library.
+# Messages: first the key ([key or None]), then requests [id, path, signature] answered by
+# [id, digests or None].
+_LEN = struct.Struct("<I")
+
+
+def _send(stream: IO[bytes], obj: object) -> None:
+    data = msgspec.msgpack.encode(obj)
+    stream.write(_LEN.pack(len(data)) + data)
+    stream.flush()
+
+
+def _recv(stream: IO[bytes]) -> Any:
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack(head)
+    data = stream.read(n)
+    if len(data) < n:
+        return None
+    return msgspec.msgpack.decode(data)
+
+
+def serve(inp: IO[bytes], out: IO[bytes]) -> None:
+    first = _recv(inp)
+    if first is None:
+        return
+    _init(first[0])
+    while (req := _recv(inp)) is not None:
+        rid, path, sig = req
+        _send(out, [rid, file_digests(path, tuple(sig))])
+
+
 class PageDigester:
-    """One helper process, started on first use; falls back to this process if it cannot."""
+    """One helper process, started on first use; digests in this process if it cannot start."""
 
     def __init__(self, key: bytes | None) -> None:
         self.key = key
-        self._pool: ProcessPoolExecutor | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._waiting: dict[int, Future[bytes | None]] = {}
+        self._lock = threading.Lock()
+        self._next = 0
         self._broken = False
 
+    def _start(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-m", "deltavault.backup.pagedigests"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert self._proc.stdin is not None
+        _send(self._proc.stdin, [self.key])
+        self._reader = threading.Thread(target=self._read_answers, name="dv-digest-reader", daemon=True)
+        self._reader.start()
+
+    def _read_answers(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while (msg := _recv(self._proc.stdout)) is not None:
+            with self._lock:
+                fut = self._waiting.pop(msg[0], None)
+            if fut is not None:
+                fut.set_result(msg[1])
+        with self._lock:  # the helper is gone: whoever still waits gets no digests
+            self._broken = True
+            waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            fut.set_result(None)
+
     def submit(self, path: bytes, st: os.stat_result) -> Future[bytes | None]:
-        if not self._broken:
-            try:
-                if self._pool is None:
-                    ctx = multiprocessing.get_context("spawn")
-                    self._pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init, initargs=(self.key,))
-                return self._pool.submit(file_digests, path, _sig(st))
-            except (OSError, BrokenProcessPool, RuntimeError):
-                self._broken = True
-        _init(self.key)
         fut: Future[bytes | None] = Future()
+        with self._lock:
+            if not self._broken:
+                try:
+                    if self._proc is None:
+                        self._start()
+                    assert self._proc is not None and self._proc.stdin is not None
+                    rid = self._next
+                    self._next += 1
+                    self._waiting[rid] = fut
+                    _send(self._proc.stdin, [rid, path, list(_sig(st))])
+                    return fut
+                except (OSError, ValueError):
+                    self._broken = True
+                    self._waiting.pop(self._next - 1, None)
+        _init(self.key)
         fut.set_result(file_digests(path, _sig(st)))
         return fut
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        proc.wait(timeout=60)
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        self._proc = None
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
