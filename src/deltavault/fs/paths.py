@@ -28,3 +28,9 @@ def display(name: bytes) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in s):
         s = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in s)
     return s
+
+
+def proc_path(dir_fd: int, name: bytes) -> bytes:
+    """A path naming dir_fd/name without resolving any symlink on the way, for calls that
+    take no dir_fd (the l*xattr family)."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)

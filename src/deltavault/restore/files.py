@@ -18,8 +18,9 @@ from typing import Protocol
 
 from deltavault.backup.previous import decode_tree
 from deltavault.errors import CorruptionError, DeltavaultError, NoSpace
-from deltavault.fs.meta import ApplyProblems
-from deltavault.fs.paths import check_name, display
+from deltavault.fs.clone import pwrite_all
+from deltavault.fs.meta import ApplyProblems, apply_meta_fd
+from deltavault.fs.paths import check_name, display, proc_path
 from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.patch import apply_patches
@@ -79,10 +80,6 @@ def _selection(include: list[str]) -> _Selection:
 
 
 BATCH_BYTES = 64 * 1024 * 1024
-
-
-def _proc_path(dir_fd: int, name: bytes) -> bytes:
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 class FileRestorer:
@@ -292,7 +289,7 @@ class FileRestorer:
                 digest = self.repo.blob_id(data) if self.opts.verify else b""
             else:
                 raise CorruptionError(f"unknown content reference {ref!r}")
-            _pwrite_all(fd, data, o)
+            pwrite_all(fd, data, o)
             expect.append((o, ref.size, digest))
 
     def _verify(self, dir_fd: int, relpath: bytes, name: bytes, node: Node,
@@ -323,32 +320,15 @@ class FileRestorer:
     # ------------------------------------------------------------------ metadata
     def _apply_meta_fd(self, fd: int, relpath: bytes, node: Node) -> None:
         probs = ApplyProblems([])
-        for k, v in node.xattrs:
-            try:
-                os.setxattr(fd, k, v)
-            except OSError as exc:
-                probs.add(f"xattr {display(k)}", exc)
-        if self.opts.owner:
-            try:
-                os.fchown(fd, node.uid, node.gid)
-            except PermissionError as exc:
-                if self._is_root:
-                    probs.add("chown", exc)
-        try:
-            os.fchmod(fd, node.mode)
-        except OSError as exc:
-            probs.add("chmod", exc)
-        try:
-            os.utime(fd, ns=(node.atime, node.mtime))
-        except OSError as exc:
-            probs.add("utime", exc)
+        apply_meta_fd(fd, probs, mode=node.mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
+                      mtime_ns=node.mtime, xattrs=node.xattrs, owner=self.opts.owner)
         for m in probs.messages:
             self._problem(relpath, "metadata", m)
 
     def _apply_meta_path(self, dir_fd: int, relpath: bytes, node: Node) -> None:
         """Symlinks and special files: never opened, never followed."""
         probs = ApplyProblems([])
-        path = _proc_path(dir_fd, node.name)
+        path = proc_path(dir_fd, node.name)
         for k, v in node.xattrs:
             try:
                 os.setxattr(path, k, v, follow_symlinks=False)
@@ -371,14 +351,6 @@ class FileRestorer:
             probs.add("utime", exc)
         for m in probs.messages:
             self._problem(relpath, "metadata", m)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, offset)
-        mv = mv[n:]
-        offset += n
 
 
 _ZEROS = bytes(1 << 20)

@@ -21,11 +21,11 @@ from typing import Protocol
 
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import SourceError, UsageError
+from deltavault.fs.clone import pwrite_all
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
 from deltavault.model.volume import BlockMap, Segment, VolumeManifest, decode
 from deltavault.objects.reader import read_ref
 from deltavault.progress import NullReporter, Reporter
-from deltavault.restore.files import _pwrite_all
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 
@@ -179,12 +179,12 @@ class VolumeRestorer:
                 try:
                     fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", off, ref.size))
                 except OSError:
-                    _pwrite_all(fd, bytes(ref.size), off)
+                    pwrite_all(fd, bytes(ref.size), off)
                 st.bytes_zeroed += ref.size
             return
         data = read_ref(src, ref)
         assert data is not None
-        _pwrite_all(fd, data, off)
+        pwrite_all(fd, data, off)
         st.bytes_written += len(data)
 
     def _verify(self, fd: int) -> None:

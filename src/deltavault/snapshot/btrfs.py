@@ -20,8 +20,9 @@ SNAP_DIR = ".deltavault-snapshots"
 SUBVOL_ROOT_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's root directory
 
 
-def subvolume_root(path: str, mount_point: str) -> str:
-    """The nearest directory at or above path that is a subvolume root."""
+def subvolume_root(path: str, mount_point: str | None = None) -> str:
+    """The nearest directory at or above path that is a subvolume root (a mount point
+    counts as one: its parent lies on another device)."""
     cur = os.path.realpath(path)
     if not os.path.isdir(cur):
         cur = os.path.dirname(cur)

@@ -26,7 +26,7 @@ import blake3
 from deltavault.errors import NoSpace, UsageError
 from deltavault.fs.clone import pread_full, reflink
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
-from deltavault.fs.paths import display
+from deltavault.fs.paths import display, proc_path
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.copy import (
     BufferPool,
@@ -48,7 +48,6 @@ from deltavault.sync.tree import (
     aside_name,
     lstat_at,
     open_dir,
-    proc_path,
     remove_entry,
     temp_name,
 )

@@ -8,8 +8,8 @@ import os
 import stat
 
 from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_xattrs, read_xattrs
+from deltavault.fs.paths import proc_path
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.tree import proc_path
 
 
 class MetaPolicy:

@@ -158,9 +158,11 @@ class ShardPool:
             self._collector.join(0.2)  # a timed wait stays interruptible
         for p in self._procs:
             p.join()
-        for done in self._callbacks.values():  # lost with a worker that died
+        # Lost with a worker that died, or never started after a cancel. A callback may
+        # register another (close runs again from an interrupt handler), so drain, not iterate.
+        while self._callbacks:
+            _tid, done = self._callbacks.popitem()
             done(None)
-        self._callbacks.clear()
 
 
 def shard_depth(sfd: int, workers: int, excluded: Any, max_depth: int = 4) -> int | None:

@@ -57,7 +57,3 @@ def remove_entry(dir_fd: int, name: bytes, relpath: bytes,
         os.unlink(name, dir_fd=dir_fd)
     removed(relpath, st)
 
-
-def proc_path(dir_fd: int, name: bytes) -> bytes:
-    """A path naming dir_fd/name, for calls that take no dir_fd (l*xattr)."""
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name)

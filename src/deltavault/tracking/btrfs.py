@@ -19,6 +19,7 @@ from pathlib import Path
 
 from deltavault.errors import SourceError, UsageError
 from deltavault.model.volume import Checkpoint, VolumeManifest
+from deltavault.snapshot.btrfs import subvolume_root
 from deltavault.tracking import fiemap, pagesets
 from deltavault.tracking.access import Pending, sweep
 from deltavault.tracking.base import Changes, Rejected, find_checkpoint
@@ -27,7 +28,6 @@ from deltavault.tracking.readers import FileReader
 NAME = "btrfs"
 PREFIX = "dv-"
 SNAPSHOT_DIR = ".deltavault-snapshots"
-SUBVOLUME_ROOT_INO = 256  # BTRFS_FIRST_FREE_OBJECTID
 
 
 def _btrfs(args: list[str], what: str) -> str:
@@ -48,19 +48,6 @@ def is_btrfs(path: str) -> bool:
     return p.returncode == 0 and p.stdout.strip() == "btrfs"
 
 
-def subvolume_root(path: Path) -> Path:
-    """The root directory of the subvolume holding ``path``."""
-    d = path.parent
-    dev = os.stat(path).st_dev
-    while True:
-        st = os.stat(d)
-        if st.st_dev == dev and st.st_ino == SUBVOLUME_ROOT_INO:
-            return d
-        if d.parent == d or os.stat(d.parent).st_dev != dev:
-            return d
-        d = d.parent
-
-
 def subvolume_uuid(path: Path) -> str:
     for line in _btrfs(["subvolume", "show", str(path)], f"btrfs subvolume show {path}").splitlines():
         key, _, value = line.strip().partition(":")
@@ -76,7 +63,7 @@ class BtrfsAccess:
         self.path = Path(os.path.abspath(path))
         if not is_btrfs(str(self.path)):
             raise UsageError(f"--cbt btrfs: {path} is not on a btrfs file system")
-        self.root = subvolume_root(self.path)
+        self.root = Path(subvolume_root(str(self.path)))
         self.rel = self.path.relative_to(self.root)
         self.snap_dir = Path(snapshot_dir) if snapshot_dir else self.root / SNAPSHOT_DIR
         self.pending = pending
