@@ -18,6 +18,7 @@ from deltavault.backup.run import BackupRequest, run_backup
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
 from tests.conftest import Cli, needs_root, needs_tools
+from tests.loopdev import fresh_fs
 from tests.treeutil import manifest
 
 
@@ -147,21 +148,8 @@ def test_file_changing_while_read_is_retried_then_flagged(tmp_path: Path, repo: 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    img = tmp_path / "small.img"
-    subprocess.run(["truncate", "-s", "40M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    try:
-        subprocess.run(["mount", loop, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
+    with fresh_fs(tmp_path, "40M", "mkfs.ext4", "-q", "-F", "-m", "0") as mnt:
+        yield mnt
 
 
 @needs_root()

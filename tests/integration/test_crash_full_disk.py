@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cli, needs_root, needs_tools
+from tests.loopdev import fresh_fs
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -21,21 +21,8 @@ def digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    img = tmp_path / "fs.img"
-    subprocess.run(["truncate", "-s", "48M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    try:
-        subprocess.run(["mount", loop, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
+    with fresh_fs(tmp_path, "48M", "mkfs.ext4", "-q", "-F", "-m", "0") as mnt:
+        yield mnt
 
 
 @needs_root()

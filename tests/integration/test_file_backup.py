@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -24,6 +25,7 @@ from deltavault.objects.walk import find
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer, RestoreOptions
 from tests.conftest import needs_root, needs_tools
+from tests.loopdev import fresh_fs
 from tests.treeutil import allocated, manifest
 
 RACY = 50_000_000  # 50 ms: tests wait this long instead of the default 2 s
@@ -301,22 +303,9 @@ def test_damaged_blob_spoils_only_its_file(tmp_path: Path, repo: Repository) -> 
 
 
 @pytest.fixture
-def btrfs_mount(tmp_path: Path):  # type: ignore[no-untyped-def]
-    img = tmp_path / "btrfs.img"
-    subprocess.run(["truncate", "-s", "200M", str(img)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", "-f", str(img)], check=True, capture_output=True)
-    mnt = tmp_path / "btrfs"
-    mnt.mkdir()
-    loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    try:
-        subprocess.run(["mount", loop, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
+def btrfs_mount(tmp_path: Path) -> Iterator[Path]:
+    with fresh_fs(tmp_path, "200M", "mkfs.btrfs", "-q", "-f") as mnt:
+        yield mnt
 
 
 @needs_root()

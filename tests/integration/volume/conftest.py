@@ -7,9 +7,8 @@ import hashlib
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +17,9 @@ import pytest
 from deltavault.backup.volume import VolumeOptions, VolumeRequest, VolumeResult, run_volume_backup
 from deltavault.repository.repository import Repository
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+from tests.loopdev import loop, mounted, run, umount  # noqa: F401 - re-exported to the volume tests
 
 PAGE = 4096
-
-
-def run(*argv: str, check: bool = True) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr or p.stdout}")
-    return p.stdout
 
 
 def sha256(path: str | Path, size: int | None = None) -> str:
@@ -41,36 +34,6 @@ def sha256(path: str | Path, size: int | None = None) -> str:
             if left is not None:
                 left -= len(block)
     return h.hexdigest()
-
-
-def umount(path: str | Path) -> None:
-    for _ in range(50):
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.1)
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-@contextmanager
-def loop(image: str | Path) -> Iterator[str]:
-    dev = run("losetup", "-f", "--show", str(image)).strip()
-    try:
-        yield dev
-    finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-
-
-@contextmanager
-def mounted(source: str | Path, mnt: Path, *options: str) -> Iterator[Path]:
-    mnt.mkdir(parents=True, exist_ok=True)
-    run("mount", *options, str(source), str(mnt))
-    try:
-        yield mnt
-    finally:
-        umount(mnt)
 
 
 def ext4_free_blocks(device: str | Path) -> tuple[int, list[tuple[int, int]]]:
