@@ -18,6 +18,7 @@ import blake3
 from pyroaring import BitMap
 
 from deltavault.errors import DeltavaultError
+from deltavault.fs.files import write_cache_file
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.model.volume import BlockMap, VolumeManifest, decode
@@ -67,13 +68,7 @@ class MetaStore:
         path = self._path(blob_id)
         if path is None or path.exists():
             return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # the cache only saves downloads
+        write_cache_file(path, data)
 
     def keep_only(self, ids: set[bytes]) -> None:
         if self.dir is None or not self.dir.is_dir():

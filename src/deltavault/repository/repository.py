@@ -31,6 +31,7 @@ from deltavault.errors import (
     UnsupportedVersion,
     UsageError,
 )
+from deltavault.fs.files import write_cache_file
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import ID_LEN, BlobType
 from deltavault.repository import keys as keymod
@@ -250,14 +251,7 @@ class Repository:
     def _cache_put(self, name: str, data: bytes) -> None:
         if self.cache_dir is None:
             return
-        path = self.cache_dir / name
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # the cache is an optimisation only
+        write_cache_file(self.cache_dir / name, data)
 
     def _cache_prune(self, folder: str, keep: set[str]) -> None:
         if self.cache_dir is None:
