@@ -360,3 +360,25 @@ def test_backup_from_a_btrfs_snapshot_it_takes_and_removes(btrfs_mount: Path, re
     out = btrfs_mount.parent / "out"
     restore(repo, second, out)
     assert manifest(out / "vol") == manifest(vol)
+
+
+def test_a_file_written_just_before_the_backup_still_gets_page_deltas(tmp_path: Path, repo: Repository) -> None:
+    """A live database is always freshly written. Its page digests must stay usable even
+    when its ctime falls in the racy window (the file is then re-read, as a delta)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    db = src / "live.db"
+    rnd = random.Random(9)
+    db.write_bytes(rnd.randbytes(40 << 20))
+    opts = FileBackupOptions(delta_threshold=32 << 20)  # default 2 s racy window
+    run_backup(repo, BackupRequest(paths=[str(src)], options=opts))
+    with open(db, "r+b") as f:
+        for p in rnd.sample(range((40 << 20) // 4096), 50):
+            f.seek(p * 4096)
+            f.write(rnd.randbytes(4096))
+    before = repo.write_stats.bytes_added_stored
+    res = run_backup(repo, BackupRequest(paths=[str(src)], options=opts))
+    assert repo.write_stats.bytes_added_stored - before < 50 * 4096 + 300_000
+    out = tmp_path / "out"
+    restore(repo, res, out, verify=True)
+    assert (out / "src" / "live.db").read_bytes() == db.read_bytes()

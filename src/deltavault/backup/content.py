@@ -19,10 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import blake3
+
 from deltavault.backup.pagedigests import PageDigester
 from deltavault.chunking.cdc import Chunker
 from deltavault.chunking.pages import DIGEST, PageHasher
-from deltavault.fs.sparse import data_extents, page_aligned_extents
+from deltavault.fs.sparse import data_extents, page_aligned_extents, read_extents
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.patch import coalesce, encode_patch
@@ -100,7 +102,10 @@ class Slot:
 @dataclass
 class PendingContent:
     parts: list[ContentRef | Future[ContentRef] | Slot] = field(default_factory=list)
-    digests: list[bytes | Future[bytes | None]] | None = None
+    # Page digests: computed here (delta path) or by the helper process, which also returns
+    # its content hash of the file; kept only if it equals ``content_hash`` of our own read.
+    digests: bytes | Future[tuple[bytes, bytes] | None] | None = None
+    content_hash: bytes | None = None
     bytes_read: int = 0
 
     def refs(self) -> list[ContentRef]:
@@ -109,18 +114,16 @@ class PendingContent:
     def digest_bytes(self) -> bytes | None:
         """The page digests, or None when there are none (or the helper could not vouch
         for them): the file is then stored whole by its next change."""
-        if self.digests is None:
+        d = self.digests
+        if not isinstance(d, Future):
+            return d
+        try:
+            res = d.result()
+        except Exception:  # a dead helper process only costs digests
             return None
-        out = []
-        for d in self.digests:
-            try:
-                v = d.result() if isinstance(d, Future) else d
-            except Exception:
-                return None
-            if v is None:
-                return None
-            out.append(v)
-        return b"".join(out)
+        if res is None or res[1] != self.content_hash:
+            return None  # the helper read other bytes than we stored
+        return res[0]
 
 
 def _read_exact(fd: int, offset: int, length: int) -> bytes:
@@ -229,8 +232,7 @@ class ContentReader:
         large = size >= self.delta_threshold
         if large and prev_refs and prev_digests is not None:
             return self._read_delta(fd, size, prev_refs, prev_digests)
-        sparse = st.st_blocks * 512 < size
-        extents = data_extents(fd, size) if sparse else [(0, size)]
+        extents = read_extents(fd, st)
         if not large and extents == [(0, size)] and size <= self.chunker.params.max_size:
             data = _read_exact(fd, 0, size)
             out = PendingContent(bytes_read=size)
@@ -241,20 +243,25 @@ class ContentReader:
                 for off, ln in self.chunker.cut(data):
                     out.parts.append(self._batched(mv[off:off + ln]))
             return out
-        out = self._read_stream(fd, size, page_aligned_extents(extents, size))
-        if large and path is not None:
-            out.digests = [self.digester.submit(path, st)]
+        digests = self.digester.submit(path, st, extents) if large and path is not None else None
+        out = self._read_stream(fd, size, extents, blake3.blake3() if digests else None)
+        out.digests = digests
         return out
 
     # ------------------------------------------------------------------ streaming
-    def _stream(self, fd: int, start: int, length: int, out: PendingContent) -> None:
+    def _stream(self, fd: int, start: int, length: int, out: PendingContent,
+                content: blake3.blake3 | None) -> None:
         """Chunk [start, start+length) without copying: chunks are views of the read window.
         The unfinished chunk at a window's end is read again with the next window."""
         pos, end = start, start + length
+        hashed = start
         while pos < end:
             data = _read_exact(fd, pos, min(WINDOW, end - pos))
             out.bytes_read += len(data)
             mv = memoryview(data)
+            if content is not None:
+                content.update(mv[hashed - pos:])  # each byte once, in order
+                hashed = pos + len(data)
             cuts = self.chunker.cut(mv)
             if pos + len(data) < end and len(cuts) > 1:
                 cuts.pop()  # it may end only because the window ended
@@ -263,22 +270,27 @@ class ContentReader:
                 out.parts.append(self._submit(self._save_full, mv[off:off + ln]))
             pos += sum(ln for _, ln in cuts)
 
-    def _read_stream(self, fd: int, size: int, extents: list[tuple[int, int]]) -> PendingContent:
+    def _read_stream(self, fd: int, size: int, extents: list[tuple[int, int]],
+                     content: blake3.blake3 | None = None) -> PendingContent:
+        """``content``: hash (offset, then bytes) of each extent, as the digest helper does."""
         out = PendingContent()
         pos = 0
         for off, ln in extents:
             if off > pos:
                 out.parts.append(Hole(off - pos))
-            self._stream(fd, off, ln, out)
+            if content is not None:
+                content.update(off.to_bytes(8, "little"))
+            self._stream(fd, off, ln, out, content)
             pos = off + ln
         if pos < size:
             out.parts.append(Hole(size - pos))
+        if content is not None:
+            out.content_hash = content.digest()
         return out
 
     # ------------------------------------------------------------------ delta
     def _read_delta(self, fd: int, size: int, prev_refs: list[ContentRef], prev_dig: bytes) -> PendingContent:
-        out = PendingContent(digests=[])
-        assert out.digests is not None
+        out = PendingContent()
         extents = page_aligned_extents(data_extents(fd, size), size)
         n_pages = -(-size // PAGE_SIZE)
         prev_pages = len(prev_dig) // DIGEST
@@ -337,7 +349,7 @@ class ContentReader:
                 out.parts.append(self._submit(self._save_full, bytes(mv[s:s + ln])))
         else:
             digest_up_to(size)
-        out.digests.append(bytes(new_dig))
+        out.digests = bytes(new_dig)  # from the very bytes stored: consistent
         return out
 
 

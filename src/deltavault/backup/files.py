@@ -16,7 +16,7 @@ import os
 import stat
 import sys
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -328,10 +328,6 @@ class FileArchiver:
     def _prev_digests(self, prev: Node | None) -> bytes | None:
         if prev is None or not prev.pages or prev.type != NodeType.FILE:
             return None
-        if prev.ctime >= self._racy_before:
-            # Written around the previous run: its digests may come from another read than
-            # its stored chunks (see backup/pagedigests.py), so they are not trusted.
-            return None
         if not all(self.store.has_blob(b) for r in prev.content for b in ref_blob_ids(r)):
             return None
         parts = []
@@ -469,7 +465,7 @@ class FileArchiver:
 
 def _done(p: PendingContent) -> bool:
     return all(getattr(x, "done", lambda: True)() for x in p.parts) and (
-        p.digests is None or all(getattr(d, "done", lambda: True)() for d in p.digests))
+        not isinstance(p.digests, Future) or p.digests.done())
 
 
 __all__ = ["DeltavaultError", "FileArchiver", "FileBackupOptions", "FileStats", "Problem", "Source"]

@@ -6,9 +6,10 @@ A helper process does it beside them. It reads the file itself and returns the d
 only if the file's stat data is the same before and after its read and equals what the
 main reader saw; otherwise the file gets no digests (the next run stores it whole).
 
-Why a separate read is safe: the digests are used by the next run only if the file's
-ctime lies before the racy window of the run that computed them (see
-``FileArchiver._prev_digests``), so no write can have fallen between the two reads.
+Why a separate read is safe: both readers hash the file's content over the same extents
+(offset, then bytes), and the main reader keeps the digests only when the two hashes are
+equal, i.e. when both reads saw the same bytes. Stat data alone could not prove that: a
+write within one timestamp tick leaves it unchanged.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import threading
 from concurrent.futures import Future
 from typing import IO, Any
 
+import blake3
 import msgspec
 
 from deltavault.chunking.pages import PageHasher
-from deltavault.fs.sparse import data_extents, page_aligned_extents
-from deltavault.model.content import PAGE_SIZE
 
 WINDOW = 8 * 1024 * 1024
 Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
@@ -42,9 +42,10 @@ def _sig(st: os.stat_result) -> Signature:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def file_digests(path: bytes, expect: Signature) -> bytes | None:
-    """Digest of every absolute 4 KiB page; holes digest as zeros. None if the file is
-    not the one the caller read."""
+def file_digests(path: bytes, expect: Signature,
+                 extents: list[tuple[int, int]]) -> tuple[bytes, bytes] | None:
+    """Digest of every absolute 4 KiB page (holes digest as zeros), and the content hash of
+    ``extents`` (see ``content_hash_update``). None if the file is not the one the caller read."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
@@ -57,25 +58,28 @@ def file_digests(path: bytes, expect: Signature) -> bytes | None:
             return None
         size = expect[1]
         hasher = _hasher or PageHasher(None)
+        content = blake3.blake3()
         out = bytearray()
         pos = 0
-        for start, ln in page_aligned_extents(data_extents(fd, size), size, PAGE_SIZE):
+        for start, ln in extents:
             end = start + ln
             if start > pos:
                 out += hasher.zero_run(start - pos)
+            content.update(start.to_bytes(8, "little"))
             while start < end:
                 n = min(WINDOW, end - start)
                 data = os.pread(fd, n, start)
                 if len(data) != n:
                     return None
                 out += hasher.digests(data)
+                content.update(data)
                 start += n
             pos = end
         if pos < size:
             out += hasher.zero_run(size - pos)
         if _sig(os.fstat(fd)) != expect:
             return None
-        return bytes(out)
+        return bytes(out), content.digest()
     except OSError:
         return None
     finally:
@@ -86,7 +90,7 @@ def file_digests(path: bytes, expect: Signature) -> bytes | None:
 # length-prefixed msgpack over its stdin/stdout. multiprocessing's spawn would re-import the
 # caller's __main__ module, re-running an unguarded script that uses deltavault as a library.
 # Messages: first the key ([key or None]), then requests [id, path, signature] answered by
-# [id, digests or None].
+# [id, digests, content hash] (both None when the file was not the one the caller read).
 _LEN = struct.Struct("<I")
 
 
@@ -113,8 +117,9 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
         return
     _init(first[0])
     while (req := _recv(inp)) is not None:
-        rid, path, sig = req
-        _send(out, [rid, file_digests(path, tuple(sig))])
+        rid, path, sig, extents = req
+        res = file_digests(path, tuple(sig), [tuple(e) for e in extents])
+        _send(out, [rid, *(res or (None, None))])
 
 
 class PageDigester:
@@ -124,7 +129,7 @@ class PageDigester:
         self.key = key
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
-        self._waiting: dict[int, Future[bytes | None]] = {}
+        self._waiting: dict[int, Future[tuple[bytes, bytes] | None]] = {}
         self._lock = threading.Lock()
         self._next = 0
         self._broken = False
@@ -143,15 +148,18 @@ class PageDigester:
             with self._lock:
                 fut = self._waiting.pop(msg[0], None)
             if fut is not None:
-                fut.set_result(msg[1])
+                fut.set_result(None if msg[1] is None else (msg[1], msg[2]))
         with self._lock:  # the helper is gone: whoever still waits gets no digests
             self._broken = True
             waiting, self._waiting = self._waiting, {}
         for fut in waiting.values():
             fut.set_result(None)
 
-    def submit(self, path: bytes, st: os.stat_result) -> Future[bytes | None]:
-        fut: Future[bytes | None] = Future()
+    def submit(self, path: bytes, st: os.stat_result,
+               extents: list[tuple[int, int]]) -> Future[tuple[bytes, bytes] | None]:
+        """Digests and content hash of the file at ``path`` over the ``extents`` the caller
+        reads; the caller keeps the digests only if its own content hash is the same."""
+        fut: Future[tuple[bytes, bytes] | None] = Future()
         with self._lock:
             if not self._broken:
                 try:
@@ -161,13 +169,13 @@ class PageDigester:
                     rid = self._next
                     self._next += 1
                     self._waiting[rid] = fut
-                    _send(self._proc.stdin, [rid, path, list(_sig(st))])
+                    _send(self._proc.stdin, [rid, path, list(_sig(st)), [list(e) for e in extents]])
                     return fut
                 except (OSError, ValueError):
                     self._broken = True
                     self._waiting.pop(self._next - 1, None)
         _init(self.key)
-        fut.set_result(file_digests(path, _sig(st)))
+        fut.set_result(file_digests(path, _sig(st), extents))
         return fut
 
     def close(self) -> None:

@@ -50,3 +50,10 @@ def page_aligned_extents(extents: list[tuple[int, int]], size: int, page: int = 
         else:
             out.append((s, e - s))
     return out
+
+
+def read_extents(fd: int, st: os.stat_result, page: int = 4096) -> list[tuple[int, int]]:
+    """The page-aligned ranges a reader reads: the data extents of a sparse file, else all
+    of it. One rule, so two readers of one file read the same ranges."""
+    size = st.st_size
+    return page_aligned_extents(data_extents(fd, size) if is_sparse(st) else [(0, size)], size, page)
