@@ -27,8 +27,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 
+DATASETS ?= ../data/ds
+# Builds the datasets if missing, installs the peers, then runs every benchmark; each takes
+# /tmp/dv-bench.lock and measures its peers in the same run. Results: bench/out/*.json.
 bench: system-deps $(STAMP)
-	$(BIN)/python bench/run.py
+	test -f $(DATASETS)/MANIFEST.txt || $(BIN)/python ../shared/bench/make_datasets.py $(DATASETS)
+	command -v restic >/dev/null && command -v borg >/dev/null || apt-get install -y -qq restic borgbackup casync bc
+	flock /tmp/dv-bench.lock $(BIN)/python bench/files.py --datasets $(DATASETS)
+	flock /tmp/dv-bench.lock $(BIN)/python bench/volume.py --datasets $(DATASETS)
+	$(BIN)/python bench/sync.py --datasets $(DATASETS) --update-doc docs/benchmarks.md
+	$(BIN)/python bench/prune_memory.py
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache
