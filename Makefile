@@ -36,7 +36,7 @@ bench: system-deps $(STAMP)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/files.py --datasets $(DATASETS)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/volume.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync.py --datasets $(DATASETS) --update-doc docs/benchmarks.md
-	$(BIN)/python bench/prune_memory.py
+	flock /tmp/dv-bench.lock $(BIN)/python bench/prune_memory.py
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache
