@@ -175,9 +175,6 @@ class ContentReader:
         self._batch_bytes = 0
 
     # ------------------------------------------------------------------ helpers
-    def _digest(self, page: bytes | memoryview) -> bytes:
-        return self._pages.digest(page)
-
     def _submit(self, fn: Callable[[Any], ContentRef], data: bytes | memoryview) -> Future[ContentRef]:
         n = len(data)
         self.inflight.acquire(n)
@@ -305,7 +302,7 @@ class ContentReader:
                 s = next_page * PAGE_SIZE
                 e = min(s + PAGE_SIZE, size)
                 new_dig[next_page * DIGEST:(next_page + 1) * DIGEST] = (
-                    self._digest(reader.get(s, e - s)) if _overlaps(extents, s, e)
+                    self._pages.digest(reader.get(s, e - s)) if _overlaps(extents, s, e)
                     else self._pages.zero_run(e - s))
                 next_page += 1
 

@@ -152,7 +152,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
         archiver = FileArchiver(repo, chunker_for(repo), previous, reporter, opts,
                                 page_key=page_key, catalog=writer)
         reporter.start("backup")
-        if getattr(reporter, "wants_totals", False):
+        if reporter.wants_totals:
             _start_scanner(sources, opts, reporter)
         root = archiver.run(sources)
         reporter.finish()

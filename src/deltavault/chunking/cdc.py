@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyfastcdc
@@ -19,8 +18,9 @@ class CdcParams:
 class Chunker:
     """Cuts byte streams into content-defined chunks.
 
-    The chunker carries no state between calls. ``cut_stream`` keeps the unfinished tail
-    of each read buffer so chunk boundaries do not depend on read sizes.
+    The chunker carries no state between calls. Streaming callers cut a read window and
+    cut its last chunk again with the next window, so boundaries do not depend on read sizes
+    (see backup/content.py).
     """
 
     def __init__(self, params: CdcParams) -> None:
@@ -37,23 +37,3 @@ class Chunker:
         if len(buf) <= self.params.min_size:
             return [(0, len(buf))] if len(buf) else []
         return [(c.offset, c.length) for c in self._cdc.cut_buf(buf)]
-
-    def cut_stream(self, read: Iterator[bytes], *, final_tail: bool = True) -> Iterator[bytes]:
-        """Chunks of the concatenation of the buffers ``read`` yields."""
-        carry = b""
-        for piece in read:
-            buf = carry + piece if carry else piece
-            if len(buf) < self.params.max_size:
-                carry = buf
-                continue
-            cuts = self.cut(buf)
-            # The last chunk may end only because the buffer ended: carry it over.
-            last_off, _last_len = cuts[-1]
-            mv = memoryview(buf)
-            for off, ln in cuts[:-1]:
-                yield bytes(mv[off:off + ln])
-            carry = bytes(mv[last_off:])
-        if carry:
-            mv = memoryview(carry)
-            for off, ln in self.cut(carry):
-                yield bytes(mv[off:off + ln])

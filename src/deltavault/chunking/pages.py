@@ -41,24 +41,3 @@ class PageHasher:
             h.update(mv[i:i + PAGE_SIZE])
             out.append(h.digest(DIGEST))
         return b"".join(out)
-
-
-def page_digests(buf: bytes | memoryview, key: bytes | None) -> bytes:
-    return PageHasher(key).digests(buf)
-
-
-def changed_pages(old: bytes, new: bytes) -> list[int]:
-    """Indexes of pages whose digests differ (new pages beyond old count as changed)."""
-    n_new = len(new) // DIGEST
-    n_old = len(old) // DIGEST
-    if old == new:
-        return []
-    out = []
-    for i in range(n_new):
-        if i >= n_old or old[i * DIGEST:(i + 1) * DIGEST] != new[i * DIGEST:(i + 1) * DIGEST]:
-            out.append(i)
-    return out
-
-
-def pages_in(size: int) -> int:
-    return (size + PAGE_SIZE - 1) // PAGE_SIZE

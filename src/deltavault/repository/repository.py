@@ -501,7 +501,11 @@ class Repository:
             builders = list(self._pending.builders.values())
             self._pending.builders.clear()
         if self._uploader is not None:
-            self._uploads.join()
+            # Drain and stop the uploader: the next full pack starts a new one, so no idle
+            # thread outlives a run.
+            self._uploads.put(None)
+            self._uploader.join()
+            self._uploader = None
             self._raise_upload_error()
         for b in builders:
             if b.entries:
@@ -510,13 +514,6 @@ class Repository:
             todo, self._pending.unindexed = self._pending.unindexed, []
         if todo:
             self.write_index_file(todo)
-
-    def close(self) -> None:
-        """Stop the uploader thread (after ``flush``)."""
-        if self._uploader is not None:
-            self._uploads.put(None)
-            self._uploader.join()
-            self._uploader = None
 
     def load_blob(self, blob_id: bytes) -> bytes:
         loc = self.index.lookup(blob_id)
