@@ -162,6 +162,7 @@ class PageDigester:
         fut: Future[tuple[bytes, bytes] | None] = Future()
         with self._lock:
             if not self._broken:
+                rid: int | None = None
                 try:
                     if self._proc is None:
                         self._start()
@@ -173,7 +174,8 @@ class PageDigester:
                     return fut
                 except (OSError, ValueError):
                     self._broken = True
-                    self._waiting.pop(self._next - 1, None)
+                    if rid is not None:
+                        self._waiting.pop(rid, None)
         _init(self.key)
         fut.set_result(file_digests(path, _sig(st), extents))
         return fut

@@ -88,23 +88,14 @@ def apply_xattrs(path: bytes, xattrs: list[tuple[bytes, bytes]], problems: Apply
                 problems.add(f"xattr {name.decode(errors='replace')}", exc)
 
 
-def apply_owner(path: bytes, uid: int, gid: int, user: str, group: str, problems: ApplyProblems,
-                *, by_name: bool = False) -> None:
-    if by_name:
-        try:
-            uid = pwd.getpwnam(user).pw_uid if user else uid
-        except KeyError:
-            pass
-        try:
-            gid = grp.getgrnam(group).gr_gid if group else gid
-        except KeyError:
-            pass
+def apply_owner(path: bytes, uid: int, gid: int, problems: ApplyProblems) -> None:
+    """lchown; as in ``apply_meta_fd``, an unprivileged process that cannot give ownership
+    away is not an error."""
     try:
         os.chown(path, uid, gid, follow_symlinks=False)
-    except PermissionError:
+    except PermissionError as exc:
         if os.geteuid() == 0:
-            raise
-        # Unprivileged restore: ownership cannot be given away; not an error.
+            problems.add("chown", exc)
     except OSError as exc:
         problems.add("chown", exc)
 

@@ -19,7 +19,14 @@ from typing import Protocol
 from deltavault.backup.previous import decode_tree
 from deltavault.errors import CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.clone import pwrite_all
-from deltavault.fs.meta import ApplyProblems, apply_meta_fd
+from deltavault.fs.meta import (
+    ApplyProblems,
+    apply_meta_fd,
+    apply_mode,
+    apply_owner,
+    apply_times,
+    apply_xattrs,
+)
 from deltavault.fs.paths import check_name, display, proc_path
 from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.model.nodes import Node, NodeType
@@ -94,7 +101,6 @@ class FileRestorer:
         self._links: dict[tuple[int, int], bytes] = {}
         self._pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="dv-restore")
         self._pending: list[tuple[Future[None], bytes]] = []
-        self._is_root = os.geteuid() == 0
         self._found: set[bytes] = set()
 
     def _problem(self, path: bytes, kind: str, message: str) -> None:
@@ -329,26 +335,12 @@ class FileRestorer:
         """Symlinks and special files: never opened, never followed."""
         probs = ApplyProblems([])
         path = proc_path(dir_fd, node.name)
-        for k, v in node.xattrs:
-            try:
-                os.setxattr(path, k, v, follow_symlinks=False)
-            except OSError as exc:
-                probs.add(f"xattr {display(k)}", exc)
+        apply_xattrs(path, node.xattrs, probs)
         if self.opts.owner:
-            try:
-                os.chown(node.name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
-            except PermissionError as exc:
-                if self._is_root:
-                    probs.add("chown", exc)
+            apply_owner(path, node.uid, node.gid, probs)
         if node.type != NodeType.SYMLINK:
-            try:
-                os.chmod(node.name, node.mode, dir_fd=dir_fd)
-            except OSError as exc:
-                probs.add("chmod", exc)
-        try:
-            os.utime(node.name, ns=(node.atime, node.mtime), dir_fd=dir_fd, follow_symlinks=False)
-        except OSError as exc:
-            probs.add("utime", exc)
+            apply_mode(path, node.mode, probs)
+        apply_times(path, node.atime, node.mtime, probs)
         for m in probs.messages:
             self._problem(relpath, "metadata", m)
 
