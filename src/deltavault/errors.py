@@ -102,7 +102,3 @@ class SourceError(DeltavaultError):
 
 class SnapshotError(SourceError):
     """A point-in-time snapshot could not be created or removed."""
-
-
-class Interrupted(DeltavaultError):
-    exit_code = ExitCode.INTERRUPTED

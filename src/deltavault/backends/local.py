@@ -137,16 +137,3 @@ class LocalBackend:
             _raise_for(exc, name)
             raise
         return ObjectInfo(name, st.st_size)
-
-    def remove_stale_temp_files(self) -> int:
-        """Remove temp files left by a crash in the middle of a put. Returns the count."""
-        n = 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for f in files:
-                if f.startswith(_TMP):
-                    try:
-                        os.unlink(os.path.join(dirpath, f))
-                        n += 1
-                    except OSError:
-                        pass
-        return n

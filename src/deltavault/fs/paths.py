@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from deltavault.errors import CorruptionError
 
 
@@ -12,12 +10,6 @@ def check_name(name: bytes) -> bytes:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise CorruptionError(f"refusing unsafe name {name!r} from the repository")
     return name
-
-
-def safe_join(root: bytes, parts: list[bytes]) -> bytes:
-    for p in parts:
-        check_name(p)
-    return os.path.join(root, *parts) if parts else root
 
 
 def display(name: bytes) -> str:

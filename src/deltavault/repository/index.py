@@ -146,10 +146,6 @@ class Index:
             return None
         return BlobLocation(self._packs[r[1]], r[2], r[3], BlobType(r[5]))
 
-    def blob_type(self, blob_id: bytes) -> BlobType:
-        r = self._record(blob_id)
-        return BlobType.DATA if r is None else BlobType(r[5])
-
     def raw_length(self, blob_id: bytes) -> int:
         r = self._record(blob_id)
         return 0 if r is None else r[4]

@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgspec
 
@@ -82,12 +81,6 @@ def process_alive(pid: int, start: int) -> bool:
     return start == 0 or _proc_start(pid) in (0, start)
 
 
-@dataclass
-class HeldLock:
-    name: str
-    info: LockInfo
-
-
 class LockManager:
     def __init__(self, backend: Backend, env: Envelope, *, clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
@@ -129,14 +122,6 @@ class LockManager:
             if info is not None:
                 out.append((obj.name, info))
         return out
-
-    def remove_stale(self) -> int:
-        n = 0
-        for name, info in self.list_locks():
-            if self.is_stale(info):
-                self.backend.delete(name)
-                n += 1
-        return n
 
     def acquire(self, *, exclusive: bool, command: str = "", wait: float = 0.0) -> Lock:
         deadline = time.monotonic() + wait

@@ -222,14 +222,6 @@ class Repository:
             raise damaged
         raise WrongPassword("wrong password: no key file of this repository opens with it")
 
-    def add_key(self, password: bytes) -> str:
-        if self.master is None:
-            raise UsageError("repository is not encrypted")
-        kf = keymod.make_key_file(self.master, password)
-        name = f"keys/{blake3.blake3(kf).hexdigest()}"
-        self.backend.put(name, kf)
-        return name
-
     @property
     def traffic(self) -> Traffic:
         return self.counter.traffic

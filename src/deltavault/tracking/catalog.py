@@ -82,14 +82,6 @@ class Catalog:
                                    (source_id, blob_id)).fetchone()
         return bytes(row[0]) if row else None
 
-    def forget_source(self, source_id: str) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM dirs WHERE source_id=?", (source_id,))
-            self._db.execute("DELETE FROM blobs WHERE source_id=?", (source_id,))
-            self._db.execute("DELETE FROM sources WHERE source_id=?", (source_id,))
-            self._db.execute("COMMIT")
-
     def writer(self, source_id: str) -> CatalogWriter:
         return CatalogWriter(self, source_id)
 
