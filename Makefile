@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint typecheck system-deps bench clean
+.PHONY: demo test test-fast fuzz lint typecheck system-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: system-deps $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not root"
+
+# Fresh random examples, many of them; CI replays a fixed set (tests/conftest.py).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	DELTAVAULT_HYPOTHESIS=explore DELTAVAULT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

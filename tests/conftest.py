@@ -12,9 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from deltavault.backends.local import LocalBackend
 from deltavault.repository.repository import Repository
+
+# CI replays the same examples every run, so a red run is reproducible and caused by the change
+# under test; `make fuzz` explores with fresh random examples (DELTAVAULT_HYPOTHESIS=explore).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("DELTAVAULT_HYPOTHESIS", "ci"))
 
 FAST_SCRYPT = (2**10, 8, 1)
 PASSWORD = b"test password"

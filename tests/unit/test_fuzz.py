@@ -240,6 +240,18 @@ def test_envelope_zstd_frames(data: bytes) -> None:
         assert got is None or got == data
 
 
+@fuzz
+@given(st.binary(min_size=1, max_size=500), st.integers(4, 13), st.integers(0, 255))
+@example(b"x" * 354, 4, 0xE2)  # frame descriptor now declares an 8-byte content size of ~2**55 (was MemoryError)
+def test_envelope_zstd_frame_header(data: bytes, pos: int, val: int) -> None:
+    import zstandard
+
+    frame = bytearray(zstandard.ZstdCompressor().compress(data))
+    frame[pos % len(frame)] = val  # magic is bytes 0-3; the frame header follows
+    got = typed_only(PLAIN.open, b"\x01" + bytes(frame))
+    assert got is None or len(got) <= 2 * len(data) + 1024 or got == data
+
+
 # ---------------------------------------------------------------- patch blobs
 @fuzz
 @given(st.binary(max_size=200), st.integers(0, 300),

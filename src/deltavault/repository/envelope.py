@@ -125,6 +125,12 @@ class Envelope:
             body = mv[1:]
         if flags & FLAG_ZSTD:
             try:
+                # zstandard allocates a frame's declared size up front and applies
+                # max_output_size only when none is declared, so check it first.
+                declared = zstandard.frame_content_size(body)
+                if declared > MAX_BLOB:
+                    raise CorruptionError(f"{what}: compressed data declares {declared} bytes, "
+                                          f"over the {MAX_BLOB}-byte limit")
                 return self._decompressor().decompress(body, max_output_size=MAX_BLOB)
             except zstandard.ZstdError as exc:
                 raise CorruptionError(f"{what}: bad compressed data: {exc}") from exc
