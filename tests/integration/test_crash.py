@@ -234,6 +234,18 @@ class Harness:
                 self.stats["data_lost"] += 1
             assert got == self.expected[sid]
             shutil.rmtree(target)
+        # temporary files of puts that were killed: prune removes them once they are old
+        temps = [p for p in self.cli.repo.rglob(".tmp-*") if p.is_file()]
+        self.stats["temp_files_left_by_kills"] = len(temps)
+        hour_ago = time.time() - 2 * 3600
+        for p in temps:
+            os.utime(p, (hour_ago, hour_ago))
+        r = self.cli("prune", "--json")
+        assert r.returncode == 0, r.stderr
+        summary = [json.loads(line) for line in r.stdout.splitlines() if '"prune_summary"' in line][-1]
+        assert summary["temp_files_removed"] == len(temps)
+        assert not list(self.cli.repo.rglob(".tmp-*"))
+        self.check(self.repo(), read_data=True)
         # and the repository still takes backups
         self.mutate(1)
         _killed, new = self.backup(kill=False)

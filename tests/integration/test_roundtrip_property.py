@@ -113,7 +113,7 @@ def mutate(root: Path, changes: list, rnd: random.Random) -> None:
             (target / "inside").write_bytes(r.randbytes(100))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("DELTAVAULT_PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(entries=st.lists(entry, min_size=1, max_size=25), changes=st.lists(change, max_size=8),
        seed=st.integers(0, 2**32 - 1))
 def test_backup_change_incremental_restore_roundtrip(entries: list, changes: list, seed: int) -> None:

@@ -180,3 +180,24 @@ def test_sweep_that_cannot_get_the_exclusive_lock_deletes_nothing(make_repo, tmp
         prune(reopen(tmp_path, cache_root))
     assert set(listing) <= set(files(tmp_path / "repo"))
     assert prune(reopen(tmp_path, cache_root)).packs_deleted >= 1
+
+
+def test_prune_removes_old_temporary_files_of_killed_writes(make_repo, tmp_path: Path, cache_root: Path) -> None:
+    repo = make_repo(pack_size=MiB)
+    s1 = save_snapshot(repo, {"a": rand(300_000)})
+    pack = next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())
+    # what LocalBackend.put leaves when killed between writing and renaming
+    old = pack.parent / f".tmp-{pack.name}-0123456789ab"
+    old.write_bytes(pack.read_bytes()[:100_000])
+    hours_ago = old.stat().st_mtime - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    fresh = pack.parent / f".tmp-{pack.name}-ba9876543210"  # may be a live writer's
+    fresh.write_bytes(b"x" * 1000)
+    dry = prune(reopen(tmp_path, cache_root), PruneOptions(dry_run=True))
+    assert (dry.temp_files_removed, dry.temp_bytes_removed) == (1, 100_000) and old.exists()
+    rep = prune(reopen(tmp_path, cache_root))
+    assert (rep.temp_files_removed, rep.temp_bytes_removed) == (1, 100_000)
+    assert not old.exists() and fresh.exists()
+    fresh_repo = reopen(tmp_path, cache_root)
+    assert not check_repository(fresh_repo, read_data=True).issues
+    assert s1 in fresh_repo.snapshot_ids()

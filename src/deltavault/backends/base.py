@@ -43,3 +43,10 @@ class Backend(Protocol):
     def delete(self, name: str) -> None: ...
 
     def stat(self, name: str) -> ObjectInfo: ...
+
+
+def unwrap(backend: object) -> object:
+    """The backend under any wrappers (retry, counting), for optional capabilities."""
+    while (inner := getattr(backend, "inner", None)) is not None:
+        backend = inner
+    return backend

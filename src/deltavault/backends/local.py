@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +122,32 @@ class LocalBackend:
             except OSError:
                 pass
             _raise_for(exc, name)
+
+    def remove_temp_files(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove the temporary files of writes that never finished (a killed process), if
+        untouched for ``older_than`` seconds. Returns (files, bytes). A writer that is only
+        stalled loses its put (the rename fails and it reports an error); nothing stored
+        references a temporary file."""
+        cutoff = time.time() - older_than
+        files = size = 0
+        for dirpath, _dirs, names in os.walk(self.root):
+            for n in names:
+                if not n.startswith(_TMP):
+                    continue
+                path = os.path.join(dirpath, n)
+                try:
+                    st = os.stat(path, follow_symlinks=False)
+                    if st.st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    _raise_for(exc, path)
+                files += 1
+                size += st.st_size
+        return files, size
 
     def delete(self, name: str) -> None:
         try:

@@ -38,6 +38,8 @@ def run(ctx: Context) -> int:
         *([f"re-checked {rep.new_snapshots_rechecked} snapshot(s) saved meanwhile; "
            f"{rep.packs_resurrected} pack(s) kept for them"] if rep.new_snapshots_rechecked else []),
         *([f"left alone (unreadable blobs; run check): {d}" for d in rep.damaged_skipped]),
+        *([f"{verb} remove {rep.temp_files_removed} temporary file(s) of interrupted writes "
+           f"({human(rep.temp_bytes_removed)})"] if rep.temp_files_removed else []),
         f"{'would free' if a.dry_run else 'freed'} {human(max(rep.bytes_freed, 0))}; "
         f"{human(rep.bytes_unused_kept)} unused left in packs under the threshold",
         *([] if a.dry_run else [f"exclusive lock held {rep.exclusive_seconds:.2f} s "

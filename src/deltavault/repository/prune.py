@@ -20,7 +20,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
+from deltavault.backends.base import unwrap
 from deltavault.errors import CorruptionError, DeltavaultError, RepositoryLocked
 from deltavault.repository.index import Index
 from deltavault.repository.pack import PackEntry, pack_name
@@ -30,6 +32,14 @@ from deltavault.repository.repository import Repository, short_id
 
 # Entries per index file the sweep writes, to bound the memory of encoding one.
 INDEX_CHUNK = 100_000
+# A temporary file untouched this long belongs to a write that died (a live writer keeps
+# touching it); removing one only costs a stalled writer its put, never stored data.
+TEMP_GRACE = 3600.0
+
+
+@runtime_checkable
+class TempFiles(Protocol):
+    def remove_temp_files(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]: ...
 
 
 @dataclass
@@ -69,6 +79,8 @@ class PruneReport:
     new_snapshots_rechecked: int = 0
     plan_seconds: float = 0.0
     exclusive_seconds: float = 0.0
+    temp_files_removed: int = 0  # left by killed writers (dry run: would be removed)
+    temp_bytes_removed: int = 0
     dry_run: bool = False
 
 
@@ -102,6 +114,10 @@ def prune(repo: Repository, opts: PruneOptions | None = None, *, progress: Progr
     t0 = time.monotonic()
     with repo.lock(command=f"{command} (plan)", wait=opts.lock_wait):
         plan = make_plan(repo, opts, rep, say)
+        backend = unwrap(repo.backend)
+        if isinstance(backend, TempFiles):
+            rep.temp_files_removed, rep.temp_bytes_removed = backend.remove_temp_files(
+                TEMP_GRACE, dry_run=opts.dry_run)
     rep.plan_seconds = time.monotonic() - t0
     if opts.dry_run or not plan.doomed_packs:
         return rep

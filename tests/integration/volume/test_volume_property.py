@@ -158,7 +158,7 @@ class World:
             fsck_clean(restored)
 
 
-@settings(max_examples=15, deadline=None, derandomize=False,
+@settings(max_examples=int(os.environ.get("DELTAVAULT_PROPERTY_EXAMPLES", "15")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(steps=st.lists(op, min_size=4, max_size=14), fs_block=st.sampled_from([1024, 4096]),
        seed=st.integers(0, 2**32), free_space=st.sampled_from(["skip", "read"]), dirty=st.booleans())
