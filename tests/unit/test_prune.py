@@ -185,10 +185,10 @@ def test_sweep_that_cannot_get_the_exclusive_lock_deletes_nothing(make_repo, tmp
 def test_prune_removes_old_temporary_files_of_killed_writes(make_repo, tmp_path: Path, cache_root: Path) -> None:
     repo = make_repo(pack_size=MiB)
     s1 = save_snapshot(repo, {"a": rand(300_000)})
-    pack = next(p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file())
+    pack = max((p for p in (tmp_path / "repo" / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     # what LocalBackend.put leaves when killed between writing and renaming
     old = pack.parent / f".tmp-{pack.name}-0123456789ab"
-    old.write_bytes(pack.read_bytes()[:100_000])
+    old.write_bytes(rand(100_000))
     hours_ago = old.stat().st_mtime - 2 * 3600
     os.utime(old, (hours_ago, hours_ago))
     fresh = pack.parent / f".tmp-{pack.name}-ba9876543210"  # may be a live writer's
