@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     NO_SPACE = 14
     BACKEND = 15  # backend unreachable or failing after retries
     SOURCE = 16  # the source (volume, snapshot, change source) is unusable
+    TARGET = 17  # the restore target or sync destination cannot be created or opened
     INTERRUPTED = 130
 
 
@@ -98,6 +99,10 @@ class NoSpace(BackendError):
 
 class SourceError(DeltavaultError):
     exit_code = ExitCode.SOURCE
+
+
+class TargetError(DeltavaultError):
+    exit_code = ExitCode.TARGET
 
 
 class SnapshotError(SourceError):

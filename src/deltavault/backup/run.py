@@ -8,6 +8,7 @@ import dataclasses
 import getpass
 import os
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -135,8 +136,14 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
         if not os.path.lexists(p):
             raise UsageError(f"source {p!r} does not exist")
     catalog = None
+    notes: list[Problem] = []  # the catalog is a cache: trouble with it costs speed, not the run
     if req.use_catalog and repo.cache_dir is not None:
-        catalog = Catalog(catalog_path or repo.cache_dir / "catalog.sqlite")
+        cat_path = catalog_path or repo.cache_dir / "catalog.sqlite"
+        try:
+            catalog = Catalog(cat_path)
+        except (sqlite3.Error, OSError) as exc:
+            notes.append(Problem(str(cat_path), "catalog", f"the local catalog is unusable ({exc}); "
+                                 "compared with the previous snapshot's trees instead", partial=False))
     try:
         if repo.adopt_orphan_packs():
             pass  # packs of an interrupted run are reused from here on
@@ -170,9 +177,14 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
                         tags=req.tags, summary=summary, program=f"deltavault {__version__}")
         sid = repo.save_snapshot(snap)
         if writer is not None:
-            writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids,
-                          index_files=repo.live_index_files())
-        return BackupResult(sid, snap, st, archiver.problems, previous.kind, previous.snapshot_id,
+            try:
+                writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids,
+                              index_files=repo.live_index_files())
+            except (sqlite3.Error, OSError) as exc:
+                notes.append(Problem(str(writer.catalog.path), "catalog", "the snapshot is saved, but the "
+                                     f"local catalog could not be updated ({exc}); the next run compares "
+                                     "with older data and reads more", partial=False))
+        return BackupResult(sid, snap, st, archiver.problems + notes, previous.kind, previous.snapshot_id,
                             repo.write_stats.bytes_written, repo.traffic.bytes_read,
                             time.monotonic() - t0, snapshots)
     finally:

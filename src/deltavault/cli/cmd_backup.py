@@ -82,6 +82,7 @@ def report(ctx: Context, r: BackupResult) -> None:
     for s in r.snapshots:
         lines.append(f"source:     {s['path']} read from a {s['kind']} snapshot"
                      + (f" ({s['snapshot']})" if s["snapshot"] else "") + (f"; {s['note']}" if s["note"] else ""))
+    lines += [f"warning:    {p.message}" for p in r.problems if p.kind == "catalog"]
     if problems:
         lines.append(f"{len(problems)} file(s) could not be saved completely:")
         lines += [f"  {p.kind}: {p.path}: {p.message}" for p in problems]

@@ -9,7 +9,7 @@ from types import FrameType
 from typing import Any
 
 from deltavault.cli.common import Context, human, parse_size
-from deltavault.errors import DeltavaultError, ExitCode
+from deltavault.errors import DeltavaultError, ExitCode, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.engine import Syncer, SyncResult
 from deltavault.sync.options import SyncOptions
@@ -94,8 +94,10 @@ def run(ctx: Context) -> int:
             syncer = Syncer(snap.source_path, a.dest, opts, ctx.reporter(), log)
             try:
                 result = syncer.run()
-            except DeltavaultError:
-                _summary(ctx, a, SyncResult(syncer.stats, syncer.problems, syncer.stopped, syncer.workers), snap_info, time.monotonic() - t0)
+            except DeltavaultError as exc:
+                if not isinstance(exc, UsageError | TargetError):  # refused before starting
+                    _summary(ctx, a, SyncResult(syncer.stats, syncer.problems, syncer.stopped, syncer.workers),
+                             snap_info, time.monotonic() - t0)
                 raise
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from deltavault.errors import CorruptionError
+import errno
+import os
+
+from deltavault.errors import CorruptionError, NoSpace, TargetError
 
 
 def check_name(name: bytes) -> bytes:
@@ -26,3 +29,19 @@ def proc_path(dir_fd: int, name: bytes) -> bytes:
     """A path naming dir_fd/name without resolving any symlink on the way, for calls that
     take no dir_fd (the l*xattr family)."""
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+def open_target_dir(path: bytes, what: str) -> int:
+    """Create the directory ``path`` (and its parents) if missing and open it: the root a
+    restore or a sync writes under. Failures are the target's, with a precise message."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileExistsError:
+        raise TargetError(f"{what} {display(path)} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise TargetError(f"{what} {display(path)}: a parent is not a directory") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space to create the {what} {display(path)}") from exc
+        raise TargetError(f"cannot create the {what} {display(path)}: {exc.strerror or exc}") from exc

@@ -27,7 +27,7 @@ from deltavault.fs.meta import (
     apply_times,
     apply_xattrs,
 )
-from deltavault.fs.paths import check_name, display, proc_path
+from deltavault.fs.paths import check_name, display, open_target_dir, proc_path
 from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.patch import apply_patches
@@ -110,8 +110,7 @@ class FileRestorer:
 
     # ------------------------------------------------------------------ entry
     def run(self, root_tree: bytes) -> RestoreStats:
-        os.makedirs(self.target, exist_ok=True)
-        fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
+        fd = open_target_dir(self.target, "restore target")
         self.reporter.start("restore")
         try:
             self._restore_tree(fd, b"", root_tree, _selection(self.opts.include))

@@ -9,6 +9,7 @@ must be at least as large as the volume); Hole blocks are zeroed with BLKZEROOUT
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from deltavault.chunking.pages import DIGEST, PageHasher
-from deltavault.errors import SourceError, UsageError
+from deltavault.errors import NoSpace, TargetError, UsageError
 from deltavault.fs.clone import pwrite_all
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
 from deltavault.model.volume import BlockMap, Segment, VolumeManifest, decode
@@ -100,6 +101,8 @@ class VolumeRestorer:
             st = os.stat(self.target)
         except FileNotFoundError:
             st = None
+        except OSError as exc:
+            raise TargetError(f"restore target {self.target}: {exc.strerror or exc}") from exc
         if st is not None and stat.S_ISBLK(st.st_mode):
             where = _mounted(st)
             if where:
@@ -123,7 +126,9 @@ class VolumeRestorer:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.m.size)
         except OSError as exc:
-            raise SourceError(f"cannot create {tmp}: {exc.strerror}") from exc
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space to create {tmp}") from exc
+            raise TargetError(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         self.stats.target_kind = "file"
         return fd, tmp
 
@@ -145,10 +150,15 @@ class VolumeRestorer:
             os.fsync(fd)
             if self.opts.verify:
                 self._verify(fd)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
             if tmp is not None:
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"the restore target {self.target} is full "
+                                  "(the partial image was removed)") from exc
+                raise TargetError(f"writing {self.target}: {exc.strerror or exc}") from exc
             raise
         os.close(fd)
         if tmp is not None:
@@ -199,7 +209,7 @@ class VolumeRestorer:
                 n = min(seg_bytes, self.m.size - start)
                 data = os.pread(rfd, n, start)
                 if len(data) != n:
-                    raise SourceError(f"{self.target} is shorter than the volume")
+                    raise TargetError(f"{self.target} is shorter than the volume")
                 got = hasher.digests(data.ljust(-(-n // PAGE_SIZE) * PAGE_SIZE, b"\0"))
                 for k in range(0, len(got), DIGEST):
                     st.pages_verified += 1

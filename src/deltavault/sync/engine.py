@@ -26,7 +26,7 @@ import blake3
 from deltavault.errors import NoSpace, UsageError
 from deltavault.fs.clone import pread_full, reflink
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
-from deltavault.fs.paths import display, proc_path
+from deltavault.fs.paths import display, open_target_dir, proc_path
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.copy import (
     BufferPool,
@@ -147,7 +147,7 @@ class Syncer:
 
     def run(self) -> SyncResult:
         self._check_paths()
-        os.makedirs(self.dst, exist_ok=True)
+        os.close(open_target_dir(self.dst, "destination"))
         self._run(b"", fresh=False, included=not self.filter.has_includes, top=True)
         if self._fatal is not None:
             raise self._fatal

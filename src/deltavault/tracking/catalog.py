@@ -134,5 +134,8 @@ class CatalogWriter:
                            (self.source_id, snapshot_id, run_start_ns, " ".join(sorted(index_files))))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (a full disk or I/O error does that)
                 raise

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 from deltavault.errors import ExitCode
-from tests.conftest import Cli
+from tests.conftest import Cli, needs_root, needs_tools
 
 
 def sha(path: Path) -> str:
@@ -85,6 +86,30 @@ def test_bad_input_exit_codes(cli: Cli, tmp_path: Path) -> None:
     assert r.returncode == ExitCode.USAGE and "restore --volume" in r.last("error")["message"]
     r = cli("--json", "restore", files, str(tmp_path / "stray"), "-t", str(tmp_path / "t"))
     assert r.returncode == ExitCode.USAGE and "--volume" in r.last("error")["message"]
+    # targets that cannot be made: a precise error, exit 17, not an internal error
+    for target in (out / "img", tmp_path / "no" / "such" / "dir" / "img"):
+        r = cli("--json", "restore", "--volume", vol_snap[0]["id"], str(target))
+        assert r.returncode == ExitCode.TARGET, (target, r.stdout, r.stderr)
+        assert str(target.parent) in r.last("error")["message"]
+
+
+@needs_root()
+@needs_tools("mount")
+def test_restore_to_a_full_disk_leaves_no_partial_image(cli: Cli, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(3 << 20))
+    assert cli("init").returncode == 0
+    assert cli("backup", "--volume", str(img)).returncode == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        r = cli("--json", "restore", "--volume", "latest", str(small / "out.img"))
+        assert r.returncode == ExitCode.NO_SPACE, (r.stdout, r.stderr)
+        assert "full" in r.last("error")["message"]
+        assert list(small.iterdir()) == []  # the partial image is removed
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_forget_and_prune_keep_what_volume_snapshots_use(cli: Cli, tmp_path: Path) -> None:
