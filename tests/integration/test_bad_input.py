@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from deltavault.backends.local import LocalBackend
 from deltavault.backup.files import FileBackupOptions
 from deltavault.backup.run import BackupRequest, run_backup
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
-from tests.conftest import Cli, needs_root, needs_tools
+from tests.conftest import PASSWORD, Cli, needs_root, needs_tools
 from tests.loopdev import fresh_fs
 from tests.treeutil import manifest
 
@@ -283,3 +284,36 @@ def test_full_cache_disk_keeps_the_snapshot(tmp_path: Path, cli: Cli) -> None:
         assert cli("check", "--read-data", env=env).returncode == 0
     finally:
         subprocess.run(["umount", str(cache)], check=True)
+
+
+@needs_root()
+@needs_tools("mount", "umount")
+def test_a_read_only_repository_can_be_restored_and_checked(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    assert cli("backup", str(src)).returncode == 0
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(cli.repo), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        env = {"DELTAVAULT_REPOSITORY": str(ro)}
+        r = cli("restore", "latest", "--target", str(tmp_path / "out"), env=env)
+        assert r.returncode == 0 and "read-only file system: reading without a lock" in r.stderr, r.stderr
+        assert manifest(tmp_path / "out" / "src") == manifest(src)
+        c = cli("check", "--read-data", env=env)
+        assert c.returncode == 0 and "no errors found" in c.stdout, c.stdout + c.stderr
+        b = cli("backup", str(src), env=env)  # writing needs a writable repository
+        assert b.returncode == 15 and "Read-only file system" in b.stderr, b.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    # --no-lock: for a repository one may read but not write (permissions, WORM storage); it
+    # also skips waiting for an exclusive lock, so test it against one held here
+    holder = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, use_cache=False)
+    with holder.lock(exclusive=True, command="test"):
+        assert cli("restore", "latest", "--target", str(tmp_path / "out2")).returncode == 12
+        r = cli("--no-lock", "restore", "latest", "--target", str(tmp_path / "out3"))
+        assert r.returncode == 0, r.stderr
+    assert manifest(tmp_path / "out3" / "src") == manifest(src)

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     a = ctx.args
     repo = ctx.open_repo(use_cache=False, tolerant=True)
-    with repo.lock(command="check", wait=a.lock_wait):
+    with ctx.read_lock(repo, "check"):
         rep = check_repository(repo, read_data=a.read_data)
     for issue in rep.issues:
         ctx.emit({"type": "issue", "severity": issue.severity, "kind": issue.kind, "message": issue.message,

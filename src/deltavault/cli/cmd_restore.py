@@ -32,7 +32,7 @@ def run(ctx: Context) -> int:
     if not a.target:
         raise UsageError("restore needs --target DIR")
     repo = ctx.open_repo()
-    with repo.lock(command="restore", wait=a.lock_wait):
+    with ctx.read_lock(repo, "restore"):
         sid, snap = repo.resolve_snapshot(a.snapshot)
         if snap.tree is None:
             raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: use restore --volume")

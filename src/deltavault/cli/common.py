@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import getpass
 import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deltavault.backends import open_backend
-from deltavault.errors import UsageError
+from deltavault.errors import BackendError, UsageError
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
 
@@ -79,6 +81,26 @@ class Context:
         if not loc:
             raise UsageError("no repository given: use -r/--repo or set DELTAVAULT_REPOSITORY")
         return str(loc)
+
+    @contextlib.contextmanager
+    def read_lock(self, repo: Repository, command: str) -> Iterator[None]:
+        """The shared lock of a command that only reads the repository. ``--no-lock``, or a
+        repository on a read-only file system, runs it without one: a prune elsewhere could
+        then make it fail (blobs are verified as read), never return wrong data."""
+        if self.args.no_lock:
+            yield
+            return
+        try:
+            lk = repo.lock(command=command, wait=self.args.lock_wait)
+        except BackendError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, OSError) and cause.errno == errno.EROFS):
+                raise
+            self.warn("the repository is on a read-only file system: reading without a lock")
+            yield
+            return
+        with lk:
+            yield
 
     def password_source(self, *, confirm: bool = False) -> Callable[[], bytes]:
         return lambda: read_password(self.args, confirm=confirm)

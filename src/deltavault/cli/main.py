@@ -38,6 +38,8 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors", **d)
     p.add_argument("--cache-dir", help="local cache (default ~/.cache/deltavault; env DELTAVAULT_CACHE_DIR)", **d)
     p.add_argument("--no-cache", action="store_true", help="use no local cache (incrementals read trees)", **d)
+    p.add_argument("--no-lock", action="store_true",
+                   help="restore and check take no lock (a repository you may only read)", **d)
     p.add_argument("--lock-wait", type=float, metavar="SECONDS",
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 

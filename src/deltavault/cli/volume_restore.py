@@ -27,7 +27,7 @@ def run_volume_restore(ctx: Context) -> int:
     if a.include:
         raise UsageError("--include does not apply to volume snapshots")
     repo = ctx.open_repo()
-    with repo.lock(command="restore", wait=a.lock_wait):
+    with ctx.read_lock(repo, "restore"):
         sid, snap = repo.resolve_snapshot(a.snapshot)
         if snap.volume is None:
             raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: restore it without --volume")
