@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -317,3 +318,30 @@ def test_a_read_only_repository_can_be_restored_and_checked(tmp_path: Path, cli:
         r = cli("--no-lock", "restore", "latest", "--target", str(tmp_path / "out3"))
         assert r.returncode == 0, r.stderr
     assert manifest(tmp_path / "out3" / "src") == manifest(src)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_backup_exits_130_and_leaves_a_clean_repository(tmp_path: Path, cli: Cli,
+                                                                     sig: signal.Signals) -> None:
+    assert cli("init", "--pack-size", "4M").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):
+        (src / f"f{i}").write_bytes(os.urandom(8 << 20))
+    proc = subprocess.Popen([sys.executable, "-m", "deltavault", "backup", str(src)], env=cli.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.is_file() and not p.name.startswith(".tmp") for p in (cli.repo / "data").rglob("*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the backup ended before any pack"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=120)
+    # the signal comes after the first 4 MiB pack of 192 MiB, so the run cannot have finished
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert "Traceback" not in err, err
+    assert not list(cli.repo.rglob(".tmp-*")), "an interrupted put left its temp file"
+    assert not list((cli.repo / "locks").iterdir()), "the lock was not released"
+    assert cli("check", "--read-data").returncode == 0
+    r = cli("--json", "backup", str(src))
+    assert r.returncode == 0, r.stderr
+    assert r.last("summary")["bytes_added"] < 192 << 20  # what the interrupted run uploaded is reused

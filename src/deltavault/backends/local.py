@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,23 @@ from deltavault.backends.base import ObjectInfo
 from deltavault.errors import BackendError, NoSpace, ObjectNotFound
 
 _TMP = ".tmp"
+
+# Temp files being written right now, by any LocalBackend of this process. A put on a
+# daemon thread (the pack uploader) is cut off when the process exits after Ctrl-C or
+# SIGTERM; removing its temp file at exit keeps the repository free of the leftover.
+_writing: set[str] = set()
+_writing_lock = threading.Lock()
+
+
+@atexit.register
+def _remove_unfinished() -> None:
+    with _writing_lock:
+        left = list(_writing)
+    for path in left:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _raise_for(exc: OSError, what: str) -> None:
@@ -98,6 +117,8 @@ class LocalBackend:
                 _raise_for(exc, name)
             self._made_dirs.add(parent)
         tmp = parent / f"{_TMP}-{path.name}-{secrets.token_hex(6)}"
+        with _writing_lock:
+            _writing.add(str(tmp))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -122,6 +143,9 @@ class LocalBackend:
             except OSError:
                 pass
             _raise_for(exc, name)
+        finally:
+            with _writing_lock:
+                _writing.discard(str(tmp))
 
     def remove_temp_files(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
         """Remove the temporary files of writes that never finished (a killed process), if

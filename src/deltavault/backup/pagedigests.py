@@ -15,6 +15,7 @@ write within one timestamp tick leaves it unchanged.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -196,4 +197,10 @@ class PageDigester:
 
 
 if __name__ == "__main__":
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    # The parent handles Ctrl-C (the terminal sends it to both) and ends this helper by
+    # closing its stdin; if the parent died instead, there is no one left to answer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve(sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:
+        os._exit(0)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import time
-from types import FrameType
 from typing import Any
 
 from deltavault.cli.common import Context, human, parse_size
@@ -74,14 +72,9 @@ def _mb(text: str) -> int:
     return n
 
 
-def _sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp files and the snapshot are removed
-
-
 def run(ctx: Context) -> int:
     a = ctx.args
     opts = _options(a)
-    old = signal.signal(signal.SIGTERM, _sigterm)
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
     syncer: Syncer | None = None
@@ -100,7 +93,6 @@ def run(ctx: Context) -> int:
                              snap_info, time.monotonic() - t0)
                 raise
     finally:
-        signal.signal(signal.SIGTERM, old)
         if log is not None:
             log.close()
     _summary(ctx, a, result, snap_info, time.monotonic() - t0)

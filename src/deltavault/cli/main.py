@@ -6,9 +6,11 @@ import argparse
 import importlib
 import json
 import pkgutil
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from deltavault import __version__
@@ -80,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx = Context(args, json=args.json, quiet=args.quiet)
+    # SIGTERM (systemd, timeout, kill) unwinds like Ctrl-C: temp files, snapshots and locks
+    # are cleaned up on the way out.
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         rc = int(args.func(ctx))
     except DeltavaultError as exc:
@@ -98,7 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("deltavault: internal error (a bug); the repository is unchanged or still valid", file=sys.stderr)
         rc = int(ExitCode.FATAL)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     return rc
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def entry() -> None:
