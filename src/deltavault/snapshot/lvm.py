@@ -74,7 +74,13 @@ class LvmSnapshotter:
         self.extents = extents
 
     def lookup(self, m: Mount) -> LogicalVolume:
-        lv = parse_lvs(self.run(lvs_command(m.source)), m.source)
+        try:
+            out = self.run(lvs_command(m.source))
+        except SnapshotError as exc:
+            # lvs fails outright for a device that is in no volume group
+            raise SnapshotError(f"{m.mount_point} is mounted from {m.source}, which lvs does not know as "
+                                f"an LVM logical volume ({exc.message})") from exc
+        lv = parse_lvs(out, m.source)
         if lv.attr[:1] in ("s", "S"):
             raise SnapshotError(f"{m.source} is itself a snapshot")
         return lv
