@@ -142,3 +142,50 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, cli: Cli) -> None:
     assert p.returncode == 0, text
     assert "backup" in text and "MiB" in text and "\x1b[" in text  # a live rich bar
     assert "snapshot" in text
+
+
+def test_key_add_remove_and_passwd(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(50_000))
+    assert cli("backup", str(src)).returncode == 0
+    second = tmp_path / "second"
+    second.write_text("a second password\n")
+    as_second = {"DELTAVAULT_PASSWORD_FILE": str(second)}
+    r = cli("--json", "key", "add", "--new-password-file", str(second))
+    assert r.returncode == 0, r.stderr
+    added = r.last("key_added")["id"]
+    keys = [k for k in cli("--json", "key", "list").json if k["type"] == "key"]
+    assert len(keys) == 2 and [k["id"] for k in keys if not k["current"]] == [added]
+    first = next(k["id"] for k in keys if k["current"])
+    assert cli("snapshots", env=as_second).returncode == 0  # both passwords open it
+    # the key in use cannot remove itself; the other password can remove it
+    r = cli("key", "remove", first[:8])
+    assert r.returncode == 2 and "opened the repository with" in r.stderr
+    assert cli("key", "remove", first[:8], env=as_second).returncode == 0
+    assert cli("snapshots").returncode == 11  # the first password is gone
+    # passwd: the new password replaces the one in use, nothing else changes
+    third = tmp_path / "third"
+    third.write_text("third\n")
+    r = cli("--json", "key", "passwd", "--new-password-file", str(third), env=as_second)
+    assert r.returncode == 0, r.stderr
+    assert cli("snapshots", env=as_second).returncode == 11
+    as_third = {"DELTAVAULT_PASSWORD_FILE": str(third)}
+    out = tmp_path / "out"
+    assert cli("restore", "latest", "--target", str(out), env=as_third).returncode == 0
+    assert manifest(out / "src") == manifest(src)
+    assert len(list((cli.repo / "keys").iterdir())) == 1
+    assert cli("check", "--read-data", env=as_third).returncode == 0
+    # bad requests are usage errors and change nothing
+    for args in (["key", "remove"], ["key", "remove", "ffffffff"], ["key", "list", "extra"],
+                 ["key", "add"]):
+        r = cli(*args, env=as_third, input="")
+        assert r.returncode == 2, (args, r.stderr)
+    assert len(list((cli.repo / "keys").iterdir())) == 1
+
+
+def test_key_commands_on_an_unencrypted_repository(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init", "--insecure-no-encryption").returncode == 0
+    r = cli("key", "list")
+    assert r.returncode == 2 and "not encrypted" in r.stderr

@@ -85,6 +85,11 @@ def make_key_file(master: MasterKey, password: bytes,
     return msgspec.json.encode(kf)
 
 
+def key_file_name(data: bytes) -> str:
+    """Key files are stored under their own hash, so adding one never overwrites another."""
+    return f"keys/{blake3.blake3(data).hexdigest()}"
+
+
 def parse_key_file(data: bytes, name: str = "key") -> KeyFile:
     try:
         kf = msgspec.json.decode(data, type=KeyFile)

@@ -145,6 +145,7 @@ class Repository:
         self._uploads: queue.Queue[PackBuilder | None] = queue.Queue(maxsize=2)
         self._upload_error: BaseException | None = None
         self.locks = LockManager(self.backend, self.env)
+        self.key_name: str | None = None  # the key file that opened it (keys/...), if encrypted
 
     # ----------------------------------------------------------------- creation / opening
     @classmethod
@@ -167,10 +168,13 @@ class Repository:
         if master:
             cfg.mac = blake3.blake3(_config_body(cfg), key=master.mac).hexdigest()
             kf = keymod.make_key_file(master, password or b"", scrypt)
-            backend.put(f"keys/{blake3.blake3(kf).hexdigest()}", kf)
+            key_name = keymod.key_file_name(kf)
+            backend.put(key_name, kf)
         # config last: a repository without it does not exist yet
         backend.put("config", msgspec.json.encode(cfg))
-        return cls(backend, cfg, master, cache_root=cache_root)
+        repo = cls(backend, cfg, master, cache_root=cache_root)
+        repo.key_name = key_name if master else None
+        return repo
 
     @classmethod
     def open(cls, backend: Backend, password: PasswordSource, *, cache_root: Path | None = None,
@@ -194,26 +198,28 @@ class Repository:
             raise UnsupportedVersion(f"repository format {cfg.v}; this build reads {REPO_VERSION}")
         key_names = [o.name for o in counting.list("keys/")]
         master: keymod.MasterKey | None = None
+        key_name: str | None = None
         if key_names or cfg.encryption != "none":
             if not key_names:
                 raise CorruptionError("repository is encrypted but has no key files")
-            master = cls._unlock(counting, key_names, password())
+            master, key_name = cls._unlock(counting, key_names, password())
             want = blake3.blake3(_config_body(cfg), key=master.mac).hexdigest()
             if cfg.mac != want:
                 raise CorruptionError("repository config fails its authentication: it was edited or damaged")
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
+        repo.key_name = key_name
         repo.load_index(tolerant=tolerant)
         return repo
 
     @staticmethod
-    def _unlock(backend: Backend, key_names: list[str], password: bytes) -> keymod.MasterKey:
+    def _unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
         from deltavault.errors import KeyFileDamaged, WrongPassword
 
         damaged: KeyFileDamaged | None = None
         for name in sorted(key_names):
             try:
                 kf = keymod.parse_key_file(backend.get(name), name)
-                return keymod.unwrap(kf, password)
+                return keymod.unwrap(kf, password), name
             except KeyFileDamaged as exc:
                 damaged = exc
             except WrongPassword:

@@ -1,0 +1,101 @@
+"""Key files: list, add and remove the passwords that open a repository.
+
+Every key file wraps the same master key under its own password (keys.py), so adding one
+never touches data, and removing one only removes that password. A process never removes
+the key file it opened the repository with: two admins removing keys at the same time
+still leave both of theirs, so a repository cannot lose its last key this way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from deltavault.backends.base import Backend
+from deltavault.errors import DeltavaultError, UsageError
+from deltavault.repository import keys as keymod
+
+
+class KeyedRepository(Protocol):
+    backend: Backend
+    master: keymod.MasterKey | None
+    key_name: str | None
+
+
+@dataclass
+class KeyInfo:
+    name: str  # keys/<hash>
+    created: str = ""
+    hostname: str = ""
+    current: bool = False
+    problem: str = ""  # why the file could not be read, if it could not
+
+    @property
+    def short(self) -> str:
+        return self.name.removeprefix("keys/")[:8]
+
+
+def _master(repo: KeyedRepository) -> keymod.MasterKey:
+    if repo.master is None:
+        raise UsageError("this repository is not encrypted: it has no keys")
+    return repo.master
+
+
+def list_keys(repo: KeyedRepository) -> list[KeyInfo]:
+    _master(repo)
+    out = []
+    for obj in repo.backend.list("keys/"):
+        info = KeyInfo(obj.name, current=obj.name == repo.key_name)
+        try:
+            kf = keymod.parse_key_file(repo.backend.get(obj.name), obj.name)
+            info.created, info.hostname = kf.created, kf.hostname
+        except DeltavaultError as exc:
+            info.problem = exc.message
+        out.append(info)
+    out.sort(key=lambda k: (k.created, k.name))
+    return out
+
+
+def add_key(repo: KeyedRepository, password: bytes,
+            scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT) -> str:
+    """Store a new key file for ``password``; returns its name."""
+    if not password:
+        raise UsageError("the new password is empty")
+    data = keymod.make_key_file(_master(repo), password, scrypt)
+    name = keymod.key_file_name(data)
+    repo.backend.put(name, data)
+    return name
+
+
+def resolve_key(repo: KeyedRepository, ref: str) -> str:
+    """A key file's name from its id or a unique prefix of it."""
+    names = [k.name for k in list_keys(repo)]
+    ref = ref.removeprefix("keys/")
+    hits = [n for n in names if n.removeprefix("keys/").startswith(ref)] if ref else []
+    if not hits:
+        raise UsageError(f"no key matches {ref!r}")
+    if len(hits) > 1:
+        raise UsageError(f"key prefix {ref!r} is ambiguous ({len(hits)} matches)")
+    return hits[0]
+
+
+def remove_key(repo: KeyedRepository, ref: str) -> str:
+    name = resolve_key(repo, ref)
+    if name == repo.key_name:
+        raise UsageError(f"key {KeyInfo(name).short} is the one this command opened the repository "
+                         "with; open it with another password to remove this one (or use key passwd)")
+    repo.backend.delete(name)
+    return name
+
+
+def change_password(repo: KeyedRepository, password: bytes,
+                    scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT) -> tuple[str, str]:
+    """Add a key for the new password, then remove the current one: a crash in between
+    leaves both passwords working, never neither. Returns (new name, removed name)."""
+    old = repo.key_name
+    if old is None:
+        raise UsageError("this repository is not encrypted: it has no password")
+    new = add_key(repo, password, scrypt)
+    repo.backend.delete(old)
+    repo.key_name = new
+    return new, old
