@@ -34,7 +34,7 @@ def _long(path: bytes, n: Node) -> str:
 def run(ctx: Context) -> int:
     a = ctx.args
     repo = ctx.open_repo()
-    _sid, snap = repo.resolve_snapshot(a.snapshot)
+    _sid, snap = repo.resolve_snapshot(a.snapshot, kind="files")
     if snap.tree is None:
         raise UsageError("a volume snapshot has no file listing")
     root, prefix = snap.tree, b""

@@ -33,7 +33,7 @@ def run(ctx: Context) -> int:
         raise UsageError("restore needs --target DIR")
     repo = ctx.open_repo()
     with ctx.read_lock(repo, "restore"):
-        sid, snap = repo.resolve_snapshot(a.snapshot)
+        sid, snap = repo.resolve_snapshot(a.snapshot, kind="files")
         if snap.tree is None:
             raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: use restore --volume")
         restorer = FileRestorer(repo, a.target, RestoreOptions(include=a.include, verify=a.verify,

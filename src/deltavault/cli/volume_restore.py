@@ -28,7 +28,7 @@ def run_volume_restore(ctx: Context) -> int:
         raise UsageError("--include does not apply to volume snapshots")
     repo = ctx.open_repo()
     with ctx.read_lock(repo, "restore"):
-        sid, snap = repo.resolve_snapshot(a.snapshot)
+        sid, snap = repo.resolve_snapshot(a.snapshot, kind="volume")
         if snap.volume is None:
             raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: restore it without --volume")
         manifest = load_manifest(repo, snap.volume)

@@ -593,14 +593,23 @@ class Repository:
         if self.cache_dir is not None:
             (self.cache_dir / "snapshots" / sid).unlink(missing_ok=True)
 
-    def resolve_snapshot(self, ref: str, *, source_id: str | None = None) -> tuple[str, Snapshot]:
-        """'latest', a full id, or a unique prefix of one."""
+    def resolve_snapshot(self, ref: str, *, source_id: str | None = None,
+                         kind: str | None = None) -> tuple[str, Snapshot]:
+        """'latest', 'latest:PATH' (the newest snapshot of PATH), a full id, or a unique
+        prefix of one. ``kind`` narrows 'latest' to files or volume snapshots."""
         if ref == "latest" or ref.startswith("latest:"):
             snaps = self.list_snapshots()
             if source_id is not None:
                 snaps = [s for s in snaps if s[1].source_id == source_id]
+            if kind is not None:
+                snaps = [s for s in snaps if s[1].kind == kind]
+            path = ref.partition(":")[2]
+            if path:
+                want = os.path.abspath(path)
+                snaps = [s for s in snaps if want in s[1].paths]
             if not snaps:
-                raise UsageError("the repository has no snapshots yet")
+                what = " ".join(x for x in (kind, "snapshot") if x) + (f" of {path}" if path else "")
+                raise UsageError(f"the repository has no {what} yet")
             return snaps[-1]
         ids = [s for s in self.snapshot_ids() if s.startswith(ref.lower())]
         if not ids:

@@ -129,3 +129,27 @@ def test_forget_and_prune_keep_what_volume_snapshots_use(cli: Cli, tmp_path: Pat
     out = tmp_path / "out.img"
     assert cli("restore", "--volume", "latest", str(out), "--verify").returncode == 0
     assert sha(out) == sha(img)
+
+
+def test_latest_means_the_newest_snapshot_of_the_kind_restored(cli: Cli, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(1 << 20))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b").write_text("y")
+    assert cli("init").returncode == 0
+    assert cli("backup", "--volume", str(img)).returncode == 0
+    assert cli("backup", str(tree)).returncode == 0
+    assert cli("backup", str(other)).returncode == 0  # newest of all
+    r = cli("restore", "--volume", "latest", str(tmp_path / "v.img"))
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "v.img") == sha(img)
+    assert cli("restore", "latest", "-t", str(tmp_path / "t1")).returncode == 0
+    assert (tmp_path / "t1" / "other" / "b").read_text() == "y"
+    assert cli("restore", f"latest:{tree}", "-t", str(tmp_path / "t2")).returncode == 0
+    assert (tmp_path / "t2" / "tree" / "a").read_text() == "x"
+    r = cli("restore", f"latest:{tmp_path / 'nothing'}", "-t", str(tmp_path / "t3"))
+    assert r.returncode == 2 and "no files snapshot of" in r.stderr
