@@ -24,7 +24,7 @@ from deltavault.errors import UsageError
 from deltavault.model.snapshot import Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
-from deltavault.tracking.catalog import Catalog
+from deltavault.tracking.catalog import Catalog, open_catalog
 
 
 @dataclass
@@ -137,13 +137,11 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             raise UsageError(f"source {p!r} does not exist")
     catalog = None
     notes: list[Problem] = []  # the catalog is a cache: trouble with it costs speed, not the run
-    if req.use_catalog and repo.cache_dir is not None:
-        cat_path = catalog_path or repo.cache_dir / "catalog.sqlite"
-        try:
-            catalog = Catalog(cat_path)
-        except (sqlite3.Error, OSError) as exc:
-            notes.append(Problem(str(cat_path), "catalog", f"the local catalog is unusable ({exc}); "
-                                 "compared with the previous snapshot's trees instead", partial=False))
+    cat_path = catalog_path or (repo.cache_dir / "catalog.sqlite" if repo.cache_dir is not None else None)
+    if req.use_catalog and cat_path is not None:
+        catalog, note = open_catalog(cat_path)
+        if note:
+            notes.append(Problem(str(cat_path), "catalog", note, partial=False))
     try:
         if repo.adopt_orphan_packs():
             pass  # packs of an interrupted run are reused from here on
@@ -176,6 +174,16 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
                         paths=logical, source_id=source_id, tree=root, parent=previous.snapshot_id,
                         tags=req.tags, summary=summary, program=f"deltavault {__version__}")
         sid = repo.save_snapshot(snap)
+        if catalog is not None and catalog.damaged:
+            damage, writer = catalog.damaged, None
+            try:
+                catalog.discard()
+                what = "removed it; the next run starts a new one"
+            except OSError as exc:
+                what = f"could not remove it ({exc})"
+            catalog = None
+            notes.append(Problem(str(cat_path), "catalog", f"the local catalog is damaged ({damage}): the files "
+                                 f"it could not answer for were read again, and deltavault {what}", partial=False))
         if writer is not None:
             try:
                 writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids,

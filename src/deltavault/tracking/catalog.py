@@ -11,6 +11,7 @@ instead), never correctness: every reused reference is checked against the index
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -37,12 +38,38 @@ class SourceState:
     index_files: frozenset[str]  # index files in force when the catalog was written
 
 
+def open_catalog(path: Path) -> tuple[Catalog | None, str]:
+    """(the catalog or None, a note when something was wrong). A damaged catalog file is
+    removed and started afresh; one that cannot be written (a full disk) is not used."""
+    try:
+        return Catalog(path), ""
+    except sqlite3.OperationalError as exc:  # full disk, I/O error, locked: the file may be fine
+        return None, f"the local catalog is unusable ({exc}); compared with the previous snapshot's trees instead"
+    except sqlite3.DatabaseError as exc:  # not a database, malformed
+        damage = str(exc)
+    except OSError as exc:
+        return None, f"the local catalog is unusable ({exc}); compared with the previous snapshot's trees instead"
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return None, f"the local catalog is damaged ({damage}) and cannot be removed ({exc})"
+    try:
+        return Catalog(path), (f"the local catalog was damaged ({damage}); started a new one, and "
+                               "compared with the previous snapshot's trees this time")
+    except (sqlite3.Error, OSError) as exc:
+        return None, f"the local catalog was damaged ({damage}) and a new one cannot be made ({exc})"
+
+
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = self._connect()
         self._lock = threading.Lock()
+        self.damaged = ""  # why a query failed on damaged data, if one did
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
@@ -70,17 +97,35 @@ class Catalog:
             return None
         return SourceState(row[0], row[1], frozenset((row[2] or "").split()))
 
+    def _row(self, sql: str, args: tuple[object, ...]) -> tuple[bytes, ...] | None:
+        # A damaged page shows up only when a query reaches it: the entry is then unknown
+        # (its file is read again) and the damage is remembered for the end of the run.
+        try:
+            with self._lock:
+                row = self._db.execute(sql, args).fetchone()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            self.damaged = self.damaged or str(exc)
+            return None
+        return tuple(bytes(v) for v in row) if row else None
+
     def get_dir(self, source_id: str, path: bytes) -> tuple[bytes, bytes] | None:
-        with self._lock:
-            row = self._db.execute("SELECT tree_id, tree FROM dirs WHERE source_id=? AND path=?",
-                                   (source_id, path)).fetchone()
-        return (bytes(row[0]), bytes(row[1])) if row else None
+        row = self._row("SELECT tree_id, tree FROM dirs WHERE source_id=? AND path=?", (source_id, path))
+        return (row[0], row[1]) if row else None
 
     def get_blob(self, source_id: str, blob_id: bytes) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT data FROM blobs WHERE source_id=? AND id=?",
-                                   (source_id, blob_id)).fetchone()
-        return bytes(row[0]) if row else None
+        row = self._row("SELECT data FROM blobs WHERE source_id=? AND id=?", (source_id, blob_id))
+        return row[0] if row else None
+
+    def discard(self) -> None:
+        """Close and delete the catalog files: the next run starts a new catalog."""
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                pass
 
     def writer(self, source_id: str) -> CatalogWriter:
         return CatalogWriter(self, source_id)
