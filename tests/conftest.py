@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +103,16 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
     env.update(DELTAVAULT_REPOSITORY=str(tmp_path / "clirepo"), DELTAVAULT_PASSWORD_FILE=str(pw),
                DELTAVAULT_CACHE_DIR=str(tmp_path / "clicache"))
     yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env)
+
+
+def init_and_back_up(cli: Cli, src: Path, files: dict[str, bytes], *, settle: bool = False) -> None:
+    """init a repository, write ``files`` under ``src`` and back it up once. ``settle``
+    waits out the racy window (files.RACY_NS), so the next run trusts the files' stat data."""
+    assert cli("init").returncode == 0
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    if settle:
+        time.sleep(2.1)
+    r = cli("backup", str(src))
+    assert r.returncode == 0, r.stderr

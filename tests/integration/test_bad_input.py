@@ -20,7 +20,7 @@ from deltavault.backup.files import FileBackupOptions
 from deltavault.backup.run import BackupRequest, run_backup
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
-from tests.conftest import PASSWORD, Cli, needs_root, needs_tools
+from tests.conftest import PASSWORD, Cli, init_and_back_up, needs_root, needs_tools
 from tests.loopdev import fresh_fs
 from tests.treeutil import manifest
 
@@ -186,11 +186,8 @@ def test_full_repository_disk_keeps_the_repository_valid(tmp_path: Path, cli: Cl
 
 
 def test_wrong_password_changes_nothing(tmp_path: Path, cli: Cli) -> None:
-    assert cli("init").returncode == 0
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    assert cli("backup", str(src)).returncode == 0
+    init_and_back_up(cli, src, {"f": b"x"})
 
     def state() -> list[tuple[str, int, int]]:
         return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in cli.repo.rglob("*"))
@@ -206,11 +203,8 @@ def test_wrong_password_changes_nothing(tmp_path: Path, cli: Cli) -> None:
 
 
 def test_unusable_restore_target_or_sync_destination_gives_exit_17(tmp_path: Path, cli: Cli) -> None:
-    assert cli("init").returncode == 0
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
-    assert cli("backup", str(src)).returncode == 0
+    init_and_back_up(cli, src, {"f": b"x"})
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
     for target, says in ((a_file, "exists and is not a directory"), (a_file / "sub", "a parent is not a directory"),
@@ -227,12 +221,8 @@ def _catalog_paths(cli: Cli) -> list[Path]:
 
 
 def test_a_damaged_catalog_costs_speed_not_the_backup(tmp_path: Path, cli: Cli) -> None:
-    assert cli("init").returncode == 0
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(os.urandom(100_000))
-    time.sleep(2.1)  # out of the racy window (files.RACY_NS): a file changed just before a run is re-read
-    assert cli("backup", str(src)).returncode == 0
+    init_and_back_up(cli, src, {"f": os.urandom(100_000)}, settle=True)
     [catalog] = _catalog_paths(cli)
     catalog.write_bytes(b"this is not an SQLite database" * 100)
     for ext in ("-wal", "-shm"):
@@ -293,11 +283,8 @@ def test_full_cache_disk_keeps_the_snapshot(tmp_path: Path, cli: Cli) -> None:
 @needs_root()
 @needs_tools("mount", "umount")
 def test_a_read_only_repository_can_be_restored_and_checked(tmp_path: Path, cli: Cli) -> None:
-    assert cli("init").returncode == 0
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(os.urandom(300_000))
-    assert cli("backup", str(src)).returncode == 0
+    init_and_back_up(cli, src, {"f": os.urandom(300_000)})
     ro = tmp_path / "ro"
     ro.mkdir()
     subprocess.run(["mount", "--bind", str(cli.repo), str(ro)], check=True)

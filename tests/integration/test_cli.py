@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import Cli
+from tests.conftest import Cli, init_and_back_up
 from tests.treeutil import manifest
 
 
@@ -145,11 +145,8 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, cli: Cli) -> None:
 
 
 def test_key_add_remove_and_passwd(tmp_path: Path, cli: Cli) -> None:
-    assert cli("init").returncode == 0
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(os.urandom(50_000))
-    assert cli("backup", str(src)).returncode == 0
+    init_and_back_up(cli, src, {"f": os.urandom(50_000)})
     second = tmp_path / "second"
     second.write_text("a second password\n")
     as_second = {"DELTAVAULT_PASSWORD_FILE": str(second)}
