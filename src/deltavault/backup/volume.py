@@ -230,6 +230,10 @@ class VolumeBackup:
             access.abort()
             raise
         self.report.warnings += access.commit()
+        if prev_native is not None and prev_native.source == "btrfs" and access.kind != "btrfs":
+            from deltavault.tracking.btrfs import retire
+
+            self.report.warnings += retire(prev_native, self.req.path, self.state)
         self.state.save()
         return result
 

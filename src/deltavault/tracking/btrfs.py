@@ -56,6 +56,27 @@ def subvolume_uuid(path: Path) -> str:
     raise SourceError(f"btrfs subvolume show {path}: no UUID")
 
 
+def _delete(snap: str) -> str | None:
+    try:
+        _btrfs(["subvolume", "delete", snap], f"deleting snapshot {snap}")
+    except SourceError as exc:
+        return str(exc)
+    return None
+
+
+def _sweep(pending: Pending, image: str, prev: Checkpoint | None, *, keep: str | None) -> list[str]:
+    previous = prev.token if prev is not None and Path(prev.token).name.startswith(PREFIX) else None
+    return sweep(pending, NAME, image, keep=keep, previous=previous, exists=os.path.isdir, remove=_delete,
+                 what="snapshot")
+
+
+def retire(prev: Checkpoint, image: str, pending: Pending) -> list[str]:
+    """After a saved snapshot that used another change source: delete the last btrfs
+    snapshot (and those of killed runs). Nothing compares against them any more, and a kept
+    snapshot pins every block the image has rewritten since."""
+    return _sweep(pending, os.path.abspath(image), prev, keep=None)
+
+
 class BtrfsAccess:
     kind = "btrfs"
 
@@ -89,24 +110,13 @@ class BtrfsAccess:
     def native(self) -> BtrfsSource:
         return BtrfsSource(self)
 
-    def _delete(self, snap: Path) -> str | None:
-        try:
-            _btrfs(["subvolume", "delete", str(snap)], f"deleting snapshot {snap}")
-        except SourceError as exc:
-            return str(exc)
-        return None
-
     def commit(self) -> list[str]:
         self.close()
-        previous = (self.prev.token if self.prev is not None and Path(self.prev.token).name.startswith(PREFIX)
-                    else None)
-        return sweep(self.pending, NAME, str(self.path), keep=str(self.new) if self.new else None,
-                     previous=previous, exists=os.path.isdir, remove=lambda p: self._delete(Path(p)),
-                     what="snapshot")
+        return _sweep(self.pending, str(self.path), self.prev, keep=str(self.new) if self.new else None)
 
     def abort(self) -> None:
         self.close()
-        if self.new is not None and self.new.exists() and self._delete(self.new) is None:
+        if self.new is not None and self.new.exists() and _delete(str(self.new)) is None:
             self.pending.drop_pending(str(self.new))
 
     def close(self) -> None:

@@ -247,9 +247,10 @@ class QcowAccess:
 
     def commit(self) -> list[str]:
         self._disconnect()
-        if not self.track:
-            return []
-        previous = self.prev.token if self.prev is not None and self.prev.token.startswith(PREFIX) else None
+        # Without tracking (another --cbt mode) the new snapshot carries no bitmap checkpoint,
+        # so the last bitmap is retired too: it would only go on recording every write.
+        previous = (self.prev.token if self.prev is not None and self.prev.source == NAME
+                    and self.prev.token.startswith(PREFIX) else None)
         return sweep(self.pending, NAME, self.path, keep=self.new_name, previous=previous,
                      exists=lambda name: name in self.existing, remove=self._remove, what="bitmap")
 

@@ -103,3 +103,17 @@ def test_btrfs_image_holding_a_mounted_file_system(vol: Vol, btrfs: Path, tmp_pa
     r = vol.backup(image, cbt="btrfs")
     assert r.report.change_source == "btrfs", r.report.rejected
     assert sha256(vol.restore(r.snapshot_id)) == expected
+
+
+def test_switching_away_from_btrfs_deletes_the_last_snapshot(vol: Vol, btrfs: Path) -> None:
+    image = btrfs / "disk.img"
+    with open(image, "wb") as f:
+        f.write(os.urandom(16 * MiB))
+    vol.backup(image, cbt="btrfs")
+    assert len(list((btrfs / ".deltavault-snapshots").iterdir())) == 1
+    _scribble(image, [(MiB, 4096)])
+    r = vol.backup(image, cbt="digests")
+    assert r.report.change_source == "block-digests" and not r.report.warnings
+    # a kept snapshot would pin every block the image rewrites from now on
+    assert list((btrfs / ".deltavault-snapshots").iterdir()) == []
+    assert sha256(vol.restore(r.snapshot_id)) == sha256(image)

@@ -214,3 +214,22 @@ def test_real_file_system_writes_through_qemu(vol: Vol, tmp_path: Path) -> None:
     restored = vol.restore(second.snapshot_id)
     assert sha256(restored) == expected
     fsck_clean(restored)
+
+
+def test_switching_away_from_bitmaps_removes_the_last_one(vol: Vol, tmp_path: Path) -> None:
+    img = make_qcow2(tmp_path)
+    vol.backup(img, cbt="qemu")
+    (b1,) = names(img)
+    qemu_io(img, "write -P 0x5a 3M 64k")
+    r = vol.backup(img, cbt="digests")
+    assert r.report.change_source == "block-digests"
+    assert not names(img)  # it would only go on recording writes nobody reads
+    assert sha256(vol.restore(r.snapshot_id)) == raw_sha256(img, tmp_path)
+    # back to bitmaps: one run without a usable bitmap, then incrementals again
+    again = vol.backup(img, cbt="qemu")
+    assert again.report.change_source == "block-digests"
+    qemu_io(img, "write -P 0x11 20M 8k")
+    last = vol.backup(img, cbt="qemu")
+    assert last.report.change_source == "qemu-bitmap"
+    assert len(names(img)) == 1 and b1 not in names(img)
+    assert sha256(vol.restore(last.snapshot_id)) == raw_sha256(img, tmp_path)
