@@ -4,7 +4,7 @@
 # the tests that need it skip with that reason.
 set -euo pipefail
 PKGS=(qemu-utils ntfs-3g btrfs-progs lvm2 acl attr xfsprogs e2fsprogs dosfstools rsync
-      libnbd-bin nbdkit python3-libnbd util-linux fuse3)
+      libnbd-bin nbdkit python3-libnbd util-linux fuse3 fdisk)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

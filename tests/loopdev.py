@@ -25,8 +25,10 @@ def umount(path: str | Path) -> None:
 
 
 @contextmanager
-def loop(image: str | Path) -> Iterator[str]:
-    dev = run("losetup", "-f", "--show", str(image)).strip()
+def loop(image: str | Path, offset: int = 0, size: int = 0) -> Iterator[str]:
+    """A loop device over ``image``, or over ``size`` bytes of it from ``offset`` (one partition)."""
+    window = ["-o", str(offset)] + (["--sizelimit", str(size)] if size else [])
+    dev = run("losetup", "-f", "--show", *window, str(image)).strip()
     try:
         yield dev
     finally:

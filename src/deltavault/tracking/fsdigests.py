@@ -88,7 +88,7 @@ class FsDigestSource:
             raise
         except Exception as exc:  # damaged on-disk metadata: any parse failure
             raise Rejected(f"the {scanner.kind} metadata could not be parsed: {exc}") from None
-        unit = "inodes" if scanner.kind == "ext4" else "MFT records"
+        unit = {"ext4": "inodes", "ntfs": "MFT records"}.get(scanner.kind, "inodes and MFT records")
         return Changes(NAME, self.scan.must_read,
                        notes=[f"{self.scan.changed_objects} of {self.scan.objects} {unit} changed"])
 
