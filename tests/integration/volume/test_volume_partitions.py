@@ -111,3 +111,38 @@ def test_a_changed_partition_table_falls_back(vol: Vol, tmp_path: Path) -> None:
     assert r.report.change_source == "block-digests"
     assert any("re-created" in x["reason"] for x in r.report.rejected), r.report.rejected
     trees_equal(vol.restore(r.snapshot_id), img, tmp_path)
+
+
+@needs_tools("mkntfs", "ntfs-3g", "ntfsfix")
+def test_windows_disk_with_an_ntfs_partition(vol: Vol, tmp_path: Path) -> None:
+    img = make_disk(tmp_path, "dos")
+    off, size = partitions(img)[1]
+    with loop(img, off, size) as dev:  # partition 2 becomes NTFS, as on a Windows VM
+        run("mkntfs", "-q", "-Q", "-F", "-p", str(off // 512), dev)
+    with ExitStack() as stack:
+        dev = stack.enter_context(loop(img, off, size))
+        mnt = tmp_path / "ntfs"
+        mnt.mkdir()
+        run("ntfs-3g", dev, str(mnt))
+        stack.callback(run, "umount", str(mnt))
+        fill_tree(mnt / "Users", seed=4, files=20, max_size=80_000)
+    first = vol.backup(img)
+    assert first.report.file_system == "partitions"
+    with ExitStack() as stack:
+        dev = stack.enter_context(loop(img, off, size))
+        run("ntfs-3g", dev, str(tmp_path / "ntfs"))
+        stack.callback(run, "umount", str(tmp_path / "ntfs"))
+        victim = sorted(p for p in (tmp_path / "ntfs" / "Users").rglob("*") if p.is_file())[0]
+        victim.write_bytes(os.urandom(30_000))
+    second = vol.backup(img)
+    assert second.report.change_source == "fs-digests", second.report.rejected
+    restored = vol.restore(second.snapshot_id)
+    with ExitStack() as stack:
+        a = stack.enter_context(loop(restored, off, size))
+        b = stack.enter_context(loop(img, off, size))
+        run("ntfsfix", "-n", a)
+        for dev, name in ((a, "ra"), (b, "rb")):
+            (tmp_path / name).mkdir()
+            run("ntfs-3g", "-o", "ro", dev, str(tmp_path / name))
+            stack.callback(run, "umount", str(tmp_path / name))
+        run("diff", "-r", str(tmp_path / "ra"), str(tmp_path / "rb"))
