@@ -83,14 +83,18 @@ class FileAccess:
         return None
 
     def commit(self) -> list[str]:
+        self.close()
         return []
 
     def abort(self) -> None:
-        pass
+        self.close()
 
     def close(self) -> None:
+        # The device stays open otherwise: a long-lived caller leaks descriptors, and a loop
+        # device cannot be detached while they are held.
         if self.reader is not None:
             self.reader.close()
+            self.reader = None
 
 
 def is_qcow2(path: str) -> bool:
