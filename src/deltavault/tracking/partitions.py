@@ -149,12 +149,17 @@ def detect_partitions(reader: VolumeReader, probe: Probe) -> tuple[FsScanner | N
         if offset % PAGE_SIZE:
             skipped.append(f"partition {number}: starts at {offset}, not on a 4 KiB boundary")
             continue
+        first, end = offset // PAGE_SIZE, (offset + size) // PAGE_SIZE
+        if any(first < q.first_page + q.pages and q.first_page < end for q in parts):
+            # two file systems cannot both vouch for one page
+            skipped.append(f"partition {number}: overlaps another partition")
+            continue
         sub = OffsetReader(reader, offset, size, f"{reader.description} partition {number}")
         scanner, why = probe(sub)
         if scanner is None:
             skipped.append(f"partition {number}: {why}")
             continue
-        parts.append(Part(number, offset // PAGE_SIZE, size // PAGE_SIZE, scanner))
+        parts.append(Part(number, first, end - first, scanner))
     if not parts:
         return None, ("a partition table, but no partition it can read"
                       + (": " + "; ".join(skipped) if skipped else ""))
