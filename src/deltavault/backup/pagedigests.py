@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -24,9 +23,9 @@ from concurrent.futures import Future
 from typing import IO, Any
 
 import blake3
-import msgspec
 
 from deltavault.chunking.pages import PageHasher
+from deltavault.framing import read_frame, write_frame
 
 WINDOW = 8 * 1024 * 1024
 Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
@@ -88,28 +87,14 @@ def file_digests(path: bytes, expect: Signature,
 
 
 # The helper is a plain child process (python -m deltavault.backup.pagedigests) speaking
-# length-prefixed msgpack over its stdin/stdout. multiprocessing's spawn would re-import the
-# caller's __main__ module, re-running an unguarded script that uses deltavault as a library.
-# Messages: first the key ([key or None]), then requests [id, path, signature] answered by
-# [id, digests, content hash] (both None when the file was not the one the caller read).
-_LEN = struct.Struct("<I")
-
-
-def _send(stream: IO[bytes], obj: object) -> None:
-    data = msgspec.msgpack.encode(obj)
-    stream.write(_LEN.pack(len(data)) + data)
-    stream.flush()
-
-
+# framed msgpack (deltavault.framing) over its stdin/stdout. multiprocessing's spawn would
+# re-import the caller's __main__ module, re-running an unguarded script that uses deltavault
+# as a library. Messages: first the key ([key or None]), then requests [id, path, signature,
+# extents] answered by [id, digests, content hash] (both None when the file was not the one
+# the caller read).
 def _recv(stream: IO[bytes]) -> Any:
-    head = stream.read(_LEN.size)
-    if len(head) < _LEN.size:
-        return None
-    (n,) = _LEN.unpack(head)
-    data = stream.read(n)
-    if len(data) < n:
-        return None
-    return msgspec.msgpack.decode(data)
+    got = read_frame(stream)
+    return None if got is None else got[0]
 
 
 def serve(inp: IO[bytes], out: IO[bytes]) -> None:
@@ -120,7 +105,7 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
     while (req := _recv(inp)) is not None:
         rid, path, sig, extents = req
         res = file_digests(path, tuple(sig), [tuple(e) for e in extents])
-        _send(out, [rid, *(res or (None, None))])
+        write_frame(out, [rid, *(res or (None, None))])
 
 
 class PageDigester:
@@ -139,7 +124,7 @@ class PageDigester:
         self._proc = subprocess.Popen([sys.executable, "-m", "deltavault.backup.pagedigests"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdin is not None
-        _send(self._proc.stdin, [self.key])
+        write_frame(self._proc.stdin, [self.key])
         self._reader = threading.Thread(target=self._read_answers, name="dv-digest-reader", daemon=True)
         self._reader.start()
 
@@ -171,7 +156,7 @@ class PageDigester:
                     rid = self._next
                     self._next += 1
                     self._waiting[rid] = fut
-                    _send(self._proc.stdin, [rid, path, list(_sig(st)), [list(e) for e in extents]])
+                    write_frame(self._proc.stdin, [rid, path, list(_sig(st)), [list(e) for e in extents]])
                     return fut
                 except (OSError, ValueError):
                     self._broken = True

@@ -2,9 +2,9 @@
 version (the seed) and recursive signatures (chunking/rdc.py), so that only the chunks
 the seed lacks, plus a little signature, cross the wire.
 
-Protocol: length-prefixed msgpack frames (u32 little-endian length, then the body) over any
-byte stream: a pipe to ``python -m deltavault.sync.remote serve ROOT`` (locally, or through
-ssh). The client speaks first.
+Protocol: msgpack frames (deltavault.framing) over any byte stream: a pipe to
+``python -m deltavault.sync.remote serve ROOT`` (locally, or through ssh). The client
+speaks first.
 
     {"op": "open", "path": p}           -> {"size", "levels", "top", "digest"}
     {"op": "get", "level": k, "ranges": [[offset, length], ...]}  -> {"data": [bytes, ...]}
@@ -18,20 +18,16 @@ that fit; a streaming server is not written).
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
 import blake3
-import msgspec
 
 from deltavault.chunking import rdc
 from deltavault.errors import CorruptionError, SourceError
+from deltavault.framing import read_frame, write_frame
 from deltavault.fs.paths import check_name
-
-_LEN = struct.Struct("<I")
-MAX_FRAME = 1 << 30
 
 
 class Channel:
@@ -42,23 +38,14 @@ class Channel:
         self.sent = self.received = 0
 
     def send(self, obj: Any) -> None:
-        body = msgspec.msgpack.encode(obj)
-        self.w.write(_LEN.pack(len(body)) + body)
-        self.w.flush()
-        self.sent += _LEN.size + len(body)
+        self.sent += write_frame(self.w, obj)
 
     def recv(self) -> Any:
-        head = self.r.read(_LEN.size)
-        if len(head) < _LEN.size:
+        got = read_frame(self.r)
+        if got is None:
             raise EOFError("the peer closed the connection")
-        (n,) = _LEN.unpack(head)
-        if n > MAX_FRAME:
-            raise CorruptionError(f"a frame of {n} bytes is larger than allowed")
-        body = self.r.read(n)
-        if len(body) < n:
-            raise EOFError("the peer closed the connection mid-frame")
-        self.received += _LEN.size + n
-        return msgspec.msgpack.decode(body)
+        self.received += got[1]
+        return got[0]
 
 
 def _resolve(root: bytes, path: bytes) -> bytes:
