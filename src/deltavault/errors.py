@@ -5,7 +5,11 @@ Exit codes are part of the CLI contract (docs/user-guide.md lists them).
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
+
+# errno values that mean "the disk is full" (a quota counts): NoSpace, not a generic error.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ExitCode(IntEnum):

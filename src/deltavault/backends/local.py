@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from deltavault.backends.base import ObjectInfo
-from deltavault.errors import BackendError, NoSpace, ObjectNotFound
+from deltavault.errors import NO_SPACE_ERRNOS, BackendError, NoSpace, ObjectNotFound
 
 _TMP = ".tmp"
 
@@ -35,7 +35,7 @@ def _remove_unfinished() -> None:
 
 
 def _raise_for(exc: OSError, what: str) -> None:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in NO_SPACE_ERRNOS:
         raise NoSpace(f"no space left on the repository disk while writing {what}") from exc
     if exc.errno == errno.ENOENT:
         raise ObjectNotFound(f"{what}: not found") from exc

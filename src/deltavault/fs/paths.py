@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
-from deltavault.errors import CorruptionError, NoSpace, TargetError
+from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, NoSpace, TargetError
 
 
 def check_name(name: bytes) -> bytes:
@@ -42,6 +41,6 @@ def open_target_dir(path: bytes, what: str) -> int:
     except NotADirectoryError:
         raise TargetError(f"{what} {display(path)}: a parent is not a directory") from None
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in NO_SPACE_ERRNOS:
             raise NoSpace(f"no space to create the {what} {display(path)}") from exc
         raise TargetError(f"cannot create the {what} {display(path)}: {exc.strerror or exc}") from exc

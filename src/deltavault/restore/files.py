@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from deltavault.backup.previous import decode_tree
-from deltavault.errors import CorruptionError, DeltavaultError, NoSpace
+from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.clone import pwrite_all
 from deltavault.fs.meta import (
     ApplyProblems,
@@ -158,7 +158,7 @@ class FileRestorer:
             except NoSpace:
                 raise
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno in NO_SPACE_ERRNOS:
                     raise NoSpace(f"restore target is full while writing {display(child_rel)}") from exc
                 self._problem(child_rel, "write", exc.strerror or str(exc))
 
@@ -230,7 +230,7 @@ class FileRestorer:
         except CorruptionError as exc:
             self._problem(relpath, "corrupt", str(exc))
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in NO_SPACE_ERRNOS:
                 raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
             self._problem(relpath, "write", exc.strerror or str(exc))
         finally:

@@ -9,7 +9,6 @@ must be at least as large as the volume); Hole blocks are zeroed with BLKZEROOUT
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from deltavault.chunking.pages import DIGEST, PageHasher
-from deltavault.errors import NoSpace, TargetError, UsageError
+from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, UsageError
 from deltavault.fs.clone import pwrite_all
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
 from deltavault.model.volume import BlockMap, Segment, VolumeManifest, decode
@@ -126,7 +125,7 @@ class VolumeRestorer:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.m.size)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in NO_SPACE_ERRNOS:
                 raise NoSpace(f"no space to create {tmp}") from exc
             raise TargetError(f"cannot create {tmp}: {exc.strerror or exc}") from exc
         self.stats.target_kind = "file"
@@ -155,7 +154,7 @@ class VolumeRestorer:
             if tmp is not None:
                 os.unlink(tmp)
             if isinstance(exc, OSError):
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno in NO_SPACE_ERRNOS:
                     raise NoSpace(f"the restore target {self.target} is full "
                                   "(the partial image was removed)") from exc
                 raise TargetError(f"writing {self.target}: {exc.strerror or exc}") from exc

@@ -23,7 +23,7 @@ from typing import Any
 
 import blake3
 
-from deltavault.errors import NoSpace, UsageError
+from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
 from deltavault.fs.clone import pread_full, reflink
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
 from deltavault.fs.paths import display, open_target_dir, proc_path
@@ -52,7 +52,6 @@ from deltavault.sync.tree import (
     temp_name,
 )
 
-_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 THREAD_MIN = 1024 * 1024  # files from this size on are copied by the thread pool
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -293,7 +292,7 @@ class Syncer:
                 setattr(self.stats, k, getattr(self.stats, k) + v)
 
     def _os_problem(self, relpath: bytes, exc: OSError, kind: str = "write") -> None:
-        if exc.errno in _NOSPACE:
+        if exc.errno in NO_SPACE_ERRNOS:
             self._no_space(relpath)
         else:
             self._problem(relpath, kind, exc.strerror or str(exc))
@@ -695,7 +694,7 @@ class Syncer:
             except OSError as exc:
                 if staged is not None and staged.tmp is not None:
                     _unlink_quiet(dfd, staged.tmp)
-                if exc.errno in _NOSPACE or exc.errno == errno.EROFS:
+                if exc.errno in NO_SPACE_ERRNOS or exc.errno == errno.EROFS:
                     raise
                 self._problem(relpath, "write", exc.strerror or str(exc), size=st.st_size)
                 return
