@@ -38,24 +38,28 @@ class SourceState:
     index_files: frozenset[str]  # index files in force when the catalog was written
 
 
-def open_catalog(path: Path) -> tuple[Catalog | None, str]:
-    """(the catalog or None, a note when something was wrong). A damaged catalog file is
-    removed and started afresh; one that cannot be written (a full disk) is not used."""
-    try:
-        return Catalog(path), ""
-    except sqlite3.OperationalError as exc:  # full disk, I/O error, locked: the file may be fine
-        return None, f"the local catalog is unusable ({exc}); compared with the previous snapshot's trees instead"
-    except sqlite3.DatabaseError as exc:  # not a database, malformed
-        damage = str(exc)
-    except OSError as exc:
-        return None, f"the local catalog is unusable ({exc}); compared with the previous snapshot's trees instead"
+def _remove_files(path: Path) -> None:
+    """Delete a catalog with its WAL and shared-memory files."""
     for suffix in ("", "-wal", "-shm"):
         try:
             os.unlink(f"{path}{suffix}")
         except FileNotFoundError:
             pass
-        except OSError as exc:
-            return None, f"the local catalog is damaged ({damage}) and cannot be removed ({exc})"
+
+
+def open_catalog(path: Path) -> tuple[Catalog | None, str]:
+    """(the catalog or None, a note when something was wrong). A damaged catalog file is
+    removed and started afresh; one that cannot be written (a full disk) is not used."""
+    try:
+        return Catalog(path), ""
+    except (sqlite3.OperationalError, OSError) as exc:  # full disk, I/O error, locked: the file may be fine
+        return None, f"the local catalog is unusable ({exc}); compared with the previous snapshot's trees instead"
+    except sqlite3.DatabaseError as exc:  # not a database, malformed
+        damage = str(exc)
+    try:
+        _remove_files(path)
+    except OSError as exc:
+        return None, f"the local catalog is damaged ({damage}) and cannot be removed ({exc})"
     try:
         return Catalog(path), (f"the local catalog was damaged ({damage}); started a new one, and "
                                "compared with the previous snapshot's trees this time")
@@ -121,11 +125,7 @@ class Catalog:
     def discard(self) -> None:
         """Close and delete the catalog files: the next run starts a new catalog."""
         self.close()
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(f"{self.path}{suffix}")
-            except FileNotFoundError:
-                pass
+        _remove_files(self.path)
 
     def writer(self, source_id: str) -> CatalogWriter:
         return CatalogWriter(self, source_id)
