@@ -13,6 +13,7 @@ from typing import Protocol
 
 from deltavault.backends.base import Backend
 from deltavault.errors import DeltavaultError, UsageError
+from deltavault.model.types import match_prefix
 from deltavault.repository import keys as keymod
 
 
@@ -69,14 +70,12 @@ def add_key(repo: KeyedRepository, password: bytes,
 
 def resolve_key(repo: KeyedRepository, ref: str) -> str:
     """A key file's name from its id or a unique prefix of it."""
-    names = [k.name for k in list_keys(repo)]
+    _master(repo)
     ref = ref.removeprefix("keys/")
-    hits = [n for n in names if n.removeprefix("keys/").startswith(ref)] if ref else []
-    if not hits:
-        raise UsageError(f"no key matches {ref!r}")
-    if len(hits) > 1:
-        raise UsageError(f"key prefix {ref!r} is ambiguous ({len(hits)} matches)")
-    return hits[0]
+    if not ref:
+        raise UsageError("no key matches ''")
+    ids = [o.name.removeprefix("keys/") for o in repo.backend.list("keys/")]
+    return "keys/" + match_prefix(ids, ref, "key")
 
 
 def remove_key(repo: KeyedRepository, ref: str) -> str:

@@ -33,7 +33,7 @@ from deltavault.errors import (
 )
 from deltavault.fs.files import write_cache_file
 from deltavault.model.snapshot import Snapshot
-from deltavault.model.types import ID_LEN, BlobType
+from deltavault.model.types import ID_LEN, BlobType, match_prefix
 from deltavault.repository import keys as keymod
 from deltavault.repository.envelope import Envelope
 from deltavault.repository.index import (
@@ -611,12 +611,8 @@ class Repository:
                 what = " ".join(x for x in (kind, "snapshot") if x) + (f" of {path}" if path else "")
                 raise UsageError(f"the repository has no {what} yet")
             return snaps[-1]
-        ids = [s for s in self.snapshot_ids() if s.startswith(ref.lower())]
-        if not ids:
-            raise UsageError(f"no snapshot matches {ref!r}")
-        if len(ids) > 1:
-            raise UsageError(f"snapshot prefix {ref!r} is ambiguous ({len(ids)} matches)")
-        return ids[0], self.load_snapshot(ids[0])
+        sid = match_prefix(self.snapshot_ids(), ref.lower(), "snapshot")
+        return sid, self.load_snapshot(sid)
 
     # ----------------------------------------------------------------- locking
     def lock(self, *, exclusive: bool = False, command: str = "", wait: float = 0.0) -> Lock:
