@@ -16,7 +16,10 @@ def open_backend(url: str) -> Backend:
     if scheme in ("", "file"):
         path = url.split("://", 1)[1] if scheme else url
         return RetryingBackend(LocalBackend(path))
-    raise UsageError(f"unsupported repository location {url!r}: only local paths are built in so far")
+    if scheme == "sftp" or url.startswith("sftp:"):
+        from deltavault.backends.sftp import SFTPBackend, parse_location
+        return RetryingBackend(SFTPBackend(parse_location(url)))
+    raise UsageError(f"unsupported repository location {url!r}: use a local path or sftp://[user@]host[:port]/path")
 
 
 __all__ = ["Backend", "LocalBackend", "ObjectInfo", "RetryingBackend", "open_backend"]

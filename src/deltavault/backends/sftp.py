@@ -1,0 +1,492 @@
+"""SFTP backend: a repository in a directory of any host that speaks SFTP over SSH.
+
+Locations: ``sftp://[user@]host[:port]/abs/path`` or scp style ``sftp:[user@]host:path``
+(a relative path is under the login's home). Host names, users, ports, identity files and
+known-hosts files come from the OpenSSH client configuration (``~/.ssh/config``, or the file
+named by DELTAVAULT_SSH_CONFIG), as an admin expects. Unknown host keys are refused: there is
+no trust on first use for a backup target.
+
+Atomic put: write a temporary name in the target folder, ``fsync@openssh.com`` when the server
+offers it, then ``posix-rename@openssh.com`` over the final name. SFTP v3 reports a full
+disk as a bare "Failure", so a failed write asks ``statvfs@openssh.com`` whether the file
+system is full before it says so.
+
+Each thread gets its own SFTP channel on one SSH connection (paramiko's SFTP client is not
+meant to be shared between threads). A dropped connection is a retryable error; the next call
+connects again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import secrets
+import socket
+import stat as statmod
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from deltavault.backends.base import ObjectInfo
+from deltavault.errors import BackendError, NoSpace, ObjectNotFound, UsageError
+
+if TYPE_CHECKING:
+    import paramiko
+
+_TMP = ".tmp"
+_OPEN_PACKS = 16  # pack handles kept open per thread
+_ONE_REQUEST = 32 * 1024  # a READ size every server accepts
+_IN_FLIGHT = 64
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SFTPLocation:
+    host: str
+    path: str
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        path = self.path if self.path.startswith("/") else "/~/" + self.path
+        return f"sftp://{user}{self.host}{port}{path}"
+
+
+def parse_location(url: str) -> SFTPLocation:
+    """``sftp://[user@]host[:port]/path`` (``/~/x`` is x under the home folder) or
+    ``sftp:[user@]host:path``."""
+    if url.startswith("sftp://"):
+        rest = url[len("sftp://"):]
+        netloc, slash, path = rest.partition("/")
+        if not slash or not path.strip("/"):
+            raise UsageError(f"{url!r}: give the repository folder, e.g. sftp://host/srv/backup")
+        path = path[2:] if path.startswith("~/") else "/" + path
+        user, _, hostport = netloc.rpartition("@")
+        host, port = hostport, None
+        if hostport.startswith("["):  # [v6 address]:port
+            host, _, tail = hostport[1:].partition("]")
+            port = tail[1:] or None if tail.startswith(":") else None
+        elif hostport.count(":") == 1:
+            host, port = hostport.split(":")
+        if port is not None and not port.isdigit():
+            raise UsageError(f"{url!r}: the port must be a number")
+        loc = SFTPLocation(host, path.rstrip("/") or "/", user or None, int(port) if port else None)
+    elif url.startswith("sftp:"):
+        rest = url[len("sftp:"):]
+        hostpart, colon, path = rest.partition(":")
+        if not colon or not path:
+            raise UsageError(f"{url!r}: use sftp:[user@]host:path or sftp://[user@]host[:port]/path")
+        user, _, host = hostpart.rpartition("@")
+        loc = SFTPLocation(host, path.rstrip("/") or "/", user or None, None)
+    else:
+        raise UsageError(f"{url!r} is not an sftp location")
+    if not loc.host:
+        raise UsageError(f"{url!r}: no host name")
+    return loc
+
+
+def _paramiko() -> Any:
+    try:
+        import paramiko
+    except ImportError as exc:
+        raise UsageError("the sftp backend needs paramiko: pip install 'deltavault[sftp]'") from exc
+    return paramiko
+
+
+class _Replies:
+    """Receives the replies paramiko reads while waiting for another request's reply."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[int, Any]] = {}
+
+    def _async_response(self, t: int, msg: Any, num: int) -> None:
+        self.got[num] = (t, msg)
+
+
+def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int) -> bytes:
+    """``n`` bytes from ``start`` (fewer at the end of the file), with up to _IN_FLIGHT
+    READ requests outstanding. paramiko's own readv measured 3 MB/s here on loopback, one
+    request at a time 4 ms per round trip; this pipelines like its upload path does."""
+    pm = _paramiko()
+    replies = _Replies()
+    pending: deque[tuple[int, int]] = deque()
+    out = bytearray()
+    pos, end = start, start + n
+    at_eof = False
+    while pending or (pos < end and not at_eof):
+        while pos < end and not at_eof and len(pending) < _IN_FLIGHT:
+            size = min(_ONE_REQUEST, end - pos)
+            pending.append((s._async_request(replies, pm.sftp.CMD_READ, handle, pm.sftp_client.int64(pos), size), size))
+            pos += size
+        num, size = pending.popleft()
+        while num not in replies.got:
+            s._read_response()
+        t, msg = replies.got.pop(num)
+        if at_eof:
+            continue  # draining requests past the end
+        if t == pm.sftp.CMD_STATUS:
+            try:
+                s._convert_status(msg)
+            except EOFError:
+                at_eof = True
+                continue
+        data = msg.get_string()
+        out += data
+        if len(data) < size:
+            # A short reply (the end of the file, or a server's smaller limit): read the
+            # rest of this request's range before going on, so the bytes stay in order.
+            want = size - len(data)
+            while want:
+                try:
+                    _t, more = s._request(pm.sftp.CMD_READ, handle, pm.sftp_client.int64(start + len(out)), want)
+                except EOFError:
+                    at_eof = True
+                    break
+                piece = more.get_string()
+                out += piece
+                want -= len(piece)
+    return bytes(out)
+
+
+def _gcm_first(*args: Any, **kw: Any) -> paramiko.Transport:
+    """A transport that offers AES-GCM first (one pass for cipher and MAC, on both ends);
+    paramiko's default order starts with AES-CTR and a separate HMAC."""
+    t = _paramiko().Transport(*args, **kw)
+    gcm = tuple(c for c in t._preferred_ciphers if c.endswith("-gcm@openssh.com"))
+    t._preferred_ciphers = gcm + tuple(c for c in t._preferred_ciphers if c not in gcm)
+    return t
+
+
+class SFTPBackend:
+    def __init__(self, loc: SFTPLocation, *, config_file: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self.loc = loc
+        self._config_file = config_file or os.environ.get("DELTAVAULT_SSH_CONFIG") or os.path.expanduser("~/.ssh/config")
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._client: paramiko.SSHClient | None = None
+        self._generation = 0
+        self._local = threading.local()
+        self._root: str | None = None
+        self._made_dirs: set[str] = set()
+        self._fsync_ok = True
+
+    # --- connection -------------------------------------------------------------------
+
+    def location(self) -> str:
+        return str(self.loc)
+
+    def _settings(self) -> dict[str, Any]:
+        pm = _paramiko()
+        host_cfg: dict[str, Any] = {}
+        if os.path.exists(self._config_file):
+            try:
+                host_cfg = dict(pm.SSHConfig.from_path(self._config_file).lookup(self.loc.host))
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"cannot read the ssh configuration {self._config_file}: {exc}") from exc
+        port = self.loc.port or int(host_cfg.get("port", 22))
+        return {
+            "hostname": host_cfg.get("hostname", self.loc.host),
+            "port": port,
+            "username": self.loc.user or host_cfg.get("user") or None,
+            "key_filename": [os.path.expanduser(p) for p in host_cfg.get("identityfile", [])] or None,
+            "known_hosts": [os.path.expanduser(p) for p in str(host_cfg.get("userknownhostsfile", "")).split()],
+            "timeout": float(host_cfg.get("connecttimeout", self._timeout)),
+        }
+
+    def _connect(self) -> paramiko.SSHClient:
+        pm = _paramiko()
+        s = self._settings()
+        client = pm.SSHClient()
+        client.set_missing_host_key_policy(pm.RejectPolicy())
+        try:
+            client.load_system_host_keys()
+            for path in s["known_hosts"]:
+                if os.path.exists(path):
+                    client.get_host_keys().load(path)
+        except (OSError, pm.SSHException) as exc:
+            raise BackendError(f"cannot read known hosts: {exc}", retryable=False) from exc
+        where = f"{s['hostname']}:{s['port']}"
+        try:
+            client.connect(s["hostname"], port=s["port"], username=s["username"],
+                           key_filename=s["key_filename"], timeout=s["timeout"],
+                           banner_timeout=s["timeout"], auth_timeout=s["timeout"],
+                           transport_factory=_gcm_first)
+        except pm.BadHostKeyException as exc:
+            raise BackendError(f"the host key of {where} does not match known_hosts: refusing to connect "
+                               "(if the host was reinstalled, update known_hosts)", retryable=False) from exc
+        except pm.AuthenticationException as exc:
+            raise BackendError(f"ssh login to {where} as {s['username'] or 'the current user'} failed: {exc}",
+                               retryable=False) from exc
+        except pm.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise BackendError(f"the host key of {where} is not known: add it to ~/.ssh/known_hosts "
+                                   f"(ssh-keyscan -p {s['port']} {s['hostname']})", retryable=False) from exc
+            raise BackendError(f"ssh connection to {where} failed: {exc}") from exc
+        except (OSError, EOFError) as exc:
+            raise BackendError(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc}") from exc
+        transport = client.get_transport()
+        sock = getattr(transport, "sock", None)
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Without it, Nagle holds back the tail of each request: a 100 KB ranged get took
+            # 13 ms on loopback instead of 0.6 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        """This thread's SFTP channel, on a live connection (made on first use)."""
+        with self._lock:
+            client = self._client
+            transport = client.get_transport() if client is not None else None
+            if client is None or transport is None or not transport.is_active():
+                if client is not None:
+                    client.close()
+                self._client = client = self._connect()
+                self._generation += 1
+                self._made_dirs.clear()
+            generation = self._generation
+        cached = getattr(self._local, "sftp", None)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            sftp = client.open_sftp()
+        except Exception as exc:
+            raise BackendError(f"cannot open an sftp channel on {self.loc.host}: {exc}") from exc
+        self._local.sftp = (generation, sftp)
+        return sftp
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _call(self, what: str, fn: Callable[[paramiko.SFTPClient], T]) -> T:
+        """Run ``fn`` on this thread's channel and turn failures into backend errors."""
+        pm = _paramiko()
+        sftp = self._sftp()
+        try:
+            return fn(sftp)
+        except BackendError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise ObjectNotFound(f"{what}: not found") from exc
+            if exc.errno == errno.EACCES:
+                raise BackendError(f"{what}: permission denied on {self.loc.host}", retryable=False) from exc
+            if exc.errno is None and not isinstance(exc, TimeoutError):
+                # paramiko's form of the server's own status ("Failure"): not a network
+                # fault, so not retried.
+                raise BackendError(f"{what}: the sftp server on {self.loc.host} said: {exc}",
+                                   retryable=False) from exc
+            self._drop()  # a socket error: the next attempt connects again
+            raise BackendError(f"{what}: connection to {self.loc.host} lost: {exc}") from exc
+        except (EOFError, pm.SSHException, pm.SFTPError) as exc:
+            self._drop()
+            raise BackendError(f"{what}: connection to {self.loc.host} lost: {exc or type(exc).__name__}") from exc
+
+    def _drop(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # --- names --------------------------------------------------------------------------
+
+    def _base(self) -> str:
+        if self._root is None:
+            path = self.loc.path
+            if not path.startswith("/"):
+                home = self._call("home folder", lambda s: s.normalize("."))
+                path = posixpath.join(home, path)
+            self._root = path
+        return self._root
+
+    def _path(self, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise BackendError(f"invalid object name {name!r}", retryable=False)
+        return posixpath.join(self._base(), name) if name else self._base()
+
+    # --- the Backend protocol --------------------------------------------------------------
+
+    def exists(self) -> bool:
+        path = self._path("")
+        try:
+            st = self._call(path, lambda s: s.stat(path))
+        except ObjectNotFound:
+            return False
+        return statmod.S_ISDIR(st.st_mode or 0)
+
+    def _walk(self, top: str) -> Iterator[tuple[str, Any]]:
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            try:
+                entries = self._call(d, lambda s, d=d: s.listdir_attr(d))  # type: ignore[misc]
+            except ObjectNotFound:
+                continue
+            for e in entries:
+                full = posixpath.join(d, e.filename)
+                if statmod.S_ISDIR(e.st_mode or 0):
+                    stack.append(full)
+                else:
+                    yield full, e
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self._base()
+        top = self._path(prefix.rstrip("/")) if prefix else base
+        for full, attr in self._walk(top):
+            if posixpath.basename(full).startswith(_TMP):
+                continue
+            yield ObjectInfo(posixpath.relpath(full, base), attr.st_size or 0)
+
+    def _pack_handle(self, s: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
+        """An open handle on an immutable object (a pack), kept per thread: a restore reads
+        many ranges of each pack, and an open and a close would cost two round trips each."""
+        cached = getattr(self._local, "handles", None)
+        if cached is None or cached[0] is not s:
+            cached = self._local.handles = (s, OrderedDict())
+        handles: OrderedDict[str, paramiko.SFTPFile] = cached[1]
+        f = handles.get(path)
+        if f is not None:
+            handles.move_to_end(path)
+            return f
+        f = s.open(path, "rb")
+        handles[path] = f
+        if len(handles) > _OPEN_PACKS:
+            _old, stale = handles.popitem(last=False)
+            try:
+                stale.close()
+            except Exception:
+                pass
+        return f
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+
+        def read_from(f: paramiko.SFTPFile) -> bytes:
+            start = offset
+            if offset < 0 or length is None:
+                size = f.stat().st_size or 0
+                if offset < 0:
+                    if size < -offset:
+                        raise ObjectNotFound(f"{name}: shorter than {-offset} bytes")
+                    start = size + offset
+                n = size - start if length is None else length
+            else:
+                n = length
+            return _pread(f.sftp, f.handle, start, n) if n > 0 else b""
+
+        def read(s: paramiko.SFTPClient) -> bytes:
+            if name.startswith("data/") and length is not None and offset >= 0:
+                return read_from(self._pack_handle(s, path))
+            with s.open(path, "rb") as f:
+                return read_from(f)
+        return self._call(name, read)
+
+    def _mkdirs(self, s: paramiko.SFTPClient, folder: str) -> None:
+        if folder in self._made_dirs:
+            return
+        todo = []
+        d = folder
+        while d not in ("", "/"):
+            try:
+                if statmod.S_ISDIR(s.stat(d).st_mode or 0):
+                    break
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            todo.append(d)
+            d = posixpath.dirname(d)
+        for d in reversed(todo):
+            try:
+                s.mkdir(d, 0o700)
+            except OSError:
+                if not statmod.S_ISDIR(s.stat(d).st_mode or 0):  # another writer made it
+                    raise
+        self._made_dirs.add(folder)
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        folder = posixpath.dirname(path)
+        tmp = posixpath.join(folder, f"{_TMP}-{posixpath.basename(path)}-{secrets.token_hex(6)}")
+
+        def write(s: paramiko.SFTPClient) -> None:
+            self._mkdirs(s, folder)
+            try:
+                with s.open(tmp, "wb") as f:
+                    f.set_pipelined(True)
+                    f.write(data)
+                    f.flush()
+                    self._fsync(s, f.handle)
+                s.posix_rename(tmp, path)
+            except BaseException as exc:
+                self._remove_quietly(s, tmp)
+                if isinstance(exc, OSError) and exc.errno is None and self._disk_full(s, folder, len(data)):
+                    raise NoSpace(f"no space left on {self.loc.host}:{folder} while writing {name}") from exc
+                raise
+        self._call(name, write)
+
+    def _fsync(self, s: paramiko.SFTPClient, handle: bytes) -> None:
+        """Durable before the rename, where the server can do it (OpenSSH can)."""
+        if not self._fsync_ok:
+            return
+        pm = _paramiko()
+        try:
+            s._request(pm.sftp.CMD_EXTENDED, "fsync@openssh.com", handle)
+        except OSError as exc:
+            if exc.errno is not None or "unsupported" not in str(exc).lower():
+                raise
+            self._fsync_ok = False  # not offered: the rename still keeps the put atomic
+
+    def _disk_full(self, s: paramiko.SFTPClient, folder: str, need: int) -> bool:
+        pm = _paramiko()
+        try:
+            _t, msg = s._request(pm.sftp.CMD_EXTENDED, "statvfs@openssh.com", folder)
+            bsize, frsize, _blocks, _bfree, bavail = (msg.get_int64() for _ in range(5))
+        except Exception:
+            return False
+        return bool(bavail * (frsize or bsize) < need + 64 * 1024)
+
+    @staticmethod
+    def _remove_quietly(s: paramiko.SFTPClient, path: str) -> None:
+        try:
+            s.remove(path)
+        except Exception:
+            pass
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            self._call(name, lambda s: s.remove(path))
+        except ObjectNotFound:
+            return
+
+    def stat(self, name: str) -> ObjectInfo:
+        path = self._path(name)
+        st = self._call(name, lambda s: s.stat(path))
+        return ObjectInfo(name, st.st_size or 0)
+
+    def remove_temp_files(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """As LocalBackend.remove_temp_files: temp files of puts that never finished. Ages
+        come from the server's clock, compared with ours (minutes of skew are harmless at an
+        age of an hour)."""
+        cutoff = time.time() - older_than
+        files = size = 0
+        for full, attr in self._walk(self._base()):
+            if not posixpath.basename(full).startswith(_TMP) or (attr.st_mtime or 0) >= cutoff:
+                continue
+            if not dry_run:
+                try:
+                    self._call(full, lambda s, p=full: s.remove(p))  # type: ignore[misc]
+                except ObjectNotFound:
+                    continue
+            files += 1
+            size += attr.st_size or 0
+        return files, size

@@ -1,0 +1,192 @@
+"""The sftp backend against a real OpenSSH server that the tests start on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavault.backends import open_backend
+from deltavault.backends.base import unwrap
+from deltavault.backends.sftp import SFTPBackend, SFTPLocation, parse_location
+from deltavault.errors import BackendError, ObjectNotFound, UsageError
+from tests.conftest import Cli
+from tests.loopdev import umount
+from tests.sshd import Server, missing_tools, sshd
+from tests.treeutil import manifest
+
+pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    with sshd(tmp_path) as srv:
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
+        yield srv
+
+
+@pytest.fixture
+def scli(cli: Cli, server: Server, tmp_path: Path) -> Cli:
+    cli.env.update(DELTAVAULT_REPOSITORY=server.url(tmp_path / "remote" / "repo"),
+                   DELTAVAULT_SSH_CONFIG=str(server.ssh_config))
+    return cli
+
+
+def test_locations() -> None:
+    assert parse_location("sftp://bob@host:2222/srv/backup/") == SFTPLocation("host", "/srv/backup", "bob", 2222)
+    assert parse_location("sftp://host/~/backup") == SFTPLocation("host", "backup")
+    assert parse_location("sftp://[::1]:22/r") == SFTPLocation("::1", "/r", None, 22)
+    assert parse_location("sftp:bob@host:backup") == SFTPLocation("host", "backup", "bob")
+    assert parse_location("sftp:host:/srv/r") == SFTPLocation("host", "/srv/r")
+    assert str(parse_location("sftp:bob@host:backup")) == "sftp://bob@host/~/backup"
+    for bad in ("sftp://host", "sftp://host/", "sftp:host", "sftp://host:x/r", "sftp://@/r"):
+        with pytest.raises(UsageError):
+            parse_location(bad)
+
+
+def test_object_store_contract(server: Server, tmp_path: Path) -> None:
+    b = open_backend(server.url(tmp_path / "r"))
+    assert not b.exists()
+    data = os.urandom(3 * 1024 * 1024 + 17)  # several SFTP read and write requests
+    b.put("data/ab/ab01", data)
+    b.put("index/i1", b"x")
+    assert b.exists()
+    assert b.get("data/ab/ab01") == data
+    assert b.get("data/ab/ab01", 1000, 5000) == data[1000:6000]
+    assert b.get("data/ab/ab01", -40) == data[-40:]
+    assert b.get("data/ab/ab01", len(data) - 3, 100) == data[-3:]
+    assert b.get("data/ab/ab01", 5, len(data) + 300_000) == data[5:]  # requests past the end are drained
+    assert b.get("data/ab/ab01", 0, 10) == data[:10]  # the same connection still answers in order
+    assert sorted((o.name, o.size) for o in b.list("")) == [("data/ab/ab01", len(data)), ("index/i1", 1)]
+    assert [o.name for o in b.list("index/")] == ["index/i1"]
+    assert list(b.list("snapshots/")) == []
+    assert b.stat("index/i1").size == 1
+    b.put("index/i1", b"yz")  # replacing is atomic too
+    assert b.get("index/i1") == b"yz"
+    with pytest.raises(ObjectNotFound):
+        b.get("index/nope")
+    with pytest.raises(ObjectNotFound):
+        b.get("index/i1", -10)
+    with pytest.raises(ObjectNotFound):
+        b.stat("index/nope")
+    b.delete("index/i1")
+    b.delete("index/i1")  # deleting what is gone is fine
+    assert [o.name for o in b.list("")] == ["data/ab/ab01"]
+    with pytest.raises(BackendError):
+        b.get("../escape")
+    # The folder on the server holds exactly the objects: the temp names were renamed away.
+    on_disk = sorted(str(p.relative_to(tmp_path / "r")) for p in (tmp_path / "r").rglob("*") if p.is_file())
+    assert on_disk == ["data/ab/ab01"]
+    inner = unwrap(b)
+    assert isinstance(inner, SFTPBackend) and inner._fsync_ok  # OpenSSH offers fsync@openssh.com
+
+
+def test_temp_files_of_killed_puts_are_pruned(server: Server, tmp_path: Path) -> None:
+    b = unwrap(open_backend(server.url(tmp_path / "r")))
+    assert isinstance(b, SFTPBackend)
+    b.put("data/00/keep", b"k")
+    tmp = tmp_path / "r" / "data" / "00" / ".tmp-abc-123456"
+    tmp.write_bytes(b"partial")
+    assert [o.name for o in b.list("")] == ["data/00/keep"]  # never listed as an object
+    assert b.remove_temp_files(3600) == (0, 0)  # too young: it may be a put in progress
+    old = time.time() - 7200
+    os.utime(tmp, (old, old))
+    assert b.remove_temp_files(3600, dry_run=True) == (1, 7) and tmp.exists()
+    assert b.remove_temp_files(3600) == (1, 7) and not tmp.exists()
+
+
+def test_reconnects_after_the_connection_drops(server: Server, tmp_path: Path) -> None:
+    b = open_backend(server.url(tmp_path / "r"))  # with the retry wrapper, as the CLI uses it
+    b.put("a", b"1")
+    server.kill_sessions()
+    time.sleep(0.2)
+    b.put("b", b"2")
+    assert b.get("a") == b"1" and b.get("b") == b"2"
+
+
+def test_cli_round_trip_and_incremental_downloads_nothing(scli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "data"
+    (src / "sub").mkdir(parents=True)
+    (src / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024))
+    (src / "sub" / "note.txt").write_text("first\n")
+    (src / "link").symlink_to("sub/note.txt")
+    assert scli("init").returncode == 0
+    time.sleep(2.1)  # past the racy window, so the second run can skip unchanged files
+    b1 = scli("--json", "backup", str(src))
+    assert b1.returncode == 0, b1.stderr
+    v1 = manifest(src)
+    (src / "sub" / "note.txt").write_text("second\n")
+    b2 = scli("--json", "backup", str(src))
+    assert b2.returncode == 0, b2.stderr
+    s2 = b2.last("summary")
+    assert (s2["files_changed"], s2["files_unmodified"]) == (1, 1), s2
+    # An incremental reads the config and key only: no pack, index or tree.
+    assert s2["bytes_downloaded"] < 4096, s2
+    for n, (sid, want) in enumerate(((b1.last("summary")["snapshot"], v1), ("latest", manifest(src)))):
+        out = tmp_path / f"out{n}"
+        r = scli("--json", "restore", sid, "--target", str(out), "--verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert manifest(out / "data") == want
+    c = scli("--json", "check", "--read-data")
+    assert c.returncode == 0 and c.last("check_summary")["errors"] == 0
+    assert scli("forget", b1.last("summary")["snapshot"]).returncode == 0
+    r = scli("prune")
+    assert r.returncode == 0, r.stderr
+    assert scli("check", "--read-data").returncode == 0
+    assert len(scli("--json", "snapshots").json) == 1
+
+
+def test_unknown_host_key_is_refused(scli: Cli, server: Server) -> None:
+    (server.dir / "known_hosts").write_text("")
+    r = scli("init")
+    assert r.returncode == 15, r.stderr
+    assert "host key" in r.stderr and "not known" in r.stderr and "ssh-keyscan" in r.stderr
+
+
+def test_changed_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = (other.with_suffix(".pub")).read_text().split()[:2]
+    (server.dir / "known_hosts").write_text(f"[127.0.0.1]:{server.port} {kind} {key}\n")
+    r = scli("init")
+    assert r.returncode == 15, r.stderr
+    assert "does not match known_hosts" in r.stderr
+
+
+def test_login_refused(scli: Cli, server: Server) -> None:
+    (server.dir / "authorized_keys").write_text("")
+    r = scli("init")
+    assert r.returncode == 15, r.stderr
+    assert "ssh login" in r.stderr and "failed" in r.stderr
+
+
+def test_missing_repository(scli: Cli) -> None:
+    r = scli("snapshots")
+    assert r.returncode == 10, r.stderr
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts a small tmpfs as the server's disk)")
+def test_full_disk_on_the_server(scli: Cli, server: Server, tmp_path: Path) -> None:
+    disk = tmp_path / "remote"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], check=True)
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "small").write_bytes(b"small file\n")
+        assert scli("init").returncode == 0
+        assert scli("backup", str(src)).returncode == 0
+        (src / "big").write_bytes(os.urandom(12 * 1024 * 1024))
+        r = scli("backup", str(src))
+        assert r.returncode == 14, r.stderr
+        assert "no space left" in r.stderr
+        (src / "big").unlink()
+        assert scli("check", "--read-data").returncode == 0  # what was stored is intact
+        assert len(scli("--json", "snapshots").json) == 1
+    finally:
+        umount(disk)

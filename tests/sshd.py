@@ -1,0 +1,105 @@
+"""A real OpenSSH server on 127.0.0.1 for the sftp backend's tests, with its own host key,
+client key and client configuration (nothing in ~/.ssh is read or changed)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+
+
+def missing_tools() -> str | None:
+    need = {"sshd": SSHD, "ssh-keygen": shutil.which("ssh-keygen")}
+    missing = [name for name, path in need.items() if path is None]
+    if missing:
+        return f"needs {', '.join(missing)} (openssh-server; scripts/install-system-deps.sh installs it)"
+    return None
+
+
+@dataclass
+class Server:
+    dir: Path
+    port: int
+    user: str
+    ssh_config: Path  # client config naming the host "dvtest"
+    proc: subprocess.Popen[bytes]
+
+    def url(self, path: str | Path) -> str:
+        return f"sftp://dvtest{path}"
+
+    def kill_sessions(self) -> None:
+        """End every client connection (the per-connection sshd processes), keeping the listener."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        for pid in out.split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def sshd(tmp: Path) -> Iterator[Server]:
+    d = tmp / "sshd"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_bytes((d / "client_key.pub").read_bytes())
+    host_pub = (d / "host_key.pub").read_text().split()
+    port = _free_port()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    (d / "sshd_config").write_text(f"""\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
+LogLevel ERROR
+""")
+    user = getpass.getuser()
+    config = d / "ssh_config"
+    config.write_text(f"""\
+Host dvtest
+  HostName 127.0.0.1
+  Port {port}
+  User {user}
+  IdentityFile {d}/client_key
+  UserKnownHostsFile {d}/known_hosts
+""")
+    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation folder, when run as root
+    assert SSHD is not None
+    with open(d / "sshd.log", "wb") as log:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
+    try:
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None:
+                raise AssertionError(f"sshd exited: {(d / 'sshd.log').read_text()}")
+            time.sleep(0.05)
+        yield Server(d, port, user, config, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
