@@ -276,6 +276,34 @@ def test_restore_does_not_follow_existing_symlinks_in_target(tmp_path: Path, rep
     assert not r.problems
 
 
+def test_directory_metadata_waits_for_batched_and_large_files(tmp_path: Path, repo: Repository) -> None:
+    """Small files are written in batches that span directories, large ones by workers; each
+    directory's mode and times are set only after its last entry is written."""
+    from deltavault.restore import files as restore_files
+
+    src = tmp_path / "src"
+    rnd = random.Random(3)
+    for d in range(12):
+        sub = src / f"d{d:02}" / "inner"
+        sub.mkdir(parents=True)
+        for i in range(40):  # 960 small files: several batches, each across directories
+            (sub.parent / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(0, 3000)))
+            (sub / f"g{i}").write_bytes(rnd.randbytes(50))
+        if d % 4 == 0:  # a large file, written by a worker while the walk goes on
+            (sub / "big").write_bytes(rnd.randbytes(restore_files.INLINE_BELOW + 12345))
+        sub.chmod(0o555)
+        sub.parent.chmod(0o711)
+    res = backup(repo, src)
+    out = tmp_path / "out"
+    r = restore(repo, res, out, verify=True)
+    assert not r.problems, r.problems
+    assert r.stats.files == 12 * 80 + 3 and r.stats.dirs == 25
+    assert manifest(out / "src") == manifest(src)  # modes included
+    dirs = [p.relative_to(src) for p in src.rglob("*") if p.is_dir()]
+    assert len(dirs) == 24
+    assert {d: (out / "src" / d).stat().st_mtime_ns for d in dirs} == {d: (src / d).stat().st_mtime_ns for d in dirs}
+
+
 def test_damaged_blob_spoils_only_its_file(tmp_path: Path, repo: Repository) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,6 +68,29 @@ class RestoreStats:
     bytes_verified: int = 0
 
 
+class _Dir:
+    """A restored directory whose metadata waits for everything below it: its mode may
+    forbid writes and its times change with every entry made in it. ``left`` counts the
+    walker's hold (released when its listing is done), its files being written and its
+    subdirectories not yet finished."""
+
+    __slots__ = ("fd", "left", "node", "parent", "relpath")
+
+    def __init__(self, fd: int, relpath: bytes, node: Node, parent: _Dir | None) -> None:
+        self.fd, self.relpath, self.node, self.parent = fd, relpath, node, parent
+        self.left = 1
+
+
+# Files handed to the workers and not yet written. It bounds memory and the directories
+# held open (each waits for its last file), while the walker keeps ahead of the workers.
+IN_FLIGHT = 64
+# Files smaller than this are written by the walker itself; larger ones by the workers,
+# where decompression, decryption and hashing release the GIL for long stretches.
+INLINE_BELOW = 1024 * 1024
+SMALL_FILES = 256  # a batch of small files: at most this many,
+SMALL_BYTES = 16 * 1024 * 1024  # and about this much content
+
+
 @dataclass
 class _Selection:
     whole: bool  # restore everything below
@@ -100,7 +124,11 @@ class FileRestorer:
         self.stats = RestoreStats()
         self._links: dict[tuple[int, int], bytes] = {}
         self._pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="dv-restore")
-        self._pending: list[tuple[Future[None], bytes]] = []
+        self._slots = threading.BoundedSemaphore(IN_FLIGHT)
+        self._lock = threading.Lock()
+        self._fatal: BaseException | None = None  # the first error that ends the restore
+        self._small: list[tuple[int, bytes, Node, _Dir | None]] = []
+        self._small_bytes = 0
         self._found: set[bytes] = set()
 
     def _problem(self, path: bytes, kind: str, message: str) -> None:
@@ -113,21 +141,40 @@ class FileRestorer:
         fd = open_target_dir(self.target, "restore target")
         self.reporter.start("restore")
         try:
-            self._restore_tree(fd, b"", root_tree, _selection(self.opts.include))
-            self._wait_all()
+            self._restore_tree(fd, b"", root_tree, _selection(self.opts.include), None)
+            self._flush_small()
         finally:
-            os.close(fd)
+            for _fd, _rel, _node, here in self._small:  # not written: an error ends the run
+                self._release(here)
             self._pool.shutdown(wait=True)
+            os.close(fd)
             self.reporter.finish()
+        if self._fatal is not None:
+            raise self._fatal
         for inc in self.opts.include:
             if os.fsencode(inc.strip("/")) not in self._found:
                 self._problem(os.fsencode(inc), "missing", "not in the snapshot")
         return self.stats
 
-    def _wait_all(self) -> None:
-        pending, self._pending = self._pending, []
-        for fut, _path in pending:
-            fut.result()
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _release(self, d: _Dir | None) -> None:
+        """One thing below ``d`` is finished; the last one applies its metadata, then
+        counts for its parent."""
+        while d is not None:
+            with self._lock:
+                d.left -= 1
+                if d.left:
+                    return
+            try:
+                self._apply_meta_fd(d.fd, d.relpath, d.node)
+            finally:
+                os.close(d.fd)
+            with self._lock:
+                self.stats.dirs += 1
+            d = d.parent
 
     def _load_tree(self, tree_id: bytes, relpath: bytes) -> list[Node]:
         nodes = decode_tree(self.repo.load_blob(tree_id)).nodes
@@ -140,7 +187,8 @@ class FileRestorer:
         return nodes
 
     # ------------------------------------------------------------------ tree walk
-    def _restore_tree(self, dir_fd: int, relpath: bytes, tree_id: bytes, sel: _Selection) -> None:
+    def _restore_tree(self, dir_fd: int, relpath: bytes, tree_id: bytes, sel: _Selection,
+                      here: _Dir | None) -> None:
         try:
             nodes = self._load_tree(tree_id, relpath)
         except DeltavaultError as exc:
@@ -153,8 +201,9 @@ class FileRestorer:
             child_rel = relpath + b"/" + node.name if relpath else node.name
             if child_sel.whole and not sel.whole:
                 self._found.add(child_rel)
+            self._check_fatal()
             try:
-                self._restore_node(dir_fd, child_rel, node, child_sel)
+                self._restore_node(dir_fd, child_rel, node, child_sel, here)
             except NoSpace:
                 raise
             except OSError as exc:
@@ -162,19 +211,21 @@ class FileRestorer:
                     raise NoSpace(f"restore target is full while writing {display(child_rel)}") from exc
                 self._problem(child_rel, "write", exc.strerror or str(exc))
 
-    def _restore_node(self, dir_fd: int, relpath: bytes, node: Node, sel: _Selection) -> None:
+    def _restore_node(self, dir_fd: int, relpath: bytes, node: Node, sel: _Selection,
+                      here: _Dir | None) -> None:
         name = node.name
         if node.type == NodeType.DIR:
             self._mkdir(dir_fd, name)
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            sub = _Dir(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd),
+                       relpath, node, here)
+            if here is not None:
+                with self._lock:
+                    here.left += 1
             try:
                 if node.subtree is not None:
-                    self._restore_tree(sub, relpath, node.subtree, sel)
-                    self._wait_all()  # children before the directory's own times
-                self._apply_meta_fd(sub, relpath, node)
+                    self._restore_tree(sub.fd, relpath, node.subtree, sel, sub)
             finally:
-                os.close(sub)
-            self.stats.dirs += 1
+                self._release(sub)  # the listing is done; the last file written finishes it
             return
         if not sel.whole:
             return  # a path through a non-directory: nothing selected below
@@ -187,9 +238,28 @@ class FileRestorer:
                 return
             if key is not None:
                 self._links[key] = os.path.join(self.target, relpath)
-            dup = os.dup(dir_fd)
-            fut = self._pool.submit(self._restore_file_guarded, dup, relpath, node)
-            self._pending.append((fut, relpath))
+            if node.size < INLINE_BELOW and key is None:
+                # Written by the walker, in batches: handing small files to threads cost more
+                # in GIL hand-offs (a million futex calls for 10k files) than writing them,
+                # and one read per batch fetches neighbouring blobs together.
+                if here is not None:
+                    with self._lock:
+                        here.left += 1
+                self._small.append((dir_fd, relpath, node, here))
+                self._small_bytes += node.size
+                if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
+                    self._flush_small()
+                return
+            if here is not None:
+                with self._lock:
+                    here.left += 1
+            self._slots.acquire()
+            try:
+                fut = self._pool.submit(self._restore_file_task, dir_fd, relpath, node, here)
+            except BaseException:
+                self._slots.release()
+                self._release(here)
+                raise
             if key is not None:
                 fut.result()  # a link to it may follow at once
             return
@@ -222,9 +292,43 @@ class FileRestorer:
         os.unlink(name, dir_fd=dir_fd)
 
     # ------------------------------------------------------------------ files
-    def _restore_file_guarded(self, dir_fd: int, relpath: bytes, node: Node) -> None:
+    def _restore_file_task(self, dir_fd: int, relpath: bytes, node: Node, here: _Dir | None) -> None:
+        """On a worker. ``dir_fd`` stays open until ``here`` is released. An error that ends
+        the restore is kept for the walker, which stops at its next entry."""
         try:
-            self._restore_file(dir_fd, relpath, node)
+            if self._fatal is None:
+                self._restore_file_guarded(dir_fd, relpath, node)
+        except BaseException as exc:
+            with self._lock:
+                if self._fatal is None:
+                    self._fatal = exc
+        finally:
+            self._slots.release()
+            self._release(here)
+
+    def _flush_small(self) -> None:
+        """Write the batched small files, their blobs read in one pass (load_blobs merges
+        neighbours in a pack into one request)."""
+        items, self._small, self._small_bytes = self._small, [], 0
+        ids = list(dict.fromkeys(r.id for _fd, _rel, n, _d in items for r in n.content if isinstance(r, Full)))
+        try:
+            loaded = dict(self.repo.load_blobs(ids)) if ids else {}
+        except DeltavaultError:
+            loaded = {}  # a damaged blob: each file loads its own and reports only itself
+        for i, (dir_fd, relpath, node, here) in enumerate(items):
+            try:
+                self._restore_file_guarded(dir_fd, relpath, node, loaded)
+            except BaseException:
+                for _fd, _rel, _node, later in items[i + 1:]:
+                    self._release(later)
+                raise
+            finally:
+                self._release(here)
+
+    def _restore_file_guarded(self, dir_fd: int, relpath: bytes, node: Node,
+                              loaded: dict[bytes, bytes] | None = None) -> None:
+        try:
+            self._restore_file(dir_fd, relpath, node, loaded)
         except NoSpace:
             raise
         except CorruptionError as exc:
@@ -233,15 +337,14 @@ class FileRestorer:
             if exc.errno in NO_SPACE_ERRNOS:
                 raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
             self._problem(relpath, "write", exc.strerror or str(exc))
-        finally:
-            os.close(dir_fd)
 
-    def _restore_file(self, dir_fd: int, relpath: bytes, node: Node) -> None:
+    def _restore_file(self, dir_fd: int, relpath: bytes, node: Node,
+                      loaded: dict[bytes, bytes] | None = None) -> None:
         name = node.name
         tmp = b".dv-restore-" + os.urandom(6).hex().encode() + b"-" + name[:120]
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
         try:
-            expect = self._write_content(fd, node.content)
+            expect = self._write_content(fd, node.content, loaded or {})
             os.ftruncate(fd, node.size)
             if self.opts.verify:
                 os.fsync(fd)
@@ -254,11 +357,13 @@ class FileRestorer:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         if self.opts.verify:
             self._verify(dir_fd, relpath, name, node, expect)
-        self.stats.files += 1
-        self.stats.bytes_written += node.size
+        with self._lock:
+            self.stats.files += 1
+            self.stats.bytes_written += node.size
         self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))
 
-    def _write_content(self, fd: int, refs: list[ContentRef]) -> list[tuple[int, int, bytes | None]]:
+    def _write_content(self, fd: int, refs: list[ContentRef],
+                       loaded: dict[bytes, bytes]) -> list[tuple[int, int, bytes | None]]:
         """Write every reference at its offset, in batches of bounded memory. Returns what
         --verify checks: (offset, size, blob id of the bytes, or None for a hole)."""
         expect: list[tuple[int, int, bytes | None]] = []
@@ -270,21 +375,21 @@ class FileRestorer:
             off += ref.size
             batch_bytes += 0 if isinstance(ref, Hole) else ref.size
             if batch_bytes >= BATCH_BYTES:
-                self._write_batch(fd, batch, expect)
+                self._write_batch(fd, batch, expect, loaded)
                 batch, batch_bytes = [], 0
-        self._write_batch(fd, batch, expect)
+        self._write_batch(fd, batch, expect, loaded)
         return expect
 
     def _write_batch(self, fd: int, batch: list[tuple[int, ContentRef]],
-                     expect: list[tuple[int, int, bytes | None]]) -> None:
-        wanted = list(dict.fromkeys(r.id for _, r in batch if isinstance(r, Full)))
+                     expect: list[tuple[int, int, bytes | None]], preloaded: dict[bytes, bytes]) -> None:
+        wanted = list(dict.fromkeys(r.id for _, r in batch if isinstance(r, Full) and r.id not in preloaded))
         loaded = dict(self.repo.load_blobs(wanted)) if wanted else {}
         for o, ref in batch:
             if isinstance(ref, Hole):
                 expect.append((o, ref.size, None))
                 continue
             if isinstance(ref, Full):
-                data = loaded[ref.id]
+                data = preloaded[ref.id] if ref.id in preloaded else loaded[ref.id]
                 if len(data) != ref.size:
                     raise CorruptionError(f"blob {ref.id.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
                 digest = ref.id  # load_blobs checked the bytes against it
@@ -314,7 +419,8 @@ class FileRestorer:
                         bad.append(f"hole at {off} holds data")
                     continue
                 data = os.pread(fd, ln, off)
-                self.stats.bytes_verified += len(data)
+                with self._lock:
+                    self.stats.bytes_verified += len(data)
                 if len(data) != ln or self.repo.blob_id(data) != digest:
                     bad.append(f"bytes {off}..{off + ln} differ")
         finally:
