@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""SFTP backend benchmark: the files-full backup (tree-v1 + db-v1) and its restore, to a local
-repository and to an sftp repository on a real OpenSSH server on 127.0.0.1, beside restic's
-sftp backend (which pipes through the ssh binary), in the same run, round by round.
+"""Backup and restore, local and over SFTP: the files-full backup (tree-v1 + db-v1) and its
+restore, with a local repository and with an sftp repository on a real OpenSSH server on
+127.0.0.1, for deltavault, restic (whose sftp backend pipes through the ssh binary) and borg (which
+runs `borg serve` on the host over ssh), in the same run, round by round. borg runs
+unencrypted with its default lz4, as anchors.sh runs it.
+
+Needs root (restores go to a fresh ext4 on a loop device each time).
 
 Usage: bench/sftp.py --datasets DIR [--repeat N] [--out FILE]
 """
@@ -22,12 +26,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.loopdev import fresh_fs  # noqa: E402
 from tests.sshd import sshd  # noqa: E402  (the test suite's server, so both run the same sshd)
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+def restore_timed(argv: list[str], env: dict[str, str], work: Path, *, cwd: bool = False) -> float:
+    """Each restore goes to a new ext4: on a file system that has just deleted the previous
+    restore's 10k files, creating inodes was seen to cost every tool several seconds. borg
+    extracts into its working directory (``cwd``); the others take the target last."""
+    scratch = work / "restore-fs"
+    scratch.mkdir()
+    try:
+        with fresh_fs(scratch, "3G", "mkfs.ext4", "-q", "-F") as mnt:
+            subprocess.run(["sync"], check=True)
+            if cwd:
+                return timed(argv, env, cwd=mnt)
+            return timed([*argv, str(mnt / "out")], env)
+    finally:
+        shutil.rmtree(scratch)
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run(argv, env=env, capture_output=True, text=True)
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=cwd)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
     return time.perf_counter() - t0
@@ -50,16 +71,23 @@ def one_round(ds: Path, work: Path) -> dict[str, float]:
             timed([*dv, "-r", repo, "init"], env)
             subprocess.run(["sync"], check=True)
             out[f"deltavault {name} backup"] = timed([*dv, "-r", repo, "backup", *paths], env)
-            out[f"deltavault {name} restore"] = timed(
-                [*dv, "-r", repo, "restore", "latest", "--target", str(work / f"out-{name}")], env)
-            shutil.rmtree(work / f"out-{name}")
-        repo = f"sftp:dvtest:{work}/restic-repo"
+            out[f"deltavault {name} restore"] = restore_timed(
+                [*dv, "-r", repo, "restore", "latest", "--target"], env, work)
         opt = ["-o", f"sftp.command=ssh -F {srv.ssh_config} dvtest -s sftp"]
-        timed(["restic", "-r", repo, *opt, "init"], env)
-        subprocess.run(["sync"], check=True)
-        out["restic sftp backup"] = timed(["restic", "-r", repo, *opt, "backup", "-q", *paths], env)
-        out["restic sftp restore"] = timed(["restic", "-r", repo, *opt, "restore", "latest", "-q",
-                                            "--target", str(work / "out-restic")], env)
+        for name, repo in (("local", str(work / "restic-local")), ("sftp", f"sftp:dvtest:{work}/restic-sftp")):
+            timed(["restic", "-r", repo, *opt, "init"], env)
+            subprocess.run(["sync"], check=True)
+            out[f"restic {name} backup"] = timed(["restic", "-r", repo, *opt, "backup", "-q", *paths], env)
+            out[f"restic {name} restore"] = restore_timed(
+                ["restic", "-r", repo, *opt, "restore", "latest", "-q", "--target"], env, work)
+        # borg 1.2 has no sftp backend: remotely it runs `borg serve` on the host over ssh.
+        env.update(BORG_RSH=f"ssh -F {srv.ssh_config}", BORG_BASE_DIR=str(work / "borg-base"),
+                   BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+        for name, repo in (("local", str(work / "borg-local")), ("ssh", f"ssh://dvtest{work}/borg-ssh")):
+            timed(["borg", "init", "-e", "none", repo], env)
+            subprocess.run(["sync"], check=True)
+            out[f"borg {name} backup"] = timed(["borg", "create", f"{repo}::a", *paths], env)
+            out[f"borg {name} restore"] = restore_timed(["borg", "extract", f"{repo}::a"], env, work, cwd=True)
     return out
 
 
@@ -78,11 +106,11 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1].items()), flush=True)
     medians = {k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}
-    ratios = {
-        "backup sftp / local": round(statistics.median(r["deltavault sftp backup"] / r["deltavault local backup"] for r in rounds), 2),
-        "backup sftp / restic sftp": round(statistics.median(r["deltavault sftp backup"] / r["restic sftp backup"] for r in rounds), 2),
-        "restore sftp / restic sftp": round(statistics.median(r["deltavault sftp restore"] / r["restic sftp restore"] for r in rounds), 2),
-    }
+    ratios = {f"{op} {where} / {peer} {pwhere}": round(statistics.median(
+        r[f"deltavault {where} {op}"] / r[f"{peer} {pwhere} {op}"] for r in rounds), 2)
+        for op in ("backup", "restore")
+        for where, peer, pwhere in (("local", "restic", "local"), ("sftp", "restic", "sftp"),
+                                    ("local", "borg", "local"), ("sftp", "borg", "ssh"))}
     result = {"rounds": rounds, "medians": medians, "ratios": ratios,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     a.out.parent.mkdir(parents=True, exist_ok=True)
