@@ -42,6 +42,7 @@ bench: system-deps $(STAMP)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/volume.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync.py --datasets $(DATASETS) --update-doc docs/benchmarks.md
 	flock /tmp/dv-bench.lock $(BIN)/python bench/prune_memory.py
+	flock /tmp/dv-bench.lock $(BIN)/python bench/sftp.py --datasets $(DATASETS)
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache
