@@ -7,14 +7,19 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from deltavault.backends import open_backend
+from deltavault.backends import RetryingBackend, open_backend
 from deltavault.backends.base import unwrap
 from deltavault.backends.sftp import SFTPBackend, SFTPLocation, parse_location
+from deltavault.backup.run import BackupRequest, run_backup
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
-from tests.conftest import Cli
+from deltavault.repository.check import check_repository
+from deltavault.repository.repository import Repository
+from deltavault.restore.files import FileRestorer, RestoreOptions
+from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
 from tests.loopdev import umount
 from tests.sshd import Server, missing_tools, sshd
 from tests.treeutil import manifest
@@ -190,3 +195,48 @@ def test_full_disk_on_the_server(scli: Cli, server: Server, tmp_path: Path) -> N
         assert len(scli("--json", "snapshots").json) == 1
     finally:
         umount(disk)
+
+
+class _KillAfterPut:
+    """A backend that ends every SSH session once a pack has been stored: the engine's next
+    request meets a dead connection, as on a network cut during a backup."""
+
+    def __init__(self, inner: Any, server: Server) -> None:
+        self.inner, self.server, self.killed = inner, server, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(name, data)
+        if name.startswith("data/") and self.killed < 2:
+            self.killed += 1
+            self.server.kill_sessions()
+            time.sleep(0.2)
+
+
+def test_backup_survives_dropped_connections(server: Server, tmp_path: Path) -> None:
+    src = tmp_path / "data"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(1_500_000))
+    killer = _KillAfterPut(unwrap(open_backend(server.url(tmp_path / "r"))), server)
+    repo = Repository.init(RetryingBackend(killer, base_delay=0.05), PASSWORD, scrypt=FAST_SCRYPT,
+                           pack_size=2 * 1024 * 1024, cache_root=tmp_path / "cache")
+    res = run_backup(repo, BackupRequest(paths=[str(src)]))
+    assert killer.killed == 2 and not res.problems
+    fresh = Repository.open(open_backend(server.url(tmp_path / "r")), lambda: PASSWORD, use_cache=False)
+    assert res.snapshot.tree is not None
+    FileRestorer(fresh, tmp_path / "out", RestoreOptions(verify=True)).run(res.snapshot.tree)
+    assert manifest(tmp_path / "out" / "data") == manifest(src)
+    assert not check_repository(fresh, read_data=True).errors
+
+
+def test_server_gone_is_exit_15_after_retries(scli: Cli, server: Server) -> None:
+    assert scli("init").returncode == 0
+    server.proc.terminate()
+    server.proc.wait()
+    server.kill_sessions()
+    r = scli("snapshots")
+    assert r.returncode == 15, r.stderr
+    assert "cannot connect" in r.stderr and "Connection refused" in r.stderr

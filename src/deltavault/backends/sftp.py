@@ -230,7 +230,10 @@ class SFTPBackend:
                                    f"(ssh-keyscan -p {s['port']} {s['hostname']})", retryable=False) from exc
             raise BackendError(f"ssh connection to {where} failed: {exc}") from exc
         except (OSError, EOFError) as exc:
-            raise BackendError(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc}") from exc
+            # paramiko gathers the per-address socket errors of a failed connect in .errors
+            causes = {getattr(e, "strerror", None) or str(e) for e in getattr(exc, "errors", {}).values()}
+            why = ", ".join(sorted(causes)) or getattr(exc, "strerror", None) or str(exc)
+            raise BackendError(f"cannot connect to {where}: {why}") from exc
         transport = client.get_transport()
         sock = getattr(transport, "sock", None)
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
