@@ -362,3 +362,28 @@ def test_catalog_damaged_mid_file_costs_a_reread_and_is_replaced(tmp_path: Path,
     assert cli("--json", "backup", str(src)).last("summary")["change_source"] == "parent-trees"
     last = cli("--json", "backup", str(src)).last("summary")
     assert last["change_source"] == "catalog" and last["problems"] == []
+
+
+@needs_root()
+@needs_tools("mkfs.ext4", "losetup")
+@pytest.mark.parametrize("layout", ["small files", "one large file"])
+def test_full_restore_target_is_exit_14(tmp_path: Path, cli: Cli, layout: str) -> None:
+    """Small files are written by the walker in batches and large ones by workers: a full
+    target ends the restore with exit 14 either way, and no temporary file is left."""
+    src = tmp_path / "src"
+    src.mkdir()
+    if layout == "small files":
+        for i in range(300):
+            (src / f"f{i:03}").write_bytes(os.urandom(100_000))
+    else:
+        (src / "big").write_bytes(os.urandom(30 << 20))
+    assert cli("init").returncode == 0
+    assert cli("backup", str(src)).returncode == 0
+    target = tmp_path / "target"
+    target.mkdir()
+    with fresh_fs(target, "12M", "mkfs.ext4", "-q", "-F", "-m", "0") as mnt:
+        r = cli("--json", "restore", "latest", "--target", str(mnt / "out"))
+        assert r.returncode == 14, r.stdout + r.stderr
+        assert "restore target is full" in r.last("error")["message"]
+        left = [p.name for p in (mnt / "out").rglob("*") if p.name.startswith(".dv-restore-")]
+        assert left == []
