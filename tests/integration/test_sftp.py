@@ -240,3 +240,22 @@ def test_server_gone_is_exit_15_after_retries(scli: Cli, server: Server) -> None
     r = scli("snapshots")
     assert r.returncode == 15, r.stderr
     assert "cannot connect" in r.stderr and "Connection refused" in r.stderr
+
+
+def test_proxyjump_and_proxycommand_from_the_ssh_config(server: Server, tmp_path: Path) -> None:
+    """A bastion in ~/.ssh/config: ProxyJump (ssh -W through the jump host, here the same
+    sshd forwarding to itself) and ProxyCommand."""
+    marker = tmp_path / "proxy-used"
+    host = (f"  HostName 127.0.0.1\n  Port {server.port}\n  User {server.user}\n"
+            f"  IdentityFile {server.dir}/client_key\n  UserKnownHostsFile {server.dir}/known_hosts\n")
+    with open(server.ssh_config, "a") as f:
+        f.write(f"Host dvjump\n{host}  ProxyJump dvtest\n")
+        f.write(f"Host dvcmd\n{host}  ProxyCommand sh -c 'touch {marker}; exec ssh -F {server.ssh_config} -W %h:%p dvtest'\n")
+    jump = SFTPBackend(parse_location(f"sftp://dvjump{tmp_path}/r"))
+    assert jump._settings()["proxy"] == (f"ssh -o BatchMode=yes -F {server.ssh_config} "
+                                         f"-W 127.0.0.1:{server.port} dvtest")
+    jump.put("index/a", b"via the jump host")
+    cmd = SFTPBackend(parse_location(f"sftp://dvcmd{tmp_path}/r"))
+    assert cmd.get("index/a") == b"via the jump host" and marker.exists()
+    jump.close()
+    cmd.close()

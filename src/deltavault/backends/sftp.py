@@ -1,8 +1,8 @@
 """SFTP backend: a repository in a directory of any host that speaks SFTP over SSH.
 
 Locations: ``sftp://[user@]host[:port]/abs/path`` or scp style ``sftp:[user@]host:path``
-(a relative path is under the login's home). Host names, users, ports, identity files and
-known-hosts files come from the OpenSSH client configuration (``~/.ssh/config``, or the file
+(a relative path is under the login's home). Host names, users, ports, identity files,
+known-hosts files, ProxyJump and ProxyCommand come from the OpenSSH client configuration (``~/.ssh/config``, or the file
 named by DELTAVAULT_SSH_CONFIG), as an admin expects. Unknown host keys are refused: there is
 no trust on first use for a backup target.
 
@@ -22,6 +22,7 @@ import errno
 import os
 import posixpath
 import secrets
+import shlex
 import socket
 import stat as statmod
 import threading
@@ -191,8 +192,23 @@ class SFTPBackend:
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot read the ssh configuration {self._config_file}: {exc}") from exc
         port = self.loc.port or int(host_cfg.get("port", 22))
+        hostname = host_cfg.get("hostname", self.loc.host)
+        proxy = host_cfg.get("proxycommand")
+        if proxy is not None and proxy.lower() == "none":
+            proxy = None
+        jump = host_cfg.get("proxyjump", "none")
+        if proxy is None and jump.lower() != "none":
+            # ssh makes the hops, with its own config, agent and known hosts for them
+            *via, last = jump.split(",")
+            argv = ["ssh", "-o", "BatchMode=yes"]
+            if os.path.exists(self._config_file):
+                argv += ["-F", self._config_file]
+            if via:
+                argv += ["-J", ",".join(via)]
+            proxy = shlex.join([*argv, "-W", f"{hostname}:{port}", last])
         return {
-            "hostname": host_cfg.get("hostname", self.loc.host),
+            "proxy": proxy,
+            "hostname": hostname,
             "port": port,
             "username": self.loc.user or host_cfg.get("user") or None,
             "key_filename": [os.path.expanduser(p) for p in host_cfg.get("identityfile", [])] or None,
@@ -214,10 +230,11 @@ class SFTPBackend:
             raise BackendError(f"cannot read known hosts: {exc}", retryable=False) from exc
         where = f"{s['hostname']}:{s['port']}"
         try:
+            sock = pm.ProxyCommand(s["proxy"]) if s["proxy"] else None
             client.connect(s["hostname"], port=s["port"], username=s["username"],
                            key_filename=s["key_filename"], timeout=s["timeout"],
                            banner_timeout=s["timeout"], auth_timeout=s["timeout"],
-                           transport_factory=_gcm_first)
+                           transport_factory=_gcm_first, sock=sock)
         except pm.BadHostKeyException as exc:
             raise BackendError(f"the host key of {where} does not match known_hosts: refusing to connect "
                                "(if the host was reinstalled, update known_hosts)", retryable=False) from exc
