@@ -18,7 +18,7 @@ SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/ss
 
 
 def missing_tools() -> str | None:
-    need = {"sshd": SSHD, "ssh-keygen": shutil.which("ssh-keygen")}
+    need = {"sshd": SSHD, "ssh-keygen": shutil.which("ssh-keygen"), "ssh": shutil.which("ssh")}
     missing = [name for name, path in need.items() if path is None]
     if missing:
         return f"needs {', '.join(missing)} (openssh-server; scripts/install-system-deps.sh installs it)"
