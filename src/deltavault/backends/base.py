@@ -6,9 +6,16 @@ layer talks to a :class:`Backend` only, so S3 or SFTP can slot in unchanged.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from deltavault.errors import BackendError
+
+# Objects are written under a temporary name in their folder and renamed when complete.
+# Listings skip these names; prune removes old ones (killed writers).
+TEMP_PREFIX = ".tmp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +57,14 @@ def unwrap(backend: object) -> object:
     while (inner := getattr(backend, "inner", None)) is not None:
         backend = inner
     return backend
+
+
+def check_object_name(name: str) -> None:
+    """Refuse names that would leave the repository root."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise BackendError(f"invalid object name {name!r}", retryable=False)
+
+
+def temp_name(final: str) -> str:
+    """A fresh temporary file name for writing the object whose base name is ``final``."""
+    return f"{TEMP_PREFIX}-{final}-{secrets.token_hex(6)}"

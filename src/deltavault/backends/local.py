@@ -5,16 +5,13 @@ from __future__ import annotations
 import atexit
 import errno
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from deltavault.backends.base import ObjectInfo
+from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
 from deltavault.errors import NO_SPACE_ERRNOS, BackendError, NoSpace, ObjectNotFound
-
-_TMP = ".tmp"
 
 # Temp files being written right now, by any LocalBackend of this process. A put on a
 # daemon thread (the pack uploader) is cut off when the process exits after Ctrl-C or
@@ -55,8 +52,7 @@ class LocalBackend:
         return self.root.is_dir()
 
     def _path(self, name: str) -> Path:
-        if name.startswith("/") or ".." in name.split("/"):
-            raise BackendError(f"invalid object name {name!r}", retryable=False)
+        check_object_name(name)
         return self.root / name
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -73,7 +69,7 @@ class LocalBackend:
             except OSError as exc:
                 _raise_for(exc, str(d))
             for e in entries:
-                if e.name.startswith(_TMP):
+                if e.name.startswith(TEMP_PREFIX):
                     continue
                 if e.is_dir(follow_symlinks=False):
                     stack.append(Path(e.path))
@@ -116,7 +112,7 @@ class LocalBackend:
             except OSError as exc:
                 _raise_for(exc, name)
             self._made_dirs.add(parent)
-        tmp = parent / f"{_TMP}-{path.name}-{secrets.token_hex(6)}"
+        tmp = parent / temp_name(path.name)
         with _writing_lock:
             _writing.add(str(tmp))
         try:
@@ -156,7 +152,7 @@ class LocalBackend:
         files = size = 0
         for dirpath, _dirs, names in os.walk(self.root):
             for n in names:
-                if not n.startswith(_TMP):
+                if not n.startswith(TEMP_PREFIX):
                     continue
                 path = os.path.join(dirpath, n)
                 try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import secrets
 import shlex
 import socket
 import stat as statmod
@@ -32,13 +31,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from deltavault.backends.base import ObjectInfo
+from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
 from deltavault.errors import BackendError, NoSpace, ObjectNotFound, UsageError
 
 if TYPE_CHECKING:
     import paramiko
 
-_TMP = ".tmp"
 _OPEN_PACKS = 16  # pack handles kept open per thread
 _ONE_REQUEST = 32 * 1024  # a READ size every server accepts
 _IN_FLIGHT = 64
@@ -186,7 +184,8 @@ class SFTPBackend:
     def _settings(self) -> dict[str, Any]:
         pm = _paramiko()
         host_cfg: dict[str, Any] = {}
-        if os.path.exists(self._config_file):
+        have_config = os.path.exists(self._config_file)
+        if have_config:
             try:
                 host_cfg = dict(pm.SSHConfig.from_path(self._config_file).lookup(self.loc.host))
             except (OSError, ValueError) as exc:
@@ -201,7 +200,7 @@ class SFTPBackend:
             # ssh makes the hops, with its own config, agent and known hosts for them
             *via, last = jump.split(",")
             argv = ["ssh", "-o", "BatchMode=yes"]
-            if os.path.exists(self._config_file):
+            if have_config:
                 argv += ["-F", self._config_file]
             if via:
                 argv += ["-J", ",".join(via)]
@@ -282,6 +281,7 @@ class SFTPBackend:
         return sftp
 
     def close(self) -> None:
+        """Close the connection; the next call connects again."""
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -305,17 +305,11 @@ class SFTPBackend:
                 # fault, so not retried.
                 raise BackendError(f"{what}: the sftp server on {self.loc.host} said: {exc}",
                                    retryable=False) from exc
-            self._drop()  # a socket error: the next attempt connects again
+            self.close()  # a socket error: the next attempt connects again
             raise BackendError(f"{what}: connection to {self.loc.host} lost: {exc}") from exc
         except (EOFError, pm.SSHException, pm.SFTPError) as exc:
-            self._drop()
+            self.close()
             raise BackendError(f"{what}: connection to {self.loc.host} lost: {exc or type(exc).__name__}") from exc
-
-    def _drop(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
 
     # --- names --------------------------------------------------------------------------
 
@@ -329,8 +323,7 @@ class SFTPBackend:
         return self._root
 
     def _path(self, name: str) -> str:
-        if name.startswith("/") or ".." in name.split("/"):
-            raise BackendError(f"invalid object name {name!r}", retryable=False)
+        check_object_name(name)
         return posixpath.join(self._base(), name) if name else self._base()
 
     # --- the Backend protocol --------------------------------------------------------------
@@ -362,7 +355,7 @@ class SFTPBackend:
         base = self._base()
         top = self._path(prefix.rstrip("/")) if prefix else base
         for full, attr in self._walk(top):
-            if posixpath.basename(full).startswith(_TMP):
+            if posixpath.basename(full).startswith(TEMP_PREFIX):
                 continue
             yield ObjectInfo(posixpath.relpath(full, base), attr.st_size or 0)
 
@@ -435,7 +428,7 @@ class SFTPBackend:
     def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
         folder = posixpath.dirname(path)
-        tmp = posixpath.join(folder, f"{_TMP}-{posixpath.basename(path)}-{secrets.token_hex(6)}")
+        tmp = posixpath.join(folder, temp_name(posixpath.basename(path)))
 
         def write(s: paramiko.SFTPClient) -> None:
             self._mkdirs(s, folder)
@@ -500,7 +493,7 @@ class SFTPBackend:
         cutoff = time.time() - older_than
         files = size = 0
         for full, attr in self._walk(self._base()):
-            if not posixpath.basename(full).startswith(_TMP) or (attr.st_mtime or 0) >= cutoff:
+            if not posixpath.basename(full).startswith(TEMP_PREFIX) or (attr.st_mtime or 0) >= cutoff:
                 continue
             if not dry_run:
                 try:
