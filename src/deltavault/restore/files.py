@@ -13,7 +13,6 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +32,7 @@ from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.patch import apply_patches
 from deltavault.progress import NullReporter, Reporter
+from deltavault.workers import BoundedPool
 
 
 class BlobReader(Protocol):
@@ -123,8 +123,7 @@ class FileRestorer:
         self.problems: list[RestoreProblem] = []
         self.stats = RestoreStats()
         self._links: dict[tuple[int, int], bytes] = {}
-        self._pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="dv-restore")
-        self._slots = threading.BoundedSemaphore(IN_FLIGHT)
+        self._pool = BoundedPool(options.workers, IN_FLIGHT, "dv-restore")
         self._lock = threading.Lock()
         self._fatal: BaseException | None = None  # the first error that ends the restore
         self._small: list[tuple[int, bytes, Node, _Dir | None]] = []
@@ -146,11 +145,10 @@ class FileRestorer:
         finally:
             for _fd, _rel, _node, here in self._small:  # not written: an error ends the run
                 self._release(here)
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
             os.close(fd)
             self.reporter.finish()
-        if self._fatal is not None:
-            raise self._fatal
+        self._check_fatal()
         for inc in self.opts.include:
             if os.fsencode(inc.strip("/")) not in self._found:
                 self._problem(os.fsencode(inc), "missing", "not in the snapshot")
@@ -159,6 +157,12 @@ class FileRestorer:
     def _check_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
+
+    def _hold(self, d: _Dir | None) -> None:
+        """One more thing below ``d`` to finish before its metadata is applied."""
+        if d is not None:
+            with self._lock:
+                d.left += 1
 
     def _release(self, d: _Dir | None) -> None:
         """One thing below ``d`` is finished; the last one applies its metadata, then
@@ -218,9 +222,7 @@ class FileRestorer:
             self._mkdir(dir_fd, name)
             sub = _Dir(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd),
                        relpath, node, here)
-            if here is not None:
-                with self._lock:
-                    here.left += 1
+            self._hold(here)
             try:
                 if node.subtree is not None:
                     self._restore_tree(sub.fd, relpath, node.subtree, sel, sub)
@@ -242,22 +244,16 @@ class FileRestorer:
                 # Written by the walker, in batches: handing small files to threads cost more
                 # in GIL hand-offs (a million futex calls for 10k files) than writing them,
                 # and one read per batch fetches neighbouring blobs together.
-                if here is not None:
-                    with self._lock:
-                        here.left += 1
+                self._hold(here)
                 self._small.append((dir_fd, relpath, node, here))
                 self._small_bytes += node.size
                 if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
                     self._flush_small()
                 return
-            if here is not None:
-                with self._lock:
-                    here.left += 1
-            self._slots.acquire()
+            self._hold(here)
             try:
                 fut = self._pool.submit(self._restore_file_task, dir_fd, relpath, node, here)
             except BaseException:
-                self._slots.release()
                 self._release(here)
                 raise
             if key is not None:
@@ -303,7 +299,6 @@ class FileRestorer:
                 if self._fatal is None:
                     self._fatal = exc
         finally:
-            self._slots.release()
             self._release(here)
 
     def _flush_small(self) -> None:

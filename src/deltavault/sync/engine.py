@@ -17,7 +17,7 @@ import os
 import stat
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ from deltavault.sync.tree import (
     remove_entry,
     temp_name,
 )
+from deltavault.workers import BoundedPool
 
 THREAD_MIN = 1024 * 1024  # files from this size on are copied by the thread pool
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -128,7 +129,6 @@ class Syncer:
         self._relinked_dirs: set[bytes] = set()
         self._fatal: NoSpace | None = None
         self._stopped = False
-        self._slots = threading.BoundedSemaphore(self._threads * 2)
         self._jobs: list[Future[None]] = []
         self._open: set[_Dir] = set()
         self._deferred: list[_Deferred] = []
@@ -189,7 +189,7 @@ class Syncer:
                                          self._cancel, self.reporter)
                 self._shard_depth = depth
                 self.workers = self._processes
-        pool = ThreadPoolExecutor(self._threads, thread_name_prefix="dv-sync")
+        pool = BoundedPool(self._threads, self._threads * 2, "dv-sync")
         if top:
             self.reporter.start("sync")
         old_limit = sys.getrecursionlimit()
@@ -212,14 +212,14 @@ class Syncer:
                 self._finish_deferred(droot)
         except BaseException:
             self._cancel.set()  # copy threads stop at their next buffer and remove temp files
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(cancel_futures=True)
             if self._shards is not None:
                 self._shards.close()  # workers see the event, clean up and return
                 self._shards = None
             self._remove_temps()
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(cancel_futures=True)
             for d in list(self._open):  # left open by an interruption
                 for fd in (d.sfd, d.dfd):
                     if fd >= 0:
@@ -616,14 +616,11 @@ class Syncer:
             # costs more in GIL hand-offs than it saves, so the walker copies them itself.
             self._file_job(d, name, relpath, st)
             return
-        self._slots.acquire()
         try:
             fut = self._pool.submit(self._file_job, d, name, relpath, st)
         except BaseException:
-            self._slots.release()
             self._release(d)
             raise
-        fut.add_done_callback(lambda _f: self._slots.release())
         self._jobs.append(fut)
         if len(self._jobs) > 4096:
             self._jobs = [j for j in self._jobs if not j.done()]

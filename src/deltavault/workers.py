@@ -1,0 +1,35 @@
+"""A thread pool that admits only so many jobs at a time.
+
+The tree walkers of restore and sync feed it: a bounded queue makes the walker wait instead
+of queueing a whole tree's work, and of holding open every directory that work needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class BoundedPool:
+    def __init__(self, workers: int, in_flight: int, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=name)
+        self._slots = threading.BoundedSemaphore(in_flight)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Blocks while ``in_flight`` jobs are queued or running; a slot is freed when a job
+        ends, fails or is cancelled."""
+        self._slots.acquire()
+        try:
+            fut = self._pool.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._slots.release())
+        return fut
+
+    def shutdown(self, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel_futures)
