@@ -36,10 +36,27 @@ def test_plan_reuses_what_the_seed_has() -> None:
     old = rand(4 * MiB, 2)
     new = old[:MiB] + b"inserted" + old[MiB:]
     sig = rdc.signature(rdc.chunks(new, 0))
-    parts, missing = rdc.plan(sig, rdc.SeedIndex(old, 0))
-    assert 0 < sum(n for _o, n in missing) < 200_000  # the chunk(s) around the insertion
-    got = rdc.assemble(parts, [new[o:o + n] for o, n in missing])
-    assert got == new and rdc.check(got, sig, 0)
+    seed = rdc.SeedIndex.of(old, 0)
+    p = rdc.plan(sig, seed)
+    assert 0 < sum(n for _o, n in p.missing) < 200_000  # the chunk(s) around the insertion
+    fetched = [new[o:o + n] for o, n in p.missing]
+    assert rdc.verify_fetched(p, fetched)
+    assert b"".join(rdc.assemble(p, seed, fetched)) == new
+    bad = list(fetched)
+    bad[0] = bytes([bad[0][0] ^ 1]) + bad[0][1:]
+    assert not rdc.verify_fetched(p, bad) and not rdc.verify_fetched(p, fetched[1:])
+
+
+def test_page_mode_costs_exactly_the_changed_pages() -> None:
+    old = bytearray(rand(8 * MiB + 100, 5))
+    new = bytearray(old)
+    for pg in (3, 700, 1500):
+        new[pg * 4096 + 10] ^= 0xFF
+    new[-1] ^= 1  # the short last page
+    ladder = rdc.Ladder.build(bytes(new), pages=True)
+    assert [c.length for c in ladder.chunks[0][-2:]] == [4096, 100]
+    p = rdc.plan(ladder.streams[1], rdc.SeedIndex.of(bytes(old), 0, pages=True))
+    assert p.missing == [(3 * 4096, 4096), (700 * 4096, 4096), (1500 * 4096, 4096), (2048 * 4096, 100)]
 
 
 @pytest.fixture
@@ -80,3 +97,17 @@ def test_remote_errors_are_reported(tmp_path: Path, server: Channel) -> None:
     (tmp_path / "remote/f").write_bytes(b"small new file")
     got, st = fetch(server, b"f", b"")  # no seed: everything is fetched
     assert got == b"small new file" and st.data_reused == 0
+
+
+def test_remote_fetch_in_page_mode(tmp_path: Path, server: Channel) -> None:
+    old = bytearray(rand(16 * MiB, 6))
+    new = bytearray(old)
+    pages = random.Random(7).sample(range(len(new) // 4096), 40)
+    for pg in pages:
+        new[pg * 4096 + 7] ^= 0x5A  # changed in place: one byte in each of 40 pages
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote/vm.img").write_bytes(new)
+    got, st = fetch(server, b"vm.img", bytes(old), pages=True)
+    assert got == bytes(new)
+    assert st.data_fetched == 40 * 4096 and st.data_reused == len(new) - 40 * 4096
+    assert st.signature_fetched < 40 * 2 * 1024 + 4096  # a signature chunk or so per changed page

@@ -8,6 +8,9 @@ at each level down asks only for the chunks its own seed's stream does not have.
 regions therefore cost a few bytes of signature at every level instead of their full list.
 
 stream 0 = the file's bytes; stream k+1 = signature(stream k).
+
+A rebuilt stream is checked chunk by chunk: each fetched chunk against its entry, each seed
+chunk by the digest it was indexed under; the fetcher then checks the whole file's BLAKE3.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 
@@ -23,25 +27,32 @@ from deltavault.chunking.cdc import CdcParams, Chunker
 ENTRY = struct.Struct("<I16s")  # chunk length, BLAKE3-128 of the chunk
 DATA_PARAMS = CdcParams(2048, 8192, 65536)  # file bytes: small chunks, so one change costs ~10 KiB
 SIG_PARAMS = CdcParams(256, 1024, 8192)  # signature streams: ~50 entries a chunk
+PAGE = 4096  # level 0 in page mode: for files changed in place (databases, VM images)
 TOP_MAX = 4096  # stop recursing once a signature is this small: it is sent whole
 MAX_LEVELS = 8
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):  # a tuple: a big file has hundreds of thousands
     offset: int
     length: int
     digest: bytes
 
 
-def _chunker(level: int) -> Chunker:
-    return Chunker(DATA_PARAMS if level == 0 else SIG_PARAMS)
+def _cuts(stream: memoryview, level: int, pages: bool) -> list[tuple[int, int]] | range:
+    if level == 0 and pages:
+        return range(0, len(stream), PAGE)
+    return Chunker(DATA_PARAMS if level == 0 else SIG_PARAMS).cut(stream)
 
 
-def chunks(stream: bytes | memoryview, level: int) -> list[Chunk]:
+def chunks(stream: bytes | memoryview, level: int, *, pages: bool = False) -> list[Chunk]:
+    """A stream's chunks. Level 0 is content-defined, or whole 4 KiB pages with ``pages``
+    (an in-place change then costs exactly its pages; an insertion would shift them all)."""
     mv = memoryview(stream)
-    return [Chunk(off, ln, blake3.blake3(mv[off:off + ln]).digest(16))
-            for off, ln in _chunker(level).cut(mv)]
+    cuts = _cuts(mv, level, pages)
+    if isinstance(cuts, range):
+        n = len(mv)
+        return [Chunk(off, min(PAGE, n - off), blake3.blake3(mv[off:off + PAGE]).digest(16)) for off in cuts]
+    return [Chunk(off, ln, blake3.blake3(mv[off:off + ln]).digest(16)) for off, ln in cuts]
 
 
 def signature(cs: list[Chunk]) -> bytes:
@@ -55,51 +66,105 @@ def parse(sig: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
         yield ENTRY.unpack_from(sig, i)
 
 
-def streams(data: bytes | memoryview) -> list[bytes | memoryview]:
-    """[data, sig(data), sig(sig(data)), ...] until a signature is at most TOP_MAX bytes."""
-    out: list[bytes | memoryview] = [data]
-    while len(out) <= MAX_LEVELS:
-        sig = signature(chunks(out[-1], len(out) - 1))
-        out.append(sig)
-        if len(sig) <= TOP_MAX:
-            break
-    return out
+@dataclass
+class Ladder:
+    """[data, sig(data), sig(sig(data)), ...] until a signature is at most TOP_MAX bytes,
+    with the chunks each level was cut into (so a seed's index need not cut them again)."""
+
+    streams: list[bytes | memoryview]
+    chunks: list[list[Chunk]]
+
+    @classmethod
+    def build(cls, data: bytes | memoryview, *, pages: bool = False) -> Ladder:
+        out: list[bytes | memoryview] = [data]
+        cut: list[list[Chunk]] = []
+        while len(out) <= MAX_LEVELS:
+            cs = chunks(out[-1], len(out) - 1, pages=pages)
+            cut.append(cs)
+            sig = signature(cs)
+            out.append(sig)
+            if len(sig) <= TOP_MAX:
+                break
+        return cls(out, cut)
+
+    def index(self, level: int) -> SeedIndex:
+        if level >= len(self.chunks):
+            return SeedIndex(b"", [])
+        return SeedIndex(self.streams[level], self.chunks[level])
+
+
+def streams(data: bytes | memoryview, *, pages: bool = False) -> list[bytes | memoryview]:
+    return Ladder.build(data, pages=pages).streams
 
 
 class SeedIndex:
     """Where each chunk digest of a local stream lies, to rebuild a remote stream from it."""
 
-    def __init__(self, stream: bytes | memoryview, level: int) -> None:
+    def __init__(self, stream: bytes | memoryview, cs: list[Chunk]) -> None:
         self.stream = memoryview(stream)
-        self.where = {c.digest: (c.offset, c.length) for c in chunks(stream, level)}
+        self.where = {c.digest: (c.offset, c.length) for c in cs}
 
-    def get(self, digest: bytes, length: int) -> memoryview | None:
+    @classmethod
+    def of(cls, stream: bytes | memoryview, level: int, *, pages: bool = False) -> SeedIndex:
+        return cls(stream, chunks(stream, level, pages=pages))
+
+    def find(self, digest: bytes, length: int) -> int | None:
+        """The offset in the stream of a chunk with this digest and length."""
         hit = self.where.get(digest)
-        if hit is None or hit[1] != length:
-            return None
-        return self.stream[hit[0]:hit[0] + length]
+        return hit[0] if hit is not None and hit[1] == length else None
 
 
-def plan(sig: bytes | memoryview, seed: SeedIndex) -> tuple[list[memoryview | None], list[tuple[int, int]]]:
-    """For each chunk the remote signature lists: the seed's bytes, or None and its
-    (offset, length) in the remote stream, to be fetched."""
-    parts: list[memoryview | None] = []
-    missing: list[tuple[int, int]] = []
+@dataclass
+class Plan:
+    """A remote stream, piece by piece: (offset in it, length, digest, offset in the seed
+    or None when the piece must be fetched)."""
+
+    pieces: list[tuple[int, int, bytes, int | None]]
+
+    @property
+    def missing(self) -> list[tuple[int, int]]:
+        return [(o, n) for o, n, _d, s in self.pieces if s is None]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _o, n, _d, _s in self.pieces)
+
+
+def plan(sig: bytes | memoryview, seed: SeedIndex) -> Plan:
+    pieces = []
     off = 0
     for length, digest in parse(sig):
-        local = seed.get(digest, length)
-        parts.append(local)
-        if local is None:
-            missing.append((off, length))
+        pieces.append((off, length, digest, seed.find(digest, length)))
         off += length
-    return parts, missing
+    return Plan(pieces)
 
 
-def assemble(parts: list[memoryview | None], fetched: list[bytes]) -> bytes:
+def verify_fetched(p: Plan, fetched: list[bytes]) -> bool:
+    """Does each fetched chunk have the length and digest its signature entry lists? (Seed
+    chunks were hashed when the seed was indexed.)"""
+    want = [(n, d) for _o, n, d, s in p.pieces if s is None]
+    return len(want) == len(fetched) and all(
+        len(b) == n and blake3.blake3(b).digest(16) == d for (n, d), b in zip(want, fetched))
+
+
+def assemble(p: Plan, seed: SeedIndex, fetched: list[bytes]) -> list[bytes | memoryview]:
+    """The remote stream as a list of buffers, in order: the fetched chunks (bytes), and
+    views of the seed, one per run of chunks that lie one after another in it."""
     it = iter(fetched)
-    return b"".join(p if p is not None else next(it) for p in parts)
-
-
-def check(stream: bytes, sig: bytes | memoryview, level: int) -> bool:
-    """Does a rebuilt stream have exactly the chunks the signature lists?"""
-    return signature(chunks(stream, level)) == bytes(sig)
+    mv = seed.stream
+    out: list[bytes | memoryview] = []
+    run_start = run_end = -1
+    for _o, n, _d, s in p.pieces:
+        if s is not None and s == run_end:
+            run_end += n
+            continue
+        if run_start >= 0:
+            out.append(mv[run_start:run_end])
+            run_start = -1
+        if s is None:
+            out.append(next(it))
+        else:
+            run_start, run_end = s, s + n
+    if run_start >= 0:
+        out.append(mv[run_start:run_end])
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -11,7 +12,9 @@ from deltavault.errors import DeltavaultError, ExitCode, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.engine import Syncer, SyncResult
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.push import PushSyncer
 from deltavault.sync.report import SyncLog
+from deltavault.sync.ssh import DEFAULT_AGENT, parse_remote
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(fewer writes; not atomic)")
     p.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="none",
                    help="sync from a point-in-time snapshot of SRC's volume (default none)")
+    p.add_argument("--rsh", default=os.environ.get("DELTAVAULT_RSH", "ssh"), metavar="CMD",
+                   help="for DST on another host ([user@]host:path or ssh://...): the ssh command "
+                   "(default ssh; env DELTAVAULT_RSH)")
+    p.add_argument("--remote-command", default=os.environ.get("DELTAVAULT_REMOTE_COMMAND", DEFAULT_AGENT),
+                   metavar="CMD", help=f"what ssh runs on the destination host (default '{DEFAULT_AGENT}'; "
+                   "env DELTAVAULT_REMOTE_COMMAND)")
     p.set_defaults(func=run)
 
 
@@ -77,20 +86,27 @@ def run(ctx: Context) -> int:
     opts = _options(a)
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
-    syncer: Syncer | None = None
+    if parse_remote(a.source) is not None:
+        raise UsageError("SRC must be local: run deltavault sync on the source host and push to this one "
+                         "(DST may be [user@]host:path)")
+    where = parse_remote(a.dest)
+    syncer: Syncer | PushSyncer
     snap_info: dict[str, Any] = {"kind": "none"}
     try:
         with take_snapshot(a.source, a.snapshot) as snap:
             snap_info = {"kind": snap.kind, "mount_path": snap.mount_path, "source_path": snap.source_path}
             if snap.note:
                 ctx.warn(snap.note)
-            syncer = Syncer(snap.source_path, a.dest, opts, ctx.reporter(), log)
+            if where is not None:
+                syncer = PushSyncer(snap.source_path, where, opts, ctx.reporter(), log, rsh=a.rsh,
+                                    agent=a.remote_command)
+            else:
+                syncer = Syncer(snap.source_path, a.dest, opts, ctx.reporter(), log)
             try:
                 result = syncer.run()
             except DeltavaultError as exc:
                 if not isinstance(exc, UsageError | TargetError):  # refused before starting
-                    _summary(ctx, a, SyncResult(syncer.stats, syncer.problems, syncer.stopped, syncer.workers),
-                             snap_info, time.monotonic() - t0)
+                    _summary(ctx, a, syncer.partial(), snap_info, time.monotonic() - t0)
                 raise
     finally:
         if log is not None:
@@ -104,6 +120,8 @@ def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str,
     obj = {"type": "summary", "source": a.source, "dest": a.dest, "snapshot": snap, "seconds": round(seconds, 3),
            **st.__dict__, "bytes_written": st.bytes_written, "stopped": r.stopped, "workers": r.workers, "errors": len(r.problems),
            "problems": [p.__dict__ for p in r.problems]}
+    if r.wire is not None:
+        obj["wire_sent"], obj["wire_received"] = r.wire
     text = (f"synced {a.source} -> {a.dest} in {seconds:.1f}s: {st.files_new} new, {st.files_updated} updated, "
             f"{st.files_delta} delta, {st.files_same} unchanged, {st.meta_fixed} metadata only, "
             f"{st.dirs_created} dirs, {st.symlinks} symlinks, {st.hardlinks} hard links, {st.special} special, "
@@ -111,6 +129,10 @@ def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str,
     if st.files_delta:
         text += (f"\ndelta: wrote {human(st.delta_bytes_written)} of {human(st.delta_file_bytes)} "
                  f"in {st.files_delta} changed file(s)")
+    if r.wire is not None:
+        text += f"\nnetwork: sent {human(r.wire[0])}, received {human(r.wire[1])}"
+        if st.delta_wire_bytes:
+            text += f" (delta sent {human(st.delta_wire_bytes)} of file data)"
     if a.verify:
         text += f"\nverified: {st.files_verified} files, {human(st.bytes_verified)} re-read from disk"
     if snap.get("kind", "none") != "none":

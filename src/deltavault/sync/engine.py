@@ -25,7 +25,7 @@ import blake3
 
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
 from deltavault.fs.clone import pread_full, reflink
-from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
+from deltavault.fs.meta import ApplyProblems, apply_meta_fd
 from deltavault.fs.paths import display, open_target_dir, proc_path
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.copy import (
@@ -38,6 +38,16 @@ from deltavault.sync.copy import (
     read_source,
 )
 from deltavault.sync.delta import PAGE, page_delta
+from deltavault.sync.dest import (
+    OpenFailed,
+    changed_since,
+    delete_extras,
+    fix_meta,
+    hard_link,
+    open_source,
+    place_special,
+    unlink_quiet,
+)
 from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
@@ -98,6 +108,7 @@ class SyncResult:
     problems: list[SyncProblem] = field(default_factory=list)
     stopped: bool = False  # --stop-on-error ended the run early
     workers: int = 0  # worker processes that synced subtrees (0: all in this process)
+    wire: tuple[int, int] | None = None  # push sync: bytes sent and received over ssh
 
 
 class Syncer:
@@ -143,6 +154,10 @@ class Syncer:
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    def partial(self) -> SyncResult:
+        """What was done before a run failed."""
+        return SyncResult(self.stats, self.problems, self._stopped, self.workers)
 
     def run(self) -> SyncResult:
         self._check_paths()
@@ -389,7 +404,7 @@ class Syncer:
                 continue
             items.append((name, crel, st, inc))
         if self.opts.delete and not d.fresh:
-            self._delete_extras(dfd, relpath, {i[0] for i in items} | protected)
+            self._delete_extras(dfd, relpath, {i[0] for i in items} | protected, included)
         kept = 0
         for name, crel, st, inc in items:
             if self._cancel.is_set():
@@ -401,22 +416,9 @@ class Syncer:
                 kept += 1
         return kept
 
-    def _delete_extras(self, dfd: int, relpath: bytes, keep: set[bytes]) -> None:
-        try:
-            names = [os.fsencode(n) for n in os.listdir(dfd)]
-        except OSError as exc:
-            self._problem(relpath or b".", "delete", f"destination directory cannot be listed: {exc.strerror}")
-            return
-        for name in sorted(names):
-            if name in keep:
-                continue
-            crel = relpath + b"/" + name if relpath else name
-            try:
-                remove_entry(dfd, name, crel, self._removed)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self._problem(crel, "delete", exc.strerror or str(exc))
+    def _delete_extras(self, dfd: int, relpath: bytes, keep: set[bytes], included: bool) -> None:
+        delete_extras(dfd, relpath, lambda n, crel: n in keep or self.filter.protects(crel, n, included=included),
+                      self._removed, self._problem)
 
     def _removed(self, relpath: bytes, st: os.stat_result) -> None:
         self._count(deleted=1)
@@ -562,42 +564,14 @@ class Syncer:
             self._problem(relpath, "unreadable", exc.strerror or str(exc))
             return
         dst = lstat_at(dfd, name)
-        if dst is not None and stat.S_IFMT(dst.st_mode) == stat.S_IFMT(st.st_mode) and (
-                os.readlink(name, dir_fd=dfd) == target if is_link else dst.st_rdev == st.st_rdev):
-            dx = read_xattrs(proc_path(dfd, name)) if xattrs is not None else None
-            if self.meta.differs(dst, st, dx, xattrs):
-                self._apply_at(dfd, name, relpath, st, xattrs)
-                self._count(meta_fixed=1)
-                self._done("meta", relpath, 0)
-            else:
-                self._count(files_same=1)
-                self._done("same", relpath, 0)
-            return
         if dst is not None and stat.S_ISDIR(dst.st_mode) and not self._clear_dir(dfd, name, relpath):
             return
-        tmp = self._temp(relpath, name)
-        if is_link:
-            os.symlink(target, tmp, dir_fd=dfd)
-        elif stat.S_ISFIFO(st.st_mode):
-            os.mkfifo(tmp, 0o600, dir_fd=dfd)
-        else:
-            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dfd)
-        try:
-            self._apply_at(dfd, tmp, relpath, st, xattrs)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            _unlink_quiet(dfd, tmp)
-            raise
-        self._untemp(relpath, tmp)
-        self._count(**({"symlinks": 1} if is_link else {"special": 1}))
-        self._done("symlink" if is_link else "special", relpath, 0)
-
-    def _apply_at(self, dfd: int, name: bytes, relpath: bytes, st: os.stat_result,
-                  xattrs: list[tuple[bytes, bytes]] | None) -> None:
-        probs = ApplyProblems([])
-        self.meta.apply_at(dfd, name, st, xattrs, probs)
-        for m in probs.messages:
+        action, probs = place_special(dfd, name, st, target, xattrs, self.meta,
+                                      lambda n: self._temp(relpath, n), lambda t: self._untemp(relpath, t))
+        for m in probs:
             self._problem(relpath, "metadata", m)
+        self._count(**{_SPECIAL_COUNTERS[action]: 1})
+        self._done(action, relpath, 0)
 
     def _clear_dir(self, dfd: int, name: bytes, relpath: bytes) -> bool:
         """A directory in DST stands where SRC has a file: only --delete removes it."""
@@ -690,20 +664,20 @@ class Syncer:
                 return
             except OSError as exc:
                 if staged is not None and staged.tmp is not None:
-                    _unlink_quiet(dfd, staged.tmp)
+                    unlink_quiet(dfd, staged.tmp)
                 if exc.errno in NO_SPACE_ERRNOS or exc.errno == errno.EROFS:
                     raise
                 self._problem(relpath, "write", exc.strerror or str(exc), size=st.st_size)
                 return
             except BaseException:
                 if staged is not None and staged.tmp is not None:
-                    _unlink_quiet(dfd, staged.tmp)
+                    unlink_quiet(dfd, staged.tmp)
                 raise
             finally:
                 os.close(fd)
-            if staged is None or _changed(fst, after):
+            if staged is None or changed_since(fst, after):
                 if staged is not None and staged.tmp is not None:
-                    _unlink_quiet(dfd, staged.tmp)
+                    unlink_quiet(dfd, staged.tmp)
                 if attempt < self.opts.attempts:
                     continue
                 self._problem(relpath, "changed",
@@ -716,44 +690,20 @@ class Syncer:
             return
 
     def _open_source(self, sfd: int, name: bytes, relpath: bytes) -> int | None:
-        flags = _READ_FLAGS | getattr(os, "O_NOATIME", 0)
         try:
-            try:
-                return os.open(name, flags, dir_fd=sfd)
-            except PermissionError:
-                return os.open(name, _READ_FLAGS, dir_fd=sfd)  # O_NOATIME needs ownership
-        except FileNotFoundError:
-            self._problem(relpath, "vanished", "disappeared before it could be read")
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self._problem(relpath, "changed", "replaced by a symlink while being read")
-            else:
-                self._problem(relpath, "unreadable", exc.strerror or str(exc))
-        return None
+            return open_source(sfd, name)
+        except OpenFailed as exc:
+            self._problem(relpath, exc.kind, str(exc))
+            return None
 
     def _same(self, dfd: int, name: bytes, relpath: bytes, st: os.stat_result, dst: os.stat_result,
               xattrs: list[tuple[bytes, bytes]] | None) -> None:
         """Content is equal; correct metadata that differs."""
-        fd = -1
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
-            dx = read_xattrs(b"", fd=fd) if xattrs is not None else None
-            if not self.meta.differs(dst, st, dx, xattrs):
-                self._count(files_same=1)
-                self._done("same", relpath, st.st_size)
-                self.reporter.advance(items=1)
-                return
-            probs = ApplyProblems([])
-            apply_meta_fd(fd, probs, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
-                          mtime_ns=st.st_mtime_ns, xattrs=xattrs, owner=self.meta.chown,
-                          drop_xattr=self.meta.wants)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        for m in probs.messages:
+        action, probs = fix_meta(dfd, name, st, dst, xattrs, self.meta)
+        for m in probs:
             self._problem(relpath, "metadata", m)
-        self._count(meta_fixed=1)
-        self._done("meta", relpath, st.st_size)
+        self._count(**{"files_same" if action == "same" else "meta_fixed": 1})
+        self._done(action, relpath, st.st_size)
         self.reporter.advance(items=1)
 
     def _same_content(self, fd: int, dfd: int, name: bytes, size: int) -> bool:
@@ -796,7 +746,7 @@ class Syncer:
             self._finish_target(tfd, relpath, st, xattrs, chown=not same_owner, chmod=not same_mode)
         except BaseException:
             os.close(tfd)
-            _unlink_quiet(dfd, tmp)
+            unlink_quiet(dfd, tmp)
             raise
         os.close(tfd)
         return _Staged(tmp, "update" if dst is not None else "new", written,
@@ -821,13 +771,13 @@ class Syncer:
                 if not reflink(ofd, tfd):
                     os.close(tfd)
                     tfd = -1
-                    _unlink_quiet(dfd, tmp)
+                    unlink_quiet(dfd, tmp)
                     return None
             res = page_delta(fd, ofd, tfd, st.st_size, dst.st_size, self.buffers, hasher, self._cancel.is_set)
             self._finish_target(tfd, relpath, st, xattrs)
         except BaseException:
             if tmp is not None:
-                _unlink_quiet(dfd, tmp)
+                unlink_quiet(dfd, tmp)
             raise
         finally:
             os.close(ofd)
@@ -865,7 +815,7 @@ class Syncer:
             try:
                 os.rename(staged.tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException:
-                _unlink_quiet(dfd, staged.tmp)
+                unlink_quiet(dfd, staged.tmp)
                 raise
             self._untemp(relpath, staged.tmp)
         if st.st_nlink > 1:
@@ -887,45 +837,24 @@ class Syncer:
         for relpath, first in self._links:
             if self._cancel.is_set():
                 return
-            pdir, name = _split(relpath)
-            fdir, fname = _split(first)
             try:
-                pfd = open_dir(root, pdir)
-                try:
-                    ffd = open_dir(root, fdir)
-                    try:
-                        self._link(pfd, name, ffd, fname, relpath, first)
-                    finally:
-                        os.close(ffd)
-                finally:
-                    os.close(pfd)
+                self._link(root, relpath, first)
             except OSError as exc:
                 self._os_problem(relpath, exc)
 
-    def _link(self, pfd: int, name: bytes, ffd: int, fname: bytes, relpath: bytes, first: bytes) -> None:
-        fst = lstat_at(ffd, fname)
-        if fst is None or not stat.S_ISREG(fst.st_mode):
+    def _link(self, root: int, relpath: bytes, first: bytes) -> None:
+        action, size = hard_link(root, relpath, first, lambda n: self._temp(relpath, n),
+                                 lambda t: self._untemp(relpath, t), lambda fd, n: self._clear_dir(fd, n, relpath))
+        if action == "missing":
             self._problem(relpath, "write", f"hard link to {display(first)}, which was not synced")
-            return
-        cur = lstat_at(pfd, name)
-        if cur is not None and (cur.st_dev, cur.st_ino) == (fst.st_dev, fst.st_ino):
+        elif action == "same":
             self._count(files_same=1)
-            self._done("same", relpath, fst.st_size)
-            return
-        if cur is not None and stat.S_ISDIR(cur.st_mode) and not self._clear_dir(pfd, name, relpath):
-            return
-        tmp = self._temp(relpath, name)
-        os.link(fname, tmp, src_dir_fd=ffd, dst_dir_fd=pfd, follow_symlinks=False)
-        try:
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        except BaseException:
-            _unlink_quiet(pfd, tmp)
-            raise
-        self._untemp(relpath, tmp)
-        with self._lock:
-            self.links_made.add(relpath)
-        self._count(hardlinks=1)
-        self._done("hardlink", relpath, fst.st_size, note=f"-> {display(first)}")
+            self._done("same", relpath, size)
+        elif action == "hardlink":
+            with self._lock:
+                self.links_made.add(relpath)
+            self._count(hardlinks=1)
+            self._done("hardlink", relpath, size, note=f"-> {display(first)}")
 
     def _finish_deferred(self, root: int) -> None:
         """Metadata of directories that received hard links, deepest first."""
@@ -949,17 +878,6 @@ class Syncer:
                 os.close(fd)
 
 
-def _split(relpath: bytes) -> tuple[bytes, bytes]:
-    head, _, tail = relpath.rpartition(b"/")
-    return head, tail
 
 
-def _changed(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) != (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
-
-
-def _unlink_quiet(dir_fd: int, name: bytes) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
+_SPECIAL_COUNTERS = {"same": "files_same", "meta": "meta_fixed", "symlink": "symlinks", "special": "special"}

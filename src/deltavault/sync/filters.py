@@ -3,7 +3,8 @@
 A pattern without '/' matches an entry's name at any depth; one with '/' matches its path
 relative to SRC (a leading '/' is dropped). Exclusion wins over inclusion. With includes,
 a file is taken only if it (or a directory above it) matches one; directories are still
-walked to find matches. Excluded entries are also kept safe from --delete.
+walked to find matches. --delete leaves alone what the filters do not take, in SRC
+and in DST.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class Filter:
     def included(self, relpath: bytes, name: bytes) -> bool:
         """Only meaningful with includes; a directory that matches includes all below it."""
         return not self._include or any(_match(p, relpath, name) for p in self._include)
+
+    def protects(self, relpath: bytes, name: bytes, *, included: bool) -> bool:
+        """Must --delete leave this DST entry alone? Yes when it is excluded, or outside the
+        includes: a sync manages only what its filters take (rsync does the same)."""
+        return self.excluded(relpath, name) or (not included and not self.included(relpath, name))
 
 
 def _compile(pattern: str) -> tuple[bytes, bool]:

@@ -6,7 +6,7 @@ Protocol: msgpack frames (deltavault.framing) over any byte stream: a pipe to
 ``python -m deltavault.sync.remote serve ROOT`` (locally, or through ssh). The client
 speaks first.
 
-    {"op": "open", "path": p}           -> {"size", "levels", "top", "digest"}
+    {"op": "open", "path": p, "pages": bool} -> {"size", "levels", "top", "digest"}
     {"op": "get", "level": k, "ranges": [[offset, length], ...]}  -> {"data": [bytes, ...]}
     {"op": "bye"}                        -> the server exits
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import blake3
 
@@ -28,6 +29,20 @@ from deltavault.chunking import rdc
 from deltavault.errors import CorruptionError, SourceError
 from deltavault.framing import read_frame, write_frame
 from deltavault.fs.paths import check_name
+
+
+class Frames(Protocol):
+    """What the protocol needs of a connection."""
+
+    @property
+    def sent(self) -> int: ...
+
+    @property
+    def received(self) -> int: ...
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
 
 
 class Channel:
@@ -55,8 +70,28 @@ def _resolve(root: bytes, path: bytes) -> bytes:
     return os.path.join(root, *parts) if parts else root
 
 
-def serve(chan: Channel, root: bytes) -> None:
-    streams: list[bytes | memoryview] = []
+class Served:
+    """One file's signature streams, answering a fetcher's requests for it."""
+
+    def __init__(self, data: bytes | memoryview, *, pages: bool = False) -> None:
+        self.streams = rdc.streams(data, pages=pages)
+        self.head = {"size": len(data), "levels": len(self.streams) - 1, "top": bytes(self.streams[-1]),
+                     "digest": blake3.blake3(data).digest()}
+
+    def get(self, req: dict[str, Any]) -> dict[str, Any]:
+        s = memoryview(self.streams[req["level"]])
+        return {"data": [bytes(s[o:o + n]) for o, n in req["ranges"]]}
+
+
+Loader = Callable[[], "bytes | memoryview | None"]
+
+
+def serve(chan: Frames, root: bytes | None, data: Loader | None = None) -> None:
+    """Answer requests until "bye" or the end of the stream. With ``data``, every "open"
+    is of that one file (a push: the sender has opened it), loaded when first asked for;
+    a load that returns None means the file changed while read, and the fetcher is told."""
+    current: Served | None = None
+    loaded: bytes | memoryview | None = None
     while True:
         try:
             req = chan.recv()
@@ -67,17 +102,23 @@ def serve(chan: Channel, root: bytes) -> None:
             return
         try:
             if op == "open":
-                with open(_resolve(root, req["path"]), "rb") as f:
-                    data = f.read()
-                streams = rdc.streams(data)
-                chan.send({"size": len(data), "levels": len(streams) - 1, "top": bytes(streams[-1]),
-                           "digest": blake3.blake3(data).digest()})
-            elif op == "get":
-                s = memoryview(streams[req["level"]])
-                chan.send({"data": [bytes(s[o:o + n]) for o, n in req["ranges"]]})
+                pages = bool(req.get("pages"))
+                if data is None:
+                    assert root is not None
+                    with open(_resolve(root, req["path"]), "rb") as f:
+                        current = Served(f.read(), pages=pages)
+                else:
+                    loaded = loaded if loaded is not None else data()
+                    if loaded is None:
+                        chan.send({"error": "the file changed while it was read", "changed": True})
+                        continue
+                    current = Served(loaded, pages=pages)
+                chan.send(current.head)
+            elif op == "get" and current is not None:
+                chan.send(current.get(req))
             else:
-                chan.send({"error": f"unknown request {op!r}"})
-        except (OSError, ValueError, KeyError, IndexError, CorruptionError) as exc:
+                chan.send({"error": f"unexpected request {op!r}"})
+        except (OSError, ValueError, KeyError, IndexError, TypeError, CorruptionError) as exc:
             chan.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
@@ -91,46 +132,69 @@ class FetchStats:
     data_reused: int  # file bytes taken from the seed
     signature_fetched: int  # signature bytes that came over the wire (all levels)
     signature_full: int  # what the level-0 signature alone would have cost
+    digest: bytes = b""  # the file's BLAKE3, checked against the rebuilt content
 
 
-def _call(chan: Channel, req: dict[str, Any]) -> dict[str, Any]:
+def _call(chan: Frames, req: dict[str, Any]) -> dict[str, Any]:
     chan.send(req)
+    return _reply(chan)
+
+
+class Changed(SourceError):
+    """The remote file changed while the remote read it: its sender tries again."""
+
+
+def _reply(chan: Frames) -> dict[str, Any]:
     rep: dict[str, Any] = chan.recv()
     if "error" in rep:
-        raise SourceError(f"remote: {rep['error']}")
+        raise (Changed if rep.get("changed") else SourceError)(f"remote: {rep['error']}")
     return rep
 
 
-def fetch(chan: Channel, path: bytes, seed: bytes | memoryview) -> tuple[bytes, FetchStats]:
-    """The remote file's new content, rebuilt from the seed and the chunks it lacks."""
-    head = _call(chan, {"op": "open", "path": path})
+def fetch_pieces(chan: Frames, path: bytes, seed: bytes | memoryview | Callable[[], bytes | memoryview], *,
+                 pages: bool = False) -> tuple[rdc.Plan, list[bytes | memoryview], FetchStats]:
+    """The remote file's new content as buffers in order (views of the seed and fetched
+    chunks), checked chunk by chunk and against the remote's whole-file BLAKE3.
+    ``seed`` may be a loader, called once the request is out (both ends then read at once).
+    ``pages``: cut level 0 into 4 KiB pages (for files changed in place); both sides must agree."""
+    chan.send({"op": "open", "path": path, "pages": pages})
+    if callable(seed):
+        seed = seed()
+    local = rdc.Ladder.build(seed, pages=pages)  # while the remote builds its own
+    head = _reply(chan)
     levels: int = head["levels"]
     sig: bytes = head["top"]
-    local = rdc.streams(seed)
     fetched_sig = len(sig)
     sig_full = 0
-    reused = fetched_data = 0
     for level in range(levels - 1, -1, -1):
-        seed_stream = local[level] if level < len(local) else b""
-        parts, missing = rdc.plan(sig, rdc.SeedIndex(seed_stream, level))
+        index = local.index(level)
+        p = rdc.plan(sig, index)
+        missing = p.missing
         data = _call(chan, {"op": "get", "level": level, "ranges": missing})["data"] if missing else []
-        if len(data) != len(missing) or any(len(d) != n for d, (_o, n) in zip(data, missing)):
-            raise CorruptionError("remote sent chunks of the wrong size")
-        stream = rdc.assemble(parts, data)
-        if not rdc.check(stream, sig, level):
-            raise CorruptionError(f"level {level} rebuilt from the seed does not match its signature")
+        if not rdc.verify_fetched(p, data):
+            raise CorruptionError(f"remote sent chunks that do not match their signature (level {level})")
         got = sum(n for _o, n in missing)
         if level == 0:
-            fetched_data, reused = got, len(stream) - got
-        else:
-            fetched_sig += got
-            if level == 1:
-                sig_full = len(stream)
-        sig = stream
-    if blake3.blake3(sig).digest() != head["digest"] or len(sig) != head["size"]:
-        raise CorruptionError("the rebuilt file does not match the remote digest")
-    return sig, FetchStats(len(sig), levels, chan.sent, chan.received, fetched_data, reused,
-                           fetched_sig, sig_full or len(head["top"]))
+            pieces = rdc.assemble(p, index, data)
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO if p.size > 1 << 24 else 1)
+            for b in pieces:
+                h.update(b)
+            if h.digest() != head["digest"] or p.size != head["size"]:
+                raise CorruptionError("the rebuilt file does not match the remote digest")
+            return p, pieces, FetchStats(p.size, levels, chan.sent, chan.received, got, p.size - got,
+                                         fetched_sig, sig_full or len(head["top"]), head["digest"])
+        fetched_sig += got
+        sig = b"".join(rdc.assemble(p, index, data))
+        if level == 1:
+            sig_full = len(sig)
+    raise CorruptionError("the remote file has no level 0")
+
+
+def fetch(chan: Frames, path: bytes, seed: bytes | memoryview, *,
+          pages: bool = False) -> tuple[bytes, FetchStats]:
+    """The remote file's new content, rebuilt from the seed and the chunks it lacks."""
+    _p, pieces, stats = fetch_pieces(chan, path, seed, pages=pages)
+    return b"".join(pieces), stats
 
 
 def main(argv: list[str]) -> int:

@@ -32,6 +32,7 @@ class SyncStats:
     delta_bytes_written: int = 0  # written by delta updates
     delta_file_bytes: int = 0  # total size of the files updated by delta
     delta_reflinked: int = 0  # delta files whose unchanged blocks were shared by a clone
+    delta_wire_bytes: int = 0  # remote delta: file bytes that crossed the network
     bytes_verified: int = 0
     files_verified: int = 0
 

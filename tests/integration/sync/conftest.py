@@ -77,3 +77,16 @@ def write(path: Path, data: bytes, mode: int | None = None) -> Path:
 def nothing_to_do(src: Path, dst: Path, *flags: str) -> str:
     """rsync's itemized list of what it would still change, comparing content: '' when equal."""
     return _run("rsync", "-n", "-i", "-a", "--checksum", "-H", *flags, f"{src}/", f"{dst}/").strip()
+
+
+def unreadable_tree(src: Path, dst: Path) -> None:
+    """A source with a file and a directory that root without CAP_DAC_* cannot read, and a
+    DST entry under that directory, which --delete must not remove."""
+    write(src / "a-ok", b"fine")
+    write(src / "b-secret", b"secret", 0o000)
+    os.chown(src / "b-secret", 65534, 65534)
+    (src / "c-locked").mkdir()
+    write(src / "c-locked/inside", b"unseen")
+    os.chmod(src / "c-locked", 0o000)
+    os.chown(src / "c-locked", 65534, 65534)
+    write(dst / "c-locked/old", b"kept: SRC could not be listed here")

@@ -18,7 +18,7 @@ from deltavault.sync.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog
 from tests.conftest import needs_root, needs_tools
-from tests.integration.sync.conftest import dv, summary, write
+from tests.integration.sync.conftest import dv, summary, unreadable_tree, write
 
 pytestmark = [needs_root(), pytest.mark.root]
 
@@ -33,15 +33,8 @@ def temp_files(root: Path) -> list[Path]:
 @needs_tools("setpriv")
 def test_unreadable_files_are_listed_and_the_rest_is_synced(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
-    write(src / "a-ok", b"fine")
-    write(src / "b-secret", b"secret", 0o000)
-    os.chown(src / "b-secret", 65534, 65534)
-    (src / "c-locked").mkdir()
-    write(src / "c-locked/inside", b"unseen")
-    os.chmod(src / "c-locked", 0o000)
-    os.chown(src / "c-locked", 65534, 65534)
+    unreadable_tree(src, dst)
     write(src / "d-ok", b"also fine")
-    write(dst / "c-locked/old", b"kept: SRC could not be listed here")
     log = tmp_path / "log"
     p = dv("--json", "sync", "--delete", "--log", str(log), str(src), str(dst), prefix=NO_DAC)
     assert p.returncode == 3, p.stdout + p.stderr

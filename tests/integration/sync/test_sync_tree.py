@@ -158,11 +158,13 @@ def test_excludes_includes_defaults_and_empty_dirs(tmp_path: Path) -> None:
         write(src / rel, rel.encode())
     (src / "empty").mkdir()
     write(dst / "cache/dst-only", b"protected: excluded")
+    write(dst / "a/dst-only.tmp", b"protected: excluded, though only DST has it")
     write(dst / "stale.txt", b"removed by --delete")
     p = dv("--json", "sync", "--delete", "--exclude", "*.tmp", "--exclude", "/cache", str(src), str(dst))
     assert p.returncode == 0, p.stdout + p.stderr
     got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
-    assert got == ["a/keep.txt", "b/d/keep.txt", "cache/dst-only", "docs/$RECYCLE.BIN/kept-not-at-root"]
+    assert got == ["a/dst-only.tmp", "a/keep.txt", "b/d/keep.txt", "cache/dst-only",
+                   "docs/$RECYCLE.BIN/kept-not-at-root"]
     assert (dst / "empty").is_dir() and (dst / "b/c").is_dir()  # empty dirs kept by default
     dst2 = tmp_path / "dst2"
     p = dv("sync", "--skip-empty-dirs", "--include", "*.txt", "--exclude", "/cache", str(src), str(dst2))

@@ -1,0 +1,547 @@
+"""Push sync: mirror a local SRC to a directory on another host, through ssh and the agent
+there (sync/agent.py has the protocol). This side walks SRC and reads files; the agent
+compares, writes and deletes. A changed file that the destination already has in an older
+version travels by remote delta (RDC-style recursive signatures, sync/remote.py): only the
+chunks the old version lacks cross the network.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import sys
+import threading
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+
+from deltavault.errors import NoSpace, SourceError, TargetError, UsageError
+from deltavault.fs.clone import pread_full
+from deltavault.fs.paths import display, proc_path
+from deltavault.fs.sparse import data_extents, is_sparse
+from deltavault.progress import NullReporter, Reporter
+from deltavault.sync.copy import BufferPool, SourceReadError, read_source
+from deltavault.sync.dest import OpenFailed, changed_since, open_source
+from deltavault.sync.engine import SyncResult
+from deltavault.sync.filters import Filter
+from deltavault.sync.meta import MetaPolicy
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.remote import Channel, serve
+from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
+from deltavault.sync.ssh import DEFAULT_AGENT, AgentProcess, RemotePath
+from deltavault.sync.wire import VERSION, entry, kind_of
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+class _Lost(Exception):
+    """The connection to the agent ended."""
+
+
+class _Stop(Exception):
+    """The agent's destination is full or read-only, or --stop-on-error."""
+
+
+BATCH_DIRS = 64  # directories listed per round trip
+BATCH_ENTRIES = 4096
+
+
+@dataclass
+class _Listing:
+    fd: int  # the directory, open until its end has been sent
+    rel: bytes
+    st: os.stat_result
+    included: bool
+    entries: list[list[Any]] = field(default_factory=list)
+    protected: list[bytes] = field(default_factory=list)
+    files: dict[bytes, os.stat_result] = field(default_factory=dict)
+    subdirs: list[tuple[bytes, bytes, bool]] = field(default_factory=list)
+    want: list[tuple[bytes, str]] = field(default_factory=list)
+
+    def join(self, name: bytes) -> bytes:
+        return self.rel + b"/" + name if self.rel else name
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _End:
+    listing: _Listing
+
+
+class Duplex:
+    """The agent channel, read by a thread of its own. Replies are taken off the wire as they
+    come, so the agent never waits to write while this side is writing (however many requests
+    are in flight, the pipes cannot fill both ways). Replies are matched to requests by id;
+    the agent's own requests (during a delta) go to ``recv``."""
+
+    def __init__(self, chan: Channel) -> None:
+        self._chan = chan
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._replies: dict[int, Any] = {}
+        self._failed: BaseException | None = None
+        self._cond = threading.Condition()
+        self._next_id = 0
+        self._reader = threading.Thread(target=self._read, name="dv-push-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._chan.recv()
+            except BaseException as exc:  # EOF, a broken frame: handed to whoever waits
+                with self._cond:
+                    self._failed = exc
+                    self._cond.notify_all()
+                self._requests.put(_Failed(exc))
+                return
+            if isinstance(msg, dict) and "op" in msg:
+                self._requests.put(msg)
+            else:
+                rid = msg.get("id") if isinstance(msg, dict) else None
+                with self._cond:
+                    self._replies[rid if isinstance(rid, int) else -1] = msg
+                    self._cond.notify_all()
+
+    @property
+    def sent(self) -> int:
+        return self._chan.sent
+
+    @property
+    def received(self) -> int:
+        return self._chan.received
+
+    def send(self, obj: Any) -> None:
+        self._chan.send(obj)
+
+    def request(self, obj: dict[str, Any]) -> int:
+        """Send a request that has a reply; returns the id to wait for."""
+        self._next_id += 1
+        self._chan.send({**obj, "id": self._next_id})
+        return self._next_id
+
+    def reply(self, rid: int) -> Any:
+        with self._cond:
+            while rid not in self._replies:
+                if self._failed is not None:
+                    raise self._failed
+                self._cond.wait()
+            return self._replies.pop(rid)
+
+    def recv(self) -> Any:
+        msg = self._requests.get()
+        if isinstance(msg, _Failed):
+            self._requests.put(msg)  # and to every later reader
+            raise msg.exc
+        return msg
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
+
+
+class PushSyncer:
+    def __init__(self, src: str | bytes, where: RemotePath, options: SyncOptions,
+                 reporter: Reporter | None = None, log: SyncLog | None = None, *,
+                 rsh: str = "ssh", agent: str = DEFAULT_AGENT) -> None:
+        self.src = os.fsencode(src)
+        self.where = where
+        self.opts = options
+        self.reporter = reporter or NullReporter()
+        self.log = log
+        self.rsh, self.agent = rsh, agent
+        self.stats = SyncStats()
+        self.problems: list[SyncProblem] = []
+        self.filter = Filter(options.excludes, options.includes, default_excludes=options.default_excludes)
+        self.meta = MetaPolicy(options)
+        self.buffers = BufferPool(max(4096, options.bufsize))
+        self.sent = self.received = 0  # bytes on the wire, both ways
+        self._first_link: dict[tuple[int, int], bytes] = {}
+        self._fatal: str | None = None
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def partial(self) -> SyncResult:
+        return SyncResult(self.stats, self.problems, self._stopped, wire=(self.sent, self.received))
+
+    def run(self) -> SyncResult:
+        try:
+            root = os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(f"cannot open the source {display(self.src)}: {exc.strerror or exc}") from exc
+        proc = AgentProcess(self.where, rsh=self.rsh, agent=self.agent)
+        self.chan = Duplex(proc.channel)
+        self.reporter.start("sync")
+        old_limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(old_limit, 20000))  # the walk nests a generator per level
+        try:
+            self._hello()
+            tree = self._tree(os.dup(root), b"", os.fstat(root), not self.filter.has_includes)
+            try:
+                self._walk(tree)
+            except _Stop:
+                pass
+            finally:
+                tree.close()  # closes the directories it still holds
+            self._finish()
+        except _Lost:
+            raise proc.failure("closed the connection") from None
+        finally:
+            sys.setrecursionlimit(old_limit)
+            os.close(root)
+            self.sent, self.received = self.chan.sent, self.chan.received
+            proc.close()
+            self.reporter.finish()
+        if self._fatal is not None:
+            kind, _, message = self._fatal.partition(": ")
+            raise (NoSpace if kind == "full" else TargetError)(f"{self.where}: {message}")
+        return self.partial()
+
+    # ------------------------------------------------------------------ wire
+    def _send(self, obj: Any) -> None:
+        try:
+            self.chan.send(obj)
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise _Lost from exc
+
+    def _request(self, obj: dict[str, Any]) -> int:
+        try:
+            return self.chan.request(obj)
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise _Lost from exc
+
+    def _call(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return self._reply(self._request(obj))
+
+    def _reply(self, rid: int) -> dict[str, Any]:
+        try:
+            rep: dict[str, Any] = self.chan.reply(rid)
+        except (EOFError, ConnectionError) as exc:
+            raise _Lost from exc
+        self._absorb(rep)
+        if rep.get("fatal"):
+            self._fatal = rep["fatal"]
+            raise _Stop
+        if self._stopped:
+            raise _Stop
+        return rep
+
+    def _hello(self) -> None:
+        o = self.opts
+        options = {"delete": o.delete, "checksum": o.checksum, "skip_empty_dirs": o.skip_empty_dirs,
+                   "acl": o.acl, "xattrs": o.xattrs, "owner": o.owner, "excludes": o.excludes,
+                   "includes": o.includes, "default_excludes": o.default_excludes, "verify": o.verify,
+                   "delta": o.delta, "delta_min": o.delta_min, "bufsize": self.buffers.size}
+        try:
+            self.chan.send({"op": "hello", "version": VERSION, "dest": self.where.path, "options": options})
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise _Lost from exc
+        rep = self._reply(0)
+        if "error" in rep:
+            code = rep.get("code")
+            raise (UsageError if code == 2 else NoSpace if code == 14 else TargetError)(
+                f"{self.where}: {rep['error']}")
+
+    def _absorb(self, rep: dict[str, Any]) -> None:
+        """The agent's outcomes: problems, and lines for the log."""
+        for action, rel, size, written, digest, kind, message in rep.get("records", []):
+            if action == "error":
+                self._problem(rel, kind, message, size=size)
+            elif self.log is not None:
+                self.log.write(action, size, rel, written=written, digest=digest)
+
+    def _finish(self) -> None:
+        rid = self._request({"op": "finish"})
+        try:
+            rep: dict[str, Any] = self.chan.reply(rid)
+        except (EOFError, ConnectionError) as exc:
+            raise _Lost from exc
+        self._absorb(rep)
+        if rep.get("fatal") and self._fatal is None:
+            self._fatal = rep["fatal"]
+        self.stats.add(SyncStats(**rep["stats"]))
+
+    # ------------------------------------------------------------------ outcomes
+    def _problem(self, rel: bytes, kind: str, message: str, *, size: int = 0) -> None:
+        p = SyncProblem(display(rel or b"."), kind, message)
+        self.problems.append(p)
+        self.reporter.problem(p.path, kind, message)
+        if self.log is not None:
+            self.log.write("error", size, rel or b".", error=f"{kind}: {message}")
+        if self.opts.stop_on_error and kind != "skipped":
+            self._stopped = True
+
+    # ------------------------------------------------------------------ walking
+    def _tree(self, fd: int, rel: bytes, st: os.stat_result,
+              included: bool) -> Generator[_Listing | _End, None, None]:
+        """Directories in depth-first order, each as its listing and, after everything
+        below it, its end. Takes ``fd``: each listing owns its directory's descriptor."""
+        listing = self._list(fd, rel, st, included)
+        if listing is None:
+            os.close(fd)
+            return
+        try:
+            yield listing
+            for name, crel, inc in listing.subdirs:
+                try:
+                    sfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    self._problem(crel, "unreadable", f"directory cannot be opened: {exc.strerror}")
+                    continue
+                yield from self._tree(sfd, crel, os.fstat(sfd), inc)
+        except BaseException:
+            listing.close()
+            raise
+        yield _End(listing)
+
+    def _list(self, fd: int, rel: bytes, st_dir: os.stat_result, included: bool) -> _Listing | None:
+        try:
+            with os.scandir(fd) as it:
+                names = sorted((os.fsencode(e.name), e) for e in it)
+        except OSError as exc:
+            # No listing goes out, so the agent deletes nothing under here.
+            self._problem(rel, "unreadable", f"directory cannot be listed: {exc.strerror}")
+            return None
+        d = _Listing(fd, rel, st_dir, included)
+        for name, de in names:
+            crel = rel + b"/" + name if rel else name
+            if self.filter.excluded(crel, name):
+                d.protected.append(name)
+                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+                inc = included or self.filter.included(crel, name)
+                kind = kind_of(st)
+                if kind is None or (not inc and kind != "d"):
+                    d.protected.append(name)
+                    if kind is None and self.log is not None:
+                        self.log.write("skip", 0, crel, error="socket or unknown type: not copied")
+                    continue
+                extra: bytes | None = None
+                if kind == "l":
+                    extra = os.readlink(name, dir_fd=fd)
+                elif kind == "f" and st.st_nlink > 1:
+                    first = self._first_link.setdefault((st.st_dev, st.st_ino), crel)
+                    if first != crel:
+                        kind, extra = "h", first
+                xattrs = self.meta.source_xattrs(path=proc_path(fd, name)) if kind not in ("l", "h") else None
+            except FileNotFoundError:
+                self._problem(crel, "vanished", "disappeared before it could be read")
+                continue
+            except OSError as exc:
+                d.protected.append(name)
+                self._problem(crel, "unreadable", exc.strerror or str(exc))
+                continue
+            d.entries.append(entry(name, kind, st, extra=extra, xattrs=xattrs))
+            if kind == "d":
+                d.subdirs.append((name, crel, inc))
+            elif kind == "f":
+                d.files[name] = st
+            else:
+                self.reporter.advance(items=1)
+        return d
+
+    def _walk(self, tree: Iterator[_Listing | _End]) -> None:
+        """Two batches in flight: the next one is listed while the files of this one are
+        sent, so the agent always has work and a round trip costs no idle time."""
+        ahead = self._list_batch(tree)
+        try:
+            while ahead:
+                current, ahead = ahead, []
+                ahead = self._list_batch(tree)
+                self._complete(current)
+        finally:
+            for ev, _rid in ahead:
+                if isinstance(ev, _End):
+                    ev.listing.close()
+
+    def _list_batch(self, tree: Iterator[_Listing | _End]) -> list[tuple[_Listing | _End, int]]:
+        """Send the listings of up to BATCH_DIRS directories (or BATCH_ENTRIES entries)."""
+        batch: list[tuple[_Listing | _End, int]] = []
+        dirs = entries = 0
+        for ev in tree:
+            rid = 0
+            if isinstance(ev, _Listing):
+                rid = self._request({"op": "dir", "path": ev.rel, "entries": ev.entries, "protected": ev.protected,
+                                     "included": ev.included})
+                dirs += 1
+                entries += len(ev.entries)
+            batch.append((ev, rid))
+            if dirs >= BATCH_DIRS or entries >= BATCH_ENTRIES:
+                break
+        return batch
+
+    def _complete(self, batch: list[tuple[_Listing | _End, int]]) -> None:
+        """What the agent wants of a listed batch: digests to compare, then files."""
+        try:
+            checking = []
+            for ev, rid in batch:
+                if isinstance(ev, _Listing):
+                    ev.want = [(n, how) for n, how in self._reply(rid)["want"]]
+                    checks = [n for n, how in ev.want if how == "check"]
+                    if checks:
+                        items = [got for got in (self._digest(ev.fd, n, ev.join(n)) for n in checks)
+                                 if got is not None]
+                        checking.append((ev, self._request({"op": "check", "path": ev.rel, "items": items})))
+            for d, rid in checking:
+                d.want = [w for w in d.want if w[1] != "check"] + [(n, how) for n, how in self._reply(rid)["want"]]
+            for ev, _rid in batch:
+                if isinstance(ev, _Listing):
+                    self._send_files(ev)
+                else:
+                    self._end(ev.listing)
+        finally:
+            for ev, _rid in batch:
+                if isinstance(ev, _End):
+                    ev.listing.close()
+
+    def _send_files(self, d: _Listing) -> None:
+        sent = {n for n, _ in d.want}
+        self.reporter.advance(items=sum(1 for n in d.files if n not in sent))
+        for name, how in d.want:
+            self._send_file(d.fd, d.rel, name, d.files[name], how)
+            if self._stopped:
+                raise _Stop
+
+    def _end(self, d: _Listing) -> None:
+        try:
+            xattrs = self.meta.source_xattrs(fd=d.fd)
+        except OSError as exc:
+            self._problem(d.rel, "metadata", f"extended attributes unreadable: {exc.strerror}")
+            xattrs = None
+        self._send({"op": "enddir", "path": d.rel,
+                    "e": entry(d.rel.rpartition(b"/")[2] or b"_", "d", d.st, xattrs=xattrs)})
+
+    # ------------------------------------------------------------------ files
+    def _open(self, dfd: int, name: bytes, rel: bytes) -> int | None:
+        try:
+            return open_source(dfd, name)
+        except OpenFailed as exc:
+            self._problem(rel, exc.kind, str(exc))
+            return None
+
+    def _digest(self, dfd: int, name: bytes, rel: bytes) -> list[Any] | None:
+        """[BLAKE3, entry] of a file whose size matches the destination's (--checksum, or
+        another mtime): the agent keeps its copy when the content is the same."""
+        fd = self._open(dfd, name, rel)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            h = blake3.blake3(max_threads=1)
+            buf = self.buffers.get(0)
+            off = 0
+            while n := read_source(fd, buf, off):
+                h.update(buf[:n])
+                off += n
+            xattrs = self.meta.source_xattrs(fd=fd)
+        except (SourceReadError, OSError) as exc:
+            self._problem(rel, "unreadable", str(exc))
+            return None
+        finally:
+            os.close(fd)
+        return [h.digest(), entry(name, "f", st, xattrs=xattrs)]
+
+    def _send_file(self, dfd: int, rel: bytes, name: bytes, listed: os.stat_result, how: str) -> None:
+        crel = rel + b"/" + name if rel else name
+        for _attempt in range(self.opts.attempts):
+            fd = self._open(dfd, name, crel)
+            if fd is None:
+                return
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    self._problem(crel, "changed", "no longer a regular file")
+                    return
+                xattrs = self.meta.source_xattrs(fd=fd)
+                e = entry(name, "f", st, xattrs=xattrs)
+                sent = self._delta(fd, st, rel, e) if how == "delta" else self._put(fd, st, rel, e)
+            except (SourceReadError, OSError) as exc:
+                self._problem(crel, "unreadable", str(exc) if isinstance(exc, SourceReadError)
+                              else exc.strerror or str(exc), size=listed.st_size)
+                return
+            finally:
+                os.close(fd)
+            if sent:
+                self.reporter.advance(nbytes=st.st_size, items=1, current=display(crel))
+                return
+        self._problem(crel, "changed", f"changed while being copied, {self.opts.attempts} times; the "
+                      "destination keeps its previous version", size=listed.st_size)
+
+    def _put(self, fd: int, st: os.stat_result, rel: bytes, e: list[Any]) -> bool:
+        """Stream the file; False if it changed meanwhile (the agent discards it)."""
+        self._send({"op": "put", "path": rel, "e": e})
+        h = blake3.blake3(max_threads=1)
+        buf = self.buffers.get(0)
+        size = st.st_size
+        extents = data_extents(fd, size) if is_sparse(st) else ([(0, size)] if size else [])
+        pos = 0
+        try:
+            for off, length in extents:
+                if off > pos:
+                    self._hole(h, off - pos)
+                o, end = off, off + length
+                while o < end:
+                    want = min(len(buf), end - o)
+                    n = read_source(fd, buf[:want], o)
+                    if n < want:
+                        self._send({"abort": "changed"})
+                        return False
+                    chunk = buf[:n]
+                    if chunk == _ZEROS[:n]:
+                        self._hole(h, n)
+                    else:
+                        h.update(chunk)
+                        self._send({"d": chunk})
+                    o += n
+                pos = end
+        except (SourceReadError, OSError):
+            self._send({"abort": "unreadable"})
+            raise
+        if size > pos:
+            self._hole(h, size - pos)
+        if changed_since(st, os.fstat(fd)):
+            self._send({"abort": "changed"})
+            return False
+        self._send({"end": h.digest()})
+        return True
+
+    def _hole(self, h: blake3.blake3, n: int) -> None:
+        left = n
+        while left:
+            k = min(left, len(_ZEROS))
+            h.update(_ZEROS[:k])
+            left -= k
+        self._send({"z": n})
+
+    def _delta(self, fd: int, st: os.stat_result, rel: bytes, e: list[Any]) -> bool:
+        """Let the agent fetch what its old version lacks; False if the file changed while read.
+        The file is read once the agent asks, while the agent reads its old version."""
+        changed = False
+
+        def load() -> memoryview | None:
+            nonlocal changed
+            data = bytearray(st.st_size)
+            if pread_full(fd, memoryview(data), 0) != st.st_size or changed_since(st, os.fstat(fd)):
+                changed = True
+                return None
+            return memoryview(data)
+
+        self._send({"op": "delta", "path": rel, "e": e})
+        try:
+            serve(self.chan, None, load)
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise _Lost from exc
+        return not changed

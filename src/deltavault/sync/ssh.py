@@ -1,0 +1,147 @@
+"""A remote sync destination, and the ssh process that carries the push protocol to the
+agent (``deltavault sync-agent``) at the far end.
+
+Destinations: ``[user@]host:path`` (a colon before the first slash, as scp and rsync read
+it; write ``./a:b`` for a local name with a colon) and ``ssh://[user@]host[:port]/path``
+(``/~/path`` is relative to the remote home). The ssh client is OpenSSH's, so its
+configuration, agent and known hosts apply; DELTAVAULT_SSH_CONFIG names another config
+file, as for sftp repositories.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from deltavault.errors import BackendError, TargetError, UsageError
+from deltavault.sync.remote import Channel
+
+DEFAULT_AGENT = "deltavault sync-agent"
+
+
+@dataclass(frozen=True)
+class RemotePath:
+    host: str  # as ssh takes it: user@host or host
+    path: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.path}" if self.port is None else f"ssh://{self.host}:{self.port}/{self.path}"
+
+
+def parse_remote(spec: str) -> RemotePath | None:
+    """The remote destination ``spec`` names, or None for a local path."""
+    if spec.startswith("ssh://"):
+        u = urlsplit(spec)
+        try:
+            port = u.port
+        except ValueError:
+            raise UsageError(f"bad port in {spec!r}") from None
+        if not u.hostname or not u.path or u.path == "/":
+            raise UsageError(f"{spec!r}: use ssh://[user@]host[:port]/path")
+        host = f"{u.username}@{u.hostname}" if u.username else u.hostname
+        path = (u.path[3:] or ".") if u.path.startswith("/~/") else u.path
+        return RemotePath(host, path, port)
+    head, colon, tail = spec.partition(":")
+    if not colon or not head or "/" in head:
+        return None
+    if head.endswith("@") or head.startswith("@"):
+        raise UsageError(f"{spec!r}: use [user@]host:path")
+    return RemotePath(head, tail or ".")
+
+
+def _ciphers(argv: list[str], host: str) -> str | None:
+    try:
+        out = subprocess.run([*argv, "-G", "--", host], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return next((ln for ln in out.splitlines() if ln.startswith("ciphers ")), None)
+
+
+def _default_ciphers(argv: list[str], host: str) -> bool:
+    """Is the cipher list for ``host`` OpenSSH's built-in one (nothing configured)?"""
+    mine = _ciphers(argv, host)
+    return mine is not None and mine == _ciphers([argv[0], "-F", "/dev/null"], host)
+
+
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith(("flags", "Features")) and " aes" in line for line in f)
+    except OSError:
+        return False
+
+
+class AgentProcess:
+    """``ssh HOST AGENT`` with its stdin and stdout as a frame channel."""
+
+    def __init__(self, where: RemotePath, *, rsh: str = "ssh", agent: str = DEFAULT_AGENT) -> None:
+        argv = shlex.split(rsh)
+        config = os.environ.get("DELTAVAULT_SSH_CONFIG")
+        if config:
+            argv += ["-F", config]
+        if where.port is not None:
+            argv += ["-p", str(where.port)]
+        if rsh == "ssh" and _default_ciphers(argv, where.host) and _cpu_has_aes():
+            # OpenSSH offers ChaCha20 first; with AES instructions AES-GCM moves 40% more
+            # through ssh here (the cipher bounds a push's speed). Only when no Ciphers is
+            # configured for the host: an admin's choice stands.
+            argv += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+        argv += ["-T", "-o", "ServerAliveInterval=15", "--", where.host, agent]
+        self.where, self.agent = where, agent
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise UsageError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.channel = Channel(self.proc.stdout, self.proc.stdin)
+        self._err = bytearray()
+        self._drain = threading.Thread(target=self._read_stderr, name="dv-ssh-stderr", daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if len(self._err) < 64 * 1024:
+                self._err += line
+
+    def stderr_text(self) -> str:
+        self._drain.join(timeout=5)
+        return self._err.decode("utf-8", "replace").strip()
+
+    def failure(self, what: str) -> Exception:
+        """The error for a connection that ended early: ssh's own failure, a missing agent,
+        or an agent that died."""
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        err = self.stderr_text()
+        last = err.splitlines()[-1] if err else ""
+        if rc == 255:
+            return BackendError(f"ssh to {self.where.host} failed: {last or 'exit 255'}", retryable=True)
+        if rc == 127:
+            return TargetError(f"{self.where.host} has no {self.agent.split()[0]!r} to run: install deltavault "
+                               f"there or pass --remote-command ({last})")
+        return BackendError(f"the sync agent on {self.where.host} {what} (exit {rc}): {last or 'no message'}",
+                            retryable=True)
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._drain.join(timeout=5)

@@ -1,0 +1,209 @@
+"""Push sync to another host: the real CLI, through the real OpenSSH client, to a real sshd
+on 127.0.0.1 that runs the agent (deltavault sync-agent). Checked with rsync -n --checksum,
+getfacl, getfattr and stat, as the local sync is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavault.errors import UsageError
+from deltavault.sync.ssh import RemotePath, parse_remote
+from tests.conftest import needs_root, needs_tools
+from tests.integration.sync.conftest import dv, nothing_to_do, summary, unreadable_tree, write
+from tests.integration.sync.test_sync_tree import make_tree, stat_map, tool
+from tests.sshd import Server, missing_tools, sshd
+
+pytestmark = [needs_root(), needs_tools("rsync", "getfacl", "setfacl", "getfattr"), pytest.mark.root,
+              pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
+
+AGENT = f"{sys.executable} -m deltavault sync-agent"
+NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+          "--inh-caps=-dac_override,-dac_read_search")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with sshd(tmp_path) as srv:
+        yield srv
+
+
+def push(server: Server, src: Path, dst: str | Path, *flags: str, prefix: tuple[str, ...] = (),
+         agent: str = AGENT) -> subprocess.CompletedProcess[str]:
+    return dv("--json", "sync", "--remote-command", agent, *flags, str(src), f"dvtest:{dst}",
+              env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}, prefix=prefix)
+
+
+def temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".dv-sync-" in p.name]
+
+
+def test_remote_locations() -> None:
+    assert parse_remote("/srv/data") is None and parse_remote("./a:b") is None and parse_remote("rel/a:b") is None
+    assert parse_remote("host:/srv/m") == RemotePath("host", "/srv/m")
+    assert parse_remote("bob@host:mirror") == RemotePath("bob@host", "mirror")
+    assert parse_remote("host:") == RemotePath("host", ".")
+    assert parse_remote("ssh://bob@host:2222/srv/m") == RemotePath("bob@host", "/srv/m", 2222)
+    assert parse_remote("ssh://host/~/m") == RemotePath("host", "m")
+    for bad in ("ssh://host", "ssh://host/", "ssh://host:x/p", "@host:p", "bob@:p"):
+        with pytest.raises(UsageError):
+            parse_remote(bad)
+
+
+def test_push_keeps_everything_then_moves_only_changes(server: Server, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "remote/mirror"
+    src.mkdir()
+    make_tree(src)
+    os.utime(src, ns=(5, 1_111_111_111_222_222_222))
+    log = tmp_path / "sync.log"
+    p = push(server, src, dst, "--acl", "--xattrs", "--log", str(log))
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = summary(p)
+    assert s["errors"] == 0 and s["hardlinks"] == 2 and s["symlinks"] == 4 and s["special"] == 2
+    assert nothing_to_do(src, dst, "-A", "-X", "-D") == ""
+    assert tool("getfacl", "-R", "-p", ".", cwd=src) == tool("getfacl", "-R", "-p", ".", cwd=dst)
+    xa = ["getfattr", "-R", "-h", "-d", "-m", "-", "-e", "hex", "."]
+    assert tool(*xa, cwd=src) == tool(*xa, cwd=dst)
+    assert stat_map(src) == stat_map(dst)  # modes, owners, ns mtimes, sizes, rdev, link counts
+    assert os.stat(dst).st_mtime_ns == 1_111_111_111_222_222_222
+    assert os.stat(dst / "hl1").st_ino == os.stat(dst / "hl2").st_ino == os.stat(dst / "deep/hl3").st_ino
+    assert os.stat(dst / "sparse.img").st_blocks * 512 < 1 << 20
+    assert s["wire_sent"] < 4 << 20  # the 64 MiB sparse file's holes do not travel
+    assert not temps(dst)
+    lines = log.read_text().splitlines()
+    assert {"new", "symlink", "special", "hardlink", "mkdir"} <= {ln.split("\t")[1] for ln in lines}
+    assert any("new\\x0aline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
+
+    # nothing changed: only the listings travel
+    s = summary(push(server, src, dst, "--acl", "--xattrs"))
+    assert s["bytes_written"] == 0 and s["files_new"] == s["files_updated"] == s["meta_fixed"] == 0
+    assert s["wire_sent"] < 16 << 10
+
+    # content, metadata only, same bytes under a new mtime, removals and additions
+    write(src / "small.txt", b"changed!\n")
+    os.chmod(src / "exec.sh", 0o700)
+    subprocess.run(["setfacl", "-x", "u:1234", str(src / "small.txt")], check=True)
+    os.utime(src / "big.bin")  # same content: compared by digest, not sent again
+    (src / "deep/a/b/c/leaf").unlink()
+    write(src / "new/dir/file", b"new file")
+    write(dst / "only-in-dst/x", b"extra")
+    write(dst / "kept.tmp", b"excluded, so kept")
+    p = push(server, src, dst, "--acl", "--xattrs", "--delete", "--exclude", "*.tmp", "--log", str(log))
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = summary(p)
+    deleted = sorted(ln.split("\t")[5] for ln in log.read_text().splitlines() if ln.split("\t")[1] == "delete")
+    assert deleted == ["deep/a/b/c/leaf", "only-in-dst", "only-in-dst/x"], deleted
+    assert s["files_updated"] == 1 and s["files_new"] == 1 and s["deleted"] == 3
+    assert s["meta_fixed"] >= 2 and s["bytes_written"] == len(b"changed!\n") + len(b"new file")
+    assert s["wire_sent"] < 64 << 10  # big.bin (3 MiB) was not sent
+    assert (dst / "kept.tmp").exists() and not (dst / "only-in-dst").exists()
+    assert nothing_to_do(src, dst, "-A", "-X", "-D", "--exclude", "kept.tmp") == ""
+
+
+def test_big_changed_file_travels_by_delta(server: Server, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = bytearray(os.urandom(32 << 20))
+    write(src / "db.img", bytes(data))
+    assert push(server, src, dst).returncode == 0
+    for off in (5 << 20, 17 << 20, 30 << 20):  # three changed pages, an insertion, a deletion
+        data[off:off + 4096] = os.urandom(4096)
+    data[9 << 20:9 << 20] = b"inserted" * 100
+    del data[25 << 20:(25 << 20) + 5000]
+    write(src / "db.img", bytes(data))
+    log = tmp_path / "log"
+    p = push(server, src, dst, "--verify", "--log", str(log))
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = summary(p)
+    assert s["files_delta"] == 1 and s["files_verified"] == 1
+    assert (dst / "db.img").read_bytes() == bytes(data)
+    # what crossed the network: the changed chunks and some signature, not 32 MiB
+    assert 0 < s["delta_wire_bytes"] < 1 << 20 and s["wire_sent"] < 2 << 20
+    (line,) = [ln.split("\t") for ln in log.read_text().splitlines() if ln.split("\t")[1] == "delta"]
+    assert line[4] != "-" and line[5] == "db.img"
+    assert nothing_to_do(src, dst) == ""
+
+
+@needs_tools("setpriv")
+def test_unreadable_source_entries_are_listed_and_never_deleted_remotely(server: Server, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    unreadable_tree(src, dst)
+    p = push(server, src, dst, "--delete", prefix=NO_DAC)
+    assert p.returncode == 3, p.stdout + p.stderr
+    s = summary(p)
+    assert {(x["path"], x["kind"]) for x in s["problems"]} == {("b-secret", "unreadable"), ("c-locked", "unreadable")}
+    assert (dst / "a-ok").read_bytes() == b"fine" and not (dst / "b-secret").exists()
+    assert (dst / "c-locked/old").exists()
+
+
+def test_full_remote_disk_exits_14_and_leaves_no_partial_file(server: Server, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        src = tmp_path / "src"
+        write(src / "a-fits", os.urandom(2 << 20))
+        write(src / "b-too-big", os.urandom(8 << 20))
+        write(src / "c-after", b"never reached")
+        p = push(server, src, mnt / "dst")
+        assert p.returncode == 14, p.stdout + p.stderr
+        assert "full" in p.stdout
+        assert (mnt / "dst/a-fits").read_bytes() == (src / "a-fits").read_bytes()
+        assert not (mnt / "dst/b-too-big").exists() and not temps(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_connection_and_agent_failures_are_clear(server: Server, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "f", b"x")
+    env = {"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}
+    p = dv("sync", str(src), "nosuchhost.invalid:/tmp/x", env=env)
+    assert p.returncode == 15 and "ssh to nosuchhost.invalid failed" in p.stderr, p.stderr
+    p = push(server, src, tmp_path / "d", agent="no-such-deltavault sync-agent")
+    assert p.returncode == 17 and "install deltavault there or pass --remote-command" in p.stdout, p.stdout
+    write(tmp_path / "a-file", b"in the way")
+    p = push(server, src, tmp_path / "a-file/sub")
+    assert p.returncode == 17 and "not a directory" in p.stdout, p.stdout
+    p = dv("sync", f"dvtest:{src}", str(tmp_path / "d"), env=env)
+    assert p.returncode == 2 and "SRC must be local" in p.stderr
+
+
+def test_dropped_connection_leaves_no_temp_file(server: Server, tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "huge", os.urandom(256 << 20))
+    proc = subprocess.Popen([sys.executable, "-m", "deltavault", "sync", "--remote-command", AGENT,
+                             str(src), f"dvtest:{dst}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+    deadline = time.monotonic() + 60
+    while not (dst.exists() and temps(dst)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    server.kill_sessions()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 15, (out, err)
+    assert b"ssh to dvtest failed" in err
+    deadline = time.monotonic() + 20  # the agent sees its input end and removes its temp file
+    while temps(dst) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not temps(dst) and not (dst / "huge").exists()
+
+
+@needs_tools("btrfs")
+def test_push_from_a_btrfs_snapshot(server: Server, tmp_path: Path, loopfs) -> None:
+    mnt = loopfs("btrfs", 150)
+    subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True, capture_output=True)
+    src = mnt / "data"
+    write(src / "docs/a.txt", b"version 1")
+    os.setxattr(src / "docs/a.txt", "user.k", b"v")
+    # SRC is a directory inside the subvolume: the subvolume's root gets the snapshot folder
+    p = push(server, src / "docs", tmp_path / "dst", "--snapshot", "btrfs", "--xattrs")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert summary(p)["snapshot"]["kind"] == "btrfs"
+    assert nothing_to_do(src / "docs", tmp_path / "dst", "-X") == ""
+    assert not (src / ".deltavault-snapshots").exists() or not any((src / ".deltavault-snapshots").iterdir())
