@@ -12,6 +12,7 @@ import queue
 import stat
 import sys
 import threading
+from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class _Listing:
     files: dict[bytes, os.stat_result] = field(default_factory=dict)
     subdirs: list[tuple[bytes, bytes, bool]] = field(default_factory=list)
     want: list[tuple[bytes, str]] = field(default_factory=list)
+    rid: int = 0  # the request whose reply is awaited (its listing's, then its check's)
 
     def join(self, name: bytes) -> bytes:
         return self.rel + b"/" + name if self.rel else name
@@ -354,56 +356,64 @@ class PushSyncer:
         return d
 
     def _walk(self, tree: Iterator[_Listing | _End]) -> None:
-        """Two batches in flight: the next one is listed while the files of this one are
-        sent, so the agent always has work and a round trip costs no idle time."""
-        ahead = self._list_batch(tree)
+        """Three batches in flight, each a stage ahead of the next: while the files of one
+        are sent, the agent compares the digests asked of the next and lists the one after.
+        So the agent always has work, and round trips cost no idle time."""
+        listed = self._list_batch(tree)
+        checked: deque[list[_Listing | _End]] = deque()
         try:
-            while ahead:
-                current, ahead = ahead, []
-                ahead = self._list_batch(tree)
-                self._complete(current)
+            while listed or checked:
+                ahead = self._list_batch(tree) if listed else []
+                if listed:
+                    self._ask_checks(listed)
+                    checked.append(listed)
+                listed = ahead
+                if len(checked) > 1 or not listed:
+                    self._send_batch(checked.popleft())
         finally:
-            for ev, _rid in ahead:
-                if isinstance(ev, _End):
-                    ev.listing.close()
+            for batch in (listed, *checked):
+                for ev in batch:
+                    if isinstance(ev, _End):
+                        ev.listing.close()
 
-    def _list_batch(self, tree: Iterator[_Listing | _End]) -> list[tuple[_Listing | _End, int]]:
+    def _list_batch(self, tree: Iterator[_Listing | _End]) -> list[_Listing | _End]:
         """Send the listings of up to BATCH_DIRS directories (or BATCH_ENTRIES entries)."""
-        batch: list[tuple[_Listing | _End, int]] = []
+        batch: list[_Listing | _End] = []
         dirs = entries = 0
         for ev in tree:
-            rid = 0
             if isinstance(ev, _Listing):
-                rid = self._request({"op": "dir", "path": ev.rel, "entries": ev.entries, "protected": ev.protected,
-                                     "included": ev.included})
+                ev.rid = self._request({"op": "dir", "path": ev.rel, "entries": ev.entries,
+                                        "protected": ev.protected, "included": ev.included})
                 dirs += 1
                 entries += len(ev.entries)
-            batch.append((ev, rid))
+            batch.append(ev)
             if dirs >= BATCH_DIRS or entries >= BATCH_ENTRIES:
                 break
         return batch
 
-    def _complete(self, batch: list[tuple[_Listing | _End, int]]) -> None:
-        """What the agent wants of a listed batch: digests to compare, then files."""
+    def _ask_checks(self, batch: list[_Listing | _End]) -> None:
+        """Take the agent's wants for a listed batch; send digests of the files it asks about."""
+        for ev in batch:
+            if isinstance(ev, _Listing):
+                ev.want = [(n, how) for n, how in self._reply(ev.rid)["want"]]
+                checks = [n for n, how in ev.want if how == "check"]
+                ev.rid = 0
+                if checks:
+                    items = [got for got in (self._digest(ev.fd, n, ev.join(n)) for n in checks) if got is not None]
+                    ev.rid = self._request({"op": "check", "path": ev.rel, "items": items})
+
+    def _send_batch(self, batch: list[_Listing | _End]) -> None:
         try:
-            checking = []
-            for ev, rid in batch:
+            for ev in batch:
                 if isinstance(ev, _Listing):
-                    ev.want = [(n, how) for n, how in self._reply(rid)["want"]]
-                    checks = [n for n, how in ev.want if how == "check"]
-                    if checks:
-                        items = [got for got in (self._digest(ev.fd, n, ev.join(n)) for n in checks)
-                                 if got is not None]
-                        checking.append((ev, self._request({"op": "check", "path": ev.rel, "items": items})))
-            for d, rid in checking:
-                d.want = [w for w in d.want if w[1] != "check"] + [(n, how) for n, how in self._reply(rid)["want"]]
-            for ev, _rid in batch:
-                if isinstance(ev, _Listing):
+                    if ev.rid:
+                        ev.want = [w for w in ev.want if w[1] != "check"] + [
+                            (n, how) for n, how in self._reply(ev.rid)["want"]]
                     self._send_files(ev)
                 else:
                     self._end(ev.listing)
         finally:
-            for ev, _rid in batch:
+            for ev in batch:
                 if isinstance(ev, _End):
                     ev.listing.close()
 

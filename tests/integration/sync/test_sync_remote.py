@@ -141,6 +141,38 @@ def test_unreadable_source_entries_are_listed_and_never_deleted_remotely(server:
     assert (dst / "c-locked/old").exists()
 
 
+@pytest.mark.parametrize("old", [None, b"an older version " * 400_000], ids=["new", "delta"])
+def test_file_that_keeps_changing_is_reported_not_installed(server: Server, tmp_path: Path,
+                                                             old: bytes | None) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "growing.log", os.urandom(48 << 20))
+    write(src / "steady", b"steady")
+    if old is not None:  # then it goes by delta, and the sender reads it when the agent asks
+        write(dst / "growing.log", old)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "f = open(sys.argv[1], 'ab', buffering=0)\n"
+        "print('go', flush=True)\n"
+        "while True:\n"
+        "    f.write(b'x'); time.sleep(0.0002)\n"), str(src / "growing.log")], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"go\n"
+        time.sleep(0.05)
+        p = push(server, src, dst)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert p.returncode == 3, p.stdout + p.stderr
+    probs = summary(p)["problems"]
+    assert [(x["path"], x["kind"]) for x in probs] == [("growing.log", "changed")]
+    assert "3 times" in probs[0]["message"]
+    assert (dst / "steady").exists() and not temps(dst)
+    if old is None:
+        assert not (dst / "growing.log").exists()
+    else:
+        assert (dst / "growing.log").read_bytes() == old
+
+
 def test_full_remote_disk_exits_14_and_leaves_no_partial_file(server: Server, tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
