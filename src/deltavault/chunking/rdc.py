@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import blake3
@@ -168,3 +169,19 @@ def assemble(p: Plan, seed: SeedIndex, fetched: list[bytes]) -> list[bytes | mem
     if run_start >= 0:
         out.append(mv[run_start:run_end])
     return out
+
+
+@lru_cache(maxsize=64)
+def zero_digest(n: int) -> bytes:
+    return blake3.blake3(bytes(n)).digest(16)
+
+
+def regions(p: Plan, seed: SeedIndex,
+            fetched: list[bytes]) -> Iterator[tuple[int, int, memoryview | bytes | None, bool]]:
+    """(offset, length, buffer, from the seed) for each piece in order; the buffer is None
+    for a piece of zeros, which a writer may leave as a hole."""
+    it = iter(fetched)
+    mv = seed.stream
+    for o, n, d, s in p.pieces:
+        buf = mv[s:s + n] if s is not None else next(it)
+        yield o, n, (None if d == zero_digest(n) else buf), s is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -39,7 +40,7 @@ from deltavault.sync.dest import delete_extras, fix_meta, hard_link, place_speci
 from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.remote import Changed, Channel, fetch_pieces
+from deltavault.sync.remote import Changed, Channel, Rebuilt, fetch_rebuilt
 from deltavault.sync.report import SyncStats
 from deltavault.sync.tree import aside_name, lstat_at, open_dir, remove_entry, temp_name
 from deltavault.sync.wire import VERSION, Entry
@@ -407,13 +408,12 @@ class Agent:
             finally:
                 self.chan.send({"op": "bye"})  # ends the sender's answering loop, whatever happened
             if rebuilt is not None:
-                self._write_rebuilt(dfd, seed_fd, crel, e, *rebuilt)
+                self._write_rebuilt(dfd, seed_fd, crel, e, rebuilt)
         finally:
             if seed_fd >= 0:
                 os.close(seed_fd)
 
-    def _fetch(self, seed_fd: int, crel: bytes,
-               e: Entry) -> tuple[rdc.Plan, list[bytes | memoryview], bytes] | None:
+    def _fetch(self, seed_fd: int, crel: bytes, e: Entry) -> Rebuilt | None:
         def load() -> bytes:
             with open(seed_fd, "rb", closefd=False) as f:
                 return f.read()
@@ -422,37 +422,40 @@ class Agent:
         # pages, and a change costs exactly its pages; else content-defined chunks.
         pages = os.fstat(seed_fd).st_size == e.st.st_size
         try:
-            plan, pieces, fs = fetch_pieces(self.chan, crel, load, pages=pages)
+            rebuilt = fetch_rebuilt(self.chan, crel, load, pages=pages)
         except Changed:
             return None  # the sender sends it again, or reports it
         except (SourceError, CorruptionError) as exc:
             self._problem(crel, "write", f"delta transfer failed: {exc.message}", e.st.st_size)
             return None
-        self._count(delta_wire_bytes=fs.data_fetched)
-        return plan, pieces, fs.digest
+        self._count(delta_wire_bytes=rebuilt.stats.data_fetched)
+        return rebuilt
 
-    def _write_rebuilt(self, dfd: int, seed_fd: int, crel: bytes, e: Entry, plan: rdc.Plan,
-                       pieces: list[bytes | memoryview], digest: bytes) -> None:
+    def _write_rebuilt(self, dfd: int, seed_fd: int, crel: bytes, e: Entry, rebuilt: Rebuilt) -> None:
         """Into a reflink clone of the old file, writing only the fetched chunks, when every
-        reused chunk sits where it sat before; else the whole file."""
+        reused chunk sits where it sat before; else the whole file. Zeros stay holes."""
         tmp = temp_name(e.name)
         tfd = -1
         try:
             tfd = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=dfd)
-            in_place = all(s is None or s == o for o, _n, _d, s in plan.pieces)
+            size = rebuilt.plan.size
+            # (Pieces of zeros may come from anywhere in the seed: all have one digest.)
+            in_place = all(s is None or s == o or d == rdc.zero_digest(n) for o, n, d, s in rebuilt.plan.pieces)
             if in_place and reflink(seed_fd, tfd):
-                written = off = 0
-                for b in pieces:
-                    if not isinstance(b, memoryview):  # fetched (seed runs are views)
-                        pwrite_all(tfd, b, off)
-                        written += len(b)
-                    off += len(b)
-                if os.fstat(tfd).st_size != plan.size:  # (XFS flushes a truncated file on close)
-                    os.ftruncate(tfd, plan.size)
+                old = rebuilt.seed.stream
+                written = 0
+                for off, n, buf, from_seed in rebuilt.regions():
+                    if buf is None and bytes(old[off:off + n]) == bytes(n):
+                        continue  # zeros over zeros
+                    if buf is None or not from_seed:
+                        pwrite_all(tfd, buf if buf is not None else bytes(n), off)
+                        written += n
                 self._count(delta_reflinked=1)
             else:
-                written = _write_all(tfd, pieces)
-            self._install(dfd, tfd, tmp, crel, e, "delta", written, digest)
+                written = _write_regions(tfd, rebuilt.regions())
+            if os.fstat(tfd).st_size != size:  # (XFS flushes a truncated file on close)
+                os.ftruncate(tfd, size)
+            self._install(dfd, tfd, tmp, crel, e, "delta", written, rebuilt.stats.digest)
             tmp = b""
         except OSError as exc:
             self._os_problem(crel, exc)
@@ -514,14 +517,28 @@ def _digest_at(dfd: int, name: bytes, bufsize: int) -> bytes:
         os.close(fd)
 
 
-def _write_all(fd: int, pieces: list[bytes | memoryview]) -> int:
-    """Write the buffers one after another from offset 0, many per system call."""
-    off = 0
-    for i in range(0, len(pieces), 512):
-        batch = pieces[i:i + 512]
-        want = sum(len(b) for b in batch)
-        n = os.pwritev(fd, batch, off)
-        if n < want:  # a short write (a signal, a nearly full disk): finish piece by piece
-            pwrite_all(fd, b"".join(batch)[n:], off + n)
-        off += want
-    return off
+def _write_regions(fd: int, regions: Iterator[tuple[int, int, bytes | memoryview | None, bool]]) -> int:
+    """Write each region at its offset, many per system call; pieces of zeros are skipped
+    (holes: the caller sets the size). Returns the bytes written."""
+    written = start = end = 0
+    batch: list[bytes | memoryview] = []
+    for off, n, buf, _from_seed in regions:
+        if buf is None:
+            continue
+        if batch and (off != end or len(batch) >= 512):
+            _pwritev_all(fd, batch, start, end - start)
+            batch = []
+        if not batch:
+            start = off
+        batch.append(buf)
+        end = off + n
+        written += n
+    if batch:
+        _pwritev_all(fd, batch, start, end - start)
+    return written
+
+
+def _pwritev_all(fd: int, batch: list[bytes | memoryview], off: int, want: int) -> None:
+    n = os.pwritev(fd, batch, off)
+    if n < want:  # a short write (a signal, a nearly full disk): finish it
+        pwrite_all(fd, b"".join(batch)[n:], off + n)

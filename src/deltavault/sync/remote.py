@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -151,12 +151,28 @@ def _reply(chan: Frames) -> dict[str, Any]:
     return rep
 
 
-def fetch_pieces(chan: Frames, path: bytes, seed: bytes | memoryview | Callable[[], bytes | memoryview], *,
-                 pages: bool = False) -> tuple[rdc.Plan, list[bytes | memoryview], FetchStats]:
-    """The remote file's new content as buffers in order (views of the seed and fetched
-    chunks), checked chunk by chunk and against the remote's whole-file BLAKE3.
-    ``seed`` may be a loader, called once the request is out (both ends then read at once).
-    ``pages``: cut level 0 into 4 KiB pages (for files changed in place); both sides must agree."""
+@dataclass
+class Rebuilt:
+    """A remote file rebuilt from the seed and the fetched chunks, checked."""
+
+    plan: rdc.Plan
+    seed: rdc.SeedIndex
+    fetched: list[bytes]
+    stats: FetchStats
+
+    def buffers(self) -> list[bytes | memoryview]:
+        return rdc.assemble(self.plan, self.seed, self.fetched)
+
+    def regions(self) -> Iterator[tuple[int, int, memoryview | bytes | None, bool]]:
+        return rdc.regions(self.plan, self.seed, self.fetched)
+
+
+def fetch_rebuilt(chan: Frames, path: bytes, seed: bytes | memoryview | Callable[[], bytes | memoryview], *,
+                  pages: bool = False) -> Rebuilt:
+    """The remote file's new content, from the seed's chunks and those it lacks, checked
+    chunk by chunk and against the remote's whole-file BLAKE3. ``seed`` may be a loader,
+    called once the request is out (both ends then read at once). ``pages``: cut level 0
+    into 4 KiB pages (for files changed in place); both sides must agree."""
     chan.send({"op": "open", "path": path, "pages": pages})
     if callable(seed):
         seed = seed()
@@ -175,14 +191,14 @@ def fetch_pieces(chan: Frames, path: bytes, seed: bytes | memoryview | Callable[
             raise CorruptionError(f"remote sent chunks that do not match their signature (level {level})")
         got = sum(n for _o, n in missing)
         if level == 0:
-            pieces = rdc.assemble(p, index, data)
+            out = Rebuilt(p, index, data, FetchStats(p.size, levels, chan.sent, chan.received, got, p.size - got,
+                                                     fetched_sig, sig_full or len(head["top"]), head["digest"]))
             h = blake3.blake3(max_threads=blake3.blake3.AUTO if p.size > 1 << 24 else 1)
-            for b in pieces:
+            for b in out.buffers():
                 h.update(b)
             if h.digest() != head["digest"] or p.size != head["size"]:
                 raise CorruptionError("the rebuilt file does not match the remote digest")
-            return p, pieces, FetchStats(p.size, levels, chan.sent, chan.received, got, p.size - got,
-                                         fetched_sig, sig_full or len(head["top"]), head["digest"])
+            return out
         fetched_sig += got
         sig = b"".join(rdc.assemble(p, index, data))
         if level == 1:
@@ -193,8 +209,8 @@ def fetch_pieces(chan: Frames, path: bytes, seed: bytes | memoryview | Callable[
 def fetch(chan: Frames, path: bytes, seed: bytes | memoryview, *,
           pages: bool = False) -> tuple[bytes, FetchStats]:
     """The remote file's new content, rebuilt from the seed and the chunks it lacks."""
-    _p, pieces, stats = fetch_pieces(chan, path, seed, pages=pages)
-    return b"".join(pieces), stats
+    r = fetch_rebuilt(chan, path, seed, pages=pages)
+    return b"".join(r.buffers()), r.stats
 
 
 def main(argv: list[str]) -> int:

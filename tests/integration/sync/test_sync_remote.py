@@ -129,6 +129,40 @@ def test_big_changed_file_travels_by_delta(server: Server, tmp_path: Path) -> No
     assert nothing_to_do(src, dst) == ""
 
 
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_delta_keeps_holes_and_clones_where_it_can(server: Server, tmp_path: Path, loopfs, fs: str) -> None:
+    """A sparse image changed in place: page-mode delta; holes stay holes on the agent's
+    disk; on XFS the new version is a reflink clone of the old with only the changed pages
+    written, on ext4 it is written whole, less its holes."""
+    src = tmp_path / "src"
+    dst = loopfs(fs, 300) / "mirror"
+    img = bytearray(64 << 20)
+    for off in (1 << 20, 20 << 20, 50 << 20):
+        img[off:off + (1 << 20)] = os.urandom(1 << 20)
+    write(src / "vm.img", b"")
+    with open(src / "vm.img", "r+b") as f:  # sparse: only the three data regions are written
+        for off in (1 << 20, 20 << 20, 50 << 20):
+            f.seek(off)
+            f.write(img[off:off + (1 << 20)])
+        f.truncate(64 << 20)
+    assert push(server, src, dst).returncode == 0
+    for off in (1 << 20, (20 << 20) + 8192, (50 << 20) + 4096 * 100):
+        img[off:off + 4096] = os.urandom(4096)
+        with open(src / "vm.img", "r+b") as f:
+            f.seek(off)
+            f.write(img[off:off + 4096])
+    p = push(server, src, dst, "--verify")
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = summary(p)
+    assert s["files_delta"] == 1 and s["delta_wire_bytes"] == 3 * 4096
+    assert (dst / "vm.img").read_bytes() == bytes(img)
+    assert os.stat(dst / "vm.img").st_blocks * 512 < 4 << 20  # 3 MiB of data, holes kept
+    if fs == "xfs":
+        assert s["delta_reflinked"] == 1 and s["delta_bytes_written"] == 3 * 4096
+    else:
+        assert s["delta_reflinked"] == 0 and s["delta_bytes_written"] == 3 << 20
+
+
 @needs_tools("setpriv")
 def test_unreadable_source_entries_are_listed_and_never_deleted_remotely(server: Server, tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
