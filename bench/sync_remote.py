@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         with sshd(work) as server:
             cfg = str(server.ssh_config)
             env = {**os.environ, "DELTAVAULT_SSH_CONFIG": cfg}
-            agent = f"{PY} -m deltavault sync-agent"
+            agent = f"{PY} -m deltavault"
 
             def argv(tool: str, dst: Path, incr: bool) -> list[str]:
                 if tool == "rsync":

@@ -1,5 +1,6 @@
-"""deltavault sync-agent: the receiving end of a push sync, started by ssh on the
-destination host. It speaks the protocol of sync/agent.py on stdin and stdout."""
+"""deltavault sync-agent and sync-source: the far ends of a sync with another host, started
+by ssh. They speak the protocol of sync/agent.py on stdin and stdout; only errors are
+printed (to stderr), and the exit code says what failed."""
 
 from __future__ import annotations
 
@@ -7,20 +8,45 @@ import argparse
 import sys
 
 from deltavault.cli.common import Context
+from deltavault.snapshot import take_snapshot
 from deltavault.sync.agent import Agent
+from deltavault.sync.pull import Stdio, source_request
+from deltavault.sync.push import PushSyncer
 from deltavault.sync.remote import Channel
+from deltavault.sync.ssh import RemotePath
+from deltavault.sync.wire import options_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sync-agent", help="(run by sync through ssh) receive a push sync on stdin/stdout",
                        description="The far end of 'deltavault sync SRC host:DST'. Not for interactive use: "
                        "it speaks a binary protocol on stdin and stdout.")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_agent)
+    p = sub.add_parser("sync-source", help="(run by sync through ssh) send a pull sync on stdin/stdout",
+                       description="The far end of 'deltavault sync host:SRC DST'. Not for interactive use: "
+                       "it speaks a binary protocol on stdin and stdout.")
+    p.set_defaults(func=run_source)
 
 
-def run(ctx: Context) -> int:
+def _interactive(ctx: Context, name: str) -> bool:
     if sys.stdin.isatty():
-        ctx.warn("sync-agent speaks a binary protocol; it is started by 'deltavault sync SRC host:DST'")
+        ctx.warn(f"{name} speaks a binary protocol; it is started by 'deltavault sync' through ssh")
+        return True
+    return False
+
+
+def run_agent(ctx: Context) -> int:
+    if _interactive(ctx, "sync-agent"):
         return 2
     Agent(Channel(sys.stdin.buffer, sys.stdout.buffer)).run()
+    return 0
+
+
+def run_source(ctx: Context) -> int:
+    if _interactive(ctx, "sync-source"):
+        return 2
+    chan = Channel(sys.stdin.buffer, sys.stdout.buffer)
+    req = source_request(chan)
+    with take_snapshot(req["path"], req.get("snapshot") or "none") as snap:
+        PushSyncer(snap.source_path, RemotePath("", ""), options_from(req["options"]), transport=Stdio(chan)).run()
     return 0

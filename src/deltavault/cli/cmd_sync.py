@@ -8,13 +8,14 @@ import time
 from typing import Any
 
 from deltavault.cli.common import Context, human, parse_size
-from deltavault.errors import DeltavaultError, ExitCode, TargetError, UsageError
+from deltavault.errors import DeltavaultError, ExitCode, SourceError, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.engine import Syncer, SyncResult
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.pull import PullSyncer
 from deltavault.sync.push import PushSyncer
 from deltavault.sync.report import SyncLog
-from deltavault.sync.ssh import DEFAULT_AGENT, parse_remote
+from deltavault.sync.ssh import DEFAULT_REMOTE, parse_remote
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,10 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snapshot", choices=SNAPSHOT_KINDS, default="none",
                    help="sync from a point-in-time snapshot of SRC's volume (default none)")
     p.add_argument("--rsh", default=os.environ.get("DELTAVAULT_RSH", "ssh"), metavar="CMD",
-                   help="for DST on another host ([user@]host:path or ssh://...): the ssh command "
+                   help="for SRC or DST on another host ([user@]host:path or ssh://...): the ssh command "
                    "(default ssh; env DELTAVAULT_RSH)")
-    p.add_argument("--remote-command", default=os.environ.get("DELTAVAULT_REMOTE_COMMAND", DEFAULT_AGENT),
-                   metavar="CMD", help=f"what ssh runs on the destination host (default '{DEFAULT_AGENT}'; "
+    p.add_argument("--remote-command", default=os.environ.get("DELTAVAULT_REMOTE_COMMAND", DEFAULT_REMOTE),
+                   metavar="CMD", help=f"deltavault on the other host (default '{DEFAULT_REMOTE}'; "
                    "env DELTAVAULT_REMOTE_COMMAND)")
     p.set_defaults(func=run)
 
@@ -84,35 +85,44 @@ def _mb(text: str) -> int:
 def run(ctx: Context) -> int:
     a = ctx.args
     opts = _options(a)
+    src_host, where = parse_remote(a.source), parse_remote(a.dest)
+    if src_host is not None and where is not None:
+        raise UsageError("SRC and DST cannot both be on other hosts: run deltavault sync on one of them")
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
-    if parse_remote(a.source) is not None:
-        raise UsageError("SRC must be local: run deltavault sync on the source host and push to this one "
-                         "(DST may be [user@]host:path)")
-    where = parse_remote(a.dest)
-    syncer: Syncer | PushSyncer
-    snap_info: dict[str, Any] = {"kind": "none"}
+    snap_info: dict[str, Any]
     try:
-        with take_snapshot(a.source, a.snapshot) as snap:
-            snap_info = {"kind": snap.kind, "mount_path": snap.mount_path, "source_path": snap.source_path}
-            if snap.note:
-                ctx.warn(snap.note)
-            if where is not None:
-                syncer = PushSyncer(snap.source_path, where, opts, ctx.reporter(), log, rsh=a.rsh,
-                                    agent=a.remote_command)
-            else:
-                syncer = Syncer(snap.source_path, a.dest, opts, ctx.reporter(), log)
-            try:
-                result = syncer.run()
-            except DeltavaultError as exc:
-                if not isinstance(exc, UsageError | TargetError):  # refused before starting
-                    _summary(ctx, a, syncer.partial(), snap_info, time.monotonic() - t0)
-                raise
+        if src_host is not None:  # a pull: the snapshot, if any, is taken on the source host
+            snap_info = {"kind": a.snapshot, "on": src_host.host}
+            result = _attempt(ctx, PullSyncer(src_host, a.dest, opts, ctx.reporter(), log, rsh=a.rsh,
+                                              remote=a.remote_command, snapshot=a.snapshot), snap_info, t0)
+        else:
+            with take_snapshot(a.source, a.snapshot) as snap:
+                snap_info = {"kind": snap.kind, "mount_path": snap.mount_path, "source_path": snap.source_path}
+                if snap.note:
+                    ctx.warn(snap.note)
+                syncer: Syncer | PushSyncer
+                if where is not None:
+                    syncer = PushSyncer(snap.source_path, where, opts, ctx.reporter(), log, rsh=a.rsh,
+                                        remote=a.remote_command)
+                else:
+                    syncer = Syncer(snap.source_path, a.dest, opts, ctx.reporter(), log)
+                result = _attempt(ctx, syncer, snap_info, t0)
     finally:
         if log is not None:
             log.close()
     _summary(ctx, a, result, snap_info, time.monotonic() - t0)
     return int(ExitCode.PARTIAL) if result.problems else 0
+
+
+def _attempt(ctx: Context, syncer: Syncer | PushSyncer | PullSyncer, snap_info: dict[str, Any],
+             t0: float) -> SyncResult:
+    try:
+        return syncer.run()
+    except DeltavaultError as exc:
+        if not isinstance(exc, UsageError | TargetError | SourceError):  # else refused before starting
+            _summary(ctx, ctx.args, syncer.partial(), snap_info, time.monotonic() - t0)
+        raise
 
 
 def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str, Any], seconds: float) -> None:
@@ -136,7 +146,8 @@ def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str,
     if a.verify:
         text += f"\nverified: {st.files_verified} files, {human(st.bytes_verified)} re-read from disk"
     if snap.get("kind", "none") != "none":
-        text += f"\nfrom {snap['kind']} snapshot {snap['mount_path']} (removed)"
+        where = f"taken on {snap['on']}" if "on" in snap else snap["mount_path"]
+        text += f"\nfrom {snap['kind']} snapshot {where} (removed)"
     if r.stopped:
         text += "\nstopped at the first error (--stop-on-error)"
     if r.problems:

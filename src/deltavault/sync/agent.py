@@ -35,15 +35,16 @@ from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError,
 from deltavault.fs.clone import pwrite_all, reflink
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd
 from deltavault.fs.paths import check_name, display, open_target_dir
+from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.copy import hash_zeros, read_back
 from deltavault.sync.dest import delete_extras, fix_meta, hard_link, place_special, unlink_quiet
 from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Changed, Channel, Rebuilt, fetch_rebuilt
-from deltavault.sync.report import SyncStats
+from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.tree import aside_name, lstat_at, open_dir, remove_entry, temp_name
-from deltavault.sync.wire import VERSION, Entry
+from deltavault.sync.wire import VERSION, Entry, options_from
 
 DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -66,15 +67,20 @@ def _join(rel: bytes, name: bytes) -> bytes:
     return rel + b"/" + name if rel else name
 
 
-def options_from(raw: dict[str, Any]) -> SyncOptions:
-    keys = ("delete", "checksum", "skip_empty_dirs", "acl", "xattrs", "owner", "excludes", "includes",
-            "default_excludes", "verify", "delta", "delta_min", "bufsize")
-    return SyncOptions(**{k: raw[k] for k in keys if k in raw})
-
-
 class Agent:
-    def __init__(self, chan: Channel) -> None:
+    """``dest``, ``log`` and ``reporter``: in a pull the agent runs here, on DST's host, and
+    reports the run itself (it then ignores the destination the sender names)."""
+
+    def __init__(self, chan: Channel, *, dest: bytes | None = None, log: SyncLog | None = None,
+                 reporter: Reporter | None = None) -> None:
         self.chan = chan
+        self.dest, self.log = dest, log
+        self.reporter = reporter or NullReporter()
+        self.problems: list[SyncProblem] = []
+        self.sender_problems: list[SyncProblem] = []
+        self.sender_stopped = False
+        self.finished = False
+        self.refused: DeltavaultError | None = None  # why the run could not start here
         self.stats = SyncStats()
         self.records: list[list[Any]] = []
         self.fatal: str | None = None
@@ -122,8 +128,9 @@ class Agent:
             self.meta = MetaPolicy(self.opts)
             self.filter = Filter(self.opts.excludes, self.opts.includes,
                                  default_excludes=self.opts.default_excludes)
-            self.root = open_target_dir(os.fsencode(req["dest"]), "destination")
+            self.root = open_target_dir(self.dest or os.fsencode(req["dest"]), "destination")
         except DeltavaultError as exc:
+            self.refused = exc
             self.chan.send({"error": exc.message, "code": int(exc.exit_code), "id": 0})
             return False
         self.open[b""] = os.dup(self.root)
@@ -137,9 +144,19 @@ class Agent:
     # ------------------------------------------------------------------ outcomes
     def _done(self, action: str, rel: bytes, size: int = 0, written: int = 0, digest: bytes | None = None) -> None:
         self.records.append([action, rel, size, written, digest, None, None])
+        if self.log is not None:
+            self.log.write(action, size, rel, written=written, digest=digest)
+        if action in ("new", "update", "delta"):
+            self.reporter.advance(nbytes=size, items=1, current=display(rel))
+        elif action not in ("delete", "mkdir"):
+            self.reporter.advance(items=1)
 
     def _problem(self, rel: bytes, kind: str, message: str, size: int = 0) -> None:
         self.records.append(["error", rel, size, 0, None, kind, message])
+        self.problems.append(SyncProblem(display(rel or b"."), kind, message))
+        self.reporter.problem(display(rel or b"."), kind, message)
+        if self.log is not None:
+            self.log.write("error", size, rel or b".", error=f"{kind}: {message}")
 
     def _count(self, **kw: int) -> None:
         for k, v in kw.items():
@@ -467,6 +484,12 @@ class Agent:
 
     # ------------------------------------------------------------------ the end
     def _finish(self, req: dict[str, Any]) -> None:
+        for path, kind, message in req.get("problems") or []:  # the sender's, for a pull's report
+            if self.log is not None:
+                self.log.write("error", 0, path.encode("utf-8", "surrogateescape"), error=f"{kind}: {message}")
+        self.sender_problems = [SyncProblem(path, kind, message) for path, kind, message in req.get("problems") or []]
+        self.sender_stopped = bool(req.get("stopped"))
+        self.finished = True
         if self.fatal is None:
             self._make_links()
             for rel, e in self.deferred:

@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 
@@ -32,8 +32,8 @@ from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Channel, serve
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.ssh import DEFAULT_AGENT, AgentProcess, RemotePath
-from deltavault.sync.wire import VERSION, entry, kind_of
+from deltavault.sync.ssh import DEFAULT_REMOTE, AgentProcess, RemotePath
+from deltavault.sync.wire import VERSION, entry, kind_of, options_wire
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -151,16 +151,27 @@ class _Failed:
     exc: BaseException
 
 
+class Transport(Protocol):
+    """How the agent is reached: ssh (AgentProcess), or this process's stdin and stdout when
+    the agent started us (a pull)."""
+
+    channel: Channel
+
+    def failure(self, what: str) -> Exception: ...
+
+    def close(self) -> None: ...
+
+
 class PushSyncer:
     def __init__(self, src: str | bytes, where: RemotePath, options: SyncOptions,
                  reporter: Reporter | None = None, log: SyncLog | None = None, *,
-                 rsh: str = "ssh", agent: str = DEFAULT_AGENT) -> None:
+                 rsh: str = "ssh", remote: str = DEFAULT_REMOTE, transport: Transport | None = None) -> None:
         self.src = os.fsencode(src)
         self.where = where
         self.opts = options
         self.reporter = reporter or NullReporter()
         self.log = log
-        self.rsh, self.agent = rsh, agent
+        self.rsh, self.remote, self.transport = rsh, remote, transport
         self.stats = SyncStats()
         self.problems: list[SyncProblem] = []
         self.filter = Filter(options.excludes, options.includes, default_excludes=options.default_excludes)
@@ -183,7 +194,7 @@ class PushSyncer:
             root = os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise SourceError(f"cannot open the source {display(self.src)}: {exc.strerror or exc}") from exc
-        proc = AgentProcess(self.where, rsh=self.rsh, agent=self.agent)
+        proc = self.transport or AgentProcess(self.where, f"{self.remote} sync-agent", rsh=self.rsh)
         self.chan = Duplex(proc.channel)
         self.reporter.start("sync")
         old_limit = sys.getrecursionlimit()
@@ -242,10 +253,7 @@ class PushSyncer:
 
     def _hello(self) -> None:
         o = self.opts
-        options = {"delete": o.delete, "checksum": o.checksum, "skip_empty_dirs": o.skip_empty_dirs,
-                   "acl": o.acl, "xattrs": o.xattrs, "owner": o.owner, "excludes": o.excludes,
-                   "includes": o.includes, "default_excludes": o.default_excludes, "verify": o.verify,
-                   "delta": o.delta, "delta_min": o.delta_min, "bufsize": self.buffers.size}
+        options = {**options_wire(o), "bufsize": self.buffers.size}
         try:
             self.chan.send({"op": "hello", "version": VERSION, "dest": self.where.path, "options": options})
         except (BrokenPipeError, ConnectionError) as exc:
@@ -265,7 +273,9 @@ class PushSyncer:
                 self.log.write(action, size, rel, written=written, digest=digest)
 
     def _finish(self) -> None:
-        rid = self._request({"op": "finish"})
+        # The problems found here go too: in a pull, the agent's side reports the run.
+        rid = self._request({"op": "finish", "problems": [[p.path, p.kind, p.message] for p in self.problems],
+                             "stopped": self._stopped})
         try:
             rep: dict[str, Any] = self.chan.reply(rid)
         except (EOFError, ConnectionError) as exc:

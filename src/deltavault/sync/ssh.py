@@ -1,7 +1,7 @@
-"""A remote sync destination, and the ssh process that carries the push protocol to the
-agent (``deltavault sync-agent``) at the far end.
+"""A sync end on another host, and the ssh process that carries the protocol there: to
+``deltavault sync-agent`` (a push: DST is remote) or ``deltavault sync-source`` (a pull).
 
-Destinations: ``[user@]host:path`` (a colon before the first slash, as scp and rsync read
+Locations: ``[user@]host:path`` (a colon before the first slash, as scp and rsync read
 it; write ``./a:b`` for a local name with a colon) and ``ssh://[user@]host[:port]/path``
 (``/~/path`` is relative to the remote home). The ssh client is OpenSSH's, so its
 configuration, agent and known hosts apply; DELTAVAULT_SSH_CONFIG names another config
@@ -17,10 +17,10 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from deltavault.errors import BackendError, TargetError, UsageError
+from deltavault.errors import BackendError, ExitCode, NoSpace, SourceError, TargetError, UsageError
 from deltavault.sync.remote import Channel
 
-DEFAULT_AGENT = "deltavault sync-agent"
+DEFAULT_REMOTE = "deltavault"  # the program ssh runs; the subcommand is added
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ def _cpu_has_aes() -> bool:
 
 
 class AgentProcess:
-    """``ssh HOST AGENT`` with its stdin and stdout as a frame channel."""
+    """``ssh HOST COMMAND`` with its stdin and stdout as a frame channel."""
 
-    def __init__(self, where: RemotePath, *, rsh: str = "ssh", agent: str = DEFAULT_AGENT) -> None:
+    def __init__(self, where: RemotePath, command: str, *, rsh: str = "ssh") -> None:
         argv = shlex.split(rsh)
         config = os.environ.get("DELTAVAULT_SSH_CONFIG")
         if config:
@@ -91,8 +91,8 @@ class AgentProcess:
             # through ssh here (the cipher bounds a push's speed). Only when no Ciphers is
             # configured for the host: an admin's choice stands.
             argv += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
-        argv += ["-T", "-o", "ServerAliveInterval=15", "--", where.host, agent]
-        self.where, self.agent = where, agent
+        argv += ["-T", "-o", "ServerAliveInterval=15", "--", where.host, command]
+        self.where, self.command = where, command
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE)
@@ -127,9 +127,13 @@ class AgentProcess:
         if rc == 255:
             return BackendError(f"ssh to {self.where.host} failed: {last or 'exit 255'}", retryable=True)
         if rc == 127:
-            return TargetError(f"{self.where.host} has no {self.agent.split()[0]!r} to run: install deltavault "
+            return TargetError(f"{self.where.host} has no {self.command.split()[0]!r} to run: install deltavault "
                                f"there or pass --remote-command ({last})")
-        return BackendError(f"the sync agent on {self.where.host} {what} (exit {rc}): {last or 'no message'}",
+        known = {int(ExitCode.USAGE): UsageError, int(ExitCode.NO_SPACE): NoSpace,
+                 int(ExitCode.SOURCE): SourceError, int(ExitCode.TARGET): TargetError}
+        if rc in known and last.startswith("deltavault: "):  # the far end's own clear error
+            return known[rc](f"{self.where.host}: {last[len('deltavault: '):]}")
+        return BackendError(f"deltavault on {self.where.host} {what} (exit {rc}): {last or 'no message'}",
                             retryable=True)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from deltavault.errors import CorruptionError
 from deltavault.fs.paths import check_name
+from deltavault.sync.options import SyncOptions
 
 VERSION = 1
 KINDS = ("f", "d", "l", "h", "s")
@@ -63,3 +64,15 @@ class Entry:
         # A real stat_result, so the local engine's metadata helpers apply unchanged.
         self.st = os.stat_result((mode, 0, 0, 1, uid, gid, size, atime // 10**9, mtime // 10**9, 0,
                                   atime / 1e9, mtime / 1e9, 0.0, atime, mtime, 0, 4096, 0, rdev))
+
+
+_OPTIONS = ("delete", "checksum", "skip_empty_dirs", "acl", "xattrs", "owner", "excludes", "includes",
+            "default_excludes", "verify", "stop_on_error", "delta", "delta_min", "bufsize")
+
+
+def options_wire(opts: SyncOptions) -> dict[str, Any]:
+    return {k: getattr(opts, k) for k in _OPTIONS}
+
+
+def options_from(raw: dict[str, Any]) -> SyncOptions:
+    return SyncOptions(**{k: raw[k] for k in _OPTIONS if k in raw})

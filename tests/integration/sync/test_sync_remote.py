@@ -23,7 +23,7 @@ from tests.sshd import Server, missing_tools, sshd
 pytestmark = [needs_root(), needs_tools("rsync", "getfacl", "setfacl", "getfattr"), pytest.mark.root,
               pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
 
-AGENT = f"{sys.executable} -m deltavault sync-agent"
+REMOTE = f"{sys.executable} -m deltavault"
 NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
           "--inh-caps=-dac_override,-dac_read_search")
 
@@ -35,9 +35,15 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def push(server: Server, src: Path, dst: str | Path, *flags: str, prefix: tuple[str, ...] = (),
-         agent: str = AGENT) -> subprocess.CompletedProcess[str]:
-    return dv("--json", "sync", "--remote-command", agent, *flags, str(src), f"dvtest:{dst}",
+         remote: str = REMOTE) -> subprocess.CompletedProcess[str]:
+    return dv("--json", "sync", "--remote-command", remote, *flags, str(src), f"dvtest:{dst}",
               env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}, prefix=prefix)
+
+
+def pull(server: Server, src: str | Path, dst: Path, *flags: str,
+         remote: str = REMOTE) -> subprocess.CompletedProcess[str]:
+    return dv("--json", "sync", "--remote-command", remote, *flags, f"dvtest:{src}", str(dst),
+              env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
 
 
 def temps(root: Path) -> list[Path]:
@@ -231,19 +237,19 @@ def test_connection_and_agent_failures_are_clear(server: Server, tmp_path: Path)
     env = {"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}
     p = dv("sync", str(src), "nosuchhost.invalid:/tmp/x", env=env)
     assert p.returncode == 15 and "ssh to nosuchhost.invalid failed" in p.stderr, p.stderr
-    p = push(server, src, tmp_path / "d", agent="no-such-deltavault sync-agent")
+    p = push(server, src, tmp_path / "d", remote="no-such-deltavault")
     assert p.returncode == 17 and "install deltavault there or pass --remote-command" in p.stdout, p.stdout
     write(tmp_path / "a-file", b"in the way")
     p = push(server, src, tmp_path / "a-file/sub")
     assert p.returncode == 17 and "not a directory" in p.stdout, p.stdout
-    p = dv("sync", f"dvtest:{src}", str(tmp_path / "d"), env=env)
-    assert p.returncode == 2 and "SRC must be local" in p.stderr
+    p = dv("sync", f"dvtest:{src}", f"dvtest:{tmp_path / 'd'}", env=env)
+    assert p.returncode == 2 and "cannot both be on other hosts" in p.stderr
 
 
 def test_dropped_connection_leaves_no_temp_file(server: Server, tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     write(src / "huge", os.urandom(256 << 20))
-    proc = subprocess.Popen([sys.executable, "-m", "deltavault", "sync", "--remote-command", AGENT,
+    proc = subprocess.Popen([sys.executable, "-m", "deltavault", "sync", "--remote-command", REMOTE,
                              str(src), f"dvtest:{dst}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
     deadline = time.monotonic() + 60
@@ -272,4 +278,57 @@ def test_push_from_a_btrfs_snapshot(server: Server, tmp_path: Path, loopfs) -> N
     assert p.returncode == 0, p.stdout + p.stderr
     assert summary(p)["snapshot"]["kind"] == "btrfs"
     assert nothing_to_do(src / "docs", tmp_path / "dst", "-X") == ""
+    assert not (src / ".deltavault-snapshots").exists() or not any((src / ".deltavault-snapshots").iterdir())
+
+
+def test_pull_keeps_everything_and_reports_here(server: Server, tmp_path: Path) -> None:
+    src, dst = tmp_path / "remote/src", tmp_path / "here"
+    src.mkdir(parents=True)
+    make_tree(src)
+    log = tmp_path / "sync.log"
+    p = pull(server, src, dst, "--acl", "--xattrs", "--log", str(log))
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = summary(p)
+    assert s["errors"] == 0 and s["hardlinks"] == 2 and s["symlinks"] == 4 and s["special"] == 2
+    assert nothing_to_do(src, dst, "-A", "-X", "-D") == ""
+    assert stat_map(src) == stat_map(dst)
+    assert os.stat(dst / "sparse.img").st_blocks * 512 < 1 << 20
+    assert s["wire_received"] < 4 << 20 and s["wire_sent"] < 1 << 20
+    assert {"new", "symlink", "special", "hardlink", "mkdir"} <= {
+        ln.split("\t")[1] for ln in log.read_text().splitlines()}
+
+    data = bytearray((src / "big.bin").read_bytes())
+    data[100_000:100_100] = os.urandom(100)
+    write(src / "big.bin", bytes(data), 0o600)
+    (src / "small.txt").unlink()
+    write(dst / "only-here", b"extra")
+    p = pull(server, src, dst, "--acl", "--xattrs", "--delete", "--delta-min", "1M")
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = summary(p)
+    assert s["files_delta"] == 1 and s["deleted"] == 2 and s["delta_wire_bytes"] == 4096
+    assert s["wire_received"] < 64 << 10  # one page, signatures and listings
+    assert nothing_to_do(src, dst, "-A", "-X", "-D", "--delete") == ""
+
+
+def test_pull_errors_are_clear(server: Server, tmp_path: Path) -> None:
+    p = pull(server, tmp_path / "no-such-dir", tmp_path / "here")
+    assert p.returncode == 2 and "no-such-dir does not exist" in p.stdout, p.stdout  # as a local sync says
+    write(tmp_path / "src/f", b"x")
+    write(tmp_path / "a-file", b"in the way")
+    p = pull(server, tmp_path / "src", tmp_path / "a-file/sub")
+    assert p.returncode == 17 and "not a directory" in p.stdout, p.stdout
+    p = pull(server, tmp_path / "src", tmp_path / "here", remote="no-such-deltavault")
+    assert p.returncode == 17 and "install deltavault there" in p.stdout, p.stdout
+
+
+@needs_tools("btrfs")
+def test_pull_from_a_btrfs_snapshot_taken_on_the_source_host(server: Server, tmp_path: Path, loopfs) -> None:
+    mnt = loopfs("btrfs", 150)
+    subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True, capture_output=True)
+    src = mnt / "data"
+    write(src / "docs/a.txt", b"version 1")
+    p = pull(server, src / "docs", tmp_path / "here", "--snapshot", "btrfs")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert summary(p)["snapshot"] == {"kind": "btrfs", "on": "dvtest"}
+    assert nothing_to_do(src / "docs", tmp_path / "here") == ""
     assert not (src / ".deltavault-snapshots").exists() or not any((src / ".deltavault-snapshots").iterdir())

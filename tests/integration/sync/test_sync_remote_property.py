@@ -1,5 +1,5 @@
-"""Property: random trees with metadata -> push to a real sshd -> random changes -> push
-again with --delete -> the mirror equals the source each time (content, holes, modes,
+"""Property: random trees with metadata -> push to (or pull from) a real sshd -> random
+changes -> the same again with --delete -> the mirror equals the source each time (content, holes, modes,
 owners, ns mtimes, xattrs, symlinks, hard links, FIFOs). A low --delta-min sends changed
 files by remote delta, in page mode (same size) and in content-defined mode."""
 
@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.pull import PullSyncer
 from deltavault.sync.push import PushSyncer
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root
@@ -27,7 +28,7 @@ from tests.treeutil import manifest
 pytestmark = [needs_root(), pytest.mark.root,
               pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
 
-AGENT = f"{sys.executable} -m deltavault sync-agent"
+REMOTE = f"{sys.executable} -m deltavault"
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 os.environ["DELTAVAULT_SSH_CONFIG"] = old
 
 
-def push(src: Path, dst: Path, *, checksum: bool = False) -> None:
+def mirror(src: Path, dst: Path, direction: str, *, checksum: bool = False) -> None:
     opts = SyncOptions(delete=True, xattrs=True, checksum=checksum, delta_min=64 * 1024)
-    r = PushSyncer(src, RemotePath("dvtest", str(dst)), opts, agent=AGENT).run()
+    if direction == "push":
+        r = PushSyncer(src, RemotePath("dvtest", str(dst)), opts, remote=REMOTE).run()
+    else:
+        r = PullSyncer(RemotePath("dvtest", str(src)), dst, opts, remote=REMOTE).run()
     assert not r.problems, r.problems
     assert manifest(dst) == manifest(src)
 
@@ -54,13 +58,13 @@ def push(src: Path, dst: Path, *, checksum: bool = False) -> None:
 @settings(max_examples=int(os.environ.get("DELTAVAULT_PROPERTY_EXAMPLES_REMOTE", "25")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(entries=st.lists(entry, min_size=1, max_size=25), changes=st.lists(change, max_size=8),
-       seed=st.integers(0, 2**32 - 1))
-def test_push_change_push_roundtrip(server: Server, entries: list, changes: list, seed: int) -> None:
+       seed=st.integers(0, 2**32 - 1), direction=st.sampled_from(["push", "pull"]))
+def test_sync_change_sync_roundtrip(server: Server, entries: list, changes: list, seed: int, direction: str) -> None:
     rnd = random.Random(seed)
     with tempfile.TemporaryDirectory() as td:
         src, dst = Path(td) / "src", Path(td) / "mirror"
         build(src, entries, rnd)
-        push(src, dst)
+        mirror(src, dst, direction)
         mutate(src, changes, rnd)
         # A change that keeps size and mtime is found by content only, as with rsync.
-        push(src, dst, checksum=any(op == "same-size-same-mtime" for op, _p, _s in changes))
+        mirror(src, dst, direction, checksum=any(op == "same-size-same-mtime" for op, _p, _s in changes))

@@ -1,0 +1,81 @@
+"""Pull sync: mirror a directory on another host into a local DST. ssh runs
+``deltavault sync-source`` there, which walks SRC (optionally from a snapshot it takes) and
+sends, as a push does (sync/push.py); the agent runs here, writes DST and reports the run."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from deltavault.errors import NoSpace, TargetError
+from deltavault.progress import NullReporter, Reporter
+from deltavault.sync.agent import Agent
+from deltavault.sync.engine import SyncResult
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.remote import Channel
+from deltavault.sync.report import SyncLog, SyncStats
+from deltavault.sync.ssh import DEFAULT_REMOTE, AgentProcess, RemotePath
+from deltavault.sync.wire import VERSION, options_wire
+
+
+class PullSyncer:
+    def __init__(self, where: RemotePath, dst: str | bytes, options: SyncOptions,
+                 reporter: Reporter | None = None, log: SyncLog | None = None, *,
+                 rsh: str = "ssh", remote: str = DEFAULT_REMOTE, snapshot: str = "none") -> None:
+        self.where, self.dst, self.opts = where, os.fsencode(dst), options
+        self.reporter = reporter or NullReporter()
+        self.log, self.rsh, self.remote, self.snapshot = log, rsh, remote, snapshot
+        self.agent: Agent | None = None
+        self.wire = (0, 0)
+
+    def partial(self) -> SyncResult:
+        a = self.agent
+        if a is None:
+            return SyncResult(SyncStats(), wire=self.wire)
+        return SyncResult(a.stats, a.problems + a.sender_problems, a.sender_stopped, wire=self.wire)
+
+    def run(self) -> SyncResult:
+        proc = AgentProcess(self.where, f"{self.remote} sync-source", rsh=self.rsh)
+        self.agent = agent = Agent(proc.channel, dest=self.dst, log=self.log, reporter=self.reporter)
+        self.reporter.start("sync")
+        try:
+            try:
+                proc.channel.send({"op": "source", "version": VERSION, "path": self.where.path,
+                                   "options": options_wire(self.opts), "snapshot": self.snapshot})
+            except (BrokenPipeError, ConnectionError):
+                raise proc.failure("closed the connection") from None
+            agent.run()
+            if agent.refused is not None:
+                raise agent.refused
+            if not agent.finished:
+                raise proc.failure("ended before the run did")
+        finally:
+            self.wire = (proc.channel.sent, proc.channel.received)
+            proc.close()
+            self.reporter.finish()
+        if agent.fatal is not None:
+            kind, _, message = agent.fatal.partition(": ")
+            raise (NoSpace if kind == "full" else TargetError)(message)
+        return self.partial()
+
+
+class Stdio:
+    """The transport of ``deltavault sync-source``: the agent that started it over ssh is at
+    the other end of stdin and stdout."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def failure(self, what: str) -> Exception:
+        return TargetError(f"the receiving side {what}")
+
+    def close(self) -> None:
+        pass
+
+
+def source_request(chan: Channel) -> dict[str, Any]:
+    """The first frame a pull sends: what to send, and how."""
+    req = chan.recv()
+    if not isinstance(req, dict) or req.get("op") != "source" or req.get("version") != VERSION:
+        raise TargetError(f"this deltavault speaks sync protocol version {VERSION}; upgrade it on both hosts")
+    return req
