@@ -44,6 +44,7 @@ bench: system-deps $(STAMP)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/prune_memory.py
 	flock /tmp/dv-bench.lock $(BIN)/python bench/sftp.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS)
+	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS) --direction pull
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache

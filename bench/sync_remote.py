@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Push sync to another host against rsync over ssh, in the same run, on the shared datasets.
+"""Sync with another host against rsync over ssh, in the same run, on the shared datasets.
 
-    .venv/bin/python bench/sync_remote.py --datasets /work/data/ds [--repeat 3] [--out FILE]
+    .venv/bin/python bench/sync_remote.py --datasets /work/data/ds [--direction push|pull] [--repeat 3]
 
 The "remote" host is a real OpenSSH server on 127.0.0.1 (the test suite's, tests/sshd.py),
 so both tools pay for ssh's encryption on the same 2 cores, and both write to the same fresh
 XFS on a loop device (bench/sync.py's Loop). Scenarios, staged as bench/sync.py stages them:
   full  first push of tree-v1 + db-v1.sqlite      rsync -a -e ssh          vs deltavault sync SRC host:DST
   incr  after staging v2                          rsync -a --delete -e ssh vs deltavault sync --delete
-"Sent" is what crossed the ssh channel from the source side: rsync's "Total bytes sent",
-deltavault's wire_sent. Takes /tmp/dv-bench.lock. Needs root (loop devices, sshd).
+With --direction pull, the same trees are pulled from the server instead (SRC is
+dvtest:PATH). "Sent" is what crossed the ssh channel from the source side: rsync's "Total
+bytes sent" (received, for a pull), deltavault's wire_sent (wire_received). Takes /tmp/dv-bench.lock. Needs root (loop devices, sshd).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tests.sshd import sshd  # noqa: E402
 PY = sys.executable
 
 
-def timed(loop: Loop, argv: list[str], env: dict[str, str]) -> dict:
+def timed(loop: Loop, argv: list[str], env: dict[str, str], pull: bool) -> dict:
     loop.remount()
     settle()
     t0 = time.perf_counter()
@@ -45,13 +46,14 @@ def timed(loop: Loop, argv: list[str], env: dict[str, str]) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"{argv[:4]} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     out: dict = {"seconds": round(seconds, 3)}
-    m = re.search(r"Total bytes sent: ([\d,]+)", p.stdout)
+    # What the source side sent: a pull's client receives it.
+    m = re.search(r"Total bytes received: ([\d,]+)" if pull else r"Total bytes sent: ([\d,]+)", p.stdout)
     if m:
         out["sent"] = int(m.group(1).replace(",", ""))
     for line in p.stdout.splitlines():
         if line.startswith('{"type": "summary"'):
             s = json.loads(line)
-            out["sent"] = s["wire_sent"]
+            out["sent"] = s["wire_received" if pull else "wire_sent"]
             out["summary"] = {k: s[k] for k in ("files_new", "files_updated", "files_delta", "files_same",
                                                 "meta_fixed", "deleted", "bytes_written", "delta_wire_bytes",
                                                 "errors")}
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dv-bench-remote-"))
     src = work / "src"
     loop = Loop(work, args.dst_gb)
-    res: dict = {"repeat": args.repeat, "full": {"rsync": [], "deltavault": []},
+    pull = args.direction == "pull"
+    res: dict = {"repeat": args.repeat, "direction": args.direction, "full": {"rsync": [], "deltavault": []},
                  "incr": {"rsync": [], "deltavault": []}}
     try:
         with sshd(work) as server:
@@ -72,11 +75,12 @@ def run(args: argparse.Namespace) -> dict:
             agent = f"{PY} -m deltavault"
 
             def argv(tool: str, dst: Path, incr: bool) -> list[str]:
+                a, b = (f"dvtest:{src}", str(dst)) if pull else (str(src), f"dvtest:{dst}")
                 if tool == "rsync":
                     return ["rsync", "-a", "--stats", *(["--delete"] if incr else []), "-e", f"ssh -F {cfg}",
-                            f"{src}/", f"dvtest:{dst}/"]
+                            f"{a}/", f"{b}/"]
                 return [PY, "-m", "deltavault", "--json", "sync", "--remote-command", agent,
-                        *(["--delete"] if incr else []), str(src), f"dvtest:{dst}"]
+                        *(["--delete"] if incr else []), a, b]
 
             res["changed"] = changed_bytes(ds)
             for rep in range(args.repeat):
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
                     stage(ds, src, version)
                     for tool in ("rsync", "deltavault") if rep % 2 == 0 else ("deltavault", "rsync"):
                         dst = loop.mnt / tool
-                        res[sc][tool].append(timed(loop, argv(tool, dst, sc == "incr"), env))
+                        res[sc][tool].append(timed(loop, argv(tool, dst, sc == "incr"), env, pull))
                         if not same_tree(src, dst):
                             raise SystemExit(f"{tool} {sc} left differences")
                 print(f"rep {rep + 1}: " + ", ".join(
@@ -111,8 +115,10 @@ def main() -> None:
     ap.add_argument("--datasets", required=True)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dst-gb", type=int, default=8)
-    ap.add_argument("--out", default=str(ROOT / "bench/out/sync_remote.json"))
+    ap.add_argument("--direction", choices=["push", "pull"], default="push")
+    ap.add_argument("--out")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / f"bench/out/sync_remote{'_pull' if args.direction == 'pull' else ''}.json")
     with open("/tmp/dv-bench.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         res = run(args)
