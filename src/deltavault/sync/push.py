@@ -1,8 +1,10 @@
-"""Push sync: mirror a local SRC to a directory on another host, through ssh and the agent
-there (sync/agent.py has the protocol). This side walks SRC and reads files; the agent
-compares, writes and deletes. A changed file that the destination already has in an older
-version travels by remote delta (RDC-style recursive signatures, sync/remote.py): only the
-chunks the old version lacks cross the network.
+"""The sending side of a sync between hosts: walks SRC and reads files, while the agent
+(sync/agent.py, which has the protocol) compares, writes and deletes. In a push this runs
+here and reaches the agent through ssh; in a pull it runs on the source host as
+``deltavault sync-source``, with the agent at the other end of its stdin and stdout
+(sync/pull.py). A changed file that the destination already has in an older version travels
+by remote delta (RDC-style recursive signatures, sync/remote.py): only the chunks the old
+version lacks cross the network.
 """
 
 from __future__ import annotations
