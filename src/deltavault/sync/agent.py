@@ -31,28 +31,37 @@ from typing import Any
 import blake3
 
 from deltavault.chunking import rdc
-from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, SourceError
+from deltavault.errors import (
+    NO_SPACE_ERRNOS,
+    CorruptionError,
+    DeltavaultError,
+    NoSpace,
+    SourceError,
+    TargetError,
+)
 from deltavault.fs.clone import pwrite_all, reflink
-from deltavault.fs.meta import ApplyProblems, apply_meta_fd
 from deltavault.fs.paths import check_name, display, open_target_dir
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.copy import hash_zeros, read_back
-from deltavault.sync.dest import delete_extras, fix_meta, hard_link, place_special, unlink_quiet
+from deltavault.sync.copy import BufferPool, file_digest, hash_zeros, is_zero
+from deltavault.sync.dest import (
+    delete_extras,
+    fix_meta,
+    hard_link,
+    place_special,
+    unlink_quiet,
+    verify_written,
+)
 from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Changed, Channel, Rebuilt, fetch_rebuilt
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.tree import aside_name, lstat_at, open_dir, remove_entry, temp_name
+from deltavault.sync.tree import join, lstat_at, open_dir, remove_entry, temp_name
 from deltavault.sync.wire import VERSION, Entry, options_from
 
 DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class _Fatal(Exception):
-    """The destination cannot take more (full, read-only): the sender is told and stops."""
 
 
 def _path(raw: Any) -> bytes:
@@ -63,8 +72,10 @@ def _path(raw: Any) -> bytes:
     return raw
 
 
-def _join(rel: bytes, name: bytes) -> bytes:
-    return rel + b"/" + name if rel else name
+def fatal_error(fatal: str, where: str = "") -> DeltavaultError:
+    """The error for the agent's ``fatal``: NoSpace for a full disk, else TargetError."""
+    kind, _, message = fatal.partition(": ")
+    return (NoSpace if kind == "full" else TargetError)(f"{where}: {message}" if where else message)
 
 
 class Agent:
@@ -86,6 +97,7 @@ class Agent:
         self.fatal: str | None = None
         self.opts = SyncOptions()
         self.meta = MetaPolicy(self.opts)
+        self.buffers = BufferPool(self.opts.bufsize)
         self.root = -1
         self.open: dict[bytes, int] = {}  # directories being synced, by path
         self.created: set[bytes] = set()  # directories this run made (nothing in them to compare)
@@ -126,6 +138,7 @@ class Agent:
         try:
             self.opts = options_from(req["options"])
             self.meta = MetaPolicy(self.opts)
+            self.buffers = BufferPool(self.opts.bufsize)
             self.filter = Filter(self.opts.excludes, self.opts.includes,
                                  default_excludes=self.opts.default_excludes)
             self.root = open_target_dir(self.dest or os.fsencode(req["dest"]), "destination")
@@ -199,7 +212,7 @@ class Agent:
             self._delete_extras(dfd, rel, {e.name for e in entries} | protected, included)
         want: list[list[Any]] = []
         for e in entries:
-            crel = _join(rel, e.name)
+            crel = join(rel, e.name)
             try:
                 how = self._entry(dfd, rel, crel, e, fresh)
             except OSError as exc:
@@ -280,7 +293,7 @@ class Agent:
             return
         try:
             if self.opts.skip_empty_dirs and rel and rel in self.created and not os.listdir(fd):
-                pdir, name = _split(rel)
+                pdir, _, name = rel.rpartition(b"/")
                 pfd = self.open.get(pdir, -1)
                 if pfd >= 0:
                     os.rmdir(name, dir_fd=pfd)
@@ -296,10 +309,7 @@ class Agent:
             os.close(fd)
 
     def _dir_meta(self, fd: int, rel: bytes, e: Entry) -> None:
-        probs = ApplyProblems([])
-        apply_meta_fd(fd, probs, mode=e.st.st_mode, uid=e.st.st_uid, gid=e.st.st_gid, atime_ns=e.st.st_atime_ns,
-                      mtime_ns=e.st.st_mtime_ns, xattrs=e.xattrs, owner=self.meta.chown, drop_xattr=self.meta.wants)
-        self._meta_problems(rel, probs.messages)
+        self._meta_problems(rel, self.meta.apply_fd(fd, e.st, e.xattrs))
 
     # ------------------------------------------------------------------ regular files
     def _same(self, dfd: int, crel: bytes, e: Entry, dst: os.stat_result) -> None:
@@ -315,10 +325,10 @@ class Agent:
         dfd = self.open.get(rel, -1)
         for digest, raw_e in req["items"] if self.fatal is None and dfd >= 0 else []:
             e = Entry(raw_e)
-            crel = _join(rel, e.name)
+            crel = join(rel, e.name)
             try:
                 dst = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
-                if _digest_at(dfd, e.name, self.opts.bufsize) == digest:
+                if self._digest_at(dfd, e.name) == digest:
                     self._same(dfd, crel, e, dst)
                 else:
                     want.append([e.name, self._changed_how(dst, e)])
@@ -326,10 +336,17 @@ class Agent:
                 self._os_problem(crel, exc)
         self._reply(req, want=want)
 
+    def _digest_at(self, dfd: int, name: bytes) -> bytes:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+        try:
+            return file_digest(fd, self.buffers.get(0))
+        finally:
+            os.close(fd)
+
     def _put(self, req: dict[str, Any]) -> None:
         rel = _path(req["path"])
         e = Entry(req["e"])
-        crel = _join(rel, e.name)
+        crel = join(rel, e.name)
         dfd = self.open.get(rel, -1)
         tmp: bytes | None = None
         tfd = -1
@@ -384,19 +401,13 @@ class Agent:
 
     def _install(self, dfd: int, tfd: int, tmp: bytes, crel: bytes, e: Entry, action: str, written: int,
                  digest: bytes) -> None:
-        probs = ApplyProblems([])
-        apply_meta_fd(tfd, probs, mode=e.st.st_mode, uid=e.st.st_uid, gid=e.st.st_gid, atime_ns=e.st.st_atime_ns,
-                      mtime_ns=e.st.st_mtime_ns, xattrs=e.xattrs, owner=self.meta.chown, drop_xattr=self.meta.wants)
-        self._meta_problems(crel, probs.messages)
+        self._meta_problems(crel, self.meta.apply_fd(tfd, e.st, e.xattrs))
         if self.opts.verify:
             os.fsync(tfd)
-            got, n, method = read_back(dfd, tmp, self.opts.bufsize)
+            n, problem = verify_written(dfd, tmp, e.name, e.st.st_size, digest, self.opts.bufsize)
             self._count(bytes_verified=n, files_verified=1)
-            if n != e.st.st_size or got != digest:
-                aside = aside_name(e.name)
-                os.rename(tmp, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
-                self._problem(crel, "verify", f"read back ({method}) {n} bytes that differ from what was "
-                              f"written; kept aside as {display(aside)}", e.st.st_size)
+            if problem is not None:
+                self._problem(crel, "verify", problem, e.st.st_size)
                 return
         os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         if action == "delta":
@@ -411,7 +422,7 @@ class Agent:
         """Rebuild the file from our old version and the chunks it lacks, fetched from the sender."""
         rel = _path(req["path"])
         e = Entry(req["e"])
-        crel = _join(rel, e.name)
+        crel = join(rel, e.name)
         dfd = self.open.get(rel, -1)
         seed_fd = -1
         try:
@@ -462,7 +473,7 @@ class Agent:
                 old = rebuilt.seed.stream
                 written = 0
                 for off, n, buf, from_seed in rebuilt.regions():
-                    if buf is None and bytes(old[off:off + n]) == bytes(n):
+                    if buf is None and is_zero(old[off:off + n]):
                         continue  # zeros over zeros
                     if buf is None or not from_seed:
                         pwrite_all(tfd, buf if buf is not None else bytes(n), off)
@@ -524,20 +535,6 @@ _COUNTERS = {"same": "files_same", "meta": "meta_fixed", "symlink": "symlinks", 
              "hardlink": "hardlinks"}
 
 
-def _split(rel: bytes) -> tuple[bytes, bytes]:
-    head, _, tail = rel.rpartition(b"/")
-    return head, tail
-
-
-def _digest_at(dfd: int, name: bytes, bufsize: int) -> bytes:
-    fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
-    try:
-        h = blake3.blake3(max_threads=1)
-        while chunk := os.read(fd, bufsize):
-            h.update(chunk)
-        return h.digest()
-    finally:
-        os.close(fd)
 
 
 def _write_regions(fd: int, regions: Iterator[tuple[int, int, bytes | memoryview | None, bool]]) -> int:

@@ -40,6 +40,23 @@ class Cancelled(Exception):
     """The run is being stopped (Ctrl-C, --stop-on-error, a full disk)."""
 
 
+def is_zero(buf: memoryview | bytes) -> bool:
+    """All zero bytes? (Comparing memoryviews goes byte by byte in Python; bytes use memcmp.)"""
+    return not buf or (not buf[0] and not buf[-1] and bytes(buf) == bytes(len(buf)))
+
+
+def file_digest(fd: int, buf: memoryview,
+                read: Callable[[int, memoryview, int], int] = pread_full) -> bytes:
+    """BLAKE3 of a whole open file, read through ``buf`` (``read_source`` for a source file,
+    so that a failing read is the source's)."""
+    h = blake3.blake3(max_threads=1)
+    off = 0
+    while n := read(fd, buf, off):
+        h.update(buf[:n])
+        off += n
+    return h.digest()
+
+
 def hash_zeros(h: blake3.blake3, n: int) -> None:
     while n:
         k = min(n, len(_ZEROS))

@@ -10,10 +10,11 @@ import os
 import stat
 from collections.abc import Callable
 
-from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
-from deltavault.fs.paths import proc_path
+from deltavault.fs.meta import ApplyProblems, read_xattrs
+from deltavault.fs.paths import display, proc_path
+from deltavault.sync.copy import read_back
 from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.tree import lstat_at, open_dir, remove_entry
+from deltavault.sync.tree import aside_name, join, lstat_at, open_dir, remove_entry
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -31,7 +32,7 @@ def delete_extras(dfd: int, rel: bytes, spare: Callable[[bytes, bytes], bool], r
         problem(rel or b".", "delete", f"destination directory cannot be listed: {exc.strerror}")
         return
     for name in names:
-        crel = rel + b"/" + name if rel else name
+        crel = join(rel, name)
         if spare(name, crel):
             continue
         try:
@@ -46,16 +47,13 @@ def fix_meta(dfd: int, name: bytes, st: os.stat_result, dst: os.stat_result, xat
              meta: MetaPolicy) -> tuple[str, list[str]]:
     """A file whose content is equal: "same", or "meta" once differing metadata is corrected."""
     fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
-    probs = ApplyProblems([])
     try:
         dx = read_xattrs(b"", fd=fd) if xattrs is not None else None
         if not meta.differs(dst, st, dx, xattrs):
             return "same", []
-        apply_meta_fd(fd, probs, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
-                      mtime_ns=st.st_mtime_ns, xattrs=xattrs, owner=meta.chown, drop_xattr=meta.wants)
+        return "meta", meta.apply_fd(fd, st, xattrs)
     finally:
         os.close(fd)
-    return "meta", probs.messages
 
 
 def place_special(dfd: int, name: bytes, st: os.stat_result, target: bytes, xattrs: Xattrs,
@@ -123,6 +121,18 @@ def hard_link(root: int, rel: bytes, first: bytes, temp: Callable[[bytes], bytes
             os.close(ffd)
     finally:
         os.close(pfd)
+
+
+def verify_written(dfd: int, current: bytes, name: bytes, size: int, digest: bytes,
+                   bufsize: int) -> tuple[int, str | None]:
+    """Read back what was written, past the page cache: (bytes read, None) when it is what
+    was meant, else (bytes read, the problem), the file having been renamed aside."""
+    got, n, method = read_back(dfd, current, bufsize)
+    if n == size and got == digest:
+        return n, None
+    aside = aside_name(name)
+    os.rename(current, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+    return n, f"read back ({method}) {n} bytes that differ from what was written; kept aside as {display(aside)}"
 
 
 class OpenFailed(Exception):

@@ -25,7 +25,6 @@ import blake3
 
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
 from deltavault.fs.clone import pread_full, reflink
-from deltavault.fs.meta import ApplyProblems, apply_meta_fd
 from deltavault.fs.paths import display, open_target_dir, proc_path
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.copy import (
@@ -34,7 +33,6 @@ from deltavault.sync.copy import (
     SourceChanged,
     SourceReadError,
     copy_data,
-    read_back,
     read_source,
 )
 from deltavault.sync.delta import PAGE, page_delta
@@ -47,6 +45,7 @@ from deltavault.sync.dest import (
     open_source,
     place_special,
     unlink_quiet,
+    verify_written,
 )
 from deltavault.sync.filters import Filter
 from deltavault.sync.meta import MetaPolicy
@@ -55,7 +54,7 @@ from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.shard import ShardPool, ShardResult, shard_depth
 from deltavault.sync.tree import (
     DIR_FLAGS,
-    aside_name,
+    join,
     lstat_at,
     open_dir,
     remove_entry,
@@ -366,10 +365,7 @@ class Syncer:
 
     def _apply_dir_meta(self, fd: int, relpath: bytes, st: os.stat_result,
                         xattrs: list[tuple[bytes, bytes]] | None) -> None:
-        probs = ApplyProblems([])
-        apply_meta_fd(fd, probs, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
-                      mtime_ns=st.st_mtime_ns, xattrs=xattrs, owner=self.meta.chown, drop_xattr=self.meta.wants)
-        for m in probs.messages:
+        for m in self.meta.apply_fd(fd, st, xattrs):
             self._problem(relpath or b".", "metadata", m)
 
     def _sync_dir(self, d: _Dir, *, included: bool) -> int:
@@ -385,7 +381,7 @@ class Syncer:
         protected: set[bytes] = set()
         items: list[tuple[bytes, bytes, os.stat_result, bool]] = []
         for name, entry in entries:
-            crel = relpath + b"/" + name if relpath else name
+            crel = join(relpath, name)
             if self.filter.excluded(crel, name):
                 protected.add(name)
                 continue
@@ -788,11 +784,7 @@ class Syncer:
 
     def _finish_target(self, tfd: int, relpath: bytes, st: os.stat_result,
                        xattrs: list[tuple[bytes, bytes]] | None, *, chown: bool = True, chmod: bool = True) -> None:
-        probs = ApplyProblems([])
-        apply_meta_fd(tfd, probs, mode=st.st_mode if chmod else None, uid=st.st_uid, gid=st.st_gid,
-                      atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, xattrs=xattrs,
-                      owner=self.meta.chown and chown, drop_xattr=self.meta.wants)
-        for m in probs.messages:
+        for m in self.meta.apply_fd(tfd, st, xattrs, chmod=chmod, chown=chown):
             self._problem(relpath, "metadata", m)
         if self.opts.verify:
             os.fsync(tfd)
@@ -800,16 +792,12 @@ class Syncer:
     def _install(self, dfd: int, name: bytes, relpath: bytes, st: os.stat_result, staged: _Staged) -> None:
         current = staged.tmp if staged.tmp is not None else name
         if staged.digest is not None:
-            digest, n, method = read_back(dfd, current, self.buffers.size)
+            n, problem = verify_written(dfd, current, name, st.st_size, staged.digest, self.buffers.size)
             self._count(bytes_verified=n, files_verified=1)
-            if n != st.st_size or digest != staged.digest:
-                aside = aside_name(name)
-                os.rename(current, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+            if problem is not None:
                 if staged.tmp is not None:
                     self._untemp(relpath, staged.tmp)
-                self._problem(relpath, "verify",
-                              f"read back ({method}) {n} bytes that differ from what was written; "
-                              f"kept aside as {display(aside)}", size=st.st_size)
+                self._problem(relpath, "verify", problem, size=st.st_size)
                 return
         if staged.tmp is not None:
             try:

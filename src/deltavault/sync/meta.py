@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_xattrs, read_xattrs
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, apply_xattrs, read_xattrs
 from deltavault.fs.paths import proc_path
 from deltavault.sync.options import SyncOptions
 
@@ -43,6 +43,16 @@ class MetaPolicy:
             mine = [x for x in (dst_xattrs or []) if self.wants(x[0])]
             return mine != src_xattrs
         return False
+
+    def apply_fd(self, fd: int, st: os.stat_result, xattrs: list[tuple[bytes, bytes]] | None, *,
+                 chmod: bool = True, chown: bool = True) -> list[str]:
+        """Metadata of an open file or directory: the problems, as messages. ``chmod`` and
+        ``chown`` False: the file was created with them already."""
+        probs = ApplyProblems([])
+        apply_meta_fd(fd, probs, mode=st.st_mode if chmod else None, uid=st.st_uid, gid=st.st_gid,
+                      atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, xattrs=xattrs,
+                      owner=self.chown and chown, drop_xattr=self.wants)
+        return probs.messages
 
     def apply_at(self, dir_fd: int, name: bytes, st: os.stat_result,
                  xattrs: list[tuple[bytes, bytes]] | None, problems: ApplyProblems) -> None:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deltavault.errors import NoSpace, TargetError
+from deltavault.errors import TargetError
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.agent import Agent
+from deltavault.sync.agent import Agent, fatal_error
 from deltavault.sync.engine import SyncResult
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Channel
 from deltavault.sync.report import SyncLog, SyncStats
-from deltavault.sync.ssh import DEFAULT_REMOTE, AgentProcess, RemotePath
+from deltavault.sync.ssh import DEFAULT_REMOTE, RemotePath, SshProcess
 from deltavault.sync.wire import VERSION, options_wire
 
 
@@ -35,7 +35,7 @@ class PullSyncer:
         return SyncResult(a.stats, a.problems + a.sender_problems, a.sender_stopped, wire=self.wire)
 
     def run(self) -> SyncResult:
-        proc = AgentProcess(self.where, f"{self.remote} sync-source", rsh=self.rsh)
+        proc = SshProcess(self.where, f"{self.remote} sync-source", rsh=self.rsh)
         self.agent = agent = Agent(proc.channel, dest=self.dst, log=self.log, reporter=self.reporter)
         self.reporter.start("sync")
         try:
@@ -54,8 +54,7 @@ class PullSyncer:
             proc.close()
             self.reporter.finish()
         if agent.fatal is not None:
-            kind, _, message = agent.fatal.partition(": ")
-            raise (NoSpace if kind == "full" else TargetError)(message)
+            raise fatal_error(agent.fatal)
         return self.partial()
 
 

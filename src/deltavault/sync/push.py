@@ -26,7 +26,15 @@ from deltavault.fs.clone import pread_full
 from deltavault.fs.paths import display, proc_path
 from deltavault.fs.sparse import data_extents, is_sparse
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.copy import BufferPool, SourceReadError, read_source
+from deltavault.sync.agent import fatal_error
+from deltavault.sync.copy import (
+    BufferPool,
+    SourceReadError,
+    file_digest,
+    hash_zeros,
+    is_zero,
+    read_source,
+)
 from deltavault.sync.dest import OpenFailed, changed_since, open_source
 from deltavault.sync.engine import SyncResult
 from deltavault.sync.filters import Filter
@@ -34,12 +42,9 @@ from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Channel, serve
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.ssh import DEFAULT_REMOTE, AgentProcess, RemotePath
+from deltavault.sync.ssh import DEFAULT_REMOTE, RemotePath, SshProcess
+from deltavault.sync.tree import DIR_FLAGS, join
 from deltavault.sync.wire import VERSION, entry, kind_of, options_wire
-
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_ZEROS = memoryview(bytes(1 << 20))
 
 
 class _Lost(Exception):
@@ -66,9 +71,6 @@ class _Listing:
     subdirs: list[tuple[bytes, bytes, bool]] = field(default_factory=list)
     want: list[tuple[bytes, str]] = field(default_factory=list)
     rid: int = 0  # the request whose reply is awaited (its listing's, then its check's)
-
-    def join(self, name: bytes) -> bytes:
-        return self.rel + b"/" + name if self.rel else name
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -154,7 +156,7 @@ class _Failed:
 
 
 class Transport(Protocol):
-    """How the agent is reached: ssh (AgentProcess), or this process's stdin and stdout when
+    """How the agent is reached: ssh (SshProcess), or this process's stdin and stdout when
     the agent started us (a pull)."""
 
     channel: Channel
@@ -196,7 +198,7 @@ class PushSyncer:
             root = os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise SourceError(f"cannot open the source {display(self.src)}: {exc.strerror or exc}") from exc
-        proc = self.transport or AgentProcess(self.where, f"{self.remote} sync-agent", rsh=self.rsh)
+        proc = self.transport or SshProcess(self.where, f"{self.remote} sync-agent", rsh=self.rsh)
         self.chan = Duplex(proc.channel)
         self.reporter.start("sync")
         old_limit = sys.getrecursionlimit()
@@ -220,8 +222,7 @@ class PushSyncer:
             proc.close()
             self.reporter.finish()
         if self._fatal is not None:
-            kind, _, message = self._fatal.partition(": ")
-            raise (NoSpace if kind == "full" else TargetError)(f"{self.where}: {message}")
+            raise fatal_error(self._fatal, str(self.where))
         return self.partial()
 
     # ------------------------------------------------------------------ wire
@@ -237,25 +238,22 @@ class PushSyncer:
         except (BrokenPipeError, ConnectionError) as exc:
             raise _Lost from exc
 
-    def _call(self, obj: dict[str, Any]) -> dict[str, Any]:
-        return self._reply(self._request(obj))
-
-    def _reply(self, rid: int) -> dict[str, Any]:
+    def _reply(self, rid: int, *, stop: bool = True) -> dict[str, Any]:
+        """The reply to a request, its outcomes taken in; _Stop (unless ``stop`` is False)
+        when the agent's disk cannot take more or --stop-on-error has stopped the run."""
         try:
             rep: dict[str, Any] = self.chan.reply(rid)
         except (EOFError, ConnectionError) as exc:
             raise _Lost from exc
         self._absorb(rep)
-        if rep.get("fatal"):
+        if rep.get("fatal") and self._fatal is None:
             self._fatal = rep["fatal"]
-            raise _Stop
-        if self._stopped:
+        if stop and (self._fatal is not None or self._stopped):
             raise _Stop
         return rep
 
     def _hello(self) -> None:
-        o = self.opts
-        options = {**options_wire(o), "bufsize": self.buffers.size}
+        options = {**options_wire(self.opts), "bufsize": self.buffers.size}
         try:
             self.chan.send({"op": "hello", "version": VERSION, "dest": self.where.path, "options": options})
         except (BrokenPipeError, ConnectionError) as exc:
@@ -278,14 +276,7 @@ class PushSyncer:
         # The problems found here go too: in a pull, the agent's side reports the run.
         rid = self._request({"op": "finish", "problems": [[p.path, p.kind, p.message] for p in self.problems],
                              "stopped": self._stopped})
-        try:
-            rep: dict[str, Any] = self.chan.reply(rid)
-        except (EOFError, ConnectionError) as exc:
-            raise _Lost from exc
-        self._absorb(rep)
-        if rep.get("fatal") and self._fatal is None:
-            self._fatal = rep["fatal"]
-        self.stats.add(SyncStats(**rep["stats"]))
+        self.stats.add(SyncStats(**self._reply(rid, stop=False)["stats"]))
 
     # ------------------------------------------------------------------ outcomes
     def _problem(self, rel: bytes, kind: str, message: str, *, size: int = 0) -> None:
@@ -310,7 +301,7 @@ class PushSyncer:
             yield listing
             for name, crel, inc in listing.subdirs:
                 try:
-                    sfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    sfd = os.open(name, DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     self._problem(crel, "unreadable", f"directory cannot be opened: {exc.strerror}")
                     continue
@@ -330,7 +321,7 @@ class PushSyncer:
             return None
         d = _Listing(fd, rel, st_dir, included)
         for name, de in names:
-            crel = rel + b"/" + name if rel else name
+            crel = join(rel, name)
             if self.filter.excluded(crel, name):
                 d.protected.append(name)
                 continue
@@ -411,7 +402,7 @@ class PushSyncer:
                 checks = [n for n, how in ev.want if how == "check"]
                 ev.rid = 0
                 if checks:
-                    items = [got for got in (self._digest(ev.fd, n, ev.join(n)) for n in checks) if got is not None]
+                    items = [got for got in (self._digest(ev.fd, n, join(ev.rel, n)) for n in checks) if got is not None]
                     ev.rid = self._request({"op": "check", "path": ev.rel, "items": items})
 
     def _send_batch(self, batch: list[_Listing | _End]) -> None:
@@ -462,22 +453,17 @@ class PushSyncer:
             return None
         try:
             st = os.fstat(fd)
-            h = blake3.blake3(max_threads=1)
-            buf = self.buffers.get(0)
-            off = 0
-            while n := read_source(fd, buf, off):
-                h.update(buf[:n])
-                off += n
+            digest = file_digest(fd, self.buffers.get(0), read_source)
             xattrs = self.meta.source_xattrs(fd=fd)
         except (SourceReadError, OSError) as exc:
             self._problem(rel, "unreadable", str(exc))
             return None
         finally:
             os.close(fd)
-        return [h.digest(), entry(name, "f", st, xattrs=xattrs)]
+        return [digest, entry(name, "f", st, xattrs=xattrs)]
 
     def _send_file(self, dfd: int, rel: bytes, name: bytes, listed: os.stat_result, how: str) -> None:
-        crel = rel + b"/" + name if rel else name
+        crel = join(rel, name)
         for _attempt in range(self.opts.attempts):
             fd = self._open(dfd, name, crel)
             if fd is None:
@@ -522,7 +508,7 @@ class PushSyncer:
                         self._send({"abort": "changed"})
                         return False
                     chunk = buf[:n]
-                    if chunk == _ZEROS[:n]:
+                    if is_zero(chunk):
                         self._hole(h, n)
                     else:
                         h.update(chunk)
@@ -541,11 +527,7 @@ class PushSyncer:
         return True
 
     def _hole(self, h: blake3.blake3, n: int) -> None:
-        left = n
-        while left:
-            k = min(left, len(_ZEROS))
-            h.update(_ZEROS[:k])
-            left -= k
+        hash_zeros(h, n)
         self._send({"z": n})
 
     def _delta(self, fd: int, st: os.stat_result, rel: bytes, e: list[Any]) -> bool:

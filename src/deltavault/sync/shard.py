@@ -24,6 +24,7 @@ from deltavault.progress import Reporter
 from deltavault.sync.copy import BufferPool
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
+from deltavault.sync.tree import join
 
 
 @dataclass
@@ -179,7 +180,7 @@ def shard_depth(sfd: int, workers: int, excluded: Any, max_depth: int = 4) -> in
                 except OSError:
                     continue
                 for n in names:
-                    crel = rel + b"/" + n if rel else n
+                    crel = join(rel, n)
                     if excluded(crel, n):
                         continue
                     try:

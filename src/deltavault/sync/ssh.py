@@ -76,7 +76,7 @@ def _cpu_has_aes() -> bool:
         return False
 
 
-class AgentProcess:
+class SshProcess:
     """``ssh HOST COMMAND`` with its stdin and stdout as a frame channel."""
 
     def __init__(self, where: RemotePath, command: str, *, rsh: str = "ssh") -> None:

@@ -12,6 +12,11 @@ TEMP_PREFIX = b".dv-sync-"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def join(rel: bytes, name: bytes) -> bytes:
+    """The path of ``name`` in the directory ``rel`` (b"" is the root)."""
+    return rel + b"/" + name if rel else name
+
+
 def temp_name(name: bytes) -> bytes:
     return TEMP_PREFIX + os.urandom(6).hex().encode() + b"." + name[:200]
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,20 @@ def loopfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
             stack.callback(_umount, mnt)
             return mnt
         yield make
+
+
+@pytest.fixture
+def btrfs_src(loopfs: Callable[..., Path]) -> tuple[Path, Path]:
+    """A btrfs subvolume "data" on a loop device (mount point, subvolume), with a file
+    (an xattr on it), a 5 MiB file and a symlink."""
+    mnt = loopfs("btrfs", 150)
+    subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True, capture_output=True)
+    src = mnt / "data"
+    write(src / "docs/a.txt", b"version 1")
+    write(src / "big.bin", os.urandom(5 << 20))
+    os.symlink("docs/a.txt", src / "link")
+    os.setxattr(src / "docs/a.txt", "user.k", b"v")
+    return mnt, src
 
 
 def dv(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -90,3 +104,22 @@ def unreadable_tree(src: Path, dst: Path) -> None:
     os.chmod(src / "c-locked", 0o000)
     os.chown(src / "c-locked", 65534, 65534)
     write(dst / "c-locked/old", b"kept: SRC could not be listed here")
+
+
+@contextmanager
+def growing(path: Path) -> Iterator[None]:
+    """A writer that appends to ``path`` a byte at a time until the block ends: a file that
+    keeps changing while it is copied."""
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "f = open(sys.argv[1], 'ab', buffering=0)\n"
+        "print('go', flush=True)\n"
+        "while True:\n"
+        "    f.write(b'x'); time.sleep(0.0002)\n"), str(path)], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"go\n"
+        time.sleep(0.05)
+        yield
+    finally:
+        writer.kill()
+        writer.wait()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from deltavault.sync.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog
 from tests.conftest import needs_root, needs_tools
-from tests.integration.sync.conftest import dv, summary, unreadable_tree, write
+from tests.integration.sync.conftest import dv, growing, summary, unreadable_tree, write
 
 pytestmark = [needs_root(), pytest.mark.root]
 
@@ -86,19 +84,8 @@ def test_file_that_keeps_changing_is_reported_not_installed(tmp_path: Path) -> N
     src, dst = tmp_path / "src", tmp_path / "dst"
     write(src / "growing.log", os.urandom(48 << 20))
     write(src / "steady", b"steady")
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "f = open(sys.argv[1], 'ab', buffering=0)\n"
-        "print('go', flush=True)\n"
-        "while True:\n"
-        "    f.write(b'x'); time.sleep(0.0002)\n"), str(src / "growing.log")], stdout=subprocess.PIPE)
-    try:
-        assert writer.stdout is not None and writer.stdout.readline() == b"go\n"
-        time.sleep(0.05)
+    with growing(src / "growing.log"):
         p = dv("--json", "sync", str(src), str(dst))
-    finally:
-        writer.kill()
-        writer.wait()
     assert p.returncode == 3, p.stdout + p.stderr
     probs = summary(p)["problems"]
     assert [(x["path"], x["kind"]) for x in probs] == [("growing.log", "changed")]

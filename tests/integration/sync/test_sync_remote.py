@@ -16,7 +16,14 @@ import pytest
 from deltavault.errors import UsageError
 from deltavault.sync.ssh import RemotePath, parse_remote
 from tests.conftest import needs_root, needs_tools
-from tests.integration.sync.conftest import dv, nothing_to_do, summary, unreadable_tree, write
+from tests.integration.sync.conftest import (
+    dv,
+    growing,
+    nothing_to_do,
+    summary,
+    unreadable_tree,
+    write,
+)
 from tests.integration.sync.test_sync_tree import make_tree, stat_map, tool
 from tests.sshd import Server, missing_tools, sshd
 
@@ -62,6 +69,22 @@ def test_remote_locations() -> None:
             parse_remote(bad)
 
 
+def assert_mirror(src: Path, dst: Path, s: dict, log: Path) -> None:
+    """A first sync of make_tree's tree kept everything, as real tools and stat see it."""
+    assert s["errors"] == 0 and s["hardlinks"] == 2 and s["symlinks"] == 4 and s["special"] == 2
+    assert nothing_to_do(src, dst, "-A", "-X", "-D") == ""
+    assert tool("getfacl", "-R", "-p", ".", cwd=src) == tool("getfacl", "-R", "-p", ".", cwd=dst)
+    xa = ["getfattr", "-R", "-h", "-d", "-m", "-", "-e", "hex", "."]
+    assert tool(*xa, cwd=src) == tool(*xa, cwd=dst)
+    assert stat_map(src) == stat_map(dst)  # modes, owners, ns mtimes, sizes, rdev, link counts
+    assert os.stat(dst / "hl1").st_ino == os.stat(dst / "hl2").st_ino == os.stat(dst / "deep/hl3").st_ino
+    assert os.stat(dst / "sparse.img").st_blocks * 512 < 1 << 20
+    assert not temps(dst)
+    lines = log.read_text().splitlines()
+    assert {"new", "symlink", "special", "hardlink", "mkdir"} <= {ln.split("\t")[1] for ln in lines}
+    assert any("new\\x0aline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
+
+
 def test_push_keeps_everything_then_moves_only_changes(server: Server, tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "remote/mirror"
     src.mkdir()
@@ -71,20 +94,9 @@ def test_push_keeps_everything_then_moves_only_changes(server: Server, tmp_path:
     p = push(server, src, dst, "--acl", "--xattrs", "--log", str(log))
     assert p.returncode == 0, p.stdout + p.stderr
     s = summary(p)
-    assert s["errors"] == 0 and s["hardlinks"] == 2 and s["symlinks"] == 4 and s["special"] == 2
-    assert nothing_to_do(src, dst, "-A", "-X", "-D") == ""
-    assert tool("getfacl", "-R", "-p", ".", cwd=src) == tool("getfacl", "-R", "-p", ".", cwd=dst)
-    xa = ["getfattr", "-R", "-h", "-d", "-m", "-", "-e", "hex", "."]
-    assert tool(*xa, cwd=src) == tool(*xa, cwd=dst)
-    assert stat_map(src) == stat_map(dst)  # modes, owners, ns mtimes, sizes, rdev, link counts
+    assert_mirror(src, dst, s, log)
     assert os.stat(dst).st_mtime_ns == 1_111_111_111_222_222_222
-    assert os.stat(dst / "hl1").st_ino == os.stat(dst / "hl2").st_ino == os.stat(dst / "deep/hl3").st_ino
-    assert os.stat(dst / "sparse.img").st_blocks * 512 < 1 << 20
     assert s["wire_sent"] < 4 << 20  # the 64 MiB sparse file's holes do not travel
-    assert not temps(dst)
-    lines = log.read_text().splitlines()
-    assert {"new", "symlink", "special", "hardlink", "mkdir"} <= {ln.split("\t")[1] for ln in lines}
-    assert any("new\\x0aline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
 
     # nothing changed: only the listings travel
     s = summary(push(server, src, dst, "--acl", "--xattrs"))
@@ -189,19 +201,8 @@ def test_file_that_keeps_changing_is_reported_not_installed(server: Server, tmp_
     write(src / "steady", b"steady")
     if old is not None:  # then it goes by delta, and the sender reads it when the agent asks
         write(dst / "growing.log", old)
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "f = open(sys.argv[1], 'ab', buffering=0)\n"
-        "print('go', flush=True)\n"
-        "while True:\n"
-        "    f.write(b'x'); time.sleep(0.0002)\n"), str(src / "growing.log")], stdout=subprocess.PIPE)
-    try:
-        assert writer.stdout is not None and writer.stdout.readline() == b"go\n"
-        time.sleep(0.05)
+    with growing(src / "growing.log"):
         p = push(server, src, dst)
-    finally:
-        writer.kill()
-        writer.wait()
     assert p.returncode == 3, p.stdout + p.stderr
     probs = summary(p)["problems"]
     assert [(x["path"], x["kind"]) for x in probs] == [("growing.log", "changed")]
@@ -267,12 +268,8 @@ def test_dropped_connection_leaves_no_temp_file(server: Server, tmp_path: Path) 
 
 
 @needs_tools("btrfs")
-def test_push_from_a_btrfs_snapshot(server: Server, tmp_path: Path, loopfs) -> None:
-    mnt = loopfs("btrfs", 150)
-    subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True, capture_output=True)
-    src = mnt / "data"
-    write(src / "docs/a.txt", b"version 1")
-    os.setxattr(src / "docs/a.txt", "user.k", b"v")
+def test_push_from_a_btrfs_snapshot(server: Server, tmp_path: Path, btrfs_src: tuple[Path, Path]) -> None:
+    _mnt, src = btrfs_src
     # SRC is a directory inside the subvolume: the subvolume's root gets the snapshot folder
     p = push(server, src / "docs", tmp_path / "dst", "--snapshot", "btrfs", "--xattrs")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -289,13 +286,8 @@ def test_pull_keeps_everything_and_reports_here(server: Server, tmp_path: Path) 
     p = pull(server, src, dst, "--acl", "--xattrs", "--log", str(log))
     assert p.returncode == 0, p.stdout + p.stderr
     s = summary(p)
-    assert s["errors"] == 0 and s["hardlinks"] == 2 and s["symlinks"] == 4 and s["special"] == 2
-    assert nothing_to_do(src, dst, "-A", "-X", "-D") == ""
-    assert stat_map(src) == stat_map(dst)
-    assert os.stat(dst / "sparse.img").st_blocks * 512 < 1 << 20
+    assert_mirror(src, dst, s, log)
     assert s["wire_received"] < 4 << 20 and s["wire_sent"] < 1 << 20
-    assert {"new", "symlink", "special", "hardlink", "mkdir"} <= {
-        ln.split("\t")[1] for ln in log.read_text().splitlines()}
 
     data = bytearray((src / "big.bin").read_bytes())
     data[100_000:100_100] = os.urandom(100)
@@ -322,11 +314,9 @@ def test_pull_errors_are_clear(server: Server, tmp_path: Path) -> None:
 
 
 @needs_tools("btrfs")
-def test_pull_from_a_btrfs_snapshot_taken_on_the_source_host(server: Server, tmp_path: Path, loopfs) -> None:
-    mnt = loopfs("btrfs", 150)
-    subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True, capture_output=True)
-    src = mnt / "data"
-    write(src / "docs/a.txt", b"version 1")
+def test_pull_from_a_btrfs_snapshot_taken_on_the_source_host(server: Server, tmp_path: Path,
+                                                             btrfs_src: tuple[Path, Path]) -> None:
+    _mnt, src = btrfs_src
     p = pull(server, src / "docs", tmp_path / "here", "--snapshot", "btrfs")
     assert p.returncode == 0, p.stdout + p.stderr
     assert summary(p)["snapshot"] == {"kind": "btrfs", "on": "dvtest"}

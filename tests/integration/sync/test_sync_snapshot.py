@@ -23,18 +23,6 @@ def subvolumes(mnt: Path) -> list[str]:
     return [ln.split(" path ")[-1] for ln in out.stdout.splitlines()]
 
 
-@pytest.fixture
-def btrfs_src(loopfs) -> tuple[Path, Path]:
-    mnt = loopfs("btrfs", 150)
-    subprocess.run(["btrfs", "subvolume", "create", str(mnt / "data")], check=True, capture_output=True)
-    src = mnt / "data"
-    write(src / "docs/a.txt", b"version 1")
-    write(src / "big.bin", os.urandom(5 << 20))
-    os.symlink("docs/a.txt", src / "link")
-    os.setxattr(src / "docs/a.txt", "user.k", b"v")
-    return mnt, src
-
-
 def test_cli_sync_from_btrfs_snapshot(tmp_path: Path, btrfs_src: tuple[Path, Path]) -> None:
     mnt, src = btrfs_src
     dst = tmp_path / "dst"
