@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from deltavault.fs.dirfd import fd_path
+
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
@@ -119,30 +121,37 @@ def apply_times(path: bytes, atime_ns: int, mtime_ns: int, problems: ApplyProble
 
 def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: int, gid: int,
                   atime_ns: int, mtime_ns: int, xattrs: list[tuple[bytes, bytes]] | None = None,
-                  owner: bool = True, drop_xattr: Callable[[bytes], bool] | None = None) -> None:
+                  owner: bool = True, drop_xattr: Callable[[bytes], bool] | None = None,
+                  handle: bool = False) -> None:
     """Metadata of an open file or directory, in the order that keeps each step:
     xattrs (ACLs), owner (chown clears setuid), mode, times last.
 
     ``drop_xattr(name)`` says which existing xattrs missing from ``xattrs`` to remove (mirroring).
-    ``mode`` None: the file already has it (created with it).
+    ``mode`` None: the file already has it (created with it), or it is a symlink.
+    ``handle``: ``fd`` is an ``O_PATH`` handle (fs.dirfd), which the f* calls do not take:
+    the same calls go through ``/proc/self/fd/N``, which names that object and no path.
     """
+    target: int | bytes = fd_path(fd) if handle else fd
     if xattrs is not None:
         want = dict(xattrs)
         if drop_xattr is not None:
-            for name, _ in read_xattrs(b"", fd=fd):
+            for name, _ in read_xattrs(target if handle else b"", fd=None if handle else fd, follow=True):
                 if name not in want and drop_xattr(name):
                     try:
-                        os.removexattr(fd, name)
+                        os.removexattr(target, name)
                     except OSError as exc:
                         problems.add(f"remove xattr {name.decode(errors='replace')}", exc)
         for name, value in xattrs:
             try:
-                os.setxattr(fd, name, value)
+                os.setxattr(target, name, value)
             except OSError as exc:
-                problems.add(f"xattr {name.decode(errors='replace')}", exc)
+                if exc.errno == errno.EPERM and name.startswith(b"trusted."):
+                    problems.add(f"xattr {name.decode(errors='replace')} (needs CAP_SYS_ADMIN)", exc)
+                else:
+                    problems.add(f"xattr {name.decode(errors='replace')}", exc)
     if owner:
         try:
-            os.fchown(fd, uid, gid)
+            os.chown(target, uid, gid)
         except PermissionError as exc:
             if os.geteuid() == 0:
                 problems.add("chown", exc)
@@ -150,10 +159,11 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
             problems.add("chown", exc)
     if mode is not None:
         try:
-            os.fchmod(fd, stat.S_IMODE(mode))
+            os.chmod(target, stat.S_IMODE(mode))
         except OSError as exc:
             problems.add("chmod", exc)
     try:
-        os.utime(fd, ns=(atime_ns, mtime_ns))
+        os.utime(target, ns=(atime_ns, mtime_ns))
     except OSError as exc:
-        problems.add("utime", exc)
+        if not (handle and exc.errno == errno.ENOTSUP):  # some file systems keep no symlink times
+            problems.add("utime", exc)

@@ -1,0 +1,140 @@
+"""Working inside a tree that other local users may write in while we do (a restore target,
+a sync destination), or that may change under us (a backup source).
+
+The rules, which every writer of such a tree follows:
+
+- A path is never resolved as a string. Each name is one component, looked up in a
+  directory we hold open, with ``O_NOFOLLOW``; directories are entered by fd
+  (``open_dir_at``), so a symlink swapped in cannot redirect anything.
+- An object is changed only through a handle to it: the fd we created it with (regular
+  files, ``O_CREAT | O_EXCL``), or an ``O_PATH`` handle opened right after creating it and
+  checked to be what we made (``created_handle``). Metadata, xattrs and hard links then go
+  through ``/proc/self/fd/N``, which names that inode and no path.
+- An object found in place (not made by us) is trusted only if its (st_dev, st_ino) is the
+  one we recorded when we made it (``expect_identity``).
+
+``/proc/self/fd/N`` is followed by the kernel as a "magic link" to the open object itself;
+for an ``O_PATH`` handle to a symlink that object is the symlink, never its target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+HANDLE_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+class Replaced(OSError):
+    """An entry is not the object this run made or recorded: something else was put in its
+    place while we worked (another user writing in the tree, or a concurrent change)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.ESTALE, f"replaced during the run ({what}); left alone")
+
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino)
+
+
+def fd_path(fd: int) -> bytes:
+    """A path naming the open object ``fd`` itself, for calls that take no fd (xattrs and
+    metadata of ``O_PATH`` handles, linkat of a handle)."""
+    return b"/proc/self/fd/%d" % fd
+
+
+def open_dir_at(dir_fd: int, name: bytes) -> int:
+    """Open the directory ``name`` in ``dir_fd``; a symlink there fails with ELOOP."""
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+def open_dir_path(root_fd: int, relpath: bytes) -> int:
+    """Open root/relpath one component at a time, following no symlink."""
+    fd = os.dup(root_fd)
+    for part in relpath.split(b"/"):
+        if not part:
+            continue
+        try:
+            nfd = open_dir_at(fd, part)
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def handle_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+    """An ``O_PATH`` handle to the entry ``name`` itself (a symlink is not followed), and its stat."""
+    h = os.open(name, HANDLE_FLAGS, dir_fd=dir_fd)
+    try:
+        return h, os.fstat(h)
+    except BaseException:
+        os.close(h)
+        raise
+
+
+def created_handle(dir_fd: int, name: bytes, fmt: int) -> tuple[int, os.stat_result]:
+    """The handle of an entry this process has just made under ``name`` (mkfifo, mknod,
+    symlink, mkdir), refused with ``Replaced`` unless it has the file type ``fmt``
+    (``stat.S_IFIFO``...), our effective uid as owner and, for a non-directory, one link.
+    Another user cannot make an object with all three: theirs are owned by them, and a
+    hard link to an object outside the tree has two links."""
+    h, st = handle_at(dir_fd, name)
+    ok = stat.S_IFMT(st.st_mode) == fmt and st.st_uid == os.geteuid() and (
+        fmt == stat.S_IFDIR or st.st_nlink == 1)
+    if not ok:
+        os.close(h)
+        raise Replaced("not the entry just created")
+    return h, st
+
+
+def expect_identity(dir_fd: int, name: bytes, want: Identity) -> tuple[int, os.stat_result]:
+    """A handle to ``name``, which must be the object recorded as ``want``."""
+    h, st = handle_at(dir_fd, name)
+    if identity(st) != want:
+        os.close(h)
+        raise Replaced("another file stands under this name")
+    return h, st
+
+
+def link_handle(handle: int, dst_dir_fd: int, name: bytes) -> None:
+    """Make ``name`` in ``dst_dir_fd`` another name of the object ``handle`` is open on
+    (linkat through the handle: no path to the first name is resolved)."""
+    os.link(fd_path(handle), name, dst_dir_fd=dst_dir_fd, follow_symlinks=True)
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` lies on (a bind mount has its own, unlike st_dev)."""
+    with open(b"/proc/self/fdinfo/%d" % fd, "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOTSUP, "no mnt_id in /proc/self/fdinfo")
+
+
+def ancestors(dir_fd: int) -> list[Identity]:
+    """Identities of the directory ``dir_fd`` and of each directory above it, up to the
+    root, found through ``..`` (so through the mounts it is really reached by)."""
+    out: list[Identity] = []
+    fd = os.dup(dir_fd)
+    try:
+        while True:
+            ident = identity(os.fstat(fd))
+            if out and out[-1] == ident:
+                return out  # ".." of "/" is "/"
+            out.append(ident)
+            nfd = os.open(b"..", DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
