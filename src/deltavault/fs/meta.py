@@ -135,7 +135,8 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
     if xattrs is not None:
         want = dict(xattrs)
         if drop_xattr is not None:
-            for name, _ in read_xattrs(target if handle else b"", fd=None if handle else fd, follow=True):
+            current = read_xattrs(fd_path(fd), follow=True) if handle else read_xattrs(b"", fd=fd)
+            for name, _ in current:
                 if name not in want and drop_xattr(name):
                     try:
                         os.removexattr(target, name)
