@@ -138,3 +138,19 @@ def ancestors(dir_fd: int) -> list[Identity]:
             fd = nfd
     finally:
         os.close(fd)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft limit of open files to the hard limit, for walks that hold one
+    directory fd per level of a deep tree. Returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft if soft != resource.RLIM_INFINITY else want
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft
+    return want
