@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltavault.backup.content import ContentReader, Inflight, bitmap, bitmap_pages
+from deltavault.backup.content import ContentReader, Inflight, PrevContent, bitmap, bitmap_pages
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import FormatError
 from deltavault.model.content import Full, Hole
@@ -120,10 +120,11 @@ def test_delta_path_reconstructs_in_place_changes(tmp_path_factory: pytest.TempP
     with ThreadPoolExecutor(2) as pool:
         reader = ContentReader(repo, pool, chunker, page_key=b"k" * 32, delta_threshold=0, inflight=Inflight(1 << 26))
         fd = os.open(p, os.O_RDONLY)
-        first = reader.read(fd, os.fstat(fd), None, None, os.fsencode(p))
+        first = reader.read(fd, os.fstat(fd), None)
         os.close(fd)
-        refs1, dig1 = first.refs(), first.digest_bytes()
-        assert dig1 is not None
+        refs1, pages1 = first.refs(), first.page_ids()
+        assert pages1 is not None
+        repo.flush()
         new = bytearray(old)
         writes = data.draw(st.lists(st.tuples(st.integers(0, size - 1), st.integers(1, 3000)), max_size=12))
         for off, ln in writes:
@@ -135,7 +136,7 @@ def test_delta_path_reconstructs_in_place_changes(tmp_path_factory: pytest.TempP
             del new[grow:]
         p.write_bytes(new)
         fd = os.open(p, os.O_RDONLY)
-        second = reader.read(fd, os.fstat(fd), refs1, dig1, os.fsencode(p))
+        second = reader.read(fd, os.fstat(fd), PrevContent(refs1, pages1, len(old), repo.load_blob, repo.blob_id))
         os.close(fd)
         refs2 = second.refs()
         reader.digester.close()
