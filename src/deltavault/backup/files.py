@@ -61,9 +61,10 @@ DEFAULT_DELTA_THRESHOLD = 32 * 1024 * 1024
 # checked level by level. So any depth backs up within a fixed number of open files,
 # whatever RLIMIT_NOFILE is (the soft limit is often 1024).
 MAX_OPEN_DIRS = 128
-FILE_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
-              # a FIFO swapped in for a file between its stat and its open must not block us
-              | os.O_NONBLOCK)
+# Files are opened through an O_PATH handle checked to be a regular file: opening whatever
+# was swapped in under the name between its stat and its open could block (a FIFO) or act
+# (a device: a tape rewinds, a watchdog arms), and O_PATH opens nothing.
+FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
@@ -556,19 +557,27 @@ class FileArchiver:
         return PrevContent(prev.content, prev.pages, prev.size, self.previous.meta_blob, self.store.blob_id)
 
     def _open_file(self, dir_fd: int, fsname: bytes, path: bytes) -> int | None:
+        """The regular file ``fsname`` of ``dir_fd``, opened for reading, or None (reported)."""
         try:
+            h, hst = handle_at(dir_fd, fsname)
+        except OSError as exc:
+            self._os_problem(path, exc)
+            return None
+        try:
+            if not stat.S_ISREG(hst.st_mode):
+                self._problem(path, "changed", "no longer a regular file when opened; not read")
+                return None
             try:
-                return os.open(fsname, FILE_FLAGS | O_NOATIME, dir_fd=dir_fd)
+                return os.open(fd_path(h), FILE_FLAGS | O_NOATIME)
             except PermissionError:
                 if not O_NOATIME:
                     raise
-                return os.open(fsname, FILE_FLAGS, dir_fd=dir_fd)  # O_NOATIME needs ownership
+                return os.open(fd_path(h), FILE_FLAGS)  # O_NOATIME needs ownership
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self._problem(path, "changed", "replaced by a symlink while being read")
-            else:
-                self._os_problem(path, exc)
+            self._os_problem(path, exc)
             return None
+        finally:
+            os.close(h)
 
     def _read_file(self, dir_fd: int, fsname: bytes, name: bytes, path: bytes, st: os.stat_result,
                    prev: Node | None) -> _Child | None:
@@ -579,10 +588,7 @@ class FileArchiver:
             if fd is None:
                 return None
             try:
-                fst = os.fstat(fd)
-                if not stat.S_ISREG(fst.st_mode):
-                    self._problem(path, "changed", "no longer a regular file")
-                    return None
+                fst = os.fstat(fd)  # the inode the checked handle named
                 try:
                     pending = self.content.read(fd, fst, prev_content)
                 except FileChanged as exc:
