@@ -46,6 +46,7 @@ class Context:
     quiet: bool
     stdout: Any = field(default_factory=lambda: sys.stdout)
     stderr: Any = field(default_factory=lambda: sys.stderr)
+    opened: list[Repository] = field(default_factory=list)  # repositories this command opened
 
     # ------------------------------------------------------------- output
     def emit(self, obj: dict[str, Any], text: str | None = None) -> None:
@@ -108,11 +109,23 @@ class Context:
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
         backend = open_backend(self.repo_location())
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
-        return Repository.open(backend, self.password_source(), cache_root=cache,
+        repo = Repository.open(backend, self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
+        self.opened.append(repo)
+        return repo
+
+    def warn_damaged(self) -> None:
+        """Snapshots a command passed over because they cannot be read: said once, at the
+        end, whatever the command (a damaged old snapshot does not stop the others)."""
+        for repo in self.opened:
+            for sid, why in sorted(repo.damaged_snapshots.items()):
+                self.warn(f"snapshot {sid[:8]} cannot be read and was left out ({why}); "
+                          "run 'deltavault check' and 'deltavault repair'")
 
 
 def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    if getattr(args, "insecure_no_password", False):
+        return b""
     env = os.environ.get("DELTAVAULT_PASSWORD")
     if env is not None:
         return env.encode()
@@ -130,6 +143,15 @@ def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
         return pw.encode()
     raise UsageError("no password: set DELTAVAULT_PASSWORD_FILE (or --password-file, or DELTAVAULT_PASSWORD), "
                      "or run on a terminal to be asked")
+
+
+def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:
+    """A new password must not be empty, unless --insecure-no-password says so: an empty
+    password file (a mistake in a script) would otherwise leave the key open to anyone."""
+    if not pw and not getattr(args, "insecure_no_password", False):
+        raise UsageError(f"the {what} is empty; refusing it (use --insecure-no-password to encrypt with "
+                         "an empty password on purpose)")
+    return pw
 
 
 def _json_default(o: object) -> object:

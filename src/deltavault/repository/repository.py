@@ -85,8 +85,9 @@ class RepoConfig(msgspec.Struct, kw_only=True):
     mac: str = ""
 
 
-def _config_body(cfg: RepoConfig) -> bytes:
-    return msgspec.json.encode(msgspec.structs.replace(cfg, mac=""))
+def config_mac(cfg: RepoConfig, master: keymod.MasterKey) -> str:
+    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half."""
+    return blake3.blake3(msgspec.json.encode(msgspec.structs.replace(cfg, mac="")), key=master.mac).hexdigest()
 
 
 def default_cache_root() -> Path:
@@ -146,6 +147,7 @@ class Repository:
         self._upload_error: BaseException | None = None
         self.locks = LockManager(self.backend, self.env)
         self.key_name: str | None = None  # the key file that opened it (keys/...), if encrypted
+        self.damaged_snapshots: dict[str, str] = {}  # snapshot id -> why list_snapshots left it out
 
     # ----------------------------------------------------------------- creation / opening
     @classmethod
@@ -166,7 +168,7 @@ class Repository:
                          encryption="aes-256-gcm+scrypt" if master else "none",
                          chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression)
         if master:
-            cfg.mac = blake3.blake3(_config_body(cfg), key=master.mac).hexdigest()
+            cfg.mac = config_mac(cfg, master)
             kf = keymod.make_key_file(master, password or b"", scrypt)
             key_name = keymod.key_file_name(kf)
             backend.put(key_name, kf)
@@ -185,11 +187,14 @@ class Repository:
         try:
             raw = counting.get("config")
         except ObjectNotFound:
+            if any(True for _ in counting.list("keys/")) or any(True for _ in counting.list("index/")):
+                raise CorruptionError(f"the repository at {backend.location()} has lost its config; "
+                                      "'deltavault repair' rebuilds it") from None
             raise RepositoryNotFound(f"no repository at {backend.location()} (run 'deltavault init')") from None
         try:
             cfg = msgspec.json.decode(raw, type=RepoConfig)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            raise FormatError(f"repository config is damaged: {exc}") from exc
+            raise FormatError(f"repository config is damaged: {exc}; 'deltavault repair' rebuilds it") from exc
         if cfg.format != "deltavault":
             raise FormatError("not a deltavault repository")
         if cfg.compression != "auto" and not isinstance(cfg.compression, int):
@@ -202,17 +207,17 @@ class Repository:
         if key_names or cfg.encryption != "none":
             if not key_names:
                 raise CorruptionError("repository is encrypted but has no key files")
-            master, key_name = cls._unlock(counting, key_names, password())
-            want = blake3.blake3(_config_body(cfg), key=master.mac).hexdigest()
-            if cfg.mac != want:
-                raise CorruptionError("repository config fails its authentication: it was edited or damaged")
+            master, key_name = cls.unlock(counting, key_names, password())
+            if cfg.mac != config_mac(cfg, master):
+                raise CorruptionError("repository config fails its authentication: it was edited or damaged; "
+                                      "'deltavault repair' rebuilds it")
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
         repo.load_index(tolerant=tolerant)
         return repo
 
     @staticmethod
-    def _unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
+    def unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
         from deltavault.errors import KeyFileDamaged, WrongPassword
 
         damaged: KeyFileDamaged | None = None
@@ -582,8 +587,19 @@ class Repository:
         return snap
 
     def list_snapshots(self) -> list[tuple[str, Snapshot]]:
+        """Every readable snapshot, oldest first. One that cannot be read (damaged, tampered
+        with) is left out and named in ``damaged_snapshots``: it must not stop a backup or a
+        restore of another snapshot. Commands that delete data (prune) load each snapshot
+        themselves and refuse instead."""
         ids = self.snapshot_ids()
-        out = [(sid, self.load_snapshot(sid)) for sid in ids]
+        out = []
+        for sid in ids:
+            try:
+                out.append((sid, self.load_snapshot(sid)))
+            except ObjectNotFound:
+                continue  # forgotten by another process since it was listed
+            except CorruptionError as exc:
+                self.damaged_snapshots[sid] = exc.message
         self._cache_prune("snapshots", {f"snapshots/{s}" for s in ids})
         out.sort(key=lambda x: (x[1].time_ns, x[0]))
         return out
