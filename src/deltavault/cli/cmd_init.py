@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from deltavault.backends import open_backend
 from deltavault.cli.common import Context, parse_size, read_password, require_password
 from deltavault.repository.repository import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, Repository
 
@@ -30,7 +29,7 @@ def _compression(text: str) -> int | str:
 
 def run(ctx: Context) -> int:
     a = ctx.args
-    backend = open_backend(ctx.repo_location())
+    backend = ctx.backend()
     pw = None if a.insecure_no_encryption else require_password(read_password(a, confirm=True), a, "password")
     repo = Repository.init(backend, pw, pack_size=a.pack_size, compression=a.compression)
     ctx.emit({"type": "init", "repository": backend.location(), "id": repo.config.id,

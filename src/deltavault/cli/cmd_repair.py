@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deltavault.backends import open_backend
 from deltavault.cli.common import Context
 from deltavault.errors import ExitCode
 from deltavault.repository.config_repair import check_or_rebuild_config
@@ -24,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     a = ctx.args
-    fixed = check_or_rebuild_config(open_backend(ctx.repo_location()), ctx.password_source(), dry_run=a.dry_run,
+    fixed = check_or_rebuild_config(ctx.backend(), ctx.password_source(), dry_run=a.dry_run,
                                     cache_root=Path(a.cache_dir) if a.cache_dir else None)
     if fixed.state != "sound":
         how = "; ".join(f"{k}: {v}" for k, v in sorted(fixed.sources.items()))

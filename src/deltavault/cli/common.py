@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deltavault.backends import open_backend
+from deltavault.backends.base import Backend
 from deltavault.errors import BackendError, UsageError
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
@@ -106,8 +107,12 @@ class Context:
     def password_source(self, *, confirm: bool = False) -> Callable[[], bytes]:
         return lambda: read_password(self.args, confirm=confirm)
 
+    def backend(self) -> Backend:
+        """The backend of -r/--repo: the one place a command opens its repository's store."""
+        return open_backend(self.repo_location())
+
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
-        backend = open_backend(self.repo_location())
+        backend = self.backend()
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
         repo = Repository.open(backend, self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
