@@ -31,7 +31,13 @@ from deltavault.errors import (
     UnsupportedVersion,
     UsageError,
 )
-from deltavault.fs.files import write_cache_file
+from deltavault.fs.files import (
+    open_cache,
+    read_cache_file,
+    remove_cache_file,
+    remove_cache_files,
+    write_cache_file,
+)
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import ID_LEN, BlobType, match_prefix
 from deltavault.repository import keys as keymod
@@ -132,7 +138,12 @@ class Repository:
         self.master = master
         self.env = Envelope(master, level=config.compression if isinstance(config.compression, int) else None)
         self.index = Index()
-        self.cache_dir: Path | None = (cache_root or default_cache_root()) / config.id if use_cache else None
+        # The per-repository cache directory, checked to be this user's alone; None when not
+        # used, with (the directory, why) in cache_note when it was refused or unusable.
+        self.cache_dir: Path | None = None
+        self.cache_note: tuple[str, str] | None = None
+        if use_cache:
+            self.cache_dir, self.cache_note = open_cache(cache_root or default_cache_root(), config.id)
         self.write_stats = WriteStats()
         self._lock = threading.Lock()
         self._pack_lock = threading.Lock()
@@ -238,33 +249,44 @@ class Repository:
         return self.counter.traffic
 
     # ----------------------------------------------------------------- cache
-    def _cache_get(self, name: str) -> bytes | None:
-        if self.cache_dir is None:
+    # Cached objects are content-addressed (checked against their name on every read), the
+    # directories private (fs.files): another user can neither plant nor read them.
+    def cache_key(self, purpose: str) -> bytes | None:
+        """A key for authenticating one kind of local cache data (``purpose``: "catalog",
+        "volume state"), derived from the master key; None for an unencrypted repository,
+        which has no secret to authenticate with: its cache is protected only by being
+        private to the user (fs.files)."""
+        if self.master is None:
             return None
-        path = self.cache_dir / name
-        try:
-            data = path.read_bytes()
-        except OSError:
+        return blake3.blake3(self.master.mac, derive_key_context=f"deltavault local cache {purpose} v1").digest()
+
+    def _cache_path(self, name: str) -> Path | None:
+        folder, _, leaf = name.rpartition("/")
+        if self.cache_dir is None or not leaf or leaf in (".", "..") or "\0" in leaf:
+            return None  # names come from the repository's listing: never a path of their own
+        return self.cache_dir / folder / leaf if folder else self.cache_dir / leaf
+
+    def _cache_get(self, name: str) -> bytes | None:
+        path = self._cache_path(name)
+        if path is None:
+            return None
+        data = read_cache_file(path)
+        if data is None:
             return None
         if blake3.blake3(data).hexdigest() != name.rsplit("/", 1)[-1]:
-            path.unlink(missing_ok=True)
+            remove_cache_file(path)
             return None
         return data
 
     def _cache_put(self, name: str, data: bytes) -> None:
-        if self.cache_dir is None:
-            return
-        write_cache_file(self.cache_dir / name, data)
+        path = self._cache_path(name)
+        if path is not None:
+            write_cache_file(path, data)
 
     def _cache_prune(self, folder: str, keep: set[str]) -> None:
         if self.cache_dir is None:
             return
-        d = self.cache_dir / folder
-        if not d.is_dir():
-            return
-        for p in d.iterdir():
-            if f"{folder}/{p.name}" not in keep:
-                p.unlink(missing_ok=True)
+        remove_cache_files(self.cache_dir / folder, lambda leaf: f"{folder}/{leaf}" not in keep)
 
     def _get_immutable(self, name: str) -> bytes:
         """Fetch a content-addressed object (index/, snapshots/) via the local cache."""
@@ -606,8 +628,9 @@ class Repository:
 
     def delete_snapshot(self, sid: str) -> None:
         self.backend.delete(f"snapshots/{sid}")
-        if self.cache_dir is not None:
-            (self.cache_dir / "snapshots" / sid).unlink(missing_ok=True)
+        path = self._cache_path(f"snapshots/{sid}")
+        if path is not None:
+            remove_cache_file(path)
 
     def resolve_snapshot(self, ref: str, *, source_id: str | None = None,
                          kind: str | None = None) -> tuple[str, Snapshot]:
