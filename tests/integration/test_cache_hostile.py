@@ -44,7 +44,8 @@ def _repo_id(cli: Cli) -> str:
 
 
 def _catalog_notes(r: CliResult) -> list[str]:
-    return [p["message"] for p in r.last("summary")["problems"] if p["kind"] == "catalog"]
+    return ([p["message"] for p in r.last("summary")["problems"] if p["kind"] == "catalog"]
+            + [w["message"] for w in r.json if w.get("type") == "warning" and "cache directory" in w["message"]])
 
 
 def _backup(cli: Cli, src: Path, *args: str) -> CliResult:
@@ -424,3 +425,16 @@ def test_a_catalog_file_others_could_write_is_replaced(tmp_path: Path, cli: Cli)
     assert r.last("summary")["change_source"] == "parent-trees"
     assert (_restored(cli, tmp_path, "out") / "a").read_bytes() == b"real"
     assert stat.S_IMODE(_catalog(cli).stat().st_mode) == 0o600
+
+
+def test_every_command_says_when_it_did_not_use_the_cache(tmp_path: Path, cli: Cli) -> None:
+    assert cli("init").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    _backup(cli, src)
+    cli.cache.chmod(0o777)
+    for args in (["snapshots"], ["ls", "latest"], ["restore", "latest", "--target", str(tmp_path / "o")]):
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count("is writable by group or others (mode 0777): not used in this run") == 1, args

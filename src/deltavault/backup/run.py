@@ -137,8 +137,6 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             raise UsageError(f"source {p!r} does not exist")
     catalog = None
     notes: list[Problem] = []  # the catalog is a cache: trouble with it costs speed, not the run
-    if repo.cache_note is not None:  # a cache directory refused: another user could write there
-        notes.append(Problem(repo.cache_note[0], "catalog", repo.cache_note[1], partial=False))
     cat_path = catalog_path or (repo.cache_dir / "catalog.sqlite" if repo.cache_dir is not None else None)
     if req.use_catalog and cat_path is not None:
         catalog, note = open_catalog(cat_path, key=repo.cache_key("catalog"), blob_id=repo.blob_id)

@@ -119,10 +119,13 @@ class Context:
         self.opened.append(repo)
         return repo
 
-    def warn_damaged(self) -> None:
-        """Snapshots a command passed over because they cannot be read: said once, at the
-        end, whatever the command (a damaged old snapshot does not stop the others)."""
+    def warn_repository_notes(self) -> None:
+        """What any command on a repository must say once, at the end: a local cache it did
+        not use (another user could write there) and snapshots it passed over because they
+        cannot be read (a damaged old snapshot does not stop the others)."""
         for repo in self.opened:
+            if repo.cache_note is not None:
+                self.warn(repo.cache_note[1])
             for sid, why in sorted(repo.damaged_snapshots.items()):
                 self.warn(f"snapshot {sid[:8]} cannot be read and was left out ({why}); "
                           "run 'deltavault check' and 'deltavault repair'")

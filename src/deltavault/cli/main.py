@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             rc = int(args.func(ctx))
         finally:
-            ctx.warn_damaged()
+            ctx.warn_repository_notes()
     except DeltavaultError as exc:
         rc = int(exc.exit_code)
         if ctx.json:
