@@ -1,71 +1,44 @@
 """Run the deltavault CLI and SIGKILL it at an exact backend operation.
 
-DV_KILL_AT=N kills the process at its Nth put or delete on the local backend;
-DV_KILL_PHASE says where: ``before`` it, ``mid`` (a put's temp file half written, never
-renamed) or ``after`` it. DV_COUNT_FILE receives the number of operations of a run that
-was not killed. The kill is a real SIGKILL of this process, not a simulated failure.
+The CLI's backend is wrapped in deltavault.testing.faulty.FaultyBackend with one crash
+fault: DV_KILL_AT=N kills the process at its Nth put or delete of repository data (locks
+are not counted); DV_KILL_PHASE says where: ``before`` it, ``mid`` (half of a put's data
+left under a temporary name, never renamed) or ``after`` it. DV_COUNT_FILE receives the
+number of such operations of a run that was not killed. The kill is a real SIGKILL of this
+process, not a simulated failure.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import signal
 import sys
 from pathlib import Path
 
-from deltavault.backends.local import LocalBackend
+import deltavault.cli.common as common
+from deltavault.backends.base import Backend
+from deltavault.testing.faulty import Fault, FaultyBackend
 
 KILL_AT = int(os.environ.get("DV_KILL_AT", "0"))
 PHASE = os.environ.get("DV_KILL_PHASE", "before")
 COUNT_FILE = os.environ.get("DV_COUNT_FILE")
-_ops = 0
+crash = Fault(ops=("put", "delete"), skip="locks/", nth=KILL_AT or -1, action="crash", when=PHASE)
+_open_backend = common.open_backend
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def open_backend(url: str) -> Backend:
+    """The CLI's backend with the crash armed below the retry layer, at the store itself."""
+    b = _open_backend(url)
+    inner = getattr(b, "inner", None)
+    if inner is None:
+        return FaultyBackend(b, [crash])
+    b.inner = FaultyBackend(inner, [crash])  # type: ignore[attr-defined]
+    return b
 
 
-def _tick(kind: str, backend: LocalBackend, name: str, data: bytes | None) -> bool:
-    """True when this operation is the one to die at (after it, for phase 'after')."""
-    global _ops
-    if name.startswith("locks/"):
-        return False  # locks are not repository data
-    _ops += 1
-    if _ops != KILL_AT:
-        return False
-    if PHASE == "before":
-        _die()
-    if PHASE == "mid" and kind == "put" and data is not None:
-        path = backend._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{path.name}-crash"
-        tmp.write_bytes(data[: len(data) // 2])
-        _die()
-    return True
-
-
-_put, _delete = LocalBackend.put, LocalBackend.delete
-
-
-def put(self: LocalBackend, name: str, data: bytes) -> None:
-    last = _tick("put", self, name, data)
-    _put(self, name, data)
-    if last:
-        _die()
-
-
-def delete(self: LocalBackend, name: str) -> None:
-    last = _tick("delete", self, name, None)
-    _delete(self, name)
-    if last:
-        _die()
-
-
-LocalBackend.put = put  # type: ignore[method-assign]
-LocalBackend.delete = delete  # type: ignore[method-assign]
+common.open_backend = open_backend
 if COUNT_FILE:
-    atexit.register(lambda: Path(COUNT_FILE).write_text(str(_ops)))
+    atexit.register(lambda: Path(COUNT_FILE).write_text(str(crash.seen)))
 
 if __name__ == "__main__":
     from deltavault.cli.main import main

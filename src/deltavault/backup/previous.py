@@ -7,6 +7,7 @@ read from the repository.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,17 +90,25 @@ class CatalogPrevious:
 
 
 class TreePrevious:
-    """Reads the parent snapshot's trees from the repository, on demand."""
+    """Reads the parent snapshot's trees from the repository, on demand.
+
+    ``dir`` walks down from the nearest directory it still holds, one level per loop
+    turn (no recursion, so any depth works). It holds the most recently used directories
+    up to ``CACHE_NODES`` entries in all, and always the ancestors of the last one asked
+    for: the walker asks for a directory after its parent, so those are what is reused,
+    and a huge previous tree is not kept in memory whole."""
 
     kind = "parent-trees"
     blobs_trusted = False
+    CACHE_NODES = 200_000
 
     def __init__(self, repo: BlobLoader, root_tree: bytes, snapshot_id: str, run_start_ns: int) -> None:
         self.repo = repo
         self.snapshot_id: str | None = snapshot_id
         self.run_start_ns = run_start_ns
         self._root = root_tree
-        self._cache: dict[bytes, PrevDir | None] = {}
+        self._cache: OrderedDict[bytes, PrevDir | None] = OrderedDict()
+        self._cached_nodes = 0
 
     def _load(self, tree_id: bytes) -> PrevDir | None:
         try:
@@ -107,19 +116,37 @@ class TreePrevious:
         except DeltavaultError:
             return None
 
+    def _remember(self, relpath: bytes, pdir: PrevDir | None) -> None:
+        self._cache[relpath] = pdir
+        self._cached_nodes += len(pdir.nodes) if pdir else 0
+        if self._cached_nodes <= self.CACHE_NODES:
+            return
+        # Drop the least recently used, never an ancestor of ``relpath``: its siblings come next.
+        for path in list(self._cache):
+            if self._cached_nodes <= self.CACHE_NODES:
+                break
+            if path == b"" or path == relpath or relpath.startswith(path + b"/"):
+                continue
+            old = self._cache.pop(path)
+            self._cached_nodes -= len(old.nodes) if old else 0
+
     def dir(self, relpath: bytes) -> PrevDir | None:
-        if relpath in self._cache:
-            return self._cache[relpath]
-        if relpath == b"":
-            result = self._load(self._root)
-        else:
-            parent, _, name = relpath.rpartition(b"/")
-            pdir = self.dir(parent)
-            node = pdir.nodes.get(name) if pdir else None
-            result = (self._load(node.subtree) if node is not None and node.type == NodeType.DIR
-                      and node.subtree else None)
-        self._cache[relpath] = result
-        return result
+        # Up to the nearest directory held (or the root), then down one name at a time.
+        below: list[bytes] = []
+        at = relpath
+        while at not in self._cache and at != b"":
+            below.append(at)
+            at = at.rpartition(b"/")[0]
+        if at not in self._cache:
+            self._remember(b"", self._load(self._root))
+        self._cache.move_to_end(at)
+        pdir = self._cache[at]
+        for path in reversed(below):
+            node = pdir.nodes.get(path.rpartition(b"/")[2]) if pdir is not None else None
+            pdir = (self._load(node.subtree) if node is not None and node.type == NodeType.DIR
+                    and node.subtree else None)
+            self._remember(path, pdir)
+        return pdir
 
     def meta_blob(self, blob_id: bytes) -> bytes | None:
         try:

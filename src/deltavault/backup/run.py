@@ -139,9 +139,10 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
     notes: list[Problem] = []  # the catalog is a cache: trouble with it costs speed, not the run
     cat_path = catalog_path or (repo.cache_dir / "catalog.sqlite" if repo.cache_dir is not None else None)
     if req.use_catalog and cat_path is not None:
-        catalog, note = open_catalog(cat_path)
-        if note:
-            notes.append(Problem(str(cat_path), "catalog", note, partial=False))
+        catalog, note = open_catalog(cat_path, key=repo.cache_key("catalog"), blob_id=repo.blob_id)
+        for text in (note, catalog.note if catalog is not None else ""):
+            if text:
+                notes.append(Problem(str(cat_path), "catalog", text, partial=False))
     try:
         if repo.adopt_orphan_packs():
             pass  # packs of an interrupted run are reused from here on
@@ -174,6 +175,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
                         paths=logical, source_id=source_id, tree=root, parent=previous.snapshot_id,
                         tags=req.tags, summary=summary, program=f"deltavault {__version__}")
         sid = repo.save_snapshot(snap)
+        rejected = catalog.rejection_note() if catalog is not None else ""
         if catalog is not None and catalog.damaged:
             damage, writer = catalog.damaged, None
             try:
@@ -192,6 +194,8 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
                 notes.append(Problem(str(writer.catalog.path), "catalog", "the snapshot is saved, but the "
                                      f"local catalog could not be updated ({exc}); the next run compares "
                                      "with older data and reads more", partial=False))
+        if rejected:
+            notes.append(Problem(str(cat_path), "catalog", rejected, partial=False))
         return BackupResult(sid, snap, st, archiver.problems + notes, previous.kind, previous.snapshot_id,
                             repo.write_stats.bytes_written, repo.traffic.bytes_read,
                             time.monotonic() - t0, snapshots)

@@ -158,7 +158,9 @@ class VolumeBackup:
                                    free_space=self.opts.free_space)
         self.logical = req.logical or os.path.abspath(req.path)
         self.source_id = req.source_id or default_source_id(req.hostname, self.logical)
-        self.state = LocalState.load(repo.cache_dir, self.source_id)
+        self.state = LocalState.load(repo.cache_dir, self.source_id, key=repo.cache_key("volume state"))
+        if self.state.note:  # a state file we did not write: what it names is left alone
+            self.report.warnings.append(self.state.note)
         self.meta = MetaStore(repo, self.state.dir / "meta" if self.state.dir else None)
         self.hasher = PageHasher(repo.master.mac if repo.master else None)
         self.new_id = secrets.token_hex(8)

@@ -8,8 +8,10 @@ blob id) and fetched again.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +20,7 @@ import blake3
 from pyroaring import BitMap
 
 from deltavault.errors import DeltavaultError
-from deltavault.fs.files import write_cache_file
+from deltavault.fs.files import read_cache_file, remove_cache_files, write_cache_file
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.model.volume import BlockMap, VolumeManifest, decode
@@ -48,12 +50,9 @@ class MetaStore:
     def get(self, blob_id: bytes) -> bytes:
         path = self._path(blob_id)
         if path is not None:
-            try:
-                data = path.read_bytes()
-                if self.repo.blob_id(data) == blob_id:
-                    return data
-            except OSError:
-                pass
+            data = read_cache_file(path)
+            if data is not None and self.repo.blob_id(data) == blob_id:
+                return data
         data = self.repo.load_blob(blob_id)
         self.downloaded += len(data)
         self._cache(blob_id, data)
@@ -66,17 +65,15 @@ class MetaStore:
 
     def _cache(self, blob_id: bytes, data: bytes) -> None:
         path = self._path(blob_id)
-        if path is None or path.exists():
+        if path is None or os.path.lexists(path):
             return
         write_cache_file(path, data)
 
     def keep_only(self, ids: set[bytes]) -> None:
-        if self.dir is None or not self.dir.is_dir():
+        if self.dir is None:
             return
         keep = {i.hex() for i in ids}
-        for p in self.dir.iterdir():
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
+        remove_cache_files(self.dir, lambda name: name not in keep)
 
     def block_map(self, blob_id: bytes) -> BlockMap:
         return decode(self.get(blob_id), BlockMap, f"block map {blob_id.hex()[:16]}")
@@ -116,24 +113,78 @@ def find_previous(repo: SnapshotSource, meta: MetaStore, source_id: str,
     return PrevVolume(sid, snap, manifest, pagesets.load(manifest.zero), pagesets.load(manifest.free)), ""
 
 
+# What a pending entry may name: the handles tracking/btrfs.py and tracking/qemu.py make,
+# "dv-" and a checkpoint id (a snapshot path's last component, or a bitmap name).
+_HANDLE_NAME = re.compile(r"dv-[A-Za-z0-9_.-]{1,128}")
+_KINDS = ("btrfs", "qemu-bitmap")
+STATE_VERSION = 2
+
+
+def _valid_pending(p: object) -> bool:
+    if not isinstance(p, dict) or set(p) != {"kind", "handle", "where"}:
+        return False
+    kind, handle, where = p["kind"], p["handle"], p["where"]
+    if not (kind in _KINDS and isinstance(handle, str) and isinstance(where, str) and os.path.isabs(where)):
+        return False
+    if kind == "btrfs":  # a path to a snapshot this client made
+        return (os.path.isabs(handle) and os.path.normpath(handle) == handle
+                and _HANDLE_NAME.fullmatch(os.path.basename(handle)) is not None)
+    return _HANDLE_NAME.fullmatch(handle) is not None
+
+
 @dataclass
 class LocalState:
     """Per-volume state file: handles this client created that a killed run may have left
-    behind (qemu bitmaps, btrfs snapshots), to remove at the next successful run."""
+    behind (qemu bitmaps, btrfs snapshots), to remove at the next successful run.
+
+    What it names gets deleted, so it is not trusted as found. Every entry must have the
+    shape of a handle this client makes (kind, "dv-" name, absolute paths), else it is
+    ignored. With ``key`` (Repository.cache_key("volume state"), an encrypted repository)
+    the file also carries a keyed BLAKE3 tag over the source id and the entries, and a file
+    whose tag does not match is ignored whole: another user cannot name something for us to
+    delete. An unencrypted repository has no key; there the file is protected by the cache
+    being private (fs.files), and by the shape check. A replayed older file names only
+    handles this client made, with random names; deleting one that is gone is a no-op."""
 
     path: Path | None
     pending: list[dict[str, str]] = field(default_factory=list)
+    key: bytes | None = None
+    source_id: str = ""
+    note: str = ""  # why the file found was not used, if it was not
 
     @classmethod
-    def load(cls, cache_dir: Path | None, source_id: str) -> LocalState:
+    def load(cls, cache_dir: Path | None, source_id: str, *, key: bytes | None = None) -> LocalState:
         if cache_dir is None:
-            return cls(None)
+            return cls(None, key=key, source_id=source_id)
         path = cache_dir / "volumes" / blake3.blake3(source_id.encode()).hexdigest()[:32] / "state.json"
+        state = cls(path, key=key, source_id=source_id)
+        raw = read_cache_file(path)
+        if raw is None:
+            return state
         try:
-            data = json.loads(path.read_text())
-            return cls(path, [p for p in data.get("pending", []) if isinstance(p, dict)])
-        except (OSError, ValueError):
-            return cls(path)
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            state.note = f"{path} does not parse; ignored"
+            return state
+        if not isinstance(data, dict):
+            state.note = f"{path} does not parse; ignored"
+            return state
+        pending = data.get("pending", [])
+        if key is not None and not (isinstance(pending, list) and isinstance(data.get("mac"), str)
+                                    and hmac.compare_digest(data["mac"], state._tag(pending))):
+            state.note = (f"{path} fails its authentication (something other than deltavault changed it); "
+                          "ignored: leftovers it may name are not removed")
+            return state
+        if isinstance(pending, list):
+            state.pending = [p for p in pending if _valid_pending(p)]
+            if len(state.pending) != len(pending):
+                state.note = f"{path}: {len(pending) - len(state.pending)} entries are not handles deltavault makes; ignored"
+        return state
+
+    def _tag(self, pending: object) -> str:
+        assert self.key is not None
+        body = json.dumps({"source": self.source_id, "pending": pending}, sort_keys=True).encode()
+        return blake3.blake3(body, key=self.key).hexdigest()
 
     @property
     def dir(self) -> Path | None:
@@ -142,13 +193,10 @@ class LocalState:
     def save(self) -> None:
         if self.path is None:
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pending": self.pending}))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+        data: dict[str, object] = {"v": STATE_VERSION, "pending": self.pending}
+        if self.key is not None:
+            data["mac"] = self._tag(self.pending)
+        write_cache_file(self.path, json.dumps(data).encode())
 
     def add_pending(self, kind: str, handle: str, where: str) -> None:
         self.pending.append({"kind": kind, "handle": handle, "where": where})

@@ -6,7 +6,7 @@ import argparse
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import UsageError
-from deltavault.fs.paths import display
+from deltavault.fs.paths import display, exact
 from deltavault.objects.diff import diff_trees
 
 
@@ -35,7 +35,7 @@ def run(ctx: Context) -> int:
             added += ch.new.size
         if ch.old is not None and ch.kind in "-":
             removed += ch.old.size
-        ctx.emit({"type": "change", "kind": ch.kind, "path": display(ch.path)}, f"{ch.kind}    {display(ch.path)}")
+        ctx.emit({"type": "change", "kind": ch.kind, "path": exact(ch.path)}, f"{ch.kind}    {display(ch.path)}")
     ctx.emit({"type": "diff_summary", "added": counts["+"], "removed": counts["-"], "modified": counts["M"],
               "metadata": counts["m"], "type_changed": counts["T"]},
              f"\n{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "

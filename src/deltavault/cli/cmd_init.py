@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deltavault.backends import open_backend
-from deltavault.cli.common import Context, parse_size, read_password
+from deltavault.cli.common import Context, parse_size, read_password, require_password
 from deltavault.repository.repository import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, Repository
 
 
@@ -30,8 +29,8 @@ def _compression(text: str) -> int | str:
 
 def run(ctx: Context) -> int:
     a = ctx.args
-    backend = open_backend(ctx.repo_location())
-    pw = None if a.insecure_no_encryption else read_password(a, confirm=True)
+    backend = ctx.backend()
+    pw = None if a.insecure_no_encryption else require_password(read_password(a, confirm=True), a, "password")
     repo = Repository.init(backend, pw, pack_size=a.pack_size, compression=a.compression)
     ctx.emit({"type": "init", "repository": backend.location(), "id": repo.config.id,
               "encryption": repo.config.encryption},

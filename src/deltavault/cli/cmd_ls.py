@@ -8,7 +8,7 @@ import time
 
 from deltavault.cli.common import Context
 from deltavault.errors import UsageError
-from deltavault.fs.paths import display
+from deltavault.fs.paths import display, exact
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.walk import find, walk
 
@@ -53,6 +53,7 @@ def run(ctx: Context) -> int:
 
 
 def _print(ctx: Context, path: bytes, n: Node, long: bool) -> None:
-    ctx.emit({"type": "node", "path": display(path), "path_hex": path.hex(), "node_type": n.type.value,
-              "mode": n.mode, "uid": n.uid, "gid": n.gid, "size": n.size, "mtime_ns": n.mtime},
+    ctx.emit({"type": "node", "path": exact(path), "path_hex": path.hex(), "node_type": n.type.value,
+              "mode": n.mode, "uid": n.uid, "gid": n.gid, "size": n.size, "mtime_ns": n.mtime,
+              **({"target": exact(n.target)} if n.type == NodeType.SYMLINK else {})},
              _long(path, n) if long else display(path))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from deltavault.cli.common import Context
 from deltavault.errors import ExitCode
+from deltavault.repository.config_repair import check_or_rebuild_config
 from deltavault.repository.repair import repair
 from deltavault.repository.repository import short_id
 
@@ -21,6 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     a = ctx.args
+    fixed = check_or_rebuild_config(ctx.backend(), ctx.password_source(), dry_run=a.dry_run,
+                                    cache_root=Path(a.cache_dir) if a.cache_dir else None)
+    if fixed.state != "sound":
+        how = "; ".join(f"{k}: {v}" for k, v in sorted(fixed.sources.items()))
+        ctx.warn(f"{fixed.problem}: it {'would be' if a.dry_run else 'was'} rebuilt ({how})")
+        if a.dry_run:
+            ctx.emit({"type": "repair_config", "state": fixed.state, "problem": fixed.problem,
+                      "sources": fixed.sources})
+            return int(ExitCode.CORRUPT)
     repo = ctx.open_repo(use_cache=False, tolerant=True)
     rep = repair(repo, rewrite=a.rewrite_snapshots, dry_run=a.dry_run, lock_wait=a.lock_wait,
                  progress=lambda m: None if ctx.json else ctx.stderr.write(m + "\n"))
@@ -39,7 +50,7 @@ def run(ctx: Context) -> int:
         lines.append(f"snapshot {short_id(sid)} lost data in: {', '.join(paths[:20])}"
                      + (" ..." if len(paths) > 20 else "")
                      + (f" -> rewritten as {short_id(rep.rewritten[sid])}" if sid in rep.rewritten else ""))
-    ctx.emit({"type": "repair_summary", **rep.__dict__}, "\n".join(lines))
+    ctx.emit({"type": "repair_summary", **rep.__dict__, "config": fixed.state}, "\n".join(lines))
     lost = rep.blobs_lost or rep.affected or rep.snapshots_removed
     # 13 whenever data was found lost, even once marked: scripts must notice.
     return int(ExitCode.CORRUPT) if lost else 0

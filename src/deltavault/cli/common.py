@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deltavault.backends import open_backend
+from deltavault.backends.base import Backend
 from deltavault.errors import BackendError, UsageError
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
@@ -46,6 +47,7 @@ class Context:
     quiet: bool
     stdout: Any = field(default_factory=lambda: sys.stdout)
     stderr: Any = field(default_factory=lambda: sys.stderr)
+    opened: list[Repository] = field(default_factory=list)  # repositories this command opened
 
     # ------------------------------------------------------------- output
     def emit(self, obj: dict[str, Any], text: str | None = None) -> None:
@@ -105,14 +107,33 @@ class Context:
     def password_source(self, *, confirm: bool = False) -> Callable[[], bytes]:
         return lambda: read_password(self.args, confirm=confirm)
 
+    def backend(self) -> Backend:
+        """The backend of -r/--repo: the one place a command opens its repository's store."""
+        return open_backend(self.repo_location())
+
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
-        backend = open_backend(self.repo_location())
+        backend = self.backend()
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
-        return Repository.open(backend, self.password_source(), cache_root=cache,
+        repo = Repository.open(backend, self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
+        self.opened.append(repo)
+        return repo
+
+    def warn_repository_notes(self) -> None:
+        """What any command on a repository must say once, at the end: a local cache it did
+        not use (another user could write there) and snapshots it passed over because they
+        cannot be read (a damaged old snapshot does not stop the others)."""
+        for repo in self.opened:
+            if repo.cache_note is not None:
+                self.warn(repo.cache_note[1])
+            for sid, why in sorted(repo.damaged_snapshots.items()):
+                self.warn(f"snapshot {sid[:8]} cannot be read and was left out ({why}); "
+                          "run 'deltavault check' and 'deltavault repair'")
 
 
 def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
+    if getattr(args, "insecure_no_password", False):
+        return b""
     env = os.environ.get("DELTAVAULT_PASSWORD")
     if env is not None:
         return env.encode()
@@ -130,6 +151,15 @@ def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
         return pw.encode()
     raise UsageError("no password: set DELTAVAULT_PASSWORD_FILE (or --password-file, or DELTAVAULT_PASSWORD), "
                      "or run on a terminal to be asked")
+
+
+def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:
+    """A new password must not be empty, unless --insecure-no-password says so: an empty
+    password file (a mistake in a script) would otherwise leave the key open to anyone."""
+    if not pw and not getattr(args, "insecure_no_password", False):
+        raise UsageError(f"the {what} is empty; refusing it (use --insecure-no-password to encrypt with "
+                         "an empty password on purpose)")
+    return pw
 
 
 def _json_default(o: object) -> object:

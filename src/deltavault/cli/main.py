@@ -42,6 +42,8 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--no-cache", action="store_true", help="use no local cache (incrementals read trees)", **d)
     p.add_argument("--no-lock", action="store_true",
                    help="restore and check take no lock (a repository you may only read)", **d)
+    p.add_argument("--insecure-no-password", action="store_true",
+                   help="the repository's password is empty: ask for none (init: create it so)", **d)
     p.add_argument("--lock-wait", type=float, metavar="SECONDS",
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 
@@ -86,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # are cleaned up on the way out.
     old_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        rc = int(args.func(ctx))
+        try:
+            rc = int(args.func(ctx))
+        finally:
+            ctx.warn_repository_notes()
     except DeltavaultError as exc:
         rc = int(exc.exit_code)
         if ctx.json:

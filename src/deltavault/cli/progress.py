@@ -19,6 +19,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from deltavault.progress import NullReporter
+
 
 class RichReporter:
     wants_totals = True
@@ -113,25 +115,11 @@ class JsonReporter:
         pass
 
 
-class QuietReporter:
+class QuietReporter(NullReporter):
     """Not a terminal and not --json: only problems, on stderr."""
-
-    wants_totals = False
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
 
-    def start(self, phase: str, *, total_bytes: int | None = None, total_items: int | None = None) -> None:
-        pass
-
-    def set_totals(self, *, total_bytes: int | None = None, total_items: int | None = None) -> None:
-        pass
-
-    def advance(self, *, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
-        pass
-
     def problem(self, path: str, kind: str, message: str) -> None:
         self.stream.write(f"{kind}: {path}: {message}\n")
-
-    def finish(self) -> None:
-        pass

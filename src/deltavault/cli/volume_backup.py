@@ -19,6 +19,7 @@ from deltavault.backup.volume import run_volume_backup as backup_volume
 from deltavault.backup.volume_state import LocalState
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import UsageError
+from deltavault.fs.files import write_cache_file
 from deltavault.repository.repository import short_id
 
 
@@ -74,16 +75,20 @@ def _write_reports(obj: dict[str, Any], extra: str | None, cache_dir: Path | Non
     targets = [Path(extra)] if extra else []
     if state.dir is not None:
         targets.append(state.dir / "reports" / f"{sid}.json")
+    text = json.dumps(obj, indent=1) + "\n"
     for path in targets:
+        if not (extra and path == Path(extra)):  # the cache's copy: private, best effort
+            if write_cache_file(path, text.encode()):
+                out.append(str(path))
+            continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(obj, indent=1) + "\n")
+            tmp.write_text(text)
             os.replace(tmp, path)
             out.append(str(path))
         except OSError as exc:
-            if extra and path == Path(extra):
-                raise UsageError(f"cannot write the report to {extra}: {exc.strerror}") from exc
+            raise UsageError(f"cannot write the report to {extra}: {exc.strerror}") from exc
     return out
 
 

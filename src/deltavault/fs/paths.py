@@ -14,14 +14,42 @@ def check_name(name: bytes) -> bytes:
     return name
 
 
+_C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def display(name: bytes) -> str:
-    """Printable form of a raw name: undecodable bytes and control characters escaped."""
-    s = name.decode("utf-8", errors="backslashreplace")
-    if s.isprintable():  # fast path; it is false for every character escaped below
+    """A raw name as it may be shown on a terminal, escaped as ``ls -b`` does: a backslash
+    doubled, \\n \\t \\r, other control and format characters (ANSI escapes, C1 controls,
+    bidi overrides such as U+202E, zero-width characters) as \\xHH (ASCII) or \\uXXXX, and bytes
+    that are not UTF-8 as \\xHH. Unambiguous: two names never display alike. ``--json``
+    carries ``exact(name)`` instead."""
+    s = name.decode("utf-8", errors="surrogateescape")
+    if s.isprintable() and "\\" not in s:  # the common case, and fast
         return s
-    if any(ord(c) < 32 or ord(c) == 127 for c in s):
-        s = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in s)
-    return s
+    return "".join(_escape_char(c) for c in s)
+
+
+def _escape_char(c: str) -> str:
+    if c in _C_ESCAPES:
+        return _C_ESCAPES[c]
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+        return f"\\x{o - 0xDC00:02x}"
+    if c.isprintable():
+        return c
+    # \\xHH only below 0x80, where no undecodable byte lies: C1 controls are \\u0085 and so on
+    return f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def exact(name: bytes) -> str:
+    """A raw name as a str that gives back the same bytes (os.fsencode), for --json: JSON
+    escapes what it must (controls as \\u001b, undecodable bytes as \\udcXX)."""
+    return name.decode("utf-8", errors="surrogateescape")
+
+
+def shown(text: str) -> str:
+    """``display`` of a name already held as an ``exact`` str."""
+    return display(text.encode("utf-8", errors="surrogateescape"))
 
 
 def proc_path(dir_fd: int, name: bytes) -> bytes:

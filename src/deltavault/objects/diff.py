@@ -26,13 +26,18 @@ def _meta_equal(a: Node, b: Node) -> bool:
 
 
 def diff_trees(repo: TreeLoader, a: bytes | None, b: bytes | None, prefix: bytes = b"") -> Iterator[Change]:
-    if a == b:
-        return
-    old = {n.name: n for n in load_nodes(repo, a)} if a else {}
-    new = {n.name: n for n in load_nodes(repo, b)} if b else {}
-    for name in sorted(old.keys() | new.keys()):
-        path = prefix + b"/" + name if prefix else name
-        o, n = old.get(name), new.get(name)
+    """Changes from tree ``a`` to tree ``b`` in path order. Iterative (a stack of open
+    directory pairs), so trees of any depth are compared."""
+    stack = [_Pair(repo, a, b, prefix)] if a != b else []
+    while stack:
+        top = stack[-1]
+        if top.i == len(top.names):
+            stack.pop()
+            continue
+        name = top.names[top.i]
+        top.i += 1
+        path = top.prefix + b"/" + name if top.prefix else name
+        o, n = top.old.get(name), top.new.get(name)
         if o is None and n is not None:
             yield Change("+", path, None, n)
             if n.type == NodeType.DIR and n.subtree:
@@ -50,8 +55,22 @@ def diff_trees(repo: TreeLoader, a: bytes | None, b: bytes | None, prefix: bytes
             if o.type == NodeType.DIR:
                 if not _meta_equal(o, n):
                     yield Change("m", path, o, n)
-                yield from diff_trees(repo, o.subtree, n.subtree, path)
+                if o.subtree != n.subtree:
+                    stack.append(_Pair(repo, o.subtree, n.subtree, path))
             elif o.content != n.content or o.target != n.target or o.size != n.size:
                 yield Change("M", path, o, n)
             elif not _meta_equal(o, n):
                 yield Change("m", path, o, n)
+
+
+class _Pair:
+    """Two versions of one directory being compared, and the next name to compare."""
+
+    __slots__ = ("i", "names", "new", "old", "prefix")
+
+    def __init__(self, repo: TreeLoader, a: bytes | None, b: bytes | None, prefix: bytes) -> None:
+        self.old = {n.name: n for n in load_nodes(repo, a)} if a else {}
+        self.new = {n.name: n for n in load_nodes(repo, b)} if b else {}
+        self.names = sorted(self.old.keys() | self.new.keys())
+        self.prefix = prefix
+        self.i = 0

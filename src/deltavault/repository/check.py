@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from deltavault.errors import DeltavaultError
-from deltavault.fs.paths import display
-from deltavault.model.content import ref_blob_ids
-from deltavault.model.nodes import NodeType
+from deltavault.errors import CorruptionError, DeltavaultError
+from deltavault.fs.paths import check_name, display
+from deltavault.model.content import content_size, ref_blob_ids
+from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.walk import load_nodes
 from deltavault.repository.pack import pack_name, read_pack_entries
 from deltavault.repository.repository import Repository, short_id
@@ -142,6 +142,9 @@ def _note(rep: CheckReport, sid: str, path: bytes, kind: str, msg: str) -> None:
 
 def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, prefix: bytes,
                 bad: set[bytes], seen: dict[bytes, bool], *, is_volume: bool = False) -> bool:
+    """Whether everything below ``tree_id`` is present and sound. ``seen`` remembers
+    subtrees found fully good, so a subtree shared by many snapshots is read once.
+    Iterative (an explicit stack of open directories): a tree of any depth is checked."""
     if seen.get(tree_id) is True:
         return True
     if is_volume:
@@ -155,26 +158,74 @@ def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, pr
             ok = check_volume_manifest(repo, rep, sid, tree_id, bad)
         seen[tree_id] = ok
         return ok
+    root = _Open(tree_id, prefix, _load_checked(repo, rep, sid, tree_id, prefix, bad))
+    stack = [root]
+    while stack:
+        top = stack[-1]
+        if top.i == len(top.nodes):  # every entry done: the directory's verdict goes up
+            stack.pop()
+            seen[top.tree_id] = top.ok
+            if stack:
+                stack[-1].ok &= top.ok
+            continue
+        n = top.nodes[top.i]
+        top.i += 1
+        path = top.path + b"/" + n.name if top.path else n.name
+        if n.type == NodeType.DIR and n.subtree:
+            if seen.get(n.subtree) is True:
+                continue
+            stack.append(_Open(n.subtree, path, _load_checked(repo, rep, sid, n.subtree, path, bad)))
+            continue
+        top.ok &= _check_node(repo, rep, sid, path, n, bad)
+    return root.ok
+
+
+class _Open:
+    """A directory being checked: its entries, the next one, and whether all so far are good."""
+
+    __slots__ = ("i", "nodes", "ok", "path", "tree_id")
+
+    def __init__(self, tree_id: bytes, path: bytes, nodes: list[Node] | None) -> None:
+        self.tree_id, self.path = tree_id, path
+        self.nodes = nodes or []
+        self.ok = nodes is not None
+        self.i = 0
+
+
+def _load_checked(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, path: bytes,
+                  bad: set[bytes]) -> list[Node] | None:
+    """A directory's entries, or None (noted) when its listing is lost or unsafe to restore."""
     if tree_id not in repo.index or tree_id in bad:
-        _note(rep, sid, prefix, "tree", "directory listing is missing or damaged; everything below is lost")
-        seen[tree_id] = False
-        return False
+        _note(rep, sid, path, "tree", "directory listing is missing or damaged; everything below is lost")
+        return None
     try:
         nodes = load_nodes(repo, tree_id)
     except DeltavaultError as exc:
-        _note(rep, sid, prefix, "tree", f"directory listing unreadable: {exc}")
-        seen[tree_id] = False
-        return False
-    ok = True
+        _note(rep, sid, path, "tree", f"directory listing unreadable: {exc}")
+        return None
+    names: set[bytes] = set()
     for n in nodes:
-        path = prefix + b"/" + n.name if prefix else n.name
-        if n.type == NodeType.DIR and n.subtree:
-            ok &= _check_tree(repo, rep, sid, n.subtree, path, bad, seen)
-            continue
-        blob_ids = [b for r in n.content for b in ref_blob_ids(r)] + list(n.pages or [])
-        lost = [b for b in blob_ids if b not in repo.index or b in bad]
-        if lost:
-            ok = False
-            _note(rep, sid, path, "missing", f"{len(lost)} of its blobs are missing or damaged")
-    seen[tree_id] = ok
+        try:
+            check_name(n.name)
+        except CorruptionError as exc:
+            _note(rep, sid, path, "tree", f"directory listing holds an unsafe name: {exc}")
+            return None
+        if n.name in names:
+            _note(rep, sid, path, "tree", f"directory listing holds {display(n.name)} twice")
+            return None
+        names.add(n.name)
+    return nodes
+
+
+def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: Node, bad: set[bytes]) -> bool:
+    ok = True
+    if n.type == NodeType.FILE and content_size(n.content) != n.size:
+        ok = False
+        _note(rep, sid, path, "tree", f"records {n.size} bytes but its content holds "
+              f"{content_size(n.content)}; restore refuses the file")
+    blob_ids = [b for r in n.content for b in ref_blob_ids(r)] + list(n.pages or [])
+    lost = [b for b in blob_ids if b not in repo.index or b in bad]
+    if lost:
+        ok = False
+        _note(rep, sid, path, "missing", f"{len(lost)} of its blobs are missing or damaged")
     return ok

@@ -6,15 +6,16 @@ already marked is not walked again, so shared subtrees are read once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from deltavault.errors import CorruptionError, DeltavaultError, UsageError
+from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.model.content import ref_blob_ids
 from deltavault.model.nodes import NodeType
 from deltavault.model.snapshot import Snapshot
 from deltavault.objects.walk import load_nodes
 from deltavault.repository.index import Index
 from deltavault.repository.repository import Repository, short_id
+from deltavault.repository.volume_check import volume_blob_ids
 
 
 class Bitmap:
@@ -33,21 +34,6 @@ class Bitmap:
 
     def count(self) -> int:
         return sum(bin(b).count("1") for b in self.bits)
-
-
-def volume_blob_ids(repo: Repository, manifest_id: bytes) -> Iterable[bytes]:
-    """Blobs a volume manifest references. The volume engine owns that format; until it
-    provides ``deltavault.repository.volume_check.volume_blob_ids`` nothing can be traced,
-    and callers that would delete data must refuse."""
-    try:
-        from deltavault.repository import volume_check
-    except ImportError:  # pragma: no cover - the module is part of the package
-        volume_check = None  # type: ignore[assignment]
-    fn: Callable[[Repository, bytes], Iterable[bytes]] | None = getattr(volume_check, "volume_blob_ids", None)
-    if fn is None:
-        raise UsageError("this repository holds volume snapshots, whose blob references this build "
-                         "cannot trace yet; nothing was deleted")
-    return fn(repo, manifest_id)
 
 
 class Marker:

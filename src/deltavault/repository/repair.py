@@ -206,36 +206,58 @@ def _fix_refs(repo: Repository, refs: list[ContentRef]) -> tuple[list[ContentRef
     return out, lost
 
 
-def _rewrite_tree(repo: Repository, tid: bytes, memo: dict[bytes, bytes]) -> bytes:
-    if tid in memo:
-        return memo[tid]
-    try:
-        nodes = load_nodes(repo, tid) if _ok(repo, tid) else None
-    except DeltavaultError:
-        nodes = None
-    if nodes is None:
-        new_nodes: list[Node] = []  # the listing is lost: an empty directory stands in
-    else:
-        new_nodes = []
-        for n in nodes:
-            if n.type == NodeType.DIR and n.subtree is not None:
-                n = msgspec.structs.replace(n, subtree=_rewrite_tree(repo, n.subtree, memo))
-            elif n.content or n.pages:
-                refs, lost = _fix_refs(repo, n.content)
-                pages = n.pages if n.pages is None or all(_ok(repo, b) for b in n.pages) else None
-                if lost:
-                    marks = [x for x in n.xattrs if x[0] != DAMAGED_XATTR]
-                    marks.append((DAMAGED_XATTR, b"lost ranges were replaced by zeros by deltavault repair"))
-                    n = msgspec.structs.replace(n, content=refs, pages=pages, xattrs=sorted(marks))
-                elif pages is not n.pages:
-                    n = msgspec.structs.replace(n, pages=pages)
-            new_nodes.append(n)
-    if nodes is not None and new_nodes == nodes:
-        memo[tid] = tid
-        return tid
-    new_id, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(new_nodes)))
-    memo[tid] = new_id
-    return new_id
+def _rewrite_tree(repo: Repository, root: bytes, memo: dict[bytes, bytes]) -> bytes:
+    """The id of a copy of tree ``root`` without lost references (``memo``: old id -> new
+    id of trees already rewritten). Iterative post-order: a directory is saved once every
+    subdirectory below it has its new id, at any depth."""
+    stack = [_Rewrite(repo, root)]
+    while stack:
+        top = stack[-1]
+        if top.nodes is not None and top.i < len(top.nodes):
+            n = top.nodes[top.i]
+            if n.type == NodeType.DIR and n.subtree is not None and n.subtree not in memo:
+                stack.append(_Rewrite(repo, n.subtree))
+                continue
+            top.out.append(_rewrite_node(repo, n, memo))
+            top.i += 1
+            continue
+        stack.pop()
+        if top.nodes is not None and top.out == top.nodes:
+            memo[top.tid] = top.tid
+        else:  # changed, or the listing is lost: an empty directory stands in
+            memo[top.tid], _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(top.out)))
+    return memo[root]
+
+
+class _Rewrite:
+    """A directory being rewritten: its entries, the next one, and the entries rewritten so far."""
+
+    __slots__ = ("i", "nodes", "out", "tid")
+
+    def __init__(self, repo: Repository, tid: bytes) -> None:
+        self.tid = tid
+        try:
+            self.nodes: list[Node] | None = load_nodes(repo, tid) if _ok(repo, tid) else None
+        except DeltavaultError:
+            self.nodes = None
+        self.out: list[Node] = []
+        self.i = 0
+
+
+def _rewrite_node(repo: Repository, n: Node, memo: dict[bytes, bytes]) -> Node:
+    if n.type == NodeType.DIR and n.subtree is not None:
+        return msgspec.structs.replace(n, subtree=memo[n.subtree])
+    if not (n.content or n.pages):
+        return n
+    refs, lost = _fix_refs(repo, n.content)
+    pages = n.pages if n.pages is None or all(_ok(repo, b) for b in n.pages) else None
+    if lost:
+        marks = [x for x in n.xattrs if x[0] != DAMAGED_XATTR]
+        marks.append((DAMAGED_XATTR, b"lost ranges were replaced by zeros by deltavault repair"))
+        return msgspec.structs.replace(n, content=refs, pages=pages, xattrs=sorted(marks))
+    if pages is not n.pages:
+        return msgspec.structs.replace(n, pages=pages)
+    return n
 
 
 __all__ = ["RepairReport", "repair", "short_id"]

@@ -31,7 +31,13 @@ from deltavault.errors import (
     UnsupportedVersion,
     UsageError,
 )
-from deltavault.fs.files import write_cache_file
+from deltavault.fs.files import (
+    open_cache,
+    read_cache_file,
+    remove_cache_file,
+    remove_cache_files,
+    write_cache_file,
+)
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import ID_LEN, BlobType, match_prefix
 from deltavault.repository import keys as keymod
@@ -85,8 +91,9 @@ class RepoConfig(msgspec.Struct, kw_only=True):
     mac: str = ""
 
 
-def _config_body(cfg: RepoConfig) -> bytes:
-    return msgspec.json.encode(msgspec.structs.replace(cfg, mac=""))
+def config_mac(cfg: RepoConfig, master: keymod.MasterKey) -> str:
+    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half."""
+    return blake3.blake3(msgspec.json.encode(msgspec.structs.replace(cfg, mac="")), key=master.mac).hexdigest()
 
 
 def default_cache_root() -> Path:
@@ -131,7 +138,12 @@ class Repository:
         self.master = master
         self.env = Envelope(master, level=config.compression if isinstance(config.compression, int) else None)
         self.index = Index()
-        self.cache_dir: Path | None = (cache_root or default_cache_root()) / config.id if use_cache else None
+        # The per-repository cache directory, checked to be this user's alone; None when not
+        # used, with (the directory, why) in cache_note when it was refused or unusable.
+        self.cache_dir: Path | None = None
+        self.cache_note: tuple[str, str] | None = None
+        if use_cache:
+            self.cache_dir, self.cache_note = open_cache(cache_root or default_cache_root(), config.id)
         self.write_stats = WriteStats()
         self._lock = threading.Lock()
         self._pack_lock = threading.Lock()
@@ -146,6 +158,7 @@ class Repository:
         self._upload_error: BaseException | None = None
         self.locks = LockManager(self.backend, self.env)
         self.key_name: str | None = None  # the key file that opened it (keys/...), if encrypted
+        self.damaged_snapshots: dict[str, str] = {}  # snapshot id -> why list_snapshots left it out
 
     # ----------------------------------------------------------------- creation / opening
     @classmethod
@@ -166,7 +179,7 @@ class Repository:
                          encryption="aes-256-gcm+scrypt" if master else "none",
                          chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression)
         if master:
-            cfg.mac = blake3.blake3(_config_body(cfg), key=master.mac).hexdigest()
+            cfg.mac = config_mac(cfg, master)
             kf = keymod.make_key_file(master, password or b"", scrypt)
             key_name = keymod.key_file_name(kf)
             backend.put(key_name, kf)
@@ -185,11 +198,14 @@ class Repository:
         try:
             raw = counting.get("config")
         except ObjectNotFound:
+            if any(True for _ in counting.list("keys/")) or any(True for _ in counting.list("index/")):
+                raise CorruptionError(f"the repository at {backend.location()} has lost its config; "
+                                      "'deltavault repair' rebuilds it") from None
             raise RepositoryNotFound(f"no repository at {backend.location()} (run 'deltavault init')") from None
         try:
             cfg = msgspec.json.decode(raw, type=RepoConfig)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            raise FormatError(f"repository config is damaged: {exc}") from exc
+            raise FormatError(f"repository config is damaged: {exc}; 'deltavault repair' rebuilds it") from exc
         if cfg.format != "deltavault":
             raise FormatError("not a deltavault repository")
         if cfg.compression != "auto" and not isinstance(cfg.compression, int):
@@ -202,17 +218,17 @@ class Repository:
         if key_names or cfg.encryption != "none":
             if not key_names:
                 raise CorruptionError("repository is encrypted but has no key files")
-            master, key_name = cls._unlock(counting, key_names, password())
-            want = blake3.blake3(_config_body(cfg), key=master.mac).hexdigest()
-            if cfg.mac != want:
-                raise CorruptionError("repository config fails its authentication: it was edited or damaged")
+            master, key_name = cls.unlock(counting, key_names, password())
+            if cfg.mac != config_mac(cfg, master):
+                raise CorruptionError("repository config fails its authentication: it was edited or damaged; "
+                                      "'deltavault repair' rebuilds it")
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
         repo.load_index(tolerant=tolerant)
         return repo
 
     @staticmethod
-    def _unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
+    def unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
         from deltavault.errors import KeyFileDamaged, WrongPassword
 
         damaged: KeyFileDamaged | None = None
@@ -233,33 +249,44 @@ class Repository:
         return self.counter.traffic
 
     # ----------------------------------------------------------------- cache
-    def _cache_get(self, name: str) -> bytes | None:
-        if self.cache_dir is None:
+    # Cached objects are content-addressed (checked against their name on every read), the
+    # directories private (fs.files): another user can neither plant nor read them.
+    def cache_key(self, purpose: str) -> bytes | None:
+        """A key for authenticating one kind of local cache data (``purpose``: "catalog",
+        "volume state"), derived from the master key; None for an unencrypted repository,
+        which has no secret to authenticate with: its cache is protected only by being
+        private to the user (fs.files)."""
+        if self.master is None:
             return None
-        path = self.cache_dir / name
-        try:
-            data = path.read_bytes()
-        except OSError:
+        return blake3.blake3(self.master.mac, derive_key_context=f"deltavault local cache {purpose} v1").digest()
+
+    def _cache_path(self, name: str) -> Path | None:
+        folder, _, leaf = name.rpartition("/")
+        if self.cache_dir is None or not leaf or leaf in (".", "..") or "\0" in leaf:
+            return None  # names come from the repository's listing: never a path of their own
+        return self.cache_dir / folder / leaf if folder else self.cache_dir / leaf
+
+    def _cache_get(self, name: str) -> bytes | None:
+        path = self._cache_path(name)
+        if path is None:
+            return None
+        data = read_cache_file(path)
+        if data is None:
             return None
         if blake3.blake3(data).hexdigest() != name.rsplit("/", 1)[-1]:
-            path.unlink(missing_ok=True)
+            remove_cache_file(path)
             return None
         return data
 
     def _cache_put(self, name: str, data: bytes) -> None:
-        if self.cache_dir is None:
-            return
-        write_cache_file(self.cache_dir / name, data)
+        path = self._cache_path(name)
+        if path is not None:
+            write_cache_file(path, data)
 
     def _cache_prune(self, folder: str, keep: set[str]) -> None:
         if self.cache_dir is None:
             return
-        d = self.cache_dir / folder
-        if not d.is_dir():
-            return
-        for p in d.iterdir():
-            if f"{folder}/{p.name}" not in keep:
-                p.unlink(missing_ok=True)
+        remove_cache_files(self.cache_dir / folder, lambda leaf: f"{folder}/{leaf}" not in keep)
 
     def _get_immutable(self, name: str) -> bytes:
         """Fetch a content-addressed object (index/, snapshots/) via the local cache."""
@@ -582,16 +609,28 @@ class Repository:
         return snap
 
     def list_snapshots(self) -> list[tuple[str, Snapshot]]:
+        """Every readable snapshot, oldest first. One that cannot be read (damaged, tampered
+        with) is left out and named in ``damaged_snapshots``: it must not stop a backup or a
+        restore of another snapshot. Commands that delete data (prune) load each snapshot
+        themselves and refuse instead."""
         ids = self.snapshot_ids()
-        out = [(sid, self.load_snapshot(sid)) for sid in ids]
+        out = []
+        for sid in ids:
+            try:
+                out.append((sid, self.load_snapshot(sid)))
+            except ObjectNotFound:
+                continue  # forgotten by another process since it was listed
+            except CorruptionError as exc:
+                self.damaged_snapshots[sid] = exc.message
         self._cache_prune("snapshots", {f"snapshots/{s}" for s in ids})
         out.sort(key=lambda x: (x[1].time_ns, x[0]))
         return out
 
     def delete_snapshot(self, sid: str) -> None:
         self.backend.delete(f"snapshots/{sid}")
-        if self.cache_dir is not None:
-            (self.cache_dir / "snapshots" / sid).unlink(missing_ok=True)
+        path = self._cache_path(f"snapshots/{sid}")
+        if path is not None:
+            remove_cache_file(path)
 
     def resolve_snapshot(self, ref: str, *, source_id: str | None = None,
                          kind: str | None = None) -> tuple[str, Snapshot]:

@@ -86,7 +86,8 @@ class BtrfsAccess:
             raise UsageError(f"--cbt btrfs: {path} is not on a btrfs file system")
         self.root = Path(subvolume_root(str(self.path)))
         self.rel = self.path.relative_to(self.root)
-        self.snap_dir = Path(snapshot_dir) if snapshot_dir else self.root / SNAPSHOT_DIR
+        # absolute: the handle is recorded as pending and removed by a later run, from any cwd
+        self.snap_dir = Path(os.path.abspath(snapshot_dir)) if snapshot_dir else self.root / SNAPSHOT_DIR
         self.pending = pending
         self.prev: Checkpoint | None = None
         self.new: Path | None = None

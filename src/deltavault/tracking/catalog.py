@@ -6,29 +6,88 @@ blob's plaintext, which carries size, mtime, ctime and inode of every entry plus
 content references: an incremental run compares against it and downloads nothing.
 
 The catalog is a cache. Losing it costs speed (the previous snapshot's trees are read
-instead), never correctness: every reused reference is checked against the index.
+instead), never correctness.
+
+It is also input that decides what a backup records, so every row that carries trust is
+checked before use, and one that fails is removed and counted (``rejected``; the run
+reports them in one warning) and its files are compared with the previous snapshot or
+read again:
+
+- ``dirs`` and ``sources`` rows carry a keyed BLAKE3 tag (``RowAuth``) under a key derived
+  from the repository's master key (``Repository.cache_key("catalog")``), binding every
+  field: source id, path, tree id and tree bytes; snapshot id, run start (it sets the racy
+  window) and the index files (they decide whether reused references skip index lookups).
+- ``blobs`` rows (page digests) are content-addressed: their data must have the blob id,
+  which is keyed for an encrypted repository.
+
+An unencrypted repository has no secret, so its rows are not authenticated (a tag anyone
+can compute would prove nothing): there the catalog is protected only by being private to
+the user, a 0600 file in a 0700 directory that must be ours (fs.files). Blob rows are still
+checked against their (then unkeyed) id, which catches damage.
+
+Replay, an older but genuine catalog copied back, cannot make a backup record content a
+file does not have: a reused entry must match the file's current size, mtime, ctime and
+inode, and ctime cannot be set back by a user, so a match means the file has not changed
+since that older run read it; the snapshot named must still exist; and the index files
+named are compared with the live index, so reused references skip index lookups only if no
+blob can have been removed since. Rows from different versions of one catalog can be mixed
+the same way; the worst outcome is the racy-window check judged against a later run start,
+which needs write access to the user's own private cache (the user could change the files
+themselves).
+
+The tree id of a ``dirs`` row is not required to be the blob id of its tree bytes: a clean
+directory keeps its stored tree id while the row holds the entries as seen in this run
+(atime of subdirectories and symlinks included), so the two legitimately differ. The tag
+binds them instead.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import sqlite3
+import stat
 import threading
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = 4
+import blake3
+import msgspec
+
+from deltavault.fs.dirfd import identity
+from deltavault.fs.files import FILE_MODE, UnsafeCacheDir, private_dir
+
+SCHEMA = 5  # 5: authenticated rows (older catalogs are rebuilt)
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sources(
-  source_id TEXT PRIMARY KEY, snapshot TEXT, run_start_ns INTEGER, updated REAL, index_files TEXT);
+  source_id TEXT PRIMARY KEY, snapshot TEXT, run_start_ns INTEGER, updated REAL, index_files TEXT, mac BLOB);
 CREATE TABLE IF NOT EXISTS dirs(
-  source_id TEXT, path BLOB, tree_id BLOB, tree BLOB,
+  source_id TEXT, path BLOB, tree_id BLOB, tree BLOB, mac BLOB,
   PRIMARY KEY(source_id, path)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blobs(
   source_id TEXT, id BLOB, data BLOB, PRIMARY KEY(source_id, id)) WITHOUT ROWID;
 """
+# A run's directory rows wait here until commit: on disk (SQLite's temporary file), not in
+# memory, whatever the size of the tree.
+_RUN_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS run_dirs(path BLOB PRIMARY KEY, tree_id BLOB, tree BLOB, mac BLOB);
+CREATE TEMP TABLE IF NOT EXISTS run_seen(path BLOB PRIMARY KEY);
+DELETE FROM temp.run_dirs;
+DELETE FROM temp.run_seen;
+"""
+_SUFFIXES = ("", "-wal", "-shm")
+# Rows buffered before they are written to the temporary tables.
+_FLUSH_ROWS = 1000
+_FLUSH_BYTES = 8 << 20
+
+_WHAT = {"sources": ("source record", "source records",
+                     "this run compared with the previous snapshot's trees instead"),
+         "dirs": ("directory", "directories", "the files in those directories were read again"),
+         "blobs": ("page-digest block", "page-digest blocks", "the files they belong to were read in full")}
 
 
 @dataclass(frozen=True)
@@ -38,20 +97,107 @@ class SourceState:
     index_files: frozenset[str]  # index files in force when the catalog was written
 
 
-def _remove_files(path: Path) -> None:
-    """Delete a catalog with its WAL and shared-memory files."""
-    for suffix in ("", "-wal", "-shm"):
+class RowAuth:
+    """Keyed BLAKE3 tags over a row's fields (msgpack, so field boundaries are unambiguous;
+    a large last field is hashed after its length, without a copy). ``key`` None: the
+    repository is unencrypted and rows carry no tag (see the module doc)."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self.key = key
+
+    def tag(self, table: str, fields: tuple[str | bytes | int, ...], tail: bytes = b"") -> bytes:
+        if self.key is None:
+            return b""
+        h = blake3.blake3(msgspec.msgpack.encode([table, *fields, len(tail)]), key=self.key)
+        h.update(tail)
+        return h.digest()
+
+    def ok(self, mac: object, table: str, fields: tuple[str | bytes | int, ...], tail: bytes = b"") -> bool:
+        if self.key is None:
+            return True
+        return isinstance(mac, bytes) and hmac.compare_digest(mac, self.tag(table, fields, tail))
+
+
+def _unlink_all(dir_fd: int, name: str) -> None:
+    for suffix in _SUFFIXES:
         try:
-            os.unlink(f"{path}{suffix}")
+            os.unlink(name + suffix, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
 
 
-def open_catalog(path: Path) -> tuple[Catalog | None, str]:
-    """(the catalog or None, a note when something was wrong). A damaged catalog file is
-    removed and started afresh; one that cannot be written (a full disk) is not used."""
+def _remove_files(path: Path) -> None:
+    """Delete a catalog with its WAL and shared-memory files."""
     try:
-        return Catalog(path), ""
+        dfd = private_dir(path.parent, create=False)
+    except FileNotFoundError:
+        return
+    except UnsafeCacheDir as exc:
+        raise OSError(str(exc)) from None
+    try:
+        _unlink_all(dfd, path.name)
+    finally:
+        os.close(dfd)
+
+
+def _prepare(path: Path) -> tuple[tuple[int, int], tuple[int, int], str]:
+    """Make sure the catalog's files are ours alone before SQLite opens them: its directory
+    private, each of the main, WAL and shared-memory files a regular file of ours with one
+    link and writable by nobody else, else all three are removed (a new catalog starts);
+    a main file made 0600, so that SQLite gives the WAL and shared-memory files it creates
+    the same mode. Returns the identities of the directory and of the main file, and a
+    note when files were replaced."""
+    dfd = private_dir(path.parent)
+    try:
+        note = ""
+        name = path.name
+        sts = {}
+        for suffix in _SUFFIXES:
+            try:
+                sts[suffix] = os.stat(name + suffix, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+        bad = [f"{name}{s}" for s, st in sts.items()
+               if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1
+               or stat.S_IMODE(st.st_mode) & 0o022]
+        if bad:
+            note = (f"the local catalog file {bad[0]} was not this user's alone (another user may have "
+                    "changed it); deltavault removed it and started a new catalog")
+        if bad or "" not in sts:
+            _unlink_all(dfd, name)  # no WAL may outlive its main file: it would be replayed into a new one
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE,
+                         dir_fd=dfd)
+            sts = {}
+        else:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)
+            for suffix, sst in sts.items():
+                if suffix and stat.S_IMODE(sst.st_mode) != FILE_MODE:
+                    sfd = os.open(name + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                  dir_fd=dfd)
+                    try:
+                        os.fchmod(sfd, FILE_MODE)
+                    finally:
+                        os.close(sfd)
+            return identity(os.fstat(dfd)), identity(st), note
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+
+
+def open_catalog(path: Path, *, key: bytes | None,
+                 blob_id: Callable[[bytes], bytes]) -> tuple[Catalog | None, str]:
+    """(the catalog or None, a note when something was wrong). A damaged catalog file is
+    removed and started afresh; one that cannot be written (a full disk) is not used.
+    ``key``: Repository.cache_key("catalog"); ``blob_id``: the repository's blob ids."""
+    try:
+        return Catalog(path, key=key, blob_id=blob_id), ""
+    except UnsafeCacheDir as exc:
+        return None, f"the local catalog is not used: its directory {exc.path} {exc.why}"
     except (sqlite3.OperationalError, OSError) as exc:  # full disk, I/O error, locked: the file may be fine
         return None, f"the local catalog is unusable ({exc}); compared with the previous snapshot's trees instead"
     except sqlite3.DatabaseError as exc:  # not a database, malformed
@@ -61,47 +207,57 @@ def open_catalog(path: Path) -> tuple[Catalog | None, str]:
     except OSError as exc:
         return None, f"the local catalog is damaged ({damage}) and cannot be removed ({exc})"
     try:
-        return Catalog(path), (f"the local catalog was damaged ({damage}); started a new one, and "
-                               "compared with the previous snapshot's trees this time")
-    except (sqlite3.Error, OSError) as exc:
+        return Catalog(path, key=key, blob_id=blob_id), (
+            f"the local catalog was damaged ({damage}); started a new one, and "
+            "compared with the previous snapshot's trees this time")
+    except (sqlite3.Error, OSError, UnsafeCacheDir) as exc:
         return None, f"the local catalog was damaged ({damage}) and a new one cannot be made ({exc})"
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, key: bytes | None, blob_id: Callable[[bytes], bytes]) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = self._connect()
+        self.auth = RowAuth(key)
+        self._blob_id = blob_id
         self._lock = threading.Lock()
         self.damaged = ""  # why a query failed on damaged data, if one did
+        self.rejected: Counter[str] = Counter()  # rows that failed their check, by table
+        dir_id, file_id, self.note = _prepare(path)
+        self._db = self._connect()
+        try:
+            # Only we can write the directory, so this holds by construction; it would catch
+            # an ancestor of the cache root swapped between _prepare and the connect.
+            if (identity(os.stat(path.parent)) != dir_id
+                    or identity(os.stat(path, follow_symlinks=False)) != file_id):
+                raise OSError(f"the catalog file {path} was replaced while it was opened")
+        except BaseException:
+            self._db.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_DDL)
-        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
-        elif row[0] != str(SCHEMA):
-            # A cache from another version: start over rather than misread it.
-            db.executescript("DROP TABLE dirs; DROP TABLE sources; DROP TABLE blobs;")
+        try:
+            db.execute("PRAGMA trusted_schema=OFF")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_DDL)
-            db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA),))
+            elif row[0] != str(SCHEMA):
+                # A cache from another version: start over rather than misread it.
+                db.executescript("DROP TABLE dirs; DROP TABLE sources; DROP TABLE blobs;")
+                db.executescript(_DDL)
+                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA),))
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def close(self) -> None:
         self._db.close()
 
-    def source_state(self, source_id: str) -> SourceState | None:
-        with self._lock:
-            row = self._db.execute("SELECT snapshot, run_start_ns, index_files FROM sources WHERE source_id=?",
-                                   (source_id,)).fetchone()
-        if not row:
-            return None
-        return SourceState(row[0], row[1], frozenset((row[2] or "").split()))
-
-    def _row(self, sql: str, args: tuple[object, ...]) -> tuple[bytes, ...] | None:
+    def _fetch(self, sql: str, args: tuple[object, ...]) -> tuple[object, ...] | None:
         # A damaged page shows up only when a query reaches it: the entry is then unknown
         # (its file is read again) and the damage is remembered for the end of the run.
         try:
@@ -112,15 +268,62 @@ class Catalog:
                 raise
             self.damaged = self.damaged or str(exc)
             return None
-        return tuple(bytes(v) for v in row) if row else None
+        return tuple(row) if row else None
+
+    def _reject(self, table: str, sql: str, args: tuple[object, ...]) -> None:
+        """Count a row that failed its check and remove it, so this run's commit replaces it
+        and nothing reads it again."""
+        self.rejected[table] += 1
+        try:
+            with self._lock:
+                self._db.execute(sql, args)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                return  # a full disk: the row stays, and is refused again next time
+            self.damaged = self.damaged or str(exc)
+
+    def source_state(self, source_id: str) -> SourceState | None:
+        row = self._fetch("SELECT snapshot, run_start_ns, index_files, mac FROM sources WHERE source_id=?",
+                          (source_id,))
+        if row is None:
+            return None
+        snapshot, start, files, mac = row
+        if not (isinstance(snapshot, str) and isinstance(start, int) and isinstance(files, str)
+                and self.auth.ok(mac, "sources", (source_id, snapshot, start, files))):
+            self._reject("sources", "DELETE FROM sources WHERE source_id=?", (source_id,))
+            return None
+        return SourceState(snapshot, start, frozenset(files.split()))
 
     def get_dir(self, source_id: str, path: bytes) -> tuple[bytes, bytes] | None:
-        row = self._row("SELECT tree_id, tree FROM dirs WHERE source_id=? AND path=?", (source_id, path))
-        return (row[0], row[1]) if row else None
+        row = self._fetch("SELECT tree_id, tree, mac FROM dirs WHERE source_id=? AND path=?", (source_id, path))
+        if row is None:
+            return None
+        tree_id, tree, mac = row
+        if not (isinstance(tree_id, bytes) and isinstance(tree, bytes)
+                and self.auth.ok(mac, "dirs", (source_id, path, tree_id), tree)):
+            self._reject("dirs", "DELETE FROM dirs WHERE source_id=? AND path=?", (source_id, path))
+            return None
+        return tree_id, tree
 
     def get_blob(self, source_id: str, blob_id: bytes) -> bytes | None:
-        row = self._row("SELECT data FROM blobs WHERE source_id=? AND id=?", (source_id, blob_id))
-        return row[0] if row else None
+        row = self._fetch("SELECT data FROM blobs WHERE source_id=? AND id=?", (source_id, blob_id))
+        if row is None:
+            return None
+        data = row[0]
+        if not isinstance(data, bytes) or self._blob_id(data) != blob_id:
+            self._reject("blobs", "DELETE FROM blobs WHERE source_id=? AND id=?", (source_id, blob_id))
+            return None
+        return data
+
+    def rejection_note(self) -> str:
+        """One warning for every row that failed its check in this run, or ''."""
+        if not self.rejected:
+            return ""
+        counts = [(t, n) for t in _WHAT if (n := self.rejected[t])]
+        what = ", ".join(f"{n} {_WHAT[t][0] if n == 1 else _WHAT[t][1]}" for t, n in counts)
+        then = "; ".join(_WHAT[t][2] for t, _n in counts)
+        return (f"entries of the local catalog failed verification ({what}): something other than "
+                f"deltavault changed it. They were not used ({then}) and were removed from it")
 
     def discard(self) -> None:
         """Close and delete the catalog files: the next run starts a new catalog."""
@@ -132,51 +335,93 @@ class Catalog:
 
 
 class CatalogWriter:
-    """Collects a run's changes; ``commit`` applies them in one transaction once the
-    snapshot is saved, so a failed run leaves the previous catalog intact."""
+    """A run's changes. Directory rows wait in temporary tables and reach the catalog in one
+    transaction in ``commit``, once the snapshot is saved, so a failed run leaves the
+    previous rows intact. Page-digest blobs (``put_blob``) are written at once, so a very
+    large file's digests never pile up in memory: they are content-addressed and checked
+    against their id when read, so a blob written by a run that then fails is harmless,
+    and the next commit drops those no snapshot refers to. Thread-safe."""
 
     def __init__(self, catalog: Catalog, source_id: str) -> None:
         self.catalog = catalog
         self.source_id = source_id
-        self._dirs: dict[bytes, tuple[bytes, bytes]] = {}
-        self._blobs: dict[bytes, bytes] = {}
-        self._visited: set[bytes] = set()
+        self._dirs: list[tuple[bytes, bytes, bytes, bytes]] = []
+        self._dir_bytes = 0
+        self._seen: list[bytes] = []
         self._lock = threading.Lock()
+        self._error: BaseException | None = None  # the first failed write; commit raises it
+        try:
+            with catalog._lock:
+                catalog._db.executescript(_RUN_DDL)
+        except (sqlite3.Error, OSError) as exc:
+            self._error = exc
+
+    def _flush(self) -> None:
+        """Write the buffered rows to the temporary tables (caller holds self._lock)."""
+        if self._error is not None or not (self._dirs or self._seen):
+            self._dirs.clear()
+            self._seen.clear()
+            return
+        dirs, seen = self._dirs, self._seen
+        self._dirs, self._seen, self._dir_bytes = [], [], 0
+        cat = self.catalog
+        try:
+            with cat._lock:
+                cat._db.executemany("INSERT OR REPLACE INTO temp.run_dirs VALUES(?,?,?,?)", dirs)
+                cat._db.executemany("INSERT OR IGNORE INTO temp.run_seen VALUES(?)", [(p,) for p in seen])
+        except (sqlite3.Error, OSError) as exc:
+            self._error = exc
 
     def visit(self, path: bytes) -> None:
-        self._visited.add(path)
+        with self._lock:
+            self._seen.append(path)
+            if len(self._seen) >= _FLUSH_ROWS:
+                self._flush()
 
     def put_dir(self, path: bytes, tree_id: bytes, tree: bytes) -> None:
+        mac = self.catalog.auth.tag("dirs", (self.source_id, path, tree_id), tree)
         with self._lock:
-            self._dirs[path] = (tree_id, tree)
-            self._visited.add(path)
+            self._dirs.append((path, tree_id, tree, mac))
+            self._seen.append(path)
+            self._dir_bytes += len(tree)
+            if len(self._dirs) >= _FLUSH_ROWS or self._dir_bytes >= _FLUSH_BYTES:
+                self._flush()
 
     def put_blob(self, blob_id: bytes, data: bytes) -> None:
-        with self._lock:
-            self._blobs[blob_id] = data
+        cat = self.catalog
+        try:
+            with cat._lock:
+                # REPLACE: a row that failed its check must not survive under this id.
+                cat._db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?)", (self.source_id, blob_id, data))
+        except (sqlite3.Error, OSError) as exc:
+            with self._lock:
+                self._error = self._error or exc
 
     def commit(self, snapshot_id: str, run_start_ns: int, *, keep_blobs: set[bytes],
                index_files: set[str]) -> None:
-        """``keep_blobs``: every META blob the new snapshot refers to; others are dropped."""
+        """``keep_blobs``: every META blob the new snapshot refers to; others are dropped.
+        Raises the first write that failed during the run, leaving the catalog as it was."""
+        with self._lock:
+            self._flush()
+            if self._error is not None:
+                raise self._error
         cat = self.catalog
+        sid = self.source_id
+        files = " ".join(sorted(index_files))
+        mac = cat.auth.tag("sources", (sid, snapshot_id, run_start_ns, files))
         with cat._lock:
             db = cat._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany("INSERT OR REPLACE INTO dirs VALUES(?,?,?,?)",
-                               [(self.source_id, p, t, d) for p, (t, d) in self._dirs.items()])
-                db.executemany("INSERT OR IGNORE INTO blobs VALUES(?,?,?)",
-                               [(self.source_id, k, v) for k, v in self._blobs.items()])
-                db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(path BLOB PRIMARY KEY)")
-                db.execute("DELETE FROM seen")
-                db.executemany("INSERT OR IGNORE INTO seen VALUES(?)", [(p,) for p in self._visited])
-                db.execute("DELETE FROM dirs WHERE source_id=? AND path NOT IN (SELECT path FROM seen)",
-                           (self.source_id,))
-                rows = db.execute("SELECT id FROM blobs WHERE source_id=?", (self.source_id,)).fetchall()
-                drop = [(self.source_id, r[0]) for r in rows if bytes(r[0]) not in keep_blobs]
+                db.execute("INSERT OR REPLACE INTO dirs SELECT ?, path, tree_id, tree, mac FROM temp.run_dirs",
+                           (sid,))
+                db.execute("DELETE FROM dirs WHERE source_id=? AND path NOT IN (SELECT path FROM temp.run_seen)",
+                           (sid,))
+                rows = db.execute("SELECT id FROM blobs WHERE source_id=?", (sid,)).fetchall()
+                drop = [(sid, r[0]) for r in rows if not (isinstance(r[0], bytes) and r[0] in keep_blobs)]
                 db.executemany("DELETE FROM blobs WHERE source_id=? AND id=?", drop)
-                db.execute("INSERT OR REPLACE INTO sources VALUES(?,?,?,strftime('%s','now'),?)",
-                           (self.source_id, snapshot_id, run_start_ns, " ".join(sorted(index_files))))
+                db.execute("INSERT OR REPLACE INTO sources VALUES(?,?,?,strftime('%s','now'),?,?)",
+                           (sid, snapshot_id, run_start_ns, files, mac))
                 db.execute("COMMIT")
             except BaseException:
                 try:
@@ -184,3 +429,4 @@ class CatalogWriter:
                 except sqlite3.Error:
                     pass  # SQLite already rolled back (a full disk or I/O error does that)
                 raise
+            db.executescript("DELETE FROM temp.run_dirs; DELETE FROM temp.run_seen;")

@@ -165,7 +165,7 @@ def test_rotation_never_loses_a_write(vol: Vol, tmp_path: Path) -> None:
         VolumeBackup(vol.repo, req, _CrashingReporter()).run()
     assert names(img) == {b1}
     # A killed run: its bitmap stays (recorded as pending) and keeps recording.
-    state = LocalState.load(vol.repo.cache_dir, "test-volume")
+    state = LocalState.load(vol.repo.cache_dir, "test-volume", key=vol.repo.cache_key("volume state"))
     state.add_pending("qemu-bitmap", "dv-killedrun00000", str(img))
     run("qemu-img", "bitmap", "--add", str(img), "dv-killedrun00000")
     qemu_io(img, "write -P 0x22 12M 4k")

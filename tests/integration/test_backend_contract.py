@@ -1,0 +1,88 @@
+"""The backend contract (deltavault.testing.contract), run unchanged against every backend:
+the in-memory one, the fault wrapper with no fault armed, the local directory, and SFTP
+against a real OpenSSH server started by the tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavault.backends import open_backend
+from deltavault.backends.base import Backend
+from deltavault.testing.contract import BackendContract, CrashContract, FullDiskContract
+from deltavault.testing.faulty import FaultyBackend
+from deltavault.testing.memory import MemoryBackend
+from tests.conftest import needs_root
+from tests.loopdev import mounted
+from tests.sshd import Server, missing_tools, sshd
+
+_n = itertools.count()
+
+
+class TestMemory(BackendContract):
+    @pytest.fixture
+    def new_backend(self) -> Callable[[], Backend]:
+        return lambda: MemoryBackend(f"m{next(_n)}")
+
+
+class TestFaultyWithoutFaults(BackendContract):
+    @pytest.fixture
+    def new_backend(self) -> Callable[[], Backend]:
+        return lambda: FaultyBackend(MemoryBackend(f"f{next(_n)}"))
+
+
+class TestLocal(BackendContract, CrashContract, FullDiskContract):
+    @pytest.fixture
+    def new_backend(self, tmp_path: Path) -> Callable[[], Backend]:
+        return lambda: open_backend(str(tmp_path / f"repo{next(_n)}"))
+
+    @pytest.fixture
+    def backend_env(self) -> dict[str, str]:
+        return {}
+
+    @pytest.fixture
+    def full_backend(self, tmp_path: Path) -> Iterator[Backend]:
+        if os.geteuid() != 0:
+            pytest.skip("needs root (mounts a small tmpfs)")
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        with mounted("tmpfs", disk, "-t", "tmpfs", "-o", "size=1m"):
+            yield open_backend(str(disk / "repo"))
+
+
+@pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+class TestSftp(BackendContract, CrashContract, FullDiskContract):
+    @pytest.fixture
+    def server(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+        with sshd(tmp_path) as srv:
+            monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
+            yield srv
+
+    @pytest.fixture
+    def new_backend(self, server: Server, tmp_path: Path) -> Callable[[], Backend]:
+        return lambda: open_backend(server.url(tmp_path / f"remote{next(_n)}"))
+
+    @pytest.fixture
+    def backend_env(self, server: Server) -> dict[str, str]:
+        return {"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}
+
+    @pytest.fixture
+    def full_backend(self, server: Server, tmp_path: Path) -> Iterator[Backend]:
+        if os.geteuid() != 0:
+            pytest.skip("needs root (mounts a small tmpfs as the server's disk)")
+        disk = tmp_path / "serverdisk"
+        disk.mkdir()
+        with mounted("tmpfs", disk, "-t", "tmpfs", "-o", "size=1m"):
+            yield open_backend(server.url(disk / "repo"))
+
+
+def test_every_contract_test_runs_for_every_backend() -> None:
+    """A contract test added to the kit runs for each backend here (no class misses one)."""
+    wanted = {n for n in dir(BackendContract) if n.startswith("test_")}
+    for cls in (TestMemory, TestFaultyWithoutFaults, TestLocal, TestSftp):
+        assert wanted <= {n for n in dir(cls) if n.startswith("test_")}
+    assert needs_root  # the module's root tests mount tmpfs; they run here as root
