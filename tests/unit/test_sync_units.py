@@ -50,7 +50,7 @@ def test_log_line_format(tmp_path: Path) -> None:
     log.write("error", 0, b"x", error="unreadable: Permission denied")
     log.close()
     rows = [ln.split("\t") for ln in (tmp_path / "l").read_text().splitlines()]
-    assert rows[0][1:] == ["delta", "100", "4096", "0102", "dir/new\\x0aline\\xff", "-"]
+    assert rows[0][1:] == ["delta", "100", "4096", "0102", "dir/new\\nline\\xff", "-"]
     assert rows[1][1:] == ["error", "0", "0", "-", "x", "unreadable: Permission denied"]
 
 

@@ -82,7 +82,7 @@ def assert_mirror(src: Path, dst: Path, s: dict, log: Path) -> None:
     assert not temps(dst)
     lines = log.read_text().splitlines()
     assert {"new", "symlink", "special", "hardlink", "mkdir"} <= {ln.split("\t")[1] for ln in lines}
-    assert any("new\\x0aline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
+    assert any("new\\nline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
 
 
 def test_push_keeps_everything_then_moves_only_changes(server: Server, tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_first_sync_keeps_everything(tmp_path: Path) -> None:
     lines = log.read_text().splitlines()
     actions = {ln.split("\t")[1] for ln in lines}
     assert {"new", "symlink", "special", "hardlink", "mkdir"} <= actions
-    assert any("new\\x0aline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
+    assert any("new\\nline" in ln for ln in lines) and all(len(ln.split("\t")) == 7 for ln in lines)
 
 
 def test_second_sync_has_nothing_to_do_then_mirrors_changes(tmp_path: Path) -> None:
