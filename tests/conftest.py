@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from hypothesis import settings
 
 from deltavault.backends.local import LocalBackend
 from deltavault.repository.repository import Repository
+from tests.treeutil import remove_tree
 
 # CI replays the same examples every run, so a red run is reproducible and caused by the change
 # under test; `make fuzz` explores with fresh random examples (DELTAVAULT_HYPOTHESIS=explore).
@@ -116,3 +118,14 @@ def init_and_back_up(cli: Cli, src: Path, files: dict[str, bytes], *, settle: bo
         time.sleep(2.1)
     r = cli("backup", str(src))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory user nobody can reach (pytest's own tmp root is private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="dv-hostile-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        remove_tree(d)

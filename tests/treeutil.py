@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,27 @@ def content_digest(path: bytes, size: int) -> str:
 
 def allocated(path: str | Path) -> int:
     return os.lstat(path).st_blocks * 512
+
+
+def remove_tree(root: Path) -> None:
+    """rmtree for trees too deep for shutil.rmtree (which recurses) and past PATH_MAX."""
+    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    names: list[bytes] = []
+    while stack:
+        fd = stack[-1]
+        sub = None
+        for name in os.listdir(fd):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if (st.st_mode & 0o170000) == 0o040000:
+                os.chmod(name, 0o700, dir_fd=fd)
+                sub = name
+                break
+            os.unlink(name, dir_fd=fd)
+        if sub is not None:
+            stack.append(os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd))
+            names.append(os.fsencode(sub))
+            continue
+        os.close(stack.pop())
+        if stack:
+            os.rmdir(names.pop(), dir_fd=stack[-1])
+    shutil.rmtree(root, ignore_errors=True)

@@ -5,15 +5,11 @@ directories, and a 100 GiB sparse file whose hole fills up."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,77 +25,10 @@ from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
 from deltavault.testing.hostile import NOBODY, Outside
 from tests.conftest import Cli, needs_root, needs_tools
+from tests.hostileutil import PATH_MAX, bind, deltavault, lines, make_deep
 from tests.treeutil import content_digest
 
-PATH_MAX = 4096
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory user nobody can reach (pytest's own tmp root is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="dv-hostile-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        remove_tree(d)
-
-
-def remove_tree(root: Path) -> None:
-    """rmtree for trees too deep for shutil.rmtree (which recurses) and past PATH_MAX."""
-    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
-    names: list[bytes] = []
-    while stack:
-        fd = stack[-1]
-        sub = None
-        for name in os.listdir(fd):
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if (st.st_mode & 0o170000) == 0o040000:
-                os.chmod(name, 0o700, dir_fd=fd)
-                sub = name
-                break
-            os.unlink(name, dir_fd=fd)
-        if sub is not None:
-            stack.append(os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd))
-            names.append(os.fsencode(sub))
-            continue
-        os.close(stack.pop())
-        if stack:
-            os.rmdir(names.pop(), dir_fd=stack[-1])
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def deltavault(cli: Cli, *args: str, nofile: int | None = None,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The real CLI; ``nofile`` caps its open files (soft and hard limit)."""
-    def limit() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-    return subprocess.run([sys.executable, "-m", "deltavault", "--json", *args], env=env or cli.env,
-                          capture_output=True, text=True, timeout=1800, preexec_fn=limit)
-
-
-def lines(out: str, kind: str) -> list[dict]:
-    return [o for o in (json.loads(x) for x in out.splitlines() if x.startswith("{")) if o.get("type") == kind]
-
-
 # ---------------------------------------------------------------------------- depth
-
-def make_deep(root: Path, depth: int, leaf: bytes) -> bytes:
-    """``depth`` nested directories "d" under ``root`` (made fd by fd: the path is longer
-    than PATH_MAX) and a file "leaf" at the bottom; returns the leaf's path below root."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir(b"d", dir_fd=fd)
-        nfd = os.open(b"d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
-    f = os.open(b"leaf", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
-    os.write(f, leaf)
-    os.close(f)
-    os.close(fd)
-    return b"d/" * depth + b"leaf"
-
 
 @pytest.mark.slow
 def test_a_depth_5000_tree_past_path_max_backs_up_with_few_open_files(shared_dir: Path, cli: Cli) -> None:
@@ -283,16 +212,6 @@ def test_a_directory_swapped_for_a_symlink_during_the_backup_is_not_followed(sha
 
 
 # ---------------------------------------------------------------------------- bind mounts
-
-@contextlib.contextmanager
-def bind(what: Path, where: Path) -> Iterator[None]:
-    where.mkdir(exist_ok=True)
-    subprocess.run(["mount", "--bind", str(what), str(where)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
 
 @needs_root()
 @needs_tools("mount")

@@ -1,0 +1,58 @@
+"""Helpers for the tests of hostile trees (backup sources, restore targets, sync
+destinations): the real CLI under a file limit, deep trees made fd by fd, bind mounts.
+The ``shared_dir`` fixture (tests/conftest.py) gives a directory another user can reach."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.conftest import Cli
+
+PATH_MAX = 4096
+
+
+def deltavault(cli: Cli, *args: str, nofile: int | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real CLI; ``nofile`` caps its open files (soft and hard limit)."""
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    return subprocess.run([sys.executable, "-m", "deltavault", "--json", *args], env=env or cli.env,
+                          capture_output=True, text=True, timeout=1800, preexec_fn=limit)
+
+
+def lines(out: str, kind: str) -> list[dict]:
+    return [o for o in (json.loads(x) for x in out.splitlines() if x.startswith("{")) if o.get("type") == kind]
+
+
+def make_deep(root: Path, depth: int, leaf: bytes) -> bytes:
+    """``depth`` nested directories "d" under ``root`` (made fd by fd: the path is longer
+    than PATH_MAX) and a file "leaf" at the bottom; returns the leaf's path below root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(b"d", dir_fd=fd)
+        nfd = os.open(b"d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    f = os.open(b"leaf", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+    os.write(f, leaf)
+    os.close(f)
+    os.close(fd)
+    return b"d/" * depth + b"leaf"
+
+
+@contextlib.contextmanager
+def bind(what: Path, where: Path) -> Iterator[None]:
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "--bind", str(what), str(where)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
