@@ -295,7 +295,16 @@ def test_unreadable_directories_make_the_run_partial_with_the_paths_listed(share
     paths = {n["path"]: n["node_type"] for n in lines(ls.stdout, "node")}
     assert paths == {"src": "d", "src/a": "d", "src/a/listonly": "d", "src/a/locked": "d", "src/ok.txt": "f"}
     snaps = lines(as_nobody("--json", "snapshots").stdout, "snapshot")
-    assert snaps, "no snapshot listed"
+    assert snaps and snaps[-1]["summary"]["incomplete"] == [f"{src}/a/listonly/x", f"{src}/a/listonly/y",
+                                                            f"{src}/a/locked"]
+    assert "(incomplete: 3 unreadable)" in as_nobody("snapshots").stdout
+    # A restore of it says it is incomplete, and where.
+    out = home / "out"
+    r = as_nobody("--json", "restore", "latest", "--target", str(out))
+    assert r.returncode == 0 and lines(r.stdout, "summary")[-1]["snapshot_incomplete"] == 3, r.stdout + r.stderr
+    r = as_nobody("restore", "latest", "--target", str(out))
+    assert "note: this snapshot is incomplete: 3 entries could not be read when it was taken" in r.stdout
+    assert f"\n  {src}/a/locked" in r.stdout
 
 
 # ---------------------------------------------------------------------------- huge sparse file

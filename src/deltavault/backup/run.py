@@ -21,7 +21,7 @@ from deltavault.backup.files import FileArchiver, FileBackupOptions, FileStats, 
 from deltavault.backup.previous import CatalogPrevious, NoPrevious, PreviousState, TreePrevious
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import UsageError
-from deltavault.model.snapshot import Snapshot, SnapshotSummary
+from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.tracking.catalog import Catalog, open_catalog
@@ -169,7 +169,9 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             dirs=st.dirs, bytes_processed=st.bytes_read, bytes_total=st.bytes_total,
             bytes_added=repo.write_stats.bytes_written, bytes_downloaded=traffic.bytes_read,
             blobs_added=repo.write_stats.blobs_added,
-            errors=sum(1 for p in archiver.problems if p.partial), seconds=round(time.monotonic() - t0, 3))
+            errors=sum(1 for p in archiver.problems if p.partial),
+            incomplete=[p.path for p in archiver.problems if p.partial][:INCOMPLETE_MAX],
+            seconds=round(time.monotonic() - t0, 3))
         snap = Snapshot(time=datetime.fromtimestamp(start_ns / 1e9, UTC).isoformat().replace("+00:00", "Z"),
                         time_ns=start_ns, hostname=req.hostname, username=_user(), kind="files",
                         paths=logical, source_id=source_id, tree=root, parent=previous.snapshot_id,

@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="restore only this path of the snapshot (repeatable)")
     p.add_argument("--verify", action="store_true", help="re-read every written file and check it")
     p.add_argument("--no-owner", action="store_true", help="do not restore ownership")
+    p.add_argument("--no-special", action="store_true",
+                   help="skip device nodes and FIFOs (symlinks are still restored)")
+    p.add_argument("--no-setuid", action="store_true",
+                   help="clear the setuid and setgid bits of restored files")
     add_volume_options(p)
     p.set_defaults(func=run)
 
@@ -36,16 +40,26 @@ def run(ctx: Context) -> int:
         sid, snap = repo.resolve_snapshot(a.snapshot, kind="files")
         if snap.tree is None:
             raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: use restore --volume")
-        restorer = FileRestorer(repo, a.target, RestoreOptions(include=a.include, verify=a.verify,
-                                                                owner=not a.no_owner), ctx.reporter())
+        opts = RestoreOptions(include=a.include, verify=a.verify, owner=not a.no_owner,
+                              special=not a.no_special, setuid=not a.no_setuid)
+        restorer = FileRestorer(repo, a.target, opts, ctx.reporter())
         st = restorer.run(snap.tree)
     probs = restorer.problems
+    incomplete = snap.summary.errors if snap.summary is not None else 0
     obj = {"type": "summary", "snapshot": sid, "target": a.target, "files": st.files, "dirs": st.dirs,
-           "links": st.links, "special": st.special, "bytes_written": st.bytes_written,
-           "bytes_verified": st.bytes_verified, "verified": a.verify, "errors": len(probs),
-           "problems": [p.__dict__ for p in probs]}
+           "links": st.links, "special": st.special, "skipped_special": st.skipped_special,
+           "bytes_written": st.bytes_written, "bytes_verified": st.bytes_verified, "verified": a.verify,
+           "snapshot_incomplete": incomplete, "errors": len(probs), "problems": [p.__dict__ for p in probs]}
     text = (f"restored snapshot {short_id(sid)} to {a.target}: {st.files} files, {st.dirs} dirs, "
             f"{st.links} hard links, {st.special} other; {human(st.bytes_written)}")
+    if st.skipped_special:
+        text += f"\nskipped {st.skipped_special} device node(s) and FIFO(s) (--no-special)"
+    if incomplete and snap.summary is not None:
+        shown = snap.summary.incomplete
+        text += (f"\nnote: this snapshot is incomplete: {incomplete} entr{'y' if incomplete == 1 else 'ies'} "
+                 "could not be read when it was taken, so the restore cannot hold them"
+                 + "".join(f"\n  {p}" for p in shown)
+                 + (f"\n  ... and {incomplete - len(shown)} more" if incomplete > len(shown) else ""))
     if a.verify:
         text += f"\nverified: {human(st.bytes_verified)} re-read, " + (
             "all match" if not any(p.kind == "verify" for p in probs) else "MISMATCHES found")

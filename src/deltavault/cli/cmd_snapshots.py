@@ -39,7 +39,8 @@ def run(ctx: Context) -> int:
     for sid, s in rows:
         size = human(s.summary.bytes_total) if s.summary else "?"
         ctx.say(f"{short_id(sid):<10}{s.time[:19].replace('T', ' '):<22}{s.hostname[:13]:<14}{s.kind:<8}"
-                f"{size:>11}  {', '.join(s.paths)}" + (f"  [{', '.join(s.tags)}]" if s.tags else ""))
+                f"{size:>11}  {', '.join(s.paths)}" + (f"  [{', '.join(s.tags)}]" if s.tags else "")
+                + (f"  (incomplete: {s.summary.errors} unreadable)" if s.summary and s.summary.errors else ""))
     ctx.say(f"{len(rows)} snapshot(s)")
     return 0
 

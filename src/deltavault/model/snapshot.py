@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 SNAPSHOT_VERSION = 1
+INCOMPLETE_MAX = 100
 
 
 class SnapshotSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -18,6 +19,9 @@ class SnapshotSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
     bytes_downloaded: int = 0
     blobs_added: int = 0
     errors: int = 0
+    # Entries that could not be read (unreadable directories, files that kept changing):
+    # the snapshot is partial there. Their paths as shown to users, the first INCOMPLETE_MAX.
+    incomplete: list[str] = []
     seconds: float = 0.0
 
 

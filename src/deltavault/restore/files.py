@@ -1,46 +1,57 @@
 """Restore a files snapshot (or chosen paths of it) with its metadata.
 
-Safety: every path operation is relative to an open directory fd with O_NOFOLLOW, names
-are checked to be single components, and duplicate names in a tree are refused, so a
-tampered repository cannot write outside the target, not even through symlinks it
-restores itself or that already exist in the target.
+The target may hold entries planted by a tampered repository (names are checked to be
+single components, duplicates refused) or by another local user who can write there, even
+while the restore runs. So the walk never resolves a path: it keeps its own stack of
+directory fds, each directory opened by name from its parent's fd with ``O_NOFOLLOW``, and
+every entry is made under a temp name, checked, given its metadata through its own fd or
+handle and renamed into place (restore/target.py). No path length or depth limit applies
+and the Python stack does not grow with depth. Below ``MAX_OPEN_DIRS`` levels the
+shallowest directories' fds are let go and opened again through ``..`` on the way back,
+where each must be the directory it was (dev, ino).
+
+Small files are written by the walker in batches whose blobs are read together; large
+ones by a thread pool. A directory's metadata is set once everything below it is written
+(its mode may forbid writes, and every entry made in it changes its times).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from deltavault.backup.previous import decode_tree
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
-from deltavault.fs.clone import pwrite_all
-from deltavault.fs.meta import (
-    ApplyProblems,
-    apply_meta_fd,
-    apply_mode,
-    apply_owner,
-    apply_times,
-    apply_xattrs,
+from deltavault.fs.dirfd import (
+    DIR_FLAGS,
+    Identity,
+    Replaced,
+    identity,
+    lstat_at,
+    open_dir_at,
+    raise_nofile_limit,
 )
-from deltavault.fs.paths import check_name, display, open_target_dir, proc_path
-from deltavault.model.content import ContentRef, Full, Hole, Patch
+from deltavault.fs.paths import check_name, display, open_target_dir
+from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType
-from deltavault.objects.patch import apply_patches
 from deltavault.progress import NullReporter, Reporter
+from deltavault.restore.content import BlobReader, verify_fd, write_content
+from deltavault.restore.target import (
+    LinkSources,
+    MetaOptions,
+    apply_node_meta,
+    install,
+    make_dir,
+    place_special,
+    temp_name,
+    unlink_quiet,
+)
 from deltavault.workers import BoundedPool
 
-
-class BlobReader(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-    def blob_id(self, data: bytes | memoryview) -> bytes: ...
-
-    def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
+__all__ = ["BlobReader", "FileRestorer", "RestoreOptions", "RestoreProblem", "RestoreStats"]
 
 
 @dataclass
@@ -49,12 +60,14 @@ class RestoreOptions:
     verify: bool = False
     owner: bool = True  # chown (effective only as root)
     workers: int = 3
+    special: bool = True  # False (--no-special): device nodes and FIFOs are skipped
+    setuid: bool = True  # False (--no-setuid): setuid and setgid bits of files are cleared
 
 
 @dataclass
 class RestoreProblem:
     path: str
-    kind: str  # corrupt | write | metadata | verify
+    kind: str  # corrupt | write | metadata | verify | missing
     message: str
 
 
@@ -64,21 +77,9 @@ class RestoreStats:
     dirs: int = 0
     links: int = 0
     special: int = 0
+    skipped_special: int = 0
     bytes_written: int = 0
     bytes_verified: int = 0
-
-
-class _Dir:
-    """A restored directory whose metadata waits for everything below it: its mode may
-    forbid writes and its times change with every entry made in it. ``left`` counts the
-    walker's hold (released when its listing is done), its files being written and its
-    subdirectories not yet finished."""
-
-    __slots__ = ("fd", "left", "node", "parent", "relpath")
-
-    def __init__(self, fd: int, relpath: bytes, node: Node, parent: _Dir | None) -> None:
-        self.fd, self.relpath, self.node, self.parent = fd, relpath, node, parent
-        self.left = 1
 
 
 # Files handed to the workers and not yet written. It bounds memory and the directories
@@ -89,6 +90,36 @@ IN_FLIGHT = 64
 INLINE_BELOW = 1024 * 1024
 SMALL_FILES = 256  # a batch of small files: at most this many,
 SMALL_BYTES = 16 * 1024 * 1024  # and about this much content
+# Directory fds the walk keeps open at most (besides those with files in flight), so any
+# depth restores within a small RLIMIT_NOFILE.
+MAX_OPEN_DIRS = 64
+_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SPECIAL = (NodeType.FIFO, NodeType.CHARDEV, NodeType.BLOCKDEV)
+
+
+class _Dir:
+    """A directory of the target being restored. ``left`` counts the walker's hold (released
+    when its listing is done), its files being written and its subdirectories not yet
+    finished; the last release sets its metadata. ``fd`` is -1 while the walk is far below
+    (or once it was found moved: ``lost``)."""
+
+    __slots__ = ("fd", "files", "fresh", "ident", "left", "lost", "node", "parent", "relpath")
+
+    def __init__(self, fd: int, ident: Identity, relpath: bytes, node: Node | None,
+                 parent: _Dir | None, fresh: bool) -> None:
+        self.fd, self.ident, self.relpath, self.node, self.parent = fd, ident, relpath, node, parent
+        self.fresh = fresh  # made 0700 by this run: nobody else can have put anything in it
+        self.left = 1
+        self.files = 0  # files queued or being written in it (its fd must stay open)
+        self.lost = False
+
+
+@dataclass
+class _Frame:
+    dir: _Dir
+    nodes: list[Node]
+    sel: _Selection
+    pos: int = 0
 
 
 @dataclass
@@ -110,9 +141,6 @@ def _selection(include: list[str]) -> _Selection:
     return root
 
 
-BATCH_BYTES = 64 * 1024 * 1024
-
-
 class FileRestorer:
     def __init__(self, repo: BlobReader, target: str | bytes, options: RestoreOptions,
                  reporter: Reporter | None = None) -> None:
@@ -122,30 +150,43 @@ class FileRestorer:
         self.reporter = reporter or NullReporter()
         self.problems: list[RestoreProblem] = []
         self.stats = RestoreStats()
-        self._links: dict[tuple[int, int], bytes] = {}
+        self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
         self._pool = BoundedPool(options.workers, IN_FLIGHT, "dv-restore")
         self._lock = threading.Lock()
         self._fatal: BaseException | None = None  # the first error that ends the restore
-        self._small: list[tuple[int, bytes, Node, _Dir | None]] = []
+        self._small: list[tuple[_Dir, bytes, Node]] = []
         self._small_bytes = 0
         self._found: set[bytes] = set()
+        self._links: LinkSources | None = None
+        self._open_dirs = 0  # directory fds held, for the bound on open files
+        self._futures: list[Future[None]] = []
 
     def _problem(self, path: bytes, kind: str, message: str) -> None:
         p = RestoreProblem(display(path), kind, message)
-        self.problems.append(p)
+        with self._lock:
+            self.problems.append(p)
         self.reporter.problem(p.path, kind, message)
+
+    def _count(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
 
     # ------------------------------------------------------------------ entry
     def run(self, root_tree: bytes) -> RestoreStats:
+        raise_nofile_limit()
         fd = open_target_dir(self.target, "restore target")
+        root = _Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
+        self._links = LinkSources(fd)
         self.reporter.start("restore")
         try:
-            self._restore_tree(fd, b"", root_tree, _selection(self.opts.include), None)
+            self._walk(root, root_tree, _selection(self.opts.include))
             self._flush_small()
         finally:
-            for _fd, _rel, _node, here in self._small:  # not written: an error ends the run
-                self._release(here)
+            for here, _rel, _node in self._small:  # not written: an error ends the run
+                self._file_done(here)
             self._pool.shutdown()
+            self._links.close()
             os.close(fd)
             self.reporter.finish()
         self._check_fatal()
@@ -158,172 +199,254 @@ class FileRestorer:
         if self._fatal is not None:
             raise self._fatal
 
-    def _hold(self, d: _Dir | None) -> None:
+    # ------------------------------------------------------------------ holds
+    def _hold(self, d: _Dir, *, file: bool = False) -> None:
         """One more thing below ``d`` to finish before its metadata is applied."""
-        if d is not None:
-            with self._lock:
-                d.left += 1
+        with self._lock:
+            d.left += 1
+            d.files += file
+
+    def _file_done(self, d: _Dir) -> None:
+        with self._lock:
+            d.files -= 1
+        self._release(d)
 
     def _release(self, d: _Dir | None) -> None:
         """One thing below ``d`` is finished; the last one applies its metadata, then
-        counts for its parent."""
+        counts for its parent. The target root's own metadata is the user's."""
         while d is not None:
             with self._lock:
                 d.left -= 1
                 if d.left:
                     return
-            try:
-                self._apply_meta_fd(d.fd, d.relpath, d.node)
-            finally:
-                os.close(d.fd)
-            with self._lock:
-                self.stats.dirs += 1
+            if d.node is None:
+                return
+            if d.fd >= 0:
+                try:
+                    for m in apply_node_meta(d.fd, d.node, self._meta):
+                        self._problem(d.relpath, "metadata", m)
+                finally:
+                    self._close_dir(d)
+                self._count(dirs=1)
             d = d.parent
 
-    def _load_tree(self, tree_id: bytes, relpath: bytes) -> list[Node]:
-        nodes = decode_tree(self.repo.load_blob(tree_id)).nodes
-        seen: set[bytes] = set()
-        for n in nodes:
-            check_name(n.name)
-            if n.name in seen:
-                raise CorruptionError(f"tree {display(relpath) or '/'} lists {display(n.name)} twice")
-            seen.add(n.name)
-        return nodes
+    def _close_dir(self, d: _Dir) -> None:
+        fd, d.fd = d.fd, -1
+        os.close(fd)
+        with self._lock:
+            self._open_dirs -= 1
+
+    def _drain(self) -> None:
+        """Finish every file queued or being written: the directories waiting for them
+        get their metadata and let go of their fds."""
+        self._flush_small()
+        for fut in self._futures:
+            if not fut.cancelled():
+                fut.result()
+        self._futures = []
 
     # ------------------------------------------------------------------ tree walk
-    def _restore_tree(self, dir_fd: int, relpath: bytes, tree_id: bytes, sel: _Selection,
-                      here: _Dir | None) -> None:
+    def _listing(self, tree_id: bytes, relpath: bytes) -> list[Node]:
         try:
-            nodes = self._load_tree(tree_id, relpath)
+            nodes = decode_tree(self.repo.load_blob(tree_id)).nodes
+            seen: set[bytes] = set()
+            for n in nodes:
+                check_name(n.name)
+                if n.name in seen:
+                    raise CorruptionError(f"tree {display(relpath) or '/'} lists {display(n.name)} twice")
+                seen.add(n.name)
         except DeltavaultError as exc:
             self._problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
-            return
-        for node in nodes:
-            child_sel = sel if sel.whole else sel.children.get(node.name)
+            return []
+        return nodes
+
+    def _walk(self, root: _Dir, tree_id: bytes, sel: _Selection) -> None:
+        """Depth first, with our own stack: one frame per directory being listed."""
+        frames = [_Frame(root, self._listing(tree_id, b""), sel)]
+        while frames:
+            self._check_fatal()
+            f = frames[-1]
+            if f.pos == len(f.nodes):
+                frames.pop()
+                if self._open_dirs > 2 * MAX_OPEN_DIRS:
+                    # Directories left behind that wait for files below them hold their fds.
+                    self._drain()
+                if frames and frames[-1].dir.fd < 0 and not frames[-1].dir.lost:
+                    self._reopen(frames, f.dir)
+                self._release(f.dir)  # the walker's hold
+                continue
+            node = f.nodes[f.pos]
+            f.pos += 1
+            child_sel = f.sel if f.sel.whole else f.sel.children.get(node.name)
             if child_sel is None:
                 continue
-            child_rel = relpath + b"/" + node.name if relpath else node.name
-            if child_sel.whole and not sel.whole:
-                self._found.add(child_rel)
-            self._check_fatal()
+            relpath = f.dir.relpath + b"/" + node.name if f.dir.relpath else node.name
+            if child_sel.whole and not f.sel.whole:
+                self._found.add(relpath)
             try:
-                self._restore_node(dir_fd, child_rel, node, child_sel, here)
+                sub = self._entry(f.dir, relpath, node, child_sel)
             except NoSpace:
                 raise
             except OSError as exc:
                 if exc.errno in NO_SPACE_ERRNOS:
-                    raise NoSpace(f"restore target is full while writing {display(child_rel)}") from exc
-                self._problem(child_rel, "write", exc.strerror or str(exc))
+                    raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
+                self._problem(relpath, "write", exc.strerror or str(exc))
+                continue
+            if sub is not None:
+                frames.append(sub)
+                self._let_go(frames)
 
-    def _restore_node(self, dir_fd: int, relpath: bytes, node: Node, sel: _Selection,
-                      here: _Dir | None) -> None:
-        name = node.name
+    def _let_go(self, frames: list[_Frame]) -> None:
+        """Close the fd of the directory MAX_OPEN_DIRS levels up (never the target root's),
+        unless files are still being written in it."""
+        i = len(frames) - 1 - MAX_OPEN_DIRS
+        if i < 1:
+            return
+        d = frames[i].dir
+        if d.fd < 0:
+            return
+        if d.files and any(here is d for here, _r, _n in self._small):
+            self._flush_small()
+        with self._lock:
+            if d.files:
+                return  # a worker writes there; it is closed when the walk comes back
+        self._close_dir(d)
+
+    def _reopen(self, frames: list[_Frame], child: _Dir) -> None:
+        """Open again the directory the walk climbs back into, through ``..`` of the one it
+        leaves; it must be the directory it was. If it was moved meanwhile, it is looked up
+        by name from the nearest open ancestor, each level checked; failing that, the rest of
+        it is not restored."""
+        d = frames[-1].dir
+        try:
+            fd = -1
+            if child.fd >= 0:
+                fd = os.open(b"..", DIR_FLAGS, dir_fd=child.fd)
+                if identity(os.fstat(fd)) != d.ident:
+                    os.close(fd)
+                    fd = -1
+            d.fd = fd if fd >= 0 else self._reopen_by_name(frames)
+            with self._lock:
+                self._open_dirs += 1
+        except OSError as exc:
+            d.lost = True
+            frames[-1].pos = len(frames[-1].nodes)
+            self._problem(d.relpath, "write", f"{exc.strerror or exc}: moved or replaced while the restore ran; "
+                          "the rest of this directory is not restored and its metadata not set")
+
+    @staticmethod
+    def _reopen_by_name(frames: list[_Frame]) -> int:
+        start = max(i for i, f in enumerate(frames) if f.dir.fd >= 0)
+        fd = os.dup(frames[start].dir.fd)
+        try:
+            for f in frames[start + 1:]:
+                assert f.dir.node is not None
+                nfd = open_dir_at(fd, f.dir.node.name)
+                os.close(fd)
+                fd = nfd
+                if identity(os.fstat(fd)) != f.dir.ident:
+                    raise Replaced("another directory stands under this name")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _entry(self, parent: _Dir, relpath: bytes, node: Node, sel: _Selection) -> _Frame | None:
+        """Restore one entry of ``parent``; a directory is made and returned as a frame to list."""
         if node.type == NodeType.DIR:
-            self._mkdir(dir_fd, name)
-            sub = _Dir(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd),
-                       relpath, node, here)
-            self._hold(here)
-            try:
-                if node.subtree is not None:
-                    self._restore_tree(sub.fd, relpath, node.subtree, sel, sub)
-            finally:
-                self._release(sub)  # the listing is done; the last file written finishes it
-            return
+            fd, ident, made = make_dir(parent.fd, node.name)
+            with self._lock:
+                self._open_dirs += 1
+            sub = _Dir(fd, ident, relpath, node, parent, fresh=made)
+            self._hold(parent)
+            nodes = self._listing(node.subtree, relpath) if node.subtree is not None else []
+            return _Frame(sub, nodes, sel)
         if not sel.whole:
-            return  # a path through a non-directory: nothing selected below
-        self._remove_existing(dir_fd, name)
+            return None  # a path through a non-directory: nothing selected below
+        if not parent.fresh:
+            st = lstat_at(parent.fd, node.name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(f"a directory is in the way of {display(node.name)}")
         if node.type == NodeType.FILE:
-            key = (node.dev, node.inode) if node.links > 1 else None
-            if key is not None and key in self._links:
-                os.link(self._links[key], name, dst_dir_fd=dir_fd, follow_symlinks=False)
-                self.stats.links += 1
-                return
-            if key is not None:
-                self._links[key] = os.path.join(self.target, relpath)
-            if node.size < INLINE_BELOW and key is None:
-                # Written by the walker, in batches: handing small files to threads cost more
-                # in GIL hand-offs (a million futex calls for 10k files) than writing them,
-                # and one read per batch fetches neighbouring blobs together.
-                self._hold(here)
-                self._small.append((dir_fd, relpath, node, here))
-                self._small_bytes += node.size
-                if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
-                    self._flush_small()
-                return
-            self._hold(here)
-            try:
-                fut = self._pool.submit(self._restore_file_task, dir_fd, relpath, node, here)
-            except BaseException:
-                self._release(here)
-                raise
-            if key is not None:
-                fut.result()  # a link to it may follow at once
-            return
-        if node.type == NodeType.SYMLINK:
-            os.symlink(node.target, name, dir_fd=dir_fd)
-        elif node.type == NodeType.FIFO:
-            os.mkfifo(name, 0o600, dir_fd=dir_fd)
+            self._file(parent, relpath, node)
+        elif node.type in _SPECIAL and not self.opts.special:
+            self._count(skipped_special=1)
         else:
-            kind = stat.S_IFCHR if node.type == NodeType.CHARDEV else stat.S_IFBLK
-            os.mknod(name, kind | 0o600, node.rdev, dir_fd=dir_fd)
-        self.stats.special += 1
-        self._apply_meta_path(dir_fd, relpath, node)
-
-    def _mkdir(self, dir_fd: int, name: bytes) -> None:
-        try:
-            os.mkdir(name, 0o700, dir_fd=dir_fd)
-        except FileExistsError:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                os.unlink(name, dir_fd=dir_fd)
-                os.mkdir(name, 0o700, dir_fd=dir_fd)
-
-    def _remove_existing(self, dir_fd: int, name: bytes) -> None:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", name)
-        os.unlink(name, dir_fd=dir_fd)
+            for m in place_special(parent.fd, node, self._meta, shared=not parent.fresh):
+                self._problem(relpath, "metadata", m)
+            self._count(special=1)
+        return None
 
     # ------------------------------------------------------------------ files
-    def _restore_file_task(self, dir_fd: int, relpath: bytes, node: Node, here: _Dir | None) -> None:
-        """On a worker. ``dir_fd`` stays open until ``here`` is released. An error that ends
-        the restore is kept for the walker, which stops at its next entry."""
+    def _file(self, parent: _Dir, relpath: bytes, node: Node) -> None:
+        key = (node.dev, node.inode) if node.links > 1 else None
+        assert self._links is not None
+        if key is not None and key in self._links:
+            self._links.link(key, parent.fd, node.name, shared=not parent.fresh)
+            self._count(links=1)
+            return
+        self._hold(parent, file=True)
+        if key is not None:
+            # Written now, by the walker: the next name of it may follow at once.
+            self._links.reserve(key)
+            try:
+                self._write_guarded(parent, relpath, node, None, key)
+            finally:
+                self._file_done(parent)
+            return
+        if node.size < INLINE_BELOW:
+            # Written by the walker, in batches: handing small files to threads cost more
+            # in GIL hand-offs (a million futex calls for 10k files) than writing them,
+            # and one read per batch fetches neighbouring blobs together.
+            self._small.append((parent, relpath, node))
+            self._small_bytes += node.size
+            if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
+                self._flush_small()
+            return
+        try:
+            self._futures.append(self._pool.submit(self._file_task, parent, relpath, node))
+        except BaseException:
+            self._file_done(parent)
+            raise
+        if len(self._futures) > 4 * IN_FLIGHT:
+            self._futures = [f for f in self._futures if not f.done()]
+
+    def _file_task(self, parent: _Dir, relpath: bytes, node: Node) -> None:
+        """On a worker. An error that ends the restore is kept for the walker, which stops
+        at its next entry."""
         try:
             if self._fatal is None:
-                self._restore_file_guarded(dir_fd, relpath, node)
+                self._write_guarded(parent, relpath, node, None, None)
         except BaseException as exc:
             with self._lock:
                 if self._fatal is None:
                     self._fatal = exc
         finally:
-            self._release(here)
+            self._file_done(parent)
 
     def _flush_small(self) -> None:
         """Write the batched small files, their blobs read in one pass (load_blobs merges
         neighbours in a pack into one request)."""
         items, self._small, self._small_bytes = self._small, [], 0
-        ids = list(dict.fromkeys(r.id for _fd, _rel, n, _d in items for r in n.content if isinstance(r, Full)))
+        ids = list(dict.fromkeys(r.id for _d, _rel, n in items for r in n.content if isinstance(r, Full)))
         try:
             loaded = dict(self.repo.load_blobs(ids)) if ids else {}
         except DeltavaultError:
             loaded = {}  # a damaged blob: each file loads its own and reports only itself
-        for i, (dir_fd, relpath, node, here) in enumerate(items):
+        for i, (here, relpath, node) in enumerate(items):
             try:
-                self._restore_file_guarded(dir_fd, relpath, node, loaded)
+                self._write_guarded(here, relpath, node, loaded, None)
             except BaseException:
-                for _fd, _rel, _node, later in items[i + 1:]:
-                    self._release(later)
+                for later, _rel, _node in items[i + 1:]:
+                    self._file_done(later)
                 raise
             finally:
-                self._release(here)
+                self._file_done(here)
 
-    def _restore_file_guarded(self, dir_fd: int, relpath: bytes, node: Node,
-                              loaded: dict[bytes, bytes] | None = None) -> None:
+    def _write_guarded(self, parent: _Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes] | None,
+                       key: tuple[int, int] | None) -> None:
         try:
-            self._restore_file(dir_fd, relpath, node, loaded)
+            self._write_file(parent, relpath, node, loaded or {}, key)
         except NoSpace:
             raise
         except CorruptionError as exc:
@@ -333,136 +456,28 @@ class FileRestorer:
                 raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
             self._problem(relpath, "write", exc.strerror or str(exc))
 
-    def _restore_file(self, dir_fd: int, relpath: bytes, node: Node,
-                      loaded: dict[bytes, bytes] | None = None) -> None:
-        name = node.name
-        tmp = b".dv-restore-" + os.urandom(6).hex().encode() + b"-" + name[:120]
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+    def _write_file(self, parent: _Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
+                    key: tuple[int, int] | None) -> None:
+        tmp = temp_name(node.name)
+        fd = os.open(tmp, _FILE_FLAGS, 0o600, dir_fd=parent.fd)
         try:
-            expect = self._write_content(fd, node.content, loaded or {})
-            os.ftruncate(fd, node.size)
-            if self.opts.verify:
-                os.fsync(fd)
-            self._apply_meta_fd(fd, relpath, node)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        if self.opts.verify:
-            self._verify(dir_fd, relpath, name, node, expect)
-        with self._lock:
-            self.stats.files += 1
-            self.stats.bytes_written += node.size
-        self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))
-
-    def _write_content(self, fd: int, refs: list[ContentRef],
-                       loaded: dict[bytes, bytes]) -> list[tuple[int, int, bytes | None]]:
-        """Write every reference at its offset, in batches of bounded memory. Returns what
-        --verify checks: (offset, size, blob id of the bytes, or None for a hole)."""
-        expect: list[tuple[int, int, bytes | None]] = []
-        off = 0
-        batch: list[tuple[int, ContentRef]] = []
-        batch_bytes = 0
-        for ref in refs:
-            batch.append((off, ref))
-            off += ref.size
-            batch_bytes += 0 if isinstance(ref, Hole) else ref.size
-            if batch_bytes >= BATCH_BYTES:
-                self._write_batch(fd, batch, expect, loaded)
-                batch, batch_bytes = [], 0
-        self._write_batch(fd, batch, expect, loaded)
-        return expect
-
-    def _write_batch(self, fd: int, batch: list[tuple[int, ContentRef]],
-                     expect: list[tuple[int, int, bytes | None]], preloaded: dict[bytes, bytes]) -> None:
-        wanted = list(dict.fromkeys(r.id for _, r in batch if isinstance(r, Full) and r.id not in preloaded))
-        loaded = dict(self.repo.load_blobs(wanted)) if wanted else {}
-        for o, ref in batch:
-            if isinstance(ref, Hole):
-                expect.append((o, ref.size, None))
-                continue
-            if isinstance(ref, Full):
-                data = preloaded[ref.id] if ref.id in preloaded else loaded[ref.id]
-                if len(data) != ref.size:
-                    raise CorruptionError(f"blob {ref.id.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
-                digest = ref.id  # load_blobs checked the bytes against it
-            elif isinstance(ref, Patch):
-                data = apply_patches(self.repo.load_blob(ref.base),
-                                     [self.repo.load_blob(p) for p in ref.patches], ref.size)
-                digest = self.repo.blob_id(data) if self.opts.verify else b""
-            else:
-                raise CorruptionError(f"unknown content reference {ref!r}")
-            pwrite_all(fd, data, o)
-            expect.append((o, ref.size, digest))
-
-    def _verify(self, dir_fd: int, relpath: bytes, name: bytes, node: Node,
-                expect: list[tuple[int, int, bytes | None]]) -> None:
-        """Re-read what was written, bypassing the page cache, and check every range
-        against its blob id; holes must read as zeros."""
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
-        bad: list[str] = []
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            size = os.fstat(fd).st_size
-            if size != node.size:
-                bad.append(f"size {size}, expected {node.size}")
-            for off, ln, digest in expect:
-                if digest is None:
-                    if not _zeros(fd, off, ln):
-                        bad.append(f"hole at {off} holds data")
-                    continue
-                data = os.pread(fd, ln, off)
-                with self._lock:
-                    self.stats.bytes_verified += len(data)
-                if len(data) != ln or self.repo.blob_id(data) != digest:
-                    bad.append(f"bytes {off}..{off + ln} differ")
+            try:
+                expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify)
+                for m in apply_node_meta(fd, node, self._meta):
+                    self._problem(relpath, "metadata", m)
+                if self.opts.verify:
+                    n, bad = verify_fd(self.repo, fd, node.size, expect)
+                    self._count(bytes_verified=n)
+                    if bad:
+                        self._problem(relpath, "verify", "read back differs from what was written: "
+                                      + "; ".join(bad[:5]))
+            except BaseException:
+                unlink_quiet(parent.fd, tmp)
+                raise
+            install(parent.fd, tmp, node.name, None if parent.fresh else identity(os.fstat(fd)))
+            if key is not None and self._links is not None:
+                self._links.add(key, relpath, fd)
         finally:
             os.close(fd)
-        if bad:
-            self._problem(relpath, "verify", "read back differs from what was written: " + "; ".join(bad[:5]))
-
-    # ------------------------------------------------------------------ metadata
-    def _apply_meta_fd(self, fd: int, relpath: bytes, node: Node) -> None:
-        probs = ApplyProblems([])
-        apply_meta_fd(fd, probs, mode=node.mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
-                      mtime_ns=node.mtime, xattrs=node.xattrs, owner=self.opts.owner)
-        for m in probs.messages:
-            self._problem(relpath, "metadata", m)
-
-    def _apply_meta_path(self, dir_fd: int, relpath: bytes, node: Node) -> None:
-        """Symlinks and special files: never opened, never followed."""
-        probs = ApplyProblems([])
-        path = proc_path(dir_fd, node.name)
-        apply_xattrs(path, node.xattrs, probs)
-        if self.opts.owner:
-            apply_owner(path, node.uid, node.gid, probs)
-        if node.type != NodeType.SYMLINK:
-            apply_mode(path, node.mode, probs)
-        apply_times(path, node.atime, node.mtime, probs)
-        for m in probs.messages:
-            self._problem(relpath, "metadata", m)
-
-
-_ZEROS = bytes(1 << 20)
-
-
-def _zeros(fd: int, off: int, ln: int) -> bool:
-    """Whether [off, off+ln) reads as zeros; a range with no data extent needs no read."""
-    try:
-        nxt = os.lseek(fd, off, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:
-            raise
-        return True  # no data at or after off
-    pos = max(off, nxt)
-    end = off + ln
-    while pos < end:
-        data = os.pread(fd, min(len(_ZEROS), end - pos), pos)
-        if not data:
-            return True
-        if data != _ZEROS[:len(data)]:
-            return False
-        pos += len(data)
-    return True
+        self._count(files=1, bytes_written=node.size)
+        self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))

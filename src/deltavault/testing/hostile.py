@@ -2,7 +2,9 @@
 
 ``Attacker`` is a real process that drops to another uid (nobody) and, while deltavault
 works in a tree, keeps swapping the entries it can write for symlinks pointing outside,
-moving directories away, and planting symlinks and hard links. ``Outside`` is a set of
+moving directories away, and planting symlinks and hard links. It also watches every
+directory it may read with inotify and swaps each new entry for such a symlink the moment
+it appears, as a real attacker racing a privileged writer would. ``Outside`` is a set of
 private objects outside that tree (a root-only file, a directory, a FIFO, a device node,
 a file with xattrs and an ACL) and a record of their state, to prove afterwards that the
 attack reached none of them: same mode, owner, link count, ctime, content and xattrs.
@@ -11,15 +13,18 @@ attack reached none of them: same mode, owner, link count, ctime, content and xa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
 import os
 import random
+import select
 import signal
 import stat
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,12 +103,60 @@ def _drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+_IN_MOVED_TO, _IN_CREATE, _IN_ISDIR = 0x80, 0x100, 0x40000000
+_IN_DONT_FOLLOW, _IN_ONLYDIR = 0x02000000, 0x01000000
+_EVENT = struct.Struct("iIII")
+_OWN_NAMES = (b".moved-", b"planted-", b"linked-")  # what the attacker itself makes
+
+
+class _Watcher:
+    """inotify on every directory of a tree we may read: which entries just appeared."""
+
+    def __init__(self, root: bytes) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self._dirs: dict[int, bytes] = {}
+        self.add_tree(root)
+
+    def add(self, path: bytes) -> None:
+        wd = self._libc.inotify_add_watch(self.fd, path, _IN_CREATE | _IN_MOVED_TO | _IN_DONT_FOLLOW | _IN_ONLYDIR)
+        if wd >= 0:
+            self._dirs[wd] = path
+
+    def add_tree(self, root: bytes) -> None:
+        for dirpath, _dirs, _files in os.walk(root):
+            self.add(dirpath)
+
+    def events(self, timeout: float) -> list[tuple[bytes, bool]]:
+        """(path, is a directory) of the entries that appeared, waiting up to ``timeout``."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        try:
+            buf = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        out: list[tuple[bytes, bool]] = []
+        pos = 0
+        while pos + _EVENT.size <= len(buf):
+            wd, mask, _cookie, ln = _EVENT.unpack_from(buf, pos)
+            name = buf[pos + _EVENT.size:pos + _EVENT.size + ln].rstrip(b"\0")
+            pos += _EVENT.size + ln
+            parent = self._dirs.get(wd)
+            if parent is not None and name:
+                out.append((os.path.join(parent, name), bool(mask & _IN_ISDIR)))
+        return out
+
+
 class Attacker:
     """Attacks ``tree`` from a forked child running as ``uid`` until ``stop()``.
 
     Each move picks a random entry by a random walk from the top and does one of: swap a
     directory for a symlink to an outside target (and sometimes back), replace a file or
     special file with such a symlink, plant a symlink or hard link under a new name.
+    Between moves it reacts to inotify events: a new entry is swapped for a symlink to an
+    outside target at once (a new directory is watched first, then sometimes swapped).
     Every failure (EACCES where the tree is not writable to it) is ignored: the attacker
     does what the permissions let it do, as a real one would.
     """
@@ -118,15 +171,21 @@ class Attacker:
         self.moves: dict[str, int] = {}
 
     def start(self) -> Attacker:
+        """Fork the attacker; returns once it watches the tree, so no event is missed."""
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns into the caller's code
             code = 0
             try:
+                os.close(ready_r)
                 _drop_privileges(self.uid)
-                self._attack()
+                self._attack(ready_w)
             except BaseException:
                 code = 1
             os._exit(code)
+        os.close(ready_w)
+        os.read(ready_r, 1)  # empty if the child failed before it was ready
+        os.close(ready_r)
         self.pid = pid
         return self
 
@@ -137,11 +196,14 @@ class Attacker:
                 os.kill(self.pid, signal.SIGTERM)
             os.waitpid(self.pid, 0)
             self.pid = 0
-        try:
-            self.moves = json.loads(self._report.read_text())
-            self._report.unlink()
-        except (OSError, ValueError):
-            self.moves = {}
+        self.moves = {}
+        for report in (self._report, self._report.with_suffix(".react")):
+            try:
+                for k, v in json.loads(report.read_text()).items():
+                    self.moves[k] = self.moves.get(k, 0) + v
+                report.unlink()
+            except (OSError, ValueError):
+                pass
         return self.moves
 
     def __enter__(self) -> Attacker:
@@ -151,9 +213,9 @@ class Attacker:
         self.stop()
 
     # ------------------------------------------------------------------ the child
-    def _attack(self) -> None:
-        rng = random.Random(self.seed)
-        moves: dict[str, int] = {}
+    def _attack(self, ready: int) -> None:
+        """Two processes: this one makes random moves; a second one reacts to inotify
+        events, so that a new entry is swapped within microseconds of its creation."""
         stopping = False
 
         def on_term(_s: int, _f: object) -> None:
@@ -162,23 +224,70 @@ class Attacker:
 
         signal.signal(signal.SIGTERM, on_term)
         targets = [os.fsencode(t) for t in self.outside.targets]
+        watcher = _Watcher(os.fsencode(self.tree))
+        reactor = os.fork()
+        if reactor == 0:
+            code = 0
+            try:
+                self._react(watcher, targets, lambda: stopping)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(watcher.fd)
+        os.write(ready, b"1")
+        os.close(ready)
+        rng = random.Random(self.seed)
+        moves: dict[str, int] = {}
         moved: list[tuple[bytes, bytes]] = []
         deadline = time.monotonic() + 3600
-        while not stopping and time.monotonic() < deadline:
-            path = self._pick(rng)
-            if path is None:
-                continue
-            kind = rng.choice(("dir-symlink", "entry-symlink", "plant-symlink", "plant-hardlink", "undo"))
-            try:
-                self._move(kind, path, rng.choice(targets), rng, moved)
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.ENOTDIR,
-                                     errno.EISDIR, errno.ENOTEMPTY, errno.EXDEV, errno.EBUSY, errno.ELOOP,
-                                     errno.EINVAL, errno.ENAMETOOLONG):
-                    raise
-                continue
-            moves[kind] = moves.get(kind, 0) + 1
+        try:
+            while not stopping and time.monotonic() < deadline:
+                path = self._pick(rng)
+                if path is None:
+                    continue
+                kind = rng.choice(("dir-symlink", "entry-symlink", "plant-symlink", "plant-hardlink", "undo"))
+                if self._try(kind, path, rng.choice(targets), rng, moved):
+                    moves[kind] = moves.get(kind, 0) + 1
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(reactor, signal.SIGTERM)
+            os.waitpid(reactor, 0)
         self._report.write_text(json.dumps(moves))
+
+    def _react(self, watcher: _Watcher, targets: list[bytes], stopping: Callable[[], bool]) -> None:
+        """Swap each entry that appears in a watched directory for a symlink to an outside
+        target at once; a new directory is watched, and swapped half of the time."""
+        rng = random.Random(self.seed + 1)
+        moves: dict[str, int] = {}
+        moved: list[tuple[bytes, bytes]] = []
+        mine: set[bytes] = set()  # symlinks this process just made: their events are its own
+        while not stopping():
+            for path, is_dir in watcher.events(0.05):
+                if path in mine or any(m in os.path.basename(path) for m in _OWN_NAMES):
+                    mine.discard(path)
+                    continue
+                if is_dir:
+                    watcher.add_tree(path)
+                    if rng.random() < 0.5:
+                        continue
+                kind = "react-dir" if is_dir else "react"
+                if self._try(kind, path, rng.choice(targets), rng, moved):
+                    mine.add(path)
+                    moves[kind] = moves.get(kind, 0) + 1
+        self._report.with_suffix(".react").write_text(json.dumps(moves))
+
+    def _try(self, kind: str, path: bytes, target: bytes, rng: random.Random,
+             moved: list[tuple[bytes, bytes]]) -> bool:
+        try:
+            self._move("entry-symlink" if kind == "react" else "dir-symlink" if kind == "react-dir" else kind,
+                       path, target, rng, moved)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.ENOTDIR,
+                                 errno.EISDIR, errno.ENOTEMPTY, errno.EXDEV, errno.EBUSY, errno.ELOOP,
+                                 errno.EINVAL, errno.ENAMETOOLONG):
+                raise
+            return False
+        return True
 
     def _pick(self, rng: random.Random) -> bytes | None:
         """A random entry of the tree, by a random walk that never follows a symlink."""

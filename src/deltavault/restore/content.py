@@ -1,0 +1,131 @@
+"""Writing one file's content references into an open file, and reading them back.
+
+Memory is bounded whatever the file's size: references are loaded and written in batches
+of about ``BATCH_BYTES``. Holes are not written (the file is extended with ftruncate), so
+sparse files stay sparse. ``--verify`` reads back through the same descriptor that wrote
+the file, so it checks the inode this run made, whatever has been renamed meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+from deltavault.errors import CorruptionError
+from deltavault.fs.clone import pwrite_all
+from deltavault.model.content import ContentRef, Full, Hole, Patch, content_size
+from deltavault.model.nodes import Node
+from deltavault.objects.patch import apply_patches
+
+BATCH_BYTES = 64 * 1024 * 1024
+
+# (offset, size, blob id of the bytes there, or None for a hole): what --verify checks
+Expect = list[tuple[int, int, bytes | None]]
+
+
+class BlobReader(Protocol):
+    def load_blob(self, blob_id: bytes) -> bytes: ...
+
+    def blob_id(self, data: bytes | memoryview) -> bytes: ...
+
+    def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
+
+
+def check_sizes(node: Node) -> None:
+    """A tree whose file size disagrees with the content it lists is damaged: restoring it
+    would silently cut the file or pad it with zeros."""
+    held = content_size(node.content)
+    if held != node.size:
+        raise CorruptionError(f"the tree records {node.size} bytes but its content holds {held}; "
+                              "the file is not restored")
+
+
+def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, bytes], *,
+                  digests: bool) -> Expect:
+    """Write every reference at its offset and give the file its size. ``digests``: blob ids
+    of patched content are computed for --verify (plain blobs carry theirs)."""
+    check_sizes(node)
+    expect: Expect = []
+    off = 0
+    batch: list[tuple[int, ContentRef]] = []
+    batch_bytes = 0
+    for ref in node.content:
+        batch.append((off, ref))
+        off += ref.size
+        batch_bytes += 0 if isinstance(ref, Hole) else ref.size
+        if batch_bytes >= BATCH_BYTES:
+            _write_batch(repo, fd, batch, expect, preloaded, digests)
+            batch, batch_bytes = [], 0
+    _write_batch(repo, fd, batch, expect, preloaded, digests)
+    os.ftruncate(fd, node.size)
+    return expect
+
+
+def _write_batch(repo: BlobReader, fd: int, batch: list[tuple[int, ContentRef]], expect: Expect,
+                 preloaded: dict[bytes, bytes], digests: bool) -> None:
+    wanted = list(dict.fromkeys(r.id for _, r in batch if isinstance(r, Full) and r.id not in preloaded))
+    loaded = dict(repo.load_blobs(wanted)) if wanted else {}
+    for off, ref in batch:
+        if isinstance(ref, Hole):
+            expect.append((off, ref.size, None))
+            continue
+        if isinstance(ref, Full):
+            data = preloaded[ref.id] if ref.id in preloaded else loaded[ref.id]
+            if len(data) != ref.size:
+                raise CorruptionError(f"blob {ref.id.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
+            digest = ref.id  # load_blobs checked the bytes against it
+        elif isinstance(ref, Patch):
+            data = apply_patches(repo.load_blob(ref.base), [repo.load_blob(p) for p in ref.patches], ref.size)
+            digest = repo.blob_id(data) if digests else b""
+        else:
+            raise CorruptionError(f"unknown content reference {ref!r}")
+        pwrite_all(fd, data, off)
+        expect.append((off, ref.size, digest))
+
+
+def verify_fd(repo: BlobReader, fd: int, size: int, expect: Expect) -> tuple[int, list[str]]:
+    """Re-read what was written through ``fd`` (opened for reading and writing), past the
+    page cache, and check every range against its blob id; holes must read as zeros.
+    Returns (bytes read, what differs)."""
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    bad: list[str] = []
+    have = os.fstat(fd).st_size
+    if have != size:
+        bad.append(f"size {have}, expected {size}")
+    read = 0
+    for off, ln, digest in expect:
+        if digest is None:
+            if not _zeros(fd, off, ln):
+                bad.append(f"hole at {off} holds data")
+            continue
+        data = os.pread(fd, ln, off)
+        read += len(data)
+        if len(data) != ln or repo.blob_id(data) != digest:
+            bad.append(f"bytes {off}..{off + ln} differ")
+    return read, bad
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zeros(fd: int, off: int, ln: int) -> bool:
+    """Whether [off, off+ln) reads as zeros; a range with no data extent needs no read."""
+    try:
+        nxt = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return True  # no data at or after off
+    pos = max(off, nxt)
+    end = off + ln
+    while pos < end:
+        data = os.pread(fd, min(len(_ZEROS), end - pos), pos)
+        if not data:
+            return True
+        if data != _ZEROS[:len(data)]:
+            return False
+        pos += len(data)
+    return True

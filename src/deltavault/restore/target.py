@@ -1,0 +1,219 @@
+"""Placing entries in a restore target that other local users may write in while we do.
+
+Every call works in a directory the restorer holds open and names one component, never a
+path; nothing is followed (``O_NOFOLLOW``, ``follow_symlinks=False``, ``O_PATH`` handles).
+An object gets its metadata through its own fd or handle, after checking it is the one
+this run made (fs.dirfd), and only then is it renamed from a temp name to its real one.
+So whatever is planted in the target, before or during the run, the restore writes,
+chmods, chowns, sets xattrs on and links only objects it created inside the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from deltavault.fs.dirfd import (
+    DIR_FLAGS,
+    Identity,
+    Replaced,
+    created_handle,
+    fd_path,
+    handle_at,
+    identity,
+    link_handle,
+    lstat_at,
+    open_dir_at,
+)
+from deltavault.fs.meta import ApplyProblems, apply_meta_fd
+from deltavault.model.nodes import Node, NodeType
+
+TEMP_PREFIX = b".dv-restore-"
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def temp_name(name: bytes) -> bytes:
+    return TEMP_PREFIX + os.urandom(6).hex().encode() + b"-" + name[:120]
+
+
+@dataclass(frozen=True)
+class MetaOptions:
+    owner: bool = True  # chown (effective only as root)
+    setuid: bool = True  # False (--no-setuid): setuid and setgid bits are cleared on files
+
+
+def file_mode(node: Node, opts: MetaOptions) -> int:
+    """The mode to give a non-directory: setuid/setgid cleared when asked."""
+    return node.mode if opts.setuid else node.mode & ~SETID
+
+
+def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False) -> list[str]:
+    """Metadata of ``node`` onto the object ``fd`` (an open fd, or an ``O_PATH`` handle).
+    Returns what could not be applied."""
+    probs = ApplyProblems([])
+    if node.type == NodeType.SYMLINK:
+        mode: int | None = None  # symlinks have no mode of their own
+    elif node.type == NodeType.DIR:
+        mode = node.mode
+    else:
+        mode = file_mode(node, opts)
+    apply_meta_fd(fd, probs, mode=mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
+                  mtime_ns=node.mtime, xattrs=node.xattrs, owner=opts.owner, handle=handle)
+    return probs.messages
+
+
+def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
+    """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
+    metadata is set, last) or, when one is already there, that one; anything else in the way
+    is removed first. Returns its fd, its identity and whether this call made it. A directory this call made must still be
+    ours when opened: another user cannot make one owned by us, so a swap is ``Replaced``."""
+    made = True
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent)
+    except FileExistsError:
+        st = lstat_at(parent, name)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            made = False
+        else:
+            os.unlink(name, dir_fd=parent)
+            os.mkdir(name, 0o700, dir_fd=parent)
+    fd = open_dir_at(parent, name)
+    st = os.fstat(fd)
+    if made and st.st_uid != os.geteuid():
+        os.close(fd)
+        raise Replaced("not the directory just created")
+    return fd, identity(st), made
+
+
+def install(parent: int, tmp: bytes, name: bytes, want: Identity | None = None) -> None:
+    """Give the entry made as ``tmp`` its real name, replacing a non-directory there
+    (rename(2) never replaces a directory with a non-directory: EISDIR). ``want``: in a
+    directory others may write in, the entry now under ``name`` must be the object made
+    (someone may have swapped the temp name), else ``Replaced`` is raised."""
+    try:
+        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except BaseException as exc:
+        unlink_quiet(parent, tmp)
+        if isinstance(exc, IsADirectoryError):
+            raise IsADirectoryError(errno.EISDIR, "a directory is in the way", name) from None
+        raise
+    if want is not None:
+        st = lstat_at(parent, name)
+        if st is None or identity(st) != want:
+            raise Replaced("swapped for another entry before it was put in place")
+
+
+def unlink_quiet(parent: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=parent)
+    except OSError:
+        pass
+
+
+_SPECIAL_FMT = {NodeType.SYMLINK: stat.S_IFLNK, NodeType.FIFO: stat.S_IFIFO,
+                NodeType.CHARDEV: stat.S_IFCHR, NodeType.BLOCKDEV: stat.S_IFBLK}
+
+
+def place_special(parent: int, node: Node, opts: MetaOptions, *, shared: bool) -> list[str]:
+    """A symlink, FIFO or device node: made under a temp name, checked to be what was made,
+    given its metadata through an ``O_PATH`` handle (never opened, never followed), then
+    renamed into place. ``shared``: others may write in ``parent`` (see ``install``).
+    Returns metadata problems."""
+    fmt = _SPECIAL_FMT[node.type]
+    tmp = temp_name(node.name)
+    if node.type == NodeType.SYMLINK:
+        os.symlink(node.target, tmp, dir_fd=parent)
+    elif node.type == NodeType.FIFO:
+        os.mkfifo(tmp, 0o600, dir_fd=parent)
+    else:
+        os.mknod(tmp, fmt | 0o600, node.rdev, dir_fd=parent)
+    try:
+        h, st = created_handle(parent, tmp, fmt)
+    except BaseException:
+        unlink_quiet(parent, tmp)
+        raise
+    try:
+        messages = apply_node_meta(h, node, opts, handle=True)
+    except BaseException:
+        unlink_quiet(parent, tmp)
+        raise
+    finally:
+        os.close(h)
+    install(parent, tmp, node.name, identity(st) if shared else None)
+    return messages
+
+
+def open_handle_below(root: int, relpath: bytes, want: Identity) -> int:
+    """An ``O_PATH`` handle to root/relpath, looked up component by component without
+    following symlinks, which must be the object ``want``: the first name of a hard link
+    group, found again after its handle was let go."""
+    parts = [p for p in relpath.split(b"/") if p]
+    fd = os.dup(root)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        h, st = handle_at(fd, parts[-1])
+    finally:
+        os.close(fd)
+    if identity(st) != want or not stat.S_ISREG(st.st_mode):
+        os.close(h)
+        raise Replaced("the first name of this hard link now names another file")
+    return h
+
+
+class LinkSources:
+    """The files of this run that more names will be linked to, by the snapshot's
+    (dev, inode) key: where each was written and its identity. ``O_PATH`` handles of the
+    most recent are kept (at most ``keep``), so a link needs no lookup; an older one is found
+    again by path and identity (``open_handle_below``)."""
+
+    def __init__(self, root: int, keep: int = 64) -> None:
+        self._root = root
+        self._keep = keep
+        self._where: dict[tuple[int, int], tuple[bytes, Identity]] = {}
+        self._handles: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._where
+
+    def reserve(self, key: tuple[int, int]) -> None:
+        """The first name of ``key`` is being written (so later names link, not rewrite)."""
+        self._where.setdefault(key, (b"", (-1, -1)))
+
+    def add(self, key: tuple[int, int], relpath: bytes, fd: int) -> None:
+        """``fd`` is the file just written for ``key`` under ``relpath``."""
+        self._where[key] = (relpath, identity(os.fstat(fd)))
+        self._remember(key, os.open(fd_path(fd), os.O_PATH | os.O_CLOEXEC))
+
+    def link(self, key: tuple[int, int], parent: int, name: bytes, *, shared: bool) -> None:
+        """Make ``name`` in ``parent`` another name of the file written for ``key``."""
+        relpath, ident = self._where[key]
+        if not relpath:
+            raise FileNotFoundError(errno.ENOENT, "its first name could not be restored")
+        h = self._handles.pop(key, None)
+        if h is None:
+            h = open_handle_below(self._root, relpath, ident)
+        try:
+            tmp = temp_name(name)
+            link_handle(h, parent, tmp)
+        finally:
+            self._remember(key, h)
+        install(parent, tmp, name, ident if shared else None)
+
+    def _remember(self, key: tuple[int, int], h: int) -> None:
+        old = self._handles.pop(key, None)
+        if old is not None:
+            os.close(old)
+        self._handles[key] = h
+        while len(self._handles) > self._keep:
+            os.close(self._handles.popitem(last=False)[1])
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            os.close(h)
+        self._handles.clear()
