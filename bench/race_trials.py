@@ -49,6 +49,13 @@ def _fresh(path: Path) -> None:
     path.chmod(0o777)
 
 
+def _recreate(outside: Outside) -> None:
+    shutil.rmtree(outside.root)
+    fresh = Outside.create(outside.root)
+    mirror_names(fresh)
+    assert [str(t) for t in fresh.targets] == [str(t) for t in outside.targets]
+
+
 def restore_trial(work: Path, src: Path) -> Trial:
     repo = Repository.init(LocalBackend(work / "repo", fsync=False), b"race trials", cache_root=work / "cache")
     tree = run_backup(repo, BackupRequest(paths=[str(src)], hostname="race")).snapshot.tree
@@ -89,6 +96,7 @@ def run_trials(kind: str, trial: Trial, work: Path, outside: Outside, trials: in
         changes = outside.changes(before)
         if changes:
             touched.append({"trial": n, "changes": changes[:5]})
+            _recreate(outside)  # the next trial starts from intact objects again
             before = outside.state()
         if (n + 1) % 100 == 0:
             print(f"{kind}: {n + 1} trials, {len(touched)} touched outside, {sum(moves.values())} attacker moves",
