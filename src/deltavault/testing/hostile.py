@@ -24,7 +24,7 @@ import signal
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,9 +176,13 @@ class _Watcher:
         for dirpath, _dirs, _files in os.walk(root):
             self.add(dirpath)
 
-    def events(self, timeout: float) -> list[tuple[bytes, bool]]:
-        """(path, is a directory) of the entries that appeared, waiting up to ``timeout``."""
-        if not select.select([self.fd], [], [], timeout)[0]:
+    def events(self, timeout: float, stop: int) -> list[tuple[bytes, bool]] | None:
+        """(path, is a directory) of the entries that appeared, waiting up to ``timeout``;
+        None once ``stop`` (a pipe's read end) is readable: its writer closed it."""
+        ready = select.select([self.fd, stop], [], [], timeout)[0]
+        if stop in ready:
+            return None
+        if not ready:
             return []
         try:
             buf = os.read(self.fd, 65536)
@@ -225,6 +229,7 @@ class Attacker:
             code = 0
             try:
                 os.close(ready_r)
+                os.setpgid(0, 0)  # its own group, with the reactor: stop() can end both
                 _drop_privileges(self.uid)
                 self._attack(ready_w)
             except BaseException:
@@ -241,7 +246,14 @@ class Attacker:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            os.waitpid(self.pid, 0)
+            deadline = time.monotonic() + 10
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:  # never hang a test on the attacker
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.01)
             self.pid = 0
         self.moves = {}
         for report in (self._report, self._report.with_suffix(".react")):
@@ -272,14 +284,19 @@ class Attacker:
         signal.signal(signal.SIGTERM, on_term)
         targets = [os.fsencode(t) for t in self.outside.targets]
         watcher = _Watcher(os.fsencode(self.tree))
+        # The reactor is told to stop by the end of this pipe, not by a signal: a signal sent
+        # while a forked child is still in CPython's after-fork code is lost.
+        stop_r, stop_w = os.pipe()
         reactor = os.fork()
         if reactor == 0:
             code = 0
             try:
-                self._react(watcher, targets, lambda: stopping)
+                os.close(stop_w)
+                self._react(watcher, targets, stop_r)
             except BaseException:
                 code = 1
             os._exit(code)
+        os.close(stop_r)
         os.close(watcher.fd)
         os.write(ready, b"1")
         os.close(ready)
@@ -296,20 +313,22 @@ class Attacker:
                 if self._try(kind, path, rng.choice(targets), rng, moved):
                     moves[kind] = moves.get(kind, 0) + 1
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(reactor, signal.SIGTERM)
+            os.close(stop_w)
             os.waitpid(reactor, 0)
         self._report.write_text(json.dumps(moves))
 
-    def _react(self, watcher: _Watcher, targets: list[bytes], stopping: Callable[[], bool]) -> None:
+    def _react(self, watcher: _Watcher, targets: list[bytes], stop: int) -> None:
         """Swap each entry that appears in a watched directory for a symlink to an outside
         target at once; a new directory is watched, and swapped half of the time."""
         rng = random.Random(self.seed + 1)
         moves: dict[str, int] = {}
         moved: list[tuple[bytes, bytes]] = []
         mine: set[bytes] = set()  # symlinks this process just made: their events are its own
-        while not stopping():
-            for path, is_dir in watcher.events(0.05):
+        while True:
+            events = watcher.events(0.05, stop)
+            if events is None:
+                break
+            for path, is_dir in events:
                 if path in mine or any(m in os.path.basename(path) for m in _OWN_NAMES):
                     mine.discard(path)
                     continue
