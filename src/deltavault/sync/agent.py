@@ -100,7 +100,9 @@ class _Paths:
             raise CorruptionError("the sender sent a malformed path")
         if raw in self._ok:
             return raw
-        parent, _, name = raw.rpartition(b"/")
+        parent, sep, name = raw.rpartition(b"/")
+        if sep and not parent:
+            check_name(parent)  # an empty first component ("/abs"): refused
         if parent not in self._ok:
             for part in parent.split(b"/"):
                 check_name(part)
