@@ -23,12 +23,15 @@ from typing import Any
 import pytest
 
 import deltavault.sync.dest as dest_mod
+import deltavault.sync.engine as engine_mod
+from deltavault.progress import NullReporter
 from deltavault.sync.engine import Syncer
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.testing.hostile import NOBODY, Outside, attacked
 from tests.conftest import needs_root, needs_tools
 from tests.integration.sync.conftest import REMOTE, nothing_to_do, summary, write
+from tests.integration.sync.test_sync_tree import stat_map
 from tests.integration.test_backup_hostile import make_deep, remove_tree
 from tests.sshd import Server, missing_tools, sshd
 
@@ -506,6 +509,81 @@ def deep_source(src: Path) -> None:
         os.symlink(b"d/leaf", b"symlink", dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def test_directories_closed_for_depth_get_their_metadata_after_their_files(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two directories open at most, nearly every directory is closed and opened
+    again (through "..") while big files of its own are still being copied by threads:
+    each still gets its mode and mtime once everything inside is in place."""
+    monkeypatch.setattr(engine_mod, "MAX_OPEN_DIRS", 2)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for i in range(3):
+        deep = src / f"t{i}" / "a" / "b" / "c" / "d"
+        for level, d in enumerate([deep, *deep.parents][:5]):
+            write(d / "big", os.urandom((1 << 20) + level), 0o640)
+            write(d / "small", b"small %d" % level)
+        os.link(deep / "small", src / f"t{i}" / "link")
+    for i, d in enumerate(sorted(p for p in src.rglob("*") if p.is_dir())):
+        d.chmod(0o750 if i % 2 else 0o755)
+        os.utime(d, ns=(1, 1_500_000_000_000_000_000 + i))
+    r = Syncer(src, dst, SyncOptions(processes=1, threads=2)).run()
+    assert r.problems == [] and r.stats.hardlinks == 3
+    assert stat_map(src) == stat_map(dst)
+    assert Syncer(src, dst, SyncOptions(processes=1)).run().stats.bytes_written == 0
+
+
+class _OnFirstFile(NullReporter):
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action: Callable[[], None] | None = action
+
+    def advance(self, *, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        if self.action is not None:
+            act, self.action = self.action, None
+            act()
+
+
+def _chain(src: Path) -> None:
+    """src/a/b/c/d/e/f/file, with a file sorted after each of a and b ("z")."""
+    write(src / "a" / "b" / "c" / "d" / "e" / "f" / "file", b"deep")
+    for d in (src / "a", src / "a" / "b"):
+        write(d / "z", b"after %s" % d.name.encode())
+
+
+def test_a_closed_directory_moved_in_dst_is_found_again_by_name_and_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep in the walk, DST's c is moved out of b: ".." of c is not b any more, so b is
+    looked up again from DST's root, each level checked, and b's later entry is written."""
+    monkeypatch.setattr(engine_mod, "MAX_OPEN_DIRS", 2)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _chain(src)
+    assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
+    for z in (src / "a" / "z", src / "a" / "b" / "z", src / "a/b/c/d/e/f/file"):
+        write(z, b"changed " + z.name.encode())
+    r = Syncer(src, dst, SyncOptions(processes=1),
+               _OnFirstFile(lambda: os.rename(dst / "a" / "b" / "c", dst / "c-moved"))).run()
+    assert r.problems == []
+    assert (dst / "a" / "b" / "z").read_bytes() == b"changed z" == (dst / "a" / "z").read_bytes()
+
+
+def test_a_closed_directory_moved_away_in_dst_is_reported_and_nothing_is_written_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "MAX_OPEN_DIRS", 2)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _chain(src)
+    assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
+    for z in (src / "a" / "z", src / "a" / "b" / "z", src / "a/b/c/d/e/f/file"):
+        write(z, b"changed " + z.name.encode())
+
+    def move() -> None:
+        os.rename(dst / "a" / "b" / "c", dst / "c-moved")
+        os.rename(dst / "a" / "b", dst / "b-moved")
+
+    r = Syncer(src, dst, SyncOptions(processes=1), _OnFirstFile(move)).run()
+    assert [(p.path, p.kind) for p in r.problems] == [("a/b", "changed")]
+    assert "moved during the run" in r.problems[0].message
+    assert (dst / "b-moved" / "z").read_bytes() == b"after b"  # not written where it went
+    assert (dst / "a" / "z").read_bytes() == b"changed z"  # a was found again, and finished
 
 
 @pytest.mark.slow
