@@ -11,6 +11,7 @@ from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import DeltavaultError, ExitCode, SourceError, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.engine import Syncer, SyncResult
+from deltavault.sync.guard import check_live_source
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.pull import PullSyncer
 from deltavault.sync.push import PushSyncer
@@ -97,6 +98,8 @@ def run(ctx: Context) -> int:
             result = _attempt(ctx, PullSyncer(src_host, a.dest, opts, ctx.reporter(), log, rsh=a.rsh,
                                               remote=a.remote_command, snapshot=a.snapshot), snap_info, t0)
         else:
+            if where is None and a.snapshot != "none":
+                check_live_source(os.fsencode(a.source), os.fsencode(a.dest))
             with take_snapshot(a.source, a.snapshot) as snap:
                 snap_info = {"kind": snap.kind, "mount_path": snap.mount_path, "source_path": snap.source_path}
                 if snap.note:

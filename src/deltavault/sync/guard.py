@@ -138,3 +138,26 @@ def _ident(raw: Any) -> Identity | None:
     if isinstance(raw, list | tuple) and len(raw) == 2 and all(isinstance(v, int) for v in raw):
         return (raw[0], raw[1])
     return None
+
+
+def check_live_source(src: bytes, dst: bytes) -> None:
+    """Before a snapshot of SRC is taken (the engine then sees only the snapshot): the same
+    refusal against the live SRC, which DST must not overlap either."""
+    try:
+        sfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # reported by the snapshot or the engine
+    try:
+        try:
+            dfd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            check_missing_dest(identity(os.fstat(sfd)), dst, src)
+            return
+        except OSError:
+            return
+        try:
+            Guard.local(sfd, dfd).check(src, dst)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)

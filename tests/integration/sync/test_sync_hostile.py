@@ -387,6 +387,19 @@ def test_a_destination_overlapping_the_source_through_a_bind_mount_is_refused(
         assert tree_state(parent) == before  # nothing made, nothing deleted
 
 
+@needs_tools("btrfs", "mkfs.btrfs")
+def test_a_destination_inside_the_live_source_of_a_snapshot_sync_is_refused(btrfs_src: tuple[Path, Path]) -> None:
+    """The engine reads a snapshot, a tree of its own; DST is still judged against the
+    live SRC, before any snapshot is taken."""
+    mnt, src = btrfs_src
+    for dst in (src / "docs", src / "mirror" / "new"):
+        p = run("sync", "--snapshot", "btrfs", "--delete", str(src), str(dst))
+        assert p.returncode == 2 and "source and destination overlap" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert not (src / "mirror").exists() and (src / "docs" / "a.txt").read_bytes() == b"version 1"
+    assert not (mnt / "data" / ".deltavault-snapshots").exists() or not any(
+        (mnt / "data" / ".deltavault-snapshots").iterdir())
+
+
 def test_a_mount_inside_the_destination_showing_the_source_is_left_alone(tmp_path: Path) -> None:
     """DST itself is elsewhere, but one of its directories is a bind mount of a part of
     SRC: nothing is written there and --delete does not reach into it."""
