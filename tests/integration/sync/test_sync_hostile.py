@@ -30,10 +30,11 @@ from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.testing.hostile import NOBODY, Outside, attacked
 from tests.conftest import needs_root, needs_tools
+from tests.hostileutil import make_deep
 from tests.integration.sync.conftest import REMOTE, nothing_to_do, summary, write
 from tests.integration.sync.test_sync_tree import stat_map
-from tests.integration.test_backup_hostile import make_deep, remove_tree
 from tests.sshd import Server, missing_tools, sshd
+from tests.treeutil import remove_tree
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("rsync", "setfacl", "mount")]
 
