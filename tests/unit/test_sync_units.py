@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from deltavault.sync.delta import PAGE, changed_runs
 from deltavault.sync.filters import Filter
 from deltavault.sync.report import SyncLog, SyncStats
@@ -165,3 +167,27 @@ def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> N
     assert sorted(os.listdir(tmp_path)) == ["f0"]
     assert len(removed) == 2 * depth - 1 and removed[-1] == b"d"
     assert removed.index(b"d/d") < removed.index(b"d")  # children first
+
+
+def test_open_regular_opens_only_regular_files(tmp_path: Path) -> None:
+    """A FIFO, a device node, a symlink or a directory swapped in under a file's name is
+    refused from its O_PATH handle, never opened (a FIFO would block, a device may act)."""
+    import stat as stat_mod
+
+    from deltavault.fs.dirfd import NotRegular, open_regular
+
+    (tmp_path / "file").write_bytes(b"content")
+    os.mkfifo(tmp_path / "fifo")
+    os.mknod(tmp_path / "dev", stat_mod.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.symlink("file", tmp_path / "link")
+    (tmp_path / "dir").mkdir()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = open_regular(dfd, b"file")
+        assert os.read(fd, 100) == b"content"
+        os.close(fd)
+        for name in (b"fifo", b"dev", b"link", b"dir"):
+            with pytest.raises(NotRegular):
+                open_regular(dfd, name)
+    finally:
+        os.close(dfd)

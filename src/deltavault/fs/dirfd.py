@@ -198,6 +198,36 @@ def open_parent_checked(child_fd: int, want: Identity) -> int | None:
     return None
 
 
+class NotRegular(OSError):
+    """What stands under a file's name is no longer a regular file (a FIFO, a device or a
+    symlink was swapped in): it is not opened."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EINVAL, "no longer a regular file when opened; not read")
+
+
+O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_regular(dir_fd: int, name: bytes) -> int:
+    """Open the regular file ``name`` of ``dir_fd`` for reading, through an ``O_PATH`` handle
+    checked to be a regular file first: opening whatever was swapped in under the name could
+    block (a FIFO) or act (a device: a tape rewinds, a watchdog arms). No symlink is followed;
+    the atime is left alone where we may (``O_NOATIME`` needs ownership). Raises NotRegular."""
+    h, st = handle_at(dir_fd, name)
+    try:
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular()
+        try:
+            return reopen(h, os.O_RDONLY | O_NOATIME)
+        except PermissionError:
+            if not O_NOATIME:
+                raise
+            return reopen(h, os.O_RDONLY)
+    finally:
+        os.close(h)
+
+
 def reopen(handle: int, flags: int) -> int:
     """Open the object an ``O_PATH`` handle names, for reading or writing: the same inode,
     whatever now stands under its name."""

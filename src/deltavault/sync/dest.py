@@ -30,6 +30,7 @@ from collections.abc import Callable
 from deltavault.fs.clone import reflink
 from deltavault.fs.dirfd import (
     Identity,
+    NotRegular,
     Replaced,
     created_handle,
     expect_identity,
@@ -37,6 +38,7 @@ from deltavault.fs.dirfd import (
     handle_at,
     identity,
     link_handle,
+    open_regular,
     reopen,
 )
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
@@ -298,16 +300,14 @@ class OpenFailed(Exception):
 
 
 def open_source(dir_fd: int, name: bytes) -> int:
-    """Open a source file for reading, without following a symlink, without touching its
-    atime where we may; O_NONBLOCK, so a FIFO swapped in does not block (the caller checks
-    it is a regular file)."""
+    """Open a source file for reading (fs.dirfd.open_regular: through a handle checked to be
+    a regular file, so a FIFO or device swapped in is never opened; no symlink followed)."""
     try:
-        try:
-            return os.open(name, _READ_FLAGS | getattr(os, "O_NOATIME", 0), dir_fd=dir_fd)
-        except PermissionError:
-            return os.open(name, _READ_FLAGS, dir_fd=dir_fd)  # O_NOATIME needs ownership
+        return open_regular(dir_fd, name)
     except FileNotFoundError:
         raise OpenFailed("vanished", "disappeared before it could be read") from None
+    except NotRegular as exc:
+        raise OpenFailed("changed", exc.strerror or str(exc)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OpenFailed("changed", "replaced by a symlink while being read") from None
