@@ -544,26 +544,34 @@ class Syncer:
         return 0
 
     def _release(self, d: _Dir) -> None:
-        """One piece of d's work is done; the last one finishes d, then its parent."""
+        """One piece of d's work is done; the last one finishes d, then its parent. A parent
+        whose fds were let go (only its subdirectories' work was left) is opened again
+        through ".." of the child that finishes it, by whichever thread takes its count to
+        zero: deciding before the count is taken would race with a sibling's release."""
+        child: _Dir | None = None
         while True:
             with self._lock:
                 d.pending -= 1
                 if d.pending:
                     if d.walked and not d.jobs:
                         self._close_fds(d)  # only its subdirectories' work is left
-                    return
-                self._open.discard(d)
-            self._finish_dir(d)
-            p = d.parent
-            if p is not None:
-                with self._lock:  # (== 1: only d's hold is left, so p is ours now)
-                    reopen = p.pending == 1 and p.dfd < 0 and not (p.lost or p.dropped or p.deferred)
-                if reopen:
-                    self._reopen_for_meta(p, d)
-            self._close_fds(d)
-            if p is None:
+                    last = False
+                else:
+                    self._open.discard(d)
+                    last = True
+            if not last:
+                if child is not None:
+                    self._close_fds(child)
                 return
-            d = p
+            if child is not None:
+                if d.dfd < 0 and not (d.lost or d.dropped or d.deferred):
+                    self._reopen_for_meta(d, child)
+                self._close_fds(child)
+            self._finish_dir(d)
+            if d.parent is None:
+                self._close_fds(d)
+                return
+            child, d = d, d.parent
 
     def _reopen_for_meta(self, p: _Dir, child: _Dir) -> None:
         fd = open_parent_checked(child.dfd, p.dident) if child.dfd >= 0 else None
@@ -589,8 +597,11 @@ class Syncer:
             with self._lock:
                 self._deferred.append(_Deferred(d.relpath, d.st, d.xattrs, d.dident))
             return
-        if d.dfd >= 0:  # (else moved away: reported)
+        if d.dfd >= 0:
             self._apply_dir_meta(d.dfd, d.relpath, d.st, d.xattrs)
+        elif not d.lost:  # (a directory moved away is reported when it is found so)
+            self._problem(d.relpath or b".", "metadata", "not reachable when its entries were done; "
+                          "its metadata was not set")
 
     def _apply_dir_meta(self, fd: int, relpath: bytes, st: os.stat_result,
                         xattrs: list[tuple[bytes, bytes]] | None) -> None:
