@@ -21,7 +21,7 @@ import pytest
 from deltavault.backends.local import LocalBackend
 from deltavault.model.content import ref_blob_ids
 from deltavault.model.nodes import NodeType
-from deltavault.objects.walk import load_nodes
+from deltavault.objects.trees import load_nodes
 from deltavault.repository.check import check_repository
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repair import DAMAGED_XATTR, repair

@@ -20,11 +20,11 @@ from deltavault.errors import UsageError
 from deltavault.model.content import Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.reader import read_ref
+from deltavault.objects.volumes import load_manifest, volume_blob_ids
 from deltavault.repository.check import check_repository
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
-from deltavault.repository.volume_check import volume_blob_ids
-from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 from deltavault.tracking import pagesets
 from deltavault.tracking.readers import FileReader
 

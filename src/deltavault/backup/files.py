@@ -44,8 +44,9 @@ from deltavault.fs.dirfd import DIR_FLAGS, Identity, fd_path, handle_at, identit
 from deltavault.fs.meta import group_name, read_xattrs, user_name
 from deltavault.fs.paths import display
 from deltavault.model.content import ref_blob_ids
-from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
+from deltavault.objects.trees import encode_tree
 from deltavault.progress import Reporter
 from deltavault.tracking.catalog import CatalogWriter
 
@@ -666,9 +667,9 @@ class FileArchiver:
                 and len(job.children) == len(prev.nodes) and self.store.has_blob(prev.tree_id)):
             job.tree_id, job.clean = prev.tree_id, True
             if self.catalog is not None and self.previous.kind != "catalog":
-                self.catalog.put_dir(job.relpath, prev.tree_id, msgspec.msgpack.encode(Tree(nodes)))
+                self.catalog.put_dir(job.relpath, prev.tree_id, encode_tree(nodes))
             return
-        raw = msgspec.msgpack.encode(Tree(nodes))
+        raw = encode_tree(nodes)
         tid, _ = self.store.save_blob(BlobType.TREE, raw)
         job.tree_id = tid
         job.clean = prev is not None and tid == prev.tree_id

@@ -11,10 +11,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
-
 from deltavault.errors import CorruptionError, DeltavaultError
-from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.store import BlobLoader
+from deltavault.objects.trees import decode_tree
 from deltavault.tracking.catalog import Catalog
 
 
@@ -35,17 +35,6 @@ class PreviousState(Protocol):
     def dir(self, relpath: bytes) -> PrevDir | None: ...
 
     def meta_blob(self, blob_id: bytes) -> bytes | None: ...
-
-
-class BlobLoader(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-
-def decode_tree(raw: bytes) -> Tree:
-    try:
-        return msgspec.msgpack.decode(raw, type=Tree)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        raise CorruptionError(f"tree does not parse: {exc}") from exc
 
 
 def _as_prev(tree_id: bytes, raw: bytes) -> PrevDir:

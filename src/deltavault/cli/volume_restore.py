@@ -6,8 +6,9 @@ import argparse
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode, UsageError
+from deltavault.objects.volumes import load_manifest
 from deltavault.repository.repository import short_id
-from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:

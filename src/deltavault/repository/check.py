@@ -17,7 +17,7 @@ from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.paths import check_name, display
 from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
-from deltavault.objects.walk import load_nodes
+from deltavault.objects.trees import load_nodes
 from deltavault.repository.pack import pack_name, read_pack_entries
 from deltavault.repository.repository import Repository, short_id
 

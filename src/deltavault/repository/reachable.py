@@ -12,10 +12,10 @@ from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.model.content import ref_blob_ids
 from deltavault.model.nodes import NodeType
 from deltavault.model.snapshot import Snapshot
-from deltavault.objects.walk import load_nodes
+from deltavault.objects.trees import load_nodes
+from deltavault.objects.volumes import volume_blob_ids
 from deltavault.repository.index import Index
 from deltavault.repository.repository import Repository, short_id
-from deltavault.repository.volume_check import volume_blob_ids
 
 
 class Bitmap:

@@ -20,9 +20,9 @@ import msgspec
 
 from deltavault.errors import CorruptionError, DeltavaultError, ObjectNotFound
 from deltavault.model.content import ContentRef, Full, Hole, Patch, ref_blob_ids
-from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
-from deltavault.objects.walk import load_nodes
+from deltavault.objects.trees import encode_tree, load_nodes
 from deltavault.repository.check import CheckReport, check_repository
 from deltavault.repository.pack import PackEntry, pack_name, read_pack_entries
 from deltavault.repository.packwriter import PackWriter
@@ -225,7 +225,7 @@ def _rewrite_tree(repo: Repository, root: bytes, memo: dict[bytes, bytes]) -> by
         if top.nodes is not None and top.out == top.nodes:
             memo[top.tid] = top.tid
         else:  # changed, or the listing is lost: an empty directory stands in
-            memo[top.tid], _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(top.out)))
+            memo[top.tid], _ = repo.save_blob(BlobType.TREE, encode_tree(top.out))
     return memo[root]
 
 

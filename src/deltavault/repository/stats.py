@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from deltavault.model.content import Full, Patch
 from deltavault.model.nodes import NodeType
+from deltavault.objects.volumes import volume_blob_ids
 from deltavault.objects.walk import walk
 from deltavault.repository.repository import Repository
-from deltavault.repository.volume_check import volume_blob_ids
 
 
 @dataclass

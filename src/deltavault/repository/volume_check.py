@@ -8,12 +8,12 @@ sources' state (metadata digests) only speeds up the next backup: its loss is a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from deltavault.errors import DeltavaultError
 from deltavault.model.content import ref_blob_ids
-from deltavault.model.volume import BlockMap, VolumeManifest, decode
+from deltavault.objects.store import BlobLoader
+from deltavault.objects.volumes import load_block_map, load_manifest
 
 if TYPE_CHECKING:
     from deltavault.repository.check import CheckReport
@@ -21,34 +21,8 @@ if TYPE_CHECKING:
 MAX_LISTED = 5
 
 
-class BlobLoader(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-
 class IndexedRepo(BlobLoader, Protocol):
     def has_blob(self, blob_id: bytes) -> bool: ...
-
-
-def load_manifest(repo: BlobLoader, manifest_id: bytes) -> VolumeManifest:
-    return decode(repo.load_blob(manifest_id), VolumeManifest, f"volume manifest {manifest_id.hex()[:16]}")
-
-
-def volume_blob_ids(repo: BlobLoader, manifest_id: bytes) -> Iterator[bytes]:
-    """Every blob the manifest references (not the manifest itself). Raises if a block map
-    cannot be read: a caller about to delete data must not guess."""
-    m = load_manifest(repo, manifest_id)
-    for c in m.checkpoints:
-        yield from c.state
-    maps: set[bytes] = set()
-    for seg in m.segments:
-        yield seg.digests
-        if seg.map in maps:
-            continue
-        maps.add(seg.map)
-        yield seg.map
-        bm = decode(repo.load_blob(seg.map), BlockMap, f"block map {seg.map.hex()[:16]}")
-        for r in bm.refs:
-            yield from ref_blob_ids(r)
 
 
 def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifest_id: bytes,
@@ -86,7 +60,7 @@ def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifes
                          "of the volume cannot be restored")
             continue
         try:
-            bm = decode(repo.load_blob(seg.map), BlockMap, f"block map {seg.map.hex()[:16]}")
+            bm = load_block_map(repo, seg.map)
         except DeltavaultError as exc:
             ok = False
             note("tree", f"segment {i}: block map unreadable: {exc}")

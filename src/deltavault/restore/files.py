@@ -23,7 +23,6 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from deltavault.backup.previous import decode_tree
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.dirfd import (
     DIR_FLAGS,
@@ -37,8 +36,10 @@ from deltavault.fs.dirfd import (
 from deltavault.fs.paths import check_name, display, open_target_dir
 from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.store import BlobReader
+from deltavault.objects.trees import decode_tree
 from deltavault.progress import NullReporter, Reporter
-from deltavault.restore.content import BlobReader, verify_fd, write_content
+from deltavault.restore.content import verify_fd, write_content
 from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
@@ -51,7 +52,7 @@ from deltavault.restore.target import (
 )
 from deltavault.workers import BoundedPool
 
-__all__ = ["BlobReader", "FileRestorer", "RestoreOptions", "RestoreProblem", "RestoreStats"]
+__all__ = ["FileRestorer", "RestoreOptions", "RestoreProblem", "RestoreStats"]
 
 
 @dataclass
