@@ -15,7 +15,7 @@ from deltavault.backends.base import unwrap
 from deltavault.backends.sftp import SFTPBackend, SFTPLocation, parse_location
 from deltavault.backup.run import BackupRequest, run_backup
 from deltavault.errors import UsageError
-from deltavault.repository.check import check_repository
+from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer, RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend

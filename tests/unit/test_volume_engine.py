@@ -17,11 +17,11 @@ from deltavault.backup.volume import VolumeOptions, VolumeRequest, run_volume_ba
 from deltavault.backup.volume_blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
 from deltavault.chunking.pages import PageHasher
 from deltavault.errors import UsageError
+from deltavault.maintenance.check import check_repository
 from deltavault.model.content import Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.reader import read_ref
 from deltavault.objects.volumes import load_manifest, volume_blob_ids
-from deltavault.repository.check import check_repository
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer

@@ -6,7 +6,7 @@ import argparse
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode
-from deltavault.repository.check import check_repository
+from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import short_id
 
 

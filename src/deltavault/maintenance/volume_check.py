@@ -1,5 +1,5 @@
-"""Volume manifests in checks and reachability: which blobs a volume snapshot references,
-and whether each is present and undamaged.
+"""Volume snapshots in a check: whether every blob a volume manifest references is present
+and undamaged.
 
 Restoring needs the block maps and every block's blobs; verifying a restore and the next
 incremental need the page digests. All of those are errors when missing. The change
@@ -8,15 +8,13 @@ sources' state (metadata digests) only speeds up the next backup: its loss is a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from deltavault.errors import DeltavaultError
+from deltavault.maintenance.findings import CheckIssue, CheckReport
 from deltavault.model.content import ref_blob_ids
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.volumes import load_block_map, load_manifest
-
-if TYPE_CHECKING:
-    from deltavault.repository.check import CheckReport
 
 MAX_LISTED = 5
 
@@ -27,8 +25,6 @@ class IndexedRepo(BlobLoader, Protocol):
 
 def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifest_id: bytes,
                           bad: set[bytes]) -> bool:
-    from deltavault.repository.check import CheckIssue
-
     def note(kind: str, msg: str, severity: str = "error") -> None:
         rep.add(CheckIssue(kind, f"snapshot {sid[:8]}: (volume): {msg}", snapshot=sid, path="(volume)",
                            severity=severity))

@@ -24,10 +24,10 @@ from typing import Protocol, runtime_checkable
 
 from deltavault.backends.base import unwrap
 from deltavault.errors import CorruptionError, DeltavaultError, RepositoryLocked
+from deltavault.maintenance.reachable import Bitmap, Marker
 from deltavault.repository.index import Index
 from deltavault.repository.pack import PackEntry, pack_name
 from deltavault.repository.packwriter import PackWriter
-from deltavault.repository.reachable import Bitmap, Marker
 from deltavault.repository.repository import Repository, short_id
 
 # Entries per index file the sweep writes, to bound the memory of encoding one.

@@ -9,44 +9,18 @@ decrypted and checked against its id. Damage is traced to the snapshots and file
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import blake3
 
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.paths import check_name, display
+from deltavault.maintenance.findings import CheckIssue, CheckReport
+from deltavault.maintenance.volume_check import check_volume_manifest
 from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.trees import load_nodes
 from deltavault.repository.pack import pack_name, read_pack_entries
 from deltavault.repository.repository import Repository, short_id
-
-
-@dataclass
-class CheckIssue:
-    kind: str  # index | pack | snapshot | tree | blob | missing | orphan
-    message: str
-    snapshot: str | None = None
-    path: str | None = None
-    severity: str = "error"  # error | warning
-
-
-@dataclass
-class CheckReport:
-    issues: list[CheckIssue] = field(default_factory=list)
-    snapshots: int = 0
-    packs: int = 0
-    blobs_checked: int = 0
-    bytes_read: int = 0
-    damaged_blobs: set[bytes] = field(default_factory=set)
-    affected: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
-
-    @property
-    def errors(self) -> list[CheckIssue]:
-        return [i for i in self.issues if i.severity == "error"]
-
-    def add(self, issue: CheckIssue) -> None:
-        self.issues.append(issue)
 
 
 def check_repository(repo: Repository, *, read_data: bool = False,
@@ -153,8 +127,6 @@ def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, pr
         if not ok:
             _note(rep, sid, b"(volume)", "missing", "volume manifest blob is missing or damaged")
         else:
-            from deltavault.repository.volume_check import check_volume_manifest
-
             ok = check_volume_manifest(repo, rep, sid, tree_id, bad)
         seen[tree_id] = ok
         return ok

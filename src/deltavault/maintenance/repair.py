@@ -19,11 +19,12 @@ import blake3
 import msgspec
 
 from deltavault.errors import CorruptionError, DeltavaultError, ObjectNotFound
+from deltavault.maintenance.check import check_repository
+from deltavault.maintenance.findings import CheckReport
 from deltavault.model.content import ContentRef, Full, Hole, Patch, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree, load_nodes
-from deltavault.repository.check import CheckReport, check_repository
 from deltavault.repository.pack import PackEntry, pack_name, read_pack_entries
 from deltavault.repository.packwriter import PackWriter
 from deltavault.repository.repository import Repository, short_id
