@@ -21,6 +21,7 @@ from deltavault.backup.files import FileArchiver, FileBackupOptions, FileStats, 
 from deltavault.backup.previous import CatalogPrevious, NoPrevious, PreviousState, TreePrevious
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import UsageError
+from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
@@ -111,13 +112,12 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
     if req.snapshot == "none":
         return _run(repo, req, reporter, catalog_path, [])
     from deltavault.snapshot import take_snapshot
-    from deltavault.snapshot.btrfs import SNAP_DIR
 
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(take_snapshot(os.path.abspath(p), req.snapshot)) for p in req.paths]
         # a snapshot shows the (then empty) folder that holds snapshots: not user data
-        opts = dataclasses.replace(req.options, excludes=[*req.options.excludes, SNAP_DIR])
+        opts = dataclasses.replace(req.options, excludes=[*req.options.excludes, SNAPSHOT_DIR])
         inner = dataclasses.replace(req, paths=[h.source_path for h in handles], logical_paths=logical,
                                     options=opts)
         info = [{"path": h.original_path, "kind": h.kind, "snapshot": h.ident, "note": h.note} for h in handles]

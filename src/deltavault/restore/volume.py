@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, UsageError
 from deltavault.fs.clone import pwrite_all
+from deltavault.fs.mounts import device_mounts
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
 from deltavault.model.volume import BlockMap, Segment, VolumeManifest
 from deltavault.objects.reader import read_ref
@@ -62,16 +63,11 @@ class _Blobs:
 
 
 def _mounted(dev: os.stat_result) -> str | None:
-    want = f"{os.major(dev.st_rdev)}:{os.minor(dev.st_rdev)}"
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 4 and parts[2] == want:
-                    return parts[4]
+        found = device_mounts({f"{os.major(dev.st_rdev)}:{os.minor(dev.st_rdev)}"})
     except OSError:
-        pass
-    return None
+        return None
+    return found[0].mount_point if found else None
 
 
 class VolumeRestorer:

@@ -12,6 +12,7 @@ import stat
 from collections.abc import Callable
 from typing import Protocol
 
+from deltavault.fs.mounts import device_mounts
 from deltavault.model.volume import Checkpoint
 from deltavault.tracking.base import ChangeSource
 from deltavault.tracking.readers import FileReader, VolumeReader
@@ -135,11 +136,6 @@ def mounted_rw(path: str) -> str | None:
     if not devs:
         return None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 5 and parts[2] in devs and "rw" in parts[5].split(","):
-                    return parts[4]
+        return next((m.mount_point for m in device_mounts(devs) if m.writable), None)
     except OSError:
         return None
-    return None

@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 
 from deltavault.errors import SourceError, UsageError
+from deltavault.fs.mounts import SNAPSHOT_DIR, subvolume_root
 from deltavault.model.volume import Checkpoint, VolumeManifest
-from deltavault.snapshot.btrfs import subvolume_root
 from deltavault.tracking import fiemap, pagesets
 from deltavault.tracking.access import Pending, sweep
 from deltavault.tracking.base import Changes, Rejected, find_checkpoint
@@ -27,7 +27,6 @@ from deltavault.tracking.readers import FileReader
 
 NAME = "btrfs"
 PREFIX = "dv-"
-SNAPSHOT_DIR = ".deltavault-snapshots"
 
 
 def _btrfs(args: list[str], what: str) -> str:
