@@ -9,12 +9,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltavault.backup.content import ContentReader, Inflight, PrevContent, bitmap, bitmap_pages
+from deltavault.backup.content import ContentReader, PrevContent
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import FormatError
 from deltavault.model.content import Full, Hole
-from deltavault.objects.patch import apply_patches, coalesce, decode_patch, encode_patch
+from deltavault.objects.patch import (
+    apply_patches,
+    bitmap,
+    bitmap_pages,
+    coalesce,
+    decode_patch,
+    encode_patch,
+)
 from deltavault.repository.repository import Repository
+from deltavault.workers import Inflight
 
 PARAMS = CdcParams(8 * 1024, 16 * 1024, 64 * 1024, seed=7)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
-from deltavault.backup.content import Inflight
 from deltavault.backup.volume import VolumeOptions, VolumeRequest, run_volume_backup
 from deltavault.backup.volume_blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
 from deltavault.chunking.pages import PageHasher
@@ -27,6 +26,7 @@ from deltavault.repository.repository import Repository
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 from deltavault.tracking import pagesets
 from deltavault.tracking.readers import FileReader
+from deltavault.workers import Inflight
 
 MiB = 1 << 20
 

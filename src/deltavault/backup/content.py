@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import blake3
 
@@ -34,47 +34,26 @@ from deltavault.chunking.pages import DIGEST, PAGES_PER_DIGEST_BLOB, DigestSegme
 from deltavault.fs.sparse import ReadExtents, is_sparse
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
-from deltavault.objects.patch import coalesce, encode_patch
+from deltavault.objects.patch import (
+    MAX_PATCH_SHARE,
+    PATCH_LEVEL,
+    bitmap,
+    bitmap_pages,
+    coalesce,
+    encode_patch,
+)
+from deltavault.objects.store import BlobSaver
+from deltavault.workers import Inflight
 
 WINDOW = 8 * 1024 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_ITEMS = 128
-PATCH_LEVEL = 3  # patches are small: spend a little more on compressing them
-# A chunk whose patch would cover more than this share of its pages is stored whole.
-MAX_PATCH_SHARE = 0.5
 
-__all__ = ["PAGES_PER_DIGEST_BLOB", "ContentReader", "FileChanged", "Inflight", "PendingContent", "PrevContent"]
+__all__ = ["PAGES_PER_DIGEST_BLOB", "ContentReader", "FileChanged", "PendingContent", "PrevContent"]
 
 
 class FileChanged(Exception):
     """The file changed size while being read; the caller retries."""
-
-
-class BlobSaver(Protocol):
-    def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
-                  level: int | None = None, compress: bool = True) -> tuple[bytes, int]: ...
-
-    def has_blob(self, blob_id: bytes) -> bool: ...
-
-
-class Inflight:
-    """Bounds the bytes queued for the worker pool."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int) -> None:
-        with self._cond:
-            while self.used and self.used + n > self.limit:
-                self._cond.wait()
-            self.used += n
-
-    def release(self, n: int) -> None:
-        with self._cond:
-            self.used -= n
-            self._cond.notify_all()
 
 
 class _Batch:
@@ -228,24 +207,6 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
         parts.append(piece)
         got += len(piece)
     return b"".join(parts)
-
-
-def bitmap(pages: list[int], first: int, count: int) -> bytes:
-    bm = bytearray((count + 7) // 8)
-    for p in pages:
-        j = p - first
-        bm[j >> 3] |= 1 << (j & 7)
-    return bytes(bm)
-
-
-def bitmap_pages(bm: bytes, first: int) -> set[int]:
-    out = set()
-    for i, byte in enumerate(bm):
-        while byte:
-            low = byte & -byte
-            out.add(first + i * 8 + low.bit_length() - 1)
-            byte ^= low
-    return out
 
 
 class ContentReader:

@@ -32,7 +32,6 @@ import msgspec
 from deltavault.backup.content import (
     ContentReader,
     FileChanged,
-    Inflight,
     PendingContent,
     PrevContent,
 )
@@ -49,6 +48,7 @@ from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree
 from deltavault.progress import Reporter
 from deltavault.tracking.catalog import CatalogWriter
+from deltavault.workers import Inflight
 
 # A file whose ctime is this close to the previous run's start may have changed again
 # within the same timestamp tick after it was read ("racy" entries, as in git).

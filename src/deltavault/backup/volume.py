@@ -22,7 +22,6 @@ from typing import Any
 from pyroaring import BitMap
 
 from deltavault import __version__
-from deltavault.backup.content import Inflight
 from deltavault.backup.volume_blocks import SegmentEncoder, SegmentPlan, SegmentResult
 from deltavault.backup.volume_state import LocalState, MetaStore, PrevVolume, find_previous
 from deltavault.chunking.fixed import check_block_size
@@ -45,6 +44,7 @@ from deltavault.tracking.access import FileAccess, VolumeAccess, is_qcow2, mount
 from deltavault.tracking.base import BlockDigestSource, Changes, ChangeSource, FsScanner, Rejected
 from deltavault.tracking.fsdetect import detect
 from deltavault.tracking.fsdigests import FsDigestSource
+from deltavault.workers import Inflight
 
 # Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
 DEFAULT_BLOCK_SIZE = 1024 * 1024

@@ -23,21 +23,22 @@ from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
-from deltavault.backup.content import (
-    MAX_PATCH_SHARE,
-    PATCH_LEVEL,
-    BlobSaver,
-    Inflight,
-    bitmap,
-    bitmap_pages,
-)
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.model.volume import SEGMENT_PAGES
-from deltavault.objects.patch import coalesce, encode_patch
+from deltavault.objects.patch import (
+    MAX_PATCH_SHARE,
+    PATCH_LEVEL,
+    bitmap,
+    bitmap_pages,
+    coalesce,
+    encode_patch,
+)
+from deltavault.objects.store import BlobSaver
 from deltavault.tracking import pagesets
 from deltavault.tracking.readers import VolumeReader
+from deltavault.workers import Inflight
 
 MAX_CHAIN = 8  # patches on one base before they are merged: bounds restore reads
 ZERO_CHUNK = 4 * 1024 * 1024
