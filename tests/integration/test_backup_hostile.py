@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from bench.sparse_memory import GiB, build_sparse, fill, run_measured
 
-import deltavault.backup.files as files_mod
+import deltavault.backup.files.archiver as files_mod
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.run import BackupRequest, BackupResult, run_backup
+from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.model.content import Full, Hole
 from deltavault.model.nodes import NodeType
 from deltavault.objects.walk import find, walk
@@ -382,9 +382,9 @@ def test_a_fifo_or_symlink_swapped_in_for_a_file_is_never_opened(tmp_path: Path,
     block until a writer came (the alarm ends the test instead)."""
     import signal
 
-    from deltavault.backup.files import FileArchiver, FileBackupOptions
-    from deltavault.backup.previous import NoPrevious
-    from deltavault.backup.run import chunker_for
+    from deltavault.backup.files.archiver import FileArchiver, FileBackupOptions
+    from deltavault.backup.files.previous import NoPrevious
+    from deltavault.backup.files.run import chunker_for
 
     d = tmp_path / "d"
     d.mkdir()

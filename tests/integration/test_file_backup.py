@@ -14,8 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from deltavault.backup.files import FileBackupOptions
-from deltavault.backup.run import BackupRequest, BackupResult, run_backup
+from deltavault.backup.files.archiver import FileBackupOptions
+from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.errors import CorruptionError
 from deltavault.model.content import Patch
 from deltavault.model.nodes import Node, NodeType, Tree

@@ -13,7 +13,7 @@ import pytest
 from deltavault.backends import RetryingBackend, open_backend
 from deltavault.backends.base import unwrap
 from deltavault.backends.sftp import SFTPBackend, SFTPLocation, parse_location
-from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import UsageError
 from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository

@@ -15,8 +15,9 @@ import blake3
 import msgspec
 import pytest
 
-from deltavault.backup.previous import TreePrevious
-from deltavault.backup.volume_state import LocalState
+from deltavault.backup.files.catalog import Catalog
+from deltavault.backup.files.previous import TreePrevious
+from deltavault.backup.volume.state import LocalState
 from deltavault.fs.files import (
     UnsafeCacheDir,
     open_cache,
@@ -25,8 +26,7 @@ from deltavault.fs.files import (
     write_cache_file,
 )
 from deltavault.model.nodes import Node, NodeType, Tree
-from deltavault.tracking.access import sweep
-from deltavault.tracking.catalog import Catalog
+from deltavault.tracking.volume.access import sweep
 
 KEY = blake3.blake3(b"test catalog key").digest()
 

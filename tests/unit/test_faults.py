@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.retry import RetryingBackend
-from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import BackendError
 from deltavault.maintenance.check import check_repository
 from deltavault.maintenance.repair import repair

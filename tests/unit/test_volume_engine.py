@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
-from deltavault.backup.volume import VolumeOptions, VolumeRequest, run_volume_backup
-from deltavault.backup.volume_blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
+from deltavault.backup.volume.blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
+from deltavault.backup.volume.run import VolumeOptions, VolumeRequest, run_volume_backup
 from deltavault.chunking.pages import PageHasher
 from deltavault.errors import UsageError
 from deltavault.maintenance.check import check_repository
@@ -24,8 +24,8 @@ from deltavault.objects.volumes import load_manifest, volume_blob_ids
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
-from deltavault.tracking import pagesets
-from deltavault.tracking.readers import FileReader
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.readers import FileReader
 from deltavault.workers import Inflight
 
 MiB = 1 << 20

@@ -1,7 +1,7 @@
 """Which mounted file system holds a path or a device (from /proc/self/mountinfo), and which
 btrfs subvolume holds a path.
 
-Point-in-time snapshots (snapshot/), volume change sources (tracking/) and restore ask here."""
+Point-in-time snapshots (snapshot/), volume change sources (tracking/volume/) and restore ask here."""
 
 from __future__ import annotations
 

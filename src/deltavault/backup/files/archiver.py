@@ -29,13 +29,14 @@ from typing import Protocol
 
 import msgspec
 
-from deltavault.backup.content import (
+from deltavault.backup.files.catalog import CatalogWriter
+from deltavault.backup.files.content import (
     ContentReader,
     FileChanged,
     PendingContent,
     PrevContent,
 )
-from deltavault.backup.previous import PrevDir, PreviousState
+from deltavault.backup.files.previous import PrevDir, PreviousState
 from deltavault.chunking.cdc import Chunker
 from deltavault.chunking.pages import segment_count
 from deltavault.errors import DeltavaultError
@@ -47,7 +48,6 @@ from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree
 from deltavault.progress import Reporter
-from deltavault.tracking.catalog import CatalogWriter
 from deltavault.workers import Inflight
 
 # A file whose ctime is this close to the previous run's start may have changed again

@@ -20,10 +20,10 @@ from pathlib import Path
 from deltavault.errors import SourceError, UsageError
 from deltavault.fs.mounts import SNAPSHOT_DIR, subvolume_root
 from deltavault.model.volume import Checkpoint, VolumeManifest
-from deltavault.tracking import fiemap, pagesets
-from deltavault.tracking.access import Pending, sweep
-from deltavault.tracking.base import Changes, Rejected, find_checkpoint
-from deltavault.tracking.readers import FileReader
+from deltavault.tracking.volume import fiemap, pagesets
+from deltavault.tracking.volume.access import Pending, sweep
+from deltavault.tracking.volume.base import Changes, Rejected, find_checkpoint
+from deltavault.tracking.volume.readers import FileReader
 
 NAME = "btrfs"
 PREFIX = "dv-"

@@ -22,8 +22,8 @@ from typing import Any
 from pyroaring import BitMap
 
 from deltavault import __version__
-from deltavault.backup.volume_blocks import SegmentEncoder, SegmentPlan, SegmentResult
-from deltavault.backup.volume_state import LocalState, MetaStore, PrevVolume, find_previous
+from deltavault.backup.volume.blocks import SegmentEncoder, SegmentPlan, SegmentResult
+from deltavault.backup.volume.state import LocalState, MetaStore, PrevVolume, find_previous
 from deltavault.chunking.fixed import check_block_size
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import DeltavaultError, SourceError, UsageError
@@ -39,11 +39,17 @@ from deltavault.model.volume import (
 )
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
-from deltavault.tracking import pagesets
-from deltavault.tracking.access import FileAccess, VolumeAccess, is_qcow2, mounted_rw
-from deltavault.tracking.base import BlockDigestSource, Changes, ChangeSource, FsScanner, Rejected
-from deltavault.tracking.fsdetect import detect
-from deltavault.tracking.fsdigests import FsDigestSource
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.access import FileAccess, VolumeAccess, is_qcow2, mounted_rw
+from deltavault.tracking.volume.base import (
+    BlockDigestSource,
+    Changes,
+    ChangeSource,
+    FsScanner,
+    Rejected,
+)
+from deltavault.tracking.volume.fsdetect import detect
+from deltavault.tracking.volume.fsdigests import FsDigestSource
 from deltavault.workers import Inflight
 
 # Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
@@ -122,11 +128,11 @@ def default_source_id(hostname: str, logical: str) -> str:
 
 def open_access(path: str, opts: VolumeOptions, state: LocalState) -> VolumeAccess:
     if opts.cbt == "btrfs":
-        from deltavault.tracking.btrfs import BtrfsAccess
+        from deltavault.tracking.volume.btrfs import BtrfsAccess
 
         return BtrfsAccess(path, snapshot_dir=opts.snapshot_dir, pending=state)
     if is_qcow2(path):
-        from deltavault.tracking.qemu import QcowAccess
+        from deltavault.tracking.volume.qemu import QcowAccess
 
         return QcowAccess(path, track=opts.cbt in ("auto", "qemu"), granularity=opts.bitmap_granularity,
                           pending=state)
@@ -233,7 +239,7 @@ class VolumeBackup:
             raise
         self.report.warnings += access.commit()
         if prev_native is not None and prev_native.source == "btrfs" and access.kind != "btrfs":
-            from deltavault.tracking.btrfs import retire
+            from deltavault.tracking.volume.btrfs import retire
 
             self.report.warnings += retire(prev_native, self.req.path, self.state)
         self.state.save()

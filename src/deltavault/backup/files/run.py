@@ -17,15 +17,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from deltavault import __version__
-from deltavault.backup.files import FileArchiver, FileBackupOptions, FileStats, Problem, Source
-from deltavault.backup.previous import CatalogPrevious, NoPrevious, PreviousState, TreePrevious
+from deltavault.backup.files.archiver import (
+    FileArchiver,
+    FileBackupOptions,
+    FileStats,
+    Problem,
+    Source,
+)
+from deltavault.backup.files.catalog import Catalog, open_catalog
+from deltavault.backup.files.previous import (
+    CatalogPrevious,
+    NoPrevious,
+    PreviousState,
+    TreePrevious,
+)
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import UsageError
 from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
-from deltavault.tracking.catalog import Catalog, open_catalog
 
 
 @dataclass

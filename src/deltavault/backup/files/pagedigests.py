@@ -91,7 +91,7 @@ def file_digests(fd: int, expect: Signature, sparse: bool, hasher: PageHasher,
         return None
 
 
-# The helper is a plain child process (python -m deltavault.backup.pagedigests FD) rather
+# The helper is a plain child process (python -m deltavault.backup.files.pagedigests FD) rather
 # than multiprocessing's spawn, which would re-import the caller's __main__ module and
 # re-run an unguarded script that uses deltavault as a library.
 # Requests travel on a SOCK_SEQPACKET socket (FD), one message each with the file's
@@ -162,7 +162,7 @@ class PageDigester:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "deltavault.backup.pagedigests", str(theirs.fileno())],
+                [sys.executable, "-m", "deltavault.backup.files.pagedigests", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True, pass_fds=[theirs.fileno()])
         except BaseException:
             ours.close()

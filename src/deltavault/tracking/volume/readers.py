@@ -20,7 +20,7 @@ from pyroaring import BitMap
 from deltavault.errors import SourceError
 from deltavault.fs.sparse import data_extents
 from deltavault.model.content import PAGE_SIZE
-from deltavault.tracking import pagesets
+from deltavault.tracking.volume import pagesets
 
 DIRECT_ALIGN = 4096
 SECTOR = 512

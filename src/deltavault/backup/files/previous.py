@@ -11,11 +11,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+from deltavault.backup.files.catalog import Catalog
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import decode_tree
-from deltavault.tracking.catalog import Catalog
 
 
 @dataclass

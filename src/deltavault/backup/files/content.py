@@ -28,7 +28,7 @@ from typing import Any
 
 import blake3
 
-from deltavault.backup.pagedigests import Answer, PageDigester, SegmentSink
+from deltavault.backup.files.pagedigests import Answer, PageDigester, SegmentSink
 from deltavault.chunking.cdc import Chunker
 from deltavault.chunking.pages import DIGEST, PAGES_PER_DIGEST_BLOB, DigestSegments, PageHasher
 from deltavault.fs.sparse import ReadExtents, is_sparse

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 from deltavault.errors import DeltavaultError
-from deltavault.tracking.base import FsScanner
-from deltavault.tracking.readers import VolumeReader
+from deltavault.tracking.volume.base import FsScanner
+from deltavault.tracking.volume.readers import VolumeReader
 
 
 def detect(reader: VolumeReader) -> tuple[FsScanner | None, str]:
@@ -19,7 +19,7 @@ def detect(reader: VolumeReader) -> tuple[FsScanner | None, str]:
     scanner, why = detect_file_system(reader)
     if scanner is not None or not why.startswith(NONE_AT_START):
         return scanner, why
-    from deltavault.tracking.partitions import detect_partitions
+    from deltavault.tracking.volume.partitions import detect_partitions
 
     return detect_partitions(reader, detect_file_system)
 
@@ -32,7 +32,7 @@ def detect_file_system(reader: VolumeReader) -> tuple[FsScanner | None, str]:
     # Imported here: the dissect parsers take about 70 ms to load, which every other
     # command would pay at start-up.
     for name, module_name, cls_name in (("ext4", "ext4", "Ext4Scanner"), ("NTFS", "ntfs", "NtfsScanner")):
-        module = importlib.import_module(f"deltavault.tracking.{module_name}")
+        module = importlib.import_module(f"deltavault.tracking.volume.{module_name}")
         try:
             if not module.probe(reader):
                 continue

@@ -26,10 +26,10 @@ from pyroaring import BitMap
 
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint, VolumeManifest
-from deltavault.tracking import pagesets
-from deltavault.tracking.access import Pending, sweep
-from deltavault.tracking.base import Changes, Rejected, find_checkpoint
-from deltavault.tracking.nbdlib import load_nbd
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.access import Pending, sweep
+from deltavault.tracking.volume.base import Changes, Rejected, find_checkpoint
+from deltavault.tracking.volume.nbdlib import load_nbd
 
 NAME = "qemu-bitmap"
 PREFIX = "dv-"

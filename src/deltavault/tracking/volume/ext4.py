@@ -25,9 +25,9 @@ from pyroaring import BitMap
 
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
-from deltavault.tracking import pagesets
-from deltavault.tracking.base import Allocation, DigestScan
-from deltavault.tracking.readers import ReaderFile, VolumeReader
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
 DIGEST = 16
 _OFF = {name: f.offset for name, f in c_ext.ext4_inode.fields.items()}

@@ -24,7 +24,7 @@ from deltavault.fs.files import read_cache_file, remove_cache_files, write_cache
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.model.volume import BlockMap, VolumeManifest, decode
-from deltavault.tracking import pagesets
+from deltavault.tracking.volume import pagesets
 
 
 class MetaRepo(Protocol):
@@ -113,7 +113,7 @@ def find_previous(repo: SnapshotSource, meta: MetaStore, source_id: str,
     return PrevVolume(sid, snap, manifest, pagesets.load(manifest.zero), pagesets.load(manifest.free)), ""
 
 
-# What a pending entry may name: the handles tracking/btrfs.py and tracking/qemu.py make,
+# What a pending entry may name: the handles tracking/volume/btrfs.py and qemu.py make,
 # "dv-" and a checkpoint id (a snapshot path's last component, or a bitmap name).
 _HANDLE_NAME = re.compile(r"dv-[A-Za-z0-9_.-]{1,128}")
 _KINDS = ("btrfs", "qemu-bitmap")

@@ -14,8 +14,8 @@ from typing import Protocol
 
 from deltavault.fs.mounts import device_mounts
 from deltavault.model.volume import Checkpoint
-from deltavault.tracking.base import ChangeSource
-from deltavault.tracking.readers import FileReader, VolumeReader
+from deltavault.tracking.volume.base import ChangeSource
+from deltavault.tracking.volume.readers import FileReader, VolumeReader
 
 QCOW2_MAGIC = b"QFI\xfb"
 

@@ -15,7 +15,13 @@ from typing import Protocol
 
 from deltavault.errors import DeltavaultError
 from deltavault.model.volume import Checkpoint, DigestState, VolumeManifest, decode, encode
-from deltavault.tracking.base import Changes, DigestScan, FsScanner, Rejected, find_checkpoint
+from deltavault.tracking.volume.base import (
+    Changes,
+    DigestScan,
+    FsScanner,
+    Rejected,
+    find_checkpoint,
+)
 
 NAME = "fs-digests"
 ENTRIES_PER_BLOB = 262144  # about 6 MiB of state per META blob

@@ -24,9 +24,9 @@ from pyroaring import BitMap
 from deltavault.errors import DeltavaultError, SourceError
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
-from deltavault.tracking import pagesets
-from deltavault.tracking.base import Allocation, DigestScan, FsScanner
-from deltavault.tracking.readers import VolumeReader
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.base import Allocation, DigestScan, FsScanner
+from deltavault.tracking.volume.readers import VolumeReader
 
 Probe = Callable[[VolumeReader], tuple[FsScanner | None, str]]
 KIND = "partitions"
@@ -130,7 +130,7 @@ def detect_partitions(reader: VolumeReader, probe: Probe) -> tuple[FsScanner | N
     partition that ``probe`` finds a file system in."""
     from dissect.volume.disk import Disk
 
-    from deltavault.tracking.readers import ReaderFile
+    from deltavault.tracking.volume.readers import ReaderFile
 
     try:
         table = Disk(ReaderFile(reader))

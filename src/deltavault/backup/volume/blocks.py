@@ -36,8 +36,8 @@ from deltavault.objects.patch import (
     encode_patch,
 )
 from deltavault.objects.store import BlobSaver
-from deltavault.tracking import pagesets
-from deltavault.tracking.readers import VolumeReader
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.readers import VolumeReader
 from deltavault.workers import Inflight
 
 MAX_CHAIN = 8  # patches on one base before they are merged: bounds restore reads
