@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from deltavault.backends.local import LocalBackend
 from deltavault.backup.files.archiver import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
-from deltavault.repository.repository import ChunkerParams, Repository
+from deltavault.repository.config import ChunkerParams
+from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer, RestoreOptions
 from tests.conftest import FAST_SCRYPT, PASSWORD
 from tests.treeutil import manifest

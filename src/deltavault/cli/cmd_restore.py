@@ -7,7 +7,7 @@ import argparse
 from deltavault.cli.common import Context, human
 from deltavault.cli.volume_restore import add_volume_options, run_volume_restore
 from deltavault.errors import ExitCode, UsageError
-from deltavault.repository.repository import short_id
+from deltavault.repository.snapshots import short_id
 from deltavault.restore.files import FileRestorer, RestoreOptions
 
 

@@ -20,7 +20,7 @@ from deltavault.backup.volume.state import LocalState
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import UsageError
 from deltavault.fs.files import write_cache_file
-from deltavault.repository.repository import short_id
+from deltavault.repository.snapshots import short_id
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import argparse
 from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode, UsageError
 from deltavault.objects.volumes import load_manifest
-from deltavault.repository.repository import short_id
+from deltavault.repository.snapshots import short_id
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 
 

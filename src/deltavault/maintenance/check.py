@@ -20,7 +20,8 @@ from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.trees import load_nodes
 from deltavault.repository.pack import pack_name, read_pack_entries
-from deltavault.repository.repository import Repository, short_id
+from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
 
 
 def check_repository(repo: Repository, *, read_data: bool = False,

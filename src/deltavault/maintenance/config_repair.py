@@ -36,19 +36,19 @@ from deltavault.errors import (
     ObjectNotFound,
     RepositoryNotFound,
 )
+from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
-from deltavault.repository.envelope import Envelope
-from deltavault.repository.locks import LockManager
-from deltavault.repository.repository import (
+from deltavault.repository.cache import default_cache_root
+from deltavault.repository.config import (
     DEFAULT_COMPRESSION,
     DEFAULT_PACK_SIZE,
     REPO_VERSION,
     ChunkerParams,
     RepoConfig,
-    Repository,
     config_mac,
-    default_cache_root,
 )
+from deltavault.repository.envelope import Envelope
+from deltavault.repository.locks import LockManager
 
 _MIB = 1024 * 1024
 
@@ -85,7 +85,7 @@ def check_or_rebuild_config(backend: Backend, password: Callable[[], bytes], *, 
 
 def _unlock(backend: Backend, key_names: list[str], password: Callable[[], bytes]) -> keymod.MasterKey:
     try:
-        return Repository.unlock(backend, key_names, password())[0]
+        return configmod.unlock(backend, key_names, password())[0]
     except KeyFileDamaged as exc:
         raise CorruptionError(f"the config cannot be rebuilt: {exc.message}; without an intact key file the "
                               "master key is lost and no one can decrypt this repository's data") from exc

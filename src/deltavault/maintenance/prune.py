@@ -28,7 +28,8 @@ from deltavault.maintenance.reachable import Bitmap, Marker
 from deltavault.repository.index import Index
 from deltavault.repository.pack import PackEntry, pack_name
 from deltavault.repository.packwriter import PackWriter
-from deltavault.repository.repository import Repository, short_id
+from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
 
 # Entries per index file the sweep writes, to bound the memory of encoding one.
 INDEX_CHUNK = 100_000
@@ -270,7 +271,7 @@ def sweep(repo: Repository, plan: Plan, rep: PruneReport, say: Progress,
     for name in old_files:
         repo.backend.delete(name)
         rep.index_files_removed += 1
-    repo._cache_prune("index", set(repo.index_names()))
+    repo.cache.prune("index", set(repo.index_names()))
     rep.bytes_freed = sum(plan.sizes.get(p, 0) for p in gone) - sum(_pack_bytes(e) for p, e in plan.repacked)
 
 

@@ -15,7 +15,8 @@ from deltavault.model.snapshot import Snapshot
 from deltavault.objects.trees import load_nodes
 from deltavault.objects.volumes import volume_blob_ids
 from deltavault.repository.index import Index
-from deltavault.repository.repository import Repository, short_id
+from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
 
 
 class Bitmap:

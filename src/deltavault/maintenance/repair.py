@@ -27,7 +27,8 @@ from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree, load_nodes
 from deltavault.repository.pack import PackEntry, pack_name, read_pack_entries
 from deltavault.repository.packwriter import PackWriter
-from deltavault.repository.repository import Repository, short_id
+from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
 
 INDEX_CHUNK = 100_000
 DAMAGED_XATTR = b"user.deltavault.damaged"
@@ -96,7 +97,7 @@ def repair(repo: Repository, *, rewrite: bool = False, dry_run: bool = False, lo
         for name in old_index:
             repo.backend.delete(name)
             rep.index_files_removed += 1
-        repo._cache_prune("index", set(repo.index_names()))
+        repo.cache.prune("index", set(repo.index_names()))
         _reload(repo)
         _drop_unreadable_snapshots(repo, rep)
         check = check_repository(repo)
@@ -158,7 +159,7 @@ def _write_index(repo: Repository, packs: list[tuple[bytes, list[PackEntry]]], o
 
 
 def _reload(repo: Repository) -> None:
-    repo.index_errors = []
+    repo.index_errors.clear()
     repo.refresh_index(force=True)
 
 
