@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltavault.backup.files.content import ContentReader, PrevContent
+from deltavault.backup.files.content import ContentReader
+from deltavault.backup.files.delta import PrevContent
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import FormatError
 from deltavault.model.content import Full, Hole

@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.files.content import ContentReader, PendingContent, PrevContent
+from deltavault.backup.files.content import ContentReader
+from deltavault.backup.files.delta import PrevContent
+from deltavault.backup.files.pending import PendingContent
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.chunking.pages import PAGES_PER_DIGEST_BLOB, PageHasher, segment_count
 from deltavault.fs.sparse import MIN_HOLE, ReadExtents, data_extents, is_sparse

@@ -23,19 +23,17 @@ import gc
 import os
 import stat
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
 from deltavault.backup.files.catalog import CatalogWriter
-from deltavault.backup.files.content import (
-    ContentReader,
-    FileChanged,
-    PendingContent,
-    PrevContent,
-)
+from deltavault.backup.files.content import ContentReader
+from deltavault.backup.files.delta import PrevContent
+from deltavault.backup.files.fileio import FileChanged
+from deltavault.backup.files.pending import PendingContent
 from deltavault.backup.files.previous import PrevDir, PreviousState
 from deltavault.chunking.cdc import Chunker
 from deltavault.chunking.pages import segment_count
@@ -631,7 +629,7 @@ class FileArchiver:
             self.content.flush_batch()
         while self._queue:
             job = self._queue[0]
-            if not block and not all(c.content is None or _done(c.content) for c in job.children):
+            if not block and not all(c.content is None or c.content.done() for c in job.children):
                 return
             self._finish_dir(job)
             self._queue.popleft()
@@ -675,11 +673,6 @@ class FileArchiver:
         job.clean = prev is not None and tid == prev.tree_id
         if self.catalog is not None:
             self.catalog.put_dir(job.relpath, tid, raw)
-
-
-def _done(p: PendingContent) -> bool:
-    return all(getattr(x, "done", lambda: True)() for x in p.parts) and (
-        not isinstance(p.pages, Future) or p.pages.done())
 
 
 __all__ = ["DeltavaultError", "FileArchiver", "FileBackupOptions", "FileStats", "Problem", "Source"]
