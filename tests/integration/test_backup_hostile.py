@@ -382,7 +382,8 @@ def test_a_fifo_or_symlink_swapped_in_for_a_file_is_never_opened(tmp_path: Path,
     block until a writer came (the alarm ends the test instead)."""
     import signal
 
-    from deltavault.backup.files.archiver import FileArchiver, FileBackupOptions
+    from deltavault.backup.files.archiver import FileArchiver
+    from deltavault.backup.files.options import FileBackupOptions
     from deltavault.backup.files.previous import NoPrevious
     from deltavault.backup.files.run import chunker_for
 
@@ -396,8 +397,8 @@ def test_a_fifo_or_symlink_swapped_in_for_a_file_is_never_opened(tmp_path: Path,
     old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("blocked on the FIFO")))
     signal.alarm(10)
     try:
-        assert arch._open_file(dfd, b"was-a-file", b"d/was-a-file") is None
-        assert arch._open_file(dfd, b"now-a-link", b"d/now-a-link") is None
+        assert arch.files._open(dfd, b"was-a-file", b"d/was-a-file") is None
+        assert arch.files._open(dfd, b"now-a-link", b"d/now-a-link") is None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.files.archiver import FileBackupOptions
+from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository

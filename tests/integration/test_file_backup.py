@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from deltavault.backup.files.archiver import FileBackupOptions
+from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.errors import CorruptionError
 from deltavault.model.content import Patch

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.files.archiver import FileBackupOptions
+from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.repository.config import ChunkerParams
 from deltavault.repository.repository import Repository

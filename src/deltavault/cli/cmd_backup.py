@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltavault.backup.files.archiver import FileBackupOptions
+from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.cli.volume_backup import add_volume_options, run_volume_backup

@@ -17,14 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from deltavault import __version__
-from deltavault.backup.files.archiver import (
-    FileArchiver,
-    FileBackupOptions,
-    FileStats,
-    Problem,
-    Source,
-)
+from deltavault.backup.files.archiver import FileArchiver
 from deltavault.backup.files.catalog import Catalog, open_catalog
+from deltavault.backup.files.options import FileBackupOptions, FileStats, Problem, Source
 from deltavault.backup.files.previous import (
     CatalogPrevious,
     NoPrevious,
