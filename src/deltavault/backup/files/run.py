@@ -19,7 +19,7 @@ from pathlib import Path
 from deltavault import __version__
 from deltavault.backup.files.archiver import FileArchiver
 from deltavault.backup.files.catalog import Catalog, open_catalog
-from deltavault.backup.files.options import FileBackupOptions, FileStats, Problem, Source
+from deltavault.backup.files.options import Excludes, FileBackupOptions, FileStats, Problem, Source
 from deltavault.backup.files.previous import (
     CatalogPrevious,
     NoPrevious,
@@ -212,12 +212,17 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             catalog.close()
 
 
-def _start_scanner(sources: list[Source], opts: FileBackupOptions, reporter: Reporter) -> None:
-    """Sum sizes in the background so a terminal progress bar can show an ETA."""
-
-    def scan() -> None:
-        total = count = 0
-        stack = [s.path for s in sources]
+def scan_totals(sources: list[Source], opts: FileBackupOptions) -> tuple[int, int]:
+    """(bytes, files) of the regular files a backup with ``opts`` would read at most: the
+    same exclusions, skipped paths and file-system boundary as the archiver's walk."""
+    excluded = Excludes(opts.excludes)
+    total = count = 0
+    for src in sources:
+        try:
+            root_dev = os.lstat(src.path).st_dev
+        except OSError:
+            continue
+        stack = [src.path]
         while stack:
             p = stack.pop()
             try:
@@ -225,14 +230,25 @@ def _start_scanner(sources: list[Source], opts: FileBackupOptions, reporter: Rep
             except OSError:
                 continue
             if stat.S_ISDIR(st.st_mode):
+                if opts.one_file_system and st.st_dev != root_dev:
+                    continue
                 try:
                     with os.scandir(p) as it:
-                        stack.extend(e.path for e in it if e.path not in opts.skip_paths)
+                        stack.extend(e.path for e in it
+                                     if e.path not in opts.skip_paths and not excluded(e.path, e.name))
                 except OSError:
                     pass
             elif stat.S_ISREG(st.st_mode):
                 total += st.st_size
                 count += 1
+    return total, count
+
+
+def _start_scanner(sources: list[Source], opts: FileBackupOptions, reporter: Reporter) -> None:
+    """Sum sizes in the background so a terminal progress bar can show an ETA."""
+
+    def scan() -> None:
+        total, count = scan_totals(sources, opts)
         reporter.set_totals(total_bytes=total, total_items=count)
 
     threading.Thread(target=scan, name="dv-scan", daemon=True).start()
