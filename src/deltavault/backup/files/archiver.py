@@ -23,7 +23,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from deltavault.backup.files.catalog import CatalogWriter
+from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.dirs import Child, DirJob, TreeWriter
 from deltavault.backup.files.nodes import dir_clean, fd_xattrs, handle_xattrs, make_node, same_meta
 from deltavault.backup.files.options import Excludes, FileBackupOptions, RunLog, Source, Store

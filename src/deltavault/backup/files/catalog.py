@@ -46,7 +46,6 @@ from __future__ import annotations
 import hmac
 import os
 import sqlite3
-import stat
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -56,8 +55,9 @@ from pathlib import Path
 import blake3
 import msgspec
 
+from deltavault.backup.files.catalog_files import prepare, remove_files
 from deltavault.fs.dirfd import identity
-from deltavault.fs.files import FILE_MODE, UnsafeCacheDir, private_dir
+from deltavault.fs.files import UnsafeCacheDir
 
 SCHEMA = 5  # 5: authenticated rows (older catalogs are rebuilt)
 
@@ -71,19 +71,6 @@ CREATE TABLE IF NOT EXISTS dirs(
 CREATE TABLE IF NOT EXISTS blobs(
   source_id TEXT, id BLOB, data BLOB, PRIMARY KEY(source_id, id)) WITHOUT ROWID;
 """
-# A run's directory rows wait here until commit: on disk (SQLite's temporary file), not in
-# memory, whatever the size of the tree.
-_RUN_DDL = """
-CREATE TEMP TABLE IF NOT EXISTS run_dirs(path BLOB PRIMARY KEY, tree_id BLOB, tree BLOB, mac BLOB);
-CREATE TEMP TABLE IF NOT EXISTS run_seen(path BLOB PRIMARY KEY);
-DELETE FROM temp.run_dirs;
-DELETE FROM temp.run_seen;
-"""
-_SUFFIXES = ("", "-wal", "-shm")
-# Rows buffered before they are written to the temporary tables.
-_FLUSH_ROWS = 1000
-_FLUSH_BYTES = 8 << 20
-
 _WHAT = {"sources": ("source record", "source records",
                      "this run compared with the previous snapshot's trees instead"),
          "dirs": ("directory", "directories", "the files in those directories were read again"),
@@ -118,77 +105,6 @@ class RowAuth:
         return isinstance(mac, bytes) and hmac.compare_digest(mac, self.tag(table, fields, tail))
 
 
-def _unlink_all(dir_fd: int, name: str) -> None:
-    for suffix in _SUFFIXES:
-        try:
-            os.unlink(name + suffix, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-
-
-def _remove_files(path: Path) -> None:
-    """Delete a catalog with its WAL and shared-memory files."""
-    try:
-        dfd = private_dir(path.parent, create=False)
-    except FileNotFoundError:
-        return
-    except UnsafeCacheDir as exc:
-        raise OSError(str(exc)) from None
-    try:
-        _unlink_all(dfd, path.name)
-    finally:
-        os.close(dfd)
-
-
-def _prepare(path: Path) -> tuple[tuple[int, int], tuple[int, int], str]:
-    """Make sure the catalog's files are ours alone before SQLite opens them: its directory
-    private, each of the main, WAL and shared-memory files a regular file of ours with one
-    link and writable by nobody else, else all three are removed (a new catalog starts);
-    a main file made 0600, so that SQLite gives the WAL and shared-memory files it creates
-    the same mode. Returns the identities of the directory and of the main file, and a
-    note when files were replaced."""
-    dfd = private_dir(path.parent)
-    try:
-        note = ""
-        name = path.name
-        sts = {}
-        for suffix in _SUFFIXES:
-            try:
-                sts[suffix] = os.stat(name + suffix, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-        bad = [f"{name}{s}" for s, st in sts.items()
-               if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1
-               or stat.S_IMODE(st.st_mode) & 0o022]
-        if bad:
-            note = (f"the local catalog file {bad[0]} was not this user's alone (another user may have "
-                    "changed it); deltavault removed it and started a new catalog")
-        if bad or "" not in sts:
-            _unlink_all(dfd, name)  # no WAL may outlive its main file: it would be replayed into a new one
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE,
-                         dir_fd=dfd)
-            sts = {}
-        else:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            st = os.fstat(fd)
-            if stat.S_IMODE(st.st_mode) != FILE_MODE:
-                os.fchmod(fd, FILE_MODE)
-            for suffix, sst in sts.items():
-                if suffix and stat.S_IMODE(sst.st_mode) != FILE_MODE:
-                    sfd = os.open(name + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                                  dir_fd=dfd)
-                    try:
-                        os.fchmod(sfd, FILE_MODE)
-                    finally:
-                        os.close(sfd)
-            return identity(os.fstat(dfd)), identity(st), note
-        finally:
-            os.close(fd)
-    finally:
-        os.close(dfd)
-
-
 def open_catalog(path: Path, *, key: bytes | None,
                  blob_id: Callable[[bytes], bytes]) -> tuple[Catalog | None, str]:
     """(the catalog or None, a note when something was wrong). A damaged catalog file is
@@ -203,7 +119,7 @@ def open_catalog(path: Path, *, key: bytes | None,
     except sqlite3.DatabaseError as exc:  # not a database, malformed
         damage = str(exc)
     try:
-        _remove_files(path)
+        remove_files(path)
     except OSError as exc:
         return None, f"the local catalog is damaged ({damage}) and cannot be removed ({exc})"
     try:
@@ -219,11 +135,11 @@ class Catalog:
         self.path = path
         self.auth = RowAuth(key)
         self._blob_id = blob_id
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.damaged = ""  # why a query failed on damaged data, if one did
         self.rejected: Counter[str] = Counter()  # rows that failed their check, by table
-        dir_id, file_id, self.note = _prepare(path)
-        self._db = self._connect()
+        dir_id, file_id, self.note = prepare(path)
+        self.db = self._connect()
         try:
             # Only we can write the directory, so this holds by construction; it would catch
             # an ancestor of the cache root swapped between _prepare and the connect.
@@ -231,7 +147,7 @@ class Catalog:
                     or identity(os.stat(path, follow_symlinks=False)) != file_id):
                 raise OSError(f"the catalog file {path} was replaced while it was opened")
         except BaseException:
-            self._db.close()
+            self.db.close()
             raise
 
     def _connect(self) -> sqlite3.Connection:
@@ -255,14 +171,14 @@ class Catalog:
         return db
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
 
     def _fetch(self, sql: str, args: tuple[object, ...]) -> tuple[object, ...] | None:
         # A damaged page shows up only when a query reaches it: the entry is then unknown
         # (its file is read again) and the damage is remembered for the end of the run.
         try:
-            with self._lock:
-                row = self._db.execute(sql, args).fetchone()
+            with self.lock:
+                row = self.db.execute(sql, args).fetchone()
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 raise
@@ -275,8 +191,8 @@ class Catalog:
         and nothing reads it again."""
         self.rejected[table] += 1
         try:
-            with self._lock:
-                self._db.execute(sql, args)
+            with self.lock:
+                self.db.execute(sql, args)
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 return  # a full disk: the row stays, and is refused again next time
@@ -328,105 +244,4 @@ class Catalog:
     def discard(self) -> None:
         """Close and delete the catalog files: the next run starts a new catalog."""
         self.close()
-        _remove_files(self.path)
-
-    def writer(self, source_id: str) -> CatalogWriter:
-        return CatalogWriter(self, source_id)
-
-
-class CatalogWriter:
-    """A run's changes. Directory rows wait in temporary tables and reach the catalog in one
-    transaction in ``commit``, once the snapshot is saved, so a failed run leaves the
-    previous rows intact. Page-digest blobs (``put_blob``) are written at once, so a very
-    large file's digests never pile up in memory: they are content-addressed and checked
-    against their id when read, so a blob written by a run that then fails is harmless,
-    and the next commit drops those no snapshot refers to. Thread-safe."""
-
-    def __init__(self, catalog: Catalog, source_id: str) -> None:
-        self.catalog = catalog
-        self.source_id = source_id
-        self._dirs: list[tuple[bytes, bytes, bytes, bytes]] = []
-        self._dir_bytes = 0
-        self._seen: list[bytes] = []
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None  # the first failed write; commit raises it
-        try:
-            with catalog._lock:
-                catalog._db.executescript(_RUN_DDL)
-        except (sqlite3.Error, OSError) as exc:
-            self._error = exc
-
-    def _flush(self) -> None:
-        """Write the buffered rows to the temporary tables (caller holds self._lock)."""
-        if self._error is not None or not (self._dirs or self._seen):
-            self._dirs.clear()
-            self._seen.clear()
-            return
-        dirs, seen = self._dirs, self._seen
-        self._dirs, self._seen, self._dir_bytes = [], [], 0
-        cat = self.catalog
-        try:
-            with cat._lock:
-                cat._db.executemany("INSERT OR REPLACE INTO temp.run_dirs VALUES(?,?,?,?)", dirs)
-                cat._db.executemany("INSERT OR IGNORE INTO temp.run_seen VALUES(?)", [(p,) for p in seen])
-        except (sqlite3.Error, OSError) as exc:
-            self._error = exc
-
-    def visit(self, path: bytes) -> None:
-        with self._lock:
-            self._seen.append(path)
-            if len(self._seen) >= _FLUSH_ROWS:
-                self._flush()
-
-    def put_dir(self, path: bytes, tree_id: bytes, tree: bytes) -> None:
-        mac = self.catalog.auth.tag("dirs", (self.source_id, path, tree_id), tree)
-        with self._lock:
-            self._dirs.append((path, tree_id, tree, mac))
-            self._seen.append(path)
-            self._dir_bytes += len(tree)
-            if len(self._dirs) >= _FLUSH_ROWS or self._dir_bytes >= _FLUSH_BYTES:
-                self._flush()
-
-    def put_blob(self, blob_id: bytes, data: bytes) -> None:
-        cat = self.catalog
-        try:
-            with cat._lock:
-                # REPLACE: a row that failed its check must not survive under this id.
-                cat._db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?)", (self.source_id, blob_id, data))
-        except (sqlite3.Error, OSError) as exc:
-            with self._lock:
-                self._error = self._error or exc
-
-    def commit(self, snapshot_id: str, run_start_ns: int, *, keep_blobs: set[bytes],
-               index_files: set[str]) -> None:
-        """``keep_blobs``: every META blob the new snapshot refers to; others are dropped.
-        Raises the first write that failed during the run, leaving the catalog as it was."""
-        with self._lock:
-            self._flush()
-            if self._error is not None:
-                raise self._error
-        cat = self.catalog
-        sid = self.source_id
-        files = " ".join(sorted(index_files))
-        mac = cat.auth.tag("sources", (sid, snapshot_id, run_start_ns, files))
-        with cat._lock:
-            db = cat._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("INSERT OR REPLACE INTO dirs SELECT ?, path, tree_id, tree, mac FROM temp.run_dirs",
-                           (sid,))
-                db.execute("DELETE FROM dirs WHERE source_id=? AND path NOT IN (SELECT path FROM temp.run_seen)",
-                           (sid,))
-                rows = db.execute("SELECT id FROM blobs WHERE source_id=?", (sid,)).fetchall()
-                drop = [(sid, r[0]) for r in rows if not (isinstance(r[0], bytes) and r[0] in keep_blobs)]
-                db.executemany("DELETE FROM blobs WHERE source_id=? AND id=?", drop)
-                db.execute("INSERT OR REPLACE INTO sources VALUES(?,?,?,strftime('%s','now'),?,?)",
-                           (sid, snapshot_id, run_start_ns, files, mac))
-                db.execute("COMMIT")
-            except BaseException:
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite already rolled back (a full disk or I/O error does that)
-                raise
-            db.executescript("DELETE FROM temp.run_dirs; DELETE FROM temp.run_seen;")
+        remove_files(self.path)

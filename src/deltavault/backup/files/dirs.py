@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from deltavault.backup.files.catalog import CatalogWriter
+from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.options import Store
 from deltavault.backup.files.pending import PendingContent
 from deltavault.backup.files.previous import PrevDir, PreviousState

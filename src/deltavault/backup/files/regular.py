@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
-from deltavault.backup.files.catalog import CatalogWriter
+from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.content import ContentReader
 from deltavault.backup.files.delta import PrevContent
 from deltavault.backup.files.dirs import Child

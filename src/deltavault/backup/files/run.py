@@ -19,6 +19,7 @@ from pathlib import Path
 from deltavault import __version__
 from deltavault.backup.files.archiver import FileArchiver
 from deltavault.backup.files.catalog import Catalog, open_catalog
+from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.options import Excludes, FileBackupOptions, FileStats, Problem, Source
 from deltavault.backup.files.previous import (
     CatalogPrevious,
@@ -154,7 +155,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             pass  # packs of an interrupted run are reused from here on
         previous: PreviousState = NoPrevious() if req.options.read_all else _choose_previous(
             repo, catalog, source_id, req.parent)
-        writer = catalog.writer(source_id) if catalog is not None else None
+        writer = CatalogWriter(catalog, source_id) if catalog is not None else None
         opts = req.options
         if repo.backend.location():
             opts.skip_paths = set(opts.skip_paths) | {os.fsencode(os.path.abspath(repo.backend.location()))}
