@@ -13,7 +13,8 @@ import pytest
 from pyroaring import BitMap
 
 from deltavault.backup.volume.blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
-from deltavault.backup.volume.run import VolumeOptions, VolumeRequest, run_volume_backup
+from deltavault.backup.volume.options import VolumeOptions, VolumeRequest
+from deltavault.backup.volume.run import run_volume_backup
 from deltavault.chunking.pages import PageHasher
 from deltavault.errors import UsageError
 from deltavault.maintenance.check import check_repository

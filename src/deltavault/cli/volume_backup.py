@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deltavault.backup.volume.run import (
+from deltavault.backup.volume.options import (
     CBT_MODES,
     DEFAULT_BLOCK_SIZE,
     VolumeOptions,

@@ -4,12 +4,16 @@ and indexed before it."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import threading
+from datetime import UTC, datetime
+from typing import Any
 
 import blake3
 import msgspec
 
+from deltavault import __version__
 from deltavault.backends.base import Backend
 from deltavault.errors import CorruptionError, FormatError, ObjectNotFound, UsageError
 from deltavault.model.snapshot import Snapshot
@@ -23,6 +27,21 @@ SNAPSHOT_AAD = b"snapshot"
 
 def short_id(snap_id: str) -> str:
     return snap_id[:8]
+
+
+def new_snapshot(*, start_ns: int, **fields: Any) -> Snapshot:
+    """The snapshot of a backup run that started at ``start_ns``: stamped with that time,
+    this user and this program; ``fields`` are the rest (kind, paths, tree or volume...)."""
+    when = datetime.fromtimestamp(start_ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
+    return Snapshot(time=when, time_ns=start_ns, username=_user(), program=f"deltavault {__version__}",
+                    **fields)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 class SnapshotStore:

@@ -14,12 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume.run import (
-    VolumeOptions,
-    VolumeRequest,
-    VolumeResult,
-    run_volume_backup,
-)
+from deltavault.backup.volume.options import VolumeOptions, VolumeRequest, VolumeResult
+from deltavault.backup.volume.run import run_volume_backup
 from deltavault.objects.volumes import load_manifest
 from deltavault.repository.repository import Repository
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer

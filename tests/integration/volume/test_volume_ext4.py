@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume.run import VolumeResult
+from deltavault.backup.volume.options import VolumeResult
 from tests.conftest import needs_root, needs_tools
 from tests.integration.volume.conftest import (
     Vol,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume.run import VolumeBackup, VolumeRequest
+from deltavault.backup.volume.options import VolumeRequest
+from deltavault.backup.volume.run import VolumeBackup
 from deltavault.backup.volume.state import LocalState
 from deltavault.progress import NullReporter
 from deltavault.tracking.volume import nbdlib

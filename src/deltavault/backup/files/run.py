@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
 import os
 import socket
 import sqlite3
@@ -13,10 +12,8 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-from deltavault import __version__
 from deltavault.backup.files.archiver import FileArchiver
 from deltavault.backup.files.catalog import Catalog, open_catalog
 from deltavault.backup.files.catalog_writer import CatalogWriter
@@ -33,6 +30,7 @@ from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import new_snapshot
 
 
 @dataclass
@@ -179,10 +177,9 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             errors=sum(1 for p in archiver.problems if p.partial),
             incomplete=[p.path for p in archiver.problems if p.partial][:INCOMPLETE_MAX],
             seconds=round(time.monotonic() - t0, 3))
-        snap = Snapshot(time=datetime.fromtimestamp(start_ns / 1e9, UTC).isoformat().replace("+00:00", "Z"),
-                        time_ns=start_ns, hostname=req.hostname, username=_user(), kind="files",
-                        paths=logical, source_id=source_id, tree=root, parent=previous.snapshot_id,
-                        tags=req.tags, summary=summary, program=f"deltavault {__version__}")
+        snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=logical,
+                            source_id=source_id, tree=root, parent=previous.snapshot_id, tags=req.tags,
+                            summary=summary)
         sid = repo.save_snapshot(snap)
         rejected = catalog.rejection_note() if catalog is not None else ""
         if catalog is not None and catalog.damaged:
@@ -253,10 +250,3 @@ def _start_scanner(sources: list[Source], opts: FileBackupOptions, reporter: Rep
         reporter.set_totals(total_bytes=total, total_items=count)
 
     threading.Thread(target=scan, name="dv-scan", daemon=True).start()
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return ""

@@ -8,27 +8,29 @@ that leaves the previous checkpoint in place and removes this run's.
 
 from __future__ import annotations
 
-import getpass
 import os
 import random
 import secrets
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from pyroaring import BitMap
 
-from deltavault import __version__
 from deltavault.backup.volume.blocks import SegmentEncoder, SegmentPlan, SegmentResult
+from deltavault.backup.volume.options import (
+    VolumeOptions,
+    VolumeReport,
+    VolumeRequest,
+    VolumeResult,
+    default_source_id,
+    validate,
+)
 from deltavault.backup.volume.state import LocalState, MetaStore, PrevVolume, find_previous
-from deltavault.chunking.fixed import check_block_size
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import DeltavaultError, SourceError, UsageError
 from deltavault.model.content import PAGE_SIZE
-from deltavault.model.snapshot import Snapshot, SnapshotSummary
+from deltavault.model.snapshot import SnapshotSummary
 from deltavault.model.volume import (
     SEGMENT_PAGES,
     BlockMap,
@@ -39,6 +41,7 @@ from deltavault.model.volume import (
 )
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import new_snapshot
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.access import FileAccess, VolumeAccess, is_qcow2, mounted_rw
 from deltavault.tracking.volume.base import (
@@ -52,78 +55,7 @@ from deltavault.tracking.volume.fsdetect import detect
 from deltavault.tracking.volume.fsdigests import FsDigestSource
 from deltavault.workers import Inflight
 
-# Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
-DEFAULT_BLOCK_SIZE = 1024 * 1024
-CBT_MODES = ("auto", "fs", "qemu", "btrfs", "digests")
 INFLIGHT_BYTES = 256 * 1024 * 1024
-
-
-@dataclass
-class VolumeOptions:
-    block_size: int = DEFAULT_BLOCK_SIZE
-    cbt: str = "auto"  # auto | fs | qemu | btrfs | digests
-    verify_cbt: int = 0  # blocks to sample among those the source called unchanged
-    free_space: str = "skip"  # skip: free blocks of a known file system are not read
-    workers: int = 0
-    snapshot_dir: str | None = None  # btrfs
-    bitmap_granularity: int = 65536  # qemu
-
-
-@dataclass
-class VolumeRequest:
-    path: str
-    logical: str | None = None
-    source_id: str | None = None
-    hostname: str = field(default_factory=socket.gethostname)
-    tags: list[str] = field(default_factory=list)
-    parent: str | None = None
-    options: VolumeOptions = field(default_factory=VolumeOptions)
-
-
-@dataclass
-class VolumeReport:
-    """The per-run report (printed, and written as JSON)."""
-
-    source: str = ""
-    size: int = 0
-    block_size: int = 0
-    file_system: str | None = None
-    free_space: str = "skip"
-    parent: str | None = None
-    change_source: str = ""
-    rejected: list[dict[str, str]] = field(default_factory=list)  # sources passed over, and why
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    blocks_total: int = 0
-    blocks_changed: int = 0
-    pages_changed: int = 0
-    bytes_changed: int = 0  # pages_changed * 4 KiB
-    bytes_dirty: int | None = None  # what the change source reported, where it reports bytes
-    bytes_to_read: int = 0  # pages planned for reading
-    bytes_read: int = 0  # everything read from the source, file-system metadata included
-    bytes_extra_read: int = 0  # read to merge patch chains or rebase blocks
-    bytes_free_skipped: int = 0
-    bytes_zero_skipped: int = 0
-    bytes_added: int = 0
-    bytes_downloaded: int = 0
-    segments_total: int = 0
-    segments_written: int = 0
-    verify_cbt: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class VolumeResult:
-    snapshot_id: str
-    snapshot: Snapshot
-    report: VolumeReport
-
-
-def default_source_id(hostname: str, logical: str) -> str:
-    return f"{hostname}:volume:{logical}"
 
 
 def open_access(path: str, opts: VolumeOptions, state: LocalState) -> VolumeAccess:
@@ -139,19 +71,6 @@ def open_access(path: str, opts: VolumeOptions, state: LocalState) -> VolumeAcce
     if opts.cbt == "qemu":
         raise UsageError(f"--cbt qemu needs a qcow2 image; {path} is not one")
     return FileAccess(path)
-
-
-def _validate(opts: VolumeOptions) -> None:
-    try:
-        check_block_size(opts.block_size)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if opts.cbt not in CBT_MODES:
-        raise UsageError(f"--cbt must be one of {', '.join(CBT_MODES)}")
-    if opts.free_space not in ("skip", "read"):
-        raise UsageError("--free-space must be skip or read")
-    if opts.verify_cbt < 0:
-        raise UsageError("--verify-cbt needs a count of blocks, 0 or more")
 
 
 class VolumeBackup:
@@ -207,7 +126,7 @@ class VolumeBackup:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> VolumeResult:
-        _validate(self.opts)
+        validate(self.opts)
         if not os.path.exists(self.req.path):
             raise UsageError(f"volume {self.req.path!r} does not exist")
         t0 = time.monotonic()
@@ -306,11 +225,9 @@ class VolumeBackup:
                                   bytes_added=rep.bytes_added, bytes_downloaded=rep.bytes_downloaded,
                                   blobs_added=self.repo.write_stats.blobs_added - self._blobs0,
                                   seconds=rep.seconds)
-        snap = Snapshot(time=datetime.fromtimestamp(start_ns / 1e9, UTC).isoformat().replace("+00:00", "Z"),
-                        time_ns=start_ns, hostname=self.req.hostname, username=_user(), kind="volume",
-                        paths=[self.logical], source_id=self.source_id, volume=manifest_id,
-                        parent=rep.parent, tags=self.req.tags, summary=summary,
-                        program=f"deltavault {__version__}")
+        snap = new_snapshot(start_ns=start_ns, hostname=self.req.hostname, kind="volume",
+                            paths=[self.logical], source_id=self.source_id, volume=manifest_id,
+                            parent=rep.parent, tags=self.req.tags, summary=summary)
         sid = self.repo.save_snapshot(snap)
         keep = {manifest_id, *(s.map for s in segments), *(s.digests for s in segments),
                 *(b for c in checkpoints for b in c.state)}
@@ -459,10 +376,3 @@ class VolumeBackup:
 
 def run_volume_backup(repo: Repository, req: VolumeRequest, reporter: Reporter | None = None) -> VolumeResult:
     return VolumeBackup(repo, req, reporter or NullReporter()).run()
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return ""
