@@ -26,7 +26,8 @@ from deltavault.model.nodes import NodeType
 from deltavault.objects.trees import load_nodes
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import PASSWORD, Cli
 
 TRIALS = int(os.environ.get("DELTAVAULT_CORRUPTION_TRIALS", "90"))

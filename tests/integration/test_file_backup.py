@@ -25,7 +25,8 @@ from deltavault.model.types import BlobType
 from deltavault.objects.walk import find
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import needs_root, needs_tools
 from tests.loopdev import fresh_fs
 from tests.treeutil import allocated, manifest

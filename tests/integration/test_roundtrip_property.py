@@ -18,7 +18,8 @@ from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.repository.config import ChunkerParams
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import FAST_SCRYPT, PASSWORD
 from tests.treeutil import manifest
 

@@ -17,7 +17,8 @@ from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import UsageError
 from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
 from tests.loopdev import umount

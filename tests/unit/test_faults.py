@@ -15,7 +15,8 @@ from deltavault.errors import BackendError
 from deltavault.maintenance.check import check_repository
 from deltavault.maintenance.repair import repair
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend
 from deltavault.testing.memory import MemoryBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD

@@ -8,7 +8,8 @@ from deltavault.cli.common import Context, human
 from deltavault.cli.volume_restore import add_volume_options, run_volume_restore
 from deltavault.errors import ExitCode, UsageError
 from deltavault.repository.snapshots import short_id
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
