@@ -32,7 +32,7 @@ class BlobWriter:
         self.env = env
         self.indexes = indexes
         self.pack_size = pack_size
-        self._lock = indexes.lock  # the index, the ids in flight and the stats change together
+        self._lock = indexes.lock  # the index and the ids in flight change together
         self._pack_lock = threading.Lock()
         self._builders: dict[str, PackBuilder] = {}
         self._pending_ids: set[bytes] = set()  # sealed into a pack not yet indexed
@@ -64,11 +64,7 @@ class BlobWriter:
             stored = b.add(btype, bid, sealed, len(data))
             if len(b) >= self.pack_size:
                 full = self._builders.pop(kind)
-        with self._lock:
-            stats = self.indexes.stats
-            stats.blobs_added += 1
-            stats.bytes_added_raw += len(data)
-            stats.bytes_added_stored += stored
+        self.indexes.stats.add(blobs_added=1, bytes_added_raw=len(data), bytes_added_stored=stored)
         if full is not None:
             self._queue_upload(full)
         return bid, stored
@@ -107,8 +103,7 @@ class BlobWriter:
             to_index = self.indexes.add_written_pack(pid, entries)
             for e in entries:
                 self._pending_ids.discard(e.id)
-            self.indexes.stats.packs_written += 1
-            self.indexes.stats.bytes_written += len(data)
+        self.indexes.stats.add(packs_written=1, bytes_written=len(data))
         if to_index:
             self.indexes.write_file(to_index)
 

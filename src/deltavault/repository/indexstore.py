@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import blake3
 
@@ -55,18 +55,24 @@ class WriteStats:
     packs_written: int = 0
     index_files_written: int = 0
     bytes_written: int = 0  # everything put to the backend (packs, index, snapshot)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Thread-safe: the workers, the uploader and the caller all write."""
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
 
 
 class IndexStore:
-    """``lock`` guards ``index``, ``unindexed`` and ``stats``; the blob writer shares it."""
+    """``lock`` guards ``index`` and ``unindexed``; the blob writer shares it."""
 
-    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats,
-                 lock: threading.Lock) -> None:
+    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats) -> None:
         self.backend = backend
         self.env = env
         self.cache = cache
         self.stats = stats
-        self.lock = lock
+        self.lock = threading.Lock()
         self.index = Index()
         self.errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
         self.unindexed: PackList = []  # written by this process, named by no index file yet
@@ -151,9 +157,7 @@ class IndexStore:
         self.backend.put(name, sealed)
         self.cache.put(name, sealed)
         self._loaded.add(name)
-        with self.lock:
-            self.stats.index_files_written += 1
-            self.stats.bytes_written += len(sealed)
+        self.stats.add(index_files_written=1, bytes_written=len(sealed))
         return name
 
     def add_written_pack(self, pack_id: bytes, entries: list[PackEntry]) -> PackList:

@@ -11,7 +11,6 @@ them by reading their headers (``adopt_orphan_packs``).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -60,10 +59,10 @@ class Repository:
             self.cache_dir, self.cache_note = open_cache(cache_root or default_cache_root(), config.id)
         self.cache = ObjectCache(self.backend, self.cache_dir)
         self.write_stats = WriteStats()
-        self.indexes = IndexStore(self.backend, self.env, self.cache, self.write_stats, threading.Lock())
+        self.indexes = IndexStore(self.backend, self.env, self.cache, self.write_stats)
         self.writer = BlobWriter(self.backend, self.env, self.indexes, config.pack_size)
         self.reader = BlobReader(self.backend, self.env, self.indexes)
-        self.snapshots = SnapshotStore(self.backend, self.env, self.cache, self.write_stats, self.indexes.lock)
+        self.snapshots = SnapshotStore(self.backend, self.env, self.cache, self.write_stats)
         self.locks = LockManager(self.backend, self.env)
         self.held_locks: list[Lock] = []
         self.key_name: str | None = None  # the key file that opened it (keys/...), if encrypted

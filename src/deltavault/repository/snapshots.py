@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,13 +44,11 @@ def _user() -> str:
 
 
 class SnapshotStore:
-    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats,
-                 lock: threading.Lock) -> None:
+    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats) -> None:
         self.backend = backend
         self.env = env
         self.cache = cache
         self.stats = stats
-        self.lock = lock
         self.damaged: dict[str, str] = {}  # snapshot id -> why list() left it out
 
     def save(self, snap: Snapshot) -> str:
@@ -60,8 +57,7 @@ class SnapshotStore:
         name = f"snapshots/{sid}"
         self.backend.put(name, sealed)
         self.cache.put(name, sealed)
-        with self.lock:
-            self.stats.bytes_written += len(sealed)
+        self.stats.add(bytes_written=len(sealed))
         return sid
 
     def ids(self) -> list[str]:
