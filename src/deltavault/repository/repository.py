@@ -34,7 +34,7 @@ from deltavault.repository.config import (
     RepoConfig,
 )
 from deltavault.repository.envelope import Envelope
-from deltavault.repository.index import Index, IndexFile
+from deltavault.repository.index import Index
 from deltavault.repository.indexstore import IndexStore, PackList, WriteStats
 from deltavault.repository.locks import Lock, LockManager
 from deltavault.repository.pack import PackEntry
@@ -117,9 +117,6 @@ class Repository:
 
     def index_names(self) -> list[str]:
         return self.indexes.names()
-
-    def read_index_file(self, name: str) -> IndexFile:
-        return self.indexes.read_file(name)
 
     def load_index(self, *, tolerant: bool = False) -> None:
         self.indexes.load(tolerant=tolerant)
