@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test test-fast fuzz lint typecheck system-deps bench clean
+.PHONY: demo test test-fast fuzz lint typecheck system-deps bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+
+# The layer diagram of docs/architecture.md, from its Graphviz source.
+docs: docs/architecture.svg
+docs/architecture.svg: docs/architecture.dot
+	dot -Tsvg $< -o $@
 
 DATASETS ?= ../data/ds
 # Builds the datasets if missing, installs the peers, then runs every benchmark; each takes

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,17 @@ def test_the_size_rule_reads_reasons() -> None:
     assert _has_size_reason('"""Doc.\n\nSize: one state machine; see below."""\nimport os\n')
     assert _has_size_reason('"""Doc."""\n# Size: one state machine\nimport os\n')
     assert not _has_size_reason('"""Doc."""\nimport os\n# Size: too late\n')
+
+
+def test_the_diagram_shows_every_layer_of_the_contract() -> None:
+    """docs/architecture.dot (the picture in docs/architecture.md) names every package the
+    layer contract names, so the two cannot drift apart unnoticed."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in config["contracts"] if c["id"] == "layers")["layers"]
+    dot = (ROOT / "docs" / "architecture.dot").read_text()
+    svg = (ROOT / "docs" / "architecture.svg").read_text()
+    for layer in layers:
+        for module in layer.replace(":", "|").split("|"):
+            name = module.strip().removeprefix("deltavault.")
+            name = "tracking.volume" if name == "tracking" else name
+            assert name in dot and name in svg, f"{name} is missing from docs/architecture.dot or .svg"
