@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,44 +22,13 @@ from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
 from deltavault.restore.target import LinkSources
-from deltavault.testing.hostile import NOBODY, Outside, attacked
-from tests.conftest import Cli, needs_root, needs_tools
+from deltavault.testing.hostile import NOBODY, Outside, attacked, mirror_names, rich_tree
+from tests.conftest import Cli, needs_root
 from tests.hostileutil import PATH_MAX, deltavault, lines, make_deep
 from tests.treeutil import manifest
 
 
-def _acl(path: Path) -> None:
-    subprocess.run(["setfacl", "-m", "u:nobody:rw,g::r,m::rw", str(path)], check=True)
-
-
-def rich_tree(src: Path, dirs: int = 12) -> None:
-    """Directories writable by everyone (so a restored copy is open to the attacker), each
-    with files, a setuid file, hard links across directories, symlinks, FIFOs, device nodes,
-    xattrs and ACLs."""
-    src.mkdir()
-    for i in range(dirs):
-        d = src / f"d{i:02}" / "inner"
-        d.mkdir(parents=True)
-        for j in range(6):
-            (d / f"f{j}").write_bytes(b"data %d %d\n" % (i, j) * (j + 1))
-            (d.parent / f"g{j}").write_bytes(b"top %d %d\n" % (i, j))
-        os.link(d / "f0", src / f"d{i:02}" / "hard-f0")
-        os.symlink("../g0", d / "up")
-        os.mkfifo(d / "fifo", 0o666)
-        os.mknod(d / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-        suid = d.parent / "suid"
-        suid.write_bytes(b"#!/bin/sh\n")
-        suid.chmod(0o4755)
-        os.setxattr(d / "f1", b"user.tag", b"v%d" % i)
-        os.setxattr(d / "f2", b"trusted.tag", b"t%d" % i)
-        _acl(d / "f3")
-        d.chmod(0o777)
-        d.parent.chmod(0o777)
-    src.chmod(0o777)
-
-
 @needs_root()
-@needs_tools("setfacl")
 def test_restore_under_a_racing_attacker_touches_nothing_outside(shared_dir: Path, cli: Cli) -> None:
     """A process running as nobody keeps swapping directories and entries of the target for
     symlinks to root-only objects outside it, moves directories and plants links, while
@@ -71,13 +39,7 @@ def test_restore_under_a_racing_attacker_touches_nothing_outside(shared_dir: Pat
     assert deltavault(cli, "init").returncode == 0
     assert deltavault(cli, "backup", str(src)).returncode == 0
     outside = Outside.create(shared_dir / "outside")
-    # Root-only files outside under the names the snapshot has, for symlinks to lead to.
-    mirror = outside.root / "mirror"
-    (mirror / "inner").mkdir(parents=True, mode=0o700)
-    for name in ("hard-f0", "g0", "suid", "inner/f0", "inner/fifo", "inner/null"):
-        (mirror / name).write_bytes(b"outside\n")
-        (mirror / name).chmod(0o600)
-    outside.targets += [mirror, mirror / "inner"]
+    mirror_names(outside)
     before = outside.state()
     moves: dict[str, int] = {}
     for seed in range(6):
@@ -94,7 +56,6 @@ def test_restore_under_a_racing_attacker_touches_nothing_outside(shared_dir: Pat
 
 
 @needs_root()
-@needs_tools("setfacl")
 def test_restore_without_attack_is_exact(shared_dir: Path, cli: Cli) -> None:
     src = shared_dir / "src"
     rich_tree(src, dirs=3)

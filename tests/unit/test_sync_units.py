@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from deltavault.sync.delta import PAGE, changed_runs
 from deltavault.sync.filters import Filter
 from deltavault.sync.report import SyncLog, SyncStats
@@ -86,3 +88,106 @@ def test_bufsize_option_units() -> None:
     for bad in ("0", "2K", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             _mb(bad)
+
+
+def test_mountinfo_fields_are_unescaped() -> None:
+    from deltavault.fs.dirfd import _below, _unescape
+
+    assert _unescape(b"/mnt/with\\040space\\011tab\\134back") == b"/mnt/with space\ttab\\back"
+    assert _unescape(b"/plain") == b"/plain"
+    # a mount's root below another's: the rest of the path, else None
+    assert _below(b"/", b"/a/b") == b"a/b" and _below(b"/a", b"/a/b/c") == b"b/c"
+    assert _below(b"/a", b"/ab/c") is None and _below(b"/a", b"/a") is None and _below(b"/", b"/") is None
+
+
+def test_agent_checks_every_component_of_a_path_once() -> None:
+    import pytest
+
+    from deltavault.errors import CorruptionError
+    from deltavault.sync.agent import _Paths
+
+    check = _Paths()
+    deep = b"/".join([b"d"] * 3000)
+    assert check(deep) == deep  # (component by component: its parents were not seen)
+    assert check(deep + b"/e") == deep + b"/e"
+    for bad in (b"..", b"a/../b", b"a//b", b"/abs", b"a/", b"x\0y", deep + b"/..", "str"):
+        with pytest.raises(CorruptionError):
+            check(bad)
+
+
+def test_guard_decides_overlap_by_identity_alone() -> None:
+    import pytest
+
+    from deltavault.errors import UsageError
+    from deltavault.sync.guard import Guard
+
+    root, parent, src, inside, elsewhere = (1, 2), (1, 3), (1, 4), (1, 5), (1, 6)
+    src_up = frozenset({src, parent, root})
+
+    def check(dst: tuple[int, int], dst_up: set[tuple[int, int]]) -> str:
+        try:
+            Guard(src, src_up, dst, frozenset(dst_up | {dst})).check(b"/s", b"/d")
+        except UsageError as exc:
+            return exc.message
+        return "ok"
+
+    assert "is the source" in check(src, set(src_up))
+    assert "is inside the source" in check(inside, {src, parent, root})  # e.g. a bind of SRC/b
+    assert "contains the source" in check(parent, {root})  # e.g. a bind of SRC's parent
+    assert check(elsewhere, {parent, root}) == "ok"  # a sibling of SRC
+    assert check(elsewhere, set()) == "ok"
+    Guard(src, src_up, None, frozenset()).check(b"/s", b"host:/d")  # DST on another host: nothing to judge
+    with pytest.raises(UsageError, match="source and destination overlap"):
+        Guard(src, src_up, src, src_up).check(b"/s", b"/d")
+
+
+def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A tree deeper than the fd budget and than Python's recursion limit is removed whole,
+    children reported first."""
+    import sys
+
+    import deltavault.sync.tree as tree
+
+    monkeypatch.setattr(tree, "MAX_OPEN_DIRS", 2)
+    depth = sys.getrecursionlimit() + 100
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(depth):
+        os.mkdir(b"d", dir_fd=fd)
+        os.close(os.open(b"f%d" % i, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        nfd = os.open(b"d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    removed: list[bytes] = []
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tree.remove_entry(root, b"d", b"d", lambda rel, st: removed.append(rel))
+    finally:
+        os.close(root)
+    assert sorted(os.listdir(tmp_path)) == ["f0"]
+    assert len(removed) == 2 * depth - 1 and removed[-1] == b"d"
+    assert removed.index(b"d/d") < removed.index(b"d")  # children first
+
+
+def test_open_regular_opens_only_regular_files(tmp_path: Path) -> None:
+    """A FIFO, a device node, a symlink or a directory swapped in under a file's name is
+    refused from its O_PATH handle, never opened (a FIFO would block, a device may act)."""
+    import stat as stat_mod
+
+    from deltavault.fs.dirfd import NotRegular, open_regular
+
+    (tmp_path / "file").write_bytes(b"content")
+    os.mkfifo(tmp_path / "fifo")
+    os.mknod(tmp_path / "dev", stat_mod.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.symlink("file", tmp_path / "link")
+    (tmp_path / "dir").mkdir()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = open_regular(dfd, b"file")
+        assert os.read(fd, 100) == b"content"
+        os.close(fd)
+        for name in (b"fifo", b"dev", b"link", b"dir"):
+            with pytest.raises(NotRegular):
+                open_regular(dfd, name)
+    finally:
+        os.close(dfd)

@@ -11,6 +11,7 @@ from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import DeltavaultError, ExitCode, SourceError, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.engine import Syncer, SyncResult
+from deltavault.sync.guard import check_live_source
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.pull import PullSyncer
 from deltavault.sync.push import PushSyncer
@@ -97,6 +98,8 @@ def run(ctx: Context) -> int:
             result = _attempt(ctx, PullSyncer(src_host, a.dest, opts, ctx.reporter(), log, rsh=a.rsh,
                                               remote=a.remote_command, snapshot=a.snapshot), snap_info, t0)
         else:
+            if where is None and a.snapshot != "none":
+                check_live_source(os.fsencode(a.source), os.fsencode(a.dest))
             with take_snapshot(a.source, a.snapshot) as snap:
                 snap_info = {"kind": snap.kind, "mount_path": snap.mount_path, "source_path": snap.source_path}
                 if snap.note:
@@ -112,7 +115,13 @@ def run(ctx: Context) -> int:
         if log is not None:
             log.close()
     _summary(ctx, a, result, snap_info, time.monotonic() - t0)
-    return int(ExitCode.PARTIAL) if result.problems else 0
+    return int(ExitCode.PARTIAL) if _errors(result) else 0
+
+
+def _errors(r: SyncResult) -> int:
+    """Problems that make the run partial: all but "skipped" (a directory seen a second
+    time through a bind mount, or a mount showing SRC or DST, is kept empty on purpose)."""
+    return sum(p.kind != "skipped" for p in r.problems)
 
 
 def _attempt(ctx: Context, syncer: Syncer | PushSyncer | PullSyncer, snap_info: dict[str, Any],
@@ -128,7 +137,7 @@ def _attempt(ctx: Context, syncer: Syncer | PushSyncer | PullSyncer, snap_info: 
 def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str, Any], seconds: float) -> None:
     st = r.stats
     obj = {"type": "summary", "source": a.source, "dest": a.dest, "snapshot": snap, "seconds": round(seconds, 3),
-           **st.__dict__, "bytes_written": st.bytes_written, "stopped": r.stopped, "workers": r.workers, "errors": len(r.problems),
+           **st.__dict__, "bytes_written": st.bytes_written, "stopped": r.stopped, "workers": r.workers, "errors": _errors(r),
            "problems": [p.__dict__ for p in r.problems]}
     if r.wire is not None:
         obj["wire_sent"], obj["wire_received"] = r.wire
@@ -151,6 +160,7 @@ def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str,
     if r.stopped:
         text += "\nstopped at the first error (--stop-on-error)"
     if r.problems:
-        text += f"\n{len(r.problems)} error(s):\n" + "\n".join(f"  {p.kind}: {p.path}: {p.message}"
-                                                             for p in r.problems)
+        skipped = len(r.problems) - _errors(r)
+        text += f"\n{_errors(r)} error(s)" + (f", {skipped} skipped" if skipped else "") + ":\n" + "\n".join(
+            f"  {p.kind}: {p.path}: {p.message}" for p in r.problems)
     ctx.emit(obj, text)

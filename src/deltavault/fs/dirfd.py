@@ -154,3 +154,190 @@ def raise_nofile_limit() -> int:
     except (ValueError, OSError):
         return soft
     return want
+
+
+# ---------------------------------------------------------------------------- added for sync
+
+def created_dir(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+    """Open the directory ``name`` that this process has just made (mkdir): refused with
+    ``Replaced`` unless it is a directory owned by our effective uid, which another user
+    cannot make (a directory of theirs swapped in between the mkdir and this open)."""
+    fd = open_dir_at(dir_fd, name)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise Replaced("not the directory just created")
+        return fd, st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_dir_checked(dir_fd: int, name: bytes, want: Identity) -> int:
+    """Open the directory ``name`` (no symlink followed), which must be ``want``."""
+    fd = open_dir_at(dir_fd, name)
+    try:
+        if identity(os.fstat(fd)) != want:
+            raise Replaced("another directory stands under this name")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_parent_checked(child_fd: int, want: Identity) -> int | None:
+    """The directory above ``child_fd`` (through ".."), if it is still ``want``; None when
+    the child was moved elsewhere meanwhile."""
+    try:
+        fd = os.open(b"..", DIR_FLAGS, dir_fd=child_fd)
+    except OSError:
+        return None
+    if identity(os.fstat(fd)) == want:
+        return fd
+    os.close(fd)
+    return None
+
+
+class NotRegular(OSError):
+    """What stands under a file's name is no longer a regular file (a FIFO, a device or a
+    symlink was swapped in): it is not opened."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EINVAL, "no longer a regular file when opened; not read")
+
+
+O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_regular(dir_fd: int, name: bytes) -> int:
+    """Open the regular file ``name`` of ``dir_fd`` for reading, through an ``O_PATH`` handle
+    checked to be a regular file first: opening whatever was swapped in under the name could
+    block (a FIFO) or act (a device: a tape rewinds, a watchdog arms). No symlink is followed;
+    the atime is left alone where we may (``O_NOATIME`` needs ownership). Raises NotRegular."""
+    h, st = handle_at(dir_fd, name)
+    try:
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular()
+        try:
+            return reopen(h, os.O_RDONLY | O_NOATIME)
+        except PermissionError:
+            if not O_NOATIME:
+                raise
+            return reopen(h, os.O_RDONLY)
+    finally:
+        os.close(h)
+
+
+def reopen(handle: int, flags: int) -> int:
+    """Open the object an ``O_PATH`` handle names, for reading or writing: the same inode,
+    whatever now stands under its name."""
+    return os.open(fd_path(handle), flags | os.O_CLOEXEC)
+
+
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    __slots__ = ("dev", "id", "point", "root")
+
+    def __init__(self, mid: int, dev: bytes, root: bytes, point: bytes) -> None:
+        self.id, self.dev, self.root, self.point = mid, dev, root, point
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    if b"\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
+            out.append(int(field[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out += field[i:i + 1]
+            i += 1
+    return bytes(out)
+
+
+def read_mounts() -> dict[int, Mount]:
+    """The mounts this process sees, by mount id (the ``mnt_id`` of ``mount_id``)."""
+    out: dict[int, Mount] = {}
+    with open(b"/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            out[int(fields[0])] = Mount(int(fields[0]), fields[2], _unescape(fields[3]), _unescape(fields[4]))
+    return out
+
+
+def _below(root: bytes, inner: bytes) -> bytes | None:
+    """``inner`` relative to ``root`` when inner lies strictly below it (file-system paths)."""
+    if root == b"/":
+        return inner[1:] if inner != b"/" else None
+    return inner[len(root) + 1:] if inner.startswith(root + b"/") else None
+
+
+def _other_views(mounts: dict[int, Mount], mid: int, ident: Identity) -> list[int]:
+    """The directory ``ident``, root of the bind mount ``mid``, opened through each other
+    mount of the same file system that shows it below its own root. From there ".." leads
+    to its real parent in that file system, which ".." from the bind mount never reaches."""
+    m = mounts.get(mid)
+    if m is None or m.root == b"/":
+        return []
+    out: list[int] = []
+    for other in mounts.values():
+        rest = _below(other.root, m.root) if other.id != mid and other.dev == m.dev else None
+        if rest is None:
+            continue
+        try:
+            top = os.open(other.point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if mount_id(top) != other.id:  # hidden under another mount
+                continue
+            fd = open_dir_path(top, rest)
+        except OSError:
+            continue
+        finally:
+            os.close(top)
+        if identity(os.fstat(fd)) == ident:
+            out.append(fd)
+        else:
+            os.close(fd)
+    return out
+
+
+def lineage(dir_fd: int, *, mounts: bool = True) -> set[Identity]:
+    """Identities of ``dir_fd`` and of every directory it lies in: up through ".." (with
+    ``mounts``, on through each mount point to the root), and, where a directory is the
+    root of a bind mount, also up through its real parents in its file system, found
+    through the other mounts that show them. So a directory seen through a bind mount is
+    known to lie inside its original's parents, which ``ancestors`` cannot tell.
+    ``mounts=False``: only the file-system ancestry (a mount root inside a tree: does it
+    show a part of that tree?)."""
+    table: dict[int, Mount] | None = None
+    seen: set[tuple[int, Identity]] = set()
+    out: set[Identity] = set()
+    todo = [os.dup(dir_fd)]
+    while todo:
+        fd = todo.pop()
+        try:
+            mid = mount_id(fd)
+            while True:
+                ident = identity(os.fstat(fd))
+                out.add(ident)
+                parent = os.open(b"..", DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = parent  # (closed by the finally, whatever fails next)
+                pmid = mount_id(fd)
+                top = identity(os.fstat(fd)) == ident
+                if (top or pmid != mid) and (mid, ident) not in seen:  # ident is a mount's root
+                    seen.add((mid, ident))
+                    table = table if table is not None else read_mounts()
+                    todo.extend(_other_views(table, mid, ident))
+                if top or (pmid != mid and not mounts):
+                    break
+                mid = pmid
+        finally:
+            os.close(fd)
+    return out

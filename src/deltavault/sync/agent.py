@@ -17,6 +17,13 @@ Every request that has a reply carries an "id", and its reply the same, so the s
 keep several in flight (it lists the next directories while sending files of earlier ones).
 Files are written under a temp name and renamed into place, as by the local engine.
 A record is [action, path, size, written, digest, problem kind, message].
+
+DST is written as the local engine writes it (sync/dest.py): every directory is reached by
+fd from DST's root, one component at a time with O_NOFOLLOW, and checked to be the
+directory this run made or met (dev, ino); ``_Dirs`` keeps at most MAX_OPEN_DIRS of them
+open and opens the others again, checked, when a request names them. "hello" carries the
+sender's SRC identity: on the same kernel (ssh to localhost), a DST that is SRC, lies in it
+or contains it is refused (sync/guard.py).
 """
 
 from __future__ import annotations
@@ -40,42 +47,154 @@ from deltavault.errors import (
     TargetError,
 )
 from deltavault.fs.clone import pwrite_all, reflink
+from deltavault.fs.dirfd import (
+    Identity,
+    Replaced,
+    created_dir,
+    handle_at,
+    identity,
+    mount_id,
+    open_dir_checked,
+    open_parent_checked,
+    reopen,
+)
 from deltavault.fs.paths import check_name, display, open_target_dir
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.copy import BufferPool, file_digest, hash_zeros, is_zero
 from deltavault.sync.dest import (
     delete_extras,
+    detach,
     fix_meta,
     hard_link,
+    link_failed,
+    link_target,
+    needs_copy,
+    open_existing,
     place_special,
     unlink_quiet,
     verify_written,
 )
 from deltavault.sync.filters import Filter
+from deltavault.sync.guard import Guard, check_missing_dest, mount_root
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Changed, Channel, Rebuilt, fetch_rebuilt
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.tree import join, lstat_at, open_dir, remove_entry, temp_name
-from deltavault.sync.wire import VERSION, Entry, options_from
+from deltavault.sync.tree import MAX_OPEN_DIRS, join, lstat_at, open_dir, remove_entry, temp_name
+from deltavault.sync.wire import GROUP, VERSION, Entry, options_from
 
 DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _path(raw: Any) -> bytes:
-    if not isinstance(raw, bytes):
-        raise CorruptionError("the sender sent a malformed path")
-    for part in raw.split(b"/") if raw else []:
-        check_name(part)
-    return raw
+class _Paths:
+    """Checks the paths the sender sends: each component one safe name. A path whose
+    parent was checked costs one name (the paths of a tree 5,000 deep are long)."""
+
+    def __init__(self) -> None:
+        self._ok: set[bytes] = {b""}
+
+    def __call__(self, raw: Any) -> bytes:
+        if not isinstance(raw, bytes):
+            raise CorruptionError("the sender sent a malformed path")
+        if raw in self._ok:
+            return raw
+        parent, sep, name = raw.rpartition(b"/")
+        if sep and not parent:
+            check_name(parent)  # an empty first component ("/abs"): refused
+        if parent not in self._ok:
+            for part in parent.split(b"/"):
+                check_name(part)
+        check_name(name)
+        self._ok.add(raw)
+        return raw
 
 
 def fatal_error(fatal: str, where: str = "") -> DeltavaultError:
     """The error for the agent's ``fatal``: NoSpace for a full disk, else TargetError."""
     kind, _, message = fatal.partition(": ")
     return (NoSpace if kind == "full" else TargetError)(f"{where}: {message}" if where else message)
+
+
+class _Dirs:
+    """DST's directories of this run: their identities, and fds for the most recently used
+    (at most MAX_OPEN_DIRS). One not open is opened again from its nearest open ancestor,
+    one level at a time, each checked to be the directory recorded (a directory swapped
+    or moved meanwhile is refused: Replaced)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.ids: dict[bytes, Identity] = {b"": identity(os.fstat(root))}
+        self.mounts: dict[bytes, int] = {b"": mount_id(root)}
+        self._fds: dict[bytes, int] = {}  # in use order, oldest first
+
+    def record(self, rel: bytes, fd: int, mnt: int) -> None:
+        """A directory just made or met, and checked; ``fd`` is closed (``get`` opens it
+        again when its listing comes)."""
+        try:
+            self.ids[rel] = identity(os.fstat(fd))
+            self.mounts[rel] = mnt
+        finally:
+            os.close(fd)
+
+    def known(self, rel: bytes) -> bool:
+        return rel in self.ids
+
+    def get(self, rel: bytes) -> int:
+        """An fd of DST/rel, owned by the cache (valid until the next call)."""
+        fd = self._fds.pop(rel, -1)
+        if fd < 0:
+            fd = self._open(rel)
+        self._keep(rel, fd)
+        return fd
+
+    def climb(self, rel: bytes) -> None:
+        """Before DST/rel is forgotten: open its parent through "..", checked, if it is not
+        open (a deep tree is left one level at a time)."""
+        parent = rel.rpartition(b"/")[0]
+        if rel and parent not in self._fds and rel in self._fds and parent in self.ids:
+            fd = open_parent_checked(self._fds[rel], self.ids[parent])
+            if fd is not None:
+                self._keep(parent, fd)
+
+    def forget(self, rel: bytes) -> None:
+        fd = self._fds.pop(rel, -1)
+        if fd >= 0:
+            os.close(fd)
+
+    def _open(self, rel: bytes) -> int:
+        if rel not in self.ids:
+            raise Replaced("not a directory of this run")
+        parts = rel.split(b"/") if rel else []
+        k = len(parts)
+        while k and b"/".join(parts[:k]) not in self._fds:
+            k -= 1
+        base = b"/".join(parts[:k])
+        fd = os.dup(self._fds[base] if k else self.root)
+        try:
+            for i in range(k, len(parts)):
+                nfd = open_dir_checked(fd, parts[i], self.ids[b"/".join(parts[:i + 1])])
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _keep(self, rel: bytes, fd: int) -> None:
+        old = self._fds.pop(rel, -1)
+        if old >= 0 and old != fd:
+            os.close(old)
+        self._fds[rel] = fd
+        while len(self._fds) > MAX_OPEN_DIRS:
+            oldest = next(iter(self._fds))
+            os.close(self._fds.pop(oldest))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class Agent:
@@ -93,17 +212,21 @@ class Agent:
         self.finished = False
         self.refused: DeltavaultError | None = None  # why the run could not start here
         self.stats = SyncStats()
+        self._path = _Paths()
         self.records: list[list[Any]] = []
         self.fatal: str | None = None
         self.opts = SyncOptions()
         self.meta = MetaPolicy(self.opts)
         self.buffers = BufferPool(self.opts.bufsize)
         self.root = -1
-        self.open: dict[bytes, int] = {}  # directories being synced, by path
+        self.dirs: _Dirs | None = None  # DST's directories of this run
+        self.guard: Guard | None = None
         self.created: set[bytes] = set()  # directories this run made (nothing in them to compare)
         self.links: list[tuple[bytes, bytes]] = []
         self.link_dirs: set[bytes] = set()  # directories that get hard links at the end
-        self.deferred: list[tuple[bytes, Entry]] = []  # their metadata, set after the links
+        self.deferred: list[tuple[bytes, Entry, Identity]] = []  # their metadata, set after the links
+        # Hard-link groups' files by path: identity, and installed by this run (else kept).
+        self.targets: dict[bytes, tuple[Identity, bool]] = {}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -124,8 +247,8 @@ class Agent:
         except EOFError:
             return  # the sender is gone; every file it finished is in place, no temp file is left
         finally:
-            for fd in self.open.values():
-                os.close(fd)
+            if self.dirs is not None:
+                self.dirs.close()
             if self.root >= 0:
                 os.close(self.root)
 
@@ -141,14 +264,30 @@ class Agent:
             self.buffers = BufferPool(self.opts.bufsize)
             self.filter = Filter(self.opts.excludes, self.opts.includes,
                                  default_excludes=self.opts.default_excludes)
-            self.root = open_target_dir(self.dest or os.fsencode(req["dest"]), "destination")
+            self._open_root(self.dest or os.fsencode(req["dest"]), req.get("source"))
         except DeltavaultError as exc:
             self.refused = exc
             self.chan.send({"error": exc.message, "code": int(exc.exit_code), "id": 0})
             return False
-        self.open[b""] = os.dup(self.root)
-        self.chan.send({"ok": True, "version": VERSION, "id": 0})
+        assert self.guard is not None
+        self.chan.send({"ok": True, "version": VERSION, "id": 0, "dest": self.guard.describe(is_src=False)})
         return True
+
+    def _open_root(self, dest: bytes, source: Any) -> None:
+        """Open (or make) DST, refused if the sender's SRC is on this kernel and overlaps it."""
+        src_name = os.fsencode(source["path"]) if isinstance(source, dict) and isinstance(
+            source.get("path"), bytes | str) else b"the source"
+        try:
+            self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            check_missing_dest(Guard.peer_root(source), dest, src_name)
+        except OSError:
+            pass
+        if self.root < 0:
+            self.root = open_target_dir(dest, "destination")
+        self.guard = Guard.one_side(self.root, is_src=False, peer=source)
+        self.guard.check(src_name, dest)
+        self.dirs = _Dirs(self.root)
 
     def _reply(self, req: dict[str, Any], **kw: Any) -> None:
         self.chan.send({**kw, "id": req.get("id"), "records": self.records, "fatal": self.fatal})
@@ -192,9 +331,10 @@ class Agent:
 
     # ------------------------------------------------------------------ directories
     def _dir(self, req: dict[str, Any]) -> None:
-        rel = _path(req["path"])
+        rel = self._path(req["path"])
         want: list[list[Any]] = []
-        if self.fatal is None:
+        assert self.dirs is not None
+        if self.fatal is None and self.dirs.known(rel):  # (else not made: reported already)
             try:
                 want = self._sync_dir(rel, [Entry(e) for e in req["entries"]],
                                       {check_name(n) for n in req["protected"]}, bool(req.get("included")))
@@ -204,9 +344,8 @@ class Agent:
 
     def _sync_dir(self, rel: bytes, entries: list[Entry], protected: set[bytes],
                   included: bool) -> list[list[Any]]:
-        if rel not in self.open:
-            self.open[rel] = open_dir(self.root, rel)
-        dfd = self.open[rel]
+        assert self.dirs is not None
+        dfd = self.dirs.get(rel)
         fresh = rel in self.created
         if self.opts.delete and not fresh:
             self._delete_extras(dfd, rel, {e.name for e in entries} | protected, included)
@@ -231,21 +370,14 @@ class Agent:
     def _entry(self, dfd: int, rel: bytes, crel: bytes, e: Entry, fresh: bool) -> str | None:
         dst = None if fresh else lstat_at(dfd, e.name)
         if e.kind == "d":
-            if dst is not None and not stat.S_ISDIR(dst.st_mode):
-                os.unlink(e.name, dir_fd=dfd)
-                dst = None
-            if dst is None:
-                os.mkdir(e.name, 0o700, dir_fd=dfd)
-                self.created.add(crel)
-                self._count(dirs_created=1)
-                self._done("mkdir", crel)
+            self._subdir(dfd, rel, crel, e, dst)
             return None
         if dst is not None and stat.S_ISDIR(dst.st_mode):
             if not self._clear_dir(dfd, e.name, crel):
                 return None
             dst = None
         if e.kind == "h":
-            self.links.append((crel, _path(e.extra)))
+            self.links.append((crel, self._path(e.extra)))
             self.link_dirs.add(rel)
             return None
         if e.kind in ("l", "s"):
@@ -256,9 +388,36 @@ class Agent:
         if dst.st_size == e.st.st_size:
             if self.opts.checksum or dst.st_mtime_ns != e.st.st_mtime_ns:
                 return "check"
-            self._same(dfd, crel, e, dst)
-            return None
+            return self._same(dfd, crel, e, dst)
         return self._changed_how(dst, e)
+
+    def _subdir(self, dfd: int, rel: bytes, crel: bytes, e: Entry, dst: os.stat_result | None) -> None:
+        """Make or open DST/crel, checked: the directory we made, or the one met; not a
+        mount showing SRC or DST (left alone, reported)."""
+        assert self.dirs is not None and self.guard is not None
+        if dst is not None and not stat.S_ISDIR(dst.st_mode):
+            os.unlink(e.name, dir_fd=dfd)
+            dst = None
+        mnt = self.dirs.mounts[rel]
+        if dst is None:
+            os.mkdir(e.name, 0o700, dir_fd=dfd)
+            fd, _ = created_dir(dfd, e.name)
+            self.created.add(crel)
+            self._count(dirs_created=1)
+            self._done("mkdir", crel)
+        else:
+            fd = open_dir_checked(dfd, e.name, identity(dst))
+            try:
+                is_root, mnt = mount_root(fd, mnt)
+                why = self.guard.overlap(fd) if is_root else None
+            except BaseException:
+                os.close(fd)
+                raise
+            if why is not None:
+                os.close(fd)
+                self._problem(crel, "write", f"left alone: {why} (a mount inside the destination)")
+                return
+        self.dirs.record(crel, fd, mnt)
 
     def _changed_how(self, dst: os.stat_result, e: Entry) -> str:
         small = min(dst.st_size, e.st.st_size) < self.opts.delta_min
@@ -284,74 +443,92 @@ class Agent:
         self._done(action, crel)
 
     def _enddir(self, req: dict[str, Any]) -> None:
-        rel = _path(req["path"])
+        rel = self._path(req["path"])
         e = Entry(req["e"])
-        fd = self.open.pop(rel, -1)
-        if fd < 0 or self.fatal is not None:
-            if fd >= 0:
-                os.close(fd)
+        assert self.dirs is not None
+        if self.fatal is not None or not self.dirs.known(rel):
             return
         try:
+            fd = self.dirs.get(rel)
             if self.opts.skip_empty_dirs and rel and rel in self.created and not os.listdir(fd):
                 pdir, _, name = rel.rpartition(b"/")
-                pfd = self.open.get(pdir, -1)
-                if pfd >= 0:
-                    os.rmdir(name, dir_fd=pfd)
-                    self._count(dirs_created=-1)
-                    return
+                self.dirs.forget(rel)
+                os.rmdir(name, dir_fd=self.dirs.get(pdir))
+                self._count(dirs_created=-1)
+                return
             if rel in self.link_dirs:  # making the links would change its mtime
-                self.deferred.append((rel, e))
+                self.deferred.append((rel, e, self.dirs.ids[rel]))
                 return
             self._dir_meta(fd, rel, e)
         except OSError as exc:
             self._os_problem(rel or b".", exc)
         finally:
-            os.close(fd)
+            self.dirs.climb(rel)
+            self.dirs.forget(rel)
 
     def _dir_meta(self, fd: int, rel: bytes, e: Entry) -> None:
         self._meta_problems(rel, self.meta.apply_fd(fd, e.st, e.xattrs))
 
+    def _dir_fd(self, rel: bytes) -> int:
+        """The fd of DST/rel for a file request; -1 when it cannot be written (reported)."""
+        assert self.dirs is not None
+        if self.fatal is not None or not self.dirs.known(rel):
+            return -1
+        try:
+            return self.dirs.get(rel)
+        except OSError as exc:
+            self._os_problem(rel or b".", exc)
+            return -1
+
     # ------------------------------------------------------------------ regular files
-    def _same(self, dfd: int, crel: bytes, e: Entry, dst: os.stat_result) -> None:
-        """Content is equal; correct metadata that differs."""
-        action, probs = fix_meta(dfd, e.name, e.st, dst, e.xattrs, self.meta)
+    def _same(self, dfd: int, crel: bytes, e: Entry, dst: os.stat_result) -> str | None:
+        """Content is equal; correct metadata that differs. "whole": it must be sent anew
+        (its metadata differs, and it has other links, maybe to a file outside DST)."""
+        action, probs, ident = fix_meta(dfd, e.name, e.st, dst, e.xattrs, self.meta)
+        if action == "replace":
+            return "whole"
+        if e.extra == GROUP:
+            self.targets[crel] = (ident, False)
         self._meta_problems(crel, probs)
         self._count(**{_COUNTERS[action]: 1})
         self._done(action, crel, e.st.st_size)
+        return None
 
     def _check(self, req: dict[str, Any]) -> None:
-        rel = _path(req["path"])
+        rel = self._path(req["path"])
         want: list[list[Any]] = []
-        dfd = self.open.get(rel, -1)
-        for digest, raw_e in req["items"] if self.fatal is None and dfd >= 0 else []:
+        dfd = self._dir_fd(rel) if req["items"] else -1
+        for digest, raw_e in req["items"] if dfd >= 0 else []:
             e = Entry(raw_e)
             crel = join(rel, e.name)
             try:
                 dst = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
-                if self._digest_at(dfd, e.name) == digest:
-                    self._same(dfd, crel, e, dst)
+                if self._digest_at(dfd, e.name, dst) == digest:
+                    how = self._same(dfd, crel, e, dst)
+                    if how is not None:
+                        want.append([e.name, how])
                 else:
                     want.append([e.name, self._changed_how(dst, e)])
             except OSError as exc:
                 self._os_problem(crel, exc)
         self._reply(req, want=want)
 
-    def _digest_at(self, dfd: int, name: bytes) -> bytes:
-        fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+    def _digest_at(self, dfd: int, name: bytes, dst: os.stat_result) -> bytes:
+        fd = open_existing(dfd, name, dst, os.O_RDONLY)
         try:
             return file_digest(fd, self.buffers.get(0))
         finally:
             os.close(fd)
 
     def _put(self, req: dict[str, Any]) -> None:
-        rel = _path(req["path"])
+        rel = self._path(req["path"])
         e = Entry(req["e"])
         crel = join(rel, e.name)
-        dfd = self.open.get(rel, -1)
+        dfd = self._dir_fd(rel)
         tmp: bytes | None = None
         tfd = -1
         error: OSError | None = None
-        if self.fatal is None and dfd >= 0:
+        if dfd >= 0:
             tmp = temp_name(e.name)
             try:
                 tfd = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=dfd)
@@ -402,14 +579,17 @@ class Agent:
     def _install(self, dfd: int, tfd: int, tmp: bytes, crel: bytes, e: Entry, action: str, written: int,
                  digest: bytes) -> None:
         self._meta_problems(crel, self.meta.apply_fd(tfd, e.st, e.xattrs))
+        ident = identity(os.fstat(tfd))
         if self.opts.verify:
             os.fsync(tfd)
-            n, problem = verify_written(dfd, tmp, e.name, e.st.st_size, digest, self.opts.bufsize)
+            n, problem = verify_written(dfd, tmp, e.name, ident, e.st.st_size, digest, self.opts.bufsize)
             self._count(bytes_verified=n, files_verified=1)
             if problem is not None:
                 self._problem(crel, "verify", problem, e.st.st_size)
                 return
         os.rename(tmp, e.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        if e.extra == GROUP:
+            self.targets[crel] = (ident, True)
         if action == "delta":
             self._count(files_delta=1, delta_bytes_written=written, delta_file_bytes=e.st.st_size)
         elif action == "update":
@@ -420,16 +600,16 @@ class Agent:
 
     def _delta(self, req: dict[str, Any]) -> None:
         """Rebuild the file from our old version and the chunks it lacks, fetched from the sender."""
-        rel = _path(req["path"])
+        rel = self._path(req["path"])
         e = Entry(req["e"])
         crel = join(rel, e.name)
-        dfd = self.open.get(rel, -1)
+        dfd = self._dir_fd(rel)
         seed_fd = -1
         try:
             rebuilt = None
             try:
-                if self.fatal is None and dfd >= 0:
-                    seed_fd = os.open(e.name, _READ_FLAGS, dir_fd=dfd)
+                if dfd >= 0:
+                    seed_fd = _open_seed(dfd, e.name)
                     rebuilt = self._fetch(seed_fd, crel, e)
             except OSError as exc:
                 self._os_problem(crel, exc)
@@ -503,32 +683,90 @@ class Agent:
         self.finished = True
         if self.fatal is None:
             self._make_links()
-            for rel, e in self.deferred:
-                try:
-                    fd = open_dir(self.root, rel)
-                    try:
-                        self._dir_meta(fd, rel, e)
-                    finally:
-                        os.close(fd)
-                except OSError as exc:
-                    self._os_problem(rel or b".", exc)
+            for rel, e, ident in self.deferred:
+                self._deferred_meta(rel, e, ident)
         self._reply(req, stats=asdict(self.stats))
 
-    def _make_links(self) -> None:
-        for crel, first in self.links:
-            try:
-                self._link(crel, first)
-            except OSError as exc:
-                self._os_problem(crel, exc)
+    def _deferred_meta(self, rel: bytes, e: Entry, ident: Identity) -> None:
+        assert self.dirs is not None
+        try:
+            fd = self.dirs.get(rel)  # reopened from DST's root, each level checked
+            if identity(os.fstat(fd)) != ident:
+                raise Replaced("another directory stands here")
+            self._dir_meta(fd, rel, e)
+        except OSError as exc:
+            self._os_problem(rel or b".", exc)
+        finally:
+            self.dirs.forget(rel)
 
-    def _link(self, crel: bytes, first: bytes) -> None:
-        action, size = hard_link(self.root, crel, first, temp_name, lambda _t: None,
-                                 lambda fd, n: self._clear_dir(fd, n, crel))
-        if action == "missing":
-            self._problem(crel, "write", f"hard link to {display(first)}, which was not synced")
-        elif action in ("same", "hardlink"):
+    def _make_links(self) -> None:
+        """Each group's names linked to the file installed or kept for it, through a handle
+        checked to be that file (sync/dest.py)."""
+        groups: dict[bytes, list[bytes]] = {}
+        for crel, first in self.links:
+            groups.setdefault(first, []).append(crel)
+        for first, rels in groups.items():
+            try:
+                h, hst = self._link_source(first, rels)
+            except OSError as exc:
+                for crel in rels:
+                    self._problem(crel, "write", link_failed(first, exc))
+                continue
+            try:
+                for crel in rels:
+                    try:
+                        self._link(crel, h, hst)
+                    except OSError as exc:
+                        self._os_problem(crel, exc)
+            finally:
+                os.close(h)
+
+    def _link_source(self, first: bytes, rels: list[bytes]) -> tuple[int, os.stat_result]:
+        """The file to link a group's names to: the one installed or kept for it. An older
+        sender does not mark groups: then the file under the first name, if it is one."""
+        ident, installed = self.targets.get(first, (None, False))
+        if ident is None:
+            h, hst = _regular_at(self.root, first)
+        else:
+            h, hst = link_target(self.root, first, ident)
+        if installed or not needs_copy(self.root, first, rels, hst):
+            return h, hst
+        try:
+            return detach(self.root, first, h, temp_name, lambda _t: None, self.buffers)
+        finally:
+            os.close(h)
+
+    def _link(self, crel: bytes, h: int, hst: os.stat_result) -> None:
+        action = hard_link(self.root, crel, h, hst, temp_name, lambda _t: None,
+                           lambda fd, n: self._clear_dir(fd, n, crel))
+        if action in ("same", "hardlink"):
             self._count(**{_COUNTERS[action]: 1})
-            self._done(action, crel, size)
+            self._done(action, crel, hst.st_size)
+
+
+def _open_seed(dfd: int, name: bytes) -> int:
+    """The old version of a file, for a delta: opened through a handle checked to be a
+    regular file (a FIFO or device swapped in is never opened)."""
+    h, st = handle_at(dfd, name)
+    try:
+        if not stat.S_ISREG(st.st_mode):
+            raise Replaced("not a regular file")
+        return reopen(h, os.O_RDONLY)
+    finally:
+        os.close(h)
+
+
+def _regular_at(root: int, rel: bytes) -> tuple[int, os.stat_result]:
+    pdir, _, name = rel.rpartition(b"/")
+    pfd = open_dir(root, pdir)
+    try:
+        h, st = handle_at(pfd, name)
+    finally:
+        os.close(pfd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(h)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file")
+    return h, st
 
 
 _COUNTERS = {"same": "files_same", "meta": "meta_fixed", "symlink": "symlinks", "special": "special",

@@ -113,18 +113,19 @@ def copy_data(sfd: int, tfd: int, st: os.stat_result, buffers: BufferPool,
     return written
 
 
-def read_back(dir_fd: int, name: bytes, bufsize: int) -> tuple[bytes, int, str]:
+def read_back(path: bytes, bufsize: int) -> tuple[bytes, int, str]:
     """BLAKE3 and length of a file as stored: O_DIRECT where the file system allows it,
     else (e.g. tmpfs) after dropping its cached pages. Returns (digest, bytes, method).
+    ``path`` names the file itself (``/proc/self/fd/N`` of a checked handle: fs.dirfd).
     The caller has fsynced the file."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_RDONLY | os.O_CLOEXEC
     method = "direct"
     try:
-        fd = os.open(name, flags | os.O_DIRECT, dir_fd=dir_fd)
+        fd = os.open(path, flags | os.O_DIRECT)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        fd = os.open(path, flags)
         method = "fadvise"
     h = blake3.blake3()
     total = 0
@@ -142,7 +143,7 @@ def read_back(dir_fd: int, name: bytes, bufsize: int) -> tuple[bytes, int, str]:
                     raise
                 # Some file systems accept O_DIRECT at open but not for this read.
                 os.close(fd)
-                fd = os.open(name, flags, dir_fd=dir_fd)
+                fd = os.open(path, flags)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 method, h, total = "fadvise", blake3.blake3(), 0
                 continue

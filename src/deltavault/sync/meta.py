@@ -1,14 +1,12 @@
-"""Which metadata a sync carries, and applying it to entries that are never opened
-(symlinks, device nodes, FIFOs). Open files and directories use fs.meta.apply_meta_fd."""
+"""Which metadata a sync carries, and applying it: to open files and directories by their fd,
+to entries that are never opened (symlinks, device nodes, FIFOs) by an O_PATH handle."""
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, apply_xattrs, read_xattrs
-from deltavault.fs.paths import proc_path
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, read_xattrs
 from deltavault.sync.options import SyncOptions
 
 
@@ -54,23 +52,13 @@ class MetaPolicy:
                       owner=self.chown and chown, drop_xattr=self.wants)
         return probs.messages
 
-    def apply_at(self, dir_fd: int, name: bytes, st: os.stat_result,
-                 xattrs: list[tuple[bytes, bytes]] | None, problems: ApplyProblems) -> None:
-        """Metadata of a symlink or special file, without following it."""
-        if xattrs is not None:
-            apply_xattrs(proc_path(dir_fd, name), xattrs, problems, clear_others=True, only=self.wants)
-        if self.chown:
-            try:
-                os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError as exc:
-                problems.add("chown", exc)
-        if not stat.S_ISLNK(st.st_mode):
-            try:
-                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
-            except OSError as exc:
-                problems.add("chmod", exc)
-        try:
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno != errno.ENOTSUP:
-                problems.add("utime", exc)
+    def apply_handle(self, handle: int, st: os.stat_result,
+                     xattrs: list[tuple[bytes, bytes]] | None) -> list[str]:
+        """Metadata of an entry that is never opened (symlink, device node, FIFO, or a file
+        kept as it is), through an ``O_PATH`` handle to it (fs.dirfd): the calls name that
+        object and no path, so nothing swapped in under its name is changed."""
+        probs = ApplyProblems([])
+        apply_meta_fd(handle, probs, mode=None if stat.S_ISLNK(st.st_mode) else st.st_mode, uid=st.st_uid,
+                      gid=st.st_gid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, xattrs=xattrs,
+                      owner=self.chown, drop_xattr=self.wants, handle=True)
+        return probs.messages

@@ -9,10 +9,10 @@ version lacks cross the network.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import stat
-import sys
 import threading
 from collections import deque
 from collections.abc import Generator, Iterator
@@ -23,6 +23,7 @@ import blake3
 
 from deltavault.errors import NoSpace, SourceError, TargetError, UsageError
 from deltavault.fs.clone import pread_full
+from deltavault.fs.dirfd import Identity, identity, mount_id, open_dir_at, open_parent_checked
 from deltavault.fs.paths import display, proc_path
 from deltavault.fs.sparse import data_extents, is_sparse
 from deltavault.progress import NullReporter, Reporter
@@ -38,13 +39,14 @@ from deltavault.sync.copy import (
 from deltavault.sync.dest import OpenFailed, changed_since, open_source
 from deltavault.sync.engine import SyncResult
 from deltavault.sync.filters import Filter
+from deltavault.sync.guard import Guard, mount_root
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Channel, serve
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.ssh import DEFAULT_REMOTE, RemotePath, SshProcess
-from deltavault.sync.tree import DIR_FLAGS, join
-from deltavault.sync.wire import VERSION, entry, kind_of, options_wire
+from deltavault.sync.tree import MAX_OPEN_DIRS, join
+from deltavault.sync.wire import GROUP, VERSION, entry, kind_of, options_wire
 
 
 class _Lost(Exception):
@@ -57,18 +59,23 @@ class _Stop(Exception):
 
 BATCH_DIRS = 64  # directories listed per round trip
 BATCH_ENTRIES = 4096
+# Listings hold their directory open until its files are sent (three batches are in
+# flight); a batch ends once this many hold one, so that with the walk's own MAX_OPEN_DIRS
+# the sender stays under a 256-file limit at any depth.
+BATCH_FDS = 32
 
 
 @dataclass
 class _Listing:
-    fd: int  # the directory, open until its end has been sent
+    fd: int  # the directory, open until its files have been sent (-1: it has none)
     rel: bytes
     st: os.stat_result
     included: bool
+    xattrs: list[tuple[bytes, bytes]] | None = None  # the directory's own, sent at its end
     entries: list[list[Any]] = field(default_factory=list)
     protected: list[bytes] = field(default_factory=list)
     files: dict[bytes, os.stat_result] = field(default_factory=dict)
-    subdirs: list[tuple[bytes, bytes, bool]] = field(default_factory=list)
+    subdirs: list[tuple[bytes, bytes, bool, Identity]] = field(default_factory=list)
     want: list[tuple[bytes, str]] = field(default_factory=list)
     rid: int = 0  # the request whose reply is awaited (its listing's, then its check's)
 
@@ -76,6 +83,18 @@ class _Listing:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass(eq=False)
+class _Frame:
+    """A directory the walk is in: its own fd (to open subdirectories), closed for now (-1)
+    when deeper than MAX_OPEN_DIRS."""
+
+    fd: int
+    ident: Identity
+    mnt: int
+    listing: _Listing
+    next: int = 0  # the next subdirectory
 
 
 @dataclass
@@ -185,6 +204,8 @@ class PushSyncer:
         self._first_link: dict[tuple[int, int], bytes] = {}
         self._fatal: str | None = None
         self._stopped = False
+        self._guard: Guard | None = None
+        self._entered: set[Identity] = set()  # source directories entered: none twice
 
     @property
     def stopped(self) -> bool:
@@ -201,11 +222,9 @@ class PushSyncer:
         proc = self.transport or SshProcess(self.where, f"{self.remote} sync-agent", rsh=self.rsh)
         self.chan = Duplex(proc.channel)
         self.reporter.start("sync")
-        old_limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(old_limit, 20000))  # the walk nests a generator per level
         try:
-            self._hello()
-            tree = self._tree(os.dup(root), b"", os.fstat(root), not self.filter.has_includes)
+            self._hello(root)
+            tree = self._tree(root, not self.filter.has_includes)
             try:
                 self._walk(tree)
             except _Stop:
@@ -216,7 +235,6 @@ class PushSyncer:
         except _Lost:
             raise proc.failure("closed the connection") from None
         finally:
-            sys.setrecursionlimit(old_limit)
             os.close(root)
             self.sent, self.received = self.chan.sent, self.chan.received
             proc.close()
@@ -252,10 +270,14 @@ class PushSyncer:
             raise _Stop
         return rep
 
-    def _hello(self) -> None:
+    def _hello(self, root: int) -> None:
+        """Options, and SRC's identity: an agent on this same kernel refuses a DST that
+        overlaps it, and tells us DST's, so that the walk leaves alone a mount showing it."""
         options = {**options_wire(self.opts), "bufsize": self.buffers.size}
+        source = {**Guard.one_side(root, is_src=True).describe(is_src=True), "path": self.src}
         try:
-            self.chan.send({"op": "hello", "version": VERSION, "dest": self.where.path, "options": options})
+            self.chan.send({"op": "hello", "version": VERSION, "dest": self.where.path, "options": options,
+                            "source": source})
         except (BrokenPipeError, ConnectionError) as exc:
             raise _Lost from exc
         rep = self._reply(0)
@@ -263,6 +285,7 @@ class PushSyncer:
             code = rep.get("code")
             raise (UsageError if code == 2 else NoSpace if code == 14 else TargetError)(
                 f"{self.where}: {rep['error']}")
+        self._guard = Guard.one_side(root, is_src=True, peer=rep.get("dest"))
 
     def _absorb(self, rep: dict[str, Any]) -> None:
         """The agent's outcomes: problems, and lines for the log."""
@@ -289,37 +312,116 @@ class PushSyncer:
             self._stopped = True
 
     # ------------------------------------------------------------------ walking
-    def _tree(self, fd: int, rel: bytes, st: os.stat_result,
-              included: bool) -> Generator[_Listing | _End, None, None]:
+    def _tree(self, root: int, included: bool) -> Generator[_Listing | _End, None, None]:
         """Directories in depth-first order, each as its listing and, after everything
-        below it, its end. Takes ``fd``: each listing owns its directory's descriptor."""
-        listing = self._list(fd, rel, st, included)
-        if listing is None:
-            os.close(fd)
+        below it, its end. Iterative (an explicit stack of frames), with at most
+        MAX_OPEN_DIRS of the walk's own directory fds open: deeper, the shallowest are
+        closed and opened again through ".." (checked) when the walk climbs back."""
+        st = os.fstat(root)
+        top = self._list(os.dup(root), b"", st, included)
+        if top is None:
             return
+        yield top
+        stack = [_Frame(os.dup(root), identity(st), -1, top)]
+        closed_below = 1  # stack[1:closed_below] have their fd closed
         try:
-            yield listing
-            for name, crel, inc in listing.subdirs:
-                try:
-                    sfd = os.open(name, DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    self._problem(crel, "unreadable", f"directory cannot be opened: {exc.strerror}")
+            stack[0].mnt = mount_id(root)
+            while stack:
+                f = stack[-1]
+                if f.fd >= 0 and f.next < len(f.listing.subdirs):
+                    name, crel, inc, ident = f.listing.subdirs[f.next]
+                    f.next += 1
+                    child = self._enter(f, name, crel, inc, ident)
+                    if child is None:
+                        continue
+                    if isinstance(child, _End):
+                        yield child
+                        continue
+                    yield child.listing
+                    stack.append(child)
+                    while len(stack) - closed_below > MAX_OPEN_DIRS:
+                        os.close(stack[closed_below].fd)
+                        stack[closed_below].fd = -1
+                        closed_below += 1
                     continue
-                yield from self._tree(sfd, crel, os.fstat(sfd), inc)
-        except BaseException:
-            listing.close()
-            raise
-        yield _End(listing)
+                stack.pop()
+                if stack and stack[-1].fd < 0:
+                    up = open_parent_checked(f.fd, stack[-1].ident)
+                    if up is None:  # moved meanwhile: the rest of it is not sent (so not deleted)
+                        self._problem(stack[-1].listing.rel, "changed", "moved during the run; its "
+                                      "remaining subdirectories were not synced")
+                        stack[-1].next = len(stack[-1].listing.subdirs)
+                    else:
+                        stack[-1].fd = up
+                    closed_below = len(stack) - 1
+                os.close(f.fd)
+                f.fd = -1
+                yield _End(f.listing)
+        finally:
+            for f in stack:
+                f.listing.close()
+                if f.fd >= 0:
+                    os.close(f.fd)
+
+    def _enter(self, parent: _Frame, name: bytes, crel: bytes, included: bool,
+               listed: Identity) -> _Frame | _End | None:
+        """A subdirectory opened, checked and listed; or its end alone when it must not be
+        walked (already entered, or a mount showing SRC or DST: reported "skipped");
+        None when it cannot be read (reported: the agent deletes nothing there)."""
+        try:
+            fd = open_dir_at(parent.fd, name)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                self._problem(crel, "changed", "replaced by a non-directory while being read; not followed")
+            else:
+                self._problem(crel, "unreadable", f"directory cannot be opened: {exc.strerror}")
+            return None
+        try:
+            st = os.fstat(fd)
+            if identity(st) != listed:
+                self._problem(crel, "changed", "replaced by another directory while being read; not synced")
+                return None
+            is_root, mnt = mount_root(fd, parent.mnt)
+            why = None
+            overlap = self._guard.overlap(fd) if is_root and self._guard is not None else None
+            if overlap is not None:
+                why = f"{overlap}: not synced into itself; kept empty there"
+            elif identity(st) in self._entered:
+                why = "a directory already synced at another path in this run (a bind mount): kept empty there"
+            self._entered.add(identity(st))
+            if why is not None:
+                self._problem(crel, "skipped", why)
+                return _End(_Listing(-1, crel, st, included, self._xattrs(fd, crel)))  # only its end
+            listing = self._list(os.dup(fd), crel, st, included)
+            if listing is None:
+                return None
+            out = _Frame(fd, identity(st), mnt, listing)
+            fd = -1
+            return out
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _xattrs(self, fd: int, rel: bytes) -> list[tuple[bytes, bytes]] | None:
+        try:
+            return self.meta.source_xattrs(fd=fd)
+        except OSError as exc:
+            self._problem(rel, "metadata", f"extended attributes unreadable: {exc.strerror}")
+            return None
 
     def _list(self, fd: int, rel: bytes, st_dir: os.stat_result, included: bool) -> _Listing | None:
+        """Takes ``fd``: the listing keeps it while it has files to send."""
         try:
             with os.scandir(fd) as it:
                 names = sorted((os.fsencode(e.name), e) for e in it)
         except OSError as exc:
             # No listing goes out, so the agent deletes nothing under here.
+            os.close(fd)
             self._problem(rel, "unreadable", f"directory cannot be listed: {exc.strerror}")
             return None
-        d = _Listing(fd, rel, st_dir, included)
+        d = _Listing(fd, rel, st_dir, included, self._xattrs(fd, rel))
+        if not rel:
+            self._entered.add(identity(st_dir))
         for name, de in names:
             crel = join(rel, name)
             if self.filter.excluded(crel, name):
@@ -339,8 +441,7 @@ class PushSyncer:
                     extra = os.readlink(name, dir_fd=fd)
                 elif kind == "f" and st.st_nlink > 1:
                     first = self._first_link.setdefault((st.st_dev, st.st_ino), crel)
-                    if first != crel:
-                        kind, extra = "h", first
+                    kind, extra = ("h", first) if first != crel else ("f", GROUP)
                 xattrs = self.meta.source_xattrs(path=proc_path(fd, name)) if kind not in ("l", "h") else None
             except FileNotFoundError:
                 self._problem(crel, "vanished", "disappeared before it could be read")
@@ -351,11 +452,13 @@ class PushSyncer:
                 continue
             d.entries.append(entry(name, kind, st, extra=extra, xattrs=xattrs))
             if kind == "d":
-                d.subdirs.append((name, crel, inc))
+                d.subdirs.append((name, crel, inc, identity(st)))
             elif kind == "f":
                 d.files[name] = st
             else:
                 self.reporter.advance(items=1)
+        if not d.files:
+            d.close()  # nothing will be read from it
         return d
 
     def _walk(self, tree: Iterator[_Listing | _End]) -> None:
@@ -376,21 +479,22 @@ class PushSyncer:
         finally:
             for batch in (listed, *checked):
                 for ev in batch:
-                    if isinstance(ev, _End):
-                        ev.listing.close()
+                    (ev.listing if isinstance(ev, _End) else ev).close()
 
     def _list_batch(self, tree: Iterator[_Listing | _End]) -> list[_Listing | _End]:
-        """Send the listings of up to BATCH_DIRS directories (or BATCH_ENTRIES entries)."""
+        """Send the listings of up to BATCH_DIRS directories (or BATCH_ENTRIES entries, or
+        BATCH_FDS directories held open for their files)."""
         batch: list[_Listing | _End] = []
-        dirs = entries = 0
+        dirs = entries = fds = 0
         for ev in tree:
             if isinstance(ev, _Listing):
                 ev.rid = self._request({"op": "dir", "path": ev.rel, "entries": ev.entries,
                                         "protected": ev.protected, "included": ev.included})
                 dirs += 1
                 entries += len(ev.entries)
+                fds += ev.fd >= 0
             batch.append(ev)
-            if dirs >= BATCH_DIRS or entries >= BATCH_ENTRIES:
+            if dirs >= BATCH_DIRS or entries >= BATCH_ENTRIES or fds >= BATCH_FDS:
                 break
         return batch
 
@@ -413,12 +517,12 @@ class PushSyncer:
                         ev.want = [w for w in ev.want if w[1] != "check"] + [
                             (n, how) for n, how in self._reply(ev.rid)["want"]]
                     self._send_files(ev)
+                    ev.close()  # its files are sent
                 else:
                     self._end(ev.listing)
         finally:
             for ev in batch:
-                if isinstance(ev, _End):
-                    ev.listing.close()
+                (ev.listing if isinstance(ev, _End) else ev).close()
 
     def _send_files(self, d: _Listing) -> None:
         sent = {n for n, _ in d.want}
@@ -429,13 +533,8 @@ class PushSyncer:
                 raise _Stop
 
     def _end(self, d: _Listing) -> None:
-        try:
-            xattrs = self.meta.source_xattrs(fd=d.fd)
-        except OSError as exc:
-            self._problem(d.rel, "metadata", f"extended attributes unreadable: {exc.strerror}")
-            xattrs = None
         self._send({"op": "enddir", "path": d.rel,
-                    "e": entry(d.rel.rpartition(b"/")[2] or b"_", "d", d.st, xattrs=xattrs)})
+                    "e": entry(d.rel.rpartition(b"/")[2] or b"_", "d", d.st, xattrs=d.xattrs)})
 
     # ------------------------------------------------------------------ files
     def _open(self, dfd: int, name: bytes, rel: bytes) -> int | None:

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deltavault.fs.dirfd import Identity
 from deltavault.progress import Reporter
 from deltavault.sync.copy import BufferPool
+from deltavault.sync.guard import Guard
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.tree import join
@@ -37,6 +39,8 @@ class ShardResult:
     links: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)  # first path is the copy
     link_copies: dict[bytes, str] = field(default_factory=dict)
     links_made: set[bytes] = field(default_factory=set)
+    targets: dict[bytes, tuple[Identity, bool]] = field(default_factory=dict)  # Syncer.targets
+    dir_ids: dict[bytes, Identity] = field(default_factory=dict)  # Syncer.dir_ids
 
 
 class QueueReporter:
@@ -86,7 +90,7 @@ def _die_with_parent() -> None:
 
 
 def _worker(src: bytes, dst: bytes, opts: SyncOptions, log_path: str | None, cancel: Any,
-            tasks: Any, out: Any) -> None:
+            tasks: Any, out: Any, roots: tuple[int, int], guard: Guard | None) -> None:
     from deltavault.sync.engine import Syncer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it sets `cancel`
@@ -97,17 +101,19 @@ def _worker(src: bytes, dst: bytes, opts: SyncOptions, log_path: str | None, can
         task = tasks.get()
         if task is None:
             break
-        tid, relpath, fresh, included = task
+        tid, relpath, fresh, included, expect, seen = task
         rep = QueueReporter(out)
-        s = Syncer(src, dst, opts, rep, log, cancel=cancel, processes=1, buffers=buffers)
+        # The roots are the parent's, inherited through fork: the same directories it
+        # checked, never looked up again by path.
+        s = Syncer(src, dst, opts, rep, log, cancel=cancel, processes=1, buffers=buffers, roots=roots, guard=guard)
         try:
-            kept = s.run_subtree(relpath, fresh=fresh, included=included)
+            kept = s.run_subtree(relpath, fresh=fresh, included=included, expect=expect, seen=seen)
             fatal = None
         except Exception as exc:  # NoSpace, or a bug: the main process reports it
             kept, fatal = 1, f"{type(exc).__name__}: {exc}"
         rep.finish()
         out.put(("r", tid, ShardResult(s.stats, s.problems, s.stopped, fatal, kept, s.hardlink_groups(),
-                                   s.link_copies, s.links_made)))
+                                   s.link_copies, s.links_made, s.targets, s.dir_ids)))
     out.put(("x", os.getpid()))
 
 
@@ -116,7 +122,7 @@ class ShardPool:
     caller still has a single thread."""
 
     def __init__(self, n: int, src: bytes, dst: bytes, opts: SyncOptions, log: SyncLog | None,
-                 cancel: Any, reporter: Reporter) -> None:
+                 cancel: Any, reporter: Reporter, roots: tuple[int, int], guard: Guard | None) -> None:
         ctx = mp.get_context("fork")
         self.tasks: Any = ctx.SimpleQueue()
         self.out: Any = ctx.SimpleQueue()
@@ -124,7 +130,8 @@ class ShardPool:
         self._callbacks: dict[int, Callable[[ShardResult | None], None]] = {}
         self._next = 0
         self._procs = [ctx.Process(target=_worker, daemon=True, name=f"dv-sync-worker{i}",
-                                   args=(src, dst, opts, log.path if log else None, cancel, self.tasks, self.out))
+                                   args=(src, dst, opts, log.path if log else None, cancel, self.tasks, self.out,
+                                         roots, guard))
                        for i in range(n)]
         for p in self._procs:
             p.start()
@@ -132,12 +139,14 @@ class ShardPool:
         self._collector = threading.Thread(target=self._collect, name="dv-sync-collect", daemon=True)
         self._collector.start()
 
-    def submit(self, relpath: bytes, fresh: bool, included: bool,
-               done: Callable[[ShardResult | None], None]) -> None:
+    def submit(self, relpath: bytes, fresh: bool, included: bool, expect: tuple[Identity, Identity],
+               seen: list[Identity], done: Callable[[ShardResult | None], None]) -> None:
+        """``expect``: the (source, destination) directories the worker must find there;
+        ``seen``: the source directories above (see Syncer.run_subtree)."""
         tid = self._next
         self._next += 1
         self._callbacks[tid] = done
-        self.tasks.put((tid, relpath, fresh, included))
+        self.tasks.put((tid, relpath, fresh, included, expect, seen))
 
     def _collect(self) -> None:
         while self._alive:

@@ -2,8 +2,9 @@
 
     [name, kind, mode, uid, gid, atime_ns, mtime_ns, size, rdev, extra, xattrs]
 
-kind: "f" file, "d" directory, "l" symlink (extra: its target), "h" a further name of a
-file already sent (extra: the first name's path), "s" special (FIFO or device node).
+kind: "f" file (extra: GROUP when it has other links in SRC: the first name of a hard-link
+group), "d" directory, "l" symlink (extra: its target), "h" a further name of a file
+already sent (extra: the first name's path), "s" special (FIFO or device node).
 xattrs: [[name, value], ...] when --acl or --xattrs is on, else None. Owners are numeric.
 """
 
@@ -19,6 +20,7 @@ from deltavault.sync.options import SyncOptions
 
 VERSION = 1
 KINDS = ("f", "d", "l", "h", "s")
+GROUP = b"L"  # the extra of a file that is the first name of a hard-link group (older agents ignore it)
 
 
 def entry(name: bytes, kind: str, st: os.stat_result, *, extra: bytes | None = None,

@@ -24,7 +24,7 @@ import signal
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,13 +57,9 @@ class Outside:
             os.setxattr(tagged, b"user.mark", b"outside")
         with contextlib.suppress(OSError):
             os.setxattr(tagged, b"trusted.mark", b"outside")
-        # An ACL the attack might try to overwrite (system.posix_acl_access, version 2:
-        # user::rw-, group::r--, other::---).
-        acl = b"\x02\x00\x00\x00" + b"".join(
-            tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + (0xFFFFFFFF).to_bytes(4, "little")
-            for tag, perm in ((0x01, 6), (0x04, 4), (0x20, 0)))
+        # An ACL the attack might try to overwrite (user::rw-, group::r--, other::---).
         with contextlib.suppress(OSError):
-            os.setxattr(tagged, b"system.posix_acl_access", acl)
+            os.setxattr(tagged, b"system.posix_acl_access", posix_acl((0x01, 6), (0x04, 4), (0x20, 0)))
         return cls(root, [secret, d, root / "fifo", root / "null", tagged, root])
 
     def state(self) -> State:
@@ -95,6 +91,57 @@ class Outside:
         out += [f"{p}: new" for p in after if p not in before]
         out += [f"{p}: {before[p]} -> {after[p]}" for p in before if p in after and before[p] != after[p]]
         return out
+
+
+def posix_acl(*entries: tuple[int, int], user: int | None = None) -> bytes:
+    """A ``system.posix_acl_access`` value (version 2): (tag, perm) entries; with ``user``, a
+    named-user entry (tag 0x02) for that uid, read-write, and the mask it needs."""
+    ids = {0x02: user if user is not None else 0xFFFFFFFF}
+    items = list(entries)
+    if user is not None:
+        items += [(0x02, 6), (0x10, 6)]
+    items.sort()
+    return b"\x02\x00\x00\x00" + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ids.get(tag, 0xFFFFFFFF).to_bytes(4, "little")
+        for tag, perm in items)
+
+
+def rich_tree(src: Path, dirs: int = 12) -> None:
+    """A source tree for attacks on what is made from it: directories writable by everyone
+    (so a restored or synced copy is open to the attacker), each with files, a setuid file,
+    hard links across directories, symlinks, FIFOs, device nodes, xattrs and an ACL."""
+    src.mkdir()
+    for i in range(dirs):
+        d = src / f"d{i:02}" / "inner"
+        d.mkdir(parents=True)
+        for j in range(6):
+            (d / f"f{j}").write_bytes(b"data %d %d\n" % (i, j) * (j + 1))
+            (d.parent / f"g{j}").write_bytes(b"top %d %d\n" % (i, j))
+        os.link(d / "f0", src / f"d{i:02}" / "hard-f0")
+        os.symlink("../g0", d / "up")
+        os.mkfifo(d / "fifo", 0o666)
+        os.mknod(d / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        suid = d.parent / "suid"
+        suid.write_bytes(b"#!/bin/sh\n")
+        suid.chmod(0o4755)
+        os.setxattr(d / "f1", b"user.tag", b"v%d" % i)
+        os.setxattr(d / "f2", b"trusted.tag", b"t%d" % i)
+        os.setxattr(d / "f3", b"system.posix_acl_access", posix_acl((0x01, 6), (0x04, 4), (0x20, 0), user=NOBODY))
+        d.chmod(0o777)
+        d.parent.chmod(0o777)
+    src.chmod(0o777)
+
+
+def mirror_names(outside: Outside) -> None:
+    """Root-only files outside under the names ``rich_tree`` uses, for the attacker's
+    symlinks to lead to: a write, chmod or link by name through a swapped directory then
+    lands on one of them."""
+    mirror = outside.root / "mirror"
+    (mirror / "inner").mkdir(parents=True, mode=0o700)
+    for name in ("hard-f0", "g0", "suid", "inner/f0", "inner/fifo", "inner/null"):
+        (mirror / name).write_bytes(b"outside\n")
+        (mirror / name).chmod(0o600)
+    outside.targets += [mirror, mirror / "inner"]
 
 
 def _drop_privileges(uid: int) -> None:
@@ -129,9 +176,13 @@ class _Watcher:
         for dirpath, _dirs, _files in os.walk(root):
             self.add(dirpath)
 
-    def events(self, timeout: float) -> list[tuple[bytes, bool]]:
-        """(path, is a directory) of the entries that appeared, waiting up to ``timeout``."""
-        if not select.select([self.fd], [], [], timeout)[0]:
+    def events(self, timeout: float, stop: int) -> list[tuple[bytes, bool]] | None:
+        """(path, is a directory) of the entries that appeared, waiting up to ``timeout``;
+        None once ``stop`` (a pipe's read end) is readable: its writer closed it."""
+        ready = select.select([self.fd, stop], [], [], timeout)[0]
+        if stop in ready:
+            return None
+        if not ready:
             return []
         try:
             buf = os.read(self.fd, 65536)
@@ -178,6 +229,7 @@ class Attacker:
             code = 0
             try:
                 os.close(ready_r)
+                os.setpgid(0, 0)  # its own group, with the reactor: stop() can end both
                 _drop_privileges(self.uid)
                 self._attack(ready_w)
             except BaseException:
@@ -194,7 +246,14 @@ class Attacker:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
-            os.waitpid(self.pid, 0)
+            deadline = time.monotonic() + 10
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:  # never hang a test on the attacker
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.01)
             self.pid = 0
         self.moves = {}
         for report in (self._report, self._report.with_suffix(".react")):
@@ -225,14 +284,19 @@ class Attacker:
         signal.signal(signal.SIGTERM, on_term)
         targets = [os.fsencode(t) for t in self.outside.targets]
         watcher = _Watcher(os.fsencode(self.tree))
+        # The reactor is told to stop by the end of this pipe, not by a signal: a signal sent
+        # while a forked child is still in CPython's after-fork code is lost.
+        stop_r, stop_w = os.pipe()
         reactor = os.fork()
         if reactor == 0:
             code = 0
             try:
-                self._react(watcher, targets, lambda: stopping)
+                os.close(stop_w)
+                self._react(watcher, targets, stop_r)
             except BaseException:
                 code = 1
             os._exit(code)
+        os.close(stop_r)
         os.close(watcher.fd)
         os.write(ready, b"1")
         os.close(ready)
@@ -249,20 +313,22 @@ class Attacker:
                 if self._try(kind, path, rng.choice(targets), rng, moved):
                     moves[kind] = moves.get(kind, 0) + 1
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(reactor, signal.SIGTERM)
+            os.close(stop_w)
             os.waitpid(reactor, 0)
         self._report.write_text(json.dumps(moves))
 
-    def _react(self, watcher: _Watcher, targets: list[bytes], stopping: Callable[[], bool]) -> None:
+    def _react(self, watcher: _Watcher, targets: list[bytes], stop: int) -> None:
         """Swap each entry that appears in a watched directory for a symlink to an outside
         target at once; a new directory is watched, and swapped half of the time."""
         rng = random.Random(self.seed + 1)
         moves: dict[str, int] = {}
         moved: list[tuple[bytes, bytes]] = []
         mine: set[bytes] = set()  # symlinks this process just made: their events are its own
-        while not stopping():
-            for path, is_dir in watcher.events(0.05):
+        while True:
+            events = watcher.events(0.05, stop)
+            if events is None:
+                break
+            for path, is_dir in events:
                 if path in mine or any(m in os.path.basename(path) for m in _OWN_NAMES):
                     mine.discard(path)
                     continue

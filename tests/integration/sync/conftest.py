@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -14,6 +15,16 @@ import pytest
 
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 MIN_MB = {"ext4": 8, "xfs": 300, "btrfs": 120}
+
+
+def remote_command() -> str:
+    """deltavault at the far end of ssh: this Python, with this process's PYTHONPATH (ssh
+    passes no environment), so that a checkout's code runs at both ends, not an installed one."""
+    path = os.environ.get("PYTHONPATH")
+    return (f"env PYTHONPATH={shlex.quote(path)} " if path else "") + f"{sys.executable} -m deltavault"
+
+
+REMOTE = remote_command()
 
 
 def _run(*argv: str) -> str:

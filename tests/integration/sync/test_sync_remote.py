@@ -17,6 +17,7 @@ from deltavault.errors import UsageError
 from deltavault.sync.ssh import RemotePath, parse_remote
 from tests.conftest import needs_root, needs_tools
 from tests.integration.sync.conftest import (
+    REMOTE,
     dv,
     growing,
     nothing_to_do,
@@ -30,7 +31,6 @@ from tests.sshd import Server, missing_tools, sshd
 pytestmark = [needs_root(), needs_tools("rsync", "getfacl", "setfacl", "getfattr"), pytest.mark.root,
               pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
 
-REMOTE = f"{sys.executable} -m deltavault"
 NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
           "--inh-caps=-dac_override,-dac_read_search")
 

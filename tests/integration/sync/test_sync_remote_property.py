@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from deltavault.sync.pull import PullSyncer
 from deltavault.sync.push import PushSyncer
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root
+from tests.integration.sync.conftest import REMOTE
 from tests.integration.test_roundtrip_property import build, change, entry, mutate
 from tests.sshd import Server, missing_tools, sshd
 from tests.treeutil import manifest
@@ -28,7 +28,6 @@ from tests.treeutil import manifest
 pytestmark = [needs_root(), pytest.mark.root,
               pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
 
-REMOTE = f"{sys.executable} -m deltavault"
 
 
 @pytest.fixture(scope="module")
