@@ -34,7 +34,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """import-linter on the tree at ``root`` (its src/ and pyproject.toml), whatever is installed."""
     if not LINT_IMPORTS.exists():
         pytest.fail(f"{LINT_IMPORTS} is missing: pip install -e '.[test]' installs import-linter")
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--config", str(root / "pyproject.toml")],
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", str(root / "pyproject.toml")],
                           cwd=root, env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=300)
 
