@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test test-fast fuzz lint typecheck system-deps bench clean
+.PHONY: demo test test-fast fuzz lint typecheck system-deps bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,8 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: system-deps $(STAMP)
+# Lint first: CI runs only this target, and a broken layer contract fails it as a test would.
+test: system-deps $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
@@ -28,9 +29,17 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP)
 	DELTAVAULT_HYPOTHESIS=explore DELTAVAULT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_fuzz.py
 
+# ruff, mypy (strict), and import-linter: the one-way layers of docs/architecture.md and no
+# import cycle (the contracts are [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+# The layer diagram of docs/architecture.md, from its Graphviz source.
+docs: docs/architecture.svg
+docs/architecture.svg: docs/architecture.dot
+	dot -Tsvg $< -o $@
 
 DATASETS ?= ../data/ds
 # Builds the datasets if missing, installs the peers, then runs every benchmark; each takes

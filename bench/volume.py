@@ -75,8 +75,8 @@ def budget(img: Path, changed_bytes: int) -> dict:
     """Metadata areas of the image: every page in use that holds no file data (bitmaps,
     inode tables, journal, directories, extent blocks). Computed with the ext4 scanner by
     comparing the image's inode digests with themselves: then no file's data is read."""
-    from deltavault.tracking.ext4 import Ext4Scanner
-    from deltavault.tracking.readers import FileReader
+    from deltavault.tracking.volume.ext4 import Ext4Scanner
+    from deltavault.tracking.volume.readers import FileReader
 
     r = FileReader(str(img))
     try:
@@ -168,7 +168,7 @@ def sha_file(p: Path) -> str:
 
 def qemu_pair(ds: Path, work: Path, block_size: str) -> dict:
     """disk-v1 as qcow2; the v1->v2 changes written through qemu-nbd (tracked by the bitmap)."""
-    from deltavault.tracking import nbdlib
+    from deltavault.tracking.volume import nbdlib
 
     nbd = nbdlib.load_nbd()
     shutil.rmtree(work, ignore_errors=True)

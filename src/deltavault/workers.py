@@ -1,7 +1,9 @@
-"""A thread pool that admits only so many jobs at a time.
+"""Bounds on work handed to threads.
 
-The tree walkers of restore and sync feed it: a bounded queue makes the walker wait instead
-of queueing a whole tree's work, and of holding open every directory that work needs.
+``BoundedPool`` admits only so many jobs at a time: the tree walkers of restore and sync
+feed it, so a walker waits instead of queueing a whole tree's work and holding open every
+directory that work needs. ``Inflight`` bounds the bytes queued for a pool: file and volume
+backup hand it chunks, so memory stays bounded however fast the reader is.
 """
 
 from __future__ import annotations
@@ -33,3 +35,23 @@ class BoundedPool:
 
     def shutdown(self, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel_futures)
+
+
+class Inflight:
+    """Bounds the bytes queued for the worker pool."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()

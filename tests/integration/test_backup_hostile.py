@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from bench.sparse_memory import GiB, build_sparse, fill, run_measured
 
-import deltavault.backup.files as files_mod
+import deltavault.backup.files.archiver as files_mod
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.run import BackupRequest, BackupResult, run_backup
+from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.model.content import Full, Hole
 from deltavault.model.nodes import NodeType
 from deltavault.objects.walk import find, walk
@@ -382,9 +382,10 @@ def test_a_fifo_or_symlink_swapped_in_for_a_file_is_never_opened(tmp_path: Path,
     block until a writer came (the alarm ends the test instead)."""
     import signal
 
-    from deltavault.backup.files import FileArchiver, FileBackupOptions
-    from deltavault.backup.previous import NoPrevious
-    from deltavault.backup.run import chunker_for
+    from deltavault.backup.files.archiver import FileArchiver
+    from deltavault.backup.files.options import FileBackupOptions
+    from deltavault.backup.files.previous import NoPrevious
+    from deltavault.backup.files.run import chunker_for
 
     d = tmp_path / "d"
     d.mkdir()
@@ -396,8 +397,8 @@ def test_a_fifo_or_symlink_swapped_in_for_a_file_is_never_opened(tmp_path: Path,
     old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("blocked on the FIFO")))
     signal.alarm(10)
     try:
-        assert arch._open_file(dfd, b"was-a-file", b"d/was-a-file") is None
-        assert arch._open_file(dfd, b"now-a-link", b"d/now-a-link") is None
+        assert arch.files._open(dfd, b"was-a-file", b"d/was-a-file") is None
+        assert arch.files._open(dfd, b"now-a-link", b"d/now-a-link") is None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

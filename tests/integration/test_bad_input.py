@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.files import FileBackupOptions
-from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.backup.files.options import FileBackupOptions
+from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli, init_and_back_up, needs_root, needs_tools

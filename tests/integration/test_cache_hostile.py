@@ -24,7 +24,7 @@ import msgspec
 import pytest
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.chunking.pages import DIGEST
 from deltavault.model.nodes import Tree
 from deltavault.progress import NullReporter

@@ -19,14 +19,15 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.local import LocalBackend
+from deltavault.maintenance.check import check_repository
+from deltavault.maintenance.repair import DAMAGED_XATTR, repair
 from deltavault.model.content import ref_blob_ids
 from deltavault.model.nodes import NodeType
-from deltavault.objects.walk import load_nodes
-from deltavault.repository.check import check_repository
+from deltavault.objects.trees import load_nodes
 from deltavault.repository.pack import pack_name
-from deltavault.repository.repair import DAMAGED_XATTR, repair
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import PASSWORD, Cli
 
 TRIALS = int(os.environ.get("DELTAVAULT_CORRUPTION_TRIALS", "90"))

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.local import LocalBackend
+from deltavault.maintenance.check import check_repository
 from deltavault.model.nodes import NodeType
 from deltavault.objects.reader import read_ref
 from deltavault.objects.walk import walk
-from deltavault.repository.check import check_repository
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli
 

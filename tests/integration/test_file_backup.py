@@ -7,6 +7,7 @@ import random
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +15,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from deltavault.backup.files import FileBackupOptions
-from deltavault.backup.run import BackupRequest, BackupResult, run_backup
+from deltavault.backup.files.options import FileBackupOptions, Source
+from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup, scan_totals
 from deltavault.errors import CorruptionError
 from deltavault.model.content import Patch
 from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.objects.walk import find
+from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import needs_root, needs_tools
 from tests.loopdev import fresh_fs
 from tests.treeutil import allocated, manifest
@@ -115,6 +118,44 @@ def test_sockets_are_skipped_with_a_note(tmp_path: Path, repo: Repository) -> No
         s.close()
     assert [(p.kind, p.partial) for p in res.problems] == [("skipped", False)]
     assert not res.partial
+
+
+class TotalsReporter(NullReporter):
+    """A terminal's progress bar: it asks for totals, which a background scan supplies."""
+
+    wants_totals = True
+
+    def __init__(self) -> None:
+        self.totals = threading.Event()
+        self.total_bytes: int | None = None
+        self.total_items: int | None = None
+
+    def set_totals(self, *, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        self.total_bytes, self.total_items = total_bytes, total_items
+        self.totals.set()
+
+
+def test_excluded_entries_are_neither_stored_nor_counted_in_the_progress_totals(tmp_path: Path,
+                                                                                repo: Repository) -> None:
+    """--exclude holds for the archiver and for the scan that sums sizes for the progress
+    bar: an excluded 3 MB log and an excluded cache directory count for nothing."""
+    src = tmp_path / "src"
+    (src / "cache").mkdir(parents=True)
+    (src / "keep.txt").write_bytes(b"k" * 1000)
+    (src / "big.log").write_bytes(b"l" * 3_000_000)
+    (src / "cache" / "blob").write_bytes(b"c" * 2_000_000)
+    opts = FileBackupOptions(excludes=["*.log", "cache"], racy_window_ns=RACY)
+    sources = [Source(os.fsencode(src), b"src")]
+    assert scan_totals(sources, opts) == (1000, 1)
+    rep = TotalsReporter()
+    res = run_backup(repo, BackupRequest(paths=[str(src)], options=opts), reporter=rep)
+    assert rep.totals.wait(10)
+    assert (rep.total_bytes, rep.total_items) == (1000, 1)
+    assert res.snapshot.tree is not None
+    assert find(repo, res.snapshot.tree, "src/keep.txt") is not None
+    assert find(repo, res.snapshot.tree, "src/big.log") is None
+    assert find(repo, res.snapshot.tree, "src/cache") is None
+    assert res.stats.bytes_total == 1000
 
 
 def test_incremental_reads_only_changes_and_downloads_nothing(tmp_path: Path, repo: Repository) -> None:

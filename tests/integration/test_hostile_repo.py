@@ -12,12 +12,12 @@ from pathlib import Path
 import msgspec
 
 from deltavault.backends.local import LocalBackend
+from deltavault.maintenance.check import check_repository
 from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.objects.diff import diff_trees
-from deltavault.repository.check import check_repository
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli
 

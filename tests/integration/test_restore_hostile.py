@@ -19,7 +19,8 @@ from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.restore.target import LinkSources
 from deltavault.testing.hostile import NOBODY, Outside, attacked, mirror_names, rich_tree
 from tests.conftest import Cli, needs_root

@@ -14,10 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.files import FileBackupOptions
-from deltavault.backup.run import BackupRequest, run_backup
-from deltavault.repository.repository import ChunkerParams, Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.backup.files.options import FileBackupOptions
+from deltavault.backup.files.run import BackupRequest, run_backup
+from deltavault.repository.config import ChunkerParams
+from deltavault.repository.repository import Repository
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import FAST_SCRYPT, PASSWORD
 from tests.treeutil import manifest
 

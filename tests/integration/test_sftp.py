@@ -12,12 +12,14 @@ import pytest
 
 from deltavault.backends import RetryingBackend, open_backend
 from deltavault.backends.base import unwrap
-from deltavault.backends.sftp import SFTPBackend, SFTPLocation, parse_location
-from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.backends.sftp import SFTPBackend
+from deltavault.backends.ssh import SFTPLocation, parse_location
+from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import UsageError
-from deltavault.repository.check import check_repository
+from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
 from tests.loopdev import umount
@@ -219,7 +221,7 @@ def test_proxyjump_and_proxycommand_from_the_ssh_config(server: Server, tmp_path
         f.write(f"Host dvjump\n{host}  ProxyJump dvtest\n")
         f.write(f"Host dvcmd\n{host}  ProxyCommand sh -c 'touch {marker}; exec ssh -F {server.ssh_config} -W %h:%p dvtest'\n")
     jump = SFTPBackend(parse_location(f"sftp://dvjump{tmp_path}/r"))
-    assert jump._settings()["proxy"] == (f"ssh -o BatchMode=yes -F {server.ssh_config} "
+    assert jump.ssh.settings()["proxy"] == (f"ssh -o BatchMode=yes -F {server.ssh_config} "
                                          f"-W 127.0.0.1:{server.port} dvtest")
     jump.put("index/a", b"via the jump host")
     cmd = SFTPBackend(parse_location(f"sftp://dvcmd{tmp_path}/r"))

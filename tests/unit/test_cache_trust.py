@@ -15,8 +15,10 @@ import blake3
 import msgspec
 import pytest
 
-from deltavault.backup.previous import TreePrevious
-from deltavault.backup.volume_state import LocalState
+from deltavault.backup.files.catalog import Catalog
+from deltavault.backup.files.catalog_writer import CatalogWriter
+from deltavault.backup.files.previous import TreePrevious
+from deltavault.backup.volume.state import LocalState
 from deltavault.fs.files import (
     UnsafeCacheDir,
     open_cache,
@@ -25,8 +27,7 @@ from deltavault.fs.files import (
     write_cache_file,
 )
 from deltavault.model.nodes import Node, NodeType, Tree
-from deltavault.tracking.access import sweep
-from deltavault.tracking.catalog import Catalog
+from deltavault.tracking.volume.access import sweep
 
 KEY = blake3.blake3(b"test catalog key").digest()
 
@@ -101,7 +102,7 @@ def _tree(*names: bytes) -> bytes:
 
 
 def _fill(cat: Catalog, blobs: list[bytes]) -> None:
-    w = cat.writer("src")
+    w = CatalogWriter(cat, "src")
     w.put_dir(b"", b"t" * 32, _tree(b"a"))
     w.put_dir(b"d", b"u" * 32, _tree(b"b"))
     for data in blobs:
@@ -165,7 +166,7 @@ def test_unencrypted_rows_carry_no_tag_and_are_taken(tmp_path: Path) -> None:
 
 def test_put_blob_writes_through_from_many_threads(tmp_path: Path) -> None:
     cat = _catalog(tmp_path / "c.sqlite")
-    w = cat.writer("src")
+    w = CatalogWriter(cat, "src")
     blobs = [os.urandom(4096) + bytes([t, i]) for t in range(8) for i in range(50)]
 
     def put(t: int) -> None:
@@ -191,14 +192,14 @@ def test_directory_rows_wait_for_the_commit(tmp_path: Path) -> None:
     """A run that fails before commit leaves the previous rows as they were."""
     cat = _catalog(tmp_path / "c.sqlite")
     _fill(cat, [])
-    w = cat.writer("src")
+    w = CatalogWriter(cat, "src")
     for i in range(3000):  # more than one flush to the temporary table
         w.put_dir(b"n%d" % i, b"v" * 32, _tree(b"z"))
     assert cat.get_dir("src", b"n5") is None and cat.get_dir("src", b"d") is not None
     cat.close()
     cat = _catalog(tmp_path / "c.sqlite")
     assert cat.get_dir("src", b"n5") is None and cat.get_dir("src", b"d") is not None
-    w = cat.writer("src")
+    w = CatalogWriter(cat, "src")
     w.put_dir(b"n5", b"v" * 32, _tree(b"z"))
     w.commit("snap2", 2, keep_blobs=set(), index_files=set())
     assert cat.get_dir("src", b"n5") is not None

@@ -9,12 +9,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltavault.backup.content import ContentReader, Inflight, PrevContent, bitmap, bitmap_pages
+from deltavault.backup.files.content import ContentReader
+from deltavault.backup.files.delta import PrevContent
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import FormatError
 from deltavault.model.content import Full, Hole
-from deltavault.objects.patch import apply_patches, coalesce, decode_patch, encode_patch
+from deltavault.objects.patch import (
+    apply_patches,
+    bitmap,
+    bitmap_pages,
+    coalesce,
+    decode_patch,
+    encode_patch,
+)
 from deltavault.repository.repository import Repository
+from deltavault.workers import Inflight
 
 PARAMS = CdcParams(8 * 1024, 16 * 1024, 64 * 1024, seed=7)
 
@@ -52,7 +61,7 @@ def test_streamed_file_chunks_equal_whole_buffer_chunks(tmp_path: Path, repo: Re
     with ThreadPoolExecutor(2) as pool:
         reader = ContentReader(repo, pool, chunker, page_key=b"k" * 32, delta_threshold=1 << 40,
                                inflight=Inflight(1 << 26))
-        import deltavault.backup.content as content
+        import deltavault.backup.files.content as content
 
         old = content.WINDOW
         content.WINDOW = 256 * 1024  # many windows, so carry-over is exercised

@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.content import ContentReader, Inflight, PendingContent, PrevContent
+from deltavault.backup.files.content import ContentReader
+from deltavault.backup.files.delta import PrevContent
+from deltavault.backup.files.pending import PendingContent
 from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.chunking.pages import PAGES_PER_DIGEST_BLOB, PageHasher, segment_count
 from deltavault.fs.sparse import MIN_HOLE, ReadExtents, data_extents, is_sparse
@@ -23,6 +25,7 @@ from deltavault.model.content import Full, Hole
 from deltavault.model.types import BlobType
 from deltavault.objects.reader import iter_content
 from deltavault.repository.repository import Repository
+from deltavault.workers import Inflight
 from tests.conftest import FAST_SCRYPT, PASSWORD
 
 PARAMS = CdcParams(8 * 1024, 16 * 1024, 64 * 1024, seed=7)

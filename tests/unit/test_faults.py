@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.retry import RetryingBackend
-from deltavault.backup.run import BackupRequest, run_backup
+from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import BackendError
-from deltavault.repository.check import check_repository
-from deltavault.repository.repair import repair
+from deltavault.maintenance.check import check_repository
+from deltavault.maintenance.repair import repair
 from deltavault.repository.repository import Repository
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend
 from deltavault.testing.memory import MemoryBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deltavault.backends.local import LocalBackend
-from deltavault.backup.previous import decode_tree
 from deltavault.errors import DeltavaultError
+from deltavault.objects.trees import decode_tree
 from deltavault.repository.envelope import Envelope
 from deltavault.repository.index import INDEX_AAD, Index, decode_index
 from deltavault.repository.keys import MasterKey, make_key_file, parse_key_file, unwrap

@@ -5,8 +5,8 @@ import random
 from concurrent.futures import Future
 from pathlib import Path
 
-from deltavault.backup.content import PendingContent
-from deltavault.backup.pagedigests import MAX_PENDING, PageDigester
+from deltavault.backup.files.content import PendingContent
+from deltavault.backup.files.pagedigests import MAX_PENDING, PageDigester
 from deltavault.chunking.pages import (
     PAGES_PER_DIGEST_BLOB,
     SEGMENT_BYTES,

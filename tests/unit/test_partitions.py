@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pyroaring import BitMap
 
 from deltavault.model.volume import FsInfo
-from deltavault.tracking.base import Allocation, DigestScan
-from deltavault.tracking.partitions import KEY_SHIFT, Part, PartitionedScanner
+from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.partitions import KEY_SHIFT, Part, PartitionedScanner
 
 
 @dataclass

@@ -7,9 +7,9 @@ import pytest
 
 from deltavault.backends.local import LocalBackend
 from deltavault.errors import CorruptionError, RepositoryLocked
+from deltavault.maintenance.check import check_repository
+from deltavault.maintenance.prune import PruneOptions, PruneReport, make_plan, prune, sweep
 from deltavault.model.types import BlobType
-from deltavault.repository.check import check_repository
-from deltavault.repository.prune import PruneOptions, PruneReport, make_plan, prune, sweep
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD
 from tests.unit.test_prune_helpers import save_snapshot, snapshot_files

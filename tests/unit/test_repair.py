@@ -4,12 +4,12 @@ import os
 from pathlib import Path
 
 from deltavault.backends.local import LocalBackend
+from deltavault.maintenance.check import check_repository
+from deltavault.maintenance.repair import DAMAGED_XATTR, repair
 from deltavault.model.content import Hole
 from deltavault.model.nodes import NodeType
 from deltavault.objects.walk import walk
-from deltavault.repository.check import check_repository
 from deltavault.repository.pack import pack_name
-from deltavault.repository.repair import DAMAGED_XATTR, repair
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD
 from tests.unit.test_prune_helpers import save_snapshot, snapshot_files

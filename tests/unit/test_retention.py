@@ -5,8 +5,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deltavault.errors import UsageError
+from deltavault.maintenance.retention import Policy, apply_policy, parse_duration, plan_forget
 from deltavault.model.snapshot import Snapshot
-from deltavault.repository.retention import Policy, apply_policy, parse_duration, plan_forget
 
 
 def snap(t: datetime, host: str = "h", paths: tuple[str, ...] = ("/data",), tags: tuple[str, ...] = ()) -> Snapshot:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from deltavault.errors import SnapshotError
+from deltavault.fs.mounts import device_mounts, find_mount, parse_mountinfo
 from deltavault.snapshot import make_snapshotter, take_snapshot
 from deltavault.snapshot.base import SnapshotHandle
 from deltavault.snapshot.btrfs import delete_command, snapshot_command
@@ -22,7 +23,6 @@ from deltavault.snapshot.lvm import (
     mount_command,
     parse_lvs,
 )
-from deltavault.snapshot.mounts import find_mount, parse_mountinfo
 from deltavault.snapshot.none import NoSnapshot
 from deltavault.snapshot.vss import (
     POWERSHELL,
@@ -63,6 +63,15 @@ def test_mountinfo_parsing_and_longest_prefix() -> None:
     assert find_mount("/home/bob", MOUNTINFO).source == "/dev/mapper/vg0-home"
     assert find_mount("/homeless", MOUNTINFO).mount_point == "/"
     assert find_mount("/srv/my data/x", MOUNTINFO).fstype == "btrfs"
+
+
+def test_mounts_of_a_device_and_whether_they_are_writable() -> None:
+    """What volume backup warns about (a volume mounted read-write) and volume restore
+    refuses (a mounted target device) both come from here."""
+    ro = MOUNTINFO + "42 22 253:2 / /mnt/ro ro,relatime shared:22 - xfs /dev/mapper/vg0-home rw,attr2\n"
+    found = device_mounts({"253:2"}, ro)
+    assert [(m.mount_point, m.writable) for m in found] == [("/home", True), ("/mnt/ro", False)]
+    assert device_mounts({"7:0"}, ro) == []
 
 
 def test_btrfs_commands() -> None:

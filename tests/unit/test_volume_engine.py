@@ -12,21 +12,22 @@ from pathlib import Path
 import pytest
 from pyroaring import BitMap
 
-from deltavault.backup.content import Inflight
-from deltavault.backup.volume import VolumeOptions, VolumeRequest, run_volume_backup
-from deltavault.backup.volume_blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
+from deltavault.backup.volume.blocks import MAX_CHAIN, SegmentEncoder, SegmentPlan
+from deltavault.backup.volume.options import VolumeOptions, VolumeRequest
+from deltavault.backup.volume.run import run_volume_backup
 from deltavault.chunking.pages import PageHasher
 from deltavault.errors import UsageError
+from deltavault.maintenance.check import check_repository
 from deltavault.model.content import Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.reader import read_ref
-from deltavault.repository.check import check_repository
+from deltavault.objects.volumes import load_manifest, volume_blob_ids
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
-from deltavault.repository.volume_check import volume_blob_ids
-from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
-from deltavault.tracking import pagesets
-from deltavault.tracking.readers import FileReader
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.readers import FileReader
+from deltavault.workers import Inflight
 
 MiB = 1 << 20
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from deltavault.tracking import pagesets
-from deltavault.tracking.base import Rejected
-from deltavault.tracking.fiemap import ENCODED, UNWRITTEN, Extent, changed_ranges
-from deltavault.tracking.fsdigests import decode_state, encode_state
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.base import Rejected
+from deltavault.tracking.volume.fiemap import ENCODED, UNWRITTEN, Extent, changed_ranges
+from deltavault.tracking.volume.fsdigests import decode_state, encode_state
 
 
 @settings(max_examples=200)

@@ -17,7 +17,8 @@ def open_backend(url: str) -> Backend:
         path = url.split("://", 1)[1] if scheme else url
         return RetryingBackend(LocalBackend(path))
     if scheme == "sftp" or url.startswith("sftp:"):
-        from deltavault.backends.sftp import SFTPBackend, parse_location
+        from deltavault.backends.sftp import SFTPBackend
+        from deltavault.backends.ssh import parse_location
         return RetryingBackend(SFTPBackend(parse_location(url)))
     raise UsageError(f"unsupported repository location {url!r}: use a local path or sftp://[user@]host[:port]/path")
 

@@ -2,9 +2,9 @@
 
 Locations: ``sftp://[user@]host[:port]/abs/path`` or scp style ``sftp:[user@]host:path``
 (a relative path is under the login's home). Host names, users, ports, identity files,
-known-hosts files, ProxyJump and ProxyCommand come from the OpenSSH client configuration (``~/.ssh/config``, or the file
-named by DELTAVAULT_SSH_CONFIG), as an admin expects. Unknown host keys are refused: there is
-no trust on first use for a backup target.
+known-hosts files, ProxyJump and ProxyCommand come from the OpenSSH client configuration
+(``~/.ssh/config``, or the file named by DELTAVAULT_SSH_CONFIG), as an admin expects
+(ssh.py makes the connection).
 
 Atomic put: write a temporary name in the target folder, ``fsync@openssh.com`` when the server
 offers it, then ``posix-rename@openssh.com`` over the final name. SFTP v3 reports a full
@@ -21,18 +21,16 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
-import shlex
-import socket
 import stat as statmod
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
-from deltavault.errors import BackendError, NoSpace, ObjectNotFound, UsageError
+from deltavault.backends.ssh import SFTPLocation, SshTarget, paramiko_module
+from deltavault.errors import BackendError, NoSpace, ObjectNotFound
 
 if TYPE_CHECKING:
     import paramiko
@@ -41,61 +39,6 @@ _OPEN_PACKS = 16  # pack handles kept open per thread
 _ONE_REQUEST = 32 * 1024  # a READ size every server accepts
 _IN_FLIGHT = 64
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SFTPLocation:
-    host: str
-    path: str
-    user: str | None = None
-    port: int | None = None
-
-    def __str__(self) -> str:
-        user = f"{self.user}@" if self.user else ""
-        port = f":{self.port}" if self.port else ""
-        path = self.path if self.path.startswith("/") else "/~/" + self.path
-        return f"sftp://{user}{self.host}{port}{path}"
-
-
-def parse_location(url: str) -> SFTPLocation:
-    """``sftp://[user@]host[:port]/path`` (``/~/x`` is x under the home folder) or
-    ``sftp:[user@]host:path``."""
-    if url.startswith("sftp://"):
-        rest = url[len("sftp://"):]
-        netloc, slash, path = rest.partition("/")
-        if not slash or not path.strip("/"):
-            raise UsageError(f"{url!r}: give the repository folder, e.g. sftp://host/srv/backup")
-        path = path[2:] if path.startswith("~/") else "/" + path
-        user, _, hostport = netloc.rpartition("@")
-        host, port = hostport, None
-        if hostport.startswith("["):  # [v6 address]:port
-            host, _, tail = hostport[1:].partition("]")
-            port = tail[1:] or None if tail.startswith(":") else None
-        elif hostport.count(":") == 1:
-            host, port = hostport.split(":")
-        if port is not None and not port.isdigit():
-            raise UsageError(f"{url!r}: the port must be a number")
-        loc = SFTPLocation(host, path.rstrip("/") or "/", user or None, int(port) if port else None)
-    elif url.startswith("sftp:"):
-        rest = url[len("sftp:"):]
-        hostpart, colon, path = rest.partition(":")
-        if not colon or not path:
-            raise UsageError(f"{url!r}: use sftp:[user@]host:path or sftp://[user@]host[:port]/path")
-        user, _, host = hostpart.rpartition("@")
-        loc = SFTPLocation(host, path.rstrip("/") or "/", user or None, None)
-    else:
-        raise UsageError(f"{url!r} is not an sftp location")
-    if not loc.host:
-        raise UsageError(f"{url!r}: no host name")
-    return loc
-
-
-def _paramiko() -> Any:
-    try:
-        import paramiko
-    except ImportError as exc:
-        raise UsageError("the sftp backend needs paramiko: pip install 'deltavault[sftp]'") from exc
-    return paramiko
 
 
 class _Replies:
@@ -112,7 +55,7 @@ def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int) -> bytes:
     """``n`` bytes from ``start`` (fewer at the end of the file), with up to _IN_FLIGHT
     READ requests outstanding. paramiko's own readv measured 3 MB/s here on loopback, one
     request at a time 4 ms per round trip; this pipelines like its upload path does."""
-    pm = _paramiko()
+    pm = paramiko_module()
     replies = _Replies()
     pending: deque[tuple[int, int]] = deque()
     out = bytearray()
@@ -153,21 +96,12 @@ def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int) -> bytes:
     return bytes(out)
 
 
-def _gcm_first(*args: Any, **kw: Any) -> paramiko.Transport:
-    """A transport that offers AES-GCM first (one pass for cipher and MAC, on both ends);
-    paramiko's default order starts with AES-CTR and a separate HMAC."""
-    t = _paramiko().Transport(*args, **kw)
-    gcm = tuple(c for c in t._preferred_ciphers if c.endswith("-gcm@openssh.com"))
-    t._preferred_ciphers = gcm + tuple(c for c in t._preferred_ciphers if c not in gcm)
-    return t
-
-
 class SFTPBackend:
     def __init__(self, loc: SFTPLocation, *, config_file: str | None = None,
                  timeout: float = 30.0) -> None:
         self.loc = loc
-        self._config_file = config_file or os.environ.get("DELTAVAULT_SSH_CONFIG") or os.path.expanduser("~/.ssh/config")
-        self._timeout = timeout
+        self.ssh = SshTarget(loc, config_file or os.environ.get("DELTAVAULT_SSH_CONFIG")
+                             or os.path.expanduser("~/.ssh/config"), timeout)
         self._lock = threading.Lock()
         self._client: paramiko.SSHClient | None = None
         self._generation = 0
@@ -181,83 +115,6 @@ class SFTPBackend:
     def location(self) -> str:
         return str(self.loc)
 
-    def _settings(self) -> dict[str, Any]:
-        pm = _paramiko()
-        host_cfg: dict[str, Any] = {}
-        have_config = os.path.exists(self._config_file)
-        if have_config:
-            try:
-                host_cfg = dict(pm.SSHConfig.from_path(self._config_file).lookup(self.loc.host))
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"cannot read the ssh configuration {self._config_file}: {exc}") from exc
-        port = self.loc.port or int(host_cfg.get("port", 22))
-        hostname = host_cfg.get("hostname", self.loc.host)
-        proxy = host_cfg.get("proxycommand")
-        if proxy is not None and proxy.lower() == "none":
-            proxy = None
-        jump = host_cfg.get("proxyjump", "none")
-        if proxy is None and jump.lower() != "none":
-            # ssh makes the hops, with its own config, agent and known hosts for them
-            *via, last = jump.split(",")
-            argv = ["ssh", "-o", "BatchMode=yes"]
-            if have_config:
-                argv += ["-F", self._config_file]
-            if via:
-                argv += ["-J", ",".join(via)]
-            proxy = shlex.join([*argv, "-W", f"{hostname}:{port}", last])
-        return {
-            "proxy": proxy,
-            "hostname": hostname,
-            "port": port,
-            "username": self.loc.user or host_cfg.get("user") or None,
-            "key_filename": [os.path.expanduser(p) for p in host_cfg.get("identityfile", [])] or None,
-            "known_hosts": [os.path.expanduser(p) for p in str(host_cfg.get("userknownhostsfile", "")).split()],
-            "timeout": float(host_cfg.get("connecttimeout", self._timeout)),
-        }
-
-    def _connect(self) -> paramiko.SSHClient:
-        pm = _paramiko()
-        s = self._settings()
-        client = pm.SSHClient()
-        client.set_missing_host_key_policy(pm.RejectPolicy())
-        try:
-            client.load_system_host_keys()
-            for path in s["known_hosts"]:
-                if os.path.exists(path):
-                    client.get_host_keys().load(path)
-        except (OSError, pm.SSHException) as exc:
-            raise BackendError(f"cannot read known hosts: {exc}", retryable=False) from exc
-        where = f"{s['hostname']}:{s['port']}"
-        try:
-            sock = pm.ProxyCommand(s["proxy"]) if s["proxy"] else None
-            client.connect(s["hostname"], port=s["port"], username=s["username"],
-                           key_filename=s["key_filename"], timeout=s["timeout"],
-                           banner_timeout=s["timeout"], auth_timeout=s["timeout"],
-                           transport_factory=_gcm_first, sock=sock)
-        except pm.BadHostKeyException as exc:
-            raise BackendError(f"the host key of {where} does not match known_hosts: refusing to connect "
-                               "(if the host was reinstalled, update known_hosts)", retryable=False) from exc
-        except pm.AuthenticationException as exc:
-            raise BackendError(f"ssh login to {where} as {s['username'] or 'the current user'} failed: {exc}",
-                               retryable=False) from exc
-        except pm.SSHException as exc:
-            if "not found in known_hosts" in str(exc):
-                raise BackendError(f"the host key of {where} is not known: add it to ~/.ssh/known_hosts "
-                                   f"(ssh-keyscan -p {s['port']} {s['hostname']})", retryable=False) from exc
-            raise BackendError(f"ssh connection to {where} failed: {exc}") from exc
-        except (OSError, EOFError) as exc:
-            # paramiko gathers the per-address socket errors of a failed connect in .errors
-            causes = {getattr(e, "strerror", None) or str(e) for e in getattr(exc, "errors", {}).values()}
-            why = ", ".join(sorted(causes)) or getattr(exc, "strerror", None) or str(exc)
-            raise BackendError(f"cannot connect to {where}: {why}") from exc
-        transport = client.get_transport()
-        sock = getattr(transport, "sock", None)
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Without it, Nagle holds back the tail of each request: a 100 KB ranged get took
-            # 13 ms on loopback instead of 0.6 ms.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client
-
     def _sftp(self) -> paramiko.SFTPClient:
         """This thread's SFTP channel, on a live connection (made on first use)."""
         with self._lock:
@@ -266,7 +123,7 @@ class SFTPBackend:
             if client is None or transport is None or not transport.is_active():
                 if client is not None:
                     client.close()
-                self._client = client = self._connect()
+                self._client = client = self.ssh.connect()
                 self._generation += 1
                 self._made_dirs.clear()
             generation = self._generation
@@ -289,7 +146,7 @@ class SFTPBackend:
 
     def _call(self, what: str, fn: Callable[[paramiko.SFTPClient], T]) -> T:
         """Run ``fn`` on this thread's channel and turn failures into backend errors."""
-        pm = _paramiko()
+        pm = paramiko_module()
         sftp = self._sftp()
         try:
             return fn(sftp)
@@ -450,7 +307,7 @@ class SFTPBackend:
         """Durable before the rename, where the server can do it (OpenSSH can)."""
         if not self._fsync_ok:
             return
-        pm = _paramiko()
+        pm = paramiko_module()
         try:
             s._request(pm.sftp.CMD_EXTENDED, "fsync@openssh.com", handle)
         except OSError as exc:
@@ -459,7 +316,7 @@ class SFTPBackend:
             self._fsync_ok = False  # not offered: the rename still keeps the put atomic
 
     def _disk_full(self, s: paramiko.SFTPClient, folder: str, need: int) -> bool:
-        pm = _paramiko()
+        pm = paramiko_module()
         try:
             _t, msg = s._request(pm.sftp.CMD_EXTENDED, "statvfs@openssh.com", folder)
             bsize, frsize, _blocks, _bfree, bavail = (msg.get_int64() for _ in range(5))

@@ -1,1 +1,2 @@
-"""Backup engines: files (archiver) and volumes."""
+"""Backup engines, one package each: ``files`` (file trees) and ``volume`` (block devices and
+disk images). They share nothing but the layers below them."""

@@ -20,7 +20,7 @@ class Chunker:
 
     The chunker carries no state between calls. Streaming callers cut a read window and
     cut its last chunk again with the next window, so boundaries do not depend on read sizes
-    (see backup/content.py).
+    (see backup/files/content.py).
     """
 
     def __init__(self, params: CdcParams) -> None:

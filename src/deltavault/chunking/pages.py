@@ -28,11 +28,6 @@ class PageHasher:
         h.update(page)
         return h.digest(DIGEST)
 
-    def zero_run(self, length: int) -> bytes:
-        """Digests of ``length`` zero bytes starting on a page boundary (a hole)."""
-        full, rest = divmod(length, PAGE_SIZE)
-        return self.zero * full + (self.digest(bytes(rest)) if rest else b"")
-
     def digests(self, buf: bytes | bytearray | memoryview) -> bytes:
         """Digests of consecutive pages of ``buf`` (the last may be short)."""
         mv = memoryview(buf)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltavault.backup.files import FileBackupOptions
-from deltavault.backup.run import BackupRequest, BackupResult, run_backup
+from deltavault.backup.files.options import FileBackupOptions
+from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.cli.volume_backup import add_volume_options, run_volume_backup
 from deltavault.errors import ExitCode, UsageError
-from deltavault.repository.repository import short_id
+from deltavault.repository.snapshots import short_id
 
 
 def register(sub: argparse._SubParsersAction) -> None:

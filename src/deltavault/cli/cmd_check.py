@@ -6,8 +6,8 @@ import argparse
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode
-from deltavault.repository.check import check_repository
-from deltavault.repository.repository import short_id
+from deltavault.maintenance.check import check_repository
+from deltavault.repository.snapshots import short_id
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,9 @@ import argparse
 
 from deltavault.cli.common import Context
 from deltavault.errors import UsageError
-from deltavault.repository.repository import Repository, short_id
-from deltavault.repository.retention import Policy, parse_duration, plan_forget
+from deltavault.maintenance.retention import Policy, parse_duration, plan_forget
+from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
 
 
 def register(sub: argparse._SubParsersAction) -> None:

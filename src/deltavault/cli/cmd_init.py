@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from deltavault.cli.common import Context, parse_size, read_password, require_password
-from deltavault.repository.repository import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, Repository
+from deltavault.repository.config import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE
+from deltavault.repository.repository import Repository
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from deltavault.cli.common import Context, human
-from deltavault.repository.prune import PruneOptions, prune
+from deltavault.maintenance.prune import PruneOptions, prune
 
 
 def _share(text: str) -> float:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from deltavault.cli.common import Context
 from deltavault.errors import ExitCode
-from deltavault.repository.config_repair import check_or_rebuild_config
-from deltavault.repository.repair import repair
-from deltavault.repository.repository import short_id
+from deltavault.maintenance.config_repair import check_or_rebuild_config
+from deltavault.maintenance.repair import repair
+from deltavault.repository.snapshots import short_id
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,8 +7,9 @@ import argparse
 from deltavault.cli.common import Context, human
 from deltavault.cli.volume_restore import add_volume_options, run_volume_restore
 from deltavault.errors import ExitCode, UsageError
-from deltavault.repository.repository import short_id
-from deltavault.restore.files import FileRestorer, RestoreOptions
+from deltavault.repository.snapshots import short_id
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +38,8 @@ def run(ctx: Context) -> int:
         raise UsageError("restore needs --target DIR")
     repo = ctx.open_repo()
     with ctx.read_lock(repo, "restore"):
-        sid, snap = repo.resolve_snapshot(a.snapshot, kind="files")
-        if snap.tree is None:
-            raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: use restore --volume")
+        sid, snap = ctx.snapshot_of_kind(repo, a.snapshot, "files", "use restore --volume")
+        assert snap.tree is not None
         opts = RestoreOptions(include=a.include, verify=a.verify, owner=not a.no_owner,
                               special=not a.no_special, setuid=not a.no_setuid)
         restorer = FileRestorer(repo, a.target, opts, ctx.reporter())

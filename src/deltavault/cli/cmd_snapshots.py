@@ -8,7 +8,7 @@ import msgspec
 
 from deltavault.cli.common import Context, human
 from deltavault.model.snapshot import SnapshotSummary
-from deltavault.repository.repository import short_id
+from deltavault.repository.snapshots import short_id
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from deltavault.cli.common import Context, human
-from deltavault.repository.stats import compute_stats
+from deltavault.maintenance.stats import compute_stats
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -18,8 +18,10 @@ from typing import Any
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
 from deltavault.errors import BackendError, UsageError
+from deltavault.model.snapshot import Snapshot
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -118,6 +120,15 @@ class Context:
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
         self.opened.append(repo)
         return repo
+
+    @staticmethod
+    def snapshot_of_kind(repo: Repository, ref: str, kind: str, hint: str) -> tuple[str, Snapshot]:
+        """The snapshot ``ref`` names ('latest' of this ``kind``); a snapshot of the other kind
+        is refused with ``hint`` (what to run instead)."""
+        sid, snap = repo.resolve_snapshot(ref, kind=kind)
+        if (snap.tree if kind == "files" else snap.volume) is None:
+            raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: {hint}")
+        return sid, snap
 
     def warn_repository_notes(self) -> None:
         """What any command on a repository must say once, at the end: a local cache it did

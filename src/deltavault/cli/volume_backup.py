@@ -1,4 +1,4 @@
-"""deltavault backup --volume: options and output (the engine is backup/volume.py)."""
+"""deltavault backup --volume: options and output (the engine is backup/volume/)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deltavault.backup.volume import (
+from deltavault.backup.volume.options import (
     CBT_MODES,
     DEFAULT_BLOCK_SIZE,
     VolumeOptions,
     VolumeReport,
     VolumeRequest,
 )
-from deltavault.backup.volume import run_volume_backup as backup_volume
-from deltavault.backup.volume_state import LocalState
+from deltavault.backup.volume.run import run_volume_backup as backup_volume
+from deltavault.backup.volume.state import LocalState
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import UsageError
 from deltavault.fs.files import write_cache_file
-from deltavault.repository.repository import short_id
+from deltavault.repository.snapshots import short_id
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:

@@ -6,8 +6,9 @@ import argparse
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode, UsageError
-from deltavault.repository.repository import short_id
-from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+from deltavault.objects.volumes import load_manifest
+from deltavault.repository.snapshots import short_id
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:
@@ -28,9 +29,8 @@ def run_volume_restore(ctx: Context) -> int:
         raise UsageError("--include does not apply to volume snapshots")
     repo = ctx.open_repo()
     with ctx.read_lock(repo, "restore"):
-        sid, snap = repo.resolve_snapshot(a.snapshot, kind="volume")
-        if snap.volume is None:
-            raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: restore it without --volume")
+        sid, snap = ctx.snapshot_of_kind(repo, a.snapshot, "volume", "restore it without --volume")
+        assert snap.volume is not None
         manifest = load_manifest(repo, snap.volume)
         opts = VolumeRestoreOptions(overwrite=a.overwrite, verify=a.verify,
                                     page_key=repo.master.mac if repo.master else None)

@@ -90,35 +90,6 @@ def apply_xattrs(path: bytes, xattrs: list[tuple[bytes, bytes]], problems: Apply
                 problems.add(f"xattr {name.decode(errors='replace')}", exc)
 
 
-def apply_owner(path: bytes, uid: int, gid: int, problems: ApplyProblems) -> None:
-    """lchown; as in ``apply_meta_fd``, an unprivileged process that cannot give ownership
-    away is not an error."""
-    try:
-        os.chown(path, uid, gid, follow_symlinks=False)
-    except PermissionError as exc:
-        if os.geteuid() == 0:
-            problems.add("chown", exc)
-    except OSError as exc:
-        problems.add("chown", exc)
-
-
-def apply_mode(path: bytes, mode: int, problems: ApplyProblems) -> None:
-    try:
-        os.chmod(path, stat.S_IMODE(mode))
-    except OSError as exc:
-        problems.add("chmod", exc)
-
-
-def apply_times(path: bytes, atime_ns: int, mtime_ns: int, problems: ApplyProblems,
-                *, follow: bool = False) -> None:
-    try:
-        os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
-    except OSError as exc:
-        if exc.errno == errno.ENOTSUP and not follow:
-            return  # some systems cannot set symlink times
-        problems.add("utime", exc)
-
-
 def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: int, gid: int,
                   atime_ns: int, mtime_ns: int, xattrs: list[tuple[bytes, bytes]] | None = None,
                   owner: bool = True, drop_xattr: Callable[[bytes], bool] | None = None,

@@ -47,20 +47,6 @@ def is_sparse(st: os.stat_result) -> bool:
     return st.st_blocks * 512 < st.st_size
 
 
-def page_aligned_extents(extents: list[tuple[int, int]], size: int, page: int = 4096) -> list[tuple[int, int]]:
-    """Round data extents out to page boundaries (clipped at ``size``) and merge overlaps."""
-    out: list[tuple[int, int]] = []
-    for off, ln in extents:
-        s = off - off % page
-        e = min(size, -(-(off + ln) // page) * page)
-        if out and s <= out[-1][0] + out[-1][1]:
-            ps, pl = out[-1]
-            out[-1] = (ps, max(ps + pl, e) - ps)
-        else:
-            out.append((s, e - s))
-    return out
-
-
 class ReadExtents:
     """The ranges a reader of a file reads, found lazily, so that no list of a hostile
     file's millions of extents is ever built: the data extents of a sparse file rounded
@@ -135,6 +121,3 @@ class ReadExtents:
         return found is not None and found[0] < end
 
 
-def read_extents(fd: int, st: os.stat_result, page: int = PAGE) -> list[tuple[int, int]]:
-    """All of ``ReadExtents`` as a list (for tests and small files)."""
-    return list(ReadExtents(fd, st.st_size, is_sparse(st), page).ranges())

@@ -9,7 +9,9 @@ from typing import Any
 import msgspec
 
 from deltavault.model.nodes import Node, NodeType
-from deltavault.objects.walk import TreeLoader, load_nodes, walk
+from deltavault.objects.store import BlobLoader
+from deltavault.objects.trees import load_nodes
+from deltavault.objects.walk import walk
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ def _meta_equal(a: Node, b: Node) -> bool:
     return msgspec.structs.replace(a, **strip) == msgspec.structs.replace(b, **strip)
 
 
-def diff_trees(repo: TreeLoader, a: bytes | None, b: bytes | None, prefix: bytes = b"") -> Iterator[Change]:
+def diff_trees(repo: BlobLoader, a: bytes | None, b: bytes | None, prefix: bytes = b"") -> Iterator[Change]:
     """Changes from tree ``a`` to tree ``b`` in path order. Iterative (a stack of open
     directory pairs), so trees of any depth are compared."""
     stack = [_Pair(repo, a, b, prefix)] if a != b else []
@@ -68,7 +70,7 @@ class _Pair:
 
     __slots__ = ("i", "names", "new", "old", "prefix")
 
-    def __init__(self, repo: TreeLoader, a: bytes | None, b: bytes | None, prefix: bytes) -> None:
+    def __init__(self, repo: BlobLoader, a: bytes | None, b: bytes | None, prefix: bytes) -> None:
         self.old = {n.name: n for n in load_nodes(repo, a)} if a else {}
         self.new = {n.name: n for n in load_nodes(repo, b)} if b else {}
         self.names = sorted(self.old.keys() | self.new.keys())

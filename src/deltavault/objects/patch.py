@@ -11,6 +11,10 @@ import struct
 from deltavault.errors import FormatError
 
 MAGIC = b"DVPT\x01"
+PATCH_LEVEL = 3  # patches are small: spend a little more on compressing them
+# A chunk (file) or block (volume) whose patches would cover more than this share of its
+# pages is stored whole instead.
+MAX_PATCH_SHARE = 0.5
 _COUNT = struct.Struct("<I")
 _RANGE = struct.Struct("<II")
 
@@ -76,4 +80,24 @@ def coalesce(pages: list[int], region_start: int, region_size: int, page_size: i
             out[-1] = (out[-1][0], out[-1][1] + e - s)
         else:
             out.append((s, e - s))
+    return out
+
+
+def bitmap(pages: list[int], first: int, count: int) -> bytes:
+    """``Patch.pages`` of a chunk or block whose first page is ``first``: bit i is page first + i."""
+    bm = bytearray((count + 7) // 8)
+    for p in pages:
+        j = p - first
+        bm[j >> 3] |= 1 << (j & 7)
+    return bytes(bm)
+
+
+def bitmap_pages(bm: bytes, first: int) -> set[int]:
+    """The absolute page numbers a ``Patch.pages`` bitmap names."""
+    out = set()
+    for i, byte in enumerate(bm):
+        while byte:
+            low = byte & -byte
+            out.add(first + i * 8 + low.bit_length() - 1)
+            byte ^= low
     return out

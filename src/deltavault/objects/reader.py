@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
 from deltavault.errors import CorruptionError
 from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.objects.patch import apply_patches
+from deltavault.objects.store import BlobLoader
 
 
-class BlobSource(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-
-def read_ref(src: BlobSource, ref: ContentRef) -> bytes | None:
+def read_ref(src: BlobLoader, ref: ContentRef) -> bytes | None:
     """Bytes of one reference; None for a hole."""
     if isinstance(ref, Hole):
         return None
@@ -29,7 +25,7 @@ def read_ref(src: BlobSource, ref: ContentRef) -> bytes | None:
     raise CorruptionError(f"unknown content reference {ref!r}")
 
 
-def iter_content(src: BlobSource, refs: list[ContentRef]) -> Iterator[tuple[int, bytes | None, int]]:
+def iter_content(src: BlobLoader, refs: list[ContentRef]) -> Iterator[tuple[int, bytes | None, int]]:
     """(offset, data or None for a hole, size) for each reference in order."""
     off = 0
     for ref in refs:

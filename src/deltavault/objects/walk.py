@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
-from deltavault.backup.previous import decode_tree
 from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.store import BlobLoader
+from deltavault.objects.trees import load_nodes
 
 
-class TreeLoader(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-
-def load_nodes(repo: TreeLoader, tree_id: bytes) -> list[Node]:
-    return decode_tree(repo.load_blob(tree_id)).nodes
-
-
-def walk(repo: TreeLoader, tree_id: bytes, prefix: bytes = b"", *,
+def walk(repo: BlobLoader, tree_id: bytes, prefix: bytes = b"", *,
          dedupe_trees: set[bytes] | None = None) -> Iterator[tuple[bytes, Node]]:
     """(path, node) pre-order. With ``dedupe_trees``, a subtree seen before is not descended
     again (for counting unique data)."""
@@ -38,7 +30,7 @@ def walk(repo: TreeLoader, tree_id: bytes, prefix: bytes = b"", *,
         stack.extend(reversed(subdirs))
 
 
-def find(repo: TreeLoader, tree_id: bytes, path: str) -> Node | None:
+def find(repo: BlobLoader, tree_id: bytes, path: str) -> Node | None:
     parts = [p.encode("utf-8", "surrogateescape") for p in path.strip("/").split("/") if p]
     node: Node | None = None
     tid: bytes | None = tree_id

@@ -1,5 +1,3 @@
-"""Repository layer: blobs, packs, index, envelope (compress + encrypt), keys, locks."""
-
-from deltavault.repository.repository import ChunkerParams, RepoConfig, Repository, short_id
-
-__all__ = ["ChunkerParams", "RepoConfig", "Repository", "short_id"]
+"""Repository layer: the ``Repository`` façade over config and keys, the object cache, the
+index, blob writes and reads, snapshots and locks; packs and the envelope (compress +
+encrypt) below them."""

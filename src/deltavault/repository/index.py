@@ -11,6 +11,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 
@@ -37,13 +38,27 @@ def encode_index(f: IndexFile) -> bytes:
     return msgspec.msgpack.encode(f)
 
 
-def decode_index(raw: bytes, name: str) -> IndexFile:
+class _IndexHead(msgspec.Struct):
+    supersedes: list[bytes] = []
+    v: int = INDEX_VERSION
+
+
+_Doc = TypeVar("_Doc", IndexFile, _IndexHead)
+
+
+def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
+    """An index file as ``kind`` (the whole file or only its head), of this build's version."""
     try:
-        f = msgspec.msgpack.decode(raw, type=IndexFile)
+        doc = msgspec.msgpack.decode(raw, type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FormatError(f"index {name} does not parse: {exc}") from exc
-    if f.v != INDEX_VERSION:
-        raise UnsupportedVersion(f"index {name} has version {f.v}; this build reads {INDEX_VERSION}")
+    if doc.v != INDEX_VERSION:
+        raise UnsupportedVersion(f"index {name} has version {doc.v}; this build reads {INDEX_VERSION}")
+    return doc
+
+
+def decode_index(raw: bytes, name: str) -> IndexFile:
+    f = _decode(raw, IndexFile, name)
     for p in f.packs:
         if len(p.id) != ID_LEN:
             raise FormatError(f"index {name}: bad pack id")
@@ -54,20 +69,9 @@ def decode_index(raw: bytes, name: str) -> IndexFile:
     return f
 
 
-class _IndexHead(msgspec.Struct):
-    supersedes: list[bytes] = []
-    v: int = INDEX_VERSION
-
-
 def decode_index_head(raw: bytes, name: str) -> list[bytes]:
     """Only the ids an index file supersedes; its entries are skipped without being built."""
-    try:
-        head = msgspec.msgpack.decode(raw, type=_IndexHead)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise FormatError(f"index {name} does not parse: {exc}") from exc
-    if head.v != INDEX_VERSION:
-        raise UnsupportedVersion(f"index {name} has version {head.v}; this build reads {INDEX_VERSION}")
-    return head.supersedes
+    return _decode(raw, _IndexHead, name).supersedes
 
 
 @dataclass(frozen=True, slots=True)

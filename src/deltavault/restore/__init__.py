@@ -1,1 +1,1 @@
-"""Restore engines: files, volumes, mount."""
+"""Restore engines: file trees (``files``) and volumes (``volume``)."""

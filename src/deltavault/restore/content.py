@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
-from typing import Protocol
 
 from deltavault.errors import CorruptionError
 from deltavault.fs.clone import pwrite_all
 from deltavault.model.content import ContentRef, Full, Hole, Patch, content_size
 from deltavault.model.nodes import Node
 from deltavault.objects.patch import apply_patches
+from deltavault.objects.store import BlobReader
 
 BATCH_BYTES = 64 * 1024 * 1024
 
 # (offset, size, blob id of the bytes there, or None for a hole): what --verify checks
 Expect = list[tuple[int, int, bytes | None]]
-
-
-class BlobReader(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-    def blob_id(self, data: bytes | memoryview) -> bytes: ...
-
-    def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
 
 
 def check_sizes(node: Node) -> None:

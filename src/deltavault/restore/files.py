@@ -12,7 +12,7 @@ where each must be the directory it was (dev, ino).
 
 Small files are written by the walker in batches whose blobs are read together; large
 ones by a thread pool. A directory's metadata is set once everything below it is written
-(its mode may forbid writes, and every entry made in it changes its times).
+(dirs.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import os
 import stat
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from deltavault.backup.previous import decode_tree
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.dirfd import (
     DIR_FLAGS,
-    Identity,
     Replaced,
     identity,
     lstat_at,
@@ -37,8 +35,18 @@ from deltavault.fs.dirfd import (
 from deltavault.fs.paths import check_name, display, open_target_dir
 from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.store import BlobReader
+from deltavault.objects.trees import decode_tree
 from deltavault.progress import NullReporter, Reporter
-from deltavault.restore.content import BlobReader, verify_fd, write_content
+from deltavault.restore.content import verify_fd, write_content
+from deltavault.restore.dirs import Dir, Holds
+from deltavault.restore.options import (
+    RestoreLog,
+    RestoreOptions,
+    RestoreStats,
+    Selection,
+    selection,
+)
 from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
@@ -50,37 +58,6 @@ from deltavault.restore.target import (
     unlink_quiet,
 )
 from deltavault.workers import BoundedPool
-
-__all__ = ["BlobReader", "FileRestorer", "RestoreOptions", "RestoreProblem", "RestoreStats"]
-
-
-@dataclass
-class RestoreOptions:
-    include: list[str] = field(default_factory=list)  # paths inside the snapshot; empty = all
-    verify: bool = False
-    owner: bool = True  # chown (effective only as root)
-    workers: int = 3
-    special: bool = True  # False (--no-special): device nodes and FIFOs are skipped
-    setuid: bool = True  # False (--no-setuid): setuid and setgid bits of files are cleared
-
-
-@dataclass
-class RestoreProblem:
-    path: str
-    kind: str  # corrupt | write | metadata | verify | missing
-    message: str
-
-
-@dataclass
-class RestoreStats:
-    files: int = 0
-    dirs: int = 0
-    links: int = 0
-    special: int = 0
-    skipped_special: int = 0
-    bytes_written: int = 0
-    bytes_verified: int = 0
-
 
 # Files handed to the workers and not yet written. It bounds memory and the directories
 # held open (each waits for its last file), while the walker keeps ahead of the workers.
@@ -97,48 +74,12 @@ _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SPECIAL = (NodeType.FIFO, NodeType.CHARDEV, NodeType.BLOCKDEV)
 
 
-class _Dir:
-    """A directory of the target being restored. ``left`` counts the walker's hold (released
-    when its listing is done), its files being written and its subdirectories not yet
-    finished; the last release sets its metadata. ``fd`` is -1 while the walk is far below
-    (or once it was found moved: ``lost``)."""
-
-    __slots__ = ("fd", "files", "fresh", "ident", "left", "lost", "node", "parent", "relpath")
-
-    def __init__(self, fd: int, ident: Identity, relpath: bytes, node: Node | None,
-                 parent: _Dir | None, fresh: bool) -> None:
-        self.fd, self.ident, self.relpath, self.node, self.parent = fd, ident, relpath, node, parent
-        self.fresh = fresh  # made 0700 by this run: nobody else can have put anything in it
-        self.left = 1
-        self.files = 0  # files queued or being written in it (its fd must stay open)
-        self.lost = False
-
-
 @dataclass
 class _Frame:
-    dir: _Dir
+    dir: Dir
     nodes: list[Node]
-    sel: _Selection
+    sel: Selection
     pos: int = 0
-
-
-@dataclass
-class _Selection:
-    whole: bool  # restore everything below
-    children: dict[bytes, _Selection] = field(default_factory=dict)
-
-
-def _selection(include: list[str]) -> _Selection:
-    if not include:
-        return _Selection(True)
-    root = _Selection(False)
-    for inc in include:
-        parts = [os.fsencode(p) for p in inc.strip("/").split("/") if p and p != "."]
-        cur = root
-        for p in parts:
-            cur = cur.children.setdefault(p, _Selection(False))
-        cur.whole = True
-    return root
 
 
 class FileRestorer:
@@ -148,43 +89,33 @@ class FileRestorer:
         self.target = os.fsencode(target)
         self.opts = options
         self.reporter = reporter or NullReporter()
-        self.problems: list[RestoreProblem] = []
-        self.stats = RestoreStats()
+        self.log = RestoreLog(self.reporter)
+        self.problems = self.log.problems
+        self.stats = self.log.stats
         self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
+        self.holds = Holds(self.log, self._meta)
         self._pool = BoundedPool(options.workers, IN_FLIGHT, "dv-restore")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _fatal
         self._fatal: BaseException | None = None  # the first error that ends the restore
-        self._small: list[tuple[_Dir, bytes, Node]] = []
+        self._small: list[tuple[Dir, bytes, Node]] = []
         self._small_bytes = 0
         self._found: set[bytes] = set()
         self._links: LinkSources | None = None
-        self._open_dirs = 0  # directory fds held, for the bound on open files
         self._futures: list[Future[None]] = []
-
-    def _problem(self, path: bytes, kind: str, message: str) -> None:
-        p = RestoreProblem(display(path), kind, message)
-        with self._lock:
-            self.problems.append(p)
-        self.reporter.problem(p.path, kind, message)
-
-    def _count(self, **kw: int) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self.stats, k, getattr(self.stats, k) + v)
 
     # ------------------------------------------------------------------ entry
     def run(self, root_tree: bytes) -> RestoreStats:
         raise_nofile_limit()
         fd = open_target_dir(self.target, "restore target")
-        root = _Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
+        root = Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
         self._links = LinkSources(fd)
         self.reporter.start("restore")
         try:
-            self._walk(root, root_tree, _selection(self.opts.include))
+            self._walk(root, root_tree, selection(self.opts.include))
             self._flush_small()
         finally:
             for here, _rel, _node in self._small:  # not written: an error ends the run
-                self._file_done(here)
+                self.holds.file_done(here)
             self._pool.shutdown()
             self._links.close()
             os.close(fd)
@@ -192,49 +123,12 @@ class FileRestorer:
         self._check_fatal()
         for inc in self.opts.include:
             if os.fsencode(inc.strip("/")) not in self._found:
-                self._problem(os.fsencode(inc), "missing", "not in the snapshot")
+                self.log.problem(os.fsencode(inc), "missing", "not in the snapshot")
         return self.stats
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
-
-    # ------------------------------------------------------------------ holds
-    def _hold(self, d: _Dir, *, file: bool = False) -> None:
-        """One more thing below ``d`` to finish before its metadata is applied."""
-        with self._lock:
-            d.left += 1
-            d.files += file
-
-    def _file_done(self, d: _Dir) -> None:
-        with self._lock:
-            d.files -= 1
-        self._release(d)
-
-    def _release(self, d: _Dir | None) -> None:
-        """One thing below ``d`` is finished; the last one applies its metadata, then
-        counts for its parent. The target root's own metadata is the user's."""
-        while d is not None:
-            with self._lock:
-                d.left -= 1
-                if d.left:
-                    return
-            if d.node is None:
-                return
-            if d.fd >= 0:
-                try:
-                    for m in apply_node_meta(d.fd, d.node, self._meta):
-                        self._problem(d.relpath, "metadata", m)
-                finally:
-                    self._close_dir(d)
-                self._count(dirs=1)
-            d = d.parent
-
-    def _close_dir(self, d: _Dir) -> None:
-        fd, d.fd = d.fd, -1
-        os.close(fd)
-        with self._lock:
-            self._open_dirs -= 1
 
     def _drain(self) -> None:
         """Finish every file queued or being written: the directories waiting for them
@@ -256,11 +150,11 @@ class FileRestorer:
                     raise CorruptionError(f"tree {display(relpath) or '/'} lists {display(n.name)} twice")
                 seen.add(n.name)
         except DeltavaultError as exc:
-            self._problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
+            self.log.problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
             return []
         return nodes
 
-    def _walk(self, root: _Dir, tree_id: bytes, sel: _Selection) -> None:
+    def _walk(self, root: Dir, tree_id: bytes, sel: Selection) -> None:
         """Depth first, with our own stack: one frame per directory being listed."""
         frames = [_Frame(root, self._listing(tree_id, b""), sel)]
         while frames:
@@ -268,12 +162,12 @@ class FileRestorer:
             f = frames[-1]
             if f.pos == len(f.nodes):
                 frames.pop()
-                if self._open_dirs > 2 * MAX_OPEN_DIRS:
+                if self.holds.open_dirs > 2 * MAX_OPEN_DIRS:
                     # Directories left behind that wait for files below them hold their fds.
                     self._drain()
                 if frames and frames[-1].dir.fd < 0 and not frames[-1].dir.lost:
                     self._reopen(frames, f.dir)
-                self._release(f.dir)  # the walker's hold
+                self.holds.release(f.dir)  # the walker's hold
                 continue
             node = f.nodes[f.pos]
             f.pos += 1
@@ -290,7 +184,7 @@ class FileRestorer:
             except OSError as exc:
                 if exc.errno in NO_SPACE_ERRNOS:
                     raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
-                self._problem(relpath, "write", exc.strerror or str(exc))
+                self.log.problem(relpath, "write", exc.strerror or str(exc))
                 continue
             if sub is not None:
                 frames.append(sub)
@@ -307,12 +201,11 @@ class FileRestorer:
             return
         if d.files and any(here is d for here, _r, _n in self._small):
             self._flush_small()
-        with self._lock:
-            if d.files:
-                return  # a worker writes there; it is closed when the walk comes back
-        self._close_dir(d)
+        if self.holds.writing(d):
+            return  # a worker writes there; it is closed when the walk comes back
+        self.holds.close(d)
 
-    def _reopen(self, frames: list[_Frame], child: _Dir) -> None:
+    def _reopen(self, frames: list[_Frame], child: Dir) -> None:
         """Open again the directory the walk climbs back into, through ``..`` of the one it
         leaves; it must be the directory it was. If it was moved meanwhile, it is looked up
         by name from the nearest open ancestor, each level checked; failing that, the rest of
@@ -326,12 +219,11 @@ class FileRestorer:
                     os.close(fd)
                     fd = -1
             d.fd = fd if fd >= 0 else self._reopen_by_name(frames)
-            with self._lock:
-                self._open_dirs += 1
+            self.holds.opened()
         except OSError as exc:
             d.lost = True
             frames[-1].pos = len(frames[-1].nodes)
-            self._problem(d.relpath, "write", f"{exc.strerror or exc}: moved or replaced while the restore ran; "
+            self.log.problem(d.relpath, "write", f"{exc.strerror or exc}: moved or replaced while the restore ran; "
                           "the rest of this directory is not restored and its metadata not set")
 
     @staticmethod
@@ -351,14 +243,13 @@ class FileRestorer:
             raise
         return fd
 
-    def _entry(self, parent: _Dir, relpath: bytes, node: Node, sel: _Selection) -> _Frame | None:
+    def _entry(self, parent: Dir, relpath: bytes, node: Node, sel: Selection) -> _Frame | None:
         """Restore one entry of ``parent``; a directory is made and returned as a frame to list."""
         if node.type == NodeType.DIR:
             fd, ident, made = make_dir(parent.fd, node.name)
-            with self._lock:
-                self._open_dirs += 1
-            sub = _Dir(fd, ident, relpath, node, parent, fresh=made)
-            self._hold(parent)
+            self.holds.opened()
+            sub = Dir(fd, ident, relpath, node, parent, fresh=made)
+            self.holds.hold(parent)
             nodes = self._listing(node.subtree, relpath) if node.subtree is not None else []
             return _Frame(sub, nodes, sel)
         if not sel.whole:
@@ -370,29 +261,29 @@ class FileRestorer:
         if node.type == NodeType.FILE:
             self._file(parent, relpath, node)
         elif node.type in _SPECIAL and not self.opts.special:
-            self._count(skipped_special=1)
+            self.log.count(skipped_special=1)
         else:
             for m in place_special(parent.fd, node, self._meta, shared=not parent.fresh):
-                self._problem(relpath, "metadata", m)
-            self._count(special=1)
+                self.log.problem(relpath, "metadata", m)
+            self.log.count(special=1)
         return None
 
     # ------------------------------------------------------------------ files
-    def _file(self, parent: _Dir, relpath: bytes, node: Node) -> None:
+    def _file(self, parent: Dir, relpath: bytes, node: Node) -> None:
         key = (node.dev, node.inode) if node.links > 1 else None
         assert self._links is not None
         if key is not None and key in self._links:
             self._links.link(key, parent.fd, node.name, shared=not parent.fresh)
-            self._count(links=1)
+            self.log.count(links=1)
             return
-        self._hold(parent, file=True)
+        self.holds.hold(parent, file=True)
         if key is not None:
             # Written now, by the walker: the next name of it may follow at once.
             self._links.reserve(key)
             try:
                 self._write_guarded(parent, relpath, node, None, key)
             finally:
-                self._file_done(parent)
+                self.holds.file_done(parent)
             return
         if node.size < INLINE_BELOW:
             # Written by the walker, in batches: handing small files to threads cost more
@@ -406,12 +297,12 @@ class FileRestorer:
         try:
             self._futures.append(self._pool.submit(self._file_task, parent, relpath, node))
         except BaseException:
-            self._file_done(parent)
+            self.holds.file_done(parent)
             raise
         if len(self._futures) > 4 * IN_FLIGHT:
             self._futures = [f for f in self._futures if not f.done()]
 
-    def _file_task(self, parent: _Dir, relpath: bytes, node: Node) -> None:
+    def _file_task(self, parent: Dir, relpath: bytes, node: Node) -> None:
         """On a worker. An error that ends the restore is kept for the walker, which stops
         at its next entry."""
         try:
@@ -422,7 +313,7 @@ class FileRestorer:
                 if self._fatal is None:
                     self._fatal = exc
         finally:
-            self._file_done(parent)
+            self.holds.file_done(parent)
 
     def _flush_small(self) -> None:
         """Write the batched small files, their blobs read in one pass (load_blobs merges
@@ -438,25 +329,25 @@ class FileRestorer:
                 self._write_guarded(here, relpath, node, loaded, None)
             except BaseException:
                 for later, _rel, _node in items[i + 1:]:
-                    self._file_done(later)
+                    self.holds.file_done(later)
                 raise
             finally:
-                self._file_done(here)
+                self.holds.file_done(here)
 
-    def _write_guarded(self, parent: _Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes] | None,
+    def _write_guarded(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes] | None,
                        key: tuple[int, int] | None) -> None:
         try:
             self._write_file(parent, relpath, node, loaded or {}, key)
         except NoSpace:
             raise
         except CorruptionError as exc:
-            self._problem(relpath, "corrupt", str(exc))
+            self.log.problem(relpath, "corrupt", str(exc))
         except OSError as exc:
             if exc.errno in NO_SPACE_ERRNOS:
                 raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
-            self._problem(relpath, "write", exc.strerror or str(exc))
+            self.log.problem(relpath, "write", exc.strerror or str(exc))
 
-    def _write_file(self, parent: _Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
+    def _write_file(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
                     key: tuple[int, int] | None) -> None:
         tmp = temp_name(node.name)
         fd = os.open(tmp, _FILE_FLAGS, 0o600, dir_fd=parent.fd)
@@ -464,12 +355,12 @@ class FileRestorer:
             try:
                 expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify)
                 for m in apply_node_meta(fd, node, self._meta):
-                    self._problem(relpath, "metadata", m)
+                    self.log.problem(relpath, "metadata", m)
                 if self.opts.verify:
                     n, bad = verify_fd(self.repo, fd, node.size, expect)
-                    self._count(bytes_verified=n)
+                    self.log.count(bytes_verified=n)
                     if bad:
-                        self._problem(relpath, "verify", "read back differs from what was written: "
+                        self.log.problem(relpath, "verify", "read back differs from what was written: "
                                       + "; ".join(bad[:5]))
             except BaseException:
                 unlink_quiet(parent.fd, tmp)
@@ -479,5 +370,5 @@ class FileRestorer:
                 self._links.add(key, relpath, fd)
         finally:
             os.close(fd)
-        self._count(files=1, bytes_written=node.size)
+        self.log.count(files=1, bytes_written=node.size)
         self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))

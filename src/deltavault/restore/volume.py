@@ -14,26 +14,21 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, UsageError
 from deltavault.fs.clone import pwrite_all
+from deltavault.fs.mounts import device_mounts
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
-from deltavault.model.volume import BlockMap, Segment, VolumeManifest, decode
+from deltavault.model.volume import BlockMap, Segment, VolumeManifest
 from deltavault.objects.reader import read_ref
+from deltavault.objects.store import BlobReader
+from deltavault.objects.volumes import load_block_map
 from deltavault.progress import NullReporter, Reporter
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
-
-
-class BlobReader(Protocol):
-    def load_blob(self, blob_id: bytes) -> bytes: ...
-
-    def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
 
 
 @dataclass
@@ -67,21 +62,12 @@ class _Blobs:
         return self.blobs[blob_id]
 
 
-def load_manifest(repo: BlobReader, manifest_id: bytes) -> VolumeManifest:
-    return decode(repo.load_blob(manifest_id), VolumeManifest, "volume manifest")
-
-
 def _mounted(dev: os.stat_result) -> str | None:
-    want = f"{os.major(dev.st_rdev)}:{os.minor(dev.st_rdev)}"
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 4 and parts[2] == want:
-                    return parts[4]
+        found = device_mounts({f"{os.major(dev.st_rdev)}:{os.minor(dev.st_rdev)}"})
     except OSError:
-        pass
-    return None
+        return None
+    return found[0].mount_point if found else None
 
 
 class VolumeRestorer:
@@ -132,7 +118,7 @@ class VolumeRestorer:
         return fd, tmp
 
     def _segment_data(self, seg: Segment) -> tuple[BlockMap, dict[bytes, bytes]]:
-        bm = decode(self.repo.load_blob(seg.map), BlockMap, f"block map {seg.map.hex()[:16]}")
+        bm = load_block_map(self.repo, seg.map)
         ids = [b for r in bm.refs for b in ref_blob_ids(r)]
         return bm, dict(self.repo.load_blobs(ids)) if ids else {}
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from deltavault.errors import SnapshotError, UsageError
+from deltavault.fs.mounts import find_mount
 from deltavault.snapshot.base import Runner, SnapshotHandle, Snapshotter, run_command
 from deltavault.snapshot.btrfs import BtrfsSnapshotter
 from deltavault.snapshot.lvm import LvmSnapshotter
-from deltavault.snapshot.mounts import find_mount
 from deltavault.snapshot.none import NoSnapshot
 from deltavault.snapshot.vss import VssSnapshotter
 

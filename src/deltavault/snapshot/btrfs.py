@@ -12,31 +12,9 @@ import secrets
 import time
 
 from deltavault.errors import SnapshotError
+from deltavault.fs.mounts import SNAPSHOT_DIR, find_mount, subvolume_root
 from deltavault.snapshot.base import Runner, SnapshotHandle, run_command
-from deltavault.snapshot.mounts import find_mount
 from deltavault.snapshot.none import relative_inside
-
-SNAP_DIR = ".deltavault-snapshots"
-SUBVOL_ROOT_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's root directory
-
-
-def subvolume_root(path: str, mount_point: str | None = None) -> str:
-    """The nearest directory at or above path that is a subvolume root (a mount point
-    counts as one: its parent lies on another device)."""
-    cur = os.path.realpath(path)
-    if not os.path.isdir(cur):
-        cur = os.path.dirname(cur)
-    dev = os.stat(cur).st_dev
-    while True:
-        st = os.stat(cur)
-        if st.st_ino == SUBVOL_ROOT_INO or cur == mount_point or st.st_dev != dev:
-            return cur
-        parent = os.path.dirname(cur)
-        if parent == cur:
-            return cur
-        if os.stat(parent).st_dev != dev:
-            return cur  # parent is another subvolume (or file system): cur is a root
-        cur = parent
 
 
 class BtrfsSnapshotter:
@@ -51,7 +29,7 @@ class BtrfsSnapshotter:
         if m.fstype != "btrfs":
             raise SnapshotError(f"{path} is on {m.fstype} ({m.mount_point}), not btrfs")
         subvol = subvolume_root(real, m.mount_point)
-        snapdir = os.path.join(subvol, SNAP_DIR)
+        snapdir = os.path.join(subvol, SNAPSHOT_DIR)
         os.makedirs(snapdir, mode=0o700, exist_ok=True)
         snap = os.path.join(snapdir, f"sync-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}")
         try:

@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass
 
 from deltavault.errors import SnapshotError
+from deltavault.fs.mounts import Mount, find_mount
 from deltavault.snapshot.base import Runner, SnapshotHandle, run_command
-from deltavault.snapshot.mounts import Mount, find_mount
 from deltavault.snapshot.none import relative_inside
 
 # Copy-on-write space reserved for the snapshot; if the origin changes more than this while

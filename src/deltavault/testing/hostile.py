@@ -13,20 +13,19 @@ attack reached none of them: same mode, owner, link count, ctime, content and xa
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
 import os
 import random
-import select
 import signal
 import stat
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from deltavault.testing.inotify import Watcher
 
 NOBODY = 65534
 State = dict[str, tuple[object, ...]]
@@ -150,54 +149,7 @@ def _drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
-_IN_MOVED_TO, _IN_CREATE, _IN_ISDIR = 0x80, 0x100, 0x40000000
-_IN_DONT_FOLLOW, _IN_ONLYDIR = 0x02000000, 0x01000000
-_EVENT = struct.Struct("iIII")
 _OWN_NAMES = (b".moved-", b"planted-", b"linked-")  # what the attacker itself makes
-
-
-class _Watcher:
-    """inotify on every directory of a tree we may read: which entries just appeared."""
-
-    def __init__(self, root: bytes) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        self._dirs: dict[int, bytes] = {}
-        self.add_tree(root)
-
-    def add(self, path: bytes) -> None:
-        wd = self._libc.inotify_add_watch(self.fd, path, _IN_CREATE | _IN_MOVED_TO | _IN_DONT_FOLLOW | _IN_ONLYDIR)
-        if wd >= 0:
-            self._dirs[wd] = path
-
-    def add_tree(self, root: bytes) -> None:
-        for dirpath, _dirs, _files in os.walk(root):
-            self.add(dirpath)
-
-    def events(self, timeout: float, stop: int) -> list[tuple[bytes, bool]] | None:
-        """(path, is a directory) of the entries that appeared, waiting up to ``timeout``;
-        None once ``stop`` (a pipe's read end) is readable: its writer closed it."""
-        ready = select.select([self.fd, stop], [], [], timeout)[0]
-        if stop in ready:
-            return None
-        if not ready:
-            return []
-        try:
-            buf = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return []
-        out: list[tuple[bytes, bool]] = []
-        pos = 0
-        while pos + _EVENT.size <= len(buf):
-            wd, mask, _cookie, ln = _EVENT.unpack_from(buf, pos)
-            name = buf[pos + _EVENT.size:pos + _EVENT.size + ln].rstrip(b"\0")
-            pos += _EVENT.size + ln
-            parent = self._dirs.get(wd)
-            if parent is not None and name:
-                out.append((os.path.join(parent, name), bool(mask & _IN_ISDIR)))
-        return out
 
 
 class Attacker:
@@ -283,7 +235,7 @@ class Attacker:
 
         signal.signal(signal.SIGTERM, on_term)
         targets = [os.fsencode(t) for t in self.outside.targets]
-        watcher = _Watcher(os.fsencode(self.tree))
+        watcher = Watcher(os.fsencode(self.tree))
         # The reactor is told to stop by the end of this pipe, not by a signal: a signal sent
         # while a forked child is still in CPython's after-fork code is lost.
         stop_r, stop_w = os.pipe()
@@ -317,7 +269,7 @@ class Attacker:
             os.waitpid(reactor, 0)
         self._report.write_text(json.dumps(moves))
 
-    def _react(self, watcher: _Watcher, targets: list[bytes], stop: int) -> None:
+    def _react(self, watcher: Watcher, targets: list[bytes], stop: int) -> None:
         """Swap each entry that appears in a watched directory for a symlink to an outside
         target at once; a new directory is watched, and swapped half of the time."""
         rng = random.Random(self.seed + 1)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume import VolumeOptions, VolumeRequest, VolumeResult, run_volume_backup
+from deltavault.backup.volume.options import VolumeOptions, VolumeRequest, VolumeResult
+from deltavault.backup.volume.run import run_volume_backup
+from deltavault.objects.volumes import load_manifest
 from deltavault.repository.repository import Repository
-from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 from tests.loopdev import loop, mounted, run, umount  # noqa: F401 - re-exported to the volume tests
 
 PAGE = 4096

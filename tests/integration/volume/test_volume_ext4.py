@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume import VolumeResult
+from deltavault.backup.volume.options import VolumeResult
 from tests.conftest import needs_root, needs_tools
 from tests.integration.volume.conftest import (
     Vol,
@@ -239,7 +239,8 @@ def test_restore_refuses_mounted_or_small_devices(vol: Vol, tmp_path: Path) -> N
     other = make_ext4(tmp_path / "other.img", SIZE_MB)
     with loop(small) as sdev, pytest.raises(UsageError, match="needs"):
         vol.restore(r.snapshot_id, Path(sdev))
-    from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, load_manifest
+    from deltavault.objects.volumes import load_manifest
+    from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 
     assert r.snapshot.volume is not None
     manifest = load_manifest(vol.repo, r.snapshot.volume)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.backup.volume import VolumeBackup, VolumeRequest
-from deltavault.backup.volume_state import LocalState
+from deltavault.backup.volume.options import VolumeRequest
+from deltavault.backup.volume.run import VolumeBackup
+from deltavault.backup.volume.state import LocalState
 from deltavault.progress import NullReporter
-from deltavault.tracking import nbdlib
-from deltavault.tracking.qemu import bitmaps, image_info
+from deltavault.tracking.volume import nbdlib
+from deltavault.tracking.volume.qemu import bitmaps, image_info
 from tests.conftest import needs_root, needs_tools
 from tests.integration.volume.conftest import (
     Vol,

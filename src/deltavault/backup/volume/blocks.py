@@ -1,0 +1,231 @@
+"""One segment (64 MiB) of a volume into block references and page digests.
+
+The segment's pages fall into three kinds: *read* (the change source named them, or they
+were not captured before), *zero* (holes, free space) and *stale* (not read: unchanged
+since the previous snapshot). Read and zero pages get fresh digests; comparing them with
+the previous digests gives the pages that really changed. A block with no changed page
+keeps its reference. Otherwise:
+
+- it was all zeros before (or is new): it is stored whole, or as a Hole;
+- else a patch of the changed pages is added to the previous block's chain (the base
+  blob is never re-read);
+- a chain at ``MAX_CHAIN`` patches is merged into one patch, and a block whose patches
+  cover more than ``MAX_PATCH_SHARE`` of its pages becomes a new base. Both read the
+  missing pages from the source; those reads are counted as ``extra_read``.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pyroaring import BitMap
+
+from deltavault.chunking.pages import DIGEST, PageHasher
+from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
+from deltavault.model.types import BlobType
+from deltavault.model.volume import SEGMENT_PAGES
+from deltavault.objects.patch import (
+    MAX_PATCH_SHARE,
+    PATCH_LEVEL,
+    bitmap,
+    bitmap_pages,
+    coalesce,
+    encode_patch,
+)
+from deltavault.objects.store import BlobSaver
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.readers import VolumeReader
+from deltavault.workers import Inflight
+
+MAX_CHAIN = 8  # patches on one base before they are merged: bounds restore reads
+ZERO_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class SegmentPlan:
+    index: int
+    first_page: int
+    n_pages: int
+    read: BitMap  # pages of this segment to read (absolute numbers)
+    zero: BitMap  # pages of this segment known to be zeros or free
+    prev_refs: list[ContentRef] | None = None
+    prev_digests: bytes | None = None
+
+
+@dataclass
+class SegmentStats:
+    blocks_changed: int = 0
+    pages_changed: int = 0
+    pages_read: int = 0
+    extra_read: int = 0  # bytes read to merge chains or rebase blocks
+    stale_mismatch: int = 0  # pages read for a merge that differ from their old digest
+
+
+@dataclass
+class SegmentResult:
+    plan: SegmentPlan
+    refs: list[ContentRef | Future[ContentRef]]
+    digests: bytes
+    stats: SegmentStats
+    buf: mmap.mmap | None = field(repr=False, default=None)
+
+    def resolved(self) -> list[ContentRef]:
+        return [r.result() if isinstance(r, Future) else r for r in self.refs]
+
+
+class SegmentEncoder:
+    def __init__(self, store: BlobSaver, reader: VolumeReader, hasher: PageHasher, *, size: int,
+                 block_size: int, pool: ThreadPoolExecutor, inflight: Inflight) -> None:
+        self.store = store
+        self.reader = reader
+        self.hasher = hasher
+        self.size = size
+        self.bs = block_size
+        self.ppb = block_size // PAGE_SIZE
+        self.pool = pool
+        self.inflight = inflight
+        self._zero_block = bytes(block_size)
+        self._zeros = memoryview(bytes(ZERO_CHUNK))
+        # Segment buffers are reused: allocating (and zeroing) 64 MiB per segment cost more
+        # than reading it. A buffer comes back with ``release`` once its blobs are stored.
+        self._buffers: list[mmap.mmap] = []
+
+    def release(self, result: SegmentResult) -> None:
+        if result.buf is not None:
+            self._buffers.append(result.buf)
+            result.buf = None
+
+    def _zero(self, mv: memoryview, start: int, end: int) -> None:
+        while start < end:
+            n = min(end - start, ZERO_CHUNK)
+            mv[start:start + n] = self._zeros[:n]
+            start += n
+
+    # ------------------------------------------------------------------ workers
+    def _submit(self, fn: Callable[[memoryview], ContentRef], data: memoryview) -> Future[ContentRef]:
+        n = len(data)
+        self.inflight.acquire(n)
+        fut = self.pool.submit(fn, data)
+        fut.add_done_callback(lambda _f: self.inflight.release(n))
+        return fut
+
+    def _full(self, data: memoryview) -> ContentRef:
+        bid, _ = self.store.save_blob(BlobType.DATA, data)
+        return Full(bid, len(data))
+
+    def _patch_job(self, base: bytes, chain: list[bytes], size: int, pages: bytes) -> Callable[[memoryview], ContentRef]:
+        def job(patch: memoryview) -> ContentRef:
+            pid, _ = self.store.save_blob(BlobType.DATA, patch, level=PATCH_LEVEL)
+            return Patch(base, [*chain, pid], size, pages)
+        return job
+
+    # ------------------------------------------------------------------ reading
+    def _read_pages(self, mv: memoryview, seg_first: int, pages: BitMap) -> int:
+        """Read ``pages`` into the segment buffer; returns the bytes read."""
+        total = 0
+        seg_start = seg_first * PAGE_SIZE
+        for a, b in pagesets.runs(pages):
+            off = (a - seg_first) * PAGE_SIZE
+            end = min((b - seg_first) * PAGE_SIZE, self.size - seg_start)
+            if end > off:
+                self.reader.read_into(mv[off:end], seg_start + off)
+                total += end - off
+        return total
+
+    def _digest_runs(self, dig: bytearray, mv: memoryview, seg_first: int, pages: BitMap) -> None:
+        for a, b in pagesets.runs(pages):
+            s, e = (a - seg_first) * PAGE_SIZE, (b - seg_first) * PAGE_SIZE
+            dig[(a - seg_first) * DIGEST:(b - seg_first) * DIGEST] = self.hasher.digests(mv[s:e])
+
+    # ------------------------------------------------------------------ the segment
+    def encode(self, plan: SegmentPlan) -> SegmentResult:
+        first, n = plan.first_page, plan.n_pages
+        # Anonymous mappings are page-aligned: O_DIRECT reads of a device land in them.
+        buf = self._buffers.pop() if self._buffers else mmap.mmap(-1, SEGMENT_PAGES * PAGE_SIZE)
+        mv = memoryview(buf)[:n * PAGE_SIZE]
+        st = SegmentStats()
+        st.pages_read = len(plan.read)
+        # The buffer holds an older segment: only read and zeroed pages are valid in it.
+        for a, b in pagesets.runs(plan.zero):
+            self._zero(mv, (a - first) * PAGE_SIZE, (b - first) * PAGE_SIZE)
+        tail = self.size - first * PAGE_SIZE
+        if tail < n * PAGE_SIZE:
+            self._zero(mv, tail, n * PAGE_SIZE)  # past the end of the volume
+        self._read_pages(mv, first, plan.read)
+        prev_dig = plan.prev_digests
+        dig = bytearray(prev_dig) if prev_dig is not None else bytearray(n * DIGEST)
+        self._digest_runs(dig, mv, first, plan.read)
+        for a, b in pagesets.runs(plan.zero):
+            dig[(a - first) * DIGEST:(b - first) * DIGEST] = self.hasher.zero * (b - a)
+        known = plan.read | plan.zero
+        refs: list[ContentRef | Future[ContentRef]] = []
+        for j, bp0 in enumerate(range(first, first + n, self.ppb)):
+            bstart = bp0 * PAGE_SIZE
+            blen = min(self.bs, self.size - bstart)
+            bp1 = bp0 + pagesets.pages_of(blen)
+            prev = plan.prev_refs[j] if plan.prev_refs is not None else None
+            block_known = pagesets.clamp(known, bp0, bp1)
+            if prev_dig is None:
+                changed = list(block_known)
+            elif (dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]
+                  == prev_dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]):
+                changed = []  # one comparison for the usual case: nothing in the block changed
+            else:
+                changed = [p for p in block_known
+                           if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]
+                           != prev_dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]]
+            if prev is not None and not changed:
+                refs.append(prev)
+                continue
+            st.blocks_changed += 1
+            st.pages_changed += len(changed)
+            if prev is None or isinstance(prev, Hole):
+                # No base to patch. Unread pages of a block that was all zeros are zeros.
+                if prev is None and len(block_known) != bp1 - bp0:
+                    raise AssertionError(f"block {bstart}: neither read whole nor known before")
+                for a, b in pagesets.runs(pagesets.span(bp0, bp1) - block_known):
+                    self._zero(mv, (a - first) * PAGE_SIZE, (b - first) * PAGE_SIZE)
+                refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
+                continue
+            assert isinstance(prev, Full | Patch)
+            base = prev.id if isinstance(prev, Full) else prev.base
+            chain = prev.patches if isinstance(prev, Patch) else []
+            prior = bitmap_pages(prev.pages, bp0) if isinstance(prev, Patch) else set()
+            union = prior.union(changed)
+            if len(union) > MAX_PATCH_SHARE * (bp1 - bp0):
+                self._fetch(mv, first, pagesets.span(bp0, bp1) - block_known, dig, prev_dig, st)
+                refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
+                continue
+            if len(chain) >= MAX_CHAIN:
+                self._fetch(mv, first, BitMap(prior) - block_known, dig, prev_dig, st)
+                chain, patched = [], sorted(union)
+            else:
+                patched = changed
+            pieces: list[tuple[int, bytes | memoryview]] = [
+                (s, mv[bstart - first * PAGE_SIZE + s:bstart - first * PAGE_SIZE + s + ln])
+                for s, ln in coalesce(patched, bstart, blen, PAGE_SIZE)]
+            job = self._patch_job(base, chain, blen, bitmap(sorted(union), bp0, bp1 - bp0))
+            refs.append(self._submit(job, memoryview(encode_patch(pieces))))
+        return SegmentResult(plan, refs, bytes(dig), st, buf)
+
+    def _whole(self, mv: memoryview, off: int, blen: int) -> ContentRef | Future[ContentRef]:
+        data = mv[off:off + blen]
+        if self._zero_block.startswith(data):  # a memcmp; memoryview == compares item by item
+            return Hole(blen)
+        return self._submit(self._full, data)
+
+    def _fetch(self, mv: memoryview, first: int, pages: BitMap, dig: bytearray,
+               prev_dig: bytes | None, st: SegmentStats) -> None:
+        """Read pages the change source called unchanged (to merge or rebase a block). Their
+        digests must match the old ones; a mismatch is counted (the new bytes are stored)."""
+        if not pages:
+            return
+        st.extra_read += self._read_pages(mv, first, pages)
+        self._digest_runs(dig, mv, first, pages)
+        if prev_dig is not None:
+            st.stale_mismatch += sum(
+                1 for p in pages if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]
+                != prev_dig[(p - first) * DIGEST:(p - first + 1) * DIGEST])

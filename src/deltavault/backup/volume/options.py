@@ -1,0 +1,96 @@
+"""What a volume backup is asked to do and what it reports."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deltavault.chunking.fixed import check_block_size
+from deltavault.errors import UsageError
+from deltavault.model.snapshot import Snapshot
+
+# Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
+DEFAULT_BLOCK_SIZE = 1024 * 1024
+CBT_MODES = ("auto", "fs", "qemu", "btrfs", "digests")
+
+
+@dataclass
+class VolumeOptions:
+    block_size: int = DEFAULT_BLOCK_SIZE
+    cbt: str = "auto"  # auto | fs | qemu | btrfs | digests
+    verify_cbt: int = 0  # blocks to sample among those the source called unchanged
+    free_space: str = "skip"  # skip: free blocks of a known file system are not read
+    workers: int = 0
+    snapshot_dir: str | None = None  # btrfs
+    bitmap_granularity: int = 65536  # qemu
+
+
+@dataclass
+class VolumeRequest:
+    path: str
+    logical: str | None = None
+    source_id: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    tags: list[str] = field(default_factory=list)
+    parent: str | None = None
+    options: VolumeOptions = field(default_factory=VolumeOptions)
+
+
+@dataclass
+class VolumeReport:
+    """The per-run report (printed, and written as JSON)."""
+
+    source: str = ""
+    size: int = 0
+    block_size: int = 0
+    file_system: str | None = None
+    free_space: str = "skip"
+    parent: str | None = None
+    change_source: str = ""
+    rejected: list[dict[str, str]] = field(default_factory=list)  # sources passed over, and why
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    blocks_total: int = 0
+    blocks_changed: int = 0
+    pages_changed: int = 0
+    bytes_changed: int = 0  # pages_changed * 4 KiB
+    bytes_dirty: int | None = None  # what the change source reported, where it reports bytes
+    bytes_to_read: int = 0  # pages planned for reading
+    bytes_read: int = 0  # everything read from the source, file-system metadata included
+    bytes_extra_read: int = 0  # read to merge patch chains or rebase blocks
+    bytes_free_skipped: int = 0
+    bytes_zero_skipped: int = 0
+    bytes_added: int = 0
+    bytes_downloaded: int = 0
+    segments_total: int = 0
+    segments_written: int = 0
+    verify_cbt: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VolumeResult:
+    snapshot_id: str
+    snapshot: Snapshot
+    report: VolumeReport
+
+
+def default_source_id(hostname: str, logical: str) -> str:
+    return f"{hostname}:volume:{logical}"
+
+
+def validate(opts: VolumeOptions) -> None:
+    try:
+        check_block_size(opts.block_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if opts.cbt not in CBT_MODES:
+        raise UsageError(f"--cbt must be one of {', '.join(CBT_MODES)}")
+    if opts.free_space not in ("skip", "read"):
+        raise UsageError("--free-space must be skip or read")
+    if opts.verify_cbt < 0:
+        raise UsageError("--verify-cbt needs a count of blocks, 0 or more")

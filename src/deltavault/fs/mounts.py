@@ -1,0 +1,101 @@
+"""Which mounted file system holds a path or a device (from /proc/self/mountinfo), and which
+btrfs subvolume holds a path.
+
+Point-in-time snapshots (snapshot/), volume change sources (tracking/volume/) and restore ask here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    fstype: str
+    source: str  # device, e.g. /dev/mapper/vg-home
+    root: str  # the path inside the file system that is mounted here (btrfs: the subvolume)
+    options: str
+    device: str = ""  # major:minor of the mounted device
+    writable: bool = True  # mounted read-write (this mount's own options)
+
+
+def _unescape(s: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) + 1 and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        f = left.split()
+        r = right.split()
+        if len(f) < 6 or len(r) < 2:
+            continue
+        mounts.append(Mount(_unescape(f[4]), r[0], _unescape(r[1]), _unescape(f[3]),
+                            f[5] + ("," + r[2] if len(r) > 2 else ""), f[2], "rw" in f[5].split(",")))
+    return mounts
+
+
+def read_mountinfo() -> str:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return f.read()
+
+
+def device_mounts(devices: set[str], mountinfo: str | None = None) -> list[Mount]:
+    """The mounts of any of ``devices`` (major:minor), in mountinfo order."""
+    return [m for m in parse_mountinfo(read_mountinfo() if mountinfo is None else mountinfo)
+            if m.device in devices]
+
+
+def find_mount(path: str, mountinfo: str | None = None) -> Mount:
+    """The mount whose mount point is the longest prefix of path's real path (last one wins,
+    as later mounts hide earlier ones)."""
+    real = os.path.realpath(path)
+    if mountinfo is None:
+        mountinfo = read_mountinfo()
+    best: Mount | None = None
+    for m in parse_mountinfo(mountinfo):
+        mp = m.mount_point
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/") or mp == "/"
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = m
+    if best is None:
+        raise FileNotFoundError(f"no mount holds {path}")
+    return best
+
+
+# btrfs snapshots deltavault takes (of a source for backup and sync, of an image's
+# subvolume as a volume checkpoint) go into this folder of the subvolume.
+SNAPSHOT_DIR = ".deltavault-snapshots"
+SUBVOL_ROOT_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's root directory
+
+
+def subvolume_root(path: str, mount_point: str | None = None) -> str:
+    """The nearest directory at or above path that is a btrfs subvolume root (a mount point
+    counts as one: its parent lies on another device)."""
+    cur = os.path.realpath(path)
+    if not os.path.isdir(cur):
+        cur = os.path.dirname(cur)
+    dev = os.stat(cur).st_dev
+    while True:
+        st = os.stat(cur)
+        if st.st_ino == SUBVOL_ROOT_INO or cur == mount_point or st.st_dev != dev:
+            return cur
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            return cur
+        if os.stat(parent).st_dev != dev:
+            return cur  # parent is another subvolume (or file system): cur is a root
+        cur = parent

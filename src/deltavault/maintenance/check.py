@@ -1,0 +1,204 @@
+"""Repository checks.
+
+Structure: index files parse, every indexed pack exists, every snapshot parses and every
+blob its trees refer to is indexed. With ``read_data``: every pack is read whole, its
+name (a BLAKE3 of its bytes) checked, its header compared with the index, and every blob
+decrypted and checked against its id. Damage is traced to the snapshots and files it hits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import blake3
+
+from deltavault.errors import CorruptionError, DeltavaultError
+from deltavault.fs.paths import check_name, display
+from deltavault.maintenance.findings import CheckIssue, CheckReport
+from deltavault.maintenance.volume_check import check_volume_manifest
+from deltavault.model.content import content_size, ref_blob_ids
+from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.trees import load_nodes
+from deltavault.repository.pack import pack_name, read_pack_entries
+from deltavault.repository.repository import Repository
+from deltavault.repository.snapshots import short_id
+
+
+def check_repository(repo: Repository, *, read_data: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> CheckReport:
+    rep = CheckReport()
+    for name, msg in repo.index_errors:
+        rep.add(CheckIssue("index", f"{name}: {msg}"))
+    packs_on_disk = repo.list_pack_names()
+    indexed = set(repo.index.packs())
+    rep.packs = len(packs_on_disk)
+    for pid in sorted(indexed - packs_on_disk.keys()):
+        rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]} is in the index but missing from the repository"))
+    for pid in sorted(packs_on_disk.keys() - indexed):
+        rep.add(CheckIssue("orphan", f"pack {pid.hex()[:16]} is not in any index (an interrupted run; "
+                                      "the next backup adopts it, prune removes it)", severity="warning"))
+    missing_blobs: set[bytes] = set()
+    if read_data:
+        _read_all_packs(repo, packs_on_disk, indexed, rep, progress)
+    for pid in indexed - packs_on_disk.keys():
+        missing_blobs.update(e.id for e in repo.index.entries_by_pack().get(pid, []))
+    _check_snapshots(repo, rep, rep.damaged_blobs | missing_blobs)
+    return rep
+
+
+def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[bytes], rep: CheckReport,
+                    progress: Callable[[int, int], None] | None) -> None:
+    by_pack = repo.index.entries_by_pack()
+    total = sum(packs.values())
+    done = 0
+    for pid, size in sorted(packs.items()):
+        name = pack_name(pid)
+        expected = by_pack.get(pid, [])
+        try:
+            data = repo.backend.get(name)
+        except DeltavaultError as exc:
+            rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]}: cannot be read: {exc}"))
+            rep.damaged_blobs.update(e.id for e in expected)
+            continue
+        rep.bytes_read += len(data)
+        done += size
+        if progress:
+            progress(done, total)
+        if blake3.blake3(data).digest() != pid:
+            rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]}: content does not match its name (damaged)"))
+        try:
+            header = {e.id: e for e in read_pack_entries(repo.env, data, name)}
+        except DeltavaultError as exc:
+            rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]}: header unreadable: {exc}"))
+            header = {}
+        if pid in indexed:
+            for e in expected:
+                h = header.get(e.id)
+                if header and (h is None or (h.offset, h.length) != (e.offset, e.length)):
+                    rep.add(CheckIssue("index", f"blob {e.id.hex()[:16]}: index and pack {pid.hex()[:16]} header disagree"))
+        entries = expected if pid in indexed else list(header.values())
+        mv = memoryview(data)
+        for e in entries:
+            rep.blobs_checked += 1
+            try:
+                if e.offset + e.length > len(data):
+                    raise DeltavaultError("beyond the end of the pack (truncated)")
+                repo.open_blob(e.id, mv[e.offset:e.offset + e.length])
+            except DeltavaultError as exc:
+                rep.damaged_blobs.add(e.id)
+                rep.add(CheckIssue("blob", f"blob {e.id.hex()[:16]} in pack {pid.hex()[:16]}: {exc}"))
+
+
+def _check_snapshots(repo: Repository, rep: CheckReport, bad: set[bytes]) -> None:
+    try:
+        ids = repo.snapshot_ids()
+    except DeltavaultError as exc:
+        rep.add(CheckIssue("snapshot", f"cannot list snapshots: {exc}"))
+        return
+    seen_trees: dict[bytes, bool] = {}  # tree id -> fully good
+    for sid in sorted(ids):
+        rep.snapshots += 1
+        try:
+            snap = repo.load_snapshot(sid)
+        except DeltavaultError as exc:
+            rep.add(CheckIssue("snapshot", f"snapshot {short_id(sid)}: {exc}", snapshot=sid))
+            rep.affected.setdefault(sid, []).append("(whole snapshot)")
+            continue
+        roots = [x for x in (snap.tree, snap.volume) if x]
+        for root in roots:
+            _check_tree(repo, rep, sid, root, b"", bad, seen_trees, is_volume=root == snap.volume)
+
+
+def _note(rep: CheckReport, sid: str, path: bytes, kind: str, msg: str) -> None:
+    p = display(path) or "/"
+    rep.add(CheckIssue(kind, f"snapshot {short_id(sid)}: {p}: {msg}", snapshot=sid, path=p))
+    rep.affected.setdefault(sid, []).append(p)
+
+
+def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, prefix: bytes,
+                bad: set[bytes], seen: dict[bytes, bool], *, is_volume: bool = False) -> bool:
+    """Whether everything below ``tree_id`` is present and sound. ``seen`` remembers
+    subtrees found fully good, so a subtree shared by many snapshots is read once.
+    Iterative (an explicit stack of open directories): a tree of any depth is checked."""
+    if seen.get(tree_id) is True:
+        return True
+    if is_volume:
+        # Volume manifests are META blobs; their own module checks block references.
+        ok = tree_id in repo.index and tree_id not in bad
+        if not ok:
+            _note(rep, sid, b"(volume)", "missing", "volume manifest blob is missing or damaged")
+        else:
+            ok = check_volume_manifest(repo, rep, sid, tree_id, bad)
+        seen[tree_id] = ok
+        return ok
+    root = _Open(tree_id, prefix, _load_checked(repo, rep, sid, tree_id, prefix, bad))
+    stack = [root]
+    while stack:
+        top = stack[-1]
+        if top.i == len(top.nodes):  # every entry done: the directory's verdict goes up
+            stack.pop()
+            seen[top.tree_id] = top.ok
+            if stack:
+                stack[-1].ok &= top.ok
+            continue
+        n = top.nodes[top.i]
+        top.i += 1
+        path = top.path + b"/" + n.name if top.path else n.name
+        if n.type == NodeType.DIR and n.subtree:
+            if seen.get(n.subtree) is True:
+                continue
+            stack.append(_Open(n.subtree, path, _load_checked(repo, rep, sid, n.subtree, path, bad)))
+            continue
+        top.ok &= _check_node(repo, rep, sid, path, n, bad)
+    return root.ok
+
+
+class _Open:
+    """A directory being checked: its entries, the next one, and whether all so far are good."""
+
+    __slots__ = ("i", "nodes", "ok", "path", "tree_id")
+
+    def __init__(self, tree_id: bytes, path: bytes, nodes: list[Node] | None) -> None:
+        self.tree_id, self.path = tree_id, path
+        self.nodes = nodes or []
+        self.ok = nodes is not None
+        self.i = 0
+
+
+def _load_checked(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, path: bytes,
+                  bad: set[bytes]) -> list[Node] | None:
+    """A directory's entries, or None (noted) when its listing is lost or unsafe to restore."""
+    if tree_id not in repo.index or tree_id in bad:
+        _note(rep, sid, path, "tree", "directory listing is missing or damaged; everything below is lost")
+        return None
+    try:
+        nodes = load_nodes(repo, tree_id)
+    except DeltavaultError as exc:
+        _note(rep, sid, path, "tree", f"directory listing unreadable: {exc}")
+        return None
+    names: set[bytes] = set()
+    for n in nodes:
+        try:
+            check_name(n.name)
+        except CorruptionError as exc:
+            _note(rep, sid, path, "tree", f"directory listing holds an unsafe name: {exc}")
+            return None
+        if n.name in names:
+            _note(rep, sid, path, "tree", f"directory listing holds {display(n.name)} twice")
+            return None
+        names.add(n.name)
+    return nodes
+
+
+def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: Node, bad: set[bytes]) -> bool:
+    ok = True
+    if n.type == NodeType.FILE and content_size(n.content) != n.size:
+        ok = False
+        _note(rep, sid, path, "tree", f"records {n.size} bytes but its content holds "
+              f"{content_size(n.content)}; restore refuses the file")
+    blob_ids = [b for r in n.content for b in ref_blob_ids(r)] + list(n.pages or [])
+    lost = [b for b in blob_ids if b not in repo.index or b in bad]
+    if lost:
+        ok = False
+        _note(rep, sid, path, "missing", f"{len(lost)} of its blobs are missing or damaged")
+    return ok

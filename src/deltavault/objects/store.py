@@ -1,0 +1,31 @@
+"""What the object layer and the engines need of a repository, as protocols.
+
+``Repository`` satisfies all of them; tests and tools pass smaller stand-ins. Engines
+name the narrowest one they use, so a reader sees at a glance what an engine can do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from deltavault.model.types import BlobType
+
+
+class BlobLoader(Protocol):
+    def load_blob(self, blob_id: bytes) -> bytes: ...
+
+
+class BlobReader(BlobLoader, Protocol):
+    """Reads many blobs at once (restore) and checks bytes against their id."""
+
+    def blob_id(self, data: bytes | memoryview) -> bytes: ...
+
+    def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
+
+
+class BlobSaver(Protocol):
+    def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
+                  level: int | None = None, compress: bool = True) -> tuple[bytes, int]: ...
+
+    def has_blob(self, blob_id: bytes) -> bool: ...

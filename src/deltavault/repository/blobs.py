@@ -1,0 +1,175 @@
+"""Blobs in and out of packs: sealing new blobs into packs (one uploader thread writes the
+full ones), and reading blobs back, neighbours in a pack in one request.
+
+Write order gives crash safety: packs first, then the index file naming them
+(indexstore.py), then the snapshot naming the trees.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+from deltavault.backends.base import Backend
+from deltavault.errors import CorruptionError
+from deltavault.model.types import BlobType
+from deltavault.repository.envelope import Envelope
+from deltavault.repository.indexstore import IndexStore
+from deltavault.repository.pack import BLOB_AAD, PackBuilder, pack_name
+
+# load_blobs reads neighbouring blobs of a pack in one request when the gap between them is
+# below GAP, up to SPAN bytes a request.
+GAP = 256 * 1024
+SPAN = 64 * 1024 * 1024
+
+
+class BlobWriter:
+    """Thread-safe. Data and tree/meta blobs go to separate packs."""
+
+    def __init__(self, backend: Backend, env: Envelope, indexes: IndexStore, pack_size: int) -> None:
+        self.backend = backend
+        self.env = env
+        self.indexes = indexes
+        self.pack_size = pack_size
+        self._lock = indexes.lock  # the index and the ids in flight change together
+        self._pack_lock = threading.Lock()
+        self._builders: dict[str, PackBuilder] = {}
+        self._pending_ids: set[bytes] = set()  # sealed into a pack not yet indexed
+        self._uploader: threading.Thread | None = None
+        self._uploads: queue.Queue[PackBuilder | None] = queue.Queue(maxsize=2)
+        self._upload_error: BaseException | None = None
+
+    def save(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
+             level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
+        """Store a blob unless present. Returns (id, sealed bytes added)."""
+        self._raise_upload_error()
+        bid = blob_id or self.env.blob_id(data)
+        with self._lock:
+            if bid in self.indexes.index or bid in self._pending_ids:
+                return bid, 0
+            self._pending_ids.add(bid)
+        try:
+            sealed = self.env.seal_parts(data, compress=compress, level=level, aad=BLOB_AAD)
+        except BaseException:
+            with self._lock:
+                self._pending_ids.discard(bid)
+            raise
+        kind = "data" if btype == BlobType.DATA else "tree"
+        full: PackBuilder | None = None
+        with self._pack_lock:
+            b = self._builders.get(kind)
+            if b is None:
+                b = self._builders[kind] = PackBuilder()
+            stored = b.add(btype, bid, sealed, len(data))
+            if len(b) >= self.pack_size:
+                full = self._builders.pop(kind)
+        self.indexes.stats.add(blobs_added=1, bytes_added_raw=len(data), bytes_added_stored=stored)
+        if full is not None:
+            self._queue_upload(full)
+        return bid, stored
+
+    # Packs are finished and written by one uploader thread, so workers never wait on fsync;
+    # the bounded queue keeps at most a few packs in memory.
+    def _queue_upload(self, builder: PackBuilder) -> None:
+        if self._uploader is None:
+            self._uploads = queue.Queue(maxsize=2)
+            self._uploader = threading.Thread(target=self._upload_loop, name="dv-upload", daemon=True)
+            self._uploader.start()
+        self._uploads.put(builder)
+        self._raise_upload_error()
+
+    def _upload_loop(self) -> None:
+        while True:
+            builder = self._uploads.get()
+            try:
+                if builder is None:
+                    return
+                if self._upload_error is None:
+                    self._upload(builder)
+            except BaseException as exc:
+                self._upload_error = exc
+            finally:
+                self._uploads.task_done()
+
+    def _raise_upload_error(self) -> None:
+        if self._upload_error is not None:
+            raise self._upload_error
+
+    def _upload(self, builder: PackBuilder) -> None:
+        pid, data, entries = builder.finish(self.env)
+        self.backend.put(pack_name(pid), data)
+        with self._lock:
+            to_index = self.indexes.add_written_pack(pid, entries)
+            for e in entries:
+                self._pending_ids.discard(e.id)
+        self.indexes.stats.add(packs_written=1, bytes_written=len(data))
+        if to_index:
+            self.indexes.write_file(to_index)
+
+    def flush(self) -> None:
+        """Upload partly filled packs and write the index for everything written."""
+        with self._pack_lock:
+            builders = list(self._builders.values())
+            self._builders.clear()
+        if self._uploader is not None:
+            # Drain and stop the uploader: the next full pack starts a new one, so no idle
+            # thread outlives a run.
+            self._uploads.put(None)
+            self._uploader.join()
+            self._uploader = None
+            self._raise_upload_error()
+        for b in builders:
+            if b.entries:
+                self._upload(b)
+        self.indexes.write_unindexed()
+
+
+class BlobReader:
+    def __init__(self, backend: Backend, env: Envelope, indexes: IndexStore) -> None:
+        self.backend = backend
+        self.env = env
+        self.indexes = indexes
+
+    def load(self, blob_id: bytes) -> bytes:
+        loc = self.indexes.index.lookup(blob_id)
+        if loc is None:
+            raise CorruptionError(f"blob {blob_id.hex()[:16]} is missing from the index")
+        sealed = self.backend.get(pack_name(loc.pack_id), loc.offset, loc.length)
+        if len(sealed) != loc.length:
+            raise CorruptionError(f"blob {blob_id.hex()[:16]}: pack {loc.pack_id.hex()[:16]} is truncated")
+        return self.open(blob_id, sealed)
+
+    def open(self, blob_id: bytes, sealed: bytes | memoryview) -> bytes:
+        """Unseal a blob read from a pack and check it against its id."""
+        data = self.env.open(sealed, aad=BLOB_AAD, what=f"blob {blob_id.hex()[:16]}")
+        if self.env.blob_id(data) != blob_id:
+            raise CorruptionError(f"blob {blob_id.hex()[:16]}: content does not match its id")
+        return data
+
+    def load_many(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        """Load many blobs, reading neighbouring blobs of one pack in a single request."""
+        by_pack: dict[bytes, list[tuple[int, int, bytes]]] = {}
+        for bid in dict.fromkeys(ids):
+            loc = self.indexes.index.lookup(bid)
+            if loc is None:
+                raise CorruptionError(f"blob {bid.hex()[:16]} is missing from the index")
+            by_pack.setdefault(loc.pack_id, []).append((loc.offset, loc.length, bid))
+        for pid, items in by_pack.items():
+            items.sort()
+            i = 0
+            while i < len(items):
+                start = items[i][0]
+                j = i
+                end = items[i][0] + items[i][1]
+                while (j + 1 < len(items) and items[j + 1][0] - end < GAP
+                       and items[j + 1][0] + items[j + 1][1] - start < SPAN):
+                    j += 1
+                    end = max(end, items[j][0] + items[j][1])
+                buf = self.backend.get(pack_name(pid), start, end - start)
+                if len(buf) != end - start:
+                    raise CorruptionError(f"pack {pid.hex()[:16]} is truncated")
+                mv = memoryview(buf)
+                for off, ln, bid in items[i:j + 1]:
+                    yield bid, self.open(bid, mv[off - start: off - start + ln])
+                i = j + 1

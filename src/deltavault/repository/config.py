@@ -1,0 +1,143 @@
+"""The repository's config and its keys: creating them (init), reading and checking them
+(open), and unlocking the master key with a password.
+
+The config is a plain JSON object at ``config``; for an encrypted repository it carries a
+keyed BLAKE3 (``mac``) under the master key, so an edited config is noticed. ``config`` is
+written last by init: a repository without it does not exist yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import blake3
+import msgspec
+
+from deltavault.backends.base import Backend
+from deltavault.errors import (
+    CorruptionError,
+    FormatError,
+    KeyFileDamaged,
+    ObjectNotFound,
+    RepositoryExists,
+    RepositoryNotFound,
+    UnsupportedVersion,
+    UsageError,
+    WrongPassword,
+)
+from deltavault.repository import keys as keymod
+
+REPO_VERSION = 1
+DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+DEFAULT_COMPRESSION = "auto"
+
+PasswordSource = Callable[[], bytes]
+
+
+class ChunkerParams(msgspec.Struct, kw_only=True):
+    # FastCDC: mean chunk about min + avg (320 KiB)
+    min: int = 64 * 1024
+    avg: int = 256 * 1024
+    max: int = 2 * 1024 * 1024
+
+
+class RepoConfig(msgspec.Struct, kw_only=True):
+    format: str = "deltavault"
+    v: int = REPO_VERSION
+    id: str
+    encryption: str  # "aes-256-gcm+scrypt" | "none"
+    chunker: ChunkerParams = msgspec.field(default_factory=ChunkerParams)
+    pack_size: int = DEFAULT_PACK_SIZE
+    compression: int | str = DEFAULT_COMPRESSION  # "auto" or a zstd level
+    # Keyed BLAKE3 of the fields above under the master key (empty when unencrypted),
+    # so an edited config is noticed.
+    mac: str = ""
+
+
+def config_mac(cfg: RepoConfig, master: keymod.MasterKey) -> str:
+    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half."""
+    return blake3.blake3(msgspec.json.encode(msgspec.structs.replace(cfg, mac="")), key=master.mac).hexdigest()
+
+
+Unlocked = tuple[RepoConfig, keymod.MasterKey | None, str | None]  # config, master key, key file name
+
+
+def create(backend: Backend, password: bytes | None, *, pack_size: int, compression: int | str,
+           chunker: ChunkerParams | None, scrypt: tuple[int, int, int]) -> Unlocked:
+    """Write a new repository's key file (when ``password`` is not None) and config."""
+    try:
+        backend.stat("config")
+        raise RepositoryExists(f"a repository already exists at {backend.location()}")
+    except ObjectNotFound:
+        pass
+    if not 1024 * 1024 <= pack_size <= 1024**3:
+        raise UsageError("pack size must be between 1 MiB and 1 GiB")
+    if compression != "auto" and not (isinstance(compression, int) and -7 <= compression <= 22):
+        raise UsageError("compression must be 'auto' or a zstd level from -7 to 22")
+    master = keymod.MasterKey.generate() if password is not None else None
+    cfg = RepoConfig(id=os.urandom(16).hex(), encryption="aes-256-gcm+scrypt" if master else "none",
+                     chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression)
+    key_name = None
+    if master:
+        cfg.mac = config_mac(cfg, master)
+        kf = keymod.make_key_file(master, password or b"", scrypt)
+        key_name = keymod.key_file_name(kf)
+        backend.put(key_name, kf)
+    # config last: a repository without it does not exist yet
+    backend.put("config", msgspec.json.encode(cfg))
+    return cfg, master, key_name
+
+
+def read(backend: Backend) -> RepoConfig:
+    """The config, checked to be one this build reads."""
+    try:
+        raw = backend.get("config")
+    except ObjectNotFound:
+        if any(True for _ in backend.list("keys/")) or any(True for _ in backend.list("index/")):
+            raise CorruptionError(f"the repository at {backend.location()} has lost its config; "
+                                  "'deltavault repair' rebuilds it") from None
+        raise RepositoryNotFound(f"no repository at {backend.location()} (run 'deltavault init')") from None
+    try:
+        cfg = msgspec.json.decode(raw, type=RepoConfig)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise FormatError(f"repository config is damaged: {exc}; 'deltavault repair' rebuilds it") from exc
+    if cfg.format != "deltavault":
+        raise FormatError("not a deltavault repository")
+    if cfg.compression != "auto" and not isinstance(cfg.compression, int):
+        raise FormatError(f"repository config: unknown compression {cfg.compression!r}")
+    if cfg.v != REPO_VERSION:
+        raise UnsupportedVersion(f"repository format {cfg.v}; this build reads {REPO_VERSION}")
+    return cfg
+
+
+def open_existing(backend: Backend, password: PasswordSource) -> Unlocked:
+    """Read the config and, for an encrypted repository, unlock the master key and
+    authenticate the config with it. The password is asked for only when needed."""
+    cfg = read(backend)
+    key_names = [o.name for o in backend.list("keys/")]
+    if not key_names and cfg.encryption == "none":
+        return cfg, None, None
+    if not key_names:
+        raise CorruptionError("repository is encrypted but has no key files")
+    master, key_name = unlock(backend, key_names, password())
+    if cfg.mac != config_mac(cfg, master):
+        raise CorruptionError("repository config fails its authentication: it was edited or damaged; "
+                              "'deltavault repair' rebuilds it")
+    return cfg, master, key_name
+
+
+def unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
+    """The master key from the first key file the password opens, and that file's name."""
+    damaged: KeyFileDamaged | None = None
+    for name in sorted(key_names):
+        try:
+            kf = keymod.parse_key_file(backend.get(name), name)
+            return keymod.unwrap(kf, password), name
+        except KeyFileDamaged as exc:
+            damaged = exc
+        except WrongPassword:
+            continue
+    if damaged is not None and len(key_names) == 1:
+        raise damaged
+    raise WrongPassword("wrong password: no key file of this repository opens with it")

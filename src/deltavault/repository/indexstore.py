@@ -1,0 +1,224 @@
+"""The repository's index files: loading them into the in-memory ``Index``, keeping it up to
+date while other processes write, and writing new ones.
+
+Index files are sealed, content-addressed (``index/<BLAKE3>``) and immutable; a file may
+supersede others (prune and repair compact the index that way). Packs written by this
+process wait in ``unindexed`` until an index file names them; a crash before that leaves
+packs no index names, which the next writer adopts by reading their headers
+(``adopt_orphan_packs``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import blake3
+
+from deltavault.backends.base import Backend
+from deltavault.errors import CorruptionError, FormatError, ObjectNotFound, UnsupportedVersion
+from deltavault.model.types import ID_LEN
+from deltavault.repository.cache import ObjectCache
+from deltavault.repository.envelope import Envelope
+from deltavault.repository.index import (
+    INDEX_AAD,
+    Index,
+    IndexFile,
+    IndexPack,
+    decode_index,
+    decode_index_head,
+    encode_index,
+)
+from deltavault.repository.pack import (
+    MAGIC,
+    PackEntry,
+    pack_name,
+    parse_header,
+    parse_tail,
+    tail_size,
+)
+
+# How many freshly written packs may wait before an index file names them.
+INDEX_EVERY_PACKS = 32
+# An index file this small is kept decoded between the two passes of a load.
+KEEP_DECODED_BELOW = 8 << 20
+
+PackList = list[tuple[bytes, list[PackEntry]]]
+
+
+@dataclass
+class WriteStats:
+    blobs_added: int = 0
+    bytes_added_raw: int = 0  # plaintext bytes of new blobs
+    bytes_added_stored: int = 0  # sealed bytes of new blobs in packs
+    packs_written: int = 0
+    index_files_written: int = 0
+    bytes_written: int = 0  # everything put to the backend (packs, index, snapshot)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Thread-safe: the workers, the uploader and the caller all write."""
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class IndexStore:
+    """``lock`` guards ``index`` and ``unindexed``; the blob writer shares it."""
+
+    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats) -> None:
+        self.backend = backend
+        self.env = env
+        self.cache = cache
+        self.stats = stats
+        self.lock = threading.Lock()
+        self.index = Index()
+        self.errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
+        self.unindexed: PackList = []  # written by this process, named by no index file yet
+        self._loaded: set[str] = set()
+        self._superseded: set[str] = set()
+
+    def live_files(self) -> set[str]:
+        """Index files in force: loaded and not superseded. Blobs are removed only by
+        writing an index that supersedes these, so an unchanged set means no blob is gone."""
+        return set(self._loaded) - self._superseded
+
+    def names(self) -> list[str]:
+        return sorted(o.name for o in self.backend.list("index/"))
+
+    def read_file(self, name: str) -> IndexFile:
+        return decode_index(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
+
+    def load(self, *, tolerant: bool = False) -> None:
+        # Two passes: first only what each file supersedes, then each file decoded and added
+        # on its own, so a large index never sits in memory as objects all at once.
+        names = self.names()
+        heads: dict[str, tuple[list[bytes], bytes | None]] = {}
+        for name in names:
+            if name in self._loaded or name in self._superseded:
+                continue
+            try:
+                raw = self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name)
+                heads[name] = (decode_index_head(raw, name), raw if len(raw) < KEEP_DECODED_BELOW else None)
+            except (CorruptionError, UnsupportedVersion) as exc:
+                if not tolerant:
+                    raise
+                if name not in {n for n, _m in self.errors}:  # a reload meets it again
+                    self.errors.append((name, str(exc)))
+        superseded = {f"index/{s.hex()}" for sup, _raw in heads.values() for s in sup}
+        self._superseded |= superseded
+        for name, (_sup, kept) in heads.items():
+            if name in superseded:
+                continue
+            try:
+                f = decode_index(kept, name) if kept is not None else self.read_file(name)
+            except (CorruptionError, UnsupportedVersion) as exc:
+                if not tolerant:
+                    raise
+                self.errors.append((name, str(exc)))
+                continue
+            for p in f.packs:
+                self.index.add_pack(p.id, p.blobs)
+            del f
+            self._loaded.add(name)
+        self.cache.prune("index", set(names))
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Bring the in-memory index up to date (called once a lock is held): load new index
+        files, and rebuild from scratch when a file loaded earlier was removed or superseded,
+        since a prune or repair compacted the index and packs it named may be gone.
+        ``force`` always rebuilds. Returns True when it rebuilt."""
+        names = set(self.names())
+        rebuild = force or bool(self._loaded - names)
+        for name in sorted(names - self._loaded - self._superseded):
+            if rebuild:
+                break
+            try:
+                f = self.read_file(name)
+            except (CorruptionError, UnsupportedVersion):
+                continue  # load reports it
+            rebuild = any(f"index/{s.hex()}" in self._loaded for s in f.supersedes)
+        if rebuild:
+            with self.lock:
+                self.index = Index()
+                self._loaded = set()
+                self._superseded = set()
+                for pid, entries in self.unindexed:
+                    self.index.add_pack(pid, entries)
+        self.load(tolerant=bool(self.errors))
+        return rebuild
+
+    def write_file(self, packs: PackList, supersedes: Iterable[str] = ()) -> str:
+        body = IndexFile(packs=[IndexPack(pid, entries) for pid, entries in packs],
+                         supersedes=[bytes.fromhex(s.rsplit("/", 1)[-1]) for s in supersedes])
+        sealed = self.env.seal(encode_index(body), aad=INDEX_AAD)
+        name = f"index/{blake3.blake3(sealed).hexdigest()}"
+        self.backend.put(name, sealed)
+        self.cache.put(name, sealed)
+        self._loaded.add(name)
+        self.stats.add(index_files_written=1, bytes_written=len(sealed))
+        return name
+
+    def add_written_pack(self, pack_id: bytes, entries: list[PackEntry]) -> PackList:
+        """Index a pack this process just wrote (caller holds ``lock``). Returns the packs an
+        index file should name now (every ``INDEX_EVERY_PACKS``), or []."""
+        self.index.add_pack(pack_id, entries)
+        self.unindexed.append((pack_id, entries))
+        if len(self.unindexed) < INDEX_EVERY_PACKS:
+            return []
+        todo, self.unindexed = self.unindexed, []
+        return todo
+
+    def write_unindexed(self) -> None:
+        """Write an index file naming every pack that waits for one."""
+        with self.lock:
+            todo, self.unindexed = self.unindexed, []
+        if todo:
+            self.write_file(todo)
+
+    # ------------------------------------------------------------------ packs on the backend
+    def list_pack_names(self) -> dict[bytes, int]:
+        out: dict[bytes, int] = {}
+        for o in self.backend.list("data/"):
+            h = o.name.rsplit("/", 1)[-1]
+            try:
+                pid = bytes.fromhex(h)
+            except ValueError:
+                continue
+            if len(pid) == ID_LEN:
+                out[pid] = o.size
+        return out
+
+    def read_pack_header(self, pack_id: bytes, size: int | None = None) -> list[PackEntry]:
+        name = pack_name(pack_id)
+        if size is None:
+            size = self.backend.stat(name).size
+        if size < len(MAGIC) + tail_size():
+            raise FormatError(f"pack {name}: truncated ({size} bytes)")
+        # One ranged read usually covers trailer and header.
+        guess = min(size, 64 * 1024)
+        tail = self.backend.get(name, size - guess, guess)
+        hlen = parse_tail(tail, size, name)
+        need = hlen + tail_size()
+        if need > len(tail):
+            tail = self.backend.get(name, size - need, need)
+        sealed = tail[len(tail) - need: len(tail) - tail_size()]
+        return parse_header(self.env, sealed, size, name)
+
+    def adopt_orphan_packs(self) -> int:
+        """Index packs that a crashed or concurrent writer uploaded but did not index.
+        Only their headers are read. Returns the number adopted."""
+        adopted: PackList = []
+        for pid, size in self.list_pack_names().items():
+            if self.index.has_pack(pid):
+                continue
+            try:
+                entries = self.read_pack_header(pid, size)
+            except (CorruptionError, ObjectNotFound):
+                continue  # damaged or vanished: left to check/repair
+            self.index.add_pack(pid, entries)
+            adopted.append((pid, entries))
+        if adopted:
+            self.write_file(adopted)
+        return len(adopted)

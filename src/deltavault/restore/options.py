@@ -1,0 +1,81 @@
+"""What a file restore is asked to do (options, the chosen paths) and what it reports."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from deltavault.fs.paths import display
+from deltavault.progress import Reporter
+
+
+@dataclass
+class RestoreOptions:
+    include: list[str] = field(default_factory=list)  # paths inside the snapshot; empty = all
+    verify: bool = False
+    owner: bool = True  # chown (effective only as root)
+    workers: int = 3
+    special: bool = True  # False (--no-special): device nodes and FIFOs are skipped
+    setuid: bool = True  # False (--no-setuid): setuid and setgid bits of files are cleared
+
+
+@dataclass
+class RestoreProblem:
+    path: str
+    kind: str  # corrupt | write | metadata | verify | missing
+    message: str
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    special: int = 0
+    skipped_special: int = 0
+    bytes_written: int = 0
+    bytes_verified: int = 0
+
+
+class RestoreLog:
+    """Problems (each told to the reporter as it happens) and counts; thread-safe, since the
+    walker and the workers both report."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.problems: list[RestoreProblem] = []
+        self.stats = RestoreStats()
+        self._lock = threading.Lock()
+
+    def problem(self, path: bytes, kind: str, message: str) -> None:
+        p = RestoreProblem(display(path), kind, message)
+        with self._lock:
+            self.problems.append(p)
+        self.reporter.problem(p.path, kind, message)
+
+    def count(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+
+@dataclass
+class Selection:
+    """The paths ``--include`` chose, as a tree of names."""
+
+    whole: bool  # restore everything below
+    children: dict[bytes, Selection] = field(default_factory=dict)
+
+
+def selection(include: list[str]) -> Selection:
+    if not include:
+        return Selection(True)
+    root = Selection(False)
+    for inc in include:
+        parts = [os.fsencode(p) for p in inc.strip("/").split("/") if p and p != "."]
+        cur = root
+        for p in parts:
+            cur = cur.children.setdefault(p, Selection(False))
+        cur.whole = True
+    return root

@@ -1,0 +1,263 @@
+"""ext4 (and ext2/3) metadata through dissect.extfs: what is allocated, and a digest per inode.
+
+The digest of an inode covers everything but its access time and checksums: mode, size,
+times (ctime and mtime to the nanosecond), links, flags, block count, generation, the extent
+tree root kept in the inode, and for deeper extent trees (or block-mapped files) the whole
+mapping. A file whose content changes gets a new mtime and ctime, and a remapped file a new
+mapping, so an unchanged digest means its data blocks hold what they held last time.
+
+Blocks no digest vouches for are read: superblocks and group descriptors, bitmaps, inode
+tables, extent tree and xattr blocks, the journal, and the data of changed inodes.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+from typing import Any
+
+import blake3
+from dissect.extfs import ExtFS
+from dissect.extfs.c_ext import c_ext
+from dissect.extfs.extfs import INode, _parse_extents
+from pyroaring import BitMap
+
+from deltavault.model.content import PAGE_SIZE
+from deltavault.model.volume import FsInfo
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
+
+DIGEST = 16
+_OFF = {name: f.offset for name, f in c_ext.ext4_inode.fields.items()}
+# Everything but i_atime, i_checksum_lo/hi, i_extra_isize and the extra atime/crtime.
+_DIGEST_SLICES = ((_OFF["i_mode"], _OFF["i_atime"]), (_OFF["i_ctime"], _OFF["i_checksum_lo"]),
+                  (_OFF["i_ctime_extra"], _OFF["i_atime_extra"]))
+_EXTENT_HEADER = struct.Struct("<HHHHI")  # c_ext.ext4_extent_header
+_EXTENT = struct.Struct("<IHHI")  # c_ext.ext4_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
+assert len(c_ext.ext4_extent) == _EXTENT.size and len(c_ext.ext4_extent_header) == _EXTENT_HEADER.size
+EXTENT_MAGIC = 0xF30A
+UNINIT_LEN = 0x8000
+
+# Not named by dissect (fs/ext4/ext4.h).
+BG_INODE_UNINIT = 0x1
+BG_BLOCK_UNINIT = 0x2
+STATE_ERROR_FS = 0x2
+COMPAT_FAST_COMMIT = 0x0400
+COMPAT_STABLE_INODES = 0x0800
+COMPAT_ORPHAN_FILE = 0x1000
+RO_COMPAT_VERITY = 0x8000
+INCOMPAT_CASEFOLD = 0x20000
+SB_ORPHAN_FILE_INUM = 0x280  # s_orphan_file_inum, past the fields dissect parses
+
+KNOWN_COMPAT = (c_ext.EXT2_FEATURE_COMPAT_DIR_PREALLOC | c_ext.EXT2_FEATURE_COMPAT_IMAGIC_INODES
+                | c_ext.EXT3_FEATURE_COMPAT_HAS_JOURNAL | c_ext.EXT2_FEATURE_COMPAT_EXT_ATTR
+                | c_ext.EXT2_FEATURE_COMPAT_RESIZE_INODE | c_ext.EXT2_FEATURE_COMPAT_DIR_INDEX
+                | COMPAT_FAST_COMMIT | COMPAT_STABLE_INODES | COMPAT_ORPHAN_FILE)
+KNOWN_RO_COMPAT = (c_ext.EXT2_FEATURE_RO_COMPAT_SPARSE_SUPER | c_ext.EXT2_FEATURE_RO_COMPAT_LARGE_FILE
+                   | c_ext.EXT2_FEATURE_RO_COMPAT_BTREE_DIR | c_ext.EXT2_FEATURE_RO_COMPAT_HUGE_FILE
+                   | c_ext.EXT4_FEATURE_RO_COMPAT_GDT_CSUM | c_ext.EXT4_FEATURE_RO_COMPAT_DIR_NLINK
+                   | c_ext.EXT4_FEATURE_RO_COMPAT_EXTRA_ISIZE | c_ext.EXT4_FEATURE_RO_COMPAT_QUOTA
+                   | c_ext.EXT4_FEATURE_RO_COMPAT_METADATA_CSUM | c_ext.EXT4_FEATURE_RO_COMPAT_READONLY
+                   | c_ext.EXT4_FEATURE_RO_COMPAT_PROJECT | RO_COMPAT_VERITY)
+KNOWN_INCOMPAT = (c_ext.EXT2_FEATURE_INCOMPAT_FILETYPE | c_ext.EXT4_FEATURE_INCOMPAT_EXTENTS
+                  | c_ext.EXT4_FEATURE_INCOMPAT_64BIT | c_ext.EXT4_FEATURE_INCOMPAT_MMP
+                  | c_ext.EXT4_FEATURE_INCOMPAT_FLEX_BG | c_ext.EXT4_FEATURE_INCOMPAT_CSUM_SEED
+                  | c_ext.EXT4_FEATURE_INCOMPAT_LARGEDIR | c_ext.EXT4_FEATURE_INCOMPAT_INLINE_DATA
+                  | c_ext.EXT4_FEATURE_INCOMPAT_ENCRYPT | INCOMPAT_CASEFOLD)
+
+
+def probe(reader: VolumeReader) -> bool:
+    if reader.size < 2048:
+        return False
+    buf = bytearray(2)
+    reader.read_into(memoryview(buf), 1024 + c_ext.ext4_super_block.fields["s_magic"].offset)
+    return int.from_bytes(buf, "little") == int(c_ext.EXT2_FS_MAGIC)
+
+
+class Ext4Scanner:
+    kind = "ext4"
+
+    def __init__(self, reader: VolumeReader) -> None:
+        self.reader = reader
+        self.fh = ReaderFile(reader)
+        self.fs = ExtFS(self.fh)
+        sb = self.fs.sb
+        self.sb = sb
+        self.bs = self.fs.block_size
+        self.info = FsInfo(type="ext4", uuid=str(self.fs.uuid), unit=self.bs, units=self.fs.block_count)
+        self.groups = [self.fs._read_group_desc(g) for g in range(self.fs.groups_count)]
+        self.wide = self.fs._group_desc_struct == c_ext.ext4_group_desc
+        self._alloc: Allocation | None = None
+        self.distrust = self._why_not_trusted()
+
+    # ------------------------------------------------------------------ trust
+    def _why_not_trusted(self) -> str:
+        sb = self.sb
+        if sb.s_feature_incompat & c_ext.EXT3_FEATURE_INCOMPAT_RECOVER:
+            return ("the journal needs recovery (mounted read-write, or not cleanly unmounted): the "
+                    "metadata on disk is not current")
+        if sb.s_state & STATE_ERROR_FS:
+            return "the file system is marked as having errors"
+        unknown = [(name, flags & ~known) for name, flags, known in (
+            ("compat", sb.s_feature_compat, KNOWN_COMPAT),
+            ("ro_compat", sb.s_feature_ro_compat, KNOWN_RO_COMPAT),
+            ("incompat", sb.s_feature_incompat, KNOWN_INCOMPAT)) if flags & ~known]
+        if unknown:
+            return "unsupported ext4 features: " + ", ".join(f"{n} 0x{v:x}" for n, v in unknown)
+        if self.bs * self.fs.block_count > self.reader.size:
+            return f"the file system ({self.bs * self.fs.block_count} bytes) is larger than the volume"
+        return ""
+
+    # ------------------------------------------------------------------ helpers
+    def _gd(self, gd: Any, name: str) -> int:
+        lo = int(getattr(gd, f"{name}_lo"))
+        return (int(getattr(gd, f"{name}_hi")) << 32 | lo) if self.wide else lo
+
+    def _read(self, block: int, count: int = 1) -> bytes:
+        return self.fh.pread(block * self.bs, count * self.bs)
+
+    def _add_blocks(self, bm: BitMap, start: int, count: int, *, outward: bool) -> None:
+        pagesets.add_bytes(bm, start * self.bs, (start + count) * self.bs, outward=outward)
+
+    def _has_super(self, group: int) -> bool:
+        if group <= 1 or not self.sb.s_feature_ro_compat & c_ext.EXT2_FEATURE_RO_COMPAT_SPARSE_SUPER:
+            return True
+        for base in (3, 5, 7):
+            n = base
+            while n < group:
+                n *= base
+            if n == group:
+                return True
+        return False
+
+    def _special_inodes(self) -> set[int]:
+        """Inodes whose blocks change without their times changing: reserved inodes (the
+        journal, the resize inode), quota files, the orphan file."""
+        sb = self.sb
+        out = set(range(1, sb.s_first_ino))
+        out.update(n for n in (sb.s_journal_inum, sb.s_usr_quota_inum, sb.s_grp_quota_inum,
+                               sb.s_prj_quota_inum, sb.s_snapshot_inum) if n)
+        if sb.s_feature_compat & COMPAT_ORPHAN_FILE:
+            raw = self.fh.pread(1024 + SB_ORPHAN_FILE_INUM, 4)
+            out.add(int.from_bytes(raw, "little"))
+        return out
+
+    # ------------------------------------------------------------------ allocation
+    def allocation(self) -> Allocation:
+        if self._alloc is None:
+            self._alloc = self._allocation()
+        return self._alloc
+
+    def _allocation(self) -> Allocation:
+        sb = self.sb
+        bpg = sb.s_blocks_per_group
+        first = sb.s_first_data_block
+        total = self.fs.block_count
+        alloc = BitMap()
+        gdt_blocks = -(-len(self.groups) * self.fs._group_desc_size // self.bs)
+        for g, gd in enumerate(self.groups):
+            start = first + g * bpg
+            nblocks = min(bpg, total - start)
+            # Group metadata is in use whatever the group's own bitmap says (and a
+            # BLOCK_UNINIT group has no bitmap on disk).
+            if self._has_super(g):
+                self._add_blocks(alloc, start, 1 + gdt_blocks + sb.s_reserved_gdt_blocks, outward=True)
+            self._add_blocks(alloc, self._gd(gd, "bg_block_bitmap"), 1, outward=True)
+            self._add_blocks(alloc, self._gd(gd, "bg_inode_bitmap"), 1, outward=True)
+            itable_blocks = -(-sb.s_inodes_per_group * sb.s_inode_size // self.bs)
+            self._add_blocks(alloc, self._gd(gd, "bg_inode_table"), itable_blocks, outward=True)
+            if gd.bg_flags & BG_BLOCK_UNINIT:
+                continue
+            bitmap = self._read(self._gd(gd, "bg_block_bitmap"))
+            for s, e in pagesets.set_bit_runs(bitmap, nblocks):
+                self._add_blocks(alloc, start + s, e - s, outward=True)
+        if first:  # 1 KiB blocks: block 0 (the boot block) lies before the first group
+            self._add_blocks(alloc, 0, first, outward=True)
+        fs_pages = total * self.bs // PAGE_SIZE
+        return Allocation(self.info, fs_pages, alloc)
+
+    # ------------------------------------------------------------------ inode digests
+    def _inode_tables(self) -> Any:
+        """(inode number, raw inode) for every inode the inode bitmaps mark in use."""
+        sb = self.sb
+        ipg, isz = sb.s_inodes_per_group, sb.s_inode_size
+        csum = sb.s_feature_ro_compat & (c_ext.EXT4_FEATURE_RO_COMPAT_GDT_CSUM
+                                          | c_ext.EXT4_FEATURE_RO_COMPAT_METADATA_CSUM)
+        for g, gd in enumerate(self.groups):
+            if gd.bg_flags & BG_INODE_UNINIT:
+                continue
+            used = ipg
+            if csum:
+                unused = gd.bg_itable_unused_lo | ((gd.bg_itable_unused_hi << 16) if self.wide else 0)
+                used = max(0, ipg - unused)
+            if used == 0:
+                continue
+            ibitmap = self._read(self._gd(gd, "bg_inode_bitmap"))
+            table = self.fh.pread(self._gd(gd, "bg_inode_table") * self.bs, used * isz)
+            for s, e in pagesets.set_bit_runs(ibitmap, used):
+                for idx in range(s, e):
+                    yield g * ipg + idx + 1, table[idx * isz:(idx + 1) * isz]
+
+    def _extents(self, inum: int, raw: bytes) -> list[tuple[int, int]] | None:
+        """Physical (first block, count) runs of a file's or symlink's data; None if it has
+        none. Directories count as metadata: their blocks are always read."""
+        mode = int.from_bytes(raw[0:2], "little")
+        ftype = stat.S_IFMT(mode)
+        if ftype not in (stat.S_IFREG, stat.S_IFLNK):
+            return None
+        flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
+        if flags & c_ext.EXT4_INLINE_DATA_FL:
+            return None
+        iblock = raw[_OFF["i_block"]:_OFF["i_block"] + 60]
+        if flags & c_ext.EXT4_EXTENTS_FL:
+            magic, entries, _max, depth, _gen = _EXTENT_HEADER.unpack_from(iblock, 0)
+            if magic != EXTENT_MAGIC:
+                raise ValueError(f"inode {inum}: bad extent header")
+            if depth == 0:
+                out = []
+                for k in range(entries):
+                    _lblk, ln, hi, lo = _EXTENT.unpack_from(iblock, 12 + 12 * k)
+                    out.append((hi << 32 | lo, ln - UNINIT_LEN if ln > UNINIT_LEN else ln))
+                return out
+            node = INode(self.fs, inum)
+            return [((e.ee_start_hi << 32) | e.ee_start_lo,
+                     e.ee_len - UNINIT_LEN if e.ee_len > UNINIT_LEN else e.ee_len)
+                    for e in _parse_extents(node, io.BytesIO(iblock))]
+        size = int.from_bytes(raw[4:8], "little")
+        blocks = int.from_bytes(raw[_OFF["i_blocks_lo"]:_OFF["i_blocks_lo"] + 4], "little")
+        if ftype == stat.S_IFLNK and size < 60 and blocks == 0:
+            return None  # fast symlink: the target is in i_block
+        return [(b, n) for b, n in INode(self.fs, inum).dataruns() if b]
+
+    def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan:
+        special = self._special_inodes()
+        digests: dict[int, bytes] = {}
+        unchanged = BitMap()
+        changed = files = 0
+        for inum, raw in self._inode_tables():
+            h = blake3.blake3()
+            for s, e in _DIGEST_SLICES:
+                h.update(raw[s:e])
+            extents = self._extents(inum, raw) if inum not in special else None
+            flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
+            deep = not flags & c_ext.EXT4_EXTENTS_FL or _EXTENT_HEADER.unpack_from(
+                raw, _OFF["i_block"])[3] > 0
+            if extents and deep:
+                # The mapping below the inode is not in the slices above.
+                h.update(struct.pack(f"<{2 * len(extents)}Q", *(x for ext in extents for x in ext)))
+            d = h.digest(DIGEST)
+            digests[inum] = d
+            if inum in special:
+                continue  # always read; not counted as a file
+            files += 1
+            if prev is None or prev.get(inum) != d:
+                changed += 1
+                continue
+            for start, count in extents or ():
+                self._add_blocks(unchanged, start, count, outward=False)
+        # Everything no unchanged file vouches for: free space and whatever lies past
+        # the file system too (free space is left out later, if it is skipped).
+        everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
+        return DigestScan(digests, everything - unchanged, objects=files, changed_objects=changed)

@@ -1,0 +1,151 @@
+"""NTFS metadata through dissect.ntfs: $Bitmap for allocation, a digest per MFT file record.
+
+In the style of Veeam's MFT digests: each file's digest covers its $STANDARD_INFORMATION
+(creation, modification and MFT-change times, attributes; not the access time), its record
+sequence number and every $DATA attribute record whole (sizes, flags and the data runs).
+Writing a file changes its times; moving its data changes its runs. An unchanged digest
+therefore vouches for the clusters of the file's $DATA runs, and only for those: the MFT,
+$LogFile, $Bitmap, directory indexes (whose entries NTFS updates without touching the
+directory's own times), $Extend files and everything else in use are read every time.
+"""
+
+from __future__ import annotations
+
+import blake3
+from dissect.ntfs import NTFS
+from dissect.ntfs.c_ntfs import (
+    ATTRIBUTE_TYPE_CODE,
+    FILE_NUMBER_BITMAP,
+    FILE_NUMBER_EXTEND,
+    FILE_NUMBER_MFT,
+    FILE_NUMBER_VOLUME,
+    FILE_RECORD_SEGMENT_IN_USE,
+)
+from dissect.ntfs.mft import MftRecord
+from dissect.ntfs.util import segment_reference
+from pyroaring import BitMap
+
+from deltavault.model.content import PAGE_SIZE
+from deltavault.model.volume import FsInfo
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
+
+DIGEST = 16
+FIRST_USER_RECORD = 24  # 0-15 are system files, 16-23 reserved
+VOLUME_IS_DIRTY = 0x0001
+_SI_ACCESS_TIME = slice(24, 32)  # STANDARD_INFORMATION.LastAccessTime
+_VOLUME_FLAGS = slice(10, 12)  # VOLUME_INFORMATION.Flags
+
+
+def probe(reader: VolumeReader) -> bool:
+    if reader.size < 512:
+        return False
+    buf = bytearray(8)
+    reader.read_into(memoryview(buf), 3)
+    return bytes(buf) == b"NTFS    "
+
+
+class NtfsScanner:
+    kind = "ntfs"
+
+    def __init__(self, reader: VolumeReader) -> None:
+        self.reader = reader
+        self.fh = ReaderFile(reader)
+        self.ntfs = NTFS(self.fh)
+        if self.ntfs.mft is None:
+            raise ValueError("no $MFT")
+        self.cs = self.ntfs.cluster_size
+        boot = self.ntfs.boot_sector
+        self.clusters = boot.NumberSectors * self.ntfs.sector_size // self.cs
+        self.info = FsInfo(type="ntfs", uuid=f"{boot.SerialNumber:016x}", unit=self.cs, units=self.clusters)
+        self._alloc: Allocation | None = None
+        self.distrust = self._why_not_trusted()
+
+    def _why_not_trusted(self) -> str:
+        vol = self.ntfs.mft.get(FILE_NUMBER_VOLUME)
+        info = vol.attributes[ATTRIBUTE_TYPE_CODE.VOLUME_INFORMATION]
+        if info:
+            flags = int.from_bytes(info[0].data()[_VOLUME_FLAGS], "little")
+            if flags & VOLUME_IS_DIRTY:
+                return "the volume is marked dirty (in use, or not cleanly unmounted)"
+        if self.clusters * self.cs > self.reader.size:
+            return "the file system is larger than the volume"
+        return ""
+
+    def allocation(self) -> Allocation:
+        if self._alloc is None:
+            bitmap = self.ntfs.mft.get(FILE_NUMBER_BITMAP).open().read()
+            alloc = BitMap()
+            for s, e in pagesets.set_bit_runs(bitmap, self.clusters):
+                pagesets.add_bytes(alloc, s * self.cs, e * self.cs, outward=True)
+            # The backup boot sector sits past the last cluster: outside fs_pages, so read.
+            self._alloc = Allocation(self.info, self.clusters * self.cs // PAGE_SIZE, alloc)
+        return self._alloc
+
+    def _records(self) -> list[MftRecord]:
+        """Base records in use (extension records are reached through their base)."""
+        ntfs = self.ntfs
+        rs = ntfs._record_size
+        size = ntfs.mft.get(FILE_NUMBER_MFT).size()
+        fh = ntfs.mft.fh
+        fh.seek(0)
+        data = fh.read(size)
+        out = []
+        for n in range(len(data) // rs):
+            raw = data[n * rs:(n + 1) * rs]
+            if raw[:4] != b"FILE":
+                continue
+            rec = MftRecord.from_bytes(raw, ntfs)
+            rec.segment = n
+            if not rec.header.Flags & FILE_RECORD_SEGMENT_IN_USE:
+                continue
+            if segment_reference(rec.header.BaseFileRecordSegment) != 0:
+                continue
+            out.append(rec)
+        return out
+
+    @staticmethod
+    def _is_special(rec: MftRecord) -> bool:
+        if rec.segment is None or rec.segment < FIRST_USER_RECORD:
+            return True
+        names = rec.attributes[ATTRIBUTE_TYPE_CODE.FILE_NAME]
+        return not names or any(
+            segment_reference(a.attribute.attr.ParentDirectory) == FILE_NUMBER_EXTEND for a in names)
+
+    def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan:
+        digests: dict[int, bytes] = {}
+        unchanged = BitMap()
+        changed = files = 0
+        for rec in self._records():
+            n = rec.segment
+            assert n is not None
+            h = blake3.blake3()
+            h.update(rec.header.SequenceNumber.to_bytes(2, "little"))
+            for si in rec.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]:
+                value = bytearray(si.data())
+                value[_SI_ACCESS_TIME] = bytes(8)
+                h.update(value)
+            runs: list[tuple[int, int]] = []
+            data_attrs = sorted(rec.attributes[ATTRIBUTE_TYPE_CODE.DATA],
+                                key=lambda a: (a.header.name, a.header.lowest_vcn or 0))
+            for a in data_attrs:
+                hdr = a.header
+                hdr.fh.seek(hdr.offset)
+                h.update(hdr.fh.read(hdr.record_length))
+                if not hdr.resident:
+                    runs.extend((lcn, count) for lcn, count in hdr.dataruns() if lcn is not None)
+            d = h.digest(DIGEST)
+            digests[n] = d
+            if self._is_special(rec):
+                continue  # always read; not counted as a file
+            files += 1
+            if prev is None or prev.get(n) != d:
+                changed += 1
+                continue
+            for lcn, count in runs:
+                pagesets.add_bytes(unchanged, lcn * self.cs, (lcn + count) * self.cs, outward=False)
+        # Everything no unchanged file vouches for: free space and whatever lies past
+        # the file system too (free space is left out later, if it is skipped).
+        everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
+        return DigestScan(digests, everything - unchanged, objects=files, changed_objects=changed)

@@ -1,0 +1,292 @@
+"""qcow2 images: data over NBD from qemu-nbd, changes from persistent dirty bitmaps.
+
+The Linux/KVM counterpart of Hyper-V's resilient change tracking. Each backup adds a new
+persistent bitmap ``dv-<checkpoint id>`` *before* it reads anything, exports the image
+read-only with qemu-nbd, and reads the previous run's bitmap through the NBD meta context
+``qemu:dirty-bitmap:NAME`` and the data through NBD reads (libnbd). Only after the
+snapshot is saved is the previous bitmap removed. Every write after the new bitmap was
+added is therefore recorded in a bitmap that survives, whatever happens to this run.
+
+A bitmap that is missing, disabled, or flagged ``in-use`` (qemu did not close the image
+cleanly, so the bitmap may have missed writes) is not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pyroaring import BitMap
+
+from deltavault.errors import SourceError
+from deltavault.model.volume import Checkpoint, VolumeManifest
+from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume.access import Pending, sweep
+from deltavault.tracking.volume.base import Changes, Rejected, find_checkpoint
+from deltavault.tracking.volume.nbdlib import load_nbd
+
+NAME = "qemu-bitmap"
+PREFIX = "dv-"
+STATE_DIRTY = 1  # qemu:dirty-bitmap context
+STATE_ZERO = 2  # base:allocation context
+MAX_REQUEST = 32 * 1024 * 1024  # qemu-nbd's largest read
+STATUS_SPAN = 1 << 30
+START_TIMEOUT = 20.0
+
+
+def _run(args: list[str], what: str) -> str:
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(f"{what}: {exc}") from exc
+    if p.returncode != 0:
+        msg = (p.stderr or p.stdout).strip()
+        if "lock" in msg.lower():
+            msg += " (the image is in use: a running VM or another qemu-nbd holds it)"
+        raise SourceError(f"{what}: {msg}")
+    return p.stdout
+
+
+def image_info(path: str) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(_run(["qemu-img", "info", "--output=json", path],
+                                           f"qemu-img info {path}"))
+    return info
+
+
+def bitmaps(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    data = info.get("format-specific", {}).get("data", {})
+    return {b["name"]: b for b in data.get("bitmaps", [])}
+
+
+class NbdReader:
+    """A volume read through an NBD connection (libnbd)."""
+
+    def __init__(self, handle: Any, description: str) -> None:
+        self.h = handle
+        self.size = int(handle.get_size())
+        self.description = description
+        self.bytes_read = 0
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        pos = 0
+        while pos < len(buf):
+            n = min(MAX_REQUEST, len(buf) - pos)
+            try:
+                data = self.h.pread(n, offset + pos)
+            except Exception as exc:  # nbd.Error and transport failures
+                raise SourceError(f"{self.description}: NBD read at byte {offset + pos} failed: {exc}") from exc
+            buf[pos:pos + n] = data
+            pos += n
+        self.bytes_read += len(buf)
+
+    def extents(self, context: str) -> Iterator[tuple[int, int, int]]:
+        """(offset, length, flags) of the whole export in one meta context."""
+        off = 0
+        while off < self.size:
+            got: list[tuple[int, list[int]]] = []
+
+            def cb(meta: str, start: int, entries: list[int], err: Any,
+                   got: list[tuple[int, list[int]]] = got) -> int:
+                if meta == context:
+                    got.append((start, list(entries)))
+                return 0
+
+            try:
+                self.h.block_status(min(self.size - off, STATUS_SPAN), off, cb)
+            except Exception as exc:
+                raise SourceError(f"{self.description}: NBD block status failed: {exc}") from exc
+            if not got:
+                raise SourceError(f"{self.description}: the server sent no {context} extents")
+            pos = got[0][0]
+            ents = got[0][1]
+            for i in range(0, len(ents) - 1, 2):
+                ln = min(ents[i], self.size - pos)
+                if ln > 0:
+                    yield pos, ln, ents[i + 1]
+                pos += ents[i]
+            if pos <= off:
+                raise SourceError(f"{self.description}: NBD block status made no progress")
+            off = pos
+
+    def zero_pages(self) -> BitMap:
+        return pagesets.from_byte_ranges(((o, n) for o, n, f in self.extents("base:allocation")
+                                          if f & STATE_ZERO), outward=False)
+
+    def close(self) -> None:
+        try:
+            self.h.shutdown()
+        except Exception:  # closing a connection that may already be gone
+            pass
+
+
+class NbdServer:
+    """A read-only qemu-nbd export of one image on a private unix socket."""
+
+    def __init__(self, image: str, bitmap: str | None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="dv-nbd-")
+        self.sock = os.path.join(self.dir, "sock")
+        args = ["qemu-nbd", "--read-only", "--persistent", "-f", "qcow2", "-k", self.sock]
+        if bitmap:
+            args += ["-B", bitmap]
+        args.append(image)
+        try:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except OSError as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise SourceError(f"cannot start qemu-nbd: {exc}") from exc
+
+    def connect(self, contexts: list[str]) -> Any:
+        nbd = load_nbd()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise SourceError(f"qemu-nbd exited: {err.strip()}")
+            if os.path.exists(self.sock):
+                h = nbd.NBD()
+                for c in contexts:
+                    h.add_meta_context(c)
+                try:
+                    h.connect_unix(self.sock)
+                    return h
+                except nbd.Error:
+                    pass
+            if time.monotonic() > deadline:
+                raise SourceError("qemu-nbd did not start listening in time")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class QcowAccess:
+    """A qcow2 image. ``track``: manage dirty bitmaps (else only read the image)."""
+
+    kind = "qcow2"
+
+    def __init__(self, path: str, *, track: bool, granularity: int, pending: Pending) -> None:
+        self.path = path
+        self.track = track
+        self.granularity = granularity
+        self.pending = pending
+        self.server: NbdServer | None = None
+        self.reader: NbdReader | None = None
+        self.prev: Checkpoint | None = None
+        self.prev_problem = ""
+        self.new_name: str | None = None
+        self.new_id = ""
+        self.export: str | None = None
+        self.existing: dict[str, dict[str, Any]] = {}
+
+    def open(self, prev: Checkpoint | None, new_id: str) -> NbdReader:
+        info = image_info(self.path)
+        if info.get("format") != "qcow2":
+            raise SourceError(f"{self.path} is {info.get('format')}, not qcow2")
+        self.existing = bitmaps(info)
+        self.prev = prev
+        export: str | None = None
+        if prev is not None:
+            b = self.existing.get(prev.token)
+            if b is None:
+                self.prev_problem = f"bitmap {prev.token} is missing from the image"
+            elif "in-use" in b.get("flags", []):
+                self.prev_problem = (f"bitmap {prev.token} is inconsistent (flagged in-use: qemu did not "
+                                     "close the image cleanly, so writes may be missing)")
+            elif "auto" not in b.get("flags", []):
+                self.prev_problem = f"bitmap {prev.token} is disabled: it did not record writes"
+            elif prev.token != PREFIX + prev.id:
+                self.prev_problem = f"bitmap {prev.token} does not belong to checkpoint {prev.id}"
+            else:
+                export = prev.token
+        if self.track:
+            # The new bitmap first: from here on every write is recorded somewhere that stays.
+            self.new_id = new_id
+            self.new_name = PREFIX + new_id
+            self.pending.add_pending(NAME, self.new_name, self.path)
+            _run(["qemu-img", "bitmap", "--add", "--granularity", str(self.granularity), self.path,
+                  self.new_name], f"adding dirty bitmap {self.new_name} to {self.path}")
+        self.server = NbdServer(self.path, export)
+        contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{export}"] if export else [])
+        h = self.server.connect(contexts)
+        self.reader = NbdReader(h, f"{self.path} (qcow2 over NBD)")
+        self.export = export
+        return self.reader
+
+    def native(self) -> QemuBitmapSource | None:
+        return QemuBitmapSource(self) if self.track else None
+
+    def _remove(self, name: str) -> str | None:
+        try:
+            _run(["qemu-img", "bitmap", "--remove", self.path, name], f"removing bitmap {name}")
+        except SourceError as exc:
+            return str(exc)
+        return None
+
+    def _disconnect(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def commit(self) -> list[str]:
+        self._disconnect()
+        # Without tracking (another --cbt mode) the new snapshot carries no bitmap checkpoint,
+        # so the last bitmap is retired too: it would only go on recording every write.
+        previous = (self.prev.token if self.prev is not None and self.prev.source == NAME
+                    and self.prev.token.startswith(PREFIX) else None)
+        return sweep(self.pending, NAME, self.path, keep=self.new_name, previous=previous,
+                     exists=lambda name: name in self.existing, remove=self._remove, what="bitmap")
+
+    def abort(self) -> None:
+        self._disconnect()
+        if self.new_name and self._remove(self.new_name) is None:
+            self.pending.drop_pending(self.new_name)
+
+    def close(self) -> None:
+        self._disconnect()
+
+    def checkpoint(self) -> Checkpoint | None:
+        if not self.new_name:
+            return None
+        return Checkpoint(source=NAME, id=self.new_id, token=self.new_name)
+
+
+class QemuBitmapSource:
+    name = NAME
+
+    def __init__(self, access: QcowAccess) -> None:
+        self.access = access
+
+    def changes(self, prev: VolumeManifest | None) -> Changes:
+        ck = find_checkpoint(prev, NAME)
+        a = self.access
+        if a.prev is None or a.prev.id != ck.id:
+            raise Rejected("the previous checkpoint was not opened")
+        if a.prev_problem:
+            raise Rejected(a.prev_problem)
+        assert a.reader is not None and a.export is not None
+        dirty = [(o, n) for o, n, f in a.reader.extents(f"qemu:dirty-bitmap:{a.export}") if f & STATE_DIRTY]
+        pages = pagesets.from_byte_ranges(dirty, outward=True)
+        nbytes = sum(n for _o, n in dirty)
+        return Changes(NAME, pages, dirty_bytes=nbytes,
+                       notes=[f"bitmap {a.export}: {len(dirty)} dirty extents, {nbytes} bytes"])
+
+    def checkpoint(self) -> Checkpoint | None:
+        return self.access.checkpoint()
