@@ -91,10 +91,12 @@ def test_bufsize_option_units() -> None:
 
 
 def test_mountinfo_fields_are_unescaped() -> None:
-    from deltavault.fs.dirfd import _below, _unescape
+    from deltavault.fs.mounts import _below, parse_mountinfo
 
-    assert _unescape(b"/mnt/with\\040space\\011tab\\134back") == b"/mnt/with space\ttab\\back"
-    assert _unescape(b"/plain") == b"/plain"
+    line = "36 35 98:0 /sub\\040dir /mnt/with\\040space\\011tab\\134back rw,noatime - ext4 /dev/root rw"
+    (m,) = parse_mountinfo(line)
+    assert (m.mount_id, m.device, m.root, m.mount_point) == (36, "98:0", "/sub dir", "/mnt/with space\ttab\\back")
+    assert m.fstype == "ext4" and m.source == "/dev/root" and m.writable
     # a mount's root below another's: the rest of the path, else None
     assert _below(b"/", b"/a/b") == b"a/b" and _below(b"/a", b"/a/b/c") == b"b/c"
     assert _below(b"/a", b"/ab/c") is None and _below(b"/a", b"/a") is None and _below(b"/", b"/") is None

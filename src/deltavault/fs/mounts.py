@@ -1,5 +1,6 @@
-"""Which mounted file system holds a path or a device (from /proc/self/mountinfo), and which
-btrfs subvolume holds a path.
+"""Which mounted file system holds a path or a device (from /proc/self/mountinfo), which
+btrfs subvolume holds a path, and every directory a directory lies in, through mount points
+and bind mounts (``lineage``, for sync's overlap guard).
 
 Point-in-time snapshots (snapshot/), volume change sources (tracking/volume/) and restore ask here."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from deltavault.fs.dirfd import DIR_FLAGS, Identity, identity, mount_id, open_dir_path
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class Mount:
     options: str
     device: str = ""  # major:minor of the mounted device
     writable: bool = True  # mounted read-write (this mount's own options)
+    mount_id: int = 0  # the mnt_id that fs.dirfd.mount_id gives for an fd on it
 
 
 def _unescape(s: str) -> str:
@@ -44,7 +48,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if len(f) < 6 or len(r) < 2:
             continue
         mounts.append(Mount(_unescape(f[4]), r[0], _unescape(r[1]), _unescape(f[3]),
-                            f[5] + ("," + r[2] if len(r) > 2 else ""), f[2], "rw" in f[5].split(",")))
+                            f[5] + ("," + r[2] if len(r) > 2 else ""), f[2], "rw" in f[5].split(","),
+                            int(f[0])))
     return mounts
 
 
@@ -99,3 +104,80 @@ def subvolume_root(path: str, mount_point: str | None = None) -> str:
         if os.stat(parent).st_dev != dev:
             return cur  # parent is another subvolume (or file system): cur is a root
         cur = parent
+
+
+# ---------------------------------------------------------------------------- lineage
+
+def _below(root: bytes, inner: bytes) -> bytes | None:
+    """``inner`` relative to ``root`` when inner lies strictly below it (file-system paths)."""
+    if root == b"/":
+        return inner[1:] if inner != b"/" else None
+    return inner[len(root) + 1:] if inner.startswith(root + b"/") else None
+
+
+def _other_views(mounts: dict[int, Mount], mid: int, ident: Identity) -> list[int]:
+    """The directory ``ident``, root of the bind mount ``mid``, opened through each other
+    mount of the same file system that shows it below its own root. From there ".." leads
+    to its real parent in that file system, which ".." from the bind mount never reaches."""
+    m = mounts.get(mid)
+    if m is None or m.root == "/":
+        return []
+    out: list[int] = []
+    for other in mounts.values():
+        rest = (_below(os.fsencode(other.root), os.fsencode(m.root))
+                if other.mount_id != mid and other.device == m.device else None)
+        if rest is None:
+            continue
+        try:
+            top = os.open(os.fsencode(other.mount_point), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if mount_id(top) != other.mount_id:  # hidden under another mount
+                continue
+            fd = open_dir_path(top, rest)
+        except OSError:
+            continue
+        finally:
+            os.close(top)
+        if identity(os.fstat(fd)) == ident:
+            out.append(fd)
+        else:
+            os.close(fd)
+    return out
+
+
+def lineage(dir_fd: int, *, mounts: bool = True) -> set[Identity]:
+    """Identities of ``dir_fd`` and of every directory it lies in: up through ".." (with
+    ``mounts``, on through each mount point to the root), and, where a directory is the
+    root of a bind mount, also up through its real parents in its file system, found
+    through the other mounts that show them. So a directory seen through a bind mount is
+    known to lie inside its original's parents, which ``ancestors`` cannot tell.
+    ``mounts=False``: only the file-system ancestry (a mount root inside a tree: does it
+    show a part of that tree?)."""
+    table: dict[int, Mount] | None = None
+    seen: set[tuple[int, Identity]] = set()
+    out: set[Identity] = set()
+    todo = [os.dup(dir_fd)]
+    while todo:
+        fd = todo.pop()
+        try:
+            mid = mount_id(fd)
+            while True:
+                ident = identity(os.fstat(fd))
+                out.add(ident)
+                parent = os.open(b"..", DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = parent  # (closed by the finally, whatever fails next)
+                pmid = mount_id(fd)
+                top = identity(os.fstat(fd)) == ident
+                if (top or pmid != mid) and (mid, ident) not in seen:  # ident is a mount's root
+                    seen.add((mid, ident))
+                    table = table if table is not None else {x.mount_id: x for x in parse_mountinfo(read_mountinfo())}
+                    todo.extend(_other_views(table, mid, ident))
+                if top or (pmid != mid and not mounts):
+                    break
+                mid = pmid
+        finally:
+            os.close(fd)
+    return out

@@ -53,8 +53,10 @@ from deltavault.fs.dirfd import (
     created_dir,
     handle_at,
     identity,
+    lstat_at,
     mount_id,
     open_dir_checked,
+    open_dir_path,
     open_parent_checked,
     reopen,
 )
@@ -80,7 +82,7 @@ from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.remote import Changed, Channel, Rebuilt, fetch_rebuilt
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.tree import MAX_OPEN_DIRS, join, lstat_at, open_dir, remove_entry, temp_name
+from deltavault.sync.tree import MAX_OPEN_DIRS, join, remove_entry, temp_name
 from deltavault.sync.wire import GROUP, VERSION, Entry, options_from
 
 DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
@@ -758,7 +760,7 @@ def _open_seed(dfd: int, name: bytes) -> int:
 
 def _regular_at(root: int, rel: bytes) -> tuple[int, os.stat_result]:
     pdir, _, name = rel.rpartition(b"/")
-    pfd = open_dir(root, pdir)
+    pfd = open_dir_path(root, pdir)
     try:
         h, st = handle_at(pfd, name)
     finally:

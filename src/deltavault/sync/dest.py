@@ -38,6 +38,8 @@ from deltavault.fs.dirfd import (
     handle_at,
     identity,
     link_handle,
+    lstat_at,
+    open_dir_path,
     open_regular,
     reopen,
 )
@@ -45,7 +47,7 @@ from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
 from deltavault.fs.paths import display
 from deltavault.sync.copy import BufferPool, copy_data, read_back
 from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.tree import aside_name, lstat_at, open_dir, remove_entry
+from deltavault.sync.tree import aside_name, remove_entry
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -168,7 +170,7 @@ def link_target(root: int, first: bytes, want: Identity) -> tuple[int, os.stat_r
     """A handle to DST/first, which must be the regular file ``want`` (installed or kept
     by this run for the group). Replaced or FileNotFoundError otherwise."""
     fdir, _, fname = first.rpartition(b"/")
-    ffd = open_dir(root, fdir)
+    ffd = open_dir_path(root, fdir)
     try:
         h, st = expect_identity(ffd, fname, want)
     finally:
@@ -192,7 +194,7 @@ def names_in_place(root: int, rels: list[bytes], want: Identity) -> int:
     for rel in rels:
         pdir, _, name = rel.rpartition(b"/")
         try:
-            pfd = open_dir(root, pdir)
+            pfd = open_dir_path(root, pdir)
         except OSError:
             continue
         try:
@@ -218,7 +220,7 @@ def detach(root: int, first: bytes, handle: int, temp: Callable[[bytes], bytes],
     system can), with its metadata; returns a handle to the copy."""
     st = os.fstat(handle)
     fdir, _, fname = first.rpartition(b"/")
-    dfd = open_dir(root, fdir)
+    dfd = open_dir_path(root, fdir)
     try:
         src = reopen(handle, os.O_RDONLY)
         tmp = temp(fname)
@@ -252,7 +254,7 @@ def hard_link(root: int, rel: bytes, handle: int, hst: os.stat_result, temp: Cal
     already), or "blocked" (a directory is in the way and ``clear_dir(dir_fd, name)`` did
     not remove it)."""
     pdir, _, name = rel.rpartition(b"/")
-    pfd = open_dir(root, pdir)
+    pfd = open_dir_path(root, pdir)
     try:
         cur = lstat_at(pfd, name)
         if cur is not None and (cur.st_dev, cur.st_ino) == identity(hst):

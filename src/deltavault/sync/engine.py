@@ -39,9 +39,11 @@ from deltavault.fs.dirfd import (
     Identity,
     created_dir,
     identity,
+    lstat_at,
     mount_id,
     open_dir_at,
     open_dir_checked,
+    open_dir_path,
     open_parent_checked,
 )
 from deltavault.fs.paths import display, open_target_dir, proc_path
@@ -78,14 +80,7 @@ from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.shard import ShardPool, ShardResult, shard_depth
-from deltavault.sync.tree import (
-    MAX_OPEN_DIRS,
-    join,
-    lstat_at,
-    open_dir,
-    remove_entry,
-    temp_name,
-)
+from deltavault.sync.tree import MAX_OPEN_DIRS, join, remove_entry, temp_name
 from deltavault.workers import BoundedPool
 
 THREAD_MIN = 1024 * 1024  # files from this size on are copied by the thread pool
@@ -287,9 +282,9 @@ class Syncer:
     def _run(self, relpath: bytes, *, fresh: bool, included: bool, top: bool,
              expect: tuple[Identity, Identity] | None = None) -> int:
         try:
-            sfd = open_dir(self._sroot, relpath)
+            sfd = open_dir_path(self._sroot, relpath)
             try:
-                dfd = open_dir(self._droot, relpath)
+                dfd = open_dir_path(self._droot, relpath)
             except BaseException:
                 os.close(sfd)
                 raise
@@ -375,7 +370,7 @@ class Syncer:
             temps, self._temps = self._temps, set()
         for rel, ident, tmp in temps:
             try:
-                fd = open_dir(self._droot, rel)
+                fd = open_dir_path(self._droot, rel)
             except OSError:
                 continue
             try:
@@ -511,7 +506,7 @@ class Syncer:
         """d's directory in SRC or DST, opened from the run's root one level at a time, each
         checked to be the directory the walk met there."""
         chain = _chain(d)
-        fd = open_dir(self._sroot if src else self._droot, chain[0].relpath)
+        fd = open_dir_path(self._sroot if src else self._droot, chain[0].relpath)
         try:
             if identity(os.fstat(fd)) != (chain[0].sident if src else chain[0].dident):
                 raise OSError(errno.ESTALE, "replaced")
@@ -1183,7 +1178,7 @@ class Syncer:
         have = {d.relpath for d in self._deferred}
         for rel in self._relinked_dirs - have:  # a worker applied it before the link was made
             try:
-                sfd = open_dir(self._sroot, rel)
+                sfd = open_dir_path(self._sroot, rel)
             except OSError:
                 continue
             try:
@@ -1196,7 +1191,7 @@ class Syncer:
             self._deferred.append(_Deferred(rel, st, xattrs, self.dir_ids.get(rel)))
         for d in sorted(self._deferred, key=lambda x: -x.relpath.count(b"/") - bool(x.relpath)):
             try:
-                fd = open_dir(self._droot, d.relpath)
+                fd = open_dir_path(self._droot, d.relpath)
             except OSError as exc:
                 self._os_problem(d.relpath or b".", exc, "metadata")
                 continue

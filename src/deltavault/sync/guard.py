@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltavault.errors import UsageError
-from deltavault.fs.dirfd import Identity, identity, lineage, mount_id
+from deltavault.fs.dirfd import Identity, identity, mount_id
+from deltavault.fs.mounts import lineage
 from deltavault.fs.paths import display
 
 

@@ -35,25 +35,6 @@ def aside_name(name: bytes) -> bytes:
     return name[:200] + b".dv-verify-failed-" + os.urandom(3).hex().encode()
 
 
-def open_dir(root_fd: int, relpath: bytes) -> int:
-    """Open root/relpath one component at a time, following no symlink."""
-    fd = os.dup(root_fd)
-    for part in [p for p in relpath.split(b"/") if p]:
-        try:
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-        finally:
-            os.close(fd)
-        fd = nfd
-    return fd
-
-
-def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
 class MountPoint(OSError):
     """A directory --delete would empty is the root of another mount: never crossed (it may
     show SRC, or anything else that is not DST's own)."""

@@ -9,7 +9,6 @@ was swapped in under the name between its stat and its open could block (a FIFO)
 from __future__ import annotations
 
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -19,21 +18,19 @@ from deltavault.backup.files.content import ContentReader
 from deltavault.backup.files.delta import PrevContent
 from deltavault.backup.files.dirs import Child
 from deltavault.backup.files.fileio import FileChanged
-from deltavault.backup.files.nodes import fd_xattrs, make_node, open_handle
+from deltavault.backup.files.nodes import fd_xattrs, make_node
 from deltavault.backup.files.options import FileBackupOptions, RunLog, Store
 from deltavault.backup.files.pending import PendingContent
 from deltavault.backup.files.previous import PreviousState
 from deltavault.chunking.cdc import Chunker
 from deltavault.chunking.pages import segment_count
-from deltavault.fs.dirfd import fd_path
+from deltavault.fs.dirfd import NotRegular, open_regular
 from deltavault.model.content import ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
 from deltavault.workers import Inflight
 
 READ_ATTEMPTS = 3
-FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC
-O_NOATIME = getattr(os, "O_NOATIME", 0)
 
 
 class RegularFiles:
@@ -131,26 +128,15 @@ class RegularFiles:
 
     # ------------------------------------------------------------------ reading
     def _open(self, dir_fd: int, fsname: bytes, path: bytes) -> int | None:
-        """The regular file ``fsname`` of ``dir_fd``, opened for reading, or None (reported)."""
-        got = open_handle(self.log, dir_fd, fsname, path)
-        if got is None:
-            return None
-        h, hst = got
+        """The regular file ``fsname`` of ``dir_fd``, opened for reading (fs.dirfd.open_regular:
+        a FIFO or device swapped in is never opened), or None (reported)."""
         try:
-            if not stat.S_ISREG(hst.st_mode):
-                self.log.problem(path, "changed", "no longer a regular file when opened; not read")
-                return None
-            try:
-                return os.open(fd_path(h), FILE_FLAGS | O_NOATIME)
-            except PermissionError:
-                if not O_NOATIME:
-                    raise
-                return os.open(fd_path(h), FILE_FLAGS)  # O_NOATIME needs ownership
+            return open_regular(dir_fd, fsname)
+        except NotRegular:
+            self.log.problem(path, "changed", "no longer a regular file when opened; not read")
         except OSError as exc:
             self.log.os_problem(path, exc)
-            return None
-        finally:
-            os.close(h)
+        return None
 
     def _read(self, dir_fd: int, fsname: bytes, name: bytes, path: bytes, st: os.stat_result,
               prev: Node | None) -> Child | None:
