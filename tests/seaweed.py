@@ -77,6 +77,8 @@ class Seaweed:
     dir: Path
     s3_port: int
     procs: list[Proc] = field(default_factory=list)
+    https_port: int = 0  # TLS with a certificate of a private CA (ca_file)
+    ca_file: Path | None = None
     _n: int = 0
 
     @property
@@ -117,6 +119,46 @@ class Seaweed:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.kill()
+
+
+def make_tls(d: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deltavault test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (d / "ca.pem", d / "cert.pem", d / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
 
 
 def _s3_config(d: Path) -> Path:
@@ -167,16 +209,18 @@ def server(d: Path) -> Iterator[Seaweed]:
     assert weed is not None, missing()
     d.mkdir(parents=True, exist_ok=True)
     (d / "data").mkdir(exist_ok=True)
-    p = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    p = {k: free_port() for k in ("master", "volume", "filer", "s3", "https")}
+    ca, cert, key = make_tls(d)
     argv = [weed, "server", *COMMON, f"-dir={d / 'data'}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master'] + 10000}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume'] + 10000}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer'] + 10000}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={_s3_config(d)}",
+            f"-s3.port.https={p['https']}", f"-s3.cert.file={cert}", f"-s3.key.file={key}",
             "-master.telemetry=false", "-master.volumeSizeLimitMB=512", "-volume.max=0",
             f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}"]
-    sw = Seaweed(d, p["s3"], [Proc("server", argv, d / "weed.log")])
+    sw = Seaweed(d, p["s3"], [Proc("server", argv, d / "weed.log")], https_port=p["https"], ca_file=ca)
     sw.procs[0].start()
     try:
         _wait_ready(sw)

@@ -59,6 +59,8 @@ def protected(name: str) -> bool:
 class RetentionStore(Protocol):
     """What a backend offers for immutable backups (the S3 backend)."""
 
+    retention: Retention | None  # what writes carry now (None: nothing)
+
     def enable_retention(self, retention: Retention, *, verify: bool) -> None:
         """Writes from now on carry ``retention``. ``verify``: first make sure the bucket
         has Object Lock enabled (UsageError if not)."""
@@ -93,7 +95,7 @@ def store_of(backend: object) -> RetentionStore | None:
 def still_retained(backend: object, names: Iterable[str], now: datetime | None = None) -> dict[str, datetime]:
     """Of ``names``, those whose retention has not ended yet, with its end."""
     store = store_of(backend)
-    if store is None:
+    if store is None or store.retention is None:
         return {}
     now = now or datetime.now(UTC)
     return {n: r.until for n, r in store.retention_of(names).items() if r.until is not None and r.until > now}

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name
 from deltavault.backends.retention import ObjectRetention, Retention, protected
-from deltavault.backends.s3errors import ObjectRetained, error_code, translate
+from deltavault.backends.s3errors import BucketNotFound, ObjectRetained, error_code, translate
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
@@ -267,8 +269,20 @@ class S3Backend:
 
     def stat(self, name: str) -> ObjectInfo:
         key = self._key(name)
-        r = self._call(name, lambda c: c.head_object(Bucket=self.loc.bucket, Key=key))
+        try:
+            r = self._call(name, lambda c: c.head_object(Bucket=self.loc.bucket, Key=key))
+        except BackendError as exc:
+            self._explain(exc)
+            raise
         return ObjectInfo(name, int(r.get("ContentLength", 0)))
+
+    def _explain(self, exc: BackendError) -> None:
+        """A HEAD answer has no body, so a refusal arrives as a bare 403 or 400: ask again
+        with a GET, whose error names the cause (wrong key, clock skew, no bucket)."""
+        if exc.retryable or isinstance(exc, ObjectNotFound) or not ("(403)" in exc.message or "400" in exc.message):
+            return
+        self._call(self.loc.bucket, lambda c: c.list_objects_v2(Bucket=self.loc.bucket, Prefix=self.loc.root,
+                                                                 MaxKeys=1))
 
     # --- housekeeping (prune) -----------------------------------------------------------------
 
@@ -319,9 +333,9 @@ class S3Backend:
         """For init: create the bucket if it is missing (with Object Lock when asked), or
         check that an existing one has Object Lock when asked. Returns what it did."""
         b = self.loc.bucket
-        try:
-            self._call(b, lambda c: c.head_bucket(Bucket=b))
-        except ObjectNotFound:
+        try:  # a GET, not HEAD: a refusal then says why
+            self._call(b, lambda c: c.list_objects_v2(Bucket=b, MaxKeys=1))
+        except BucketNotFound:
             args: dict[str, Any] = {"Bucket": b}
             self._client()
             if self.region and self.region != "us-east-1":
@@ -362,10 +376,16 @@ class S3Backend:
         """One HEAD per object, eight at a time."""
         def head(name: str) -> ObjectRetention | None:
             key = self._key(name)
-            try:
-                r = self._call(name, lambda c: c.head_object(Bucket=self.loc.bucket, Key=key))
-            except ObjectNotFound:
-                return None
+            for attempt in range(4):  # these calls bypass backends.retry
+                try:
+                    r = self._call(name, lambda c: c.head_object(Bucket=self.loc.bucket, Key=key))
+                    break
+                except ObjectNotFound:
+                    return None
+                except BackendError as exc:
+                    if not exc.retryable or attempt == 3:
+                        raise
+                    time.sleep(0.2 * 2**attempt * random.uniform(0.5, 1.0))
             until = r.get("ObjectLockRetainUntilDate")
             mode = r.get("ObjectLockMode")
             return ObjectRetention(name, r.get("LastModified") or datetime.now(UTC),

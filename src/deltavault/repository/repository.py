@@ -18,6 +18,7 @@ from pathlib import Path
 import blake3
 import msgspec
 
+from deltavault.backends import retention as retention_mod
 from deltavault.backends.base import Backend
 from deltavault.backends.counting import CountingBackend, Traffic
 from deltavault.errors import (
@@ -89,11 +90,18 @@ class RepoConfig(msgspec.Struct, kw_only=True):
     # Keyed BLAKE3 of the fields above under the master key (empty when unencrypted),
     # so an edited config is noticed.
     mac: str = ""
+    # S3 Object Lock on everything written: "governance:DAYS" or "compliance:DAYS", "" for
+    # none (backends/retention.py). Authenticated by ``mac`` too.
+    retention: str = ""
 
 
 def config_mac(cfg: RepoConfig, master: keymod.MasterKey) -> str:
-    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half."""
-    return blake3.blake3(msgspec.json.encode(msgspec.structs.replace(cfg, mac="")), key=master.mac).hexdigest()
+    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half.
+    An empty ``retention`` is left out, so configs from before it existed still match."""
+    fields = msgspec.structs.asdict(msgspec.structs.replace(cfg, mac=""))
+    if not fields["retention"]:
+        del fields["retention"]
+    return blake3.blake3(msgspec.json.encode(fields), key=master.mac).hexdigest()
 
 
 def default_cache_root() -> Path:
@@ -164,12 +172,14 @@ class Repository:
     @classmethod
     def init(cls, backend: Backend, password: bytes | None, *, pack_size: int = DEFAULT_PACK_SIZE,
              compression: int | str = DEFAULT_COMPRESSION, chunker: ChunkerParams | None = None,
-             scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT, cache_root: Path | None = None) -> Repository:
+             scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT, cache_root: Path | None = None,
+             retention: str = "") -> Repository:
         try:
             backend.stat("config")
             raise RepositoryExists(f"a repository already exists at {backend.location()}")
         except ObjectNotFound:
             pass
+        retention_mod.apply(backend, retention, creating=True)  # refused before anything is written
         if not 1024 * 1024 <= pack_size <= 1024**3:
             raise UsageError("pack size must be between 1 MiB and 1 GiB")
         if compression != "auto" and not (isinstance(compression, int) and -7 <= compression <= 22):
@@ -177,7 +187,8 @@ class Repository:
         master = keymod.MasterKey.generate() if password is not None else None
         cfg = RepoConfig(id=os.urandom(16).hex(),
                          encryption="aes-256-gcm+scrypt" if master else "none",
-                         chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression)
+                         chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression,
+                         retention=retention)
         if master:
             cfg.mac = config_mac(cfg, master)
             kf = keymod.make_key_file(master, password or b"", scrypt)
@@ -222,6 +233,7 @@ class Repository:
             if cfg.mac != config_mac(cfg, master):
                 raise CorruptionError("repository config fails its authentication: it was edited or damaged; "
                                       "'deltavault repair' rebuilds it")
+        retention_mod.apply(counting, cfg.retention, creating=False)
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
         repo.load_index(tolerant=tolerant)
