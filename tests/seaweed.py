@@ -6,6 +6,10 @@ process); ``cluster(dir)`` starts a master with replication 001, two volume serv
 filer with the S3 gateway as separate processes, so one volume server can be killed. Every
 port is picked free (gRPC ports too), telemetry is off, and each process is stopped by its
 PID with SIGKILL (a clean stop takes over 4 s and its data is thrown away anyway).
+
+Each bucket is a SeaweedFS collection that takes volumes of its own (7 at a time): volumes
+are kept small (128 MB, sparse) and their number high, or a run of tests that makes many
+buckets finds "no free volumes left".
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ def server(d: Path) -> Iterator[Seaweed]:
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={_s3_config(d)}",
             f"-s3.port.https={p['https']}", f"-s3.cert.file={cert}", f"-s3.key.file={key}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=512", "-volume.max=0",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=128", "-volume.max=2000",
             f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}"]
     sw = Seaweed(d, p["s3"], [Proc("server", argv, d / "weed.log")], https_port=p["https"], ca_file=ca)
     sw.procs[0].start()
@@ -240,13 +244,13 @@ def cluster(d: Path, *, replication: str = "001") -> Iterator[Seaweed]:
     master = f"127.0.0.1:{mp}.{mp + 10000}"
     procs = [Proc("master", [weed, "master", *COMMON, f"-port={mp}", f"-port.grpc={mp + 10000}",
                              f"-mdir={d / 'master'}", f"-defaultReplication={replication}",
-                             "-volumeSizeLimitMB=512", "-telemetry=false"], d / "master.log")]
+                             "-volumeSizeLimitMB=128", "-telemetry=false"], d / "master.log")]
     (d / "master").mkdir(exist_ok=True)
     for i in (1, 2):
         vp = free_port()
         (d / f"volume{i}").mkdir(exist_ok=True)
         procs.append(Proc(f"volume{i}", [weed, "volume", *COMMON, f"-port={vp}", f"-port.grpc={vp + 10000}",
-                                         f"-dir={d / f'volume{i}'}", f"-master={master}", "-max=0",
+                                         f"-dir={d / f'volume{i}'}", f"-master={master}", "-max=1000",
                                          "-preStopSeconds=0", "-rack=rack1"], d / f"volume{i}.log"))
     (d / "filer").mkdir(exist_ok=True)
     procs.append(Proc("filer", [weed, "filer", *COMMON, f"-port={fp}", f"-port.grpc={fp + 10000}",

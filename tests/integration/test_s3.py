@@ -224,8 +224,10 @@ def test_connections_dropped_mid_upload(s3proxy: Proxy, seaweed: Seaweed, bucket
 @pytest.mark.usefixtures("s3env")
 def test_multipart_uploads_cut_mid_part(s3proxy: Proxy, seaweed: Seaweed, bucket: str, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 40 MiB object goes up in 5 parts, 4 at a time; parts cut half way make the whole
-    put retry, and the failed upload is aborted: one object, never a partial one."""
+    """A 40 MiB object goes up in 5 parts of 8 MiB, 4 at a time; parts cut half way make the
+    whole put retry, and the failed upload is aborted: one object, never a partial one."""
+    monkeypatch.setenv("DELTAVAULT_S3_MULTIPART_THRESHOLD", str(16 * MiB))
+    monkeypatch.setenv("DELTAVAULT_S3_PART_SIZE", str(8 * MiB))
     b = open_backend(s3proxy.url(bucket, "mp"))
     data = os.urandom(40 * MiB)
     s3proxy.faults.drop, s3proxy.faults.min_body = 3, 4 * MiB

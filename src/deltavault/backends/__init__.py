@@ -13,13 +13,15 @@ def open_backend(url: str, *, s3: S3Options | None = None) -> Backend:
     """Map a repository location to a backend. Plain paths and ``local:PATH`` are local.
     ``s3``: connection options of an ``s3:`` location (default: from the environment)."""
     if url.startswith("s3:"):
+        from deltavault.backends.readahead import ReadAheadBackend
         from deltavault.backends.s3 import S3Backend
         from deltavault.backends.s3location import parse_location as parse_s3
 
         # Throttling (503 SlowDown) comes in bursts of seconds: more attempts than for a
-        # disk, about 13 s of backoff in all before the error is reported.
-        return RetryingBackend(S3Backend(parse_s3(url), s3 or S3Options.from_env()),
-                               attempts=7, base_delay=0.2, max_delay=10.0)
+        # disk, about 13 s of backoff in all before the error is reported. Read-ahead
+        # turns a restore's many small ranged reads into a few large GETs.
+        return ReadAheadBackend(RetryingBackend(S3Backend(parse_s3(url), s3 or S3Options.from_env()),
+                                                attempts=7, base_delay=0.2, max_delay=10.0))
     if url.startswith("local:"):
         url = url[len("local:"):]
     scheme = url.split("://", 1)[0] if "://" in url else ""

@@ -74,8 +74,10 @@ class S3Options:
     addressing: str = "auto"  # path | virtual | auto (path for an endpoint, virtual on AWS)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # per socket read, so a stalled transfer fails instead of hanging
-    part_size: int = 8 * 1024 * 1024  # multipart upload part size
-    multipart_threshold: int = 16 * 1024 * 1024  # objects from this size go up in parts
+    part_size: int = 16 * 1024 * 1024  # multipart upload part size
+    # Objects from this size go up in parts. Above the default pack size (32 MiB): one PUT
+    # per pack is 6 times fewer requests than parts, and measured as fast here.
+    multipart_threshold: int = 64 * 1024 * 1024
     parallel_parts: int = 4  # parts in flight per object (memory: this many part copies)
 
     @classmethod
