@@ -2,10 +2,10 @@
 GETs.
 
 A restore reads a pack's blobs in order, a few hundred KiB at a time; on S3 each read is a
-request with its own latency and cost. The first read of a pack is passed on as it is (a
-pack header, a single blob); a read that starts at or shortly after where the previous read
-of the same pack ended fetches ``window`` bytes from there, and later reads inside that
-window come from memory. At most ``windows`` windows are kept (least recently used first
+request with its own latency and cost. A read near the start of a pack (where a scan begins),
+or one that starts at or shortly after where the previous read of the same pack ended,
+fetches ``window`` bytes from there, and later reads inside that window come from memory.
+Any other read (a pack header at the end, a single blob) is passed on as it is. At most ``windows`` windows are kept (least recently used first
 out), so memory stays bounded. Packs never change; a put or delete of a name drops its
 windows anyway.
 """
@@ -20,7 +20,8 @@ from deltavault.backends.base import Backend, ObjectInfo
 
 
 class ReadAheadBackend:
-    def __init__(self, inner: Backend, *, window: int = 8 * 1024 * 1024, windows: int = 8,
+    HEAD = 1024 * 1024  # a first read this close to the start of a pack begins a scan
+    def __init__(self, inner: Backend, *, window: int = 16 * 1024 * 1024, windows: int = 6,
                  prefix: str = "data/") -> None:
         self.inner = inner
         self.window = window
@@ -54,7 +55,8 @@ class ReadAheadBackend:
             self._last[name] = offset + length
             if len(self._last) > 4096:
                 self._last.popitem(last=False)
-        if prev is None or not 0 <= offset - prev <= self.window:
+        near = offset < self.HEAD if prev is None else 0 <= offset - prev <= self.window
+        if not near:
             return self.inner.get(name, offset, length)  # not (yet) a forward run
         data = self.inner.get(name, offset, self.window)
         with self._lock:
