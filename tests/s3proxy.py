@@ -5,7 +5,9 @@ misbehaves on demand, as a real network and a real store do:
 - ``drop``: cut the connection (client and server side) half way through the body of the
   next uploads of at least ``min_body`` bytes;
 - ``status``: answer the next requests itself with 503 SlowDown (or another status);
-- ``delay``: hold each response this long (a slow or stalled server).
+- ``delay``: hold each response this long (a slow or stalled server);
+- ``unsupported_header``: answer 501 to requests with that header (a store without, say,
+  conditional writes).
 
 Requests are read one at a time per connection (no client here pipelines). ``Expect:
 100-continue`` is answered by the proxy, and the header (never signed by SigV4) is not
@@ -31,6 +33,7 @@ class Faults:
     status_code: int = 503
     delay: float = 0.0  # seconds before each response
     methods: tuple[str, ...] = ()  # only these methods (empty: any) for drop and status
+    unsupported_header: str = ""  # answer 501 NotImplemented to requests carrying it (lower case)
 
 
 @dataclass
@@ -221,12 +224,17 @@ class Proxy:
                 self._count(sent=len(head))
                 body_len = int(h.get("content-length", "0") or 0) if "chunked" not in h.get(
                     "transfer-encoding", "") else 1 << 40
-                if self._take("status", method, body_len):
+                refuse = bool(self.faults.unsupported_header) and self.faults.unsupported_header in h
+                if refuse or self._take("status", method, body_len):
                     for piece in _body(c, h):
                         self._count(sent=len(piece))
                     msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
                            b"<Message>Please reduce your request rate.</Message></Error>")
-                    code = self.faults.status_code
+                    code = 501 if refuse else self.faults.status_code
+                    if refuse:
+                        msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                               b"<Message>A header you provided implies functionality that is not "
+                               b"implemented.</Message></Error>")
                     reply = (f"HTTP/1.1 {code} {'Slow Down' if code == 503 else 'Error'}\r\n"
                              f"Content-Type: application/xml\r\nContent-Length: {len(msg)}\r\n\r\n").encode() + msg
                     client.sendall(reply)

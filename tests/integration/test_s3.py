@@ -409,6 +409,23 @@ def test_lock_records_are_created_only_once(s3proxy: Proxy, seaweed: Seaweed, bu
     assert b.get("index/abc") == b"2"
 
 
+@pytest.mark.usefixtures("s3env")
+def test_lock_records_on_a_store_without_conditional_writes(s3proxy: Proxy, bucket: str, tmp_path: Path) -> None:
+    """The documented fallback: a store that answers 501 to If-None-Match gets plain PUTs of
+    lock records from then on, and locking works as before."""
+    from deltavault.backends.base import unwrap
+    from deltavault.backends.s3 import S3Backend
+
+    s3proxy.faults.unsupported_header = "if-none-match"
+    b = open_backend(s3proxy.url(bucket, "nocond"))
+    repo = Repository.init(b, PASSWORD, scrypt=FAST_SCRYPT, cache_root=tmp_path / "cache")
+    with repo.lock(exclusive=True, command="test"):
+        assert [o.name for o in b.list("locks/")] and len(list(b.list("locks/"))) == 1
+    inner = unwrap(b)
+    assert isinstance(inner, S3Backend) and inner._conditional is False  # it met the 501
+    assert list(b.list("locks/")) == []
+
+
 def test_locks_between_processes(scli: Cli, seaweed: Seaweed, tmp_path: Path) -> None:
     """An exclusive lock held by a live process blocks a backup (exit 12); a lock left by a
     killed process of this host is stale at once and removed; concurrent backups share."""
