@@ -18,6 +18,7 @@ from hypothesis import settings
 
 from deltavault.backends.local import LocalBackend
 from deltavault.repository.repository import Repository
+from tests.seaweed import Seaweed
 from tests.treeutil import remove_tree
 
 # CI replays the same examples every run, so a red run is reproducible and caused by the change
@@ -118,6 +119,27 @@ def init_and_back_up(cli: Cli, src: Path, files: dict[str, bytes], *, settle: bo
         time.sleep(2.1)
     r = cli("backup", str(src))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """One real SeaweedFS (tests/seaweed.py) for the whole run; tests take their own bucket
+    or prefix. Started on first use only."""
+    from tests.seaweed import server
+
+    with server(tmp_path_factory.mktemp("seaweed")) as sw:
+        yield sw
+
+
+@pytest.fixture
+def s3env(seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The server's credentials in this process's environment (the AWS chain reads them)."""
+    env = seaweed.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    return env
 
 
 @pytest.fixture

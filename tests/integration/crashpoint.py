@@ -14,6 +14,7 @@ import atexit
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import deltavault.cli.common as common
 from deltavault.backends.base import Backend
@@ -26,9 +27,9 @@ crash = Fault(ops=("put", "delete"), skip="locks/", nth=KILL_AT or -1, action="c
 _open_backend = common.open_backend
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, **kw: Any) -> Backend:
     """The CLI's backend with the crash armed below the retry layer, at the store itself."""
-    b = _open_backend(url)
+    b = _open_backend(url, **kw)
     inner = getattr(b, "inner", None)
     if inner is None:
         return FaultyBackend(b, [crash])

@@ -1,6 +1,6 @@
 """The backend contract (deltavault.testing.contract), run unchanged against every backend:
-the in-memory one, the fault wrapper with no fault armed, the local directory, and SFTP
-against a real OpenSSH server started by the tests."""
+the in-memory one, the fault wrapper with no fault armed, the local directory, SFTP
+against a real OpenSSH server and S3 against a real SeaweedFS, both started by the tests."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from deltavault.testing.faulty import FaultyBackend
 from deltavault.testing.memory import MemoryBackend
 from tests.conftest import needs_root
 from tests.loopdev import mounted
+from tests.seaweed import Seaweed
 from tests.sshd import Server, missing_tools, sshd
 
 _n = itertools.count()
@@ -80,9 +81,23 @@ class TestSftp(BackendContract, CrashContract, FullDiskContract):
             yield open_backend(server.url(disk / "repo"))
 
 
+class TestS3(BackendContract, CrashContract):
+    """SeaweedFS, one bucket per test class run, a fresh prefix per backend. A full disk
+    cannot be arranged on an object store here (no FullDiskContract)."""
+
+    @pytest.fixture
+    def new_backend(self, seaweed: Seaweed, s3env: dict[str, str]) -> Callable[[], Backend]:
+        bucket = seaweed.new_bucket()
+        return lambda: open_backend(seaweed.url(bucket, f"repo{next(_n)}"))
+
+    @pytest.fixture
+    def backend_env(self, s3env: dict[str, str]) -> dict[str, str]:
+        return s3env
+
+
 def test_every_contract_test_runs_for_every_backend() -> None:
     """A contract test added to the kit runs for each backend here (no class misses one)."""
     wanted = {n for n in dir(BackendContract) if n.startswith("test_")}
-    for cls in (TestMemory, TestFaultyWithoutFaults, TestLocal, TestSftp):
+    for cls in (TestMemory, TestFaultyWithoutFaults, TestLocal, TestSftp, TestS3):
         assert wanted <= {n for n in dir(cls) if n.startswith("test_")}
     assert needs_root  # the module's root tests mount tmpfs; they run here as root

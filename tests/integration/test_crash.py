@@ -221,6 +221,19 @@ class Harness:
         assert self.listing() == before, "a restore changed the repository"
         self.check(self.repo())
 
+    def clean_temp_files(self) -> None:
+        """Temporary files of puts that were killed: prune removes them once they are old."""
+        temps = [p for p in self.cli.repo.rglob(".tmp-*") if p.is_file()]
+        self.stats["temp_files_left_by_kills"] = len(temps)
+        hour_ago = time.time() - 2 * 3600
+        for p in temps:
+            os.utime(p, (hour_ago, hour_ago))
+        r = self.cli("prune", "--json")
+        assert r.returncode == 0, r.stderr
+        summary = [json.loads(line) for line in r.stdout.splitlines() if '"prune_summary"' in line][-1]
+        assert summary["temp_files_removed"] == len(temps)
+        assert not list(self.cli.repo.rglob(".tmp-*"))
+
     def final(self) -> None:
         repo = self.repo()
         self.check(repo, read_data=True)
@@ -234,17 +247,7 @@ class Harness:
                 self.stats["data_lost"] += 1
             assert got == self.expected[sid]
             shutil.rmtree(target)
-        # temporary files of puts that were killed: prune removes them once they are old
-        temps = [p for p in self.cli.repo.rglob(".tmp-*") if p.is_file()]
-        self.stats["temp_files_left_by_kills"] = len(temps)
-        hour_ago = time.time() - 2 * 3600
-        for p in temps:
-            os.utime(p, (hour_ago, hour_ago))
-        r = self.cli("prune", "--json")
-        assert r.returncode == 0, r.stderr
-        summary = [json.loads(line) for line in r.stdout.splitlines() if '"prune_summary"' in line][-1]
-        assert summary["temp_files_removed"] == len(temps)
-        assert not list(self.cli.repo.rglob(".tmp-*"))
+        self.clean_temp_files()
         self.check(self.repo(), read_data=True)
         # and the repository still takes backups
         self.mutate(1)
@@ -257,10 +260,14 @@ def test_sigkill_at_random_points(cli: Cli, tmp_path: Path) -> None:
     rnd = random.Random(SEED)
     print(f"crash test seed {SEED} trials {TRIALS}")
     assert cli("init", "--pack-size", "1M").returncode == 0
-    h = Harness(cli, tmp_path, rnd)
+    run_trials(Harness(cli, tmp_path, rnd), rnd, TRIALS)
+
+
+def run_trials(h: Harness, rnd: random.Random, trials: int) -> None:
+    """The random kills, the checks after each, and the final restores (any backend)."""
     h.mutate(FILES)
     h.backup(kill=False)
-    for i in range(TRIALS):
+    for i in range(trials):
         h.stats["trials"] += 1
         roll = rnd.random()
         if roll < 0.6:
@@ -278,6 +285,6 @@ def test_sigkill_at_random_points(cli: Cli, tmp_path: Path) -> None:
         Path(report).write_text(json.dumps(h.stats, indent=2))
     print(json.dumps(h.stats))
     assert h.stats["data_lost"] == 0
-    assert h.stats["killed"] >= TRIALS // 2, h.stats  # most runs really were killed part way
-    if TRIALS >= 100:
+    assert h.stats["killed"] >= trials // 2, h.stats  # most runs really were killed part way
+    if trials >= 100:
         assert h.stats["reuse_checks"] >= 3, h.stats  # the reuse assertion was exercised

@@ -1,7 +1,9 @@
-"""Retry wrapper: transient backend failures are retried with capped exponential backoff."""
+"""Retry wrapper: transient backend failures are retried with capped exponential backoff
+and jitter (many clients throttled at once must not come back in lockstep)."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -29,7 +31,7 @@ class RetryingBackend:
             except BackendError as exc:
                 if not exc.retryable or attempt == self.attempts:
                     raise
-                self._sleep(delay)
+                self._sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.max_delay)
         raise AssertionError("unreachable")
 

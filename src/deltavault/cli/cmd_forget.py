@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from deltavault.backends.s3errors import ObjectRetained
 from deltavault.cli.common import Context
 from deltavault.errors import UsageError
 from deltavault.maintenance.retention import Policy, parse_duration, plan_forget
@@ -55,10 +56,10 @@ def run(ctx: Context) -> int:
                          + ("; ".join(d.reasons) if d.reasons else "no rule keeps it"))
                 if d.keep:
                     kept += 1
-                else:
+                elif a.dry_run or _delete(ctx, repo, d.snapshot_id):
                     removed += 1
-                    if not a.dry_run:
-                        repo.delete_snapshot(d.snapshot_id)
+                else:
+                    kept += 1
     ctx.emit({"type": "forget_summary", "kept": kept, "removed": removed, "dry_run": a.dry_run},
              f"{'would remove' if a.dry_run else 'removed'} {removed} snapshot(s), kept {kept}"
              + ("; run 'deltavault prune' to free their data" if removed and not a.dry_run else ""))
@@ -71,11 +72,26 @@ def _forget_ids(ctx: Context, repo: Repository, refs: list[str], dry_run: bool) 
         if ref == "latest":
             raise UsageError("name snapshots by id to forget them, not 'latest'")
         ids.append(repo.resolve_snapshot(ref)[0])
+    removed = 0
     for sid in dict.fromkeys(ids):
         ctx.emit({"type": "forget", "snapshot": sid, "action": "remove", "reasons": ["named"], "dry_run": dry_run},
                  f"  remove {short_id(sid)}  (named)")
-        if not dry_run:
-            repo.delete_snapshot(sid)
-    ctx.emit({"type": "forget_summary", "kept": 0, "removed": len(set(ids)), "dry_run": dry_run},
-             f"{'would remove' if dry_run else 'removed'} {len(set(ids))} snapshot(s)")
+        if dry_run or _delete(ctx, repo, sid):
+            removed += 1
+    kept = len(set(ids)) - removed
+    ctx.emit({"type": "forget_summary", "kept": kept, "removed": removed, "dry_run": dry_run},
+             f"{'would remove' if dry_run else 'removed'} {removed} snapshot(s)"
+             + (f", kept {kept} under retention" if kept else ""))
     return 0
+
+
+def _delete(ctx: Context, repo: Repository, sid: str) -> bool:
+    """Forget one snapshot; False (said) when Object Lock retention keeps it."""
+    try:
+        repo.delete_snapshot(sid)
+    except ObjectRetained as exc:
+        ctx.emit({"type": "forget_retained", "snapshot": sid, "until": exc.until},
+                 f"  kept   {short_id(sid)}  under Object Lock retention until "
+                 f"{exc.until[:16].replace('T', ' ')} UTC: forget it after that")
+        return False
+    return True

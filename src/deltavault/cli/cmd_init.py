@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from deltavault.backends.base import unwrap
+from deltavault.backends.retention import Retention
+from deltavault.backends.s3 import S3Backend
 from deltavault.cli.common import Context, parse_size, read_password, require_password
+from deltavault.errors import UsageError
 from deltavault.repository.config import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE
 from deltavault.repository.repository import Repository
 
@@ -16,6 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'auto' (default: level 3 for text-like data, -3 for high-entropy data) or a zstd level")
     p.add_argument("--insecure-no-encryption", action="store_true",
                    help="store data unencrypted (ids are then plain BLAKE3)")
+    p.add_argument("--immutable", type=int, metavar="DAYS",
+                   help="S3: keep everything written (packs, index, snapshots, keys, config) under Object "
+                        "Lock retention for DAYS days after each write; the bucket needs Object Lock "
+                        "(created with it when missing)")
+    p.add_argument("--immutable-mode", choices=["governance", "compliance"], default="governance",
+                   help="governance (default): the bypass permission can still delete early; compliance: "
+                        "no one can, not even the account's root")
     p.set_defaults(func=run)
 
 
@@ -31,10 +42,22 @@ def _compression(text: str) -> int | str:
 def run(ctx: Context) -> int:
     a = ctx.args
     backend = ctx.backend()
+    retention = ""
+    if a.immutable is not None:
+        retention = str(Retention.parse(f"{a.immutable_mode}:{a.immutable}"))
     pw = None if a.insecure_no_encryption else require_password(read_password(a, confirm=True), a, "password")
-    repo = Repository.init(backend, pw, pack_size=a.pack_size, compression=a.compression)
+    store = unwrap(backend)
+    if isinstance(store, S3Backend):
+        note = store.prepare_bucket(object_lock=bool(retention))
+        if note:
+            ctx.say(note)
+    elif retention:
+        raise UsageError("--immutable needs a repository on S3 with Object Lock (-r s3:...)")
+    repo = Repository.init(backend, pw, pack_size=a.pack_size, compression=a.compression, retention=retention)
     ctx.emit({"type": "init", "repository": backend.location(), "id": repo.config.id,
-              "encryption": repo.config.encryption},
+              "encryption": repo.config.encryption, "retention": retention},
              f"created repository {repo.config.id[:8]} at {backend.location()} "
-             f"({'encrypted' if pw is not None else 'NOT encrypted'})")
+             f"({'encrypted' if pw is not None else 'NOT encrypted'})"
+             + (f"; every object but locks is retained {a.immutable} days ({a.immutable_mode} mode)"
+                if retention else ""))
     return 0

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from deltavault.backends.s3errors import ObjectRetained
 from deltavault.cli.common import Context
 from deltavault.errors import UsageError
 from deltavault.repository import keyring
@@ -65,7 +66,16 @@ def run(ctx: Context) -> int:
         ctx.emit({"type": "key_removed", "id": name.removeprefix("keys/")},
                  f"removed key {keyring.KeyInfo(name).short}")
     else:
-        new, old = keyring.change_password(repo, new_pw)
+        try:
+            new, old = keyring.change_password(repo, new_pw)
+        except ObjectRetained as exc:
+            # The new key is stored; the old one stays until its retention ends.
+            ctx.warn(f"the old key file is under Object Lock retention until {exc.until[:16].replace('T', ' ')} "
+                     "UTC: the old password still opens the repository until then; remove it with "
+                     "'deltavault key remove' after that")
+            ctx.emit({"type": "password_changed", "removed": "", "old_key_retained_until": exc.until},
+                     "password changed: a key for the new password was added; the old one is kept")
+            return 0
         ctx.emit({"type": "password_changed", "id": new.removeprefix("keys/"), "removed": old.removeprefix("keys/")},
                  f"password changed: key {keyring.KeyInfo(new).short} replaces {keyring.KeyInfo(old).short}")
     return 0

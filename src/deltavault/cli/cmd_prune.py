@@ -37,6 +37,11 @@ def run(ctx: Context) -> int:
         + (f"; {rep.orphans_adopted} orphan pack(s) adopted first" if rep.orphans_adopted else ""),
         *([f"re-checked {rep.new_snapshots_rechecked} snapshot(s) saved meanwhile; "
            f"{rep.packs_resurrected} pack(s) kept for them"] if rep.new_snapshots_rechecked else []),
+        *([f"kept {rep.packs_retained} unused pack(s) under Object Lock retention (until "
+           f"{rep.retained_until[:16].replace('T', ' ')} UTC at the latest); a prune after that removes them"]
+          if rep.packs_retained else []),
+        *([f"left {rep.index_files_retained} superseded index file(s) under retention"]
+          if rep.index_files_retained else []),
         *([f"left alone (unreadable blobs; run check): {d}" for d in rep.damaged_skipped]),
         *([f"{verb} remove {rep.temp_files_removed} temporary file(s) of interrupted writes "
            f"({human(rep.temp_bytes_removed)})"] if rep.temp_files_removed else []),

@@ -111,7 +111,15 @@ class Context:
 
     def backend(self) -> Backend:
         """The backend of -r/--repo: the one place a command opens its repository's store."""
-        return open_backend(self.repo_location())
+        loc = self.repo_location()
+        if not loc.startswith("s3:"):
+            return open_backend(loc)
+        from deltavault.backends.s3location import S3Options
+
+        a = self.args
+        return open_backend(loc, s3=S3Options.from_env(ca_bundle=getattr(a, "s3_ca_bundle", None),
+                                                       addressing=getattr(a, "s3_addressing", None),
+                                                       timeout=getattr(a, "s3_timeout", None)))
 
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
         backend = self.backend()

@@ -44,6 +44,14 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="restore and check take no lock (a repository you may only read)", **d)
     p.add_argument("--insecure-no-password", action="store_true",
                    help="the repository's password is empty: ask for none (init: create it so)", **d)
+    p.add_argument("--s3-ca-bundle", metavar="PEM",
+                   help="S3: trust the CAs in this file (env DELTAVAULT_S3_CA_BUNDLE or AWS_CA_BUNDLE)", **d)
+    p.add_argument("--s3-addressing", choices=["auto", "path", "virtual"],
+                   help="S3: path-style (host/bucket) or virtual-hosted (bucket.host) requests; default: "
+                        "path for an endpoint, virtual on AWS (env DELTAVAULT_S3_ADDRESSING)", **d)
+    p.add_argument("--s3-timeout", type=float, metavar="SECONDS",
+                   help="S3: give up on a request stalled this long, then retry (default 60; "
+                        "env DELTAVAULT_S3_TIMEOUT)", **d)
     p.add_argument("--lock-wait", type=float, metavar="SECONDS",
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 

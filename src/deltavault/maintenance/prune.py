@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from deltavault.backends import retention
 from deltavault.backends.base import unwrap
+from deltavault.backends.s3errors import ObjectRetained
 from deltavault.errors import CorruptionError, DeltavaultError, RepositoryLocked
 from deltavault.maintenance.reachable import Bitmap, Marker
 from deltavault.repository.index import Index
@@ -80,6 +82,9 @@ class PruneReport:
     new_snapshots_rechecked: int = 0
     plan_seconds: float = 0.0
     exclusive_seconds: float = 0.0
+    packs_retained: int = 0  # unused, but under S3 Object Lock retention: kept for a later prune
+    retained_until: str = ""  # the latest end of their retention (ISO 8601)
+    index_files_retained: int = 0  # superseded, but under retention: left until it ends
     temp_files_removed: int = 0  # left by killed writers (dry run: would be removed)
     temp_bytes_removed: int = 0
     dry_run: bool = False
@@ -182,6 +187,7 @@ def make_plan(repo: Repository, opts: PruneOptions, rep: PruneReport, say: Progr
             repack.add(pid)
         else:
             rep.bytes_unused_kept += u.unused_bytes
+    _keep_retained(repo, delete, repack, uses, rep)
     plan = Plan(set(snaps), n, used, Bitmap(n), delete, repack, sizes={p: u.size for p, u in uses.items()},
                 index=index)
     rep.packs_delete, rep.packs_repack = len(delete), len(repack)
@@ -196,6 +202,20 @@ def make_plan(repo: Repository, opts: PruneOptions, rep: PruneReport, say: Progr
     if opts.dry_run:
         rep.bytes_freed = sum(uses[p].size for p in plan.doomed_packs) - sum(uses[p].used_bytes for p in repack)
     return plan
+
+
+def _keep_retained(repo: Repository, delete: set[bytes], repack: set[bytes], uses: dict[bytes, PackUse],
+                   rep: PruneReport) -> None:
+    """Packs under Object Lock retention (immutable repositories on S3) cannot be deleted
+    yet: keep them whole and indexed, and say until when."""
+    retained = retention.still_retained(repo.backend, [pack_name(p) for p in sorted(delete | repack)])
+    for name, until in retained.items():
+        pid = bytes.fromhex(name.rsplit("/", 1)[-1])
+        delete.discard(pid)
+        repack.discard(pid)
+        rep.packs_retained += 1
+        rep.bytes_unused_kept += uses[pid].unused_bytes
+        rep.retained_until = max(rep.retained_until, until.isoformat())
 
 
 def _pack_bytes(entries: list[PackEntry]) -> int:
@@ -269,7 +289,11 @@ def sweep(repo: Repository, plan: Plan, rep: PruneReport, say: Progress,
         repo.backend.delete(pack_name(pid))
         rep.packs_deleted += 1
     for name in old_files:
-        repo.backend.delete(name)
+        try:
+            repo.backend.delete(name)
+        except ObjectRetained:
+            rep.index_files_retained += 1  # superseded, so ignored; removed by a prune after it ends
+            continue
         rep.index_files_removed += 1
     repo.cache.prune("index", set(repo.index_names()))
     rep.bytes_freed = sum(plan.sizes.get(p, 0) for p in gone) - sum(_pack_bytes(e) for p, e in plan.repacked)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import blake3
 import msgspec
 
+from deltavault.backends import retention as retention_mod
 from deltavault.backends.base import Backend
 from deltavault.errors import (
     CorruptionError,
@@ -53,31 +54,40 @@ class RepoConfig(msgspec.Struct, kw_only=True):
     # Keyed BLAKE3 of the fields above under the master key (empty when unencrypted),
     # so an edited config is noticed.
     mac: str = ""
+    # S3 Object Lock on everything written: "governance:DAYS" or "compliance:DAYS", "" for
+    # none (backends/retention.py). Authenticated by ``mac`` too.
+    retention: str = ""
 
 
 def config_mac(cfg: RepoConfig, master: keymod.MasterKey) -> str:
-    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half."""
-    return blake3.blake3(msgspec.json.encode(msgspec.structs.replace(cfg, mac="")), key=master.mac).hexdigest()
+    """Keyed BLAKE3 of the config's JSON with ``mac`` empty, under the master key's MAC half.
+    An empty ``retention`` is left out, so configs from before it existed still match."""
+    fields = msgspec.structs.asdict(msgspec.structs.replace(cfg, mac=""))
+    if not fields["retention"]:
+        del fields["retention"]
+    return blake3.blake3(msgspec.json.encode(fields), key=master.mac).hexdigest()
 
 
 Unlocked = tuple[RepoConfig, keymod.MasterKey | None, str | None]  # config, master key, key file name
 
 
 def create(backend: Backend, password: bytes | None, *, pack_size: int, compression: int | str,
-           chunker: ChunkerParams | None, scrypt: tuple[int, int, int]) -> Unlocked:
+           chunker: ChunkerParams | None, scrypt: tuple[int, int, int], retention: str = "") -> Unlocked:
     """Write a new repository's key file (when ``password`` is not None) and config."""
     try:
         backend.stat("config")
         raise RepositoryExists(f"a repository already exists at {backend.location()}")
     except ObjectNotFound:
         pass
+    retention_mod.apply(backend, retention, creating=True)  # refused before anything is written
     if not 1024 * 1024 <= pack_size <= 1024**3:
         raise UsageError("pack size must be between 1 MiB and 1 GiB")
     if compression != "auto" and not (isinstance(compression, int) and -7 <= compression <= 22):
         raise UsageError("compression must be 'auto' or a zstd level from -7 to 22")
     master = keymod.MasterKey.generate() if password is not None else None
     cfg = RepoConfig(id=os.urandom(16).hex(), encryption="aes-256-gcm+scrypt" if master else "none",
-                     chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression)
+                     chunker=chunker or ChunkerParams(), pack_size=pack_size, compression=compression,
+                     retention=retention)
     key_name = None
     if master:
         cfg.mac = config_mac(cfg, master)
@@ -124,6 +134,7 @@ def open_existing(backend: Backend, password: PasswordSource) -> Unlocked:
     if cfg.mac != config_mac(cfg, master):
         raise CorruptionError("repository config fails its authentication: it was edited or damaged; "
                               "'deltavault repair' rebuilds it")
+    retention_mod.apply(backend, cfg.retention, creating=False)
     return cfg, master, key_name
 
 

@@ -71,9 +71,10 @@ class Repository:
     @classmethod
     def init(cls, backend: Backend, password: bytes | None, *, pack_size: int = DEFAULT_PACK_SIZE,
              compression: int | str = DEFAULT_COMPRESSION, chunker: ChunkerParams | None = None,
-             scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT, cache_root: Path | None = None) -> Repository:
-        cfg, master, key_name = configmod.create(backend, password, pack_size=pack_size,
-                                                 compression=compression, chunker=chunker, scrypt=scrypt)
+             scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT, cache_root: Path | None = None,
+             retention: str = "") -> Repository:
+        cfg, master, key_name = configmod.create(backend, password, pack_size=pack_size, compression=compression,
+                                                 chunker=chunker, scrypt=scrypt, retention=retention)
         repo = cls(backend, cfg, master, cache_root=cache_root)
         repo.key_name = key_name
         return repo

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Backup and restore to S3: files-full (tree-v1 + db-v1), files-incr (then tree-v2 + db-v2,
+staged as anchors.sh stages them) and a full restore of the files-full snapshot, for
+deltavault and restic's S3 backend, against one SeaweedFS on 127.0.0.1 (the test suite's,
+tests/seaweed.py), in the same run, round by round. Both encrypt and compress with their
+defaults (deltavault: AES-256-GCM, zstd 'auto'; restic: repository v2, compression auto).
+
+Timed rounds talk to the server directly. One more round goes through the counting proxy of
+the tests (tests/s3proxy.py), the same instrument for both tools, for the requests and the
+bytes sent and received per run (its own overhead makes its times meaningless, so they are
+not reported). Needs root (each restore goes to a fresh ext4 on a loop device).
+
+Usage: bench/s3.py --datasets DIR [--repeat N] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.loopdev import fresh_fs  # noqa: E402
+from tests.s3proxy import proxy  # noqa: E402
+from tests.seaweed import Seaweed, server  # noqa: E402
+
+OPS = ("files-full", "files-incr", "restore")
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True)
+
+
+def stage(ds: Path, src: Path, version: str) -> None:
+    """As anchors.sh: rsync keeps the inodes of unchanged files, the database is patched in place."""
+    (src / "tree").mkdir(parents=True, exist_ok=True)
+    sh("rsync", "-a", "--delete", f"{ds}/tree-{version}/", f"{src}/tree/")
+    sh("rsync", "-a", "--inplace", "--no-whole-file", f"{ds}/db-{version}.sqlite", f"{src}/db.sqlite")
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    sh("sync")
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def restore_timed(argv: list[str], env: dict[str, str], work: Path) -> float:
+    """To a new ext4 each time (a file system that just deleted 10k files slows every tool)."""
+    scratch = work / "restore-fs"
+    scratch.mkdir()
+    try:
+        with fresh_fs(scratch, "3G", "mkfs.ext4", "-q", "-F") as mnt:
+            return timed([*argv, str(mnt / "out")], env)
+    finally:
+        shutil.rmtree(scratch)
+
+
+def commands(tool: str, url: str, paths: list[str]) -> dict[str, list[str]]:
+    if tool == "deltavault":
+        dv = [sys.executable, "-m", "deltavault", "-r", url]
+        return {"init": [*dv, "init"], "backup": [*dv, "backup", *paths],
+                "restore": [*dv, "restore", "{id}", "--target"]}
+    r = ["restic", "-r", url, "-o", "s3.bucket-lookup=path"]
+    return {"init": [*r, "init"], "backup": [*r, "backup", "-q", *paths],
+            "restore": [*r, "restore", "{id}", "-q", "--target"]}
+
+
+def one_round(ds: Path, work: Path, sw: Seaweed, endpoint: str, *, counter: object = None) -> dict[str, dict]:
+    """Every tool, every op, on fresh buckets; {tool op: {"seconds": s, requests...}}."""
+    out: dict[str, dict] = {}
+    for tool in ("deltavault", "restic"):
+        src = work / "src"
+        shutil.rmtree(src, ignore_errors=True)
+        stage(ds, src, "v1")
+        bucket = sw.new_bucket()
+        url = f"s3:{endpoint}/{bucket}/{tool}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAVAULT_", "RESTIC_", "AWS_"))}
+        env.update(sw.env(), DELTAVAULT_PASSWORD="bench", DELTAVAULT_CACHE_DIR=str(work / "cache" / bucket),
+                   RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "restic-cache" / bucket))
+        cmd = commands(tool, url, [str(src / "tree"), str(src / "db.sqlite")])
+        timed(cmd["init"], env)
+        for op in OPS:
+            if op == "files-incr":
+                stage(ds, src, "v2")
+            before = counter.snapshot() if counter is not None else None  # type: ignore[attr-defined]
+            if op == "restore":
+                # the files-full snapshot: restore by the first snapshot's id
+                first = _first_snapshot(tool, url, env)
+                secs = restore_timed([x.replace("{id}", first) for x in cmd["restore"]], env, work)
+            else:
+                secs = timed(cmd["backup"], env)
+            row: dict = {"seconds": round(secs, 2)}
+            if counter is not None:
+                d = counter.snapshot().since(before)  # type: ignore[attr-defined]
+                row.update(requests=d.requests, sent=d.sent, received=d.received,
+                           by_method=dict(d.by_method))
+            out[f"{tool} {op}"] = row
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        shutil.rmtree(work / "restic-cache", ignore_errors=True)
+    return out
+
+
+def _first_snapshot(tool: str, url: str, env: dict[str, str]) -> str:
+    if tool == "deltavault":
+        p = subprocess.run([sys.executable, "-m", "deltavault", "-r", url, "--json", "snapshots"], env=env,
+                           capture_output=True, text=True, check=True)
+        snaps = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+        return str(min(snaps, key=lambda s: s["time"])["id"])
+    p = subprocess.run(["restic", "-r", url, "-o", "s3.bucket-lookup=path", "snapshots", "--json"], env=env,
+                       capture_output=True, text=True, check=True)
+    return str(min(json.loads(p.stdout), key=lambda s: s["time"])["short_id"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--datasets", type=Path, required=True)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "s3.json")
+    a = ap.parse_args()
+    size = sum(p.stat().st_size for p in (a.datasets / "tree-v1").rglob("*") if p.is_file()) + \
+        (a.datasets / "db-v1.sqlite").stat().st_size
+    rounds = []
+    work = Path(tempfile.mkdtemp(prefix="dv-s3-bench-", dir="/tmp"))
+    try:
+        with server(work / "seaweed") as sw:
+            for i in range(a.repeat):
+                rounds.append(one_round(a.datasets, work, sw, sw.endpoint))
+                print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in rounds[-1].items()),
+                      flush=True)
+            with proxy(sw.s3_port) as p:
+                counted = one_round(a.datasets, work, sw, p.endpoint, counter=p)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    medians = {k: round(statistics.median(r[k]["seconds"] for r in rounds), 2) for k in rounds[0]}
+    gb = size / 1e9
+    ratios = {op: round(statistics.median(r[f"restic {op}"]["seconds"] / r[f"deltavault {op}"]["seconds"]
+                                          for r in rounds), 2) for op in OPS}
+    traffic = {k: {"requests": v["requests"], "requests_per_gb": round(v["requests"] / gb, 1),
+                   "sent_mb": round(v["sent"] / 1e6, 1), "received_mb": round(v["received"] / 1e6, 1),
+                   "by_method": v["by_method"]} for k, v in counted.items()}
+    result = {"dataset_bytes": size, "rounds": rounds, "medians_seconds": medians,
+              "speedup_over_restic": ratios, "traffic": traffic,
+              "throughput_mb_s": {k: round(size / 1e6 / v, 1) for k, v in medians.items() if "incr" not in k},
+              "restic": subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.strip(),
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("medians_seconds", "speedup_over_restic", "throughput_mb_s",
+                                             "traffic")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Read-ahead for object stores: many small ranged reads of one pack become a few large GETs.
+
+A restore reads a pack's blobs a few hundred KiB at a time, in roughly increasing order
+(trees and small files interleave, so not strictly); on S3 each read is a request with its
+own latency and cost. Once a pack is being read piecewise (a second read of it, or a first
+read near its start, where a scan begins), its reads are served from ``block``-aligned
+blocks: the missing blocks a read needs are fetched in one GET, and kept, least recently
+used first out, up to ``blocks`` of them (memory: blocks x block). Aligned blocks never
+overlap, so no byte is fetched twice while it is kept. Other reads (a pack header, one
+blob, reads of two blocks or more, whole objects) pass through unchanged. Packs never
+change; a put or delete of a name drops its blocks anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from deltavault.backends.base import Backend, ObjectInfo
+
+
+class ReadAheadBackend:
+    HEAD = 1024 * 1024  # a first read this close to the start of a pack begins a scan
+
+    def __init__(self, inner: Backend, *, block: int = 16 * 1024 * 1024, blocks: int = 8,
+                 prefix: str = "data/") -> None:
+        self.inner = inner
+        self.block = block
+        self.blocks = blocks
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (name, block no) -> bytes
+        self._seen: OrderedDict[str, None] = OrderedDict()  # packs read before (bounded)
+        self._fetch_locks: dict[str, tuple[threading.Lock, int]] = {}  # name -> (lock, users)
+
+    def location(self) -> str:
+        return self.inner.location()
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self.inner.stat(name)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        b = self.block
+        if length is None or offset < 0 or length >= 2 * b or length == 0 or not name.startswith(self.prefix):
+            return self.inner.get(name, offset, length)
+        with self._lock:
+            scanning = name in self._seen or offset < self.HEAD
+            self._seen[name] = None
+            self._seen.move_to_end(name)
+            if len(self._seen) > 4096:
+                self._seen.popitem(last=False)
+        if not scanning:
+            return self.inner.get(name, offset, length)
+        first, last = offset // b, (offset + length - 1) // b
+        got = self._cached(name, first, last)
+        if len(got) < last - first + 1:
+            with self._fetching(name):  # threads wanting the same blocks wait for one fetch
+                got = self._fetch(name, first, last)
+        joined = b"".join(got[i] for i in range(first, last + 1))
+        start = offset - first * b
+        return joined[start:start + length]
+
+    @contextmanager
+    def _fetching(self, name: str) -> Iterator[None]:
+        with self._lock:
+            lk, users = self._fetch_locks.get(name, (threading.Lock(), 0))
+            self._fetch_locks[name] = (lk, users + 1)
+        try:
+            with lk:
+                yield
+        finally:
+            with self._lock:
+                lk, users = self._fetch_locks[name]
+                if users == 1:
+                    del self._fetch_locks[name]
+                else:
+                    self._fetch_locks[name] = (lk, users - 1)
+
+    def _fetch(self, name: str, first: int, last: int) -> dict[int, bytes]:
+        b = self.block
+        got = self._cached(name, first, last)
+        missing = [i for i in range(first, last + 1) if i not in got]
+        if missing:
+            lo, hi = missing[0], missing[-1]  # one GET for the gap (cached blocks inside are few)
+            data = self.inner.get(name, lo * b, (hi - lo + 1) * b)
+            with self._lock:
+                for i in range(lo, hi + 1):
+                    piece = data[(i - lo) * b:(i - lo + 1) * b]
+                    got[i] = piece
+                    self._cache[(name, i)] = piece
+                    self._cache.move_to_end((name, i))
+                while len(self._cache) > self.blocks:
+                    self._cache.popitem(last=False)
+        return got
+
+    def _cached(self, name: str, first: int, last: int) -> dict[int, bytes]:
+        out = {}
+        with self._lock:
+            for i in range(first, last + 1):
+                piece = self._cache.get((name, i))
+                if piece is not None:
+                    self._cache.move_to_end((name, i))
+                    out[i] = piece
+        return out
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == name]:
+                del self._cache[key]
+            self._seen.pop(name, None)
+
+    def put(self, name: str, data: bytes) -> None:
+        self._forget(name)
+        self.inner.put(name, data)
+
+    def delete(self, name: str) -> None:
+        self._forget(name)
+        self.inner.delete(name)

@@ -1,0 +1,121 @@
+"""botocore's errors as deltavault's typed errors, with the right retryability.
+
+Retried (by backends.retry, never by botocore itself, so attempts do not multiply): throttling
+(503 SlowDown and friends), 5xx, request timeouts, dropped and refused connections. Not
+retried: refused credentials, a missing bucket or object, clock skew, access denied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltavault.errors import (
+    BackendError,
+    DeltavaultError,
+    ObjectNotFound,
+    RepositoryNotFound,
+    UsageError,
+)
+
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+              "TooManyRequestsException", "ServiceUnavailable", "RequestThrottled", "503"}
+_TRANSIENT = {"InternalError", "RequestTimeout", "RequestTimeoutException", "OperationAborted",
+              "PriorRequestNotComplete"}
+_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                "InvalidSecurity", "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
+_SKEW = {"RequestTimeTooSkewed", "RequestExpired"}
+
+
+class BucketNotFound(RepositoryNotFound, BackendError):
+    """The bucket does not exist: no repository there (exit 10), not a failing store."""
+
+    exit_code = RepositoryNotFound.exit_code
+    retryable = False
+
+
+class ObjectRetained(BackendError):
+    """A delete refused: the object is under S3 Object Lock retention until ``until``."""
+
+    retryable = False
+
+    def __init__(self, message: str, until: str = "") -> None:
+        super().__init__(message, retryable=False)
+        self.until = until
+
+
+def error_code(exc: BaseException) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of a botocore ClientError; ('', 0) for anything else."""
+    resp: Any = getattr(exc, "response", None)
+    if not isinstance(resp, dict):
+        return "", 0
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def translate(exc: BaseException, what: str, where: str) -> DeltavaultError:
+    """The typed error for a botocore exception raised while doing ``what`` (an object name
+    or an operation) at ``where`` (the repository location)."""
+    from botocore import exceptions as be
+
+    if isinstance(exc, DeltavaultError):
+        return exc
+    if isinstance(exc, be.ClientError):
+        code, status = error_code(exc)
+        msg = str(exc.response.get("Error", {}).get("Message") or code or status)
+        if code in ("NoSuchKey", "NotFound") or (code == "404" and status == 404):
+            return ObjectNotFound(f"{what}: not found")
+        if code == "NoSuchBucket":
+            return BucketNotFound(f"no repository at {where}: the bucket does not exist "
+                                  "(deltavault init creates it)")
+        if code in _CREDENTIALS:
+            return BackendError(f"{what}: the S3 server at {where} refused the credentials ({code}): check "
+                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                                "~/.aws/credentials", retryable=False)
+        if code in _SKEW:
+            return BackendError(f"{what}: the S3 server at {where} says this machine's clock is wrong ({code}: "
+                                f"{msg}); set the time (NTP) and try again", retryable=False)
+        if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403:
+            return BackendError(f"{what}: access denied by the S3 server at {where} ({code or status}): the "
+                                "credentials lack permission for this bucket or operation", retryable=False)
+        if code in _THROTTLED or status in (429, 503):
+            return BackendError(f"{what}: the S3 server at {where} is throttling ({code or status}: {msg})")
+        if code in _TRANSIENT or status >= 500:
+            return BackendError(f"{what}: the S3 server at {where} failed ({code or status}: {msg})")
+        if code in ("QuotaExceeded", "XMinioStorageFull", "StorageFull", "EntityTooLarge"):
+            from deltavault.errors import NoSpace
+
+            return NoSpace(f"{what}: the S3 server at {where} has no room ({code}: {msg})")
+        return BackendError(f"{what}: the S3 server at {where} said {code or status}: {msg}", retryable=False)
+    if isinstance(exc, (be.NoCredentialsError, be.PartialCredentialsError)):
+        return UsageError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                          "AWS_PROFILE, or ~/.aws/credentials")
+    if isinstance(exc, (be.ProfileNotFound, be.ConfigParseError, be.InvalidConfigError)):
+        return UsageError(f"the AWS configuration is unusable: {exc}")
+    if isinstance(exc, be.SSLError):
+        return BackendError(f"{what}: TLS with the S3 server at {where} failed: {exc}; for a private CA use "
+                            "--s3-ca-bundle or DELTAVAULT_S3_CA_BUNDLE", retryable=False)
+    if isinstance(exc, be.EndpointConnectionError):
+        return BackendError(f"{what}: cannot connect to the S3 server at {where}: {_cause(exc)}")
+    if isinstance(exc, (be.ConnectTimeoutError, be.ReadTimeoutError)):
+        return BackendError(f"{what}: the S3 server at {where} timed out: {exc}")
+    if isinstance(exc, (be.HTTPClientError, be.ConnectionError, be.IncompleteReadError)):
+        return BackendError(f"{what}: connection to the S3 server at {where} lost: {exc}")
+    if isinstance(exc, be.ParamValidationError):
+        return BackendError(f"{what}: invalid S3 request: {exc}", retryable=False)
+    if isinstance(exc, be.BotoCoreError):
+        return BackendError(f"{what}: S3 client error at {where}: {exc}", retryable=False)
+    if isinstance(exc, OSError):
+        return BackendError(f"{what}: connection to the S3 server at {where} lost: {exc}")
+    raise exc
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__context__ or exc.__cause__
+    while inner is not None and (inner.__context__ or inner.__cause__) is not None:
+        nxt = inner.__context__ or inner.__cause__
+        if nxt is None:
+            break
+        inner = nxt
+    text = getattr(inner, "strerror", None) or (str(inner) if inner else "")
+    return text or str(exc)

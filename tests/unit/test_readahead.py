@@ -1,0 +1,52 @@
+"""Read-ahead for object stores (backends/readahead.py): a forward run of small ranged reads
+of a pack becomes a few large reads, other reads pass through unchanged, memory is bounded."""
+
+from __future__ import annotations
+
+import os
+
+from deltavault.backends.readahead import ReadAheadBackend
+from deltavault.testing.faulty import FaultyBackend
+from deltavault.testing.memory import MemoryBackend
+
+MiB = 1024 * 1024
+
+
+def _store(size: int = 40 * MiB) -> tuple[ReadAheadBackend, FaultyBackend, bytes]:
+    inner = FaultyBackend(MemoryBackend())
+    data = os.urandom(size)
+    inner.put("data/ab/pack", data)
+    inner.calls.clear()
+    return ReadAheadBackend(inner, block=4 * MiB, blocks=3), inner, data
+
+
+def test_a_forward_scan_takes_one_read_per_window() -> None:
+    ra, inner, data = _store()
+    for off in range(8, 20 * MiB, 300_000):
+        assert ra.get("data/ab/pack", off, 200_000) == data[off:off + 200_000]
+    gets = [c for c in inner.calls if c[0] == "get"]
+    assert len(gets) <= 6, len(gets)  # 20 MiB in 4 MiB blocks, not 70 reads
+
+
+def test_other_reads_pass_through() -> None:
+    ra, inner, data = _store()
+    assert ra.get("data/ab/pack", 30 * MiB, 1000) == data[30 * MiB:30 * MiB + 1000]  # a lone blob
+    assert ra.get("data/ab/pack", -100) == data[-100:]  # a trailer
+    assert ra.get("data/ab/pack") == data  # whole (check --read-data)
+    assert ra.get("data/ab/pack", 10 * MiB, 9 * MiB) == data[10 * MiB:19 * MiB]  # two blocks or more
+    assert len([c for c in inner.calls if c[0] == "get"]) == 4
+    inner.put("index/x", b"abc")
+    assert ra.get("index/x", 1, 1) == b"b"  # not a pack: never windowed
+
+
+def test_memory_is_bounded_and_writes_drop_windows() -> None:
+    ra, inner, _data = _store()
+    for n in range(5):
+        inner.put(f"data/ab/p{n}", bytes([n]) * (6 * MiB))
+        ra.get(f"data/ab/p{n}", 0, 10)
+        assert ra.get(f"data/ab/p{n}", 100, 10) == bytes([n]) * 10
+    assert len(ra._cache) <= 3
+    ra.put("data/ab/p4", b"new contents")
+    assert ra.get("data/ab/p4", 0, 3) == b"new"
+    ra.delete("data/ab/p4")
+    assert not any(k[0] == "data/ab/p4" for k in ra._cache)
