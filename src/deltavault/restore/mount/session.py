@@ -153,9 +153,15 @@ class BackgroundMount:
         if threading.current_thread() is threading.main_thread():
             # SIGHUP left at its default would be taken by libfuse and unmount under us.
             self._old_hup = signal.signal(signal.SIGHUP, _hangup)
-        self._thread = threading.Thread(target=self._run, name="dv-fuse", daemon=True)
-        self._thread.start()
-        self._ready.wait(READY_WAIT)
+        # fuse_main changes the process's directory to /; relative paths must keep working.
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._thread = threading.Thread(target=self._run, name="dv-fuse", daemon=True)
+            self._thread.start()
+            self._ready.wait(READY_WAIT)
+        finally:
+            os.fchdir(cwd)
+            os.close(cwd)
         if self._error is not None or not is_mount_point(self.path):
             self.__exit__(None, None, None)
             if isinstance(self._error, DeltavaultError):
