@@ -35,7 +35,7 @@ from deltavault.restore.fscopy import CopyStats, TreeCopier
 from deltavault.restore.mount.blobs import DEFAULT_CACHE, MountBlobs
 from deltavault.restore.mount.namespace import Namespace
 from deltavault.restore.mount.partitions import MOUNTABLE, Partition, fs_type
-from deltavault.restore.mount.session import BackgroundMount
+from deltavault.restore.mount.session import BackgroundMount, deferred_signals, is_mount_point
 
 # Mount options that keep a read-only mount from writing (journal replay) and from minding
 # that the same file system may be mounted elsewhere (XFS refuses a duplicate uuid).
@@ -117,25 +117,42 @@ def mounted_fs(image: str, fstype: str) -> Iterator[str]:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise Unavailable(f"file-level restore needs {', '.join(missing)} (scripts/install-system-deps.sh)")
-    where = tempfile.mkdtemp(prefix="dv-fs-")
-    with ExitStack() as undo:
-        undo.callback(os.rmdir, where)
-        p = _run(["losetup", "--find", "--show", "--read-only", image])
-        if p.returncode != 0:
-            raise Unavailable(f"no loop device for the image: {p.stderr.strip()}")
-        dev = p.stdout.strip()
-        undo.callback(_retry, ["losetup", "-d", dev], ["losetup", "-d", dev])
-        opts = ",".join(x for x in ("ro,nosuid,nodev,noexec", FS_OPTIONS[fstype]) if x)
-        if fstype == "ntfs":
-            argv = ["ntfs-3g", "-o", opts, dev, where]
-        else:
-            argv = ["mount", "-t", fstype, "-o", opts, dev, where]
-        p = _run(argv)
-        if p.returncode != 0:
-            raise SourceError(f"the {fstype} file system of the volume does not mount read-only: "
-                              f"{(p.stderr or p.stdout).strip()}")
-        undo.callback(_retry, ["umount", where], ["umount", "-l", where])
+    undo = ExitStack()
+    try:
+        with deferred_signals():  # each step happens and is recorded for undoing, or neither
+            where = tempfile.mkdtemp(prefix="dv-fs-")
+            undo.callback(os.rmdir, where)
+            undo.callback(_detach_all, image)  # also what an interrupted losetup attached
+            p = _run(["losetup", "--find", "--show", "--read-only", image])
+            if p.returncode != 0:
+                raise Unavailable(f"no loop device for the image: {p.stderr.strip()}")
+            dev = p.stdout.strip()
+        with deferred_signals():
+            undo.callback(_unmount, where)
+            opts = ",".join(x for x in ("ro,nosuid,nodev,noexec", FS_OPTIONS[fstype]) if x)
+            argv = (["ntfs-3g", "-o", opts, dev, where] if fstype == "ntfs" else
+                    ["mount", "-t", fstype, "-o", opts, dev, where])
+            p = _run(argv)
+            if p.returncode != 0:
+                raise SourceError(f"the {fstype} file system of the volume does not mount read-only: "
+                                  f"{(p.stderr or p.stdout).strip()}")
         yield where
+    finally:
+        with deferred_signals():
+            undo.close()
+
+
+def _unmount(where: str) -> None:
+    if is_mount_point(where):
+        _retry(["umount", where], ["umount", "-l", where])
+
+
+def _detach_all(image: str) -> None:
+    """Detach every loop device over ``image`` (``losetup -j`` finds them by backing file)."""
+    for line in _run(["losetup", "-j", image]).stdout.splitlines():
+        dev = line.split(":", 1)[0]
+        if dev:
+            _retry(["losetup", "-d", dev], ["losetup", "-d", dev])
 
 
 def restore_volume_files(repo: Repository, sid: str, snap: Snapshot, opts: VolumeFilesOptions,

@@ -19,7 +19,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -36,6 +37,27 @@ MAX_THREADS = 16  # libfuse's worker threads; Python runs one at a time, C code 
 class MountOptions:
     allow_other: bool = False  # other users may enter (the snapshots' own permissions apply)
     debug: bool = False  # libfuse's request log on stderr
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done, then raise
+    KeyboardInterrupt: a step that mounts, attaches or undoes either happens and is
+    recorded, or does not happen. (Blocking the signals would not do: libfuse's threads
+    would take them, and Python runs the handler in the main thread anyway.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: got.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        raise KeyboardInterrupt
 
 
 def check_fuse() -> None:
@@ -149,6 +171,20 @@ class BackgroundMount:
 
     def __enter__(self) -> str:
         check_fuse()
+        try:
+            with deferred_signals():
+                self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        if self._error is not None or not is_mount_point(self.path):
+            self.__exit__(None, None, None)
+            if isinstance(self._error, DeltavaultError):
+                raise self._error
+            raise Unavailable(f"the FUSE mount at {self.path} did not come up ({self._error or 'timeout'})")
+        return self.path
+
+    def _start(self) -> None:
         self.path = tempfile.mkdtemp(prefix="dv-mount-")  # 0700: ours alone
         if threading.current_thread() is threading.main_thread():
             # SIGHUP left at its default would be taken by libfuse and unmount under us.
@@ -162,27 +198,23 @@ class BackgroundMount:
         finally:
             os.fchdir(cwd)
             os.close(cwd)
-        if self._error is not None or not is_mount_point(self.path):
-            self.__exit__(None, None, None)
-            if isinstance(self._error, DeltavaultError):
-                raise self._error
-            raise Unavailable(f"the FUSE mount at {self.path} did not come up ({self._error or 'timeout'})")
-        return self.path
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self.path:
-            unmount(self.path)
-        if self._thread is not None:
-            self._thread.join(10)
-        if self.path:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass
-        if self._old_hup is not None:
-            signal.signal(signal.SIGHUP, self._old_hup)  # type: ignore[arg-type]
-            self._old_hup = None
+        with deferred_signals():
+            if self.path:
+                unmount(self.path)
+            if self._thread is not None:
+                self._thread.join(10)
+            if self.path:
+                try:
+                    os.rmdir(self.path)
+                except OSError:
+                    pass
+                self.path = ""
+            if self._old_hup is not None:
+                signal.signal(signal.SIGHUP, self._old_hup)  # type: ignore[arg-type]
+                self._old_hup = None
 
 
 def _hangup(_signum: int, _frame: object) -> None:
