@@ -109,7 +109,7 @@ def test_every_metadata_point_through_the_mount_equals_the_source(cli: Cli, tmp_
         assert os.readlink(mnt / "snapshots" / "latest") == snap.name
         # read-only
         with pytest.raises(OSError) as exc:
-            open(root / "plain.txt", "r+b")
+            os.open(root / "plain.txt", os.O_RDWR)
         assert exc.value.errno in (errno.EROFS, errno.EACCES)
 
 
