@@ -8,6 +8,7 @@ with ``--allow-other`` a user reads only what the backed-up system let them read
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import itertools
 import os
@@ -15,12 +16,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+# mfusepy loads libfuse 2 when both are installed (borg's llfuse brings it): name libfuse3.
+if not os.environ.get("FUSE_LIBRARY_PATH") and ctypes.util.find_library("fuse3"):
+    os.environ["FUSE_LIBRARY_PATH"] = str(ctypes.util.find_library("fuse3"))
+
 import mfusepy
 
 from deltavault.errors import DeltavaultError
 from deltavault.restore.mount.namespace import Namespace
 from deltavault.restore.mount.views import View
 
+LIBFUSE_MAJOR: int = mfusepy.fuse_version_major
 FUSE_CAP_POSIX_ACL = 1 << 19  # fuse_common.h (libfuse 3)
 ATTR_TIMEOUT = 1.0  # seconds the kernel may keep attributes and names; trees never change
 
