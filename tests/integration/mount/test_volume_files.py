@@ -147,5 +147,7 @@ def test_sigterm_at_any_moment_leaves_nothing_mounted(cli: Cli, tmp_path: Path, 
     time.sleep(delay)
     p.send_signal(signal.SIGTERM)
     _out, err = p.communicate(timeout=120)
-    assert p.returncode in (130, 0), err
+    # 130: interrupted and undone; 0: it had finished; -15: it had also left main(), where
+    # SIGTERM is back to its default
+    assert p.returncode in (130, 0, -signal.SIGTERM), err
     assert leftovers() == [], err

@@ -187,6 +187,10 @@ class BackgroundMount:
 
     def __enter__(self) -> str:
         check_fuse()
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            # SIGHUP left at its default would be taken by libfuse and unmount under us.
+            self._old_hup = signal.signal(signal.SIGHUP, _hangup)
         try:
             with deferred_signals():
                 self._start()
@@ -202,9 +206,6 @@ class BackgroundMount:
 
     def _start(self) -> None:
         self.path = tempfile.mkdtemp(prefix="dv-mount-")  # 0700: ours alone
-        if threading.current_thread() is threading.main_thread():
-            # SIGHUP left at its default would be taken by libfuse and unmount under us.
-            self._old_hup = signal.signal(signal.SIGHUP, _hangup)
         # fuse_main changes the process's directory to /; relative paths must keep working.
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -228,9 +229,9 @@ class BackgroundMount:
                 except OSError:
                     pass
                 self.path = ""
-            if self._old_hup is not None:
-                signal.signal(signal.SIGHUP, self._old_hup)  # type: ignore[arg-type]
-                self._old_hup = None
+        if self._old_hup is not None:  # after deferred_signals has put back what it found
+            signal.signal(signal.SIGHUP, self._old_hup)  # type: ignore[arg-type]
+            self._old_hup = None
 
 
 def _hangup(_signum: int, _frame: object) -> None:
