@@ -47,8 +47,10 @@ DATASETS ?= ../data/ds
 bench: system-deps $(STAMP)
 	test -f $(DATASETS)/MANIFEST.txt || $(BIN)/python ../shared/bench/make_datasets.py $(DATASETS)
 	command -v restic >/dev/null && command -v borg >/dev/null || apt-get install -y -qq restic borgbackup casync bc
+	dpkg -s python3-llfuse >/dev/null 2>&1 || apt-get install -y -qq python3-llfuse  # borg mount
 	flock /tmp/dv-bench.lock $(BIN)/python bench/files.py --datasets $(DATASETS)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/volume.py --datasets $(DATASETS)
+	flock /tmp/dv-bench.lock $(BIN)/python bench/mount.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync.py --datasets $(DATASETS) --update-doc docs/benchmarks.md
 	flock /tmp/dv-bench.lock $(BIN)/python bench/prune_memory.py
 	flock /tmp/dv-bench.lock $(BIN)/python bench/sftp.py --datasets $(DATASETS)

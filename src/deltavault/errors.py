@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     BACKEND = 15  # backend unreachable or failing after retries
     SOURCE = 16  # the source (volume, snapshot, change source) is unusable
     TARGET = 17  # the restore target or sync destination cannot be created or opened
+    UNAVAILABLE = 18  # this machine lacks what the command needs (FUSE, a file-system driver, qemu-nbd)
     INTERRUPTED = 130
 
 
@@ -107,6 +108,13 @@ class SourceError(DeltavaultError):
 
 class TargetError(DeltavaultError):
     exit_code = ExitCode.TARGET
+
+
+class Unavailable(DeltavaultError):
+    """A facility of this machine the command needs is missing: not the user's input, not
+    the repository; the same command works on a machine that has it."""
+
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class SnapshotError(SourceError):

@@ -18,10 +18,22 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("volume_target", nargs="?", metavar="TARGET", help="with --volume: where to restore")
     g.add_argument("--overwrite", action="store_true",
                    help="with --volume: replace an existing image file, or the content of a block device")
+    g.add_argument("--files", nargs="+", metavar="PATH",
+                   help="with --volume: copy only these files or directories of the volume's file system "
+                        "into --target DIR (mounts the image read-only; reads only the blocks they need)")
+    g.add_argument("--partition", type=int, metavar="N", help="with --files: the partition to read")
+    g.add_argument("--fs", choices=["ext4", "xfs", "btrfs", "ntfs"],
+                   help="with --files: the file system expected (refused if the volume holds another)")
 
 
 def run_volume_restore(ctx: Context) -> int:
     a = ctx.args
+    if a.files:
+        from deltavault.cli.volume_files import run_volume_files
+
+        return run_volume_files(ctx)
+    if a.partition is not None or a.fs:
+        raise UsageError("--partition and --fs go with --files")
     target = a.volume_target or a.target
     if not target:
         raise UsageError("restore --volume needs a TARGET (an image file or a block device)")

@@ -32,7 +32,7 @@ from deltavault.fs.dirfd import (
     open_dir_at,
     raise_nofile_limit,
 )
-from deltavault.fs.paths import check_name, display, open_target_dir
+from deltavault.fs.paths import display, open_target_dir
 from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobReader
@@ -40,6 +40,7 @@ from deltavault.objects.trees import decode_tree
 from deltavault.progress import NullReporter, Reporter
 from deltavault.restore.content import verify_fd, write_content
 from deltavault.restore.dirs import Dir, Holds
+from deltavault.restore.listing import checked_nodes
 from deltavault.restore.options import (
     RestoreLog,
     RestoreOptions,
@@ -142,13 +143,7 @@ class FileRestorer:
     # ------------------------------------------------------------------ tree walk
     def _listing(self, tree_id: bytes, relpath: bytes) -> list[Node]:
         try:
-            nodes = decode_tree(self.repo.load_blob(tree_id)).nodes
-            seen: set[bytes] = set()
-            for n in nodes:
-                check_name(n.name)
-                if n.name in seen:
-                    raise CorruptionError(f"tree {display(relpath) or '/'} lists {display(n.name)} twice")
-                seen.add(n.name)
+            nodes = checked_nodes(decode_tree(self.repo.load_blob(tree_id)).nodes, display(relpath))
         except DeltavaultError as exc:
             self.log.problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
             return []

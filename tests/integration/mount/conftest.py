@@ -1,0 +1,102 @@
+"""Mount test helpers: ``deltavault mount`` and ``deltavault serve`` as real processes,
+always stopped and unmounted, and trees with every kind of metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import Cli
+from tests.loopdev import run
+
+
+def _mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class Daemon:
+    """A long-running deltavault command, waited for until it prints a line of ``ready``."""
+
+    def __init__(self, cli: Cli, args: list[str], ready: str, timeout: float = 60) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "deltavault", "--json", *args], env=cli.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                self.stop()
+                raise AssertionError(f"deltavault {' '.join(args)} never got ready: {self.stderr()}")
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"deltavault {' '.join(args)} exited {self.proc.wait()}: {err}")
+            if line.startswith("{"):
+                self.lines.append(json.loads(line))
+                if self.lines[-1].get("type") == ready:
+                    return
+
+    @property
+    def ready(self) -> dict:
+        return self.lines[-1]
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def signal(self, sig: int, timeout: float = 30) -> tuple[int, str, str]:
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+
+@contextmanager
+def mounted(cli: Cli, mnt: Path, *args: str) -> Iterator[Path]:
+    """``deltavault mount MNT ARGS`` running; unmounted and stopped whatever happens."""
+    mnt.mkdir(exist_ok=True)
+    d = Daemon(cli, ["mount", str(mnt), *args], "mounted")
+    try:
+        yield mnt
+    finally:
+        d.stop()
+        if _mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@contextmanager
+def serving(cli: Cli, *args: str) -> Iterator[str]:
+    """``deltavault serve ARGS`` running; yields the NBD URI."""
+    d = Daemon(cli, ["serve", *args], "serving")
+    try:
+        yield d.ready["uri"]
+    finally:
+        d.stop()
+
+
+def leftovers() -> list[str]:
+    """Mounts and loop devices our commands make, if any is left."""
+    with open("/proc/self/mountinfo") as f:
+        found = [line.split()[4] for line in f if "/dv-mount-" in line or "/dv-fs-" in line]
+    found += [x for x in run("losetup", "-a").splitlines() if "/dv-mount-" in x]
+    return found
