@@ -112,9 +112,11 @@ def _mount(ns: Namespace, mount_point: str, opts: MountOptions, on_ready: Callab
     mounted = threading.Event()
 
     def ready() -> None:
+        # init runs before libfuse has answered the kernel's INIT: the mount is not usable
+        # (nor can it be unmounted) until then, so the caller hears of it from a thread that
+        # waits for the first answer from the mount itself (a stat of its root).
         mounted.set()
-        threading.Thread(target=_tune_read_ahead, args=(mount_point,), daemon=True).start()
-        on_ready()
+        threading.Thread(target=_announce, args=(mount_point, on_ready), daemon=True).start()
 
     try:
         Fuse(MountOps(ns, ready), mount_point, foreground=True, ro=True, default_permissions=True,
@@ -125,6 +127,15 @@ def _mount(ns: Namespace, mount_point: str, opts: MountOptions, on_ready: Callab
         # Anything else: it never mounted, and libfuse said why on stderr.
         if not (mounted.is_set() and str(exc) == "8"):
             raise TargetError(f"cannot mount at {mount_point} (libfuse error {exc})") from None
+
+
+def _announce(mount_point: str, on_ready: Callable[[], None]) -> None:
+    try:
+        os.stat(mount_point)  # served by the mount: returns once INIT has been answered
+    except OSError:
+        pass
+    _tune_read_ahead(mount_point)
+    on_ready()
 
 
 def _tune_read_ahead(mount_point: str) -> None:
