@@ -8,8 +8,10 @@ backup hand it chunks, so memory stays bounded however fast the reader is.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -55,3 +57,24 @@ class Inflight:
         with self._cond:
             self.used -= n
             self._cond.notify_all()
+
+
+# Signals that end a run: a fork must not take one in its at-fork callbacks, where Python
+# reports the KeyboardInterrupt as "ignored" and the run goes on as if none had come.
+RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold the run's signals in this thread for the block (a fork); one that arrives
+    meanwhile is delivered when it ends. A forked child starts with them held: it calls
+    ``release_signals`` once its own handlers are set."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, RUN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def release_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RUN_SIGNALS)

@@ -27,6 +27,7 @@ from deltavault.sync.guard import Guard
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.tree import join
+from deltavault.workers import release_signals, signals_held
 
 
 @dataclass
@@ -94,6 +95,7 @@ def _worker(src: bytes, dst: bytes, opts: SyncOptions, log_path: str | None, can
     from deltavault.sync.engine import Syncer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it sets `cancel`
+    release_signals()  # held while it was forked (workers.signals_held)
     _die_with_parent()
     log = SyncLog(log_path) if log_path else None
     buffers = BufferPool(max(4096, -(-opts.bufsize // 4096) * 4096))  # one per worker, not per subtree
@@ -133,8 +135,9 @@ class ShardPool:
                                    args=(src, dst, opts, log.path if log else None, cancel, self.tasks, self.out,
                                          roots, guard))
                        for i in range(n)]
-        for p in self._procs:
-            p.start()
+        with signals_held():
+            for p in self._procs:
+                p.start()
         self._alive = n
         self._collector = threading.Thread(target=self._collect, name="dv-sync-collect", daemon=True)
         self._collector.start()

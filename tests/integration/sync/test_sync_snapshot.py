@@ -86,6 +86,8 @@ def test_signal_during_cli_sync_removes_the_snapshot(tmp_path: Path, btrfs_src: 
     mnt, src = btrfs_src
     for i in range(3000):
         write(src / f"many/{i % 30}/{i}", os.urandom(2000))
+    for i in range(2):  # enough work (copied, then read back by --verify) to be interrupted in
+        write(src / f"big/{i}", os.urandom(32 << 20))
     snapdir = src / ".deltavault-snapshots"
     proc = subprocess.Popen([sys.executable, "-m", "deltavault", "sync", "--verify", "--snapshot", "btrfs",
                              str(src), str(tmp_path / "dst")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
