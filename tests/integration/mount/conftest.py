@@ -94,9 +94,16 @@ def serving(cli: Cli, *args: str) -> Iterator[str]:
         d.stop()
 
 
-def leftovers() -> list[str]:
-    """Mounts and loop devices our commands make, if any is left."""
+def _ours() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         found = [line.split()[4] for line in f if "/dv-mount-" in line or "/dv-fs-" in line]
-    found += [x for x in run("losetup", "-a").splitlines() if "/dv-mount-" in x]
-    return found
+    return found + [x for x in run("losetup", "-a").splitlines() if "/dv-mount-" in x]
+
+
+# What a run killed earlier on this machine left (a SIGKILLed mount stays): not this run's.
+_BEFORE = frozenset(_ours())
+
+
+def leftovers() -> list[str]:
+    """Mounts and loop devices our commands made in this test run, if any is left."""
+    return [x for x in _ours() if x not in _BEFORE]

@@ -202,17 +202,19 @@ class BackgroundMount:
                 signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
             # SIGHUP left at its default would be taken by libfuse and unmount under us.
             self._old_hup = signal.signal(signal.SIGHUP, _hangup)
+        # Until this returns, the with statement will not call __exit__: whatever ends
+        # __enter__ (a signal between two steps too) must undo what it made.
         try:
             with deferred_signals():
                 self._start()
+                up = self._error is None and is_mount_point(self.path)
+            if not up:
+                if isinstance(self._error, DeltavaultError):
+                    raise self._error
+                raise Unavailable(f"the FUSE mount at {self.path} did not come up ({self._error or 'timeout'})")
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        if self._error is not None or not is_mount_point(self.path):
-            self.__exit__(None, None, None)
-            if isinstance(self._error, DeltavaultError):
-                raise self._error
-            raise Unavailable(f"the FUSE mount at {self.path} did not come up ({self._error or 'timeout'})")
         return self.path
 
     def _start(self) -> None:
