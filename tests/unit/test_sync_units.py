@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.sync.delta import PAGE, changed_runs
 from deltavault.sync.filters import Filter
+from deltavault.sync.local.delta import PAGE, changed_runs
 from deltavault.sync.report import SyncLog, SyncStats
 
 
@@ -63,7 +63,7 @@ def test_stats_add() -> None:
 
 
 def test_shard_depth_picks_a_level_with_enough_directories(tmp_path: Path) -> None:
-    from deltavault.sync.shard import shard_depth
+    from deltavault.sync.local.shards import shard_depth
 
     for a in range(3):
         for b in range(40):
@@ -106,7 +106,7 @@ def test_agent_checks_every_component_of_a_path_once() -> None:
     import pytest
 
     from deltavault.errors import CorruptionError
-    from deltavault.sync.agent import _Paths
+    from deltavault.sync.receiver.agent import _Paths
 
     check = _Paths()
     deep = b"/".join([b"d"] * 3000)
@@ -148,7 +148,7 @@ def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> N
     children reported first."""
     import sys
 
-    import deltavault.sync.tree as tree
+    import deltavault.sync.receiver.remove as tree
 
     monkeypatch.setattr(tree, "MAX_OPEN_DIRS", 2)
     depth = sys.getrecursionlimit() + 100

@@ -9,10 +9,10 @@ import sys
 
 from deltavault.cli.common import Context
 from deltavault.snapshot import take_snapshot
-from deltavault.sync.agent import Agent
 from deltavault.sync.pull import Stdio, source_request
-from deltavault.sync.push import PushSyncer
+from deltavault.sync.receiver.agent import Agent
 from deltavault.sync.remote import Channel
+from deltavault.sync.sender.sender import PushSyncer
 from deltavault.sync.ssh import RemotePath
 from deltavault.sync.wire import options_from
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from deltavault.errors import TargetError
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.agent import Agent, fatal_error
-from deltavault.sync.engine import SyncResult
+from deltavault.sync.local.engine import SyncResult
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.agent import Agent, fatal_error
 from deltavault.sync.remote import Channel
 from deltavault.sync.report import SyncLog, SyncStats
 from deltavault.sync.ssh import DEFAULT_REMOTE, RemotePath, SshProcess

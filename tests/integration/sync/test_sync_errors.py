@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import deltavault.sync.engine as engine_mod
+import deltavault.sync.local.engine as engine_mod
 from deltavault.errors import NoSpace
-from deltavault.sync.engine import Syncer
+from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog
 from tests.conftest import needs_root, needs_tools

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-import deltavault.sync.dest as dest_mod
-import deltavault.sync.engine as engine_mod
+import deltavault.sync.local.engine as engine_mod
+import deltavault.sync.receiver.entries as dest_mod
 from deltavault.progress import NullReporter
-from deltavault.sync.engine import Syncer
+from deltavault.sync.local.engine import Syncer
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.testing.hostile import NOBODY, Outside, attacked

@@ -22,11 +22,11 @@ from typing import Any
 
 from deltavault.fs.dirfd import Identity
 from deltavault.progress import Reporter
-from deltavault.sync.copy import BufferPool
+from deltavault.sync.data import BufferPool
 from deltavault.sync.guard import Guard
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.remove import join
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.tree import join
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _die_with_parent() -> None:
 
 def _worker(src: bytes, dst: bytes, opts: SyncOptions, log_path: str | None, cancel: Any,
             tasks: Any, out: Any, roots: tuple[int, int], guard: Guard | None) -> None:
-    from deltavault.sync.engine import Syncer
+    from deltavault.sync.local.engine import Syncer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it sets `cancel`
     _die_with_parent()

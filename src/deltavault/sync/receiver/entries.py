@@ -45,9 +45,9 @@ from deltavault.fs.dirfd import (
 )
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
 from deltavault.fs.paths import display
-from deltavault.sync.copy import BufferPool, copy_data, read_back
+from deltavault.sync.data import BufferPool, copy_data, read_back
 from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.tree import aside_name, remove_entry
+from deltavault.sync.receiver.remove import aside_name, remove_entry
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

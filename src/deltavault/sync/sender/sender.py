@@ -27,8 +27,7 @@ from deltavault.fs.dirfd import Identity, identity, mount_id, open_dir_at, open_
 from deltavault.fs.paths import display, proc_path
 from deltavault.fs.sparse import data_extents, is_sparse
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.agent import fatal_error
-from deltavault.sync.copy import (
+from deltavault.sync.data import (
     BufferPool,
     SourceReadError,
     file_digest,
@@ -36,16 +35,17 @@ from deltavault.sync.copy import (
     is_zero,
     read_source,
 )
-from deltavault.sync.dest import OpenFailed, changed_since, open_source
-from deltavault.sync.engine import SyncResult
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard, mount_root
+from deltavault.sync.local.engine import SyncResult
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.agent import fatal_error
+from deltavault.sync.receiver.entries import OpenFailed, changed_since, open_source
+from deltavault.sync.receiver.remove import MAX_OPEN_DIRS, join
 from deltavault.sync.remote import Channel, serve
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.ssh import DEFAULT_REMOTE, RemotePath, SshProcess
-from deltavault.sync.tree import MAX_OPEN_DIRS, join
 from deltavault.sync.wire import GROUP, VERSION, entry, kind_of, options_wire
 
 

@@ -62,8 +62,12 @@ from deltavault.fs.dirfd import (
 )
 from deltavault.fs.paths import check_name, display, open_target_dir
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.copy import BufferPool, file_digest, hash_zeros, is_zero
-from deltavault.sync.dest import (
+from deltavault.sync.data import BufferPool, file_digest, hash_zeros, is_zero
+from deltavault.sync.filters import Filter
+from deltavault.sync.guard import Guard, check_missing_dest, mount_root
+from deltavault.sync.meta import MetaPolicy
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.entries import (
     delete_extras,
     detach,
     fix_meta,
@@ -76,13 +80,9 @@ from deltavault.sync.dest import (
     unlink_quiet,
     verify_written,
 )
-from deltavault.sync.filters import Filter
-from deltavault.sync.guard import Guard, check_missing_dest, mount_root
-from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.remove import MAX_OPEN_DIRS, join, remove_entry, temp_name
 from deltavault.sync.remote import Changed, Channel, Rebuilt, fetch_rebuilt
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.tree import MAX_OPEN_DIRS, join, remove_entry, temp_name
 from deltavault.sync.wire import GROUP, VERSION, Entry, options_from
 
 DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta

@@ -48,7 +48,7 @@ from deltavault.fs.dirfd import (
 )
 from deltavault.fs.paths import display, open_target_dir, proc_path
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.copy import (
+from deltavault.sync.data import (
     BufferPool,
     Cancelled,
     SourceChanged,
@@ -56,8 +56,13 @@ from deltavault.sync.copy import (
     copy_data,
     read_source,
 )
-from deltavault.sync.delta import PAGE, page_delta
-from deltavault.sync.dest import (
+from deltavault.sync.filters import Filter
+from deltavault.sync.guard import Guard, check_missing_dest, mount_root
+from deltavault.sync.local.delta import PAGE, page_delta
+from deltavault.sync.local.shards import ShardPool, ShardResult, shard_depth
+from deltavault.sync.meta import MetaPolicy
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.entries import (
     OpenFailed,
     changed_since,
     delete_extras,
@@ -74,13 +79,8 @@ from deltavault.sync.dest import (
     unlink_quiet,
     verify_written,
 )
-from deltavault.sync.filters import Filter
-from deltavault.sync.guard import Guard, check_missing_dest, mount_root
-from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.remove import MAX_OPEN_DIRS, join, remove_entry, temp_name
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.shard import ShardPool, ShardResult, shard_depth
-from deltavault.sync.tree import MAX_OPEN_DIRS, join, remove_entry, temp_name
 from deltavault.workers import BoundedPool
 
 THREAD_MIN = 1024 * 1024  # files from this size on are copied by the thread pool
