@@ -106,9 +106,9 @@ def test_agent_checks_every_component_of_a_path_once() -> None:
     import pytest
 
     from deltavault.errors import CorruptionError
-    from deltavault.sync.receiver.agent import _Paths
+    from deltavault.sync.wire import Paths
 
-    check = _Paths()
+    check = Paths()
     deep = b"/".join([b"d"] * 3000)
     assert check(deep) == deep  # (component by component: its parents were not seen)
     assert check(deep + b"/e") == deep + b"/e"
@@ -148,9 +148,9 @@ def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> N
     children reported first."""
     import sys
 
-    import deltavault.sync.receiver.remove as tree
+    import deltavault.sync.receiver.remove as remove
 
-    monkeypatch.setattr(tree, "MAX_OPEN_DIRS", 2)
+    monkeypatch.setattr(remove, "MAX_OPEN_DIRS", 2)
     depth = sys.getrecursionlimit() + 100
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     for i in range(depth):
@@ -163,7 +163,7 @@ def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> N
     removed: list[bytes] = []
     root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        tree.remove_entry(root, b"d", b"d", lambda rel, st: removed.append(rel))
+        remove.remove_entry(root, b"d", b"d", lambda rel, st: removed.append(rel))
     finally:
         os.close(root)
     assert sorted(os.listdir(tmp_path)) == ["f0"]

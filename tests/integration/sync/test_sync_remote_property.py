@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.pull import PullSyncer
-from deltavault.sync.sender.sender import PushSyncer
+from deltavault.sync.push import PushSyncer
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root
 from tests.integration.sync.conftest import REMOTE

@@ -1,7 +1,7 @@
-"""Directory-fd helpers for the destination: temp names, opening paths without following
-symlinks, removing trees. Every operation is relative to an open directory, so a symlink
-swapped into DST during a run cannot redirect a write or a delete, and no path length or
-depth limit applies."""
+"""Removing entries of DST (--delete, and a directory in the way of a file): a file, or a
+whole tree, iteratively, through directory fds only, so a symlink swapped in during the run
+cannot redirect a delete, and no depth or path length limit applies. Removal never crosses
+into another mount (it may show SRC)."""
 
 from __future__ import annotations
 
@@ -12,27 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import Replaced, identity, mount_id, open_dir_checked, open_parent_checked
-
-TEMP_PREFIX = b".dv-sync-"
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# Directory fds a walk of DST (or of SRC and DST together) holds at most; deeper, the
-# shallowest are closed and opened again through ".." when the walk climbs back. Two per
-# level in the engine, so any depth syncs under a 256-file limit.
-MAX_OPEN_DIRS = 64
-
-
-def join(rel: bytes, name: bytes) -> bytes:
-    """The path of ``name`` in the directory ``rel`` (b"" is the root)."""
-    return rel + b"/" + name if rel else name
-
-
-def temp_name(name: bytes) -> bytes:
-    return TEMP_PREFIX + os.urandom(6).hex().encode() + b"." + name[:200]
-
-
-def aside_name(name: bytes) -> bytes:
-    """Where a file that failed --verify is kept for inspection."""
-    return name[:200] + b".dv-verify-failed-" + os.urandom(3).hex().encode()
+from deltavault.sync.tree import MAX_OPEN_DIRS
 
 
 class MountPoint(OSError):
