@@ -4,6 +4,7 @@ connected here in one process."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace
@@ -59,6 +60,9 @@ class LocalRun:
         self.source = SourceTree(self.filter, self.meta, self.out)
         self.rx = Receiver(opts, self.meta, self.out, buffers, self.filter, cancelled=self.cancelled)
         self.sroot = self.droot = -1  # the roots, open for the whole run
+        self.ids = (os.geteuid(), os.getegid())
+        self.umask = os.umask(0o022)  # (read while this process has one thread: it is process-wide)
+        os.umask(self.umask)
 
     def cancelled(self) -> bool:
         return bool(self.cancel.is_set())

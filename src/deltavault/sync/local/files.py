@@ -38,9 +38,6 @@ class Files:
     def __init__(self, run: LocalRun, dirs: Dirs, pool: BoundedPool) -> None:
         self.run, self.dirs, self.pool = run, dirs, pool
         self._jobs: list[Future[None]] = []
-        self._ids = (os.geteuid(), os.getegid())
-        self._umask = os.umask(0o022)
-        os.umask(self._umask)
 
     def submit(self, d: Dir, name: bytes, relpath: bytes, st: os.stat_result) -> None:
         self.dirs.job_started(d)
@@ -170,8 +167,8 @@ class Files:
         perm = stat.S_IMODE(st.st_mode) & 0o777
         # In a directory this run created (no default ACL, not setgid) a new file gets
         # (euid, egid) and perm & ~umask: then chown and chmod can be skipped.
-        same_owner = d.fresh and (st.st_uid, st.st_gid) == self._ids
-        same_mode = d.fresh and same_owner and perm == stat.S_IMODE(st.st_mode) and not perm & self._umask
+        same_owner = d.fresh and (st.st_uid, st.st_gid) == run.ids
+        same_mode = d.fresh and same_owner and perm == stat.S_IMODE(st.st_mode) and not perm & run.umask
         tmp, tfd = run.rx.new_file(d.where, d.dfd, name, perm if same_mode else 0o600)
         try:
             written = copy_data(fd, tfd, st, run.buffers, hasher, run.cancelled)
