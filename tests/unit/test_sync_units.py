@@ -193,3 +193,61 @@ def test_open_regular_opens_only_regular_files(tmp_path: Path) -> None:
                 open_regular(dfd, name)
     finally:
         os.close(dfd)
+
+
+def test_chunks_tile_the_file_with_its_holes_and_see_it_shrink(tmp_path: Path) -> None:
+    """The one reader of file bytes both sides use (the local copy and the sender's stream):
+    data and holes in order, covering the file exactly; a file cut short while it is read
+    is SourceChanged, not a short copy."""
+    from deltavault.sync.data import SourceChanged, chunks
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.write(b"a" * 5000)
+        f.seek(3 << 20)
+        f.write(b"b" * 7000)
+        f.truncate(6 << 20)  # a trailing hole
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        buf = memoryview(bytearray(1 << 20))
+        pos, out = 0, bytearray()
+        for off, n, data in chunks(fd, st, buf):
+            assert off == pos and n > 0
+            out += bytes(data) if data is not None else bytes(n)
+            pos += n
+        assert pos == st.st_size and bytes(out) == path.read_bytes()
+    finally:
+        os.close(fd)
+    dense = tmp_path / "dense"
+    dense.write_bytes(os.urandom(3 << 20))
+    fd = os.open(dense, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        os.truncate(dense, 1 << 20)  # shrinks under the reader
+        with pytest.raises(SourceChanged):
+            for _ in chunks(fd, st, buf):
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_a_temp_name_is_removed_when_the_block_making_it_fails(tmp_path: Path) -> None:
+    from deltavault.sync.receiver.temps import TEMP_PREFIX, Temps
+
+    temps = Temps()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError), temps.made((b"", None), dfd, b"name") as tmp:
+            os.symlink(b"target", tmp, dir_fd=dfd)
+            os.rename(tmp, b"missing/name", src_dir_fd=dfd, dst_dir_fd=dfd)  # fails: no such directory
+        with temps.made((b"", None), dfd, b"kept") as tmp:
+            os.symlink(b"target", tmp, dir_fd=dfd)
+            os.rename(tmp, b"kept", src_dir_fd=dfd, dst_dir_fd=dfd)
+        left = temps.new((b"", None), b"left")  # registered, then made; the run is interrupted
+        os.symlink(b"target", left, dir_fd=dfd)
+        temps.remove_all(dfd)
+    finally:
+        os.close(dfd)
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
+    assert not any(n.startswith(TEMP_PREFIX.decode()) for n in os.listdir(tmp_path))
