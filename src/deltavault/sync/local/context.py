@@ -47,7 +47,8 @@ class LocalOutcomes(Outcomes):
 
 class LocalRun:
     """``cancel``: a threading.Event, or a multiprocessing one shared with worker processes
-    (it is replaced when they are started: read it here, never keep it)."""
+    (it is replaced when they are started, before the walk: read it here, never keep it
+    from before)."""
 
     def __init__(self, src: bytes, dst: bytes, opts: SyncOptions, reporter: Reporter, log: SyncLog | None,
                  cancel: Any, buffers: BufferPool) -> None:

@@ -60,7 +60,7 @@ class Files:
 
     def _job(self, d: Dir, name: bytes, relpath: bytes, st: os.stat_result) -> None:
         try:
-            if not self.run.cancelled():
+            if not self.run.cancel.is_set():
                 self._sync(d, name, relpath, st)
         except Cancelled:
             pass
@@ -171,7 +171,7 @@ class Files:
         same_mode = d.fresh and same_owner and perm == stat.S_IMODE(st.st_mode) and not perm & run.umask
         tmp, tfd = run.rx.new_file(d.where, d.dfd, name, perm if same_mode else 0o600)
         try:
-            written = copy_data(fd, tfd, st, run.buffers, hasher, run.cancelled)
+            written = copy_data(fd, tfd, st, run.buffers, hasher, run.cancel.is_set)
             ident = run.rx.finish_file(tfd, relpath, st, xattrs, chown=not same_owner, chmod=not same_mode)
         except BaseException:
             os.close(tfd)
@@ -201,7 +201,7 @@ class Files:
                     tfd = -1
                     run.rx.discard(d.where, d.dfd, tmp)
                     return None
-            res = page_delta(fd, ofd, tfd, st.st_size, dst.st_size, run.buffers, hasher, run.cancelled)
+            res = page_delta(fd, ofd, tfd, st.st_size, dst.st_size, run.buffers, hasher, run.cancel.is_set)
             ident = run.rx.finish_file(tfd, relpath, st, xattrs)
         except BaseException:
             if tmp is not None:

@@ -31,7 +31,7 @@ class Walker:
         closed_below = 1  # stack[1:closed_below] have their fds closed (MAX_OPEN_DIRS)
         while stack:
             d = stack[-1]
-            if d.next < len(d.items) and not d.lost and not self.run.cancelled():
+            if d.next < len(d.items) and not d.lost and not self.run.cancel.is_set():
                 name, crel, st, inc = d.items[d.next]
                 d.next += 1
                 try:

@@ -167,7 +167,8 @@ class Receiver:
                     chmod: bool = True) -> Identity:
         """A written file's metadata, set through its fd (``chown``, ``chmod`` False: it was
         made with them); synced to the disk for --verify. Returns its identity."""
-        self.meta_problems(rel, self.meta.apply_fd(fd, st, xattrs, chmod=chmod, chown=chown))
+        for m in self.meta.apply_fd(fd, st, xattrs, chmod=chmod, chown=chown):
+            self.out.problem(rel, "metadata", m)
         if self.opts.verify:
             os.fsync(fd)
         return identity(os.fstat(fd))

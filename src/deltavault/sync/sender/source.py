@@ -160,6 +160,8 @@ class SourceTree:
     def xattrs(self, rel: bytes, *, fd: int | None = None, path: bytes = b"") -> Xattrs:
         """The xattrs to mirror of an entry (by fd, or a /proc path naming it); None when none
         are wanted, or when they cannot be read (reported)."""
+        if not self.meta.any_xattrs:
+            return None
         try:
             return self.meta.source_xattrs(fd=fd, path=path)
         except OSError as exc:
