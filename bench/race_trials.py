@@ -37,7 +37,7 @@ from deltavault.backup.files.run import BackupRequest, run_backup  # noqa: E402
 from deltavault.repository.repository import Repository  # noqa: E402
 from deltavault.restore.files import FileRestorer  # noqa: E402
 from deltavault.restore.options import RestoreOptions  # noqa: E402
-from deltavault.sync.engine import Syncer  # noqa: E402
+from deltavault.sync.local.engine import Syncer  # noqa: E402
 from deltavault.sync.options import SyncOptions  # noqa: E402
 from deltavault.testing.hostile import Outside, attacked, mirror_names, rich_tree  # noqa: E402
 

@@ -13,7 +13,8 @@ import pytest
 
 from deltavault.chunking import rdc
 from deltavault.errors import SourceError
-from deltavault.sync.remote import Channel, fetch
+from deltavault.sync.remote import fetch
+from deltavault.sync.wire import Channel
 
 MiB = 1 << 20
 

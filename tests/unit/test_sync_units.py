@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.sync.delta import PAGE, changed_runs
 from deltavault.sync.filters import Filter
+from deltavault.sync.local.delta import PAGE, changed_runs
 from deltavault.sync.report import SyncLog, SyncStats
 
 
@@ -63,7 +63,7 @@ def test_stats_add() -> None:
 
 
 def test_shard_depth_picks_a_level_with_enough_directories(tmp_path: Path) -> None:
-    from deltavault.sync.shard import shard_depth
+    from deltavault.sync.local.shards import shard_depth
 
     for a in range(3):
         for b in range(40):
@@ -106,9 +106,9 @@ def test_agent_checks_every_component_of_a_path_once() -> None:
     import pytest
 
     from deltavault.errors import CorruptionError
-    from deltavault.sync.agent import _Paths
+    from deltavault.sync.wire import Paths
 
-    check = _Paths()
+    check = Paths()
     deep = b"/".join([b"d"] * 3000)
     assert check(deep) == deep  # (component by component: its parents were not seen)
     assert check(deep + b"/e") == deep + b"/e"
@@ -148,9 +148,9 @@ def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> N
     children reported first."""
     import sys
 
-    import deltavault.sync.tree as tree
+    import deltavault.sync.receiver.remove as remove
 
-    monkeypatch.setattr(tree, "MAX_OPEN_DIRS", 2)
+    monkeypatch.setattr(remove, "MAX_OPEN_DIRS", 2)
     depth = sys.getrecursionlimit() + 100
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     for i in range(depth):
@@ -163,7 +163,7 @@ def test_remove_entry_is_iterative_and_bounded(tmp_path: Path, monkeypatch) -> N
     removed: list[bytes] = []
     root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        tree.remove_entry(root, b"d", b"d", lambda rel, st: removed.append(rel))
+        remove.remove_entry(root, b"d", b"d", lambda rel, st: removed.append(rel))
     finally:
         os.close(root)
     assert sorted(os.listdir(tmp_path)) == ["f0"]
@@ -193,3 +193,61 @@ def test_open_regular_opens_only_regular_files(tmp_path: Path) -> None:
                 open_regular(dfd, name)
     finally:
         os.close(dfd)
+
+
+def test_chunks_tile_the_file_with_its_holes_and_see_it_shrink(tmp_path: Path) -> None:
+    """The one reader of file bytes both sides use (the local copy and the sender's stream):
+    data and holes in order, covering the file exactly; a file cut short while it is read
+    is SourceChanged, not a short copy."""
+    from deltavault.sync.data import SourceChanged, chunks
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.write(b"a" * 5000)
+        f.seek(3 << 20)
+        f.write(b"b" * 7000)
+        f.truncate(6 << 20)  # a trailing hole
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        buf = memoryview(bytearray(1 << 20))
+        pos, out = 0, bytearray()
+        for off, n, data in chunks(fd, st, buf):
+            assert off == pos and n > 0
+            out += bytes(data) if data is not None else bytes(n)
+            pos += n
+        assert pos == st.st_size and bytes(out) == path.read_bytes()
+    finally:
+        os.close(fd)
+    dense = tmp_path / "dense"
+    dense.write_bytes(os.urandom(3 << 20))
+    fd = os.open(dense, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        os.truncate(dense, 1 << 20)  # shrinks under the reader
+        with pytest.raises(SourceChanged):
+            for _ in chunks(fd, st, buf):
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_a_temp_name_is_removed_when_the_block_making_it_fails(tmp_path: Path) -> None:
+    from deltavault.sync.receiver.temps import TEMP_PREFIX, Temps
+
+    temps = Temps()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError), temps.made((b"", None), dfd, b"name") as tmp:
+            os.symlink(b"target", tmp, dir_fd=dfd)
+            os.rename(tmp, b"missing/name", src_dir_fd=dfd, dst_dir_fd=dfd)  # fails: no such directory
+        with temps.made((b"", None), dfd, b"kept") as tmp:
+            os.symlink(b"target", tmp, dir_fd=dfd)
+            os.rename(tmp, b"kept", src_dir_fd=dfd, dst_dir_fd=dfd)
+        left = temps.new((b"", None), b"left")  # registered, then made; the run is interrupted
+        os.symlink(b"target", left, dir_fd=dfd)
+        temps.remove_all(dfd)
+    finally:
+        os.close(dfd)
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
+    assert not any(n.startswith(TEMP_PREFIX.decode()) for n in os.listdir(tmp_path))

@@ -1,5 +1,5 @@
 """deltavault sync-agent and sync-source: the far ends of a sync with another host, started
-by ssh. They speak the protocol of sync/agent.py on stdin and stdout; only errors are
+by ssh. They speak the protocol of sync/wire.py on stdin and stdout; only errors are
 printed (to stderr), and the exit code says what failed."""
 
 from __future__ import annotations
@@ -8,13 +8,9 @@ import argparse
 import sys
 
 from deltavault.cli.common import Context
-from deltavault.snapshot import take_snapshot
-from deltavault.sync.agent import Agent
-from deltavault.sync.pull import Stdio, source_request
-from deltavault.sync.push import PushSyncer
-from deltavault.sync.remote import Channel
-from deltavault.sync.ssh import RemotePath
-from deltavault.sync.wire import options_from
+from deltavault.sync.pull import send_source
+from deltavault.sync.receiver.agent import Agent
+from deltavault.sync.wire import Channel
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +41,5 @@ def run_agent(ctx: Context) -> int:
 def run_source(ctx: Context) -> int:
     if _interactive(ctx, "sync-source"):
         return 2
-    chan = Channel(sys.stdin.buffer, sys.stdout.buffer)
-    req = source_request(chan)
-    with take_snapshot(req["path"], req.get("snapshot") or "none") as snap:
-        PushSyncer(snap.source_path, RemotePath("", ""), options_from(req["options"]), transport=Stdio(chan)).run()
+    send_source(Channel(sys.stdin.buffer, sys.stdout.buffer))
     return 0

@@ -10,12 +10,12 @@ from typing import Any
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import DeltavaultError, ExitCode, SourceError, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
-from deltavault.sync.engine import Syncer, SyncResult
 from deltavault.sync.guard import check_live_source
+from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.pull import PullSyncer
 from deltavault.sync.push import PushSyncer
-from deltavault.sync.report import SyncLog
+from deltavault.sync.report import SyncLog, SyncResult
 from deltavault.sync.ssh import DEFAULT_REMOTE, parse_remote
 
 

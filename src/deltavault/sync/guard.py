@@ -7,7 +7,7 @@ the real parents of bind-mounted directories); ``check_missing_dest`` does the s
 DST not made yet. During a run, the walks meet mount roots inside the trees;
 ``Guard.overlap`` says which of them show SRC, DST or a directory above either, so that
 nothing is copied into itself and ``--delete`` never reaches into SRC (removal never
-crosses a mount at all: sync/tree.py). A sync between hosts on the same kernel (ssh to
+crosses a mount at all: receiver/remove.py). A sync between hosts on the same kernel (ssh to
 localhost) compares identities too: each end describes its tree in "hello".
 """
 

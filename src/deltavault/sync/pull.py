@@ -1,6 +1,7 @@
 """Pull sync: mirror a directory on another host into a local DST. ssh runs
-``deltavault sync-source`` there, which walks SRC (optionally from a snapshot it takes) and
-sends, as a push does (sync/push.py); the agent runs here, writes DST and reports the run."""
+``deltavault sync-source`` there (``send_source``), which walks SRC (optionally from a
+snapshot it takes) and sends, as in a push (sender/sender.py); the agent runs here
+(receiver/agent.py), writes DST and reports the run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from typing import Any
 
 from deltavault.errors import TargetError
 from deltavault.progress import NullReporter, Reporter
-from deltavault.sync.agent import Agent, fatal_error
-from deltavault.sync.engine import SyncResult
+from deltavault.snapshot import take_snapshot
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.remote import Channel
-from deltavault.sync.report import SyncLog, SyncStats
+from deltavault.sync.receiver.agent import Agent
+from deltavault.sync.report import SyncLog, SyncResult, SyncStats
+from deltavault.sync.sender.sender import Sender
 from deltavault.sync.ssh import DEFAULT_REMOTE, RemotePath, SshProcess
-from deltavault.sync.wire import VERSION, options_wire
+from deltavault.sync.wire import VERSION, Channel, fatal_error, options_from, options_wire
 
 
 class PullSyncer:
@@ -78,3 +79,11 @@ def source_request(chan: Channel) -> dict[str, Any]:
     if not isinstance(req, dict) or req.get("op") != "source" or req.get("version") != VERSION:
         raise TargetError(f"this deltavault speaks sync protocol version {VERSION}; upgrade it on both hosts")
     return req
+
+
+def send_source(chan: Channel) -> None:
+    """``deltavault sync-source``: send what the pull at the other end of ``chan`` asks for,
+    from a snapshot of it if asked."""
+    req = source_request(chan)
+    with take_snapshot(req["path"], req.get("snapshot") or "none") as snap:
+        Sender(snap.source_path, "", "", options_from(req["options"])).run(lambda: Stdio(chan))

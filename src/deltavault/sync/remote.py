@@ -2,7 +2,7 @@
 version (the seed) and recursive signatures (chunking/rdc.py), so that only the chunks
 the seed lacks, plus a little signature, cross the wire.
 
-Protocol: msgpack frames (deltavault.framing) over any byte stream: a pipe to
+Protocol: msgpack frames (sync/wire.py) over any byte stream: a pipe to
 ``python -m deltavault.sync.remote serve ROOT`` (locally, or through ssh). The client
 speaks first.
 
@@ -21,46 +21,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import Any
 
 import blake3
 
 from deltavault.chunking import rdc
 from deltavault.errors import CorruptionError, SourceError
-from deltavault.framing import read_frame, write_frame
 from deltavault.fs.paths import check_name
-
-
-class Frames(Protocol):
-    """What the protocol needs of a connection."""
-
-    @property
-    def sent(self) -> int: ...
-
-    @property
-    def received(self) -> int: ...
-
-    def send(self, obj: Any) -> None: ...
-
-    def recv(self) -> Any: ...
-
-
-class Channel:
-    """Frames over a pair of binary streams, counting the bytes each way."""
-
-    def __init__(self, rfile: IO[bytes], wfile: IO[bytes]) -> None:
-        self.r, self.w = rfile, wfile
-        self.sent = self.received = 0
-
-    def send(self, obj: Any) -> None:
-        self.sent += write_frame(self.w, obj)
-
-    def recv(self) -> Any:
-        got = read_frame(self.r)
-        if got is None:
-            raise EOFError("the peer closed the connection")
-        self.received += got[1]
-        return got[0]
+from deltavault.sync.wire import Channel, Frames
 
 
 def _resolve(root: bytes, path: bytes) -> bytes:

@@ -1,12 +1,16 @@
-"""Outcomes of a sync: counters, problems, and the per-file log."""
+"""Outcomes of a sync: counters, problems, the per-file log, and ``Outcomes``, which every
+part of a run (sender, receiver, local engine) reports through."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 from deltavault.fs.paths import display
+from deltavault.progress import Reporter
 
 
 @dataclass
@@ -67,3 +71,71 @@ class SyncLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+@dataclass
+class SyncResult:
+    stats: SyncStats
+    problems: list[SyncProblem] = field(default_factory=list)
+    stopped: bool = False  # --stop-on-error ended the run early
+    workers: int = 0  # worker processes that synced subtrees (0: all in this process)
+    wire: tuple[int, int] | None = None  # a sync with another host: bytes sent and received over ssh
+
+
+# Actions that are no entry of SRC done: not counted as progress.
+_NOT_PROGRESS = frozenset({"delete", "mkdir", "skip"})
+
+
+class Outcomes:
+    """What a run did, as it happens: counters, problems, log lines and progress. Thread-safe
+    (copy threads report too). Under --stop-on-error (``stop_on_error``) the first problem
+    that is not "skipped" sets ``stopped`` and calls ``stop``."""
+
+    def __init__(self, reporter: Reporter, log: SyncLog | None, *, stop_on_error: bool = False,
+                 stop: Callable[[], None] | None = None) -> None:
+        self.stats = SyncStats()
+        self.problems: list[SyncProblem] = []
+        self.reporter = reporter
+        self.log = log
+        self.stopped = False
+        self.lock = threading.Lock()
+        self._stop_on_error = stop_on_error
+        self._stop = stop
+
+    def problem(self, rel: bytes, kind: str, message: str, *, size: int = 0) -> None:
+        p = SyncProblem(display(rel or b"."), kind, message)
+        with self.lock:
+            self.problems.append(p)
+        self.reporter.problem(p.path, kind, message)
+        if self.log is not None:
+            self.log.write("error", size, rel or b".", error=f"{kind}: {message}")
+        if self._stop_on_error and kind != "skipped":
+            self.stopped = True
+            if self._stop is not None:
+                self._stop()
+
+    def os_problem(self, rel: bytes, exc: OSError, kind: str = "write") -> None:
+        """A failed system call; subclasses make a full disk end the run."""
+        self.problem(rel, kind, exc.strerror or str(exc))
+
+    def done(self, action: str, rel: bytes, size: int = 0, *, written: int = 0, digest: bytes | None = None,
+             note: str | None = None) -> None:
+        """An entry done: a log line (``note`` in its last field), and progress."""
+        if self.log is not None:
+            self.log.write(action, size, rel, written=written, digest=digest, error=note)
+        if action in ("new", "update", "delta"):
+            self.reporter.advance(nbytes=size, items=1, current=display(rel))
+        elif action not in _NOT_PROGRESS:
+            self.reporter.advance(items=1)
+
+    def count(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def merge(self, stats: SyncStats, problems: list[SyncProblem], stopped: bool) -> None:
+        """What another process of the same run did (already reported and logged there)."""
+        with self.lock:
+            self.stats.add(stats)
+            self.problems.extend(problems)
+            self.stopped = self.stopped or stopped

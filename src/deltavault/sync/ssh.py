@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from deltavault.errors import BackendError, ExitCode, NoSpace, SourceError, TargetError, UsageError
-from deltavault.sync.remote import Channel
+from deltavault.sync.wire import Channel
 
 DEFAULT_REMOTE = "deltavault"  # the program ssh runs; the subcommand is added
 

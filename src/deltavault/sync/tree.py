@@ -1,23 +1,21 @@
-"""Directory-fd helpers for the destination: temp names, opening paths without following
-symlinks, removing trees. Every operation is relative to an open directory, so a symlink
-swapped into DST during a run cannot redirect a write or a delete, and no path length or
-depth limit applies."""
+"""What both sides' walks share: paths relative to a tree's root, and how many directory
+fds a walk holds at most.
+
+Every walk (SRC by the sender, DST by the receiver, both at once by the local engine, a
+removal by --delete) keeps its own stack instead of recursing, so depth does not matter,
+and resolves no path, so PATH_MAX does not apply. Deeper than MAX_OPEN_DIRS, the
+shallowest directories are closed and opened again through ".." when the walk climbs
+back, each checked to be the directory it was.
+"""
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from deltavault.fs.dirfd import Replaced, identity, mount_id, open_dir_checked, open_parent_checked
+from deltavault.fs.dirfd import Identity, open_dir_checked
 
-TEMP_PREFIX = b".dv-sync-"
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# Directory fds a walk of DST (or of SRC and DST together) holds at most; deeper, the
-# shallowest are closed and opened again through ".." when the walk climbs back. Two per
-# level in the engine, so any depth syncs under a 256-file limit.
+# Two per level in the local engine (SRC and DST), so any depth syncs under a 256-file limit.
 MAX_OPEN_DIRS = 64
 
 
@@ -26,91 +24,16 @@ def join(rel: bytes, name: bytes) -> bytes:
     return rel + b"/" + name if rel else name
 
 
-def temp_name(name: bytes) -> bytes:
-    return TEMP_PREFIX + os.urandom(6).hex().encode() + b"." + name[:200]
-
-
-def aside_name(name: bytes) -> bytes:
-    """Where a file that failed --verify is kept for inspection."""
-    return name[:200] + b".dv-verify-failed-" + os.urandom(3).hex().encode()
-
-
-class MountPoint(OSError):
-    """A directory --delete would empty is the root of another mount: never crossed (it may
-    show SRC, or anything else that is not DST's own)."""
-
-    def __init__(self) -> None:
-        super().__init__(errno.EBUSY, "a mount point: --delete does not reach into other mounts; left alone")
-
-
-@dataclass(eq=False)
-class _Doomed:
-    """A directory being emptied, then removed."""
-
-    fd: int
-    name: bytes
-    rel: bytes
-    st: os.stat_result
-    mnt: int
-    names: list[bytes]  # entries left, in reverse order (popped from the end)
-
-
-def _open_doomed(dir_fd: int, name: bytes, rel: bytes, st: os.stat_result, parent_mnt: int) -> _Doomed:
-    fd = open_dir_checked(dir_fd, name, identity(st))
+def open_checked(fd: int, steps: Iterable[tuple[bytes, Identity]]) -> int:
+    """From the directory ``fd`` (taken: closed here), open each name of ``steps`` in turn,
+    each checked to be the directory given with it (fs.dirfd.open_dir_checked: no symlink
+    followed, the same (dev, ino)). Returns the last one's fd."""
     try:
-        mnt = mount_id(fd)
-        if mnt != parent_mnt:
-            raise MountPoint
-        names = sorted((os.fsencode(n) for n in os.listdir(fd)), reverse=True)
+        for name, ident in steps:
+            nfd = open_dir_checked(fd, name, ident)
+            os.close(fd)
+            fd = nfd
+        return fd
     except BaseException:
         os.close(fd)
         raise
-    return _Doomed(fd, name, rel, st, mnt, names)
-
-
-def remove_entry(dir_fd: int, name: bytes, relpath: bytes,
-                 removed: Callable[[bytes, os.stat_result], None]) -> None:
-    """Remove a file or a whole directory tree; ``removed`` is told of each entry, children
-    first. Iterative, at any depth, holding at most MAX_OPEN_DIRS directories open (deeper,
-    the shallowest are closed and opened again through ".." of their child, checked to be
-    the same directory). A directory that is replaced during the removal, or is a mount
-    point, stops it with an error."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        removed(relpath, st)
-        return
-    stack = [_open_doomed(dir_fd, name, relpath, st, mount_id(dir_fd))]
-    closed_below = 0  # stack[:closed_below] have their fd closed
-    try:
-        while stack:
-            f = stack[-1]
-            if f.names:
-                n = f.names.pop()
-                crel = f.rel + b"/" + n
-                cst = os.stat(n, dir_fd=f.fd, follow_symlinks=False)
-                if stat.S_ISDIR(cst.st_mode):
-                    stack.append(_open_doomed(f.fd, n, crel, cst, f.mnt))
-                    if len(stack) - closed_below > MAX_OPEN_DIRS:
-                        os.close(stack[closed_below].fd)
-                        stack[closed_below].fd = -1
-                        closed_below += 1
-                else:
-                    os.unlink(n, dir_fd=f.fd)
-                    removed(crel, cst)
-                continue
-            stack.pop()
-            if stack and stack[-1].fd < 0:
-                fd = open_parent_checked(f.fd, identity(stack[-1].st))
-                if fd is None:
-                    raise Replaced("a directory was moved while it was being removed")
-                stack[-1].fd = fd
-                closed_below = len(stack) - 1
-            os.close(f.fd)
-            f.fd = -1
-            os.rmdir(f.name, dir_fd=stack[-1].fd if stack else dir_fd)
-            removed(f.rel, f.st)
-    finally:
-        for f in stack:
-            if f.fd >= 0:
-                os.close(f.fd)

@@ -1,4 +1,31 @@
-"""What a push sync sends about each entry (sync/push.py to sync/agent.py), as msgpack lists.
+"""The sync protocol between a sender and a receiver on two hosts, over ssh: msgpack frames
+(deltavault.framing) on the ssh process's stdin and stdout.
+
+In a push the sender runs here (sync/push.py) and the agent on DST's host
+(``deltavault sync-agent``); in a pull the sender runs on SRC's host
+(``deltavault sync-source``) and the agent here (sync/pull.py). The sender drives; the
+agent answers only "hello", "dir", "check" and "finish", and, while it fetches a file by
+delta, makes requests of its own (sync/remote.py). A reader thread on the sender's side
+(``Duplex``) takes the agent's frames off the wire as they come, so neither side ever
+waits to write while the other is writing, and the pipes cannot deadlock.
+
+    hello {version, dest, options, source}    -> {ok, dest} | {error, code}
+    dir {path, entries, protected, included}  -> {want: [[name, "whole"|"delta"|"check"]], records}
+    check {path, items: [[blake3, entry]]}    -> {want, records}   (same size: is it the same content?)
+    put {path, e} then {d: bytes} | {z: n} ... then {end: blake3} | {abort: why}
+    delta {path, e} then the agent fetches the file (remote.fetch) and says "bye"
+    enddir {path, e}                          (the directory's own metadata, after its contents)
+    finish {problems, stopped}                -> {records, stats}
+
+A pull starts with {op: "source", version, path, options, snapshot} to sync-source.
+Every request that has a reply carries an "id", and its reply the same, so the sender can
+keep several in flight (it lists the next directories while sending files of earlier ones).
+Replies carry "records" (what the agent did: [action, path, size, written, digest, problem
+kind, message]) and "fatal" (the destination is full or read-only: "full: ..." or
+"read-only: ..."). "source" and "dest" in hello describe each tree (sync/guard.py), so that
+two ends on the same kernel refuse to overlap.
+
+An entry is a msgpack list:
 
     [name, kind, mode, uid, gid, atime_ns, mtime_ns, size, rdev, extra, xattrs]
 
@@ -11,10 +38,14 @@ xattrs: [[name, value], ...] when --acl or --xattrs is on, else None. Owners are
 from __future__ import annotations
 
 import os
+import queue
 import stat
-from typing import Any
+import threading
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
-from deltavault.errors import CorruptionError
+from deltavault.errors import CorruptionError, DeltavaultError, NoSpace, TargetError
+from deltavault.framing import read_frame, write_frame
 from deltavault.fs.paths import check_name
 from deltavault.sync.options import SyncOptions
 
@@ -22,6 +53,8 @@ VERSION = 1
 KINDS = ("f", "d", "l", "h", "s")
 GROUP = b"L"  # the extra of a file that is the first name of a hard-link group (older agents ignore it)
 
+
+# ---------------------------------------------------------------------------- entries
 
 def entry(name: bytes, kind: str, st: os.stat_result, *, extra: bytes | None = None,
           xattrs: list[tuple[bytes, bytes]] | None = None) -> list[Any]:
@@ -68,6 +101,35 @@ class Entry:
                                   atime / 1e9, mtime / 1e9, 0.0, atime, mtime, 0, 4096, 0, rdev))
 
 
+class Paths:
+    """Checks the paths the sender sends: each component one safe name. A path whose
+    parent was checked costs one name (the paths of a tree 5,000 deep are long)."""
+
+    def __init__(self) -> None:
+        self._ok: set[bytes] = {b""}
+
+    def __call__(self, raw: Any) -> bytes:
+        if not isinstance(raw, bytes):
+            raise CorruptionError("the sender sent a malformed path")
+        if raw in self._ok:
+            return raw
+        parent, sep, name = raw.rpartition(b"/")
+        if sep and not parent:
+            check_name(parent)  # an empty first component ("/abs"): refused
+        if parent not in self._ok:
+            for part in parent.split(b"/"):
+                check_name(part)
+        check_name(name)
+        self._ok.add(raw)
+        return raw
+
+
+def fatal_error(fatal: str, where: str = "") -> DeltavaultError:
+    """The error for the agent's ``fatal``: NoSpace for a full disk, else TargetError."""
+    kind, _, message = fatal.partition(": ")
+    return (NoSpace if kind == "full" else TargetError)(f"{where}: {message}" if where else message)
+
+
 _OPTIONS = ("delete", "checksum", "skip_empty_dirs", "acl", "xattrs", "owner", "excludes", "includes",
             "default_excludes", "verify", "stop_on_error", "delta", "delta_min", "bufsize")
 
@@ -78,3 +140,109 @@ def options_wire(opts: SyncOptions) -> dict[str, Any]:
 
 def options_from(raw: dict[str, Any]) -> SyncOptions:
     return SyncOptions(**{k: raw[k] for k in _OPTIONS if k in raw})
+
+
+# ---------------------------------------------------------------------------- frames
+
+class Frames(Protocol):
+    """What the protocol needs of a connection."""
+
+    @property
+    def sent(self) -> int: ...
+
+    @property
+    def received(self) -> int: ...
+
+    def send(self, obj: Any) -> None: ...
+
+    def recv(self) -> Any: ...
+
+
+class Channel:
+    """Frames over a pair of binary streams, counting the bytes each way."""
+
+    def __init__(self, rfile: IO[bytes], wfile: IO[bytes]) -> None:
+        self.r, self.w = rfile, wfile
+        self.sent = self.received = 0
+
+    def send(self, obj: Any) -> None:
+        self.sent += write_frame(self.w, obj)
+
+    def recv(self) -> Any:
+        got = read_frame(self.r)
+        if got is None:
+            raise EOFError("the peer closed the connection")
+        self.received += got[1]
+        return got[0]
+
+
+class Duplex:
+    """The sender's channel to the agent, read by a thread of its own. Replies are taken off the wire as they
+    come, so the agent never waits to write while this side is writing (however many requests
+    are in flight, the pipes cannot fill both ways). Replies are matched to requests by id;
+    the agent's own requests (during a delta) go to ``recv``."""
+
+    def __init__(self, chan: Channel) -> None:
+        self._chan = chan
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._replies: dict[int, Any] = {}
+        self._failed: BaseException | None = None
+        self._cond = threading.Condition()
+        self._next_id = 0
+        self._reader = threading.Thread(target=self._read, name="dv-push-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._chan.recv()
+            except BaseException as exc:  # EOF, a broken frame: handed to whoever waits
+                with self._cond:
+                    self._failed = exc
+                    self._cond.notify_all()
+                self._requests.put(_Failed(exc))
+                return
+            if isinstance(msg, dict) and "op" in msg:
+                self._requests.put(msg)
+            else:
+                rid = msg.get("id") if isinstance(msg, dict) else None
+                with self._cond:
+                    self._replies[rid if isinstance(rid, int) else -1] = msg
+                    self._cond.notify_all()
+
+    @property
+    def sent(self) -> int:
+        return self._chan.sent
+
+    @property
+    def received(self) -> int:
+        return self._chan.received
+
+    def send(self, obj: Any) -> None:
+        self._chan.send(obj)
+
+    def request(self, obj: dict[str, Any]) -> int:
+        """Send a request that has a reply; returns the id to wait for."""
+        self._next_id += 1
+        self._chan.send({**obj, "id": self._next_id})
+        return self._next_id
+
+    def reply(self, rid: int) -> Any:
+        with self._cond:
+            while rid not in self._replies:
+                if self._failed is not None:
+                    raise self._failed
+                self._cond.wait()
+            return self._replies.pop(rid)
+
+    def recv(self) -> Any:
+        msg = self._requests.get()
+        if isinstance(msg, _Failed):
+            self._requests.put(msg)  # and to every later reader
+            raise msg.exc
+        return msg
+
+
+@dataclass
+class _Failed:
+    exc: BaseException

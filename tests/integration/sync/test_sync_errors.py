@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import deltavault.sync.engine as engine_mod
+import deltavault.sync.local.files as files_mod
+import deltavault.sync.sender.source as source_mod
 from deltavault.errors import NoSpace
-from deltavault.sync.engine import Syncer
+from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog
 from tests.conftest import needs_root, needs_tools
@@ -93,20 +94,20 @@ def test_file_that_keeps_changing_is_reported_not_installed(tmp_path: Path) -> N
     assert not (dst / "growing.log").exists() and (dst / "steady").exists() and not temp_files(dst)
 
 
-class _Vanishing(Syncer):
-    """Deletes a file between listing and opening it: the race a live tree has."""
-
-    def _open_source(self, sfd: int, name: bytes, relpath: bytes) -> int | None:
-        if name == b"gone":
-            os.unlink(name, dir_fd=sfd)
-        return super()._open_source(sfd, name, relpath)
-
-
-def test_vanished_file_is_reported(tmp_path: Path) -> None:
+def test_vanished_file_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file deleted between listing and opening it: the race a live tree has."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     write(src / "gone", b"soon gone")
     write(src / "stays", b"here")
-    r = _Vanishing(src, dst, SyncOptions()).run()
+    real = source_mod.open_source
+
+    def vanishing(sfd: int, name: bytes) -> int:
+        if name == b"gone":
+            os.unlink(name, dir_fd=sfd)
+        return real(sfd, name)
+
+    monkeypatch.setattr(source_mod, "open_source", vanishing)
+    r = Syncer(src, dst, SyncOptions()).run()
     assert [(p.path, p.kind) for p in r.problems] == [("gone", "vanished")]
     assert (dst / "stays").exists() and not (dst / "gone").exists()
 
@@ -118,7 +119,7 @@ def test_verify_mismatch_is_renamed_aside(tmp_path: Path, monkeypatch: pytest.Mo
     write(src / "bad", os.urandom(100_000))
     write(src / "good", os.urandom(100_000))
     write(dst / "bad", b"previous version")
-    real = engine_mod.copy_data
+    real = files_mod.copy_data
 
     def flaky(sfd: int, tfd: int, st: os.stat_result, *a: object, **kw: object) -> int:
         n = real(sfd, tfd, st, *a, **kw)  # type: ignore[arg-type]
@@ -127,7 +128,7 @@ def test_verify_mismatch_is_renamed_aside(tmp_path: Path, monkeypatch: pytest.Mo
             os.pwrite(tfd, bytes([b[0] ^ 1]), 500)
         return n
 
-    monkeypatch.setattr(engine_mod, "copy_data", flaky)
+    monkeypatch.setattr(files_mod, "copy_data", flaky)
     log = tmp_path / "log"
     sl = SyncLog(log)
     r = Syncer(src, dst, SyncOptions(verify=True), log=sl).run()

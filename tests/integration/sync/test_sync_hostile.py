@@ -22,10 +22,12 @@ from typing import Any
 
 import pytest
 
-import deltavault.sync.dest as dest_mod
-import deltavault.sync.engine as engine_mod
+import deltavault.sync.local.dirs as dirs_mod
+import deltavault.sync.receiver.core as core_mod
+import deltavault.sync.receiver.entries as entries_mod
+import deltavault.sync.receiver.links as links_mod
 from deltavault.progress import NullReporter
-from deltavault.sync.engine import Syncer
+from deltavault.sync.local.engine import Syncer
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.testing.hostile import NOBODY, Outside, attacked
@@ -247,7 +249,7 @@ def test_a_linked_file_swapped_for_a_link_to_an_outside_file_before_linking(
     src, dst = shared_dir / "src", shared_dir / "dst"
     write(src / "hl1", b"linked content")
     os.link(src / "hl1", src / "hl2")
-    real = dest_mod.lstat_at
+    real = links_mod.lstat_at
 
     def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
         if name == b"hl2" and not (dst / "hl1.aside").exists():
@@ -255,32 +257,33 @@ def test_a_linked_file_swapped_for_a_link_to_an_outside_file_before_linking(
             os.link(outside.root / "secret", dst / "hl1")
         return real(dir_fd, name)
 
-    monkeypatch.setattr(dest_mod, "lstat_at", lstat_at)
+    monkeypatch.setattr(links_mod, "lstat_at", lstat_at)
     Syncer(src, dst, SyncOptions(processes=1)).run()
     assert untouched(outside, before) == []
     assert names_of(dst, outside.root / "secret") == ["hl1"]  # the planted name only: none added
     assert os.stat(dst / "hl2").st_ino == os.stat(dst / "hl1.aside").st_ino  # the file installed
 
 
-class _FifoInPlace(Syncer):
-    """Replaces a DST file by a FIFO after it was listed and before it is opened."""
-
-    def _same(self, dfd: int, name: bytes, *a: Any, **kw: Any) -> Any:
-        os.rename(name, name + b".aside", src_dir_fd=dfd, dst_dir_fd=dfd)
-        os.mkfifo(name, 0o644, dir_fd=dfd)
-        return super()._same(dfd, name, *a, **kw)
-
-
-def test_a_fifo_swapped_in_for_a_destination_file_is_never_opened(shared_dir: Path) -> None:
-    """Were the FIFO opened for reading, the run would block until a writer came (the
-    alarm ends the test instead)."""
+def test_a_fifo_swapped_in_for_a_destination_file_is_never_opened(shared_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DST file is replaced by a FIFO after it was listed and before it is opened. Were
+    the FIFO opened for reading, the run would block until a writer came (the alarm ends
+    the test instead)."""
     src, dst = shared_dir / "src", shared_dir / "dst"
     write(src / "f", b"content")
     assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
+    real = entries_mod.fix_meta
+
+    def fifo_in_place(dfd: int, name: bytes, *a: Any, **kw: Any) -> Any:
+        os.rename(name, name + b".aside", src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.mkfifo(name, 0o644, dir_fd=dfd)
+        return real(dfd, name, *a, **kw)
+
+    monkeypatch.setattr(core_mod, "fix_meta", fifo_in_place)
     old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("blocked on the FIFO")))
     signal.alarm(20)
     try:
-        r = _FifoInPlace(src, dst, SyncOptions(processes=1)).run()
+        r = Syncer(src, dst, SyncOptions(processes=1)).run()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -530,7 +533,7 @@ def test_directories_closed_for_depth_get_their_metadata_after_their_files(tmp_p
     """With two directories open at most, nearly every directory is closed and opened
     again (through "..") while big files of its own are still being copied by threads:
     each still gets its mode and mtime once everything inside is in place."""
-    monkeypatch.setattr(engine_mod, "MAX_OPEN_DIRS", 2)
+    monkeypatch.setattr(dirs_mod, "MAX_OPEN_DIRS", 2)
     src, dst = tmp_path / "src", tmp_path / "dst"
     for i in range(3):
         deep = src / f"t{i}" / "a" / "b" / "c" / "d"
@@ -568,7 +571,7 @@ def test_a_closed_directory_moved_in_dst_is_found_again_by_name_and_checked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deep in the walk, DST's c is moved out of b: ".." of c is not b any more, so b is
     looked up again from DST's root, each level checked, and b's later entry is written."""
-    monkeypatch.setattr(engine_mod, "MAX_OPEN_DIRS", 2)
+    monkeypatch.setattr(dirs_mod, "MAX_OPEN_DIRS", 2)
     src, dst = tmp_path / "src", tmp_path / "dst"
     _chain(src)
     assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
@@ -582,7 +585,7 @@ def test_a_closed_directory_moved_in_dst_is_found_again_by_name_and_checked(
 
 def test_a_closed_directory_moved_away_in_dst_is_reported_and_nothing_is_written_there(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_mod, "MAX_OPEN_DIRS", 2)
+    monkeypatch.setattr(dirs_mod, "MAX_OPEN_DIRS", 2)
     src, dst = tmp_path / "src", tmp_path / "dst"
     _chain(src)
     assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []

@@ -10,7 +10,7 @@ import pytest
 
 from deltavault.errors import SnapshotError
 from deltavault.snapshot import take_snapshot
-from deltavault.sync.engine import Syncer
+from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from tests.conftest import needs_root, needs_tools
 from tests.integration.sync.conftest import dv, nothing_to_do, summary, write

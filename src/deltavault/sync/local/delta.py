@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import blake3
 
 from deltavault.fs.clone import pread_full, pwrite_all
-from deltavault.sync.copy import BufferPool, Cancelled, SourceChanged, read_source
+from deltavault.sync.data import BufferPool, Cancelled, SourceChanged, read_source
 
 PAGE = 4096
 

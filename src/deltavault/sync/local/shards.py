@@ -3,10 +3,11 @@
 A tree of small files costs a dozen short system calls per file. In one Python process the
 GIL serialises them (threads hand the GIL over at every call, which costs more than it
 saves), so the walk is split: the main process walks the top levels and hands whole
-subtrees to forked workers, each running its own Syncer. Workers report progress through a
-queue, append to the same log (one write per line, O_APPEND), share one cancel event, and
-return their counters, problems and hard-link groups; the main process links hard links
-that span subtrees once all are done.
+subtrees to forked workers, each running its own engine on the subtree (local/engine.py).
+Workers report progress through a queue, append to the same log (one write per line,
+O_APPEND), share one cancel event, and return their counters, problems and hard-link
+groups; ``Shards`` merges them into the main process's run, which links hard links that
+span subtrees once all are done.
 """
 
 from __future__ import annotations
@@ -20,14 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltavault.fs.dirfd import Identity
+from deltavault.fs.dirfd import Identity, identity
 from deltavault.progress import Reporter
-from deltavault.sync.copy import BufferPool
-from deltavault.sync.guard import Guard
-from deltavault.sync.options import SyncOptions
+from deltavault.sync.data import BufferPool
+from deltavault.sync.local.context import LocalRun
+from deltavault.sync.local.deferred import DeferredMeta
+from deltavault.sync.local.dirs import Dir, Dirs, chain
+from deltavault.sync.local.links import Links
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.tree import join
 from deltavault.workers import release_signals, signals_held
+
+Task = tuple[bytes, bool, bool, tuple[Identity, Identity], list[Identity]]  # relpath, fresh, included, expect, seen
+# Syncs one subtree in a worker process: (task, its reporter, the worker's buffers, log).
+Subtree = Callable[[Task, Reporter, BufferPool, "SyncLog | None"], "ShardResult"]
 
 
 @dataclass
@@ -40,8 +47,8 @@ class ShardResult:
     links: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)  # first path is the copy
     link_copies: dict[bytes, str] = field(default_factory=dict)
     links_made: set[bytes] = field(default_factory=set)
-    targets: dict[bytes, tuple[Identity, bool]] = field(default_factory=dict)  # Syncer.targets
-    dir_ids: dict[bytes, Identity] = field(default_factory=dict)  # Syncer.dir_ids
+    targets: dict[bytes, tuple[Identity, bool]] = field(default_factory=dict)  # receiver Groups.targets
+    dir_ids: dict[bytes, Identity] = field(default_factory=dict)  # Links.dir_ids
 
 
 class QueueReporter:
@@ -90,32 +97,21 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(src: bytes, dst: bytes, opts: SyncOptions, log_path: str | None, cancel: Any,
-            tasks: Any, out: Any, roots: tuple[int, int], guard: Guard | None) -> None:
-    from deltavault.sync.engine import Syncer
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it sets `cancel`
+def _worker(subtree: Subtree, bufsize: int, log_path: str | None, tasks: Any, out: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it sets the cancel event
     release_signals()  # held while it was forked (workers.signals_held)
     _die_with_parent()
     log = SyncLog(log_path) if log_path else None
-    buffers = BufferPool(max(4096, -(-opts.bufsize // 4096) * 4096))  # one per worker, not per subtree
+    buffers = BufferPool(max(4096, -(-bufsize // 4096) * 4096))  # one per worker, not per subtree
     while True:
         task = tasks.get()
         if task is None:
             break
-        tid, relpath, fresh, included, expect, seen = task
+        tid, job = task
         rep = QueueReporter(out)
-        # The roots are the parent's, inherited through fork: the same directories it
-        # checked, never looked up again by path.
-        s = Syncer(src, dst, opts, rep, log, cancel=cancel, processes=1, buffers=buffers, roots=roots, guard=guard)
-        try:
-            kept = s.run_subtree(relpath, fresh=fresh, included=included, expect=expect, seen=seen)
-            fatal = None
-        except Exception as exc:  # NoSpace, or a bug: the main process reports it
-            kept, fatal = 1, f"{type(exc).__name__}: {exc}"
+        result = subtree(job, rep, buffers, log)
         rep.finish()
-        out.put(("r", tid, ShardResult(s.stats, s.problems, s.stopped, fatal, kept, s.hardlink_groups(),
-                                   s.link_copies, s.links_made, s.targets, s.dir_ids)))
+        out.put(("r", tid, result))
     out.put(("x", os.getpid()))
 
 
@@ -123,8 +119,7 @@ class ShardPool:
     """Forked worker processes taking subtrees from a queue. Forked at once, while the
     caller still has a single thread."""
 
-    def __init__(self, n: int, src: bytes, dst: bytes, opts: SyncOptions, log: SyncLog | None,
-                 cancel: Any, reporter: Reporter, roots: tuple[int, int], guard: Guard | None) -> None:
+    def __init__(self, n: int, subtree: Subtree, bufsize: int, log: SyncLog | None, reporter: Reporter) -> None:
         ctx = mp.get_context("fork")
         self.tasks: Any = ctx.SimpleQueue()
         self.out: Any = ctx.SimpleQueue()
@@ -132,8 +127,7 @@ class ShardPool:
         self._callbacks: dict[int, Callable[[ShardResult | None], None]] = {}
         self._next = 0
         self._procs = [ctx.Process(target=_worker, daemon=True, name=f"dv-sync-worker{i}",
-                                   args=(src, dst, opts, log.path if log else None, cancel, self.tasks, self.out,
-                                         roots, guard))
+                                   args=(subtree, bufsize, log.path if log else None, self.tasks, self.out))
                        for i in range(n)]
         with signals_held():
             for p in self._procs:
@@ -145,11 +139,11 @@ class ShardPool:
     def submit(self, relpath: bytes, fresh: bool, included: bool, expect: tuple[Identity, Identity],
                seen: list[Identity], done: Callable[[ShardResult | None], None]) -> None:
         """``expect``: the (source, destination) directories the worker must find there;
-        ``seen``: the source directories above (see Syncer.run_subtree)."""
+        ``seen``: the source directories above (see engine.Syncer.run_subtree)."""
         tid = self._next
         self._next += 1
         self._callbacks[tid] = done
-        self.tasks.put((tid, relpath, fresh, included, expect, seen))
+        self.tasks.put((tid, (relpath, fresh, included, expect, seen)))
 
     def _collect(self) -> None:
         while self._alive:
@@ -212,3 +206,82 @@ def shard_depth(sfd: int, workers: int, excluded: Any, max_depth: int = 4) -> in
     finally:
         for _rel, fd in level:
             os.close(fd)
+
+
+class Shards:
+    """Subtrees at ``depth`` handed to worker processes, and what comes back merged into
+    this run: counters, problems, hard-link groups (one spanning subtrees is linked here),
+    --skip-empty-dirs, and the subtree root's metadata (set at the end)."""
+
+    def __init__(self, run: LocalRun, dirs: Dirs, links: Links, deferred: DeferredMeta, pool: ShardPool,
+                 depth: int) -> None:
+        self.run, self.dirs, self.links, self.deferred = run, dirs, links, deferred
+        self.depth = depth
+        self._pool: ShardPool | None = pool
+
+    def wants(self, relpath: bytes) -> bool:
+        return self._pool is not None and relpath.count(b"/") + 1 == self.depth
+
+    def close(self) -> None:
+        """Wait for every subtree handed out (after a cancel, workers skip what is left)."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
+    def delegate(self, parent: Dir, relpath: bytes, st: os.stat_result, created: bool, included: bool,
+                 dident: Identity, xattrs: list[tuple[bytes, bytes]] | None) -> None:
+        """A worker process syncs this subtree; its metadata is applied at the end."""
+        assert self._pool is not None
+        d = Dir(relpath, st, xattrs, -1, -1, parent, created, identity(st), dident, deferred=True, walked=True)
+        self.dirs.hold(parent)
+        seen = [x.sident for x in chain(parent)]
+        self._pool.submit(relpath, created, included, (d.sident, d.dident), seen, lambda r: self._done(d, r))
+
+    def _done(self, d: Dir, r: ShardResult | None) -> None:
+        run = self.run
+        if r is None:
+            if not run.cancelled():
+                run.out.problem(d.relpath, "write", "the worker process syncing it died")
+            self.dirs.release(d)
+            return
+        run.out.merge(r.stats, r.problems, r.stopped)
+        run.rx.groups.targets.update(r.targets)
+        self.links.add_dir_ids(r.dir_ids)
+        if r.fatal is not None:
+            kind, _, message = r.fatal.partition(": ")
+            if kind == "NoSpace":
+                run.out.no_space(d.relpath, message)
+            else:
+                run.out.problem(d.relpath, "write", f"worker process failed: {r.fatal}")
+                run.stop()
+        for key, paths in r.links.items():
+            first = run.source.first_path(key, paths[0])
+            if first == paths[0]:
+                continue
+            # The inode is already in DST under another subtree's path: link these to it.
+            # What the worker copied and linked for them is redone, so not counted twice.
+            undo = {"hardlinks": -sum(p in r.links_made for p in paths)}
+            if paths[0] in r.link_copies:
+                undo[r.link_copies[paths[0]]] = -1
+            run.out.count(**undo)
+            self.links.relink(paths, first)
+        if r.kept == 0 and run.opts.skip_empty_dirs and d.parent is not None:
+            self._drop(d, d.parent)
+        self.dirs.release(d)
+
+    def _drop(self, d: Dir, parent: Dir) -> None:
+        with self.dirs.lock:  # the walker may be using or closing the parent's fds
+            pfd = parent.dfd
+            tmp = -1
+            try:
+                if pfd < 0:
+                    pfd = tmp = self.dirs.open_chain(parent, src=False)
+                os.rmdir(d.name, dir_fd=pfd)
+            except OSError:
+                return
+            finally:
+                if tmp >= 0:
+                    os.close(tmp)
+        d.dropped = True
+        if d.fresh:
+            self.run.out.count(dirs_created=-1)

@@ -1,0 +1,128 @@
+"""File bytes, as both sides handle them: reused buffers, a file read in chunks with its
+holes found (SEEK_DATA/SEEK_HOLE), whole copies that keep holes, digests, runs of zeros.
+A read that fails (SourceReadError) is told apart from a write that fails."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import blake3
+
+from deltavault.fs.clone import pread_full, pwrite_all
+from deltavault.fs.sparse import data_extents, is_sparse
+
+_ZEROS = bytes(1 << 20)
+
+
+class SourceChanged(Exception):
+    """The source file changed while it was read; the caller tries again."""
+
+
+class SourceReadError(Exception):
+    """Reading the source failed (an I/O error, a dying disk); writing is not at fault."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"read error: {exc.strerror or exc}")
+        self.errno = exc.errno
+
+
+class Cancelled(Exception):
+    """The run is being stopped (Ctrl-C, --stop-on-error, a full disk)."""
+
+
+def read_source(fd: int, buf: memoryview, offset: int) -> int:
+    try:
+        return pread_full(fd, buf, offset)
+    except OSError as exc:
+        raise SourceReadError(exc) from exc
+
+
+class BufferPool:
+    """Per-thread I/O buffers, reused across files (allocation costs more than copying)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._local = threading.local()
+
+    def get(self, slot: int = 0) -> memoryview:
+        bufs: dict[int, memoryview] | None = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        if slot not in bufs:
+            bufs[slot] = memoryview(bytearray(self.size))
+        return bufs[slot]
+
+
+def is_zero(buf: memoryview | bytes) -> bool:
+    """All zero bytes? (Comparing memoryviews goes byte by byte in Python; bytes use memcmp.)"""
+    return not buf or (not buf[0] and not buf[-1] and bytes(buf) == bytes(len(buf)))
+
+
+def hash_zeros(h: blake3.blake3, n: int) -> None:
+    """Feed ``n`` zero bytes (a hole) to ``h``."""
+    while n:
+        k = min(n, len(_ZEROS))
+        h.update(memoryview(_ZEROS)[:k])
+        n -= k
+
+
+def file_digest(fd: int, buf: memoryview,
+                read: Callable[[int, memoryview, int], int] = pread_full) -> bytes:
+    """BLAKE3 of a whole open file, read through ``buf`` (``read_source`` for a source file,
+    so that a failing read is the source's)."""
+    h = blake3.blake3(max_threads=1)
+    off = 0
+    while n := read(fd, buf, off):
+        h.update(buf[:n])
+        off += n
+    return h.digest()
+
+
+def chunks(fd: int, st: os.stat_result, buf: memoryview,
+           cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, memoryview | None]]:
+    """The file's ``st.st_size`` bytes in order, as (offset, length, data) with data a view
+    of ``buf`` (valid until the next chunk), or None for a hole (zeros never read).
+    SourceChanged if it shrinks meanwhile; Cancelled when ``cancelled()`` says so."""
+    size = st.st_size
+    extents = data_extents(fd, size) if is_sparse(st) else ([(0, size)] if size else [])
+    pos = 0
+    for off, length in extents:
+        if off > pos:
+            yield pos, off - pos, None
+        o, end = off, off + length
+        while o < end:
+            if cancelled is not None and cancelled():
+                raise Cancelled
+            want = min(len(buf), end - o)
+            n = read_source(fd, buf[:want], o)
+            if n < want:
+                raise SourceChanged("it shrank while being copied")
+            yield o, n, buf[:n]
+            o += n
+        pos = end
+    if size > pos:
+        yield pos, size - pos, None
+
+
+def copy_data(sfd: int, tfd: int, st: os.stat_result, buffers: BufferPool,
+              hasher: blake3.blake3 | None, cancelled: Callable[[], bool]) -> int:
+    """Copy st.st_size bytes from sfd to tfd at the same offsets; holes stay holes.
+    Returns the bytes written."""
+    size = st.st_size
+    written = data_end = 0
+    for off, n, data in chunks(sfd, st, buffers.get(0), cancelled):
+        if data is None:
+            if hasher is not None:
+                hash_zeros(hasher, n)
+            continue
+        if hasher is not None:
+            hasher.update(data)
+        pwrite_all(tfd, data, off)
+        written += n
+        data_end = off + n
+    if data_end < size or not size:
+        # A trailing hole. Only then: on XFS a truncate makes close() flush the file.
+        os.ftruncate(tfd, size)
+    return written

@@ -1,0 +1,140 @@
+"""The agent: the receiving side at the far end of ssh. Run as ``deltavault sync-agent`` for
+a push, or here, started by a pull (sync/pull.py), it answers the sender's requests (the
+protocol is in sync/wire.py; the answers in receiver/requests.py) and writes DST with the
+shared receiver (receiver/core.py), as the local engine does.
+
+"hello" carries the options and the sender's SRC identity: on the same kernel (ssh to
+localhost), a DST that is SRC, lies in it or contains it is refused (sync/guard.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+from deltavault.errors import CorruptionError, DeltavaultError
+from deltavault.fs.paths import open_target_dir
+from deltavault.progress import NullReporter, Reporter
+from deltavault.sync.data import BufferPool
+from deltavault.sync.filters import Filter
+from deltavault.sync.guard import Guard, check_missing_dest
+from deltavault.sync.meta import MetaPolicy
+from deltavault.sync.receiver.core import Receiver
+from deltavault.sync.receiver.dirs import OpenDirs
+from deltavault.sync.receiver.records import AgentOutcomes
+from deltavault.sync.receiver.requests import Requests
+from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
+from deltavault.sync.wire import VERSION, Frames, Paths, options_from
+
+
+class Agent:
+    """``dest``, ``log`` and ``reporter``: in a pull the agent runs here, on DST's host, and
+    reports the run itself (it then ignores the destination the sender names)."""
+
+    def __init__(self, chan: Frames, *, dest: bytes | None = None, log: SyncLog | None = None,
+                 reporter: Reporter | None = None) -> None:
+        self.chan = chan
+        self.dest = dest
+        self.out = AgentOutcomes(reporter or NullReporter(), log)
+        self.sender_problems: list[SyncProblem] = []
+        self.sender_stopped = False
+        self.finished = False
+        self.refused: DeltavaultError | None = None  # why the run could not start here
+        self.root = -1
+        self.rx: Receiver | None = None
+        self.requests: Requests | None = None
+
+    @property
+    def stats(self) -> SyncStats:
+        return self.out.stats
+
+    @property
+    def problems(self) -> list[SyncProblem]:
+        return self.out.problems
+
+    @property
+    def fatal(self) -> str | None:
+        return self.out.fatal
+
+    def run(self) -> None:
+        try:
+            if not self._hello():
+                return
+            assert self.requests is not None
+            answers = {"dir": self.requests.dir, "check": self.requests.check}
+            actions = {"put": self.requests.put, "delta": self.requests.delta, "enddir": self.requests.enddir}
+            while True:
+                req = self.chan.recv()
+                op = req.get("op") if isinstance(req, dict) else None
+                if op == "finish":
+                    self._finish(req)
+                    return
+                if op in answers:
+                    self._reply(req, want=answers[op](req))
+                elif op in actions:
+                    actions[op](req)
+                else:
+                    raise CorruptionError(f"the sender sent an unknown request {op!r}")
+        except EOFError:
+            return  # the sender is gone; every file it finished is in place, no temp file is left
+        finally:
+            if self.requests is not None:
+                self.requests.dirs.close()
+            if self.root >= 0:
+                if self.rx is not None:
+                    self.rx.temps.remove_all(self.root)
+                os.close(self.root)
+
+    def _hello(self) -> bool:
+        req = self.chan.recv()
+        if not isinstance(req, dict) or req.get("op") != "hello" or req.get("version") != VERSION:
+            self.chan.send({"error": f"this agent speaks protocol version {VERSION}; upgrade deltavault "
+                            "on both hosts", "code": 2, "id": 0})
+            return False
+        try:
+            opts = options_from(req["options"])
+            self.rx = rx = Receiver(opts, MetaPolicy(opts), self.out, BufferPool(opts.bufsize),
+                                    Filter(opts.excludes, opts.includes, default_excludes=opts.default_excludes),
+                                    unmarked_groups=True)  # (a sender older than group marks)
+            self._open_root(rx, self.dest or os.fsencode(req["dest"]), req.get("source"))
+        except DeltavaultError as exc:
+            self.refused = exc
+            self.chan.send({"error": exc.message, "code": int(exc.exit_code), "id": 0})
+            return False
+        self.requests = Requests(self.chan, rx, self.out, OpenDirs(self.root), Paths())
+        assert rx.guard is not None
+        self.chan.send({"ok": True, "version": VERSION, "id": 0, "dest": rx.guard.describe(is_src=False)})
+        return True
+
+    def _open_root(self, rx: Receiver, dest: bytes, source: Any) -> None:
+        """Open (or make) DST, refused if the sender's SRC is on this kernel and overlaps it."""
+        src_name = os.fsencode(source["path"]) if isinstance(source, dict) and isinstance(
+            source.get("path"), bytes | str) else b"the source"
+        try:
+            self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            check_missing_dest(Guard.peer_root(source), dest, src_name)
+        except OSError:
+            pass
+        if self.root < 0:
+            self.root = open_target_dir(dest, "destination")
+        rx.root = self.root
+        rx.guard = Guard.one_side(self.root, is_src=False, peer=source)
+        rx.guard.check(src_name, dest)
+
+    def _reply(self, req: dict[str, Any], **kw: Any) -> None:
+        self.chan.send({**kw, "id": req.get("id"), "records": self.out.records, "fatal": self.out.fatal})
+        self.out.records = []
+
+    def _finish(self, req: dict[str, Any]) -> None:
+        log = self.out.log
+        for path, kind, message in req.get("problems") or []:  # the sender's, for a pull's report
+            if log is not None:
+                log.write("error", 0, path.encode("utf-8", "surrogateescape"), error=f"{kind}: {message}")
+        self.sender_problems = [SyncProblem(path, kind, message) for path, kind, message in req.get("problems") or []]
+        self.sender_stopped = bool(req.get("stopped"))
+        self.finished = True
+        if self.out.fatal is None and self.requests is not None:
+            self.requests.finish()
+        self._reply(req, stats=asdict(self.out.stats))
