@@ -73,7 +73,7 @@ def test_exit_codes(tmp_path: Path, cli: Cli) -> None:
     assert cli("backup").returncode == 2  # usage
     assert cli("init").returncode == 0
     assert cli("init").returncode == 1  # already exists
-    assert cli("snapshots", env={"DELTAVAULT_PASSWORD": "nope"}).returncode == 11
+    assert cli("snapshots", env={"DELTAVAULT_PASSWORD": "nope"}).returncode == 12
     assert cli("restore", "deadbeef", "--target", str(tmp_path / "x")).returncode == 2
     assert cli("backup", str(tmp_path / "does-not-exist")).returncode == 2
     assert cli("backup", str(src)).returncode == 0
@@ -103,7 +103,7 @@ with repo.lock(exclusive=True, command="prune (test)"):
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         r = cli("--json", "backup", str(src))
-        assert r.returncode == 12, r.stdout + r.stderr
+        assert r.returncode == 11, r.stdout + r.stderr
         msg = r.last("error")["message"]
         assert "locked exclusively" in msg and "prune (test)" in msg
         assert r.last("error")["retryable"] is True
@@ -161,13 +161,13 @@ def test_key_add_remove_and_passwd(tmp_path: Path, cli: Cli) -> None:
     r = cli("key", "remove", first[:8])
     assert r.returncode == 2 and "opened the repository with" in r.stderr
     assert cli("key", "remove", first[:8], env=as_second).returncode == 0
-    assert cli("snapshots").returncode == 11  # the first password is gone
+    assert cli("snapshots").returncode == 12  # the first password is gone
     # passwd: the new password replaces the one in use, nothing else changes
     third = tmp_path / "third"
     third.write_text("third\n")
     r = cli("--json", "key", "passwd", "--new-password-file", str(third), env=as_second)
     assert r.returncode == 0, r.stderr
-    assert cli("snapshots", env=as_second).returncode == 11
+    assert cli("snapshots", env=as_second).returncode == 12
     as_third = {"DELTAVAULT_PASSWORD_FILE": str(third)}
     out = tmp_path / "out"
     assert cli("restore", "latest", "--target", str(out), env=as_third).returncode == 0

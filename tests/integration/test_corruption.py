@@ -233,7 +233,7 @@ def test_wrong_password_and_tampered_key_change_nothing(cli: Cli, tmp_path: Path
     wrong.write_text("not the password\n")
     for args in (("backup", str(src)), ("check", "--read-data"), ("prune",), ("repair",), ("forget", "--keep-last", "1")):
         r = cli(*args, env={"DELTAVAULT_PASSWORD_FILE": str(wrong)})
-        assert r.returncode == 11, (args, r.returncode, r.stderr)
+        assert r.returncode == 12, (args, r.returncode, r.stderr)
         assert "wrong password" in r.stderr
         assert "Traceback" not in r.stderr
     assert state() == before
