@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
@@ -59,6 +59,19 @@ class Context:
             self.stdout.flush()
         elif text is not None and not self.quiet:
             self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+    def result(self, obj: dict[str, Any], text: str | None = None) -> None:
+        """What a command that shows something (snapshots, ls, find, stats...) is run for:
+        printed even with -q, which drops only progress and reports of what was done."""
+        if self.json:
+            self.emit(obj)
+        elif text is not None:
+            self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+    def binary_stdout(self) -> BinaryIO:
+        """Standard output for bytes (dump, cat blob)."""
+        out: BinaryIO = getattr(self.stdout, "buffer", self.stdout)
+        return out
 
     def say(self, text: str) -> None:
         if not self.json and not self.quiet:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from deltavault.fs.patterns import PatternSet, components
+
 
 @dataclass
 class SourceRoot:
@@ -75,3 +77,38 @@ def original_path(roots: list[SourceRoot], snap_path: bytes) -> bytes | None:
             base = os.fsencode(r.path)
             return base + (b"/" + rest if rest and base != b"/" else rest if rest else b"")
     return None
+
+
+def snapshot_path(roots: list[SourceRoot], path: str) -> bytes:
+    """Where the user's ``path`` is in the snapshot: an original absolute path
+    (``/srv/data/a``) is translated by its source; anything else is taken as a path inside
+    the snapshot (``data/a``, or ``/data/a``)."""
+    if path.startswith("/"):
+        norm = os.path.normpath(path)
+        for r in roots:
+            if r.path == "/" or norm == r.path or norm.startswith(r.path + "/"):
+                rest = norm[len(r.path):].strip("/") if r.path != "/" else norm.strip("/")
+                candidate = r.name + (b"/" + os.fsencode(rest) if rest else b"")
+                if r.only is None or any(candidate == o or candidate.startswith(o + b"/") or
+                                         o.startswith(candidate + b"/") for o in r.only):
+                    return candidate
+    return os.fsencode("/".join(c for c in path.split("/") if c and c != "."))
+
+
+class SnapshotMatcher:
+    """Patterns (fs.patterns) for the entries of one snapshot: an entry matches if its path
+    inside the snapshot (``data/a``) or its original path (``/srv/data/a``) does."""
+
+    def __init__(self, patterns: PatternSet, paths: list[str]) -> None:
+        self.patterns = patterns
+        self.roots = source_roots(paths)
+
+    def _forms(self, snap_path: bytes) -> list[list[str]]:
+        orig = original_path(self.roots, snap_path)
+        return [components(snap_path)] + ([components(orig)] if orig is not None else [])
+
+    def matches(self, snap_path: bytes) -> bool:
+        return any(self.patterns.matches(c) for c in self._forms(snap_path))
+
+    def may_match_below(self, snap_path: bytes) -> bool:
+        return any(self.patterns.may_match_below(c) for c in self._forms(snap_path))
