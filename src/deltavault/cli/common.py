@@ -126,10 +126,13 @@ class Context:
         """The backend of -r/--repo: the one place a command opens its repository's store."""
         return open_backend(self.repo_location())
 
-    def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
-        backend = self.backend()
+    def open_repo(self, *, use_cache: bool = True, tolerant: bool = False, location: str | None = None,
+                  password: Callable[[], bytes] | None = None) -> Repository:
+        """The repository of -r/--repo, or the one at ``location`` opened with ``password``
+        (copy's --from-repo)."""
+        backend = self.backend() if location is None else open_backend(location)
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
-        repo = Repository.open(backend, self.password_source(), cache_root=cache,
+        repo = Repository.open(backend, password or self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
         self.opened.append(repo)
         return repo

@@ -73,15 +73,15 @@ def test_dump_a_file_a_directory_as_tar_and_zip(tmp_path: Path, cli: Cli) -> Non
     r = _raw(cli, "dump", "latest", "data/big.bin")
     assert r.returncode == 0 and r.stdout == (src / "big.bin").read_bytes()
     assert _raw(cli, "dump", "latest", f"{src}/etc/app.conf").stdout == b"v2, longer\n"
-    tar = tarfile.open(fileobj=io.BytesIO(_raw(cli, "dump", "latest", "data").stdout))
-    members = {m.name: m for m in tar.getmembers()}
-    assert set(members) == {"data", "data/etc", "data/etc/app.conf", "data/etc/new.conf", "data/readme.txt",
-                            "data/big.bin", "data/link", "data/hard"}
-    assert members["data/link"].issym() and members["data/link"].linkname == "readme.txt"
-    hard = members["data/hard"] if members["data/hard"].islnk() else members["data/readme.txt"]
-    assert hard.islnk()
-    f = tar.extractfile("data/big.bin")
-    assert f is not None and f.read() == (src / "big.bin").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(_raw(cli, "dump", "latest", "data").stdout)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"data", "data/etc", "data/etc/app.conf", "data/etc/new.conf", "data/readme.txt",
+                                "data/big.bin", "data/link", "data/hard"}
+        assert members["data/link"].issym() and members["data/link"].linkname == "readme.txt"
+        hard = members["data/hard"] if members["data/hard"].islnk() else members["data/readme.txt"]
+        assert hard.islnk()
+        f = tar.extractfile("data/big.bin")
+        assert f is not None and f.read() == (src / "big.bin").read_bytes()
     # everything, as zip, to a file
     out = tmp_path / "all.zip"
     assert cli("dump", "latest", "/", "--archive", "zip", "--target", str(out)).returncode == 0
