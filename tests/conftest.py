@@ -107,6 +107,13 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
     yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env)
 
 
+def init_small_packs(location: Path, password_file: Path | None = None) -> None:
+    """Create a repository with 1 MiB packs (below what `init --pack-size` accepts), so a
+    test makes many packs from a little data; the CLI then opens it as any other."""
+    pw = password_file.read_bytes().rstrip(b"\r\n") if password_file is not None else PASSWORD
+    Repository.init(LocalBackend(location, fsync=False), pw, pack_size=1024 * 1024, scrypt=FAST_SCRYPT)
+
+
 def init_and_back_up(cli: Cli, src: Path, files: dict[str, bytes], *, settle: bool = False) -> None:
     """init a repository, write ``files`` under ``src`` and back it up once. ``settle``
     waits out the racy window (files.RACY_NS), so the next run trusts the files' stat data."""

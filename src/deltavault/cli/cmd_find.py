@@ -46,8 +46,7 @@ def run(ctx: Context) -> int:
                         "path": exact(path), "node_type": n.type.value, "size": n.size, "mtime_ns": n.mtime,
                         "mode": n.mode})
             lines.append(f"  {n.type.value} {human(n.size):>10}  {t}  {display(path)}")
-        if not ctx.json:
-            ctx.result({}, "\n".join(lines))
+        ctx.result(None, "\n".join(lines))
     what = ", ".join(repr(p) for p in a.patterns)
     text = (f"{total} match(es) in {in_snaps} of {len(snaps)} snapshot(s)" if total else
             f"nothing matches {what} in {len(snaps)} snapshot(s)")

@@ -17,11 +17,14 @@ from typing import Any, BinaryIO
 
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
+from deltavault.cli.units import human
 from deltavault.errors import BackendError, UsageError
 from deltavault.model.snapshot import Snapshot
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
+
+__all__ = ["Context", "human", "parse_size", "read_password", "require_password"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -32,14 +35,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64K, 4MiB, 1G)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @dataclass
@@ -60,11 +55,13 @@ class Context:
         elif text is not None and not self.quiet:
             self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
 
-    def result(self, obj: dict[str, Any], text: str | None = None) -> None:
+    def result(self, obj: dict[str, Any] | None, text: str | None = None) -> None:
         """What a command that shows something (snapshots, ls, find, stats...) is run for:
-        printed even with -q, which drops only progress and reports of what was done."""
+        printed even with -q, which drops only progress and reports of what was done.
+        ``obj`` None: nothing in --json mode (a heading or a footer of the text)."""
         if self.json:
-            self.emit(obj)
+            if obj is not None:
+                self.emit(obj)
         elif text is not None:
             self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
 

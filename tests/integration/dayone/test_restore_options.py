@@ -36,7 +36,7 @@ def test_include_globs_restore_only_matches_without_empty_directories(tmp_path: 
             (["--include", f"{src}/b"], {"src", "src/b", "src/b/four.txt", "src/b/x.bin"}),
             (["--include", "**/*.txt", "--exclude", "deep"],
              {"src", "src/a", "src/a/one.txt", "src/a/two.txt", "src/b", "src/b/four.txt", "src/top.txt"}),
-            (["--include", "/src/a/deep/three.txt"], {"src", "src", "src/a", "src/a/deep", "src/a/deep/three.txt"}),
+            (["--include", "/src/a/deep/three.txt"], {"src", "src/a", "src/a/deep", "src/a/deep/three.txt"}),
             (["--exclude", "*.txt", "--exclude", "b"], {"src", "src/a", "src/a/skip.log", "src/a/deep"}))):
         target = tmp_path / f"o{n}"
         r = cli("restore", "latest", "--target", str(target), *args)

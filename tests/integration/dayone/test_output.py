@@ -1,0 +1,79 @@
+"""What a switching user sees: -q drops progress, never results; the terminal progress bar
+has files and bytes in their own columns, human units, totals and an ETA (backup and
+restore); init refuses a useless pack size."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Cli
+
+
+def _on_a_terminal(cli: Cli, *args: str) -> tuple[int, str]:
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "deltavault", *args], env=dict(cli.env, COLUMNS="160"),
+                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(timeout=120)
+    os.close(master)
+    return p.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+
+
+def test_quiet_drops_progress_not_results(tmp_path: Path, cli: Cli) -> None:
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "f").write_text("x")
+    assert cli("init").returncode == 0
+    b = cli("-q", "backup", str(src))
+    assert b.returncode == 0 and b.stdout == ""  # a report of what was done: dropped
+    snaps = cli("-q", "snapshots")
+    assert snaps.returncode == 0 and "1 snapshot(s)" in snaps.stdout and str(src) in snaps.stdout
+    stats = cli("-q", "stats")
+    assert "snapshots:          1" in stats.stdout
+    assert "stats in restore-size mode" in cli("-q", "stats", "--mode", "restore-size").stdout
+    assert "data/f" in cli("-q", "ls", "latest").stdout
+    assert "* " in cli("-q", "key", "list").stdout
+
+
+def test_progress_bars_show_files_and_bytes_apart_with_totals_and_eta(tmp_path: Path, cli: Cli) -> None:
+    src = tmp_path / "data"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i:02d}").write_bytes(os.urandom(2 << 20))
+    assert cli("init").returncode == 0
+    rc, text = _on_a_terminal(cli, "backup", str(src))
+    assert rc == 0, text
+    assert re.search(r"\d+/40 files", text), text  # files, with their total, in their own column
+    assert re.search(r"[\d.]+ (B|KiB|MiB)/80\.0 MiB", text), text  # bytes in binary units, with the total
+    assert "eta " in text and "MiB/s" in text
+    assert not re.search(r"\d{6,}", text.split("snapshot")[0])  # no raw byte counts
+    rc, text = _on_a_terminal(cli, "restore", "latest", "--target", str(tmp_path / "out"))
+    assert rc == 0, text
+    assert re.search(r"[\d.]+ (B|KiB|MiB)/80\.0 MiB", text) and "/?" not in text, text
+    assert re.search(r"\d+/40 files", text), text
+
+
+def test_init_refuses_a_pack_size_outside_the_useful_range(tmp_path: Path, cli: Cli) -> None:
+    for size in ("1M", "512M"):
+        r = cli("init", "--pack-size", size)
+        assert r.returncode == 2 and "outside 4 MiB to 128 MiB" in r.stderr, r.stderr
+    assert not cli.repo.exists()
+    assert cli("init", "--pack-size", "64M").returncode == 0
