@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
+from deltavault.backends.throttle import limited
 from deltavault.cli.units import human
 from deltavault.errors import BackendError, UsageError
 from deltavault.model.snapshot import Snapshot
@@ -24,7 +25,7 @@ from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
 
-__all__ = ["Context", "human", "parse_size", "read_password", "require_password"]
+__all__ = ["Context", "human", "parse_size", "rate", "read_password", "require_password"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -35,6 +36,18 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64K, 4MiB, 1G)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
+
+
+def rate(text: str) -> int:
+    """A bandwidth limit in bytes a second: a bare number is KiB/s (as restic reads it),
+    else a size per second (``5M`` is 5 MiB/s)."""
+    try:
+        value = parse_size(text) if not text.strip().isdigit() else int(text) * 1024
+    except argparse.ArgumentTypeError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (KiB/s, or e.g. 5M for 5 MiB/s)")
+    return value
 
 
 @dataclass
@@ -119,15 +132,17 @@ class Context:
     def password_source(self, *, confirm: bool = False) -> Callable[[], bytes]:
         return lambda: read_password(self.args, confirm=confirm)
 
-    def backend(self) -> Backend:
-        """The backend of -r/--repo: the one place a command opens its repository's store."""
-        return open_backend(self.repo_location())
+    def backend(self, location: str | None = None) -> Backend:
+        """The backend of -r/--repo (or ``location``), held to --limit-upload and
+        --limit-download: the one place a command opens a repository's store."""
+        return limited(open_backend(location or self.repo_location()),
+                       getattr(self.args, "limit_upload", None), getattr(self.args, "limit_download", None))
 
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False, location: str | None = None,
                   password: Callable[[], bytes] | None = None) -> Repository:
         """The repository of -r/--repo, or the one at ``location`` opened with ``password``
         (copy's --from-repo)."""
-        backend = self.backend() if location is None else open_backend(location)
+        backend = self.backend(location)
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
         repo = Repository.open(backend, password or self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)

@@ -14,7 +14,7 @@ from types import FrameType
 from typing import Any
 
 from deltavault import __version__
-from deltavault.cli.common import Context
+from deltavault.cli.common import Context, rate
 from deltavault.errors import DeltavaultError, ExitCode
 from deltavault.platform import tune_allocator
 
@@ -44,6 +44,11 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="restore and check take no lock (a repository you may only read)", **d)
     p.add_argument("--insecure-no-password", action="store_true",
                    help="the repository's password is empty: ask for none (init: create it so)", **d)
+    p.add_argument("--limit-upload", type=rate, metavar="RATE",
+                   help="send at most RATE to the repository or a sync's other host: KiB/s, or with a "
+                        "unit (5M = 5 MiB/s)", **d)
+    p.add_argument("--limit-download", type=rate, metavar="RATE",
+                   help="receive at most RATE from the repository or a sync's other host", **d)
     p.add_argument("--lock-wait", type=float, metavar="SECONDS",
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 
