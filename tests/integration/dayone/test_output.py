@@ -77,3 +77,34 @@ def test_init_refuses_a_pack_size_outside_the_useful_range(tmp_path: Path, cli: 
         assert r.returncode == 2 and "outside 4 MiB to 128 MiB" in r.stderr, r.stderr
     assert not cli.repo.exists()
     assert cli("init", "--pack-size", "64M").returncode == 0
+
+
+def test_every_new_command_and_option_is_in_help(cli: Cli) -> None:
+    top = cli("--help").stdout
+    for command in ("find", "dump", "cat", "copy", "tag", "rewrite", "unlock", "cache"):
+        assert command in top, command
+    assert "--limit-upload" in top and "--limit-download" in top
+    wanted = {
+        "backup": ["--exclude-file", "--iexclude", "--iexclude-file", "--files-from", "--files-from-verbatim",
+                   "--files-from-raw", "--exclude-caches", "--exclude-if-present", "--exclude-larger-than",
+                   "--stdin", "--stdin-filename", "--stdin-from-command", "--dry-run", "--list",
+                   "--skip-if-unchanged"],
+        "restore": ["--include", "--exclude", "--delete", "--overwrite", "--dry-run"],
+        "check": ["--read-data-subset"],
+        "snapshots": ["--path", "--latest", "--host", "--tag"],
+        "forget": ["--tag", "--path", "--prune"],
+        "stats": ["--mode", "restore-size", "raw-data", "files-by-contents"],
+        "key": ["export", "import", "--output"],
+        "copy": ["--from-repo", "--from-password-file"],
+        "tag": ["--add", "--remove", "--set"],
+        "rewrite": ["--exclude", "--dry-run", "--keep-original"],
+        "unlock": ["--remove-all"],
+        "cache": ["--cleanup", "--max-age", "--remove"],
+        "dump": ["--archive", "--target"],
+        "find": ["--snapshot", "--ignore-case"],
+        "init": ["--pack-size"],
+    }
+    for command, options in wanted.items():
+        text = cli(command, "--help").stdout
+        missing = [o for o in options if o not in text]
+        assert not missing, (command, missing)
