@@ -12,8 +12,9 @@ all there). Without the map (another machine, a wiped cache), everything is read
 
 A copy records its source as ``original`` (the first snapshot of its chain), so running
 copy again skips snapshots already copied, and the copy of a snapshot's parent becomes
-the copy's parent. Page digests (keyed by the source's key, for its own next backup) are
-not copied.
+the copy's parent. Page digests are keyed by the repository's key: a file's (which only
+serve the source's next backup) are not copied, a volume's are computed again under the
+target's key (restore --volume --verify checks against them).
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from dataclasses import dataclass, field
 import blake3
 import msgspec
 
+from deltavault.chunking.pages import PageHasher
 from deltavault.errors import UsageError
 from deltavault.fs.files import read_cache_file, write_cache_file
-from deltavault.model.content import ContentRef, Full, Hole, Patch
+from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
+from deltavault.model.volume import BlockMap, Segment
+from deltavault.model.volume import encode as vol_encode
+from deltavault.objects.patch import apply_patches
 from deltavault.objects.trees import encode_tree, load_nodes
+from deltavault.objects.volumes import load_block_map, load_manifest
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
@@ -96,16 +102,18 @@ class Copier:
         if origin in self._copies:
             self.stats.skipped.append((sid, self._copies[origin]))
             return None
-        if snap.tree is None:
-            self.stats.refused.append((sid, "volume snapshots are not copied yet; back the volume up "
-                                            "into this repository directly"))
+        if snap.tree is not None:
+            new_root = {"tree": self._tree(snap.tree)}
+        elif snap.volume is not None:
+            new_root = {"volume": self._volume(snap.volume)}
+        else:
+            self.stats.refused.append((sid, "the snapshot names neither a tree nor a volume"))
             return None
-        tree = self._tree(snap.tree)
         self.dst.flush()  # everything the snapshot names is stored and indexed before it
         parent = None
         if snap.parent is not None:
             parent = self._copies.get(snap.parent) or self._copies.get(self._origin_of(snap.parent))
-        new = msgspec.structs.replace(snap, tree=tree, parent=parent, original=origin)
+        new = msgspec.structs.replace(snap, parent=parent, original=origin, **new_root)
         new_id = self.dst.save_snapshot(new)
         self._copies[origin] = new_id
         self.stats.copied.append((sid, new_id))
@@ -126,12 +134,16 @@ class Copier:
         """Store in the target the blobs of ``ids`` it lacks, read from the source together."""
         todo = [b for b in dict.fromkeys(ids) if self._mapped(b) is None]
         for bid, data in self.src.load_blobs(todo):
-            new, added = self.dst.save_blob(btype, data)
-            self.ids[bid] = new
-            self.stats.blobs_read += 1
-            self.stats.bytes_read += len(data)
-            self.stats.blobs_new += added > 0
-            self.reporter.advance(nbytes=len(data))
+            self._store(bid, data, btype)
+
+    def _store(self, bid: bytes, data: bytes, btype: BlobType) -> None:
+        """The source's blob ``bid`` (its bytes ``data``) into the target, and into the map."""
+        new, added = self.dst.save_blob(btype, data)
+        self.ids[bid] = new
+        self.stats.blobs_read += 1
+        self.stats.bytes_read += len(data)
+        self.stats.blobs_new += added > 0
+        self.reporter.advance(nbytes=len(data))
 
     def _ref(self, r: ContentRef) -> ContentRef:
         m: Callable[[bytes], bytes] = self.ids.__getitem__
@@ -169,6 +181,51 @@ class Copier:
             stack.pop()
             if not stack:
                 return new
+
+    def _volume(self, manifest_id: bytes) -> bytes:
+        """A volume manifest and its segments. Block maps are rewritten with the target's
+        blob ids; page digests are keyed by the repository's key, so they are computed
+        again, under the target's, from the blocks' content (what a restore writes: the
+        segment's pages, zeros past the end). The change sources' state only speeds up the
+        source's next backup and is not copied; the target's first volume backup of that
+        disk reads it whole."""
+        done = self._mapped(manifest_id)
+        if done is not None:
+            return done
+        m = load_manifest(self.src, manifest_id)
+        hasher = PageHasher(self.dst.master.mac if self.dst.master else None)
+        segments = []
+        for seg in m.segments:
+            new_map, new_dig = self._mapped(seg.map), self._mapped(seg.digests)
+            if new_map is None or new_dig is None:
+                bm = load_block_map(self.src, seg.map)
+                digests = bytearray()
+                for r in bm.refs:
+                    data = self._block(r)
+                    pad = -len(data) % PAGE_SIZE  # the volume's last page is digested padded with zeros
+                    digests += hasher.digests(data + bytes(pad) if pad else data)
+                new_map = self.dst.save_blob(BlobType.META, vol_encode(
+                    BlockMap(first=bm.first, refs=[self._ref(r) for r in bm.refs])))[0]
+                new_dig = self.dst.save_blob(BlobType.META, bytes(digests), compress=False)[0]
+                self.ids[seg.map], self.ids[seg.digests] = new_map, new_dig
+            segments.append(Segment(new_map, new_dig))
+        new = msgspec.structs.replace(m, segments=segments, checkpoints=[])
+        nid = self.dst.save_blob(BlobType.META, vol_encode(new))[0]
+        self.ids[manifest_id] = nid
+        return nid
+
+    def _block(self, r: ContentRef) -> bytes:
+        """A volume block's bytes, read from the source once; its blobs stored in the target."""
+        if isinstance(r, Hole):
+            return bytes(r.size)
+        blobs = {b: self.src.load_blob(b) for b in _ids(r)}
+        for b, data in blobs.items():
+            if self._mapped(b) is None:
+                self._store(b, data, BlobType.DATA)
+        if isinstance(r, Full):
+            return blobs[r.id]
+        assert isinstance(r, Patch)
+        return apply_patches(blobs[r.base], [blobs[p] for p in r.patches], r.size)
 
     def _tree_done(self, tid: bytes) -> bool:
         """The subtree is in the target as a whole (this run copied it, or the map says so
