@@ -44,13 +44,19 @@ def run(ctx: Context) -> int:
             raise UsageError(f"{a.path!r} is a {node.type.name.lower()}: dump writes files and directories")
         with _output(ctx, a.target, binary_dir=is_dir) as out:
             if not is_dir:
-                dump_file(repo, node, out)
+                nbytes, count = dump_file(repo, node, out), 1
             else:
                 entries = walk_entries(repo, node, rel)
                 if not rel:
                     next(entries)  # the snapshot's root has no name of its own
-                (dump_zip if a.archive == "zip" else dump_tar)(repo, entries, out)
+                nbytes, count = 0, (dump_zip if a.archive == "zip" else dump_tar)(repo, entries, out)
             out.flush()
+    if a.target is not None:  # stdout carries the data itself: no report on it
+        kind = "file" if not is_dir else a.archive
+        ctx.emit({"type": "dump", "snapshot": sid, "path": a.path, "target": a.target, "format": kind,
+                  "entries": count, **({"bytes": nbytes} if not is_dir else {})},
+                 f"wrote {a.path} of snapshot {sid[:8]} to {a.target}"
+                 + (f" ({count} entries as {kind})" if is_dir else f" ({nbytes} bytes)"))
     return 0
 
 

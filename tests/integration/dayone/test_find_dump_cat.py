@@ -84,7 +84,10 @@ def test_dump_a_file_a_directory_as_tar_and_zip(tmp_path: Path, cli: Cli) -> Non
         assert f is not None and f.read() == (src / "big.bin").read_bytes()
     # everything, as zip, to a file
     out = tmp_path / "all.zip"
-    assert cli("dump", "latest", "/", "--archive", "zip", "--target", str(out)).returncode == 0
+    r = cli("--json", "dump", "latest", "/", "--archive", "zip", "--target", str(out))
+    assert r.returncode == 0 and r.last("dump")["entries"] == 7  # no symlink in a zip
+    one = cli("--json", "dump", "latest", "data/readme.txt", "--target", str(tmp_path / "readme"))
+    assert one.last("dump")["bytes"] == len("read me\n") and (tmp_path / "readme").read_text() == "read me\n"
     with zipfile.ZipFile(out) as z:
         assert z.read("data/etc/app.conf") == b"v2, longer\n"
         assert "data/etc/" in z.namelist()
