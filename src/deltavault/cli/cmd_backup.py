@@ -67,7 +67,7 @@ def run(ctx: Context) -> int:
     opts = FileBackupOptions(one_file_system=a.one_file_system, read_all=a.force, workers=a.workers)
     apply_input_options(a, opts)
     if a.list:
-        opts.on_file = lambda path, status: ctx.emit(
+        opts.on_file = lambda path, status: ctx.result(
             {"type": "file", "status": status, "path": exact(path)}, f"{status}  {display(path)}")
     if a.delta_threshold:
         opts.delta_threshold = a.delta_threshold
