@@ -1,5 +1,5 @@
 """Path patterns: one rule for backup's ``--exclude``, restore's ``--include``/``--exclude``,
-``find``, ``rewrite`` and ``copy`` (docs/user-guide.md, "Patterns").
+``find`` and ``rewrite`` (docs/user-guide.md, "Patterns").
 
 A pattern is components separated by ``/``. In a component, ``*`` matches any run of
 characters, ``?`` one, ``[abc]`` one of a set; a whole component ``**`` matches any number
