@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
-import sys
-from pathlib import Path
 
-from deltavault.cli.common import Context, human
+from deltavault.cli.common import Context, human, read_secret
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import ExitCode, UsageError, WrongPassword
 from deltavault.maintenance.copy import Copier, describe
@@ -29,19 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _from_password(a: argparse.Namespace) -> bytes:
     if a.from_insecure_no_password:
         return b""
-    env = os.environ.get("DELTAVAULT_FROM_PASSWORD")
-    if env is not None:
-        return env.encode()
-    path = a.from_password_file or os.environ.get("DELTAVAULT_FROM_PASSWORD_FILE")
-    if path:
-        try:
-            return Path(path).read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read the source's password file {path}: {exc.strerror}") from exc
-    if sys.stdin.isatty():
-        return getpass.getpass("source repository password: ").encode()
-    raise UsageError("no password for the source repository: use --from-password-file, "
-                     "DELTAVAULT_FROM_PASSWORD_FILE or DELTAVAULT_FROM_PASSWORD")
+    return read_secret("DELTAVAULT_FROM_PASSWORD", a.from_password_file or
+                       os.environ.get("DELTAVAULT_FROM_PASSWORD_FILE"), what="source repository's password",
+                       prompt="source repository password: ",
+                       hint="use --from-password-file, DELTAVAULT_FROM_PASSWORD_FILE or DELTAVAULT_FROM_PASSWORD")
 
 
 def run(ctx: Context) -> int:

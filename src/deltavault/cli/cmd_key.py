@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
-import sys
 from pathlib import Path
 
-from deltavault.cli.common import Context, read_password, require_password
+from deltavault.cli.common import Context, read_password, read_secret, require_password
 from deltavault.errors import TargetError, UsageError
 from deltavault.repository import keyring
 
@@ -27,19 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _new_password(a: argparse.Namespace) -> bytes:
-    path = a.new_password_file or os.environ.get("DELTAVAULT_NEW_PASSWORD_FILE")
-    if path:
-        try:
-            return Path(path).read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise UsageError(f"cannot read the new password file {path}: {exc.strerror}") from exc
-    if sys.stdin.isatty():
-        pw = getpass.getpass("new password: ")
-        if getpass.getpass("enter it again: ") != pw:
-            raise UsageError("the passwords do not match")
-        return pw.encode()
-    raise UsageError("no new password: use --new-password-file or DELTAVAULT_NEW_PASSWORD_FILE, "
-                     "or run on a terminal to be asked")
+    return read_secret(None, a.new_password_file or os.environ.get("DELTAVAULT_NEW_PASSWORD_FILE"),
+                       what="new password", prompt="new password: ", confirm=True,
+                       hint="use --new-password-file or DELTAVAULT_NEW_PASSWORD_FILE")
 
 
 def run(ctx: Context) -> int:

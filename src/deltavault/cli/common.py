@@ -25,7 +25,7 @@ from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
 
-__all__ = ["Context", "human", "parse_size", "rate", "read_password", "require_password"]
+__all__ = ["Context", "human", "parse_size", "rate", "read_password", "read_secret", "require_password"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -173,23 +173,31 @@ class Context:
 def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
     if getattr(args, "insecure_no_password", False):
         return b""
-    env = os.environ.get("DELTAVAULT_PASSWORD")
-    if env is not None:
-        return env.encode()
-    path = getattr(args, "password_file", None) or os.environ.get("DELTAVAULT_PASSWORD_FILE")
+    return read_secret("DELTAVAULT_PASSWORD", getattr(args, "password_file", None) or
+                       os.environ.get("DELTAVAULT_PASSWORD_FILE"), what="password", prompt="repository password: ",
+                       confirm=confirm, hint="set DELTAVAULT_PASSWORD_FILE (or --password-file, or "
+                                             "DELTAVAULT_PASSWORD)")
+
+
+def read_secret(env: str | None, path: str | None, *, what: str, prompt: str, hint: str,
+                confirm: bool = False) -> bytes:
+    """A password: from the variable ``env``, else the file ``path`` (one line; a trailing
+    newline is ignored), else asked on a terminal; else a usage error that gives ``hint``."""
+    value = os.environ.get(env) if env else None
+    if value is not None:
+        return value.encode()
     if path:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
+            raise UsageError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
         return data.rstrip(b"\r\n")
     if sys.stdin.isatty():
-        pw = getpass.getpass("repository password: ")
+        pw = getpass.getpass(prompt)
         if confirm and getpass.getpass("enter it again: ") != pw:
             raise UsageError("the passwords do not match")
         return pw.encode()
-    raise UsageError("no password: set DELTAVAULT_PASSWORD_FILE (or --password-file, or DELTAVAULT_PASSWORD), "
-                     "or run on a terminal to be asked")
+    raise UsageError(f"no {what}: {hint}, or run on a terminal to be asked")
 
 
 def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:

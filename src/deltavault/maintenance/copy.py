@@ -28,7 +28,7 @@ import msgspec
 from deltavault.chunking.pages import PageHasher
 from deltavault.errors import UsageError
 from deltavault.fs.files import read_cache_file, write_cache_file
-from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
+from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
@@ -169,7 +169,7 @@ class Copier:
                     stack.append(_Dir(n.subtree, load_nodes(self.src, n.subtree)))
                 continue
             nodes = d.nodes
-            self._blobs([b for n in nodes for r in n.content for b in _ids(r)], BlobType.DATA)
+            self._blobs([b for n in nodes for r in n.content for b in ref_blob_ids(r)], BlobType.DATA)
             out = [msgspec.structs.replace(n, content=[self._ref(r) for r in n.content], pages=None,
                                            subtree=self.ids[n.subtree] if n.subtree is not None else None)
                    for n in nodes]
@@ -218,7 +218,7 @@ class Copier:
         """A volume block's bytes, read from the source once; its blobs stored in the target."""
         if isinstance(r, Hole):
             return bytes(r.size)
-        blobs = {b: self.src.load_blob(b) for b in _ids(r)}
+        blobs = {b: self.src.load_blob(b) for b in ref_blob_ids(r)}
         for b, data in blobs.items():
             if self._mapped(b) is None:
                 self._store(b, data, BlobType.DATA)
@@ -239,14 +239,6 @@ class _Dir:
     tree: bytes
     nodes: list[Node]
     i: int = 0
-
-
-def _ids(r: ContentRef) -> list[bytes]:
-    if isinstance(r, Full):
-        return [r.id]
-    if isinstance(r, Patch):
-        return [r.base, *r.patches]
-    return []
 
 
 def describe(stats: CopyStats) -> str:
