@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from hypothesis import settings
 
 from deltavault.backends.local import LocalBackend
 from deltavault.repository.repository import Repository
+from tests.sshd import Server, sshd
 from tests.treeutil import remove_tree
 
 # CI replays the same examples every run, so a red run is reproducible and caused by the change
@@ -128,6 +132,14 @@ def init_and_back_up(cli: Cli, src: Path, files: dict[str, bytes], *, settle: bo
 
 
 @pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A real sshd on 127.0.0.1 (tests/sshd.py), its client configuration in force."""
+    with sshd(tmp_path) as srv:
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
+        yield srv
+
+
+@pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory user nobody can reach (pytest's own tmp root is private to root)."""
     d = Path(tempfile.mkdtemp(prefix="dv-hostile-", dir="/tmp"))
@@ -136,3 +148,26 @@ def shared_dir() -> Iterator[Path]:
         yield d
     finally:
         remove_tree(d)
+
+
+def on_a_terminal(cli: Cli, *args: str) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal; its exit code and what it showed, escapes removed."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "deltavault", *args], env=dict(cli.env, COLUMNS="160"),
+                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(timeout=120)
+    os.close(master)
+    return p.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))

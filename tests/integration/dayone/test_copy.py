@@ -4,13 +4,11 @@ deduplicated against the target, incremental by the map, and bad input."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import Cli
-from tests.sshd import Server, missing_tools, sshd
+from tests.integration.dayone.conftest import needs_sshd
+from tests.sshd import Server
 from tests.treeutil import manifest
 
 
@@ -127,15 +125,6 @@ def test_copy_a_volume_snapshot_and_restore_it_verified(tmp_path: Path, cli: Cli
     # the target's own next volume backup of that disk works from the copy (it reads it whole)
     assert cli("backup", "--volume", str(img), "--block-size", "256K", env=target).returncode == 0
 
-
-needs_sshd = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    with sshd(tmp_path) as srv:
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
-        yield srv
 
 
 @needs_sshd

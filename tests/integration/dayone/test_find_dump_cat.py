@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import time
 import zipfile
 from pathlib import Path
 
 from tests.conftest import Cli
+from tests.integration.dayone.conftest import raw
 
 
 def _two_snapshots(tmp_path: Path, cli: Cli) -> Path:
@@ -30,10 +29,6 @@ def _two_snapshots(tmp_path: Path, cli: Cli) -> Path:
     (src / "etc" / "new.conf").write_text("new\n")
     assert cli("backup", str(src)).returncode == 0
     return src
-
-
-def _raw(cli: Cli, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "deltavault", *args], env=cli.env, capture_output=True)
 
 
 def test_find_names_snapshots_paths_sizes_and_times(tmp_path: Path, cli: Cli) -> None:
@@ -70,10 +65,10 @@ def test_find_bad_input(tmp_path: Path, cli: Cli) -> None:
 
 def test_dump_a_file_a_directory_as_tar_and_zip(tmp_path: Path, cli: Cli) -> None:
     src = _two_snapshots(tmp_path, cli)
-    r = _raw(cli, "dump", "latest", "data/big.bin")
+    r = raw(cli, "dump", "latest", "data/big.bin")
     assert r.returncode == 0 and r.stdout == (src / "big.bin").read_bytes()
-    assert _raw(cli, "dump", "latest", f"{src}/etc/app.conf").stdout == b"v2, longer\n"
-    with tarfile.open(fileobj=io.BytesIO(_raw(cli, "dump", "latest", "data").stdout)) as tar:
+    assert raw(cli, "dump", "latest", f"{src}/etc/app.conf").stdout == b"v2, longer\n"
+    with tarfile.open(fileobj=io.BytesIO(raw(cli, "dump", "latest", "data").stdout)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         assert set(members) == {"data", "data/etc", "data/etc/app.conf", "data/etc/new.conf", "data/readme.txt",
                                 "data/big.bin", "data/link", "data/hard"}
@@ -114,14 +109,14 @@ def test_cat_shows_each_kind_of_object(tmp_path: Path, cli: Cli) -> None:
     tree = json.loads(cli("cat", "tree", "latest:data/etc").stdout)
     node = next(n for n in tree["nodes"] if n["name"] == "new.conf")
     blob_id = node["content"][0][1]
-    assert _raw(cli, "cat", "blob", blob_id).stdout == b"new\n"
-    assert _raw(cli, "cat", "blob", blob_id[:12]).stdout == b"new\n"
+    assert raw(cli, "cat", "blob", blob_id).stdout == b"new\n"
+    assert raw(cli, "cat", "blob", blob_id[:12]).stdout == b"new\n"
     assert json.loads(cli("cat", "tree", tree["id"]).stdout) == tree
     index_id = next(iter(os.listdir(cli.repo / "index")))
     idx = json.loads(cli("cat", "index", index_id[:10]).stdout)
     assert idx["id"] == index_id and idx["packs"]
     pack = idx["packs"][0]["id"]
-    assert _raw(cli, "cat", "pack", pack).stdout == (cli.repo / "data" / pack[:2] / pack).read_bytes()
+    assert raw(cli, "cat", "pack", pack).stdout == (cli.repo / "data" / pack[:2] / pack).read_bytes()
     key = next(iter(os.listdir(cli.repo / "keys")))
     assert json.loads(cli("cat", "key", key[:8]).stdout)["kdf"] == "scrypt"
     assert json.loads(cli("--json", "cat", "config").stdout.strip())["format"] == "deltavault"

@@ -7,17 +7,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deltavault.backends.throttle import TokenBucket
 from tests.conftest import Cli
-from tests.sshd import Server, missing_tools, sshd
+from tests.integration.dayone.conftest import needs_sshd
+from tests.sshd import Server
 from tests.treeutil import manifest
-
-needs_sshd = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
 
 
 def test_the_bucket_holds_the_average_rate() -> None:
@@ -41,12 +39,6 @@ def test_bad_rates_are_usage_errors(cli: Cli) -> None:
         r = cli("--limit-upload", bad, "snapshots")
         assert r.returncode == 2 and "not a rate" in r.stderr, r.stderr
 
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    with sshd(tmp_path) as srv:
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
-        yield srv
 
 
 @needs_sshd

@@ -5,36 +5,10 @@ restore); init refuses a useless pack size."""
 from __future__ import annotations
 
 import os
-import pty
 import re
-import select
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import Cli
-
-
-def _on_a_terminal(cli: Cli, *args: str) -> tuple[int, str]:
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "deltavault", *args], env=dict(cli.env, COLUMNS="160"),
-                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
-    os.close(slave)
-    out = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 60)
-        if not r:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    p.wait(timeout=120)
-    os.close(master)
-    return p.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+from tests.conftest import Cli, on_a_terminal
 
 
 def test_quiet_drops_progress_not_results(tmp_path: Path, cli: Cli) -> None:
@@ -59,13 +33,13 @@ def test_progress_bars_show_files_and_bytes_apart_with_totals_and_eta(tmp_path: 
     for i in range(40):
         (src / f"f{i:02d}").write_bytes(os.urandom(2 << 20))
     assert cli("init").returncode == 0
-    rc, text = _on_a_terminal(cli, "backup", str(src))
+    rc, text = on_a_terminal(cli, "backup", str(src))
     assert rc == 0, text
     assert re.search(r"\d+/40 files", text), text  # files, with their total, in their own column
     assert re.search(r"[\d.]+ (B|KiB|MiB)/80\.0 MiB", text), text  # bytes in binary units, with the total
     assert "eta " in text and "MiB/s" in text
     assert not re.search(r"\d{6,}", text.split("snapshot")[0])  # no raw byte counts
-    rc, text = _on_a_terminal(cli, "restore", "latest", "--target", str(tmp_path / "out"))
+    rc, text = on_a_terminal(cli, "restore", "latest", "--target", str(tmp_path / "out"))
     assert rc == 0, text
     assert re.search(r"[\d.]+ (B|KiB|MiB)/80\.0 MiB", text) and "/?" not in text, text
     assert re.search(r"\d+/40 files", text), text

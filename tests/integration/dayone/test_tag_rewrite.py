@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.conftest import Cli
-
-
-def _raw(cli: Cli, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "deltavault", *args], env=cli.env, capture_output=True)
+from tests.integration.dayone.conftest import raw
 
 
 def _repo(tmp_path: Path, cli: Cli) -> Path:
@@ -65,7 +60,7 @@ def test_rewrite_drops_paths_and_prune_frees_their_data(tmp_path: Path, cli: Cli
     dry = cli("--json", "rewrite", "--exclude", "secrets", "--dry-run")
     assert dry.returncode == 0 and dry.last("rewrite_summary")["rewritten"] == 2
     assert [o["path"] for o in dry.json if o["type"] == "removed"] == ["data/secrets", "data/secrets"]
-    assert _raw(cli, "cat", "blob", secret_blobs[0]).returncode == 0
+    assert raw(cli, "cat", "blob", secret_blobs[0]).returncode == 0
     before = {s["id"] for s in cli("--json", "snapshots").json}
     r = cli("--json", "rewrite", "--exclude", "data/secrets")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -77,7 +72,7 @@ def test_rewrite_drops_paths_and_prune_frees_their_data(tmp_path: Path, cli: Cli
     assert sorted(o["path"] for o in ls) == ["data", "data/big.bin", "data/notes.txt"]
     assert cli("check").returncode == 0
     assert cli("prune").returncode == 0
-    gone = _raw(cli, "cat", "blob", secret_blobs[0])
+    gone = raw(cli, "cat", "blob", secret_blobs[0])
     assert gone.returncode == 2 and b"no blob" in gone.stderr  # freed
     assert cli("check", "--read-data").returncode == 0
     out = tmp_path / "out"
