@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from hypothesis import settings
 from deltavault.backends.local import LocalBackend
 from deltavault.repository.repository import Repository
 from tests.seaweed import Seaweed
+from tests.sshd import Server, sshd
 from tests.treeutil import remove_tree
 
 # CI replays the same examples every run, so a red run is reproducible and caused by the change
@@ -108,6 +112,17 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
     yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env)
 
 
+def init_small_packs(location: Path | str, password_file: Path | None = None) -> None:
+    """Create a repository with 1 MiB packs (below what `init --pack-size` accepts), so a
+    test makes many packs from a little data; the CLI then opens it as any other.
+    ``location``: a directory, or a repository URL (s3:..., with its settings in the environment)."""
+    from deltavault.backends import open_backend
+
+    pw = password_file.read_bytes().rstrip(b"\r\n") if password_file is not None else PASSWORD
+    backend = LocalBackend(location, fsync=False) if isinstance(location, Path) else open_backend(location)
+    Repository.init(backend, pw, pack_size=1024 * 1024, scrypt=FAST_SCRYPT)
+
+
 def init_and_back_up(cli: Cli, src: Path, files: dict[str, bytes], *, settle: bool = False) -> None:
     """init a repository, write ``files`` under ``src`` and back it up once. ``settle``
     waits out the racy window (files.RACY_NS), so the next run trusts the files' stat data."""
@@ -143,6 +158,14 @@ def s3env(seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A real sshd on 127.0.0.1 (tests/sshd.py), its client configuration in force."""
+    with sshd(tmp_path) as srv:
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
+        yield srv
+
+
+@pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory user nobody can reach (pytest's own tmp root is private to root)."""
     d = Path(tempfile.mkdtemp(prefix="dv-hostile-", dir="/tmp"))
@@ -151,3 +174,26 @@ def shared_dir() -> Iterator[Path]:
         yield d
     finally:
         remove_tree(d)
+
+
+def on_a_terminal(cli: Cli, *args: str) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal; its exit code and what it showed, escapes removed."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "deltavault", *args], env=dict(cli.env, COLUMNS="160"),
+                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(timeout=120)
+    os.close(master)
+    return p.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))

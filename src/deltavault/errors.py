@@ -17,9 +17,11 @@ class ExitCode(IntEnum):
     FATAL = 1
     USAGE = 2
     PARTIAL = 3  # finished, but some files could not be read or written
+    # 10, 11 and 12 mean what they mean in restic (docs/switching.md), so scripts ported
+    # from it read them right.
     REPO_NOT_FOUND = 10
-    WRONG_PASSWORD = 11
-    LOCKED = 12
+    LOCKED = 11
+    WRONG_PASSWORD = 12
     CORRUPT = 13
     NO_SPACE = 14
     BACKEND = 15  # backend unreachable or failing after retries

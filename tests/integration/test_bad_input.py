@@ -196,7 +196,7 @@ def test_wrong_password_changes_nothing(tmp_path: Path, cli: Cli) -> None:
     for args in (["backup", str(src)], ["snapshots"], ["restore", "latest", "--target", str(tmp_path / "o")],
                  ["check"]):
         r = cli(*args, env={"DELTAVAULT_PASSWORD": "not the password"})
-        assert r.returncode == 11, (args, r.stderr)
+        assert r.returncode == 12, (args, r.stderr)
         assert "wrong password" in r.stderr
     assert state() == before
     assert not (tmp_path / "o").exists()
@@ -306,7 +306,7 @@ def test_a_read_only_repository_can_be_restored_and_checked(tmp_path: Path, cli:
     # also skips waiting for an exclusive lock, so test it against one held here
     holder = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, use_cache=False)
     with holder.lock(exclusive=True, command="test"):
-        assert cli("restore", "latest", "--target", str(tmp_path / "out2")).returncode == 12
+        assert cli("restore", "latest", "--target", str(tmp_path / "out2")).returncode == 11
         r = cli("--no-lock", "restore", "latest", "--target", str(tmp_path / "out3"))
         assert r.returncode == 0, r.stderr
     assert manifest(tmp_path / "out3" / "src") == manifest(src)

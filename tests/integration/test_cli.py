@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import pty
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.conftest import Cli, init_and_back_up
+from tests.conftest import Cli, init_and_back_up, on_a_terminal
 from tests.treeutil import manifest
 
 
@@ -73,7 +71,7 @@ def test_exit_codes(tmp_path: Path, cli: Cli) -> None:
     assert cli("backup").returncode == 2  # usage
     assert cli("init").returncode == 0
     assert cli("init").returncode == 1  # already exists
-    assert cli("snapshots", env={"DELTAVAULT_PASSWORD": "nope"}).returncode == 11
+    assert cli("snapshots", env={"DELTAVAULT_PASSWORD": "nope"}).returncode == 12
     assert cli("restore", "deadbeef", "--target", str(tmp_path / "x")).returncode == 2
     assert cli("backup", str(tmp_path / "does-not-exist")).returncode == 2
     assert cli("backup", str(src)).returncode == 0
@@ -103,7 +101,7 @@ with repo.lock(exclusive=True, command="prune (test)"):
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         r = cli("--json", "backup", str(src))
-        assert r.returncode == 12, r.stdout + r.stderr
+        assert r.returncode == 11, r.stdout + r.stderr
         msg = r.last("error")["message"]
         assert "locked exclusively" in msg and "prune (test)" in msg
         assert r.last("error")["retryable"] is True
@@ -120,27 +118,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, cli: Cli) -> None:
     for i in range(40):
         (src / f"f{i}").write_bytes(os.urandom(2 << 20))
     cli("init")
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "deltavault", "backup", str(src)], env=dict(cli.env, COLUMNS="120"),
-                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
-    os.close(slave)
-    out = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 30)
-        if not r:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    p.wait(timeout=60)
-    os.close(master)
-    text = out.decode(errors="replace")
-    assert p.returncode == 0, text
-    assert "backup" in text and "MiB" in text and "\x1b[" in text  # a live rich bar
+    rc, text = on_a_terminal(cli, "backup", str(src))
+    assert rc == 0, text
+    assert "backup" in text and "MiB" in text  # a live rich bar
     assert "snapshot" in text
 
 
@@ -161,13 +141,13 @@ def test_key_add_remove_and_passwd(tmp_path: Path, cli: Cli) -> None:
     r = cli("key", "remove", first[:8])
     assert r.returncode == 2 and "opened the repository with" in r.stderr
     assert cli("key", "remove", first[:8], env=as_second).returncode == 0
-    assert cli("snapshots").returncode == 11  # the first password is gone
+    assert cli("snapshots").returncode == 12  # the first password is gone
     # passwd: the new password replaces the one in use, nothing else changes
     third = tmp_path / "third"
     third.write_text("third\n")
     r = cli("--json", "key", "passwd", "--new-password-file", str(third), env=as_second)
     assert r.returncode == 0, r.stderr
-    assert cli("snapshots", env=as_second).returncode == 11
+    assert cli("snapshots", env=as_second).returncode == 12
     as_third = {"DELTAVAULT_PASSWORD_FILE": str(third)}
     out = tmp_path / "out"
     assert cli("restore", "latest", "--target", str(out), env=as_third).returncode == 0

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import Cli
+from tests.conftest import Cli, init_small_packs
 
 HOSTS = 3
 ROUNDS = 4
@@ -36,7 +36,7 @@ def run(cli: Cli, *args: str, cache: Path | None = None) -> tuple[int, list[dict
 
 
 def test_hosts_back_up_concurrently_while_prune_runs(cli: Cli, tmp_path: Path) -> None:
-    assert run(cli, "init", "--pack-size", "1M")[0] == 0
+    init_small_packs(cli.repo, cli.password_file)
     expected: dict[str, dict[str, str]] = {}
     forgotten: set[str] = set()
     spans: list[tuple[float, float]] = []

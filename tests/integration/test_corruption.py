@@ -28,7 +28,7 @@ from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
-from tests.conftest import PASSWORD, Cli
+from tests.conftest import PASSWORD, Cli, init_small_packs
 
 TRIALS = int(os.environ.get("DELTAVAULT_CORRUPTION_TRIALS", "90"))
 SEED = int(os.environ.get("DELTAVAULT_CORRUPTION_SEED", str(random.randrange(1 << 30))))
@@ -79,7 +79,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
         p = subprocess.run([sys.executable, "-m", "deltavault", *args], env=env, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
 
-    run("init", "--pack-size", "1M")
+    init_small_packs(Path(env["DELTAVAULT_REPOSITORY"]), Path(env["DELTAVAULT_PASSWORD_FILE"]))
     run("backup", str(src))
     (src / "f1").write_bytes(rnd.randbytes(200_000))
     (src / "sub" / "g2").write_bytes(rnd.randbytes(150_000))
@@ -233,7 +233,7 @@ def test_wrong_password_and_tampered_key_change_nothing(cli: Cli, tmp_path: Path
     wrong.write_text("not the password\n")
     for args in (("backup", str(src)), ("check", "--read-data"), ("prune",), ("repair",), ("forget", "--keep-last", "1")):
         r = cli(*args, env={"DELTAVAULT_PASSWORD_FILE": str(wrong)})
-        assert r.returncode == 11, (args, r.returncode, r.stderr)
+        assert r.returncode == 12, (args, r.returncode, r.stderr)
         assert "wrong password" in r.stderr
         assert "Traceback" not in r.stderr
     assert state() == before
@@ -249,7 +249,7 @@ def test_wrong_password_and_tampered_key_change_nothing(cli: Cli, tmp_path: Path
 
 
 def test_cli_check_names_damaged_file_and_repair_reports_it(cli: Cli, tmp_path: Path) -> None:
-    assert cli("init", "--pack-size", "1M").returncode == 0
+    init_small_packs(cli.repo, cli.password_file)
     src = tmp_path / "s"
     src.mkdir()
     (src / "keep").write_bytes(os.urandom(300_000))

@@ -32,7 +32,7 @@ from deltavault.model.nodes import NodeType
 from deltavault.objects.reader import read_ref
 from deltavault.objects.walk import walk
 from deltavault.repository.repository import Repository
-from tests.conftest import PASSWORD, Cli
+from tests.conftest import PASSWORD, Cli, init_small_packs
 
 TRIALS = int(os.environ.get("DELTAVAULT_CRASH_TRIALS", "200"))
 SEED = int(os.environ.get("DELTAVAULT_CRASH_SEED", str(random.randrange(1 << 30))))
@@ -259,7 +259,7 @@ class Harness:
 def test_sigkill_at_random_points(cli: Cli, tmp_path: Path) -> None:
     rnd = random.Random(SEED)
     print(f"crash test seed {SEED} trials {TRIALS}")
-    assert cli("init", "--pack-size", "1M").returncode == 0
+    init_small_packs(cli.repo, cli.password_file)
     run_trials(Harness(cli, tmp_path, rnd), rnd, TRIALS)
 
 

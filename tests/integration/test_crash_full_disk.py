@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, needs_root, needs_tools
+from tests.conftest import Cli, init_small_packs, needs_root, needs_tools
 from tests.loopdev import fresh_fs
 
 
@@ -30,7 +30,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
 def test_prune_on_a_full_disk_deletes_nothing_and_keeps_every_snapshot(tmp_path: Path, cli: Cli,
                                                                          tiny_fs: Path) -> None:
     env = {"DELTAVAULT_REPOSITORY": str(tiny_fs / "repo")}
-    assert cli("init", "--pack-size", "1M", env=env).returncode == 0
+    init_small_packs(tiny_fs / "repo", cli.password_file)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(24):

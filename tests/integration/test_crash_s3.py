@@ -20,7 +20,7 @@ from deltavault.backends import open_backend
 from deltavault.backends.base import TEMP_PREFIX, unwrap
 from deltavault.backends.s3 import S3Backend
 from deltavault.repository.repository import Repository
-from tests.conftest import PASSWORD, Cli
+from tests.conftest import PASSWORD, Cli, init_small_packs
 from tests.integration.test_crash import SEED, Harness, run_trials
 from tests.seaweed import Seaweed
 
@@ -82,7 +82,7 @@ def test_sigkill_at_random_points_on_s3(cli: Cli, seaweed: Seaweed, tmp_path: Pa
     bucket = seaweed.new_bucket()
     cli.env.update(seaweed.env(), DELTAVAULT_REPOSITORY=seaweed.url(bucket, "repo"))
     print(f"S3 crash test seed {SEED} trials {TRIALS}")
-    assert cli("init", "--pack-size", "1M").returncode == 0
+    init_small_packs(cli.env["DELTAVAULT_REPOSITORY"], cli.password_file)
     h = S3Harness(cli, tmp_path, rnd, seaweed, bucket)
     run_trials(h, rnd, TRIALS)
     print({k: h.stats.get(k) for k in ("killed", "killed_at_op", "temp_files_left_by_kills", "uploads_left_by_kills")})

@@ -54,7 +54,7 @@ def test_init_refuses_an_empty_password(cli: Cli, tmp_path: Path) -> None:
     assert cli("init", "--insecure-no-password").returncode == 0
     assert json.loads(cli.repo.joinpath("config").read_text())["encryption"] == "aes-256-gcm+scrypt"
     assert cli("snapshots", "--insecure-no-password").returncode == 0
-    assert cli("snapshots").returncode == 11  # the real password file's password is not the key's
+    assert cli("snapshots").returncode == 12  # the real password file's password is not the key's
 
 
 def test_key_add_refuses_an_empty_new_password(cli: Cli, tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_repair_says_why_a_config_cannot_be_rebuilt(cli: Cli, tmp_path: Path) ->
     wrong = tmp_path / "wrong"
     wrong.write_text("not the password")
     r = cli("repair", env={"DELTAVAULT_PASSWORD_FILE": str(wrong)})
-    assert r.returncode == 11 and "rebuilding the config needs the master key" not in r.stderr
+    assert r.returncode == 12 and "rebuilding the config needs the master key" not in r.stderr
     assert "wrong password" in r.stderr
     (key,) = (cli.repo / "keys").iterdir()
     key.write_bytes(key.read_bytes().replace(b'"salt":"', b'"salt":"A', 1))

@@ -445,7 +445,7 @@ def test_locks_between_processes(scli: Cli, seaweed: Seaweed, tmp_path: Path) ->
         env=scli.env, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     r = scli("backup", str(src))
-    assert r.returncode == 12, r.stderr
+    assert r.returncode == 11, r.stderr
     assert "locked exclusively" in r.stderr and "test holder" in r.stderr
     holder.kill()
     holder.wait()

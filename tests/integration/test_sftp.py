@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,10 @@ from deltavault.restore.options import RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
 from tests.loopdev import umount
-from tests.sshd import Server, missing_tools, sshd
+from tests.sshd import Server, missing_tools
 from tests.treeutil import manifest
 
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    with sshd(tmp_path) as srv:
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
-        yield srv
 
 
 @pytest.fixture

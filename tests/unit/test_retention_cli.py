@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.conftest import Cli
+from tests.conftest import Cli, init_small_packs
 
 
 def test_forget_dry_run_explains_then_forget_and_prune(cli: Cli, tmp_path: Path) -> None:
-    assert cli("init", "--pack-size", "1M").returncode == 0
+    init_small_packs(cli.repo, cli.password_file)
     src = tmp_path / "data"
     src.mkdir()
     ids = []
@@ -50,7 +50,7 @@ def test_prune_keeps_what_volume_snapshots_reference(cli: Cli, tmp_path: Path) -
 
     img = tmp_path / "disk.img"
     img.write_bytes(os.urandom(3 << 20))
-    assert cli("init", "--pack-size", "1M").returncode == 0
+    init_small_packs(cli.repo, cli.password_file)
     first = cli("--json", "backup", "--volume", str(img), "--block-size", "256K")
     assert first.returncode == 0, first.stderr
     with open(img, "r+b") as f:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from deltavault.backends import retention
-from deltavault.cli.common import Context, human
+from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import ExitCode
-from deltavault.maintenance.check import check_repository
+from deltavault.maintenance.check import DataSubset, check_repository
 from deltavault.maintenance.findings import CheckIssue, CheckReport
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
@@ -16,14 +16,40 @@ from deltavault.repository.snapshots import short_id
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="verify the repository's structure (and data)")
     p.add_argument("--read-data", action="store_true", help="read and verify every blob")
+    p.add_argument("--read-data-subset", type=_subset, metavar="N/M|P%|SIZE",
+                   help="read and verify only some packs: slice N of M (1/5 to 5/5 read each pack once), "
+                        "a random P%% of them, or random packs up to SIZE (e.g. 10G)")
     p.set_defaults(func=run)
+
+
+def _subset(text: str) -> DataSubset:
+    t = text.strip()
+    try:
+        if "/" in t:
+            n, m = (int(x) for x in t.split("/", 1))
+            if not 1 <= n <= m:
+                raise ValueError
+            return DataSubset("slice", n=n, m=m)
+        if t.endswith("%"):
+            share = float(t[:-1]) / 100
+            if not 0 < share <= 1:
+                raise ValueError
+            return DataSubset("share", share=share)
+        size = parse_size(t)
+        if size <= 0:
+            raise ValueError
+        return DataSubset("size", size=size)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a subset: give N/M (1 <= N <= M), a percentage such as 10% or 2.5%, "
+            "or a size such as 50G") from None
 
 
 def run(ctx: Context) -> int:
     a = ctx.args
     repo = ctx.open_repo(use_cache=False, tolerant=True)
     with ctx.read_lock(repo, "check"):
-        rep = check_repository(repo, read_data=a.read_data)
+        rep = check_repository(repo, read_data=a.read_data, subset=a.read_data_subset)
         if repo.config.retention:
             _check_retention(repo, rep)
     for issue in rep.issues:
@@ -33,14 +59,16 @@ def run(ctx: Context) -> int:
     errors = rep.errors
     affected = {short_id(s): paths for s, paths in rep.affected.items()}
     text = (f"checked {rep.snapshots} snapshots, {rep.packs} packs"
-            + (f", {rep.blobs_checked} blobs ({human(rep.bytes_read)} read)" if a.read_data else "")
+            + (f", {rep.blobs_checked} blobs in {rep.packs_read} pack(s) ({human(rep.bytes_read)} read)"
+               if a.read_data or a.read_data_subset else "")
             + (": no errors found" if not errors else f": {len(errors)} error(s)"))
     if affected:
         text += "\naffected snapshots and paths:\n" + "\n".join(
             f"  {s}: {', '.join(sorted(set(p))[:20])}" + (" ..." if len(set(p)) > 20 else "")
             for s, p in sorted(affected.items()))
     ctx.emit({"type": "check_summary", "snapshots": rep.snapshots, "packs": rep.packs,
-              "blobs_checked": rep.blobs_checked, "errors": len(errors),
+              "blobs_checked": rep.blobs_checked, "packs_read": rep.packs_read, "bytes_read": rep.bytes_read,
+              "errors": len(errors),
               "damaged_blobs": len(rep.damaged_blobs), "affected": rep.affected}, text)
     return int(ExitCode.CORRUPT) if errors else 0
 

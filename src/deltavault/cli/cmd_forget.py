@@ -6,6 +6,7 @@ import argparse
 
 from deltavault.backends.s3errors import ObjectRetained
 from deltavault.cli.common import Context
+from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import UsageError
 from deltavault.maintenance.retention import Policy, parse_duration, plan_forget
 from deltavault.repository.repository import Repository
@@ -22,10 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-within", metavar="DURATION",
                    help="keep every snapshot within DURATION of the group's newest (e.g. 14d, 1y6m, 36h)")
     p.add_argument("--keep-tag", action="append", default=[], metavar="TAG", help="keep snapshots with TAG")
-    p.add_argument("--host", help="consider only this host's snapshots")
+    add_filters(p, "consider snapshots")
     p.add_argument("--group-by", default="host,paths",
                    help="comma-separated: host, paths, tags, kind (default %(default)s)")
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be forgotten; change nothing")
+    p.add_argument("--prune", action="store_true",
+                   help="then run prune, so the data only forgotten snapshots used is freed")
     p.set_defaults(func=run)
 
 
@@ -35,38 +38,54 @@ def run(ctx: Context) -> int:
     # Removing snapshots only drops references, so a shared lock suffices: a prune planning
     # at the same time just keeps more than it had to.
     with repo.lock(command="forget", wait=a.lock_wait):
-        snaps = repo.list_snapshots()
-        if a.host:
-            snaps = [s for s in snaps if s[1].hostname == a.host]
         if a.snapshots:
-            return _forget_ids(ctx, repo, a.snapshots, a.dry_run)
-        policy = Policy(last=a.keep_last, hourly=a.keep_hourly, daily=a.keep_daily, weekly=a.keep_weekly,
-                        monthly=a.keep_monthly, yearly=a.keep_yearly,
-                        within=parse_duration(a.keep_within) if a.keep_within else None, tags=a.keep_tag)
-        groups = plan_forget(snaps, policy, group_by=[g.strip() for g in a.group_by.split(",") if g.strip()])
-        removed = kept = 0
-        for g in groups:
-            label = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in g.key.items())
-            ctx.say(f"group: {label}")
-            for d in g.decisions:
-                action = "keep" if d.keep else "remove"
-                ctx.emit({"type": "forget", "group": g.key, "snapshot": d.snapshot_id, "time": d.snapshot.time,
-                          "action": action, "reasons": d.reasons, "dry_run": a.dry_run},
-                         f"  {action:<7}{short_id(d.snapshot_id)}  {d.snapshot.time[:19].replace('T', ' ')}  "
-                         + ("; ".join(d.reasons) if d.reasons else "no rule keeps it"))
-                if d.keep:
-                    kept += 1
-                elif a.dry_run or _delete(ctx, repo, d.snapshot_id):
-                    removed += 1
-                else:
-                    kept += 1
+            _forget_ids(ctx, repo, a.snapshots, a.dry_run)
+        else:
+            _forget_by_policy(ctx, repo)
+    return _then_prune(ctx)  # once forget's lock is let go: prune takes its own
+
+
+def _forget_by_policy(ctx: Context, repo: Repository) -> None:
+    a = ctx.args
+    snaps = filtered(repo, a)
+    policy = Policy(last=a.keep_last, hourly=a.keep_hourly, daily=a.keep_daily, weekly=a.keep_weekly,
+                    monthly=a.keep_monthly, yearly=a.keep_yearly,
+                    within=parse_duration(a.keep_within) if a.keep_within else None, tags=a.keep_tag)
+    groups = plan_forget(snaps, policy, group_by=[g.strip() for g in a.group_by.split(",") if g.strip()])
+    removed = kept = 0
+    for g in groups:
+        label = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in g.key.items())
+        ctx.say(f"group: {label}")
+        for d in g.decisions:
+            action = "keep" if d.keep else "remove"
+            ctx.emit({"type": "forget", "group": g.key, "snapshot": d.snapshot_id, "time": d.snapshot.time,
+                      "action": action, "reasons": d.reasons, "dry_run": a.dry_run},
+                     f"  {action:<7}{short_id(d.snapshot_id)}  {d.snapshot.time[:19].replace('T', ' ')}  "
+                     + ("; ".join(d.reasons) if d.reasons else "no rule keeps it"))
+            if d.keep:
+                kept += 1
+            elif a.dry_run or _delete(ctx, repo, d.snapshot_id):
+                removed += 1
+            else:
+                kept += 1
     ctx.emit({"type": "forget_summary", "kept": kept, "removed": removed, "dry_run": a.dry_run},
              f"{'would remove' if a.dry_run else 'removed'} {removed} snapshot(s), kept {kept}"
-             + ("; run 'deltavault prune' to free their data" if removed and not a.dry_run else ""))
-    return 0
+             + ("; run 'deltavault prune' to free their data" if removed and not a.dry_run and not a.prune
+                else ""))
 
 
-def _forget_ids(ctx: Context, repo: Repository, refs: list[str], dry_run: bool) -> int:
+def _then_prune(ctx: Context) -> int:
+    """--prune: prune as its own command would, once forget's lock is let go (prune takes
+    its own locks). With --dry-run, prune too only says what it would do."""
+    if not ctx.args.prune:
+        return 0
+    from deltavault.cli import cmd_prune
+
+    ctx.args.repack_threshold = 0.2
+    return cmd_prune.run(ctx)
+
+
+def _forget_ids(ctx: Context, repo: Repository, refs: list[str], dry_run: bool) -> None:
     ids = []
     for ref in refs:
         if ref == "latest":
@@ -82,7 +101,6 @@ def _forget_ids(ctx: Context, repo: Repository, refs: list[str], dry_run: bool) 
     ctx.emit({"type": "forget_summary", "kept": kept, "removed": removed, "dry_run": dry_run},
              f"{'would remove' if dry_run else 'removed'} {removed} snapshot(s)"
              + (f", kept {kept} under retention" if kept else ""))
-    return 0
 
 
 def _delete(ctx: Context, repo: Repository, sid: str) -> bool:

@@ -9,13 +9,14 @@ from deltavault.backends.retention import Retention
 from deltavault.backends.s3 import S3Backend
 from deltavault.cli.common import Context, parse_size, read_password, require_password
 from deltavault.errors import UsageError
-from deltavault.repository.config import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE
+from deltavault.repository.config import DEFAULT_COMPRESSION, DEFAULT_PACK_SIZE, USEFUL_PACK_SIZES
 from deltavault.repository.repository import Repository
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a repository")
-    p.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_SIZE, help="target pack size (default 32M)")
+    p.add_argument("--pack-size", type=_pack_size, default=DEFAULT_PACK_SIZE, metavar="SIZE",
+                   help="target pack size, 4M to 128M (default 32M)")
     p.add_argument("--compression", type=_compression, default=DEFAULT_COMPRESSION,
                    help="'auto' (default: level 3 for text-like data, -3 for high-entropy data) or a zstd level")
     p.add_argument("--insecure-no-encryption", action="store_true",
@@ -28,6 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="governance (default): the bypass permission can still delete early; compliance: "
                         "no one can, not even the account's root")
     p.set_defaults(func=run)
+
+
+def _pack_size(text: str) -> int:
+    size = parse_size(text)
+    low, high = USEFUL_PACK_SIZES
+    if not low <= size <= high:
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside 4 MiB to 128 MiB: smaller packs mean many objects and requests, larger "
+            "ones slow uploads and prune's repacking (the default, 32 MiB, suits disks and object stores)")
+    return size
 
 
 def _compression(text: str) -> int | str:

@@ -53,7 +53,7 @@ def run(ctx: Context) -> int:
 
 
 def _print(ctx: Context, path: bytes, n: Node, long: bool) -> None:
-    ctx.emit({"type": "node", "path": exact(path), "path_hex": path.hex(), "node_type": n.type.value,
+    ctx.result({"type": "node", "path": exact(path), "path_hex": path.hex(), "node_type": n.type.value,
               "mode": n.mode, "uid": n.uid, "gid": n.gid, "size": n.size, "mtime_ns": n.mtime,
               **({"target": exact(n.target)} if n.type == NodeType.SYMLINK else {})},
              _long(path, n) if long else display(path))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import time
 from typing import Any
 
 from deltavault.cli.common import Context, human, parse_size
+from deltavault.cli.ratelimit_pipe import wrap
 from deltavault.errors import DeltavaultError, ExitCode, SourceError, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
 from deltavault.sync.guard import check_live_source
@@ -89,6 +91,11 @@ def run(ctx: Context) -> int:
     src_host, where = parse_remote(a.source), parse_remote(a.dest)
     if src_host is not None and where is not None:
         raise UsageError("SRC and DST cannot both be on other hosts: run deltavault sync on one of them")
+    if a.limit_upload or a.limit_download:
+        if src_host is None and where is None:
+            ctx.warn("--limit-upload and --limit-download hold a sync with another host; this one is local")
+        else:  # the ssh connection runs through a relay that keeps to the rates
+            a.rsh = shlex.join(wrap(shlex.split(a.rsh), a.limit_upload, a.limit_download))
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
     snap_info: dict[str, Any]

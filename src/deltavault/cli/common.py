@@ -13,15 +13,19 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
+from deltavault.backends.throttle import limited
+from deltavault.cli.units import human
 from deltavault.errors import BackendError, UsageError
 from deltavault.model.snapshot import Snapshot
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
+
+__all__ = ["Context", "human", "parse_size", "rate", "read_password", "read_secret", "require_password"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -34,12 +38,16 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def rate(text: str) -> int:
+    """A bandwidth limit in bytes a second: a bare number is KiB/s (as restic reads it),
+    else a size per second (``5M`` is 5 MiB/s)."""
+    try:
+        value = parse_size(text) if not text.strip().isdigit() else int(text) * 1024
+    except argparse.ArgumentTypeError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (KiB/s, or e.g. 5M for 5 MiB/s)")
+    return value
 
 
 @dataclass
@@ -59,6 +67,21 @@ class Context:
             self.stdout.flush()
         elif text is not None and not self.quiet:
             self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+    def result(self, obj: dict[str, Any] | None, text: str | None = None) -> None:
+        """What a command that shows something (snapshots, ls, find, stats...) is run for:
+        printed even with -q, which drops only progress and reports of what was done.
+        ``obj`` None: nothing in --json mode (a heading or a footer of the text)."""
+        if self.json:
+            if obj is not None:
+                self.emit(obj)
+        elif text is not None:
+            self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+    def binary_stdout(self) -> BinaryIO:
+        """Standard output for bytes (dump, cat blob)."""
+        out: BinaryIO = getattr(self.stdout, "buffer", self.stdout)
+        return out
 
     def say(self, text: str) -> None:
         if not self.json and not self.quiet:
@@ -109,22 +132,28 @@ class Context:
     def password_source(self, *, confirm: bool = False) -> Callable[[], bytes]:
         return lambda: read_password(self.args, confirm=confirm)
 
-    def backend(self) -> Backend:
-        """The backend of -r/--repo: the one place a command opens its repository's store."""
-        loc = self.repo_location()
-        if not loc.startswith("s3:"):
-            return open_backend(loc)
-        from deltavault.backends.s3location import S3Options
-
+    def backend(self, location: str | None = None) -> Backend:
+        """The backend of -r/--repo (or ``location``), held to --limit-upload and
+        --limit-download: the one place a command opens a repository's store."""
+        loc = location or self.repo_location()
         a = self.args
-        return open_backend(loc, s3=S3Options.from_env(ca_bundle=getattr(a, "s3_ca_bundle", None),
-                                                       addressing=getattr(a, "s3_addressing", None),
-                                                       timeout=getattr(a, "s3_timeout", None)))
+        if loc.startswith("s3:"):
+            from deltavault.backends.s3location import S3Options
 
-    def open_repo(self, *, use_cache: bool = True, tolerant: bool = False) -> Repository:
-        backend = self.backend()
+            opened = open_backend(loc, s3=S3Options.from_env(ca_bundle=getattr(a, "s3_ca_bundle", None),
+                                                             addressing=getattr(a, "s3_addressing", None),
+                                                             timeout=getattr(a, "s3_timeout", None)))
+        else:
+            opened = open_backend(loc)
+        return limited(opened, getattr(a, "limit_upload", None), getattr(a, "limit_download", None))
+
+    def open_repo(self, *, use_cache: bool = True, tolerant: bool = False, location: str | None = None,
+                  password: Callable[[], bytes] | None = None) -> Repository:
+        """The repository of -r/--repo, or the one at ``location`` opened with ``password``
+        (copy's --from-repo)."""
+        backend = self.backend(location)
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
-        repo = Repository.open(backend, self.password_source(), cache_root=cache,
+        repo = Repository.open(backend, password or self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
         self.opened.append(repo)
         return repo
@@ -153,23 +182,31 @@ class Context:
 def read_password(args: argparse.Namespace, *, confirm: bool = False) -> bytes:
     if getattr(args, "insecure_no_password", False):
         return b""
-    env = os.environ.get("DELTAVAULT_PASSWORD")
-    if env is not None:
-        return env.encode()
-    path = getattr(args, "password_file", None) or os.environ.get("DELTAVAULT_PASSWORD_FILE")
+    return read_secret("DELTAVAULT_PASSWORD", getattr(args, "password_file", None) or
+                       os.environ.get("DELTAVAULT_PASSWORD_FILE"), what="password", prompt="repository password: ",
+                       confirm=confirm, hint="set DELTAVAULT_PASSWORD_FILE (or --password-file, or "
+                                             "DELTAVAULT_PASSWORD)")
+
+
+def read_secret(env: str | None, path: str | None, *, what: str, prompt: str, hint: str,
+                confirm: bool = False) -> bytes:
+    """A password: from the variable ``env``, else the file ``path`` (one line; a trailing
+    newline is ignored), else asked on a terminal; else a usage error that gives ``hint``."""
+    value = os.environ.get(env) if env else None
+    if value is not None:
+        return value.encode()
     if path:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
+            raise UsageError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
         return data.rstrip(b"\r\n")
     if sys.stdin.isatty():
-        pw = getpass.getpass("repository password: ")
+        pw = getpass.getpass(prompt)
         if confirm and getpass.getpass("enter it again: ") != pw:
             raise UsageError("the passwords do not match")
         return pw.encode()
-    raise UsageError("no password: set DELTAVAULT_PASSWORD_FILE (or --password-file, or DELTAVAULT_PASSWORD), "
-                     "or run on a terminal to be asked")
+    raise UsageError(f"no {what}: {hint}, or run on a terminal to be asked")
 
 
 def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:

@@ -14,14 +14,14 @@ from types import FrameType
 from typing import Any
 
 from deltavault import __version__
-from deltavault.cli.common import Context
+from deltavault.cli.common import Context, rate
 from deltavault.errors import DeltavaultError, ExitCode
 from deltavault.platform import tune_allocator
 
 # Each cli/cmd_NAME.py has register(subparsers); commands are found by module name, so a
 # new command is a new module. ORDER only sorts the help listing.
-ORDER = ["init", "backup", "snapshots", "restore", "ls", "diff", "check", "stats", "forget", "prune",
-         "repair", "sync", "key"]
+ORDER = ["init", "backup", "snapshots", "restore", "ls", "find", "dump", "diff", "copy", "check", "stats",
+         "tag", "rewrite", "forget", "prune", "repair", "unlock", "cache", "sync", "key", "cat"]
 
 
 def _commands() -> list[str]:
@@ -52,6 +52,11 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--s3-timeout", type=float, metavar="SECONDS",
                    help="S3: give up on a request stalled this long, then retry (default 60; "
                         "env DELTAVAULT_S3_TIMEOUT)", **d)
+    p.add_argument("--limit-upload", type=rate, metavar="RATE",
+                   help="send at most RATE to the repository or a sync's other host: KiB/s, or with a "
+                        "unit (5M = 5 MiB/s)", **d)
+    p.add_argument("--limit-download", type=rate, metavar="RATE",
+                   help="receive at most RATE from the repository or a sync's other host", **d)
     p.add_argument("--lock-wait", type=float, metavar="SECONDS",
                    help="wait this long for a locked repository", **({"default": 0.0} if top else d))
 

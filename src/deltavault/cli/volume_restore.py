@@ -8,6 +8,7 @@ from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode, UsageError
 from deltavault.objects.volumes import load_manifest
 from deltavault.repository.snapshots import short_id
+from deltavault.restore.existing import OVERWRITE
 from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
 
 
@@ -16,8 +17,11 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--volume", action="store_true",
                    help="restore a volume snapshot to TARGET: an image file or a block device")
     g.add_argument("volume_target", nargs="?", metavar="TARGET", help="with --volume: where to restore")
-    g.add_argument("--overwrite", action="store_true",
-                   help="with --volume: replace an existing image file, or the content of a block device")
+    # One option for both kinds: files take a policy, a volume only "replace it" (the bare flag).
+    p.add_argument("--overwrite", nargs="?", const="always", choices=OVERWRITE, metavar="WHEN",
+                   help="files: replace entries already in the target always (default), if-changed (size or "
+                        "time differ), if-newer (the snapshot's is newer) or never; --volume: replace an "
+                        "existing image file, or the content of a block device")
     g.add_argument("--files", nargs="+", metavar="PATH",
                    help="with --volume: copy only these files or directories of the volume's file system "
                         "into --target DIR (mounts the image read-only; reads only the blocks they need)")
@@ -44,7 +48,7 @@ def run_volume_restore(ctx: Context) -> int:
         sid, snap = ctx.snapshot_of_kind(repo, a.snapshot, "volume", "restore it without --volume")
         assert snap.volume is not None
         manifest = load_manifest(repo, snap.volume)
-        opts = VolumeRestoreOptions(overwrite=a.overwrite, verify=a.verify,
+        opts = VolumeRestoreOptions(overwrite=a.overwrite not in (None, "never"), verify=a.verify,
                                     page_key=repo.master.mac if repo.master else None)
         st = VolumeRestorer(repo, manifest, target, opts, ctx.reporter()).run()
     obj = {"type": "summary", "kind": "volume", "snapshot": sid, "target": target,

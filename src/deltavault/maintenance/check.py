@@ -8,7 +8,10 @@ decrypted and checked against its id. Damage is traced to the snapshots and file
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import blake3
 
@@ -24,8 +27,38 @@ from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
 
 
-def check_repository(repo: Repository, *, read_data: bool = False,
+@dataclass(frozen=True)
+class DataSubset:
+    """Which packs ``--read-data-subset`` reads: ``slice`` n of m (packs whose id's first byte
+    is n-1 modulo m: running 1/m to m/m reads every pack once), ``share`` (a random share
+    of the packs) or ``size`` (random packs up to this many bytes)."""
+
+    kind: str  # slice | share | size
+    n: int = 0
+    m: int = 0
+    share: float = 0.0
+    size: int = 0
+
+    def choose(self, packs: dict[bytes, int], rnd: random.Random | None = None) -> dict[bytes, int]:
+        if self.kind == "slice":
+            return {p: s for p, s in packs.items() if p[0] % self.m == self.n - 1}
+        order = sorted(packs)
+        (rnd or random.SystemRandom()).shuffle(order)
+        if self.kind == "share":
+            return {p: packs[p] for p in order[:math.ceil(len(order) * self.share)]}
+        out: dict[bytes, int] = {}
+        total = 0
+        for p in order:
+            if total >= self.size:
+                break
+            out[p] = packs[p]
+            total += packs[p]
+        return out
+
+
+def check_repository(repo: Repository, *, read_data: bool = False, subset: DataSubset | None = None,
                      progress: Callable[[int, int], None] | None = None) -> CheckReport:
+    """``subset``: read only those packs (implies reading data)."""
     rep = CheckReport()
     for name, msg in repo.index_errors:
         rep.add(CheckIssue("index", f"{name}: {msg}"))
@@ -38,8 +71,8 @@ def check_repository(repo: Repository, *, read_data: bool = False,
         rep.add(CheckIssue("orphan", f"pack {pid.hex()[:16]} is not in any index (an interrupted run; "
                                       "the next backup adopts it, prune removes it)", severity="warning"))
     missing_blobs: set[bytes] = set()
-    if read_data:
-        _read_all_packs(repo, packs_on_disk, indexed, rep, progress)
+    if read_data or subset is not None:
+        _read_all_packs(repo, subset.choose(packs_on_disk) if subset else packs_on_disk, indexed, rep, progress)
     for pid in indexed - packs_on_disk.keys():
         missing_blobs.update(e.id for e in repo.index.entries_by_pack().get(pid, []))
     _check_snapshots(repo, rep, rep.damaged_blobs | missing_blobs)
@@ -61,6 +94,7 @@ def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[byte
             rep.damaged_blobs.update(e.id for e in expected)
             continue
         rep.bytes_read += len(data)
+        rep.packs_read += 1
         done += size
         if progress:
             progress(done, total)

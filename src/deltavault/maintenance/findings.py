@@ -25,6 +25,7 @@ class CheckReport:
     packs: int = 0
     blobs_checked: int = 0
     bytes_read: int = 0
+    packs_read: int = 0
     damaged_blobs: set[bytes] = field(default_factory=set)
     affected: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
 

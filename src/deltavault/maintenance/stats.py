@@ -1,14 +1,24 @@
-"""Repository and snapshot statistics."""
+"""Repository and snapshot statistics, in restic's modes:
+
+- ``restore-size``: files and bytes a restore of the snapshots would write (each path);
+- ``files-by-contents``: files with distinct content, and their bytes (the same content at
+  two paths, or in two snapshots, counts once);
+- ``raw-data``: the blobs the snapshots use, once each: their size before compression and
+  as stored, so deduplication and compression can be read off;
+- the default (``summary``) gives the repository's totals and a little of each.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from deltavault.model.content import Full, Patch
+from deltavault.model.content import ref_blob_ids
 from deltavault.model.nodes import NodeType
 from deltavault.objects.volumes import volume_blob_ids
 from deltavault.objects.walk import walk
 from deltavault.repository.repository import Repository
+
+MODES = ("summary", "restore-size", "files-by-contents", "raw-data")
 
 
 @dataclass
@@ -25,13 +35,24 @@ class RepoStats:
     compression_ratio: float
 
 
+@dataclass
+class ModeStats:
+    mode: str
+    snapshots: int
+    files: int = 0  # restore-size: every path; files-by-contents: distinct contents
+    bytes: int = 0  # their size
+    blobs: int = 0  # raw-data: distinct blobs used
+    raw_bytes: int = 0  # their size before compression
+    stored_bytes: int = 0  # their size as stored (compressed, encrypted)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
 def compute_stats(repo: Repository, snapshot_ids: list[str] | None = None) -> RepoStats:
     packs = repo.list_pack_names()
     all_ids = repo.snapshot_ids()
     chosen = snapshot_ids if snapshot_ids is not None else all_ids
     restore_size = files = 0
     unique: set[bytes] = set()
-    seen_trees: set[bytes] = set()
     for sid in chosen:
         snap = repo.load_snapshot(sid)
         if snap.tree:
@@ -40,12 +61,7 @@ def compute_stats(repo: Repository, snapshot_ids: list[str] | None = None) -> Re
                     files += 1
                     restore_size += n.size
                     for r in n.content:
-                        if isinstance(r, Full):
-                            unique.add(r.id)
-                        elif isinstance(r, Patch):
-                            unique.add(r.base)
-                            unique.update(r.patches)
-            seen_trees.add(snap.tree)
+                        unique.update(ref_blob_ids(r))
         elif snap.volume:
             unique.update(volume_blob_ids(repo, snap.volume))
             if snap.summary:
@@ -59,3 +75,51 @@ def compute_stats(repo: Repository, snapshot_ids: list[str] | None = None) -> Re
         blobs_raw_bytes=raw_total, restore_size=restore_size, files=files, unique_raw_bytes=unique_raw,
         dedup_ratio=(restore_size / unique_raw) if unique_raw else 0.0,
         compression_ratio=(raw_total / pack_bytes) if pack_bytes else 0.0)
+
+
+def mode_stats(repo: Repository, mode: str, snapshot_ids: list[str] | None = None) -> ModeStats:
+    """One of restic's modes over the chosen snapshots (default: all)."""
+    ids = snapshot_ids if snapshot_ids is not None else repo.snapshot_ids()
+    out = ModeStats(mode, len(ids))
+    contents: set[tuple[bytes, ...]] = set()
+    blobs: set[bytes] = set()
+    seen_trees: set[bytes] = set()  # raw-data: a subtree met before holds nothing new
+    for sid in ids:
+        snap = repo.load_snapshot(sid)
+        if snap.volume is not None:
+            if mode == "raw-data":
+                blobs.add(snap.volume)
+                blobs.update(volume_blob_ids(repo, snap.volume))
+            elif snap.summary is not None:
+                out.files += 1
+                out.bytes += snap.summary.bytes_total
+            continue
+        if snap.tree is None:
+            continue
+        if mode == "raw-data":
+            blobs.add(snap.tree)
+        for _path, n in walk(repo, snap.tree, dedupe_trees=seen_trees if mode == "raw-data" else None):
+            if mode == "raw-data":
+                if n.subtree is not None:
+                    blobs.add(n.subtree)
+                blobs.update(b for r in n.content for b in ref_blob_ids(r))
+                blobs.update(n.pages or ())
+            elif n.type == NodeType.FILE:
+                if mode == "restore-size":
+                    out.files += 1
+                    out.bytes += n.size
+                else:
+                    key = tuple(b for r in n.content for b in (ref_blob_ids(r) or [b"hole%d" % r.size]))
+                    if key not in contents:
+                        contents.add(key)
+                        out.files += 1
+                        out.bytes += n.size
+    if mode == "raw-data":
+        out.blobs = len(blobs)
+        for b in blobs:
+            loc = repo.index.lookup(b)
+            if loc is not None:
+                out.raw_bytes += repo.index.raw_length(b)
+                out.stored_bytes += loc.length
+        out.extra["compression_ratio"] = round(out.raw_bytes / out.stored_bytes, 3) if out.stored_bytes else 0.0
+    return out

@@ -39,4 +39,7 @@ class Snapshot(msgspec.Struct, omit_defaults=True, kw_only=True):
     tags: list[str] = []
     summary: SnapshotSummary | None = None
     program: str = ""
+    # The snapshot this one replaced (tag, rewrite) or was copied from (copy): the first
+    # one of the chain, so each copy or edit can be traced back to the backup that made it.
+    original: str | None = None
     v: int = SNAPSHOT_VERSION

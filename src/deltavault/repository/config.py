@@ -31,6 +31,10 @@ from deltavault.repository import keys as keymod
 
 REPO_VERSION = 1
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+# What `init --pack-size` accepts (restic's range): smaller packs mean many objects and
+# requests on an object store, larger ones slow uploads and make prune repack more. The
+# format itself allows 1 MiB to 1 GiB (tests use 1 MiB packs; repair keeps what is there).
+USEFUL_PACK_SIZES = (4 * 1024 * 1024, 128 * 1024 * 1024)
 DEFAULT_COMPRESSION = "auto"
 
 PasswordSource = Callable[[], bytes]

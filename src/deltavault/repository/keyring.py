@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from deltavault.backends.base import Backend
-from deltavault.errors import DeltavaultError, UsageError
+from deltavault.errors import CorruptionError, DeltavaultError, UsageError
 from deltavault.model.types import match_prefix
+from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
 
 
@@ -98,3 +101,51 @@ def change_password(repo: KeyedRepository, password: bytes,
     repo.backend.delete(old)
     repo.key_name = new
     return new, old
+
+
+class KeyExport(msgspec.Struct, kw_only=True):
+    """What ``key export`` writes: a key file (the master key wrapped by a password) and the
+    id of the repository it opens. Without that password it opens nothing."""
+
+    format: str = "deltavault-key"
+    v: int = 1
+    repository: str
+    key: msgspec.Raw
+
+
+def export_key(repo: KeyedRepository, repo_id: str, password: bytes | None = None,
+               scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT) -> bytes:
+    """The master key for safe keeping: wrapped by ``password`` when given (a password for
+    the export alone), else the key file in use, as it is stored."""
+    master = _master(repo)
+    if password is not None:
+        data = keymod.make_key_file(master, password, scrypt)
+    else:
+        assert repo.key_name is not None
+        data = repo.backend.get(repo.key_name)
+    return msgspec.json.format(msgspec.json.encode(KeyExport(repository=repo_id, key=msgspec.Raw(data))))
+
+
+def import_key(backend: Backend, data: bytes, password: bytes) -> str:
+    """Check an export: for this repository, opened by ``password``, holding the master key
+    the repository's config is authenticated with; then store its key file, so the password
+    opens the repository again (also after every key file there was lost). Returns its name."""
+    try:
+        exp = msgspec.json.decode(data, type=KeyExport)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise UsageError(f"not a deltavault key export: {exc}") from exc
+    if exp.format != "deltavault-key":
+        raise UsageError("not a deltavault key export")
+    cfg = configmod.read(backend)
+    if cfg.encryption == "none":
+        raise UsageError("this repository is not encrypted: it has no keys")
+    if exp.repository != cfg.id:
+        raise UsageError(f"the key is for repository {exp.repository[:8]}, not this one ({cfg.id[:8]})")
+    raw = bytes(exp.key)
+    master = keymod.unwrap(keymod.parse_key_file(raw, "the export"), password)
+    if cfg.mac != configmod.config_mac(cfg, master):
+        raise CorruptionError("the repository's config does not authenticate with this key: the config is "
+                              "damaged or edited, or the export is not this repository's")
+    name = keymod.key_file_name(raw)
+    backend.put(name, raw)
+    return name

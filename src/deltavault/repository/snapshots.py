@@ -116,3 +116,22 @@ class SnapshotStore:
             return snaps[-1]
         sid = match_prefix(self.ids(), ref.lower(), "snapshot")
         return sid, self.load(sid)
+
+
+def select_snapshots(snaps: list[tuple[str, Snapshot]], *, hosts: list[str] | None = None,
+                     tags: list[str] | None = None, paths: list[str] | None = None) -> list[tuple[str, Snapshot]]:
+    """The snapshots the usual filters keep, as restic reads them: any of ``hosts``; any of
+    ``tags``, where one entry may join tags with commas to ask for all of them (``a,b``);
+    and every one of ``paths`` (absolute) among the snapshot's paths."""
+    want_paths = [os.path.abspath(p) for p in paths or []]
+    groups = [{t for t in entry.split(",") if t} for entry in tags or []]
+    out = []
+    for sid, s in snaps:
+        if hosts and s.hostname not in hosts:
+            continue
+        if groups and not any(g <= set(s.tags) for g in groups):
+            continue
+        if want_paths and not all(p in s.paths for p in want_paths):
+            continue
+        out.append((sid, s))
+    return out

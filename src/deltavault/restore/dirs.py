@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 
-from deltavault.fs.dirfd import Identity
+from deltavault.fs.dirfd import Identity, Replaced, identity, open_dir_at
 from deltavault.model.nodes import Node
 from deltavault.restore.options import RestoreLog
 from deltavault.restore.target import MetaOptions, apply_node_meta
@@ -85,3 +85,22 @@ class Holds:
         os.close(fd)
         with self.lock:
             self.open_dirs -= 1
+
+
+def reopen_by_name(chain: list[Dir]) -> int:
+    """The last directory of ``chain`` (the walk's stack, target root first), opened again by
+    name from the deepest one still open, each level checked to be the directory it was."""
+    start = max(i for i, d in enumerate(chain) if d.fd >= 0)
+    fd = os.dup(chain[start].fd)
+    try:
+        for d in chain[start + 1:]:
+            assert d.node is not None
+            nfd = open_dir_at(fd, d.node.name)
+            os.close(fd)
+            fd = nfd
+            if identity(os.fstat(fd)) != d.ident:
+                raise Replaced("another directory stands under this name")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

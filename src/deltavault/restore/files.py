@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.dirfd import (
     DIR_FLAGS,
-    Replaced,
     identity,
     lstat_at,
-    open_dir_at,
     raise_nofile_limit,
 )
 from deltavault.fs.paths import display, open_target_dir
@@ -39,15 +37,11 @@ from deltavault.objects.store import BlobReader
 from deltavault.objects.trees import decode_tree
 from deltavault.progress import NullReporter, Reporter
 from deltavault.restore.content import verify_fd, write_content
-from deltavault.restore.dirs import Dir, Holds
+from deltavault.restore.dirs import Dir, Holds, reopen_by_name
+from deltavault.restore.existing import extras, keep_existing, remove
 from deltavault.restore.listing import checked_nodes
-from deltavault.restore.options import (
-    RestoreLog,
-    RestoreOptions,
-    RestoreStats,
-    Selection,
-    selection,
-)
+from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
+from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
@@ -100,7 +94,7 @@ class FileRestorer:
         self._fatal: BaseException | None = None  # the first error that ends the restore
         self._small: list[tuple[Dir, bytes, Node]] = []
         self._small_bytes = 0
-        self._found: set[bytes] = set()
+        self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
         self._futures: list[Future[None]] = []
 
@@ -112,7 +106,13 @@ class FileRestorer:
         self._links = LinkSources(fd)
         self.reporter.start("restore")
         try:
-            self._walk(root, root_tree, selection(self.opts.include))
+            sel, unused = plan(self.repo, root_tree, self.opts.include, self.opts.paths)
+            for pattern in unused:
+                self.log.problem(pattern.encode("utf-8", "surrogateescape"), "missing",
+                                 "matches nothing in the snapshot")
+            if self.reporter.wants_totals:
+                threading.Thread(target=self._totals, args=(root_tree, sel), name="dv-totals", daemon=True).start()
+            self._walk(root, root_tree, sel)
             self._flush_small()
         finally:
             for here, _rel, _node in self._small:  # not written: an error ends the run
@@ -122,10 +122,14 @@ class FileRestorer:
             os.close(fd)
             self.reporter.finish()
         self._check_fatal()
-        for inc in self.opts.include:
-            if os.fsencode(inc.strip("/")) not in self._found:
-                self.log.problem(os.fsencode(inc), "missing", "not in the snapshot")
         return self.stats
+
+    def _totals(self, root_tree: bytes, sel: Selection) -> None:
+        try:
+            nbytes, files = selected_totals(self.repo, root_tree, sel, self._excluded)
+        except DeltavaultError:
+            return  # the restore reports damage; the bar just has no total
+        self.reporter.set_totals(total_bytes=nbytes, total_items=files)
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
@@ -141,17 +145,34 @@ class FileRestorer:
         self._futures = []
 
     # ------------------------------------------------------------------ tree walk
-    def _listing(self, tree_id: bytes, relpath: bytes) -> list[Node]:
+    def _listing(self, tree_id: bytes, relpath: bytes, sel: Selection) -> list[Node] | None:
+        """A directory's entries, checked; None (reported) when they cannot be read."""
         try:
-            nodes = checked_nodes(decode_tree(self.repo.load_blob(tree_id)).nodes, display(relpath))
+            nodes = checked_nodes(sel.listing if sel.listing is not None
+                                  else decode_tree(self.repo.load_blob(tree_id)).nodes, display(relpath))
         except DeltavaultError as exc:
             self.log.problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
-            return []
+            return None
         return nodes
+
+    def _delete_extras(self, d: Dir, nodes: list[Node] | None, sel: Selection) -> None:
+        """--delete: what the target directory ``d`` holds and the snapshot does not goes,
+        when the directory is restored whole and its listing could be read."""
+        if not self.opts.delete or not sel.whole or nodes is None or d.fresh:
+            return
+        base = d.relpath + b"/" if d.relpath else b""
+        for name in extras(d.fd, nodes, lambda n: self._excluded(base + n)):
+            try:
+                remove(d.fd, name)
+                self.log.count(deleted=1)
+            except OSError as exc:
+                self.log.problem(base + name, "delete", exc.strerror or str(exc))
 
     def _walk(self, root: Dir, tree_id: bytes, sel: Selection) -> None:
         """Depth first, with our own stack: one frame per directory being listed."""
-        frames = [_Frame(root, self._listing(tree_id, b""), sel)]
+        nodes = self._listing(tree_id, b"", sel)
+        self._delete_extras(root, nodes, sel)
+        frames = [_Frame(root, nodes or [], sel)]
         while frames:
             self._check_fatal()
             f = frames[-1]
@@ -170,8 +191,8 @@ class FileRestorer:
             if child_sel is None:
                 continue
             relpath = f.dir.relpath + b"/" + node.name if f.dir.relpath else node.name
-            if child_sel.whole and not f.sel.whole:
-                self._found.add(relpath)
+            if self._excluded(relpath):
+                continue
             try:
                 sub = self._entry(f.dir, relpath, node, child_sel)
             except NoSpace:
@@ -213,30 +234,13 @@ class FileRestorer:
                 if identity(os.fstat(fd)) != d.ident:
                     os.close(fd)
                     fd = -1
-            d.fd = fd if fd >= 0 else self._reopen_by_name(frames)
+            d.fd = fd if fd >= 0 else reopen_by_name([f.dir for f in frames])
             self.holds.opened()
         except OSError as exc:
             d.lost = True
             frames[-1].pos = len(frames[-1].nodes)
             self.log.problem(d.relpath, "write", f"{exc.strerror or exc}: moved or replaced while the restore ran; "
                           "the rest of this directory is not restored and its metadata not set")
-
-    @staticmethod
-    def _reopen_by_name(frames: list[_Frame]) -> int:
-        start = max(i for i, f in enumerate(frames) if f.dir.fd >= 0)
-        fd = os.dup(frames[start].dir.fd)
-        try:
-            for f in frames[start + 1:]:
-                assert f.dir.node is not None
-                nfd = open_dir_at(fd, f.dir.node.name)
-                os.close(fd)
-                fd = nfd
-                if identity(os.fstat(fd)) != f.dir.ident:
-                    raise Replaced("another directory stands under this name")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
 
     def _entry(self, parent: Dir, relpath: bytes, node: Node, sel: Selection) -> _Frame | None:
         """Restore one entry of ``parent``; a directory is made and returned as a frame to list."""
@@ -245,14 +249,23 @@ class FileRestorer:
             self.holds.opened()
             sub = Dir(fd, ident, relpath, node, parent, fresh=made)
             self.holds.hold(parent)
-            nodes = self._listing(node.subtree, relpath) if node.subtree is not None else []
-            return _Frame(sub, nodes, sel)
+            nodes = self._listing(node.subtree, relpath, sel) if node.subtree is not None else []
+            self._delete_extras(sub, nodes, sel)
+            return _Frame(sub, nodes or [], sel)
         if not sel.whole:
             return None  # a path through a non-directory: nothing selected below
         if not parent.fresh:
             st = lstat_at(parent.fd, node.name)
+            if keep_existing(self.opts.overwrite, st, node):
+                self.log.count(skipped=1)
+                self.reporter.advance(nbytes=node.size, items=1)
+                return None
             if st is not None and stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(f"a directory is in the way of {display(node.name)}")
+                if not self.opts.delete:
+                    raise IsADirectoryError(f"a directory is in the way of {display(node.name)} (--delete "
+                                            "removes it)")
+                remove(parent.fd, node.name)
+                self.log.count(deleted=1)
         if node.type == NodeType.FILE:
             self._file(parent, relpath, node)
         elif node.type in _SPECIAL and not self.opts.special:

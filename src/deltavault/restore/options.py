@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -12,7 +11,11 @@ from deltavault.progress import Reporter
 
 @dataclass
 class RestoreOptions:
-    include: list[str] = field(default_factory=list)  # paths inside the snapshot; empty = all
+    include: list[str] = field(default_factory=list)  # patterns (fs.patterns); empty = all
+    exclude: list[str] = field(default_factory=list)  # patterns: not restored, nor what is below
+    paths: list[str] = field(default_factory=list)  # the snapshot's paths (patterns may name them)
+    overwrite: str = "always"  # existing.OVERWRITE: what to do with an entry already there
+    delete: bool = False  # remove what the target has and the snapshot does not
     verify: bool = False
     owner: bool = True  # chown (effective only as root)
     workers: int = 3
@@ -23,7 +26,7 @@ class RestoreOptions:
 @dataclass
 class RestoreProblem:
     path: str
-    kind: str  # corrupt | write | metadata | verify | missing
+    kind: str  # corrupt | write | metadata | verify | missing | delete
     message: str
 
 
@@ -36,6 +39,8 @@ class RestoreStats:
     skipped_special: int = 0
     bytes_written: int = 0
     bytes_verified: int = 0
+    skipped: int = 0  # entries already in the target and left there (--overwrite)
+    deleted: int = 0  # entries removed because the snapshot does not have them (--delete)
 
 
 class RestoreLog:
@@ -58,24 +63,3 @@ class RestoreLog:
         with self._lock:
             for k, v in kw.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
-
-
-@dataclass
-class Selection:
-    """The paths ``--include`` chose, as a tree of names."""
-
-    whole: bool  # restore everything below
-    children: dict[bytes, Selection] = field(default_factory=dict)
-
-
-def selection(include: list[str]) -> Selection:
-    if not include:
-        return Selection(True)
-    root = Selection(False)
-    for inc in include:
-        parts = [os.fsencode(p) for p in inc.strip("/").split("/") if p and p != "."]
-        cur = root
-        for p in parts:
-            cur = cur.children.setdefault(p, Selection(False))
-        cur.whole = True
-    return root

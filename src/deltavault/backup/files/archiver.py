@@ -60,6 +60,7 @@ class _Frame:
     children: list[Child] = field(default_factory=list)
     next: int = 0  # index in names of the next entry
     lost: bool = False  # moved away during the run: the rest of it cannot be read
+    whole: bool = True  # everything below is kept (not only the paths Source.only names)
 
 
 def _join(base: bytes, name: bytes) -> bytes:
@@ -81,9 +82,13 @@ class FileArchiver:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="dv-blob")
         self.files = RegularFiles(store, previous, self.log, options, self.pool, chunker, workers=workers,
                                   page_key=page_key, catalog=catalog, page_blob_ids=self.page_blob_ids)
-        self.trees = TreeWriter(store, previous, catalog, self.page_blob_ids, self.files.content.flush_batch)
+        self.trees = TreeWriter(store, previous, catalog, self.page_blob_ids, self.files.content.flush_batch,
+                                 self.files.settle_racy)
         self._root_dev = -1
-        self._excluded = Excludes(options.excludes)
+        self._excluded = Excludes(options)
+        self._base = b""  # the original path of the source being walked
+        self._only: set[bytes] | None = None  # its Source.only
+        self._leading: set[bytes] = set()  # the directories that lead to those
         self._skip_ids: set[Identity] = set()
         self._entered: set[int] = set()  # directories entered: dev << 64 | ino
 
@@ -123,6 +128,9 @@ class FileArchiver:
         then walked by fd."""
         parent, fsname = os.path.split(src.path)
         prev = root_prev.nodes.get(src.name) if root_prev else None
+        self._base = src.logical or src.path
+        self._only = src.only
+        self._leading = {p[:i] for p in src.only or () for i in range(len(p)) if p[i:i + 1] == b"/"}
         try:
             pfd = os.open(parent or b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -143,7 +151,17 @@ class FileArchiver:
                 got = self._entry(pfd, fsname, src.name, src.path, src.name, root_prev, st)
         finally:
             os.close(pfd)
-        return self._walk(got) if isinstance(got, _Frame) else got
+        if isinstance(got, _Frame):
+            got.whole = src.only is None
+            return self._walk(got)
+        return got
+
+    def _original(self, relpath: bytes) -> bytes:
+        """The original path of the entry at ``relpath`` (name/...) of the source being walked."""
+        _name, _, rest = relpath.partition(b"/")
+        if not rest:
+            return self._base
+        return self._base + rest if self._base.endswith(b"/") else self._base + b"/" + rest
 
     def _walk(self, top: _Frame) -> Child | None:
         """Walk the tree under ``top`` depth-first with an explicit stack; directories are
@@ -214,16 +232,23 @@ class FileArchiver:
 
     def _list_entry(self, f: _Frame, fsname: bytes) -> Child | _Frame | None:
         path = f.path + fsname if f.path.endswith(b"/") else f.path + b"/" + fsname
-        if self._excluded(path, fsname):
+        relpath = _join(f.relpath, fsname)
+        whole = f.whole or relpath in (self._only or ())
+        if not whole and relpath not in self._leading:
+            return None
+        if self._excluded(self._original(relpath)):
             return None
         try:
             st = os.stat(fsname, dir_fd=f.fd, follow_symlinks=False)
         except OSError as exc:
             self.log.os_problem(path, exc)
             return None
-        if identity(st) in self._skip_ids:
+        if identity(st) in self._skip_ids or self._excluded.too_large(st):
             return None
-        return self._entry(f.fd, fsname, fsname, path, _join(f.relpath, fsname), f.prev, st)
+        got = self._entry(f.fd, fsname, fsname, path, relpath, f.prev, st)
+        if isinstance(got, _Frame):
+            got.whole = whole
+        return got
 
     def _entry(self, dir_fd: int, fsname: bytes, name: bytes, path: bytes, relpath: bytes,
                pdir: PrevDir | None, st: os.stat_result) -> Child | _Frame | None:
@@ -234,7 +259,7 @@ class FileArchiver:
         if stat.S_ISDIR(mode):
             return self._dir_entry(dir_fd, fsname, name, path, relpath, st, prev)
         if stat.S_ISREG(mode):
-            return self.files.entry(dir_fd, fsname, name, path, st, prev)
+            return self.files.entry(dir_fd, fsname, name, self._original(relpath), st, prev)
         if stat.S_ISLNK(mode):
             try:
                 target = os.readlink(fsname, dir_fd=dir_fd)
@@ -299,6 +324,9 @@ class FileArchiver:
                 return self._empty_dir(node, relpath, subprev, prev)
             self._entered.add(key)
             names = sorted(os.fsencode(n) for n in os.listdir(fd))
+            marker = self._excluded.marker(fd, names)
+            if marker is not None:
+                names = [marker]  # a cache or marked directory: kept, with only its tag file
         except OSError as exc:
             os.close(fd)
             self.log.problem(path, "unreadable", f"directory cannot be listed: {exc.strerror or exc}")

@@ -30,6 +30,8 @@ class Child:
     clean: bool  # unchanged since the previous run, content and metadata
     content: PendingContent | None = None
     dirjob: DirJob | None = None
+    # (original path, previous node) of a file read again only for the racy window
+    racy: tuple[bytes, Node] | None = None
 
 
 @dataclass
@@ -46,7 +48,9 @@ class TreeWriter:
     keeps those); ``flush_batch`` sends the content reader's pending small chunks."""
 
     def __init__(self, store: Store, previous: PreviousState, catalog: CatalogWriter | None,
-                 page_blob_ids: set[bytes], flush_batch: Callable[[], None]) -> None:
+                 page_blob_ids: set[bytes], flush_batch: Callable[[], None],
+                 settle_racy: Callable[[bytes, bool], None] | None = None) -> None:
+        self.settle_racy = settle_racy
         self.store = store
         self.previous = previous
         self.catalog = catalog
@@ -76,6 +80,16 @@ class TreeWriter:
             if pages:
                 self.page_blob_ids.update(pages)
             node = msgspec.structs.replace(node, content=refs, pages=pages)
+            if child.racy is not None:
+                path, prev = child.racy
+                same = refs == prev.content
+                if same:  # as if reused: the previous node, so the tree stays the same
+                    node = msgspec.structs.replace(prev, name=node.name)
+                    child.clean = True
+                    self.page_blob_ids.update(prev.pages or ())
+                if self.settle_racy is not None:
+                    self.settle_racy(path, same)
+                child.racy = None
             child.node = node
             child.content = None  # hard-linked siblings share the resolved node's content
         if child.dirjob is not None:

@@ -62,12 +62,15 @@ class RegularFiles:
         if hl_key is not None and hl_key in self._hardlinks:
             first = self._hardlinks[hl_key]
             node = msgspec.structs.replace(first.node, name=name)
-            return Child(node, first.clean and prev is not None and node == prev, content=first.content)
+            clean = first.clean and prev is not None and node == prev
+            self._tell(path, "U" if clean else "A" if prev is None else "M")
+            return Child(node, clean, content=first.content)
         stats.bytes_total += st.st_size
         if self._reusable(prev, st):
             assert prev is not None
             node = prev if not hl_key else msgspec.structs.replace(prev, dev=st.st_dev, links=st.st_nlink)
             stats.files_unmodified += 1
+            self._tell(path, "U")
             self.log.reporter.advance(nbytes=st.st_size, items=1)
             if prev.pages:
                 self.page_blob_ids.update(prev.pages)
@@ -75,14 +78,51 @@ class RegularFiles:
             child: Child | None = Child(node, node == prev)
         else:
             child = self._read(dir_fd, fsname, name, path, st, prev)
+            if child is not None and child.content is not None and self._racy(prev, st):
+                # Read again only because its stat data is too recent to prove it unchanged:
+                # counted once its content is known (settle_racy), as unmodified if it is the same.
+                assert prev is not None
+                child.racy = (path, prev)
+            elif child is not None:
+                self._count_read(path, prev)
         if child is not None and hl_key is not None:
             self._hardlinks[hl_key] = child
         return child
 
+    def _tell(self, path: bytes, status: str) -> None:
+        if self.opts.on_file is not None:
+            self.opts.on_file(path, status)
+
+    def _count_read(self, path: bytes, prev: Node | None) -> None:
+        if prev is None or prev.type != NodeType.FILE:
+            self.log.stats.files_new += 1
+            self._tell(path, "A")
+        else:
+            self.log.stats.files_changed += 1
+            self._tell(path, "M")
+
+    def settle_racy(self, path: bytes, same: bool) -> None:
+        """A file read again only for the racy window, once its content is known: unmodified
+        when it is what the previous run stored, else changed."""
+        stats = self.log.stats
+        stats.files_reread += 1
+        if same:
+            stats.files_unmodified += 1
+            self._tell(path, "U")
+        else:
+            stats.files_changed += 1
+            self._tell(path, "M")
+
+    def _same_stat(self, prev: Node | None, st: os.stat_result) -> bool:
+        return prev is not None and prev.type == NodeType.FILE and (
+            prev.size, prev.mtime, prev.ctime, prev.inode) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+    def _racy(self, prev: Node | None, st: os.stat_result) -> bool:
+        return not self.opts.read_all and self._same_stat(prev, st) and prev is not None \
+            and prev.ctime >= self._racy_before
+
     def _reusable(self, prev: Node | None, st: os.stat_result) -> bool:
-        if self.opts.read_all or prev is None or prev.type != NodeType.FILE:
-            return False
-        if (prev.size, prev.mtime, prev.ctime, prev.inode) != (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+        if self.opts.read_all or prev is None or not self._same_stat(prev, st):
             return False
         if prev.ctime >= self._racy_before:
             return False
@@ -175,10 +215,6 @@ class RegularFiles:
     def _finish_read(self, fd: int, name: bytes, path: bytes, fst: os.stat_result, prev: Node | None,
                      pending: PendingContent) -> Child:
         stats = self.log.stats
-        if prev is None or prev.type != NodeType.FILE:
-            stats.files_new += 1
-        else:
-            stats.files_changed += 1
         stats.bytes_read += pending.bytes_read
         self.log.reporter.advance(nbytes=fst.st_size, items=1)
         node = make_node(name, NodeType.FILE, fst, fd_xattrs(self.log, fd, path))

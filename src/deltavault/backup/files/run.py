@@ -8,7 +8,6 @@ import dataclasses
 import os
 import socket
 import sqlite3
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,17 +16,21 @@ from pathlib import Path
 from deltavault.backup.files.archiver import FileArchiver
 from deltavault.backup.files.catalog import Catalog, open_catalog
 from deltavault.backup.files.catalog_writer import CatalogWriter
-from deltavault.backup.files.options import Excludes, FileBackupOptions, FileStats, Problem, Source
+from deltavault.backup.files.options import FileBackupOptions, FileStats, Problem, Store
 from deltavault.backup.files.previous import (
     CatalogPrevious,
     NoPrevious,
     PreviousState,
     TreePrevious,
 )
+from deltavault.backup.files.scan import scan_totals, start_scanner
+from deltavault.backup.files.sources import plan_sources
 from deltavault.chunking.cdc import CdcParams, Chunker
-from deltavault.errors import UsageError
+from deltavault.errors import DeltavaultError
 from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
+from deltavault.model.types import BlobType
+from deltavault.objects.diff import diff_trees
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
@@ -44,11 +47,13 @@ class BackupRequest:
     options: FileBackupOptions = field(default_factory=FileBackupOptions)
     use_catalog: bool = True
     snapshot: str = "none"  # auto | btrfs | lvm | vss | none: read from a point-in-time snapshot
+    dry_run: bool = False  # read and hash everything, write nothing
+    skip_if_unchanged: bool = False  # save no snapshot when the tree equals the parent's
 
 
 @dataclass
 class BackupResult:
-    snapshot_id: str
+    snapshot_id: str | None  # None: none saved (dry_run, skipped)
     snapshot: Snapshot
     stats: FileStats
     problems: list[Problem]
@@ -58,6 +63,8 @@ class BackupResult:
     bytes_downloaded: int
     seconds: float
     snapshots: list[dict[str, str]] = field(default_factory=list)  # point-in-time sources used
+    dry_run: bool = False
+    skipped: bool = False  # --skip-if-unchanged found nothing changed: no snapshot saved
 
     @property
     def partial(self) -> bool:
@@ -74,28 +81,18 @@ def chunker_for(repo: Repository) -> Chunker:
     return Chunker(CdcParams(c.min, c.avg, c.max, seed))
 
 
-def _sources(paths: list[str], logical: list[str]) -> list[Source]:
-    out = []
-    names: set[bytes] = set()
-    for p, lp in zip(paths, logical, strict=True):
-        name = os.fsencode(os.path.basename(os.path.normpath(lp))) or b"root"
-        if name in (b".", b".."):
-            name = os.fsencode(os.path.basename(os.path.abspath(lp))) or b"root"
-        if name in names:
-            raise UsageError(f"two sources share the name {os.fsdecode(name)!r}; back them up separately or use --as")
-        names.add(name)
-        out.append(Source(os.fsencode(os.path.abspath(p)), name))
-    return out
-
-
 def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
                      parent: str | None) -> PreviousState:
     existing = set(repo.snapshot_ids())
     if parent is None and catalog is not None:
         state = catalog.source_state(source_id)
-        if state is not None and state.snapshot in existing:
+        sid_now = None if state is None else state.snapshot if state.snapshot in existing else \
+            _replacement(repo, state.snapshot)
+        if state is not None and sid_now is not None:
+            # The catalog describes files on disk and the blobs that hold them, not the
+            # snapshot, so it stays good for a snapshot that tag or rewrite replaced.
             trusted = bool(state.index_files) and state.index_files <= repo.live_index_files()
-            return CatalogPrevious(catalog, source_id, state.snapshot, state.run_start_ns,
+            return CatalogPrevious(catalog, source_id, sid_now, state.run_start_ns,
                                    blobs_trusted=trusted)
     if parent is not None:
         sid, snap = repo.resolve_snapshot(parent)
@@ -109,6 +106,12 @@ def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
     return TreePrevious(repo, snap.tree, sid, snap.time_ns)
 
 
+def _replacement(repo: Repository, sid: str) -> str | None:
+    """The newest snapshot that replaced ``sid`` (tag, rewrite: ``Snapshot.original``)."""
+    found = [x for x, snap in repo.list_snapshots() if snap.original == sid]
+    return found[-1] if found else None
+
+
 def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None = None,
                catalog_path: Path | None = None) -> BackupResult:
     """Back up ``req.paths``; with ``req.snapshot`` other than "none", each path is read from
@@ -120,12 +123,15 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
 
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
     with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(take_snapshot(os.path.abspath(p), req.snapshot)) for p in req.paths]
+        # a missing path has no volume to snapshot: it goes on as given and is reported missing
+        handles = {p: stack.enter_context(take_snapshot(os.path.abspath(p), req.snapshot))
+                   for p in req.paths if os.path.lexists(p)}
         # a snapshot shows the (then empty) folder that holds snapshots: not user data
         opts = dataclasses.replace(req.options, excludes=[*req.options.excludes, SNAPSHOT_DIR])
-        inner = dataclasses.replace(req, paths=[h.source_path for h in handles], logical_paths=logical,
-                                    options=opts)
-        info = [{"path": h.original_path, "kind": h.kind, "snapshot": h.ident, "note": h.note} for h in handles]
+        inner = dataclasses.replace(req, paths=[handles[p].source_path if p in handles else p for p in req.paths],
+                                    logical_paths=logical, options=opts)
+        info = [{"path": h.original_path, "kind": h.kind, "snapshot": h.ident, "note": h.note}
+                for h in handles.values()]
         return _run(repo, inner, reporter, catalog_path, info)
 
 
@@ -135,22 +141,21 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
     t0 = time.monotonic()
     start_ns = time.time_ns()
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
-    sources = _sources(req.paths, logical)
     source_id = req.source_id or default_source_id(req.hostname, logical)
-    for p in req.paths:
-        if not os.path.lexists(p):
-            raise UsageError(f"source {p!r} does not exist")
+    sources, kept, missing = plan_sources(req.paths, logical)
+    for m in missing:
+        reporter.problem(m.path, m.kind, m.message)
     catalog = None
     notes: list[Problem] = []  # the catalog is a cache: trouble with it costs speed, not the run
     cat_path = catalog_path or (repo.cache_dir / "catalog.sqlite" if repo.cache_dir is not None else None)
-    if req.use_catalog and cat_path is not None:
+    if req.use_catalog and cat_path is not None and not req.dry_run:
         catalog, note = open_catalog(cat_path, key=repo.cache_key("catalog"), blob_id=repo.blob_id)
         for text in (note, catalog.note if catalog is not None else ""):
             if text:
                 notes.append(Problem(str(cat_path), "catalog", text, partial=False))
     try:
-        if repo.adopt_orphan_packs():
-            pass  # packs of an interrupted run are reused from here on
+        if not req.dry_run:
+            repo.adopt_orphan_packs()  # packs of an interrupted run are reused from here on
         previous: PreviousState = NoPrevious() if req.options.read_all else _choose_previous(
             repo, catalog, source_id, req.parent)
         writer = CatalogWriter(catalog, source_id) if catalog is not None else None
@@ -160,93 +165,119 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             if repo.cache_dir is not None:
                 opts.skip_paths.add(os.fsencode(os.path.abspath(repo.cache_dir)))
         page_key = repo.master.mac if repo.master else None
-        archiver = FileArchiver(repo, chunker_for(repo), previous, reporter, opts,
+        store: Store = DryRunStore(repo) if req.dry_run else repo
+        archiver = FileArchiver(store, chunker_for(repo), previous, reporter, opts,
                                 page_key=page_key, catalog=writer)
         reporter.start("backup")
         if reporter.wants_totals:
-            _start_scanner(sources, opts, reporter)
+            start_scanner(sources, opts, reporter)
         root = archiver.run(sources)
         reporter.finish()
         st = archiver.stats
-        traffic = repo.traffic
+        problems = missing + archiver.problems
+        added = store.bytes_added if isinstance(store, DryRunStore) else repo.write_stats.bytes_written
+        # Taken before the snapshot is written, so it cannot count the snapshot itself: the
+        # printed summary and the stored one say the same (docs/user-guide.md, "added").
         summary = SnapshotSummary(
             files_new=st.files_new, files_changed=st.files_changed, files_unmodified=st.files_unmodified,
             dirs=st.dirs, bytes_processed=st.bytes_read, bytes_total=st.bytes_total,
-            bytes_added=repo.write_stats.bytes_written, bytes_downloaded=traffic.bytes_read,
-            blobs_added=repo.write_stats.blobs_added,
-            errors=sum(1 for p in archiver.problems if p.partial),
-            incomplete=[p.path for p in archiver.problems if p.partial][:INCOMPLETE_MAX],
+            bytes_added=added, bytes_downloaded=repo.traffic.bytes_read,
+            blobs_added=store.blobs_added if isinstance(store, DryRunStore) else repo.write_stats.blobs_added,
+            errors=sum(1 for p in problems if p.partial),
+            incomplete=[p.path for p in problems if p.partial][:INCOMPLETE_MAX],
             seconds=round(time.monotonic() - t0, 3))
-        snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=logical,
+        snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=kept,
                             source_id=source_id, tree=root, parent=previous.snapshot_id, tags=req.tags,
                             summary=summary)
-        sid = repo.save_snapshot(snap)
-        rejected = catalog.rejection_note() if catalog is not None else ""
-        if catalog is not None and catalog.damaged:
-            damage, writer = catalog.damaged, None
-            try:
-                catalog.discard()
-                what = "removed it; the next run starts a new one"
-            except OSError as exc:
-                what = f"could not remove it ({exc})"
-            catalog = None
-            notes.append(Problem(str(cat_path), "catalog", f"the local catalog is damaged ({damage}): the files "
-                                 f"it could not answer for were read again, and deltavault {what}", partial=False))
-        if writer is not None:
-            try:
-                writer.commit(sid, start_ns, keep_blobs=archiver.page_blob_ids,
-                              index_files=repo.live_index_files())
-            except (sqlite3.Error, OSError) as exc:
-                notes.append(Problem(str(writer.catalog.path), "catalog", "the snapshot is saved, but the "
-                                     f"local catalog could not be updated ({exc}); the next run compares "
-                                     "with older data and reads more", partial=False))
-        if rejected:
-            notes.append(Problem(str(cat_path), "catalog", rejected, partial=False))
-        return BackupResult(sid, snap, st, archiver.problems + notes, previous.kind, previous.snapshot_id,
-                            repo.write_stats.bytes_written, repo.traffic.bytes_read,
-                            time.monotonic() - t0, snapshots)
+        result = BackupResult(None, snap, st, problems + notes, previous.kind, previous.snapshot_id,
+                              summary.bytes_added, summary.bytes_downloaded, time.monotonic() - t0, snapshots,
+                              dry_run=req.dry_run)
+        if req.dry_run:
+            return result
+        if req.skip_if_unchanged and _same_as_parent(repo, previous, root):
+            result.skipped = True
+            return result
+        result.snapshot_id = repo.save_snapshot(snap)
+        if catalog is not None:
+            notes += _update_catalog(repo, catalog, writer, result.snapshot_id, start_ns, archiver.page_blob_ids,
+                                     cat_path)
+            result.problems = problems + notes
+        return result
     finally:
         if catalog is not None:
             catalog.close()
 
 
-def scan_totals(sources: list[Source], opts: FileBackupOptions) -> tuple[int, int]:
-    """(bytes, files) of the regular files a backup with ``opts`` would read at most: the
-    same exclusions, skipped paths and file-system boundary as the archiver's walk."""
-    excluded = Excludes(opts.excludes)
-    total = count = 0
-    for src in sources:
+def _same_as_parent(repo: Repository, previous: PreviousState, root: bytes) -> bool:
+    """--skip-if-unchanged: the run found what the parent holds: no entry added, removed or
+    changed in content or metadata, access times aside (listing a directory changes its own)."""
+    if previous.snapshot_id is None:
+        return False
+    try:
+        parent = repo.load_snapshot(previous.snapshot_id).tree
+        return parent is not None and next(iter(diff_trees(repo, parent, root)), None) is None
+    except DeltavaultError:
+        return False
+
+
+def _update_catalog(repo: Repository, catalog: Catalog, writer: CatalogWriter | None, sid: str, start_ns: int,
+                    page_blob_ids: set[bytes], cat_path: Path | None) -> list[Problem]:
+    """Record this run in the local catalog (after the snapshot: a crash in between costs
+    the next run a re-read, never a wrong reuse). Trouble only costs speed, so it is noted."""
+    notes = []
+    rejected = catalog.rejection_note()
+    if catalog.damaged:
+        damage, writer = catalog.damaged, None
         try:
-            root_dev = os.lstat(src.path).st_dev
-        except OSError:
-            continue
-        stack = [src.path]
-        while stack:
-            p = stack.pop()
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if opts.one_file_system and st.st_dev != root_dev:
-                    continue
-                try:
-                    with os.scandir(p) as it:
-                        stack.extend(e.path for e in it
-                                     if e.path not in opts.skip_paths and not excluded(e.path, e.name))
-                except OSError:
-                    pass
-            elif stat.S_ISREG(st.st_mode):
-                total += st.st_size
-                count += 1
-    return total, count
+            catalog.discard()
+            what = "removed it; the next run starts a new one"
+        except OSError as exc:
+            what = f"could not remove it ({exc})"
+        notes.append(Problem(str(cat_path), "catalog", f"the local catalog is damaged ({damage}): the files "
+                             f"it could not answer for were read again, and deltavault {what}", partial=False))
+    if writer is not None:
+        try:
+            writer.commit(sid, start_ns, keep_blobs=page_blob_ids, index_files=repo.live_index_files())
+        except (sqlite3.Error, OSError) as exc:
+            notes.append(Problem(str(writer.catalog.path), "catalog", "the snapshot is saved, but the "
+                                 f"local catalog could not be updated ({exc}); the next run compares "
+                                 "with older data and reads more", partial=False))
+    if rejected:
+        notes.append(Problem(str(cat_path), "catalog", rejected, partial=False))
+    return notes
 
 
-def _start_scanner(sources: list[Source], opts: FileBackupOptions, reporter: Reporter) -> None:
-    """Sum sizes in the background so a terminal progress bar can show an ETA."""
+class DryRunStore:
+    """--dry-run: blobs are hashed and counted (their size before compression) but never
+    written, so nothing in the repository or the local catalog changes."""
 
-    def scan() -> None:
-        total, count = scan_totals(sources, opts)
-        reporter.set_totals(total_bytes=total, total_items=count)
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.seen: set[bytes] = set()
+        self.bytes_added = 0
+        self.blobs_added = 0
+        self._lock = threading.Lock()
 
-    threading.Thread(target=scan, name="dv-scan", daemon=True).start()
+    def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
+                  level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
+        bid = blob_id if blob_id is not None else self.repo.blob_id(data)
+        with self._lock:
+            if bid in self.seen or self.repo.has_blob(bid):
+                return bid, 0
+            self.seen.add(bid)
+            self.bytes_added += len(data)
+            self.blobs_added += 1
+        return bid, len(data)
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        return blob_id in self.seen or self.repo.has_blob(blob_id)
+
+    def blob_id(self, data: bytes | memoryview) -> bytes:
+        return self.repo.blob_id(data)
+
+    def flush(self) -> None:
+        pass
+
+
+__all__ = ["BackupRequest", "BackupResult", "DryRunStore", "chunker_for", "default_source_id", "run_backup",
+           "scan_totals"]

@@ -1,0 +1,151 @@
+"""``dump``: one file of a snapshot as a byte stream, or a directory as a tar (or zip)
+archive, written to a stream the caller holds (stdout, a file). Nothing touches a file
+system, so none of restore's target checks apply; names inside the archive are the
+snapshot's, checked to be single components as a restore checks them.
+
+A tar carries mode, owner (ids and names), modification time, symlinks, hard links, FIFOs
+and device nodes; extended attributes and ACLs are left to ``restore``. Holes come out as
+zeros.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from deltavault.fs.paths import check_name
+from deltavault.model.nodes import Node, NodeType
+from deltavault.objects.reader import read_ref
+from deltavault.objects.store import BlobLoader
+from deltavault.objects.trees import load_nodes
+from deltavault.restore.content import check_sizes
+
+_ZERO = bytes(1 << 20)
+_TAR_TYPE = {NodeType.FILE: tarfile.REGTYPE, NodeType.DIR: tarfile.DIRTYPE, NodeType.SYMLINK: tarfile.SYMTYPE,
+             NodeType.FIFO: tarfile.FIFOTYPE, NodeType.CHARDEV: tarfile.CHRTYPE,
+             NodeType.BLOCKDEV: tarfile.BLKTYPE}
+
+
+def file_chunks(repo: BlobLoader, node: Node) -> Iterator[bytes]:
+    """The content of a file node, in order; a hole as zeros."""
+    check_sizes(node)
+    for ref in node.content:
+        data = read_ref(repo, ref)
+        if data is not None:
+            yield data
+            continue
+        left = ref.size
+        while left:
+            n = min(left, len(_ZERO))
+            yield _ZERO[:n]
+            left -= n
+
+
+def dump_file(repo: BlobLoader, node: Node, out: BinaryIO) -> int:
+    written = 0
+    for chunk in file_chunks(repo, node):
+        out.write(chunk)
+        written += len(chunk)
+    return written
+
+
+class _Stream(io.RawIOBase):
+    """A file node's content as a readable stream, for tarfile and zipfile."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def walk_entries(repo: BlobLoader, node: Node, path: bytes) -> Iterator[tuple[bytes, Node]]:
+    """``node`` (at ``path``) and everything below it, parents first; iterative, so any
+    depth is fine."""
+    yield path, node
+    stack: list[tuple[bytes, Iterator[Node]]] = []
+    if node.type == NodeType.DIR and node.subtree is not None:
+        stack.append((path, iter(load_nodes(repo, node.subtree))))
+    while stack:
+        base, it = stack[-1]
+        n = next(it, None)
+        if n is None:
+            stack.pop()
+            continue
+        check_name(n.name)
+        p = base + b"/" + n.name if base else n.name
+        yield p, n
+        if n.type == NodeType.DIR and n.subtree is not None:
+            stack.append((p, iter(load_nodes(repo, n.subtree))))
+
+
+def dump_tar(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: BinaryIO) -> int:
+    """A tar stream (POSIX pax: any name length, raw bytes kept) of ``entries``."""
+    count = 0
+    links: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for path, n in entries:
+            info = tarfile.TarInfo(path.decode("utf-8", "surrogateescape"))
+            info.mode, info.uid, info.gid = stat.S_IMODE(n.mode), n.uid, n.gid
+            info.uname, info.gname, info.mtime = n.user, n.group, n.mtime // 1_000_000_000
+            info.type = _TAR_TYPE[n.type]
+            key = (n.dev, n.inode) if n.type == NodeType.FILE and n.links > 1 else None
+            data = None
+            if key is not None and key in links:
+                info.type, info.linkname = tarfile.LNKTYPE, links[key]
+            elif n.type == NodeType.FILE:
+                info.size = n.size
+                data = io.BufferedReader(_Stream(file_chunks(repo, n)), 1 << 20)
+                if key is not None:
+                    links[key] = info.name
+            elif n.type == NodeType.SYMLINK:
+                info.linkname = n.target.decode("utf-8", "surrogateescape")
+            elif n.type in (NodeType.CHARDEV, NodeType.BLOCKDEV):
+                info.devmajor, info.devminor = os.major(n.rdev), os.minor(n.rdev)
+            tar.addfile(info, data)
+            count += 1
+    return count
+
+
+def dump_zip(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: BinaryIO) -> int:
+    """A zip stream of ``entries``: directories and files (with their mode and time);
+    symlinks and special files have no portable form in zip and are left out."""
+    count = 0
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for path, n in entries:
+            name = path.decode("utf-8", "surrogateescape")
+            when = time.gmtime(max(n.mtime // 1_000_000_000, 315532800))[:6]  # zip starts in 1980
+            if n.type == NodeType.DIR:
+                zi = zipfile.ZipInfo(name + "/", when)
+                zi.external_attr = (stat.S_IFDIR | stat.S_IMODE(n.mode)) << 16 | 0x10
+                zf.writestr(zi, b"")
+            elif n.type == NodeType.FILE:
+                zi = zipfile.ZipInfo(name, when)
+                zi.external_attr = (stat.S_IFREG | stat.S_IMODE(n.mode)) << 16
+                zi.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(zi, "w", force_zip64=n.size > 0x7FFFFFFF) as f:
+                    for chunk in file_chunks(repo, n):
+                        f.write(chunk)
+            else:
+                continue
+            count += 1
+    return count
