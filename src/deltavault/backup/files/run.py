@@ -25,12 +25,13 @@ from deltavault.backup.files.previous import (
     TreePrevious,
 )
 from deltavault.chunking.cdc import CdcParams, Chunker
-from deltavault.errors import UsageError
+from deltavault.errors import DeltavaultError, UsageError
 from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
+from deltavault.repository.status import failed_run, worth_recording
 
 
 @dataclass
@@ -113,7 +114,22 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
                catalog_path: Path | None = None) -> BackupResult:
     """Back up ``req.paths``; with ``req.snapshot`` other than "none", each path is read from
     a point-in-time snapshot of its volume (removed afterwards, also on errors), while the
-    snapshot records, and the catalog matches on, the original paths."""
+    snapshot records, and the catalog matches on, the original paths. A run that fails is
+    recorded in the repository's status records (reports show it), as far as it can be."""
+    start_ns = time.time_ns()
+    try:
+        return _run_from(repo, req, reporter, catalog_path)
+    except DeltavaultError as exc:
+        if worth_recording(exc):
+            logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
+            repo.save_status(failed_run(
+                snapshot_kind="files", source_id=req.source_id or default_source_id(req.hostname, logical),
+                paths=logical, hostname=req.hostname, start_ns=start_ns, exc=exc))
+        raise
+
+
+def _run_from(repo: Repository, req: BackupRequest, reporter: Reporter | None,
+              catalog_path: Path | None) -> BackupResult:
     if req.snapshot == "none":
         return _run(repo, req, reporter, catalog_path, [])
     from deltavault.snapshot import take_snapshot
@@ -134,6 +150,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
     start_ns = time.time_ns()
+    raw0 = repo.write_stats.bytes_added_raw
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
     sources = _sources(req.paths, logical)
     source_id = req.source_id or default_source_id(req.hostname, logical)
@@ -176,7 +193,8 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             blobs_added=repo.write_stats.blobs_added,
             errors=sum(1 for p in archiver.problems if p.partial),
             incomplete=[p.path for p in archiver.problems if p.partial][:INCOMPLETE_MAX],
-            seconds=round(time.monotonic() - t0, 3))
+            seconds=round(time.monotonic() - t0, 3), change_source=previous.kind,
+            bytes_added_raw=repo.write_stats.bytes_added_raw - raw0)
         snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=logical,
                             source_id=source_id, tree=root, parent=previous.snapshot_id, tags=req.tags,
                             summary=summary)
