@@ -20,8 +20,8 @@ from deltavault.platform import tune_allocator
 
 # Each cli/cmd_NAME.py has register(subparsers); commands are found by module name, so a
 # new command is a new module. ORDER only sorts the help listing.
-ORDER = ["init", "backup", "snapshots", "restore", "ls", "diff", "check", "stats", "forget", "prune",
-         "repair", "sync", "key"]
+ORDER = ["init", "backup", "snapshots", "restore", "ls", "diff", "check", "stats", "report", "forget",
+         "prune", "repair", "sync", "key"]
 
 
 def _commands() -> list[str]:
