@@ -169,7 +169,7 @@ def run_blocks(hm: Heatmap, prefix: str) -> str:
     ax.set_xlim(0, hm.regions)
     ax.set_yticks(range(len(runs)))
     ax.set_yticklabels([f"{r.time[5:16].replace('T', ' ')} {r.change_label}: {r.blocks_read:,} read, "
-                        f"{r.blocks_changed:,} changed" for r in runs], fontsize=7)
+                        + ("all new" if r.first else f"{r.blocks_changed:,} changed") for r in runs], fontsize=7)
     ax.grid(False)
     ticks = np.linspace(0, hm.regions, 5)
     ax.set_xticks(ticks)

@@ -76,6 +76,7 @@ class VolumeRunBlocks:
     blocks_total: int
     read: list[list[int]]  # [start, end) region runs
     changed: list[list[int]]
+    first: bool = False  # no parent: every block is new, none "changed"
 
 
 @dataclass

@@ -80,7 +80,8 @@ def _run_view(sid: str, snap: Snapshot, blocks: BlockSets, changed: np.ndarray, 
     read = _regions_of(blocks.read, blocks.unit, region_bytes, regions)
     return VolumeRunBlocks(snapshot=sid, time=snap.time, change_label=change_label(snap)[0],
                            blocks_read=s.blocks_read, blocks_changed=s.blocks_changed,
-                           blocks_total=s.blocks_total, read=_region_runs(read), changed=_region_runs(changed))
+                           blocks_total=s.blocks_total, read=_region_runs(read), changed=_region_runs(changed),
+                           first=snap.parent is None)
 
 
 def region_range(hm: Heatmap, region: int) -> tuple[int, int]:

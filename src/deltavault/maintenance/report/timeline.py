@@ -9,7 +9,8 @@ from deltavault.model.status import StatusRecord
 # How people name the change sources (docs/design.md, "Change sources").
 _LABELS = {"fs-digests": "{fs} digests", "qemu-bitmap": "qemu bitmap", "btrfs": "btrfs snapshots",
            "catalog": "catalog", "parent-trees": "parent's trees"}
-_FS = {"ext4": "ext4", "ntfs": "NTFS", "partitions": "per-partition"}
+_FS = {"ext4": "ext4", "ntfs": "NTFS"}
+FIRST_RUN = "full read (first run)"
 
 
 def change_label(snap: Snapshot) -> tuple[str, bool]:
@@ -20,12 +21,17 @@ def change_label(snap: Snapshot) -> tuple[str, bool]:
     rejected = bool(s and s.rejected)
     if not source:
         return "not recorded", False
+    if snap.parent is None:  # nothing to compare with: not a fallback
+        return FIRST_RUN, False
     if source in ("block-digests", "none"):
-        if snap.parent is None:
-            return "full read (first run)", rejected
         what = "full read (block digests)" if source == "block-digests" else "full read"
         return what, True
-    label = _LABELS.get(source, source).format(fs=_FS.get(s.file_system if s else "", "file-system"))
+    fs = s.file_system if s else ""
+    if fs == "partitions" and s is not None and s.blocks is not None:
+        kinds = sorted({_FS.get(p.fs, p.fs) for p in s.blocks.partitions if p.fs})
+        label = _LABELS.get(source, source).format(fs="/".join(kinds) or "file-system") + " per partition"
+    else:
+        label = _LABELS.get(source, source).format(fs=_FS.get(fs, "file-system"))
     return label, rejected
 
 
@@ -72,4 +78,8 @@ def build_sources(chosen: list[tuple[str, Snapshot]], failures: list[StatusRecor
         src.runs.append(failed_run(rec))
     for src in by_id.values():
         src.runs.sort(key=lambda r: (r.time_ns, r.snapshot))
+        saved = [r for r in src.runs if r.snapshot]
+        for r in saved[1:]:  # no parent, yet not the first: forced, resized, or the parent is gone
+            if r.change_label == FIRST_RUN:
+                r.change_label, r.fallback = "full read (no parent)", True
     return sorted(by_id.values(), key=lambda s: (s.kind, s.id))
