@@ -5,6 +5,8 @@ region per block with exactly the changed ones coloured, and nothing came from t
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import json
 import os
@@ -12,12 +14,14 @@ import struct
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import UsageError
 from deltavault.maintenance.check import check_record, check_repository
 from deltavault.maintenance.report.build import build_report
+from deltavault.maintenance.report.charts import CHANGED
 from deltavault.maintenance.report.page import render_html
 from deltavault.maintenance.report.select import ReportOptions
 from deltavault.maintenance.retention import Policy
@@ -44,7 +48,8 @@ FACTS = """(() => {
           regions, rows, charts,
           heatmapText: document.getElementById('heatmap').innerText,
           heatmapSvgText: [...document.querySelectorAll('#heatmap svg text')].map(t => t.textContent).join(' | '),
-          perRun: document.querySelectorAll('#heatmap g[id^="rb0-changed-"]').length,
+          perRun: document.querySelector('#heatmap svg[aria-label^="blocks read and changed per run"] image')
+                    .getAttribute('xlink:href'),
           whereText: document.getElementById('where').innerText,
           check: document.getElementById('last-check').dataset.result,
           retention: {...document.getElementById('retention').dataset},
@@ -127,7 +132,8 @@ def test_report_renders_in_chromium_with_no_network(vol: Vol, tmp_path: Path) ->
     with Browser() as browser:
         url = page.as_uri()
         requests = browser.load(url)
-        assert requests == [url], requests  # the page itself, and nothing else
+        # the page itself and the images inlined in it (data: URLs), nothing else
+        assert [u for u in requests if not u.startswith("data:image/png;base64,")] == [url], requests
         facts = browser.evaluate(FACTS)
         shot = browser.screenshot(tmp_path / "report.png")
         # the recorder does see what a page fetches: a page that reaches out is caught
@@ -151,7 +157,14 @@ def test_report_renders_in_chromium_with_no_network(vol: Vol, tmp_path: Path) ->
     assert regions[40]["title"].startswith(f"region 40: bytes {40 * MiB:,}-{41 * MiB - 1:,}")
     assert "partition 2 ext4" in regions[40]["title"]
     assert "partition 1: ext4" in facts["heatmapSvgText"] and "partition 2: ext4" in facts["heatmapSvgText"]
-    assert facts["perRun"] == 3  # blocks read against changed, for each of the three runs
+    # blocks read against changed, one row per run: an image of runs x regions, changed ones red
+    rows_img = Image.open(io.BytesIO(base64.b64decode(facts["perRun"].split(",", 1)[1]))).convert("RGB")
+    assert rows_img.size == (BLOCKS, 3)
+    changed_rgb = tuple(int(CHANGED[i:i + 2], 16) for i in (1, 3, 5))
+    first = [rows_img.getpixel((x, 0)) for x in range(BLOCKS)]  # a first run: what it read is new
+    assert first.count(changed_rgb) == r1.snapshot.summary.blocks_read and len(set(first)) == 2
+    for row, (a, b) in enumerate(itertools.pairwise(images), start=1):
+        assert {x for x in range(BLOCKS) if rows_img.getpixel((x, row)) == changed_rgb} == changed_blocks(a, b)
     # the timeline: the fallback run and its reason, the failed run, the files runs
     rows = {r["snapshot"]: r for r in facts["rows"]}
     fallback = rows[r3.snapshot_id]

@@ -78,6 +78,8 @@ def _run_view(sid: str, snap: Snapshot, blocks: BlockSets, changed: np.ndarray, 
     s = snap.summary
     assert s is not None
     read = _regions_of(blocks.read, blocks.unit, region_bytes, regions)
+    if snap.parent is None:  # every block is new; those read are the ones worth showing
+        changed = np.intersect1d(changed, read)
     return VolumeRunBlocks(snapshot=sid, time=snap.time, change_label=change_label(snap)[0],
                            blocks_read=s.blocks_read, blocks_changed=s.blocks_changed,
                            blocks_total=s.blocks_total, read=_region_runs(read), changed=_region_runs(changed),

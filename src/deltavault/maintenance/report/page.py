@@ -103,13 +103,14 @@ def _heatmap(hm: Heatmap, i: int) -> str:
              f"the {len(hm.runs_counted)} incremental runs shown changed them (first runs, which store "
              "everything, are not counted)"
              + (f"; {hm.runs_without_blocks} older run(s) recorded no block sets" if hm.runs_without_blocks else "")
-             + ".</p>", charts.heatmap(hm, f"hm{i}")]
+             + "." + "".join(f" {_t(p.fs)} over the whole volume." for p in hm.partitions
+                             if p.number == 0 and p.fs) + "</p>", charts.heatmap(hm, f"hm{i}")]
     if hm.partitions:
         parts.append(_table(["partition", "file system", "offset", "size", "regions"], [
             f"<tr><td>{p.number or '(whole volume)'}</td><td>{_t(p.fs or 'not read')}</td><td class='n'>{p.offset:,}</td>"
             f"<td class='n'>{human(p.size)}</td><td class='n'>{p.first_region}&ndash;{p.last_region}</td></tr>"
             for p in hm.partitions]))
-    hot = sorted((c, -r, r) for r, c in enumerate(hm.counts) if c)[::-1][:20]
+    hot = sorted((c, -r, r) for r, c in enumerate(hm.counts) if c)[::-1][:10]
     if hot:
         rows = []
         for c, _neg, r in hot:
@@ -121,8 +122,8 @@ def _heatmap(hm: Heatmap, i: int) -> str:
                      + _table(["region", "bytes", "offsets", "partition", "runs that changed it"], rows) + "</details>")
     if hm.runs:
         parts.append(f"<h4>Blocks read against blocks changed, per run (the last {len(hm.runs)})</h4>"
-                     "<p>Light: read but unchanged (what the change source made the run read for nothing); "
-                     "dark: really changed.</p>" + charts.run_blocks(hm, f"rb{i}"))
+                     "<p>Blue: read but unchanged (what the change source made the run read for nothing); "
+                     "red: really changed (on a first run: read and stored).</p>" + charts.run_blocks(hm, f"rb{i}"))
     return "".join(parts) + "</div>"
 
 
