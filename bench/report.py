@@ -66,7 +66,7 @@ def tree(root: Path, rnd: random.Random, files: int) -> None:
 def build(work: Path, snapshots: int) -> tuple[Path, Path]:
     """The repository of ``snapshots`` snapshots (3/4 files, 1/4 volume runs)."""
     repo_dir, cache = work / "repo", work / "cache"
-    stamp = work / f"built-{snapshots}"
+    stamp = work / f"built-{snapshots}-v2"
     if stamp.exists():
         return repo_dir, cache
     shutil.rmtree(work, ignore_errors=True)
@@ -83,10 +83,13 @@ def build(work: Path, snapshots: int) -> tuple[Path, Path]:
     volume_runs = snapshots // 4
     plan = ["v" if i % 4 == 3 and volume_runs else "f" for i in range(snapshots)]
     t0 = time.monotonic()
+    done = {"f": 0, "v": 0}  # runs of each kind so far: sources take turns
     for i, what in enumerate(plan):
         repo = opened(repo_dir, cache)
+        turn = done[what] % 2
+        done[what] += 1
         if what == "f":
-            src = trees[i % 2]
+            src = trees[turn]
             for _ in range(4):
                 victim = rnd.choice(sorted(src.rglob("*.bin")))
                 victim.write_bytes(rnd.randbytes(rnd.randrange(1_000, 60_000)))
@@ -95,7 +98,7 @@ def build(work: Path, snapshots: int) -> tuple[Path, Path]:
             time.sleep(0.01)
             run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(racy_window_ns=5_000_000)))
         else:
-            img = images[(i // 4) % 2]
+            img = images[turn]
             with open(img, "r+b") as f:
                 hot = rnd.randrange(1024)
                 for _ in range(rnd.randrange(2, 8)):

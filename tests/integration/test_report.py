@@ -30,6 +30,7 @@ from deltavault.model.snapshot import SnapshotSummary
 from deltavault.model.status import CHECK, FAILED, StatusRecord
 from deltavault.repository.repository import Repository
 from deltavault.repository.status import KEEP, failed_run, worth_recording
+from tests.browser import CHROMIUM, Browser
 from tests.conftest import Cli
 
 MiB = 1 << 20
@@ -264,3 +265,25 @@ def test_cli_report_and_its_bad_input(cli: Cli, tmp_path: Path) -> None:
         assert says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.html").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.html")]  # no temp file left
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (scripts/install-system-deps.sh)")
+def test_the_page_renders_in_chromium_without_root(repo: Repository, world: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """The same checks as the partitioned-disk test (tests/integration/volume), on a plain
+    image, for machines without loop devices."""
+    page = tmp_path / "r.html"
+    page.write_text(render_html(build_report(repo, ReportOptions(policy=Policy(last=1)))))
+    with Browser() as b:
+        requests = b.load(page.as_uri())
+        facts = b.evaluate("""({
+          sections: ['timeline', 'heatmap', 'where', 'health'].map(id => document.querySelector('#' + id + ' h2')?.textContent),
+          coloured: [...document.querySelectorAll('#heatmap g[id^="hm0-region-"] path')]
+                    .map((p, i) => [i, getComputedStyle(p).fill]).filter(([i, f]) => f !== 'rgb(236, 236, 236)').map(([i]) => i),
+          regions: document.querySelectorAll('#heatmap g[id^="hm0-region-"]').length,
+          fallback: [...document.querySelectorAll('#timeline tr.fallback')].map(tr => tr.innerText),
+          failed: document.querySelectorAll('#timeline tr.failed').length})""")
+    assert [u for u in requests if not u.startswith("data:image/png;base64,")] == [page.as_uri()], requests
+    assert facts["sections"] == ["Timeline", "Block changes", "Where the bytes went", "Repository health"]
+    assert facts["regions"] == 16 and facts["coloured"] == [3, 10]
+    assert len(facts["fallback"]) == 1 and "no partition table" in facts["fallback"][0]
+    assert facts["failed"] == 1

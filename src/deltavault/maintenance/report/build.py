@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from deltavault.maintenance.report.data import Report, WhereBytes
 from deltavault.maintenance.report.health import build_health
 from deltavault.maintenance.report.heatmap import build_heatmap
-from deltavault.maintenance.report.select import ReportOptions, _source_matches, select
+from deltavault.maintenance.report.select import ReportOptions, select, source_matches
 from deltavault.maintenance.report.timeline import build_sources
 from deltavault.maintenance.report.where import where_bytes
 from deltavault.model.snapshot import Snapshot
@@ -25,9 +25,7 @@ def _failures(repo: Repository, opts: ReportOptions, since_ns: int | None) -> li
         return []
     recs = repo.status_records(FAILED, since_ns=since_ns or 0)
     if opts.sources:
-        recs = [r for r in recs if any(_source_matches(
-            Snapshot(time=r.time, time_ns=r.time_ns, hostname=r.hostname, source_id=r.source_id, paths=r.paths), w)
-            for w in opts.sources)]
+        recs = [r for r in recs if any(source_matches(r.source_id, r.paths, w) for w in opts.sources)]
     return recs
 
 

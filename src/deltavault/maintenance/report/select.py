@@ -41,10 +41,11 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return (now or datetime.now(UTC)) - span
 
 
-def _source_matches(snap: Snapshot, wanted: str) -> bool:
-    if snap.source_id == wanted:
+def source_matches(source_id: str, paths: list[str], wanted: str) -> bool:
+    """Whether --source ``wanted`` names this source: its id, or a path it backs up."""
+    if source_id == wanted:
         return True
-    return os.path.isabs(wanted) and os.path.normpath(wanted) in snap.paths
+    return os.path.isabs(wanted) and os.path.normpath(wanted) in paths
 
 
 def select(snaps: list[tuple[str, Snapshot]], opts: ReportOptions) -> tuple[list[tuple[str, Snapshot]], int | None]:
@@ -65,12 +66,12 @@ def select(snaps: list[tuple[str, Snapshot]], opts: ReportOptions) -> tuple[list
         chosen = [s for s in snaps if s[0] in keep]
     if opts.sources:
         for wanted in opts.sources:
-            if not any(_source_matches(s, wanted) for _, s in snaps):
+            if not any(source_matches(s.source_id, s.paths, wanted) for _, s in snaps):
                 known = sorted({s.source_id for _, s in snaps})
                 raise UsageError(f"--source {wanted!r}: no snapshot has that source id or path; the "
                                  f"repository's sources are: {', '.join(known[:10])}"
                                  + (" ..." if len(known) > 10 else ""))
-        chosen = [s for s in chosen if any(_source_matches(s[1], w) for w in opts.sources)]
+        chosen = [s for s in chosen if any(source_matches(s[1].source_id, s[1].paths, w) for w in opts.sources)]
     since_ns = None
     if opts.since is not None:
         now = datetime.fromtimestamp(opts.now_ns / 1e9, UTC) if opts.now_ns else None
