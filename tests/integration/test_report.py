@@ -253,6 +253,13 @@ def test_cli_report_and_its_bad_input(cli: Cli, tmp_path: Path) -> None:
     assert data["html"] is None and data["snapshots"] == 1 and data["health"]["last_check"]["ok"]
     assert data["sources"][0]["runs"][0]["retention"] == "keep"
     assert data["sources"][0]["hostname"] == socket.gethostname()
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(2 * MiB))
+    assert cli("backup", "--volume", str(img)).returncode == 0
+    assert cli("backup", "--volume", str(img)).returncode == 0
+    [vs] = [s for s in cli("--json", "snapshots").json if s["kind"] == "volume" and s["parent"]]
+    assert vs["summary"]["rejected"][0]["source"] == "fs-digests"  # stored structs print as objects
+    assert vs["summary"]["blocks"]["unit"] == MiB
     (tmp_path / "adir").mkdir()
     for args, says in ((["deadbeef"], "no snapshot matches 'deadbeef'"),
                        (["--source", "/no/such"], "no snapshot has that source id or path"),
