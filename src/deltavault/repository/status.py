@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Protocol
 
 import blake3
 import msgspec
@@ -104,6 +107,24 @@ def failed_run(*, snapshot_kind: str, source_id: str, paths: list[str], hostname
                         message=exc.message, seconds=round((time.time_ns() - start_ns) / 1e9, 3),
                         snapshot_kind=snapshot_kind, source_id=source_id, paths=paths,
                         error=type(exc).__name__, exit_code=int(exc.exit_code))
+
+
+class StatusSaver(Protocol):
+    def save_status(self, rec: StatusRecord) -> str | None: ...
+
+
+@contextmanager
+def failures_recorded(repo: StatusSaver, *, snapshot_kind: str, source_id: str, paths: list[str],
+                      hostname: str) -> Iterator[None]:
+    """Around a backup run: an error worth it leaves a ``failed`` record, then goes on."""
+    start_ns = time.time_ns()
+    try:
+        yield
+    except DeltavaultError as exc:
+        if worth_recording(exc):
+            repo.save_status(failed_run(snapshot_kind=snapshot_kind, source_id=source_id, paths=paths,
+                                        hostname=hostname, start_ns=start_ns, exc=exc))
+        raise
 
 
 def worth_recording(exc: BaseException) -> bool:

@@ -25,13 +25,13 @@ from deltavault.backup.files.previous import (
     TreePrevious,
 )
 from deltavault.chunking.cdc import CdcParams, Chunker
-from deltavault.errors import DeltavaultError, UsageError
+from deltavault.errors import UsageError
 from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
-from deltavault.repository.status import failed_run, worth_recording
+from deltavault.repository.status import failures_recorded
 
 
 @dataclass
@@ -116,16 +116,10 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
     a point-in-time snapshot of its volume (removed afterwards, also on errors), while the
     snapshot records, and the catalog matches on, the original paths. A run that fails is
     recorded in the repository's status records (reports show it), as far as it can be."""
-    start_ns = time.time_ns()
-    try:
+    logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
+    with failures_recorded(repo, snapshot_kind="files", paths=logical, hostname=req.hostname,
+                           source_id=req.source_id or default_source_id(req.hostname, logical)):
         return _run_from(repo, req, reporter, catalog_path)
-    except DeltavaultError as exc:
-        if worth_recording(exc):
-            logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
-            repo.save_status(failed_run(
-                snapshot_kind="files", source_id=req.source_id or default_source_id(req.hostname, logical),
-                paths=logical, hostname=req.hostname, start_ns=start_ns, exc=exc))
-        raise
 
 
 def _run_from(repo: Repository, req: BackupRequest, reporter: Reporter | None,

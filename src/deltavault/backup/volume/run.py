@@ -43,7 +43,7 @@ from deltavault.model.volume import (
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
-from deltavault.repository.status import failed_run, worth_recording
+from deltavault.repository.status import failures_recorded
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.access import FileAccess, VolumeAccess, is_qcow2, mounted_rw
 from deltavault.tracking.volume.base import (
@@ -131,21 +131,16 @@ class VolumeBackup:
     # ------------------------------------------------------------------ the run
     def run(self) -> VolumeResult:
         """The run; one that fails is recorded in the repository's status records."""
-        start_ns = time.time_ns()
-        try:
-            return self._run(start_ns)
-        except DeltavaultError as exc:
-            if worth_recording(exc):
-                self.repo.save_status(failed_run(snapshot_kind="volume", source_id=self.source_id,
-                                                 paths=[self.logical], hostname=self.req.hostname,
-                                                 start_ns=start_ns, exc=exc))
-            raise
+        with failures_recorded(self.repo, snapshot_kind="volume", source_id=self.source_id,
+                               paths=[self.logical], hostname=self.req.hostname):
+            return self._run()
 
-    def _run(self, start_ns: int) -> VolumeResult:
+    def _run(self) -> VolumeResult:
         validate(self.opts)
         if not os.path.exists(self.req.path):
             raise UsageError(f"volume {self.req.path!r} does not exist")
         t0 = time.monotonic()
+        start_ns = time.time_ns()
         # The repository's counters may already hold earlier runs (one process, many runs).
         self._written0 = self.repo.write_stats.bytes_written
         self._blobs0 = self.repo.write_stats.blobs_added
