@@ -28,8 +28,11 @@ from deltavault.maintenance.report.select import ReportOptions
 from deltavault.maintenance.retention import Policy
 from deltavault.model.snapshot import SnapshotSummary
 from deltavault.model.status import CHECK, FAILED, StatusRecord
+from deltavault.repository.envelope import Envelope
 from deltavault.repository.repository import Repository
-from deltavault.repository.status import KEEP, failed_run, worth_recording
+from deltavault.repository.status import KEEP, StatusStore, failed_run, worth_recording
+from deltavault.testing.faulty import Fault, FaultyBackend
+from deltavault.testing.memory import MemoryBackend
 from tests.browser import CHROMIUM, Browser
 from tests.conftest import Cli
 
@@ -211,6 +214,19 @@ def test_status_records(repo: Repository) -> None:
     assert KEEP[CHECK] + 2 not in kept and kept.count(KEEP[CHECK] + 1) == 1
     assert set(repo.status.damaged) >= {names[-1], swapped}
     assert repo.status_records(FAILED) == []
+
+
+def test_a_record_is_saved_when_old_ones_cannot_be_deleted() -> None:
+    """An immutable repository refuses to delete what is under retention: the new record is
+    kept all the same (and said to be); a put that fails is said."""
+    backend = FaultyBackend(MemoryBackend(), [Fault(ops=("delete",), prefix="status/", retryable=False)])
+    store = StatusStore(backend, Envelope(None))
+    for i in range(KEEP[CHECK] + 2):
+        assert store.save(StatusRecord(kind=CHECK, time="t", time_ns=10**18 + i, hostname="h")) is None
+    assert len(store.names(CHECK)) == KEEP[CHECK] + 2
+    assert store.records(CHECK, newest=1)[0].time_ns == 10**18 + KEEP[CHECK] + 1
+    backend.faults.append(Fault(ops=("put",), prefix="status/", retryable=False, message="disk on fire"))
+    assert store.save(StatusRecord(kind=CHECK, time="t", time_ns=2 * 10**18, hostname="h")).endswith("disk on fire")  # type: ignore[union-attr]
 
 
 def test_selection(repo: Repository, world: dict) -> None:  # type: ignore[type-arg]

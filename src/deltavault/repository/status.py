@@ -4,7 +4,8 @@ which no snapshot records. Small sealed documents (AAD ``status``), named
 finds the newest of a kind from the listing alone, and checks the name against the content.
 
 Writing one is best effort: a report is worse without it, a backup or check is not, so
-failures to write are returned, never raised. Each kind keeps its newest ``KEEP`` records.
+failures to write are returned, never raised. Each kind keeps its newest ``KEEP`` records;
+older ones that cannot be deleted yet (Object Lock retention) stay, and go once they can.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ class StatusStore:
         name = f"status/{rec.kind}-{rec.time_ns:020d}-{blake3.blake3(sealed).hexdigest()[:32]}"
         try:
             self.backend.put(name, sealed)
-            for old in self.names(rec.kind)[:-KEEP.get(rec.kind, 20)]:
-                self.backend.delete(old)
         except DeltavaultError as exc:
             return exc.message
+        try:
+            for old in self.names(rec.kind)[:-KEEP.get(rec.kind, 20)]:
+                self.backend.delete(old)
+        except DeltavaultError:
+            pass  # saved all the same; an immutable repository keeps old ones until their retention ends
         return None
 
     def names(self, kind: str) -> list[str]:
