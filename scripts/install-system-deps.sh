@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system tools the tests drive for real: file systems, loop devices, qemu, ACL tools,
 # an OpenSSH server (the sftp tests start their own on 127.0.0.1), Graphviz (make docs renders
-# docs/architecture.svg) and faketime (the S3 clock-skew test runs the client with its clock set ahead).
+# docs/architecture.svg), faketime (the S3 clock-skew test runs the client with its clock set
+# ahead), and Chromium with a font (the report tests render pages headless).
 # Idempotent; installs only what is missing. Without root or apt it says what is missing and
 # the tests that need it skip with that reason.
 set -euo pipefail
 PKGS=(qemu-utils ntfs-3g btrfs-progs lvm2 acl attr xfsprogs e2fsprogs dosfstools rsync
-      libnbd-bin nbdkit python3-libnbd util-linux fuse3 fdisk openssh-server graphviz faketime)
+      libnbd-bin nbdkit python3-libnbd util-linux fuse3 fdisk openssh-server graphviz faketime chromium
+      fonts-dejavu-core)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from deltavault.backends import retention
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import ExitCode
-from deltavault.maintenance.check import DataSubset, check_repository
+from deltavault.maintenance.check import DataSubset, check_record, check_repository
 from deltavault.maintenance.findings import CheckIssue, CheckReport
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
@@ -48,10 +49,17 @@ def _subset(text: str) -> DataSubset:
 def run(ctx: Context) -> int:
     a = ctx.args
     repo = ctx.open_repo(use_cache=False, tolerant=True)
+    start_ns = time.time_ns()
     with ctx.read_lock(repo, "check"):
         rep = check_repository(repo, read_data=a.read_data, subset=a.read_data_subset)
         if repo.config.retention:
             _check_retention(repo, rep)
+        # Reports show the last result. Only under a lock: --no-lock is for a repository
+        # this user may only read.
+        if any(not lk.released for lk in repo.held_locks):
+            why = repo.save_status(check_record(rep, read_data=a.read_data, start_ns=start_ns))
+            if why:
+                ctx.warn(f"the check's result could not be recorded in the repository: {why}")
     for issue in rep.issues:
         ctx.emit({"type": "issue", "severity": issue.severity, "kind": issue.kind, "message": issue.message,
                   "snapshot": issue.snapshot, "path": issue.path},

@@ -16,6 +16,16 @@ from deltavault.repository.snapshots import short_id
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("forget", help="remove snapshots by a retention policy (prune frees the data)")
     p.add_argument("snapshots", nargs="*", help="snapshot ids (or prefixes) to forget explicitly")
+    add_policy_options(p)
+    add_filters(p, "consider snapshots")
+    p.add_argument("-n", "--dry-run", action="store_true", help="show what would be forgotten; change nothing")
+    p.add_argument("--prune", action="store_true",
+                   help="then run prune, so the data only forgotten snapshots used is freed")
+    p.set_defaults(func=run)
+
+
+def add_policy_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--keep-* and --group-by (forget, and report's retention view)."""
     for rule, what in (("last", "the N newest"), ("hourly", "the newest of each of N hours"),
                        ("daily", "the newest of each of N days"), ("weekly", "the newest of each of N weeks"),
                        ("monthly", "the newest of each of N months"), ("yearly", "the newest of each of N years")):
@@ -23,13 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-within", metavar="DURATION",
                    help="keep every snapshot within DURATION of the group's newest (e.g. 14d, 1y6m, 36h)")
     p.add_argument("--keep-tag", action="append", default=[], metavar="TAG", help="keep snapshots with TAG")
-    add_filters(p, "consider snapshots")
     p.add_argument("--group-by", default="host,paths",
                    help="comma-separated: host, paths, tags, kind (default %(default)s)")
-    p.add_argument("-n", "--dry-run", action="store_true", help="show what would be forgotten; change nothing")
-    p.add_argument("--prune", action="store_true",
-                   help="then run prune, so the data only forgotten snapshots used is freed")
-    p.set_defaults(func=run)
+
+
+def policy_of(a: argparse.Namespace) -> Policy:
+    return Policy(last=a.keep_last, hourly=a.keep_hourly, daily=a.keep_daily, weekly=a.keep_weekly,
+                  monthly=a.keep_monthly, yearly=a.keep_yearly,
+                  within=parse_duration(a.keep_within) if a.keep_within else None, tags=a.keep_tag)
+
+
+def group_by_of(a: argparse.Namespace) -> list[str]:
+    return [g.strip() for g in a.group_by.split(",") if g.strip()]
 
 
 def run(ctx: Context) -> int:
@@ -48,10 +63,7 @@ def run(ctx: Context) -> int:
 def _forget_by_policy(ctx: Context, repo: Repository) -> None:
     a = ctx.args
     snaps = filtered(repo, a)
-    policy = Policy(last=a.keep_last, hourly=a.keep_hourly, daily=a.keep_daily, weekly=a.keep_weekly,
-                    monthly=a.keep_monthly, yearly=a.keep_yearly,
-                    within=parse_duration(a.keep_within) if a.keep_within else None, tags=a.keep_tag)
-    groups = plan_forget(snaps, policy, group_by=[g.strip() for g in a.group_by.split(",") if g.strip()])
+    groups = plan_forget(snaps, policy_of(a), group_by=group_by_of(a))
     removed = kept = 0
     for g in groups:
         label = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in g.key.items())

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import msgspec
+
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
 from deltavault.backends.throttle import limited
@@ -221,6 +223,8 @@ def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:
 def _json_default(o: object) -> object:
     if isinstance(o, bytes):
         return o.hex()
+    if isinstance(o, msgspec.Struct):  # nested in a stored object (a summary's rejections)
+        return msgspec.structs.asdict(o)
     if isinstance(o, set):
         return sorted(o)
     if hasattr(o, "__dict__"):

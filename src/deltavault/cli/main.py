@@ -20,7 +20,7 @@ from deltavault.platform import tune_allocator
 
 # Each cli/cmd_NAME.py has register(subparsers); commands are found by module name, so a
 # new command is a new module. ORDER only sorts the help listing.
-ORDER = ["init", "backup", "snapshots", "restore", "ls", "find", "dump", "diff", "copy", "check", "stats",
+ORDER = ["init", "backup", "snapshots", "restore", "ls", "find", "dump", "diff", "copy", "check", "stats", "report",
          "tag", "rewrite", "forget", "prune", "repair", "unlock", "cache", "sync", "key", "cat"]
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import random
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,10 +23,12 @@ from deltavault.maintenance.findings import CheckIssue, CheckReport
 from deltavault.maintenance.volume_check import check_volume_manifest
 from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
+from deltavault.model.status import CHECK, StatusRecord
 from deltavault.objects.trees import load_nodes
 from deltavault.repository.pack import pack_name, read_pack_entries
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
+from deltavault.repository.status import rfc3339
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,17 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset: DataS
         missing_blobs.update(e.id for e in repo.index.entries_by_pack().get(pid, []))
     _check_snapshots(repo, rep, rep.damaged_blobs | missing_blobs)
     return rep
+
+
+def check_record(rep: CheckReport, *, read_data: bool, start_ns: int) -> StatusRecord:
+    """The status record of a check that started at ``start_ns`` (for reports)."""
+    errors = len(rep.errors)
+    text = (f"{rep.snapshots} snapshots, {rep.packs} packs" + (f", {rep.blobs_checked} blobs read" if read_data else "")
+            + (": no errors found" if not errors else f": {errors} error(s)"))
+    return StatusRecord(kind=CHECK, time=rfc3339(start_ns), time_ns=start_ns, hostname=socket.gethostname(),
+                        ok=not errors, message=text, seconds=round((time.time_ns() - start_ns) / 1e9, 3),
+                        errors=errors, warnings=len(rep.issues) - errors, read_data=read_data,
+                        snapshots=rep.snapshots, packs=rep.packs, blobs_checked=rep.blobs_checked)
 
 
 def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[bytes], rep: CheckReport,

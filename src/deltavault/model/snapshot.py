@@ -4,8 +4,30 @@ from __future__ import annotations
 
 import msgspec
 
+from deltavault.model.volume import Partition
+
 SNAPSHOT_VERSION = 1
 INCOMPLETE_MAX = 100
+NOTES_MAX = 10
+UNITS_MAX = 65536
+
+
+class Rejection(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A change source a run passed over, and why (the fallback's reason)."""
+
+    source: str
+    reason: str
+
+
+class BlockSets(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Where on a volume a run read and what it found changed, for reports: portable roaring
+    bitmaps of units of ``unit`` bytes, the block size or a power-of-two multiple of it that
+    keeps a volume within UNITS_MAX units (so at most 8 KiB a bitmap)."""
+
+    unit: int
+    read: bytes = b""  # units with any page read from the source
+    changed: bytes = b""  # units whose content changed (all of them on a run with no parent)
+    partitions: list[Partition] = []
 
 
 class SnapshotSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -23,6 +45,17 @@ class SnapshotSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
     # the snapshot is partial there. Their paths as shown to users, the first INCOMPLETE_MAX.
     incomplete: list[str] = []
     seconds: float = 0.0
+    # Added for `deltavault report` (docs/design.md, "Snapshots"). Older snapshots lack them:
+    # readers take the defaults, which mean "not recorded".
+    change_source: str = ""  # files: catalog | parent-trees | none; volumes: the source used
+    rejected: list[Rejection] = []  # sources passed over before ``change_source``, and why
+    notes: list[str] = []  # why a volume run read more (first run, resized), the first NOTES_MAX
+    file_system: str = ""  # volumes: ext4 | ntfs | partitions, when one was found
+    bytes_added_raw: int = 0  # plaintext bytes of the blobs this run added (before zstd)
+    blocks_total: int = 0  # volumes: blocks of the volume
+    blocks_read: int = 0  # volumes: blocks with any page read from the source
+    blocks_changed: int = 0  # volumes: blocks whose content changed (all of them on a first run)
+    blocks: BlockSets | None = None  # volumes: which blocks, at a report's resolution
 
 
 class Snapshot(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -36,6 +36,16 @@ class FsInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     units: int = 0  # blocks or clusters the file system covers
 
 
+class Partition(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A partition of the volume, or (number 0) a file system covering it from offset 0; for
+    reports (a snapshot summary's ``blocks``)."""
+
+    number: int
+    offset: int  # bytes
+    size: int
+    fs: str = ""  # ext4 | ntfs when a trusted file system was found in it
+
+
 class Segment(msgspec.Struct, array_like=True, frozen=True):
     map: bytes  # META blob: BlockMap
     digests: bytes  # META blob: 16-byte page digests, one per page of the segment
@@ -93,4 +103,4 @@ def decode(raw: bytes, kind: type[T], what: str) -> T:
 
 
 __all__ = ["SEGMENT_PAGES", "VOLUME_VERSION", "BlockMap", "Checkpoint", "DigestState", "FsInfo",
-           "Segment", "VolumeManifest", "decode", "encode"]
+           "Partition", "Segment", "VolumeManifest", "decode", "encode"]

@@ -21,6 +21,7 @@ from deltavault.backends.counting import CountingBackend, Traffic
 from deltavault.errors import RepositoryLocked
 from deltavault.fs.files import open_cache
 from deltavault.model.snapshot import Snapshot
+from deltavault.model.status import StatusRecord
 from deltavault.model.types import BlobType
 from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
@@ -39,6 +40,7 @@ from deltavault.repository.indexstore import IndexStore, PackList, WriteStats
 from deltavault.repository.locks import Lock, LockManager
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.snapshots import SnapshotStore
+from deltavault.repository.status import StatusStore
 
 
 class Repository:
@@ -64,6 +66,7 @@ class Repository:
         self.reader = BlobReader(self.backend, self.env, self.indexes)
         self.snapshots = SnapshotStore(self.backend, self.env, self.cache, self.write_stats)
         self.locks = LockManager(self.backend, self.env)
+        self.status = StatusStore(self.backend, self.env)
         self.held_locks: list[Lock] = []
         self.key_name: str | None = None  # the key file that opened it (keys/...), if encrypted
 
@@ -186,6 +189,14 @@ class Repository:
     def resolve_snapshot(self, ref: str, *, source_id: str | None = None,
                          kind: str | None = None) -> tuple[str, Snapshot]:
         return self.snapshots.resolve(ref, source_id=source_id, kind=kind)
+
+    # ----------------------------------------------------------------- status (status.py)
+    def save_status(self, rec: StatusRecord) -> str | None:
+        """Record a check result or a failed run; best effort: why it was not saved, or None."""
+        return self.status.save(rec)
+
+    def status_records(self, kind: str, *, newest: int | None = None, since_ns: int = 0) -> list[StatusRecord]:
+        return self.status.records(kind, newest=newest, since_ns=since_ns)
 
     # ----------------------------------------------------------------- locking (locks.py)
     def lock(self, *, exclusive: bool = False, command: str = "", wait: float = 0.0) -> Lock:

@@ -34,6 +34,7 @@ from deltavault.objects.diff import diff_trees
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
+from deltavault.repository.status import failures_recorded
 
 
 @dataclass
@@ -116,7 +117,18 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
                catalog_path: Path | None = None) -> BackupResult:
     """Back up ``req.paths``; with ``req.snapshot`` other than "none", each path is read from
     a point-in-time snapshot of its volume (removed afterwards, also on errors), while the
-    snapshot records, and the catalog matches on, the original paths."""
+    snapshot records, and the catalog matches on, the original paths. A run that fails is
+    recorded in the repository's status records (reports show it), as far as it can be."""
+    if req.dry_run:  # writes nothing to the repository, not even a record of failing
+        return _run_from(repo, req, reporter, catalog_path)
+    logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
+    with failures_recorded(repo, snapshot_kind="files", paths=logical, hostname=req.hostname,
+                           source_id=req.source_id or default_source_id(req.hostname, logical)):
+        return _run_from(repo, req, reporter, catalog_path)
+
+
+def _run_from(repo: Repository, req: BackupRequest, reporter: Reporter | None,
+              catalog_path: Path | None) -> BackupResult:
     if req.snapshot == "none":
         return _run(repo, req, reporter, catalog_path, [])
     from deltavault.snapshot import take_snapshot
@@ -140,6 +152,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
     start_ns = time.time_ns()
+    raw0 = repo.write_stats.bytes_added_raw
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
     source_id = req.source_id or default_source_id(req.hostname, logical)
     sources, kept, missing = plan_sources(req.paths, logical)
@@ -185,7 +198,8 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             blobs_added=store.blobs_added if isinstance(store, DryRunStore) else repo.write_stats.blobs_added,
             errors=sum(1 for p in problems if p.partial),
             incomplete=[p.path for p in problems if p.partial][:INCOMPLETE_MAX],
-            seconds=round(time.monotonic() - t0, 3))
+            seconds=round(time.monotonic() - t0, 3), change_source=previous.kind,
+            bytes_added_raw=repo.write_stats.bytes_added_raw - raw0)
         snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=kept,
                             source_id=source_id, tree=root, parent=previous.snapshot_id, tags=req.tags,
                             summary=summary)

@@ -62,6 +62,9 @@ class SegmentStats:
     pages_read: int = 0
     extra_read: int = 0  # bytes read to merge chains or rebase blocks
     stale_mismatch: int = 0  # pages read for a merge that differ from their old digest
+    # Block numbers, for the snapshot's RunBlocks (reports): read from the source, changed.
+    read_blocks: list[int] = field(default_factory=list)
+    changed_blocks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -168,6 +171,9 @@ class SegmentEncoder:
             bp1 = bp0 + pagesets.pages_of(blen)
             prev = plan.prev_refs[j] if plan.prev_refs is not None else None
             block_known = pagesets.clamp(known, bp0, bp1)
+            block_no = bp0 // self.ppb
+            if plan.read.range_cardinality(bp0, bp1):
+                st.read_blocks.append(block_no)
             if prev_dig is None:
                 changed = list(block_known)
             elif (dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]
@@ -182,6 +188,7 @@ class SegmentEncoder:
                 continue
             st.blocks_changed += 1
             st.pages_changed += len(changed)
+            st.changed_blocks.append(block_no)
             if prev is None or isinstance(prev, Hole):
                 # No base to patch. Unread pages of a block that was all zeros are zeros.
                 if prev is None and len(block_known) != bp1 - bp0:
@@ -196,11 +203,13 @@ class SegmentEncoder:
             prior = bitmap_pages(prev.pages, bp0) if isinstance(prev, Patch) else set()
             union = prior.union(changed)
             if len(union) > MAX_PATCH_SHARE * (bp1 - bp0):
-                self._fetch(mv, first, pagesets.span(bp0, bp1) - block_known, dig, prev_dig, st)
+                if self._fetch(mv, first, pagesets.span(bp0, bp1) - block_known, dig, prev_dig, st):
+                    self._read_block(st, block_no)
                 refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
                 continue
             if len(chain) >= MAX_CHAIN:
-                self._fetch(mv, first, BitMap(prior) - block_known, dig, prev_dig, st)
+                if self._fetch(mv, first, BitMap(prior) - block_known, dig, prev_dig, st):
+                    self._read_block(st, block_no)
                 chain, patched = [], sorted(union)
             else:
                 patched = changed
@@ -217,15 +226,22 @@ class SegmentEncoder:
             return Hole(blen)
         return self._submit(self._full, data)
 
+    @staticmethod
+    def _read_block(st: SegmentStats, block_no: int) -> None:
+        if not st.read_blocks or st.read_blocks[-1] != block_no:
+            st.read_blocks.append(block_no)
+
     def _fetch(self, mv: memoryview, first: int, pages: BitMap, dig: bytearray,
-               prev_dig: bytes | None, st: SegmentStats) -> None:
+               prev_dig: bytes | None, st: SegmentStats) -> bool:
         """Read pages the change source called unchanged (to merge or rebase a block). Their
-        digests must match the old ones; a mismatch is counted (the new bytes are stored)."""
+        digests must match the old ones; a mismatch is counted (the new bytes are stored).
+        Whether anything was read."""
         if not pages:
-            return
+            return False
         st.extra_read += self._read_pages(mv, first, pages)
         self._digest_runs(dig, mv, first, pages)
         if prev_dig is not None:
             st.stale_mismatch += sum(
                 1 for p in pages if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]
                 != prev_dig[(p - first) * DIGEST:(p - first + 1) * DIGEST])
+        return True

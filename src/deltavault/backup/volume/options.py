@@ -6,9 +6,19 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pyroaring import BitMap
+
 from deltavault.chunking.fixed import check_block_size
 from deltavault.errors import UsageError
-from deltavault.model.snapshot import Snapshot
+from deltavault.model.snapshot import (
+    NOTES_MAX,
+    UNITS_MAX,
+    BlockSets,
+    Rejection,
+    Snapshot,
+    SnapshotSummary,
+)
+from deltavault.model.volume import Partition
 
 # Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
 DEFAULT_BLOCK_SIZE = 1024 * 1024
@@ -77,6 +87,35 @@ class VolumeResult:
     snapshot_id: str
     snapshot: Snapshot
     report: VolumeReport
+
+
+def block_sets(size: int, block_size: int, read: BitMap, changed: BitMap,
+               partitions: list[Partition]) -> BlockSets:
+    """Block numbers read and changed, as units of at most UNITS_MAX per volume."""
+    shift = 0
+    while -(-size // (block_size << shift)) > UNITS_MAX:
+        shift += 1
+
+    def units(blocks: BitMap) -> bytes:
+        if shift:  # coarser units: a unit is marked when any of its blocks is
+            blocks = BitMap({b >> shift for b in blocks})
+        blocks.run_optimize()
+        return bytes(blocks.serialize())
+
+    return BlockSets(unit=block_size << shift, read=units(read), changed=units(changed), partitions=partitions)
+
+
+def snapshot_summary(rep: VolumeReport, *, blobs_added: int, raw_added: int, blocks_read: int,
+                     blocks: BlockSets) -> SnapshotSummary:
+    """What the snapshot keeps of the run's report: the numbers, and which change source
+    answered after which were passed over, and why (docs/design.md, "Snapshots")."""
+    return SnapshotSummary(bytes_processed=rep.bytes_read, bytes_total=rep.size, bytes_added=rep.bytes_added,
+                           bytes_downloaded=rep.bytes_downloaded, blobs_added=blobs_added,
+                           seconds=rep.seconds, change_source=rep.change_source,
+                           rejected=[Rejection(source=r["source"], reason=r["reason"]) for r in rep.rejected],
+                           notes=rep.notes[:NOTES_MAX], file_system=rep.file_system or "",
+                           bytes_added_raw=raw_added, blocks_total=rep.blocks_total,
+                           blocks_read=blocks_read, blocks_changed=rep.blocks_changed, blocks=blocks)
 
 
 def default_source_id(hostname: str, logical: str) -> str:

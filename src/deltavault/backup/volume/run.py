@@ -23,14 +23,15 @@ from deltavault.backup.volume.options import (
     VolumeReport,
     VolumeRequest,
     VolumeResult,
+    block_sets,
     default_source_id,
+    snapshot_summary,
     validate,
 )
 from deltavault.backup.volume.state import LocalState, MetaStore, PrevVolume, find_previous
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import DeltavaultError, SourceError, UsageError
 from deltavault.model.content import PAGE_SIZE
-from deltavault.model.snapshot import SnapshotSummary
 from deltavault.model.volume import (
     SEGMENT_PAGES,
     BlockMap,
@@ -42,6 +43,7 @@ from deltavault.model.volume import (
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
+from deltavault.repository.status import failures_recorded
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.access import FileAccess, VolumeAccess, is_qcow2, mounted_rw
 from deltavault.tracking.volume.base import (
@@ -53,6 +55,7 @@ from deltavault.tracking.volume.base import (
 )
 from deltavault.tracking.volume.fsdetect import detect
 from deltavault.tracking.volume.fsdigests import FsDigestSource
+from deltavault.tracking.volume.partitions import layout
 from deltavault.workers import Inflight
 
 INFLIGHT_BYTES = 256 * 1024 * 1024
@@ -90,7 +93,8 @@ class VolumeBackup:
         self.hasher = PageHasher(repo.master.mac if repo.master else None)
         self.new_id = secrets.token_hex(8)
         self.native: ChangeSource | None = None
-        self._written0 = self._blobs0 = self._downloaded0 = 0
+        self._written0 = self._blobs0 = self._downloaded0 = self._raw0 = 0
+        self._read_blocks, self._changed_blocks = BitMap(), BitMap()  # for reports (BlockSets)
 
     # ------------------------------------------------------------------ selection
     def _sources(self, access: VolumeAccess, fs_source: FsDigestSource) -> list[ChangeSource]:
@@ -126,6 +130,12 @@ class VolumeBackup:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> VolumeResult:
+        """The run; one that fails is recorded in the repository's status records."""
+        with failures_recorded(self.repo, snapshot_kind="volume", source_id=self.source_id,
+                               paths=[self.logical], hostname=self.req.hostname):
+            return self._run()
+
+    def _run(self) -> VolumeResult:
         validate(self.opts)
         if not os.path.exists(self.req.path):
             raise UsageError(f"volume {self.req.path!r} does not exist")
@@ -135,6 +145,7 @@ class VolumeBackup:
         self._written0 = self.repo.write_stats.bytes_written
         self._blobs0 = self.repo.write_stats.blobs_added
         self._downloaded0 = self.repo.traffic.bytes_read
+        self._raw0 = self.repo.write_stats.bytes_added_raw
         self.repo.adopt_orphan_packs()
         prev, why = find_previous(self.repo, self.meta, self.source_id, self.req.parent)
         if why:
@@ -221,10 +232,11 @@ class VolumeBackup:
         rep.bytes_changed = rep.pages_changed * PAGE_SIZE
         rep.parent = prev.snapshot_id if prev else None
         rep.seconds = round(time.monotonic() - t0, 3)
-        summary = SnapshotSummary(bytes_processed=rep.bytes_read, bytes_total=size,
-                                  bytes_added=rep.bytes_added, bytes_downloaded=rep.bytes_downloaded,
-                                  blobs_added=self.repo.write_stats.blobs_added - self._blobs0,
-                                  seconds=rep.seconds)
+        summary = snapshot_summary(rep, blobs_added=self.repo.write_stats.blobs_added - self._blobs0,
+                                   raw_added=self.repo.write_stats.bytes_added_raw - self._raw0,
+                                   blocks_read=len(self._read_blocks),
+                                   blocks=block_sets(size, opts.block_size, self._read_blocks,
+                                                     self._changed_blocks, layout(size, scanner)))
         snap = new_snapshot(start_ns=start_ns, hostname=self.req.hostname, kind="volume",
                             paths=[self.logical], source_id=self.source_id, volume=manifest_id,
                             parent=rep.parent, tags=self.req.tags, summary=summary)
@@ -368,6 +380,8 @@ class VolumeBackup:
         rep.blocks_changed += st.blocks_changed
         rep.pages_changed += st.pages_changed
         rep.bytes_extra_read += st.extra_read
+        self._read_blocks.update(st.read_blocks)
+        self._changed_blocks.update(st.changed_blocks)
         if st.stale_mismatch:
             rep.warnings.append(f"segment {r.plan.index}: {st.stale_mismatch} pages the change source "
                                 "called unchanged had changed (stored correctly)")

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from pyroaring import BitMap
 
 from deltavault.errors import DeltavaultError, SourceError
 from deltavault.model.content import PAGE_SIZE
-from deltavault.model.volume import FsInfo
+from deltavault.model.volume import FsInfo, Partition
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.base import Allocation, DigestScan, FsScanner
 from deltavault.tracking.volume.readers import VolumeReader
@@ -74,9 +75,13 @@ def _shift(pages: BitMap, part: Part) -> BitMap:
 class PartitionedScanner:
     kind = KIND
 
-    def __init__(self, size: int, parts: list[Part], skipped: list[str]) -> None:
+    def __init__(self, size: int, parts: list[Part], skipped: list[str],
+                 table: list[Partition] | None = None) -> None:
         self.total = pagesets.pages_of(size)
         self.parts = [p for p in parts if not p.scanner.distrust]
+        kinds = {p.number: p.scanner.kind for p in self.parts}
+        # every partition of the table, for reports (the manifest's ``partitions``)
+        self.table = [msgspec.structs.replace(t, fs=kinds.get(t.number, "")) for t in table or []]
         self.skipped = skipped + [f"partition {p.number}: {p.scanner.kind} {p.scanner.distrust}"
                                   for p in parts if p.scanner.distrust]
         self.info = FsInfo(type=KIND, uuid=" ".join(f"{p.number}:{p.scanner.kind}:{p.scanner.info.uuid}"
@@ -140,12 +145,14 @@ def detect_partitions(reader: VolumeReader, probe: Probe) -> tuple[FsScanner | N
         return None, "no partition table and no ext2/3/4 or NTFS file system at the start of the volume"
     parts: list[Part] = []
     skipped: list[str] = []
+    found: list[Partition] = []
     for part in table.partitions:
         number = int(getattr(part, "number", len(parts) + len(skipped) + 1))
         offset, size = _extent(part, table.sector_size)
         if size <= 0 or number >= MAX_PARTITIONS or offset + size > reader.size:
             skipped.append(f"partition {number}: outside the volume or empty")
             continue
+        found.append(Partition(number=number, offset=offset, size=size))
         if offset % PAGE_SIZE:
             skipped.append(f"partition {number}: starts at {offset}, not on a 4 KiB boundary")
             continue
@@ -163,4 +170,15 @@ def detect_partitions(reader: VolumeReader, probe: Probe) -> tuple[FsScanner | N
     if not parts:
         return None, ("a partition table, but no partition it can read"
                       + (": " + "; ".join(skipped) if skipped else ""))
-    return PartitionedScanner(reader.size, parts, skipped), ""
+    return PartitionedScanner(reader.size, parts, skipped, found), ""
+
+
+def layout(size: int, scanner: FsScanner | None) -> list[Partition]:
+    """The volume's partitions as a manifest records them for reports: the table's entries
+    (when the table was read), or one file system from offset 0 as number 0."""
+    if isinstance(scanner, PartitionedScanner):
+        return scanner.table
+    if scanner is None:
+        return []
+    fs_size = min(size, scanner.info.unit * scanner.info.units) or size
+    return [Partition(number=0, offset=0, size=fs_size, fs="" if scanner.distrust else scanner.kind)]
