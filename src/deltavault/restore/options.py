@@ -41,6 +41,7 @@ class RestoreStats:
     bytes_verified: int = 0
     skipped: int = 0  # entries already in the target and left there (--overwrite)
     deleted: int = 0  # entries removed because the snapshot does not have them (--delete)
+    ntfs_not_kept: int = 0  # NTFS metadata items the target could not keep (one warning says which)
 
 
 class RestoreLog:

@@ -70,6 +70,13 @@ class ContentReader:
         fut.add_done_callback(lambda _f: self.inflight.release(n))
         return fut
 
+    def small(self, data: bytes) -> PendingContent:
+        """Bytes already in memory (at most one chunk), stored as content."""
+        out = PendingContent(bytes_read=len(data))
+        if data:
+            out.parts.append(self._batched(data))
+        return out
+
     def _batched(self, data: bytes | memoryview) -> Slot:
         """Small chunks travel to the workers in batches: one task per batch, not per chunk."""
         b = self._batch
