@@ -119,21 +119,31 @@ def _stream_interface(target: bytes) -> str:
 def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> ReadResult:
     """The NTFS metadata of the object ``target`` (an fd, or a /proc/self/fd path of a
     handle) and the names of its named streams. A descriptor that does not parse is kept as
-    bytes, with a warning."""
-    sd = _get(target, ACL) or b""
-    owner, warnings = "", []
+    bytes, with a warning; an attribute that cannot be read is left out, with a warning
+    (ntfs-3g gives EIO for the root directory's descriptor on a volume mkntfs made)."""
+    warnings: list[str] = []
+
+    def get(name: bytes, what: str) -> bytes | None:
+        try:
+            return _get(target, name)
+        except OSError as exc:
+            warnings.append(f"NTFS {what} unreadable: {exc.strerror or exc}")
+            return None
+
+    sd = get(ACL, "security descriptor") or b""
+    owner = ""
     if sd:
         try:
             owner = owner_group(sd)[0]
         except BadDescriptor as exc:
             warnings.append(f"security descriptor kept as bytes, not understood: {exc}")
-    attrib = _get(target, ATTRIB)
+    attrib = get(ATTRIB, "DOS attributes")
     res = ReadResult(sd, owner, int.from_bytes(attrib, "little") if attrib else None,
-                     _get(target, TIMES) or b"", _get(target, REPARSE) or b"", [], warnings)
+                     get(TIMES, "times") or b"", get(REPARSE, "reparse data") or b"", [], warnings)
     if not streams:
         return res
     if view.streams == WINDOWS:
-        raw = _get(target, STREAMS_LIST) or b""
+        raw = get(STREAMS_LIST, "stream list") or b""
         res.stream_names = sorted(n for n in raw.split(b"\0") if n)
     elif view.streams == XATTR:
         for n in sorted(os.fsencode(x) for x in os.listxattr(target)):

@@ -6,19 +6,29 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 
+import deltavault.fs.ntfs as ntfsmod
 from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
+from deltavault.fs.mounts import find_mount
 from deltavault.fs.ntfs import ARCHIVE, HIDDEN, READONLY, SYSTEM
+from deltavault.fs.ntfssd import BadDescriptor, owner_group
 from deltavault.model.nodes import Node, Tree
+from deltavault.model.types import BlobType
+from deltavault.model.windows import Stream, WinMeta
+from deltavault.objects.trees import encode_tree
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
+from deltavault.restore.ntfsmeta import valid_stream_name
 from deltavault.restore.options import RestoreOptions
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import junction, ntfs, ntfs_view
+from tests.loopdev import loop, mounted
 
 pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr")]
 
@@ -138,7 +148,6 @@ def test_owner_sid_parsed_and_bad_descriptor_kept(tmp_path: Path, repo: Reposito
         res = backup(repo, d)
     nodes = tree_nodes(repo, res)
     assert nodes[b"good"].win is not None and nodes[b"good"].win.owner.startswith("S-1-5-")
-    from deltavault.fs.ntfssd import BadDescriptor, owner_group
     bad = sd[:4] + struct.pack("<I", 10_000) + sd[8:]
     try:
         owner_group(bad)
@@ -146,3 +155,146 @@ def test_owner_sid_parsed_and_bad_descriptor_kept(tmp_path: Path, repo: Reposito
         pass
     else:
         raise AssertionError("a descriptor whose owner lies outside it parsed")
+
+
+def test_restore_onto_ext4_warns_once_and_keeps_small_streams(tmp_path: Path, repo: Repository) -> None:
+    long_name = "n" * 254  # NTFS takes it; as user.<name> it is over Linux's 255-byte xattr name limit
+    with ntfs(tmp_path, "src") as src:
+        d = src / "data"
+        d.mkdir()
+        f = d / "doc.txt"
+        f.write_text("doc")
+        (d / "doc.txt:small").write_bytes(b"0123456789")
+        (d / "doc.txt:big").write_bytes(os.urandom(BIG))
+        Path(f"{f}:{long_name}").write_bytes(b"x")
+        set_attrib(f, HIDDEN | ARCHIVE)
+        (d / "other.txt").write_text("o")
+        res = backup(repo, d)
+        assert not res.problems, res.problems
+    target = tmp_path / "ext4"  # tmp_path is on the root file system: ext4 on this VM
+    target.mkdir()
+    r = restore(repo, res, target)
+    out = target / "data" / "doc.txt"
+    assert out.read_text() == "doc"
+    assert os.getxattr(out, "user.small") == b"0123456789"
+    assert "user.big" not in os.listxattr(out)
+    lost = [p for p in r.problems if "NTFS metadata not kept" in p.message]
+    assert len(lost) == 1, r.problems
+    msg = lost[0].message
+    for kind in ("security descriptors", "DOS attributes", "creation times", "streams over 64 KiB"):
+        assert kind in msg, msg
+    # Every entry has a descriptor, attributes and times (data, doc.txt, other.txt), one big stream.
+    assert r.stats.ntfs_not_kept == 3 * 3 + 1
+    bad_name = [p for p in r.problems if "name not valid on the target" in p.message]
+    assert len(bad_name) == 1 and bad_name[0].path.endswith("doc.txt"), r.problems
+    assert (target / "data" / "other.txt").read_text() == "o"  # the run went on
+
+
+def test_default_mount_streams_as_xattrs(tmp_path: Path, repo: Repository) -> None:
+    """Without streams_interface (ntfs-3g's default is xattr): small streams are stored, one
+    over 64 KiB is not visible there, which the run says; restored onto a windows-interface
+    mount as streams."""
+    with ntfs(tmp_path, "src") as src:  # made and filled through the windows interface
+        d = src / "data"
+        d.mkdir()
+        (d / "f").write_text("f")
+        (d / "f:small").write_bytes(b"0123456789")
+        (d / "f:big").write_bytes(os.urandom(BIG))
+    with ntfs(tmp_path, "src", streams=None) as src:
+        res = backup(repo, src / "data")
+    warned = [p for p in res.problems if "over 64 KiB" in p.message]
+    assert len(warned) == 1 and "streams_interface=windows" in warned[0].message, res.problems
+    win = tree_nodes(repo, res)[b"f"].win
+    assert win is not None and [s.name for s in win.streams] == [b"small"]
+    assert all(not n.startswith(b"user.") for n, _ in tree_nodes(repo, res)[b"f"].xattrs)
+    with ntfs(tmp_path, "dst") as dst:
+        r = restore(repo, res, dst)
+        assert not r.problems, r.problems
+        assert (dst / "data" / "f:small").read_bytes() == b"0123456789"
+
+
+def test_streams_interface_none_says_streams_are_not_visible(tmp_path: Path, repo: Repository) -> None:
+    with ntfs(tmp_path, "src") as src:
+        (src / "data").mkdir()
+        (src / "data" / "f").write_text("f")
+        (src / "data" / "f:s").write_bytes(b"s")
+    with ntfs(tmp_path, "src", streams="none") as src:
+        res = backup(repo, src / "data")
+    assert [p.message for p in res.problems if "not visible" in p.message], res.problems
+    win = tree_nodes(repo, res)[b"f"].win
+    assert win is not None and win.sd and not win.streams
+
+
+def test_descriptor_that_does_not_parse_is_kept_as_bytes(tmp_path: Path, repo: Repository,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ntfs-3g refuses to set a malformed descriptor, so the one read is replaced on its way in."""
+    garbage = b"\x07not a descriptor"
+    real: Callable[[int | bytes, bytes], bytes | None] = ntfsmod._get
+
+    def fake(target: int | bytes, name: bytes) -> bytes | None:
+        return garbage if name == ntfsmod.ACL else real(target, name)
+
+    with ntfs(tmp_path, "src") as src:
+        (src / "data").mkdir()
+        (src / "data" / "f").write_text("f")
+        monkeypatch.setattr(ntfsmod, "_get", fake)
+        res = backup(repo, src / "data")
+    warned = [p for p in res.problems if "kept as bytes" in p.message]
+    assert len(warned) == 2, res.problems  # data and f
+    node = tree_nodes(repo, res)[b"f"]
+    assert node.win is not None and node.win.sd == garbage and node.win.owner == ""
+    assert res.snapshot_id is not None
+
+
+def test_stream_name_not_valid_anywhere_is_refused(tmp_path: Path, repo: Repository) -> None:
+    """A snapshot naming a stream with '/' or ':' (a damaged or hostile repository) never
+    makes that path: the stream is reported, the file and the rest restored."""
+    assert not valid_stream_name(b"../x") and not valid_stream_name(b"a:b") and not valid_stream_name(b"")
+    with ntfs(tmp_path, "src") as src:
+        (src / "data").mkdir()
+        (src / "data" / "f").write_text("f")
+        (src / "data" / "f:ok").write_bytes(b"ok")
+        res = backup(repo, src / "data")
+    # Rewrite the tree with a hostile stream name next to the good one.
+    nodes = tree_nodes(repo, res)
+    f = nodes[b"f"]
+    assert f.win is not None
+    bad = Stream(name=b"../../escape", size=2, content=f.win.streams[0].content)
+    f2 = msgspec.structs.replace(f, win=WinMeta(sd=f.win.sd, attrib=f.win.attrib, times=f.win.times,
+                                           streams=[*f.win.streams, bad]))
+    sub, _ = repo.save_blob(BlobType.TREE, encode_tree(sorted([*(n for k, n in nodes.items() if k != b"f"), f2],
+                                                             key=lambda n: n.name)))
+    assert res.snapshot.tree is not None
+    root = msgspec.msgpack.decode(repo.load_blob(res.snapshot.tree), type=Tree).nodes
+    top, _ = repo.save_blob(BlobType.TREE, encode_tree([msgspec.structs.replace(root[0], subtree=sub)]))
+    repo.flush()
+    with ntfs(tmp_path, "dst") as dst:
+        r = FileRestorer(repo, dst, RestoreOptions())
+        r.run(top)
+        assert [p.message for p in r.problems if "../../escape" in p.message and "not valid" in p.message]
+        assert (dst / "data" / "f:ok").read_bytes() == b"ok"
+        assert not (tmp_path / "escape").exists()
+
+
+@needs_tools("losetup")
+def test_block_device_mount_is_fuseblk(tmp_path: Path, repo: Repository) -> None:
+    """On a loop device ntfs-3g's mount is ``fuseblk`` (an image file gives ``fuse``): both
+    are found; streams and attributes come through."""
+    with ntfs(tmp_path, "img") as m:
+        (m / "f").write_text("f")
+        (m / "f:s").write_bytes(b"stream")
+        set_attrib(m / "f", HIDDEN | ARCHIVE)
+    with loop(tmp_path / "img.img") as dev, mounted(dev, tmp_path / "blk", "-t", "ntfs-3g", "-o",
+                                                    "streams_interface=windows") as mnt:
+        assert find_mount(str(mnt)).fstype == "fuseblk"
+        res = backup(repo, mnt)
+    # ntfs-3g cannot read the descriptor of the root directory mkntfs made (EIO): said, and
+    # the rest of its metadata kept.
+    assert [(p.path, p.message) for p in res.problems] == [
+        (str(tmp_path / "blk"), "NTFS security descriptor unreadable: Input/output error")]
+    assert res.snapshot.tree is not None
+    root = msgspec.msgpack.decode(repo.load_blob(res.snapshot.tree), type=Tree).nodes
+    assert root[0].subtree is not None
+    f = {n.name: n for n in msgspec.msgpack.decode(repo.load_blob(root[0].subtree), type=Tree).nodes}[b"f"]
+    assert f.win is not None and f.win.attrib == HIDDEN | ARCHIVE
+    assert [(s.name, s.size) for s in f.win.streams] == [(b"s", 6)]
