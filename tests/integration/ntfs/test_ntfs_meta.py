@@ -298,3 +298,22 @@ def test_block_device_mount_is_fuseblk(tmp_path: Path, repo: Repository) -> None
     f = {n.name: n for n in msgspec.msgpack.decode(repo.load_blob(root[0].subtree), type=Tree).nodes}[b"f"]
     assert f.win is not None and f.win.attrib == HIDDEN | ARCHIVE
     assert [(s.name, s.size) for s in f.win.streams] == [(b"s", 6)]
+
+
+def test_hard_links_share_streams(tmp_path: Path, repo: Repository) -> None:
+    with ntfs(tmp_path, "src") as src:
+        d = src / "data"
+        d.mkdir()
+        (d / "a").write_text("a")
+        (d / "a:s").write_bytes(b"stream")
+        os.link(d / "a", d / "b")
+        res = backup(repo, d)
+        assert not res.problems, res.problems
+    nodes = tree_nodes(repo, res)
+    assert nodes[b"a"].win == nodes[b"b"].win
+    assert nodes[b"b"].win is not None and nodes[b"b"].win.streams[0].content
+    with ntfs(tmp_path, "dst") as dst:
+        r = restore(repo, res, dst)
+        assert not r.problems, r.problems
+        assert (dst / "data" / "b:s").read_bytes() == b"stream"
+        assert os.stat(dst / "data" / "a").st_ino == os.stat(dst / "data" / "b").st_ino

@@ -66,7 +66,7 @@ class RegularFiles:
             node = msgspec.structs.replace(first.node, name=name)
             clean = first.clean and prev is not None and node == prev
             self._tell(path, "U" if clean else "A" if prev is None else "M")
-            return Child(node, clean, content=first.content)
+            return Child(node, clean, content=first.content, streams=first.streams)
         stats.bytes_total += st.st_size
         if self._reusable(prev, st):
             assert prev is not None
