@@ -67,7 +67,8 @@ class ReadResult:
     times: bytes
     reparse: bytes
     stream_names: list[bytes]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # kept, but not as well as it should be
+    losses: list[str] = field(default_factory=list)  # what exists and could not be read
     inline: dict[bytes, bytes] = field(default_factory=dict)  # streams read as user.* xattrs
 
 
@@ -119,15 +120,16 @@ def _stream_interface(target: bytes) -> str:
 def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> ReadResult:
     """The NTFS metadata of the object ``target`` (an fd, or a /proc/self/fd path of a
     handle) and the names of its named streams. A descriptor that does not parse is kept as
-    bytes, with a warning; an attribute that cannot be read is left out, with a warning
+    bytes, with a warning; an attribute that cannot be read is left out, as a loss
     (ntfs-3g gives EIO for the root directory's descriptor on a volume mkntfs made)."""
     warnings: list[str] = []
+    losses: list[str] = []
 
     def get(name: bytes, what: str) -> bytes | None:
         try:
             return _get(target, name)
         except OSError as exc:
-            warnings.append(f"NTFS {what} unreadable: {exc.strerror or exc}")
+            losses.append(f"NTFS {what} unreadable: {exc.strerror or exc}")
             return None
 
     sd = get(ACL, "security descriptor") or b""
@@ -139,7 +141,7 @@ def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> R
             warnings.append(f"security descriptor kept as bytes, not understood: {exc}")
     attrib = get(ATTRIB, "DOS attributes")
     res = ReadResult(sd, owner, int.from_bytes(attrib, "little") if attrib else None,
-                     get(TIMES, "times") or b"", get(REPARSE, "reparse data") or b"", [], warnings)
+                     get(TIMES, "times") or b"", get(REPARSE, "reparse data") or b"", [], warnings, losses)
     if not streams:
         return res
     if view.streams == WINDOWS:
@@ -155,7 +157,7 @@ def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> R
             except OSError as exc:
                 if _errno(exc) != errno.E2BIG:
                     raise
-                warnings.append(f"stream {name.decode(errors='replace')} is over 64 KiB, which ntfs-3g's "
+                losses.append(f"stream {name.decode(errors='replace')} is over 64 KiB, which ntfs-3g's "
                                 "streams_interface=xattr cannot read: not stored (mount with "
                                 "streams_interface=windows)")
                 continue

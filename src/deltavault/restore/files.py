@@ -87,6 +87,7 @@ class FileRestorer:
         self.reporter = reporter or NullReporter()
         self.log = RestoreLog(self.reporter)
         self.problems = self.log.problems
+        self.warnings = self.log.warnings  # said once, not problems (NTFS metadata a target cannot keep)
         self.stats = self.log.stats
         self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
         self.holds = Holds(self.log, self._meta)
@@ -123,7 +124,7 @@ class FileRestorer:
             lost = ntfs.summary()
             if lost is not None:
                 self.log.count(ntfs_not_kept=sum(ntfs.lost.values()))
-                self.log.problem(b"", "metadata", lost)
+                self.log.warn(b"", lost)
         finally:
             for here, _rel, _node in self._small:  # not written: an error ends the run
                 self.holds.file_done(here)

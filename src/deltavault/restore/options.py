@@ -51,6 +51,7 @@ class RestoreLog:
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
         self.problems: list[RestoreProblem] = []
+        self.warnings: list[RestoreProblem] = []  # said, but not problems: the restore is not partial
         self.stats = RestoreStats()
         self._lock = threading.Lock()
 
@@ -59,6 +60,12 @@ class RestoreLog:
         with self._lock:
             self.problems.append(p)
         self.reporter.problem(p.path, kind, message)
+
+    def warn(self, path: bytes, message: str) -> None:
+        p = RestoreProblem(display(path), "warning", message)
+        with self._lock:
+            self.warnings.append(p)
+        self.reporter.problem(p.path, p.kind, message)
 
     def count(self, **kw: int) -> None:
         with self._lock:

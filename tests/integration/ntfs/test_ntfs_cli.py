@@ -43,3 +43,12 @@ def test_changed_stream_summary_and_ls_long(tmp_path: Path, cli: Cli) -> None:
     js = cli("--json", "ls", "latest", "data/doc.txt").json[0]["windows"]
     assert js["attributes"] == HIDDEN | ARCHIVE and js["owner_sid"].startswith("S-1-5-")
     assert [s["name"] for s in js["streams"]] == ["big", "small"]
+    # Onto ext4: the NTFS metadata it cannot keep is one warning, counted; the restore is not partial.
+    r = cli("--json", "restore", "latest", "--target", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = r.last("summary")
+    assert s["errors"] == 0 and s["ntfs_not_kept"] > 0 and len(s["warnings"]) == 1, s
+    assert "security descriptors" in s["warnings"][0]["message"]
+    assert os.getxattr(tmp_path / "out" / "data" / "doc.txt", "user.small") == b"0123456789"
+    text = cli("restore", "latest", "--target", str(tmp_path / "out2"))
+    assert text.returncode == 0 and "warning: NTFS metadata not kept" in text.stdout, text.stdout + text.stderr

@@ -178,8 +178,8 @@ def test_restore_onto_ext4_warns_once_and_keeps_small_streams(tmp_path: Path, re
     assert out.read_text() == "doc"
     assert os.getxattr(out, "user.small") == b"0123456789"
     assert "user.big" not in os.listxattr(out)
-    lost = [p for p in r.problems if "NTFS metadata not kept" in p.message]
-    assert len(lost) == 1, r.problems
+    lost = [p for p in r.warnings if "NTFS metadata not kept" in p.message]
+    assert len(lost) == 1, r.warnings
     msg = lost[0].message
     for kind in ("security descriptors", "DOS attributes", "creation times", "streams over 64 KiB"):
         assert kind in msg, msg
@@ -204,6 +204,7 @@ def test_default_mount_streams_as_xattrs(tmp_path: Path, repo: Repository) -> No
         res = backup(repo, src / "data")
     warned = [p for p in res.problems if "over 64 KiB" in p.message]
     assert len(warned) == 1 and "streams_interface=windows" in warned[0].message, res.problems
+    assert res.partial  # a stream that exists was not stored
     win = tree_nodes(repo, res)[b"f"].win
     assert win is not None and [s.name for s in win.streams] == [b"small"]
     assert all(not n.startswith(b"user.") for n, _ in tree_nodes(repo, res)[b"f"].xattrs)
@@ -221,6 +222,7 @@ def test_streams_interface_none_says_streams_are_not_visible(tmp_path: Path, rep
     with ntfs(tmp_path, "src", streams="none") as src:
         res = backup(repo, src / "data")
     assert [p.message for p in res.problems if "not visible" in p.message], res.problems
+    assert not res.partial  # said, but nothing seen was lost
     win = tree_nodes(repo, res)[b"f"].win
     assert win is not None and win.sd and not win.streams
 
@@ -241,6 +243,7 @@ def test_descriptor_that_does_not_parse_is_kept_as_bytes(tmp_path: Path, repo: R
         res = backup(repo, src / "data")
     warned = [p for p in res.problems if "kept as bytes" in p.message]
     assert len(warned) == 2, res.problems  # data and f
+    assert not res.partial
     node = tree_nodes(repo, res)[b"f"]
     assert node.win is not None and node.win.sd == garbage and node.win.owner == ""
     assert res.snapshot_id is not None

@@ -76,6 +76,8 @@ class NtfsEntries:
             return node, []
         for w in got.warnings:
             self.log.problem(path, "metadata", w, partial=False)
+        for w in got.losses:
+            self.log.problem(path, "metadata", w)
         xattrs = [(n, v) for n, v in node.xattrs if not is_ntfs_xattr(n, self.view)]
         pending: PendingStreams = []
         for name in got.stream_names:
