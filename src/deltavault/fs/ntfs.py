@@ -166,6 +166,12 @@ def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> R
     return res
 
 
+def valid_stream_name(name: bytes) -> bool:
+    """A stream name that can be joined to a file name: one component, no ':' (a damaged or
+    hostile repository may name anything)."""
+    return bool(name) and b"/" not in name and b"\0" not in name and b":" not in name
+
+
 def is_ntfs_xattr(name: bytes, view: NtfsView) -> bool:
     """An xattr that is ntfs-3g's view of NTFS metadata or streams, not an xattr of its own."""
     return name == STREAMS_LIST or (view.streams == XATTR and name.startswith(XATTR_STREAM))

@@ -25,6 +25,7 @@ from deltavault.fs.ntfs import (
     NtfsView,
     apply_meta,
     probe,
+    valid_stream_name,
 )
 from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
@@ -40,11 +41,6 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # What a non-NTFS target cannot keep, by WinMeta field, as the warning names it.
 _KINDS = (("sd", "security descriptors"), ("attrib", "DOS attributes"), ("times", "creation times"),
           ("reparse", "reparse points"))
-
-
-def valid_stream_name(name: bytes) -> bool:
-    """A stream name that can be joined to a file name: one component with no ':'."""
-    return bool(name) and b"/" not in name and b"\0" not in name and b":" not in name
 
 
 class NtfsTarget:

@@ -16,7 +16,7 @@ import deltavault.fs.ntfs as ntfsmod
 from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.fs.mounts import find_mount
-from deltavault.fs.ntfs import ARCHIVE, HIDDEN, READONLY, SYSTEM
+from deltavault.fs.ntfs import ARCHIVE, HIDDEN, READONLY, SYSTEM, valid_stream_name
 from deltavault.fs.ntfssd import BadDescriptor, owner_group
 from deltavault.model.nodes import Node, Tree
 from deltavault.model.types import BlobType
@@ -24,7 +24,6 @@ from deltavault.model.windows import Stream, WinMeta
 from deltavault.objects.trees import encode_tree
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
-from deltavault.restore.ntfsmeta import valid_stream_name
 from deltavault.restore.options import RestoreOptions
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import junction, ntfs, ntfs_view

@@ -82,6 +82,8 @@ class Files:
                 and dst_reg.st_mtime_ns == st.st_mtime_ns):
             xattrs = run.source.xattrs(relpath, path=proc_path(sfd, name))
             if run.rx.keep(dfd, name, relpath, st, dst_reg, xattrs, group=st.st_nlink > 1):
+                if run.ntfs is not None:
+                    run.rx.meta_problems(relpath, run.ntfs.fix_kept(sfd, name, dfd, dst_reg))
                 return
         for attempt in range(1, opts.attempts + 1):
             fd = run.source.open_file(sfd, name, relpath)
@@ -160,7 +162,7 @@ class Files:
         run, opts = self.run, self.run.opts
         hasher = blake3.blake3() if opts.verify else None
         if (dst is not None and opts.delta and st.st_size >= opts.delta_min
-                and dst.st_size >= opts.delta_min):
+                and dst.st_size >= opts.delta_min and run.ntfs is None):  # (no clones on NTFS; streams)
             staged = self._stage_delta(fd, st, d, name, relpath, dst, xattrs, hasher)
             if staged is not None:
                 return staged
@@ -170,16 +172,22 @@ class Files:
         same_owner = d.fresh and (st.st_uid, st.st_gid) == run.ids
         same_mode = d.fresh and same_owner and perm == stat.S_IMODE(st.st_mode) and not perm & run.umask
         tmp, tfd = run.rx.new_file(d.where, d.dfd, name, perm if same_mode else 0o600)
+        note = None
         try:
             written = copy_data(fd, tfd, st, run.buffers, hasher, run.cancel.is_set)
+            win = run.ntfs.streams(d.sfd, name, fd, d.dfd, tmp, tfd) if run.ntfs is not None else None
             ident = run.rx.finish_file(tfd, relpath, st, xattrs, chown=not same_owner, chmod=not same_mode)
+            if win is not None and run.ntfs is not None:
+                run.ntfs.finish(win, tfd)
+                run.rx.meta_problems(relpath, win.problems)
+                note = win.note()
         except BaseException:
             os.close(tfd)
             run.rx.discard(d.where, d.dfd, tmp)
             raise
         os.close(tfd)
         return Staged(tmp, "update" if dst is not None else "new", written, ident,
-                      hasher.digest() if hasher is not None else None)
+                      hasher.digest() if hasher is not None else None, note=note)
 
     def _stage_delta(self, fd: int, st: os.stat_result, d: Dir, name: bytes, relpath: bytes,
                      dst: os.stat_result, xattrs: Xattrs, hasher: blake3.blake3 | None) -> Staged | None:

@@ -1,0 +1,137 @@
+"""NTFS metadata in a local sync (``--acl``: security descriptor, DOS attributes, times;
+``--streams``: named streams) from an ntfs-3g SRC, connecting sender/ntfs.py and
+receiver/ntfs.py. DST on ntfs-3g gets them byte for byte; any other DST keeps small streams
+as ``user.`` xattrs, and each file's log line names what it could not keep."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
+from deltavault.fs.ntfs import ReadResult, probe, read_meta, valid_stream_name
+from deltavault.fs.paths import display
+from deltavault.sync.data import BufferPool, copy_data
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.ntfs import NtfsDest
+from deltavault.sync.sender.ntfs import NtfsSource
+
+
+@dataclass
+class FileNtfs:
+    """One file's NTFS metadata on its way, and what came of it."""
+
+    meta: ReadResult
+    problems: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+    def note(self) -> str | None:
+        return "NTFS not kept on DST: " + ", ".join(self.lost) if self.lost else None
+
+
+class LocalNtfs:
+    def __init__(self, src: NtfsSource, dst: NtfsDest, opts: SyncOptions, buffers: BufferPool,
+                 cancelled: Callable[[], bool]) -> None:
+        self.src, self.dst, self.opts = src, dst, opts
+        self.buffers = buffers
+        self.cancelled = cancelled
+
+    @classmethod
+    def open(cls, sroot: int, droot: int, opts: SyncOptions, buffers: BufferPool,
+             cancelled: Callable[[], bool]) -> LocalNtfs | None:
+        """When SRC is on ntfs-3g and --acl or --streams asks for it."""
+        if not (opts.acl or opts.streams) or sroot < 0:
+            return None
+        view = probe(sroot)
+        if view is None:
+            return None
+        return cls(NtfsSource(view, streams=opts.streams), NtfsDest(probe(droot)), opts, buffers, cancelled)
+
+    # ------------------------------------------------------------------ files
+    def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
+        """Read the source file's NTFS metadata and write its streams into the file being
+        staged (before its times are set: writing a stream changes them)."""
+        meta = self.src.read(fd)
+        f = FileNtfs(meta, [*meta.warnings, *meta.losses])
+        if not self.opts.streams:
+            return f
+        ino = os.fstat(fd).st_ino
+        for s in meta.stream_names:
+            where = f"stream {display(s)}"
+            if not valid_stream_name(s):
+                f.problems.append(f"{where}: name not valid on DST; not copied")
+                continue
+            try:
+                if s in meta.inline:
+                    self._stream_bytes(f, meta.inline[s], dfd, tmp, tfd, s)
+                else:
+                    self._stream_file(f, sdir, name, ino, dfd, tmp, tfd, s)
+            except OSError as exc:
+                f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+        return f
+
+    def _stream_file(self, f: FileNtfs, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int,
+                     s: bytes) -> None:
+        sfd = self.src.open_stream(sdir, name, s, ino)
+        try:
+            st = os.fstat(sfd)
+            if self.dst.file_streams:
+                ofd = self.dst.open_stream(dfd, tmp, tfd, s)
+                try:
+                    copy_data(sfd, ofd, st, self.buffers, None, self.cancelled)
+                finally:
+                    os.close(ofd)
+                return
+            if st.st_size > 65536:
+                f.lost.append(f"stream {display(s)} ({st.st_size} bytes)")
+                return
+            self._stream_bytes(f, os.pread(sfd, st.st_size, 0), dfd, tmp, tfd, s)
+        finally:
+            os.close(sfd)
+
+    def _stream_bytes(self, f: FileNtfs, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+        if self.dst.file_streams:
+            ofd = self.dst.open_stream(dfd, tmp, tfd, s)
+            try:
+                os.write(ofd, data)
+            finally:
+                os.close(ofd)
+            return
+        lost = self.dst.stream_xattr(tfd, s, data)
+        if lost is not None:
+            f.lost.append(lost)
+
+    def finish(self, f: FileNtfs, tfd: int) -> None:
+        """The rest of the metadata, after the file's own (--acl)."""
+        if self.opts.acl:
+            problems, lost = self.dst.apply(tfd, f.meta)
+            f.problems += problems
+            f.lost += lost
+
+    # ------------------------------------------------------------------ kept files, directories
+    def fix_kept(self, sdir: int, name: bytes, dfd: int, dst: os.stat_result) -> list[str]:
+        """A file DST keeps (same size and mtime): its descriptor, attributes and times set
+        again if they differ (changing them changes only the ctime, which sync does not compare)."""
+        if not self.opts.acl or self.dst.view is None:
+            return []
+        sh, _ = handle_at(sdir, name)
+        try:
+            dh, _ = expect_identity(dfd, name, identity(dst))
+        except BaseException:
+            os.close(sh)
+            raise
+        try:
+            src = self.src.read(fd_path(sh))
+            if self.dst.same(src, read_meta(fd_path(dh), self.dst.view, streams=False)):
+                return []
+            return self.dst.apply(fd_path(dh), src)[0]
+        finally:
+            os.close(sh)
+            os.close(dh)
+
+    def read_dir(self, sfd: int) -> ReadResult | None:
+        return read_meta(sfd, self.src.view, streams=False) if self.opts.acl else None
+
+    def finish_dir(self, dfd: int, meta: ReadResult) -> tuple[list[str], list[str]]:
+        return self.dst.apply(dfd, meta)
