@@ -54,3 +54,16 @@ def test_format_is_additive() -> None:
     assert (old.name, old.size) == (b"a", 3)
     assert creation_time_ns(win) == (130_000_000_000_000_000 - 116_444_736_000_000_000) * 100
     assert creation_time_ns(WinMeta()) is None
+
+
+def test_access_time_alone_is_no_change() -> None:
+    from deltavault.backup.files.nodes import same_meta
+
+    def node(*ticks: int, atime: int = 0) -> Node:
+        times = b"".join(t.to_bytes(8, "little") for t in ticks)
+        return Node(name=b"d", type=NodeType.DIR, atime=atime, win=WinMeta(sd=SD, attrib=0x10, times=times))
+
+    prev = node(1, 2, 3, 4, atime=5)
+    assert same_meta(node(1, 2, 99, 4, atime=6), prev)  # listing moved the access times
+    assert not same_meta(node(9, 2, 3, 4), prev)  # creation time
+    assert not same_meta(node(1, 2, 3, 9), prev)  # NTFS change time: metadata changed

@@ -319,3 +319,20 @@ def test_hard_links_share_streams(tmp_path: Path, repo: Repository) -> None:
         assert not r.problems, r.problems
         assert (dst / "data" / "b:s").read_bytes() == b"stream"
         assert os.stat(dst / "data" / "a").st_ino == os.stat(dst / "data" / "b").st_ino
+
+
+def test_unchanged_tree_is_the_same_tree(tmp_path: Path, repo: Repository) -> None:
+    """Listing a directory moves its NTFS access time (ntfs-3g's relatime) with the POSIX
+    atime: the run after that records it, as for any file system; the next keeps the tree."""
+    with ntfs(tmp_path, "src") as src:
+        d = src / "data"
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f").write_text("f")
+        (d / "sub" / "f:s").write_bytes(b"s" * 100)
+        os.utime(d / "sub", (1_000_000_000, time.time()))  # atime before mtime: the next listing moves it
+        backup(repo, d)
+        assert os.stat(d / "sub").st_atime > 1_000_000_000  # the backup's listing moved it
+        first = backup(repo, d)
+        second = backup(repo, d)
+    assert second.snapshot.tree == first.snapshot.tree
+    assert second.snapshot.summary.bytes_total == 1 + 100

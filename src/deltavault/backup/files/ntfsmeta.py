@@ -90,6 +90,7 @@ class NtfsEntries:
                 one = self._stream(dir_fd, fsname, name, ino, path)
                 if one is not None:
                     pending.append(one)
+        self.log.stats.bytes_total += sum(s.size for s, _ in pending)
         win = WinMeta(sd=got.sd, owner=got.owner, attrib=got.attrib, times=got.times, reparse=got.reparse,
                       streams=[s for s, _ in pending])
         return msgspec.structs.replace(node, xattrs=xattrs, win=win), pending

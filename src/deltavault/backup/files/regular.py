@@ -72,6 +72,8 @@ class RegularFiles:
             assert prev is not None
             node = prev if not hl_key else msgspec.structs.replace(prev, dev=st.st_dev, links=st.st_nlink)
             stats.files_unmodified += 1
+            if prev.win is not None:  # its named streams (NTFS)
+                stats.bytes_total += sum(s.size for s in prev.win.streams)
             self._tell(path, "U")
             self.log.reporter.advance(nbytes=st.st_size, items=1)
             if prev.pages:
