@@ -336,3 +336,25 @@ def test_unchanged_tree_is_the_same_tree(tmp_path: Path, repo: Repository) -> No
         second = backup(repo, d)
     assert second.snapshot.tree == first.snapshot.tree
     assert second.snapshot.summary.bytes_total == 1 + 100
+
+
+def test_stream_name_with_a_slash_is_never_opened(tmp_path: Path, repo: Repository,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream list naming ``../x`` (no NTFS has it; a broken driver might) is not joined
+    into a path: reported, and the file's real streams are stored."""
+    real: Callable[[int | bytes, bytes], bytes | None] = ntfsmod._get
+
+    def fake(target: int | bytes, name: bytes) -> bytes | None:
+        got = real(target, name)
+        return b"../escape\0" + got if name == ntfsmod.STREAMS_LIST and got else got
+
+    with ntfs(tmp_path, "src") as src:
+        (src / "data").mkdir()
+        (src / "data" / "f").write_text("f")
+        (src / "data" / "f:ok").write_bytes(b"ok")
+        (src / "escape").write_text("outside")
+        monkeypatch.setattr(ntfsmod, "_get", fake)
+        res = backup(repo, src / "data")
+    assert [p.message for p in res.problems if "../escape" in p.message], res.problems
+    win = tree_nodes(repo, res)[b"f"].win
+    assert win is not None and [s.name for s in win.streams] == [b"ok"]

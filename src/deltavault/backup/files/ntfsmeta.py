@@ -21,7 +21,15 @@ from deltavault.backup.files.options import RunLog
 from deltavault.backup.files.pending import PendingContent
 from deltavault.fs.dirfd import HANDLE_FLAGS, NotRegular, fd_path, handle_at, identity, open_regular
 from deltavault.fs.meta import read_xattrs
-from deltavault.fs.ntfs import NONE, WINDOWS, NtfsView, is_ntfs_xattr, probe, read_meta
+from deltavault.fs.ntfs import (
+    NONE,
+    WINDOWS,
+    NtfsView,
+    is_ntfs_xattr,
+    probe,
+    read_meta,
+    valid_stream_name,
+)
 from deltavault.fs.paths import display
 from deltavault.model.nodes import Node
 from deltavault.model.windows import Stream, WinMeta
@@ -81,6 +89,9 @@ class NtfsEntries:
         xattrs = [(n, v) for n, v in node.xattrs if not is_ntfs_xattr(n, self.view)]
         pending: PendingStreams = []
         for name in got.stream_names:
+            if not valid_stream_name(name):  # never joined into a path
+                self.log.problem(path, "unreadable", f"stream {display(name)}: a name no stream can have; not read")
+                continue
             if name in got.inline:
                 data = got.inline[name]
                 pc = self.content.small(data)
