@@ -135,7 +135,7 @@ class NtfsEntries:
             if st.st_ino != ino:
                 self.log.problem(path, "changed", f"{where}: the file was replaced while being read")
                 return None
-            pc = self.content.read(fd, st, None)
+            pc = self.content.read(fd, st, None, page_digests=False)
         except OSError as exc:
             self.log.problem(path, "unreadable", f"{where}: read error: {exc.strerror or exc}")
             return None
