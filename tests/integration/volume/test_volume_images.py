@@ -284,3 +284,54 @@ def test_a_run_that_fails_after_qemu_nbd_started_stops_it(vol: Vol, tmp_path: Pa
         VolumeBackup(vol.repo, VolumeRequest(str(img), source_id="test-volume"), CrashingReporter()).run()
     assert nbd_leftovers(img, tmpdir) == []
     assert vol.repo.list_snapshots() == []
+
+
+def test_a_server_that_cannot_start_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltavault.errors import SourceError
+    from deltavault.tracking.volume.qemu import NbdServer
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    missing = tmp_path / "gone.vmdk"
+    server = NbdServer(str(missing), None, fmt="vmdk")
+    with pytest.raises(SourceError, match="qemu-nbd exited"):
+        server.connect(["base:allocation"])
+    assert server.proc.poll() is not None
+    assert nbd_leftovers(missing, tmpdir) == []
+
+
+def test_a_probed_vmdk_may_not_name_extents_elsewhere(cli: Cli, tmp_path: Path) -> None:
+    """A guest can write a VMDK descriptor into the first sector of its raw disk; probing
+    must not then read host files through it."""
+    secret = tmp_path / "host" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"host data " * 100_000)
+    guest = tmp_path / "guests" / "vm.img"
+    guest.parent.mkdir()
+    desc = (f'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+            f'RW {secret.stat().st_size // 512} FLAT "../host/secret.bin" 0\n').encode()
+    guest.write_bytes(desc.ljust(1 * MiB, b"\0"))
+    assert cli("init").returncode == 0
+    r = cli("--json", "backup", "--volume", str(guest))
+    assert r.returncode == ExitCode.SOURCE, r.stdout
+    assert "outside its directory" in r.last("error")["message"]
+    # said explicitly, the raw bytes of the guest's disk are backed up as they are
+    r = cli("--json", "backup", "--volume", str(guest), "--source-format", "raw")
+    assert r.returncode == 0, r.stderr
+    assert r.last("summary")["source_format"] == "raw" and r.last("summary")["size"] == MiB
+
+
+@needs_root()
+@pytest.mark.root
+def test_a_conversion_without_room_leaves_no_target_and_no_temporaries(cli: Cli, tmp_path: Path) -> None:
+    img, _raw = random_image(tmp_path, "vhdx")  # 8 MiB of data
+    assert cli("init").returncode == 0
+    assert cli("backup", "--volume", str(img)).returncode == 0
+    with mounted("tmpfs", tmp_path / "small", "-t", "tmpfs", "-o", "size=12m") as small:
+        r = cli("--json", "restore", "--volume", "latest", str(small / "out.vhdx"))
+        assert r.returncode == ExitCode.NO_SPACE, (r.stdout, r.stderr)
+        assert "no space" in r.last("error")["message"]
+        assert list(small.iterdir()) == []
+        r = cli("--json", "restore", "--volume", "latest", str(small / "out.raw"))
+        assert r.returncode == 0, r.stderr  # raw fits: the room was for the second copy

@@ -158,6 +158,15 @@ class NbdServer:
             raise SourceError(f"cannot start qemu-nbd: {exc}") from exc
 
     def connect(self, contexts: list[str]) -> Any:
+        """A libnbd handle connected to the export. A server that cannot be reached is
+        stopped here (its socket directory removed), whoever forgets to call ``stop``."""
+        try:
+            return self._connect(contexts)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect(self, contexts: list[str]) -> Any:
         nbd = load_nbd()
         deadline = time.monotonic() + START_TIMEOUT
         while True:
