@@ -26,9 +26,9 @@ from tests.integration.volume.conftest import Vol, fill_tree, loop, mounted, run
 pytestmark = [needs_tools("qemu-img", "qemu-nbd"),
               pytest.mark.skipif(not nbdlib.available(), reason="needs python3-libnbd")]
 MiB = 1 << 20
-DISK = 96 * MiB
-P1 = (1 * MiB, 40 * MiB)  # ext4
-P2 = (42 * MiB, DISK - 42 * MiB - MiB)  # NTFS, to 1 MiB before the end
+DISK = 160 * MiB
+P1 = (1 * MiB, 64 * MiB)  # ext4
+P2 = (66 * MiB, DISK - 66 * MiB - MiB)  # NTFS, to 1 MiB before the end
 
 
 def convert(src: Path, fmt: str, dst: Path, *opts: str) -> Path:
@@ -68,11 +68,11 @@ def windows_disk(tmp: Path) -> Path:
               f"start={P2[0] // 512}, size={P2[1] // 512}, type=7\n")
     subprocess.run(["sfdisk", "-q", str(raw)], input=script, text=True, check=True, capture_output=True)
     with loop(raw, *P1) as dev:
-        run("mkfs.ext4", "-q", "-F", "-d", str(fill_tree(tmp / "linux", seed=21, files=24)), dev)
+        run("mkfs.ext4", "-q", "-F", "-d", str(fill_tree(tmp / "linux", seed=21, files=40, max_size=2 * MiB)), dev)
     with loop(raw, *P2) as dev:
         run("mkntfs", "-q", "-Q", "-F", "-p", str(P2[0] // 512), dev)
         with ntfs_mounted(dev, tmp / "ntfs") as mnt:
-            fill_tree(mnt / "Users", seed=22, files=24, max_size=200_000)
+            fill_tree(mnt / "Users", seed=22, files=40, max_size=2 * MiB)
     return raw
 
 
@@ -122,30 +122,46 @@ def change_both(img: Path, fmt: str, tmp: Path) -> None:
 @needs_tools("sfdisk", "losetup", "mkfs.ext4", "mkntfs", "ntfs-3g", "nbdfuse", "fusermount3")
 @pytest.mark.root
 @pytest.mark.parametrize("fmt", ["vhdx", "vmdk"])
-def test_guest_file_systems_tracked_inside_the_image(vol: Vol, tmp_path: Path, fmt: str) -> None:
+def test_guest_file_systems_tracked_inside_the_image(cli: Cli, tmp_path: Path, fmt: str) -> None:
     img = convert(windows_disk(tmp_path), fmt, tmp_path / f"disk.{fmt}")
-    first = vol.backup(img)
-    rep = first.report
-    assert rep.source_format == fmt and f"({fmt} over NBD)" in rep.source
-    assert rep.file_system == "partitions"
-    assert [p.fs for p in first.snapshot.summary.blocks.partitions] == ["ext4", "ntfs"]  # type: ignore[union-attr]
-    assert first.snapshot.summary.source_format == fmt  # type: ignore[union-attr]
+    assert cli("init").returncode == 0
+    r = cli("--json", "backup", "--volume", str(img))
+    assert r.returncode == 0, r.stderr
+    first = r.last("summary")
+    assert first["source_format"] == fmt and f"({fmt} over NBD)" in first["source"]
+    assert first["file_system"] == "partitions"
 
     change_both(img, fmt, tmp_path)
-    second = vol.backup(img)
-    rep = second.report
-    assert rep.change_source == "fs-digests", rep.rejected
-    assert rep.rejected == []
-    assert any(n.startswith("partition 1 (ext4): ") and "inodes changed" in n for n in rep.notes), rep.notes
-    assert any(n.startswith("partition 2 (ntfs): ") and "MFT records changed" in n for n in rep.notes), rep.notes
-    assert rep.bytes_read < DISK // 4, rep  # metadata and the changed files, not the image
-    assert second.snapshot.summary.change_source == "fs-digests"  # type: ignore[union-attr]
+    r = cli("backup", "--volume", str(img))  # the text a person reads
+    assert r.returncode == 0, r.stderr
+    assert "change source: fs-digests (" in r.stdout and "passed over" not in r.stdout, r.stdout
+    assert "partition 1 (ext4): " in r.stdout and "partition 2 (ntfs): " in r.stdout, r.stdout
+    snap = [x for x in cli("--json", "snapshots").json if x.get("kind") == "volume"][-1]
+    summary = snap["summary"]
+    assert summary["change_source"] == "fs-digests" and summary["rejected"] == []
+    assert summary["source_format"] == fmt
+    assert [p["fs"] for p in summary["blocks"]["partitions"]] == ["ext4", "ntfs"]
+    notes = summary["notes"]
+    assert any(n.startswith("partition 1 (ext4): ") and n.endswith(" inodes changed") and not
+               n.startswith("partition 1 (ext4): 0 of") for n in notes), notes
+    assert any(n.startswith("partition 2 (ntfs): ") and n.endswith(" MFT records changed") and not
+               n.startswith("partition 2 (ntfs): 0 of") for n in notes), notes
+    # metadata (inode tables, journals, the MFT), the gaps between partitions and the changed
+    # files: not the ~40 MiB of file data (and as much in zeros), nor free space
+    assert first["bytes_read"] > 30 * MiB, first  # VMDK: the zero halves of the files are holes
+    assert summary["bytes_processed"] < min(first["bytes_read"] // 3, DISK // 8), summary
+    assert summary["blocks_changed"] > 0
 
-    restored = vol.restore(second.snapshot_id)
+    restored = tmp_path / "restored.raw"
+    assert cli("restore", "--volume", "latest", str(restored), "--verify").returncode == 0
     assert sha256(restored) == sha256(as_raw(img, tmp_path))
     assert identical(restored, img)
-    assert not identical(vol.restore(first.snapshot_id, tmp_path / "first.raw"), img)
-
+    again = tmp_path / f"restored.{fmt}"
+    assert cli("restore", "--volume", "latest", str(again), "--verify").returncode == 0
+    assert identical(again, img)
+    older = tmp_path / "first.raw"
+    assert cli("restore", "--volume", first["snapshot"], str(older)).returncode == 0
+    assert not identical(older, img)
 
 def random_image(tmp: Path, fmt: str, size: int = 24 * MiB) -> tuple[Path, Path]:
     """(image, its raw content): data with holes between."""
