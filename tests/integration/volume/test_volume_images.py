@@ -163,7 +163,7 @@ def test_guest_file_systems_tracked_inside_the_image(cli: Cli, tmp_path: Path, f
     assert cli("restore", "--volume", first["snapshot"], str(older)).returncode == 0
     assert not identical(older, img)
 
-def random_image(tmp: Path, fmt: str, size: int = 24 * MiB) -> tuple[Path, Path]:
+def random_image(tmp: Path, fmt: str, size: int = 24 * MiB, opts: list[str] | None = None) -> tuple[Path, Path]:
     """(image, its raw content): data with holes between."""
     raw = tmp / f"{fmt}-content.raw"
     with open(raw, "wb") as f:
@@ -171,7 +171,7 @@ def random_image(tmp: Path, fmt: str, size: int = 24 * MiB) -> tuple[Path, Path]
         for i in range(0, size // MiB, 3):
             f.seek(i * MiB + 777)
             f.write(os.urandom(MiB - 1000))
-    return convert(raw, fmt, tmp / f"disk.{fmt}"), raw
+    return convert(raw, fmt, tmp / f"disk.{fmt}", *(opts or [])), raw
 
 
 @pytest.mark.parametrize("fmt", ["vhdx", "vmdk"])
@@ -199,9 +199,12 @@ def test_unaligned_reads_are_widened_to_the_servers_minimum(tmp_path: Path, fmt:
         access.close()
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "vmdk"])
+@pytest.mark.parametrize("fmt", ["vhdx", "vmdk", "vmdk-flat"])
 def test_cli_restores_raw_or_in_the_original_format(cli: Cli, tmp_path: Path, fmt: str) -> None:
-    img, raw = random_image(tmp_path, fmt)
+    """vmdk-flat: a descriptor file naming a flat extent beside it."""
+    img, raw = random_image(tmp_path, fmt.split("-")[0],
+                            opts=["-o", "subformat=monolithicFlat"] if fmt == "vmdk-flat" else [])
+    fmt = fmt.split("-")[0]
     assert cli("init").returncode == 0
     r = cli("--json", "backup", "--volume", str(img))
     assert r.returncode == 0, r.stderr
@@ -279,6 +282,25 @@ def test_damaged_images_are_refused_with_the_source_exit_code(cli: Cli, tmp_path
     c = cli("--json", "check", "--read-data")
     assert c.returncode == 0 and c.last("check_summary")["errors"] == 0, c.stdout
     assert cli("backup", "--volume", str(vhdx)).returncode == 0  # the repository is fine
+
+
+def test_an_image_in_use_is_refused(cli: Cli, tmp_path: Path) -> None:
+    img, _ = random_image(tmp_path, "vhdx")
+    assert cli("init").returncode == 0
+    sock = tmp_path / "writer.sock"
+    writer = subprocess.Popen(["qemu-nbd", "-f", "vhdx", "-k", str(sock), str(img)])  # as a VM would
+    try:
+        for _ in range(250):
+            if sock.exists():
+                break
+            time.sleep(0.02)
+        r = cli("--json", "backup", "--volume", str(img))
+        assert r.returncode == ExitCode.SOURCE, r.stdout
+        assert "(in use)" in r.last("error")["message"], r.stdout
+    finally:
+        writer.terminate()
+        writer.wait(10)
+    assert cli("backup", "--volume", str(img)).returncode == 0
 
 
 def test_a_run_that_fails_after_qemu_nbd_started_stops_it(vol: Vol, tmp_path: Path,

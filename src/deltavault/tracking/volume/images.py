@@ -84,8 +84,9 @@ class ImageAccess:
         try:
             info = image_info(self.path)
         except SourceError as exc:
-            raise SourceError(f"cannot open {self.path} as a {self.source_format} image (damaged, truncated, "
-                              f"or a file it names is missing): {exc.message}") from None
+            why = "in use" if "lock" in exc.message.lower() else "damaged, truncated, or a file it names is missing"
+            raise SourceError(f"cannot open {self.path} as a {self.source_format} image ({why}): "
+                              f"{exc.message}") from None
         check_info(self.path, self.source_format, info, probed=self.probed)
         self.server = NbdServer(self.path, None, fmt=self.source_format)
         h = self.server.connect(["base:allocation"])
