@@ -235,6 +235,8 @@ def test_cli_restores_raw_or_in_the_original_format(cli: Cli, tmp_path: Path, fm
     assert r.returncode == ExitCode.USAGE and "--overwrite" in r.last("error")["message"]
     r = cli("--json", "restore", "--volume", "latest", str(tmp_path / f"copy.{fmt}"), "--overwrite")
     assert r.returncode == 0, r.stderr
+    r = cli("--json", "restore", "latest", "--target", str(tmp_path / "dir"), "--format", "vhdx")
+    assert r.returncode == ExitCode.USAGE and "--volume" in r.last("error")["message"]
 
 
 def nbd_leftovers(image: Path, tmpdir: Path) -> list[str]:
