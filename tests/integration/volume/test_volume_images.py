@@ -163,6 +163,7 @@ def test_guest_file_systems_tracked_inside_the_image(cli: Cli, tmp_path: Path, f
     assert cli("restore", "--volume", first["snapshot"], str(older)).returncode == 0
     assert not identical(older, img)
 
+
 def random_image(tmp: Path, fmt: str, size: int = 24 * MiB, opts: list[str] | None = None) -> tuple[Path, Path]:
     """(image, its raw content): data with holes between."""
     raw = tmp / f"{fmt}-content.raw"
