@@ -376,3 +376,33 @@ def test_a_conversion_without_room_leaves_no_target_and_no_temporaries(cli: Cli,
         assert list(small.iterdir()) == []
         r = cli("--json", "restore", "--volume", "latest", str(small / "out.raw"))
         assert r.returncode == 0, r.stderr  # raw fits: the room was for the second copy
+
+
+def test_qemu_nbd_dying_mid_run_fails_it_cleanly(vol: Vol, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export goes away after blobs were stored: SourceError (exit 16), no snapshot, a
+    repository that checks clean, and the next run works."""
+    import signal
+
+    from deltavault.errors import SourceError
+    from deltavault.maintenance.check import check_repository
+
+    img, raw = random_image(tmp_path, "vhdx", size=150 * MiB)  # three 64 MiB segments
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+
+    class KillingReporter(NullReporter):
+        def advance(self, *, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+            for pid in nbd_leftovers(img, tmpdir):
+                if pid.isdigit():
+                    os.kill(int(pid), signal.SIGKILL)
+
+    with pytest.raises(SourceError, match="NBD"):
+        VolumeBackup(vol.repo, VolumeRequest(str(img), source_id="test-volume"), KillingReporter()).run()
+    assert nbd_leftovers(img, tmpdir) == []
+    assert vol.repo.list_snapshots() == []
+    report = check_repository(vol.repo, read_data=True)
+    assert not report.errors, [i.message for i in report.issues]
+    r = vol.backup(img)
+    assert sha256(vol.restore(r.snapshot_id)) == sha256(raw)
