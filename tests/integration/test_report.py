@@ -310,3 +310,34 @@ def test_the_page_renders_in_chromium_without_root(repo: Repository, world: dict
     assert facts["regions"] == 16 and facts["coloured"] == [3, 10]
     assert len(facts["fallback"]) == 1 and "no partition table" in facts["fallback"][0]
     assert facts["failed"] == 1
+
+
+def test_the_report_reads_no_file_or_volume_content(repo: Repository, world: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """The report reads the index, snapshots, status records and trees: no byte of any
+    DATA blob (file or volume content) is fetched from the repository, also without a cache."""
+    from deltavault.backends.local import LocalBackend
+    from deltavault.model.types import BlobType
+    from tests.conftest import PASSWORD
+
+    backend = LocalBackend(tmp_path / "repo", fsync=False)
+    reads: list[tuple[str, int, int | None]] = []
+    real_get = backend.get
+
+    def get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        reads.append((name, offset, length))
+        return real_get(name, offset, length)
+
+    backend.get = get  # type: ignore[method-assign]
+    fresh = Repository.open(backend, lambda: PASSWORD, use_cache=False)
+    content = {f"data/{p.hex()[:2]}/{p.hex()}": [(e.offset, e.offset + e.length) for e in es if e.type == BlobType.DATA]
+               for p, es in fresh.index.entries_by_pack().items()}
+    assert sum(map(len, content.values())) > 0
+    reads.clear()
+    rep = build_report(fresh, ReportOptions())
+    assert rep.snapshots == 4 and rep.where and rep.heatmaps
+    touched = [(name, off, ln) for name, off, ln in reads if name.startswith("data/")]
+    assert touched, "trees are read from packs"
+    for name, off, ln in touched:
+        end = off + ln if ln is not None else 1 << 62
+        for a, b in content.get(name, []):
+            assert end <= a or off >= b, f"the report read content: {name} [{off}, {end}) holds a DATA blob [{a}, {b})"

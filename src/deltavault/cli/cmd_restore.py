@@ -46,6 +46,8 @@ def run(ctx: Context) -> int:
     if a.volume_target:
         raise UsageError(f"the target is given with --target: deltavault restore {a.snapshot} --target "
                          f"{a.volume_target} (a TARGET without --target is only for restore --volume)")
+    if a.format:
+        raise UsageError("--format is for restore --volume (the image format to write)")
     if not a.target:
         raise UsageError("restore needs --target DIR")
     for text in [*a.include, *a.exclude]:

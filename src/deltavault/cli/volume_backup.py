@@ -11,6 +11,7 @@ from typing import Any
 from deltavault.backup.volume.options import (
     CBT_MODES,
     DEFAULT_BLOCK_SIZE,
+    SOURCE_FORMATS,
     VolumeOptions,
     VolumeReport,
     VolumeRequest,
@@ -26,7 +27,10 @@ from deltavault.repository.snapshots import short_id
 def add_volume_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("volume backup (--volume)")
     g.add_argument("--volume", action="store_true",
-                   help="back up one block device or disk image (raw or qcow2) block by block")
+                   help="back up one block device or disk image (raw, qcow2, VHDX or VMDK) block by block")
+    g.add_argument("--source-format", choices=SOURCE_FORMATS, default="auto",
+                   help="the image's format: auto (default: from its first bytes; a device is raw), or "
+                        "raw, qcow2, vhdx, vmdk to insist (raw reads an image file's bytes as they are)")
     g.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE, metavar="SIZE",
                    help=f"block size, a power of two from 4K to 4M (default {human(DEFAULT_BLOCK_SIZE)})")
     g.add_argument("--cbt", choices=CBT_MODES, default="auto",
@@ -51,7 +55,7 @@ def run_volume_backup(ctx: Context) -> int:
         raise UsageError("backup --volume needs exactly one block device or image file")
     opts = VolumeOptions(block_size=a.block_size, cbt=a.cbt, verify_cbt=a.verify_cbt,
                          free_space=a.free_space, workers=a.workers, snapshot_dir=a.snapshot_dir,
-                         bitmap_granularity=a.bitmap_granularity)
+                         bitmap_granularity=a.bitmap_granularity, source_format=a.source_format)
     req = VolumeRequest(path=a.paths[0], logical=a.as_path, source_id=a.source_id, tags=a.tag,
                         parent=a.parent, options=opts)
     if a.host:

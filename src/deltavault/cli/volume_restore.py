@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import ExitCode, UsageError
 from deltavault.objects.volumes import load_manifest
 from deltavault.repository.snapshots import short_id
 from deltavault.restore.existing import OVERWRITE
-from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer
+from deltavault.restore.imageformat import CHOICES, restore_as, target_format
+from deltavault.restore.volume import VolumeRestoreOptions, VolumeRestorer, VolumeRestoreStats
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:
@@ -22,6 +24,10 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
                    help="files: replace entries already in the target always (default), if-changed (size or "
                         "time differ), if-newer (the snapshot's is newer) or never; --volume: replace an "
                         "existing image file, or the content of a block device")
+    g.add_argument("--format", choices=CHOICES, metavar="FORMAT",
+                   help="with --volume: the image format to write: raw, qcow2, vhdx, vmdk, or original (the "
+                        "format the snapshot was read from). Default: by TARGET's extension (.qcow2, .vhdx, "
+                        ".vmdk), else raw; a block device takes raw only")
     g.add_argument("--files", nargs="+", metavar="PATH",
                    help="with --volume: copy only these files or directories of the volume's file system "
                         "into --target DIR (mounts the image read-only; reads only the blocks they need)")
@@ -32,6 +38,8 @@ def add_volume_options(p: argparse.ArgumentParser) -> None:
 
 def run_volume_restore(ctx: Context) -> int:
     a = ctx.args
+    if a.format and a.files:
+        raise UsageError("--format goes with a volume TARGET, not --files")
     if a.files:
         from deltavault.cli.volume_files import run_volume_files
 
@@ -48,16 +56,28 @@ def run_volume_restore(ctx: Context) -> int:
         sid, snap = ctx.snapshot_of_kind(repo, a.snapshot, "volume", "restore it without --volume")
         assert snap.volume is not None
         manifest = load_manifest(repo, snap.volume)
-        opts = VolumeRestoreOptions(overwrite=a.overwrite not in (None, "never"), verify=a.verify,
+        overwrite = a.overwrite not in (None, "never")
+        opts = VolumeRestoreOptions(overwrite=overwrite, verify=a.verify,
                                     page_key=repo.master.mac if repo.master else None)
-        st = VolumeRestorer(repo, manifest, target, opts, ctx.reporter()).run()
+        fmt = target_format(target, a.format, manifest.source_format)
+        if fmt == "raw":
+            st = VolumeRestorer(repo, manifest, target, opts, ctx.reporter()).run()
+        else:
+            raw_opts = replace(opts, overwrite=True)  # the temporary raw image is ours
+
+            def restore_raw(path: str) -> VolumeRestoreStats:
+                return VolumeRestorer(repo, manifest, path, raw_opts, ctx.reporter()).run()
+
+            st = restore_as(fmt, target, restore_raw, overwrite=overwrite, verify=a.verify)
     obj = {"type": "summary", "kind": "volume", "snapshot": sid, "target": target,
-           "target_kind": st.target_kind, "size": st.size, "blocks": st.blocks, "holes": st.holes,
+           "target_kind": st.target_kind, "format": st.target_format,
+           "source_format": manifest.source_format or None, "size": st.size, "blocks": st.blocks, "holes": st.holes,
            "bytes_written": st.bytes_written, "bytes_zeroed": st.bytes_zeroed, "verified": a.verify,
            "pages_verified": st.pages_verified, "pages_mismatched": st.pages_mismatched,
            "mismatched_pages": st.mismatches, "free_space": manifest.free_space,
            "seconds": round(st.seconds, 3)}
-    text = (f"restored volume snapshot {short_id(sid)} to {target} ({st.target_kind}): {human(st.size)}, "
+    kind = st.target_kind if st.target_format == "raw" else f"{st.target_format} image"
+    text = (f"restored volume snapshot {short_id(sid)} to {target} ({kind}): {human(st.size)}, "
             f"{st.blocks} blocks ({st.holes} holes); wrote {human(st.bytes_written)} in {st.seconds:.2f} s")
     if a.verify:
         text += (f"\nverified: {st.pages_verified} pages, "

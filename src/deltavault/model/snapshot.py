@@ -56,6 +56,7 @@ class SnapshotSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
     blocks_read: int = 0  # volumes: blocks with any page read from the source
     blocks_changed: int = 0  # volumes: blocks whose content changed (all of them on a first run)
     blocks: BlockSets | None = None  # volumes: which blocks, at a report's resolution
+    source_format: str = ""  # volumes: raw | qcow2 | vhdx | vmdk (older snapshots: not recorded)
 
 
 class Snapshot(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -71,6 +71,9 @@ class VolumeManifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     free_space: str = "skip"  # "skip" | "read"
     fs: FsInfo | None = None
     checkpoints: list[Checkpoint] = []
+    # The image format the volume was read from: raw | qcow2 | vhdx | vmdk. Empty in
+    # manifests written before it was recorded (read as raw). Restores may write it back.
+    source_format: str = ""
     v: int = VOLUME_VERSION
 
 

@@ -43,6 +43,7 @@ class VolumeRestoreOptions:
 class VolumeRestoreStats:
     target: str = ""
     target_kind: str = ""  # file | device
+    target_format: str = "raw"  # raw | qcow2 | vhdx | vmdk (restore/imageformat.py)
     size: int = 0
     blocks: int = 0
     holes: int = 0

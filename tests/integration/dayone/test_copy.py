@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.conftest import Cli
 from tests.integration.dayone.conftest import needs_sshd
+from tests.seaweed import Seaweed
 from tests.sshd import Server
 from tests.treeutil import manifest
 
@@ -140,3 +141,22 @@ def test_copy_from_sftp_to_local(tmp_path: Path, cli: Cli, server: Server) -> No
     target = _target(cli, tmp_path, str(tmp_path / "local-copy"))
     target["DELTAVAULT_FROM_REPOSITORY"] = cli.env["DELTAVAULT_REPOSITORY"]
     _copy_cycle(tmp_path, cli, target)
+
+
+def test_copy_from_local_to_s3_and_back(tmp_path: Path, cli: Cli, seaweed: Seaweed) -> None:
+    """The 3-2-1 copy to object storage (a real S3 server), then from it to a local repository."""
+    cli.env.update(seaweed.env())
+    bucket = seaweed.new_bucket()
+    _copy_cycle(tmp_path, cli, _target(cli, tmp_path, seaweed.url(bucket, "offsite")))
+    back = tmp_path / "back"
+    back.mkdir()
+    target = _target(cli, back, str(back / "local-copy"))
+    target["DELTAVAULT_FROM_REPOSITORY"] = seaweed.url(bucket, "offsite")
+    target["DELTAVAULT_FROM_PASSWORD_FILE"] = str(tmp_path / "target-password")
+    assert cli("init", env=target).returncode == 0
+    r = cli("--json", "copy", env=target)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.last("copy_summary")["copied"] == 2
+    out = back / "restored"
+    assert cli("restore", "latest", "--target", str(out), "--verify", env=target).returncode == 0
+    assert manifest(out / "data") == manifest(tmp_path / "data")

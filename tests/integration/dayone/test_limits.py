@@ -14,6 +14,7 @@ import pytest
 from deltavault.backends.throttle import TokenBucket
 from tests.conftest import Cli
 from tests.integration.dayone.conftest import needs_sshd
+from tests.seaweed import Seaweed
 from tests.sshd import Server
 from tests.treeutil import manifest
 
@@ -45,6 +46,15 @@ def test_bad_rates_are_usage_errors(cli: Cli) -> None:
 def test_backup_and_restore_over_sftp_keep_to_the_limits(tmp_path: Path, cli: Cli, server: Server) -> None:
     cli.env.update(DELTAVAULT_REPOSITORY=server.url(tmp_path / "remote" / "repo"),
                    DELTAVAULT_SSH_CONFIG=str(server.ssh_config))
+    _backup_and_restore_at_limits(tmp_path, cli)
+
+
+def test_backup_and_restore_on_s3_keep_to_the_limits(tmp_path: Path, cli: Cli, seaweed: Seaweed) -> None:
+    cli.env.update(seaweed.env(), DELTAVAULT_REPOSITORY=seaweed.url(seaweed.new_bucket(), "repo"))
+    _backup_and_restore_at_limits(tmp_path, cli)
+
+
+def _backup_and_restore_at_limits(tmp_path: Path, cli: Cli) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "blob").write_bytes(os.urandom(3 << 20))

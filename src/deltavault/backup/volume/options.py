@@ -23,6 +23,7 @@ from deltavault.model.volume import Partition
 # Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
 DEFAULT_BLOCK_SIZE = 1024 * 1024
 CBT_MODES = ("auto", "fs", "qemu", "btrfs", "digests")
+SOURCE_FORMATS = ("auto", "raw", "qcow2", "vhdx", "vmdk")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class VolumeOptions:
     workers: int = 0
     snapshot_dir: str | None = None  # btrfs
     bitmap_granularity: int = 65536  # qemu
+    source_format: str = "auto"  # auto (by the image's first bytes) | raw | qcow2 | vhdx | vmdk
 
 
 @dataclass
@@ -52,6 +54,7 @@ class VolumeReport:
     """The per-run report (printed, and written as JSON)."""
 
     source: str = ""
+    source_format: str = ""  # raw | qcow2 | vhdx | vmdk: how the image was read
     size: int = 0
     block_size: int = 0
     file_system: str | None = None
@@ -115,7 +118,8 @@ def snapshot_summary(rep: VolumeReport, *, blobs_added: int, raw_added: int, blo
                            rejected=[Rejection(source=r["source"], reason=r["reason"]) for r in rep.rejected],
                            notes=rep.notes[:NOTES_MAX], file_system=rep.file_system or "",
                            bytes_added_raw=raw_added, blocks_total=rep.blocks_total,
-                           blocks_read=blocks_read, blocks_changed=rep.blocks_changed, blocks=blocks)
+                           blocks_read=blocks_read, blocks_changed=rep.blocks_changed, blocks=blocks,
+                           source_format=rep.source_format)
 
 
 def default_source_id(hostname: str, logical: str) -> str:
@@ -131,5 +135,7 @@ def validate(opts: VolumeOptions) -> None:
         raise UsageError(f"--cbt must be one of {', '.join(CBT_MODES)}")
     if opts.free_space not in ("skip", "read"):
         raise UsageError("--free-space must be skip or read")
+    if opts.source_format not in SOURCE_FORMATS:
+        raise UsageError(f"--source-format must be one of {', '.join(SOURCE_FORMATS)}")
     if opts.verify_cbt < 0:
         raise UsageError("--verify-cbt needs a count of blocks, 0 or more")

@@ -18,8 +18,8 @@ from typing import Any
 from pyroaring import BitMap
 
 from deltavault.backup.volume.blocks import SegmentEncoder, SegmentPlan, SegmentResult
+from deltavault.backup.volume.opening import open_access
 from deltavault.backup.volume.options import (
-    VolumeOptions,
     VolumeReport,
     VolumeRequest,
     VolumeResult,
@@ -45,7 +45,7 @@ from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
 from deltavault.repository.status import failures_recorded
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.access import FileAccess, VolumeAccess, is_qcow2, mounted_rw
+from deltavault.tracking.volume.access import VolumeAccess, mounted_rw
 from deltavault.tracking.volume.base import (
     BlockDigestSource,
     Changes,
@@ -59,21 +59,6 @@ from deltavault.tracking.volume.partitions import layout
 from deltavault.workers import Inflight
 
 INFLIGHT_BYTES = 256 * 1024 * 1024
-
-
-def open_access(path: str, opts: VolumeOptions, state: LocalState) -> VolumeAccess:
-    if opts.cbt == "btrfs":
-        from deltavault.tracking.volume.btrfs import BtrfsAccess
-
-        return BtrfsAccess(path, snapshot_dir=opts.snapshot_dir, pending=state)
-    if is_qcow2(path):
-        from deltavault.tracking.volume.qemu import QcowAccess
-
-        return QcowAccess(path, track=opts.cbt in ("auto", "qemu"), granularity=opts.bitmap_granularity,
-                          pending=state)
-    if opts.cbt == "qemu":
-        raise UsageError(f"--cbt qemu needs a qcow2 image; {path} is not one")
-    return FileAccess(path)
 
 
 class VolumeBackup:
@@ -163,6 +148,7 @@ class VolumeBackup:
             reader = access.open(prev_native, self.new_id)
             self.report.size = reader.size
             self.report.source = reader.description
+            self.report.source_format = access.source_format
             result = self._backup(access, reader, prev, t0, start_ns)
         except BaseException:
             access.abort()
@@ -222,7 +208,7 @@ class VolumeBackup:
                                   zero=pagesets.dump(zero), free=pagesets.dump(uncaptured),
                                   free_space=opts.free_space,
                                   fs=scanner.info if scanner is not None and not scanner.distrust else None,
-                                  checkpoints=checkpoints)
+                                  checkpoints=checkpoints, source_format=rep.source_format)
         manifest_id = self.meta.put(encode(manifest))
         self.repo.flush()
         rep.bytes_read = reader.bytes_read

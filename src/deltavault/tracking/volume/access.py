@@ -17,8 +17,6 @@ from deltavault.model.volume import Checkpoint
 from deltavault.tracking.volume.base import ChangeSource
 from deltavault.tracking.volume.readers import FileReader, VolumeReader
 
-QCOW2_MAGIC = b"QFI\xfb"
-
 
 class Pending(Protocol):
     """Handles this client created (bitmaps, snapshots) that a killed run may leave behind."""
@@ -53,6 +51,7 @@ def sweep(pending: Pending, kind: str, where: str, *, keep: str | None, previous
 
 class VolumeAccess(Protocol):
     kind: str
+    source_format: str  # what the snapshot records: raw, qcow2, vhdx, vmdk
 
     def open(self, prev: Checkpoint | None, new_id: str) -> VolumeReader: ...
 
@@ -71,6 +70,7 @@ class FileAccess:
     """A block device or a raw image file, read directly."""
 
     kind = "file"
+    source_format = "raw"
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -96,17 +96,6 @@ class FileAccess:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
-
-
-def is_qcow2(path: str) -> bool:
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return False
-        with open(path, "rb") as f:
-            return f.read(4) == QCOW2_MAGIC
-    except OSError:
-        return False
 
 
 def mounted_rw(path: str) -> str | None:

@@ -59,6 +59,9 @@ class Allocation:
     allocated: BitMap  # pages holding anything in use (rounded outward)
 
 
+UNITS = {"ext4": "inodes", "ntfs": "MFT records"}  # what a file system's metadata digests cover
+
+
 @dataclass
 class DigestScan:
     """Metadata digests of one run and the pages the comparison says must be read."""
@@ -67,6 +70,8 @@ class DigestScan:
     must_read: BitMap  # every page of the volume minus the data of unchanged files
     objects: int = 0
     changed_objects: int = 0
+    # per partition of a partitioned disk, e.g. "partition 2 (ntfs): 3 of 250 MFT records changed"
+    details: list[str] = field(default_factory=list)
 
 
 class FsScanner(Protocol):

@@ -78,6 +78,7 @@ def retire(prev: Checkpoint, image: str, pending: Pending) -> list[str]:
 
 class BtrfsAccess:
     kind = "btrfs"
+    source_format = "raw"  # the image file's bytes as they are
 
     def __init__(self, path: str, *, snapshot_dir: str | None, pending: Pending) -> None:
         self.path = Path(os.path.abspath(path))

@@ -16,6 +16,7 @@ from typing import Protocol
 from deltavault.errors import DeltavaultError
 from deltavault.model.volume import Checkpoint, DigestState, VolumeManifest, decode, encode
 from deltavault.tracking.volume.base import (
+    UNITS,
     Changes,
     DigestScan,
     FsScanner,
@@ -94,9 +95,10 @@ class FsDigestSource:
             raise
         except Exception as exc:  # damaged on-disk metadata: any parse failure
             raise Rejected(f"the {scanner.kind} metadata could not be parsed: {exc}") from None
-        unit = {"ext4": "inodes", "ntfs": "MFT records"}.get(scanner.kind, "inodes and MFT records")
+        unit = UNITS.get(scanner.kind, "inodes and MFT records")
         return Changes(NAME, self.scan.must_read,
-                       notes=[f"{self.scan.changed_objects} of {self.scan.objects} {unit} changed"])
+                       notes=[f"{self.scan.changed_objects} of {self.scan.objects} {unit} changed",
+                              *self.scan.details])
 
     def checkpoint(self) -> Checkpoint | None:
         try:

@@ -26,7 +26,7 @@ from deltavault.errors import DeltavaultError, SourceError
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo, Partition
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan, FsScanner
+from deltavault.tracking.volume.base import UNITS, Allocation, DigestScan, FsScanner
 from deltavault.tracking.volume.readers import VolumeReader
 
 Probe = Callable[[VolumeReader], tuple[FsScanner | None, str]]
@@ -108,6 +108,7 @@ class PartitionedScanner:
         must = self._outside()
         digests: dict[int, bytes] = {}
         objects = changed = 0
+        details: list[str] = []
         for p in self.parts:
             mine = None
             if prev is not None:
@@ -117,7 +118,9 @@ class PartitionedScanner:
             digests.update(((p.number << KEY_SHIFT) | k, v) for k, v in scan.digests.items())
             objects += scan.objects
             changed += scan.changed_objects
-        return DigestScan(digests, must, objects, changed)
+            details.append(f"partition {p.number} ({p.scanner.kind}): {scan.changed_objects} of "
+                           f"{scan.objects} {UNITS.get(p.scanner.kind, 'objects')} changed")
+        return DigestScan(digests, must, objects, changed, details)
 
 
 def _extent(part: Any, sector_size: int) -> tuple[int, int]:

@@ -72,16 +72,32 @@ class NbdReader:
         self.size = int(handle.get_size())
         self.description = description
         self.bytes_read = 0
+        # The smallest request the server takes (512 for VHDX and VMDK, 1 for qcow2): libnbd
+        # refuses a request that is not a multiple of it, so unaligned reads are widened.
+        try:
+            self.align = max(1, int(handle.get_block_size(0)))  # LIBNBD_SIZE_MINIMUM
+        except Exception:  # an older libnbd without block size constraints
+            self.align = 1
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        try:
+            data: bytes = self.h.pread(n, offset)
+        except Exception as exc:  # nbd.Error and transport failures
+            raise SourceError(f"{self.description}: NBD read at byte {offset} failed: {exc}") from exc
+        return data
 
     def read_into(self, buf: memoryview, offset: int) -> None:
+        a = self.align
         pos = 0
         while pos < len(buf):
-            n = min(MAX_REQUEST, len(buf) - pos)
-            try:
-                data = self.h.pread(n, offset + pos)
-            except Exception as exc:  # nbd.Error and transport failures
-                raise SourceError(f"{self.description}: NBD read at byte {offset + pos} failed: {exc}") from exc
-            buf[pos:pos + n] = data
+            start = offset + pos
+            n = min(MAX_REQUEST - start % a, len(buf) - pos)  # widened, still one request
+            lo = start - start % a
+            hi = min(-(-(start + n) // a) * a, max(self.size, start + n))
+            if lo == start and hi == start + n:
+                buf[pos:pos + n] = self._pread(n, start)
+            else:
+                buf[pos:pos + n] = self._pread(hi - lo, lo)[start - lo:start - lo + n]
             pos += n
         self.bytes_read += len(buf)
 
@@ -126,12 +142,12 @@ class NbdReader:
 
 
 class NbdServer:
-    """A read-only qemu-nbd export of one image on a private unix socket."""
+    """A read-only qemu-nbd export of one image (of format ``fmt``) on a private unix socket."""
 
-    def __init__(self, image: str, bitmap: str | None) -> None:
+    def __init__(self, image: str, bitmap: str | None, *, fmt: str = "qcow2") -> None:
         self.dir = tempfile.mkdtemp(prefix="dv-nbd-")
         self.sock = os.path.join(self.dir, "sock")
-        args = ["qemu-nbd", "--read-only", "--persistent", "-f", "qcow2", "-k", self.sock]
+        args = ["qemu-nbd", "--read-only", "--persistent", "-f", fmt, "-k", self.sock]
         if bitmap:
             args += ["-B", bitmap]
         args.append(image)
@@ -142,6 +158,15 @@ class NbdServer:
             raise SourceError(f"cannot start qemu-nbd: {exc}") from exc
 
     def connect(self, contexts: list[str]) -> Any:
+        """A libnbd handle connected to the export. A server that cannot be reached is
+        stopped here (its socket directory removed), whoever forgets to call ``stop``."""
+        try:
+            return self._connect(contexts)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect(self, contexts: list[str]) -> Any:
         nbd = load_nbd()
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -178,6 +203,7 @@ class QcowAccess:
     """A qcow2 image. ``track``: manage dirty bitmaps (else only read the image)."""
 
     kind = "qcow2"
+    source_format = "qcow2"
 
     def __init__(self, path: str, *, track: bool, granularity: int, pending: Pending) -> None:
         self.path = path

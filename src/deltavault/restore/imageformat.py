@@ -1,0 +1,116 @@
+"""Restoring a volume as a qcow2, VHDX or VMDK image rather than raw.
+
+Which format: ``--format`` when given (``original``: the format the snapshot was read from,
+raw for snapshots that did not record it); otherwise the target's extension (``.qcow2``,
+``.vhdx``, ``.vmdk``); otherwise raw. A block device is written raw only.
+
+The volume is restored raw into a temporary file beside the target (holes stay holes, so it
+takes the room of the data only), converted with ``qemu-img convert`` into a second
+temporary file, synced and renamed over the target: the target appears only when complete.
+Both temporary files go whatever happens. ``verify`` also runs ``qemu-img compare`` of the
+converted image against the verified raw one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable
+
+from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, Unavailable, UsageError
+from deltavault.restore.volume import VolumeRestoreStats
+
+FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
+CHOICES = (*FORMATS, "original")
+EXTENSIONS = {".qcow2": "qcow2", ".vhdx": "vhdx", ".vmdk": "vmdk"}
+
+
+def _is_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def target_format(target: str, asked: str | None, recorded: str) -> str:
+    """The format to write: see the module's docstring."""
+    if asked == "original":
+        fmt = recorded or "raw"
+    elif asked:
+        fmt = asked
+    elif _is_device(target):
+        return "raw"
+    else:
+        fmt = EXTENSIONS.get(os.path.splitext(target)[1].lower(), "raw")
+    if fmt not in FORMATS:
+        raise UsageError(f"cannot write a {fmt} image; --format takes {', '.join(CHOICES)}")
+    if fmt != "raw" and _is_device(target):
+        raise UsageError(f"{target} is a block device: it takes the raw volume only (--format raw)")
+    return fmt
+
+
+def _qemu_img(args: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    except OSError as exc:
+        raise TargetError(f"{what}: {exc}") from exc
+
+
+def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestoreStats], *,
+               overwrite: bool, verify: bool) -> VolumeRestoreStats:
+    """Restore through ``restore_raw(path)`` (a raw image at ``path``) and convert to ``fmt``."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise TargetError(f"restore target {target}: {exc.strerror or exc}") from exc
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{target} is not a regular file: a {fmt} image is written to a file only")
+    if st is not None and not overwrite:
+        raise UsageError(f"{target} exists; pass --overwrite to replace it")
+    if shutil.which("qemu-img") is None:
+        raise Unavailable(f"writing a {fmt} image needs qemu-img (Debian package qemu-utils)")
+    d = os.path.dirname(os.path.abspath(target))
+    base = os.path.basename(target)
+    raw = os.path.join(d, f".{base}.dv-raw-{os.getpid()}")
+    out = os.path.join(d, f".{base}.dv-{fmt}-{os.getpid()}")
+    try:
+        stats = restore_raw(raw)
+        p = _qemu_img(["convert", "-f", "raw", "-O", fmt, raw, out], f"converting to {fmt}")
+        if p.returncode != 0:
+            msg = (p.stderr or p.stdout).strip()
+            if "No space" in msg:
+                raise NoSpace(f"no space to write the {fmt} image beside {target}: {msg}")
+            raise TargetError(f"qemu-img convert to {fmt} failed: {msg}")
+        if verify:
+            p = _qemu_img(["compare", "-f", "raw", "-F", fmt, raw, out], "comparing the converted image")
+            if p.returncode != 0:
+                raise TargetError(f"the {fmt} image differs from the restored volume: "
+                                  f"{(p.stdout + p.stderr).strip()}")
+        _fsync(out)
+        os.replace(out, target)
+        _fsync(d)
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise NoSpace(f"no space to write the {fmt} image beside {target}") from exc
+        raise TargetError(f"writing {target}: {exc.strerror or exc}") from exc
+    finally:
+        for leftover in (raw, out):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+    stats.target = target
+    stats.target_format = fmt
+    return stats

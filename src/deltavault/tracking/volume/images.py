@@ -1,0 +1,112 @@
+"""Disk images in formats only qemu reads (VHDX, VMDK): read-only over NBD from qemu-nbd.
+
+Which format a source file is in comes from its first bytes (``probe``), never from its
+name. A block device is always raw. The image is opened read-only: ``qemu-img info`` first
+(a truncated or damaged image, or a VMDK whose descriptor names a missing extent, fails
+here with qemu's reason), then a read-only qemu-nbd export read with libnbd. These formats
+carry no change tracking of their own; the file-system metadata digests of the guest's
+file systems (per partition) tell what changed.
+
+A probed VMDK descriptor may name extent files anywhere; one whose extents lie outside its
+own directory is refused unless the format was given explicitly (``--source-format vmdk``):
+a raw image whose guest wrote a descriptor into its first sector must not make a backup read
+host files.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from deltavault.errors import SourceError
+from deltavault.model.volume import Checkpoint
+from deltavault.tracking.volume.qemu import NbdReader, NbdServer, image_info
+
+FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
+QEMU_ONLY = ("vhdx", "vmdk")
+_MAGICS = ((b"QFI\xfb", "qcow2"), (b"vhdxfile", "vhdx"), (b"KDMV", "vmdk"), (b"COWD", "vmdk"))
+_DESCRIPTOR = b"# Disk DescriptorFile"
+
+
+def probe(path: str) -> str:
+    """The format of ``path`` by its first bytes: raw for a device or anything unknown."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "raw"
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return "raw"
+    for magic, fmt in _MAGICS:
+        if head.startswith(magic):
+            return fmt
+    if head.lstrip(b"\n\r\t ").startswith(_DESCRIPTOR):
+        return "vmdk"
+    return "raw"
+
+
+def extent_files(info: dict[str, Any]) -> list[str]:
+    data = info.get("format-specific", {}).get("data", {})
+    return [str(e["filename"]) for e in data.get("extents", []) if e.get("filename")]
+
+
+def check_info(path: str, fmt: str, info: dict[str, Any], *, probed: bool) -> None:
+    """Refuse an image qemu sees as another format, or (probed VMDK) with foreign extents."""
+    got = info.get("format")
+    if got != fmt:
+        raise SourceError(f"{path}: qemu reads it as {got}, not {fmt}")
+    if fmt == "vmdk" and probed:
+        home = os.path.dirname(os.path.realpath(path))
+        for name in extent_files(info):
+            where = os.path.realpath(os.path.join(home, name))
+            if os.path.dirname(where) != home:
+                raise SourceError(f"{path}: its VMDK descriptor names an extent outside its directory "
+                                  f"({name}); pass --source-format vmdk if that is intended")
+    if info.get("backing-filename") and probed:
+        raise SourceError(f"{path}: a {fmt} image with a backing file ({info['backing-filename']}) is "
+                          "read only with --source-format given explicitly")
+
+
+class ImageAccess:
+    """A VHDX or VMDK image (any format qemu-nbd reads), read-only through qemu-nbd."""
+
+    kind = "image"
+
+    def __init__(self, path: str, fmt: str, *, probed: bool) -> None:
+        self.path = path
+        self.source_format = fmt
+        self.probed = probed
+        self.server: NbdServer | None = None
+        self.reader: NbdReader | None = None
+
+    def open(self, prev: Checkpoint | None, new_id: str) -> NbdReader:
+        try:
+            info = image_info(self.path)
+        except SourceError as exc:
+            why = "in use" if "lock" in exc.message.lower() else "damaged, truncated, or a file it names is missing"
+            raise SourceError(f"cannot open {self.path} as a {self.source_format} image ({why}): "
+                              f"{exc.message}") from None
+        check_info(self.path, self.source_format, info, probed=self.probed)
+        self.server = NbdServer(self.path, None, fmt=self.source_format)
+        h = self.server.connect(["base:allocation"])
+        self.reader = NbdReader(h, f"{self.path} ({self.source_format} over NBD)")
+        return self.reader
+
+    def native(self) -> None:
+        return None
+
+    def commit(self) -> list[str]:
+        self.close()
+        return []
+
+    def abort(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
