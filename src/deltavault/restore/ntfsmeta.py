@@ -10,11 +10,12 @@ the file system takes them; what could not be kept is counted and said once, at 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
 
-from deltavault.errors import DeltavaultError
+from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.dirfd import DIR_FLAGS, Replaced, fd_path, identity
 from deltavault.fs.ntfs import (
     DIRECTORY,
@@ -28,6 +29,7 @@ from deltavault.fs.ntfs import (
     valid_stream_name,
 )
 from deltavault.fs.paths import display
+from deltavault.model.content import content_size
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.windows import Stream
 from deltavault.objects.reader import iter_content
@@ -99,7 +101,11 @@ class NtfsTarget:
                 raise Replaced("not the entry just created")
             messages = apply_meta(fd, win, last=False) + apply_meta(fd, win, last=True)
         except BaseException:
-            unlink_quiet(parent, tmp)
+            if is_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(tmp, dir_fd=parent)
+            else:
+                unlink_quiet(parent, tmp)
             raise
         finally:
             os.close(fd)
@@ -144,6 +150,8 @@ class NtfsTarget:
         if self.view is not None and not ntfs_xattr:
             self._lose("streams (ntfs-3g streams_interface is not windows)")
             return
+        if content_size(s.content) != s.size:
+            raise CorruptionError(f"its content references add up to {content_size(s.content)} bytes, not {s.size}")
         data = b"".join(d if d is not None else bytes(n) for _o, d, n in iter_content(self.repo, s.content))
         try:
             os.setxattr(fd, XATTR_STREAM + s.name, data)

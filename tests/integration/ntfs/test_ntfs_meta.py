@@ -262,8 +262,9 @@ def test_stream_name_not_valid_anywhere_is_refused(tmp_path: Path, repo: Reposit
     f = nodes[b"f"]
     assert f.win is not None
     bad = Stream(name=b"../../escape", size=2, content=f.win.streams[0].content)
+    liar = Stream(name=b"liar", size=1, content=f.win.streams[0].content)  # its content holds 2 bytes
     f2 = msgspec.structs.replace(f, win=WinMeta(sd=f.win.sd, attrib=f.win.attrib, times=f.win.times,
-                                           streams=[*f.win.streams, bad]))
+                                                streams=[*f.win.streams, bad, liar]))
     sub, _ = repo.save_blob(BlobType.TREE, encode_tree(sorted([*(n for k, n in nodes.items() if k != b"f"), f2],
                                                              key=lambda n: n.name)))
     assert res.snapshot.tree is not None
@@ -274,8 +275,16 @@ def test_stream_name_not_valid_anywhere_is_refused(tmp_path: Path, repo: Reposit
         r = FileRestorer(repo, dst, RestoreOptions())
         r.run(top)
         assert [p.message for p in r.problems if "../../escape" in p.message and "not valid" in p.message]
+        assert [p.message for p in r.problems if "liar" in p.message and "records 1 bytes" in p.message]
         assert (dst / "data" / "f:ok").read_bytes() == b"ok"
         assert not (tmp_path / "escape").exists()
+    ext4 = tmp_path / "ext4"  # as user. xattrs: the same checks
+    ext4.mkdir()
+    r = FileRestorer(repo, ext4, RestoreOptions())
+    r.run(top)
+    assert [p.message for p in r.problems if "liar" in p.message and "add up to 2 bytes, not 1" in p.message]
+    assert os.getxattr(ext4 / "data" / "f", "user.ok") == b"ok"
+    assert "user.liar" not in os.listxattr(ext4 / "data" / "f")
 
 
 @needs_tools("losetup")
