@@ -85,3 +85,27 @@ def test_sync_ntfs_to_ext4_names_what_it_could_not_keep(tmp_path: Path) -> None:
 def test_streams_refused_with_another_host(tmp_path: Path) -> None:
     r = dv("sync", str(tmp_path), "somehost:/srv/x", "--streams")
     assert r.returncode != 0 and "--streams works between local paths only" in r.stderr
+
+
+def test_xattrs_from_ntfs_leave_the_stream_list_alone(tmp_path: Path) -> None:
+    """ntfs-3g lists ``ntfs.streams.list`` as an xattr of some files (not of all: not of this
+    one on ntfs-3g 2022.10.3, seen on others): --xattrs does not try to copy it (no file
+    system takes it); --streams copies the streams it names."""
+    with ntfs(tmp_path, "src") as src:
+        (src / "d").mkdir()
+        (src / "d" / "f").write_text("f")
+        (src / "d" / "f:s").write_bytes(b"s")
+        r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--xattrs", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["problems"] == []
+        assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"s"
+        # Again, nothing changed: the streams kept as xattrs are SRC's, not extras to remove.
+        r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--xattrs", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (summary(r)["files_same"], summary(r)["meta_fixed"]) == (1, 0), summary(r)
+        assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"s"
+        # The stream changes (and the file's mtime with it): the xattr follows.
+        (src / "d" / "f:s").write_bytes(b"changed")
+        r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"changed"

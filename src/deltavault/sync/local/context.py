@@ -78,4 +78,5 @@ class LocalRun:
         self.sroot, self.droot = sroot, droot
         self.rx.root = droot
         self.ntfs = LocalNtfs.open(sroot, droot, self.opts, self.buffers, self.cancelled)
+        self.meta.stream_xattrs = self.ntfs is not None and self.ntfs.xattr_streams
         self.source.guard = self.rx.guard = guard

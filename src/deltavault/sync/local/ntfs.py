@@ -10,7 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
-from deltavault.fs.ntfs import ReadResult, probe, read_meta, valid_stream_name
+from deltavault.fs.ntfs import (
+    STREAM_XATTR_MAX,
+    WINDOWS,
+    XATTR_STREAM,
+    ReadResult,
+    probe,
+    read_meta,
+    valid_stream_name,
+)
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
@@ -48,13 +56,47 @@ class LocalNtfs:
             return None
         return cls(NtfsSource(view, streams=opts.streams), NtfsDest(probe(droot)), opts, buffers, cancelled)
 
+    @property
+    def xattr_streams(self) -> bool:
+        """Streams go to DST as ``user.`` xattrs, mirrored with the xattrs (DST is not
+        ntfs-3g with streams_interface=windows, nor with xattr: there they are xattrs too)."""
+        return self.opts.streams and not self.dst.file_streams
+
+    def with_stream_xattrs(self, xattrs: list[tuple[bytes, bytes]] | None, sdir: int, name: bytes,
+                           ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """SRC's xattrs and its small streams as ``user.`` xattrs (``xattr_streams``), and
+        what could not be (streams over 64 KiB)."""
+        merged = dict(xattrs or [])
+        lost: list[str] = []
+        if self.src.view.streams != WINDOWS:
+            return sorted(merged.items()), lost  # xattr interface: they are SRC's user.* already
+        h, _ = handle_at(sdir, name)
+        try:
+            names = read_meta(fd_path(h), self.src.view).stream_names
+        finally:
+            os.close(h)
+        for s in names:
+            if not valid_stream_name(s):
+                continue
+            sfd = self.src.open_stream(sdir, name, s, ino)
+            try:
+                size = os.fstat(sfd).st_size
+                if size > STREAM_XATTR_MAX:
+                    lost.append(f"stream {display(s)} ({size} bytes)")
+                    continue
+                merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
+            finally:
+                os.close(sfd)
+        return sorted(merged.items()), lost
+
     # ------------------------------------------------------------------ files
     def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
         """Read the source file's NTFS metadata and write its streams into the file being
-        staged (before its times are set: writing a stream changes them)."""
+        staged as ``tmp:stream`` (before its times are set: writing a stream changes them).
+        Onto any other DST the streams travel as xattrs (``with_stream_xattrs``)."""
         meta = self.src.read(fd)
         f = FileNtfs(meta, [*meta.warnings, *meta.losses])
-        if not self.opts.streams:
+        if not self.opts.streams or not self.dst.file_streams:
             return f
         ino = os.fstat(fd).st_ino
         for s in meta.stream_names:
@@ -64,43 +106,30 @@ class LocalNtfs:
                 continue
             try:
                 if s in meta.inline:
-                    self._stream_bytes(f, meta.inline[s], dfd, tmp, tfd, s)
+                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s)
                 else:
-                    self._stream_file(f, sdir, name, ino, dfd, tmp, tfd, s)
+                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s)
             except OSError as exc:
                 f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
         return f
 
-    def _stream_file(self, f: FileNtfs, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int,
-                     s: bytes) -> None:
+    def _stream_file(self, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
         sfd = self.src.open_stream(sdir, name, s, ino)
         try:
-            st = os.fstat(sfd)
-            if self.dst.file_streams:
-                ofd = self.dst.open_stream(dfd, tmp, tfd, s)
-                try:
-                    copy_data(sfd, ofd, st, self.buffers, None, self.cancelled)
-                finally:
-                    os.close(ofd)
-                return
-            if st.st_size > 65536:
-                f.lost.append(f"stream {display(s)} ({st.st_size} bytes)")
-                return
-            self._stream_bytes(f, os.pread(sfd, st.st_size, 0), dfd, tmp, tfd, s)
+            ofd = self.dst.open_stream(dfd, tmp, tfd, s)
+            try:
+                copy_data(sfd, ofd, os.fstat(sfd), self.buffers, None, self.cancelled)
+            finally:
+                os.close(ofd)
         finally:
             os.close(sfd)
 
-    def _stream_bytes(self, f: FileNtfs, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
-        if self.dst.file_streams:
-            ofd = self.dst.open_stream(dfd, tmp, tfd, s)
-            try:
-                os.write(ofd, data)
-            finally:
-                os.close(ofd)
-            return
-        lost = self.dst.stream_xattr(tfd, s, data)
-        if lost is not None:
-            f.lost.append(lost)
+    def _stream_bytes(self, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+        ofd = self.dst.open_stream(dfd, tmp, tfd, s)
+        try:
+            os.write(ofd, data)
+        finally:
+            os.close(ofd)
 
     def finish(self, f: FileNtfs, tfd: int) -> None:
         """The rest of the metadata, after the file's own (--acl)."""

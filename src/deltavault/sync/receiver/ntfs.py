@@ -1,7 +1,7 @@
 """The receiving side's part of NTFS metadata: set what SRC's ntfs-3g mount gave onto DST's
 entry when DST is ntfs-3g too, or name what DST cannot keep; named streams written as the
-file ``tmp:stream`` (checked to be the inode just written) or, off NTFS, as ``user.`` xattrs
-where they fit."""
+file ``tmp:stream`` (checked to be the inode just written). (Onto other file systems streams
+travel as ``user.`` xattrs, with the other xattrs.)"""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import errno
 import os
 
 from deltavault.fs.ntfs import (
-    STREAM_XATTR_MAX,
     WINDOWS,
-    XATTR,
-    XATTR_STREAM,
     NtfsView,
     ReadResult,
     apply_meta,
@@ -55,17 +52,3 @@ class NtfsDest:
             os.close(sfd)
             raise OSError(errno.ESTALE, "the file was replaced while its streams were written")
         return sfd
-
-    def stream_xattr(self, fd: int, stream: bytes, data: bytes) -> str | None:
-        """A small stream as the xattr ``user.stream``; what was not kept, or None."""
-        if self.view is not None and self.view.streams != XATTR:
-            return f"stream {stream.decode(errors='replace')} (DST's streams_interface is not windows)"
-        if len(data) > STREAM_XATTR_MAX:
-            return f"stream {stream.decode(errors='replace')} ({len(data)} bytes: over 64 KiB)"
-        try:
-            os.setxattr(fd, XATTR_STREAM + stream, data)
-        except OSError as exc:
-            if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ERANGE):
-                return f"stream {stream.decode(errors='replace')} ({exc.strerror})"
-            raise
-        return None
