@@ -107,7 +107,7 @@ class FileRestorer:
         fd = open_target_dir(self.target, "restore target")
         root = Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
         self._links = LinkSources(fd)
-        ntfs = NtfsTarget(fd, self.repo, self.log)
+        ntfs = NtfsTarget(fd, self.repo, self.log, verify=self.opts.verify)
         self._ntfs = ntfs
         self._meta = self.holds.meta = MetaOptions(owner=self.opts.owner, setuid=self.opts.setuid, last=ntfs.meta)
         self.reporter.start("restore")

@@ -34,11 +34,11 @@ from deltavault.model.nodes import Node, NodeType
 from deltavault.model.windows import Stream
 from deltavault.objects.reader import iter_content
 from deltavault.objects.store import BlobReader
-from deltavault.restore.content import write_content
+from deltavault.restore.content import verify_fd, write_content
 from deltavault.restore.options import RestoreLog
 from deltavault.restore.target import install, temp_name, unlink_quiet
 
-_STREAM_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_STREAM_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # What a non-NTFS target cannot keep, by WinMeta field, as the warning names it.
 _KINDS = (("sd", "security descriptors"), ("attrib", "DOS attributes"), ("times", "creation times"),
@@ -48,8 +48,9 @@ _KINDS = (("sd", "security descriptors"), ("attrib", "DOS attributes"), ("times"
 class NtfsTarget:
     """What the restore target keeps of the nodes' NTFS metadata."""
 
-    def __init__(self, root_fd: int, repo: BlobReader, log: RestoreLog) -> None:
+    def __init__(self, root_fd: int, repo: BlobReader, log: RestoreLog, *, verify: bool = False) -> None:
         self.view: NtfsView | None = probe(root_fd)
+        self.verify = verify  # --verify: streams written as files are read back too
         self.repo = repo
         self.log = log
         self._lock = threading.Lock()
@@ -122,7 +123,10 @@ class NtfsTarget:
                                  "not restored (it stays in the snapshot)")
                 continue
             try:
-                self._stream(parent, tmp, fd, s)
+                bad = self._stream(parent, tmp, fd, s)
+                if bad:
+                    self.log.problem(relpath, "verify", f"stream {display(s.name)}: read back differs from what "
+                                     "was written: " + "; ".join(bad[:5]))
             except (OSError, DeltavaultError) as exc:
                 msg = getattr(exc, "strerror", None) or str(exc)
                 if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.ERANGE,
@@ -131,25 +135,30 @@ class NtfsTarget:
                 self.log.problem(relpath, "metadata", f"stream {display(s.name)}: {msg}; not restored "
                                  "(it stays in the snapshot)")
 
-    def _stream(self, parent: int, tmp: bytes, fd: int, s: Stream) -> None:
+    def _stream(self, parent: int, tmp: bytes, fd: int, s: Stream) -> list[str]:
+        """Write one stream; with --verify, what reads back otherwise."""
         if self.view is not None and self.view.streams == WINDOWS:
             sfd = os.open(tmp + b":" + s.name, _STREAM_FLAGS, 0o600, dir_fd=parent)
             try:
                 if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
                     raise OSError(errno.ESTALE, "the file was replaced while its streams were written")
-                write_content(self.repo, sfd, Node(name=s.name, type=NodeType.FILE, size=s.size,
-                                                   content=s.content), {}, digests=False)
+                expect = write_content(self.repo, sfd, Node(name=s.name, type=NodeType.FILE, size=s.size,
+                                                            content=s.content), {}, digests=self.verify)
+                if not self.verify:
+                    return []
+                n, bad = verify_fd(self.repo, sfd, s.size, expect)
+                self.log.count(bytes_verified=n)
+                return bad
             finally:
                 os.close(sfd)
-            return
         ntfs_xattr = self.view is not None and self.view.streams == XATTR
         if s.size > STREAM_XATTR_MAX:
             self._lose("streams over 64 KiB" if self.view is None else "streams (ntfs-3g streams_interface "
                        "is not windows)")
-            return
+            return []
         if self.view is not None and not ntfs_xattr:
             self._lose("streams (ntfs-3g streams_interface is not windows)")
-            return
+            return []
         if content_size(s.content) != s.size:
             raise CorruptionError(f"its content references add up to {content_size(s.content)} bytes, not {s.size}")
         data = b"".join(d if d is not None else bytes(n) for _o, d, n in iter_content(self.repo, s.content))
@@ -158,8 +167,9 @@ class NtfsTarget:
         except OSError as exc:
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOTSUP, errno.EOPNOTSUPP):
                 self._lose("streams that do not fit in a user. xattr")
-                return
+                return []
             raise
+        return []
 
     def summary(self) -> str | None:
         """The one warning for a non-NTFS target, or None."""

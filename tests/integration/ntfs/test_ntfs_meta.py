@@ -385,3 +385,17 @@ def test_large_stream_keeps_no_page_digests(tmp_path: Path, repo: Repository) ->
     win = tree_nodes(repo, res)[b"f"].win
     assert win is not None and sum(r.size for r in win.streams[0].content) == len(data)
     assert not [e for _b, _p, e, _s in repo.index.iter_records() if e.type == BlobType.META]
+
+
+def test_restore_verify_reads_streams_back(tmp_path: Path, repo: Repository) -> None:
+    with ntfs(tmp_path, "src") as src:
+        (src / "data").mkdir()
+        (src / "data" / "f").write_text("f")
+        (src / "data" / "f:big").write_bytes(os.urandom(BIG))
+        res = backup(repo, src / "data")
+    assert res.snapshot.tree is not None
+    with ntfs(tmp_path, "dst") as dst:
+        r = FileRestorer(repo, dst, RestoreOptions(verify=True))
+        r.run(res.snapshot.tree)
+        assert not r.problems, r.problems
+        assert r.stats.bytes_verified == 1 + BIG
