@@ -109,3 +109,30 @@ def test_xattrs_from_ntfs_leave_the_stream_list_alone(tmp_path: Path) -> None:
         r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--streams")
         assert r.returncode == 0, r.stdout + r.stderr
     assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"changed"
+
+
+def test_worker_processes_carry_ntfs_metadata(tmp_path: Path) -> None:
+    """Subtrees synced by forked workers (--processes) get the same as the main process's."""
+    with ntfs(tmp_path, "src") as src:
+        for i in range(4):
+            sub = src / "data" / f"sub{i}"
+            sub.mkdir(parents=True)
+            (sub / "f").write_text(str(i))
+            Path(f"{sub / 'f'}:s").write_bytes(b"stream %d" % i)
+            os.setxattr(sub / "f", "system.ntfs_attrib", struct.pack("<I", HIDDEN | ARCHIVE))
+            os.setxattr(sub, "system.ntfs_attrib", struct.pack("<I", HIDDEN | 0x10))  # a worker's root
+    names = [f"sub{i}{f}" for i in range(4) for f in ("", "/f")]
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        before = {n: ntfs_view(src / "data", n) for n in names}
+        r = dv("--json", "sync", str(src / "data"), str(dst / "data"), "--acl", "--streams", "--processes", "2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["workers"] >= 1, summary(r)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        for n in names:
+            assert ntfs_view(dst / "data", n) == before[n], n
+        for i in range(4):
+            assert Path(f"{dst / 'data' / f'sub{i}' / 'f'}:s").read_bytes() == b"stream %d" % i
+        r = dv("--json", "sync", str(src / "data"), str(tmp_path / "ext4"), "--acl", "--streams", "--processes", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert summary(r)["workers"] >= 1 and summary(r)["ntfs_not_kept"] == 9, summary(r)  # 4 files, 5 dirs
+    assert os.getxattr(tmp_path / "ext4" / "sub3" / "f", "user.s") == b"stream 3"

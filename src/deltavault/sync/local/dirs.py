@@ -248,16 +248,12 @@ class Dirs:
         if d.dropped:
             return
         if d.deferred:
-            self.deferred.add(d.relpath, d.st, d.xattrs, d.dident)
+            self.deferred.add(d.relpath, d.st, d.xattrs, d.dident, d.ntfs)
             return
         if d.dfd >= 0:
             self.run.rx.dir_meta(d.dfd, d.relpath, d.st, d.xattrs)
             if d.ntfs is not None and self.run.ntfs is not None:
-                problems, lost = self.run.ntfs.finish_dir(d.dfd, d.ntfs)
-                self.run.rx.meta_problems(d.relpath, problems)
-                if lost:
-                    self.run.out.count(ntfs_not_kept=1)
-                    self.run.out.note(d.relpath, "NTFS not kept on DST: " + ", ".join(lost))
+                self.run.ntfs.finish_dir(d.dfd, d.relpath, d.ntfs, self.run.out)
         elif not d.lost:  # (a directory moved away is reported when it is found so)
             self.run.out.problem(d.relpath, "metadata", "not reachable when its entries were done; "
                                  "its metadata was not set")

@@ -23,6 +23,7 @@ from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.ntfs import NtfsDest
+from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.ntfs import NtfsSource
 
 
@@ -162,5 +163,12 @@ class LocalNtfs:
     def read_dir(self, sfd: int) -> ReadResult | None:
         return read_meta(sfd, self.src.view, streams=False) if self.opts.acl else None
 
-    def finish_dir(self, dfd: int, meta: ReadResult) -> tuple[list[str], list[str]]:
-        return self.dst.apply(dfd, meta)
+    def finish_dir(self, dfd: int, rel: bytes, meta: ReadResult, out: Outcomes) -> None:
+        """A directory's NTFS metadata, after its POSIX metadata; what DST could not keep
+        goes in the log, counted."""
+        problems, lost = self.dst.apply(dfd, meta)
+        for m in problems:
+            out.problem(rel, "metadata", m)
+        if lost:
+            out.count(ntfs_not_kept=1)
+            out.note(rel, "NTFS not kept on DST: " + ", ".join(lost))
