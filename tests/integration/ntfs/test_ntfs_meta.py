@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -399,3 +400,24 @@ def test_restore_verify_reads_streams_back(tmp_path: Path, repo: Repository) -> 
         r.run(res.snapshot.tree)
         assert not r.problems, r.problems
         assert r.stats.bytes_verified == 1 + BIG
+
+
+def test_other_file_system_mounted_below_is_not_ntfs(tmp_path: Path, repo: Repository) -> None:
+    """A tmpfs mounted inside the ntfs-3g tree: its entries get no NTFS metadata, and their
+    user.* xattrs stay xattrs (on an xattr-interface mount those would be streams)."""
+    with ntfs(tmp_path, "src") as src:
+        (src / "data" / "inner").mkdir(parents=True)
+        (src / "data" / "f").write_text("f")
+    with ntfs(tmp_path, "src", streams="xattr") as src:
+        inner = src / "data" / "inner"
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+        try:
+            (inner / "g").write_text("g")
+            os.setxattr(inner / "g", "user.kept", b"xattr")
+            res = backup(repo, src / "data")
+        finally:
+            subprocess.run(["umount", str(inner)], check=True)
+    nodes = tree_nodes(repo, res)
+    assert nodes[b"f"].win is not None and nodes[b"inner"].win is None
+    inner_tree = msgspec.msgpack.decode(repo.load_blob(nodes[b"inner"].subtree or b""), type=Tree).nodes
+    assert inner_tree[0].win is None and inner_tree[0].xattrs == [(b"user.kept", b"xattr")]

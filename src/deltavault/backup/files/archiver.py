@@ -275,7 +275,7 @@ class FileArchiver:
             if xattrs is None:
                 return None
             node = make_node(name, NodeType.SYMLINK, st, xattrs, target=target)
-            if self.files.ntfs is not None:
+            if self.files.ntfs is not None and st.st_dev == self.files.ntfs.dev:
                 node = self.files.ntfs.node_at(node, dir_fd, fsname, path, st)
             return Child(node, same_meta(node, prev))
         if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -317,7 +317,7 @@ class FileArchiver:
                 os.close(fd)
                 return None
             ntfs = self.files.ntfs
-            if ntfs is None:
+            if ntfs is None or fst.st_dev != ntfs.dev:
                 node = make_node(name, NodeType.DIR, fst, fd_xattrs(self.log, fd, path))
             else:
                 node = ntfs.node(make_node(name, NodeType.DIR, fst, ntfs.xattrs(fd, path)), fd, path)[0]

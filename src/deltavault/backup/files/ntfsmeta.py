@@ -45,16 +45,18 @@ def for_source(path: bytes, content: ContentReader, log: RunLog) -> NtfsEntries 
         return None  # the walk reports it
     try:
         view = probe(h)
+        dev = os.fstat(h).st_dev
     finally:
         os.close(h)
-    return None if view is None else NtfsEntries(view, content, log, path)
+    return None if view is None else NtfsEntries(view, content, log, path, dev)
 
 
 class NtfsEntries:
     """Adds NTFS metadata to the nodes of one source on an ntfs-3g mount."""
 
-    def __init__(self, view: NtfsView, content: ContentReader, log: RunLog, source: bytes) -> None:
+    def __init__(self, view: NtfsView, content: ContentReader, log: RunLog, source: bytes, dev: int) -> None:
         self.view = view
+        self.dev = dev  # the ntfs-3g mount's: entries of another file system mounted below are not NTFS
         self.content = content
         self.log = log
         if view.streams == NONE:

@@ -221,7 +221,7 @@ class RegularFiles:
         stats = self.log.stats
         stats.bytes_read += pending.bytes_read
         self.log.reporter.advance(nbytes=fst.st_size, items=1)
-        if self.ntfs is None:
+        if self.ntfs is None or fst.st_dev != self.ntfs.dev:
             return Child(make_node(name, NodeType.FILE, fst, fd_xattrs(self.log, fd, path)), False, content=pending)
         node = make_node(name, NodeType.FILE, fst, self.ntfs.xattrs(fd, path))
         node, streams = self.ntfs.node(node, fd, path, dir_fd=dir_fd, fsname=fsname, ino=fst.st_ino)
