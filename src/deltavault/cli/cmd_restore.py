@@ -68,7 +68,8 @@ def run(ctx: Context) -> int:
     obj = {"type": "summary", "snapshot": sid, "target": a.target, "files": st.files, "dirs": st.dirs,
            "links": st.links, "special": st.special, "skipped_special": st.skipped_special,
            "bytes_written": st.bytes_written, "bytes_verified": st.bytes_verified, "verified": a.verify,
-           "skipped": st.skipped, "deleted": st.deleted, "dry_run": False,
+           "skipped": st.skipped, "deleted": st.deleted, "dry_run": False, "ntfs_not_kept": st.ntfs_not_kept,
+           "warnings": [w.__dict__ for w in restorer.warnings],
            "snapshot_incomplete": incomplete, "errors": len(probs), "problems": [p.__dict__ for p in probs]}
     text = (f"restored snapshot {short_id(sid)} to {a.target}: {st.files} files, {st.dirs} dirs, "
             f"{st.links} hard links, {st.special} other; {human(st.bytes_written)}")
@@ -79,6 +80,8 @@ def run(ctx: Context) -> int:
         text += f"\nremoved {st.deleted} entr{'y' if st.deleted == 1 else 'ies'} the snapshot does not have (--delete)"
     if st.skipped_special:
         text += f"\nskipped {st.skipped_special} device node(s) and FIFO(s) (--no-special)"
+    for w in restorer.warnings:
+        text += f"\nwarning: {w.message}"
     if incomplete and snap.summary is not None:
         shown = snap.summary.incomplete
         text += (f"\nnote: this snapshot is incomplete: {incomplete} entr{'y' if incomplete == 1 else 'ies'} "

@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delete", action="store_true", help="remove entries in DST that SRC does not have")
     p.add_argument("--checksum", action="store_true", help="compare content, not size and mtime")
     p.add_argument("--skip-empty-dirs", action="store_true", help="do not create directories left empty")
-    p.add_argument("--acl", action="store_true", help="keep POSIX ACLs")
+    p.add_argument("--acl", action="store_true", help="keep POSIX ACLs; from an ntfs-3g mount also the NTFS "
+                   "security descriptor, DOS attributes and times (between local paths)")
+    p.add_argument("--streams", action="store_true", help="keep NTFS named streams, from an ntfs-3g mount "
+                   "(between local paths); onto other file systems as user. xattrs where they fit")
     p.add_argument("--xattrs", action="store_true", help="keep extended attributes")
     p.add_argument("--no-owner", action="store_true", help="do not keep owner and group")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching entries")
@@ -70,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _options(a: argparse.Namespace) -> SyncOptions:
     return SyncOptions(delete=a.delete, checksum=a.checksum, skip_empty_dirs=a.skip_empty_dirs, acl=a.acl,
-                       xattrs=a.xattrs, owner=not a.no_owner, excludes=a.exclude, includes=a.include,
+                       xattrs=a.xattrs, streams=a.streams, owner=not a.no_owner, excludes=a.exclude, includes=a.include,
                        default_excludes=not a.no_default_excludes, verify=a.verify,
                        stop_on_error=a.stop_on_error, bufsize=a.bufsize,
                        threads=max(1, a.threads), processes=max(1, a.processes), delta=not a.no_delta, delta_min=a.delta_min,
@@ -96,6 +99,8 @@ def run(ctx: Context) -> int:
             ctx.warn("--limit-upload and --limit-download hold a sync with another host; this one is local")
         else:  # the ssh connection runs through a relay that keeps to the rates
             a.rsh = shlex.join(wrap(shlex.split(a.rsh), a.limit_upload, a.limit_download))
+    if a.streams and (src_host is not None or where is not None):
+        raise UsageError("--streams works between local paths only (NTFS streams do not cross ssh yet)")
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
     snap_info: dict[str, Any]
@@ -159,6 +164,9 @@ def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str,
         text += f"\nnetwork: sent {human(r.wire[0])}, received {human(r.wire[1])}"
         if st.delta_wire_bytes:
             text += f" (delta sent {human(st.delta_wire_bytes)} of file data)"
+    if st.ntfs_not_kept:
+        text += (f"\nNTFS metadata or streams not kept on {a.dest} for {st.ntfs_not_kept} entr"
+                 f"{'y' if st.ntfs_not_kept == 1 else 'ies'}" + (f" (named in {a.log})" if a.log else " (--log names them)"))
     if a.verify:
         text += f"\nverified: {st.files_verified} files, {human(st.bytes_verified)} re-read from disk"
     if snap.get("kind", "none") != "none":

@@ -42,7 +42,8 @@ def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = Non
     try:
         names = os.listxattr(target, follow_symlinks=follow) if fd is None else os.listxattr(fd)
     except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM):
+        # ENODATA: ntfs-3g (2022.10) fails listxattr so on some files, which have no xattrs there.
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM, errno.ENODATA):
             return []
         raise
     out: list[tuple[bytes, bytes]] = []

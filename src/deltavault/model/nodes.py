@@ -7,6 +7,7 @@ from enum import StrEnum
 import msgspec
 
 from deltavault.model.content import ContentRef
+from deltavault.model.windows import WinMeta
 
 TREE_VERSION = 1
 
@@ -41,6 +42,7 @@ class Node(msgspec.Struct, omit_defaults=True, kw_only=True):
     content: list[ContentRef] = []
     subtree: bytes | None = None  # tree blob id of a directory
     pages: list[bytes] | None = None  # META blobs: per-page digests of a large file (64 MiB each)
+    win: WinMeta | None = None  # NTFS metadata and named streams (from an ntfs-3g mount)
 
 
 class Tree(msgspec.Struct, omit_defaults=True):

@@ -40,6 +40,7 @@ from deltavault.restore.content import verify_fd, write_content
 from deltavault.restore.dirs import Dir, Holds, reopen_by_name
 from deltavault.restore.existing import extras, keep_existing, remove
 from deltavault.restore.listing import checked_nodes
+from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
 from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
@@ -86,6 +87,7 @@ class FileRestorer:
         self.reporter = reporter or NullReporter()
         self.log = RestoreLog(self.reporter)
         self.problems = self.log.problems
+        self.warnings = self.log.warnings  # said once, not problems (NTFS metadata a target cannot keep)
         self.stats = self.log.stats
         self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
         self.holds = Holds(self.log, self._meta)
@@ -97,6 +99,7 @@ class FileRestorer:
         self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
         self._futures: list[Future[None]] = []
+        self._ntfs: NtfsTarget | None = None  # set by run, once the target is open
 
     # ------------------------------------------------------------------ entry
     def run(self, root_tree: bytes) -> RestoreStats:
@@ -104,6 +107,9 @@ class FileRestorer:
         fd = open_target_dir(self.target, "restore target")
         root = Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
         self._links = LinkSources(fd)
+        ntfs = NtfsTarget(fd, self.repo, self.log, verify=self.opts.verify)
+        self._ntfs = ntfs
+        self._meta = self.holds.meta = MetaOptions(owner=self.opts.owner, setuid=self.opts.setuid, last=ntfs.meta)
         self.reporter.start("restore")
         try:
             sel, unused = plan(self.repo, root_tree, self.opts.include, self.opts.paths)
@@ -114,6 +120,11 @@ class FileRestorer:
                 threading.Thread(target=self._totals, args=(root_tree, sel), name="dv-totals", daemon=True).start()
             self._walk(root, root_tree, sel)
             self._flush_small()
+            self._drain()
+            lost = ntfs.summary()
+            if lost is not None:
+                self.log.count(ntfs_not_kept=sum(ntfs.lost.values()))
+                self.log.warn(b"", lost)
         finally:
             for here, _rel, _node in self._small:  # not written: an error ends the run
                 self.holds.file_done(here)
@@ -270,6 +281,10 @@ class FileRestorer:
             self._file(parent, relpath, node)
         elif node.type in _SPECIAL and not self.opts.special:
             self.log.count(skipped_special=1)
+        elif self._ntfs is not None and self._ntfs.is_reparse_point(node):
+            for m in self._ntfs.place_reparse_point(parent.fd, node, shared=not parent.fresh):
+                self.log.problem(relpath, "metadata", m)
+            self.log.count(special=1)
         else:
             for m in place_special(parent.fd, node, self._meta, shared=not parent.fresh):
                 self.log.problem(relpath, "metadata", m)
@@ -362,6 +377,8 @@ class FileRestorer:
         try:
             try:
                 expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify)
+                if self._ntfs is not None:
+                    self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
                 for m in apply_node_meta(fd, node, self._meta):
                     self.log.problem(relpath, "metadata", m)
                 if self.opts.verify:

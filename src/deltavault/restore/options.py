@@ -41,6 +41,7 @@ class RestoreStats:
     bytes_verified: int = 0
     skipped: int = 0  # entries already in the target and left there (--overwrite)
     deleted: int = 0  # entries removed because the snapshot does not have them (--delete)
+    ntfs_not_kept: int = 0  # NTFS metadata items the target could not keep (one warning says which)
 
 
 class RestoreLog:
@@ -50,6 +51,7 @@ class RestoreLog:
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
         self.problems: list[RestoreProblem] = []
+        self.warnings: list[RestoreProblem] = []  # said, but not problems: the restore is not partial
         self.stats = RestoreStats()
         self._lock = threading.Lock()
 
@@ -58,6 +60,12 @@ class RestoreLog:
         with self._lock:
             self.problems.append(p)
         self.reporter.problem(p.path, kind, message)
+
+    def warn(self, path: bytes, message: str) -> None:
+        p = RestoreProblem(display(path), "warning", message)
+        with self._lock:
+            self.warnings.append(p)
+        self.reporter.problem(p.path, p.kind, message)
 
     def count(self, **kw: int) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import (
@@ -43,6 +44,8 @@ def temp_name(name: bytes) -> bytes:
 class MetaOptions:
     owner: bool = True  # chown (effective only as root)
     setuid: bool = True  # False (--no-setuid): setuid and setgid bits are cleared on files
+    # Metadata set after all the rest (fd, node, fd is an O_PATH handle): NTFS (ntfsmeta.py)
+    last: Callable[[int, Node, bool], list[str]] | None = None
 
 
 def file_mode(node: Node, opts: MetaOptions) -> int:
@@ -62,6 +65,8 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = file_mode(node, opts)
     apply_meta_fd(fd, probs, mode=mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
                   mtime_ns=node.mtime, xattrs=node.xattrs, owner=opts.owner, handle=handle)
+    if opts.last is not None and node.win is not None:
+        probs.messages.extend(opts.last(fd, node, handle))
     return probs.messages
 
 

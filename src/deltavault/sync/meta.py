@@ -7,6 +7,7 @@ import os
 import stat
 
 from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, read_xattrs
+from deltavault.fs.ntfs import STREAMS_LIST
 from deltavault.sync.options import SyncOptions
 
 
@@ -15,12 +16,19 @@ class MetaPolicy:
         self.acl = opts.acl
         self.xattrs = opts.xattrs
         self.chown = opts.owner and os.geteuid() == 0
+        # --streams from NTFS onto a DST that is not: DST's user.* xattrs mirror SRC's small
+        # streams (set by the local engine once it knows both sides: local/ntfs.py)
+        self.stream_xattrs = False
 
     @property
     def any_xattrs(self) -> bool:
-        return self.acl or self.xattrs
+        return self.acl or self.xattrs or self.stream_xattrs
 
     def wants(self, name: bytes) -> bool:
+        if name == STREAMS_LIST:  # ntfs-3g's list of a file's streams, not an xattr (--streams)
+            return False
+        if self.stream_xattrs and name.startswith(b"user."):
+            return True
         return self.acl if name in ACL_XATTRS else self.xattrs
 
     def source_xattrs(self, *, fd: int | None = None, path: bytes = b"") -> list[tuple[bytes, bytes]] | None:

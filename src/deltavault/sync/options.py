@@ -14,6 +14,7 @@ class SyncOptions:
     skip_empty_dirs: bool = False
     acl: bool = False  # POSIX ACLs (system.posix_acl_* xattrs)
     xattrs: bool = False  # every other extended attribute
+    streams: bool = False  # NTFS named streams (SRC on ntfs-3g); --acl carries the rest of NTFS's metadata
     owner: bool = True  # chown (effective as root)
     excludes: list[str] = field(default_factory=list)
     includes: list[str] = field(default_factory=list)

@@ -39,6 +39,7 @@ class SyncStats:
     delta_wire_bytes: int = 0  # remote delta: file bytes that crossed the network
     bytes_verified: int = 0
     files_verified: int = 0
+    ntfs_not_kept: int = 0  # files whose NTFS metadata or streams DST could not keep (named in the log)
 
     def add(self, other: SyncStats) -> None:
         for f in fields(self):
@@ -127,6 +128,11 @@ class Outcomes:
             self.reporter.advance(nbytes=size, items=1, current=display(rel))
         elif action not in _NOT_PROGRESS:
             self.reporter.advance(items=1)
+
+    def note(self, rel: bytes, message: str) -> None:
+        """A log line about an entry already done (action ``note``); no progress."""
+        if self.log is not None:
+            self.log.write("note", 0, rel or b".", error=message)
 
     def count(self, **kw: int) -> None:
         with self.lock:

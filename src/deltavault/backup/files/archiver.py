@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.dirs import Child, DirJob, TreeWriter
 from deltavault.backup.files.nodes import dir_clean, fd_xattrs, handle_xattrs, make_node, same_meta
+from deltavault.backup.files.ntfsmeta import for_source
 from deltavault.backup.files.options import Excludes, FileBackupOptions, RunLog, Source, Store
 from deltavault.backup.files.previous import PrevDir, PreviousState
 from deltavault.backup.files.regular import RegularFiles
@@ -131,6 +132,7 @@ class FileArchiver:
         self._base = src.logical or src.path
         self._only = src.only
         self._leading = {p[:i] for p in src.only or () for i in range(len(p)) if p[i:i + 1] == b"/"}
+        self.files.ntfs = for_source(src.path, self.files.content, self.log)
         try:
             pfd = os.open(parent or b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -273,6 +275,8 @@ class FileArchiver:
             if xattrs is None:
                 return None
             node = make_node(name, NodeType.SYMLINK, st, xattrs, target=target)
+            if self.files.ntfs is not None and st.st_dev == self.files.ntfs.dev:
+                node = self.files.ntfs.node_at(node, dir_fd, fsname, path, st)
             return Child(node, same_meta(node, prev))
         if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             t = NodeType.FIFO if stat.S_ISFIFO(mode) else NodeType.CHARDEV if stat.S_ISCHR(mode) else NodeType.BLOCKDEV
@@ -312,7 +316,11 @@ class FileArchiver:
                 self.log.problem(path, "changed", "replaced by another directory during the backup; not read")
                 os.close(fd)
                 return None
-            node = make_node(name, NodeType.DIR, fst, fd_xattrs(self.log, fd, path))
+            ntfs = self.files.ntfs
+            if ntfs is None or fst.st_dev != ntfs.dev:
+                node = make_node(name, NodeType.DIR, fst, fd_xattrs(self.log, fd, path))
+            else:
+                node = ntfs.node(make_node(name, NodeType.DIR, fst, ntfs.xattrs(fd, path)), fd, path)[0]
             key = fst.st_dev << 64 | fst.st_ino
             if key in self._entered:
                 self.log.problem(path, "skipped", "a directory already backed up at another path in this "

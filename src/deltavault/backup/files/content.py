@@ -70,6 +70,13 @@ class ContentReader:
         fut.add_done_callback(lambda _f: self.inflight.release(n))
         return fut
 
+    def small(self, data: bytes) -> PendingContent:
+        """Bytes already in memory (at most one chunk), stored as content."""
+        out = PendingContent(bytes_read=len(data))
+        if data:
+            out.parts.append(self._batched(data))
+        return out
+
     def _batched(self, data: bytes | memoryview) -> Slot:
         """Small chunks travel to the workers in batches: one task per batch, not per chunk."""
         b = self._batch
@@ -109,13 +116,15 @@ class ContentReader:
         return job
 
     # ------------------------------------------------------------------ entry point
-    def read(self, fd: int, st: os.stat_result, prev: PrevContent | None) -> PendingContent:
+    def read(self, fd: int, st: os.stat_result, prev: PrevContent | None, *,
+             page_digests: bool = True) -> PendingContent:
         """The content of the open file ``fd`` (``st``: its fstat before the read). With
-        ``prev``, a large file is read as a delta against it."""
+        ``prev``, a large file is read as a delta against it. ``page_digests`` False: no
+        page digests however large (NTFS streams: nothing keeps them)."""
         size = st.st_size
         if size == 0:
             return PendingContent()
-        large = size >= self.delta_threshold
+        large = page_digests and size >= self.delta_threshold
         if large and prev is not None and prev.refs:
             return DeltaRead(self, self._pages, self.save_pages, self.chunker.params.max_size).run(fd, st, prev)
         sparse = is_sparse(st)

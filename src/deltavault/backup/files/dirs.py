@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 
 from deltavault.backup.files.catalog_writer import CatalogWriter
+from deltavault.backup.files.ntfsmeta import PendingStreams, resolve_streams, streams_done
 from deltavault.backup.files.options import Store
 from deltavault.backup.files.pending import PendingContent
 from deltavault.backup.files.previous import PrevDir, PreviousState
@@ -32,6 +33,10 @@ class Child:
     dirjob: DirJob | None = None
     # (original path, previous node) of a file read again only for the racy window
     racy: tuple[bytes, Node] | None = None
+    streams: PendingStreams | None = None  # named streams being stored (NTFS)
+
+    def done(self) -> bool:
+        return (self.content is None or self.content.done()) and streams_done(self.streams)
 
 
 @dataclass
@@ -67,7 +72,7 @@ class TreeWriter:
             self.flush_batch()
         while self.queue:
             job = self.queue[0]
-            if not block and not all(c.content is None or c.content.done() for c in job.children):
+            if not block and not all(c.done() for c in job.children):
                 return
             self._finish_dir(job)
             self.queue.popleft()
@@ -80,9 +85,12 @@ class TreeWriter:
             if pages:
                 self.page_blob_ids.update(pages)
             node = msgspec.structs.replace(node, content=refs, pages=pages)
+            if child.streams:
+                node = resolve_streams(node, child.streams)
+                child.streams = None
             if child.racy is not None:
                 path, prev = child.racy
-                same = refs == prev.content
+                same = refs == prev.content and node.win == prev.win
                 if same:  # as if reused: the previous node, so the tree stays the same
                     node = msgspec.structs.replace(prev, name=node.name)
                     child.clean = True

@@ -27,10 +27,14 @@ def make_node(name: bytes, ntype: NodeType, st: os.stat_result, xattrs: Xattrs, 
 
 
 def same_meta(node: Node, prev: Node | None) -> bool:
-    """Unchanged but for the access time (reading a file changes that)."""
+    """Unchanged but for the access time (reading a file changes that; listing a directory
+    changes NTFS's too)."""
     if prev is None:
         return False
-    return msgspec.structs.replace(node, atime=prev.atime) == prev
+    win = node.win
+    if win is not None and prev.win is not None and len(win.times) == len(prev.win.times) == 32:
+        win = msgspec.structs.replace(win, times=win.times[:16] + prev.win.times[16:24] + win.times[24:])
+    return msgspec.structs.replace(node, atime=prev.atime, win=win) == prev
 
 
 def dir_clean(node: Node, prev: Node | None) -> bool:

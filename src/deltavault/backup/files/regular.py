@@ -19,6 +19,7 @@ from deltavault.backup.files.delta import PrevContent
 from deltavault.backup.files.dirs import Child
 from deltavault.backup.files.fileio import FileChanged
 from deltavault.backup.files.nodes import fd_xattrs, make_node
+from deltavault.backup.files.ntfsmeta import NtfsEntries
 from deltavault.backup.files.options import FileBackupOptions, RunLog, Store
 from deltavault.backup.files.pending import PendingContent
 from deltavault.backup.files.previous import PreviousState
@@ -53,6 +54,7 @@ class RegularFiles:
         self._hardlinks: dict[tuple[int, int], Child] = {}
         self._racy_before = previous.run_start_ns - options.racy_window_ns if previous.run_start_ns else -1
         self._zero_segment_id: bytes | None = None
+        self.ntfs: NtfsEntries | None = None  # the source being walked is on ntfs-3g
 
     def entry(self, dir_fd: int, fsname: bytes, name: bytes, path: bytes, st: os.stat_result,
               prev: Node | None) -> Child | None:
@@ -64,12 +66,14 @@ class RegularFiles:
             node = msgspec.structs.replace(first.node, name=name)
             clean = first.clean and prev is not None and node == prev
             self._tell(path, "U" if clean else "A" if prev is None else "M")
-            return Child(node, clean, content=first.content)
+            return Child(node, clean, content=first.content, streams=first.streams)
         stats.bytes_total += st.st_size
         if self._reusable(prev, st):
             assert prev is not None
             node = prev if not hl_key else msgspec.structs.replace(prev, dev=st.st_dev, links=st.st_nlink)
             stats.files_unmodified += 1
+            if prev.win is not None:  # its named streams (NTFS)
+                stats.bytes_total += sum(s.size for s in prev.win.streams)
             self._tell(path, "U")
             self.log.reporter.advance(nbytes=st.st_size, items=1)
             if prev.pages:
@@ -203,7 +207,7 @@ class RegularFiles:
                     self.log.problem(path, "changed",
                                      f"modified while being read {READ_ATTEMPTS} times; stored the last read, "
                                      "which may mix old and new data; the next run reads it again")
-                return self._finish_read(fd, name, path, fst, prev, pending)
+                return self._finish_read(fd, dir_fd, fsname, name, path, fst, pending)
             except OSError as exc:
                 self.log.problem(path, "unreadable", f"read error: {exc.strerror or exc}")
                 return None
@@ -212,10 +216,13 @@ class RegularFiles:
         self.log.problem(path, "changed", f"kept changing while being read: {last_exc}")
         return None
 
-    def _finish_read(self, fd: int, name: bytes, path: bytes, fst: os.stat_result, prev: Node | None,
-                     pending: PendingContent) -> Child:
+    def _finish_read(self, fd: int, dir_fd: int, fsname: bytes, name: bytes, path: bytes,
+                     fst: os.stat_result, pending: PendingContent) -> Child:
         stats = self.log.stats
         stats.bytes_read += pending.bytes_read
         self.log.reporter.advance(nbytes=fst.st_size, items=1)
-        node = make_node(name, NodeType.FILE, fst, fd_xattrs(self.log, fd, path))
-        return Child(node, False, content=pending)
+        if self.ntfs is None or fst.st_dev != self.ntfs.dev:
+            return Child(make_node(name, NodeType.FILE, fst, fd_xattrs(self.log, fd, path)), False, content=pending)
+        node = make_node(name, NodeType.FILE, fst, self.ntfs.xattrs(fd, path))
+        node, streams = self.ntfs.node(node, fd, path, dir_fd=dir_fd, fsname=fsname, ino=fst.st_ino)
+        return Child(node, False, content=pending, streams=streams)

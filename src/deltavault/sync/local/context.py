@@ -13,6 +13,7 @@ from deltavault.progress import Reporter
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard
+from deltavault.sync.local.ntfs import LocalNtfs
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.core import Receiver
@@ -61,6 +62,7 @@ class LocalRun:
         self.source = SourceTree(self.filter, self.meta, self.out)
         self.rx = Receiver(opts, self.meta, self.out, buffers, self.filter, cancelled=self.cancelled)
         self.sroot = self.droot = -1  # the roots, open for the whole run
+        self.ntfs: LocalNtfs | None = None  # SRC on ntfs-3g, with --acl or --streams
         self.ids = (os.geteuid(), os.getegid())
         self.umask = os.umask(0o022)  # (read while this process has one thread: it is process-wide)
         os.umask(self.umask)
@@ -75,4 +77,6 @@ class LocalRun:
     def set_roots(self, sroot: int, droot: int, guard: Guard | None) -> None:
         self.sroot, self.droot = sroot, droot
         self.rx.root = droot
+        self.ntfs = LocalNtfs.open(sroot, droot, self.opts, self.buffers, self.cancelled)
+        self.meta.stream_xattrs = self.ntfs is not None and self.ntfs.xattr_streams
         self.source.guard = self.rx.guard = guard

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import Identity, identity, open_dir_path
+from deltavault.fs.ntfs import ReadResult
 from deltavault.sync.local.context import LocalRun
 
 Xattrs = list[tuple[bytes, bytes]] | None
@@ -21,6 +22,7 @@ class Deferred:
     st: os.stat_result  # the source directory's
     xattrs: Xattrs
     dident: Identity | None
+    ntfs: ReadResult | None = None  # its NTFS metadata (local/ntfs.py)
 
 
 class DeferredMeta:
@@ -29,9 +31,10 @@ class DeferredMeta:
         self.items: list[Deferred] = []
         self._lock = threading.Lock()
 
-    def add(self, relpath: bytes, st: os.stat_result, xattrs: Xattrs, dident: Identity | None) -> None:
+    def add(self, relpath: bytes, st: os.stat_result, xattrs: Xattrs, dident: Identity | None,
+            ntfs: ReadResult | None = None) -> None:
         with self._lock:
-            self.items.append(Deferred(relpath, st, xattrs, dident))
+            self.items.append(Deferred(relpath, st, xattrs, dident, ntfs))
 
     def finish(self, relinked: set[bytes], dir_ids: dict[bytes, Identity]) -> None:
         """Set every deferred metadata. ``relinked``: directories that got links after a
@@ -46,11 +49,12 @@ class DeferredMeta:
             try:
                 st = os.fstat(sfd)
                 xattrs = run.meta.source_xattrs(fd=sfd)
+                ntfs = run.ntfs.read_dir(sfd) if run.ntfs is not None else None
             except OSError:
                 continue
             finally:
                 os.close(sfd)
-            self.items.append(Deferred(rel, st, xattrs, dir_ids.get(rel)))
+            self.items.append(Deferred(rel, st, xattrs, dir_ids.get(rel), ntfs))
         for d in sorted(self.items, key=lambda x: -x.relpath.count(b"/") - bool(x.relpath)):
             try:
                 fd = open_dir_path(run.droot, d.relpath)
@@ -63,5 +67,7 @@ class DeferredMeta:
                                     "its metadata was not set")
                     continue
                 run.rx.dir_meta(fd, d.relpath, d.st, d.xattrs)
+                if d.ntfs is not None and run.ntfs is not None:
+                    run.ntfs.finish_dir(fd, d.relpath, d.ntfs, run.out)
             finally:
                 os.close(fd)

@@ -24,6 +24,7 @@ from deltavault.fs.dirfd import (
     open_dir_path,
     open_parent_checked,
 )
+from deltavault.fs.ntfs import ReadResult
 from deltavault.fs.paths import display
 from deltavault.sync.local.context import LocalRun
 from deltavault.sync.local.deferred import DeferredMeta
@@ -58,6 +59,7 @@ class Dir:
     lost: bool = False  # moved away during the run: not reachable any more
     deferred: bool = False  # hard links will be made here: metadata after them
     dropped: bool = False  # removed (--skip-empty-dirs): no metadata
+    ntfs: ReadResult | None = None  # the source directory's NTFS metadata (local/ntfs.py)
 
     @property
     def name(self) -> bytes:
@@ -93,6 +95,8 @@ class Dirs:
         """A directory the walk goes into: it owns ``sfd`` and ``dfd`` from now on."""
         d = Dir(relpath, st, self.run.source.xattrs(relpath, fd=sfd), sfd, dfd, parent, fresh, identity(st),
                 dident, smnt, dmnt, included)
+        if self.run.ntfs is not None:
+            d.ntfs = self.run.ntfs.read_dir(sfd)
         with self.lock:
             self._open.add(d)
             if parent is not None:
@@ -244,10 +248,12 @@ class Dirs:
         if d.dropped:
             return
         if d.deferred:
-            self.deferred.add(d.relpath, d.st, d.xattrs, d.dident)
+            self.deferred.add(d.relpath, d.st, d.xattrs, d.dident, d.ntfs)
             return
         if d.dfd >= 0:
             self.run.rx.dir_meta(d.dfd, d.relpath, d.st, d.xattrs)
+            if d.ntfs is not None and self.run.ntfs is not None:
+                self.run.ntfs.finish_dir(d.dfd, d.relpath, d.ntfs, self.run.out)
         elif not d.lost:  # (a directory moved away is reported when it is found so)
             self.run.out.problem(d.relpath, "metadata", "not reachable when its entries were done; "
                                  "its metadata was not set")

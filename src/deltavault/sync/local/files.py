@@ -80,8 +80,11 @@ class Files:
         dst_reg = dst if dst is not None and stat.S_ISREG(dst.st_mode) else None
         if (dst_reg is not None and not opts.checksum and dst_reg.st_size == st.st_size
                 and dst_reg.st_mtime_ns == st.st_mtime_ns):
-            xattrs = run.source.xattrs(relpath, path=proc_path(sfd, name))
+            xattrs, _lost = self._with_streams(run.source.xattrs(relpath, path=proc_path(sfd, name)), sfd, name,
+                                               st.st_ino, relpath)
             if run.rx.keep(dfd, name, relpath, st, dst_reg, xattrs, group=st.st_nlink > 1):
+                if run.ntfs is not None:
+                    run.rx.meta_problems(relpath, run.ntfs.fix_kept(sfd, name, dfd, dst_reg))
                 return
         for attempt in range(1, opts.attempts + 1):
             fd = run.source.open_file(sfd, name, relpath)
@@ -93,7 +96,8 @@ class Files:
                 if not stat.S_ISREG(fst.st_mode):
                     out.problem(relpath, "changed", "no longer a regular file")
                     return
-                xattrs = run.source.xattrs(relpath, fd=fd)
+                xattrs, ntfs_lost = self._with_streams(run.source.xattrs(relpath, fd=fd), sfd, name,
+                                                       fst.st_ino, relpath)
                 # Same size, other mtime (or --checksum): often the same bytes (a reinstall, a
                 # touch). Comparing costs a read of DST; copying would cost a write of it.
                 if (dst_reg is not None and dst_reg.st_size == fst.st_size
@@ -102,7 +106,7 @@ class Files:
                         and run.rx.keep(dfd, name, relpath, fst, dst_reg, xattrs, group=fst.st_nlink > 1)):
                     return
                 try:
-                    staged = self._stage(fd, fst, d, name, relpath, dst_reg, xattrs)
+                    staged = self._stage(fd, fst, d, name, relpath, dst_reg, xattrs, ntfs_lost)
                 except SourceChanged:
                     staged = None
                 after = os.fstat(fd)
@@ -133,6 +137,19 @@ class Files:
             run.rx.install(dfd, d.where, name, relpath, fst, staged, group=fst.st_nlink > 1)
             return
 
+    def _with_streams(self, xattrs: Xattrs, sfd: int, name: bytes, ino: int,
+                      relpath: bytes) -> tuple[Xattrs, list[str]]:
+        """SRC's xattrs, with its small NTFS streams as ``user.`` xattrs when DST keeps them
+        so (local/ntfs.py), and the streams that could not be."""
+        ntfs = self.run.ntfs
+        if ntfs is None or not ntfs.xattr_streams:
+            return xattrs, []
+        try:
+            return ntfs.with_stream_xattrs(xattrs, sfd, name, ino)
+        except OSError as exc:
+            self.run.out.problem(relpath, "unreadable", f"NTFS streams: {exc.strerror or exc}")
+            return xattrs, []
+
     def _discard(self, d: Dir, staged: Staged | None) -> None:
         if staged is not None and staged.tmp is not None:
             self.run.rx.discard(d.where, d.dfd, staged.tmp)
@@ -156,11 +173,11 @@ class Files:
             os.close(ofd)
 
     def _stage(self, fd: int, st: os.stat_result, d: Dir, name: bytes, relpath: bytes,
-               dst: os.stat_result | None, xattrs: Xattrs) -> Staged:
+               dst: os.stat_result | None, xattrs: Xattrs, ntfs_lost: list[str]) -> Staged:
         run, opts = self.run, self.run.opts
         hasher = blake3.blake3() if opts.verify else None
         if (dst is not None and opts.delta and st.st_size >= opts.delta_min
-                and dst.st_size >= opts.delta_min):
+                and dst.st_size >= opts.delta_min and run.ntfs is None):  # (no clones on NTFS; streams)
             staged = self._stage_delta(fd, st, d, name, relpath, dst, xattrs, hasher)
             if staged is not None:
                 return staged
@@ -170,16 +187,23 @@ class Files:
         same_owner = d.fresh and (st.st_uid, st.st_gid) == run.ids
         same_mode = d.fresh and same_owner and perm == stat.S_IMODE(st.st_mode) and not perm & run.umask
         tmp, tfd = run.rx.new_file(d.where, d.dfd, name, perm if same_mode else 0o600)
+        note = None
         try:
             written = copy_data(fd, tfd, st, run.buffers, hasher, run.cancel.is_set)
+            win = run.ntfs.streams(d.sfd, name, fd, d.dfd, tmp, tfd) if run.ntfs is not None else None
             ident = run.rx.finish_file(tfd, relpath, st, xattrs, chown=not same_owner, chmod=not same_mode)
+            if win is not None and run.ntfs is not None:
+                run.ntfs.finish(win, tfd)
+                run.rx.meta_problems(relpath, win.problems)
+                win.lost[:0] = ntfs_lost
+                note = win.note()
         except BaseException:
             os.close(tfd)
             run.rx.discard(d.where, d.dfd, tmp)
             raise
         os.close(tfd)
         return Staged(tmp, "update" if dst is not None else "new", written, ident,
-                      hasher.digest() if hasher is not None else None)
+                      hasher.digest() if hasher is not None else None, note=note)
 
     def _stage_delta(self, fd: int, st: os.stat_result, d: Dir, name: bytes, relpath: bytes,
                      dst: os.stat_result, xattrs: Xattrs, hasher: blake3.blake3 | None) -> Staged | None:

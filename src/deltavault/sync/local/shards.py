@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltavault.fs.dirfd import Identity, identity
+from deltavault.fs.ntfs import ReadResult
 from deltavault.progress import Reporter
 from deltavault.sync.data import BufferPool
 from deltavault.sync.local.context import LocalRun
@@ -229,10 +230,11 @@ class Shards:
             pool.close()
 
     def delegate(self, parent: Dir, relpath: bytes, st: os.stat_result, created: bool, included: bool,
-                 dident: Identity, xattrs: list[tuple[bytes, bytes]] | None) -> None:
+                 dident: Identity, xattrs: list[tuple[bytes, bytes]] | None, ntfs: ReadResult | None = None) -> None:
         """A worker process syncs this subtree; its metadata is applied at the end."""
         assert self._pool is not None
-        d = Dir(relpath, st, xattrs, -1, -1, parent, created, identity(st), dident, deferred=True, walked=True)
+        d = Dir(relpath, st, xattrs, -1, -1, parent, created, identity(st), dident, deferred=True, walked=True,
+                ntfs=ntfs)
         self.dirs.hold(parent)
         seen = [x.sident for x in chain(parent)]
         self._pool.submit(relpath, created, included, (d.sident, d.dident), seen, lambda r: self._done(d, r))

@@ -109,8 +109,9 @@ class Walker:
         cdfd, dcst, created, dmnt = made
         if sub.skip is None and self.shards is not None and self.shards.wants(relpath):
             xattrs = run.source.xattrs(relpath, fd=sub.fd) if run.meta.any_xattrs else None
+            ntfs = run.ntfs.read_dir(sub.fd) if run.ntfs is not None else None
             os.close(cdfd)
-            self.shards.delegate(parent, relpath, sub.st, created, included, identity(dcst), xattrs)
+            self.shards.delegate(parent, relpath, sub.st, created, included, identity(dcst), xattrs, ntfs)
             return 1
         d = self.dirs.enter(parent, relpath, sub.st, sub.fd, cdfd, fresh=created, included=included,
                             dident=identity(dcst), smnt=sub.mnt, dmnt=dmnt)

@@ -53,6 +53,7 @@ class Staged:
     ident: Identity  # the file written (checked again before verifying and linking)
     digest: bytes | None = None  # BLAKE3 of what was meant (for --verify)
     reflinked: bool = False
+    note: str | None = None  # for the file's log line (NTFS metadata DST could not keep)
 
 
 class Receiver:
@@ -205,8 +206,10 @@ class Receiver:
             self.out.count(files_updated=1, bytes_copied=staged.written)
         else:
             self.out.count(files_new=1, bytes_copied=staged.written)
+        if staged.note is not None:
+            self.out.count(ntfs_not_kept=1)
         self.out.done(staged.action, rel, st.st_size, written=staged.written,
-                      digest=staged.digest if self.opts.verify else None)
+                      digest=staged.digest if self.opts.verify else None, note=staged.note)
 
     # ------------------------------------------------------------------ hard links
     def make_links(self) -> None:

@@ -1,0 +1,174 @@
+"""NTFS metadata in a local sync (``--acl``: security descriptor, DOS attributes, times;
+``--streams``: named streams) from an ntfs-3g SRC, connecting sender/ntfs.py and
+receiver/ntfs.py. DST on ntfs-3g gets them byte for byte; any other DST keeps small streams
+as ``user.`` xattrs, and each file's log line names what it could not keep."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
+from deltavault.fs.ntfs import (
+    STREAM_XATTR_MAX,
+    WINDOWS,
+    XATTR_STREAM,
+    ReadResult,
+    probe,
+    read_meta,
+    valid_stream_name,
+)
+from deltavault.fs.paths import display
+from deltavault.sync.data import BufferPool, copy_data
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.ntfs import NtfsDest
+from deltavault.sync.report import Outcomes
+from deltavault.sync.sender.ntfs import NtfsSource
+
+
+@dataclass
+class FileNtfs:
+    """One file's NTFS metadata on its way, and what came of it."""
+
+    meta: ReadResult
+    problems: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+    def note(self) -> str | None:
+        return "NTFS not kept on DST: " + ", ".join(self.lost) if self.lost else None
+
+
+class LocalNtfs:
+    def __init__(self, src: NtfsSource, dst: NtfsDest, opts: SyncOptions, buffers: BufferPool,
+                 cancelled: Callable[[], bool]) -> None:
+        self.src, self.dst, self.opts = src, dst, opts
+        self.buffers = buffers
+        self.cancelled = cancelled
+
+    @classmethod
+    def open(cls, sroot: int, droot: int, opts: SyncOptions, buffers: BufferPool,
+             cancelled: Callable[[], bool]) -> LocalNtfs | None:
+        """When SRC is on ntfs-3g and --acl or --streams asks for it."""
+        if not (opts.acl or opts.streams) or sroot < 0:
+            return None
+        view = probe(sroot)
+        if view is None:
+            return None
+        return cls(NtfsSource(view, streams=opts.streams), NtfsDest(probe(droot)), opts, buffers, cancelled)
+
+    @property
+    def xattr_streams(self) -> bool:
+        """Streams go to DST as ``user.`` xattrs, mirrored with the xattrs (DST is not
+        ntfs-3g with streams_interface=windows, nor with xattr: there they are xattrs too)."""
+        return self.opts.streams and not self.dst.file_streams
+
+    def with_stream_xattrs(self, xattrs: list[tuple[bytes, bytes]] | None, sdir: int, name: bytes,
+                           ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """SRC's xattrs and its small streams as ``user.`` xattrs (``xattr_streams``), and
+        what could not be (streams over 64 KiB)."""
+        merged = dict(xattrs or [])
+        lost: list[str] = []
+        if self.src.view.streams != WINDOWS:
+            return sorted(merged.items()), lost  # xattr interface: they are SRC's user.* already
+        h, _ = handle_at(sdir, name)
+        try:
+            names = read_meta(fd_path(h), self.src.view).stream_names
+        finally:
+            os.close(h)
+        for s in names:
+            if not valid_stream_name(s):
+                continue
+            sfd = self.src.open_stream(sdir, name, s, ino)
+            try:
+                size = os.fstat(sfd).st_size
+                if size > STREAM_XATTR_MAX:
+                    lost.append(f"stream {display(s)} ({size} bytes)")
+                    continue
+                merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
+            finally:
+                os.close(sfd)
+        return sorted(merged.items()), lost
+
+    # ------------------------------------------------------------------ files
+    def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
+        """Read the source file's NTFS metadata and write its streams into the file being
+        staged as ``tmp:stream`` (before its times are set: writing a stream changes them).
+        Onto any other DST the streams travel as xattrs (``with_stream_xattrs``)."""
+        meta = self.src.read(fd)
+        f = FileNtfs(meta, [*meta.warnings, *meta.losses])
+        if not self.opts.streams or not self.dst.file_streams:
+            return f
+        ino = os.fstat(fd).st_ino
+        for s in meta.stream_names:
+            where = f"stream {display(s)}"
+            if not valid_stream_name(s):
+                f.problems.append(f"{where}: name not valid on DST; not copied")
+                continue
+            try:
+                if s in meta.inline:
+                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s)
+                else:
+                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s)
+            except OSError as exc:
+                f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+        return f
+
+    def _stream_file(self, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+        sfd = self.src.open_stream(sdir, name, s, ino)
+        try:
+            ofd = self.dst.open_stream(dfd, tmp, tfd, s)
+            try:
+                copy_data(sfd, ofd, os.fstat(sfd), self.buffers, None, self.cancelled)
+            finally:
+                os.close(ofd)
+        finally:
+            os.close(sfd)
+
+    def _stream_bytes(self, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+        ofd = self.dst.open_stream(dfd, tmp, tfd, s)
+        try:
+            os.write(ofd, data)
+        finally:
+            os.close(ofd)
+
+    def finish(self, f: FileNtfs, tfd: int) -> None:
+        """The rest of the metadata, after the file's own (--acl)."""
+        if self.opts.acl:
+            problems, lost = self.dst.apply(tfd, f.meta)
+            f.problems += problems
+            f.lost += lost
+
+    # ------------------------------------------------------------------ kept files, directories
+    def fix_kept(self, sdir: int, name: bytes, dfd: int, dst: os.stat_result) -> list[str]:
+        """A file DST keeps (same size and mtime): its descriptor, attributes and times set
+        again if they differ (changing them changes only the ctime, which sync does not compare)."""
+        if not self.opts.acl or self.dst.view is None:
+            return []
+        sh, _ = handle_at(sdir, name)
+        try:
+            dh, _ = expect_identity(dfd, name, identity(dst))
+        except BaseException:
+            os.close(sh)
+            raise
+        try:
+            src = self.src.read(fd_path(sh))
+            if self.dst.same(src, read_meta(fd_path(dh), self.dst.view, streams=False)):
+                return []
+            return self.dst.apply(fd_path(dh), src)[0]
+        finally:
+            os.close(sh)
+            os.close(dh)
+
+    def read_dir(self, sfd: int) -> ReadResult | None:
+        return read_meta(sfd, self.src.view, streams=False) if self.opts.acl else None
+
+    def finish_dir(self, dfd: int, rel: bytes, meta: ReadResult, out: Outcomes) -> None:
+        """A directory's NTFS metadata, after its POSIX metadata; what DST could not keep
+        goes in the log, counted."""
+        problems, lost = self.dst.apply(dfd, meta)
+        for m in problems:
+            out.problem(rel, "metadata", m)
+        if lost:
+            out.count(ntfs_not_kept=1)
+            out.note(rel, "NTFS not kept on DST: " + ", ".join(lost))

@@ -1,0 +1,138 @@
+"""sync --acl --streams from an ntfs-3g mount: onto another ntfs-3g mount byte for byte,
+onto ext4 with the log naming what could not be kept."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from deltavault.fs.ntfs import ARCHIVE, HIDDEN, READONLY, SYSTEM
+from tests.conftest import needs_root, needs_tools
+from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
+from tests.integration.sync.conftest import dv, summary
+
+pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr")]
+
+BIG = 5 * 1024 * 1024
+ENTRIES = ["data", "data/doc.txt", "data/readonly.txt", "data/sub"]
+
+
+def populate(root: Path) -> None:
+    d = root / "data"
+    d.mkdir()
+    f = d / "doc.txt"
+    f.write_text("hello\n")
+    sd = os.getxattr(f, "system.ntfs_acl")
+    os.setxattr(f, "system.ntfs_acl", sd.replace(bytes.fromhex("ff011f00"), bytes.fromhex("89001200")))
+    (d / "doc.txt:small").write_bytes(b"0123456789")
+    (d / "doc.txt:big").write_bytes(os.urandom(BIG))
+    os.setxattr(f, "system.ntfs_crtime", struct.pack("<Q", 130_000_000_000_000_000))
+    os.setxattr(f, "system.ntfs_attrib", struct.pack("<I", HIDDEN | SYSTEM | ARCHIVE))
+    (d / "readonly.txt").write_text("ro\n")
+    os.setxattr(d / "readonly.txt", "system.ntfs_attrib", struct.pack("<I", READONLY | ARCHIVE))
+    (d / "sub").mkdir()
+    os.setxattr(d / "sub", "system.ntfs_attrib", struct.pack("<I", HIDDEN | 0x10))
+
+
+def streams_of(p: Path) -> dict[str, bytes]:
+    names = [n.decode() for n in os.getxattr(p, "ntfs.streams.list").split(b"\0") if n]
+    return {n: Path(f"{p}:{n}").read_bytes() for n in names}
+
+
+def test_sync_ntfs_to_ntfs(tmp_path: Path) -> None:
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        before = {e: ntfs_view(src, e) for e in ENTRIES}
+        want = streams_of(src / "data" / "doc.txt")
+        r = dv("--json", "sync", str(src / "data"), str(dst / "data"), "--acl", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["ntfs_not_kept"] == 0
+        # Only the descriptor changes (the ctime alone moves): the next run sets it again.
+        f = src / "data" / "readonly.txt"
+        sd = os.getxattr(f, "system.ntfs_acl")
+        os.setxattr(f, "system.ntfs_acl", sd.replace(bytes.fromhex("ff011f00"), bytes.fromhex("a9001200")))
+        before["data/readonly.txt"] = ntfs_view(src, "data/readonly.txt")
+        r2 = dv("--json", "sync", str(src / "data"), str(dst / "data"), "--acl", "--streams")
+        assert r2.returncode == 0, r2.stdout + r2.stderr
+        assert summary(r2)["bytes_copied"] == 0
+    with ntfs(tmp_path, "dst") as dst:
+        after = {e: ntfs_view(dst, e.replace("data", "data", 1)) for e in ENTRIES}
+        assert streams_of(dst / "data" / "doc.txt") == want
+    for e in ENTRIES:
+        assert after[e] == before[e], e
+
+
+def test_sync_ntfs_to_ext4_names_what_it_could_not_keep(tmp_path: Path) -> None:
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+        dst = tmp_path / "ext4"  # tmp_path is on the root file system: ext4 on this VM
+        log = tmp_path / "sync.log"
+        r = dv("--json", "sync", str(src / "data"), str(dst), "--acl", "--streams", "--log", str(log))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = summary(r)
+    assert s["ntfs_not_kept"] == 4, s  # data, doc.txt, readonly.txt, sub
+    assert os.getxattr(dst / "doc.txt", "user.small") == b"0123456789"
+    lines = {ln.split("\t")[5]: ln.split("\t")[6] for ln in log.read_text().splitlines()}
+    assert lines["doc.txt"] == ("NTFS not kept on DST: stream big (5242880 bytes), security descriptor, "
+                                "DOS attributes, creation time"), lines
+    assert lines["sub"].startswith("NTFS not kept on DST: security descriptor, DOS attributes")
+    text = dv("sync", str(tmp_path / "ext4"), str(tmp_path / "ext4b"), "--acl", "--streams")
+    assert text.returncode == 0  # not NTFS: nothing said
+
+
+def test_streams_refused_with_another_host(tmp_path: Path) -> None:
+    r = dv("sync", str(tmp_path), "somehost:/srv/x", "--streams")
+    assert r.returncode != 0 and "--streams works between local paths only" in r.stderr
+
+
+def test_xattrs_from_ntfs_leave_the_stream_list_alone(tmp_path: Path) -> None:
+    """ntfs-3g lists ``ntfs.streams.list`` as an xattr of some files (not of all: not of this
+    one on ntfs-3g 2022.10.3, seen on others): --xattrs does not try to copy it (no file
+    system takes it); --streams copies the streams it names."""
+    with ntfs(tmp_path, "src") as src:
+        (src / "d").mkdir()
+        (src / "d" / "f").write_text("f")
+        (src / "d" / "f:s").write_bytes(b"s")
+        r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--xattrs", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["problems"] == []
+        assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"s"
+        # Again, nothing changed: the streams kept as xattrs are SRC's, not extras to remove.
+        r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--xattrs", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (summary(r)["files_same"], summary(r)["meta_fixed"]) == (1, 0), summary(r)
+        assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"s"
+        # The stream changes (and the file's mtime with it): the xattr follows.
+        (src / "d" / "f:s").write_bytes(b"changed")
+        r = dv("--json", "sync", str(src / "d"), str(tmp_path / "out"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert os.getxattr(tmp_path / "out" / "f", "user.s") == b"changed"
+
+
+def test_worker_processes_carry_ntfs_metadata(tmp_path: Path) -> None:
+    """Subtrees synced by forked workers (--processes) get the same as the main process's."""
+    with ntfs(tmp_path, "src") as src:
+        for i in range(4):
+            sub = src / "data" / f"sub{i}"
+            sub.mkdir(parents=True)
+            (sub / "f").write_text(str(i))
+            Path(f"{sub / 'f'}:s").write_bytes(b"stream %d" % i)
+            os.setxattr(sub / "f", "system.ntfs_attrib", struct.pack("<I", HIDDEN | ARCHIVE))
+            os.setxattr(sub, "system.ntfs_attrib", struct.pack("<I", HIDDEN | 0x10))  # a worker's root
+    names = [f"sub{i}{f}" for i in range(4) for f in ("", "/f")]
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        before = {n: ntfs_view(src / "data", n) for n in names}
+        r = dv("--json", "sync", str(src / "data"), str(dst / "data"), "--acl", "--streams", "--processes", "2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["workers"] >= 1, summary(r)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        for n in names:
+            assert ntfs_view(dst / "data", n) == before[n], n
+        for i in range(4):
+            assert Path(f"{dst / 'data' / f'sub{i}' / 'f'}:s").read_bytes() == b"stream %d" % i
+        r = dv("--json", "sync", str(src / "data"), str(tmp_path / "ext4"), "--acl", "--streams", "--processes", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert summary(r)["workers"] >= 1 and summary(r)["ntfs_not_kept"] == 9, summary(r)  # 4 files, 5 dirs
+    assert os.getxattr(tmp_path / "ext4" / "sub3" / "f", "user.s") == b"stream 3"
