@@ -52,6 +52,35 @@ class Backend(Protocol):
     def stat(self, name: str) -> ObjectInfo: ...
 
 
+class Forwarding:
+    """A wrapper's starting point: every call goes to ``inner`` unchanged; a wrapper
+    overrides only the calls it changes (throttling, read-ahead)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def location(self) -> str:
+        return self.inner.location()
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.get(name, offset, length)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(name, data)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self.inner.stat(name)
+
+
 def unwrap(backend: object) -> object:
     """The backend under any wrappers (retry, counting), for optional capabilities."""
     while (inner := getattr(backend, "inner", None)) is not None:

@@ -18,15 +18,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavault.backends.base import Backend, ObjectInfo
+from deltavault.backends.base import Backend, Forwarding
 
 
-class ReadAheadBackend:
+class ReadAheadBackend(Forwarding):
     HEAD = 1024 * 1024  # a first read this close to the start of a pack begins a scan
 
     def __init__(self, inner: Backend, *, block: int = 16 * 1024 * 1024, blocks: int = 8,
                  prefix: str = "data/") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.block = block
         self.blocks = blocks
         self.prefix = prefix
@@ -34,18 +34,6 @@ class ReadAheadBackend:
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (name, block no) -> bytes
         self._seen: OrderedDict[str, None] = OrderedDict()  # packs read before (bounded)
         self._fetch_locks: dict[str, tuple[threading.Lock, int]] = {}  # name -> (lock, users)
-
-    def location(self) -> str:
-        return self.inner.location()
-
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def stat(self, name: str) -> ObjectInfo:
-        return self.inner.stat(name)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         b = self.block

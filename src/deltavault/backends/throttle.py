@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from deltavault.backends.base import Backend, ObjectInfo
+from deltavault.backends.base import Backend, Forwarding
 
 
 class TokenBucket:
@@ -39,20 +39,11 @@ class TokenBucket:
             self.sleep(wait)
 
 
-class ThrottledBackend:
+class ThrottledBackend(Forwarding):
     def __init__(self, inner: Backend, *, upload: TokenBucket | None = None,
                  download: TokenBucket | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.upload, self.download = upload, download
-
-    def location(self) -> str:
-        return self.inner.location()
-
-    def exists(self) -> bool:
-        return self.inner.exists()
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         data = self.inner.get(name, offset, length)
@@ -64,12 +55,6 @@ class ThrottledBackend:
         if self.upload is not None:
             self.upload.take(len(data))
         self.inner.put(name, data)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
-
-    def stat(self, name: str) -> ObjectInfo:
-        return self.inner.stat(name)
 
 
 def limited(backend: Backend, upload: int | None, download: int | None) -> Backend:

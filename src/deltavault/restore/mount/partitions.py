@@ -8,11 +8,11 @@ or ntfs-3g can mount read-only are the ones file-level restore accepts.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 from deltavault.restore.mount.views import View
+from deltavault.tracking.volume.readers import PositionedFile
 
 MOUNTABLE = ("ext4", "xfs", "btrfs", "ntfs")
 
@@ -50,27 +50,16 @@ def fs_type(view: View, offset: int = 0, size: int | None = None) -> str:
     return ""
 
 
-class ViewFile(io.RawIOBase):
+class ViewFile(PositionedFile):
     """A read-only file object over a view, for the partition-table parser."""
 
     def __init__(self, view: View) -> None:
         super().__init__()
         self.view = view
-        self.pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.view.size}[whence]
-        self.pos = base + offset
-        return self.pos
+    @property
+    def size(self) -> int:
+        return self.view.size
 
     def readinto(self, b: Any) -> int:
         data = self.view.read(self.pos, len(b))

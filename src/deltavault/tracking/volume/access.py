@@ -66,7 +66,25 @@ class VolumeAccess(Protocol):
     def close(self) -> None: ...
 
 
-class FileAccess:
+class ReadOnlyAccess:
+    """Access that keeps no change log of its own (no native change source): the snapshot's
+    end, saved or not, only has to let go of what ``open`` took."""
+
+    def native(self) -> ChangeSource | None:
+        return None
+
+    def commit(self) -> list[str]:
+        self.close()
+        return []
+
+    def abort(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class FileAccess(ReadOnlyAccess):
     """A block device or a raw image file, read directly."""
 
     kind = "file"
@@ -79,16 +97,6 @@ class FileAccess:
     def open(self, prev: Checkpoint | None, new_id: str) -> VolumeReader:
         self.reader = FileReader(self.path)
         return self.reader
-
-    def native(self) -> ChangeSource | None:
-        return None
-
-    def commit(self) -> list[str]:
-        self.close()
-        return []
-
-    def abort(self) -> None:
-        self.close()
 
     def close(self) -> None:
         # The device stays open otherwise: a long-lived caller leaks descriptors, and a loop

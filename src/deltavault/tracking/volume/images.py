@@ -21,6 +21,7 @@ from typing import Any
 
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
+from deltavault.tracking.volume.access import ReadOnlyAccess
 from deltavault.tracking.volume.qemu import NbdReader, NbdServer, image_info
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
@@ -68,7 +69,7 @@ def check_info(path: str, fmt: str, info: dict[str, Any], *, probed: bool) -> No
                           "read only with --source-format given explicitly")
 
 
-class ImageAccess:
+class ImageAccess(ReadOnlyAccess):
     """A VHDX or VMDK image (any format qemu-nbd reads), read-only through qemu-nbd."""
 
     kind = "image"
@@ -92,16 +93,6 @@ class ImageAccess:
         h = self.server.connect(["base:allocation"])
         self.reader = NbdReader(h, f"{self.path} ({self.source_format} over NBD)")
         return self.reader
-
-    def native(self) -> None:
-        return None
-
-    def commit(self) -> list[str]:
-        self.close()
-        return []
-
-    def abort(self) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.reader is not None:

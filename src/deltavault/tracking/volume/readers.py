@@ -140,19 +140,17 @@ class FileReader:
             self._bounce = None
 
 
-class ReaderFile(io.RawIOBase):
-    """A read-only file object over a VolumeReader, for the file-system parsers.
+class PositionedFile(io.RawIOBase):
+    """A read-only, seekable file object of ``size`` bytes that parsers (file systems,
+    partition tables) read through; subclasses say how bytes are read (``readinto``)."""
 
-    Parsers read many small pieces (a superblock, one inode, an extent block); a page cache
-    turns them into whole-page reads, so each metadata page is fetched (and counted) once.
-    """
-
-    def __init__(self, reader: VolumeReader, cache_pages: int = 16384) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.reader = reader
         self.pos = 0
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cache_pages = cache_pages
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -164,13 +162,27 @@ class ReaderFile(io.RawIOBase):
         return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            self.pos = offset
-        elif whence == io.SEEK_CUR:
-            self.pos += offset
-        else:
-            self.pos = self.reader.size + offset
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = base + offset
         return self.pos
+
+
+class ReaderFile(PositionedFile):
+    """A read-only file object over a VolumeReader, for the file-system parsers.
+
+    Parsers read many small pieces (a superblock, one inode, an extent block); a page cache
+    turns them into whole-page reads, so each metadata page is fetched (and counted) once.
+    """
+
+    def __init__(self, reader: VolumeReader, cache_pages: int = 16384) -> None:
+        super().__init__()
+        self.reader = reader
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_pages = cache_pages
+
+    @property
+    def size(self) -> int:
+        return self.reader.size
 
     def _page(self, n: int) -> bytes:
         page = self._cache.get(n)
