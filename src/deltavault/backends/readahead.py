@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavault.backends.base import Backend, ObjectInfo
+from deltavault.backends.base import Backend, ObjectInfo, put_file
 
 
 class ReadAheadBackend:
@@ -120,6 +120,10 @@ class ReadAheadBackend:
     def put(self, name: str, data: bytes) -> None:
         self._forget(name)
         self.inner.put(name, data)
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        self._forget(name)
+        put_file(self.inner, name, fd, size)
 
     def delete(self, name: str) -> None:
         self._forget(name)

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from deltavault.backends.base import Backend, ObjectInfo
+from deltavault.backends.base import Backend, ObjectInfo, put_file
 
 
 class TokenBucket:
@@ -64,6 +64,11 @@ class ThrottledBackend:
         if self.upload is not None:
             self.upload.take(len(data))
         self.inner.put(name, data)
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        if self.upload is not None:
+            self.upload.take(size)
+        put_file(self.inner, name, fd, size)
 
     def delete(self, name: str) -> None:
         self.inner.delete(name)

@@ -57,6 +57,7 @@ class ContentReader:
         self.save_pages: SegmentSink = save_pages or self._save_segment
         self._batch = Batch()
         self._batch_bytes = 0
+        self.window = max(WINDOW, 2 * chunker.params.max_size)
 
     # ------------------------------------------------------------------ helpers
     def _save_segment(self, data: bytes | None) -> bytes:
@@ -145,7 +146,7 @@ class ContentReader:
         window as read; ``consumed(offset)`` says that nothing before it is needed again."""
         pos = start
         while pos < end:
-            data = read(pos, min(WINDOW, end - pos))
+            data = read(pos, min(self.window, end - pos))
             mv = memoryview(data)
             if seen is not None:
                 seen(pos, mv)
