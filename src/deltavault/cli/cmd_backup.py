@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="worker threads (default: cores)")
     p.add_argument("--buffer-memory", type=parse_size, default=None, metavar="SIZE",
                    help="data read but not yet stored, at most (default 8M, or DELTAVAULT_BUFFER_MEMORY); "
-                        "a backup needs about 130 MiB with the default")
+                        "a backup needs about 140 MiB with the default")
     p.add_argument("--snapshot", choices=["auto", "btrfs", "lvm", "vss", "none"], default="none",
                    help="read from a point-in-time snapshot of each source's volume, removed afterwards "
                         "(auto: btrfs or LVM when the source is on one; default: none)")
