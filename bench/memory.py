@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Peak memory of a backup, the whole process tree counted, against another revision.
 
-Runs files-full (tree-v1 + db-v1, staged as bench/files.py stages them) and image-full
-(disk-v1.img, ``backup --volume``) for each src/ directory given, interleaved round by
+Runs files-full (tree-v1 + db-v1, staged as bench/files.py stages them), image-full
+(disk-v1.img, ``backup --volume``) and, asked for (``incr``), files-incr (tree-v2 + db-v2
+after an unmeasured backup of v1: the delta path) for each src/ directory given, interleaved round by
 round (A B, then B A, ...), each a fresh CLI process into a fresh repository and cache.
 For each run it records:
 
@@ -159,21 +160,36 @@ def dv(src: Path, env: dict[str, str], *args: str) -> list[str]:
     return [sys.executable, "-m", "deltavault", "--json", *args]
 
 
-def one(kind: str, src: Path, work: Path, staged: Path, base_env: dict[str, str]) -> Run:
+ds_of: list[Path] = []  # the datasets directory (for files-incr, staged per run)
+
+
+def one(kind: str, src_dir: Path, work: Path, staged: Path, base_env: dict[str, str]) -> Run:
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     env = dict(base_env, DELTAVAULT_CACHE_DIR=str(run_dir / "cache"))
     repo = run_dir / "repo"
-    subprocess.run(dv(src, env, "-r", str(repo), "init"), env=env, check=True, capture_output=True)
+    subprocess.run(dv(src_dir, env, "-r", str(repo), "init"), env=env, check=True, capture_output=True)
     subprocess.run(["sync"], check=True)
-    if kind == "files":
-        r = measured(dv(src, env, "-r", str(repo), "backup", str(staged / "tree"), str(staged / "db.sqlite")),
+    if kind == "incr":
+        src = run_dir / "src"
+        stage(ds_of[0], src, "v1")
+        args = ("-r", str(repo), "backup", str(src / "tree"), str(src / "db.sqlite"))
+        subprocess.run(dv(src_dir, env, *args), env=env, check=True, capture_output=True)
+        stage(ds_of[0], src, "v2")
+        subprocess.run(["sync"], check=True)
+        r = measured(dv(src_dir, env, *args), env)
+    elif kind == "files":
+        r = measured(dv(src_dir, env, "-r", str(repo), "backup", str(staged / "tree"), str(staged / "db.sqlite")),
                      env)
     else:
-        r = measured(dv(src, env, "-r", str(repo), "backup", "--volume", str(staged / "disk.img")), env)
+        r = measured(dv(src_dir, env, "-r", str(repo), "backup", "--volume", str(staged / "disk.img")), env)
     shutil.rmtree(run_dir, ignore_errors=True)
     return r
+
+
+def label(kind: str) -> str:
+    return "files-incr" if kind == "incr" else f"{kind}-full"
 
 
 def main() -> None:
@@ -182,7 +198,7 @@ def main() -> None:
     ap.add_argument("--src", action="append", required=True, help="NAME=DIR (a src/ directory)")
     ap.add_argument("--env", action="append", default=[], help="NAME:VAR=VALUE, for that revision only")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--scenarios", nargs="*", default=["files", "image"], choices=["files", "image"])
+    ap.add_argument("--scenarios", nargs="*", default=["files", "image"], choices=["files", "image", "incr"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/dv-bench-memory"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "memory.json")
     a = ap.parse_args()
@@ -195,6 +211,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
     env["DELTAVAULT_PASSWORD"] = "bench"
     staged = a.work / "staged"
+    ds_of.append(a.datasets)
     if "files" in a.scenarios:
         stage(a.datasets, staged, "v1")
     if "image" in a.scenarios:
@@ -208,7 +225,7 @@ def main() -> None:
             for n in order:
                 r = one(kind, Path(srcs[n]).resolve(), a.work, staged, dict(env, **extra[n]))
                 runs[n].setdefault(kind, []).append(r)
-                print(f"round {rnd + 1} {n} {kind}-full: {r.seconds:.2f} s, {r.cpu:.2f} CPU-s, "
+                print(f"round {rnd + 1} {n} {label(kind)}: {r.seconds:.2f} s, {r.cpu:.2f} CPU-s, "
                       f"tree peak RSS {r.tree_rss_mib:.0f} MiB, PSS {r.tree_pss_mib:.0f} MiB "
                       f"(sum of VmHWM {r.hwm_sum_mib:.0f}, "
                       f"{r.procs} procs: {' / '.join(f'{v:.0f}' for v in r.per_proc.values())})",
@@ -217,7 +234,7 @@ def main() -> None:
     for kind in a.scenarios:
         for n in names:
             rs = runs[n][kind]
-            table.append({"scenario": f"{kind}-full", "rev": n, "src": srcs[n], "env": extra[n],
+            table.append({"scenario": label(kind), "rev": n, "src": srcs[n], "env": extra[n],
                           "seconds": round(statistics.median(r.seconds for r in rs), 2),
                           "cpu": round(statistics.median(r.cpu for r in rs), 2),
                           "tree_rss_mib": round(statistics.median(r.tree_rss_mib for r in rs)),

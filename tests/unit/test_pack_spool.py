@@ -3,16 +3,19 @@ pack would be, and reach every backend: the local one by put_file, the others by
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
 
 import blake3
+import pytest
 
 from deltavault.backends.base import put_file
 from deltavault.backends.counting import CountingBackend
 from deltavault.backends.local import LocalBackend
 from deltavault.backends.retry import RetryingBackend
+from deltavault.errors import NoSpace
 from deltavault.model.types import BlobType
 from deltavault.repository.envelope import Envelope
 from deltavault.repository.pack import PackBuilder, pack_name, read_pack_entries
@@ -71,6 +74,31 @@ def test_repository_writes_spooled_packs(repo: Repository, make_repo) -> None:
     blobs = [os.urandom(300_000) for _ in range(12)]
     repo.writer.pack_size = 1 << 20  # several full packs go through the uploader thread
     ids = [repo.save_blob(BlobType.DATA, d)[0] for d in blobs]
+    repo.flush()
+    again = make_repo(reopen=True)
+    assert [again.load_blob(i) for i in ids] == blobs
+
+
+def test_full_spool_disk_is_no_space_and_the_pack_stays_whole(make_repo, monkeypatch) -> None:
+    """A write to the spool that fails (TMPDIR full) is exit code 14's NoSpace; the blob is
+    not left pending, and a retry lands where the failed write would have."""
+    repo = make_repo()
+    real = os.pwritev
+    calls = {"n": 0}
+
+    def failing(fd: int, bufs: list, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the MAGIC, the first blob, then this
+            real(fd, [memoryview(bufs[0])[:7]], offset)  # a torn write first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    blobs = [os.urandom(5000 + i) for i in range(4)]
+    first = repo.save_blob(BlobType.DATA, blobs[0])[0]
+    with pytest.raises(NoSpace, match="TMPDIR"):
+        repo.save_blob(BlobType.DATA, blobs[1])
+    ids = [first] + [repo.save_blob(BlobType.DATA, d)[0] for d in blobs[1:]]
     repo.flush()
     again = make_repo(reopen=True)
     assert [again.load_blob(i) for i in ids] == blobs

@@ -60,13 +60,18 @@ class BlobWriter:
             raise
         kind = "data" if btype == BlobType.DATA else "tree"
         full: PackBuilder | None = None
-        with self._pack_lock:
-            b = self._builders.get(kind)
-            if b is None:
-                b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
-            stored = b.add(btype, bid, sealed, len(data))
-            if len(b) >= self.pack_size:
-                full = self._builders.pop(kind)
+        try:
+            with self._pack_lock:
+                b = self._builders.get(kind)
+                if b is None:
+                    b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
+                stored = b.add(btype, bid, sealed, len(data))
+                if len(b) >= self.pack_size:
+                    full = self._builders.pop(kind)
+        except BaseException:  # not stored (the spool's disk is full): not pending either
+            with self._lock:
+                self._pending_ids.discard(bid)
+            raise
         self.indexes.stats.add(blobs_added=1, bytes_added_raw=len(data), bytes_added_stored=stored)
         if full is not None:
             self._queue_upload(full)

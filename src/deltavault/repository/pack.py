@@ -20,7 +20,7 @@ import tempfile
 import blake3
 import msgspec
 
-from deltavault.errors import FormatError
+from deltavault.errors import NO_SPACE_ERRNOS, BackendError, FormatError, NoSpace
 from deltavault.model.types import ID_LEN, BlobType
 from deltavault.repository.envelope import Envelope
 
@@ -46,10 +46,13 @@ def pack_name(pack_id: bytes) -> str:
     return f"data/{h[:2]}/{h}"
 
 
-def _write_all(fd: int, bufs: list[bytes | memoryview]) -> None:
+def _write_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
+    """Write ``bufs`` at ``offset``: a failed write leaves nothing that a retry at the same
+    offset would not overwrite."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     while views:
-        n = os.writev(fd, views)
+        n = os.pwritev(fd, views, offset)
+        offset += n
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
@@ -64,11 +67,20 @@ class PackBuilder:
 
     def __init__(self, *, spool: bool = False, spool_dir: str | None = None) -> None:
         self.parts: list[bytes | memoryview] = []
-        self._spool = tempfile.TemporaryFile(dir=spool_dir) if spool else None  # noqa: SIM115 (closed by discard)
+        self._spool_dir = spool_dir or tempfile.gettempdir()
+        try:
+            self._spool = tempfile.TemporaryFile(dir=spool_dir) if spool else None  # noqa: SIM115 (closed by discard)
+        except OSError as exc:
+            raise self._spool_error(exc) from exc
         self.size = 0
         self.entries: list[PackEntry] = []
         self._append([MAGIC])
         self.size = len(MAGIC)
+
+    def _spool_error(self, exc: OSError) -> BaseException:
+        if exc.errno in NO_SPACE_ERRNOS:
+            return NoSpace(f"no space left in {self._spool_dir} (TMPDIR) for a pack being filled")
+        return BackendError(f"pack spool in {self._spool_dir} (TMPDIR): {exc.strerror or exc}", retryable=False)
 
     @property
     def spooled(self) -> bool:
@@ -76,7 +88,10 @@ class PackBuilder:
 
     def _append(self, bufs: list[bytes | memoryview]) -> None:
         if self._spool is not None:
-            _write_all(self._spool.fileno(), bufs)
+            try:
+                _write_all(self._spool.fileno(), bufs, self.size)
+            except OSError as exc:
+                raise self._spool_error(exc) from exc
         else:
             self.parts.extend(bufs)
 
