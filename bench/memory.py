@@ -8,8 +8,9 @@ round (A B, then B A, ...), each a fresh CLI process into a fresh repository and
 For each run it records:
 
 - **tree peak RSS**: the largest sum of VmRSS over the process and all its descendants
-  (the page-digest helper), sampled every 5 ms. Pages two processes share count twice: a
-  child between its fork and its exec shows the parent's whole RSS as its own;
+  (the page-digest helper), sampled every 5 ms. A child between its fork and its exec
+  (its command line still its parent's) is not counted: it shows its parent's pages (with
+  vfork, the very same memory) as its own;
 - **tree peak PSS**: the same with each process's Pss (smaps_rollup), where a shared page
   counts once, split between its sharers: what the tree really holds;
 - the sum of each process's VmHWM (an upper bound: the peaks need not coincide);
@@ -116,17 +117,21 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005) -> R
             nonlocal peak_sum, peak_pss
             while not done.is_set():
                 total = pss = 0
-                todo = [p.pid]
+                todo = [(p.pid, "")]
                 while todo:
-                    pid = todo.pop()
+                    pid, parent_cmd = todo.pop()
+                    cmd = _cmd(pid)
+                    if cmd == parent_cmd:
+                        # Between (v)fork and exec: the parent's pages, not memory of its own.
+                        todo += [(c, cmd) for c in _children(pid)]
+                        continue
                     st = _status(pid)
                     total += st.get(b"VmRSS", 0)
                     pss += _pss(pid)
                     if b"VmHWM" in st:
                         hwm[pid] = max(hwm.get(pid, 0), st[b"VmHWM"])
-                        if pid not in names:
-                            names[pid] = _cmd(pid)
-                    todo += _children(pid)
+                        names[pid] = cmd
+                    todo += [(c, cmd) for c in _children(pid)]
                 peak_sum = max(peak_sum, total)
                 peak_pss = max(peak_pss, pss)
                 time.sleep(interval)
