@@ -22,12 +22,32 @@ def tune_allocator() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # By its usual name first: find_library runs ldconfig, a child process (memory, time).
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            return False
+    try:
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_THRESHOLD, 64 << 20) == 1
     ok &= mallopt(_M_TRIM_THRESHOLD, 512 << 20) == 1
     ok &= mallopt(_M_TOP_PAD, 64 << 20) == 1
     return bool(ok)
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free pages back to the system (glibc ``malloc_trim``). The
+    tuning above keeps freed memory in the heap; after a large one-off allocation, such as
+    scrypt's when the repository key is unlocked, that memory would count towards the
+    process until the run's own buffers happen to reuse it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

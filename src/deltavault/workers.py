@@ -17,6 +17,12 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# A backup's budget for data in flight (``--buffer-memory``, DELTAVAULT_BUFFER_MEMORY): file
+# chunks queued for the workers and the read windows they are views of, or a volume's block
+# buffers. With packs spooled to disk (repository/pack.py) this is the part of a backup's
+# memory that grows with the data rate; docs/benchmarks.md (Memory) measures it.
+DEFAULT_BUFFER_MEMORY = 8 * 1024 * 1024
+
 
 class BoundedPool:
     def __init__(self, workers: int, in_flight: int, name: str) -> None:

@@ -166,3 +166,30 @@ def test_key_commands_on_an_unencrypted_repository(tmp_path: Path, cli: Cli) -> 
     assert cli("init", "--insecure-no-encryption").returncode == 0
     r = cli("key", "list")
     assert r.returncode == 2 and "not encrypted" in r.stderr
+
+
+def test_buffer_memory_bounds_what_is_in_flight_and_is_checked(tmp_path: Path, cli: Cli) -> None:
+    """--buffer-memory (or DELTAVAULT_BUFFER_MEMORY) at its smallest still stores files and
+    a volume exactly; a value below it, or one that is not a size, is a usage error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(5 << 20)  # several windows
+    (src / "big").write_bytes(big)
+    (src / "small").write_bytes(b"x" * 1000)
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(6 << 20) + bytes(2 << 20) + os.urandom(9 << 20 | 12345))
+    assert cli("init").returncode == 0
+    r = cli("backup", "--buffer-memory", "4M", str(src))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    r = cli("restore", "latest", "--target", str(out), "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert manifest(out / "src") == manifest(src)
+    r = cli("backup", "--volume", str(img), env={"DELTAVAULT_BUFFER_MEMORY": "4M"})
+    assert r.returncode == 0, r.stderr
+    r = cli("restore", "--volume", "latest", str(tmp_path / "restored.img"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "restored.img").read_bytes() == img.read_bytes()
+    assert cli("check", "--read-data").returncode == 0
+    assert cli("backup", "--buffer-memory", "1M", str(src)).returncode == 2
+    assert cli("backup", str(src), env={"DELTAVAULT_BUFFER_MEMORY": "lots"}).returncode == 2

@@ -61,18 +61,12 @@ def test_streamed_file_chunks_equal_whole_buffer_chunks(tmp_path: Path, repo: Re
     with ThreadPoolExecutor(2) as pool:
         reader = ContentReader(repo, pool, chunker, page_key=b"k" * 32, delta_threshold=1 << 40,
                                inflight=Inflight(1 << 26))
-        import deltavault.backup.files.content as content
-
-        old = content.WINDOW
-        content.WINDOW = 256 * 1024  # many windows, so carry-over is exercised
+        reader.window = 256 * 1024  # many windows, so carry-over is exercised
+        fd = os.open(p, os.O_RDONLY)
         try:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                pending = reader._read_stream(fd, size, [(0, size)] if size else [])
-            finally:
-                os.close(fd)
+            pending = reader._read_stream(fd, size, [(0, size)] if size else [])
         finally:
-            content.WINDOW = old
+            os.close(fd)
         refs = pending.refs()
     repo.flush()
     want = [n for _, n in chunker.cut(data)] if size else []

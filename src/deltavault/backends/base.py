@@ -6,6 +6,7 @@ layer talks to a :class:`Backend` only, so S3 or SFTP can slot in unchanged.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +80,35 @@ class Forwarding:
 
     def stat(self, name: str) -> ObjectInfo:
         return self.inner.stat(name)
+
+
+# Bytes a fallback ``put_file`` reads at a time (it needs the whole object anyway).
+_PIECE = 1024 * 1024
+
+
+def read_fd(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the file open as ``fd``."""
+    data = os.pread(fd, size, 0)
+    if len(data) == size:
+        return data
+    buf = bytearray(data)
+    while len(buf) < size:
+        piece = os.pread(fd, min(_PIECE, size - len(buf)), len(buf))
+        if not piece:
+            raise BackendError(f"source file shorter than {size} bytes", retryable=False)
+        buf += piece
+    return bytes(buf)
+
+
+def put_file(backend: object, name: str, fd: int, size: int) -> None:
+    """Store the first ``size`` bytes of the file open as ``fd`` as ``name``, atomically like
+    ``put``. A backend (or wrapper) with a ``put_file`` method gets the descriptor, and need
+    not hold the object in memory; any other gets the bytes, read whole, through ``put``."""
+    fn = getattr(backend, "put_file", None)
+    if fn is not None:
+        fn(name, fd, size)
+    else:
+        backend.put(name, read_fd(fd, size))  # type: ignore[attr-defined]
 
 
 def unwrap(backend: object) -> object:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from deltavault.backends.base import Backend, ObjectInfo
+from deltavault.backends.base import Backend, ObjectInfo, put_file
 
 
 @dataclass
@@ -55,6 +55,12 @@ class CountingBackend:
         with self._lock:
             self.traffic.puts += 1
             self.traffic.bytes_written += len(data)
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        put_file(self.inner, name, fd, size)
+        with self._lock:
+            self.traffic.puts += 1
+            self.traffic.bytes_written += size
 
     def delete(self, name: str) -> None:
         self.inner.delete(name)

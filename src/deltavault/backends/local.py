@@ -7,7 +7,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
@@ -18,6 +18,7 @@ from deltavault.errors import NO_SPACE_ERRNOS, BackendError, NoSpace, ObjectNotF
 # SIGTERM; removing its temp file at exit keeps the repository free of the leftover.
 _writing: set[str] = set()
 _writing_lock = threading.Lock()
+COPY_PIECE = 1024 * 1024  # put_file without copy_file_range copies this much at a time
 
 
 @atexit.register
@@ -104,6 +105,31 @@ class LocalBackend:
             raise  # unreachable: _raise_for always raises
 
     def put(self, name: str, data: bytes) -> None:
+        def write(fd: int) -> None:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        self._put_with(name, write)
+
+    def put_file(self, name: str, src: int, size: int) -> None:
+        """``put`` of the first ``size`` bytes of the open file ``src``, copied by the kernel
+        (copy_file_range), never through this process's memory (the backup's spooled packs)."""
+        def write(fd: int) -> None:
+            pos = 0
+            while pos < size:
+                try:
+                    n = os.copy_file_range(src, fd, size - pos, pos)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    n = os.write(fd, os.pread(src, min(COPY_PIECE, size - pos), pos))
+                if n <= 0:
+                    raise OSError(errno.EIO, f"source file shorter than {size} bytes")
+                pos += n
+        self._put_with(name, write)
+
+    def _put_with(self, name: str, write: Callable[[int], None]) -> None:
         path = self._path(name)
         parent = path.parent
         if parent not in self._made_dirs:
@@ -118,10 +144,7 @@ class LocalBackend:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                write(fd)
                 if self._fsync:
                     os.fsync(fd)
             finally:

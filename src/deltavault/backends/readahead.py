@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavault.backends.base import Backend, Forwarding
+from deltavault.backends.base import Backend, Forwarding, put_file
 
 
 class ReadAheadBackend(Forwarding):
@@ -108,6 +108,10 @@ class ReadAheadBackend(Forwarding):
     def put(self, name: str, data: bytes) -> None:
         self._forget(name)
         self.inner.put(name, data)
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        self._forget(name)
+        put_file(self.inner, name, fd, size)
 
     def delete(self, name: str) -> None:
         self._forget(name)

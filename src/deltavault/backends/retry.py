@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from deltavault.backends.base import Backend, ObjectInfo
+from deltavault.backends.base import Backend, ObjectInfo, put_file
 from deltavault.errors import BackendError
 
 T = TypeVar("T")
@@ -49,6 +49,9 @@ class RetryingBackend:
 
     def put(self, name: str, data: bytes) -> None:
         self._call(lambda: self.inner.put(name, data))
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        self._call(lambda: put_file(self.inner, name, fd, size))
 
     def delete(self, name: str) -> None:
         self._call(lambda: self.inner.delete(name))

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from deltavault.backends.base import Backend, Forwarding
+from deltavault.backends.base import Backend, Forwarding, put_file
 
 
 class TokenBucket:
@@ -55,6 +55,11 @@ class ThrottledBackend(Forwarding):
         if self.upload is not None:
             self.upload.take(len(data))
         self.inner.put(name, data)
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        if self.upload is not None:
+            self.upload.take(size)
+        put_file(self.inner, name, fd, size)
 
 
 def limited(backend: Backend, upload: int | None, download: int | None) -> Backend:

@@ -10,7 +10,7 @@ from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.backup.files.stdin import StdinRequest, run_stdin_backup
 from deltavault.cli.backup_inputs import add_input_options, apply_input_options, input_paths
 from deltavault.cli.common import Context, human, parse_size
-from deltavault.cli.volume_backup import add_volume_options, run_volume_backup
+from deltavault.cli.volume_backup import add_volume_options, buffer_memory, run_volume_backup
 from deltavault.errors import ExitCode, UsageError
 from deltavault.fs.paths import display, exact
 from deltavault.repository.snapshots import short_id
@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta-threshold", type=parse_size, default=None, metavar="SIZE",
                    help="files this large are stored as page patches when changed in place (default 32M)")
     p.add_argument("--workers", type=int, default=0, help="worker threads (default: cores)")
+    p.add_argument("--buffer-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="data read but not yet stored, at most (default 8M, or DELTAVAULT_BUFFER_MEMORY); "
+                        "a backup needs about 140 MiB with the default")
     p.add_argument("--snapshot", choices=["auto", "btrfs", "lvm", "vss", "none"], default="none",
                    help="read from a point-in-time snapshot of each source's volume, removed afterwards "
                         "(auto: btrfs or LVM when the source is on one; default: none)")
@@ -64,7 +67,8 @@ def run(ctx: Context) -> int:
     if a.as_path and len(paths) != 1:
         raise UsageError("--as needs exactly one source path")
     logical = [a.as_path] if a.as_path else [os.path.abspath(p) for p in paths]
-    opts = FileBackupOptions(one_file_system=a.one_file_system, read_all=a.force, workers=a.workers)
+    opts = FileBackupOptions(one_file_system=a.one_file_system, read_all=a.force, workers=a.workers,
+                             buffer_memory=buffer_memory(a))
     apply_input_options(a, opts)
     if a.list:
         opts.on_file = lambda path, status: ctx.result(

@@ -23,6 +23,7 @@ from deltavault.backends.throttle import limited
 from deltavault.cli.units import human
 from deltavault.errors import BackendError, UsageError
 from deltavault.model.snapshot import Snapshot
+from deltavault.platform import release_free_memory
 from deltavault.progress import Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
@@ -157,6 +158,7 @@ class Context:
         cache = Path(self.args.cache_dir) if self.args.cache_dir else None
         repo = Repository.open(backend, password or self.password_source(), cache_root=cache,
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
+        release_free_memory()  # the key derivation's memory (scrypt), freed but still held
         self.opened.append(repo)
         return repo
 

@@ -22,6 +22,25 @@ from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import UsageError
 from deltavault.fs.files import write_cache_file
 from deltavault.repository.snapshots import short_id
+from deltavault.workers import DEFAULT_BUFFER_MEMORY
+
+MIN_BUFFER_MEMORY = 4 * 1024 * 1024
+
+
+def buffer_memory(a: argparse.Namespace) -> int:
+    """``--buffer-memory``, else DELTAVAULT_BUFFER_MEMORY, else the default."""
+    value = a.buffer_memory
+    if value is None:
+        env = os.environ.get("DELTAVAULT_BUFFER_MEMORY")
+        if not env:
+            return DEFAULT_BUFFER_MEMORY
+        try:
+            value = parse_size(env)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"DELTAVAULT_BUFFER_MEMORY: {exc}") from None
+    if value < MIN_BUFFER_MEMORY:
+        raise UsageError(f"--buffer-memory: at least {MIN_BUFFER_MEMORY >> 20}M")
+    return int(value)
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:
@@ -55,7 +74,8 @@ def run_volume_backup(ctx: Context) -> int:
         raise UsageError("backup --volume needs exactly one block device or image file")
     opts = VolumeOptions(block_size=a.block_size, cbt=a.cbt, verify_cbt=a.verify_cbt,
                          free_space=a.free_space, workers=a.workers, snapshot_dir=a.snapshot_dir,
-                         bitmap_granularity=a.bitmap_granularity, source_format=a.source_format)
+                         bitmap_granularity=a.bitmap_granularity, source_format=a.source_format,
+                         buffer_memory=buffer_memory(a))
     req = VolumeRequest(path=a.paths[0], logical=a.as_path, source_id=a.source_id, tags=a.tag,
                         parent=a.parent, options=opts)
     if a.host:

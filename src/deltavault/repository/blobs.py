@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 
-from deltavault.backends.base import Backend
+from deltavault.backends.base import Backend, put_file
 from deltavault.errors import CorruptionError
 from deltavault.model.types import BlobType
 from deltavault.repository.envelope import Envelope
@@ -27,8 +27,11 @@ SPAN = 64 * 1024 * 1024
 class BlobWriter:
     """Thread-safe. Data and tree/meta blobs go to separate packs."""
 
-    def __init__(self, backend: Backend, env: Envelope, indexes: IndexStore, pack_size: int) -> None:
+    def __init__(self, backend: Backend, env: Envelope, indexes: IndexStore, pack_size: int, *,
+                 spool: bool = True, spool_dir: str | None = None) -> None:
         self.backend = backend
+        self.spool = spool  # packs being filled go to temporary files, not memory (pack.py)
+        self.spool_dir = spool_dir
         self.env = env
         self.indexes = indexes
         self.pack_size = pack_size
@@ -57,20 +60,25 @@ class BlobWriter:
             raise
         kind = "data" if btype == BlobType.DATA else "tree"
         full: PackBuilder | None = None
-        with self._pack_lock:
-            b = self._builders.get(kind)
-            if b is None:
-                b = self._builders[kind] = PackBuilder()
-            stored = b.add(btype, bid, sealed, len(data))
-            if len(b) >= self.pack_size:
-                full = self._builders.pop(kind)
+        try:
+            with self._pack_lock:
+                b = self._builders.get(kind)
+                if b is None:
+                    b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
+                stored = b.add(btype, bid, sealed, len(data))
+                if len(b) >= self.pack_size:
+                    full = self._builders.pop(kind)
+        except BaseException:  # not stored (the spool's disk is full): not pending either
+            with self._lock:
+                self._pending_ids.discard(bid)
+            raise
         self.indexes.stats.add(blobs_added=1, bytes_added_raw=len(data), bytes_added_stored=stored)
         if full is not None:
             self._queue_upload(full)
         return bid, stored
 
     # Packs are finished and written by one uploader thread, so workers never wait on fsync;
-    # the bounded queue keeps at most a few packs in memory.
+    # the bounded queue keeps at most a few packs waiting (spooled: on disk, not in memory).
     def _queue_upload(self, builder: PackBuilder) -> None:
         if self._uploader is None:
             self._uploads = queue.Queue(maxsize=2)
@@ -97,13 +105,22 @@ class BlobWriter:
             raise self._upload_error
 
     def _upload(self, builder: PackBuilder) -> None:
-        pid, data, entries = builder.finish(self.env)
-        self.backend.put(pack_name(pid), data)
+        if builder.spooled:
+            try:
+                pid, fd, entries = builder.finish_spooled(self.env)
+                put_file(self.backend, pack_name(pid), fd, len(builder))
+            finally:
+                builder.discard()
+            size = len(builder)
+        else:
+            pid, data, entries = builder.finish(self.env)
+            self.backend.put(pack_name(pid), data)
+            size = len(data)
         with self._lock:
             to_index = self.indexes.add_written_pack(pid, entries)
             for e in entries:
                 self._pending_ids.discard(e.id)
-        self.indexes.stats.add(packs_written=1, bytes_written=len(data))
+        self.indexes.stats.add(packs_written=1, bytes_written=size)
         if to_index:
             self.indexes.write_file(to_index)
 
@@ -122,6 +139,8 @@ class BlobWriter:
         for b in builders:
             if b.entries:
                 self._upload(b)
+            else:
+                b.discard()
         self.indexes.write_unindexed()
 
 

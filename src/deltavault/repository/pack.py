@@ -3,16 +3,24 @@
 Layout: MAGIC(8) | sealed blob ... | sealed header | header_len(u32 LE) | TRAILER(4)
 The header is a sealed msgpack list of [type, id, offset, length, raw_length]. A pack's
 name is the BLAKE3 of all its bytes, so `check` verifies a pack without the key.
+
+A pack being filled by a backup is spooled to an unlinked temporary file (``spool=True``),
+not held in memory: with a 32 MiB pack filling, two queued and one uploading, packs were
+most of a backup's memory (docs/benchmarks.md, *Memory*). A backend that can store from a
+file (``put_file``: the local one copies it in the kernel) gets the spool; any other gets the
+pack read back whole, since ``Backend.put`` takes bytes.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 
 import blake3
 import msgspec
 
-from deltavault.errors import FormatError
+from deltavault.errors import NO_SPACE_ERRNOS, BackendError, FormatError, NoSpace
 from deltavault.model.types import ID_LEN, BlobType
 from deltavault.repository.envelope import Envelope
 
@@ -22,6 +30,7 @@ _TAIL = struct.Struct("<I4s")
 HEADER_AAD = b"pack-header"
 BLOB_AAD = b"blob"
 MAX_HEADER = 64 * 1024 * 1024
+READ_PIECE = 1024 * 1024  # a spooled pack is read back this much at a time
 
 
 class PackEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -37,14 +46,54 @@ def pack_name(pack_id: bytes) -> str:
     return f"data/{h[:2]}/{h}"
 
 
-class PackBuilder:
-    """Accumulates sealed blobs as parts; ``finish`` joins them once and returns
-    (pack id, bytes, entries)."""
+def _write_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
+    """Write ``bufs`` at ``offset``: a failed write leaves nothing that a retry at the same
+    offset would not overwrite."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
-    def __init__(self) -> None:
-        self.parts: list[bytes | memoryview] = [MAGIC]
-        self.size = len(MAGIC)
+
+class PackBuilder:
+    """Accumulates sealed blobs, as parts in memory or (``spool``) written to an unlinked
+    temporary file in ``spool_dir`` (None: the system's, ``TMPDIR``); ``finish`` returns
+    (pack id, bytes, entries), joining the parts once or reading the spool back once."""
+
+    def __init__(self, *, spool: bool = False, spool_dir: str | None = None) -> None:
+        self.parts: list[bytes | memoryview] = []
+        self._spool_dir = spool_dir or tempfile.gettempdir()
+        try:
+            self._spool = tempfile.TemporaryFile(dir=spool_dir) if spool else None  # noqa: SIM115 (closed by discard)
+        except OSError as exc:
+            raise self._spool_error(exc) from exc
+        self.size = 0
         self.entries: list[PackEntry] = []
+        self._append([MAGIC])
+        self.size = len(MAGIC)
+
+    def _spool_error(self, exc: OSError) -> BaseException:
+        if exc.errno in NO_SPACE_ERRNOS:
+            return NoSpace(f"no space left in {self._spool_dir} (TMPDIR) for a pack being filled")
+        return BackendError(f"pack spool in {self._spool_dir} (TMPDIR): {exc.strerror or exc}", retryable=False)
+
+    @property
+    def spooled(self) -> bool:
+        return self._spool is not None
+
+    def _append(self, bufs: list[bytes | memoryview]) -> None:
+        if self._spool is not None:
+            try:
+                _write_all(self._spool.fileno(), bufs, self.size)
+            except OSError as exc:
+                raise self._spool_error(exc) from exc
+        else:
+            self.parts.extend(bufs)
 
     def __len__(self) -> int:
         return self.size
@@ -53,19 +102,65 @@ class PackBuilder:
             raw_length: int) -> int:
         head, body = sealed
         length = len(head) + len(body)
+        self._append([head, body])
         self.entries.append(PackEntry(int(btype), blob_id, self.size, length, raw_length))
-        self.parts.append(head)
-        self.parts.append(body)
         self.size += length
         return length
 
     def finish(self, env: Envelope) -> tuple[bytes, bytes, list[PackEntry]]:
         header = env.seal(msgspec.msgpack.encode(self.entries), aad=HEADER_AAD)
-        self.parts.append(header)
-        self.parts.append(_TAIL.pack(len(header), TRAILER))
-        data = b"".join(self.parts)
-        self.parts = []
+        tail = _TAIL.pack(len(header), TRAILER)
+        self._append([header, tail])
+        self.size += len(header) + len(tail)
+        if self._spool is not None:
+            try:
+                data = _read_back(self._spool.fileno(), self.size)
+            finally:
+                self.discard()
+        else:
+            data = b"".join(self.parts)
+            self.parts = []
         return blake3.blake3(data).digest(), data, self.entries
+
+    def finish_spooled(self, env: Envelope) -> tuple[bytes, int, list[PackEntry]]:
+        """Like ``finish`` for a spooled pack, but the bytes stay in the spool: returns (pack
+        id, the spool's descriptor, entries); the caller calls ``discard`` when done with it.
+        The pack id is hashed reading the spool back a piece at a time."""
+        assert self._spool is not None
+        header = env.seal(msgspec.msgpack.encode(self.entries), aad=HEADER_AAD)
+        tail = _TAIL.pack(len(header), TRAILER)
+        self._append([header, tail])
+        self.size += len(header) + len(tail)
+        fd = self._spool.fileno()
+        h = blake3.blake3()
+        pos = 0
+        while pos < self.size:
+            piece = os.pread(fd, min(READ_PIECE, self.size - pos), pos)
+            if not piece:
+                raise OSError(f"pack spool: read {pos} of {self.size} bytes")
+            h.update(piece)
+            pos += len(piece)
+        return h.digest(), fd, self.entries
+
+    def discard(self) -> None:
+        """Drop what was spooled (a pack that will not be written)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self.parts = []
+
+
+def _read_back(fd: int, size: int) -> bytes:
+    data = os.pread(fd, size, 0)
+    if len(data) == size:
+        return data
+    buf = bytearray(data)
+    while len(buf) < size:
+        piece = os.pread(fd, size - len(buf), len(buf))
+        if not piece:
+            raise OSError(f"pack spool: read {len(buf)} of {size} bytes")
+        buf += piece
+    return bytes(buf)
 
 
 def tail_size() -> int:

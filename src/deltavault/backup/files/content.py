@@ -24,7 +24,7 @@ from typing import Any
 import blake3
 
 from deltavault.backup.files.delta import DeltaRead, PrevContent
-from deltavault.backup.files.fileio import WINDOW, read_exact
+from deltavault.backup.files.fileio import read_exact, window_for
 from deltavault.backup.files.pagedigests import PageDigester, SegmentSink
 from deltavault.backup.files.pending import Batch, PendingContent, Slot
 from deltavault.chunking.cdc import Chunker
@@ -57,6 +57,7 @@ class ContentReader:
         self.save_pages: SegmentSink = save_pages or self._save_segment
         self._batch = Batch()
         self._batch_bytes = 0
+        self.window = window_for(chunker.params.max_size)
 
     # ------------------------------------------------------------------ helpers
     def _save_segment(self, data: bytes | None) -> bytes:
@@ -154,7 +155,7 @@ class ContentReader:
         window as read; ``consumed(offset)`` says that nothing before it is needed again."""
         pos = start
         while pos < end:
-            data = read(pos, min(WINDOW, end - pos))
+            data = read(pos, min(self.window, end - pos))
             mv = memoryview(data)
             if seen is not None:
                 seen(pos, mv)

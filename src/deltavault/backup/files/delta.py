@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from deltavault.backup.files.fileio import WINDOW, read_exact
+from deltavault.backup.files.fileio import WINDOW, read_exact, window_for
 from deltavault.backup.files.pagedigests import SegmentSink
 from deltavault.backup.files.pending import PendingContent
 from deltavault.chunking.pages import DIGEST, PAGES_PER_DIGEST_BLOB, DigestSegments, PageHasher
@@ -208,8 +208,9 @@ class Scan:
         self.next_page = 0  # the first page not digested yet
         self.recent = bytearray()  # digests of pages [recent_first, next_page)
         self.recent_first = 0
-        # The most a caller needs at once: a chunk (keep_pages) or a window, plus read-ahead.
-        self.max_span = 2 * WINDOW + keep_pages * PAGE_SIZE
+        # The most a caller needs at once: a chunk (keep_pages) or a window (the streaming
+        # chunker's, content.py), plus read-ahead.
+        self.max_span = 2 * max(WINDOW, window_for(keep_pages * PAGE_SIZE)) + keep_pages * PAGE_SIZE
 
     # ------------------------------------------------------------------ bytes
     def get(self, start: int, end: int) -> memoryview:

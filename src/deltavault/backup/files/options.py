@@ -14,6 +14,7 @@ from deltavault.fs.paths import display
 from deltavault.fs.patterns import PatternSet, components
 from deltavault.model.types import BlobType
 from deltavault.progress import Reporter
+from deltavault.workers import DEFAULT_BUFFER_MEMORY
 
 # A file whose ctime is this close to the previous run's start may have changed again
 # within the same timestamp tick after it was read ("racy" entries, as in git).
@@ -77,6 +78,9 @@ class FileBackupOptions:
     read_all: bool = False
     delta_threshold: int = DEFAULT_DELTA_THRESHOLD
     workers: int = 0
+    # Bytes of file data read but not yet stored (chunks queued for the workers, and the read
+    # windows they are views of): the main term of a backup's memory (--buffer-memory).
+    buffer_memory: int = DEFAULT_BUFFER_MEMORY
     # Entries whose ctime falls this close to the previous run's start are re-read. 2 s
     # covers file systems with 2-second timestamps (FAT); tests shorten it.
     racy_window_ns: int = RACY_NS

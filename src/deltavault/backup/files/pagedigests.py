@@ -40,7 +40,9 @@ from deltavault.chunking.pages import DigestSegments, PageHasher
 from deltavault.framing import read_frame, write_frame
 from deltavault.fs.sparse import ReadExtents
 
-WINDOW = 8 * 1024 * 1024
+# Bytes the helper reads at a time: digests are per page, so any size gives the same ones;
+# 1 MiB keeps the helper small (its whole memory counts towards the backup's).
+WINDOW = 1024 * 1024
 # Requests the helper may have queued: each holds an open file (in flight in the socket),
 # and the kernel caps descriptors in flight per user.
 MAX_PENDING = 16

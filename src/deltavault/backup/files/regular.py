@@ -49,7 +49,7 @@ class RegularFiles:
         self.page_blob_ids = page_blob_ids
         self.content = ContentReader(store, pool, chunker, page_key=page_key,
                                      delta_threshold=options.delta_threshold,
-                                     inflight=Inflight(max(32, 8 * workers) * 1024 * 1024),
+                                     inflight=Inflight(options.buffer_memory),
                                      save_pages=self._save_page_segment)
         self._hardlinks: dict[tuple[int, int], Child] = {}
         self._racy_before = previous.run_start_ns - options.racy_window_ns if previous.run_start_ns else -1

@@ -17,6 +17,7 @@ keeps its reference. Otherwise:
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from pyroaring import BitMap
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
-from deltavault.model.volume import SEGMENT_PAGES
 from deltavault.objects.patch import (
     MAX_PATCH_SHARE,
     PATCH_LEVEL,
@@ -38,10 +38,11 @@ from deltavault.objects.patch import (
 from deltavault.objects.store import BlobSaver
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.readers import VolumeReader
-from deltavault.workers import Inflight
+from deltavault.workers import DEFAULT_BUFFER_MEMORY, Inflight
 
 MAX_CHAIN = 8  # patches on one base before they are merged: bounds restore reads
 ZERO_CHUNK = 4 * 1024 * 1024
+PIECE = 4 * 1024 * 1024  # a segment is read and stored this much at a time (or a block, if larger)
 
 
 @dataclass
@@ -73,15 +74,47 @@ class SegmentResult:
     refs: list[ContentRef | Future[ContentRef]]
     digests: bytes
     stats: SegmentStats
-    buf: mmap.mmap | None = field(repr=False, default=None)
 
     def resolved(self) -> list[ContentRef]:
         return [r.result() if isinstance(r, Future) else r for r in self.refs]
 
 
+class _Buffers:
+    """Piece buffers, reused: at most ``limit`` exist; ``take`` waits for one to come back.
+    Anonymous mappings are page-aligned: O_DIRECT reads of a device land in them."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        self._free: list[mmap.mmap] = []
+        self._made = 0
+        self._cond = threading.Condition()
+
+    def take(self) -> mmap.mmap:
+        with self._cond:
+            while not self._free and self._made >= self.limit:
+                self._cond.wait()
+            if self._free:
+                return self._free.pop()
+            self._made += 1
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
+
+
 class SegmentEncoder:
+    """A segment is read, digested and stored a piece (``PIECE``, whole blocks) at a time,
+    each into a buffer of its own that comes back once the piece's blocks are stored. So
+    memory holds ``buffer_memory`` of block data, not whole 64 MiB segments: three of those
+    (one being read, two with the workers) were most of a volume backup's memory
+    (docs/benchmarks.md, *Memory*)."""
+
     def __init__(self, store: BlobSaver, reader: VolumeReader, hasher: PageHasher, *, size: int,
-                 block_size: int, pool: ThreadPoolExecutor, inflight: Inflight) -> None:
+                 block_size: int, pool: ThreadPoolExecutor, inflight: Inflight,
+                 buffer_memory: int = DEFAULT_BUFFER_MEMORY) -> None:
         self.store = store
         self.reader = reader
         self.hasher = hasher
@@ -92,14 +125,10 @@ class SegmentEncoder:
         self.inflight = inflight
         self._zero_block = bytes(block_size)
         self._zeros = memoryview(bytes(ZERO_CHUNK))
-        # Segment buffers are reused: allocating (and zeroing) 64 MiB per segment cost more
-        # than reading it. A buffer comes back with ``release`` once its blobs are stored.
-        self._buffers: list[mmap.mmap] = []
-
-    def release(self, result: SegmentResult) -> None:
-        if result.buf is not None:
-            self._buffers.append(result.buf)
-            result.buf = None
+        self.piece_pages = max(PIECE, block_size) // PAGE_SIZE
+        # Two at least: one being read while the workers store the other.
+        self._buffers = _Buffers(self.piece_pages * PAGE_SIZE,
+                                 max(2, buffer_memory // (self.piece_pages * PAGE_SIZE)))
 
     def _zero(self, mv: memoryview, start: int, end: int) -> None:
         while start < end:
@@ -126,47 +155,93 @@ class SegmentEncoder:
         return job
 
     # ------------------------------------------------------------------ reading
-    def _read_pages(self, mv: memoryview, seg_first: int, pages: BitMap) -> int:
-        """Read ``pages`` into the segment buffer; returns the bytes read."""
+    def _read_pages(self, mv: memoryview, base: int, pages: BitMap) -> int:
+        """Read ``pages`` into ``mv``, which holds the pages from ``base`` on; returns the
+        bytes read."""
         total = 0
-        seg_start = seg_first * PAGE_SIZE
+        start = base * PAGE_SIZE
         for a, b in pagesets.runs(pages):
-            off = (a - seg_first) * PAGE_SIZE
-            end = min((b - seg_first) * PAGE_SIZE, self.size - seg_start)
+            off = (a - base) * PAGE_SIZE
+            end = min((b - base) * PAGE_SIZE, self.size - start)
             if end > off:
-                self.reader.read_into(mv[off:end], seg_start + off)
+                self.reader.read_into(mv[off:end], start + off)
                 total += end - off
         return total
 
-    def _digest_runs(self, dig: bytearray, mv: memoryview, seg_first: int, pages: BitMap) -> None:
+    def _digest_runs(self, dig: bytearray, first: int, mv: memoryview, base: int, pages: BitMap) -> None:
+        """Digests of ``pages`` (bytes in ``mv`` from page ``base`` on) into ``dig`` (the
+        segment's, from page ``first`` on)."""
         for a, b in pagesets.runs(pages):
-            s, e = (a - seg_first) * PAGE_SIZE, (b - seg_first) * PAGE_SIZE
-            dig[(a - seg_first) * DIGEST:(b - seg_first) * DIGEST] = self.hasher.digests(mv[s:e])
+            s, e = (a - base) * PAGE_SIZE, (b - base) * PAGE_SIZE
+            dig[(a - first) * DIGEST:(b - first) * DIGEST] = self.hasher.digests(mv[s:e])
 
     # ------------------------------------------------------------------ the segment
     def encode(self, plan: SegmentPlan) -> SegmentResult:
         first, n = plan.first_page, plan.n_pages
-        # Anonymous mappings are page-aligned: O_DIRECT reads of a device land in them.
-        buf = self._buffers.pop() if self._buffers else mmap.mmap(-1, SEGMENT_PAGES * PAGE_SIZE)
-        mv = memoryview(buf)[:n * PAGE_SIZE]
         st = SegmentStats()
         st.pages_read = len(plan.read)
-        # The buffer holds an older segment: only read and zeroed pages are valid in it.
-        for a, b in pagesets.runs(plan.zero):
-            self._zero(mv, (a - first) * PAGE_SIZE, (b - first) * PAGE_SIZE)
-        tail = self.size - first * PAGE_SIZE
-        if tail < n * PAGE_SIZE:
-            self._zero(mv, tail, n * PAGE_SIZE)  # past the end of the volume
-        self._read_pages(mv, first, plan.read)
         prev_dig = plan.prev_digests
         dig = bytearray(prev_dig) if prev_dig is not None else bytearray(n * DIGEST)
-        self._digest_runs(dig, mv, first, plan.read)
-        for a, b in pagesets.runs(plan.zero):
-            dig[(a - first) * DIGEST:(b - first) * DIGEST] = self.hasher.zero * (b - a)
         known = plan.read | plan.zero
         refs: list[ContentRef | Future[ContentRef]] = []
-        for j, bp0 in enumerate(range(first, first + n, self.ppb)):
+        for pf in range(first, first + n, self.piece_pages):
+            pl = min(pf + self.piece_pages, first + n)
+            buf = self._buffers.take()
+            try:
+                futures = self._piece(plan, pf, pl, memoryview(buf)[:(pl - pf) * PAGE_SIZE], dig, known,
+                                      refs, st)
+            except BaseException:
+                self._buffers.give(buf)
+                raise
+            self._give_back_after(buf, futures)
+        return SegmentResult(plan, refs, bytes(dig), st)
+
+    def _give_back_after(self, buf: mmap.mmap, futures: list[Future[ContentRef]]) -> None:
+        """Return ``buf`` once the blocks stored from it are (their futures done)."""
+        if not futures:
+            self._buffers.give(buf)
+            return
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_f: Future[ContentRef]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._buffers.give(buf)
+        for f in futures:
+            f.add_done_callback(done)
+
+    def _piece(self, plan: SegmentPlan, pf: int, pl: int, mv: memoryview, dig: bytearray, known: BitMap,
+               refs: list[ContentRef | Future[ContentRef]], st: SegmentStats) -> list[Future[ContentRef]]:
+        """Pages [pf, pl) of the segment (whole blocks) through ``mv``; their block references
+        go to ``refs``. Returns the futures of the blocks stored from ``mv``."""
+        first = plan.first_page
+        prev_dig = plan.prev_digests
+        zero = pagesets.clamp(plan.zero, pf, pl)
+        read = pagesets.clamp(plan.read, pf, pl)
+        # The buffer holds an older piece: only read and zeroed pages are valid in it.
+        for a, b in pagesets.runs(zero):
+            self._zero(mv, (a - pf) * PAGE_SIZE, (b - pf) * PAGE_SIZE)
+        tail = self.size - pf * PAGE_SIZE
+        if tail < len(mv):
+            self._zero(mv, max(0, tail), len(mv))  # past the end of the volume
+        self._read_pages(mv, pf, read)
+        self._digest_runs(dig, first, mv, pf, read)
+        for a, b in pagesets.runs(zero):
+            dig[(a - first) * DIGEST:(b - first) * DIGEST] = self.hasher.zero * (b - a)
+        futures: list[Future[ContentRef]] = []
+
+        def keep(ref: ContentRef | Future[ContentRef], of_buffer: bool = True) -> None:
+            refs.append(ref)
+            if of_buffer and isinstance(ref, Future):
+                futures.append(ref)
+
+        for bp0 in range(pf, pl, self.ppb):
+            j = (bp0 - first) // self.ppb
             bstart = bp0 * PAGE_SIZE
+            boff = (bp0 - pf) * PAGE_SIZE  # the block's offset in mv
             blen = min(self.bs, self.size - bstart)
             bp1 = bp0 + pagesets.pages_of(blen)
             prev = plan.prev_refs[j] if plan.prev_refs is not None else None
@@ -184,7 +259,7 @@ class SegmentEncoder:
                            if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]
                            != prev_dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]]
             if prev is not None and not changed:
-                refs.append(prev)
+                keep(prev)
                 continue
             st.blocks_changed += 1
             st.pages_changed += len(changed)
@@ -194,8 +269,8 @@ class SegmentEncoder:
                 if prev is None and len(block_known) != bp1 - bp0:
                     raise AssertionError(f"block {bstart}: neither read whole nor known before")
                 for a, b in pagesets.runs(pagesets.span(bp0, bp1) - block_known):
-                    self._zero(mv, (a - first) * PAGE_SIZE, (b - first) * PAGE_SIZE)
-                refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
+                    self._zero(mv, (a - pf) * PAGE_SIZE, (b - pf) * PAGE_SIZE)
+                keep(self._whole(mv, boff, blen))
                 continue
             assert isinstance(prev, Full | Patch)
             base = prev.id if isinstance(prev, Full) else prev.base
@@ -203,22 +278,22 @@ class SegmentEncoder:
             prior = bitmap_pages(prev.pages, bp0) if isinstance(prev, Patch) else set()
             union = prior.union(changed)
             if len(union) > MAX_PATCH_SHARE * (bp1 - bp0):
-                if self._fetch(mv, first, pagesets.span(bp0, bp1) - block_known, dig, prev_dig, st):
+                if self._fetch(mv, pf, first, pagesets.span(bp0, bp1) - block_known, dig, prev_dig, st):
                     self._read_block(st, block_no)
-                refs.append(self._whole(mv, bstart - first * PAGE_SIZE, blen))
+                keep(self._whole(mv, boff, blen))
                 continue
             if len(chain) >= MAX_CHAIN:
-                if self._fetch(mv, first, BitMap(prior) - block_known, dig, prev_dig, st):
+                if self._fetch(mv, pf, first, BitMap(prior) - block_known, dig, prev_dig, st):
                     self._read_block(st, block_no)
                 chain, patched = [], sorted(union)
             else:
                 patched = changed
             pieces: list[tuple[int, bytes | memoryview]] = [
-                (s, mv[bstart - first * PAGE_SIZE + s:bstart - first * PAGE_SIZE + s + ln])
-                for s, ln in coalesce(patched, bstart, blen, PAGE_SIZE)]
+                (s, mv[boff + s:boff + s + ln]) for s, ln in coalesce(patched, bstart, blen, PAGE_SIZE)]
             job = self._patch_job(base, chain, blen, bitmap(sorted(union), bp0, bp1 - bp0))
-            refs.append(self._submit(job, memoryview(encode_patch(pieces))))
-        return SegmentResult(plan, refs, bytes(dig), st, buf)
+            # The patch is a copy (encode_patch): it does not hold the buffer.
+            keep(self._submit(job, memoryview(encode_patch(pieces))), of_buffer=False)
+        return futures
 
     def _whole(self, mv: memoryview, off: int, blen: int) -> ContentRef | Future[ContentRef]:
         data = mv[off:off + blen]
@@ -231,15 +306,15 @@ class SegmentEncoder:
         if not st.read_blocks or st.read_blocks[-1] != block_no:
             st.read_blocks.append(block_no)
 
-    def _fetch(self, mv: memoryview, first: int, pages: BitMap, dig: bytearray,
+    def _fetch(self, mv: memoryview, base: int, first: int, pages: BitMap, dig: bytearray,
                prev_dig: bytes | None, st: SegmentStats) -> bool:
-        """Read pages the change source called unchanged (to merge or rebase a block). Their
-        digests must match the old ones; a mismatch is counted (the new bytes are stored).
-        Whether anything was read."""
+        """Read pages the change source called unchanged (to merge or rebase a block) into
+        ``mv`` (pages from ``base`` on). Their digests must match the old ones; a mismatch
+        is counted (the new bytes are stored). Whether anything was read."""
         if not pages:
             return False
-        st.extra_read += self._read_pages(mv, first, pages)
-        self._digest_runs(dig, mv, first, pages)
+        st.extra_read += self._read_pages(mv, base, pages)
+        self._digest_runs(dig, first, mv, base, pages)
         if prev_dig is not None:
             st.stale_mismatch += sum(
                 1 for p in pages if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]

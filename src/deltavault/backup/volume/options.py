@@ -19,6 +19,7 @@ from deltavault.model.snapshot import (
     SnapshotSummary,
 )
 from deltavault.model.volume import Partition
+from deltavault.workers import DEFAULT_BUFFER_MEMORY
 
 # Measured in bench/volume.py (docs/benchmarks.md, "Volume backup"): see there for why.
 DEFAULT_BLOCK_SIZE = 1024 * 1024
@@ -33,6 +34,8 @@ class VolumeOptions:
     verify_cbt: int = 0  # blocks to sample among those the source called unchanged
     free_space: str = "skip"  # skip: free blocks of a known file system are not read
     workers: int = 0
+    # Block data read but not yet stored (--buffer-memory): bounds the segment pieces in flight.
+    buffer_memory: int = DEFAULT_BUFFER_MEMORY
     snapshot_dir: str | None = None  # btrfs
     bitmap_granularity: int = 65536  # qemu
     source_format: str = "auto"  # auto (by the image's first bytes) | raw | qcow2 | vhdx | vmdk

@@ -58,8 +58,6 @@ from deltavault.tracking.volume.fsdigests import FsDigestSource
 from deltavault.tracking.volume.partitions import layout
 from deltavault.workers import Inflight
 
-INFLIGHT_BYTES = 256 * 1024 * 1024
-
 
 class VolumeBackup:
     def __init__(self, repo: Repository, req: VolumeRequest, reporter: Reporter) -> None:
@@ -312,7 +310,8 @@ class VolumeBackup:
         self.reporter.start("volume", total_bytes=len(to_read) * PAGE_SIZE)
         with ThreadPoolExecutor(workers, thread_name_prefix="dv-volume") as pool:
             enc = SegmentEncoder(self.repo, reader, self.hasher, size=size, block_size=opts.block_size,
-                                 pool=pool, inflight=Inflight(INFLIGHT_BYTES))
+                                 pool=pool, inflight=Inflight(opts.buffer_memory),
+                                 buffer_memory=opts.buffer_memory)
             for s in range(n_segments):
                 first = s * SEGMENT_PAGES
                 n = min(SEGMENT_PAGES, n_pages - first)
@@ -329,11 +328,10 @@ class VolumeBackup:
                 pending.append(enc.encode(plan))
                 rep.segments_written += 1
                 self.reporter.advance(nbytes=len(plan.read) * PAGE_SIZE)
-                # Keep at most two segments in flight: their buffers are what the workers read.
+                # Segments whose blocks are still being stored (the encoder bounds their buffers).
                 while len(pending) > 2:
                     r = pending.pop(0)
                     segments[r.plan.index] = self._finish(r)
-                    enc.release(r)
             for r in pending:
                 segments[r.plan.index] = self._finish(r)
         self.reporter.finish()
