@@ -7,9 +7,18 @@ from __future__ import annotations
 import html
 import os
 import re
+import tarfile
 from pathlib import Path
 
-from tests.conftest import Cli
+import msgspec
+
+from deltavault.backends.local import LocalBackend
+from deltavault.model.content import Full
+from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.snapshot import Snapshot
+from deltavault.model.types import BlobType
+from deltavault.repository.repository import Repository
+from tests.conftest import PASSWORD, Cli
 
 MATH = "$\\bogus$"  # matplotlib's mathtext cannot parse it: a chart with it raised
 MARKUP = "<script>alert(1)</script><img src=x onerror=alert(2)>"
@@ -39,3 +48,45 @@ def test_report_of_hostile_names_renders_escaped_and_never_crashes(cli: Cli, tmp
     assert html.escape(host) in body  # shown, as text
     # the name is shown as written, not typeset as math
     assert "\\bogus$" in body
+
+
+# ---------------------------------------------------------------------------- dump
+def _open(cli: Cli) -> Repository:
+    return Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, cache_root=cli.cache)
+
+
+def _save_tree(repo: Repository, nodes: list[Node]) -> bytes:
+    return repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(nodes)))[0]
+
+
+def _snapshot(repo: Repository, root: bytes) -> str:
+    repo.flush()
+    return repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"],
+                                       source_id="h:/src", tree=root))
+
+
+def test_dump_refuses_a_directory_listing_a_name_twice(cli: Cli, tmp_path: Path) -> None:
+    """A tampered tree lists "d" twice: a symlink to a directory outside, then a directory
+    holding "x". dump checked each name but not duplicates, so its tar held "d" -> outside
+    and then "d/x": extracting it (Python's tarfile, as many tools do) wrote x outside. The
+    listing must be refused as restore refuses it."""
+    assert cli("init").returncode == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo = _open(cli)
+    data = b"planted by the repository\n"
+    bid, _ = repo.save_blob(BlobType.DATA, data)
+    inner = _save_tree(repo, [Node(name=b"x", type=NodeType.FILE, mode=0o644, size=len(data),
+                                   content=[Full(bid, len(data))])])
+    src = _save_tree(repo, [Node(name=b"d", type=NodeType.SYMLINK, mode=0o777, target=os.fsencode(outside)),
+                            Node(name=b"d", type=NodeType.DIR, mode=0o755, subtree=inner)])
+    sid = _snapshot(repo, _save_tree(repo, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=src)]))
+    tar = tmp_path / "out.tar"
+    r = cli("dump", sid, "/", "--target", str(tar))
+    if r.returncode == 0:  # what it did: show that the archive escapes
+        dest = tmp_path / "extract"
+        dest.mkdir()
+        with tarfile.open(tar) as tf:
+            tf.extractall(dest, filter="fully_trusted")
+    assert not (outside / "x").exists(), "the dumped tar wrote outside its extraction directory"
+    assert r.returncode == 13 and "twice" in r.stderr and "Traceback" not in r.stderr, r.stderr
