@@ -64,10 +64,10 @@ def run(ctx: Context) -> int:
 @contextlib.contextmanager
 def _output(ctx: Context, target: str | None, *, binary_dir: bool):  # type: ignore[no-untyped-def]
     if target is None:
-        out = ctx.binary_stdout()
-        if binary_dir and os.isatty(out.fileno()):
+        stdout = ctx.binary_stdout()
+        if binary_dir and os.isatty(stdout.fileno()):
             raise UsageError("an archive is not for a terminal: redirect stdout (> out.tar) or use --target FILE")
-        yield out
+        yield stdout
         return
     # Written whole or not at all, never through a planted symlink (cli/outfile.py); 0600
     # whatever the umask, as an archive holds every file of the snapshot, whoever owned it.
