@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from deltavault.backends.local import LocalBackend
 from deltavault.model.content import Full
@@ -21,6 +22,7 @@ from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli
+from tests.hostileutil import deltavault, make_deep
 
 MATH = "$\\bogus$"  # matplotlib's mathtext cannot parse it: a chart with it raised
 MARKUP = "<script>alert(1)</script><img src=x onerror=alert(2)>"
@@ -179,3 +181,24 @@ def test_report_temp_file_swapped_for_a_symlink_changes_nothing_outside(cli: Cli
     assert "swapped" in swapped, "the attacker never saw the temporary file"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.read_bytes() == b"root only\n"
     assert r.returncode != 0 or not (shared / "r.html").is_symlink()
+
+
+# ---------------------------------------------------------------------------- restore --delete
+@pytest.mark.parametrize("nofile", [256, None])
+def test_delete_removes_a_planted_tree_5000_deep_with_few_open_files(cli: Cli, tmp_path: Path,
+                                                                     nofile: int | None) -> None:
+    """Another user plants a 5,000-deep tree in the target. restore --delete removed extras
+    with shutil.rmtree, which recurses in Python and holds one fd per level: it died with a
+    traceback (RecursionError, or EMFILE under a small file limit) instead of removing it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep").write_bytes(b"k" * 100)
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    target = tmp_path / "target"
+    assert cli("restore", "latest", "--target", str(target)).returncode == 0
+    (target / "extra").mkdir()
+    make_deep(target / "extra", 5000, b"planted")
+    r = deltavault(cli, "restore", "latest", "--target", str(target), "--delete", nofile=nofile)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert sorted(os.listdir(target)) == ["src"] and not (target / "extra").exists()
+    assert (target / "src" / "keep").read_bytes() == b"k" * 100

@@ -6,11 +6,11 @@ symlink; a directory is removed with ``shutil.rmtree(dir_fd=...)``, which walks 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from collections.abc import Callable
 
 from deltavault.fs.dirfd import lstat_at
+from deltavault.fs.remove import remove_entry
 from deltavault.model.nodes import Node, NodeType
 from deltavault.restore.target import TEMP_PREFIX
 
@@ -46,10 +46,6 @@ def extras(dir_fd: int, nodes: list[Node], keep: Callable[[bytes], bool]) -> lis
 
 def remove(dir_fd: int, name: bytes) -> None:
     """Remove ``name`` from ``dir_fd``: a directory with everything in it, by fd."""
-    st = lstat_at(dir_fd, name)
-    if st is None:
+    if lstat_at(dir_fd, name) is None:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(os.fsdecode(name), dir_fd=dir_fd)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
+    remove_entry(dir_fd, name, name, lambda _rel, _st: None)
