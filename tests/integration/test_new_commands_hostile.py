@@ -202,3 +202,25 @@ def test_delete_removes_a_planted_tree_5000_deep_with_few_open_files(cli: Cli, t
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert sorted(os.listdir(target)) == ["src"] and not (target / "extra").exists()
     assert (target / "src" / "keep").read_bytes() == b"k" * 100
+
+
+def test_dry_run_refuses_unsafe_names_as_the_restore_does(cli: Cli, tmp_path: Path) -> None:
+    """restore --dry-run read listings without the name check the restore applies: a
+    tampered tree with a directory named ".." made it open the target's parent and report
+    every name there as something --delete "would remove" (names outside the target, and a
+    plan the real restore would never carry out)."""
+    assert cli("init").returncode == 0
+    repo = _open(cli)
+    empty = _save_tree(repo, [])
+    sid = _snapshot(repo, _save_tree(repo, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=empty),
+                                            Node(name=b"..", type=NodeType.DIR, mode=0o755, subtree=empty)]))
+    base = tmp_path / "base"
+    target = base / "target"
+    (target / "src").mkdir(parents=True)
+    (base / "outside-private-name").write_bytes(b"x")
+    r = cli("--json", "restore", sid, "--target", str(target), "--delete", "--dry-run")
+    assert "outside-private-name" not in r.stdout, r.stdout
+    assert any(o.get("type") == "problem" and o.get("kind") == "corrupt" for o in r.json), r.stdout
+    real = cli("--json", "restore", sid, "--target", str(target), "--delete")
+    assert any(o.get("type") == "problem" and o.get("kind") == "corrupt" for o in real.json), real.stdout
+    assert (base / "outside-private-name").exists()

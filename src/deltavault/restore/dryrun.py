@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from deltavault.errors import DeltavaultError
 from deltavault.fs.dirfd import DIR_FLAGS, lstat_at, open_dir_path
+from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import load_nodes
 from deltavault.restore.existing import extras, keep_existing
+from deltavault.restore.listing import checked_nodes
 from deltavault.restore.options import RestoreOptions
 from deltavault.restore.select import Excluded, Selection, plan
 
@@ -45,7 +47,10 @@ def dry_run(repo: BlobLoader, root_tree: bytes, target: bytes, opts: RestoreOpti
         while stack:
             tid, prefix, s, exists = stack.pop()
             try:
-                nodes = s.listing if s.listing is not None else load_nodes(repo, tid)
+                # The restore's own name check: a ".." or "a/b" from a tampered tree would
+                # otherwise open a directory outside the target and list it.
+                nodes = checked_nodes(s.listing if s.listing is not None else load_nodes(repo, tid),
+                                      display(prefix))
             except DeltavaultError:
                 rep.unreadable.append(prefix)
                 continue
