@@ -5,6 +5,7 @@ model of docs/security.md: a hostile source tree, restore target, cache and repo
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import stat
@@ -20,6 +21,7 @@ from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
+from deltavault.objects.walk import find
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli
 from tests.hostileutil import deltavault, make_deep
@@ -224,3 +226,47 @@ def test_dry_run_refuses_unsafe_names_as_the_restore_does(cli: Cli, tmp_path: Pa
     real = cli("--json", "restore", sid, "--target", str(target), "--delete")
     assert any(o.get("type") == "problem" and o.get("kind") == "corrupt" for o in real.json), real.stdout
     assert (base / "outside-private-name").exists()
+
+
+# ---------------------------------------------------------------------------- copy
+def test_copy_map_of_one_source_is_not_used_for_a_source_claiming_its_id(cli: Cli, tmp_path: Path) -> None:
+    """copy keeps a map (source blob id -> target blob id) per source, named by the source's
+    config id and MACed under the target's key only. An unencrypted source repository's
+    config is plain JSON: whoever controls it can claim the id of another source A that the
+    target was copied from, and list in its trees blob ids of A it never held. The copy
+    trusted A's map for them, read nothing, and the target got a snapshot "of B" holding A's
+    private file, content never backed up in B."""
+    target = {"DELTAVAULT_FROM_PASSWORD_FILE": str(cli.password_file)}
+    assert cli("init").returncode == 0
+    # A: a private source, copied into the target (which now keeps A's map)
+    a_repo = tmp_path / "a"
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = os.urandom(30_000)
+    (data / "private.key").write_bytes(secret)
+    assert cli("init", env={"DELTAVAULT_REPOSITORY": str(a_repo)}).returncode == 0
+    assert cli("backup", str(data), env={"DELTAVAULT_REPOSITORY": str(a_repo)}).returncode == 0
+    assert cli("copy", "--from-repo", str(a_repo), env=target).returncode == 0
+    a = Repository.open(LocalBackend(a_repo), lambda: PASSWORD, cache_root=tmp_path / "a-cache")
+    [(_sid, snap)] = a.list_snapshots()
+    assert snap.tree is not None
+    node = find(a, snap.tree, "data/private.key")
+    assert node is not None
+    # B: unencrypted, its config claims A's id, its tree names A's blob of private.key
+    b_repo = tmp_path / "b"
+    assert cli("init", "--insecure-no-encryption", env={"DELTAVAULT_REPOSITORY": str(b_repo)}).returncode == 0
+    cfg = json.loads((b_repo / "config").read_bytes())
+    cfg["id"] = a.config.id
+    (b_repo / "config").write_bytes(json.dumps(cfg).encode())
+    b = Repository.open(LocalBackend(b_repo), lambda: None, cache_root=tmp_path / "b-cache")
+    stolen = _save_tree(b, [msgspec.structs.replace(node, name=b"stolen")])
+    _snapshot(b, _save_tree(b, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=stolen)]))
+    r = cli("--json", "copy", "--from-repo", str(b_repo), env=target)
+    out = tmp_path / "restored"
+    if r.returncode == 0:
+        copied = [o["copy"] for o in r.json if o.get("type") == "copy" and o.get("action") == "copied"]
+        for sid in copied:
+            cli("restore", sid, "--target", str(out))
+    got = out / "src" / "stolen"
+    assert not (got.exists() and got.read_bytes() == secret), "the target holds A's file as B's"
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
