@@ -270,3 +270,28 @@ def test_copy_map_of_one_source_is_not_used_for_a_source_claiming_its_id(cli: Cl
     got = out / "src" / "stolen"
     assert not (got.exists() and got.read_bytes() == secret), "the target holds A's file as B's"
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------- backup inputs
+def test_files_from_raw_with_a_name_not_in_utf8_backs_up_the_rest(cli: Cli, tmp_path: Path) -> None:
+    """A list from ``find -print0`` holds whatever names users made. A source path that is
+    not UTF-8 (here from --files-from-raw; on the command line alike) ended backup with a
+    traceback (UnicodeEncodeError in the catalog): one user's file stopped everyone's
+    backup. It is now left out and reported, the rest is saved, the run is partial (3)."""
+    assert cli("init").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    bad = os.fsencode(src) + b"/bad-\xff"
+    with open(bad, "wb") as f:
+        f.write(b"x")
+    (src / "good").write_bytes(b"good\n")
+    lst = tmp_path / "list"
+    lst.write_bytes(bad + b"\0" + os.fsencode(src / "good") + b"\0")
+    r = cli("--json", "backup", "--files-from-raw", str(lst))
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert any(o.get("type") == "problem" and "bad-" in o.get("path", "") for o in r.json), r.stdout
+    out = tmp_path / "out"
+    assert cli("restore", "latest", "--target", str(out)).returncode == 0
+    assert [p.name for p in out.rglob("good")] == ["good"]
+    only_bad = cli("backup", os.fsdecode(bad))
+    assert only_bad.returncode == 2 and "Traceback" not in only_bad.stderr and "UTF-8" in only_bad.stderr
