@@ -25,6 +25,7 @@ from deltavault.objects.walk import find
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli
 from tests.hostileutil import deltavault, make_deep
+from tests.integration.test_hostile_names import _raw_controls
 
 MATH = "$\\bogus$"  # matplotlib's mathtext cannot parse it: a chart with it raised
 MARKUP = "<script>alert(1)</script><img src=x onerror=alert(2)>"
@@ -295,3 +296,27 @@ def test_files_from_raw_with_a_name_not_in_utf8_backs_up_the_rest(cli: Cli, tmp_
     assert [p.name for p in out.rglob("good")] == ["good"]
     only_bad = cli("backup", os.fsdecode(bad))
     assert only_bad.returncode == 2 and "Traceback" not in only_bad.stderr and "UTF-8" in only_bad.stderr
+
+
+def test_snapshot_strings_reach_the_terminal_escaped(cli: Cli, tmp_path: Path) -> None:
+    """A source path from --files-from (any user names the files listed), a host name and a
+    tag are stored as given. ``snapshots`` and ``find`` printed them raw, so a name with an
+    escape sequence retitled or rewrote the terminal of whoever listed the repository; they
+    are shown as ``ls`` shows names (escaped), and exact in --json."""
+    assert cli("init").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    evil = "evil-\x1b]0;pwned\x07\x1b[2J\u202egnp.exe"
+    (src / evil).write_bytes(b"x")
+    lst = tmp_path / "list"
+    lst.write_bytes(os.fsencode(src / evil) + b"\0")
+    host = "h\x1b[31mred"
+    tag = "t\x1b[1A\u202e"
+    assert cli("backup", "--files-from-raw", str(lst), "--host", host, "--tag", tag).returncode == 0
+    for args in (["snapshots"], ["find", "evil-*"]):
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr
+        assert _raw_controls(r.stdout) == [], (args, r.stdout)
+        assert "evil-" in r.stdout
+    j = cli("--json", "snapshots").last("snapshot")
+    assert j["hostname"] == host and j["tags"] == [tag] and j["paths"] == [str(src / evil)]
