@@ -320,3 +320,46 @@ def test_snapshot_strings_reach_the_terminal_escaped(cli: Cli, tmp_path: Path) -
         assert "evil-" in r.stdout
     j = cli("--json", "snapshots").last("snapshot")
     assert j["hostname"] == host and j["tags"] == [tag] and j["paths"] == [str(src / evil)]
+
+
+def test_if_changed_keeps_no_file_another_user_planted_with_the_same_size_and_time(cli: Cli, tmp_path: Path,
+                                                                                     shared_dir: Path) -> None:
+    """--overwrite if-changed keeps an existing file of the snapshot's size and modification
+    time. Any user who can write in the target can forge both on a file of theirs (utime),
+    so a restore into an earlier restore whose directories are 0777 kept the attacker's
+    content, owned by the attacker, in place of the file backed up. A file is kept only if it
+    also has the owner the restore would give it (a user cannot give away a file)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    real = b"root:$6$realhash:19000:0:99999:7:::\n"
+    (src / "shadow").write_bytes(real)
+    (src / "shadow").chmod(0o640)
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    target = shared_dir / "target"
+    assert cli("restore", "latest", "--target", str(target)).returncode == 0
+    for d in (target, target / "src"):
+        d.chmod(0o777)
+    planted = target / "src" / "shadow"
+    st = planted.stat()
+    fake = b"root::19000:0:99999:7:::\n".ljust(len(real), b" ")
+    assert len(fake) == len(real)
+    planted.unlink()
+    pid = os.fork()
+    if pid == 0:  # the other user: a file of theirs, the snapshot's size and time
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            planted.write_bytes(fake)
+            os.utime(planted, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert planted.stat().st_uid == NOBODY and planted.stat().st_mtime_ns == st.st_mtime_ns
+    r = cli("restore", "latest", "--target", str(target), "--overwrite", "if-changed")
+    assert r.returncode == 0, r.stderr
+    assert planted.read_bytes() == real and planted.stat().st_uid == 0
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o640
+    # the restore's own file, unchanged, is still kept
+    r = cli("--json", "restore", "latest", "--target", str(target), "--overwrite", "if-changed")
+    assert r.last("summary")["skipped"] == 1, r.stdout

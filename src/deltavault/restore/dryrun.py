@@ -15,7 +15,7 @@ from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import load_nodes
-from deltavault.restore.existing import extras, keep_existing
+from deltavault.restore.existing import extras, keep_existing, restored_owner
 from deltavault.restore.listing import checked_nodes
 from deltavault.restore.options import RestoreOptions
 from deltavault.restore.select import Excluded, Selection, plan
@@ -97,7 +97,7 @@ def _open(root_fd: int | None, relpath: bytes) -> int | None:
 
 
 def _entry(rep: DryRun, opts: RestoreOptions, st: os.stat_result | None, n: Node, path: bytes) -> None:
-    if keep_existing(opts.overwrite, st, n):
+    if keep_existing(opts.overwrite, st, n, restored_owner(n, opts.owner)):
         rep.skipped += 1
         return
     if st is not None and stat.S_ISDIR(st.st_mode) and opts.delete:

@@ -17,19 +17,31 @@ from deltavault.restore.target import TEMP_PREFIX
 OVERWRITE = ("always", "if-changed", "if-newer", "never")
 
 
-def keep_existing(policy: str, st: os.stat_result | None, node: Node) -> bool:
+def keep_existing(policy: str, st: os.stat_result | None, node: Node, owner: int) -> bool:
     """Leave the existing entry ``st`` where ``node`` (not a directory) would go?
     always: never kept; never: always kept; if-newer: kept unless the snapshot's is newer;
     if-changed: a regular file of the same size and modification time is kept (as restic
-    assumes, such a file is already what the snapshot holds)."""
+    assumes, such a file is already what the snapshot holds). Both only for an entry owned
+    by ``owner``, the user the restore would make it belong to: anyone who can write in the
+    target can forge a size and a time (utime) on a file of their own, but cannot give a file
+    away, so a file another user planted is replaced, never kept as the snapshot's."""
     if st is None or stat.S_ISDIR(st.st_mode) or policy == "always":
         return False
     if policy == "never":
         return True
+    if st.st_uid != owner:
+        return False
     if policy == "if-newer":
         return node.mtime <= st.st_mtime_ns
     return (node.type == NodeType.FILE and stat.S_ISREG(st.st_mode) and st.st_size == node.size
             and st.st_mtime_ns == node.mtime)
+
+
+def restored_owner(node: Node, owner: bool) -> int:
+    """The user a restore makes ``node`` belong to: its own as root with owners restored,
+    else whoever restores."""
+    euid = os.geteuid()
+    return node.uid if owner and euid == 0 else euid
 
 
 def existing_entry(dir_fd: int, name: bytes) -> os.stat_result | None:
