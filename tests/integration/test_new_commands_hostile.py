@@ -23,6 +23,7 @@ from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.objects.walk import find
 from deltavault.repository.repository import Repository
+from deltavault.testing.hostile import Outside, attacked, mirror_names, rich_tree
 from tests.conftest import PASSWORD, Cli
 from tests.hostileutil import deltavault, make_deep
 from tests.integration.test_hostile_names import _raw_controls
@@ -363,3 +364,43 @@ def test_if_changed_keeps_no_file_another_user_planted_with_the_same_size_and_ti
     # the restore's own file, unchanged, is still kept
     r = cli("--json", "restore", "latest", "--target", str(target), "--overwrite", "if-changed")
     assert r.last("summary")["skipped"] == 1, r.stdout
+
+
+def _plant_extras(target: Path, n: int) -> None:
+    """Entries the snapshot does not have, 0777 all through, for --delete to remove (and the
+    attacker to swap while it does)."""
+    for i in range(n):
+        d = target / "src" / f"extra{i}"
+        (d / "sub" / "deeper").mkdir(parents=True, exist_ok=True)
+        for j in range(20):
+            (d / f"f{j}").write_bytes(b"x")
+            (d / "sub" / f"g{j}").write_bytes(b"y")
+        (d / "sub" / "deeper" / "h").write_bytes(b"z")
+
+
+def test_delete_under_a_racing_attacker_removes_nothing_outside(shared_dir: Path, cli: Cli) -> None:
+    """restore --delete (with each --overwrite policy) over an earlier restore whose
+    directories are 0777, with extra trees to remove, while a process running as nobody
+    swaps the target's directories and entries for symlinks to root-only objects outside,
+    moves directories and plants links: nothing outside is removed or changed."""
+    src = shared_dir / "src"
+    rich_tree(src, dirs=4)
+    assert deltavault(cli, "init").returncode == 0
+    assert deltavault(cli, "backup", str(src)).returncode == 0
+    outside = Outside.create(shared_dir / "outside")
+    mirror_names(outside)
+    before = outside.state()
+    moves = 0
+    for seed, policy in enumerate(["always", "if-changed", "if-newer", "never"] * 2):
+        target = shared_dir / f"target{seed}"  # an earlier restore, opened to everyone
+        assert deltavault(cli, "restore", "latest", "--target", str(target)).returncode == 0
+        _plant_extras(target, 6)
+        for p in [target, *target.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o777)
+        with attacked(target, outside, seed=seed) as attacker:
+            r = deltavault(cli, "restore", "latest", "--target", str(target), "--delete", "--overwrite", policy)
+        moves += sum(attacker.moves.values())
+        assert r.returncode in (0, 3), r.stdout[-3000:] + r.stderr[-3000:]
+        assert outside.changes(before) == [], "\n".join(outside.changes(before))
+    assert moves > 50
