@@ -23,6 +23,9 @@ from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.objects.walk import find
 from deltavault.repository.repository import Repository
+from deltavault.restore import select
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.testing.hostile import Outside, attacked, mirror_names, rich_tree
 from tests.conftest import PASSWORD, Cli
 from tests.hostileutil import deltavault, make_deep
@@ -404,3 +407,38 @@ def test_delete_under_a_racing_attacker_removes_nothing_outside(shared_dir: Path
         assert r.returncode in (0, 3), r.stdout[-3000:] + r.stderr[-3000:]
         assert outside.changes(before) == [], "\n".join(outside.changes(before))
     assert moves > 50
+
+
+# ---------------------------------------------------------------------------- restore --include
+def test_include_planning_keeps_bounded_listings_and_restores_the_matches(make_repo, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--include '**/*.conf' walks every directory of the snapshot to find matches; the
+    planning walk kept every listing it read (for the restore to reuse), so its memory grew
+    with the whole snapshot (which any user of the source can fill with files), not with
+    what is restored. Listings kept are now capped (here at 500 entries); the restore loads
+    the others again and restores exactly the matches."""
+    repo = make_repo()
+    bid, _ = repo.save_blob(BlobType.DATA, b"v\n")
+    dirs = []
+    for i in range(40):
+        nodes = [Node(name=b"f%03d" % j, type=NodeType.FILE, mode=0o644, size=2, content=[Full(bid, 2)])
+                 for j in range(100)]
+        nodes.append(Node(name=b"x.conf", type=NodeType.FILE, mode=0o644, size=2, content=[Full(bid, 2)]))
+        dirs.append(Node(name=b"d%02d" % i, type=NodeType.DIR, mode=0o755, subtree=_save_tree(repo, nodes)))
+    src = _save_tree(repo, dirs)
+    root = _save_tree(repo, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=src)])
+    repo.flush()
+    monkeypatch.setattr(select, "KEEP_LISTED", 500, raising=False)
+    sel, unused = select.plan(repo, root, ["**/*.conf"], ["/src"])
+    assert unused == []
+    held, stack = 0, [sel]
+    while stack:
+        s = stack.pop()
+        held += len(s.listing or [])
+        stack += s.children.values()
+    assert held <= 500, held
+    target = tmp_path / "t"
+    target.mkdir()
+    FileRestorer(repo, target, RestoreOptions(include=["**/*.conf"], paths=["/src"])).run(root)
+    got = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert got == [f"src/d{i:02d}/x.conf" for i in range(40)]
