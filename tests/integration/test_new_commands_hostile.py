@@ -442,3 +442,23 @@ def test_include_planning_keeps_bounded_listings_and_restores_the_matches(make_r
     FileRestorer(repo, target, RestoreOptions(include=["**/*.conf"], paths=["/src"])).run(root)
     got = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     assert got == [f"src/d{i:02d}/x.conf" for i in range(40)]
+
+
+def test_report_escapes_a_snapshot_kind_in_its_attribute(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """Every string from a snapshot reaches the page escaped: the kind went into a
+    ``data-kind`` attribute raw, so a snapshot whose kind carries a quote and markup could
+    open an element of its own in the page."""
+    from deltavault.maintenance.report.build import build_report
+    from deltavault.maintenance.report.page import render_html
+    from deltavault.maintenance.report.select import ReportOptions
+
+    repo = make_repo()
+    bid, _ = repo.save_blob(BlobType.DATA, b"v\n")
+    tree = _save_tree(repo, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=_save_tree(
+        repo, [Node(name=b"f", type=NodeType.FILE, mode=0o644, size=2, content=[Full(bid, 2)])]))])
+    repo.flush()
+    repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"],
+                                source_id="h:/src", tree=tree, kind='files"><b id="injected">k</b>'))
+    page = render_html(build_report(repo, ReportOptions()))
+    body = re.sub(r"<script type='application/json' id='report-data'>.*?</script>", "", page, flags=re.S)
+    assert 'id="injected"' not in body and "<b " not in body
