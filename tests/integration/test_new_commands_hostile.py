@@ -462,3 +462,71 @@ def test_report_escapes_a_snapshot_kind_in_its_attribute(make_repo) -> None:  # 
     page = render_html(build_report(repo, ReportOptions()))
     body = re.sub(r"<script type='application/json' id='report-data'>.*?</script>", "", page, flags=re.S)
     assert 'id="injected"' not in body and "<b " not in body
+
+
+# ---------------------------------------------------------------------------- find
+def test_find_in_a_deep_tree_uses_memory_in_proportion_to_its_matches(make_repo) -> None:  # type: ignore[no-untyped-def]
+    """find remembered each directory's matches by copying them into every directory above:
+    a source 1,500 directories deep with a matching file at each level (anyone can make one)
+    kept 1.1 million references (quadratic in the depth: 20,000 levels would take
+    gigabytes), and the pattern matcher recursed once per component, so find and restore
+    --include died with RecursionError on such a tree. The matches under a directory are
+    now shared with its parents, not copied, and the matcher keeps its own stack."""
+    import tracemalloc
+
+    from deltavault.fs.patterns import PatternSet
+    from deltavault.fs.sources import SnapshotMatcher
+    from deltavault.maintenance.find import Finder
+
+    repo = make_repo()
+    bid, _ = repo.save_blob(BlobType.DATA, b"v\n")
+    depth = 1500
+    f = Node(name=b"f", type=NodeType.FILE, mode=0o644, size=2, content=[Full(bid, 2)])
+    tid = _save_tree(repo, [f])
+    for _ in range(depth):
+        tid = _save_tree(repo, [Node(name=b"d", type=NodeType.DIR, mode=0o755, subtree=tid), f])
+    root = _save_tree(repo, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=tid)])
+    repo.flush()
+    snap = Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"], source_id="h:/src",
+                    tree=root)
+    matcher = SnapshotMatcher(PatternSet(["f"]), snap.paths)
+    finder = Finder(repo)
+    tracemalloc.start()
+    try:
+        hits = finder.find(snap, matcher)
+        kept = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*/maintenance/find.py")])
+    finally:
+        tracemalloc.stop()
+    held = sum(st.size for st in kept.statistics("filename"))
+    # The paths themselves: the matches' (the output) and as many directories' (the memo's
+    # keys), ~2.3 MB each. Besides them: 9.9 MB before, 0.4 MB now.
+    paths = 2 * sum(len(p) + 40 for p, _n in hits)
+    assert len(hits) == depth + 1
+    assert held - paths < 1024 * 1024, f"find keeps {(held - paths) / 2**20:.1f} MiB besides the paths"
+    again = finder.find(snap, matcher)  # another snapshot sharing the trees: from the memo
+    assert [p for p, _n in again] == [p for p, _n in hits]
+
+
+def test_find_and_restore_include_on_a_tree_1500_deep(cli: Cli, tmp_path: Path) -> None:
+    """The pattern matcher recursed once per path component under '**': on a backup of a
+    tree 1,500 directories deep, ``find leaf`` and ``restore --include '**/leaf'`` died with
+    RecursionError (exit 1, a traceback)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rel = make_deep(src, 1500, b"deep leaf\n")
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    r = cli("--json", "find", "leaf")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.last("find_summary")["matches"] == 1
+    out = tmp_path / "out"
+    r = cli("restore", "latest", "--target", str(out), "--include", "**/leaf")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    fd = os.open(out / "src", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        leaf = os.open(rel, os.O_RDONLY, dir_fd=fd)
+    finally:
+        os.close(fd)
+    try:
+        assert os.read(leaf, 100) == b"deep leaf\n"
+    finally:
+        os.close(leaf)
