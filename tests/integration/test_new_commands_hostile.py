@@ -27,6 +27,7 @@ from deltavault.restore import select
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
 from deltavault.testing.hostile import Outside, attacked, mirror_names, rich_tree
+from tests.browser import CHROMIUM, Browser
 from tests.conftest import PASSWORD, Cli
 from tests.hostileutil import deltavault, make_deep
 from tests.integration.test_hostile_names import _raw_controls
@@ -571,3 +572,31 @@ def test_report_where_the_bytes_went_on_a_deep_tree_and_many_files(make_repo) ->
     assert top, wb.directories
     src_total = sum(d.bytes_own for d in wb.directories if d.path == "src")
     assert all(d.bytes_total >= d.bytes_own for d in wb.directories) and src_total >= 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (scripts/install-system-deps.sh)")
+def test_report_data_block_reads_back_in_a_browser_whatever_the_names(make_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The JSON block escaped only '</'. A host name holding '<!--<script>' puts the
+    browser's script parser in its double-escaped state, where the page's own '</script>'
+    no longer ends the block: the rest of the page was read as data and the report's JSON
+    no longer parsed. Every '<' is now written as \\u003c."""
+    from deltavault.maintenance.report.build import build_report
+    from deltavault.maintenance.report.page import render_html
+    from deltavault.maintenance.report.select import ReportOptions
+
+    repo = make_repo()
+    bid, _ = repo.save_blob(BlobType.DATA, b"v\n")
+    tree = _save_tree(repo, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=_save_tree(
+        repo, [Node(name=b"f", type=NodeType.FILE, mode=0o644, size=2, content=[Full(bid, 2)])]))])
+    repo.flush()
+    host = "h<!--<script>x"
+    repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname=host, paths=["/src"],
+                                source_id="h:/src", tree=tree))
+    page = tmp_path / "r.html"
+    page.write_text(render_html(build_report(repo, ReportOptions())))
+    with Browser() as b:
+        b.load(page.as_uri())
+        got = b.evaluate("""(() => { try {
+            return JSON.parse(document.getElementById('report-data').textContent).sources[0].hostname;
+          } catch (e) { return 'unparsable: ' + e; } })()""")
+    assert got == host

@@ -177,7 +177,10 @@ def _health(h: Health, rep: Report) -> str:
 
 
 def render_html(rep: Report) -> str:
-    data = json.dumps(asdict(rep), separators=(",", ":")).replace("</", "<\\/")
+    # No "<" at all in the block (JSON reads \u003c back as "<"): escaping "</" alone let a
+    # name holding "<!--<script>" put the browser's script parser in its double-escaped
+    # state, where the block's own "</script>" no longer ends it.
+    data = json.dumps(asdict(rep), separators=(",", ":")).replace("<", "\\u003c")
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
