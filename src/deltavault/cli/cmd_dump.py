@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from typing import BinaryIO
+from pathlib import Path
 
 from deltavault.cli.common import Context
-from deltavault.errors import TargetError, UsageError
+from deltavault.cli.outfile import OutputFile
+from deltavault.errors import UsageError
 from deltavault.fs.sources import snapshot_path, source_roots
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.walk import find
@@ -63,14 +64,17 @@ def run(ctx: Context) -> int:
 @contextlib.contextmanager
 def _output(ctx: Context, target: str | None, *, binary_dir: bool):  # type: ignore[no-untyped-def]
     if target is None:
-        out = ctx.binary_stdout()
-        if binary_dir and os.isatty(out.fileno()):
+        stdout = ctx.binary_stdout()
+        if binary_dir and os.isatty(stdout.fileno()):
             raise UsageError("an archive is not for a terminal: redirect stdout (> out.tar) or use --target FILE")
-        yield out
+        yield stdout
         return
+    # Written whole or not at all, never through a planted symlink (cli/outfile.py); 0600
+    # whatever the umask, as an archive holds every file of the snapshot, whoever owned it.
+    out = OutputFile(Path(target), "the dump", 0o600, exact=True)
     try:
-        f: BinaryIO = open(target, "wb")  # noqa: SIM115
-    except OSError as exc:
-        raise TargetError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    with f:
-        yield f
+        yield out.file
+    except BaseException:
+        out.abort()
+        raise
+    out.commit()

@@ -8,6 +8,7 @@ from deltavault.backends.s3errors import ObjectRetained
 from deltavault.cli.common import Context
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import UsageError
+from deltavault.fs.paths import shown
 from deltavault.maintenance.retention import Policy, parse_duration, plan_forget
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
@@ -66,7 +67,7 @@ def _forget_by_policy(ctx: Context, repo: Repository) -> None:
     groups = plan_forget(snaps, policy_of(a), group_by=group_by_of(a))
     removed = kept = 0
     for g in groups:
-        label = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in g.key.items())
+        label = shown(", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in g.key.items()))
         ctx.say(f"group: {label}")
         for d in g.decisions:
             action = "keep" if d.keep else "remove"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from deltavault.cli.cmd_forget import add_policy_options, group_by_of, policy_of
 from deltavault.cli.common import Context, human
+from deltavault.cli.outfile import OutputFile
 from deltavault.errors import DeltavaultError, UsageError
 
 DEFAULT_FILE = "deltavault-report.html"
@@ -30,46 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class _Output:
-    """The page's file, written whole or not at all: a temporary file beside it, opened
-    before any work so an unwritable path fails at once, renamed over it at the end."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if path.is_dir():
-            raise UsageError(f"cannot write the report to {path}: it is a directory")
-        try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                                       suffix=".tmp")
-        except OSError as exc:
-            raise UsageError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
-        self.fd, self.tmp = fd, tmp
-
-    def commit(self, text: str) -> int:
-        data = text.encode()
-        try:
-            with os.fdopen(self.fd, "wb") as f:
-                f.write(data)
-            os.chmod(self.tmp, 0o644 & ~_umask())
-            os.replace(self.tmp, self.path)
-        except OSError as exc:
-            self.abort()
-            raise UsageError(f"cannot write the report to {self.path}: {exc.strerror or exc}") from None
-        return len(data)
-
-    def abort(self) -> None:
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def run(ctx: Context) -> int:
     a = ctx.args
     try:  # matplotlib and numpy are the optional extra "report"
@@ -81,12 +40,17 @@ def run(ctx: Context) -> int:
     policy = policy_of(a)
     opts = ReportOptions(snapshots=a.snapshots, sources=a.source, since=a.since,
                          policy=None if policy.empty() else policy, group_by=group_by_of(a))
-    out = _Output(Path(a.html or DEFAULT_FILE)) if a.html or not ctx.json else None
+    out = OutputFile(Path(a.html or DEFAULT_FILE), "the report", error=UsageError) if a.html or not ctx.json else None
     try:
         repo = ctx.open_repo()
         with ctx.read_lock(repo, "report"):
             rep = build_report(repo, opts)
-        size = out.commit(render_html(rep)) if out is not None else 0
+        size = 0
+        if out is not None:
+            page = render_html(rep).encode()
+            out.file.write(page)
+            out.commit()
+            size = len(page)
     except BaseException:
         if out is not None:
             out.abort()

@@ -9,6 +9,7 @@ import msgspec
 from deltavault.cli.common import Context
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import UsageError
+from deltavault.fs.paths import shown
 from deltavault.maintenance.rewrite import new_tags, replace_snapshot
 from deltavault.repository.snapshots import short_id
 
@@ -47,7 +48,7 @@ def run(ctx: Context) -> int:
             nid = replace_snapshot(repo, sid, snap, msgspec.structs.replace(snap, tags=tags))
             changed += 1
             ctx.emit({"type": "tag", "snapshot": sid, "new_id": nid, "tags": tags},
-                     f"{short_id(sid)} -> {short_id(nid)}: [{', '.join(tags)}]")
+                     f"{short_id(sid)} -> {short_id(nid)}: [{', '.join(map(shown, tags))}]")
     ctx.emit({"type": "tag_summary", "changed": changed, "considered": len(snaps)},
              f"changed the tags of {changed} of {len(snaps)} snapshot(s)")
     return 0

@@ -53,44 +53,41 @@ class Pattern:
 
     def matches(self, comps: Sequence[str]) -> bool:
         """The whole path ``comps`` matches."""
-        return self._match(0, comps, 0, {})
+        return self._run(comps, prefix=False)
 
     def may_match_below(self, comps: Sequence[str]) -> bool:
         """Some path below the directory ``comps`` could match (so a walk must enter it)."""
-        return self._prefix(0, comps, 0, {})
+        return self._run(comps, prefix=True)
 
-    def _match(self, i: int, comps: Sequence[str], j: int, memo: dict[tuple[int, int], bool]) -> bool:
-        key = (i, j)
-        if key in memo:
-            return memo[key]
+    def _run(self, comps: Sequence[str], *, prefix: bool) -> bool:
+        """Search the states (i: pattern parts used, j: components consumed) from (0, 0),
+        with a stack of our own: the recursive form went one Python frame deeper for each
+        component under ``**``, so a path a few thousand directories deep (which any user
+        of a backup source can make) ended find and restore --include with RecursionError.
+        ``prefix``: accept once the components run out with parts left (more could follow);
+        else only when both run out together."""
         parts = self._parts
-        if i == len(parts):
-            got = j == len(comps)
-        elif parts[i] is None:
-            got = any(self._match(i + 1, comps, k, memo) for k in range(j, len(comps) + 1))
-        else:
+        n, m = len(parts), len(comps)
+        seen: set[tuple[int, int]] = set()
+        todo = [(0, 0)]
+        while todo:
+            state = todo.pop()
+            if state in seen:
+                continue
+            seen.add(state)
+            i, j = state
+            if j == m and (i < n if prefix else i == n):
+                return True
+            if i == n:
+                continue
             rx = parts[i]
-            got = j < len(comps) and rx is not None and rx.match(comps[j]) is not None and \
-                self._match(i + 1, comps, j + 1, memo)
-        memo[key] = got
-        return got
-
-    def _prefix(self, i: int, comps: Sequence[str], j: int, memo: dict[tuple[int, int], bool]) -> bool:
-        key = (i, j)
-        if key in memo:
-            return memo[key]
-        parts = self._parts
-        if j == len(comps):
-            got = i < len(parts)  # more components may follow and match the rest
-        elif i == len(parts):
-            got = False
-        elif parts[i] is None:
-            got = self._prefix(i + 1, comps, j, memo) or self._prefix(i, comps, j + 1, memo)
-        else:
-            rx = parts[i]
-            got = rx is not None and rx.match(comps[j]) is not None and self._prefix(i + 1, comps, j + 1, memo)
-        memo[key] = got
-        return got
+            if rx is None:  # "**": skip it, or let it take one more component
+                todo.append((i + 1, j))
+                if j < m:
+                    todo.append((i, j + 1))
+            elif j < m and rx.match(comps[j]) is not None:
+                todo.append((i + 1, j + 1))
+        return False
 
 
 class PatternSet:

@@ -66,6 +66,16 @@ class Copier:
         self.reporter = reporter or NullReporter()
         self.stats = CopyStats()
         self._key = dst.cache_key("copy map") or b"\0" * 32
+        # The map speaks for one source, so its MAC binds the source too, by a secret of it:
+        # the map file is named by the source's config id, which an unencrypted source can
+        # set to anything (its config is plain JSON), and a source claiming the id of another
+        # one copied before must not get that map's mappings: its trees could then name blobs
+        # of the other source that it never held, and the target would take them unread. An
+        # unencrypted source has no secret; its ids are plain BLAKE3 and name the same bytes
+        # in any repository.
+        src_key = src.cache_key("copy map source")
+        self._bind = blake3.blake3(src_key if src_key is not None
+                                   else b"unencrypted " + src.config.id.encode()).digest()
         self._path = dst.cache_dir / "copy" / src.config.id if dst.cache_dir is not None else None
         self.ids, trusted_files = self._load_map()
         # No index file gone since the map was written: nothing was removed, so a mapped
@@ -81,8 +91,8 @@ class Copier:
         if raw is None or len(raw) < 32:
             return {}, set()
         body, mac = raw[:-32], raw[-32:]
-        if blake3.blake3(body, key=self._key).digest() != mac:
-            return {}, set()  # not written by us for this target: not trusted
+        if blake3.blake3(self._bind + body, key=self._key).digest() != mac:
+            return {}, set()  # not written by us for this target and this source: not trusted
         try:
             m = msgspec.msgpack.decode(body, type=_MapFile)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -93,7 +103,7 @@ class Copier:
         if self._path is None:
             return
         body = msgspec.msgpack.encode(_MapFile(self.ids, sorted(self.dst.live_index_files())))
-        write_cache_file(self._path, body + blake3.blake3(body, key=self._key).digest())
+        write_cache_file(self._path, body + blake3.blake3(self._bind + body, key=self._key).digest())
 
     # ------------------------------------------------------------------ snapshots
     def copy(self, sid: str, snap: Snapshot) -> str | None:

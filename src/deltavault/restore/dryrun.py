@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from deltavault.errors import DeltavaultError
 from deltavault.fs.dirfd import DIR_FLAGS, lstat_at, open_dir_path
+from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import load_nodes
-from deltavault.restore.existing import extras, keep_existing
+from deltavault.restore.existing import extras, keep_existing, restored_owner
+from deltavault.restore.listing import checked_nodes
 from deltavault.restore.options import RestoreOptions
 from deltavault.restore.select import Excluded, Selection, plan
 
@@ -45,7 +47,10 @@ def dry_run(repo: BlobLoader, root_tree: bytes, target: bytes, opts: RestoreOpti
         while stack:
             tid, prefix, s, exists = stack.pop()
             try:
-                nodes = s.listing if s.listing is not None else load_nodes(repo, tid)
+                # The restore's own name check: a ".." or "a/b" from a tampered tree would
+                # otherwise open a directory outside the target and list it.
+                nodes = checked_nodes(s.listing if s.listing is not None else load_nodes(repo, tid),
+                                      display(prefix))
             except DeltavaultError:
                 rep.unreadable.append(prefix)
                 continue
@@ -92,7 +97,7 @@ def _open(root_fd: int | None, relpath: bytes) -> int | None:
 
 
 def _entry(rep: DryRun, opts: RestoreOptions, st: os.stat_result | None, n: Node, path: bytes) -> None:
-    if keep_existing(opts.overwrite, st, n):
+    if keep_existing(opts.overwrite, st, n, restored_owner(n, opts.owner)):
         rep.skipped += 1
         return
     if st is not None and stat.S_ISDIR(st.st_mode) and opts.delete:

@@ -1,7 +1,9 @@
 """``dump``: one file of a snapshot as a byte stream, or a directory as a tar (or zip)
 archive, written to a stream the caller holds (stdout, a file). Nothing touches a file
 system, so none of restore's target checks apply; names inside the archive are the
-snapshot's, checked to be single components as a restore checks them.
+snapshot's, checked as a restore checks them: each a single component and none listed twice
+in one directory (a second "d", a directory after a symlink "d" to a directory outside,
+would make "d/x" in the archive extract through that symlink).
 
 A tar carries mode, owner (ids and names), modification time, symlinks, hard links, FIFOs
 and device nodes; extended attributes and ACLs are left to ``restore``. Holes come out as
@@ -19,12 +21,12 @@ import zipfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from deltavault.fs.paths import check_name
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.reader import read_ref
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import load_nodes
 from deltavault.restore.content import check_sizes
+from deltavault.restore.listing import checked_nodes
 
 _ZERO = bytes(1 << 20)
 _TAR_TYPE = {NodeType.FILE: tarfile.REGTYPE, NodeType.DIR: tarfile.DIRTYPE, NodeType.SYMLINK: tarfile.SYMTYPE,
@@ -82,19 +84,22 @@ def walk_entries(repo: BlobLoader, node: Node, path: bytes) -> Iterator[tuple[by
     depth is fine."""
     yield path, node
     stack: list[tuple[bytes, Iterator[Node]]] = []
+
+    def listing(tree: bytes, where: bytes) -> Iterator[Node]:
+        return iter(checked_nodes(load_nodes(repo, tree), where.decode("utf-8", "surrogateescape")))
+
     if node.type == NodeType.DIR and node.subtree is not None:
-        stack.append((path, iter(load_nodes(repo, node.subtree))))
+        stack.append((path, listing(node.subtree, path)))
     while stack:
         base, it = stack[-1]
         n = next(it, None)
         if n is None:
             stack.pop()
             continue
-        check_name(n.name)
         p = base + b"/" + n.name if base else n.name
         yield p, n
         if n.type == NodeType.DIR and n.subtree is not None:
-            stack.append((p, iter(load_nodes(repo, n.subtree))))
+            stack.append((p, listing(n.subtree, p)))
 
 
 def dump_tar(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: BinaryIO) -> int:

@@ -38,7 +38,7 @@ from deltavault.objects.trees import decode_tree
 from deltavault.progress import NullReporter, Reporter
 from deltavault.restore.content import verify_fd, write_content
 from deltavault.restore.dirs import Dir, Holds, reopen_by_name
-from deltavault.restore.existing import extras, keep_existing, remove
+from deltavault.restore.existing import extras, keep_existing, remove, restored_owner
 from deltavault.restore.listing import checked_nodes
 from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
@@ -267,7 +267,7 @@ class FileRestorer:
             return None  # a path through a non-directory: nothing selected below
         if not parent.fresh:
             st = lstat_at(parent.fd, node.name)
-            if keep_existing(self.opts.overwrite, st, node):
+            if keep_existing(self.opts.overwrite, st, node, restored_owner(node, self.opts.owner)):
                 self.log.count(skipped=1)
                 self.reporter.advance(nbytes=node.size, items=1)
                 return None

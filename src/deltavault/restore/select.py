@@ -14,6 +14,12 @@ from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import load_nodes
 
+# Entries of the listings the planning walk keeps for the restore to reuse, at most, in all.
+# Past it a listing is let go and the restore loads it again: with --include '**/x' the walk
+# reads every directory of the snapshot, and keeping them all made memory grow with the
+# snapshot (millions of files a source's users can make), not with what is restored.
+KEEP_LISTED = 200_000
+
 
 @dataclass
 class Selection:
@@ -36,16 +42,20 @@ def plan(repo: BlobLoader, tree: bytes, includes: list[str], paths: list[str]) -
     matcher = SnapshotMatcher(pats, paths)
     root = Selection(False)
     order: list[Selection] = []  # the directories entered, parents first
+    kept = 0  # entries in the listings kept
     stack: list[tuple[bytes, bytes, Selection]] = [(tree, b"", root)]
     while stack:
         tid, prefix, sel = stack.pop()
         order.append(sel)
         try:
-            sel.listing = load_nodes(repo, tid)
+            nodes = load_nodes(repo, tid)
         except DeltavaultError:
             sel.damaged = True  # kept, so the restore reaches it and says what was lost there
             continue
-        for n in sel.listing:
+        if kept + len(nodes) <= KEEP_LISTED:
+            sel.listing = nodes
+            kept += len(nodes)
+        for n in nodes:
             path = prefix + b"/" + n.name if prefix else n.name
             if matcher.matches(path):
                 sel.children[n.name] = Selection(True)

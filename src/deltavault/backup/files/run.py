@@ -26,8 +26,9 @@ from deltavault.backup.files.previous import (
 from deltavault.backup.files.scan import scan_totals, start_scanner
 from deltavault.backup.files.sources import plan_sources
 from deltavault.chunking.cdc import CdcParams, Chunker
-from deltavault.errors import DeltavaultError
+from deltavault.errors import DeltavaultError, UsageError
 from deltavault.fs.mounts import SNAPSHOT_DIR
+from deltavault.fs.paths import display
 from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.objects.diff import diff_trees
@@ -50,6 +51,9 @@ class BackupRequest:
     snapshot: str = "none"  # auto | btrfs | lvm | vss | none: read from a point-in-time snapshot
     dry_run: bool = False  # read and hash everything, write nothing
     skip_if_unchanged: bool = False  # save no snapshot when the tree equals the parent's
+    # Sources left out before the run (run_backup: a path that is not UTF-8), reported with
+    # the missing ones.
+    left_out: list[Problem] = field(default_factory=list)
 
 
 @dataclass
@@ -119,12 +123,43 @@ def run_backup(repo: Repository, req: BackupRequest, reporter: Reporter | None =
     a point-in-time snapshot of its volume (removed afterwards, also on errors), while the
     snapshot records, and the catalog matches on, the original paths. A run that fails is
     recorded in the repository's status records (reports show it), as far as it can be."""
+    req = _recordable(req)
     if req.dry_run:  # writes nothing to the repository, not even a record of failing
         return _run_from(repo, req, reporter, catalog_path)
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
     with failures_recorded(repo, snapshot_kind="files", paths=logical, hostname=req.hostname,
                            source_id=req.source_id or default_source_id(req.hostname, logical)):
         return _run_from(repo, req, reporter, catalog_path)
+
+
+def _recordable(req: BackupRequest) -> BackupRequest:
+    """A snapshot records its sources' paths as text (and the catalog keys on them), so a
+    source whose path is not UTF-8 cannot be one: it is left out and reported, and the run
+    is partial, as for a missing source (a name in a --files-from-raw list, from ``find
+    -print0`` over a tree where anyone makes names, ended the run with a traceback). Its
+    parent directory backs it up, as any name below a source is stored as raw bytes."""
+    logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
+    bad = [i for i, lp in enumerate(logical) if not _is_text(lp)]
+    if not bad:
+        return req
+    if len(bad) == len(logical):
+        raise UsageError("no source can be recorded: " + ", ".join(display(os.fsencode(lp)) for lp in logical)
+                         + ": a source's path must be UTF-8 (back up its parent directory)")
+    keep = [i for i in range(len(logical)) if i not in set(bad)]
+    left = [Problem(display(os.fsencode(logical[i])), "missing",
+                    "the path is not UTF-8, which a snapshot cannot record as a source; not backed up "
+                    "(back up its parent directory)") for i in bad]
+    return dataclasses.replace(req, paths=[req.paths[i] for i in keep],
+                               logical_paths=[logical[i] for i in keep] if req.logical_paths else None,
+                               left_out=[*req.left_out, *left])
+
+
+def _is_text(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _run_from(repo: Repository, req: BackupRequest, reporter: Reporter | None,
@@ -156,6 +191,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
     logical = req.logical_paths or [os.path.abspath(p) for p in req.paths]
     source_id = req.source_id or default_source_id(req.hostname, logical)
     sources, kept, missing = plan_sources(req.paths, logical)
+    missing = req.left_out + missing
     for m in missing:
         reporter.problem(m.path, m.kind, m.message)
     catalog = None

@@ -69,8 +69,8 @@ def _run_row(src: Source, r: Run) -> str:
             f'<td class="n">{r.files_new:,}</td><td class="n">{r.files_changed:,}</td>'
             f'<td class="n">{r.files_unmodified:,}</td>')
     keep = _t(r.retention + (f" ({'; '.join(r.retention_reasons)})" if r.retention_reasons else ""))
-    return (f'<tr class="{cls}" data-snapshot="{_t(r.snapshot)}" data-status="{r.status}"><td>{_time(r.time)}</td>'
-            f"<td>{_t(r.snapshot[:8]) or '&ndash;'}</td><td>{r.status}</td><td class='n'>{duration(r.seconds)}</td>"
+    return (f'<tr class="{_t(cls)}" data-snapshot="{_t(r.snapshot)}" data-status="{_t(r.status)}"><td>{_time(r.time)}</td>'
+            f"<td>{_t(r.snapshot[:8]) or '&ndash;'}</td><td>{_t(r.status)}</td><td class='n'>{duration(r.seconds)}</td>"
             f"<td class='n'>{human(r.bytes_read)}</td><td class='n'>{human(r.bytes_added)}</td>{what}"
             f"<td class='cs'>{_t(r.change_label)}</td><td>{_why(r)}</td><td>{keep}</td></tr>")
 
@@ -82,7 +82,7 @@ def _timeline(rep: Report) -> str:
     for i, src in enumerate(rep.sources):
         failed = sum(1 for r in src.runs if r.status == "failed")
         partial = sum(1 for r in src.runs if r.status == "partial")
-        out.append(f'<div class="source" data-kind="{src.kind}" data-runs="{len(src.runs)}">'
+        out.append(f'<div class="source" data-kind="{_t(src.kind)}" data-runs="{len(src.runs)}">'
                    f"<h3>{_t(src.kind)}: {_t(', '.join(src.paths))} <span class='meta'>({_t(src.hostname)}, "
                    f"{len(src.runs)} runs, {partial} partial, {failed} failed)</span></h3>")
         if failed < len(src.runs):  # a source with nothing but failures has nothing to draw
@@ -140,7 +140,7 @@ def _where(wb: WhereBytes, i: int) -> str:
             f"<td class='n'>{d.files:,}</td></tr>" for d in wb.directories]))
     if wb.largest:
         parts.append("<h4>Largest changes</h4>" + _table(["file", "change", "size", "added"], [
-            f"<tr><td>{_t(f.path)}</td><td>{f.change}</td><td class='n'>{human(f.size)}</td>"
+            f"<tr><td>{_t(f.path)}</td><td>{_t(f.change)}</td><td class='n'>{human(f.size)}</td>"
             f"<td class='n'>{human(f.bytes_added)}</td></tr>" for f in wb.largest]))
     return "".join(parts) + "</div>"
 
@@ -164,8 +164,8 @@ def _health(h: Health, rep: Report) -> str:
                      "deduplication and compression leave them out.</p>")
     parts.append(charts.health(h, "hl"))
     if h.retention_policy is not None:
-        rows = [f"<tr class='{r.retention}'><td>{_time(r.time)}</td><td>{_t(r.snapshot[:8])}</td>"
-                f"<td>{_t(src.id)}</td><td>{r.retention}</td><td>{_t('; '.join(r.retention_reasons))}</td></tr>"
+        rows = [f"<tr class='{_t(r.retention)}'><td>{_time(r.time)}</td><td>{_t(r.snapshot[:8])}</td>"
+                f"<td>{_t(src.id)}</td><td>{_t(r.retention)}</td><td>{_t('; '.join(r.retention_reasons))}</td></tr>"
                 for src in rep.sources for r in src.runs if r.retention]
         pol = ", ".join(f"{k} {v}" for k, v in h.retention_policy.items() if v not in (0, None, []))
         parts.append(f"<div id='retention' data-keep='{h.retention_keep}' data-forget='{h.retention_forget}'>"
@@ -177,7 +177,10 @@ def _health(h: Health, rep: Report) -> str:
 
 
 def render_html(rep: Report) -> str:
-    data = json.dumps(asdict(rep), separators=(",", ":")).replace("</", "<\\/")
+    # No "<" at all in the block (JSON reads \u003c back as "<"): escaping "</" alone let a
+    # name holding "<!--<script>" put the browser's script parser in its double-escaped
+    # state, where the block's own "</script>" no longer ends it.
+    data = json.dumps(asdict(rep), separators=(",", ":")).replace("<", "\\u003c")
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"

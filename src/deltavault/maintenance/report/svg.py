@@ -24,6 +24,10 @@ from matplotlib.figure import Figure
 
 STYLE: dict[Any, Any] = {
     "svg.fonttype": "none",
+    # Labels carry names from the backup source (directories, host names, change sources):
+    # text is text. With mathtext on, a name such as "$\\bogus$" raised while drawing (the
+    # whole report failed) and "$x$" was typeset instead of shown.
+    "text.parse_math": False,
     "svg.hashsalt": "deltavault",
     "font.size": 8.5,
     "font.family": "sans-serif",
