@@ -35,6 +35,32 @@ FAST_SCRYPT = (2**10, 8, 1)
 PASSWORD = b"test password"
 
 
+# pytest removes the directories of runs before the last three with shutil.rmtree, which
+# recurses (Python 3.11) and fails on the trees thousands deep that the hostile tests make
+# (each test removes its own; a killed run cannot). Its clean-up runs when the first test
+# asks for a temporary directory and again at exit: both get room to recurse here, while
+# the tests themselves keep the default limit (some show that our code does not recurse).
+DEEP_CLEANUP_LIMIT = 60_000
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, DEEP_CLEANUP_LIMIT))
+    try:
+        factory.getbasetemp()
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), DEEP_CLEANUP_LIMIT))
+
+
+
 def needs_root() -> pytest.MarkDecorator:
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts, chown)")
 
