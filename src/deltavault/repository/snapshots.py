@@ -95,12 +95,12 @@ class SnapshotStore:
         if todo:
             for sid, got in self.cache.fetch_many("snapshots", todo,
                                                   on_error=(ObjectNotFound, CorruptionError)).items():
-                if isinstance(got, ObjectNotFound):
-                    continue  # forgotten by another process since it was listed
-                try:
+                if isinstance(got, Exception):  # ObjectNotFound: forgotten since it was listed
                     if isinstance(got, CorruptionError):
-                        raise got
-                    self._opened[sid] = self._decode(sid, got)  # type: ignore[arg-type]
+                        self.damaged[sid] = got.message
+                    continue
+                try:
+                    self._opened[sid] = self._decode(sid, got)
                 except CorruptionError as exc:
                     self.damaged[sid] = exc.message
             self.cache.prune("snapshots", {f"snapshots/{s}" for s in ids})
