@@ -5,7 +5,9 @@ Scenarios follow ../shared/bench/anchors.sh exactly: files-full backs up tree-v1
 files-incr then backs up tree-v2 + db-v2, staged the same way (rsync keeps inodes of
 unchanged files, the database is updated in place). "bytes added" is the growth of the
 repository directory, as anchors.sh measures it. The peers are timed by anchors.sh itself,
-interleaved with our runs, so the ratios compare runs on the same machine state.
+interleaved with our runs, so the ratios compare runs on the same machine state. anchors.sh
+runs them on bench/peers.py's settings (borg repokey-blake2 + zstd,3; restic encrypted,
+compression auto); the run stops if it does not.
 
 Also: a no-change incremental over 100k files (wall time of the whole command).
 
@@ -27,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = ROOT.parent / "shared" / "bench" / "anchors.sh"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from peers import BORG_CREATE, BORG_INIT  # noqa: E402
 
 
 def sh(*cmd: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -84,7 +89,19 @@ def deltavault_files(ds: Path, work: Path, *, encrypted: bool = True) -> dict[st
     return out
 
 
+def check_anchor_settings() -> None:
+    """The peer rows come from anchors.sh: refuse to run if it no longer uses the settings of
+    bench/peers.py (borg repokey-blake2 + zstd,3), so that every peer run in bench/ is on
+    equal settings (issue #18). restic there runs with its defaults, which are peers.py's."""
+    text = ANCHORS.read_text()
+    for tool, args in (("borg init", BORG_INIT), ("borg create", BORG_CREATE)):
+        if " ".join(args) not in text:
+            raise SystemExit(f"{ANCHORS} no longer runs {tool} with {' '.join(args)} (bench/peers.py): "
+                             "its rows would not be on equal settings")
+
+
 def anchors(ds: Path, work: Path, tools: list[str]) -> dict[tuple[str, str], dict]:
+    check_anchor_settings()
     shutil.rmtree(work, ignore_errors=True)
     p = subprocess.run(["bash", str(ANCHORS), str(ds), str(work), *tools], capture_output=True, text=True)
     if p.returncode != 0:

@@ -12,6 +12,9 @@ NBD export against restore --volume. Peers are measured in the same run.
    against ``restore --volume`` of the whole image, then loop mount and copy.
 3. The NBD export read sequentially (nbdcopy to null:) against ``restore --volume`` to a file.
 
+Every tool encrypts and compresses with zstd: the peers with bench/peers.py's settings (borg
+repokey-blake2 and zstd,3; restic repository v2, compression auto).
+
 Usage: bench/mount.py --datasets DIR [--work DIR] [--out FILE] [--size-mib 1024] [--peers restic borg]
 Run it under flock /tmp/dv-bench.lock (root: drops caches, mounts).
 """
@@ -29,6 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
+
 MiB = 1 << 20
 TEN_MIB_FILE = "tree/numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so"
 
@@ -73,11 +80,11 @@ class Tool:
             self.dv("init")
             self.dv("backup", str(src))
         elif self.name == "restic":
-            sh("restic", "init", env=self.env)
-            sh("restic", "backup", str(src), env=self.env)
+            sh("restic", "init", *RESTIC_INIT, env=self.env)
+            sh("restic", "backup", *RESTIC_BACKUP, str(src), env=self.env)
         else:
-            sh("borg", "init", "-e", "repokey", env=self.env)
-            sh("borg", "create", "--compression", "lz4", "::a", str(src), env=self.env)
+            sh("borg", "init", *BORG_INIT, env=self.env)
+            sh("borg", "create", *BORG_CREATE, "::a", str(src), env=self.env)
 
     def mount(self, mnt: Path) -> subprocess.Popen[bytes]:
         mnt.mkdir(exist_ok=True)
@@ -242,7 +249,7 @@ def main() -> None:
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     peers = [p for p in a.peers if shutil.which(p)]
-    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
+    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "peer_settings": DESCRIPTION,
               "file": file_reads(a.work, a.size_mib, peers)}
     if not a.skip_volume:
         result["volume"] = volume(a.work, a.datasets)

@@ -2,8 +2,9 @@
 """Backup and restore to S3: files-full (tree-v1 + db-v1), files-incr (then tree-v2 + db-v2,
 staged as anchors.sh stages them) and a full restore of the files-full snapshot, for
 deltavault and restic's S3 backend, against one SeaweedFS on 127.0.0.1 (the test suite's,
-tests/seaweed.py), in the same run, round by round. Both encrypt and compress with their
-defaults (deltavault: AES-256-GCM, zstd 'auto'; restic: repository v2, compression auto).
+tests/seaweed.py), in the same run, round by round. Both encrypt and compress with zstd
+(deltavault: AES-256-GCM, zstd 'auto'; restic: bench/peers.py, repository v2 and
+compression auto, its defaults, named).
 
 Timed rounds talk to the server directly. One more round goes through the counting proxy of
 the tests (tests/s3proxy.py), the same instrument for both tools, for the requests and the
@@ -28,7 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from peers import RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
 from tests.loopdev import fresh_fs  # noqa: E402
 from tests.s3proxy import proxy  # noqa: E402
 from tests.seaweed import Seaweed, server  # noqa: E402
@@ -73,7 +76,7 @@ def commands(tool: str, url: str, paths: list[str]) -> dict[str, list[str]]:
         return {"init": [*dv, "init"], "backup": [*dv, "backup", *paths],
                 "restore": [*dv, "restore", "{id}", "--target"]}
     r = ["restic", "-r", url, "-o", "s3.bucket-lookup=path"]
-    return {"init": [*r, "init"], "backup": [*r, "backup", "-q", *paths],
+    return {"init": [*r, "init", *RESTIC_INIT], "backup": [*r, "backup", "-q", *RESTIC_BACKUP, *paths],
             "restore": [*r, "restore", "{id}", "-q", "--target"]}
 
 

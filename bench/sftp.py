@@ -2,8 +2,9 @@
 """Backup and restore, local and over SFTP: the files-full backup (tree-v1 + db-v1) and its
 restore, with a local repository and with an sftp repository on a real OpenSSH server on
 127.0.0.1, for deltavault, restic (whose sftp backend pipes through the ssh binary) and borg (which
-runs `borg serve` on the host over ssh), in the same run, round by round. borg runs
-unencrypted with its default lz4, as anchors.sh runs it.
+runs `borg serve` on the host over ssh), in the same run, round by round. Every tool
+encrypts and compresses with zstd, with the settings of bench/peers.py (borg repokey-blake2
+and zstd,3; restic repository v2 with compression auto), as anchors.sh runs them.
 
 Needs root (restores go to a fresh ext4 on a loop device each time).
 
@@ -25,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
 from tests.loopdev import fresh_fs  # noqa: E402
 from tests.sshd import sshd  # noqa: E402  (the test suite's server, so both run the same sshd)
 
@@ -75,18 +78,18 @@ def one_round(ds: Path, work: Path) -> dict[str, float]:
                 [*dv, "-r", repo, "restore", "latest", "--target"], env, work)
         opt = ["-o", f"sftp.command=ssh -F {srv.ssh_config} dvtest -s sftp"]
         for name, repo in (("local", str(work / "restic-local")), ("sftp", f"sftp:dvtest:{work}/restic-sftp")):
-            timed(["restic", "-r", repo, *opt, "init"], env)
+            timed(["restic", "-r", repo, *opt, "init", *RESTIC_INIT], env)
             subprocess.run(["sync"], check=True)
-            out[f"restic {name} backup"] = timed(["restic", "-r", repo, *opt, "backup", "-q", *paths], env)
+            out[f"restic {name} backup"] = timed(["restic", "-r", repo, *opt, "backup", "-q", *RESTIC_BACKUP, *paths], env)
             out[f"restic {name} restore"] = restore_timed(
                 ["restic", "-r", repo, *opt, "restore", "latest", "-q", "--target"], env, work)
         # borg 1.2 has no sftp backend: remotely it runs `borg serve` on the host over ssh.
         env.update(BORG_RSH=f"ssh -F {srv.ssh_config}", BORG_BASE_DIR=str(work / "borg-base"),
-                   BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+                   BORG_PASSPHRASE="bench")
         for name, repo in (("local", str(work / "borg-local")), ("ssh", f"ssh://dvtest{work}/borg-ssh")):
-            timed(["borg", "init", "-e", "none", repo], env)
+            timed(["borg", "init", *BORG_INIT, repo], env)
             subprocess.run(["sync"], check=True)
-            out[f"borg {name} backup"] = timed(["borg", "create", f"{repo}::a", *paths], env)
+            out[f"borg {name} backup"] = timed(["borg", "create", *BORG_CREATE, f"{repo}::a", *paths], env)
             out[f"borg {name} restore"] = restore_timed(["borg", "extract", f"{repo}::a"], env, work, cwd=True)
     return out
 
@@ -112,7 +115,7 @@ def main() -> None:
         for where, peer, pwhere in (("local", "restic", "local"), ("sftp", "restic", "sftp"),
                                     ("local", "borg", "local"), ("sftp", "borg", "ssh"))}
     result = {"rounds": rounds, "medians": medians, "ratios": ratios,
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peer_settings": DESCRIPTION}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({"medians": medians, "ratios": ratios}, indent=1))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 
 from deltavault.cli.cmd_forget import add_policy_options, group_by_of, policy_of
@@ -33,6 +32,7 @@ def run(ctx: Context) -> int:
     a = ctx.args
     try:  # matplotlib and numpy are the optional extra "report"
         from deltavault.maintenance.report.build import build_report
+        from deltavault.maintenance.report.data import as_data
         from deltavault.maintenance.report.page import render_html
         from deltavault.maintenance.report.select import ReportOptions
     except ImportError as exc:
@@ -56,7 +56,7 @@ def run(ctx: Context) -> int:
             out.abort()
         raise
     where = str(out.path) if out is not None else None
-    ctx.emit({"type": "report", "html": where, **asdict(rep)},
+    ctx.emit({"type": "report", "html": where, **as_data(rep)},
              f"report of {rep.snapshots} snapshot(s) of {len(rep.sources)} source(s) written to {where} "
              f"({human(size)})" + "".join(f"\nwarning: {w}" for w in rep.warnings))
     return 0

@@ -98,13 +98,14 @@ def apply_policy(snaps: Sequence[tuple[str, Snapshot]], policy: Policy, *,
     last_bucket: dict[str, object] = {}
     newest = snapshot_time(ordered[0][1]) if ordered else None
     out: list[Decision] = []
+    bucketers = _bucketers(tz)
     for sid, snap in ordered:
         reasons: list[str] = []
         t = snapshot_time(snap)
         if counts["last"] != 0:
             reasons.append("last")
             counts["last"] -= 1
-        for rule, bucket_of in _bucketers(tz):
+        for rule, bucket_of in bucketers:
             if counts[rule] == 0:
                 continue
             b = bucket_of(t)

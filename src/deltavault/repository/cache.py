@@ -9,6 +9,8 @@ downloads only what is new.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -17,6 +19,7 @@ from deltavault.backends.base import Backend
 from deltavault.errors import CorruptionError
 from deltavault.fs.files import (
     read_cache_file,
+    read_cache_files,
     remove_cache_file,
     remove_cache_files,
     write_cache_file,
@@ -74,6 +77,38 @@ class ObjectCache:
                 raise CorruptionError(f"{name}: content does not match its name (damaged)")
             self.put(name, data)
         return data
+
+    def fetch_many(self, folder: str, leaves: Iterable[str], *,
+                   on_error: type[Exception] | tuple[type[Exception], ...] = ()) -> dict[str, bytes | Exception]:
+        """``fetch`` of the objects ``folder/leaf`` for many leaves at once, by leaf: the
+        cached ones read through one opened directory, the others downloaded on a few
+        threads (each a round trip on a remote backend) and cached. Each is checked against
+        its name as ``fetch`` checks it. An error of the types ``on_error`` is returned in
+        place of that object's bytes; any other is raised."""
+        leaves = list(leaves)
+        got: dict[str, bytes | Exception] = {}
+        if self.dir is not None:
+            safe = [leaf for leaf in leaves  # as _path judges a name, without a Path each
+                    if leaf and leaf not in (".", "..") and "/" not in leaf and "\0" not in leaf]
+            for leaf, data in read_cache_files(self.dir / folder, safe).items():
+                if _named_by_content(f"{folder}/{leaf}", data):
+                    got[leaf] = data
+                else:
+                    self.remove(f"{folder}/{leaf}")
+        missing = [leaf for leaf in leaves if leaf not in got]
+
+        def one(leaf: str) -> bytes | Exception:
+            try:
+                return self.fetch(f"{folder}/{leaf}")
+            except on_error as exc:
+                return exc
+
+        if len(missing) > 4:
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dv-fetch") as pool:
+                got.update(zip(missing, pool.map(one, missing), strict=True))
+        else:
+            got.update((leaf, one(leaf)) for leaf in missing)
+        return got
 
     def remove(self, name: str) -> None:
         path = self._path(name)

@@ -10,11 +10,18 @@ view of it, and ``deltavault report --json`` prints the same.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from html import escape
 
 from deltavault.maintenance.report import charts
-from deltavault.maintenance.report.data import Health, Heatmap, Report, Run, Source, WhereBytes
+from deltavault.maintenance.report.data import (
+    Health,
+    Heatmap,
+    Report,
+    Run,
+    Source,
+    WhereBytes,
+    as_data,
+)
 from deltavault.maintenance.report.fmt import duration, human, ratio
 from deltavault.maintenance.report.heatmap import partition_of, region_range
 from deltavault.maintenance.report.svg import style
@@ -180,7 +187,7 @@ def render_html(rep: Report) -> str:
     # No "<" at all in the block (JSON reads \u003c back as "<"): escaping "</" alone let a
     # name holding "<!--<script>" put the browser's script parser in its double-escaped
     # state, where the block's own "</script>" no longer ends it.
-    data = json.dumps(asdict(rep), separators=(",", ":")).replace("<", "\\u003c")
+    data = json.dumps(as_data(rep), separators=(",", ":")).replace("<", "\\u003c")
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
