@@ -22,7 +22,7 @@ from typing import Any
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
 from deltavault.tracking.volume.access import ReadOnlyAccess
-from deltavault.tracking.volume.qemu import NbdReader, NbdServer, image_info
+from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
 QEMU_ONLY = ("vhdx", "vmdk")
@@ -69,7 +69,7 @@ def check_info(path: str, fmt: str, info: dict[str, Any], *, probed: bool) -> No
                           "read only with --source-format given explicitly")
 
 
-class ImageAccess(ReadOnlyAccess):
+class ImageAccess(ReadOnlyAccess, NbdHeld):
     """A VHDX or VMDK image (any format qemu-nbd reads), read-only through qemu-nbd."""
 
     kind = "image"
@@ -95,9 +95,4 @@ class ImageAccess(ReadOnlyAccess):
         return self.reader
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        self._disconnect()

@@ -199,7 +199,23 @@ class NbdServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class QcowAccess:
+class NbdHeld:
+    """An access that reads through a qemu-nbd of its own: ``_disconnect`` lets go of the
+    reader, then stops the server (both may already be gone)."""
+
+    reader: NbdReader | None
+    server: NbdServer | None
+
+    def _disconnect(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class QcowAccess(NbdHeld):
     """A qcow2 image. ``track``: manage dirty bitmaps (else only read the image)."""
 
     kind = "qcow2"
@@ -262,14 +278,6 @@ class QcowAccess:
         except SourceError as exc:
             return str(exc)
         return None
-
-    def _disconnect(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
 
     def commit(self) -> list[str]:
         self._disconnect()
