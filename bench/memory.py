@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.files import stage  # noqa: E402
+from bench.procs import children  # noqa: E402
 
 MiB = 1 << 20
 
@@ -88,19 +89,6 @@ def _cmd(pid: int) -> str:
         return "?"
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
 
 
 def measured(argv: list[str], env: dict[str, str], interval: float = 0.005) -> Run:
@@ -123,7 +111,7 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005) -> R
                     cmd = _cmd(pid)
                     if cmd == parent_cmd:
                         # Between (v)fork and exec: the parent's pages, not memory of its own.
-                        todo += [(c, cmd) for c in _children(pid)]
+                        todo += [(c, cmd) for c in children(pid)]
                         continue
                     st = _status(pid)
                     total += st.get(b"VmRSS", 0)
@@ -131,7 +119,7 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005) -> R
                     if b"VmHWM" in st:
                         hwm[pid] = max(hwm.get(pid, 0), st[b"VmHWM"])
                         names[pid] = cmd
-                    todo += [(c, cmd) for c in _children(pid)]
+                    todo += [(c, cmd) for c in children(pid)]
                 peak_sum = max(peak_sum, total)
                 peak_pss = max(peak_pss, pss)
                 time.sleep(interval)

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.procs import children  # noqa: E402
 from tests.treeutil import content_digest  # noqa: E402
 
 GiB = 1 << 30
@@ -69,19 +70,6 @@ def _hwm(pid: int) -> int | None:
     return None
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
 
 
 def run_measured(argv: list[str], env: dict[str, str], *, interval: float = 0.02) -> Measured:
@@ -100,7 +88,7 @@ def run_measured(argv: list[str], env: dict[str, str], *, interval: float = 0.02
                     hwm = _hwm(pid)
                     if hwm is not None:
                         peaks[pid] = max(peaks.get(pid, 0), hwm)
-                    todo += _children(pid)
+                    todo += children(pid)
                 time.sleep(interval)
 
         sampler = threading.Thread(target=sample, daemon=True)
