@@ -35,7 +35,7 @@ FAST_SCRYPT = (2**10, 8, 1)
 PASSWORD = b"test password"
 
 
-# pytest removes the directories of runs before the last three with shutil.rmtree, which
+# pytest removes the directories of runs before the last two with shutil.rmtree, which
 # recurses (Python 3.11) and fails on the trees thousands deep that the hostile tests make
 # (each test removes its own; a killed run cannot). Its clean-up runs when the first test
 # asks for a temporary directory and again at exit: both get room to recurse here, while
@@ -58,6 +58,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     sys.setrecursionlimit(max(sys.getrecursionlimit(), DEEP_CLEANUP_LIMIT))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    # tmp_path of a passed test is removed at its teardown (retention policy "failed");
+    # shutil.rmtree recurses once per level, and some tests build trees deeper than the
+    # default limit. Raised only here, so the code under test still meets the default.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, DEEP_CLEANUP_LIMIT))
+    try:
+        return (yield)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 
