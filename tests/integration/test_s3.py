@@ -5,7 +5,6 @@ server, and bad input."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from deltavault.errors import UsageError
 from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
+from tests.remote_volume import volume_round_trip
 from tests.s3proxy import Proxy, proxy
 from tests.seaweed import Seaweed
 from tests.treeutil import manifest
@@ -134,24 +134,7 @@ def test_every_command_end_to_end(scli: Cli, s3proxy: Proxy, seaweed: Seaweed, b
 
 
 def test_volume_backup_and_restore(scli: Cli, tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i in range(20):
-        (tree / f"f{i}").write_bytes(os.urandom(200_000))
-    img = tmp_path / "disk.img"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(img), "32M"], check=True)
-    assert scli("init").returncode == 0
-    assert scli("backup", "--volume", str(img), "--free-space", "read").returncode == 0
-    with open(img, "r+b") as f:
-        f.seek(20 << 20)
-        f.write(b"raw bytes")
-    r = scli("--json", "backup", "--volume", str(img), "--free-space", "read")
-    assert r.returncode == 0, r.stderr
-    assert r.last("summary")["bytes_downloaded"] < 4096
-    out = tmp_path / "out.img"
-    r = scli("restore", "--volume", "latest", str(out), "--verify")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(img.read_bytes()).digest()
+    volume_round_trip(scli, tmp_path)
 
 
 # --------------------------------------------------------------------------- faults

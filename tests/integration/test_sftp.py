@@ -22,6 +22,7 @@ from deltavault.restore.options import RestoreOptions
 from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
 from tests.loopdev import umount
+from tests.remote_volume import volume_round_trip
 from tests.sshd import Server, missing_tools
 from tests.treeutil import manifest
 
@@ -223,26 +224,4 @@ def test_proxyjump_and_proxycommand_from_the_ssh_config(server: Server, tmp_path
 
 
 def test_volume_backup_and_restore_over_sftp(scli: Cli, tmp_path: Path) -> None:
-    """The volume engine needs nothing of the backend but the object store: an ext4 image,
-    built without mounting, backed up twice and restored sha256-equal over SFTP."""
-    import hashlib
-
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i in range(20):
-        (tree / f"f{i}").write_bytes(os.urandom(200_000))
-    img = tmp_path / "disk.img"
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tree), str(img), "32M"], check=True)
-    assert scli("init").returncode == 0
-    assert scli("backup", "--volume", str(img), "--free-space", "read").returncode == 0
-    with open(img, "r+b") as f:  # a raw change the file system does not know of
-        f.seek(20 << 20)
-        f.write(b"raw bytes")
-    r = scli("--json", "backup", "--volume", str(img), "--free-space", "read")
-    assert r.returncode == 0, r.stderr
-    s = r.last("summary")
-    assert s["bytes_downloaded"] < 4096, s  # the parent's digests come from the local cache
-    out = tmp_path / "out.img"
-    r = scli("restore", "--volume", "latest", str(out), "--verify")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(img.read_bytes()).digest()
+    volume_round_trip(scli, tmp_path)
