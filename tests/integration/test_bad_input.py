@@ -25,20 +25,6 @@ from tests.loopdev import fresh_fs
 from tests.treeutil import manifest
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory that user nobody can reach (pytest's own tmp root is private to root)."""
-    import shutil
-    import tempfile
-
-    d = Path(tempfile.mkdtemp(prefix="dv-nobody-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 @needs_root()
 @needs_tools("setpriv")
 def test_unreadable_files_are_listed_and_the_rest_is_saved(shared_dir: Path, cli: Cli) -> None:

@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,17 +41,6 @@ pytestmark = [needs_root(), pytest.mark.root, needs_tools("rsync", "setfacl", "m
 
 PATH_MAX = 4096
 no_sshd = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory user nobody can reach (pytest's own tmp root is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="dv-sync-hostile-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        remove_tree(d)
 
 
 @pytest.fixture
