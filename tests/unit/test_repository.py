@@ -89,3 +89,31 @@ def test_orphan_packs_are_adopted(tmp_path: Path, make_repo) -> None:
     assert not any(r2.has_blob(i) for i in ids)
     assert r2.adopt_orphan_packs() == 1
     assert all(r2.load_blob(i) for i in ids)
+
+
+def test_ctrl_c_inside_a_local_put_leaves_no_temp_file(tmp_path: Path) -> None:
+    """Ctrl-C (or SIGTERM, which deltavault turns into the same) lands as KeyboardInterrupt in
+    whatever the main thread runs, here a put: its temp file goes too (CI found one left)."""
+    import signal
+
+    backend = LocalBackend(tmp_path / "r")
+    data = bytes(64 << 20)
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for attempt in range(20):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0.002)
+                backend.put(f"data/{attempt:064x}", data)
+            except KeyboardInterrupt:
+                break
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        else:
+            pytest.fail("the interrupt never landed inside a put")
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert not list((tmp_path / "r").rglob(".tmp-*"))

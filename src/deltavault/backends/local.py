@@ -160,12 +160,16 @@ class LocalBackend:
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
-        except OSError as exc:
+        except BaseException as exc:
+            # Ctrl-C or SIGTERM lands as KeyboardInterrupt in whichever put the main thread is
+            # in: its temp file goes too, not only on an OSError.
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-            _raise_for(exc, name)
+            if isinstance(exc, OSError):
+                _raise_for(exc, name)
+            raise
         finally:
             with _writing_lock:
                 _writing.discard(str(tmp))

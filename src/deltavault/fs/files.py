@@ -211,11 +211,13 @@ def write_cache_file(path: Path, data: bytes) -> bool:
         finally:
             os.close(fd)
         os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except OSError:
+    except BaseException as exc:  # Ctrl-C too: a full disk or an interrupt keeps no partial file
         try:
-            os.unlink(tmp, dir_fd=dfd)  # a full cache disk must not keep the partial file
+            os.unlink(tmp, dir_fd=dfd)
         except OSError:
             pass
+        if not isinstance(exc, OSError):
+            raise
         return False
     finally:
         os.close(dfd)
