@@ -99,8 +99,6 @@ def run(ctx: Context) -> int:
             ctx.warn("--limit-upload and --limit-download hold a sync with another host; this one is local")
         else:  # the ssh connection runs through a relay that keeps to the rates
             a.rsh = shlex.join(wrap(shlex.split(a.rsh), a.limit_upload, a.limit_download))
-    if a.streams and (src_host is not None or where is not None):
-        raise UsageError("--streams works between local paths only (NTFS streams do not cross ssh yet)")
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
     snap_info: dict[str, Any]

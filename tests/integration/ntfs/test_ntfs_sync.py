@@ -82,11 +82,6 @@ def test_sync_ntfs_to_ext4_names_what_it_could_not_keep(tmp_path: Path) -> None:
     assert text.returncode == 0  # not NTFS: nothing said
 
 
-def test_streams_refused_with_another_host(tmp_path: Path) -> None:
-    r = dv("sync", str(tmp_path), "somehost:/srv/x", "--streams")
-    assert r.returncode != 0 and "--streams works between local paths only" in r.stderr
-
-
 def test_xattrs_from_ntfs_leave_the_stream_list_alone(tmp_path: Path) -> None:
     """ntfs-3g lists ``ntfs.streams.list`` as an xattr of some files (not of all: not of this
     one on ntfs-3g 2022.10.3, seen on others): --xattrs does not try to copy it (no file
@@ -136,3 +131,38 @@ def test_worker_processes_carry_ntfs_metadata(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert summary(r)["workers"] >= 1 and summary(r)["ntfs_not_kept"] == 9, summary(r)  # 4 files, 5 dirs
     assert os.getxattr(tmp_path / "ext4" / "sub3" / "f", "user.s") == b"stream 3"
+
+
+def test_stream_of_a_file_renamed_over_is_read_fresh(tmp_path: Path) -> None:
+    """The kernel keeps a stream's pages under the name ``f:s``: once another file is
+    renamed over ``f``, reading ``f:s`` gave the old file's stream (silently: a wrong copy)
+    until they were dropped."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        (src / "d").mkdir()
+        (src / "d" / "f").write_text("f")
+        Path(f"{src / 'd' / 'f'}:s").write_bytes(b"old stream")
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        (src / "d" / ".t").write_text("g")
+        Path(f"{src / 'd' / '.t'}:s").write_bytes(b"new stream")
+        os.rename(src / "d" / ".t", src / "d" / "f")
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+    with ntfs(tmp_path, "dst") as dst:
+        assert Path(f"{dst / 'd' / 'f'}:s").read_bytes() == b"new stream"
+
+
+def test_changed_stream_alone_is_synced(tmp_path: Path) -> None:
+    """Only a stream changed (the file's own data is the same, its mtime moved): the file
+    is not kept as it was, its streams are copied again."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        (src / "d").mkdir()
+        (src / "d" / "f").write_text("same data")
+        Path(f"{src / 'd' / 'f'}:s").write_bytes(b"version 1")
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        Path(f"{src / 'd' / 'f'}:s").write_bytes(b"version 2")
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+    with ntfs(tmp_path, "dst") as dst:
+        assert Path(f"{dst / 'd' / 'f'}:s").read_bytes() == b"version 2"

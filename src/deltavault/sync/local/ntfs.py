@@ -11,9 +11,6 @@ from dataclasses import dataclass, field
 
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
-    STREAM_XATTR_MAX,
-    WINDOWS,
-    XATTR_STREAM,
     ReadResult,
     probe,
     read_meta,
@@ -67,28 +64,7 @@ class LocalNtfs:
                            ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """SRC's xattrs and its small streams as ``user.`` xattrs (``xattr_streams``), and
         what could not be (streams over 64 KiB)."""
-        merged = dict(xattrs or [])
-        lost: list[str] = []
-        if self.src.view.streams != WINDOWS:
-            return sorted(merged.items()), lost  # xattr interface: they are SRC's user.* already
-        h, _ = handle_at(sdir, name)
-        try:
-            names = read_meta(fd_path(h), self.src.view).stream_names
-        finally:
-            os.close(h)
-        for s in names:
-            if not valid_stream_name(s):
-                continue
-            sfd = self.src.open_stream(sdir, name, s, ino)
-            try:
-                size = os.fstat(sfd).st_size
-                if size > STREAM_XATTR_MAX:
-                    lost.append(f"stream {display(s)} ({size} bytes)")
-                    continue
-                merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
-            finally:
-                os.close(sfd)
-        return sorted(merged.items()), lost
+        return self.src.with_stream_xattrs(xattrs, sdir, name, ino)
 
     # ------------------------------------------------------------------ files
     def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
@@ -158,6 +134,19 @@ class LocalNtfs:
             return self.dst.apply(fd_path(dh), src)[0]
         finally:
             os.close(sh)
+            os.close(dh)
+
+    def streams_may_differ(self, fd: int, dfd: int, name: bytes, dst: os.stat_result) -> bool:
+        """A file of the same data and another mtime is copied again when it has streams on
+        either side: a stream write moves only its file's mtime (ntfs-3g says no more)."""
+        if not self.opts.streams or not self.dst.file_streams or self.dst.view is None:
+            return False
+        if read_meta(fd, self.src.view).stream_names:
+            return True
+        dh, _ = expect_identity(dfd, name, identity(dst))
+        try:
+            return bool(read_meta(fd_path(dh), self.dst.view).stream_names)
+        finally:
             os.close(dh)
 
     def read_dir(self, sfd: int) -> ReadResult | None:

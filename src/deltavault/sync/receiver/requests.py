@@ -19,9 +19,10 @@ from deltavault.sync.data import file_digest
 from deltavault.sync.receiver.core import Receiver
 from deltavault.sync.receiver.dirs import OpenDirs
 from deltavault.sync.receiver.entries import open_existing
-from deltavault.sync.receiver.incoming import DELTA_MAX, receive_delta, receive_whole
+from deltavault.sync.receiver.incoming import receive_delta, receive_whole
 from deltavault.sync.receiver.records import AgentOutcomes
 from deltavault.sync.receiver.temps import Where
+from deltavault.sync.remote import DELTA_MAX
 from deltavault.sync.tree import join
 from deltavault.sync.wire import GROUP, Entry, Frames, Paths
 
@@ -91,7 +92,10 @@ class Requests:
         if dst is None or not stat.S_ISREG(dst.st_mode):
             return "whole"
         if dst.st_size == e.st.st_size:
-            if self.opts.checksum or dst.st_mtime_ns != e.st.st_mtime_ns:
+            moved = dst.st_mtime_ns != e.st.st_mtime_ns
+            if self.rx.ntfs is not None and self.rx.ntfs.streams_differ(dfd, e.name, e.win, dst, moved):
+                return self._changed_how(dst, e)  # (each stream then goes whole or by delta)
+            if self.opts.checksum or moved:
                 return "check"
             return self._same(dfd, crel, e, dst)
         return self._changed_how(dst, e)
@@ -127,7 +131,7 @@ class Requests:
             if rel in self.link_dirs:  # making the links would change its mtime
                 self.deferred.append((rel, e, self.dirs.ids[rel]))
                 return
-            self.rx.dir_meta(fd, rel, e.st, e.xattrs)
+            self._dir_meta(fd, rel, e)
         except OSError as exc:
             self.out.os_problem(rel, exc)
         finally:
@@ -149,6 +153,8 @@ class Requests:
         """Content is equal: keep it (nothing wanted), or "whole" when it must be sent anew
         (its metadata differs, and it has other links, maybe to a file outside DST)."""
         kept = self.rx.keep(dfd, e.name, crel, e.st, dst, e.xattrs, group=e.extra == GROUP)
+        if kept and self.rx.ntfs is not None:
+            self.rx.meta_problems(crel, self.rx.ntfs.fix_kept(dfd, e.name, dst, e.win))
         return None if kept else "whole"
 
     def check(self, req: dict[str, Any]) -> list[list[Any]]:
@@ -200,8 +206,13 @@ class Requests:
             fd = self.dirs.get(rel)  # reopened from DST's root, each level checked
             if identity(os.fstat(fd)) != ident:
                 raise Replaced("another directory stands here")
-            self.rx.dir_meta(fd, rel, e.st, e.xattrs)
+            self._dir_meta(fd, rel, e)
         except OSError as exc:
             self.out.os_problem(rel, exc)
         finally:
             self.dirs.forget(rel)
+
+    def _dir_meta(self, fd: int, rel: bytes, e: Entry) -> None:
+        self.rx.dir_meta(fd, rel, e.st, e.xattrs)
+        if self.rx.ntfs is not None:
+            self.rx.ntfs.finish_dir(fd, rel, e.win, self.out)

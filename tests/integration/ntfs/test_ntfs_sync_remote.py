@@ -1,0 +1,105 @@
+"""sync --acl --streams with another host (the suite's sshd on 127.0.0.1, the real CLI and
+OpenSSH at both ends): from an ntfs-3g mount onto another byte for byte, pushed and
+pulled; onto ext4 with the log naming what could not be kept; a changed stream sent by
+remote delta; --verify reading streams back. Compared through getfattr, as the local tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_root, needs_tools
+from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
+from tests.integration.ntfs.test_ntfs_sync import BIG, ENTRIES, populate, streams_of
+from tests.integration.sync.conftest import REMOTE, dv, summary
+from tests.sshd import Server, missing_tools, sshd
+
+pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr"), pytest.mark.root,
+              pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with sshd(tmp_path) as srv:
+        yield srv
+
+
+def sync(server: Server, how: str, src: Path, dst: Path, *flags: str):  # type: ignore[no-untyped-def]
+    """A push (DST on the far side) or a pull (SRC on the far side), through the sshd."""
+    s, d = (str(src), f"dvtest:{dst}") if how == "push" else (f"dvtest:{src}", str(dst))
+    return dv("--json", "sync", "--remote-command", REMOTE, *flags, s, d,
+              env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_ntfs_to_ntfs_over_ssh_is_byte_identical(server: Server, tmp_path: Path, how: str) -> None:
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        before = {e: ntfs_view(src, e) for e in ENTRIES}
+        want = streams_of(src / "data" / "doc.txt")
+        r = sync(server, how, src / "data", dst / "data", "--acl", "--streams", "--verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+        s = summary(r)
+        assert s["ntfs_not_kept"] == 0 and s["problems"] == [], s
+        # --verify read the streams back too: the two files and their 10 + 5 MiB of streams
+        assert s["bytes_verified"] == len("hello\n") + len("ro\n") + 10 + BIG, s
+        # Nothing changed: nothing is sent again.
+        r = sync(server, how, src / "data", dst / "data", "--acl", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["bytes_written"] == 0 and summary(r)["wire_sent"] < 64 << 10, summary(r)
+    with ntfs(tmp_path, "dst") as dst:
+        after = {e: ntfs_view(dst, e) for e in ENTRIES}
+        assert streams_of(dst / "data" / "doc.txt") == want
+    for e in ENTRIES:
+        assert after[e] == before[e], e
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_ntfs_to_ext4_over_ssh_names_what_it_could_not_keep(server: Server, tmp_path: Path, how: str) -> None:
+    log = tmp_path / "sync.log"
+    dst = tmp_path / "ext4"  # tmp_path is on the root file system: ext4 on this VM
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+        r = sync(server, how, src / "data", dst, "--acl", "--streams", "--log", str(log))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = summary(r)
+    assert s["ntfs_not_kept"] == 4, s  # data, doc.txt, readonly.txt, sub
+    assert os.getxattr(dst / "doc.txt", "user.small") == b"0123456789"
+    lines = {ln.split("\t")[5]: ln.split("\t")[6] for ln in log.read_text().splitlines()}
+    assert lines["doc.txt"] == ("NTFS not kept on DST: stream big (5242880 bytes), security descriptor, "
+                                "DOS attributes, creation time"), lines
+    assert lines["sub"].startswith("NTFS not kept on DST: security descriptor, DOS attributes"), lines
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_changed_stream_travels_by_delta(server: Server, tmp_path: Path, how: str) -> None:
+    """Three 4 KiB pages of a 5 MiB stream change, twice: the file's own data is unchanged
+    (its size too; only its mtime moved), and what crosses the wire is about those pages.
+    The second time, DST's stream is the one the first run renamed into place, while the
+    kernel still caches the pages it read of the stream before (ntfs-3g gives streams no
+    inode of their own): they must not be taken as the old version."""
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        r = sync(server, how, src / "data", dst / "data", "--acl", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        big = Path(f"{src / 'data' / 'doc.txt'}:big")
+        for round in range(2):
+            with open(big, "r+b") as f:
+                for off in (4096 * (round + 1), 2 << 20, BIG - 8192):
+                    f.seek(off)
+                    f.write(os.urandom(4096))
+            r = sync(server, how, src / "data", dst / "data", "--acl", "--streams", "--verify")
+            assert r.returncode == 0, r.stdout + r.stderr
+            s = summary(r)
+            assert s["problems"] == [] and s["delta_wire_bytes"] == 3 * 4096, (round, s["delta_wire_bytes"], s["problems"])
+            wire = s["wire_sent"] if how == "push" else s["wire_received"]
+            assert wire < 256 << 10, s  # far below the 5 MiB stream
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst", options="noatime") as dst:
+        for e in ENTRIES:
+            assert ntfs_view(dst, e) == ntfs_view(src, e), e
+        assert streams_of(dst / "data" / "doc.txt") == streams_of(src / "data" / "doc.txt")
