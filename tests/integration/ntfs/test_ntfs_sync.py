@@ -46,9 +46,11 @@ def test_sync_ntfs_to_ntfs(tmp_path: Path) -> None:
     with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
         before = {e: ntfs_view(src, e) for e in ENTRIES}
         want = streams_of(src / "data" / "doc.txt")
-        r = dv("--json", "sync", str(src / "data"), str(dst / "data"), "--acl", "--streams")
+        r = dv("--json", "sync", str(src / "data"), str(dst / "data"), "--acl", "--streams", "--verify")
         assert r.returncode == 0, r.stdout + r.stderr
         assert summary(r)["ntfs_not_kept"] == 0
+        # --verify read the streams back too: the two files and their 10 + 5 MiB of streams
+        assert summary(r)["bytes_verified"] == len("hello\n") + len("ro\n") + 10 + BIG, summary(r)
         # Only the descriptor changes (the ctime alone moves): the next run sets it again.
         f = src / "data" / "readonly.txt"
         sd = os.getxattr(f, "system.ntfs_acl")

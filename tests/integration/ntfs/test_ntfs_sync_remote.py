@@ -6,11 +6,15 @@ remote delta; --verify reading streams back. Compared through getfattr, as the l
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from deltavault.fs import ntfs as ntfsmod
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.push import PushSyncer
+from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
 from tests.integration.ntfs.test_ntfs_sync import BIG, ENTRIES, populate, streams_of
@@ -103,3 +107,68 @@ def test_changed_stream_travels_by_delta(server: Server, tmp_path: Path, how: st
         for e in ENTRIES:
             assert ntfs_view(dst, e) == ntfs_view(src, e), e
         assert streams_of(dst / "data" / "doc.txt") == streams_of(src / "data" / "doc.txt")
+
+
+def test_default_mount_over_ssh_says_what_it_cannot_read(server: Server, tmp_path: Path) -> None:
+    """SRC mounted without streams_interface (ntfs-3g's default, xattr): the small stream
+    travels (as a stream onto DST's windows interface), the one over 64 KiB cannot be read
+    there, which the run names; the rest is synced."""
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", streams=None) as src, ntfs(tmp_path, "dst") as dst:
+        r = sync(server, "push", src / "data", dst / "data", "--acl", "--streams")
+        assert r.returncode == 3, r.stdout + r.stderr
+        problems = summary(r)["problems"]
+        assert [(p["path"], p["kind"]) for p in problems] == [("doc.txt", "metadata")], problems
+        assert "over 64 KiB" in problems[0]["message"] and "streams_interface=windows" in problems[0]["message"]
+        assert streams_of(dst / "data" / "doc.txt") == {"small": b"0123456789"}
+        assert (dst / "data" / "readonly.txt").read_text() == "ro\n"
+
+
+def test_stream_name_too_long_for_ext4_is_named(server: Server, tmp_path: Path) -> None:
+    """A stream whose name ext4 cannot take as an xattr name (``user.`` + 255 bytes): named,
+    the file, its other stream and the other files synced."""
+    long = "n" * 255
+    with ntfs(tmp_path, "src") as src:
+        (src / "d").mkdir()
+        (src / "d" / "f").write_text("f")
+        Path(f"{src / 'd' / 'f'}:{long}").write_bytes(b"long")
+        Path(f"{src / 'd' / 'f'}:ok").write_bytes(b"ok")
+        (src / "d" / "g").write_text("g")
+        r = sync(server, "push", src / "d", tmp_path / "ext4", "--streams")
+    assert r.returncode == 3, r.stdout + r.stderr
+    problems = summary(r)["problems"]
+    assert [(p["path"], p["kind"]) for p in problems] == [("f", "metadata")], problems
+    assert long in problems[0]["message"], problems
+    assert os.getxattr(tmp_path / "ext4" / "f", "user.ok") == b"ok"
+    assert (tmp_path / "ext4" / "f").read_text() == "f" and (tmp_path / "ext4" / "g").read_text() == "g"
+
+
+def test_descriptor_that_does_not_parse_over_ssh(server: Server, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A descriptor that does not parse (ntfs-3g refuses to set one, so the one read is
+    replaced on its way out of the sender, which runs in this process): the sender names
+    it, DST's ntfs-3g refuses it (named too), the files and their streams are synced."""
+    garbage = b"\x07not a descriptor"
+    real: Callable[[int | bytes, bytes], bytes | None] = ntfsmod._get
+
+    def fake(target: int | bytes, name: bytes) -> bytes | None:
+        return garbage if name == ntfsmod.ACL else real(target, name)
+
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
+        monkeypatch.setattr(ntfsmod, "_get", fake)
+        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
+                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
+        monkeypatch.undo()
+        by_path: dict[str, list[str]] = {}
+        for p in res.problems:
+            assert p.kind == "metadata", p
+            by_path.setdefault(p.path, []).append(p.message)
+        assert sorted(by_path) == [".", "doc.txt", "readonly.txt", "sub"], by_path
+        for path, messages in by_path.items():
+            assert [m for m in messages if "kept as bytes, not understood" in m], (path, messages)
+            assert [m for m in messages if m.startswith("NTFS security descriptor:")], (path, messages)
+        assert streams_of(dst / "data" / "doc.txt") == streams_of(src / "data" / "doc.txt")
+        assert (dst / "data" / "readonly.txt").read_text() == "ro\n"

@@ -9,6 +9,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import blake3
+
+from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
     ReadResult,
@@ -19,7 +22,7 @@ from deltavault.fs.ntfs import (
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.receiver.ntfs import NtfsDest
+from deltavault.sync.receiver.ntfs import NtfsDest, StreamVerifyFailed, verify_stream
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.ntfs import NtfsSource
 
@@ -31,6 +34,8 @@ class FileNtfs:
     meta: ReadResult
     problems: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    verified: int = 0  # stream bytes read back (--verify)
+    bad: list[str] = field(default_factory=list)  # streams that read back other bytes
 
     def note(self) -> str | None:
         return "NTFS not kept on DST: " + ", ".join(self.lost) if self.lost else None
@@ -83,30 +88,48 @@ class LocalNtfs:
                 continue
             try:
                 if s in meta.inline:
-                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s)
+                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s, f)
                 else:
-                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s)
+                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s, f)
             except OSError as exc:
                 f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+        if f.bad:
+            raise StreamVerifyFailed("; ".join(f.bad))
         return f
 
-    def _stream_file(self, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+    def _stream_file(self, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int, s: bytes,
+                     f: FileNtfs) -> None:
         sfd = self.src.open_stream(sdir, name, s, ino)
         try:
             ofd = self.dst.open_stream(dfd, tmp, tfd, s)
             try:
-                copy_data(sfd, ofd, os.fstat(sfd), self.buffers, None, self.cancelled)
+                hasher = blake3.blake3() if self.opts.verify else None
+                st = os.fstat(sfd)
+                copy_data(sfd, ofd, st, self.buffers, hasher, self.cancelled)
+                if hasher is not None:
+                    self._verify(dfd, tmp, tfd, ofd, s, st.st_size, hasher.digest(), f)
             finally:
                 os.close(ofd)
         finally:
             os.close(sfd)
 
-    def _stream_bytes(self, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+    def _stream_bytes(self, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes, f: FileNtfs) -> None:
         ofd = self.dst.open_stream(dfd, tmp, tfd, s)
         try:
-            os.write(ofd, data)
+            pwrite_all(ofd, data, 0)
+            if self.opts.verify:
+                self._verify(dfd, tmp, tfd, ofd, s, len(data), blake3.blake3(data).digest(), f)
         finally:
             os.close(ofd)
+
+    def _verify(self, dfd: int, tmp: bytes, tfd: int, ofd: int, s: bytes, size: int, digest: bytes,
+                f: FileNtfs) -> None:
+        """--verify: the stream read back (as the file's data is, by the receiver)."""
+        os.fsync(ofd)
+        n, problem = verify_stream(dfd, tmp, tfd, s, size, digest, self.buffers.size)
+        f.verified += n
+        if problem is not None:
+            f.bad.append(problem)
 
     def finish(self, f: FileNtfs, tfd: int) -> None:
         """The rest of the metadata, after the file's own (--acl)."""

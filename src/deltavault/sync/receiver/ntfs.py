@@ -84,6 +84,25 @@ class StreamsPhase:
             self.chan.send({"op": "bye"})
 
 
+def verify_stream(dfd: int, tmp: bytes, tfd: int, s: bytes, size: int, digest: bytes,
+                  bufsize: int) -> tuple[int, str | None]:
+    """--verify: the stream ``s`` written into the file staged as ``tmp`` (open as ``tfd``,
+    the stream fsynced) read back past the page cache (receiver/verify.py). Returns (bytes
+    read, the problem or None)."""
+    h, _ = expect_identity(dfd, tmp + b":" + s, identity(os.fstat(tfd)))
+    try:
+        got, n, method = read_back(fd_path(h), bufsize)
+    finally:
+        os.close(h)
+    if (n, got) != (size, digest):
+        return n, f"stream {display(s)}: read back ({method}) {n} bytes that differ from what was written"
+    return n, None
+
+
+class StreamVerifyFailed(Exception):
+    """A stream read back other bytes than were written (--verify): the file is not installed."""
+
+
 @dataclass
 class StreamsResult:
     written: int = 0
@@ -178,14 +197,9 @@ class AgentNtfs:
 
     def _verify(self, dfd: int, tmp: bytes, tfd: int, s: bytes, size: int, digest: bytes,
                 res: StreamsResult) -> int:
-        """--verify: the stream written read back past the page cache (receiver/verify.py)."""
-        h, _ = expect_identity(dfd, tmp + b":" + s, identity(os.fstat(tfd)))
-        try:
-            got, n, method = read_back(fd_path(h), self.bufsize)
-        finally:
-            os.close(h)
-        if (n, got) != (size, digest):
-            res.bad.append(f"stream {display(s)}: read back ({method}) {n} bytes that differ from what was written")
+        n, problem = verify_stream(dfd, tmp, tfd, s, size, digest, self.bufsize)
+        if problem is not None:
+            res.bad.append(problem)
         return n
 
     def _old_stream(self, dfd: int, name: bytes, old: os.stat_result | None, s: bytes, size: int) -> int | None:
