@@ -129,6 +129,31 @@ def test_changed_stream_stores_only_that_stream(tmp_path: Path, repo: Repository
     assert win is not None and [(s.name, s.size) for s in win.streams] == [(b"big", BIG), (b"small", 10)]
 
 
+def test_stream_changed_in_place_stores_only_its_changed_chunks(tmp_path: Path, repo: Repository) -> None:
+    """4 KiB changed inside a 16 MiB stream: the file and all its streams are read again
+    (ntfs-3g shows nothing per stream that says which changed: docs/windows.md), but only
+    the chunks holding the change are stored: at most two of the repository's largest
+    (2 MiB), not the stream, nor the 5 MiB stream next to it, nor the other file."""
+    huge = 16 * 1024 * 1024
+    with ntfs(tmp_path, "src") as src:
+        d = src / "data"
+        d.mkdir()
+        (d / "a.txt").write_text("a")
+        (d / "a.txt:big").write_bytes(os.urandom(huge))
+        (d / "a.txt:other").write_bytes(os.urandom(BIG))
+        (d / "b.txt").write_bytes(os.urandom(BIG))
+        first = backup(repo, d)
+        with open(d / "a.txt:big", "r+b") as f:
+            f.seek(7 * 1024 * 1024 + 123)
+            f.write(os.urandom(4096))
+        res = backup(repo, d)
+    assert huge + BIG <= res.stats.bytes_read < huge + BIG + 4096  # a.txt and its streams, not b.txt
+    assert res.snapshot.summary.files_unmodified == 1
+    assert 4096 < res.bytes_added - first.bytes_added < 2 * 2 * 1024 * 1024 + 64 * 1024
+    win = tree_nodes(repo, res)[b"a.txt"].win
+    assert win is not None and [(s.name, s.size) for s in win.streams] == [(b"big", huge), (b"other", BIG)]
+
+
 def tree_nodes(repo: Repository, res: BackupResult) -> dict[bytes, Node]:
     assert res.snapshot.tree is not None
     root = msgspec.msgpack.decode(repo.load_blob(res.snapshot.tree), type=Tree).nodes
