@@ -7,6 +7,8 @@ import os
 import struct
 from pathlib import Path
 
+import pytest
+
 from deltavault.fs.ntfs import ARCHIVE, HIDDEN, READONLY, SYSTEM
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
@@ -168,3 +170,48 @@ def test_changed_stream_alone_is_synced(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
     with ntfs(tmp_path, "dst") as dst:
         assert Path(f"{dst / 'd' / 'f'}:s").read_bytes() == b"version 2"
+
+
+def dir_streams(root: Path) -> dict[str, bytes]:
+    return streams_of(root)
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_directory_streams_are_synced(tmp_path: Path, processes: str) -> None:
+    """Streams of directories (``dir:stream``): onto NTFS made SRC's (written, rewritten when
+    changed, removed when gone), onto ext4 as ``user.`` xattrs up to 64 KiB, the bigger one
+    named in the log; in the main process and in worker processes alike."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        top = src / "data"
+        (top / "sub" / "deeper").mkdir(parents=True)
+        (top / "sub" / "deeper" / "f").write_text("f")
+        Path(f"{top / 'sub'}:small").write_bytes(b"0123456789")
+        Path(f"{top / 'sub'}:big").write_bytes(os.urandom(BIG))
+        Path(f"{top / 'sub' / 'deeper'}:s").write_bytes(b"deeper")
+        flags = ["--streams", "--acl", "--processes", processes]
+        r = dv("--json", "sync", str(top), str(dst / "data"), *flags)
+        assert r.returncode == 0, r.stdout + r.stderr
+        for d in ("sub", "sub/deeper"):
+            assert dir_streams(dst / "data" / d) == dir_streams(top / d), d
+        Path(f"{top / 'sub'}:small").write_bytes(b"changed")
+        os.unlink(f"{top / 'sub'}:big")
+        Path(f"{top / 'sub'}:new").write_bytes(b"new")
+        r = dv("--json", "sync", str(top), str(dst / "data"), *flags)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["problems"] == [], summary(r)
+        want = {"small": b"changed", "new": b"new"}
+        Path(f"{top / 'sub'}:big").write_bytes(os.urandom(BIG))
+        log = tmp_path / "sync.log"
+        r = dv("--json", "sync", str(top), str(tmp_path / "ext4"), *flags, "--log", str(log))
+        assert r.returncode == 0, r.stdout + r.stderr
+    with ntfs(tmp_path, "dst") as dst:
+        assert dir_streams(dst / "data" / "sub") == want
+        assert dir_streams(dst / "data" / "sub" / "deeper") == {"s": b"deeper"}
+    sub = tmp_path / "ext4" / "sub"
+    assert os.getxattr(sub, "user.small") == b"changed" and os.getxattr(sub, "user.new") == b"new"
+    assert "user.big" not in os.listxattr(sub)
+    assert os.getxattr(sub / "deeper", "user.s") == b"deeper"
+    notes = [ln.split("\t")[6] for ln in log.read_text().splitlines() if ln.split("\t")[5] == "sub"]
+    assert any(n.startswith(f"NTFS not kept on DST: stream big ({BIG} bytes)") for n in notes), notes
+    # data, sub, deeper and f (descriptors, attributes, times), sub once for those and its big stream
+    assert summary(r)["ntfs_not_kept"] == 4, summary(r)

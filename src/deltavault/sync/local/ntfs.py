@@ -6,6 +6,7 @@ as ``user.`` xattrs, and each file's log line names what it could not keep."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ import blake3
 from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
+    STREAM_XATTR_MAX,
+    XATTR_STREAM,
     ReadResult,
     probe,
     read_meta,
@@ -24,7 +27,7 @@ from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.ntfs import NtfsDest, StreamVerifyFailed, verify_stream
 from deltavault.sync.report import Outcomes
-from deltavault.sync.sender.ntfs import NtfsSource
+from deltavault.sync.sender.ntfs import NtfsSource, dir_streams
 
 
 @dataclass
@@ -47,6 +50,8 @@ class LocalNtfs:
         self.src, self.dst, self.opts = src, dst, opts
         self.buffers = buffers
         self.cancelled = cancelled
+        self._noted: set[bytes] = set()  # directories whose streams DST could not keep (counted)
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, sroot: int, droot: int, opts: SyncOptions, buffers: BufferPool,
@@ -172,6 +177,35 @@ class LocalNtfs:
         finally:
             os.close(dh)
 
+    def dir_streams(self, parent_sfd: int, parent_dfd: int, name: bytes, sfd: int, dfd: int, rel: bytes,
+                    xattrs: list[tuple[bytes, bytes]] | None, out: Outcomes) -> list[tuple[bytes, bytes]] | None:
+        """--streams: a directory's own named streams (``name:stream`` in its parent), read
+        whole (they are rare and small). Onto ntfs-3g written now, before its times are set;
+        onto anything else returned with its xattrs (those up to 64 KiB), what could not be
+        named in the log now and counted."""
+        if not self.opts.streams:
+            return xattrs
+        ino = os.fstat(sfd).st_ino
+        limit = None if self.dst.file_streams else STREAM_XATTR_MAX
+        try:
+            streams, left, problems = dir_streams(self.src, parent_sfd, name, ino, limit)
+            if self.dst.file_streams:
+                problems += self.dst.put_dir_streams(parent_dfd, name, dfd, streams)
+        except OSError as exc:
+            streams, left, problems = {}, [], [f"NTFS streams: {exc.strerror or exc}"]
+        for m in problems:
+            out.problem(rel, "metadata", m)
+        if self.dst.file_streams:
+            return xattrs
+        if left:
+            with self._lock:
+                self._noted.add(rel)
+            out.count(ntfs_not_kept=1)
+            out.note(rel, "NTFS not kept on DST: " + ", ".join(left))
+        merged = dict(xattrs or [])
+        merged.update((XATTR_STREAM + s, v) for s, v in streams.items())
+        return sorted(merged.items())
+
     def read_dir(self, sfd: int) -> ReadResult | None:
         return read_meta(sfd, self.src.view, streams=False) if self.opts.acl else None
 
@@ -182,5 +216,8 @@ class LocalNtfs:
         for m in problems:
             out.problem(rel, "metadata", m)
         if lost:
-            out.count(ntfs_not_kept=1)
+            with self._lock:
+                counted = rel in self._noted  # (its streams were named already: one entry)
+            if not counted:
+                out.count(ntfs_not_kept=1)
             out.note(rel, "NTFS not kept on DST: " + ", ".join(lost))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from deltavault.errors import CorruptionError, SourceError
-from deltavault.fs.clone import pwrite_all
+from deltavault.fs.clone import pread_full, pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
     WINDOWS,
@@ -59,6 +59,54 @@ class NtfsDest:
         """DST already has SRC's NTFS metadata (the change time, NTFS's own, aside)."""
         return (src.sd, src.attrib, src.times[:24], src.reparse) == (dst.sd, dst.attrib, dst.times[:24], dst.reparse)
 
+    def put_dir_streams(self, parent: int, name: bytes, fd: int, streams: dict[bytes, bytes]) -> list[str]:
+        """The named streams of the directory ``name`` of ``parent`` (open as ``fd``) made
+        SRC's: each one that differs written (in place: a directory cannot be replaced by a
+        rename), each one SRC does not have removed. Returns the problems."""
+        assert self.view is not None
+        problems: list[str] = []
+        try:
+            have = read_meta(fd, self.view).stream_names
+        except OSError as exc:
+            return [f"directory streams unreadable: {exc.strerror or exc}"]
+        for s in have:
+            if s not in streams and valid_stream_name(s):
+                try:
+                    os.close(self._check_stream(parent, name, fd, s, os.O_RDONLY))  # (ntfs-3g: EINVAL while open)
+                    os.unlink(name + b":" + s, dir_fd=parent)
+                except OSError as exc:
+                    problems.append(f"stream {display(s)}: not removed: {exc.strerror or exc}")
+        for s, data in sorted(streams.items()):
+            if not valid_stream_name(s):
+                problems.append(f"stream {display(s)}: name not valid on DST; not copied")
+                continue
+            try:
+                if s in have:
+                    sfd = self._check_stream(parent, name, fd, s, os.O_RDONLY)
+                    try:
+                        drop_cached(sfd)
+                        same = os.fstat(sfd).st_size == len(data) and _same_bytes(sfd, data)
+                    finally:
+                        os.close(sfd)
+                    if same:
+                        continue
+                sfd = self._check_stream(parent, name, fd, s, _STREAM_FLAGS)
+                try:
+                    pwrite_all(sfd, data, 0)
+                finally:
+                    os.close(sfd)
+            except OSError as exc:
+                problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
+        return problems
+
+    def _check_stream(self, parent: int, name: bytes, fd: int, s: bytes, flags: int) -> int:
+        """``name:s`` of ``parent`` opened, checked to belong to the object open as ``fd``."""
+        sfd = os.open(name + b":" + s, flags, 0o600, dir_fd=parent)
+        if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
+            os.close(sfd)
+            raise OSError(errno.ESTALE, "the directory was replaced while its streams were written")
+        return sfd
+
     def open_stream(self, dfd: int, tmp: bytes, fd: int, stream: bytes) -> int:
         """The stream ``stream`` of the file written as ``tmp`` in ``dfd`` (open as ``fd``),
         open for writing."""
@@ -67,6 +115,11 @@ class NtfsDest:
             os.close(sfd)
             raise OSError(errno.ESTALE, "the file was replaced while its streams were written")
         return sfd
+
+
+def _same_bytes(fd: int, data: bytes) -> bool:
+    buf = bytearray(len(data))
+    return pread_full(fd, memoryview(buf), 0) == len(data) and buf == data
 
 
 class StreamsPhase:

@@ -79,6 +79,55 @@ class NtfsSource:
         return sorted(merged.items()), lost
 
 
+def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
+                limit: int | None = None) -> tuple[dict[bytes, bytes], list[str], list[str]]:
+    """The named streams of the directory ``name`` of ``parent`` (inode ``ino``), read
+    whole (they are rare and small); those over ``limit`` bytes are left out. Returns (the
+    streams, what was left out, problems)."""
+    got: dict[bytes, bytes] = {}
+    left: list[str] = []
+    problems: list[str] = []
+    h, _ = handle_at(parent, name)
+    try:
+        meta = read_meta(fd_path(h), src.view)
+    finally:
+        os.close(h)
+    problems += meta.losses
+    for s in meta.stream_names:
+        if s in meta.inline:
+            got[s] = meta.inline[s]
+            continue
+        if not valid_stream_name(s):
+            problems.append(f"stream {display(s)}: a name no stream can have; not read")
+            continue
+        try:
+            sfd = src.open_stream(parent, name, s, ino)
+        except OSError as exc:
+            problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
+            continue
+        try:
+            size = os.fstat(sfd).st_size
+            if limit is not None and size > limit:
+                left.append(f"stream {display(s)} ({size} bytes)")
+                continue
+            got[s] = _read_all(sfd, size)
+        finally:
+            os.close(sfd)
+    return got, left, problems
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            break
+        got += n
+    return bytes(data[:got])
+
+
 class SenderNtfs:
     """NTFS metadata and streams sent to an agent. ``dest_streams``: how DST shows streams
     (the agent's hello; None when DST is not ntfs-3g)."""
@@ -165,15 +214,6 @@ class SenderNtfs:
             return meta.inline[s]
         sfd = self.src.open_stream(dir_fd, name, s, ino)
         try:
-            size = os.fstat(sfd).st_size
-            data = bytearray(size)
-            view = memoryview(data)
-            got = 0
-            while got < size:
-                n = os.preadv(sfd, [view[got:]], got)
-                if n == 0:
-                    break
-                got += n
-            return bytes(data[:got])
+            return _read_all(sfd, os.fstat(sfd).st_size)
         finally:
             os.close(sfd)
