@@ -56,7 +56,9 @@ xattrs: [[name, value], ...] when --acl or --xattrs is on, else None. Owners are
 win (feature "ntfs" only): {sd, attrib, times, reparse, streams, lost, warnings} of a file
 or directory: ntfs-3g's ``system.ntfs_*`` values (sd, times, reparse empty and attrib None
 when not asked for or absent), ``streams`` [[name, size], ...] (files, when DST takes
-streams as files), ``lost`` what SRC's side could not carry (for the log line).
+streams as files), ``lost`` what SRC's side could not carry (for the log line); in a
+subdirectory's entry in its parent's listing (--streams), ``inline`` [[name, bytes], ...]:
+the directory's own streams (up to 1 MiB each; 64 KiB when DST keeps them as xattrs).
 """
 
 from __future__ import annotations
@@ -100,12 +102,18 @@ class WinEntry:
     meta: ReadResult
     streams: dict[bytes, int]
     lost: list[str]
+    inline: dict[bytes, bytes] | None = None  # a directory's streams, with its parent's listing
 
 
-def win_wire(meta: ReadResult, *, streams: dict[bytes, int] | None = None, lost: list[str] | None = None) -> dict[str, Any]:
-    return {"sd": meta.sd, "attrib": meta.attrib, "times": meta.times, "reparse": meta.reparse,
-            "streams": [[n, size] for n, size in (streams or {}).items()], "lost": lost or [],
-            "warnings": meta.warnings}
+def win_wire(meta: ReadResult, *, streams: dict[bytes, int] | None = None, lost: list[str] | None = None,
+             inline: dict[bytes, bytes] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "sd": meta.sd, "attrib": meta.attrib, "times": meta.times, "reparse": meta.reparse,
+        "streams": [[n, size] for n, size in (streams or {}).items()], "lost": lost or [],
+        "warnings": meta.warnings}
+    if inline is not None:
+        out["inline"] = [[n, v] for n, v in inline.items()]
+    return out
 
 
 def win_from(raw: Any) -> WinEntry:
@@ -118,7 +126,8 @@ def win_from(raw: Any) -> WinEntry:
     streams = {bytes(n): int(size) for n, size in raw.get("streams") or []}
     lost = [str(x) for x in raw.get("lost") or []]
     warnings = [str(x) for x in raw.get("warnings") or []]
-    return WinEntry(ReadResult(sd, "", attrib, times, reparse, sorted(streams), warnings), streams, lost)
+    inline = None if raw.get("inline") is None else {bytes(n): bytes(v) for n, v in raw["inline"]}
+    return WinEntry(ReadResult(sd, "", attrib, times, reparse, sorted(streams), warnings), streams, lost, inline)
 
 
 def kind_of(st: os.stat_result) -> str | None:

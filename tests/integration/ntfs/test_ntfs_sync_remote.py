@@ -172,3 +172,39 @@ def test_descriptor_that_does_not_parse_over_ssh(server: Server, tmp_path: Path,
             assert [m for m in messages if m.startswith("NTFS security descriptor:")], (path, messages)
         assert streams_of(dst / "data" / "doc.txt") == streams_of(src / "data" / "doc.txt")
         assert (dst / "data" / "readonly.txt").read_text() == "ro\n"
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_directory_streams_over_ssh(server: Server, tmp_path: Path, how: str) -> None:
+    """A directory's streams travel with its parent's listing: onto NTFS written, rewritten
+    when changed, removed when gone; onto ext4 as ``user.`` xattrs, the one over 64 KiB named."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        top = src / "data"
+        (top / "sub" / "deeper").mkdir(parents=True)
+        (top / "sub" / "deeper" / "f").write_text("f")
+        Path(f"{top / 'sub'}:small").write_bytes(b"0123456789")
+        Path(f"{top / 'sub'}:big").write_bytes(os.urandom(200_000))
+        Path(f"{top / 'sub' / 'deeper'}:s").write_bytes(b"deeper")
+        r = sync(server, how, top, dst / "data", "--streams", "--acl")
+        assert r.returncode == 0, r.stdout + r.stderr
+        for d in ("sub", "sub/deeper"):
+            assert streams_of(dst / "data" / d) == streams_of(top / d), d
+        Path(f"{top / 'sub'}:small").write_bytes(b"changed")
+        os.unlink(f"{top / 'sub'}:big")
+        Path(f"{top / 'sub'}:new").write_bytes(b"new")
+        r = sync(server, how, top, dst / "data", "--streams", "--acl")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["problems"] == [], summary(r)
+        Path(f"{top / 'sub'}:big").write_bytes(os.urandom(200_000))
+        log = tmp_path / "sync.log"
+        r = sync(server, how, top, tmp_path / "ext4", "--streams", "--log", str(log))
+        assert r.returncode == 0, r.stdout + r.stderr
+    with ntfs(tmp_path, "dst") as dst:
+        assert streams_of(dst / "data" / "sub") == {"small": b"changed", "new": b"new"}
+        assert streams_of(dst / "data" / "sub" / "deeper") == {"s": b"deeper"}
+    sub = tmp_path / "ext4" / "sub"
+    assert os.getxattr(sub, "user.small") == b"changed" and os.getxattr(sub, "user.new") == b"new"
+    assert "user.big" not in os.listxattr(sub) and os.getxattr(sub / "deeper", "user.s") == b"deeper"
+    notes = [ln.split("\t")[6] for ln in log.read_text().splitlines() if ln.split("\t")[5] == "sub"]
+    assert "NTFS not kept on DST: stream big (200000 bytes)" in notes, notes
+    assert summary(r)["ntfs_not_kept"] == 1, summary(r)

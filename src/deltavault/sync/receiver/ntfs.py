@@ -16,7 +16,9 @@ from deltavault.errors import CorruptionError, SourceError
 from deltavault.fs.clone import pread_full, pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
+    STREAMS_LIST,
     WINDOWS,
+    XATTR_STREAM,
     NtfsView,
     ReadResult,
     apply_meta,
@@ -66,9 +68,11 @@ class NtfsDest:
         assert self.view is not None
         problems: list[str] = []
         try:
-            have = read_meta(fd, self.view).stream_names
+            have = [n for n in os.getxattr(fd, STREAMS_LIST).split(b"\0") if n]
         except OSError as exc:
-            return [f"directory streams unreadable: {exc.strerror or exc}"]
+            if exc.errno != errno.ENODATA:
+                return [f"its streams on DST cannot be listed: {exc.strerror or exc}; not copied"]
+            have = []
         for s in have:
             if s not in streams and valid_stream_name(s):
                 try:
@@ -181,6 +185,10 @@ class AgentNtfs:
         self.xattr_streams = streams and not dest.file_streams
         self.delta, self.delta_min = delta, delta_min
         self.verify, self.bufsize = verify, bufsize
+        # Directories' streams (with their parent's listing), until their end: as xattrs,
+        # and what SRC's side could not send
+        self._dir_xattrs: dict[bytes, dict[bytes, bytes]] = {}
+        self._dir_lost: dict[bytes, list[str]] = {}
 
     # ------------------------------------------------------------------ deciding
     def streams_differ(self, dfd: int, name: bytes, win: WinEntry | None, dst: os.stat_result,
@@ -341,10 +349,31 @@ class AgentNtfs:
         finally:
             os.close(dh)
 
+    def dir_streams(self, parent: int, name: bytes, fd: int, rel: bytes, win: WinEntry) -> list[str]:
+        """A directory's own streams, from its entry in its parent's listing: onto ntfs-3g
+        written now (before its times are set, at its end); else kept for its xattrs, and
+        what SRC's side could not send for its log line. Returns the problems."""
+        self._dir_lost[rel] = win.lost
+        if self.file_streams:
+            return self.dest.put_dir_streams(parent, name, fd, win.inline or {})
+        if self.xattr_streams:
+            self._dir_xattrs[rel] = win.inline or {}
+        return []
+
+    def dir_xattrs(self, rel: bytes, xattrs: list[tuple[bytes, bytes]] | None) -> list[tuple[bytes, bytes]] | None:
+        """A directory's xattrs, with its streams as ``user.`` xattrs onto a DST that keeps them so."""
+        streams = self._dir_xattrs.pop(rel, None)
+        if streams is None:
+            return xattrs
+        merged = dict(xattrs or [])
+        merged.update((XATTR_STREAM + s, v) for s, v in streams.items())
+        return sorted(merged.items())
+
     def finish_dir(self, fd: int, rel: bytes, win: WinEntry | None, out: Outcomes) -> None:
         """A directory's NTFS metadata, after its POSIX metadata; what DST could not keep
         goes in the log, counted."""
         problems, lost = self.finish(fd, win)
+        lost[:0] = self._dir_lost.pop(rel, [])
         for m in problems:
             out.problem(rel, "metadata", m)
         if lost:

@@ -108,7 +108,13 @@ class Requests:
         if made:
             self.created.add(crel)
             self.out.done("mkdir", crel)
-        self.dirs.record(crel, fd, mnt)
+        if self.rx.ntfs is not None and e.win is not None and e.win.inline is not None:
+            try:
+                self.rx.meta_problems(crel, self.rx.ntfs.dir_streams(dfd, e.name, fd, crel, e.win))
+            except BaseException:
+                os.close(fd)
+                raise
+        self.dirs.record(crel, fd, mnt)  # (closes fd)
 
     def _changed_how(self, dst: os.stat_result, e: Entry) -> str:
         small = min(dst.st_size, e.st.st_size) < self.opts.delta_min
@@ -213,6 +219,7 @@ class Requests:
             self.dirs.forget(rel)
 
     def _dir_meta(self, fd: int, rel: bytes, e: Entry) -> None:
-        self.rx.dir_meta(fd, rel, e.st, e.xattrs)
-        if self.rx.ntfs is not None:
-            self.rx.ntfs.finish_dir(fd, rel, e.win, self.out)
+        ntfs = self.rx.ntfs
+        self.rx.dir_meta(fd, rel, e.st, ntfs.dir_xattrs(rel, e.xattrs) if ntfs is not None else e.xattrs)
+        if ntfs is not None:
+            ntfs.finish_dir(fd, rel, e.win, self.out)

@@ -31,6 +31,7 @@ from deltavault.sync.sender.source import changed_since
 from deltavault.sync.wire import Frames, win_wire
 
 Xattrs = list[tuple[bytes, bytes]] | None
+DIR_STREAM_MAX = 1 << 20  # a directory's streams travel in its parent's listing, each up to this
 
 
 class NtfsSource:
@@ -155,6 +156,18 @@ class SenderNtfs:
             else:
                 sizes[s] = 0
         return xattrs, win_wire(self._asked(meta), streams=sizes, lost=lost), meta
+
+    def subdir_win(self, parent: int, name: bytes, st: os.stat_result) -> tuple[dict[str, Any] | None, list[str]]:
+        """The ``win`` of a subdirectory's entry in its parent's listing: its own streams,
+        up to DIR_STREAM_MAX (64 KiB onto a DST that keeps them as xattrs), the bigger ones
+        named. Returns it (None without --streams) and the problems."""
+        if not (self.file_streams or self.xattr_streams):
+            return None, []
+        limit = DIR_STREAM_MAX if self.file_streams else STREAM_XATTR_MAX
+        got, left, problems = dir_streams(self.src, parent, name, st.st_ino, limit)
+        lost = [f"{x}: directory streams over {limit // 1024} KiB do not cross ssh" if self.file_streams else x
+                for x in left]
+        return win_wire(ReadResult(b"", "", None, b"", b"", []), lost=lost, inline=got), problems
 
     def dir_win(self, fd: int) -> tuple[dict[str, Any] | None, ReadResult | None]:
         """A directory's ``win`` (--acl), and what was read."""

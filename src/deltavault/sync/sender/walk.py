@@ -167,6 +167,10 @@ class SourceWalk:
                 win = None
                 if kind == "f" and self.ntfs is not None:  # (warnings are reported when the file is sent)
                     xattrs, win, _ = self.ntfs.file_win(fd, name, proc_path(fd, name), st, xattrs)
+                elif kind == "d" and self.ntfs is not None:
+                    win, problems = self.ntfs.subdir_win(fd, name, st)
+                    for m in problems:
+                        self.out.problem(crel, "metadata", m)
             except FileNotFoundError:
                 self.out.problem(crel, "vanished", "disappeared before it could be read")
                 continue
