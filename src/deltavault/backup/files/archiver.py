@@ -321,9 +321,10 @@ class FileArchiver:
             dstreams: PendingStreams = []
             if ntfs is None or fst.st_dev != ntfs.dev:
                 node = make_node(name, NodeType.DIR, fst, fd_xattrs(self.log, fd, path))
-            else:  # (its streams too: "dir:stream" in its parent; not those of the walk's root, ".")
+            else:  # (its streams too, as "dir:stream" in its parent, when that is on the same volume)
+                named = fsname != b"." and os.fstat(dir_fd).st_dev == fst.st_dev
                 node, dstreams = ntfs.node(make_node(name, NodeType.DIR, fst, ntfs.xattrs(fd, path)), fd, path,
-                                           dir_fd=dir_fd if fsname != b"." else -1, fsname=fsname, ino=fst.st_ino)
+                                           dir_fd=dir_fd if named else -1, fsname=fsname, ino=fst.st_ino)
             key = fst.st_dev << 64 | fst.st_ino
             if key in self._entered:
                 self.log.problem(path, "skipped", "a directory already backed up at another path in this "

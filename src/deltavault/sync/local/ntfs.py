@@ -183,9 +183,10 @@ class LocalNtfs:
         whole (they are rare and small). Onto ntfs-3g written now, before its times are set;
         onto anything else returned with its xattrs (those up to 64 KiB), what could not be
         named in the log now and counted."""
-        if not self.opts.streams:
+        sst = os.fstat(sfd)
+        if not self.opts.streams or os.fstat(parent_sfd).st_dev != sst.st_dev:  # (a mount: not "name:stream")
             return xattrs
-        ino = os.fstat(sfd).st_ino
+        ino = sst.st_ino
         limit = None if self.dst.file_streams else STREAM_XATTR_MAX
         try:
             streams, left, problems = dir_streams(self.src, parent_sfd, name, ino, limit)

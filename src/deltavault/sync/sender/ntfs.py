@@ -161,8 +161,8 @@ class SenderNtfs:
         """The ``win`` of a subdirectory's entry in its parent's listing: its own streams,
         up to DIR_STREAM_MAX (64 KiB onto a DST that keeps them as xattrs), the bigger ones
         named. Returns it (None without --streams) and the problems."""
-        if not (self.file_streams or self.xattr_streams):
-            return None, []
+        if not (self.file_streams or self.xattr_streams) or os.fstat(parent).st_dev != st.st_dev:
+            return None, []  # (a mount below: its streams are not "name:stream" of this parent)
         limit = DIR_STREAM_MAX if self.file_streams else STREAM_XATTR_MAX
         got, left, problems = dir_streams(self.src, parent, name, st.st_ino, limit)
         lost = [f"{x}: directory streams over {limit // 1024} KiB do not cross ssh" if self.file_streams else x
