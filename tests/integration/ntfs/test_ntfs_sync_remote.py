@@ -6,6 +6,7 @@ remote delta; --verify reading streams back. Compared through getfattr, as the l
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -208,3 +209,28 @@ def test_directory_streams_over_ssh(server: Server, tmp_path: Path, how: str) ->
     notes = [ln.split("\t")[6] for ln in log.read_text().splitlines() if ln.split("\t")[5] == "sub"]
     assert "NTFS not kept on DST: stream big (200000 bytes)" in notes, notes
     assert summary(r)["ntfs_not_kept"] == 1, summary(r)
+
+
+def test_agent_without_the_ntfs_feature_is_refused(server: Server, tmp_path: Path) -> None:
+    """An agent that lists no "ntfs" feature in its hello (an older deltavault; here this
+    one with its feature list emptied before it starts): the sender stops before sending
+    anything, with a message that says what to do."""
+    older = REMOTE.replace("-m deltavault", "-c " + shlex.quote(
+        "import runpy, deltavault.sync.wire as w; w.FEATURES.clear(); "
+        "runpy.run_module('deltavault', run_name='__main__', alter_sys=True)"))
+    assert older != REMOTE
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+        for flag in ("--streams", "--acl"):
+            r = dv("--json", "sync", "--remote-command", older, flag, str(src / "data"), f"dvtest:{tmp_path / 'dst'}",
+                   env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+            assert r.returncode == 17, r.stdout + r.stderr
+            assert "cannot take NTFS metadata or streams" in r.stdout and "upgrade it" in r.stdout, r.stdout
+    assert not list((tmp_path / "dst").iterdir())  # (the agent made DST at its hello; nothing in it)
+    # The same agent syncs a tree that is not on NTFS, --acl and all.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "f").write_text("f")
+    r = dv("--json", "sync", "--remote-command", older, "--acl", "--streams", str(tmp_path / "plain"),
+           f"dvtest:{tmp_path / 'dst'}", env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "dst" / "f").read_text() == "f"
