@@ -234,3 +234,61 @@ def test_agent_without_the_ntfs_feature_is_refused(server: Server, tmp_path: Pat
            f"dvtest:{tmp_path / 'dst'}", env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "dst" / "f").read_text() == "f"
+
+
+def test_agent_never_joins_a_hostile_stream_name(tmp_path: Path) -> None:
+    """A sender (this test, speaking the protocol to a real ``deltavault sync-agent``) names
+    streams ``../evil`` and ``a:b``: the agent asks only for the valid one, names the others
+    (not valid on DST), and installs the file; nothing is made outside DST."""
+    import subprocess
+    import sys
+
+    import blake3
+
+    from deltavault.framing import read_frame, write_frame
+    from deltavault.fs.ntfs import ReadResult
+    from deltavault.sync.wire import entry, options_wire, win_wire
+
+    (tmp_path / "model").write_bytes(b"data")
+    st, st_dir = os.stat(tmp_path / "model"), os.stat(tmp_path)
+    with ntfs(tmp_path, "dst") as dst:
+        agent = subprocess.Popen([sys.executable, "-m", "deltavault", "sync-agent"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE)
+        assert agent.stdin is not None and agent.stdout is not None
+        w, r = agent.stdin, agent.stdout
+
+        def recv() -> dict:  # type: ignore[type-arg]
+            got = read_frame(r)
+            assert got is not None
+            return got[0]  # type: ignore[no-any-return]
+
+        try:
+            write_frame(w, {"op": "hello", "version": 1, "dest": str(dst / "d"), "features": ["ntfs"], "ntfs": True,
+                            "options": options_wire(SyncOptions(streams=True))})
+            hello = recv()
+            assert hello.get("ntfs") == {"streams": "windows"}, hello
+            meta = ReadResult(b"", "", None, b"", b"", [])
+            win = win_wire(meta, streams={b"../evil": 4, b"a:b": 4, b"ok": 2})
+            e = entry(b"f", "f", st, win=win)
+            write_frame(w, {"op": "dir", "path": b"", "entries": [e], "protected": [], "included": True, "id": 1})
+            assert recv()["want"] == [[b"f", "whole"]]
+            write_frame(w, {"op": "put", "path": b"", "e": e})
+            write_frame(w, {"d": b"data"})
+            write_frame(w, {"end": blake3.blake3(b"data").digest()})
+            asked = []
+            while (req := recv()).get("op") != "bye":
+                asked.append((req["op"], req["path"]))
+                write_frame(w, {"d": b"ok"})
+                write_frame(w, {"end": blake3.blake3(b"ok").digest()})
+            assert asked == [("whole", b"ok")]
+            write_frame(w, {"op": "enddir", "path": b"", "e": entry(b"_", "d", st_dir)})
+            write_frame(w, {"op": "finish", "problems": [], "stopped": False, "id": 2})
+            records = recv()["records"]
+        finally:
+            w.close()
+            agent.wait(timeout=60)
+        errors = [rec for rec in records if rec[0] == "error"]
+        assert len(errors) == 2 and all(rec[1] == b"f" and "name not valid on DST" in rec[6] for rec in errors), records
+        assert (dst / "d" / "f").read_bytes() == b"data"
+        assert Path(f"{dst / 'd' / 'f'}:ok").read_bytes() == b"ok"
+        assert sorted(p.name for p in dst.iterdir()) == ["d"] and not (dst / "evil").exists()
