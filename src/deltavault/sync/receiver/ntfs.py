@@ -6,6 +6,7 @@ of ssh, streams fetched from the sender (sync/wire.py, feature "ntfs")."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass, field
@@ -252,6 +253,8 @@ class AgentNtfs:
                 res.written += n
                 if why is not None:
                     problems.append(f"{where}: {why}; not copied")
+                    with contextlib.suppress(OSError):  # (what was written of it: not a stream of SRC's)
+                        os.unlink(tmp + b":" + s, dir_fd=dfd)
         finally:
             phase.close()
         return res

@@ -201,28 +201,53 @@ class SenderNtfs:
                     or not valid_stream_name(s):
                 chan.send({"error": f"unexpected request {op!r}", "abort": "unexpected request"})
                 continue
-            try:
+            if op == "whole":
+                ok = self._whole(chan, dir_fd, name, s, fd, st, meta, bufsize) and ok
+                continue
+            try:  # (remote delta holds the stream in memory, as it does a file)
                 data = self._load(dir_fd, name, s, st.st_ino, meta)
             except OSError as exc:
-                why = f"unreadable: {exc.strerror or exc}"
-                chan.send({"abort": why} if op == "whole" else {"error": why})
+                chan.send({"error": f"unreadable: {exc.strerror or exc}"})
                 continue
             if changed_since(st, os.fstat(fd)):
                 ok = False
-                chan.send({"abort": "changed"} if op == "whole" else
-                          {"error": "the file changed while its streams were read", "changed": True})
+                chan.send({"error": "the file changed while its streams were read", "changed": True})
                 continue
-            if op == "open":
-                served = Served(data, pages=bool(req.get("pages")))
-                chan.send(served.head)
-                continue
-            view = memoryview(data)
-            for off in range(0, len(data), bufsize):
-                chan.send({"d": view[off:off + bufsize]})
-            chan.send({"end": blake3.blake3(data, max_threads=1).digest()})
+            served = Served(data, pages=bool(req.get("pages")))
+            chan.send(served.head)
+
+    def _whole(self, chan: Frames, dir_fd: int, name: bytes, s: bytes, fd: int, st: os.stat_result,
+               meta: ReadResult, bufsize: int) -> bool:
+        """One stream sent whole, in frames of ``bufsize``, then its BLAKE3; "abort" when it
+        cannot be read (the agent names it) or the file changed meanwhile (False)."""
+        h = blake3.blake3(max_threads=1)
+        try:
+            if s in meta.inline:
+                data = meta.inline[s]
+                h.update(data)
+                chan.send({"d": data})
+            else:
+                sfd = self.src.open_stream(dir_fd, name, s, st.st_ino)
+                try:
+                    buf = memoryview(bytearray(max(4096, bufsize)))
+                    off = 0
+                    while n := os.preadv(sfd, [buf], off):
+                        h.update(buf[:n])
+                        chan.send({"d": buf[:n]})
+                        off += n
+                finally:
+                    os.close(sfd)
+        except OSError as exc:
+            chan.send({"abort": f"unreadable: {exc.strerror or exc}"})
+            return True
+        if changed_since(st, os.fstat(fd)):
+            chan.send({"abort": "changed"})
+            return False
+        chan.send({"end": h.digest()})
+        return True
 
     def _load(self, dir_fd: int, name: bytes, s: bytes, ino: int, meta: ReadResult) -> bytes:
-        """A stream's bytes (streams are read whole: remote delta holds them in memory anyway)."""
+        """A stream's bytes, read whole."""
         if s in meta.inline:
             return meta.inline[s]
         sfd = self.src.open_stream(dir_fd, name, s, ino)
