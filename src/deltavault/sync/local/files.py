@@ -103,7 +103,8 @@ class Files:
                 # touch). Comparing costs a read of DST; copying would cost a write of it.
                 if (dst_reg is not None and dst_reg.st_size == fst.st_size
                         and (opts.checksum or fst.st_size < opts.delta_min)
-                        and not (run.ntfs is not None and run.ntfs.streams_may_differ(fd, dfd, name, dst_reg))
+                        and not (run.ntfs is not None and dst_reg.st_mtime_ns != fst.st_mtime_ns
+                                 and run.ntfs.streams_may_differ(fd, dfd, name, dst_reg))
                         and self._same_content(fd, dfd, name, dst_reg, fst.st_size)
                         and run.rx.keep(dfd, name, relpath, fst, dst_reg, xattrs, group=fst.st_nlink > 1)):
                     return

@@ -165,8 +165,9 @@ class LocalNtfs:
             os.close(dh)
 
     def streams_may_differ(self, fd: int, dfd: int, name: bytes, dst: os.stat_result) -> bool:
-        """A file of the same data and another mtime is copied again when it has streams on
-        either side: a stream write moves only its file's mtime (ntfs-3g says no more)."""
+        """A file of the same data and another mtime (the caller checks) is copied again when
+        it has streams on either side: a stream write moves only its file's mtime (ntfs-3g
+        says no more)."""
         if not self.opts.streams or not self.dst.file_streams or self.dst.view is None:
             return False
         if read_meta(fd, self.src.view).stream_names:
