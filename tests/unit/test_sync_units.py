@@ -251,3 +251,27 @@ def test_a_temp_name_is_removed_when_the_block_making_it_fails(tmp_path: Path) -
         os.close(dfd)
     assert sorted(os.listdir(tmp_path)) == ["kept"]
     assert not any(n.startswith(TEMP_PREFIX.decode()) for n in os.listdir(tmp_path))
+
+
+def test_entry_win_field_round_trips_and_is_checked() -> None:
+    """Feature "ntfs": an entry's 12th field, through msgpack as on the wire; 11 fields
+    (an older sender) still read; a malformed one is the sender's corruption."""
+    import msgspec
+
+    from deltavault.errors import CorruptionError
+    from deltavault.fs.ntfs import ReadResult
+    from deltavault.sync.wire import Entry, entry, win_wire
+
+    st = os.stat(__file__)
+    meta = ReadResult(b"\x01sd", "S-1-5-18", 0x20, b"t" * 32, b"", [b"big", b"small"])
+    raw = entry(b"f", "f", st, win=win_wire(meta, streams={b"big": 5 << 20, b"small": 10}, lost=["x"],
+                                          inline={b"s": b"v"}))
+    e = Entry(msgspec.msgpack.decode(msgspec.msgpack.encode(raw)))
+    assert e.win is not None and e.win.meta.sd == b"\x01sd" and e.win.meta.attrib == 0x20
+    assert e.win.streams == {b"big": 5 << 20, b"small": 10} and e.win.lost == ["x"] and e.win.inline == {b"s": b"v"}
+    assert Entry(entry(b"f", "f", st)).win is None
+    bad = [*entry(b"f", "f", st), {"sd": "not bytes", "attrib": None, "times": b"", "reparse": b""}]
+    with pytest.raises(CorruptionError):
+        Entry(bad)
+    with pytest.raises(CorruptionError):
+        Entry([*entry(b"f", "f", st), None, None])  # 13 fields

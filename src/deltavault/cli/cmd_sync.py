@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checksum", action="store_true", help="compare content, not size and mtime")
     p.add_argument("--skip-empty-dirs", action="store_true", help="do not create directories left empty")
     p.add_argument("--acl", action="store_true", help="keep POSIX ACLs; from an ntfs-3g mount also the NTFS "
-                   "security descriptor, DOS attributes and times (between local paths)")
-    p.add_argument("--streams", action="store_true", help="keep NTFS named streams, from an ntfs-3g mount "
-                   "(between local paths); onto other file systems as user. xattrs where they fit")
+                   "security descriptor, DOS attributes and times")
+    p.add_argument("--streams", action="store_true", help="keep NTFS named streams, from an ntfs-3g mount; "
+                   "onto other file systems as user. xattrs where they fit")
     p.add_argument("--xattrs", action="store_true", help="keep extended attributes")
     p.add_argument("--no-owner", action="store_true", help="do not keep owner and group")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching entries")
@@ -99,8 +99,6 @@ def run(ctx: Context) -> int:
             ctx.warn("--limit-upload and --limit-download hold a sync with another host; this one is local")
         else:  # the ssh connection runs through a relay that keeps to the rates
             a.rsh = shlex.join(wrap(shlex.split(a.rsh), a.limit_upload, a.limit_download))
-    if a.streams and (src_host is not None or where is not None):
-        raise UsageError("--streams works between local paths only (NTFS streams do not cross ssh yet)")
     log = SyncLog(a.log) if a.log else None
     t0 = time.monotonic()
     snap_info: dict[str, Any]

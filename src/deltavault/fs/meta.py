@@ -36,8 +36,10 @@ def group_name(gid: int) -> str:
         return ""
 
 
-def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = None) -> list[tuple[bytes, bytes]]:
-    """All extended attributes, sorted by name. Unsupported file systems give []."""
+def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = None,
+                want: Callable[[bytes], bool] | None = None) -> list[tuple[bytes, bytes]]:
+    """All extended attributes (those ``want`` takes: the others are not read), sorted by
+    name. Unsupported file systems give []."""
     target: int | bytes | str = fd if fd is not None else path
     try:
         names = os.listxattr(target, follow_symlinks=follow) if fd is None else os.listxattr(fd)
@@ -48,6 +50,10 @@ def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = Non
         raise
     out: list[tuple[bytes, bytes]] = []
     for n in names:
+        # (ntfs-3g's default interface shows named streams as user.* xattrs, and one over
+        # 64 KiB fails with E2BIG: a caller that does not want them must not read them)
+        if want is not None and not want(os.fsencode(n)):
+            continue
         try:
             v = os.getxattr(target, n, follow_symlinks=follow) if fd is None else os.getxattr(fd, n)
         except OSError as exc:

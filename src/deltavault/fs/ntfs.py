@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from deltavault.fs.dirfd import fd_path, mount_id
+from deltavault.fs.dirfd import fd_path, mount_id, open_regular
 from deltavault.fs.mounts import parse_mountinfo, read_mountinfo
 from deltavault.fs.ntfssd import BadDescriptor, owner_group
 
@@ -170,6 +170,28 @@ def valid_stream_name(name: bytes) -> bool:
     """A stream name that can be joined to a file name: one component, no ':' (a damaged or
     hostile repository may name anything)."""
     return bool(name) and b"/" not in name and b"\0" not in name and b":" not in name
+
+
+def open_stream_file(dir_fd: int, name: bytes, stream: bytes) -> int:
+    """The stream ``stream`` of the file ``name`` (streams_interface=windows), open for
+    reading through a checked handle (fs.dirfd.open_regular), its cached pages dropped.
+
+    The kernel keeps the pages of ``name:stream`` under that name, not under the file
+    that holds the stream: once another file is renamed over ``name``, a read of
+    ``name:stream`` returned the old file's stream (seen on ntfs-3g 2022.10.3, seconds
+    later and after a stat showed the new inode) until the pages were dropped."""
+    fd = open_regular(dir_fd, name + b":" + stream)
+    try:
+        drop_cached(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def drop_cached(fd: int) -> None:
+    """Forget the cached pages of an open stream (see ``open_stream_file``)."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def is_ntfs_xattr(name: bytes, view: NtfsView) -> bool:

@@ -259,6 +259,8 @@ class FileRestorer:
             fd, ident, made = make_dir(parent.fd, node.name)
             self.holds.opened()
             sub = Dir(fd, ident, relpath, node, parent, fresh=made)
+            if self._ntfs is not None:  # its named streams ("dir:stream"), before its times are set, last
+                self._ntfs.streams(parent.fd, node.name, fd, node, relpath)
             self.holds.hold(parent)
             nodes = self._listing(node.subtree, relpath, sel) if node.subtree is not None else []
             self._delete_extras(sub, nodes, sel)

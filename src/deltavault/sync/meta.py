@@ -35,7 +35,7 @@ class MetaPolicy:
         """The xattrs to mirror, or None when neither --acl nor --xattrs is on."""
         if not self.any_xattrs:
             return None
-        return [x for x in read_xattrs(path, fd=fd) if self.wants(x[0])]
+        return read_xattrs(path, fd=fd, want=self.wants)
 
     def differs(self, dst: os.stat_result, src: os.stat_result, dst_xattrs: list[tuple[bytes, bytes]] | None,
                 src_xattrs: list[tuple[bytes, bytes]] | None, *, times: bool = True) -> bool:

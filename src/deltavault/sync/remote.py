@@ -30,6 +30,8 @@ from deltavault.errors import CorruptionError, SourceError
 from deltavault.fs.paths import check_name
 from deltavault.sync.wire import Channel, Frames
 
+DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
+
 
 def _resolve(root: bytes, path: bytes) -> bytes:
     parts = [p for p in path.split(b"/") if p and p != b"."]

@@ -9,7 +9,8 @@ delta, makes requests of its own (sync/remote.py). A reader thread on the sender
 (``Duplex``) takes the agent's frames off the wire as they come, so neither side ever
 waits to write while the other is writing, and the pipes cannot deadlock.
 
-    hello {version, dest, options, source}    -> {ok, dest} | {error, code}
+    hello {version, dest, options, source, features, ntfs}
+                                              -> {ok, dest, features, ntfs} | {error, code}
     dir {path, entries, protected, included}  -> {want: [[name, "whole"|"delta"|"check"]], records}
     check {path, items: [[blake3, entry]]}    -> {want, records}   (same size: is it the same content?)
     put {path, e} then {d: bytes} | {z: n} ... then {end: blake3} | {abort: why}
@@ -25,6 +26,25 @@ kind, message]) and "fatal" (the destination is full or read-only: "full: ..." o
 "read-only: ..."). "source" and "dest" in hello describe each tree (sync/guard.py), so that
 two ends on the same kernel refuse to overlap.
 
+Features. Each side's hello lists the FEATURES it speaks; an older one lists none and
+ignores fields it does not know. "ntfs": the sender's hello says ``ntfs: true`` when SRC is
+on ntfs-3g and --acl or --streams asks for its metadata; an agent that speaks "ntfs"
+answers with DST's view (``ntfs: {streams: "windows"|"xattr"|"none"}``, or None when DST
+is not ntfs-3g), and from then on entries carry a 12th field, ``win`` (below). A sender
+that needs "ntfs" and meets an agent without it stops with a clear error.
+
+Streams (feature "ntfs", DST on ntfs-3g with streams_interface=windows): after a file's
+content (a "put" that ended with "end", or a "delta" that did not change), when its entry's
+``win`` lists streams, the agent asks for each, as it does during a delta:
+
+    {op: "whole", path: stream}       -> {d: bytes} ... then {end: blake3} | {abort: why}
+    {op: "open", path: stream, pages} then "get" ...  (remote delta, sync/remote.py)
+    {op: "bye"}                       (always, even when it asks for none)
+
+A reply {abort: "changed"} (or an "open" error with ``changed``) means the file changed
+while its streams were read: the agent discards it and the sender sends it again. Onto any
+other DST, streams travel as ``user.`` xattrs in the entry's xattrs (up to 64 KiB).
+
 An entry is a msgpack list:
 
     [name, kind, mode, uid, gid, atime_ns, mtime_ns, size, rdev, extra, xattrs]
@@ -33,6 +53,12 @@ kind: "f" file (extra: GROUP when it has other links in SRC: the first name of a
 group), "d" directory, "l" symlink (extra: its target), "h" a further name of a file
 already sent (extra: the first name's path), "s" special (FIFO or device node).
 xattrs: [[name, value], ...] when --acl or --xattrs is on, else None. Owners are numeric.
+win (feature "ntfs" only): {sd, attrib, times, reparse, streams, lost, warnings} of a file
+or directory: ntfs-3g's ``system.ntfs_*`` values (sd, times, reparse empty and attrib None
+when not asked for or absent), ``streams`` [[name, size], ...] (files, when DST takes
+streams as files), ``lost`` what SRC's side could not carry (for the log line); in a
+subdirectory's entry in its parent's listing (--streams), ``inline`` [[name, bytes], ...]:
+the directory's own streams (up to 1 MiB each; 64 KiB when DST keeps them as xattrs).
 """
 
 from __future__ import annotations
@@ -46,10 +72,12 @@ from typing import IO, Any, Protocol
 
 from deltavault.errors import CorruptionError, DeltavaultError, NoSpace, TargetError
 from deltavault.framing import read_frame, write_frame
+from deltavault.fs.ntfs import ReadResult
 from deltavault.fs.paths import check_name
 from deltavault.sync.options import SyncOptions
 
 VERSION = 1
+FEATURES = ["ntfs"]  # optional parts of the protocol this side speaks (hello)
 KINDS = ("f", "d", "l", "h", "s")
 GROUP = b"L"  # the extra of a file that is the first name of a hard-link group (older agents ignore it)
 
@@ -57,10 +85,49 @@ GROUP = b"L"  # the extra of a file that is the first name of a hard-link group 
 # ---------------------------------------------------------------------------- entries
 
 def entry(name: bytes, kind: str, st: os.stat_result, *, extra: bytes | None = None,
-          xattrs: list[tuple[bytes, bytes]] | None = None) -> list[Any]:
-    return [name, kind, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns,
-            st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_rdev, extra,
-            [list(x) for x in xattrs] if xattrs is not None else None]
+          xattrs: list[tuple[bytes, bytes]] | None = None, win: dict[str, Any] | None = None) -> list[Any]:
+    out = [name, kind, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns,
+           st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_rdev, extra,
+           [list(x) for x in xattrs] if xattrs is not None else None]
+    if win is not None:  # (only after both sides said "ntfs": an older agent takes 11 fields)
+        out.append(win)
+    return out
+
+
+@dataclass
+class WinEntry:
+    """An entry's NTFS metadata as it travels: what ntfs-3g gave SRC's side, the streams
+    to send as files (name -> size), and what SRC's side could not carry."""
+
+    meta: ReadResult
+    streams: dict[bytes, int]
+    lost: list[str]
+    inline: dict[bytes, bytes] | None = None  # a directory's streams, with its parent's listing
+
+
+def win_wire(meta: ReadResult, *, streams: dict[bytes, int] | None = None, lost: list[str] | None = None,
+             inline: dict[bytes, bytes] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "sd": meta.sd, "attrib": meta.attrib, "times": meta.times, "reparse": meta.reparse,
+        "streams": [[n, size] for n, size in (streams or {}).items()], "lost": lost or [],
+        "warnings": meta.warnings}
+    if inline is not None:
+        out["inline"] = [[n, v] for n, v in inline.items()]
+    return out
+
+
+def win_from(raw: Any) -> WinEntry:
+    """A received ``win``, checked (stream names are checked where they are used)."""
+    if not isinstance(raw, dict):
+        raise ValueError
+    sd, attrib, times, reparse = raw["sd"], raw["attrib"], raw["times"], raw["reparse"]
+    if not all(isinstance(v, bytes) for v in (sd, times, reparse)) or not (attrib is None or isinstance(attrib, int)):
+        raise ValueError
+    streams = {bytes(n): int(size) for n, size in raw.get("streams") or []}
+    lost = [str(x) for x in raw.get("lost") or []]
+    warnings = [str(x) for x in raw.get("warnings") or []]
+    inline = None if raw.get("inline") is None else {bytes(n): bytes(v) for n, v in raw["inline"]}
+    return WinEntry(ReadResult(sd, "", attrib, times, reparse, sorted(streams), warnings), streams, lost, inline)
 
 
 def kind_of(st: os.stat_result) -> str | None:
@@ -80,11 +147,14 @@ def kind_of(st: os.stat_result) -> str | None:
 class Entry:
     """A received entry, checked: its name is one safe component and its fields have types."""
 
-    __slots__ = ("extra", "kind", "name", "st", "xattrs")
+    __slots__ = ("extra", "kind", "name", "st", "win", "xattrs")
 
     def __init__(self, raw: Any) -> None:
         try:
-            name, kind, mode, uid, gid, atime, mtime, size, rdev, extra, xattrs = raw
+            if not isinstance(raw, list) or len(raw) not in (11, 12):
+                raise ValueError
+            name, kind, mode, uid, gid, atime, mtime, size, rdev, extra, xattrs = raw[:11]
+            self.win: WinEntry | None = win_from(raw[11]) if len(raw) == 12 else None
             self.name = check_name(name)
             if kind not in KINDS or not all(isinstance(v, int) for v in (mode, uid, gid, atime, mtime, size, rdev)):
                 raise ValueError
@@ -94,7 +164,7 @@ class Entry:
             self.extra: bytes | None = extra
             self.xattrs: list[tuple[bytes, bytes]] | None = (
                 None if xattrs is None else [(bytes(k), bytes(v)) for k, v in xattrs])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             raise CorruptionError(f"the sender sent a malformed entry: {raw!r:.200}") from None
         # A real stat_result, so the local engine's metadata helpers apply unchanged.
         self.st = os.stat_result((mode, 0, 0, 1, uid, gid, size, atime // 10**9, mtime // 10**9, 0,
@@ -130,7 +200,7 @@ def fatal_error(fatal: str, where: str = "") -> DeltavaultError:
     return (NoSpace if kind == "full" else TargetError)(f"{where}: {message}" if where else message)
 
 
-_OPTIONS = ("delete", "checksum", "skip_empty_dirs", "acl", "xattrs", "owner", "excludes", "includes",
+_OPTIONS = ("delete", "checksum", "skip_empty_dirs", "acl", "xattrs", "streams", "owner", "excludes", "includes",
             "default_excludes", "verify", "stop_on_error", "delta", "delta_min", "bufsize")
 
 

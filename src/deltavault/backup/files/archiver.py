@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.dirs import Child, DirJob, TreeWriter
 from deltavault.backup.files.nodes import dir_clean, fd_xattrs, handle_xattrs, make_node, same_meta
-from deltavault.backup.files.ntfsmeta import for_source
+from deltavault.backup.files.ntfsmeta import PendingStreams, for_source
 from deltavault.backup.files.options import Excludes, FileBackupOptions, RunLog, Source, Store
 from deltavault.backup.files.previous import PrevDir, PreviousState
 from deltavault.backup.files.regular import RegularFiles
@@ -62,6 +62,7 @@ class _Frame:
     next: int = 0  # index in names of the next entry
     lost: bool = False  # moved away during the run: the rest of it cannot be read
     whole: bool = True  # everything below is kept (not only the paths Source.only names)
+    streams: PendingStreams = field(default_factory=list)  # its own named streams being stored (NTFS)
 
 
 def _join(base: bytes, name: bytes) -> bytes:
@@ -317,10 +318,13 @@ class FileArchiver:
                 os.close(fd)
                 return None
             ntfs = self.files.ntfs
+            dstreams: PendingStreams = []
             if ntfs is None or fst.st_dev != ntfs.dev:
                 node = make_node(name, NodeType.DIR, fst, fd_xattrs(self.log, fd, path))
-            else:
-                node = ntfs.node(make_node(name, NodeType.DIR, fst, ntfs.xattrs(fd, path)), fd, path)[0]
+            else:  # (its streams too, as "dir:stream" in its parent, when that is on the same volume)
+                named = fsname != b"." and os.fstat(dir_fd).st_dev == fst.st_dev
+                node, dstreams = ntfs.node(make_node(name, NodeType.DIR, fst, ntfs.xattrs(fd, path)), fd, path,
+                                           dir_fd=dir_fd if named else -1, fsname=fsname, ino=fst.st_ino)
             key = fst.st_dev << 64 | fst.st_ino
             if key in self._entered:
                 self.log.problem(path, "skipped", "a directory already backed up at another path in this "
@@ -340,7 +344,8 @@ class FileArchiver:
             self.log.problem(path, "unreadable", f"directory cannot be listed: {exc.strerror or exc}")
             return self._empty_dir(make_node(name, NodeType.DIR, st, []), relpath, subprev, prev)
         self.stats.dirs += 1
-        return _Frame(fd, identity(fst), fsname, path, relpath, names, subprev, node, dir_clean(node, prev))
+        return _Frame(fd, identity(fst), fsname, path, relpath, names, subprev, node, dir_clean(node, prev),
+                      streams=dstreams)
 
     def _empty_dir(self, node: Node, relpath: bytes, subprev: PrevDir | None, prev: Node | None) -> Child:
         """A directory stored without its entries (unreadable, already seen, another file system)."""
@@ -353,5 +358,5 @@ class FileArchiver:
         job = DirJob(f.relpath, f.prev, f.children)
         self.trees.add(job)
         self.trees.drain(block=len(self.trees.queue) > 4096)
-        return Child(f.node, f.clean, dirjob=job)
+        return Child(f.node, f.clean and not f.streams, dirjob=job, streams=f.streams or None)
 

@@ -100,6 +100,9 @@ class TreeWriter:
                 child.racy = None
             child.node = node
             child.content = None  # hard-linked siblings share the resolved node's content
+        elif child.streams:  # a directory's named streams (NTFS)
+            node = child.node = resolve_streams(node, child.streams)
+            child.streams = None
         if child.dirjob is not None:
             assert child.dirjob.tree_id is not None
             if child.clean and child.node.subtree != child.dirjob.tree_id:

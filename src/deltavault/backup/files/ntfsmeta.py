@@ -19,13 +19,14 @@ import msgspec
 from deltavault.backup.files.content import ContentReader
 from deltavault.backup.files.options import RunLog
 from deltavault.backup.files.pending import PendingContent
-from deltavault.fs.dirfd import HANDLE_FLAGS, NotRegular, fd_path, handle_at, identity, open_regular
+from deltavault.fs.dirfd import HANDLE_FLAGS, NotRegular, fd_path, handle_at, identity
 from deltavault.fs.meta import read_xattrs
 from deltavault.fs.ntfs import (
     NONE,
     WINDOWS,
     NtfsView,
     is_ntfs_xattr,
+    open_stream_file,
     probe,
     read_meta,
     valid_stream_name,
@@ -128,7 +129,7 @@ class NtfsEntries:
                 path: bytes) -> tuple[Stream, PendingContent] | None:
         where = f"stream {display(name)}"
         try:
-            fd = open_regular(dir_fd, fsname + b":" + name)
+            fd = open_stream_file(dir_fd, fsname, name)
         except (NotRegular, OSError) as exc:
             self.log.problem(path, "unreadable", f"{where}: {getattr(exc, 'strerror', None) or exc}")
             return None

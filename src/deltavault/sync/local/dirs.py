@@ -17,6 +17,7 @@ import errno
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 
 from deltavault.fs.dirfd import (
     Identity,
@@ -91,10 +92,13 @@ class Dirs:
         self._open: set[Dir] = set()
 
     def enter(self, parent: Dir | None, relpath: bytes, st: os.stat_result, sfd: int, dfd: int, *,
-              fresh: bool, included: bool, dident: Identity, smnt: int, dmnt: int) -> Dir:
-        """A directory the walk goes into: it owns ``sfd`` and ``dfd`` from now on."""
-        d = Dir(relpath, st, self.run.source.xattrs(relpath, fd=sfd), sfd, dfd, parent, fresh, identity(st),
-                dident, smnt, dmnt, included)
+              fresh: bool, included: bool, dident: Identity, smnt: int, dmnt: int,
+              xattrs: Xattrs | Literal["read"] = "read") -> Dir:
+        """A directory the walk goes into: it owns ``sfd`` and ``dfd`` from now on.
+        ``xattrs``: the ones to mirror, if its caller read them (with its NTFS streams)."""
+        if xattrs == "read":
+            xattrs = self.run.source.xattrs(relpath, fd=sfd)
+        d = Dir(relpath, st, xattrs, sfd, dfd, parent, fresh, identity(st), dident, smnt, dmnt, included)
         if self.run.ntfs is not None:
             d.ntfs = self.run.ntfs.read_dir(sfd)
         with self.lock:

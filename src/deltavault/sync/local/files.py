@@ -28,6 +28,7 @@ from deltavault.sync.local.delta import page_delta
 from deltavault.sync.local.dirs import Dir, Dirs
 from deltavault.sync.receiver.core import Staged
 from deltavault.sync.receiver.entries import Xattrs, open_existing, single
+from deltavault.sync.receiver.ntfs import StreamVerifyFailed
 from deltavault.sync.sender.source import changed_since
 from deltavault.workers import BoundedPool
 
@@ -102,6 +103,8 @@ class Files:
                 # touch). Comparing costs a read of DST; copying would cost a write of it.
                 if (dst_reg is not None and dst_reg.st_size == fst.st_size
                         and (opts.checksum or fst.st_size < opts.delta_min)
+                        and not (run.ntfs is not None and dst_reg.st_mtime_ns != fst.st_mtime_ns
+                                 and run.ntfs.streams_may_differ(fd, dfd, name, dst_reg))
                         and self._same_content(fd, dfd, name, dst_reg, fst.st_size)
                         and run.rx.keep(dfd, name, relpath, fst, dst_reg, xattrs, group=fst.st_nlink > 1)):
                     return
@@ -112,6 +115,9 @@ class Files:
                 after = os.fstat(fd)
             except SourceReadError as exc:
                 out.problem(relpath, "unreadable", str(exc), size=st.st_size)
+                return
+            except StreamVerifyFailed as exc:  # (the staged file is discarded: DST keeps its previous version)
+                out.problem(relpath, "verify", str(exc), size=st.st_size)
                 return
             except OSError as exc:
                 self._discard(d, staged)
@@ -191,6 +197,8 @@ class Files:
         try:
             written = copy_data(fd, tfd, st, run.buffers, hasher, run.cancel.is_set)
             win = run.ntfs.streams(d.sfd, name, fd, d.dfd, tmp, tfd) if run.ntfs is not None else None
+            if win is not None and win.verified:
+                run.out.count(bytes_verified=win.verified)
             ident = run.rx.finish_file(tfd, relpath, st, xattrs, chown=not same_owner, chmod=not same_mode)
             if win is not None and run.ntfs is not None:
                 run.ntfs.finish(win, tfd)

@@ -6,13 +6,16 @@ as ``user.`` xattrs, and each file's log line names what it could not keep."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import blake3
+
+from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
     STREAM_XATTR_MAX,
-    WINDOWS,
     XATTR_STREAM,
     ReadResult,
     probe,
@@ -22,9 +25,9 @@ from deltavault.fs.ntfs import (
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.receiver.ntfs import NtfsDest
+from deltavault.sync.receiver.ntfs import NtfsDest, StreamVerifyFailed, verify_stream
 from deltavault.sync.report import Outcomes
-from deltavault.sync.sender.ntfs import NtfsSource
+from deltavault.sync.sender.ntfs import NtfsSource, dir_streams
 
 
 @dataclass
@@ -34,6 +37,8 @@ class FileNtfs:
     meta: ReadResult
     problems: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    verified: int = 0  # stream bytes read back (--verify)
+    bad: list[str] = field(default_factory=list)  # streams that read back other bytes
 
     def note(self) -> str | None:
         return "NTFS not kept on DST: " + ", ".join(self.lost) if self.lost else None
@@ -45,6 +50,8 @@ class LocalNtfs:
         self.src, self.dst, self.opts = src, dst, opts
         self.buffers = buffers
         self.cancelled = cancelled
+        self._noted: set[bytes] = set()  # directories whose streams DST could not keep (counted)
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, sroot: int, droot: int, opts: SyncOptions, buffers: BufferPool,
@@ -67,28 +74,7 @@ class LocalNtfs:
                            ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """SRC's xattrs and its small streams as ``user.`` xattrs (``xattr_streams``), and
         what could not be (streams over 64 KiB)."""
-        merged = dict(xattrs or [])
-        lost: list[str] = []
-        if self.src.view.streams != WINDOWS:
-            return sorted(merged.items()), lost  # xattr interface: they are SRC's user.* already
-        h, _ = handle_at(sdir, name)
-        try:
-            names = read_meta(fd_path(h), self.src.view).stream_names
-        finally:
-            os.close(h)
-        for s in names:
-            if not valid_stream_name(s):
-                continue
-            sfd = self.src.open_stream(sdir, name, s, ino)
-            try:
-                size = os.fstat(sfd).st_size
-                if size > STREAM_XATTR_MAX:
-                    lost.append(f"stream {display(s)} ({size} bytes)")
-                    continue
-                merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
-            finally:
-                os.close(sfd)
-        return sorted(merged.items()), lost
+        return self.src.with_stream_xattrs(xattrs, sdir, name, ino)
 
     # ------------------------------------------------------------------ files
     def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
@@ -107,30 +93,48 @@ class LocalNtfs:
                 continue
             try:
                 if s in meta.inline:
-                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s)
+                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s, f)
                 else:
-                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s)
+                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s, f)
             except OSError as exc:
                 f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+        if f.bad:
+            raise StreamVerifyFailed("; ".join(f.bad))
         return f
 
-    def _stream_file(self, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+    def _stream_file(self, sdir: int, name: bytes, ino: int, dfd: int, tmp: bytes, tfd: int, s: bytes,
+                     f: FileNtfs) -> None:
         sfd = self.src.open_stream(sdir, name, s, ino)
         try:
             ofd = self.dst.open_stream(dfd, tmp, tfd, s)
             try:
-                copy_data(sfd, ofd, os.fstat(sfd), self.buffers, None, self.cancelled)
+                hasher = blake3.blake3() if self.opts.verify else None
+                st = os.fstat(sfd)
+                copy_data(sfd, ofd, st, self.buffers, hasher, self.cancelled)
+                if hasher is not None:
+                    self._verify(dfd, tmp, tfd, ofd, s, st.st_size, hasher.digest(), f)
             finally:
                 os.close(ofd)
         finally:
             os.close(sfd)
 
-    def _stream_bytes(self, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes) -> None:
+    def _stream_bytes(self, data: bytes, dfd: int, tmp: bytes, tfd: int, s: bytes, f: FileNtfs) -> None:
         ofd = self.dst.open_stream(dfd, tmp, tfd, s)
         try:
-            os.write(ofd, data)
+            pwrite_all(ofd, data, 0)
+            if self.opts.verify:
+                self._verify(dfd, tmp, tfd, ofd, s, len(data), blake3.blake3(data).digest(), f)
         finally:
             os.close(ofd)
+
+    def _verify(self, dfd: int, tmp: bytes, tfd: int, ofd: int, s: bytes, size: int, digest: bytes,
+                f: FileNtfs) -> None:
+        """--verify: the stream read back (as the file's data is, by the receiver)."""
+        os.fsync(ofd)
+        n, problem = verify_stream(dfd, tmp, tfd, s, size, digest, self.buffers.size)
+        f.verified += n
+        if problem is not None:
+            f.bad.append(problem)
 
     def finish(self, f: FileNtfs, tfd: int) -> None:
         """The rest of the metadata, after the file's own (--acl)."""
@@ -160,6 +164,50 @@ class LocalNtfs:
             os.close(sh)
             os.close(dh)
 
+    def streams_may_differ(self, fd: int, dfd: int, name: bytes, dst: os.stat_result) -> bool:
+        """A file of the same data and another mtime (the caller checks) is copied again when
+        it has streams on either side: a stream write moves only its file's mtime (ntfs-3g
+        says no more)."""
+        if not self.opts.streams or not self.dst.file_streams or self.dst.view is None:
+            return False
+        if read_meta(fd, self.src.view).stream_names:
+            return True
+        dh, _ = expect_identity(dfd, name, identity(dst))
+        try:
+            return bool(read_meta(fd_path(dh), self.dst.view).stream_names)
+        finally:
+            os.close(dh)
+
+    def dir_streams(self, parent_sfd: int, parent_dfd: int, name: bytes, sfd: int, dfd: int, rel: bytes,
+                    xattrs: list[tuple[bytes, bytes]] | None, out: Outcomes) -> list[tuple[bytes, bytes]] | None:
+        """--streams: a directory's own named streams (``name:stream`` in its parent), read
+        whole (they are rare and small). Onto ntfs-3g written now, before its times are set;
+        onto anything else returned with its xattrs (those up to 64 KiB), what could not be
+        named in the log now and counted."""
+        sst = os.fstat(sfd)
+        if not self.opts.streams or os.fstat(parent_sfd).st_dev != sst.st_dev:  # (a mount: not "name:stream")
+            return xattrs
+        ino = sst.st_ino
+        limit = None if self.dst.file_streams else STREAM_XATTR_MAX
+        try:
+            streams, left, problems = dir_streams(self.src, parent_sfd, name, ino, limit)
+            if self.dst.file_streams:
+                problems += self.dst.put_dir_streams(parent_dfd, name, dfd, streams)
+        except OSError as exc:
+            streams, left, problems = {}, [], [f"NTFS streams: {exc.strerror or exc}"]
+        for m in problems:
+            out.problem(rel, "metadata", m)
+        if self.dst.file_streams:
+            return xattrs
+        if left:
+            with self._lock:
+                self._noted.add(rel)
+            out.count(ntfs_not_kept=1)
+            out.note(rel, "NTFS not kept on DST: " + ", ".join(left))
+        merged = dict(xattrs or [])
+        merged.update((XATTR_STREAM + s, v) for s, v in streams.items())
+        return sorted(merged.items())
+
     def read_dir(self, sfd: int) -> ReadResult | None:
         return read_meta(sfd, self.src.view, streams=False) if self.opts.acl else None
 
@@ -170,5 +218,8 @@ class LocalNtfs:
         for m in problems:
             out.problem(rel, "metadata", m)
         if lost:
-            out.count(ntfs_not_kept=1)
+            with self._lock:
+                counted = rel in self._noted  # (its streams were named already: one entry)
+            if not counted:
+                out.count(ntfs_not_kept=1)
             out.note(rel, "NTFS not kept on DST: " + ", ".join(lost))

@@ -107,14 +107,20 @@ class Walker:
         if made is None:
             return 1
         cdfd, dcst, created, dmnt = made
+        xattrs = run.source.xattrs(relpath, fd=sub.fd) if run.meta.any_xattrs else None
+        if run.ntfs is not None:  # (its streams: here, where both parents are open)
+            try:
+                xattrs = run.ntfs.dir_streams(parent.sfd, parent.dfd, name, sub.fd, cdfd, relpath, xattrs, run.out)
+            except BaseException:
+                os.close(cdfd)
+                raise
         if sub.skip is None and self.shards is not None and self.shards.wants(relpath):
-            xattrs = run.source.xattrs(relpath, fd=sub.fd) if run.meta.any_xattrs else None
             ntfs = run.ntfs.read_dir(sub.fd) if run.ntfs is not None else None
             os.close(cdfd)
             self.shards.delegate(parent, relpath, sub.st, created, included, identity(dcst), xattrs, ntfs)
             return 1
         d = self.dirs.enter(parent, relpath, sub.st, sub.fd, cdfd, fresh=created, included=included,
-                            dident=identity(dcst), smnt=sub.mnt, dmnt=dmnt)
+                            dident=identity(dcst), smnt=sub.mnt, dmnt=dmnt, xattrs=xattrs)
         if sub.skip is not None:
             d.listed = False
             run.out.problem(relpath, "skipped", sub.skip)

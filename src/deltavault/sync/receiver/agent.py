@@ -14,18 +14,21 @@ from dataclasses import asdict
 from typing import Any
 
 from deltavault.errors import CorruptionError, DeltavaultError
+from deltavault.fs.ntfs import probe
 from deltavault.fs.paths import open_target_dir
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard, check_missing_dest
 from deltavault.sync.meta import MetaPolicy
+from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.core import Receiver
 from deltavault.sync.receiver.dirs import OpenDirs
+from deltavault.sync.receiver.ntfs import AgentNtfs, NtfsDest
 from deltavault.sync.receiver.records import AgentOutcomes
 from deltavault.sync.receiver.requests import Requests
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.wire import VERSION, Frames, Paths, options_from
+from deltavault.sync.wire import FEATURES, VERSION, Frames, Paths, options_from
 
 
 class Agent:
@@ -104,8 +107,20 @@ class Agent:
             return False
         self.requests = Requests(self.chan, rx, self.out, OpenDirs(self.root), Paths())
         assert rx.guard is not None
-        self.chan.send({"ok": True, "version": VERSION, "id": 0, "dest": rx.guard.describe(is_src=False)})
+        ntfs = None
+        if req.get("ntfs") is True and "ntfs" in (req.get("features") or []):
+            ntfs = self._ntfs(rx, opts)
+        self.chan.send({"ok": True, "version": VERSION, "id": 0, "dest": rx.guard.describe(is_src=False),
+                        "features": FEATURES, "ntfs": ntfs})
         return True
+
+    def _ntfs(self, rx: Receiver, opts: SyncOptions) -> dict[str, Any] | None:
+        """SRC is on ntfs-3g (--acl, --streams): DST's view of NTFS, for the sender."""
+        dest = NtfsDest(probe(self.root))
+        rx.ntfs = AgentNtfs(dest, acl=opts.acl, streams=opts.streams, delta=opts.delta, delta_min=opts.delta_min,
+                            verify=opts.verify, bufsize=opts.bufsize)
+        rx.meta.stream_xattrs = rx.ntfs.xattr_streams
+        return {"streams": dest.view.streams} if dest.view is not None else None
 
     def _open_root(self, rx: Receiver, dest: bytes, source: Any) -> None:
         """Open (or make) DST, refused if the sender's SRC is on this kernel and overlaps it."""

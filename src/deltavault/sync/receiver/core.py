@@ -33,6 +33,7 @@ from deltavault.sync.receiver.links import (
     needs_copy,
     regular_at,
 )
+from deltavault.sync.receiver.ntfs import AgentNtfs
 from deltavault.sync.receiver.remove import remove_entry
 from deltavault.sync.receiver.specials import place_special
 from deltavault.sync.receiver.temps import Temps, Where, unlink_quiet
@@ -70,6 +71,7 @@ class Receiver:
         self.groups = Groups()
         self._cancelled = cancelled
         self._unmarked = unmarked_groups
+        self.ntfs: AgentNtfs | None = None  # the agent's NTFS part (feature "ntfs"; the local engine has its own)
 
     # ------------------------------------------------------------------ entries
     def removed(self, rel: bytes, st: os.stat_result) -> None:

@@ -18,11 +18,10 @@ from deltavault.fs.dirfd import Replaced, handle_at, lstat_at, reopen
 from deltavault.fs.paths import display
 from deltavault.sync.data import hash_zeros, is_zero
 from deltavault.sync.receiver.core import Receiver, Staged
+from deltavault.sync.receiver.ntfs import SourceChangedStreams, StreamsPhase
 from deltavault.sync.receiver.temps import Where
 from deltavault.sync.remote import Changed, Rebuilt, fetch_rebuilt
 from deltavault.sync.wire import GROUP, Entry, Frames
-
-DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
 
 
 def receive_whole(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes, e: Entry) -> None:
@@ -39,6 +38,7 @@ def receive_whole(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes
             error = exc
     h = blake3.blake3(max_threads=1)
     off = written = 0
+    phase = StreamsPhase(chan, False)
     try:
         while True:
             frame = chan.recv()
@@ -59,17 +59,20 @@ def receive_whole(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes
                 break
             else:  # abort
                 return
+        phase.pending = _has_streams(e)  # the sender now serves the file's streams, if it has any
         if error is None and tmp is not None:
             if off != e.st.st_size or h.digest() != frame["end"]:
                 raise CorruptionError(f"{display(rel)}: the data received does not match what was sent")
             if written < off:
                 os.ftruncate(tfd, off)
-            action = "new" if lstat_at(dfd, e.name) is None else "update"
-            _install(rx, dfd, tfd, where, tmp, rel, e, action, written, frame["end"])
-            tmp = None
+            old = lstat_at(dfd, e.name)
+            if _install(phase, rx, dfd, tfd, where, tmp, rel, e, "new" if old is None else "update", written,
+                        frame["end"], old=old):
+                tmp = None
     except OSError as exc:
         error = exc
     finally:
+        phase.close()
         if tfd >= 0:
             os.close(tfd)
         if tmp is not None:
@@ -78,30 +81,65 @@ def receive_whole(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes
         rx.out.os_problem(rel, error)
 
 
-def _install(rx: Receiver, dfd: int, tfd: int, where: Where, tmp: bytes, rel: bytes, e: Entry, action: str,
-             written: int, digest: bytes, *, reflinked: bool = False) -> None:
+def _has_streams(e: Entry) -> bool:
+    """Does the sender serve this file's NTFS streams after its content (sync/wire.py)?"""
+    return e.win is not None and bool(e.win.streams)
+
+
+def _install(phase: StreamsPhase, rx: Receiver, dfd: int, tfd: int, where: Where, tmp: bytes, rel: bytes,
+             e: Entry, action: str, written: int, digest: bytes, *, old: os.stat_result | None,
+             reflinked: bool = False) -> bool:
+    """The file's NTFS streams (before its times are set: writing a stream changes them),
+    its metadata, then the rename. False: the sender said the file changed meanwhile (the
+    caller discards it: the sender sends it again, or a stream read back other bytes)."""
+    note = None
+    ntfs = rx.ntfs
+    if ntfs is not None and e.win is not None:
+        try:
+            got = ntfs.receive_streams(phase, dfd, e.name, old, tmp, tfd, e.win, rx.out)
+        except SourceChangedStreams:
+            return False
+        written += got.written
+        rx.meta_problems(rel, got.problems)
+        if got.verified:
+            rx.out.count(bytes_verified=got.verified)
+        if got.bad:  # DST keeps its previous version
+            rx.out.problem(rel, "verify", "; ".join(got.bad), size=e.st.st_size)
+            return False
+    phase.close()
     ident = rx.finish_file(tfd, rel, e.st, e.xattrs)
-    rx.install(dfd, where, e.name, rel, e.st, Staged(tmp, action, written, ident, digest, reflinked),
+    if ntfs is not None:
+        problems, lost = ntfs.finish(tfd, e.win)
+        rx.meta_problems(rel, problems)
+        note = "NTFS not kept on DST: " + ", ".join(lost) if lost else None
+    rx.install(dfd, where, e.name, rel, e.st, Staged(tmp, action, written, ident, digest, reflinked, note),
                group=e.extra == GROUP)
+    return True
 
 
 def receive_delta(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes, e: Entry) -> None:
     """Rebuild the file from our old version and the chunks it lacks, fetched from the
     sender (which serves them until we say "bye"), then install it."""
     seed_fd = -1
+    # Unless the file changed while the sender read it, the sender then serves its streams.
+    phase = StreamsPhase(chan, False)
     try:
         rebuilt = None
         try:
+            phase.pending = _has_streams(e)
             if dfd >= 0:
                 seed_fd = _open_seed(dfd, e.name)
                 rebuilt = _fetch(chan, rx, seed_fd, rel, e)
+        except Changed:
+            phase.pending = False  # the sender sends it again, or reports it
         except OSError as exc:
             rx.out.os_problem(rel, exc)
         finally:
             chan.send({"op": "bye"})  # ends the sender's answering loop, whatever happened
         if rebuilt is not None:
-            _write_rebuilt(rx, dfd, where, seed_fd, rel, e, rebuilt)
+            _write_rebuilt(phase, rx, dfd, where, seed_fd, rel, e, rebuilt)
     finally:
+        phase.close()
         if seed_fd >= 0:
             os.close(seed_fd)
 
@@ -119,6 +157,8 @@ def _open_seed(dfd: int, name: bytes) -> int:
 
 
 def _fetch(chan: Frames, rx: Receiver, seed_fd: int, rel: bytes, e: Entry) -> Rebuilt | None:
+    """The rebuilt file, or None when it cannot be (reported); Changed when the sender says
+    the file changed while read."""
     def load() -> bytes:
         with open(seed_fd, "rb", closefd=False) as f:
             return f.read()
@@ -129,7 +169,7 @@ def _fetch(chan: Frames, rx: Receiver, seed_fd: int, rel: bytes, e: Entry) -> Re
     try:
         rebuilt = fetch_rebuilt(chan, rel, load, pages=pages)
     except Changed:
-        return None  # the sender sends it again, or reports it
+        raise
     except (SourceError, CorruptionError) as exc:
         rx.out.problem(rel, "write", f"delta transfer failed: {exc.message}", size=e.st.st_size)
         return None
@@ -137,7 +177,7 @@ def _fetch(chan: Frames, rx: Receiver, seed_fd: int, rel: bytes, e: Entry) -> Re
     return rebuilt
 
 
-def _write_rebuilt(rx: Receiver, dfd: int, where: Where, seed_fd: int, rel: bytes, e: Entry,
+def _write_rebuilt(phase: StreamsPhase, rx: Receiver, dfd: int, where: Where, seed_fd: int, rel: bytes, e: Entry,
                    rebuilt: Rebuilt) -> None:
     """Into a reflink clone of the old file, writing only the fetched chunks, when every
     reused chunk sits where it sat before; else the whole file. Zeros stay holes."""
@@ -155,8 +195,9 @@ def _write_rebuilt(rx: Receiver, dfd: int, where: Where, seed_fd: int, rel: byte
             written = _write_regions(tfd, rebuilt.regions())
         if os.fstat(tfd).st_size != size:  # (XFS flushes a truncated file on close)
             os.ftruncate(tfd, size)
-        _install(rx, dfd, tfd, where, tmp, rel, e, "delta", written, rebuilt.stats.digest, reflinked=reflinked)
-        tmp = None
+        if _install(phase, rx, dfd, tfd, where, tmp, rel, e, "delta", written, rebuilt.stats.digest,
+                    old=os.fstat(seed_fd), reflinked=reflinked):
+            tmp = None
     except OSError as exc:
         rx.out.os_problem(rel, exc)
     finally:

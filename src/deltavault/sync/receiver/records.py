@@ -27,8 +27,12 @@ class AgentOutcomes(Outcomes):
 
     def done(self, action: str, rel: bytes, size: int = 0, *, written: int = 0, digest: bytes | None = None,
              note: str | None = None) -> None:
-        self.records.append([action, rel, size, written, digest, None, None])
+        self.records.append([action, rel, size, written, digest, None, note])
         super().done(action, rel, size, written=written, digest=digest, note=note)
+
+    def note(self, rel: bytes, message: str) -> None:
+        self.records.append(["note", rel, 0, 0, None, None, message])
+        super().note(rel, message)
 
     def os_problem(self, rel: bytes, exc: OSError, kind: str = "write") -> None:
         if exc.errno not in NO_SPACE_ERRNOS and exc.errno != errno.EROFS:

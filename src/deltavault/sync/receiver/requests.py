@@ -19,9 +19,10 @@ from deltavault.sync.data import file_digest
 from deltavault.sync.receiver.core import Receiver
 from deltavault.sync.receiver.dirs import OpenDirs
 from deltavault.sync.receiver.entries import open_existing
-from deltavault.sync.receiver.incoming import DELTA_MAX, receive_delta, receive_whole
+from deltavault.sync.receiver.incoming import receive_delta, receive_whole
 from deltavault.sync.receiver.records import AgentOutcomes
 from deltavault.sync.receiver.temps import Where
+from deltavault.sync.remote import DELTA_MAX
 from deltavault.sync.tree import join
 from deltavault.sync.wire import GROUP, Entry, Frames, Paths
 
@@ -91,7 +92,10 @@ class Requests:
         if dst is None or not stat.S_ISREG(dst.st_mode):
             return "whole"
         if dst.st_size == e.st.st_size:
-            if self.opts.checksum or dst.st_mtime_ns != e.st.st_mtime_ns:
+            moved = dst.st_mtime_ns != e.st.st_mtime_ns
+            if self.rx.ntfs is not None and self.rx.ntfs.streams_differ(dfd, e.name, e.win, dst, moved):
+                return self._changed_how(dst, e)  # (each stream then goes whole or by delta)
+            if self.opts.checksum or moved:
                 return "check"
             return self._same(dfd, crel, e, dst)
         return self._changed_how(dst, e)
@@ -104,7 +108,13 @@ class Requests:
         if made:
             self.created.add(crel)
             self.out.done("mkdir", crel)
-        self.dirs.record(crel, fd, mnt)
+        if self.rx.ntfs is not None and e.win is not None and e.win.inline is not None:
+            try:
+                self.rx.meta_problems(crel, self.rx.ntfs.dir_streams(dfd, e.name, fd, crel, e.win))
+            except BaseException:
+                os.close(fd)
+                raise
+        self.dirs.record(crel, fd, mnt)  # (closes fd)
 
     def _changed_how(self, dst: os.stat_result, e: Entry) -> str:
         small = min(dst.st_size, e.st.st_size) < self.opts.delta_min
@@ -127,7 +137,7 @@ class Requests:
             if rel in self.link_dirs:  # making the links would change its mtime
                 self.deferred.append((rel, e, self.dirs.ids[rel]))
                 return
-            self.rx.dir_meta(fd, rel, e.st, e.xattrs)
+            self._dir_meta(fd, rel, e)
         except OSError as exc:
             self.out.os_problem(rel, exc)
         finally:
@@ -149,6 +159,8 @@ class Requests:
         """Content is equal: keep it (nothing wanted), or "whole" when it must be sent anew
         (its metadata differs, and it has other links, maybe to a file outside DST)."""
         kept = self.rx.keep(dfd, e.name, crel, e.st, dst, e.xattrs, group=e.extra == GROUP)
+        if kept and self.rx.ntfs is not None:
+            self.rx.meta_problems(crel, self.rx.ntfs.fix_kept(dfd, e.name, dst, e.win))
         return None if kept else "whole"
 
     def check(self, req: dict[str, Any]) -> list[list[Any]]:
@@ -200,8 +212,14 @@ class Requests:
             fd = self.dirs.get(rel)  # reopened from DST's root, each level checked
             if identity(os.fstat(fd)) != ident:
                 raise Replaced("another directory stands here")
-            self.rx.dir_meta(fd, rel, e.st, e.xattrs)
+            self._dir_meta(fd, rel, e)
         except OSError as exc:
             self.out.os_problem(rel, exc)
         finally:
             self.dirs.forget(rel)
+
+    def _dir_meta(self, fd: int, rel: bytes, e: Entry) -> None:
+        ntfs = self.rx.ntfs
+        self.rx.dir_meta(fd, rel, e.st, ntfs.dir_xattrs(rel, e.xattrs) if ntfs is not None else e.xattrs)
+        if ntfs is not None:
+            ntfs.finish_dir(fd, rel, e.win, self.out)

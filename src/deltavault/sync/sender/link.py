@@ -6,11 +6,12 @@ logged. A reply that says the agent's disk is full or read-only, or a problem un
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from deltavault.sync.remote import Loader, serve
 from deltavault.sync.report import Outcomes
-from deltavault.sync.wire import Duplex
+from deltavault.sync.wire import Duplex, Frames
 
 
 class Lost(Exception):
@@ -60,9 +61,17 @@ class AgentLink:
         except (BrokenPipeError, ConnectionError) as exc:
             raise Lost from exc
 
+    def serve_streams(self, answer: Callable[[Frames], bool]) -> bool:
+        """Answer the agent's requests for one file's NTFS streams (sender/ntfs.py) until it
+        says "bye"; False when the file changed meanwhile."""
+        try:
+            return answer(self.chan)
+        except (BrokenPipeError, ConnectionError, EOFError) as exc:
+            raise Lost from exc
+
     def _absorb(self, rep: dict[str, Any]) -> None:
         for action, rel, size, written, digest, kind, message in rep.get("records", []):
             if action == "error":
                 self.out.problem(rel, kind, message, size=size)
-            elif self.out.log is not None:
-                self.out.log.write(action, size, rel, written=written, digest=digest)
+            elif self.out.log is not None:  # (message: a note, what DST could not keep of NTFS's metadata)
+                self.out.log.write(action, size, rel, written=written, digest=digest, error=message)

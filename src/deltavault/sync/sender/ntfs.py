@@ -1,14 +1,37 @@
 """The sending side's view of NTFS metadata: a source entry's descriptor, attributes, times
 and the names of its named streams (fs/ntfs.py), and a stream opened for reading as the file
-``name:stream`` through a handle checked to be the same inode."""
+``name:stream`` through a handle checked to be the same inode.
+
+``SenderNtfs`` is a sync with another host's part (feature "ntfs", sync/wire.py): each
+entry's ``win`` field, and a file's streams served to the agent after its content, whole or
+by remote delta."""
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
-from deltavault.fs.dirfd import open_regular
-from deltavault.fs.ntfs import NtfsView, ReadResult, read_meta
+import blake3
+
+from deltavault.fs.dirfd import fd_path, handle_at
+from deltavault.fs.ntfs import (
+    STREAM_XATTR_MAX,
+    WINDOWS,
+    XATTR_STREAM,
+    NtfsView,
+    ReadResult,
+    open_stream_file,
+    read_meta,
+    valid_stream_name,
+)
+from deltavault.fs.paths import display
+from deltavault.sync.remote import Served
+from deltavault.sync.sender.source import changed_since
+from deltavault.sync.wire import Frames, win_wire
+
+Xattrs = list[tuple[bytes, bytes]] | None
+DIR_STREAM_MAX = 1 << 20  # a directory's streams travel in its parent's listing, each up to this
 
 
 class NtfsSource:
@@ -23,8 +46,212 @@ class NtfsSource:
     def open_stream(self, dir_fd: int, name: bytes, stream: bytes, ino: int) -> int:
         """The stream ``stream`` of the file ``name`` of ``dir_fd``, open for reading; it
         must belong to inode ``ino`` (the file being copied), else ESTALE."""
-        fd = open_regular(dir_fd, name + b":" + stream)
+        fd = open_stream_file(dir_fd, name, stream)
         if os.fstat(fd).st_ino != ino:
             os.close(fd)
             raise OSError(errno.ESTALE, "the file was replaced while its streams were read")
         return fd
+
+    def with_stream_xattrs(self, xattrs: Xattrs, sdir: int, name: bytes,
+                           ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """SRC's xattrs and its small streams as ``user.`` xattrs (for a DST that keeps
+        streams so), and what could not be (streams over 64 KiB)."""
+        merged = dict(xattrs or [])
+        lost: list[str] = []
+        if self.view.streams != WINDOWS:
+            return sorted(merged.items()), lost  # xattr interface: they are SRC's user.* already
+        h, _ = handle_at(sdir, name)
+        try:
+            names = read_meta(fd_path(h), self.view).stream_names
+        finally:
+            os.close(h)
+        for s in names:
+            if not valid_stream_name(s):
+                continue
+            sfd = self.open_stream(sdir, name, s, ino)
+            try:
+                size = os.fstat(sfd).st_size
+                if size > STREAM_XATTR_MAX:
+                    lost.append(f"stream {display(s)} ({size} bytes)")
+                    continue
+                merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
+            finally:
+                os.close(sfd)
+        return sorted(merged.items()), lost
+
+
+def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
+                limit: int | None = None) -> tuple[dict[bytes, bytes], list[str], list[str]]:
+    """The named streams of the directory ``name`` of ``parent`` (inode ``ino``), read
+    whole (they are rare and small); those over ``limit`` bytes are left out. Returns (the
+    streams, what was left out, problems)."""
+    got: dict[bytes, bytes] = {}
+    left: list[str] = []
+    problems: list[str] = []
+    h, _ = handle_at(parent, name)
+    try:
+        meta = read_meta(fd_path(h), src.view)
+    finally:
+        os.close(h)
+    problems += meta.losses
+    for s in meta.stream_names:
+        if s in meta.inline:
+            got[s] = meta.inline[s]
+            continue
+        if not valid_stream_name(s):
+            problems.append(f"stream {display(s)}: a name no stream can have; not read")
+            continue
+        try:
+            sfd = src.open_stream(parent, name, s, ino)
+        except OSError as exc:
+            problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
+            continue
+        try:
+            size = os.fstat(sfd).st_size
+            if limit is not None and size > limit:
+                left.append(f"stream {display(s)} ({size} bytes)")
+                continue
+            got[s] = _read_all(sfd, size)
+        finally:
+            os.close(sfd)
+    return got, left, problems
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            break
+        got += n
+    return bytes(data[:got])
+
+
+class SenderNtfs:
+    """NTFS metadata and streams sent to an agent. ``dest_streams``: how DST shows streams
+    (the agent's hello; None when DST is not ntfs-3g)."""
+
+    def __init__(self, src: NtfsSource, *, acl: bool, streams: bool, dest_streams: str | None) -> None:
+        self.src, self.acl = src, acl
+        self.file_streams = streams and dest_streams == WINDOWS
+        self.xattr_streams = streams and not self.file_streams
+
+    def file_win(self, dir_fd: int, name: bytes, target: int | bytes, st: os.stat_result,
+                 xattrs: Xattrs) -> tuple[Xattrs, dict[str, Any], ReadResult]:
+        """A file's xattrs (with its small streams, for a DST that keeps them as xattrs),
+        its ``win`` field, and what was read (for its warnings). ``target``: the open file,
+        or a /proc path naming it."""
+        meta = read_meta(target, self.src.view, streams=self.file_streams)
+        lost: list[str] = []
+        if self.xattr_streams:
+            xattrs, lost = self.src.with_stream_xattrs(xattrs, dir_fd, name, st.st_ino)
+        sizes: dict[bytes, int] = {}
+        for s in meta.stream_names:
+            if s in meta.inline:
+                sizes[s] = len(meta.inline[s])
+            elif valid_stream_name(s):  # (else the agent names it, and asks nothing)
+                sizes[s] = os.stat(name + b":" + s, dir_fd=dir_fd, follow_symlinks=False).st_size
+            else:
+                sizes[s] = 0
+        return xattrs, win_wire(self._asked(meta), streams=sizes, lost=lost), meta
+
+    def subdir_win(self, parent: int, name: bytes, st: os.stat_result) -> tuple[dict[str, Any] | None, list[str]]:
+        """The ``win`` of a subdirectory's entry in its parent's listing: its own streams,
+        up to DIR_STREAM_MAX (64 KiB onto a DST that keeps them as xattrs), the bigger ones
+        named. Returns it (None without --streams) and the problems."""
+        if not (self.file_streams or self.xattr_streams) or os.fstat(parent).st_dev != st.st_dev:
+            return None, []  # (a mount below: its streams are not "name:stream" of this parent)
+        limit = DIR_STREAM_MAX if self.file_streams else STREAM_XATTR_MAX
+        got, left, problems = dir_streams(self.src, parent, name, st.st_ino, limit)
+        lost = [f"{x}: directory streams over {limit // 1024} KiB do not cross ssh" if self.file_streams else x
+                for x in left]
+        return win_wire(ReadResult(b"", "", None, b"", b"", []), lost=lost, inline=got), problems
+
+    def dir_win(self, fd: int) -> tuple[dict[str, Any] | None, ReadResult | None]:
+        """A directory's ``win`` (--acl), and what was read."""
+        if not self.acl:
+            return None, None
+        meta = read_meta(fd, self.src.view, streams=False)
+        return win_wire(meta), meta
+
+    def _asked(self, meta: ReadResult) -> ReadResult:
+        if self.acl:
+            return meta
+        return ReadResult(b"", "", None, b"", b"", meta.stream_names)
+
+    def serve(self, chan: Frames, dir_fd: int, name: bytes, fd: int, st: os.stat_result,
+              meta: ReadResult, bufsize: int) -> bool:
+        """Answer the agent's requests for the streams of the file ``name`` (open as ``fd``,
+        ``st`` when its content was read) until it says "bye". False when the file changed
+        meanwhile (the agent was told, and discards it)."""
+        ok = True
+        served: Served | None = None
+        while True:
+            req = chan.recv()
+            op = req.get("op") if isinstance(req, dict) else None
+            if op == "bye":
+                return ok
+            s = req.get("path") if isinstance(req, dict) else None
+            if op == "get" and served is not None:
+                chan.send(served.get(req))
+                continue
+            if op not in ("whole", "open") or not isinstance(s, bytes) or s not in meta.stream_names \
+                    or not valid_stream_name(s):
+                chan.send({"error": f"unexpected request {op!r}", "abort": "unexpected request"})
+                continue
+            if op == "whole":
+                ok = self._whole(chan, dir_fd, name, s, fd, st, meta, bufsize) and ok
+                continue
+            try:  # (remote delta holds the stream in memory, as it does a file)
+                data = self._load(dir_fd, name, s, st.st_ino, meta)
+            except OSError as exc:
+                chan.send({"error": f"unreadable: {exc.strerror or exc}"})
+                continue
+            if changed_since(st, os.fstat(fd)):
+                ok = False
+                chan.send({"error": "the file changed while its streams were read", "changed": True})
+                continue
+            served = Served(data, pages=bool(req.get("pages")))
+            chan.send(served.head)
+
+    def _whole(self, chan: Frames, dir_fd: int, name: bytes, s: bytes, fd: int, st: os.stat_result,
+               meta: ReadResult, bufsize: int) -> bool:
+        """One stream sent whole, in frames of ``bufsize``, then its BLAKE3; "abort" when it
+        cannot be read (the agent names it) or the file changed meanwhile (False)."""
+        h = blake3.blake3(max_threads=1)
+        try:
+            if s in meta.inline:
+                data = meta.inline[s]
+                h.update(data)
+                chan.send({"d": data})
+            else:
+                sfd = self.src.open_stream(dir_fd, name, s, st.st_ino)
+                try:
+                    buf = memoryview(bytearray(max(4096, bufsize)))
+                    off = 0
+                    while n := os.preadv(sfd, [buf], off):
+                        h.update(buf[:n])
+                        chan.send({"d": buf[:n]})
+                        off += n
+                finally:
+                    os.close(sfd)
+        except OSError as exc:
+            chan.send({"abort": f"unreadable: {exc.strerror or exc}"})
+            return True
+        if changed_since(st, os.fstat(fd)):
+            chan.send({"abort": "changed"})
+            return False
+        chan.send({"end": h.digest()})
+        return True
+
+    def _load(self, dir_fd: int, name: bytes, s: bytes, ino: int, meta: ReadResult) -> bytes:
+        """A stream's bytes, read whole."""
+        if s in meta.inline:
+            return meta.inline[s]
+        sfd = self.src.open_stream(dir_fd, name, s, ino)
+        try:
+            return _read_all(sfd, os.fstat(sfd).st_size)
+        finally:
+            os.close(sfd)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from deltavault.errors import NoSpace, SourceError, TargetError, UsageError
+from deltavault.fs.ntfs import NtfsView, probe
 from deltavault.fs.paths import display
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.data import (
@@ -27,10 +28,19 @@ from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import Outcomes, SyncLog, SyncResult, SyncStats
 from deltavault.sync.sender.files import FileSender
 from deltavault.sync.sender.link import AgentLink, Lost, Stop
+from deltavault.sync.sender.ntfs import NtfsSource, SenderNtfs
 from deltavault.sync.sender.source import SourceTree
 from deltavault.sync.sender.walk import End, Listing, SourceWalk
 from deltavault.sync.tree import join
-from deltavault.sync.wire import VERSION, Channel, Duplex, entry, fatal_error, options_wire
+from deltavault.sync.wire import (
+    FEATURES,
+    VERSION,
+    Channel,
+    Duplex,
+    entry,
+    fatal_error,
+    options_wire,
+)
 
 BATCH_DIRS = 64  # directories listed per round trip
 BATCH_ENTRIES = 4096
@@ -66,6 +76,7 @@ class Sender:
         self.source = SourceTree(self.filter, self.meta, self.out, where="there")
         self.buffers = BufferPool(max(4096, options.bufsize))
         self.sent = self.received = 0  # bytes on the wire, both ways
+        self.ntfs: SenderNtfs | None = None  # SRC on ntfs-3g, --acl or --streams, and an agent that speaks "ntfs"
 
     @property
     def stats(self) -> SyncStats:
@@ -81,6 +92,7 @@ class Sender:
         except OSError as exc:
             raise SourceError(f"cannot open the source {display(self.src)}: {exc.strerror or exc}") from exc
         try:
+            view = probe(root) if self.opts.acl or self.opts.streams else None
             proc = connect()
         except BaseException:
             os.close(root)
@@ -90,8 +102,9 @@ class Sender:
         self.files = FileSender(self.link, self.source, self.opts, self.buffers)
         self.out.reporter.start("sync")
         try:
-            self._hello(root)
-            tree = SourceWalk(self.source, self.out).walk(root, not self.filter.has_includes)
+            self._hello(root, view)
+            self.files.ntfs = self.ntfs
+            tree = SourceWalk(self.source, self.out, self.ntfs).walk(root, not self.filter.has_includes)
             try:
                 self._walk(tree)
             except Stop:
@@ -113,17 +126,29 @@ class Sender:
     def _named(self, message: str) -> str:
         return f"{self.peer}: {message}" if self.peer else message
 
-    def _hello(self, root: int) -> None:
+    def _hello(self, root: int, view: NtfsView | None) -> None:
         """Options, and SRC's identity: an agent on this same kernel refuses a DST that
-        overlaps it, and tells us DST's, so that the walk leaves alone a mount showing it."""
+        overlaps it, and tells us DST's, so that the walk leaves alone a mount showing it.
+        From an ntfs-3g SRC (--acl, --streams), the agent must speak "ntfs" and says how
+        DST shows streams."""
         options = {**options_wire(self.opts), "bufsize": self.buffers.size}
         source = {**Guard.one_side(root, is_src=True).describe(is_src=True), "path": self.src}
-        self.link.send({"op": "hello", "version": VERSION, "dest": self.dest, "options": options, "source": source})
+        self.link.send({"op": "hello", "version": VERSION, "dest": self.dest, "options": options, "source": source,
+                        "features": FEATURES, "ntfs": view is not None})
         rep = self.link.reply(0)
         if "error" in rep:
             code = rep.get("code")
             raise (UsageError if code == 2 else NoSpace if code == 14 else TargetError)(self._named(rep["error"]))
         self.source.guard = Guard.one_side(root, is_src=True, peer=rep.get("dest"))
+        if view is not None:
+            if "ntfs" not in (rep.get("features") or []):
+                raise TargetError(self._named("the deltavault there cannot take NTFS metadata or streams "
+                                              "(--acl, --streams from an ntfs-3g source): upgrade it"))
+            dest = rep.get("ntfs")
+            streams = dest.get("streams") if isinstance(dest, dict) else None
+            self.ntfs = SenderNtfs(NtfsSource(view, streams=self.opts.streams), acl=self.opts.acl,
+                                   streams=self.opts.streams, dest_streams=streams if isinstance(streams, str) else None)
+            self.meta.stream_xattrs = self.ntfs.xattr_streams
 
     def _finish(self) -> None:
         # The problems found here go too: in a pull, the agent's side reports the run.
@@ -205,6 +230,6 @@ class Sender:
 
     def _end(self, d: Listing) -> None:
         self.link.send({"op": "enddir", "path": d.rel,
-                    "e": entry(d.rel.rpartition(b"/")[2] or b"_", "d", d.st, xattrs=d.xattrs)})
+                        "e": entry(d.rel.rpartition(b"/")[2] or b"_", "d", d.st, xattrs=d.xattrs, win=d.win)})
 
     # ------------------------------------------------------------------ files

@@ -17,6 +17,7 @@ from typing import Any
 from deltavault.fs.dirfd import Identity, identity, mount_id, open_parent_checked
 from deltavault.fs.paths import proc_path
 from deltavault.sync.report import Outcomes
+from deltavault.sync.sender.ntfs import SenderNtfs
 from deltavault.sync.sender.source import SourceTree, Xattrs
 from deltavault.sync.tree import MAX_OPEN_DIRS
 from deltavault.sync.wire import GROUP, entry, kind_of
@@ -29,6 +30,7 @@ class Listing:
     st: os.stat_result
     included: bool
     xattrs: Xattrs = None  # the directory's own, sent at its end
+    win: dict[str, Any] | None = None  # its NTFS metadata (sync/wire.py), sent at its end
     entries: list[list[Any]] = field(default_factory=list)
     protected: list[bytes] = field(default_factory=list)
     files: dict[bytes, os.stat_result] = field(default_factory=dict)
@@ -62,8 +64,8 @@ class _Frame:
 
 
 class SourceWalk:
-    def __init__(self, source: SourceTree, out: Outcomes) -> None:
-        self.source, self.out = source, out
+    def __init__(self, source: SourceTree, out: Outcomes, ntfs: SenderNtfs | None = None) -> None:
+        self.source, self.out, self.ntfs = source, out, ntfs
 
     def walk(self, root: int, included: bool) -> Generator[Listing | End, None, None]:
         """Directories in depth-first order, each as its listing and, after everything
@@ -145,6 +147,8 @@ class SourceWalk:
             return None
         items, protected = got
         d = Listing(fd, rel, st_dir, included, self.source.xattrs(rel, fd=fd), protected=protected)
+        if self.ntfs is not None:
+            self._dir_win(d)
         for name, crel, st, inc in items:
             kind = kind_of(st)
             if kind is None:
@@ -160,6 +164,13 @@ class SourceWalk:
                     first = self.source.first_path((st.st_dev, st.st_ino), crel)
                     kind, extra = ("h", first) if first != crel else ("f", GROUP)
                 xattrs = self.source.meta.source_xattrs(path=proc_path(fd, name)) if kind not in ("l", "h") else None
+                win = None
+                if kind == "f" and self.ntfs is not None:  # (warnings are reported when the file is sent)
+                    xattrs, win, _ = self.ntfs.file_win(fd, name, proc_path(fd, name), st, xattrs)
+                elif kind == "d" and self.ntfs is not None:
+                    win, problems = self.ntfs.subdir_win(fd, name, st)
+                    for m in problems:
+                        self.out.problem(crel, "metadata", m)
             except FileNotFoundError:
                 self.out.problem(crel, "vanished", "disappeared before it could be read")
                 continue
@@ -167,7 +178,7 @@ class SourceWalk:
                 d.protected.append(name)
                 self.out.problem(crel, "unreadable", exc.strerror or str(exc))
                 continue
-            d.entries.append(entry(name, kind, st, extra=extra, xattrs=xattrs))
+            d.entries.append(entry(name, kind, st, extra=extra, xattrs=xattrs, win=win))
             if kind == "d":
                 d.subdirs.append((name, crel, inc, identity(st)))
             elif kind == "f":
@@ -177,3 +188,14 @@ class SourceWalk:
         if not d.files:
             d.close()  # nothing will be read from it
         return d
+
+    def _dir_win(self, d: Listing) -> None:
+        """A directory's NTFS metadata, sent at its end; what cannot be read is reported."""
+        assert self.ntfs is not None
+        try:
+            d.win, meta = self.ntfs.dir_win(d.fd)
+        except OSError as exc:
+            self.out.problem(d.rel, "metadata", f"NTFS metadata unreadable: {exc.strerror or exc}")
+            return
+        for m in [*meta.warnings, *meta.losses] if meta is not None else []:
+            self.out.problem(d.rel, "metadata", m)

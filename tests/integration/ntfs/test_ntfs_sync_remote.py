@@ -1,0 +1,294 @@
+"""sync --acl --streams with another host (the suite's sshd on 127.0.0.1, the real CLI and
+OpenSSH at both ends): from an ntfs-3g mount onto another byte for byte, pushed and
+pulled; onto ext4 with the log naming what could not be kept; a changed stream sent by
+remote delta; --verify reading streams back. Compared through getfattr, as the local tests."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavault.fs import ntfs as ntfsmod
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.push import PushSyncer
+from deltavault.sync.ssh import RemotePath
+from tests.conftest import needs_root, needs_tools
+from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
+from tests.integration.ntfs.test_ntfs_sync import BIG, ENTRIES, populate, streams_of
+from tests.integration.sync.conftest import REMOTE, dv, summary
+from tests.sshd import Server, missing_tools, sshd
+
+pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr"), pytest.mark.root,
+              pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with sshd(tmp_path) as srv:
+        yield srv
+
+
+def sync(server: Server, how: str, src: Path, dst: Path, *flags: str):  # type: ignore[no-untyped-def]
+    """A push (DST on the far side) or a pull (SRC on the far side), through the sshd."""
+    s, d = (str(src), f"dvtest:{dst}") if how == "push" else (f"dvtest:{src}", str(dst))
+    return dv("--json", "sync", "--remote-command", REMOTE, *flags, s, d,
+              env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_ntfs_to_ntfs_over_ssh_is_byte_identical(server: Server, tmp_path: Path, how: str) -> None:
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        before = {e: ntfs_view(src, e) for e in ENTRIES}
+        want = streams_of(src / "data" / "doc.txt")
+        r = sync(server, how, src / "data", dst / "data", "--acl", "--streams", "--verify")
+        assert r.returncode == 0, r.stdout + r.stderr
+        s = summary(r)
+        assert s["ntfs_not_kept"] == 0 and s["problems"] == [], s
+        # --verify read the streams back too: the two files and their 10 + 5 MiB of streams
+        assert s["bytes_verified"] == len("hello\n") + len("ro\n") + 10 + BIG, s
+        # Nothing changed: nothing is sent again.
+        r = sync(server, how, src / "data", dst / "data", "--acl", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["bytes_written"] == 0 and summary(r)["wire_sent"] < 64 << 10, summary(r)
+    with ntfs(tmp_path, "dst") as dst:
+        after = {e: ntfs_view(dst, e) for e in ENTRIES}
+        assert streams_of(dst / "data" / "doc.txt") == want
+    for e in ENTRIES:
+        assert after[e] == before[e], e
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_ntfs_to_ext4_over_ssh_names_what_it_could_not_keep(server: Server, tmp_path: Path, how: str) -> None:
+    log = tmp_path / "sync.log"
+    dst = tmp_path / "ext4"  # tmp_path is on the root file system: ext4 on this VM
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+        r = sync(server, how, src / "data", dst, "--acl", "--streams", "--log", str(log))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = summary(r)
+    assert s["ntfs_not_kept"] == 4, s  # data, doc.txt, readonly.txt, sub
+    assert os.getxattr(dst / "doc.txt", "user.small") == b"0123456789"
+    lines = {ln.split("\t")[5]: ln.split("\t")[6] for ln in log.read_text().splitlines()}
+    assert lines["doc.txt"] == ("NTFS not kept on DST: stream big (5242880 bytes), security descriptor, "
+                                "DOS attributes, creation time"), lines
+    assert lines["sub"].startswith("NTFS not kept on DST: security descriptor, DOS attributes"), lines
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_changed_stream_travels_by_delta(server: Server, tmp_path: Path, how: str) -> None:
+    """Three 4 KiB pages of a 5 MiB stream change, twice: the file's own data is unchanged
+    (its size too; only its mtime moved), and what crosses the wire is about those pages.
+    The second time, DST's stream is the one the first run renamed into place, while the
+    kernel still caches the pages it read of the stream before (ntfs-3g gives streams no
+    inode of their own): they must not be taken as the old version."""
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst") as dst:
+        r = sync(server, how, src / "data", dst / "data", "--acl", "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        big = Path(f"{src / 'data' / 'doc.txt'}:big")
+        for round in range(2):
+            with open(big, "r+b") as f:
+                for off in (4096 * (round + 1), 2 << 20, BIG - 8192):
+                    f.seek(off)
+                    f.write(os.urandom(4096))
+            r = sync(server, how, src / "data", dst / "data", "--acl", "--streams", "--verify")
+            assert r.returncode == 0, r.stdout + r.stderr
+            s = summary(r)
+            assert s["problems"] == [] and s["delta_wire_bytes"] == 3 * 4096, (round, s["delta_wire_bytes"], s["problems"])
+            wire = s["wire_sent"] if how == "push" else s["wire_received"]
+            assert wire < 256 << 10, s  # far below the 5 MiB stream
+    with ntfs(tmp_path, "src", options="noatime") as src, ntfs(tmp_path, "dst", options="noatime") as dst:
+        for e in ENTRIES:
+            assert ntfs_view(dst, e) == ntfs_view(src, e), e
+        assert streams_of(dst / "data" / "doc.txt") == streams_of(src / "data" / "doc.txt")
+
+
+def test_default_mount_over_ssh_says_what_it_cannot_read(server: Server, tmp_path: Path) -> None:
+    """SRC mounted without streams_interface (ntfs-3g's default, xattr): the small stream
+    travels (as a stream onto DST's windows interface), the one over 64 KiB cannot be read
+    there, which the run names; the rest is synced."""
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+    with ntfs(tmp_path, "src", streams=None) as src, ntfs(tmp_path, "dst") as dst:
+        r = sync(server, "push", src / "data", dst / "data", "--acl", "--streams")
+        assert r.returncode == 3, r.stdout + r.stderr
+        problems = summary(r)["problems"]
+        assert [(p["path"], p["kind"]) for p in problems] == [("doc.txt", "metadata")], problems
+        assert "over 64 KiB" in problems[0]["message"] and "streams_interface=windows" in problems[0]["message"]
+        assert streams_of(dst / "data" / "doc.txt") == {"small": b"0123456789"}
+        assert (dst / "data" / "readonly.txt").read_text() == "ro\n"
+
+
+def test_stream_name_too_long_for_ext4_is_named(server: Server, tmp_path: Path) -> None:
+    """A stream whose name ext4 cannot take as an xattr name (``user.`` + 255 bytes): named,
+    the file, its other stream and the other files synced."""
+    long = "n" * 255
+    with ntfs(tmp_path, "src") as src:
+        (src / "d").mkdir()
+        (src / "d" / "f").write_text("f")
+        Path(f"{src / 'd' / 'f'}:{long}").write_bytes(b"long")
+        Path(f"{src / 'd' / 'f'}:ok").write_bytes(b"ok")
+        (src / "d" / "g").write_text("g")
+        r = sync(server, "push", src / "d", tmp_path / "ext4", "--streams")
+    assert r.returncode == 3, r.stdout + r.stderr
+    problems = summary(r)["problems"]
+    assert [(p["path"], p["kind"]) for p in problems] == [("f", "metadata")], problems
+    assert long in problems[0]["message"], problems
+    assert os.getxattr(tmp_path / "ext4" / "f", "user.ok") == b"ok"
+    assert (tmp_path / "ext4" / "f").read_text() == "f" and (tmp_path / "ext4" / "g").read_text() == "g"
+
+
+def test_descriptor_that_does_not_parse_over_ssh(server: Server, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A descriptor that does not parse (ntfs-3g refuses to set one, so the one read is
+    replaced on its way out of the sender, which runs in this process): the sender names
+    it, DST's ntfs-3g refuses it (named too), the files and their streams are synced."""
+    garbage = b"\x07not a descriptor"
+    real: Callable[[int | bytes, bytes], bytes | None] = ntfsmod._get
+
+    def fake(target: int | bytes, name: bytes) -> bytes | None:
+        return garbage if name == ntfsmod.ACL else real(target, name)
+
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
+        monkeypatch.setattr(ntfsmod, "_get", fake)
+        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
+                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
+        monkeypatch.undo()
+        by_path: dict[str, list[str]] = {}
+        for p in res.problems:
+            assert p.kind == "metadata", p
+            by_path.setdefault(p.path, []).append(p.message)
+        assert sorted(by_path) == [".", "doc.txt", "readonly.txt", "sub"], by_path
+        for path, messages in by_path.items():
+            assert [m for m in messages if "kept as bytes, not understood" in m], (path, messages)
+            assert [m for m in messages if m.startswith("NTFS security descriptor:")], (path, messages)
+        assert streams_of(dst / "data" / "doc.txt") == streams_of(src / "data" / "doc.txt")
+        assert (dst / "data" / "readonly.txt").read_text() == "ro\n"
+
+
+@pytest.mark.parametrize("how", ["push", "pull"])
+def test_directory_streams_over_ssh(server: Server, tmp_path: Path, how: str) -> None:
+    """A directory's streams travel with its parent's listing: onto NTFS written, rewritten
+    when changed, removed when gone; onto ext4 as ``user.`` xattrs, the one over 64 KiB named."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        top = src / "data"
+        (top / "sub" / "deeper").mkdir(parents=True)
+        (top / "sub" / "deeper" / "f").write_text("f")
+        Path(f"{top / 'sub'}:small").write_bytes(b"0123456789")
+        Path(f"{top / 'sub'}:big").write_bytes(os.urandom(200_000))
+        Path(f"{top / 'sub' / 'deeper'}:s").write_bytes(b"deeper")
+        r = sync(server, how, top, dst / "data", "--streams", "--acl")
+        assert r.returncode == 0, r.stdout + r.stderr
+        for d in ("sub", "sub/deeper"):
+            assert streams_of(dst / "data" / d) == streams_of(top / d), d
+        Path(f"{top / 'sub'}:small").write_bytes(b"changed")
+        os.unlink(f"{top / 'sub'}:big")
+        Path(f"{top / 'sub'}:new").write_bytes(b"new")
+        r = sync(server, how, top, dst / "data", "--streams", "--acl")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["problems"] == [], summary(r)
+        Path(f"{top / 'sub'}:big").write_bytes(os.urandom(200_000))
+        log = tmp_path / "sync.log"
+        r = sync(server, how, top, tmp_path / "ext4", "--streams", "--log", str(log))
+        assert r.returncode == 0, r.stdout + r.stderr
+    with ntfs(tmp_path, "dst") as dst:
+        assert streams_of(dst / "data" / "sub") == {"small": b"changed", "new": b"new"}
+        assert streams_of(dst / "data" / "sub" / "deeper") == {"s": b"deeper"}
+    sub = tmp_path / "ext4" / "sub"
+    assert os.getxattr(sub, "user.small") == b"changed" and os.getxattr(sub, "user.new") == b"new"
+    assert "user.big" not in os.listxattr(sub) and os.getxattr(sub / "deeper", "user.s") == b"deeper"
+    notes = [ln.split("\t")[6] for ln in log.read_text().splitlines() if ln.split("\t")[5] == "sub"]
+    assert "NTFS not kept on DST: stream big (200000 bytes)" in notes, notes
+    assert summary(r)["ntfs_not_kept"] == 1, summary(r)
+
+
+def test_agent_without_the_ntfs_feature_is_refused(server: Server, tmp_path: Path) -> None:
+    """An agent that lists no "ntfs" feature in its hello (an older deltavault; here this
+    one with its feature list emptied before it starts): the sender stops before sending
+    anything, with a message that says what to do."""
+    older = REMOTE.replace("-m deltavault", "-c " + shlex.quote(
+        "import runpy, deltavault.sync.wire as w; w.FEATURES.clear(); "
+        "runpy.run_module('deltavault', run_name='__main__', alter_sys=True)"))
+    assert older != REMOTE
+    with ntfs(tmp_path, "src") as src:
+        populate(src)
+        for flag in ("--streams", "--acl"):
+            r = dv("--json", "sync", "--remote-command", older, flag, str(src / "data"), f"dvtest:{tmp_path / 'dst'}",
+                   env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+            assert r.returncode == 17, r.stdout + r.stderr
+            assert "cannot take NTFS metadata or streams" in r.stdout and "upgrade it" in r.stdout, r.stdout
+    assert not list((tmp_path / "dst").iterdir())  # (the agent made DST at its hello; nothing in it)
+    # The same agent syncs a tree that is not on NTFS, --acl and all.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "f").write_text("f")
+    r = dv("--json", "sync", "--remote-command", older, "--acl", "--streams", str(tmp_path / "plain"),
+           f"dvtest:{tmp_path / 'dst'}", env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "dst" / "f").read_text() == "f"
+
+
+def test_agent_never_joins_a_hostile_stream_name(tmp_path: Path) -> None:
+    """A sender (this test, speaking the protocol to a real ``deltavault sync-agent``) names
+    streams ``../evil`` and ``a:b``: the agent asks only for the valid one, names the others
+    (not valid on DST), and installs the file; nothing is made outside DST."""
+    import subprocess
+    import sys
+
+    import blake3
+
+    from deltavault.framing import read_frame, write_frame
+    from deltavault.fs.ntfs import ReadResult
+    from deltavault.sync.wire import entry, options_wire, win_wire
+
+    (tmp_path / "model").write_bytes(b"data")
+    st, st_dir = os.stat(tmp_path / "model"), os.stat(tmp_path)
+    with ntfs(tmp_path, "dst") as dst:
+        agent = subprocess.Popen([sys.executable, "-m", "deltavault", "sync-agent"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE)
+        assert agent.stdin is not None and agent.stdout is not None
+        w, r = agent.stdin, agent.stdout
+
+        def recv() -> dict:  # type: ignore[type-arg]
+            got = read_frame(r)
+            assert got is not None
+            return got[0]  # type: ignore[no-any-return]
+
+        try:
+            write_frame(w, {"op": "hello", "version": 1, "dest": str(dst / "d"), "features": ["ntfs"], "ntfs": True,
+                            "options": options_wire(SyncOptions(streams=True))})
+            hello = recv()
+            assert hello.get("ntfs") == {"streams": "windows"}, hello
+            meta = ReadResult(b"", "", None, b"", b"", [])
+            win = win_wire(meta, streams={b"../evil": 4, b"a:b": 4, b"ok": 2})
+            e = entry(b"f", "f", st, win=win)
+            write_frame(w, {"op": "dir", "path": b"", "entries": [e], "protected": [], "included": True, "id": 1})
+            assert recv()["want"] == [[b"f", "whole"]]
+            write_frame(w, {"op": "put", "path": b"", "e": e})
+            write_frame(w, {"d": b"data"})
+            write_frame(w, {"end": blake3.blake3(b"data").digest()})
+            asked = []
+            while (req := recv()).get("op") != "bye":
+                asked.append((req["op"], req["path"]))
+                write_frame(w, {"d": b"ok"})
+                write_frame(w, {"end": blake3.blake3(b"ok").digest()})
+            assert asked == [("whole", b"ok")]
+            write_frame(w, {"op": "enddir", "path": b"", "e": entry(b"_", "d", st_dir)})
+            write_frame(w, {"op": "finish", "problems": [], "stopped": False, "id": 2})
+            records = recv()["records"]
+        finally:
+            w.close()
+            agent.wait(timeout=60)
+        errors = [rec for rec in records if rec[0] == "error"]
+        assert len(errors) == 2 and all(rec[1] == b"f" and "name not valid on DST" in rec[6] for rec in errors), records
+        assert (dst / "d" / "f").read_bytes() == b"data"
+        assert Path(f"{dst / 'd' / 'f'}:ok").read_bytes() == b"ok"
+        assert sorted(p.name for p in dst.iterdir()) == ["d"] and not (dst / "evil").exists()
