@@ -18,7 +18,13 @@ from deltavault.sync.push import PushSyncer
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
-from tests.integration.ntfs.test_ntfs_sync import BIG, ENTRIES, populate, streams_of
+from tests.integration.ntfs.test_ntfs_sync import (
+    BIG,
+    ENTRIES,
+    assert_named_what_ext4_did_not_keep,
+    populate,
+    streams_of,
+)
 from tests.integration.sync.conftest import REMOTE, dv, summary
 from tests.sshd import Server, missing_tools, sshd
 
@@ -70,14 +76,7 @@ def test_ntfs_to_ext4_over_ssh_names_what_it_could_not_keep(server: Server, tmp_
     with ntfs(tmp_path, "src") as src:
         populate(src)
         r = sync(server, how, src / "data", dst, "--acl", "--streams", "--log", str(log))
-    assert r.returncode == 0, r.stdout + r.stderr
-    s = summary(r)
-    assert s["ntfs_not_kept"] == 4, s  # data, doc.txt, readonly.txt, sub
-    assert os.getxattr(dst / "doc.txt", "user.small") == b"0123456789"
-    lines = {ln.split("\t")[5]: ln.split("\t")[6] for ln in log.read_text().splitlines()}
-    assert lines["doc.txt"] == ("NTFS not kept on DST: stream big (5242880 bytes), security descriptor, "
-                                "DOS attributes, creation time"), lines
-    assert lines["sub"].startswith("NTFS not kept on DST: security descriptor, DOS attributes"), lines
+    assert_named_what_ext4_did_not_keep(r, dst, log)
 
 
 @pytest.mark.parametrize("how", ["push", "pull"])
