@@ -117,3 +117,48 @@ def test_ctrl_c_inside_a_local_put_leaves_no_temp_file(tmp_path: Path) -> None:
     finally:
         signal.signal(signal.SIGALRM, old)
     assert not list((tmp_path / "r").rglob(".tmp-*"))
+
+
+def test_at_exit_no_put_starts_and_those_in_flight_are_abandoned(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pack uploader is a daemon thread: after Ctrl-C it goes on while the process exits,
+    and CI found its temp file left (a put whose open was still under way when the exit
+    handler removed the temp files it knew of). Now the exit refuses new puts and waits for
+    those in flight, which remove their own temp file."""
+    import threading
+
+    from deltavault.backends import local
+    from deltavault.errors import BackendError
+
+    writes = local._Writes()
+    monkeypatch.setattr(local, "_writes", writes)
+    backend = LocalBackend(tmp_path / "r")
+    inside, release = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def slow_write(fd: int) -> None:
+        os.write(fd, b"half a pack")
+        inside.set()
+        release.wait(10)
+
+    def put() -> None:
+        try:
+            backend._put_with("data/" + "ab" * 32, slow_write)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=put)
+    t.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=writes.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "the exit did not wait for the put in flight"
+    release.set()
+    closer.join(10)
+    t.join(10)
+    assert isinstance(outcome[0], BackendError), outcome  # abandoned, not stored
+    with pytest.raises(BackendError, match="exiting"):
+        backend.put("data/" + "cd" * 32, b"too late")
+    assert [p.name for p in (tmp_path / "r").rglob("*") if p.is_file()] == []

@@ -13,23 +13,47 @@ from pathlib import Path
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
 from deltavault.errors import NO_SPACE_ERRNOS, BackendError, NoSpace, ObjectNotFound
 
-# Temp files being written right now, by any LocalBackend of this process. A put on a
-# daemon thread (the pack uploader) is cut off when the process exits after Ctrl-C or
-# SIGTERM; removing its temp file at exit keeps the repository free of the leftover.
-_writing: set[str] = set()
-_writing_lock = threading.Lock()
 COPY_PIECE = 1024 * 1024  # put_file without copy_file_range copies this much at a time
+EXIT_WAIT = 30.0  # seconds the exit waits for puts in flight before removing their temp files
 
 
-@atexit.register
-def _remove_unfinished() -> None:
-    with _writing_lock:
-        left = list(_writing)
-    for path in left:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+class _Writes:
+    """Temp files being written right now, by any LocalBackend of this process. A put on a
+    daemon thread (the pack uploader) outlives Ctrl-C or SIGTERM until the process exits, and
+    may even start after the exit handler looked (its open still under way): so at exit new
+    puts are refused, and those in flight are waited for (each removes its own temp file)
+    before whatever is left is removed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._paths: set[str] = set()
+        self.closing = False
+
+    def begin(self, path: str) -> None:
+        with self._cond:
+            if self.closing:
+                raise BackendError("the process is exiting: no new write started", retryable=False)
+            self._paths.add(path)
+
+    def end(self, path: str) -> None:
+        with self._cond:
+            self._paths.discard(path)
+            self._cond.notify_all()
+
+    def close(self, wait: float = EXIT_WAIT) -> None:
+        with self._cond:
+            self.closing = True
+            self._cond.wait_for(lambda: not self._paths, timeout=wait)
+            left = list(self._paths)
+        for path in left:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+_writes = _Writes()
+atexit.register(_writes.close)
 
 
 def _raise_for(exc: OSError, what: str) -> None:
@@ -143,8 +167,7 @@ class LocalBackend:
                 _raise_for(exc, name)
             self._made_dirs.add(parent)
         tmp = parent / temp_name(path.name)
-        with _writing_lock:
-            _writing.add(str(tmp))
+        _writes.begin(str(tmp))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -153,6 +176,8 @@ class LocalBackend:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if _writes.closing:  # written, but the process is exiting: abandoned, not stored
+                raise InterruptedError(errno.EINTR, "the process is exiting")
             os.replace(tmp, path)
             if self._fsync:
                 dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -171,8 +196,7 @@ class LocalBackend:
                 _raise_for(exc, name)
             raise
         finally:
-            with _writing_lock:
-                _writing.discard(str(tmp))
+            _writes.end(str(tmp))
 
     def remove_temp_files(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
         """Remove the temporary files of writes that never finished (a killed process), if
