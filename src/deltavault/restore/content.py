@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor, Future, wait
 
 from deltavault.errors import CorruptionError
-from deltavault.fs.clone import pwrite_all
+from deltavault.fs.clone import preallocate, pwrite_all
 from deltavault.model.content import ContentRef, Full, Hole, Patch, content_size
 from deltavault.model.nodes import Node
 from deltavault.objects.patch import apply_patches
@@ -54,9 +54,28 @@ def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, 
         for batch in _batches(node.content, BATCH_BYTES):
             expect.extend(_write_batch(repo, fd, batch, preloaded, digests))
     else:
+        _preallocate(fd, node.content)
         expect = _write_parallel(repo, fd, node, preloaded, digests, pool, max(1, window))
     os.ftruncate(fd, node.size)
     return expect
+
+
+def _preallocate(fd: int, content: list[ContentRef]) -> None:
+    """Allocate a large file's data ranges before its segments are written out of order:
+    a full target fails here, and the file's blocks are not interleaved with other files'
+    (measured on the files benchmark: a little less system and wall time). Holes stay
+    unallocated, so sparse files stay sparse."""
+    off = 0
+    start = -1
+    for ref in [*content, None]:
+        if ref is None or isinstance(ref, Hole):
+            if start >= 0 and off > start and not preallocate(fd, start, off - start):
+                return  # the file system cannot: the writes allocate
+            start = -1
+        elif start < 0:
+            start = off
+        if ref is not None:
+            off += ref.size
 
 
 def _batches(content: list[ContentRef], limit: int) -> Iterator[list[tuple[int, ContentRef]]]:
