@@ -426,7 +426,7 @@ class FileRestorer:
         try:
             try:
                 expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify,
-                                       pool=self._segments, window=max(2, self.opts.workers) + 1)
+                                       pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
                 if self._ntfs is not None:
                     self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
                 for m in apply_node_meta(fd, node, self._meta):
