@@ -90,3 +90,27 @@ def test_threads_wanting_one_block_share_its_fetch() -> None:
         got = list(pool.map(lambda o: ra.get("data/ab/pack", o, 100_000), offs))
     assert got == [data[o:o + 100_000] for o in offs]
     assert len([c for c in inner.calls if c[0] == "get"]) == 1
+
+
+class _Bytes(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = 0
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = super().get(name, offset, length)
+        self.received += len(data)
+        return data
+
+
+def test_a_large_first_read_mid_pack_is_not_fetched_twice() -> None:
+    # Parallel segments of a large file: one thread's first read of a pack lands mid-pack,
+    # another's reads the bytes before it. Passed through, the first read's bytes came
+    # again with the block the second one fetched.
+    inner = _Bytes()
+    data = os.urandom(16 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner, block=16 * MiB, blocks=4)
+    assert ra.get("data/ab/pack", 8 * MiB, 4 * MiB) == data[8 * MiB:12 * MiB]
+    assert ra.get("data/ab/pack", 2 * MiB, 4 * MiB) == data[2 * MiB:6 * MiB]
+    assert inner.received == 16 * MiB
