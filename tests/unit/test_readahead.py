@@ -4,6 +4,8 @@ of a pack becomes a few large reads, other reads pass through unchanged, memory 
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from deltavault.backends.readahead import ReadAheadBackend
 from deltavault.testing.faulty import FaultyBackend
@@ -50,3 +52,65 @@ def test_memory_is_bounded_and_writes_drop_windows() -> None:
     assert ra.get("data/ab/p4", 0, 3) == b"new"
     ra.delete("data/ab/p4")
     assert not any(k[0] == "data/ab/p4" for k in ra._cache)
+
+
+class _Meeting(MemoryBackend):
+    """Each get waits until ``n`` gets are in flight at once (or fails after a timeout)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(n, timeout=5)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if name.startswith("data/"):
+            self.barrier.wait()
+        return super().get(name, offset, length)
+
+
+def test_different_blocks_of_one_pack_are_fetched_at_once() -> None:
+    # A restore's segments read neighbouring ranges of one pack from several threads; a
+    # lock per pack made their GETs wait in line (S3 restore, issue #17).
+    inner = _Meeting(2)
+    data = os.urandom(24 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner, block=4 * MiB, blocks=4)
+    with ThreadPoolExecutor(2) as pool:
+        futs = [pool.submit(ra.get, "data/ab/pack", off, 100_000) for off in (1000, 9 * MiB)]
+        assert [f.result() for f in futs] == [data[1000:101_000], data[9 * MiB:9 * MiB + 100_000]]
+
+
+def test_threads_wanting_one_block_share_its_fetch() -> None:
+    inner = FaultyBackend(MemoryBackend())
+    data = os.urandom(8 * MiB)
+    inner.put("data/ab/pack", data)
+    inner.calls.clear()
+    ra = ReadAheadBackend(inner, block=4 * MiB, blocks=4)
+    offs = [1000 + i * 200_000 for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda o: ra.get("data/ab/pack", o, 100_000), offs))
+    assert got == [data[o:o + 100_000] for o in offs]
+    assert len([c for c in inner.calls if c[0] == "get"]) == 1
+
+
+class _Bytes(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = 0
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = super().get(name, offset, length)
+        self.received += len(data)
+        return data
+
+
+def test_a_large_first_read_mid_pack_is_not_fetched_twice() -> None:
+    # Parallel segments of a large file: one thread's first read of a pack lands mid-pack,
+    # another's reads the bytes before it. Passed through, the first read's bytes came
+    # again with the block the second one fetched.
+    inner = _Bytes()
+    data = os.urandom(16 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner, block=16 * MiB, blocks=4)
+    assert ra.get("data/ab/pack", 8 * MiB, 4 * MiB) == data[8 * MiB:12 * MiB]
+    assert ra.get("data/ab/pack", 2 * MiB, 4 * MiB) == data[2 * MiB:6 * MiB]
+    assert inner.received == 16 * MiB

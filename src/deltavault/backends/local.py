@@ -111,6 +111,8 @@ class LocalBackend:
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(name)
+        if length is not None and offset >= 0:
+            return self._pread(path, name, offset, length)
         try:
             with open(path, "rb", buffering=0) as f:
                 if offset < 0:
@@ -129,6 +131,32 @@ class LocalBackend:
         except OSError as exc:
             if exc.errno == errno.EINVAL and offset < 0:
                 raise ObjectNotFound(f"{name}: shorter than {-offset} bytes") from exc
+            _raise_for(exc, name)
+            raise  # unreachable: _raise_for always raises
+
+    @staticmethod
+    def _pread(path: Path, name: str, offset: int, length: int) -> bytes:
+        """A range read straight into its bytes object: the kernel copies with the GIL
+        released, where growing a bytearray and copying it out held the GIL for two copies
+        of every byte a restore reads (a profile of the files restore showed them)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, length, offset)
+                if 0 < len(data) < length:  # a short read: gather the rest (rare on a local file)
+                    parts = [data]
+                    got = len(data)
+                    while got < length:
+                        piece = os.pread(fd, length - got, offset + got)
+                        if not piece:
+                            break
+                        parts.append(piece)
+                        got += len(piece)
+                    data = b"".join(parts)
+                return data
+            finally:
+                os.close(fd)
+        except OSError as exc:
             _raise_for(exc, name)
             raise  # unreachable: _raise_for always raises
 

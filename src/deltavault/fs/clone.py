@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -22,6 +23,28 @@ def reflink(src_fd: int, dst_fd: int) -> bool:
             return False
         raise
     return True
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate blocks for [offset, offset+length) of ``fd`` (fallocate(2), mode 0: the size
+    grows, the range reads as zeros). False where the file system cannot; ENOSPC raises.
+    Not os.posix_fallocate: where fallocate is missing, glibc emulates it by writing a
+    byte in every block."""
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, 0, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_CLONE:
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def pread_full(fd: int, buf: memoryview, offset: int) -> int:

@@ -10,17 +10,20 @@ and the Python stack does not grow with depth. Below ``MAX_OPEN_DIRS`` levels th
 shallowest directories' fds are let go and opened again through ``..`` on the way back,
 where each must be the directory it was (dev, ino).
 
-Small files are written by the walker in batches whose blobs are read together; large
-ones by a thread pool. A directory's metadata is set once everything below it is written
+Small files are written by the walker in batches whose blobs are read together, loaded on
+worker threads a few batches ahead; large ones by a thread pool, their segments in
+parallel (content.py). A directory's metadata is set once everything below it is written
 (dirs.py).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import threading
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
@@ -63,6 +66,7 @@ IN_FLIGHT = 64
 INLINE_BELOW = 1024 * 1024
 SMALL_FILES = 256  # a batch of small files: at most this many,
 SMALL_BYTES = 16 * 1024 * 1024  # and about this much content
+LOADING = 2  # batches of small files loading ahead of the one being written
 # Directory fds the walk keeps open at most (besides those with files in flight), so any
 # depth restores within a small RLIMIT_NOFILE.
 MAX_OPEN_DIRS = 64
@@ -92,10 +96,15 @@ class FileRestorer:
         self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
         self.holds = Holds(self.log, self._meta)
         self._pool = BoundedPool(options.workers, IN_FLIGHT, "dv-restore")
+        # Segments of large files (restore/content.py); its own threads, since a file's task
+        # on _pool waits for them.
+        self._segments = ThreadPoolExecutor(max(2, options.workers), thread_name_prefix="dv-restore-seg")
         self._lock = threading.Lock()  # guards _fatal
         self._fatal: BaseException | None = None  # the first error that ends the restore
         self._small: list[tuple[Dir, bytes, Node]] = []
         self._small_bytes = 0
+        # Batches of small files whose blobs are being loaded on _segments, oldest first.
+        self._loading: deque[tuple[list[tuple[Dir, bytes, Node]], Future[dict[bytes, bytes]]]] = deque()
         self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
         self._futures: list[Future[None]] = []
@@ -111,6 +120,12 @@ class FileRestorer:
         self._ntfs = ntfs
         self._meta = self.holds.meta = MetaOptions(owner=self.opts.owner, setuid=self.opts.setuid, last=ntfs.meta)
         self.reporter.start("restore")
+        # As in backup (archiver.py): the walk allocates many short-lived, acyclic objects
+        # (nodes, listings, blobs), and the cyclic collector scanning them and everything
+        # loaded before (the index) took ~0.25 s of a 2 s restore (py-spy). Rarely, not never.
+        old_gc = gc.get_threshold()
+        gc.set_threshold(200_000, 50, 50)
+        gc.freeze()
         try:
             sel, unused = plan(self.repo, root_tree, self.opts.include, self.opts.paths)
             for pattern in unused:
@@ -126,11 +141,16 @@ class FileRestorer:
                 self.log.count(ntfs_not_kept=sum(ntfs.lost.values()))
                 self.log.warn(b"", lost)
         finally:
-            for here, _rel, _node in self._small:  # not written: an error ends the run
-                self.holds.file_done(here)
+            for batch in [self._small, *(items for items, _f in self._loading)]:
+                for here, _rel, _node in batch:  # not written: an error ends the run
+                    self.holds.file_done(here)
+            self._small, self._loading = [], deque()
             self._pool.shutdown()
+            self._segments.shutdown()
             self._links.close()
             os.close(fd)
+            gc.unfreeze()
+            gc.set_threshold(*old_gc)
             self.reporter.finish()
         self._check_fatal()
         return self.stats
@@ -226,7 +246,8 @@ class FileRestorer:
         d = frames[i].dir
         if d.fd < 0:
             return
-        if d.files and any(here is d for here, _r, _n in self._small):
+        if d.files and any(here is d for batch in [self._small, *(items for items, _f in self._loading)]
+                           for here, _r, _n in batch):
             self._flush_small()
         if self.holds.writing(d):
             return  # a worker writes there; it is closed when the walk comes back
@@ -317,7 +338,9 @@ class FileRestorer:
             self._small.append((parent, relpath, node))
             self._small_bytes += node.size
             if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
-                self._flush_small()
+                self._load_small()
+                while len(self._loading) > LOADING:
+                    self._write_small(*self._loading.popleft())
             return
         try:
             self._futures.append(self._pool.submit(self._file_task, parent, relpath, node))
@@ -340,15 +363,41 @@ class FileRestorer:
         finally:
             self.holds.file_done(parent)
 
-    def _flush_small(self) -> None:
-        """Write the batched small files, their blobs read in one pass (load_blobs merges
-        neighbours in a pack into one request)."""
+    def _load_small(self) -> None:
+        """Hand the batch of small files being gathered to _segments to load its blobs, in one
+        pass (load_blobs merges neighbours in a pack into one request), while the walker
+        writes the batches before it: decryption, decompression and hashing of the tree's
+        small files had been on the walker's thread, after its file system calls."""
         items, self._small, self._small_bytes = self._small, [], 0
+        if not items:
+            return
         ids = list(dict.fromkeys(r.id for _d, _rel, n in items for r in n.content if isinstance(r, Full)))
         try:
-            loaded = dict(self.repo.load_blobs(ids)) if ids else {}
+            fut = self._segments.submit(self._load_blobs, ids)
+        except BaseException:
+            for here, _rel, _node in items:
+                self.holds.file_done(here)
+            raise
+        self._loading.append((items, fut))
+
+    def _load_blobs(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        return dict(self.repo.load_blobs(ids)) if ids else {}
+
+    def _flush_small(self) -> None:
+        """Write every small file gathered or being loaded."""
+        self._load_small()
+        while self._loading:
+            self._write_small(*self._loading.popleft())
+
+    def _write_small(self, items: list[tuple[Dir, bytes, Node]], fut: Future[dict[bytes, bytes]]) -> None:
+        try:
+            loaded = fut.result()
         except DeltavaultError:
             loaded = {}  # a damaged blob: each file loads its own and reports only itself
+        except BaseException:
+            for here, _rel, _node in items:
+                self.holds.file_done(here)
+            raise
         for i, (here, relpath, node) in enumerate(items):
             try:
                 self._write_guarded(here, relpath, node, loaded, None)
@@ -378,7 +427,8 @@ class FileRestorer:
         fd = os.open(tmp, _FILE_FLAGS, 0o600, dir_fd=parent.fd)
         try:
             try:
-                expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify)
+                expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify,
+                                       pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
                 if self._ntfs is not None:
                     self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
                 for m in apply_node_meta(fd, node, self._meta):
