@@ -320,7 +320,7 @@ def test_restore_does_not_follow_existing_symlinks_in_target(tmp_path: Path, rep
 def test_directory_metadata_waits_for_batched_and_large_files(tmp_path: Path, repo: Repository) -> None:
     """Small files are written in batches that span directories, large ones by workers; each
     directory's mode and times are set only after its last entry is written."""
-    from deltavault.restore import files as restore_files
+    from deltavault.restore import regular as restore_files
 
     src = tmp_path / "src"
     rnd = random.Random(3)

@@ -10,10 +10,8 @@ and the Python stack does not grow with depth. Below ``MAX_OPEN_DIRS`` levels th
 shallowest directories' fds are let go and opened again through ``..`` on the way back,
 where each must be the directory it was (dev, ino).
 
-Small files are written by the walker in batches whose blobs are read together, loaded on
-worker threads a few batches ahead; large ones by a thread pool, their segments in
-parallel (content.py). A directory's metadata is set once everything below it is written
-(dirs.py).
+Regular files are written by regular.py (small ones in batches on the walker's thread, large
+ones on workers); a directory's metadata is set once everything below it is written (dirs.py).
 """
 
 from __future__ import annotations
@@ -22,11 +20,9 @@ import gc
 import os
 import stat
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
+from deltavault.errors import NO_SPACE_ERRNOS, DeltavaultError, NoSpace
 from deltavault.fs.dirfd import (
     DIR_FLAGS,
     identity,
@@ -34,43 +30,27 @@ from deltavault.fs.dirfd import (
     raise_nofile_limit,
 )
 from deltavault.fs.paths import display, open_target_dir
-from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobReader
 from deltavault.objects.trees import decode_tree
 from deltavault.progress import NullReporter, Reporter
-from deltavault.restore.content import verify_fd, write_content
 from deltavault.restore.dirs import Dir, Holds, reopen_by_name
 from deltavault.restore.existing import extras, keep_existing, remove, restored_owner
 from deltavault.restore.listing import checked_nodes
 from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
+from deltavault.restore.regular import RegularFiles
 from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
-    apply_node_meta,
-    install,
     make_dir,
     place_special,
-    temp_name,
-    unlink_quiet,
 )
-from deltavault.workers import BoundedPool
 
-# Files handed to the workers and not yet written. It bounds memory and the directories
-# held open (each waits for its last file), while the walker keeps ahead of the workers.
-IN_FLIGHT = 64
-# Files smaller than this are written by the walker itself; larger ones by the workers,
-# where decompression, decryption and hashing release the GIL for long stretches.
-INLINE_BELOW = 1024 * 1024
-SMALL_FILES = 256  # a batch of small files: at most this many,
-SMALL_BYTES = 16 * 1024 * 1024  # and about this much content
-LOADING = 2  # batches of small files loading ahead of the one being written
 # Directory fds the walk keeps open at most (besides those with files in flight), so any
 # depth restores within a small RLIMIT_NOFILE.
 MAX_OPEN_DIRS = 64
-_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SPECIAL = (NodeType.FIFO, NodeType.CHARDEV, NodeType.BLOCKDEV)
 
 
@@ -95,20 +75,10 @@ class FileRestorer:
         self.stats = self.log.stats
         self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
         self.holds = Holds(self.log, self._meta)
-        self._pool = BoundedPool(options.workers, IN_FLIGHT, "dv-restore")
-        # Segments of large files (restore/content.py); its own threads, since a file's task
-        # on _pool waits for them.
-        self._segments = ThreadPoolExecutor(max(2, options.workers), thread_name_prefix="dv-restore-seg")
-        self._lock = threading.Lock()  # guards _fatal
-        self._fatal: BaseException | None = None  # the first error that ends the restore
-        self._small: list[tuple[Dir, bytes, Node]] = []
-        self._small_bytes = 0
-        # Batches of small files whose blobs are being loaded on _segments, oldest first.
-        self._loading: deque[tuple[list[tuple[Dir, bytes, Node]], Future[dict[bytes, bytes]]]] = deque()
         self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
-        self._futures: list[Future[None]] = []
         self._ntfs: NtfsTarget | None = None  # set by run, once the target is open
+        self.files: RegularFiles | None = None  # set by run, once the target is open
 
     # ------------------------------------------------------------------ entry
     def run(self, root_tree: bytes) -> RestoreStats:
@@ -119,6 +89,8 @@ class FileRestorer:
         ntfs = NtfsTarget(fd, self.repo, self.log, verify=self.opts.verify)
         self._ntfs = ntfs
         self._meta = self.holds.meta = MetaOptions(owner=self.opts.owner, setuid=self.opts.setuid, last=ntfs.meta)
+        files = self.files = RegularFiles(self.repo, self.opts, self.log, self.holds, self.reporter, self._meta,
+                                          self._links, ntfs)
         self.reporter.start("restore")
         # As in backup (archiver.py): the walk allocates many short-lived, acyclic objects
         # (nodes, listings, blobs), and the cyclic collector scanning them and everything
@@ -134,25 +106,19 @@ class FileRestorer:
             if self.reporter.wants_totals:
                 threading.Thread(target=self._totals, args=(root_tree, sel), name="dv-totals", daemon=True).start()
             self._walk(root, root_tree, sel)
-            self._flush_small()
-            self._drain()
+            files.drain()
             lost = ntfs.summary()
             if lost is not None:
                 self.log.count(ntfs_not_kept=sum(ntfs.lost.values()))
                 self.log.warn(b"", lost)
         finally:
-            for batch in [self._small, *(items for items, _f in self._loading)]:
-                for here, _rel, _node in batch:  # not written: an error ends the run
-                    self.holds.file_done(here)
-            self._small, self._loading = [], deque()
-            self._pool.shutdown()
-            self._segments.shutdown()
+            files.close()
             self._links.close()
             os.close(fd)
             gc.unfreeze()
             gc.set_threshold(*old_gc)
             self.reporter.finish()
-        self._check_fatal()
+        files.check_fatal()
         return self.stats
 
     def _totals(self, root_tree: bytes, sel: Selection) -> None:
@@ -161,19 +127,6 @@ class FileRestorer:
         except DeltavaultError:
             return  # the restore reports damage; the bar just has no total
         self.reporter.set_totals(total_bytes=nbytes, total_items=files)
-
-    def _check_fatal(self) -> None:
-        if self._fatal is not None:
-            raise self._fatal
-
-    def _drain(self) -> None:
-        """Finish every file queued or being written: the directories waiting for them
-        get their metadata and let go of their fds."""
-        self._flush_small()
-        for fut in self._futures:
-            if not fut.cancelled():
-                fut.result()
-        self._futures = []
 
     # ------------------------------------------------------------------ tree walk
     def _listing(self, tree_id: bytes, relpath: bytes, sel: Selection) -> list[Node] | None:
@@ -204,14 +157,16 @@ class FileRestorer:
         nodes = self._listing(tree_id, b"", sel)
         self._delete_extras(root, nodes, sel)
         frames = [_Frame(root, nodes or [], sel)]
+        files = self.files
+        assert files is not None
         while frames:
-            self._check_fatal()
+            files.check_fatal()
             f = frames[-1]
             if f.pos == len(f.nodes):
                 frames.pop()
                 if self.holds.open_dirs > 2 * MAX_OPEN_DIRS:
                     # Directories left behind that wait for files below them hold their fds.
-                    self._drain()
+                    files.drain()
                 if frames and frames[-1].dir.fd < 0 and not frames[-1].dir.lost:
                     self._reopen(frames, f.dir)
                 self.holds.release(f.dir)  # the walker's hold
@@ -246,9 +201,9 @@ class FileRestorer:
         d = frames[i].dir
         if d.fd < 0:
             return
-        if d.files and any(here is d for batch in [self._small, *(items for items, _f in self._loading)]
-                           for here, _r, _n in batch):
-            self._flush_small()
+        assert self.files is not None
+        if d.files and self.files.gathered_in(d):
+            self.files.flush_small()
         if self.holds.writing(d):
             return  # a worker writes there; it is closed when the walk comes back
         self.holds.close(d)
@@ -301,7 +256,8 @@ class FileRestorer:
                 remove(parent.fd, node.name)
                 self.log.count(deleted=1)
         if node.type == NodeType.FILE:
-            self._file(parent, relpath, node)
+            assert self.files is not None
+            self.files.file(parent, relpath, node)
         elif node.type in _SPECIAL and not self.opts.special:
             self.log.count(skipped_special=1)
         elif self._ntfs is not None and self._ntfs.is_reparse_point(node):
@@ -315,137 +271,3 @@ class FileRestorer:
         return None
 
     # ------------------------------------------------------------------ files
-    def _file(self, parent: Dir, relpath: bytes, node: Node) -> None:
-        key = (node.dev, node.inode) if node.links > 1 else None
-        assert self._links is not None
-        if key is not None and key in self._links:
-            self._links.link(key, parent.fd, node.name, shared=not parent.fresh)
-            self.log.count(links=1)
-            return
-        self.holds.hold(parent, file=True)
-        if key is not None:
-            # Written now, by the walker: the next name of it may follow at once.
-            self._links.reserve(key)
-            try:
-                self._write_guarded(parent, relpath, node, None, key)
-            finally:
-                self.holds.file_done(parent)
-            return
-        if node.size < INLINE_BELOW:
-            # Written by the walker, in batches: handing small files to threads cost more
-            # in GIL hand-offs (a million futex calls for 10k files) than writing them,
-            # and one read per batch fetches neighbouring blobs together.
-            self._small.append((parent, relpath, node))
-            self._small_bytes += node.size
-            if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
-                self._load_small()
-                while len(self._loading) > LOADING:
-                    self._write_small(*self._loading.popleft())
-            return
-        try:
-            self._futures.append(self._pool.submit(self._file_task, parent, relpath, node))
-        except BaseException:
-            self.holds.file_done(parent)
-            raise
-        if len(self._futures) > 4 * IN_FLIGHT:
-            self._futures = [f for f in self._futures if not f.done()]
-
-    def _file_task(self, parent: Dir, relpath: bytes, node: Node) -> None:
-        """On a worker. An error that ends the restore is kept for the walker, which stops
-        at its next entry."""
-        try:
-            if self._fatal is None:
-                self._write_guarded(parent, relpath, node, None, None)
-        except BaseException as exc:
-            with self._lock:
-                if self._fatal is None:
-                    self._fatal = exc
-        finally:
-            self.holds.file_done(parent)
-
-    def _load_small(self) -> None:
-        """Hand the batch of small files being gathered to _segments to load its blobs, in one
-        pass (load_blobs merges neighbours in a pack into one request), while the walker
-        writes the batches before it: decryption, decompression and hashing of the tree's
-        small files had been on the walker's thread, after its file system calls."""
-        items, self._small, self._small_bytes = self._small, [], 0
-        if not items:
-            return
-        ids = list(dict.fromkeys(r.id for _d, _rel, n in items for r in n.content if isinstance(r, Full)))
-        try:
-            fut = self._segments.submit(self._load_blobs, ids)
-        except BaseException:
-            for here, _rel, _node in items:
-                self.holds.file_done(here)
-            raise
-        self._loading.append((items, fut))
-
-    def _load_blobs(self, ids: list[bytes]) -> dict[bytes, bytes]:
-        return dict(self.repo.load_blobs(ids)) if ids else {}
-
-    def _flush_small(self) -> None:
-        """Write every small file gathered or being loaded."""
-        self._load_small()
-        while self._loading:
-            self._write_small(*self._loading.popleft())
-
-    def _write_small(self, items: list[tuple[Dir, bytes, Node]], fut: Future[dict[bytes, bytes]]) -> None:
-        try:
-            loaded = fut.result()
-        except DeltavaultError:
-            loaded = {}  # a damaged blob: each file loads its own and reports only itself
-        except BaseException:
-            for here, _rel, _node in items:
-                self.holds.file_done(here)
-            raise
-        for i, (here, relpath, node) in enumerate(items):
-            try:
-                self._write_guarded(here, relpath, node, loaded, None)
-            except BaseException:
-                for later, _rel, _node in items[i + 1:]:
-                    self.holds.file_done(later)
-                raise
-            finally:
-                self.holds.file_done(here)
-
-    def _write_guarded(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes] | None,
-                       key: tuple[int, int] | None) -> None:
-        try:
-            self._write_file(parent, relpath, node, loaded or {}, key)
-        except NoSpace:
-            raise
-        except CorruptionError as exc:
-            self.log.problem(relpath, "corrupt", str(exc))
-        except OSError as exc:
-            if exc.errno in NO_SPACE_ERRNOS:
-                raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
-            self.log.problem(relpath, "write", exc.strerror or str(exc))
-
-    def _write_file(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
-                    key: tuple[int, int] | None) -> None:
-        tmp = temp_name(node.name)
-        fd = os.open(tmp, _FILE_FLAGS, 0o600, dir_fd=parent.fd)
-        try:
-            try:
-                expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify,
-                                       pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
-                if self._ntfs is not None:
-                    self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
-                for m in apply_node_meta(fd, node, self._meta):
-                    self.log.problem(relpath, "metadata", m)
-                if self.opts.verify:
-                    n, bad = verify_fd(self.repo, fd, node.size, expect)
-                    self.log.count(bytes_verified=n)
-                    if bad:
-                        self.log.problem(relpath, "verify", "read back differs from what was written: "
-                                      + "; ".join(bad[:5]))
-            except BaseException:
-                unlink_quiet(parent.fd, tmp)
-                raise
-            install(parent.fd, tmp, node.name, None if parent.fresh else identity(os.fstat(fd)))
-            if key is not None and self._links is not None:
-                self._links.add(key, relpath, fd)
-        finally:
-            os.close(fd)
-        self.log.count(files=1, bytes_written=node.size)
-        self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))
