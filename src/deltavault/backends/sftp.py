@@ -7,9 +7,10 @@ known-hosts files, ProxyJump and ProxyCommand come from the OpenSSH client confi
 (ssh.py makes the connection).
 
 Atomic put: write a temporary name in the target folder, ``fsync@openssh.com`` when the server
-offers it, then ``posix-rename@openssh.com`` over the final name. SFTP v3 reports a full
-disk as a bare "Failure", so a failed write asks ``statvfs@openssh.com`` whether the file
-system is full before it says so.
+offers it, then ``posix-rename@openssh.com`` over the final name. Every WRITE's reply is
+checked before the rename. SFTP v3 reports a full disk as a bare "Failure", so a failed
+write asks ``statvfs@openssh.com`` whether the file system is full before it says so.
+``put_file`` sends a spooled pack from its file a piece at a time, never whole in memory.
 
 Each thread gets its own SFTP channel on one SSH connection (paramiko's SFTP client is not
 meant to be shared between threads). A dropped connection is a retryable error; the next call
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 _OPEN_PACKS = 16  # pack handles kept open per thread
 _ONE_REQUEST = 32 * 1024  # a READ size every server accepts
 _IN_FLIGHT = 64
+_PIECE = 1024 * 1024  # put_file reads its source this much at a time
 T = TypeVar("T")
 
 
@@ -94,6 +96,48 @@ def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int) -> bytes:
                 out += piece
                 want -= len(piece)
     return bytes(out)
+
+
+def _pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[int, int], bytes | memoryview]) -> None:
+    """Write ``size`` bytes from offset 0, ``piece(pos, n)`` giving each, with up to
+    _IN_FLIGHT WRITE requests outstanding, and every reply checked. paramiko's pipelined
+    write reads the replies only once 100 are outstanding and drops the rest unread: a write
+    the server refused in the last 3 MiB (a full disk) went unnoticed, and the rename stored
+    a short object under the final name (tests: FullDiskContract)."""
+    pm = paramiko_module()
+    replies = _Replies()
+    pending: deque[int] = deque()
+    pos = 0
+    while pos < size or pending:
+        while pos < size and len(pending) < _IN_FLIGHT:
+            n = min(_ONE_REQUEST, size - pos)
+            pending.append(s._async_request(replies, pm.sftp.CMD_WRITE, handle, pm.sftp_client.int64(pos),
+                                            piece(pos, n)))
+            pos += n
+        num = pending.popleft()
+        while num not in replies.got:
+            s._read_response()
+        t, msg = replies.got.pop(num)
+        if t != pm.sftp.CMD_STATUS:
+            raise pm.SFTPError(f"expected a status reply to a write, got type {t}")
+        s._convert_status(msg)  # raises OSError for a refused write
+
+
+class _Pieces:
+    """``piece(pos, n)`` over the first ``size`` bytes of the file open as ``fd``, read
+    _PIECE at a time (pread: a retry starts again from 0, nothing shares a file position)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self.start, self.buf = 0, memoryview(b"")
+
+    def __call__(self, pos: int, n: int) -> memoryview:
+        if pos < self.start or pos + n > self.start + len(self.buf):
+            data = os.pread(self.fd, min(_PIECE, self.size - pos), pos)
+            if len(data) < n:
+                raise BackendError(f"source file shorter than {self.size} bytes", retryable=False)
+            self.start, self.buf = pos, memoryview(data)
+        return self.buf[pos - self.start:pos - self.start + n]
 
 
 class SFTPBackend:
@@ -283,6 +327,15 @@ class SFTPBackend:
         self._made_dirs.add(folder)
 
     def put(self, name: str, data: bytes) -> None:
+        view = memoryview(data)
+        self._store(name, len(data), lambda pos, n: view[pos:pos + n])
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        """``put`` of the first ``size`` bytes of the file open as ``fd`` (a spooled pack),
+        read a piece at a time: memory stays at _PIECE plus the requests in flight."""
+        self._store(name, size, _Pieces(fd, size))
+
+    def _store(self, name: str, size: int, piece: Callable[[int, int], bytes | memoryview]) -> None:
         path = self._path(name)
         folder = posixpath.dirname(path)
         tmp = posixpath.join(folder, temp_name(posixpath.basename(path)))
@@ -291,14 +344,12 @@ class SFTPBackend:
             self._mkdirs(s, folder)
             try:
                 with s.open(tmp, "wb") as f:
-                    f.set_pipelined(True)
-                    f.write(data)
-                    f.flush()
+                    _pwrite(s, f.handle, size, piece)
                     self._fsync(s, f.handle)
                 s.posix_rename(tmp, path)
             except BaseException as exc:
                 self._remove_quietly(s, tmp)
-                if isinstance(exc, OSError) and exc.errno is None and self._disk_full(s, folder, len(data)):
+                if isinstance(exc, OSError) and exc.errno is None and self._disk_full(s, folder, size):
                     raise NoSpace(f"no space left on {self.loc.host}:{folder} while writing {name}") from exc
                 raise
         self._call(name, write)
