@@ -86,7 +86,7 @@ def one_round(ds: Path, work: Path, tools: list[str], where: list[str],
             spy: list[str] = []
             if profile is not None and name == "sftp":
                 profile.mkdir(parents=True, exist_ok=True)
-                spy = ["py-spy", "record", "-r", "200", "--threads", "--idle", "-f", "raw",
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "--threads", "--idle", "-f", "raw",
                        "-o", str(profile / f"restore-{rnd}.txt"), "--"]
             out[f"deltavault {name} restore"] = restore_timed(
                 [*spy, *dv, "-r", repo, "restore", "latest", "--target"], env, work)

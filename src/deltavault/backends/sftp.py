@@ -37,9 +37,12 @@ if TYPE_CHECKING:
     import paramiko
 
 _OPEN_PACKS = 16  # pack handles kept open per thread
-_ONE_REQUEST = 32 * 1024  # a READ size every server accepts
-_IN_FLIGHT = 64
+_ONE_REQUEST = 32 * 1024  # a READ or WRITE size every server accepts
+_LARGEST_REQUEST = 256 * 1024  # what we ask for where the server says it takes more (limits@openssh.com)
+_IN_FLIGHT = 2 * 1024 * 1024  # bytes of READ or WRITE requests outstanding: the SSH window
 _PIECE = 1024 * 1024  # put_file reads its source this much at a time
+_WINDOW = 2 * 1024 * 1024  # paramiko's default, as OpenSSH's
+_MAX_PACKET = 32 * 1024  # paramiko's default
 T = TypeVar("T")
 
 
@@ -53,19 +56,23 @@ class _Replies:
         self.got[num] = (t, msg)
 
 
-def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int) -> bytes:
-    """``n`` bytes from ``start`` (fewer at the end of the file), with up to _IN_FLIGHT
-    READ requests outstanding. paramiko's own readv measured 3 MB/s here on loopback, one
-    request at a time 4 ms per round trip; this pipelines like its upload path does."""
+def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int, request: int) -> bytes:
+    """``n`` bytes from ``start`` (fewer at the end of the file), in READ requests of
+    ``request`` bytes, _IN_FLIGHT bytes of them outstanding. paramiko's own readv measured
+    3 MB/s here on loopback, one request at a time 4 ms per round trip; this pipelines like
+    its upload path does. The replies are kept as pieces and joined once: appending them to
+    one bytearray re-allocated and copied it as it grew (a 64 MiB read spent 0.4 s there)."""
     pm = paramiko_module()
     replies = _Replies()
     pending: deque[tuple[int, int]] = deque()
-    out = bytearray()
+    pieces: list[bytes] = []
+    have = 0
     pos, end = start, start + n
     at_eof = False
+    most = max(4, _IN_FLIGHT // request)
     while pending or (pos < end and not at_eof):
-        while pos < end and not at_eof and len(pending) < _IN_FLIGHT:
-            size = min(_ONE_REQUEST, end - pos)
+        while pos < end and not at_eof and len(pending) < most:
+            size = min(request, end - pos)
             pending.append((s._async_request(replies, pm.sftp.CMD_READ, handle, pm.sftp_client.int64(pos), size), size))
             pos += size
         num, size = pending.popleft()
@@ -81,26 +88,29 @@ def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int) -> bytes:
                 at_eof = True
                 continue
         data = msg.get_string()
-        out += data
+        pieces.append(data)
+        have += len(data)
         if len(data) < size:
             # A short reply (the end of the file, or a server's smaller limit): read the
             # rest of this request's range before going on, so the bytes stay in order.
             want = size - len(data)
             while want:
                 try:
-                    _t, more = s._request(pm.sftp.CMD_READ, handle, pm.sftp_client.int64(start + len(out)), want)
+                    _t, more = s._request(pm.sftp.CMD_READ, handle, pm.sftp_client.int64(start + have), want)
                 except EOFError:
                     at_eof = True
                     break
                 piece = more.get_string()
-                out += piece
+                pieces.append(piece)
+                have += len(piece)
                 want -= len(piece)
-    return bytes(out)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def _pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[int, int], bytes | memoryview]) -> None:
-    """Write ``size`` bytes from offset 0, ``piece(pos, n)`` giving each, with up to
-    _IN_FLIGHT WRITE requests outstanding, and every reply checked. paramiko's pipelined
+def _pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[int, int], bytes | memoryview],
+            request: int) -> None:
+    """Write ``size`` bytes from offset 0, ``piece(pos, n)`` giving each, in WRITE requests
+    of ``request`` bytes, _IN_FLIGHT bytes of them outstanding, and every reply checked. paramiko's pipelined
     write reads the replies only once 100 are outstanding and drops the rest unread: a write
     the server refused in the last 3 MiB (a full disk) went unnoticed, and the rename stored
     a short object under the final name (tests: FullDiskContract)."""
@@ -108,9 +118,10 @@ def _pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[i
     replies = _Replies()
     pending: deque[int] = deque()
     pos = 0
+    most = max(4, _IN_FLIGHT // request)
     while pos < size or pending:
-        while pos < size and len(pending) < _IN_FLIGHT:
-            n = min(_ONE_REQUEST, size - pos)
+        while pos < size and len(pending) < most:
+            n = min(request, size - pos)
             pending.append(s._async_request(replies, pm.sftp.CMD_WRITE, handle, pm.sftp_client.int64(pos),
                                             piece(pos, n)))
             pos += n
@@ -153,6 +164,7 @@ class SFTPBackend:
         self._root: str | None = None
         self._made_dirs: set[str] = set()
         self._fsync_ok = True
+        self._sizes: tuple[int, int] | None = None  # READ and WRITE request sizes of this connection
 
     # --- connection -------------------------------------------------------------------
 
@@ -170,16 +182,37 @@ class SFTPBackend:
                 self._client = client = self.ssh.connect()
                 self._generation += 1
                 self._made_dirs.clear()
+                self._sizes = None
             generation = self._generation
         cached = getattr(self._local, "sftp", None)
         if cached is not None and cached[0] == generation:
             return cached[1]
         try:
-            sftp = client.open_sftp()
+            sftp = paramiko_module().SFTPClient.from_transport(client.get_transport(), window_size=_WINDOW,
+                                                               max_packet_size=_MAX_PACKET)
         except Exception as exc:
             raise BackendError(f"cannot open an sftp channel on {self.loc.host}: {exc}") from exc
         self._local.sftp = (generation, sftp)
         return sftp
+
+    def _request_sizes(self, s: paramiko.SFTPClient) -> tuple[int, int]:
+        """READ and WRITE sizes: up to _LARGEST_REQUEST where the server's limits@openssh.com
+        allows it (OpenSSH 8.6 and later: 255 KiB), else _ONE_REQUEST. Fewer, larger replies
+        cost less here: paramiko moves a channel's whole unread buffer on every read from it,
+        so its cost grows with the replies per byte (a restore spent most of its SFTP time
+        there, docs/benchmarks.md)."""
+        sizes = self._sizes
+        if sizes is None:
+            pm = paramiko_module()
+            try:
+                _t, msg = s._request(pm.sftp.CMD_EXTENDED, "limits@openssh.com")
+                _packet, read, write = msg.get_int64(), msg.get_int64(), msg.get_int64()
+            except (OSError, pm.SFTPError):
+                read = write = 0  # not offered
+            def fit(limit: int) -> int:
+                return min(limit, _LARGEST_REQUEST) if limit > _ONE_REQUEST else _ONE_REQUEST
+            sizes = self._sizes = (fit(read), fit(write))
+        return sizes
 
     def close(self) -> None:
         """Close the connection; the next call connects again."""
@@ -295,7 +328,7 @@ class SFTPBackend:
                 n = size - start if length is None else length
             else:
                 n = length
-            return _pread(f.sftp, f.handle, start, n) if n > 0 else b""
+            return _pread(f.sftp, f.handle, start, n, self._request_sizes(f.sftp)[0]) if n > 0 else b""
 
         def read(s: paramiko.SFTPClient) -> bytes:
             if name.startswith("data/") and length is not None and offset >= 0:
@@ -344,7 +377,7 @@ class SFTPBackend:
             self._mkdirs(s, folder)
             try:
                 with s.open(tmp, "wb") as f:
-                    _pwrite(s, f.handle, size, piece)
+                    _pwrite(s, f.handle, size, piece, self._request_sizes(s)[1])
                     self._fsync(s, f.handle)
                 s.posix_rename(tmp, path)
             except BaseException as exc:
