@@ -18,13 +18,22 @@ For each run it records:
 
     bench/memory.py --datasets /work/data/ds --src A=/tmp/base/src --src B=src [--rounds 3]
         [--scenarios files image] [--env B:DELTAVAULT_MAX_MEMORY=512M]
+        [--repo local|sftp|s3] [--peers restic]
 
 Each --src is put first on PYTHONPATH (the installed dependencies are shared).
+
+``--repo sftp`` puts every repository on the test suite's OpenSSH server on 127.0.0.1
+(tests/sshd.py), ``--repo s3`` in a fresh bucket of the test suite's SeaweedFS
+(tests/seaweed.py); one server for the whole run, its memory not counted (it is not in the
+measured tree). ``--peers restic`` adds restic's files-full backup into the same kind of
+repository at bench/peers.py's settings, in the same rounds; its tree counts the ssh
+process its sftp backend pipes through (deltavault's SSH runs in-process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.files import stage  # noqa: E402
+from bench.peers import RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
 from bench.procs import children  # noqa: E402
 
 MiB = 1 << 20
@@ -156,29 +166,90 @@ def dv(src: Path, env: dict[str, str], *args: str) -> list[str]:
 ds_of: list[Path] = []  # the datasets directory (for files-incr, staged per run)
 
 
-def one(kind: str, src_dir: Path, work: Path, staged: Path, base_env: dict[str, str]) -> Run:
+class Repos:
+    """Where each run's repository goes: a local folder, the sftp server or a new bucket.
+    ``url(tool, run_dir)`` returns the location and the environment it needs;
+    ``drop()`` frees what the run stored (a bucket's objects: the server keeps running)."""
+
+    def __init__(self, kind: str, work: Path) -> None:
+        self.kind = kind
+        self.work = work
+        self._stack = contextlib.ExitStack()
+        self.env: dict[str, str] = {}
+        self.restic_opts: list[str] = []
+        self._buckets: list[str] = []
+        if kind == "sftp":
+            from tests.sshd import sshd
+            d = work / "server"
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            self.srv = self._stack.enter_context(sshd(d))
+            self.env = {"DELTAVAULT_SSH_CONFIG": str(self.srv.ssh_config)}
+            self.restic_opts = ["-o", f"sftp.command=ssh -F {self.srv.ssh_config} dvtest -s sftp"]
+        elif kind == "s3":
+            from tests.seaweed import server
+            shutil.rmtree(work / "seaweed", ignore_errors=True)
+            self.sw = self._stack.enter_context(server(work / "seaweed"))
+            self.env = self.sw.env()
+            self.restic_opts = ["-o", "s3.bucket-lookup=path"]
+
+    def url(self, tool: str, run_dir: Path) -> str:
+        if self.kind == "local":
+            return str(run_dir / "repo")
+        if self.kind == "sftp":
+            return self.srv.url(run_dir / "repo") if tool == "deltavault" else f"sftp:dvtest:{run_dir}/repo"
+        bucket = self.sw.new_bucket()
+        self._buckets.append(bucket)
+        return f"s3:{self.sw.endpoint}/{bucket}/repo"
+
+    def drop(self) -> None:
+        if self.kind != "s3":
+            return  # the repository is under run_dir, removed with it
+        c = self.sw.client()
+        for bucket in self._buckets:
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    c.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+            c.delete_bucket(Bucket=bucket)
+        self._buckets.clear()
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def one(kind: str, tool: str, src_dir: Path, work: Path, staged: Path, base_env: dict[str, str],
+        repos: Repos) -> Run:
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    env = dict(base_env, DELTAVAULT_CACHE_DIR=str(run_dir / "cache"))
-    repo = run_dir / "repo"
-    subprocess.run(dv(src_dir, env, "-r", str(repo), "init"), env=env, check=True, capture_output=True)
-    subprocess.run(["sync"], check=True)
-    if kind == "incr":
-        src = run_dir / "src"
-        stage(ds_of[0], src, "v1")
-        args = ("-r", str(repo), "backup", str(src / "tree"), str(src / "db.sqlite"))
-        subprocess.run(dv(src_dir, env, *args), env=env, check=True, capture_output=True)
-        stage(ds_of[0], src, "v2")
+    env = dict(base_env, DELTAVAULT_CACHE_DIR=str(run_dir / "cache"), RESTIC_CACHE_DIR=str(run_dir / "rcache"),
+               **repos.env)
+    repo = repos.url(tool, run_dir)
+    try:
+        if tool == "restic":
+            r = ["restic", "-r", repo, *repos.restic_opts]
+            subprocess.run([*r, "init", *RESTIC_INIT], env=env, check=True, capture_output=True)
+            subprocess.run(["sync"], check=True)
+            return measured([*r, "backup", "-q", *RESTIC_BACKUP, str(staged / "tree"), str(staged / "db.sqlite")],
+                            env)
+        subprocess.run(dv(src_dir, env, "-r", repo, "init"), env=env, check=True, capture_output=True)
         subprocess.run(["sync"], check=True)
-        r = measured(dv(src_dir, env, *args), env)
-    elif kind == "files":
-        r = measured(dv(src_dir, env, "-r", str(repo), "backup", str(staged / "tree"), str(staged / "db.sqlite")),
-                     env)
-    else:
-        r = measured(dv(src_dir, env, "-r", str(repo), "backup", "--volume", str(staged / "disk.img")), env)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return r
+        if kind == "incr":
+            src = run_dir / "src"
+            stage(ds_of[0], src, "v1")
+            args = ("-r", repo, "backup", str(src / "tree"), str(src / "db.sqlite"))
+            subprocess.run(dv(src_dir, env, *args), env=env, check=True, capture_output=True)
+            stage(ds_of[0], src, "v2")
+            subprocess.run(["sync"], check=True)
+            return measured(dv(src_dir, env, *args), env)
+        if kind == "files":
+            return measured(dv(src_dir, env, "-r", repo, "backup", str(staged / "tree"), str(staged / "db.sqlite")),
+                            env)
+        return measured(dv(src_dir, env, "-r", repo, "backup", "--volume", str(staged / "disk.img")), env)
+    finally:
+        repos.drop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def label(kind: str) -> str:
@@ -194,6 +265,8 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="*", default=["files", "image"], choices=["files", "image", "incr"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/dv-bench-memory"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "memory.json")
+    ap.add_argument("--repo", choices=["local", "sftp", "s3"], default="local", help="where the repositories go")
+    ap.add_argument("--peers", nargs="*", default=[], choices=["restic"], help="peers run on files-full")
     a = ap.parse_args()
     srcs = dict(s.split("=", 1) for s in a.src)
     extra: dict[str, dict[str, str]] = {n: {} for n in srcs}
@@ -210,24 +283,24 @@ def main() -> None:
     if "image" in a.scenarios:
         subprocess.run(["cp", "--sparse=always", str(a.datasets / "disk-v1.img"), str(staged / "disk.img")],
                        check=True)
-    names = list(srcs)
+    env["RESTIC_PASSWORD"] = "bench"
+    names = list(srcs) + a.peers
     runs: dict[str, dict[str, list[Run]]] = {n: {} for n in names}
-    for rnd in range(a.rounds):
-        order = names if rnd % 2 == 0 else names[::-1]
-        for kind in a.scenarios:
-            for n in order:
-                r = one(kind, Path(srcs[n]).resolve(), a.work, staged, dict(env, **extra[n]))
-                runs[n].setdefault(kind, []).append(r)
-                print(f"round {rnd + 1} {n} {label(kind)}: {r.seconds:.2f} s, {r.cpu:.2f} CPU-s, "
-                      f"tree peak RSS {r.tree_rss_mib:.0f} MiB, PSS {r.tree_pss_mib:.0f} MiB "
-                      f"(sum of VmHWM {r.hwm_sum_mib:.0f}, "
-                      f"{r.procs} procs: {' / '.join(f'{v:.0f}' for v in r.per_proc.values())})",
-                      file=sys.stderr, flush=True)
+    repos = Repos(a.repo, a.work)
+    try:
+        _rounds(a, names, srcs, extra, env, staged, repos, runs)
+    finally:
+        repos.close()
+        shutil.rmtree(a.work / "seaweed", ignore_errors=True)
+        shutil.rmtree(a.work / "server", ignore_errors=True)
     table = []
     for kind in a.scenarios:
         for n in names:
+            if kind not in runs[n]:
+                continue
             rs = runs[n][kind]
-            table.append({"scenario": label(kind), "rev": n, "src": srcs[n], "env": extra[n],
+            table.append({"scenario": label(kind), "rev": n, "src": srcs.get(n, n), "env": extra.get(n, {}),
+                          "repo": a.repo,
                           "seconds": round(statistics.median(r.seconds for r in rs), 2),
                           "cpu": round(statistics.median(r.cpu for r in rs), 2),
                           "tree_rss_mib": round(statistics.median(r.tree_rss_mib for r in rs)),
@@ -236,13 +309,34 @@ def main() -> None:
                           "tree_pss_max_mib": round(max(r.tree_pss_mib for r in rs)),
                           "hwm_sum_mib": round(statistics.median(r.hwm_sum_mib for r in rs)),
                           "runs": [asdict(r) for r in rs]})
-    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds, "table": table}
+    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds, "repo": a.repo,
+              "load_average": os.getloadavg(), "table": table}
     for row in table:
         print(f"{row['scenario']:11} {row['rev']:>8}: {row['seconds']:.2f} s  {row['cpu']:.2f} CPU-s  "
               f"peak RSS {row['tree_rss_mib']} MiB (max {row['tree_rss_max_mib']}, sum HWM {row['hwm_sum_mib']}), "
               f"PSS {row['tree_pss_mib']} MiB (max {row['tree_pss_max_mib']})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _rounds(a: argparse.Namespace, names: list[str], srcs: dict[str, str], extra: dict[str, dict[str, str]],
+            env: dict[str, str], staged: Path, repos: Repos, runs: dict[str, dict[str, list[Run]]]) -> None:
+    for rnd in range(a.rounds):
+        order = names if rnd % 2 == 0 else names[::-1]
+        for kind in a.scenarios:
+            for n in order:
+                if n in a.peers:
+                    if kind != "files":
+                        continue
+                    r = one(kind, n, Path(), a.work, staged, env, repos)
+                else:
+                    r = one(kind, "deltavault", Path(srcs[n]).resolve(), a.work, staged, dict(env, **extra[n]), repos)
+                runs[n].setdefault(kind, []).append(r)
+                print(f"round {rnd + 1} {n} {label(kind)}: {r.seconds:.2f} s, {r.cpu:.2f} CPU-s, "
+                      f"tree peak RSS {r.tree_rss_mib:.0f} MiB, PSS {r.tree_pss_mib:.0f} MiB "
+                      f"(sum of VmHWM {r.hwm_sum_mib:.0f}, "
+                      f"{r.procs} procs: {' / '.join(f'{v:.0f}' for v in r.per_proc.values())})",
+                      file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

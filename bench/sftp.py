@@ -9,6 +9,11 @@ and zstd,3; restic repository v2 with compression auto), as anchors.sh runs them
 Needs root (restores go to a fresh ext4 on a loop device each time).
 
 Usage: bench/sftp.py --datasets DIR [--repeat N] [--out FILE]
+    [--tools deltavault restic borg] [--where local sftp]
+    [--profile-restore DIR]  (py-spy records deltavault's sftp restores, a flame graph per round)
+
+With ``--where sftp`` the local backups and restores are skipped (each tool still backs up
+into its remote repository, timed, before the restore).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> floa
     return time.perf_counter() - t0
 
 
-def one_round(ds: Path, work: Path) -> dict[str, float]:
+def one_round(ds: Path, work: Path, tools: list[str], where: list[str],
+              profile: Path | None = None, rnd: int = 0) -> dict[str, float]:
     src = work / "src"
     (src / "tree").mkdir(parents=True)
     subprocess.run(["rsync", "-a", f"{ds}/tree-v1/", f"{src}/tree/"], check=True)
@@ -70,14 +76,25 @@ def one_round(ds: Path, work: Path) -> dict[str, float]:
                    DELTAVAULT_CACHE_DIR=str(work / "cache"), RESTIC_PASSWORD="bench",
                    RESTIC_CACHE_DIR=str(work / "restic-cache"))
         dv = [sys.executable, "-m", "deltavault"]
-        for name, repo in (("local", str(work / "local-repo")), ("sftp", srv.url(work / "sftp-repo"))):
+        places = [("local", str(work / "local-repo")), ("sftp", srv.url(work / "sftp-repo"))]
+        for name, repo in places if "deltavault" in tools else []:
+            if name not in where:
+                continue
             timed([*dv, "-r", repo, "init"], env)
             subprocess.run(["sync"], check=True)
             out[f"deltavault {name} backup"] = timed([*dv, "-r", repo, "backup", *paths], env)
+            spy: list[str] = []
+            if profile is not None and name == "sftp":
+                profile.mkdir(parents=True, exist_ok=True)
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "--threads", "--idle", "-f", "raw",
+                       "-o", str(profile / f"restore-{rnd}.txt"), "--"]
             out[f"deltavault {name} restore"] = restore_timed(
-                [*dv, "-r", repo, "restore", "latest", "--target"], env, work)
+                [*spy, *dv, "-r", repo, "restore", "latest", "--target"], env, work)
         opt = ["-o", f"sftp.command=ssh -F {srv.ssh_config} dvtest -s sftp"]
-        for name, repo in (("local", str(work / "restic-local")), ("sftp", f"sftp:dvtest:{work}/restic-sftp")):
+        restic_places = [("local", str(work / "restic-local")), ("sftp", f"sftp:dvtest:{work}/restic-sftp")]
+        for name, repo in restic_places if "restic" in tools else []:
+            if name not in where:
+                continue
             timed(["restic", "-r", repo, *opt, "init", *RESTIC_INIT], env)
             subprocess.run(["sync"], check=True)
             out[f"restic {name} backup"] = timed(["restic", "-r", repo, *opt, "backup", "-q", *RESTIC_BACKUP, *paths], env)
@@ -86,7 +103,10 @@ def one_round(ds: Path, work: Path) -> dict[str, float]:
         # borg 1.2 has no sftp backend: remotely it runs `borg serve` on the host over ssh.
         env.update(BORG_RSH=f"ssh -F {srv.ssh_config}", BORG_BASE_DIR=str(work / "borg-base"),
                    BORG_PASSPHRASE="bench")
-        for name, repo in (("local", str(work / "borg-local")), ("ssh", f"ssh://dvtest{work}/borg-ssh")):
+        borg_places = [("local", str(work / "borg-local")), ("ssh", f"ssh://dvtest{work}/borg-ssh")]
+        for name, repo in borg_places if "borg" in tools else []:
+            if {"ssh": "sftp"}.get(name, name) not in where:
+                continue
             timed(["borg", "init", *BORG_INIT, repo], env)
             subprocess.run(["sync"], check=True)
             out[f"borg {name} backup"] = timed(["borg", "create", *BORG_CREATE, f"{repo}::a", *paths], env)
@@ -99,12 +119,16 @@ def main() -> None:
     ap.add_argument("--datasets", type=Path, required=True)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "sftp.json")
+    ap.add_argument("--tools", nargs="+", default=["deltavault", "restic", "borg"],
+                    choices=["deltavault", "restic", "borg"])
+    ap.add_argument("--where", nargs="+", default=["local", "sftp"], choices=["local", "sftp"])
+    ap.add_argument("--profile-restore", type=Path, help="folder for py-spy profiles of the sftp restores")
     a = ap.parse_args()
     rounds = []
     for i in range(a.repeat):
         work = Path(tempfile.mkdtemp(prefix="dv-sftp-bench-", dir="/tmp"))
         try:
-            rounds.append(one_round(a.datasets, work))
+            rounds.append(one_round(a.datasets, work, a.tools, a.where, a.profile_restore, i + 1))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1].items()), flush=True)
@@ -113,8 +137,9 @@ def main() -> None:
         r[f"deltavault {where} {op}"] / r[f"{peer} {pwhere} {op}"] for r in rounds), 2)
         for op in ("backup", "restore")
         for where, peer, pwhere in (("local", "restic", "local"), ("sftp", "restic", "sftp"),
-                                    ("local", "borg", "local"), ("sftp", "borg", "ssh"))}
-    result = {"rounds": rounds, "medians": medians, "ratios": ratios,
+                                    ("local", "borg", "local"), ("sftp", "borg", "ssh"))
+        if f"deltavault {where} {op}" in rounds[0] and f"{peer} {pwhere} {op}" in rounds[0]}
+    result = {"rounds": rounds, "medians": medians, "ratios": ratios, "load_average": os.getloadavg(),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peer_settings": DESCRIPTION}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))

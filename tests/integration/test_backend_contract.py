@@ -13,7 +13,12 @@ import pytest
 
 from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
-from deltavault.testing.contract import BackendContract, CrashContract, FullDiskContract
+from deltavault.testing.contract import (
+    BackendContract,
+    CrashContract,
+    FullDiskContract,
+    StreamingPutContract,
+)
 from deltavault.testing.faulty import FaultyBackend
 from deltavault.testing.memory import MemoryBackend
 from tests.conftest import needs_root
@@ -36,7 +41,16 @@ class TestFaultyWithoutFaults(BackendContract):
         return lambda: FaultyBackend(MemoryBackend(f"f{next(_n)}"))
 
 
-class TestLocal(BackendContract, CrashContract, FullDiskContract):
+class TestFaultyOverLocal(StreamingPutContract):
+    """The fault wrapper hands a put_file on as one (fault tests then run the inner backend's
+    streaming path, not a whole-object put)."""
+
+    @pytest.fixture
+    def new_backend(self, tmp_path: Path) -> Callable[[], Backend]:
+        return lambda: FaultyBackend(open_backend(str(tmp_path / f"repo{next(_n)}")))
+
+
+class TestLocal(BackendContract, CrashContract, FullDiskContract, StreamingPutContract):
     @pytest.fixture
     def new_backend(self, tmp_path: Path) -> Callable[[], Backend]:
         return lambda: open_backend(str(tmp_path / f"repo{next(_n)}"))
@@ -56,7 +70,7 @@ class TestLocal(BackendContract, CrashContract, FullDiskContract):
 
 
 @pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
-class TestSftp(BackendContract, CrashContract, FullDiskContract):
+class TestSftp(BackendContract, CrashContract, FullDiskContract, StreamingPutContract):
     @pytest.fixture
     def server(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
         with sshd(tmp_path) as srv:
@@ -81,7 +95,7 @@ class TestSftp(BackendContract, CrashContract, FullDiskContract):
             yield open_backend(server.url(disk / "repo"))
 
 
-class TestS3(BackendContract, CrashContract):
+class TestS3(BackendContract, CrashContract, StreamingPutContract):
     """SeaweedFS, one bucket per test class run, a fresh prefix per backend. A full disk
     cannot be arranged on an object store here (no FullDiskContract)."""
 

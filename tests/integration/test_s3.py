@@ -17,6 +17,7 @@ import blake3
 import pytest
 
 from deltavault.backends import open_backend
+from deltavault.backends.base import put_file
 from deltavault.backends.s3location import S3Location, parse_location
 from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.errors import UsageError
@@ -205,16 +206,24 @@ def test_connections_dropped_mid_upload(s3proxy: Proxy, seaweed: Seaweed, bucket
 
 
 @pytest.mark.usefixtures("s3env")
+@pytest.mark.parametrize("how", ["put", "put_file"])
 def test_multipart_uploads_cut_mid_part(s3proxy: Proxy, seaweed: Seaweed, bucket: str, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """A 40 MiB object goes up in 5 parts of 8 MiB, 4 at a time; parts cut half way make the
-    whole put retry, and the failed upload is aborted: one object, never a partial one."""
+    whole put retry, and the failed upload is aborted: one object, never a partial one. From
+    a file (put_file), each part reads its range of the file, again from its start on retry."""
     monkeypatch.setenv("DELTAVAULT_S3_MULTIPART_THRESHOLD", str(16 * MiB))
     monkeypatch.setenv("DELTAVAULT_S3_PART_SIZE", str(8 * MiB))
     b = open_backend(s3proxy.url(bucket, "mp"))
     data = os.urandom(40 * MiB)
     s3proxy.faults.drop, s3proxy.faults.min_body = 3, 4 * MiB
-    b.put("data/aa/big", data)
+    if how == "put":
+        b.put("data/aa/big", data)
+    else:
+        spool = tmp_path / "spool"
+        spool.write_bytes(data + b"beyond the object")
+        with open(spool, "rb") as f:
+            put_file(b, "data/aa/big", f.fileno(), len(data))
     assert s3proxy.snapshot().dropped == 3
     assert b.get("data/aa/big") == data and b.stat("data/aa/big").size == len(data)
     calls = s3proxy.snapshot().by_method

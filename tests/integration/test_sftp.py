@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def test_objects_land_under_their_names_with_fsync(server: Server, tmp_path: Pat
     assert on_disk == ["data/ab/ab01"]
     inner = unwrap(b)
     assert isinstance(inner, SFTPBackend) and inner._fsync_ok  # OpenSSH offers fsync@openssh.com
+    # ... and limits@openssh.com: requests of up to 255 KiB, not 32 KiB (fewer replies to handle)
+    assert inner._sizes is not None and min(inner._sizes) > 128 * 1024
 
 
 def test_temp_files_of_killed_puts_are_pruned(server: Server, tmp_path: Path) -> None:
@@ -221,6 +224,27 @@ def test_proxyjump_and_proxycommand_from_the_ssh_config(server: Server, tmp_path
     assert cmd.get("index/a") == b"via the jump host" and marker.exists()
     jump.close()
     cmd.close()
+
+
+def test_paramiko_runs_without_invoke_and_match_exec_still_works(server: Server, tmp_path: Path) -> None:
+    """paramiko is imported without invoke (7 MiB of memory in every sftp run, issue #18),
+    and a config whose host settings come from a ``Match exec`` block still connects: invoke
+    is brought in for it. Fresh interpreters, so earlier imports do not count."""
+    script = ("import sys\nfrom deltavault.backends import open_backend\n"
+              "b = open_backend(sys.argv[1])\nb.put('index/a', b'x')\nassert b.get('index/a') == b'x'\n"
+              "print('invoke' in sys.modules)\n")
+    env = {**os.environ, "DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}
+    plain = subprocess.run([sys.executable, "-c", script, server.url(tmp_path / "r1")], env=env,
+                           capture_output=True, text=True, check=True)
+    assert plain.stdout.split() == ["False"]
+    config = tmp_path / "match_exec_config"
+    config.write_text(f"Match host dvexec exec \"test -d {tmp_path}\"\n  HostName 127.0.0.1\n  Port {server.port}\n"
+                      f"  User {server.user}\n  IdentityFile {server.dir}/client_key\n"
+                      f"  UserKnownHostsFile {server.dir}/known_hosts\n")
+    matched = subprocess.run([sys.executable, "-c", script, f"sftp://dvexec{tmp_path}/r2"],
+                             env={**env, "DELTAVAULT_SSH_CONFIG": str(config)}, capture_output=True, text=True)
+    assert matched.returncode == 0, matched.stderr
+    assert matched.stdout.split() == ["True"]
 
 
 def test_volume_backup_and_restore_over_sftp(scli: Cli, tmp_path: Path) -> None:

@@ -10,12 +10,17 @@ upload, invisible to listings, which prune aborts after an hour). Names of packs
 files, snapshots and keys are hashes of their bytes, so a retried upload writes the same
 bytes under the same name. Lock records are created with ``If-None-Match: *`` where the
 server honours it (docs/design.md, "Repositories on S3").
+
+``put_file`` uploads a spooled pack from its file: botocore reads the body for its checksum
+(CRC32), for the SigV4 payload hash over plain HTTP, and to send it, each time a piece at a
+time, seeking back to the start in between; a retry opens the range again from its start.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
+import os
 import random
 import threading
 import time
@@ -24,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name
+from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, read_fd
 from deltavault.backends.retention import ObjectRetention, Retention, protected
 from deltavault.backends.s3errors import BucketNotFound, ObjectRetained, error_code, translate
 from deltavault.backends.s3location import S3Location, S3Options
@@ -32,6 +37,49 @@ from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
 T = TypeVar("T")
 _CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
+Body = Callable[[int, int], Any]  # (start, length) -> a request body for that range of the object
+
+
+class FileRange:
+    """A read-only, seekable body over ``length`` bytes of the file open as ``fd`` from
+    ``start``: what botocore needs to checksum, sign and send an upload, and rewind it,
+    without the bytes in memory (its readers ask for 1 MiB or less at a time). Reads use pread (no shared file position), so the parts of
+    a multipart upload read one file from several threads."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self.fd, self.start, self.length = fd, start, length
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.length - self.pos
+        n = left if n is None or n < 0 else min(n, left)
+        if n <= 0:
+            return b""
+        data = os.pread(self.fd, n, self.start + self.pos)
+        while len(data) < n:  # a short read (rare for a regular file): callers expect n
+            more = os.pread(self.fd, n - len(data), self.start + self.pos + len(data))
+            if not more:
+                raise BackendError(f"source file shorter than {self.start + self.length} bytes", retryable=False)
+            data += more
+        self.pos += n
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + offset))
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
 
 def _botocore() -> Any:
@@ -167,12 +215,26 @@ class S3Backend:
         key = self._key(name)
         args = self._lock_args(name)
         if len(data) >= self.opts.multipart_threshold:
-            self._put_multipart(name, key, data, args)
+            self._put_multipart(name, key, len(data), lambda start, n: data[start:start + n], args)
             return
         if name.startswith("locks/") and self._conditional:
             self._put_new(name, key, data, args)
             return
         self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args))
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        """``put`` of the first ``size`` bytes of the file open as ``fd`` (a spooled pack),
+        streamed from the file (FileRange): no copy of the object in memory."""
+        key = self._key(name)
+        if name.startswith("locks/"):
+            self.put(name, read_fd(fd, size))  # a lock record is a few hundred bytes
+            return
+        args = self._lock_args(name)
+        if size >= self.opts.multipart_threshold:
+            self._put_multipart(name, key, size, lambda start, n: FileRange(fd, start, n), args)
+            return
+        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=FileRange(fd, 0, size),
+                                                **args))
 
     def _put_new(self, name: str, key: str, data: bytes, args: dict[str, Any]) -> None:
         """Create-only (If-None-Match: *): a lock record is never replaced in place."""
@@ -197,18 +259,18 @@ class S3Backend:
             raise translate(exc, name, str(self.loc)) from exc
         self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args))
 
-    def _put_multipart(self, name: str, key: str, data: bytes, args: dict[str, Any]) -> None:
-        """Parts of ``part_size`` uploaded ``parallel_parts`` at a time; each worker slices
-        its own part, so at most that many part copies exist besides ``data``. The object
+    def _put_multipart(self, name: str, key: str, total: int, body: Body, args: dict[str, Any]) -> None:
+        """Parts of ``part_size`` uploaded ``parallel_parts`` at a time; each worker makes
+        its own part's body (a slice of the bytes, or a FileRange of the file). The object
         appears when the upload completes; a failure aborts the upload."""
         b = self.loc.bucket
         uid = self._call(name, lambda c: c.create_multipart_upload(Bucket=b, Key=key, **args))["UploadId"]
         size = self.opts.part_size
-        count = (len(data) + size - 1) // size
+        count = (total + size - 1) // size
         parts: builtins.list[dict[str, Any]] = [{} for _ in range(count)]
 
         def send(i: int) -> None:
-            chunk = data[i * size:(i + 1) * size]
+            chunk = body(i * size, min(size, total - i * size))
             r = self._call(name, lambda c: c.upload_part(Bucket=b, Key=key, UploadId=uid, PartNumber=i + 1,
                                                          Body=chunk))
             parts[i] = {"ETag": r["ETag"], "PartNumber": i + 1, **{k: r[k] for k in _CHECKSUMS if k in r}}

@@ -7,8 +7,9 @@ name is the BLAKE3 of all its bytes, so `check` verifies a pack without the key.
 A pack being filled by a backup is spooled to an unlinked temporary file (``spool=True``),
 not held in memory: with a 32 MiB pack filling, two queued and one uploading, packs were
 most of a backup's memory (docs/benchmarks.md, *Memory*). A backend that can store from a
-file (``put_file``: the local one copies it in the kernel) gets the spool; any other gets the
-pack read back whole, since ``Backend.put`` takes bytes.
+file (``put_file``: the local one copies it in the kernel, sftp and S3 send it a piece at a
+time) gets the spool; any other gets the pack read back whole, since ``Backend.put`` takes
+bytes.
 """
 
 from __future__ import annotations

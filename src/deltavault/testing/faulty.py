@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from deltavault.backends.base import Backend, ObjectInfo, temp_name
+from deltavault.backends.base import Backend, ObjectInfo, put_file, read_fd, temp_name
 from deltavault.errors import BackendError, NoSpace, ObjectNotFound
 
 OPS = ("exists", "list", "get", "put", "delete", "stat")
@@ -94,7 +94,15 @@ class FaultyBackend:
         return self._around("get", name, lambda: self.inner.get(name, offset, length)) or b""
 
     def put(self, name: str, data: bytes) -> None:
-        self._around("put", name, lambda: self.inner.put(name, data), data)
+        self._put(name, lambda: self.inner.put(name, data), lambda: data)
+
+    def put_file(self, name: str, fd: int, size: int) -> None:
+        """A put from a file (a spooled pack), passed on as one, so the inner backend's own
+        streaming path is what runs; faults apply as to ``put`` (op "put")."""
+        self._put(name, lambda: put_file(self.inner, name, fd, size), lambda: read_fd(fd, size))
+
+    def _put(self, name: str, call: Callable[[], None], data: Callable[[], bytes]) -> None:
+        self._around("put", name, call, data)
         if self.eventual:
             with self._lock:
                 self._new[name] = self._clock()
@@ -119,7 +127,8 @@ class FaultyBackend:
         return info
 
     # ------------------------------------------------------------------ faults
-    def _around(self, op: str, name: str, call: Callable[[], T], data: bytes | None = None) -> T | None:
+    def _around(self, op: str, name: str, call: Callable[[], T],
+                data: Callable[[], bytes] | None = None) -> T | None:
         with self._lock:
             self.calls.append((op, name))
             fault = next((f for f in self.faults if f.matches(op, name, self._rng)), None)
@@ -128,7 +137,8 @@ class FaultyBackend:
         if fault.action == "torn":  # the torn object stands instead of the real one
             if data is None:
                 raise ValueError("a torn write needs a put")
-            self.inner.put(name, data[: len(data) // 2])
+            whole = data()
+            self.inner.put(name, whole[: len(whole) // 2])
             return None
         if fault.when in ("before", "mid"):
             self._fire(fault, name, data)
@@ -137,7 +147,7 @@ class FaultyBackend:
             self._fire(fault, name, data)
         return result
 
-    def _fire(self, fault: Fault, name: str, data: bytes | None) -> None:
+    def _fire(self, fault: Fault, name: str, data: Callable[[], bytes] | None) -> None:
         action = fault.action
         if callable(action):
             action(name)
@@ -152,7 +162,8 @@ class FaultyBackend:
         elif action in ("partial", "crash"):
             if (action == "partial" or fault.when == "mid") and data is not None:
                 folder, _, base = name.rpartition("/")
-                self.inner.put(f"{folder}/{temp_name(base)}" if folder else temp_name(base), data[: len(data) // 2])
+                whole = data()
+                self.inner.put(f"{folder}/{temp_name(base)}" if folder else temp_name(base), whole[: len(whole) // 2])
             if action == "crash":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise BackendError(f"{name}: {fault.message} (interrupted write)", retryable=fault.retryable)
