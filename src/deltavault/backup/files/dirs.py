@@ -110,6 +110,15 @@ class TreeWriter:
         return node
 
     def _finish_dir(self, job: DirJob) -> None:
+        try:
+            self._encode_dir(job)
+        finally:
+            # The parent reads only tree_id and clean: the entries and the previous listing
+            # would otherwise stay alive through it until the root is done (1.2 GB at 1M files).
+            job.children = []
+            job.prev = None
+
+    def _encode_dir(self, job: DirJob) -> None:
         if self.catalog is not None:
             self.catalog.visit(job.relpath)
         nodes = []
