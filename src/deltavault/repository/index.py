@@ -43,7 +43,13 @@ class _IndexHead(msgspec.Struct):
     v: int = INDEX_VERSION
 
 
-_Doc = TypeVar("_Doc", IndexFile, _IndexHead)
+class _LazyIndexFile(msgspec.Struct):
+    packs: list[msgspec.Raw]
+    supersedes: list[bytes] = []
+    v: int = INDEX_VERSION
+
+
+_Doc = TypeVar("_Doc", IndexFile, _IndexHead, _LazyIndexFile)
 
 
 def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
@@ -57,16 +63,39 @@ def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
     return doc
 
 
+def _checked(p: IndexPack, name: str) -> IndexPack:
+    if len(p.id) != ID_LEN:
+        raise FormatError(f"index {name}: bad pack id")
+    for b in p.blobs:
+        if (len(b.id) != ID_LEN or not 0 <= b.offset < 1 << 40 or not 0 < b.length < 1 << 32
+                or not 0 <= b.raw_length < 1 << 32 or b.type not in BlobType._value2member_map_):
+            raise FormatError(f"index {name}: bad blob entry")
+    return p
+
+
 def decode_index(raw: bytes, name: str) -> IndexFile:
     f = _decode(raw, IndexFile, name)
     for p in f.packs:
-        if len(p.id) != ID_LEN:
-            raise FormatError(f"index {name}: bad pack id")
-        for b in p.blobs:
-            if (len(b.id) != ID_LEN or not 0 <= b.offset < 1 << 40 or not 0 < b.length < 1 << 32
-                    or not 0 <= b.raw_length < 1 << 32 or b.type not in BlobType._value2member_map_):
-                raise FormatError(f"index {name}: bad blob entry")
+        _checked(p, name)
     return f
+
+
+def check_index(raw: bytes, name: str) -> list[msgspec.Raw]:
+    """An index file's packs, each still encoded: the whole file is parsed and every entry
+    checked, as ``decode_index`` does, but only one pack's entries exist as objects at a
+    time (``decode_index_pack``). A 1M-blob index decoded whole took 230 bytes a blob for
+    the moment it was added (the index itself keeps 61)."""
+    packs = _decode(raw, _LazyIndexFile, name).packs
+    for p in packs:
+        decode_index_pack(p, name)  # all or nothing: nothing is added from a bad file
+    return packs
+
+
+def decode_index_pack(raw: msgspec.Raw, name: str) -> IndexPack:
+    try:
+        return _checked(msgspec.msgpack.decode(raw, type=IndexPack), name)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"index {name} does not parse: {exc}") from exc
 
 
 def decode_index_head(raw: bytes, name: str) -> list[bytes]:
