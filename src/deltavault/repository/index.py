@@ -91,11 +91,13 @@ def check_index(raw: bytes, name: str) -> list[msgspec.Raw]:
     return packs
 
 
-def decode_index_pack(raw: msgspec.Raw, name: str) -> IndexPack:
+def decode_index_pack(raw: msgspec.Raw, name: str, *, checked: bool = False) -> IndexPack:
+    """One pack of an index file; ``checked``: ``check_index`` has checked it already."""
     try:
-        return _checked(msgspec.msgpack.decode(raw, type=IndexPack), name)
+        p = msgspec.msgpack.decode(raw, type=IndexPack)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FormatError(f"index {name} does not parse: {exc}") from exc
+    return p if checked else _checked(p, name)
 
 
 def decode_index_head(raw: bytes, name: str) -> list[bytes]:
@@ -155,15 +157,24 @@ class Index:
             if no is None:
                 no = self._pack_no[pack_id] = len(self._packs)
                 self._packs.append(pack_id)
+            # _find inlined: this loop runs once per blob when a repository opens (1M blobs:
+            # a quarter of a no-change backup's time, profiled).
+            buckets, pack, n = self._buckets, _REC.pack, self._n
             for e in entries:
-                if self._find(e.id) is not None:
-                    continue  # a duplicate copy in another pack: keep the first
-                k = int.from_bytes(e.id[:2], "big")
-                b = self._buckets[k]
+                bid = e.id
+                k = int.from_bytes(bid[:2], "big")
+                b = buckets[k]
                 if b is None:
-                    b = self._buckets[k] = bytearray()
-                b += _REC.pack(e.id, no, e.offset, e.length, e.raw_length, e.type, self._n)
-                self._n += 1
+                    b = buckets[k] = bytearray()
+                else:
+                    pos = b.find(bid)
+                    while pos >= 0 and pos % _RS:
+                        pos = b.find(bid, pos + 1)
+                    if pos >= 0:
+                        continue  # a duplicate copy in another pack: keep the first
+                b += pack(bid, no, e.offset, e.length, e.raw_length, e.type, n)
+                n += 1
+            self._n = n
 
     def _record(self, blob_id: bytes) -> tuple[bytes, int, int, int, int, int, int] | None:
         hit = self._find(blob_id)

@@ -122,7 +122,7 @@ class IndexStore:
                 self.errors.append((name, str(exc)))
                 continue
             for encoded in packs:
-                p = decode_index_pack(encoded, name)
+                p = decode_index_pack(encoded, name, checked=True)
                 self.index.add_pack(p.id, p.blobs)
             del packs, raw
             self._loaded.add(name)
