@@ -180,6 +180,7 @@ def plot(data: dict[str, dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(2, len(OPS), figsize=(4 * len(OPS), 7), squeeze=False)
     ns = sorted(int(k) for k in data)
@@ -191,10 +192,17 @@ def plot(data: dict[str, dict], out: Path) -> None:
             axes[0][j].plot([p[0] for p in pts], [p[1]["seconds"] for p in pts], style, label=t)
             axes[1][j].plot([p[0] for p in pts], [p[1]["rss_mib"] for p in pts], style, label=t)
         axes[0][j].set_title(op)
+        if op == "nochange":  # issue #18's goal for 1M files
+            axes[0][j].axhline(8, color="grey", lw=0.8, ls="--", label="goal at 1M: 8 s")
+            axes[1][j].axhline(200 * 1e6 / 2**20, color="grey", lw=0.8, ls="--", label="goal at 1M: 200 MB")
+            axes[0][j].legend(fontsize="small")
+            axes[1][j].legend(fontsize="small")
         for i, what in enumerate(("wall time, s", "peak RSS of the process tree, MiB")):
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("files")
             ax.grid(True, which="both", alpha=0.3)
             if j == 0:
@@ -247,7 +255,7 @@ def main() -> int:
     print_table(data)
     if data:
         plot(data, a.plot)
-    if not a.keep:
+    if not a.keep and not a.plot_only:
         shutil.rmtree(a.work, ignore_errors=True)
     return 0
 
