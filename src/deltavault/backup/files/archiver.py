@@ -241,15 +241,17 @@ class FileArchiver:
             return None
         # Built from the directory's own, not from relpath: this runs once per entry.
         orig = f.orig + fsname if f.orig.endswith(b"/") else f.orig + b"/" + fsname
-        if self._excluded(orig):
+        if self._excluded.patterns and self._excluded(orig):
             return None
         try:
             st = os.stat(fsname, dir_fd=f.fd, follow_symlinks=False)
         except OSError as exc:
             self.log.os_problem(path, exc)
             return None
-        if identity(st) in self._skip_ids or self._excluded.too_large(st):
+        if (st.st_dev, st.st_ino) in self._skip_ids or self._excluded.too_large(st):
             return None
+        if stat.S_ISREG(st.st_mode):  # most entries: _entry's dispatch skipped
+            return self.files.entry(f.fd, fsname, fsname, orig, st, f.prev.nodes.get(fsname) if f.prev else None)
         got = self._entry(f.fd, fsname, fsname, path, relpath, orig, f.prev, st)
         if isinstance(got, _Frame):
             got.whole = whole
