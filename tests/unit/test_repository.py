@@ -117,3 +117,23 @@ def test_loading_a_large_index_holds_one_pack_of_entries_at_a_time(make_repo) ->
     # The index's own 61 bytes a blob, the file's plaintext and ciphertext (about 45 bytes a
     # blob each, here) and one pack's entries.
     assert peak < 200 * blobs, f"{peak / blobs:.0f} bytes a blob"
+
+
+def test_an_index_file_with_one_bad_entry_adds_none_of_its_packs(tmp_path: Path, make_repo) -> None:
+    # Packs are added one at a time now; every entry is still checked first, so a bad entry
+    # in the last pack keeps the file's earlier packs out of the index too.
+    from deltavault.errors import FormatError
+    from deltavault.repository.pack import PackEntry
+
+    repo = make_repo()
+    rnd = random.Random(5)
+    good = [(rnd.randbytes(32), [PackEntry(int(BlobType.DATA), rnd.randbytes(32), 10, 5, 5)]) for _ in range(3)]
+    bad = (rnd.randbytes(32), [PackEntry(int(BlobType.DATA), rnd.randbytes(32), 10, 0, 5)])  # length 0
+    repo.write_index_file([*good, bad])
+    with pytest.raises(FormatError, match="bad pack or blob entry"):
+        make_repo(reopen=True)
+    backend = LocalBackend(tmp_path / "repo", fsync=False)
+    tolerant = Repository.open(backend, lambda: PASSWORD, cache_root=tmp_path / "cache", tolerant=True)
+    assert len(tolerant.index_errors) == 1 and "bad pack or blob entry" in tolerant.index_errors[0][1]
+    assert not any(tolerant.index.has_pack(pid) for pid, _entries in good)
+    assert len(tolerant.index) == 0
