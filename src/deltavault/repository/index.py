@@ -11,7 +11,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 
@@ -43,7 +43,13 @@ class _IndexHead(msgspec.Struct):
     v: int = INDEX_VERSION
 
 
-_Doc = TypeVar("_Doc", IndexFile, _IndexHead)
+class _LazyIndexFile(msgspec.Struct):
+    packs: list[msgspec.Raw]
+    supersedes: list[bytes] = []
+    v: int = INDEX_VERSION
+
+
+_Doc = TypeVar("_Doc", IndexFile, _IndexHead, _LazyIndexFile)
 
 
 def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
@@ -57,16 +63,62 @@ def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
     return doc
 
 
+def _checked(p: IndexPack, name: str) -> IndexPack:
+    if len(p.id) != ID_LEN:
+        raise FormatError(f"index {name}: bad pack id")
+    for b in p.blobs:
+        if (len(b.id) != ID_LEN or not 0 <= b.offset < 1 << 40 or not 0 < b.length < 1 << 32
+                or not 0 <= b.raw_length < 1 << 32 or b.type not in BlobType._value2member_map_):
+            raise FormatError(f"index {name}: bad blob entry")
+    return p
+
+
 def decode_index(raw: bytes, name: str) -> IndexFile:
     f = _decode(raw, IndexFile, name)
     for p in f.packs:
-        if len(p.id) != ID_LEN:
-            raise FormatError(f"index {name}: bad pack id")
-        for b in p.blobs:
-            if (len(b.id) != ID_LEN or not 0 <= b.offset < 1 << 40 or not 0 < b.length < 1 << 32
-                    or not 0 <= b.raw_length < 1 << 32 or b.type not in BlobType._value2member_map_):
-                raise FormatError(f"index {name}: bad blob entry")
+        _checked(p, name)
     return f
+
+
+# The checks of _checked, as constraints msgspec applies while it decodes (in C: the
+# Python loop took a quarter of loading a 1M-blob index).
+_Id = Annotated[bytes, msgspec.Meta(min_length=ID_LEN, max_length=ID_LEN)]
+
+
+class _CheckedEntry(msgspec.Struct, array_like=True):
+    type: BlobType
+    id: _Id
+    offset: Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]
+    length: Annotated[int, msgspec.Meta(gt=0, lt=1 << 32)]
+    raw_length: Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+
+
+class _CheckedPack(msgspec.Struct, array_like=True):
+    id: _Id
+    blobs: list[_CheckedEntry]
+
+
+def check_index(raw: bytes, name: str) -> list[msgspec.Raw]:
+    """An index file's packs, each still encoded: the whole file is parsed and every entry
+    checked, as ``decode_index`` does, but only one pack's entries exist as objects at a
+    time (``decode_index_pack``). A 1M-blob index decoded whole took 230 bytes a blob for
+    the moment it was added (the index itself keeps 61)."""
+    packs = _decode(raw, _LazyIndexFile, name).packs
+    for p in packs:  # all or nothing: nothing is added from a bad file
+        try:
+            msgspec.msgpack.decode(p, type=_CheckedPack)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise FormatError(f"index {name}: bad pack or blob entry ({exc})") from exc
+    return packs
+
+
+def decode_index_pack(raw: msgspec.Raw, name: str, *, checked: bool = False) -> IndexPack:
+    """One pack of an index file; ``checked``: ``check_index`` has checked it already."""
+    try:
+        p = msgspec.msgpack.decode(raw, type=IndexPack)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FormatError(f"index {name} does not parse: {exc}") from exc
+    return p if checked else _checked(p, name)
 
 
 def decode_index_head(raw: bytes, name: str) -> list[bytes]:
@@ -126,15 +178,24 @@ class Index:
             if no is None:
                 no = self._pack_no[pack_id] = len(self._packs)
                 self._packs.append(pack_id)
+            # _find inlined: this loop runs once per blob when a repository opens (1M blobs:
+            # a quarter of a no-change backup's time, profiled).
+            buckets, pack, n = self._buckets, _REC.pack, self._n
             for e in entries:
-                if self._find(e.id) is not None:
-                    continue  # a duplicate copy in another pack: keep the first
-                k = int.from_bytes(e.id[:2], "big")
-                b = self._buckets[k]
+                bid = e.id
+                k = int.from_bytes(bid[:2], "big")
+                b = buckets[k]
                 if b is None:
-                    b = self._buckets[k] = bytearray()
-                b += _REC.pack(e.id, no, e.offset, e.length, e.raw_length, e.type, self._n)
-                self._n += 1
+                    b = buckets[k] = bytearray()
+                else:
+                    pos = b.find(bid)
+                    while pos >= 0 and pos % _RS:
+                        pos = b.find(bid, pos + 1)
+                    if pos >= 0:
+                        continue  # a duplicate copy in another pack: keep the first
+                b += pack(bid, no, e.offset, e.length, e.raw_length, e.type, n)
+                n += 1
+            self._n = n
 
     def _record(self, blob_id: bytes) -> tuple[bytes, int, int, int, int, int, int] | None:
         hit = self._find(blob_id)

@@ -26,8 +26,10 @@ from deltavault.repository.index import (
     Index,
     IndexFile,
     IndexPack,
+    check_index,
     decode_index,
     decode_index_head,
+    decode_index_pack,
     encode_index,
 )
 from deltavault.repository.pack import (
@@ -91,8 +93,8 @@ class IndexStore:
         return decode_index(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
 
     def load(self, *, tolerant: bool = False) -> None:
-        # Two passes: first only what each file supersedes, then each file decoded and added
-        # on its own, so a large index never sits in memory as objects all at once.
+        # Two passes: first only what each file supersedes, then each file checked and added
+        # one pack at a time, so a large index never sits in memory as objects all at once.
         names = self.names()
         heads: dict[str, tuple[list[bytes], bytes | None]] = {}
         for name in names:
@@ -112,15 +114,17 @@ class IndexStore:
             if name in superseded:
                 continue
             try:
-                f = decode_index(kept, name) if kept is not None else self.read_file(name)
+                raw = kept if kept is not None else self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name)
+                packs = check_index(raw, name)
             except (CorruptionError, UnsupportedVersion) as exc:
                 if not tolerant:
                     raise
                 self.errors.append((name, str(exc)))
                 continue
-            for p in f.packs:
+            for encoded in packs:
+                p = decode_index_pack(encoded, name, checked=True)
                 self.index.add_pack(p.id, p.blobs)
-            del f
+            del packs, raw
             self._loaded.add(name)
         self.cache.prune("index", set(names))
 

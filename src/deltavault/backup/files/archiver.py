@@ -58,6 +58,7 @@ class _Frame:
     prev: PrevDir | None  # its previous listing
     node: Node
     clean: bool  # its own metadata is unchanged
+    orig: bytes = b""  # its original path (Excludes match on it; reports name it)
     children: list[Child] = field(default_factory=list)
     next: int = 0  # index in names of the next entry
     lost: bool = False  # moved away during the run: the rest of it cannot be read
@@ -151,7 +152,7 @@ class FileArchiver:
                     self.log.os_problem(src.path, exc)
                     return None
                 self._root_dev = st.st_dev
-                got = self._entry(pfd, fsname, src.name, src.path, src.name, root_prev, st)
+                got = self._entry(pfd, fsname, src.name, src.path, src.name, self._base, root_prev, st)
         finally:
             os.close(pfd)
         if isinstance(got, _Frame):
@@ -239,30 +240,34 @@ class FileArchiver:
         whole = f.whole or relpath in (self._only or ())
         if not whole and relpath not in self._leading:
             return None
-        if self._excluded(self._original(relpath)):
+        # Built from the directory's own, not from relpath: this runs once per entry.
+        orig = f.orig + fsname if f.orig.endswith(b"/") else f.orig + b"/" + fsname
+        if self._excluded.patterns and self._excluded(orig):
             return None
         try:
             st = os.stat(fsname, dir_fd=f.fd, follow_symlinks=False)
         except OSError as exc:
             self.log.os_problem(path, exc)
             return None
-        if identity(st) in self._skip_ids or self._excluded.too_large(st):
+        if (st.st_dev, st.st_ino) in self._skip_ids or self._excluded.too_large(st):
             return None
-        got = self._entry(f.fd, fsname, fsname, path, relpath, f.prev, st)
+        if stat.S_ISREG(st.st_mode):  # most entries: _entry's dispatch skipped
+            return self.files.entry(f.fd, fsname, fsname, orig, st, f.prev.nodes.get(fsname) if f.prev else None)
+        got = self._entry(f.fd, fsname, fsname, path, relpath, orig, f.prev, st)
         if isinstance(got, _Frame):
             got.whole = whole
         return got
 
-    def _entry(self, dir_fd: int, fsname: bytes, name: bytes, path: bytes, relpath: bytes,
+    def _entry(self, dir_fd: int, fsname: bytes, name: bytes, path: bytes, relpath: bytes, orig: bytes,
                pdir: PrevDir | None, st: os.stat_result) -> Child | _Frame | None:
-        """The entry ``fsname`` of ``dir_fd``, stored under ``name``; a directory comes back
-        as a frame to walk."""
+        """The entry ``fsname`` of ``dir_fd``, stored under ``name`` (``orig``: its original
+        path); a directory comes back as a frame to walk."""
         prev = pdir.nodes.get(name) if pdir else None
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             return self._dir_entry(dir_fd, fsname, name, path, relpath, st, prev)
         if stat.S_ISREG(mode):
-            return self.files.entry(dir_fd, fsname, name, self._original(relpath), st, prev)
+            return self.files.entry(dir_fd, fsname, name, orig, st, prev)
         if stat.S_ISLNK(mode):
             try:
                 target = os.readlink(fsname, dir_fd=dir_fd)
@@ -345,7 +350,7 @@ class FileArchiver:
             return self._empty_dir(make_node(name, NodeType.DIR, st, []), relpath, subprev, prev)
         self.stats.dirs += 1
         return _Frame(fd, identity(fst), fsname, path, relpath, names, subprev, node, dir_clean(node, prev),
-                      streams=dstreams)
+                      streams=dstreams, orig=self._original(relpath))
 
     def _empty_dir(self, node: Node, relpath: bytes, subprev: PrevDir | None, prev: Node | None) -> Child:
         """A directory stored without its entries (unreadable, already seen, another file system)."""

@@ -79,7 +79,7 @@ class RegularFiles:
             if prev.pages:
                 self.page_blob_ids.update(prev.pages)
                 self._remember_pages(prev.pages)
-            child: Child | None = Child(node, node == prev)
+            child: Child | None = Child(node, node is prev or node == prev)
         else:
             child = self._read(dir_fd, fsname, name, path, st, prev)
             if child is not None and child.content is not None and self._racy(prev, st):
@@ -126,7 +126,10 @@ class RegularFiles:
             and prev.ctime >= self._racy_before
 
     def _reusable(self, prev: Node | None, st: os.stat_result) -> bool:
-        if self.opts.read_all or prev is None or not self._same_stat(prev, st):
+        # _same_stat inlined: this runs once per file
+        if self.opts.read_all or prev is None or prev.type != NodeType.FILE or (
+                prev.size, prev.mtime, prev.ctime, prev.inode) != (
+                st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
             return False
         if prev.ctime >= self._racy_before:
             return False
