@@ -11,16 +11,13 @@ files, snapshots and keys are hashes of their bytes, so a retried upload writes 
 bytes under the same name. Lock records are created with ``If-None-Match: *`` where the
 server honours it (docs/design.md, "Repositories on S3").
 
-``put_file`` uploads a spooled pack from its file: botocore reads the body for its checksum
-(CRC32), for the SigV4 payload hash over plain HTTP, and to send it, each time a piece at a
-time, seeking back to the start in between; a retry opens the range again from its start.
+``put_file`` uploads a spooled pack from its file (filerange.py), never whole in memory.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
-import os
 import random
 import threading
 import time
@@ -30,56 +27,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, read_fd
+from deltavault.backends.filerange import FileRange
 from deltavault.backends.retention import ObjectRetention, Retention, protected
-from deltavault.backends.s3errors import BucketNotFound, ObjectRetained, error_code, translate
+from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
+from deltavault.backends.s3errors import ObjectRetained, error_code, translate
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
 T = TypeVar("T")
 _CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
 Body = Callable[[int, int], Any]  # (start, length) -> a request body for that range of the object
-
-
-class FileRange:
-    """A read-only, seekable body over ``length`` bytes of the file open as ``fd`` from
-    ``start``: what botocore needs to checksum, sign and send an upload, and rewind it,
-    without the bytes in memory (its readers ask for 1 MiB or less at a time). Reads use pread (no shared file position), so the parts of
-    a multipart upload read one file from several threads."""
-
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        self.fd, self.start, self.length = fd, start, length
-        self.pos = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def read(self, n: int = -1) -> bytes:
-        left = self.length - self.pos
-        n = left if n is None or n < 0 else min(n, left)
-        if n <= 0:
-            return b""
-        data = os.pread(self.fd, n, self.start + self.pos)
-        while len(data) < n:  # a short read (rare for a regular file): callers expect n
-            more = os.pread(self.fd, n - len(data), self.start + self.pos + len(data))
-            if not more:
-                raise BackendError(f"source file shorter than {self.start + self.length} bytes", retryable=False)
-            data += more
-        self.pos += n
-        return data
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence]
-        self.pos = max(0, min(self.length, base + offset))
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
 
 
 def _botocore() -> Any:
@@ -394,44 +351,12 @@ class S3Backend:
     def prepare_bucket(self, *, object_lock: bool) -> str | None:
         """For init: create the bucket if it is missing (with Object Lock when asked), or
         check that an existing one has Object Lock when asked. Returns what it did."""
-        b = self.loc.bucket
-        try:  # a GET, not HEAD: a refusal then says why
-            self._call(b, lambda c: c.list_objects_v2(Bucket=b, MaxKeys=1))
-        except BucketNotFound:
-            args: dict[str, Any] = {"Bucket": b}
-            self._client()
-            if self.region and self.region != "us-east-1":
-                args["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-            if object_lock:
-                args["ObjectLockEnabledForBucket"] = True
-            try:
-                self._call(b, lambda c: c.create_bucket(**args))
-            except BackendError as exc:
-                if "BucketAlreadyOwnedByYou" not in exc.message:
-                    raise BackendError(f"bucket {b} does not exist and could not be created: {exc.message}",
-                                       retryable=exc.retryable) from exc
-            return f"created bucket {b}" + (" with Object Lock" if object_lock else "")
-        if object_lock:
-            self._require_object_lock()
-        return None
-
-    def _require_object_lock(self) -> None:
-        b = self.loc.bucket
-        try:
-            cfg = self._call(b, lambda c: c.get_object_lock_configuration(Bucket=b))
-            enabled = cfg.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
-        except BackendError as exc:
-            if exc.retryable or "access denied" in exc.message or "refused the credentials" in exc.message:
-                raise
-            enabled = False  # ObjectLockConfigurationNotFoundError, or a server without Object Lock
-        if not enabled:
-            raise UsageError(f"bucket {b} has no Object Lock, so immutable backups cannot be kept there: "
-                             "use a new bucket (init --immutable creates it with Object Lock) or enable "
-                             "Object Lock on this one. Nothing was written")
+        self._client()  # sets the region
+        return prepare_bucket(self._call, self.loc.bucket, self.region, object_lock=object_lock)
 
     def enable_retention(self, retention: Retention, *, verify: bool) -> None:
         if verify:
-            self._require_object_lock()
+            require_object_lock(self._call, self.loc.bucket)
         self.retention = retention
 
     def retention_of(self, names: Iterable[str]) -> dict[str, ObjectRetention]:

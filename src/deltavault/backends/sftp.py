@@ -25,11 +25,12 @@ import posixpath
 import stat as statmod
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
+from deltavault.backends.sftpio import FilePieces, pread, pwrite
 from deltavault.backends.ssh import SFTPLocation, SshTarget, paramiko_module
 from deltavault.errors import BackendError, NoSpace, ObjectNotFound
 
@@ -39,116 +40,9 @@ if TYPE_CHECKING:
 _OPEN_PACKS = 16  # pack handles kept open per thread
 _ONE_REQUEST = 32 * 1024  # a READ or WRITE size every server accepts
 _LARGEST_REQUEST = 256 * 1024  # what we ask for where the server says it takes more (limits@openssh.com)
-_IN_FLIGHT = 2 * 1024 * 1024  # bytes of READ or WRITE requests outstanding: the SSH window
-_PIECE = 1024 * 1024  # put_file reads its source this much at a time
 _WINDOW = 2 * 1024 * 1024  # paramiko's default, as OpenSSH's
 _MAX_PACKET = 32 * 1024  # paramiko's default
 T = TypeVar("T")
-
-
-class _Replies:
-    """Receives the replies paramiko reads while waiting for another request's reply."""
-
-    def __init__(self) -> None:
-        self.got: dict[int, tuple[int, Any]] = {}
-
-    def _async_response(self, t: int, msg: Any, num: int) -> None:
-        self.got[num] = (t, msg)
-
-
-def _pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int, request: int) -> bytes:
-    """``n`` bytes from ``start`` (fewer at the end of the file), in READ requests of
-    ``request`` bytes, _IN_FLIGHT bytes of them outstanding. paramiko's own readv measured
-    3 MB/s here on loopback, one request at a time 4 ms per round trip; this pipelines like
-    its upload path does. The replies are kept as pieces and joined once: appending them to
-    one bytearray re-allocated and copied it as it grew (a 64 MiB read spent 0.4 s there)."""
-    pm = paramiko_module()
-    replies = _Replies()
-    pending: deque[tuple[int, int]] = deque()
-    pieces: list[bytes] = []
-    have = 0
-    pos, end = start, start + n
-    at_eof = False
-    most = max(4, _IN_FLIGHT // request)
-    while pending or (pos < end and not at_eof):
-        while pos < end and not at_eof and len(pending) < most:
-            size = min(request, end - pos)
-            pending.append((s._async_request(replies, pm.sftp.CMD_READ, handle, pm.sftp_client.int64(pos), size), size))
-            pos += size
-        num, size = pending.popleft()
-        while num not in replies.got:
-            s._read_response()
-        t, msg = replies.got.pop(num)
-        if at_eof:
-            continue  # draining requests past the end
-        if t == pm.sftp.CMD_STATUS:
-            try:
-                s._convert_status(msg)
-            except EOFError:
-                at_eof = True
-                continue
-        data = msg.get_string()
-        pieces.append(data)
-        have += len(data)
-        if len(data) < size:
-            # A short reply (the end of the file, or a server's smaller limit): read the
-            # rest of this request's range before going on, so the bytes stay in order.
-            want = size - len(data)
-            while want:
-                try:
-                    _t, more = s._request(pm.sftp.CMD_READ, handle, pm.sftp_client.int64(start + have), want)
-                except EOFError:
-                    at_eof = True
-                    break
-                piece = more.get_string()
-                pieces.append(piece)
-                have += len(piece)
-                want -= len(piece)
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
-def _pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[int, int], bytes | memoryview],
-            request: int) -> None:
-    """Write ``size`` bytes from offset 0, ``piece(pos, n)`` giving each, in WRITE requests
-    of ``request`` bytes, _IN_FLIGHT bytes of them outstanding, and every reply checked. paramiko's pipelined
-    write reads the replies only once 100 are outstanding and drops the rest unread: a write
-    the server refused in the last 3 MiB (a full disk) went unnoticed, and the rename stored
-    a short object under the final name (tests: FullDiskContract)."""
-    pm = paramiko_module()
-    replies = _Replies()
-    pending: deque[int] = deque()
-    pos = 0
-    most = max(4, _IN_FLIGHT // request)
-    while pos < size or pending:
-        while pos < size and len(pending) < most:
-            n = min(request, size - pos)
-            pending.append(s._async_request(replies, pm.sftp.CMD_WRITE, handle, pm.sftp_client.int64(pos),
-                                            piece(pos, n)))
-            pos += n
-        num = pending.popleft()
-        while num not in replies.got:
-            s._read_response()
-        t, msg = replies.got.pop(num)
-        if t != pm.sftp.CMD_STATUS:
-            raise pm.SFTPError(f"expected a status reply to a write, got type {t}")
-        s._convert_status(msg)  # raises OSError for a refused write
-
-
-class _Pieces:
-    """``piece(pos, n)`` over the first ``size`` bytes of the file open as ``fd``, read
-    _PIECE at a time (pread: a retry starts again from 0, nothing shares a file position)."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
-        self.start, self.buf = 0, memoryview(b"")
-
-    def __call__(self, pos: int, n: int) -> memoryview:
-        if pos < self.start or pos + n > self.start + len(self.buf):
-            data = os.pread(self.fd, min(_PIECE, self.size - pos), pos)
-            if len(data) < n:
-                raise BackendError(f"source file shorter than {self.size} bytes", retryable=False)
-            self.start, self.buf = pos, memoryview(data)
-        return self.buf[pos - self.start:pos - self.start + n]
 
 
 class SFTPBackend:
@@ -328,7 +222,7 @@ class SFTPBackend:
                 n = size - start if length is None else length
             else:
                 n = length
-            return _pread(f.sftp, f.handle, start, n, self._request_sizes(f.sftp)[0]) if n > 0 else b""
+            return pread(f.sftp, f.handle, start, n, self._request_sizes(f.sftp)[0]) if n > 0 else b""
 
         def read(s: paramiko.SFTPClient) -> bytes:
             if name.startswith("data/") and length is not None and offset >= 0:
@@ -365,8 +259,8 @@ class SFTPBackend:
 
     def put_file(self, name: str, fd: int, size: int) -> None:
         """``put`` of the first ``size`` bytes of the file open as ``fd`` (a spooled pack),
-        read a piece at a time: memory stays at _PIECE plus the requests in flight."""
-        self._store(name, size, _Pieces(fd, size))
+        read a piece at a time: memory stays at one piece (sftpio._PIECE) plus the requests in flight."""
+        self._store(name, size, FilePieces(fd, size))
 
     def _store(self, name: str, size: int, piece: Callable[[int, int], bytes | memoryview]) -> None:
         path = self._path(name)
@@ -377,7 +271,7 @@ class SFTPBackend:
             self._mkdirs(s, folder)
             try:
                 with s.open(tmp, "wb") as f:
-                    _pwrite(s, f.handle, size, piece, self._request_sizes(s)[1])
+                    pwrite(s, f.handle, size, piece, self._request_sizes(s)[1])
                     self._fsync(s, f.handle)
                 s.posix_rename(tmp, path)
             except BaseException as exc:
