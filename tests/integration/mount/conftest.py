@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from tests.conftest import Cli
@@ -27,9 +27,14 @@ def _mounted(path: Path) -> bool:
 class Daemon:
     """A long-running deltavault command, waited for until it prints a line of ``ready``."""
 
-    def __init__(self, cli: Cli, args: list[str], ready: str, timeout: float = 60) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "deltavault", "--json", *args], env=cli.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, cli: Cli, args: list[str], ready: str, timeout: float = 60,
+                 log: Path | None = None) -> None:
+        # A long log (--debug-fuse) goes to a file: a full pipe would stop the daemon.
+        self.log = log
+        with ExitStack() as files:
+            err = subprocess.PIPE if log is None else files.enter_context(open(log, "w"))
+            self.proc = subprocess.Popen([sys.executable, "-m", "deltavault", "--json", *args], env=cli.env,
+                                         stdout=subprocess.PIPE, stderr=err, text=True)
         self.lines: list[dict] = []
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
@@ -40,8 +45,7 @@ class Daemon:
                 raise AssertionError(f"deltavault {' '.join(args)} never got ready: {self.stderr()}")
             line = self.proc.stdout.readline()
             if not line:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise AssertionError(f"deltavault {' '.join(args)} exited {self.proc.wait()}: {err}")
+                raise AssertionError(f"deltavault {' '.join(args)} exited {self.proc.wait()}: {self.stderr()}")
             if line.startswith("{"):
                 self.lines.append(json.loads(line))
                 if self.lines[-1].get("type") == ready:
@@ -54,6 +58,9 @@ class Daemon:
     def stderr(self) -> str:
         if self.proc.poll() is None:
             self.proc.kill()
+        if self.log is not None:
+            self.proc.wait()
+            return self.log.read_text(errors="replace")
         return self.proc.stderr.read() if self.proc.stderr else ""
 
     def signal(self, sig: int, timeout: float = 30) -> tuple[int, str, str]:
@@ -72,10 +79,11 @@ class Daemon:
 
 
 @contextmanager
-def mounted(cli: Cli, mnt: Path, *args: str) -> Iterator[Path]:
-    """``deltavault mount MNT ARGS`` running; unmounted and stopped whatever happens."""
+def mounted(cli: Cli, mnt: Path, *args: str, log: Path | None = None) -> Iterator[Path]:
+    """``deltavault mount MNT ARGS`` running; unmounted and stopped whatever happens. Its
+    stderr goes to ``log`` if given."""
     mnt.mkdir(exist_ok=True)
-    d = Daemon(cli, ["mount", str(mnt), *args], "mounted")
+    d = Daemon(cli, ["mount", str(mnt), *args], "mounted", log=log)
     try:
         yield mnt
     finally:
