@@ -86,18 +86,27 @@ class Forwarding:
 _PIECE = 1024 * 1024
 
 
-def read_fd(fd: int, size: int) -> bytes:
-    """The first ``size`` bytes of the file open as ``fd``."""
-    data = os.pread(fd, size, 0)
-    if len(data) == size:
+def pread_exact(fd: int, n: int, offset: int, size: int) -> bytes:
+    """``n`` bytes at ``offset`` of the file open as ``fd``, read again after a short read
+    (pread: no shared file position, so threads and retries may read one file at once). The
+    file ends before them: an error naming ``size``, the bytes the upload expected."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n:
         return data
-    buf = bytearray(data)
-    while len(buf) < size:
-        piece = os.pread(fd, min(_PIECE, size - len(buf)), len(buf))
+    pieces = [data]
+    have = len(data)
+    while have < n:
+        piece = os.pread(fd, min(_PIECE, n - have), offset + have)
         if not piece:
             raise BackendError(f"source file shorter than {size} bytes", retryable=False)
-        buf += piece
-    return bytes(buf)
+        pieces.append(piece)
+        have += len(piece)
+    return b"".join(pieces)
+
+
+def read_fd(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the file open as ``fd``."""
+    return pread_exact(fd, size, 0, size)
 
 
 def put_file(backend: object, name: str, fd: int, size: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from deltavault.errors import BackendError
+from deltavault.backends.base import pread_exact
 
 
 class FileRange:
@@ -31,12 +31,7 @@ class FileRange:
         n = left if n is None or n < 0 else min(n, left)
         if n <= 0:
             return b""
-        data = os.pread(self.fd, n, self.start + self.pos)
-        while len(data) < n:  # a short read (rare for a regular file): callers expect n
-            more = os.pread(self.fd, n - len(data), self.start + self.pos + len(data))
-            if not more:
-                raise BackendError(f"source file shorter than {self.start + self.length} bytes", retryable=False)
-            data += more
+        data = pread_exact(self.fd, n, self.start + self.pos, self.start + self.length)  # callers expect n
         self.pos += n
         return data
 

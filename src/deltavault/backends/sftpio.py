@@ -4,13 +4,12 @@ replies unread."""
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from deltavault.backends.base import pread_exact
 from deltavault.backends.ssh import paramiko_module
-from deltavault.errors import BackendError
 
 if TYPE_CHECKING:
     import paramiko
@@ -27,6 +26,12 @@ class _Replies:
 
     def _async_response(self, t: int, msg: Any, num: int) -> None:
         self.got[num] = (t, msg)
+
+    def wait(self, s: paramiko.SFTPClient, num: int) -> tuple[int, Any]:
+        """The reply to request ``num``, reading the channel (and others' replies) until it comes."""
+        while num not in self.got:
+            s._read_response()
+        return self.got.pop(num)
 
 
 def pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int, request: int) -> bytes:
@@ -49,9 +54,7 @@ def pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int, request: in
             pending.append((s._async_request(replies, pm.sftp.CMD_READ, handle, pm.sftp_client.int64(pos), size), size))
             pos += size
         num, size = pending.popleft()
-        while num not in replies.got:
-            s._read_response()
-        t, msg = replies.got.pop(num)
+        t, msg = replies.wait(s, num)
         if at_eof:
             continue  # draining requests past the end
         if t == pm.sftp.CMD_STATUS:
@@ -98,10 +101,7 @@ def pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[in
             pending.append(s._async_request(replies, pm.sftp.CMD_WRITE, handle, pm.sftp_client.int64(pos),
                                             piece(pos, n)))
             pos += n
-        num = pending.popleft()
-        while num not in replies.got:
-            s._read_response()
-        t, msg = replies.got.pop(num)
+        t, msg = replies.wait(s, pending.popleft())
         if t != pm.sftp.CMD_STATUS:
             raise pm.SFTPError(f"expected a status reply to a write, got type {t}")
         s._convert_status(msg)  # raises OSError for a refused write
@@ -117,8 +117,6 @@ class FilePieces:
 
     def __call__(self, pos: int, n: int) -> memoryview:
         if pos < self.start or pos + n > self.start + len(self.buf):
-            data = os.pread(self.fd, min(_PIECE, self.size - pos), pos)
-            if len(data) < n:
-                raise BackendError(f"source file shorter than {self.size} bytes", retryable=False)
+            data = pread_exact(self.fd, min(_PIECE, self.size - pos), pos, self.size)
             self.start, self.buf = pos, memoryview(data)
         return self.buf[pos - self.start:pos - self.start + n]
