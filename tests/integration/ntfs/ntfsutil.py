@@ -68,3 +68,9 @@ def junction(path: Path, target: str) -> None:
         os.setxattr(fd, "system.ntfs_reparse_data", data)
     finally:
         os.close(fd)
+
+
+def streams_of(p: Path) -> dict[str, bytes]:
+    """A file's or directory's named streams and their bytes, as ntfs-3g lists them."""
+    names = [n.decode() for n in os.getxattr(p, "ntfs.streams.list").split(b"\0") if n]
+    return {n: Path(f"{p}:{n}").read_bytes() for n in names}

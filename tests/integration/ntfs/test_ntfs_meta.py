@@ -27,7 +27,7 @@ from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
 from tests.conftest import needs_root, needs_tools
-from tests.integration.ntfs.ntfsutil import junction, ntfs, ntfs_view
+from tests.integration.ntfs.ntfsutil import junction, ntfs, ntfs_view, streams_of
 from tests.loopdev import loop, mounted
 
 pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr")]
@@ -78,11 +78,6 @@ def populate(root: Path) -> list[str]:
     os.symlink("doc.txt", d / "link")
     junction(d / "junction", "C:\\target")
     return ["data", "data/doc.txt", "data/readonly.txt", "data/sub", "data/link", "data/junction"]
-
-
-def streams_of(p: Path) -> dict[str, bytes]:
-    names = [n for n in os.getxattr(p, "ntfs.streams.list").split(b"\0") if n]
-    return {n.decode(): (Path(f"{p}:{n.decode()}")).read_bytes() for n in names}
 
 
 def test_backup_restore_ntfs_to_ntfs_byte_identical(tmp_path: Path, repo: Repository) -> None:

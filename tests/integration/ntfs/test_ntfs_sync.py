@@ -12,7 +12,7 @@ import pytest
 
 from deltavault.fs.ntfs import ARCHIVE, HIDDEN, READONLY, SYSTEM
 from tests.conftest import needs_root, needs_tools
-from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
+from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view, streams_of
 from tests.integration.sync.conftest import dv, summary
 
 pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr")]
@@ -36,11 +36,6 @@ def populate(root: Path) -> None:
     os.setxattr(d / "readonly.txt", "system.ntfs_attrib", struct.pack("<I", READONLY | ARCHIVE))
     (d / "sub").mkdir()
     os.setxattr(d / "sub", "system.ntfs_attrib", struct.pack("<I", HIDDEN | 0x10))
-
-
-def streams_of(p: Path) -> dict[str, bytes]:
-    names = [n.decode() for n in os.getxattr(p, "ntfs.streams.list").split(b"\0") if n]
-    return {n: Path(f"{p}:{n}").read_bytes() for n in names}
 
 
 def test_sync_ntfs_to_ntfs(tmp_path: Path) -> None:
@@ -179,10 +174,6 @@ def test_changed_stream_alone_is_synced(tmp_path: Path) -> None:
         assert Path(f"{dst / 'd' / 'f'}:s").read_bytes() == b"version 2"
 
 
-def dir_streams(root: Path) -> dict[str, bytes]:
-    return streams_of(root)
-
-
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_directory_streams_are_synced(tmp_path: Path, processes: str) -> None:
     """Streams of directories (``dir:stream``): onto NTFS made SRC's (written, rewritten when
@@ -199,7 +190,7 @@ def test_directory_streams_are_synced(tmp_path: Path, processes: str) -> None:
         r = dv("--json", "sync", str(top), str(dst / "data"), *flags)
         assert r.returncode == 0, r.stdout + r.stderr
         for d in ("sub", "sub/deeper"):
-            assert dir_streams(dst / "data" / d) == dir_streams(top / d), d
+            assert streams_of(dst / "data" / d) == streams_of(top / d), d
         Path(f"{top / 'sub'}:small").write_bytes(b"changed")
         os.unlink(f"{top / 'sub'}:big")
         Path(f"{top / 'sub'}:new").write_bytes(b"new")
@@ -212,8 +203,8 @@ def test_directory_streams_are_synced(tmp_path: Path, processes: str) -> None:
         r = dv("--json", "sync", str(top), str(tmp_path / "ext4"), *flags, "--log", str(log))
         assert r.returncode == 0, r.stdout + r.stderr
     with ntfs(tmp_path, "dst") as dst:
-        assert dir_streams(dst / "data" / "sub") == want
-        assert dir_streams(dst / "data" / "sub" / "deeper") == {"s": b"deeper"}
+        assert streams_of(dst / "data" / "sub") == want
+        assert streams_of(dst / "data" / "sub" / "deeper") == {"s": b"deeper"}
     sub = tmp_path / "ext4" / "sub"
     assert os.getxattr(sub, "user.small") == b"changed" and os.getxattr(sub, "user.new") == b"new"
     assert "user.big" not in os.listxattr(sub)

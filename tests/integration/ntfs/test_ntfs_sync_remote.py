@@ -17,13 +17,12 @@ from deltavault.sync.options import SyncOptions
 from deltavault.sync.push import PushSyncer
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root, needs_tools
-from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view
+from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view, streams_of
 from tests.integration.ntfs.test_ntfs_sync import (
     BIG,
     ENTRIES,
     assert_named_what_ext4_did_not_keep,
     populate,
-    streams_of,
 )
 from tests.integration.sync.conftest import REMOTE, dv, summary
 from tests.sshd import Server, missing_tools, sshd
