@@ -17,6 +17,8 @@ import pytest
 
 from deltavault.backup.files.options import FileBackupOptions, Source
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup, scan_totals
+from deltavault.backup.volume.options import VolumeRequest
+from deltavault.backup.volume.run import run_volume_backup
 from deltavault.errors import CorruptionError
 from deltavault.model.content import Patch
 from deltavault.model.nodes import Node, NodeType, Tree
@@ -451,3 +453,48 @@ def test_a_file_written_just_before_the_backup_still_gets_page_deltas(tmp_path: 
     out = tmp_path / "out"
     restore(repo, res, out, verify=True)
     assert (out / "src" / "live.db").read_bytes() == db.read_bytes()
+
+
+class PhaseReporter(NullReporter):
+    """Records each phase with the bytes read in it and the packs in the repository at its start."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.phases: list[tuple[str, int]] = []  # (phase, packs stored when it started)
+        self.read: dict[str, int] = {}
+        self.finished = 0
+
+    def start(self, phase: str, *, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        self.phases.append((phase, sum(1 for _ in self.repo.backend.list("data"))))
+
+    def advance(self, *, nbytes: int = 0, items: int = 0, current: str | None = None) -> None:
+        phase = self.phases[-1][0]
+        self.read[phase] = self.read.get(phase, 0) + nbytes
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+def test_the_last_packs_go_up_in_an_upload_phase_after_every_file_is_read(tmp_path: Path,
+                                                                          repo: Repository) -> None:
+    """A progress bar must not sit full while the last packs and the index are sent: reading
+    ends its phase, and the upload is a phase of its own, also for volumes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(random.Random(1).randbytes(300_000))
+    rep = PhaseReporter(repo)
+    run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(racy_window_ns=RACY)), reporter=rep)
+    assert [p for p, _ in rep.phases] == ["backup", "upload"]
+    assert rep.read == {"backup": 300_000}
+    assert rep.phases[1][1] == 0, "a pack was stored before the upload phase began"
+    packs = sum(1 for _ in repo.backend.list("data"))
+    assert packs >= 1
+    assert rep.finished == 2
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(random.Random(2).randbytes(1 << 20))
+    vrep = PhaseReporter(repo)
+    run_volume_backup(repo, VolumeRequest(path=str(img)), vrep)
+    assert [p for p, _ in vrep.phases] == ["volume", "upload"]
+    assert vrep.phases[1][1] == packs and sum(1 for _ in repo.backend.list("data")) > packs
+    assert vrep.finished == 2

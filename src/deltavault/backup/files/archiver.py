@@ -117,6 +117,10 @@ class FileArchiver:
             root = DirJob(b"", root_prev, children)
             self.trees.add(root)
             self.trees.drain(block=True)
+            # Every file is read; what is left is sending the last packs and the index, which
+            # can take a while on a slow link: show it as its own phase, not a full read bar.
+            self.log.reporter.finish()
+            self.log.reporter.start("upload")
             self.store.flush()
             assert root.tree_id is not None
             return root.tree_id

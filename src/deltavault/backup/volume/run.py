@@ -208,7 +208,11 @@ class VolumeBackup:
                                   fs=scanner.info if scanner is not None and not scanner.distrust else None,
                                   checkpoints=checkpoints, source_format=rep.source_format)
         manifest_id = self.meta.put(encode(manifest))
-        self.repo.flush()
+        self.reporter.start("upload")  # the last packs and the index; the read bar is gone
+        try:
+            self.repo.flush()
+        finally:
+            self.reporter.finish()
         rep.bytes_read = reader.bytes_read
         rep.bytes_added = self.repo.write_stats.bytes_written - self._written0
         rep.bytes_downloaded = self.repo.traffic.bytes_read - self._downloaded0
