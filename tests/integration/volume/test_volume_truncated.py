@@ -61,10 +61,8 @@ def test_truncated_image_is_refused(cli: Cli, tmp_path: Path, kind: str) -> None
         r = cli("--json", "backup", "--volume", str(img), env=env)
         assert r.returncode == ExitCode.SOURCE, (kind, by, r.stdout, r.stderr)
         error = r.last("error")["message"]
-        if kind == "vmdk-stream":  # compressed grains have no place in qemu's map: cut, they fail when read
-            assert "NBD read at byte" in error and "failed" in error, (by, error)
-        else:
-            assert f"cannot open {img} as a" in error and "truncated" in error.lower(), (kind, by, error)
+        said = "Image has probably been truncated" if kind == "vhdx" else f"{cut} is {size - by} bytes long"
+        assert f"cannot open {img} as a" in error and said in error, (kind, by, error)
         assert nbd_leftovers(img, tmpdir) == []
     cut.write_bytes(whole)
     r = cli("--json", "snapshots")

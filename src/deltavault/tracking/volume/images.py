@@ -23,6 +23,7 @@ from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
 from deltavault.tracking.volume.access import ReadOnlyAccess
 from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info, image_map
+from deltavault.tracking.volume.vmdkgrains import check_compressed_grains
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
 QEMU_ONLY = ("vhdx", "vmdk")
@@ -75,7 +76,7 @@ def check_extents(path: str, info: dict[str, Any], mapped: list[dict[str, Any]])
     and ``qemu-img info`` and ``check`` say nothing when only the last grain is cut; so each
     guest range ``qemu-img map`` places in an extent file must end within that file. (VHDX:
     qemu refuses such an image when it opens it. Compressed grains, streamOptimized, have no
-    place in the map: a cut one fails when read.)"""
+    place in the map: ``vmdkgrains`` reads their markers.)"""
     home = os.path.dirname(os.path.realpath(path))
     extents: list[tuple[int, int, str]] = []  # (first guest byte, end, file)
     start = 0
@@ -83,6 +84,8 @@ def check_extents(path: str, info: dict[str, Any], mapped: list[dict[str, Any]])
         end = start + int(e.get("virtual-size", 0))
         extents.append((start, end, os.path.join(home, str(e.get("filename", "")))))
         start = end
+        if e.get("compressed"):
+            check_compressed_grains(path, extents[-1][2])
     sizes: dict[str, int] = {}
     for m in mapped:
         if "offset" not in m:
