@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 from deltavault.errors import SourceError
 
@@ -25,6 +26,7 @@ _COMPRESSED = 1 << 16  # flags: grains are compressed, each behind a marker
 _MARKER = struct.Struct("<QI")  # a compressed grain's guest sector and compressed size
 _SECTOR = 512
 _MAX_TABLES = 1 << 22  # grain tables a sane extent has at most (a 2 PiB disk of 64 KiB grains)
+_MAX_GTES, _MAX_GRAIN = 512, 0x200000  # the limits qemu itself opens a VMDK with (sectors)
 
 
 def check_compressed_grains(path: str, extent: str) -> None:
@@ -50,6 +52,12 @@ def _read(fd: int, n: int, off: int) -> bytes:
     return out
 
 
+def _u32s(data: bytes, n: int, cut: Callable[[str, int], SourceError], what: str, end: int) -> tuple[int, ...]:
+    if len(data) < 4 * n:  # (the file shrank since its size was taken)
+        raise cut(what, end)
+    return struct.unpack(f"<{n}I", data)
+
+
 def _check(path: str, extent: str, fd: int, size: int) -> None:
     def cut(what: str, end: int) -> SourceError:
         return SourceError(f"{path}: truncated: its extent file {extent} is {size} bytes long, but {what} "
@@ -67,23 +75,21 @@ def _check(path: str, extent: str, fd: int, size: int) -> None:
             raise cut("its footer", size + 1)
         gd = _HEADER.unpack(foot)[9]
     grain_bytes = grain * _SECTOR
-    if not grain or not per_gt or grain_bytes > 1 << 30:
+    if not 0 < grain <= _MAX_GRAIN or not 0 < per_gt <= _MAX_GTES or -(-capacity // (grain * per_gt)) > _MAX_TABLES:
         raise SourceError(f"{path}: its extent file {extent} has a damaged header")
     tables = -(-capacity // (grain * per_gt))
-    if tables > _MAX_TABLES:
-        raise SourceError(f"{path}: its extent file {extent} has a damaged header")
     gd_end = gd * _SECTOR + 4 * tables
     if gd_end > size:
         raise cut("its grain directory", gd_end)
     near_end = size - 2 * grain_bytes - 4096  # a grain starting before this ends within the file
-    directory = struct.unpack(f"<{tables}I", _read(fd, 4 * tables, gd * _SECTOR))
+    directory = _u32s(_read(fd, 4 * tables, gd * _SECTOR), tables, cut, "its grain directory", gd_end)
     for t, gt in enumerate(directory):
         if not gt:
             continue
         gt_end = gt * _SECTOR + 4 * per_gt
         if gt_end > size:
             raise cut(f"its grain table {t}", gt_end)
-        entries = struct.unpack(f"<{per_gt}I", _read(fd, 4 * per_gt, gt * _SECTOR))
+        entries = _u32s(_read(fd, 4 * per_gt, gt * _SECTOR), per_gt, cut, f"its grain table {t}", gt_end)
         for g, at in enumerate(entries):
             if at <= 1 or at * _SECTOR < near_end:  # (0: not stored; 1: a zero grain)
                 continue
