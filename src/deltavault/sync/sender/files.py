@@ -51,7 +51,9 @@ class FileSender:
             xattrs = self.meta.source_xattrs(fd=fd)
             win = None
             if self.ntfs is not None:
-                xattrs, win, _, _ = self.ntfs.file_win(dfd, name, fd, st, xattrs)
+                xattrs, win, meta, _ = self.ntfs.file_win(dfd, name, fd, st, xattrs)
+                if win is not None and win["streams"] and self.opts.checksum:
+                    win["digests"] = self.ntfs.stream_digests(dfd, name, st.st_ino, meta, self.buffers.get(0))
         except (SourceReadError, OSError) as exc:
             self.out.problem(rel, "unreadable", str(exc))
             return None

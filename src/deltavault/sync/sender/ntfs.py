@@ -23,12 +23,14 @@ from deltavault.fs.ntfs import (
     XATTR_STREAM,
     NtfsView,
     ReadResult,
+    drop_cached,
     not_kept,
     open_stream_file,
     read_meta,
     valid_stream_name,
 )
 from deltavault.fs.paths import display
+from deltavault.sync.data import file_digest
 from deltavault.sync.remote import Served
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.source import changed_since
@@ -170,6 +172,23 @@ class SenderNtfs:
             lost += [f"stream {display(s)} ({n} bytes)" for s, n in sizes.items()]
             return xattrs, None, meta, lost + (not_kept(meta) if self.acl else [])
         return xattrs, win_wire(self._asked(meta), streams=sizes, lost=lost), meta, []
+
+    def stream_digests(self, dir_fd: int, name: bytes, ino: int, meta: ReadResult,
+                       buf: memoryview) -> list[list[bytes]]:
+        """[[stream, BLAKE3], ...] of a file's streams sent as files (--checksum: the agent
+        compares them with DST's, as it does the file's data)."""
+        out = []
+        for s in meta.stream_names:
+            if s in meta.inline:
+                out.append([s, blake3.blake3(meta.inline[s]).digest()])
+            elif valid_stream_name(s):
+                sfd = self.src.open_stream(dir_fd, name, s, ino)
+                try:
+                    out.append([s, file_digest(sfd, buf)])
+                finally:
+                    drop_cached(sfd)  # (pages of name:stream outlive a rename over name: fs/ntfs.py)
+                    os.close(sfd)
+        return out
 
     def subdir_win(self, parent: int, name: bytes, rel: bytes, st: os.stat_result) -> tuple[dict[str, Any] | None, list[str]]:
         """The ``win`` of a subdirectory's entry in its parent's listing: its own streams,
