@@ -124,6 +124,8 @@ def run(ctx: Context) -> int:
     finally:
         if log is not None:
             log.close()
+    for w in result.warnings:
+        ctx.warn(w)
     _summary(ctx, a, result, snap_info, time.monotonic() - t0)
     return int(ExitCode.PARTIAL) if _errors(result) else 0
 

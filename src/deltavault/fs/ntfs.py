@@ -166,6 +166,12 @@ def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> R
     return res
 
 
+def not_kept(meta: ReadResult) -> list[str]:
+    """What of ``meta`` a DST that is not ntfs-3g cannot keep (streams aside), for log lines."""
+    return [what for what, has in (("security descriptor", bool(meta.sd)), ("DOS attributes", meta.attrib is not None),
+                                   ("creation time", bool(meta.times)), ("reparse data", bool(meta.reparse))) if has]
+
+
 def valid_stream_name(name: bytes) -> bool:
     """A stream name that can be joined to a file name: one component, no ':' (a damaged or
     hostile repository may name anything)."""

@@ -33,7 +33,8 @@ class PullSyncer:
         a = self.agent
         if a is None:
             return SyncResult(SyncStats(), wire=self.wire)
-        return SyncResult(a.stats, a.problems + a.sender_problems, a.sender_stopped, wire=self.wire)
+        return SyncResult(a.stats, a.problems + a.sender_problems, a.sender_stopped, wire=self.wire,
+                          warnings=a.warnings)
 
     def run(self) -> SyncResult:
         proc = SshProcess(self.where, f"{self.remote} sync-source", rsh=self.rsh)

@@ -81,6 +81,7 @@ class SyncResult:
     stopped: bool = False  # --stop-on-error ended the run early
     workers: int = 0  # worker processes that synced subtrees (0: all in this process)
     wire: tuple[int, int] | None = None  # a sync with another host: bytes sent and received over ssh
+    warnings: list[str] = field(default_factory=list)  # said once each, at the end (not problems: exit 0)
 
 
 # Actions that are no entry of SRC done: not counted as progress.

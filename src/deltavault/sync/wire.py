@@ -31,7 +31,8 @@ ignores fields it does not know. "ntfs": the sender's hello says ``ntfs: true`` 
 on ntfs-3g and --acl or --streams asks for its metadata; an agent that speaks "ntfs"
 answers with DST's view (``ntfs: {streams: "windows"|"xattr"|"none"}``, or None when DST
 is not ntfs-3g), and from then on entries carry a 12th field, ``win`` (below). A sender
-that needs "ntfs" and meets an agent without it stops with a clear error.
+that meets an agent without it sends 11 fields (data and POSIX metadata only), warns once
+and names each entry's losses in its own log.
 
 Streams (feature "ntfs", DST on ntfs-3g with streams_interface=windows): after a file's
 content (a "put" that ended with "end", or a "delta" that did not change), when its entry's
@@ -56,7 +57,8 @@ xattrs: [[name, value], ...] when --acl or --xattrs is on, else None. Owners are
 win (feature "ntfs" only): {sd, attrib, times, reparse, streams, lost, warnings} of a file
 or directory: ntfs-3g's ``system.ntfs_*`` values (sd, times, reparse empty and attrib None
 when not asked for or absent), ``streams`` [[name, size], ...] (files, when DST takes
-streams as files), ``lost`` what SRC's side could not carry (for the log line); in a
+streams as files), ``lost`` what SRC's side could not carry (for the log line), in a
+"check" under --checksum ``digests`` [[name, blake3], ...] of those streams; in a
 subdirectory's entry in its parent's listing (--streams), ``inline`` [[name, bytes], ...]:
 the directory's own streams (up to 1 MiB each; 64 KiB when DST keeps them as xattrs).
 """
@@ -103,6 +105,7 @@ class WinEntry:
     streams: dict[bytes, int]
     lost: list[str]
     inline: dict[bytes, bytes] | None = None  # a directory's streams, with its parent's listing
+    digests: dict[bytes, bytes] | None = None  # its streams' BLAKE3, in a "check" (--checksum)
 
 
 def win_wire(meta: ReadResult, *, streams: dict[bytes, int] | None = None, lost: list[str] | None = None,
@@ -127,7 +130,9 @@ def win_from(raw: Any) -> WinEntry:
     lost = [str(x) for x in raw.get("lost") or []]
     warnings = [str(x) for x in raw.get("warnings") or []]
     inline = None if raw.get("inline") is None else {bytes(n): bytes(v) for n, v in raw["inline"]}
-    return WinEntry(ReadResult(sd, "", attrib, times, reparse, sorted(streams), warnings), streams, lost, inline)
+    digests = None if raw.get("digests") is None else {bytes(n): bytes(v) for n, v in raw["digests"]}
+    return WinEntry(ReadResult(sd, "", attrib, times, reparse, sorted(streams), warnings), streams, lost, inline,
+                    digests)
 
 
 def kind_of(st: os.stat_result) -> str | None:

@@ -52,3 +52,33 @@ def test_changed_stream_summary_and_ls_long(tmp_path: Path, cli: Cli) -> None:
     assert os.getxattr(tmp_path / "out" / "data" / "doc.txt", "user.small") == b"0123456789"
     text = cli("restore", "latest", "--target", str(tmp_path / "out2"))
     assert text.returncode == 0 and "warning: NTFS metadata not kept" in text.stdout, text.stdout + text.stderr
+
+
+def test_removed_stream_is_seen_by_the_next_backup(tmp_path: Path, cli: Cli) -> None:
+    """Removing a stream through ntfs-3g's windows interface moves none of its file's times
+    (nor its size): the next backup still sees it gone (the stream names are asked for),
+    and reads nothing again once nothing changed."""
+    assert cli("init").returncode == 0
+    with ntfs(tmp_path, "src") as src:
+        d = src / "data"
+        d.mkdir()
+        f = d / "doc.txt"
+        f.write_text("doc\n")
+        Path(f"{f}:s").write_bytes(b"stream")
+        Path(f"{f}:t").write_bytes(b"kept")
+        time.sleep(2.1)  # past the racy window
+        assert cli("--json", "backup", str(d)).returncode == 0
+        before = f.stat()
+        os.unlink(f"{f}:s")
+        after = f.stat()
+        assert (after.st_mtime_ns, after.st_ctime_ns, after.st_size) == (
+            before.st_mtime_ns, before.st_ctime_ns, before.st_size)
+        b2 = cli("--json", "backup", str(d))
+        assert b2.returncode == 0, b2.stderr
+        assert b2.last("summary")["files_changed"] == 1, b2.last("summary")
+        streams = cli("--json", "ls", "latest", "data/doc.txt").json[0]["windows"]["streams"]
+        assert [(s["name"], s["size"]) for s in streams] == [("t", 4)], streams
+        time.sleep(2.1)
+        b3 = cli("--json", "backup", str(d))
+        s3 = b3.last("summary")
+        assert (s3["files_unmodified"], s3["bytes_read"]) == (1, 0), s3

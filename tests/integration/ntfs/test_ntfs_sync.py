@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -213,3 +214,103 @@ def test_directory_streams_are_synced(tmp_path: Path, processes: str) -> None:
     assert any(n.startswith(f"NTFS not kept on DST: stream big ({BIG} bytes)") for n in notes), notes
     # data, sub, deeper and f (descriptors, attributes, times), sub once for those and its big stream
     assert summary(r)["ntfs_not_kept"] == 4, summary(r)
+
+
+def _dump_streams(root: Path, rel: str) -> str:
+    """A file's streams as getfattr dumps them, on its volume mounted again with
+    streams_interface=xattr (each stream the xattr user.NAME)."""
+    r = subprocess.run(["getfattr", "--absolute-names", "-d", "-e", "hex", "-m", r"^user\.", str(root / rel)],
+                       capture_output=True, text=True, check=True)
+    return "\n".join(r.stdout.splitlines()[1:]).strip()
+
+
+@pytest.mark.parametrize("interface", ["windows", "xattr"])
+def test_stream_change_with_mtime_set_back_is_synced(tmp_path: Path, interface: str) -> None:
+    """A stream added, rewritten in place (same size) or removed, each time with the file's
+    mtime set back by ``touch -d``; and a stream removed with no touch at all (which moves
+    no time of its file on ntfs-3g): the file's size and mtime equal DST's, yet each run
+    copies it, and DST's streams are SRC's, compared through getfattr. SRC is mounted with
+    either streams interface; DST with the windows one. An unchanged run copies nothing."""
+    stamp = "2020-01-02 03:04:05.123456700 UTC"
+
+    def put(f: Path, s: str, data: bytes) -> None:
+        if interface == "windows":
+            with open(f"{f}:{s}", "r+b" if os.path.exists(f"{f}:{s}") else "wb") as h:
+                h.write(data)
+        else:
+            os.setxattr(f, f"user.{s}", data)
+
+    def drop(f: Path, s: str) -> None:
+        if interface == "windows":
+            os.unlink(f"{f}:{s}")
+        else:
+            os.removexattr(f, f"user.{s}")
+
+    changes = [("added", lambda f: put(f, "new", b"a new stream"), True, {"s": b"x" * 100, "new": b"a new stream"}),
+               ("rewritten", lambda f: put(f, "s", b"X" * 100), True, {"s": b"X" * 100, "new": b"a new stream"}),
+               ("removed", lambda f: drop(f, "new"), True, {"s": b"X" * 100}),
+               ("removed, no touch", lambda f: drop(f, "s"), False, {})]
+    with ntfs(tmp_path, "src", streams=interface) as src, ntfs(tmp_path, "dst") as dst:
+        (src / "d").mkdir()
+        f = src / "d" / "f"
+        f.write_text("same data")
+        put(f, "s", b"x" * 100)
+        (src / "d" / "other").write_text("other")
+        subprocess.run(["touch", "-d", stamp, str(f)], check=True)
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+    for what, change, touch, want in changes:
+        with ntfs(tmp_path, "src", streams=interface) as src, ntfs(tmp_path, "dst") as dst:
+            f = src / "d" / "f"
+            mtime = f.stat().st_mtime_ns
+            change(f)
+            if touch:
+                subprocess.run(["touch", "-d", stamp, str(f)], check=True)
+            assert (f.stat().st_mtime_ns, f.stat().st_size) == (mtime, 9), what
+            r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+            assert r.returncode == 0, r.stdout + r.stderr
+            s = summary(r)
+            assert (s["files_updated"], s["files_same"], s["problems"]) == (1, 1, []), (what, s)
+        with ntfs(tmp_path, "src", streams="xattr") as src, ntfs(tmp_path, "dst", streams="xattr") as dst:
+            dump = _dump_streams(dst, "d/f")
+            assert dump == _dump_streams(src, "d/f"), (what, dump)
+            assert dump == "\n".join(f"user.{k}=0x{v.hex()}" for k, v in sorted(want.items())), (what, dump)
+    with ntfs(tmp_path, "src", streams=interface) as src, ntfs(tmp_path, "dst") as dst:
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")  # nothing changed: nothing copied
+        assert summary(r)["bytes_copied"] == 0 and summary(r)["files_same"] == 2, summary(r)
+
+
+@pytest.mark.parametrize("interface", ["windows", "xattr"])
+def test_checksum_compares_streams(tmp_path: Path, interface: str) -> None:
+    """A stream rewritten in place (same size, mtime set back), and then DST's file touched
+    (its ctime moves past SRC's): size, mtime, stream names and sizes and ctimes all say
+    "unchanged", so a plain run keeps DST's file (the limit of what metadata tells);
+    --checksum compares the streams' bytes too and copies it."""
+    stamp = "2020-01-02 03:04:05 UTC"
+    with ntfs(tmp_path, "src", streams=interface) as src, ntfs(tmp_path, "dst") as dst:
+        (src / "d").mkdir()
+        f = src / "d" / "f"
+        f.write_text("same data")
+        if interface == "windows":
+            Path(f"{f}:s").write_bytes(b"x" * 100)
+        else:
+            os.setxattr(f, "user.s", b"x" * 100)
+        subprocess.run(["touch", "-d", stamp, str(f)], check=True)
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert r.returncode == 0, r.stdout + r.stderr
+        if interface == "windows":
+            with open(f"{f}:s", "r+b") as h:
+                h.write(b"Y")
+        else:
+            os.setxattr(f, "user.s", b"Y" + b"x" * 99)
+        subprocess.run(["touch", "-d", stamp, str(f)], check=True)
+        subprocess.run(["touch", "-d", stamp, str(dst / "d" / "f")], check=True)  # DST's ctime: now
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams")
+        assert summary(r)["files_same"] == 1, summary(r)
+        assert Path(f"{dst / 'd' / 'f'}:s").read_bytes() == b"x" * 100
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams", "--checksum")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (summary(r)["files_updated"], summary(r)["problems"]) == (1, []), summary(r)
+        assert Path(f"{dst / 'd' / 'f'}:s").read_bytes() == b"Y" + b"x" * 99
+        r = dv("--json", "sync", str(src / "d"), str(dst / "d"), "--streams", "--checksum")
+        assert summary(r)["files_same"] == 1, summary(r)  # equal bytes: kept

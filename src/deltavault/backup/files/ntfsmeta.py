@@ -6,7 +6,8 @@ streams are content, read like a file's data (``streams_interface=windows``: the
 ``user.*`` xattr (``streams_interface=xattr``), and chunked and deduplicated alike. A
 stream is only read when its file is (stat data changed): ntfs-3g keeps one mtime per
 file, so a changed stream makes its file and all its streams be read again; only the
-changed chunks are stored.
+changed chunks are stored. A file whose stat data is unchanged has its stream names
+checked (``same_streams``): removing a stream through ntfs-3g moves no time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from deltavault.fs.dirfd import HANDLE_FLAGS, NotRegular, fd_path, handle_at, id
 from deltavault.fs.meta import read_xattrs
 from deltavault.fs.ntfs import (
     NONE,
+    STREAMS_LIST,
     WINDOWS,
     NtfsView,
     is_ntfs_xattr,
@@ -108,6 +110,28 @@ class NtfsEntries:
         win = WinMeta(sd=got.sd, owner=got.owner, attrib=got.attrib, times=got.times, reparse=got.reparse,
                       streams=[s for s, _ in pending])
         return msgspec.structs.replace(node, xattrs=xattrs, win=win), pending
+
+    def same_streams(self, dir_fd: int, fsname: bytes, st: os.stat_result, prev: Node) -> bool:
+        """Has the file ``fsname`` of ``dir_fd``, whose stat data is ``prev``'s, the
+        streams ``prev`` recorded? Removing a stream moves no time of its file through
+        ntfs-3g's streams_interface=windows (docs/windows.md), so their names are asked for;
+        any other change of a stream moves its file's ctime. In doubt: False (it is read)."""
+        if self.view.streams != WINDOWS or st.st_dev != self.dev:
+            return True  # (through the xattr interface, a removal moves the ctime)
+        try:
+            h, hst = handle_at(dir_fd, fsname)
+        except OSError:
+            return False
+        try:
+            if identity(hst) != identity(st):
+                return False
+            raw = os.getxattr(fd_path(h), STREAMS_LIST)
+        except OSError:
+            return False
+        finally:
+            os.close(h)
+        had = [x.name for x in prev.win.streams] if prev.win is not None else []
+        return sorted(n for n in raw.split(b"\0") if n) == sorted(had)
 
     def node_at(self, node: Node, dir_fd: int, fsname: bytes, path: bytes, st: os.stat_result) -> Node:
         """``node`` (a symlink or special file, not opened) with its NTFS metadata, read

@@ -68,7 +68,8 @@ class RegularFiles:
             self._tell(path, "U" if clean else "A" if prev is None else "M")
             return Child(node, clean, content=first.content, streams=first.streams)
         stats.bytes_total += st.st_size
-        if self._reusable(prev, st):
+        if self._reusable(prev, st) and (self.ntfs is None or prev is None
+                                         or self.ntfs.same_streams(dir_fd, fsname, st, prev)):
             assert prev is not None
             node = prev if not hl_key else msgspec.structs.replace(prev, dev=st.st_dev, links=st.st_nlink)
             stats.files_unmodified += 1

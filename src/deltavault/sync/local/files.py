@@ -79,8 +79,11 @@ class Files:
                 return
             dst = None
         dst_reg = dst if dst is not None and stat.S_ISREG(dst.st_mode) else None
-        if (dst_reg is not None and not opts.checksum and dst_reg.st_size == st.st_size
-                and dst_reg.st_mtime_ns == st.st_mtime_ns):
+        same_stat = dst_reg is not None and dst_reg.st_size == st.st_size and dst_reg.st_mtime_ns == st.st_mtime_ns
+        # A stream changed may leave its file's size and mtime as they were (local/ntfs.py).
+        streams_moved = (same_stat and run.ntfs is not None and dst_reg is not None
+                         and run.ntfs.streams_changed(sfd, name, st, dfd, dst_reg, content=opts.checksum))
+        if dst_reg is not None and same_stat and not opts.checksum and not streams_moved:
             xattrs, _lost = self._with_streams(run.source.xattrs(relpath, path=proc_path(sfd, name)), sfd, name,
                                                st.st_ino, relpath)
             if run.rx.keep(dfd, name, relpath, st, dst_reg, xattrs, group=st.st_nlink > 1):
@@ -102,7 +105,7 @@ class Files:
                 # Same size, other mtime (or --checksum): often the same bytes (a reinstall, a
                 # touch). Comparing costs a read of DST; copying would cost a write of it.
                 if (dst_reg is not None and dst_reg.st_size == fst.st_size
-                        and (opts.checksum or fst.st_size < opts.delta_min)
+                        and (opts.checksum or fst.st_size < opts.delta_min) and not streams_moved
                         and not (run.ntfs is not None and dst_reg.st_mtime_ns != fst.st_mtime_ns
                                  and run.ntfs.streams_may_differ(fd, dfd, name, dst_reg))
                         and self._same_content(fd, dfd, name, dst_reg, fst.st_size)

@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from deltavault.fs.clone import pwrite_all
+from deltavault.fs.clone import pread_full, pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
     STREAM_XATTR_MAX,
+    XATTR,
     XATTR_STREAM,
+    NtfsView,
     ReadResult,
+    drop_cached,
+    open_stream_file,
     probe,
     read_meta,
     valid_stream_name,
@@ -28,6 +32,14 @@ from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.ntfs import NtfsDest, StreamVerifyFailed, verify_stream
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.ntfs import NtfsSource, dir_streams
+
+_CHUNK = 1 << 20
+
+
+def _chunk(fd: int, off: int) -> bytes:
+    """Up to _CHUNK bytes of ``fd`` from ``off``: fewer only at its end."""
+    buf = bytearray(_CHUNK)
+    return bytes(buf[:pread_full(fd, memoryview(buf), off)])
 
 
 @dataclass
@@ -163,6 +175,78 @@ class LocalNtfs:
         finally:
             os.close(sh)
             os.close(dh)
+
+    def streams_changed(self, sdir: int, name: bytes, src: os.stat_result, dfd: int, dst: os.stat_result, *,
+                        content: bool = False) -> bool:
+        """Must a file of the same size and mtime as DST's (the caller checks) be copied
+        again for its streams (--streams, DST taking them as files)? Yes when their names or
+        sizes differ from DST's, or when it has streams on either side and its ctime is
+        later than DST's (DST's copy was written before SRC last changed). On ntfs-3g a
+        stream removed moves no time at all, one written in place the mtime (windows
+        interface; xattr interface: the ctime only), which may be set back; any write moves
+        the ctime, which cannot be set (docs/windows.md). ``content`` (--checksum): also
+        when their bytes differ. A file that cannot be looked at here is copied: the copy
+        names what fails."""
+        if not self.opts.streams or not self.dst.file_streams or self.dst.view is None:
+            return False
+        try:
+            mine = self._stream_sizes(sdir, name, identity(src), self.src.view)
+            theirs = self._stream_sizes(dfd, name, identity(dst), self.dst.view)
+        except OSError:
+            return True
+        if mine != theirs:
+            return True
+        if mine and src.st_ctime_ns > dst.st_ctime_ns:
+            return True
+        try:
+            return content and any(not self._same_stream(sdir, name, src.st_ino, dfd, dst.st_ino, s) for s in mine)
+        except OSError:
+            return True
+
+    def _same_stream(self, sdir: int, name: bytes, sino: int, dfd: int, dino: int, s: bytes) -> bool:
+        """Stream ``s`` of SRC's file and of DST's holds the same bytes."""
+        if not valid_stream_name(s):
+            return False
+        inline = None
+        if self.src.view.streams == XATTR:  # (SRC's streams are its user.* xattrs)
+            h, _ = expect_identity(sdir, name, (os.fstat(sdir).st_dev, sino))
+            try:
+                inline = os.getxattr(fd_path(h), XATTR_STREAM + s)
+            finally:
+                os.close(h)
+        a = b = -1
+        try:
+            a = open_stream_file(sdir, name, s) if inline is None else -1
+            b = open_stream_file(dfd, name, s)
+            if (sino if a < 0 else os.fstat(a).st_ino, os.fstat(b).st_ino) != (sino, dino):
+                return False
+            off = 0
+            while True:
+                x = inline[off:off + _CHUNK] if inline is not None else _chunk(a, off)
+                y = _chunk(b, off)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+                off += len(x)
+        finally:
+            for fd in (a, b):
+                if fd >= 0:
+                    drop_cached(fd)  # (else a reader of name:stream may see them after a rename over name)
+                    os.close(fd)
+
+    @staticmethod
+    def _stream_sizes(dir_fd: int, name: bytes, ident: tuple[int, int], view: NtfsView) -> dict[bytes, int]:
+        """The named streams of the file ``name`` of ``dir_fd`` (checked to be ``ident``)
+        and their sizes; ESTALE when it is another file by now."""
+        h, _ = expect_identity(dir_fd, name, ident)
+        try:
+            meta = read_meta(fd_path(h), view)
+        finally:
+            os.close(h)
+        return {s: len(meta.inline[s]) if s in meta.inline else
+                os.stat(name + b":" + s, dir_fd=dir_fd, follow_symlinks=False).st_size if valid_stream_name(s) else -1
+                for s in meta.stream_names}
 
     def streams_may_differ(self, fd: int, dfd: int, name: bytes, dst: os.stat_result) -> bool:
         """A file of the same data and another mtime (the caller checks) is copied again when

@@ -44,6 +44,7 @@ class Agent:
         self.sender_stopped = False
         self.finished = False
         self.refused: DeltavaultError | None = None  # why the run could not start here
+        self.warnings: list[str] = []  # for a pull's report
         self.root = -1
         self.rx: Receiver | None = None
         self.requests: Requests | None = None
@@ -110,6 +111,12 @@ class Agent:
         ntfs = None
         if req.get("ntfs") is True and "ntfs" in (req.get("features") or []):
             ntfs = self._ntfs(rx, opts)
+        elif (opts.acl or opts.streams) and "ntfs" not in (req.get("features") or []):
+            # An older sender reads no NTFS metadata: which entries had any cannot be known here.
+            self.warnings.append("the deltavault there is older and reads no NTFS metadata or streams: if SRC "
+                                 "is on ntfs-3g, its descriptors, DOS attributes, creation times and named "
+                                 "streams were not copied (which entries had them cannot be told from here); "
+                                 "upgrade it to keep them")
         self.chan.send({"ok": True, "version": VERSION, "id": 0, "dest": rx.guard.describe(is_src=False),
                         "features": FEATURES, "ntfs": ntfs})
         return True

@@ -24,6 +24,7 @@ from deltavault.fs.ntfs import (
     ReadResult,
     apply_meta,
     drop_cached,
+    not_kept,
     read_meta,
     valid_stream_name,
 )
@@ -51,11 +52,7 @@ class NtfsDest:
         """Descriptor, reparse data, attributes and times onto ``target`` (after its POSIX
         metadata). Returns (problems, what DST cannot keep)."""
         if self.view is None:
-            lost = [what for what, has in (("security descriptor", bool(meta.sd)),
-                                           ("DOS attributes", meta.attrib is not None),
-                                           ("creation time", bool(meta.times)),
-                                           ("reparse data", bool(meta.reparse))) if has]
-            return [], lost
+            return [], not_kept(meta)
         return apply_meta(target, meta, last=False) + apply_meta(target, meta, last=True), []
 
     def same(self, src: ReadResult, dst: ReadResult) -> bool:

@@ -14,6 +14,7 @@ import stat
 from typing import Any
 
 from deltavault.fs.dirfd import Identity, Replaced, identity, lstat_at
+from deltavault.fs.ntfs import drop_cached, open_stream_file, valid_stream_name
 from deltavault.fs.paths import check_name
 from deltavault.sync.data import file_digest
 from deltavault.sync.receiver.core import Receiver
@@ -173,7 +174,7 @@ class Requests:
             crel = join(rel, e.name)
             try:
                 dst = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
-                if self._digest_at(dfd, e.name, dst) == digest:
+                if self._digest_at(dfd, e.name, dst) == digest and self._same_streams(dfd, e, dst):
                     how = self._same(dfd, crel, e, dst)
                     if how is not None:
                         want.append([e.name, how])
@@ -182,6 +183,27 @@ class Requests:
             except OSError as exc:
                 self.out.os_problem(crel, exc)
         return want
+
+    def _same_streams(self, dfd: int, e: Entry, dst: os.stat_result) -> bool:
+        """--checksum: DST's streams of the file hold the bytes SRC's do (their names and
+        sizes were compared already: ``AgentNtfs.streams_differ``)."""
+        if self.rx.ntfs is None or e.win is None or e.win.digests is None or not self.rx.ntfs.file_streams:
+            return True
+        buf = self.rx.buffers.get(0)
+        for s, want in e.win.digests.items():
+            if not valid_stream_name(s):
+                continue  # (named when the file is sent; never joined into a path)
+            try:
+                sfd = open_stream_file(dfd, e.name, s)
+            except OSError:
+                return False  # (gone since its name was listed: the file is sent again)
+            try:
+                if os.fstat(sfd).st_ino != dst.st_ino or file_digest(sfd, buf) != want:
+                    return False
+            finally:
+                drop_cached(sfd)  # (pages of name:stream outlive a rename over name: fs/ntfs.py)
+                os.close(sfd)
+        return True
 
     def _digest_at(self, dfd: int, name: bytes, dst: os.stat_result) -> bytes:
         fd = open_existing(dfd, name, dst, os.O_RDONLY)

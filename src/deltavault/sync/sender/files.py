@@ -51,7 +51,9 @@ class FileSender:
             xattrs = self.meta.source_xattrs(fd=fd)
             win = None
             if self.ntfs is not None:
-                xattrs, win, _ = self.ntfs.file_win(dfd, name, fd, st, xattrs)
+                xattrs, win, meta, _ = self.ntfs.file_win(dfd, name, fd, st, xattrs)
+                if win is not None and win["streams"] and self.opts.checksum:
+                    win["digests"] = self.ntfs.stream_digests(dfd, name, st.st_ino, meta, self.buffers.get(0))
         except (SourceReadError, OSError) as exc:
             self.out.problem(rel, "unreadable", str(exc))
             return None
@@ -72,13 +74,16 @@ class FileSender:
                     return
                 xattrs = self.meta.source_xattrs(fd=fd)
                 win = meta = None
+                lost: list[str] = []  # (an agent without "ntfs": what DST does not get)
                 if self.ntfs is not None:
-                    xattrs, win, meta = self.ntfs.file_win(dfd, name, fd, st, xattrs)
+                    xattrs, win, meta, lost = self.ntfs.file_win(dfd, name, fd, st, xattrs)
                 e = entry(name, "f", st, xattrs=xattrs, win=win)
                 sent = self._delta(fd, st, rel, e) if how == "delta" else self._put(fd, st, rel, e)
                 if sent and self.ntfs is not None and meta is not None and win is not None and win["streams"]:
                     sent = self.link.serve_streams(partial(self.ntfs.serve, dir_fd=dfd, name=name, fd=fd, st=st,
                                                            meta=meta, bufsize=self.buffers.size))
+                if sent and self.ntfs is not None:
+                    self.ntfs.file_sent(crel, lost, self.out)
                 if sent and meta is not None:  # (warnings: a descriptor kept as bytes; losses: unreadable)
                     for m in [*meta.warnings, *meta.losses] if self.opts.acl else meta.losses:
                         self.out.problem(crel, "metadata", m)

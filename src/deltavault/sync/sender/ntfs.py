@@ -4,7 +4,8 @@ and the names of its named streams (fs/ntfs.py), and a stream opened for reading
 
 ``SenderNtfs`` is a sync with another host's part (feature "ntfs", sync/wire.py): each
 entry's ``win`` field, and a file's streams served to the agent after its content, whole or
-by remote delta."""
+by remote delta. With an agent that does not speak "ntfs" (an older deltavault) no ``win``
+travels: the data is sent, and this side's log names, entry by entry, what was not kept."""
 
 from __future__ import annotations
 
@@ -18,15 +19,20 @@ from deltavault.fs.dirfd import fd_path, handle_at
 from deltavault.fs.ntfs import (
     STREAM_XATTR_MAX,
     WINDOWS,
+    XATTR,
     XATTR_STREAM,
     NtfsView,
     ReadResult,
+    drop_cached,
+    not_kept,
     open_stream_file,
     read_meta,
     valid_stream_name,
 )
 from deltavault.fs.paths import display
+from deltavault.sync.data import file_digest
 from deltavault.sync.remote import Served
+from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.source import changed_since
 from deltavault.sync.wire import Frames, win_wire
 
@@ -131,19 +137,26 @@ def _read_all(fd: int, size: int) -> bytes:
 
 class SenderNtfs:
     """NTFS metadata and streams sent to an agent. ``dest_streams``: how DST shows streams
-    (the agent's hello; None when DST is not ntfs-3g)."""
+    (the agent's hello; None when DST is not ntfs-3g). ``peer``: the agent speaks "ntfs";
+    else ``xattrs`` (--xattrs) says whether it mirrors ``user.`` xattrs, which small streams
+    can travel as."""
 
-    def __init__(self, src: NtfsSource, *, acl: bool, streams: bool, dest_streams: str | None) -> None:
-        self.src, self.acl = src, acl
-        self.file_streams = streams and dest_streams == WINDOWS
-        self.xattr_streams = streams and not self.file_streams
+    def __init__(self, src: NtfsSource, *, acl: bool, streams: bool, dest_streams: str | None,
+                 peer: bool = True, xattrs: bool = False) -> None:
+        self.src, self.acl, self.streams, self.peer = src, acl, streams, peer
+        self.file_streams = peer and streams and dest_streams == WINDOWS
+        # (an older agent keeps user.* xattrs only under --xattrs: it knows nothing of streams)
+        self.xattr_streams = streams and not self.file_streams and (peer or xattrs)
+        self._dirs: dict[bytes, list[str]] = {}  # no peer: what a directory loses, logged at its end
 
     def file_win(self, dir_fd: int, name: bytes, target: int | bytes, st: os.stat_result,
-                 xattrs: Xattrs) -> tuple[Xattrs, dict[str, Any], ReadResult]:
+                 xattrs: Xattrs) -> tuple[Xattrs, dict[str, Any] | None, ReadResult, list[str]]:
         """A file's xattrs (with its small streams, for a DST that keeps them as xattrs),
-        its ``win`` field, and what was read (for its warnings). ``target``: the open file,
-        or a /proc path naming it."""
-        meta = read_meta(target, self.src.view, streams=self.file_streams)
+        its ``win`` field (None: no peer), what was read (for its warnings), and, without a
+        peer, what DST does not get (for its log line). ``target``: the open file, or a
+        /proc path naming it."""
+        blind = not self.peer and self.streams and not self.xattr_streams  # (streams named as not kept)
+        meta = read_meta(target, self.src.view, streams=self.file_streams or blind)
         lost: list[str] = []
         if self.xattr_streams:
             xattrs, lost = self.src.with_stream_xattrs(xattrs, dir_fd, name, st.st_ino)
@@ -155,12 +168,34 @@ class SenderNtfs:
                 sizes[s] = os.stat(name + b":" + s, dir_fd=dir_fd, follow_symlinks=False).st_size
             else:
                 sizes[s] = 0
-        return xattrs, win_wire(self._asked(meta), streams=sizes, lost=lost), meta
+        if not self.peer:
+            lost += [f"stream {display(s)} ({n} bytes)" for s, n in sizes.items()]
+            return xattrs, None, meta, lost + (not_kept(meta) if self.acl else [])
+        return xattrs, win_wire(self._asked(meta), streams=sizes, lost=lost), meta, []
 
-    def subdir_win(self, parent: int, name: bytes, st: os.stat_result) -> tuple[dict[str, Any] | None, list[str]]:
+    def stream_digests(self, dir_fd: int, name: bytes, ino: int, meta: ReadResult,
+                       buf: memoryview) -> list[list[bytes]]:
+        """[[stream, BLAKE3], ...] of a file's streams sent as files (--checksum: the agent
+        compares them with DST's, as it does the file's data)."""
+        out = []
+        for s in meta.stream_names:
+            if s in meta.inline:
+                out.append([s, blake3.blake3(meta.inline[s]).digest()])
+            elif valid_stream_name(s):
+                sfd = self.src.open_stream(dir_fd, name, s, ino)
+                try:
+                    out.append([s, file_digest(sfd, buf)])
+                finally:
+                    drop_cached(sfd)  # (pages of name:stream outlive a rename over name: fs/ntfs.py)
+                    os.close(sfd)
+        return out
+
+    def subdir_win(self, parent: int, name: bytes, rel: bytes, st: os.stat_result) -> tuple[dict[str, Any] | None, list[str]]:
         """The ``win`` of a subdirectory's entry in its parent's listing: its own streams,
         up to DIR_STREAM_MAX (64 KiB onto a DST that keeps them as xattrs), the bigger ones
         named. Returns it (None without --streams) and the problems."""
+        if not self.peer:
+            return None, self._blind_dir_streams(parent, name, rel, st)
         if not (self.file_streams or self.xattr_streams) or os.fstat(parent).st_dev != st.st_dev:
             return None, []  # (a mount below: its streams are not "name:stream" of this parent)
         limit = DIR_STREAM_MAX if self.file_streams else STREAM_XATTR_MAX
@@ -169,12 +204,39 @@ class SenderNtfs:
                 for x in left]
         return win_wire(ReadResult(b"", "", None, b"", b"", []), lost=lost, inline=got), problems
 
-    def dir_win(self, fd: int) -> tuple[dict[str, Any] | None, ReadResult | None]:
-        """A directory's ``win`` (--acl), and what was read."""
+    def _blind_dir_streams(self, parent: int, name: bytes, rel: bytes, st: os.stat_result) -> list[str]:
+        """No peer: the directory's streams are not sent (their names and sizes are kept
+        for its log line, at its end). Returns the problems."""
+        if not self.streams or os.fstat(parent).st_dev != st.st_dev:
+            return []
+        if self.xattr_streams and self.src.view.streams == XATTR:
+            return []  # its own user.* xattrs, mirrored under --xattrs
+        got, left, problems = dir_streams(self.src, parent, name, st.st_ino, limit=-1)  # (-1: none read)
+        self._dirs[rel] = [f"stream {display(s)} ({len(v)} bytes)" for s, v in got.items()] + left
+        return problems
+
+    def dir_win(self, fd: int, rel: bytes) -> tuple[dict[str, Any] | None, ReadResult | None]:
+        """A directory's ``win`` (--acl; None without a peer), and what was read."""
         if not self.acl:
             return None, None
         meta = read_meta(fd, self.src.view, streams=False)
+        if not self.peer:
+            self._dirs[rel] = [*self._dirs.get(rel, []), *not_kept(meta)]
+            return None, meta
         return win_wire(meta), meta
+
+    def end_dir(self, rel: bytes, out: Outcomes) -> None:
+        """No peer: a directory's end sent; what it did not get goes in the log, counted."""
+        lost = self._dirs.pop(rel, None)
+        if lost:
+            out.count(ntfs_not_kept=1)
+            out.note(rel, "NTFS not kept on DST: " + ", ".join(lost))
+
+    def file_sent(self, rel: bytes, lost: list[str], out: Outcomes) -> None:
+        """No peer: a file sent; what it did not get goes in the log, counted."""
+        if lost:
+            out.count(ntfs_not_kept=1)
+            out.note(rel, "NTFS not kept on DST: " + ", ".join(lost))
 
     def _asked(self, meta: ReadResult) -> ReadResult:
         if self.acl:

@@ -76,14 +76,16 @@ class Sender:
         self.source = SourceTree(self.filter, self.meta, self.out, where="there")
         self.buffers = BufferPool(max(4096, options.bufsize))
         self.sent = self.received = 0  # bytes on the wire, both ways
-        self.ntfs: SenderNtfs | None = None  # SRC on ntfs-3g, --acl or --streams, and an agent that speaks "ntfs"
+        self.ntfs: SenderNtfs | None = None  # SRC on ntfs-3g, with --acl or --streams
+        self.warnings: list[str] = []  # said once, at the end of the run
 
     @property
     def stats(self) -> SyncStats:
         return self.out.stats
 
     def partial(self) -> SyncResult:
-        return SyncResult(self.out.stats, self.out.problems, self.out.stopped, wire=(self.sent, self.received))
+        return SyncResult(self.out.stats, self.out.problems, self.out.stopped, wire=(self.sent, self.received),
+                          warnings=self.warnings)
 
     def run(self, connect: Callable[[], Transport]) -> SyncResult:
         """Open SRC, then reach the agent (``connect``) and send."""
@@ -92,7 +94,8 @@ class Sender:
         except OSError as exc:
             raise SourceError(f"cannot open the source {display(self.src)}: {exc.strerror or exc}") from exc
         try:
-            view = probe(root) if self.opts.acl or self.opts.streams else None
+            # (FEATURES without "ntfs": this side reads no NTFS metadata, as an older one; tests use that)
+            view = probe(root) if (self.opts.acl or self.opts.streams) and "ntfs" in FEATURES else None
             proc = connect()
         except BaseException:
             os.close(root)
@@ -129,8 +132,9 @@ class Sender:
     def _hello(self, root: int, view: NtfsView | None) -> None:
         """Options, and SRC's identity: an agent on this same kernel refuses a DST that
         overlaps it, and tells us DST's, so that the walk leaves alone a mount showing it.
-        From an ntfs-3g SRC (--acl, --streams), the agent must speak "ntfs" and says how
-        DST shows streams."""
+        From an ntfs-3g SRC (--acl, --streams), an agent that speaks "ntfs" says how DST
+        shows streams; one that does not (an older deltavault) gets the data and POSIX
+        metadata only: one warning, and each entry's log line names what it did not get."""
         options = {**options_wire(self.opts), "bufsize": self.buffers.size}
         source = {**Guard.one_side(root, is_src=True).describe(is_src=True), "path": self.src}
         self.link.send({"op": "hello", "version": VERSION, "dest": self.dest, "options": options, "source": source,
@@ -141,13 +145,19 @@ class Sender:
             raise (UsageError if code == 2 else NoSpace if code == 14 else TargetError)(self._named(rep["error"]))
         self.source.guard = Guard.one_side(root, is_src=True, peer=rep.get("dest"))
         if view is not None:
-            if "ntfs" not in (rep.get("features") or []):
-                raise TargetError(self._named("the deltavault there cannot take NTFS metadata or streams "
-                                              "(--acl, --streams from an ntfs-3g source): upgrade it"))
+            peer = "ntfs" in (rep.get("features") or [])
+            if not peer:
+                self.warnings.append(self._named(
+                    "the deltavault there is older and cannot take NTFS metadata or streams (--acl, --streams "
+                    "from an ntfs-3g source): the data was copied without them" + (
+                        ", but for streams of up to 64 KiB kept as user. xattrs (--xattrs)" if self.opts.streams
+                        and self.opts.xattrs else "") + "; the log (--log) names, entry by entry, what was not "
+                    "kept; upgrade it to keep them"))
             dest = rep.get("ntfs")
             streams = dest.get("streams") if isinstance(dest, dict) else None
             self.ntfs = SenderNtfs(NtfsSource(view, streams=self.opts.streams), acl=self.opts.acl,
-                                   streams=self.opts.streams, dest_streams=streams if isinstance(streams, str) else None)
+                                   streams=self.opts.streams, dest_streams=streams if isinstance(streams, str) else None,
+                                   peer=peer, xattrs=self.opts.xattrs)
             self.meta.stream_xattrs = self.ntfs.xattr_streams
 
     def _finish(self) -> None:
@@ -231,5 +241,7 @@ class Sender:
     def _end(self, d: Listing) -> None:
         self.link.send({"op": "enddir", "path": d.rel,
                         "e": entry(d.rel.rpartition(b"/")[2] or b"_", "d", d.st, xattrs=d.xattrs, win=d.win)})
+        if self.ntfs is not None:
+            self.ntfs.end_dir(d.rel, self.out)
 
     # ------------------------------------------------------------------ files

@@ -166,9 +166,9 @@ class SourceWalk:
                 xattrs = self.source.meta.source_xattrs(path=proc_path(fd, name)) if kind not in ("l", "h") else None
                 win = None
                 if kind == "f" and self.ntfs is not None:  # (warnings are reported when the file is sent)
-                    xattrs, win, _ = self.ntfs.file_win(fd, name, proc_path(fd, name), st, xattrs)
+                    xattrs, win, _, _ = self.ntfs.file_win(fd, name, proc_path(fd, name), st, xattrs)
                 elif kind == "d" and self.ntfs is not None:
-                    win, problems = self.ntfs.subdir_win(fd, name, st)
+                    win, problems = self.ntfs.subdir_win(fd, name, crel, st)
                     for m in problems:
                         self.out.problem(crel, "metadata", m)
             except FileNotFoundError:
@@ -193,7 +193,7 @@ class SourceWalk:
         """A directory's NTFS metadata, sent at its end; what cannot be read is reported."""
         assert self.ntfs is not None
         try:
-            d.win, meta = self.ntfs.dir_win(d.fd)
+            d.win, meta = self.ntfs.dir_win(d.fd, d.rel)
         except OSError as exc:
             self.out.problem(d.rel, "metadata", f"NTFS metadata unreadable: {exc.strerror or exc}")
             return

@@ -22,7 +22,8 @@ from typing import Any
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
 from deltavault.tracking.volume.access import ReadOnlyAccess
-from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info
+from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info, image_map
+from deltavault.tracking.volume.vmdkgrains import check_compressed_grains
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
 QEMU_ONLY = ("vhdx", "vmdk")
@@ -69,6 +70,43 @@ def check_info(path: str, fmt: str, info: dict[str, Any], *, probed: bool) -> No
                           "read only with --source-format given explicitly")
 
 
+def check_extents(path: str, info: dict[str, Any], mapped: list[dict[str, Any]]) -> None:
+    """Refuse a VMDK whose extent files are cut short. qemu reads what lies past the end of
+    an extent file as zeros, silently (a sparse extent's last grains, a flat extent's tail),
+    and ``qemu-img info`` and ``check`` say nothing when only the last grain is cut; so each
+    guest range ``qemu-img map`` places in an extent file must end within that file. (VHDX:
+    qemu refuses such an image when it opens it. Compressed grains, streamOptimized, have no
+    place in the map: ``vmdkgrains`` reads their markers.)"""
+    home = os.path.dirname(os.path.realpath(path))
+    extents: list[tuple[int, int, str]] = []  # (first guest byte, end, file)
+    start = 0
+    for e in info.get("format-specific", {}).get("data", {}).get("extents", []):
+        end = start + int(e.get("virtual-size", 0))
+        extents.append((start, end, os.path.join(home, str(e.get("filename", "")))))
+        start = end
+        if e.get("compressed"):
+            check_compressed_grains(path, extents[-1][2])
+    sizes: dict[str, int] = {}
+    for m in mapped:
+        if "offset" not in m:
+            continue
+        g, n, off = int(m["start"]), int(m["length"]), int(m["offset"])
+        for first, end, name in extents:
+            if not (first <= g < end):
+                continue
+            if name not in sizes:
+                try:
+                    sizes[name] = os.stat(name).st_size
+                except OSError as exc:
+                    raise SourceError(f"{path}: its extent {name}: {exc.strerror or exc}") from None
+            if off + min(n, end - g) > sizes[name]:
+                raise SourceError(
+                    f"{path}: truncated: its extent file {name} is {sizes[name]} bytes long, but holds the "
+                    f"disk's bytes {g}..{g + min(n, end - g)} at {off}..{off + min(n, end - g)} "
+                    "(what lies past its end would be read as zeros)")
+            break
+
+
 class ImageAccess(ReadOnlyAccess, NbdHeld):
     """A VHDX or VMDK image (any format qemu-nbd reads), read-only through qemu-nbd."""
 
@@ -85,14 +123,21 @@ class ImageAccess(ReadOnlyAccess, NbdHeld):
         try:
             info = image_info(self.path)
         except SourceError as exc:
-            why = "in use" if "lock" in exc.message.lower() else "damaged, truncated, or a file it names is missing"
-            raise SourceError(f"cannot open {self.path} as a {self.source_format} image ({why}): "
-                              f"{exc.message}") from None
+            raise self._unreadable(exc) from None
         check_info(self.path, self.source_format, info, probed=self.probed)
+        if self.source_format == "vmdk":
+            try:
+                check_extents(self.path, info, image_map(self.path, "vmdk"))
+            except SourceError as exc:
+                raise self._unreadable(exc) from None
         self.server = NbdServer(self.path, None, fmt=self.source_format)
         h = self.server.connect(["base:allocation"])
         self.reader = NbdReader(h, f"{self.path} ({self.source_format} over NBD)")
         return self.reader
+
+    def _unreadable(self, exc: SourceError) -> SourceError:
+        why = "in use" if "lock" in exc.message.lower() else "damaged, truncated, or a file it names is missing"
+        return SourceError(f"cannot open {self.path} as a {self.source_format} image ({why}): {exc.message}")
 
     def close(self) -> None:
         self._disconnect()

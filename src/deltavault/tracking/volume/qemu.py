@@ -59,6 +59,13 @@ def image_info(path: str) -> dict[str, Any]:
     return info
 
 
+def image_map(path: str, fmt: str) -> list[dict[str, Any]]:
+    """``qemu-img map``: the image's guest ranges, those stored with their place in the file."""
+    out: list[dict[str, Any]] = json.loads(_run(["qemu-img", "map", "--output=json", "-f", fmt, path],
+                                                f"qemu-img map {path}"))
+    return out
+
+
 def bitmaps(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     data = info.get("format-specific", {}).get("data", {})
     return {b["name"]: b for b in data.get("bitmaps", [])}

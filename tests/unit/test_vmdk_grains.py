@@ -1,0 +1,65 @@
+"""The compressed-grain check of VMDK extents (tracking/volume/vmdkgrains.py) on hand-made
+extent files: grains, grain tables and the grain directory past the end are named; a header
+qemu would not open either is refused, not read at its word. (Real images cut with
+``truncate``: tests/integration/volume/test_volume_truncated.py.)"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from deltavault.errors import SourceError
+from deltavault.tracking.volume.vmdkgrains import check_compressed_grains
+
+GRAIN = 128  # sectors: 64 KiB
+
+
+def extent(tmp: Path, *, per_gt: int = 512, grain: int = GRAIN, gd: int = 2, gt: int = 3,
+           grains: list[tuple[int, int]] | None = None, size: int | None = None, flags: int = 0x30003) -> Path:
+    """A compressed sparse extent of 1 MiB: the header, the grain directory at sector ``gd``
+    naming one grain table at sector ``gt``, and ``grains`` as (sector, compressed size)."""
+    header = struct.pack("<4sIIQQQQIQQQ", b"KDMV", 3, flags, 2048, grain, 0, 0, per_gt, 0, gd, 0)
+    blob = bytearray(max(size or 0, 8 << 20))
+    blob[:len(header)] = header
+    blob[gd * 512:gd * 512 + 4] = struct.pack("<I", gt)
+    table = [0] * per_gt
+    for i, (at, n) in enumerate(grains or []):
+        table[i] = at
+        blob[at * 512:at * 512 + 12] = struct.pack("<QI", i * grain, n)
+    blob[gt * 512:gt * 512 + 4 * per_gt] = struct.pack(f"<{per_gt}I", *table)
+    end = size if size is not None else max([at * 512 + 12 + n for at, n in grains or []] + [gt * 512 + 4 * per_gt])
+    p = tmp / "x.vmdk"
+    p.write_bytes(bytes(blob[:end]))
+    return p
+
+
+def test_whole_extent_passes(tmp_path: Path) -> None:
+    check_compressed_grains("img", str(extent(tmp_path, grains=[(8, 1000), (11, 65_600)])))
+
+
+WHOLE = 11 * 512 + 12 + 65_600  # the end of the last grain of the extent below
+
+
+@pytest.mark.parametrize("left, what", [(WHOLE - 1, "the grain holding the disk's bytes 65536..131072"),
+                                        (WHOLE - 65_600, "the grain holding the disk's bytes 65536..131072"),
+                                        (11 * 512 + 5, "the grain holding the disk's bytes 65536..131072"),
+                                        (3000, "its grain table 0"), (1026, "its grain directory")])
+def test_cut_extent_is_refused(tmp_path: Path, left: int, what: str) -> None:
+    p = extent(tmp_path, grains=[(8, 1000), (11, 65_600)], size=left)
+    with pytest.raises(SourceError, match="truncated") as e:
+        check_compressed_grains("img", str(p))
+    assert what in e.value.message and f"is {left} bytes long" in e.value.message
+
+
+@pytest.mark.parametrize("per_gt, grain", [(1 << 30, GRAIN), (512, 0), (512, 1 << 40)])
+def test_header_qemu_would_refuse_is_damaged(tmp_path: Path, per_gt: int, grain: int) -> None:
+    p = tmp_path / "x.vmdk"
+    p.write_bytes(struct.pack("<4sIIQQQQIQQQ", b"KDMV", 3, 0x30003, 2048, grain, 0, 0, per_gt, 0, 2, 0).ljust(8192, b"\0"))
+    with pytest.raises(SourceError, match="damaged header"):
+        check_compressed_grains("img", str(p))
+
+
+def test_uncompressed_extent_is_left_to_the_map(tmp_path: Path) -> None:
+    check_compressed_grains("img", str(extent(tmp_path, flags=0x3, grains=[(8, 1 << 30)], size=8192)))
