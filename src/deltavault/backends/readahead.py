@@ -5,8 +5,10 @@ A restore reads a pack's blobs a few hundred KiB at a time, in roughly increasin
 own latency and cost. Once a pack is being read piecewise (a second read of it, or a first
 read near its start, where a scan begins), its reads are served from ``block``-aligned
 blocks: the missing blocks a read needs are fetched in one GET, and kept, least recently
-used first out, up to ``blocks`` of them (memory: blocks x block). Aligned blocks never
-overlap, so no byte is fetched twice while it is kept. Other reads (a pack header, one
+used first out, while they hold at most ``keep`` bytes. A block is larger than a default
+pack (32 MiB and its last blob), so a pack being scanned comes in one GET, cut short by the
+store at the pack's end: memory is what was received, not the block size. Aligned blocks
+never overlap, so no byte is fetched twice while it is kept. Other reads (a pack header, one
 blob, reads of two blocks or more, whole objects) pass through unchanged. Packs never
 change; a put or delete of a name drops its blocks anyway.
 """
@@ -25,11 +27,14 @@ class ReadAheadBackend(Forwarding):
     HEAD = 1024 * 1024  # a first read this close to the start of a pack begins a scan
     LARGE = 1024 * 1024  # and so does a first read this large
 
-    def __init__(self, inner: Backend, *, block: int = 16 * 1024 * 1024, blocks: int = 8,
+    # 16 MiB blocks took two or three GETs per 32 MiB pack: a restore made 57 GETs where
+    # restic made 48 (issue #17). A whole pack per GET: 4 packs of 32 MiB kept, as before.
+    def __init__(self, inner: Backend, *, block: int = 64 * 1024 * 1024, keep: int = 128 * 1024 * 1024,
                  prefix: str = "data/") -> None:
         super().__init__(inner)
         self.block = block
-        self.blocks = blocks
+        self.keep = keep
+        self._kept = 0  # bytes in _cache
         self.prefix = prefix
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (name, block no) -> bytes
@@ -98,12 +103,13 @@ class ReadAheadBackend(Forwarding):
             data = self.inner.get(name, lo * b, (hi - lo + 1) * b)
             with self._lock:
                 for i in range(lo, hi + 1):
+                    # the whole of data when it is one block: bytes slices share a full slice
                     piece = data[(i - lo) * b:(i - lo + 1) * b]
                     got[i] = piece
+                    self._kept += len(piece) - len(self._cache.pop((name, i), b""))
                     self._cache[(name, i)] = piece
-                    self._cache.move_to_end((name, i))
-                while len(self._cache) > self.blocks:
-                    self._cache.popitem(last=False)
+                while self._kept > self.keep and len(self._cache) > 1:
+                    self._kept -= len(self._cache.popitem(last=False)[1])
         return got
 
     def _cached(self, name: str, first: int, last: int) -> dict[int, bytes]:
@@ -119,7 +125,7 @@ class ReadAheadBackend(Forwarding):
     def _forget(self, name: str) -> None:
         with self._lock:
             for key in [k for k in self._cache if k[0] == name]:
-                del self._cache[key]
+                self._kept -= len(self._cache.pop(key))
             self._seen.pop(name, None)
 
     def put(self, name: str, data: bytes) -> None:
