@@ -134,3 +134,38 @@ def test_a_pack_smaller_than_a_block_comes_in_one_get_and_counts_its_own_bytes()
     assert len([c for c in inner.calls if c[0] == "get"]) == len(packs)
     assert ra._kept == sum(len(v) for v in ra._cache.values()) <= 128 * MiB
     assert len(ra._cache) == 3  # 36 + 32 + 34 MiB; the 35 MiB one would pass 128
+
+
+def test_a_prefetched_pack_is_fetched_once_in_the_background() -> None:
+    inner = FaultyBackend(MemoryBackend())
+    data = os.urandom(33 * MiB)
+    inner.put("data/ab/pack", data)
+    inner.calls.clear()
+    ra = ReadAheadBackend(inner)
+    ra.prefetch("data/ab/pack", 5 * MiB, 2 * MiB)
+    ra.prefetch("data/ab/pack", 9 * MiB, 2 * MiB)  # already coming: no second fetch
+    # a first small read mid-pack would pass through on its own; hinted, it is a scan
+    assert ra.get("data/ab/pack", 20 * MiB, 1000) == data[20 * MiB:20 * MiB + 1000]
+    assert ra.get("data/ab/pack", 2 * MiB, 1000) == data[2 * MiB:2 * MiB + 1000]
+    assert [c[0] for c in inner.calls] == ["get"]
+
+
+def test_a_failed_prefetch_is_reported_by_the_read_that_needs_it() -> None:
+    class Failing(MemoryBackend):
+        fail = 1
+
+        def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+            if self.fail:
+                self.fail -= 1
+                raise OSError("connection reset")
+            return super().get(name, offset, length)
+
+    inner = Failing()
+    data = os.urandom(3 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner)
+    ra.prefetch("data/ab/pack", 0, 2 * MiB)
+    assert ra._pool is not None
+    ra._pool.shutdown(wait=True)  # the prefetch failed quietly
+    assert ra._ahead == 0 and not ra._cache
+    assert ra.get("data/ab/pack", MiB, 10) == data[MiB:MiB + 10]  # fetched again, by the read
