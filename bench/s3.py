@@ -11,7 +11,12 @@ the tests (tests/s3proxy.py), the same instrument for both tools, for the reques
 bytes sent and received per run (its own overhead makes its times meaningless, so they are
 not reported). Needs root (each restore goes to a fresh ext4 on a loop device).
 
-Usage: bench/s3.py --datasets DIR [--repeat N] [--out FILE]
+With ``--only restore``: each tool backs up files-full once, then restores it in rounds,
+the order of the tools rotating each round, then once more through the proxy, counted.
+``--base SRC`` adds the deltavault of another source tree (its ``src/``) restoring the same
+repository, for old against new code in one session.
+
+Usage: bench/s3.py --datasets DIR [--repeat N] [--out FILE] [--only restore [--base SRC]]
 """
 
 from __future__ import annotations
@@ -80,6 +85,14 @@ def commands(tool: str, url: str, paths: list[str]) -> dict[str, list[str]]:
             "restore": [*r, "restore", "{id}", "-q", "--target"]}
 
 
+def tool_env(sw: Seaweed, work: Path, bucket: str, src: Path = ROOT / "src") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAVAULT_", "RESTIC_", "AWS_"))}
+    env.update(sw.env(), DELTAVAULT_PASSWORD="bench", DELTAVAULT_CACHE_DIR=str(work / "cache" / bucket),
+               RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "restic-cache" / bucket),
+               PYTHONPATH=str(src))  # this tree's deltavault, not the venv's editable install
+    return env
+
+
 def one_round(ds: Path, work: Path, sw: Seaweed, endpoint: str, *, counter: object = None) -> dict[str, dict]:
     """Every tool, every op, on fresh buckets; {tool op: {"seconds": s, requests...}}."""
     out: dict[str, dict] = {}
@@ -89,9 +102,7 @@ def one_round(ds: Path, work: Path, sw: Seaweed, endpoint: str, *, counter: obje
         stage(ds, src, "v1")
         bucket = sw.new_bucket()
         url = f"s3:{endpoint}/{bucket}/{tool}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAVAULT_", "RESTIC_", "AWS_"))}
-        env.update(sw.env(), DELTAVAULT_PASSWORD="bench", DELTAVAULT_CACHE_DIR=str(work / "cache" / bucket),
-                   RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "restic-cache" / bucket))
+        env = tool_env(sw, work, bucket)
         cmd = commands(tool, url, [str(src / "tree"), str(src / "db.sqlite")])
         timed(cmd["init"], env)
         for op in OPS:
@@ -115,6 +126,47 @@ def one_round(ds: Path, work: Path, sw: Seaweed, endpoint: str, *, counter: obje
     return out
 
 
+def restore_rounds(ds: Path, work: Path, sw: Seaweed, repeat: int, base: Path | None) -> tuple[list, dict]:
+    """One backup per tool, then ``repeat`` timed restores of it per variant (deltavault,
+    deltavault-base from ``base``, restic), their order rotating each round, then one counted
+    restore each through the proxy. Returns (rounds, counted)."""
+    src = work / "src"
+    stage(ds, src, "v1")
+    repos: dict[str, tuple[str, str, str]] = {}  # tool -> (bucket, path in it, snapshot id)
+    for tool in ("deltavault", "restic"):
+        bucket = sw.new_bucket()
+        env = tool_env(sw, work, bucket)
+        cmd = commands(tool, f"s3:{sw.endpoint}/{bucket}/{tool}", [str(src / "tree"), str(src / "db.sqlite")])
+        timed(cmd["init"], env)
+        timed(cmd["backup"], env)
+        repos[tool] = (bucket, f"{bucket}/{tool}", _first_snapshot(tool, f"s3:{sw.endpoint}/{bucket}/{tool}", env))
+    variants = [("deltavault", "deltavault", ROOT / "src"), ("restic", "restic", ROOT / "src")]
+    if base is not None:
+        variants.insert(1, ("deltavault-base", "deltavault", base))
+
+    def restore(name: str, tool: str, code: Path, endpoint: str) -> float:
+        bucket, path, sid = repos[tool]
+        cmd = commands(tool, f"s3:{endpoint}/{path}", [])["restore"]
+        return restore_timed([x.replace("{id}", sid) for x in cmd], tool_env(sw, work, bucket, code), work)
+
+    rounds = []
+    for i in range(repeat):
+        row = {}
+        for name, tool, code in variants[i % len(variants):] + variants[:i % len(variants)]:
+            row[f"{name} restore"] = {"seconds": round(restore(name, tool, code, sw.endpoint), 2)}
+        rounds.append(row)
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in row.items()), flush=True)
+    counted = {}
+    with proxy(sw.s3_port) as p:
+        for name, tool, code in variants:
+            before = p.snapshot()
+            restore(name, tool, code, p.endpoint)
+            d = p.snapshot().since(before)
+            counted[f"{name} restore"] = {"requests": d.requests, "sent": d.sent, "received": d.received,
+                                          "by_method": dict(d.by_method)}
+    return rounds, counted
+
+
 def _first_snapshot(tool: str, url: str, env: dict[str, str]) -> str:
     if tool == "deltavault":
         p = subprocess.run([sys.executable, "-m", "deltavault", "-r", url, "--json", "snapshots"], env=env,
@@ -131,25 +183,35 @@ def main() -> None:
     ap.add_argument("--datasets", type=Path, required=True)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "s3.json")
+    ap.add_argument("--only", choices=["restore"], help="only the restore: one backup per tool, restored in rounds")
+    ap.add_argument("--base", type=Path, help="with --only restore: also the deltavault of this src/ directory")
     a = ap.parse_args()
     size = sum(p.stat().st_size for p in (a.datasets / "tree-v1").rglob("*") if p.is_file()) + \
         (a.datasets / "db-v1.sqlite").stat().st_size
     rounds = []
     work = Path(tempfile.mkdtemp(prefix="dv-s3-bench-", dir="/tmp"))
+    ops = OPS
     try:
         with server(work / "seaweed") as sw:
-            for i in range(a.repeat):
+            if a.only == "restore":
+                ops = ("restore",)
+                rounds, counted = restore_rounds(a.datasets, work, sw, a.repeat, a.base)
+            for i in range(a.repeat if a.only is None else 0):
                 rounds.append(one_round(a.datasets, work, sw, sw.endpoint))
                 print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in rounds[-1].items()),
                       flush=True)
-            with proxy(sw.s3_port) as p:
-                counted = one_round(a.datasets, work, sw, p.endpoint, counter=p)
+            if a.only is None:
+                with proxy(sw.s3_port) as p:
+                    counted = one_round(a.datasets, work, sw, p.endpoint, counter=p)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {k: round(statistics.median(r[k]["seconds"] for r in rounds), 2) for k in rounds[0]}
     gb = size / 1e9
     ratios = {op: round(statistics.median(r[f"restic {op}"]["seconds"] / r[f"deltavault {op}"]["seconds"]
-                                          for r in rounds), 2) for op in OPS}
+                                          for r in rounds), 2) for op in ops}
+    if a.base is not None and a.only == "restore":
+        ratios["restore, base / this tree"] = round(statistics.median(
+            r["deltavault-base restore"]["seconds"] / r["deltavault restore"]["seconds"] for r in rounds), 2)
     traffic = {k: {"requests": v["requests"], "requests_per_gb": round(v["requests"] / gb, 1),
                    "sent_mb": round(v["sent"] / 1e6, 1), "received_mb": round(v["received"] / 1e6, 1),
                    "by_method": v["by_method"]} for k, v in counted.items()}
@@ -157,7 +219,8 @@ def main() -> None:
               "speedup_over_restic": ratios, "traffic": traffic,
               "throughput_mb_s": {k: round(size / 1e6 / v, 1) for k, v in medians.items() if "incr" not in k},
               "restic": subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.strip(),
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_average": os.getloadavg()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("medians_seconds", "speedup_over_restic", "throughput_mb_s",

@@ -44,13 +44,16 @@ class Stats:
     by_method: Counter[str] = field(default_factory=Counter)
     dropped: int = 0
     refused: int = 0
+    by_key: Counter[tuple[str, str]] = field(default_factory=Counter)  # (method, path without query)
 
     def copy(self) -> Stats:
-        return Stats(self.requests, self.sent, self.received, Counter(self.by_method), self.dropped, self.refused)
+        return Stats(self.requests, self.sent, self.received, Counter(self.by_method), self.dropped, self.refused,
+                     Counter(self.by_key))
 
     def since(self, before: Stats) -> Stats:
         return Stats(self.requests - before.requests, self.sent - before.sent, self.received - before.received,
-                     self.by_method - before.by_method, self.dropped - before.dropped, self.refused - before.refused)
+                     self.by_method - before.by_method, self.dropped - before.dropped, self.refused - before.refused,
+                     self.by_key - before.by_key)
 
 
 class _Conn:
@@ -214,10 +217,11 @@ class Proxy:
                 if head is None:
                     return
                 first, h = _headers(head)
-                method = first.split(" ", 1)[0]
+                method, _, target = first.partition(" ")
                 with self._lock:
                     self.stats.requests += 1
                     self.stats.by_method[method] += 1
+                    self.stats.by_key[(method, target.split(" ", 1)[0].split("?", 1)[0])] += 1
                 if "100-continue" in h.get("expect", "").lower():
                     head = b"\r\n".join(ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"expect:"))
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")

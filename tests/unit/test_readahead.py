@@ -19,7 +19,7 @@ def _store(size: int = 40 * MiB) -> tuple[ReadAheadBackend, FaultyBackend, bytes
     data = os.urandom(size)
     inner.put("data/ab/pack", data)
     inner.calls.clear()
-    return ReadAheadBackend(inner, block=4 * MiB, blocks=3), inner, data
+    return ReadAheadBackend(inner, block=4 * MiB, keep=12 * MiB), inner, data
 
 
 def test_a_forward_scan_takes_one_read_per_window() -> None:
@@ -47,7 +47,7 @@ def test_memory_is_bounded_and_writes_drop_windows() -> None:
         inner.put(f"data/ab/p{n}", bytes([n]) * (6 * MiB))
         ra.get(f"data/ab/p{n}", 0, 10)
         assert ra.get(f"data/ab/p{n}", 100, 10) == bytes([n]) * 10
-    assert len(ra._cache) <= 3
+    assert ra._kept == sum(len(v) for v in ra._cache.values()) <= 12 * MiB
     ra.put("data/ab/p4", b"new contents")
     assert ra.get("data/ab/p4", 0, 3) == b"new"
     ra.delete("data/ab/p4")
@@ -73,7 +73,7 @@ def test_different_blocks_of_one_pack_are_fetched_at_once() -> None:
     inner = _Meeting(2)
     data = os.urandom(24 * MiB)
     inner.put("data/ab/pack", data)
-    ra = ReadAheadBackend(inner, block=4 * MiB, blocks=4)
+    ra = ReadAheadBackend(inner, block=4 * MiB, keep=16 * MiB)
     with ThreadPoolExecutor(2) as pool:
         futs = [pool.submit(ra.get, "data/ab/pack", off, 100_000) for off in (1000, 9 * MiB)]
         assert [f.result() for f in futs] == [data[1000:101_000], data[9 * MiB:9 * MiB + 100_000]]
@@ -84,7 +84,7 @@ def test_threads_wanting_one_block_share_its_fetch() -> None:
     data = os.urandom(8 * MiB)
     inner.put("data/ab/pack", data)
     inner.calls.clear()
-    ra = ReadAheadBackend(inner, block=4 * MiB, blocks=4)
+    ra = ReadAheadBackend(inner, block=4 * MiB, keep=16 * MiB)
     offs = [1000 + i * 200_000 for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda o: ra.get("data/ab/pack", o, 100_000), offs))
@@ -110,7 +110,62 @@ def test_a_large_first_read_mid_pack_is_not_fetched_twice() -> None:
     inner = _Bytes()
     data = os.urandom(16 * MiB)
     inner.put("data/ab/pack", data)
-    ra = ReadAheadBackend(inner, block=16 * MiB, blocks=4)
+    ra = ReadAheadBackend(inner, block=16 * MiB, keep=64 * MiB)
     assert ra.get("data/ab/pack", 8 * MiB, 4 * MiB) == data[8 * MiB:12 * MiB]
     assert ra.get("data/ab/pack", 2 * MiB, 4 * MiB) == data[2 * MiB:6 * MiB]
     assert inner.received == 16 * MiB
+
+
+def test_a_pack_smaller_than_a_block_comes_in_one_get_and_counts_its_own_bytes() -> None:
+    # The default block is larger than a default pack (32 MiB and its last blob): a scan of
+    # a whole pack is one GET, and the memory kept is the pack's bytes, not the block size.
+    inner = FaultyBackend(MemoryBackend())
+    sizes = [33 * MiB, 35 * MiB, 34 * MiB, 32 * MiB, 36 * MiB]
+    packs = {f"data/ab/p{i}": os.urandom(n) for i, n in enumerate(sizes)}
+    for name, data in packs.items():
+        inner.put(name, data)
+    inner.calls.clear()
+    ra = ReadAheadBackend(inner)  # 64 MiB blocks, 128 MiB kept
+    with ThreadPoolExecutor(4) as pool:  # parallel segments: several threads in one pack
+        for name, data in packs.items():
+            offs = list(range(100, len(data) - 300_000, 250_000))
+            got = list(pool.map(lambda o, n=name: ra.get(n, o, 200_000), offs))
+            assert got == [data[o:o + 200_000] for o in offs]
+    assert len([c for c in inner.calls if c[0] == "get"]) == len(packs)
+    assert ra._kept == sum(len(v) for v in ra._cache.values()) <= 128 * MiB
+    assert len(ra._cache) == 3  # 36 + 32 + 34 MiB; the 35 MiB one would pass 128
+
+
+def test_a_prefetched_pack_is_fetched_once_in_the_background() -> None:
+    inner = FaultyBackend(MemoryBackend())
+    data = os.urandom(33 * MiB)
+    inner.put("data/ab/pack", data)
+    inner.calls.clear()
+    ra = ReadAheadBackend(inner)
+    ra.prefetch("data/ab/pack", 5 * MiB, 2 * MiB)
+    ra.prefetch("data/ab/pack", 9 * MiB, 2 * MiB)  # already coming: no second fetch
+    # a first small read mid-pack would pass through on its own; hinted, it is a scan
+    assert ra.get("data/ab/pack", 20 * MiB, 1000) == data[20 * MiB:20 * MiB + 1000]
+    assert ra.get("data/ab/pack", 2 * MiB, 1000) == data[2 * MiB:2 * MiB + 1000]
+    assert [c[0] for c in inner.calls] == ["get"]
+
+
+def test_a_failed_prefetch_is_reported_by_the_read_that_needs_it() -> None:
+    class Failing(MemoryBackend):
+        fail = 1
+
+        def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+            if self.fail:
+                self.fail -= 1
+                raise OSError("connection reset")
+            return super().get(name, offset, length)
+
+    inner = Failing()
+    data = os.urandom(3 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner)
+    ra.prefetch("data/ab/pack", 0, 2 * MiB)
+    assert ra._pool is not None
+    ra._pool.shutdown(wait=True)  # the prefetch failed quietly
+    assert ra._ahead == 0 and not ra._cache
+    assert ra.get("data/ab/pack", MiB, 10) == data[MiB:MiB + 10]  # fetched again, by the read

@@ -23,6 +23,10 @@ class BlobReader(BlobLoader, Protocol):
 
     def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
 
+    def prefetch_blobs(self, ids: list[bytes]) -> None:
+        """A hint: these blobs will be loaded soon (a backend that can, starts reading them)."""
+        ...
+
 
 class BlobSaver(Protocol):
     def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,

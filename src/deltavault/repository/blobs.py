@@ -22,6 +22,9 @@ from deltavault.repository.pack import BLOB_AAD, PackBuilder, pack_name
 # below GAP, up to SPAN bytes a request.
 GAP = 256 * 1024
 SPAN = 64 * 1024 * 1024
+# prefetch hints a pack only for this many bytes of its blobs or more: a read-ahead fetches
+# whole packs, which costs more than the reads of a few small files (a partial restore).
+PREFETCH_MIN = 1024 * 1024
 
 
 class BlobWriter:
@@ -165,6 +168,22 @@ class BlobReader:
         if self.env.blob_id(data) != blob_id:
             raise CorruptionError(f"blob {blob_id.hex()[:16]}: content does not match its id")
         return data
+
+    def prefetch(self, ids: Iterable[bytes]) -> None:
+        """Tell a backend that reads ahead (backends/readahead.py) which ranges of which packs
+        these blobs will be read from; other backends have nothing to do."""
+        hint = getattr(self.backend, "prefetch", None)
+        if hint is None:
+            return
+        spans: dict[bytes, tuple[int, int, int]] = {}  # pack -> (first byte, end, bytes of blobs)
+        for bid in dict.fromkeys(ids):
+            loc = self.indexes.index.lookup(bid)
+            if loc is not None:
+                lo, hi, n = spans.get(loc.pack_id, (loc.offset, loc.offset + loc.length, 0))
+                spans[loc.pack_id] = (min(lo, loc.offset), max(hi, loc.offset + loc.length), n + loc.length)
+        for pid, (lo, hi, n) in spans.items():
+            if n >= PREFETCH_MIN:
+                hint(pack_name(pid), lo, hi - lo)
 
     def load_many(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Load many blobs, reading neighbouring blobs of one pack in a single request."""

@@ -165,6 +165,9 @@ class Repository:
     def load_blobs(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         return self.reader.load_many(ids)
 
+    def prefetch_blobs(self, ids: Iterable[bytes]) -> None:
+        self.reader.prefetch(ids)
+
     # ----------------------------------------------------------------- snapshots (snapshots.py)
     @property
     def damaged_snapshots(self) -> dict[str, str]:

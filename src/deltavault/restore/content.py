@@ -110,10 +110,17 @@ def _write_parallel(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes
                     pool: Executor, window: int) -> Expect:
     expect: Expect = []
     pending: deque[Future[Expect]] = deque()
+    batches = list(_batches(node.content, SEGMENT_BYTES))
     try:
-        for batch in _batches(node.content, SEGMENT_BYTES):
+        for i, batch in enumerate(batches):
             if len(pending) >= window:
                 expect.extend(pending.popleft().result())
+            if i + window < len(batches):
+                # On S3 every segment thread waited for the same pack's GET, and no GET ran
+                # while they worked on it (py-spy, issue #17): the pack a window ahead is
+                # asked for now, so its GET overlaps this window's work.
+                ahead = batches[i + window]
+                repo.prefetch_blobs([r.id for _o, r in ahead if isinstance(r, Full) and r.id not in preloaded])
             pending.append(pool.submit(_write_batch, repo, fd, batch, preloaded, digests))
         while pending:
             expect.extend(pending.popleft().result())

@@ -160,6 +160,7 @@ class RegularFiles:
             return
         ids = list(dict.fromkeys(r.id for _d, _rel, n in items for r in n.content if isinstance(r, Full)))
         try:
+            self.repo.prefetch_blobs(ids)  # a read-ahead reads their packs whole, in one GET each
             fut = self._segments.submit(self._load_blobs, ids)
         except BaseException:
             for here, _rel, _node in items:
