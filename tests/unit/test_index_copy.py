@@ -254,3 +254,27 @@ def test_opening_from_the_copy_peaks_no_higher_than_loading_the_files(make_repo:
     # The records (57 bytes a blob), a bytearray object a bucket (65,536 of about 57 bytes:
     # 18 a blob here, 4 at 1M blobs) and one run of buckets read at a time (1 MiB).
     assert peaks["copy"] < 100 * 200_000, f"{peaks['copy'] / 200_000:.0f} bytes a blob"
+
+
+def test_adding_a_large_new_index_file_to_the_copy_peaks_no_higher_than_loading(make_repo: Factory,
+                                                                               tmp_path: Path,
+                                                                               cache_root: Path) -> None:
+    # A new file is read for what it supersedes, then added a pack at a time, as a load
+    # adds it: never decoded whole as objects (230 bytes a blob) next to the index.
+    repo = make_repo()
+    write_packs(repo, 100, 1000, seed=13)
+    open_repo(tmp_path, cache_root)  # the copy
+    write_packs(open_repo(tmp_path, tmp_path / "other-cache"), 100, 1000, seed=14)
+    peaks = {}
+    for run in ("copy and new file", "files"):
+        if run == "files":
+            copy_path(repo).unlink()
+        tracemalloc.start()
+        try:
+            opened = open_repo(tmp_path, cache_root)
+            _now, peaks[run] = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert not opened.indexes.from_copy and len(opened.index) == 200_000
+        del opened
+    assert peaks["copy and new file"] <= peaks["files"], peaks

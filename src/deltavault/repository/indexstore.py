@@ -171,11 +171,11 @@ class IndexStore:
         for name in sorted(names_set - self._loaded - self._superseded):
             if rebuild:
                 break
-            try:
-                f = self.read_file(name)
+            try:  # only the head: a large new file is not built as objects (load adds it)
+                sup = decode_index_head(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
             except (CorruptionError, UnsupportedVersion):
                 continue  # load reports it
-            rebuild = any(f"index/{s.hex()}" in self._loaded for s in f.supersedes)
+            rebuild = any(f"index/{s.hex()}" in self._loaded for s in sup)
         if rebuild:
             with self.lock:
                 self.index = Index()
