@@ -7,7 +7,7 @@ record buckets as they are in memory and the state the index store kept with the
 index files listed when it was built, those loaded and those superseded. A keyed BLAKE3
 under a key derived from the master key (``Repository.cache_key("index")``) covers all
 of it: the format version, the record layout, the repository id and those names. The
-file is used only when that MAC verifies; any trouble (absent, truncated, damaged,
+file is used only when that MAC verifies, checked before anything is built from it; any trouble (absent, truncated, damaged,
 another repository's, another version's) makes ``read`` return None and the index is
 loaded from the index files as before. The index store then decides, from the names,
 whether the copy is current (indexstore.py).
@@ -102,9 +102,29 @@ class IndexCopy:
         try:
             size = os.fstat(fd).st_size
             with os.fdopen(fd, "rb") as f:
+                # Authenticated before anything is built from it, so a planted file whose
+                # lengths add up (a huge sparse one) allocates nothing; the parse below
+                # hashes what it reads again, in case the file changed in between.
+                if not self._authentic(f, size):
+                    return None
+                f.seek(0)
                 return self._parse(f, size)
         except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError):
             return None
+
+    def _authentic(self, f: io.BufferedReader, size: int) -> bool:
+        if size < _PREFIX + _MAC:
+            return False
+        mac = blake3.blake3(key=self.key)
+        buf = bytearray(_GROUP)
+        left = size - _MAC
+        while left:
+            n = f.readinto(memoryview(buf)[:min(left, _GROUP)])
+            if not n:
+                return False
+            mac.update(memoryview(buf)[:n])
+            left -= n
+        return hmac.compare_digest(f.read(_MAC), mac.digest())
 
     def _parse(self, f: io.BufferedReader, size: int) -> Built | None:
         mac = blake3.blake3(key=self.key)
