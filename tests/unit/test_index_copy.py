@@ -278,3 +278,32 @@ def test_adding_a_large_new_index_file_to_the_copy_peaks_no_higher_than_loading(
         assert not opened.indexes.from_copy and len(opened.index) == 200_000
         del opened
     assert peaks["copy and new file"] <= peaks["files"], peaks
+
+
+def test_a_planted_copy_whose_lengths_add_up_allocates_nothing_before_its_mac_fails(make_repo: Factory,
+                                                                                   tmp_path: Path,
+                                                                                   cache_root: Path) -> None:
+    repo = make_repo()
+    write_packs(repo, 2, 50, seed=15)
+    path = copy_path(open_repo(tmp_path, cache_root))
+    data = path.read_bytes()
+    head_len = int.from_bytes(data[12:16], "little")
+    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
+    records = 4_000_000  # 228 MB of records claimed, a sparse file of that size
+    head.blobs = records
+    new_head = msgspec.msgpack.encode(head)
+    lengths = bytearray(4 * 65536)
+    lengths[:4] = (records * 57).to_bytes(4, "little")
+    with open(path, "wb") as f:
+        f.write(data[:12] + len(new_head).to_bytes(4, "little") + new_head + b"\1" * 32 * head.packs + lengths)
+        f.truncate(f.tell() + records * 57 + 32)
+    built = IndexCopy(path.parent, repo.config.id, repo.cache_key("index"))
+    tracemalloc.start()
+    try:
+        assert built.read() is None
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    reopened = open_repo(tmp_path, cache_root)
+    assert not reopened.indexes.from_copy and len(reopened.index) == 100
