@@ -88,12 +88,6 @@ class IndexCopy:
         parts.append(mac.digest())
         return write_cache_parts(self.path, parts)
 
-    def remove(self) -> None:
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass  # absent, or the directory is gone: nothing to use either way
-
     def read(self) -> Built | None:
         """The index the copy holds, or None when there is none to trust."""
         fd = open_cache_path(self.path)
