@@ -90,6 +90,11 @@ def damaged_copies(data: bytes) -> Iterator[tuple[str, bytes]]:
         flipped = bytearray(data)
         flipped[at] ^= 0x10
         yield f"byte {at} flipped", bytes(flipped)
+    rnd = random.Random(len(data))
+    for at in sorted(rnd.sample(range(len(data)), 20)):
+        flipped = bytearray(data)
+        flipped[at] = (flipped[at] + rnd.randrange(1, 256)) % 256
+        yield f"byte {at} changed", bytes(flipped)
     for keep in (0, 10, 17, len(data) // 2, len(data) - 1):
         yield f"truncated to {keep}", data[:keep]
     yield "one byte longer", data + b"\0"
