@@ -53,6 +53,7 @@ bench: system-deps $(STAMP)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/mount.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync.py --datasets $(DATASETS) --update-doc docs/benchmarks.md
 	flock /tmp/dv-bench.lock $(BIN)/python bench/prune_memory.py
+	flock /tmp/dv-bench.lock $(BIN)/python bench/open_index.py
 	flock /tmp/dv-bench.lock $(BIN)/python bench/sftp.py --datasets $(DATASETS)
 	flock /tmp/dv-bench.lock $(BIN)/python bench/s3.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS)

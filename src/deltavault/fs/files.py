@@ -184,16 +184,41 @@ def open_cache(root: Path, name: str) -> tuple[Path | None, tuple[str, str] | No
     return path, None
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_parts(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+    """Every part, in order, a few hundred to a system call (writev): a file of 65,536
+    small parts (the built index's buckets) is written without joining them first."""
+    batch: list[memoryview] = []
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if view:
+            batch.append(view)
+        if len(batch) == 512:  # under IOV_MAX (1024 on Linux)
+            _writev_all(fd, batch)
+            batch = []
+    if batch:
+        _writev_all(fd, batch)
+
+
+def _writev_all(fd: int, views: list[memoryview]) -> None:
+    i = 0
+    while i < len(views):
+        done = os.writev(fd, views[i:])
+        while i < len(views) and done >= len(views[i]):
+            done -= len(views[i])
+            i += 1
+        if done:  # a short write ended inside this part
+            views[i] = views[i][done:]
 
 
 def write_cache_file(path: Path, data: bytes) -> bool:
     """Write a local cache file atomically (temp name, then rename), mode 0600, in a private
     directory made as needed; best effort: a cache only saves downloads, so a failure is
     not an error. Returns whether it was written."""
+    return write_cache_parts(path, (data,))
+
+
+def write_cache_parts(path: Path, parts: Iterable[bytes | bytearray | memoryview]) -> bool:
+    """``write_cache_file`` of the concatenation of ``parts``, which is never built."""
     tmp = f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}"
     try:
         dfd = private_dir(path.parent)
@@ -207,7 +232,7 @@ def write_cache_file(path: Path, data: bytes) -> bool:
         fd = os.open(tmp, _NEW_FLAGS, FILE_MODE, dir_fd=dfd)
         try:
             os.fchmod(fd, FILE_MODE)  # a umask such as 0o277 narrows the mode given to open
-            _write_all(fd, data)
+            _write_parts(fd, parts)
         finally:
             os.close(fd)
         os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -244,17 +269,23 @@ def open_cache_file(dir_fd: int, name: str) -> int | None:
     return fd
 
 
-def read_cache_file(path: Path) -> bytes | None:
-    """The content of a local cache file, or None when it is absent or not to be trusted
-    as ours (see ``open_cache_file``) or its directory is not private."""
+def open_cache_path(path: Path) -> int | None:
+    """A read fd of the local cache file ``path`` (as ``open_cache_file`` judges it, in a
+    directory that is private), or None."""
     try:
         dfd = private_dir(path.parent, create=False)
     except (OSError, UnsafeCacheDir):
         return None
     try:
-        fd = open_cache_file(dfd, path.name)
+        return open_cache_file(dfd, path.name)
     finally:
         os.close(dfd)
+
+
+def read_cache_file(path: Path) -> bytes | None:
+    """The content of a local cache file, or None when it is absent or not to be trusted
+    as ours (see ``open_cache_file``) or its directory is not private."""
+    fd = open_cache_path(path)
     if fd is None:
         return None
     try:

@@ -140,6 +140,7 @@ class BlobLocation:
 _REC = struct.Struct("<32sIQIIBI")
 _RS = _REC.size
 _BUCKETS = 1 << 16
+RECORD_FORMAT, RECORD_SIZE, BUCKETS = _REC.format, _RS, _BUCKETS  # for indexcache.py
 
 
 class Index:
@@ -222,6 +223,25 @@ class Index:
 
     def packs(self) -> list[bytes]:
         return list(self._packs)
+
+    def export_state(self) -> tuple[list[bytes], list[bytearray | None], int]:
+        """(pack ids, buckets, blob count) as they are, not copied, for the local copy of the
+        built index (indexcache.py). The buckets are this index's own: the caller writes
+        them out while nothing adds to the index."""
+        with self._lock:
+            return list(self._packs), list(self._buckets), self._n
+
+    @classmethod
+    def from_state(cls, packs: list[bytes], buckets: list[bytearray | None], n: int) -> Index:
+        """The index ``export_state`` gave, read back (indexcache.py has authenticated it)."""
+        if len(buckets) != _BUCKETS:
+            raise ValueError(f"an index has {_BUCKETS} buckets, not {len(buckets)}")
+        idx = cls()
+        idx._packs = packs
+        idx._pack_no = {p: no for no, p in enumerate(packs)}
+        idx._buckets = buckets
+        idx._n = n
+        return idx
 
     def has_pack(self, pack_id: bytes) -> bool:
         return pack_id in self._pack_no

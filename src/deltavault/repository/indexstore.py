@@ -32,6 +32,7 @@ from deltavault.repository.index import (
     decode_index_pack,
     encode_index,
 )
+from deltavault.repository.indexcache import IndexCopy
 from deltavault.repository.pack import (
     MAGIC,
     PackEntry,
@@ -69,11 +70,14 @@ class WriteStats:
 class IndexStore:
     """``lock`` guards ``index`` and ``unindexed``; the blob writer shares it."""
 
-    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats) -> None:
+    def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats,
+                 copy: IndexCopy | None = None) -> None:
         self.backend = backend
         self.env = env
         self.cache = cache
         self.stats = stats
+        self.copy = copy  # the local copy of the built index (indexcache.py), if a cache is used
+        self.from_copy = False  # whether ``open`` took the index from that copy
         self.lock = threading.Lock()
         self.index = Index()
         self.errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
@@ -92,10 +96,37 @@ class IndexStore:
     def read_file(self, name: str) -> IndexFile:
         return decode_index(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
 
-    def load(self, *, tolerant: bool = False) -> None:
+    def open(self, *, tolerant: bool = False) -> None:
+        """The first load, from the local copy of the built index when it is current. The
+        copy stands for exactly the state a load of its listed names left, so the names
+        listed now are applied to it as ``refresh`` applies them to a loaded index: none
+        new and none gone, it is used as it is; new files that supersede nothing loaded are
+        added to it; a loaded file gone or superseded (a prune or repair) rebuilds from the
+        index files. Then the copy is rewritten unless it was current. ``tolerant`` (check,
+        repair) never uses it: they must meet every index file."""
+        if tolerant or self.copy is None:
+            self.load(tolerant=tolerant)
+            return
+        names = self.names()
+        built = self.copy.read()
+        if built is not None:
+            self.index, self._loaded, self._superseded, listed = (built.index, built.loaded,
+                                                                  built.superseded, built.listed)
+            del built  # a rebuild below must not keep this index alive next to the new one
+            if listed == names:
+                self.from_copy = True
+                return
+            self.refresh(names=names)
+        else:
+            self.load(names=names)
+        if not self.errors:
+            self.copy.write(self.index, names, self._loaded, self._superseded)
+
+    def load(self, *, tolerant: bool = False, names: list[str] | None = None) -> None:
         # Two passes: first only what each file supersedes, then each file checked and added
         # one pack at a time, so a large index never sits in memory as objects all at once.
-        names = self.names()
+        if names is None:
+            names = self.names()
         heads: dict[str, tuple[list[bytes], bytes | None]] = {}
         for name in names:
             if name in self._loaded or name in self._superseded:
@@ -128,21 +159,23 @@ class IndexStore:
             self._loaded.add(name)
         self.cache.prune("index", set(names))
 
-    def refresh(self, *, force: bool = False) -> bool:
+    def refresh(self, *, force: bool = False, names: list[str] | None = None) -> bool:
         """Bring the in-memory index up to date (called once a lock is held): load new index
         files, and rebuild from scratch when a file loaded earlier was removed or superseded,
         since a prune or repair compacted the index and packs it named may be gone.
-        ``force`` always rebuilds. Returns True when it rebuilt."""
-        names = set(self.names())
-        rebuild = force or bool(self._loaded - names)
-        for name in sorted(names - self._loaded - self._superseded):
+        ``force`` always rebuilds. ``names``: the listing of ``index/``, if just made.
+        Returns True when it rebuilt."""
+        listed = self.names() if names is None else names
+        names_set = set(listed)
+        rebuild = force or bool(self._loaded - names_set)
+        for name in sorted(names_set - self._loaded - self._superseded):
             if rebuild:
                 break
-            try:
-                f = self.read_file(name)
+            try:  # only the head: a large new file is not built as objects (load adds it)
+                sup = decode_index_head(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
             except (CorruptionError, UnsupportedVersion):
                 continue  # load reports it
-            rebuild = any(f"index/{s.hex()}" in self._loaded for s in f.supersedes)
+            rebuild = any(f"index/{s.hex()}" in self._loaded for s in sup)
         if rebuild:
             with self.lock:
                 self.index = Index()
@@ -150,7 +183,7 @@ class IndexStore:
                 self._superseded = set()
                 for pid, entries in self.unindexed:
                     self.index.add_pack(pid, entries)
-        self.load(tolerant=bool(self.errors))
+        self.load(tolerant=bool(self.errors), names=listed)
         return rebuild
 
     def write_file(self, packs: PackList, supersedes: Iterable[str] = ()) -> str:

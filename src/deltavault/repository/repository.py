@@ -36,6 +36,7 @@ from deltavault.repository.config import (
 )
 from deltavault.repository.envelope import Envelope
 from deltavault.repository.index import Index
+from deltavault.repository.indexcache import IndexCopy
 from deltavault.repository.indexstore import IndexStore, PackList, WriteStats
 from deltavault.repository.locks import Lock, LockManager
 from deltavault.repository.pack import PackEntry
@@ -61,7 +62,8 @@ class Repository:
             self.cache_dir, self.cache_note = open_cache(cache_root or default_cache_root(), config.id)
         self.cache = ObjectCache(self.backend, self.cache_dir)
         self.write_stats = WriteStats()
-        self.indexes = IndexStore(self.backend, self.env, self.cache, self.write_stats)
+        copy = IndexCopy(self.cache_dir, config.id, self.cache_key("index")) if self.cache_dir else None
+        self.indexes = IndexStore(self.backend, self.env, self.cache, self.write_stats, copy)
         self.writer = BlobWriter(self.backend, self.env, self.indexes, config.pack_size)
         self.reader = BlobReader(self.backend, self.env, self.indexes)
         self.snapshots = SnapshotStore(self.backend, self.env, self.cache, self.write_stats)
@@ -91,7 +93,7 @@ class Repository:
         cfg, master, key_name = configmod.open_existing(counting, password)
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
-        repo.load_index(tolerant=tolerant)
+        repo.indexes.open(tolerant=tolerant)
         return repo
 
     @property
