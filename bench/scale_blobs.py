@@ -25,7 +25,11 @@ way to get N blobs into their repositories: they cannot read a synthetic deltava
     flock /tmp/dv-bench.lock .venv/bin/python bench/scale_blobs.py --blobs 100000 1000000 --keep
     .venv/bin/python bench/scale_blobs.py --plot-only
 
-``--src DIR`` runs the CLI from another source tree (``--label`` names its rows).
+``--src DIR`` runs the CLI from another source tree (``--label`` names its rows); ``--ops``
+picks deltavault's operations; ``--warm`` runs one unmeasured ``snapshots`` first (a cache
+that the first open writes, such as a local copy of the built index, is then in use).
+Scratch: about 2 GB for the 10M repository (and as much for each round's copy), 4.4 GB for
+the peers' 1M files and repositories.
 """
 
 from __future__ import annotations

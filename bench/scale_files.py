@@ -195,12 +195,12 @@ def plot(data: dict[str, dict], out: Path, *, ops: tuple[str, ...] = OPS, tools:
     fig, axes = plt.subplots(2, len(ops), figsize=(4 * len(ops), 7), squeeze=False)
     ns = sorted(int(k) for k in data)
     for j, op in enumerate(ops):
-        for t, style in zip(tools, ("o-", "s--", "^:", "D-."), strict=False):
+        for i, (t, style) in enumerate(zip(tools, ("o-", "s--", "^:", "D-."), strict=False)):
             pts = [(n, data[str(n)]["tools"][t][op]) for n in ns if op in data[str(n)]["tools"].get(t, {})]
             if not pts:
                 continue
-            axes[0][j].plot([p[0] for p in pts], [p[1]["seconds"] for p in pts], style, label=t)
-            axes[1][j].plot([p[0] for p in pts], [p[1]["rss_mib"] for p in pts], style, label=t)
+            for row, key in enumerate(("seconds", "rss_mib")):  # one colour a tool in every panel
+                axes[row][j].plot([p[0] for p in pts], [p[1][key] for p in pts], style, color=f"C{i}", label=t)
         axes[0][j].set_title(op)
         if op in goals:
             secs, mib, label = goals[op]
