@@ -101,7 +101,9 @@ def _cmd(pid: int) -> str:
 
 
 
-def measured(argv: list[str], env: dict[str, str], interval: float = 0.005) -> Run:
+def measured(argv: list[str], env: dict[str, str], interval: float = 0.005,
+             output: list[bytes] | None = None) -> Run:
+    """``output``: given, the run's stdout and then its stderr are appended to it."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, env=env, stdout=out, stderr=err)
@@ -154,6 +156,10 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005) -> R
             err.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed ({rc}):\n{out.read().decode()[-2000:]}"
                              f"{err.read().decode()[-2000:]}")
+        if output is not None:
+            out.seek(0)
+            err.seek(0)
+            output += [out.read(), err.read()]
     return Run(dt, ru.ru_utime + ru.ru_stime, peak_sum / MiB, peak_pss / MiB, sum(hwm.values()) / MiB, len(hwm),
                {f"{pid} {names.get(pid, '?')}": round(v / MiB, 1) for pid, v in hwm.items()})
 

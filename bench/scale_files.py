@@ -175,26 +175,37 @@ def print_table(data: dict[str, dict]) -> None:
             print(f"{int(key):>9} {op:<12}" + "".join(f"{c:>24}" for c in cells))
 
 
-def plot(data: dict[str, dict], out: Path) -> None:
+GOALS = {"nochange": (8.0, 200 * 1e6 / 2**20, "goal at 1M")}  # issue #18: 8 s and 200 MB at 1M files
+TITLE = "Small files: deltavault, restic 0.14, borg 1.2 (shared 2-core VM; bench/scale_files.py)"
+
+
+def plot(data: dict[str, dict], out: Path, *, ops: tuple[str, ...] = OPS, tools: tuple[str, ...] = TOOLS,
+         xlabel: str = "files", title: str = TITLE,
+         goals: dict[str, tuple[float, float, str]] | None = None) -> None:
+    """Log-log curves, one column per op: wall time above, peak RSS below, one line per tool
+    found in ``data[n]["tools"]``. ``goals``: per op, (seconds, MiB, label) drawn as lines
+    (bench/scale_blobs.py draws its curves with this too)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(2, len(OPS), figsize=(4 * len(OPS), 7), squeeze=False)
+    goals = GOALS if goals is None else goals
+    fig, axes = plt.subplots(2, len(ops), figsize=(4 * len(ops), 7), squeeze=False)
     ns = sorted(int(k) for k in data)
-    for j, op in enumerate(OPS):
-        for t, style in zip(TOOLS, ("o-", "s--", "^:"), strict=True):
+    for j, op in enumerate(ops):
+        for i, (t, style) in enumerate(zip(tools, ("o-", "s--", "^:", "D-."), strict=False)):
             pts = [(n, data[str(n)]["tools"][t][op]) for n in ns if op in data[str(n)]["tools"].get(t, {})]
             if not pts:
                 continue
-            axes[0][j].plot([p[0] for p in pts], [p[1]["seconds"] for p in pts], style, label=t)
-            axes[1][j].plot([p[0] for p in pts], [p[1]["rss_mib"] for p in pts], style, label=t)
+            for row, key in enumerate(("seconds", "rss_mib")):  # one colour a tool in every panel
+                axes[row][j].plot([p[0] for p in pts], [p[1][key] for p in pts], style, color=f"C{i}", label=t)
         axes[0][j].set_title(op)
-        if op == "nochange":  # issue #18's goal for 1M files
-            axes[0][j].axhline(8, color="grey", lw=0.8, ls="--", label="goal at 1M: 8 s")
-            axes[1][j].axhline(200 * 1e6 / 2**20, color="grey", lw=0.8, ls="--", label="goal at 1M: 200 MB")
+        if op in goals:
+            secs, mib, label = goals[op]
+            axes[0][j].axhline(secs, color="grey", lw=0.8, ls="--", label=f"{label}: {secs:g} s")
+            axes[1][j].axhline(mib, color="grey", lw=0.8, ls="--", label=f"{label}: {mib * 2**20 / 1e6:g} MB")
             axes[0][j].legend(fontsize="small")
             axes[1][j].legend(fontsize="small")
         for i, what in enumerate(("wall time, s", "peak RSS of the process tree, MiB")):
@@ -203,12 +214,12 @@ def plot(data: dict[str, dict], out: Path) -> None:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("files")
+            ax.set_xlabel(xlabel)
             ax.grid(True, which="both", alpha=0.3)
             if j == 0:
                 ax.set_ylabel(what)
     axes[0][0].legend()
-    fig.suptitle("Small files: deltavault, restic 0.14, borg 1.2 (shared 2-core VM; bench/scale_files.py)")
+    fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from deltavault.errors import CorruptionError, RepositoryLocked
 from deltavault.maintenance.check import check_repository
 from deltavault.maintenance.prune import PruneOptions, PruneReport, make_plan, prune, sweep
 from deltavault.model.types import BlobType
+from deltavault.repository.indexstore import IndexStore
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD
 from tests.unit.test_prune_helpers import save_snapshot, snapshot_files
@@ -201,3 +203,28 @@ def test_prune_removes_old_temporary_files_of_killed_writes(make_repo, tmp_path:
     fresh_repo = reopen(tmp_path, cache_root)
     assert not check_repository(fresh_repo, read_data=True).issues
     assert s1 in fresh_repo.snapshot_ids()
+
+
+def test_the_index_rebuilt_after_a_prune_does_not_coexist_with_the_old_one(
+        make_repo, tmp_path: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The rebuild must not start while the old Index is still referenced (by the plan):
+    # peak memory would be two whole indexes.
+    repo = make_repo(pack_size=MiB)
+    s1 = save_snapshot(repo, {f"o{i}": rand(200_000) for i in range(6)})
+    save_snapshot(repo, {"k": rand(200_000)})
+    repo.delete_snapshot(s1)
+    repo = reopen(tmp_path, cache_root)
+    old = weakref.ref(repo.index)
+    alive_at_rebuild: list[bool] = []
+    load = IndexStore.load
+
+    def watched(self: IndexStore, *, tolerant: bool = False, names: list[str] | None = None) -> None:
+        if len(self.index) == 0 and not alive_at_rebuild:
+            alive_at_rebuild.append(old() is not None)
+        load(self, tolerant=tolerant, names=names)
+
+    monkeypatch.setattr(IndexStore, "load", watched)
+    rep = prune(repo)
+    assert rep.packs_deleted >= 1
+    assert alive_at_rebuild == [False]
+    assert repo.index is not None and len(repo.index) > 0

@@ -138,6 +138,9 @@ def prune(repo: Repository, opts: PruneOptions | None = None, *, progress: Progr
         t1 = time.monotonic()
         sweep(repo, plan, rep, say, still_held=lk.still_held)
         rep.exclusive_seconds = time.monotonic() - t1
+    # The plan holds the old Index: dropped first, or the rebuild below holds two full
+    # indexes at once (10M blobs: 1.7 GiB peak instead of 0.8, measured).
+    del plan
     repo.refresh_index(force=True)  # outside the exclusive lock: backups may go on meanwhile
     return rep
 

@@ -51,7 +51,9 @@ class Marker:
         self.index: Index = repo.index
         self.used = used
         self.on_blob = on_blob
-        self.skip_tree = skip_tree or (lambda pos: self.used[pos])
+        # used.__getitem__, not a lambda over self: that cycle would keep the Marker, and with it
+        # the Index, alive until a garbage collection (prune rebuilds the index after it).
+        self.skip_tree = skip_tree or used.__getitem__
         self.missing: set[bytes] = set()
         self.trees_read = 0
 
