@@ -181,7 +181,7 @@ def test_a_volume_over_16_tib_is_refused_with_a_source_error(cli: Cli, tmp_path:
 
 def test_a_volume_restore_reads_ahead_a_bounded_number_of_segments(cli: Cli, tmp_path: Path) -> None:
     """1 GiB of data in 16 islands: the restore's peak RSS stays near workers + 1 segments
-    (64 MiB each) whatever the data. Fetching every segment ahead held 411 MiB here."""
+    (64 MiB each) whatever the data. Fetching every segment ahead peaked at 1,088 MiB here."""
     img = tmp_path / "disk.img"
     build_sparse(img, 4 << 30, [(i << 28, 64 << 20) for i in range(16)])
     assert cli("init").returncode == 0
