@@ -65,6 +65,7 @@ class Run:
     hwm_sum_mib: float  # sum over processes of VmHWM
     procs: int
     per_proc: dict[str, float]  # VmHWM (MiB) of each process, by pid and command
+    timed_out: bool = False  # killed at ``timeout`` (bench/sparse_volume.py's peers)
 
 
 def _status(pid: int) -> dict[bytes, int]:
@@ -101,12 +102,16 @@ def _cmd(pid: int) -> str:
 
 
 
-def measured(argv: list[str], env: dict[str, str], interval: float = 0.005,
+def measured(argv: list[str], env: dict[str, str], interval: float = 0.005, *, timeout: float | None = None,
              output: list[bytes] | None = None) -> Run:
-    """``output``: given, the run's stdout and then its stderr are appended to it."""
+    """Run ``argv`` to its end, or kill it after ``timeout`` seconds (then ``timed_out``,
+    not an error). ``output``: given, the run's stdout and then its stderr are appended to it."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, env=env, stdout=out, stderr=err)
+        killer = threading.Timer(timeout, p.kill) if timeout is not None else None
+        if killer is not None:
+            killer.start()
         peak_sum = 0
         peak_pss = 0
         hwm: dict[int, int] = {}
@@ -151,7 +156,11 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005,
         dt = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
         p.returncode = rc
-        if rc != 0:
+        timed_out = False
+        if killer is not None:
+            killer.cancel()
+            timed_out = rc == -9 and dt >= timeout  # type: ignore[operator]
+        if rc != 0 and not timed_out:
             out.seek(0)
             err.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed ({rc}):\n{out.read().decode()[-2000:]}"
@@ -161,7 +170,7 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005,
             err.seek(0)
             output += [out.read(), err.read()]
     return Run(dt, ru.ru_utime + ru.ru_stime, peak_sum / MiB, peak_pss / MiB, sum(hwm.values()) / MiB, len(hwm),
-               {f"{pid} {names.get(pid, '?')}": round(v / MiB, 1) for pid, v in hwm.items()})
+               {f"{pid} {names.get(pid, '?')}": round(v / MiB, 1) for pid, v in hwm.items()}, timed_out)
 
 
 def dv(src: Path, env: dict[str, str], *args: str) -> list[str]:

@@ -176,7 +176,9 @@ class VolumeBackup:
                 prev = None
         n_pages = pagesets.pages_of(size)
         if n_pages > pagesets.MAX_PAGES:
-            raise SourceError(f"{self.req.path} has {size} bytes; volumes up to 16 TiB are supported")
+            # Page sets are 32-bit roaring bitmaps; docs/design.md (Limits) says why it stays.
+            raise SourceError(f"{self.req.path} has {size} bytes, more than the 16 TiB (2^32 pages of 4 KiB) "
+                              "a volume may have")
         everything = pagesets.span(0, n_pages)
         scanner, why_no_fs = detect(reader)
         holes = reader.zero_pages() & everything

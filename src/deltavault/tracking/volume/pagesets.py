@@ -1,6 +1,6 @@
 """Sets of 4 KiB volume pages as roaring bitmaps, and conversions into and out of them.
 
-Page numbers are 32-bit: volumes up to 16 TiB. Byte ranges become pages in one of two
+Page numbers are 32-bit: volumes up to 16 TiB (docs/design.md, Limits: why). Byte ranges become pages in one of two
 directions: *outward* (every page the range touches: what may have changed, what is in
 use) or *inward* (only pages the range covers whole: what is known unchanged or zero).
 Getting the direction wrong would lose a change, so every caller names it.
