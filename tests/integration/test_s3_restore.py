@@ -76,7 +76,9 @@ def test_pack_bytes_held_stay_in_one_budget(seaweed: Seaweed, s3proxy: Proxy,
     bucket = seaweed.new_bucket()
     ra = open_backend(s3proxy.url(bucket, "repo"))
     assert isinstance(ra, ReadAheadBackend)
-    ra.block, ra.keep = 8 * MiB, 12 * MiB  # room for two or three packs of 3 to 5 MiB
+    # 31 MiB of packs of 3 to 5 MiB: the budget fills and blocks are dropped, but it holds
+    # three scans and two prefetches (25 MiB at most), so no pack is dropped mid-scan
+    ra.block, ra.keep = 8 * MiB, 26 * MiB
     packs = {f"data/{i:02x}/pack{i}": os.urandom((3 + i % 3) * MiB) for i in range(8)}
     for name, data in packs.items():
         ra.put(name, data)
@@ -96,7 +98,7 @@ def test_pack_bytes_held_stay_in_one_budget(seaweed: Seaweed, s3proxy: Proxy,
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(scan, range(len(packs))))
     t = s3proxy.snapshot().since(before)
-    assert 0 < ra.peak <= ra.keep, ra.peak
+    assert ra.keep - 6 * MiB < ra.peak <= ra.keep, ra.peak
     assert ra._kept + ra._flight <= ra.keep and ra._flight == 0
     gets = {key.rsplit("/", 1)[1]: n for (method, key), n in t.by_key.items() if method == "GET"}
     assert gets == {name.rsplit("/", 1)[1]: 1 for name in packs}, gets

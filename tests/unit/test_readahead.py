@@ -253,3 +253,24 @@ def test_a_prefetch_is_skipped_when_gets_in_flight_fill_the_budget() -> None:
     assert ra._pool is not None
     ra._pool.shutdown(wait=True)
     assert [c[0] for c in inner.calls] == ["get"] and ra._kept == 5 * MiB
+
+
+def test_a_hint_that_comes_after_its_pack_was_fetched_fetches_nothing() -> None:
+    inner = FaultyBackend(MemoryBackend())
+    inner.put("data/ab/pack", os.urandom(5 * MiB))
+    inner.calls.clear()
+    ra = ReadAheadBackend(inner, block=8 * MiB, keep=16 * MiB)
+    ra.get("data/ab/pack", 0, 1000)
+    with ra._lock:
+        ra._evict(0)  # dropped for room, as other GETs in flight make it
+    ra.prefetch("data/ab/pack", 0, 5 * MiB)  # late: the S3 restore fetched a 21 MB pack twice
+    if ra._pool is not None:
+        ra._pool.shutdown(wait=True)
+        ra._pool = None
+    assert [c[0] for c in inner.calls] == ["get"] and ra._flight == 0
+    ra.put("data/ab/pack", os.urandom(5 * MiB))  # a new object under the name: hints count again
+    inner.calls.clear()
+    ra.prefetch("data/ab/pack", 0, 5 * MiB)
+    assert ra._pool is not None
+    ra._pool.shutdown(wait=True)
+    assert [c[0] for c in inner.calls] == ["get"]

@@ -62,6 +62,7 @@ class ReadAheadBackend(Forwarding):
         # (name, block no) -> its bytes: an S3 response's mapping (backends/s3.py get_sized)
         self._cache: OrderedDict[tuple[str, int], Block] = OrderedDict()
         self._seen: OrderedDict[str, None] = OrderedDict()  # packs read before (bounded)
+        self._fetched: OrderedDict[tuple[str, int], None] = OrderedDict()  # blocks fetched before (bounded)
         # (name, block no) -> (lock, users): a fetch holds the locks of the blocks it brings
         self._fetch_locks: dict[tuple[str, int], tuple[threading.Lock, int]] = {}
         self._ahead = 0  # prefetches queued or running
@@ -151,6 +152,10 @@ class ReadAheadBackend(Forwarding):
                 with self._lock:
                     if self._flight + length > self.keep:
                         return  # reads took the room meanwhile: they come first
+                    # A hint that comes after its blocks were read (and maybe dropped) is
+                    # late: fetching them again cost a 21 MB pack twice in the S3 restore.
+                    if all((name, i) in self._fetched for i in range(first, last + 1)):
+                        return
                 self._fetch(name, first, last)
         except Exception:
             pass  # only a hint: the read that needs these bytes fetches them and reports the error
@@ -200,6 +205,9 @@ class ReadAheadBackend(Forwarding):
                 got[i] = piece
                 self._kept += len(piece) - len(self._cache.pop((name, i), b""))
                 self._cache[(name, i)] = piece
+                self._fetched[(name, i)] = None
+                if len(self._fetched) > 4096:
+                    self._fetched.popitem(last=False)
             self._flight -= held[0]  # now kept, counted in _kept
             self._evict(self.keep - self._flight)  # only if the store sent more than it said
             self._room.notify_all()
@@ -241,6 +249,8 @@ class ReadAheadBackend(Forwarding):
             for key in [k for k in self._cache if k[0] == name]:
                 self._kept -= len(self._cache.pop(key))
             self._seen.pop(name, None)
+            for key in [k for k in self._fetched if k[0] == name]:
+                del self._fetched[key]
 
     def put(self, name: str, data: bytes) -> None:
         self._forget(name)
