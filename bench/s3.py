@@ -42,6 +42,7 @@ from tests.s3proxy import proxy  # noqa: E402
 from tests.seaweed import Seaweed, server  # noqa: E402
 
 OPS = ("files-full", "files-incr", "restore")
+LAST_RSS_MB = 0.0  # peak RSS of the last command timed
 
 
 def sh(*cmd: str) -> None:
@@ -57,11 +58,18 @@ def stage(ds: Path, src: Path, version: str) -> None:
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
     sh("sync")
+    global LAST_RSS_MB
     t0 = time.perf_counter()
-    p = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    with tempfile.TemporaryFile() as out:
+        p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _pid, status, usage = os.wait4(p.pid, 0)  # the child's own peak RSS, not the largest child's
+        secs = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            out.seek(0)
+            raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{out.read()[-4000:].decode(errors='replace')}")
+    LAST_RSS_MB = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    return secs
 
 
 def restore_timed(argv: list[str], env: dict[str, str], work: Path) -> float:
@@ -153,9 +161,11 @@ def restore_rounds(ds: Path, work: Path, sw: Seaweed, repeat: int, base: Path | 
     for i in range(repeat):
         row = {}
         for name, tool, code in variants[i % len(variants):] + variants[:i % len(variants)]:
-            row[f"{name} restore"] = {"seconds": round(restore(name, tool, code, sw.endpoint), 2)}
+            row[f"{name} restore"] = {"seconds": round(restore(name, tool, code, sw.endpoint), 2),
+                                      "peak_rss_mb": LAST_RSS_MB}
         rounds.append(row)
-        print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in row.items()), flush=True)
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f} s {v['peak_rss_mb']} MB"
+                                             for k, v in row.items()), flush=True)
     counted = {}
     with proxy(sw.s3_port) as p:
         for name, tool, code in variants:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,44 @@ def test_a_full_restore_gets_each_pack_once(cli: Cli, seaweed: Seaweed, s3proxy:
     assert t.received < pack_bytes + 1 * MiB, (t.received, pack_bytes)  # no pack byte twice
     print(f"restore from S3: {t.requests} requests ({dict(t.by_method)}), {len(packs)} packs, "
           f"{t.received} B received for {pack_bytes} B of packs")
+
+
+def test_pack_bytes_held_stay_in_one_budget(seaweed: Seaweed, s3proxy: Proxy,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept blocks, reads' GETs and prefetches in flight share one budget (issue #17: 128 MiB
+    kept and every GET in flight on top, 430-590 MB peak RSS): threads scanning 8 packs at
+    once, with hints ahead, never hold more than it, and each pack still comes in one GET."""
+    from deltavault.backends import open_backend
+    from deltavault.backends.readahead import ReadAheadBackend
+
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = seaweed.new_bucket()
+    ra = open_backend(s3proxy.url(bucket, "repo"))
+    assert isinstance(ra, ReadAheadBackend)
+    # 31 MiB of packs of 3 to 5 MiB: the budget fills and blocks are dropped, but it holds
+    # three scans and two prefetches (25 MiB at most), so no pack is dropped mid-scan
+    ra.block, ra.keep = 8 * MiB, 26 * MiB
+    packs = {f"data/{i:02x}/pack{i}": os.urandom((3 + i % 3) * MiB) for i in range(8)}
+    for name, data in packs.items():
+        ra.put(name, data)
+    before = s3proxy.snapshot()
+
+    def scan(i: int) -> None:
+        name = f"data/{i:02x}/pack{i}"
+        nxt = f"data/{i + 1:02x}/pack{i + 1}"
+        if nxt in packs:
+            ra.prefetch(nxt, 0, len(packs[nxt]))
+        data = packs[name]
+        for off in range(0, len(data), 300_000):
+            assert ra.get(name, off, 200_000) == data[off:off + 200_000]
+        view = ra.view(name, 1000, 50_000)
+        assert view.readonly and view == data[1000:51_000]
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(scan, range(len(packs))))
+    t = s3proxy.snapshot().since(before)
+    assert ra.keep - 6 * MiB < ra.peak <= ra.keep, ra.peak
+    assert ra._kept + ra._flight <= ra.keep and ra._flight == 0
+    gets = {key.rsplit("/", 1)[1]: n for (method, key), n in t.by_key.items() if method == "GET"}
+    assert gets == {name.rsplit("/", 1)[1]: 1 for name in packs}, gets

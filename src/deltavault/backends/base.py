@@ -6,11 +6,12 @@ layer talks to a :class:`Backend` only, so S3 or SFTP can slot in unchanged.
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from deltavault.errors import BackendError
 
@@ -80,6 +81,20 @@ class Forwarding:
 
     def stat(self, name: str) -> ObjectInfo:
         return self.inner.stat(name)
+
+
+def get_sized(backend: Backend, name: str, offset: int, length: int,
+              reserve: Callable[[int], None]) -> bytes | mmap.mmap:
+    """``backend.get`` that calls ``reserve(n)`` before it holds the ``n`` bytes it returns,
+    once the size is known (an S3 response's length, before its body is read), so a caller
+    can wait for memory first. A backend that cannot say calls it after the read. ``reserve``
+    may be called again on a retry, with the size of that attempt."""
+    fn = getattr(backend, "get_sized", None)
+    if fn is not None:
+        return cast("bytes | mmap.mmap", fn(name, offset, length, reserve))
+    data = backend.get(name, offset, length)
+    reserve(len(data))
+    return data
 
 
 # Bytes a fallback ``put_file`` reads at a time (it needs the whole object anyway).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 from deltavault.backends.base import Backend, ObjectInfo, put_file
 
@@ -43,12 +44,29 @@ class CountingBackend:
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         data = self.inner.get(name, offset, length)
+        self._count(name, len(data))
+        return data
+
+    def _count(self, name: str, n: int) -> None:
         kind = name.split("/", 1)[0]
         with self._lock:
             self.traffic.gets += 1
-            self.traffic.bytes_read += len(data)
-            self.traffic.read_by_kind[kind] = self.traffic.read_by_kind.get(kind, 0) + len(data)
-        return data
+            self.traffic.bytes_read += n
+            self.traffic.read_by_kind[kind] = self.traffic.read_by_kind.get(kind, 0) + n
+
+    def view(self, name: str, offset: int, length: int) -> memoryview:
+        """A read-ahead's ``view`` (backends/readahead.py), else a ``get``; counted as a get."""
+        fn = getattr(self.inner, "view", None)
+        data = fn(name, offset, length) if fn is not None else memoryview(self.inner.get(name, offset, length))
+        self._count(name, len(data))
+        return cast(memoryview, data)
+
+    def prefetch(self, name: str, offset: int, length: int) -> None:
+        """A read-ahead's hint, passed on. Without this the restore's hints stopped here:
+        BlobReader found no ``prefetch`` on the repository's counting wrapper."""
+        hint = getattr(self.inner, "prefetch", None)
+        if hint is not None:
+            hint(name, offset, length)
 
     def put(self, name: str, data: bytes) -> None:
         self.inner.put(name, data)

@@ -15,17 +15,30 @@ change; a put or delete of a name drops its blocks anyway.
 ``prefetch`` is a reader's hint that it will read a range soon: its blocks are fetched on a
 background thread, at most ``PREFETCHING`` at once, so a GET overlaps the work on the bytes
 before it (a restore's large files, restore/content.py).
+
+Memory: one budget, ``keep`` bytes, covers the kept blocks and every GET in flight, reads'
+and prefetches alike. A GET reserves its response's length before the body is read
+(``get_sized``: on S3 the length is in the headers), evicting kept blocks, least recently
+used first, or waiting for GETs in flight to finish; a waiting GET holds no reservation, so
+one always proceeds (alone, a response larger than the whole budget is let through). A
+prefetch starts only if its hinted range fits then, and is skipped otherwise. Before this, 128
+MiB were kept and GETs in flight (2 prefetches and one per reading thread) came on top: an
+S3 restore peaked at 430-590 MB RSS against 150 MB from a local repository (issue #17).
+``view`` hands out a read-only slice of a kept block without copying it.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
-from deltavault.backends.base import Backend, Forwarding, put_file
+from deltavault.backends.base import Backend, Forwarding, get_sized, put_file
+
+Block = bytes | mmap.mmap
 
 
 class ReadAheadBackend(Forwarding):
@@ -34,26 +47,56 @@ class ReadAheadBackend(Forwarding):
     PREFETCHING = 2  # background fetches at once (each a pack: what is kept is bounded by keep)
 
     # 16 MiB blocks took two or three GETs per 32 MiB pack: a restore made 57 GETs where
-    # restic made 48 (issue #17). A whole pack per GET: 4 packs of 32 MiB kept, as before.
+    # restic made 48 (issue #17). A whole pack per GET: 4 packs of 32 MiB, kept or in flight.
     def __init__(self, inner: Backend, *, block: int = 64 * 1024 * 1024, keep: int = 128 * 1024 * 1024,
                  prefix: str = "data/") -> None:
         super().__init__(inner)
         self.block = block
-        self.keep = keep
-        self._kept = 0  # bytes in _cache
+        self.keep = keep  # the budget: bytes kept and bytes of GETs in flight, together
         self.prefix = prefix
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # (name, block no) -> bytes
+        self._room = threading.Condition(self._lock)  # notified when GETs in flight end
+        self._kept = 0  # bytes in _cache
+        self._flight = 0  # bytes reserved by GETs in flight
+        self.peak = 0  # most of _kept + _flight at any time (what tests hold to the budget)
+        # (name, block no) -> its bytes: an S3 response's mapping (backends/s3.py get_sized)
+        self._cache: OrderedDict[tuple[str, int], Block] = OrderedDict()
         self._seen: OrderedDict[str, None] = OrderedDict()  # packs read before (bounded)
+        self._fetched: OrderedDict[tuple[str, int], None] = OrderedDict()  # blocks fetched before (bounded)
         # (name, block no) -> (lock, users): a fetch holds the locks of the blocks it brings
         self._fetch_locks: dict[tuple[str, int], tuple[threading.Lock, int]] = {}
         self._ahead = 0  # prefetches queued or running
         self._pool: ThreadPoolExecutor | None = None
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        got = self._blocks(name, offset, length)
+        if got is None or length is None:
+            return self.inner.get(name, offset, length)
+        b = self.block
+        first, last = offset // b, (offset + length - 1) // b
+        start = offset - first * b
+        if first == last:  # the usual case: one copy, not a join and then a slice of it
+            return got[first][start:start + length]
+        joined = b"".join(got[i] for i in range(first, last + 1))
+        return joined[start:start + length]
+
+    def view(self, name: str, offset: int, length: int) -> memoryview:
+        """``get`` without copying a range inside one kept block: a read-only view of it,
+        which keeps that block alive while held (a restore's reads of many neighbouring
+        small blobs, up to a pack at once, were a copy of the pack each)."""
+        got = self._blocks(name, offset, length)
+        b = self.block
+        first = offset // b
+        if got is None or first != (offset + length - 1) // b:
+            return memoryview(self.get(name, offset, length))
+        start = offset - first * b
+        return memoryview(got[first]).toreadonly()[start:start + length]  # a mapping is writable
+
+    def _blocks(self, name: str, offset: int, length: int | None) -> dict[int, Block] | None:
+        """The blocks holding the range, fetched if missing; None for a read that passes through."""
         b = self.block
         if length is None or offset < 0 or length >= 2 * b or length == 0 or not name.startswith(self.prefix):
-            return self.inner.get(name, offset, length)
+            return None
         with self._lock:
             # A large read is a segment of a large file (restore/content.py): the other
             # segments, read by other threads meanwhile, are in the same blocks. Passed
@@ -65,7 +108,7 @@ class ReadAheadBackend(Forwarding):
             if len(self._seen) > 4096:
                 self._seen.popitem(last=False)
         if not scanning:
-            return self.inner.get(name, offset, length)
+            return None
         first, last = offset // b, (offset + length - 1) // b
         got = self._cached(name, first, last)
         if len(got) < last - first + 1:
@@ -73,16 +116,13 @@ class ReadAheadBackend(Forwarding):
             # are fetched meanwhile (a restore's parallel segments read one pack at once).
             with self._fetching([(name, i) for i in range(first, last + 1)]):
                 got = self._fetch(name, first, last)
-        start = offset - first * b
-        if first == last:  # the usual case: one copy, not a join and then a slice of it
-            return got[first][start:start + length]
-        joined = b"".join(got[i] for i in range(first, last + 1))
-        return joined[start:start + length]
+        return got
 
     def prefetch(self, name: str, offset: int, length: int) -> None:
         """Start fetching the blocks of ``length`` bytes at ``offset``, unless they are kept,
-        already being fetched, or ``PREFETCHING`` fetches are under way (a hint, not a queue:
-        a read that comes first fetches them itself, and the prefetch then finds them kept)."""
+        already being fetched, ``PREFETCHING`` fetches are under way, or GETs in flight
+        leave no room in the budget for ``length`` bytes (a hint, not a queue: a read that
+        comes first fetches them itself, and the prefetch then finds them kept)."""
         b = self.block
         if length <= 0 or offset < 0 or length >= 2 * b or not name.startswith(self.prefix):
             return
@@ -92,7 +132,7 @@ class ReadAheadBackend(Forwarding):
             # first small read mid-pack had passed through, and the pack came again later.
             self._seen[name] = None
             self._seen.move_to_end(name)
-            if self._ahead >= self.PREFETCHING or all(
+            if self._ahead >= self.PREFETCHING or self._flight + length > self.keep or all(
                     (name, i) in self._cache or (name, i) in self._fetch_locks for i in range(first, last + 1)):
                 return
             self._ahead += 1
@@ -100,15 +140,22 @@ class ReadAheadBackend(Forwarding):
                 self._pool = ThreadPoolExecutor(self.PREFETCHING, thread_name_prefix="dv-readahead")
             pool = self._pool
         try:
-            pool.submit(self._prefetch, name, first, last)
+            pool.submit(self._prefetch, name, first, last, length)
         except BaseException:
             with self._lock:
                 self._ahead -= 1
             raise
 
-    def _prefetch(self, name: str, first: int, last: int) -> None:
+    def _prefetch(self, name: str, first: int, last: int, length: int) -> None:
         try:
             with self._fetching([(name, i) for i in range(first, last + 1)]):
+                with self._lock:
+                    if self._flight + length > self.keep:
+                        return  # reads took the room meanwhile: they come first
+                    # A hint that comes after its blocks were read (and maybe dropped) is
+                    # late: fetching them again cost a 21 MB pack twice in the S3 restore.
+                    if all((name, i) in self._fetched for i in range(first, last + 1)):
+                        return
                 self._fetch(name, first, last)
         except Exception:
             pass  # only a hint: the read that needs these bytes fetches them and reports the error
@@ -139,25 +186,55 @@ class ReadAheadBackend(Forwarding):
                     else:
                         self._fetch_locks[key] = (lk, users - 1)
 
-    def _fetch(self, name: str, first: int, last: int) -> dict[int, bytes]:
+    def _fetch(self, name: str, first: int, last: int) -> dict[int, Block]:
         b = self.block
         got = self._cached(name, first, last)
         missing = [i for i in range(first, last + 1) if i not in got]
-        if missing:
-            lo, hi = missing[0], missing[-1]  # one GET for the gap (cached blocks inside are few)
-            data = self.inner.get(name, lo * b, (hi - lo + 1) * b)
-            with self._lock:
-                for i in range(lo, hi + 1):
-                    # the whole of data when it is one block: bytes slices share a full slice
-                    piece = data[(i - lo) * b:(i - lo + 1) * b]
-                    got[i] = piece
-                    self._kept += len(piece) - len(self._cache.pop((name, i), b""))
-                    self._cache[(name, i)] = piece
-                while self._kept > self.keep and len(self._cache) > 1:
-                    self._kept -= len(self._cache.popitem(last=False)[1])
+        if not missing:
+            return got
+        lo, hi = missing[0], missing[-1]  # one GET for the gap (cached blocks inside are few)
+        held = [0]  # bytes this GET has reserved
+        try:
+            data = get_sized(self.inner, name, lo * b, (hi - lo + 1) * b, lambda n: self._reserve(n, held))
+        except BaseException:
+            self._reserve(0, held)
+            raise
+        with self._lock:
+            for i in range(lo, hi + 1):
+                piece = data if lo == hi else data[(i - lo) * b:(i - lo + 1) * b]  # the usual case: no copy
+                got[i] = piece
+                self._kept += len(piece) - len(self._cache.pop((name, i), b""))
+                self._cache[(name, i)] = piece
+                self._fetched[(name, i)] = None
+                if len(self._fetched) > 4096:
+                    self._fetched.popitem(last=False)
+            self._flight -= held[0]  # now kept, counted in _kept
+            self._evict(self.keep - self._flight)  # only if the store sent more than it said
+            self._room.notify_all()
         return got
 
-    def _cached(self, name: str, first: int, last: int) -> dict[int, bytes]:
+    def _reserve(self, n: int, held: list[int]) -> None:
+        """Reserve ``n`` bytes of the budget for a GET's response, in place of the ``held[0]``
+        it had (a retry asks again), evicting kept blocks, least recently used first, or
+        waiting for other GETs in flight. A waiter holds nothing, so some GET always
+        proceeds; one alone may take more than the budget (a larger response than that)."""
+        with self._room:
+            self._flight -= held[0]
+            held[0] = 0
+            self._room.notify_all()
+            while self._flight and self._flight + n > self.keep:
+                self._room.wait()
+            self._evict(self.keep - self._flight - n)
+            self._flight += n
+            held[0] = n
+            self.peak = max(self.peak, self._kept + self._flight)
+
+    def _evict(self, limit: int) -> None:
+        """Drop the least recently used blocks until at most ``limit`` bytes are kept (lock held)."""
+        while self._kept > limit and self._cache:
+            self._kept -= len(self._cache.popitem(last=False)[1])
+
+    def _cached(self, name: str, first: int, last: int) -> dict[int, Block]:
         out = {}
         with self._lock:
             for i in range(first, last + 1):
@@ -172,6 +249,8 @@ class ReadAheadBackend(Forwarding):
             for key in [k for k in self._cache if k[0] == name]:
                 self._kept -= len(self._cache.pop(key))
             self._seen.pop(name, None)
+            for key in [k for k in self._fetched if k[0] == name]:
+                del self._fetched[key]
 
     def put(self, name: str, data: bytes) -> None:
         self._forget(name)

@@ -3,12 +3,13 @@ and jitter (many clients throttled at once must not come back in lockstep)."""
 
 from __future__ import annotations
 
+import mmap
 import random
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from deltavault.backends.base import Backend, ObjectInfo, put_file
+from deltavault.backends.base import Backend, ObjectInfo, get_sized, put_file
 from deltavault.errors import BackendError
 
 T = TypeVar("T")
@@ -46,6 +47,9 @@ class RetryingBackend:
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._call(lambda: self.inner.get(name, offset, length))
+
+    def get_sized(self, name: str, offset: int, length: int, reserve: Callable[[int], None]) -> bytes | mmap.mmap:
+        return self._call(lambda: get_sized(self.inner, name, offset, length, reserve))
 
     def put(self, name: str, data: bytes) -> None:
         self._call(lambda: self.inner.put(name, data))

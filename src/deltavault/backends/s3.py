@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import mmap
 import random
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, read_fd
 from deltavault.backends.filerange import FileRange
 from deltavault.backends.retention import ObjectRetention, Retention, protected
+from deltavault.backends.s3body import read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
 from deltavault.backends.s3errors import ObjectRetained, error_code, translate
 from deltavault.backends.s3location import S3Location, S3Options
@@ -136,6 +138,18 @@ class S3Backend:
             if not name or name.endswith("/") or name.rpartition("/")[2].startswith(TEMP_PREFIX):
                 continue  # folder markers of other tools; temporary names are never objects
             yield ObjectInfo(name, int(o.get("Size", 0)))
+
+    def get_sized(self, name: str, offset: int, length: int, reserve: Callable[[int], None]) -> bytes | mmap.mmap:
+        """A range for backends/readahead.py, ``reserve``d before its body is read (s3body.py)."""
+        key, rng = self._key(name), f"bytes={offset}-{offset + length - 1}"
+        get = lambda c: read_mapped(name, c.get_object(Bucket=self.loc.bucket, Key=key, Range=rng), reserve)  # noqa: E731
+        try:
+            return self._call(name, get)
+        except BackendError as exc:
+            if "InvalidRange" not in exc.message:
+                raise
+            reserve(0)
+            return b""  # from at or past the end, as a file read gives
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         key = self._key(name)

@@ -193,6 +193,8 @@ class BlobReader:
             if loc is None:
                 raise CorruptionError(f"blob {bid.hex()[:16]} is missing from the index")
             by_pack.setdefault(loc.pack_id, []).append((loc.offset, loc.length, bid))
+        # A read-ahead's view is the kept pack itself, not a copy of up to SPAN bytes of it.
+        read = getattr(self.backend, "view", None) or (lambda n, o, ln: memoryview(self.backend.get(n, o, ln)))
         for pid, items in by_pack.items():
             items.sort()
             i = 0
@@ -204,10 +206,9 @@ class BlobReader:
                        and items[j + 1][0] + items[j + 1][1] - start < SPAN):
                     j += 1
                     end = max(end, items[j][0] + items[j][1])
-                buf = self.backend.get(pack_name(pid), start, end - start)
-                if len(buf) != end - start:
+                mv = read(pack_name(pid), start, end - start)
+                if len(mv) != end - start:
                     raise CorruptionError(f"pack {pid.hex()[:16]} is truncated")
-                mv = memoryview(buf)
                 for off, ln, bid in items[i:j + 1]:
                     yield bid, self.open(bid, mv[off - start: off - start + ln])
                 i = j + 1
