@@ -36,8 +36,9 @@ root = Path(sys.argv[1])
 t = time.perf_counter()
 repo = Repository.open(LocalBackend(root / "repo", fsync=False), lambda: sys.argv[2].encode(),
                        cache_root=root / "cache")
+blobs = len(repo.index)  # inside the timing: an open builds the index only at first use
 secs = time.perf_counter() - t
-print(json.dumps({"open_seconds": round(secs, 3), "blobs": len(repo.index),
+print(json.dumps({"open_seconds": round(secs, 3), "blobs": blobs,
                   "from_copy": getattr(repo.indexes, "from_copy", None),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """

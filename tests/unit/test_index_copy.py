@@ -41,9 +41,14 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield seen
 
 
-def open_repo(tmp_path: Path, cache_root: Path, name: str = "repo", **kw: object) -> Repository:
-    return Repository.open(LocalBackend(tmp_path / name, fsync=False), lambda: PASSWORD,
+def open_repo(tmp_path: Path, cache_root: Path, name: str = "repo", *, build: bool = True,
+              **kw: object) -> Repository:
+    """Opened, and with ``build`` its index built (an open builds it only at first use)."""
+    repo = Repository.open(LocalBackend(tmp_path / name, fsync=False), lambda: PASSWORD,
                            cache_root=cache_root, **kw)  # type: ignore[arg-type]
+    if build:
+        repo.live_index_files()
+    return repo
 
 
 def write_packs(repo: Repository, packs: int, per_pack: int, seed: int) -> list[tuple[bytes, list[PackEntry]]]:

@@ -171,6 +171,12 @@ class Context:
             raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: {hint}")
         return sid, snap
 
+    def save_index_copies(self) -> None:
+        """At the end of a command that succeeded: the local index copy of each repository
+        it wrote index files to, so the next command's open need not decode them."""
+        for repo in self.opened:
+            repo.save_index_copy()
+
     def warn_repository_notes(self) -> None:
         """What any command on a repository must say once, at the end: a local cache it did
         not use (another user could write there) and snapshots it passed over because they

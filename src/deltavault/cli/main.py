@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             rc = int(args.func(ctx))
+            ctx.save_index_copies()  # any exit code: a backup that warned still wrote its index
         finally:
             ctx.warn_repository_notes()
     except DeltavaultError as exc:

@@ -11,7 +11,7 @@ packs no index names, which the next writer adopts by reading their headers
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import blake3
@@ -68,7 +68,14 @@ class WriteStats:
 
 
 class IndexStore:
-    """``lock`` guards ``index`` and ``unindexed``; the blob writer shares it."""
+    """``lock`` guards ``index`` and ``unindexed``; the blob writer shares it. It is
+    reentrant: the first use of ``index`` loads it under ``lock``, and the blob writer
+    makes that first use while holding it.
+
+    ``open`` loads nothing: ``index`` is built on first use (``_ensure``), so a command
+    that never looks a blob up (snapshots, forget, tag) never reads an index file or the
+    copy. Loading at first use rather than at open is never staler: a lock taken before
+    that use is followed by the load, which lists ``index/`` then."""
 
     def __init__(self, backend: Backend, env: Envelope, cache: ObjectCache, stats: WriteStats,
                  copy: IndexCopy | None = None) -> None:
@@ -78,16 +85,58 @@ class IndexStore:
         self.stats = stats
         self.copy = copy  # the local copy of the built index (indexcache.py), if a cache is used
         self.from_copy = False  # whether ``open`` took the index from that copy
-        self.lock = threading.Lock()
-        self.index = Index()
+        self.lock = threading.RLock()
+        self._index = Index()
+        self._pending = False  # opened, index not built yet (built by _ensure)
+        self._building = False
+        self._tolerant = False
+        # The names listed under index/ that the state below stands for, and whether it is
+        # exactly what loading them gives (not after writing a file that supersedes others);
+        # ``save_copy`` writes the copy only then. ``_wrote``: files written since the copy was.
+        self._listed: set[str] = set()
+        self._faithful = True
+        self._wrote = False
         self.errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
         self.unindexed: PackList = []  # written by this process, named by no index file yet
         self._loaded: set[str] = set()
         self._superseded: set[str] = set()
 
+    @property
+    def index(self) -> Index:
+        if self._pending:
+            self._ensure()
+        return self._index
+
+    @index.setter
+    def index(self, value: Index) -> None:
+        self._index = value
+
+    def _ensure(self) -> None:
+        self._build(self._open)
+
+    def _build(self, how: Callable[[], object]) -> None:
+        """Build the index with ``how`` under ``lock``; other threads' first use waits here,
+        and sees ``_pending`` cleared only once it is whole."""
+        with self.lock:
+            if not self._pending or self._building:
+                return  # built while this thread waited, or being built by this very thread
+            self._building = True
+            try:
+                how()
+            except BaseException:
+                # Nothing partial is kept: the next use tries again from nothing.
+                self._index, self._loaded, self._superseded, self._listed = Index(), set(), set(), set()
+                self.errors = []
+                raise
+            finally:
+                self._building = False
+            self._pending = False
+
     def live_files(self) -> set[str]:
         """Index files in force: loaded and not superseded. Blobs are removed only by
         writing an index that supersedes these, so an unchanged set means no blob is gone."""
+        if self._pending:
+            self._ensure()
         return set(self._loaded) - self._superseded
 
     def names(self) -> list[str]:
@@ -97,6 +146,14 @@ class IndexStore:
         return decode_index(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
 
     def open(self, *, tolerant: bool = False) -> None:
+        """Mark the index to be built on first use (``_ensure``); a ``tolerant`` open (check,
+        repair) builds it now, so ``errors`` is filled when the open returns."""
+        self._tolerant = tolerant
+        self._pending = True
+        if tolerant:
+            self._ensure()
+
+    def _open(self) -> None:
         """The first load, from the local copy of the built index when it is current. The
         copy stands for exactly the state a load of its listed names left, so the names
         listed now are applied to it as ``refresh`` applies them to a loaded index: none
@@ -104,29 +161,49 @@ class IndexStore:
         added to it; a loaded file gone or superseded (a prune or repair) rebuilds from the
         index files. Then the copy is rewritten unless it was current. ``tolerant`` (check,
         repair) never uses it: they must meet every index file."""
-        if tolerant or self.copy is None:
-            self.load(tolerant=tolerant)
+        if self._tolerant or self.copy is None:
+            self.load(tolerant=self._tolerant)
             return
         names = self.names()
         built = self.copy.read()
         if built is not None:
-            self.index, self._loaded, self._superseded, listed = (built.index, built.loaded,
-                                                                  built.superseded, built.listed)
+            self._index, self._loaded, self._superseded, listed = (built.index, built.loaded,
+                                                                   built.superseded, built.listed)
             del built  # a rebuild below must not keep this index alive next to the new one
             if listed == names:
                 self.from_copy = True
+                self._listed = set(names)
                 return
             self.refresh(names=names)
         else:
             self.load(names=names)
         if not self.errors:
-            self.copy.write(self.index, names, self._loaded, self._superseded)
+            self.copy.write(self._index, names, self._loaded, self._superseded)
+            self._wrote = False
+
+    def save_copy(self) -> bool:
+        """Rewrite the local copy after this process wrote index files (a backup), so the
+        next open uses it as it is instead of decoding them and rewriting it then. Only
+        when the index is exactly what loading the names in ``_listed`` gives: built, with
+        no pack waiting for an index file, nothing superseded by this process, no damaged
+        file. Call it when nothing writes blobs any more. Returns whether it wrote."""
+        with self.lock:
+            if (self.copy is None or self._pending or not self._wrote or not self._faithful
+                    or self.unindexed or self.errors):
+                return False
+            written = self.copy.write(self._index, sorted(self._listed), self._loaded, self._superseded)
+            self._wrote = False
+            return written
 
     def load(self, *, tolerant: bool = False, names: list[str] | None = None) -> None:
         # Two passes: first only what each file supersedes, then each file checked and added
         # one pack at a time, so a large index never sits in memory as objects all at once.
+        if self._pending and not self._building:  # a direct load (load_index) is the build
+            self._build(lambda: self.load(tolerant=tolerant, names=names))
+            return
         if names is None:
             names = self.names()
+        self._listed = set(names)
         heads: dict[str, tuple[list[bytes], bytes | None]] = {}
         for name in names:
             if name in self._loaded or name in self._superseded:
@@ -154,7 +231,7 @@ class IndexStore:
                 continue
             for encoded in packs:
                 p = decode_index_pack(encoded, name, checked=True)
-                self.index.add_pack(p.id, p.blobs)
+                self._index.add_pack(p.id, p.blobs)
             del packs, raw
             self._loaded.add(name)
         self.cache.prune("index", set(names))
@@ -165,6 +242,11 @@ class IndexStore:
         since a prune or repair compacted the index and packs it named may be gone.
         ``force`` always rebuilds. ``names``: the listing of ``index/``, if just made.
         Returns True when it rebuilt."""
+        if self._pending and not self._building:
+            if not force:
+                return False  # not built yet: the first use loads what is listed then
+            self._build(lambda: self.load(tolerant=self._tolerant, names=names))
+            return True
         listed = self.names() if names is None else names
         names_set = set(listed)
         rebuild = force or bool(self._loaded - names_set)
@@ -178,15 +260,18 @@ class IndexStore:
             rebuild = any(f"index/{s.hex()}" in self._loaded for s in sup)
         if rebuild:
             with self.lock:
-                self.index = Index()
+                self._index = Index()
                 self._loaded = set()
                 self._superseded = set()
+                self._faithful = True
                 for pid, entries in self.unindexed:
-                    self.index.add_pack(pid, entries)
+                    self._index.add_pack(pid, entries)
         self.load(tolerant=bool(self.errors), names=listed)
         return rebuild
 
     def write_file(self, packs: PackList, supersedes: Iterable[str] = ()) -> str:
+        if self._pending:
+            self._ensure()  # its name joins the loaded ones, which must be there first
         body = IndexFile(packs=[IndexPack(pid, entries) for pid, entries in packs],
                          supersedes=[bytes.fromhex(s.rsplit("/", 1)[-1]) for s in supersedes])
         sealed = self.env.seal(encode_index(body), aad=INDEX_AAD)
@@ -194,6 +279,10 @@ class IndexStore:
         self.backend.put(name, sealed)
         self.cache.put(name, sealed)
         self._loaded.add(name)
+        self._listed.add(name)
+        self._wrote = True
+        if body.supersedes:
+            self._faithful = False  # what it supersedes is still in memory
         self.stats.add(index_files_written=1, bytes_written=len(sealed))
         return name
 

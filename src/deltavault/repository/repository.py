@@ -124,6 +124,11 @@ class Repository:
     def index_names(self) -> list[str]:
         return self.indexes.names()
 
+    def save_index_copy(self) -> bool:
+        """Rewrite the local copy of the index after a run that wrote index files, so the
+        next open uses it as it is (IndexStore.save_copy); call it once nothing writes."""
+        return self.indexes.save_copy()
+
     def load_index(self, *, tolerant: bool = False) -> None:
         self.indexes.load(tolerant=tolerant)
 
