@@ -125,6 +125,7 @@ class SegmentEncoder:
         self.inflight = inflight
         self._zero_block = bytes(block_size)
         self._zeros = memoryview(bytes(ZERO_CHUNK))
+        self._zero_dig = memoryview(hasher.zero * (max(PIECE, block_size) // PAGE_SIZE))
         self.piece_pages = max(PIECE, block_size) // PAGE_SIZE
         # Two at least: one being read while the workers store the other.
         self._buffers = _Buffers(self.piece_pages * PAGE_SIZE,
@@ -186,6 +187,8 @@ class SegmentEncoder:
         refs: list[ContentRef | Future[ContentRef]] = []
         for pf in range(first, first + n, self.piece_pages):
             pl = min(pf + self.piece_pages, first + n)
+            if prev_dig is None and self._all_holes(plan, pf, pl, dig, refs, st):
+                continue
             buf = self._buffers.take()
             try:
                 futures = self._piece(plan, pf, pl, memoryview(buf)[:(pl - pf) * PAGE_SIZE], dig, known,
@@ -195,6 +198,24 @@ class SegmentEncoder:
                 raise
             self._give_back_after(buf, futures)
         return SegmentResult(plan, refs, bytes(dig), st)
+
+    def _all_holes(self, plan: SegmentPlan, pf: int, pl: int, dig: bytearray,
+                   refs: list[ContentRef | Future[ContentRef]], st: SegmentStats) -> bool:
+        """A piece of a first backup that is zeros whole (holes, free space) and ends on a block
+        boundary: Holes and zero digests with no buffer, no read and no comparison; the
+        same refs and counts as the general path gives it. Whether it was."""
+        n = pl - pf
+        if plan.zero.range_cardinality(pf, pl) != n or (pl * PAGE_SIZE < self.size and n % self.ppb):
+            return False
+        d0 = (pf - plan.first_page) * DIGEST
+        dig[d0:d0 + n * DIGEST] = self._zero_dig[:n * DIGEST]
+        for bp0 in range(pf, pl, self.ppb):
+            blen = min(self.bs, self.size - bp0 * PAGE_SIZE)
+            refs.append(Hole(blen))
+            st.changed_blocks.append(bp0 // self.ppb)
+            st.pages_changed += pagesets.pages_of(blen)
+            st.blocks_changed += 1
+        return True
 
     def _give_back_after(self, buf: mmap.mmap, futures: list[Future[ContentRef]]) -> None:
         """Return ``buf`` once the blocks stored from it are (their futures done)."""
@@ -221,16 +242,15 @@ class SegmentEncoder:
         prev_dig = plan.prev_digests
         zero = pagesets.clamp(plan.zero, pf, pl)
         read = pagesets.clamp(plan.read, pf, pl)
-        # The buffer holds an older piece: only read and zeroed pages are valid in it.
-        for a, b in pagesets.runs(zero):
-            self._zero(mv, (a - pf) * PAGE_SIZE, (b - pf) * PAGE_SIZE)
+        # The buffer holds an older piece: only read pages, and zero pages once a block's
+        # are filled (``fill``: only for blocks that are stored from the buffer), are valid.
         tail = self.size - pf * PAGE_SIZE
         if tail < len(mv):
             self._zero(mv, max(0, tail), len(mv))  # past the end of the volume
         self._read_pages(mv, pf, read)
         self._digest_runs(dig, first, mv, pf, read)
         for a, b in pagesets.runs(zero):
-            dig[(a - first) * DIGEST:(b - first) * DIGEST] = self.hasher.zero * (b - a)
+            dig[(a - first) * DIGEST:(b - first) * DIGEST] = self._zero_dig[:(b - a) * DIGEST]
         futures: list[Future[ContentRef]] = []
 
         def keep(ref: ContentRef | Future[ContentRef], of_buffer: bool = True) -> None:
@@ -245,31 +265,41 @@ class SegmentEncoder:
             blen = min(self.bs, self.size - bstart)
             bp1 = bp0 + pagesets.pages_of(blen)
             prev = plan.prev_refs[j] if plan.prev_refs is not None else None
-            block_known = pagesets.clamp(known, bp0, bp1)
             block_no = bp0 // self.ppb
+            n_known = known.range_cardinality(bp0, bp1)
+            # Zeros whole: stored as a Hole with no fill or comparison, unless a patch needs them.
+            hole = zero.range_cardinality(bp0, bp1) == bp1 - bp0
             if plan.read.range_cardinality(bp0, bp1):
                 st.read_blocks.append(block_no)
             if prev_dig is None:
-                changed = list(block_known)
+                changed: list[int] = []  # only counted: with no previous digests there is no patch
+                n_changed = n_known
             elif (dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]
                   == prev_dig[(bp0 - first) * DIGEST:(bp1 - first) * DIGEST]):
                 changed = []  # one comparison for the usual case: nothing in the block changed
+                n_changed = 0
             else:
-                changed = [p for p in block_known
+                changed = [p for p in pagesets.clamp(known, bp0, bp1)
                            if dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]
                            != prev_dig[(p - first) * DIGEST:(p - first + 1) * DIGEST]]
-            if prev is not None and not changed:
+                n_changed = len(changed)
+            if prev is not None and not n_changed:
                 keep(prev)
                 continue
             st.blocks_changed += 1
-            st.pages_changed += len(changed)
+            st.pages_changed += n_changed
             st.changed_blocks.append(block_no)
             if prev is None or isinstance(prev, Hole):
                 # No base to patch. Unread pages of a block that was all zeros are zeros.
-                if prev is None and len(block_known) != bp1 - bp0:
+                if prev is None and n_known != bp1 - bp0:
                     raise AssertionError(f"block {bstart}: neither read whole nor known before")
+                if hole:
+                    keep(Hole(blen))
+                    continue
+                block_known = pagesets.clamp(known, bp0, bp1)
                 for a, b in pagesets.runs(pagesets.span(bp0, bp1) - block_known):
                     self._zero(mv, (a - pf) * PAGE_SIZE, (b - pf) * PAGE_SIZE)
+                self._fill(mv, pf, zero, bp0, bp1)
                 keep(self._whole(mv, boff, blen))
                 continue
             assert isinstance(prev, Full | Patch)
@@ -277,7 +307,12 @@ class SegmentEncoder:
             chain = prev.patches if isinstance(prev, Patch) else []
             prior = bitmap_pages(prev.pages, bp0) if isinstance(prev, Patch) else set()
             union = prior.union(changed)
+            block_known = pagesets.clamp(known, bp0, bp1)
             if len(union) > MAX_PATCH_SHARE * (bp1 - bp0):
+                if hole:  # known whole, so nothing to fetch
+                    keep(Hole(blen))
+                    continue
+                self._fill(mv, pf, zero, bp0, bp1)
                 if self._fetch(mv, pf, first, pagesets.span(bp0, bp1) - block_known, dig, prev_dig, st):
                     self._read_block(st, block_no)
                 keep(self._whole(mv, boff, blen))
@@ -288,12 +323,18 @@ class SegmentEncoder:
                 chain, patched = [], sorted(union)
             else:
                 patched = changed
+            self._fill(mv, pf, zero, bp0, bp1)  # changed pages may be data that became zeros
             pieces: list[tuple[int, bytes | memoryview]] = [
                 (s, mv[boff + s:boff + s + ln]) for s, ln in coalesce(patched, bstart, blen, PAGE_SIZE)]
             job = self._patch_job(base, chain, blen, bitmap(sorted(union), bp0, bp1 - bp0))
             # The patch is a copy (encode_patch): it does not hold the buffer.
             keep(self._submit(job, memoryview(encode_patch(pieces))), of_buffer=False)
         return futures
+
+    def _fill(self, mv: memoryview, base: int, zero: BitMap, bp0: int, bp1: int) -> None:
+        """Zeros into the block's zero pages in ``mv`` (pages from ``base`` on)."""
+        for a, b in pagesets.runs(zero, bp0, bp1):
+            self._zero(mv, (a - base) * PAGE_SIZE, (b - base) * PAGE_SIZE)
 
     def _whole(self, mv: memoryview, off: int, blen: int) -> ContentRef | Future[ContentRef]:
         data = mv[off:off + blen]

@@ -70,20 +70,16 @@ def set_bit_runs(buf: bytes | bytearray, nbits: int) -> Iterator[tuple[int, int]
 
 
 def runs(bm: BitMap, first: int = 0, end: int = MAX_PAGES) -> list[tuple[int, int]]:
-    """[start, end) runs of consecutive pages of ``bm`` within [first, end)."""
-    out: list[tuple[int, int]] = []
-    start = prev = -2
-    for p in bm.iter_equal_or_larger(first):
-        if p >= end:
-            break
-        if p != prev + 1:
-            if start >= 0:
-                out.append((start, prev + 1))
-            start = p
-        prev = p
-    if start >= 0:
-        out.append((start, prev + 1))
-    return out
+    """[start, end) runs of consecutive pages of ``bm`` within [first, end).
+    Found with set operations in C (a run starts where p-1 is absent and ends where p+1 is):
+    walking the pages in Python cost about 0.04 s per GiB of holes."""
+    if first > 0 or end < MAX_PAGES:
+        bm = clamp(bm, first, end)
+    if not bm:
+        return []
+    starts = bm - bm.shift(1)
+    lasts = bm - bm.shift(-1)
+    return [(s, e + 1) for s, e in zip(starts, lasts, strict=True)]
 
 
 def clamp(bm: BitMap, first: int, end: int) -> BitMap:
