@@ -26,10 +26,9 @@ from tests.unit.test_prune_helpers import save_snapshot
 Factory = Callable[..., Repository]
 
 
-@pytest.fixture
-def decoded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The names of the index files the index store decodes (whole, head or checked)."""
-    seen: list[str] = []
+def count_decodes(monkeypatch: pytest.MonkeyPatch, seen: list[str]) -> None:
+    """Appends to ``seen`` the name of each index file the index store decodes (whole, head
+    or checked)."""
     for fn in ("check_index", "decode_index", "decode_index_head"):
         real = getattr(indexstore, fn)
 
@@ -38,6 +37,12 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
             return _real(raw, name)
 
         monkeypatch.setattr(indexstore, fn, counting)
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    seen: list[str] = []
+    count_decodes(monkeypatch, seen)
     yield seen
 
 
@@ -246,18 +251,23 @@ def test_tolerant_opens_meet_every_index_file(make_repo: Factory, tmp_path: Path
     assert not tolerant.indexes.from_copy and decoded
 
 
+def open_traced(tmp_path: Path, cache_root: Path) -> tuple[Repository, int]:
+    """The repository opened (its index built) and the peak of Python allocations meanwhile."""
+    tracemalloc.start()
+    try:
+        opened = open_repo(tmp_path, cache_root)
+        return opened, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_opening_from_the_copy_peaks_no_higher_than_loading_the_files(make_repo: Factory, tmp_path: Path,
                                                                       cache_root: Path) -> None:
     repo = make_repo()
     write_packs(repo, 200, 1000, seed=12)
     peaks = {}
     for run in ("files", "copy"):
-        tracemalloc.start()
-        try:
-            opened = open_repo(tmp_path, cache_root)
-            _now, peaks[run] = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        opened, peaks[run] = open_traced(tmp_path, cache_root)
         assert opened.indexes.from_copy == (run == "copy") and len(opened.index) == 200_000
         del opened
     assert peaks["copy"] <= peaks["files"], peaks
@@ -279,12 +289,7 @@ def test_adding_a_large_new_index_file_to_the_copy_peaks_no_higher_than_loading(
     for run in ("copy and new file", "files"):
         if run == "files":
             copy_path(repo).unlink()
-        tracemalloc.start()
-        try:
-            opened = open_repo(tmp_path, cache_root)
-            _now, peaks[run] = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        opened, peaks[run] = open_traced(tmp_path, cache_root)
         assert not opened.indexes.from_copy and len(opened.index) == 200_000
         del opened
     assert peaks["copy and new file"] <= peaks["files"], peaks

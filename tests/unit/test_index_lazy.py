@@ -13,9 +13,10 @@ import pytest
 from deltavault.backends.local import LocalBackend
 from deltavault.cli.main import main
 from deltavault.model.types import BlobType
-from deltavault.repository import indexcache, indexstore
+from deltavault.repository import indexcache
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, init_small_packs
+from tests.unit.test_index_copy import count_decodes
 
 Factory = Callable[..., Repository]
 
@@ -24,14 +25,7 @@ Factory = Callable[..., Repository]
 def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """What builds an index: each index file decoded (by name) and each read of the copy."""
     seen: list[str] = []
-    for fn in ("check_index", "decode_index", "decode_index_head"):
-        real = getattr(indexstore, fn)
-
-        def counting(raw: bytes, name: str, _real: Callable[..., object] = real) -> object:
-            seen.append(name)
-            return _real(raw, name)
-
-        monkeypatch.setattr(indexstore, fn, counting)
+    count_decodes(monkeypatch, seen)
     real_read = indexcache.IndexCopy.read
 
     def read(self: indexcache.IndexCopy) -> indexcache.Built | None:
