@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,12 @@ DEEP_CLEANUP_LIMIT = 60_000
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    # Started in the background by a shell (`make test &`, nohup), the suite inherits SIGINT
+    # ignored, and so would every CLI it starts: the tests that interrupt a run with SIGINT
+    # would see it finish instead. A program keeps an ignored SIGINT (that is right for
+    # background jobs), so the suite gives its children the default back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None:
         return
