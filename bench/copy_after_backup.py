@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from open_index import child_json  # noqa: E402
 from prune_memory import PASSWORD  # noqa: E402
 
 _CHILD = """
@@ -54,12 +54,7 @@ print(json.dumps(out))
 
 
 def run(root: Path, mode: str, new: int) -> dict[str, object]:
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(root), PASSWORD.decode(), mode, str(new)],
-                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
-    if p.returncode != 0:
-        raise SystemExit(f"{mode} failed: {p.stderr}")
-    out: dict[str, object] = json.loads(p.stdout.splitlines()[-1])
-    return out
+    return child_json(_CHILD, [str(root), PASSWORD.decode(), mode, str(new)], ROOT / "src", mode)
 
 
 def main() -> None:

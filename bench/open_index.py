@@ -44,13 +44,19 @@ print(json.dumps({"open_seconds": round(secs, 3), "blobs": blobs,
 """
 
 
-def open_once(root: Path, src: Path) -> dict[str, object]:
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(root), PASSWORD.decode()], capture_output=True,
-                       text=True, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
+def child_json(code: str, args: list[str], src: Path, what: str) -> dict[str, object]:
+    """Runs ``code`` in a fresh interpreter with ``src`` as deltavault's source tree; its
+    last line of output is the JSON result."""
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"})
     if p.returncode != 0:
-        raise SystemExit(f"opening with {src} failed: {p.stderr}")
+        raise SystemExit(f"{what} failed: {p.stderr}")
     out: dict[str, object] = json.loads(p.stdout.splitlines()[-1])
     return out
+
+
+def open_once(root: Path, src: Path) -> dict[str, object]:
+    return child_json(_CHILD, [str(root), PASSWORD.decode()], src, f"opening with {src}")
 
 
 def main() -> None:
