@@ -97,10 +97,12 @@ class Harness:
         count_file = self.tmp / "ops-count"
         count_file.unlink(missing_ok=True)
         env["DV_COUNT_FILE"] = str(count_file)
-        by_op = kill and op in self.ops and self.rnd.random() < 0.5
+        # A command that made no backend writes (a restore, a prune with nothing to do) has
+        # no operation to be killed at: only a delay can kill it.
+        by_op = kill and self.ops.get(op, 0) > 0 and self.rnd.random() < 0.5
         delay = self.rnd.uniform(0.0, self.est[op]) if kill else 600.0
         if by_op:
-            env["DV_KILL_AT"] = str(self.rnd.randint(1, self.ops[op] + 1))
+            env["DV_KILL_AT"] = str(self.rnd.randint(1, self.ops[op]))
             env["DV_KILL_PHASE"] = phase = self.rnd.choice(["before", "mid", "after"])
             self.stats[f"kill_at_op_{phase}"] = self.stats.get(f"kill_at_op_{phase}", 0) + 1
             delay = 120.0

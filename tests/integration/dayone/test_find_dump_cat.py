@@ -133,3 +133,8 @@ def test_cat_bad_input(tmp_path: Path, cli: Cli) -> None:
         r = cli(*args)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
     assert cli("cat", "frobs").returncode == 2  # not a kind: argparse says which are
+    # cat lock takes no lock of its own: no one-digit prefix matches anything here (once a
+    # cat's own lock matched "ab" and printed it with exit 0).
+    for digit in "0123456789abcdef":
+        r = cli("cat", "lock", digit)
+        assert r.returncode == 2 and "no lock matches" in r.stderr, (digit, r.stdout)
