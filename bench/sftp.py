@@ -34,22 +34,28 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
+from quiesce import child_cpu, settle, warm  # noqa: E402
 from tests.loopdev import fresh_fs  # noqa: E402
 from tests.sshd import sshd  # noqa: E402  (the test suite's server, so both run the same sshd)
 
 
-def restore_timed(argv: list[str], env: dict[str, str], work: Path, *, cwd: bool = False) -> float:
-    """Each restore goes to a new ext4: on a file system that has just deleted the previous
-    restore's 10k files, creating inodes was seen to cost every tool several seconds. borg
-    extracts into its working directory (``cwd``); the others take the target last."""
+def restore_timed(argv: list[str], env: dict[str, str], work: Path, repo_dir: Path, *,
+                  cwd: bool = False) -> tuple[float, float]:
+    """(wall seconds, system CPU seconds) of one restore. Each restore goes to a new ext4:
+    on a file system that has just deleted the previous restore's 10k files, creating inodes
+    was seen to cost every tool several seconds. Before the clock starts, every tool alike:
+    its repository ``repo_dir`` is read once (held in the page cache) and write-back has
+    drained (quiesce.py). borg extracts into its working directory (``cwd``); the others
+    take the target last."""
     scratch = work / "restore-fs"
     scratch.mkdir()
     try:
         with fresh_fs(scratch, "3G", "mkfs.ext4", "-q", "-F") as mnt:
-            subprocess.run(["sync"], check=True)
-            if cwd:
-                return timed(argv, env, cwd=mnt)
-            return timed([*argv, str(mnt / "out")], env)
+            warm(repo_dir)
+            settle()
+            child_cpu()
+            secs = timed(argv, env, cwd=mnt) if cwd else timed([*argv, str(mnt / "out")], env)
+            return secs, child_cpu()[1]
     finally:
         shutil.rmtree(scratch)
 
@@ -77,29 +83,31 @@ def one_round(ds: Path, work: Path, tools: list[str], where: list[str],
                    RESTIC_CACHE_DIR=str(work / "restic-cache"))
         dv = [sys.executable, "-m", "deltavault"]
         places = [("local", str(work / "local-repo")), ("sftp", srv.url(work / "sftp-repo"))]
+        dirs = {"local": work / "local-repo", "sftp": work / "sftp-repo"}
         for name, repo in places if "deltavault" in tools else []:
             if name not in where:
                 continue
             timed([*dv, "-r", repo, "init"], env)
-            subprocess.run(["sync"], check=True)
+            settle()
             out[f"deltavault {name} backup"] = timed([*dv, "-r", repo, "backup", *paths], env)
             spy: list[str] = []
             if profile is not None and name == "sftp":
                 profile.mkdir(parents=True, exist_ok=True)
                 spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "200", "--threads", "--idle", "-f", "raw",
                        "-o", str(profile / f"restore-{rnd}.txt"), "--"]
-            out[f"deltavault {name} restore"] = restore_timed(
-                [*spy, *dv, "-r", repo, "restore", "latest", "--target"], env, work)
+            out[f"deltavault {name} restore"], out[f"deltavault {name} restore sys"] = restore_timed(
+                [*spy, *dv, "-r", repo, "restore", "latest", "--target"], env, work, dirs[name])
         opt = ["-o", f"sftp.command=ssh -F {srv.ssh_config} dvtest -s sftp"]
         restic_places = [("local", str(work / "restic-local")), ("sftp", f"sftp:dvtest:{work}/restic-sftp")]
         for name, repo in restic_places if "restic" in tools else []:
             if name not in where:
                 continue
             timed(["restic", "-r", repo, *opt, "init", *RESTIC_INIT], env)
-            subprocess.run(["sync"], check=True)
+            settle()
             out[f"restic {name} backup"] = timed(["restic", "-r", repo, *opt, "backup", "-q", *RESTIC_BACKUP, *paths], env)
-            out[f"restic {name} restore"] = restore_timed(
-                ["restic", "-r", repo, *opt, "restore", "latest", "-q", "--target"], env, work)
+            out[f"restic {name} restore"], out[f"restic {name} restore sys"] = restore_timed(
+                ["restic", "-r", repo, *opt, "restore", "latest", "-q", "--target"], env, work,
+                work / f"restic-{name}")
         # borg 1.2 has no sftp backend: remotely it runs `borg serve` on the host over ssh.
         env.update(BORG_RSH=f"ssh -F {srv.ssh_config}", BORG_BASE_DIR=str(work / "borg-base"),
                    BORG_PASSPHRASE="bench")
@@ -108,10 +116,15 @@ def one_round(ds: Path, work: Path, tools: list[str], where: list[str],
             if {"ssh": "sftp"}.get(name, name) not in where:
                 continue
             timed(["borg", "init", *BORG_INIT, repo], env)
-            subprocess.run(["sync"], check=True)
+            settle()
             out[f"borg {name} backup"] = timed(["borg", "create", *BORG_CREATE, f"{repo}::a", *paths], env)
-            out[f"borg {name} restore"] = restore_timed(["borg", "extract", f"{repo}::a"], env, work, cwd=True)
+            out[f"borg {name} restore"], out[f"borg {name} restore sys"] = restore_timed(
+                ["borg", "extract", f"{repo}::a"], env, work, work / f"borg-{name}", cwd=True)
     return out
+
+
+def ratios_per_round_summary(per_round: dict[str, list[float]], ratios: dict[str, float]) -> dict[str, str]:
+    return {k: f"{ratios[k]} (rounds {', '.join(map(str, v))})" for k, v in per_round.items()}
 
 
 def main() -> None:
@@ -133,17 +146,23 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1].items()), flush=True)
     medians = {k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}
-    ratios = {f"{op} {where} / {peer} {pwhere}": round(statistics.median(
-        r[f"deltavault {where} {op}"] / r[f"{peer} {pwhere} {op}"] for r in rounds), 2)
+    per_round = {f"{op} {where} / {peer} {pwhere}": [
+        round(r[f"deltavault {where} {op}"] / r[f"{peer} {pwhere} {op}"], 2) for r in rounds]
         for op in ("backup", "restore")
         for where, peer, pwhere in (("local", "restic", "local"), ("sftp", "restic", "sftp"),
                                     ("local", "borg", "local"), ("sftp", "borg", "ssh"))
         if f"deltavault {where} {op}" in rounds[0] and f"{peer} {pwhere} {op}" in rounds[0]}
-    result = {"rounds": rounds, "medians": medians, "ratios": ratios, "load_average": os.getloadavg(),
+    ratios = {k: statistics.median(v) for k, v in per_round.items()}
+    # The stability target: slowest round over fastest, per tool and operation.
+    spread = {k: round(max(r[k] for r in rounds) / min(r[k] for r in rounds), 2)
+              for k in rounds[0] if not k.endswith(" sys")}
+    result = {"rounds": rounds, "medians": medians, "ratios": ratios, "ratios_per_round": per_round,
+              "max_over_min": spread, "load_average": os.getloadavg(),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "peer_settings": DESCRIPTION}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({"medians": medians, "ratios": ratios}, indent=1))
+    print(json.dumps({"medians": medians, "ratios": ratios_per_round_summary(per_round, ratios),
+                      "max_over_min": spread, "load_average": result["load_average"]}, indent=1))
 
 
 if __name__ == "__main__":

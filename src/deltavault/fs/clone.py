@@ -58,9 +58,11 @@ def pread_full(fd: int, buf: memoryview, offset: int) -> int:
     return got
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = 0) -> None:
+    """Write all of ``data`` at ``offset``; ``piece`` > 0: at most that much per call (a
+    buffered write's length sets the size of the page-cache folios it allocates)."""
     mv = memoryview(data)
     while mv:
-        n = os.pwrite(fd, mv, offset)
+        n = os.pwrite(fd, mv[:piece] if piece > 0 else mv, offset)
         mv = mv[n:]
         offset += n

@@ -24,6 +24,12 @@ from deltavault.objects.store import BlobReader
 
 BATCH_BYTES = 64 * 1024 * 1024
 SEGMENT_BYTES = 8 * 1024 * 1024  # a large file's unit of parallel work (write_content's pool)
+# Data goes to the file at most this much per pwrite. A write of 1 MiB or more makes the
+# kernel (6.18, ext4 with large folios) fill page-cache folios of that order, taken from
+# free 2 MiB blocks; on the benchmark VM (free page reporting to the host) copying into
+# them cost up to 30x the system time of 256 KiB writes, varying from run to run
+# (docs/benchmarks.md, Restore). More calls cost nothing measurable.
+WRITE_PIECE = 256 * 1024
 
 # (offset, size, blob id of the bytes there, or None for a hole): what --verify checks
 Expect = list[tuple[int, int, bytes | None]]
@@ -152,7 +158,7 @@ def _write_batch(repo: BlobReader, fd: int, batch: list[tuple[int, ContentRef]],
             digest = repo.blob_id(data) if digests else b""
         else:
             raise CorruptionError(f"unknown content reference {ref!r}")
-        pwrite_all(fd, data, off)
+        pwrite_all(fd, data, off, WRITE_PIECE)
         expect.append((off, ref.size, digest))
     return expect
 
