@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
-from quiesce import child_cpu, settle, warm  # noqa: E402
+from quiesce import child_cpu, compiled, settle, warm  # noqa: E402
 from tests.loopdev import fresh_fs  # noqa: E402
 from tests.sshd import sshd  # noqa: E402  (the test suite's server, so both run the same sshd)
 
@@ -82,6 +82,7 @@ def one_round(ds: Path, work: Path, tools: list[str], where: list[str],
                    DELTAVAULT_CACHE_DIR=str(work / "cache"), RESTIC_PASSWORD="bench",
                    RESTIC_CACHE_DIR=str(work / "restic-cache"))
         dv = [sys.executable, "-m", "deltavault"]
+        compiled(sys.executable, env)
         places = [("local", str(work / "local-repo")), ("sftp", srv.url(work / "sftp-repo"))]
         dirs = {"local": work / "local-repo", "sftp": work / "sftp-repo"}
         for name, repo in places if "deltavault" in tools else []:
