@@ -5,6 +5,8 @@ system time on the benchmark VM), and the bytes come out whole, in place, holes 
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,15 @@ import pytest
 from deltavault.fs.clone import pwrite_all
 from deltavault.model.content import ContentRef, Full, Hole
 from deltavault.model.nodes import Node, NodeType
+from deltavault.restore import content
 from deltavault.restore.content import WRITE_PIECE, write_content
 
 
 class _NoRepo:
-    """Every blob is preloaded: the repository must not be asked."""
+    """Every blob is preloaded: the repository must not be asked for one."""
+
+    def prefetch_blobs(self, ids: list[bytes]) -> None:
+        assert not ids
 
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"repository asked for {name}")
@@ -65,3 +71,33 @@ def test_a_restored_file_is_written_in_small_pieces(tmp_path: Path, pwrites: lis
     assert max(pwrites) <= WRITE_PIECE
     assert sum(pwrites) == len(blobs[0]) + len(blobs[1])  # the hole is not written
     assert [e[2] for e in expect] == [b"a" * 32, None, b"b" * 32]
+
+
+def test_a_segment_starts_as_soon_as_any_one_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first segment is held until the third is written: with two in flight, the third
+    can only start if the second's end makes room (waiting for the oldest would hang)."""
+    seg = content.SEGMENT_BYTES
+    blobs = {bytes([i]) * 32: os.urandom(seg) for i in range(3)}
+    refs: list[ContentRef] = [Full(id=k, size=seg) for k in blobs]
+    node = Node(name=b"f", type=NodeType.FILE, size=3 * seg, content=refs)
+    third_written = threading.Event()
+    real = content._write_batch
+
+    def held(repo: object, fd: int, batch: list[tuple[int, ContentRef]], *rest: object) -> object:
+        if batch[0][0] == 0 and not third_written.wait(timeout=60):
+            raise AssertionError("the third segment never started while the first was held")
+        out = real(repo, fd, batch, *rest)  # type: ignore[arg-type]
+        if batch[0][0] == 2 * seg:
+            third_written.set()
+        return out
+
+    monkeypatch.setattr(content, "_write_batch", held)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            expect = write_content(_NoRepo(), fd, node, blobs, digests=False,  # type: ignore[arg-type]
+                                   pool=pool, window=2, fresh=True)
+        assert os.pread(fd, 3 * seg, 0) == b"".join(blobs.values())
+    finally:
+        os.close(fd)
+    assert [(off, digest) for off, _n, digest in expect] == [(i * seg, k) for i, k in enumerate(blobs)]
