@@ -101,3 +101,17 @@ def test_a_segment_starts_as_soon_as_any_one_finishes(tmp_path: Path, monkeypatc
     finally:
         os.close(fd)
     assert [(off, digest) for off, _n, digest in expect] == [(i * seg, k) for i, k in enumerate(blobs)]
+
+
+def test_large_files_of_a_directory_are_started_first() -> None:
+    from deltavault.restore.files import _large_first
+    from deltavault.restore.regular import INLINE_BELOW
+
+    def f(name: bytes, size: int, links: int = 1, kind: NodeType = NodeType.FILE) -> Node:
+        return Node(name=name, type=kind, size=size, links=links)
+
+    nodes = [f(b"a", 10), f(b"d", 0, kind=NodeType.DIR), f(b"big1", INLINE_BELOW), f(b"b", 5),
+             f(b"linked", 10 * INLINE_BELOW, links=2), f(b"big2", 50 * INLINE_BELOW)]
+    assert [n.name for n in _large_first(nodes)] == [b"big1", b"big2", b"a", b"d", b"b", b"linked"]
+    small = nodes[:2]
+    assert _large_first(small) is small
