@@ -58,11 +58,9 @@ def pread_full(fd: int, buf: memoryview, offset: int) -> int:
     return got
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, piece: int = 0) -> None:
-    """Write all of ``data`` at ``offset``; ``piece`` > 0: at most that much per call (a
-    buffered write's length sets the size of the page-cache folios it allocates)."""
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     mv = memoryview(data)
     while mv:
-        n = os.pwrite(fd, mv[:piece] if piece > 0 else mv, offset)
+        n = os.pwrite(fd, mv, offset)
         mv = mv[n:]
         offset += n

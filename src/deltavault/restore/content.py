@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from concurrent.futures import Executor, Future, wait
 
 from deltavault.errors import CorruptionError
 from deltavault.fs.clone import preallocate, pwrite_all
@@ -23,12 +24,6 @@ from deltavault.objects.store import BlobReader
 
 BATCH_BYTES = 64 * 1024 * 1024
 SEGMENT_BYTES = 8 * 1024 * 1024  # a large file's unit of parallel work (write_content's pool)
-# Data goes to the file at most this much per pwrite. A write of 1 MiB or more makes the
-# kernel (6.18, ext4 with large folios) fill page-cache folios of that order, taken from
-# free 2 MiB blocks; on the benchmark VM (free page reporting to the host) copying into
-# them cost up to 30x the system time of 256 KiB writes, varying from run to run
-# (docs/benchmarks.md, Restore). More calls cost nothing measurable.
-WRITE_PIECE = 256 * 1024
 
 # (offset, size, blob id of the bytes there, or None for a hole): what --verify checks
 Expect = list[tuple[int, int, bytes | None]]
@@ -113,40 +108,29 @@ def _batches(content: list[ContentRef], limit: int) -> Iterator[list[tuple[int, 
 
 def _write_parallel(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, bytes], digests: bool,
                     pool: Executor, window: int) -> Expect:
-    """At most ``window`` segments in flight; a new one starts as soon as any of them is done.
-    Waiting for the oldest first left the pool's threads idle whenever a later segment
-    finished before it (py-spy: the segment threads idle 40% of a restore whose walker
-    waited for this file)."""
-    done: dict[int, Expect] = {}
-    pending: dict[Future[Expect], int] = {}
+    expect: Expect = []
+    pending: deque[Future[Expect]] = deque()
     batches = list(_batches(node.content, SEGMENT_BYTES))
     try:
         for i, batch in enumerate(batches):
-            while len(pending) >= window:
-                _collect(pending, done)
+            if len(pending) >= window:
+                expect.extend(pending.popleft().result())
             if i + window < len(batches):
                 # On S3 every segment thread waited for the same pack's GET, and no GET ran
                 # while they worked on it (py-spy, issue #17): the pack a window ahead is
                 # asked for now, so its GET overlaps this window's work.
                 ahead = batches[i + window]
                 repo.prefetch_blobs([r.id for _o, r in ahead if isinstance(r, Full) and r.id not in preloaded])
-            pending[pool.submit(_write_batch, repo, fd, batch, preloaded, digests)] = i
+            pending.append(pool.submit(_write_batch, repo, fd, batch, preloaded, digests))
         while pending:
-            _collect(pending, done)
+            expect.extend(pending.popleft().result())
     finally:
         # A segment still queued or running would write through ``fd`` after the caller has
         # closed it, when the number may already name another file: none may outlive us.
         for fut in pending:
             fut.cancel()
         wait(pending)
-    return [e for i in range(len(batches)) for e in done[i]]
-
-
-def _collect(pending: dict[Future[Expect], int], done: dict[int, Expect]) -> None:
-    """Wait for at least one segment; keep what finished (an error raises here)."""
-    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-    for fut in finished:
-        done[pending.pop(fut)] = fut.result()
+    return expect
 
 
 def _write_batch(repo: BlobReader, fd: int, batch: list[tuple[int, ContentRef]],
@@ -168,7 +152,7 @@ def _write_batch(repo: BlobReader, fd: int, batch: list[tuple[int, ContentRef]],
             digest = repo.blob_id(data) if digests else b""
         else:
             raise CorruptionError(f"unknown content reference {ref!r}")
-        pwrite_all(fd, data, off, WRITE_PIECE)
+        pwrite_all(fd, data, off)
         expect.append((off, ref.size, digest))
     return expect
 

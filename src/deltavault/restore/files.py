@@ -39,7 +39,7 @@ from deltavault.restore.existing import extras, keep_existing, remove, restored_
 from deltavault.restore.listing import checked_nodes
 from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
-from deltavault.restore.regular import INLINE_BELOW, RegularFiles
+from deltavault.restore.regular import RegularFiles
 from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
     LinkSources,
@@ -52,19 +52,6 @@ from deltavault.restore.target import (
 # depth restores within a small RLIMIT_NOFILE.
 MAX_OPEN_DIRS = 64
 _SPECIAL = (NodeType.FIFO, NodeType.CHARDEV, NodeType.BLOCKDEV)
-
-
-def _large_first(nodes: list[Node]) -> list[Node]:
-    """A directory's entries with its large files first (in their order), then the rest in
-    theirs: the workers start on a large file while the walker writes the small ones and
-    descends. In tree order, the files benchmark's 821 MB database came after the 9,737
-    files of its sibling directory, and alone took the last ~40% of the restore (strace
-    timestamps). Hard-linked files keep their place (the walker writes those itself)."""
-    def large(n: Node) -> bool:
-        return n.type == NodeType.FILE and n.size >= INLINE_BELOW and n.links <= 1
-    if not any(large(n) for n in nodes):
-        return nodes
-    return [n for n in nodes if large(n)] + [n for n in nodes if not large(n)]
 
 
 @dataclass
@@ -169,7 +156,7 @@ class FileRestorer:
         """Depth first, with our own stack: one frame per directory being listed."""
         nodes = self._listing(tree_id, b"", sel)
         self._delete_extras(root, nodes, sel)
-        frames = [_Frame(root, _large_first(nodes or []), sel)]
+        frames = [_Frame(root, nodes or [], sel)]
         files = self.files
         assert files is not None
         while frames:
@@ -253,7 +240,7 @@ class FileRestorer:
             self.holds.hold(parent)
             nodes = self._listing(node.subtree, relpath, sel) if node.subtree is not None else []
             self._delete_extras(sub, nodes, sel)
-            return _Frame(sub, _large_first(nodes or []), sel)
+            return _Frame(sub, nodes or [], sel)
         if not sel.whole:
             return None  # a path through a non-directory: nothing selected below
         if not parent.fresh:
