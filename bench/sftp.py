@@ -34,24 +34,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
-from tests.loopdev import fresh_fs  # noqa: E402
+from restore_fs import restore_fs  # noqa: E402
 from tests.sshd import sshd  # noqa: E402  (the test suite's server, so both run the same sshd)
 
 
 def restore_timed(argv: list[str], env: dict[str, str], work: Path, *, cwd: bool = False) -> float:
-    """Each restore goes to a new ext4: on a file system that has just deleted the previous
-    restore's 10k files, creating inodes was seen to cost every tool several seconds. borg
-    extracts into its working directory (``cwd``); the others take the target last."""
-    scratch = work / "restore-fs"
-    scratch.mkdir()
-    try:
-        with fresh_fs(scratch, "3G", "mkfs.ext4", "-q", "-F") as mnt:
-            subprocess.run(["sync"], check=True)
-            if cwd:
-                return timed(argv, env, cwd=mnt)
-            return timed([*argv, str(mnt / "out")], env)
-    finally:
-        shutil.rmtree(scratch)
+    """Each restore goes to a new ext4 (bench/restore_fs.py). borg extracts into its working
+    directory (``cwd``); the others take the target last."""
+    with restore_fs(work, "3G") as mnt:
+        if cwd:
+            return timed(argv, env, cwd=mnt)
+        return timed([*argv, str(mnt / "out")], env)
 
 
 def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
