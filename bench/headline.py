@@ -14,9 +14,10 @@ Rounds are interleaved: every tool runs a scenario before any runs the next, and
 of the tools rotates each round. Each run is a fresh CLI process measured by bench/memory.py's
 ``measured`` (every 20 ms): wall time, user+sys CPU of the process and the children it
 reaped, peak RSS of the process tree, bytes its tree read (``rchar`` of /proc/PID/io: the
-source, the repository and the libraries; ``read_bytes``: what came from the disk, little
-with a warm page cache), and bytes added (growth of the repository directory, ``du -sb``,
-as anchors.sh measures it). Medians over the rounds; the ratios are deltavault's median over
+source, the repository, the libraries, and pipes between the tree's processes;
+``read_bytes``: what came from the disk, little with a warm page cache; deltavault's own
+count of source bytes read is kept too), and bytes added (growth of the repository
+directory, ``du -sb``, as anchors.sh measures it). Medians over the rounds; the ratios are deltavault's median over
 each peer's, from the same run. Prints a markdown table; writes JSON to ``--out``.
 
     flock /tmp/dv-bench.lock .venv/bin/python bench/headline.py --datasets ../data/ds [--rounds 3]
@@ -66,9 +67,14 @@ class Tool:
     snapshot: Callable[[bytes], str]  # files-full's snapshot, from its run's stdout
 
 
-def _dv_snapshot(stdout: bytes) -> str:
+def _summary(stdout: bytes) -> dict[str, object]:
+    """deltavault's ``--json`` summary of a backup ({} for the peers)."""
     lines = [json.loads(x) for x in stdout.decode().splitlines() if x.startswith("{")]
-    return str([x for x in lines if x.get("type") == "summary"][-1]["snapshot"])
+    return ([x for x in lines if x.get("type") == "summary"] or [{}])[-1]
+
+
+def _dv_snapshot(stdout: bytes) -> str:
+    return str(_summary(stdout)["snapshot"])
 
 
 def _restic_snapshot(repo: list[str], env: dict[str, str]) -> Callable[[bytes], str]:
@@ -129,7 +135,9 @@ def backup(tool: Tool, scen: str, paths: list[str], env: dict[str, str]) -> tupl
     subprocess.run(["sync"], check=True)
     out: list[bytes] = []
     r = measured(tool.backup(scen, paths), env, INTERVAL, output=out)
-    return row(r, bytes_added=du(tool.repo) - before), out[0]
+    # deltavault also counts the source bytes it read itself (rchar counts every read).
+    own = {"source_bytes_read": v} if (v := _summary(out[0]).get("bytes_read")) is not None else {}
+    return row(r, bytes_added=du(tool.repo) - before, **own), out[0]
 
 
 def restore(tool: Tool, snap: str, env: dict[str, str], work: Path, expected: int) -> dict[str, object]:
@@ -188,7 +196,7 @@ def report(name: str, scen: str, r: dict[str, object]) -> None:
           f", read {r['rchar'] / 1e6:.0f} MB{added}", file=sys.stderr, flush=True)  # type: ignore[operator]
 
 
-KEYS = ("seconds", "cpu", "rss_mib", "bytes_added", "rchar", "read_bytes")
+KEYS = ("seconds", "cpu", "rss_mib", "bytes_added", "rchar", "read_bytes", "source_bytes_read")
 
 
 def medians(runs: dict[str, dict[str, list[dict[str, object]]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -212,19 +220,20 @@ def markdown(med: dict[str, dict[str, dict[str, float]]], rat: dict[str, dict[st
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
     peers = [t for t in order if t != "deltavault" and t in med]
-    head = "| scenario | tool | wall s | CPU s | peak RSS MiB | added MB | read MB (rchar) |" + \
+    head = "| scenario | tool | wall s | CPU s | peak RSS MiB | added MB | read MB: rchar (own count) |" + \
         "".join(f" wall / CPU / RSS / added vs {p} |" for p in peers)
     lines = [head, "|" + "---|" * (7 + len(peers))]
     for scen in scenarios:
         for t in (t for t in order if scen in med.get(t, {})):
             m = med[t][scen]
             added = f"{m['bytes_added'] / 1e6:.0f}" if "bytes_added" in m else "-"
+            own = f" ({m['source_bytes_read'] / 1e6:.0f})" if "source_bytes_read" in m else ""
             cells = [scen, f"**{t}**" if t == "deltavault" else t, f"{m['seconds']:.2f}", f"{m['cpu']:.2f}",
-                     f"{m['rss_mib']:.0f}", added, f"{m['rchar'] / 1e6:.0f}"]
+                     f"{m['rss_mib']:.0f}", added, f"{m['rchar'] / 1e6:.0f}{own}"]
             for p in peers:
                 r = rat.get(scen, {}).get(p) if t == "deltavault" else None
-                cells.append(" / ".join(x(r.get(k)) for k in ("seconds", "cpu", "rss_mib", "bytes_added")
-                                        if k in r) if r else "")
+                cells.append(" / ".join(x(r.get(k)) for k in ("seconds", "cpu", "rss_mib", "bytes_added"))
+                             if r else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
