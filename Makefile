@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test test-fast fuzz lint typecheck system-deps bench docs clean
+.PHONY: demo test test-fast fuzz lint typecheck system-deps bench bench-deps bench-quick docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,22 +42,63 @@ docs/architecture.svg: docs/architecture.dot
 	dot -Tsvg $< -o $@
 
 DATASETS ?= ../data/ds
-# Builds the datasets if missing, installs the peers, then runs every benchmark; each takes
-# /tmp/dv-bench.lock and measures its peers in the same run. Results: bench/out/*.json.
-bench: system-deps $(STAMP)
+LOCK := flock /tmp/dv-bench.lock
+BLOBS_1M := /tmp/dv-bench-1m-blobs
+
+# The datasets if missing, and the peers.
+bench-deps:
 	test -f $(DATASETS)/MANIFEST.txt || $(BIN)/python ../shared/bench/make_datasets.py $(DATASETS)
 	command -v restic >/dev/null && command -v borg >/dev/null || apt-get install -y -qq restic borgbackup casync bc
 	dpkg -s python3-llfuse >/dev/null 2>&1 || apt-get install -y -qq python3-llfuse  # borg mount
-	flock /tmp/dv-bench.lock $(BIN)/python bench/files.py --datasets $(DATASETS)
-	flock /tmp/dv-bench.lock $(BIN)/python bench/volume.py --datasets $(DATASETS)
-	flock /tmp/dv-bench.lock $(BIN)/python bench/mount.py --datasets $(DATASETS)
+
+# Every benchmark of docs/benchmarks.md with the arguments given there (hours); each takes
+# /tmp/dv-bench.lock and measures its peers in the same run. Results: bench/out/*.json, and
+# bench/results/*.json for the scale and sparse-volume curves.
+bench: system-deps $(STAMP) bench-deps
+	$(LOCK) $(BIN)/python bench/files.py --datasets $(DATASETS)
+	$(LOCK) $(BIN)/python bench/volume.py --datasets $(DATASETS)
+	$(LOCK) $(BIN)/python bench/mount.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync.py --datasets $(DATASETS) --update-doc docs/benchmarks.md
-	flock /tmp/dv-bench.lock $(BIN)/python bench/prune_memory.py
-	flock /tmp/dv-bench.lock $(BIN)/python bench/open_index.py
-	flock /tmp/dv-bench.lock $(BIN)/python bench/sftp.py --datasets $(DATASETS)
-	flock /tmp/dv-bench.lock $(BIN)/python bench/s3.py --datasets $(DATASETS)
+	$(LOCK) $(BIN)/python bench/prune_memory.py
+	$(LOCK) $(BIN)/python bench/open_index.py --keep $(BLOBS_1M)
+	$(LOCK) $(BIN)/python bench/copy_after_backup.py --keep $(BLOBS_1M) --rounds 3
+	rm -rf $(BLOBS_1M)
+	$(LOCK) $(BIN)/python bench/sftp.py --datasets $(DATASETS)
+	$(LOCK) env PYTHONPATH=src:. $(BIN)/python bench/sftp_io.py
+	$(LOCK) $(BIN)/python bench/s3.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS) --direction pull
+	$(LOCK) $(BIN)/python bench/memory.py --datasets $(DATASETS) --src this=src --rounds 4 --scenarios files image incr
+	$(LOCK) $(BIN)/python bench/memory.py --datasets $(DATASETS) --src this=src --peers restic --rounds 2 \
+	    --scenarios files --repo sftp --out bench/out/memory_sftp.json
+	$(LOCK) $(BIN)/python bench/memory.py --datasets $(DATASETS) --src this=src --peers restic --rounds 2 \
+	    --scenarios files --repo s3 --out bench/out/memory_s3.json
+	$(LOCK) $(BIN)/python bench/sparse_memory.py
+	$(LOCK) $(BIN)/python bench/report.py
+	$(LOCK) $(BIN)/python bench/scale_snapshots.py --repeat 3
+	$(LOCK) $(BIN)/python bench/scale_files.py --files 10000 100000 --rounds 3
+	$(LOCK) $(BIN)/python bench/scale_files.py --files 1000000 --rounds 1
+	$(LOCK) $(BIN)/python bench/scale_blobs.py --build-only --keep --peers --blobs 100000 1000000
+	$(LOCK) $(BIN)/python bench/scale_blobs.py --build-only --keep --blobs 10000000
+	$(LOCK) $(BIN)/python bench/scale_blobs.py --blobs 100000 1000000 --rounds 3 --keep --warm
+	$(LOCK) $(BIN)/python bench/scale_blobs.py --blobs 10000000 --keep --warm
+	$(LOCK) $(BIN)/python bench/scale_blobs.py --blobs 100000 1000000 --peers --no-deltavault  # no --keep: the last, it removes the builds
+	# sparse_volume.py takes the lock itself around each measured run (under $(LOCK) it would wait on itself).
+	$(BIN)/python bench/sparse_volume.py --scenario ext4 --out bench/results/sparse_volume.json
+	$(BIN)/python bench/sparse_volume.py --scenario raw --out bench/results/sparse_volume.json
+	$(BIN)/python bench/sparse_volume.py --scenario peers --out bench/results/sparse_volume.json
+
+# Issue #18's headline table in one run, under one lock (docs/benchmarks.md, "Reproducing"):
+# files-full, files-incr, image-full, image-incr and restore for deltavault, borg and restic,
+# 3 rounds interleaved; then the smallest scale points (10k files, 10,000 snapshots).
+bench-quick: $(STAMP) bench-deps
+	$(LOCK) sh -c '$(BIN)/python bench/headline.py --datasets $(DATASETS) --rounds 3 \
+	    --out bench/results/headline.json && \
+	  $(BIN)/python bench/scale_files.py --files 10000 --rounds 3 --no-plot \
+	    --out bench/results/quick_scale_files.json && \
+	  $(BIN)/python bench/scale_snapshots.py --repeat 3 --work /tmp/dv-quick-snapshots \
+	    --out bench/results/quick_scale_snapshots.json --label quick; \
+	  rc=$$?; rm -rf /tmp/dv-quick-snapshots; exit $$rc'
 
 clean:
 	rm -rf $(VENV) demo-work .pytest_cache .mypy_cache .ruff_cache

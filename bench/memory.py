@@ -66,6 +66,8 @@ class Run:
     procs: int
     per_proc: dict[str, float]  # VmHWM (MiB) of each process, by pid and command
     timed_out: bool = False  # killed at ``timeout`` (bench/sparse_volume.py's peers)
+    rchar: int = 0  # bytes its tree read with read(2) and kin (source, repository, libraries)
+    read_bytes: int = 0  # bytes its tree had fetched from storage (0 from a warm page cache)
 
 
 def _status(pid: int) -> dict[bytes, int]:
@@ -90,6 +92,15 @@ def _pss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _io(pid: int) -> dict[bytes, int]:
+    """/proc/PID/io; read from the zombie, it counts the children it reaped too."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            return {k: int(v) for k, v in (line.split(b":", 1) for line in f)}
+    except OSError:
+        return {}
 
 
 def _cmd(pid: int) -> str:
@@ -152,6 +163,7 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005, *, t
                 break
         done.set()
         th.join()
+        io = _io(p.pid)
         _pid, status, ru = os.wait4(p.pid, 0)
         dt = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
@@ -170,7 +182,8 @@ def measured(argv: list[str], env: dict[str, str], interval: float = 0.005, *, t
             err.seek(0)
             output += [out.read(), err.read()]
     return Run(dt, ru.ru_utime + ru.ru_stime, peak_sum / MiB, peak_pss / MiB, sum(hwm.values()) / MiB, len(hwm),
-               {f"{pid} {names.get(pid, '?')}": round(v / MiB, 1) for pid, v in hwm.items()}, timed_out)
+               {f"{pid} {names.get(pid, '?')}": round(v / MiB, 1) for pid, v in hwm.items()}, timed_out,
+               io.get(b"rchar", 0), io.get(b"read_bytes", 0))
 
 
 def dv(src: Path, env: dict[str, str], *args: str) -> list[str]:

@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench.memory import Run, measured  # noqa: E402
 from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
+from restore_fs import restore_fs  # noqa: E402
 from scale_tree import change, generate, put_back, rel  # noqa: E402
-from tests.loopdev import fresh_fs  # noqa: E402
 
 TOOLS = ("deltavault", "restic", "borg")
 OPS = ("full", "nochange", "changed1pct", "restore")
@@ -93,24 +93,18 @@ def count_files(top: Path) -> int:
 
 
 def restore_into_fresh_fs(tool: Tool, env: dict[str, str], work: Path, n: int) -> Run:
-    scratch = work / "restore-fs"
-    scratch.mkdir()
-    try:
-        # 12 KiB a file holds the data (3.2 KiB a file on average, in 4 KiB blocks) and an
-        # inode every 8 KiB is room for all files; the image is sparse.
-        size = f"{(n * 12 + (1 << 20)) // 1024}M"
-        with fresh_fs(scratch, size, "mkfs.ext4", "-q", "-F", "-i", "8192") as mnt:
-            argv, cwd = tool.restore(mnt)
-            if cwd is not None:
-                cwd.mkdir()
-            subprocess.run(["sync"], check=True)
-            r = measured_in(argv, env, cwd)
-            got = count_files(mnt / "out")
-            if got != n:
-                raise SystemExit(f"{tool.name} restored {got} files, not {n}")
-            return r
-    finally:
-        shutil.rmtree(scratch)
+    # 12 KiB a file holds the data (3.2 KiB a file on average, in 4 KiB blocks) and an
+    # inode every 8 KiB is room for all files; the image is sparse.
+    size = f"{(n * 12 + (1 << 20)) // 1024}M"
+    with restore_fs(work, size, "-i", "8192") as mnt:
+        argv, cwd = tool.restore(mnt)
+        if cwd is not None:
+            cwd.mkdir()
+        r = measured_in(argv, env, cwd)
+        got = count_files(mnt / "out")
+        if got != n:
+            raise SystemExit(f"{tool.name} restored {got} files, not {n}")
+        return r
 
 
 def measured_in(argv: list[str], env: dict[str, str], cwd: Path | None) -> Run:
@@ -234,6 +228,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_files.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale-files.png")
     ap.add_argument("--plot-only", action="store_true", help="draw --plot from --out, run nothing")
+    ap.add_argument("--no-plot", action="store_true", help="draw nothing (make bench-quick)")
     ap.add_argument("--keep", action="store_true", help="keep the generated trees")
     a = ap.parse_args()
     data: dict[str, dict] = json.loads(a.out.read_text()) if a.out.exists() else {}
@@ -264,7 +259,7 @@ def main() -> int:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(data, indent=1) + "\n")
     print_table(data)
-    if data:
+    if data and not a.no_plot:
         plot(data, a.plot)
     if not a.keep and not a.plot_only:
         shutil.rmtree(a.work, ignore_errors=True)

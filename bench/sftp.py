@@ -35,29 +35,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
 from quiesce import child_cpu, compiled, settle, warm  # noqa: E402
-from tests.loopdev import fresh_fs  # noqa: E402
+from restore_fs import restore_fs  # noqa: E402
 from tests.sshd import sshd  # noqa: E402  (the test suite's server, so both run the same sshd)
 
 
 def restore_timed(argv: list[str], env: dict[str, str], work: Path, repo_dir: Path, *,
                   cwd: bool = False) -> tuple[float, float]:
-    """(wall seconds, system CPU seconds) of one restore. Each restore goes to a new ext4:
-    on a file system that has just deleted the previous restore's 10k files, creating inodes
-    was seen to cost every tool several seconds. Before the clock starts, every tool alike:
-    its repository ``repo_dir`` is read once (held in the page cache) and write-back has
-    drained (quiesce.py). borg extracts into its working directory (``cwd``); the others
-    take the target last."""
-    scratch = work / "restore-fs"
-    scratch.mkdir()
-    try:
-        with fresh_fs(scratch, "3G", "mkfs.ext4", "-q", "-F") as mnt:
-            warm(repo_dir)
-            settle()
-            child_cpu()
-            secs = timed(argv, env, cwd=mnt) if cwd else timed([*argv, str(mnt / "out")], env)
-            return secs, child_cpu()[1]
-    finally:
-        shutil.rmtree(scratch)
+    """(wall seconds, system CPU seconds) of one restore, to a new ext4 (bench/restore_fs.py).
+    Before the clock starts, every tool alike: its repository ``repo_dir`` is read once (held
+    in the page cache) and write-back has drained (quiesce.py). borg extracts into its working
+    directory (``cwd``); the others take the target last."""
+    with restore_fs(work, "3G") as mnt:
+        warm(repo_dir)
+        settle()
+        child_cpu()
+        secs = timed(argv, env, cwd=mnt) if cwd else timed([*argv, str(mnt / "out")], env)
+        return secs, child_cpu()[1]
 
 
 def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
