@@ -16,7 +16,11 @@ the order of the tools rotating each round, then once more through the proxy, co
 ``--base SRC`` adds the deltavault of another source tree (its ``src/``) restoring the same
 repository, for old against new code in one session.
 
-Usage: bench/s3.py --datasets DIR [--repeat N] [--out FILE] [--only restore [--base SRC]]
+``--bytecode``: deltavault's compiled modules are cached (in the work directory) and reused
+from run to run, as an installed package has them; without it, an inherited
+PYTHONDONTWRITEBYTECODE makes every run compile what it imports.
+
+Usage: bench/s3.py --datasets DIR [--repeat N] [--out FILE] [--only restore [--base SRC]] [--bytecode]
 """
 
 from __future__ import annotations
@@ -93,8 +97,16 @@ def commands(tool: str, url: str, paths: list[str]) -> dict[str, list[str]]:
             "restore": [*r, "restore", "{id}", "-q", "--target"]}
 
 
+BYTECODE = False  # --bytecode: deltavault's modules compiled once, as an installed package has them
+
+
 def tool_env(sw: Seaweed, work: Path, bucket: str, src: Path = ROOT / "src") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAVAULT_", "RESTIC_", "AWS_"))}
+    if BYTECODE:
+        # With PYTHONDONTWRITEBYTECODE inherited, every run compiled the modules it imports
+        # (0.1-0.2 s of CPU) from a source tree, where pip's install would have bytecode.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")  # not in the source trees
     env.update(sw.env(), DELTAVAULT_PASSWORD="bench", DELTAVAULT_CACHE_DIR=str(work / "cache" / bucket),
                RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "restic-cache" / bucket),
                PYTHONPATH=str(src))  # this tree's deltavault, not the venv's editable install
@@ -157,6 +169,10 @@ def restore_rounds(ds: Path, work: Path, sw: Seaweed, repeat: int, base: Path | 
         cmd = commands(tool, f"s3:{endpoint}/{path}", [])["restore"]
         return restore_timed([x.replace("{id}", sid) for x in cmd], tool_env(sw, work, bucket, code), work)
 
+    if BYTECODE:  # each variant's first run compiles its modules: not timed
+        for name, tool, code in variants:
+            if tool == "deltavault":
+                restore(name, tool, code, sw.endpoint)
     rounds = []
     for i in range(repeat):
         row = {}
@@ -195,7 +211,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "s3.json")
     ap.add_argument("--only", choices=["restore"], help="only the restore: one backup per tool, restored in rounds")
     ap.add_argument("--base", type=Path, help="with --only restore: also the deltavault of this src/ directory")
+    ap.add_argument("--bytecode", action="store_true",
+                    help="let deltavault cache its compiled modules (in the work directory), as an install has")
     a = ap.parse_args()
+    global BYTECODE
+    BYTECODE = a.bytecode
     size = sum(p.stat().st_size for p in (a.datasets / "tree-v1").rglob("*") if p.is_file()) + \
         (a.datasets / "db-v1.sqlite").stat().st_size
     rounds = []
@@ -230,7 +250,7 @@ def main() -> None:
               "throughput_mb_s": {k: round(size / 1e6 / v, 1) for k, v in medians.items() if "incr" not in k},
               "restic": subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.strip(),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "load_average": os.getloadavg()}
+              "load_average": os.getloadavg(), "bytecode_cached": a.bytecode}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("medians_seconds", "speedup_over_restic", "throughput_mb_s",

@@ -118,6 +118,22 @@ def test_a_large_first_read_mid_pack_is_not_fetched_twice() -> None:
     assert inner.received == 16 * MiB
 
 
+def test_a_lone_view_mid_pack_reads_only_its_bytes() -> None:
+    # A large file's early segment needs one blob from the end of a pack that later segments
+    # scan (S3 restore: a 272 KB blob). view() asked _blocks twice, the second time with the
+    # pack marked seen, and fetched the whole pack for it; it was dropped before the scan
+    # came, so the pack's bytes came twice.
+    inner = _Bytes()
+    data = os.urandom(16 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner, block=16 * MiB, keep=64 * MiB)
+    assert ra.view("data/ab/pack", 15 * MiB, 300_000) == data[15 * MiB:15 * MiB + 300_000]
+    assert inner.received == 300_000
+    for off in range(0, 16 * MiB, 4 * MiB):  # then the scan: the pack comes once, whole
+        assert ra.view("data/ab/pack", off, 4 * MiB) == data[off:off + 4 * MiB]
+    assert inner.received == 300_000 + 16 * MiB
+
+
 def test_a_pack_smaller_than_a_block_comes_in_one_get_and_counts_its_own_bytes() -> None:
     # The default block is larger than a default pack (32 MiB and its last blob): a scan of
     # a whole pack is one GET, and the memory kept is the pack's bytes, not the block size.

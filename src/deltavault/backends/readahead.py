@@ -72,6 +72,9 @@ class ReadAheadBackend(Forwarding):
         got = self._blocks(name, offset, length)
         if got is None or length is None:
             return self.inner.get(name, offset, length)
+        return self._copy(got, offset, length)
+
+    def _copy(self, got: dict[int, Block], offset: int, length: int) -> bytes:
         b = self.block
         first, last = offset // b, (offset + length - 1) // b
         start = offset - first * b
@@ -85,10 +88,15 @@ class ReadAheadBackend(Forwarding):
         which keeps that block alive while held (a restore's reads of many neighbouring
         small blobs, up to a pack at once, were a copy of the pack each)."""
         got = self._blocks(name, offset, length)
+        if got is None:
+            # Not through get(): _blocks has just marked the pack seen, so a second call
+            # would fetch it whole for this one read (S3 restore: a 272 KB blob brought a
+            # 21 MB pack, dropped before the segments that scan it came: 21 MB twice).
+            return memoryview(self.inner.get(name, offset, length))
         b = self.block
         first = offset // b
-        if got is None or first != (offset + length - 1) // b:
-            return memoryview(self.get(name, offset, length))
+        if first != (offset + length - 1) // b:
+            return memoryview(self._copy(got, offset, length))
         start = offset - first * b
         return memoryview(got[first]).toreadonly()[start:start + length]  # a mapping is writable
 
