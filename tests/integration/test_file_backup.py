@@ -498,3 +498,43 @@ def test_the_last_packs_go_up_in_an_upload_phase_after_every_file_is_read(tmp_pa
     assert [p for p, _ in vrep.phases] == ["volume", "upload"]
     assert vrep.phases[1][1] == packs and sum(1 for _ in repo.backend.list("data")) > packs
     assert vrep.finished == 2
+
+
+def test_chunks_are_those_of_the_whole_file_and_a_reread_adds_no_data(tmp_path: Path, repo: Repository) -> None:
+    """Chunks travel to the workers in batches (small files' chunks, a large file's read
+    window) and are sealed together: each file's content must still be the chunks FastCDC
+    cuts from the whole file, each under the id of its own bytes, so the same data dedups
+    as before; and reading everything again (``read_all``) must add no data blob."""
+    from deltavault.backup.files.run import chunker_for
+    from deltavault.model.content import Full
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(11)
+    text = b"".join(b"%d: a line of a source file, compressible\n" % i for i in range(200_000))
+    files: dict[str, bytes] = {}
+    for i in range(300):  # small files, some of them equal
+        files[f"small/{i:03d}"] = rnd.randbytes(rnd.randint(0, 60_000)) if i % 3 else text[i * 100:i * 100 + rnd.randint(0, 60_000)]
+    files["small/copy"] = files["small/001"]
+    for i in range(20):  # cut into several chunks, batched
+        n = rnd.randint(100_000, 900_000)
+        files[f"medium/{i:02d}"] = text[:n] if i % 2 else rnd.randbytes(n)
+    files["large/mixed"] = (text + rnd.randbytes(3 << 20))[: 9 << 20]  # streamed, several windows
+    files["large/db"] = rnd.randbytes(12 << 20)  # over the delta threshold: page digests too
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    res = backup(repo, src, options={"delta_threshold": 10 << 20})
+    chunker = chunker_for(repo)
+    assert res.snapshot.tree is not None
+    for name, data in files.items():
+        node = find(repo, res.snapshot.tree, f"src/{name}")
+        assert node is not None, name
+        want = [Full(repo.blob_id(data[o:o + n]), n) for o, n in chunker.cut(data)]
+        assert node.content == want, name
+    assert find(repo, res.snapshot.tree, "src/large/db").pages  # type: ignore[union-attr]
+    before = set(repo.index.blob_ids())
+    again = backup(repo, src, options={"delta_threshold": 10 << 20, "read_all": True})
+    assert again.stats.bytes_read == sum(len(d) for d in files.values())
+    added = {e.type for bid, _, e, _ in repo.index.iter_records() if bid not in before}
+    assert added <= {int(BlobType.TREE)}, added  # at most trees (access times), never data

@@ -212,3 +212,58 @@ def test_an_index_file_with_one_bad_entry_adds_none_of_its_packs(tmp_path: Path,
     assert len(tolerant.index_errors) == 1 and "bad pack or blob entry" in tolerant.index_errors[0][1]
     assert not any(tolerant.index.has_pack(pid) for pid, _entries in good)
     assert len(tolerant.index) == 0
+
+
+def _blob_mix(seed: int) -> list[bytes | memoryview]:
+    """What a batch of chunks holds: empty, tiny, text, random, a view, duplicates."""
+    rnd = random.Random(seed)
+    text = b"".join(b"line %d of some text file\n" % i for i in range(4000))
+    items: list[bytes | memoryview] = [b"", b"x" * 10, b"ab" * 40, rnd.randbytes(5000), text[:9000],
+                                       text, rnd.randbytes(40_000), text[:20_000] + rnd.randbytes(20_000),
+                                       memoryview(text)[100:70_000]]
+    return [*items, items[5], bytes(items[3])]
+
+
+def test_sealing_many_gives_the_bytes_of_sealing_each() -> None:
+    """seal_many compresses in a few batch calls, at the level seal_parts would pick for
+    each item (auto: probed), to the very same bytes."""
+    from deltavault.repository.envelope import Envelope
+
+    items = _blob_mix(1)
+    for level in (None, 3, -3):
+        env = Envelope(None, level=level)
+        for compress in (True, False):
+            got = env.seal_many(items, compress=compress, aad=b"blob")
+            want = [env.seal_parts(x, compress=compress, aad=b"blob") for x in items]
+            assert [(bytes(h), bytes(b)) for h, b in got] == [(bytes(h), bytes(b)) for h, b in want]
+
+
+def test_saving_many_stores_each_once_under_its_own_id(repo: Repository, make_repo) -> None:
+    items = _blob_mix(2)
+    first = repo.save_blob(BlobType.DATA, items[6])  # already stored: added again by none
+    saved = repo.save_blobs(BlobType.DATA, items)
+    assert [bid for bid, _ in saved] == [repo.blob_id(x) for x in items]
+    assert saved[6] == (first[0], 0)
+    assert saved[9][1] == 0 and saved[10][1] == 0  # a duplicate within the batch is stored once
+    assert all(n > 0 for i, (_, n) in enumerate(saved) if i not in (6, 9, 10))
+    assert repo.save_blobs(BlobType.DATA, items) == [(bid, 0) for bid, _ in saved]
+    repo.flush()
+    reopened = make_repo(reopen=True)
+    for (bid, _), x in zip(saved, items):
+        assert reopened.load_blob(bid) == bytes(x)
+        assert reopened.index.raw_length(bid) == len(x)
+
+
+def test_a_batch_fills_packs_as_one_blob_at_a_time_would(make_repo) -> None:
+    rnd = random.Random(3)
+    items = [rnd.randbytes(rnd.randint(1000, 60_000)) for _ in range(400)]
+    one, many = make_repo("one", pack_size=1 << 20), make_repo("many", pack_size=1 << 20)
+    for x in items:
+        one.save_blob(BlobType.DATA, x)
+    for i in range(0, len(items), 64):
+        many.save_blobs(BlobType.DATA, items[i:i + 64])
+    for r in (one, many):
+        r.flush()
+    sizes = [sorted(e.length for e in es) for es in one.index.entries_by_pack().values()]
+    assert sorted(sizes) == sorted(sorted(e.length for e in es) for es in many.index.entries_by_pack().values())
+    assert len(sizes) >= 10

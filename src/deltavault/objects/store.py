@@ -6,7 +6,7 @@ name the narrowest one they use, so a reader sees at a glance what an engine can
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from deltavault.model.types import BlobType
@@ -33,3 +33,12 @@ class BlobSaver(Protocol):
                   level: int | None = None, compress: bool = True) -> tuple[bytes, int]: ...
 
     def has_blob(self, blob_id: bytes) -> bool: ...
+
+
+def save_many(repo: BlobSaver, btype: BlobType, items: Sequence[bytes | memoryview]) -> list[tuple[bytes, int]]:
+    """``save_blob`` of each item, in one call where the store has one (``save_blobs``:
+    the repository seals and packs them together, see repository/blobs.py)."""
+    many = getattr(repo, "save_blobs", None)
+    if many is not None:
+        return many(btype, items)  # type: ignore[no-any-return]
+    return [repo.save_blob(btype, x) for x in items]

@@ -32,6 +32,7 @@ HEADER_AAD = b"pack-header"
 BLOB_AAD = b"blob"
 MAX_HEADER = 64 * 1024 * 1024
 READ_PIECE = 1024 * 1024  # a spooled pack is read back this much at a time
+_IOV_MAX = 1024  # buffers one pwritev takes (Linux, POSIX minimum 16 aside)
 
 
 class PackEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -52,7 +53,7 @@ def _write_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> None:
     offset would not overwrite."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     while views:
-        n = os.pwritev(fd, views, offset)
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
         offset += n
         while views and n >= len(views[0]):
             n -= len(views[0])
@@ -107,6 +108,23 @@ class PackBuilder:
         self.entries.append(PackEntry(int(btype), blob_id, self.size, length, raw_length))
         self.size += length
         return length
+
+    def add_many(self, items: list[tuple[BlobType, bytes, tuple[bytes, bytes | memoryview], int]]) -> list[int]:
+        """``add`` each of (type, id, sealed, raw length) in one write; their lengths."""
+        bufs: list[bytes | memoryview] = []
+        lengths = []
+        pos = self.size
+        entries = []
+        for btype, blob_id, (head, body), raw_length in items:
+            length = len(head) + len(body)
+            bufs += (head, body)
+            entries.append(PackEntry(int(btype), blob_id, pos, length, raw_length))
+            lengths.append(length)
+            pos += length
+        self._append(bufs)
+        self.entries += entries
+        self.size = pos
+        return lengths
 
     def finish(self, env: Envelope) -> tuple[bytes, bytes, list[PackEntry]]:
         header = env.seal(msgspec.msgpack.encode(self.entries), aad=HEADER_AAD)

@@ -11,7 +11,7 @@ them by reading their headers (``adopt_orphan_packs``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import blake3
@@ -158,6 +158,11 @@ class Repository:
                   level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
         """Store a blob unless present. Returns (id, sealed bytes added). Thread-safe."""
         return self.writer.save(btype, data, blob_id=blob_id, level=level, compress=compress)
+
+    def save_blobs(self, btype: BlobType, items: Sequence[bytes | memoryview], *, level: int | None = None,
+                   compress: bool = True) -> list[tuple[bytes, int]]:
+        """``save_blob`` of each item, sealed and packed together (blobs.BlobWriter.save_many)."""
+        return self.writer.save_many(btype, items, level=level, compress=compress)
 
     def flush(self) -> None:
         """Upload partly filled packs and write the index for everything written."""

@@ -33,10 +33,15 @@ from deltavault.fs.sparse import ReadExtents, is_sparse
 from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.model.types import BlobType
 from deltavault.objects.patch import PATCH_LEVEL
-from deltavault.objects.store import BlobSaver
+from deltavault.objects.store import BlobSaver, save_many
 from deltavault.workers import Inflight
 
-BATCH_BYTES = 4 * 1024 * 1024
+# Chunks go to the workers in batches (one task, one GIL round trip per few zstd calls
+# for all of them: repository/blobs.py save_many): small files' chunks until a batch holds
+# BATCH_BYTES or BATCH_ITEMS, a large file's one read window at a time. 1 MiB batches
+# spread over the workers within the in-flight bound and keep zstd's batch buffers small
+# (docs/benchmarks.md, File backup).
+BATCH_BYTES = 1024 * 1024
 BATCH_ITEMS = 128
 
 class ContentReader:
@@ -93,13 +98,18 @@ class ContentReader:
             return
         batch, n = self._batch, self._batch_bytes
         self._batch, self._batch_bytes = Batch(), 0
+        self._send(batch, n)
+
+    def _send(self, batch: Batch, n: int) -> None:
+        """One task for the chunks of ``batch`` (``n`` bytes), within the in-flight bound."""
         self.inflight.acquire(n)
         task = self.pool.submit(self._run_batch, batch)
         task.add_done_callback(lambda _f: self.inflight.release(n))
 
     def _run_batch(self, batch: Batch) -> None:
         try:
-            batch.results = [self.save_full(data) for data in batch.items]
+            saved = save_many(self.repo, BlobType.DATA, batch.items)
+            batch.results = [Full(bid, len(data)) for (bid, _), data in zip(saved, batch.items)]
         except BaseException as exc:
             batch.error = exc
         finally:
@@ -162,9 +172,13 @@ class ContentReader:
             cuts = self.chunker.cut(mv)
             if pos + len(mv) < end and len(cuts) > 1:
                 cuts.pop()  # it may end only because the window ended
-            for off, ln in cuts:
-                out.parts.append(self.submit(self.save_full, mv[off:off + ln]))
-            pos += sum(ln for _, ln in cuts)
+            batch = Batch()
+            for i, (off, ln) in enumerate(cuts):
+                batch.items.append(mv[off:off + ln])
+                out.parts.append(Slot(batch, i))
+            n = sum(ln for _, ln in cuts)
+            self._send(batch, n)
+            pos += n
             if consumed is not None:
                 consumed(pos)
             out.compact()
