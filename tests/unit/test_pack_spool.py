@@ -102,3 +102,29 @@ def test_full_spool_disk_is_no_space_and_the_pack_stays_whole(make_repo, monkeyp
     repo.flush()
     again = make_repo(reopen=True)
     assert [again.load_blob(i) for i in ids] == blobs
+
+
+def test_a_batch_whose_spool_write_fails_leaves_none_pending(make_repo, monkeypatch) -> None:
+    """save_blobs writes a batch to the spool in one go: a failed write is NoSpace, no blob
+    of the batch stays pending, and the same batch saved again is stored whole."""
+    repo = make_repo()
+    real = os.pwritev
+    calls = {"n": 0}
+
+    def failing(fd: int, bufs: list, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the MAGIC, then the batch
+            real(fd, [memoryview(bufs[0])[:7]], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    blobs = [os.urandom(5000 + i) for i in range(6)]
+    with pytest.raises(NoSpace, match="TMPDIR"):
+        repo.save_blobs(BlobType.DATA, blobs)
+    assert repo.write_stats.blobs_added == 0
+    saved = repo.save_blobs(BlobType.DATA, blobs)
+    assert all(n > 0 for _, n in saved) and repo.write_stats.blobs_added == len(blobs)
+    repo.flush()
+    again = make_repo(reopen=True)
+    assert [again.load_blob(bid) for bid, _ in saved] == blobs

@@ -127,10 +127,11 @@ class BlobWriter:
                     self._pending_ids.discard(ids[i])
             raise
         finally:
-            for f in full:  # stored already: written whatever else happened
+            stored = new[:stored_upto]
+            self.indexes.stats.add(blobs_added=len(stored), bytes_added_raw=sum(len(items[i]) for i in stored),
+                                   bytes_added_stored=sum(out[i][1] for i in stored))
+            for f in full:  # in a pack already: written whatever else happened
                 self._queue_upload(f)
-        self.indexes.stats.add(blobs_added=len(new), bytes_added_raw=sum(len(items[i]) for i in new),
-                               bytes_added_stored=sum(out[i][1] for i in new))
         return out
 
     # Packs are finished and written by one uploader thread, so workers never wait on fsync;
