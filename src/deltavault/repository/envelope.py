@@ -80,9 +80,8 @@ class Envelope:
         if len(data) <= 2 * AUTO_PROBE:
             return AUTO_HIGH
         probe = data[:AUTO_PROBE]
-        fast = len(self._compressor(AUTO_FAST).compress(probe))
-        high = len(self._compressor(AUTO_HIGH).compress(probe))
-        return AUTO_HIGH if fast - high > AUTO_MIN_GAIN * fast else AUTO_FAST
+        return _auto_choice(len(self._compressor(AUTO_FAST).compress(probe)),
+                            len(self._compressor(AUTO_HIGH).compress(probe)))
 
     def seal_parts(self, data: bytes | memoryview, *, compress: bool = True, level: int | None = None,
                    aad: bytes = b"") -> tuple[bytes, bytes | memoryview]:
@@ -94,12 +93,20 @@ class Envelope:
             if lvl is None:
                 lvl = self._auto_level(data)
             packed = self._compressor(lvl).compress(data)
-            if len(packed) <= len(data) * (1 - MIN_SAVING):
+            if _worth_it(len(packed), len(data)):
                 body, flags = packed, FLAG_ZSTD
+        return self._encrypt(flags, body, aad)
+
+    def _encrypt(self, flags: int, body: bytes | memoryview, aad: bytes,
+                 nonce: bytes | None = None) -> tuple[bytes, bytes | memoryview]:
+        """(header, body) of a sealed blob: the flags byte and the nonce (a fresh one unless
+        given), then the AEAD of the body, the flags byte authenticated with it; unencrypted,
+        the flags and the body."""
         head = bytes((flags,))
         if self._aead is None:
             return head, body
-        nonce = os.urandom(_NONCE)
+        if nonce is None:
+            nonce = os.urandom(_NONCE)
         return head + nonce, self._aead.encrypt(nonce, body, aad + head)
 
     def seal_many(self, items: Sequence[bytes | memoryview], *, compress: bool = True,
@@ -118,19 +125,14 @@ class Envelope:
                 packed = self._compressor(lvl).multi_compress_to_buffer([items[i] for i in idx])
                 for k, i in enumerate(idx):
                     seg = packed[k]
-                    if len(seg) <= len(items[i]) * (1 - MIN_SAVING):
+                    if _worth_it(len(seg), len(items[i])):
                         # a view of the batch's output buffer (BufferSegment: the buffer protocol)
                         bodies[i], flags[i] = memoryview(seg), FLAG_ZSTD  # type: ignore[arg-type]
-        heads = [bytes((f,)) for f in flags]
         if self._aead is None:
-            return list(zip(heads, bodies))
-        nonces = os.urandom(_NONCE * len(items))
-        encrypt = self._aead.encrypt
-        sealed: list[tuple[bytes, bytes | memoryview]] = []
-        for k, (head, body) in enumerate(zip(heads, bodies)):
-            nonce = nonces[k * _NONCE:(k + 1) * _NONCE]
-            sealed.append((head + nonce, encrypt(nonce, body, aad + head)))
-        return sealed
+            return [self._encrypt(f, body, aad) for f, body in zip(flags, bodies)]
+        nonces = os.urandom(_NONCE * len(items))  # one call for the batch's nonces
+        return [self._encrypt(f, body, aad, nonces[k * _NONCE:(k + 1) * _NONCE])
+                for k, (f, body) in enumerate(zip(flags, bodies))]
 
     def _levels(self, items: Sequence[bytes | memoryview], level: int | None) -> dict[int, list[int]]:
         """Which items ``seal_parts`` would compress, by the level it would use: the auto
@@ -151,8 +153,7 @@ class Envelope:
             fast = self._compressor(AUTO_FAST).multi_compress_to_buffer(probes)
             high = self._compressor(AUTO_HIGH).multi_compress_to_buffer(probes)
             for k, i in enumerate(probed):
-                f, h = len(fast[k]), len(high[k])
-                out[AUTO_HIGH if f - h > AUTO_MIN_GAIN * f else AUTO_FAST].append(i)
+                out[_auto_choice(len(fast[k]), len(high[k]))].append(i)
         return {lv: idx for lv, idx in out.items() if idx}
 
     def seal(self, data: bytes | memoryview, *, compress: bool = True, level: int | None = None,
@@ -189,3 +190,14 @@ class Envelope:
             except zstandard.ZstdError as exc:
                 raise CorruptionError(f"{what}: bad compressed data: {exc}") from exc
         return bytes(body)
+
+
+def _auto_choice(fast: int, high: int) -> int:
+    """The ``auto`` level from the sizes of the probe at AUTO_FAST and AUTO_HIGH: the high
+    level only when it saves at least AUTO_MIN_GAIN."""
+    return AUTO_HIGH if fast - high > AUTO_MIN_GAIN * fast else AUTO_FAST
+
+
+def _worth_it(packed: int, raw: int) -> bool:
+    """Whether a compressed body of ``packed`` bytes is stored instead of the ``raw`` ones."""
+    return packed <= raw * (1 - MIN_SAVING)

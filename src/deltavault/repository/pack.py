@@ -102,12 +102,7 @@ class PackBuilder:
 
     def add(self, btype: BlobType, blob_id: bytes, sealed: tuple[bytes, bytes | memoryview],
             raw_length: int) -> int:
-        head, body = sealed
-        length = len(head) + len(body)
-        self._append([head, body])
-        self.entries.append(PackEntry(int(btype), blob_id, self.size, length, raw_length))
-        self.size += length
-        return length
+        return self.add_many([(btype, blob_id, sealed, raw_length)])[0]
 
     def add_many(self, items: list[tuple[BlobType, bytes, tuple[bytes, bytes | memoryview], int]]) -> list[int]:
         """``add`` each of (type, id, sealed, raw length) in one write; their lengths."""
