@@ -20,6 +20,11 @@ class MetaPolicy:
         # streams (set by the local engine once it knows both sides: local/ntfs.py)
         self.stream_xattrs = False
 
+    def owner(self, src: os.stat_result) -> int:
+        """The user an entry made for SRC's ``src`` belongs to: its own when owners are kept
+        (as root), else whoever syncs."""
+        return src.st_uid if self.chown else os.geteuid()
+
     @property
     def any_xattrs(self) -> bool:
         return self.acl or self.xattrs or self.stream_xattrs

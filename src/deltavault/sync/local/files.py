@@ -27,7 +27,7 @@ from deltavault.sync.local.context import LocalRun
 from deltavault.sync.local.delta import page_delta
 from deltavault.sync.local.dirs import Dir, Dirs
 from deltavault.sync.receiver.core import Staged
-from deltavault.sync.receiver.entries import Xattrs, open_existing, single
+from deltavault.sync.receiver.entries import Xattrs, open_existing, owned, single
 from deltavault.sync.receiver.ntfs import StreamVerifyFailed
 from deltavault.sync.sender.source import changed_since
 from deltavault.workers import BoundedPool
@@ -219,10 +219,10 @@ class Files:
     def _stage_delta(self, fd: int, st: os.stat_result, d: Dir, name: bytes, relpath: bytes,
                      dst: os.stat_result, xattrs: Xattrs, hasher: blake3.blake3 | None) -> Staged | None:
         """Rewrite only the changed pages: into a clone of the old file, or (--inplace) into
-        the old file itself, if DST holds its only link. None: neither is possible here,
+        the old file itself, if DST holds its only link and it is ``owned``. None: neither is possible here,
         copy the file whole. The old file is the one met in the listing (checked handle)."""
         run = self.run
-        inplace = run.opts.inplace and single(dst)
+        inplace = run.opts.inplace and single(dst) and owned(dst, st, run.rx.meta)
         ofd = open_existing(d.dfd, name, dst, os.O_RDONLY)
         tmp: bytes | None = None
         tfd = -1

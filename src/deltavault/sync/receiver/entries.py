@@ -8,9 +8,13 @@ Other local users may write in DST while we work (fs.dirfd has the rules). Here:
 - An entry found in DST is used only through an ``O_PATH`` handle checked to be the type
   and (dev, ino) that lstat met: a FIFO, device or symlink swapped in is never opened,
   followed or changed.
+- An entry found in DST is kept as SRC's only if it belongs to the user the sync would make
+  it belong to (``owned``): anyone who can write in DST can plant a file of their own with
+  SRC's size and time (utime), and hold it open; a user cannot give a file away. So no
+  other user's bytes or inode become the mirror's, nor get SRC's owner and mode (setuid).
 - An entry found in DST is changed in place (metadata, --inplace writes) or given another
   name only if DST holds its one link. One with more (``st_nlink > 1``) may be a hard link
-  to a file outside DST: it is replaced by a new file instead (``fix_meta`` says
+  to a file outside DST. Either kind is replaced by a new file instead (``fix_meta`` says
   "replace"). It may be read, through its checked handle, to compare it with SRC or as the
   base of a delta written into a new file: what is written into DST is always SRC's bytes.
 - What we create (files, symlinks, FIFOs, device nodes) gets its metadata through its own
@@ -71,15 +75,23 @@ def single(st: os.stat_result) -> bool:
     return st.st_nlink == 1
 
 
+def owned(have: os.stat_result, src: os.stat_result, meta: MetaPolicy) -> bool:
+    """May the existing entry ``have`` be kept as SRC's ``src`` at all? Only if it has the
+    owner the sync gives ``src``."""
+    return have.st_uid == meta.owner(src)
+
+
 def fix_meta(dfd: int, name: bytes, st: os.stat_result, dst: os.stat_result, xattrs: Xattrs,
              meta: MetaPolicy) -> tuple[str, list[str], Identity]:
     """A file whose content is equal: "same", "meta" once differing metadata is corrected,
-    or "replace" when it differs and has other links (copy it anew instead). Also returns
+    or "replace" when it is another user's, or differs and has other links (copy it anew instead). Also returns
     the file's identity."""
     h, hst = handle_at(dfd, name)
     try:
         if not stat.S_ISREG(hst.st_mode) or identity(hst) != identity(dst):
             raise Replaced("not the file met in the listing")
+        if not owned(hst, st, meta):
+            return "replace", [], identity(hst)
         dx = read_xattrs(fd_path(h), follow=True) if xattrs is not None else None
         if not meta.differs(hst, st, dx, xattrs):
             return "same", [], identity(hst)

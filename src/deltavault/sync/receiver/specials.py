@@ -11,7 +11,7 @@ import stat
 from deltavault.fs.dirfd import created_handle, fd_path, handle_at
 from deltavault.fs.meta import read_xattrs
 from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.receiver.entries import Xattrs, single
+from deltavault.sync.receiver.entries import Xattrs, owned, single
 from deltavault.sync.receiver.temps import Temps, Where
 
 
@@ -34,13 +34,13 @@ def place_special(dfd: int, where: Where, name: bytes, st: os.stat_result, targe
         h = -1
     if h >= 0:
         try:
-            if _is_same_special(h, have, st, target):
+            if _is_same_special(h, have, st, target) and owned(have, st, meta):
                 dx = read_xattrs(fd_path(h), follow=True) if xattrs is not None else None
                 if not meta.differs(have, st, dx, xattrs):
                     return "same", []
                 if single(have):
                     return "meta", meta.apply_handle(h, st, xattrs)
-                # other links: it may be one to an entry outside DST; made anew below
+            # another user's, or other links (maybe to an entry outside DST): made anew below
         finally:
             os.close(h)
     fmt = stat.S_IFMT(st.st_mode)

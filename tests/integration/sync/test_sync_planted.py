@@ -1,0 +1,73 @@
+"""A file another user planted in DST with SRC's size and modification time (anyone who
+can write in DST can forge both with utime on a file of their own).
+
+The quick check kept it as SRC's, and since its owner and mode differed from SRC's,
+corrected them in place: as root, the attacker's bytes became a setuid-root program in the
+mirror. With SRC's content planted, the file was chowned to root while the attacker, who
+made it, could still hold it open for writing. A file is now kept only if it has the owner
+the sync would give it (a user cannot give a file away); any other is written anew."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deltavault.testing.hostile import NOBODY
+from tests.conftest import needs_root
+
+pytestmark = [needs_root(), pytest.mark.root]
+
+REAL = b"#!/bin/sh\necho the program backed up\n"
+EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
+
+
+def _sync(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
+    return subprocess.run([sys.executable, "-m", "deltavault", "sync", *extra, str(src), str(dst)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
+    """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            path.write_bytes(data)
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+            os._exit(0)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return path.stat().st_ino
+
+
+@pytest.mark.parametrize("planted", [EVIL, REAL], ids=["other-bytes", "same-bytes"])
+@pytest.mark.parametrize("extra", [(), ("--checksum",)], ids=["quick", "checksum"])
+def test_a_file_another_user_planted_with_the_size_and_time_is_replaced(shared_dir: Path, planted: bytes,
+                                                                        extra: tuple[str, ...]) -> None:
+    assert len(EVIL) == len(REAL)
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    src.mkdir()
+    (src / "prog").write_bytes(REAL)
+    (src / "prog").chmod(0o4755)
+    dst.mkdir(mode=0o755)
+    os.chown(dst, NOBODY, NOBODY)  # DST, or a directory in it, others can write in
+    ino = _plant_as_nobody(dst / "prog", planted, (src / "prog").stat().st_mtime_ns)
+    p = _sync(src, dst, *extra)
+    assert p.returncode == 0, p.stdout + p.stderr
+    st = (dst / "prog").stat()
+    assert (dst / "prog").read_bytes() == REAL
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o4755
+    assert st.st_ino != ino  # a file of the sync's own, not the attacker's made root's
+    # The sync's own file, unchanged, is kept from now on.
+    p = _sync(src, dst, *extra)
+    assert p.returncode == 0 and (dst / "prog").stat().st_ino == st.st_ino, p.stdout + p.stderr
