@@ -84,6 +84,11 @@ class FormatError(CorruptionError):
     """A stored object could not be parsed: truncated, wrong magic, bad field."""
 
 
+class Undecodable(FormatError):
+    """Bytes that are not msgpack or JSON of the type asked for (framing.decode_*); callers
+    name what they were decoding."""
+
+
 class UnsupportedVersion(DeltavaultError):
     exit_code = ExitCode.FATAL
 

@@ -1,14 +1,42 @@
-"""Length-prefixed msgpack frames (u32 little-endian length, then the body) over a byte
-stream: the page-digest helper's pipe and the remote delta protocol."""
+"""Decoding bytes nobody vouches for (``decode_msgpack``, ``decode_json``: every stored
+object, key file, config and peer message goes through them), and length-prefixed msgpack
+frames (u32 little-endian length, then the body) over a byte stream: the page-digest
+helper's pipe and the remote delta protocol."""
 
 from __future__ import annotations
 
 import struct
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import msgspec
 
-from deltavault.errors import CorruptionError
+from deltavault.errors import CorruptionError, Undecodable
+
+T = TypeVar("T")
+# Everything msgspec raises on bytes that are not a valid ``kind``: invalid UTF-8 escapes as
+# UnicodeDecodeError, and arrays or maps nested deeper than the interpreter's recursion
+# limit (a few bytes each, so a small file) as RecursionError.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
+
+def _why(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+def decode_msgpack(raw: bytes | msgspec.Raw, kind: type[T]) -> T:
+    """``raw`` as msgpack of ``kind``; whatever the bytes, that or ``Undecodable``."""
+    try:
+        return msgspec.msgpack.decode(raw, type=kind)
+    except _UNDECODABLE as exc:
+        raise Undecodable(_why(exc)) from exc
+
+
+def decode_json(raw: bytes, kind: type[T]) -> T:
+    """``raw`` as JSON of ``kind``; whatever the bytes, that or ``Undecodable``."""
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except _UNDECODABLE as exc:
+        raise Undecodable(_why(exc)) from exc
 
 LEN = struct.Struct("<I")
 MAX_FRAME = 1 << 30
@@ -33,4 +61,7 @@ def read_frame(stream: IO[bytes]) -> tuple[Any, int] | None:
     body = stream.read(n)
     if len(body) < n:
         return None
-    return msgspec.msgpack.decode(body), LEN.size + n
+    try:
+        return decode_msgpack(body, Any), LEN.size + n
+    except Undecodable as exc:
+        raise CorruptionError(f"a frame does not parse: {exc}") from exc

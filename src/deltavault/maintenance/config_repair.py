@@ -35,7 +35,9 @@ from deltavault.errors import (
     KeyFileDamaged,
     ObjectNotFound,
     RepositoryNotFound,
+    Undecodable,
 )
+from deltavault.framing import decode_json
 from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
 from deltavault.repository.cache import default_cache_root
@@ -96,8 +98,8 @@ def _problem(raw: bytes | None, master: keymod.MasterKey | None) -> str:
     if raw is None:
         return "the config is missing"
     try:
-        cfg = msgspec.json.decode(raw, type=RepoConfig)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        cfg = decode_json(raw, RepoConfig)
+    except Undecodable as exc:
         return f"the config does not parse ({exc})"
     if cfg.format != "deltavault" or cfg.v != REPO_VERSION:
         return f"the config names format {cfg.format!r} version {cfg.v}"
@@ -146,8 +148,8 @@ def _salvage_chunker(text: str) -> ChunkerParams | None:
     if not m:
         return None
     try:
-        c = msgspec.json.decode(m.group(1).encode(), type=ChunkerParams)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        c = decode_json(m.group(1).encode(), ChunkerParams)
+    except Undecodable:
         return None
     ok = 16 * 1024 <= c.min <= c.avg <= c.max <= 64 * _MIB and c.avg & (c.avg - 1) == 0
     return c if ok else None

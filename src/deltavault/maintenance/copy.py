@@ -26,7 +26,8 @@ import blake3
 import msgspec
 
 from deltavault.chunking.pages import PageHasher
-from deltavault.errors import UsageError
+from deltavault.errors import Undecodable, UsageError
+from deltavault.framing import decode_msgpack
 from deltavault.fs.files import read_cache_file, write_cache_file
 from deltavault.model.content import PAGE_SIZE, ContentRef, Full, Hole, Patch, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
@@ -94,8 +95,8 @@ class Copier:
         if blake3.blake3(self._bind + body, key=self._key).digest() != mac:
             return {}, set()  # not written by us for this target and this source: not trusted
         try:
-            m = msgspec.msgpack.decode(body, type=_MapFile)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            m = decode_msgpack(body, _MapFile)
+        except Undecodable:
             return {}, set()
         return m.ids, set(m.index_files)
 

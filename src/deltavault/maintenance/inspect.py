@@ -3,12 +3,12 @@ as JSON-ready values (bytes as hex, names as exact strings); blobs and packs as 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import msgspec
 
-from deltavault.errors import ObjectNotFound, UsageError
+from deltavault.errors import FormatError, ObjectNotFound, Undecodable, UsageError
+from deltavault.framing import decode_json
 from deltavault.fs.sources import snapshot_path, source_roots
 from deltavault.model.nodes import NodeType
 from deltavault.model.types import match_prefix
@@ -35,9 +35,16 @@ def _plain(obj: Any) -> Any:
     return conv(msgspec.to_builtins(obj, builtin_types=(bytes,)))
 
 
+def _json(raw: bytes, name: str) -> Any:
+    try:
+        return decode_json(raw, Any)
+    except Undecodable as exc:
+        raise FormatError(f"{name} does not parse: {exc}") from exc
+
+
 def inspect(repo: Repository, kind: str, ref: str | None) -> Any | bytes:
     if kind == "config":
-        return json.loads(repo.backend.get("config"))
+        return _json(repo.backend.get("config"), "config")
     if ref is None:
         raise UsageError(f"cat {kind} needs an id" + (" (SNAPSHOT or SNAPSHOT:PATH)" if kind == "tree" else ""))
     if kind == "snapshot":
@@ -51,7 +58,8 @@ def inspect(repo: Repository, kind: str, ref: str | None) -> Any | bytes:
                                                          "length": b.length, "raw_length": b.raw_length}
                                                         for b in p.blobs]} for p in f.packs]}
     if kind == "key":
-        return json.loads(repo.backend.get(keyring.resolve_key(repo, ref)))
+        name = keyring.resolve_key(repo, ref)
+        return _json(repo.backend.get(name), name)
     if kind == "lock":
         names = [n.removeprefix("locks/") for n, _ in repo.locks.list_locks()]
         name = "locks/" + match_prefix(names, ref, "lock")

@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import msgspec
 
-from deltavault.errors import FormatError, UnsupportedVersion
+from deltavault.errors import FormatError, Undecodable, UnsupportedVersion
+from deltavault.framing import decode_msgpack
 from deltavault.model.content import ContentRef
 
 VOLUME_VERSION = 1
@@ -96,8 +97,8 @@ def encode(obj: msgspec.Struct) -> bytes:
 
 def decode(raw: bytes, kind: type[T], what: str) -> T:
     try:
-        obj = msgspec.msgpack.decode(raw, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        obj = decode_msgpack(raw, kind)
+    except Undecodable as exc:
         raise FormatError(f"{what} does not parse: {exc}") from exc
     if getattr(obj, "v", VOLUME_VERSION) != VOLUME_VERSION:
         raise UnsupportedVersion(f"{what} has format version {getattr(obj, 'v', '?')}; this build "

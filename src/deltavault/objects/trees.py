@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
-from deltavault.errors import CorruptionError
+from deltavault.errors import CorruptionError, Undecodable
+from deltavault.framing import decode_msgpack
 from deltavault.model.nodes import Node, Tree
 from deltavault.objects.store import BlobLoader
 
@@ -19,8 +20,8 @@ def encode_tree(nodes: list[Node]) -> bytes:
 
 def decode_tree(raw: bytes) -> Tree:
     try:
-        return msgspec.msgpack.decode(raw, type=Tree)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        return decode_msgpack(raw, Tree)
+    except Undecodable as exc:
         raise CorruptionError(f"tree does not parse: {exc}") from exc
 
 

@@ -23,10 +23,12 @@ from deltavault.errors import (
     ObjectNotFound,
     RepositoryExists,
     RepositoryNotFound,
+    Undecodable,
     UnsupportedVersion,
     UsageError,
     WrongPassword,
 )
+from deltavault.framing import decode_json
 from deltavault.repository import keys as keymod
 
 REPO_VERSION = 1
@@ -113,8 +115,8 @@ def read(backend: Backend) -> RepoConfig:
                                   "'deltavault repair' rebuilds it") from None
         raise RepositoryNotFound(f"no repository at {backend.location()} (run 'deltavault init')") from None
     try:
-        cfg = msgspec.json.decode(raw, type=RepoConfig)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        cfg = decode_json(raw, RepoConfig)
+    except Undecodable as exc:
         raise FormatError(f"repository config is damaged: {exc}; 'deltavault repair' rebuilds it") from exc
     if cfg.format != "deltavault":
         raise FormatError("not a deltavault repository")

@@ -15,7 +15,8 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-from deltavault.errors import FormatError, UnsupportedVersion
+from deltavault.errors import FormatError, Undecodable, UnsupportedVersion
+from deltavault.framing import decode_msgpack
 from deltavault.model.types import ID_LEN, BlobType
 from deltavault.repository.pack import PackEntry
 
@@ -55,8 +56,8 @@ _Doc = TypeVar("_Doc", IndexFile, _IndexHead, _LazyIndexFile)
 def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
     """An index file as ``kind`` (the whole file or only its head), of this build's version."""
     try:
-        doc = msgspec.msgpack.decode(raw, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        doc = decode_msgpack(raw, kind)
+    except Undecodable as exc:
         raise FormatError(f"index {name} does not parse: {exc}") from exc
     if doc.v != INDEX_VERSION:
         raise UnsupportedVersion(f"index {name} has version {doc.v}; this build reads {INDEX_VERSION}")
@@ -106,8 +107,8 @@ def check_index(raw: bytes, name: str) -> list[msgspec.Raw]:
     packs = _decode(raw, _LazyIndexFile, name).packs
     for p in packs:  # all or nothing: nothing is added from a bad file
         try:
-            msgspec.msgpack.decode(p, type=_CheckedPack)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            decode_msgpack(p, _CheckedPack)
+        except Undecodable as exc:
             raise FormatError(f"index {name}: bad pack or blob entry ({exc})") from exc
     return packs
 
@@ -115,8 +116,8 @@ def check_index(raw: bytes, name: str) -> list[msgspec.Raw]:
 def decode_index_pack(raw: msgspec.Raw, name: str, *, checked: bool = False) -> IndexPack:
     """One pack of an index file; ``checked``: ``check_index`` has checked it already."""
     try:
-        p = msgspec.msgpack.decode(raw, type=IndexPack)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        p = decode_msgpack(raw, IndexPack)
+    except Undecodable as exc:
         raise FormatError(f"index {name} does not parse: {exc}") from exc
     return p if checked else _checked(p, name)
 

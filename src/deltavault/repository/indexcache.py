@@ -30,6 +30,8 @@ from pathlib import Path
 import blake3
 import msgspec
 
+from deltavault.errors import Undecodable
+from deltavault.framing import decode_msgpack
 from deltavault.fs.files import open_cache_path, write_cache_parts
 from deltavault.model.types import ID_LEN
 from deltavault.repository.index import BUCKETS, RECORD_FORMAT, RECORD_SIZE, Index
@@ -103,7 +105,7 @@ class IndexCopy:
                     return None
                 f.seek(0)
                 return self._parse(f, size)
-        except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        except (OSError, ValueError, Undecodable):
             return None
 
     def _authentic(self, f: io.BufferedReader, size: int) -> bool:
@@ -136,7 +138,7 @@ class IndexCopy:
         head_len = int.from_bytes(prefix[12:16], "little")
         if head_len > min(size, _MAX_HEAD):
             return None
-        head = msgspec.msgpack.decode(take(head_len), type=_Head)
+        head = decode_msgpack(take(head_len), _Head)
         if head.repo != self.repo_id or head.record != RECORD_FORMAT:
             return None
         # Every length is checked against the file's size before anything that size is

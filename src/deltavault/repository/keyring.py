@@ -14,7 +14,8 @@ from typing import Protocol
 import msgspec
 
 from deltavault.backends.base import Backend
-from deltavault.errors import CorruptionError, DeltavaultError, UsageError
+from deltavault.errors import CorruptionError, DeltavaultError, Undecodable, UsageError
+from deltavault.framing import decode_json
 from deltavault.model.types import match_prefix
 from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
@@ -131,8 +132,8 @@ def import_key(backend: Backend, data: bytes, password: bytes) -> str:
     the repository's config is authenticated with; then store its key file, so the password
     opens the repository again (also after every key file there was lost). Returns its name."""
     try:
-        exp = msgspec.json.decode(data, type=KeyExport)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        exp = decode_json(data, KeyExport)
+    except Undecodable as exc:
         raise UsageError(f"not a deltavault key export: {exc}") from exc
     if exp.format != "deltavault-key":
         raise UsageError("not a deltavault key export")

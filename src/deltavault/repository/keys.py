@@ -20,7 +20,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from deltavault.errors import FormatError, KeyFileDamaged, UnsupportedVersion, WrongPassword
+from deltavault.errors import (
+    FormatError,
+    KeyFileDamaged,
+    Undecodable,
+    UnsupportedVersion,
+    WrongPassword,
+)
+from deltavault.framing import decode_json
 
 KEYFILE_VERSION = 1
 _AAD = b"deltavault key v1"
@@ -92,8 +99,8 @@ def key_file_name(data: bytes) -> str:
 
 def parse_key_file(data: bytes, name: str = "key") -> KeyFile:
     try:
-        kf = msgspec.json.decode(data, type=KeyFile)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        kf = decode_json(data, KeyFile)
+    except Undecodable as exc:
         raise KeyFileDamaged(f"key file {name} is damaged: {exc}") from exc
     if kf.v != KEYFILE_VERSION:
         raise UnsupportedVersion(f"key file {name} has version {kf.v}; this build reads {KEYFILE_VERSION}")

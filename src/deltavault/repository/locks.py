@@ -21,6 +21,7 @@ import msgspec
 
 from deltavault.backends.base import Backend
 from deltavault.errors import BackendError, CorruptionError, ObjectNotFound, RepositoryLocked
+from deltavault.framing import decode_json
 from deltavault.repository.envelope import Envelope
 
 LOCK_AAD = b"lock"
@@ -92,10 +93,10 @@ class LockManager:
     def _read(self, name: str) -> LockInfo | None:
         try:
             raw = self.env.open(self.backend.get(name), aad=LOCK_AAD, what=name)
-            return msgspec.json.decode(raw, type=LockInfo)
+            return decode_json(raw, LockInfo)
         except ObjectNotFound:
             return None
-        except (CorruptionError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        except CorruptionError:
             # Unreadable lock: treat as stale only once it is old by file listing age.
             return LockInfo(hostname="?", pid=0, pid_start=0, exclusive=True, created=0.0, refreshed=0.0)
 

@@ -21,7 +21,8 @@ import tempfile
 import blake3
 import msgspec
 
-from deltavault.errors import NO_SPACE_ERRNOS, BackendError, FormatError, NoSpace
+from deltavault.errors import NO_SPACE_ERRNOS, BackendError, FormatError, NoSpace, Undecodable
+from deltavault.framing import decode_msgpack
 from deltavault.model.types import ID_LEN, BlobType
 from deltavault.repository.envelope import Envelope
 
@@ -196,8 +197,8 @@ def parse_tail(tail: bytes, pack_size: int, name: str) -> int:
 def parse_header(env: Envelope, sealed_header: bytes, pack_size: int, name: str) -> list[PackEntry]:
     raw = env.open(sealed_header, aad=HEADER_AAD, what=f"pack {name} header")
     try:
-        entries = msgspec.msgpack.decode(raw, type=list[PackEntry])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        entries = decode_msgpack(raw, list[PackEntry])
+    except Undecodable as exc:
         raise FormatError(f"pack {name}: header does not parse: {exc}") from exc
     limit = pack_size - len(sealed_header) - _TAIL.size
     for e in entries:

@@ -14,7 +14,8 @@ import msgspec
 
 from deltavault import __version__
 from deltavault.backends.base import Backend
-from deltavault.errors import CorruptionError, FormatError, ObjectNotFound, UsageError
+from deltavault.errors import CorruptionError, FormatError, ObjectNotFound, Undecodable, UsageError
+from deltavault.framing import decode_msgpack
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import ID_LEN, match_prefix
 from deltavault.repository.cache import ObjectCache
@@ -71,8 +72,8 @@ class SnapshotStore:
     def _decode(self, sid: str, sealed: bytes) -> Snapshot:
         raw = self.env.open(sealed, aad=SNAPSHOT_AAD, what=f"snapshot {short_id(sid)}")
         try:
-            snap = msgspec.msgpack.decode(raw, type=Snapshot)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            snap = decode_msgpack(raw, Snapshot)
+        except Undecodable as exc:
             raise FormatError(f"snapshot {short_id(sid)} does not parse: {exc}") from exc
         if snap.tree is not None and len(snap.tree) != ID_LEN:
             raise FormatError(f"snapshot {short_id(sid)}: bad tree id")

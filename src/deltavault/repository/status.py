@@ -27,7 +27,9 @@ from deltavault.errors import (
     DeltavaultError,
     FormatError,
     ObjectNotFound,
+    Undecodable,
 )
+from deltavault.framing import decode_msgpack
 from deltavault.model.status import FAILED, KINDS, STATUS_VERSION, StatusRecord
 from deltavault.repository.envelope import Envelope
 
@@ -79,8 +81,8 @@ class StatusStore:
             raise CorruptionError(f"{name}: content does not match its name (damaged)")
         raw = self.env.open(sealed, aad=STATUS_AAD, what=name)
         try:
-            rec = msgspec.msgpack.decode(raw, type=StatusRecord)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            rec = decode_msgpack(raw, StatusRecord)
+        except Undecodable as exc:
             raise FormatError(f"{name} does not parse: {exc}") from exc
         # an authentic record under another record's name would misdate it
         if rec.kind != m.group(1) or rec.time_ns != int(m.group(2)) or rec.v != STATUS_VERSION:

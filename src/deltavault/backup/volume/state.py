@@ -14,12 +14,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import blake3
 from pyroaring import BitMap
 
-from deltavault.errors import DeltavaultError
+from deltavault.errors import DeltavaultError, Undecodable
+from deltavault.framing import decode_json
 from deltavault.fs.files import read_cache_file, remove_cache_files, write_cache_file
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
@@ -162,8 +163,8 @@ class LocalState:
         if raw is None:
             return state
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            data = decode_json(raw, Any)
+        except Undecodable:
             state.note = f"{path} does not parse; ignored"
             return state
         if not isinstance(data, dict):
