@@ -25,7 +25,10 @@ _NONCE = 12
 _TAG = 16
 # Store raw when compression saves less than this fraction.
 MIN_SAVING = 0.02
-# Above this a zstd frame is refused on decompression: no blob is that big.
+# Above this a zstd frame is refused on decompression (a damaged or forged frame header
+# could declare any size, allocated up front). So nothing larger is ever compressed
+# (``_compressible``): a directory of a million long names has a tree blob over it, and
+# stored compressed it was a snapshot that backed up and could never be read.
 MAX_BLOB = 256 * 1024 * 1024
 
 
@@ -88,7 +91,7 @@ class Envelope:
         """Sealed form as (header, body) so callers can write both without joining them."""
         flags = 0
         body: bytes | memoryview = data
-        if compress and len(data) >= 64:
+        if compress and _compressible(len(data)):
             lvl = self.level if level is None else level
             if lvl is None:
                 lvl = self._auto_level(data)
@@ -137,7 +140,7 @@ class Envelope:
     def _levels(self, items: Sequence[bytes | memoryview], level: int | None) -> dict[int, list[int]]:
         """Which items ``seal_parts`` would compress, by the level it would use: the auto
         policy's probes (``_auto_level``) taken in two batch calls."""
-        todo = [i for i, x in enumerate(items) if len(x) >= 64]
+        todo = [i for i, x in enumerate(items) if _compressible(len(x))]
         lvl = self.level if level is None else level
         if lvl is not None:
             return {lvl: todo} if todo else {}
@@ -190,6 +193,12 @@ class Envelope:
             except zstandard.ZstdError as exc:
                 raise CorruptionError(f"{what}: bad compressed data: {exc}") from exc
         return bytes(body)
+
+
+def _compressible(n: int) -> bool:
+    """Whether ``n`` bytes are worth trying to compress and small enough that ``open`` will
+    decompress them."""
+    return 64 <= n <= MAX_BLOB
 
 
 def _auto_choice(fast: int, high: int) -> int:
