@@ -20,6 +20,27 @@ from deltavault.fs.dirfd import fd_path
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
+def take_dir(fd: int, st: os.stat_result) -> None:
+    """An existing directory (``st``) of a tree others may write in, made ours alone before
+    anything is written in it, as one we make is: ours (as root; another user's cannot be
+    taken otherwise: PermissionError), 0700 and without ACLs. Its owner, had it stayed theirs,
+    could read, or move away and keep, what is written there before its own metadata is set,
+    last; a default ACL they set would give them every entry made in it, for good."""
+    if st.st_uid != os.geteuid():
+        try:
+            os.fchown(fd, os.geteuid(), -1)
+        except PermissionError:
+            raise PermissionError(errno.EPERM, f"a directory of another user (uid {st.st_uid}) is in the "
+                                  "way; nothing is written in it") from None
+    os.fchmod(fd, 0o700)
+    for name in ACL_XATTRS:
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+
+
 @lru_cache(maxsize=4096)
 def user_name(uid: int) -> str:
     try:

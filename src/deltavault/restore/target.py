@@ -29,7 +29,7 @@ from deltavault.fs.dirfd import (
     lstat_at,
     open_dir_at,
 )
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, take_dir
 from deltavault.model.nodes import Node, NodeType
 
 TEMP_PREFIX = b".dv-restore-"
@@ -76,7 +76,7 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
 def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
     """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
     metadata is set, last) or, when one is already there, that one, made ours and 0700 the
-    same way (``_take``); anything else in the way is removed first. Returns its fd, its
+    same way (``fs.meta.take_dir``); anything else in the way is removed first. Returns its fd, its
     identity and whether this call made it. A directory this call made must still be ours
     when opened: another user cannot make one owned by us, so a swap is ``Replaced``."""
     made = True
@@ -94,27 +94,13 @@ def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
         st = os.fstat(fd)
         if made and st.st_uid != os.geteuid():
             raise Replaced("not the directory just created")
-        if not made:
-            _take(fd, st)
+        if not made:  # others may have planted it: ours alone before anything goes in
+            take_dir(fd, st)
     except BaseException:
         os.close(fd)
         raise
     return fd, identity(st), made
 
-
-def _take(fd: int, st: os.stat_result) -> None:
-    """An existing directory, before anything is written in it: ours alone, as one we make.
-    Another user who owns it (or may write in it) could read, or move away and keep, what
-    the restore writes there before its metadata is set, last; a default ACL in it would give
-    them each entry made there. 0700 masks every ACL entry; each entry's ACLs are then set
-    to exactly the snapshot's (``apply_node_meta``)."""
-    if st.st_uid != os.geteuid():
-        try:
-            os.fchown(fd, os.geteuid(), -1)
-        except PermissionError:
-            raise PermissionError(errno.EPERM, f"a directory of another user (uid {st.st_uid}) is in the "
-                                  "way; nothing is restored into it") from None
-    os.fchmod(fd, 0o700)
 
 
 def install(parent: int, tmp: bytes, name: bytes, want: Identity | None = None) -> None:

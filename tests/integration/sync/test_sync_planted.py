@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from deltavault.testing.hostile import NOBODY
-from tests.conftest import needs_root
+from tests.conftest import needs_root, needs_tools
 
-pytestmark = [needs_root(), pytest.mark.root]
+pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
 REAL = b"#!/bin/sh\necho the program backed up\n"
 EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
@@ -71,3 +71,33 @@ def test_a_file_another_user_planted_with_the_size_and_time_is_replaced(shared_d
     # The sync's own file, unchanged, is kept from now on.
     p = _sync(src, dst, *extra)
     assert p.returncode == 0 and (dst / "prog").stat().st_ino == st.st_ino, p.stdout + p.stderr
+
+
+def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_dir: Path) -> None:
+    """A directory of another user met in DST was used as it was: the files sync made in it
+    inherited its default ACL, and SRC's 0640 mode let its maker read them for good (as in
+    restore: test_restore_planted_dirs.py). It is now made sync's own, 0700, without ACLs
+    before anything is written in it; its metadata is SRC's at the end."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    (src / "private").mkdir(parents=True)
+    (src / "private" / "secret").write_bytes(b"top secret\n")
+    (src / "private" / "secret").chmod(0o640)
+    (src / "private").chmod(0o750)
+    dst.mkdir()
+    dst.chmod(0o777)
+    planted = dst / "private"
+    p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
+                        f"mkdir '{planted}' && setfacl -m u:nobody:rwx '{planted}' "
+                        f"&& setfacl -d -m u:nobody:rwx '{planted}'"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    p = _sync(src, dst)
+    assert p.returncode == 0, p.stdout + p.stderr
+    secret = planted / "secret"
+    assert secret.read_bytes() == b"top secret\n"
+    p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat", str(secret)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "top secret" not in p.stdout
+    for path, mode in ((planted, 0o750), (secret, 0o640)):
+        st = path.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), path
+        assert not [x for x in os.listxattr(path) if x.startswith("system.posix_acl")], path

@@ -103,7 +103,7 @@ class Walker:
     def _subdir_opened(self, parent: Dir, name: bytes, relpath: bytes, sub: SourceDir, included: bool) -> int | Dir:
         run = self.run
         dst = None if parent.fresh else lstat_at(parent.dfd, name)
-        made = run.rx.subdir(parent.dfd, name, relpath, dst, parent.dmnt)
+        made = run.rx.subdir(parent.dfd, name, relpath, dst, sub.st, parent.dmnt)
         if made is None:
             return 1
         cdfd, dcst, created, dmnt = made

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import Identity, created_dir, identity, open_dir_checked
+from deltavault.fs.meta import take_dir
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard, mount_root
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.receiver.entries import Xattrs, delete_extras, fix_meta
+from deltavault.sync.receiver.entries import Xattrs, delete_extras, fix_meta, owned
 from deltavault.sync.receiver.links import (
     Groups,
     detach,
@@ -119,12 +120,13 @@ class Receiver:
             self.out.problem(rel, "metadata", m)
 
     # ------------------------------------------------------------------ directories
-    def subdir(self, dfd: int, name: bytes, rel: bytes, dst: os.stat_result | None,
+    def subdir(self, dfd: int, name: bytes, rel: bytes, dst: os.stat_result | None, src: os.stat_result,
                parent_mnt: int) -> tuple[int, os.stat_result, bool, int] | None:
         """DST/rel made (mode 0700 until its metadata is set) or opened, and checked: the
-        directory made, or the one met as ``dst``; a file in its way is removed. Returns
-        (fd, its stat, made, its mount id); None for a mount showing SRC or DST, left
-        alone (reported)."""
+        directory made, or the one met as ``dst``; a file in its way is removed. One met
+        that is not ``owned`` as SRC's ``src`` would be is first made ours alone, as one made
+        is (fs.meta.take_dir). Returns (fd, its stat, made, its mount id); None for a mount
+        showing SRC or DST, left alone (reported)."""
         if dst is not None and not stat.S_ISDIR(dst.st_mode):
             os.unlink(name, dir_fd=dfd)  # a file where SRC now has a directory
             dst = None
@@ -144,6 +146,12 @@ class Receiver:
             os.close(fd)
             self.out.problem(rel, "write", f"left alone: {why} (a mount inside the destination)")
             return None
+        if not owned(dst, src, self.meta):  # another user's: planted, maybe with a default ACL
+            try:
+                take_dir(fd, dst)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd, dst, False, mnt
 
     def dir_meta(self, fd: int, rel: bytes, st: os.stat_result, xattrs: Xattrs) -> None:

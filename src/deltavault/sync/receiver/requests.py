@@ -102,7 +102,7 @@ class Requests:
         return self._changed_how(dst, e)
 
     def _subdir(self, dfd: int, rel: bytes, crel: bytes, e: Entry, dst: os.stat_result | None) -> None:
-        got = self.rx.subdir(dfd, e.name, crel, dst, self.dirs.mounts[rel])
+        got = self.rx.subdir(dfd, e.name, crel, dst, e.st, self.dirs.mounts[rel])
         if got is None:
             return
         fd, _st, made, mnt = got
