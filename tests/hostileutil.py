@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli
 
 PATH_MAX = 4096
@@ -56,3 +57,31 @@ def bind(what: Path, where: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def secret_tree(src: Path) -> Path:
+    """``src``/private (0750) holding a 0640 file "secret": what a user must not read."""
+    (src / "private").mkdir(parents=True)
+    secret = src / "private" / "secret"
+    secret.write_bytes(b"top secret\n")
+    secret.chmod(0o640)
+    (src / "private").chmod(0o750)
+    src.chmod(0o755)
+    return secret
+
+
+def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+    """``cmd`` run as user nobody (setpriv)."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
+                          capture_output=True, text=True, timeout=60)
+
+
+def plant_acl_dir(path: Path) -> None:
+    """User nobody makes the directory ``path``, with an ACL and a default ACL giving them all."""
+    p = as_nobody("sh", "-c", f"mkdir '{path}' && setfacl -m u:nobody:rwx '{path}' "
+                              f"&& setfacl -d -m u:nobody:rwx '{path}'")
+    assert p.returncode == 0, p.stderr
+
+
+def acl_names(path: Path) -> list[str]:
+    return [x for x in os.listxattr(path) if x.startswith("system.posix_acl")]

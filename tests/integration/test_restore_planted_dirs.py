@@ -10,48 +10,72 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from deltavault.restore.target import make_dir
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli, needs_root, needs_tools
+from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
-
-ACL = "system.posix_acl_access"
-
-
-def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(cli: Cli, tmp_path: Path,
                                                                          shared_dir: Path) -> None:
     src = tmp_path / "src"
-    (src / "private").mkdir(parents=True)
-    (src / "private" / "secret").write_bytes(b"top secret\n")
-    (src / "private" / "secret").chmod(0o640)
-    (src / "private").chmod(0o750)
-    src.chmod(0o755)
+    secret_tree(src)
     assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
     target = shared_dir / "target"
     target.mkdir()
     target.chmod(0o777)  # a scratch directory others may write in
     planted = target / "src"
-    p = _as_nobody("sh", "-c", f"mkdir '{planted}' && setfacl -m u:nobody:rwx '{planted}' "
-                               f"&& setfacl -d -m u:nobody:rwx '{planted}'")
-    assert p.returncode == 0, p.stderr
+    plant_acl_dir(planted)
     r = cli("restore", "latest", "--target", str(target))
     assert r.returncode == 0, r.stdout + r.stderr
     secret = planted / "private" / "secret"
     assert secret.read_bytes() == b"top secret\n"
-    p = _as_nobody("cat", str(secret))
+    p = as_nobody("cat", str(secret))
     assert p.returncode != 0 and "top secret" not in p.stdout, p.stdout
     for path, mode in ((planted, 0o755), (planted / "private", 0o750), (secret, 0o640)):
         st = path.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), path
-        assert ACL not in os.listxattr(path), path  # the snapshot's entries have no ACL
-    assert "system.posix_acl_default" not in os.listxattr(planted)
+        assert acl_names(path) == [], path  # the snapshot's entries have none
+
+
+def test_as_another_user_a_planted_directory_is_refused_not_written_in(shared_dir: Path) -> None:
+    """Who is not root cannot take another user's directory: nothing is written in it."""
+    target = shared_dir / "target"
+    target.mkdir()
+    os.chown(target, NOBODY, NOBODY)
+    (target / "theirs").mkdir()  # root's, in nobody's restore target
+    (target / "mine").mkdir(mode=0o777)
+    os.chown(target / "mine", NOBODY, NOBODY)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+            sub, _ident, made = make_dir(fd, b"mine")
+            os.close(sub)
+            try:
+                make_dir(fd, b"theirs")
+            except PermissionError as exc:
+                os.write(w, f"{made}|{exc.strerror}".encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert said == "False|a directory of another user (uid 0) is in the way; nothing is written in it"
+    assert stat.S_IMODE((target / "mine").stat().st_mode) == 0o700  # taken: the restore's alone
+    assert stat.S_IMODE((target / "theirs").stat().st_mode) == 0o755 and (target / "theirs").stat().st_uid == 0

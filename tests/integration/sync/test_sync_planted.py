@@ -19,6 +19,7 @@ import pytest
 
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
+from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
@@ -79,25 +80,18 @@ def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_d
     restore: test_restore_planted_dirs.py). It is now made sync's own, 0700, without ACLs
     before anything is written in it; its metadata is SRC's at the end."""
     src, dst = shared_dir / "src", shared_dir / "dst"
-    (src / "private").mkdir(parents=True)
-    (src / "private" / "secret").write_bytes(b"top secret\n")
-    (src / "private" / "secret").chmod(0o640)
-    (src / "private").chmod(0o750)
+    secret_tree(src)
     dst.mkdir()
     dst.chmod(0o777)
     planted = dst / "private"
-    p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
-                        f"mkdir '{planted}' && setfacl -m u:nobody:rwx '{planted}' "
-                        f"&& setfacl -d -m u:nobody:rwx '{planted}'"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
+    plant_acl_dir(planted)
     p = _sync(src, dst)
     assert p.returncode == 0, p.stdout + p.stderr
     secret = planted / "secret"
     assert secret.read_bytes() == b"top secret\n"
-    p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat", str(secret)],
-                       capture_output=True, text=True, timeout=60)
+    p = as_nobody("cat", str(secret))
     assert p.returncode != 0 and "top secret" not in p.stdout
     for path, mode in ((planted, 0o750), (secret, 0o640)):
         st = path.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), path
-        assert not [x for x in os.listxattr(path) if x.startswith("system.posix_acl")], path
+        assert acl_names(path) == [], path
