@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,12 @@ import pytest
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
+from tests.integration.sync.test_sync_hostile import no_sshd, server, sync  # noqa: F401 (a fixture)
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
 REAL = b"#!/bin/sh\necho the program backed up\n"
 EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
-
-
-def _sync(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
-    return subprocess.run([sys.executable, "-m", "deltavault", "sync", *extra, str(src), str(dst)], env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
@@ -53,8 +46,11 @@ def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
 
 @pytest.mark.parametrize("planted", [EVIL, REAL], ids=["other-bytes", "same-bytes"])
 @pytest.mark.parametrize("extra", [(), ("--checksum",)], ids=["quick", "checksum"])
+@pytest.mark.parametrize("where", ["local", pytest.param("push", marks=no_sshd)])
 def test_a_file_another_user_planted_with_the_size_and_time_is_replaced(shared_dir: Path, planted: bytes,
-                                                                        extra: tuple[str, ...]) -> None:
+                                                                        extra: tuple[str, ...], where: str,
+                                                                        request: pytest.FixtureRequest) -> None:
+    srv = request.getfixturevalue("server") if where == "push" else None
     assert len(EVIL) == len(REAL)
     src, dst = shared_dir / "src", shared_dir / "dst"
     src.mkdir()
@@ -63,18 +59,20 @@ def test_a_file_another_user_planted_with_the_size_and_time_is_replaced(shared_d
     dst.mkdir(mode=0o755)
     os.chown(dst, NOBODY, NOBODY)  # DST, or a directory in it, others can write in
     ino = _plant_as_nobody(dst / "prog", planted, (src / "prog").stat().st_mtime_ns)
-    p = _sync(src, dst, *extra)
+    p = sync(src, dst, *extra, server=srv)
     assert p.returncode == 0, p.stdout + p.stderr
     st = (dst / "prog").stat()
     assert (dst / "prog").read_bytes() == REAL
     assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o4755
     assert st.st_ino != ino  # a file of the sync's own, not the attacker's made root's
     # The sync's own file, unchanged, is kept from now on.
-    p = _sync(src, dst, *extra)
+    p = sync(src, dst, *extra, server=srv)
     assert p.returncode == 0 and (dst / "prog").stat().st_ino == st.st_ino, p.stdout + p.stderr
 
 
-def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_dir: Path) -> None:
+@pytest.mark.parametrize("where", ["local", pytest.param("push", marks=no_sshd)])
+def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_dir: Path, where: str,
+                                                                         request: pytest.FixtureRequest) -> None:
     """A directory of another user met in DST was used as it was: the files sync made in it
     inherited its default ACL, and SRC's 0640 mode let its maker read them for good (as in
     restore: test_restore_planted_dirs.py). It is now made sync's own, 0700, without ACLs
@@ -85,7 +83,7 @@ def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_d
     dst.chmod(0o777)
     planted = dst / "private"
     plant_acl_dir(planted)
-    p = _sync(src, dst)
+    p = sync(src, dst, server=request.getfixturevalue("server") if where == "push" else None)
     assert p.returncode == 0, p.stdout + p.stderr
     secret = planted / "secret"
     assert secret.read_bytes() == b"top secret\n"
