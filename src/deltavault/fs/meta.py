@@ -134,7 +134,9 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
     if xattrs is not None:
         want = dict(xattrs)
         if drop_xattr is not None:
-            current = read_xattrs(fd_path(fd), follow=True) if handle else read_xattrs(b"", fd=fd)
+            # only those it may remove are read (a named stream of ntfs-3g over 64 KiB fails)
+            current = (read_xattrs(fd_path(fd), follow=True, want=drop_xattr) if handle
+                       else read_xattrs(b"", fd=fd, want=drop_xattr))
             for name, _ in current:
                 if name not in want and drop_xattr(name):
                     try:
