@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_as_another_user_a_planted_directory_is_refused_not_written_in(shared_di
     target.mkdir()
     os.chown(target, NOBODY, NOBODY)
     (target / "theirs").mkdir()  # root's, in nobody's restore target
-    (target / "mine").mkdir(mode=0o777)
+    (target / "mine").mkdir()
+    (target / "mine").chmod(0o777)  # nobody's, but others may write in it
     os.chown(target / "mine", NOBODY, NOBODY)
     r, w = os.pipe()
     pid = os.fork()
@@ -79,3 +81,25 @@ def test_as_another_user_a_planted_directory_is_refused_not_written_in(shared_di
     assert said == "False|a directory of another user (uid 0) is in the way; nothing is written in it"
     assert stat.S_IMODE((target / "mine").stat().st_mode) == 0o700  # taken: the restore's alone
     assert stat.S_IMODE((target / "theirs").stat().st_mode) == 0o755 and (target / "theirs").stat().st_uid == 0
+
+
+def test_only_a_directory_others_made_or_reach_is_taken(tmp_path: Path) -> None:
+    """A directory of ours that nobody else may write in, and without ACLs (``/etc`` on an
+    in-place restore), keeps its mode while the restore writes in it: made 0700 it would shut
+    every other user out for the run, and for good if the run were cut short. One writable by
+    the group, or with an ACL, is taken."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, mode in ((b"plain", 0o755), (b"groupw", 0o775), (b"acl", 0o755)):
+            os.mkdir(name, dir_fd=fd)
+            os.chmod(name, mode, dir_fd=fd)
+        subprocess.run(["setfacl", "-d", "-m", "u:nobody:rwx", str(tmp_path / "acl")], check=True)
+        for name, want in ((b"plain", 0o755), (b"groupw", 0o700), (b"acl", 0o700)):
+            sub, _ident, made = make_dir(fd, name)
+            os.close(sub)
+            assert not made
+            assert stat.S_IMODE(os.stat(tmp_path / name.decode()).st_mode) == want, name
+        assert acl_names(tmp_path / "acl") == []
+    finally:
+        os.close(fd)
+

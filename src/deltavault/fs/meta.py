@@ -20,6 +20,24 @@ from deltavault.fs.dirfd import fd_path
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
+def exposed(fd: int, st: os.stat_result) -> bool:
+    """Whether an existing directory (``st``) may be another user's doing or reach: not ours,
+    writable by group or others, or carrying an ACL. One that is none of these (``/etc`` on
+    an in-place restore) is left as it is: taking it would shut every other user out of it
+    for the whole run, and for good if the run is cut short."""
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return True
+    for name in ACL_XATTRS:
+        try:
+            os.getxattr(fd, name)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            raise
+        return True
+    return False
+
+
 def take_dir(fd: int, st: os.stat_result) -> None:
     """An existing directory (``st``) of a tree others may write in, made ours alone before
     anything is written in it, as one we make is: ours (as root; another user's cannot be

@@ -29,7 +29,7 @@ from deltavault.fs.dirfd import (
     lstat_at,
     open_dir_at,
 )
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, take_dir
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, exposed, take_dir
 from deltavault.model.nodes import Node, NodeType
 
 TEMP_PREFIX = b".dv-restore-"
@@ -76,7 +76,7 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
 def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
     """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
     metadata is set, last) or, when one is already there, that one, made ours and 0700 the
-    same way (``fs.meta.take_dir``); anything else in the way is removed first. Returns its fd, its
+    same way (``fs.meta.take_dir``) when others may have made or reach it; anything else in the way is removed first. Returns its fd, its
     identity and whether this call made it. A directory this call made must still be ours
     when opened: another user cannot make one owned by us, so a swap is ``Replaced``."""
     made = True
@@ -94,7 +94,7 @@ def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
         st = os.fstat(fd)
         if made and st.st_uid != os.geteuid():
             raise Replaced("not the directory just created")
-        if not made:  # others may have planted it: ours alone before anything goes in
+        if not made and exposed(fd, st):  # others may have planted it: ours alone first
             take_dir(fd, st)
     except BaseException:
         os.close(fd)
