@@ -57,7 +57,8 @@ OPS = ("backup", "snapshots", "prune", "check")
 TOOLS = ("deltavault", "restic", "borg")
 PEER_DIR_FILES = 1000
 
-# Run in the child: time Repository.open (from the parent's DV_T0) and report it on stderr.
+# Run in the child: time Repository.open (from the parent's DV_T0) and the first build of
+# the in-memory index (its duration, and when it ended), and report them on stderr.
 TRACE = """
 import atexit, json, os, runpy, sys, time
 from deltavault.repository.repository import Repository
@@ -69,6 +70,16 @@ def traced(cls, *a, **k):
     marks.setdefault("open_done_s", time.time() - t0)
     return repo
 Repository.open = classmethod(traced)
+from deltavault.repository.indexstore import IndexStore
+orig_build = IndexStore._build
+def traced_build(self, how):  # the in-memory index built (at its first use): from the files or the copy
+    t = time.time()
+    try:
+        return orig_build(self, how)
+    finally:
+        marks.setdefault("index_build_s", time.time() - t)
+        marks.setdefault("index_done_s", time.time() - t0)
+IndexStore._build = traced_build
 atexit.register(lambda: print("TRACE " + json.dumps(marks), file=sys.stderr))
 sys.argv = ["deltavault", *sys.argv[1:]]
 runpy.run_module("deltavault", run_name="__main__", alter_sys=True)

@@ -95,8 +95,16 @@ def test_an_unchanged_repository_opens_from_the_copy_without_decoding(make_repo:
     assert again.index.lookup(b"n" * 32) is not None
 
 
+def copy_head(data: bytes) -> tuple[indexcache._Head, int]:
+    """A copy's head and where its bucket lengths start."""
+    head_len = int.from_bytes(data[12:16], "little")
+    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
+    return head, 16 + head_len + 32 * head.packs
+
+
 def damaged_copies(data: bytes) -> Iterator[tuple[str, bytes]]:
-    for at in (0, 9, 13, 20, len(data) // 3, len(data) - 4 * 65536, len(data) - 100, len(data) - 1):
+    head, lengths_at = copy_head(data)
+    for at in (0, 9, 13, 20, len(data) // 3, lengths_at + 2 * head.buckets, len(data) - 100, len(data) - 1):
         flipped = bytearray(data)
         flipped[at] ^= 0x10
         yield f"byte {at} flipped", bytes(flipped)
@@ -109,9 +117,6 @@ def damaged_copies(data: bytes) -> Iterator[tuple[str, bytes]]:
         yield f"truncated to {keep}", data[:keep]
     yield "one byte longer", data + b"\0"
     # A bucket length claiming far more than the file holds: refused before allocating it.
-    head_len = int.from_bytes(data[12:16], "little")
-    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
-    lengths_at = 16 + head_len + 32 * head.packs
     yield "a huge bucket length", data[:lengths_at] + (0xFFFFFFF0).to_bytes(4, "little") + data[lengths_at + 4:]
 
 
@@ -155,7 +160,7 @@ def test_a_copy_of_another_repository_or_version_is_not_used(make_repo: Factory,
     assert IndexCopy(my_copy.parent, theirs.config.id, mine.cache_key("index")).read() is None
     assert IndexCopy(my_copy.parent, mine.config.id, theirs.cache_key("index")).read() is None
     # Another format version is refused before anything else is read.
-    monkeypatch.setattr(indexcache, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(indexcache, "FORMAT_VERSION", indexcache.FORMAT_VERSION + 1)
     assert built.read() is None
 
 
@@ -302,12 +307,11 @@ def test_a_planted_copy_whose_lengths_add_up_allocates_nothing_before_its_mac_fa
     write_packs(repo, 2, 50, seed=15)
     path = copy_path(open_repo(tmp_path, cache_root))
     data = path.read_bytes()
-    head_len = int.from_bytes(data[12:16], "little")
-    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
+    head, _lengths_at = copy_head(data)
     records = 4_000_000  # 228 MB of records claimed, a sparse file of that size
     head.blobs = records
     new_head = msgspec.msgpack.encode(head)
-    lengths = bytearray(4 * 65536)
+    lengths = bytearray(4 * head.buckets)
     lengths[:4] = (records * 57).to_bytes(4, "little")
     with open(path, "wb") as f:
         f.write(data[:12] + len(new_head).to_bytes(4, "little") + new_head + b"\1" * 32 * head.packs + lengths)
