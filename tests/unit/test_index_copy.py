@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import blake3
 import msgspec
 import pytest
 
@@ -16,7 +18,7 @@ from deltavault.backends.local import LocalBackend
 from deltavault.maintenance.prune import prune
 from deltavault.model.types import BlobType
 from deltavault.repository import indexcache, indexstore
-from deltavault.repository.index import Index
+from deltavault.repository.index import RECORD_FORMAT, Index
 from deltavault.repository.indexcache import FILE_NAME, IndexCopy
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.repository import Repository
@@ -276,8 +278,8 @@ def test_opening_from_the_copy_peaks_no_higher_than_loading_the_files(make_repo:
         assert opened.indexes.from_copy == (run == "copy") and len(opened.index) == 200_000
         del opened
     assert peaks["copy"] <= peaks["files"], peaks
-    # The records (57 bytes a blob), a bytearray object a bucket (65,536 of about 57 bytes:
-    # 18 a blob here, 4 at 1M blobs) and one run of buckets read at a time (1 MiB).
+    # The records (57 bytes a blob), a bytearray object a bucket (16,384 of about 57 bytes
+    # here, at 12 records a bucket: 5 bytes a blob) and one run of buckets read at a time (1 MiB).
     assert peaks["copy"] < 100 * 200_000, f"{peaks['copy'] / 200_000:.0f} bytes a blob"
 
 
@@ -326,3 +328,72 @@ def test_a_planted_copy_whose_lengths_add_up_allocates_nothing_before_its_mac_fa
     assert peak < 4 << 20, peak
     reopened = open_repo(tmp_path, cache_root)
     assert not reopened.indexes.from_copy and len(reopened.index) == 100
+
+
+def remac(data: bytes, key: bytes) -> bytes:
+    """``data`` with its MAC made again under ``key``: a copy as a writer with the key made it."""
+    return data[:-32] + blake3.blake3(data[:-32], key=key).digest()
+
+
+def v1_copy(data: bytes, index: Index) -> bytes:
+    """The copy that format version 1 wrote for this state: 65,536 buckets by the id's first
+    two bytes, and no bucket count in the head."""
+    head, _lengths_at = copy_head(data)
+    packs = index.packs()
+    numbers = {p: no for no, p in enumerate(packs)}
+    buckets = [bytearray() for _ in range(65536)]
+    rec = struct.Struct(RECORD_FORMAT)
+    for bid, pid, e, pos in index.iter_records():
+        buckets[int.from_bytes(bid[:2], "big")] += rec.pack(bid, numbers[pid], e.offset, e.length,
+                                                            e.raw_length, e.type, pos)
+    old_head = msgspec.msgpack.encode([head.repo, head.record, head.listed, head.loaded, head.superseded,
+                                       head.packs, head.blobs])
+    lengths = b"".join(len(b).to_bytes(4, "little") for b in buckets)
+    body = (indexcache.MAGIC + (1).to_bytes(4, "little") + len(old_head).to_bytes(4, "little") + old_head
+            + b"".join(packs) + lengths + b"".join(buckets))
+    return body + bytes(32)
+
+
+def test_a_copy_of_the_old_format_is_rebuilt_not_an_error(make_repo: Factory, tmp_path: Path,
+                                                          cache_root: Path, decoded: list[str]) -> None:
+    repo = make_repo()
+    write_packs(repo, 3, 400, seed=16)
+    good = open_repo(tmp_path, cache_root)
+    want = state(good.index)
+    path = copy_path(good)
+    old = remac(v1_copy(path.read_bytes(), good.index), repo.cache_key("index"))
+    path.write_bytes(old)
+    decoded.clear()
+    reopened = open_repo(tmp_path, cache_root)
+    assert not reopened.indexes.from_copy and decoded and state(reopened.index) == want
+    rewritten = path.read_bytes()
+    assert int.from_bytes(rewritten[8:12], "little") == indexcache.FORMAT_VERSION == 2
+    assert copy_head(rewritten)[0].buckets == reopened.index.buckets
+    decoded.clear()
+    again = open_repo(tmp_path, cache_root)
+    assert again.indexes.from_copy and decoded == [] and state(again.index) == want
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 1000, 1 << 9, 1 << 29, 1 << 40, "double"])
+def test_a_copy_with_a_bad_bucket_count_is_refused(make_repo: Factory, tmp_path: Path, cache_root: Path,
+                                                   count: int | str) -> None:
+    # Even under a MAC that verifies (a writer with the key): a bucket count that is not a
+    # power of two within bounds, or not the table's, is not believed.
+    repo = make_repo()
+    write_packs(repo, 2, 300, seed=17)
+    good = open_repo(tmp_path, cache_root)
+    want = state(good.index)
+    path = copy_path(good)
+    data = path.read_bytes()
+    head, _lengths_at = copy_head(data)
+    head.buckets = 2 * head.buckets if count == "double" else int(count)
+    new_head = msgspec.msgpack.encode(head)
+    head_len = int.from_bytes(data[12:16], "little")
+    forged = remac(data[:12] + len(new_head).to_bytes(4, "little") + new_head + data[16 + head_len:],
+                   repo.cache_key("index"))
+    path.write_bytes(forged)
+    assert IndexCopy(path.parent, repo.config.id, repo.cache_key("index")).read() is None
+    reopened = open_repo(tmp_path, cache_root)
+    assert not reopened.indexes.from_copy and state(reopened.index) == want
+    with pytest.raises(ValueError):
+        Index.from_state([], [None] * 3, 0)
