@@ -7,16 +7,29 @@ from __future__ import annotations
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from itertools import pairwise, zip_longest
+from pathlib import Path
 
 import pytest
 
+from deltavault.backends.local import LocalBackend
 from deltavault.model.types import BlobType
 from deltavault.repository import index as index_mod
-from deltavault.repository.index import BlobLocation, Index, bits_for, valid_bucket_count
+from deltavault.repository.index import (
+    BlobLocation,
+    Index,
+    IndexFile,
+    IndexPack,
+    bits_for,
+    decode_index_head,
+    encode_index,
+    valid_bucket_count,
+)
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.repository import Repository
+from tests.conftest import PASSWORD
 
 Factory = Callable[..., Repository]
 
@@ -170,8 +183,8 @@ def fast_switching() -> Iterator[None]:
         sys.setswitchinterval(old)
 
 
-def test_lookups_racing_growths_never_miss_a_blob_added_before_them(small_table: None,
-                                                                   fast_switching: None) -> None:
+def test_lookups_racing_growths_never_miss_a_blob_added_before_them(small_table: None, fast_switching: None,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     rnd = random.Random(5)
     packs = packs_of(rnd, 150, 200)  # 30,000 blobs: growths at 32, 128, 512, ..., 8,192 records
     absent = [rnd.randbytes(32) for _ in range(500)]
@@ -181,7 +194,7 @@ def test_lookups_racing_growths_never_miss_a_blob_added_before_them(small_table:
     done = 0  # blobs added: ids[:done] are in the index (set after each add_pack returns)
     stop = threading.Event()
     failures: list[str] = []
-    lookups = [0]
+    lookups = [0, 0]  # lookups made, and of those begun while a growth ran
 
     def reader(seed: int) -> None:
         r = random.Random(seed)
@@ -190,6 +203,7 @@ def test_lookups_racing_growths_never_miss_a_blob_added_before_them(small_table:
             if upto == 0:
                 continue
             for bid in (ids[r.randrange(upto)] for _ in range(200)):
+                lookups[1] += idx._gen & 1
                 loc, pos = want[bid]
                 if idx.lookup(bid) != loc or idx.position(bid) != pos or bid not in idx:
                     failures.append(f"{bid.hex()} (added, {upto} in) not found")
@@ -197,6 +211,18 @@ def test_lookups_racing_growths_never_miss_a_blob_added_before_them(small_table:
                 failures.append("a blob never added was found")
             lookups[0] += 202
 
+    # The adding thread lets the readers run at every record a growth moves, so lookups meet
+    # tables half moved (a growth alone is over in a few switch intervals).
+    writer, real_from_bytes = threading.get_ident(), int.from_bytes
+
+    class Yielding(int):
+        @classmethod
+        def from_bytes(cls, *a: object, **k: object) -> int:  # type: ignore[override]
+            if idx._gen & 1 and threading.get_ident() == writer:
+                time.sleep(0)
+            return real_from_bytes(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index_mod, "int", Yielding, raising=False)
     threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
     for t in threads:
         t.start()
@@ -206,10 +232,40 @@ def test_lookups_racing_growths_never_miss_a_blob_added_before_them(small_table:
             idx.add_pack(pid, entries)
             done += len(entries)
             grown.add(idx.buckets)
+            seen = lookups[0]
+            while lookups[0] == seen and not failures:  # the readers get turns between adds too
+                time.sleep(0.0001)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert failures == [], failures[:5]
-    assert len(grown) >= 4 and lookups[0] > 10_000
+    assert len(grown) >= 4 and lookups[0] >= len(packs) and lookups[1] > 0, (grown, lookups)
     assert_answers(idx, want)
+
+
+def test_an_index_files_head_counts_its_entries_without_decoding_them() -> None:
+    rnd = random.Random(6)
+    # Packs of 0, 15, 16 and 70,000 entries: msgpack's three array headers (fix, 16, 32 bit).
+    packs = [IndexPack(rnd.randbytes(32), entries) for _pid, entries in
+             (packs_of(rnd, 1, k)[0] for k in (0, 15, 16, 70_000))]
+    sup = [rnd.randbytes(32)]
+    raw = encode_index(IndexFile(packs=packs, supersedes=sup))
+    assert decode_index_head(raw, "index/x") == (sup, 70_031)
+    assert decode_index_head(encode_index(IndexFile(packs=[])), "index/y") == ([], 0)
+
+
+def test_a_load_sizes_the_table_once_and_never_grows_it(make_repo: Factory, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_mod, "SIZE_AT", 4)
+    repo = make_repo()
+    rnd = random.Random(7)
+    for _ in range(3):  # three index files of 1,998 blobs: 2,048 buckets at 4 a bucket
+        repo.write_index_file(packs_of(rnd, 6, 333))
+    grows: list[int] = []
+    real = Index._grow
+    monkeypatch.setattr(Index, "_grow", lambda self, bits: (grows.append(bits), real(self, bits))[1])
+    opened = Repository.open(LocalBackend(tmp_path / "repo", fsync=False), lambda: PASSWORD, use_cache=False)
+    assert len(opened.index) == 3 * 6 * 333
+    assert grows == [bits_for(len(opened.index), 4)]  # once, by the reserve, before any add
+    assert opened.index.buckets == 1 << grows[0] and len(opened.index) <= 4 * opened.index.buckets

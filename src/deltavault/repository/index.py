@@ -144,6 +144,8 @@ def decode_index_head(raw: bytes, name: str) -> tuple[list[bytes], int]:
     pack's array header: its entries are skipped without being built (the count sizes the
     in-memory index before they are added; ``check_index`` checks them)."""
     head = _decode(raw, _IndexHead, name)
+    # Each count is of an array msgspec has just walked whole, so it is at most its bytes:
+    # a file cannot make the table sized for more blobs than it has bytes.
     return head.supersedes, sum(_array_length(p.blobs) for p in head.packs)
 
 

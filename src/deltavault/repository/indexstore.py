@@ -220,7 +220,8 @@ class IndexStore:
         superseded = {f"index/{s.hex()}" for sup, _n, _raw in heads.values() for s in sup}
         self._superseded |= superseded
         # The table sized for all of them at once, not grown step by step as they are added.
-        self._index.reserve(len(self._index) + sum(n for name, (_s, n, _r) in heads.items() if name not in superseded))
+        adding = sum(n for name, (_s, n, _r) in heads.items() if name not in superseded)
+        self._index.reserve(len(self._index) + adding)
         for name, (_sup, _n, kept) in heads.items():
             if name in superseded:
                 continue
