@@ -278,8 +278,8 @@ def test_opening_from_the_copy_peaks_no_higher_than_loading_the_files(make_repo:
         assert opened.indexes.from_copy == (run == "copy") and len(opened.index) == 200_000
         del opened
     assert peaks["copy"] <= peaks["files"], peaks
-    # The records (57 bytes a blob), a bytearray object a bucket (16,384 of about 57 bytes
-    # here, at 12 records a bucket: 5 bytes a blob) and one run of buckets read at a time (1 MiB).
+    # The records (57 bytes a blob), a bytearray object a bucket (8,192 of about 57 bytes
+    # here, at 24 records a bucket: 2 bytes a blob) and one run of buckets read at a time (1 MiB).
     assert peaks["copy"] < 100 * 200_000, f"{peaks['copy'] / 200_000:.0f} bytes a blob"
 
 
