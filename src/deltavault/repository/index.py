@@ -164,7 +164,7 @@ class BlobLocation:
 # SIZE_AT records however large the index is (docs/design.md, "The in-memory index").
 _REC = struct.Struct("<32sIQIIBI")
 _RS = _REC.size
-MIN_BITS, MAX_BITS = 10, 28  # 1,024 buckets at least; at most 2^28 (4G records at 16 a bucket)
+MIN_BITS, MAX_BITS = 10, 28  # 1,024 buckets at least; 2^28 at most (positions are u32: 4G records)
 # Fewer, larger buckets cost less memory: at 10M blobs, 2^19 buckets of about 19 records
 # held 89 bytes a blob (RSS), 2^18 of about 38 held 73, as 65,536 of 153 did (bench/index_table.py).
 SIZE_AT = 48  # a table sized for N records has at least N / SIZE_AT buckets ...
