@@ -25,7 +25,8 @@ way to get N blobs into their repositories: they cannot read a synthetic deltava
     flock /tmp/dv-bench.lock .venv/bin/python bench/scale_blobs.py --blobs 100000 1000000 --keep
     .venv/bin/python bench/scale_blobs.py --plot-only
 
-``--src DIR`` runs the CLI from another source tree (``--label`` names its rows); ``--ops``
+``--src DIR...`` runs the CLI from other source trees, each round in turn (``--label`` names
+their rows: before and after a change, interleaved in one locked run); ``--ops``
 picks deltavault's operations; ``--warm`` runs one unmeasured ``snapshots`` first (a cache
 that the first open writes, such as a local copy of the built index, is then in use).
 Scratch: about 2 GB for the 10M repository (and as much for each round's copy), 4.4 GB for
@@ -52,12 +53,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench.memory import Run, measured  # noqa: E402
 from bench.peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
 from bench.prune_memory import PASSWORD, SNAPSHOTS, build  # noqa: E402
+from bench.quiesce import compiled  # noqa: E402
 
 OPS = ("backup", "snapshots", "prune", "check")
 TOOLS = ("deltavault", "restic", "borg")
 PEER_DIR_FILES = 1000
 
-# Run in the child: time Repository.open (from the parent's DV_T0) and report it on stderr.
+# Run in the child: time Repository.open (from the parent's DV_T0) and the first build of
+# the in-memory index (its duration, and when it ended), and report them on stderr.
 TRACE = """
 import atexit, json, os, runpy, sys, time
 from deltavault.repository.repository import Repository
@@ -69,6 +72,16 @@ def traced(cls, *a, **k):
     marks.setdefault("open_done_s", time.time() - t0)
     return repo
 Repository.open = classmethod(traced)
+from deltavault.repository.indexstore import IndexStore
+orig_build = IndexStore._build
+def traced_build(self, how):  # the in-memory index built (at its first use): from the files or the copy
+    t = time.time()
+    try:
+        return orig_build(self, how)
+    finally:
+        marks.setdefault("index_build_s", time.time() - t)
+        marks.setdefault("index_done_s", time.time() - t0)
+IndexStore._build = traced_build
 atexit.register(lambda: print("TRACE " + json.dumps(marks), file=sys.stderr))
 sys.argv = ["deltavault", *sys.argv[1:]]
 runpy.run_module("deltavault", run_name="__main__", alter_sys=True)
@@ -243,8 +256,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blobs", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--src", type=Path, default=ROOT / "src", help="the deltavault source tree the CLI runs from")
-    ap.add_argument("--label", default="deltavault", help="the name of --src's rows")
+    ap.add_argument("--src", type=Path, nargs="+", default=[ROOT / "src"],
+                    help="the deltavault source trees the CLI runs from (several: in turn, each round)")
+    ap.add_argument("--label", nargs="+", default=["deltavault"], help="the name of each --src's rows")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="deltavault's operations to run")
     ap.add_argument("--warm", action="store_true", help="run one unmeasured `snapshots` before each round")
     ap.add_argument("--peers", action="store_true", help="also restic and borg (built from N files)")
@@ -256,6 +270,11 @@ def main() -> int:
     ap.add_argument("--build-only", action="store_true", help="build the repositories (untimed by the lock)")
     ap.add_argument("--keep", action="store_true", help="keep the built repositories")
     a = ap.parse_args()
+    if len(a.label) != len(a.src):
+        ap.error("one --label for each --src")
+    if not (a.plot_only or a.build_only or a.no_deltavault):
+        for src in a.src:  # as an install does: no run compiles the package at its start
+            compiled(sys.executable, dict(os.environ, PYTHONPATH=str(src)))
     data: dict[str, dict] = json.loads(a.out.read_text()) if a.out.exists() else {}
     for n in [] if a.plot_only else a.blobs:
         entry = data.setdefault(str(n), {"tools": {}})
@@ -276,8 +295,8 @@ def main() -> int:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         runs: dict[str, list[dict[str, dict[str, object]]]] = {}
         for rnd in range(a.rounds):
-            if not a.no_deltavault:
-                runs.setdefault(a.label, []).append(deltavault_round(built, a.work / "run", a.src, a.ops, a.warm))
+            for src, label in [] if a.no_deltavault else zip(a.src, a.label):  # interleaved
+                runs.setdefault(label, []).append(deltavault_round(built, a.work / "run", src, a.ops, a.warm))
             for tool in ("restic", "borg") if a.peers else ():
                 runs.setdefault(tool, []).append(peer_round(a.work / f"peers-{n}", tool, tiny_tree(a.work)))
             for tool, rs in runs.items():
@@ -285,7 +304,8 @@ def main() -> int:
         for tool, rs in runs.items():
             entry["tools"][tool] = {op: summary([r[op] for r in rs]) for op in OPS if op in rs[0]}
             entry["tools"][tool].update(when=started, warm=a.warm, rounds=a.rounds, loadavg_start=load0,
-                                        loadavg_end=os.getloadavg(), cpus=os.cpu_count(), src=str(a.src))
+                                        loadavg_end=os.getloadavg(), cpus=os.cpu_count(),
+                                        src=str(dict(zip(a.label, a.src)).get(tool, "")))
         if a.peers:
             entry["peers"] = DESCRIPTION
         if not a.keep:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import blake3
 import msgspec
 import pytest
 
@@ -16,7 +18,7 @@ from deltavault.backends.local import LocalBackend
 from deltavault.maintenance.prune import prune
 from deltavault.model.types import BlobType
 from deltavault.repository import indexcache, indexstore
-from deltavault.repository.index import Index
+from deltavault.repository.index import RECORD_FORMAT, Index
 from deltavault.repository.indexcache import FILE_NAME, IndexCopy
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.repository import Repository
@@ -95,8 +97,16 @@ def test_an_unchanged_repository_opens_from_the_copy_without_decoding(make_repo:
     assert again.index.lookup(b"n" * 32) is not None
 
 
+def copy_head(data: bytes) -> tuple[indexcache._Head, int]:
+    """A copy's head and where its bucket lengths start."""
+    head_len = int.from_bytes(data[12:16], "little")
+    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
+    return head, 16 + head_len + 32 * head.packs
+
+
 def damaged_copies(data: bytes) -> Iterator[tuple[str, bytes]]:
-    for at in (0, 9, 13, 20, len(data) // 3, len(data) - 4 * 65536, len(data) - 100, len(data) - 1):
+    head, lengths_at = copy_head(data)
+    for at in (0, 9, 13, 20, len(data) // 3, lengths_at + 2 * head.buckets, len(data) - 100, len(data) - 1):
         flipped = bytearray(data)
         flipped[at] ^= 0x10
         yield f"byte {at} flipped", bytes(flipped)
@@ -109,9 +119,6 @@ def damaged_copies(data: bytes) -> Iterator[tuple[str, bytes]]:
         yield f"truncated to {keep}", data[:keep]
     yield "one byte longer", data + b"\0"
     # A bucket length claiming far more than the file holds: refused before allocating it.
-    head_len = int.from_bytes(data[12:16], "little")
-    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
-    lengths_at = 16 + head_len + 32 * head.packs
     yield "a huge bucket length", data[:lengths_at] + (0xFFFFFFF0).to_bytes(4, "little") + data[lengths_at + 4:]
 
 
@@ -155,7 +162,7 @@ def test_a_copy_of_another_repository_or_version_is_not_used(make_repo: Factory,
     assert IndexCopy(my_copy.parent, theirs.config.id, mine.cache_key("index")).read() is None
     assert IndexCopy(my_copy.parent, mine.config.id, theirs.cache_key("index")).read() is None
     # Another format version is refused before anything else is read.
-    monkeypatch.setattr(indexcache, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(indexcache, "FORMAT_VERSION", indexcache.FORMAT_VERSION + 1)
     assert built.read() is None
 
 
@@ -271,8 +278,8 @@ def test_opening_from_the_copy_peaks_no_higher_than_loading_the_files(make_repo:
         assert opened.indexes.from_copy == (run == "copy") and len(opened.index) == 200_000
         del opened
     assert peaks["copy"] <= peaks["files"], peaks
-    # The records (57 bytes a blob), a bytearray object a bucket (65,536 of about 57 bytes:
-    # 18 a blob here, 4 at 1M blobs) and one run of buckets read at a time (1 MiB).
+    # The records (57 bytes a blob), a bytearray object a bucket (8,192 of about 57 bytes
+    # here, at 24 records a bucket: 2 bytes a blob) and one run of buckets read at a time (1 MiB).
     assert peaks["copy"] < 100 * 200_000, f"{peaks['copy'] / 200_000:.0f} bytes a blob"
 
 
@@ -302,12 +309,11 @@ def test_a_planted_copy_whose_lengths_add_up_allocates_nothing_before_its_mac_fa
     write_packs(repo, 2, 50, seed=15)
     path = copy_path(open_repo(tmp_path, cache_root))
     data = path.read_bytes()
-    head_len = int.from_bytes(data[12:16], "little")
-    head = msgspec.msgpack.decode(data[16:16 + head_len], type=indexcache._Head)
+    head, _lengths_at = copy_head(data)
     records = 4_000_000  # 228 MB of records claimed, a sparse file of that size
     head.blobs = records
     new_head = msgspec.msgpack.encode(head)
-    lengths = bytearray(4 * 65536)
+    lengths = bytearray(4 * head.buckets)
     lengths[:4] = (records * 57).to_bytes(4, "little")
     with open(path, "wb") as f:
         f.write(data[:12] + len(new_head).to_bytes(4, "little") + new_head + b"\1" * 32 * head.packs + lengths)
@@ -322,3 +328,72 @@ def test_a_planted_copy_whose_lengths_add_up_allocates_nothing_before_its_mac_fa
     assert peak < 4 << 20, peak
     reopened = open_repo(tmp_path, cache_root)
     assert not reopened.indexes.from_copy and len(reopened.index) == 100
+
+
+def remac(data: bytes, key: bytes) -> bytes:
+    """``data`` with its MAC made again under ``key``: a copy as a writer with the key made it."""
+    return data[:-32] + blake3.blake3(data[:-32], key=key).digest()
+
+
+def v1_copy(data: bytes, index: Index) -> bytes:
+    """The copy that format version 1 wrote for this state: 65,536 buckets by the id's first
+    two bytes, and no bucket count in the head."""
+    head, _lengths_at = copy_head(data)
+    packs = index.packs()
+    numbers = {p: no for no, p in enumerate(packs)}
+    buckets = [bytearray() for _ in range(65536)]
+    rec = struct.Struct(RECORD_FORMAT)
+    for bid, pid, e, pos in index.iter_records():
+        buckets[int.from_bytes(bid[:2], "big")] += rec.pack(bid, numbers[pid], e.offset, e.length,
+                                                            e.raw_length, e.type, pos)
+    old_head = msgspec.msgpack.encode([head.repo, head.record, head.listed, head.loaded, head.superseded,
+                                       head.packs, head.blobs])
+    lengths = b"".join(len(b).to_bytes(4, "little") for b in buckets)
+    body = (indexcache.MAGIC + (1).to_bytes(4, "little") + len(old_head).to_bytes(4, "little") + old_head
+            + b"".join(packs) + lengths + b"".join(buckets))
+    return body + bytes(32)
+
+
+def test_a_copy_of_the_old_format_is_rebuilt_not_an_error(make_repo: Factory, tmp_path: Path,
+                                                          cache_root: Path, decoded: list[str]) -> None:
+    repo = make_repo()
+    write_packs(repo, 3, 400, seed=16)
+    good = open_repo(tmp_path, cache_root)
+    want = state(good.index)
+    path = copy_path(good)
+    old = remac(v1_copy(path.read_bytes(), good.index), repo.cache_key("index"))
+    path.write_bytes(old)
+    decoded.clear()
+    reopened = open_repo(tmp_path, cache_root)
+    assert not reopened.indexes.from_copy and decoded and state(reopened.index) == want
+    rewritten = path.read_bytes()
+    assert int.from_bytes(rewritten[8:12], "little") == indexcache.FORMAT_VERSION == 2
+    assert copy_head(rewritten)[0].buckets == reopened.index.buckets
+    decoded.clear()
+    again = open_repo(tmp_path, cache_root)
+    assert again.indexes.from_copy and decoded == [] and state(again.index) == want
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 1000, 1 << 9, 1 << 29, 1 << 40, "double"])
+def test_a_copy_with_a_bad_bucket_count_is_refused(make_repo: Factory, tmp_path: Path, cache_root: Path,
+                                                   count: int | str) -> None:
+    # Even under a MAC that verifies (a writer with the key): a bucket count that is not a
+    # power of two within bounds, or not the table's, is not believed.
+    repo = make_repo()
+    write_packs(repo, 2, 300, seed=17)
+    good = open_repo(tmp_path, cache_root)
+    want = state(good.index)
+    path = copy_path(good)
+    data = path.read_bytes()
+    head, _lengths_at = copy_head(data)
+    head.buckets = 2 * head.buckets if count == "double" else int(count)
+    new_head = msgspec.msgpack.encode(head)
+    head_len = int.from_bytes(data[12:16], "little")
+    forged = remac(data[:12] + len(new_head).to_bytes(4, "little") + new_head + data[16 + head_len:],
+                   repo.cache_key("index"))
+    path.write_bytes(forged)
+    assert IndexCopy(path.parent, repo.config.id, repo.cache_key("index")).read() is None
+    reopened = open_repo(tmp_path, cache_root)
+    assert not reopened.indexes.from_copy and state(reopened.index) == want
+    with pytest.raises(ValueError):
+        Index.from_state([], [None] * 3, 0)

@@ -39,9 +39,27 @@ def encode_index(f: IndexFile) -> bytes:
     return msgspec.msgpack.encode(f)
 
 
+class _PackSize(msgspec.Struct, array_like=True):
+    id: msgspec.Raw
+    blobs: msgspec.Raw  # left encoded: only its array header is read (_array_length)
+
+
 class _IndexHead(msgspec.Struct):
+    packs: list[_PackSize] = []
     supersedes: list[bytes] = []
     v: int = INDEX_VERSION
+
+
+def _array_length(raw: msgspec.Raw) -> int:
+    """The element count in a msgpack array's header (0 for anything else)."""
+    with memoryview(raw) as m:
+        if len(m) >= 1 and 0x90 <= m[0] <= 0x9F:
+            return m[0] & 0x0F
+        if len(m) >= 3 and m[0] == 0xDC:
+            return int.from_bytes(m[1:3], "big")
+        if len(m) >= 5 and m[0] == 0xDD:
+            return int.from_bytes(m[1:5], "big")
+    return 0
 
 
 class _LazyIndexFile(msgspec.Struct):
@@ -122,9 +140,14 @@ def decode_index_pack(raw: msgspec.Raw, name: str, *, checked: bool = False) -> 
     return p if checked else _checked(p, name)
 
 
-def decode_index_head(raw: bytes, name: str) -> list[bytes]:
-    """Only the ids an index file supersedes; its entries are skipped without being built."""
-    return _decode(raw, _IndexHead, name).supersedes
+def decode_index_head(raw: bytes, name: str) -> tuple[list[bytes], int]:
+    """The ids an index file supersedes and how many blob entries it holds, read from each
+    pack's array header: its entries are skipped without being built (the count sizes the
+    in-memory index before they are added; ``check_index`` checks them)."""
+    head = _decode(raw, _IndexHead, name)
+    # Each count is of an array msgspec has just walked whole, so it is at most its bytes:
+    # a file cannot make the table sized for more blobs than it has bytes.
+    return head.supersedes, sum(_array_length(p.blobs) for p in head.packs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,32 +159,69 @@ class BlobLocation:
 
 
 # One fixed-size record per blob: id | pack number | offset | length | raw length | type | seq.
-# Records live in 65,536 append-only buckets chosen by the id's first two bytes and are found
-# with bytes.find (C speed); about 60 bytes per blob instead of ~230 for dicts of objects.
+# Records live in append-only buckets, a power of two of them, chosen by the leading bits of
+# the id, and are found with bytes.find (C speed); about 60 bytes per blob instead of ~230
+# for dicts of objects. The bucket count grows with the index, so a bucket holds about
+# SIZE_AT records however large the index is (docs/design.md, "The in-memory index").
 _REC = struct.Struct("<32sIQIIBI")
 _RS = _REC.size
-_BUCKETS = 1 << 16
-RECORD_FORMAT, RECORD_SIZE, BUCKETS = _REC.format, _RS, _BUCKETS  # for indexcache.py
+MIN_BITS, MAX_BITS = 10, 28  # 1,024 buckets at least; 2^28 at most (positions are u32: 4G records)
+# Fewer, larger buckets cost less memory: at 10M blobs, 2^19 buckets of about 19 records
+# held 89 bytes a blob (RSS), 2^18 of about 38 held 73, as 65,536 of 153 did (bench/index_table.py).
+SIZE_AT = 48  # a table sized for N records has at least N / SIZE_AT buckets ...
+GROW_AT = 96  # ... and is rebuilt, 4x larger, when it holds more than GROW_AT a bucket
+RECORD_FORMAT, RECORD_SIZE = _REC.format, _RS  # for indexcache.py
+
+_Table = tuple[int, list[bytearray | None]]  # (shift: 32 - bits, buckets)
+
+
+def bits_for(records: int, size_at: int = SIZE_AT) -> int:
+    """The bucket count (as bits) of a table sized for ``records``."""
+    bits = MIN_BITS
+    while bits < MAX_BITS and records > size_at << bits:
+        bits += 1
+    return bits
+
+
+def valid_bucket_count(count: int) -> bool:
+    return count & (count - 1) == 0 and 1 << MIN_BITS <= count <= 1 << MAX_BITS
 
 
 class Index:
     """Thread-safe for concurrent lookups and adds. Each blob also gets a dense position
-    (0..len-1, in insertion order) so callers can keep per-blob marks in a bitmap."""
+    (0..len-1, in insertion order) so callers can keep per-blob marks in a bitmap.
 
-    def __init__(self) -> None:
+    Adds (and growth, which an add makes) hold ``_lock``; lookups take no lock. Buckets are
+    append-only, so a lookup's hit is always a record that was added, and its miss is true
+    unless the table grew meanwhile: growth moves each bucket's records into the new table
+    and drops the old bucket at once (so the peak is the index and one bucket, not two
+    indexes), then swaps the table whole. ``_gen`` is odd while it runs; a miss that saw
+    ``_gen`` odd or changed is looked up again under the lock, in the new table."""
+
+    def __init__(self, expected: int = 0) -> None:
         self._packs: list[bytes] = []
         self._pack_no: dict[bytes, int] = {}
-        self._buckets: list[bytearray | None] = [None] * _BUCKETS
+        self.size_at, self.grow_at = SIZE_AT, GROW_AT
+        self._set_table(bits_for(expected, self.size_at), [])
         self._n = 0
+        self._gen = 0
         self._lock = threading.Lock()
+
+    def _set_table(self, bits: int, buckets: list[bytearray | None]) -> None:
+        self._table: _Table = (32 - bits, buckets or [None] * (1 << bits))
+        self._limit = min(self.grow_at << bits, 1 << 32)  # the record count that makes it grow
 
     def __len__(self) -> int:
         return self._n
 
-    def _find(self, blob_id: bytes) -> tuple[bytearray, int] | None:
-        if len(blob_id) != ID_LEN:
-            return None
-        b = self._buckets[int.from_bytes(blob_id[:2], "big")]
+    @property
+    def buckets(self) -> int:
+        return len(self._table[1])
+
+    @staticmethod
+    def _search(table: _Table, blob_id: bytes) -> tuple[bytearray, int] | None:
+        shift, buckets = table
+        b = buckets[int.from_bytes(blob_id[:4], "big") >> shift]
         if b is None:
             return None
         pos = b.find(blob_id)
@@ -169,6 +229,23 @@ class Index:
             if pos % _RS == 0:
                 return b, pos
             pos = b.find(blob_id, pos + 1)
+        return None
+
+    def _find(self, blob_id: bytes) -> tuple[bytearray, int] | None:
+        if len(blob_id) != ID_LEN:
+            return None
+        gen = self._gen
+        shift, buckets = self._table  # _search inlined: a lookup per blob in backup and prune
+        b = buckets[int.from_bytes(blob_id[:4], "big") >> shift]
+        if b is not None:
+            pos = b.find(blob_id)
+            while pos >= 0:
+                if pos % _RS == 0:
+                    return b, pos
+                pos = b.find(blob_id, pos + 1)
+        if gen & 1 or gen != self._gen:
+            with self._lock:  # a growth ran meanwhile: wait for it, look in the new table
+                return self._search(self._table, blob_id)
         return None
 
     def __contains__(self, blob_id: object) -> bool:
@@ -182,10 +259,10 @@ class Index:
                 self._packs.append(pack_id)
             # _find inlined: this loop runs once per blob when a repository opens (1M blobs:
             # a quarter of a no-change backup's time, profiled).
-            buckets, pack, n = self._buckets, _REC.pack, self._n
+            (shift, buckets), limit, pack, n = self._table, self._limit, _REC.pack, self._n
             for e in entries:
                 bid = e.id
-                k = int.from_bytes(bid[:2], "big")
+                k = int.from_bytes(bid[:4], "big") >> shift
                 b = buckets[k]
                 if b is None:
                     b = buckets[k] = bytearray()
@@ -197,7 +274,53 @@ class Index:
                         continue  # a duplicate copy in another pack: keep the first
                 b += pack(bid, no, e.offset, e.length, e.raw_length, e.type, n)
                 n += 1
+                if n > limit:
+                    self._n = n
+                    self._grow(bits_for(n, self.size_at))
+                    (shift, buckets), limit = self._table, self._limit
             self._n = n
+
+    def reserve(self, records: int) -> None:
+        """Size the table for ``records`` in all, ahead of adding them (a load knows how many
+        its index files hold), so that it does not grow step by step while they are added."""
+        with self._lock:
+            bits = bits_for(records, self.size_at)
+            if bits > 32 - self._table[0]:
+                self._grow(bits)
+
+    def _grow(self, bits: int) -> None:
+        """Move every record into a table of ``1 << bits`` buckets (caller holds ``_lock``).
+        The new table's buckets that one old bucket's records go to are a run of neighbours:
+        the old bucket's number followed by the id's next bits."""
+        old_shift, old = self._table
+        if 32 - bits >= old_shift:
+            return
+        shift = 32 - bits
+        new: list[bytearray | None] = [None] * (1 << bits)
+        self._gen += 1  # odd: a lookup's miss from now on may be false (see the class)
+        i = 0
+        try:
+            for i, b in enumerate(old):
+                if b is None:
+                    continue
+                for at in range(0, len(b), _RS):
+                    k = int.from_bytes(b[at:at + 4], "big") >> shift
+                    t = new[k]
+                    if t is None:
+                        new[k] = b[at:at + _RS]
+                    else:
+                        t += b[at:at + _RS]
+                old[i] = None  # freed now, unless a lookup still holds it
+            self._set_table(bits, new)
+        except BaseException:  # interrupted (MemoryError, ^C): the moved records go back
+            fan = old_shift - shift
+            for j in range(i):
+                parts = [c for c in new[j << fan:(j + 1) << fan] if c is not None]
+                if parts:
+                    old[j] = bytearray().join(parts)
+            raise
+        finally:
+            self._gen += 1
 
     def _record(self, blob_id: bytes) -> tuple[bytes, int, int, int, int, int, int] | None:
         hit = self._find(blob_id)
@@ -227,20 +350,20 @@ class Index:
 
     def export_state(self) -> tuple[list[bytes], list[bytearray | None], int]:
         """(pack ids, buckets, blob count) as they are, not copied, for the local copy of the
-        built index (indexcache.py). The buckets are this index's own: the caller writes
-        them out while nothing adds to the index."""
+        built index (indexcache.py); the bucket count is the list's length. The buckets are
+        this index's own: the caller writes them out while nothing adds to the index."""
         with self._lock:
-            return list(self._packs), list(self._buckets), self._n
+            return list(self._packs), list(self._table[1]), self._n
 
     @classmethod
     def from_state(cls, packs: list[bytes], buckets: list[bytearray | None], n: int) -> Index:
         """The index ``export_state`` gave, read back (indexcache.py has authenticated it)."""
-        if len(buckets) != _BUCKETS:
-            raise ValueError(f"an index has {_BUCKETS} buckets, not {len(buckets)}")
+        if not valid_bucket_count(len(buckets)):
+            raise ValueError(f"an index cannot have {len(buckets)} buckets")
         idx = cls()
         idx._packs = packs
         idx._pack_no = {p: no for no, p in enumerate(packs)}
-        idx._buckets = buckets
+        idx._set_table(len(buckets).bit_length() - 1, buckets)
         idx._n = n
         return idx
 
@@ -251,7 +374,9 @@ class Index:
         """(blob id, pack id, entry, position) for every blob, in no particular order,
         without building a list of them all."""
         packs = self._packs
-        for b in list(self._buckets):
+        with self._lock:  # a copy of the list: a growth meanwhile empties the one it had
+            buckets = list(self._table[1])
+        for b in buckets:
             if b is None:
                 continue
             for bid, no, off, ln, raw, typ, seq in _REC.iter_unpack(bytes(b)):

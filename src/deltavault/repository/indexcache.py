@@ -34,10 +34,10 @@ from deltavault.errors import Undecodable
 from deltavault.framing import decode_msgpack
 from deltavault.fs.files import open_cache_path, write_cache_parts
 from deltavault.model.types import ID_LEN
-from deltavault.repository.index import BUCKETS, RECORD_FORMAT, RECORD_SIZE, Index
+from deltavault.repository.index import RECORD_FORMAT, RECORD_SIZE, Index, valid_bucket_count
 
 FILE_NAME = "index.built"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the bucket count in the head (1 had 65,536 buckets always)
 MAGIC = b"DVINDEXC"
 _PREFIX = len(MAGIC) + 8  # magic | version u32 LE | head length u32 LE
 _MAC = 32
@@ -54,6 +54,7 @@ class _Head(msgspec.Struct, array_like=True):
     superseded: list[str]
     packs: int
     blobs: int
+    buckets: int  # a power of two (index.py): the table's size as it was built
 
 
 @dataclass
@@ -77,7 +78,7 @@ class IndexCopy:
         adds to ``index``: its buckets are written as they are, not copied."""
         packs, buckets, n = index.export_state()
         head = msgspec.msgpack.encode(_Head(self.repo_id, RECORD_FORMAT, sorted(listed), sorted(loaded),
-                                            sorted(superseded), len(packs), n))
+                                            sorted(superseded), len(packs), n, len(buckets)))
         lengths = array("I", (len(b) if b is not None else 0 for b in buckets))
         if sys.byteorder == "big":
             lengths.byteswap()
@@ -143,12 +144,14 @@ class IndexCopy:
             return None
         # Every length is checked against the file's size before anything that size is
         # allocated: a damaged length cannot make this allocate more than the file holds.
-        fixed = _PREFIX + head_len + head.packs * ID_LEN + 4 * BUCKETS + _MAC
+        if not valid_bucket_count(head.buckets):
+            return None
+        fixed = _PREFIX + head_len + head.packs * ID_LEN + 4 * head.buckets + _MAC
         if head.packs < 0 or head.blobs < 0 or fixed > size:
             return None
         raw_packs = take(head.packs * ID_LEN)
         lengths = array("I")
-        lengths.frombytes(take(4 * BUCKETS))
+        lengths.frombytes(take(4 * head.buckets))
         if sys.byteorder == "big":
             lengths.byteswap()
         if fixed + sum(lengths) != size or sum(lengths) != head.blobs * RECORD_SIZE \
@@ -166,11 +169,12 @@ class IndexCopy:
         """The buckets, read and hashed a run of neighbours at a time (one read and one hash
         update a megabyte, not one a bucket); each bucket is then its own bytearray, so the
         peak is the index and one run."""
-        buckets: list[bytearray | None] = [None] * BUCKETS
+        count = len(lengths)
+        buckets: list[bytearray | None] = [None] * count
         first = 0
-        while first < BUCKETS:
+        while first < count:
             last, run = first, 0
-            while last < BUCKETS and (run == 0 or run + lengths[last] <= _GROUP):
+            while last < count and (run == 0 or run + lengths[last] <= _GROUP):
                 run += lengths[last]
                 last += 1
             buf = bytearray(run)

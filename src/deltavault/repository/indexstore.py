@@ -204,21 +204,25 @@ class IndexStore:
         if names is None:
             names = self.names()
         self._listed = set(names)
-        heads: dict[str, tuple[list[bytes], bytes | None]] = {}
+        heads: dict[str, tuple[list[bytes], int, bytes | None]] = {}
         for name in names:
             if name in self._loaded or name in self._superseded:
                 continue
             try:
                 raw = self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name)
-                heads[name] = (decode_index_head(raw, name), raw if len(raw) < KEEP_DECODED_BELOW else None)
+                sup, blobs = decode_index_head(raw, name)
+                heads[name] = (sup, blobs, raw if len(raw) < KEEP_DECODED_BELOW else None)
             except (CorruptionError, UnsupportedVersion) as exc:
                 if not tolerant:
                     raise
                 if name not in {n for n, _m in self.errors}:  # a reload meets it again
                     self.errors.append((name, str(exc)))
-        superseded = {f"index/{s.hex()}" for sup, _raw in heads.values() for s in sup}
+        superseded = {f"index/{s.hex()}" for sup, _n, _raw in heads.values() for s in sup}
         self._superseded |= superseded
-        for name, (_sup, kept) in heads.items():
+        # The table sized for all of them at once, not grown step by step as they are added.
+        adding = sum(n for name, (_s, n, _r) in heads.items() if name not in superseded)
+        self._index.reserve(len(self._index) + adding)
+        for name, (_sup, _n, kept) in heads.items():
             if name in superseded:
                 continue
             try:
@@ -254,7 +258,7 @@ class IndexStore:
             if rebuild:
                 break
             try:  # only the head: a large new file is not built as objects (load adds it)
-                sup = decode_index_head(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
+                sup, _n = decode_index_head(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
             except (CorruptionError, UnsupportedVersion):
                 continue  # load reports it
             rebuild = any(f"index/{s.hex()}" in self._loaded for s in sup)
