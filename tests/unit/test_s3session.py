@@ -44,11 +44,14 @@ def _sessions() -> tuple[botocore.session.Session, botocore.session.Session]:
 
 
 def _view(session: botocore.session.Session, service: str, region: str, endpoint: str | None = None,
-          addressing: str | None = None) -> dict[str, Any]:
+          addressing: str | None = None, **settings: Any) -> dict[str, Any]:
     """What a request of this client goes to and is signed for (the signature itself and
     its time aside)."""
+    s3 = {"addressing_style": addressing} if addressing else {}
+    if settings.pop("dualstack", False):
+        s3["use_dualstack_endpoint"] = True
     cfg = botocore.config.Config(region_name=region, signature_version="s3v4" if service == "s3" else None,
-                                 s3={"addressing_style": addressing} if addressing else None)
+                                 s3=s3 or None, **settings)
     c = session.create_client(service, endpoint_url=endpoint, config=cfg)
     if service == "s3":
         url = c.generate_presigned_url("get_object", Params={"Bucket": "dv-bucket", "Key": "repo/config"})
@@ -84,11 +87,16 @@ def test_every_s3_region_resolves_as_with_a_stock_session() -> None:
     assert tables and all(isinstance(t, s3session.Services) and not t.loaded_all for t in tables)
 
 
-def test_virtual_host_addressing_on_aws() -> None:
-    _, ours = _sessions()
+def test_virtual_host_addressing_fips_and_dual_stack_on_aws() -> None:
+    stock, ours = _sessions()
     view = _view(ours, "s3", "eu-central-1", addressing="virtual")
     assert view["where"] == ("https", "dv-bucket.s3.eu-central-1.amazonaws.com", "/repo/config")
     assert view["scope"].startswith("eu-central-1/s3/")
+    for region, settings in (("us-east-2", {"use_fips_endpoint": True}), ("eu-west-1", {"dualstack": True}),
+                             ("us-gov-west-1", {"use_fips_endpoint": True, "dualstack": True})):
+        assert _view(ours, "s3", region, **settings) == _view(stock, "s3", region, **settings), (region, settings)
+    assert "fips" in _view(ours, "s3", "us-east-2", use_fips_endpoint=True)["where"][1]
+    assert "dualstack" in _view(ours, "s3", "eu-west-1", dualstack=True)["where"][1]
 
 
 def test_custom_endpoint_as_with_a_stock_session() -> None:
