@@ -47,6 +47,7 @@ from tests.seaweed import Seaweed, server  # noqa: E402
 
 OPS = ("files-full", "files-incr", "restore")
 LAST_RSS_MB = 0.0  # peak RSS of the last command timed
+LAST_CPU_S = 0.0  # its user + system CPU seconds (the tool's own and its reaped children's)
 
 
 def sh(*cmd: str) -> None:
@@ -62,7 +63,7 @@ def stage(ds: Path, src: Path, version: str) -> None:
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
     sh("sync")
-    global LAST_RSS_MB
+    global LAST_RSS_MB, LAST_CPU_S
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out:
         p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -73,6 +74,7 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
             out.seek(0)
             raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{out.read()[-4000:].decode(errors='replace')}")
     LAST_RSS_MB = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux
+    LAST_CPU_S = round(usage.ru_utime + usage.ru_stime, 2)
     return secs
 
 
@@ -178,9 +180,9 @@ def restore_rounds(ds: Path, work: Path, sw: Seaweed, repeat: int, base: Path | 
         row = {}
         for name, tool, code in variants[i % len(variants):] + variants[:i % len(variants)]:
             row[f"{name} restore"] = {"seconds": round(restore(name, tool, code, sw.endpoint), 2),
-                                      "peak_rss_mb": LAST_RSS_MB}
+                                      "peak_rss_mb": LAST_RSS_MB, "cpu_s": LAST_CPU_S}
         rounds.append(row)
-        print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f} s {v['peak_rss_mb']} MB"
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v['seconds']:.2f} s {v['cpu_s']:.2f} CPU-s {v['peak_rss_mb']} MB"
                                              for k, v in row.items()), flush=True)
     counted = {}
     with proxy(sw.s3_port) as p:
@@ -236,6 +238,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = {k: round(statistics.median(r[k]["seconds"] for r in rounds), 2) for k in rounds[0]}
+    cpu = {k: round(statistics.median(r[k]["cpu_s"] for r in rounds), 2) for k in rounds[0] if "cpu_s" in rounds[0][k]}
     gb = size / 1e9
     ratios = {op: round(statistics.median(r[f"restic {op}"]["seconds"] / r[f"deltavault {op}"]["seconds"]
                                           for r in rounds), 2) for op in ops}
@@ -245,7 +248,7 @@ def main() -> None:
     traffic = {k: {"requests": v["requests"], "requests_per_gb": round(v["requests"] / gb, 1),
                    "sent_mb": round(v["sent"] / 1e6, 1), "received_mb": round(v["received"] / 1e6, 1),
                    "by_method": v["by_method"]} for k, v in counted.items()}
-    result = {"dataset_bytes": size, "rounds": rounds, "medians_seconds": medians,
+    result = {"dataset_bytes": size, "rounds": rounds, "medians_seconds": medians, "medians_cpu_s": cpu,
               "speedup_over_restic": ratios, "traffic": traffic,
               "throughput_mb_s": {k: round(size / 1e6 / v, 1) for k, v in medians.items() if "incr" not in k},
               "restic": subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.strip(),
@@ -253,7 +256,7 @@ def main() -> None:
               "load_average": os.getloadavg(), "bytecode_cached": a.bytecode}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("medians_seconds", "speedup_over_restic", "throughput_mb_s",
+    print(json.dumps({k: result[k] for k in ("medians_seconds", "medians_cpu_s", "speedup_over_restic", "throughput_mb_s",
                                              "traffic")}, indent=1))
 
 

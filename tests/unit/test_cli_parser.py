@@ -55,3 +55,12 @@ def test_help_of_one_command_is_printed_once(capsys: pytest.CaptureFixture[str])
         cli_main.main(["restore", "--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.count("usage: deltavault restore") == 1
+
+
+def test_rich_is_imported_only_for_a_terminal() -> None:
+    """rich's import (25-50 ms) is on a command's path only when it draws bars."""
+    code = ("import argparse, io, sys; from deltavault.cli.common import Context; "
+            "r = Context(argparse.Namespace(), json=False, quiet=False, stderr=io.StringIO()).reporter(); "
+            "print(type(r).__name__, 'rich' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["QuietReporter", "False"]

@@ -9,9 +9,8 @@ whole object visible at once, and a killed upload leaves no object (an incomplet
 upload, invisible to listings, which prune aborts after an hour). Names of packs, index
 files, snapshots and keys are hashes of their bytes, so a retried upload writes the same
 bytes under the same name. Lock records are created with ``If-None-Match: *`` where the
-server honours it (docs/design.md, "Repositories on S3").
-
-``put_file`` uploads a spooled pack from its file (filerange.py), never whole in memory.
+server honours it (docs/design.md, "Repositories on S3"). ``put_file`` uploads a spooled
+pack from its file (filerange.py), never whole in memory.
 """
 
 from __future__ import annotations
@@ -74,8 +73,9 @@ class S3Backend:
 
     def _make_client(self) -> Any:
         bc = _botocore()
+        from deltavault.backends.s3session import new_session  # botocore's, after _botocore's check
         try:
-            session = bc.session.Session()
+            session = new_session()
             self.region = session.get_config_variable("region") or "us-east-1"
         except Exception as exc:
             raise translate(exc, "AWS configuration", str(self.loc)) from exc

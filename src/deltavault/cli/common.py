@@ -97,11 +97,13 @@ class Context:
             self.stderr.write(f"warning: {text}\n")
 
     def reporter(self) -> Reporter:
-        from deltavault.cli.progress import JsonReporter, QuietReporter, RichReporter
+        from deltavault.cli.progress import JsonReporter, QuietReporter
 
         if self.json:
             return JsonReporter(self.stdout)
         if not self.quiet and self.stderr.isatty():
+            from deltavault.cli.progress_rich import RichReporter
+
             return RichReporter(self.stderr)
         return QuietReporter(self.stderr)
 
