@@ -16,6 +16,7 @@ ones on workers); a directory's metadata is set once everything below it is writ
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import stat
@@ -51,6 +52,10 @@ from deltavault.restore.target import (
 # Directory fds the walk keeps open at most (besides those with files in flight), so any
 # depth restores within a small RLIMIT_NOFILE.
 MAX_OPEN_DIRS = 64
+# Subdirectory listings read at a time when their directory is listed, and bytes of them
+# kept at most (FileRestorer._read_listings).
+LISTINGS_AHEAD = 64
+LISTINGS_BYTES = 4 * 1024 * 1024
 # Directories held open for their files in flight, at most (dir_budget): past it the walker
 # waits for every file queued.
 MAX_HELD_DIRS = 1024
@@ -101,6 +106,8 @@ class FileRestorer:
         self._meta = MetaOptions(owner=options.owner, setuid=options.setuid)
         self.holds = Holds(self.log, self._meta)
         self._dir_budget = 2 * MAX_OPEN_DIRS  # set by run, from the open-file limit
+        self._listings: dict[bytes, bytes] = {}  # subdirectories' listings read ahead (_read_listings)
+        self._listed = 0  # their bytes
         self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
         self._ntfs: NtfsTarget | None = None  # set by run, once the target is open
@@ -157,13 +164,34 @@ class FileRestorer:
     # ------------------------------------------------------------------ tree walk
     def _listing(self, tree_id: bytes, relpath: bytes, sel: Selection) -> list[Node] | None:
         """A directory's entries, checked; None (reported) when they cannot be read."""
+        raw = self._listings.pop(tree_id, None)
+        if raw is not None:
+            self._listed -= len(raw)
         try:
             nodes = checked_nodes(sel.listing if sel.listing is not None
-                                  else decode_tree(self.repo.load_blob(tree_id)).nodes, display(relpath))
+                                  else decode_tree(raw if raw is not None else self.repo.load_blob(tree_id)).nodes,
+                                  display(relpath))
         except DeltavaultError as exc:
             self.log.problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
             return None
+        if sel.whole:
+            self._read_listings(nodes)
         return large_first(nodes)
+
+    def _read_listings(self, nodes: list[Node]) -> None:
+        """The listings of a directory's subdirectories, read together now (neighbours in a
+        pack in one request) rather than one read each when the walk enters them: 3,027
+        reads of the benchmark tree, each an open, a pread and a close on the walker's
+        thread. At most LISTINGS_AHEAD at a time and LISTINGS_BYTES kept; a damaged one is
+        read again, and reported, when the walk enters it."""
+        ids = [n.subtree for n in nodes if n.type == NodeType.DIR and n.subtree is not None
+               and n.subtree not in self._listings][:LISTINGS_AHEAD]
+        if len(ids) < 2 or self._listed >= LISTINGS_BYTES:
+            return
+        with contextlib.suppress(DeltavaultError):
+            for bid, data in self.repo.load_blobs(ids):
+                self._listings[bid] = data
+                self._listed += len(data)
 
     def _delete_extras(self, d: Dir, nodes: list[Node] | None, sel: Selection) -> None:
         """--delete: what the target directory ``d`` holds and the snapshot does not goes,
