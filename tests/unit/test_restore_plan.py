@@ -46,3 +46,19 @@ def test_temp_names_stay_random_and_distinct_across_refills_and_threads() -> Non
         t.join()
     assert len(set(names)) == len(names) == 2100
     assert all(re.fullmatch(re.escape(TEMP_PREFIX) + rb"[0-9a-f]{12}-file\.txt", n) for n in names)
+
+
+def test_a_forked_child_makes_other_temp_names_than_its_parent() -> None:
+    import os
+
+    temp_name(b"x")  # the parent has randomness drawn ahead
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next name, to the parent
+        os.write(w, temp_name(b"x"))
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 1000)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child != temp_name(b"x")

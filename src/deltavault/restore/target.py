@@ -38,6 +38,8 @@ SETID = stat.S_ISUID | stat.S_ISGID
 
 
 _random = threading.local()  # random bytes drawn ahead, per thread (temp_name)
+# A forked child draws its own: it would otherwise make the parent's next names.
+os.register_at_fork(after_in_child=lambda: _random.__dict__.clear())
 
 
 def temp_name(name: bytes) -> bytes:
