@@ -47,7 +47,8 @@ def run(argv: list[str], env: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", type=Path, required=True)
-    ap.add_argument("--src", action="append", required=True, help="NAME=PATH of a deltavault src/")
+    ap.add_argument("--src", action="append", required=True,
+                    help="NAME=PATH of a deltavault src/ (PATH may list folders, as PYTHONPATH does)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "restore_ab.json")
     a = ap.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("DELTAVAULT_", "RESTIC_"))}
         base.update(DELTAVAULT_PASSWORD="bench", DELTAVAULT_CACHE_DIR=str(work / "cache"),
                     RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "restic-cache"))
-        envs = {name: dict(base, PYTHONPATH=str(Path(src).resolve())) for name, src in srcs.items()}
+        envs = {name: dict(base, PYTHONPATH=os.pathsep.join(str(Path(p).resolve()) for p in src.split(os.pathsep)))
+                for name, src in srcs.items()}
         for env in envs.values():
             compiled(sys.executable, env)
         first = next(iter(envs.values()))
