@@ -59,6 +59,7 @@ LISTINGS_BYTES = 4 * 1024 * 1024
 # Directories held open for their files in flight, at most (dir_budget): past it the walker
 # waits for every file queued.
 MAX_HELD_DIRS = 1024
+_SPECIAL = (NodeType.FIFO, NodeType.CHARDEV, NodeType.BLOCKDEV)
 
 
 def dir_budget(nofile: int) -> int:
@@ -69,7 +70,6 @@ def dir_budget(nofile: int) -> int:
     waited for every large file) after every other batch, which left the loading thread and
     the walker each waiting for the other."""
     return max(2 * MAX_OPEN_DIRS, min(nofile // 4, MAX_HELD_DIRS))
-_SPECIAL = (NodeType.FIFO, NodeType.CHARDEV, NodeType.BLOCKDEV)
 
 
 def large_first(nodes: list[Node]) -> list[Node]:
@@ -78,10 +78,10 @@ def large_first(nodes: list[Node]) -> list[Node]:
     directory is open rather than after everything listed before them: the benchmark's
     821 MB database, beside the tree, had waited for its 9,737 files and was then written
     on its own, while one core sat idle."""
-    large = [n for n in nodes if n.type == NodeType.FILE and n.size >= INLINE_BELOW]
-    if not large or len(large) == len(nodes):
+    large = [n.type == NodeType.FILE and n.size >= INLINE_BELOW for n in nodes]
+    if not any(large) or all(large):
         return nodes
-    return large + [n for n in nodes if not (n.type == NodeType.FILE and n.size >= INLINE_BELOW)]
+    return [n for n, big in zip(nodes, large) if big] + [n for n, big in zip(nodes, large) if not big]
 
 
 @dataclass
