@@ -62,3 +62,32 @@ def test_a_forked_child_makes_other_temp_names_than_its_parent() -> None:
     os.close(r)
     os.waitpid(pid, 0)
     assert child != temp_name(b"x")
+
+
+def test_a_restore_runs_with_a_short_switch_interval_and_puts_it_back(repo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from deltavault.model.content import Full
+    from deltavault.model.types import BlobType
+    from deltavault.objects.trees import encode_tree
+    from deltavault.restore.files import SWITCH_INTERVAL, FileRestorer
+    from deltavault.restore.options import RestoreOptions
+
+    data, _ = repo.save_blob(BlobType.DATA, b"hello")
+    seen: list[float] = []
+    real = repo.load_blobs
+
+    def load_blobs(ids):  # type: ignore[no-untyped-def]
+        seen.append(sys.getswitchinterval())
+        return real(ids)
+
+    repo.load_blobs = load_blobs
+    root, _ = repo.save_blob(BlobType.TREE, encode_tree([Node(name=b"f", type=NodeType.FILE, mode=0o644, size=5,
+                                                               content=[Full(data, 5)])]))
+    repo.flush()
+    before = sys.getswitchinterval()
+    (tmp_path / "out").mkdir()
+    FileRestorer(repo, str(tmp_path / "out"), RestoreOptions()).run(root)
+    assert (tmp_path / "out" / "f").read_bytes() == b"hello"
+    assert seen and all(s == SWITCH_INTERVAL for s in seen)
+    assert sys.getswitchinterval() == before
