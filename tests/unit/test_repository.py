@@ -267,3 +267,31 @@ def test_a_batch_fills_packs_as_one_blob_at_a_time_would(make_repo) -> None:
     sizes = [sorted(e.length for e in es) for es in one.index.entries_by_pack().values()]
     assert sorted(sizes) == sorted(sorted(e.length for e in es) for es in many.index.entries_by_pack().values())
     assert len(sizes) >= 10
+
+
+def test_opening_reuses_a_scratch_buffer_safely() -> None:
+    """Compressed bodies are decrypted into a per-thread scratch buffer (Envelope.open):
+    blobs of growing and shrinking sizes, one larger than the buffer it starts with, and a
+    tampered one between them, each open to their own bytes; the scratch never leaks into
+    a result."""
+    from deltavault.repository.envelope import Envelope
+    from deltavault.repository.keys import MasterKey
+
+    env = Envelope(MasterKey.generate())
+    rnd = random.Random(7)
+    text = b"".join(b"row %d of a table\n" % i for i in range(200_000))
+    nibbles = rnd.randbytes(3_000_000).translate(bytes(i & 15 for i in range(256)))  # compresses to ~1.5 MB
+    items = [text[:5000], nibbles, text[:100], rnd.randbytes(2000) * 50, text[:40_000]]
+    sealed = [env.seal(x, aad=b"blob") for x in items]
+    tampered = bytearray(sealed[1])
+    tampered[-5] ^= 1
+    got = []
+    for s in [sealed[0], sealed[1], bytes(tampered), *sealed[2:]]:
+        try:
+            got.append(env.open(s, aad=b"blob"))
+        except CorruptionError:
+            got.append(None)
+    assert got == [items[0], items[1], None, *items[2:]]
+    assert all(isinstance(x, bytes) for x in got if x is not None)
+    assert env.open(sealed[0], aad=b"blob") == items[0]  # after the larger one: still its own bytes
+    assert len(sealed[1]) > 1 << 20  # larger than the scratch buffer a thread starts with

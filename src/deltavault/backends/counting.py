@@ -61,6 +61,13 @@ class CountingBackend:
         self._count(name, len(data))
         return cast(memoryview, data)
 
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether ``prefetch`` hints reach a backend that reads ahead; BlobReader looks up
+        no blob locations for a hint that would go nowhere (a local restore's small-file
+        batches: 10k index lookups on the walker's thread)."""
+        return hasattr(self.inner, "prefetch")
+
     def prefetch(self, name: str, offset: int, length: int) -> None:
         """A read-ahead's hint, passed on. Without this the restore's hints stopped here:
         BlobReader found no ``prefetch`` on the repository's counting wrapper."""

@@ -227,7 +227,7 @@ class BlobReader:
         """Tell a backend that reads ahead (backends/readahead.py) which ranges of which packs
         these blobs will be read from; other backends have nothing to do."""
         hint = getattr(self.backend, "prefetch", None)
-        if hint is None:
+        if hint is None or not getattr(self.backend, "reads_ahead", True):
             return
         spans: dict[bytes, tuple[int, int, int]] = {}  # pack -> (first byte, end, bytes of blobs)
         for bid in dict.fromkeys(ids):

@@ -30,6 +30,8 @@ MIN_SAVING = 0.02
 # (``_compressible``): a directory of a million long names has a tree blob over it, and
 # stored compressed it was a snapshot that backed up and could never be read.
 MAX_BLOB = 256 * 1024 * 1024
+# Compressed bodies up to this size are decrypted into a per-thread buffer (Envelope.open).
+SCRATCH_MAX = 8 * 1024 * 1024
 
 
 # The "auto" policy: compress an 8 KiB probe at a fast and at a high level. Data that gains
@@ -78,6 +80,14 @@ class Envelope:
         if d is None:
             d = self._tls.d = zstandard.ZstdDecompressor()
         return d
+
+    def _scratch(self, n: int) -> memoryview:
+        """``n`` bytes of this thread's scratch buffer. A larger one replaces it (never resized:
+        a view of the old one may still be alive, in a traceback)."""
+        buf: bytearray | None = getattr(self._tls, "scratch", None)
+        if buf is None or len(buf) < n:
+            buf = self._tls.scratch = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
 
     def _auto_level(self, data: bytes | memoryview) -> int:
         if len(data) <= 2 * AUTO_PROBE:
@@ -174,9 +184,16 @@ class Envelope:
         if self._aead is not None:
             if len(mv) < 1 + _NONCE + _TAG:
                 raise FormatError(f"{what}: too short to be sealed data ({len(mv)} bytes)")
+            nonce, ct, ad = mv[1:1 + _NONCE], mv[1 + _NONCE:], aad + bytes((flags,))
             try:
-                body: bytes | memoryview = self._aead.decrypt(
-                    mv[1:1 + _NONCE], mv[1 + _NONCE:], aad + bytes((flags,)))
+                if flags & FLAG_ZSTD and len(ct) - _TAG <= SCRATCH_MAX:
+                    # Only zstd reads it: decrypted into this thread's scratch buffer, warm in
+                    # the cache, instead of a new bytes object (on the benchmark database 0.14
+                    # -> 0.08 CPU-s of AES-GCM, with the GIL held).
+                    body: bytes | memoryview = self._scratch(len(ct) - _TAG)
+                    self._aead.decrypt_into(nonce, ct, ad, body)
+                else:
+                    body = self._aead.decrypt(nonce, ct, ad)
             except InvalidTag:
                 raise CorruptionError(f"{what}: authentication failed (damaged or tampered)") from None
         else:

@@ -66,11 +66,15 @@ class RegularFiles:
         # Segments of large files (restore/content.py); its own threads, since a file's task
         # on _pool waits for them.
         self._segments = ThreadPoolExecutor(max(2, options.workers), thread_name_prefix="dv-restore-seg")
+        # The small files' blobs load on a thread of their own: queued behind a large file's
+        # segments on _segments, the batches the walker waits for came late, and the walker
+        # is the restore's critical path while large files are written beside it.
+        self._loads = ThreadPoolExecutor(1, thread_name_prefix="dv-restore-load")
         self._lock = threading.Lock()  # guards _fatal
         self._fatal: BaseException | None = None
         self._small: Batch = []
         self._small_bytes = 0
-        # Batches of small files whose blobs are being loaded on _segments, oldest first.
+        # Batches of small files whose blobs are being loaded on _loads, oldest first.
         self._loading: deque[tuple[Batch, Future[dict[bytes, bytes]]]] = deque()
         self._futures: list[Future[None]] = []
 
@@ -101,6 +105,7 @@ class RegularFiles:
         self._small, self._loading = [], deque()
         self._pool.shutdown()
         self._segments.shutdown()
+        self._loads.shutdown()
 
     def file(self, parent: Dir, relpath: bytes, node: Node) -> None:
         key = (node.dev, node.inode) if node.links > 1 else None
@@ -151,7 +156,7 @@ class RegularFiles:
             self.holds.file_done(parent)
 
     def _load_small(self) -> None:
-        """Hand the batch of small files being gathered to _segments to load its blobs, in one
+        """Hand the batch of small files being gathered to _loads to load its blobs, in one
         pass (load_blobs merges neighbours in a pack into one request), while the walker
         writes the batches before it: decryption, decompression and hashing of the tree's
         small files had been on the walker's thread, after its file system calls."""
@@ -161,7 +166,7 @@ class RegularFiles:
         ids = list(dict.fromkeys(r.id for _d, _rel, n in items for r in n.content if isinstance(r, Full)))
         try:
             self.repo.prefetch_blobs(ids)  # a read-ahead reads their packs whole, in one GET each
-            fut = self._segments.submit(self._load_blobs, ids)
+            fut = self._loads.submit(self._load_blobs, ids)
         except BaseException:
             for here, _rel, _node in items:
                 self.holds.file_done(here)
@@ -236,4 +241,4 @@ class RegularFiles:
         finally:
             os.close(fd)
         self.log.count(files=1, bytes_written=node.size)
-        self.reporter.advance(nbytes=node.size, items=1, current=display(relpath))
+        self.reporter.advance(nbytes=node.size, items=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +37,19 @@ TEMP_PREFIX = b".dv-restore-"
 SETID = stat.S_ISUID | stat.S_ISGID
 
 
+_random = threading.local()  # random bytes drawn ahead, per thread (temp_name)
+# A forked child draws its own: it would otherwise make the parent's next names.
+os.register_at_fork(after_in_child=lambda: _random.__dict__.clear())
+
+
 def temp_name(name: bytes) -> bytes:
-    return TEMP_PREFIX + os.urandom(6).hex().encode() + b"-" + name[:120]
+    """A temp name for ``name``: 6 random bytes (from the OS, as os.urandom), drawn for 256
+    names at a time, which spares a restore a system call per file."""
+    buf, at = getattr(_random, "pool", (b"", 0))
+    if at + 6 > len(buf):
+        buf, at = os.urandom(6 * 256), 0
+    _random.pool = (buf, at + 6)
+    return TEMP_PREFIX + buf[at:at + 6].hex().encode() + b"-" + name[:120]
 
 
 @dataclass(frozen=True)
