@@ -49,44 +49,18 @@ class BlobWriter:
     def save(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
              level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
         """Store a blob unless present. Returns (id, sealed bytes added)."""
-        self._raise_upload_error()
-        bid = blob_id or self.env.blob_id(data)
-        with self._lock:
-            if bid in self.indexes.index or bid in self._pending_ids:
-                return bid, 0
-            self._pending_ids.add(bid)
-        try:
-            sealed = self.env.seal_parts(data, compress=compress, level=level, aad=BLOB_AAD)
-        except BaseException:
-            with self._lock:
-                self._pending_ids.discard(bid)
-            raise
-        kind = "data" if btype == BlobType.DATA else "tree"
-        full: PackBuilder | None = None
-        try:
-            with self._pack_lock:
-                b = self._builders.get(kind)
-                if b is None:
-                    b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
-                stored = b.add(btype, bid, sealed, len(data))
-                if len(b) >= self.pack_size:
-                    full = self._builders.pop(kind)
-        except BaseException:  # not stored (the spool's disk is full): not pending either
-            with self._lock:
-                self._pending_ids.discard(bid)
-            raise
-        self.indexes.stats.add(blobs_added=1, bytes_added_raw=len(data), bytes_added_stored=stored)
-        if full is not None:
-            self._queue_upload(full)
-        return bid, stored
+        return self.save_many(btype, (data,), ids=(blob_id,) if blob_id else None, level=level,
+                              compress=compress)[0]
 
-    def save_many(self, btype: BlobType, items: Sequence[bytes | memoryview], *,
+    def save_many(self, btype: BlobType, items: Sequence[bytes | memoryview], *, ids: Sequence[bytes] | None = None,
                   level: int | None = None, compress: bool = True) -> list[tuple[bytes, int]]:
         """``[save(btype, x) for x in items]`` in one go: the new ones sealed together
         (``Envelope.seal_many``) and appended to the pack in one write, so a batch of small
-        chunks takes the GIL a few times rather than a few times per chunk."""
+        chunks takes the GIL a few times rather than a few times per chunk. ``ids``: the
+        items' ids where the caller has them already."""
         self._raise_upload_error()
-        ids = [self.env.blob_id(x) for x in items]
+        if ids is None:
+            ids = [self.env.blob_id(x) for x in items]
         out = [(bid, 0) for bid in ids]
         new: list[int] = []
         with self._lock:
