@@ -71,7 +71,7 @@ class BlobWriter:
                     new.append(i)
         if not new:
             return out
-        stored_upto = 0  # new[:stored_upto] are in a pack
+        stored_upto = raw = added = 0  # new[:stored_upto] are in a pack, raw and sealed bytes
         kind = "data" if btype == BlobType.DATA else "tree"
         full: list[PackBuilder] = []
         try:
@@ -82,17 +82,20 @@ class BlobWriter:
                     if b is None:
                         b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
                     # as many as one at a time would put in this pack: until it is full
-                    take, size = [], len(b)
+                    take, size, take_raw = [], len(b), 0
                     for k in range(stored_upto, len(new)):
                         head, body = sealed[k]
-                        take.append((btype, ids[new[k]], sealed[k], len(items[new[k]])))
+                        n = len(items[new[k]])
+                        take.append((btype, ids[new[k]], sealed[k], n))
+                        take_raw += n
                         size += len(head) + len(body)
                         if size >= self.pack_size:
                             break
-                    lengths = b.add_many(take)
-                    for k, n in enumerate(lengths, stored_upto):
+                    for k, n in enumerate(b.add_many(take), stored_upto):
                         out[new[k]] = (ids[new[k]], n)
+                        added += n
                     stored_upto += len(take)
+                    raw += take_raw  # counted once in the pack
                     if len(b) >= self.pack_size:
                         full.append(self._builders.pop(kind))
         except BaseException:  # the ones not stored are not pending either
@@ -101,9 +104,7 @@ class BlobWriter:
                     self._pending_ids.discard(ids[i])
             raise
         finally:
-            stored = new[:stored_upto]
-            self.indexes.stats.add(blobs_added=len(stored), bytes_added_raw=sum(len(items[i]) for i in stored),
-                                   bytes_added_stored=sum(out[i][1] for i in stored))
+            self.indexes.stats.add(blobs_added=stored_upto, bytes_added_raw=raw, bytes_added_stored=added)
             for f in full:  # in a pack already: written whatever else happened
                 self._queue_upload(f)
         return out
