@@ -538,3 +538,23 @@ def test_chunks_are_those_of_the_whole_file_and_a_reread_adds_no_data(tmp_path: 
     assert again.stats.bytes_read == sum(len(d) for d in files.values())
     added = {e.type for bid, _, e, _ in repo.index.iter_records() if bid not in before}
     assert added <= {int(BlobType.TREE)}, added  # at most trees (access times), never data
+
+
+def test_a_dry_run_counts_what_the_real_run_then_adds(repo: Repository, tmp_path: Path) -> None:
+    """--dry-run saves small files' chunks in batches as a real run does, and counts the
+    same blobs, and the same bytes before compression, as the real run then adds."""
+    rnd = random.Random(7)
+    src = tmp_path / "src"
+    for i in range(300):  # every third file the same: duplicates within and across batches
+        p = src / f"d{i % 5}" / f"f{i}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rnd.randbytes(rnd.randrange(100, 20_000)) if i % 3 else b"same content " * 50)
+    (src / "big.bin").write_bytes(rnd.randbytes(3 << 20))
+    dry = backup(repo, src, dry_run=True)
+    assert dry.snapshot_id is None and repo.write_stats.blobs_added == 0
+    real = backup(repo, src)
+    d, r = dry.snapshot.summary, real.snapshot.summary
+    assert d.blobs_added == r.blobs_added > 200
+    assert d.bytes_added == r.bytes_added_raw > 3 << 20
+    again = backup(repo, src, dry_run=True)
+    assert again.snapshot.summary.blobs_added == 0 and again.bytes_added == 0

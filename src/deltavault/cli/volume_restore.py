@@ -73,14 +73,14 @@ def run_volume_restore(ctx: Context) -> int:
            "target_kind": st.target_kind, "format": st.target_format,
            "source_format": manifest.source_format or None, "size": st.size, "blocks": st.blocks, "holes": st.holes,
            "bytes_written": st.bytes_written, "bytes_zeroed": st.bytes_zeroed, "verified": a.verify,
-           "pages_verified": st.pages_verified, "pages_mismatched": st.pages_mismatched,
+           "pages_verified": st.pages_verified, "pages_hashed": st.pages_hashed, "pages_mismatched": st.pages_mismatched,
            "mismatched_pages": st.mismatches, "free_space": manifest.free_space,
            "seconds": round(st.seconds, 3)}
     kind = st.target_kind if st.target_format == "raw" else f"{st.target_format} image"
     text = (f"restored volume snapshot {short_id(sid)} to {target} ({kind}): {human(st.size)}, "
             f"{st.blocks} blocks ({st.holes} holes); wrote {human(st.bytes_written)} in {st.seconds:.2f} s")
     if a.verify:
-        text += (f"\nverified: {st.pages_verified} pages, "
+        text += (f"\nverified: {st.pages_verified} pages ({st.pages_hashed} read back, the rest holes), "
                  + ("all match" if not st.pages_mismatched else f"{st.pages_mismatched} DIFFER"))
     ctx.emit(obj, text)
     return int(ExitCode.CORRUPT) if st.pages_mismatched else 0

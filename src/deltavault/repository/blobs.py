@@ -49,44 +49,18 @@ class BlobWriter:
     def save(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
              level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
         """Store a blob unless present. Returns (id, sealed bytes added)."""
-        self._raise_upload_error()
-        bid = blob_id or self.env.blob_id(data)
-        with self._lock:
-            if bid in self.indexes.index or bid in self._pending_ids:
-                return bid, 0
-            self._pending_ids.add(bid)
-        try:
-            sealed = self.env.seal_parts(data, compress=compress, level=level, aad=BLOB_AAD)
-        except BaseException:
-            with self._lock:
-                self._pending_ids.discard(bid)
-            raise
-        kind = "data" if btype == BlobType.DATA else "tree"
-        full: PackBuilder | None = None
-        try:
-            with self._pack_lock:
-                b = self._builders.get(kind)
-                if b is None:
-                    b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
-                stored = b.add(btype, bid, sealed, len(data))
-                if len(b) >= self.pack_size:
-                    full = self._builders.pop(kind)
-        except BaseException:  # not stored (the spool's disk is full): not pending either
-            with self._lock:
-                self._pending_ids.discard(bid)
-            raise
-        self.indexes.stats.add(blobs_added=1, bytes_added_raw=len(data), bytes_added_stored=stored)
-        if full is not None:
-            self._queue_upload(full)
-        return bid, stored
+        return self.save_many(btype, (data,), ids=(blob_id,) if blob_id else None, level=level,
+                              compress=compress)[0]
 
-    def save_many(self, btype: BlobType, items: Sequence[bytes | memoryview], *,
+    def save_many(self, btype: BlobType, items: Sequence[bytes | memoryview], *, ids: Sequence[bytes] | None = None,
                   level: int | None = None, compress: bool = True) -> list[tuple[bytes, int]]:
         """``[save(btype, x) for x in items]`` in one go: the new ones sealed together
         (``Envelope.seal_many``) and appended to the pack in one write, so a batch of small
-        chunks takes the GIL a few times rather than a few times per chunk."""
+        chunks takes the GIL a few times rather than a few times per chunk. ``ids``: the
+        items' ids where the caller has them already."""
         self._raise_upload_error()
-        ids = [self.env.blob_id(x) for x in items]
+        if ids is None:
+            ids = [self.env.blob_id(x) for x in items]
         out = [(bid, 0) for bid in ids]
         new: list[int] = []
         with self._lock:
@@ -97,7 +71,7 @@ class BlobWriter:
                     new.append(i)
         if not new:
             return out
-        stored_upto = 0  # new[:stored_upto] are in a pack
+        stored_upto = raw = added = 0  # new[:stored_upto] are in a pack, raw and sealed bytes
         kind = "data" if btype == BlobType.DATA else "tree"
         full: list[PackBuilder] = []
         try:
@@ -108,17 +82,20 @@ class BlobWriter:
                     if b is None:
                         b = self._builders[kind] = PackBuilder(spool=self.spool, spool_dir=self.spool_dir)
                     # as many as one at a time would put in this pack: until it is full
-                    take, size = [], len(b)
+                    take, size, take_raw = [], len(b), 0
                     for k in range(stored_upto, len(new)):
                         head, body = sealed[k]
-                        take.append((btype, ids[new[k]], sealed[k], len(items[new[k]])))
+                        n = len(items[new[k]])
+                        take.append((btype, ids[new[k]], sealed[k], n))
+                        take_raw += n
                         size += len(head) + len(body)
                         if size >= self.pack_size:
                             break
-                    lengths = b.add_many(take)
-                    for k, n in enumerate(lengths, stored_upto):
+                    for k, n in enumerate(b.add_many(take), stored_upto):
                         out[new[k]] = (ids[new[k]], n)
+                        added += n
                     stored_upto += len(take)
+                    raw += take_raw  # counted once in the pack
                     if len(b) >= self.pack_size:
                         full.append(self._builders.pop(kind))
         except BaseException:  # the ones not stored are not pending either
@@ -127,9 +104,7 @@ class BlobWriter:
                     self._pending_ids.discard(ids[i])
             raise
         finally:
-            stored = new[:stored_upto]
-            self.indexes.stats.add(blobs_added=len(stored), bytes_added_raw=sum(len(items[i]) for i in stored),
-                                   bytes_added_stored=sum(out[i][1] for i in stored))
+            self.indexes.stats.add(blobs_added=stored_upto, bytes_added_raw=raw, bytes_added_stored=added)
             for f in full:  # in a pack already: written whatever else happened
                 self._queue_upload(f)
         return out

@@ -4,7 +4,8 @@ An image file is written beside the target under a temporary name, synced and re
 over it, so a failed restore never leaves a half-written image under the target's name;
 Hole blocks stay holes. A block device is written in place (it must not be mounted and
 must be at least as large as the volume); Hole blocks are zeroed with BLKZEROOUT.
-``verify`` re-reads what was written and compares every page with the stored digests.
+``verify`` re-reads what was written and compares every page with the stored digests
+(a file's holes unread: they are zeros).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, UsageError
 from deltavault.fs.clone import pwrite_all
 from deltavault.fs.mounts import device_mounts
+from deltavault.fs.sparse import ReadExtents
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
 from deltavault.model.volume import BlockMap, Segment, VolumeManifest
 from deltavault.objects.reader import read_ref
@@ -52,6 +54,7 @@ class VolumeRestoreStats:
     bytes_written: int = 0
     bytes_zeroed: int = 0
     pages_verified: int = 0
+    pages_hashed: int = 0  # of those, read back and hashed (a file's holes are not)
     pages_mismatched: int = 0
     mismatches: list[int] = field(default_factory=list)  # first few page numbers
     seconds: float = 0.0
@@ -146,7 +149,7 @@ class VolumeRestorer:
                     del bm, blobs
             os.fsync(fd)
             if self.opts.verify:
-                self._verify(fd)
+                self.verify(fd)
         except BaseException as exc:
             os.close(fd)
             if tmp is not None:
@@ -194,25 +197,54 @@ class VolumeRestorer:
         pwrite_all(fd, data, off)
         st.bytes_written += len(data)
 
-    def _verify(self, fd: int) -> None:
+    def verify(self, fd: int) -> None:
+        """Read back the image open at ``fd`` and compare every page with the stored digests.
+        A regular file's holes read as zeros by construction, so their pages are compared
+        with the zero page's digest unread: a 1 TiB image holding 4 GiB reads 4 GiB. A device
+        has no holes to ask for (and zeroed ranges are not trusted): all of it is read."""
         hasher = PageHasher(self.opts.page_key)
         rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
-        st = self.stats
         try:
+            info = os.fstat(rfd)
+            is_file = stat.S_ISREG(info.st_mode)
+            if is_file and info.st_size < self.m.size:
+                raise TargetError(f"{self.target} is shorter than the volume")
+            extents = ReadExtents(rfd, self.m.size, is_file, PAGE_SIZE, min_hole=PAGE_SIZE)
             seg_bytes = self.m.segment_pages * PAGE_SIZE
+            zeros = hasher.zero * self.m.segment_pages
+            want_id, want = b"", b""
             for i, seg in enumerate(self.m.segments):
-                want = self.repo.load_blob(seg.digests)
+                if seg.digests != want_id:  # segments wholly holes share one digest blob
+                    want_id, want = seg.digests, self.repo.load_blob(seg.digests)
                 start = i * seg_bytes
-                n = min(seg_bytes, self.m.size - start)
-                data = os.pread(rfd, n, start)
-                if len(data) != n:
-                    raise TargetError(f"{self.target} is shorter than the volume")
-                got = hasher.digests(data.ljust(-(-n // PAGE_SIZE) * PAGE_SIZE, b"\0"))
-                for k in range(0, len(got), DIGEST):
-                    st.pages_verified += 1
-                    if got[k:k + DIGEST] != want[k:k + DIGEST]:
-                        st.pages_mismatched += 1
-                        if len(st.mismatches) < 20:
-                            st.mismatches.append(i * self.m.segment_pages + k // DIGEST)
+                end = min(start + seg_bytes, self.m.size)
+                pos = start
+                for off, n in extents.ranges(start, end):
+                    if off > pos:
+                        self._compare(i, pos - start, zeros[:(off - pos) // PAGE_SIZE * DIGEST], want)
+                    data = os.pread(rfd, n, off)
+                    if len(data) != n:
+                        raise TargetError(f"{self.target} is shorter than the volume")
+                    got = hasher.digests(data.ljust(-(-n // PAGE_SIZE) * PAGE_SIZE, b"\0"))
+                    self.stats.pages_hashed += len(got) // DIGEST
+                    self._compare(i, off - start, got, want)
+                    pos = off + n
+                if pos < end:
+                    self._compare(i, pos - start, zeros[:-(-(end - pos) // PAGE_SIZE) * DIGEST], want)
         finally:
             os.close(rfd)
+
+    def _compare(self, seg: int, at: int, got: bytes, want: bytes) -> None:
+        """Count the pages of segment ``seg`` from byte ``at`` whose digests ``got`` differ
+        from ``want``; the first few mismatching page numbers are kept, in order."""
+        st = self.stats
+        first = at // PAGE_SIZE
+        ref = want[first * DIGEST:first * DIGEST + len(got)]
+        st.pages_verified += len(got) // DIGEST
+        if got == ref:
+            return
+        for k in range(0, len(got), DIGEST):
+            if got[k:k + DIGEST] != ref[k:k + DIGEST]:
+                st.pages_mismatched += 1
+                if len(st.mismatches) < 20:
+                    st.mismatches.append(seg * self.m.segment_pages + first + k // DIGEST)

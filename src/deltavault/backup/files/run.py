@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,14 +311,25 @@ class DryRunStore:
 
     def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
                   level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
-        bid = blob_id if blob_id is not None else self.repo.blob_id(data)
+        return self._count([data], [blob_id if blob_id is not None else self.repo.blob_id(data)])[0]
+
+    def save_blobs(self, btype: BlobType, items: Sequence[bytes | memoryview], *, level: int | None = None,
+                   compress: bool = True) -> list[tuple[bytes, int]]:
+        """The batched path a real run takes (objects/store.py save_many): one lock a batch."""
+        return self._count(items, [self.repo.blob_id(x) for x in items])
+
+    def _count(self, items: Sequence[bytes | memoryview], ids: list[bytes]) -> list[tuple[bytes, int]]:
+        out = []
         with self._lock:
-            if bid in self.seen or self.repo.has_blob(bid):
-                return bid, 0
-            self.seen.add(bid)
-            self.bytes_added += len(data)
-            self.blobs_added += 1
-        return bid, len(data)
+            for bid, data in zip(ids, items):
+                if bid in self.seen or self.repo.has_blob(bid):
+                    out.append((bid, 0))
+                    continue
+                self.seen.add(bid)
+                self.bytes_added += len(data)
+                self.blobs_added += 1
+                out.append((bid, len(data)))
+        return out
 
     def has_blob(self, blob_id: bytes) -> bool:
         return blob_id in self.seen or self.repo.has_blob(blob_id)
