@@ -151,3 +151,40 @@ def test_delta_path_reconstructs_in_place_changes(tmp_path_factory: pytest.TempP
     if not writes and grow == 0:
         assert refs2 == refs1
     assert not any(isinstance(r, Hole) for r in refs2)
+
+
+def test_small_files_cut_on_the_workers_as_a_whole_cut(tmp_path: Path, repo: Repository) -> None:
+    """Small files go to the workers whole and are cut there: several files in one batch each
+    get the chunks of one cut of their own bytes, in order, and a part holding a file's
+    several chunks is spliced into its references by compact()."""
+    chunker = Chunker(PARAMS)
+    rng = random.Random(7)
+    sizes = [10, PARAMS.min_size, PARAMS.min_size + 1, 40_000, PARAMS.max_size, 3, 50_000]
+    datas = [rng.randbytes(n) for n in sizes]
+    with ThreadPoolExecutor(2) as pool:
+        reader = ContentReader(repo, pool, chunker, page_key=b"k" * 32, delta_threshold=1 << 40,
+                               inflight=Inflight(1 << 26))
+        pendings = []
+        assert max(sizes) <= PARAMS.max_size  # the small-file path: one read, cut on a worker
+        for i, data in enumerate(datas):
+            p = tmp_path / f"f{i}"
+            p.write_bytes(data)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                pendings.append(reader.read(fd, os.fstat(fd), None))
+            finally:
+                os.close(fd)
+        reader.flush_batch()
+        assert all(len(p.parts) == 1 for p in pendings)  # one part a file, however many chunks
+        all_refs = []
+        for pending in pendings:
+            refs = pending.refs()
+            pending.compact()
+            assert pending.parts == refs  # settled in place, every chunk its own reference
+            all_refs.append(refs)
+    repo.flush()
+    for refs, data in zip(all_refs, datas):
+        assert [r.size for r in refs] == [n for _, n in chunker.cut(data)]
+        assert all(isinstance(r, Full) for r in refs)
+        assert b"".join(repo.load_blob(r.id) for r in refs if isinstance(r, Full)) == data
+    assert any(len(refs) > 1 for refs in all_refs)  # some file was cut
