@@ -83,12 +83,9 @@ class ContentReader:
             out.parts.append(self._batched(data))
         return out
 
-    def _batched(self, data: bytes | memoryview, *, cut: bool = False) -> Slot:
-        """Small chunks travel to the workers in batches: one task per batch, not per chunk.
-        ``cut``: ``data`` is a small file's whole content, cut into chunks by the worker."""
+    def _batched(self, data: bytes | memoryview) -> Slot:
+        """Small chunks travel to the workers in batches: one task per batch, not per chunk."""
         b = self._batch
-        if cut:
-            b.cut.add(len(b.items))
         b.items.append(data)
         self._batch_bytes += len(data)
         slot = Slot(b, len(b.items) - 1)
@@ -111,31 +108,13 @@ class ContentReader:
 
     def _run_batch(self, batch: Batch) -> None:
         try:
-            chunks = batch.items
-            if batch.cut:
-                chunks, batch.spans = self._cut(batch)
-            saved = save_many(self.repo, BlobType.DATA, chunks)
-            batch.results = [Full(bid, len(data)) for (bid, _), data in zip(saved, chunks)]
+            saved = save_many(self.repo, BlobType.DATA, batch.items)
+            batch.results = [Full(bid, len(data)) for (bid, _), data in zip(saved, batch.items)]
         except BaseException as exc:
             batch.error = exc
         finally:
             batch.items = []
             batch.done_event.set()
-
-    def _cut(self, batch: Batch) -> tuple[list[bytes | memoryview], list[tuple[int, int]]]:
-        """The chunks of ``batch``'s items, its ``cut`` ones cut by FastCDC (the boundaries
-        of one cut of the whole file), with each item's (first, count) among them."""
-        chunks: list[bytes | memoryview] = []
-        spans: list[tuple[int, int]] = []
-        for i, data in enumerate(batch.items):
-            first = len(chunks)
-            if i in batch.cut:
-                mv = memoryview(data)
-                chunks += [mv[off:off + ln] for off, ln in self.chunker.cut(mv)]
-            else:
-                chunks.append(data)
-            spans.append((first, len(chunks) - first))
-        return chunks, spans
 
     def save_full(self, data: bytes | memoryview) -> ContentRef:
         bid, _ = self.repo.save_blob(BlobType.DATA, data)
@@ -163,8 +142,12 @@ class ContentReader:
         if not large and not sparse and size <= self.chunker.params.max_size:
             data = read_exact(fd, 0, size)
             out = PendingContent(bytes_read=size)
-            # cut on the worker: FastCDC and the chunks' views off the walk's thread
-            out.parts.append(self._batched(data, cut=len(data) > self.chunker.params.min_size))
+            if len(data) <= self.chunker.params.min_size:
+                out.parts.append(self._batched(data))
+            else:
+                mv = memoryview(data)
+                for off, ln in self.chunker.cut(data):
+                    out.parts.append(self._batched(mv[off:off + ln]))
             return out
         extents = ReadExtents(fd, size, sparse)
         pages = self.digester.submit(fd, st, sparse, self.save_pages) if large else None

@@ -15,25 +15,19 @@ from deltavault.model.content import ContentRef
 
 
 class Batch:
-    """Small chunks sent to the workers as one task, with one event for all of them. An item
-    in ``cut`` is a small file's whole content: the worker cuts it (FastCDC) into chunks,
-    which takes that work off the walk's thread. ``spans[i]`` is (first, count) of item
-    ``i``'s chunks in ``results`` (None: one result per item)."""
+    """Small chunks sent to the workers as one task, with one event for all of them."""
 
-    __slots__ = ("cut", "done_event", "error", "items", "results", "spans")
+    __slots__ = ("done_event", "error", "items", "results")
 
     def __init__(self) -> None:
         self.items: list[bytes | memoryview] = []
-        self.cut: set[int] = set()
         self.results: list[ContentRef] = []
-        self.spans: list[tuple[int, int]] | None = None
         self.error: BaseException | None = None
         self.done_event = threading.Event()
 
 
 class Slot:
-    """One item's place in a batch, a much lighter stand-in for a Future: one chunk, or the
-    chunks of a small file the worker cut."""
+    """One chunk's place in a batch: a much lighter stand-in for a Future."""
 
     __slots__ = ("batch", "i")
 
@@ -43,15 +37,11 @@ class Slot:
     def done(self) -> bool:
         return self.batch.done_event.is_set()
 
-    def refs(self) -> list[ContentRef]:
-        b = self.batch
-        b.done_event.wait()
-        if b.error is not None:
-            raise b.error
-        if b.spans is None:
-            return [b.results[self.i]]
-        first, n = b.spans[self.i]
-        return b.results[first:first + n]
+    def result(self) -> ContentRef:
+        self.batch.done_event.wait()
+        if self.batch.error is not None:
+            raise self.batch.error
+        return self.batch.results[self.i]
 
 
 @dataclass
@@ -79,21 +69,12 @@ class PendingContent:
             elif isinstance(p, Slot):
                 if not p.done() or p.batch.error is not None:
                     break
-                refs = p.refs()
-                parts[i:i + 1] = refs
-                i += len(refs)
-                continue
+                parts[i] = p.result()
             i += 1
         self._settled = i
 
     def refs(self) -> list[ContentRef]:
-        out: list[ContentRef] = []
-        for p in self.parts:
-            if isinstance(p, Slot):
-                out += p.refs()
-            else:
-                out.append(p.result() if isinstance(p, Future) else p)
-        return out
+        return [p.result() if isinstance(p, (Future, Slot)) else p for p in self.parts]
 
     def page_ids(self) -> list[bytes] | None:
         """The page-digest segment ids, or None when there are none (or the helper could
