@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,20 +38,38 @@ def weed_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("weed")
 
 
-def free_port() -> int:
+def _ephemeral() -> range:
+    """The ports the kernel hands out to outgoing connections and to bind(0)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return range(lo, hi + 1)
+
+
+def free_port(taken: set[int] | None = None) -> int:
     """A free port whose +10000 neighbour is free too (weed's default gRPC offset, in case
-    some part ignores the explicit gRPC port)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + 10000 > 65535:
+    some part ignores the explicit gRPC port), neither in ``taken`` (which gets both).
+
+    Both are drawn below the kernel's ephemeral range where it leaves room: a port that
+    bind(0) found free was, once closed, free for any outgoing connection too, and in CI one
+    of weed's own connections took the S3 port before its listener bound it ("bind: address
+    already in use", every S3 test in error)."""
+    taken = set() if taken is None else taken
+    eph = _ephemeral()
+    rnd = random.Random()
+    for _ in range(500):
+        port = rnd.randrange(10000, 22000) if eph.start >= 32001 else rnd.randrange(1024, 55535)
+        pair = (port, port + 10000)
+        if any(q in taken or q in eph for q in pair):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        try:
+            for q in pair:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        taken.update(pair)
         return port
     raise RuntimeError("no free port pair")
 
@@ -213,21 +232,31 @@ def server(d: Path) -> Iterator[Seaweed]:
     assert weed is not None, missing()
     d.mkdir(parents=True, exist_ok=True)
     (d / "data").mkdir(exist_ok=True)
-    p = {k: free_port() for k in ("master", "volume", "filer", "s3", "https")}
     ca, cert, key = make_tls(d)
-    argv = [weed, "server", *COMMON, f"-dir={d / 'data'}",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master'] + 10000}",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume'] + 10000}",
-            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer'] + 10000}",
-            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={_s3_config(d)}",
-            f"-s3.port.https={p['https']}", f"-s3.cert.file={cert}", f"-s3.key.file={key}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=128", "-volume.max=2000",
-            f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}"]
-    sw = Seaweed(d, p["s3"], [Proc("server", argv, d / "weed.log")], https_port=p["https"], ca_file=ca)
-    sw.procs[0].start()
+    for attempt in range(3):
+        taken: set[int] = set()
+        p = {k: free_port(taken) for k in ("master", "volume", "filer", "s3", "https")}
+        argv = [weed, "server", *COMMON, f"-dir={d / 'data'}",
+                f"-master.port={p['master']}", f"-master.port.grpc={p['master'] + 10000}",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume'] + 10000}",
+                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer'] + 10000}",
+                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={_s3_config(d)}",
+                f"-s3.port.https={p['https']}", f"-s3.cert.file={cert}", f"-s3.key.file={key}",
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=128", "-volume.max=2000",
+                f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}"]
+        sw = Seaweed(d, p["s3"], [Proc("server", argv, d / f"weed-{attempt}.log")],
+                     https_port=p["https"], ca_file=ca)
+        sw.procs[0].start()
+        try:
+            _wait_ready(sw)
+            break
+        except RuntimeError as exc:
+            sw.stop()
+            # Another process may still take a port between our check and weed's bind.
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
     try:
-        _wait_ready(sw)
         yield sw
     finally:
         sw.stop()
@@ -240,14 +269,15 @@ def cluster(d: Path, *, replication: str = "001") -> Iterator[Seaweed]:
     weed = weed_binary()
     assert weed is not None, missing()
     d.mkdir(parents=True, exist_ok=True)
-    mp, fp, s3p = free_port(), free_port(), free_port()
+    taken: set[int] = set()
+    mp, fp, s3p = free_port(taken), free_port(taken), free_port(taken)
     master = f"127.0.0.1:{mp}.{mp + 10000}"
     procs = [Proc("master", [weed, "master", *COMMON, f"-port={mp}", f"-port.grpc={mp + 10000}",
                              f"-mdir={d / 'master'}", f"-defaultReplication={replication}",
                              "-volumeSizeLimitMB=128", "-telemetry=false"], d / "master.log")]
     (d / "master").mkdir(exist_ok=True)
     for i in (1, 2):
-        vp = free_port()
+        vp = free_port(taken)
         (d / f"volume{i}").mkdir(exist_ok=True)
         procs.append(Proc(f"volume{i}", [weed, "volume", *COMMON, f"-port={vp}", f"-port.grpc={vp + 10000}",
                                          f"-dir={d / f'volume{i}'}", f"-master={master}", "-max=1000",
