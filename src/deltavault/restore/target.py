@@ -88,9 +88,10 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
 def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
     """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
     metadata is set, last) or, when one is already there, that one, made ours and 0700 the
-    same way (``fs.meta.take_dir``) when others may have made or reach it; anything else in the way is removed first. Returns its fd, its
-    identity and whether this call made it. A directory this call made must still be ours
-    when opened: another user cannot make one owned by us, so a swap is ``Replaced``."""
+    same way (``fs.meta.take_dir``) when others may have made or reach it; anything else in
+    the way is removed first. Returns its fd, its identity and whether this call made it. A
+    directory this call made must still be ours when opened: another user cannot make one
+    owned by us, so a swap is ``Replaced``."""
     made = True
     try:
         os.mkdir(name, 0o700, dir_fd=parent)
