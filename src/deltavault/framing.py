@@ -6,6 +6,7 @@ helper's pipe and the remote delta protocol."""
 from __future__ import annotations
 
 import struct
+import threading
 from typing import IO, Any, TypeVar
 
 import msgspec
@@ -23,18 +24,49 @@ def _why(exc: BaseException) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
+# msgspec works out a Struct type's field layout on the type's first decode, and that step is
+# not thread-safe: two threads decoding a type for the first time at once crashed the process
+# (SIGSEGV in msgspec 0.22, tests/unit/test_framing_threads.py). So each type gets one decoder,
+# made under a lock; a made decoder is thread-safe, and later decodes skip the type lookup.
+_MAKING = threading.Lock()
+_MSGPACK: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+_JSON: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _msgpack_decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
+    d = _MSGPACK.get(kind)
+    if d is None:
+        with _MAKING:
+            d = _MSGPACK.get(kind)
+            if d is None:
+                d = _MSGPACK[kind] = msgspec.msgpack.Decoder(kind)
+    return d
+
+
+def _json_decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
+    d = _JSON.get(kind)
+    if d is None:
+        with _MAKING:
+            d = _JSON.get(kind)
+            if d is None:
+                d = _JSON[kind] = msgspec.json.Decoder(kind)
+    return d
+
+
 def decode_msgpack(raw: bytes | msgspec.Raw, kind: type[T]) -> T:
     """``raw`` as msgpack of ``kind``; whatever the bytes, that or ``Undecodable``."""
+    decoder = _msgpack_decoder(kind)
     try:
-        return msgspec.msgpack.decode(raw, type=kind)
+        return decoder.decode(raw)
     except _UNDECODABLE as exc:
         raise Undecodable(_why(exc)) from exc
 
 
 def decode_json(raw: bytes, kind: type[T]) -> T:
     """``raw`` as JSON of ``kind``; whatever the bytes, that or ``Undecodable``."""
+    decoder = _json_decoder(kind)
     try:
-        return msgspec.json.decode(raw, type=kind)
+        return decoder.decode(raw)
     except _UNDECODABLE as exc:
         raise Undecodable(_why(exc)) from exc
 
