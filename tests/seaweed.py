@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests import ports
 
 ACCESS_KEY = "dvtestaccess"
 SECRET_KEY = "dvtestsecret-0123456789"
@@ -38,40 +38,10 @@ def weed_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("weed")
 
 
-def _ephemeral() -> range:
-    """The ports the kernel hands out to outgoing connections and to bind(0)."""
-    try:
-        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        lo, hi = 32768, 60999
-    return range(lo, hi + 1)
-
-
 def free_port(taken: set[int] | None = None) -> int:
     """A free port whose +10000 neighbour is free too (weed's default gRPC offset, in case
-    some part ignores the explicit gRPC port), neither in ``taken`` (which gets both).
-
-    Both are drawn below the kernel's ephemeral range where it leaves room: a port that
-    bind(0) found free was, once closed, free for any outgoing connection too, and in CI one
-    of weed's own connections took the S3 port before its listener bound it ("bind: address
-    already in use", every S3 test in error)."""
-    taken = set() if taken is None else taken
-    eph = _ephemeral()
-    rnd = random.Random()
-    for _ in range(500):
-        port = rnd.randrange(10000, 22000) if eph.start >= 32001 else rnd.randrange(1024, 55535)
-        pair = (port, port + 10000)
-        if any(q in taken or q in eph for q in pair):
-            continue
-        try:
-            for q in pair:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-        except OSError:
-            continue
-        taken.update(pair)
-        return port
-    raise RuntimeError("no free port pair")
+    some part ignores the explicit gRPC port), neither in ``taken`` (which gets both)."""
+    return ports.free_port(taken, offsets=(0, 10000))
 
 
 @dataclass

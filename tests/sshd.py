@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.ports import free_port
+
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 
 
@@ -46,12 +48,6 @@ class Server:
                 pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def sshd(tmp: Path) -> Iterator[Server]:
     d = tmp / "sshd"
@@ -60,7 +56,7 @@ def sshd(tmp: Path) -> Iterator[Server]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     (d / "authorized_keys").write_bytes((d / "client_key.pub").read_bytes())
     host_pub = (d / "host_key.pub").read_text().split()
-    port = _free_port()
+    port = free_port()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     (d / "sshd_config").write_text(f"""\
 Port {port}

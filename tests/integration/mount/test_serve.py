@@ -17,15 +17,10 @@ import pytest
 from tests.conftest import Cli, needs_root, needs_tools
 from tests.integration.mount.conftest import leftovers, serving
 from tests.loopdev import run
+from tests.ports import free_port
 
 pytestmark = [needs_root(), needs_tools("fusermount3", "qemu-nbd", "qemu-img", "qemu-io"), pytest.mark.root]
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sha(path: Path) -> str:
