@@ -5,6 +5,8 @@ import random
 from concurrent.futures import Future
 from pathlib import Path
 
+import pytest
+
 from deltavault.backup.files.content import PendingContent
 from deltavault.backup.files.pagedigests import MAX_PENDING, PageDigester
 from deltavault.chunking.pages import (
@@ -143,3 +145,27 @@ def test_digests_from_another_read_than_ours_are_dropped() -> None:
     same: Future = Future()
     same.set_result(([b"i" * 32], b"h"))
     assert PendingContent(pages=same, content_hash=b"h").page_ids() == [b"i" * 32]
+
+
+def test_answers_that_do_not_parse_end_the_helper_and_no_file_waits(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something else writes to the helper's stdout (here a site hook, as a library might):
+    the reader thread died on the answer it could not parse, and every file waiting for
+    digests waited forever. Now the helper is ended, the waiting file gets no digests and
+    the next one is digested in this process."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos.write(1, b'hello from a site hook\\n')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    p = tmp_path / "f"
+    data = random.Random(2).randbytes(5 * 4096)
+    p.write_bytes(data)
+    d = PageDigester(KEY)
+    sink = _Segments()
+    try:
+        assert _digest_file(d, p, sink) is None  # before: no answer, ever
+        assert d._broken
+        res = _digest_file(d, p, sink)
+        assert res is not None and sink.joined(res[0]) == _expected(data, len(data))
+    finally:
+        d.close()

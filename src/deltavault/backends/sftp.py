@@ -108,10 +108,12 @@ class SFTPBackend:
             sizes = self._sizes = (fit(read), fit(write))
         return sizes
 
-    def close(self) -> None:
-        """Close the connection; the next call connects again."""
+    def close(self, generation: int | None = None) -> None:
+        """Close the connection; the next call connects again. ``generation``: only if it
+        is still that one: a thread whose channel died with an older connection closed the
+        one another thread had just made, failing that thread's calls in turn."""
         with self._lock:
-            if self._client is not None:
+            if self._client is not None and generation in (None, self._generation):
                 self._client.close()
                 self._client = None
 
@@ -119,6 +121,7 @@ class SFTPBackend:
         """Run ``fn`` on this thread's channel and turn failures into backend errors."""
         pm = paramiko_module()
         sftp = self._sftp()
+        generation = self._local.sftp[0]  # of the connection this channel is on
         try:
             return fn(sftp)
         except BackendError:
@@ -128,15 +131,16 @@ class SFTPBackend:
                 raise ObjectNotFound(f"{what}: not found") from exc
             if exc.errno == errno.EACCES:
                 raise BackendError(f"{what}: permission denied on {self.loc.host}", retryable=False) from exc
-            if exc.errno is None and not isinstance(exc, TimeoutError):
+            if exc.errno is None and not isinstance(exc, TimeoutError) and not _closed(sftp):
                 # paramiko's form of the server's own status ("Failure"): not a network
-                # fault, so not retried.
+                # fault, so not retried. (Its "Socket is closed", for a call in flight on
+                # one thread when another closed the dead connection, is one.)
                 raise BackendError(f"{what}: the sftp server on {self.loc.host} said: {exc}",
                                    retryable=False) from exc
-            self.close()  # a socket error: the next attempt connects again
+            self.close(generation)  # a socket error: the next attempt connects again
             raise BackendError(f"{what}: connection to {self.loc.host} lost: {exc}") from exc
         except (EOFError, pm.SSHException, pm.SFTPError) as exc:
-            self.close()
+            self.close(generation)
             raise BackendError(f"{what}: connection to {self.loc.host} lost: {exc or type(exc).__name__}") from exc
 
     # --- names --------------------------------------------------------------------------
@@ -338,3 +342,10 @@ class SFTPBackend:
             files += 1
             size += attr.st_size or 0
         return files, size
+
+
+def _closed(sftp: paramiko.SFTPClient) -> bool:
+    """Whether the channel ``sftp`` works on, or its connection, is closed."""
+    ch = sftp.get_channel()
+    transport = ch.get_transport() if ch is not None else None
+    return ch is None or ch.closed or transport is None or not transport.is_active()

@@ -36,10 +36,14 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     global _libc
     if length <= 0:
         return True
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, 0, offset, length) == 0:
+    libc = _libc
+    if libc is None:
+        # Published only once whole: restore workers call this at once, and one that saw the
+        # handle before its argtypes were set would pass 64-bit offsets unconverted.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc = libc
+    if libc.fallocate(fd, 0, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in _NO_CLONE:

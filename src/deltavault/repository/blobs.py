@@ -42,6 +42,11 @@ class BlobWriter:
         self._pack_lock = threading.Lock()
         self._builders: dict[str, PackBuilder] = {}
         self._pending_ids: set[bytes] = set()  # sealed into a pack not yet indexed
+        # The uploader is started by the first full pack, which two workers may fill at once:
+        # both started one, each on a queue of its own, and a pack put on the queue nobody
+        # read was never written (tests/unit/test_blobwriter_threads.py). So it is started,
+        # and stopped by flush, under _start_lock; each uploader reads only its own queue.
+        self._start_lock = threading.Lock()
         self._uploader: threading.Thread | None = None
         self._uploads: queue.Queue[PackBuilder | None] = queue.Queue(maxsize=2)
         self._upload_error: BaseException | None = None
@@ -112,16 +117,19 @@ class BlobWriter:
     # Packs are finished and written by one uploader thread, so workers never wait on fsync;
     # the bounded queue keeps at most a few packs waiting (spooled: on disk, not in memory).
     def _queue_upload(self, builder: PackBuilder) -> None:
-        if self._uploader is None:
-            self._uploads = queue.Queue(maxsize=2)
-            self._uploader = threading.Thread(target=self._upload_loop, name="dv-upload", daemon=True)
-            self._uploader.start()
-        self._uploads.put(builder)
+        with self._start_lock:
+            if self._uploader is None:
+                self._uploads = queue.Queue(maxsize=2)
+                self._uploader = threading.Thread(target=self._upload_loop, args=(self._uploads,),
+                                                  name="dv-upload", daemon=True)
+                self._uploader.start()
+            uploads = self._uploads
+        uploads.put(builder)  # outside the lock: it waits while the queue is full
         self._raise_upload_error()
 
-    def _upload_loop(self) -> None:
+    def _upload_loop(self, uploads: queue.Queue[PackBuilder | None]) -> None:
         while True:
-            builder = self._uploads.get()
+            builder = uploads.get()
             try:
                 if builder is None:
                     return
@@ -130,7 +138,7 @@ class BlobWriter:
             except BaseException as exc:
                 self._upload_error = exc
             finally:
-                self._uploads.task_done()
+                uploads.task_done()
 
     def _raise_upload_error(self) -> None:
         if self._upload_error is not None:
@@ -161,12 +169,13 @@ class BlobWriter:
         with self._pack_lock:
             builders = list(self._builders.values())
             self._builders.clear()
-        if self._uploader is not None:
+        with self._start_lock:
+            uploader, uploads, self._uploader = self._uploader, self._uploads, None
+        if uploader is not None:
             # Drain and stop the uploader: the next full pack starts a new one, so no idle
             # thread outlives a run.
-            self._uploads.put(None)
-            self._uploader.join()
-            self._uploader = None
+            uploads.put(None)
+            uploader.join()
             self._raise_upload_error()
         for b in builders:
             if b.entries:

@@ -164,6 +164,9 @@ class Lock:
         self.info = info
         self.lost = False  # our lock file was removed by someone who judged it stale
         self.released = False
+        # The refresher renames the lock file while the run checks it or releases it: _mutex
+        # orders the name's changes with release, never held over a backend call.
+        self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresher, name="lock-refresh", daemon=True)
         self._thread.start()
@@ -179,31 +182,46 @@ class Lock:
         if self.lost or not self.still_held():
             return
         self.info.refreshed = self.mgr.clock()
-        old = self.name
-        self.name = self.mgr._write(self.info)
-        self.mgr.backend.delete(old)
+        new = self.mgr._write(self.info)
+        with self._mutex:
+            old, self.name = self.name, new
+            released = self.released
+        # A release that came while the new file was written deleted the old one only
+        # (tests/unit/test_locks_threads.py): the new one is this refresh's to delete.
+        try:
+            self.mgr.backend.delete(old)
+        except ObjectNotFound:
+            pass
+        finally:
+            if released:
+                self.mgr.backend.delete(new)
 
     def still_held(self) -> bool:
         """False once our lock file is gone: a peer removed it as stale, so an exclusive
         holder may have run since. Not re-created: work under it is no longer safe."""
-        if self.lost:
-            return False
-        try:
-            self.mgr.backend.stat(self.name)
-        except ObjectNotFound:
-            self.lost = True
-        except BackendError:
-            return True  # cannot tell; the next refresh or check asks again
-        return not self.lost
+        while not self.lost:
+            name = self.name
+            try:
+                self.mgr.backend.stat(name)
+                return True
+            except ObjectNotFound:
+                if self.name != name:
+                    continue  # renamed by a refresh meanwhile, the old file deleted: ask again
+                self.lost = True
+            except BackendError:
+                return True  # cannot tell; the next refresh or check asks again
+        return False
 
     def release(self) -> None:
-        if self.released:
-            return
-        self.released = True
+        with self._mutex:
+            if self.released:
+                return
+            self.released = True
+            name = self.name
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self.mgr.backend.delete(self.name)
+            self.mgr.backend.delete(name)
         except BackendError:
             pass
 

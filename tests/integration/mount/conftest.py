@@ -28,13 +28,13 @@ class Daemon:
     """A long-running deltavault command, waited for until it prints a line of ``ready``."""
 
     def __init__(self, cli: Cli, args: list[str], ready: str, timeout: float = 60,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, cwd: Path | None = None) -> None:
         # A long log (--debug-fuse) goes to a file: a full pipe would stop the daemon.
         self.log = log
         with ExitStack() as files:
             err = subprocess.PIPE if log is None else files.enter_context(open(log, "w"))
             self.proc = subprocess.Popen([sys.executable, "-m", "deltavault", "--json", *args], env=cli.env,
-                                         stdout=subprocess.PIPE, stderr=err, text=True)
+                                         stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd)
         self.lines: list[dict] = []
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
@@ -79,11 +79,11 @@ class Daemon:
 
 
 @contextmanager
-def mounted(cli: Cli, mnt: Path, *args: str, log: Path | None = None) -> Iterator[Path]:
-    """``deltavault mount MNT ARGS`` running; unmounted and stopped whatever happens. Its
-    stderr goes to ``log`` if given."""
+def mounted(cli: Cli, mnt: Path, *args: str, log: Path | None = None, cwd: Path | None = None) -> Iterator[Path]:
+    """``deltavault mount MNT ARGS`` running (in ``cwd`` if given); unmounted and stopped
+    whatever happens. Its stderr goes to ``log`` if given."""
     mnt.mkdir(exist_ok=True)
-    d = Daemon(cli, ["mount", str(mnt), *args], "mounted", log=log)
+    d = Daemon(cli, ["mount", str(mnt), *args], "mounted", log=log, cwd=cwd)
     try:
         yield mnt
     finally:

@@ -349,3 +349,18 @@ def test_the_foreground_mount_says_how_to_leave(cli: Cli, tmp_path: Path) -> Non
             proc.kill()
         if _mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_repository_named_by_a_relative_path_reads_through_the_mount(cli: Cli, tmp_path: Path) -> None:
+    """libfuse changes the process's directory to / as it mounts, for every thread: the
+    index, read on first use, was then looked for under /, and every file read failed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"hello\n")
+    assert cli("init").returncode == 0
+    assert cli("backup", str(src)).returncode == 0
+    relative = Cli(cli.repo, cli.cache, cli.password_file,
+                   {**cli.env, "DELTAVAULT_REPOSITORY": os.path.relpath(cli.repo, tmp_path)})
+    with mounted(relative, tmp_path / "mnt", cwd=tmp_path) as mnt:
+        [got] = _snapshot_dir(mnt).rglob("a.txt")
+        assert got.read_bytes() == b"hello\n"

@@ -177,8 +177,26 @@ class PageDigester:
         self._reader.start()
 
     def _read_answers(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        while (got := read_frame(self._proc.stdout)) is not None:
+        proc = self._proc  # close() may clear _proc meanwhile
+        assert proc is not None
+        try:
+            self._read_loop(proc)
+        except BaseException:
+            # Answers that do not parse (something else wrote to the helper's stdout: a site
+            # hook, a library): none after them can be trusted. Before, this thread died here
+            # and every file waiting for digests waited forever (test_pagedigests.py).
+            proc.kill()
+        finally:
+            with self._lock:  # the helper is gone: whoever still waits gets no digests
+                self._broken = True
+                waiting, self._waiting = self._waiting, {}
+            for req in waiting.values():
+                req.fut.set_result(None)
+                self._slots.release()
+
+    def _read_loop(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        while (got := read_frame(proc.stdout)) is not None:
             rid, index, value = got[0]
             with self._lock:
                 req = self._waiting.get(rid)
@@ -191,12 +209,6 @@ class PageDigester:
                 self._waiting.pop(rid, None)
             ok = value is not None and not req.failed
             req.fut.set_result((req.ids, value) if ok else None)
-            self._slots.release()
-        with self._lock:  # the helper is gone: whoever still waits gets no digests
-            self._broken = True
-            waiting, self._waiting = self._waiting, {}
-        for req in waiting.values():
-            req.fut.set_result(None)
             self._slots.release()
 
     @staticmethod

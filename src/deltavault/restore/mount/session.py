@@ -110,8 +110,13 @@ def _mount(ns: Namespace, mount_point: str, opts: MountOptions, on_ready: Callab
     from deltavault.restore.mount.fuseops import Fuse, MountOps
 
     mounted = threading.Event()
+    # fuse_main changes the process's directory to / before it serves (in the foreground
+    # too), for every thread: a repository given by a relative path was then looked for under
+    # / and every file read failed (test_mount_files.py). Put back in init, before any request.
+    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def ready() -> None:
+        os.fchdir(cwd)
         # init runs before libfuse has answered the kernel's INIT: the mount is not usable
         # (nor can it be unmounted) until then, so the caller hears of it from a thread that
         # waits for the first answer from the mount itself (a stat of its root).
@@ -127,6 +132,8 @@ def _mount(ns: Namespace, mount_point: str, opts: MountOptions, on_ready: Callab
         # Anything else: it never mounted, and libfuse said why on stderr.
         if not (mounted.is_set() and str(exc) == "8"):
             raise TargetError(f"cannot mount at {mount_point} (libfuse error {exc})") from None
+    finally:
+        os.close(cwd)
 
 
 def _announce(mount_point: str, on_ready: Callable[[], None]) -> None:

@@ -52,7 +52,9 @@ class Files:
             raise
         self._jobs.append(fut)
         if len(self._jobs) > 4096:
-            self._jobs = [j for j in self._jobs if not j.done()]
+            # A failed job is kept for wait() to raise: dropped with the finished ones, its
+            # error (anything _job does not report itself) was never seen and the run passed.
+            self._jobs = [j for j in self._jobs if not j.done() or (not j.cancelled() and j.exception() is not None)]
 
     def wait(self) -> None:
         for fut in self._jobs:

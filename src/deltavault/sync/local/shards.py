@@ -134,6 +134,8 @@ class ShardPool:
             for p in self._procs:
                 p.start()
         self._alive = n
+        self._gone: set[int] = set()  # workers whose end the collector has counted, by pid
+        self._failed: BaseException | None = None  # the first error of a callback
         self._collector = threading.Thread(target=self._collect, name="dv-sync-collect", daemon=True)
         self._collector.start()
 
@@ -154,16 +156,29 @@ class ShardPool:
             elif msg[0] == "p":
                 self.reporter.problem(msg[1], msg[2], msg[3])
             elif msg[0] == "r":
-                self._callbacks.pop(msg[1])(msg[2])
-            else:
+                try:
+                    self._callbacks.pop(msg[1])(msg[2])
+                except BaseException as exc:
+                    # Raised by close. The queue is still read to the end: unread, it fills
+                    # and the workers block on it; and before, the error was lost.
+                    self._failed = self._failed or exc
+            elif msg[1] not in self._gone:  # a worker's end, said by it or for it (close)
+                self._gone.add(msg[1])
                 self._alive -= 1
 
     def close(self) -> None:
         """Wait for every subtree handed out (after a cancel, workers skip what is left)."""
         for _ in self._procs:
             self.tasks.put(None)
+        mourned: set[int] = set()
         while self._collector.is_alive():
             self._collector.join(0.2)  # a timed wait stays interruptible
+            # A worker killed (the OOM killer) never says it ended, and the collector waited
+            # for it forever: the sync hung (test_shards_threads.py). Said for it here.
+            for p in self._procs:
+                if p.exitcode not in (None, 0) and p.pid is not None and p.pid not in mourned:
+                    mourned.add(p.pid)
+                    self.out.put(("x", p.pid))
         for p in self._procs:
             p.join()
         # Lost with a worker that died, or never started after a cancel. A callback may
@@ -171,6 +186,9 @@ class ShardPool:
         while self._callbacks:
             _tid, done = self._callbacks.popitem()
             done(None)
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
 
 
 def shard_depth(sfd: int, workers: int, excluded: Any, max_depth: int = 4) -> int | None:
