@@ -110,7 +110,8 @@ def check_packs(store: IndexStore) -> PackCheck:
         size = listed.get(pid)
         if size is None:
             out.missing.append(pid)
-            limits[pid] = 0
+            if end:  # none of its blobs left in the index (stored again before): nothing to drop
+                limits[pid] = 0
         elif size < end:
             out.truncated.append(pid)
             limits[pid] = size
