@@ -104,3 +104,14 @@ def test_drop_keeps_positions_and_the_other_records() -> None:
     assert [e.id in idx for e in eb] == [True] * 25 + [False] * 25
     assert all(idx.position(e.id) == before[e.id] for e in eb[:25])
     assert idx.pack_ends() == {a: 0, b: 2500}
+
+
+def test_drop_of_many_packs_at_once() -> None:
+    # More packs than are searched for one by one: every record is looked at instead.
+    idx = Index()
+    packs = [os.urandom(32) for _ in range(12)]
+    entries = {p: [PackEntry(BlobType.DATA, os.urandom(32), i * 10, 10, 10) for i in range(30)] for p in packs}
+    for p in packs:
+        idx.add_pack(p, entries[p])
+    assert idx.drop({p: 0 for p in packs[:10]}) == 300
+    assert [sum(e.id in idx for e in entries[p]) for p in packs] == [0] * 10 + [30, 30]
