@@ -22,7 +22,8 @@ from deltavault.backends.local import LocalBackend
 from deltavault.errors import DeltavaultError
 from deltavault.objects.trees import decode_tree
 from deltavault.repository.envelope import Envelope
-from deltavault.repository.index import INDEX_AAD, Index, decode_index
+from deltavault.repository.index import Index
+from deltavault.repository.indexfile import INDEX_AAD, decode_index
 from deltavault.repository.keys import MasterKey, make_key_file, parse_key_file, unwrap
 from deltavault.repository.pack import (
     HEADER_AAD,

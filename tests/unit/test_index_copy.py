@@ -367,7 +367,7 @@ def test_a_copy_of_the_old_format_is_rebuilt_not_an_error(make_repo: Factory, tm
     reopened = open_repo(tmp_path, cache_root)
     assert not reopened.indexes.from_copy and decoded and state(reopened.index) == want
     rewritten = path.read_bytes()
-    assert int.from_bytes(rewritten[8:12], "little") == indexcache.FORMAT_VERSION == 2
+    assert int.from_bytes(rewritten[8:12], "little") == indexcache.FORMAT_VERSION == 3
     assert copy_head(rewritten)[0].buckets == reopened.index.buckets
     decoded.clear()
     again = open_repo(tmp_path, cache_root)

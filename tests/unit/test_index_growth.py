@@ -17,16 +17,8 @@ import pytest
 from deltavault.backends.local import LocalBackend
 from deltavault.model.types import BlobType
 from deltavault.repository import index as index_mod
-from deltavault.repository.index import (
-    BlobLocation,
-    Index,
-    IndexFile,
-    IndexPack,
-    bits_for,
-    decode_index_head,
-    encode_index,
-    valid_bucket_count,
-)
+from deltavault.repository.index import BlobLocation, Index, bits_for, valid_bucket_count
+from deltavault.repository.indexfile import IndexFile, IndexPack, decode_index_head, encode_index
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD
@@ -251,8 +243,8 @@ def test_an_index_files_head_counts_its_entries_without_decoding_them() -> None:
              (packs_of(rnd, 1, k)[0] for k in (0, 15, 16, 70_000))]
     sup = [rnd.randbytes(32)]
     raw = encode_index(IndexFile(packs=packs, supersedes=sup))
-    assert decode_index_head(raw, "index/x") == (sup, 70_031)
-    assert decode_index_head(encode_index(IndexFile(packs=[])), "index/y") == ([], 0)
+    assert decode_index_head(raw, "index/x") == (sup, 70_031, [])
+    assert decode_index_head(encode_index(IndexFile(packs=[])), "index/y") == ([], 0, [])
 
 
 def test_a_load_sizes_the_table_once_and_never_grows_it(make_repo: Factory, tmp_path: Path,

@@ -9,7 +9,7 @@ from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.backup.files.stdin import StdinRequest, run_stdin_backup
 from deltavault.cli.backup_inputs import add_input_options, apply_input_options, input_paths
-from deltavault.cli.common import Context, human, parse_size
+from deltavault.cli.common import Context, human, pack_summary, parse_size
 from deltavault.cli.volume_backup import add_volume_options, buffer_memory, run_volume_backup
 from deltavault.errors import ExitCode, UsageError
 from deltavault.fs.paths import display, exact
@@ -119,6 +119,7 @@ def report(ctx: Context, r: BackupResult) -> None:
            "files_reread": st.files_reread, "dirs": st.dirs, "bytes_read": st.bytes_read,
            "bytes_total": st.bytes_total, "bytes_added": r.bytes_added, "bytes_downloaded": r.bytes_downloaded,
            "seconds": round(r.seconds, 3), "errors": len(problems), "dry_run": r.dry_run, "skipped": r.skipped,
+           **pack_summary(r.packs),
            **({"source_snapshots": r.snapshots} if r.snapshots else {}),
            "problems": [{"path": p.path, "kind": p.kind, "message": p.message, "partial": p.partial}
                         for p in r.problems]}
@@ -143,7 +144,7 @@ def report(ctx: Context, r: BackupResult) -> None:
     for s in r.snapshots:
         lines.append(f"source:     {s['path']} read from a {s['kind']} snapshot"
                      + (f" ({s['snapshot']})" if s["snapshot"] else "") + (f"; {s['note']}" if s["note"] else ""))
-    lines += [f"warning:    {p.message}" for p in r.problems if p.kind == "catalog"]
+    lines += [f"warning:    {p.message}" for p in r.problems if p.kind in ("catalog", "repository")]
     if problems:
         lines.append(f"{len(problems)} file(s) could not be saved completely:")
         lines += [f"  {p.kind}: {p.path}: {p.message}" for p in problems]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltavault.cli.common import Context, human, read_secret
+from deltavault.cli.common import Context, human, pack_summary, read_secret
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import ExitCode, UsageError, WrongPassword
 from deltavault.maintenance.copy import Copier, describe
@@ -45,6 +45,8 @@ def run(ctx: Context) -> int:
     with ctx.read_lock(src, "copy (source)"), dst.lock(command="copy", wait=a.lock_wait):
         snaps = filtered(src, a, a.snapshots)
         copier = Copier(src, dst, ctx.reporter())
+        if copier.packs.warning():
+            ctx.warn(copier.packs.warning("copy"))
         reporter = copier.reporter
         reporter.start("copy")
         try:
@@ -64,5 +66,5 @@ def run(ctx: Context) -> int:
         ctx.emit({"type": "copy", "snapshot": sid, "copy": None, "action": "refused", "reason": why})
     ctx.emit({"type": "copy_summary", "copied": len(st.copied), "skipped": len(st.skipped),
               "refused": len(st.refused), "blobs_read": st.blobs_read, "bytes_read": st.bytes_read,
-              "blobs_new": st.blobs_new}, describe(st) + f"; {human(st.bytes_read)} read from the source")
+              "blobs_new": st.blobs_new, **pack_summary(copier.packs)}, describe(st) + f"; {human(st.bytes_read)} read from the source")
     return int(ExitCode.PARTIAL) if st.refused else 0

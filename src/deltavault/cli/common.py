@@ -25,6 +25,7 @@ from deltavault.errors import BackendError, UsageError
 from deltavault.model.snapshot import Snapshot
 from deltavault.platform import release_free_memory
 from deltavault.progress import Reporter
+from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
 
@@ -228,6 +229,13 @@ def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:
         raise UsageError(f"the {what} is empty; refusing it (use --insecure-no-password to encrypt with "
                          "an empty password on purpose)")
     return pw
+
+
+def pack_summary(pc: PackCheck) -> dict[str, int]:
+    """A run's account, in its JSON summary, of the packs it found missing or cut short at
+    its start and the index entries it dropped for them (repository/packcheck.py)."""
+    return {"packs_missing": len(pc.missing), "packs_truncated": len(pc.truncated),
+            "index_entries_dropped": pc.dropped}
 
 
 def _json_default(o: object) -> object:

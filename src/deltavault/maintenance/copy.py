@@ -79,9 +79,13 @@ class Copier:
                                    else b"unencrypted " + src.config.id.encode()).digest()
         self._path = dst.cache_dir / "copy" / src.config.id if dst.cache_dir is not None else None
         self.ids, trusted_files = self._load_map()
-        # No index file gone since the map was written: nothing was removed, so a mapped
-        # tree still has everything below it.
-        self._trees_trusted = bool(trusted_files) and trusted_files <= dst.live_index_files()
+        # The target's blobs in packs gone from it count as absent: copied again, not
+        # deduplicated against (repository/packcheck.py).
+        self.packs = dst.check_packs()
+        # No index file gone since the map was written, and no blob dropped for a missing
+        # pack: nothing was removed, so a mapped tree still has everything below it.
+        self._trees_trusted = (not self.packs.dropped and bool(trusted_files)
+                               and trusted_files <= dst.live_index_files())
         existing = dst.list_snapshots()
         self._copies = {s.original: sid for sid, s in existing if s.original}
         self._now: set[bytes] = set()  # trees this run stored

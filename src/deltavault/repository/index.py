@@ -1,8 +1,7 @@
-"""Blob index: blob id -> (pack, offset, length, type).
+"""The in-memory blob index: blob id -> (pack, offset, length, type).
 
-Index files are sealed msgpack documents under ``index/``; a file may supersede others
-(compaction by prune or repair). In memory, each blob is one fixed-size record in a
-bucketed byte array, to keep a large repository's index small.
+Each blob is one fixed-size record in a bucketed byte array, to keep a large repository's
+index small. The files it is built from are indexfile.py's.
 """
 
 from __future__ import annotations
@@ -11,143 +10,9 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
 
-import msgspec
-
-from deltavault.errors import FormatError, Undecodable, UnsupportedVersion
-from deltavault.framing import decode_msgpack
 from deltavault.model.types import ID_LEN, BlobType
 from deltavault.repository.pack import PackEntry
-
-INDEX_VERSION = 1
-INDEX_AAD = b"index"
-
-
-class IndexPack(msgspec.Struct, array_like=True):
-    id: bytes
-    blobs: list[PackEntry]
-
-
-class IndexFile(msgspec.Struct, omit_defaults=True):
-    packs: list[IndexPack]
-    supersedes: list[bytes] = []
-    v: int = INDEX_VERSION
-
-
-def encode_index(f: IndexFile) -> bytes:
-    return msgspec.msgpack.encode(f)
-
-
-class _PackSize(msgspec.Struct, array_like=True):
-    id: msgspec.Raw
-    blobs: msgspec.Raw  # left encoded: only its array header is read (_array_length)
-
-
-class _IndexHead(msgspec.Struct):
-    packs: list[_PackSize] = []
-    supersedes: list[bytes] = []
-    v: int = INDEX_VERSION
-
-
-def _array_length(raw: msgspec.Raw) -> int:
-    """The element count in a msgpack array's header (0 for anything else)."""
-    with memoryview(raw) as m:
-        if len(m) >= 1 and 0x90 <= m[0] <= 0x9F:
-            return m[0] & 0x0F
-        if len(m) >= 3 and m[0] == 0xDC:
-            return int.from_bytes(m[1:3], "big")
-        if len(m) >= 5 and m[0] == 0xDD:
-            return int.from_bytes(m[1:5], "big")
-    return 0
-
-
-class _LazyIndexFile(msgspec.Struct):
-    packs: list[msgspec.Raw]
-    supersedes: list[bytes] = []
-    v: int = INDEX_VERSION
-
-
-_Doc = TypeVar("_Doc", IndexFile, _IndexHead, _LazyIndexFile)
-
-
-def _decode(raw: bytes, kind: type[_Doc], name: str) -> _Doc:
-    """An index file as ``kind`` (the whole file or only its head), of this build's version."""
-    try:
-        doc = decode_msgpack(raw, kind)
-    except Undecodable as exc:
-        raise FormatError(f"index {name} does not parse: {exc}") from exc
-    if doc.v != INDEX_VERSION:
-        raise UnsupportedVersion(f"index {name} has version {doc.v}; this build reads {INDEX_VERSION}")
-    return doc
-
-
-def _checked(p: IndexPack, name: str) -> IndexPack:
-    if len(p.id) != ID_LEN:
-        raise FormatError(f"index {name}: bad pack id")
-    for b in p.blobs:
-        if (len(b.id) != ID_LEN or not 0 <= b.offset < 1 << 40 or not 0 < b.length < 1 << 32
-                or not 0 <= b.raw_length < 1 << 32 or b.type not in BlobType._value2member_map_):
-            raise FormatError(f"index {name}: bad blob entry")
-    return p
-
-
-def decode_index(raw: bytes, name: str) -> IndexFile:
-    f = _decode(raw, IndexFile, name)
-    for p in f.packs:
-        _checked(p, name)
-    return f
-
-
-# The checks of _checked, as constraints msgspec applies while it decodes (in C: the
-# Python loop took a quarter of loading a 1M-blob index).
-_Id = Annotated[bytes, msgspec.Meta(min_length=ID_LEN, max_length=ID_LEN)]
-
-
-class _CheckedEntry(msgspec.Struct, array_like=True):
-    type: BlobType
-    id: _Id
-    offset: Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]
-    length: Annotated[int, msgspec.Meta(gt=0, lt=1 << 32)]
-    raw_length: Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
-
-
-class _CheckedPack(msgspec.Struct, array_like=True):
-    id: _Id
-    blobs: list[_CheckedEntry]
-
-
-def check_index(raw: bytes, name: str) -> list[msgspec.Raw]:
-    """An index file's packs, each still encoded: the whole file is parsed and every entry
-    checked, as ``decode_index`` does, but only one pack's entries exist as objects at a
-    time (``decode_index_pack``). A 1M-blob index decoded whole took 230 bytes a blob for
-    the moment it was added (the index itself keeps 61)."""
-    packs = _decode(raw, _LazyIndexFile, name).packs
-    for p in packs:  # all or nothing: nothing is added from a bad file
-        try:
-            decode_msgpack(p, _CheckedPack)
-        except Undecodable as exc:
-            raise FormatError(f"index {name}: bad pack or blob entry ({exc})") from exc
-    return packs
-
-
-def decode_index_pack(raw: msgspec.Raw, name: str, *, checked: bool = False) -> IndexPack:
-    """One pack of an index file; ``checked``: ``check_index`` has checked it already."""
-    try:
-        p = decode_msgpack(raw, IndexPack)
-    except Undecodable as exc:
-        raise FormatError(f"index {name} does not parse: {exc}") from exc
-    return p if checked else _checked(p, name)
-
-
-def decode_index_head(raw: bytes, name: str) -> tuple[list[bytes], int]:
-    """The ids an index file supersedes and how many blob entries it holds, read from each
-    pack's array header: its entries are skipped without being built (the count sizes the
-    in-memory index before they are added; ``check_index`` checks them)."""
-    head = _decode(raw, _IndexHead, name)
-    # Each count is of an array msgspec has just walked whole, so it is at most its bytes:
-    # a file cannot make the table sized for more blobs than it has bytes.
-    return head.supersedes, sum(_array_length(p.blobs) for p in head.packs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +36,7 @@ MIN_BITS, MAX_BITS = 10, 28  # 1,024 buckets at least; 2^28 at most (positions a
 SIZE_AT = 48  # a table sized for N records has at least N / SIZE_AT buckets ...
 GROW_AT = 96  # ... and is rebuilt, 4x larger, when it holds more than GROW_AT a bucket
 RECORD_FORMAT, RECORD_SIZE = _REC.format, _RS  # for indexcache.py
+_ENDS = struct.Struct("<32xIQI9x")  # a record's pack number, offset and length only
 
 _Table = tuple[int, list[bytearray | None]]  # (shift: 32 - bits, buckets)
 
@@ -187,6 +53,16 @@ def valid_bucket_count(count: int) -> bool:
     return count & (count - 1) == 0 and 1 << MIN_BITS <= count <= 1 << MAX_BITS
 
 
+def _holds(bucket: bytearray, pack_no: bytes) -> bool:
+    """Whether a record of ``bucket`` has the pack number ``pack_no`` (4 bytes, LE)."""
+    pos = bucket.find(pack_no, 32)
+    while pos >= 0:
+        if pos % _RS == 32:
+            return True
+        pos = bucket.find(pack_no, pos + 1)
+    return False
+
+
 class Index:
     """Thread-safe for concurrent lookups and adds. Each blob also gets a dense position
     (0..len-1, in insertion order) so callers can keep per-blob marks in a bitmap.
@@ -201,6 +77,9 @@ class Index:
     def __init__(self, expected: int = 0) -> None:
         self._packs: list[bytes] = []
         self._pack_no: dict[bytes, int] = {}
+        # Per pack number, the end of its furthest blob in the index: a pack listed shorter
+        # is truncated (``drop``). None: not known yet (read from an old local copy).
+        self._ends: list[int] | None = []
         self.size_at, self.grow_at = SIZE_AT, GROW_AT
         self._set_table(bits_for(expected, self.size_at), [])
         self._n = 0
@@ -257,9 +136,12 @@ class Index:
             if no is None:
                 no = self._pack_no[pack_id] = len(self._packs)
                 self._packs.append(pack_id)
+                if self._ends is not None:
+                    self._ends.append(0)
             # _find inlined: this loop runs once per blob when a repository opens (1M blobs:
             # a quarter of a no-change backup's time, profiled).
             (shift, buckets), limit, pack, n = self._table, self._limit, _REC.pack, self._n
+            top = 0
             for e in entries:
                 bid = e.id
                 k = int.from_bytes(bid[:4], "big") >> shift
@@ -273,12 +155,16 @@ class Index:
                     if pos >= 0:
                         continue  # a duplicate copy in another pack: keep the first
                 b += pack(bid, no, e.offset, e.length, e.raw_length, e.type, n)
+                if e.offset + e.length > top:
+                    top = e.offset + e.length
                 n += 1
                 if n > limit:
                     self._n = n
                     self._grow(bits_for(n, self.size_at))
                     (shift, buckets), limit = self._table, self._limit
             self._n = n
+            if self._ends is not None and top > self._ends[no]:
+                self._ends[no] = top
 
     def reserve(self, records: int) -> None:
         """Size the table for ``records`` in all, ahead of adding them (a load knows how many
@@ -348,21 +234,67 @@ class Index:
     def packs(self) -> list[bytes]:
         return list(self._packs)
 
-    def export_state(self) -> tuple[list[bytes], list[bytearray | None], int]:
-        """(pack ids, buckets, blob count) as they are, not copied, for the local copy of the
-        built index (indexcache.py); the bucket count is the list's length. The buckets are
-        this index's own: the caller writes them out while nothing adds to the index."""
+    def pack_ends(self) -> dict[bytes, int]:
+        """Each pack's size as far as its blobs in the index go (the end of the furthest one)."""
         with self._lock:
-            return list(self._packs), list(self._table[1]), self._n
+            if self._ends is None:  # one pass over the records (not kept in an old copy)
+                ends = [0] * len(self._packs)
+                for b in self._table[1]:
+                    for no, off, ln in _ENDS.iter_unpack(b or b""):
+                        ends[no] = max(ends[no], off + ln)
+                self._ends = ends
+            return dict(zip(self._packs, self._ends, strict=True))
+
+    def drop(self, limits: dict[bytes, int]) -> int:
+        """Forget every blob of a pack in ``limits`` whose bytes do not all lie below its
+        limit (0: the pack is gone; a size: it was cut short), so the blob counts as absent
+        and is stored again. Returns how many were dropped. Positions and the count stay as
+        they were (positions of the rest do not move); a bucket is replaced whole, so a
+        lookup meanwhile sees it before or after."""
+        nos = {self._pack_no[p]: lim for p, lim in limits.items() if p in self._pack_no}
+        if not nos:
+            return 0
+        dropped = 0
+        # A few packs: their numbers are searched for in each bucket (bytes.find, in C), and
+        # only the buckets holding one are rebuilt (1M blobs, one pack of 3,334: 1.3 s -> 0.33 s).
+        needles = [no.to_bytes(4, "little") for no in nos] if len(nos) <= 8 else []
+        with self._lock:
+            buckets = self._table[1]
+            for k, b in enumerate(buckets):
+                if b is None or (needles and not any(_holds(b, n) for n in needles)):
+                    continue
+                keep = [b[at:at + _RS] for at, (no, off, ln) in zip(range(0, len(b), _RS), _ENDS.iter_unpack(b),
+                                                                     strict=True)
+                        if no not in nos or off + ln <= nos[no]]
+                if len(keep) * _RS != len(b):
+                    dropped += len(b) // _RS - len(keep)
+                    buckets[k] = bytearray().join(keep) if keep else None
+            if self._ends is not None:
+                for no, lim in nos.items():
+                    self._ends[no] = min(self._ends[no], lim)
+        return dropped
+
+    def export_state(self) -> tuple[list[bytes], list[bytearray | None], int, list[int]]:
+        """(pack ids, buckets, blob count, pack ends) as they are, not copied, for the local
+        copy of the built index (indexcache.py); the bucket count is the list's length. The
+        buckets are this index's own: the caller writes them out while nothing adds to the
+        index."""
+        ends = list(self.pack_ends().values())
+        with self._lock:
+            return list(self._packs), list(self._table[1]), self._n, ends
 
     @classmethod
-    def from_state(cls, packs: list[bytes], buckets: list[bytearray | None], n: int) -> Index:
+    def from_state(cls, packs: list[bytes], buckets: list[bytearray | None], n: int,
+                   ends: list[int] | None = None) -> Index:
         """The index ``export_state`` gave, read back (indexcache.py has authenticated it)."""
         if not valid_bucket_count(len(buckets)):
             raise ValueError(f"an index cannot have {len(buckets)} buckets")
+        if ends is not None and len(ends) != len(packs):
+            raise ValueError("one end for each pack")
         idx = cls()
         idx._packs = packs
         idx._pack_no = {p: no for no, p in enumerate(packs)}
+        idx._ends = ends
         idx._set_table(len(buckets).bit_length() - 1, buckets)
         idx._n = n
         return idx

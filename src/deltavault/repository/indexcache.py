@@ -37,7 +37,9 @@ from deltavault.model.types import ID_LEN
 from deltavault.repository.index import RECORD_FORMAT, RECORD_SIZE, Index, valid_bucket_count
 
 FILE_NAME = "index.built"
-FORMAT_VERSION = 2  # 2: the bucket count in the head (1 had 65,536 buckets always)
+# 2: the bucket count in the head (1 had 65,536 buckets always); 3: each pack's end, so a
+# backup sees a truncated pack without a pass over the records (indexstore.check_packs)
+FORMAT_VERSION = 3
 MAGIC = b"DVINDEXC"
 _PREFIX = len(MAGIC) + 8  # magic | version u32 LE | head length u32 LE
 _MAC = 32
@@ -76,7 +78,7 @@ class IndexCopy:
     def write(self, index: Index, listed: list[str], loaded: set[str], superseded: set[str]) -> bool:
         """Write the copy atomically (best effort, as every cache write). Call it while nothing
         adds to ``index``: its buckets are written as they are, not copied."""
-        packs, buckets, n = index.export_state()
+        packs, buckets, n, ends = index.export_state()
         head = msgspec.msgpack.encode(_Head(self.repo_id, RECORD_FORMAT, sorted(listed), sorted(loaded),
                                             sorted(superseded), len(packs), n, len(buckets)))
         lengths = array("I", (len(b) if b is not None else 0 for b in buckets))
@@ -85,6 +87,10 @@ class IndexCopy:
         prefix = MAGIC + FORMAT_VERSION.to_bytes(4, "little") + len(head).to_bytes(4, "little")
         parts: list[bytes | bytearray | memoryview] = [prefix, head, b"".join(packs), lengths.tobytes()]
         parts += [b for b in buckets if b]
+        ends_arr = array("Q", ends)
+        if sys.byteorder == "big":
+            ends_arr.byteswap()
+        parts.append(ends_arr.tobytes())
         mac = blake3.blake3(key=self.key)
         for p in parts:
             mac.update(p)
@@ -146,7 +152,7 @@ class IndexCopy:
         # allocated: a damaged length cannot make this allocate more than the file holds.
         if not valid_bucket_count(head.buckets):
             return None
-        fixed = _PREFIX + head_len + head.packs * ID_LEN + 4 * head.buckets + _MAC
+        fixed = _PREFIX + head_len + head.packs * (ID_LEN + 8) + 4 * head.buckets + _MAC
         if head.packs < 0 or head.blobs < 0 or fixed > size:
             return None
         raw_packs = take(head.packs * ID_LEN)
@@ -158,10 +164,14 @@ class IndexCopy:
                 or any(n % RECORD_SIZE for n in lengths):
             return None
         buckets = self._read_buckets(f, lengths, mac)
+        ends = array("Q")
+        ends.frombytes(take(8 * head.packs))
+        if sys.byteorder == "big":
+            ends.byteswap()
         if not hmac.compare_digest(f.read(_MAC), mac.digest()):
             return None
         packs = [raw_packs[i:i + ID_LEN] for i in range(0, len(raw_packs), ID_LEN)]
-        return Built(Index.from_state(packs, buckets, head.blobs), head.listed, set(head.loaded),
+        return Built(Index.from_state(packs, buckets, head.blobs, ends.tolist()), head.listed, set(head.loaded),
                      set(head.superseded))
 
     @staticmethod

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import blake3
 
 from deltavault.backends.base import Backend
-from deltavault.errors import CorruptionError, FormatError, ObjectNotFound, UnsupportedVersion
-from deltavault.model.types import ID_LEN
+from deltavault.errors import CorruptionError, UnsupportedVersion
 from deltavault.repository.cache import ObjectCache
 from deltavault.repository.envelope import Envelope
-from deltavault.repository.index import (
+from deltavault.repository.index import Index
+from deltavault.repository.indexcache import IndexCopy
+from deltavault.repository.indexfile import (
     INDEX_AAD,
-    Index,
     IndexFile,
     IndexPack,
     check_index,
@@ -32,15 +32,7 @@ from deltavault.repository.index import (
     decode_index_pack,
     encode_index,
 )
-from deltavault.repository.indexcache import IndexCopy
-from deltavault.repository.pack import (
-    MAGIC,
-    PackEntry,
-    pack_name,
-    parse_header,
-    parse_tail,
-    tail_size,
-)
+from deltavault.repository.pack import PackEntry
 
 # How many freshly written packs may wait before an index file names them.
 INDEX_EVERY_PACKS = 32
@@ -100,6 +92,10 @@ class IndexStore:
         self.unindexed: PackList = []  # written by this process, named by no index file yet
         self._loaded: set[str] = set()
         self._superseded: set[str] = set()
+        # Packs a backup found missing (check_packs), named as gone in every index file
+        # this process writes, so a load prefers the copies it stores again (indexfile.py).
+        self.gone: set[bytes] = set()
+        self._limits: dict[bytes, int] = {}  # their sizes (0: gone), applied after every load
 
     @property
     def index(self) -> Index:
@@ -204,25 +200,30 @@ class IndexStore:
         if names is None:
             names = self.names()
         self._listed = set(names)
-        heads: dict[str, tuple[list[bytes], int, bytes | None]] = {}
+        heads: dict[str, tuple[list[bytes], int, bytes | None, list[bytes]]] = {}
         for name in names:
             if name in self._loaded or name in self._superseded:
                 continue
             try:
                 raw = self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name)
-                sup, blobs = decode_index_head(raw, name)
-                heads[name] = (sup, blobs, raw if len(raw) < KEEP_DECODED_BELOW else None)
+                sup, blobs, marks = decode_index_head(raw, name)
+                heads[name] = (sup, blobs, raw if len(raw) < KEEP_DECODED_BELOW else None, marks)
             except (CorruptionError, UnsupportedVersion) as exc:
                 if not tolerant:
                     raise
                 if name not in {n for n, _m in self.errors}:  # a reload meets it again
                     self.errors.append((name, str(exc)))
-        superseded = {f"index/{s.hex()}" for sup, _n, _raw in heads.values() for s in sup}
+        superseded = {f"index/{s.hex()}" for sup, _n, _raw, _g in heads.values() for s in sup}
         self._superseded |= superseded
+        # A pack some file names as gone is added last: a blob also stored elsewhere (a
+        # backup stored it again when it found the pack missing) is found there, the first
+        # copy being the one kept. Its other blobs stay: a gone mark never loses one.
+        gone = {p for name, (_s, _n, _r, marks) in heads.items() if name not in superseded for p in marks}
+        later: list[IndexPack] = []
         # The table sized for all of them at once, not grown step by step as they are added.
-        adding = sum(n for name, (_s, n, _r) in heads.items() if name not in superseded)
+        adding = sum(n for name, (_s, n, _r, _g) in heads.items() if name not in superseded)
         self._index.reserve(len(self._index) + adding)
-        for name, (_sup, _n, kept) in heads.items():
+        for name, (_sup, _n, kept, _g) in heads.items():
             if name in superseded:
                 continue
             try:
@@ -235,9 +236,16 @@ class IndexStore:
                 continue
             for encoded in packs:
                 p = decode_index_pack(encoded, name, checked=True)
-                self._index.add_pack(p.id, p.blobs)
+                if p.id in gone:
+                    later.append(p)
+                else:
+                    self._index.add_pack(p.id, p.blobs)
             del packs, raw
             self._loaded.add(name)
+        for p in later:
+            self._index.add_pack(p.id, p.blobs)
+        if self._limits and heads:  # a rebuild, or new files, must not bring them back
+            self._index.drop(self._limits)
         self.cache.prune("index", set(names))
 
     def refresh(self, *, force: bool = False, names: list[str] | None = None) -> bool:
@@ -258,16 +266,20 @@ class IndexStore:
             if rebuild:
                 break
             try:  # only the head: a large new file is not built as objects (load adds it)
-                sup, _n = decode_index_head(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name), name)
+                sup, _n, gone = decode_index_head(self.env.open(self.cache.fetch(name), aad=INDEX_AAD, what=name),
+                                                  name)
             except (CorruptionError, UnsupportedVersion):
                 continue  # load reports it
-            rebuild = any(f"index/{s.hex()}" in self._loaded for s in sup)
+            # A pack it names as gone that is indexed already: its blobs may be found there
+            # first, so the index is built again with that pack last (load).
+            rebuild = any(f"index/{s.hex()}" in self._loaded for s in sup) or any(
+                self._index.has_pack(p) for p in gone)
         if rebuild:
             with self.lock:
                 self._index = Index()
                 self._loaded = set()
                 self._superseded = set()
-                self._faithful = True
+                self._faithful = not self._limits  # a rebuild drops those again (load)
                 for pid, entries in self.unindexed:
                     self._index.add_pack(pid, entries)
         self.load(tolerant=bool(self.errors), names=listed)
@@ -277,7 +289,8 @@ class IndexStore:
         if self._pending:
             self._ensure()  # its name joins the loaded ones, which must be there first
         body = IndexFile(packs=[IndexPack(pid, entries) for pid, entries in packs],
-                         supersedes=[bytes.fromhex(s.rsplit("/", 1)[-1]) for s in supersedes])
+                         supersedes=[bytes.fromhex(s.rsplit("/", 1)[-1]) for s in supersedes],
+                         gone=sorted(self.gone))
         sealed = self.env.seal(encode_index(body), aad=INDEX_AAD)
         name = f"index/{blake3.blake3(sealed).hexdigest()}"
         self.backend.put(name, sealed)
@@ -300,55 +313,20 @@ class IndexStore:
         todo, self.unindexed = self.unindexed, []
         return todo
 
+    def forget_packs(self, limits: dict[bytes, int]) -> int:
+        """Treat the blobs of packs that are gone (limit 0) or cut short (the size listed) as
+        absent from here on, for every load too, and name those packs as gone in the index
+        files this process writes. The index is then no longer what loading the files gives,
+        so the local copy is not rewritten from it. Returns how many entries were dropped."""
+        with self.lock:
+            self._limits.update(limits)
+            self.gone.update(limits)
+            self._faithful = False
+            return self.index.drop(limits)
+
     def write_unindexed(self) -> None:
         """Write an index file naming every pack that waits for one."""
         with self.lock:
             todo, self.unindexed = self.unindexed, []
         if todo:
             self.write_file(todo)
-
-    # ------------------------------------------------------------------ packs on the backend
-    def list_pack_names(self) -> dict[bytes, int]:
-        out: dict[bytes, int] = {}
-        for o in self.backend.list("data/"):
-            h = o.name.rsplit("/", 1)[-1]
-            try:
-                pid = bytes.fromhex(h)
-            except ValueError:
-                continue
-            if len(pid) == ID_LEN:
-                out[pid] = o.size
-        return out
-
-    def read_pack_header(self, pack_id: bytes, size: int | None = None) -> list[PackEntry]:
-        name = pack_name(pack_id)
-        if size is None:
-            size = self.backend.stat(name).size
-        if size < len(MAGIC) + tail_size():
-            raise FormatError(f"pack {name}: truncated ({size} bytes)")
-        # One ranged read usually covers trailer and header.
-        guess = min(size, 64 * 1024)
-        tail = self.backend.get(name, size - guess, guess)
-        hlen = parse_tail(tail, size, name)
-        need = hlen + tail_size()
-        if need > len(tail):
-            tail = self.backend.get(name, size - need, need)
-        sealed = tail[len(tail) - need: len(tail) - tail_size()]
-        return parse_header(self.env, sealed, size, name)
-
-    def adopt_orphan_packs(self) -> int:
-        """Index packs that a crashed or concurrent writer uploaded but did not index.
-        Only their headers are read. Returns the number adopted."""
-        adopted: PackList = []
-        for pid, size in self.list_pack_names().items():
-            if self.index.has_pack(pid):
-                continue
-            try:
-                entries = self.read_pack_header(pid, size)
-            except (CorruptionError, ObjectNotFound):
-                continue  # damaged or vanished: left to check/repair
-            self.index.add_pack(pid, entries)
-            adopted.append((pid, entries))
-        if adopted:
-            self.write_file(adopted)
-        return len(adopted)

@@ -25,6 +25,7 @@ from deltavault.model.status import StatusRecord
 from deltavault.model.types import BlobType
 from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
+from deltavault.repository import packcheck
 from deltavault.repository.blobs import BlobReader, BlobWriter
 from deltavault.repository.cache import ObjectCache, default_cache_root
 from deltavault.repository.config import (
@@ -40,6 +41,7 @@ from deltavault.repository.indexcache import IndexCopy
 from deltavault.repository.indexstore import IndexStore, PackList, WriteStats
 from deltavault.repository.locks import Lock, LockManager
 from deltavault.repository.pack import PackEntry
+from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.snapshots import SnapshotStore
 from deltavault.repository.status import StatusStore
 
@@ -139,13 +141,18 @@ class Repository:
         return self.indexes.write_file(packs, supersedes)
 
     def list_pack_names(self) -> dict[bytes, int]:
-        return self.indexes.list_pack_names()
+        return packcheck.list_pack_names(self.indexes)
 
     def read_pack_header(self, pack_id: bytes, size: int | None = None) -> list[PackEntry]:
-        return self.indexes.read_pack_header(pack_id, size)
+        return packcheck.read_pack_header(self.indexes, pack_id, size)
 
     def adopt_orphan_packs(self) -> int:
-        return self.indexes.adopt_orphan_packs()
+        return packcheck.adopt_orphan_packs(self.indexes)
+
+    def check_packs(self) -> PackCheck:
+        """What a run that writes does first: one listing of the packs; orphans adopted,
+        blobs of missing or truncated packs treated as absent (repository/packcheck.py)."""
+        return packcheck.check_packs(self.indexes)
 
     # ----------------------------------------------------------------- blobs (blobs.py)
     def has_blob(self, blob_id: bytes) -> bool:

@@ -34,6 +34,7 @@ from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.objects.diff import diff_trees
 from deltavault.progress import NullReporter, Reporter
+from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
 from deltavault.repository.status import failures_recorded
@@ -71,6 +72,7 @@ class BackupResult:
     snapshots: list[dict[str, str]] = field(default_factory=list)  # point-in-time sources used
     dry_run: bool = False
     skipped: bool = False  # --skip-if-unchanged found nothing changed: no snapshot saved
+    packs: PackCheck = field(default_factory=PackCheck)  # missing or truncated packs found at the start
 
     @property
     def partial(self) -> bool:
@@ -88,7 +90,9 @@ def chunker_for(repo: Repository) -> Chunker:
 
 
 def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
-                     parent: str | None) -> PreviousState:
+                     parent: str | None, *, trust: bool = True) -> PreviousState:
+    """``trust``: false when blobs were dropped from the index (missing packs): then every
+    reused reference is looked up, and a file whose blobs are gone is read again."""
     existing = set(repo.snapshot_ids())
     if parent is None and catalog is not None:
         state = catalog.source_state(source_id)
@@ -97,7 +101,7 @@ def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
         if state is not None and sid_now is not None:
             # The catalog describes files on disk and the blobs that hold them, not the
             # snapshot, so it stays good for a snapshot that tag or rewrite replaced.
-            trusted = bool(state.index_files) and state.index_files <= repo.live_index_files()
+            trusted = trust and bool(state.index_files) and state.index_files <= repo.live_index_files()
             return CatalogPrevious(catalog, source_id, sid_now, state.run_start_ns,
                                    blobs_trusted=trusted)
     if parent is not None:
@@ -204,10 +208,12 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             if text:
                 notes.append(Problem(str(cat_path), "catalog", text, partial=False))
     try:
-        if not req.dry_run:
-            repo.adopt_orphan_packs()  # packs of an interrupted run are reused from here on
+        # Packs of an interrupted run are reused from here on; blobs of missing ones are not.
+        packs = PackCheck() if req.dry_run else repo.check_packs()
+        if packs.warning():
+            notes.append(Problem(repo.backend.location(), "repository", packs.warning(), partial=False))
         previous: PreviousState = NoPrevious() if req.options.read_all else _choose_previous(
-            repo, catalog, source_id, req.parent)
+            repo, catalog, source_id, req.parent, trust=not packs.dropped)
         writer = CatalogWriter(catalog, source_id) if catalog is not None else None
         opts = req.options
         if repo.backend.location():
@@ -242,7 +248,7 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
                             summary=summary)
         result = BackupResult(None, snap, st, problems + notes, previous.kind, previous.snapshot_id,
                               summary.bytes_added, summary.bytes_downloaded, time.monotonic() - t0, snapshots,
-                              dry_run=req.dry_run)
+                              dry_run=req.dry_run, packs=packs)
         if req.dry_run:
             return result
         if req.skip_if_unchanged and _same_as_parent(repo, previous, root):

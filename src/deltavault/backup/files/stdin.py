@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from deltavault.backup.files.fileio import WINDOW
-from deltavault.backup.files.options import FileStats
+from deltavault.backup.files.options import FileStats, Problem
 from deltavault.backup.files.run import BackupResult, chunker_for, default_source_id
 from deltavault.errors import SourceError, UsageError
 from deltavault.fs.meta import group_name, user_name
@@ -27,6 +27,7 @@ from deltavault.model.snapshot import SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree
 from deltavault.progress import NullReporter, Reporter
+from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
 
@@ -61,6 +62,8 @@ def run_stdin_backup(repo: Repository, req: StdinRequest, reporter: Reporter | N
         fd = 0
         if os.isatty(fd):
             raise UsageError("--stdin reads standard input, which is a terminal: pipe the data in")
+    # Blobs of packs gone from the repository must not be deduplicated against (packcheck.py).
+    packs = PackCheck() if req.dry_run else repo.check_packs()
     reporter.start("backup")
     try:
         refs, size, added = _store_stream(repo, fd, reporter, dry_run=req.dry_run)
@@ -93,8 +96,10 @@ def run_stdin_backup(repo: Repository, req: StdinRequest, reporter: Reporter | N
     snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=logical,
                         source_id=source_id, tree=root, parent=parent, tags=req.tags, summary=summary)
     sid = None if req.dry_run else repo.save_snapshot(snap)
-    return BackupResult(sid, snap, stats, [], "none", parent, added, summary.bytes_downloaded,
-                        time.monotonic() - t0, dry_run=req.dry_run)
+    warn = packs.warning()
+    notes = [Problem(repo.backend.location(), "repository", warn, partial=False)] if warn else []
+    return BackupResult(sid, snap, stats, notes, "none", parent, added, summary.bytes_downloaded,
+                        time.monotonic() - t0, dry_run=req.dry_run, packs=packs)
 
 
 def _store_stream(repo: Repository, fd: int, reporter: Reporter, *, dry_run: bool) -> tuple[list[ContentRef], int, int]:

@@ -83,6 +83,11 @@ class VolumeReport:
     segments_written: int = 0
     verify_cbt: dict[str, Any] | None = None
     seconds: float = 0.0
+    # Packs the index names that the repository's listing lacked or showed cut short at the
+    # start, and the index entries dropped for them (repository/packcheck.py).
+    packs_missing: int = 0
+    packs_truncated: int = 0
+    index_entries_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

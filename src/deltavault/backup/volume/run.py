@@ -129,10 +129,21 @@ class VolumeBackup:
         self._blobs0 = self.repo.write_stats.blobs_added
         self._downloaded0 = self.repo.traffic.bytes_read
         self._raw0 = self.repo.write_stats.bytes_added_raw
-        self.repo.adopt_orphan_packs()
+        packs = self.repo.check_packs()  # one listing: orphans adopted, missing packs' blobs absent
         prev, why = find_previous(self.repo, self.meta, self.source_id, self.req.parent)
         if why:
             self.report.notes.append(why)
+        if packs.warning():
+            self.report.warnings.append(packs.warning())
+            self.report.packs_missing, self.report.packs_truncated = len(packs.missing), len(packs.truncated)
+            self.report.index_entries_dropped = packs.dropped
+            if prev is not None and packs.dropped:
+                # Unchanged segments and blocks are reused from the manifest without a lookup,
+                # and some of their blobs are gone: everything is read; what is still stored
+                # is deduplicated, the rest stored again.
+                self.report.notes.append("blobs were dropped for missing packs: the previous snapshot is not "
+                                         "used, the volume is read whole")
+                prev = None
         access = open_access(self.req.path, self.opts, self.state)
         prev_native: Checkpoint | None = None
         if prev is not None:
