@@ -1,0 +1,103 @@
+"""What a restore makes in a directory it made itself (ours, 0700, without a default ACL) is
+created with its own permission bits, and its owner and ACLs are left as they are when they
+already match the snapshot's (restore/target.py ``private_owner``, regular.py ``_new_file``).
+Whatever the umask, a setgid target or a default ACL on the target, each entry must still end
+with exactly the snapshot's owner, mode and ACLs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from deltavault.testing.hostile import NOBODY
+from tests.conftest import Cli, needs_root, needs_tools
+from tests.hostileutil import acl_names, as_nobody
+
+pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
+
+
+def _tree(src: Path) -> None:
+    """Files and directories of several modes and owners, one with an ACL of its own."""
+    a = src / "a"
+    (a / "b").mkdir(parents=True)
+    for name, mode in (("f644", 0o644), ("f600", 0o600), ("f755", 0o755), ("suid", 0o4755), ("ro", 0o444)):
+        (a / name).write_bytes(name.encode() * 100)
+        os.chmod(a / name, mode)
+    theirs = a / "theirs"
+    theirs.write_bytes(b"nobody's\n")
+    os.chown(theirs, NOBODY, NOBODY)
+    theirs.chmod(0o640)
+    acl = a / "acl"
+    acl.write_bytes(b"with an ACL\n")
+    acl.chmod(0o640)
+    subprocess.run(["setfacl", "-m", "u:nobody:r", str(acl)], check=True)
+    (a / "b" / "g").write_bytes(b"g\n")
+    os.chown(a / "b", NOBODY, 0)
+    (a / "b").chmod(0o2750)
+    a.chmod(0o750)
+    src.chmod(0o755)
+
+
+def _meta(root: Path) -> dict[str, tuple[int, int, int, list[str]]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), acl_names(p))
+    return out
+
+
+@contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _backup(cli: Cli, src: Path) -> dict[str, tuple[int, int, int, list[str]]]:
+    _tree(src)
+    assert cli("init").returncode == 0
+    r = cli("backup", str(src))
+    assert r.returncode == 0, r.stderr
+    return _meta(src)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o277])
+def test_modes_owners_and_acls_are_the_snapshots_in_a_setgid_target_whatever_the_umask(
+        cli: Cli, tmp_path: Path, mask: int) -> None:
+    want = _backup(cli, tmp_path / "src")
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chown(target, 0, 4242)  # what is made in it gets this group
+    target.chmod(0o2755)
+    with _umask(mask):
+        r = cli("restore", "latest", "--target", str(target))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = _meta(target / "src")
+    assert got == want
+    assert got["a/acl"][3] == ["system.posix_acl_access"]
+
+
+def test_a_default_acl_on_the_target_reaches_nothing_restored(cli: Cli, tmp_path: Path,
+                                                               shared_dir: Path) -> None:
+    """The target's own default ACL is inherited by the directories made in it, and by what
+    is made in those: no entry may keep it, and nobody may read what the snapshot denies."""
+    want = _backup(cli, tmp_path / "src")
+    target = shared_dir / "target"
+    target.mkdir()
+    subprocess.run(["setfacl", "-d", "-m", "u:nobody:rwx", str(target)], check=True)
+    r = cli("restore", "latest", "--target", str(target))
+    assert r.returncode == 0, r.stdout + r.stderr
+    restored = target / "src"
+    assert _meta(restored) == want
+    p = as_nobody("cat", str(restored / "a" / "f600"))
+    assert p.returncode != 0 and "f600" not in p.stdout
