@@ -101,3 +101,27 @@ def test_a_default_acl_on_the_target_reaches_nothing_restored(cli: Cli, tmp_path
     assert _meta(restored) == want
     p = as_nobody("cat", str(restored / "a" / "f600"))
     assert p.returncode != 0 and "f600" not in p.stdout
+
+
+@needs_tools("setcap")
+def test_file_capabilities_survive_the_owner_being_set(cli: Cli, tmp_path: Path) -> None:
+    """chown removes a file's capabilities (security.capability), even as root and to the
+    same owner: they were set with the other xattrs, before the owner, and every restored
+    file lost them (ping, restored from a system's backup, could no longer open raw sockets)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, owner in (("theirs", NOBODY), ("mine", 0)):
+        (src / name).write_bytes(b"#!/bin/sh\n")
+        os.chown(src / name, owner, owner)
+        (src / name).chmod(0o755)
+        subprocess.run(["setcap", "cap_net_raw+ep", str(src / name)], check=True)
+    want = os.getxattr(src / "mine", "security.capability")
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    (tmp_path / "existing" / "src").mkdir(parents=True)  # a directory of ours the restore writes in
+    for target in (tmp_path / "new", tmp_path / "existing"):
+        r = cli("restore", "latest", "--target", str(target))
+        assert r.returncode == 0, r.stdout + r.stderr
+        for name, owner in (("theirs", NOBODY), ("mine", 0)):
+            p = target / "src" / name
+            assert os.getxattr(p, "security.capability") == want, p
+            assert p.stat().st_uid == owner and stat.S_IMODE(p.stat().st_mode) == 0o755
