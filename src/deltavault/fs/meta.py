@@ -190,7 +190,7 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
                         os.removexattr(target, name)
                     except OSError as exc:
                         problems.add(f"remove xattr {name.decode(errors='replace')}", exc)
-        _set_xattrs(target, [(n, v) for n, v in xattrs if n != CAPABILITY_XATTR], problems)
+        _set_xattrs(target, [(n, v) for n, v in xattrs if n != CAPABILITY_XATTR] if xattrs else xattrs, problems)
     if owner:
         try:
             os.chown(target, uid, gid)
@@ -199,7 +199,7 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
                 problems.add("chown", exc)
         except OSError as exc:
             problems.add("chown", exc)
-    if xattrs is not None:
+    if xattrs:
         _set_xattrs(target, [(n, v) for n, v in xattrs if n == CAPABILITY_XATTR], problems)
     if mode is not None:
         try:
