@@ -28,31 +28,15 @@ def exposed(fd: int, st: os.stat_result) -> bool:
     for the whole run, and for good if the run is cut short."""
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         return True
-    return any(has_xattr(fd, name) for name in ACL_XATTRS)
-
-
-def has_xattr(fd: int, name: bytes) -> bool:
-    """Whether the open object ``fd`` has the xattr ``name`` (False where xattrs are not supported)."""
-    try:
-        os.getxattr(fd, name)
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return False
-        raise
-    return True
-
-
-def current_umask() -> int | None:
-    """This process's umask, read without changing it (os.umask would, for every thread
-    for a moment); None where /proc does not tell (Linux before 4.7)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    for name in ACL_XATTRS:
+        try:
+            os.getxattr(fd, name)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            raise
+        return True
+    return False
 
 
 def take_dir(fd: int, st: os.stat_result) -> None:

@@ -14,7 +14,7 @@ import threading
 from deltavault.fs.dirfd import Identity, Replaced, identity, open_dir_at
 from deltavault.model.nodes import Node
 from deltavault.restore.options import RestoreLog
-from deltavault.restore.target import Made, MetaOptions, apply_node_meta
+from deltavault.restore.target import MetaOptions, apply_node_meta
 
 
 class Dir:
@@ -23,7 +23,7 @@ class Dir:
     finished; the last release sets its metadata. ``fd`` is -1 while the walk is far below
     (or once it was found moved: ``lost``)."""
 
-    __slots__ = ("fd", "files", "fresh", "ident", "left", "lost", "made", "node", "parent", "private", "relpath")
+    __slots__ = ("fd", "files", "fresh", "ident", "left", "lost", "node", "parent", "relpath")
 
     def __init__(self, fd: int, ident: Identity, relpath: bytes, node: Node | None,
                  parent: Dir | None, fresh: bool) -> None:
@@ -32,10 +32,6 @@ class Dir:
         self.left = 1
         self.files = 0  # files queued or being written in it (its fd must stay open)
         self.lost = False
-        self.made: Made | None = None  # what it has, when this run made it (for its metadata)
-        # The owner of what is made in it, which nobody else can reach and which inherits
-        # no ACL (target.private_owner); None: not known so.
-        self.private: tuple[int, int] | None = None
 
 
 class Holds:
@@ -77,7 +73,7 @@ class Holds:
                 return
             if d.fd >= 0:
                 try:
-                    for m in apply_node_meta(d.fd, d.node, self.meta, made=d.made):
+                    for m in apply_node_meta(d.fd, d.node, self.meta):
                         self.log.problem(d.relpath, "metadata", m)
                 finally:
                     self.close(d)

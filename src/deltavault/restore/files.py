@@ -45,11 +45,9 @@ from deltavault.restore.regular import INLINE_BELOW, RegularFiles
 from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
     LinkSources,
-    Made,
     MetaOptions,
     make_dir,
     place_special,
-    private_owner,
 )
 
 # Directory fds the walk keeps open at most (besides those with files in flight), so any
@@ -298,17 +296,9 @@ class FileRestorer:
     def _entry(self, parent: Dir, relpath: bytes, node: Node, sel: Selection) -> _Frame | None:
         """Restore one entry of ``parent``; a directory is made and returned as a frame to list."""
         if node.type == NodeType.DIR:
-            fd, dst, made = make_dir(parent.fd, node.name)
-            try:
-                private = private_owner(fd, dst, parent.private is not None) if made else None
-            except BaseException:
-                os.close(fd)
-                raise
+            fd, ident, made = make_dir(parent.fd, node.name)
             self.holds.opened()
-            sub = Dir(fd, identity(dst), relpath, node, parent, fresh=made)
-            sub.private = private
-            if made:  # made in a directory without a default ACL: it has no ACL either
-                sub.made = Made(dst.st_uid, dst.st_gid, stat.S_IMODE(dst.st_mode), acl_free=parent.private is not None)
+            sub = Dir(fd, ident, relpath, node, parent, fresh=made)
             if self._ntfs is not None:  # its named streams ("dir:stream"), before its times are set, last
                 self._ntfs.streams(parent.fd, node.name, fd, node, relpath)
             self.holds.hold(parent)

@@ -118,7 +118,7 @@ class TreeCopier:
                 node = _node(s, comp, st, self.ntfs)
                 ns = open_dir_at(s, comp)
                 try:
-                    nd, _st, _made = make_dir(d, comp)
+                    nd, _ident, _made = make_dir(d, comp)
                 except BaseException:
                     os.close(ns)
                     raise
@@ -170,7 +170,7 @@ class TreeCopier:
         node = _node(s, name, st, self.ntfs)
         shared = True  # the target may be anybody's
         if node.type == NodeType.DIR:
-            nd, _st, _made = make_dir(d, name)
+            nd, _ident, _made = make_dir(d, name)
             self.stats.dirs += 1
             return open_dir_at(s, name), nd, node
         if node.type != NodeType.FILE:

@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
 from deltavault.fs.dirfd import identity
-from deltavault.fs.meta import current_umask
 from deltavault.fs.paths import display
 from deltavault.model.content import Full
 from deltavault.model.nodes import Node
@@ -27,10 +26,8 @@ from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions
 from deltavault.restore.target import (
     LinkSources,
-    Made,
     MetaOptions,
     apply_node_meta,
-    file_mode,
     install,
     temp_name,
     unlink_quiet,
@@ -80,7 +77,6 @@ class RegularFiles:
         # Batches of small files whose blobs are being loaded on _loads, oldest first.
         self._loading: deque[tuple[Batch, Future[dict[bytes, bytes]]]] = deque()
         self._futures: list[Future[None]] = []
-        self._umask = current_umask()  # what a file made with its own mode has (_new_file)
 
     def check_fatal(self) -> None:
         if self._fatal is not None:
@@ -218,30 +214,17 @@ class RegularFiles:
                 raise NoSpace(f"restore target is full while writing {display(relpath)}") from exc
             self.log.problem(relpath, "write", exc.strerror or str(exc))
 
-    def _new_file(self, parent: Dir, node: Node) -> tuple[int, Made | None]:
-        """The mode to create a file in ``parent`` with, and what the file then has. In a
-        directory nobody else can reach and without a default ACL (``Dir.private``) it is
-        made with its own permission bits (less the umask), so that it needs no fchmod, nor
-        an fchown when the owner is ours, nor a look for inherited ACLs. (On ntfs-3g 0600:
-        its streams are opened by name, which needs write permission.)"""
-        owner = parent.private
-        if owner is None or self._umask is None:
-            return 0o600, None
-        perm = 0o600 if self._ntfs is not None and self._ntfs.view is not None else file_mode(node, self._meta) & 0o777
-        return perm, Made(owner[0], owner[1], perm & ~self._umask, acl_free=True)
-
     def _write_file(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
                     key: tuple[int, int] | None) -> None:
         tmp = temp_name(node.name)
-        perm, made = self._new_file(parent, node)
-        fd = os.open(tmp, _FILE_FLAGS, perm, dir_fd=parent.fd)
+        fd = os.open(tmp, _FILE_FLAGS, 0o600, dir_fd=parent.fd)
         try:
             try:
                 expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify,
                                        pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
                 if self._ntfs is not None:
                     self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
-                for m in apply_node_meta(fd, node, self._meta, made=made):
+                for m in apply_node_meta(fd, node, self._meta):
                     self.log.problem(relpath, "metadata", m)
                 if self.opts.verify:
                     n, bad = verify_fd(self.repo, fd, node.size, expect)

@@ -30,14 +30,7 @@ from deltavault.fs.dirfd import (
     lstat_at,
     open_dir_at,
 )
-from deltavault.fs.meta import (
-    ACL_XATTRS,
-    ApplyProblems,
-    apply_meta_fd,
-    exposed,
-    has_xattr,
-    take_dir,
-)
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, exposed, take_dir
 from deltavault.model.nodes import Node, NodeType
 
 TEMP_PREFIX = b".dv-restore-"
@@ -72,22 +65,9 @@ def file_mode(node: Node, opts: MetaOptions) -> int:
     return node.mode if opts.setuid else node.mode & ~SETID
 
 
-@dataclass(frozen=True, slots=True)
-class Made:
-    """What an entry this run has just made already has: apply_node_meta skips the calls
-    that would set it again (listxattr, fchown and fchmod were three of a small file's eight
-    system calls on the walker's thread: 12,765 of each in the files benchmark)."""
-
-    uid: int
-    gid: int
-    mode: int  # its permission bits (stat.S_IMODE)
-    acl_free: bool  # made in a directory without a default ACL, so it has no ACL
-
-
-def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False,
-                    made: Made | None = None) -> list[str]:
+def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False) -> list[str]:
     """Metadata of ``node`` onto the object ``fd`` (an open fd, or an ``O_PATH`` handle).
-    ``made``: what the object has already. Returns what could not be applied."""
+    Returns what could not be applied."""
     probs = ApplyProblems([])
     if node.type == NodeType.SYMLINK:
         mode: int | None = None  # symlinks have no mode of their own
@@ -97,24 +77,19 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = file_mode(node, opts)
     # An ACL the snapshot's entry lacks was inherited from a default ACL of the directory it
     # was made in, which another user may have planted: it goes (symlinks have none).
-    drop = None if node.type == NodeType.SYMLINK else ACL_XATTRS.__contains__
-    owner = opts.owner
-    if made is not None:
-        owner = owner and (node.uid, node.gid) != (made.uid, made.gid)
-        mode = None if mode is None or stat.S_IMODE(mode) == made.mode else mode
-        drop = None if made.acl_free else drop
     apply_meta_fd(fd, probs, mode=mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
-                  mtime_ns=node.mtime, xattrs=node.xattrs, owner=owner, handle=handle, drop_xattr=drop)
+                  mtime_ns=node.mtime, xattrs=node.xattrs, owner=opts.owner, handle=handle,
+                  drop_xattr=None if node.type == NodeType.SYMLINK else ACL_XATTRS.__contains__)
     if opts.last is not None and node.win is not None:
         probs.messages.extend(opts.last(fd, node, handle))
     return probs.messages
 
 
-def make_dir(parent: int, name: bytes) -> tuple[int, os.stat_result, bool]:
+def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
     """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
     metadata is set, last) or, when one is already there, that one, made ours and 0700 the
     same way (``fs.meta.take_dir``) when others may have made or reach it; anything else in
-    the way is removed first. Returns its fd, its fstat and whether this call made it. A
+    the way is removed first. Returns its fd, its identity and whether this call made it. A
     directory this call made must still be ours when opened: another user cannot make one
     owned by us, so a swap is ``Replaced``."""
     made = True
@@ -137,19 +112,8 @@ def make_dir(parent: int, name: bytes) -> tuple[int, os.stat_result, bool]:
     except BaseException:
         os.close(fd)
         raise
-    return fd, st, made
+    return fd, identity(st), made
 
-
-def private_owner(fd: int, st: os.stat_result, parent_private: bool) -> tuple[int, int] | None:
-    """For the directory ``fd`` this run made (``st``: its fstat), the owner (uid, gid) an
-    entry made in it gets, when nobody else can reach what is made there (it is ours and
-    0700) and nothing made there inherits an ACL (it has no default ACL: so when its parent
-    was such a directory, else looked up); None when either may not hold."""
-    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID != 0o700:
-        return None
-    if not parent_private and has_xattr(fd, ACL_XATTRS[1]):
-        return None
-    return st.st_uid, st.st_gid if st.st_mode & stat.S_ISGID else os.getegid()
 
 
 def install(parent: int, tmp: bytes, name: bytes, want: Identity | None = None) -> None:
