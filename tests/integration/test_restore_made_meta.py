@@ -1,8 +1,7 @@
-"""What a restore makes in a directory it made itself (ours, 0700, without a default ACL) is
-created with its own permission bits, and its owner and ACLs are left as they are when they
-already match the snapshot's (restore/target.py ``private_owner``, regular.py ``_new_file``).
-Whatever the umask, a setgid target or a default ACL on the target, each entry must still end
-with exactly the snapshot's owner, mode and ACLs."""
+"""Each restored entry ends with exactly the snapshot's owner, mode, ACLs and file
+capabilities, whatever the umask, a setgid target or a default ACL on the target (what a
+restore that created files with their own modes, or skipped a chown or an ACL lookup where
+they seemed needless, would have to keep)."""
 
 from __future__ import annotations
 
