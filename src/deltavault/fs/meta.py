@@ -18,6 +18,7 @@ from functools import lru_cache
 from deltavault.fs.dirfd import fd_path
 
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+CAPABILITY_XATTR = b"security.capability"  # file capabilities: removed by any chown
 
 
 def exposed(fd: int, st: os.stat_result) -> bool:
@@ -136,12 +137,24 @@ def apply_xattrs(path: bytes, xattrs: list[tuple[bytes, bytes]], problems: Apply
                 problems.add(f"xattr {name.decode(errors='replace')}", exc)
 
 
+def _set_xattrs(target: int | bytes, xattrs: list[tuple[bytes, bytes]], problems: ApplyProblems) -> None:
+    for name, value in xattrs:
+        try:
+            os.setxattr(target, name, value)
+        except OSError as exc:
+            if exc.errno == errno.EPERM and name.startswith(b"trusted."):
+                problems.add(f"xattr {name.decode(errors='replace')} (needs CAP_SYS_ADMIN)", exc)
+            else:
+                problems.add(f"xattr {name.decode(errors='replace')}", exc)
+
+
 def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: int, gid: int,
                   atime_ns: int, mtime_ns: int, xattrs: list[tuple[bytes, bytes]] | None = None,
                   owner: bool = True, drop_xattr: Callable[[bytes], bool] | None = None,
                   handle: bool = False) -> None:
     """Metadata of an open file or directory, in the order that keeps each step:
-    xattrs (ACLs), owner (chown clears setuid), mode, times last.
+    xattrs (ACLs), owner (chown clears setuid), file capabilities (chown removes them, even
+    as root and to the same owner), mode, times last.
 
     ``drop_xattr(name)`` says which existing xattrs missing from ``xattrs`` to remove (mirroring).
     ``mode`` None: the file already has it (created with it), or it is a symlink.
@@ -161,14 +174,7 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
                         os.removexattr(target, name)
                     except OSError as exc:
                         problems.add(f"remove xattr {name.decode(errors='replace')}", exc)
-        for name, value in xattrs:
-            try:
-                os.setxattr(target, name, value)
-            except OSError as exc:
-                if exc.errno == errno.EPERM and name.startswith(b"trusted."):
-                    problems.add(f"xattr {name.decode(errors='replace')} (needs CAP_SYS_ADMIN)", exc)
-                else:
-                    problems.add(f"xattr {name.decode(errors='replace')}", exc)
+        _set_xattrs(target, [(n, v) for n, v in xattrs if n != CAPABILITY_XATTR] if xattrs else xattrs, problems)
     if owner:
         try:
             os.chown(target, uid, gid)
@@ -177,6 +183,8 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
                 problems.add("chown", exc)
         except OSError as exc:
             problems.add("chown", exc)
+    if xattrs:
+        _set_xattrs(target, [(n, v) for n, v in xattrs if n == CAPABILITY_XATTR], problems)
     if mode is not None:
         try:
             os.chmod(target, stat.S_IMODE(mode))
