@@ -32,6 +32,7 @@ from deltavault.backends.retention import ObjectRetention, Retention, protected
 from deltavault.backends.s3body import read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
 from deltavault.backends.s3errors import ObjectRetained, error_code, translate
+from deltavault.backends.s3listing import listed_name, pages
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
@@ -120,24 +121,14 @@ class S3Backend:
 
     def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under root+prefix, one page (1,000 keys) per request."""
-        if prefix:
-            check_object_name(prefix)
-        args: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self.loc.root + prefix}
-        while True:
-            page = self._call(f"list {prefix or '/'}", lambda c, a=dict(args): c.list_objects_v2(**a))  # type: ignore[misc]
-            yield from page.get("Contents", [])
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            args["ContinuationToken"] = token
+        return pages(self.loc.bucket, self.loc.root, str(self.loc), prefix,
+                     lambda a: self._call(f"list {prefix or '/'}", lambda c: c.list_objects_v2(**a)))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        n = len(self.loc.root)
         for o in self._objects(prefix):
-            name = o["Key"][n:]
-            if not name or name.endswith("/") or name.rpartition("/")[2].startswith(TEMP_PREFIX):
-                continue  # folder markers of other tools; temporary names are never objects
-            yield ObjectInfo(name, int(o.get("Size", 0)))
+            name = listed_name(self.loc.root, o)
+            if name is not None:
+                yield ObjectInfo(name, int(o.get("Size", 0)))
 
     def get_sized(self, name: str, offset: int, length: int, reserve: Callable[[int], None]) -> bytes | mmap.mmap:
         """A range for backends/readahead.py, ``reserve``d before its body is read (s3body.py)."""
