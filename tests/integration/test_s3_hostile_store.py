@@ -6,7 +6,7 @@ memory, or accept wrong data; the stored objects stay as they were."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -91,3 +91,70 @@ def test_foreign_keys_in_a_listing_are_skipped(store: S3Backend, s3proxy: Proxy)
     assert sorted(o.name for o in store.list("index/")) == ["index/" + "a" * 64, "index/" + "b" * 64]
     s3proxy.faults.rewrite = None
     assert store.get("index/" + "a" * 64) == b"first"
+
+
+PACK = "data/ab/ab" + "0" * 62
+BODY = bytes(range(256)) * 4096  # 1 MiB
+
+
+def ranged(answer: Callable[[Exchange], Reply]) -> Callable[[Exchange], Reply | None]:
+    """``answer`` instead of the store's to ranged reads of PACK."""
+    return lambda ex: answer(ex) if ex.method == "GET" and ex.status == 206 else None
+
+
+@pytest.fixture
+def pack(store: S3Backend) -> S3Backend:
+    store.put(PACK, BODY)
+    return store
+
+
+def whole(ex: Exchange) -> Reply:
+    return Reply.of(200, BODY, {"ETag": ex.headers.get("etag", '"x"')})
+
+
+def test_range_answered_with_the_whole_object(pack: S3Backend, s3proxy: Proxy) -> None:
+    """A store that ignores Range: get returned the whole object as the 100 bytes asked (the
+    wrong bytes), and get_sized reserved and read all of it (unbounded memory)."""
+    s3proxy.faults.rewrite = ranged(whole)
+    reserved: list[int] = []
+    with pytest.raises(BackendError, match="answered 1048576 bytes for a range of 100") as err:
+        pack.get(PACK, 1000, 100)
+    assert err.value.exit_code == ExitCode.BACKEND and not err.value.retryable
+    with pytest.raises(BackendError, match="answered 1048576 bytes for a range of 4096"):
+        pack.get_sized(PACK, 8192, 4096, reserved.append)
+    assert reserved == []  # refused before any memory was set aside for it
+    s3proxy.faults.rewrite = None
+    assert pack.get(PACK, 1000, 100) == BODY[1000:1100]
+
+
+def test_range_answered_with_more_or_other_bytes(pack: S3Backend, s3proxy: Proxy) -> None:
+    """A 206 with more bytes than asked, or from another offset, or fewer than the object
+    has there: each was taken as the range asked for."""
+    def answer(first: int, n: int) -> Callable[[Exchange], Reply]:
+        span = {"Content-Range": f"bytes {first}-{first + n - 1}/{len(BODY)}"}
+        return lambda ex: Reply.of(206, BODY[first:first + n], span)
+
+    for (first, n), match in {(1000, 5000): "answered 5000 bytes for a range of 100",
+                              (0, 100): "when asked from byte 1000",
+                              (1000, 50): "answered 50 bytes of the 100 asked"}.items():
+        s3proxy.faults.rewrite = ranged(answer(first, n))
+        with pytest.raises(BackendError, match=match):
+            pack.get(PACK, 1000, 100)
+        with pytest.raises(BackendError, match=match):
+            pack.get_sized(PACK, 1000, 100, lambda n: None)
+    s3proxy.faults.rewrite = None
+    assert bytes(pack.get_sized(PACK, 1000, 100, lambda n: None)) == BODY[1000:1100]
+
+
+def test_a_body_that_lies_or_stalls_times_out(pack: S3Backend, s3proxy: Proxy) -> None:
+    """Already safe: a Content-Length larger than the body sent, and a body that stops half
+    way and holds the connection, end with the read timeout (a retryable backend error)."""
+    part = BODY[1000:1050]
+    for stall in (False, True):
+        reply = Reply.of(206, part, {"Content-Range": f"bytes 1000-1099/{len(BODY)}"}, length=100)
+        reply.stall = stall
+        s3proxy.faults.rewrite = ranged(lambda ex, r=reply: r)  # type: ignore[misc]
+        for read in (lambda: pack.get(PACK, 1000, 100), lambda: pack.get_sized(PACK, 1000, 100, lambda n: None)):
+            with pytest.raises(BackendError, match=r"timed out|lost|ended after") as err:
+                read()
+            assert err.value.exit_code == ExitCode.BACKEND

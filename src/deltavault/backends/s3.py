@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, read_fd
 from deltavault.backends.filerange import FileRange
 from deltavault.backends.retention import ObjectRetention, Retention, protected
-from deltavault.backends.s3body import read_mapped
+from deltavault.backends.s3body import read_answer, read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
 from deltavault.backends.s3errors import ObjectRetained, error_code, translate
 from deltavault.backends.s3listing import listed_name, pages
@@ -133,7 +133,8 @@ class S3Backend:
     def get_sized(self, name: str, offset: int, length: int, reserve: Callable[[int], None]) -> bytes | mmap.mmap:
         """A range for backends/readahead.py, ``reserve``d before its body is read (s3body.py)."""
         key, rng = self._key(name), f"bytes={offset}-{offset + length - 1}"
-        get = lambda c: read_mapped(name, c.get_object(Bucket=self.loc.bucket, Key=key, Range=rng), reserve)  # noqa: E731
+        get = lambda c: read_mapped(name, c.get_object(Bucket=self.loc.bucket, Key=key, Range=rng),  # noqa: E731
+                                    reserve, offset, length)
         try:
             return self._call(name, get)
         except BackendError as exc:
@@ -157,7 +158,7 @@ class S3Backend:
             if rng:
                 args["Range"] = rng
             r = c.get_object(**args)
-            return r["Body"].read(), str(r.get("ContentRange", ""))
+            return read_answer(name, r, offset, length, ranged=bool(rng)), str(r.get("ContentRange", ""))
 
         try:
             data, crange = self._call(name, read)
