@@ -158,3 +158,16 @@ def test_a_body_that_lies_or_stalls_times_out(pack: S3Backend, s3proxy: Proxy) -
             with pytest.raises(BackendError, match=r"timed out|lost|ended after") as err:
                 read()
             assert err.value.exit_code == ExitCode.BACKEND
+
+
+def test_a_listing_answered_with_an_html_page(store: S3Backend, s3proxy: Proxy) -> None:
+    """A 200 with a proxy's HTML error page instead of a listing: botocore parses it into an
+    empty answer, which was an empty listing (every object missing) and exists() False."""
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>upstream gone</body></html>"
+    s3proxy.faults.rewrite = lambda ex: Reply.of(200, page, {"Content-Type": "text/html"}) if listing(ex) else None
+    for call in (lambda: list(store.list("index/")), store.exists):
+        with pytest.raises(BackendError, match="not a listing") as err:
+            call()
+        assert err.value.exit_code == ExitCode.BACKEND
+    s3proxy.faults.rewrite = None
+    assert store.exists() and len(list(store.list("index/"))) == 2

@@ -32,7 +32,7 @@ from deltavault.backends.retention import ObjectRetention, Retention, protected
 from deltavault.backends.s3body import read_answer, read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
 from deltavault.backends.s3errors import ObjectRetained, error_code, translate
-from deltavault.backends.s3listing import listed_name, pages
+from deltavault.backends.s3listing import checked_page, listed_name, pages
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
@@ -109,8 +109,8 @@ class S3Backend:
 
     def exists(self) -> bool:
         try:
-            r = self._call("list", lambda c: c.list_objects_v2(Bucket=self.loc.bucket, Prefix=self.loc.root,
-                                                                MaxKeys=1))
+            r = checked_page(self._call("list", lambda c: c.list_objects_v2(
+                Bucket=self.loc.bucket, Prefix=self.loc.root, MaxKeys=1)), str(self.loc), "")
         except ObjectNotFound:
             return False
         except BackendError as exc:

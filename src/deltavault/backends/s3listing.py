@@ -35,7 +35,7 @@ def pages(bucket: str, root: str, where: str, prefix: str,
     last = ""  # the last key of the page before: a page never repeats it
     empty = 0
     while True:
-        page = request(dict(args))
+        page = checked_page(request(dict(args)), where, prefix)
         contents = page.get("Contents") or []
         keys: set[str] = set()
         for o in contents:
@@ -59,6 +59,16 @@ def pages(bucket: str, root: str, where: str, prefix: str,
             _endless(where, prefix, f"the continuation token {token!r} again")
         seen.add(("token", str(token)))
         args["ContinuationToken"] = token
+
+
+def checked_page(page: dict[str, Any], where: str, prefix: str) -> dict[str, Any]:
+    """``page``, a ListObjectsV2 answer, if it is one: botocore parses a 200 that is not
+    S3's XML (a proxy's HTML error page) into an empty answer, which read as an empty
+    listing, every object of the repository missing."""
+    if "IsTruncated" not in page:
+        raise BackendError(f"list {prefix or '/'}: the S3 server at {where} answered something that is not a "
+                           "listing (no IsTruncated)", retryable=True)
+    return page
 
 
 def _endless(where: str, prefix: str, what: str) -> None:
