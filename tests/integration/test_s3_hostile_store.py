@@ -6,6 +6,7 @@ memory, or accept wrong data; the stored objects stay as they were."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -171,3 +172,47 @@ def test_a_listing_answered_with_an_html_page(store: S3Backend, s3proxy: Proxy) 
         assert err.value.exit_code == ExitCode.BACKEND
     s3proxy.faults.rewrite = None
     assert store.exists() and len(list(store.list("index/"))) == 2
+
+
+def test_a_redirect_to_another_host_is_not_followed(pack: S3Backend, s3proxy: Proxy) -> None:
+    """Already safe: a 307 to another host is an error; nothing is sent there (botocore does
+    not follow redirects across hosts), so no signed request or credentials leave."""
+    elsewhere = socket.socket()
+    elsewhere.bind(("127.0.0.1", 0))
+    elsewhere.listen(4)
+    elsewhere.settimeout(0.5)
+    where = f"http://127.0.0.1:{elsewhere.getsockname()[1]}"
+    try:
+        for status in (301, 302, 307, 308):
+            s3proxy.faults.rewrite = lambda ex, s=status: Reply.of(  # type: ignore[misc]
+                s, b"", {"Location": where + ex.target}) if ex.method == "GET" else None
+            with pytest.raises(BackendError) as err:
+                pack.get(PACK, 0, 100)
+            assert err.value.exit_code == ExitCode.BACKEND
+            with pytest.raises(TimeoutError):
+                elsewhere.accept()
+    finally:
+        elsewhere.close()
+
+
+def test_multipart_complete_answered_200_with_an_error(seaweed: Seaweed, s3proxy: Proxy,
+                                                       s3env: dict[str, str]) -> None:
+    """Already safe: S3 may answer CompleteMultipartUpload 200 with an <Error> body; botocore
+    turns it into an error, which is retryable, and the upload is aborted."""
+    bucket = seaweed.new_bucket()
+    b = S3Backend(S3Location(bucket, "repo", s3proxy.endpoint),
+                  S3Options(read_timeout=5, multipart_threshold=5 * MiB, part_size=5 * MiB))
+    error = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+
+    def complete(ex: Exchange) -> Reply | None:
+        if ex.method == "POST" and "uploadId=" in ex.target:
+            return Reply.of(200, error)
+        return None
+
+    s3proxy.faults.rewrite = complete
+    with pytest.raises(BackendError, match="InternalError") as err:
+        b.put(PACK, BODY * 6)
+    assert err.value.retryable and err.value.exit_code == ExitCode.BACKEND
+    s3proxy.faults.rewrite = None
+    assert seaweed.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
