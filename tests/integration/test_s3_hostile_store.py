@@ -216,3 +216,31 @@ def test_multipart_complete_answered_200_with_an_error(seaweed: Seaweed, s3proxy
     assert err.value.retryable and err.value.exit_code == ExitCode.BACKEND
     s3proxy.faults.rewrite = None
     assert seaweed.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_an_upload_answered_200_but_not_stored(seaweed: Seaweed, s3proxy: Proxy, s3env: dict[str, str]) -> None:
+    """A PUT (or part, or multipart completion) answered 200 by something that is not the
+    store (a proxy's own page, no ETag) and the object not there: put returned as if stored,
+    and the pack would have been indexed though missing. Now a retryable error (exit 15)."""
+    bucket = seaweed.new_bucket()
+    b = S3Backend(S3Location(bucket, "repo", s3proxy.endpoint),
+                  S3Options(read_timeout=5, multipart_threshold=5 * MiB, part_size=5 * MiB))
+    page = b"<html><body>OK</body></html>"
+
+    def lost(ex: Exchange) -> Reply | None:
+        path, _, query = ex.target.split(" ")[0].partition("?")
+        if ex.method not in ("PUT", "POST") or ex.status != 200 or query == "uploads":
+            return None
+        seaweed.client().delete_object(Bucket=bucket, Key=path.split("/", 2)[2])
+        return Reply.of(200, page, {"Content-Type": "text/html"})
+
+    s3proxy.faults.rewrite = lost
+    for put in (lambda: b.put(PACK, BODY), lambda: b.put("locks/" + "e" * 64, b"lock"),
+                lambda: b.put(PACK, BODY * 6)):
+        with pytest.raises(BackendError, match="without an ETag") as err:
+            put()
+        assert err.value.retryable and err.value.exit_code == ExitCode.BACKEND
+    s3proxy.faults.rewrite = None
+    assert list(b.list("")) == []
+    b.put(PACK, BODY)
+    assert b.get(PACK) == BODY

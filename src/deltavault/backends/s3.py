@@ -31,7 +31,7 @@ from deltavault.backends.filerange import FileRange
 from deltavault.backends.retention import ObjectRetention, Retention, protected
 from deltavault.backends.s3body import read_answer, read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
-from deltavault.backends.s3errors import ObjectRetained, error_code, translate
+from deltavault.backends.s3errors import ObjectRetained, error_code, stored, translate
 from deltavault.backends.s3listing import checked_page, listed_name, pages
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
@@ -183,7 +183,7 @@ class S3Backend:
         if name.startswith("locks/") and self._conditional:
             self._put_new(name, key, data, args)
             return
-        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args))
+        self._call(name, lambda c: stored(name, c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args)))
 
     def put_file(self, name: str, fd: int, size: int) -> None:
         """``put`` of the first ``size`` bytes of the file open as ``fd`` (a spooled pack),
@@ -196,15 +196,15 @@ class S3Backend:
         if size >= self.opts.multipart_threshold:
             self._put_multipart(name, key, size, lambda start, n: FileRange(fd, start, n), args)
             return
-        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=FileRange(fd, 0, size),
-                                                **args))
+        self._call(name, lambda c: stored(name, c.put_object(Bucket=self.loc.bucket, Key=key,
+                                                             Body=FileRange(fd, 0, size), **args)))
 
     def _put_new(self, name: str, key: str, data: bytes, args: dict[str, Any]) -> None:
         """Create-only (If-None-Match: *): a lock record is never replaced in place."""
         bc = _botocore()
         client = self._client()
         try:
-            client.put_object(Bucket=self.loc.bucket, Key=key, Body=data, IfNoneMatch="*", **args)
+            stored(name, client.put_object(Bucket=self.loc.bucket, Key=key, Body=data, IfNoneMatch="*", **args))
             return
         except bc.exceptions.ClientError as exc:
             code, status = error_code(exc)
@@ -220,7 +220,7 @@ class S3Backend:
                 raise translate(exc, name, str(self.loc)) from exc
         except Exception as exc:
             raise translate(exc, name, str(self.loc)) from exc
-        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args))
+        self._call(name, lambda c: stored(name, c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args)))
 
     def _put_multipart(self, name: str, key: str, total: int, body: Body, args: dict[str, Any]) -> None:
         """Parts of ``part_size`` uploaded ``parallel_parts`` at a time; each worker makes
@@ -234,8 +234,8 @@ class S3Backend:
 
         def send(i: int) -> None:
             chunk = body(i * size, min(size, total - i * size))
-            r = self._call(name, lambda c: c.upload_part(Bucket=b, Key=key, UploadId=uid, PartNumber=i + 1,
-                                                         Body=chunk))
+            r = self._call(name, lambda c: stored(name, c.upload_part(Bucket=b, Key=key, UploadId=uid,
+                                                                      PartNumber=i + 1, Body=chunk)))
             parts[i] = {"ETag": r["ETag"], "PartNumber": i + 1, **{k: r[k] for k in _CHECKSUMS if k in r}}
 
         try:
@@ -243,8 +243,8 @@ class S3Backend:
                                     thread_name_prefix="dv-s3-part") as pool:
                 for _ in pool.map(send, range(count)):
                     pass
-            self._call(name, lambda c: c.complete_multipart_upload(
-                Bucket=b, Key=key, UploadId=uid, MultipartUpload={"Parts": parts}))
+            self._call(name, lambda c: stored(name, c.complete_multipart_upload(
+                Bucket=b, Key=key, UploadId=uid, MultipartUpload={"Parts": parts})))
         except BaseException:
             try:
                 self._client().abort_multipart_upload(Bucket=b, Key=key, UploadId=uid)

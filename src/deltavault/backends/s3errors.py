@@ -43,6 +43,16 @@ class ObjectRetained(BackendError):
         self.until = until
 
 
+def stored(name: str, response: dict[str, Any]) -> dict[str, Any]:
+    """``response`` to a PUT, an uploaded part or a completed upload, if it says the store
+    has the bytes: S3 answers each with the ETag of what it stored. A 200 without one (a
+    proxy's or a load balancer's own page, which botocore parses into an empty answer) is not
+    the store's: the object may be missing, and a pack indexed after it would be."""
+    if not str(response.get("ETag") or "").strip('"'):
+        raise BackendError(f"{name}: the S3 server answered the upload without an ETag: it may not be stored")
+    return response
+
+
 def error_code(exc: BaseException) -> tuple[str, int]:
     """(S3 error code, HTTP status) of a botocore ClientError; ('', 0) for anything else."""
     resp: Any = getattr(exc, "response", None)
