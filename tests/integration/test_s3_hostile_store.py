@@ -6,14 +6,17 @@ memory, or accept wrong data; the stored objects stay as they were."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from deltavault.backends.s3 import S3Backend
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ExitCode
+from tests.conftest import Cli, init_and_back_up
 from tests.s3proxy import Exchange, Proxy, Reply, proxy
 from tests.seaweed import Seaweed
 
@@ -244,3 +247,56 @@ def test_an_upload_answered_200_but_not_stored(seaweed: Seaweed, s3proxy: Proxy,
     assert list(b.list("")) == []
     b.put(PACK, BODY)
     assert b.get(PACK) == BODY
+
+
+def test_commands_on_a_lying_store_exit_15_and_leave_it_intact(cli: Cli, seaweed: Seaweed, s3proxy: Proxy,
+                                                               tmp_path: Path) -> None:
+    """End to end: a listing that never ends (was a hang) makes a command exit 15 (the
+    backend's code); pack reads answered from another offset than asked (were taken as the
+    bytes asked for) fail the restore naming the lie; with the store honest again, the
+    repository checks whole and restores."""
+    bucket = seaweed.new_bucket()
+    cli.env.update(seaweed.env(), DELTAVAULT_REPOSITORY=s3proxy.url(bucket, "repo"))
+    src = tmp_path / "src"
+    init_and_back_up(cli, src, {"a": os.urandom(300_000), "b": b"small file\n"})
+
+    def endless(ex: Exchange) -> Reply | None:
+        more = b"<IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken>"
+        return Reply.of(200, ex.body.replace(b"<IsTruncated>false</IsTruncated>", more)) if listing(ex) else None
+
+    s3proxy.faults.rewrite = endless
+    r = cli("snapshots", timeout=120)
+    assert r.returncode == ExitCode.BACKEND and "never end" in r.stderr, r.stderr
+
+    def other_range(ex: Exchange) -> Reply | None:
+        if ex.method != "GET" or ex.status != 206:
+            return None
+        key = ex.target.split(" ")[0].split("?")[0].split("/", 2)[2]
+        data = seaweed.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return Reply.of(206, data[100:], {"Content-Range": f"bytes 100-{len(data) - 1}/{len(data)}"})
+
+    s3proxy.faults.rewrite = other_range
+    r = cli("restore", "latest", "--target", str(tmp_path / "out"), timeout=120)
+    # restore reports a tree it cannot read as damage (13), with the backend's reason
+    assert r.returncode == ExitCode.CORRUPT and "when asked from byte 0" in r.stdout + r.stderr, r.stderr
+    s3proxy.faults.rewrite = None
+    assert cli("check", "--read-data", timeout=120).returncode == 0
+    r = cli("restore", "latest", "--target", str(tmp_path / "again"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "src" / "b").read_bytes() == b"small file\n"
+
+
+def test_a_list_of_versions_that_never_ends(store: S3Backend, s3proxy: Proxy) -> None:
+    """The versions of an object (deleted one by one in an Object Lock bucket), with the
+    same markers page after page: was an endless loop collecting the same version ids."""
+    def endless(ex: Exchange) -> Reply | None:
+        if not (ex.method == "GET" and "versions" in ex.target.split(" ")[0]):
+            return None
+        more = b"<IsTruncated>true</IsTruncated><NextKeyMarker>k</NextKeyMarker>"
+        return Reply.of(200, ex.body.replace(b"<IsTruncated>false</IsTruncated>", more))
+
+    s3proxy.faults.rewrite = endless
+    key = store.loc.root + "index/" + "a" * 64
+    with pytest.raises(BackendError, match="never end") as err:
+        store._versions("index/" + "a" * 64, key)
+    assert err.value.exit_code == ExitCode.BACKEND

@@ -32,7 +32,7 @@ from deltavault.backends.retention import ObjectRetention, Retention, protected
 from deltavault.backends.s3body import read_answer, read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
 from deltavault.backends.s3errors import ObjectRetained, error_code, stored, translate
-from deltavault.backends.s3listing import checked_page, listed_name, pages
+from deltavault.backends.s3listing import checked_page, listed_name, pages, versions
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
@@ -280,17 +280,8 @@ class S3Backend:
                 raise
 
     def _versions(self, name: str, key: str) -> builtins.list[str]:
-        out: builtins.list[str] = []
-        args: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": key}
-        while True:
-            page = self._call(name, lambda c, a=dict(args): c.list_object_versions(**a))  # type: ignore[misc]
-            for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                if v.get("Key") == key:
-                    out.append(v.get("VersionId") or "null")
-            if not page.get("IsTruncated"):
-                return out
-            args["KeyMarker"] = page.get("NextKeyMarker")
-            args["VersionIdMarker"] = page.get("NextVersionIdMarker")
+        return versions(self.loc.bucket, key, str(self.loc), name,
+                        lambda a: self._call(name, lambda c: c.list_object_versions(**a)))
 
     def stat(self, name: str) -> ObjectInfo:
         key = self._key(name)

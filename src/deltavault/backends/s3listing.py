@@ -61,6 +61,30 @@ def pages(bucket: str, root: str, where: str, prefix: str,
         args["ContinuationToken"] = token
 
 
+def versions(bucket: str, key: str, where: str, name: str,
+             request: Callable[[dict[str, Any]], dict[str, Any]]) -> list[str]:
+    """The version ids of ``key`` (the object ``name`` at ``where``), from ListObjectVersions
+    sent by ``request``; markers answered before would have the listing go round for ever."""
+    out: list[str] = []
+    args: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+    seen: set[tuple[str, str]] = set()
+    while True:
+        page = checked_page(request(dict(args)), where, name)
+        for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            if v.get("Key") == key:
+                out.append(v.get("VersionId") or "null")
+        if not page.get("IsTruncated"):
+            return out
+        marker = (str(page.get("NextKeyMarker")), str(page.get("NextVersionIdMarker")))
+        if marker in seen:
+            raise BackendError(f"{name}: the S3 server's list of versions would never end", retryable=False)
+        seen.add(marker)
+        for arg, field in (("KeyMarker", "NextKeyMarker"), ("VersionIdMarker", "NextVersionIdMarker")):
+            args.pop(arg, None)
+            if page.get(field):  # botocore refuses a None: a server may leave either out
+                args[arg] = page[field]
+
+
 def checked_page(page: dict[str, Any], where: str, prefix: str) -> dict[str, Any]:
     """``page``, a ListObjectsV2 answer, if it is one: botocore parses a 200 that is not
     S3's XML (a proxy's HTML error page) into an empty answer, which read as an empty
