@@ -300,3 +300,31 @@ def test_a_list_of_versions_that_never_ends(store: S3Backend, s3proxy: Proxy) ->
     with pytest.raises(BackendError, match="never end") as err:
         store._versions("index/" + "a" * 64, key)
     assert err.value.exit_code == ExitCode.BACKEND
+
+
+def test_a_pack_the_store_says_it_kept_and_did_not(cli: Cli, seaweed: Seaweed, s3proxy: Proxy,
+                                                   tmp_path: Path) -> None:
+    """A PUT answered as S3 does (200, ETag) with nothing kept cannot be seen from the
+    answer: the backup succeeds and its index names a missing pack. The design relies on
+    check (docs/design.md, "A store that lies"): it reports the pack, exit 13."""
+    bucket = seaweed.new_bucket()
+    cli.env.update(seaweed.env(), DELTAVAULT_REPOSITORY=s3proxy.url(bucket, "repo"))
+    assert cli("init").returncode == 0
+    lost: list[str] = []
+
+    def keep_nothing(ex: Exchange) -> Reply | None:
+        key = ex.target.split(" ")[0].split("?")[0].partition("/repo/")[2]
+        if ex.method == "PUT" and key.startswith("data/") and ex.status == 200:
+            key = "repo/" + key
+            seaweed.client().delete_object(Bucket=bucket, Key=key)
+            lost.append(key.rsplit("/", 1)[1])
+        return None
+
+    s3proxy.faults.rewrite = keep_nothing
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_bytes(os.urandom(100_000))
+    assert cli("backup", str(tmp_path / "src")).returncode == 0
+    s3proxy.faults.rewrite = None
+    assert lost
+    r = cli("check", timeout=120)
+    assert r.returncode == ExitCode.CORRUPT and lost[0][:8] in r.stdout + r.stderr, r.stdout + r.stderr
