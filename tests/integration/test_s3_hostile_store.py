@@ -166,15 +166,20 @@ def test_a_body_that_lies_or_stalls_times_out(pack: S3Backend, s3proxy: Proxy) -
 
 def test_a_listing_answered_with_an_html_page(store: S3Backend, s3proxy: Proxy) -> None:
     """A 200 with a proxy's HTML error page instead of a listing: botocore parses it into an
-    empty answer, which was an empty listing (every object missing) and exists() False."""
+    empty answer, which was an empty listing (every object missing) and exists() False; and
+    instead of a HEAD's answer, whose length was taken for the object's."""
     page = b"<html><head><title>502 Bad Gateway</title></head><body>upstream gone</body></html>"
     s3proxy.faults.rewrite = lambda ex: Reply.of(200, page, {"Content-Type": "text/html"}) if listing(ex) else None
     for call in (lambda: list(store.list("index/")), store.exists):
         with pytest.raises(BackendError, match="not a listing") as err:
             call()
         assert err.value.exit_code == ExitCode.BACKEND
+    s3proxy.faults.rewrite = lambda ex: Reply.of(200, page, {"Content-Type": "text/html"}) if ex.method == "HEAD" else None
+    with pytest.raises(BackendError, match="HEAD has no ETag"):
+        store.stat("index/" + "a" * 64)  # was the page's length, taken for the object's
     s3proxy.faults.rewrite = None
     assert store.exists() and len(list(store.list("index/"))) == 2
+    assert store.stat("index/" + "a" * 64).size == 5
 
 
 def test_a_redirect_to_another_host_is_not_followed(pack: S3Backend, s3proxy: Proxy) -> None:
@@ -240,7 +245,7 @@ def test_an_upload_answered_200_but_not_stored(seaweed: Seaweed, s3proxy: Proxy,
     s3proxy.faults.rewrite = lost
     for put in (lambda: b.put(PACK, BODY), lambda: b.put("locks/" + "e" * 64, b"lock"),
                 lambda: b.put(PACK, BODY * 6)):
-        with pytest.raises(BackendError, match="without an ETag") as err:
+        with pytest.raises(BackendError, match="has no ETag") as err:
             put()
         assert err.value.retryable and err.value.exit_code == ExitCode.BACKEND
     s3proxy.faults.rewrite = None

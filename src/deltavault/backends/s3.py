@@ -286,7 +286,7 @@ class S3Backend:
     def stat(self, name: str) -> ObjectInfo:
         key = self._key(name)
         try:
-            r = self._call(name, lambda c: c.head_object(Bucket=self.loc.bucket, Key=key))
+            r = self._call(name, lambda c: stored(name, c.head_object(Bucket=self.loc.bucket, Key=key), "HEAD"))
         except BackendError as exc:
             self._explain(exc)
             raise
