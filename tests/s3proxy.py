@@ -7,7 +7,10 @@ misbehaves on demand, as a real network and a real store do:
 - ``status``: answer the next requests itself with 503 SlowDown (or another status);
 - ``delay``: hold each response this long (a slow or stalled server);
 - ``unsupported_header``: answer 501 to requests with that header (a store without, say,
-  conditional writes).
+  conditional writes);
+- ``request``: rewrite each request's head before it goes upstream (drop a Range header);
+- ``rewrite``: see each whole upstream answer and send another (a lying or hostile store:
+  endless listings, foreign keys, 200 with an error body, a body that stalls).
 
 Requests are read one at a time per connection (no client here pipelines). ``Expect:
 100-continue`` is answered by the proxy, and the header (never signed by SigV4) is not
@@ -20,7 +23,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,6 +37,35 @@ class Faults:
     delay: float = 0.0  # seconds before each response
     methods: tuple[str, ...] = ()  # only these methods (empty: any) for drop and status
     unsupported_header: str = ""  # answer 501 NotImplemented to requests carrying it (lower case)
+    request: Callable[[str, str, bytes], bytes] | None = None  # (method, target, head) -> head sent upstream
+    rewrite: Callable[[Exchange], Reply | None] | None = None  # None: the upstream answer as it is
+
+
+@dataclass
+class Exchange:
+    """One request and the store's whole answer to it, for ``Faults.rewrite``."""
+
+    method: str
+    target: str
+    status: int
+    headers: dict[str, str]  # the answer's, lower case names
+    body: bytes
+
+
+@dataclass
+class Reply:
+    """What the proxy sends instead: ``data`` (status line, headers, body) as it is; with
+    ``stall``, the connection is then held open and silent until the proxy closes."""
+
+    data: bytes
+    stall: bool = False
+
+    @staticmethod
+    def of(status: int, body: bytes, headers: dict[str, str] | None = None, length: int | None = None) -> Reply:
+        h = {"Content-Type": "application/xml", "Content-Length": str(len(body) if length is None else length),
+             **(headers or {})}
+        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
+        return Reply(head.encode() + body)
 
 
 @dataclass
@@ -251,6 +283,8 @@ class Proxy:
                         self._socks.add(up)
                     u = _Conn(up)
                 assert u is not None
+                if self.faults.request is not None:
+                    head = self.faults.request(method, target, head)
                 up.sendall(head)
                 drop = self._take("drop", method, body_len)
                 forwarded = 0
@@ -273,6 +307,17 @@ class Proxy:
                 status = int(status_line.split(" ")[1])
                 if self.faults.delay:
                     time.sleep(self.faults.delay)
+                if self.faults.rewrite is not None:
+                    body = b"".join(_body(u, rh, response_to=method, status=status))
+                    reply = self.faults.rewrite(Exchange(method, target, status, rh, body))
+                    if reply is None:
+                        reply = Reply(rhead + body)
+                    client.sendall(reply.data)
+                    self._count(received=len(reply.data))
+                    if reply.stall:
+                        self._stop.wait()
+                        return
+                    continue
                 client.sendall(rhead)
                 self._count(received=len(rhead))
                 for piece in _body(u, rh, response_to=method, status=status):

@@ -29,9 +29,10 @@ from typing import Any, TypeVar
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, read_fd
 from deltavault.backends.filerange import FileRange
 from deltavault.backends.retention import ObjectRetention, Retention, protected
-from deltavault.backends.s3body import read_mapped
+from deltavault.backends.s3body import read_answer, read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
-from deltavault.backends.s3errors import ObjectRetained, error_code, translate
+from deltavault.backends.s3errors import ObjectRetained, error_code, stored, translate
+from deltavault.backends.s3listing import checked_page, listed_name, pages, versions
 from deltavault.backends.s3location import S3Location, S3Options
 from deltavault.errors import BackendError, ObjectNotFound, UsageError
 
@@ -108,8 +109,8 @@ class S3Backend:
 
     def exists(self) -> bool:
         try:
-            r = self._call("list", lambda c: c.list_objects_v2(Bucket=self.loc.bucket, Prefix=self.loc.root,
-                                                                MaxKeys=1))
+            r = checked_page(self._call("list", lambda c: c.list_objects_v2(
+                Bucket=self.loc.bucket, Prefix=self.loc.root, MaxKeys=1)), str(self.loc), "")
         except ObjectNotFound:
             return False
         except BackendError as exc:
@@ -120,29 +121,20 @@ class S3Backend:
 
     def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under root+prefix, one page (1,000 keys) per request."""
-        if prefix:
-            check_object_name(prefix)
-        args: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": self.loc.root + prefix}
-        while True:
-            page = self._call(f"list {prefix or '/'}", lambda c, a=dict(args): c.list_objects_v2(**a))  # type: ignore[misc]
-            yield from page.get("Contents", [])
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            args["ContinuationToken"] = token
+        return pages(self.loc.bucket, self.loc.root, str(self.loc), prefix,
+                     lambda a: self._call(f"list {prefix or '/'}", lambda c: c.list_objects_v2(**a)))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        n = len(self.loc.root)
         for o in self._objects(prefix):
-            name = o["Key"][n:]
-            if not name or name.endswith("/") or name.rpartition("/")[2].startswith(TEMP_PREFIX):
-                continue  # folder markers of other tools; temporary names are never objects
-            yield ObjectInfo(name, int(o.get("Size", 0)))
+            name = listed_name(self.loc.root, o)
+            if name is not None:
+                yield ObjectInfo(name, int(o.get("Size", 0)))
 
     def get_sized(self, name: str, offset: int, length: int, reserve: Callable[[int], None]) -> bytes | mmap.mmap:
         """A range for backends/readahead.py, ``reserve``d before its body is read (s3body.py)."""
         key, rng = self._key(name), f"bytes={offset}-{offset + length - 1}"
-        get = lambda c: read_mapped(name, c.get_object(Bucket=self.loc.bucket, Key=key, Range=rng), reserve)  # noqa: E731
+        get = lambda c: read_mapped(name, c.get_object(Bucket=self.loc.bucket, Key=key, Range=rng),  # noqa: E731
+                                    reserve, offset, length)
         try:
             return self._call(name, get)
         except BackendError as exc:
@@ -166,7 +158,7 @@ class S3Backend:
             if rng:
                 args["Range"] = rng
             r = c.get_object(**args)
-            return r["Body"].read(), str(r.get("ContentRange", ""))
+            return read_answer(name, r, offset, length, ranged=bool(rng)), str(r.get("ContentRange", ""))
 
         try:
             data, crange = self._call(name, read)
@@ -191,7 +183,7 @@ class S3Backend:
         if name.startswith("locks/") and self._conditional:
             self._put_new(name, key, data, args)
             return
-        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args))
+        self._call(name, lambda c: stored(name, c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args)))
 
     def put_file(self, name: str, fd: int, size: int) -> None:
         """``put`` of the first ``size`` bytes of the file open as ``fd`` (a spooled pack),
@@ -204,15 +196,15 @@ class S3Backend:
         if size >= self.opts.multipart_threshold:
             self._put_multipart(name, key, size, lambda start, n: FileRange(fd, start, n), args)
             return
-        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=FileRange(fd, 0, size),
-                                                **args))
+        self._call(name, lambda c: stored(name, c.put_object(Bucket=self.loc.bucket, Key=key,
+                                                             Body=FileRange(fd, 0, size), **args)))
 
     def _put_new(self, name: str, key: str, data: bytes, args: dict[str, Any]) -> None:
         """Create-only (If-None-Match: *): a lock record is never replaced in place."""
         bc = _botocore()
         client = self._client()
         try:
-            client.put_object(Bucket=self.loc.bucket, Key=key, Body=data, IfNoneMatch="*", **args)
+            stored(name, client.put_object(Bucket=self.loc.bucket, Key=key, Body=data, IfNoneMatch="*", **args))
             return
         except bc.exceptions.ClientError as exc:
             code, status = error_code(exc)
@@ -228,7 +220,7 @@ class S3Backend:
                 raise translate(exc, name, str(self.loc)) from exc
         except Exception as exc:
             raise translate(exc, name, str(self.loc)) from exc
-        self._call(name, lambda c: c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args))
+        self._call(name, lambda c: stored(name, c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, **args)))
 
     def _put_multipart(self, name: str, key: str, total: int, body: Body, args: dict[str, Any]) -> None:
         """Parts of ``part_size`` uploaded ``parallel_parts`` at a time; each worker makes
@@ -242,8 +234,8 @@ class S3Backend:
 
         def send(i: int) -> None:
             chunk = body(i * size, min(size, total - i * size))
-            r = self._call(name, lambda c: c.upload_part(Bucket=b, Key=key, UploadId=uid, PartNumber=i + 1,
-                                                         Body=chunk))
+            r = self._call(name, lambda c: stored(name, c.upload_part(Bucket=b, Key=key, UploadId=uid,
+                                                                      PartNumber=i + 1, Body=chunk)))
             parts[i] = {"ETag": r["ETag"], "PartNumber": i + 1, **{k: r[k] for k in _CHECKSUMS if k in r}}
 
         try:
@@ -251,8 +243,8 @@ class S3Backend:
                                     thread_name_prefix="dv-s3-part") as pool:
                 for _ in pool.map(send, range(count)):
                     pass
-            self._call(name, lambda c: c.complete_multipart_upload(
-                Bucket=b, Key=key, UploadId=uid, MultipartUpload={"Parts": parts}))
+            self._call(name, lambda c: stored(name, c.complete_multipart_upload(
+                Bucket=b, Key=key, UploadId=uid, MultipartUpload={"Parts": parts})))
         except BaseException:
             try:
                 self._client().abort_multipart_upload(Bucket=b, Key=key, UploadId=uid)
@@ -288,22 +280,13 @@ class S3Backend:
                 raise
 
     def _versions(self, name: str, key: str) -> builtins.list[str]:
-        out: builtins.list[str] = []
-        args: dict[str, Any] = {"Bucket": self.loc.bucket, "Prefix": key}
-        while True:
-            page = self._call(name, lambda c, a=dict(args): c.list_object_versions(**a))  # type: ignore[misc]
-            for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                if v.get("Key") == key:
-                    out.append(v.get("VersionId") or "null")
-            if not page.get("IsTruncated"):
-                return out
-            args["KeyMarker"] = page.get("NextKeyMarker")
-            args["VersionIdMarker"] = page.get("NextVersionIdMarker")
+        return versions(self.loc.bucket, key, str(self.loc), name,
+                        lambda a: self._call(name, lambda c: c.list_object_versions(**a)))
 
     def stat(self, name: str) -> ObjectInfo:
         key = self._key(name)
         try:
-            r = self._call(name, lambda c: c.head_object(Bucket=self.loc.bucket, Key=key))
+            r = self._call(name, lambda c: stored(name, c.head_object(Bucket=self.loc.bucket, Key=key), "HEAD"))
         except BackendError as exc:
             self._explain(exc)
             raise

@@ -32,13 +32,34 @@ from deltavault.errors import BackendError
 PIECE = 1024 * 1024
 
 
-def read_mapped(name: str, response: dict[str, Any], reserve: Callable[[int], None]) -> bytes | mmap.mmap:
+def check_range(name: str, response: dict[str, Any], offset: int, most: int) -> int:
+    """The length of a ranged ``get_object`` response's body, checked before any of it is
+    read against the range asked for: ``most`` bytes at most from ``offset`` (a negative
+    offset: the last bytes). A store that ignores the range answers the whole object (200,
+    no Content-Range): read, that was the wrong bytes, or gigabytes held for a few asked."""
+    n = int(response.get("ContentLength", 0) or 0)
+    crange = str(response.get("ContentRange") or "")
+    start = crange.removeprefix("bytes ").partition("-")[0]
+    if n > most or n < 0:
+        raise BackendError(f"{name}: the S3 server answered {n} bytes for a range of {most}", retryable=False)
+    if offset >= 0 and start != str(offset) and not (offset == 0 and not crange):
+        raise BackendError(f"{name}: the S3 server answered the range {crange or 'of the whole object'!r} "
+                           f"when asked from byte {offset}", retryable=False)
+    total = crange.rpartition("/")[2]
+    if offset >= 0 and total.isdigit() and n < min(most, int(total) - offset):
+        raise BackendError(f"{name}: the S3 server answered {n} bytes of the {min(most, int(total) - offset)} "
+                           f"asked ({crange})", retryable=False)
+    return n
+
+
+def read_mapped(name: str, response: dict[str, Any], reserve: Callable[[int], None], offset: int = 0,
+                most: int | None = None) -> bytes | mmap.mmap:
     """The body of a botocore ``get_object`` response, after ``reserve`` of its length; the
     body is closed whatever happens (its connection goes back to the pool only when the
-    whole body was read)."""
+    whole body was read). With ``most``, the answer to a range from ``offset`` (check_range)."""
     body = response["Body"]
-    n = int(response.get("ContentLength", 0))
     try:
+        n = int(response.get("ContentLength", 0)) if most is None else check_range(name, response, offset, most)
         reserve(n)
         if n == 0:
             return b""
@@ -58,6 +79,27 @@ def read_mapped(name: str, response: dict[str, Any], reserve: Callable[[int], No
         finally:
             view.release()
         return buf
+    finally:
+        body.close()
+
+
+def read_answer(name: str, response: dict[str, Any], offset: int, length: int | None, *, ranged: bool) -> bytes:
+    """The body of a botocore ``get_object`` response (S3Backend.get), closed after. The
+    answer to a range is checked first (check_range) and read to one byte past the most
+    asked for at most: a longer body is refused, never read whole."""
+    body = response["Body"]
+    try:
+        if not ranged:
+            return bytes(body.read())
+        most = -offset if offset < 0 else length
+        if most is None:  # from offset to the end
+            check_range(name, response, offset, int(response.get("ContentLength", 0) or 0))
+            return bytes(body.read())
+        check_range(name, response, offset, most)
+        data = body.read(most + 1)
+        if len(data) > most:
+            raise BackendError(f"{name}: the S3 server answered more than the {most} bytes asked", retryable=False)
+        return bytes(data)
     finally:
         body.close()
 

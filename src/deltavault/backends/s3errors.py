@@ -43,6 +43,18 @@ class ObjectRetained(BackendError):
         self.until = until
 
 
+def stored(name: str, response: dict[str, Any], what: str = "upload") -> dict[str, Any]:
+    """``response`` to a PUT, an uploaded part, a completed upload or a HEAD (``what``), if
+    it is the store's: S3 answers each with the object's ETag. A 200 without one (a proxy's
+    or a load balancer's own page, which botocore parses into an empty answer) is not: after
+    an upload the object may be missing (and a pack indexed after it would be); a HEAD's
+    length is the page's."""
+    if not str(response.get("ETag") or "").strip('"'):
+        raise BackendError(f"{name}: the S3 server's answer to the {what} has no ETag: not the store's answer "
+                           "(an upload may not be stored)")
+    return response
+
+
 def error_code(exc: BaseException) -> tuple[str, int]:
     """(S3 error code, HTTP status) of a botocore ClientError; ('', 0) for anything else."""
     resp: Any = getattr(exc, "response", None)

@@ -47,8 +47,11 @@ T = TypeVar("T")
 
 class SFTPBackend:
     def __init__(self, loc: SFTPLocation, *, config_file: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, read_timeout: float = 120.0) -> None:
         self.loc = loc
+        # The longest wait for one reply (a server fsyncing a pack to a slow disk is slow, a
+        # server that took a request and never answers it is gone): then the connection is lost.
+        self.read_timeout = read_timeout
         self.ssh = SshTarget(loc, config_file or os.environ.get("DELTAVAULT_SSH_CONFIG")
                              or os.path.expanduser("~/.ssh/config"), timeout)
         self._lock = threading.Lock()
@@ -84,6 +87,9 @@ class SFTPBackend:
         try:
             sftp = paramiko_module().SFTPClient.from_transport(client.get_transport(), window_size=_WINDOW,
                                                                max_packet_size=_MAX_PACKET)
+            # Every wait for a reply ends: a server that stops answering (a READ taken and
+            # never answered) held the call for ever. A timeout is a lost connection (_call).
+            sftp.get_channel().settimeout(self.read_timeout)
         except Exception as exc:
             raise BackendError(f"cannot open an sftp channel on {self.loc.host}: {exc}") from exc
         self._local.sftp = (generation, sftp)
@@ -177,6 +183,8 @@ class SFTPBackend:
             except ObjectNotFound:
                 continue
             for e in entries:
+                if not e.filename or e.filename in (".", "..") or "/" in e.filename or "\0" in e.filename:
+                    continue  # a lying server's: it would lead the walk out of the repository
                 full = posixpath.join(d, e.filename)
                 if statmod.S_ISDIR(e.st_mode or 0):
                     stack.append(full)

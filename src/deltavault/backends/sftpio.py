@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from deltavault.backends.base import pread_exact
 from deltavault.backends.ssh import paramiko_module
+from deltavault.errors import BackendError
 
 if TYPE_CHECKING:
     import paramiko
@@ -64,6 +65,7 @@ def pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int, request: in
                 at_eof = True
                 continue
         data = msg.get_string()
+        _not_longer(data, size)
         pieces.append(data)
         have += len(data)
         if len(data) < size:
@@ -77,10 +79,19 @@ def pread(s: paramiko.SFTPClient, handle: bytes, start: int, n: int, request: in
                     at_eof = True
                     break
                 piece = more.get_string()
+                _not_longer(piece, want)
                 pieces.append(piece)
                 have += len(piece)
                 want -= len(piece)
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _not_longer(data: bytes, size: int) -> None:
+    """A READ reply longer than asked is a lying server: taken, it put bytes of the wrong
+    offsets into the answer (and made the rest of a short read negative)."""
+    if len(data) > size:
+        raise BackendError(f"the sftp server answered {len(data)} bytes to a read of {size}: more than the "
+                           "bytes asked", retryable=False)
 
 
 def pwrite(s: paramiko.SFTPClient, handle: bytes, size: int, piece: Callable[[int, int], bytes | memoryview],

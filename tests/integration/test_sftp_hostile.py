@@ -1,0 +1,78 @@
+"""The sftp backend against a server that lies (tests/hostile_sftp.py, paramiko's server
+side, where a real sshd cannot be made to): READ replies longer than asked, READs never
+answered, listings with names that climb out of the folder listed. Each ends in a precise
+error (exit 15) or is ignored; nothing outside the repository is read, and the stored
+objects stay as they were."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavault.backends.sftp import SFTPBackend
+from deltavault.backends.ssh import parse_location
+from deltavault.errors import BackendError, ExitCode
+from tests.hostile_sftp import HostileServer, hostile_sftp, is_dir
+
+PACK = "data/ab/ab" + "0" * 62
+BODY = os.urandom(300_000)
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[HostileServer]:
+    with hostile_sftp(tmp_path) as server:
+        repo = server.root / "repo"
+        (repo / "data" / "ab").mkdir(parents=True)
+        (repo / PACK).write_bytes(BODY)
+        (server.root / "secret").mkdir()
+        (server.root / "secret" / "key").write_bytes(b"not yours")
+        yield server
+
+
+def backend(server: HostileServer) -> SFTPBackend:
+    return SFTPBackend(parse_location(server.url(str(server.root / "repo"))), config_file=str(server.ssh_config),
+                       timeout=2, read_timeout=2)
+
+
+def test_an_honest_server_first(hostile: HostileServer) -> None:
+    b = backend(hostile)
+    assert b.get(PACK, 1000, 5000) == BODY[1000:6000]
+    assert [o.name for o in b.list("data/")] == [PACK]
+
+
+def test_a_read_answered_with_more_than_asked(hostile: HostileServer) -> None:
+    """READ replies longer than asked were taken whole: get returned more bytes than the
+    range (the wrong bytes after the first reply)."""
+    hostile.lies.extra_read = 7
+    b = backend(hostile)
+    for read in (lambda: b.get(PACK, 1000, 5000), lambda: b.get(PACK), lambda: b.get(PACK, -100)):
+        with pytest.raises(BackendError, match="more than the") as err:
+            read()
+        assert err.value.exit_code == ExitCode.BACKEND
+    hostile.lies.extra_read = 0
+    assert backend(hostile).get(PACK, 1000, 5000) == BODY[1000:6000]
+    assert (hostile.root / "repo" / PACK).read_bytes() == BODY
+
+
+def test_a_read_never_answered(hostile: HostileServer) -> None:
+    """A server that takes READs and never answers: a get waited for ever; now the read
+    timeout ends it (a retryable backend error)."""
+    b = backend(hostile)
+    assert b.get(PACK, 0, 10) == BODY[:10]
+    hostile.lies.stall_reads = True
+    with pytest.raises(BackendError, match="lost") as err:
+        b.get(PACK, 1000, 5000)
+    assert err.value.exit_code == ExitCode.BACKEND and err.value.retryable
+
+
+def test_listing_names_that_climb_out(hostile: HostileServer) -> None:
+    """Entries named '..', '../../secret' or 'a/b' (paramiko drops only '.' and '..' exactly):
+    the walk went into the folders they name, outside the repository, and listed their
+    files as objects ('../secret/key')."""
+    hostile.lies.entries = [("..", is_dir()), ("../../secret", is_dir()), ("x/../../../secret", is_dir()),
+                            ("a/b", 0o100644), ("", 0o100644)]
+    names = [o.name for o in backend(hostile).list("")]
+    assert names == [PACK]
