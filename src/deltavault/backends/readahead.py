@@ -184,13 +184,15 @@ class ReadAheadBackend(Forwarding):
         fixed = 0 if wait else 1
         with self._room:
             n, est, nfixed = self._holds.get(name, (0, 0, 0))
-            grow = max(0, offset + length - est)  # a block brings the pack from its start
+            # A block brings the pack from its start; a hold not fetching ahead counts for
+            # nothing here (its pack, if kept, is counted by the GETs' wait, _pinned).
+            grow = max(0, offset + length - est) if ahead else 0
             # Only holds that are released whatever waiting issuers do (fixed ones) are waited
             # for: a waiting issuer's own holds, or another's, may wait on it.
             while wait and self._fixed and self._held + grow > self.keep:
                 self._room.wait()
                 n, est, nfixed = self._holds.get(name, (0, 0, 0))
-                grow = max(0, offset + length - est)
+                grow = max(0, offset + length - est) if ahead else 0
             self._holds[name] = (n + 1, est + grow, nfixed + fixed)
             self._held += grow
             self._fixed += fixed

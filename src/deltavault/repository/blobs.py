@@ -212,8 +212,10 @@ class BlobReader:
             if loc is not None:
                 lo, hi, n = spans.get(loc.pack_id, (loc.offset, loc.offset + loc.length, 0))
                 spans[loc.pack_id] = (min(lo, loc.offset), max(hi, loc.offset + loc.length), n + loc.length)
-        releases = [hint(pack_name(pid), lo, hi - lo, wait=wait) for pid, (lo, hi, n) in spans.items()
-                    if n >= PREFETCH_MIN]
+        # A pack with less of these blobs is held but not fetched ahead: another reader may
+        # bring it whole meanwhile (a segment's last MiB of a pack its neighbour reads).
+        releases = [hint(pack_name(pid), lo, hi - lo, wait=wait, ahead=n >= PREFETCH_MIN)
+                    for pid, (lo, hi, n) in spans.items()]
         if not releases:
             return lambda: None
 
