@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -74,6 +74,15 @@ class CountingBackend:
         hint = getattr(self.inner, "prefetch", None)
         if hint is not None:
             hint(name, offset, length)
+
+    def hold(self, name: str, offset: int, length: int, *, wait: bool = False,
+             ahead: bool = True) -> Callable[[], None]:
+        """A read-ahead's hint that pins the pack until released, passed on (a hint that
+        goes nowhere holds nothing)."""
+        fn = getattr(self.inner, "hold", None)
+        if fn is None:
+            return lambda: None
+        return cast(Callable[[], None], fn(name, offset, length, wait=wait, ahead=ahead))
 
     def put(self, name: str, data: bytes) -> None:
         self.inner.put(name, data)

@@ -6,7 +6,7 @@ name the narrowest one they use, so a reader sees at a glance what an engine can
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from deltavault.model.types import BlobType
@@ -23,8 +23,10 @@ class BlobReader(BlobLoader, Protocol):
 
     def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
 
-    def prefetch_blobs(self, ids: list[bytes]) -> None:
-        """A hint: these blobs will be loaded soon (a backend that can, starts reading them)."""
+    def hold_blobs(self, ids: list[bytes], *, wait: bool = False) -> Callable[[], None]:
+        """A hint: these blobs will be loaded soon (a backend that can, starts reading them,
+        and keeps them until the returned function is called). ``wait``: the caller may be
+        held back while the backend holds too much (its holds are released by others)."""
         ...
 
 

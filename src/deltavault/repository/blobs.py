@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from deltavault.backends.base import Backend, put_file
 from deltavault.errors import CorruptionError
@@ -207,21 +207,31 @@ class BlobReader:
             raise CorruptionError(f"blob {blob_id.hex()[:16]}: content does not match its id")
         return data
 
-    def prefetch(self, ids: Iterable[bytes]) -> None:
+    def hold(self, ids: Iterable[bytes], *, wait: bool = False) -> Callable[[], None]:
         """Tell a backend that reads ahead (backends/readahead.py) which ranges of which packs
-        these blobs will be read from; other backends have nothing to do."""
-        hint = getattr(self.backend, "prefetch", None)
+        these blobs will be read from, and keep those packs until the returned function is
+        called (the reads are done); other backends have nothing to do. ``wait``: the
+        read-ahead's back-pressure, see ``ReadAheadBackend.hold``."""
+        hint = getattr(self.backend, "hold", None)
         if hint is None or not getattr(self.backend, "reads_ahead", True):
-            return
+            return lambda: None
         spans: dict[bytes, tuple[int, int, int]] = {}  # pack -> (first byte, end, bytes of blobs)
         for bid in dict.fromkeys(ids):
             loc = self.indexes.index.lookup(bid)
             if loc is not None:
                 lo, hi, n = spans.get(loc.pack_id, (loc.offset, loc.offset + loc.length, 0))
                 spans[loc.pack_id] = (min(lo, loc.offset), max(hi, loc.offset + loc.length), n + loc.length)
-        for pid, (lo, hi, n) in spans.items():
-            if n >= PREFETCH_MIN:
-                hint(pack_name(pid), lo, hi - lo)
+        # A pack with less of these blobs is held but not fetched ahead: another reader may
+        # bring it whole meanwhile (a segment's last MiB of a pack its neighbour reads).
+        releases = [hint(pack_name(pid), lo, hi - lo, wait=wait, ahead=n >= PREFETCH_MIN)
+                    for pid, (lo, hi, n) in spans.items()]
+        if not releases:
+            return lambda: None
+
+        def release() -> None:
+            for r in releases:
+                r()
+        return release
 
     def load_many(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Load many blobs, reading neighbouring blobs of one pack in a single request."""
@@ -233,20 +243,34 @@ class BlobReader:
             by_pack.setdefault(loc.pack_id, []).append((loc.offset, loc.length, bid))
         # A read-ahead's view is the kept pack itself, not a copy of up to SPAN bytes of it.
         read = getattr(self.backend, "view", None) or (lambda n, o, ln: memoryview(self.backend.get(n, o, ln)))
+        pin = getattr(self.backend, "hold", None) if getattr(self.backend, "reads_ahead", True) else None
         for pid, items in by_pack.items():
             items.sort()
-            i = 0
-            while i < len(items):
-                start = items[i][0]
-                j = i
-                end = items[i][0] + items[i][1]
-                while (j + 1 < len(items) and items[j + 1][0] - end < GAP
-                       and items[j + 1][0] + items[j + 1][1] - start < SPAN):
-                    j += 1
-                    end = max(end, items[j][0] + items[j][1])
-                mv = read(pack_name(pid), start, end - start)
-                if len(mv) != end - start:
-                    raise CorruptionError(f"pack {pid.hex()[:16]} is truncated")
-                for off, ln, bid in items[i:j + 1]:
-                    yield bid, self.open(bid, mv[off - start: off - start + ln])
-                i = j + 1
+            # A read-ahead keeps the pack while its reads here go on: split by gaps, a batch's
+            # reads of one pack were two GETs of it when another thread's fetch came between.
+            release = pin(pack_name(pid), items[0][0], items[-1][0] + items[-1][1] - items[0][0],
+                          ahead=False) if pin is not None and len(items) > 1 else None
+            try:
+                yield from self._load_pack(pid, items, read)
+            finally:
+                if release is not None:
+                    release()
+
+    def _load_pack(self, pid: bytes, items: list[tuple[int, int, bytes]],
+                   read: Callable[[str, int, int], memoryview]) -> Iterator[tuple[bytes, bytes]]:
+        """The blobs ``items`` (offset, length, id; sorted) of one pack, neighbours read together."""
+        i = 0
+        while i < len(items):
+            start = items[i][0]
+            j = i
+            end = items[i][0] + items[i][1]
+            while (j + 1 < len(items) and items[j + 1][0] - end < GAP
+                   and items[j + 1][0] + items[j + 1][1] - start < SPAN):
+                j += 1
+                end = max(end, items[j][0] + items[j][1])
+            mv = read(pack_name(pid), start, end - start)
+            if len(mv) != end - start:
+                raise CorruptionError(f"pack {pid.hex()[:16]} is truncated")
+            for off, ln, bid in items[i:j + 1]:
+                yield bid, self.open(bid, mv[off - start: off - start + ln])
+            i = j + 1

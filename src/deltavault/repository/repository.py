@@ -11,7 +11,7 @@ them by reading their headers (``adopt_orphan_packs``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import blake3
@@ -184,8 +184,8 @@ class Repository:
     def load_blobs(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         return self.reader.load_many(ids)
 
-    def prefetch_blobs(self, ids: Iterable[bytes]) -> None:
-        self.reader.prefetch(ids)
+    def hold_blobs(self, ids: Iterable[bytes], *, wait: bool = False) -> Callable[[], None]:
+        return self.reader.hold(ids, wait=wait)
 
     # ----------------------------------------------------------------- snapshots (snapshots.py)
     @property

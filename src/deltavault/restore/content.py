@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, wait
 
 from deltavault.errors import CorruptionError
@@ -120,17 +120,28 @@ def _write_parallel(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes
     expect: Expect = []
     pending: deque[Future[Expect]] = deque()
     batches = list(_batches(node.content, SEGMENT_BYTES))
+    held: dict[int, Callable[[], None]] = {}  # segment -> the release of its packs' hold
+
+    def hold(j: int) -> None:
+        # On S3 every segment thread waited for the same pack's GET, and no GET ran while
+        # they worked on it (py-spy, issue #17): the pack a window ahead is asked for now,
+        # so its GET overlaps this window's work. Held until the segment is written: the
+        # small files' batches read other packs meanwhile, and a pack fetched ahead was
+        # dropped before its segments came (issue #17). Not waiting: this thread holds
+        # segments it has yet to submit, so another waiting on it would wait forever.
+        held[j] = repo.hold_blobs([r.id for _o, r in batches[j] if isinstance(r, Full) and r.id not in preloaded])
+
     try:
+        for j in range(min(window, len(batches))):
+            hold(j)
         for i, batch in enumerate(batches):
             if len(pending) >= window:
                 expect.extend(pending.popleft().result())
             if i + window < len(batches):
-                # On S3 every segment thread waited for the same pack's GET, and no GET ran
-                # while they worked on it (py-spy, issue #17): the pack a window ahead is
-                # asked for now, so its GET overlaps this window's work.
-                ahead = batches[i + window]
-                repo.prefetch_blobs([r.id for _o, r in ahead if isinstance(r, Full) and r.id not in preloaded])
-            pending.append(pool.submit(_write_batch, repo, fd, batch, preloaded, digests))
+                hold(i + window)
+            fut = pool.submit(_write_batch, repo, fd, batch, preloaded, digests)
+            fut.add_done_callback(_releasing(held.pop(i)))
+            pending.append(fut)
         while pending:
             expect.extend(pending.popleft().result())
     finally:
@@ -139,7 +150,14 @@ def _write_parallel(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes
         for fut in pending:
             fut.cancel()
         wait(pending)
+        for release in held.values():  # segments never submitted
+            release()
     return expect
+
+
+def _releasing(release: Callable[[], None]) -> Callable[[Future[Expect]], None]:
+    """A future's done callback that calls ``release`` (a segment's hold, once written)."""
+    return lambda _f: release()
 
 
 def _write_batch(repo: BlobReader, fd: int, batch: list[tuple[int, ContentRef]],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, DeltavaultError, NoSpace
@@ -70,6 +71,7 @@ class RegularFiles:
         # segments on _segments, the batches the walker waits for came late, and the walker
         # is the restore's critical path while large files are written beside it.
         self._loads = ThreadPoolExecutor(1, thread_name_prefix="dv-restore-load")
+        self._last_hold: Callable[[], None] = lambda: None  # the hold of the last batch loaded
         self._lock = threading.Lock()  # guards _fatal
         self._fatal: BaseException | None = None
         self._small: Batch = []
@@ -106,6 +108,7 @@ class RegularFiles:
         self._pool.shutdown()
         self._segments.shutdown()
         self._loads.shutdown()
+        self._last_hold()
 
     def file(self, parent: Dir, relpath: bytes, node: Node) -> None:
         key = (node.dev, node.inode) if node.links > 1 else None
@@ -164,13 +167,21 @@ class RegularFiles:
         if not items:
             return
         ids = list(dict.fromkeys(r.id for _d, _rel, n in items for r in n.content if isinstance(r, Full)))
+        # A read-ahead reads their packs whole, in one GET each, and keeps them until the
+        # next batch is loaded: consecutive batches read on in the same packs, which were
+        # dropped between two batches while a large file's segments read other packs, and
+        # fetched again (S3 restore, issue #17). This thread waits while others hold too
+        # much (back-pressure), so memory stays bounded.
+        release = self.repo.hold_blobs(ids, wait=True)
+        previous, self._last_hold = self._last_hold, release
         try:
-            self.repo.prefetch_blobs(ids)  # a read-ahead reads their packs whole, in one GET each
             fut = self._loads.submit(self._load_blobs, ids)
         except BaseException:
+            previous()
             for here, _rel, _node in items:
                 self.holds.file_done(here)
             raise
+        fut.add_done_callback(lambda _f: previous())
         self._loading.append((items, fut))
 
     def _load_blobs(self, ids: list[bytes]) -> dict[bytes, bytes]:
