@@ -90,6 +90,9 @@ class RegularFiles:
                 child.racy = (path, prev)
             elif child is not None:
                 self._count_read(path, prev)
+            # Filed under the inode actually read, not the one listed: replaced in between
+            # (a rename over it), the listed inode's other names must not get this content.
+            hl_key = None if child is None or child.node.links < 2 else (child.node.dev, child.node.inode)
         if child is not None and hl_key is not None:
             self._hardlinks[hl_key] = child
         return child
