@@ -93,7 +93,7 @@ class Files:
                     run.rx.meta_problems(relpath, run.ntfs.fix_kept(sfd, name, dfd, dst_reg))
                 return
         for attempt in range(1, opts.attempts + 1):
-            fd = run.source.open_file(sfd, name, relpath)
+            fd = run.source.open_file(sfd, name, relpath, st)
             if fd is None:
                 return
             staged: Staged | None = None

@@ -64,7 +64,7 @@ class FileSender:
     def send(self, dfd: int, rel: bytes, name: bytes, listed: os.stat_result, how: str) -> None:
         crel = join(rel, name)
         for _attempt in range(self.opts.attempts):
-            fd = self.source.open_file(dfd, name, crel)
+            fd = self.source.open_file(dfd, name, crel, listed)
             if fd is None:
                 return
             try:

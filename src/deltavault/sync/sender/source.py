@@ -168,10 +168,18 @@ class SourceTree:
             self.out.problem(rel, "metadata", f"extended attributes unreadable: {exc.strerror}")
             return None
 
-    def open_file(self, dir_fd: int, name: bytes, rel: bytes) -> int | None:
-        """A source file opened for reading; None when it cannot be (reported)."""
+    def open_file(self, dir_fd: int, name: bytes, rel: bytes, listed: os.stat_result | None = None) -> int | None:
+        """A source file opened for reading; None when it cannot be (reported). A file listed
+        with other links must still be that inode: its other names are linked to the copy of
+        this one, so a file renamed over it in between would lend them its content."""
         try:
-            return open_source(dir_fd, name)
+            fd = open_source(dir_fd, name)
         except OpenFailed as exc:
             self.out.problem(rel, exc.kind, str(exc))
             return None
+        if listed is not None and listed.st_nlink > 1 and identity(os.fstat(fd)) != identity(listed):
+            os.close(fd)
+            self.out.problem(rel, "changed", "replaced by another file after it was listed; not copied, "
+                             "nor are its other names linked")
+            return None
+        return fd

@@ -1,0 +1,50 @@
+"""Sync of a SRC that another process changes between the listing of an entry and its
+read: each change is made at a known point, by wrapping the call the sync makes next (no
+timing)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import deltavault.sync.sender.source as source_mod
+from deltavault.sync.local.engine import Syncer
+from deltavault.sync.options import SyncOptions
+from tests.integration.sync.conftest import write
+
+
+def _before_open(monkeypatch: pytest.MonkeyPatch, name: bytes, action: Callable[[], None]) -> None:
+    """Run ``action`` once, right before the sync opens the source file ``name`` to copy it."""
+    real = source_mod.open_source
+    pending = [action]
+
+    def open_source(dir_fd: int, fsname: bytes) -> int:
+        if fsname == name and pending:
+            pending.pop()()
+        return real(dir_fd, fsname)
+
+    monkeypatch.setattr(source_mod, "open_source", open_source)
+
+
+def test_a_hard_link_renamed_over_before_its_copy_does_not_lend_its_content_to_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b, c and d are one file. b (the name copied; c and d are linked to its copy) is
+    replaced by another file, itself with two links, after the listing: the old sync copied
+    the new file and linked c and d to it, so DST/c and DST/d held content SRC/c and SRC/d never had. Now b is not
+    copied (reported), nor are c and d linked to anything."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src / "b", b"original content of the linked file\n")
+    os.link(src / "b", src / "c")
+    os.link(src / "b", src / "d")
+    intruder = write(tmp_path / "intruder", b"the intruder's content\n")
+    os.link(intruder, tmp_path / "intruder-kept")  # linked too: its copy is taken as the group's
+    _before_open(monkeypatch, b"b", lambda: os.rename(intruder, src / "b"))
+    res = Syncer(src, dst, SyncOptions(processes=1)).run()
+    for name in ("c", "d"):
+        assert not (dst / name).exists() or (dst / name).read_bytes() == (src / name).read_bytes(), name
+    by_path = {p.path: p for p in res.problems}
+    assert sorted(by_path) == ["b", "c", "d"]
+    assert by_path["b"].kind == "changed" and "replaced by another file" in by_path["b"].message
