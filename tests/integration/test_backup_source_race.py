@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 import deltavault.backup.files.regular as regular_mod
-from deltavault.backup.files.run import BackupRequest, run_backup
+import deltavault.backup.files.scan as scan_mod
+from deltavault.backup.files.options import Excludes, FileBackupOptions, Source
+from deltavault.backup.files.run import BackupRequest, run_backup, scan_totals
 from deltavault.model.nodes import Node
 from deltavault.objects.walk import walk
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
+from tests.hostileutil import PATH_MAX, make_deep
+from tests.treeutil import remove_tree
 
 
 def _before_open(monkeypatch: pytest.MonkeyPatch, name: bytes, action: Callable[[], None]) -> None:
@@ -60,3 +64,49 @@ def test_a_hard_link_replaced_before_its_read_does_not_lend_its_content_to_the_o
         assert nodes[other].content == nodes[b"src/ctl-original"].content, other
         assert nodes[other].inode == (src / "c").stat().st_ino
     assert nodes[b"src/b"].inode == (src / "b").stat().st_ino
+
+
+# ---------------------------------------------------------------------------- progress totals
+
+def test_the_progress_scan_does_not_follow_a_directory_swapped_for_a_symlink(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan that sums sizes for the progress bar lists src/d, then d is swapped for a
+    symlink to a root-only directory holding a d/e of its own. The old scan looked src/d/e
+    up by path, through the symlink, and counted the root-only file; now e is opened from
+    d's fd and only the tree's own file is counted."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "e" / "mine").write_bytes(b"m" * 100)
+    (outside / "e").mkdir(parents=True)
+    (outside / "e" / "secret").write_bytes(b"s" * 5000)
+    outside.chmod(0o700)
+    real = Excludes.marker
+    swapped: list[bool] = []
+
+    def marker(self: Excludes, dir_fd: int, names: list[bytes]) -> bytes | None:
+        if names == [b"e"] and not swapped:  # src/d was just listed
+            swapped.append(True)
+            os.rename(src / "d", tmp_path / "d-aside")
+            os.symlink(outside, src / "d")
+        return real(self, dir_fd, names)
+
+    monkeypatch.setattr(Excludes, "marker", marker)
+    assert scan_totals([Source(os.fsencode(src), b"src")], FileBackupOptions()) == (100, 1)
+    assert swapped
+
+
+def test_the_progress_scan_counts_past_path_max_within_few_open_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old scan built paths and stopped, silently, where they passed PATH_MAX."""
+    monkeypatch.setattr(scan_mod, "MAX_OPEN_DIRS", 8, raising=False)  # (absent from the old scan)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "top").write_bytes(b"t" * 10)
+    rel = make_deep(src, PATH_MAX // 2 + 10, b"at the bottom\n")
+    assert len(rel) > PATH_MAX
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        assert scan_totals([Source(os.fsencode(src), b"src")], FileBackupOptions()) == (24, 2)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        remove_tree(src)
