@@ -10,8 +10,10 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli
@@ -85,3 +87,19 @@ def plant_acl_dir(path: Path) -> None:
 
 def acl_names(path: Path) -> list[str]:
     return [x for x in os.listxattr(path) if x.startswith("system.posix_acl")]
+
+
+def before_call(monkeypatch: pytest.MonkeyPatch, module: object, func: str, name: bytes,
+                action: Callable[[], None]) -> None:
+    """Run ``action`` once, right before ``module.func(dir_fd, name)`` is called for the entry
+    ``name``: a change made by a racing writer at a known point (after the walk's lstat of
+    that entry, before the open the wrapped function makes), with no timing."""
+    real = getattr(module, func)
+    pending = [action]
+
+    def wrapped(dir_fd: int, fsname: bytes) -> int:
+        if fsname == name and pending:
+            pending.pop()()
+        return int(real(dir_fd, fsname))
+
+    monkeypatch.setattr(module, func, wrapped)

@@ -5,7 +5,6 @@ next (no timing), and what the snapshot records is checked against the files."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,8 @@ from deltavault.model.nodes import Node
 from deltavault.objects.walk import walk
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
-from tests.hostileutil import PATH_MAX, make_deep
+from tests.hostileutil import PATH_MAX, before_call, make_deep
 from tests.treeutil import remove_tree
-
-
-def _before_open(monkeypatch: pytest.MonkeyPatch, name: bytes, action: Callable[[], None]) -> None:
-    """Run ``action`` once, right before the walk opens the file ``name`` to read it: after
-    its lstat, as a racing writer could."""
-    real = regular_mod.open_regular
-    pending = [action]
-
-    def open_regular(dir_fd: int, fsname: bytes) -> int:
-        if fsname == name and pending:
-            pending.pop()()
-        return real(dir_fd, fsname)
-
-    monkeypatch.setattr(regular_mod, "open_regular", open_regular)
 
 
 def _nodes(repo: Repository, tree: bytes | None) -> dict[bytes, Node]:
@@ -56,7 +41,7 @@ def test_a_hard_link_replaced_before_its_read_does_not_lend_its_content_to_the_o
     (src / "ctl-intruder").write_bytes(b"the intruder's content\n")
     intruder = tmp_path / "intruder"
     intruder.write_bytes(b"the intruder's content\n")
-    _before_open(monkeypatch, b"b", lambda: os.rename(intruder, src / "b"))
+    before_call(monkeypatch, regular_mod, "open_regular", b"b", lambda: os.rename(intruder, src / "b"))
     res = run_backup(repo, BackupRequest(paths=[str(src)]), NullReporter())
     nodes = _nodes(repo, res.snapshot.tree)
     assert nodes[b"src/b"].content == nodes[b"src/ctl-intruder"].content

@@ -5,7 +5,6 @@ timing)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,8 @@ import pytest
 import deltavault.sync.sender.source as source_mod
 from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
+from tests.hostileutil import before_call
 from tests.integration.sync.conftest import write
-
-
-def _before_open(monkeypatch: pytest.MonkeyPatch, name: bytes, action: Callable[[], None]) -> None:
-    """Run ``action`` once, right before the sync opens the source file ``name`` to copy it."""
-    real = source_mod.open_source
-    pending = [action]
-
-    def open_source(dir_fd: int, fsname: bytes) -> int:
-        if fsname == name and pending:
-            pending.pop()()
-        return real(dir_fd, fsname)
-
-    monkeypatch.setattr(source_mod, "open_source", open_source)
 
 
 def test_a_hard_link_renamed_over_before_its_copy_does_not_lend_its_content_to_the_others(
@@ -41,7 +28,7 @@ def test_a_hard_link_renamed_over_before_its_copy_does_not_lend_its_content_to_t
     os.link(src / "b", src / "d")
     intruder = write(tmp_path / "intruder", b"the intruder's content\n")
     os.link(intruder, tmp_path / "intruder-kept")  # linked too: its copy is taken as the group's
-    _before_open(monkeypatch, b"b", lambda: os.rename(intruder, src / "b"))
+    before_call(monkeypatch, source_mod, "open_source", b"b", lambda: os.rename(intruder, src / "b"))
     res = Syncer(src, dst, SyncOptions(processes=1)).run()
     for name in ("c", "d"):
         assert not (dst / name).exists() or (dst / name).read_bytes() == (src / name).read_bytes(), name

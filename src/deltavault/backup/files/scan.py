@@ -17,7 +17,8 @@ import threading
 from dataclasses import dataclass
 
 from deltavault.backup.files.options import Excludes, FileBackupOptions, Source
-from deltavault.fs.dirfd import Identity, identity, open_dir_at, open_parent_checked
+from deltavault.fs.dirfd import Identity, identity, open_dir_at
+from deltavault.fs.dirstack import bound, climb
 from deltavault.progress import Reporter
 
 MAX_OPEN_DIRS = 128
@@ -90,16 +91,11 @@ class _Totals:
                     sub = self.child(d, d.names[d.next - 1])
                     if sub is not None:
                         stack.append(sub)
-                        if len(stack) - closed_below > MAX_OPEN_DIRS:
-                            os.close(stack[closed_below].fd)
-                            stack[closed_below].fd = -1
-                            closed_below += 1
+                        closed_below = bound(stack, closed_below, MAX_OPEN_DIRS)
                     continue
                 stack.pop()
                 if stack and stack[-1].fd < 0:
-                    up = open_parent_checked(d.fd, stack[-1].ident)
-                    stack[-1].fd = -1 if up is None else up
-                    if up is None:  # moved meanwhile: the rest of it is not counted
+                    if not climb(stack, d.fd):  # moved meanwhile: the rest of it is not counted
                         stack[-1].next = len(stack[-1].names)
                     closed_below = len(stack) - 1
                 if d.fd >= 0:

@@ -14,7 +14,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltavault.fs.dirfd import Identity, identity, mount_id, open_parent_checked
+from deltavault.fs.dirfd import Identity, identity, mount_id
+from deltavault.fs.dirstack import bound, climb
 from deltavault.fs.paths import proc_path
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.ntfs import SenderNtfs
@@ -93,20 +94,14 @@ class SourceWalk:
                         continue
                     yield child.listing
                     stack.append(child)
-                    while len(stack) - closed_below > MAX_OPEN_DIRS:
-                        os.close(stack[closed_below].fd)
-                        stack[closed_below].fd = -1
-                        closed_below += 1
+                    closed_below = bound(stack, closed_below, MAX_OPEN_DIRS)
                     continue
                 stack.pop()
                 if stack and stack[-1].fd < 0:
-                    up = open_parent_checked(f.fd, stack[-1].ident)
-                    if up is None:  # moved meanwhile: the rest of it is not sent (so not deleted)
+                    if not climb(stack, f.fd):  # moved meanwhile: the rest of it is not sent (so not deleted)
                         self.out.problem(stack[-1].listing.rel, "changed", "moved during the run; its "
                                          "remaining subdirectories were not synced")
                         stack[-1].next = len(stack[-1].listing.subdirs)
-                    else:
-                        stack[-1].fd = up
                     closed_below = len(stack) - 1
                 os.close(f.fd)
                 f.fd = -1
