@@ -5,10 +5,12 @@ next (no timing), and what the snapshot records is checked against the files."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import deltavault.backup.files.content as content_mod
 import deltavault.backup.files.regular as regular_mod
 import deltavault.backup.files.scan as scan_mod
 from deltavault.backup.files.options import Excludes, FileBackupOptions, Source
@@ -95,3 +97,61 @@ def test_the_progress_scan_counts_past_path_max_within_few_open_files(
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         remove_tree(src)
+
+
+# ---------------------------------------------------------------------------- changes while read
+
+def _on_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[int], None]) -> None:
+    """Run ``action(n)`` before the n-th read of file content (n from 0): a writer changing
+    the file while the backup reads it."""
+    real = content_mod.read_exact
+    calls = [0]
+
+    def read_exact(fd: int, offset: int, length: int) -> bytes:
+        action(calls[0])
+        calls[0] += 1
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(content_mod, "read_exact", read_exact)
+
+
+def test_a_file_that_shrinks_while_read_is_read_again_and_stored_as_it_now_is(
+        tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "f"
+    f.write_bytes(b"x" * 3000)
+    (src / "ctl").write_bytes(b"x" * 1000)
+
+    def shrink(n: int) -> None:
+        if n == 1:  # (read 0 is ctl's)
+            os.truncate(f, 1000)
+
+    _on_read(monkeypatch, shrink)
+    res = run_backup(repo, BackupRequest(paths=[str(src)]), NullReporter())
+    nodes = _nodes(repo, res.snapshot.tree)
+    assert res.problems == []
+    assert nodes[b"src/f"].size == 1000 and nodes[b"src/f"].content == nodes[b"src/ctl"].content
+
+
+def test_a_file_that_grows_at_every_read_is_stored_as_first_seen_and_reported(
+        tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read takes the size the open file had (fstat), so what is stored is that many
+    bytes; the growth seen after each of the three reads is reported, never silent."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "f"
+    f.write_bytes(b"x" * 1000)
+    (src / "ctl").write_bytes(b"x" * 1000)
+
+    def grow(n: int) -> None:
+        if n >= 1:
+            with open(f, "ab") as out:
+                out.write(b"y" * 10)
+
+    _on_read(monkeypatch, grow)
+    res = run_backup(repo, BackupRequest(paths=[str(src)]), NullReporter())
+    assert [(p.path, p.kind, p.partial) for p in res.problems] == [(str(f), "changed", True)]
+    assert "modified while being read 3 times" in res.problems[0].message
+    node = _nodes(repo, res.snapshot.tree)[b"src/f"]
+    assert node.size == sum(r.size for r in node.content) == 1020  # the size its last read began with
