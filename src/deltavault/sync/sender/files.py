@@ -39,10 +39,10 @@ class FileSender:
         self.out, self.meta = source.out, source.meta
         self.ntfs: SenderNtfs | None = None  # NTFS metadata and streams (sync/wire.py, feature "ntfs")
 
-    def digest(self, dfd: int, name: bytes, rel: bytes) -> list[Any] | None:
+    def digest(self, dfd: int, name: bytes, rel: bytes, listed: os.stat_result | None = None) -> list[Any] | None:
         """[BLAKE3, entry] of a file whose size matches the destination's (--checksum, or
         another mtime): the agent keeps its copy when the content is the same."""
-        fd = self.source.open_file(dfd, name, rel)
+        fd = self.source.open_file(dfd, name, rel, listed)
         if fd is None:
             return None
         try:

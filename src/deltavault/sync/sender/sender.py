@@ -212,7 +212,8 @@ class Sender:
                 checks = [n for n, how in ev.want if how == "check"]
                 ev.rid = 0
                 if checks:
-                    items = [got for got in (self.files.digest(ev.fd, n, join(ev.rel, n)) for n in checks) if got is not None]
+                    items = [got for got in (self.files.digest(ev.fd, n, join(ev.rel, n), ev.files.get(n)) for n in checks)
+                             if got is not None]
                     ev.rid = self.link.request({"op": "check", "path": ev.rel, "items": items})
 
     def _send_batch(self, batch: list[Listing | End]) -> None:
