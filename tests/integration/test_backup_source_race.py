@@ -115,13 +115,19 @@ def _on_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[int], None]) -> 
     monkeypatch.setattr(content_mod, "read_exact", read_exact)
 
 
-def test_a_file_that_shrinks_while_read_is_read_again_and_stored_as_it_now_is(
-        tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+def _file_and_control(tmp_path: Path, size: int) -> Path:
+    """src/f of ``size`` x's and src/ctl of 1000 (read first: sorted before f)."""
     src = tmp_path / "src"
     src.mkdir()
-    f = src / "f"
-    f.write_bytes(b"x" * 3000)
+    (src / "f").write_bytes(b"x" * size)
     (src / "ctl").write_bytes(b"x" * 1000)
+    return src / "f"
+
+
+def test_a_file_that_shrinks_while_read_is_read_again_and_stored_as_it_now_is(
+        tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = _file_and_control(tmp_path, 3000)
+    src = f.parent
 
     def shrink(n: int) -> None:
         if n == 1:  # (read 0 is ctl's)
@@ -134,15 +140,12 @@ def test_a_file_that_shrinks_while_read_is_read_again_and_stored_as_it_now_is(
     assert nodes[b"src/f"].size == 1000 and nodes[b"src/f"].content == nodes[b"src/ctl"].content
 
 
-def test_a_file_that_grows_at_every_read_is_stored_as_first_seen_and_reported(
+def test_a_file_that_grows_at_every_read_is_stored_at_its_last_reads_size_and_reported(
         tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each read takes the size the open file had (fstat), so what is stored is that many
-    bytes; the growth seen after each of the three reads is reported, never silent."""
-    src = tmp_path / "src"
-    src.mkdir()
-    f = src / "f"
-    f.write_bytes(b"x" * 1000)
-    (src / "ctl").write_bytes(b"x" * 1000)
+    """Each read takes the size the open file had (fstat) when it began, so what is stored is
+    that many bytes; the growth seen after each of the three reads is reported, never silent."""
+    f = _file_and_control(tmp_path, 1000)
+    src = f.parent
 
     def grow(n: int) -> None:
         if n >= 1:
