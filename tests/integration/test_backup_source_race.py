@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import deltavault.backup.files.archiver as archiver_mod
 import deltavault.backup.files.content as content_mod
 import deltavault.backup.files.regular as regular_mod
 import deltavault.backup.files.scan as scan_mod
@@ -158,3 +159,21 @@ def test_a_file_that_grows_at_every_read_is_stored_at_its_last_reads_size_and_re
     assert "modified while being read 3 times" in res.problems[0].message
     node = _nodes(repo, res.snapshot.tree)[b"src/f"]
     assert node.size == sum(r.size for r in node.content) == 1020  # the size its last read began with
+
+
+def test_a_directory_swapped_for_a_symlink_to_root_before_it_is_entered_is_not_followed(
+        tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Already so: the directory is opened from its parent's fd with O_NOFOLLOW."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "mine").write_bytes(b"mine\n")
+
+    def swap() -> None:
+        os.rename(src / "d", tmp_path / "d-aside")
+        os.symlink("/", src / "d")
+
+    before_call(monkeypatch, archiver_mod, "open_dir_at", b"d", swap)
+    res = run_backup(repo, BackupRequest(paths=[str(src)]), NullReporter())
+    assert [(p.path, p.kind) for p in res.problems] == [(str(src / "d"), "changed")]
+    assert "not followed" in res.problems[0].message
+    assert set(_nodes(repo, res.snapshot.tree)) == {b"src"}

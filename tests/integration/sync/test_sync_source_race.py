@@ -35,3 +35,21 @@ def test_a_hard_link_renamed_over_before_its_copy_does_not_lend_its_content_to_t
     by_path = {p.path: p for p in res.problems}
     assert sorted(by_path) == ["b", "c", "d"]
     assert by_path["b"].kind == "changed" and "replaced by another file" in by_path["b"].message
+
+
+def test_a_directory_swapped_for_a_symlink_to_a_private_one_before_it_is_entered_is_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Already so: the directory is opened from its parent's fd with O_NOFOLLOW."""
+    src, dst, private = tmp_path / "src", tmp_path / "dst", tmp_path / "private"
+    write(src / "d" / "mine", b"mine\n")
+    write(private / "secret", b"root only\n", 0o600)
+    private.chmod(0o700)
+
+    def swap() -> None:
+        os.rename(src / "d", tmp_path / "d-aside")
+        os.symlink(private, src / "d")
+
+    before_call(monkeypatch, source_mod, "open_dir_at", b"d", swap)
+    res = Syncer(src, dst, SyncOptions(processes=1)).run()
+    assert [(p.path, p.kind) for p in res.problems] == [("d", "changed")]
+    assert not (dst / "d" / "secret").exists()
