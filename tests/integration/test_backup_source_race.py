@@ -102,14 +102,14 @@ def test_the_progress_scan_counts_past_path_max_within_few_open_files(
 
 # ---------------------------------------------------------------------------- changes while read
 
-def _on_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[int], None]) -> None:
-    """Run ``action(n)`` before the n-th read of file content (n from 0): a writer changing
-    the file while the backup reads it."""
+def _on_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[int, int], None]) -> None:
+    """Run ``action(n, fd)`` before the n-th read of file content (n from 0; ``fd``: the file
+    read): a writer changing the file while the backup reads it."""
     real = content_mod.read_exact
     calls = [0]
 
     def read_exact(fd: int, offset: int, length: int) -> bytes:
-        action(calls[0])
+        action(calls[0], fd)
         calls[0] += 1
         return real(fd, offset, length)
 
@@ -130,7 +130,7 @@ def test_a_file_that_shrinks_while_read_is_read_again_and_stored_as_it_now_is(
     f = _file_and_control(tmp_path, 3000)
     src = f.parent
 
-    def shrink(n: int) -> None:
+    def shrink(n: int, _fd: int) -> None:
         if n == 1:  # (read 0 is ctl's)
             os.truncate(f, 1000)
 
@@ -148,7 +148,7 @@ def test_a_file_that_grows_at_every_read_is_stored_at_its_last_reads_size_and_re
     f = _file_and_control(tmp_path, 1000)
     src = f.parent
 
-    def grow(n: int) -> None:
+    def grow(n: int, _fd: int) -> None:
         if n >= 1:
             with open(f, "ab") as out:
                 out.write(b"y" * 10)
@@ -177,3 +177,34 @@ def test_a_directory_swapped_for_a_symlink_to_root_before_it_is_entered_is_not_f
     assert [(p.path, p.kind) for p in res.problems] == [(str(src / "d"), "changed")]
     assert "not followed" in res.problems[0].message
     assert set(_nodes(repo, res.snapshot.tree)) == {b"src"}
+
+
+def test_a_sparse_file_whose_hole_is_written_while_read_is_read_again(
+        tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its extents were mapped before the write, so the first read took the new data for a
+    hole; the change of mtime and ctime after the read sends it round again (already so)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("ctl", "f"):  # ctl: as f will be once written
+        with open(src / name, "wb") as out:
+            out.write(b"head" * 1024)
+            out.truncate(1 << 20)
+    with open(src / "ctl", "r+b") as out:
+        out.seek(512 * 1024)
+        out.write(b"late" * 1024)
+
+    ino = os.stat(src / "f").st_ino
+    filled: list[int] = []
+
+    def fill(_n: int, fd: int) -> None:
+        if os.fstat(fd).st_ino == ino and not filled:  # f's first read
+            filled.append(1)
+            with open(src / "f", "r+b") as out:
+                out.seek(512 * 1024)
+                out.write(b"late" * 1024)
+
+    _on_read(monkeypatch, fill)
+    res = run_backup(repo, BackupRequest(paths=[str(src)]), NullReporter())
+    nodes = _nodes(repo, res.snapshot.tree)
+    assert res.problems == [] and filled
+    assert nodes[b"src/f"].content == nodes[b"src/ctl"].content
