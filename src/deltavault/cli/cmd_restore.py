@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltavault.cli.common import Context, human
+from deltavault.cli.common import Context, human, problem_lines
 from deltavault.cli.volume_restore import add_volume_options, run_volume_restore
 from deltavault.errors import ExitCode, UsageError
 from deltavault.fs.paths import display, exact
@@ -92,7 +92,7 @@ def run(ctx: Context) -> int:
         text += f"\nverified: {human(st.bytes_verified)} re-read, " + (
             "all match" if not any(p.kind == "verify" for p in probs) else "MISMATCHES found")
     if probs:
-        text += f"\n{len(probs)} problem(s):\n" + "\n".join(f"  {p.kind}: {p.path}: {p.message}" for p in probs)
+        text += f"\n{len(probs)} problem(s):\n" + "\n".join(problem_lines(probs))
     ctx.emit(obj, text)
     if any(p.kind == "corrupt" for p in probs):
         return int(ExitCode.CORRUPT)

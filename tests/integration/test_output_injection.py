@@ -1,0 +1,98 @@
+"""Strings a repository's writer chose (owner names, a snapshot's time and kind) and names
+from the source tree reach the terminal escaped, whichever printer shows them: an escape
+sequence could retitle the window, rewrite the screen or, on some terminals, type input."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import msgspec
+
+from deltavault.backends.local import LocalBackend
+from deltavault.cli.progress import QuietReporter
+from deltavault.cli.progress_rich import RichReporter
+from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.snapshot import Snapshot
+from deltavault.model.types import BlobType
+from deltavault.repository.repository import Repository
+from deltavault.sync.report import SyncLog
+from tests.conftest import PASSWORD, Cli
+from tests.integration.test_hostile_names import _raw_controls
+
+EVIL = "\x1b]0;pwned\x07\x1b[2J\u202e"
+
+
+def _planted(cli: Cli, snap: dict[str, object], nodes: list[Node]) -> str:
+    """A snapshot written as someone with the repository's key could write it."""
+    assert cli("init").returncode == 0
+    repo = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, cache_root=cli.cache)
+    root = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(nodes)))[0]
+    repo.flush()
+    fields: dict[str, object] = {"time": "2026-01-01T00:00:00Z", "time_ns": 1, "hostname": "h", "paths": ["/src"],
+                                 "source_id": "h:/src", "tree": root, **snap}
+    return repo.save_snapshot(Snapshot(**fields))  # type: ignore[arg-type]
+
+
+def test_ls_long_escapes_the_owner_names_a_repository_holds(cli: Cli) -> None:
+    """``ls -l`` printed a node's user and group names raw: they are the repository's, not
+    the local password file's, so any writer of the repository picks them."""
+    sid = _planted(cli, {}, [Node(name=b"f", type=NodeType.FILE, user="u" + EVIL, group="g\n" + EVIL),
+                             Node(name=b"l", type=NodeType.SYMLINK, target=EVIL.encode(), user="u" + EVIL)])
+    r = cli("ls", "-l", sid)
+    assert r.returncode == 0, r.stderr
+    assert _raw_controls(r.stdout) == [], r.stdout
+    assert len(r.stdout.splitlines()) == 2  # the newline in a group name forged no line
+    assert "u\\x1b]0;pwned\\x07" in r.stdout and "g\\n\\x1b" in r.stdout
+
+
+def test_snapshot_time_and_kind_reach_the_terminal_escaped(cli: Cli) -> None:
+    """``snapshots``, ``find`` and ``forget`` printed a snapshot's stored time string raw, and
+    ``snapshots`` its kind; an error naming the kind reached stderr raw too."""
+    sid = _planted(cli, {"time": EVIL + "2026-01-01T00:00:00Z", "kind": "k" + EVIL},
+                   [Node(name=b"f", type=NodeType.FILE)])
+    for args in (["snapshots"], ["find", "f"], ["forget", "--keep-last", "1", "--dry-run"]):
+        r = cli(*args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert _raw_controls(r.stdout) == [], (args, r.stdout)
+        assert "\\x1b]0;pwned" in r.stdout, (args, r.stdout)
+    r = cli("restore", sid, "--target", os.devnull)
+    assert _raw_controls(r.stdout + r.stderr) == [], r.stderr
+
+
+def test_the_terminal_wall_escapes_controls_and_keeps_lines() -> None:
+    """The last wall every text printer goes through: controls and format characters are
+    escaped as names are, newlines between lines kept, text already escaped unchanged."""
+    from deltavault.fs.paths import terminal
+
+    assert terminal("a\x1b[31mb\n\u202ec\x9b\r\td") == "a\\x1b[31mb\n\\u202ec\\u009b\\r\\td"
+    assert terminal("back\\slash \\x1b café") == "back\\slash \\x1b café"
+    assert terminal("bad\udcff") == "bad\\xff"
+
+
+def test_progress_problems_are_text_not_markup() -> None:
+    """The terminal reporter printed problems as rich markup: a file named ``[/oops]`` ended
+    the backup with MarkupError (a traceback), and one named ``[link=URL]x[/link]`` was shown
+    as ``x``, a hyperlink to URL. Names are text; controls in a message are escaped."""
+    out = io.StringIO()
+    rep = RichReporter(out)
+    rep.problem("src/[/oops]", "unreadable", "gone")
+    rep.problem("src/[link=https://evil.example/]x[/link]", "unreadable", "m" + EVIL)
+    text = out.getvalue()
+    assert "src/[/oops]" in text and "[link=https://evil.example/]x[/link]" in text
+    assert _raw_controls(text) == []
+    out = io.StringIO()
+    QuietReporter(out).problem("p", "unreadable", "m" + EVIL + "\nforged: line")
+    assert _raw_controls(out.getvalue()) == [] and len(out.getvalue().splitlines()) == 1
+
+
+def test_sync_log_keeps_one_line_per_entry_whatever_the_error(tmp_path: Path) -> None:
+    """The log escaped the path, but an error message (a remote host's words) only lost its
+    tabs and newlines: a carriage return or an escape sequence reached whoever cats the log."""
+    log = SyncLog(tmp_path / "log")
+    log.write("error", 0, b"new\nline\x1b[2J", error="x\r\x1b[2Jforged\tentry\nnext")
+    log.close()
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert len(lines) == 1 and len(lines[0].split("\t")) == 7
+    assert _raw_controls(lines[0].replace("\t", "")) == []
