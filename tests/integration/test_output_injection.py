@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,7 @@ from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
 from deltavault.sync.report import SyncLog
+from tests.browser import Browser
 from tests.conftest import PASSWORD, Cli
 from tests.integration.test_hostile_names import _raw_controls
 
@@ -96,3 +98,37 @@ def test_sync_log_keeps_one_line_per_entry_whatever_the_error(tmp_path: Path) ->
     lines = (tmp_path / "log").read_text().splitlines()
     assert len(lines) == 1 and len(lines[0].split("\t")) == 7
     assert _raw_controls(lines[0].replace("\t", "")) == []
+
+
+MARK = "document.documentElement.dataset.pwned"
+IN_NAMES = [f"<img src=x onerror=\"{MARK}='img'\">", f"\"><svg onload={MARK}='attr'>", f"'><img src=x onerror={MARK}='q'>"]
+IN_STRINGS = f"</script><script>{MARK}='script'</script><!--<script>"
+
+
+def test_report_runs_no_script_from_names_or_stored_strings(cli: Cli, tmp_path: Path) -> None:
+    """The report of file names and snapshot strings written to run script (each sets a
+    marker on the page if it runs), opened in Chromium as is and with its CSP taken out:
+    escaping alone keeps every one of them text, and the CSP is a second wall."""
+    src = tmp_path / "src"
+    for name in IN_NAMES:
+        (src / name).mkdir(parents=True)
+        (src / name / name).write_bytes(os.urandom(20_000))
+    assert cli("init").returncode == 0
+    assert cli("backup", "--host", IN_STRINGS, "--tag", IN_STRINGS, str(src)).returncode == 0
+    for name in IN_NAMES:
+        (src / name / "more").write_bytes(os.urandom(30_000))
+    assert cli("backup", "--host", IN_STRINGS, "--tag", IN_STRINGS, str(src)).returncode == 0
+    page = tmp_path / "r.html"
+    assert cli("report", "--html", str(page)).returncode == 0
+    html = page.read_text()
+    bare = tmp_path / "bare.html"
+    bare.write_text(re.sub(r"<meta http-equiv='Content-Security-Policy'[^>]*>", "", html))
+    assert "Content-Security-Policy" not in bare.read_text()
+    with Browser() as b:
+        for p in (page, bare):
+            b.load(p.as_uri())
+            assert b.evaluate(MARK) is None, p
+            text = b.evaluate("document.body.innerText")
+            assert IN_NAMES[0] in text and "src/" + IN_NAMES[1] in text  # shown, as text
+            assert b.evaluate("JSON.parse(document.getElementById('report-data').textContent)"
+                              ".sources[0].runs.length") == 2
