@@ -15,7 +15,7 @@ from deltavault.backends.local import LocalBackend
 from deltavault.cli.progress import QuietReporter
 from deltavault.cli.progress_rich import RichReporter
 from deltavault.model.nodes import Node, NodeType, Tree
-from deltavault.model.snapshot import Snapshot
+from deltavault.model.snapshot import Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
 from deltavault.sync.report import SyncLog
@@ -132,3 +132,14 @@ def test_report_runs_no_script_from_names_or_stored_strings(cli: Cli, tmp_path: 
             assert IN_NAMES[0] in text and "src/" + IN_NAMES[1] in text  # shown, as text
             assert b.evaluate("JSON.parse(document.getElementById('report-data').textContent)"
                               ".sources[0].runs.length") == 2
+
+
+def test_restore_lists_a_snapshots_incomplete_entries_one_line_each(cli: Cli, tmp_path: Path) -> None:
+    """A restore names the entries its snapshot could not read, from the stored summary: a
+    newline in one forged a line of the report (and a control reached the terminal)."""
+    summary = SnapshotSummary(errors=1, incomplete=["src/x\n  src/forged" + EVIL])
+    sid = _planted(cli, {"summary": summary}, [Node(name=b"f", type=NodeType.FILE)])
+    r = cli("restore", sid, "--target", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    assert _raw_controls(r.stdout) == [], r.stdout
+    assert r.stdout.splitlines()[-1].startswith("  src/x\\n  src/forged\\x1b]0;pwned"), r.stdout
