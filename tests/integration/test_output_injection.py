@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from pathlib import Path
 
 import msgspec
@@ -143,3 +144,42 @@ def test_restore_lists_a_snapshots_incomplete_entries_one_line_each(cli: Cli, tm
     assert r.returncode == 0, r.stderr
     assert _raw_controls(r.stdout) == [], r.stdout
     assert r.stdout.splitlines()[-1].startswith("  src/x\\n  src/forged\\x1b]0;pwned"), r.stdout
+
+
+def test_key_list_shows_a_planted_key_files_strings_escaped(cli: Cli) -> None:
+    """A key file is plain JSON under an unkeyed checksum: anyone who can write the storage,
+    without the password, can add one. ``key list`` printed its host name and creation time
+    raw: a newline forged a line marked ``*``, as if that key had opened the repository
+    (the copy planted here wraps the real key, so it is the one that opens it)."""
+    from deltavault.repository.keys import parse_key_file
+
+    assert cli("init").returncode == 0
+    [mine] = (cli.repo / "keys").iterdir()
+    kf = parse_key_file(mine.read_bytes())
+    forged = "h\n* 00000000  2026-01-01T00:00:00Z  forged" + EVIL
+    kf = msgspec.structs.replace(kf, hostname=forged, created="2020" + EVIL)
+    kf = msgspec.structs.replace(kf, checksum=kf._body_digest())
+    (cli.repo / "keys" / ("0" * 64)).write_bytes(msgspec.json.encode(kf))
+    r = cli("key", "list")
+    assert r.returncode == 0, r.stderr
+    assert _raw_controls(r.stdout) == [], r.stdout
+    assert len(r.stdout.splitlines()) == 3 and sum(line.startswith("*") for line in r.stdout.splitlines()) == 1
+    assert [k["hostname"] for k in cli("--json", "key", "list").json if k.get("id") == "0" * 64] == [forged]
+
+
+def test_a_lock_holders_strings_are_shown_escaped(cli: Cli, tmp_path: Path) -> None:
+    """A lock names its holder's host and command, written by whoever holds the key: the
+    error of a command it blocks and ``unlock``'s listing printed both raw."""
+    from deltavault.repository.locks import LockInfo
+
+    sid = _planted(cli, {}, [Node(name=b"f", type=NodeType.FILE)])
+    repo = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, cache_root=cli.cache)
+    now = time.time()
+    repo.locks._write(LockInfo(hostname="elsewhere\nforged line" + EVIL, pid=1, pid_start=1, exclusive=True,
+                               created=now, refreshed=now, command="prune" + EVIL))
+    r = cli("restore", sid, "--target", str(tmp_path / "t"))
+    assert r.returncode != 0 and "locked" in r.stderr, r.stderr
+    assert _raw_controls(r.stderr) == [] and len(r.stderr.splitlines()) == 1, r.stderr
+    r = cli("unlock")
+    assert r.returncode == 0, r.stderr
+    assert _raw_controls(r.stdout) == [] and len(r.stdout.splitlines()) == 2, r.stdout
