@@ -183,3 +183,22 @@ def test_a_lock_holders_strings_are_shown_escaped(cli: Cli, tmp_path: Path) -> N
     r = cli("unlock")
     assert r.returncode == 0, r.stderr
     assert _raw_controls(r.stdout) == [] and len(r.stdout.splitlines()) == 2, r.stdout
+
+
+def test_an_object_name_planted_in_the_storage_forges_no_line(cli: Cli, tmp_path: Path) -> None:
+    """Anyone who can write the storage (no key needed) can add a file under snapshots/ whose
+    name holds a newline. It is no snapshot, so commands warn that it cannot be read and
+    ``check`` reports it, each naming it: the name ended the line and wrote its own
+    ``warning:`` line."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    (cli.repo / "snapshots" / ("a\nwarning: forged" + EVIL)).write_bytes(b"junk")
+    r = cli("snapshots")
+    assert r.returncode == 0, r.stderr
+    assert _raw_controls(r.stderr) == [] and len(r.stderr.splitlines()) == 1, r.stderr
+    r = cli("check")
+    assert r.returncode != 0
+    lines = (r.stdout + r.stderr).splitlines()
+    assert _raw_controls(r.stdout + r.stderr) == [] and not any(line.startswith("warning: forged") for line in lines)

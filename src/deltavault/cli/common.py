@@ -103,7 +103,7 @@ class Context:
         if self.json:
             self.stdout.write(json.dumps({"type": "warning", "message": text}) + "\n")
         else:
-            self._text(self.stderr, f"warning: {text}")
+            self._text(self.stderr, f"warning: {one_line(text)}")  # one warning, one line
 
     def progress_line(self, text: str) -> None:
         """A line of a long command's progress (prune, repair), on stderr; none with --json."""
@@ -201,7 +201,7 @@ class Context:
             if repo.cache_note is not None:
                 self.warn(repo.cache_note[1])
             for sid, why in sorted(repo.damaged_snapshots.items()):
-                self.warn(f"snapshot {sid[:8]} cannot be read and was left out ({why}); "
+                self.warn(f"snapshot {short_id(sid)} cannot be read and was left out ({why}); "
                           "run 'deltavault check' and 'deltavault repair'")
 
 
