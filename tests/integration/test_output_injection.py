@@ -160,10 +160,11 @@ def test_key_list_shows_a_planted_key_files_strings_escaped(cli: Cli) -> None:
     kf = msgspec.structs.replace(kf, hostname=forged, created="2020" + EVIL)
     kf = msgspec.structs.replace(kf, checksum=kf._body_digest())
     (cli.repo / "keys" / ("0" * 64)).write_bytes(msgspec.json.encode(kf))
+    (cli.repo / "keys" / "x\n* forged").write_bytes(b"{}")  # its name is the storage's too
     r = cli("key", "list")
     assert r.returncode == 0, r.stderr
     assert _raw_controls(r.stdout) == [], r.stdout
-    assert len(r.stdout.splitlines()) == 3 and sum(line.startswith("*") for line in r.stdout.splitlines()) == 1
+    assert len(r.stdout.splitlines()) == 4 and sum(line.startswith("*") for line in r.stdout.splitlines()) == 1
     assert [k["hostname"] for k in cli("--json", "key", "list").json if k.get("id") == "0" * 64] == [forged]
 
 

@@ -108,7 +108,7 @@ class Context:
     def progress_line(self, text: str) -> None:
         """A line of a long command's progress (prune, repair), on stderr; none with --json."""
         if not self.json:
-            self._text(self.stderr, text)
+            self._text(self.stderr, one_line(text))  # it may name an object in the storage
 
     def reporter(self) -> Reporter:
         from deltavault.cli.progress import JsonReporter, QuietReporter
