@@ -9,7 +9,7 @@ from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup
 from deltavault.backup.files.stdin import StdinRequest, run_stdin_backup
 from deltavault.cli.backup_inputs import add_input_options, apply_input_options, input_paths
-from deltavault.cli.common import Context, human, pack_summary, parse_size
+from deltavault.cli.common import Context, human, pack_summary, parse_size, problem_lines
 from deltavault.cli.volume_backup import add_volume_options, buffer_memory, run_volume_backup
 from deltavault.errors import ExitCode, UsageError
 from deltavault.fs.paths import display, exact
@@ -147,5 +147,5 @@ def report(ctx: Context, r: BackupResult) -> None:
     lines += [f"warning:    {p.message}" for p in r.problems if p.kind in ("catalog", "repository")]
     if problems:
         lines.append(f"{len(problems)} file(s) could not be saved completely:")
-        lines += [f"  {p.kind}: {p.path}: {p.message}" for p in problems]
+        lines += problem_lines(problems)
     ctx.emit(obj, "\n".join(lines))

@@ -8,6 +8,7 @@ import time
 from deltavault.backends import retention
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import ExitCode
+from deltavault.fs.paths import one_line
 from deltavault.maintenance.check import DataSubset, check_record, check_repository
 from deltavault.maintenance.findings import CheckIssue, CheckReport
 from deltavault.repository.repository import Repository
@@ -63,7 +64,7 @@ def run(ctx: Context) -> int:
     for issue in rep.issues:
         ctx.emit({"type": "issue", "severity": issue.severity, "kind": issue.kind, "message": issue.message,
                   "snapshot": issue.snapshot, "path": issue.path},
-                 f"{issue.severity}: {issue.message}")
+                 f"{issue.severity}: {one_line(issue.message)}")  # a stored name cannot forge an issue
     errors = rep.errors
     affected = {short_id(s): paths for s, paths in rep.affected.items()}
     text = (f"checked {rep.snapshots} snapshots, {rep.packs} packs"

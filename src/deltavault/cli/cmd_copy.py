@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltavault.cli.common import Context, human, pack_summary, read_secret
+from deltavault.cli.common import Context, human, pack_summary, read_secret, when
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import ExitCode, UsageError, WrongPassword
 from deltavault.maintenance.copy import Copier, describe
@@ -54,7 +54,7 @@ def run(ctx: Context) -> int:
                 new = copier.copy(sid, snap)
                 if new is not None:
                     ctx.emit({"type": "copy", "snapshot": sid, "copy": new, "action": "copied"},
-                             f"copied {short_id(sid)} ({snap.time[:19].replace('T', ' ')}) as {short_id(new)}")
+                             f"copied {short_id(sid)} ({when(snap)}) as {short_id(new)}")
                 copier.save_map()
         finally:
             reporter.finish()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from deltavault.cli.common import Context, human
+from deltavault.cli.common import Context, human, when
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.fs.paths import display, exact, shown
 from deltavault.fs.patterns import PatternSet
@@ -38,8 +38,7 @@ def run(ctx: Context) -> int:
             continue
         in_snaps += 1
         total += len(hits)
-        when = snap.time[:19].replace("T", " ")
-        lines = [f"snapshot {short_id(sid)} of {shown(snap.hostname)}, {when}:"]
+        lines = [f"snapshot {short_id(sid)} of {shown(snap.hostname)}, {when(snap)}:"]
         for path, n in hits:
             t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(n.mtime / 1e9))
             ctx.result({"type": "match", "snapshot": sid, "time": snap.time, "hostname": snap.hostname,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from deltavault.backends.s3errors import ObjectRetained
-from deltavault.cli.common import Context
+from deltavault.cli.common import Context, when
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import UsageError
 from deltavault.fs.paths import shown
@@ -73,7 +73,7 @@ def _forget_by_policy(ctx: Context, repo: Repository) -> None:
             action = "keep" if d.keep else "remove"
             ctx.emit({"type": "forget", "group": g.key, "snapshot": d.snapshot_id, "time": d.snapshot.time,
                       "action": action, "reasons": d.reasons, "dry_run": a.dry_run},
-                     f"  {action:<7}{short_id(d.snapshot_id)}  {d.snapshot.time[:19].replace('T', ' ')}  "
+                     f"  {action:<7}{short_id(d.snapshot_id)}  {when(d.snapshot)}  "
                      + ("; ".join(d.reasons) if d.reasons else "no rule keeps it"))
             if d.keep:
                 kept += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 from deltavault.backends.s3errors import ObjectRetained
 from deltavault.cli.common import Context, read_password, read_secret, require_password
 from deltavault.errors import TargetError, UsageError
+from deltavault.fs.paths import one_line, shown
 from deltavault.repository import keyring
 
 
@@ -48,8 +49,8 @@ def run(ctx: Context) -> int:
         for k in keys:
             ctx.result({"type": "key", "id": k.name.removeprefix("keys/"), "current": k.current,
                       "created": k.created, "hostname": k.hostname, "problem": k.problem},
-                     f"{'*' if k.current else ' '} {k.short}  {k.created or '?':20}  {k.hostname or '?'}"
-                     + (f"  DAMAGED: {k.problem}" if k.problem else ""))
+                     f"{'*' if k.current else ' '} {k.short}  {shown(k.created) or '?':20}  {shown(k.hostname) or '?'}"
+                     + (f"  DAMAGED: {one_line(k.problem)}" if k.problem else ""))  # a key file's strings: anyone's
         ctx.result(None, f"{len(keys)} key(s); * marks the one that opened the repository")
     elif a.action == "add":
         name = keyring.add_key(repo, new_pw)

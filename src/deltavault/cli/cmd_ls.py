@@ -8,7 +8,7 @@ import time
 
 from deltavault.cli.common import Context
 from deltavault.errors import UsageError
-from deltavault.fs.paths import display, exact
+from deltavault.fs.paths import display, exact, shown
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.windows import WinMeta
 from deltavault.objects.walk import find, walk
@@ -30,7 +30,7 @@ def _long(path: bytes, n: Node) -> str:
     mode = _TYPE[n.type] + stat.filemode(n.mode)[1:]
     t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(n.mtime / 1e9))
     tail = f" -> {display(n.target)}" if n.type == NodeType.SYMLINK else ""
-    line = f"{mode} {n.user or n.uid:>8} {n.group or n.gid:>8} {n.size:>12} {t} {display(path)}{tail}"
+    line = f"{mode} {shown(n.user) or n.uid:>8} {shown(n.group) or n.gid:>8} {n.size:>12} {t} {display(path)}{tail}"
     return line if n.win is None else f"{line}  [{_windows(n.win)}]"
 
 

@@ -29,7 +29,7 @@ def run(ctx: Context) -> int:
     repo = ctx.open_repo()
     rep = prune(repo, PruneOptions(repack_threshold=a.repack_threshold, dry_run=a.dry_run,
                                    lock_wait=a.lock_wait),
-                progress=lambda msg: None if ctx.json else ctx.stderr.write(f"{msg}\n"))
+                progress=ctx.progress_line)
     verb = "would" if a.dry_run else "did"
     text = "\n".join([
         f"snapshots: {rep.snapshots}; blobs: {rep.blobs} ({rep.blobs_used} used); packs: {rep.packs}",

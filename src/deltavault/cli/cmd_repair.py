@@ -34,7 +34,7 @@ def run(ctx: Context) -> int:
             return int(ExitCode.CORRUPT)
     repo = ctx.open_repo(use_cache=False, tolerant=True)
     rep = repair(repo, rewrite=a.rewrite_snapshots, dry_run=a.dry_run, lock_wait=a.lock_wait,
-                 progress=lambda m: None if ctx.json else ctx.stderr.write(m + "\n"))
+                 progress=ctx.progress_line)
     for name in rep.damaged_index_files:
         ctx.warn(f"damaged index file {name} {'would be' if a.dry_run else 'was'} replaced")
     for p in rep.packs_salvaged:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from deltavault.cli.common import Context, human
+from deltavault.cli.common import Context, human, problem_lines
 from deltavault.cli.volume_restore import add_volume_options, run_volume_restore
 from deltavault.errors import ExitCode, UsageError
-from deltavault.fs.paths import display, exact
+from deltavault.fs.paths import display, exact, one_line
 from deltavault.fs.patterns import Pattern
 from deltavault.repository.snapshots import short_id
 from deltavault.restore.dryrun import DryRun, dry_run
@@ -86,13 +86,13 @@ def run(ctx: Context) -> int:
         shown = snap.summary.incomplete
         text += (f"\nnote: this snapshot is incomplete: {incomplete} entr{'y' if incomplete == 1 else 'ies'} "
                  "could not be read when it was taken, so the restore cannot hold them"
-                 + "".join(f"\n  {p}" for p in shown)
+                 + "".join(f"\n  {one_line(p)}" for p in shown)  # stored: one line each
                  + (f"\n  ... and {incomplete - len(shown)} more" if incomplete > len(shown) else ""))
     if a.verify:
         text += f"\nverified: {human(st.bytes_verified)} re-read, " + (
             "all match" if not any(p.kind == "verify" for p in probs) else "MISMATCHES found")
     if probs:
-        text += f"\n{len(probs)} problem(s):\n" + "\n".join(f"  {p.kind}: {p.path}: {p.message}" for p in probs)
+        text += f"\n{len(probs)} problem(s):\n" + "\n".join(problem_lines(probs))
     ctx.emit(obj, text)
     if any(p.kind == "corrupt" for p in probs):
         return int(ExitCode.CORRUPT)

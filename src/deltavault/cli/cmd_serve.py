@@ -6,6 +6,7 @@ import argparse
 
 from deltavault.cli.common import Context, human, parse_size
 from deltavault.errors import UsageError
+from deltavault.fs.paths import shown
 from deltavault.repository.snapshots import short_id
 from deltavault.restore.mount.blobs import DEFAULT_CACHE
 from deltavault.restore.serve import DEFAULT_LISTEN, ServeOptions, serve_volume
@@ -31,7 +32,7 @@ def run(ctx: Context) -> int:
     repo = ctx.open_repo()
     sid, snap = repo.resolve_snapshot(a.volume, kind="volume" if a.volume == "latest" else None)
     if snap.volume is None:
-        raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: serve exports volume "
+        raise UsageError(f"snapshot {short_id(sid)} is a {shown(snap.kind)} snapshot: serve exports volume "
                          "snapshots (deltavault mount shows file snapshots)")
     opts = ServeOptions(listen=a.listen, socket=a.socket, overlay=a.writable_overlay, cache_bytes=a.cache_size)
 

@@ -6,7 +6,7 @@ import argparse
 
 import msgspec
 
-from deltavault.cli.common import Context, human
+from deltavault.cli.common import Context, human, when
 from deltavault.cli.snapshot_filters import add_filters, filtered
 from deltavault.errors import UsageError
 from deltavault.fs.paths import shown
@@ -40,7 +40,7 @@ def run(ctx: Context) -> int:
     lines = [f"{'ID':<10}{'time (UTC)':<22}{'host':<14}{'kind':<8}{'size':>11}  paths"]
     for sid, s in rows:
         size = human(s.summary.bytes_total) if s.summary else "?"
-        lines.append(f"{short_id(sid):<10}{s.time[:19].replace('T', ' '):<22}{shown(s.hostname)[:13]:<14}{s.kind:<8}"
+        lines.append(f"{short_id(sid):<10}{when(s):<22}{shown(s.hostname)[:13]:<14}{shown(s.kind):<8}"
                      f"{size:>11}  {', '.join(map(shown, s.paths))}" + (f"  [{', '.join(map(shown, s.tags))}]" if s.tags else "")
                      + (f"  (incomplete: {s.summary.errors} unreadable)" if s.summary and s.summary.errors else ""))
     lines.append(f"{len(rows)} snapshot(s)")

@@ -8,7 +8,7 @@ import shlex
 import time
 from typing import Any
 
-from deltavault.cli.common import Context, human, parse_size
+from deltavault.cli.common import Context, human, parse_size, problem_lines
 from deltavault.cli.ratelimit_pipe import wrap
 from deltavault.errors import DeltavaultError, ExitCode, SourceError, TargetError, UsageError
 from deltavault.snapshot import SNAPSHOT_KINDS, take_snapshot
@@ -177,5 +177,5 @@ def _summary(ctx: Context, a: argparse.Namespace, r: SyncResult, snap: dict[str,
     if r.problems:
         skipped = len(r.problems) - _errors(r)
         text += f"\n{_errors(r)} error(s)" + (f", {skipped} skipped" if skipped else "") + ":\n" + "\n".join(
-            f"  {p.kind}: {p.path}: {p.message}" for p in r.problems)
+            problem_lines(r.problems))
     ctx.emit(obj, text)

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from deltavault.cli.common import Context
+from deltavault.fs.paths import shown
 from deltavault.maintenance.unlock import unlock
 
 
@@ -22,7 +23,7 @@ def run(ctx: Context) -> int:
     reports = unlock(repo, remove_all=a.remove_all)
     for r in reports:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.info.created))
-        what = f"pid {r.info.pid} on {r.info.hostname} ({r.info.command or 'unknown command'}) since {since}"
+        what = f"pid {r.info.pid} on {shown(r.info.hostname)} ({shown(r.info.command) or 'unknown command'}) since {since}"
         ctx.emit({"type": "lock", "id": r.name.removeprefix("locks/"), "hostname": r.info.hostname,
                   "pid": r.info.pid, "command": r.info.command, "exclusive": r.info.exclusive,
                   "stale": r.stale, "removed": r.removed},

@@ -10,10 +10,10 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
@@ -22,6 +22,7 @@ from deltavault.backends.base import Backend
 from deltavault.backends.throttle import limited
 from deltavault.cli.units import human
 from deltavault.errors import BackendError, UsageError
+from deltavault.fs.paths import one_line, shown, terminal
 from deltavault.model.snapshot import Snapshot
 from deltavault.platform import release_free_memory
 from deltavault.progress import Reporter
@@ -29,7 +30,8 @@ from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
 
-__all__ = ["Context", "human", "parse_size", "rate", "read_password", "read_secret", "require_password"]
+__all__ = ["Context", "human", "parse_size", "problem_lines", "rate", "read_password", "read_secret",
+           "require_password", "when"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -70,7 +72,7 @@ class Context:
             self.stdout.write(json.dumps(obj, default=_json_default) + "\n")
             self.stdout.flush()
         elif text is not None and not self.quiet:
-            self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+            self._text(self.stdout, text)
 
     def result(self, obj: dict[str, Any] | None, text: str | None = None) -> None:
         """What a command that shows something (snapshots, ls, find, stats...) is run for:
@@ -80,7 +82,13 @@ class Context:
             if obj is not None:
                 self.emit(obj)
         elif text is not None:
-            self.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+            self._text(self.stdout, text)
+
+    @staticmethod
+    def _text(stream: Any, text: str) -> None:
+        """Every line of text a command prints goes through here (or ``terminal``): names are
+        escaped where they are formatted, and this catches any stored string that was not."""
+        stream.write(terminal(text) + ("\n" if not text.endswith("\n") else ""))
 
     def binary_stdout(self) -> BinaryIO:
         """Standard output for bytes (dump, cat blob)."""
@@ -89,13 +97,18 @@ class Context:
 
     def say(self, text: str) -> None:
         if not self.json and not self.quiet:
-            self.stdout.write(text + "\n")
+            self._text(self.stdout, text)
 
     def warn(self, text: str) -> None:
         if self.json:
             self.stdout.write(json.dumps({"type": "warning", "message": text}) + "\n")
         else:
-            self.stderr.write(f"warning: {text}\n")
+            self._text(self.stderr, f"warning: {one_line(text)}")  # one warning, one line
+
+    def progress_line(self, text: str) -> None:
+        """A line of a long command's progress (prune, repair), on stderr; none with --json."""
+        if not self.json:
+            self._text(self.stderr, one_line(text))  # it may name an object in the storage
 
     def reporter(self) -> Reporter:
         from deltavault.cli.progress import JsonReporter, QuietReporter
@@ -171,7 +184,7 @@ class Context:
         is refused with ``hint`` (what to run instead)."""
         sid, snap = repo.resolve_snapshot(ref, kind=kind)
         if (snap.tree if kind == "files" else snap.volume) is None:
-            raise UsageError(f"snapshot {short_id(sid)} is a {snap.kind} snapshot: {hint}")
+            raise UsageError(f"snapshot {short_id(sid)} is a {shown(snap.kind)} snapshot: {hint}")
         return sid, snap
 
     def save_index_copies(self) -> None:
@@ -188,7 +201,7 @@ class Context:
             if repo.cache_note is not None:
                 self.warn(repo.cache_note[1])
             for sid, why in sorted(repo.damaged_snapshots.items()):
-                self.warn(f"snapshot {sid[:8]} cannot be read and was left out ({why}); "
+                self.warn(f"snapshot {short_id(sid)} cannot be read and was left out ({why}); "
                           "run 'deltavault check' and 'deltavault repair'")
 
 
@@ -229,6 +242,23 @@ def require_password(pw: bytes, args: argparse.Namespace, what: str) -> bytes:
         raise UsageError(f"the {what} is empty; refusing it (use --insecure-no-password to encrypt with "
                          "an empty password on purpose)")
     return pw
+
+
+def when(snap: Snapshot) -> str:
+    """A snapshot's time as listings show it; the stored string, so escaped as names are."""
+    return shown(snap.time[:19].replace("T", " "))
+
+
+class _Problem(Protocol):
+    kind: str
+    path: str
+    message: str
+
+
+def problem_lines(problems: Iterable[_Problem]) -> list[str]:
+    """A run's problems, one line each: a message (an OS error's words, a remote host's) with
+    a newline in it cannot add a line that looks like another problem."""
+    return [f"  {p.kind}: {one_line(p.path)}: {one_line(p.message)}" for p in problems]
 
 
 def pack_summary(pc: PackCheck) -> dict[str, int]:

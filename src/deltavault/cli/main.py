@@ -18,6 +18,7 @@ from typing import Any
 from deltavault import __version__
 from deltavault.cli.common import Context, rate
 from deltavault.errors import DeltavaultError, ExitCode
+from deltavault.fs.paths import terminal
 from deltavault.platform import tune_allocator
 
 # Each cli/cmd_NAME.py has register(subparsers); commands are found by module name, so a
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"type": "error", "error": type(exc).__name__, "message": exc.message,
                               "exit_code": rc, "retryable": exc.retryable}))
         else:
-            print(f"deltavault: {exc.message}", file=sys.stderr)
+            print(f"deltavault: {terminal(exc.message)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("deltavault: interrupted; what was stored so far stays valid", file=sys.stderr)
         rc = int(ExitCode.INTERRUPTED)

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import IO, Any
 
+from deltavault.fs.paths import one_line
 from deltavault.progress import NullReporter
 
 
@@ -66,4 +67,4 @@ class QuietReporter(NullReporter):
         self.stream = stream
 
     def problem(self, path: str, kind: str, message: str) -> None:
-        self.stream.write(f"{kind}: {path}: {message}\n")
+        self.stream.write(f"{kind}: {one_line(path)}: {one_line(message)}\n")

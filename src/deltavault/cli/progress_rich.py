@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, Tex
 from rich.text import Text
 
 from deltavault.cli.units import clock, human
+from deltavault.fs.paths import one_line
 
 
 class FilesColumn(ProgressColumn):
@@ -90,7 +91,9 @@ class RichReporter:
             self._progress.update(self._task, advance=nbytes, files=self._files)
 
     def problem(self, path: str, kind: str, message: str) -> None:
-        self.console.print(f"[yellow]{kind}[/]: {path}: {message}", markup=True, highlight=False)
+        # Text, not markup: a name holding "[/x]" raised MarkupError, "[link=URL]" made a link.
+        self.console.print(Text.assemble((kind, "yellow"), f": {one_line(path)}: {one_line(message)}"),
+                           highlight=False)
 
     def finish(self) -> None:
         with self._lock:

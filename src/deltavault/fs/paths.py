@@ -52,6 +52,24 @@ def shown(text: str) -> str:
     return display(text.encode("utf-8", errors="surrogateescape"))
 
 
+def terminal(text: str) -> str:
+    """Text made for a terminal (a message, a table of several lines) with every control and
+    format character escaped as ``display`` escapes it, but the newlines between its lines;
+    a backslash is left alone, so names already escaped pass unchanged. The last wall in
+    every printer, for a stored string that reached one without ``display`` or ``shown``."""
+    if text.replace("\n", "").isprintable():
+        return text
+    return "\n".join(map(one_line, text.split("\n")))
+
+
+def one_line(text: str) -> str:
+    """``terminal`` of text that must stay one line (a log field, a problem's message): its
+    newlines, carriage returns and tabs escaped too, so it cannot forge another entry."""
+    if text.isprintable():
+        return text
+    return "".join(c if c == "\\" else _escape_char(c) for c in text)
+
+
 def proc_path(dir_fd: int, name: bytes) -> bytes:
     """A path naming dir_fd/name without resolving any symlink on the way, for calls that
     take no dir_fd (the l*xattr family)."""

@@ -16,6 +16,7 @@ import msgspec
 from deltavault.backends.base import Backend
 from deltavault.errors import CorruptionError, DeltavaultError, Undecodable, UsageError
 from deltavault.framing import decode_json
+from deltavault.fs.paths import shown
 from deltavault.model.types import match_prefix
 from deltavault.repository import config as configmod
 from deltavault.repository import keys as keymod
@@ -37,7 +38,7 @@ class KeyInfo:
 
     @property
     def short(self) -> str:
-        return self.name.removeprefix("keys/")[:8]
+        return shown(self.name.removeprefix("keys/")[:8])  # an object name: anyone's choice
 
 
 def _master(repo: KeyedRepository) -> keymod.MasterKey:

@@ -22,6 +22,7 @@ import msgspec
 from deltavault.backends.base import Backend
 from deltavault.errors import BackendError, CorruptionError, ObjectNotFound, RepositoryLocked
 from deltavault.framing import decode_json
+from deltavault.fs.paths import shown
 from deltavault.repository.envelope import Envelope
 
 LOCK_AAD = b"lock"
@@ -150,8 +151,8 @@ class LockManager:
                 kind = "exclusively" if blocker.exclusive else "shared"
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(blocker.created))
                 raise RepositoryLocked(
-                    f"repository is locked {kind} by pid {blocker.pid} on {blocker.hostname} "
-                    f"({blocker.command or 'unknown command'}) since {since}; "
+                    f"repository is locked {kind} by pid {blocker.pid} on {shown(blocker.hostname)} "
+                    f"({shown(blocker.command) or 'unknown command'}) since {since}; "
                     f"retry later, or use --lock-wait SECONDS")
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)

@@ -16,6 +16,7 @@ from deltavault import __version__
 from deltavault.backends.base import Backend
 from deltavault.errors import CorruptionError, FormatError, ObjectNotFound, Undecodable, UsageError
 from deltavault.framing import decode_msgpack
+from deltavault.fs.paths import shown
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import ID_LEN, match_prefix
 from deltavault.repository.cache import ObjectCache
@@ -26,7 +27,8 @@ SNAPSHOT_AAD = b"snapshot"
 
 
 def short_id(snap_id: str) -> str:
-    return snap_id[:8]
+    # An id is an object's name in the storage, which anyone who can write there may choose.
+    return shown(snap_id[:8])
 
 
 def new_snapshot(*, start_ns: int, **fields: Any) -> Snapshot:

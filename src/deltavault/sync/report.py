@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from deltavault.fs.paths import display
+from deltavault.fs.paths import display, one_line
 from deltavault.progress import Reporter
 
 
@@ -63,7 +63,7 @@ class SyncLog:
     def write(self, action: str, size: int, relpath: bytes, *, written: int = 0,
               digest: bytes | None = None, error: str | None = None) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        err = (error or "-").replace("\t", " ").replace("\n", " ")
+        err = one_line(error or "-")  # a tab, newline or CR would split or forge an entry
         line = "\t".join([stamp, action, str(size), str(written), digest.hex() if digest else "-",
                           display(relpath), err]) + "\n"
         os.write(self._fd, line.encode("utf-8", "backslashreplace"))
