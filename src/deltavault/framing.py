@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 import msgspec
@@ -31,31 +32,23 @@ def _why(exc: BaseException) -> str:
 _MAKING = threading.Lock()
 _MSGPACK: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
 _JSON: dict[Any, msgspec.json.Decoder[Any]] = {}
+D = TypeVar("D")
 
 
-def _msgpack_decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
-    d = _MSGPACK.get(kind)
+def _decoder(made: dict[Any, D], make: Callable[[Any], D], kind: Any) -> D:
+    """``kind``'s decoder from ``made``, made by ``make`` under the lock the first time."""
+    d = made.get(kind)
     if d is None:
         with _MAKING:
-            d = _MSGPACK.get(kind)
+            d = made.get(kind)
             if d is None:
-                d = _MSGPACK[kind] = msgspec.msgpack.Decoder(kind)
-    return d
-
-
-def _json_decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
-    d = _JSON.get(kind)
-    if d is None:
-        with _MAKING:
-            d = _JSON.get(kind)
-            if d is None:
-                d = _JSON[kind] = msgspec.json.Decoder(kind)
+                d = made[kind] = make(kind)
     return d
 
 
 def decode_msgpack(raw: bytes | msgspec.Raw, kind: type[T]) -> T:
     """``raw`` as msgpack of ``kind``; whatever the bytes, that or ``Undecodable``."""
-    decoder = _msgpack_decoder(kind)
+    decoder: msgspec.msgpack.Decoder[T] = _decoder(_MSGPACK, msgspec.msgpack.Decoder, kind)
     try:
         return decoder.decode(raw)
     except _UNDECODABLE as exc:
@@ -64,11 +57,12 @@ def decode_msgpack(raw: bytes | msgspec.Raw, kind: type[T]) -> T:
 
 def decode_json(raw: bytes, kind: type[T]) -> T:
     """``raw`` as JSON of ``kind``; whatever the bytes, that or ``Undecodable``."""
-    decoder = _json_decoder(kind)
+    decoder: msgspec.json.Decoder[T] = _decoder(_JSON, msgspec.json.Decoder, kind)
     try:
         return decoder.decode(raw)
     except _UNDECODABLE as exc:
         raise Undecodable(_why(exc)) from exc
+
 
 LEN = struct.Struct("<I")
 MAX_FRAME = 1 << 30
