@@ -121,11 +121,12 @@ def test_cli_round_trip_and_incremental_downloads_nothing(scli: Cli, tmp_path: P
     assert len(scli("--json", "snapshots").json) == 1
 
 
-def test_unknown_host_key_is_refused(scli: Cli, server: Server) -> None:
+def test_unknown_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
     (server.dir / "known_hosts").write_text("")
     r = scli("init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 20, r.stderr
     assert "host key" in r.stderr and "not known" in r.stderr and "ssh-keyscan" in r.stderr
+    assert not (tmp_path / "remote").exists()  # nothing written
 
 
 def test_changed_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
@@ -134,15 +135,17 @@ def test_changed_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) 
     kind, key = (other.with_suffix(".pub")).read_text().split()[:2]
     (server.dir / "known_hosts").write_text(f"[127.0.0.1]:{server.port} {kind} {key}\n")
     r = scli("init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 20, r.stderr
     assert "does not match known_hosts" in r.stderr
+    assert not (tmp_path / "remote").exists()
 
 
-def test_login_refused(scli: Cli, server: Server) -> None:
+def test_login_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
     (server.dir / "authorized_keys").write_text("")
     r = scli("init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 19, r.stderr
     assert "ssh login" in r.stderr and "failed" in r.stderr
+    assert not (tmp_path / "remote").exists()
 
 
 def test_missing_repository(scli: Cli) -> None:
@@ -197,13 +200,13 @@ def test_backup_survives_dropped_connections(server: Server, tmp_path: Path) -> 
     assert not check_repository(fresh, read_data=True).errors
 
 
-def test_server_gone_is_exit_15_after_retries(scli: Cli, server: Server) -> None:
+def test_server_gone_is_exit_20_after_retries(scli: Cli, server: Server) -> None:
     assert scli("init").returncode == 0
     server.proc.terminate()
     server.proc.wait()
     server.kill_sessions()
     r = scli("snapshots")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 20, r.stderr
     assert "cannot connect" in r.stderr and "Connection refused" in r.stderr
 
 

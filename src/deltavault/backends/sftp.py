@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
 from deltavault.backends.sftpio import FilePieces, pread, pwrite
 from deltavault.backends.ssh import SFTPLocation, SshTarget, paramiko_module
-from deltavault.errors import BackendError, NoSpace, ObjectNotFound
+from deltavault.errors import AccessRefused, BackendError, NoSpace, ObjectNotFound
 
 if TYPE_CHECKING:
     import paramiko
@@ -136,7 +136,7 @@ class SFTPBackend:
             if exc.errno == errno.ENOENT:
                 raise ObjectNotFound(f"{what}: not found") from exc
             if exc.errno == errno.EACCES:
-                raise BackendError(f"{what}: permission denied on {self.loc.host}", retryable=False) from exc
+                raise AccessRefused(f"{what}: permission denied on {self.loc.host}") from exc
             if exc.errno is None and not isinstance(exc, TimeoutError) and not _closed(sftp):
                 # paramiko's form of the server's own status ("Failure"): not a network
                 # fault, so not retried. (Its "Socket is closed", for a call in flight on
