@@ -80,7 +80,8 @@ def test_locations() -> None:
 def test_every_command_end_to_end(scli: Cli, s3proxy: Proxy, seaweed: Seaweed, bucket: str,
                                   tmp_path: Path) -> None:
     """init, backup (full, incremental), snapshots, ls, diff, restore, check --read-data,
-    stats, key add/list/passwd/remove, forget, prune, repair, on S3; an incremental receives
+    stats, key add/list/passwd/remove, forget, prune (then check --read-data and a restore of
+    the kept snapshot), repair, on S3; an incremental receives
     only config and key (measured by the proxy, whatever the client says)."""
     src = tmp_path / "data"
     write_tree(src)
@@ -128,6 +129,13 @@ def test_every_command_end_to_end(scli: Cli, s3proxy: Proxy, seaweed: Seaweed, b
     assert scli("forget", b1.last("summary")["snapshot"]).returncode == 0
     r = scli("--json", "prune")
     assert r.returncode == 0, r.stderr
+    # what prune kept is whole: every pack read and verified, the kept snapshot restored
+    c = scli("--json", "check", "--read-data")
+    assert c.returncode == 0 and c.last("check_summary")["errors"] == 0, c.stdout + c.stderr
+    out = tmp_path / "after-prune"
+    r = scli("--json", "restore", "latest", "--target", str(out), "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert manifest(out / "data") == manifest(src)
     assert scli("--json", "repair").returncode == 0
     assert scli("check", "--read-data").returncode == 0
     assert len(scli("--json", "snapshots").json) == 1
