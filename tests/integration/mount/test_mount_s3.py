@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cli, init_small_packs, needs_root, needs_tools
-from tests.integration.mount.conftest import Daemon, _mounted, leftovers
+from tests.integration.mount.conftest import leave_by_signal, leftovers, mount_daemon
 from tests.s3proxy import Proxy, proxy
 from tests.seaweed import Seaweed
 from tests.treeutil import manifest
@@ -44,11 +43,8 @@ def _mount_and_read(cli: Cli, seaweed: Seaweed, s3proxy: Proxy, bucket: str, url
     packs = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=bucket, Prefix="repo/data/")["Contents"]]
     assert len(packs) >= 5, packs
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
     before = s3proxy.snapshot()
-    d = Daemon(cli, ["mount", str(mnt)], "mounted")
-    try:
-        assert _mounted(mnt)
+    with mount_daemon(cli, mnt) as d:
         names = os.listdir(mnt / "snapshots")
         snaps = [n for n in names if n != "latest"]
         assert len(snaps) == 1 and sid.startswith(snaps[0].rpartition("_")[2]), (names, sid)
@@ -66,14 +62,7 @@ def _mount_and_read(cli: Cli, seaweed: Seaweed, s3proxy: Proxy, bucket: str, url
             os.close(fd)
         assert manifest(mnt / "snapshots" / "latest" / "src") == manifest(src)
         assert s3proxy.snapshot().since(before).received > len(big)  # the data came from S3
-        rc, out, err = d.signal(signal.SIGINT)
-        assert rc == 0, err
-        assert '"type": "summary"' in out
-        assert not _mounted(mnt)
-    finally:
-        d.stop()
-        if _mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        leave_by_signal(d, mnt, signal.SIGINT)
     assert leftovers() == []
     # The mount's lock went with it: an exclusive command runs; the repository checks clean.
     r = cli("--json", "prune")
