@@ -261,7 +261,9 @@ class SFTPBackend:
             try:
                 s.mkdir(d, 0o700)
             except OSError:
-                if not statmod.S_ISDIR(s.stat(d).st_mode or 0):  # another writer made it
+                # Another writer made it meanwhile: fine. Else the mkdir's own error: a
+                # permission denied was reported as the stat's "not found" (exit 15).
+                if not _is_dir(s, d):
                     raise
         self._made_dirs.add(folder)
 
@@ -350,6 +352,13 @@ class SFTPBackend:
             files += 1
             size += attr.st_size or 0
         return files, size
+
+
+def _is_dir(s: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        return statmod.S_ISDIR(s.stat(path).st_mode or 0)
+    except OSError:
+        return False
 
 
 def _closed(sftp: paramiko.SFTPClient) -> bool:
