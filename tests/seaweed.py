@@ -31,6 +31,9 @@ from tests import ports
 
 ACCESS_KEY = "dvtestaccess"
 SECRET_KEY = "dvtestsecret-0123456789"
+# An identity that may read and list but not write: its writes are refused with AccessDenied.
+READER_KEY = "dvtestreader"
+READER_SECRET = "dvtestreader-0123456789"
 
 
 def weed_binary() -> str | None:
@@ -158,7 +161,9 @@ def _s3_config(d: Path) -> Path:
     cfg = d / "s3.json"
     cfg.write_text(json.dumps({"identities": [{
         "name": "deltavault-test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}, {
+        "name": "deltavault-reader", "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+        "actions": ["Read", "List"]}]}))
     return cfg
 
 

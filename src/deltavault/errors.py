@@ -24,10 +24,15 @@ class ExitCode(IntEnum):
     WRONG_PASSWORD = 12
     CORRUPT = 13
     NO_SPACE = 14
-    BACKEND = 15  # backend unreachable or failing after retries
+    BACKEND = 15  # the store failing after retries, or answering what a store does not (it lies)
     SOURCE = 16  # the source (volume, snapshot, change source) is unusable
     TARGET = 17  # the restore target or sync destination cannot be created or opened
     UNAVAILABLE = 18  # this machine lacks what the command needs (FUSE, a file-system driver, qemu-nbd)
+    # The store refused us, or could not be reached: bad input (the user's credentials, address
+    # or clock), each with a code of its own so a script can say which to fix.
+    ACCESS_REFUSED = 19  # credentials or permission refused (S3 keys, AccessDenied; SSH login)
+    UNREACHABLE = 20  # no such host, connection refused or timed out (after the retries); TLS or host key not trusted
+    CLOCK_SKEW = 21  # the store says this machine's clock is wrong (RequestTimeTooSkewed)
     INTERRUPTED = 130
 
 
@@ -96,6 +101,28 @@ class UnsupportedVersion(DeltavaultError):
 class BackendError(DeltavaultError):
     exit_code = ExitCode.BACKEND
     retryable = True
+
+
+class AccessRefused(BackendError):
+    """The store refused the credentials, the login or the operation: retrying cannot help."""
+
+    exit_code = ExitCode.ACCESS_REFUSED
+    retryable = False
+
+
+class Unreachable(BackendError):
+    """The store could not be reached (no such host, connection refused or timed out: retried,
+    it may come back), or it could not be verified as the store (a TLS certificate or an SSH
+    host key not trusted: not retried)."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
+class ClockSkew(BackendError):
+    """The store refuses requests signed with this machine's time: set the clock."""
+
+    exit_code = ExitCode.CLOCK_SKEW
+    retryable = False
 
 
 class ObjectNotFound(BackendError):

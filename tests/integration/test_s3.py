@@ -20,7 +20,7 @@ from deltavault.backends import open_backend
 from deltavault.backends.base import put_file
 from deltavault.backends.s3location import S3Location, parse_location
 from deltavault.backup.files.run import BackupRequest, run_backup
-from deltavault.errors import UsageError
+from deltavault.errors import ExitCode, UsageError
 from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
@@ -80,7 +80,8 @@ def test_locations() -> None:
 def test_every_command_end_to_end(scli: Cli, s3proxy: Proxy, seaweed: Seaweed, bucket: str,
                                   tmp_path: Path) -> None:
     """init, backup (full, incremental), snapshots, ls, diff, restore, check --read-data,
-    stats, key add/list/passwd/remove, forget, prune, repair, on S3; an incremental receives
+    stats, key add/list/passwd/remove, forget, prune (then check --read-data and a restore of
+    the kept snapshot), repair, on S3; an incremental receives
     only config and key (measured by the proxy, whatever the client says)."""
     src = tmp_path / "data"
     write_tree(src)
@@ -128,6 +129,13 @@ def test_every_command_end_to_end(scli: Cli, s3proxy: Proxy, seaweed: Seaweed, b
     assert scli("forget", b1.last("summary")["snapshot"]).returncode == 0
     r = scli("--json", "prune")
     assert r.returncode == 0, r.stderr
+    # what prune kept is whole: every pack read and verified, the kept snapshot restored
+    c = scli("--json", "check", "--read-data")
+    assert c.returncode == 0 and c.last("check_summary")["errors"] == 0, c.stdout + c.stderr
+    out = tmp_path / "after-prune"
+    r = scli("--json", "restore", "latest", "--target", str(out), "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert manifest(out / "data") == manifest(src)
     assert scli("--json", "repair").returncode == 0
     assert scli("check", "--read-data").returncode == 0
     assert len(scli("--json", "snapshots").json) == 1
@@ -293,14 +301,38 @@ def _objects(seaweed: Seaweed, bucket: str) -> list[str]:
 def test_wrong_credentials(scli: Cli, seaweed: Seaweed, bucket: str) -> None:
     bad = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
     r = scli("init", env=bad)
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == ExitCode.ACCESS_REFUSED == 19, r.stderr
     assert "refused the credentials" in r.stderr and "SignatureDoesNotMatch" in r.stderr
     r = scli("init", env={"AWS_ACCESS_KEY_ID": "nobody"})
-    assert r.returncode == 15 and "InvalidAccessKeyId" in r.stderr, r.stderr
+    assert r.returncode == 19 and "InvalidAccessKeyId" in r.stderr, r.stderr
     assert _objects(seaweed, bucket) == []  # nothing half-written
     assert scli("init").returncode == 0
+    before = _objects(seaweed, bucket)
     r = scli("snapshots", env=bad)
-    assert r.returncode == 15 and "refused the credentials" in r.stderr
+    assert r.returncode == 19 and "refused the credentials" in r.stderr
+    r = scli("--json", "snapshots", env=bad)
+    assert r.returncode == 19 and r.last("error")["exit_code"] == 19 and not r.last("error")["retryable"]
+    assert r.last("error")["error"] == "AccessRefused"
+    assert _objects(seaweed, bucket) == before
+
+
+def test_access_denied(scli: Cli, seaweed: Seaweed, bucket: str, tmp_path: Path) -> None:
+    """Credentials the store accepts but that may only read: a backup is refused with
+    AccessDenied, exit 19 (not 15, a failing store), at once and with nothing written."""
+    from tests.seaweed import READER_KEY, READER_SECRET
+
+    assert scli("init").returncode == 0
+    before = _objects(seaweed, bucket)
+    reader = seaweed.env(access=READER_KEY, secret=READER_SECRET)
+    assert scli("--json", "snapshots", env=reader).returncode == 0  # reading is allowed
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"data")
+    r = scli("--json", "backup", str(tmp_path / "src"), env=reader)
+    assert r.returncode == ExitCode.ACCESS_REFUSED, r.stdout + r.stderr
+    err = r.last("error")
+    assert err["error"] == "AccessRefused" and not err["retryable"] and "access denied" in err["message"]
+    assert "AccessDenied" in err["message"]
+    assert _objects(seaweed, bucket) == before
 
 
 def test_no_credentials_at_all(scli: Cli) -> None:
@@ -328,23 +360,23 @@ def test_no_such_endpoint(scli: Cli) -> None:
     url = f"s3:http://127.0.0.1:{free_port()}/bucket/repo"
     t0 = time.monotonic()
     r = scli("snapshots", env={"DELTAVAULT_REPOSITORY": url})
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == ExitCode.UNREACHABLE == 20, r.stderr
     assert "cannot connect" in r.stderr and "Connection refused" in r.stderr
     assert time.monotonic() - t0 < 60
     r = scli("snapshots", env={"DELTAVAULT_REPOSITORY": "s3:http://nonexistent.invalid/bucket/repo"})
-    assert r.returncode == 15 and "cannot connect" in r.stderr, r.stderr
+    assert r.returncode == 20 and "cannot connect" in r.stderr, r.stderr
 
 
 def test_clock_skew(scli: Cli, seaweed: Seaweed, bucket: str) -> None:
     """This machine's clock two hours ahead (faketime, for the client only): the server refuses
-    every request; a clear message, exit 15, and nothing written."""
+    every request; a clear message, exit 21, and nothing written."""
     import shutil
 
     faketime = shutil.which("faketime")
     assert faketime, "needs faketime (scripts/install-system-deps.sh installs it)"
     p = subprocess.run([faketime, "-f", "+2h", sys.executable, "-m", "deltavault", "init"], env=scli.env,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 15, p.stderr
+    assert p.returncode == ExitCode.CLOCK_SKEW == 21, p.stderr
     assert "clock is wrong" in p.stderr and "RequestTimeTooSkewed" in p.stderr
     assert _objects(seaweed, bucket) == []
 
@@ -363,7 +395,7 @@ def test_tls_with_a_private_ca(scli: Cli, seaweed: Seaweed, bucket: str, tmp_pat
     --s3-ca-bundle (a clear message naming the option), accepted with it or its variable."""
     url = f"s3:https://127.0.0.1:{seaweed.https_port}/{bucket}/tls"
     r = scli("-r", url, "init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == ExitCode.UNREACHABLE, r.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in r.stderr and "--s3-ca-bundle" in r.stderr
     assert _objects(seaweed, bucket) == []
     r = scli("-r", url, "--s3-ca-bundle", str(seaweed.ca_file), "init")

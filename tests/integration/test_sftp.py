@@ -15,7 +15,7 @@ from deltavault.backends.base import unwrap
 from deltavault.backends.sftp import SFTPBackend
 from deltavault.backends.ssh import SFTPLocation, parse_location
 from deltavault.backup.files.run import BackupRequest, run_backup
-from deltavault.errors import UsageError
+from deltavault.errors import ExitCode, UsageError
 from deltavault.maintenance.check import check_repository
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
@@ -121,11 +121,12 @@ def test_cli_round_trip_and_incremental_downloads_nothing(scli: Cli, tmp_path: P
     assert len(scli("--json", "snapshots").json) == 1
 
 
-def test_unknown_host_key_is_refused(scli: Cli, server: Server) -> None:
+def test_unknown_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
     (server.dir / "known_hosts").write_text("")
     r = scli("init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 20, r.stderr
     assert "host key" in r.stderr and "not known" in r.stderr and "ssh-keyscan" in r.stderr
+    assert not (tmp_path / "remote").exists()  # nothing written
 
 
 def test_changed_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
@@ -134,15 +135,44 @@ def test_changed_host_key_is_refused(scli: Cli, server: Server, tmp_path: Path) 
     kind, key = (other.with_suffix(".pub")).read_text().split()[:2]
     (server.dir / "known_hosts").write_text(f"[127.0.0.1]:{server.port} {kind} {key}\n")
     r = scli("init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 20, r.stderr
     assert "does not match known_hosts" in r.stderr
+    assert not (tmp_path / "remote").exists()
 
 
-def test_login_refused(scli: Cli, server: Server) -> None:
+def test_login_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
     (server.dir / "authorized_keys").write_text("")
     r = scli("init")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 19, r.stderr
     assert "ssh login" in r.stderr and "failed" in r.stderr
+    assert not (tmp_path / "remote").exists()
+
+
+def test_permission_denied_on_the_server(scli: Cli, server: Server, tmp_path: Path) -> None:
+    """The server refuses the writes (the repository's folders made immutable with chattr +i:
+    the SFTP server answers PERMISSION_DENIED, as for a folder the login may not write): exit
+    19, as S3's AccessDenied, not 15; at once, and nothing written. Refused where a folder is
+    made (a first backup makes locks/) and where a file is made in one that exists."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    repo = tmp_path / "remote" / "repo"
+    assert scli("init").returncode == 0
+    for _ in range(2):
+        before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+        dirs = [repo, *(p for p in repo.rglob("*") if p.is_dir())]
+        subprocess.run(["chattr", "+i", *map(str, dirs)], check=True)
+        try:
+            r = scli("--json", "backup", str(src))
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, dirs)], check=True)
+        assert r.returncode == ExitCode.ACCESS_REFUSED, r.stdout + r.stderr
+        err = r.last("error")
+        assert err["error"] == "AccessRefused" and not err["retryable"] and "permission denied" in err["message"]
+        assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+        assert scli("backup", str(src)).returncode == 0
+        (src / "f").write_bytes(b"changed")
+    assert scli("check", "--read-data").returncode == 0
 
 
 def test_missing_repository(scli: Cli) -> None:
@@ -197,13 +227,13 @@ def test_backup_survives_dropped_connections(server: Server, tmp_path: Path) -> 
     assert not check_repository(fresh, read_data=True).errors
 
 
-def test_server_gone_is_exit_15_after_retries(scli: Cli, server: Server) -> None:
+def test_server_gone_is_exit_20_after_retries(scli: Cli, server: Server) -> None:
     assert scli("init").returncode == 0
     server.proc.terminate()
     server.proc.wait()
     server.kill_sessions()
     r = scli("snapshots")
-    assert r.returncode == 15, r.stderr
+    assert r.returncode == 20, r.stderr
     assert "cannot connect" in r.stderr and "Connection refused" in r.stderr
 
 

@@ -31,10 +31,16 @@ from deltavault.backends.filerange import FileRange
 from deltavault.backends.retention import ObjectRetention, Retention, protected
 from deltavault.backends.s3body import read_answer, read_mapped
 from deltavault.backends.s3bucket import prepare_bucket, require_object_lock
-from deltavault.backends.s3errors import ObjectRetained, error_code, stored, translate
+from deltavault.backends.s3errors import (
+    BucketNotFound,
+    ObjectRetained,
+    error_code,
+    stored,
+    translate,
+)
 from deltavault.backends.s3listing import checked_page, listed_name, pages, versions
 from deltavault.backends.s3location import S3Location, S3Options
-from deltavault.errors import BackendError, ObjectNotFound, UsageError
+from deltavault.errors import AccessRefused, BackendError, ObjectNotFound, UsageError
 
 T = TypeVar("T")
 _CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1", "ChecksumSHA256")
@@ -114,7 +120,7 @@ class S3Backend:
         except ObjectNotFound:
             return False
         except BackendError as exc:
-            if exc.exit_code == 10:  # no bucket
+            if isinstance(exc, BucketNotFound):
                 return False
             raise
         return bool(r.get("KeyCount") or r.get("Contents"))
@@ -275,7 +281,7 @@ class S3Backend:
             try:
                 self._call(name, lambda c, v=vid: c.delete_object(Bucket=self.loc.bucket, Key=key, VersionId=v))  # type: ignore[misc]
             except BackendError as exc:
-                if "access denied" in exc.message:
+                if isinstance(exc, AccessRefused) and "access denied" in exc.message:
                     raise ObjectRetained(f"{name}: a version of it is still under retention") from exc
                 raise
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deltavault.backends.s3errors import BucketNotFound
-from deltavault.errors import BackendError, UsageError
+from deltavault.errors import AccessRefused, BackendError, ClockSkew, Unreachable, UsageError
 
 Call = Callable[[str, Callable[[Any], Any]], Any]  # S3Backend._call: (what, fn(client)) -> fn's result
 
@@ -26,8 +26,9 @@ def prepare_bucket(call: Call, bucket: str, region: str, *, object_lock: bool) -
             call(bucket, lambda c: c.create_bucket(**args))
         except BackendError as exc:
             if "BucketAlreadyOwnedByYou" not in exc.message:
-                raise BackendError(f"bucket {bucket} does not exist and could not be created: {exc.message}",
-                                   retryable=exc.retryable) from exc
+                # the same type: refused credentials keep their exit code (errors.ExitCode)
+                raise type(exc)(f"bucket {bucket} does not exist and could not be created: {exc.message}",
+                                retryable=exc.retryable) from exc
         return f"created bucket {bucket}" + (" with Object Lock" if object_lock else "")
     if object_lock:
         require_object_lock(call, bucket)
@@ -39,7 +40,7 @@ def require_object_lock(call: Call, bucket: str) -> None:
         cfg = call(bucket, lambda c: c.get_object_lock_configuration(Bucket=bucket))
         enabled = cfg.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
     except BackendError as exc:
-        if exc.retryable or "access denied" in exc.message or "refused the credentials" in exc.message:
+        if exc.retryable or isinstance(exc, (AccessRefused, ClockSkew, Unreachable)):
             raise
         enabled = False  # ObjectLockConfigurationNotFoundError, or a server without Object Lock
     if not enabled:

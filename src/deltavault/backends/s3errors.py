@@ -3,6 +3,11 @@
 Retried (by backends.retry, never by botocore itself, so attempts do not multiply): throttling
 (503 SlowDown and friends), 5xx, request timeouts, dropped and refused connections. Not
 retried: refused credentials, a missing bucket or object, clock skew, access denied.
+
+Bad input has an exit code of its own (errors.ExitCode): refused credentials or access 19
+(AccessRefused), an endpoint that cannot be reached or whose certificate is not trusted 20
+(Unreachable), clock skew 21 (ClockSkew), a missing bucket 10; 15 stays for a store that
+fails after the retries or answers what a store does not.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from deltavault.errors import (
+    AccessRefused,
     BackendError,
+    ClockSkew,
     DeltavaultError,
     ObjectNotFound,
     RepositoryNotFound,
+    Unreachable,
     UsageError,
 )
 
@@ -81,15 +89,15 @@ def translate(exc: BaseException, what: str, where: str) -> DeltavaultError:
             return BucketNotFound(f"no repository at {where}: the bucket does not exist "
                                   "(deltavault init creates it)")
         if code in _CREDENTIALS:
-            return BackendError(f"{what}: the S3 server at {where} refused the credentials ({code}): check "
-                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
-                                "~/.aws/credentials", retryable=False)
+            return AccessRefused(f"{what}: the S3 server at {where} refused the credentials ({code}): check "
+                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                                 "~/.aws/credentials")
         if code in _SKEW:
-            return BackendError(f"{what}: the S3 server at {where} says this machine's clock is wrong ({code}: "
-                                f"{msg}); set the time (NTP) and try again", retryable=False)
+            return ClockSkew(f"{what}: the S3 server at {where} says this machine's clock is wrong ({code}: "
+                             f"{msg}); set the time (NTP) and try again")
         if code in ("AccessDenied", "AllAccessDisabled", "Forbidden") or status == 403:
-            return BackendError(f"{what}: access denied by the S3 server at {where} ({code or status}): the "
-                                "credentials lack permission for this bucket or operation", retryable=False)
+            return AccessRefused(f"{what}: access denied by the S3 server at {where} ({code or status}): the "
+                                 "credentials lack permission for this bucket or operation")
         if code in _THROTTLED or status in (429, 503):
             return BackendError(f"{what}: the S3 server at {where} is throttling ({code or status}: {msg})")
         if code in _TRANSIENT or status >= 500:
@@ -105,11 +113,13 @@ def translate(exc: BaseException, what: str, where: str) -> DeltavaultError:
     if isinstance(exc, (be.ProfileNotFound, be.ConfigParseError, be.InvalidConfigError)):
         return UsageError(f"the AWS configuration is unusable: {exc}")
     if isinstance(exc, be.SSLError):
-        return BackendError(f"{what}: TLS with the S3 server at {where} failed: {exc}; for a private CA use "
-                            "--s3-ca-bundle or DELTAVAULT_S3_CA_BUNDLE", retryable=False)
+        return Unreachable(f"{what}: TLS with the S3 server at {where} failed: {exc}; for a private CA use "
+                           "--s3-ca-bundle or DELTAVAULT_S3_CA_BUNDLE", retryable=False)
+    if isinstance(exc, be.ConnectTimeoutError):  # no answer to the connect: unreachable, as refused
+        return Unreachable(f"{what}: cannot connect to the S3 server at {where}: timed out: {exc}")
     if isinstance(exc, be.EndpointConnectionError):
-        return BackendError(f"{what}: cannot connect to the S3 server at {where}: {_cause(exc)}")
-    if isinstance(exc, (be.ConnectTimeoutError, be.ReadTimeoutError)):
+        return Unreachable(f"{what}: cannot connect to the S3 server at {where}: {_cause(exc)}")
+    if isinstance(exc, be.ReadTimeoutError):
         return BackendError(f"{what}: the S3 server at {where} timed out: {exc}")
     if isinstance(exc, (be.HTTPClientError, be.ConnectionError, be.IncompleteReadError)):
         return BackendError(f"{what}: connection to the S3 server at {where} lost: {exc}")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
 from deltavault.backends.sftpio import FilePieces, pread, pwrite
 from deltavault.backends.ssh import SFTPLocation, SshTarget, paramiko_module
-from deltavault.errors import BackendError, NoSpace, ObjectNotFound
+from deltavault.errors import AccessRefused, BackendError, NoSpace, ObjectNotFound
 
 if TYPE_CHECKING:
     import paramiko
@@ -136,7 +136,7 @@ class SFTPBackend:
             if exc.errno == errno.ENOENT:
                 raise ObjectNotFound(f"{what}: not found") from exc
             if exc.errno == errno.EACCES:
-                raise BackendError(f"{what}: permission denied on {self.loc.host}", retryable=False) from exc
+                raise AccessRefused(f"{what}: permission denied on {self.loc.host}") from exc
             if exc.errno is None and not isinstance(exc, TimeoutError) and not _closed(sftp):
                 # paramiko's form of the server's own status ("Failure"): not a network
                 # fault, so not retried. (Its "Socket is closed", for a call in flight on
@@ -261,7 +261,9 @@ class SFTPBackend:
             try:
                 s.mkdir(d, 0o700)
             except OSError:
-                if not statmod.S_ISDIR(s.stat(d).st_mode or 0):  # another writer made it
+                # Another writer made it meanwhile: fine. Else the mkdir's own error: a
+                # permission denied was reported as the stat's "not found" (exit 15).
+                if not _is_dir(s, d):
                     raise
         self._made_dirs.add(folder)
 
@@ -350,6 +352,13 @@ class SFTPBackend:
             files += 1
             size += attr.st_size or 0
         return files, size
+
+
+def _is_dir(s: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        return statmod.S_ISDIR(s.stat(path).st_mode or 0)
+    except OSError:
+        return False
 
 
 def _closed(sftp: paramiko.SFTPClient) -> bool:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from deltavault.errors import BackendError, UsageError
+from deltavault.errors import AccessRefused, BackendError, Unreachable, UsageError
 
 if TYPE_CHECKING:
     import paramiko
@@ -180,21 +180,21 @@ class SshTarget:
                            banner_timeout=s["timeout"], auth_timeout=s["timeout"],
                            transport_factory=_gcm_first, sock=sock)
         except pm.BadHostKeyException as exc:
-            raise BackendError(f"the host key of {where} does not match known_hosts: refusing to connect "
-                               "(if the host was reinstalled, update known_hosts)", retryable=False) from exc
+            raise Unreachable(f"the host key of {where} does not match known_hosts: refusing to connect "
+                              "(if the host was reinstalled, update known_hosts)", retryable=False) from exc
         except pm.AuthenticationException as exc:
-            raise BackendError(f"ssh login to {where} as {s['username'] or 'the current user'} failed: {exc}",
-                               retryable=False) from exc
+            raise AccessRefused(f"ssh login to {where} as {s['username'] or 'the current user'} failed: "
+                                f"{exc}") from exc
         except pm.SSHException as exc:
             if "not found in known_hosts" in str(exc):
-                raise BackendError(f"the host key of {where} is not known: add it to ~/.ssh/known_hosts "
-                                   f"(ssh-keyscan -p {s['port']} {s['hostname']})", retryable=False) from exc
+                raise Unreachable(f"the host key of {where} is not known: add it to ~/.ssh/known_hosts "
+                                  f"(ssh-keyscan -p {s['port']} {s['hostname']})", retryable=False) from exc
             raise BackendError(f"ssh connection to {where} failed: {exc}") from exc
         except (OSError, EOFError) as exc:
             # paramiko gathers the per-address socket errors of a failed connect in .errors
             causes = {getattr(e, "strerror", None) or str(e) for e in getattr(exc, "errors", {}).values()}
             why = ", ".join(sorted(causes)) or getattr(exc, "strerror", None) or str(exc)
-            raise BackendError(f"cannot connect to {where}: {why}") from exc
+            raise Unreachable(f"cannot connect to {where}: {why}") from exc
         transport = client.get_transport()
         sock = getattr(transport, "sock", None)
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):

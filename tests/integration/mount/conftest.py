@@ -79,17 +79,35 @@ class Daemon:
 
 
 @contextmanager
-def mounted(cli: Cli, mnt: Path, *args: str, log: Path | None = None, cwd: Path | None = None) -> Iterator[Path]:
+def mount_daemon(cli: Cli, mnt: Path, *args: str, log: Path | None = None,
+                 cwd: Path | None = None) -> Iterator[Daemon]:
     """``deltavault mount MNT ARGS`` running (in ``cwd`` if given); unmounted and stopped
     whatever happens. Its stderr goes to ``log`` if given."""
     mnt.mkdir(exist_ok=True)
     d = Daemon(cli, ["mount", str(mnt), *args], "mounted", log=log, cwd=cwd)
     try:
-        yield mnt
+        yield d
     finally:
         d.stop()
         if _mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@contextmanager
+def mounted(cli: Cli, mnt: Path, *args: str, log: Path | None = None, cwd: Path | None = None) -> Iterator[Path]:
+    """``mount_daemon``, for a test that needs only the mount point."""
+    with mount_daemon(cli, mnt, *args, log=log, cwd=cwd):
+        yield mnt
+
+
+def leave_by_signal(d: Daemon, mnt: Path, sig: int) -> None:
+    """``sig`` (Ctrl-C, or a service stopped) ends the mount cleanly: exit 0 with its
+    summary, and the mount gone."""
+    assert _mounted(mnt)
+    rc, out, err = d.signal(sig)
+    assert rc == 0, err
+    assert '"type": "summary"' in out
+    assert not _mounted(mnt)
 
 
 @contextmanager

@@ -26,7 +26,12 @@ from deltavault.model.content import Full, Hole, Patch
 from deltavault.objects.walk import find
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli, needs_root, needs_tools
-from tests.integration.mount.conftest import Daemon, _mounted, mounted
+from tests.integration.mount.conftest import (
+    _mounted,
+    leave_by_signal,
+    mount_daemon,
+    mounted,
+)
 from tests.treeutil import manifest
 
 pytestmark = [needs_root(), needs_tools("fusermount3", "setfacl"), pytest.mark.root]
@@ -314,19 +319,9 @@ def test_a_signal_unmounts_cleanly(cli: Cli, tmp_path: Path, sig: int) -> None:
     assert cli("init").returncode == 0
     assert cli("backup", str(src)).returncode == 0
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    d = Daemon(cli, ["mount", str(mnt)], "mounted")
-    try:
-        assert _mounted(mnt)
+    with mount_daemon(cli, mnt) as d:
         assert (_snapshot_dir(mnt) / "src" / "f").read_bytes() == b"x"
-        rc, out, err = d.signal(sig)
-        assert rc == 0, err
-        assert '"type": "summary"' in out
-        assert not _mounted(mnt)
-    finally:
-        d.stop()
-        if _mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)])
+        leave_by_signal(d, mnt, sig)
 
 
 def test_the_foreground_mount_says_how_to_leave(cli: Cli, tmp_path: Path) -> None:
