@@ -41,23 +41,26 @@ class MemoryLimitExceeded(AssertionError):
     """A process started under the limit needed more memory than the limit allows."""
 
 
-def _mounts() -> list[tuple[str, Path, str]]:
-    """(filesystem type, mount point, super options) of each cgroup hierarchy mounted."""
+def _mounts() -> list[tuple[str, Path, str, str]]:
+    """(filesystem type, mount point, super options, the cgroup mounted there) of each
+    cgroup hierarchy mounted."""
     out = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         pre, _, post = line.partition(" - ")
         fstype, _src, opts = [*post.split(" "), "", ""][:3]
         if fstype in ("cgroup", "cgroup2"):
-            out.append((fstype, Path(pre.split(" ")[4]), opts))
+            fields = pre.split(" ")
+            out.append((fstype, Path(fields[4]), opts, fields[3]))
     return out
 
 
-def _own_cgroup(match: Callable[[str], bool]) -> str:
-    """This process's path in the hierarchy whose controller list ``match`` accepts."""
+def _own_cgroup(match: Callable[[str], bool], mounted: str) -> str:
+    """This process's cgroup in the hierarchy whose controller list ``match`` accepts,
+    relative to the cgroup ``mounted`` at the mount point."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _id, controllers, path = line.split(":", 2)
-        if match(controllers):
-            return path.lstrip("/")
+        if match(controllers) and Path(path).is_relative_to(mounted):
+            return str(Path(path).relative_to(mounted))
     return ""
 
 
@@ -103,14 +106,14 @@ class _Hierarchy:
 def _find() -> tuple[_Hierarchy | None, str]:
     """The hierarchy to use, or None and why not."""
     mounts = _mounts()
-    for fstype, mnt, _opts in mounts:
+    for fstype, mnt, _opts, _root in mounts:
         if fstype == "cgroup2" and "memory" in (mnt / "cgroup.controllers").read_text().split():
             # The session's cgroup goes at the root, the one cgroup exempt from "no processes
             # in a cgroup that gives controllers to its children".
             return _checked(_Hierarchy(2, mnt))
-    for fstype, mnt, opts in mounts:
+    for fstype, mnt, opts, root in mounts:
         if fstype == "cgroup" and "memory" in opts.split(","):
-            own = _own_cgroup(lambda c: "memory" in c.split(","))
+            own = _own_cgroup(lambda c: "memory" in c.split(","), root)
             return _checked(_Hierarchy(1, mnt / own))
     return None, "no cgroup hierarchy here has the memory controller"
 
