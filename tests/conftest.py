@@ -22,6 +22,7 @@ from hypothesis import settings
 
 from deltavault.backends.local import LocalBackend
 from deltavault.repository.repository import Repository
+from tests.memlimit import MemoryLimit
 from tests.seaweed import Seaweed
 from tests.sshd import Server, sshd
 from tests.treeutil import remove_tree
@@ -137,25 +138,54 @@ class Cli:
     cache: Path
     password_file: Path
     env: dict[str, str]
+    memory: MemoryLimit | None = None  # set in modules marked memory_limit
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
                  timeout: float = 600) -> CliResult:
         e = dict(self.env)
         if env:
             e.update(env)
-        p = subprocess.run([sys.executable, "-m", "deltavault", *args], env=e, input=input,
-                           capture_output=True, text=True, timeout=timeout)
+        argv = [sys.executable, "-m", "deltavault", *args]
+        if self.memory is not None:
+            p = self.memory.run(argv, env=e, input=input, text=True, timeout=timeout)
+        else:
+            p = subprocess.run(argv, env=e, input=input, capture_output=True, text=True, timeout=timeout)
         return CliResult(p.returncode, p.stdout, p.stderr)
 
 
+@pytest.fixture(scope="session")
+def memory_limit(pytestconfig: pytest.Config) -> Iterator[MemoryLimit]:
+    """The memory limit deltavault's processes run under in the crash and corruption tests
+    (tests/memlimit.py); reported at the end of the run."""
+    m = MemoryLimit.for_session()
+    pytestconfig.stash[MEMORY_LIMIT] = m
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+MEMORY_LIMIT = pytest.StashKey[MemoryLimit]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    m = config.stash.get(MEMORY_LIMIT, None)
+    if m is None:
+        return
+    terminalreporter.write_line(m.describe())
+    for test, peak in sorted(m.peaks.items()):
+        terminalreporter.write_line(f"  {test}: largest peak {peak.bytes / 2**20:.1f} MiB ({peak.command})")
+
+
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
+def cli(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cli]:
     pw = tmp_path / "password"
     pw.write_text(PASSWORD.decode() + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
     env.update(DELTAVAULT_REPOSITORY=str(tmp_path / "clirepo"), DELTAVAULT_PASSWORD_FILE=str(pw),
                DELTAVAULT_CACHE_DIR=str(tmp_path / "clicache"))
-    yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env)
+    memory = request.getfixturevalue("memory_limit") if request.node.get_closest_marker("memory_limit") else None
+    yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env, memory)
 
 
 def init_small_packs(location: Path | str, password_file: Path | None = None) -> None:

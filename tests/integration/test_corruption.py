@@ -29,9 +29,13 @@ from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
 from tests.conftest import PASSWORD, Cli, init_small_packs
+from tests.memlimit import MemoryLimit
 
 TRIALS = int(os.environ.get("DELTAVAULT_CORRUPTION_TRIALS", "90"))
 SEED = int(os.environ.get("DELTAVAULT_CORRUPTION_SEED", str(random.randrange(1 << 30))))
+# deltavault's processes run under the documented memory limit (tests/memlimit.py); the
+# checks and repairs called in this process (not started as processes) are not limited.
+pytestmark = pytest.mark.memory_limit
 
 
 def sha(b: bytes) -> str:
@@ -55,10 +59,9 @@ def tree_paths(repo: Repository, tid: bytes, prefix: bytes, out: dict[bytes, set
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pristine(tmp_path_factory: pytest.TempPathFactory, memory_limit: MemoryLimit) -> Path:
     """A real repository from the CLI: two snapshots of a small tree, several packs."""
     import os as _os
-    import subprocess
     import sys
 
     base = tmp_path_factory.mktemp("corruption")
@@ -76,7 +79,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (src / "big").write_bytes(rnd.randbytes(2_500_000))
 
     def run(*args: str) -> None:
-        p = subprocess.run([sys.executable, "-m", "deltavault", *args], env=env, capture_output=True, text=True)
+        p = memory_limit.run([sys.executable, "-m", "deltavault", *args], env=env, text=True)
         assert p.returncode == 0, p.stderr
 
     init_small_packs(Path(env["DELTAVAULT_REPOSITORY"]), Path(env["DELTAVAULT_PASSWORD_FILE"]))

@@ -39,6 +39,9 @@ SEED = int(os.environ.get("DELTAVAULT_CRASH_SEED", str(random.randrange(1 << 30)
 FILES = 10
 CRASHPOINT = Path(__file__).with_name("crashpoint.py")
 KiB, MiB = 1024, 1024 * 1024
+# Every CLI run here is under the documented memory limit (tests/memlimit.py): a run the
+# kernel kills for memory fails the test instead of passing for one of the random kills.
+pytestmark = pytest.mark.memory_limit
 
 
 def sha(b: bytes) -> str:
@@ -108,14 +111,17 @@ class Harness:
             delay = 120.0
         t0 = time.monotonic()
         out = (self.tmp / "stdout").open("wb")
-        p = subprocess.Popen([sys.executable, str(CRASHPOINT), *args], env=env,
-                             stdout=out, stderr=subprocess.PIPE)
+        memory = self.cli.memory
+        assert memory is not None, "the crash trials run under the memory limit"
+        p = memory.popen([sys.executable, str(CRASHPOINT), *args], env=env,
+                         stdout=out, stderr=subprocess.PIPE)
         try:
             p.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
         out.close()
+        memory.finish(p)
         self.stdout = (self.tmp / "stdout").read_text()
         killed = p.returncode == -signal.SIGKILL
         stderr = p.stderr.read().decode() if p.stderr else ""

@@ -13,6 +13,9 @@ import pytest
 from tests.conftest import Cli, init_small_packs, needs_root, needs_tools
 from tests.loopdev import fresh_fs
 
+# deltavault's processes run under the documented memory limit (tests/memlimit.py).
+pytestmark = pytest.mark.memory_limit
+
 
 def digest(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

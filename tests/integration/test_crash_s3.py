@@ -25,6 +25,7 @@ from tests.integration.test_crash import SEED, Harness, run_trials
 from tests.seaweed import Seaweed
 
 TRIALS = int(os.environ.get("DELTAVAULT_S3_CRASH_TRIALS", "40"))
+pytestmark = pytest.mark.memory_limit  # as in test_crash.py
 
 
 class S3Harness(Harness):
