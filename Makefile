@@ -95,6 +95,8 @@ bench: system-deps $(STAMP) bench-deps
 	$(BIN)/python bench/sparse_volume.py --scenario ext4 --out bench/results/sparse_volume.json
 	$(BIN)/python bench/sparse_volume.py --scenario raw --out bench/results/sparse_volume.json
 	$(BIN)/python bench/sparse_volume.py --scenario peers --out bench/results/sparse_volume.json
+	# restore --volume --verify of the 1 TiB sparse volume (takes the lock itself, as above).
+	$(BIN)/python bench/sparse_verify.py --src this=src --timeout 300 --out bench/out/sparse_verify.json
 
 # Issue #18's headline table in one run, under one lock (docs/benchmarks.md, "Reproducing"):
 # files-full, files-incr, image-full, image-incr and restore for deltavault, borg and restic,
