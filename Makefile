@@ -66,6 +66,8 @@ bench: system-deps $(STAMP) bench-deps
 	$(LOCK) $(BIN)/python bench/sftp.py --datasets $(DATASETS)
 	$(LOCK) env PYTHONPATH=src:. $(BIN)/python bench/sftp_io.py
 	$(LOCK) $(BIN)/python bench/s3.py --datasets $(DATASETS)
+	$(LOCK) $(BIN)/python bench/pack_listing.py --packs 1000 10000 100000 --s3-packs 1000 10000 --rounds 3 \
+	    --out bench/out/pack_listing.json
 	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS)
 	$(BIN)/python bench/sync_remote.py --datasets $(DATASETS) --direction pull
 	$(LOCK) $(BIN)/python bench/memory.py --datasets $(DATASETS) --src this=src --rounds 4 --scenarios files image incr
@@ -74,10 +76,16 @@ bench: system-deps $(STAMP) bench-deps
 	$(LOCK) $(BIN)/python bench/memory.py --datasets $(DATASETS) --src this=src --peers restic --rounds 2 \
 	    --scenarios files --repo s3 --out bench/out/memory_s3.json
 	$(LOCK) $(BIN)/python bench/sparse_memory.py
+	# The headline table (bench-quick's first step) and the restore-only rounds against restic.
+	$(LOCK) $(BIN)/python bench/headline.py --datasets $(DATASETS) --rounds 3 --out bench/out/headline.json
+	$(LOCK) $(BIN)/python bench/restore_ab.py --datasets $(DATASETS) --src this=src --rounds 5 \
+	    --out bench/out/restore_ab.json
 	$(LOCK) $(BIN)/python bench/report.py
 	$(LOCK) $(BIN)/python bench/scale_snapshots.py --repeat 3
 	$(LOCK) $(BIN)/python bench/scale_files.py --files 10000 100000 --rounds 3
 	$(LOCK) $(BIN)/python bench/scale_files.py --files 1000000 --rounds 1
+	$(LOCK) $(BIN)/python bench/index_table.py --blobs 1000000 --rounds 3 --src src --out bench/out/index_table_1m.json
+	$(LOCK) $(BIN)/python bench/index_table.py --blobs 10000000 --src src --out bench/out/index_table_10m.json
 	$(LOCK) $(BIN)/python bench/scale_blobs.py --build-only --keep --peers --blobs 100000 1000000
 	$(LOCK) $(BIN)/python bench/scale_blobs.py --build-only --keep --blobs 10000000
 	$(LOCK) $(BIN)/python bench/scale_blobs.py --blobs 100000 1000000 --rounds 3 --keep --warm
@@ -87,10 +95,14 @@ bench: system-deps $(STAMP) bench-deps
 	$(BIN)/python bench/sparse_volume.py --scenario ext4 --out bench/results/sparse_volume.json
 	$(BIN)/python bench/sparse_volume.py --scenario raw --out bench/results/sparse_volume.json
 	$(BIN)/python bench/sparse_volume.py --scenario peers --out bench/results/sparse_volume.json
+	# restore --volume --verify of the 1 TiB sparse volume (takes the lock itself, as above).
+	$(BIN)/python bench/sparse_verify.py --src this=src --timeout 300 --out bench/out/sparse_verify.json
 
 # Issue #18's headline table in one run, under one lock (docs/benchmarks.md, "Reproducing"):
 # files-full, files-incr, image-full, image-incr and restore for deltavault, borg and restic,
-# 3 rounds interleaved; then the smallest scale points (10k files, 10,000 snapshots).
+# 3 rounds interleaved, then one counted round (cold cache: bytes read from the source, written
+# to and read from the repository, at their devices: bench/devio.py); then the smallest scale
+# points (10k files, 10,000 snapshots).
 bench-quick: $(STAMP) bench-deps
 	$(LOCK) sh -c '$(BIN)/python bench/headline.py --datasets $(DATASETS) --rounds 3 \
 	    --out bench/results/headline.json && \

@@ -20,8 +20,18 @@ count of source bytes read is kept too), and bytes added (growth of the reposito
 directory, ``du -sb``, as anchors.sh measures it). Medians over the rounds; the ratios are deltavault's median over
 each peer's, from the same run. Prints a markdown table; writes JSON to ``--out``.
 
+Bytes read from the source and written to and read from the repository, for every tool alike
+(bench/devio.py): the source and the repositories are each on a new ext4 on a loop device of
+its own, and each run's count is its devices' sectors read and written, after ``sync``. The
+timed rounds run with a warm page cache (as before), so their reads mostly do not reach a
+device; ``--counted`` extra rounds (1 by default, after the timed ones, the order rotated
+as well) remount both file systems before every run so that each read does: the table's byte
+columns are the medians of those counted rounds, whose times are kept in the JSON but left
+out of the medians and ratios. Repository writes are exact in every round.
+
     flock /tmp/dv-bench.lock .venv/bin/python bench/headline.py --datasets ../data/ds [--rounds 3]
         [--tools deltavault borg restic] [--scenarios files-full image-full files-incr image-incr restore]
+        [--counted 1]
 
 Needs root (loop devices), borg and restic. Scratch under ``--work``, about 12 GB a round.
 """
@@ -46,6 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench.files import du, stage  # noqa: E402
 from bench.memory import Run, measured  # noqa: E402
+from devio import Disks, disks  # noqa: E402
 from peers import BORG_CREATE, BORG_INIT, DESCRIPTION, RESTIC_BACKUP, RESTIC_INIT  # noqa: E402
 from quiesce import compiled, settle, warm  # noqa: E402
 from restore_fs import restore_fs  # noqa: E402
@@ -56,6 +67,7 @@ SCENARIOS = ("files-full", "image-full", "files-incr", "image-incr", "restore")
 PASSWORD = "bench"
 RACY_S = 2.1  # deltavault re-reads files changed within 2 s of its start
 INTERVAL = 0.02
+SIZES = {"source": "8G", "repo": "24G"}  # sparse images: the staged v2 source is 3.3 GB, three repositories 6 GB
 
 
 @dataclass
@@ -85,21 +97,21 @@ def _restic_snapshot(repo: list[str], env: dict[str, str]) -> Callable[[bytes], 
     return first
 
 
-def tools(work: Path, env: dict[str, str]) -> dict[str, Tool]:
-    dv = [sys.executable, "-m", "deltavault", "-r", str(work / "dv-repo")]
-    restic = ["restic", "-r", str(work / "restic-repo")]
-    borg = str(work / "borg-repo")
+def tools(repos: Path, env: dict[str, str]) -> dict[str, Tool]:
+    dv = [sys.executable, "-m", "deltavault", "-r", str(repos / "dv-repo")]
+    restic = ["restic", "-r", str(repos / "restic-repo")]
+    borg = str(repos / "borg-repo")
     return {
         "deltavault": Tool(
-            "deltavault", work / "dv-repo", [*dv, "init"],
+            "deltavault", repos / "dv-repo", [*dv, "init"],
             lambda s, p: [*dv, "--json", "backup", *(["--volume"] if s.startswith("image") else []), *p],
             lambda snap, m: ([*dv, "restore", snap, "--target", str(m / "out")], None), _dv_snapshot),
         "borg": Tool(
-            "borg", work / "borg-repo", ["borg", "init", *BORG_INIT, borg],
+            "borg", repos / "borg-repo", ["borg", "init", *BORG_INIT, borg],
             lambda s, p: ["borg", "create", *BORG_CREATE, f"{borg}::{s}", *p],
             lambda snap, m: (["borg", "extract", f"{borg}::{snap}"], m / "out"), lambda _out: "files-full"),
         "restic": Tool(
-            "restic", work / "restic-repo", [*restic, "init", *RESTIC_INIT],
+            "restic", repos / "restic-repo", [*restic, "init", *RESTIC_INIT],
             lambda s, p: [*restic, "backup", "-q", *RESTIC_BACKUP, *p],
             lambda snap, m: ([*restic, "restore", snap, "-q", "--target", str(m / "out")], None),
             _restic_snapshot(restic, env)),
@@ -131,20 +143,25 @@ def row(r: Run, **extra: object) -> dict[str, object]:
             "rchar": r.rchar, "read_bytes": r.read_bytes, **extra}
 
 
-def backup(tool: Tool, scen: str, paths: list[str], env: dict[str, str]) -> tuple[dict[str, object], bytes]:
+def backup(tool: Tool, scen: str, paths: list[str], env: dict[str, str], dev: Disks,
+           cold: bool) -> tuple[dict[str, object], bytes]:
     before = du(tool.repo)
-    subprocess.run(["sync"], check=True)
+    io = dev.start(cold=cold)  # syncs
     out: list[bytes] = []
     r = measured(tool.backup(scen, paths), env, INTERVAL, output=out)
+    counts = dev.stop(io)
     # deltavault also counts the source bytes it read itself (rchar counts every read).
     own = {"source_bytes_read": v} if (v := _summary(out[0]).get("bytes_read")) is not None else {}
-    return row(r, bytes_added=du(tool.repo) - before, **own), out[0]
+    return row(r, bytes_added=du(tool.repo) - before, cold=cold, **counts, **own), out[0]
 
 
-def restore(tool: Tool, snap: str, env: dict[str, str], work: Path, expected: int) -> dict[str, object]:
+def restore(tool: Tool, snap: str, env: dict[str, str], work: Path, expected: int, dev: Disks,
+            cold: bool) -> dict[str, object]:
     with restore_fs(work, "3G") as mnt:
-        warm(tool.repo)  # every tool alike: repository in the page cache, write-back drained
+        if not cold:
+            warm(tool.repo)  # every tool alike: repository in the page cache, write-back drained
         settle()
+        io = dev.start(cold=cold)
         argv, cwd = tool.restore(snap, mnt)
         if cwd is not None:
             cwd.mkdir()
@@ -154,19 +171,30 @@ def restore(tool: Tool, snap: str, env: dict[str, str], work: Path, expected: in
             r = measured(argv, env, INTERVAL)
         finally:
             os.chdir(old)
+        counts = dev.stop(io)
         got = count_files(mnt / "out")
     if got != expected:
         print(f"  {tool.name} restored {got} files, not {expected}", file=sys.stderr, flush=True)
-    return row(r, files=got, files_expected=expected)
+    return row(r, files=got, files_expected=expected, cold=cold, **counts)
 
 
 def one_round(ds: Path, work: Path, order: list[str], scenarios: list[str],
-              runs: dict[str, dict[str, list[dict[str, object]]]]) -> None:
+              runs: dict[str, dict[str, list[dict[str, object]]]], cold: bool = False) -> None:
+    """One round; ``cold``: a counted round (every run starts with its file systems remounted)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        with disks(work / "fs", SIZES) as dev:
+            _round(ds, work, order, scenarios, runs, dev, cold)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _round(ds: Path, work: Path, order: list[str], scenarios: list[str],
+           runs: dict[str, dict[str, list[dict[str, object]]]], dev: Disks, cold: bool) -> None:
     env = base_env(work)
-    ts = tools(work, env)
-    src = work / "src"
+    ts = tools(dev.disks["repo"].mnt, env)
+    src = dev.disks["source"].mnt / "src"
     paths = staged(ds, src, "v1")
     expected = count_files(src / "tree") + 1
     for name in order:
@@ -180,26 +208,29 @@ def one_round(ds: Path, work: Path, order: list[str], scenarios: list[str],
         for name in order:
             if scen not in scenarios and not (scen == "files-full" and "restore" in scenarios):
                 continue
-            res, out = backup(ts[name], scen, paths[scen], env)
+            res, out = backup(ts[name], scen, paths[scen], env, dev, cold)
             if scen == "files-full":
                 snaps[name] = ts[name].snapshot(out)
             if scen in scenarios:
                 runs[name].setdefault(scen, []).append(res)
                 report(name, scen, res)
     for name in order if "restore" in scenarios else []:
-        res = restore(ts[name], snaps[name], env, work, expected)
+        res = restore(ts[name], snaps[name], env, work, expected, dev, cold)
         runs[name].setdefault("restore", []).append(res)
         report(name, "restore", res)
-    shutil.rmtree(work)
 
 
 def report(name: str, scen: str, r: dict[str, object]) -> None:
     added = f", added {r['bytes_added'] / 1e6:.0f} MB" if "bytes_added" in r else ""  # type: ignore[operator]
+    dev = "".join(f", {k.replace('_', ' ')} {r[k] / 1e6:.0f} MB" for k in DEV_KEYS)  # type: ignore[operator]
     print(f"  {name:<10} {scen:<10} {r['seconds']:7.2f} s {r['cpu']:7.2f} CPU-s {r['rss_mib']:>5} MiB"
-          f", read {r['rchar'] / 1e6:.0f} MB{added}", file=sys.stderr, flush=True)  # type: ignore[operator]
+          f", rchar {r['rchar'] / 1e6:.0f} MB{added}{dev}{' (cold)' if r['cold'] else ''}",
+          file=sys.stderr, flush=True)  # type: ignore[operator]
 
 
-KEYS = ("seconds", "cpu", "rss_mib", "bytes_added", "rchar", "read_bytes", "source_bytes_read")
+DEV_KEYS = ("source_read", "repo_written", "repo_read")  # bench/devio.py's counts, bytes
+KEYS = ("seconds", "cpu", "rss_mib", "bytes_added", "rchar", "read_bytes", "source_bytes_read",
+        *DEV_KEYS, "source_written")
 
 
 def medians(runs: dict[str, dict[str, list[dict[str, object]]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -219,20 +250,26 @@ def ratios(med: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, d
 
 
 def markdown(med: dict[str, dict[str, dict[str, float]]], rat: dict[str, dict[str, dict[str, float | None]]],
-             scenarios: list[str], order: tuple[str, ...] = TOOLS) -> str:
+             scenarios: list[str], cnt: dict[str, dict[str, dict[str, float]]],
+             order: tuple[str, ...] = TOOLS) -> str:
+    """Times, RSS and bytes added from ``med`` (the timed rounds), device bytes from ``cnt``
+    (the counted rounds' medians; "-" without one)."""
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
+
+    def mb(m: dict[str, float], k: str) -> str:
+        return f"{m[k] / 1e6:.0f}" if k in m else "-"
     peers = [t for t in order if t != "deltavault" and t in med]
-    head = "| scenario | tool | wall s | CPU s | peak RSS MiB | added MB | read MB: rchar (own count) |" + \
-        "".join(f" wall / CPU / RSS / added vs {p} |" for p in peers)
-    lines = [head, "|" + "---|" * (7 + len(peers))]
+    head = ("| scenario | tool | wall s | CPU s | peak RSS MiB | added MB | source read MB (own count) "
+            "| repo written MB | repo read MB |" + "".join(f" wall / CPU / RSS / added vs {p} |" for p in peers))
+    lines = [head, "|" + "---|" * (9 + len(peers))]
     for scen in scenarios:
         for t in (t for t in order if scen in med.get(t, {})):
-            m = med[t][scen]
-            added = f"{m['bytes_added'] / 1e6:.0f}" if "bytes_added" in m else "-"
-            own = f" ({m['source_bytes_read'] / 1e6:.0f})" if "source_bytes_read" in m else ""
+            m, c = med[t][scen], cnt.get(t, {}).get(scen, {})
+            own = f" ({c['source_bytes_read'] / 1e6:.0f})" if "source_bytes_read" in c else ""
             cells = [scen, f"**{t}**" if t == "deltavault" else t, f"{m['seconds']:.2f}", f"{m['cpu']:.2f}",
-                     f"{m['rss_mib']:.0f}", added, f"{m['rchar'] / 1e6:.0f}{own}"]
+                     f"{m['rss_mib']:.0f}", mb(m, "bytes_added"), mb(c, "source_read") + own,
+                     mb(c, "repo_written"), mb(c, "repo_read")]
             for p in peers:
                 r = rat.get(scen, {}).get(p) if t == "deltavault" else None
                 cells.append(" / ".join(x(r.get(k)) for k in ("seconds", "cpu", "rss_mib", "bytes_added"))
@@ -247,6 +284,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    ap.add_argument("--counted", type=int, default=1, help="cold rounds for the byte counts, after the timed")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dv-bench-headline"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "headline.json")
     a = ap.parse_args()
@@ -254,25 +292,30 @@ def main() -> int:
     compiled(sys.executable, dict(os.environ))  # no run pays for compiling deltavault's modules
     t0, load0 = time.time(), os.getloadavg()
     runs: dict[str, dict[str, list[dict[str, object]]]] = {t: {} for t in a.tools}
+    counted: dict[str, dict[str, list[dict[str, object]]]] = {t: {} for t in a.tools}
     try:
-        for rnd in range(a.rounds):
+        for rnd in range(a.rounds + a.counted):
             order = a.tools[rnd % len(a.tools):] + a.tools[:rnd % len(a.tools)]
-            print(f"round {rnd + 1}/{a.rounds}: {' '.join(order)}", file=sys.stderr, flush=True)
-            one_round(ds, a.work / "run", order, a.scenarios, runs)
+            cold = rnd >= a.rounds
+            label = f"counted round {rnd - a.rounds + 1}/{a.counted}" if cold else f"round {rnd + 1}/{a.rounds}"
+            print(f"{label}: {' '.join(order)}", file=sys.stderr, flush=True)
+            one_round(ds, a.work / "run", order, a.scenarios, counted if cold else runs, cold)
     finally:
         shutil.rmtree(a.work, ignore_errors=True)
     med = medians(runs)
     rat = ratios(med)
-    table = markdown(med, rat, a.scenarios)
+    cnt = medians(counted) if a.counted else {}
+    table = markdown(med, rat, a.scenarios, cnt)
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
               "ended": time.strftime("%H:%M UTC", time.gmtime()), "minutes": round((time.time() - t0) / 60, 1),
               "load_average_start": load0, "load_average_end": os.getloadavg(), "cpus": os.cpu_count(),
               "rounds": a.rounds, "peers": DESCRIPTION, "interval_s": INTERVAL,
-              "medians": med, "ratios": rat, "runs": runs, "table": table}
+              "counted_rounds": a.counted, "medians": med, "ratios": rat, "counted_medians": cnt,
+              "runs": runs, "counted": counted, "table": table}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table)
-    print(f"\n{a.rounds} rounds, {result['minutes']} min, load average {load0[0]:.2f} at the start; {a.out}")
+    print(f"\n{a.rounds} rounds + {a.counted} counted, {result['minutes']} min, load average {load0[0]:.2f} at the start; {a.out}")
     return 0
 
 
