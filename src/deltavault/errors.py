@@ -102,6 +102,13 @@ class ObjectNotFound(BackendError):
     retryable = False
 
 
+class ObjectTooLarge(BackendError):
+    """The store answered an object larger than any of its kind can be (backends/limits.py):
+    refused before it is read whole, as a store that lies (exit 15), never retried."""
+
+    retryable = False
+
+
 class NoSpace(BackendError):
     """The target is full. Whatever was written before stays valid."""
 
