@@ -6,11 +6,12 @@ kind's limit (backends/limits.py) refuses it before reading, or one byte past, e
 from __future__ import annotations
 
 import os
-import resource
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bench.sparse_memory import run_measured
 
 from deltavault.backends.limits import INDEX_MAX
 from deltavault.errors import ExitCode
@@ -39,8 +40,8 @@ def test_a_local_object_of_gigabytes_is_refused(cli: Cli, tmp_path: Path, folder
         os.truncate(target, 2 * GiB)
     else:
         target.symlink_to("/dev/zero")
-    r = cli("ls", "latest", "--no-cache", timeout=300)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    r = run_measured([sys.executable, "-m", "deltavault", "ls", "latest", "--no-cache"], cli.env)
+    peak = r.peak_main
     assert r.returncode == ExitCode.BACKEND, r.stderr
     assert f"{folder}/" in r.stderr and "refused unread" in r.stderr, r.stderr
     assert peak < 600 * MiB, f"peak RSS {peak >> 20} MiB"

@@ -7,12 +7,13 @@ memory, or accept wrong data; the stored objects stay as they were."""
 from __future__ import annotations
 
 import os
-import resource
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from bench.sparse_memory import run_measured
 
 from deltavault.backends.s3 import S3Backend
 from deltavault.backends.s3location import S3Location, S3Options
@@ -397,8 +398,8 @@ def test_commands_on_a_store_answering_gigabytes_exit_15_with_little_memory(
     (src / "b").write_bytes(b"new")
     before = _objects(seaweed, bucket)
     s3proxy.faults.rewrite = oversized(folder, how)
-    r = cli("backup", str(src), "--no-cache", timeout=300)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    r = run_measured([sys.executable, "-m", "deltavault", "backup", str(src), "--no-cache"], cli.env)
+    peak = r.peak_main
     s3proxy.faults.rewrite = None
     assert r.returncode == ExitCode.BACKEND, r.stderr
     assert f"{folder}/" in r.stderr and "refused unread" in r.stderr, r.stderr

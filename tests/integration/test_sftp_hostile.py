@@ -7,11 +7,12 @@ objects stay as they were."""
 from __future__ import annotations
 
 import os
-import resource
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bench.sparse_memory import run_measured
 
 from deltavault.backends.sftp import SFTPBackend
 from deltavault.backends.ssh import parse_location
@@ -116,8 +117,8 @@ def test_commands_on_a_server_answering_gigabytes_exit_15_with_little_memory(
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     hostile.lies.huge, hostile.lies.huge_unsized = (folder,), unsized
     cli.env.update(DELTAVAULT_REPOSITORY=hostile.url(str(repo)), DELTAVAULT_SSH_CONFIG=str(hostile.ssh_config))
-    r = cli("ls", "latest", "--no-cache", timeout=300)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    r = run_measured([sys.executable, "-m", "deltavault", "ls", "latest", "--no-cache"], cli.env)
+    peak = r.peak_main
     assert r.returncode == ExitCode.BACKEND, r.stderr
     assert f"{folder}/" in r.stderr and "refused unread" in r.stderr, r.stderr
     assert peak < 600 * MiB, f"peak RSS {peak >> 20} MiB for a 2 GiB object"
