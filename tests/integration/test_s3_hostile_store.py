@@ -260,7 +260,7 @@ def test_commands_on_a_lying_store_exit_15_and_leave_it_intact(cli: Cli, seaweed
                                                                tmp_path: Path) -> None:
     """End to end: a listing that never ends (was a hang) makes a command exit 15 (the
     backend's code); pack reads answered from another offset than asked (were taken as the
-    bytes asked for) fail the restore naming the lie; with the store honest again, the
+    bytes asked for) fail the restore naming the lie, exit 15 too; with the store honest again, the
     repository checks whole and restores."""
     bucket = seaweed.new_bucket()
     cli.env.update(seaweed.env(), DELTAVAULT_REPOSITORY=s3proxy.url(bucket, "repo"))
@@ -283,9 +283,13 @@ def test_commands_on_a_lying_store_exit_15_and_leave_it_intact(cli: Cli, seaweed
         return Reply.of(206, data[100:], {"Content-Range": f"bytes 100-{len(data) - 1}/{len(data)}"})
 
     s3proxy.faults.rewrite = other_range
-    r = cli("restore", "latest", "--target", str(tmp_path / "out"), timeout=120)
-    # restore reports a tree it cannot read as damage (13), with the backend's reason
-    assert r.returncode == ExitCode.CORRUPT and "when asked from byte 0" in r.stdout + r.stderr, r.stderr
+    # A store that lies is not damage: the restore (and its dry run) reported the tree it
+    # could not read as corrupt (13), and the user was sent to check and repair a
+    # repository that is whole. Now exit 15, naming the store's answer, as a file's content.
+    for dry in ((), ("--dry-run",)):
+        r = cli("restore", "latest", "--target", str(tmp_path / "out"), *dry, timeout=120)
+        assert r.returncode == ExitCode.BACKEND, r.stdout + r.stderr
+        assert "the S3 server answered the range" in r.stderr and "when asked from byte 0" in r.stderr, r.stderr
     s3proxy.faults.rewrite = None
     assert cli("check", "--read-data", timeout=120).returncode == 0
     r = cli("restore", "latest", "--target", str(tmp_path / "again"), timeout=120)
