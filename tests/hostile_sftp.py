@@ -1,7 +1,8 @@
 """A hostile SFTP server for the sftp backend's tests: paramiko's server side, serving a
 local folder, that lies on demand where a real sshd cannot be made to (tests/sshd.py is
 the honest one). ``Lies`` says how: READ replies longer than asked, READs never answered,
-and made-up folder entries (names that climb out, folders without end)."""
+made-up folder entries (names that climb out, folders without end), and files of
+gigabytes (with their size, or none said)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ class Lies:
     extra_read: int = 0  # bytes added to every READ reply
     stall_reads: bool = False  # READs are never answered
     entries: list[tuple[str, int]] = field(default_factory=list)  # (name, st_mode) added to every listing
+    huge: tuple[str, ...] = ()  # files in these folders are HUGE bytes of zeros (stat and READ)
+    huge_unsized: bool = False  # ... and their stat says no size at all
+
+
+HUGE = 2 << 30
+
+
+def _huge(lies: Lies, path: str) -> bool:
+    return os.path.basename(os.path.dirname(path)) in lies.huge
+
+
+def _sized(lies: Lies, path: str, a: paramiko.SFTPAttributes) -> paramiko.SFTPAttributes:
+    if _huge(lies, path):
+        a.st_size = None if lies.huge_unsized else HUGE
+    return a
 
 
 @dataclass
@@ -38,18 +54,20 @@ class HostileServer:
 
 
 class _Handle(paramiko.SFTPHandle):
-    def __init__(self, f: Any, lies: Lies, stop: threading.Event) -> None:
+    def __init__(self, f: Any, path: str, lies: Lies, stop: threading.Event) -> None:
         super().__init__()
         self.readfile = self.writefile = f
-        self.lies, self.stop = lies, stop
+        self.path, self.lies, self.stop = path, lies, stop
 
     def stat(self) -> paramiko.SFTPAttributes:
-        return paramiko.SFTPAttributes.from_stat(os.fstat(self.readfile.fileno()))
+        return _sized(self.lies, self.path, paramiko.SFTPAttributes.from_stat(os.fstat(self.readfile.fileno())))
 
     def read(self, offset: int, length: int) -> bytes | int:
         if self.lies.stall_reads:
             self.stop.wait()
             return paramiko.SFTP_FAILURE
+        if _huge(self.lies, self.path):
+            return b"\0" * max(0, min(length, HUGE - offset))
         data = super().read(offset, length)
         return data + b"\0" * self.lies.extra_read if isinstance(data, bytes) and data else data
 
@@ -82,7 +100,7 @@ class _Sftp(paramiko.SFTPServerInterface):
 
     def stat(self, path: str) -> paramiko.SFTPAttributes | int:
         try:
-            return paramiko.SFTPAttributes.from_stat(os.stat(path))
+            return _sized(self.lies, path, paramiko.SFTPAttributes.from_stat(os.stat(path)))
         except OSError as e:
             return paramiko.SFTPServer.convert_errno(e.errno)
 
@@ -90,7 +108,7 @@ class _Sftp(paramiko.SFTPServerInterface):
 
     def open(self, path: str, flags: int, attr: paramiko.SFTPAttributes) -> _Handle | int:
         try:
-            return _Handle(open(path, "rb"), self.lies, self.stop)  # the handle closes it
+            return _Handle(open(path, "rb"), path, self.lies, self.stop)  # the handle closes it
         except OSError as e:
             return paramiko.SFTPServer.convert_errno(e.errno)
 

@@ -10,7 +10,8 @@ misbehaves on demand, as a real network and a real store do:
   conditional writes);
 - ``request``: rewrite each request's head before it goes upstream (drop a Range header);
 - ``rewrite``: see each whole upstream answer and send another (a lying or hostile store:
-  endless listings, foreign keys, 200 with an error body, a body that stalls).
+  endless listings, foreign keys, 200 with an error body, a body that stalls, a body of
+  gigabytes sent piece by piece).
 
 Requests are read one at a time per connection (no client here pipelines). ``Expect:
 100-continue`` is answered by the proxy, and the header (never signed by SigV4) is not
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Reply:
 
     data: bytes
     stall: bool = False
+    more: Iterable[bytes] = ()  # sent after data, piece by piece (a body too large to hold)
 
     @staticmethod
     def of(status: int, body: bytes, headers: dict[str, str] | None = None, length: int | None = None) -> Reply:
@@ -314,6 +316,9 @@ class Proxy:
                         reply = Reply(rhead + body)
                     client.sendall(reply.data)
                     self._count(received=len(reply.data))
+                    for piece in reply.more:
+                        client.sendall(piece)
+                        self._count(received=len(piece))
                     if reply.stall:
                         self._stop.wait()
                         return

@@ -129,6 +129,21 @@ class ObjectNotFound(BackendError):
     retryable = False
 
 
+class ObjectTooLarge(BackendError):
+    """The store answered an object larger than any of its kind can be (backends/limits.py):
+    refused before it is read whole, as a store that lies (exit 15), never retried."""
+
+    retryable = False
+
+
+def is_damage(exc: DeltavaultError) -> bool:
+    """Whether ``exc`` says the stored data is damaged or missing (exit 13 where a command
+    carries on past it), rather than that the store failed or lied (any other backend
+    error, exit 15: an answer at another offset than asked is not damage, the data may be
+    whole, and retries are already spent)."""
+    return not isinstance(exc, BackendError) or isinstance(exc, ObjectNotFound)
+
+
 class NoSpace(BackendError):
     """The target is full. Whatever was written before stays valid."""
 

@@ -7,18 +7,22 @@ objects stay as they were."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bench.sparse_memory import run_measured
 
 from deltavault.backends.sftp import SFTPBackend
 from deltavault.backends.ssh import parse_location
-from deltavault.errors import BackendError, ExitCode
-from tests.hostile_sftp import HostileServer, hostile_sftp, is_dir
+from deltavault.errors import BackendError, ExitCode, ObjectTooLarge
+from tests.conftest import Cli, init_and_back_up
+from tests.hostile_sftp import HUGE, HostileServer, hostile_sftp, is_dir
 
 PACK = "data/ab/ab" + "0" * 62
 BODY = os.urandom(300_000)
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -76,3 +80,49 @@ def test_listing_names_that_climb_out(hostile: HostileServer) -> None:
                             ("a/b", 0o100644), ("", 0o100644)]
     names = [o.name for o in backend(hostile).list("")]
     assert names == [PACK]
+
+
+def test_a_whole_object_of_gigabytes_is_refused(hostile: HostileServer) -> None:
+    """A key file or index file the server says is 2 GiB (or gives no size for, and sends
+    without end): a whole get read all of it (or, without a size, read nothing and took
+    b"" for the object). Now a size over the kind's limit is refused before any READ, and
+    without a size the reads stop one byte past the limit."""
+    repo = hostile.root / "repo"
+    for folder in ("keys", "index", "locks"):
+        (repo / folder).mkdir()
+        (repo / folder / ("c" * 64)).write_bytes(b"{}")
+    hostile.lies.huge = ("keys", "index", "locks")
+    b = backend(hostile)
+    for folder, limit in (("keys", MiB), ("index", 256 * MiB)):
+        with pytest.raises(ObjectTooLarge, match=f"answered {HUGE} bytes for an? .* at most {limit} bytes") as err:
+            b.get(f"{folder}/" + "c" * 64)
+        assert err.value.exit_code == ExitCode.BACKEND and not err.value.retryable
+    hostile.lies.huge_unsized = True
+    with pytest.raises(ObjectTooLarge, match=f"more than {MiB} bytes .* lock record") as err:
+        b.get("locks/" + "c" * 64)
+    assert err.value.exit_code == ExitCode.BACKEND
+    hostile.lies.huge = ()
+    assert b.get("keys/" + "c" * 64) == b"{}" and b.get(PACK) == BODY
+
+
+@pytest.mark.parametrize(("folder", "unsized"), [("keys", False), ("snapshots", True), ("index", False)])
+def test_commands_on_a_server_answering_gigabytes_exit_15_with_little_memory(
+        hostile: HostileServer, cli: Cli, tmp_path: Path, folder: str, unsized: bool) -> None:
+    """End to end: a repository read over the hostile server, whose key file, snapshot or
+    index file is 2 GiB there: the command exits 15 naming the object, with its memory far
+    below that, and nothing in the repository changes."""
+    repo = hostile.root / "clirepo"
+    cli.env["DELTAVAULT_REPOSITORY"] = str(repo)
+    init_and_back_up(cli, tmp_path / "src", {"a": os.urandom(200_000)})
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    hostile.lies.huge, hostile.lies.huge_unsized = (folder,), unsized
+    cli.env.update(DELTAVAULT_REPOSITORY=hostile.url(str(repo)), DELTAVAULT_SSH_CONFIG=str(hostile.ssh_config))
+    r = run_measured([sys.executable, "-m", "deltavault", "ls", "latest", "--no-cache"], cli.env)
+    peak = r.peak_main
+    assert r.returncode == ExitCode.BACKEND, r.stderr
+    assert f"{folder}/" in r.stderr and "refused unread" in r.stderr, r.stderr
+    assert peak < 600 * MiB, f"peak RSS {peak >> 20} MiB for a 2 GiB object"
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    hostile.lies.huge = ()
+    r = cli("ls", "latest", "--no-cache", timeout=300)
+    assert r.returncode == 0 and "/a" in r.stdout, r.stderr

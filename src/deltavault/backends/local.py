@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
+from deltavault.backends.limits import check_size, read_bounded, whole_limit
 from deltavault.errors import NO_SPACE_ERRNOS, BackendError, NoSpace, ObjectNotFound
 
 COPY_PIECE = 1024 * 1024  # put_file without copy_file_range copies this much at a time
@@ -119,8 +120,12 @@ class LocalBackend:
                     f.seek(offset, os.SEEK_END)
                 elif offset:
                     f.seek(offset)
-                if length is None:
-                    return f.readall()
+                if length is None and offset < 0:
+                    length = -offset  # the tail
+                if length is None:  # whole, or from offset to the end: bounded by its kind
+                    most, size = whole_limit(name), os.fstat(f.fileno()).st_size
+                    check_size(name, size - offset, most)
+                    return read_bounded(f.read, name, most, size - offset)
                 out = bytearray()
                 while len(out) < length:
                     piece = f.read(length - len(out))

@@ -25,6 +25,7 @@ import mmap
 from collections.abc import Callable
 from typing import Any
 
+from deltavault.backends.limits import check_size, read_bounded, whole_limit
 from deltavault.errors import BackendError
 
 # urllib3's readinto reads a temporary of the size asked, then copies it: small pieces keep
@@ -86,15 +87,18 @@ def read_mapped(name: str, response: dict[str, Any], reserve: Callable[[int], No
 def read_answer(name: str, response: dict[str, Any], offset: int, length: int | None, *, ranged: bool) -> bytes:
     """The body of a botocore ``get_object`` response (S3Backend.get), closed after. The
     answer to a range is checked first (check_range) and read to one byte past the most
-    asked for at most: a longer body is refused, never read whole."""
+    asked for at most: a longer body is refused, never read whole. An object read whole (or
+    from ``offset`` to its end) is bounded by its kind (limits.py): a Content-Length over
+    that is refused before the body is read, and a body longer than that is cut there."""
     body = response["Body"]
     try:
-        if not ranged:
-            return bytes(body.read())
         most = -offset if offset < 0 else length
-        if most is None:  # from offset to the end
-            check_range(name, response, offset, int(response.get("ContentLength", 0) or 0))
-            return bytes(body.read())
+        if not ranged or most is None:  # whole, or from offset to the end
+            n, limit = int(response.get("ContentLength", 0) or 0), whole_limit(name)
+            check_size(name, n, limit)
+            if ranged:
+                check_range(name, response, offset, n)
+            return read_bounded(body.read, name, limit, n)
         check_range(name, response, offset, most)
         data = body.read(most + 1)
         if len(data) > most:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
+from deltavault.backends.limits import check_size, too_large, whole_limit
 from deltavault.backends.sftpio import FilePieces, pread, pwrite
 from deltavault.backends.ssh import SFTPLocation, SshTarget, paramiko_module
 from deltavault.errors import AccessRefused, BackendError, NoSpace, ObjectNotFound
@@ -224,17 +225,23 @@ class SFTPBackend:
         path = self._path(name)
 
         def read_from(f: paramiko.SFTPFile) -> bytes:
-            start = offset
+            start, n, most = offset, length or 0, None
             if offset < 0 or length is None:
-                size = f.stat().st_size or 0
+                said = f.stat().st_size
+                size = said or 0
                 if offset < 0:
                     if size < -offset:
                         raise ObjectNotFound(f"{name}: shorter than {-offset} bytes")
                     start = size + offset
-                n = size - start if length is None else length
-            else:
-                n = length
-            return pread(f.sftp, f.handle, start, n, self._request_sizes(f.sftp)[0]) if n > 0 else b""
+                    n = -offset if length is None else length
+                else:  # whole, or from offset to the end: bounded by its kind
+                    most = whole_limit(name)
+                    check_size(name, size - start, most)
+                    n = size - start if said is not None else most + 1  # no size said: to the end
+            data = pread(f.sftp, f.handle, start, n, self._request_sizes(f.sftp)[0]) if n > 0 else b""
+            if most is not None and len(data) > most:
+                raise too_large(name, None, most)
+            return data
 
         def read(s: paramiko.SFTPClient) -> bytes:
             if name.startswith("data/") and length is not None and offset >= 0:

@@ -21,6 +21,7 @@ from deltavault.errors import (
     FormatError,
     KeyFileDamaged,
     ObjectNotFound,
+    ObjectTooLarge,
     RepositoryExists,
     RepositoryNotFound,
     Undecodable,
@@ -146,12 +147,12 @@ def open_existing(backend: Backend, password: PasswordSource) -> Unlocked:
 
 def unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
     """The master key from the first key file the password opens, and that file's name."""
-    damaged: KeyFileDamaged | None = None
+    damaged: KeyFileDamaged | ObjectTooLarge | None = None
     for name in sorted(key_names):
         try:
             kf = keymod.parse_key_file(backend.get(name), name)
             return keymod.unwrap(kf, password), name
-        except KeyFileDamaged as exc:
+        except (KeyFileDamaged, ObjectTooLarge) as exc:  # one planted beside the real one locks no one out
             damaged = exc
         except WrongPassword:
             continue

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from deltavault.backends.base import Backend
+from deltavault.backends.limits import INDEX_MAX
 from deltavault.errors import CorruptionError, UnsupportedVersion
 from deltavault.repository.cache import ObjectCache
 from deltavault.repository.envelope import Envelope
@@ -89,6 +90,7 @@ class IndexStore:
         self._faithful = True
         self._wrote = False
         self.errors: list[tuple[str, str]] = []  # (name, message) in tolerant mode
+        self.max_file = INDEX_MAX  # the most bytes an index file is written with (tests set it lower)
         self.unindexed: PackList = []  # written by this process, named by no index file yet
         self._loaded: set[str] = set()
         self._superseded: set[str] = set()
@@ -286,12 +288,21 @@ class IndexStore:
         return rebuild
 
     def write_file(self, packs: PackList, supersedes: Iterable[str] = ()) -> str:
+        """Write an index file naming ``packs``; returns its name. One that would be larger
+        than readers take (INDEX_MAX) is written as two halves, the second superseding
+        (as prune's chunks: a crash between them leaves duplicates, never missing entries).
+        One pack's entries alone stay far below it: they are no larger than its header."""
         if self._pending:
             self._ensure()  # its name joins the loaded ones, which must be there first
+        supersedes = list(supersedes)
         body = IndexFile(packs=[IndexPack(pid, entries) for pid, entries in packs],
                          supersedes=[bytes.fromhex(s.rsplit("/", 1)[-1]) for s in supersedes],
                          gone=sorted(self.gone))
         sealed = self.env.seal(encode_index(body), aad=INDEX_AAD)
+        if len(sealed) > self.max_file and len(packs) > 1:
+            del body, sealed
+            self.write_file(packs[:len(packs) // 2])
+            return self.write_file(packs[len(packs) // 2:], supersedes)
         name = f"index/{blake3.blake3(sealed).hexdigest()}"
         self.backend.put(name, sealed)
         self.cache.put(name, sealed)

@@ -9,7 +9,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deltavault.errors import DeltavaultError
+from deltavault.errors import DeltavaultError, is_damage
 from deltavault.fs.dirfd import DIR_FLAGS, lstat_at, open_dir_path
 from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
@@ -51,7 +51,9 @@ def dry_run(repo: BlobLoader, root_tree: bytes, target: bytes, opts: RestoreOpti
                 # otherwise open a directory outside the target and list it.
                 nodes = checked_nodes(s.listing if s.listing is not None else load_nodes(repo, tid),
                                       display(prefix))
-            except DeltavaultError:
+            except DeltavaultError as exc:
+                if not is_damage(exc):
+                    raise  # the store failed or lied (exit 15), as the restore itself
                 rep.unreadable.append(prefix)
                 continue
             fd = _open(root_fd, prefix) if exists else None

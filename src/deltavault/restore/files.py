@@ -24,7 +24,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from deltavault.errors import NO_SPACE_ERRNOS, DeltavaultError, NoSpace
+from deltavault.errors import NO_SPACE_ERRNOS, DeltavaultError, NoSpace, is_damage
 from deltavault.fs.dirfd import (
     DIR_FLAGS,
     identity,
@@ -182,6 +182,8 @@ class FileRestorer:
                                   else decode_tree(raw if raw is not None else self.repo.load_blob(tree_id)).nodes,
                                   display(relpath))
         except DeltavaultError as exc:
+            if not is_damage(exc):
+                raise  # the store failed or lied: the restore ends, exit 15, as for a file's content
             self.log.problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
             return None
         if sel.whole:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deltavault.sync.local.pool import DIE_ENV
 from tests.conftest import needs_root, needs_tools
 from tests.integration.sync.conftest import dv, nothing_to_do, summary, write
 
@@ -111,3 +112,27 @@ def test_interrupt_with_workers_leaves_no_temp_files(tmp_path: Path) -> None:
     assert not [x for x in dst.rglob("*") if ".dv-sync-" in x.name]
     for f in dst.rglob("f*"):
         assert f.read_bytes() == (src / f.relative_to(dst)).read_bytes()
+
+
+@pytest.mark.parametrize("when", ["take", "send"])
+def test_a_worker_killed_fails_its_subtree_and_the_sync_ends(tmp_path: Path, when: str) -> None:
+    """A worker SIGKILLed (the test hook of sync/local/pool.py) as it takes a subtree, or
+    half way through sending its result: with one task queue and one result queue for all
+    workers, it died holding a queue's lock, and the other workers and the main process
+    waited on it for ever (the sync hung). Now its subtree is reported as not synced, the
+    other workers sync the rest, and a re-run completes."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    wide_tree(src, files=2)
+    p = dv("--json", "sync", str(src), str(dst), env={DIE_ENV: f"{when}:top12"}, timeout=120)
+    assert p.returncode == 3, p.stdout + p.stderr
+    s = summary(p)
+    assert [(x["path"], x["kind"]) for x in s["problems"]] == [("top12", "write")]
+    assert "worker process syncing it died" in s["problems"][0]["message"]
+    assert "top12" in p.stdout
+    assert (dst / "top12/sub/f1").exists() == (when == "send")  # taken: nothing of it was copied
+    for d in range(40):
+        if d != 12:
+            assert (dst / f"top{d:02}/sub/f1").read_bytes() == (src / f"top{d:02}/sub/f1").read_bytes()
+    p = dv("--json", "sync", str(src), str(dst), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert nothing_to_do(src, dst) == ""

@@ -47,7 +47,7 @@ class LocalOutcomes(Outcomes):
 
 
 class LocalRun:
-    """``cancel``: a threading.Event, or a multiprocessing one shared with worker processes
+    """``cancel``: a threading.Event, or a SharedFlag (local/pool.py) shared with worker processes
     (it is replaced when they are started, before the walk: read it here, never keep it
     from before)."""
 

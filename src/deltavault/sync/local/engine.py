@@ -17,7 +17,6 @@ included (sync/guard.py).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import threading
 from typing import Any
@@ -34,7 +33,8 @@ from deltavault.sync.local.delta import PAGE
 from deltavault.sync.local.dirs import Dirs
 from deltavault.sync.local.files import Files
 from deltavault.sync.local.links import Links
-from deltavault.sync.local.shards import ShardPool, ShardResult, Shards, Task, shard_depth
+from deltavault.sync.local.pool import ShardPool, ShardResult, SharedFlag, Task
+from deltavault.sync.local.shards import Shards, shard_depth
 from deltavault.sync.local.walk import Walker
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.report import SyncLog, SyncProblem, SyncResult, SyncStats
@@ -205,7 +205,7 @@ class Syncer:
         depth = shard_depth(sfd, self._processes, run.filter.excluded)
         if depth is None:
             return None
-        run.cancel = mp.get_context("fork").Event()
+        run.cancel = SharedFlag()  # no lock a killed worker could leave held (local/pool.py)
         pool = ShardPool(self._processes, self._subtree, run.opts.bufsize, run.out.log, run.out.reporter)
         self.workers = self._processes
         return Shards(run, dirs, self._links, deferred, pool, depth)
