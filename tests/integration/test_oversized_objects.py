@@ -1,7 +1,9 @@
 """Objects read whole from a local repository that another user can write in: a key file,
 index file or snapshot grown to gigabytes (sparse, so it costs no disk), or swapped for a
-symlink to /dev/zero. Each was read whole into memory (/dev/zero: without end). Now the
-kind's limit (backends/limits.py) refuses it before reading, or one byte past, exit 15."""
+symlink to /dev/zero, or a FIFO. Each was read whole into memory (/dev/zero: without end;
+the FIFO blocked the open for ever). Now the kind's limit (backends/limits.py) refuses it
+before reading, or one byte past, and anything but a regular file is refused unopened for
+reading (backends/local.py), exit 15."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _files(repo: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in repo.rglob("*") if p.is_file() and "locks" not in p.parts}
 
 
-@pytest.mark.parametrize("how", ["sparse", "devzero"])
+@pytest.mark.parametrize("how", ["sparse", "devzero", "fifo"])
 @pytest.mark.parametrize("folder", ["keys", "index", "snapshots"])
 def test_a_local_object_of_gigabytes_is_refused(cli: Cli, tmp_path: Path, folder: str, how: str) -> None:
     init_and_back_up(cli, tmp_path / "src", {"a": os.urandom(100_000)})
@@ -38,6 +40,8 @@ def test_a_local_object_of_gigabytes_is_refused(cli: Cli, tmp_path: Path, folder
     if how == "sparse":
         target.write_bytes(kept.read_bytes())
         os.truncate(target, 2 * GiB)
+    elif how == "fifo":
+        os.mkfifo(target)
     else:
         target.symlink_to("/dev/zero")
     r = run_measured([sys.executable, "-m", "deltavault", "ls", "latest", "--no-cache"], cli.env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +66,24 @@ def _raise_for(exc: OSError, what: str) -> None:
     raise BackendError(f"{what}: {exc.strerror or exc}", retryable=False) from exc
 
 
+def _open_regular(path: Path, name: str) -> int:
+    """Open an object for reading, refusing anything but a regular file: a FIFO planted in
+    a repository that another user can write in would block ``open`` for ever, and a device
+    would answer without end. O_NONBLOCK makes the open of a FIFO return at once; it changes
+    nothing for a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BackendError(f"{name}: not a regular file (mode {stat.filemode(mode)}): "
+                               "refused unread (a hostile or broken store)", retryable=False)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class LocalBackend:
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -115,7 +134,7 @@ class LocalBackend:
         if length is not None and offset >= 0:
             return self._pread(path, name, offset, length)
         try:
-            with open(path, "rb", buffering=0) as f:
+            with os.fdopen(_open_regular(path, name), "rb", buffering=0) as f:
                 if offset < 0:
                     f.seek(offset, os.SEEK_END)
                 elif offset:
@@ -145,7 +164,7 @@ class LocalBackend:
         released, where growing a bytearray and copying it out held the GIL for two copies
         of every byte a restore reads (a profile of the files restore showed them)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(path, name)
             try:
                 data = os.pread(fd, length, offset)
                 if 0 < len(data) < length:  # a short read: gather the rest (rare on a local file)
