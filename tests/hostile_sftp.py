@@ -6,6 +6,7 @@ gigabytes (with their size, or none said)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -159,6 +160,10 @@ def hostile_sftp(tmp: Path) -> Iterator[HostileServer]:
         yield server
     finally:
         server.stop.set()
+        # close() alone does not wake a thread blocked in accept() on Linux (the teardown
+        # waited out the join's 10 s every time); shutdown() does.
+        with contextlib.suppress(OSError):
+            lsock.shutdown(socket.SHUT_RDWR)
         lsock.close()
         for t in transports:
             t.close()
