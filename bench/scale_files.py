@@ -183,7 +183,7 @@ def plot(data: dict[str, dict], out: Path, *, ops: tuple[str, ...] = OPS, tools:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     goals = GOALS if goals is None else goals
     fig, axes = plt.subplots(2, len(ops), figsize=(4 * len(ops), 7), squeeze=False)
@@ -207,6 +207,7 @@ def plot(data: dict[str, dict], out: Path, *, ops: tuple[str, ...] = OPS, tools:
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labels within a decade too
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)

@@ -231,7 +231,8 @@ def main() -> int:
                                 "snapshots": a.snapshots if len(a.snapshots) > 1 else a.snapshots[0],
                                 "repeat": a.repeat, "src": str(a.src), "load": load0[0], "loadavg_start": load0,
                                 "loadavg_end": os.getloadavg(), "peers": DESCRIPTION if a.peers else None,
-                                "peer_stop": {**old.get(a.label, {}).get("peer_stop", {}), **peer_stop}}
+                                "peer_stop": {**{p: why for p, why in old.get(a.label, {}).get("peer_stop", {}).items()
+                                                 if p not in a.peers}, **peer_stop}}
     if len(a.snapshots) == 1:
         entry["commands"] = curve[str(a.snapshots[0])]["tools"]["deltavault"]
     entry["curve"] = curve
