@@ -49,6 +49,7 @@ def plot(doc: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     bars = series(doc)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(18, 5))
@@ -75,6 +76,9 @@ def plot(doc: dict, out: Path) -> None:
                     patch.set_alpha(0.6)
         ax.set_xticks(range(len(STEPS)), LABELS)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].legend(fontsize="small", title="hatched: killed at the timeout", title_fontsize="small")
