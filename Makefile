@@ -81,7 +81,8 @@ bench: system-deps $(STAMP) bench-deps
 	$(LOCK) $(BIN)/python bench/restore_ab.py --datasets $(DATASETS) --src this=src --rounds 5 \
 	    --out bench/out/restore_ab.json
 	$(LOCK) $(BIN)/python bench/report.py
-	$(LOCK) $(BIN)/python bench/scale_snapshots.py --repeat 3
+	$(LOCK) $(BIN)/python bench/scale_snapshots.py --snapshots 100 300 1000 3000 10000 --repeat 3 --peers restic borg \
+	    --peer-max 1000 --label curve --plot docs/scale-snapshots.png --clean
 	$(LOCK) $(BIN)/python bench/scale_files.py --files 10000 100000 --rounds 3
 	$(LOCK) $(BIN)/python bench/scale_files.py --files 1000000 --rounds 1
 	$(LOCK) $(BIN)/python bench/index_table.py --blobs 1000000 --rounds 3 --src src --out bench/out/index_table_1m.json
@@ -92,9 +93,10 @@ bench: system-deps $(STAMP) bench-deps
 	$(LOCK) $(BIN)/python bench/scale_blobs.py --blobs 10000000 --keep --warm
 	$(LOCK) $(BIN)/python bench/scale_blobs.py --blobs 100000 1000000 --peers --no-deltavault  # no --keep: the last, it removes the builds
 	# sparse_volume.py takes the lock itself around each measured run (under $(LOCK) it would wait on itself).
-	$(BIN)/python bench/sparse_volume.py --scenario ext4 --out bench/results/sparse_volume.json
+	$(BIN)/python bench/sparse_volume.py --scenario ext4 --rounds 3 --out bench/results/sparse_volume.json
 	$(BIN)/python bench/sparse_volume.py --scenario raw --out bench/results/sparse_volume.json
-	$(BIN)/python bench/sparse_volume.py --scenario peers --out bench/results/sparse_volume.json
+	$(BIN)/python bench/sparse_volume.py --scenario peers --rounds 3 --peer-timeout 240 --out bench/results/sparse_volume.json
+	$(BIN)/python bench/sparse_volume_plot.py --json bench/results/sparse_volume.json --out docs/scale-volume.png
 	# restore --volume --verify of the 1 TiB sparse volume (takes the lock itself, as above).
 	$(BIN)/python bench/sparse_verify.py --src this=src --timeout 300 --out bench/out/sparse_verify.json
 

@@ -175,15 +175,15 @@ TITLE = "Small files: deltavault, restic 0.14, borg 1.2 (shared 2-core VM; bench
 
 def plot(data: dict[str, dict], out: Path, *, ops: tuple[str, ...] = OPS, tools: tuple[str, ...] = TOOLS,
          xlabel: str = "files", title: str = TITLE,
-         goals: dict[str, tuple[float, float, str]] | None = None) -> None:
+         goals: dict[str, tuple[float, float | None, str]] | None = None) -> None:
     """Log-log curves, one column per op: wall time above, peak RSS below, one line per tool
-    found in ``data[n]["tools"]``. ``goals``: per op, (seconds, MiB, label) drawn as lines
+    found in ``data[n]["tools"]``. ``goals``: per op, (seconds, MiB or None, label) drawn as lines
     (bench/scale_blobs.py draws its curves with this too)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     goals = GOALS if goals is None else goals
     fig, axes = plt.subplots(2, len(ops), figsize=(4 * len(ops), 7), squeeze=False)
@@ -199,13 +199,15 @@ def plot(data: dict[str, dict], out: Path, *, ops: tuple[str, ...] = OPS, tools:
         if op in goals:
             secs, mib, label = goals[op]
             axes[0][j].axhline(secs, color="grey", lw=0.8, ls="--", label=f"{label}: {secs:g} s")
-            axes[1][j].axhline(mib, color="grey", lw=0.8, ls="--", label=f"{label}: {mib * 2**20 / 1e6:g} MB")
             axes[0][j].legend(fontsize="small")
-            axes[1][j].legend(fontsize="small")
+            if mib is not None:
+                axes[1][j].axhline(mib, color="grey", lw=0.8, ls="--", label=f"{label}: {mib * 2**20 / 1e6:g} MB")
+                axes[1][j].legend(fontsize="small")
         for i, what in enumerate(("wall time, s", "peak RSS of the process tree, MiB")):
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labels within a decade too
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)

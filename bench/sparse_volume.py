@@ -26,7 +26,12 @@ is dropped (the image was just written), so reads are cold. The measured steps t
 /tmp/dv-bench.lock (flock), building and comparing do not.
 
     bench/sparse_volume.py --scenario ext4|raw|peers [--work /tmp/sparse1t-work] [--size-gib 1024]
-                           [--data-gib 4] [--change-mib 40] [--peer-timeout 300] [--out FILE]
+                           [--data-gib 4] [--change-mib 40] [--peer-timeout 300] [--rounds 1] [--out FILE]
+
+``--rounds``: deltavault's full, incrementals and restore (and, for ``peers``, borg's
+``--sparse`` runs, each round into a new repository) repeated on the same image, its
+change written anew each round; restic and borg's default chunker run once (they are
+killed at the timeout anyway). Each row carries its round.
 
 ``--out`` is updated in place: each scenario replaces its own key.
 """
@@ -226,6 +231,14 @@ def run_dv(tool: Tool, img: Path, change: Callable[[], list[str]], restore: bool
     return out
 
 
+def dv_rounds(tool: Tool, img: Path, change: Callable[[], list[str]], restore: bool, rounds: int) -> dict:
+    """run_dv ``rounds`` times on the same image (changed again each round): every run's
+    row, tagged with its round, and each round's own facts."""
+    each = [run_dv(tool, img, change, restore) for _ in range(rounds)]
+    runs = [{**row, "round": i + 1} for i, r in enumerate(each) for row in r.pop("runs")]
+    return {"runs": runs, "per_round": each}
+
+
 def restic_progress(text: str) -> dict:
     last: dict = {}
     for line in text.splitlines():
@@ -236,22 +249,24 @@ def restic_progress(text: str) -> dict:
                                  "total_bytes_processed", "data_added") if k in last}
 
 
-def run_peers(tool: Tool, img: Path, change: Callable[[], list[str]], timeout: float) -> dict:
+def run_peers(tool: Tool, img: Path, change: Callable[[], list[str]], timeout: float, rounds: int) -> dict:
+    """borg's sparse-aware fixed chunker ``rounds`` times (full, 1% changed, no change, each
+    round a new repository); then restic and borg's default chunker, which read the holes,
+    once each, killed at ``timeout``."""
     w = tool.work
-    out: dict = {}
+    out: dict = {"changed": [], "borg_sparse": []}
     borg = w / "borg"
-    shutil.rmtree(borg, ignore_errors=True)
-    shutil.rmtree(w / "borg-home", ignore_errors=True)
-    subprocess.run(["borg", "init", *BORG_INIT, str(borg)], env=tool.env, check=True, capture_output=True)
     sparse = ["--sparse", "--chunker-params", "fixed,4194304"]
-    rows = []
-    for i, step in enumerate(("full", "incremental (1% changed)", "incremental (no change)")):
-        if i == 1:
-            out["changed"] = change()
-        row, _ = tool.run(f"borg --sparse fixed 4 MiB: {step}", ["borg", "create", *BORG_CREATE, *sparse,
-                          f"{borg}::s{i}", str(img)], borg)
-        rows.append(row)
-    out["borg_sparse"] = rows
+    for rnd in range(rounds):
+        shutil.rmtree(borg, ignore_errors=True)
+        shutil.rmtree(w / "borg-home", ignore_errors=True)
+        subprocess.run(["borg", "init", *BORG_INIT, str(borg)], env=tool.env, check=True, capture_output=True)
+        for i, step in enumerate(("full", "incremental (1% changed)", "incremental (no change)")):
+            if i == 1:
+                out["changed"].append(change())
+            row, _ = tool.run(f"borg --sparse fixed 4 MiB: {step}", ["borg", "create", *BORG_CREATE, *sparse,
+                              f"{borg}::s{i}", str(img)], borg)
+            out["borg_sparse"].append({**row, "round": rnd + 1})
     shutil.rmtree(borg)
     restic = w / "restic"
     shutil.rmtree(restic, ignore_errors=True)
@@ -278,6 +293,7 @@ def main() -> None:
     ap.add_argument("--change-mib", type=int, default=40)
     ap.add_argument("--peer-timeout", type=float, default=300)
     ap.add_argument("--no-restore", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="deltavault's (and borg --sparse's) runs, repeated")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-lock", action="store_true", help="smoke runs only: measure without the bench lock")
     a = ap.parse_args()
@@ -300,14 +316,15 @@ def main() -> None:
             for off, ln in where:
                 fill(img, off + ln // 2, piece)
             return [f"{piece} bytes at {off + ln // 2}" for off, ln in where]
-        result = run_dv(tool, img, change_fn, not a.no_restore)
+        result = dv_rounds(tool, img, change_fn, not a.no_restore, a.rounds)
     else:
         built = build_ext4(img, size, data, mnt)
-        result = (run_dv(tool, img, lambda: change_ext4(img, change, mnt), not a.no_restore)
+        result = (dv_rounds(tool, img, lambda: change_ext4(img, change, mnt), not a.no_restore, a.rounds)
                   if a.scenario == "ext4" else
-                  run_peers(tool, img, lambda: change_ext4(img, change, mnt), a.peer_timeout))
+                  run_peers(tool, img, lambda: change_ext4(img, change, mnt), a.peer_timeout, a.rounds))
     img.unlink()
     doc = {"scenario": a.scenario, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
+           "ended": time.strftime("%H:%M UTC", time.gmtime()), "rounds": a.rounds,
            "size_gib": a.size_gib, "data_gib": a.data_gib, "change_mib": a.change_mib, "cpus": os.cpu_count(),
            "image": built, **result}
     text = json.dumps(doc, indent=2)
