@@ -42,7 +42,7 @@ from deltavault.restore.existing import extras, keep_existing, remove, restored_
 from deltavault.restore.listing import checked_nodes
 from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
-from deltavault.restore.plan import WalkAhead, end_plan, large_first, start_plan
+from deltavault.restore.plan import Listings, WalkAhead, end_plan, large_first, start_plan
 from deltavault.restore.regular import RegularFiles
 from deltavault.restore.select import Excluded, Selection, plan
 from deltavault.restore.target import (
@@ -101,6 +101,7 @@ class FileRestorer:
         self._dir_budget = 2 * MAX_OPEN_DIRS  # set by run, from the open-file limit
         self._listings: dict[bytes, bytes] = {}  # subdirectories' listings read ahead (_read_listings)
         self._listed = 0  # their bytes
+        self._ahead = Listings()  # listings the walk ahead read (run)
         self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
         self._ntfs: NtfsTarget | None = None  # set by run, once the target is open
@@ -140,6 +141,8 @@ class FileRestorer:
             read_plan = start_plan(self.repo)
             ahead = WalkAhead(self.repo, root_tree, sel, self._excluded, read_plan,
                               self._totals if self.reporter.wants_totals else None)
+            if read_plan is not None:
+                self._ahead = ahead.listings
             if (read_plan is not None or self.reporter.wants_totals) and ahead.head_start():
                 threading.Thread(target=ahead.rest, name="dv-ahead", daemon=True).start()
             self._walk(root, root_tree, sel)
@@ -166,13 +169,15 @@ class FileRestorer:
     # ------------------------------------------------------------------ tree walk
     def _listing(self, tree_id: bytes, relpath: bytes, sel: Selection) -> list[Node] | None:
         """A directory's entries, checked; None (reported) when they cannot be read."""
+        nodes: list[Node] | None = self._ahead.take(tree_id)  # read and checked by the walk ahead
         raw = self._listings.pop(tree_id, None)
         if raw is not None:
             self._listed -= len(raw)
         try:
-            nodes = checked_nodes(sel.listing if sel.listing is not None
-                                  else decode_tree(raw if raw is not None else self.repo.load_blob(tree_id)).nodes,
-                                  display(relpath))
+            if nodes is None:
+                nodes = checked_nodes(sel.listing if sel.listing is not None
+                                      else decode_tree(raw if raw is not None else self.repo.load_blob(tree_id)).nodes,
+                                      display(relpath))
         except DeltavaultError as exc:
             self.log.problem(relpath or b"/", "corrupt", f"directory listing unreadable: {exc}")
             return None
@@ -187,7 +192,7 @@ class FileRestorer:
         thread. At most LISTINGS_AHEAD at a time and LISTINGS_BYTES kept; a damaged one is
         read again, and reported, when the walk enters it."""
         ids = [n.subtree for n in nodes if n.type == NodeType.DIR and n.subtree is not None
-               and n.subtree not in self._listings][:LISTINGS_AHEAD]
+               and n.subtree not in self._listings and n.subtree not in self._ahead][:LISTINGS_AHEAD]
         if len(ids) < 2 or self._listed >= LISTINGS_BYTES:
             return
         with contextlib.suppress(DeltavaultError):
