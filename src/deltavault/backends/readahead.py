@@ -341,7 +341,9 @@ class ReadAheadBackend(Forwarding):
             self._hits.pop(key, None)
             if self._kept <= limit:
                 return
-        self._kept += self._planned.shed(self._kept - limit)  # still too much: remnants go
+        # Held packs fill the budget: remnants past an eighth of it go (all of them went, and
+        # came again as ranged GETs, in every restore of the test; issue #17).
+        self._kept += self._planned.shed(min(self._kept - limit, self._planned.remnants.size - self.keep // 8))
 
     def _again(self, name: str, first: int, last: int, got: dict[int, Block]) -> bool:
         """Whether a read of blocks fetched before and dropped passes through, as the range
