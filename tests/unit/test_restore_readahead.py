@@ -60,15 +60,8 @@ def test_a_restore_fetches_each_pack_once_when_its_packs_exceed_the_budget(tmp_p
     packs = {name: len(data) for name, data in store.objects.items() if name.startswith("data/")}
     assert len(packs) >= 15, len(packs)
 
-    _restore_once(tmp_path, store, src, block=8 * MiB, keep=12 * MiB)
-
-
-def _restore_once(tmp_path: Path, store: MemoryBackend, src: Path, *, block: int, keep: int) -> None:
-    """Restore the latest snapshot through a read-ahead keeping ``keep`` bytes, and check it
-    fetched each pack whole exactly once and little else."""
-    packs = {name: len(data) for name, data in store.objects.items() if name.startswith("data/")}
     recorded = _Recording(store)
-    again = Repository.open(ReadAheadBackend(recorded, block=block, keep=keep), lambda: PASSWORD,
+    again = Repository.open(ReadAheadBackend(recorded, block=8 * MiB, keep=12 * MiB), lambda: PASSWORD,
                             use_cache=False)
     tree = max((snap for _sid, snap in again.list_snapshots()), key=lambda snap: snap.time).tree
     assert tree is not None
@@ -83,32 +76,3 @@ def _restore_once(tmp_path: Path, store: MemoryBackend, src: Path, *, block: int
     assert not twice, f"packs fetched whole more than once: {twice} of {len(packs)}"
     received = sum(n for name, _o, n in recorded.reads if name in packs)
     assert received < sum(packs.values()) + MiB, (received, sum(packs.values()))
-
-
-def test_a_pack_read_at_the_start_and_again_much_later_is_fetched_once(tmp_path: Path) -> None:
-    """A pack read for a large file, at the start, and again for small files of a directory
-    restored last, with other packs in between far past the budget: no reader holds it in
-    between, and the restore's plan keeps it (issue #17: a 34 MB pack of an S3 restore came
-    twice, 9 to 15 s apart). Packs of 8 MiB against a budget of 4, as the benchmark's 34 MB
-    packs against 128 MiB (a large file's segments, 8 MiB each, hold a few packs)."""
-    src = tmp_path / "src"
-    (src / "a").mkdir(parents=True)
-    (src / "z").mkdir()
-    rnd = random.Random(18)
-    # One pack: a/head (7 MiB, written by a worker at the start) and the first of z's small
-    # files (restored last).
-    (src / "a" / "head").write_bytes(rnd.randbytes(7 * MiB))
-    for i in range(150):
-        (src / "z" / f"s{i:03}").write_bytes(rnd.randbytes(4000 + rnd.randrange(2000)))
-    store = MemoryBackend()
-    repo = Repository.init(store, PASSWORD, pack_size=8 * MiB, scrypt=FAST_SCRYPT, cache_root=tmp_path / "cache")
-    run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(racy_window_ns=0)))
-    first = {name for name in store.objects if name.startswith("data/")}
-    # Restored between them: a/big (48 MiB) and m's 1,800 small files (~28 MiB), 10 packs.
-    (src / "a" / "big").write_bytes(os.urandom(48 * MiB))
-    (src / "m").mkdir()
-    for i in range(1800):
-        (src / "m" / f"s{i:04}").write_bytes(rnd.randbytes(14_000 + rnd.randrange(4000)))
-    run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(racy_window_ns=0)))
-    assert len([n for n in store.objects if n.startswith("data/")]) >= len(first) + 9
-    _restore_once(tmp_path, store, src, block=16 * MiB, keep=32 * MiB)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from deltavault.backends.base import Backend, ObjectInfo, put_file
-from deltavault.backends.remnants import Plan
 
 
 @dataclass
@@ -84,11 +83,6 @@ class CountingBackend:
         if fn is None:
             return lambda: None
         return cast(Callable[[], None], fn(name, offset, length, wait=wait, ahead=ahead))
-
-    def follow(self, plan: Plan | None) -> bool:
-        """A read-ahead's plan (``ReadAheadBackend.follow``), passed on; False if none reads ahead."""
-        fn = getattr(self.inner, "follow", None)
-        return fn is not None and bool(fn(plan))
 
     def put(self, name: str, data: bytes) -> None:
         self.inner.put(name, data)

@@ -37,12 +37,6 @@ whatever waiting issuers do (a large file's writer holds the segments it has yet
 submit, so it does not wait; what it holds is bounded by its window). A GET waits for
 room while pinned blocks fill the budget, until no other GET is in flight. Of the blocks
 not held, those served many reads (a tree pack, read a directory at a time) go last.
-
-``follow`` gives the read-ahead a restore's plan (repository/plan.py): for a pack, the number
-of its next planned read, or None. Blocks not held are then dropped packs with no next use
-first, least recently used first, then those whose next use is furthest: a pack read for a
-database's first segments and again much later for small files was dropped once no reader
-held it and fetched twice (issue #17). Only the order changes: memory is bounded as before.
 """
 
 from __future__ import annotations
@@ -55,7 +49,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 from deltavault.backends.base import Backend, Forwarding, get_sized, put_file
-from deltavault.backends.remnants import Plan, Planned
 
 Block = bytes | mmap.mmap
 
@@ -92,13 +85,9 @@ class ReadAheadBackend(Forwarding):
         self._held = 0  # sum of the held packs' estimates
         self._fixed = 0  # fixed holds not released
         self._hits: dict[tuple[str, int], int] = {}  # kept block -> reads served from it
-        self._planned = Planned()  # a restore's reads to come (follow), and remnants kept by it
         self._pool: ThreadPoolExecutor | None = None
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        kept = self._remnant(name, offset, length)
-        if kept is not None:
-            return kept
         got = self._blocks(name, offset, length)
         if got is None or length is None:
             return self.inner.get(name, offset, length)
@@ -117,9 +106,6 @@ class ReadAheadBackend(Forwarding):
         """``get`` without copying a range inside one kept block: a read-only view of it,
         which keeps that block alive while held (a restore's reads of many neighbouring
         small blobs, up to a pack at once, were a copy of the pack each)."""
-        kept = self._remnant(name, offset, length)
-        if kept is not None:
-            return memoryview(kept)
         got = self._blocks(name, offset, length)
         if got is None:
             # Not through get(): _blocks has just marked the pack seen, so a second call
@@ -152,8 +138,6 @@ class ReadAheadBackend(Forwarding):
             return None
         first, last = offset // b, (offset + length - 1) // b
         got = self._cached(name, first, last)
-        if len(got) < last - first + 1 and self._again(name, first, last, got):
-            return None
         if len(got) < last - first + 1:
             # Threads wanting the same blocks wait for one fetch; other blocks of the pack
             # are fetched meanwhile (a restore's parallel segments read one pack at once).
@@ -229,18 +213,6 @@ class ReadAheadBackend(Forwarding):
                     self._held -= est
                 self._room.notify_all()
         return release
-
-    def follow(self, plan: Plan | None) -> bool:
-        """Drop blocks by a plan from now on (None: no longer); see the module's doc."""
-        with self._lock:
-            self._kept += self._planned.follow(plan)
-        return True
-
-    def _remnant(self, name: str, offset: int, length: int | None) -> bytes | None:
-        if length is None or not self._planned.remnants.size:
-            return None
-        with self._lock:
-            return self._planned.remnants.find(name, offset, length)
 
     def _prefetch(self, name: str, first: int, last: int, length: int) -> None:
         try:
@@ -331,35 +303,14 @@ class ReadAheadBackend(Forwarding):
         bytes are kept, or only held ones are left (lock held)."""
         if self._kept <= limit:
             return
-        self._kept += self._planned.stale()
         free = [k for k in self._cache if k[0] not in self._holds]
         # Blocks read many times in small pieces go last: a tree pack, read a directory at
         # a time by the walker, unheld, was dropped for data packs and fetched 4 times.
-        for key in sorted(free, key=self._rank):
-            block = self._cache.pop(key)
-            self._kept += self._planned.dropped(key[0], key[1] * self.block, block) - len(block)
+        for key in sorted(free, key=lambda k: self._hits.get(k, 0) >= self.OFTEN):
+            self._kept -= len(self._cache.pop(key))
             self._hits.pop(key, None)
             if self._kept <= limit:
                 return
-        # Held packs fill the budget: remnants past an eighth of it go (all of them went, and
-        # came again as ranged GETs, in every restore of the test; issue #17).
-        self._kept += self._planned.shed(min(self._kept - limit, self._planned.remnants.size - self.keep // 8))
-
-    def _again(self, name: str, first: int, last: int, got: dict[int, Block]) -> bool:
-        """Whether a read of blocks fetched before and dropped passes through, as the range
-        it is: a pack a plan names is read again only for the blobs planned (or a second
-        file's same content), which a plan had to drop for the packs between; fetched whole
-        again, it was the 34 MB of a pack for 1 MB of small files (issue #17)."""
-        with self._lock:
-            return self._planned.known(name) and any((name, i) in self._fetched for i in range(first, last + 1) if i not in got)
-
-    def _rank(self, key: tuple[str, int]) -> tuple[int, int]:
-        """Blocks not held are dropped in this order (sorted is stable: least recently used
-        first among equals): no planned use, then furthest next use first, then blocks
-        served many reads (lock held)."""
-        if self._hits.get(key, 0) >= self.OFTEN:
-            return (2, 0)
-        return self._planned.rank(key[0])
 
     def _pinned(self) -> int:
         """Bytes of kept blocks of held packs (lock held)."""
@@ -381,7 +332,6 @@ class ReadAheadBackend(Forwarding):
             for key in [k for k in self._cache if k[0] == name]:
                 self._kept -= len(self._cache.pop(key))
                 self._hits.pop(key, None)
-            self._kept -= self._planned.forget(name)
             self._seen.pop(name, None)
             for key in [k for k in self._fetched if k[0] == name]:
                 del self._fetched[key]

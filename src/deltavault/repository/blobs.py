@@ -17,7 +17,6 @@ from deltavault.model.types import BlobType
 from deltavault.repository.envelope import Envelope
 from deltavault.repository.indexstore import IndexStore
 from deltavault.repository.pack import BLOB_AAD, PackBuilder, pack_name
-from deltavault.repository.plan import ReadPlan
 
 # load_blobs reads neighbouring blobs of a pack in one request when the gap between them is
 # below GAP, up to SPAN bytes a request.
@@ -191,32 +190,6 @@ class BlobReader:
         self.backend = backend
         self.env = env
         self.indexes = indexes
-        self._plan: ReadPlan | None = None  # the restore's reads to come (start_plan)
-
-    def start_plan(self) -> ReadPlan | None:
-        """A plan of the reads to come that a backend reading ahead keeps its packs by
-        (repository/plan.py); None for others, which keep nothing. Each blob loaded from now
-        on is taken out of it, until ``end_plan``."""
-        follow = getattr(self.backend, "follow", None)
-        if follow is None:
-            return None
-        plan = ReadPlan(self._locate, GAP)
-        if not follow(plan):
-            return None
-        self._plan = plan
-        return plan
-
-    def end_plan(self, plan: ReadPlan) -> None:
-        if self._plan is plan:
-            self._plan = None
-            follow = getattr(self.backend, "follow", None)
-            if follow is not None:
-                follow(None)
-        plan.close()
-
-    def _locate(self, blob_id: bytes) -> tuple[str, int, int] | None:
-        loc = self.indexes.index.lookup(blob_id)
-        return None if loc is None else (pack_name(loc.pack_id), loc.offset, loc.length)
 
     def load(self, blob_id: bytes) -> bytes:
         loc = self.indexes.index.lookup(blob_id)
@@ -225,9 +198,6 @@ class BlobReader:
         sealed = self.backend.get(pack_name(loc.pack_id), loc.offset, loc.length)
         if len(sealed) != loc.length:
             raise CorruptionError(f"blob {blob_id.hex()[:16]}: pack {loc.pack_id.hex()[:16]} is truncated")
-        plan = self._plan
-        if plan is not None:
-            plan.read(blob_id)
         return self.open(blob_id, sealed)
 
     def open(self, blob_id: bytes, sealed: bytes | memoryview) -> bytes:
@@ -289,7 +259,6 @@ class BlobReader:
     def _load_pack(self, pid: bytes, items: list[tuple[int, int, bytes]],
                    read: Callable[[str, int, int], memoryview]) -> Iterator[tuple[bytes, bytes]]:
         """The blobs ``items`` (offset, length, id; sorted) of one pack, neighbours read together."""
-        plan = self._plan
         i = 0
         while i < len(items):
             start = items[i][0]
@@ -303,7 +272,5 @@ class BlobReader:
             if len(mv) != end - start:
                 raise CorruptionError(f"pack {pid.hex()[:16]} is truncated")
             for off, ln, bid in items[i:j + 1]:
-                if plan is not None:
-                    plan.read(bid)
                 yield bid, self.open(bid, mv[off - start: off - start + ln])
             i = j + 1

@@ -42,7 +42,6 @@ from deltavault.repository.indexstore import IndexStore, PackList, WriteStats
 from deltavault.repository.locks import Lock, LockManager
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.packcheck import PackCheck
-from deltavault.repository.plan import ReadPlan
 from deltavault.repository.snapshots import SnapshotStore
 from deltavault.repository.status import StatusStore
 
@@ -187,12 +186,6 @@ class Repository:
 
     def hold_blobs(self, ids: Iterable[bytes], *, wait: bool = False) -> Callable[[], None]:
         return self.reader.hold(ids, wait=wait)
-
-    def start_plan(self) -> ReadPlan | None:
-        return self.reader.start_plan()
-
-    def end_plan(self, plan: ReadPlan) -> None:
-        self.reader.end_plan(plan)
 
     # ----------------------------------------------------------------- snapshots (snapshots.py)
     @property

@@ -79,3 +79,23 @@ class Excluded:
 
     def __call__(self, relpath: bytes) -> bool:
         return self.matcher is not None and self.matcher.matches(relpath)
+
+
+def selected_totals(repo: BlobLoader, tree: bytes, sel: Selection, excluded: Excluded) -> tuple[int, int]:
+    """(bytes, files) of the regular files a restore of ``sel`` writes: the total for its
+    progress bar."""
+    total = count = 0
+    stack: list[tuple[bytes, bytes, Selection]] = [(tree, b"", sel)]
+    while stack:
+        tid, prefix, s = stack.pop()
+        for n in s.listing if s.listing is not None else load_nodes(repo, tid):
+            child = s if s.whole else s.children.get(n.name)
+            path = prefix + b"/" + n.name if prefix else n.name
+            if child is None or excluded(path):
+                continue
+            if n.type == NodeType.DIR and n.subtree is not None:
+                stack.append((n.subtree, path, child))
+            elif n.type == NodeType.FILE and child.whole:
+                total += n.size
+                count += 1
+    return total, count
