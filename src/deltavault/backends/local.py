@@ -66,22 +66,22 @@ def _raise_for(exc: OSError, what: str) -> None:
     raise BackendError(f"{what}: {exc.strerror or exc}", retryable=False) from exc
 
 
-def _open_regular(path: Path, name: str) -> int:
+def _open_regular(path: Path, name: str) -> tuple[int, os.stat_result]:
     """Open an object for reading, refusing anything but a regular file: a FIFO planted in
     a repository that another user can write in would block ``open`` for ever, and a device
     would answer without end. O_NONBLOCK makes the open of a FIFO return at once; it changes
-    nothing for a regular file."""
+    nothing for a regular file. Returns the fd and its ``fstat`` (a whole read's size)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BackendError(f"{name}: not a regular file (mode {stat.filemode(mode)}): "
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"{name}: not a regular file (mode {stat.filemode(st.st_mode)}): "
                                "refused unread (a hostile or broken store)", retryable=False)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 class LocalBackend:
@@ -134,7 +134,8 @@ class LocalBackend:
         if length is not None and offset >= 0:
             return self._pread(path, name, offset, length)
         try:
-            with os.fdopen(_open_regular(path, name), "rb", buffering=0) as f:
+            fd, st = _open_regular(path, name)
+            with os.fdopen(fd, "rb", buffering=0) as f:
                 if offset < 0:
                     f.seek(offset, os.SEEK_END)
                 elif offset:
@@ -142,7 +143,7 @@ class LocalBackend:
                 if length is None and offset < 0:
                     length = -offset  # the tail
                 if length is None:  # whole, or from offset to the end: bounded by its kind
-                    most, size = whole_limit(name), os.fstat(f.fileno()).st_size
+                    most, size = whole_limit(name), st.st_size
                     check_size(name, size - offset, most)
                     return read_bounded(f.read, name, most, size - offset)
                 out = bytearray()
@@ -164,7 +165,7 @@ class LocalBackend:
         released, where growing a bytearray and copying it out held the GIL for two copies
         of every byte a restore reads (a profile of the files restore showed them)."""
         try:
-            fd = _open_regular(path, name)
+            fd, _st = _open_regular(path, name)
             try:
                 data = os.pread(fd, length, offset)
                 if 0 < len(data) < length:  # a short read: gather the rest (rare on a local file)
