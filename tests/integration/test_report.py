@@ -206,7 +206,8 @@ def test_status_records(repo: Repository) -> None:
     assert [r.snapshots for r in repo.status_records(CHECK, newest=2)] == [KEEP[CHECK] + 1, KEEP[CHECK] + 2]
     # a damaged record, and an authentic one under another record's name, are left out
     path = Path(repo.backend.location()) / names[-1]
-    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))  # always a change, even when the byte was 0
     sealed = repo.backend.get(names[-2])
     swapped = names[-3].rsplit("-", 1)[0] + "-" + names[-2].rsplit("-", 1)[1]
     repo.backend.put(swapped, sealed)
