@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deltavault.backends.local import LocalBackend
+from deltavault.backup.files.content import ContentReader
 from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.progress import NullReporter
@@ -96,25 +96,28 @@ def test_vanishing_files_are_reported_and_the_run_goes_on(tmp_path: Path, repo: 
 
 
 @contextlib.contextmanager
-def _keep_rewriting(path: Path) -> Iterator[None]:
-    stop = threading.Event()
+def _changed_during_every_read(path: Path) -> Iterator[None]:
+    """Every read of ``path``'s content by the backup is overlapped by a real write to it,
+    made after the reader's first fstat (a thread rewriting it meanwhile could be starved
+    for a whole read on a loaded machine, and the read came out clean)."""
+    original = ContentReader.read
+    fd_w = os.open(path, os.O_WRONLY)
+    target = os.stat(path)
+    writes = [0]
 
-    def writer() -> None:
-        fd = os.open(path, os.O_WRONLY)
-        i = 0
-        while not stop.is_set():
-            os.pwrite(fd, os.urandom(4096), (i * 7919 % 4000) * 4096)
-            i += 1
-            time.sleep(0.0005)
-        os.close(fd)
+    def read(self: ContentReader, fd: int, *args: object, **kwargs: object) -> object:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            os.pwrite(fd_w, os.urandom(4096), (writes[0] * 7919 % 4000) * 4096)
+            writes[0] += 1
+        return original(self, fd, *args, **kwargs)  # type: ignore[arg-type]
 
-    t = threading.Thread(target=writer)
-    t.start()
+    ContentReader.read = read  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        stop.set()
-        t.join()
+        ContentReader.read = original  # type: ignore[method-assign]
+        os.close(fd_w)
 
 
 def test_file_changing_while_read_is_retried_then_flagged(tmp_path: Path, repo: Repository) -> None:
@@ -124,7 +127,7 @@ def test_file_changing_while_read_is_retried_then_flagged(tmp_path: Path, repo: 
     busy.write_bytes(os.urandom(4000 * 4096))
     (src / "calm").write_text("calm")
     time.sleep(0.05)  # let "calm" age past the racy window used below
-    with _keep_rewriting(busy):
+    with _changed_during_every_read(busy):
         res = run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(workers=2)))
     assert [(p.path.rsplit("/", 1)[-1], p.kind) for p in res.problems] == [("busy.db", "changed")]
     assert "read" in res.problems[0].message and res.partial

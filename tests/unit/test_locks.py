@@ -90,10 +90,9 @@ def test_sigkilled_holder_lock_is_cleared_at_once(repo: Repository, tmp_path: Pa
         if reap:
             p.wait()
         else:
-            time.sleep(0.2)  # dead but not reaped: a zombie still answers kill(pid, 0)
-        t = time.monotonic()
-        with repo.lock(exclusive=True, command="prune"):
-            assert time.monotonic() - t < 2
+            _until_zombie(p.pid)  # dead but not reaped: a zombie still answers kill(pid, 0)
+        with repo.lock(exclusive=True, command="prune"):  # not waiting: a live holder's lock raises
+            pass
     finally:
         p.kill()
         p.wait()
@@ -133,3 +132,11 @@ def test_refresh_keeps_the_lock_fresh(repo: Repository) -> None:
     clock[0] += 20  # past STALE_AFTER since creation, not since the refresh
     assert not repo.locks.is_stale(repo.locks.list_locks()[0][1])
     lk.release()
+
+
+def _until_zombie(pid: int) -> None:
+    """Wait for a SIGKILLed child to have exited (state Z), however loaded the machine."""
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not die"
+        time.sleep(0.01)

@@ -98,7 +98,7 @@ def test_full_disk_inside_a_worker(tmp_path: Path, loopfs) -> None:
 def test_interrupt_with_workers_leaves_no_temp_files(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     for d in range(40):
-        for f in range(80):
+        for f in range(200):  # enough work that a stalled test process still interrupts it mid-run
             write(src / f"d{d:02}/x/f{f}", os.urandom(3000))
     proc = subprocess.Popen([sys.executable, "-m", "deltavault", "sync", "--verify", str(src), str(dst)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
