@@ -202,6 +202,10 @@ class Proxy:
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            self._srv.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self._srv.close()
         with self._lock:
             socks = list(self._socks)

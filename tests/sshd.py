@@ -8,13 +8,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.ports import free_port
+from tests.waits import until
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 
@@ -88,14 +88,16 @@ Host dvtest
     with open(d / "sshd.log", "wb") as log:
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
     try:
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None:
-                raise AssertionError(f"sshd exited: {(d / 'sshd.log').read_text()}")
-            time.sleep(0.05)
+        try:
+            until(lambda: _listening(port), "sshd", proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {(d / 'sshd.log').read_text()}") from None
         yield Server(d, port, user, config, proc)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

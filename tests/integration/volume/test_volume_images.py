@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from deltavault.progress import NullReporter
 from deltavault.tracking.volume import nbdlib
 from tests.conftest import Cli, needs_root, needs_tools
 from tests.integration.volume.conftest import Vol, fill_tree, loop, mounted, run, sha256, umount
+from tests.waits import until
 
 pytestmark = [needs_tools("qemu-img", "qemu-nbd"),
               pytest.mark.skipif(not nbdlib.available(), reason="needs python3-libnbd")]
@@ -83,16 +83,10 @@ def writable(img: Path, fmt: str, tmp: Path) -> Iterator[Path]:
     fuse.mkdir(exist_ok=True)
     server = subprocess.Popen(["qemu-nbd", "-f", fmt, "-k", str(sock), str(img)])
     try:
-        for _ in range(250):
-            if sock.exists():
-                break
-            time.sleep(0.02)
+        until(sock.exists, "qemu-nbd", server)  # not probed: without -t, qemu-nbd serves one client
         client = subprocess.Popen(["nbdfuse", str(fuse), "--unix", str(sock)])
         try:
-            for _ in range(250):
-                if (fuse / "nbd").exists():
-                    break
-                time.sleep(0.02)
+            until((fuse / "nbd").exists, "nbdfuse", client)
             yield fuse / "nbd"
         finally:
             umount(fuse)
@@ -293,10 +287,7 @@ def test_an_image_in_use_is_refused(cli: Cli, tmp_path: Path) -> None:
     sock = tmp_path / "writer.sock"
     writer = subprocess.Popen(["qemu-nbd", "-f", "vhdx", "-k", str(sock), str(img)])  # as a VM would
     try:
-        for _ in range(250):
-            if sock.exists():
-                break
-            time.sleep(0.02)
+        until(sock.exists, "qemu-nbd", writer)  # not probed: without -t, qemu-nbd serves one client
         r = cli("--json", "backup", "--volume", str(img))
         assert r.returncode == ExitCode.SOURCE, r.stdout
         assert "(in use)" in r.last("error")["message"], r.stdout

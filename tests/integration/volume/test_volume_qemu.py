@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.integration.volume.conftest import (
     sha256_free_zeroed,
     umount,
 )
+from tests.waits import unix_listening, until
 
 pytestmark = [needs_tools("qemu-img", "qemu-nbd", "qemu-io"),
               pytest.mark.skipif(not nbdlib.available(), reason="needs python3-libnbd")]
@@ -75,10 +75,7 @@ def nbd_rw(img: Path, tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path
     sock = tmp / "rw.sock"
     p = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", str(sock), str(img)])
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.02)
+        until(unix_listening(sock), "qemu-nbd", p)
         yield p, sock
     finally:
         if p.poll() is None:
@@ -192,10 +189,7 @@ def test_real_file_system_writes_through_qemu(vol: Vol, tmp_path: Path) -> None:
     with nbd_rw(img, tmp_path) as (_proc, sock):
         fp = subprocess.Popen(["nbdfuse", str(fuse), "--unix", str(sock)])
         try:
-            for _ in range(200):
-                if (fuse / "nbd").exists():
-                    break
-                time.sleep(0.05)
+            until((fuse / "nbd").exists, "nbdfuse", fp)
             with loop(fuse / "nbd") as dev, mounted(dev, tmp_path / "m") as mnt:
                 (mnt / "big.bin").write_bytes(os.urandom(6 * MiB))
                 with open(mnt / "d0" / "f0.bin", "r+b") as f:
