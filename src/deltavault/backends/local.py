@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deltavault.backends.base import TEMP_PREFIX, ObjectInfo, check_object_name, temp_name
 from deltavault.backends.limits import check_size, read_bounded, whole_limit
-from deltavault.errors import NO_SPACE_ERRNOS, BackendError, NoSpace, ObjectNotFound
+from deltavault.errors import NO_SPACE_ERRNOS, AccessRefused, BackendError, NoSpace, ObjectNotFound
 
 COPY_PIECE = 1024 * 1024  # put_file without copy_file_range copies this much at a time
 EXIT_WAIT = 30.0  # seconds the exit waits for puts in flight before removing their temp files
@@ -58,11 +58,17 @@ _writes = _Writes()
 atexit.register(_writes.close)
 
 
-def _raise_for(exc: OSError, what: str) -> None:
+def _raise_for(exc: OSError, what: str, op: str) -> None:
+    """The typed error for ``exc``, met when ``op`` (read, write, list...) of ``what``."""
     if exc.errno in NO_SPACE_ERRNOS:
         raise NoSpace(f"no space left on the repository disk while writing {what}") from exc
     if exc.errno == errno.ENOENT:
         raise ObjectNotFound(f"{what}: not found") from exc
+    if exc.errno in (errno.EACCES, errno.EPERM):  # this user may not: as a refused login, exit 19
+        where = os.fsdecode(exc.filename) if exc.filename is not None else what
+        if os.path.basename(where).startswith(TEMP_PREFIX):  # a put's temp file: name its folder
+            where = os.path.dirname(where)
+        raise AccessRefused(f"permission denied to {op} {what}" + (f" ({where})" if where != what else "")) from exc
     raise BackendError(f"{what}: {exc.strerror or exc}", retryable=False) from exc
 
 
@@ -116,7 +122,7 @@ class LocalBackend:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                _raise_for(exc, d)
+                _raise_for(exc, d, "list")
             for e in entries:
                 if e.name.startswith(TEMP_PREFIX):
                     continue
@@ -156,7 +162,7 @@ class LocalBackend:
         except OSError as exc:
             if exc.errno == errno.EINVAL and offset < 0:
                 raise ObjectNotFound(f"{name}: shorter than {-offset} bytes") from exc
-            _raise_for(exc, name)
+            _raise_for(exc, name, "read")
             raise  # unreachable: _raise_for always raises
 
     @staticmethod
@@ -182,7 +188,7 @@ class LocalBackend:
             finally:
                 os.close(fd)
         except OSError as exc:
-            _raise_for(exc, name)
+            _raise_for(exc, name, "read")
             raise  # unreachable: _raise_for always raises
 
     def put(self, name: str, data: bytes) -> None:
@@ -217,7 +223,7 @@ class LocalBackend:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                _raise_for(exc, name)
+                _raise_for(exc, name, "write")
             self._made_dirs.add(parent)
         tmp = parent / temp_name(path.name)
         _writes.begin(str(tmp))
@@ -246,7 +252,7 @@ class LocalBackend:
             except OSError:
                 pass
             if isinstance(exc, OSError):
-                _raise_for(exc, name)
+                _raise_for(exc, name, "write")
             raise
         finally:
             _writes.end(str(tmp))
@@ -272,7 +278,7 @@ class LocalBackend:
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
-                    _raise_for(exc, path)
+                    _raise_for(exc, path, "remove")
                 files += 1
                 size += st.st_size
         return files, size
@@ -283,12 +289,12 @@ class LocalBackend:
         except FileNotFoundError:
             return
         except OSError as exc:
-            _raise_for(exc, name)
+            _raise_for(exc, name, "delete")
 
     def stat(self, name: str) -> ObjectInfo:
         try:
             st = os.stat(self._path(name))
         except OSError as exc:
-            _raise_for(exc, name)
+            _raise_for(exc, name, "stat")
             raise
         return ObjectInfo(name, st.st_size)

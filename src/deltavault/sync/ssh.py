@@ -11,13 +11,23 @@ file, as for sftp repositories.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from deltavault.errors import BackendError, ExitCode, NoSpace, SourceError, TargetError, UsageError
+from deltavault.errors import (
+    AccessRefused,
+    BackendError,
+    ExitCode,
+    NoSpace,
+    SourceError,
+    TargetError,
+    Unreachable,
+    UsageError,
+)
 from deltavault.sync.wire import Channel
 
 DEFAULT_REMOTE = "deltavault"  # the program ssh runs; the subcommand is added
@@ -66,6 +76,39 @@ def _default_ciphers(argv: list[str], host: str) -> bool:
     """Is the cipher list for ``host`` OpenSSH's built-in one (nothing configured)?"""
     mine = _ciphers(argv, host)
     return mine is not None and mine == _ciphers([argv[0], "-F", "/dev/null"], host)
+
+
+# OpenSSH's own messages (default LogLevel) for a connection that never got as far as running
+# the command: a refused login, a host key not trusted, a host not reached.
+_LOGIN_REFUSED = re.compile(r": Permission denied \([^)]*\)\.?$|Too many authentication failures")
+_KEY_CHANGED = re.compile(r"^Host key for .* has changed")
+_KEY_UNKNOWN = re.compile(r"^No \S+ host key is known for ")
+_NOT_REACHED = re.compile(r"^(ssh: Could not resolve hostname |ssh: connect to host |Connection timed out during "
+                          r"banner exchange|Connection to \S+ port \d+ timed out|Connection (closed|reset) by "
+                          r"\S+ port \d+|kex_exchange_identification: )")
+
+
+def _not_connected(host: str, err: str) -> BackendError | None:
+    """The typed error for ssh's exit 255 before the far end said anything, from ssh's own
+    message, as the sftp backend types paramiko's (backends/ssh.py): a refused login
+    (AccessRefused, exit 19), a host key not trusted (Unreachable, not retried) or a host
+    not reached (Unreachable, exit 20); None for anything else."""
+    lines = [ln.strip() for ln in err.splitlines()]
+    for ln in lines:
+        if _KEY_CHANGED.match(ln):
+            return Unreachable(f"the host key of {host} does not match known_hosts: refusing to connect (if the "
+                               f"host was reinstalled, update known_hosts): {ln}", retryable=False)
+        if _KEY_UNKNOWN.match(ln):
+            return Unreachable(f"the host key of {host} is not known: add it to known_hosts: {ln}", retryable=False)
+    if "Host key verification failed." in lines:
+        return Unreachable(f"the host key of {host} could not be verified: refusing to connect", retryable=False)
+    for ln in lines:
+        if _LOGIN_REFUSED.search(ln):
+            return AccessRefused(f"ssh login to {host} refused: {ln}")
+    for ln in lines:
+        if _NOT_REACHED.match(ln):
+            return Unreachable(f"cannot connect to {host}: {ln}")
+    return None
 
 
 def _cpu_has_aes() -> bool:
@@ -124,6 +167,9 @@ class SshProcess:
             rc = self.proc.wait()
         err = self.stderr_text()
         last = err.splitlines()[-1] if err else ""
+        refused = _not_connected(self.where.host, err) if rc == 255 and not self.channel.received else None
+        if refused is not None:
+            return refused
         if rc == 255:
             return BackendError(f"ssh to {self.where.host} failed: {last or 'exit 255'}", retryable=True)
         if rc == 127:
