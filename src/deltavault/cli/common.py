@@ -21,7 +21,7 @@ from deltavault.backends import open_backend
 from deltavault.backends.base import Backend
 from deltavault.backends.throttle import limited
 from deltavault.cli.units import human
-from deltavault.errors import BackendError, UsageError
+from deltavault.errors import AccessRefused, BackendError, UsageError
 from deltavault.fs.paths import one_line, shown, terminal
 from deltavault.model.snapshot import Snapshot
 from deltavault.platform import release_free_memory
@@ -138,6 +138,10 @@ class Context:
             return
         try:
             lk = repo.lock(command=command, wait=self.args.lock_wait)
+        except AccessRefused as exc:
+            # Read-only access (no write permission, read-only S3 keys): only the lock failed,
+            # and a reader may go without one.
+            raise AccessRefused(f"{exc}; a command that only reads can run with --no-lock") from exc
         except BackendError as exc:
             cause = exc.__cause__
             if not (isinstance(cause, OSError) and cause.errno == errno.EROFS):
