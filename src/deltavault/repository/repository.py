@@ -79,10 +79,10 @@ class Repository:
     def init(cls, backend: Backend, password: bytes | None, *, pack_size: int = DEFAULT_PACK_SIZE,
              compression: int | str = DEFAULT_COMPRESSION, chunker: ChunkerParams | None = None,
              scrypt: tuple[int, int, int] = keymod.DEFAULT_SCRYPT, cache_root: Path | None = None,
-             retention: str = "") -> Repository:
+             retention: str = "", use_cache: bool = True) -> Repository:
         cfg, master, key_name = configmod.create(backend, password, pack_size=pack_size, compression=compression,
                                                  chunker=chunker, scrypt=scrypt, retention=retention)
-        repo = cls(backend, cfg, master, cache_root=cache_root)
+        repo = cls(backend, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
         return repo
 
