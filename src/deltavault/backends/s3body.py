@@ -31,8 +31,6 @@ from deltavault.errors import BackendError
 # urllib3's readinto reads a temporary of the size asked, then copies it: small pieces keep
 # that temporary small (and reused in the heap).
 PIECE = 1024 * 1024
-HUGE = 2 * 1024 * 1024  # a body this large or more is mapped in huge pages (anonymous)
-_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 
 
 def check_range(name: str, response: dict[str, Any], offset: int, most: int) -> int:
@@ -111,20 +109,8 @@ def read_answer(name: str, response: dict[str, Any], offset: int, length: int | 
 
 
 def anonymous(n: int) -> mmap.mmap:
-    """``n`` bytes of private anonymous memory (zero pages until written).
-
-    Asked for as transparent huge pages where the kernel gives them on request (the usual
-    ``madvise`` setting): filled through 4 KiB pages, a 34 MB pack took 8,300 page faults,
-    and an S3 restore's 530 MB about 0.3 CPU-s of faulting, zeroing and unmapping, against
-    0.07 s in 2 MiB pages (docs/benchmarks.md). The body fills every page, so nothing is
-    held that is not used, and it goes back to the system with the mapping as before."""
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if n >= HUGE and _HUGEPAGE is not None:
-        try:
-            buf.madvise(_HUGEPAGE)
-        except OSError:  # huge pages switched off, or not built in: 4 KiB pages, as before
-            pass
-    return buf
+    """``n`` bytes of private anonymous memory (zero pages until written)."""
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _fill(name: str, view: memoryview, readinto: Callable[[memoryview], int | None], n: int) -> None:
