@@ -108,6 +108,7 @@ class AccessRefused(BackendError):
 
     exit_code = ExitCode.ACCESS_REFUSED
     retryable = False
+    lock_record = False  # what was refused was writing a lock record: a reader may go without
 
 
 class Unreachable(BackendError):

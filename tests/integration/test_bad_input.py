@@ -110,6 +110,8 @@ def _changed_during_every_read(path: Path) -> Iterator[None]:
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             os.pwrite(fd_w, os.urandom(4096), (writes[0] * 7919 % 4000) * 4096)
             writes[0] += 1
+            # a new mtime even where timestamps are coarse (kernels before 6.13: one per tick)
+            os.utime(fd_w, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
         return original(self, fd, *args, **kwargs)  # type: ignore[arg-type]
 
     ContentReader.read = read  # type: ignore[method-assign,assignment]

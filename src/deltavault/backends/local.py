@@ -68,7 +68,9 @@ def _raise_for(exc: OSError, what: str, op: str) -> None:
         where = os.fsdecode(exc.filename) if exc.filename is not None else what
         if os.path.basename(where).startswith(TEMP_PREFIX):  # a put's temp file: name its folder
             where = os.path.dirname(where)
-        raise AccessRefused(f"permission denied to {op} {what}" + (f" ({where})" if where != what else "")) from exc
+        # strerror too: EPERM is also an immutable or append-only file (chattr +i, +a), even for root
+        raise AccessRefused(f"permission denied to {op} {what}" + (f" ({where})" if where != what else "")
+                            + f": {exc.strerror or exc}") from exc
     raise BackendError(f"{what}: {exc.strerror or exc}", retryable=False) from exc
 
 
@@ -208,7 +210,9 @@ class LocalBackend:
                 try:
                     n = os.copy_file_range(src, fd, size - pos, pos)
                 except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    # EPERM: a seccomp filter (container runtimes, systemd) refusing the call; the
+                    # target is our own new temp file, so it is not a permission problem.
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
                         raise
                     n = os.write(fd, os.pread(src, min(COPY_PIECE, size - pos), pos))
                 if n <= 0:

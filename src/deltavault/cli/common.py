@@ -139,8 +139,10 @@ class Context:
         try:
             lk = repo.lock(command=command, wait=self.args.lock_wait)
         except AccessRefused as exc:
-            # Read-only access (no write permission, read-only S3 keys): only the lock failed,
-            # and a reader may go without one.
+            if not exc.lock_record:
+                raise
+            # Read-only access (no write permission, read-only S3 keys): only the lock record
+            # could not be written, and a reader may go without one.
             raise AccessRefused(f"{exc}; a command that only reads can run with --no-lock") from exc
         except BackendError as exc:
             cause = exc.__cause__

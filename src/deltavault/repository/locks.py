@@ -20,7 +20,13 @@ from collections.abc import Callable
 import msgspec
 
 from deltavault.backends.base import Backend
-from deltavault.errors import BackendError, CorruptionError, ObjectNotFound, RepositoryLocked
+from deltavault.errors import (
+    AccessRefused,
+    BackendError,
+    CorruptionError,
+    ObjectNotFound,
+    RepositoryLocked,
+)
 from deltavault.framing import decode_json
 from deltavault.fs.paths import shown
 from deltavault.repository.envelope import Envelope
@@ -114,7 +120,11 @@ class LockManager:
 
     def _write(self, info: LockInfo) -> str:
         name = f"locks/{os.urandom(16).hex()}"
-        self.backend.put(name, self.env.seal(msgspec.json.encode(info), aad=LOCK_AAD))
+        try:
+            self.backend.put(name, self.env.seal(msgspec.json.encode(info), aad=LOCK_AAD))
+        except AccessRefused as exc:
+            exc.lock_record = True
+            raise
         return name
 
     def list_locks(self) -> list[tuple[str, LockInfo]]:

@@ -80,7 +80,10 @@ def _default_ciphers(argv: list[str], host: str) -> bool:
 
 # OpenSSH's own messages (default LogLevel) for a connection that never got as far as running
 # the command: a refused login, a host key not trusted, a host not reached.
-_LOGIN_REFUSED = re.compile(r": Permission denied \([^)]*\)\.?$|Too many authentication failures")
+# Whole lines only: the far end's own stderr comes on the same stream (a "Permission denied
+# (os error 13)" of a remote tool is not a refused login).
+_LOGIN_REFUSED = re.compile(r"^(\S+@\S+: )?Permission denied \([\w,-]+\)\.?$|^Received disconnect from \S+ port \d+:"
+                            r"\d+: Too many authentication failures|^Too many authentication failures")
 _KEY_CHANGED = re.compile(r"^Host key for .* has changed")
 _KEY_UNKNOWN = re.compile(r"^No \S+ host key is known for ")
 _NOT_REACHED = re.compile(r"^(ssh: Could not resolve hostname |ssh: connect to host |Connection timed out during "
@@ -103,7 +106,7 @@ def _not_connected(host: str, err: str) -> BackendError | None:
     if "Host key verification failed." in lines:
         return Unreachable(f"the host key of {host} could not be verified: refusing to connect", retryable=False)
     for ln in lines:
-        if _LOGIN_REFUSED.search(ln):
+        if _LOGIN_REFUSED.match(ln):
             return AccessRefused(f"ssh login to {host} refused: {ln}")
     for ln in lines:
         if _NOT_REACHED.match(ln):
