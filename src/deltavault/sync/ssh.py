@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -137,12 +139,19 @@ class SshProcess:
             # through ssh here (the cipher bounds a push's speed). Only when no Ciphers is
             # configured for the host: an admin's choice stands.
             argv += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+        # OpenSSH's own messages go to a log of their own (-E), apart from the far end's
+        # stderr: what says a login was refused is then ssh's, never the other host's.
+        self._logdir = tempfile.mkdtemp(prefix="dv-ssh-") if os.path.basename(argv[0]) == "ssh" else None
+        self._log = os.path.join(self._logdir, "ssh.log") if self._logdir else None
+        if self._log:
+            argv += ["-E", self._log]
         argv += ["-T", "-o", "ServerAliveInterval=15", "--", where.host, command]
         self.where, self.command = where, command
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE)
         except OSError as exc:
+            self._remove_log()
             raise UsageError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.channel = Channel(self.proc.stdout, self.proc.stdin)
@@ -160,6 +169,21 @@ class SshProcess:
         self._drain.join(timeout=5)
         return self._err.decode("utf-8", "replace").strip()
 
+    def ssh_log(self) -> str | None:
+        """ssh's own messages (its -E log; None when the command is not OpenSSH's ssh)."""
+        if self._log is None:
+            return None
+        try:
+            with open(self._log, "rb") as f:
+                return f.read(64 * 1024).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def _remove_log(self) -> None:
+        if self._logdir is not None:
+            shutil.rmtree(self._logdir, ignore_errors=True)
+            self._logdir = None
+
     def failure(self, what: str) -> Exception:
         """The error for a connection that ended early: ssh's own failure, a missing agent,
         or an agent that died."""
@@ -170,11 +194,14 @@ class SshProcess:
             rc = self.proc.wait()
         err = self.stderr_text()
         last = err.splitlines()[-1] if err else ""
-        refused = _not_connected(self.where.host, err) if rc == 255 and not self.channel.received else None
+        own = self.ssh_log()
+        own = err if own is None else own  # not OpenSSH's ssh: its messages are on stderr
+        refused = _not_connected(self.where.host, own) if rc == 255 and not self.channel.received else None
         if refused is not None:
             return refused
         if rc == 255:
-            return BackendError(f"ssh to {self.where.host} failed: {last or 'exit 255'}", retryable=True)
+            said = own.splitlines()[-1] if own else last
+            return BackendError(f"ssh to {self.where.host} failed: {said or 'exit 255'}", retryable=True)
         if rc == 127:
             return TargetError(f"{self.where.host} has no {self.command.split()[0]!r} to run: install deltavault "
                                f"there or pass --remote-command ({last})")
@@ -198,3 +225,4 @@ class SshProcess:
             self.proc.kill()
             self.proc.wait()
         self._drain.join(timeout=5)
+        self._remove_log()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,6 +292,21 @@ def test_ssh_that_cannot_log_in_or_connect_exits_19_or_20(server: Server, tmp_pa
     (server.dir / "known_hosts").write_text("")
     msg, e = refusal(server, tmp_path, f"dvtest:{src}", str(tmp_path / "dst"), strict)
     assert e["exit_code"] == 20 and not e["retryable"] and "the host key of dvtest is not known" in msg, e
+
+
+def test_the_far_end_cannot_pass_for_ssh(server: Server, tmp_path: Path) -> None:
+    """A login refusal is read from ssh's own log (-E), not from the stream the other host's
+    stderr comes on: a remote command printing ssh's words and exiting 255 is a failure of
+    that host (15, retried), not a refused login (19)."""
+    src = tmp_path / "src"
+    write(src / "f", b"x")
+    env = {"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}
+    fake = "echo 'dvtest@127.0.0.1: Permission denied (publickey).' >&2; exit 255; :"
+    logs = set(Path(tempfile.gettempdir()).glob("dv-ssh-*"))
+    p = dv("--json", "sync", "--remote-command", fake, str(src), f"dvtest:{tmp_path}/dst", env=env)
+    error = next(json.loads(x) for x in p.stdout.splitlines() if '"error"' in x)
+    assert p.returncode == 15 and error["retryable"], (p.stdout, p.stderr)
+    assert set(Path(tempfile.gettempdir()).glob("dv-ssh-*")) <= logs  # ssh's log removed
 
 
 def test_dropped_connection_leaves_no_temp_file(server: Server, tmp_path: Path) -> None:
