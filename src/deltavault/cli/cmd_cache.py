@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from deltavault.cli.common import Context, human
 from deltavault.errors import UsageError
@@ -24,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     a = ctx.args
-    root = Path(a.cache_dir) if a.cache_dir else default_cache_root()
+    root = ctx.cache_root() or default_cache_root()
     caches = list_caches(root)
     doomed = old_caches(caches, a.max_age) if a.cleanup else []
     for ref in a.remove:

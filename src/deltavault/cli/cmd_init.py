@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from deltavault.backends.base import unwrap
 from deltavault.backends.retention import Retention
@@ -67,7 +66,7 @@ def run(ctx: Context) -> int:
         raise UsageError("--immutable needs a repository on S3 with Object Lock (-r s3:...)")
     # The cache options hold here too: --no-cache made a cache folder, --cache-dir one elsewhere.
     repo = Repository.init(backend, pw, pack_size=a.pack_size, compression=a.compression, retention=retention,
-                           cache_root=Path(a.cache_dir) if a.cache_dir else None, use_cache=not a.no_cache)
+                           cache_root=ctx.cache_root(), use_cache=not a.no_cache)
     ctx.emit({"type": "init", "repository": backend.location(), "id": repo.config.id,
               "encryption": repo.config.encryption, "retention": retention},
              f"created repository {repo.config.id[:8]} at {backend.location()} "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from deltavault.cli.common import Context
 from deltavault.errors import ExitCode
@@ -24,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     a = ctx.args
     fixed = check_or_rebuild_config(ctx.backend(), ctx.password_source(), dry_run=a.dry_run,
-                                    cache_root=Path(a.cache_dir) if a.cache_dir else None)
+                                    cache_root=ctx.cache_root())
     if fixed.state != "sound":
         how = "; ".join(f"{k}: {v}" for k, v in sorted(fixed.sources.items()))
         ctx.warn(f"{fixed.problem}: it {'would be' if a.dry_run else 'was'} rebuilt ({how})")

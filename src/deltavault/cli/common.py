@@ -172,13 +172,16 @@ class Context:
             opened = open_backend(loc)
         return limited(opened, getattr(a, "limit_upload", None), getattr(a, "limit_download", None))
 
+    def cache_root(self) -> Path | None:
+        """--cache-dir (or DELTAVAULT_CACHE_DIR), or None for the default place."""
+        return Path(self.args.cache_dir) if self.args.cache_dir else None
+
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False, location: str | None = None,
                   password: Callable[[], bytes] | None = None) -> Repository:
         """The repository of -r/--repo, or the one at ``location`` opened with ``password``
         (copy's --from-repo)."""
         backend = self.backend(location)
-        cache = Path(self.args.cache_dir) if self.args.cache_dir else None
-        repo = Repository.open(backend, password or self.password_source(), cache_root=cache,
+        repo = Repository.open(backend, password or self.password_source(), cache_root=self.cache_root(),
                                use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
         release_free_memory()  # the key derivation's memory (scrypt), freed but still held
         self.opened.append(repo)
