@@ -33,6 +33,7 @@ from deltavault.errors import (
 from deltavault.sync.wire import Channel
 
 DEFAULT_REMOTE = "deltavault"  # the program ssh runs; the subcommand is added
+_LOG = "ssh.log"  # ssh -E writes its own messages here, in a private temporary folder
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,8 @@ class SshProcess:
         # OpenSSH's own messages go to a log of their own (-E), apart from the far end's
         # stderr: what says a login was refused is then ssh's, never the other host's.
         self._logdir = tempfile.mkdtemp(prefix="dv-ssh-") if os.path.basename(argv[0]) == "ssh" else None
-        self._log = os.path.join(self._logdir, "ssh.log") if self._logdir else None
-        if self._log:
-            argv += ["-E", self._log]
+        if self._logdir is not None:
+            argv += ["-E", os.path.join(self._logdir, _LOG)]
         argv += ["-T", "-o", "ServerAliveInterval=15", "--", where.host, command]
         self.where, self.command = where, command
         try:
@@ -171,10 +171,10 @@ class SshProcess:
 
     def ssh_log(self) -> str | None:
         """ssh's own messages (its -E log; None when the command is not OpenSSH's ssh)."""
-        if self._log is None:
+        if self._logdir is None:
             return None
         try:
-            with open(self._log, "rb") as f:
+            with open(os.path.join(self._logdir, _LOG), "rb") as f:
                 return f.read(64 * 1024).decode("utf-8", "replace").strip()
         except OSError:
             return ""
