@@ -67,6 +67,13 @@ def parse_location(url: str) -> SFTPLocation:
     return loc
 
 
+def host_key_changed(where: str, said: str = "") -> Unreachable:
+    """A host key other than known_hosts has: never connected, nor retried (sftp
+    repositories, and sync over OpenSSH's ssh, whose own message is ``said``)."""
+    return Unreachable(f"the host key of {where} does not match known_hosts: refusing to connect (if the host "
+                       "was reinstalled, update known_hosts)" + (f": {said}" if said else ""), retryable=False)
+
+
 def paramiko_module() -> Any:
     """paramiko, imported without invoke: paramiko imports it eagerly, only to run the
     command of a ``Match exec`` in an ssh config, and it cost 7.4 MiB of every sftp run's
@@ -180,8 +187,7 @@ class SshTarget:
                            banner_timeout=s["timeout"], auth_timeout=s["timeout"],
                            transport_factory=_gcm_first, sock=sock)
         except pm.BadHostKeyException as exc:
-            raise Unreachable(f"the host key of {where} does not match known_hosts: refusing to connect "
-                              "(if the host was reinstalled, update known_hosts)", retryable=False) from exc
+            raise host_key_changed(where) from exc
         except pm.AuthenticationException as exc:
             raise AccessRefused(f"ssh login to {where} as {s['username'] or 'the current user'} failed: "
                                 f"{exc}") from exc

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from deltavault.backends.ssh import host_key_changed
 from deltavault.errors import (
     AccessRefused,
     BackendError,
@@ -102,8 +103,7 @@ def _not_connected(host: str, err: str) -> BackendError | None:
     lines = [ln.strip() for ln in err.splitlines()]
     for ln in lines:
         if _KEY_CHANGED.match(ln):
-            return Unreachable(f"the host key of {host} does not match known_hosts: refusing to connect (if the "
-                               f"host was reinstalled, update known_hosts): {ln}", retryable=False)
+            return host_key_changed(host, ln)
         if _KEY_UNKNOWN.match(ln):
             return Unreachable(f"the host key of {host} is not known: add it to known_hosts: {ln}", retryable=False)
     if "Host key verification failed." in lines:
