@@ -49,7 +49,8 @@ class Server:
 
 
 @contextmanager
-def sshd(tmp: Path) -> Iterator[Server]:
+def sshd(tmp: Path, extra: str = "") -> Iterator[Server]:
+    """``extra``: more lines of sshd_config."""
     d = tmp / "sshd"
     d.mkdir()
     for name in ("host_key", "client_key"):
@@ -72,7 +73,7 @@ PubkeyAuthentication yes
 PermitRootLogin prohibit-password
 Subsystem sftp internal-sftp
 LogLevel ERROR
-""")
+{extra}""")
     user = getpass.getuser()
     config = d / "ssh_config"
     config.write_text(f"""\

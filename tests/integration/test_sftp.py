@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli
 from tests.loopdev import umount
 from tests.remote_volume import volume_round_trip
-from tests.sshd import Server, missing_tools
+from tests.sshd import Server, missing_tools, sshd
 from tests.treeutil import manifest
 
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
@@ -145,6 +146,19 @@ def test_login_refused(scli: Cli, server: Server, tmp_path: Path) -> None:
     r = scli("init")
     assert r.returncode == 19, r.stderr
     assert "ssh login" in r.stderr and "failed" in r.stderr
+    assert not (tmp_path / "remote").exists()
+
+
+def test_no_algorithm_in_common_is_exit_20_not_retried(cli: Cli, tmp_path: Path) -> None:
+    """A server whose only key exchange paramiko does not implement (post-quantum here; an
+    old server's would be the same): exit 20 at once, where it was 15 after every retry."""
+    with sshd(tmp_path, "KexAlgorithms sntrup761x25519-sha512@openssh.com\n") as srv:
+        cli.env.update(DELTAVAULT_REPOSITORY=srv.url(tmp_path / "remote" / "repo"),
+                       DELTAVAULT_SSH_CONFIG=str(srv.ssh_config))
+        r = cli("--json", "init")
+    error = next(json.loads(x) for x in r.stdout.splitlines() if '"error"' in x)
+    assert r.returncode == error["exit_code"] == 20 and not error["retryable"], (r.stdout, r.stderr)
+    assert "have no algorithm in common" in error["message"] and "kex" in error["message"], error
     assert not (tmp_path / "remote").exists()
 
 

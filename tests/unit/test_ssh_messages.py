@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltavault.errors import AccessRefused, Unreachable
+from deltavault.errors import AccessRefused, Unreachable, UsageError
 from deltavault.sync.ssh import _not_connected
 
 
@@ -16,6 +16,10 @@ from deltavault.sync.ssh import _not_connected
     ("ssh: connect to host 127.0.0.1 port 4: Connection refused", Unreachable, 20),
     ("ssh: connect to host 127.0.0.1 port 4: Permission denied", Unreachable, 20),  # local policy, not a login
     ("Host key verification failed.", Unreachable, 20),
+    ("Unable to negotiate with 127.0.0.1 port 2222: no matching cipher found. Their offer: aes128-cbc",
+     Unreachable, 20),
+    ("/root/.ssh/config: line 2: Bad configuration option: bogusoption", UsageError, 2),
+    ("Bad owner or permissions on /root/.ssh/config", UsageError, 2),
     # a remote program's own messages are not ssh's
     ("x: Permission denied (os error 13)", None, None),
     ("cat: /root/f: Permission denied", None, None),

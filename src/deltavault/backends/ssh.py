@@ -191,6 +191,9 @@ class SshTarget:
         except pm.AuthenticationException as exc:
             raise AccessRefused(f"ssh login to {where} as {s['username'] or 'the current user'} failed: "
                                 f"{exc}") from exc
+        except pm.IncompatiblePeer as exc:  # no cipher, key exchange or key type both know
+            raise Unreachable(f"the ssh client and {where} have no algorithm in common: {exc}",
+                              retryable=False) from exc
         except pm.SSHException as exc:
             if "not found in known_hosts" in str(exc):
                 raise Unreachable(f"the host key of {where} is not known: add it to ~/.ssh/known_hosts "

@@ -24,6 +24,7 @@ from deltavault.backends.ssh import host_key_changed
 from deltavault.errors import (
     AccessRefused,
     BackendError,
+    DeltavaultError,
     ExitCode,
     NoSpace,
     SourceError,
@@ -93,14 +94,24 @@ _KEY_UNKNOWN = re.compile(r"^No \S+ host key is known for ")
 _NOT_REACHED = re.compile(r"^(ssh: Could not resolve hostname |ssh: connect to host |Connection timed out during "
                           r"banner exchange|Connection to \S+ port \d+ timed out|Connection (closed|reset) by "
                           r"\S+ port \d+|kex_exchange_identification: )")
+# The two ends share no cipher, key exchange or host key type (an old server, or a Ciphers or
+# KexAlgorithms line here): retrying cannot help.
+_NO_ALGORITHM = re.compile(r"^Unable to negotiate with \S+ port \d+: no matching ")
+# This host's ssh configuration (-F DELTAVAULT_SSH_CONFIG, ~/.ssh/config) is unusable.
+_BAD_CONFIG = re.compile(r"^.+: line \d+: Bad configuration option: |^.+: terminating, \d+ bad configuration "
+                         r"options?$|^Bad owner or permissions on ")
 
 
-def _not_connected(host: str, err: str) -> BackendError | None:
+def _not_connected(host: str, err: str) -> DeltavaultError | None:
     """The typed error for ssh's exit 255 before the far end said anything, from ssh's own
     message, as the sftp backend types paramiko's (backends/ssh.py): a refused login
-    (AccessRefused, exit 19), a host key not trusted (Unreachable, not retried) or a host
-    not reached (Unreachable, exit 20); None for anything else."""
+    (AccessRefused, exit 19), a host key not trusted or no algorithm both ends know
+    (Unreachable, not retried), a host not reached (Unreachable, exit 20), this host's ssh
+    configuration unusable (UsageError, exit 2); None for anything else."""
     lines = [ln.strip() for ln in err.splitlines()]
+    bad = [ln for ln in lines if _BAD_CONFIG.match(ln)]
+    if bad:
+        return UsageError(f"ssh cannot run with this host's configuration: {bad[0]}")
     for ln in lines:
         if _KEY_CHANGED.match(ln):
             return host_key_changed(host, ln)
@@ -114,6 +125,8 @@ def _not_connected(host: str, err: str) -> BackendError | None:
     for ln in lines:
         if _NOT_REACHED.match(ln):
             return Unreachable(f"cannot connect to {host}: {ln}")
+        if _NO_ALGORITHM.match(ln):
+            return Unreachable(f"ssh and {host} have no algorithm in common: {ln}", retryable=False)
     return None
 
 

@@ -384,3 +384,23 @@ def test_pull_from_a_btrfs_snapshot_taken_on_the_source_host(server: Server, tmp
     assert summary(p)["snapshot"] == {"kind": "btrfs", "on": "dvtest"}
     assert nothing_to_do(src / "docs", tmp_path / "here") == ""
     assert not (src / ".deltavault-snapshots").exists() or not any((src / ".deltavault-snapshots").iterdir())
+
+
+def test_ssh_with_no_common_algorithm_or_a_bad_config_exits_20_or_2(server: Server, tmp_path: Path) -> None:
+    """ssh's other failures before the far end answers: no cipher both ends know (an old
+    server, or a Ciphers line here) is not worth retrying (20); this host's ssh configuration
+    unusable is the user's to fix (2). Both were exit 15, 'failed after retries'."""
+    src = tmp_path / "src"
+    write(src / "f", b"x")
+    old = server.dir / "old_cipher_config"  # OpenSSH's sshd offers no CBC cipher by default
+    old.write_text(server.ssh_config.read_text() + "  Ciphers aes128-cbc\n")
+    msg, e = refusal(server, tmp_path, str(src), f"dvtest:{tmp_path}/dst", old)
+    assert e["exit_code"] == 20 and not e["retryable"], e
+    assert "ssh and dvtest have no algorithm in common: Unable to negotiate with 127.0.0.1 port" in msg, msg
+    assert "no matching cipher found" in msg, msg
+    bad = server.dir / "bad_config"
+    bad.write_text(server.ssh_config.read_text() + "  NoSuchOption yes\n")
+    msg, e = refusal(server, tmp_path, f"dvtest:{src}", str(tmp_path / "dst"), bad)
+    assert e["exit_code"] == 2 and not e["retryable"], e
+    assert f"ssh cannot run with this host's configuration: {bad}: line" in msg, msg
+    assert "Bad configuration option: nosuchoption" in msg, msg
