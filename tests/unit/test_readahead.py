@@ -317,3 +317,20 @@ def test_a_hint_that_comes_after_its_pack_was_fetched_fetches_nothing() -> None:
     assert ra._pool is not None
     ra._pool.shutdown(wait=True)
     assert [c[0] for c in inner.calls] == ["get"]
+
+
+def test_a_hint_fetches_from_the_first_byte_its_pack_is_held_from() -> None:
+    # A large file's segment with a few blobs at a pack's start holds the pack without
+    # fetching ahead (under a MiB of it); the next segment's hint, from mid-pack, fetched
+    # from there, and the head came in a GET of its own.
+    inner = _Bytes()
+    data = os.urandom(12 * MiB)
+    inner.put("data/ab/pack", data)
+    ra = ReadAheadBackend(inner, block=16 * MiB, keep=32 * MiB)
+    first = ra.hold("data/ab/pack", 4 * MiB, 500_000, ahead=False)
+    second = ra.hold("data/ab/pack", 4 * MiB + 500_000, 6 * MiB)
+    assert ra.get("data/ab/pack", 4 * MiB, 500_000) == data[4 * MiB:4 * MiB + 500_000]
+    assert ra.get("data/ab/pack", 5 * MiB, MiB) == data[5 * MiB:6 * MiB]
+    first()
+    second()
+    assert inner.gets == 1 and inner.received == 8 * MiB

@@ -89,6 +89,7 @@ class ReadAheadBackend(Forwarding):
         # holds are fixed, not waiting): never dropped
         self._holds: dict[str, tuple[int, int, int]] = {}
         self._held = 0  # sum of the held packs' estimates
+        self._held_from: dict[str, int] = {}  # held pack -> the lowest offset its holders read
         self._fixed = 0  # fixed holds not released
         self._hits: dict[tuple[str, int], int] = {}  # kept piece -> reads served from it
         self._pool: ThreadPoolExecutor | None = None
@@ -225,6 +226,10 @@ class ReadAheadBackend(Forwarding):
             # Its reads are a scan, served from the pack even when no fetch starts here: a
             # first small read mid-pack had passed through, and the pack came again later.
             self._see(name)
+            # From the first byte any holder of the pack will read: a large file's segment
+            # with a few blobs at a pack's start holds it without fetching ahead, and the
+            # next segment's hint, from mid-pack, left the head to a GET of its own.
+            offset = min(offset, self._held_from.get(name, offset))
             claims = self._claims.get(name)
             free = offset if claims is None else claims.first_free(offset, end)
             # A hint that comes after its bytes were fetched (and maybe dropped) is late:
@@ -271,6 +276,7 @@ class ReadAheadBackend(Forwarding):
                 n, est, nfixed = self._holds.get(name, (0, 0, 0))
                 grow = max(0, offset + length - est) if ahead else 0
             self._holds[name] = (n + 1, est + grow, nfixed + fixed)
+            self._held_from[name] = min(offset, self._held_from.get(name, offset))
             self._held += grow
             self._fixed += fixed
         if ahead:
@@ -288,6 +294,7 @@ class ReadAheadBackend(Forwarding):
                     self._holds[name] = (n - 1, est, nfixed - fixed)
                 else:
                     self._held -= est
+                    self._held_from.pop(name, None)
                 self._room.notify_all()
         return release
 
