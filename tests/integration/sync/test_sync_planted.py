@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from deltavault.sync.local.engine import Syncer
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.core import Receiver
+from deltavault.sync.receiver.temps import Where
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
@@ -93,3 +98,34 @@ def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_d
         st = path.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), path
         assert acl_names(path) == [], path
+
+
+def test_a_directory_more_open_than_the_sources_shows_nothing_written_in_it(
+        shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DST directory of the right owner, but 0755 where SRC's is 0700 (SRC's was closed
+    since the last sync): SRC's 0644 file in it, which only the directory guarded, was put
+    in place while the directory still let everyone in, so any user could open it then and
+    keep it open. It is now made 0700 before anything is written in it; SRC's mode at the
+    end. Here user nobody tries right after the file is put in place."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    (src / "private").mkdir(parents=True)
+    (src / "private" / "secret").write_bytes(b"top secret\n")
+    (src / "private" / "secret").chmod(0o644)
+    (src / "private").chmod(0o700)
+    (dst / "private").mkdir(parents=True)
+    for d in (src, dst, dst / "private"):
+        d.chmod(0o755)
+    secret = dst / "private" / "secret"
+    seen: list[str] = []
+    real = Receiver.install
+
+    def install(self: Receiver, dfd: int, where: Where, name: bytes, *a: Any, **kw: Any) -> None:
+        real(self, dfd, where, name, *a, **kw)
+        if name == b"secret":
+            seen.append(as_nobody("cat", str(secret)).stdout)
+
+    monkeypatch.setattr(Receiver, "install", install)
+    assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
+    assert seen == [""]  # the attacker read nothing
+    assert secret.read_bytes() == b"top secret\n"
+    assert stat.S_IMODE((dst / "private").stat().st_mode) == 0o700
