@@ -26,8 +26,11 @@ def exposed(fd: int, st: os.stat_result) -> bool:
     writable by group or others, or carrying an ACL. One that is none of these (``/etc`` on
     an in-place restore) is left as it is: taking it would shut every other user out of it
     for the whole run, and for good if the run is cut short."""
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        return True
+    return st.st_uid != os.geteuid() or bool(st.st_mode & 0o022) or has_acl(fd)
+
+
+def has_acl(fd: int) -> bool:
+    """Whether the open file or directory ``fd`` carries a POSIX ACL (access or default)."""
     for name in ACL_XATTRS:
         try:
             os.getxattr(fd, name)
