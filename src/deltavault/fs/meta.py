@@ -43,11 +43,12 @@ def has_acl(fd: int) -> bool:
 
 
 def widens(st: os.stat_result, mode: int, gid: int | None) -> bool:
-    """Whether the existing directory ``st`` lets group or others further in than it will
-    once its own metadata (``mode``; group ``gid``, None: left as it is) is set, last: a
+    """Whether the existing entry ``st`` lets group or others further in than it will once
+    its own metadata (``mode``; group ``gid``, None: left as it is) is set, last: a
     permission bit of group or others that ``mode`` lacks, or group bits for another group.
-    Written in as it is, it would show what the run puts there (a 0644 file of a 0700
-    directory) to users its final mode shuts out, who may open it meanwhile and keep it."""
+    A directory written in as it is would show what the run puts there (a 0644 file of a
+    0700 directory) to users its final mode shuts out, who may open it meanwhile and keep
+    it; a file written in place, to whoever opened it before."""
     if st.st_mode & 0o077 & ~mode:
         return True
     return gid is not None and st.st_gid != gid and bool(st.st_mode & 0o070)

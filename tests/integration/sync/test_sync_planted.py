@@ -9,8 +9,10 @@ the sync would give it (a user cannot give a file away); any other is written an
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +29,33 @@ from tests.integration.sync.test_sync_hostile import no_sshd, server, sync  # no
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
+MiB = 1 << 20
 REAL = b"#!/bin/sh\necho the program backed up\n"
 EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
 
 
-def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
-    """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
+def _fork_as_nobody(child: Callable[[], None]) -> int:
+    """A forked process of user nobody that runs ``child``; its pid."""
     pid = os.fork()
     if pid == 0:
         try:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            path.write_bytes(data)
-            os.utime(path, ns=(mtime_ns, mtime_ns))
+            child()
             os._exit(0)
         finally:
             os._exit(1)
-    _, status = os.waitpid(pid, 0)
+    return pid
+
+
+def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
+    """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
+    def plant() -> None:
+        path.write_bytes(data)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    _, status = os.waitpid(_fork_as_nobody(plant), 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return path.stat().st_ino
 
@@ -129,3 +140,50 @@ def test_a_directory_more_open_than_the_sources_shows_nothing_written_in_it(
     assert seen == [""]  # the attacker read nothing
     assert secret.read_bytes() == b"top secret\n"
     assert stat.S_IMODE((dst / "private").stat().st_mode) == 0o700
+
+
+def _reader_as_nobody(path: Path) -> tuple[int, int, int]:
+    """A process of user nobody holding ``path`` open (as anyone may while it is 0644),
+    which reads it through that fd when told: (pid, fd to tell it, fd to read its sha256)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def read_when_told() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
+        os.write(ready_w, hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest().encode())
+
+    pid = _fork_as_nobody(read_when_told)
+    os.close(ready_w)
+    os.close(go_r)
+    assert os.read(ready_r, 1) == b"1"
+    return pid, go_w, ready_r
+
+
+def test_inplace_never_writes_into_a_file_others_may_read_that_src_closed(shared_dir: Path) -> None:
+    """--inplace wrote SRC's changed pages into DST's file as it was: one that SRC has since
+    made 0600 was still 0644 in DST, so anyone who had opened it (as anyone could) read
+    SRC's new bytes through their fd. Such a file is now written anew, as without --inplace."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    src.mkdir(mode=0o755)
+    old = os.urandom(4 * MiB)
+    (src / "db").write_bytes(old)
+    (src / "db").chmod(0o644)
+    opts = SyncOptions(processes=1, inplace=True)
+    assert Syncer(src, dst, opts).run().problems == []
+    with open(src / "db", "r+b") as f:
+        f.write(b"top secret, now\n")
+    (src / "db").chmod(0o600)
+    pid, go, answer = _reader_as_nobody(dst / "db")
+    try:
+        assert Syncer(src, dst, opts).run().problems == []
+        os.write(go, b"1")
+        seen = os.read(answer, 64).decode()
+    finally:
+        os.close(go)
+        os.close(answer)
+        os.waitpid(pid, 0)
+    assert seen == hashlib.sha256(old).hexdigest()  # the reader's fd still shows the old file only
+    assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+    assert stat.S_IMODE((dst / "db").stat().st_mode) == 0o600
