@@ -106,8 +106,10 @@ def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestore
             for leftover in ("raw", "out"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover, dir_fd=pfd)
-            if (left := lstat_at(where.fd, private)) is not None and identity(left) == identity(os.fstat(pfd)):
-                os.rmdir(private, dir_fd=where.fd)
+            left = lstat_at(where.fd, private)
+            if left is not None and identity(left) == identity(os.fstat(pfd)):
+                with contextlib.suppress(OSError):  # (never in place of the run's own error)
+                    os.rmdir(private, dir_fd=where.fd)
             os.close(pfd)
     stats.target = target
     stats.target_format = fmt
