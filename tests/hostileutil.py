@@ -13,8 +13,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.snapshot import Snapshot
+from deltavault.model.types import BlobType
+from deltavault.repository.repository import Repository
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli
 
@@ -103,3 +108,14 @@ def before_call(monkeypatch: pytest.MonkeyPatch, module: object, func: str, name
         return int(real(dir_fd, fsname))
 
     monkeypatch.setattr(module, func, wrapped)
+
+
+def one_dir_snapshot(repo: Repository, nodes: list[Node]) -> bytes:
+    """A snapshot of one directory "src" (0777) holding ``nodes``; its root tree's id."""
+    sub, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(sorted(nodes, key=lambda n: n.name))))
+    root, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(
+        Tree([Node(name=b"src", type=NodeType.DIR, mode=0o777, subtree=sub)])))
+    repo.flush()
+    repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"],
+                                source_id="h:/src", tree=root))
+    return root

@@ -15,7 +15,6 @@ import pytest
 from deltavault.fs.dirfd import Replaced
 from deltavault.model.content import Full
 from deltavault.model.nodes import Node, NodeType, Tree
-from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
@@ -24,7 +23,7 @@ from deltavault.restore.options import RestoreOptions
 from deltavault.restore.target import LinkSources
 from deltavault.testing.hostile import NOBODY, Outside, attacked, mirror_names, rich_tree
 from tests.conftest import Cli, needs_root
-from tests.hostileutil import PATH_MAX, deltavault, lines, make_deep
+from tests.hostileutil import PATH_MAX, deltavault, lines, make_deep, one_dir_snapshot
 from tests.treeutil import manifest
 
 
@@ -77,16 +76,6 @@ def _swap_after(real: Callable[..., None], outside: Path) -> Callable[..., None]
     return wrapped
 
 
-def _one_dir_snapshot(repo: Repository, nodes: list[Node]) -> bytes:
-    sub, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(sorted(nodes, key=lambda n: n.name))))
-    root, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(
-        Tree([Node(name=b"src", type=NodeType.DIR, mode=0o777, subtree=sub)])))
-    repo.flush()
-    repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"],
-                                source_id="h:/src", tree=root))
-    return root
-
-
 @needs_root()
 @pytest.mark.parametrize("kind", [NodeType.FIFO, NodeType.CHARDEV])
 def test_a_special_file_swapped_for_a_symlink_at_once_gets_no_metadata_outside(
@@ -98,7 +87,7 @@ def test_a_special_file_swapped_for_a_symlink_at_once_gets_no_metadata_outside(
     before = outside.state()
     node = Node(name=b"node", type=kind, mode=0o666, uid=NOBODY, gid=NOBODY, rdev=os.makedev(1, 3),
                 mtime=1, atime=1, xattrs=[(b"trusted.x", b"1")])
-    root = _one_dir_snapshot(repo, [node])
+    root = one_dir_snapshot(repo, [node])
     real = os.mkfifo if kind == NodeType.FIFO else os.mknod
     monkeypatch.setattr(os, real.__name__, _swap_after(real, outside.root / "secret"))
     r = FileRestorer(repo, tmp_path / "out", RestoreOptions())
@@ -125,7 +114,7 @@ def test_a_hard_link_is_made_to_the_file_restored_not_to_what_its_path_names_now
     sub_y, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree([
         Node(name=b"second", type=NodeType.FILE, mode=0o644, size=7, links=2, dev=1, inode=9,
              content=[Full(bid, 7)])])))
-    root = _one_dir_snapshot(repo, [Node(name=b"x", type=NodeType.DIR, mode=0o755, subtree=sub_x),
+    root = one_dir_snapshot(repo, [Node(name=b"x", type=NodeType.DIR, mode=0o755, subtree=sub_x),
                                     Node(name=b"y", type=NodeType.DIR, mode=0o755, subtree=sub_y)])
     out = tmp_path / "out"
 
@@ -236,7 +225,7 @@ def test_a_file_whose_size_disagrees_with_its_content_is_refused_with_its_path(r
                                                                                tmp_path: Path) -> None:
     """Was: cut or padded with zeros to the recorded size, silently."""
     bid, _ = repo.save_blob(BlobType.DATA, b"12345")
-    root = _one_dir_snapshot(repo, [
+    root = one_dir_snapshot(repo, [
         Node(name=b"liar.bin", type=NodeType.FILE, mode=0o644, size=4096, content=[Full(bid, 5)]),
         Node(name=b"short.bin", type=NodeType.FILE, mode=0o644, size=2, content=[Full(bid, 5)]),
         Node(name=b"ok.bin", type=NodeType.FILE, mode=0o644, size=5, content=[Full(bid, 5)])])

@@ -12,13 +12,22 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
+import deltavault.restore.regular as regular_mod
+from deltavault.model.content import Full
+from deltavault.model.nodes import Node, NodeType, Tree
+from deltavault.model.types import BlobType
+from deltavault.repository.repository import Repository
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from deltavault.restore.target import make_dir
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli, needs_root, needs_tools
-from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
+from tests.hostileutil import acl_names, as_nobody, one_dir_snapshot, plant_acl_dir, secret_tree
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
@@ -103,3 +112,36 @@ def test_only_a_directory_others_made_or_reach_is_taken(tmp_path: Path) -> None:
     finally:
         os.close(fd)
 
+
+
+def test_a_directory_more_open_than_the_snapshots_shows_nothing_written_in_it(
+        shared_dir: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory already in the target, ours and writable only by us, but 0755 where the
+    snapshot's is 0700 (an earlier restore of an older snapshot): its 0644 file, which only
+    the directory guarded, was put in place while the directory still let everyone in, so
+    any user could open it then, and keep it open. Such a directory is now made 0700 before
+    anything is written in it. Here user nobody tries right after the file is put in place."""
+    bid, _ = repo.save_blob(BlobType.DATA, b"top secret\n")
+    sub, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree([
+        Node(name=b"secret", type=NodeType.FILE, mode=0o644, size=11, content=[Full(bid, 11)])])))
+    root = one_dir_snapshot(repo, [Node(name=b"private", type=NodeType.DIR, mode=0o700, subtree=sub)])
+    out = shared_dir / "out"
+    (out / "src" / "private").mkdir(parents=True)
+    for d in (out, out / "src", out / "src" / "private"):
+        d.chmod(0o755)
+    secret = out / "src" / "private" / "secret"
+    seen: list[str] = []
+    real = regular_mod.install
+
+    def install(parent: int, tmp: bytes, name: bytes, *a: Any, **kw: Any) -> None:
+        real(parent, tmp, name, *a, **kw)
+        if name == b"secret":
+            seen.append(as_nobody("cat", str(secret)).stdout)
+
+    monkeypatch.setattr(regular_mod, "install", install)
+    r = FileRestorer(repo, out, RestoreOptions())
+    r.run(root)
+    assert r.problems == []
+    assert seen == [""]  # the attacker read nothing
+    assert secret.read_bytes() == b"top secret\n"
+    assert stat.S_IMODE((out / "src" / "private").stat().st_mode) == 0o700

@@ -26,8 +26,11 @@ def exposed(fd: int, st: os.stat_result) -> bool:
     writable by group or others, or carrying an ACL. One that is none of these (``/etc`` on
     an in-place restore) is left as it is: taking it would shut every other user out of it
     for the whole run, and for good if the run is cut short."""
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        return True
+    return st.st_uid != os.geteuid() or bool(st.st_mode & 0o022) or has_acl(fd)
+
+
+def has_acl(fd: int) -> bool:
+    """Whether the open file or directory ``fd`` carries a POSIX ACL (access or default)."""
     for name in ACL_XATTRS:
         try:
             os.getxattr(fd, name)
@@ -37,6 +40,18 @@ def exposed(fd: int, st: os.stat_result) -> bool:
             raise
         return True
     return False
+
+
+def widens(st: os.stat_result, mode: int, gid: int | None) -> bool:
+    """Whether the existing entry ``st`` lets group or others further in than it will once
+    its own metadata (``mode``; group ``gid``, None: left as it is) is set, last: a
+    permission bit of group or others that ``mode`` lacks, or group bits for another group.
+    A directory written in as it is would show what the run puts there (a 0644 file of a
+    0700 directory) to users its final mode shuts out, who may open it meanwhile and keep
+    it; a file written in place, to whoever opened it before."""
+    if st.st_mode & 0o077 & ~mode:
+        return True
+    return gid is not None and st.st_gid != gid and bool(st.st_mode & 0o070)
 
 
 def take_dir(fd: int, st: os.stat_result) -> None:

@@ -46,6 +46,7 @@ from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
+    final_of,
     make_dir,
     place_special,
 )
@@ -298,7 +299,7 @@ class FileRestorer:
     def _entry(self, parent: Dir, relpath: bytes, node: Node, sel: Selection) -> _Frame | None:
         """Restore one entry of ``parent``; a directory is made and returned as a frame to list."""
         if node.type == NodeType.DIR:
-            fd, ident, made = make_dir(parent.fd, node.name)
+            fd, ident, made = make_dir(parent.fd, node.name, final_of(node, self._meta))
             self.holds.opened()
             sub = Dir(fd, ident, relpath, node, parent, fresh=made)
             if self._ntfs is not None:  # its named streams ("dir:stream"), before its times are set, last

@@ -30,6 +30,7 @@ from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
     apply_node_meta,
+    final_of,
     install,
     make_dir,
     place_special,
@@ -118,7 +119,7 @@ class TreeCopier:
                 node = _node(s, comp, st, self.ntfs)
                 ns = open_dir_at(s, comp)
                 try:
-                    nd, _ident, _made = make_dir(d, comp)
+                    nd, _ident, _made = make_dir(d, comp, final_of(node, self.meta))
                 except BaseException:
                     os.close(ns)
                     raise
@@ -170,7 +171,7 @@ class TreeCopier:
         node = _node(s, name, st, self.ntfs)
         shared = True  # the target may be anybody's
         if node.type == NodeType.DIR:
-            nd, _ident, _made = make_dir(d, name)
+            nd, _ident, _made = make_dir(d, name, final_of(node, self.meta))
             self.stats.dirs += 1
             return open_dir_at(s, name), nd, node
         if node.type != NodeType.FILE:

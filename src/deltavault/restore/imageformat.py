@@ -7,12 +7,16 @@ raw for snapshots that did not record it); otherwise the target's extension (``.
 The volume is restored raw into a temporary file beside the target (holes stay holes, so it
 takes the room of the data only), converted with ``qemu-img convert`` into a second
 temporary file, synced and renamed over the target: the target appears only when complete.
-Both temporary files go whatever happens. ``verify`` also runs ``qemu-img compare`` of the
+Both temporary files go whatever happens. They are made in a directory of the run's own
+(0700, random name) beside the target, held open and named through ``/proc/self/fd/N``:
+names another user could know in advance, in a directory they may write in, had them plant
+symlinks that the raw restore (to a block device) and qemu-img (to any file) wrote through. ``verify`` also runs ``qemu-img compare`` of the
 converted image against the verified raw one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -20,6 +24,9 @@ import subprocess
 from collections.abc import Callable
 
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, Unavailable, UsageError
+from deltavault.fs.dirfd import created_dir, identity, lstat_at
+from deltavault.fs.paths import display
+from deltavault.restore.voltarget import TargetDir
 from deltavault.restore.volume import VolumeRestoreStats
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
@@ -51,15 +58,15 @@ def target_format(target: str, asked: str | None, recorded: str) -> str:
     return fmt
 
 
-def _qemu_img(args: list[str], what: str) -> subprocess.CompletedProcess[str]:
+def _qemu_img(args: list[str], what: str, fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+        return subprocess.run(["qemu-img", *args], capture_output=True, text=True, pass_fds=fds)
     except OSError as exc:
         raise TargetError(f"{what}: {exc}") from exc
 
 
-def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+def _fsync_at(dir_fd: int, name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         os.fsync(fd)
     finally:
@@ -68,7 +75,10 @@ def _fsync(path: str, flags: int = os.O_RDONLY) -> None:
 
 def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestoreStats], *,
                overwrite: bool, verify: bool) -> VolumeRestoreStats:
-    """Restore through ``restore_raw(path)`` (a raw image at ``path``) and convert to ``fmt``."""
+    """Restore through ``restore_raw(path)`` (a raw image at ``path``) and convert to ``fmt``.
+    Both temporary images are made in a directory of our own (0700, of a random name)
+    beside the target, named to restore_raw and to qemu-img through ``/proc/self/fd/N``:
+    the directory held open, whatever its name names by now."""
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -81,36 +91,54 @@ def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestore
         raise UsageError(f"{target} exists; pass --overwrite to replace it")
     if shutil.which("qemu-img") is None:
         raise Unavailable(f"writing a {fmt} image needs qemu-img (Debian package qemu-utils)")
-    d = os.path.dirname(os.path.abspath(target))
-    base = os.path.basename(target)
-    raw = os.path.join(d, f".{base}.dv-raw-{os.getpid()}")
-    out = os.path.join(d, f".{base}.dv-{fmt}-{os.getpid()}")
+    with TargetDir(target) as where:
+        private = b"." + where.name + f".dv-{fmt}-{os.urandom(6).hex()}".encode()
+        try:
+            os.mkdir(private, 0o700, dir_fd=where.fd)
+            pfd, _st = created_dir(where.fd, private)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise NoSpace(f"no space beside {target}") from exc
+            raise TargetError(f"cannot create {display(private)} beside {target}: {exc.strerror or exc}") from exc
+        try:
+            stats = _convert(fmt, target, restore_raw, where, pfd, verify=verify)
+        finally:
+            for leftover in ("raw", "out"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover, dir_fd=pfd)
+            left = lstat_at(where.fd, private)
+            if left is not None and identity(left) == identity(os.fstat(pfd)):
+                with contextlib.suppress(OSError):  # (never in place of the run's own error)
+                    os.rmdir(private, dir_fd=where.fd)
+            os.close(pfd)
+    stats.target = target
+    stats.target_format = fmt
+    return stats
+
+
+def _convert(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestoreStats], where: TargetDir,
+             pfd: int, *, verify: bool) -> VolumeRestoreStats:
+    """The raw image and its conversion in the private directory ``pfd``, the conversion
+    then renamed over the target."""
+    raw, out = f"/proc/self/fd/{pfd}/raw", f"/proc/self/fd/{pfd}/out"
     try:
         stats = restore_raw(raw)
-        p = _qemu_img(["convert", "-f", "raw", "-O", fmt, raw, out], f"converting to {fmt}")
+        p = _qemu_img(["convert", "-f", "raw", "-O", fmt, raw, out], f"converting to {fmt}", (pfd,))
         if p.returncode != 0:
             msg = (p.stderr or p.stdout).strip()
             if "No space" in msg:
                 raise NoSpace(f"no space to write the {fmt} image beside {target}: {msg}")
             raise TargetError(f"qemu-img convert to {fmt} failed: {msg}")
         if verify:
-            p = _qemu_img(["compare", "-f", "raw", "-F", fmt, raw, out], "comparing the converted image")
+            p = _qemu_img(["compare", "-f", "raw", "-F", fmt, raw, out], "comparing the converted image", (pfd,))
             if p.returncode != 0:
                 raise TargetError(f"the {fmt} image differs from the restored volume: "
                                   f"{(p.stdout + p.stderr).strip()}")
-        _fsync(out)
-        os.replace(out, target)
-        _fsync(d)
+        _fsync_at(pfd, "out")
+        os.rename("out", where.name, src_dir_fd=pfd, dst_dir_fd=where.fd)
+        os.fsync(where.fd)
     except OSError as exc:
         if exc.errno in NO_SPACE_ERRNOS:
             raise NoSpace(f"no space to write the {fmt} image beside {target}") from exc
         raise TargetError(f"writing {target}: {exc.strerror or exc}") from exc
-    finally:
-        for leftover in (raw, out):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-    stats.target = target
-    stats.target_format = fmt
     return stats

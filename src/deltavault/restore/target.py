@@ -30,7 +30,7 @@ from deltavault.fs.dirfd import (
     lstat_at,
     open_dir_at,
 )
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, exposed, take_dir
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, exposed, take_dir, widens
 from deltavault.model.nodes import Node, NodeType
 
 TEMP_PREFIX = b".dv-restore-"
@@ -65,6 +65,11 @@ def file_mode(node: Node, opts: MetaOptions) -> int:
     return node.mode if opts.setuid else node.mode & ~SETID
 
 
+def final_of(node: Node, opts: MetaOptions) -> tuple[int, int | None]:
+    """The mode and group a directory ends with (group None: left as it is), for make_dir."""
+    return node.mode, node.gid if opts.owner else None
+
+
 def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False) -> list[str]:
     """Metadata of ``node`` onto the object ``fd`` (an open fd, or an ``O_PATH`` handle).
     Returns what could not be applied."""
@@ -85,13 +90,14 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
     return probs.messages
 
 
-def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
+def make_dir(parent: int, name: bytes, final: tuple[int, int | None] | None = None) -> tuple[int, Identity, bool]:
     """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
     metadata is set, last) or, when one is already there, that one, made ours and 0700 the
-    same way (``fs.meta.take_dir``) when others may have made or reach it; anything else in
-    the way is removed first. Returns its fd, its identity and whether this call made it. A
-    directory this call made must still be ours when opened: another user cannot make one
-    owned by us, so a swap is ``Replaced``."""
+    same way (``fs.meta.take_dir``) when others may have made or reach it, or it lets group
+    or others further in than its ``final`` (mode, gid: None for left as it is) will
+    (``fs.meta.widens``); anything else in the way is removed first. Returns its fd, its
+    identity and whether this call made it. A directory this call made must still be ours
+    when opened: another user cannot make one owned by us, so a swap is ``Replaced``."""
     made = True
     try:
         os.mkdir(name, 0o700, dir_fd=parent)
@@ -107,7 +113,8 @@ def make_dir(parent: int, name: bytes) -> tuple[int, Identity, bool]:
         st = os.fstat(fd)
         if made and st.st_uid != os.geteuid():
             raise Replaced("not the directory just created")
-        if not made and exposed(fd, st):  # others may have planted it: ours alone first
+        # others may have planted it, or would see what is written in it: ours alone first
+        if not made and (exposed(fd, st) or (final is not None and widens(st, *final))):
             take_dir(fd, st)
     except BaseException:
         os.close(fd)

@@ -2,7 +2,11 @@
 
 An image file is written beside the target under a temporary name, synced and renamed
 over it, so a failed restore never leaves a half-written image under the target's name;
-Hole blocks stay holes. A block device is written in place (it must not be mounted and
+Hole blocks stay holes. Others may write in the target's directory: it is held open and
+each step is made in it by fd (``TargetDir``), the temporary name is random and made
+with ``O_EXCL | O_NOFOLLOW``, and a symlink under the target's name is followed only in a
+directory nobody else may write in (``/dev/disk/by-id``): one another user planted, to a
+block device, is refused, never written through. A block device is written in place (it must not be mounted and
 must be at least as large as the volume); Hole blocks are zeroed with BLKZEROOUT.
 ``verify`` re-reads what was written and compares every page with the stored digests
 (a file's holes unread: they are zeros).
@@ -23,7 +27,9 @@ from itertools import islice
 from deltavault.chunking.pages import DIGEST, PageHasher
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError, UsageError
 from deltavault.fs.clone import pwrite_all
+from deltavault.fs.dirfd import reopen
 from deltavault.fs.mounts import device_mounts
+from deltavault.fs.paths import display
 from deltavault.fs.sparse import ReadExtents
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
 from deltavault.model.volume import BlockMap, Segment, VolumeManifest
@@ -31,6 +37,7 @@ from deltavault.objects.reader import read_ref
 from deltavault.objects.store import BlobReader
 from deltavault.objects.volumes import load_block_map
 from deltavault.progress import NullReporter, Reporter
+from deltavault.restore.voltarget import NEW_FILE, TargetDir
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 
@@ -86,42 +93,56 @@ class VolumeRestorer:
         self.reporter = reporter or NullReporter()
         self.stats = VolumeRestoreStats(target=target, size=manifest.size)
 
-    def _open(self) -> tuple[int, str | None]:
-        """(fd, temporary path to rename over the target, or None for a device)."""
+    def _open(self, where: TargetDir) -> tuple[int, bytes | None]:
+        """(fd, temporary name to rename over the target, or None for a device)."""
         try:
-            st = os.stat(self.target)
-        except FileNotFoundError:
-            st = None
+            st = where.lstat()
+            dev = where.device(st)
         except OSError as exc:
             raise TargetError(f"restore target {self.target}: {exc.strerror or exc}") from exc
-        if st is not None and stat.S_ISBLK(st.st_mode):
+        if dev is not None:
+            return self._open_device(dev)
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise UsageError(f"{self.target} is neither a block device nor a regular file")
+        if st is not None and not self.opts.overwrite:
+            raise UsageError(f"{self.target} exists; pass --overwrite to replace it")
+        tmp = b"." + where.name + b".dv-restore-" + os.urandom(6).hex().encode()
+        try:
+            fd = os.open(tmp, NEW_FILE, 0o600, dir_fd=where.fd)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise NoSpace(f"no space to create {display(tmp)} beside {self.target}") from exc
+            raise TargetError(f"cannot create {display(tmp)} beside {self.target}: {exc.strerror or exc}") from exc
+        try:
+            os.ftruncate(fd, self.m.size)
+        except OSError as exc:
+            os.close(fd)
+            where.unlink(tmp)
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise NoSpace(f"no space to create {display(tmp)} beside {self.target}") from exc
+            raise TargetError(f"cannot create {display(tmp)} beside {self.target}: {exc.strerror or exc}") from exc
+        self.stats.target_kind = "file"
+        return fd, tmp
+
+    def _open_device(self, handle: int) -> tuple[int, bytes | None]:
+        """The block device ``handle`` (an ``O_PATH`` handle) opened for writing: that
+        device, whatever its name names by now."""
+        try:
+            st = os.fstat(handle)
             where = _mounted(st)
             if where:
                 raise UsageError(f"{self.target} is mounted at {where}; unmount it first")
             if not self.opts.overwrite:
                 raise UsageError(f"{self.target} is a block device: pass --overwrite to replace its content")
-            fd = os.open(self.target, os.O_WRONLY | os.O_CLOEXEC)
-            size = os.lseek(fd, 0, os.SEEK_END)
-            if size < self.m.size:
-                os.close(fd)
-                raise UsageError(f"{self.target} has {size} bytes; the volume needs {self.m.size}")
-            self.stats.target_kind = "device"
-            return fd, None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{self.target} is neither a block device nor a regular file")
-        if st is not None and not self.opts.overwrite:
-            raise UsageError(f"{self.target} exists; pass --overwrite to replace it")
-        d = os.path.dirname(os.path.abspath(self.target))
-        tmp = os.path.join(d, f".{os.path.basename(self.target)}.dv-restore-{os.getpid()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, self.m.size)
-        except OSError as exc:
-            if exc.errno in NO_SPACE_ERRNOS:
-                raise NoSpace(f"no space to create {tmp}") from exc
-            raise TargetError(f"cannot create {tmp}: {exc.strerror or exc}") from exc
-        self.stats.target_kind = "file"
-        return fd, tmp
+            fd = reopen(handle, os.O_WRONLY)
+        finally:
+            os.close(handle)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < self.m.size:
+            os.close(fd)
+            raise UsageError(f"{self.target} has {size} bytes; the volume needs {self.m.size}")
+        self.stats.target_kind = "device"
+        return fd, None
 
     def _segment_data(self, seg: Segment) -> tuple[BlockMap, dict[bytes, bytes]]:
         bm = load_block_map(self.repo, seg.map)
@@ -130,7 +151,14 @@ class VolumeRestorer:
 
     def run(self) -> VolumeRestoreStats:
         t0 = time.monotonic()
-        fd, tmp = self._open()
+        with TargetDir(self.target) as where:
+            self._run(where)
+        self.reporter.finish()
+        self.stats.seconds = time.monotonic() - t0
+        return self.stats
+
+    def _run(self, where: TargetDir) -> None:
+        fd, tmp = self._open(where)
         try:
             self.reporter.start("restore", total_bytes=self.m.size)
             workers = self.opts.workers or os.cpu_count() or 2
@@ -150,27 +178,19 @@ class VolumeRestorer:
             os.fsync(fd)
             if self.opts.verify:
                 self.verify(fd)
-        except BaseException as exc:
-            os.close(fd)
             if tmp is not None:
-                os.unlink(tmp)
+                where.install(tmp, fd)
+        except BaseException as exc:
+            if tmp is not None:
+                where.unlink(tmp)
             if isinstance(exc, OSError):
                 if exc.errno in NO_SPACE_ERRNOS:
                     raise NoSpace(f"the restore target {self.target} is full "
                                   "(the partial image was removed)") from exc
                 raise TargetError(f"writing {self.target}: {exc.strerror or exc}") from exc
             raise
-        os.close(fd)
-        if tmp is not None:
-            os.replace(tmp, self.target)
-            dfd = os.open(os.path.dirname(os.path.abspath(self.target)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        self.reporter.finish()
-        self.stats.seconds = time.monotonic() - t0
-        return self.stats
+        finally:
+            os.close(fd)
 
     def _write_segment(self, fd: int, bm: BlockMap, blobs: dict[bytes, bytes]) -> None:
         src = _Blobs(blobs)

@@ -9,12 +9,19 @@ the sync would give it (a user cannot give a file away); any other is written an
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from deltavault.sync.local.engine import Syncer
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.core import Receiver
+from deltavault.sync.receiver.temps import Where
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
@@ -22,24 +29,33 @@ from tests.integration.sync.test_sync_hostile import no_sshd, server, sync  # no
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
+MiB = 1 << 20
 REAL = b"#!/bin/sh\necho the program backed up\n"
 EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
 
 
-def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
-    """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
+def _fork_as_nobody(child: Callable[[], None]) -> int:
+    """A forked process of user nobody that runs ``child``; its pid."""
     pid = os.fork()
     if pid == 0:
         try:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            path.write_bytes(data)
-            os.utime(path, ns=(mtime_ns, mtime_ns))
+            child()
             os._exit(0)
         finally:
             os._exit(1)
-    _, status = os.waitpid(pid, 0)
+    return pid
+
+
+def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
+    """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
+    def plant() -> None:
+        path.write_bytes(data)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    _, status = os.waitpid(_fork_as_nobody(plant), 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return path.stat().st_ino
 
@@ -93,3 +109,81 @@ def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_d
         st = path.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), path
         assert acl_names(path) == [], path
+
+
+def test_a_directory_more_open_than_the_sources_shows_nothing_written_in_it(
+        shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DST directory of the right owner, but 0755 where SRC's is 0700 (SRC's was closed
+    since the last sync): SRC's 0644 file in it, which only the directory guarded, was put
+    in place while the directory still let everyone in, so any user could open it then and
+    keep it open. It is now made 0700 before anything is written in it; SRC's mode at the
+    end. Here user nobody tries right after the file is put in place."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    (src / "private").mkdir(parents=True)
+    (src / "private" / "secret").write_bytes(b"top secret\n")
+    (src / "private" / "secret").chmod(0o644)
+    (src / "private").chmod(0o700)
+    (dst / "private").mkdir(parents=True)
+    for d in (src, dst, dst / "private"):
+        d.chmod(0o755)
+    secret = dst / "private" / "secret"
+    seen: list[str] = []
+    real = Receiver.install
+
+    def install(self: Receiver, dfd: int, where: Where, name: bytes, *a: Any, **kw: Any) -> None:
+        real(self, dfd, where, name, *a, **kw)
+        if name == b"secret":
+            seen.append(as_nobody("cat", str(secret)).stdout)
+
+    monkeypatch.setattr(Receiver, "install", install)
+    assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
+    assert seen == [""]  # the attacker read nothing
+    assert secret.read_bytes() == b"top secret\n"
+    assert stat.S_IMODE((dst / "private").stat().st_mode) == 0o700
+
+
+def _reader_as_nobody(path: Path) -> tuple[int, int, int]:
+    """A process of user nobody holding ``path`` open (as anyone may while it is 0644),
+    which reads it through that fd when told: (pid, fd to tell it, fd to read its sha256)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def read_when_told() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
+        os.write(ready_w, hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest().encode())
+
+    pid = _fork_as_nobody(read_when_told)
+    os.close(ready_w)
+    os.close(go_r)
+    assert os.read(ready_r, 1) == b"1"
+    return pid, go_w, ready_r
+
+
+def test_inplace_never_writes_into_a_file_others_may_read_that_src_closed(shared_dir: Path) -> None:
+    """--inplace wrote SRC's changed pages into DST's file as it was: one that SRC has since
+    made 0600 was still 0644 in DST, so anyone who had opened it (as anyone could) read
+    SRC's new bytes through their fd. Such a file is now written anew, as without --inplace."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    src.mkdir(mode=0o755)
+    old = os.urandom(4 * MiB)
+    (src / "db").write_bytes(old)
+    (src / "db").chmod(0o644)
+    opts = SyncOptions(processes=1, inplace=True)
+    assert Syncer(src, dst, opts).run().problems == []
+    with open(src / "db", "r+b") as f:
+        f.write(b"top secret, now\n")
+    (src / "db").chmod(0o600)
+    pid, go, answer = _reader_as_nobody(dst / "db")
+    try:
+        assert Syncer(src, dst, opts).run().problems == []
+        os.write(go, b"1")
+        seen = os.read(answer, 64).decode()
+    finally:
+        os.close(go)
+        os.close(answer)
+        os.waitpid(pid, 0)
+    assert seen == hashlib.sha256(old).hexdigest()  # the reader's fd still shows the old file only
+    assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+    assert stat.S_IMODE((dst / "db").stat().st_mode) == 0o600

@@ -21,6 +21,7 @@ import blake3
 from deltavault.errors import NO_SPACE_ERRNOS
 from deltavault.fs.clone import pread_full, reflink
 from deltavault.fs.dirfd import lstat_at
+from deltavault.fs.meta import widens
 from deltavault.fs.paths import proc_path
 from deltavault.sync.data import Cancelled, SourceChanged, SourceReadError, copy_data, read_source
 from deltavault.sync.local.context import LocalRun
@@ -221,10 +222,13 @@ class Files:
     def _stage_delta(self, fd: int, st: os.stat_result, d: Dir, name: bytes, relpath: bytes,
                      dst: os.stat_result, xattrs: Xattrs, hasher: blake3.blake3 | None) -> Staged | None:
         """Rewrite only the changed pages: into a clone of the old file, or (--inplace) into
-        the old file itself, if DST holds its only link and it is ``owned``. None: neither is possible here,
-        copy the file whole. The old file is the one met in the listing (checked handle)."""
+        the old file itself, if DST holds its only link, it is ``owned`` and its mode lets
+        nobody read it whom SRC's shuts out (``widens``: whoever opened it before the run
+        would read SRC's new bytes through that fd). None: neither is possible here, copy
+        the file whole. The old file is the one met in the listing (checked handle)."""
         run = self.run
-        inplace = run.opts.inplace and single(dst) and owned(dst, st, run.rx.meta)
+        inplace = (run.opts.inplace and single(dst) and owned(dst, st, run.rx.meta)
+                   and not widens(dst, st.st_mode, st.st_gid if run.rx.meta.chown else None))
         ofd = open_existing(d.dfd, name, dst, os.O_RDONLY)
         tmp: bytes | None = None
         tfd = -1

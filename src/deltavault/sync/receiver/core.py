@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import Identity, created_dir, identity, open_dir_checked
-from deltavault.fs.meta import take_dir
+from deltavault.fs.meta import take_dir, widens
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
@@ -125,7 +125,8 @@ class Receiver:
         """DST/rel made (mode 0700 until its metadata is set) or opened, and checked: the
         directory made, or the one met as ``dst``; a file in its way is removed. One met
         that is not ``owned`` as SRC's ``src`` would be is first made ours alone, as one made
-        is (fs.meta.take_dir). Returns (fd, its stat, made, its mount id); None for a mount
+        is (fs.meta.take_dir), and so is one that lets group or others further in than SRC's
+        mode will (fs.meta.widens). Returns (fd, its stat, made, its mount id); None for a mount
         showing SRC or DST, left alone (reported)."""
         if dst is not None and not stat.S_ISDIR(dst.st_mode):
             os.unlink(name, dir_fd=dfd)  # a file where SRC now has a directory
@@ -146,7 +147,9 @@ class Receiver:
             os.close(fd)
             self.out.problem(rel, "write", f"left alone: {why} (a mount inside the destination)")
             return None
-        if not owned(dst, src, self.meta):  # another user's: planted, maybe with a default ACL
+        # Another user's (planted, maybe with a default ACL), or open to users SRC's mode
+        # shuts out, who would see what is written in it until its metadata is set, last.
+        if not owned(dst, src, self.meta) or widens(dst, src.st_mode, src.st_gid if self.meta.chown else None):
             try:
                 take_dir(fd, dst)
             except BaseException:
