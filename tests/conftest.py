@@ -140,13 +140,16 @@ class Cli:
     password_file: Path
     env: dict[str, str]
     memory: MemoryLimit | None = None  # set in modules marked memory_limit
+    # Global options given before every command (``--insecure-no-encryption`` for a test's
+    # unencrypted repository).
+    options: tuple[str, ...] = ()
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
                  timeout: float = 600) -> CliResult:
         e = dict(self.env)
         if env:
             e.update(env)
-        argv = [sys.executable, "-m", "deltavault", *args]
+        argv = [sys.executable, "-m", "deltavault", *self.options, *args]
         if self.memory is not None:
             p = self.memory.run(argv, env=e, input=input, text=True, timeout=timeout)
         else:

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     a = ctx.args
     fixed = check_or_rebuild_config(ctx.backend(), ctx.password_source(), dry_run=a.dry_run,
-                                    cache_root=ctx.cache_root())
+                                    cache_root=ctx.cache_root(), unencrypted=a.insecure_no_encryption)
     if fixed.state != "sound":
         how = "; ".join(f"{k}: {v}" for k, v in sorted(fixed.sources.items()))
         ctx.warn(f"{fixed.problem}: it {'would be' if a.dry_run else 'was'} rebuilt ({how})")

@@ -63,9 +63,12 @@ class ConfigRepair:
 
 
 def check_or_rebuild_config(backend: Backend, password: Callable[[], bytes], *, dry_run: bool = False,
-                            cache_root: Path | None = None) -> ConfigRepair:
+                            cache_root: Path | None = None, unencrypted: bool = False) -> ConfigRepair:
     """Leave a sound config alone; rebuild a missing, unparsable or unauthenticated one.
-    Raises with the exact reason when it cannot be rebuilt."""
+    Raises with the exact reason when it cannot be rebuilt. A repository without key files
+    is rebuilt (or passed as sound) unencrypted only when ``unencrypted`` says one is meant,
+    as ``config.open_existing`` opens one: key files deleted by whoever can write the store
+    must not turn it into an unencrypted repository."""
     key_names = [o.name for o in backend.list("keys/")]
     try:
         raw: bytes | None = backend.get("config")
@@ -74,6 +77,8 @@ def check_or_rebuild_config(backend: Backend, password: Callable[[], bytes], *, 
     if raw is None and not key_names and not any(True for _ in backend.list("index/")):
         raise RepositoryNotFound(f"no repository at {backend.location()}: no config, no key files, no index")
     master = _unlock(backend, key_names, password) if key_names else None
+    if master is None and not unencrypted:
+        configmod.raise_unencrypted(backend)
     problem = _problem(raw, master)
     if not problem:
         return ConfigRepair("sound")

@@ -128,12 +128,20 @@ def read(backend: Backend) -> RepoConfig:
     return cfg
 
 
-def open_existing(backend: Backend, password: PasswordSource) -> Unlocked:
+def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bool = False) -> Unlocked:
     """Read the config and, for an encrypted repository, unlock the master key and
-    authenticate the config with it. The password is asked for only when needed."""
+    authenticate the config with it. The password is asked for only when needed.
+
+    An unencrypted repository is opened only when the caller says one is meant
+    (``unencrypted``): its config carries no MAC, so whoever can write the store can
+    replace an encrypted repository by an unencrypted one (a config saying "none", no key
+    files) and the next backup would store every file in plain text there, the next
+    restore bring back whatever files that writer chose."""
     cfg = read(backend)
     key_names = [o.name for o in backend.list("keys/")]
     if not key_names and cfg.encryption == "none":
+        if not unencrypted:
+            raise_unencrypted(backend)
         return cfg, None, None
     if not key_names:
         raise CorruptionError("repository is encrypted but has no key files")
@@ -143,6 +151,14 @@ def open_existing(backend: Backend, password: PasswordSource) -> Unlocked:
                               "'deltavault repair' rebuilds it")
     retention_mod.apply(backend, cfg.retention, creating=False)
     return cfg, master, key_name
+
+
+def raise_unencrypted(backend: Backend) -> None:
+    """Refuse a repository that is unencrypted when none was said to be (``open_existing``)."""
+    raise UsageError(f"the repository at {backend.location()} has no key files, so it is not encrypted; "
+                     "refusing it: if it was made with 'init --insecure-no-encryption', give "
+                     "--insecure-no-encryption; if it was encrypted, whoever can write its store replaced it, "
+                     "so write nothing to it and trust nothing read from it")
 
 
 def unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
