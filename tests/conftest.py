@@ -105,7 +105,7 @@ def make_repo(tmp_path: Path, cache_root: Path) -> Callable[..., Repository]:
     def factory(name: str = "repo", *, encrypted: bool = True, reopen: bool = False, **kw: object) -> Repository:
         backend = LocalBackend(tmp_path / name, fsync=False)
         if reopen:
-            return Repository.open(backend, lambda: PASSWORD, cache_root=cache_root)
+            return Repository.open(backend, lambda: PASSWORD, cache_root=cache_root, unencrypted=not encrypted)
         return Repository.init(backend, PASSWORD if encrypted else None, scrypt=FAST_SCRYPT,
                                cache_root=cache_root, **kw)  # type: ignore[arg-type]
 
