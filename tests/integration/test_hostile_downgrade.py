@@ -16,10 +16,7 @@ import shutil
 from pathlib import Path
 
 from tests.conftest import Cli
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.hostileutil import stored_files
 
 
 def _replace_by_unencrypted(repo: Path, aside: Path, with_repo: Path | None = None) -> dict[str, bytes]:
@@ -36,7 +33,7 @@ def _replace_by_unencrypted(repo: Path, aside: Path, with_repo: Path | None = No
     forged = json.loads((repo / "config").read_bytes()) if with_repo is not None else dict(cfg)
     forged.update(id=cfg["id"], encryption="none", mac="")
     (repo / "config").write_bytes(json.dumps(forged).encode())
-    return _files(repo)
+    return stored_files(repo)
 
 
 def test_backup_into_a_store_replaced_by_an_unencrypted_repository_stores_nothing_in_plain_text(
@@ -52,8 +49,8 @@ def test_backup_into_a_store_replaced_by_an_unencrypted_repository_stores_nothin
         r = cli(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "not encrypted" in r.stderr and "--insecure-no-encryption" in r.stderr and "Traceback" not in r.stderr
-    assert _files(cli.repo) == left  # nothing written, so nothing in plain text
-    assert not any(secret[:40] in data for data in _files(cli.repo).values())
+    assert stored_files(cli.repo) == left  # nothing written, so nothing in plain text
+    assert not any(secret[:40] in data for data in stored_files(cli.repo).values())
 
 
 def test_restore_from_a_store_replaced_by_an_unencrypted_repository_restores_nothing(
@@ -98,11 +95,11 @@ def test_repair_does_not_turn_a_repository_whose_key_files_were_deleted_into_an_
     (cli.repo / "keys").mkdir()
     r = cli("backup", str(src))
     assert r.returncode == 13 and "no key files" in r.stderr, r.stderr
-    before = _files(cli.repo)
+    before = stored_files(cli.repo)
     for args in (["repair"], ["repair", "--dry-run"]):
         r = cli(*args)
         assert r.returncode == 2 and "not encrypted" in r.stderr, (args, r.stderr)
-    assert _files(cli.repo) == before
+    assert stored_files(cli.repo) == before
     # the key files put back: all as it was
     shutil.rmtree(cli.repo / "keys")
     shutil.move(tmp_path / "keys", cli.repo / "keys")
