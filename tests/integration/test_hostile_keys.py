@@ -13,7 +13,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.conftest import Cli
+import msgspec
+import pytest
+
+from deltavault.repository.keys import KeyFile, MasterKey, make_key_file
+from tests.conftest import FAST_SCRYPT, Cli
 from tests.hostileutil import stored_files
 
 FIRST = "keys/" + "0" * 64  # sorts before any key file's own name
@@ -108,3 +112,26 @@ def test_a_config_cannot_be_rebuilt_when_objects_of_both_repositories_are_here(c
     r = cli("repair")
     assert r.returncode == 13 and "cannot be rebuilt" in r.stderr and "open with 2" in r.stderr, r.stderr
     assert stored_files(cli.repo) == before
+
+
+@pytest.mark.memory_limit
+def test_a_key_file_asking_gigabytes_of_the_key_derivation_is_passed_over(cli: Cli, tmp_path: Path) -> None:
+    """A key file's scrypt parameters are the store's to choose, and the derivation runs for
+    each key file before a password is found wrong: one asking n=2**21, r=8 (2 GiB; the
+    bounds allowed up to 32 GiB and an hour) sorted first and ended every command with the
+    kernel's OOM killer (under 143 MiB here). It is now refused as damaged, unread further,
+    and the repository's own key opens it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data" * 1000)
+    assert cli("init").returncode == 0
+    assert cli("backup", str(src)).returncode == 0
+    kf = msgspec.json.decode(make_key_file(MasterKey.generate(), b"other", FAST_SCRYPT), type=KeyFile)
+    kf.n, kf.r, kf.p = 2**21, 8, 1
+    kf.checksum = kf._body_digest()  # its own checksum agrees: only its parameters are hostile
+    (cli.repo / FIRST).write_bytes(msgspec.json.encode(kf))
+    for args in (["snapshots"], ["backup", str(src)], ["check"]):
+        r = cli(*args)
+        assert r.returncode == 0, (args, r.stdout + r.stderr)
+    r = cli("key", "list")
+    assert r.returncode == 0 and "unsafe KDF parameters" in r.stdout, r.stdout + r.stderr
