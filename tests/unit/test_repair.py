@@ -11,7 +11,7 @@ from deltavault.model.nodes import NodeType
 from deltavault.objects.walk import walk
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
-from deltavault.testing.faulty import FaultyBackend
+from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import PASSWORD
 from tests.unit.test_prune_helpers import save_snapshot, snapshot_files
 
@@ -158,3 +158,23 @@ def test_salvage_stores_the_bytes_it_verified_whatever_a_later_read_answers(make
     assert report.affected == {s1: ["a3"]}, report.affected
     assert not [i for i in report.errors if i.kind in ("pack", "blob", "index")]
     assert snapshot_files(fresh, s2) == b
+
+
+def test_a_pack_the_store_does_not_answer_for_is_left_as_it_was(make_repo, tmp_path: Path) -> None:
+    """repair judged a pack it could not read (an error after the retries, a store down for a
+    moment) as damaged and deleted it with every blob in it; now it is left and indexed as
+    it was, and the report says so."""
+    repo, a, b, s1, s2 = two_snapshots(make_repo)
+    loc = repo.index.lookup(repo.blob_id(a["a0"]))
+    assert loc is not None
+    name = pack_name(loc.pack_id)
+    store = FaultyBackend(LocalBackend(tmp_path / "repo", fsync=False),
+                          [Fault(ops=("get",), prefix=name, action="error", message="connection reset")])
+    rep = repair(Repository.open(store, lambda: PASSWORD, use_cache=False, tolerant=True))
+    assert (tmp_path / "repo" / name).exists()
+    fresh = open_tolerant(tmp_path)
+    assert snapshot_files(fresh, s1) == a and snapshot_files(fresh, s2) == b
+    assert not check_repository(fresh, read_data=True).issues
+    assert rep.blobs_lost == 0 and not rep.packs_salvaged and not rep.affected
+    assert [p.split(":")[0] for p in rep.packs_left] == [loc.pack_id.hex()[:16]]
+

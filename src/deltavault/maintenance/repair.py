@@ -39,7 +39,10 @@ class RepairReport:
     packs: int = 0
     packs_sound: int = 0
     packs_salvaged: list[str] = field(default_factory=list)  # damaged packs whose good blobs moved
-    packs_unreadable: list[str] = field(default_factory=list)
+    packs_unreadable: list[str] = field(default_factory=list)  # indexed packs that are gone
+    # packs the store did not answer for (an error, after the retries): left as they were,
+    # indexed as before, since nothing shows them damaged
+    packs_left: list[str] = field(default_factory=list)
     blobs_indexed: int = 0
     blobs_salvaged: int = 0
     blobs_lost: int = 0
@@ -70,7 +73,20 @@ def repair(repo: Repository, *, rewrite: bool = False, dry_run: bool = False, lo
         good_ids: set[bytes] = set()
         say(f"reading {len(on_disk)} packs")
         for pid in sorted(on_disk):
-            good, sound, data = _scan_pack(repo, pid, entries_by_pack.get(pid, []), rep)
+            try:
+                good, sound, data = _scan_pack(repo, pid, entries_by_pack.get(pid, []), rep)
+            except ObjectNotFound as exc:  # gone since the listing
+                rep.packs_unreadable.append(f"{pid.hex()[:16]}: {exc}")
+                rep.blobs_lost += len(entries_by_pack.get(pid, []))
+                continue
+            except DeltavaultError as exc:
+                # Not read is not damaged: only a pack whose bytes failed their checks is
+                # salvaged and deleted below (a store failing for a moment, or all along,
+                # had every pack it did not answer for deleted). This one stays as it was.
+                rep.packs_left.append(f"{pid.hex()[:16]}: {exc}")
+                good_ids.update(e.id for e in entries_by_pack.get(pid, []))
+                keep.append((pid, entries_by_pack.get(pid, [])))
+                continue
             good_ids.update(e.id for e in good)
             if sound:
                 rep.packs_sound += 1
@@ -113,14 +129,10 @@ def repair(repo: Repository, *, rewrite: bool = False, dry_run: bool = False, lo
 
 def _scan_pack(repo: Repository, pid: bytes, old_entries: list[PackEntry],
                rep: RepairReport) -> tuple[list[PackEntry], bool, bytes]:
-    """(blobs that verify, whether the pack is sound as it is, the bytes they verify in)."""
+    """(blobs that verify, whether the pack is sound as it is, the bytes they verify in).
+    Raises when the store does not answer."""
     name = pack_name(pid)
-    try:
-        data = repo.backend.get(name)
-    except DeltavaultError as exc:
-        rep.packs_unreadable.append(f"{pid.hex()[:16]}: {exc}")
-        rep.blobs_lost += len(old_entries)
-        return [], False, b""
+    data = repo.backend.get(name)
     sound = blake3.blake3(data).digest() == pid
     try:
         entries = read_pack_entries(repo.env, data, name)
