@@ -70,19 +70,19 @@ def deltavault_files(ds: Path, work: Path, *, encrypted: bool = True) -> dict[st
     src, repo = work / "src", work / "t" / "repo"
     (work / "t").mkdir(parents=True)
     stage(ds, src, "v1")
-    init = ["-r", str(repo), "init"] + ([] if encrypted else ["--insecure-no-encryption"])
-    dv(work, *init)
+    repo_args = ["-r", str(repo)] + ([] if encrypted else ["--insecure-no-encryption"])
+    dv(work, *repo_args, "init")
     out: dict[str, dict] = {}
     for scen, version in (("files-full", "v1"), ("files-incr", "v2")):
         if version == "v2":
             stage(ds, src, "v2")
         before = du(work / "t")
         sh("sync")
-        secs, summary = dv(work, "-r", str(repo), "backup", str(src / "tree"), str(src / "db.sqlite"))
+        secs, summary = dv(work, *repo_args, "backup", str(src / "tree"), str(src / "db.sqlite"))
         out[scen] = {"seconds": round(secs, 2), "bytes_added": du(work / "t") - before,
                      "bytes_read": summary.get("bytes_read"), "bytes_downloaded": summary.get("bytes_downloaded"),
                      "change_source": summary.get("change_source")}
-    secs, summary = dv(work, "-r", str(repo), "backup", str(src / "tree"), str(src / "db.sqlite"))
+    secs, summary = dv(work, *repo_args, "backup", str(src / "tree"), str(src / "db.sqlite"))
     out["files-nochange"] = {"seconds": round(secs, 2), "bytes_read": summary.get("bytes_read"),
                              "bytes_downloaded": summary.get("bytes_downloaded")}
     shutil.rmtree(work, ignore_errors=True)

@@ -105,7 +105,7 @@ def make_repo(tmp_path: Path, cache_root: Path) -> Callable[..., Repository]:
     def factory(name: str = "repo", *, encrypted: bool = True, reopen: bool = False, **kw: object) -> Repository:
         backend = LocalBackend(tmp_path / name, fsync=False)
         if reopen:
-            return Repository.open(backend, lambda: PASSWORD, cache_root=cache_root)
+            return Repository.open(backend, lambda: PASSWORD, cache_root=cache_root, unencrypted=not encrypted)
         return Repository.init(backend, PASSWORD if encrypted else None, scrypt=FAST_SCRYPT,
                                cache_root=cache_root, **kw)  # type: ignore[arg-type]
 
@@ -140,13 +140,16 @@ class Cli:
     password_file: Path
     env: dict[str, str]
     memory: MemoryLimit | None = None  # set in modules marked memory_limit
+    # Global options given before every command (``--insecure-no-encryption`` for a test's
+    # unencrypted repository).
+    options: tuple[str, ...] = ()
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
                  timeout: float = 600) -> CliResult:
         e = dict(self.env)
         if env:
             e.update(env)
-        argv = [sys.executable, "-m", "deltavault", *args]
+        argv = [sys.executable, "-m", "deltavault", *self.options, *args]
         if self.memory is not None:
             p = self.memory.run(argv, env=e, input=input, text=True, timeout=timeout)
         else:

@@ -36,6 +36,12 @@ def deltavault(cli: Cli, *args: str, nofile: int | None = None,
                           capture_output=True, text=True, timeout=1800, preexec_fn=limit)
 
 
+def stored_files(root: Path) -> dict[str, bytes]:
+    """Every file under a repository's directory, with its bytes: compared before and after a
+    command that must change nothing in a store."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def lines(out: str, kind: str) -> list[dict]:
     return [o for o in (json.loads(x) for x in out.splitlines() if x.startswith("{")) if o.get("type") == kind]
 

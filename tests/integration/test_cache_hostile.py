@@ -310,7 +310,8 @@ def shared_dir() -> Iterator[Path]:
 def _plant_attack_catalog(cli: Cli, tmp_path: Path, src: Path) -> bytes:
     """An unencrypted repository (no key, so rows carry no tag) backed up once, and a copy
     of its catalog rewritten as in the attack. Returns the tampered catalog's bytes."""
-    assert cli("init", "--insecure-no-encryption").returncode == 0
+    cli.options = ("--insecure-no-encryption",)
+    assert cli("init").returncode == 0
     _backup(cli, src)
     cat = _catalog(cli)
     _swap_content(cat, b"src", b"a", b"b")
@@ -411,7 +412,8 @@ def test_a_symlinked_cache_directory_is_not_followed(tmp_path: Path, cli: Cli, w
 def test_a_catalog_file_others_could_write_is_replaced(tmp_path: Path, cli: Cli) -> None:
     """A catalog file left writable by others (in a directory since made private) may have
     been changed: it is removed and a new one started, for any repository."""
-    assert cli("init", "--insecure-no-encryption").returncode == 0
+    cli.options = ("--insecure-no-encryption",)
+    assert cli("init").returncode == 0
     src = _settled_source(tmp_path, {"a": b"real", "b": b"othr"})
     _backup(cli, src)
     cat = _catalog(cli)

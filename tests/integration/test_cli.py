@@ -163,7 +163,8 @@ def test_key_add_remove_and_passwd(tmp_path: Path, cli: Cli) -> None:
 
 
 def test_key_commands_on_an_unencrypted_repository(tmp_path: Path, cli: Cli) -> None:
-    assert cli("init", "--insecure-no-encryption").returncode == 0
+    cli.options = ("--insecure-no-encryption",)
+    assert cli("init").returncode == 0
     r = cli("key", "list")
     assert r.returncode == 2 and "not encrypted" in r.stderr
 

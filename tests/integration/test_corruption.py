@@ -305,3 +305,27 @@ def test_cli_check_reports_a_damaged_index_file_once_and_repair_recovers_everyth
     assert cli("check", "--read-data").returncode == 0
     assert cli("restore", "latest", "--target", str(tmp_path / "o")).returncode == 0
     assert (tmp_path / "o" / "s" / "a").read_bytes() == (src / "a").read_bytes()
+
+
+def test_repair_leaves_a_pack_the_store_does_not_answer_for_as_it_was(cli: Cli, tmp_path: Path) -> None:
+    """A pack the store would not give (here a FIFO in its place, which the local backend
+    refuses unread; on S3 an error after the retries) was taken for damaged: repair deleted
+    it and dropped its blobs from the index. Now it is left and indexed as it was, repair
+    says so and exits 15; once the store answers again, nothing is lost."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(random.Random(7).randbytes(3_000_000))
+    assert cli("init").returncode == 0
+    assert cli("backup", str(src)).returncode == 0
+    pack = max((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    aside = tmp_path / "pack"
+    shutil.move(pack, aside)
+    os.mkfifo(pack)
+    r = cli("repair")
+    assert r.returncode == 15 and "left as it was" in r.stderr, r.stdout + r.stderr
+    assert pack.is_fifo()
+    pack.unlink()
+    shutil.move(aside, pack)
+    assert cli("check", "--read-data").returncode == 0
+    r = cli("restore", "latest", "--target", str(tmp_path / "out"))
+    assert r.returncode == 0 and (tmp_path / "out" / "src" / "big").read_bytes() == (src / "big").read_bytes()

@@ -35,6 +35,7 @@ def test_stats_of_a_tree_naming_2_to_the_40_paths_answers_exactly(make_repo, cli
     repo.flush()
     repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"],
                                 source_id="h:/src", tree=root))
+    cli.options = ("--insecure-no-encryption",)
     env = {"DELTAVAULT_REPOSITORY": str(tmp_path / "repo")}
     got = {}
     for mode in ("summary", "restore-size", "files-by-contents", "raw-data"):

@@ -78,6 +78,7 @@ def test_deeply_nested_trees_and_snapshots_of_an_unencrypted_repository(make_rep
     repo.flush()
     repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", paths=["/src"],
                                 source_id="h:/src", tree=root))
+    cli.options = ("--insecure-no-encryption",)
     env = {"DELTAVAULT_REPOSITORY": str(tmp_path / "repo")}
     out = tmp_path / "out"
     r = cli("restore", "latest", "--target", str(out), env=env)

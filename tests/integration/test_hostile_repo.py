@@ -224,7 +224,8 @@ def test_repair_rebuilds_the_config_of_an_unencrypted_repository(cli: Cli, tmp_p
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"plain" * 1000)
-    assert cli("init", "--insecure-no-encryption").returncode == 0
+    cli.options = ("--insecure-no-encryption",)
+    assert cli("init").returncode == 0
     assert cli("backup", str(src)).returncode == 0
     good = _config(cli)
     (cli.repo / "config").write_bytes(b"\x00" * 40)

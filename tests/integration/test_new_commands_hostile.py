@@ -275,10 +275,10 @@ def test_copy_map_of_one_source_is_not_used_for_a_source_claiming_its_id(cli: Cl
     cfg = json.loads((b_repo / "config").read_bytes())
     cfg["id"] = a.config.id
     (b_repo / "config").write_bytes(json.dumps(cfg).encode())
-    b = Repository.open(LocalBackend(b_repo), lambda: None, cache_root=tmp_path / "b-cache")
+    b = Repository.open(LocalBackend(b_repo), lambda: None, cache_root=tmp_path / "b-cache", unencrypted=True)
     stolen = _save_tree(b, [msgspec.structs.replace(node, name=b"stolen")])
     _snapshot(b, _save_tree(b, [Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=stolen)]))
-    r = cli("--json", "copy", "--from-repo", str(b_repo), env=target)
+    r = cli("--json", "copy", "--from-repo", str(b_repo), "--from-insecure-no-encryption", env=target)
     out = tmp_path / "restored"
     if r.returncode == 0:
         copied = [o["copy"] for o in r.json if o.get("type") == "copy" and o.get("action") == "copied"]

@@ -193,7 +193,7 @@ def test_config(raw: bytes, edits: list[tuple[int, int]]) -> None:
         b = LocalBackend(d, fsync=False)
         cfg = msgspec.json.encode({"format": "deltavault", "v": 1, "id": "00" * 16, "encryption": "none"})
         b.put("config", mutate(cfg, edits) if edits else raw)
-        typed_only(Repository.open, b, lambda: b"", cache_root=Path(d) / "c")
+        typed_only(Repository.open, b, lambda: b"", cache_root=Path(d) / "c", unencrypted=True)
 
 
 # ---------------------------------------------------------------- key files

@@ -128,18 +128,18 @@ def test_a_damaged_or_truncated_copy_is_not_used_and_is_rewritten(make_repo: Fac
                                                                   encrypted: bool) -> None:
     repo = make_repo(encrypted=encrypted)
     write_packs(repo, 4, 250, seed=3)
-    good = open_repo(tmp_path, cache_root)
+    good = open_repo(tmp_path, cache_root, unencrypted=not encrypted)
     want = state(good.index)
     path = copy_path(good)
     original = path.read_bytes()
     for what, data in damaged_copies(original):
         path.write_bytes(data)
         decoded.clear()
-        reopened = open_repo(tmp_path, cache_root)
+        reopened = open_repo(tmp_path, cache_root, unencrypted=not encrypted)
         assert not reopened.indexes.from_copy, what
         assert decoded, what  # loaded from the index files
         assert state(reopened.index) == want, what
-        assert open_repo(tmp_path, cache_root).indexes.from_copy, what  # rewritten, good again
+        assert open_repo(tmp_path, cache_root, unencrypted=not encrypted).indexes.from_copy, what  # rewritten, good again
 
 
 def test_a_copy_of_another_repository_or_version_is_not_used(make_repo: Factory, tmp_path: Path,

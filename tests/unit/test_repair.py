@@ -11,6 +11,7 @@ from deltavault.model.nodes import NodeType
 from deltavault.objects.walk import walk
 from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
+from deltavault.testing.faulty import Fault, FaultyBackend
 from tests.conftest import PASSWORD
 from tests.unit.test_prune_helpers import save_snapshot, snapshot_files
 
@@ -118,3 +119,62 @@ def test_dry_run_changes_nothing(make_repo, tmp_path: Path) -> None:
     assert rep.blobs_lost == 1 and rep.packs_salvaged
     after = {p: p.read_bytes() for p in (tmp_path / "repo").rglob("*") if p.is_file()}
     assert after == before
+
+
+class _LaterReadsLie(FaultyBackend):
+    """A store that answers a whole read of ``name`` with the stored bytes the first time and,
+    from then on, with the byte at ``at`` changed (a lying store, or damage in transit)."""
+
+    def __init__(self, inner: LocalBackend, name: str, at: int) -> None:
+        super().__init__(inner)
+        self.name, self.at, self.reads = name, at, 0
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = super().get(name, offset, length)
+        if name == self.name and length is None:
+            self.reads += 1
+            if self.reads > 1:
+                changed = bytearray(data)
+                changed[self.at] ^= 0x10
+                return bytes(changed)
+        return data
+
+
+def test_salvage_stores_the_bytes_it_verified_whatever_a_later_read_answers(make_repo, tmp_path: Path) -> None:
+    """repair verified each blob of a damaged pack, then read the pack again and copied the
+    salvaged blobs from that second answer unchecked, before deleting the pack: a store that
+    answered otherwise the second time made a good blob damaged for good."""
+    repo, a, b, s1, s2 = two_snapshots(make_repo)
+    victim = repo.index.lookup(repo.blob_id(a["a3"]))
+    assert victim is not None
+    name = pack_name(victim.pack_id)
+    flip(tmp_path / "repo" / name, victim.offset + 100)
+    [good, *_] = [e for e in repo.index.entries_by_pack()[victim.pack_id] if e.offset != victim.offset]
+    store = _LaterReadsLie(LocalBackend(tmp_path / "repo", fsync=False), name, good.offset + 100)
+    rep = repair(Repository.open(store, lambda: PASSWORD, use_cache=False, tolerant=True))
+    assert rep.blobs_lost == 1 and rep.packs_salvaged == [victim.pack_id.hex()[:16]]
+    fresh = open_tolerant(tmp_path)
+    report = check_repository(fresh, read_data=True)
+    assert report.affected == {s1: ["a3"]}, report.affected
+    assert not [i for i in report.errors if i.kind in ("pack", "blob", "index")]
+    assert snapshot_files(fresh, s2) == b
+
+
+def test_a_pack_the_store_does_not_answer_for_is_left_as_it_was(make_repo, tmp_path: Path) -> None:
+    """repair judged a pack it could not read (an error after the retries, a store down for a
+    moment) as damaged and deleted it with every blob in it; now it is left and indexed as
+    it was, and the report says so."""
+    repo, a, b, s1, s2 = two_snapshots(make_repo)
+    loc = repo.index.lookup(repo.blob_id(a["a0"]))
+    assert loc is not None
+    name = pack_name(loc.pack_id)
+    store = FaultyBackend(LocalBackend(tmp_path / "repo", fsync=False),
+                          [Fault(ops=("get",), prefix=name, action="error", message="connection reset")])
+    rep = repair(Repository.open(store, lambda: PASSWORD, use_cache=False, tolerant=True))
+    assert (tmp_path / "repo" / name).exists()
+    fresh = open_tolerant(tmp_path)
+    assert snapshot_files(fresh, s1) == a and snapshot_files(fresh, s2) == b
+    assert not check_repository(fresh, read_data=True).issues
+    assert rep.blobs_lost == 0 and not rep.packs_salvaged and not rep.affected
+    assert [p.split(":")[0] for p in rep.packs_left] == [loc.pack_id.hex()[:16]]
+

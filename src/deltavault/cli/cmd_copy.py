@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-password-file", metavar="FILE",
                    help="the source's password (env DELTAVAULT_FROM_PASSWORD_FILE, or DELTAVAULT_FROM_PASSWORD)")
     p.add_argument("--from-insecure-no-password", action="store_true", help="the source's password is empty")
+    p.add_argument("--from-insecure-no-encryption", action="store_true",
+                   help="the source is not encrypted: read it all the same (refused otherwise)")
     add_filters(p)
     p.set_defaults(func=run)
 
@@ -38,7 +40,8 @@ def run(ctx: Context) -> int:
     if not location:
         raise UsageError("copy needs the source: --from-repo LOCATION (this repository, -r, is the target)")
     try:
-        src = ctx.open_repo(location=location, password=lambda: _from_password(a))
+        src = ctx.open_repo(location=location, password=lambda: _from_password(a),
+                            unencrypted=a.from_insecure_no_encryption)
     except WrongPassword as exc:
         raise WrongPassword(f"{exc.message} (the source repository, --from-repo)") from exc
     dst = ctx.open_repo()

@@ -19,8 +19,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="target pack size, 4M to 128M (default 32M)")
     p.add_argument("--compression", type=_compression, default=DEFAULT_COMPRESSION,
                    help="'auto' (default: level 3 for text-like data, -3 for high-entropy data) or a zstd level")
-    p.add_argument("--insecure-no-encryption", action="store_true",
-                   help="store data unencrypted (ids are then plain BLAKE3)")
     p.add_argument("--immutable", type=int, metavar="DAYS",
                    help="S3: keep everything written (packs, index, snapshots, keys, config) under Object "
                         "Lock retention for DAYS days after each write; the bucket needs Object Lock "
@@ -56,6 +54,7 @@ def run(ctx: Context) -> int:
     retention = ""
     if a.immutable is not None:
         retention = str(Retention.parse(f"{a.immutable_mode}:{a.immutable}"))
+    # --insecure-no-encryption (a global option: every later command gives it too)
     pw = None if a.insecure_no_encryption else require_password(read_password(a, confirm=True), a, "password")
     store = unwrap(backend)
     if isinstance(store, S3Backend):

@@ -6,6 +6,7 @@ import argparse
 
 from deltavault.cli.common import Context
 from deltavault.errors import ExitCode
+from deltavault.fs.paths import one_line
 from deltavault.maintenance.config_repair import check_or_rebuild_config
 from deltavault.maintenance.repair import repair
 from deltavault.repository.snapshots import short_id
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     a = ctx.args
     fixed = check_or_rebuild_config(ctx.backend(), ctx.password_source(), dry_run=a.dry_run,
-                                    cache_root=ctx.cache_root())
+                                    cache_root=ctx.cache_root(), unencrypted=a.insecure_no_encryption)
     if fixed.state != "sound":
         how = "; ".join(f"{k}: {v}" for k, v in sorted(fixed.sources.items()))
         ctx.warn(f"{fixed.problem}: it {'would be' if a.dry_run else 'was'} rebuilt ({how})")
@@ -40,6 +41,8 @@ def run(ctx: Context) -> int:
         ctx.warn(f"pack {p} is damaged: its good blobs {'would be' if a.dry_run else 'were'} moved to new packs")
     for p in rep.packs_unreadable:
         ctx.warn(f"pack {p}: unreadable, its blobs are lost")
+    for p in rep.packs_left:
+        ctx.warn(f"pack {one_line(p)}: the store did not answer; left as it was: run repair again")
     for sid in rep.snapshots_removed:
         ctx.warn(f"snapshot {short_id(sid)} was unreadable and was removed")
     lines = [f"{'would index' if a.dry_run else 'indexed'} {rep.blobs_indexed} blobs from {rep.packs} packs "
@@ -51,5 +54,6 @@ def run(ctx: Context) -> int:
                      + (f" -> rewritten as {short_id(rep.rewritten[sid])}" if sid in rep.rewritten else ""))
     ctx.emit({"type": "repair_summary", **rep.__dict__, "config": fixed.state}, "\n".join(lines))
     lost = rep.blobs_lost or rep.affected or rep.snapshots_removed
-    # 13 whenever data was found lost, even once marked: scripts must notice.
-    return int(ExitCode.CORRUPT) if lost else 0
+    # 13 whenever data was found lost, even once marked: scripts must notice; 15 when some
+    # pack could not be read, so could not be judged.
+    return int(ExitCode.CORRUPT) if lost else int(ExitCode.BACKEND) if rep.packs_left else 0

@@ -177,12 +177,16 @@ class Context:
         return Path(self.args.cache_dir) if self.args.cache_dir else None
 
     def open_repo(self, *, use_cache: bool = True, tolerant: bool = False, location: str | None = None,
-                  password: Callable[[], bytes] | None = None) -> Repository:
+                  password: Callable[[], bytes] | None = None, unencrypted: bool | None = None) -> Repository:
         """The repository of -r/--repo, or the one at ``location`` opened with ``password``
-        (copy's --from-repo)."""
+        (copy's --from-repo). ``unencrypted``: whether an unencrypted one is meant
+        (default: --insecure-no-encryption); otherwise one is refused."""
         backend = self.backend(location)
+        if unencrypted is None:
+            unencrypted = bool(getattr(self.args, "insecure_no_encryption", False))
         repo = Repository.open(backend, password or self.password_source(), cache_root=self.cache_root(),
-                               use_cache=use_cache and not self.args.no_cache, tolerant=tolerant)
+                               use_cache=use_cache and not self.args.no_cache, tolerant=tolerant,
+                               unencrypted=unencrypted)
         release_free_memory()  # the key derivation's memory (scrypt), freed but still held
         self.opened.append(repo)
         return repo

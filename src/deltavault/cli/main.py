@@ -47,6 +47,10 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="restore and check take no lock (a repository you may only read)", **d)
     p.add_argument("--insecure-no-password", action="store_true",
                    help="the repository's password is empty: ask for none (init: create it so)", **d)
+    p.add_argument("--insecure-no-encryption", action="store_true",
+                   help="the repository is not encrypted: open it all the same (init: create it so); "
+                        "without it one is refused, so that a store replaced by an unencrypted one is "
+                        "never written to in plain text", **d)
     p.add_argument("--s3-ca-bundle", metavar="PEM",
                    help="S3: trust the CAs in this file (env DELTAVAULT_S3_CA_BUNDLE or AWS_CA_BUNDLE)", **d)
     p.add_argument("--s3-addressing", choices=["auto", "path", "virtual"],

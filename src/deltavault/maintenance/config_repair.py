@@ -20,6 +20,7 @@ anything that decides what data is.
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import msgspec
 
 from deltavault.backends.base import Backend
 from deltavault.errors import (
+    BackendError,
     CorruptionError,
     KeyFileDamaged,
     ObjectNotFound,
@@ -50,7 +52,9 @@ from deltavault.repository.config import (
     config_mac,
 )
 from deltavault.repository.envelope import Envelope
+from deltavault.repository.indexfile import INDEX_AAD
 from deltavault.repository.locks import LockManager
+from deltavault.repository.snapshots import SNAPSHOT_AAD
 
 _MIB = 1024 * 1024
 
@@ -63,9 +67,12 @@ class ConfigRepair:
 
 
 def check_or_rebuild_config(backend: Backend, password: Callable[[], bytes], *, dry_run: bool = False,
-                            cache_root: Path | None = None) -> ConfigRepair:
+                            cache_root: Path | None = None, unencrypted: bool = False) -> ConfigRepair:
     """Leave a sound config alone; rebuild a missing, unparsable or unauthenticated one.
-    Raises with the exact reason when it cannot be rebuilt."""
+    Raises with the exact reason when it cannot be rebuilt. A repository without key files
+    is rebuilt (or passed as sound) unencrypted only when ``unencrypted`` says one is meant,
+    as ``config.open_existing`` opens one: key files deleted by whoever can write the store
+    must not turn it into an unencrypted repository."""
     key_names = [o.name for o in backend.list("keys/")]
     try:
         raw: bytes | None = backend.get("config")
@@ -73,10 +80,13 @@ def check_or_rebuild_config(backend: Backend, password: Callable[[], bytes], *, 
         raw = None
     if raw is None and not key_names and not any(True for _ in backend.list("index/")):
         raise RepositoryNotFound(f"no repository at {backend.location()}: no config, no key files, no index")
-    master = _unlock(backend, key_names, password) if key_names else None
-    problem = _problem(raw, master)
+    masters = _unlock(backend, key_names, password) if key_names else []
+    if not masters and not unencrypted:
+        configmod.raise_unencrypted(backend)
+    problem = _problem(raw, masters)
     if not problem:
         return ConfigRepair("sound")
+    master = _repository_key(backend, masters) if masters else None
     cfg, sources = _rebuild(backend, raw, master, cache_root)
     if dry_run:
         return ConfigRepair("would-rebuild", problem, sources)
@@ -85,15 +95,67 @@ def check_or_rebuild_config(backend: Backend, password: Callable[[], bytes], *, 
     return ConfigRepair("rebuilt", problem, sources)
 
 
-def _unlock(backend: Backend, key_names: list[str], password: Callable[[], bytes]) -> keymod.MasterKey:
+def _unlock(backend: Backend, key_names: list[str], password: Callable[[], bytes]) -> list[keymod.MasterKey]:
+    """The distinct master keys of the key files the password opens."""
+    out: dict[bytes, keymod.MasterKey] = {}
     try:
-        return configmod.unlock(backend, key_names, password())[0]
+        for master, _name in configmod.open_keys(backend, key_names, password()):
+            out.setdefault(master.raw(), master)
     except KeyFileDamaged as exc:
         raise CorruptionError(f"the config cannot be rebuilt: {exc.message}; without an intact key file the "
                               "master key is lost and no one can decrypt this repository's data") from exc
+    return list(out.values())
 
 
-def _problem(raw: bytes | None, master: keymod.MasterKey | None) -> str:
+def _repository_key(backend: Backend, masters: list[keymod.MasterKey]) -> keymod.MasterKey:
+    """Of the master keys the password opens, the one this repository's objects are sealed
+    with: a key file opening is no proof that it is this repository's (one of another
+    repository with the same password, planted or copied by mistake), and a config rebuilt
+    under another key makes every pack and snapshot look damaged, which the repair that
+    follows deletes. So the key must open some of the snapshots or index files here, and
+    be the only one that does; with none of either here, the only key there is."""
+    opening, any_objects = _keys_opening_objects(backend, masters)
+    if len(opening) == 1:
+        return opening[0]
+    if not opening and len(masters) == 1 and not any_objects:
+        return masters[0]
+    why = ("no snapshot or index file here opens with " + ("it" if len(masters) == 1 else "any of them")
+           if not opening else f"objects here open with {len(opening)} of them")
+    raise CorruptionError(f"the config cannot be rebuilt: the password opens key files of {len(masters)} "
+                          f"master key(s), and {why}: a key file here is another repository's. Nothing was "
+                          "changed; put this repository's key files back (or remove the others: "
+                          "'deltavault key list' shows their dates and hosts) and run repair again")
+
+
+def _keys_opening_objects(backend: Backend, masters: list[keymod.MasterKey]) -> tuple[list[keymod.MasterKey], bool]:
+    """Which of ``masters`` open some snapshot or index file here, and whether there is any.
+    One pass, one object in memory at a time, ending once two keys are found (or the only
+    one): every object is tried, since the names (and so the order) are anyone's choice."""
+    envs = [(m, Envelope(m)) for m in masters]
+    found: list[keymod.MasterKey] = []
+    seen = False
+    for folder, aad in (("snapshots/", SNAPSHOT_AAD), ("index/", INDEX_AAD)):
+        for obj in backend.list(folder):
+            if len(found) == min(2, len(masters)):
+                return found, True
+            seen = True
+            try:
+                data = backend.get(obj.name)
+            except BackendError:
+                continue
+            for master, env in envs:
+                if master in found:
+                    continue
+                try:
+                    env.open(data, aad=aad, what=obj.name)
+                except CorruptionError:
+                    continue
+                found.append(master)
+            del data
+    return found, seen
+
+
+def _problem(raw: bytes | None, masters: list[keymod.MasterKey]) -> str:
     """Why the config is not usable, or "" when it is."""
     if raw is None:
         return "the config is missing"
@@ -103,9 +165,9 @@ def _problem(raw: bytes | None, master: keymod.MasterKey | None) -> str:
         return f"the config does not parse ({exc})"
     if cfg.format != "deltavault" or cfg.v != REPO_VERSION:
         return f"the config names format {cfg.format!r} version {cfg.v}"
-    if master is not None and cfg.mac != config_mac(cfg, master):
+    if masters and not any(hmac.compare_digest(cfg.mac, config_mac(cfg, m)) for m in masters):
         return "the config fails its authentication (edited or damaged)"
-    if master is None and cfg.encryption != "none":
+    if not masters and cfg.encryption != "none":
         return "the config says encrypted, but there are no key files"
     return ""
 

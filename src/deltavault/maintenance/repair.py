@@ -39,7 +39,10 @@ class RepairReport:
     packs: int = 0
     packs_sound: int = 0
     packs_salvaged: list[str] = field(default_factory=list)  # damaged packs whose good blobs moved
-    packs_unreadable: list[str] = field(default_factory=list)
+    packs_unreadable: list[str] = field(default_factory=list)  # indexed packs that are gone
+    # packs the store did not answer for (an error, after the retries): left as they were,
+    # indexed as before, since nothing shows them damaged
+    packs_left: list[str] = field(default_factory=list)
     blobs_indexed: int = 0
     blobs_salvaged: int = 0
     blobs_lost: int = 0
@@ -70,7 +73,20 @@ def repair(repo: Repository, *, rewrite: bool = False, dry_run: bool = False, lo
         good_ids: set[bytes] = set()
         say(f"reading {len(on_disk)} packs")
         for pid in sorted(on_disk):
-            good, sound = _scan_pack(repo, pid, entries_by_pack.get(pid, []), rep)
+            try:
+                good, sound, data = _scan_pack(repo, pid, entries_by_pack.get(pid, []), rep)
+            except ObjectNotFound as exc:  # gone since the listing
+                rep.packs_unreadable.append(f"{pid.hex()[:16]}: {exc}")
+                rep.blobs_lost += len(entries_by_pack.get(pid, []))
+                continue
+            except DeltavaultError as exc:
+                # Not read is not damaged: only a pack whose bytes failed their checks is
+                # salvaged and deleted below (a store failing for a moment, or all along,
+                # had every pack it did not answer for deleted). This one stays as it was.
+                rep.packs_left.append(f"{pid.hex()[:16]}: {exc}")
+                good_ids.update(e.id for e in entries_by_pack.get(pid, []))
+                keep.append((pid, entries_by_pack.get(pid, [])))
+                continue
             good_ids.update(e.id for e in good)
             if sound:
                 rep.packs_sound += 1
@@ -79,10 +95,13 @@ def repair(repo: Repository, *, rewrite: bool = False, dry_run: bool = False, lo
                 salvaged.append(pid)
                 rep.packs_salvaged.append(pid.hex()[:16])
                 if not dry_run:
-                    data = repo.backend.get(pack_name(pid)) if good else b""
+                    # The very bytes each blob was verified in: a second read may answer
+                    # others (a store that lies or fails in transit), and the pack they
+                    # came from is deleted below.
                     for e in good:
                         writer.add(e.type, e.id, data[e.offset:e.offset + e.length], e.raw_length)
                 rep.blobs_salvaged += len(good)
+            del data
         for pid, entries in entries_by_pack.items():
             if pid not in on_disk:
                 rep.packs_unreadable.append(f"{pid.hex()[:16]}: missing")
@@ -109,15 +128,11 @@ def repair(repo: Repository, *, rewrite: bool = False, dry_run: bool = False, lo
 
 
 def _scan_pack(repo: Repository, pid: bytes, old_entries: list[PackEntry],
-               rep: RepairReport) -> tuple[list[PackEntry], bool]:
-    """(blobs that verify, whether the pack is sound as it is)."""
+               rep: RepairReport) -> tuple[list[PackEntry], bool, bytes]:
+    """(blobs that verify, whether the pack is sound as it is, the bytes they verify in).
+    Raises when the store does not answer."""
     name = pack_name(pid)
-    try:
-        data = repo.backend.get(name)
-    except DeltavaultError as exc:
-        rep.packs_unreadable.append(f"{pid.hex()[:16]}: {exc}")
-        rep.blobs_lost += len(old_entries)
-        return [], False
+    data = repo.backend.get(name)
     sound = blake3.blake3(data).digest() == pid
     try:
         entries = read_pack_entries(repo.env, data, name)
@@ -139,7 +154,7 @@ def _scan_pack(repo: Repository, pid: bytes, old_entries: list[PackEntry],
             continue
         seen.add(e.id)
         good.append(e)
-    return good, sound
+    return good, sound, data
 
 
 def _write_index(repo: Repository, packs: list[tuple[bytes, list[PackEntry]]], old: list[str]) -> int:

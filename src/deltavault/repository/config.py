@@ -8,8 +8,9 @@ written last by init: a repository without it does not exist yet.
 
 from __future__ import annotations
 
+import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import blake3
 import msgspec
@@ -128,34 +129,64 @@ def read(backend: Backend) -> RepoConfig:
     return cfg
 
 
-def open_existing(backend: Backend, password: PasswordSource) -> Unlocked:
+def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bool = False) -> Unlocked:
     """Read the config and, for an encrypted repository, unlock the master key and
-    authenticate the config with it. The password is asked for only when needed."""
+    authenticate the config with it. The password is asked for only when needed.
+
+    An unencrypted repository is opened only when the caller says one is meant
+    (``unencrypted``): its config carries no MAC, so whoever can write the store can
+    replace an encrypted repository by an unencrypted one (a config saying "none", no key
+    files) and the next backup would store every file in plain text there, the next
+    restore bring back whatever files that writer chose."""
     cfg = read(backend)
     key_names = [o.name for o in backend.list("keys/")]
     if not key_names and cfg.encryption == "none":
+        if not unencrypted:
+            raise_unencrypted(backend)
         return cfg, None, None
     if not key_names:
         raise CorruptionError("repository is encrypted but has no key files")
-    master, key_name = unlock(backend, key_names, password())
-    if cfg.mac != config_mac(cfg, master):
-        raise CorruptionError("repository config fails its authentication: it was edited or damaged; "
-                              "'deltavault repair' rebuilds it")
-    retention_mod.apply(backend, cfg.retention, creating=False)
-    return cfg, master, key_name
+    # The master key is the one the config is authenticated with, not merely one a key file
+    # yields: a key file of another repository opened by the same password (planted, or
+    # copied by mistake) named first had made the config "fail its authentication", and
+    # the repair that message sent the user to rebuilt the config under that other key,
+    # then found every pack and snapshot "damaged" and deleted them.
+    for master, key_name in open_keys(backend, key_names, password()):
+        if hmac.compare_digest(cfg.mac, config_mac(cfg, master)):
+            retention_mod.apply(backend, cfg.retention, creating=False)
+            return cfg, master, key_name
+    raise CorruptionError("repository config fails its authentication under every key file the password "
+                          "opens: it was edited or damaged, or those key files are another repository's; "
+                          "'deltavault repair' rebuilds it with the key this repository's data is sealed with")
 
 
-def unlock(backend: Backend, key_names: list[str], password: bytes) -> tuple[keymod.MasterKey, str]:
-    """The master key from the first key file the password opens, and that file's name."""
+def raise_unencrypted(backend: Backend) -> None:
+    """Refuse a repository that is unencrypted when none was said to be (``open_existing``)."""
+    raise UsageError(f"the repository at {backend.location()} has no key files, so it is not encrypted; "
+                     "refusing it: if it was made with 'init --insecure-no-encryption', give "
+                     "--insecure-no-encryption; if it was encrypted, whoever can write its store replaced it, "
+                     "so write nothing to it and trust nothing read from it")
+
+
+def open_keys(backend: Backend, key_names: list[str], password: bytes) -> Iterator[tuple[keymod.MasterKey, str]]:
+    """The master key of each key file the password opens, with that file's name, in name
+    order (lazily: each costs a key derivation). A key file opening is no proof that it is
+    this repository's: the caller checks the key against what the repository holds. None
+    opens: WrongPassword (or, for a single key file, why it is damaged)."""
     damaged: KeyFileDamaged | ObjectTooLarge | None = None
+    opened = False
     for name in sorted(key_names):
         try:
-            kf = keymod.parse_key_file(backend.get(name), name)
-            return keymod.unwrap(kf, password), name
+            master = keymod.unwrap(keymod.parse_key_file(backend.get(name), name), password)
         except (KeyFileDamaged, ObjectTooLarge) as exc:  # one planted beside the real one locks no one out
             damaged = exc
+            continue
         except WrongPassword:
             continue
+        opened = True
+        yield master, name
+    if opened:
+        return
     if damaged is not None and len(key_names) == 1:
         raise damaged
     raise WrongPassword("wrong password: no key file of this repository opens with it")

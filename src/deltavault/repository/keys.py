@@ -32,6 +32,13 @@ from deltavault.framing import decode_json
 KEYFILE_VERSION = 1
 _AAD = b"deltavault key v1"
 DEFAULT_SCRYPT = (2**15, 8, 1)
+# The most a key file may ask of the key derivation, which runs before the password is known
+# to be wrong, for every key file in keys/: scrypt's memory (128 * n * r bytes) at most 8
+# times and its work (n * r * p) at most 16 times what this build writes (DEFAULT_SCRYPT:
+# 32 MiB, 0.1 s). The bounds were n <= 2**22, r <= 64, p <= 16: one key file planted in the
+# store asked 32 GiB and an hour of every command on the repository.
+MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
+MAX_SCRYPT_WORK = 16 * DEFAULT_SCRYPT[0] * DEFAULT_SCRYPT[1] * DEFAULT_SCRYPT[2]
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,9 @@ def parse_key_file(data: bytes, name: str = "key") -> KeyFile:
         raise UnsupportedVersion(f"key file {name} has version {kf.v}; this build reads {KEYFILE_VERSION}")
     if kf.checksum != kf._body_digest():
         raise KeyFileDamaged(f"key file {name} fails its checksum: it was damaged or tampered with")
-    if kf.kdf != "scrypt" or not (2 <= kf.n <= 2**22 and kf.n & (kf.n - 1) == 0
-                                  and 1 <= kf.r <= 64 and 1 <= kf.p <= 16):
+    if kf.kdf != "scrypt" or not (kf.n >= 2 and kf.n & (kf.n - 1) == 0 and kf.r >= 1 and kf.p >= 1
+                                  and 128 * kf.n * kf.r <= MAX_SCRYPT_MEMORY
+                                  and kf.n * kf.r * kf.p <= MAX_SCRYPT_WORK):
         raise KeyFileDamaged(f"key file {name} has unsupported or unsafe KDF parameters")
     return kf
 

@@ -88,11 +88,13 @@ class Repository:
 
     @classmethod
     def open(cls, backend: Backend, password: PasswordSource, *, cache_root: Path | None = None,
-             use_cache: bool = True, tolerant: bool = False) -> Repository:
+             use_cache: bool = True, tolerant: bool = False, unencrypted: bool = False) -> Repository:
         """``tolerant``: damaged index files are recorded in ``index_errors`` instead of
-        failing the open (check and repair need a repository they can still read)."""
+        failing the open (check and repair need a repository they can still read).
+        ``unencrypted``: an unencrypted repository is meant; without it one is refused
+        (config.open_existing)."""
         counting = CountingBackend(backend)
-        cfg, master, key_name = configmod.open_existing(counting, password)
+        cfg, master, key_name = configmod.open_existing(counting, password, unencrypted=unencrypted)
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
         repo.indexes.open(tolerant=tolerant)
