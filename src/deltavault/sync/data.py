@@ -70,11 +70,15 @@ def hash_zeros(h: blake3.blake3, n: int) -> None:
 
 def file_digest(fd: int, buf: memoryview,
                 read: Callable[[int, memoryview, int], int] = pread_full) -> bytes:
-    """BLAKE3 of a whole open file, read through ``buf`` (``read_source`` for a source file,
-    so that a failing read is the source's)."""
+    """BLAKE3 of an open file, read through ``buf`` (``read_source`` for a source file, so
+    that a failing read is the source's): of its bytes up to its size now (fewer if it
+    shrinks), never further, so a file its owner keeps extending (a truncate to a larger
+    size, again and again) cannot keep the reader going for ever. Whoever needs the digest
+    of one version compares the file's fstat before and after."""
     h = blake3.blake3(max_threads=1)
+    size = os.fstat(fd).st_size
     off = 0
-    while n := read(fd, buf, off):
+    while off < size and (n := read(fd, buf[:min(len(buf), size - off)], off)):
         h.update(buf[:n])
         off += n
     return h.digest()

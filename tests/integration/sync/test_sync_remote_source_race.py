@@ -76,3 +76,36 @@ def test_a_file_grown_past_the_delta_limit_after_its_listing_is_streamed_not_loa
     got = (dst / "db.img").read_bytes()
     assert len(got) == 64 * MiB and got == (src / "db.img").read_bytes()
     assert os.stat(dst / "db.img").st_blocks * 512 < 8 * MiB  # its hole stayed one
+
+
+def test_a_file_extended_without_end_while_its_digest_is_read_is_read_to_its_size_at_open(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of DST's size with another mtime is compared by digest first. The sender read
+    it until EOF, so an owner extending it faster than it is read (a truncate to a larger
+    size costs one system call; the zeros cost the reader a read each) kept root's sync
+    reading for ever. Now the digest stops at the size the file had when opened, the file
+    that changed meanwhile matches nothing, and it is sent: DST ends as SRC stands. The
+    owner's step runs before each read of the digest; it stops after 64, for the old code
+    to end at all."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(3 * MiB + 100)
+    write(src / "f", data)
+    opts = SyncOptions()  # 1 MiB buffers: the digest of f takes 4 reads
+    assert not push(src, dst, opts).problems
+    os.utime(src / "f", ns=(0, 10**18))  # another mtime, same size: the agent asks for a digest
+    real = files_mod.read_source
+    reads: list[int] = []
+
+    def extend_then_read(fd: int, buf: memoryview, offset: int) -> int:
+        reads.append(offset)
+        if len(reads) <= 64:
+            with open(src / "f", "r+b") as f:
+                f.truncate(os.fstat(f.fileno()).st_size + 4 * MiB)
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(files_mod, "read_source", extend_then_read)
+    res = push(src, dst, opts)
+    assert len(reads) == 4, len(reads)
+    assert not res.problems, res.problems
+    assert res.stats.files_updated == 1
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes() == data + bytes(16 * MiB)

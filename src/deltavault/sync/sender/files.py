@@ -49,6 +49,8 @@ class FileSender:
         try:
             st = os.fstat(fd)
             digest = file_digest(fd, self.buffers.get(0), read_source)
+            if changed_since(st, os.fstat(fd)):
+                digest = b""  # of no one version: matches nothing, so the agent asks for the file
             xattrs = self.meta.source_xattrs(fd=fd)
             win = None
             if self.ntfs is not None:
