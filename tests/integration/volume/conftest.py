@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -122,12 +123,22 @@ def fsck_clean(image: str | Path, fstype: str = "ext4") -> None:
 
 
 def make_ext4(path: Path, size_mb: int, content: Path | None = None, *extra: str) -> Path:
+    """An ext4 image holding the tree ``content``, whose entries were changed a day before
+    the image was captured (as on a volume in use): made now, they would all be changed in
+    the second of the capture, which the next run reads again (tracking/volume/racy.py)."""
     with open(path, "wb") as f:
         f.truncate(size_mb << 20)
     args = ["mke2fs", "-q", "-F", "-t", "ext4", *extra]
     if content is not None:
         args += ["-d", str(content)]
     run(*args, str(path))
+    if content is not None:
+        day_ago = int(time.time()) - 86400
+        names = ["/", "/lost+found", *("/" + str(p.relative_to(content)) for p in sorted(content.rglob("*")))]
+        script = path.parent / f"{path.name}.backdate"
+        script.write_text("".join(f"sif {n} {f} @{day_ago}\n" for n in names for f in ("ctime", "mtime")))
+        run("debugfs", "-w", "-f", str(script), str(path))
+        script.unlink()
     return path
 
 
