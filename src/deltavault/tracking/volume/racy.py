@@ -33,9 +33,9 @@ class Racy:
         self._near: list[tuple[int, int]] = []  # (object, ctime) within WINDOW of the newest so far
         self._future: list[int] = []
 
-    def see(self, obj: int, ctime: int) -> None:
-        """``ctime`` in whole seconds since the epoch."""
-        if ctime > self.now:
+    def see(self, obj: int, ctime: int | None) -> None:
+        """``ctime`` in whole seconds since the epoch; None: none to judge by (racy)."""
+        if ctime is None or ctime > self.now:
             self._future.append(obj)
             return
         if ctime > self.newest:
