@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import blake3
 
 from deltavault.fs.clone import pread_full, pwrite_all
-from deltavault.fs.sparse import data_extents, is_sparse
+from deltavault.fs.sparse import PAGE, ReadExtents, is_sparse
 
 _ZEROS = bytes(1 << 20)
 
@@ -88,9 +88,11 @@ def chunks(fd: int, st: os.stat_result, buf: memoryview,
            cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, memoryview | None]]:
     """The file's ``st.st_size`` bytes in order, as (offset, length, data) with data a view
     of ``buf`` (valid until the next chunk), or None for a hole (zeros never read).
-    SourceChanged if it shrinks meanwhile; Cancelled when ``cancelled()`` says so."""
+    SourceChanged if it shrinks meanwhile; Cancelled when ``cancelled()`` says so. The data
+    extents are found one at a time (``ReadExtents``, every hole of a page or more kept): a
+    file of millions of them (its owner writing every other page) costs no list of them."""
     size = st.st_size
-    extents = data_extents(fd, size) if is_sparse(st) else ([(0, size)] if size else [])
+    extents = ReadExtents(fd, size, is_sparse(st), PAGE, min_hole=PAGE).ranges()
     pos = 0
     for off, length in extents:
         if off > pos:
