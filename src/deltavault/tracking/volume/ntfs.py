@@ -148,9 +148,9 @@ class NtfsScanner:
                     runs.extend((lcn, count) for lcn, count in hdr.dataruns() if lcn is not None)
             d = h.digest(DIGEST)
             digests[n] = d
+            racy.see(n, ctime)  # (a system file's time counts towards the newest too)
             if self._is_special(rec):
                 continue  # always read; not counted as a file
-            racy.see(n, ctime)
             files += 1
             if prev is None or prev.get(n) != d:
                 changed += 1
