@@ -373,3 +373,37 @@ def test_checksum_over_ssh_compares_streams(server: Server, tmp_path: Path, how:
     with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
         assert streams_of(dst / "d" / "f") == streams_of(src / "d" / "f")
         assert streams_of(dst / "d" / "f")["big"][100_000:100_001] == b"Y"
+
+
+def test_a_stream_extended_without_end_while_it_is_sent_is_read_to_its_size_at_open(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream sent whole was read until EOF, so its owner extending it faster than the
+    sender read it (a truncate to a larger size, again and again) kept root's sync reading
+    for ever. Now it is read to the size it had when opened (and the file, changed meanwhile,
+    is sent again, then reported, as any file changed while read). The owner's step runs before
+    each read of the stream by the sender (in this process); it stops after 64, for the old
+    code to end at all."""
+    real = os.preadv
+    passes: list[tuple[int, list[int]]] = []  # each read of the stream: its size then, the offsets read
+
+    def extend_then_read(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("doc.txt:big"):
+            if offset == 0:
+                passes.append((os.fstat(fd).st_size, []))
+            passes[-1][1].append(offset)
+            if sum(len(o) for _, o in passes) <= 64:
+                with open(f"/proc/self/fd/{fd}", "r+b") as f:
+                    f.truncate(os.fstat(f.fileno()).st_size + 4 * 1024 * 1024)
+        return real(fd, buffers, offset)
+
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
+        monkeypatch.setattr(os, "preadv", extend_then_read)
+        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
+                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
+        monkeypatch.undo()
+        assert passes and all(off < size for size, offsets in passes for off in offsets), passes
+        # (each extension changes the file too: it is sent again, and reported after three tries)
+        assert [(p.path, p.kind) for p in res.problems] == [("doc.txt", "changed")], res.problems
+        assert not (dst / "data" / "doc.txt").exists() and (dst / "data" / "readonly.txt").read_text() == "ro\n"
