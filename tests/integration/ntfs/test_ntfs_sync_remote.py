@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -18,6 +19,7 @@ import pytest
 from deltavault.fs import ntfs as ntfsmod
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.push import PushSyncer
+from deltavault.sync.report import SyncResult
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view, streams_of
@@ -45,6 +47,21 @@ def sync(server: Server, how: str, src: Path, dst: Path, *flags: str):  # type: 
     s, d = (str(src), f"dvtest:{dst}") if how == "push" else (f"dvtest:{src}", str(dst))
     return dv("--json", "sync", "--remote-command", REMOTE, *flags, s, d,
               env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+
+
+@contextmanager
+def pushed_here(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: object, name: str,
+                value: object) -> Iterator[tuple[SyncResult, Path, Path]]:
+    """A populated ntfs-3g SRC pushed onto an ntfs-3g DST by a sender in this process, with
+    ``target.name`` replaced by ``value`` while it runs; the mounts stay while the caller looks."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
+        monkeypatch.setattr(target, name, value)
+        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
+                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
+        monkeypatch.undo()
+        yield res, src, dst
 
 
 @pytest.mark.parametrize("how", ["push", "pull"])
@@ -157,13 +174,7 @@ def test_descriptor_that_does_not_parse_over_ssh(server: Server, tmp_path: Path,
     def fake(target: int | bytes, name: bytes) -> bytes | None:
         return garbage if name == ntfsmod.ACL else real(target, name)
 
-    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
-        populate(src)
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
-        monkeypatch.setattr(ntfsmod, "_get", fake)
-        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
-                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
-        monkeypatch.undo()
+    with pushed_here(server, tmp_path, monkeypatch, ntfsmod, "_get", fake) as (res, src, dst):
         by_path: dict[str, list[str]] = {}
         for p in res.problems:
             assert p.kind == "metadata", p
@@ -396,13 +407,7 @@ def test_a_stream_extended_without_end_while_it_is_sent_is_read_to_its_size_at_o
                     f.truncate(os.fstat(f.fileno()).st_size + 4 * 1024 * 1024)
         return real(fd, buffers, offset)
 
-    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
-        populate(src)
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
-        monkeypatch.setattr(os, "preadv", extend_then_read)
-        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
-                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
-        monkeypatch.undo()
+    with pushed_here(server, tmp_path, monkeypatch, os, "preadv", extend_then_read) as (res, _src, dst):
         assert passes and all(off < size for size, offsets in passes for off in offsets), passes
         # (each extension changes the file too: it is sent again, and reported after three tries)
         assert [(p.path, p.kind) for p in res.problems] == [("doc.txt", "changed")], res.problems
