@@ -232,6 +232,37 @@ def test_chunks_tile_the_file_with_its_holes_and_see_it_shrink(tmp_path: Path) -
         os.close(fd)
 
 
+def test_chunks_of_a_file_of_many_extents_hold_none_of_them(tmp_path: Path) -> None:
+    """A file whose owner wrote every other page (20,000 data extents here; millions cost
+    only disk) was sent after a list of all its extents was built: about 128 bytes each,
+    2.4 MiB here, 1.7 GiB for the 14 million of 56 GiB written. They are found one at a
+    time now; the holes are still holes."""
+    import tracemalloc
+
+    from deltavault.sync.data import chunks
+
+    path = tmp_path / "striped"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for i in range(20_000):
+            os.pwrite(fd, b"x" * PAGE, 2 * i * PAGE)
+        st = os.fstat(fd)
+        buf = memoryview(bytearray(1 << 20))
+        holes = data = 0
+        tracemalloc.start()
+        try:
+            for _off, n, got in chunks(fd, st, buf):
+                holes += got is None
+                data += n if got is not None else 0
+            _now, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        os.close(fd)
+    assert (holes, data) == (19_999, 20_000 * PAGE)
+    assert peak < 256 * 1024, peak
+
+
 def test_a_temp_name_is_removed_when_the_block_making_it_fails(tmp_path: Path) -> None:
     from deltavault.sync.receiver.temps import TEMP_PREFIX, Temps
 

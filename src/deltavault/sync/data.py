@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import blake3
 
 from deltavault.fs.clone import pread_full, pwrite_all
-from deltavault.fs.sparse import data_extents, is_sparse
+from deltavault.fs.sparse import PAGE, ReadExtents, is_sparse
 
 _ZEROS = bytes(1 << 20)
 
@@ -70,11 +70,15 @@ def hash_zeros(h: blake3.blake3, n: int) -> None:
 
 def file_digest(fd: int, buf: memoryview,
                 read: Callable[[int, memoryview, int], int] = pread_full) -> bytes:
-    """BLAKE3 of a whole open file, read through ``buf`` (``read_source`` for a source file,
-    so that a failing read is the source's)."""
+    """BLAKE3 of an open file, read through ``buf`` (``read_source`` for a source file, so
+    that a failing read is the source's): of its bytes up to its size now (fewer if it
+    shrinks), never further, so a file its owner keeps extending (a truncate to a larger
+    size, again and again) cannot keep the reader going for ever. Whoever needs the digest
+    of one version compares the file's fstat before and after."""
     h = blake3.blake3(max_threads=1)
+    size = os.fstat(fd).st_size
     off = 0
-    while n := read(fd, buf, off):
+    while off < size and (n := read(fd, buf[:min(len(buf), size - off)], off)):
         h.update(buf[:n])
         off += n
     return h.digest()
@@ -84,9 +88,11 @@ def chunks(fd: int, st: os.stat_result, buf: memoryview,
            cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, memoryview | None]]:
     """The file's ``st.st_size`` bytes in order, as (offset, length, data) with data a view
     of ``buf`` (valid until the next chunk), or None for a hole (zeros never read).
-    SourceChanged if it shrinks meanwhile; Cancelled when ``cancelled()`` says so."""
+    SourceChanged if it shrinks meanwhile; Cancelled when ``cancelled()`` says so. The data
+    extents are found one at a time (``ReadExtents``, every hole of a page or more kept): a
+    file of millions of them (its owner writing every other page) costs no list of them."""
     size = st.st_size
-    extents = data_extents(fd, size) if is_sparse(st) else ([(0, size)] if size else [])
+    extents = ReadExtents(fd, size, is_sparse(st), PAGE, min_hole=PAGE).ranges()
     pos = 0
     for off, length in extents:
         if off > pos:

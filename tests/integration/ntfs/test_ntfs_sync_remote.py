@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -18,6 +19,7 @@ import pytest
 from deltavault.fs import ntfs as ntfsmod
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.push import PushSyncer
+from deltavault.sync.report import SyncResult
 from deltavault.sync.ssh import RemotePath
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, ntfs_view, streams_of
@@ -45,6 +47,21 @@ def sync(server: Server, how: str, src: Path, dst: Path, *flags: str):  # type: 
     s, d = (str(src), f"dvtest:{dst}") if how == "push" else (f"dvtest:{src}", str(dst))
     return dv("--json", "sync", "--remote-command", REMOTE, *flags, s, d,
               env={"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)})
+
+
+@contextmanager
+def pushed_here(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: object, name: str,
+                value: object) -> Iterator[tuple[SyncResult, Path, Path]]:
+    """A populated ntfs-3g SRC pushed onto an ntfs-3g DST by a sender in this process, with
+    ``target.name`` replaced by ``value`` while it runs; the mounts stay while the caller looks."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
+        monkeypatch.setattr(target, name, value)
+        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
+                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
+        monkeypatch.undo()
+        yield res, src, dst
 
 
 @pytest.mark.parametrize("how", ["push", "pull"])
@@ -157,13 +174,7 @@ def test_descriptor_that_does_not_parse_over_ssh(server: Server, tmp_path: Path,
     def fake(target: int | bytes, name: bytes) -> bytes | None:
         return garbage if name == ntfsmod.ACL else real(target, name)
 
-    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
-        populate(src)
-        monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(server.ssh_config))
-        monkeypatch.setattr(ntfsmod, "_get", fake)
-        res = PushSyncer(src / "data", RemotePath("dvtest", str(dst / "data")),
-                         SyncOptions(acl=True, streams=True), remote=REMOTE).run()
-        monkeypatch.undo()
+    with pushed_here(server, tmp_path, monkeypatch, ntfsmod, "_get", fake) as (res, src, dst):
         by_path: dict[str, list[str]] = {}
         for p in res.problems:
             assert p.kind == "metadata", p
@@ -373,3 +384,31 @@ def test_checksum_over_ssh_compares_streams(server: Server, tmp_path: Path, how:
     with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
         assert streams_of(dst / "d" / "f") == streams_of(src / "d" / "f")
         assert streams_of(dst / "d" / "f")["big"][100_000:100_001] == b"Y"
+
+
+def test_a_stream_extended_without_end_while_it_is_sent_is_read_to_its_size_at_open(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream sent whole was read until EOF, so its owner extending it faster than the
+    sender read it (a truncate to a larger size, again and again) kept root's sync reading
+    for ever. Now it is read to the size it had when opened (and the file, changed meanwhile,
+    is sent again, then reported, as any file changed while read). The owner's step runs before
+    each read of the stream by the sender (in this process); it stops after 64, for the old
+    code to end at all."""
+    real = os.preadv
+    passes: list[tuple[int, list[int]]] = []  # each read of the stream: its size then, the offsets read
+
+    def extend_then_read(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("doc.txt:big"):
+            if offset == 0:
+                passes.append((os.fstat(fd).st_size, []))
+            passes[-1][1].append(offset)
+            if sum(len(o) for _, o in passes) <= 64:
+                with open(f"/proc/self/fd/{fd}", "r+b") as f:
+                    f.truncate(os.fstat(f.fileno()).st_size + 4 * 1024 * 1024)
+        return real(fd, buffers, offset)
+
+    with pushed_here(server, tmp_path, monkeypatch, os, "preadv", extend_then_read) as (res, _src, dst):
+        assert passes and all(off < size for size, offsets in passes for off in offsets), passes
+        # (each extension changes the file too: it is sent again, and reported after three tries)
+        assert [(p.path, p.kind) for p in res.problems] == [("doc.txt", "changed")], res.problems
+        assert not (dst / "data" / "doc.txt").exists() and (dst / "data" / "readonly.txt").read_text() == "ro\n"

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -122,13 +123,64 @@ def fsck_clean(image: str | Path, fstype: str = "ext4") -> None:
 
 
 def make_ext4(path: Path, size_mb: int, content: Path | None = None, *extra: str) -> Path:
+    """An ext4 image holding the tree ``content``, whose entries were changed a day before
+    the image was captured (as on a volume in use): made now, they would all be changed in
+    the second of the capture, which the next run reads again (tracking/volume/racy.py)."""
     with open(path, "wb") as f:
         f.truncate(size_mb << 20)
     args = ["mke2fs", "-q", "-F", "-t", "ext4", *extra]
     if content is not None:
         args += ["-d", str(content)]
     run(*args, str(path))
+    if content is not None:
+        backdate_ext4(path, content)
     return path
+
+
+DAY_AGO = int(time.time()) - 86400
+
+
+def backdate_ext4(fs: str | Path, content: Path) -> None:
+    """Set the times of the root, lost+found and the tree ``content`` copied into the ext4
+    ``fs`` (an image or a device) a day back (debugfs)."""
+    names = ["/", "/lost+found", *("/" + str(p.relative_to(content)) for p in sorted(content.rglob("*")))]
+    script = "".join(f"sif {n} {f} @{DAY_AGO}\n" for n in names for f in ("ctime", "mtime"))
+    subprocess.run(["debugfs", "-w", "-f", "-", str(fs)], input=script, text=True, check=True, capture_output=True)
+
+
+def backdate_ntfs(fs: str | Path) -> None:
+    """Set the four $STANDARD_INFORMATION times of every file and directory of the NTFS
+    ``fs`` (an image or a device; system files left alone) a day back, in their MFT
+    records (ntfs-3g would stamp the MFT-change time with now)."""
+    from dissect.ntfs import NTFS
+    from dissect.ntfs.mft import MftRecord
+
+    filetime = ((DAY_AGO + 11644473600) * 10**7).to_bytes(8, "little") * 4
+    with open(fs, "r+b") as f:
+        ntfs = NTFS(f)
+        rs, cs = ntfs._record_size, ntfs.cluster_size
+        mft = ntfs.mft.get(0)
+        runs, size = list(mft.attributes[0x80][0].header.dataruns()), mft.size()
+        fh = ntfs.mft.fh
+        fh.seek(0)
+        data = fh.read(size)
+        for n in range(24, len(data) // rs):  # 0-23: system files and reserved records
+            raw = data[n * rs:(n + 1) * rs]
+            if raw[:4] != b"FILE":
+                continue
+            rec = MftRecord.from_bytes(raw, ntfs)
+            if not rec.header.Flags & 1 or not rec.attributes[0x10]:
+                continue
+            si = rec.attributes[0x10][0]
+            at = n * rs + si.header.offset + si.header.header.Form.Resident.ValueOffset
+            vcn = 0
+            for lcn, count in runs:
+                if at < (vcn + count) * cs:
+                    f.seek(lcn * cs + at - vcn * cs)
+                    f.write(filetime)
+                    break
+                vcn += count
+        os.fsync(f.fileno())
 
 
 def fill_tree(root: Path, seed: int, files: int = 20, max_size: int = 300_000) -> Path:

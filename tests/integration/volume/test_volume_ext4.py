@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,45 @@ def test_restore_refuses_mounted_or_small_devices(vol: Vol, tmp_path: Path) -> N
         vol.restore(r.snapshot_id, Path(odev))
     assert small.read_bytes() == bytes((SIZE_MB - 1) << 20)  # nothing written before refusing
     fsck_clean(other)
+
+
+
+def _version(img: Path, name: str) -> int:
+    out = subprocess.run(["debugfs", "-R", f"stat /{name}", str(img)], capture_output=True, text=True,
+                         check=True).stdout
+    return int(re.search(r"Version: (0x[0-9a-f]+)", out).group(1), 16)  # type: ignore[union-attr]
+
+
+def _set_inode(img: Path, name: str, **fields: str) -> None:
+    for field, value in fields.items():
+        run("debugfs", "-w", "-R", f"sif /{name} {field} {value}", str(img))
+
+
+def test_a_file_rewritten_in_the_second_of_the_capture_is_read_again(vol: Vol, tmp_path: Path) -> None:
+    """The kernel stamps times at its clock's granularity (a second in 128-byte inodes)
+    and leaves the inode alone when a write keeps its times (nor is i_version bumped while
+    nobody has asked for it): a file written in the second the volume was captured, then
+    overwritten in place in that same second, has the very inode it had, and other data.
+    Its digest vouched for the old blocks in every later run: the change was missed for
+    good. Now the digest of a file changed within a second of the newest time on the volume
+    matches nothing, and the next run reads it. The same-second writes are made without
+    timing: after the first, the file's times are set (debugfs) to the second of the capture
+    (the superblock's last write, at the unmount); after the second, its times and i_version
+    are set back to what they were, as the kernel leaves them within one tick."""
+    img = make_ext4(tmp_path / "v.img", SIZE_MB, fill_tree(tmp_path / "src", seed=12), "-I", "128")
+    size = img.stat().st_size
+    with loop(img) as dev, mounted(dev, tmp_path / "m") as mnt:
+        (mnt / "hot.bin").write_bytes(os.urandom(256 * 1024))
+    with open(img, "rb") as f:
+        f.seek(1024 + 48)
+        captured = f"@{int.from_bytes(f.read(4), 'little')}"  # s_wtime
+    _set_inode(img, "hot.bin", ctime=captured, mtime=captured)
+    version = hex(_version(img, "hot.bin"))
+    vol.backup(img)
+    with loop(img) as dev, mounted(dev, tmp_path / "m") as mnt, open(mnt / "hot.bin", "r+b") as h:
+        h.write(os.urandom(256 * 1024))  # in place: the same blocks, the same size
+    _set_inode(img, "hot.bin", ctime=captured, mtime=captured, version=version)
+    expected = ext4_expected(img, size)
+    r = vol.backup(img)
+    _assert_report(r, "fs-digests")
+    assert sha256(vol.restore(r.snapshot_id)) == expected

@@ -20,7 +20,17 @@ from deltavault.errors import ExitCode
 from deltavault.progress import NullReporter
 from deltavault.tracking.volume import nbdlib
 from tests.conftest import Cli, needs_root, needs_tools
-from tests.integration.volume.conftest import Vol, fill_tree, loop, mounted, run, sha256, umount
+from tests.integration.volume.conftest import (
+    Vol,
+    backdate_ext4,
+    backdate_ntfs,
+    fill_tree,
+    loop,
+    mounted,
+    run,
+    sha256,
+    umount,
+)
 from tests.waits import until
 
 pytestmark = [needs_tools("qemu-img", "qemu-nbd"),
@@ -68,11 +78,14 @@ def windows_disk(tmp: Path) -> Path:
               f"start={P2[0] // 512}, size={P2[1] // 512}, type=7\n")
     subprocess.run(["sfdisk", "-q", str(raw)], input=script, text=True, check=True, capture_output=True)
     with loop(raw, *P1) as dev:
-        run("mkfs.ext4", "-q", "-F", "-d", str(fill_tree(tmp / "linux", seed=21, files=40, max_size=2 * MiB)), dev)
+        content = fill_tree(tmp / "linux", seed=21, files=40, max_size=2 * MiB)
+        run("mkfs.ext4", "-q", "-F", "-d", str(content), dev)
+        backdate_ext4(dev, content)  # written a day before the capture (tracking/volume/racy.py)
     with loop(raw, *P2) as dev:
         run("mkntfs", "-q", "-Q", "-F", "-p", str(P2[0] // 512), dev)
         with ntfs_mounted(dev, tmp / "ntfs") as mnt:
             fill_tree(mnt / "Users", seed=22, files=40, max_size=2 * MiB)
+        backdate_ntfs(dev)
     return raw
 
 

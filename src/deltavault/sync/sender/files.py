@@ -26,6 +26,7 @@ from deltavault.sync.data import (
     read_source,
 )
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.remote import DELTA_MAX
 from deltavault.sync.sender.link import AgentLink
 from deltavault.sync.sender.ntfs import SenderNtfs
 from deltavault.sync.sender.source import SourceTree, changed_since
@@ -48,6 +49,8 @@ class FileSender:
         try:
             st = os.fstat(fd)
             digest = file_digest(fd, self.buffers.get(0), read_source)
+            if changed_since(st, os.fstat(fd)):
+                digest = b""  # of no one version: matches nothing, so the agent asks for the file
             xattrs = self.meta.source_xattrs(fd=fd)
             win = None
             if self.ntfs is not None:
@@ -78,7 +81,11 @@ class FileSender:
                 if self.ntfs is not None:
                     xattrs, win, meta, lost = self.ntfs.file_win(dfd, name, fd, st, xattrs)
                 e = entry(name, "f", st, xattrs=xattrs, win=win)
-                sent = self._delta(fd, st, rel, e) if how == "delta" else self._put(fd, st, rel, e)
+                # The agent chose delta by the size listed; remote delta holds the file in
+                # memory, so one grown past DELTA_MAX since (a sparse file truncated to 1 TiB)
+                # is streamed whole instead, at the size opened.
+                delta = how == "delta" and st.st_size <= DELTA_MAX
+                sent = self._delta(fd, st, rel, e) if delta else self._put(fd, st, rel, e)
                 if sent and self.ntfs is not None and meta is not None and win is not None and win["streams"]:
                     sent = self.link.serve_streams(partial(self.ntfs.serve, dir_fd=dfd, name=name, fd=fd, st=st,
                                                            meta=meta, bufsize=self.buffers.size))
@@ -129,7 +136,8 @@ class FileSender:
 
     def _delta(self, fd: int, st: os.stat_result, rel: bytes, e: list[Any]) -> bool:
         """Let the agent fetch what its old version lacks; False if the file changed while read.
-        The file is read once the agent asks, while the agent reads its old version."""
+        The file is read once the agent asks, while the agent reads its old version: its
+        ``st.st_size`` bytes (at most DELTA_MAX: ``send``), whatever it has grown to since."""
         changed = False
 
         def load() -> memoryview | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import blake3
 
+from deltavault.fs.clone import pread_full
 from deltavault.fs.dirfd import fd_path, handle_at
 from deltavault.fs.ntfs import (
     STREAM_XATTR_MAX,
@@ -292,8 +293,8 @@ class SenderNtfs:
                 sfd = self.src.open_stream(dir_fd, name, s, st.st_ino)
                 try:
                     buf = memoryview(bytearray(max(4096, bufsize)))
-                    off = 0
-                    while n := os.preadv(sfd, [buf], off):
+                    off, size = 0, os.fstat(sfd).st_size  # not to EOF: its owner may extend it for ever
+                    while off < size and (n := pread_full(sfd, buf[:min(len(buf), size - off)], off)):
                         h.update(buf[:n])
                         chan.send({"d": buf[:n]})
                         off += n

@@ -4,7 +4,9 @@ The digest of an inode covers everything but its access time and checksums: mode
 times (ctime and mtime to the nanosecond), links, flags, block count, generation, the extent
 tree root kept in the inode, and for deeper extent trees (or block-mapped files) the whole
 mapping. A file whose content changes gets a new mtime and ctime, and a remapped file a new
-mapping, so an unchanged digest means its data blocks hold what they held last time.
+mapping, so an unchanged digest means its data blocks hold what they held last time; but
+for a file changed in the second the volume was captured, whose digest is stored as one
+that matches nothing (racy.py).
 
 Blocks no digest vouches for are read: superblocks and group descriptors, bitmaps, inode
 tables, extent tree and xattr blocks, the journal, and the data of changed inodes.
@@ -27,9 +29,11 @@ from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
 DIGEST = 16
+RACY = bytes(DIGEST)  # stored for a file its times cannot vouch for (racy.py): no digest equals it
 _OFF = {name: f.offset for name, f in c_ext.ext4_inode.fields.items()}
 # Everything but i_atime, i_checksum_lo/hi, i_extra_isize and the extra atime/crtime.
 _DIGEST_SLICES = ((_OFF["i_mode"], _OFF["i_atime"]), (_OFF["i_ctime"], _OFF["i_checksum_lo"]),
@@ -231,9 +235,24 @@ class Ext4Scanner:
             return None  # fast symlink: the target is in i_block
         return [(b, n) for b, n in INode(self.fs, inum).dataruns() if b]
 
+    def _superblock_times(self) -> list[int]:
+        """The last write and mount times (s_wtime, s_mtime, with their high bytes)."""
+        raw = self.fh.pread(1024, 1024)
+        return [int.from_bytes(raw[lo:lo + 4], "little") | raw[hi] << 32 for lo, hi in ((48, 0x274), (44, 0x275))]
+
+    @staticmethod
+    def _ctime(raw: bytes) -> int:
+        """An inode's ctime in seconds (with the epoch bits of i_ctime_extra, if it has them)."""
+        sec = int.from_bytes(raw[_OFF["i_ctime"]:_OFF["i_ctime"] + 4], "little", signed=True)
+        extra = int.from_bytes(raw[_OFF["i_extra_isize"]:_OFF["i_extra_isize"] + 2], "little") if len(raw) > 128 else 0
+        if _OFF["i_extra_isize"] + extra >= _OFF["i_ctime_extra"] + 4:
+            sec += (int.from_bytes(raw[_OFF["i_ctime_extra"]:_OFF["i_ctime_extra"] + 4], "little") & 3) << 32
+        return sec
+
     def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan:
         special = self._special_inodes()
         digests: dict[int, bytes] = {}
+        racy = Racy(self._superblock_times())
         unchanged = BitMap()
         changed = files = 0
         for inum, raw in self._inode_tables():
@@ -251,12 +270,15 @@ class Ext4Scanner:
             digests[inum] = d
             if inum in special:
                 continue  # always read; not counted as a file
+            racy.see(inum, self._ctime(raw))
             files += 1
             if prev is None or prev.get(inum) != d:
                 changed += 1
                 continue
             for start, count in extents or ():
                 self._add_blocks(unchanged, start, count, outward=False)
+        for inum in racy.objects():
+            digests[inum] = RACY
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

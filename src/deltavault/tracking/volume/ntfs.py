@@ -7,6 +7,9 @@ Writing a file changes its times; moving its data changes its runs. An unchanged
 therefore vouches for the clusters of the file's $DATA runs, and only for those: the MFT,
 $LogFile, $Bitmap, directory indexes (whose entries NTFS updates without touching the
 directory's own times), $Extend files and everything else in use are read every time.
+A file changed within a second of the newest MFT-change time on the volume gets a digest
+that matches nothing (racy.py): rewritten within one clock tick after the capture, its
+record would be the same.
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
 DIGEST = 16
+RACY = bytes(DIGEST)  # stored for a file its times cannot vouch for (racy.py): no digest equals it
 FIRST_USER_RECORD = 24  # 0-15 are system files, 16-23 reserved
 VOLUME_IS_DIRTY = 0x0001
 _SI_ACCESS_TIME = slice(24, 32)  # STANDARD_INFORMATION.LastAccessTime
+_SI_CHANGE_TIME = slice(16, 24)  # STANDARD_INFORMATION.ChangeTime (of the MFT record)
+_FILETIME_UNIX = 11644473600  # seconds from 1601 (FILETIME's epoch) to 1970
 _VOLUME_FLAGS = slice(10, 12)  # VOLUME_INFORMATION.Flags
 
 
@@ -117,15 +124,19 @@ class NtfsScanner:
         digests: dict[int, bytes] = {}
         unchanged = BitMap()
         changed = files = 0
+        racy = Racy([])
         for rec in self._records():
             n = rec.segment
             assert n is not None
             h = blake3.blake3()
             h.update(rec.header.SequenceNumber.to_bytes(2, "little"))
+            ctime: int | None = None
             for si in rec.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]:
                 value = bytearray(si.data())
                 value[_SI_ACCESS_TIME] = bytes(8)
                 h.update(value)
+                if len(value) >= _SI_CHANGE_TIME.stop:
+                    ctime = int.from_bytes(value[_SI_CHANGE_TIME], "little") // 10**7 - _FILETIME_UNIX
             runs: list[tuple[int, int]] = []
             data_attrs = sorted(rec.attributes[ATTRIBUTE_TYPE_CODE.DATA],
                                 key=lambda a: (a.header.name, a.header.lowest_vcn or 0))
@@ -137,6 +148,7 @@ class NtfsScanner:
                     runs.extend((lcn, count) for lcn, count in hdr.dataruns() if lcn is not None)
             d = h.digest(DIGEST)
             digests[n] = d
+            racy.see(n, ctime)  # (a system file's time counts towards the newest too)
             if self._is_special(rec):
                 continue  # always read; not counted as a file
             files += 1
@@ -145,6 +157,8 @@ class NtfsScanner:
                 continue
             for lcn, count in runs:
                 pagesets.add_bytes(unchanged, lcn * self.cs, (lcn + count) * self.cs, outward=False)
+        for n in racy.objects():
+            digests[n] = RACY
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
