@@ -295,3 +295,20 @@ def test_opening_reuses_a_scratch_buffer_safely() -> None:
     assert all(isinstance(x, bytes) for x in got if x is not None)
     assert env.open(sealed[0], aad=b"blob") == items[0]  # after the larger one: still its own bytes
     assert len(sealed[1]) > 1 << 20  # larger than the scratch buffer a thread starts with
+
+
+def test_a_config_mac_with_non_ascii_characters_fails_its_authentication(tmp_path: Path, repo: Repository) -> None:
+    """An edited config whose mac is not ASCII is a CorruptionError, on open and for repair,
+    not a TypeError out of hmac.compare_digest."""
+    import json
+
+    from deltavault.maintenance.config_repair import check_or_rebuild_config
+
+    backend = LocalBackend(tmp_path / "repo")
+    cfg = json.loads(backend.get("config"))
+    cfg["mac"] = "\u00e9" * 64
+    backend.put("config", json.dumps(cfg).encode())
+    with pytest.raises(CorruptionError):
+        Repository.open(backend, lambda: PASSWORD)
+    fixed = check_or_rebuild_config(backend, lambda: PASSWORD, dry_run=True, cache_root=tmp_path / "cache")
+    assert fixed.state != "sound"

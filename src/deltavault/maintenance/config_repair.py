@@ -20,7 +20,6 @@ anything that decides what data is.
 
 from __future__ import annotations
 
-import hmac
 import os
 import re
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from deltavault.repository.config import (
     ChunkerParams,
     RepoConfig,
     config_mac,
+    mac_matches,
 )
 from deltavault.repository.envelope import Envelope
 from deltavault.repository.indexfile import INDEX_AAD
@@ -165,7 +165,7 @@ def _problem(raw: bytes | None, masters: list[keymod.MasterKey]) -> str:
         return f"the config does not parse ({exc})"
     if cfg.format != "deltavault" or cfg.v != REPO_VERSION:
         return f"the config names format {cfg.format!r} version {cfg.v}"
-    if masters and not any(hmac.compare_digest(cfg.mac, config_mac(cfg, m)) for m in masters):
+    if masters and not any(mac_matches(cfg, m) for m in masters):
         return "the config fails its authentication (edited or damaged)"
     if not masters and cfg.encryption != "none":
         return "the config says encrypted, but there are no key files"

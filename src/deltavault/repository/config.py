@@ -76,6 +76,13 @@ def config_mac(cfg: RepoConfig, master: keymod.MasterKey) -> str:
     return blake3.blake3(msgspec.json.encode(fields), key=master.mac).hexdigest()
 
 
+def mac_matches(cfg: RepoConfig, master: keymod.MasterKey) -> bool:
+    """Whether the config is authenticated under ``master`` (in constant time). Compared as
+    bytes: ``hmac.compare_digest`` raises TypeError for a str with non-ASCII characters,
+    which an edited config's ``mac`` may hold."""
+    return hmac.compare_digest(cfg.mac.encode(), config_mac(cfg, master).encode())
+
+
 Unlocked = tuple[RepoConfig, keymod.MasterKey | None, str | None]  # config, master key, key file name
 
 
@@ -152,7 +159,7 @@ def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bo
     # the repair that message sent the user to rebuilt the config under that other key,
     # then found every pack and snapshot "damaged" and deleted them.
     for master, key_name in open_keys(backend, key_names, password()):
-        if hmac.compare_digest(cfg.mac, config_mac(cfg, master)):
+        if mac_matches(cfg, master):
             retention_mod.apply(backend, cfg.retention, creating=False)
             return cfg, master, key_name
     raise CorruptionError("repository config fails its authentication under every key file the password "
