@@ -83,3 +83,33 @@ def test_manifests_without_a_source_format_still_read() -> None:
     assert decode(msgspec.msgpack.encode(old), VolumeManifest, "manifest").source_format == ""
     new = msgspec.structs.replace(m, source_format="vmdk")
     assert decode(encode(new), VolumeManifest, "manifest").source_format == "vmdk"
+
+
+def test_cleaning_up_a_failed_conversion_never_raises_in_place_of_its_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporaries of a failed run are removed if they can be: a failure to remove them
+    (here: unlink refused) is not reported instead of the run's own error."""
+    import os
+    import shutil
+
+    from deltavault.errors import TargetError
+    from deltavault.restore import imageformat
+
+    monkeypatch.setattr(shutil, "which", lambda _name: "/usr/bin/qemu-img")
+
+    def restore_raw(path: str) -> object:
+        with open(path, "wb") as f:
+            f.write(b"x")
+        raise TargetError("the run's own error")
+
+    real_unlink = os.unlink
+
+    def refuse(name: object, *args: object, **kw: object) -> None:
+        if kw.get("dir_fd") is not None:
+            raise PermissionError(1, "refused")
+        real_unlink(name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(TargetError, match="the run's own error"):
+        imageformat.restore_as("qcow2", str(tmp_path / "disk.qcow2"), restore_raw,  # type: ignore[arg-type]
+                               overwrite=False, verify=False)

@@ -103,14 +103,16 @@ def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestore
         try:
             stats = _convert(fmt, target, restore_raw, where, pfd, verify=verify)
         finally:
-            for leftover in ("raw", "out"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover, dir_fd=pfd)
-            left = lstat_at(where.fd, private)
-            if left is not None and identity(left) == identity(os.fstat(pfd)):
+            try:
                 with contextlib.suppress(OSError):  # (never in place of the run's own error)
-                    os.rmdir(private, dir_fd=where.fd)
-            os.close(pfd)
+                    for leftover in ("raw", "out"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(leftover, dir_fd=pfd)
+                    left = lstat_at(where.fd, private)
+                    if left is not None and identity(left) == identity(os.fstat(pfd)):
+                        os.rmdir(private, dir_fd=where.fd)
+            finally:
+                os.close(pfd)
     stats.target = target
     stats.target_format = fmt
     return stats
