@@ -312,3 +312,18 @@ def test_a_config_mac_with_non_ascii_characters_fails_its_authentication(tmp_pat
         Repository.open(backend, lambda: PASSWORD)
     fixed = check_or_rebuild_config(backend, lambda: PASSWORD, dry_run=True, cache_root=tmp_path / "cache")
     assert fixed.state != "sound"
+
+
+def test_a_repository_is_not_made_with_a_key_file_it_would_refuse(tmp_path: Path) -> None:
+    """parse_key_file refuses scrypt parameters past 256 MiB or 16x the default work; a key
+    file asking them was written all the same, and the repository just made could not be
+    opened (KeyFileDamaged: 'unsafe KDF parameters'). Now it is refused before anything is
+    written."""
+    from deltavault.errors import UsageError
+
+    backend = LocalBackend(tmp_path / "strong", fsync=False)
+    with pytest.raises(UsageError):
+        Repository.init(backend, PASSWORD, scrypt=(16, 1, 2**18 + 1))  # past 16x the default work, cheap
+    assert not any(True for _ in backend.list("keys/"))
+    with pytest.raises(RepositoryNotFound):
+        Repository.open(backend, lambda: PASSWORD)

@@ -25,6 +25,7 @@ from deltavault.errors import (
     KeyFileDamaged,
     Undecodable,
     UnsupportedVersion,
+    UsageError,
     WrongPassword,
 )
 from deltavault.framing import decode_json
@@ -86,9 +87,21 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+def scrypt_allowed(n: int, r: int, p: int) -> bool:
+    """Whether a key file may ask these scrypt parameters (``MAX_SCRYPT_MEMORY``, ``MAX_SCRYPT_WORK``)."""
+    return (n >= 2 and n & (n - 1) == 0 and r >= 1 and p >= 1
+            and 128 * n * r <= MAX_SCRYPT_MEMORY and n * r * p <= MAX_SCRYPT_WORK)
+
+
 def make_key_file(master: MasterKey, password: bytes,
                   params: tuple[int, int, int] = DEFAULT_SCRYPT) -> bytes:
+    """A key file wrapping ``master`` under ``password``; refused (UsageError) for scrypt
+    parameters that ``parse_key_file`` would not accept: no key file is written that its
+    own repository then refuses."""
     n, r, p = params
+    if not scrypt_allowed(n, r, p):
+        raise UsageError(f"scrypt parameters n={n} r={r} p={p} are outside what a key file may ask "
+                         f"(at most {MAX_SCRYPT_MEMORY >> 20} MiB and {MAX_SCRYPT_WORK} n*r*p)")
     salt, nonce = os.urandom(32), os.urandom(12)
     wrapped = AESGCM(_kek(password, salt, n, r, p)).encrypt(nonce, master.raw(), _AAD)
     kf = KeyFile(v=KEYFILE_VERSION, kdf="scrypt", n=n, r=r, p=p, salt=_b64(salt),
@@ -113,9 +126,7 @@ def parse_key_file(data: bytes, name: str = "key") -> KeyFile:
         raise UnsupportedVersion(f"key file {name} has version {kf.v}; this build reads {KEYFILE_VERSION}")
     if kf.checksum != kf._body_digest():
         raise KeyFileDamaged(f"key file {name} fails its checksum: it was damaged or tampered with")
-    if kf.kdf != "scrypt" or not (kf.n >= 2 and kf.n & (kf.n - 1) == 0 and kf.r >= 1 and kf.p >= 1
-                                  and 128 * kf.n * kf.r <= MAX_SCRYPT_MEMORY
-                                  and kf.n * kf.r * kf.p <= MAX_SCRYPT_WORK):
+    if kf.kdf != "scrypt" or not scrypt_allowed(kf.n, kf.r, kf.p):
         raise KeyFileDamaged(f"key file {name} has unsupported or unsafe KDF parameters")
     return kf
 
