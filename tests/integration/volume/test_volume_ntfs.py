@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -148,9 +149,14 @@ def test_a_file_rewritten_within_the_tick_of_the_capture_is_read_again(vol: Vol,
     with loop(img) as dev, mounted(dev, tmp_path / "m", "-t", "ntfs-3g") as mnt:
         (mnt / "hot.bin").write_bytes(os.urandom(256 * 1024))
     at = _si_times_at(img, "hot.bin")
-    with open(img, "rb") as f:
+    # Written in the tick of the capture: its times are now's, later than any the unmount
+    # stamped (a loaded machine took over a second between the write and the unmount's
+    # last stamp, and the file was then rightly not racy).
+    now = (int(time.time()) + 11_644_473_600) * 10_000_000  # 100 ns since 1601
+    times = now.to_bytes(8, "little") * 4  # created, written, MFT-changed, read
+    with open(img, "r+b") as f:
         f.seek(at)
-        times = f.read(32)
+        f.write(times)
     vol.backup(img)
     with loop(img) as dev, mounted(dev, tmp_path / "m", "-t", "ntfs-3g") as mnt, open(mnt / "hot.bin", "r+b") as h:
         h.write(os.urandom(256 * 1024))  # in place: the same clusters, the same size
