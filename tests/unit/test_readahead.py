@@ -98,10 +98,12 @@ class _Bytes(MemoryBackend):
     def __init__(self) -> None:
         super().__init__()
         self.received = 0
+        self.gets = 0
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         data = super().get(name, offset, length)
         self.received += len(data)
+        self.gets += 1
         return data
 
 
@@ -290,3 +292,37 @@ def test_a_hint_that_comes_after_its_pack_was_fetched_fetches_nothing() -> None:
     assert ra._pool is not None
     ra._pool.shutdown(wait=True)
     assert [c[0] for c in inner.calls] == ["get"]
+
+
+def test_reads_of_a_pack_dropped_since_bring_it_again_once() -> None:
+    # A tree pack, read a directory at a time without hints, dropped for room: its next read
+    # fetches it again, in one GET, and the reads after it are served from that. A variant
+    # that passed such reads through one by one (branch pieces) made thousands of GETs in a
+    # restore (10 s, not 2.3); here it made 102.
+    inner = _Bytes()
+    data = os.urandom(5 * MiB)
+    inner.put("data/ab/tree", data)
+    ra = ReadAheadBackend(inner, block=8 * MiB, keep=16 * MiB)
+    assert ra.get("data/ab/tree", 100, 1000) == data[100:1100]
+    with ra._lock:
+        ra._evict(0)  # dropped for room, as other GETs in flight make it
+    for off in range(200_000, 5 * MiB - 10_000, 50_000):
+        assert ra.view("data/ab/tree", off, 9000) == data[off:off + 9000]
+    assert inner.gets == 2, inner.gets
+
+
+def test_a_block_dropped_as_soon_as_it_came_still_serves_its_read() -> None:
+    # Pinned packs fill the budget: a block fetched for an unheld read is dropped at once
+    # for room. Its read is served from what came; read again from the kept blocks (branch
+    # refetchgap, first try), the reader fetched it again and again, for ever.
+    inner = _Bytes()
+    pinned, tree = os.urandom(8 * MiB), os.urandom(3 * MiB)
+    inner.put("data/ab/pinned", pinned)
+    inner.put("data/cd/tree", tree)
+    ra = ReadAheadBackend(inner, block=8 * MiB, keep=10 * MiB)
+    release = ra.hold("data/ab/pinned", 0, 8 * MiB, ahead=False)
+    assert ra.get("data/ab/pinned", 0, MiB) == pinned[:MiB]
+    for off in (100, MiB, 2 * MiB):
+        assert ra.get("data/cd/tree", off, 1000) == tree[off:off + 1000]
+    release()
+    assert inner.gets <= 4, inner.gets
