@@ -79,19 +79,10 @@ def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestore
     Both temporary images are made in a directory of our own (0700, of a random name)
     beside the target, named to restore_raw and to qemu-img through ``/proc/self/fd/N``:
     the directory held open, whatever its name names by now."""
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise TargetError(f"restore target {target}: {exc.strerror or exc}") from exc
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{target} is not a regular file: a {fmt} image is written to a file only")
-    if st is not None and not overwrite:
-        raise UsageError(f"{target} exists; pass --overwrite to replace it")
-    if shutil.which("qemu-img") is None:
-        raise Unavailable(f"writing a {fmt} image needs qemu-img (Debian package qemu-utils)")
     with TargetDir(target) as where:
+        _check_target(where, fmt, overwrite=overwrite)
+        if shutil.which("qemu-img") is None:
+            raise Unavailable(f"writing a {fmt} image needs qemu-img (Debian package qemu-utils)")
         private = b"." + where.name + f".dv-{fmt}-{os.urandom(6).hex()}".encode()
         try:
             os.mkdir(private, 0o700, dir_fd=where.fd)
@@ -116,6 +107,25 @@ def restore_as(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestore
     stats.target = target
     stats.target_format = fmt
     return stats
+
+
+def _check_target(where: TargetDir, fmt: str, *, overwrite: bool) -> None:
+    """What stands under the target's name, judged as a raw restore judges it (``TargetDir``,
+    not followed): the image replaces a file or a symlink, never a device, and a symlink to a
+    device in a directory others may write in is refused (it had been judged by ``os.stat``,
+    through the link, so a dangling one was replaced without --overwrite)."""
+    target = where.target
+    try:
+        st = where.lstat()
+        dev = where.device(st)
+    except OSError as exc:
+        raise TargetError(f"restore target {target}: {exc.strerror or exc}") from exc
+    if dev is not None:
+        os.close(dev)
+    if dev is not None or (st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode))):
+        raise UsageError(f"{target} is not a regular file: a {fmt} image is written to a file only")
+    if st is not None and not overwrite:
+        raise UsageError(f"{target} exists; pass --overwrite to replace it")
 
 
 def _convert(fmt: str, target: str, restore_raw: Callable[[str], VolumeRestoreStats], where: TargetDir,

@@ -140,3 +140,20 @@ def test_temporary_names_planted_beforehand_lead_nowhere(vol: Vol, tmp_path: Pat
     assert sorted(p.name for p in shared.iterdir()) == sorted(
         [f".vm.qcow2.dv-raw-{pid}", f".vm.qcow2.dv-qcow2-{pid}", f"..vm.qcow2.dv-raw-{pid}.dv-restore-{pid}",
          "vm.qcow2"])
+
+
+def test_an_image_format_judges_the_target_as_a_raw_restore_does(vol: Vol, tmp_path: Path, shared: Path) -> None:
+    """A qcow2 target was judged through the link (``os.stat``): a dangling symlink there was
+    replaced without --overwrite, where a raw restore asks for it."""
+    manifest, _want = _volume(vol, tmp_path)
+    target = shared / "vm.qcow2"
+    _plant(target, tmp_path / "nowhere")
+
+    def restore_raw(path: str) -> VolumeRestoreStats:
+        return _restorer(vol, manifest, path, overwrite=True).run()
+
+    with pytest.raises(UsageError, match="exists; pass --overwrite"):
+        restore_as("qcow2", str(target), restore_raw, overwrite=False, verify=False)
+    assert os.readlink(target) == str(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match="exists; pass --overwrite"):
+        _restorer(vol, manifest, str(target), overwrite=False).run()  # the raw restore, alike
