@@ -115,11 +115,7 @@ def _check_target(where: TargetDir, fmt: str, *, overwrite: bool) -> None:
     device in a directory others may write in is refused (it had been judged by ``os.stat``,
     through the link, so a dangling one was replaced without --overwrite)."""
     target = where.target
-    try:
-        st = where.lstat()
-        dev = where.device(st)
-    except OSError as exc:
-        raise TargetError(f"restore target {target}: {exc.strerror or exc}") from exc
+    st, dev = where.examine()
     if dev is not None:
         os.close(dev)
     if dev is not None or (st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode))):

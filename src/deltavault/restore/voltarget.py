@@ -59,6 +59,15 @@ class TargetDir:
         """What stands under the target's name, not followed."""
         return lstat_at(self.fd, self.name)
 
+    def examine(self) -> tuple[os.stat_result | None, int | None]:
+        """What stands under the target's name (``lstat``) and, when that is a block device,
+        an ``O_PATH`` handle to it (``device``)."""
+        try:
+            st = self.lstat()
+            return st, self.device(st)
+        except OSError as exc:
+            raise TargetError(f"restore target {self.target}: {exc.strerror or exc}") from exc
+
     def device(self, st: os.stat_result | None) -> int | None:
         """An ``O_PATH`` handle to the block device the target is (``st``: as lstat met it),
         or None when it is none (nothing, a regular file, a symlink leading elsewhere)."""

@@ -95,11 +95,7 @@ class VolumeRestorer:
 
     def _open(self, where: TargetDir) -> tuple[int, bytes | None]:
         """(fd, temporary name to rename over the target, or None for a device)."""
-        try:
-            st = where.lstat()
-            dev = where.device(st)
-        except OSError as exc:
-            raise TargetError(f"restore target {self.target}: {exc.strerror or exc}") from exc
+        st, dev = where.examine()
         if dev is not None:
             return self._open_device(dev)
         if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
