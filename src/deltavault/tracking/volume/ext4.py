@@ -33,7 +33,6 @@ from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
 DIGEST = 16
-RACY = bytes(DIGEST)  # stored for a file its times cannot vouch for (racy.py): no digest equals it
 _OFF = {name: f.offset for name, f in c_ext.ext4_inode.fields.items()}
 # Everything but i_atime, i_checksum_lo/hi, i_extra_isize and the extra atime/crtime.
 _DIGEST_SLICES = ((_OFF["i_mode"], _OFF["i_atime"]), (_OFF["i_ctime"], _OFF["i_checksum_lo"]),
@@ -277,8 +276,7 @@ class Ext4Scanner:
                 continue
             for start, count in extents or ():
                 self._add_blocks(unchanged, start, count, outward=False)
-        for inum in racy.objects():
-            digests[inum] = RACY
+        racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

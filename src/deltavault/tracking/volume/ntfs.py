@@ -36,7 +36,6 @@ from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
 DIGEST = 16
-RACY = bytes(DIGEST)  # stored for a file its times cannot vouch for (racy.py): no digest equals it
 FIRST_USER_RECORD = 24  # 0-15 are system files, 16-23 reserved
 VOLUME_IS_DIRTY = 0x0001
 _SI_ACCESS_TIME = slice(24, 32)  # STANDARD_INFORMATION.LastAccessTime
@@ -157,8 +156,7 @@ class NtfsScanner:
                 continue
             for lcn, count in runs:
                 pagesets.add_bytes(unchanged, lcn * self.cs, (lcn + count) * self.cs, outward=False)
-        for n in racy.objects():
-            digests[n] = RACY
+        racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

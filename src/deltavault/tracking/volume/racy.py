@@ -9,8 +9,8 @@ captured (frozen, unmounted, snapshotted), and again in that second after the ca
 keeps the inode the digest was taken of, with other data. Its digest would then vouch for
 stale blocks in every later run, a change missed for good (git's "racy clean" entries).
 
-So the digests of such files are stored as ``RACY``, which no digest equals: the next run
-reads their data. The capture time is not on disk; it is no earlier than the newest time
+So the digests of such files are stored as zero bytes (``Racy.mark``), which no digest
+equals: the next run reads their data. The capture time is not on disk; it is no earlier than the newest time
 the file system holds (every ctime, the superblock's last write and mount), so a file is
 racy when its ctime lies within ``WINDOW`` of that newest time. Times later than this
 machine's clock (a clock that was ahead) are racy themselves and do not count as the
@@ -47,3 +47,8 @@ class Racy:
     def objects(self) -> list[int]:
         """Those whose digest must not vouch for their data next time."""
         return self._future + [o for o, c in self._near if c >= self.newest - WINDOW]
+
+    def mark(self, digests: dict[int, bytes]) -> None:
+        """Store, for each of ``objects``, a digest of zero bytes in place of its own."""
+        for o in self.objects():
+            digests[o] = bytes(len(digests[o]))
