@@ -103,17 +103,14 @@ class VolumeRestorer:
         if st is not None and not self.opts.overwrite:
             raise UsageError(f"{self.target} exists; pass --overwrite to replace it")
         tmp = b"." + where.name + b".dv-restore-" + os.urandom(6).hex().encode()
+        fd = -1
         try:
             fd = os.open(tmp, NEW_FILE, 0o600, dir_fd=where.fd)
-        except OSError as exc:
-            if exc.errno in NO_SPACE_ERRNOS:
-                raise NoSpace(f"no space to create {display(tmp)} beside {self.target}") from exc
-            raise TargetError(f"cannot create {display(tmp)} beside {self.target}: {exc.strerror or exc}") from exc
-        try:
             os.ftruncate(fd, self.m.size)
         except OSError as exc:
-            os.close(fd)
-            where.unlink(tmp)
+            if fd >= 0:
+                os.close(fd)
+                where.unlink(tmp)
             if exc.errno in NO_SPACE_ERRNOS:
                 raise NoSpace(f"no space to create {display(tmp)} beside {self.target}") from exc
             raise TargetError(f"cannot create {display(tmp)} beside {self.target}: {exc.strerror or exc}") from exc
