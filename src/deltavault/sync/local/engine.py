@@ -128,6 +128,7 @@ class Syncer:
         try:
             self._guard = Guard.local(sroot, droot)
             self._guard.check(run.src, run.dst)
+            run.rx.take_root(os.fstat(sroot), run.dst)
         except BaseException:
             self._close_roots()
             raise

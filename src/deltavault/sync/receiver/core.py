@@ -36,6 +36,7 @@ from deltavault.sync.receiver.links import (
 )
 from deltavault.sync.receiver.ntfs import AgentNtfs
 from deltavault.sync.receiver.remove import remove_entry
+from deltavault.sync.receiver.root import TakenRoot, give_back, take_root
 from deltavault.sync.receiver.specials import place_special
 from deltavault.sync.receiver.temps import Temps, Where, unlink_quiet
 from deltavault.sync.receiver.verify import verify_written
@@ -73,6 +74,7 @@ class Receiver:
         self._cancelled = cancelled
         self._unmarked = unmarked_groups
         self.ntfs: AgentNtfs | None = None  # the agent's NTFS part (feature "ntfs"; the local engine has its own)
+        self.taken: TakenRoot | None = None  # DST's root as it was before the run took it (receiver/root.py)
 
     # ------------------------------------------------------------------ entries
     def removed(self, rel: bytes, st: os.stat_result) -> None:
@@ -157,8 +159,17 @@ class Receiver:
                 raise
         return fd, dst, False, mnt
 
+    def take_root(self, src: os.stat_result, dst: bytes) -> None:
+        """Before anything is written in DST: its root ours alone if others own or reach it
+        (receiver/root.py); ``src``: SRC's root."""
+        self.taken = take_root(self.root, src, self.meta, dst)
+
     def dir_meta(self, fd: int, rel: bytes, st: os.stat_result, xattrs: Xattrs) -> None:
-        """A directory's own metadata, once everything in it is in place."""
+        """A directory's own metadata, once everything in it is in place (DST's root: first
+        what the run took of it and does not set, given back)."""
+        if not rel and self.taken is not None:
+            self.meta_problems(rel, give_back(fd, self.taken, st, self.meta))
+            self.taken = None
         self.meta_problems(rel, self.meta.apply_fd(fd, st, xattrs))
 
     # ------------------------------------------------------------------ files

@@ -1,0 +1,73 @@
+"""DST's root, taken for the run: before anything is written in it, a root that another
+user owns, or that lets group or others further in than SRC's root will, is made ours
+alone (0700, no ACLs: fs.meta.take_dir), as a directory met below it is (receiver/core.py).
+Its owner could otherwise read or move away what the run writes there before the root's
+own metadata is set, last, and a default ACL they set would hand them every entry made in
+it, for good. Its own metadata is SRC's root's at the end; what the run does not set is
+given back then: without --owner its owner and group, and the ACLs of that same owner
+(without --acl), so a directory an admin syncs into keeps the owner they gave it.
+
+Both ends decide this before the first listing: the local engine from SRC's root, the
+agent from the root entry the sender puts in "hello" (sync/wire.py, protocol version 2).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from deltavault.errors import TargetError
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs, take_dir, widens
+from deltavault.fs.paths import display
+from deltavault.sync.meta import MetaPolicy
+from deltavault.sync.receiver.entries import owned
+
+
+@dataclass(frozen=True)
+class TakenRoot:
+    """What DST's root was before the run took it."""
+
+    uid: int
+    gid: int
+    acls: list[tuple[bytes, bytes]]
+
+
+def take_root(fd: int, src: os.stat_result, meta: MetaPolicy, dst: bytes) -> TakenRoot | None:
+    """Make DST's root (open as ``fd``) ours alone for the run if another user owns it, it
+    is not the owner the run gives it, or it is more open than SRC's root (``src``) will
+    make it. None: left as it is. TargetError: another user's root, which we (not root)
+    cannot take: nothing is written in it."""
+    st = os.fstat(fd)
+    if (st.st_uid == os.geteuid() and owned(st, src, meta)
+            and not widens(st, src.st_mode, src.st_gid if meta.chown else None)):
+        return None
+    acls = read_xattrs(b"", fd=fd, want=ACL_XATTRS.__contains__)
+    try:
+        take_dir(fd, st)
+    except PermissionError:
+        raise TargetError(f"the destination {display(dst)} belongs to another user (uid {st.st_uid}), who could "
+                          "read or move away what is written there while the run writes it; sync into a "
+                          "directory of your own (or as root, which takes it for the run)") from None
+    return TakenRoot(st.st_uid, st.st_gid, acls)
+
+
+def give_back(fd: int, taken: TakenRoot, src: os.stat_result, meta: MetaPolicy) -> list[str]:
+    """Before the root gets SRC's root's metadata: what the run does not set, back as it
+    was. Without --owner, its owner and group; its ACLs (without --acl) only if it keeps
+    that owner: a root that becomes SRC's owner's keeps none of its former owner's."""
+    probs = ApplyProblems([])
+    keeps_owner = not meta.chown or src.st_uid == taken.uid
+    if not meta.acl and keeps_owner:
+        for name, value in taken.acls:
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                probs.add(f"xattr {name.decode(errors='replace')}", exc)
+    if not meta.chown and taken.uid != os.geteuid():
+        try:
+            os.fchown(fd, taken.uid, taken.gid)
+        except OSError as exc:
+            if exc.errno != errno.EPERM or os.geteuid() == 0:
+                probs.add("chown", exc)
+    return probs.messages
