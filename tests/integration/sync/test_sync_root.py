@@ -194,3 +194,34 @@ def test_an_agent_and_a_sender_of_another_protocol_version_are_refused(
     assert p.returncode == 2, p.stdout + p.stderr
     assert "agent speaks sync protocol version 1, the sender version 2" in p.stdout + p.stderr
     assert not dst.exists() or os.listdir(dst) == []
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("push", marks=no_sshd)])
+@pytest.mark.parametrize("through", ["leaf", "parent"])
+def test_a_symlink_of_another_user_on_the_destination_path_is_refused(
+        shared_dir: Path, where: str, through: str, request: pytest.FixtureRequest) -> None:
+    """Root syncs with --delete into nobody's home/mirror (or home/mirror/sub, not there
+    yet); nobody made mirror a symlink to a directory of root's. The sync followed it:
+    root's files there were deleted and SRC written in their place. A symlink of another
+    user on the destination's path is now refused (exit 17), nothing touched; root's own
+    symlinks are still followed."""
+    if where != "local":
+        request.getfixturevalue("server")
+    src, home, precious = shared_dir / "src", shared_dir / "home", shared_dir / "precious"
+    src.mkdir()
+    (src / "f").write_bytes(b"data\n")
+    precious.mkdir()
+    (precious / "keep").write_bytes(b"root's\n")
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    made = as_nobody("ln", "-s", str(precious), str(home / "mirror"))
+    assert made.returncode == 0, made.stderr
+    dst = home / "mirror" if through == "leaf" else home / "mirror" / "sub"
+    p = sync_cli(src, dst, where, "--delete")
+    assert p.returncode == 17, p.stdout + p.stderr
+    assert "a symlink of another user (uid 65534)" in p.stdout + p.stderr
+    assert sorted(os.listdir(precious)) == ["keep"] and (precious / "keep").read_bytes() == b"root's\n"
+    (shared_dir / "ours").symlink_to(precious)  # root's own: followed
+    p = sync_cli(src, shared_dir / "ours" / "sub", where)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (precious / "sub" / "f").read_bytes() == b"data\n"

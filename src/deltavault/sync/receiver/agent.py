@@ -17,11 +17,10 @@ from typing import Any
 
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.ntfs import probe
-from deltavault.fs.paths import open_target_dir
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
-from deltavault.sync.guard import Guard, check_missing_dest
+from deltavault.sync.guard import Guard
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.core import Receiver
@@ -29,6 +28,7 @@ from deltavault.sync.receiver.dirs import OpenDirs
 from deltavault.sync.receiver.ntfs import AgentNtfs, NtfsDest
 from deltavault.sync.receiver.records import AgentOutcomes
 from deltavault.sync.receiver.requests import Requests
+from deltavault.sync.receiver.root import open_root
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
 from deltavault.sync.wire import FEATURES, VERSION, Entry, Frames, Paths, options_from
 
@@ -138,14 +138,7 @@ class Agent:
         """Open (or make) DST, refused if the sender's SRC is on this kernel and overlaps it."""
         src_name = os.fsencode(source["path"]) if isinstance(source, dict) and isinstance(
             source.get("path"), bytes | str) else b"the source"
-        try:
-            self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            check_missing_dest(Guard.peer_root(source), dest, src_name)
-        except OSError:
-            pass
-        if self.root < 0:
-            self.root = open_target_dir(dest, "destination")
+        self.root = open_root(dest, Guard.peer_root(source), src_name)
         rx.root = self.root
         rx.guard = Guard.one_side(self.root, is_src=False, peer=source)
         rx.guard.check(src_name, dest)

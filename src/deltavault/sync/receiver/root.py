@@ -1,4 +1,6 @@
-"""DST's root, taken for the run: before anything is written in it, a root that another
+"""DST's root: opened, following no other user's symlink on its path (fs/trusted.py: a
+symlink ``/home/alice/mirror -> /etc`` alice made had root's sync write, and with --delete
+delete, in /etc), and taken for the run: before anything is written in it, a root that another
 user owns, or that lets group or others further in than SRC's root will, is made ours
 alone (0700, no ACLs: fs.meta.take_dir), as a directory met below it is (receiver/core.py).
 Its owner could otherwise read or move away what the run writes there before the root's
@@ -17,11 +19,44 @@ import errno
 import os
 from dataclasses import dataclass
 
-from deltavault.errors import TargetError
+from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError
+from deltavault.fs.dirfd import Identity
 from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs, take_dir, widens
 from deltavault.fs.paths import display
+from deltavault.fs.trusted import UntrustedLink, open_dir_trusted
+from deltavault.sync.guard import check_missing_dest
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.receiver.entries import owned
+
+
+def open_root(dst: bytes, src: Identity | None, src_name: bytes) -> int:
+    """DST's root, opened through our own and root's symlinks only; made, with its missing
+    parents, if it is not there (refused first if it would be made inside SRC, the
+    directory ``src`` when it is on this kernel: sync/guard.py)."""
+    try:
+        return _open(dst, create=False)
+    except FileNotFoundError:
+        check_missing_dest(src, dst, src_name)
+    return _open(dst, create=True)
+
+
+def _open(dst: bytes, *, create: bool) -> int:
+    try:
+        return open_dir_trusted(dst, create=create)
+    except FileNotFoundError as exc:
+        if not create:
+            raise
+        raise TargetError(f"cannot create the destination {display(dst)}: {exc.strerror or exc}") from None
+    except UntrustedLink as exc:
+        raise TargetError(f"the destination {display(dst)} goes through {display(exc.name)}, a symlink of another "
+                          f"user (uid {exc.uid}), who could point it anywhere; name the directory it points "
+                          "to") from None
+    except NotADirectoryError as exc:
+        raise TargetError(f"the destination {display(dst)}: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise NoSpace(f"no space to create the destination {display(dst)}") from exc
+        raise TargetError(f"cannot open the destination {display(dst)}: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)
