@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from deltavault.sync.receiver.core import Receiver
 from deltavault.sync.receiver.temps import Where
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
-from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
+from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
 from tests.integration.sync.test_sync_hostile import no_sshd, server, sync  # noqa: F401 (a fixture)
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
@@ -34,28 +33,13 @@ REAL = b"#!/bin/sh\necho the program backed up\n"
 EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
 
 
-def _fork_as_nobody(child: Callable[[], None]) -> int:
-    """A forked process of user nobody that runs ``child``; its pid."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            child()
-            os._exit(0)
-        finally:
-            os._exit(1)
-    return pid
-
-
 def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
     """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
     def plant() -> None:
         path.write_bytes(data)
         os.utime(path, ns=(mtime_ns, mtime_ns))
 
-    _, status = os.waitpid(_fork_as_nobody(plant), 0)
+    _, status = os.waitpid(fork_as_nobody(plant), 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return path.stat().st_ino
 
@@ -154,7 +138,7 @@ def _reader_as_nobody(path: Path) -> tuple[int, int, int]:
         os.read(go_r, 1)
         os.write(ready_w, hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest().encode())
 
-    pid = _fork_as_nobody(read_when_told)
+    pid = fork_as_nobody(read_when_told)
     os.close(ready_w)
     os.close(go_r)
     assert os.read(ready_r, 1) == b"1"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,21 @@ from deltavault.sync.receiver.temps import Where
 from deltavault.sync.ssh import RemotePath
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
-from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
+from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
 from tests.integration.sync.conftest import REMOTE
-from tests.integration.sync.test_sync_hostile import no_sshd, run
-from tests.sshd import Server, sshd
+from tests.integration.sync.test_sync_hostile import no_sshd, run, server  # noqa: F401 (a fixture)
+from tests.sshd import Server
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 WHERE = ["local", pytest.param("push", marks=no_sshd), pytest.param("pull", marks=no_sshd)]
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    with sshd(tmp_path) as srv:
-        old = os.environ.get("DELTAVAULT_SSH_CONFIG")
-        os.environ["DELTAVAULT_SSH_CONFIG"] = str(srv.ssh_config)  # (for the syncs run in this process)
-        try:
-            yield srv
-        finally:
-            if old is None:
-                del os.environ["DELTAVAULT_SSH_CONFIG"]
-            else:
-                os.environ["DELTAVAULT_SSH_CONFIG"] = old
+def ssh_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A real sshd to this host; its client configuration, for the CLI and for this process."""
+    srv: Server = request.getfixturevalue("server")
+    monkeypatch.setenv("DELTAVAULT_SSH_CONFIG", str(srv.ssh_config))
+    return {"DELTAVAULT_SSH_CONFIG": str(srv.ssh_config)}
 
 
 def sync_cli(src: Path, dst: Path, where: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -56,11 +49,8 @@ def sync_cli(src: Path, dst: Path, where: str, *flags: str) -> subprocess.Comple
     if where == "local":
         return run("sync", *flags, str(src), str(dst))
     a, b = (str(src), f"dvtest:{dst}") if where == "push" else (f"dvtest:{src}", str(dst))
-    return run("sync", "--remote-command", REMOTE, *flags, a, b, env=ssh_env())
-
-
-def ssh_env() -> dict[str, str]:
-    return {"DELTAVAULT_SSH_CONFIG": os.environ["DELTAVAULT_SSH_CONFIG"]}
+    return run("sync", "--remote-command", REMOTE, *flags, a, b,
+               env={"DELTAVAULT_SSH_CONFIG": os.environ["DELTAVAULT_SSH_CONFIG"]})
 
 
 def sync_here(src: Path, dst: Path, where: str) -> None:
@@ -84,7 +74,7 @@ def test_a_root_another_user_made_with_a_default_acl_gives_them_nothing(
     with --owner, its owner (nobody's ACLs are not kept on a root that is no longer theirs),
     without it goes back to nobody with their ACLs."""
     if where != "local":
-        request.getfixturevalue("server")
+        request.getfixturevalue("ssh_env")
     src, home = shared_dir / "src", shared_dir / "home"
     secret_tree(src)
     home.mkdir()
@@ -116,7 +106,7 @@ def test_a_root_more_open_than_the_sources_shows_nothing_written_in_it(
     every user in. The root is now 0700 before anything is written in it, SRC's mode at
     the end. User nobody tries right after the file is put in place."""
     if where != "local":
-        request.getfixturevalue("server")
+        request.getfixturevalue("ssh_env")
     src, dst = shared_dir / "src", shared_dir / "dst"
     src.mkdir()
     (src / "secret").write_bytes(b"top secret\n")
@@ -151,21 +141,16 @@ def test_a_user_cannot_sync_into_a_root_of_another_user(shared_dir: Path) -> Non
     dst.mkdir()
     dst.chmod(0o777)  # root's, open to all
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # user nobody, running the engine this process imported (nobody cannot run its Python)
-        code = 1
+
+    def sync_as_nobody() -> None:  # (the engine this process imported: nobody cannot run its Python)
+        os.close(r)
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
             Syncer(src, dst, SyncOptions(processes=1)).run()
-            code = 0
         except DeltavaultError as exc:
             os.write(w, exc.message.encode())
-            code = int(exc.exit_code)
-        finally:
-            os._exit(code)
+            os._exit(int(exc.exit_code))
+
+    pid = fork_as_nobody(sync_as_nobody)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         said = f.read().decode()
@@ -177,20 +162,20 @@ def test_a_user_cannot_sync_into_a_root_of_another_user(shared_dir: Path) -> Non
 
 @no_sshd
 def test_an_agent_and_a_sender_of_another_protocol_version_are_refused(
-        shared_dir: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+        shared_dir: Path, ssh_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Version 1 had no root in "hello": an agent of version 1 would write in a root it never
     took. Each end now refuses the other's version, naming both, exit 2, and writes nothing."""
     src, dst = shared_dir / "src", shared_dir / "dst"
     src.mkdir()
     (src / "f").write_bytes(b"data\n")
-    monkeypatch.setattr(sender_mod, "VERSION", 1)  # this sender speaks version 1
-    with pytest.raises(UsageError, match="agent speaks sync protocol version 2, the sender version 1"):
+    with monkeypatch.context() as m, pytest.raises(
+            UsageError, match="agent speaks sync protocol version 2, the sender version 1"):
+        m.setattr(sender_mod, "VERSION", 1)  # this sender speaks version 1
         PushSyncer(src, RemotePath("dvtest", str(dst)), SyncOptions(), remote=REMOTE).run()
-    monkeypatch.undo()
     old_agent = ("import sys, deltavault.sync.receiver.agent as a; a.VERSION = 1; "
                  "from deltavault.cli.main import main; sys.exit(main(sys.argv[1:]))")
     remote = REMOTE.replace("-m deltavault", f"-c '{old_agent}'")
-    p = run("sync", "--remote-command", remote, str(src), f"dvtest:{dst}", env=ssh_env())
+    p = run("sync", "--remote-command", remote, str(src), f"dvtest:{dst}", env=ssh_env)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "agent speaks sync protocol version 1, the sender version 2" in p.stdout + p.stderr
     assert not dst.exists() or os.listdir(dst) == []
@@ -206,7 +191,7 @@ def test_a_symlink_of_another_user_on_the_destination_path_is_refused(
     user on the destination's path is now refused (exit 17), nothing touched; root's own
     symlinks are still followed."""
     if where != "local":
-        request.getfixturevalue("server")
+        request.getfixturevalue("ssh_env")
     src, home, precious = shared_dir / "src", shared_dir / "home", shared_dir / "precious"
     src.mkdir()
     (src / "f").write_bytes(b"data\n")
