@@ -95,6 +95,32 @@ def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_d
         assert acl_names(path) == [], path
 
 
+@pytest.mark.parametrize("where", ["local", pytest.param("push", marks=no_sshd)])
+def test_a_directory_that_will_be_its_owners_is_still_taken_while_written_in(
+        shared_dir: Path, where: str, request: pytest.FixtureRequest) -> None:
+    """SRC's "home" is nobody's and holds root's 0750 "private" with a 0640 file; DST's
+    "home" is nobody's too (an earlier sync gave it SRC's owner), and nobody gave it a
+    default ACL. As the owner the sync gives it, it was used as it was: "private" and its
+    file inherited the ACL, and nobody read root's file for good. A directory of another
+    user is now taken for the run whoever it will belong to; SRC's owner at the end."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    secret_tree(src / "home")
+    os.chown(src / "home", NOBODY, NOBODY)
+    dst.mkdir()
+    dst.chmod(0o777)
+    plant_acl_dir(dst / "home")
+    dst.chmod(0o755)
+    os.chmod(dst / "home", 0o755)  # (not more open than SRC's: only its owner is the matter)
+    p = sync(src, dst, server=request.getfixturevalue("server") if where == "push" else None)
+    assert p.returncode == 0, p.stdout + p.stderr
+    secret = dst / "home" / "private" / "secret"
+    assert secret.read_bytes() == b"top secret\n"
+    got = as_nobody("cat", str(secret))
+    assert got.returncode != 0 and "top secret" not in got.stdout
+    assert acl_names(secret) == [] and acl_names(secret.parent) == []
+    assert (dst / "home").stat().st_uid == NOBODY
+
+
 def test_a_directory_more_open_than_the_sources_shows_nothing_written_in_it(
         shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A DST directory of the right owner, but 0755 where SRC's is 0700 (SRC's was closed

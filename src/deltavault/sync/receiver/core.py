@@ -17,14 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import Identity, created_dir, identity, open_dir_checked
-from deltavault.fs.meta import take_dir, widens
+from deltavault.fs.meta import take_dir
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard, mount_root
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.receiver.entries import Xattrs, delete_extras, fix_meta, owned
+from deltavault.sync.receiver.entries import Xattrs, delete_extras, fix_meta, to_take
 from deltavault.sync.receiver.links import (
     Groups,
     detach,
@@ -126,10 +126,10 @@ class Receiver:
                parent_mnt: int) -> tuple[int, os.stat_result, bool, int] | None:
         """DST/rel made (mode 0700 until its metadata is set) or opened, and checked: the
         directory made, or the one met as ``dst``; a file in its way is removed. One met
-        that is not ``owned`` as SRC's ``src`` would be is first made ours alone, as one made
-        is (fs.meta.take_dir), and so is one that lets group or others further in than SRC's
-        mode will (fs.meta.widens). Returns (fd, its stat, made, its mount id); None for a mount
-        showing SRC or DST, left alone (reported)."""
+        that another user owns, that is not ``owned`` as SRC's ``src`` would be, or that lets
+        group or others further in than SRC's mode will, is first made ours alone, as one
+        made is (``entries.to_take``, fs.meta.take_dir). Returns (fd, its stat, made, its
+        mount id); None for a mount showing SRC or DST, left alone (reported)."""
         if dst is not None and not stat.S_ISDIR(dst.st_mode):
             os.unlink(name, dir_fd=dfd)  # a file where SRC now has a directory
             dst = None
@@ -151,7 +151,7 @@ class Receiver:
             return None
         # Another user's (planted, maybe with a default ACL), or open to users SRC's mode
         # shuts out, who would see what is written in it until its metadata is set, last.
-        if not owned(dst, src, self.meta) or widens(dst, src.st_mode, src.st_gid if self.meta.chown else None):
+        if to_take(dst, src, self.meta):
             try:
                 take_dir(fd, dst)
             except BaseException:

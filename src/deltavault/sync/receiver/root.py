@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError
 from deltavault.fs.dirfd import Identity
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs, take_dir, widens
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs, take_dir
 from deltavault.fs.paths import display
 from deltavault.fs.trusted import UntrustedLink, open_dir_trusted
 from deltavault.sync.guard import check_missing_dest
 from deltavault.sync.meta import MetaPolicy
-from deltavault.sync.receiver.entries import owned
+from deltavault.sync.receiver.entries import to_take
 
 
 def open_root(dst: bytes, src: Identity | None, src_name: bytes) -> int:
@@ -69,21 +69,28 @@ class TakenRoot:
 
 
 def take_root(fd: int, src: os.stat_result, meta: MetaPolicy, dst: bytes) -> TakenRoot | None:
-    """Make DST's root (open as ``fd``) ours alone for the run if another user owns it, it
-    is not the owner the run gives it, or it is more open than SRC's root (``src``) will
-    make it. None: left as it is. TargetError: another user's root, which we (not root)
-    cannot take: nothing is written in it."""
+    """Make DST's root (open as ``fd``) ours alone for the run as a directory below it
+    would be (``entries.to_take``; ``src``: SRC's root). None: left as it is, or it cannot be changed (a read-only file system, where
+    nothing is written either; one without modes, as vfat, whose mount options set them).
+    TargetError: another user's root, which we (not root) cannot take: nothing is written
+    in it."""
     st = os.fstat(fd)
-    if (st.st_uid == os.geteuid() and owned(st, src, meta)
-            and not widens(st, src.st_mode, src.st_gid if meta.chown else None)):
+    if not to_take(st, src, meta):
         return None
     acls = read_xattrs(b"", fd=fd, want=ACL_XATTRS.__contains__)
     try:
         take_dir(fd, st)
     except PermissionError:
+        if st.st_uid == os.geteuid():
+            return None  # our own, on a file system that keeps no modes
         raise TargetError(f"the destination {display(dst)} belongs to another user (uid {st.st_uid}), who could "
                           "read or move away what is written there while the run writes it; sync into a "
                           "directory of your own (or as root, which takes it for the run)") from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            return None
+        raise TargetError(f"the destination {display(dst)} cannot be made private for the run: "
+                          f"{exc.strerror or exc}") from exc
     return TakenRoot(st.st_uid, st.st_gid, acls)
 
 
