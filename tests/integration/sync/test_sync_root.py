@@ -29,6 +29,7 @@ from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
 from tests.integration.sync.conftest import REMOTE
+from tests.integration.sync.test_sync_errors import _Interrupt as Interrupt
 from tests.integration.sync.test_sync_hostile import no_sshd, run, server  # noqa: F401 (a fixture)
 from tests.sshd import Server
 
@@ -210,3 +211,38 @@ def test_a_symlink_of_another_user_on_the_destination_path_is_refused(
     p = sync_cli(src, shared_dir / "ours" / "sub", where)
     assert p.returncode == 0, p.stdout + p.stderr
     assert (precious / "sub" / "f").read_bytes() == b"data\n"
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("pull", marks=no_sshd)])
+def test_a_run_cut_short_leaves_the_root_as_a_finished_run_would(
+        shared_dir: Path, where: str, request: pytest.FixtureRequest) -> None:
+    """Ctrl-C in the middle (of a local sync, and of the agent of a pull): the root, taken
+    from nobody, was left 0700 and root's, and nobody shut out of their own directory for
+    good (with --no-owner no later run gives it back). It now gets SRC's root's mode and
+    its owner back as a finished run gives them; nobody still reads nothing written there."""
+    if where != "local":
+        request.getfixturevalue("ssh_env")
+    src, home = shared_dir / "src", shared_dir / "home"
+    for i in range(20):
+        (src / "private").mkdir(parents=True, exist_ok=True)
+        (src / "private" / f"f{i:02}").write_bytes(b"top secret\n")
+        (src / "private" / f"f{i:02}").chmod(0o640)
+    src.chmod(0o750)
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    dst = home / "mirror"
+    plant_acl_dir(dst)
+    opts = SyncOptions(processes=1, threads=1, owner=False)
+    with pytest.raises(KeyboardInterrupt):
+        if where == "local":
+            Syncer(src, dst, opts, reporter=Interrupt(5)).run()  # type: ignore[arg-type]
+        else:
+            PullSyncer(RemotePath("dvtest", str(src)), dst, opts, reporter=Interrupt(5),  # type: ignore[arg-type]
+                       remote=REMOTE).run()
+    st = dst.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o750)
+    assert (dst / "private").is_dir()  # (the run was cut short in it)
+    for p in [dst / "private", *(dst / "private").iterdir()]:
+        assert acl_names(p) == [], p
+    got = as_nobody("sh", "-c", f"cat '{dst}'/private/*")
+    assert "top secret" not in got.stdout

@@ -84,6 +84,7 @@ class Syncer:
         try:
             self._sync(b"", fresh=False, included=not self.run_state.filter.has_includes, top=True)
         finally:
+            self.run_state.rx.release_root()  # (a run cut short: the root is not left taken)
             self._close_roots()
         if self.run_state.out.fatal is not None:
             raise self.run_state.out.fatal

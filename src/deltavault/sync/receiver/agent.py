@@ -90,6 +90,7 @@ class Agent:
             if self.root >= 0:
                 if self.rx is not None:
                     self.rx.temps.remove_all(self.root)
+                    self.rx.release_root()  # (a run cut short: the root is not left taken)
                 os.close(self.root)
 
     def _hello(self) -> bool:

@@ -75,6 +75,7 @@ class Receiver:
         self._unmarked = unmarked_groups
         self.ntfs: AgentNtfs | None = None  # the agent's NTFS part (feature "ntfs"; the local engine has its own)
         self.taken: TakenRoot | None = None  # DST's root as it was before the run took it (receiver/root.py)
+        self._root_src = os.stat_result((0,) * 10)  # SRC's root, when it was taken
 
     # ------------------------------------------------------------------ entries
     def removed(self, rel: bytes, st: os.stat_result) -> None:
@@ -163,6 +164,16 @@ class Receiver:
         """Before anything is written in DST: its root ours alone if others own or reach it
         (receiver/root.py); ``src``: SRC's root."""
         self.taken = take_root(self.root, src, self.meta, dst)
+        self._root_src = src
+
+    def release_root(self) -> None:
+        """At the end of a run that did not set the root's metadata (cut short: an error, a
+        full disk, the sender gone): the root gets SRC's root's mode, owner and times as of
+        the start, as a completed run gives it (every entry in it is complete, or a
+        directory still 0700 and ours), not the state it was taken from, which may be
+        more open than SRC's. Nothing if it was not taken."""
+        if self.taken is not None and self.root >= 0:
+            self.dir_meta(self.root, b"", self._root_src, None)
 
     def dir_meta(self, fd: int, rel: bytes, st: os.stat_result, xattrs: Xattrs) -> None:
         """A directory's own metadata, once everything in it is in place (DST's root: first
