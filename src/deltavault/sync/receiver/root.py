@@ -1,13 +1,15 @@
 """DST's root: opened, following no other user's symlink on its path (fs/trusted.py: a
 symlink ``/home/alice/mirror -> /etc`` alice made had root's sync write, and with --delete
 delete, in /etc), and taken for the run: before anything is written in it, a root that another
-user owns, or that lets group or others further in than SRC's root will, is made ours
-alone (0700, no ACLs: fs.meta.take_dir), as a directory met below it is (receiver/core.py).
+user owns, that is not of the owner the run gives it, or that lets group or others further
+in than SRC's root will, is made ours alone (0700, no ACLs: fs.meta.take_dir), as a
+directory met below it is (``entries.to_take``).
 Its owner could otherwise read or move away what the run writes there before the root's
 own metadata is set, last, and a default ACL they set would hand them every entry made in
 it, for good. Its own metadata is SRC's root's at the end; what the run does not set is
 given back then: without --owner its owner and group, and the ACLs of that same owner
-(without --acl), so a directory an admin syncs into keeps the owner they gave it.
+(without --acl), so a directory an admin syncs into keeps the owner they gave it. A run
+cut short gives it the same (``Receiver.release_root``).
 
 Both ends decide this before the first listing: the local engine from SRC's root, the
 agent from the root entry the sender puts in "hello" (sync/wire.py, protocol version 2).
