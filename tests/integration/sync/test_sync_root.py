@@ -246,3 +246,43 @@ def test_a_run_cut_short_leaves_the_root_as_a_finished_run_would(
         assert acl_names(p) == [], p
     got = as_nobody("sh", "-c", f"cat '{dst}'/private/*")
     assert "top secret" not in got.stdout
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("pull", marks=no_sshd)])
+def test_a_root_moved_away_and_replaced_by_a_symlink_during_the_run_changes_nothing(
+        shared_dir: Path, where: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """The root is opened once and used only by its descriptor: nobody, who owns its parent,
+    renames it away after the first file is in place and puts a symlink to a directory of
+    root's under its name. The run goes on in the directory it opened; nothing is written
+    or deleted through the symlink, nor would the next run follow it."""
+    if where != "local":
+        request.getfixturevalue("ssh_env")
+    src, home, precious = shared_dir / "src", shared_dir / "home", shared_dir / "precious"
+    for i in range(5):
+        (src / "d").mkdir(parents=True, exist_ok=True)
+        (src / "d" / f"f{i}").write_bytes(b"data\n")
+    precious.mkdir()
+    (precious / "keep").write_bytes(b"root's\n")
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    dst = home / "mirror"
+    real = Receiver.install
+    swapped: list[int] = []
+
+    def install(self: Receiver, dfd: int, where_: Where, name: bytes, *a: Any, **kw: Any) -> None:
+        real(self, dfd, where_, name, *a, **kw)
+        if not swapped:
+            p = as_nobody("sh", "-c", f"mv '{dst}' '{home}/moved' && ln -s '{precious}' '{dst}'")
+            swapped.append(p.returncode)
+
+    with monkeypatch.context() as m:
+        m.setattr(Receiver, "install", install)
+        if where == "local":
+            r = Syncer(src, dst, SyncOptions(processes=1, threads=1, delete=True)).run()
+        else:
+            r = PullSyncer(RemotePath("dvtest", str(src)), dst, SyncOptions(delete=True), remote=REMOTE).run()
+    assert swapped == [0] and r.problems == []
+    assert sorted(os.listdir(home / "moved" / "d")) == [f"f{i}" for i in range(5)]
+    assert os.listdir(precious) == ["keep"]
+    p = sync_cli(src, dst, where, "--delete")
+    assert p.returncode == 17 and os.listdir(precious) == ["keep"], p.stdout + p.stderr
