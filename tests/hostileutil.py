@@ -89,6 +89,22 @@ def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def fork_as_nobody(child: Callable[[], None]) -> int:
+    """A forked process of user nobody that runs ``child`` (exit 0; 1 if it raised; or the
+    status ``child`` exits with itself); its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            child()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    return pid
+
+
 def plant_acl_dir(path: Path) -> None:
     """User nobody makes the directory ``path``, with an ACL and a default ACL giving them all."""
     p = as_nobody("sh", "-c", f"mkdir '{path}' && setfacl -m u:nobody:rwx '{path}' "

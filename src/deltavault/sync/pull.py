@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deltavault.errors import TargetError
+from deltavault.errors import TargetError, UsageError
 from deltavault.progress import NullReporter, Reporter
 from deltavault.snapshot import take_snapshot
 from deltavault.sync.options import SyncOptions
@@ -78,7 +78,9 @@ def source_request(chan: Channel) -> dict[str, Any]:
     """The first frame a pull sends: what to send, and how."""
     req = chan.recv()
     if not isinstance(req, dict) or req.get("op") != "source" or req.get("version") != VERSION:
-        raise TargetError(f"this deltavault speaks sync protocol version {VERSION}; upgrade it on both hosts")
+        theirs = req.get("version") if isinstance(req, dict) else None
+        raise UsageError(f"this deltavault speaks sync protocol version {VERSION}, the other end version "
+                         f"{theirs}; install the same deltavault on both hosts")
     return req
 
 

@@ -9,7 +9,7 @@ delta, makes requests of its own (sync/remote.py). A reader thread on the sender
 (``Duplex``) takes the agent's frames off the wire as they come, so neither side ever
 waits to write while the other is writing, and the pipes cannot deadlock.
 
-    hello {version, dest, options, source, features, ntfs}
+    hello {version, dest, options, source, root, features, ntfs}
                                               -> {ok, dest, features, ntfs} | {error, code}
     dir {path, entries, protected, included}  -> {want: [[name, "whole"|"delta"|"check"]], records}
     check {path, items: [[blake3, entry]]}    -> {want, records}   (same size: is it the same content?)
@@ -24,7 +24,11 @@ keep several in flight (it lists the next directories while sending files of ear
 Replies carry "records" (what the agent did: [action, path, size, written, digest, problem
 kind, message]) and "fatal" (the destination is full or read-only: "full: ..." or
 "read-only: ..."). "source" and "dest" in hello describe each tree (sync/guard.py), so that
-two ends on the same kernel refuse to overlap.
+two ends on the same kernel refuse to overlap. "root" (version 2) is SRC's root as an
+entry (below, named "_", no xattrs): from it the agent decides, before the first listing,
+whether DST's root must be taken for the run (receiver/root.py); its final metadata comes
+with its "enddir", as every directory's does. Each end refuses a peer of another version
+(exit 2, naming both versions): a version 1 agent would write in a DST root it never took.
 
 Features. Each side's hello lists the FEATURES it speaks; an older one lists none and
 ignores fields it does not know. "ntfs": the sender's hello says ``ntfs: true`` when SRC is
@@ -78,7 +82,7 @@ from deltavault.fs.ntfs import ReadResult
 from deltavault.fs.paths import check_name
 from deltavault.sync.options import SyncOptions
 
-VERSION = 1
+VERSION = 2  # 2: hello carries SRC's root entry (receiver/root.py); peers of another version are refused
 FEATURES = ["ntfs"]  # optional parts of the protocol this side speaks (hello)
 KINDS = ("f", "d", "l", "h", "s")
 GROUP = b"L"  # the extra of a file that is the first name of a hard-link group (older agents ignore it)

@@ -305,7 +305,7 @@ def test_agent_never_joins_a_hostile_stream_name(tmp_path: Path) -> None:
 
     from deltavault.framing import read_frame, write_frame
     from deltavault.fs.ntfs import ReadResult
-    from deltavault.sync.wire import entry, options_wire, win_wire
+    from deltavault.sync.wire import VERSION, entry, options_wire, win_wire
 
     (tmp_path / "model").write_bytes(b"data")
     st, st_dir = os.stat(tmp_path / "model"), os.stat(tmp_path)
@@ -321,8 +321,9 @@ def test_agent_never_joins_a_hostile_stream_name(tmp_path: Path) -> None:
             return got[0]  # type: ignore[no-any-return]
 
         try:
-            write_frame(w, {"op": "hello", "version": 1, "dest": str(dst / "d"), "features": ["ntfs"], "ntfs": True,
-                            "options": options_wire(SyncOptions(streams=True))})
+            write_frame(w, {"op": "hello", "version": VERSION, "dest": str(dst / "d"), "features": ["ntfs"],
+                            "ntfs": True, "options": options_wire(SyncOptions(streams=True)),
+                            "root": entry(b"_", "d", st_dir)})
             hello = recv()
             assert hello.get("ntfs") == {"streams": "windows"}, hello
             meta = ReadResult(b"", "", None, b"", b"", [])

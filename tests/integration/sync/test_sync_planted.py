@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from deltavault.sync.receiver.core import Receiver
 from deltavault.sync.receiver.temps import Where
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
-from tests.hostileutil import acl_names, as_nobody, plant_acl_dir, secret_tree
+from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
 from tests.integration.sync.test_sync_hostile import no_sshd, server, sync  # noqa: F401 (a fixture)
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
@@ -34,28 +33,13 @@ REAL = b"#!/bin/sh\necho the program backed up\n"
 EVIL = b"#!/bin/sh\nexec /bin/sh -p  # evil!!!\n"
 
 
-def _fork_as_nobody(child: Callable[[], None]) -> int:
-    """A forked process of user nobody that runs ``child``; its pid."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            child()
-            os._exit(0)
-        finally:
-            os._exit(1)
-    return pid
-
-
 def _plant_as_nobody(path: Path, data: bytes, mtime_ns: int) -> int:
     """``path`` made by user nobody, with ``data`` and that modification time; its inode."""
     def plant() -> None:
         path.write_bytes(data)
         os.utime(path, ns=(mtime_ns, mtime_ns))
 
-    _, status = os.waitpid(_fork_as_nobody(plant), 0)
+    _, status = os.waitpid(fork_as_nobody(plant), 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return path.stat().st_ino
 
@@ -111,6 +95,32 @@ def test_a_planted_directory_with_a_default_acl_gives_its_maker_nothing(shared_d
         assert acl_names(path) == [], path
 
 
+@pytest.mark.parametrize("where", ["local", pytest.param("push", marks=no_sshd)])
+def test_a_directory_that_will_be_its_owners_is_still_taken_while_written_in(
+        shared_dir: Path, where: str, request: pytest.FixtureRequest) -> None:
+    """SRC's "home" is nobody's and holds root's 0750 "private" with a 0640 file; DST's
+    "home" is nobody's too (an earlier sync gave it SRC's owner), and nobody gave it a
+    default ACL. As the owner the sync gives it, it was used as it was: "private" and its
+    file inherited the ACL, and nobody read root's file for good. A directory of another
+    user is now taken for the run whoever it will belong to; SRC's owner at the end."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    secret_tree(src / "home")
+    os.chown(src / "home", NOBODY, NOBODY)
+    dst.mkdir()
+    dst.chmod(0o777)
+    plant_acl_dir(dst / "home")
+    dst.chmod(0o755)
+    os.chmod(dst / "home", 0o755)  # (not more open than SRC's: only its owner is the matter)
+    p = sync(src, dst, server=request.getfixturevalue("server") if where == "push" else None)
+    assert p.returncode == 0, p.stdout + p.stderr
+    secret = dst / "home" / "private" / "secret"
+    assert secret.read_bytes() == b"top secret\n"
+    got = as_nobody("cat", str(secret))
+    assert got.returncode != 0 and "top secret" not in got.stdout
+    assert acl_names(secret) == [] and acl_names(secret.parent) == []
+    assert (dst / "home").stat().st_uid == NOBODY
+
+
 def test_a_directory_more_open_than_the_sources_shows_nothing_written_in_it(
         shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A DST directory of the right owner, but 0755 where SRC's is 0700 (SRC's was closed
@@ -154,7 +164,7 @@ def _reader_as_nobody(path: Path) -> tuple[int, int, int]:
         os.read(go_r, 1)
         os.write(ready_w, hashlib.sha256(os.pread(fd, 1 << 24, 0)).hexdigest().encode())
 
-    pid = _fork_as_nobody(read_when_told)
+    pid = fork_as_nobody(read_when_told)
     os.close(ready_w)
     os.close(go_r)
     assert os.read(ready_r, 1) == b"1"

@@ -23,10 +23,10 @@ from typing import Any
 
 from deltavault.errors import UsageError
 from deltavault.fs.dirfd import Identity, identity, mount_id, open_dir_path
-from deltavault.fs.paths import display, open_target_dir
+from deltavault.fs.paths import display
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.data import BufferPool
-from deltavault.sync.guard import Guard, check_missing_dest
+from deltavault.sync.guard import Guard
 from deltavault.sync.local.context import LocalRun
 from deltavault.sync.local.deferred import DeferredMeta
 from deltavault.sync.local.delta import PAGE
@@ -37,10 +37,11 @@ from deltavault.sync.local.pool import ShardPool, ShardResult, SharedFlag, Task
 from deltavault.sync.local.shards import Shards, shard_depth
 from deltavault.sync.local.walk import Walker
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.root import open_root
 from deltavault.sync.report import SyncLog, SyncProblem, SyncResult, SyncStats
 from deltavault.workers import BoundedPool
 
-_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the roots: the user's paths, as given
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # SRC's root: the user's path, as given
 
 
 class Syncer:
@@ -83,6 +84,7 @@ class Syncer:
         try:
             self._sync(b"", fresh=False, included=not self.run_state.filter.has_includes, top=True)
         finally:
+            self.run_state.rx.release_root()  # (a run cut short: the root is not left taken)
             self._close_roots()
         if self.run_state.out.fatal is not None:
             raise self.run_state.out.fatal
@@ -114,13 +116,7 @@ class Syncer:
         except OSError:
             raise UsageError(f"source {display(run.src)} is not a directory") from None
         try:
-            try:
-                droot = os.open(run.dst, _ROOT_FLAGS)
-            except FileNotFoundError:
-                check_missing_dest(identity(os.fstat(sroot)), run.dst, run.src)
-                droot = open_target_dir(run.dst, "destination")
-            except OSError:
-                droot = open_target_dir(run.dst, "destination")  # its precise error
+            droot = open_root(run.dst, identity(os.fstat(sroot)), run.src)
         except BaseException:
             os.close(sroot)
             raise
@@ -128,6 +124,7 @@ class Syncer:
         try:
             self._guard = Guard.local(sroot, droot)
             self._guard.check(run.src, run.dst)
+            run.rx.take_root(os.fstat(sroot), run.dst)
         except BaseException:
             self._close_roots()
             raise

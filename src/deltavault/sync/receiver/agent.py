@@ -4,7 +4,9 @@ protocol is in sync/wire.py; the answers in receiver/requests.py) and writes DST
 shared receiver (receiver/core.py), as the local engine does.
 
 "hello" carries the options and the sender's SRC identity: on the same kernel (ssh to
-localhost), a DST that is SRC, lies in it or contains it is refused (sync/guard.py).
+localhost), a DST that is SRC, lies in it or contains it is refused (sync/guard.py). It
+carries SRC's root too (protocol version 2): DST's root is taken for the run, if others
+own or reach it, before the first listing comes (receiver/root.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from typing import Any
 
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.ntfs import probe
-from deltavault.fs.paths import open_target_dir
 from deltavault.progress import NullReporter, Reporter
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
-from deltavault.sync.guard import Guard, check_missing_dest
+from deltavault.sync.guard import Guard
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.core import Receiver
@@ -27,8 +28,9 @@ from deltavault.sync.receiver.dirs import OpenDirs
 from deltavault.sync.receiver.ntfs import AgentNtfs, NtfsDest
 from deltavault.sync.receiver.records import AgentOutcomes
 from deltavault.sync.receiver.requests import Requests
+from deltavault.sync.receiver.root import open_root
 from deltavault.sync.report import SyncLog, SyncProblem, SyncStats
-from deltavault.sync.wire import FEATURES, VERSION, Frames, Paths, options_from
+from deltavault.sync.wire import FEATURES, VERSION, Entry, Frames, Paths, options_from
 
 
 class Agent:
@@ -88,20 +90,24 @@ class Agent:
             if self.root >= 0:
                 if self.rx is not None:
                     self.rx.temps.remove_all(self.root)
+                    self.rx.release_root()  # (a run cut short: the root is not left taken)
                 os.close(self.root)
 
     def _hello(self) -> bool:
         req = self.chan.recv()
         if not isinstance(req, dict) or req.get("op") != "hello" or req.get("version") != VERSION:
-            self.chan.send({"error": f"this agent speaks protocol version {VERSION}; upgrade deltavault "
-                            "on both hosts", "code": 2, "id": 0})
+            theirs = req.get("version") if isinstance(req, dict) else None
+            self.chan.send({"error": f"this agent speaks sync protocol version {VERSION}, the sender "
+                            f"version {theirs}; install the same deltavault on both hosts", "code": 2, "id": 0})
             return False
         try:
             opts = options_from(req["options"])
             self.rx = rx = Receiver(opts, MetaPolicy(opts), self.out, BufferPool(opts.bufsize),
                                     Filter(opts.excludes, opts.includes, default_excludes=opts.default_excludes),
                                     unmarked_groups=True)  # (a sender older than group marks)
-            self._open_root(rx, self.dest or os.fsencode(req["dest"]), req.get("source"))
+            dest = self.dest or os.fsencode(req["dest"])
+            self._open_root(rx, dest, req.get("source"))
+            rx.take_root(Entry(req.get("root")).st, dest)  # SRC's root, as the sender saw it at the start
         except DeltavaultError as exc:
             self.refused = exc
             self.chan.send({"error": exc.message, "code": int(exc.exit_code), "id": 0})
@@ -133,14 +139,7 @@ class Agent:
         """Open (or make) DST, refused if the sender's SRC is on this kernel and overlaps it."""
         src_name = os.fsencode(source["path"]) if isinstance(source, dict) and isinstance(
             source.get("path"), bytes | str) else b"the source"
-        try:
-            self.root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            check_missing_dest(Guard.peer_root(source), dest, src_name)
-        except OSError:
-            pass
-        if self.root < 0:
-            self.root = open_target_dir(dest, "destination")
+        self.root = open_root(dest, Guard.peer_root(source), src_name)
         rx.root = self.root
         rx.guard = Guard.one_side(self.root, is_src=False, peer=source)
         rx.guard.check(src_name, dest)

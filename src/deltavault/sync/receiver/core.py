@@ -17,14 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltavault.fs.dirfd import Identity, created_dir, identity, open_dir_checked
-from deltavault.fs.meta import take_dir, widens
+from deltavault.fs.meta import take_dir
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard, mount_root
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.options import SyncOptions
-from deltavault.sync.receiver.entries import Xattrs, delete_extras, fix_meta, owned
+from deltavault.sync.receiver.entries import Xattrs, delete_extras, fix_meta, to_take
 from deltavault.sync.receiver.links import (
     Groups,
     detach,
@@ -36,6 +36,7 @@ from deltavault.sync.receiver.links import (
 )
 from deltavault.sync.receiver.ntfs import AgentNtfs
 from deltavault.sync.receiver.remove import remove_entry
+from deltavault.sync.receiver.root import TakenRoot, give_back, take_root
 from deltavault.sync.receiver.specials import place_special
 from deltavault.sync.receiver.temps import Temps, Where, unlink_quiet
 from deltavault.sync.receiver.verify import verify_written
@@ -73,6 +74,8 @@ class Receiver:
         self._cancelled = cancelled
         self._unmarked = unmarked_groups
         self.ntfs: AgentNtfs | None = None  # the agent's NTFS part (feature "ntfs"; the local engine has its own)
+        self.taken: TakenRoot | None = None  # DST's root as it was before the run took it (receiver/root.py)
+        self._root_src = os.stat_result((0,) * 10)  # SRC's root, when it was taken
 
     # ------------------------------------------------------------------ entries
     def removed(self, rel: bytes, st: os.stat_result) -> None:
@@ -124,10 +127,10 @@ class Receiver:
                parent_mnt: int) -> tuple[int, os.stat_result, bool, int] | None:
         """DST/rel made (mode 0700 until its metadata is set) or opened, and checked: the
         directory made, or the one met as ``dst``; a file in its way is removed. One met
-        that is not ``owned`` as SRC's ``src`` would be is first made ours alone, as one made
-        is (fs.meta.take_dir), and so is one that lets group or others further in than SRC's
-        mode will (fs.meta.widens). Returns (fd, its stat, made, its mount id); None for a mount
-        showing SRC or DST, left alone (reported)."""
+        that another user owns, that is not ``owned`` as SRC's ``src`` would be, or that lets
+        group or others further in than SRC's mode will, is first made ours alone, as one
+        made is (``entries.to_take``, fs.meta.take_dir). Returns (fd, its stat, made, its
+        mount id); None for a mount showing SRC or DST, left alone (reported)."""
         if dst is not None and not stat.S_ISDIR(dst.st_mode):
             os.unlink(name, dir_fd=dfd)  # a file where SRC now has a directory
             dst = None
@@ -149,7 +152,7 @@ class Receiver:
             return None
         # Another user's (planted, maybe with a default ACL), or open to users SRC's mode
         # shuts out, who would see what is written in it until its metadata is set, last.
-        if not owned(dst, src, self.meta) or widens(dst, src.st_mode, src.st_gid if self.meta.chown else None):
+        if to_take(dst, src, self.meta):
             try:
                 take_dir(fd, dst)
             except BaseException:
@@ -157,8 +160,27 @@ class Receiver:
                 raise
         return fd, dst, False, mnt
 
+    def take_root(self, src: os.stat_result, dst: bytes) -> None:
+        """Before anything is written in DST: its root ours alone if others own or reach it
+        (receiver/root.py); ``src``: SRC's root."""
+        self.taken = take_root(self.root, src, self.meta, dst)
+        self._root_src = src
+
+    def release_root(self) -> None:
+        """At the end of a run that did not set the root's metadata (cut short: an error, a
+        full disk, the sender gone): the root gets SRC's root's mode, owner and times as of
+        the start, as a completed run gives it (every entry in it is complete, or a
+        directory still 0700 and ours), not the state it was taken from, which may be
+        more open than SRC's. Nothing if it was not taken."""
+        if self.taken is not None and self.root >= 0:
+            self.dir_meta(self.root, b"", self._root_src, None)
+
     def dir_meta(self, fd: int, rel: bytes, st: os.stat_result, xattrs: Xattrs) -> None:
-        """A directory's own metadata, once everything in it is in place."""
+        """A directory's own metadata, once everything in it is in place (DST's root: first
+        what the run took of it and does not set, given back)."""
+        if not rel and self.taken is not None:
+            self.meta_problems(rel, give_back(fd, self.taken, st, self.meta))
+            self.taken = None
         self.meta_problems(rel, self.meta.apply_fd(fd, st, xattrs))
 
     # ------------------------------------------------------------------ files

@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable
 
 from deltavault.fs.dirfd import Identity, Replaced, fd_path, handle_at, identity, reopen
-from deltavault.fs.meta import read_xattrs
+from deltavault.fs.meta import read_xattrs, widens
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.receiver.remove import remove_entry
 
@@ -79,6 +79,16 @@ def owned(have: os.stat_result, src: os.stat_result, meta: MetaPolicy) -> bool:
     """May the existing entry ``have`` be kept as SRC's ``src`` at all? Only if it has the
     owner the sync gives ``src``."""
     return have.st_uid == meta.owner(src)
+
+
+def to_take(have: os.stat_result, src: os.stat_result, meta: MetaPolicy) -> bool:
+    """Must the existing directory ``have`` be made ours alone (fs.meta.take_dir) before
+    anything is written in it as SRC's ``src``? If another user owns it (even the one it
+    will belong to: while it is theirs they may give it a default ACL, which every entry
+    made in it inherits), it is not of the owner the sync gives it, or it lets group or
+    others further in than SRC's mode will (fs.meta.widens)."""
+    return (have.st_uid != os.geteuid() or not owned(have, src, meta)
+            or widens(have, src.st_mode, src.st_gid if meta.chown else None))
 
 
 def fix_meta(dfd: int, name: bytes, st: os.stat_result, dst: os.stat_result, xattrs: Xattrs,

@@ -138,11 +138,14 @@ class Sender:
         options = {**options_wire(self.opts), "bufsize": self.buffers.size}
         source = {**Guard.one_side(root, is_src=True).describe(is_src=True), "path": self.src}
         self.link.send({"op": "hello", "version": VERSION, "dest": self.dest, "options": options, "source": source,
-                        "features": FEATURES, "ntfs": view is not None})
+                        "root": entry(b"_", "d", os.fstat(root)), "features": FEATURES, "ntfs": view is not None})
         rep = self.link.reply(0)
         if "error" in rep:
             code = rep.get("code")
             raise (UsageError if code == 2 else NoSpace if code == 14 else TargetError)(self._named(rep["error"]))
+        if rep.get("version") != VERSION:
+            raise UsageError(self._named(f"the agent speaks sync protocol version {rep.get('version')}, this "
+                                         f"sender version {VERSION}; install the same deltavault on both hosts"))
         self.source.guard = Guard.one_side(root, is_src=True, peer=rep.get("dest"))
         if view is not None:
             peer = "ntfs" in (rep.get("features") or [])
