@@ -76,12 +76,21 @@ def file_digest(fd: int, buf: memoryview,
     size, again and again) cannot keep the reader going for ever. Whoever needs the digest
     of one version compares the file's fstat before and after."""
     h = blake3.blake3(max_threads=1)
-    size = os.fstat(fd).st_size
+    for data in read_upto(fd, buf, os.fstat(fd).st_size, read):
+        h.update(data)
+    return h.digest()
+
+
+def read_upto(fd: int, buf: memoryview, size: int,
+              read: Callable[[int, memoryview, int], int] = pread_full) -> Iterator[memoryview]:
+    """The bytes of ``fd`` from 0 up to ``size`` (its size when opened, say; fewer if it
+    ends sooner), as views of ``buf`` (each valid until the next): never further, whatever
+    the file has grown to, so its owner extending it cannot keep the reader going, and no
+    more than ``buf`` is held at once."""
     off = 0
     while off < size and (n := read(fd, buf[:min(len(buf), size - off)], off)):
-        h.update(buf[:n])
+        yield buf[:n]
         off += n
-    return h.digest()
 
 
 def chunks(fd: int, st: os.stat_result, buf: memoryview,

@@ -15,7 +15,6 @@ from typing import Any
 
 import blake3
 
-from deltavault.fs.clone import pread_full
 from deltavault.fs.dirfd import fd_path, handle_at
 from deltavault.fs.ntfs import (
     STREAM_XATTR_MAX,
@@ -31,8 +30,8 @@ from deltavault.fs.ntfs import (
     valid_stream_name,
 )
 from deltavault.fs.paths import display
-from deltavault.sync.data import file_digest
-from deltavault.sync.remote import Served
+from deltavault.sync.data import file_digest, read_upto
+from deltavault.sync.remote import DELTA_MAX, Served
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.source import changed_since
 from deltavault.sync.wire import Frames, win_wire
@@ -267,12 +266,12 @@ class SenderNtfs:
             if op == "whole":
                 ok = self._whole(chan, dir_fd, name, s, fd, st, meta, bufsize) and ok
                 continue
-            try:  # (remote delta holds the stream in memory, as it does a file)
+            try:  # (remote delta holds the stream in memory, as it does a file: up to DELTA_MAX)
                 data = self._load(dir_fd, name, s, st.st_ino, meta)
             except OSError as exc:
                 chan.send({"error": f"unreadable: {exc.strerror or exc}"})
                 continue
-            if changed_since(st, os.fstat(fd)):
+            if data is None or changed_since(st, os.fstat(fd)):
                 ok = False
                 chan.send({"error": "the file changed while its streams were read", "changed": True})
                 continue
@@ -293,11 +292,10 @@ class SenderNtfs:
                 sfd = self.src.open_stream(dir_fd, name, s, st.st_ino)
                 try:
                     buf = memoryview(bytearray(max(4096, bufsize)))
-                    off, size = 0, os.fstat(sfd).st_size  # not to EOF: its owner may extend it for ever
-                    while off < size and (n := pread_full(sfd, buf[:min(len(buf), size - off)], off)):
-                        h.update(buf[:n])
-                        chan.send({"d": buf[:n]})
-                        off += n
+                    # (not to EOF: its owner may extend it for ever)
+                    for chunk in read_upto(sfd, buf, os.fstat(sfd).st_size):
+                        h.update(chunk)
+                        chan.send({"d": chunk})
                 finally:
                     os.close(sfd)
         except OSError as exc:
@@ -309,12 +307,17 @@ class SenderNtfs:
         chan.send({"end": h.digest()})
         return True
 
-    def _load(self, dir_fd: int, name: bytes, s: bytes, ino: int, meta: ReadResult) -> bytes:
-        """A stream's bytes, read whole."""
+    def _load(self, dir_fd: int, name: bytes, s: bytes, ino: int, meta: ReadResult) -> bytes | None:
+        """A stream's bytes, read whole (to its size at open); None when that is over
+        DELTA_MAX. The agent asks for a delta only of a stream listed at most that big, so
+        it grew since it was listed: the file changed (and is sent again). Read regardless,
+        a stream truncated to some GiB (sparse: it costs its owner nothing) was held in
+        memory; and a hostile agent could ask for any stream."""
         if s in meta.inline:
             return meta.inline[s]
         sfd = self.src.open_stream(dir_fd, name, s, ino)
         try:
-            return _read_all(sfd, os.fstat(sfd).st_size)
+            size = os.fstat(sfd).st_size
+            return _read_all(sfd, size) if size <= DELTA_MAX else None
         finally:
             os.close(sfd)
