@@ -93,6 +93,28 @@ def read_upto(fd: int, buf: memoryview, size: int,
         off += n
 
 
+def copy_upto(sfd: int, tfd: int, size: int, buf: memoryview) -> int:
+    """Copy ``read_upto`` ``size`` bytes of ``sfd`` to ``tfd`` at the same offsets, through
+    ``buf``; returns the bytes copied."""
+    off = 0
+    for data in read_upto(sfd, buf, size):
+        pwrite_all(tfd, data, off)
+        off += len(data)
+    return off
+
+
+def same_upto(a: int, b: int, size: int, buf: memoryview, other: memoryview) -> bool:
+    """The first ``size`` bytes of ``a`` and ``b`` are there and equal, compared through the
+    two buffers (of one size) without holding more."""
+    off = 0
+    for data in read_upto(a, buf, size):
+        n = len(data)
+        if pread_full(b, other[:n], off) != n or bytes(data) != bytes(other[:n]):  # (memcmp)
+            return False
+        off += n
+    return off == size
+
+
 def chunks(fd: int, st: os.stat_result, buf: memoryview,
            cancelled: Callable[[], bool] | None = None) -> Iterator[tuple[int, int, memoryview | None]]:
     """The file's ``st.st_size`` bytes in order, as (offset, length, data) with data a view

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from tests.conftest import needs_root, needs_tools
@@ -33,6 +34,14 @@ def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
     e.update(extra)
     return e
+
+
+def digest(path: Path) -> bytes:
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
 
 
 # The stream's owner truncates it to HUGE right after the sender opens it for reading, and
@@ -84,3 +93,30 @@ def test_stream_grown_past_delta_max_is_not_loaded_for_a_delta(server: Server, t
         want = streams_of(src / "data" / "doc.txt")
     with ntfs(tmp_path, "dst") as dst:  # (afresh: the kernel keeps pages of name:stream past a rename)
         assert streams_of(dst / "data" / "doc.txt") == want
+
+
+def test_huge_directory_stream_is_copied_in_bounded_memory(tmp_path: Path, memory_limit: MemoryLimit) -> None:
+    """A directory's stream of 192 MiB (locally onto ntfs-3g any size goes): it was read
+    whole into memory, twice over, and the sync killed under the limit. Now it is copied
+    through the sync's buffer, and compared so when it is there already."""
+    size = 192 << 20
+    with ntfs(tmp_path, "src", size="512M") as src, ntfs(tmp_path, "dst", size="512M") as dst:
+        d = src / "data" / "sub"
+        d.mkdir(parents=True)
+        stream = Path(f"{d}:huge")
+        stream.write_bytes(os.urandom(4096))
+        with open(stream, "r+b") as f:
+            f.truncate(size)
+            f.seek(size - 4096)
+            f.write(os.urandom(4096))
+        args = [sys.executable, "-m", "deltavault", "--json", "sync", "--streams", str(src / "data"),
+                str(dst / "data")]
+        for change in (False, True, False):
+            if change:
+                with open(stream, "r+b") as f:
+                    f.seek(size // 2)
+                    f.write(b"changed")
+            r = memory_limit.run(args, env=env(), text=True, timeout=600)
+            assert r.returncode == 0 and summary(r)["problems"] == [], r.stdout + r.stderr
+            copy = Path(f"{dst / 'data' / 'sub'}:huge")
+            assert os.stat(copy).st_size == size and digest(copy) == digest(stream), change

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import blake3
 
 from deltavault.errors import CorruptionError, SourceError
-from deltavault.fs.clone import pread_full, pwrite_all
+from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
-    STREAMS_LIST,
     WINDOWS,
     XATTR_STREAM,
     NtfsView,
@@ -29,12 +28,11 @@ from deltavault.fs.ntfs import (
     valid_stream_name,
 )
 from deltavault.fs.paths import display
+from deltavault.sync.receiver.dirstreams import STREAM_FLAGS, put_dir_streams
 from deltavault.sync.receiver.verify import read_back
 from deltavault.sync.remote import DELTA_MAX, Changed, fetch_rebuilt
 from deltavault.sync.report import Outcomes
 from deltavault.sync.wire import Frames, WinEntry
-
-_STREAM_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class NtfsDest:
@@ -59,69 +57,14 @@ class NtfsDest:
         """DST already has SRC's NTFS metadata (the change time, NTFS's own, aside)."""
         return (src.sd, src.attrib, src.times[:24], src.reparse) == (dst.sd, dst.attrib, dst.times[:24], dst.reparse)
 
-    def put_dir_streams(self, parent: int, name: bytes, fd: int, streams: dict[bytes, bytes]) -> list[str]:
-        """The named streams of the directory ``name`` of ``parent`` (open as ``fd``) made
-        SRC's: each one that differs written (in place: a directory cannot be replaced by a
-        rename), each one SRC does not have removed. Returns the problems."""
-        assert self.view is not None
-        problems: list[str] = []
-        try:
-            have = [n for n in os.getxattr(fd, STREAMS_LIST).split(b"\0") if n]
-        except OSError as exc:
-            if exc.errno != errno.ENODATA:
-                return [f"its streams on DST cannot be listed: {exc.strerror or exc}; not copied"]
-            have = []
-        for s in have:
-            if s not in streams and valid_stream_name(s):
-                try:
-                    os.close(self._check_stream(parent, name, fd, s, os.O_RDONLY))  # (ntfs-3g: EINVAL while open)
-                    os.unlink(name + b":" + s, dir_fd=parent)
-                except OSError as exc:
-                    problems.append(f"stream {display(s)}: not removed: {exc.strerror or exc}")
-        for s, data in sorted(streams.items()):
-            if not valid_stream_name(s):
-                problems.append(f"stream {display(s)}: name not valid on DST; not copied")
-                continue
-            try:
-                if s in have:
-                    sfd = self._check_stream(parent, name, fd, s, os.O_RDONLY)
-                    try:
-                        drop_cached(sfd)
-                        same = os.fstat(sfd).st_size == len(data) and _same_bytes(sfd, data)
-                    finally:
-                        os.close(sfd)
-                    if same:
-                        continue
-                sfd = self._check_stream(parent, name, fd, s, _STREAM_FLAGS)
-                try:
-                    pwrite_all(sfd, data, 0)
-                finally:
-                    os.close(sfd)
-            except OSError as exc:
-                problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
-        return problems
-
-    def _check_stream(self, parent: int, name: bytes, fd: int, s: bytes, flags: int) -> int:
-        """``name:s`` of ``parent`` opened, checked to belong to the object open as ``fd``."""
-        sfd = os.open(name + b":" + s, flags, 0o600, dir_fd=parent)
-        if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
-            os.close(sfd)
-            raise OSError(errno.ESTALE, "the directory was replaced while its streams were written")
-        return sfd
-
     def open_stream(self, dfd: int, tmp: bytes, fd: int, stream: bytes) -> int:
         """The stream ``stream`` of the file written as ``tmp`` in ``dfd`` (open as ``fd``),
         open for writing."""
-        sfd = os.open(tmp + b":" + stream, _STREAM_FLAGS, 0o600, dir_fd=dfd)
+        sfd = os.open(tmp + b":" + stream, STREAM_FLAGS, 0o600, dir_fd=dfd)
         if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
             os.close(sfd)
             raise OSError(errno.ESTALE, "the file was replaced while its streams were written")
         return sfd
-
-
-def _same_bytes(fd: int, data: bytes) -> bool:
-    buf = bytearray(len(data))
-    return pread_full(fd, memoryview(buf), 0) == len(data) and buf == data
 
 
 class StreamsPhase:
@@ -355,7 +298,7 @@ class AgentNtfs:
         what SRC's side could not send for its log line. Returns the problems."""
         self._dir_lost[rel] = win.lost
         if self.file_streams:
-            return self.dest.put_dir_streams(parent, name, fd, win.inline or {})
+            return put_dir_streams(parent, name, fd, win.inline or {})
         if self.xattr_streams:
             self._dir_xattrs[rel] = win.inline or {}
         return []

@@ -87,7 +87,7 @@ class NtfsSource:
 
 
 def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
-                limit: int | None = None) -> tuple[dict[bytes, bytes], list[str], list[str]]:
+                limit: int) -> tuple[dict[bytes, bytes], list[str], list[str]]:
     """The named streams of the directory ``name`` of ``parent`` (inode ``ino``), read
     whole (they are rare and small); those over ``limit`` bytes are left out. Returns (the
     streams, what was left out, problems)."""
@@ -114,7 +114,7 @@ def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
             continue
         try:
             size = os.fstat(sfd).st_size
-            if limit is not None and size > limit:
+            if size > limit:
                 left.append(f"stream {display(s)} ({size} bytes)")
                 continue
             got[s] = _read_all(sfd, size)
