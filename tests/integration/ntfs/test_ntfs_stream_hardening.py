@@ -1,19 +1,29 @@
 """NTFS streams against hostile users. Of any size, held in bounded memory: the real CLI
 under the suite's memory limit (tests/memlimit.py, 143 MiB), a stream made huge by a sparse
-truncate (it costs its owner nothing on ntfs-3g). Locally and over the suite's sshd."""
+truncate (it costs its owner nothing on ntfs-3g). Written where another user who may write
+in DST's directory cannot redirect them (fs/ntfsstage.py). Locally and over the suite's sshd."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 
+from deltavault.backup.files.options import FileBackupOptions
+from deltavault.backup.files.run import BackupRequest, run_backup
+from deltavault.repository.repository import Repository
+from deltavault.restore.files import FileRestorer
+from deltavault.restore.options import RestoreOptions
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, streams_of
+from tests.integration.ntfs.test_ntfs_meta import RACY
 from tests.integration.ntfs.test_ntfs_sync import BIG, populate
 from tests.integration.sync.conftest import REMOTE, dv, summary
 from tests.memlimit import MemoryLimit
@@ -120,3 +130,121 @@ def test_huge_directory_stream_is_copied_in_bounded_memory(tmp_path: Path, memor
             assert r.returncode == 0 and summary(r)["problems"] == [], r.stdout + r.stderr
             copy = Path(f"{dst / 'data' / 'sub'}:huge")
             assert os.stat(copy).st_size == size and digest(copy) == digest(stream), change
+
+
+SECRET = b"root's stream " * 100
+# Another user (nobody), who may write in DST's directory, acts once root writes the first
+# bytes of the stream "secret" of a file (or "dsecret" of a directory): renames the entry it
+# belongs to away and one of its own (``planted``, ``planted-dir``) that has such a stream
+# to that name (ntfs-3g then writes root's bytes into that one).
+HOOK = """
+import os, subprocess, sys
+real, tried = os.pwrite, set()
+ATTACK = "import os, sys; t = sys.argv[1]; d = os.path.dirname(t); os.rename(t, d + '/away-' + sys.argv[2]); os.rename(d + '/' + sys.argv[2], t)"
+def pwrite(fd, data, offset):
+    where = os.readlink(f"/proc/self/fd/{fd}")
+    for stream, planted in ((":secret", "planted"), (":dsecret", "planted-dir")):
+        if where.endswith(stream) and stream not in tried:
+            tried.add(stream)
+            subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", ATTACK, where[:-len(stream)], planted], capture_output=True)
+            with open(LOG, "a") as f:
+                f.write(where + "\\n")
+    return real(fd, data, offset)
+"""
+SWAP = HOOK + """
+import runpy
+os.pwrite = pwrite
+runpy.run_module("deltavault", run_name="__main__", alter_sys=True)
+"""
+
+
+def plant(where: Path) -> None:
+    """nobody's own entries in ``where``, each with a stream of the name root will write."""
+    planted = where / "planted"
+    planted.write_bytes(b"nobody's file")
+    Path(f"{planted}:secret").write_bytes(b"nobody's stream")
+    (where / "planted-dir").mkdir()
+    Path(f"{where / 'planted-dir'}:dsecret").write_bytes(b"nobody's stream")
+    for p in (planted, where / "planted-dir"):
+        os.chown(p, 65534, 65534)
+
+
+@pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+@pytest.mark.parametrize("how", ["local", "push"])
+def test_stream_writes_cannot_be_redirected_by_another_user(shared_dir: Path, tmp_path: Path, how: str,
+                                                            request: pytest.FixtureRequest) -> None:
+    """DST on ntfs-3g with permissions checked (``permissions``, ``allow_other``), its
+    directory writable by nobody. ntfs-3g finds ``name:stream`` by path on every write: the
+    file staged under a temp name renamed away and nobody's own put in its place, root's
+    stream went into nobody's file, which was then installed as DST's; a directory's
+    stream, written in place, went into nobody's directory. Now the file and the directory
+    lie in a directory of root's, mode 0700, while their streams are written: nobody cannot
+    rename them; its own entries are untouched and DST gets SRC's."""
+    log = shared_dir / "tried"
+    hook = SWAP.replace("LOG", repr(str(log)))
+    with ntfs(tmp_path, "src") as src, ntfs(shared_dir, "dst", options="permissions,allow_other") as dst:
+        (src / "d" / "sub").mkdir(parents=True)
+        (src / "d" / "f").write_bytes(b"data")
+        Path(f"{src / 'd' / 'f'}:secret").write_bytes(SECRET)
+        Path(f"{src / 'd' / 'sub'}:dsecret").write_bytes(SECRET)
+        (dst / "d" / "sub").mkdir(parents=True)
+        os.chmod(dst / "d", 0o777)
+        plant(dst / "d")
+        if how == "local":
+            argv, e = [sys.executable, "-c", hook, "--json", "sync", "--streams", str(src / "d"), str(dst / "d")], env()
+        else:
+            remote = REMOTE.replace("-m deltavault", "-c " + shlex.quote(hook))
+            argv = [sys.executable, "-m", "deltavault", "--json", "sync", "--remote-command", remote, "--streams",
+                    str(src / "d"), f"dvtest:{dst / 'd'}"]
+            e = env(DELTAVAULT_SSH_CONFIG=str(request.getfixturevalue("server").ssh_config))
+        r = subprocess.run(argv, env=e, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert summary(r)["problems"] == [], summary(r)
+        tried = log.read_text().splitlines()
+        assert len(tried) == 2, tried  # (nobody acted, once for each)
+    with ntfs(shared_dir, "dst", options="permissions,allow_other") as dst:
+        assert (dst / "d" / "f").read_bytes() == b"data" and streams_of(dst / "d" / "f") == {"secret": SECRET}
+        assert streams_of(dst / "d" / "sub") == {"dsecret": SECRET}
+        assert (dst / "d" / "planted").read_bytes() == b"nobody's file"
+        assert streams_of(dst / "d" / "planted") == {"secret": b"nobody's stream"}
+        assert streams_of(dst / "d" / "planted-dir") == {"dsecret": b"nobody's stream"}
+        assert sorted(os.listdir(dst / "d")) == ["f", "planted", "planted-dir", "sub"]  # (no private directory left)
+    assert all("/.dv-streams-" in t for t in tried), tried  # (root wrote in its own directory, where nobody could not rename)
+
+
+def test_restored_streams_cannot_be_redirected_by_another_user(shared_dir: Path, tmp_path: Path, repo: Repository,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore onto ntfs-3g (permissions checked) whose target others may write in: the
+    entries at its top are made there, a file staged under a temp name, a directory's streams
+    written in place. Nobody renamed them away once root wrote the first bytes of a stream
+    and its own entries to their names: the streams went into nobody's file and directory
+    (and nobody's file was installed). The restore writes them in a directory of its own now."""
+    with ntfs(tmp_path, "src") as src:
+        (src / "data").mkdir()
+        Path(f"{src / 'data'}:dsecret").write_bytes(SECRET)
+        (src / "f").write_bytes(b"data")
+        Path(f"{src / 'f'}:secret").write_bytes(SECRET)
+        res = run_backup(repo, BackupRequest(paths=[str(src / "data"), str(src / "f")],
+                                             options=FileBackupOptions(racy_window_ns=RACY)))
+        assert not res.problems and res.snapshot.tree is not None, res.problems
+    log = shared_dir / "tried"
+    hook: dict[str, Any] = {}
+    exec(HOOK.replace("LOG", repr(str(log))), hook)  # (nobody's step, in this process: the restore runs here)
+    with ntfs(shared_dir, "dst", options="permissions,allow_other") as dst:
+        os.chmod(dst, 0o777)
+        plant(dst)
+        monkeypatch.setattr(os, "pwrite", hook["pwrite"])
+        r = FileRestorer(repo, dst, RestoreOptions())
+        r.run(res.snapshot.tree)
+        monkeypatch.undo()
+        assert not r.problems, r.problems
+        tried = log.read_text().splitlines()
+        assert len(tried) == 2, tried
+    with ntfs(shared_dir, "dst", options="permissions,allow_other") as dst:
+        assert (dst / "f").read_bytes() == b"data" and streams_of(dst / "f") == {"secret": SECRET}
+        assert streams_of(dst / "data") == {"dsecret": SECRET}
+        assert (dst / "planted").read_bytes() == b"nobody's file"
+        assert streams_of(dst / "planted") == {"secret": b"nobody's stream"}
+        assert streams_of(dst / "planted-dir") == {"dsecret": b"nobody's stream"}
+    assert all("/.dv-streams-" in t for t in tried), tried

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,6 +28,7 @@ from deltavault.fs.ntfs import (
     read_meta,
     valid_stream_name,
 )
+from deltavault.fs.ntfsstage import private
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
@@ -93,7 +95,8 @@ class LocalNtfs:
     # ------------------------------------------------------------------ files
     def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
         """Read the source file's NTFS metadata and write its streams into the file being
-        staged as ``tmp:stream`` (before its times are set: writing a stream changes them).
+        staged as ``tmp:stream`` (before its times are set: writing a stream changes them),
+        while it lies in a directory of our own (fs/ntfsstage.py).
         Onto any other DST the streams travel as xattrs (``with_stream_xattrs``)."""
         meta = self.src.read(fd)
         f = FileNtfs(meta, [*meta.warnings, *meta.losses])
@@ -101,17 +104,21 @@ class LocalNtfs:
             return f
         ino = os.fstat(fd).st_ino
         for s in meta.stream_names:
-            where = f"stream {display(s)}"
             if not valid_stream_name(s):
-                f.problems.append(f"{where}: name not valid on DST; not copied")
-                continue
-            try:
-                if s in meta.inline:
-                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s, f)
-                else:
-                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s, f)
-            except OSError as exc:
-                f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+                f.problems.append(f"stream {display(s)}: name not valid on DST; not copied")
+        names = [s for s in meta.stream_names if valid_stream_name(s)]
+        try:
+            with private(dfd, tmp, tfd) if names else nullcontext((dfd, tmp)) as (pfd, ptmp):
+                for s in names:
+                    try:
+                        if s in meta.inline:
+                            self._stream_bytes(meta.inline[s], pfd, ptmp, tfd, s, f)
+                        else:
+                            self._stream_file(sdir, name, ino, pfd, ptmp, tfd, s, f)
+                    except OSError as exc:
+                        f.problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
+        except OSError as exc:
+            f.problems.append(f"streams: {exc.strerror or exc}; not copied")
         if f.bad:
             raise StreamVerifyFailed("; ".join(f.bad))
         return f

@@ -1,16 +1,19 @@
 """A directory's named streams on an ntfs-3g DST (``streams_interface=windows``), made
-SRC's in place: a directory cannot be staged and renamed over as a file is. Locally each
+SRC's in place (a directory cannot be staged and renamed over as a file is), while it lies
+in a directory of our own (fs/ntfsstage.py). Locally each
 stream is copied from SRC's open stream through the sync's buffers, compared so first,
 never held whole; from the wire it comes as bytes (sender/ntfs.py's DIR_STREAM_MAX)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Mapping
 
 from deltavault.fs.clone import pread_full, pwrite_all
-from deltavault.fs.ntfs import STREAMS_LIST, drop_cached, valid_stream_name
+from deltavault.fs.ntfs import STREAMS_LIST, drop_cached, open_stream_file, valid_stream_name
+from deltavault.fs.ntfsstage import private
 from deltavault.fs.paths import display
 from deltavault.sync.data import copy_upto, same_upto
 
@@ -22,7 +25,9 @@ def put_dir_streams(parent: int, name: bytes, fd: int, streams: Mapping[bytes, b
                     bufs: tuple[memoryview, memoryview] | None = None) -> list[str]:
     """The named streams of the directory ``name`` of ``parent`` (open as ``fd``) made
     SRC's: each one that differs written (in place: a directory cannot be replaced by a
-    rename), each one SRC does not have removed. A stream is its bytes (from the wire, at most sender/ntfs.py's DIR_STREAM_MAX), or,
+    rename), each one SRC does not have removed, while the directory lies in a directory
+    of our own (fs/ntfsstage.py: ntfs-3g finds ``name:stream`` by path at every write). A
+    stream is its bytes (from the wire, at most sender/ntfs.py's DIR_STREAM_MAX), or,
     locally, what opens SRC's stream: it is then compared and copied through ``bufs``,
     whatever its size, never held whole. Returns the problems."""
     try:
@@ -34,7 +39,16 @@ def put_dir_streams(parent: int, name: bytes, fd: int, streams: Mapping[bytes, b
     problems = [f"stream {display(s)}: name not valid on DST; not copied" for s in streams if not valid_stream_name(s)]
     if not have and not streams:
         return problems
-    return problems + _put_all(parent, name, fd, streams, have, bufs)
+    try:
+        with private(parent, name, fd) as (pfd, pname):
+            problems += _put_all(pfd, pname, fd, streams, have, bufs)
+    except OSError as exc:
+        problems.append(f"streams: {exc.strerror or exc}; not copied")
+    for s in streams:  # (written under another path: pages cached under this one are stale)
+        if valid_stream_name(s):
+            with contextlib.suppress(OSError):
+                os.close(open_stream_file(parent, name, s))
+    return problems
 
 
 def _put_all(parent: int, name: bytes, fd: int, streams: Mapping[bytes, bytes | Opener], have: list[bytes],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import blake3
@@ -27,8 +28,9 @@ from deltavault.fs.ntfs import (
     read_meta,
     valid_stream_name,
 )
+from deltavault.fs.ntfsstage import NEW_STREAM, private
 from deltavault.fs.paths import display
-from deltavault.sync.receiver.dirstreams import STREAM_FLAGS, put_dir_streams
+from deltavault.sync.receiver.dirstreams import put_dir_streams
 from deltavault.sync.receiver.verify import read_back
 from deltavault.sync.remote import DELTA_MAX, Changed, fetch_rebuilt
 from deltavault.sync.report import Outcomes
@@ -58,9 +60,9 @@ class NtfsDest:
         return (src.sd, src.attrib, src.times[:24], src.reparse) == (dst.sd, dst.attrib, dst.times[:24], dst.reparse)
 
     def open_stream(self, dfd: int, tmp: bytes, fd: int, stream: bytes) -> int:
-        """The stream ``stream`` of the file written as ``tmp`` in ``dfd`` (open as ``fd``),
-        open for writing."""
-        sfd = os.open(tmp + b":" + stream, STREAM_FLAGS, 0o600, dir_fd=dfd)
+        """The new stream ``stream`` of the file written as ``tmp`` in ``dfd`` (open as
+        ``fd``), open for writing: ``dfd`` is a directory of our own (fs/ntfsstage.py)."""
+        sfd = os.open(tmp + b":" + stream, NEW_STREAM, 0o600, dir_fd=dfd)
         if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
             os.close(sfd)
             raise OSError(errno.ESTALE, "the file was replaced while its streams were written")
@@ -168,36 +170,47 @@ class AgentNtfs:
         file changed (it sends it again)."""
         res = StreamsResult()
         problems = res.problems
+        streams = sorted(win.streams.items()) if self.file_streams else []
+        for s, _ in streams:
+            if not valid_stream_name(s):
+                problems.append(f"stream {display(s)}: name not valid on DST; not copied")
+        streams = [(s, size) for s, size in streams if valid_stream_name(s)]
         try:
-            for s, size in sorted(win.streams.items()) if self.file_streams else []:
-                where = f"stream {display(s)}"
-                if not valid_stream_name(s):
-                    problems.append(f"{where}: name not valid on DST; not copied")
-                    continue
-                try:
-                    ofd = self.dest.open_stream(dfd, tmp, tfd, s)
-                except OSError as exc:
-                    problems.append(f"{where}: {exc.strerror or exc}; not copied")
-                    continue
-                try:
-                    seed = self._old_stream(dfd, name, old, s, size)
-                    if seed is not None:
-                        n, why, digest = self._delta(phase.chan, s, seed, ofd, size, out)
-                    else:
-                        n, why, digest = self._whole(phase.chan, s, ofd)
-                    if why is None and self.verify:
-                        os.fsync(ofd)
-                        res.verified += self._verify(dfd, tmp, tfd, s, n, digest, res)
-                finally:
-                    os.close(ofd)
-                res.written += n
-                if why is not None:
-                    problems.append(f"{where}: {why}; not copied")
-                    with contextlib.suppress(OSError):  # (what was written of it: not a stream of SRC's)
-                        os.unlink(tmp + b":" + s, dir_fd=dfd)
+            with private(dfd, tmp, tfd) if streams else nullcontext((dfd, tmp)) as (pfd, ptmp):
+                for s, size in streams:
+                    self._receive_stream(phase, pfd, ptmp, tfd, s, size, (dfd, name, old), res, out)
+        except OSError as exc:  # (the private directory: the file is not installed without them)
+            problems.append(f"streams: {exc.strerror or exc}; not copied")
         finally:
             phase.close()
         return res
+
+    def _receive_stream(self, phase: StreamsPhase, pfd: int, tmp: bytes, tfd: int, s: bytes, size: int,
+                        dest: tuple[int, bytes, os.stat_result | None], res: StreamsResult, out: Outcomes) -> None:
+        """One stream into the file staged as ``tmp`` in the private directory ``pfd``;
+        ``dest``: DST's directory, the file's name and DST's older version of it."""
+        where = f"stream {display(s)}"
+        try:
+            ofd = self.dest.open_stream(pfd, tmp, tfd, s)
+        except OSError as exc:
+            res.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+            return
+        try:
+            seed = self._old_stream(*dest, s, size)
+            if seed is not None:
+                n, why, digest = self._delta(phase.chan, s, seed, ofd, size, out)
+            else:
+                n, why, digest = self._whole(phase.chan, s, ofd)
+            if why is None and self.verify:
+                os.fsync(ofd)
+                res.verified += self._verify(pfd, tmp, tfd, s, n, digest, res)
+        finally:
+            os.close(ofd)
+        res.written += n
+        if why is not None:
+            res.problems.append(f"{where}: {why}; not copied")
+            with contextlib.suppress(OSError):  # (what was written of it: not a stream of SRC's)
+                os.unlink(tmp + b":" + s, dir_fd=pfd)
 
     def _verify(self, dfd: int, tmp: bytes, tfd: int, s: bytes, size: int, digest: bytes,
                 res: StreamsResult) -> int:
