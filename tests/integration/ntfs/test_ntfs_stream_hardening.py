@@ -21,7 +21,7 @@ from deltavault.backup.files.run import BackupRequest, run_backup
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
-from tests.conftest import needs_root, needs_tools
+from tests.conftest import Cli, needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs, streams_of
 from tests.integration.ntfs.test_ntfs_meta import RACY
 from tests.integration.ntfs.test_ntfs_sync import BIG, populate
@@ -248,3 +248,57 @@ def test_restored_streams_cannot_be_redirected_by_another_user(shared_dir: Path,
         assert streams_of(dst / "planted") == {"secret": b"nobody's stream"}
         assert streams_of(dst / "planted-dir") == {"dsecret": b"nobody's stream"}
     assert all("/.dv-streams-" in t for t in tried), tried
+
+
+@pytest.mark.memory_limit
+def test_thousands_of_streams_read_as_xattrs_are_bounded(tmp_path: Path, cli: Cli) -> None:
+    """ntfs-3g's default interface shows each stream as the xattr ``user.NAME`` (up to 64 KiB
+    each): a file with 3,000 of them (188 MiB; 9,000 fit in the names listxattr returns) was
+    read whole, values and all, by the xattrs and again by the NTFS metadata: the backup was
+    killed under the limit. Past 16 MiB of them one entry's are not read: named, the run
+    partial; the streams before, and the other files, are stored."""
+    assert cli("init").returncode == 0
+    with ntfs(tmp_path, "src", streams=None, size="400M") as src:
+        d = src / "data"
+        d.mkdir()
+        (d / "f").write_bytes(b"f")
+        value = os.urandom(65536)
+        for i in range(3000):
+            os.setxattr(d / "f", f"user.s{i:04}", value)
+        os.setxattr(d / "f", "user.small", b"small")
+        (d / "g").write_bytes(b"g")
+        r = cli("--json", "backup", str(d))
+    assert r.returncode == 3, r.stdout + r.stderr
+    problems = [o for o in r.json if o.get("type") == "problem"]
+    assert problems and all(p["path"].endswith("data/f") for p in problems), problems
+    assert any("2745 streams (the first: s0256) not read" in p["message"] and "16 MiB" in p["message"]
+               for p in problems), problems
+    js = cli("--json", "ls", "latest", "data/f").json[0]["windows"]
+    assert [s["name"] for s in js["streams"]] == [f"s{i:04}" for i in range(256)], js  # (16 MiB, in name order)
+    assert cli("--json", "ls", "latest", "data/g").json, "g was not stored"
+
+
+@pytest.mark.memory_limit
+def test_thousands_of_streams_sent_as_xattrs_are_bounded(tmp_path: Path, cli: Cli) -> None:
+    """Onto a DST that keeps streams as ``user.`` xattrs (here ntfs-3g's default interface),
+    a file's and a directory's streams of up to 64 KiB were each read whole, all of them:
+    2,000 of 64 KiB on each (the names of some 9,000 fit in the stream list) and the sync
+    was killed under the limit. Now up to 16 MiB of one entry's go; the rest are named in
+    the log as not kept, as a stream over 64 KiB is."""
+    value = os.urandom(65536)
+    with ntfs(tmp_path, "src", size="512M") as src, ntfs(tmp_path, "dst", streams=None) as dst:
+        (src / "d" / "sub").mkdir(parents=True)
+        (src / "d" / "f").write_bytes(b"f")
+        for i in range(2000):
+            Path(f"{src / 'd' / 'f'}:s{i:04}").write_bytes(value)
+            Path(f"{src / 'd' / 'sub'}:s{i:04}").write_bytes(value)
+        log = tmp_path / "sync.log"
+        r = cli("--json", "sync", "--streams", "--log", str(log), str(src / "d"), str(dst / "d"))
+        assert r.returncode == 0 and r.last("summary")["ntfs_not_kept"] == 2, r.stdout + r.stderr
+        for entry in ("f", "sub"):
+            kept = sorted(os.fsencode(n) for n in os.listxattr(dst / "d" / entry) if n.startswith("user."))
+            assert kept == [b"user.s%04d" % i for i in range(256)], (entry, len(kept))
+    notes = {f[5]: f[6] for f in (ln.split("\t") for ln in log.read_text().splitlines()) if f[6] != "-"}
+    for entry in ("f", "sub"):
+        assert notes[entry].startswith("NTFS not kept on DST: stream s0256 (65536 bytes), ") and \
+            notes[entry].count("stream s") == 2000 - 256, notes[entry][:200]

@@ -17,6 +17,7 @@ import blake3
 
 from deltavault.fs.dirfd import fd_path, handle_at
 from deltavault.fs.ntfs import (
+    INLINE_MAX,
     STREAM_XATTR_MAX,
     WINDOWS,
     XATTR,
@@ -61,7 +62,8 @@ class NtfsSource:
     def with_stream_xattrs(self, xattrs: Xattrs, sdir: int, name: bytes,
                            ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """SRC's xattrs and its small streams as ``user.`` xattrs (for a DST that keeps
-        streams so), and what could not be (streams over 64 KiB)."""
+        streams so), up to INLINE_MAX together (as many as names fit in the stream list:
+        some 9,000), and what could not be (streams over 64 KiB, or past that)."""
         merged = dict(xattrs or [])
         lost: list[str] = []
         if self.view.streams != WINDOWS:
@@ -71,16 +73,18 @@ class NtfsSource:
             names = read_meta(fd_path(h), self.view).stream_names
         finally:
             os.close(h)
+        held = 0
         for s in names:
             if not valid_stream_name(s):
                 continue
             sfd = self.open_stream(sdir, name, s, ino)
             try:
                 size = os.fstat(sfd).st_size
-                if size > STREAM_XATTR_MAX:
+                if size > STREAM_XATTR_MAX or held + size > INLINE_MAX:
                     lost.append(f"stream {display(s)} ({size} bytes)")
                     continue
                 merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
+                held += size
             finally:
                 os.close(sfd)
         return sorted(merged.items()), lost
@@ -89,8 +93,9 @@ class NtfsSource:
 def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
                 limit: int) -> tuple[dict[bytes, bytes], list[str], list[str]]:
     """The named streams of the directory ``name`` of ``parent`` (inode ``ino``), read
-    whole (they are rare and small); those over ``limit`` bytes are left out. Returns (the
-    streams, what was left out, problems)."""
+    whole, up to INLINE_MAX together (as many as names fit in the stream list); those over
+    ``limit`` bytes, or past that, are left out. Returns (the streams, what was left out,
+    problems)."""
     got: dict[bytes, bytes] = {}
     left: list[str] = []
     problems: list[str] = []
@@ -100,9 +105,11 @@ def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
     finally:
         os.close(h)
     problems += meta.losses
+    held = 0
     for s in meta.stream_names:
-        if s in meta.inline:
+        if s in meta.inline:  # (read_meta holds them to INLINE_MAX)
             got[s] = meta.inline[s]
+            held += len(got[s])
             continue
         if not valid_stream_name(s):
             problems.append(f"stream {display(s)}: a name no stream can have; not read")
@@ -114,10 +121,11 @@ def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
             continue
         try:
             size = os.fstat(sfd).st_size
-            if size > limit:
+            if size > limit or held + size > INLINE_MAX:
                 left.append(f"stream {display(s)} ({size} bytes)")
                 continue
             got[s] = _read_all(sfd, size)
+            held += size
         finally:
             os.close(sfd)
     return got, left, problems
@@ -200,8 +208,8 @@ class SenderNtfs:
             return None, []  # (a mount below: its streams are not "name:stream" of this parent)
         limit = DIR_STREAM_MAX if self.file_streams else STREAM_XATTR_MAX
         got, left, problems = dir_streams(self.src, parent, name, st.st_ino, limit)
-        lost = [f"{x}: directory streams over {limit // 1024} KiB do not cross ssh" if self.file_streams else x
-                for x in left]
+        lost = [f"{x}: directory streams over {limit // 1024} KiB (or past {INLINE_MAX >> 20} MiB together) do not "
+                "cross ssh" if self.file_streams else x for x in left]
         return win_wire(ReadResult(b"", "", None, b"", b"", []), lost=lost, inline=got), problems
 
     def _blind_dir_streams(self, parent: int, name: bytes, rel: bytes, st: os.stat_result) -> list[str]:
