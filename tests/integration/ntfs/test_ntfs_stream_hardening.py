@@ -105,6 +105,47 @@ def test_stream_grown_past_delta_max_is_not_loaded_for_a_delta(server: Server, t
         assert streams_of(dst / "data" / "doc.txt") == want
 
 
+# DST's stream's owner truncates it to HUGE once the receiver has judged it worth a delta
+# (after its size is checked, as its cached pages are dropped).
+EXTEND_SEED = """
+import os, runpy
+real, done = os.posix_fadvise, []
+def fadvise(fd, offset, length, advice):
+    where = os.readlink(f"/proc/self/fd/{fd}")
+    if not done and where.endswith("/dst/data/doc.txt:big"):
+        done.append(where)
+        os.truncate(where, HUGE)
+    return real(fd, offset, length, advice)
+os.posix_fadvise = fadvise
+runpy.run_module("deltavault", run_name="__main__", alter_sys=True)
+""".replace("HUGE", str(HUGE))
+
+
+@pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+def test_seed_stream_grown_after_it_was_judged_is_read_to_its_size_then(server: Server, tmp_path: Path,
+                                                                        memory_limit: MemoryLimit) -> None:
+    """A pull (the receiver here, under the limit): DST's older version of a 5 MiB stream is
+    the seed of its remote delta; its owner truncates it to 3 GiB once it was judged. The
+    receiver read the seed to EOF: 3 GiB in memory, killed. Now it reads the 5 MiB judged."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        e = env(DELTAVAULT_SSH_CONFIG=str(server.ssh_config))
+        args = ["--json", "sync", "--remote-command", REMOTE, "--acl", "--streams", f"dvtest:{src / 'data'}",
+                str(dst / "data")]
+        r = dv(*args, env=e)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(src / "data" / "doc.txt:big", "r+b") as f:
+            f.seek(BIG // 2)
+            f.write(os.urandom(4096))
+        r = memory_limit.run([sys.executable, "-c", EXTEND_SEED, *args], env=e, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        s = summary(r)
+        assert s["problems"] == [] and 0 < s["delta_wire_bytes"] < BIG, s
+        want = streams_of(src / "data" / "doc.txt")
+    with ntfs(tmp_path, "dst") as dst:
+        assert streams_of(dst / "data" / "doc.txt") == want
+
+
 def test_huge_directory_stream_is_copied_in_bounded_memory(tmp_path: Path, memory_limit: MemoryLimit) -> None:
     """A directory's stream of 192 MiB (locally onto ntfs-3g any size goes): it was read
     whole into memory, twice over, and the sync killed under the limit. Now it is copied

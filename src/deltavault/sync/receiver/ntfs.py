@@ -11,6 +11,7 @@ import errno
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import blake3
 
@@ -32,7 +33,7 @@ from deltavault.fs.ntfsstage import NEW_STREAM, private
 from deltavault.fs.paths import display
 from deltavault.sync.receiver.dirstreams import put_dir_streams
 from deltavault.sync.receiver.verify import read_back
-from deltavault.sync.remote import DELTA_MAX, Changed, fetch_rebuilt
+from deltavault.sync.remote import DELTA_MAX, Changed, fetch_rebuilt, load_seed
 from deltavault.sync.report import Outcomes
 from deltavault.sync.wire import Frames, WinEntry
 
@@ -219,8 +220,10 @@ class AgentNtfs:
             res.bad.append(problem)
         return n
 
-    def _old_stream(self, dfd: int, name: bytes, old: os.stat_result | None, s: bytes, size: int) -> int | None:
-        """DST's older version of stream ``s``, open, when it is worth a remote delta."""
+    def _old_stream(self, dfd: int, name: bytes, old: os.stat_result | None, s: bytes,
+                    size: int) -> tuple[int, int] | None:
+        """DST's older version of stream ``s``, open, and its size judged, when it is worth
+        a remote delta."""
         if old is None or not self.delta or size < self.delta_min or size > DELTA_MAX:
             return None
         try:
@@ -233,7 +236,7 @@ class AgentNtfs:
             os.close(fd)
             return None
         drop_cached(fd)  # (pages of a stream renamed over may be the old file's: fs/ntfs.py)
-        return fd
+        return fd, st.st_size
 
     def _whole(self, chan: Frames, s: bytes, ofd: int) -> tuple[int, str | None, bytes]:
         chan.send({"op": "whole", "path": s})
@@ -261,15 +264,13 @@ class AgentNtfs:
             else:
                 return 0, f"the sender could not read it ({frame.get('abort')})", b""
 
-    def _delta(self, chan: Frames, s: bytes, seed_fd: int, ofd: int, size: int,
+    def _delta(self, chan: Frames, s: bytes, seed: tuple[int, int], ofd: int, size: int,
                out: Outcomes) -> tuple[int, str | None, bytes]:
-        def load() -> bytes:
-            with open(seed_fd, "rb", closefd=False) as f:
-                return f.read()
-
+        """The stream rebuilt from ``seed``, DST's older version (open, and its size
+        judged: what is read of it, whatever its owner has extended it to since)."""
+        seed_fd, seed_size = seed
         try:
-            pages = os.fstat(seed_fd).st_size == size
-            rebuilt = fetch_rebuilt(chan, s, load, pages=pages)
+            rebuilt = fetch_rebuilt(chan, s, partial(load_seed, seed_fd, seed_size), pages=seed_size == size)
         except Changed:
             raise SourceChangedStreams from None
         except (SourceError, CorruptionError) as exc:
