@@ -78,31 +78,40 @@ runpy.run_module("deltavault", run_name="__main__", alter_sys=True)
 """.replace("HUGE", str(HUGE))
 
 
+def delta_with(hook: str, how: str, server: Server, tmp_path: Path, memory_limit: MemoryLimit) -> None:
+    """``populate``'s tree synced (``how``: push or pull), 4 KiB of its 5 MiB stream changed,
+    then synced again by the CLI with ``hook`` run first, under the limit: the stream goes
+    by remote delta and DST ends with SRC's streams."""
+    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
+        populate(src)
+        e = env(DELTAVAULT_SSH_CONFIG=str(server.ssh_config))
+        ends = [str(src / "data"), f"dvtest:{dst / 'data'}"] if how == "push" else \
+            [f"dvtest:{src / 'data'}", str(dst / "data")]
+        args = ["--json", "sync", "--remote-command", REMOTE, "--acl", "--streams", *ends]
+        r = dv(*args, env=e)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(src / "data" / "doc.txt:big", "r+b") as f:
+            f.seek(BIG // 2)
+            f.write(os.urandom(4096))
+        r = memory_limit.run([sys.executable, "-c", hook, *args], env=e, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        s = summary(r)
+        assert s["problems"] == [] and 0 < s["delta_wire_bytes"] < BIG, s
+        assert os.stat(src / "data" / "doc.txt:big").st_size == BIG
+        want = streams_of(src / "data" / "doc.txt")
+    with ntfs(tmp_path, "dst") as dst:  # (afresh: the kernel keeps pages of name:stream past a rename)
+        assert streams_of(dst / "data" / "doc.txt") == want
+
+
 @pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
 def test_stream_grown_past_delta_max_is_not_loaded_for_a_delta(server: Server, tmp_path: Path,
                                                                  memory_limit: MemoryLimit) -> None:
     """The agent asks for a remote delta of a stream listed at 5 MiB; by the time the sender
     opens it, it is 3 GiB. The sender loaded whatever size it found (the file's own data
     falls back to a whole send past DELTA_MAX): 3 GiB in memory, killed under the limit. Now
-    it tells the agent the file changed, and sends it again: the stream goes by delta."""
-    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
-        populate(src)
-        e = env(DELTAVAULT_SSH_CONFIG=str(server.ssh_config))
-        args = ["--json", "sync", "--remote-command", REMOTE, "--acl", "--streams", str(src / "data"),
-                f"dvtest:{dst / 'data'}"]
-        r = dv(*args, env=e)
-        assert r.returncode == 0, r.stdout + r.stderr
-        with open(src / "data" / "doc.txt:big", "r+b") as f:
-            f.seek(BIG // 2)
-            f.write(os.urandom(4096))
-        r = memory_limit.run([sys.executable, "-c", GROW, *args], env=e, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
-        s = summary(r)
-        assert s["problems"] == [] and 0 < s["delta_wire_bytes"] < BIG, s
-        assert os.stat(src / "data" / "doc.txt:big").st_size == BIG  # (the owner's step ran, and was undone)
-        want = streams_of(src / "data" / "doc.txt")
-    with ntfs(tmp_path, "dst") as dst:  # (afresh: the kernel keeps pages of name:stream past a rename)
-        assert streams_of(dst / "data" / "doc.txt") == want
+    it tells the agent the file changed, and sends it again: the stream goes by delta (the
+    owner's step was undone once the sender closed the stream)."""
+    delta_with(GROW, "push", server, tmp_path, memory_limit)
 
 
 # DST's stream's owner truncates it to HUGE once the receiver has judged it worth a delta
@@ -127,23 +136,7 @@ def test_seed_stream_grown_after_it_was_judged_is_read_to_its_size_then(server: 
     """A pull (the receiver here, under the limit): DST's older version of a 5 MiB stream is
     the seed of its remote delta; its owner truncates it to 3 GiB once it was judged. The
     receiver read the seed to EOF: 3 GiB in memory, killed. Now it reads the 5 MiB judged."""
-    with ntfs(tmp_path, "src") as src, ntfs(tmp_path, "dst") as dst:
-        populate(src)
-        e = env(DELTAVAULT_SSH_CONFIG=str(server.ssh_config))
-        args = ["--json", "sync", "--remote-command", REMOTE, "--acl", "--streams", f"dvtest:{src / 'data'}",
-                str(dst / "data")]
-        r = dv(*args, env=e)
-        assert r.returncode == 0, r.stdout + r.stderr
-        with open(src / "data" / "doc.txt:big", "r+b") as f:
-            f.seek(BIG // 2)
-            f.write(os.urandom(4096))
-        r = memory_limit.run([sys.executable, "-c", EXTEND_SEED, *args], env=e, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
-        s = summary(r)
-        assert s["problems"] == [] and 0 < s["delta_wire_bytes"] < BIG, s
-        want = streams_of(src / "data" / "doc.txt")
-    with ntfs(tmp_path, "dst") as dst:
-        assert streams_of(dst / "data" / "doc.txt") == want
+    delta_with(EXTEND_SEED, "pull", server, tmp_path, memory_limit)
 
 
 def test_huge_directory_stream_is_copied_in_bounded_memory(tmp_path: Path, memory_limit: MemoryLimit) -> None:
