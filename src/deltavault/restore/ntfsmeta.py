@@ -2,8 +2,8 @@
 
 Onto an ntfs-3g mount, each entry gets back its security descriptor, DOS attributes, times
 and reparse data byte for byte, and each file its named streams: written as the file
-``tmp:stream`` (``streams_interface=windows``; opened by name in the parent we hold and
-checked to be the inode we just made) or set as ``user.stream`` (``streams_interface=xattr``,
+``tmp:stream`` (``streams_interface=windows``; opened by name in a directory of our own
+the file is moved to meanwhile, fs/ntfsstage.py, and checked to be the inode we just made) or set as ``user.stream`` (``streams_interface=xattr``,
 up to 64 KiB). Onto any other file system, small streams are kept as ``user.`` xattrs where
 the file system takes them; what could not be kept is counted and said once, at the end.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
+from contextlib import nullcontext
 
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.dirfd import DIR_FLAGS, Replaced, fd_path, identity
@@ -25,9 +27,11 @@ from deltavault.fs.ntfs import (
     XATTR_STREAM,
     NtfsView,
     apply_meta,
+    open_stream_file,
     probe,
     valid_stream_name,
 )
+from deltavault.fs.ntfsstage import private
 from deltavault.fs.paths import display
 from deltavault.model.content import content_size
 from deltavault.model.nodes import Node, NodeType
@@ -114,26 +118,43 @@ class NtfsTarget:
         return messages
 
     def streams(self, parent: int, tmp: bytes, fd: int, node: Node, relpath: bytes) -> None:
-        """The named streams of the file just written as ``tmp`` in ``parent`` (open as ``fd``)."""
+        """The named streams of the file just written as ``tmp`` in ``parent`` (open as
+        ``fd``), or of the directory ``tmp``: as files ``tmp:stream`` while it lies in a
+        directory of our own (fs/ntfsstage.py: ntfs-3g finds them by path at every write)."""
         if node.win is None or not node.win.streams:
             return
         for s in node.win.streams:
             if not valid_stream_name(s.name):
                 self.log.problem(relpath, "metadata", f"stream {display(s.name)}: name not valid on the target; "
                                  "not restored (it stays in the snapshot)")
-                continue
-            try:
-                bad = self._stream(parent, tmp, fd, s)
-                if bad:
-                    self.log.problem(relpath, "verify", f"stream {display(s.name)}: read back differs from what "
-                                     "was written: " + "; ".join(bad[:5]))
-            except (OSError, DeltavaultError) as exc:
-                msg = getattr(exc, "strerror", None) or str(exc)
-                if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.ERANGE,
-                                                              errno.EILSEQ):
-                    msg = f"name not valid on the target ({msg})"
-                self.log.problem(relpath, "metadata", f"stream {display(s.name)}: {msg}; not restored "
-                                 "(it stays in the snapshot)")
+        valid = [s for s in node.win.streams if valid_stream_name(s.name)]
+        files = self.view is not None and self.view.streams == WINDOWS
+        try:
+            with private(parent, tmp, fd) if files and valid else nullcontext((parent, tmp)) as (pfd, ptmp):
+                for s in valid:
+                    self._one(pfd, ptmp, fd, s, relpath)
+        except OSError as exc:
+            self.log.problem(relpath, "metadata", f"streams: {exc.strerror or exc}; not restored "
+                             "(they stay in the snapshot)")
+        if files and stat.S_ISDIR(os.fstat(fd).st_mode):  # (written under another path: pages cached under
+            for s in valid:                                  # its own, of an earlier version, are stale)
+                with contextlib.suppress(OSError):
+                    os.close(open_stream_file(parent, tmp, s.name))
+
+    def _one(self, parent: int, tmp: bytes, fd: int, s: Stream, relpath: bytes) -> None:
+        """One stream written; what fails is logged."""
+        try:
+            bad = self._stream(parent, tmp, fd, s)
+            if bad:
+                self.log.problem(relpath, "verify", f"stream {display(s.name)}: read back differs from what "
+                                 "was written: " + "; ".join(bad[:5]))
+        except (OSError, DeltavaultError) as exc:
+            msg = getattr(exc, "strerror", None) or str(exc)
+            if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.ERANGE,
+                                                          errno.EILSEQ):
+                msg = f"name not valid on the target ({msg})"
+            self.log.problem(relpath, "metadata", f"stream {display(s.name)}: {msg}; not restored "
+                             "(it stays in the snapshot)")
 
     def _stream(self, parent: int, tmp: bytes, fd: int, s: Stream) -> list[str]:
         """Write one stream; with --verify, what reads back otherwise."""

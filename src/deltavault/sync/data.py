@@ -76,12 +76,43 @@ def file_digest(fd: int, buf: memoryview,
     size, again and again) cannot keep the reader going for ever. Whoever needs the digest
     of one version compares the file's fstat before and after."""
     h = blake3.blake3(max_threads=1)
-    size = os.fstat(fd).st_size
+    for data in read_upto(fd, buf, os.fstat(fd).st_size, read):
+        h.update(data)
+    return h.digest()
+
+
+def read_upto(fd: int, buf: memoryview, size: int,
+              read: Callable[[int, memoryview, int], int] = pread_full) -> Iterator[memoryview]:
+    """The bytes of ``fd`` from 0 up to ``size`` (its size when opened, say; fewer if it
+    ends sooner), as views of ``buf`` (each valid until the next): never further, whatever
+    the file has grown to, so its owner extending it cannot keep the reader going, and no
+    more than ``buf`` is held at once."""
     off = 0
     while off < size and (n := read(fd, buf[:min(len(buf), size - off)], off)):
-        h.update(buf[:n])
+        yield buf[:n]
         off += n
-    return h.digest()
+
+
+def copy_upto(sfd: int, tfd: int, size: int, buf: memoryview) -> int:
+    """Copy ``read_upto`` ``size`` bytes of ``sfd`` to ``tfd`` at the same offsets, through
+    ``buf``; returns the bytes copied."""
+    off = 0
+    for data in read_upto(sfd, buf, size):
+        pwrite_all(tfd, data, off)
+        off += len(data)
+    return off
+
+
+def same_upto(a: int, b: int, size: int, buf: memoryview, other: memoryview) -> bool:
+    """The first ``size`` bytes of ``a`` and ``b`` are there and equal, compared through the
+    two buffers (of one size) without holding more."""
+    off = 0
+    for data in read_upto(a, buf, size):
+        n = len(data)
+        if pread_full(b, other[:n], off) != n or bytes(data) != bytes(other[:n]):  # (memcmp)
+            return False
+        off += n
+    return off == size
 
 
 def chunks(fd: int, st: os.stat_result, buf: memoryview,

@@ -27,6 +27,7 @@ import blake3
 
 from deltavault.chunking import rdc
 from deltavault.errors import CorruptionError, SourceError
+from deltavault.fs.clone import pread_full
 from deltavault.fs.paths import check_name
 from deltavault.sync.wire import Channel, Frames
 
@@ -54,6 +55,15 @@ class Served:
 
 
 Loader = Callable[[], "bytes | memoryview | None"]
+
+
+def load_seed(fd: int, size: int) -> memoryview:
+    """A remote delta's seed, DST's older version open as ``fd``: its first ``size`` bytes
+    (its size when it was judged worth a delta; fewer if it shrank), whatever its owner has
+    extended it to since. (Read to EOF, a seed truncated to some GiB meanwhile, sparse and
+    free, was loaded whole.) Any bytes do as a seed: what is rebuilt is checked."""
+    data = bytearray(size)
+    return memoryview(data)[:pread_full(fd, memoryview(data), 0)]
 
 
 def serve(chan: Frames, root: bytes | None, data: Loader | None = None) -> None:

@@ -70,8 +70,8 @@ class NtfsEntries:
         """The xattrs of an open entry. ntfs-3g (2022.10) fails listxattr with EINVAL or
         ENODATA on some files (one with named streams, once mounted again, with
         streams_interface=windows); they have no xattrs of their own there: []."""
-        try:
-            return read_xattrs(b"", fd=fd)
+        try:  # (not the streams of the xattr interface: read_meta reads them, bounded)
+            return read_xattrs(b"", fd=fd, want=lambda n: not is_ntfs_xattr(n, self.view))
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENODATA):
                 self.log.problem(path, "metadata", f"extended attributes unreadable: {exc.strerror}")

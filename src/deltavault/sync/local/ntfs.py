@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import blake3
 
@@ -26,9 +28,11 @@ from deltavault.fs.ntfs import (
     read_meta,
     valid_stream_name,
 )
+from deltavault.fs.ntfsstage import private
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.dirstreams import Opener, put_dir_streams
 from deltavault.sync.receiver.ntfs import NtfsDest, StreamVerifyFailed, verify_stream
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.ntfs import NtfsSource, dir_streams
@@ -91,7 +95,8 @@ class LocalNtfs:
     # ------------------------------------------------------------------ files
     def streams(self, sdir: int, name: bytes, fd: int, dfd: int, tmp: bytes, tfd: int) -> FileNtfs:
         """Read the source file's NTFS metadata and write its streams into the file being
-        staged as ``tmp:stream`` (before its times are set: writing a stream changes them).
+        staged as ``tmp:stream`` (before its times are set: writing a stream changes them),
+        while it lies in a directory of our own (fs/ntfsstage.py).
         Onto any other DST the streams travel as xattrs (``with_stream_xattrs``)."""
         meta = self.src.read(fd)
         f = FileNtfs(meta, [*meta.warnings, *meta.losses])
@@ -99,17 +104,21 @@ class LocalNtfs:
             return f
         ino = os.fstat(fd).st_ino
         for s in meta.stream_names:
-            where = f"stream {display(s)}"
             if not valid_stream_name(s):
-                f.problems.append(f"{where}: name not valid on DST; not copied")
-                continue
-            try:
-                if s in meta.inline:
-                    self._stream_bytes(meta.inline[s], dfd, tmp, tfd, s, f)
-                else:
-                    self._stream_file(sdir, name, ino, dfd, tmp, tfd, s, f)
-            except OSError as exc:
-                f.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+                f.problems.append(f"stream {display(s)}: name not valid on DST; not copied")
+        names = [s for s in meta.stream_names if valid_stream_name(s)]
+        try:
+            with private(dfd, tmp, tfd) if names else nullcontext((dfd, tmp)) as (pfd, ptmp):
+                for s in names:
+                    try:
+                        if s in meta.inline:
+                            self._stream_bytes(meta.inline[s], pfd, ptmp, tfd, s, f)
+                        else:
+                            self._stream_file(sdir, name, ino, pfd, ptmp, tfd, s, f)
+                    except OSError as exc:
+                        f.problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
+        except OSError as exc:
+            f.problems.append(f"streams: {exc.strerror or exc}; not copied")
         if f.bad:
             raise StreamVerifyFailed("; ".join(f.bad))
         return f
@@ -264,21 +273,24 @@ class LocalNtfs:
 
     def dir_streams(self, parent_sfd: int, parent_dfd: int, name: bytes, sfd: int, dfd: int, rel: bytes,
                     xattrs: list[tuple[bytes, bytes]] | None, out: Outcomes) -> list[tuple[bytes, bytes]] | None:
-        """--streams: a directory's own named streams (``name:stream`` in its parent), read
-        whole (they are rare and small). Onto ntfs-3g written now, before its times are set;
-        onto anything else returned with its xattrs (those up to 64 KiB), what could not be
-        named in the log now and counted."""
+        """--streams: a directory's own named streams (``name:stream`` in its parent). Onto
+        ntfs-3g written now, before its times are set, each copied from SRC's through the
+        sync's buffers (any size; never held whole); onto anything else returned with its
+        xattrs (those up to 64 KiB, read whole), what could not be named in the log now and
+        counted."""
         sst = os.fstat(sfd)
         if not self.opts.streams or os.fstat(parent_sfd).st_dev != sst.st_dev:  # (a mount: not "name:stream")
             return xattrs
         ino = sst.st_ino
-        limit = None if self.dst.file_streams else STREAM_XATTR_MAX
+        left: list[str] = []
+        streams: dict[bytes, bytes] = {}
         try:
-            streams, left, problems = dir_streams(self.src, parent_sfd, name, ino, limit)
             if self.dst.file_streams:
-                problems += self.dst.put_dir_streams(parent_dfd, name, dfd, streams)
+                problems = self._put_dir_streams(parent_sfd, parent_dfd, name, ino, dfd)
+            else:
+                streams, left, problems = dir_streams(self.src, parent_sfd, name, ino, STREAM_XATTR_MAX)
         except OSError as exc:
-            streams, left, problems = {}, [], [f"NTFS streams: {exc.strerror or exc}"]
+            problems = [f"NTFS streams: {exc.strerror or exc}"]
         for m in problems:
             out.problem(rel, "metadata", m)
         if self.dst.file_streams:
@@ -291,6 +303,19 @@ class LocalNtfs:
         merged = dict(xattrs or [])
         merged.update((XATTR_STREAM + s, v) for s, v in streams.items())
         return sorted(merged.items())
+
+    def _put_dir_streams(self, parent_sfd: int, parent_dfd: int, name: bytes, ino: int, dfd: int) -> list[str]:
+        """SRC's directory ``name`` (inode ``ino``) gives DST's (open as ``dfd``) its streams."""
+        h, _ = handle_at(parent_sfd, name)
+        try:
+            meta = read_meta(fd_path(h), self.src.view)
+        finally:
+            os.close(h)
+        streams: dict[bytes, bytes | Opener] = {}
+        for s in meta.stream_names:
+            streams[s] = meta.inline[s] if s in meta.inline else partial(self.src.open_stream, parent_sfd, name, s, ino)
+        problems = put_dir_streams(parent_dfd, name, dfd, streams, (self.buffers.get(0), self.buffers.get(1)))
+        return [*meta.losses, *problems]
 
     def read_dir(self, sfd: int) -> ReadResult | None:
         return read_meta(sfd, self.src.view, streams=False) if self.opts.acl else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from functools import partial
 
 import blake3
 
@@ -20,7 +21,7 @@ from deltavault.sync.data import hash_zeros, is_zero
 from deltavault.sync.receiver.core import Receiver, Staged
 from deltavault.sync.receiver.ntfs import SourceChangedStreams, StreamsPhase
 from deltavault.sync.receiver.temps import Where
-from deltavault.sync.remote import Changed, Rebuilt, fetch_rebuilt
+from deltavault.sync.remote import DELTA_MAX, Changed, Rebuilt, fetch_rebuilt, load_seed
 from deltavault.sync.wire import GROUP, Entry, Frames
 
 
@@ -128,8 +129,8 @@ def receive_delta(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes
         try:
             phase.pending = _has_streams(e)
             if dfd >= 0:
-                seed_fd = _open_seed(dfd, e.name)
-                rebuilt = _fetch(chan, rx, seed_fd, rel, e)
+                seed_fd, seed_size = _open_seed(dfd, e.name)
+                rebuilt = _fetch(chan, rx, (seed_fd, seed_size), rel, e)
         except Changed:
             phase.pending = False  # the sender sends it again, or reports it
         except OSError as exc:
@@ -144,30 +145,29 @@ def receive_delta(chan: Frames, rx: Receiver, dfd: int, where: Where, rel: bytes
             os.close(seed_fd)
 
 
-def _open_seed(dfd: int, name: bytes) -> int:
+def _open_seed(dfd: int, name: bytes) -> tuple[int, int]:
     """The old version of a file, for a delta: opened through a handle checked to be a
-    regular file (a FIFO or device swapped in is never opened)."""
+    regular file (a FIFO or device swapped in is never opened), and how much of it is read:
+    its size when the handle was taken, at most DELTA_MAX."""
     h, st = handle_at(dfd, name)
     try:
         if not stat.S_ISREG(st.st_mode):
             raise Replaced("not a regular file")
-        return reopen(h, os.O_RDONLY)
+        return reopen(h, os.O_RDONLY), min(st.st_size, DELTA_MAX)
     finally:
         os.close(h)
 
 
-def _fetch(chan: Frames, rx: Receiver, seed_fd: int, rel: bytes, e: Entry) -> Rebuilt | None:
+def _fetch(chan: Frames, rx: Receiver, seed: tuple[int, int], rel: bytes, e: Entry) -> Rebuilt | None:
     """The rebuilt file, or None when it cannot be (reported); Changed when the sender says
-    the file changed while read."""
-    def load() -> bytes:
-        with open(seed_fd, "rb", closefd=False) as f:
-            return f.read()
-
+    the file changed while read. ``seed``: the old version, open, and how much of it to read
+    (whatever its owner has extended it to since: read to EOF, a file truncated to some
+    GiB meanwhile, sparse and free, was loaded whole)."""
     # Same size: most likely changed in place (a database, a VM image), so compare whole
     # pages, and a change costs exactly its pages; else content-defined chunks.
-    pages = os.fstat(seed_fd).st_size == e.st.st_size
+    pages = seed[1] == e.st.st_size
     try:
-        rebuilt = fetch_rebuilt(chan, rel, load, pages=pages)
+        rebuilt = fetch_rebuilt(chan, rel, partial(load_seed, *seed), pages=pages)
     except Changed:
         raise
     except (SourceError, CorruptionError) as exc:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import blake3
 
 from deltavault.errors import CorruptionError, SourceError
-from deltavault.fs.clone import pread_full, pwrite_all
+from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import expect_identity, fd_path, handle_at, identity
 from deltavault.fs.ntfs import (
-    STREAMS_LIST,
     WINDOWS,
     XATTR_STREAM,
     NtfsView,
@@ -28,13 +29,13 @@ from deltavault.fs.ntfs import (
     read_meta,
     valid_stream_name,
 )
+from deltavault.fs.ntfsstage import NEW_STREAM, private
 from deltavault.fs.paths import display
+from deltavault.sync.receiver.dirstreams import put_dir_streams
 from deltavault.sync.receiver.verify import read_back
-from deltavault.sync.remote import DELTA_MAX, Changed, fetch_rebuilt
+from deltavault.sync.remote import DELTA_MAX, Changed, fetch_rebuilt, load_seed
 from deltavault.sync.report import Outcomes
 from deltavault.sync.wire import Frames, WinEntry
-
-_STREAM_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class NtfsDest:
@@ -59,69 +60,14 @@ class NtfsDest:
         """DST already has SRC's NTFS metadata (the change time, NTFS's own, aside)."""
         return (src.sd, src.attrib, src.times[:24], src.reparse) == (dst.sd, dst.attrib, dst.times[:24], dst.reparse)
 
-    def put_dir_streams(self, parent: int, name: bytes, fd: int, streams: dict[bytes, bytes]) -> list[str]:
-        """The named streams of the directory ``name`` of ``parent`` (open as ``fd``) made
-        SRC's: each one that differs written (in place: a directory cannot be replaced by a
-        rename), each one SRC does not have removed. Returns the problems."""
-        assert self.view is not None
-        problems: list[str] = []
-        try:
-            have = [n for n in os.getxattr(fd, STREAMS_LIST).split(b"\0") if n]
-        except OSError as exc:
-            if exc.errno != errno.ENODATA:
-                return [f"its streams on DST cannot be listed: {exc.strerror or exc}; not copied"]
-            have = []
-        for s in have:
-            if s not in streams and valid_stream_name(s):
-                try:
-                    os.close(self._check_stream(parent, name, fd, s, os.O_RDONLY))  # (ntfs-3g: EINVAL while open)
-                    os.unlink(name + b":" + s, dir_fd=parent)
-                except OSError as exc:
-                    problems.append(f"stream {display(s)}: not removed: {exc.strerror or exc}")
-        for s, data in sorted(streams.items()):
-            if not valid_stream_name(s):
-                problems.append(f"stream {display(s)}: name not valid on DST; not copied")
-                continue
-            try:
-                if s in have:
-                    sfd = self._check_stream(parent, name, fd, s, os.O_RDONLY)
-                    try:
-                        drop_cached(sfd)
-                        same = os.fstat(sfd).st_size == len(data) and _same_bytes(sfd, data)
-                    finally:
-                        os.close(sfd)
-                    if same:
-                        continue
-                sfd = self._check_stream(parent, name, fd, s, _STREAM_FLAGS)
-                try:
-                    pwrite_all(sfd, data, 0)
-                finally:
-                    os.close(sfd)
-            except OSError as exc:
-                problems.append(f"stream {display(s)}: {exc.strerror or exc}; not copied")
-        return problems
-
-    def _check_stream(self, parent: int, name: bytes, fd: int, s: bytes, flags: int) -> int:
-        """``name:s`` of ``parent`` opened, checked to belong to the object open as ``fd``."""
-        sfd = os.open(name + b":" + s, flags, 0o600, dir_fd=parent)
-        if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
-            os.close(sfd)
-            raise OSError(errno.ESTALE, "the directory was replaced while its streams were written")
-        return sfd
-
     def open_stream(self, dfd: int, tmp: bytes, fd: int, stream: bytes) -> int:
-        """The stream ``stream`` of the file written as ``tmp`` in ``dfd`` (open as ``fd``),
-        open for writing."""
-        sfd = os.open(tmp + b":" + stream, _STREAM_FLAGS, 0o600, dir_fd=dfd)
+        """The new stream ``stream`` of the file written as ``tmp`` in ``dfd`` (open as
+        ``fd``), open for writing: ``dfd`` is a directory of our own (fs/ntfsstage.py)."""
+        sfd = os.open(tmp + b":" + stream, NEW_STREAM, 0o600, dir_fd=dfd)
         if os.fstat(sfd).st_ino != os.fstat(fd).st_ino:
             os.close(sfd)
             raise OSError(errno.ESTALE, "the file was replaced while its streams were written")
         return sfd
-
-
-def _same_bytes(fd: int, data: bytes) -> bool:
-    buf = bytearray(len(data))
-    return pread_full(fd, memoryview(buf), 0) == len(data) and buf == data
 
 
 class StreamsPhase:
@@ -225,36 +171,47 @@ class AgentNtfs:
         file changed (it sends it again)."""
         res = StreamsResult()
         problems = res.problems
+        streams = sorted(win.streams.items()) if self.file_streams else []
+        for s, _ in streams:
+            if not valid_stream_name(s):
+                problems.append(f"stream {display(s)}: name not valid on DST; not copied")
+        streams = [(s, size) for s, size in streams if valid_stream_name(s)]
         try:
-            for s, size in sorted(win.streams.items()) if self.file_streams else []:
-                where = f"stream {display(s)}"
-                if not valid_stream_name(s):
-                    problems.append(f"{where}: name not valid on DST; not copied")
-                    continue
-                try:
-                    ofd = self.dest.open_stream(dfd, tmp, tfd, s)
-                except OSError as exc:
-                    problems.append(f"{where}: {exc.strerror or exc}; not copied")
-                    continue
-                try:
-                    seed = self._old_stream(dfd, name, old, s, size)
-                    if seed is not None:
-                        n, why, digest = self._delta(phase.chan, s, seed, ofd, size, out)
-                    else:
-                        n, why, digest = self._whole(phase.chan, s, ofd)
-                    if why is None and self.verify:
-                        os.fsync(ofd)
-                        res.verified += self._verify(dfd, tmp, tfd, s, n, digest, res)
-                finally:
-                    os.close(ofd)
-                res.written += n
-                if why is not None:
-                    problems.append(f"{where}: {why}; not copied")
-                    with contextlib.suppress(OSError):  # (what was written of it: not a stream of SRC's)
-                        os.unlink(tmp + b":" + s, dir_fd=dfd)
+            with private(dfd, tmp, tfd) if streams else nullcontext((dfd, tmp)) as (pfd, ptmp):
+                for s, size in streams:
+                    self._receive_stream(phase, pfd, ptmp, tfd, s, size, (dfd, name, old), res, out)
+        except OSError as exc:  # (the private directory: the file is not installed without them)
+            problems.append(f"streams: {exc.strerror or exc}; not copied")
         finally:
             phase.close()
         return res
+
+    def _receive_stream(self, phase: StreamsPhase, pfd: int, tmp: bytes, tfd: int, s: bytes, size: int,
+                        dest: tuple[int, bytes, os.stat_result | None], res: StreamsResult, out: Outcomes) -> None:
+        """One stream into the file staged as ``tmp`` in the private directory ``pfd``;
+        ``dest``: DST's directory, the file's name and DST's older version of it."""
+        where = f"stream {display(s)}"
+        try:
+            ofd = self.dest.open_stream(pfd, tmp, tfd, s)
+        except OSError as exc:
+            res.problems.append(f"{where}: {exc.strerror or exc}; not copied")
+            return
+        try:
+            seed = self._old_stream(*dest, s, size)
+            if seed is not None:
+                n, why, digest = self._delta(phase.chan, s, seed, ofd, size, out)
+            else:
+                n, why, digest = self._whole(phase.chan, s, ofd)
+            if why is None and self.verify:
+                os.fsync(ofd)
+                res.verified += self._verify(pfd, tmp, tfd, s, n, digest, res)
+        finally:
+            os.close(ofd)
+        res.written += n
+        if why is not None:
+            res.problems.append(f"{where}: {why}; not copied")
+            with contextlib.suppress(OSError):  # (what was written of it: not a stream of SRC's)
+                os.unlink(tmp + b":" + s, dir_fd=pfd)
 
     def _verify(self, dfd: int, tmp: bytes, tfd: int, s: bytes, size: int, digest: bytes,
                 res: StreamsResult) -> int:
@@ -263,8 +220,10 @@ class AgentNtfs:
             res.bad.append(problem)
         return n
 
-    def _old_stream(self, dfd: int, name: bytes, old: os.stat_result | None, s: bytes, size: int) -> int | None:
-        """DST's older version of stream ``s``, open, when it is worth a remote delta."""
+    def _old_stream(self, dfd: int, name: bytes, old: os.stat_result | None, s: bytes,
+                    size: int) -> tuple[int, int] | None:
+        """DST's older version of stream ``s``, open, and its size judged, when it is worth
+        a remote delta."""
         if old is None or not self.delta or size < self.delta_min or size > DELTA_MAX:
             return None
         try:
@@ -277,7 +236,7 @@ class AgentNtfs:
             os.close(fd)
             return None
         drop_cached(fd)  # (pages of a stream renamed over may be the old file's: fs/ntfs.py)
-        return fd
+        return fd, st.st_size
 
     def _whole(self, chan: Frames, s: bytes, ofd: int) -> tuple[int, str | None, bytes]:
         chan.send({"op": "whole", "path": s})
@@ -305,15 +264,13 @@ class AgentNtfs:
             else:
                 return 0, f"the sender could not read it ({frame.get('abort')})", b""
 
-    def _delta(self, chan: Frames, s: bytes, seed_fd: int, ofd: int, size: int,
+    def _delta(self, chan: Frames, s: bytes, seed: tuple[int, int], ofd: int, size: int,
                out: Outcomes) -> tuple[int, str | None, bytes]:
-        def load() -> bytes:
-            with open(seed_fd, "rb", closefd=False) as f:
-                return f.read()
-
+        """The stream rebuilt from ``seed``, DST's older version (open, and its size
+        judged: what is read of it, whatever its owner has extended it to since)."""
+        seed_fd, seed_size = seed
         try:
-            pages = os.fstat(seed_fd).st_size == size
-            rebuilt = fetch_rebuilt(chan, s, load, pages=pages)
+            rebuilt = fetch_rebuilt(chan, s, partial(load_seed, seed_fd, seed_size), pages=seed_size == size)
         except Changed:
             raise SourceChangedStreams from None
         except (SourceError, CorruptionError) as exc:
@@ -355,7 +312,7 @@ class AgentNtfs:
         what SRC's side could not send for its log line. Returns the problems."""
         self._dir_lost[rel] = win.lost
         if self.file_streams:
-            return self.dest.put_dir_streams(parent, name, fd, win.inline or {})
+            return put_dir_streams(parent, name, fd, win.inline or {})
         if self.xattr_streams:
             self._dir_xattrs[rel] = win.inline or {}
         return []

@@ -15,9 +15,9 @@ from typing import Any
 
 import blake3
 
-from deltavault.fs.clone import pread_full
 from deltavault.fs.dirfd import fd_path, handle_at
 from deltavault.fs.ntfs import (
+    INLINE_MAX,
     STREAM_XATTR_MAX,
     WINDOWS,
     XATTR,
@@ -31,8 +31,8 @@ from deltavault.fs.ntfs import (
     valid_stream_name,
 )
 from deltavault.fs.paths import display
-from deltavault.sync.data import file_digest
-from deltavault.sync.remote import Served
+from deltavault.sync.data import file_digest, read_upto
+from deltavault.sync.remote import DELTA_MAX, Served
 from deltavault.sync.report import Outcomes
 from deltavault.sync.sender.source import changed_since
 from deltavault.sync.wire import Frames, win_wire
@@ -62,7 +62,8 @@ class NtfsSource:
     def with_stream_xattrs(self, xattrs: Xattrs, sdir: int, name: bytes,
                            ino: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """SRC's xattrs and its small streams as ``user.`` xattrs (for a DST that keeps
-        streams so), and what could not be (streams over 64 KiB)."""
+        streams so), up to INLINE_MAX together (as many as names fit in the stream list:
+        some 9,000), and what could not be (streams over 64 KiB, or past that)."""
         merged = dict(xattrs or [])
         lost: list[str] = []
         if self.view.streams != WINDOWS:
@@ -72,26 +73,29 @@ class NtfsSource:
             names = read_meta(fd_path(h), self.view).stream_names
         finally:
             os.close(h)
+        held = 0
         for s in names:
             if not valid_stream_name(s):
                 continue
             sfd = self.open_stream(sdir, name, s, ino)
             try:
                 size = os.fstat(sfd).st_size
-                if size > STREAM_XATTR_MAX:
+                if size > STREAM_XATTR_MAX or held + size > INLINE_MAX:
                     lost.append(f"stream {display(s)} ({size} bytes)")
                     continue
                 merged[XATTR_STREAM + s] = os.pread(sfd, size, 0)
+                held += size
             finally:
                 os.close(sfd)
         return sorted(merged.items()), lost
 
 
 def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
-                limit: int | None = None) -> tuple[dict[bytes, bytes], list[str], list[str]]:
+                limit: int) -> tuple[dict[bytes, bytes], list[str], list[str]]:
     """The named streams of the directory ``name`` of ``parent`` (inode ``ino``), read
-    whole (they are rare and small); those over ``limit`` bytes are left out. Returns (the
-    streams, what was left out, problems)."""
+    whole, up to INLINE_MAX together (as many as names fit in the stream list); those over
+    ``limit`` bytes, or past that, are left out. Returns (the streams, what was left out,
+    problems)."""
     got: dict[bytes, bytes] = {}
     left: list[str] = []
     problems: list[str] = []
@@ -101,9 +105,11 @@ def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
     finally:
         os.close(h)
     problems += meta.losses
+    held = 0
     for s in meta.stream_names:
-        if s in meta.inline:
+        if s in meta.inline:  # (read_meta holds them to INLINE_MAX)
             got[s] = meta.inline[s]
+            held += len(got[s])
             continue
         if not valid_stream_name(s):
             problems.append(f"stream {display(s)}: a name no stream can have; not read")
@@ -115,10 +121,11 @@ def dir_streams(src: NtfsSource, parent: int, name: bytes, ino: int,
             continue
         try:
             size = os.fstat(sfd).st_size
-            if limit is not None and size > limit:
+            if size > limit or held + size > INLINE_MAX:
                 left.append(f"stream {display(s)} ({size} bytes)")
                 continue
             got[s] = _read_all(sfd, size)
+            held += size
         finally:
             os.close(sfd)
     return got, left, problems
@@ -201,8 +208,8 @@ class SenderNtfs:
             return None, []  # (a mount below: its streams are not "name:stream" of this parent)
         limit = DIR_STREAM_MAX if self.file_streams else STREAM_XATTR_MAX
         got, left, problems = dir_streams(self.src, parent, name, st.st_ino, limit)
-        lost = [f"{x}: directory streams over {limit // 1024} KiB do not cross ssh" if self.file_streams else x
-                for x in left]
+        lost = [f"{x}: directory streams over {limit // 1024} KiB (or past {INLINE_MAX >> 20} MiB together) do not "
+                "cross ssh" if self.file_streams else x for x in left]
         return win_wire(ReadResult(b"", "", None, b"", b"", []), lost=lost, inline=got), problems
 
     def _blind_dir_streams(self, parent: int, name: bytes, rel: bytes, st: os.stat_result) -> list[str]:
@@ -267,12 +274,12 @@ class SenderNtfs:
             if op == "whole":
                 ok = self._whole(chan, dir_fd, name, s, fd, st, meta, bufsize) and ok
                 continue
-            try:  # (remote delta holds the stream in memory, as it does a file)
+            try:  # (remote delta holds the stream in memory, as it does a file: up to DELTA_MAX)
                 data = self._load(dir_fd, name, s, st.st_ino, meta)
             except OSError as exc:
                 chan.send({"error": f"unreadable: {exc.strerror or exc}"})
                 continue
-            if changed_since(st, os.fstat(fd)):
+            if data is None or changed_since(st, os.fstat(fd)):
                 ok = False
                 chan.send({"error": "the file changed while its streams were read", "changed": True})
                 continue
@@ -293,11 +300,10 @@ class SenderNtfs:
                 sfd = self.src.open_stream(dir_fd, name, s, st.st_ino)
                 try:
                     buf = memoryview(bytearray(max(4096, bufsize)))
-                    off, size = 0, os.fstat(sfd).st_size  # not to EOF: its owner may extend it for ever
-                    while off < size and (n := pread_full(sfd, buf[:min(len(buf), size - off)], off)):
-                        h.update(buf[:n])
-                        chan.send({"d": buf[:n]})
-                        off += n
+                    # (not to EOF: its owner may extend it for ever)
+                    for chunk in read_upto(sfd, buf, os.fstat(sfd).st_size):
+                        h.update(chunk)
+                        chan.send({"d": chunk})
                 finally:
                     os.close(sfd)
         except OSError as exc:
@@ -309,12 +315,17 @@ class SenderNtfs:
         chan.send({"end": h.digest()})
         return True
 
-    def _load(self, dir_fd: int, name: bytes, s: bytes, ino: int, meta: ReadResult) -> bytes:
-        """A stream's bytes, read whole."""
+    def _load(self, dir_fd: int, name: bytes, s: bytes, ino: int, meta: ReadResult) -> bytes | None:
+        """A stream's bytes, read whole (to its size at open); None when that is over
+        DELTA_MAX. The agent asks for a delta only of a stream listed at most that big, so
+        it grew since it was listed: the file changed (and is sent again). Read regardless,
+        a stream truncated to some GiB (sparse: it costs its owner nothing) was held in
+        memory; and a hostile agent could ask for any stream."""
         if s in meta.inline:
             return meta.inline[s]
         sfd = self.src.open_stream(dir_fd, name, s, ino)
         try:
-            return _read_all(sfd, os.fstat(sfd).st_size)
+            size = os.fstat(sfd).st_size
+            return _read_all(sfd, size) if size <= DELTA_MAX else None
         finally:
             os.close(sfd)
