@@ -1,8 +1,7 @@
 """Regular files of a restore, written into directories the walk (files.py) has opened.
 
-Small files are gathered by the walker in batches whose blobs are read together, and each
-batch is loaded and written, in order, on a thread of its own, a few batches behind the
-walk; large ones by a thread pool, their segments in
+Small files are written by the walker's own thread in batches whose blobs are read together,
+loaded on worker threads a few batches ahead; large ones by a thread pool, their segments in
 parallel (content.py). Each file is made under a temp name through its directory's fd, given
 its content and metadata through its own fd, and renamed into place (target.py).
 """
@@ -50,8 +49,6 @@ _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 Batch = list[tuple[Dir, bytes, Node]]
 
 
-
-
 class RegularFiles:
     """Writes the regular files the walk hands over; the first error that ends the restore
     (a full target, an interrupt on a worker) is kept for the walker (``check_fatal``)."""
@@ -70,20 +67,17 @@ class RegularFiles:
         # Segments of large files (restore/content.py); its own threads, since a file's task
         # on _pool waits for them.
         self._segments = ThreadPoolExecutor(max(2, options.workers), thread_name_prefix="dv-restore-seg")
-        # The small files' batches load and are written on a thread of their own, in order:
-        # queued behind a large file's segments on _segments, the batches came late; and
-        # written by the walker, its making and listing directories were the restore's
-        # critical path, with a core idle at the end (issue #17).
+        # The small files' blobs load on a thread of their own: queued behind a large file's
+        # segments on _segments, the batches the walker waits for came late, and the walker
+        # is the restore's critical path while large files are written beside it.
         self._loads = ThreadPoolExecutor(1, thread_name_prefix="dv-restore-load")
         self._last_hold: Callable[[], None] = lambda: None  # the hold of the last batch loaded
         self._lock = threading.Lock()  # guards _fatal
         self._fatal: BaseException | None = None
-        self._closing = False  # the run ends: batches not written yet are not
         self._small: Batch = []
         self._small_bytes = 0
-        # Batches of small files handed to _loads and not known to be written, oldest first,
-        # with the hold each releases once it has loaded (or is cancelled).
-        self._loading: deque[tuple[Batch, Future[None], Callable[[], None]]] = deque()
+        # Batches of small files whose blobs are being loaded on _loads, oldest first.
+        self._loading: deque[tuple[Batch, Future[dict[bytes, bytes]]]] = deque()
         self._futures: list[Future[None]] = []
 
     def check_fatal(self) -> None:
@@ -101,20 +95,15 @@ class RegularFiles:
 
     def gathered_in(self, d: Dir) -> bool:
         """Whether a small file of ``d`` waits in a batch not yet written."""
-        return any(here is d for batch in [self._small, *(items for items, _f, _h in self._loading)]
+        return any(here is d for batch in [self._small, *(items for items, _f in self._loading)]
                    for here, _r, _n in batch)
 
     def close(self) -> None:
         """End of the run, done or not: what was gathered and not written lets go of its
         directory, and the threads stop."""
-        self._closing = True  # a batch being written stops at its next file
-        for here, _rel, _node in self._small:  # not written: an error ends the run
-            self.holds.file_done(here)
-        for items, fut, previous in self._loading:
-            if fut.cancel():  # not started: its task lets go of nothing
-                previous()
-                for here, _rel, _node in items:
-                    self.holds.file_done(here)
+        for batch in [self._small, *(items for items, _f in self._loading)]:
+            for here, _rel, _node in batch:  # not written: an error ends the run
+                self.holds.file_done(here)
         self._small, self._loading = [], deque()
         self._pool.shutdown()
         self._segments.shutdown()
@@ -138,15 +127,15 @@ class RegularFiles:
                 self.holds.file_done(parent)
             return
         if node.size < INLINE_BELOW:
-            # Written in batches, on one thread: handing each small file to a pool cost more
-            # in GIL hand-offs (a million futex calls for 10k files) than writing it, and
-            # one read per batch fetches neighbouring blobs together.
+            # Written by the walker, in batches: handing small files to threads cost more
+            # in GIL hand-offs (a million futex calls for 10k files) than writing them,
+            # and one read per batch fetches neighbouring blobs together.
             self._small.append((parent, relpath, node))
             self._small_bytes += node.size
             if len(self._small) >= SMALL_FILES or self._small_bytes >= SMALL_BYTES:
                 self._load_small()
-                while len(self._loading) > LOADING:  # the walker keeps this far ahead at most
-                    self._loading.popleft()[1].result()
+                while len(self._loading) > LOADING:
+                    self._write_small(*self._loading.popleft())
             return
         try:
             self._futures.append(self._pool.submit(self._file_task, parent, relpath, node))
@@ -170,9 +159,10 @@ class RegularFiles:
             self.holds.file_done(parent)
 
     def _load_small(self) -> None:
-        """Hand the batch of small files being gathered to _loads, which loads its blobs in
-        one pass (load_blobs merges neighbours in a pack into one request) and writes its
-        files, while the walker goes on making directories and gathering the next ones."""
+        """Hand the batch of small files being gathered to _loads to load its blobs, in one
+        pass (load_blobs merges neighbours in a pack into one request), while the walker
+        writes the batches before it: decryption, decompression and hashing of the tree's
+        small files had been on the walker's thread, after its file system calls."""
         items, self._small, self._small_bytes = self._small, [], 0
         if not items:
             return
@@ -185,44 +175,42 @@ class RegularFiles:
         release = self.repo.hold_blobs(ids, wait=True)
         previous, self._last_hold = self._last_hold, release
         try:
-            fut = self._loads.submit(self._batch_task, items, ids, previous)
+            fut = self._loads.submit(self._load_blobs, ids)
         except BaseException:
             previous()
             for here, _rel, _node in items:
                 self.holds.file_done(here)
             raise
-        self._loading.append((items, fut, previous))
+        fut.add_done_callback(lambda _f: previous())
+        self._loading.append((items, fut))
+
+    def _load_blobs(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        return dict(self.repo.load_blobs(ids)) if ids else {}
 
     def flush_small(self) -> None:
-        """Write every small file gathered or handed over."""
+        """Write every small file gathered or being loaded."""
         self._load_small()
         while self._loading:
-            self._loading.popleft()[1].result()
+            self._write_small(*self._loading.popleft())
 
-    def _batch_task(self, items: Batch, ids: list[bytes], previous: Callable[[], None]) -> None:
-        """On _loads: a batch's blobs, then its files. An error that ends the restore is kept
-        for the walker, as a worker's is; every file lets go of its directory."""
-        done = 0
+    def _write_small(self, items: Batch, fut: Future[dict[bytes, bytes]]) -> None:
         try:
-            try:
-                loaded = dict(self.repo.load_blobs(ids)) if ids else {}
-            except DeltavaultError:
-                loaded = {}  # a damaged blob: each file loads its own and reports only itself
-            finally:
-                previous()
-            for here, relpath, node in items:
-                try:
-                    if self._fatal is None and not self._closing:
-                        self._write_guarded(here, relpath, node, loaded, None)
-                finally:
-                    done += 1
-                    self.holds.file_done(here)
-        except BaseException as exc:
-            for here, _rel, _node in items[done:]:
+            loaded = fut.result()
+        except DeltavaultError:
+            loaded = {}  # a damaged blob: each file loads its own and reports only itself
+        except BaseException:
+            for here, _rel, _node in items:
                 self.holds.file_done(here)
-            with self._lock:
-                if self._fatal is None:
-                    self._fatal = exc
+            raise
+        for i, (here, relpath, node) in enumerate(items):
+            try:
+                self._write_guarded(here, relpath, node, loaded, None)
+            except BaseException:
+                for later, _rel, _node in items[i + 1:]:
+                    self.holds.file_done(later)
+                raise
+            finally:
+                self.holds.file_done(here)
 
     def _write_guarded(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes] | None,
                        key: tuple[int, int] | None) -> None:
