@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import io
 import json
@@ -164,7 +165,12 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 def entry() -> None:
-    sys.exit(main())
+    rc = main()
+    # What is alive now dies with the process: the collection the interpreter runs while it
+    # tears its modules down cost 0.07-0.3 s after every restore (the run itself is 2-3 s),
+    # and frozen objects are not scanned. Files, atexit handlers and threads end as before.
+    gc.freeze()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

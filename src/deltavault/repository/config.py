@@ -32,6 +32,7 @@ from deltavault.errors import (
 )
 from deltavault.framing import decode_json
 from deltavault.repository import keys as keymod
+from deltavault.repository.keyhint import KeyHint
 
 REPO_VERSION = 1
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
@@ -136,7 +137,8 @@ def read(backend: Backend) -> RepoConfig:
     return cfg
 
 
-def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bool = False) -> Unlocked:
+def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bool = False,
+                  hint: KeyHint | None = None) -> Unlocked:
     """Read the config and, for an encrypted repository, unlock the master key and
     authenticate the config with it. The password is asked for only when needed.
 
@@ -144,7 +146,19 @@ def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bo
     (``unencrypted``): its config carries no MAC, so whoever can write the store can
     replace an encrypted repository by an unencrypted one (a config saying "none", no key
     files) and the next backup would store every file in plain text there, the next
-    restore bring back whatever files that writer chose."""
+    restore bring back whatever files that writer chose.
+
+    ``hint``: the key file that opened this location last (keyhint.py), whose key is derived
+    while the config and key files are read, and which is kept for the next open."""
+    asked: list[bytes] = []
+
+    def once() -> bytes:  # a prompt asks once, whoever needs it first
+        if not asked:
+            asked.append(password())
+        return asked[0]
+
+    if hint is not None:
+        hint.start(once)
     cfg = read(backend)
     key_names = [o.name for o in backend.list("keys/")]
     if not key_names and cfg.encryption == "none":
@@ -158,9 +172,11 @@ def open_existing(backend: Backend, password: PasswordSource, *, unencrypted: bo
     # copied by mistake) named first had made the config "fail its authentication", and
     # the repair that message sent the user to rebuilt the config under that other key,
     # then found every pack and snapshot "damaged" and deleted them.
-    for master, key_name in open_keys(backend, key_names, password()):
+    for master, key_name in open_keys(backend, key_names, once(), hint.unwrap if hint is not None else None):
         if mac_matches(cfg, master):
             retention_mod.apply(backend, cfg.retention, creating=False)
+            if hint is not None:
+                hint.keep(key_name)
             return cfg, master, key_name
     raise CorruptionError("repository config fails its authentication under every key file the password "
                           "opens: it was edited or damaged, or those key files are another repository's; "
@@ -175,7 +191,9 @@ def raise_unencrypted(backend: Backend) -> None:
                      "so write nothing to it and trust nothing read from it")
 
 
-def open_keys(backend: Backend, key_names: list[str], password: bytes) -> Iterator[tuple[keymod.MasterKey, str]]:
+def open_keys(backend: Backend, key_names: list[str], password: bytes,
+              unwrap: Callable[[bytes, str, bytes], keymod.MasterKey] | None = None,
+              ) -> Iterator[tuple[keymod.MasterKey, str]]:
     """The master key of each key file the password opens, with that file's name, in name
     order (lazily: each costs a key derivation). A key file opening is no proof that it is
     this repository's: the caller checks the key against what the repository holds. None
@@ -184,7 +202,9 @@ def open_keys(backend: Backend, key_names: list[str], password: bytes) -> Iterat
     opened = False
     for name in sorted(key_names):
         try:
-            master = keymod.unwrap(keymod.parse_key_file(backend.get(name), name), password)
+            data = backend.get(name)
+            master = (unwrap(data, name, password) if unwrap is not None
+                      else keymod.unwrap(keymod.parse_key_file(data, name), password))
         except (KeyFileDamaged, ObjectTooLarge) as exc:  # one planted beside the real one locks no one out
             damaged = exc
             continue

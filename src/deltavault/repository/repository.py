@@ -39,6 +39,7 @@ from deltavault.repository.envelope import Envelope
 from deltavault.repository.index import Index
 from deltavault.repository.indexcache import IndexCopy
 from deltavault.repository.indexstore import IndexStore, PackList, WriteStats
+from deltavault.repository.keyhint import KeyHint
 from deltavault.repository.locks import Lock, LockManager
 from deltavault.repository.pack import PackEntry
 from deltavault.repository.packcheck import PackCheck
@@ -94,7 +95,8 @@ class Repository:
         ``unencrypted``: an unencrypted repository is meant; without it one is refused
         (config.open_existing)."""
         counting = CountingBackend(backend)
-        cfg, master, key_name = configmod.open_existing(counting, password, unencrypted=unencrypted)
+        hint = KeyHint(cache_root or default_cache_root(), backend.location()) if use_cache else None
+        cfg, master, key_name = configmod.open_existing(counting, password, unencrypted=unencrypted, hint=hint)
         repo = cls(counting, cfg, master, cache_root=cache_root, use_cache=use_cache)
         repo.key_name = key_name
         repo.indexes.open(tolerant=tolerant)
