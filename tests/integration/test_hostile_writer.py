@@ -4,6 +4,9 @@ another host then lists, restores and dumps them. Each test failed before its fi
 
 from __future__ import annotations
 
+import io
+import os
+import zipfile
 from pathlib import Path
 
 import msgspec
@@ -67,4 +70,27 @@ def test_tree_fields_no_file_system_holds_are_damage_named_not_a_traceback(cli: 
         if args[0] != "check":
             assert "tree does not parse" in r.stderr, (args, r.stderr)
     assert not target.exists() or list(target.iterdir()) == []
+
+
+def test_dump_zip_of_a_file_dated_after_2107_dates_it_at_the_end_of_zips_range(cli: Cli, tmp_path: Path) -> None:
+    """A zip's DOS time ends in 2107: ``dump -a zip`` of a file dated 2200 (any user can
+    ``touch -d`` one, and any writer of the repository can store one) ended with a
+    ``struct.error`` traceback. Dates past the range are now its last second, as dates
+    before 1980 were already its first."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "future").write_bytes(b"later")
+    os.utime(src / "future", ns=(7_258_118_400 * 10**9, 7_258_118_400 * 10**9))  # 2200-01-01
+    (src / "past").write_bytes(b"before")
+    os.utime(src / "past", ns=(0, 0))
+    assert cli("init").returncode == 0
+    assert cli("backup", str(src)).returncode == 0
+    out = tmp_path / "x.zip"
+    r = cli("dump", "-a", "zip", "latest", "/", "--target", str(out))
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(io.BytesIO(out.read_bytes())) as zf:
+        infos = {Path(i.filename).name: i for i in zf.infolist()}
+        assert zf.read(infos["future"]) == b"later"
+        assert infos["future"].date_time == (2107, 12, 31, 23, 59, 58)
+        assert infos["past"].date_time == (1980, 1, 1, 0, 0, 0)
 
