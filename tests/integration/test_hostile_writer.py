@@ -4,6 +4,7 @@ another host then lists, restores and dumps them. Each test failed before its fi
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import zipfile
@@ -18,7 +19,8 @@ from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
-from tests.conftest import PASSWORD, Cli
+from tests.conftest import PASSWORD, Cli, needs_root, needs_tools
+from tests.integration.mount.conftest import mounted
 
 
 def _planted(cli: Cli, nodes: list[Node], host: str = "h") -> str:
@@ -94,3 +96,26 @@ def test_dump_zip_of_a_file_dated_after_2107_dates_it_at_the_end_of_zips_range(c
         assert infos["future"].date_time == (2107, 12, 31, 23, 59, 58)
         assert infos["past"].date_time == (1980, 1, 1, 0, 0, 0)
 
+
+@needs_root()
+@needs_tools("fusermount3")
+@pytest.mark.root
+def test_mount_checks_a_cached_blobs_size_against_each_tree_that_names_it(cli: Cli, tmp_path: Path) -> None:
+    """The mount caches content by blob id, and checked a blob's size against the tree only
+    when loading it: once "f" (5 bytes, its true size) was read, "lie" (the same blob, said
+    to be 1 TiB) read as those 5 bytes, a short read, where restore and check refuse it.
+    Every use is checked now: EIO, as for a blob loaded with the wrong size."""
+    sid = _planted(cli, [Node(name=b"f", type=F, mode=0o644)])
+    repo = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, cache_root=cli.cache)
+    data = repo.blob_id(b"hello")
+    lie = Node(name=b"lie", type=F, mode=0o644, content=[Full(data, 2**40)], size=2**40)
+    _planted(cli, [Node(name=b"f", type=F, mode=0o644), lie], host="h2")
+    with mounted(cli, tmp_path / "mnt") as mnt:
+        snaps = {n.rsplit("_", 1)[1]: mnt / "snapshots" / n for n in os.listdir(mnt / "snapshots") if n != "latest"}
+        assert (snaps[sid[:8]] / "f").read_bytes() == b"hello"
+        other = next(p for k, p in snaps.items() if k != sid[:8])
+        assert (other / "lie").stat().st_size == 2**40
+        with pytest.raises(OSError) as exc, open(other / "lie", "rb") as f:
+            f.read(100)
+        assert exc.value.errno == errno.EIO
+        assert (other / "f").read_bytes() == b"hello"
