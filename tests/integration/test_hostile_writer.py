@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -16,14 +17,14 @@ import pytest
 from deltavault.backends.local import LocalBackend
 from deltavault.model.content import Full, Hole
 from deltavault.model.nodes import Node, NodeType, Tree
-from deltavault.model.snapshot import Snapshot
+from deltavault.model.snapshot import BlockSets, Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli, needs_root, needs_tools
 from tests.integration.mount.conftest import mounted
 
 
-def _planted(cli: Cli, nodes: list[Node], host: str = "h") -> str:
+def _planted(cli: Cli, nodes: list[Node], host: str = "h", **fields: object) -> str:
     """A snapshot of ``nodes`` written with the repository's key, as the compromised host's
     modified client would write it (nothing the model would refuse is refused on writing)."""
     if not cli.repo.exists():
@@ -34,8 +35,9 @@ def _planted(cli: Cli, nodes: list[Node], host: str = "h") -> str:
              and not n.content else n for n in nodes]
     root = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(nodes)))[0]
     repo.flush()
-    return repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname=host, paths=["/src"],
-                                       source_id=f"{host}:/src", tree=root))
+    snap: dict[str, object] = {"time": "2026-01-01T00:00:00Z", "time_ns": 1, "hostname": host, "paths": ["/src"],
+                               "source_id": f"{host}:/src", "tree": root, **fields}
+    return repo.save_snapshot(Snapshot(**snap))  # type: ignore[arg-type]
 
 
 F = NodeType.FILE
@@ -119,3 +121,39 @@ def test_mount_checks_a_cached_blobs_size_against_each_tree_that_names_it(cli: C
             f.read(100)
         assert exc.value.errno == errno.EIO
         assert (other / "f").read_bytes() == b"hello"
+
+
+def _strict_json(line: str) -> object:
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_summary_numbers_no_run_writes_neither_break_json_nor_end_the_report(cli: Cli, tmp_path: Path) -> None:
+    """A run's seconds of NaN or infinity went out as ``NaN`` in ``--json snapshots`` (not
+    JSON: jq and every strict parser refuse the line) and ended ``report --html`` with a
+    traceback; block sets of unit 0 or that are not a roaring bitmap ended ``report`` (HTML
+    and --json) with ZeroDivisionError or ValueError. Now a snapshot with such a number
+    does not parse (left out with a warning, as a damaged one), and block sets no run writes
+    count as not recorded."""
+    _planted(cli, [Node(name=b"f", type=F)])
+    volume = {"kind": "volume", "source_id": "h:/dev/sda"}
+    for i, summary in enumerate([SnapshotSummary(seconds=float("nan")), SnapshotSummary(seconds=float("inf")),
+                                 SnapshotSummary(blocks=BlockSets(unit=0), bytes_total=8192)]):
+        _planted(cli, [Node(name=b"f", type=F)], time_ns=10 + i, **volume)
+        _planted(cli, [Node(name=b"f", type=F)], time_ns=20 + i, summary=summary)
+    garbage = SnapshotSummary(bytes_total=8192, blocks=BlockSets(unit=4096, read=b"\0" * 9, changed=b"garbage"))
+    _planted(cli, [Node(name=b"f", type=F)], time_ns=30, summary=garbage, parent="p", **volume)
+    r = cli("--json", "snapshots")
+    assert r.returncode == 0, r.stderr
+    records = [_strict_json(line) for line in r.stdout.splitlines()]
+    assert len([x for x in records if isinstance(x, dict) and x.get("type") == "snapshot"]) == 5, r.stdout
+    warnings = [x["message"] for x in records if isinstance(x, dict) and x.get("type") == "warning"]
+    assert len([w for w in warnings if "cannot be read and was left out" in w]) == 3, warnings
+    for args in (["report", "--html", str(tmp_path / "r.html")], ["--json", "report"]):
+        r = cli(*args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        for line in r.stdout.splitlines() if args[0] == "--json" else []:
+            _strict_json(line)
+    assert "report-data" in (tmp_path / "r.html").read_text()
