@@ -19,6 +19,7 @@ from deltavault.model.content import Full, Hole
 from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import BlockSets, Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
+from deltavault.model.volume import BlockMap, Segment, VolumeManifest, encode
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli, needs_root, needs_tools
 from tests.integration.mount.conftest import mounted
@@ -157,3 +158,39 @@ def test_summary_numbers_no_run_writes_neither_break_json_nor_end_the_report(cli
         for line in r.stdout.splitlines() if args[0] == "--json" else []:
             _strict_json(line)
     assert "report-data" in (tmp_path / "r.html").read_text()
+
+
+def _planted_volume(cli: Cli, **manifest: object) -> str:
+    """A volume snapshot of 8 KiB (two blocks of 0x01) whose manifest says ``manifest``."""
+    if not cli.repo.exists():
+        assert cli("init").returncode == 0
+    repo = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, cache_root=cli.cache)
+    block = repo.save_blob(BlobType.DATA, b"\1" * 4096)[0]
+    bmap = repo.save_blob(BlobType.META, encode(BlockMap(first=0, refs=[Full(block, 4096)] * 2)))[0]
+    digests = repo.save_blob(BlobType.META, b"\0" * 32)[0]
+    fields: dict[str, object] = {"size": 8192, "block_size": 4096, "segments": [Segment(map=bmap, digests=digests)],
+                                 **manifest}
+    mid = repo.save_blob(BlobType.META, encode(VolumeManifest(**fields)))[0]  # type: ignore[arg-type]
+    repo.flush()
+    return repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", kind="volume",
+                                       paths=["/dev/x"], source_id="h:/dev/x", volume=mid))
+
+
+@pytest.mark.parametrize("manifest", [{"block_size": 0}, {"segment_pages": 0}, {"block_size": 3 << 12},
+                                      {"segments": []}, {"size": -8192}],
+                         ids=["block size 0", "segment of no pages", "block size not a power of two",
+                              "segments missing", "negative size"])
+def test_a_volume_manifest_no_backup_writes_is_damage_not_an_image(cli: Cli, tmp_path: Path,
+                                                                  manifest: dict[str, object]) -> None:
+    """Restore read a volume's blocks in order whatever the manifest's block size, and wrote
+    zeros where segments were missing: an image of a size and content no backup made, exit
+    0 (a negative size: "cannot create", exit 17), and ``check`` passed it; the mount divided
+    by the block size (ZeroDivisionError) and indexed past the segments. Now such a manifest
+    does not parse: exit 13, no image."""
+    sid = _planted_volume(cli, **manifest)
+    target = tmp_path / "disk.img"
+    r = cli("restore", "--volume", sid, "--target", str(target))
+    assert r.returncode == 13, (r.returncode, r.stderr)
+    assert "does not parse" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not target.exists()
+    assert cli("check").returncode == 13
