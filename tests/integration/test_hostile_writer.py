@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from deltavault.backends.local import LocalBackend
-from deltavault.model.content import Full, Hole
+from deltavault.model.content import ContentRef, Full, Hole
 from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import BlockSets, Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
@@ -160,13 +160,16 @@ def test_summary_numbers_no_run_writes_neither_break_json_nor_end_the_report(cli
     assert "report-data" in (tmp_path / "r.html").read_text()
 
 
-def _planted_volume(cli: Cli, **manifest: object) -> str:
-    """A volume snapshot of 8 KiB (two blocks of 0x01) whose manifest says ``manifest``."""
+def _planted_volume(cli: Cli, refs: list[ContentRef] | None = None, first: int = 0, **manifest: object) -> str:
+    """A volume snapshot of 8 KiB whose manifest says ``manifest`` and whose one block map
+    holds ``refs`` from block ``first`` (default: two blocks of 0x01)."""
     if not cli.repo.exists():
         assert cli("init").returncode == 0
     repo = Repository.open(LocalBackend(cli.repo), lambda: PASSWORD, cache_root=cli.cache)
     block = repo.save_blob(BlobType.DATA, b"\1" * 4096)[0]
-    bmap = repo.save_blob(BlobType.META, encode(BlockMap(first=0, refs=[Full(block, 4096)] * 2)))[0]
+    big = repo.save_blob(BlobType.DATA, b"\2" * 8192)[0]
+    refs = [Full(block, 4096)] * 2 if refs is None else [Full(big, 8192) if r == Full(b"big", 8192) else r for r in refs]
+    bmap = repo.save_blob(BlobType.META, encode(BlockMap(first=first, refs=refs)))[0]
     digests = repo.save_blob(BlobType.META, b"\0" * 32)[0]
     fields: dict[str, object] = {"size": 8192, "block_size": 4096, "segments": [Segment(map=bmap, digests=digests)],
                                  **manifest}
@@ -174,6 +177,16 @@ def _planted_volume(cli: Cli, **manifest: object) -> str:
     repo.flush()
     return repo.save_snapshot(Snapshot(time="2026-01-01T00:00:00Z", time_ns=1, hostname="h", kind="volume",
                                        paths=["/dev/x"], source_id="h:/dev/x", volume=mid))
+
+
+def _refused_as_damage(cli: Cli, sid: str, target: Path, says: str) -> None:
+    """``restore --volume`` of ``sid`` exits 13 saying ``says``, leaving no image, and
+    ``check`` finds the damage too."""
+    r = cli("restore", "--volume", sid, "--target", str(target))
+    assert r.returncode == 13, (r.returncode, r.stderr)
+    assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not target.exists()
+    assert cli("check").returncode == 13
 
 
 @pytest.mark.parametrize("manifest", [{"block_size": 0}, {"segment_pages": 0}, {"block_size": 3 << 12},
@@ -187,10 +200,19 @@ def test_a_volume_manifest_no_backup_writes_is_damage_not_an_image(cli: Cli, tmp
     0 (a negative size: "cannot create", exit 17), and ``check`` passed it; the mount divided
     by the block size (ZeroDivisionError) and indexed past the segments. Now such a manifest
     does not parse: exit 13, no image."""
-    sid = _planted_volume(cli, **manifest)
-    target = tmp_path / "disk.img"
-    r = cli("restore", "--volume", sid, "--target", str(target))
-    assert r.returncode == 13, (r.returncode, r.stderr)
-    assert "does not parse" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not target.exists()
-    assert cli("check").returncode == 13
+    _refused_as_damage(cli, _planted_volume(cli, **manifest), tmp_path / "disk.img", "does not parse")
+
+
+@pytest.mark.parametrize(("refs", "first"), [([Hole(4096)], 0), ([Hole(4096)] * 5, 0), ([Hole(4096)] * 2, 7),
+                                             ([Hole(4096), Hole(100)], 0), ([Full(b"big", 8192), Hole(4096)], 0),
+                                             ([Hole(2**40), Hole(4096)], 0)],
+                         ids=["one block short", "three blocks more", "another segment's first block",
+                              "a short block", "a blob of two blocks", "a hole of 1 TiB"])
+def test_a_block_map_that_does_not_cover_its_segment_is_damage_not_an_image(cli: Cli, tmp_path: Path,
+                                                                           refs: list[ContentRef], first: int) -> None:
+    """Restore wrote a block map's references one after another from its ``first`` block,
+    whatever their number and sizes: an 8 KiB volume restored with a block of zeros or as an
+    image of 20 KiB, 36 KiB or 1 TiB, exit 0, and ``check`` passed it (the mount refused it).
+    Each block map is now checked against its segment where it is read
+    (``objects.volumes.load_segment_map``): exit 13, no image."""
+    _refused_as_damage(cli, _planted_volume(cli, refs, first), tmp_path / "disk.img", "block map")

@@ -108,6 +108,21 @@ def decode(raw: bytes, kind: type[T], what: str) -> T:
     return obj
 
 
+def block_map_fault(m: VolumeManifest, seg: int, bm: BlockMap) -> str | None:
+    """What makes ``bm`` not the block map of segment ``seg`` of ``m`` (None: nothing): it
+    starts at the segment's first block and holds one reference of the block size for each
+    block of the segment, the volume's last block short. Restore wrote each reference at
+    ``first`` whatever its size: an 8 KiB volume restored as a 1 TiB image, exit 0."""
+    per = m.segment_pages * m.page_size // m.block_size
+    first, blocks = seg * per, -(-m.size // m.block_size)
+    if bm.first != first or len(bm.refs) != min(per, blocks - first):
+        return f"does not cover segment {seg}"
+    for block, ref in enumerate(bm.refs, first):
+        if ref.size != min(m.block_size, m.size - block * m.block_size):
+            return f"gives block {block} a reference of {ref.size} bytes"
+    return None
+
+
 def _unsound(m: VolumeManifest) -> str | None:
     """What in a manifest no backup writes, that readers would divide by or index with: a
     block size that is not a power of two or does not divide a segment (the mount divided
@@ -121,5 +136,5 @@ def _unsound(m: VolumeManifest) -> str | None:
     return None
 
 
-__all__ = ["SEGMENT_PAGES", "VOLUME_VERSION", "BlockMap", "Checkpoint", "DigestState", "FsInfo",
+__all__ = ["SEGMENT_PAGES", "VOLUME_VERSION", "BlockMap", "Checkpoint", "DigestState", "FsInfo", "block_map_fault",
            "Partition", "Segment", "VolumeManifest", "decode", "encode"]
