@@ -37,7 +37,7 @@ from deltavault.model.volume import BlockMap, Segment
 from deltavault.model.volume import encode as vol_encode
 from deltavault.objects.patch import apply_patches
 from deltavault.objects.trees import encode_tree, load_nodes
-from deltavault.objects.volumes import load_block_map, load_manifest
+from deltavault.objects.volumes import load_manifest, load_segment_map
 from deltavault.progress import NullReporter, Reporter
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
@@ -210,10 +210,10 @@ class Copier:
         m = load_manifest(self.src, manifest_id)
         hasher = PageHasher(self.dst.master.mac if self.dst.master else None)
         segments = []
-        for seg in m.segments:
+        for i, seg in enumerate(m.segments):
             new_map, new_dig = self._mapped(seg.map), self._mapped(seg.digests)
             if new_map is None or new_dig is None:
-                bm = load_block_map(self.src, seg.map)
+                bm = load_segment_map(self.src, m, i)
                 digests = bytearray()
                 for r in bm.refs:
                     data = self._block(r)

@@ -14,7 +14,7 @@ from deltavault.errors import DeltavaultError
 from deltavault.maintenance.findings import CheckIssue, CheckReport
 from deltavault.model.content import ref_blob_ids
 from deltavault.objects.store import BlobLoader
-from deltavault.objects.volumes import load_block_map, load_manifest
+from deltavault.objects.volumes import load_manifest, load_segment_map
 
 MAX_LISTED = 5
 
@@ -56,7 +56,7 @@ def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifes
                          "of the volume cannot be restored")
             continue
         try:
-            bm = load_block_map(repo, seg.map)
+            bm = load_segment_map(repo, m, i)
         except DeltavaultError as exc:
             ok = False
             note("tree", f"segment {i}: block map unreadable: {exc}")

@@ -8,24 +8,29 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 PAGE_SIZE = 4096
+# A size or count, checked on decode (msgspec checks ``Meta`` only when decoding): a negative
+# one in a stored tree is damage, not a hole that moves a restore's offset backwards.
+Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Full(msgspec.Struct, array_like=True, frozen=True, tag=0):
     id: bytes
-    size: int
+    size: Count
 
 
 class Hole(msgspec.Struct, array_like=True, frozen=True, tag=1):
-    size: int
+    size: Count
 
 
 class Patch(msgspec.Struct, array_like=True, frozen=True, tag=2):
     base: bytes
     patches: list[bytes]
-    size: int
+    size: Count
     # Bitmap (little-endian bit order) of the pages any patch in the chain covers.
     pages: bytes
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from deltavault.model.volume import Partition
@@ -10,6 +12,9 @@ SNAPSHOT_VERSION = 1
 INCOMPLETE_MAX = 100
 NOTES_MAX = 10
 UNITS_MAX = 65536
+# A run's duration, finite (checked on decode): NaN or infinity, which only a hostile writer
+# stores, printed ``NaN`` in --json (not JSON) and ended the HTML report with a traceback.
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
 
 
 class Rejection(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -24,7 +29,7 @@ class BlockSets(msgspec.Struct, omit_defaults=True, kw_only=True):
     bitmaps of units of ``unit`` bytes, the block size or a power-of-two multiple of it that
     keeps a volume within UNITS_MAX units (so at most 8 KiB a bitmap)."""
 
-    unit: int
+    unit: Annotated[int, msgspec.Meta(ge=1)]  # 0 divided the report by zero
     read: bytes = b""  # units with any page read from the source
     changed: bytes = b""  # units whose content changed (all of them on a run with no parent)
     partitions: list[Partition] = []
@@ -44,7 +49,7 @@ class SnapshotSummary(msgspec.Struct, omit_defaults=True, kw_only=True):
     # Entries that could not be read (unreadable directories, files that kept changing):
     # the snapshot is partial there. Their paths as shown to users, the first INCOMPLETE_MAX.
     incomplete: list[str] = []
-    seconds: float = 0.0
+    seconds: Seconds = 0.0
     # Added for `deltavault report` (docs/design.md, "Snapshots"). Older snapshots lack them:
     # readers take the defaults, which mean "not recorded".
     change_source: str = ""  # files: catalog | parent-trees | none; volumes: the source used

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import msgspec
 
+from deltavault.model.snapshot import Seconds
+
 STATUS_VERSION = 1
 CHECK = "check"
 FAILED = "failed"  # a backup run that ended with an error, so no snapshot records it
@@ -18,7 +20,7 @@ class StatusRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     hostname: str
     ok: bool = True
     message: str = ""  # failed: the error; check: its summary line
-    seconds: float = 0.0
+    seconds: Seconds = 0.0
     # check
     errors: int = 0
     warnings: int = 0

@@ -8,13 +8,13 @@ unchanged segment costs two ids in the manifest. See docs/design.md, "Volume sna
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 
 from deltavault.errors import FormatError, Undecodable, UnsupportedVersion
 from deltavault.framing import decode_msgpack
-from deltavault.model.content import ContentRef
+from deltavault.model.content import PAGE_SIZE, ContentRef, Count
 
 VOLUME_VERSION = 1
 SEGMENT_PAGES = 16384  # 64 MiB of volume per segment
@@ -59,11 +59,11 @@ class BlockMap(msgspec.Struct, kw_only=True):
 
 
 class VolumeManifest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    size: int  # bytes
-    block_size: int
+    size: Count  # bytes
+    block_size: Annotated[int, msgspec.Meta(ge=4096, le=4 << 20)]  # a power of two (``decode``)
     segments: list[Segment]
-    page_size: int = 4096
-    segment_pages: int = SEGMENT_PAGES
+    page_size: Annotated[int, msgspec.Meta(ge=PAGE_SIZE, le=PAGE_SIZE)] = PAGE_SIZE
+    segment_pages: Annotated[int, msgspec.Meta(ge=1)] = SEGMENT_PAGES
     # Portable roaring bitmaps of page numbers. ``zero``: pages not read because they were
     # known to be zeros (holes of the source) or free; restored as zeros. ``free``: the
     # subset the file system called free, whose real content was not captured.
@@ -103,8 +103,38 @@ def decode(raw: bytes, kind: type[T], what: str) -> T:
     if getattr(obj, "v", VOLUME_VERSION) != VOLUME_VERSION:
         raise UnsupportedVersion(f"{what} has format version {getattr(obj, 'v', '?')}; this build "
                                  f"reads {VOLUME_VERSION}")
+    if isinstance(obj, VolumeManifest) and (why := _unsound(obj)):
+        raise FormatError(f"{what} does not parse: {why}")
     return obj
 
 
-__all__ = ["SEGMENT_PAGES", "VOLUME_VERSION", "BlockMap", "Checkpoint", "DigestState", "FsInfo",
+def block_map_fault(m: VolumeManifest, seg: int, bm: BlockMap) -> str | None:
+    """What makes ``bm`` not the block map of segment ``seg`` of ``m`` (None: nothing): it
+    starts at the segment's first block and holds one reference of the block size for each
+    block of the segment, the volume's last block short. Restore wrote each reference at
+    ``first`` whatever its size: an 8 KiB volume restored as a 1 TiB image, exit 0."""
+    per = m.segment_pages * m.page_size // m.block_size
+    first, blocks = seg * per, -(-m.size // m.block_size)
+    if bm.first != first or len(bm.refs) != min(per, blocks - first):
+        return f"does not cover segment {seg}"
+    for block, ref in enumerate(bm.refs, first):
+        if ref.size != min(m.block_size, m.size - block * m.block_size):
+            return f"gives block {block} a reference of {ref.size} bytes"
+    return None
+
+
+def _unsound(m: VolumeManifest) -> str | None:
+    """What in a manifest no backup writes, that readers would divide by or index with: a
+    block size that is not a power of two or does not divide a segment (the mount divided
+    by zero), or another number of segments than the size needs (restore wrote zeros for
+    the missing ones, the mount failed with IndexError)."""
+    segment = m.segment_pages * m.page_size
+    if m.block_size & (m.block_size - 1) or segment % m.block_size:
+        return f"block size {m.block_size} does not divide a segment of {segment} bytes in powers of two"
+    if len(m.segments) != -(-m.size // segment):
+        return f"{len(m.segments)} segments for {m.size} bytes"
+    return None
+
+
+__all__ = ["SEGMENT_PAGES", "VOLUME_VERSION", "BlockMap", "Checkpoint", "DigestState", "FsInfo", "block_map_fault",
            "Partition", "Segment", "VolumeManifest", "decode", "encode"]

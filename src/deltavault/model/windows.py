@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import msgspec
 
-from deltavault.model.content import ContentRef
+from deltavault.model.content import ContentRef, Count
 
 
 class Stream(msgspec.Struct, omit_defaults=True, kw_only=True):
     name: bytes  # the stream's name, without the file's name or the ':'
-    size: int = 0
+    size: Count = 0
     content: list[ContentRef] = []
 
 

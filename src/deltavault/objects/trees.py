@@ -10,7 +10,8 @@ import msgspec
 
 from deltavault.errors import CorruptionError, Undecodable
 from deltavault.framing import decode_msgpack
-from deltavault.model.nodes import Node, Tree
+from deltavault.fs.paths import display
+from deltavault.model.nodes import Node, Tree, unrestorable
 from deltavault.objects.store import BlobLoader
 
 
@@ -19,10 +20,17 @@ def encode_tree(nodes: list[Node]) -> bytes:
 
 
 def decode_tree(raw: bytes) -> Tree:
+    """The tree, each field within what a file system holds (``model.nodes``), or
+    ``CorruptionError``: a writer of the repository with its key can store any tree."""
     try:
-        return decode_msgpack(raw, Tree)
+        tree = decode_msgpack(raw, Tree)
     except Undecodable as exc:
         raise CorruptionError(f"tree does not parse: {exc}") from exc
+    for node in tree.nodes:
+        why = unrestorable(node)
+        if why is not None:
+            raise CorruptionError(f"tree does not parse: entry {display(node.name)} has {why}")
+    return tree
 
 
 def load_nodes(repo: BlobLoader, tree_id: bytes) -> list[Node]:

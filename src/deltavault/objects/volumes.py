@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from deltavault.errors import FormatError
 from deltavault.model.content import ref_blob_ids
-from deltavault.model.volume import BlockMap, VolumeManifest, decode
+from deltavault.model.volume import BlockMap, VolumeManifest, block_map_fault, decode
 from deltavault.objects.store import BlobLoader
 
 
@@ -18,7 +19,19 @@ def load_manifest(repo: BlobLoader, manifest_id: bytes) -> VolumeManifest:
 
 
 def load_block_map(repo: BlobLoader, map_id: bytes) -> BlockMap:
+    """A block map, unchecked against its volume: for listing the blobs it names."""
     return decode(repo.load_blob(map_id), BlockMap, f"block map {map_id.hex()[:16]}")
+
+
+def load_segment_map(repo: BlobLoader, m: VolumeManifest, seg: int) -> BlockMap:
+    """The block map of segment ``seg`` of ``m``, checked to cover that segment block by block
+    (``model.volume.block_map_fault``): what restore, the mount, check and copy read."""
+    map_id = m.segments[seg].map
+    bm = load_block_map(repo, map_id)
+    fault = block_map_fault(m, seg, bm)
+    if fault is not None:
+        raise FormatError(f"block map {map_id.hex()[:16]} {fault}")
+    return bm
 
 
 def volume_blob_ids(repo: BlobLoader, manifest_id: bytes) -> Iterator[bytes]:

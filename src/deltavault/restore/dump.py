@@ -131,6 +131,9 @@ def dump_tar(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: Binar
     return count
 
 
+_ZIP_FIRST, _ZIP_LAST = 315532800, 4354819198  # a zip's DOS times: 1980-01-01 to 2107-12-31 23:59:58
+
+
 def dump_zip(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: BinaryIO) -> int:
     """A zip stream of ``entries``: directories and files (with their mode and time);
     symlinks and special files have no portable form in zip and are left out."""
@@ -138,7 +141,7 @@ def dump_zip(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: Binar
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
         for path, n in entries:
             name = path.decode("utf-8", "surrogateescape")
-            when = time.gmtime(max(n.mtime // 1_000_000_000, 315532800))[:6]  # zip starts in 1980
+            when = time.gmtime(min(max(n.mtime // 1_000_000_000, _ZIP_FIRST), _ZIP_LAST))[:6]
             if n.type == NodeType.DIR:
                 zi = zipfile.ZipInfo(name + "/", when)
                 zi.external_attr = (stat.S_IFDIR | stat.S_IMODE(n.mode)) << 16 | 0x10

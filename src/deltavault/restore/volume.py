@@ -32,10 +32,10 @@ from deltavault.fs.mounts import device_mounts
 from deltavault.fs.paths import display
 from deltavault.fs.sparse import ReadExtents
 from deltavault.model.content import PAGE_SIZE, ContentRef, Hole, ref_blob_ids
-from deltavault.model.volume import BlockMap, Segment, VolumeManifest
+from deltavault.model.volume import BlockMap, VolumeManifest
 from deltavault.objects.reader import read_ref
 from deltavault.objects.store import BlobReader
-from deltavault.objects.volumes import load_block_map
+from deltavault.objects.volumes import load_segment_map
 from deltavault.progress import NullReporter, Reporter
 from deltavault.restore.voltarget import NEW_FILE, TargetDir
 
@@ -137,8 +137,8 @@ class VolumeRestorer:
         self.stats.target_kind = "device"
         return fd, None
 
-    def _segment_data(self, seg: Segment) -> tuple[BlockMap, dict[bytes, bytes]]:
-        bm = load_block_map(self.repo, seg.map)
+    def _segment_data(self, seg: int) -> tuple[BlockMap, dict[bytes, bytes]]:
+        bm = load_segment_map(self.repo, self.m, seg)
         ids = [b for r in bm.refs for b in ref_blob_ids(r)]
         return bm, dict(self.repo.load_blobs(ids)) if ids else {}
 
@@ -159,7 +159,7 @@ class VolumeRestorer:
                 # Fetch and decrypt ahead on the workers, at most workers + 1 segments (up
                 # to 64 MiB of data each); write in order here. Executor.map would fetch
                 # every segment at once and hold each until written: 2.8 GB for 4 GiB.
-                segs = iter(self.m.segments)
+                segs = iter(range(len(self.m.segments)))
                 ahead = deque(pool.submit(self._segment_data, s) for s in islice(segs, workers + 1))
                 while ahead:
                     bm, blobs = ahead.popleft().result()

@@ -13,7 +13,7 @@ from pyroaring import BitMap
 
 from deltavault.maintenance.report.data import Heatmap, Partition, VolumeRunBlocks
 from deltavault.maintenance.report.timeline import change_label
-from deltavault.model.snapshot import BlockSets, Snapshot
+from deltavault.model.snapshot import UNITS_MAX, BlockSets, Snapshot
 
 COLUMNS = 64
 
@@ -28,10 +28,23 @@ def _region_runs(regions: np.ndarray) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(starts, ends)]
 
 
+def _units(bitmap: bytes) -> BitMap | None:
+    """A stored block set, or None if no run writes it so: not a roaring bitmap (which ended
+    the report with a traceback), or a unit past UNITS_MAX (one run container of four billion
+    units is a few bytes stored and 16 GB as an array)."""
+    try:
+        units = BitMap.deserialize(bitmap) if bitmap else BitMap()
+    except ValueError:
+        return None
+    return units if not units or units.max() < UNITS_MAX else None
+
+
+def _recorded(b: BlockSets) -> bool:
+    return _units(b.read) is not None and _units(b.changed) is not None
+
+
 def _regions_of(bitmap: bytes, unit: int, region_bytes: int, regions: int) -> np.ndarray:
-    if not bitmap:
-        return np.zeros(0, dtype=np.int64)
-    units = np.asarray(BitMap.deserialize(bitmap).to_array(), dtype=np.int64)
+    units = np.asarray((_units(bitmap) or BitMap()).to_array(), dtype=np.int64)
     out = np.unique(units // (region_bytes // unit))
     return out[out < regions]
 
@@ -40,8 +53,9 @@ def build_heatmap(source: str, snaps: list[tuple[str, Snapshot]], *, max_regions
                   runs_shown: int) -> Heatmap | None:
     """The heatmap of one volume source's snapshots (oldest first); None if none recorded
     block sets."""
+    # Block sets a hostile writer made (see _units) count as not recorded.
     recorded = [(sid, s, s.summary.blocks) for sid, s in snaps
-                if s.summary is not None and s.summary.blocks is not None]
+                if s.summary is not None and s.summary.blocks is not None and _recorded(s.summary.blocks)]
     if not recorded:
         return None
     newest = recorded[-1][1]

@@ -132,14 +132,17 @@ class MountBlobs:
 
     def _load_ref(self, ref: Full | Patch) -> bytes:
         if isinstance(ref, Full):
-            data = self.load_blob(ref.id)
-            if len(data) != ref.size:
-                raise CorruptionError(f"blob {ref.id.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
-            return data
+            return self.load_blob(ref.id)
         return apply_patches(self.load_blob(ref.base), [self.load_blob(p) for p in ref.patches], ref.size)
 
     def ref_bytes(self, ref: Full | Patch) -> bytes:
-        return self.cache.get(ref_key(ref), lambda: self._load_ref(ref))
+        data = self.cache.get(ref_key(ref), lambda: self._load_ref(ref))
+        # Checked on every use, not on loading: the cache is keyed by the blobs, and another
+        # tree naming the same blob may say another size (a short read, not EIO, before).
+        if len(data) != ref.size:
+            blob = ref.id if isinstance(ref, Full) else ref.base
+            raise CorruptionError(f"blob {blob.hex()[:16]} has {len(data)} bytes, tree says {ref.size}")
+        return data
 
     def read_ahead(self, refs: list[ContentRef]) -> None:
         """Start fetching these references in the background (sequential readers)."""
