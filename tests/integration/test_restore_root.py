@@ -45,7 +45,8 @@ def test_a_symlink_of_another_user_on_the_target_path_is_refused(
         cli: Cli, tmp_path: Path, shared_dir: Path, through: str) -> None:
     """Root restores with --delete into nobody's home/restore (or home/restore/sub, not there
     yet); nobody made restore a symlink to a directory of root's. The restore followed it:
-    root's file there was deleted and the snapshot written in its place."""
+    root's file there was deleted and the snapshot written in its place (and --dry-run
+    listed root's file as one it would delete)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"data\n")
@@ -54,9 +55,10 @@ def test_a_symlink_of_another_user_on_the_target_path_is_refused(
     made = as_nobody("ln", "-s", str(precious), str(home / "restore"))
     assert made.returncode == 0, made.stderr
     target = home / "restore" if through == "leaf" else home / "restore" / "sub"
-    r = cli("restore", "latest", "--target", str(target), "--delete")
-    assert r.returncode == 17, r.stdout + r.stderr
-    assert "a symlink of another user (uid 65534)" in r.stderr
+    for dry in (["--dry-run"], []):  # the dry run says what the restore does: refused
+        r = cli("restore", "latest", "--target", str(target), "--delete", *dry)
+        assert r.returncode == 17, (dry, r.stdout + r.stderr)
+        assert "a symlink of another user (uid 65534)" in r.stderr
     assert sorted(os.listdir(precious)) == ["keep"] and (precious / "keep").read_bytes() == b"root's\n"
     (shared_dir / "ours").symlink_to(precious)  # root's own: followed
     r = cli("restore", "latest", "--target", str(shared_dir / "ours" / "sub"))
