@@ -159,6 +159,32 @@ def test_dump_target_is_written_whole_and_never_through_a_planted_symlink(cli: C
     assert sorted(p.name for p in shared.iterdir()) == ["out.tar"]
 
 
+def test_dump_target_through_a_symlink_of_another_user_is_refused(cli: Cli, tmp_path: Path,
+                                                                  shared_dir: Path) -> None:
+    """dump --target's directory was reached by path, following every symlink: nobody made
+    ``shared/out`` a symlink to a directory of root's, and root's dump replaced root's file
+    of FILE's name there. A symlink of another user on the way is now refused (exit 17),
+    nothing written; root's own is followed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 1000)
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    shared = _shared(shared_dir)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    secret = _root_only(precious / "all.tar")
+    os.symlink(precious, shared / "out")
+    os.lchown(shared / "out", NOBODY, NOBODY)
+    r = cli("dump", "latest", "/", "--target", str(shared / "out" / "all.tar"))
+    assert r.returncode == 17, r.stdout + r.stderr
+    assert "a symlink of another user (uid 65534)" in r.stderr
+    assert secret.read_bytes() == b"root only\n" and os.listdir(precious) == ["all.tar"]
+    (tmp_path / "ours").symlink_to(precious)
+    r = cli("dump", "latest", "/", "--target", str(tmp_path / "ours" / "all.tar"))
+    assert r.returncode == 0, r.stderr
+    assert tarfile.is_tarfile(secret) and os.listdir(precious) == ["all.tar"]
+
+
 _SWAPPER = r"""
 import os, sys, time
 d, prefix, target = sys.argv[1], sys.argv[2], sys.argv[3]

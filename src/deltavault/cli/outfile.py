@@ -1,8 +1,10 @@
 """A file a command writes for the user (``dump --target``, ``report --html``): whole or
 not at all, and never through a name another user controls.
 
-The directory may be one others write in. So the data goes to a new temporary file beside
-FILE (``mkstemp``: ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600), its mode is set through its
+The directory is reached following no other user's symlink (fs/trusted.py: one alice made,
+``/home/alice/out -> /root``, had root's dump replace a file of FILE's name in /root), then
+held open, and every step is made in it by fd. It may be one others write in. So the data
+goes to a new temporary file beside FILE (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600), its mode is set through its
 fd (a chmod by name followed a symlink swapped in for the temporary file, onto a file
 outside), and it is renamed over FILE at the end: a symlink planted under FILE is replaced,
 never followed. Afterwards FILE must name the file written; if another user swapped the
@@ -12,12 +14,16 @@ file and leaves FILE as it was.
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO
 
 from deltavault.errors import DeltavaultError, TargetError, UsageError
+from deltavault.fs.trusted import open_target_root
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _umask() -> int:
@@ -37,13 +43,29 @@ class OutputFile:
         self.mode = mode if exact else mode & ~_umask()
         if path.is_dir():
             raise UsageError(f"cannot write {what} to {path}: it is a directory")
+        self.name = os.fsencode(path.name)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                                       suffix=".tmp")
+            self.dir = open_target_root(os.fsencode(path.parent), f"the directory of {what}", create=False)
+        except TargetError as exc:
+            raise error(str(exc)) from None
         except OSError as exc:
             raise error(f"cannot write {what} to {path}: {exc.strerror or exc}") from None
-        self.tmp = tmp
+        try:
+            self.tmp, fd = self._new_temp()
+        except OSError as exc:
+            os.close(self.dir)
+            raise error(f"cannot write {what} to {path}: {exc.strerror or exc}") from None
         self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def _new_temp(self) -> tuple[bytes, int]:
+        """A new file beside FILE, of a random name (``.FILE.RANDOM.tmp``, as mkstemp)."""
+        for _ in range(100):
+            tmp = b".%s.%s.tmp" % (self.name, secrets.token_hex(6).encode())
+            try:
+                return tmp, os.open(tmp, _NEW, 0o600, dir_fd=self.dir)
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no free temporary name")
 
     def commit(self) -> None:
         try:
@@ -51,11 +73,13 @@ class OutputFile:
             st = os.fstat(self.file.fileno())
             os.fchmod(self.file.fileno(), self.mode)
             self.file.close()
-            os.replace(self.tmp, self.path)
-            now = os.lstat(self.path)
+            os.rename(self.tmp, self.name, src_dir_fd=self.dir, dst_dir_fd=self.dir)
+            now = os.stat(self.name, dir_fd=self.dir, follow_symlinks=False)
         except OSError as exc:
             self.abort()
             raise self.error(f"cannot write {self.what} to {self.path}: {exc.strerror or exc}") from None
+        os.close(self.dir)
+        self.dir = -1
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             raise TargetError(f"{self.path} is not the file written: its temporary file was replaced during "
                               "the run (another user writes in that directory)")
@@ -65,7 +89,11 @@ class OutputFile:
             self.file.close()
         except OSError:
             pass
+        if self.dir < 0:
+            return
         try:
-            os.unlink(self.tmp)
+            os.unlink(self.tmp, dir_fd=self.dir)
         except OSError:
             pass
+        os.close(self.dir)
+        self.dir = -1

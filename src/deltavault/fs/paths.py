@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-from deltavault.errors import NO_SPACE_ERRNOS, CorruptionError, NoSpace, TargetError
+from deltavault.errors import CorruptionError
 
 
 def check_name(name: bytes) -> bytes:
@@ -74,19 +72,3 @@ def proc_path(dir_fd: int, name: bytes) -> bytes:
     """A path naming dir_fd/name without resolving any symlink on the way, for calls that
     take no dir_fd (the l*xattr family)."""
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
-
-
-def open_target_dir(path: bytes, what: str) -> int:
-    """Create the directory ``path`` (and its parents) if missing and open it: the root a
-    restore or a sync writes under. Failures are the target's, with a precise message."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except FileExistsError:
-        raise TargetError(f"{what} {display(path)} exists and is not a directory") from None
-    except NotADirectoryError:
-        raise TargetError(f"{what} {display(path)}: a parent is not a directory") from None
-    except OSError as exc:
-        if exc.errno in NO_SPACE_ERRNOS:
-            raise NoSpace(f"no space to create the {what} {display(path)}") from exc
-        raise TargetError(f"cannot create the {what} {display(path)}: {exc.strerror or exc}") from exc

@@ -8,6 +8,10 @@ root's sync with --delete) is refused: ``UntrustedLink``. The link is read throu
 
 With ``create``, a missing directory is made (mode 0777 less the umask, as ``mkdir -p``)
 and walked into the same way: one swapped in for it meanwhile is judged like any other.
+
+``open_target_root`` is that walk for the root a command writes under (a sync's DST, a
+restore's target, the directory of a volume restore's image), its failures the target's
+(exit 17) with a message that names it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+
+from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError
+from deltavault.fs.paths import display
 
 MAX_LINKS = 40  # as the kernel's MAXSYMLINKS
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -73,6 +80,27 @@ def open_dir_trusted(path: bytes, *, create: bool = False) -> int:
         if fd >= 0:
             os.close(fd)
         raise
+
+
+def open_target_root(path: bytes, what: str, *, create: bool) -> int:
+    """``open_dir_trusted``, its failures TargetError (NoSpace when the disk is full) saying
+    ``what`` ("the destination", "the restore target") ``path`` is."""
+    try:
+        return open_dir_trusted(path, create=create)
+    except FileNotFoundError as exc:
+        if not create:
+            raise
+        raise TargetError(f"cannot create {what} {display(path)}: {exc.strerror or exc}") from None
+    except UntrustedLink as exc:
+        raise TargetError(f"{what} {display(path)} goes through {display(exc.name)}, a symlink of another "
+                          f"user (uid {exc.uid}), who could point it anywhere; name the directory it points "
+                          "to") from None
+    except NotADirectoryError as exc:
+        raise TargetError(f"{what} {display(path)}: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise NoSpace(f"no space to create {what} {display(path)}") from exc
+        raise TargetError(f"cannot open {what} {display(path)}: {exc.strerror or exc}") from exc
 
 
 def _names(path: bytes) -> list[bytes]:

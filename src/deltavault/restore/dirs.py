@@ -63,7 +63,7 @@ class Holds:
 
     def release(self, d: Dir | None) -> None:
         """One thing below ``d`` is finished; the last one applies its metadata, then
-        counts for its parent. The target root's own metadata is the user's."""
+        counts for its parent. The target root's own metadata is the user's (restore/root.py)."""
         while d is not None:
             with self.lock:
                 d.left -= 1

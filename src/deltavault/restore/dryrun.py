@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltavault.errors import DeltavaultError, is_damage
-from deltavault.fs.dirfd import DIR_FLAGS, lstat_at, open_dir_path
+from deltavault.fs.dirfd import lstat_at, open_dir_path
 from deltavault.fs.paths import display
+from deltavault.fs.trusted import open_target_root
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobLoader
 from deltavault.objects.trees import load_nodes
@@ -38,9 +39,9 @@ def dry_run(repo: BlobLoader, root_tree: bytes, target: bytes, opts: RestoreOpti
     rep = DryRun()
     sel, rep.unmatched = plan(repo, root_tree, opts.include, opts.paths)
     excluded = Excluded(opts.exclude, opts.paths)
-    try:
-        root_fd: int | None = os.open(target, DIR_FLAGS)
-    except OSError:
+    try:  # reached as the restore reaches it (restore/root.py): another user's symlink is refused
+        root_fd: int | None = open_target_root(target, "the restore target", create=False)
+    except FileNotFoundError:
         root_fd = None  # not there yet: everything would be new
     try:
         stack: list[tuple[bytes, bytes, Selection, bool]] = [(root_tree, b"", sel, root_fd is not None)]

@@ -31,7 +31,7 @@ from deltavault.fs.dirfd import (
     lstat_at,
     raise_nofile_limit,
 )
-from deltavault.fs.paths import display, open_target_dir
+from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.store import BlobReader
 from deltavault.objects.trees import decode_tree
@@ -42,6 +42,7 @@ from deltavault.restore.listing import checked_nodes
 from deltavault.restore.ntfsmeta import NtfsTarget
 from deltavault.restore.options import RestoreLog, RestoreOptions, RestoreStats
 from deltavault.restore.regular import INLINE_BELOW, RegularFiles
+from deltavault.restore.root import TargetRoot
 from deltavault.restore.select import Excluded, Selection, plan, selected_totals
 from deltavault.restore.target import (
     LinkSources,
@@ -120,7 +121,11 @@ class FileRestorer:
     # ------------------------------------------------------------------ entry
     def run(self, root_tree: bytes) -> RestoreStats:
         self._dir_budget = dir_budget(raise_nofile_limit())
-        fd = open_target_dir(self.target, "restore target")
+        with TargetRoot(self.target) as target:  # (taken for the run if others reach it: restore/root.py)
+            return self._run(target, root_tree)
+
+    def _run(self, target: TargetRoot, root_tree: bytes) -> RestoreStats:
+        fd = target.fd
         root = Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
         self._links = LinkSources(fd)
         ntfs = NtfsTarget(fd, self.repo, self.log, verify=self.opts.verify)
@@ -157,7 +162,8 @@ class FileRestorer:
         finally:
             files.close()
             self._links.close()
-            os.close(fd)
+            for m in target.release():  # once nothing more is written in it, also when cut short
+                self.log.problem(b"/", "metadata", m)
             gc.unfreeze()
             gc.set_threshold(*old_gc)
             sys.setswitchinterval(old_switch)

@@ -23,9 +23,10 @@ from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
 from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import DIR_FLAGS, Replaced, handle_at, identity, open_dir_at, reopen
 from deltavault.fs.meta import read_xattrs
-from deltavault.fs.paths import check_name, display, open_target_dir
+from deltavault.fs.paths import check_name, display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.progress import NullReporter, Reporter
+from deltavault.restore.root import TargetRoot
 from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
@@ -88,7 +89,15 @@ class TreeCopier:
 
     def run(self, paths: list[str]) -> CopyStats:
         src = os.open(self.source, DIR_FLAGS)
-        dst = open_target_dir(self.target, "restore target")
+        try:
+            with TargetRoot(self.target) as target:  # (taken for the run if others reach it: restore/root.py)
+                self._copy_paths(src, target, paths)
+        finally:
+            os.close(src)
+        return self.stats
+
+    def _copy_paths(self, src: int, target: TargetRoot, paths: list[str]) -> None:
+        dst = target.fd
         links = LinkSources(dst)
         try:
             for p in paths:
@@ -103,9 +112,8 @@ class TreeCopier:
                     self.problem(b"/".join(parts), exc.strerror or str(exc))
         finally:
             links.close()
-            os.close(src)
-            os.close(dst)
-        return self.stats
+            for msg in target.release():
+                self.problem(b"/", msg)
 
     def _copy_path(self, src: int, dst: int, parts: list[bytes], links: LinkSources) -> None:
         """The parents of the path as directories (with their metadata), then the path."""

@@ -8,6 +8,8 @@ planted in a shared directory, to a block device, is refused: written through, i
 volume written over that device. A symlink that leads elsewhere is replaced by the image
 file, as a regular file is. The image is written under a random temporary name made with
 ``O_EXCL | O_NOFOLLOW`` and renamed over the target, which must then be the file written.
+The directory itself is reached following no other user's symlink (fs/trusted.py): one
+alice made on the way (``/home/alice/img -> /etc``) had root write the image there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from deltavault.errors import TargetError, UsageError
 from deltavault.fs.dirfd import Replaced, handle_at, identity, lstat_at
 from deltavault.fs.meta import has_acl
 from deltavault.fs.paths import display
+from deltavault.fs.trusted import open_target_root
 
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -45,8 +48,9 @@ class TargetDir:
         if not self.name:
             raise UsageError(f"{display(os.fsencode(self.target))} names no file")
         try:
-            self.fd = os.open(self._parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
+            self.fd = open_target_root(os.fsencode(self._parent), "the directory of the restore target",
+                                       create=False)
+        except FileNotFoundError as exc:
             raise TargetError(f"the directory of the restore target {display(os.fsencode(self.target))}: "
                               f"{exc.strerror or exc}") from exc
         return self

@@ -14,10 +14,13 @@ import msgspec
 import pytest
 
 from deltavault.backends.local import LocalBackend
+from deltavault.errors import TargetError
 from deltavault.model.nodes import Node, NodeType, Tree
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
+from deltavault.restore.mount.session import check_mount_point
+from deltavault.testing.hostile import NOBODY
 from tests.conftest import FAST_SCRYPT, PASSWORD, Cli, needs_root, needs_tools
 from tests.integration.mount.conftest import _mounted, mounted
 
@@ -53,6 +56,28 @@ def test_a_missing_or_busy_mount_point_and_an_unknown_snapshot(cli: Cli, tmp_pat
     r = cli("mount", str(busy), "--snapshot", "abcdef99")
     assert r.returncode == 2 and "no snapshot matches 'abcdef99'" in r.stderr, r.stderr
     assert not _mounted(busy)
+
+
+def test_a_mount_point_through_a_symlink_of_another_user_is_refused(cli: Cli, tmp_path: Path,
+                                                                     shared_dir: Path) -> None:
+    """The mount point was stat-ed and resolved by path: a symlink nobody made in their home
+    (``mnt -> a directory of root's``) had root's mount hide that directory under the
+    snapshot. Refused now (exit 17), nothing mounted; root's own symlink is followed and
+    the mount point given without it."""
+    _backed_up(cli, tmp_path)
+    precious, home = shared_dir / "precious", shared_dir / "home"
+    precious.mkdir()
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    os.symlink(precious, home / "mnt")
+    os.lchown(home / "mnt", NOBODY, NOBODY)
+    with pytest.raises(TargetError, match=r"a symlink of another user \(uid 65534\)"):
+        check_mount_point(str(home / "mnt"))
+    r = cli("mount", str(home / "mnt"), timeout=120)
+    assert r.returncode == 17 and "a symlink of another user (uid 65534)" in r.stderr, r.stderr
+    assert not _mounted(precious)
+    (shared_dir / "ours").symlink_to(precious)
+    assert check_mount_point(str(shared_dir / "ours")) == str(precious)
 
 
 def test_no_fuse_on_this_machine(cli: Cli, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from deltavault.errors import UsageError
+from deltavault.errors import TargetError, UsageError
 from deltavault.model.volume import VolumeManifest
 from deltavault.objects.volumes import load_manifest
 from deltavault.restore.imageformat import restore_as
@@ -157,3 +157,24 @@ def test_an_image_format_judges_the_target_as_a_raw_restore_does(vol: Vol, tmp_p
     assert os.readlink(target) == str(tmp_path / "nowhere")
     with pytest.raises(UsageError, match="exists; pass --overwrite"):
         _restorer(vol, manifest, str(target), overwrite=False).run()  # the raw restore, alike
+
+
+def test_a_symlink_of_another_user_to_the_targets_directory_is_refused(vol: Vol, tmp_path: Path,
+                                                                      shared: Path) -> None:
+    """The image's directory was opened by path, following every symlink: nobody made
+    ``images/vms`` a symlink to a directory of root's, and root's restore (with --overwrite,
+    as for an image replaced each night) replaced root's file of that name there. A symlink
+    of another user on the way to the directory is now refused (exit 17), nothing touched;
+    root's own is followed."""
+    manifest, want = _volume(vol, tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "vm.img").write_bytes(b"root's\n")
+    _plant(shared / "vms", precious)
+    with pytest.raises(TargetError, match=r"a symlink of another user \(uid 65534\)") as exc:
+        _restorer(vol, manifest, str(shared / "vms" / "vm.img"), overwrite=True).run()
+    assert exc.value.exit_code == 17
+    assert os.listdir(precious) == ["vm.img"] and (precious / "vm.img").read_bytes() == b"root's\n"
+    (tmp_path / "ours").symlink_to(precious)
+    _restorer(vol, manifest, str(tmp_path / "ours" / "vm.img"), overwrite=True).run()
+    assert sha256(precious / "vm.img") == want

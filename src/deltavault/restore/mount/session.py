@@ -26,6 +26,7 @@ from types import TracebackType
 
 from deltavault.errors import DeltavaultError, TargetError, Unavailable
 from deltavault.fs.mounts import parse_mountinfo, read_mountinfo
+from deltavault.fs.trusted import open_target_root
 from deltavault.restore.mount.namespace import Namespace
 
 FUSE_DEVICE = (10, 229)  # misc major, FUSE minor
@@ -91,19 +92,21 @@ def is_mount_point(path: str) -> bool:
 
 
 def check_mount_point(path: str) -> str:
-    """The absolute mount point, refused when it is missing, not a directory, or in use."""
+    """The absolute mount point, without symlinks, refused when it is missing, not a
+    directory, in use, or reached through another user's symlink (fs/trusted.py: one alice
+    made, ``/home/alice/mnt -> /etc``, had root's mount hide /etc under the snapshot)."""
     try:
-        st = os.stat(path)
+        fd = open_target_root(os.fsencode(path), "the mount point", create=False)
     except FileNotFoundError:
         raise TargetError(f"mount point {path} does not exist (create the directory first)") from None
-    except OSError as exc:
-        raise TargetError(f"mount point {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise TargetError(f"mount point {path} is not a directory")
-    if is_mount_point(path):
+    try:
+        real = os.fsdecode(os.readlink(f"/proc/self/fd/{fd}"))  # the kernel's name of what was opened
+    finally:
+        os.close(fd)
+    if is_mount_point(real):
         raise TargetError(f"mount point {path} is busy: something is mounted there already "
                           f"(fusermount3 -u {path} or umount it first)")
-    return os.path.realpath(path)
+    return real
 
 
 def _mount(ns: Namespace, mount_point: str, opts: MountOptions, on_ready: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from deltavault.fs.dirfd import Identity, created_dir, identity, open_dir_checked
 from deltavault.fs.meta import take_dir
 from deltavault.fs.paths import display
+from deltavault.fs.takeroot import TakenRoot
 from deltavault.sync.data import BufferPool
 from deltavault.sync.filters import Filter
 from deltavault.sync.guard import Guard, mount_root
@@ -36,7 +37,7 @@ from deltavault.sync.receiver.links import (
 )
 from deltavault.sync.receiver.ntfs import AgentNtfs
 from deltavault.sync.receiver.remove import remove_entry
-from deltavault.sync.receiver.root import TakenRoot, give_back, take_root
+from deltavault.sync.receiver.root import give_back, take_root
 from deltavault.sync.receiver.specials import place_special
 from deltavault.sync.receiver.temps import Temps, Where, unlink_quiet
 from deltavault.sync.receiver.verify import verify_written

@@ -17,18 +17,18 @@ agent from the root entry the sender puts in "hello" (sync/wire.py, protocol ver
 
 from __future__ import annotations
 
-import errno
 import os
-from dataclasses import dataclass
 
-from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, TargetError
 from deltavault.fs.dirfd import Identity
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, read_xattrs, take_dir
-from deltavault.fs.paths import display
-from deltavault.fs.trusted import UntrustedLink, open_dir_trusted
+from deltavault.fs.takeroot import TakenRoot
+from deltavault.fs.takeroot import give_back as give_back_root
+from deltavault.fs.takeroot import take_root as take_root_as
+from deltavault.fs.trusted import open_target_root
 from deltavault.sync.guard import check_missing_dest
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.receiver.entries import to_take
+
+_WHAT = "the destination"
 
 
 def open_root(dst: bytes, src: Identity | None, src_name: bytes) -> int:
@@ -36,82 +36,27 @@ def open_root(dst: bytes, src: Identity | None, src_name: bytes) -> int:
     parents, if it is not there (refused first if it would be made inside SRC, the
     directory ``src`` when it is on this kernel: sync/guard.py)."""
     try:
-        return _open(dst, create=False)
+        return open_target_root(dst, _WHAT, create=False)
     except FileNotFoundError:
         check_missing_dest(src, dst, src_name)
-    return _open(dst, create=True)
-
-
-def _open(dst: bytes, *, create: bool) -> int:
-    try:
-        return open_dir_trusted(dst, create=create)
-    except FileNotFoundError as exc:
-        if not create:
-            raise
-        raise TargetError(f"cannot create the destination {display(dst)}: {exc.strerror or exc}") from None
-    except UntrustedLink as exc:
-        raise TargetError(f"the destination {display(dst)} goes through {display(exc.name)}, a symlink of another "
-                          f"user (uid {exc.uid}), who could point it anywhere; name the directory it points "
-                          "to") from None
-    except NotADirectoryError as exc:
-        raise TargetError(f"the destination {display(dst)}: {exc.strerror}") from None
-    except OSError as exc:
-        if exc.errno in NO_SPACE_ERRNOS:
-            raise NoSpace(f"no space to create the destination {display(dst)}") from exc
-        raise TargetError(f"cannot open the destination {display(dst)}: {exc.strerror or exc}") from exc
-
-
-@dataclass(frozen=True)
-class TakenRoot:
-    """What DST's root was before the run took it."""
-
-    uid: int
-    gid: int
-    acls: list[tuple[bytes, bytes]]
+    return open_target_root(dst, _WHAT, create=True)
 
 
 def take_root(fd: int, src: os.stat_result, meta: MetaPolicy, dst: bytes) -> TakenRoot | None:
     """Make DST's root (open as ``fd``) ours alone for the run as a directory below it
-    would be (``entries.to_take``; ``src``: SRC's root). None: left as it is, or it cannot be changed (a read-only file system, where
-    nothing is written either; one without modes, as vfat, whose mount options set them).
-    TargetError: another user's root, which we (not root) cannot take: nothing is written
-    in it."""
+    would be (``entries.to_take``; ``src``: SRC's root). None: left as it is, or it cannot
+    be changed (fs.takeroot). TargetError: another user's root, which we (not root) cannot
+    take: nothing is written in it."""
     st = os.fstat(fd)
     if not to_take(st, src, meta):
         return None
-    acls = read_xattrs(b"", fd=fd, want=ACL_XATTRS.__contains__)
-    try:
-        take_dir(fd, st)
-    except PermissionError:
-        if st.st_uid == os.geteuid():
-            return None  # our own, on a file system that keeps no modes
-        raise TargetError(f"the destination {display(dst)} belongs to another user (uid {st.st_uid}), who could "
-                          "read or move away what is written there while the run writes it; sync into a "
-                          "directory of your own (or as root, which takes it for the run)") from None
-    except OSError as exc:
-        if exc.errno == errno.EROFS:
-            return None
-        raise TargetError(f"the destination {display(dst)} cannot be made private for the run: "
-                          f"{exc.strerror or exc}") from exc
-    return TakenRoot(st.st_uid, st.st_gid, acls)
+    return take_root_as(fd, st, _WHAT, dst, "sync into a directory of your own (or as root, which takes it "
+                                            "for the run)")
 
 
 def give_back(fd: int, taken: TakenRoot, src: os.stat_result, meta: MetaPolicy) -> list[str]:
     """Before the root gets SRC's root's metadata: what the run does not set, back as it
     was. Without --owner, its owner and group; its ACLs (without --acl) only if it keeps
     that owner: a root that becomes SRC's owner's keeps none of its former owner's."""
-    probs = ApplyProblems([])
     keeps_owner = not meta.chown or src.st_uid == taken.uid
-    if not meta.acl and keeps_owner:
-        for name, value in taken.acls:
-            try:
-                os.setxattr(fd, name, value)
-            except OSError as exc:
-                probs.add(f"xattr {name.decode(errors='replace')}", exc)
-    if not meta.chown and taken.uid != os.geteuid():
-        try:
-            os.fchown(fd, taken.uid, taken.gid)
-        except OSError as exc:
-            if exc.errno != errno.EPERM or os.geteuid() == 0:
-                probs.add("chown", exc)
-    return probs.messages
+    return give_back_root(fd, taken, acls=not meta.acl and keeps_owner, owner=not meta.chown)
