@@ -240,3 +240,17 @@ def test_cli_restores_raw_or_in_the_original_format(cli: Cli, tmp_path: Path, fm
     assert r.returncode == 0, r.stderr
     r = cli("--json", "restore", "latest", "--target", str(tmp_path / "dir"), "--format", "vhdx")
     assert r.returncode == ExitCode.USAGE and "--volume" in r.last("error")["message"]
+
+
+def nbd_leftovers(image: Path, tmpdir: Path) -> list[str]:
+    """qemu-nbd processes serving ``image``, and socket directories under ``tmpdir``."""
+    procs = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd:
+                procs.append(pid)
+    return procs + [p.name for p in tmpdir.glob("dv-nbd-*")]

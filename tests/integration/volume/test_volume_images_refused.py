@@ -21,25 +21,11 @@ from tests.integration.volume.conftest import (
     mounted,
     sha256,
 )
-from tests.integration.volume.test_volume_images import MiB, convert, random_image
+from tests.integration.volume.test_volume_images import MiB, convert, nbd_leftovers, random_image
 from tests.waits import until
 
 pytestmark = [needs_tools("qemu-img", "qemu-nbd"),
               pytest.mark.skipif(not nbdlib.available(), reason="needs python3-libnbd")]
-
-
-def nbd_leftovers(image: Path, tmpdir: Path) -> list[str]:
-    """qemu-nbd processes serving ``image``, and socket directories under ``tmpdir``."""
-    procs = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd:
-                procs.append(pid)
-    return procs + [p.name for p in tmpdir.glob("dv-nbd-*")]
 
 
 def test_damaged_images_are_refused_with_the_source_exit_code(cli: Cli, tmp_path: Path) -> None:
