@@ -1,4 +1,6 @@
-"""File backup and restore through the real engine on real files."""
+"""File backup and restore through the real engine on real files. Restore's own cases (chosen
+paths, tampered or damaged snapshots, directory metadata) are in test_file_restore.py; the
+catalog across mount points and btrfs snapshots in test_file_backup_snapshots.py."""
 
 from __future__ import annotations
 
@@ -9,28 +11,20 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import msgspec
-import pytest
 
 from deltavault.backup.files.options import FileBackupOptions, Source
 from deltavault.backup.files.run import BackupRequest, BackupResult, run_backup, scan_totals
 from deltavault.backup.volume.options import VolumeRequest
 from deltavault.backup.volume.run import run_volume_backup
-from deltavault.errors import CorruptionError
 from deltavault.model.content import Patch
-from deltavault.model.nodes import Node, NodeType, Tree
-from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.objects.walk import find
 from deltavault.progress import NullReporter
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
-from tests.conftest import needs_root, needs_tools
-from tests.loopdev import fresh_fs
+from tests.conftest import needs_tools
 from tests.treeutil import allocated, manifest
 
 RACY = 50_000_000  # 50 ms: tests wait this long instead of the default 2 s
@@ -229,208 +223,6 @@ def test_large_file_changed_in_place_stores_only_changed_pages(tmp_path: Path, r
     out = tmp_path / "out"
     restore(repo, res, out, verify=True)
     assert (out / "src" / "app.db").read_bytes() == db.read_bytes()
-
-
-@needs_root()
-def test_catalog_survives_another_mount_point(tmp_path: Path, repo: Repository) -> None:
-    """The same data seen at another path (a snapshot mounted elsewhere) is not re-read."""
-    src = tmp_path / "data"
-    src.mkdir()
-    for i in range(50):
-        (src / f"f{i}").write_bytes(os.urandom(10_000))
-    backup(repo, src, logical_paths=["/srv/data"])
-    mnt = tmp_path / "snapshot-mounted-elsewhere"
-    mnt.mkdir()
-    subprocess.run(["mount", "--bind", str(src), str(mnt)], check=True)
-    try:
-        (src / "f3").write_bytes(os.urandom(10_000))
-        res = backup(repo, mnt, logical_paths=["/srv/data"])
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-    assert res.change_source == "catalog"
-    assert (res.stats.files_changed, res.stats.files_unmodified) == (1, 49)
-
-
-def test_restore_chosen_paths(tmp_path: Path, repo: Repository) -> None:
-    src = tmp_path / "src"
-    (src / "keep" / "sub").mkdir(parents=True)
-    (src / "skip").mkdir()
-    (src / "keep" / "sub" / "x").write_text("x")
-    (src / "skip" / "y").write_text("y")
-    (src / "top").write_text("t")
-    res = backup(repo, src)
-    out = tmp_path / "out"
-    r = restore(repo, res, out, include=["src/keep/sub", "src/top", "src/missing"])
-    assert (out / "src" / "keep" / "sub" / "x").read_text() == "x"
-    assert (out / "src" / "top").read_text() == "t"
-    assert not (out / "src" / "skip").exists()
-    assert [p.kind for p in r.problems] == ["missing"]
-
-
-def _tampered_snapshot(repo: Repository, nodes: list[Node]) -> Snapshot:
-    tid, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(Tree(nodes)))
-    root, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(
-        Tree([Node(name=b"src", type=NodeType.DIR, mode=0o755, subtree=tid)])))
-    repo.flush()
-    return Snapshot(time="t", time_ns=0, hostname="h", tree=root)
-
-
-@pytest.mark.parametrize("evil", [b"..", b"a/../../escape", b"/etc/passwd", b".", b""])
-def test_restore_refuses_names_that_escape(tmp_path: Path, repo: Repository, evil: bytes) -> None:
-    snap = _tampered_snapshot(repo, [Node(name=evil, type=NodeType.FILE, mode=0o644)])
-    out = tmp_path / "out"
-    r = FileRestorer(repo, out, RestoreOptions())
-    assert snap.tree is not None
-    r.run(snap.tree)
-    assert [p.kind for p in r.problems] == ["corrupt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "repo", "cache"]) or not (tmp_path / "escape").exists()
-    assert list((out / "src").iterdir()) == []
-
-
-def test_restore_refuses_symlink_then_directory_trick(tmp_path: Path, repo: Repository) -> None:
-    """A tree that first restores a symlink 'a' -> outside, then writes 'a/x' through it."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    sub, _ = repo.save_blob(BlobType.TREE, msgspec.msgpack.encode(
-        Tree([Node(name=b"x", type=NodeType.FILE, mode=0o644)])))
-    evil = [Node(name=b"a", type=NodeType.SYMLINK, target=os.fsencode(outside)),
-            Node(name=b"a", type=NodeType.DIR, mode=0o755, subtree=sub)]
-    snap = _tampered_snapshot(repo, evil)
-    r = FileRestorer(repo, tmp_path / "out", RestoreOptions())
-    assert snap.tree is not None
-    r.run(snap.tree)
-    assert list(outside.iterdir()) == []
-    assert any(p.kind == "corrupt" for p in r.problems)
-
-
-def test_restore_does_not_follow_existing_symlinks_in_target(tmp_path: Path, repo: Repository) -> None:
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_text("data")
-    res = backup(repo, src)
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    out = tmp_path / "out"
-    (out / "src").mkdir(parents=True)
-    (out / "src" / "d").symlink_to(outside)  # planted by someone else
-    r = restore(repo, res, out)
-    assert list(outside.iterdir()) == []
-    assert (out / "src" / "d" / "f").read_text() == "data" and not (out / "src" / "d").is_symlink()
-    assert not r.problems
-
-
-def test_directory_metadata_waits_for_batched_and_large_files(tmp_path: Path, repo: Repository) -> None:
-    """Small files are written in batches that span directories, large ones by workers; each
-    directory's mode and times are set only after its last entry is written."""
-    from deltavault.restore import regular as restore_files
-
-    src = tmp_path / "src"
-    rnd = random.Random(3)
-    for d in range(12):
-        sub = src / f"d{d:02}" / "inner"
-        sub.mkdir(parents=True)
-        for i in range(40):  # 960 small files: several batches, each across directories
-            (sub.parent / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(0, 3000)))
-            (sub / f"g{i}").write_bytes(rnd.randbytes(50))
-        if d % 4 == 0:  # a large file, written by a worker while the walk goes on
-            (sub / "big").write_bytes(rnd.randbytes(restore_files.INLINE_BELOW + 12345))
-        sub.chmod(0o555)
-        sub.parent.chmod(0o711)
-    res = backup(repo, src)
-    out = tmp_path / "out"
-    r = restore(repo, res, out, verify=True)
-    assert not r.problems, r.problems
-    assert r.stats.files == 12 * 80 + 3 and r.stats.dirs == 25
-    assert manifest(out / "src") == manifest(src)  # modes included
-    dirs = [p.relative_to(src) for p in src.rglob("*") if p.is_dir()]
-    assert len(dirs) == 24
-    assert {d: (out / "src" / d).stat().st_mtime_ns for d in dirs} == {d: (src / d).stat().st_mtime_ns for d in dirs}
-
-
-def test_damaged_blob_spoils_only_its_file(tmp_path: Path, repo: Repository) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "good").write_bytes(os.urandom(100_000))
-    (src / "bad").write_bytes(os.urandom(100_000))
-    res = backup(repo, src)
-    assert res.snapshot.tree is not None
-    node = find(repo, res.snapshot.tree, "src/bad")
-    assert node is not None
-    loc = repo.index.lookup(node.content[0].id)  # type: ignore[union-attr]
-    assert loc is not None
-    from deltavault.repository.pack import pack_name
-
-    path = tmp_path / "repo" / pack_name(loc.pack_id)
-    raw = bytearray(path.read_bytes())
-    raw[loc.offset + 100] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    out = tmp_path / "out"
-    r = restore(repo, res, out)
-    assert (out / "src" / "good").read_bytes() == (src / "good").read_bytes()
-    assert not (out / "src" / "bad").exists()
-    assert [(p.path, p.kind) for p in r.problems] == [("src/bad", "corrupt")]
-    with pytest.raises(CorruptionError):
-        repo.load_blob(node.content[0].id)  # type: ignore[union-attr]
-
-
-@pytest.fixture
-def btrfs_mount(tmp_path: Path) -> Iterator[Path]:
-    with fresh_fs(tmp_path, "200M", "mkfs.btrfs", "-q", "-f") as mnt:
-        yield mnt
-
-
-@needs_root()
-@needs_tools("mkfs.btrfs", "btrfs", "losetup")
-def test_catalog_survives_a_snapshot_with_another_device_id(btrfs_mount: Path, repo: Repository) -> None:
-    """Each btrfs snapshot is its own device (st_dev) and lives at its own path; the
-    catalog still matches, so only the changed file is read."""
-    vol = btrfs_mount / "vol"
-    subprocess.run(["btrfs", "subvolume", "create", str(vol)], check=True, capture_output=True)
-    for i in range(40):
-        (vol / f"f{i}").write_bytes(os.urandom(20_000))
-    settle()
-    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(vol), str(btrfs_mount / "snap1")],
-                   check=True, capture_output=True)
-    first = backup(repo, btrfs_mount / "snap1", logical_paths=["/srv/data"])
-    (vol / "f7").write_bytes(os.urandom(20_000))
-    settle()
-    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(vol), str(btrfs_mount / "snap2")],
-                   check=True, capture_output=True)
-    assert (btrfs_mount / "snap1").stat().st_dev != (btrfs_mount / "snap2").stat().st_dev
-    second = backup(repo, btrfs_mount / "snap2", logical_paths=["/srv/data"])
-    assert first.stats.files_new == 40
-    assert second.change_source == "catalog"
-    assert (second.stats.files_changed, second.stats.files_unmodified) == (1, 39)
-    assert second.stats.bytes_read == 20_000
-    assert second.snapshot.paths == ["/srv/data"]
-
-
-@needs_root()
-@needs_tools("mkfs.btrfs", "btrfs", "losetup")
-def test_backup_from_a_btrfs_snapshot_it_takes_and_removes(btrfs_mount: Path, repo: Repository) -> None:
-    vol = btrfs_mount / "vol"
-    subprocess.run(["btrfs", "subvolume", "create", str(vol)], check=True, capture_output=True)
-    for i in range(10):
-        (vol / f"f{i}").write_bytes(os.urandom(5000))
-    settle()
-
-    def subvolumes() -> list[str]:
-        out = subprocess.run(["btrfs", "subvolume", "list", str(btrfs_mount)], check=True,
-                             capture_output=True, text=True).stdout
-        return [line.split()[-1] for line in out.splitlines()]
-
-    first = backup(repo, vol, snapshot="btrfs")
-    assert first.snapshots and first.snapshots[0]["kind"] == "btrfs"
-    assert first.snapshot.paths == [str(vol)]
-    assert subvolumes() == ["vol"]  # the snapshot is gone again
-    (vol / "f2").write_bytes(os.urandom(5000))
-    second = backup(repo, vol, snapshot="btrfs")
-    assert second.change_source == "catalog"
-    assert (second.stats.files_changed, second.stats.files_unmodified) == (1, 9)
-    assert subvolumes() == ["vol"]
-    out = btrfs_mount.parent / "out"
-    restore(repo, second, out)
-    assert manifest(out / "vol") == manifest(vol)
 
 
 def test_a_file_written_just_before_the_backup_still_gets_page_deltas(tmp_path: Path, repo: Repository) -> None:

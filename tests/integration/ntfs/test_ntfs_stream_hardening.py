@@ -9,7 +9,6 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,11 @@ from tests.integration.ntfs.test_ntfs_meta import RACY
 from tests.integration.ntfs.test_ntfs_sync import BIG, populate
 from tests.integration.sync.conftest import REMOTE, dv, summary
 from tests.memlimit import MemoryLimit
-from tests.sshd import Server, missing_tools, sshd
+from tests.sshd import Server, missing_tools
 
 pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g", "getfattr"), pytest.mark.root]
 
 HUGE = 3 << 30  # over DELTA_MAX (2 GiB): more than remote delta may hold
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    with sshd(tmp_path) as srv:
-        yield srv
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sshd import Server, sshd
+
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 MIN_MB = {"ext4": 8, "xfs": 300, "btrfs": 120}
 
@@ -134,3 +136,9 @@ def growing(path: Path) -> Iterator[None]:
     finally:
         writer.kill()
         writer.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with sshd(tmp_path) as srv:
+        yield srv

@@ -24,7 +24,7 @@ from deltavault.sync.receiver.temps import Where
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
-from tests.integration.sync.test_sync_hostile import no_sshd, server, sync  # noqa: F401 (a fixture)
+from tests.integration.sync.test_sync_hostile import no_sshd, sync
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 

@@ -30,7 +30,7 @@ from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
 from tests.integration.sync.conftest import REMOTE
 from tests.integration.sync.test_sync_errors import _Interrupt as Interrupt
-from tests.integration.sync.test_sync_hostile import no_sshd, run, server  # noqa: F401 (a fixture)
+from tests.integration.sync.test_sync_hostile import no_sshd, run
 from tests.sshd import Server
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
