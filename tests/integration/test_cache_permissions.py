@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,14 +147,11 @@ def as_nobody(fn: Callable[[], None]) -> None:
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may create entries in, like /tmp (sticky, 1777)."""
-    d = Path(tempfile.mkdtemp(prefix="dv-shared-", dir="/tmp"))
-    d.chmod(0o1777)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def shared_dir(shared_dir: Path) -> Path:
+    """The suite's directory outside pytest's private root, made one every user may create
+    entries in, like /tmp (sticky, 1777)."""
+    shared_dir.chmod(0o1777)
+    return shared_dir
 
 
 def _plant_attack_catalog(cli: Cli, tmp_path: Path, src: Path) -> bytes:
