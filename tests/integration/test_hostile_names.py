@@ -59,3 +59,9 @@ def test_ls_and_diff_escape_names_on_a_terminal_and_keep_them_exact_in_json(cli:
     assert {f"M    src/{s}" for s in SHOWN} <= set(r.stdout.splitlines())
     changed = [json.loads(line) for line in cli("--json", "diff", *snaps).stdout.splitlines()]
     assert {os.fsencode(o["path"]) for o in changed if o.get("type") == "change"} == {b"src/" + n for n in HOSTILE}
+    # path_hex too, as ls gives it: exact for a tool (jq) that turns \udcXX into U+FFFD
+    assert {bytes.fromhex(o["path_hex"]) for o in changed if o.get("type") == "change"} == \
+        {b"src/" + n for n in HOSTILE}
+    found = [o for o in cli("--json", "find", "*").json if o.get("type") == "match"]
+    assert {b"src/" + n for n in HOSTILE} <= {bytes.fromhex(o["path_hex"]) for o in found}
+    assert all(bytes.fromhex(o["path_hex"]) == os.fsencode(o["path"]) for o in found)

@@ -35,7 +35,7 @@ def run(ctx: Context) -> int:
             added += ch.new.size
         if ch.old is not None and ch.kind in "-":
             removed += ch.old.size
-        ctx.result({"type": "change", "kind": ch.kind, "path": exact(ch.path)}, f"{ch.kind}    {display(ch.path)}")
+        ctx.result({"type": "change", "kind": ch.kind, "path": exact(ch.path), "path_hex": ch.path.hex()}, f"{ch.kind}    {display(ch.path)}")
     ctx.result({"type": "diff_summary", "added": counts["+"], "removed": counts["-"], "modified": counts["M"],
               "metadata": counts["m"], "type_changed": counts["T"]},
              f"\n{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "

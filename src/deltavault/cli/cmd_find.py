@@ -42,7 +42,7 @@ def run(ctx: Context) -> int:
         for path, n in hits:
             t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(n.mtime / 1e9))
             ctx.result({"type": "match", "snapshot": sid, "time": snap.time, "hostname": snap.hostname,
-                        "path": exact(path), "node_type": n.type.value, "size": n.size, "mtime_ns": n.mtime,
+                        "path": exact(path), "path_hex": path.hex(), "node_type": n.type.value, "size": n.size, "mtime_ns": n.mtime,
                         "mode": n.mode})
             lines.append(f"  {n.type.value} {human(n.size):>10}  {t}  {display(path)}")
         ctx.result(None, "\n".join(lines))
