@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import stat
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from deltavault.sync.report import SyncLog
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
+from tests.integration.sync.conftest import REMOTE, summary
 from tests.integration.sync.test_sync_hostile import no_sshd, sync
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
@@ -230,10 +232,14 @@ def _sync_refuses_prog(src: Path, dst: Path, log: Path) -> None:
     """A sync that names "prog" as not installed (a per-file error, in the log too) and
     syncs "other"."""
     problems = Syncer(src, dst, SyncOptions(processes=1), log=SyncLog(log)).run().problems
-    assert [(p.path, p.kind) for p in problems] == [("prog", "write")], problems
-    assert "not installed: replaced during the run" in problems[0].message
+    _refused(dst, log, [(p.path, p.kind, p.message) for p in problems])
+
+
+def _refused(dst: Path, log: Path, problems: list[tuple[str, str, str]]) -> None:
+    assert [p[:2] for p in problems] == [("prog", "write")], problems
+    assert "not installed: replaced during the run" in problems[0][2]
     errors = {f[5]: f[6] for f in (ln.split("\t") for ln in log.read_text().splitlines()) if f[1] == "error"}
-    assert errors == {"prog": f"write: {problems[0].message}"}
+    assert errors == {"prog": f"write: {problems[0][2]}"}
     assert (dst / "other").read_bytes() == b"other\n"
 
 
@@ -281,3 +287,34 @@ def test_a_temp_file_swapped_between_the_check_and_the_rename_is_named(
     assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
     st = (dst / "prog").stat()
     assert (dst / "prog").read_bytes() == REAL and st.st_ino != evil and st.st_uid == 0
+
+
+# The agent, run through the suite's sshd with this hook, has user nobody swap the temp
+# file of "prog" right before it installs it (as the local test's hook does).
+AGENT_SWAP = """
+import os, runpy, subprocess, sys
+from deltavault.sync.receiver import core
+real = core.Receiver.install
+SWAP = "import os, sys; d, t = sys.argv[1:]; os.rename(d + '/' + t, d + '/stolen'); os.rename(d + '/evil', d + '/' + t)"
+def install(self, dfd, where, name, rel, st, staged, **kw):
+    if name == b"prog":
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", SWAP,
+                        os.readlink(f"/proc/self/fd/{dfd}"), os.fsdecode(staged.tmp)], check=True)
+    return real(self, dfd, where, name, rel, st, staged, **kw)
+core.Receiver.install = install
+runpy.run_module("deltavault", run_name="__main__", alter_sys=True)
+"""
+
+
+@no_sshd
+def test_a_temp_file_swapped_before_the_agent_renames_it_is_not_installed(shared_dir: Path,
+                                                                           request: pytest.FixtureRequest) -> None:
+    """The same swap in DST of a push: the agent writes DST through the same receiver."""
+    src, dst, evil = _shared_tree(shared_dir)
+    log = shared_dir / "sync.log"
+    p = sync(src, dst, "--log", str(log), server=request.getfixturevalue("server"),
+             remote=REMOTE.replace("-m deltavault", "-c " + shlex.quote(AGENT_SWAP)))
+    assert p.returncode == 3, p.stdout + p.stderr
+    _refused(dst, log, [(x["path"], x["kind"], x["message"]) for x in summary(p)["problems"]])
+    assert not (dst / "prog").exists() and (dst / "stolen").read_bytes() == REAL
+    assert [q.stat().st_ino for q in dst.glob(".dv-sync-*")] == [evil]
