@@ -107,6 +107,21 @@ def expect_identity(dir_fd: int, name: bytes, want: Identity) -> tuple[int, os.s
     return h, st
 
 
+def rename_checked(dir_fd: int, tmp: bytes, name: bytes, want: Identity) -> None:
+    """Rename the entry this run made as ``tmp`` (``want``: its identity, from the fd or
+    handle it was made through) to ``name``, in a directory others may write in. They may
+    have swapped ``tmp`` for an entry of theirs since it was written: it must be ``want``
+    right before the rename (else nothing is renamed), and ``name`` right after (a swap
+    between the two). Either way ``Replaced``, and what they put there is left alone."""
+    st = lstat_at(dir_fd, tmp)
+    if st is None or identity(st) != want:
+        raise Replaced("swapped for another entry before it was put in place")
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    st = lstat_at(dir_fd, name)
+    if st is None or identity(st) != want:
+        raise Replaced("swapped for another entry while it was put in place")
+
+
 def link_handle(handle: int, dst_dir_fd: int, name: bytes) -> None:
     """Make ``name`` in ``dst_dir_fd`` another name of the object ``handle`` is open on
     (linkat through the handle: no path to the first name is resolved)."""

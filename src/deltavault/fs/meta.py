@@ -12,13 +12,17 @@ import os
 import pwd
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from deltavault.fs.dirfd import fd_path
+from deltavault.fs.paths import display
 
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 CAPABILITY_XATTR = b"security.capability"  # file capabilities: removed by any chown
+# One entry's xattr values read together, at most (NTFS streams read as xattrs too): the rest
+# are named, not read. Any user may give a file of theirs thousands of 64 KiB xattrs (XFS).
+INLINE_MAX = 16 << 20
 
 
 def exposed(fd: int, st: os.stat_result) -> bool:
@@ -91,33 +95,96 @@ def group_name(gid: int) -> str:
         return ""
 
 
-def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = None,
-                want: Callable[[bytes], bool] | None = None) -> list[tuple[bytes, bytes]]:
-    """All extended attributes (those ``want`` takes: the others are not read), sorted by
-    name. Unsupported file systems give []."""
-    target: int | bytes | str = fd if fd is not None else path
+def xattr_names(target: int | bytes | str, *, follow: bool = False) -> tuple[list[bytes], bool]:
+    """The names of the xattrs of ``target`` (an fd or a path), sorted, and whether they
+    fit in what listxattr returns (64 KiB of names, ``XATTR_LIST_MAX``: a file of XFS or
+    ext4 with a large block may have more, of its owner's making, which no call lists;
+    False: none are known). Unsupported file systems give none."""
     try:
-        names = os.listxattr(target, follow_symlinks=follow) if fd is None else os.listxattr(fd)
+        names = os.listxattr(target, follow_symlinks=follow or isinstance(target, int))
     except OSError as exc:
+        if exc.errno in (errno.E2BIG, errno.ERANGE):
+            return [], False
         # ENODATA: ntfs-3g (2022.10) fails listxattr so on some files, which have no xattrs there.
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM, errno.ENODATA):
-            return []
+            return [], True
         raise
-    out: list[tuple[bytes, bytes]] = []
+    return sorted(os.fsencode(n) for n in names), True
+
+
+@dataclass
+class XattrRead:
+    """One entry's xattrs as read: at most INLINE_MAX of values together."""
+
+    values: list[tuple[bytes, bytes]]  # sorted by name
+    over: list[bytes] = field(default_factory=list)  # not read: past INLINE_MAX together
+    big: list[bytes] = field(default_factory=list)  # not readable: over 64 KiB (ntfs-3g's streams, E2BIG)
+    listed: bool = True  # False: more names than listxattr returns, none read
+
+    def left(self) -> str | None:
+        """What was not read, for the run's problems (None: everything was)."""
+        parts = [] if self.listed else ["its xattrs have more names than listxattr returns (64 KiB of "
+                                        "them): none read"]
+        if self.big:
+            parts.append(f"{len(self.big)} xattrs (the first: {display(self.big[0])}) over 64 KiB: not read")
+        if self.over:
+            parts.append(over_message(self.over, "xattrs", "one entry's xattrs"))
+        return "; ".join(parts) + "; not kept" if parts else None
+
+
+def over_message(over: list[bytes], what: str, whose: str) -> str:
+    """The problem named when ``over`` (names of ``what``) are past INLINE_MAX."""
+    return (f"{len(over)} {what} (the first: {display(over[0])}) not read: {whose} stop at "
+            f"{INLINE_MAX >> 20} MiB together")
+
+
+def read_upto(target: int | bytes | str, names: list[bytes], *, follow: bool = False) -> XattrRead:
+    """The values of the xattrs ``names`` of ``target`` (an fd or a path), in that order,
+    up to INLINE_MAX together: the names past it are not read (``over``). A file may have
+    as many as the names listxattr returns (some 9,000 of ``user.x``), each up to 64 KiB:
+    590 MiB. One gone meanwhile is left out; E2BIG (ntfs-3g: a stream over 64 KiB) is
+    named (``big``)."""
+    got = XattrRead([])
+    held = 0
     for n in names:
-        # (ntfs-3g's default interface shows named streams as user.* xattrs, and one over
-        # 64 KiB fails with E2BIG: a caller that does not want them must not read them)
-        if want is not None and not want(os.fsencode(n)):
+        if held >= INLINE_MAX:
+            got.over.append(n)
             continue
         try:
-            v = os.getxattr(target, n, follow_symlinks=follow) if fd is None else os.getxattr(fd, n)
+            value = os.getxattr(target, n, follow_symlinks=follow or isinstance(target, int))
         except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                continue
-            raise
-        out.append((os.fsencode(n), v))
-    out.sort()
-    return out
+            if exc.errno == errno.E2BIG:
+                got.big.append(n)
+            elif exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            continue
+        if held + len(value) > INLINE_MAX:
+            got.over.append(n)
+            held = INLINE_MAX  # (the rest too: what is kept is a prefix in name order)
+            continue
+        held += len(value)
+        got.values.append((n, value))
+    return got
+
+
+def read_bounded(target: int | bytes | str, *, follow: bool = False,
+                 want: Callable[[bytes], bool] | None = None) -> XattrRead:
+    """The extended attributes of ``target`` (an fd or a path) that ``want`` takes (the
+    others are not read), sorted by name, up to INLINE_MAX together (``read_upto``); what
+    was not read is in the result (``left``)."""
+    names, listed = xattr_names(target, follow=follow)
+    # (ntfs-3g's default interface shows named streams as user.* xattrs, and one over
+    # 64 KiB fails with E2BIG: a caller that does not want them must not read them)
+    got = read_upto(target, [n for n in names if want is None or want(n)], follow=follow)
+    got.listed = listed
+    return got
+
+
+def read_xattrs(path: bytes | str, *, follow: bool = False, fd: int | None = None,
+                want: Callable[[bytes], bool] | None = None) -> list[tuple[bytes, bytes]]:
+    """``read_bounded``'s values, for a caller that names nothing left out (the entry is
+    one it made, or only a few named xattrs are wanted)."""
+    return read_bounded(fd if fd is not None else path, follow=follow, want=want).values
 
 
 @dataclass
@@ -128,28 +195,6 @@ class ApplyProblems:
 
     def add(self, what: str, exc: OSError) -> None:
         self.messages.append(f"{what}: {exc.strerror or exc}")
-
-
-def apply_xattrs(path: bytes, xattrs: list[tuple[bytes, bytes]], problems: ApplyProblems,
-                 *, follow: bool = False, clear_others: bool = False,
-                 only: Callable[[bytes], bool] | None = None) -> None:
-    """Set xattrs; with clear_others, remove the others (those ``only`` accepts, if given)."""
-    want = dict(xattrs)
-    if clear_others:
-        for name, _ in read_xattrs(path, follow=follow):
-            if name not in want and (only is None or only(name)):
-                try:
-                    os.removexattr(path, name, follow_symlinks=follow)
-                except OSError as exc:
-                    problems.add(f"remove xattr {name.decode(errors='replace')}", exc)
-    for name, value in xattrs:
-        try:
-            os.setxattr(path, name, value, follow_symlinks=follow)
-        except OSError as exc:
-            if exc.errno == errno.EPERM and name.startswith(b"trusted."):
-                problems.add(f"xattr {name.decode(errors='replace')} (needs CAP_SYS_ADMIN)", exc)
-            else:
-                problems.add(f"xattr {name.decode(errors='replace')}", exc)
 
 
 def _set_xattrs(target: int | bytes, xattrs: list[tuple[bytes, bytes]], problems: ApplyProblems) -> None:
@@ -180,10 +225,12 @@ def apply_meta_fd(fd: int, problems: ApplyProblems, *, mode: int | None, uid: in
     if xattrs is not None:
         want = dict(xattrs)
         if drop_xattr is not None:
-            # only those it may remove are read (a named stream of ntfs-3g over 64 KiB fails)
-            current = (read_xattrs(fd_path(fd), follow=True, want=drop_xattr) if handle
-                       else read_xattrs(b"", fd=fd, want=drop_xattr))
-            for name, _ in current:
+            # only their names are listed (a named stream of ntfs-3g over 64 KiB fails)
+            names, listed = xattr_names(fd_path(fd) if handle else fd, follow=handle)
+            if not listed:
+                problems.messages.append("its xattrs have more names than listxattr returns: "
+                                         "those SRC lacks are not removed")
+            for name in names:
                 if name not in want and drop_xattr(name):
                     try:
                         os.removexattr(target, name)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from deltavault.fs.dirfd import fd_path, mount_id, open_regular
+from deltavault.fs.meta import over_message, read_upto, xattr_names
 from deltavault.fs.mounts import parse_mountinfo, read_mountinfo
 from deltavault.fs.ntfssd import BadDescriptor, owner_group
+from deltavault.fs.paths import display
 
 ACL = b"system.ntfs_acl"
 ATTRIB = b"system.ntfs_attrib"
@@ -32,7 +34,6 @@ STREAMS_LIST = b"ntfs.streams.list"
 XATTR_STREAM = b"user."
 FUSE_TYPES = ("fuseblk", "fuse", "fuse.ntfs-3g", "fuseblk.ntfs-3g")
 STREAM_XATTR_MAX = 65536  # the VFS limit on one xattr value
-INLINE_MAX = 16 << 20  # one entry's streams read as xattrs (streams_interface=xattr), together
 
 WINDOWS, XATTR, NONE = "windows", "xattr", "none"
 
@@ -155,38 +156,24 @@ def read_meta(target: int | bytes, view: NtfsView, *, streams: bool = True) -> R
 
 def _read_inline(target: int | bytes, res: ReadResult) -> None:
     """The streams of ``target`` that ntfs-3g's xattr interface shows as ``user.`` xattrs,
-    read into ``res``: up to INLINE_MAX together (a file may have thousands, up to 64 KiB
-    each, as many as the names listxattr returns: 9,000 of one character, 590 MiB). Those
-    past it are not read, and named as a loss."""
-    held = 0
-    over: list[bytes] = []
-    for n in sorted(os.fsencode(x) for x in os.listxattr(target)):
-        if not n.startswith(XATTR_STREAM):
-            continue
-        name = n[len(XATTR_STREAM):]
-        if held >= INLINE_MAX:
-            over.append(name)
-            continue
-        try:
-            value = os.getxattr(target, n)
-        except OSError as exc:
-            if _errno(exc) != errno.E2BIG:
-                raise
-            res.losses.append(f"stream {name.decode(errors='replace')} is over 64 KiB, which ntfs-3g's "
-                              "streams_interface=xattr cannot read: not stored (mount with "
-                              "streams_interface=windows)")
-            continue
-        if held + len(value) > INLINE_MAX:
-            over.append(name)
-            held = INLINE_MAX
-            continue
-        held += len(value)
-        res.stream_names.append(name)
-        res.inline[name] = value
-    if over:
-        res.losses.append(f"{len(over)} streams (the first: {over[0].decode(errors='replace')}) not read: one "
-                          f"entry's streams read as xattrs stop at {INLINE_MAX >> 20} MiB together "
+    read into ``res``: up to INLINE_MAX together (fs.meta.read_upto). Those past it are not
+    read, and named as a loss."""
+    names, listed = xattr_names(target, follow=True)
+    if not listed:
+        res.losses.append("its streams have more names than listxattr returns: none stored "
                           "(mount with streams_interface=windows)")
+    got = read_upto(target, [n for n in names if n.startswith(XATTR_STREAM)], follow=True)
+    for n, value in got.values:
+        res.stream_names.append(n[len(XATTR_STREAM):])
+        res.inline[n[len(XATTR_STREAM):]] = value
+    for n in got.big:
+        res.losses.append(f"stream {display(n[len(XATTR_STREAM):])} is over 64 KiB, which ntfs-3g's "
+                          "streams_interface=xattr cannot read: not stored (mount with "
+                          "streams_interface=windows)")
+    if got.over:
+        res.losses.append(over_message([n[len(XATTR_STREAM):] for n in got.over], "streams",
+                                       "one entry's streams read as xattrs")
+                          + " (mount with streams_interface=windows)")
 
 
 def not_kept(meta: ReadResult) -> list[str]:

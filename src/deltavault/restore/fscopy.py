@@ -17,12 +17,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
 from deltavault.fs.clone import pwrite_all
 from deltavault.fs.dirfd import DIR_FLAGS, Replaced, handle_at, identity, open_dir_at, reopen
-from deltavault.fs.meta import read_xattrs
+from deltavault.fs.meta import read_bounded
 from deltavault.fs.paths import check_name, display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.progress import NullReporter, Reporter
@@ -55,12 +56,19 @@ class CopyStats:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what went wrong)
 
 
-def _node(dir_fd: int, name: bytes, st: os.stat_result, ntfs: bool) -> Node:
+def _node(dir_fd: int, name: bytes, st: os.stat_result, ntfs: bool, problem: Callable[[str], None]) -> Node:
+    """The entry ``name`` of ``dir_fd`` as a node; its xattrs up to fs.meta.INLINE_MAX
+    together, what is left out given to ``problem``."""
     kind = _TYPES.get(stat.S_IFMT(st.st_mode))
     if kind is None:
         raise OSError(errno.EINVAL, "a socket or unknown file type; not copied")
     where = b"/proc/self/fd/%d/%s" % (dir_fd, name)
-    xattrs = read_xattrs(where) if kind != NodeType.SYMLINK else []
+    xattrs: list[tuple[bytes, bytes]] = []
+    if kind != NodeType.SYMLINK:
+        got = read_bounded(where)
+        xattrs, left = got.values, got.left()
+        if left is not None:
+            problem(left)
     if ntfs and kind != NodeType.SYMLINK:
         for key in NTFS_XATTRS:
             try:
@@ -119,12 +127,13 @@ class TreeCopier:
         """The parents of the path as directories (with their metadata), then the path."""
         chain: list[tuple[int, int, Node | None]] = [(os.dup(src), os.dup(dst), None)]
         try:
-            for comp in parts[:-1]:
+            for i, comp in enumerate(parts[:-1]):
                 s, d, _ = chain[-1]
                 st = os.stat(comp, dir_fd=s, follow_symlinks=False)
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, f"{display(comp)} is not a directory in the file system")
-                node = _node(s, comp, st, self.ntfs)
+                where = b"/".join(parts[:i + 1])
+                node = _node(s, comp, st, self.ntfs, lambda m: self.problem(where, m))  # noqa: B023 (called at once)
                 ns = open_dir_at(s, comp)
                 try:
                     nd, _ident, _made = make_dir(d, comp, final_of(node, self.meta))
@@ -176,7 +185,7 @@ class TreeCopier:
                links: LinkSources) -> tuple[int, int, Node] | None:
         """Copy one entry; for a directory, return (source fd, target fd, node) to descend."""
         st = os.stat(name, dir_fd=s, follow_symlinks=False)
-        node = _node(s, name, st, self.ntfs)
+        node = _node(s, name, st, self.ntfs, lambda m: self.problem(path, m))
         shared = True  # the target may be anybody's
         if node.type == NodeType.DIR:
             nd, _ident, _made = make_dir(d, name, final_of(node, self.meta))

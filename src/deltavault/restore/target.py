@@ -29,6 +29,7 @@ from deltavault.fs.dirfd import (
     link_handle,
     lstat_at,
     open_dir_at,
+    rename_checked,
 )
 from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, exposed, take_dir, widens
 from deltavault.model.nodes import Node, NodeType
@@ -129,16 +130,17 @@ def install(parent: int, tmp: bytes, name: bytes, want: Identity | None = None) 
     directory others may write in, the entry now under ``name`` must be the object made
     (someone may have swapped the temp name), else ``Replaced`` is raised."""
     try:
-        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        if want is None:
+            os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        else:
+            rename_checked(parent, tmp, name, want)
+    except Replaced:
+        raise  # (what stands under either name is not ours: left alone)
     except BaseException as exc:
         unlink_quiet(parent, tmp)
         if isinstance(exc, IsADirectoryError):
             raise IsADirectoryError(errno.EISDIR, "a directory is in the way", name) from None
         raise
-    if want is not None:
-        st = lstat_at(parent, name)
-        if st is None or identity(st) != want:
-            raise Replaced("swapped for another entry before it was put in place")
 
 
 def unlink_quiet(parent: int, name: bytes) -> None:

@@ -20,7 +20,7 @@ import stat
 from types import TracebackType
 
 from deltavault.errors import TargetError, UsageError
-from deltavault.fs.dirfd import Replaced, handle_at, identity, lstat_at
+from deltavault.fs.dirfd import Replaced, handle_at, identity, lstat_at, rename_checked
 from deltavault.fs.meta import has_acl
 from deltavault.fs.paths import display
 from deltavault.fs.trusted import open_target_root
@@ -101,10 +101,7 @@ class TargetDir:
     def install(self, tmp: bytes, fd: int) -> None:
         """Rename ``tmp`` (the file open as ``fd``) over the target; it must then stand
         there (in a directory others may write in, the temporary name may be swapped)."""
-        os.rename(tmp, self.name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        st = lstat_at(self.fd, self.name)
-        if st is None or identity(st) != identity(os.fstat(fd)):
-            raise Replaced("the image was swapped for another file before it was put in place")
+        rename_checked(self.fd, tmp, self.name, identity(os.fstat(fd)))
         os.fsync(self.fd)
 
     def unlink(self, name: bytes) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import stat
 
-from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, apply_meta_fd, read_xattrs
+from deltavault.fs.dirfd import fd_path
+from deltavault.fs.meta import ACL_XATTRS, ApplyProblems, XattrRead, apply_meta_fd, read_bounded
 from deltavault.fs.ntfs import STREAMS_LIST
 from deltavault.sync.options import SyncOptions
 
@@ -36,11 +37,22 @@ class MetaPolicy:
             return True
         return self.acl if name in ACL_XATTRS else self.xattrs
 
-    def source_xattrs(self, *, fd: int | None = None, path: bytes = b"") -> list[tuple[bytes, bytes]] | None:
-        """The xattrs to mirror, or None when neither --acl nor --xattrs is on."""
+    def source_xattrs(self, *, fd: int | None = None, path: bytes = b"") -> XattrRead | None:
+        """The xattrs to mirror, up to fs.meta.INLINE_MAX together (what is left out is in
+        the result), or None when neither --acl nor --xattrs is on."""
         if not self.any_xattrs:
             return None
-        return read_xattrs(path, fd=fd, want=self.wants)
+        return read_bounded(fd if fd is not None else path, want=self.wants)
+
+    def handle_differs(self, h: int, have: os.stat_result, src: os.stat_result,
+                       src_xattrs: list[tuple[bytes, bytes]] | None) -> bool:
+        """Whether DST's entry, open as the ``O_PATH`` handle ``h`` (met as ``have``), differs
+        from SRC's ``src``; its xattrs read up to INLINE_MAX: one that holds more than can
+        be read differs."""
+        if src_xattrs is None:
+            return self.differs(have, src, None, None)
+        got = read_bounded(fd_path(h), follow=True)
+        return got.left() is not None or self.differs(have, src, got.values, src_xattrs)
 
     def differs(self, dst: os.stat_result, src: os.stat_result, dst_xattrs: list[tuple[bytes, bytes]] | None,
                 src_xattrs: list[tuple[bytes, bytes]] | None, *, times: bool = True) -> bool:

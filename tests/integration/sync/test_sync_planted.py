@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deltavault.fs import dirfd
 from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.core import Receiver
-from deltavault.sync.receiver.temps import Where
+from deltavault.sync.receiver.temps import TEMP_PREFIX, Where
+from deltavault.sync.report import SyncLog
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody, fork_as_nobody, plant_acl_dir, secret_tree
+from tests.integration.sync.conftest import REMOTE, summary
 from tests.integration.sync.test_sync_hostile import no_sshd, sync
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
@@ -197,3 +201,120 @@ def test_inplace_never_writes_into_a_file_others_may_read_that_src_closed(shared
     assert seen == hashlib.sha256(old).hexdigest()  # the reader's fd still shows the old file only
     assert (dst / "db").read_bytes() == (src / "db").read_bytes()
     assert stat.S_IMODE((dst / "db").stat().st_mode) == 0o600
+
+
+def _swap_as_nobody(d: Path, tmp: bytes) -> None:
+    """User nobody, who may write in ``d``, renames the sync's temp file ``tmp`` away and
+    their own file "evil" to its name."""
+    def swap() -> None:
+        os.rename(d / os.fsdecode(tmp), d / "stolen")
+        os.rename(d / "evil", d / os.fsdecode(tmp))
+
+    _, status = os.waitpid(fork_as_nobody(swap), 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _shared_tree(shared_dir: Path) -> tuple[Path, Path, int]:
+    """SRC and DST 0777 (DST's directory as SRC's: not taken, others may write in it), SRC
+    with "prog" (setuid) and "other"; nobody's "evil" planted in DST. Returns its inode."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "prog").write_bytes(REAL)
+    (src / "prog").chmod(0o4755)
+    (src / "other").write_bytes(b"other\n")
+    for d in (src, dst):
+        d.chmod(0o777)
+    return src, dst, _plant_as_nobody(dst / "evil", EVIL, 0)
+
+
+def _sync_refuses_prog(src: Path, dst: Path, log: Path) -> None:
+    """A sync that names "prog" as not installed (a per-file error, in the log too) and
+    syncs "other"."""
+    problems = Syncer(src, dst, SyncOptions(processes=1), log=SyncLog(log)).run().problems
+    _refused(dst, log, [(p.path, p.kind, p.message) for p in problems])
+
+
+def _refused(dst: Path, log: Path, problems: list[tuple[str, str, str]]) -> None:
+    assert [p[:2] for p in problems] == [("prog", "write")], problems
+    assert "not installed: replaced during the run" in problems[0][2]
+    errors = {f[5]: f[6] for f in (ln.split("\t") for ln in log.read_text().splitlines()) if f[1] == "error"}
+    assert errors == {"prog": f"write: {problems[0][2]}"}
+    assert (dst / "other").read_bytes() == b"other\n"
+
+
+def test_a_temp_file_swapped_before_its_rename_is_not_installed(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver renamed its temp file into place by name: user nobody, who may write in
+    DST's directory, renamed it away after it was written and their own file to its name,
+    which was installed as SRC's "prog" and logged as copied. The temp name must now be the
+    file written (fstat of our fd against fstatat of the name) right before the rename:
+    refused, named in the log, the other files synced. Here nobody swaps right before."""
+    src, dst, evil = _shared_tree(shared_dir)
+    real = Receiver.install
+
+    def install(self: Receiver, dfd: int, where: Where, name: bytes, rel: bytes, st: os.stat_result,
+                staged: Any, **kw: Any) -> None:
+        if name == b"prog":
+            _swap_as_nobody(dst, staged.tmp)
+        real(self, dfd, where, name, rel, st, staged, **kw)
+
+    monkeypatch.setattr(Receiver, "install", install)
+    _sync_refuses_prog(src, dst, shared_dir / "sync.log")
+    assert not (dst / "prog").exists()  # never nobody's file under SRC's name
+    assert (dst / "stolen").read_bytes() == REAL and (dst / "stolen").stat().st_uid == 0
+    assert [p.stat().st_ino for p in dst.glob(".dv-sync-*")] == [evil]  # theirs, left alone
+
+
+def test_a_temp_file_swapped_between_the_check_and_the_rename_is_named(
+        shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same swap in the window left: after the temp name was checked, before renameat.
+    The name must then be the file written right after the rename: refused and named as
+    in restore (what nobody put there is left alone, never taken as SRC's: the next run
+    replaces it)."""
+    src, dst, evil = _shared_tree(shared_dir)
+    real = dirfd.lstat_at
+
+    def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+        st = real(dir_fd, name)
+        if name.startswith(TEMP_PREFIX) and name.endswith(b".prog"):
+            _swap_as_nobody(dst, name)  # (the check has seen our file)
+        return st
+
+    monkeypatch.setattr(dirfd, "lstat_at", lstat_at)
+    _sync_refuses_prog(src, dst, shared_dir / "sync.log")
+    assert (dst / "prog").stat().st_ino == evil
+    monkeypatch.undo()
+    assert Syncer(src, dst, SyncOptions(processes=1)).run().problems == []
+    st = (dst / "prog").stat()
+    assert (dst / "prog").read_bytes() == REAL and st.st_ino != evil and st.st_uid == 0
+
+
+# The agent, run through the suite's sshd with this hook, has user nobody swap the temp
+# file of "prog" right before it installs it (as the local test's hook does).
+AGENT_SWAP = """
+import os, runpy, subprocess, sys
+from deltavault.sync.receiver import core
+real = core.Receiver.install
+SWAP = "import os, sys; d, t = sys.argv[1:]; os.rename(d + '/' + t, d + '/stolen'); os.rename(d + '/evil', d + '/' + t)"
+def install(self, dfd, where, name, rel, st, staged, **kw):
+    if name == b"prog":
+        subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", SWAP,
+                        os.readlink(f"/proc/self/fd/{dfd}"), os.fsdecode(staged.tmp)], check=True)
+    return real(self, dfd, where, name, rel, st, staged, **kw)
+core.Receiver.install = install
+runpy.run_module("deltavault", run_name="__main__", alter_sys=True)
+"""
+
+
+@no_sshd
+def test_a_temp_file_swapped_before_the_agent_renames_it_is_not_installed(shared_dir: Path,
+                                                                           request: pytest.FixtureRequest) -> None:
+    """The same swap in DST of a push: the agent writes DST through the same receiver."""
+    src, dst, evil = _shared_tree(shared_dir)
+    log = shared_dir / "sync.log"
+    p = sync(src, dst, "--log", str(log), server=request.getfixturevalue("server"),
+             remote=REMOTE.replace("-m deltavault", "-c " + shlex.quote(AGENT_SWAP)))
+    assert p.returncode == 3, p.stdout + p.stderr
+    _refused(dst, log, [(x["path"], x["kind"], x["message"]) for x in summary(p)["problems"]])
+    assert not (dst / "prog").exists() and (dst / "stolen").read_bytes() == REAL
+    assert [q.stat().st_ino for q in dst.glob(".dv-sync-*")] == [evil]

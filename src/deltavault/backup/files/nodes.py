@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 import msgspec
 
 from deltavault.backup.files.options import RunLog
 from deltavault.fs.dirfd import fd_path, handle_at, identity
-from deltavault.fs.meta import group_name, read_xattrs, user_name
+from deltavault.fs.meta import group_name, read_bounded, user_name
 from deltavault.model.nodes import Node, NodeType
 
 Xattrs = list[tuple[bytes, bytes]]
@@ -43,12 +44,27 @@ def dir_clean(node: Node, prev: Node | None) -> bool:
 
 
 def fd_xattrs(log: RunLog, fd: int, path: bytes) -> Xattrs:
-    """xattrs of an open entry; [] (reported) if they cannot be read."""
+    """xattrs of an open entry, up to fs.meta.INLINE_MAX together: what is left out is
+    reported; [] (reported) if they cannot be read."""
+    return bounded_xattrs(log, fd, path)
+
+
+def bounded_xattrs(log: RunLog, target: int | bytes, path: bytes, *, follow: bool = False,
+                   want: Callable[[bytes], bool] | None = None, quiet: tuple[int, ...] = ()) -> Xattrs:
+    """The xattrs of ``target`` (an fd, or a /proc path of a handle) that ``want`` takes, up
+    to INLINE_MAX together; what is not read is a problem of ``path`` (the run partial).
+    [] if they cannot be read: reported, unless the error is one of ``quiet``."""
     try:
-        return read_xattrs(b"", fd=fd)
+        got = read_bounded(target, follow=follow, want=want)
     except OSError as exc:
+        if exc.errno in quiet:
+            return []
         log.problem(path, "metadata", f"extended attributes unreadable: {exc.strerror}")
         return []
+    left = got.left()
+    if left is not None:
+        log.problem(path, "metadata", left)
+    return got.values
 
 
 def open_handle(log: RunLog, dir_fd: int, fsname: bytes, path: bytes) -> tuple[int, os.stat_result] | None:
@@ -71,10 +87,6 @@ def handle_xattrs(log: RunLog, dir_fd: int, fsname: bytes, path: bytes, st: os.s
         if identity(hst) != identity(st):
             log.problem(path, "changed", "replaced while being read")
             return None
-        try:
-            return read_xattrs(fd_path(h), follow=True)
-        except OSError as exc:
-            log.problem(path, "metadata", f"extended attributes unreadable: {exc.strerror}")
-            return []
+        return bounded_xattrs(log, fd_path(h), path, follow=True)
     finally:
         os.close(h)

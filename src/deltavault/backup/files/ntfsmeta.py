@@ -18,10 +18,10 @@ import os
 import msgspec
 
 from deltavault.backup.files.content import ContentReader
+from deltavault.backup.files.nodes import bounded_xattrs
 from deltavault.backup.files.options import RunLog
 from deltavault.backup.files.pending import PendingContent
 from deltavault.fs.dirfd import HANDLE_FLAGS, NotRegular, fd_path, handle_at, identity
-from deltavault.fs.meta import read_xattrs
 from deltavault.fs.ntfs import (
     NONE,
     STREAMS_LIST,
@@ -70,12 +70,9 @@ class NtfsEntries:
         """The xattrs of an open entry. ntfs-3g (2022.10) fails listxattr with EINVAL or
         ENODATA on some files (one with named streams, once mounted again, with
         streams_interface=windows); they have no xattrs of their own there: []."""
-        try:  # (not the streams of the xattr interface: read_meta reads them, bounded)
-            return read_xattrs(b"", fd=fd, want=lambda n: not is_ntfs_xattr(n, self.view))
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENODATA):
-                self.log.problem(path, "metadata", f"extended attributes unreadable: {exc.strerror}")
-            return []
+        # (not the streams of the xattr interface: read_meta reads them, bounded)
+        return bounded_xattrs(self.log, fd, path, want=lambda n: not is_ntfs_xattr(n, self.view),
+                              quiet=(errno.EINVAL, errno.ENODATA))
 
     def node(self, node: Node, target: int | bytes, path: bytes, *, dir_fd: int = -1,
              fsname: bytes = b"", ino: int = 0) -> tuple[Node, PendingStreams]:

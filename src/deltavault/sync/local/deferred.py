@@ -48,7 +48,8 @@ class DeferredMeta:
                 continue
             try:
                 st = os.fstat(sfd)
-                xattrs = run.meta.source_xattrs(fd=sfd)
+                got = run.meta.source_xattrs(fd=sfd)  # (what is left out was named at its first read)
+                xattrs = got.values if got is not None else None
                 ntfs = run.ntfs.read_dir(sfd) if run.ntfs is not None else None
             except OSError:
                 continue

@@ -132,7 +132,7 @@ class Walker:
         is_link = stat.S_ISLNK(st.st_mode)
         try:
             target = os.readlink(name, dir_fd=d.sfd) if is_link else b""
-            xattrs = run.meta.source_xattrs(path=proc_path(d.sfd, name)) if not is_link else None
+            xattrs = run.source.xattrs(relpath, path=proc_path(d.sfd, name)) if not is_link else None
         except FileNotFoundError:
             run.out.problem(relpath, "vanished", "disappeared before it could be read")
             return

@@ -16,7 +16,14 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deltavault.fs.dirfd import Identity, created_dir, identity, open_dir_checked
+from deltavault.fs.dirfd import (
+    Identity,
+    Replaced,
+    created_dir,
+    identity,
+    open_dir_checked,
+    rename_checked,
+)
 from deltavault.fs.meta import take_dir
 from deltavault.fs.paths import display
 from deltavault.fs.takeroot import TakenRoot
@@ -213,7 +220,8 @@ class Receiver:
     def install(self, dfd: int, where: Where, name: bytes, rel: bytes, st: os.stat_result, staged: Staged, *,
                 group: bool) -> None:
         """Verify (--verify) and rename a staged file into place, then count and log it. A
-        file that reads back other bytes is kept aside and reported. ``group``: the first
+        file that reads back other bytes is kept aside and reported; one whose temp name no
+        longer names it (``rename_checked``) is not installed, and reported. ``group``: the first
         name of a hard-link group (its names are linked to this file at the end)."""
         current = staged.tmp if staged.tmp is not None else name
         if self.opts.verify and staged.digest is not None:
@@ -226,8 +234,11 @@ class Receiver:
                 self.out.problem(rel, "verify", problem, size=st.st_size)
                 return
         if staged.tmp is not None:
-            try:
-                os.rename(staged.tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:  # (another user who may write in the directory may have swapped the temp file)
+                rename_checked(dfd, staged.tmp, name, staged.ident)
+            except Replaced as exc:  # (what they put under either name is left alone)
+                self.out.problem(rel, "write", f"not installed: {exc.strerror}", size=st.st_size)
+                return
             except BaseException:
                 unlink_quiet(dfd, staged.tmp)
                 raise

@@ -28,8 +28,8 @@ import os
 import stat
 from collections.abc import Callable
 
-from deltavault.fs.dirfd import Identity, Replaced, fd_path, handle_at, identity, reopen
-from deltavault.fs.meta import read_xattrs, widens
+from deltavault.fs.dirfd import Identity, Replaced, handle_at, identity, reopen
+from deltavault.fs.meta import widens
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.receiver.remove import remove_entry
 
@@ -102,8 +102,7 @@ def fix_meta(dfd: int, name: bytes, st: os.stat_result, dst: os.stat_result, xat
             raise Replaced("not the file met in the listing")
         if not owned(hst, st, meta):
             return "replace", [], identity(hst)
-        dx = read_xattrs(fd_path(h), follow=True) if xattrs is not None else None
-        if not meta.differs(hst, st, dx, xattrs):
+        if not meta.handle_differs(h, hst, st, xattrs):
             return "same", [], identity(hst)
         if not single(hst):
             return "replace", [], identity(hst)

@@ -20,6 +20,7 @@ from deltavault.fs.dirfd import (
     link_handle,
     lstat_at,
     open_dir_path,
+    rename_checked,
     reopen,
 )
 from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
@@ -128,7 +129,7 @@ def detach(root: int, first: bytes, handle: int, temps: Temps, buffers: BufferPo
                     new = identity(os.fstat(tfd))
                 finally:
                     os.close(tfd)
-                os.rename(tmp, fname, src_dir_fd=dfd, dst_dir_fd=dfd)
+                rename_checked(dfd, tmp, fname, new)
         finally:
             os.close(src)
         h, hst = expect_identity(dfd, fname, new)
@@ -152,7 +153,7 @@ def hard_link(root: int, rel: bytes, handle: int, hst: os.stat_result, temps: Te
             return "blocked"
         with temps.made((pdir, None), pfd, name) as tmp:
             link_handle(handle, pfd, tmp)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            rename_checked(pfd, tmp, name, identity(hst))
         return "hardlink"
     finally:
         os.close(pfd)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 import stat
 
-from deltavault.fs.dirfd import created_handle, fd_path, handle_at
-from deltavault.fs.meta import read_xattrs
+from deltavault.fs.dirfd import created_handle, handle_at, identity, rename_checked
 from deltavault.sync.meta import MetaPolicy
 from deltavault.sync.receiver.entries import Xattrs, owned, single
 from deltavault.sync.receiver.temps import Temps, Where
@@ -35,8 +34,7 @@ def place_special(dfd: int, where: Where, name: bytes, st: os.stat_result, targe
     if h >= 0:
         try:
             if _is_same_special(h, have, st, target) and owned(have, st, meta):
-                dx = read_xattrs(fd_path(h), follow=True) if xattrs is not None else None
-                if not meta.differs(have, st, dx, xattrs):
+                if not meta.handle_differs(h, have, st, xattrs):
                     return "same", []
                 if single(have):
                     return "meta", meta.apply_handle(h, st, xattrs)
@@ -51,10 +49,10 @@ def place_special(dfd: int, where: Where, name: bytes, st: os.stat_result, targe
             os.mkfifo(tmp, 0o600, dir_fd=dfd)
         else:
             os.mknod(tmp, fmt | 0o600, st.st_rdev, dir_fd=dfd)
-        h, _ = created_handle(dfd, tmp, fmt)
+        h, made = created_handle(dfd, tmp, fmt)
         try:
             probs = meta.apply_handle(h, st, xattrs)
         finally:
             os.close(h)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        rename_checked(dfd, tmp, name, identity(made))
     return ("symlink" if stat.S_ISLNK(st.st_mode) else "special"), probs

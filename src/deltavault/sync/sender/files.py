@@ -51,7 +51,7 @@ class FileSender:
             digest = file_digest(fd, self.buffers.get(0), read_source)
             if changed_since(st, os.fstat(fd)):
                 digest = b""  # of no one version: matches nothing, so the agent asks for the file
-            xattrs = self.meta.source_xattrs(fd=fd)
+            xattrs = self.source.xattrs(rel, fd=fd)
             win = None
             if self.ntfs is not None:
                 xattrs, win, meta, _ = self.ntfs.file_win(dfd, name, fd, st, xattrs)
@@ -75,7 +75,7 @@ class FileSender:
                 if not stat.S_ISREG(st.st_mode):
                     self.out.problem(crel, "changed", "no longer a regular file")
                     return
-                xattrs = self.meta.source_xattrs(fd=fd)
+                xattrs = self.source.xattrs(crel, fd=fd)
                 win = meta = None
                 lost: list[str] = []  # (an agent without "ntfs": what DST does not get)
                 if self.ntfs is not None:

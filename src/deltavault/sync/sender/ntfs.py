@@ -16,8 +16,8 @@ from typing import Any
 import blake3
 
 from deltavault.fs.dirfd import fd_path, handle_at
+from deltavault.fs.meta import INLINE_MAX
 from deltavault.fs.ntfs import (
-    INLINE_MAX,
     STREAM_XATTR_MAX,
     WINDOWS,
     XATTR,

@@ -77,6 +77,7 @@ class SourceTree:
         self.firsts: dict[tuple[int, int], bytes] = {}  # hard-linked files: the first path met of each
         self._where = where
         self._lock = threading.Lock()  # (a worker's result may register a first path meanwhile)
+        self._left: set[bytes] = set()  # entries whose xattrs were not all read (named once)
 
     def first_path(self, key: tuple[int, int], rel: bytes) -> bytes:
         """The first path met of the file ``key`` (dev, ino): ``rel`` if none was before."""
@@ -158,15 +159,24 @@ class SourceTree:
         return why
 
     def xattrs(self, rel: bytes, *, fd: int | None = None, path: bytes = b"") -> Xattrs:
-        """The xattrs to mirror of an entry (by fd, or a /proc path naming it); None when none
-        are wanted, or when they cannot be read (reported)."""
-        if not self.meta.any_xattrs:
-            return None
+        """The xattrs to mirror of an entry (by fd, or a /proc path naming it), up to
+        fs.meta.INLINE_MAX together, what is left out named once; None when none are
+        wanted, or when they cannot be read (reported)."""
         try:
-            return self.meta.source_xattrs(fd=fd, path=path)
+            got = self.meta.source_xattrs(fd=fd, path=path)
         except OSError as exc:
             self.out.problem(rel, "metadata", f"extended attributes unreadable: {exc.strerror}")
             return None
+        if got is None:
+            return None
+        left = got.left()
+        if left is not None:
+            with self._lock:
+                first = rel not in self._left
+                self._left.add(rel)
+            if first:  # (an entry's xattrs may be read more than once: listed, then sent)
+                self.out.problem(rel, "metadata", left)
+        return got.values
 
     def open_file(self, dir_fd: int, name: bytes, rel: bytes, listed: os.stat_result | None = None) -> int | None:
         """A source file opened for reading; None when it cannot be (reported). A file listed

@@ -158,7 +158,7 @@ class SourceWalk:
                 elif kind == "f" and st.st_nlink > 1:
                     first = self.source.first_path((st.st_dev, st.st_ino), crel)
                     kind, extra = ("h", first) if first != crel else ("f", GROUP)
-                xattrs = self.source.meta.source_xattrs(path=proc_path(fd, name)) if kind not in ("l", "h") else None
+                xattrs = self.source.xattrs(crel, path=proc_path(fd, name)) if kind not in ("l", "h") else None
                 win = None
                 if kind == "f" and self.ntfs is not None:  # (warnings are reported when the file is sent)
                     xattrs, win, _, _ = self.ntfs.file_win(fd, name, proc_path(fd, name), st, xattrs)
