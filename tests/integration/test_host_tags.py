@@ -150,6 +150,24 @@ def test_own_snapshots_are_still_parents_after_the_cache_is_lost(cli: Cli, tmp_p
     assert s["parent"] is not None
 
 
+def test_copy_drops_the_host_tag(cli: Cli, tmp_path: Path) -> None:
+    """A copy lands in a repository whose id the tag's key was not derived from: it carries
+    no tag (none that could verify there), and a backup into that repository without a
+    catalog reads every file once instead of trusting it."""
+    src = _db_backs_up(cli, tmp_path)
+    pw = tmp_path / "target-password"
+    pw.write_text("target password\n")
+    target = {"DELTAVAULT_REPOSITORY": str(tmp_path / "target"), "DELTAVAULT_PASSWORD_FILE": str(pw),
+              "DELTAVAULT_FROM_REPOSITORY": str(cli.repo), "DELTAVAULT_FROM_PASSWORD_FILE": str(cli.password_file)}
+    assert _latest(_repo(cli))[1].host_tag is not None
+    assert cli("init", env=target).returncode == 0
+    assert cli("copy", env=target).returncode == 0
+    copied = Repository.open(LocalBackend(tmp_path / "target"), lambda: b"target password", cache_root=None)
+    assert [s.host_tag for _, s in copied.list_snapshots()] == [None]
+    s = cli("--json", "--no-cache", "backup", str(src), env=target).last("summary")
+    assert s["change_source"] == "none" and s["bytes_read"] == s["bytes_total"], s
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
