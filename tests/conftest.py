@@ -181,13 +181,21 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_line(f"  {test}: largest peak {peak.bytes / 2**20:.1f} MiB ({peak.command})")
 
 
+@pytest.fixture(autouse=True)
+def host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test is a host of its own: its host secret (fs/hostsecret.py) under its own
+    XDG_CONFIG_HOME, never the user's running the tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return tmp_path / "config"
+
+
 @pytest.fixture
-def cli(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cli]:
+def cli(tmp_path: Path, request: pytest.FixtureRequest, host_config: Path) -> Iterator[Cli]:
     pw = tmp_path / "password"
     pw.write_text(PASSWORD.decode() + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
     env.update(DELTAVAULT_REPOSITORY=str(tmp_path / "clirepo"), DELTAVAULT_PASSWORD_FILE=str(pw),
-               DELTAVAULT_CACHE_DIR=str(tmp_path / "clicache"))
+               DELTAVAULT_CACHE_DIR=str(tmp_path / "clicache"), XDG_CONFIG_HOME=str(host_config))
     memory = request.getfixturevalue("memory_limit") if request.node.get_closest_marker("memory_limit") else None
     yield Cli(tmp_path / "clirepo", tmp_path / "clicache", pw, env, memory)
 

@@ -167,5 +167,12 @@ class Unavailable(DeltavaultError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class HostSecretError(DeltavaultError):
+    """This host's secret (fs/hostsecret.py) cannot be kept safely: its directory is not this
+    user's alone, or the file cannot be made. The user's setup to fix, as a bad option is."""
+
+    exit_code = ExitCode.USAGE
+
+
 class SnapshotError(SourceError):
     """A point-in-time snapshot could not be created or removed."""

@@ -114,6 +114,7 @@ def _stdin(ctx: Context) -> int:
 def report(ctx: Context, r: BackupResult) -> None:
     st = r.stats
     problems = [p for p in r.problems if p.partial]
+    rejected = r.snapshot.summary.rejected if r.snapshot.summary else []
     obj = {"type": "summary", "snapshot": r.snapshot_id, "parent": r.parent, "change_source": r.change_source,
            "files_new": st.files_new, "files_changed": st.files_changed, "files_unmodified": st.files_unmodified,
            "files_reread": st.files_reread, "dirs": st.dirs, "bytes_read": st.bytes_read,
@@ -121,6 +122,7 @@ def report(ctx: Context, r: BackupResult) -> None:
            "seconds": round(r.seconds, 3), "errors": len(problems), "dry_run": r.dry_run, "skipped": r.skipped,
            **pack_summary(r.packs),
            **({"source_snapshots": r.snapshots} if r.snapshots else {}),
+           "rejected": [{"source": x.source, "reason": x.reason} for x in rejected],
            "problems": [{"path": p.path, "kind": p.kind, "message": p.message, "partial": p.partial}
                         for p in r.problems]}
     parent = (f" (parent {short_id(r.parent)}, compared via {r.change_source})" if r.parent
@@ -144,7 +146,8 @@ def report(ctx: Context, r: BackupResult) -> None:
     for s in r.snapshots:
         lines.append(f"source:     {s['path']} read from a {s['kind']} snapshot"
                      + (f" ({s['snapshot']})" if s["snapshot"] else "") + (f"; {s['note']}" if s["note"] else ""))
-    lines += [f"warning:    {p.message}" for p in r.problems if p.kind in ("catalog", "repository")]
+    lines += [f"passed over {x.source}: {x.reason}" for x in rejected]
+    lines += [f"warning:    {p.message}" for p in r.problems if p.kind in ("catalog", "repository", "host secret")]
     if problems:
         lines.append(f"{len(problems)} file(s) could not be saved completely:")
         lines += problem_lines(problems)

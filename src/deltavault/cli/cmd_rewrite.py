@@ -66,7 +66,9 @@ def run(ctx: Context) -> int:
             repo.flush()  # the new trees are stored and indexed before the snapshot naming them
             top = {n.name for n in load_nodes(repo, res.tree)}
             summary = msgspec.structs.replace(snap.summary, bytes_total=res.bytes_total) if snap.summary else None
-            new = msgspec.structs.replace(snap, tree=res.tree, paths=kept_paths(snap, top), summary=summary)
+            # a new tree: the host tag, which binds the old one, is dropped (hosttag.carried_tag)
+            new = msgspec.structs.replace(snap, tree=res.tree, paths=kept_paths(snap, top), summary=summary,
+                                          host_tag=None)
             if a.keep_original:
                 nid = repo.save_snapshot(msgspec.structs.replace(new, original=snap.original or sid))
             else:

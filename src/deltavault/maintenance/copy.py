@@ -128,7 +128,8 @@ class Copier:
         parent = None
         if snap.parent is not None:
             parent = self._copies.get(snap.parent) or self._copies.get(self._origin_of(snap.parent))
-        new = msgspec.structs.replace(snap, parent=parent, original=origin, **new_root)
+        # The tag's key is derived from the source repository's id: it could not verify here.
+        new = msgspec.structs.replace(snap, parent=parent, original=origin, host_tag=None, **new_root)
         new_id = self.dst.save_snapshot(new)
         self._copies[origin] = new_id
         self.stats.copied.append((sid, new_id))

@@ -199,7 +199,7 @@ def _rewrite_snapshots(repo: Repository, check: CheckReport, rep: RepairReport) 
         if new_root == snap.tree:
             continue
         repo.flush()
-        new = msgspec.structs.replace(snap, tree=new_root, parent=sid,
+        new = msgspec.structs.replace(snap, tree=new_root, parent=sid, host_tag=None,  # its tree changed
                                       tags=sorted({*snap.tags, "repaired"}))
         new_id = repo.save_snapshot(new)
         repo.delete_snapshot(sid)

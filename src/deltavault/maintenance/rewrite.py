@@ -21,6 +21,7 @@ from deltavault.model.nodes import Node, NodeType
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree, load_nodes
+from deltavault.repository.hosttag import carried_tag
 from deltavault.repository.repository import Repository
 
 
@@ -32,7 +33,7 @@ def new_tags(tags: list[str], *, add: list[str], remove: list[str], set_: list[s
 
 def replace_snapshot(repo: Repository, sid: str, snap: Snapshot, new: Snapshot) -> str:
     """Save ``new`` in place of ``sid``; returns its id."""
-    new = msgspec.structs.replace(new, original=snap.original or sid)
+    new = carried_tag(snap, msgspec.structs.replace(new, original=snap.original or sid))
     nid = repo.save_snapshot(new)
     if nid != sid:
         repo.delete_snapshot(sid)

@@ -81,4 +81,10 @@ class Snapshot(msgspec.Struct, omit_defaults=True, kw_only=True):
     # The snapshot this one replaced (tag, rewrite) or was copied from (copy): the first
     # one of the chain, so each copy or edit can be traced back to the backup that made it.
     original: str | None = None
+    # Keyed BLAKE3 by the host that wrote it (repository/hosttag.py), over what it binds
+    # (kind, source_id, hostname, time_ns, tree, volume): a backup with no local catalog
+    # reuses a parent from the repository only if its tag verifies with this host's secret.
+    # None: an older version's snapshot, or one whose bound fields were changed (rewrite,
+    # copy, repair). Older versions ignore the field.
+    host_tag: bytes | None = None
     v: int = SNAPSHOT_VERSION

@@ -30,10 +30,11 @@ from deltavault.chunking.cdc import CdcParams, Chunker
 from deltavault.errors import DeltavaultError, UsageError
 from deltavault.fs.mounts import SNAPSHOT_DIR
 from deltavault.fs.paths import display
-from deltavault.model.snapshot import INCOMPLETE_MAX, Snapshot, SnapshotSummary
+from deltavault.model.snapshot import INCOMPLETE_MAX, Rejection, Snapshot, SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.objects.diff import diff_trees
 from deltavault.progress import NullReporter, Reporter
+from deltavault.repository.hosttag import HostTagger, own_parent
 from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
@@ -90,9 +91,14 @@ def chunker_for(repo: Repository) -> Chunker:
 
 
 def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
-                     parent: str | None, *, trust: bool = True) -> PreviousState:
-    """``trust``: false when blobs were dropped from the index (missing packs): then every
-    reused reference is looked up, and a file whose blobs are gone is read again."""
+                     parent: str | None, tagger: HostTagger, *,
+                     trust: bool = True) -> tuple[PreviousState, list[Rejection]]:
+    """What the run compares with, and the parents passed over and why. ``trust``: false when
+    blobs were dropped from the index (missing packs): then every reused reference is looked
+    up, and a file whose blobs are gone is read again. With no catalog, a parent found in the
+    repository is one this host wrote (``tagger``): another host that shares the repository
+    could plant one whose trees name its own content under this host's files' size and
+    times. An explicit ``parent`` is the user's choice and is trusted."""
     existing = set(repo.snapshot_ids())
     if parent is None and catalog is not None:
         state = catalog.source_state(source_id)
@@ -103,17 +109,20 @@ def _choose_previous(repo: Repository, catalog: Catalog | None, source_id: str,
             # snapshot, so it stays good for a snapshot that tag or rewrite replaced.
             trusted = trust and bool(state.index_files) and state.index_files <= repo.live_index_files()
             return CatalogPrevious(catalog, source_id, sid_now, state.run_start_ns,
-                                   blobs_trusted=trusted)
+                                   blobs_trusted=trusted), []
+    rejected: list[Rejection] = []
     if parent is not None:
         sid, snap = repo.resolve_snapshot(parent)
     else:
         candidates = [s for s in repo.list_snapshots() if s[1].source_id == source_id and s[1].tree]
-        if not candidates:
-            return NoPrevious()
-        sid, snap = candidates[-1]
+        found, why = own_parent(tagger, candidates)
+        rejected = [Rejection(source="parent-trees", reason=why)] if why else []
+        if found is None:
+            return NoPrevious(), rejected
+        sid, snap = found
     if snap.tree is None:
-        return NoPrevious()
-    return TreePrevious(repo, snap.tree, sid, snap.time_ns)
+        return NoPrevious(), rejected
+    return TreePrevious(repo, snap.tree, sid, snap.time_ns), rejected
 
 
 def _replacement(repo: Repository, sid: str) -> str | None:
@@ -212,8 +221,14 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
         packs = PackCheck() if req.dry_run else repo.check_packs()
         if packs.warning():
             notes.append(Problem(repo.backend.location(), "repository", packs.warning(), partial=False))
-        previous: PreviousState = NoPrevious() if req.options.read_all else _choose_previous(
-            repo, catalog, source_id, req.parent, trust=not packs.dropped)
+        tagger = HostTagger.for_repository(repo)
+        if tagger.note:
+            notes.append(Problem("host secret", "host secret", tagger.note, partial=False))
+        previous: PreviousState = NoPrevious()
+        rejected: list[Rejection] = []
+        if not req.options.read_all:
+            previous, rejected = _choose_previous(repo, catalog, source_id, req.parent, tagger,
+                                                  trust=not packs.dropped)
         writer = CatalogWriter(catalog, source_id) if catalog is not None else None
         opts = req.options
         if repo.backend.location():
@@ -241,11 +256,11 @@ def _run(repo: Repository, req: BackupRequest, reporter: Reporter | None, catalo
             blobs_added=store.blobs_added if isinstance(store, DryRunStore) else repo.write_stats.blobs_added,
             errors=sum(1 for p in problems if p.partial),
             incomplete=[p.path for p in problems if p.partial][:INCOMPLETE_MAX],
-            seconds=round(time.monotonic() - t0, 3), change_source=previous.kind,
+            seconds=round(time.monotonic() - t0, 3), change_source=previous.kind, rejected=rejected,
             bytes_added_raw=repo.write_stats.bytes_added_raw - raw0)
-        snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=kept,
-                            source_id=source_id, tree=root, parent=previous.snapshot_id, tags=req.tags,
-                            summary=summary)
+        snap = tagger.sign(new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=kept,
+                                        source_id=source_id, tree=root, parent=previous.snapshot_id,
+                                        tags=req.tags, summary=summary))
         result = BackupResult(None, snap, st, problems + notes, previous.kind, previous.snapshot_id,
                               summary.bytes_added, summary.bytes_downloaded, time.monotonic() - t0, snapshots,
                               dry_run=req.dry_run, packs=packs)

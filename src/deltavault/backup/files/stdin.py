@@ -27,6 +27,7 @@ from deltavault.model.snapshot import SnapshotSummary
 from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree
 from deltavault.progress import NullReporter, Reporter
+from deltavault.repository.hosttag import HostTagger
 from deltavault.repository.packcheck import PackCheck
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
@@ -93,8 +94,9 @@ def run_stdin_backup(repo: Repository, req: StdinRequest, reporter: Reporter | N
     summary = SnapshotSummary(files_new=1, bytes_processed=size, bytes_total=size, bytes_added=added,
                               bytes_downloaded=repo.traffic.bytes_read, blobs_added=repo.write_stats.blobs_added,
                               seconds=round(time.monotonic() - t0, 3))
-    snap = new_snapshot(start_ns=start_ns, hostname=req.hostname, kind="files", paths=logical,
-                        source_id=source_id, tree=root, parent=parent, tags=req.tags, summary=summary)
+    snap = HostTagger.for_repository(repo).sign(new_snapshot(
+        start_ns=start_ns, hostname=req.hostname, kind="files", paths=logical, source_id=source_id, tree=root,
+        parent=parent, tags=req.tags, summary=summary))
     sid = None if req.dry_run else repo.save_snapshot(snap)
     warn = packs.warning()
     notes = [Problem(repo.backend.location(), "repository", warn, partial=False)] if warn else []

@@ -41,6 +41,7 @@ from deltavault.model.volume import (
     encode,
 )
 from deltavault.progress import NullReporter, Reporter
+from deltavault.repository.hosttag import HostTagger
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import new_snapshot
 from deltavault.repository.status import failures_recorded
@@ -130,9 +131,14 @@ class VolumeBackup:
         self._downloaded0 = self.repo.traffic.bytes_read
         self._raw0 = self.repo.write_stats.bytes_added_raw
         packs = self.repo.check_packs()  # one listing: orphans adopted, missing packs' blobs absent
-        prev, why = find_previous(self.repo, self.meta, self.source_id, self.req.parent)
+        tagger = HostTagger.for_repository(self.repo)
+        if tagger.note:
+            self.report.warnings.append(tagger.note)
+        prev, why, passed = find_previous(self.repo, self.meta, self.source_id, self.req.parent, tagger)
         if why:
             self.report.notes.append(why)
+        if passed:
+            self.report.rejected.append({"source": "parent", "reason": passed})
         if packs.warning():
             self.report.warnings.append(packs.warning())
             self.report.packs_missing, self.report.packs_truncated = len(packs.missing), len(packs.truncated)
@@ -158,7 +164,7 @@ class VolumeBackup:
             self.report.size = reader.size
             self.report.source = reader.description
             self.report.source_format = access.source_format
-            result = self._backup(access, reader, prev, t0, start_ns)
+            result = self._backup(access, reader, prev, t0, start_ns, tagger)
         except BaseException:
             access.abort()
             raise
@@ -171,7 +177,7 @@ class VolumeBackup:
         return result
 
     def _backup(self, access: VolumeAccess, reader: Any, prev: PrevVolume | None, t0: float,
-                start_ns: int) -> VolumeResult:
+                start_ns: int, tagger: HostTagger) -> VolumeResult:
         opts, rep = self.opts, self.report
         size = reader.size
         if size == 0:
@@ -238,9 +244,9 @@ class VolumeBackup:
                                    blocks_read=len(self._read_blocks),
                                    blocks=block_sets(size, opts.block_size, self._read_blocks,
                                                      self._changed_blocks, layout(size, scanner)))
-        snap = new_snapshot(start_ns=start_ns, hostname=self.req.hostname, kind="volume",
-                            paths=[self.logical], source_id=self.source_id, volume=manifest_id,
-                            parent=rep.parent, tags=self.req.tags, summary=summary)
+        snap = tagger.sign(new_snapshot(start_ns=start_ns, hostname=self.req.hostname, kind="volume",
+                                        paths=[self.logical], source_id=self.source_id, volume=manifest_id,
+                                        parent=rep.parent, tags=self.req.tags, summary=summary))
         sid = self.repo.save_snapshot(snap)
         keep = {manifest_id, *(s.map for s in segments), *(s.digests for s in segments),
                 *(b for c in checkpoints for b in c.state)}

@@ -25,6 +25,7 @@ from deltavault.fs.files import read_cache_file, remove_cache_files, write_cache
 from deltavault.model.snapshot import Snapshot
 from deltavault.model.types import BlobType
 from deltavault.model.volume import BlockMap, VolumeManifest, decode
+from deltavault.repository.hosttag import HostTagger, own_parent
 from deltavault.tracking.volume import pagesets
 
 
@@ -95,23 +96,31 @@ class SnapshotSource(Protocol):
     def resolve_snapshot(self, ref: str, *, source_id: str | None = None) -> tuple[str, Snapshot]: ...
 
 
-def find_previous(repo: SnapshotSource, meta: MetaStore, source_id: str,
-                  parent: str | None) -> tuple[PrevVolume | None, str]:
-    """The snapshot to compare with, or None and the reason there is none."""
+def find_previous(repo: SnapshotSource, meta: MetaStore, source_id: str, parent: str | None,
+                  tagger: HostTagger) -> tuple[PrevVolume | None, str, str]:
+    """The snapshot to compare with, or None and the reason there is none; and why newer
+    snapshots of the source were passed over. Found in the repository, it is one this host
+    wrote (``tagger``): unchanged blocks are reused from its block maps unread, so a manifest
+    planted by another host that shares the repository would put that host's blocks into
+    this host's snapshot. An explicit ``parent`` is the user's choice and is trusted."""
+    passed = ""
     if parent is not None:
         sid, snap = repo.resolve_snapshot(parent)
     else:
         cands = [s for s in repo.list_snapshots() if s[1].kind == "volume" and s[1].source_id == source_id]
         if not cands:
-            return None, "first backup of this volume"
-        sid, snap = cands[-1]
+            return None, "first backup of this volume", ""
+        found, passed = own_parent(tagger, cands, "block")
+        if found is None:
+            return None, "", passed
+        sid, snap = found
     if snap.volume is None:
-        return None, f"snapshot {sid[:8]} is not a volume snapshot"
+        return None, f"snapshot {sid[:8]} is not a volume snapshot", passed
     try:
         manifest = decode(meta.get(snap.volume), VolumeManifest, f"volume manifest of {sid[:8]}")
     except DeltavaultError as exc:
-        return None, f"the previous snapshot {sid[:8]} cannot be read ({exc})"
-    return PrevVolume(sid, snap, manifest, pagesets.load(manifest.zero), pagesets.load(manifest.free)), ""
+        return None, f"the previous snapshot {sid[:8]} cannot be read ({exc})", passed
+    return PrevVolume(sid, snap, manifest, pagesets.load(manifest.zero), pagesets.load(manifest.free)), "", passed
 
 
 # What a pending entry may name: the handles tracking/volume/btrfs.py and qemu.py make,
