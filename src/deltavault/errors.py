@@ -169,7 +169,8 @@ class Unavailable(DeltavaultError):
 
 class HostSecretError(DeltavaultError):
     """This host's secret (fs/hostsecret.py) cannot be kept safely: its directory is not this
-    user's alone, or the file cannot be made. The user's setup to fix, as a bad option is."""
+    user's alone, or the file cannot be made. The user's setup to fix, as a bad option is;
+    a backup carries on without it (repository/hosttag.py), reading every file."""
 
     exit_code = ExitCode.USAGE
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import msgspec
 
 from deltavault.backends.local import LocalBackend
-from deltavault.errors import ExitCode
 from deltavault.model.content import Full
 from deltavault.model.nodes import Tree
 from deltavault.model.snapshot import Snapshot
@@ -213,11 +212,12 @@ def test_a_host_secret_file_not_ours_alone_is_replaced_and_said(cli: Cli, tmp_pa
         assert "warning:" not in text.stdout, text.stdout  # once replaced, it is used
 
 
-def test_a_host_secret_directory_another_user_holds_is_refused(cli: Cli, tmp_path: Path,
-                                                               shared_dir: Path) -> None:
+def test_a_host_secret_directory_another_user_holds_is_not_used(cli: Cli, tmp_path: Path,
+                                                                shared_dir: Path) -> None:
     """XDG_CONFIG_HOME in a directory where others may make names (mode 1777): another user
     made `deltavault` there first, as a directory of theirs or a symlink to one. The backup
-    refuses it (exit 2, saying what and why) and writes nothing there."""
+    does not use it and writes nothing there, but still backs up: it reads every file (no
+    snapshot is known to be this host's), tags nothing, and says why."""
     assert cli("init").returncode == 0
     src = tmp_path / "src"
     src.mkdir()
@@ -231,9 +231,12 @@ def test_a_host_secret_directory_another_user_holds_is_refused(cli: Cli, tmp_pat
     for how, attack in [("owned by another user", lambda: os.mkdir(xdg / "deltavault", 0o777)),
                         ("symbolic link", lambda: os.symlink(shared_dir / "nobody", xdg / "deltavault"))]:
         as_nobody(attack)
-        r = cli("--no-cache", "backup", str(src), env=env)
-        assert r.returncode == ExitCode.USAGE, (how, r.returncode, r.stderr)
-        assert how in r.stderr and "this host's secret" in r.stderr, (how, r.stderr)
+        r = cli("--json", "--no-cache", "backup", str(src), env=env)
+        assert r.returncode == 0, (how, r.returncode, r.stderr)
+        s = r.last("summary")
+        assert any(p["kind"] == "host secret" and how in p["message"] and "this host's secret" in p["message"]
+                   and "reads every file" in p["message"] for p in s["problems"]), (how, s)
+        assert s["change_source"] == "none" and s["bytes_read"] == s["bytes_total"], (how, s)
         assert "Traceback" not in r.stderr
         assert os.listdir(shared_dir / "nobody") == [] and (
             not (xdg / "deltavault").is_dir() or os.listdir(xdg / "deltavault") == []), how
@@ -242,7 +245,9 @@ def test_a_host_secret_directory_another_user_holds_is_refused(cli: Cli, tmp_pat
             (xdg / "deltavault").unlink()
         else:
             (xdg / "deltavault").rmdir()
-    assert cli("snapshots").stdout.count(str(src)) == 0
+    repo = _repo(cli)
+    snaps = [snap for _sid, snap in repo.list_snapshots()]
+    assert len(snaps) == 2 and all(snap.host_tag is None for snap in snaps)
 
 
 def test_a_volume_parent_planted_by_another_host_is_not_reused(cli: Cli, tmp_path: Path) -> None:

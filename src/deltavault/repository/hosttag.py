@@ -19,6 +19,7 @@ import hmac
 import blake3
 import msgspec
 
+from deltavault.errors import HostSecretError
 from deltavault.fs.hostsecret import HostSecret, load_host_secret
 from deltavault.model.snapshot import Snapshot
 from deltavault.repository.repository import Repository
@@ -28,17 +29,28 @@ _CONTEXT = b"deltavault host tag v1\0"
 
 
 class HostTagger:
-    def __init__(self, secret: bytes, repo_id: str, note: str = "") -> None:
-        self._key = blake3.blake3(_CONTEXT + repo_id.encode(), key=secret).digest()
-        self.note = note  # the host secret was made anew, and why
+    def __init__(self, secret: bytes | None, repo_id: str, note: str = "") -> None:
+        # None: no secret could be kept; nothing is tagged and no snapshot is this host's
+        self._key = None if secret is None else blake3.blake3(_CONTEXT + repo_id.encode(), key=secret).digest()
+        self.note = note  # the host secret was made anew, or none is kept, and why
 
     @classmethod
     def for_repository(cls, repo: Repository, secret: HostSecret | None = None) -> HostTagger:
-        """This host's tagger for ``repo`` (the secret loaded, or made, when not given)."""
-        secret = secret or load_host_secret()
+        """This host's tagger for ``repo`` (the secret loaded, or made, when not given). A
+        secret that cannot be kept safely (its directory another user's, a read-only home)
+        does not stop the backup: it runs as if this host had written no snapshot (every
+        file is read) and tags nothing, and the note says why."""
+        if secret is None:
+            try:
+                secret = load_host_secret()
+            except HostSecretError as exc:
+                return cls(None, repo.config.id, f"{exc}. This run reads every file (it trusts no snapshot "
+                                                 "in the repository as this host's) and its snapshot is not tagged")
         return cls(secret.secret, repo.config.id, secret.note)
 
-    def tag(self, snap: Snapshot) -> bytes:
+    def tag(self, snap: Snapshot) -> bytes | None:
+        if self._key is None:
+            return None
         kind, source_id, hostname, time_ns, tree, volume = _bound(snap)
         bound = msgspec.msgpack.encode([kind, source_id, hostname, time_ns, tree or b"", volume or b""])
         return blake3.blake3(bound, key=self._key).digest()
@@ -48,7 +60,8 @@ class HostTagger:
 
     def wrote(self, snap: Snapshot) -> bool:
         """Whether this host wrote ``snap`` (its tag verifies) as it stands."""
-        return snap.host_tag is not None and hmac.compare_digest(snap.host_tag, self.tag(snap))
+        tag = self.tag(snap)
+        return snap.host_tag is not None and tag is not None and hmac.compare_digest(snap.host_tag, tag)
 
 
 def own_parent(tagger: HostTagger, candidates: list[tuple[str, Snapshot]],
