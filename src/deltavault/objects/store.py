@@ -23,6 +23,10 @@ class BlobReader(BlobLoader, Protocol):
 
     def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
 
+    def blob_size(self, blob_id: bytes) -> int | None:
+        """The blob's length as the index records it (its plaintext's), None if not indexed."""
+        ...
+
     def hold_blobs(self, ids: list[bytes], *, wait: bool = False) -> Callable[[], None]:
         """A hint: these blobs will be loaded soon (a backend that can, starts reading them,
         and keeps them until the returned function is called). ``wait``: the caller may be

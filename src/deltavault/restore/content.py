@@ -38,6 +38,20 @@ def check_sizes(node: Node) -> None:
                               "the file is not restored")
 
 
+def check_blob_sizes(repo: BlobReader, content: list[ContentRef]) -> None:
+    """Each reference's size against its blob's length as the index records it, before any
+    space is given to the file: a ``Full`` of 1 TiB naming a 5-byte blob (which a writer
+    with the key can store) had a large file's data ranges preallocated first, and a small
+    target ended "restore target is full" (exit 14) instead of naming the damage. A blob
+    not indexed is left to its load, which names it missing."""
+    for ref in content:
+        bid = ref.id if isinstance(ref, Full) else ref.base if isinstance(ref, Patch) else None
+        known = None if bid is None else repo.blob_size(bid)
+        if known is not None and known != ref.size:
+            assert bid is not None
+            raise CorruptionError(f"blob {bid.hex()[:16]} has {known} bytes, tree says {ref.size}")
+
+
 def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, bytes], *,
                   digests: bool, pool: Executor | None = None, window: int = 4, fresh: bool = False) -> Expect:
     """Write every reference at its offset and give the file its size. ``digests``: blob ids
@@ -66,6 +80,7 @@ def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, 
         for batch in _batches(node.content, BATCH_BYTES):
             expect.extend(_write_batch(repo, fd, batch, preloaded, digests))
     else:
+        check_blob_sizes(repo, node.content)
         _preallocate(fd, node.content)
         expect = _write_parallel(repo, fd, node, preloaded, digests, pool, max(1, window))
     if not fresh or not _ends_in_data(node.content):
