@@ -12,9 +12,10 @@ import pytest
 from deltavault.backends.local import LocalBackend
 from deltavault.model.content import ContentRef, Full, Patch
 from deltavault.model.nodes import Node, NodeType
+from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
 from tests.conftest import PASSWORD, Cli, needs_root
-from tests.integration.test_hostile_writer import _planted
+from tests.integration.test_hostile_writer import _planted, _planted_volume
 from tests.loopdev import fresh_fs
 
 F = NodeType.FILE
@@ -54,3 +55,55 @@ def test_a_reference_larger_than_its_blob_is_damage_named_not_a_full_target(cli:
         assert "full" not in r.stderr, r.stderr
         assert (mnt / "out" / "b-good").read_bytes() == b"hello"
         assert sorted(p.name for p in (mnt / "out").iterdir()) == ["b-good"]
+
+
+def _not_a_patch(cli: Cli) -> bytes:
+    repo = _repo(cli)
+    bid = repo.save_blob(BlobType.DATA, b"not a patch at all")[0]
+    repo.flush()
+    return bid
+
+
+def _fails_check_read_data(cli: Cli, says: list[str]) -> None:
+    """Plain ``check`` passes (it reads no blob); ``check --read-data`` exits 13 saying ``says``."""
+    assert cli("check").returncode == 0
+    r = cli("check", "--read-data")
+    assert r.returncode == 13, (r.returncode, r.stdout, r.stderr)
+    out = r.stdout + r.stderr
+    assert all(s in out for s in says), out
+    assert "Traceback" not in out
+
+
+def test_check_read_data_parses_a_files_patches_as_restore_does(cli: Cli, tmp_path: Path) -> None:
+    """A large file's ``Patch`` whose patch blob does not parse: every blob matches its id,
+    so ``check --read-data`` passed it, while restore refused the file (exit 13). Now each
+    patch is parsed as restore parses it (``objects.patch.decode_patch``)."""
+    bad = _not_a_patch(cli)
+    hello = _repo(cli).blob_id(b"hello")
+    sid = _planted(cli, [Node(name=b"patched", type=F, mode=0o644, content=[Patch(hello, [bad], 5, b"\1")], size=5),
+                         Node(name=b"plain", type=F, mode=0o644)])
+    r = cli("restore", sid, "--target", str(tmp_path / "out"))
+    assert r.returncode == 13 and "patched" in r.stderr, r.stderr
+    _fails_check_read_data(cli, [f"snapshot {sid[:8]}: patched: a patch of its content does not apply",
+                                 f"blob {bad.hex()[:16]}: patch blob: bad magic"])
+
+
+def test_check_read_data_parses_a_volume_blocks_patches_as_restore_does(cli: Cli, tmp_path: Path) -> None:
+    """The same for a volume block: restore refused the volume, check passed it."""
+    bad = _not_a_patch(cli)
+    block = _repo(cli).blob_id(b"\1" * 4096)
+    sid = _planted_volume(cli, [Full(block, 4096), Patch(block, [bad], 4096, b"\1")])
+    r = cli("restore", "--volume", sid, "--target", str(tmp_path / "disk.img"))
+    assert r.returncode == 13, r.stderr
+    _fails_check_read_data(cli, [f"snapshot {sid[:8]}: (volume): 1 block(s) of 4096 bytes have a patch that "
+                                 "does not apply", f"4096 (blob {bad.hex()[:16]}: patch blob: bad magic"])
+
+
+def test_check_read_data_finds_a_patch_on_a_base_of_another_length(cli: Cli) -> None:
+    """A patch that parses, on a base shorter than the reference says: restore refuses it
+    ("patch base has 5 bytes"); check compares the base's indexed length, which its data
+    pass checks against the blob itself."""
+    hello = _repo(cli).blob_id(b"hello")
+    _planted(cli, [Node(name=b"short-base", type=F, mode=0o644, content=[Patch(hello, [], 4096, b"")], size=4096)])
+    _fails_check_read_data(cli, ["short-base: a patch of its content does not apply",
+                                 "patch base has 5 bytes, expected 4096"])
