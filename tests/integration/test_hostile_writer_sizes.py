@@ -4,13 +4,14 @@ not parse, a file of 4 EiB of hole. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import tarfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from deltavault.backends.local import LocalBackend
-from deltavault.model.content import ContentRef, Full, Patch
+from deltavault.model.content import ContentRef, Full, Hole, Patch
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
 from deltavault.repository.repository import Repository
@@ -107,3 +108,56 @@ def test_check_read_data_finds_a_patch_on_a_base_of_another_length(cli: Cli) -> 
     _planted(cli, [Node(name=b"short-base", type=F, mode=0o644, content=[Patch(hello, [], 4096, b"")], size=4096)])
     _fails_check_read_data(cli, ["short-base: a patch of its content does not apply",
                                  "patch base has 5 bytes, expected 4096"])
+
+
+EIB = 1 << 60
+
+
+@needs_root()
+@pytest.mark.root
+def test_dump_refuses_a_file_larger_than_it_writes_before_writing_any_of_it(cli: Cli, tmp_path: Path) -> None:
+    """A file the tree says is 4 EiB of hole (a few bytes of tree): ``dump`` wrote 4 EiB of
+    zeros, as tar and as zip, until the target filled or the reader stopped. Files larger
+    than ``MAX_DUMPED`` (16 TiB) are now refused before any of their bytes, exit 17, naming
+    the file. The archives go to a small file system, so a dump that writes the zeros
+    fills it (exit 14) rather than the test's disk."""
+    sid = _planted(cli, [Node(name=b"big", type=F, mode=0o644, content=[Hole(4 * EIB)], size=4 * EIB),
+                         Node(name=b"small", type=F, mode=0o644)])
+    with _small_fs(tmp_path) as mnt:
+        for args in (["/"], ["-a", "zip", "/"], ["/big"]):
+            out = mnt / "out"
+            r = cli("dump", sid, *args, "--target", str(out), timeout=120)
+            assert r.returncode == 17, (args, r.returncode, r.stderr)
+            assert "big: 4611686018427387904 bytes, more than dump writes" in r.stderr, (args, r.stderr)
+            assert not out.exists() and list(mnt.iterdir()) == [mnt / "lost+found"], list(mnt.iterdir())
+        r = cli("dump", sid, "/small", "--target", str(mnt / "small"))
+        assert r.returncode == 0 and (mnt / "small").read_bytes() == b"hello"
+
+
+@needs_root()
+@pytest.mark.root
+def test_dump_of_a_sparse_file_streams_its_zeros_and_a_full_target_exits_14(cli: Cli, tmp_path: Path) -> None:
+    """A file of holes within the limit dumps as its zeros (``tarfile`` reads it back whole).
+    Onto a file system it does not fit, ``dump --target`` ended with a traceback (ENOSPC,
+    exit 1, "internal error"); now exit 14, the temporary file removed."""
+    size = 64 << 20
+    sid = _planted(cli, [Node(name=b"sparse", type=F, mode=0o644, content=[Hole(size)], size=size)])
+    assert cli("dump", sid, "/", "--target", str(tmp_path / "x.tar")).returncode == 0
+    with tarfile.open(tmp_path / "x.tar") as tar:
+        f = tar.extractfile("sparse")
+        assert f is not None
+        n = 0
+        while chunk := f.read(1 << 20):
+            assert not chunk.strip(b"\0")
+            n += len(chunk)
+        assert n == size
+    with _small_fs(tmp_path) as mnt:
+        for args in (["/"], ["-a", "zip", "/"], ["/sparse"]):
+            r = cli("dump", sid, *args, "--target", str(mnt / "out"))
+            if args[:2] == ["-a", "zip"]:  # 64 MiB of zeros deflate to 64 KiB: it fits
+                assert r.returncode == 0, r.stderr
+                (mnt / "out").unlink()
+                continue
+            assert r.returncode == 14, (args, r.returncode, r.stderr)
+            assert "cannot write the dump to" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert list(mnt.iterdir()) == [mnt / "lost+found"]
