@@ -8,6 +8,7 @@ import tarfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from deltavault.backends.local import LocalBackend
@@ -85,8 +86,8 @@ def test_check_read_data_parses_a_files_patches_as_restore_does(cli: Cli, tmp_pa
                          Node(name=b"plain", type=F, mode=0o644)])
     r = cli("restore", sid, "--target", str(tmp_path / "out"))
     assert r.returncode == 13 and "patched" in r.stderr, r.stderr
-    _fails_check_read_data(cli, [f"snapshot {sid[:8]}: patched: a patch of its content does not apply",
-                                 f"blob {bad.hex()[:16]}: patch blob: bad magic"])
+    _fails_check_read_data(cli, [f"snapshot {sid[:8]}: patched: restore refuses its content: patch "
+                                 f"{bad.hex()[:16]} does not apply: patch blob: bad magic"])
 
 
 def test_check_read_data_parses_a_volume_blocks_patches_as_restore_does(cli: Cli, tmp_path: Path) -> None:
@@ -96,18 +97,46 @@ def test_check_read_data_parses_a_volume_blocks_patches_as_restore_does(cli: Cli
     sid = _planted_volume(cli, [Full(block, 4096), Patch(block, [bad], 4096, b"\1")])
     r = cli("restore", "--volume", sid, "--target", str(tmp_path / "disk.img"))
     assert r.returncode == 13, r.stderr
-    _fails_check_read_data(cli, [f"snapshot {sid[:8]}: (volume): 1 block(s) of 4096 bytes have a patch that "
-                                 "does not apply", f"4096 (blob {bad.hex()[:16]}: patch blob: bad magic"])
+    _fails_check_read_data(cli, [f"snapshot {sid[:8]}: (volume): 1 block(s) of 4096 bytes that restore refuses",
+                                 f"at byte offsets 4096 (patch {bad.hex()[:16]} does not apply: patch blob: bad magic"])
 
 
-def test_check_read_data_finds_a_patch_on_a_base_of_another_length(cli: Cli) -> None:
-    """A patch that parses, on a base shorter than the reference says: restore refuses it
-    ("patch base has 5 bytes"); check compares the base's indexed length, which its data
-    pass checks against the blob itself."""
+@pytest.mark.parametrize("kind", ["Full", "Patch"])
+def test_check_finds_a_reference_larger_than_its_blob(cli: Cli, kind: str) -> None:
+    """A ``Full`` (or a ``Patch``'s base) of 1 TiB naming a 5-byte blob passed ``check`` and
+    ``check --read-data``, which only asked whether the blob was indexed (or matched its
+    id). Restore refuses such a file: check now says so too, by the length the index
+    records (the data pass compares it with each blob)."""
     hello = _repo(cli).blob_id(b"hello")
-    _planted(cli, [Node(name=b"short-base", type=F, mode=0o644, content=[Patch(hello, [], 4096, b"")], size=4096)])
-    _fails_check_read_data(cli, ["short-base: a patch of its content does not apply",
-                                 "patch base has 5 bytes, expected 4096"])
+    ref: ContentRef = Full(hello, TIB) if kind == "Full" else Patch(hello, [], TIB, b"")
+    sid = _planted(cli, [Node(name=b"lie", type=F, mode=0o644, content=[ref], size=TIB)])
+    for args in (["check"], ["check", "--read-data"]):
+        r = cli(*args)
+        assert r.returncode == 13, (args, r.stdout, r.stderr)
+        assert (f"snapshot {sid[:8]}: lie: restore refuses its content: blob {hello.hex()[:16]} has 5 bytes, "
+                "tree says 1099511627776") in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+
+
+def test_check_read_data_finds_an_index_that_lies_about_a_blobs_length(cli: Cli) -> None:
+    """Restore and check take a blob's length from the index, which a writer with the key
+    also writes: an index file saying 1 GiB for a 5-byte blob, with a tree saying the
+    same, passed ``check --read-data``. The data pass now compares each blob with its
+    indexed length and names the lie; the files it hits are reported."""
+    sid = _planted(cli, [Node(name=b"f", type=F, mode=0o644)])
+    repo = _repo(cli)
+    hello = repo.blob_id(b"hello")
+    packs = [(pid, [msgspec.structs.replace(e, raw_length=1 << 30) if e.id == hello else e for e in entries])
+             for pid, entries in repo.index.entries_by_pack().items()]
+    repo.write_index_file(packs, supersedes=repo.index_names())
+    lie = Node(name=b"lie", type=F, mode=0o644, content=[Full(hello, 1 << 30)], size=1 << 30)
+    lie_sid = _planted(cli, [lie], host="h2")
+    r = cli("check")  # by the index alone: the true file is the one that disagrees
+    assert r.returncode == 13 and f"snapshot {sid[:8]}: f: restore refuses its content" in r.stdout, r.stdout
+    r = cli("check", "--read-data")
+    assert r.returncode == 13, (r.stdout, r.stderr)
+    assert f"blob {hello.hex()[:16]} in pack" in r.stdout and "holds 5 bytes, the index records 1073741824" in r.stdout
+    for s, name in ((sid, "f"), (lie_sid, "lie")):
+        assert f"snapshot {s[:8]}: {name}: 1 of its blobs are missing or damaged" in r.stdout, r.stdout
 
 
 EIB = 1 << 60

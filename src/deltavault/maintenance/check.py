@@ -20,9 +20,9 @@ import blake3
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.paths import check_name, display
 from deltavault.maintenance.findings import CheckIssue, CheckReport
-from deltavault.maintenance.patchcheck import PatchCheck
+from deltavault.maintenance.patchcheck import PatchCheck, refused
 from deltavault.maintenance.volume_check import check_volume_manifest
-from deltavault.model.content import Patch, content_size, ref_blob_ids
+from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.status import CHECK, StatusRecord
 from deltavault.objects.trees import load_nodes
@@ -257,10 +257,9 @@ def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: No
     if lost:
         ok = False
         _note(rep, sid, path, "missing", f"{len(lost)} of its blobs are missing or damaged")
-    for r in n.content if patches is not None else []:
-        fault = patches.fault(r) if isinstance(r, Patch) and patches is not None else None
-        if fault is not None:
+    for r in n.content:
+        if (fault := refused(repo, r, bad, patches)) is not None:
             ok = False
-            _note(rep, sid, path, "blob", f"a patch of its content does not apply: {fault}; restore refuses the file")
+            _note(rep, sid, path, "tree", f"restore refuses its content: {fault}")
             break
     return ok

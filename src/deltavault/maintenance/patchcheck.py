@@ -4,9 +4,9 @@ block's) would apply, as restore and the mount apply it (``objects.patch``).
 Checking a blob against its id says nothing of whether it parses as a patch of the size
 the tree gives it: a writer with the key stored patches that restore and the mount refused
 (exit 13, EIO) while ``check --read-data`` passed them. Each patch blob is parsed against
-that size with restore's own ``decode_patch``, once per blob and size; the base's length
-is the one the index records, which the data pass compared with the blob itself (a base
-is read back only by restore: check reads every pack once, not a base per patched block).
+that size with restore's own ``decode_patch``, once per blob and size. The base's length
+is ``objects.reader.size_fault``'s to check (by the index, which the data pass compared with
+each blob): a base is read back only by restore, not once per patched block by check.
 """
 
 from __future__ import annotations
@@ -14,13 +14,26 @@ from __future__ import annotations
 from typing import Protocol
 
 from deltavault.errors import DeltavaultError
-from deltavault.model.content import Patch
-from deltavault.objects.patch import check_base, decode_patch
-from deltavault.objects.store import BlobLoader
+from deltavault.model.content import ContentRef, Patch, ref_blob_ids
+from deltavault.objects.patch import decode_patch
+from deltavault.objects.reader import size_fault
+from deltavault.objects.store import BlobLoader, BlobSizes
 
 
-class SizedLoader(BlobLoader, Protocol):
-    def blob_size(self, blob_id: bytes) -> int | None: ...
+class SizedLoader(BlobLoader, BlobSizes, Protocol):
+    pass
+
+
+def refused(repo: SizedLoader, ref: ContentRef, bad: set[bytes], patches: PatchCheck | None) -> str | None:
+    """Why restore would refuse ``ref`` (None: it would not, or its blobs are missing or
+    damaged, which is reported as such): a blob of another length than it says, or, with
+    ``patches`` (``check --read-data``), a patch that does not apply."""
+    if any(b in bad for b in ref_blob_ids(ref)):
+        return None
+    fault = size_fault(repo, ref)
+    if fault is None and patches is not None and isinstance(ref, Patch):
+        fault = patches.fault(ref)
+    return fault
 
 
 class PatchCheck:
@@ -33,19 +46,13 @@ class PatchCheck:
         self._sound: set[tuple[bytes, int]] = set()
 
     def fault(self, ref: Patch) -> str | None:
-        """Why restore would refuse ``ref``, or None."""
-        base = self._repo.blob_size(ref.base)
-        try:
-            if base is not None and ref.base not in self._bad:
-                check_base(base, ref.size)
-        except DeltavaultError as exc:
-            return f"blob {ref.base.hex()[:16]}: {exc}"
+        """Why restore would refuse ``ref``'s patches, or None."""
         for p in ref.patches:
             if (p, ref.size) in self._sound or p in self._bad or self._repo.blob_size(p) is None:
                 continue  # sound, or missing or damaged: reported as such
             try:
                 decode_patch(self._repo.load_blob(p), ref.size)
             except DeltavaultError as exc:
-                return f"blob {p.hex()[:16]}: {exc}"
+                return f"patch {p.hex()[:16]} does not apply: {exc}"
             self._sound.add((p, ref.size))
         return None

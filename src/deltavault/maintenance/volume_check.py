@@ -12,21 +12,21 @@ from typing import Protocol
 
 from deltavault.errors import DeltavaultError
 from deltavault.maintenance.findings import CheckIssue, CheckReport
-from deltavault.maintenance.patchcheck import PatchCheck
-from deltavault.model.content import Patch, ref_blob_ids
-from deltavault.objects.store import BlobLoader
+from deltavault.maintenance.patchcheck import PatchCheck, SizedLoader, refused
+from deltavault.model.content import ref_blob_ids
 from deltavault.objects.volumes import load_manifest, load_segment_map
 
 MAX_LISTED = 5
 
 
-class IndexedRepo(BlobLoader, Protocol):
+class IndexedRepo(SizedLoader, Protocol):
     def has_blob(self, blob_id: bytes) -> bool: ...
 
 
 def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifest_id: bytes,
                           bad: set[bytes], patches: PatchCheck | None = None) -> bool:
-    """``patches``: also parse each patched block as restore would (``check --read-data``)."""
+    """Each block's references as restore would take them (``patchcheck.refused``); with
+    ``patches`` (``check --read-data``), their patches parsed too."""
     def note(kind: str, msg: str, severity: str = "error") -> None:
         rep.add(CheckIssue(kind, f"snapshot {sid[:8]}: (volume): {msg}", snapshot=sid, path="(volume)",
                            severity=severity))
@@ -48,8 +48,8 @@ def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifes
             note("missing", f"{c.source} checkpoint state: {len(gone)} blob(s) missing or damaged; the "
                             "next backup cannot use this source and reads more", severity="warning")
     damaged_blocks: list[int] = []
-    unpatched: list[str] = []  # the first blocks whose patch does not apply: "offset (why)"
-    n_unpatched = 0
+    refused_at: list[str] = []  # the first blocks restore refuses: "offset (why)"
+    n_refused = 0
     for i, seg in enumerate(m.segments):
         if lost(seg.digests):
             ok = False
@@ -68,19 +68,19 @@ def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifes
         for j, r in enumerate(bm.refs):
             if any(lost(b) for b in ref_blob_ids(r)):
                 damaged_blocks.append(bm.first + j)
-            elif patches is not None and isinstance(r, Patch) and (fault := patches.fault(r)) is not None:
-                n_unpatched += 1
-                if len(unpatched) < MAX_LISTED:
-                    unpatched.append(f"{(bm.first + j) * m.block_size} ({fault})")
+            elif (fault := refused(repo, r, bad, patches)) is not None:
+                n_refused += 1
+                if len(refused_at) < MAX_LISTED:
+                    refused_at.append(f"{(bm.first + j) * m.block_size} ({fault})")
     if damaged_blocks:
         ok = False
         listed = _listed([str(b * m.block_size) for b in damaged_blocks[:MAX_LISTED]], len(damaged_blocks))
         note("missing", f"{len(damaged_blocks)} block(s) of {m.block_size} bytes have missing or damaged "
                         f"blobs, at byte offsets {listed}")
-    if unpatched:
+    if refused_at:
         ok = False
-        note("blob", f"{n_unpatched} block(s) of {m.block_size} bytes have a patch that does not apply "
-                     f"(restore refuses the volume), at byte offsets {_listed(unpatched, n_unpatched)}")
+        note("tree", f"{n_refused} block(s) of {m.block_size} bytes that restore refuses (so the volume), "
+                     f"at byte offsets {_listed(refused_at, n_refused)}")
     return ok
 
 

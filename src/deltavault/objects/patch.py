@@ -57,15 +57,9 @@ def decode_patch(blob: bytes, base_size: int) -> list[tuple[int, memoryview]]:
     return out
 
 
-def check_base(base_size: int, size: int) -> None:
-    """A patched reference's base holds exactly the bytes it says (``apply_patches``, and
-    ``check --read-data`` with the length the index records)."""
-    if base_size != size:
-        raise FormatError(f"patch base has {base_size} bytes, expected {size}")
-
-
 def apply_patches(base: bytes, patches: list[bytes], size: int) -> bytes:
-    check_base(len(base), size)
+    if len(base) != size:
+        raise FormatError(f"patch base has {len(base)} bytes, expected {size}")
     buf = bytearray(base)
     for p in patches:
         for off, data in decode_patch(p, size):

@@ -16,16 +16,18 @@ class BlobLoader(Protocol):
     def load_blob(self, blob_id: bytes) -> bytes: ...
 
 
-class BlobReader(BlobLoader, Protocol):
+class BlobSizes(Protocol):
+    def blob_size(self, blob_id: bytes) -> int | None:
+        """The blob's length as the index records it (its plaintext's), None if not indexed."""
+        ...
+
+
+class BlobReader(BlobLoader, BlobSizes, Protocol):
     """Reads many blobs at once (restore) and checks bytes against their id."""
 
     def blob_id(self, data: bytes | memoryview) -> bytes: ...
 
     def load_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]: ...
-
-    def blob_size(self, blob_id: bytes) -> int | None:
-        """The blob's length as the index records it (its plaintext's), None if not indexed."""
-        ...
 
     def hold_blobs(self, ids: list[bytes], *, wait: bool = False) -> Callable[[], None]:
         """A hint: these blobs will be loaded soon (a backend that can, starts reading them,

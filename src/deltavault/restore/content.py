@@ -20,6 +20,7 @@ from deltavault.fs.clone import preallocate, pwrite_all
 from deltavault.model.content import ContentRef, Full, Hole, Patch, content_size
 from deltavault.model.nodes import Node
 from deltavault.objects.patch import apply_patches
+from deltavault.objects.reader import size_fault
 from deltavault.objects.store import BlobReader
 
 BATCH_BYTES = 64 * 1024 * 1024
@@ -36,20 +37,6 @@ def check_sizes(node: Node) -> None:
     if held != node.size:
         raise CorruptionError(f"the tree records {node.size} bytes but its content holds {held}; "
                               "the file is not restored")
-
-
-def check_blob_sizes(repo: BlobReader, content: list[ContentRef]) -> None:
-    """Each reference's size against its blob's length as the index records it, before any
-    space is given to the file: a ``Full`` of 1 TiB naming a 5-byte blob (which a writer
-    with the key can store) had a large file's data ranges preallocated first, and a small
-    target ended "restore target is full" (exit 14) instead of naming the damage. A blob
-    not indexed is left to its load, which names it missing."""
-    for ref in content:
-        bid = ref.id if isinstance(ref, Full) else ref.base if isinstance(ref, Patch) else None
-        known = None if bid is None else repo.blob_size(bid)
-        if known is not None and known != ref.size:
-            assert bid is not None
-            raise CorruptionError(f"blob {bid.hex()[:16]} has {known} bytes, tree says {ref.size}")
 
 
 def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, bytes], *,
@@ -80,7 +67,12 @@ def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, 
         for batch in _batches(node.content, BATCH_BYTES):
             expect.extend(_write_batch(repo, fd, batch, preloaded, digests))
     else:
-        check_blob_sizes(repo, node.content)
+        # Each reference against its blob's length before the file is given any space: a
+        # Full of 1 TiB naming a 5-byte blob was preallocated first, and a small target
+        # ended "restore target is full" (exit 14) instead of naming the damage.
+        for r in node.content:
+            if (fault := size_fault(repo, r)) is not None:
+                raise CorruptionError(fault)
         _preallocate(fd, node.content)
         expect = _write_parallel(repo, fd, node, preloaded, digests, pool, max(1, window))
     if not fresh or not _ends_in_data(node.content):
