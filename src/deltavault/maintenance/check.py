@@ -257,6 +257,8 @@ def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: No
     if lost:
         ok = False
         _note(rep, sid, path, "missing", f"{len(lost)} of its blobs are missing or damaged")
+    if patches is not None:
+        patches.prime(n.content)
     for r in n.content:
         if (fault := refused(repo, r, bad, patches)) is not None:
             ok = False

@@ -11,16 +11,17 @@ each blob): a base is read back only by restore, not once per patched block by c
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from deltavault.errors import DeltavaultError
 from deltavault.model.content import ContentRef, Patch, ref_blob_ids
 from deltavault.objects.patch import decode_patch
 from deltavault.objects.reader import size_fault
-from deltavault.objects.store import BlobLoader, BlobSizes
+from deltavault.objects.store import BlobReader
 
 
-class SizedLoader(BlobLoader, BlobSizes, Protocol):
+class SizedLoader(BlobReader, Protocol):
     pass
 
 
@@ -37,22 +38,52 @@ def refused(repo: SizedLoader, ref: ContentRef, bad: set[bytes], patches: PatchC
 
 
 class PatchCheck:
-    """Remembers the (patch, size) pairs found sound, so a chain shared by many snapshots
-    is parsed once."""
+    """Remembers the (patch, size) pairs parsed, so a chain shared by many snapshots is
+    parsed once."""
 
     def __init__(self, repo: SizedLoader, bad: set[bytes]) -> None:
         self._repo = repo
         self._bad = bad  # blobs already reported missing or damaged: not reported twice
         self._sound: set[tuple[bytes, int]] = set()
+        self._faults: dict[tuple[bytes, int], str] = {}
+
+    def _todo(self, p: bytes, size: int) -> bool:
+        """Whether patch ``p`` is yet to be parsed for ``size`` (not if missing or damaged:
+        reported as such)."""
+        return ((p, size) not in self._sound and (p, size) not in self._faults and p not in self._bad
+                and self._repo.blob_size(p) is not None)
+
+    def _parse(self, p: bytes, data: bytes, size: int) -> None:
+        try:
+            decode_patch(data, size)
+        except DeltavaultError as exc:
+            self._faults[p, size] = f"patch {p.hex()[:16]} does not apply: {exc}"
+        else:
+            self._sound.add((p, size))
+
+    def prime(self, refs: Iterable[ContentRef]) -> None:
+        """Parse the patches of ``refs`` (a file's, a block map's) with their blobs read
+        together, neighbours in a pack in one request, rather than one read per patch."""
+        sizes: dict[bytes, set[int]] = {}
+        for r in refs:
+            for p in r.patches if isinstance(r, Patch) else []:
+                if self._todo(p, r.size):
+                    sizes.setdefault(p, set()).add(r.size)
+        try:
+            for p, data in self._repo.load_blobs(list(sizes)) if sizes else []:
+                for size in sizes[p]:
+                    self._parse(p, data, size)
+        except DeltavaultError:
+            pass  # a blob that does not load: ``fault`` loads each left and says which
 
     def fault(self, ref: Patch) -> str | None:
         """Why restore would refuse ``ref``'s patches, or None."""
         for p in ref.patches:
-            if (p, ref.size) in self._sound or p in self._bad or self._repo.blob_size(p) is None:
-                continue  # sound, or missing or damaged: reported as such
-            try:
-                decode_patch(self._repo.load_blob(p), ref.size)
-            except DeltavaultError as exc:
-                return f"patch {p.hex()[:16]} does not apply: {exc}"
-            self._sound.add((p, ref.size))
+            if self._todo(p, ref.size):
+                try:
+                    self._parse(p, self._repo.load_blob(p), ref.size)
+                except DeltavaultError as exc:
+                    return f"patch {p.hex()[:16]}: {exc}"
+            if (p, ref.size) in self._faults:
+                return self._faults[p, ref.size]
         return None

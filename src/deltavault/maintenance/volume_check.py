@@ -65,6 +65,8 @@ def check_volume_manifest(repo: IndexedRepo, rep: CheckReport, sid: str, manifes
             ok = False
             note("tree", f"segment {i}: block map unreadable: {exc}")
             continue
+        if patches is not None:
+            patches.prime(bm.refs)
         for j, r in enumerate(bm.refs):
             if any(lost(b) for b in ref_blob_ids(r)):
                 damaged_blocks.append(bm.first + j)
