@@ -3,9 +3,9 @@
 
 One repository holds the benchmark's patched content: db-v1.sqlite then db-v2.sqlite as
 the same file (a large file changed in place: ``Patch`` references), and disk-v1.img then
-disk-v2.img as the same volume (patched blocks). ``check --read-data`` of revision A and
-of revision B then run alternately (A B B A, round after round) on it, each a fresh CLI
-process: wall time, user+sys CPU and peak RSS.
+disk-v2.img as the same volume (patched blocks). ``check`` and ``check --read-data`` of
+revision A and of revision B then run alternately (A B B A, round after round) on it, each
+a fresh CLI process: wall time, user+sys CPU and peak RSS.
 
     bench/check_patches.py --datasets ../data/ds --a /work/main/src --b src [--rounds 3]
 """
@@ -79,20 +79,22 @@ def main() -> None:
             run(b, env, "backup", "--volume", str(work / "disk.img"))
         os.unlink(work / "disk.img")
         refs = patched_refs(b, env)
-        rounds: list[dict[str, dict[str, float]]] = []
+        rounds: list[dict[str, dict[str, float]]] = []  # "check a", "check --read-data b", ...
         for i in range(args.rounds):
             order = ("a", "b", "b", "a") if i % 2 == 0 else ("b", "a", "a", "b")
-            got: dict[str, list[Run]] = {"a": [], "b": []}
-            for rev in order:
-                got[rev].append(run((args.a if rev == "a" else args.b).resolve(), env, "check", "--read-data"))
-            rounds.append({rev: {"seconds": statistics.mean(r.seconds for r in rs),
-                                 "cpu": statistics.mean(r.cpu for r in rs),
-                                 "rss_mib": max(r.rss_mib for r in rs)} for rev, rs in got.items()})
+            got: dict[str, list[Run]] = {}
+            for cmd in (["check"], ["check", "--read-data"]):
+                for rev in order:
+                    got.setdefault(f"{' '.join(cmd)} {rev}", []).append(
+                        run((args.a if rev == "a" else args.b).resolve(), env, *cmd))
+            rounds.append({k: {"seconds": statistics.mean(r.seconds for r in rs),
+                               "cpu": statistics.mean(r.cpu for r in rs),
+                               "rss_mib": max(r.rss_mib for r in rs)} for k, rs in got.items()})
             print(json.dumps(rounds[-1]), flush=True)
         result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "a": str(args.a), "b": str(args.b),
                   "load_average": os.getloadavg(), "patched_refs": refs, "rounds": rounds,
-                  "median": {rev: {k: statistics.median(r[rev][k] for r in rounds) for k in ("seconds", "cpu", "rss_mib")}
-                             for rev in ("a", "b")}}
+                  "median": {c: {k: statistics.median(r[c][k] for r in rounds) for k in ("seconds", "cpu", "rss_mib")}
+                             for c in rounds[0]}}
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["median"]))
     finally:

@@ -1,5 +1,7 @@
-"""``check --read-data``: whether each patched reference (a large file's ``Patch``, a volume
-block's) would apply, as restore and the mount apply it (``objects.patch``).
+"""What restore would refuse of a content reference, for ``check``: a blob of another
+length than the reference says (``objects.reader.size_fault``, restore's own check), and,
+with ``--read-data``, a patch (a large file's ``Patch``, a volume block's) that does not
+apply as restore and the mount apply it (``objects.patch``).
 
 Checking a blob against its id says nothing of whether it parses as a patch of the size
 the tree gives it: a writer with the key stored patches that restore and the mount refused
@@ -12,7 +14,6 @@ each blob): a base is read back only by restore, not once per patched block by c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
 
 from deltavault.errors import DeltavaultError
 from deltavault.model.content import ContentRef, Patch, ref_blob_ids
@@ -21,11 +22,7 @@ from deltavault.objects.reader import size_fault
 from deltavault.objects.store import BlobReader
 
 
-class SizedLoader(BlobReader, Protocol):
-    pass
-
-
-def refused(repo: SizedLoader, ref: ContentRef, bad: set[bytes], patches: PatchCheck | None) -> str | None:
+def refused(repo: BlobReader, ref: ContentRef, bad: set[bytes], patches: PatchCheck | None) -> str | None:
     """Why restore would refuse ``ref`` (None: it would not, or its blobs are missing or
     damaged, which is reported as such): a blob of another length than it says, or, with
     ``patches`` (``check --read-data``), a patch that does not apply."""
@@ -41,7 +38,7 @@ class PatchCheck:
     """Remembers the (patch, size) pairs parsed, so a chain shared by many snapshots is
     parsed once."""
 
-    def __init__(self, repo: SizedLoader, bad: set[bytes]) -> None:
+    def __init__(self, repo: BlobReader, bad: set[bytes]) -> None:
         self._repo = repo
         self._bad = bad  # blobs already reported missing or damaged: not reported twice
         self._sound: set[tuple[bytes, int]] = set()

@@ -12,14 +12,15 @@ from typing import Protocol
 
 from deltavault.errors import DeltavaultError
 from deltavault.maintenance.findings import CheckIssue, CheckReport
-from deltavault.maintenance.patchcheck import PatchCheck, SizedLoader, refused
+from deltavault.maintenance.patchcheck import PatchCheck, refused
 from deltavault.model.content import ref_blob_ids
+from deltavault.objects.store import BlobReader
 from deltavault.objects.volumes import load_manifest, load_segment_map
 
 MAX_LISTED = 5
 
 
-class IndexedRepo(SizedLoader, Protocol):
+class IndexedRepo(BlobReader, Protocol):
     def has_blob(self, blob_id: bytes) -> bool: ...
 
 
