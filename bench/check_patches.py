@@ -5,7 +5,9 @@ One repository holds the benchmark's patched content: db-v1.sqlite then db-v2.sq
 the same file (a large file changed in place: ``Patch`` references), and disk-v1.img then
 disk-v2.img as the same volume (patched blocks). ``check`` and ``check --read-data`` of
 revision A and of revision B then run alternately (A B B A, round after round) on it, each
-a fresh CLI process: wall time, user+sys CPU and peak RSS.
+a fresh CLI process: wall time, user+sys CPU and peak RSS. Each revision's bytecode is
+compiled once, into a cache of its own (``PYTHONPYCACHEPREFIX``), before the rounds: a
+tree with no ``__pycache__`` (PYTHONDONTWRITEBYTECODE) paid ~70 ms a run compiling.
 
     bench/check_patches.py --datasets ../data/ds --a /work/main/src --b src [--rounds 3]
 """
@@ -79,6 +81,11 @@ def main() -> None:
             run(b, env, "backup", "--volume", str(work / "disk.img"))
         os.unlink(work / "disk.img")
         refs = patched_refs(b, env)
+        envs = {}
+        for rev in ("a", "b"):
+            envs[rev] = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            envs[rev]["PYTHONPYCACHEPREFIX"] = str(work / f"pycache-{rev}")
+            run((args.a if rev == "a" else args.b).resolve(), envs[rev], "check")  # compiles
         rounds: list[dict[str, dict[str, float]]] = []  # "check a", "check --read-data b", ...
         for i in range(args.rounds):
             order = ("a", "b", "b", "a") if i % 2 == 0 else ("b", "a", "a", "b")
@@ -86,7 +93,7 @@ def main() -> None:
             for cmd in (["check"], ["check", "--read-data"]):
                 for rev in order:
                     got.setdefault(f"{' '.join(cmd)} {rev}", []).append(
-                        run((args.a if rev == "a" else args.b).resolve(), env, *cmd))
+                        run((args.a if rev == "a" else args.b).resolve(), envs[rev], *cmd))
             rounds.append({k: {"seconds": statistics.mean(r.seconds for r in rs),
                                "cpu": statistics.mean(r.cpu for r in rs),
                                "rss_mib": max(r.rss_mib for r in rs)} for k, rs in got.items()})

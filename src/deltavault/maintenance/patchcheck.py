@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from deltavault.errors import DeltavaultError
-from deltavault.model.content import ContentRef, Patch, ref_blob_ids
+from deltavault.model.content import ContentRef, Full, Hole, Patch, ref_blob_ids
 from deltavault.objects.patch import decode_patch
 from deltavault.objects.reader import size_fault
 from deltavault.objects.store import BlobReader
@@ -26,7 +26,9 @@ def refused(repo: BlobReader, ref: ContentRef, bad: set[bytes], patches: PatchCh
     """Why restore would refuse ``ref`` (None: it would not, or its blobs are missing or
     damaged, which is reported as such): a blob of another length than it says, or, with
     ``patches`` (``check --read-data``), a patch that does not apply."""
-    if any(b in bad for b in ref_blob_ids(ref)):
+    if isinstance(ref, Hole):
+        return None
+    if ref.id in bad if isinstance(ref, Full) else any(b in bad for b in ref_blob_ids(ref)):
         return None
     fault = size_fault(repo, ref)
     if fault is None and patches is not None and isinstance(ref, Patch):

@@ -167,7 +167,7 @@ class Repository:
 
     def blob_size(self, blob_id: bytes) -> int | None:
         """The blob's plaintext length as the index records it; None if not indexed."""
-        return self.indexes.index.raw_length(blob_id) if blob_id in self.indexes.index else None
+        return self.indexes.index.plain_size(blob_id)
 
     def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
                   level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
