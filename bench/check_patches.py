@@ -30,6 +30,14 @@ sys.path.insert(0, str(ROOT))
 from bench.ab import Run, run  # noqa: E402
 
 
+def repo_env(work: Path) -> dict[str, str]:
+    """This process's environment with a repository, password and cache under ``work``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
+    env.update(DELTAVAULT_REPOSITORY=str(work / "repo"), DELTAVAULT_PASSWORD="bench",
+               DELTAVAULT_CACHE_DIR=str(work / "cache"))
+    return env
+
+
 def patched_refs(src: Path, env: dict[str, str]) -> dict[str, int]:
     """How many ``Patch`` references the repository's snapshots hold (files, volume blocks)."""
     code = ("import json, os, sys\n"
@@ -68,9 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dv-bench-checkpatches-"))
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
-        env.update(DELTAVAULT_REPOSITORY=str(work / "repo"), DELTAVAULT_PASSWORD="bench",
-                   DELTAVAULT_CACHE_DIR=str(work / "cache"))
+        env = repo_env(work)
         b = args.b.resolve()
         run(b, env, "init")
         (work / "src").mkdir()

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from bench.check_patches import repo_env  # noqa: E402
 
 from deltavault.backends.local import LocalBackend  # noqa: E402
 from deltavault.model.content import Hole  # noqa: E402
@@ -36,9 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dv-bench-dumpsparse-"))
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
-        env.update(DELTAVAULT_REPOSITORY=str(work / "repo"), DELTAVAULT_PASSWORD="bench",
-                   DELTAVAULT_CACHE_DIR=str(work / "cache"), PYTHONPATH=str(ROOT / "src"))
+        env = dict(repo_env(work), PYTHONPATH=str(ROOT / "src"))
         subprocess.run([sys.executable, "-m", "deltavault", "init"], env=env, check=True, capture_output=True)
         repo = Repository.open(LocalBackend(work / "repo"), lambda: b"bench", cache_root=work / "cache")
         size = args.gib << 30
