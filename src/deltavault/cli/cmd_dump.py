@@ -9,7 +9,7 @@ from pathlib import Path
 
 from deltavault.cli.common import Context
 from deltavault.cli.outfile import OutputFile
-from deltavault.errors import UsageError
+from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
 from deltavault.fs.sources import snapshot_path, source_roots
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.walk import find
@@ -74,7 +74,9 @@ def _output(ctx: Context, target: str | None, *, binary_dir: bool):  # type: ign
     out = OutputFile(Path(target), "the dump", 0o600, exact=True)
     try:
         yield out.file
-    except BaseException:
+    except BaseException as exc:
         out.abort()
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:  # was a traceback, exit 1
+            raise NoSpace(f"cannot write the dump to {target}: {exc.strerror}") from None
         raise
     out.commit()

@@ -20,6 +20,7 @@ import blake3
 from deltavault.errors import CorruptionError, DeltavaultError
 from deltavault.fs.paths import check_name, display
 from deltavault.maintenance.findings import CheckIssue, CheckReport
+from deltavault.maintenance.patchcheck import PatchCheck, refused
 from deltavault.maintenance.volume_check import check_volume_manifest
 from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
@@ -79,7 +80,9 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset: DataS
         _read_all_packs(repo, subset.choose(packs_on_disk) if subset else packs_on_disk, indexed, rep, progress)
     for pid in indexed - packs_on_disk.keys():
         missing_blobs.update(e.id for e in repo.index.entries_by_pack().get(pid, []))
-    _check_snapshots(repo, rep, rep.damaged_blobs | missing_blobs)
+    bad = rep.damaged_blobs | missing_blobs
+    # Every pack read: patches are parsed as restore parses them (patchcheck.py).
+    _check_snapshots(repo, rep, bad, PatchCheck(repo, bad) if read_data and subset is None else None)
     return rep
 
 
@@ -132,13 +135,15 @@ def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[byte
             try:
                 if e.offset + e.length > len(data):
                     raise DeltavaultError("beyond the end of the pack (truncated)")
-                repo.open_blob(e.id, mv[e.offset:e.offset + e.length])
+                plain = len(repo.open_blob(e.id, mv[e.offset:e.offset + e.length]))
+                if plain != e.raw_length:  # restore and check --read-data go by the index's length
+                    raise DeltavaultError(f"holds {plain} bytes, the index records {e.raw_length}")
             except DeltavaultError as exc:
                 rep.damaged_blobs.add(e.id)
                 rep.add(CheckIssue("blob", f"blob {e.id.hex()[:16]} in pack {pid.hex()[:16]}: {exc}"))
 
 
-def _check_snapshots(repo: Repository, rep: CheckReport, bad: set[bytes]) -> None:
+def _check_snapshots(repo: Repository, rep: CheckReport, bad: set[bytes], patches: PatchCheck | None) -> None:
     try:
         ids = repo.snapshot_ids()
     except DeltavaultError as exc:
@@ -155,7 +160,7 @@ def _check_snapshots(repo: Repository, rep: CheckReport, bad: set[bytes]) -> Non
             continue
         roots = [x for x in (snap.tree, snap.volume) if x]
         for root in roots:
-            _check_tree(repo, rep, sid, root, b"", bad, seen_trees, is_volume=root == snap.volume)
+            _check_tree(repo, rep, sid, root, b"", bad, seen_trees, patches, is_volume=root == snap.volume)
 
 
 def _note(rep: CheckReport, sid: str, path: bytes, kind: str, msg: str) -> None:
@@ -165,7 +170,8 @@ def _note(rep: CheckReport, sid: str, path: bytes, kind: str, msg: str) -> None:
 
 
 def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, prefix: bytes,
-                bad: set[bytes], seen: dict[bytes, bool], *, is_volume: bool = False) -> bool:
+                bad: set[bytes], seen: dict[bytes, bool], patches: PatchCheck | None, *,
+                is_volume: bool = False) -> bool:
     """Whether everything below ``tree_id`` is present and sound. ``seen`` remembers
     subtrees found fully good, so a subtree shared by many snapshots is read once.
     Iterative (an explicit stack of open directories): a tree of any depth is checked."""
@@ -177,7 +183,7 @@ def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, pr
         if not ok:
             _note(rep, sid, b"(volume)", "missing", "volume manifest blob is missing or damaged")
         else:
-            ok = check_volume_manifest(repo, rep, sid, tree_id, bad)
+            ok = check_volume_manifest(repo, rep, sid, tree_id, bad, patches)
         seen[tree_id] = ok
         return ok
     root = _Open(tree_id, prefix, _load_checked(repo, rep, sid, tree_id, prefix, bad))
@@ -198,7 +204,7 @@ def _check_tree(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, pr
                 continue
             stack.append(_Open(n.subtree, path, _load_checked(repo, rep, sid, n.subtree, path, bad)))
             continue
-        top.ok &= _check_node(repo, rep, sid, path, n, bad)
+        top.ok &= _check_node(repo, rep, sid, path, n, bad, patches)
     return root.ok
 
 
@@ -239,7 +245,8 @@ def _load_checked(repo: Repository, rep: CheckReport, sid: str, tree_id: bytes, 
     return nodes
 
 
-def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: Node, bad: set[bytes]) -> bool:
+def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: Node, bad: set[bytes],
+                patches: PatchCheck | None) -> bool:
     ok = True
     if n.type == NodeType.FILE and content_size(n.content) != n.size:
         ok = False
@@ -250,4 +257,11 @@ def _check_node(repo: Repository, rep: CheckReport, sid: str, path: bytes, n: No
     if lost:
         ok = False
         _note(rep, sid, path, "missing", f"{len(lost)} of its blobs are missing or damaged")
+    if patches is not None:
+        patches.prime(n.content)
+    for r in n.content:
+        if (fault := refused(repo, r, bad, patches)) is not None:
+            ok = False
+            _note(rep, sid, path, "tree", f"restore refuses its content: {fault}")
+            break
     return ok

@@ -16,7 +16,13 @@ class BlobLoader(Protocol):
     def load_blob(self, blob_id: bytes) -> bytes: ...
 
 
-class BlobReader(BlobLoader, Protocol):
+class BlobSizes(Protocol):
+    def blob_size(self, blob_id: bytes) -> int | None:
+        """The blob's length as the index records it (its plaintext's), None if not indexed."""
+        ...
+
+
+class BlobReader(BlobLoader, BlobSizes, Protocol):
     """Reads many blobs at once (restore) and checks bytes against their id."""
 
     def blob_id(self, data: bytes | memoryview) -> bytes: ...

@@ -165,6 +165,10 @@ class Repository:
     def blob_id(self, data: bytes | memoryview) -> bytes:
         return self.env.blob_id(data)
 
+    def blob_size(self, blob_id: bytes) -> int | None:
+        """The blob's plaintext length as the index records it; None if not indexed."""
+        return self.indexes.index.plain_size(blob_id)
+
     def save_blob(self, btype: BlobType, data: bytes | memoryview, *, blob_id: bytes | None = None,
                   level: int | None = None, compress: bool = True) -> tuple[bytes, int]:
         """Store a blob unless present. Returns (id, sealed bytes added). Thread-safe."""

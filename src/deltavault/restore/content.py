@@ -20,6 +20,7 @@ from deltavault.fs.clone import preallocate, pwrite_all
 from deltavault.model.content import ContentRef, Full, Hole, Patch, content_size
 from deltavault.model.nodes import Node
 from deltavault.objects.patch import apply_patches
+from deltavault.objects.reader import size_fault
 from deltavault.objects.store import BlobReader
 
 BATCH_BYTES = 64 * 1024 * 1024
@@ -66,6 +67,12 @@ def write_content(repo: BlobReader, fd: int, node: Node, preloaded: dict[bytes, 
         for batch in _batches(node.content, BATCH_BYTES):
             expect.extend(_write_batch(repo, fd, batch, preloaded, digests))
     else:
+        # Each reference against its blob's length before the file is given any space: a
+        # Full of 1 TiB naming a 5-byte blob was preallocated first, and a small target
+        # ended "restore target is full" (exit 14) instead of naming the damage.
+        for r in node.content:
+            if (fault := size_fault(repo, r)) is not None:
+                raise CorruptionError(fault)
         _preallocate(fd, node.content)
         expect = _write_parallel(repo, fd, node, preloaded, digests, pool, max(1, window))
     if not fresh or not _ends_in_data(node.content):

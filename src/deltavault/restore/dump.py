@@ -7,7 +7,8 @@ would make "d/x" in the archive extract through that symlink).
 
 A tar carries mode, owner (ids and names), modification time, symlinks, hard links, FIFOs
 and device nodes; extended attributes and ACLs are left to ``restore``. Holes come out as
-zeros.
+zeros (Python's tar writer keeps none, nor does zip), so a file's size is what is written
+for it: a file larger than ``MAX_DUMPED`` is refused before any of it is written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import zipfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from deltavault.errors import TargetError
+from deltavault.fs.paths import display
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.reader import read_ref
 from deltavault.objects.store import BlobLoader
@@ -29,14 +32,28 @@ from deltavault.restore.content import check_sizes
 from deltavault.restore.listing import checked_nodes
 
 _ZERO = bytes(1 << 20)
+# The largest file dump writes: 16 TiB, about the largest file ext4 (4 KiB blocks) holds, so
+# an archive holding more could not even be stored on it. A writer with the key can store a
+# file of 4 EiB of hole in a few bytes of tree; dumped, it was 4 EiB of zeros, written until
+# the target filled or the reader stopped. ``restore`` keeps holes and restores such files.
+MAX_DUMPED = 1 << 44
 _TAR_TYPE = {NodeType.FILE: tarfile.REGTYPE, NodeType.DIR: tarfile.DIRTYPE, NodeType.SYMLINK: tarfile.SYMTYPE,
              NodeType.FIFO: tarfile.FIFOTYPE, NodeType.CHARDEV: tarfile.CHRTYPE,
              NodeType.BLOCKDEV: tarfile.BLKTYPE}
 
 
-def file_chunks(repo: BlobLoader, node: Node) -> Iterator[bytes]:
-    """The content of a file node, in order; a hole as zeros."""
+def file_chunks(repo: BlobLoader, node: Node, path: bytes = b"") -> Iterator[bytes]:
+    """The content of a file node (at ``path``), in order; a hole as zeros. Its sizes are
+    checked now, before the caller writes anything of it (an archive's header)."""
     check_sizes(node)
+    if node.size > MAX_DUMPED:
+        raise TargetError(f"{display(path or node.name)}: {node.size} bytes, more than dump writes of one file "
+                          f"({MAX_DUMPED} bytes, as zeros where the file has holes); restore, which keeps "
+                          "holes, restores it")
+    return _chunks(repo, node)
+
+
+def _chunks(repo: BlobLoader, node: Node) -> Iterator[bytes]:
     for ref in node.content:
         data = read_ref(repo, ref)
         if data is not None:
@@ -119,7 +136,7 @@ def dump_tar(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: Binar
                 info.type, info.linkname = tarfile.LNKTYPE, links[key]
             elif n.type == NodeType.FILE:
                 info.size = n.size
-                data = io.BufferedReader(_Stream(file_chunks(repo, n)), 1 << 20)
+                data = io.BufferedReader(_Stream(file_chunks(repo, n, path)), 1 << 20)
                 if key is not None:
                     links[key] = info.name
             elif n.type == NodeType.SYMLINK:
@@ -150,8 +167,9 @@ def dump_zip(repo: BlobLoader, entries: Iterator[tuple[bytes, Node]], out: Binar
                 zi = zipfile.ZipInfo(name, when)
                 zi.external_attr = (stat.S_IFREG | stat.S_IMODE(n.mode)) << 16
                 zi.compress_type = zipfile.ZIP_DEFLATED
+                chunks = file_chunks(repo, n, path)
                 with zf.open(zi, "w", force_zip64=n.size > 0x7FFFFFFF) as f:
-                    for chunk in file_chunks(repo, n):
+                    for chunk in chunks:
                         f.write(chunk)
             else:
                 continue
