@@ -326,3 +326,29 @@ def test_a_block_dropped_as_soon_as_it_came_still_serves_its_read() -> None:
         assert ra.get("data/cd/tree", off, 1000) == tree[off:off + 1000]
     release()
     assert inner.gets <= 4, inner.gets
+
+
+def test_favoured_packs_stay_outside_the_budget_up_to_spare() -> None:
+    """Packs of listings (``favour``) are kept while held packs fill the budget, up to
+    SPARE bytes of them, the most recently used first; memory stays under keep + SPARE."""
+    inner = FaultyBackend(MemoryBackend())
+    trees = {f"data/ab/t{i}": os.urandom(3 * MiB) for i in range(3)}
+    packs = {f"data/cd/p{i}": os.urandom(4 * MiB) for i in range(6)}
+    for name, data in {**trees, **packs}.items():
+        inner.put(name, data)
+    ra = ReadAheadBackend(inner, block=8 * MiB, keep=12 * MiB)
+    ra.SPARE = 7 * MiB  # room for two of the three tree packs
+    for name in trees:
+        ra.favour(name)
+        assert ra.get(name, 0, 1000) == trees[name][:1000]
+    for name, data in packs.items():  # held packs fill the budget, one after another
+        release = ra.hold(name, 0, len(data))
+        assert ra.get(name, 100, 1000) == data[100:1100]
+        release()
+        assert ra._kept - ra._spared()[1] <= 12 * MiB and ra.peak <= 12 * MiB + 7 * MiB
+    inner.calls.clear()
+    for name in list(trees)[1:]:  # the two most recently used stayed
+        assert ra.get(name, 2 * MiB, 1000) == trees[name][2 * MiB:2 * MiB + 1000]
+    assert not [c for c in inner.calls if c[0] == "get"]
+    assert ra.get("data/ab/t0", 2 * MiB, 1000) == trees["data/ab/t0"][2 * MiB:2 * MiB + 1000]
+    assert len([c for c in inner.calls if c[0] == "get"]) == 1  # the oldest was dropped

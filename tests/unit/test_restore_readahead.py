@@ -16,6 +16,8 @@ from deltavault.backends.base import Forwarding
 from deltavault.backends.readahead import ReadAheadBackend
 from deltavault.backup.files.options import FileBackupOptions
 from deltavault.backup.files.run import BackupRequest, run_backup
+from deltavault.model.types import BlobType
+from deltavault.repository.pack import pack_name
 from deltavault.repository.repository import Repository
 from deltavault.restore.files import FileRestorer
 from deltavault.restore.options import RestoreOptions
@@ -76,3 +78,30 @@ def test_a_restore_fetches_each_pack_once_when_its_packs_exceed_the_budget(tmp_p
     assert not twice, f"packs fetched whole more than once: {twice} of {len(packs)}"
     received = sum(n for name, _o, n in recorded.reads if name in packs)
     assert received < sum(packs.values()) + MiB, (received, sum(packs.values()))
+
+
+def test_a_restore_keeps_its_tree_pack_while_held_packs_fill_the_budget(tmp_path: Path) -> None:
+    """The walk reads the tree pack a directory at a time all run long, unheld; a restore's
+    held packs filled the budget and dropped it, and the walk waited for it again (issue
+    #17: an S3 restore fetched its 4.5 MB tree pack two or three times)."""
+    src = tmp_path / "src"
+    rnd = random.Random(5)
+    for d in range(120):
+        (src / f"d{d:03}").mkdir(parents=True)
+        (src / f"d{d:03}" / "f").write_bytes(rnd.randbytes(300_000 + rnd.randrange(100_000)))
+    store = MemoryBackend()
+    repo = Repository.init(store, PASSWORD, pack_size=4 * MiB, scrypt=FAST_SCRYPT, cache_root=tmp_path / "cache")
+    run_backup(repo, BackupRequest(paths=[str(src)], options=FileBackupOptions(racy_window_ns=0)))
+    recorded = _Recording(store)
+    again = Repository.open(ReadAheadBackend(recorded, block=8 * MiB, keep=10 * MiB), lambda: PASSWORD,
+                            use_cache=False)
+    snap = next(snap for _sid, snap in again.list_snapshots())
+    assert snap.tree is not None
+    trees = {pack_name(pid) for pid, entries in again.indexes.index.entries_by_pack().items()
+             if any(e.type == BlobType.TREE for e in entries)}
+    r = FileRestorer(again, tmp_path / "out", RestoreOptions())
+    r.run(snap.tree)
+    assert not r.problems
+    assert manifest(tmp_path / "out" / "src") == manifest(src)
+    fetched = Counter(name for name, _o, _n in recorded.reads if name in trees)
+    assert fetched and all(n == 1 for n in fetched.values()), fetched

@@ -84,6 +84,12 @@ class CountingBackend:
             return lambda: None
         return cast(Callable[[], None], fn(name, offset, length, wait=wait, ahead=ahead))
 
+    def favour(self, name: str) -> None:
+        """A read-ahead's hint that a pack holds listings, passed on."""
+        fn = getattr(self.inner, "favour", None)
+        if fn is not None:
+            fn(name)
+
     def put(self, name: str, data: bytes) -> None:
         self.inner.put(name, data)
         with self._lock:

@@ -36,7 +36,13 @@ budget, for the fixed holds (``wait=False``) to be released; fixed holds must be
 whatever waiting issuers do (a large file's writer holds the segments it has yet to
 submit, so it does not wait; what it holds is bounded by its window). A GET waits for
 room while pinned blocks fill the budget, until no other GET is in flight. Of the blocks
-not held, those served many reads (a tree pack, read a directory at a time) go last.
+not held, those served many reads go last.
+
+``favour`` names a pack of listings (trees): a walk reads it a directory at a time over the
+whole run, unheld. When held packs filled the budget it was dropped all the same, and the
+walk, which every other reader waits on, stopped for its GET: an S3 restore fetched its 4.5
+MB tree pack two or three times (issue #17). Up to ``SPARE`` bytes of such packs are kept
+outside the budget, so memory is at most ``keep + SPARE``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class ReadAheadBackend(Forwarding):
     LARGE = 1024 * 1024  # and so does a first read this large
     PREFETCHING = 2  # background fetches at once (each a pack: what is kept is bounded by keep)
     OFTEN = 64  # a kept block served this many reads is dropped after the others (_evict)
+    SPARE = 16 * 1024 * 1024  # bytes of favoured packs' blocks kept outside the budget
 
     # 16 MiB blocks took two or three GETs per 32 MiB pack: a restore made 57 GETs where
     # restic made 48 (issue #17). A whole pack per GET: 4 packs of 32 MiB, kept or in flight.
@@ -85,6 +92,7 @@ class ReadAheadBackend(Forwarding):
         self._held = 0  # sum of the held packs' estimates
         self._fixed = 0  # fixed holds not released
         self._hits: dict[tuple[str, int], int] = {}  # kept block -> reads served from it
+        self._favoured: OrderedDict[str, None] = OrderedDict()  # packs of listings (bounded)
         self._pool: ThreadPoolExecutor | None = None
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -214,6 +222,18 @@ class ReadAheadBackend(Forwarding):
                 self._room.notify_all()
         return release
 
+    def favour(self, name: str) -> None:
+        """A hint that pack ``name`` holds listings, read a piece at a time all run long:
+        its blocks are kept outside the budget while those of such packs take at most
+        ``SPARE`` bytes (the most recently used first)."""
+        if not name.startswith(self.prefix):
+            return
+        with self._lock:
+            if name not in self._favoured:
+                self._favoured[name] = None
+                if len(self._favoured) > 4096:
+                    self._favoured.popitem(last=False)
+
     def _prefetch(self, name: str, first: int, last: int, length: int) -> None:
         try:
             with self._fetching([(name, i) for i in range(first, last + 1)]):
@@ -301,16 +321,31 @@ class ReadAheadBackend(Forwarding):
     def _evict(self, limit: int) -> None:
         """Drop the least recently used blocks of packs not held until at most ``limit``
         bytes are kept, or only held ones are left (lock held)."""
-        if self._kept <= limit:
+        spared, spare = self._spared()
+        if self._kept - spare <= limit:
             return
-        free = [k for k in self._cache if k[0] not in self._holds]
+        free = [k for k in self._cache if k[0] not in self._holds and k not in spared]
         # Blocks read many times in small pieces go last: a tree pack, read a directory at
         # a time by the walker, unheld, was dropped for data packs and fetched 4 times.
         for key in sorted(free, key=lambda k: self._hits.get(k, 0) >= self.OFTEN):
             self._kept -= len(self._cache.pop(key))
             self._hits.pop(key, None)
-            if self._kept <= limit:
+            if self._kept - spare <= limit:
                 return
+
+    def _spared(self) -> tuple[set[tuple[str, int]], int]:
+        """The kept blocks of favoured packs not held that stay outside the budget, the most
+        recently used first up to ``SPARE`` bytes, and their bytes (lock held)."""
+        keys: set[tuple[str, int]] = set()
+        total = 0
+        if self._favoured:
+            for key in reversed(self._cache):
+                if key[0] in self._favoured and key[0] not in self._holds:
+                    size = len(self._cache[key])
+                    if total + size <= self.SPARE:
+                        keys.add(key)
+                        total += size
+        return keys, total
 
     def _pinned(self) -> int:
         """Bytes of kept blocks of held packs (lock held)."""
@@ -335,6 +370,7 @@ class ReadAheadBackend(Forwarding):
             self._seen.pop(name, None)
             for key in [k for k in self._fetched if k[0] == name]:
                 del self._fetched[key]
+            self._favoured.pop(name, None)
 
     def put(self, name: str, data: bytes) -> None:
         self._forget(name)

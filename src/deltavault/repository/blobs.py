@@ -190,11 +190,15 @@ class BlobReader:
         self.backend = backend
         self.env = env
         self.indexes = indexes
+        # A read-ahead keeps packs of listings, which a walk reads all run long (readahead.py)
+        self._favour: Callable[[str], None] | None = getattr(backend, "favour", None)
 
     def load(self, blob_id: bytes) -> bytes:
         loc = self.indexes.index.lookup(blob_id)
         if loc is None:
             raise CorruptionError(f"blob {blob_id.hex()[:16]} is missing from the index")
+        if loc.type == BlobType.TREE and self._favour is not None:
+            self._favour(pack_name(loc.pack_id))
         sealed = self.backend.get(pack_name(loc.pack_id), loc.offset, loc.length)
         if len(sealed) != loc.length:
             raise CorruptionError(f"blob {blob_id.hex()[:16]}: pack {loc.pack_id.hex()[:16]} is truncated")
@@ -240,6 +244,8 @@ class BlobReader:
             loc = self.indexes.index.lookup(bid)
             if loc is None:
                 raise CorruptionError(f"blob {bid.hex()[:16]} is missing from the index")
+            if loc.type == BlobType.TREE and self._favour is not None and loc.pack_id not in by_pack:
+                self._favour(pack_name(loc.pack_id))
             by_pack.setdefault(loc.pack_id, []).append((loc.offset, loc.length, bid))
         # A read-ahead's view is the kept pack itself, not a copy of up to SPAN bytes of it.
         read = getattr(self.backend, "view", None) or (lambda n, o, ln: memoryview(self.backend.get(n, o, ln)))
