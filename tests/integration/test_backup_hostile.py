@@ -175,7 +175,8 @@ def test_unreadable_directories_make_the_run_partial_with_the_paths_listed(share
     os.chown(home, NOBODY, NOBODY)
     (home / "pw").write_text("pw")
     env = dict(cli.env, DELTAVAULT_REPOSITORY=str(home / "repo"), DELTAVAULT_PASSWORD_FILE=str(home / "pw"),
-               DELTAVAULT_CACHE_DIR=str(home / "cache"), HOME=str(home))
+               DELTAVAULT_CACHE_DIR=str(home / "cache"), HOME=str(home),
+               XDG_CONFIG_HOME=str(home / "config"))  # its host secret: nobody's own
 
     def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",

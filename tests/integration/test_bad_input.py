@@ -43,7 +43,8 @@ def test_unreadable_files_are_listed_and_the_rest_is_saved(shared_dir: Path, cli
     home.mkdir()
     os.chown(home, 65534, 65534)
     env = dict(cli.env, DELTAVAULT_REPOSITORY=str(home / "repo"), DELTAVAULT_PASSWORD_FILE=str(pw),
-               DELTAVAULT_CACHE_DIR=str(home / "cache"), HOME=str(home))
+               DELTAVAULT_CACHE_DIR=str(home / "cache"), HOME=str(home),
+               XDG_CONFIG_HOME=str(home / "config"))  # its host secret: nobody's own
 
     def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
