@@ -93,6 +93,14 @@ class Ext4Scanner:
     # ------------------------------------------------------------------ trust
     def _why_not_trusted(self) -> str:
         sb = self.sb
+        bits = 8 * self.bs  # a group's block and inode bitmaps are one block each
+        isz = sb.s_inode_size
+        if not (0 < sb.s_blocks_per_group <= bits and 0 < sb.s_inodes_per_group <= bits
+                and 128 <= isz <= self.bs and not isz & (isz - 1)):
+            # The kernel refuses to mount these (ext4_fill_super); an inode table sized
+            # by them was read whole, as big as the volume.
+            return (f"impossible geometry: {sb.s_blocks_per_group} blocks and {sb.s_inodes_per_group} "
+                    f"inodes per group, {isz}-byte inodes, {self.bs}-byte blocks")
         if sb.s_feature_incompat & c_ext.EXT3_FEATURE_INCOMPAT_RECOVER:
             return ("the journal needs recovery (mounted read-write, or not cleanly unmounted): the "
                     "metadata on disk is not current")

@@ -1,0 +1,92 @@
+"""A volume whose content a VM's tenant controls, backed up through the real CLI under the
+suite's memory limit (tests/memlimit.py): metadata crafted to make the backup host loop or
+take unbounded memory must end in a backup that reads the blocks, with the reason."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, needs_root, needs_tools
+from tests.integration.volume.conftest import ext4_expected, run, sha256
+
+pytestmark = [needs_root(), pytest.mark.root, needs_tools("mke2fs", "debugfs"), pytest.mark.memory_limit]
+BS = 4096
+
+
+def _node(depth: int, entries: list[tuple[int, int]]) -> bytes:
+    """An extent tree block: (logical, child or physical block) entries, 1 block each."""
+    out = struct.pack("<HHHHI", 0xF30A, len(entries), 340, depth, 0)
+    for lblk, blk in entries:
+        out += struct.pack("<IHHI", lblk, 1, 0, blk) if depth == 0 else struct.pack("<IIHH", lblk, blk, 0, 0)
+    return out.ljust(BS, b"\0")
+
+
+def _ext4_with_fanned_out_tree(tmp: Path) -> Path:
+    """x.bin's extent tree: 4 levels below the inode, each index node naming the next one
+    340 times, a leaf of 340 one-block extents: 4 x 340^4 leaves from 4 blocks."""
+    src = tmp / "src"
+    src.mkdir()
+    (src / "x.bin").write_bytes(b"x" * BS)
+    img = tmp / "v.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    run("mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BS), "-d", str(src), str(img))
+    out = run("debugfs", "-R", "ffb 4 2000", str(img))
+    nodes = [int(b) for b in out.split(":")[-1].split()]
+    data = int(run("debugfs", "-R", "bmap /x.bin 0", str(img)).split()[-1])
+    with open(img, "r+b") as f:
+        for level, blk in enumerate(nodes):  # nodes[0] at depth 3 ... nodes[3] the leaf
+            depth = 3 - level
+            child = nodes[level + 1] if depth else data
+            f.seek(blk * BS)
+            f.write(_node(depth, [(i, child) for i in range(340)]))
+    words = struct.unpack("<15I", struct.pack("<HHHHI", 0xF30A, 4, 4, 4, 0)
+                          + b"".join(struct.pack("<IIHH", i, nodes[0], 0, 0) for i in range(4)))
+    script = "".join(f"sif /x.bin block[{i}] {w}\n" for i, w in enumerate(words))
+    subprocess.run(["debugfs", "-w", "-f", "-", str(img)], input=script, text=True, check=True,
+                   capture_output=True)
+    return img
+
+
+def test_an_extent_tree_fanned_out_into_billions_of_leaves_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """dissect.extfs followed every index entry, and fs-digests listed every leaf: 5 x 10^10
+    from four blocks, so the backup grew without bound and was killed. Now each tree block is
+    read once in the whole scan: the second visit refuses the file system's digests."""
+    img = _ext4_with_fanned_out_tree(tmp_path)
+    assert cli("init").returncode == 0
+    for _ in range(2):
+        r = cli("--json", "backup", "--volume", str(img))
+        assert r.returncode == 0, r.stderr
+    s = r.last("summary")
+    assert s["change_source"] == "block-digests", s
+    why = " ".join(x["reason"] for x in s["rejected"])
+    assert "reached twice" in why or "no checkpoint" in why, why
+    out = tmp_path / "out.img"
+    assert cli("restore", "--volume", s["snapshot"], str(out)).returncode == 0
+    assert sha256(out) == ext4_expected(img, img.stat().st_size)
+
+
+def test_a_superblock_claiming_two_billion_inodes_per_group_is_not_read_whole(cli: Cli, tmp_path: Path) -> None:
+    """s_inodes_per_group is the guest's: 2^31 made each group's inode table "as big as
+    the volume", and it was read into memory whole (2.1 GB of RSS for a 1 GiB volume, killed
+    under the limit). The kernel refuses more inodes per group than a bitmap block has bits;
+    so does the scanner now, and the volume is read block by block, with the reason."""
+    img = tmp_path / "v.img"
+    with open(img, "wb") as f:
+        f.truncate(512 << 20)
+    run("mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BS), str(img))
+    with open(img, "r+b") as f:
+        f.seek(1024 + 0x28)  # s_inodes_per_group
+        f.write(struct.pack("<I", 1 << 31))
+    assert cli("init").returncode == 0
+    r = cli("--json", "backup", "--volume", str(img))
+    assert r.returncode == 0, r.stderr
+    s = r.last("summary")
+    assert any("impossible geometry" in n for n in s["notes"]), s
+    out = tmp_path / "out.img"
+    assert cli("restore", "--volume", s["snapshot"], str(out)).returncode == 0
+    assert sha256(out) == sha256(img)
