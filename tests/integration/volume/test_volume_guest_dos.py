@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,22 @@ from tests.integration.volume.conftest import ext4_expected, run, sha256
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("mke2fs", "debugfs", "mkntfs", "ntfscp", "sfdisk"),
               pytest.mark.memory_limit]
 BS = 4096
+
+
+def _backups(cli: Cli, img: Path, runs: int, *opts: str) -> dict[str, Any]:
+    """A new repository, ``runs`` backups of ``img`` through the CLI: the last summary."""
+    assert cli("init").returncode == 0
+    for _ in range(runs):
+        r = cli("--json", "backup", "--volume", str(img), *opts)
+        assert r.returncode == 0, r.stderr
+    return r.last("summary")  # type: ignore[no-any-return]
+
+
+def _restored(cli: Cli, summary: dict[str, Any], tmp: Path) -> str:
+    """sha256 of the snapshot restored to an image file."""
+    out = tmp / "out.img"
+    assert cli("restore", "--volume", summary["snapshot"], str(out)).returncode == 0
+    return sha256(out)
 
 
 def _node(depth: int, entries: list[tuple[int, int]]) -> bytes:
@@ -58,17 +75,11 @@ def test_an_extent_tree_fanned_out_into_billions_of_leaves_is_refused(cli: Cli, 
     from four blocks, so the backup grew without bound and was killed. Now each tree block is
     read once in the whole scan: the second visit refuses the file system's digests."""
     img = _ext4_with_fanned_out_tree(tmp_path)
-    assert cli("init").returncode == 0
-    for _ in range(2):
-        r = cli("--json", "backup", "--volume", str(img))
-        assert r.returncode == 0, r.stderr
-    s = r.last("summary")
+    s = _backups(cli, img, 2)
     assert s["change_source"] == "block-digests", s
     why = " ".join(x["reason"] for x in s["rejected"])
     assert "reached twice" in why or "no checkpoint" in why, why
-    out = tmp_path / "out.img"
-    assert cli("restore", "--volume", s["snapshot"], str(out)).returncode == 0
-    assert sha256(out) == ext4_expected(img, img.stat().st_size)
+    assert _restored(cli, s, tmp_path) == ext4_expected(img, img.stat().st_size)
 
 
 def test_a_superblock_claiming_two_billion_inodes_per_group_is_not_read_whole(cli: Cli, tmp_path: Path) -> None:
@@ -83,14 +94,9 @@ def test_a_superblock_claiming_two_billion_inodes_per_group_is_not_read_whole(cl
     with open(img, "r+b") as f:
         f.seek(1024 + 0x28)  # s_inodes_per_group
         f.write(struct.pack("<I", 1 << 31))
-    assert cli("init").returncode == 0
-    r = cli("--json", "backup", "--volume", str(img))
-    assert r.returncode == 0, r.stderr
-    s = r.last("summary")
+    s = _backups(cli, img, 1)
     assert any("impossible geometry" in n for n in s["notes"]), s
-    out = tmp_path / "out.img"
-    assert cli("restore", "--volume", s["snapshot"], str(out)).returncode == 0
-    assert sha256(out) == sha256(img)
+    assert _restored(cli, s, tmp_path) == sha256(img)
 
 
 def _ntfs_with_a_sparse_mft(tmp: Path, clusters: int) -> Path:
@@ -128,15 +134,9 @@ def test_an_mft_claiming_a_gibibyte_is_read_a_chunk_at_a_time(cli: Cli, tmp_path
     of a sparse run (so are a million files' records on a real volume). Killed under the
     limit; now its records are read 4,096 at a time, and no further than the volume."""
     img = _ntfs_with_a_sparse_mft(tmp_path, 0x40000)
-    assert cli("init").returncode == 0
-    for _ in range(2):
-        r = cli("--json", "backup", "--volume", str(img), "--free-space", "read")
-        assert r.returncode == 0, r.stderr
-    s = r.last("summary")
+    s = _backups(cli, img, 2, "--free-space", "read")
     assert s["change_source"] == "fs-digests", s
-    out = tmp_path / "out.img"
-    assert cli("restore", "--volume", s["snapshot"], str(out)).returncode == 0
-    assert sha256(out) == sha256(img)
+    assert _restored(cli, s, tmp_path) == sha256(img)
 
 
 def test_a_gpt_of_two_billion_entries_of_size_zero_is_not_used(cli: Cli, tmp_path: Path) -> None:
@@ -151,11 +151,6 @@ def test_a_gpt_of_two_billion_entries_of_size_zero_is_not_used(cli: Cli, tmp_pat
     with open(img, "r+b") as f:
         f.seek(512 + 80)  # the GPT header's NumberOfPartitionEntries, SizeOfPartitionEntry
         f.write(struct.pack("<II", 1 << 31, 0))
-    assert cli("init").returncode == 0
-    r = cli("--json", "backup", "--volume", str(img))
-    assert r.returncode == 0, r.stderr
-    s = r.last("summary")
+    s = _backups(cli, img, 1)
     assert any("reads to parse" in n for n in s["notes"]), s
-    out = tmp_path / "out.img"
-    assert cli("restore", "--volume", s["snapshot"], str(out)).returncode == 0
-    assert sha256(out) == sha256(img)
+    assert _restored(cli, s, tmp_path) == sha256(img)

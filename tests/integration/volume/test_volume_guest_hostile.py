@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,36 @@ def _itable_block(img: Path, name: str) -> int:
     return int(re.search(r"located at block (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
+def _write_there_and_check(vol: Vol, img: Path, tmp: Path, target: str, where: int,
+                           mount: tuple[str, ...], expected: Callable[[], str], **opts: object) -> None:
+    """Back up, write where the decoy points (victim.bin through the kernel, or the tail
+    past the file system straight), back up again: the restore must equal ``expected()``
+    and fs-digests must have refused, saying why."""
+    past = target == "past the file system"
+    if past:  # data there, not a hole (a hole is read once filled)
+        _scribble(img, where)
+    first = vol.backup(img, **opts)
+    if past:
+        _scribble(img, where)
+    else:
+        with loop(img) as dev, mounted(dev, tmp / "m", *mount) as mnt, open(mnt / "victim.bin", "r+b") as h:
+            h.write(os.urandom(64 * 1024))  # in place, through the kernel: a normal write
+    want = expected()
+    r = vol.backup(img, **opts)
+    assert sha256(vol.restore(r.snapshot_id)) == want
+    assert r.report.change_source == "block-digests"
+    # a mapping outside the file system is refused when the digests are made: none kept
+    reasons = " ".join([*(x["reason"] for x in r.report.rejected if x["source"] == "fs-digests"),
+                        *first.report.notes])
+    assert "claimed both by an unchanged file" in reasons or "outside the file system" in reasons, reasons
+
+
+def _scribble(img: Path, block: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(block * 4096)
+        f.write(os.urandom(16 * 4096))
+
+
 @pytest.mark.parametrize("target", ["another file", "the inode table", "past the file system"])
 def test_an_unchanged_file_pointed_at_blocks_others_write_vouches_for_none(
         vol: Vol, tmp_path: Path, target: str) -> None:
@@ -67,26 +98,7 @@ def test_an_unchanged_file_pointed_at_blocks_others_write_vouches_for_none(
     # decoy.bin's one extent (i_block[3..5] after the header): its physical start
     _debugfs(img, f"sif /decoy.bin block[5] {where}")
     _debugfs(img, f"sif /decoy.bin ctime @{DAY_AGO}")  # debugfs stamped it now
-    if target == "past the file system":  # data there, not a hole (holes are read once filled)
-        with open(img, "r+b") as f:
-            f.seek(where * 4096)
-            f.write(os.urandom(16 * 4096))
-    first = vol.backup(img)
-    if target == "past the file system":
-        with open(img, "r+b") as f:
-            f.seek(where * 4096)
-            f.write(os.urandom(16 * 4096))
-    else:
-        with loop(img) as dev, mounted(dev, tmp_path / "m") as mnt, open(mnt / "victim.bin", "r+b") as h:
-            h.write(os.urandom(64 * 1024))  # in place, through the kernel: a normal write
-    expected = ext4_expected(img, SIZE_MB << 20)
-    r = vol.backup(img)
-    assert sha256(vol.restore(r.snapshot_id)) == expected
-    assert r.report.change_source == "block-digests"
-    # a mapping outside the file system is refused when the digests are made: none kept
-    reasons = " ".join([*(x["reason"] for x in r.report.rejected if x["source"] == "fs-digests"),
-                        *first.report.notes])
-    assert "claimed both by an unchanged file" in reasons or "outside the file system" in reasons, reasons
+    _write_there_and_check(vol, img, tmp_path, target, where, (), lambda: ext4_expected(img, SIZE_MB << 20))
 
 
 def _ntfs_point_runs(img: Path, name: str, lcn: int) -> None:
@@ -139,22 +151,5 @@ def test_an_unchanged_ntfs_file_pointed_at_clusters_others_write_vouches_for_non
                                      + ntfs.mft.get("victim.bin").offset // ntfs.cluster_size),
                  "past the file system": lambda: FS_BLOCKS + 100}[target]()
     _ntfs_point_runs(img, "decoy.bin", where)
-    if target == "past the file system":  # data there, not a hole (holes are read once filled)
-        with open(img, "r+b") as f:
-            f.seek(where * 4096)
-            f.write(os.urandom(16 * 4096))
-    first = vol.backup(img)
-    if target == "past the file system":
-        with open(img, "r+b") as f:
-            f.seek(where * 4096)
-            f.write(os.urandom(16 * 4096))
-    else:
-        with loop(img) as dev, mounted(dev, tmp_path / "m", "-t", "ntfs-3g") as mnt, \
-                open(mnt / "victim.bin", "r+b") as h:
-            h.write(os.urandom(64 * 1024))
-    r = vol.backup(img, free_space="read")
-    assert sha256(vol.restore(r.snapshot_id)) == sha256(img)
-    assert r.report.change_source == "block-digests"
-    reasons = " ".join([*(x["reason"] for x in r.report.rejected if x["source"] == "fs-digests"),
-                        *first.report.notes])
-    assert "claimed both by an unchanged file" in reasons or "outside the file system" in reasons, reasons
+    _write_there_and_check(vol, img, tmp_path, target, where, ("-t", "ntfs-3g"), lambda: sha256(img),
+                           free_space="read")
