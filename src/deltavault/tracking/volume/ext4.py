@@ -276,20 +276,19 @@ class Ext4Scanner:
                 h.update(struct.pack(f"<{2 * len(runs)}Q", *(x for run in runs for x in run)))
             d = h.digest(DIGEST)
             digests[inum] = d
-            if not data:
-                # always read (directories, the journal, quota files); not counted as a file
-                for start, count in runs:
-                    self._add_blocks(others, start, count, outward=True)
-                continue
-            racy.see(inum, self._ctime(raw))
-            files += 1
-            if prev is None or prev.get(inum) != d:
-                changed += 1
-                for start, count in runs:
-                    self._add_blocks(others, start, count, outward=True)
-                continue
+            if inum not in special:  # (the reserved inodes are not counted as files)
+                racy.see(inum, self._ctime(raw))
+                files += 1
+                if prev is None or prev.get(inum) != d:
+                    changed += 1
+                    data = False
+            # Blocks of changed files and of what is always read (directories, the
+            # journal, quota files) are claimed by them; an unchanged file's vouched for.
             for start, count in runs:
-                self._add_blocks(unchanged, start, count, outward=False)
+                if data:
+                    self._add_blocks(unchanged, start, count, outward=False)
+                else:
+                    self._add_blocks(others, start, count, outward=True)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
         shared = unchanged & others
         if shared:
