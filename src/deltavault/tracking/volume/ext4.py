@@ -14,7 +14,6 @@ tables, extent tree and xattr blocks, the journal, and the data of changed inode
 
 from __future__ import annotations
 
-import io
 import stat
 import struct
 from typing import Any
@@ -22,13 +21,13 @@ from typing import Any
 import blake3
 from dissect.extfs import ExtFS
 from dissect.extfs.c_ext import c_ext
-from dissect.extfs.extfs import INode, _parse_extents
 from pyroaring import BitMap
 
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected
+from deltavault.tracking.volume.ext4map import Mapper, Runs
 from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
@@ -37,11 +36,7 @@ _OFF = {name: f.offset for name, f in c_ext.ext4_inode.fields.items()}
 # Everything but i_atime, i_checksum_lo/hi, i_extra_isize and the extra atime/crtime.
 _DIGEST_SLICES = ((_OFF["i_mode"], _OFF["i_atime"]), (_OFF["i_ctime"], _OFF["i_checksum_lo"]),
                   (_OFF["i_ctime_extra"], _OFF["i_atime_extra"]))
-_EXTENT_HEADER = struct.Struct("<HHHHI")  # c_ext.ext4_extent_header
-_EXTENT = struct.Struct("<IHHI")  # c_ext.ext4_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
-assert len(c_ext.ext4_extent) == _EXTENT.size and len(c_ext.ext4_extent_header) == _EXTENT_HEADER.size
-EXTENT_MAGIC = 0xF30A
-UNINIT_LEN = 0x8000
+RESIZE_INO = 7
 
 # Not named by dissect (fs/ext4/ext4.h).
 BG_INODE_UNINIT = 0x1
@@ -98,6 +93,14 @@ class Ext4Scanner:
     # ------------------------------------------------------------------ trust
     def _why_not_trusted(self) -> str:
         sb = self.sb
+        bits = 8 * self.bs  # a group's block and inode bitmaps are one block each
+        isz = sb.s_inode_size
+        if not (0 < sb.s_blocks_per_group <= bits and 0 < sb.s_inodes_per_group <= bits
+                and 128 <= isz <= self.bs and not isz & (isz - 1)):
+            # The kernel refuses to mount these (ext4_fill_super); an inode table sized
+            # by them was read whole, as big as the volume.
+            return (f"impossible geometry: {sb.s_blocks_per_group} blocks and {sb.s_inodes_per_group} "
+                    f"inodes per group, {isz}-byte inodes, {self.bs}-byte blocks")
         if sb.s_feature_incompat & c_ext.EXT3_FEATURE_INCOMPAT_RECOVER:
             return ("the journal needs recovery (mounted read-write, or not cleanly unmounted): the "
                     "metadata on disk is not current")
@@ -158,28 +161,36 @@ class Ext4Scanner:
         bpg = sb.s_blocks_per_group
         first = sb.s_first_data_block
         total = self.fs.block_count
-        alloc = BitMap()
-        gdt_blocks = -(-len(self.groups) * self.fs._group_desc_size // self.bs)
+        # Group metadata is in use whatever the group's own bitmap says (and a
+        # BLOCK_UNINIT group has no bitmap on disk).
+        alloc = self._group_metadata()
         for g, gd in enumerate(self.groups):
             start = first + g * bpg
             nblocks = min(bpg, total - start)
-            # Group metadata is in use whatever the group's own bitmap says (and a
-            # BLOCK_UNINIT group has no bitmap on disk).
-            if self._has_super(g):
-                self._add_blocks(alloc, start, 1 + gdt_blocks + sb.s_reserved_gdt_blocks, outward=True)
-            self._add_blocks(alloc, self._gd(gd, "bg_block_bitmap"), 1, outward=True)
-            self._add_blocks(alloc, self._gd(gd, "bg_inode_bitmap"), 1, outward=True)
-            itable_blocks = -(-sb.s_inodes_per_group * sb.s_inode_size // self.bs)
-            self._add_blocks(alloc, self._gd(gd, "bg_inode_table"), itable_blocks, outward=True)
             if gd.bg_flags & BG_BLOCK_UNINIT:
                 continue
             bitmap = self._read(self._gd(gd, "bg_block_bitmap"))
             for s, e in pagesets.set_bit_runs(bitmap, nblocks):
                 self._add_blocks(alloc, start + s, e - s, outward=True)
-        if first:  # 1 KiB blocks: block 0 (the boot block) lies before the first group
-            self._add_blocks(alloc, 0, first, outward=True)
         fs_pages = total * self.bs // PAGE_SIZE
         return Allocation(self.info, fs_pages, alloc)
+
+    def _group_metadata(self) -> BitMap:
+        """Pages of the superblocks, group descriptors, bitmaps and inode tables."""
+        sb = self.sb
+        out = BitMap()
+        gdt_blocks = -(-len(self.groups) * self.fs._group_desc_size // self.bs)
+        itable_blocks = -(-sb.s_inodes_per_group * sb.s_inode_size // self.bs)
+        for g, gd in enumerate(self.groups):
+            if self._has_super(g):
+                start = sb.s_first_data_block + g * sb.s_blocks_per_group
+                self._add_blocks(out, start, 1 + gdt_blocks + sb.s_reserved_gdt_blocks, outward=True)
+            self._add_blocks(out, self._gd(gd, "bg_block_bitmap"), 1, outward=True)
+            self._add_blocks(out, self._gd(gd, "bg_inode_bitmap"), 1, outward=True)
+            self._add_blocks(out, self._gd(gd, "bg_inode_table"), itable_blocks, outward=True)
+        if sb.s_first_data_block:  # 1 KiB blocks: block 0 (the boot block) lies before the first group
+            self._add_blocks(out, 0, sb.s_first_data_block, outward=True)
+        return out
 
     # ------------------------------------------------------------------ inode digests
     def _inode_tables(self) -> Any:
@@ -203,36 +214,25 @@ class Ext4Scanner:
                 for idx in range(s, e):
                     yield g * ipg + idx + 1, table[idx * isz:(idx + 1) * isz]
 
-    def _extents(self, inum: int, raw: bytes) -> list[tuple[int, int]] | None:
-        """Physical (first block, count) runs of a file's or symlink's data; None if it has
-        none. Directories count as metadata: their blocks are always read."""
+    def _mapping(self, mapper: Mapper, inum: int, raw: bytes) -> tuple[Runs, list[int]]:
+        """(data runs, mapping blocks) of any inode that has blocks: files, symlinks,
+        directories and the reserved inodes; none for inline data and fast symlinks. The
+        resize inode's blocks are the reserved descriptor blocks, group metadata already."""
         mode = int.from_bytes(raw[0:2], "little")
         ftype = stat.S_IFMT(mode)
-        if ftype not in (stat.S_IFREG, stat.S_IFLNK):
-            return None
-        flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
-        if flags & c_ext.EXT4_INLINE_DATA_FL:
-            return None
         iblock = raw[_OFF["i_block"]:_OFF["i_block"] + 60]
+        flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
+        if inum == RESIZE_INO or flags & c_ext.EXT4_INLINE_DATA_FL or not any(iblock):
+            return [], []
+        if ftype not in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR) and inum >= self.sb.s_first_ino:
+            return [], []  # devices, FIFOs, sockets
         if flags & c_ext.EXT4_EXTENTS_FL:
-            magic, entries, _max, depth, _gen = _EXTENT_HEADER.unpack_from(iblock, 0)
-            if magic != EXTENT_MAGIC:
-                raise ValueError(f"inode {inum}: bad extent header")
-            if depth == 0:
-                out = []
-                for k in range(entries):
-                    _lblk, ln, hi, lo = _EXTENT.unpack_from(iblock, 12 + 12 * k)
-                    out.append((hi << 32 | lo, ln - UNINIT_LEN if ln > UNINIT_LEN else ln))
-                return out
-            node = INode(self.fs, inum)
-            return [((e.ee_start_hi << 32) | e.ee_start_lo,
-                     e.ee_len - UNINIT_LEN if e.ee_len > UNINIT_LEN else e.ee_len)
-                    for e in _parse_extents(node, io.BytesIO(iblock))]
+            return mapper.extents(inum, iblock)
         size = int.from_bytes(raw[4:8], "little")
         blocks = int.from_bytes(raw[_OFF["i_blocks_lo"]:_OFF["i_blocks_lo"] + 4], "little")
         if ftype == stat.S_IFLNK and size < 60 and blocks == 0:
-            return None  # fast symlink: the target is in i_block
-        return [(b, n) for b, n in INode(self.fs, inum).dataruns() if b]
+            return [], []  # fast symlink: the target is in i_block
+        return mapper.block_map(inum, iblock)
 
     def _superblock_times(self) -> list[int]:
         """The last write and mount times (s_wtime, s_mtime, with their high bytes)."""
@@ -252,31 +252,53 @@ class Ext4Scanner:
         special = self._special_inodes()
         digests: dict[int, bytes] = {}
         racy = Racy(self._superblock_times())
+        mapper = Mapper(self._read, self.bs, self.sb.s_first_data_block, self.fs.block_count)
         unchanged = BitMap()
+        others = self._group_metadata()  # every page some other owner has a block in
         changed = files = 0
         for inum, raw in self._inode_tables():
             h = blake3.blake3()
             for s, e in _DIGEST_SLICES:
                 h.update(raw[s:e])
-            extents = self._extents(inum, raw) if inum not in special else None
+            runs, nodes = self._mapping(mapper, inum, raw)
+            for b in nodes:
+                self._add_blocks(others, b, 1, outward=True)
+            acl = (int.from_bytes(raw[_OFF["i_file_acl_lo"]:_OFF["i_file_acl_lo"] + 4], "little")
+                   | int.from_bytes(raw[_OFF["i_file_acl_high"]:_OFF["i_file_acl_high"] + 2], "little") << 32)
+            if acl:
+                self._add_blocks(others, acl, 1, outward=True)  # the xattr block
+            ftype = stat.S_IFMT(int.from_bytes(raw[0:2], "little"))
+            data = inum not in special and ftype in (stat.S_IFREG, stat.S_IFLNK)
             flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
-            deep = not flags & c_ext.EXT4_EXTENTS_FL or _EXTENT_HEADER.unpack_from(
-                raw, _OFF["i_block"])[3] > 0
-            if extents and deep:
-                # The mapping below the inode is not in the slices above.
-                h.update(struct.pack(f"<{2 * len(extents)}Q", *(x for ext in extents for x in ext)))
+            if runs and data and (nodes or not flags & c_ext.EXT4_EXTENTS_FL):
+                # A deep tree or a block map: the mapping below the inode is not in the
+                # slices above.
+                h.update(struct.pack(f"<{2 * len(runs)}Q", *(x for run in runs for x in run)))
             d = h.digest(DIGEST)
             digests[inum] = d
-            if inum in special:
-                continue  # always read; not counted as a file
-            racy.see(inum, self._ctime(raw))
-            files += 1
-            if prev is None or prev.get(inum) != d:
-                changed += 1
-                continue
-            for start, count in extents or ():
-                self._add_blocks(unchanged, start, count, outward=False)
+            if inum not in special:  # (the reserved inodes are not counted as files)
+                racy.see(inum, self._ctime(raw))
+                files += 1
+                if prev is None or prev.get(inum) != d:
+                    changed += 1
+                    data = False
+            # Blocks of changed files and of what is always read (directories, the
+            # journal, quota files) are claimed by them; an unchanged file's vouched for.
+            for start, count in runs:
+                if data:
+                    self._add_blocks(unchanged, start, count, outward=False)
+                else:
+                    self._add_blocks(others, start, count, outward=True)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
+        shared = unchanged & others
+        if shared:
+            # An unchanged file's digest vouches for its blocks only if nothing else writes
+            # there: a guest can point a file at the journal, an inode table or another
+            # file's data, and every write there would be missed.
+            first = shared.min() * PAGE_SIZE // self.bs
+            raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
+                           f"metadata or another file (the first at block {first}): the file "
+                           "system's mapping cannot vouch for them")
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

@@ -91,7 +91,7 @@ class FsDigestSource:
             raise Rejected(f"the previous metadata digests are missing or damaged: {exc}") from None
         try:
             self.scan = scanner.digest_scan(prev_digests)
-        except DeltavaultError:
+        except (DeltavaultError, Rejected):
             raise
         except Exception as exc:  # damaged on-disk metadata: any parse failure
             raise Rejected(f"the {scanner.kind} metadata could not be parsed: {exc}") from None

@@ -14,8 +14,11 @@ record would be the same.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import blake3
 from dissect.ntfs import NTFS
+from dissect.ntfs.attr import Attribute
 from dissect.ntfs.c_ntfs import (
     ATTRIBUTE_TYPE_CODE,
     FILE_NUMBER_BITMAP,
@@ -31,7 +34,7 @@ from pyroaring import BitMap
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan
+from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected
 from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
@@ -42,6 +45,7 @@ _SI_ACCESS_TIME = slice(24, 32)  # STANDARD_INFORMATION.LastAccessTime
 _SI_CHANGE_TIME = slice(16, 24)  # STANDARD_INFORMATION.ChangeTime (of the MFT record)
 _FILETIME_UNIX = 11644473600  # seconds from 1601 (FILETIME's epoch) to 1970
 _VOLUME_FLAGS = slice(10, 12)  # VOLUME_INFORMATION.Flags
+CHUNK_RECORDS = 4096  # MFT records read at a time (4 MiB of 1 KiB records)
 
 
 def probe(reader: VolumeReader) -> bool:
@@ -81,7 +85,8 @@ class NtfsScanner:
 
     def allocation(self) -> Allocation:
         if self._alloc is None:
-            bitmap = self.ntfs.mft.get(FILE_NUMBER_BITMAP).open().read()
+            # a bit per cluster: no more is read, whatever size the guest gave $Bitmap
+            bitmap = self.ntfs.mft.get(FILE_NUMBER_BITMAP).open().read(-(-self.clusters // 8))
             alloc = BitMap()
             for s, e in pagesets.set_bit_runs(bitmap, self.clusters):
                 pagesets.add_bytes(alloc, s * self.cs, e * self.cs, outward=True)
@@ -89,74 +94,124 @@ class NtfsScanner:
             self._alloc = Allocation(self.info, self.clusters * self.cs // PAGE_SIZE, alloc)
         return self._alloc
 
-    def _records(self) -> list[MftRecord]:
-        """Base records in use (extension records are reached through their base)."""
-        ntfs = self.ntfs
-        rs = ntfs._record_size
-        size = ntfs.mft.get(FILE_NUMBER_MFT).size()
-        fh = ntfs.mft.fh
-        fh.seek(0)
-        data = fh.read(size)
-        out = []
-        for n in range(len(data) // rs):
-            raw = data[n * rs:(n + 1) * rs]
-            if raw[:4] != b"FILE":
-                continue
-            rec = MftRecord.from_bytes(raw, ntfs)
-            rec.segment = n
-            if not rec.header.Flags & FILE_RECORD_SEGMENT_IN_USE:
-                continue
-            if segment_reference(rec.header.BaseFileRecordSegment) != 0:
-                continue
-            out.append(rec)
-        return out
+    def _slots(self) -> Iterator[tuple[int, bytes]]:
+        """(number, raw bytes) of every record slot of the MFT, a chunk at a time: an MFT
+        holds a record per file (1 GiB for a million files), and its size is the guest's."""
+        rs = self.ntfs._record_size
+        count = min(self.ntfs.mft.get(FILE_NUMBER_MFT).size(), self.clusters * self.cs) // rs
+        fh = self.ntfs.mft.fh
+        for first in range(0, count, CHUNK_RECORDS):
+            fh.seek(first * rs)
+            data = fh.read(min(CHUNK_RECORDS, count - first) * rs)
+            for i in range(len(data) // rs):
+                yield first + i, data[i * rs:(i + 1) * rs]
 
     @staticmethod
-    def _is_special(rec: MftRecord) -> bool:
+    def _parse(n: int, raw: bytes) -> MftRecord | None:
+        """A record in use, parsed without an NTFS object: dissect then does not follow
+        $ATTRIBUTE_LIST entries, which a guest can make loop or fan out without end (each
+        list's entries parse other records' lists again). Extension records are found by
+        their base reference instead (``_records``)."""
+        if raw[:4] != b"FILE":
+            return None
+        rec = MftRecord.from_bytes(raw, None)
+        rec.segment = n
+        return rec if rec.header.Flags & FILE_RECORD_SEGMENT_IN_USE else None
+
+    def _records(self) -> Iterator[tuple[MftRecord, list[Attribute]]]:
+        """Base records in use, each with its attributes and its extension records'."""
+        extensions: dict[int, list[int]] = {}
+        for n, raw in self._slots():
+            rec = self._parse(n, raw)
+            if rec is not None and (base := segment_reference(rec.header.BaseFileRecordSegment)):
+                extensions.setdefault(base, []).append(n)
+        rs = self.ntfs._record_size
+        fh = self.ntfs.mft.fh
+        for n, raw in self._slots():
+            rec = self._parse(n, raw)
+            if rec is None or segment_reference(rec.header.BaseFileRecordSegment) != 0:
+                continue
+            attrs = [a for group in rec.attributes.values() for a in group]
+            for e in extensions.get(n, ()):
+                fh.seek(e * rs)
+                ext = self._parse(e, fh.read(rs))
+                if ext is not None:
+                    attrs.extend(a for group in ext.attributes.values() for a in group)
+            yield rec, attrs
+
+    @staticmethod
+    def _is_special(rec: MftRecord, attrs: list[Attribute]) -> bool:
         if rec.segment is None or rec.segment < FIRST_USER_RECORD:
             return True
-        names = rec.attributes[ATTRIBUTE_TYPE_CODE.FILE_NAME]
+        names = [a for a in attrs if a.header.type == ATTRIBUTE_TYPE_CODE.FILE_NAME]
         return not names or any(
             segment_reference(a.attribute.attr.ParentDirectory) == FILE_NUMBER_EXTEND for a in names)
+
+    def _runs(self, attr: Attribute, n: int) -> list[tuple[int, int]]:
+        hdr = attr.header
+        if hdr.resident:
+            return []
+        out = [(lcn, count) for lcn, count in hdr.dataruns() if lcn is not None]
+        for lcn, count in out:
+            if lcn < 0 or count < 0 or lcn + count > self.clusters:
+                raise Rejected(f"MFT record {n}: a run of clusters {lcn}+{count} lies outside the "
+                               f"file system ({self.clusters} clusters)")
+        return out
+
+    def _add(self, bm: BitMap, runs: list[tuple[int, int]], *, outward: bool) -> None:
+        for lcn, count in runs:
+            pagesets.add_bytes(bm, lcn * self.cs, (lcn + count) * self.cs, outward=outward)
 
     def digest_scan(self, prev: dict[int, bytes] | None) -> DigestScan:
         digests: dict[int, bytes] = {}
         unchanged = BitMap()
+        others = BitMap()  # every page some other owner (metadata, a changed file) has a cluster in
         changed = files = 0
         racy = Racy([])
-        for rec in self._records():
+        for rec, attrs in self._records():
             n = rec.segment
             assert n is not None
             h = blake3.blake3()
             h.update(rec.header.SequenceNumber.to_bytes(2, "little"))
             ctime: int | None = None
-            for si in rec.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]:
+            for si in (a for a in attrs if a.header.type == ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION):
                 value = bytearray(si.data())
                 value[_SI_ACCESS_TIME] = bytes(8)
                 h.update(value)
                 if len(value) >= _SI_CHANGE_TIME.stop:
                     ctime = int.from_bytes(value[_SI_CHANGE_TIME], "little") // 10**7 - _FILETIME_UNIX
             runs: list[tuple[int, int]] = []
-            data_attrs = sorted(rec.attributes[ATTRIBUTE_TYPE_CODE.DATA],
+            data_attrs = sorted((a for a in attrs if a.header.type == ATTRIBUTE_TYPE_CODE.DATA),
                                 key=lambda a: (a.header.name, a.header.lowest_vcn or 0))
             for a in data_attrs:
                 hdr = a.header
                 hdr.fh.seek(hdr.offset)
                 h.update(hdr.fh.read(hdr.record_length))
-                if not hdr.resident:
-                    runs.extend((lcn, count) for lcn, count in hdr.dataruns() if lcn is not None)
+                runs.extend(self._runs(a, n))
+            for a in attrs:  # index allocations, non-resident lists, $EA, ...: metadata
+                if a.header.type != ATTRIBUTE_TYPE_CODE.DATA:
+                    self._add(others, self._runs(a, n), outward=True)
             d = h.digest(DIGEST)
             digests[n] = d
             racy.see(n, ctime)  # (a system file's time counts towards the newest too)
-            if self._is_special(rec):
+            if self._is_special(rec, attrs):
+                self._add(others, runs, outward=True)
                 continue  # always read; not counted as a file
             files += 1
             if prev is None or prev.get(n) != d:
                 changed += 1
+                self._add(others, runs, outward=True)
                 continue
-            for lcn, count in runs:
-                pagesets.add_bytes(unchanged, lcn * self.cs, (lcn + count) * self.cs, outward=False)
+            self._add(unchanged, runs, outward=False)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
+        shared = unchanged & others
+        if shared:
+            # An unchanged file's digest vouches for its clusters only if nothing else
+            # writes there: a guest can point a file's runs at the MFT, $LogFile or another
+            # file's data, and every write there would be missed.
+            raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
+                           f"metadata or another file (the first at byte {shared.min() * PAGE_SIZE}): "
+                           "the file system's mapping cannot vouch for them")
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

@@ -27,12 +27,33 @@ from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo, Partition
 from deltavault.tracking.volume import pagesets
 from deltavault.tracking.volume.base import UNITS, Allocation, DigestScan, FsScanner
-from deltavault.tracking.volume.readers import VolumeReader
+from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
 Probe = Callable[[VolumeReader], tuple[FsScanner | None, str]]
 KIND = "partitions"
 KEY_SHIFT = 48  # inode and MFT record numbers stay below 2**48
 MAX_PARTITIONS = 1 << 15
+
+
+TABLE_READS = 1 << 14  # a GPT of 16,000 entries (128 is usual), read one at a time, and its MBR
+
+
+class TableFile(ReaderFile):
+    """The volume as dissect.volume reads its partition table, for at most TABLE_READS
+    reads. The table is the guest's: dissect reads as many GPT entries as the header
+    claims (2^32, of any size, 0 included: the same entry again and again) and follows
+    extended partitions recursively (an EBR naming itself four times fans out without
+    end). The reads are bounded here, whatever the scheme does with them."""
+
+    def __init__(self, reader: VolumeReader) -> None:
+        super().__init__(reader)
+        self.reads = 0
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        if self.reads > TABLE_READS:
+            raise ValueError(f"the partition table took more than {TABLE_READS} reads")
+        return super().pread(offset, length)
 
 
 class OffsetReader:
@@ -138,13 +159,15 @@ def detect_partitions(reader: VolumeReader, probe: Probe) -> tuple[FsScanner | N
     partition that ``probe`` finds a file system in."""
     from dissect.volume.disk import Disk
 
-    from deltavault.tracking.volume.readers import ReaderFile
-
+    fh = TableFile(reader)
     try:
-        table = Disk(ReaderFile(reader))
+        table = Disk(fh)
     except DeltavaultError:
         raise
     except Exception:  # no table, or a damaged one: not an error, just no awareness
+        if fh.reads > TABLE_READS:
+            return None, (f"a partition table that takes more than {TABLE_READS} reads to parse (an entry "
+                          "count or a chain of extended partitions without end): not used")
         return None, "no partition table and no ext2/3/4 or NTFS file system at the start of the volume"
     parts: list[Part] = []
     skipped: list[str] = []
