@@ -10,7 +10,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from tests.conftest import Cli
+from tests.conftest import Cli, needs_root
+from tests.loopdev import fresh_fs
 
 NOBODY = 65534
 
@@ -122,3 +123,28 @@ def test_report_temp_file_swapped_for_a_symlink_changes_nothing_outside(cli: Cli
     assert "swapped" in swapped, "the attacker never saw the temporary file"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.read_bytes() == b"root only\n"
     assert r.returncode != 0 or not (shared / "r.html").is_symlink()
+
+
+@needs_root()
+def test_report_and_dump_onto_a_full_file_system_exit_14_and_leave_nothing(cli: Cli, tmp_path: Path) -> None:
+    """`report --html` onto a full disk ended with a traceback (ENOSPC from its write, exit 1,
+    "internal error"), as `dump --target` had: now exit 14 naming FILE, no temporary file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(64 * 1024))
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    (tmp_path / "fs").mkdir()
+    with fresh_fs(tmp_path / "fs", "8M", "mkfs.ext4", "-q", "-F", "-m", "0") as mnt:
+        with open(mnt / "fill", "wb") as fill:  # the file system full, to its last block
+            try:
+                while True:
+                    fill.write(b"\0" * 4096)
+                    fill.flush()
+            except OSError:
+                pass
+        for args, what in ((["report", "--html", str(mnt / "r.html")], "the report"),
+                           (["dump", "latest", "/", "--target", str(mnt / "d.tar")], "the dump")):
+            r = cli(*args)
+            assert r.returncode == 14, (args, r.returncode, r.stderr)
+            assert f"cannot write {what} to {mnt}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert sorted(p.name for p in mnt.iterdir()) == ["fill", "lost+found"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from deltavault.cli.common import Context
 from deltavault.cli.outfile import OutputFile
-from deltavault.errors import NO_SPACE_ERRNOS, NoSpace, UsageError
+from deltavault.errors import UsageError
 from deltavault.fs.sources import snapshot_path, source_roots
 from deltavault.model.nodes import Node, NodeType
 from deltavault.objects.walk import find
@@ -75,8 +75,8 @@ def _output(ctx: Context, target: str | None, *, binary_dir: bool):  # type: ign
     try:
         yield out.file
     except BaseException as exc:
-        out.abort()
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:  # was a traceback, exit 1
-            raise NoSpace(f"cannot write the dump to {target}: {exc.strerror}") from None
-        raise
+        err = out.failed(exc)
+        if err is exc:
+            raise
+        raise err from None
     out.commit()

@@ -51,9 +51,9 @@ def run(ctx: Context) -> int:
             out.file.write(page)
             out.commit()
             size = len(page)
-    except BaseException:
-        if out is not None:
-            out.abort()
+    except BaseException as exc:
+        if out is not None and (err := out.failed(exc)) is not exc:
+            raise err from None
         raise
     where = str(out.path) if out is not None else None
     ctx.emit({"type": "report", "html": where, **as_data(rep)},

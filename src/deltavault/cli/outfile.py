@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO
 
-from deltavault.errors import DeltavaultError, TargetError, UsageError
+from deltavault.errors import NO_SPACE_ERRNOS, DeltavaultError, NoSpace, TargetError, UsageError
 from deltavault.fs.trusted import open_target_root
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -76,13 +76,24 @@ class OutputFile:
             os.rename(self.tmp, self.name, src_dir_fd=self.dir, dst_dir_fd=self.dir)
             now = os.stat(self.name, dir_fd=self.dir, follow_symlinks=False)
         except OSError as exc:
-            self.abort()
-            raise self.error(f"cannot write {self.what} to {self.path}: {exc.strerror or exc}") from None
+            err = self.failed(exc)
+            raise (err if err is not exc else self.error(
+                f"cannot write {self.what} to {self.path}: {exc.strerror or exc}")) from None
         os.close(self.dir)
         self.dir = -1
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             raise TargetError(f"{self.path} is not the file written: its temporary file was replaced during "
                               "the run (another user writes in that directory)")
+
+    def failed(self, exc: BaseException) -> BaseException:
+        """What to raise when ``exc`` ended the writing, the temporary file removed: a full
+        file system is NoSpace (exit 14), naming FILE (``dump --target`` and ``report --html``
+        onto a full disk ended with a traceback, exit 1); another failure of the commit is the
+        command's error; anything else is ``exc`` itself."""
+        self.abort()
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return NoSpace(f"cannot write {self.what} to {self.path}: {exc.strerror}")
+        return exc
 
     def abort(self) -> None:
         try:
