@@ -71,12 +71,5 @@ def _output(ctx: Context, target: str | None, *, binary_dir: bool):  # type: ign
         return
     # Written whole or not at all, never through a planted symlink (cli/outfile.py); 0600
     # whatever the umask, as an archive holds every file of the snapshot, whoever owned it.
-    out = OutputFile(Path(target), "the dump", 0o600, exact=True)
-    try:
-        yield out.file
-    except BaseException as exc:
-        err = out.failed(exc)
-        if err is exc:
-            raise
-        raise err from None
-    out.commit()
+    with OutputFile(Path(target), "the dump", 0o600, exact=True).writing() as out:
+        yield out

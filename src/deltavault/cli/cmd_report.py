@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 from deltavault.cli.cmd_forget import add_policy_options, group_by_of, policy_of
@@ -41,20 +42,15 @@ def run(ctx: Context) -> int:
     opts = ReportOptions(snapshots=a.snapshots, sources=a.source, since=a.since,
                          policy=None if policy.empty() else policy, group_by=group_by_of(a))
     out = OutputFile(Path(a.html or DEFAULT_FILE), "the report", error=UsageError) if a.html or not ctx.json else None
-    try:
+    with out.writing() if out is not None else nullcontext() as f:
         repo = ctx.open_repo()
         with ctx.read_lock(repo, "report"):
             rep = build_report(repo, opts)
         size = 0
-        if out is not None:
+        if f is not None:
             page = render_html(rep).encode()
-            out.file.write(page)
-            out.commit()
+            f.write(page)
             size = len(page)
-    except BaseException as exc:
-        if out is not None and (err := out.failed(exc)) is not exc:
-            raise err from None
-        raise
     where = str(out.path) if out is not None else None
     ctx.emit({"type": "report", "html": where, **as_data(rep)},
              f"report of {rep.snapshots} snapshot(s) of {len(rep.sources)} source(s) written to {where} "

@@ -14,6 +14,7 @@ from deltavault.fs.patterns import Pattern, PatternSet, read_pattern_file
 from deltavault.fs.sources import SnapshotMatcher
 from deltavault.maintenance.rewrite import kept_paths, replace_snapshot, rewrite_tree
 from deltavault.objects.trees import load_nodes
+from deltavault.repository.hosttag import carried_tag
 from deltavault.repository.snapshots import short_id
 
 
@@ -66,9 +67,9 @@ def run(ctx: Context) -> int:
             repo.flush()  # the new trees are stored and indexed before the snapshot naming them
             top = {n.name for n in load_nodes(repo, res.tree)}
             summary = msgspec.structs.replace(snap.summary, bytes_total=res.bytes_total) if snap.summary else None
-            # a new tree: the host tag, which binds the old one, is dropped (hosttag.carried_tag)
-            new = msgspec.structs.replace(snap, tree=res.tree, paths=kept_paths(snap, top), summary=summary,
-                                          host_tag=None)
+            # a new tree: the host tag, which binds the old one, is dropped
+            new = carried_tag(snap, msgspec.structs.replace(snap, tree=res.tree, paths=kept_paths(snap, top),
+                                                            summary=summary))
             if a.keep_original:
                 nid = repo.save_snapshot(msgspec.structs.replace(new, original=snap.original or sid))
             else:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,24 +78,33 @@ class OutputFile:
             os.rename(self.tmp, self.name, src_dir_fd=self.dir, dst_dir_fd=self.dir)
             now = os.stat(self.name, dir_fd=self.dir, follow_symlinks=False)
         except OSError as exc:
-            err = self.failed(exc)
-            raise (err if err is not exc else self.error(
-                f"cannot write {self.what} to {self.path}: {exc.strerror or exc}")) from None
+            self.abort()
+            raise self._full(exc) or self.error(
+                f"cannot write {self.what} to {self.path}: {exc.strerror or exc}") from None
         os.close(self.dir)
         self.dir = -1
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             raise TargetError(f"{self.path} is not the file written: its temporary file was replaced during "
                               "the run (another user writes in that directory)")
 
-    def failed(self, exc: BaseException) -> BaseException:
-        """What to raise when ``exc`` ended the writing, the temporary file removed: a full
-        file system is NoSpace (exit 14), naming FILE (``dump --target`` and ``report --html``
-        onto a full disk ended with a traceback, exit 1); another failure of the commit is the
-        command's error; anything else is ``exc`` itself."""
-        self.abort()
+    @contextmanager
+    def writing(self) -> Iterator[BinaryIO]:
+        """The file to write; FILE is put in place when the block ends, and on any error the
+        temporary file is removed. A full file system is NoSpace (exit 14), naming FILE:
+        ``dump --target`` and ``report --html`` onto a full disk ended with a traceback."""
+        try:
+            yield self.file
+        except BaseException as exc:
+            self.abort()
+            if (full := self._full(exc)) is not None:
+                raise full from None
+            raise
+        self.commit()
+
+    def _full(self, exc: BaseException) -> NoSpace | None:
         if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
             return NoSpace(f"cannot write {self.what} to {self.path}: {exc.strerror}")
-        return exc
+        return None
 
     def abort(self) -> None:
         try:

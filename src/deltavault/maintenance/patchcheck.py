@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from deltavault.errors import DeltavaultError
-from deltavault.model.content import ContentRef, Full, Hole, Patch, ref_blob_ids
+from deltavault.model.content import ContentRef, Hole, Patch, ref_blob_ids
 from deltavault.objects.patch import decode_patch
 from deltavault.objects.reader import size_fault
 from deltavault.objects.store import BlobReader
@@ -28,7 +28,7 @@ def refused(repo: BlobReader, ref: ContentRef, bad: set[bytes], patches: PatchCh
     ``patches`` (``check --read-data``), a patch that does not apply."""
     if isinstance(ref, Hole):
         return None
-    if ref.id in bad if isinstance(ref, Full) else any(b in bad for b in ref_blob_ids(ref)):
+    if any(b in bad for b in ref_blob_ids(ref)):
         return None
     fault = size_fault(repo, ref)
     if fault is None and patches is not None and isinstance(ref, Patch):

@@ -25,6 +25,7 @@ from deltavault.model.content import ContentRef, Full, Hole, Patch, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.types import BlobType
 from deltavault.objects.trees import encode_tree, load_nodes
+from deltavault.repository.hosttag import carried_tag
 from deltavault.repository.pack import PackEntry, pack_name, read_pack_entries
 from deltavault.repository.packwriter import PackWriter
 from deltavault.repository.repository import Repository
@@ -199,8 +200,8 @@ def _rewrite_snapshots(repo: Repository, check: CheckReport, rep: RepairReport) 
         if new_root == snap.tree:
             continue
         repo.flush()
-        new = msgspec.structs.replace(snap, tree=new_root, parent=sid, host_tag=None,  # its tree changed
-                                      tags=sorted({*snap.tags, "repaired"}))
+        new = carried_tag(snap, msgspec.structs.replace(snap, tree=new_root, parent=sid,  # its tree changed
+                                                        tags=sorted({*snap.tags, "repaired"})))
         new_id = repo.save_snapshot(new)
         repo.delete_snapshot(sid)
         rep.rewritten[sid] = new_id

@@ -37,7 +37,6 @@ SIZE_AT = 48  # a table sized for N records has at least N / SIZE_AT buckets ...
 GROW_AT = 96  # ... and is rebuilt, 4x larger, when it holds more than GROW_AT a bucket
 RECORD_FORMAT, RECORD_SIZE = _REC.format, _RS  # for indexcache.py
 _ENDS = struct.Struct("<32xIQI9x")  # a record's pack number, offset and length only
-_RAW = struct.calcsize("<32sIQI")  # where a record's raw length starts
 
 _Table = tuple[int, list[bytearray | None]]  # (shift: 32 - bits, buckets)
 
@@ -224,13 +223,13 @@ class Index:
         return BlobLocation(self._packs[r[1]], r[2], r[3], BlobType(r[5]))
 
     def raw_length(self, blob_id: bytes) -> int:
-        r = self._record(blob_id)
-        return 0 if r is None else r[4]
+        """The blob's plaintext length; 0 if it is not indexed."""
+        return self.plain_size(blob_id) or 0
 
     def plain_size(self, blob_id: bytes) -> int | None:
         """The blob's plaintext length, None if it is not indexed (one lookup)."""
-        hit = self._find(blob_id)
-        return None if hit is None else int.from_bytes(hit[0][hit[1] + _RAW:hit[1] + _RAW + 4], "little")
+        r = self._record(blob_id)
+        return None if r is None else r[4]
 
     def position(self, blob_id: bytes) -> int | None:
         """Dense number of the blob (0..len-1), for bitmaps of marks."""

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 
 from deltavault.backup.files.catalog_writer import CatalogWriter
 from deltavault.backup.files.dirs import Child, DirJob, TreeWriter
-from deltavault.backup.files.nodes import dir_clean, fd_xattrs, handle_xattrs, make_node, same_meta
+from deltavault.backup.files.nodes import (
+    bounded_xattrs,
+    dir_clean,
+    handle_xattrs,
+    make_node,
+    same_meta,
+)
 from deltavault.backup.files.ntfsmeta import PendingStreams, for_source
 from deltavault.backup.files.options import Excludes, FileBackupOptions, RunLog, Source, Store
 from deltavault.backup.files.previous import PrevDir, PreviousState
@@ -329,7 +335,7 @@ class FileArchiver:
             ntfs = self.files.ntfs
             dstreams: PendingStreams = []
             if ntfs is None or fst.st_dev != ntfs.dev:
-                node = make_node(name, NodeType.DIR, fst, fd_xattrs(self.log, fd, path))
+                node = make_node(name, NodeType.DIR, fst, bounded_xattrs(self.log, fd, path))
             else:  # (its streams too, as "dir:stream" in its parent, when that is on the same volume)
                 named = fsname != b"." and os.fstat(dir_fd).st_dev == fst.st_dev
                 node, dstreams = ntfs.node(make_node(name, NodeType.DIR, fst, ntfs.xattrs(fd, path)), fd, path,

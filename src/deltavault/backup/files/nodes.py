@@ -43,12 +43,6 @@ def dir_clean(node: Node, prev: Node | None) -> bool:
     return prev is not None and same_meta(msgspec.structs.replace(node, subtree=prev.subtree), prev)
 
 
-def fd_xattrs(log: RunLog, fd: int, path: bytes) -> Xattrs:
-    """xattrs of an open entry, up to fs.meta.INLINE_MAX together: what is left out is
-    reported; [] (reported) if they cannot be read."""
-    return bounded_xattrs(log, fd, path)
-
-
 def bounded_xattrs(log: RunLog, target: int | bytes, path: bytes, *, follow: bool = False,
                    want: Callable[[bytes], bool] | None = None, quiet: tuple[int, ...] = ()) -> Xattrs:
     """The xattrs of ``target`` (an fd, or a /proc path of a handle) that ``want`` takes, up

@@ -18,7 +18,7 @@ from deltavault.backup.files.content import ContentReader
 from deltavault.backup.files.delta import PrevContent
 from deltavault.backup.files.dirs import Child
 from deltavault.backup.files.fileio import FileChanged
-from deltavault.backup.files.nodes import fd_xattrs, make_node
+from deltavault.backup.files.nodes import bounded_xattrs, make_node
 from deltavault.backup.files.ntfsmeta import NtfsEntries
 from deltavault.backup.files.options import FileBackupOptions, RunLog, Store
 from deltavault.backup.files.pending import PendingContent
@@ -229,7 +229,7 @@ class RegularFiles:
         stats.bytes_read += pending.bytes_read
         self.log.reporter.advance(nbytes=fst.st_size, items=1)
         if self.ntfs is None or fst.st_dev != self.ntfs.dev:
-            return Child(make_node(name, NodeType.FILE, fst, fd_xattrs(self.log, fd, path)), False, content=pending)
+            return Child(make_node(name, NodeType.FILE, fst, bounded_xattrs(self.log, fd, path)), False, content=pending)
         node = make_node(name, NodeType.FILE, fst, self.ntfs.xattrs(fd, path))
         node, streams = self.ntfs.node(node, fd, path, dir_fd=dir_fd, fsname=fsname, ino=fst.st_ino)
         return Child(node, False, content=pending, streams=streams)
