@@ -8,7 +8,7 @@ import ctypes
 import platform
 import struct
 
-NUMBERS = {"copy_file_range": {"x86_64": 326, "aarch64": 285}}
+NUMBERS = {"copy_file_range": {"x86_64": 326, "aarch64": 285}, "fsetxattr": {"x86_64": 190, "aarch64": 7}}
 _LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
 _RET_ERRNO, _RET_ALLOW = 0x00050000, 0x7FFF0000
 

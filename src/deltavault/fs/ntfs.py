@@ -164,8 +164,9 @@ def _read_inline(target: int | bytes, res: ReadResult) -> None:
                           "(mount with streams_interface=windows)")
     got = read_upto(target, [n for n in names if n.startswith(XATTR_STREAM)], follow=True)
     for n, value in got.values:
-        res.stream_names.append(n[len(XATTR_STREAM):])
-        res.inline[n[len(XATTR_STREAM):]] = value
+        stream = n[len(XATTR_STREAM):]
+        res.stream_names.append(stream)
+        res.inline[stream] = value
     for n in got.big:
         res.losses.append(f"stream {display(n[len(XATTR_STREAM):])} is over 64 KiB, which ntfs-3g's "
                           "streams_interface=xattr cannot read: not stored (mount with "

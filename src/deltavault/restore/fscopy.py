@@ -56,9 +56,10 @@ class CopyStats:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, what went wrong)
 
 
-def _node(dir_fd: int, name: bytes, st: os.stat_result, ntfs: bool, problem: Callable[[str], None]) -> Node:
-    """The entry ``name`` of ``dir_fd`` as a node; its xattrs up to fs.meta.INLINE_MAX
-    together, what is left out given to ``problem``."""
+def _node(dir_fd: int, name: bytes, st: os.stat_result, ntfs: bool, path: bytes,
+          problem: Callable[[bytes, str], None]) -> Node:
+    """The entry ``name`` of ``dir_fd`` (the copy's ``path``) as a node; its xattrs up to
+    fs.meta.INLINE_MAX together, what is left out given to ``problem(path, message)``."""
     kind = _TYPES.get(stat.S_IFMT(st.st_mode))
     if kind is None:
         raise OSError(errno.EINVAL, "a socket or unknown file type; not copied")
@@ -68,7 +69,7 @@ def _node(dir_fd: int, name: bytes, st: os.stat_result, ntfs: bool, problem: Cal
         got = read_bounded(where)
         xattrs, left = got.values, got.left()
         if left is not None:
-            problem(left)
+            problem(path, left)
     if ntfs and kind != NodeType.SYMLINK:
         for key in NTFS_XATTRS:
             try:
@@ -132,8 +133,7 @@ class TreeCopier:
                 st = os.stat(comp, dir_fd=s, follow_symlinks=False)
                 if not stat.S_ISDIR(st.st_mode):
                     raise OSError(errno.ENOTDIR, f"{display(comp)} is not a directory in the file system")
-                where = b"/".join(parts[:i + 1])
-                node = _node(s, comp, st, self.ntfs, lambda m: self.problem(where, m))  # noqa: B023 (called at once)
+                node = _node(s, comp, st, self.ntfs, b"/".join(parts[:i + 1]), self.problem)
                 ns = open_dir_at(s, comp)
                 try:
                     nd, _ident, _made = make_dir(d, comp, final_of(node, self.meta))
@@ -185,7 +185,7 @@ class TreeCopier:
                links: LinkSources) -> tuple[int, int, Node] | None:
         """Copy one entry; for a directory, return (source fd, target fd, node) to descend."""
         st = os.stat(name, dir_fd=s, follow_symlinks=False)
-        node = _node(s, name, st, self.ntfs, lambda m: self.problem(path, m))
+        node = _node(s, name, st, self.ntfs, path, self.problem)
         shared = True  # the target may be anybody's
         if node.type == NodeType.DIR:
             nd, _ident, _made = make_dir(d, name, final_of(node, self.meta))

@@ -295,9 +295,11 @@ class Receiver:
         if installed or not needs_copy(self.root, first, rels, hst):
             return h, hst
         try:
-            return detach(self.root, first, h, self.temps, self.buffers)
+            copy, cst, problems = detach(self.root, first, h, self.temps, self.buffers)
         finally:
             os.close(h)
+        self.meta_problems(first, problems)
+        return copy, cst
 
     def _link(self, rel: bytes, first: bytes, h: int, hst: os.stat_result) -> None:
         action = hard_link(self.root, rel, h, hst, self.temps, lambda fd, n: self.clear_dir(fd, n, rel))

@@ -23,7 +23,7 @@ from deltavault.fs.dirfd import (
     rename_checked,
     reopen,
 )
-from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_xattrs
+from deltavault.fs.meta import ApplyProblems, apply_meta_fd, read_bounded
 from deltavault.fs.paths import display
 from deltavault.sync.data import BufferPool, copy_data
 from deltavault.sync.receiver.temps import Temps
@@ -109,9 +109,11 @@ def needs_copy(root: int, first: bytes, rels: list[bytes], handle_st: os.stat_re
     return have < len(names) and have != handle_st.st_nlink
 
 
-def detach(root: int, first: bytes, handle: int, temps: Temps, buffers: BufferPool) -> tuple[int, os.stat_result]:
+def detach(root: int, first: bytes, handle: int, temps: Temps,
+           buffers: BufferPool) -> tuple[int, os.stat_result, list[str]]:
     """Replace DST/first by a copy of the file ``handle`` names (a reflink where the file
-    system can), with its metadata; returns a handle to the copy."""
+    system can), with its metadata; returns a handle to the copy (from the fd it was
+    written through), its stat, and what of its metadata was not read or not set."""
     st = os.fstat(handle)
     fdir, _, fname = first.rpartition(b"/")
     dfd = open_dir_path(root, fdir)
@@ -119,23 +121,36 @@ def detach(root: int, first: bytes, handle: int, temps: Temps, buffers: BufferPo
         src = reopen(handle, os.O_RDONLY)
         try:
             with temps.made((fdir, None), dfd, fname) as tmp:
-                tfd = os.open(tmp, WRITE_FLAGS, 0o600, dir_fd=dfd)
+                h, problems = _copy(src, st, dfd, tmp, buffers)
                 try:
-                    if not reflink(src, tfd):
-                        copy_data(src, tfd, st, buffers, None, lambda: False)
-                    probs = ApplyProblems([])
-                    apply_meta_fd(tfd, probs, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
-                                  mtime_ns=st.st_mtime_ns, xattrs=read_xattrs(b"", fd=src), owner=os.geteuid() == 0)
-                    new = identity(os.fstat(tfd))
-                finally:
-                    os.close(tfd)
-                rename_checked(dfd, tmp, fname, new)
+                    hst = os.fstat(h)
+                    rename_checked(dfd, tmp, fname, identity(hst))
+                except BaseException:
+                    os.close(h)
+                    raise
         finally:
             os.close(src)
-        h, hst = expect_identity(dfd, fname, new)
-        return h, hst
+        return h, hst, problems
     finally:
         os.close(dfd)
+
+
+def _copy(src: int, st: os.stat_result, dfd: int, tmp: bytes, buffers: BufferPool) -> tuple[int, list[str]]:
+    """A new file ``tmp`` in ``dfd`` with the content and metadata of ``src`` (``st``), its
+    xattrs read up to fs.meta.INLINE_MAX together: an ``O_PATH`` handle to it, and the
+    problems (what was left out, what could not be set)."""
+    tfd = os.open(tmp, WRITE_FLAGS, 0o600, dir_fd=dfd)
+    try:
+        if not reflink(src, tfd):
+            copy_data(src, tfd, st, buffers, None, lambda: False)
+        got = read_bounded(src)
+        left = got.left()
+        probs = ApplyProblems([] if left is None else [left])
+        apply_meta_fd(tfd, probs, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
+                      mtime_ns=st.st_mtime_ns, xattrs=got.values, owner=os.geteuid() == 0)
+        return reopen(tfd, os.O_PATH), probs.messages
+    finally:
+        os.close(tfd)
 
 
 def hard_link(root: int, rel: bytes, handle: int, hst: os.stat_result, temps: Temps,

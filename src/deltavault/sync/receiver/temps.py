@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavault.fs.dirfd import Identity, identity, open_dir_path
+from deltavault.fs.dirfd import Identity, Replaced, identity, open_dir_path
 
 TEMP_PREFIX = b".dv-sync-"
 
@@ -56,10 +56,14 @@ class Temps:
     def made(self, where: Where, dfd: int, name: bytes) -> Iterator[bytes]:
         """A registered temp name for ``name`` in the directory ``dfd`` (``where``), for a
         block that creates it and renames it into place: if the block fails, whatever it
-        made under that name is removed."""
+        made under that name is removed, unless the name no longer names it (``Replaced``:
+        another user swapped the entry; what they put under either name is left alone)."""
         tmp = self.new(where, name)
         try:
             yield tmp
+        except Replaced:
+            self.done(where, tmp)
+            raise
         except BaseException:
             unlink_quiet(dfd, tmp)
             self.done(where, tmp)

@@ -1,0 +1,125 @@
+"""A temp name of a hard link, special file or detached copy swapped by another user.
+
+User nobody, who may write in DST's directory, renames the receiver's temp entry away and
+an entry of their own to its name, right before ``rename_checked`` looks at it. The rename
+is refused (``Replaced``), but ``Temps.made`` then unlinked the temp name on the way out,
+deleting nobody's entry; as ``core.install`` and restore do, what they put under either
+name is now left alone, and the refusal is named in the log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import deltavault.sync.receiver.links as links_mod
+import deltavault.sync.receiver.specials as specials_mod
+from deltavault.sync.local.engine import Syncer
+from deltavault.sync.options import SyncOptions
+from deltavault.sync.receiver.temps import TEMP_PREFIX
+from deltavault.sync.report import SyncLog
+from tests.conftest import needs_root, needs_tools
+from tests.integration.sync.conftest import write
+from tests.integration.sync.test_sync_planted import EVIL, _plant_as_nobody, _swap_as_nobody
+
+pytestmark = [needs_root(), pytest.mark.root, needs_tools("setpriv")]
+
+
+def _swap_before_rename(monkeypatch: pytest.MonkeyPatch, module: Any, dst: Path) -> list[bytes]:
+    """``module``'s ``rename_checked`` of a temp name, preceded by nobody's swap of that
+    name for their "evil" (once). Returns the temp names swapped."""
+    real = module.rename_checked
+    swapped: list[bytes] = []
+
+    def rename_checked(dir_fd: int, tmp: bytes, name: bytes, want: Any) -> None:
+        if tmp.startswith(TEMP_PREFIX) and not swapped:
+            _swap_as_nobody(dst, tmp)
+            swapped.append(tmp)
+        real(dir_fd, tmp, name, want)
+
+    monkeypatch.setattr(module, "rename_checked", rename_checked)
+    return swapped
+
+
+def _dirs(shared_dir: Path) -> tuple[Path, Path, int]:
+    """SRC and DST 0777 (DST as SRC: not taken, nobody may write in it), nobody's "evil"
+    planted in DST. Returns its inode."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for d in (src, dst):
+        d.chmod(0o777)
+    return src, dst, _plant_as_nobody(dst / "evil", EVIL, 0)
+
+
+def _run_refused(src: Path, dst: Path, log: Path) -> dict[str, str]:
+    """A sync whose problems are all "replaced" write errors, each in the log; by path."""
+    problems = Syncer(src, dst, SyncOptions(processes=1), log=SyncLog(log)).run().problems
+    got = {p.path: f"{p.kind}: {p.message}" for p in problems}
+    assert got and all(m.startswith("write: ") and "replaced during the run" in m for m in got.values()), got
+    errors = {f[5]: f[6] for f in (ln.split("\t") for ln in log.read_text().splitlines()) if f[1] == "error"}
+    assert errors == got
+    return got
+
+
+def _left_alone(dst: Path, swapped: list[bytes], evil: int) -> None:
+    """nobody's entry still stands under the temp name it was swapped to, as it was."""
+    assert len(swapped) == 1
+    assert [p.stat().st_ino for p in dst.glob(".dv-sync-*")] == [evil]
+    assert (dst / os.fsdecode(swapped[0])).read_bytes() == EVIL
+
+
+def test_a_swapped_temp_name_of_a_hard_link_is_left_alone(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst, evil = _dirs(shared_dir)
+    write(src / "a", b"linked content\n")
+    os.link(src / "a", src / "b")
+    swapped = _swap_before_rename(monkeypatch, links_mod, dst)
+    got = _run_refused(src, dst, shared_dir / "sync.log")
+    _left_alone(dst, swapped, evil)
+    (linked,) = got
+    assert swapped[0].endswith(b"." + linked.encode())
+    (first,) = {"a", "b"} - {linked}
+    assert os.stat(dst / "stolen").st_ino == os.stat(dst / first).st_ino  # the link made, moved away
+    assert not (dst / linked).exists()
+
+
+def test_a_swapped_temp_name_of_a_special_file_is_left_alone(shared_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst, evil = _dirs(shared_dir)
+    os.mkfifo(src / "fifo", 0o640)
+    write(src / "other", b"other\n")
+    swapped = _swap_before_rename(monkeypatch, specials_mod, dst)
+    assert list(_run_refused(src, dst, shared_dir / "sync.log")) == ["fifo"]
+    _left_alone(dst, swapped, evil)
+    assert not (dst / "fifo").exists() and (dst / "other").read_bytes() == b"other\n"
+
+
+def test_a_swapped_temp_name_of_a_detached_copy_is_left_alone(shared_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """DST's "g1" is kept (SRC's content and metadata) but is also a name of a file outside
+    DST: before "g2" is linked to it, it is replaced by a copy (``links.detach``), made
+    under a temp name, which nobody swaps."""
+    src, dst, evil = _dirs(shared_dir)
+    outside = write(shared_dir / "outside", b"group content\n", 0o644)
+    write(src / "g1", outside.read_bytes(), 0o644)
+    os.utime(src / "g1", ns=(outside.stat().st_atime_ns, outside.stat().st_mtime_ns))
+    os.link(src / "g1", src / "g2")
+    os.link(outside, dst / "g1")
+    detached: list[bytes] = []
+    real_detach = links_mod.detach
+
+    def detach(root: int, first: bytes, *a: Any) -> Any:
+        detached.append(first)
+        return real_detach(root, first, *a)
+
+    monkeypatch.setattr(links_mod, "detach", detach)
+    monkeypatch.setattr("deltavault.sync.receiver.core.detach", detach)
+    swapped = _swap_before_rename(monkeypatch, links_mod, dst)
+    got = _run_refused(src, dst, shared_dir / "sync.log")
+    assert detached == [b"g1"] and swapped[0].endswith(b".g1")
+    assert list(got) == ["g2"] and got["g2"].startswith("write: hard link to g1: replaced during the run")
+    _left_alone(dst, swapped, evil)
+    assert os.stat(dst / "g1").st_ino == outside.stat().st_ino  # as it was: nothing linked to it
+    assert outside.stat().st_nlink == 2
