@@ -26,7 +26,7 @@ from pyroaring import BitMap
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected
+from deltavault.tracking.volume.base import Allocation, DigestScan, refuse_shared
 from deltavault.tracking.volume.ext4map import Mapper, Runs
 from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
@@ -290,15 +290,7 @@ class Ext4Scanner:
                 else:
                     self._add_blocks(others, start, count, outward=True)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
-        shared = unchanged & others
-        if shared:
-            # An unchanged file's digest vouches for its blocks only if nothing else writes
-            # there: a guest can point a file at the journal, an inode table or another
-            # file's data, and every write there would be missed.
-            first = shared.min() * PAGE_SIZE // self.bs
-            raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
-                           f"metadata or another file (the first at block {first}): the file "
-                           "system's mapping cannot vouch for them")
+        refuse_shared(unchanged, others, "block", self.bs)
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

@@ -34,7 +34,7 @@ from pyroaring import BitMap
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected
+from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected, refuse_shared
 from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
@@ -204,14 +204,7 @@ class NtfsScanner:
                 continue
             self._add(unchanged, runs, outward=False)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
-        shared = unchanged & others
-        if shared:
-            # An unchanged file's digest vouches for its clusters only if nothing else
-            # writes there: a guest can point a file's runs at the MFT, $LogFile or another
-            # file's data, and every write there would be missed.
-            raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
-                           f"metadata or another file (the first at byte {shared.min() * PAGE_SIZE}): "
-                           "the file system's mapping cannot vouch for them")
+        refuse_shared(unchanged, others, "byte", 1)
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
