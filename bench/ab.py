@@ -96,15 +96,32 @@ def checkout(rev: str, where: Path) -> Path:
     return where / "src"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def revision_args(doc: str, name: str, rounds: int) -> argparse.ArgumentParser:
+    """The options of a bench comparing two revisions: datasets, the revisions, rounds, and
+    the work folder and output file named after the bench."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--datasets", type=Path, required=True)
     ap.add_argument("--a", required=True, help="the revision before")
     ap.add_argument("--b", default="HEAD", help="the revision after (default HEAD)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--work", type=Path, default=Path(f"/tmp/dv-bench-{name}"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / f"{name}.json")
+    return ap
+
+
+def finish(a: argparse.Namespace, result: dict[str, object]) -> None:
+    """Prints and writes the result, and removes the two revisions' worktrees."""
+    print(json.dumps(result, indent=2))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    for who in ("a", "b"):
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(a.work / f"rev-{who}")],
+                       check=False)
+
+
+def main() -> None:
+    ap = revision_args(__doc__, "ab", 3)
     ap.add_argument("--scenarios", nargs="*", default=["files", "image"], choices=["files", "image"])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/dv-bench-ab"))
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "ab.json")
     a = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAVAULT_")}
     env.update(DELTAVAULT_PASSWORD="bench", DELTAVAULT_CACHE_DIR=str(a.work / "cache"))
@@ -132,12 +149,7 @@ def main() -> None:
         row["b_over_a"] = round(row["B"]["seconds"] / row["A"]["seconds"], 3)  # type: ignore[index]
         table.append(row)
     result = {"a": a.a, "b": a.b, "rounds": a.rounds, "when": time.strftime("%Y-%m-%d %H:%M"), "table": table}
-    print(json.dumps(result, indent=2))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    for who in ("a", "b"):
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(a.work / f"rev-{who}")],
-                       check=False)
+    finish(a, result)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,26 @@ from typing import Protocol
 
 from pyroaring import BitMap
 
+from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import Checkpoint, FsInfo, VolumeManifest
 
 
 class Rejected(Exception):
     """The source cannot be trusted for this run; the message says why."""
+
+
+def refuse_shared(unchanged: BitMap, others: BitMap, unit: str, unit_bytes: int) -> None:
+    """Refuses a file system's metadata digests when a page an unchanged file's mapping
+    covers is also claimed by anything else. An unchanged file's digest vouches for its
+    blocks only if nothing else writes there: a guest can point a file at the journal, an
+    inode table, the MFT or another file's data, and every write there would be missed.
+    The message names the first such page in the file system's ``unit`` (of ``unit_bytes``)."""
+    shared = unchanged & others
+    if shared:
+        first = shared.min() * PAGE_SIZE // unit_bytes
+        raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
+                       f"metadata or another file (the first at {unit} {first}): the file "
+                       "system's mapping cannot vouch for them")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pyroaring import BitMap
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected
+from deltavault.tracking.volume.base import Allocation, DigestScan, refuse_shared
 from deltavault.tracking.volume.ext4map import Mapper, Runs
 from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
@@ -36,7 +36,7 @@ _OFF = {name: f.offset for name, f in c_ext.ext4_inode.fields.items()}
 # Everything but i_atime, i_checksum_lo/hi, i_extra_isize and the extra atime/crtime.
 _DIGEST_SLICES = ((_OFF["i_mode"], _OFF["i_atime"]), (_OFF["i_ctime"], _OFF["i_checksum_lo"]),
                   (_OFF["i_ctime_extra"], _OFF["i_atime_extra"]))
-RESIZE_INO = 7
+RESIZE_INO: int = c_ext.EXT2_RESIZE_INO  # bound once: a cstruct lookup costs ~0.7 us an inode
 
 # Not named by dissect (fs/ext4/ext4.h).
 BG_INODE_UNINIT = 0x1
@@ -88,6 +88,7 @@ class Ext4Scanner:
         self.groups = [self.fs._read_group_desc(g) for g in range(self.fs.groups_count)]
         self.wide = self.fs._group_desc_struct == c_ext.ext4_group_desc
         self._alloc: Allocation | None = None
+        self._metadata: BitMap | None = None
         self.distrust = self._why_not_trusted()
 
     # ------------------------------------------------------------------ trust
@@ -163,7 +164,7 @@ class Ext4Scanner:
         total = self.fs.block_count
         # Group metadata is in use whatever the group's own bitmap says (and a
         # BLOCK_UNINIT group has no bitmap on disk).
-        alloc = self._group_metadata()
+        alloc = self._group_metadata().copy()
         for g, gd in enumerate(self.groups):
             start = first + g * bpg
             nblocks = min(bpg, total - start)
@@ -176,7 +177,13 @@ class Ext4Scanner:
         return Allocation(self.info, fs_pages, alloc)
 
     def _group_metadata(self) -> BitMap:
-        """Pages of the superblocks, group descriptors, bitmaps and inode tables."""
+        """Pages of the superblocks, group descriptors, bitmaps and inode tables: walked
+        once per scanner (a run uses them for the allocation and for the digest scan)."""
+        if self._metadata is None:
+            self._metadata = self._walk_groups()
+        return self._metadata
+
+    def _walk_groups(self) -> BitMap:
         sb = self.sb
         out = BitMap()
         gdt_blocks = -(-len(self.groups) * self.fs._group_desc_size // self.bs)
@@ -214,14 +221,12 @@ class Ext4Scanner:
                 for idx in range(s, e):
                     yield g * ipg + idx + 1, table[idx * isz:(idx + 1) * isz]
 
-    def _mapping(self, mapper: Mapper, inum: int, raw: bytes) -> tuple[Runs, list[int]]:
+    def _mapping(self, mapper: Mapper, inum: int, raw: bytes, ftype: int, flags: int) -> tuple[Runs, list[int]]:
         """(data runs, mapping blocks) of any inode that has blocks: files, symlinks,
         directories and the reserved inodes; none for inline data and fast symlinks. The
-        resize inode's blocks are the reserved descriptor blocks, group metadata already."""
-        mode = int.from_bytes(raw[0:2], "little")
-        ftype = stat.S_IFMT(mode)
+        resize inode's blocks are the reserved descriptor blocks, group metadata already.
+        ``ftype`` and ``flags`` are the inode's S_IFMT bits and i_flags."""
         iblock = raw[_OFF["i_block"]:_OFF["i_block"] + 60]
-        flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
         if inum == RESIZE_INO or flags & c_ext.EXT4_INLINE_DATA_FL or not any(iblock):
             return [], []
         if ftype not in (stat.S_IFREG, stat.S_IFLNK, stat.S_IFDIR) and inum >= self.sb.s_first_ino:
@@ -254,22 +259,22 @@ class Ext4Scanner:
         racy = Racy(self._superblock_times())
         mapper = Mapper(self._read, self.bs, self.sb.s_first_data_block, self.fs.block_count)
         unchanged = BitMap()
-        others = self._group_metadata()  # every page some other owner has a block in
+        others = self._group_metadata().copy()  # every page some other owner has a block in
         changed = files = 0
         for inum, raw in self._inode_tables():
             h = blake3.blake3()
             for s, e in _DIGEST_SLICES:
                 h.update(raw[s:e])
-            runs, nodes = self._mapping(mapper, inum, raw)
+            ftype = stat.S_IFMT(int.from_bytes(raw[0:2], "little"))
+            flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
+            runs, nodes = self._mapping(mapper, inum, raw, ftype, flags)
             for b in nodes:
                 self._add_blocks(others, b, 1, outward=True)
             acl = (int.from_bytes(raw[_OFF["i_file_acl_lo"]:_OFF["i_file_acl_lo"] + 4], "little")
                    | int.from_bytes(raw[_OFF["i_file_acl_high"]:_OFF["i_file_acl_high"] + 2], "little") << 32)
             if acl:
                 self._add_blocks(others, acl, 1, outward=True)  # the xattr block
-            ftype = stat.S_IFMT(int.from_bytes(raw[0:2], "little"))
             data = inum not in special and ftype in (stat.S_IFREG, stat.S_IFLNK)
-            flags = int.from_bytes(raw[_OFF["i_flags"]:_OFF["i_flags"] + 4], "little")
             if runs and data and (nodes or not flags & c_ext.EXT4_EXTENTS_FL):
                 # A deep tree or a block map: the mapping below the inode is not in the
                 # slices above.
@@ -290,15 +295,7 @@ class Ext4Scanner:
                 else:
                     self._add_blocks(others, start, count, outward=True)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
-        shared = unchanged & others
-        if shared:
-            # An unchanged file's digest vouches for its blocks only if nothing else writes
-            # there: a guest can point a file at the journal, an inode table or another
-            # file's data, and every write there would be missed.
-            first = shared.min() * PAGE_SIZE // self.bs
-            raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
-                           f"metadata or another file (the first at block {first}): the file "
-                           "system's mapping cannot vouch for them")
+        refuse_shared(unchanged, others, "block", self.bs)
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))

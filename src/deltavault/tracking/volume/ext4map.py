@@ -14,6 +14,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from dissect.extfs.c_ext import c_ext
+
 from deltavault.tracking.volume.base import Rejected
 
 EXTENT_MAGIC = 0xF30A
@@ -22,7 +24,7 @@ UNINIT_LEN = 0x8000
 _HEADER = struct.Struct("<HHHHI")  # eh_magic, eh_entries, eh_max, eh_depth, eh_generation
 _ENTRY = struct.Struct("<IHHI")  # extent: ee_block, ee_len, ee_start_hi, ee_start_lo
 _INDEX = struct.Struct("<IIHH")  # index: ei_block, ei_leaf_lo, ei_leaf_hi, ei_unused
-N_DIRECT = 12
+N_DIRECT: int = c_ext.EXT2_NDIR_BLOCKS  # direct block pointers in i_block
 
 Runs = list[tuple[int, int]]
 

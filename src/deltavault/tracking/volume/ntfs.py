@@ -34,7 +34,7 @@ from pyroaring import BitMap
 from deltavault.model.content import PAGE_SIZE
 from deltavault.model.volume import FsInfo
 from deltavault.tracking.volume import pagesets
-from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected
+from deltavault.tracking.volume.base import Allocation, DigestScan, Rejected, refuse_shared
 from deltavault.tracking.volume.racy import Racy
 from deltavault.tracking.volume.readers import ReaderFile, VolumeReader
 
@@ -46,6 +46,12 @@ _SI_CHANGE_TIME = slice(16, 24)  # STANDARD_INFORMATION.ChangeTime (of the MFT r
 _FILETIME_UNIX = 11644473600  # seconds from 1601 (FILETIME's epoch) to 1970
 _VOLUME_FLAGS = slice(10, 12)  # VOLUME_INFORMATION.Flags
 CHUNK_RECORDS = 4096  # MFT records read at a time (4 MiB of 1 KiB records)
+# Attribute type codes as ints: the keys of dissect's AttributeMap (its enum does not hash as one).
+_STANDARD_INFORMATION = ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION.value
+_FILE_NAME = ATTRIBUTE_TYPE_CODE.FILE_NAME.value
+_DATA = ATTRIBUTE_TYPE_CODE.DATA.value
+
+Attributes = dict[int, list[Attribute]]  # type code -> attributes, in record order
 
 
 def probe(reader: VolumeReader) -> bool:
@@ -118,8 +124,16 @@ class NtfsScanner:
         rec.segment = n
         return rec if rec.header.Flags & FILE_RECORD_SEGMENT_IN_USE else None
 
-    def _records(self) -> Iterator[tuple[MftRecord, list[Attribute]]]:
-        """Base records in use, each with its attributes and its extension records'."""
+    @staticmethod
+    def _gather(into: Attributes, rec: MftRecord) -> None:
+        for code, group in rec.attributes.items():
+            into.setdefault(code, []).extend(group)
+
+    def _records(self) -> Iterator[tuple[MftRecord, Attributes]]:
+        """Base records in use, each with its attributes and its extension records', by
+        type code (the base record's first, then each extension's in record order). An
+        extension record is read again when its base is reached, not kept from the first
+        pass: a guest can make every slot of a huge MFT one, and memory stays one chunk."""
         extensions: dict[int, list[int]] = {}
         for n, raw in self._slots():
             rec = self._parse(n, raw)
@@ -131,19 +145,20 @@ class NtfsScanner:
             rec = self._parse(n, raw)
             if rec is None or segment_reference(rec.header.BaseFileRecordSegment) != 0:
                 continue
-            attrs = [a for group in rec.attributes.values() for a in group]
+            attrs: Attributes = {}
+            self._gather(attrs, rec)
             for e in extensions.get(n, ()):
                 fh.seek(e * rs)
                 ext = self._parse(e, fh.read(rs))
                 if ext is not None:
-                    attrs.extend(a for group in ext.attributes.values() for a in group)
+                    self._gather(attrs, ext)
             yield rec, attrs
 
     @staticmethod
-    def _is_special(rec: MftRecord, attrs: list[Attribute]) -> bool:
+    def _is_special(rec: MftRecord, attrs: Attributes) -> bool:
         if rec.segment is None or rec.segment < FIRST_USER_RECORD:
             return True
-        names = [a for a in attrs if a.header.type == ATTRIBUTE_TYPE_CODE.FILE_NAME]
+        names = attrs.get(_FILE_NAME, [])
         return not names or any(
             segment_reference(a.attribute.attr.ParentDirectory) == FILE_NUMBER_EXTEND for a in names)
 
@@ -174,23 +189,23 @@ class NtfsScanner:
             h = blake3.blake3()
             h.update(rec.header.SequenceNumber.to_bytes(2, "little"))
             ctime: int | None = None
-            for si in (a for a in attrs if a.header.type == ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION):
+            for si in attrs.get(_STANDARD_INFORMATION, ()):
                 value = bytearray(si.data())
                 value[_SI_ACCESS_TIME] = bytes(8)
                 h.update(value)
                 if len(value) >= _SI_CHANGE_TIME.stop:
                     ctime = int.from_bytes(value[_SI_CHANGE_TIME], "little") // 10**7 - _FILETIME_UNIX
             runs: list[tuple[int, int]] = []
-            data_attrs = sorted((a for a in attrs if a.header.type == ATTRIBUTE_TYPE_CODE.DATA),
-                                key=lambda a: (a.header.name, a.header.lowest_vcn or 0))
+            data_attrs = sorted(attrs.get(_DATA, ()), key=lambda a: (a.header.name, a.header.lowest_vcn or 0))
             for a in data_attrs:
                 hdr = a.header
                 hdr.fh.seek(hdr.offset)
                 h.update(hdr.fh.read(hdr.record_length))
                 runs.extend(self._runs(a, n))
-            for a in attrs:  # index allocations, non-resident lists, $EA, ...: metadata
-                if a.header.type != ATTRIBUTE_TYPE_CODE.DATA:
-                    self._add(others, self._runs(a, n), outward=True)
+            for code, group in attrs.items():  # index allocations, non-resident lists, $EA, ...: metadata
+                if code != _DATA:
+                    for a in group:
+                        self._add(others, self._runs(a, n), outward=True)
             d = h.digest(DIGEST)
             digests[n] = d
             racy.see(n, ctime)  # (a system file's time counts towards the newest too)
@@ -204,14 +219,7 @@ class NtfsScanner:
                 continue
             self._add(unchanged, runs, outward=False)
         racy.mark(digests)  # a digest no file's equals, for those its times cannot vouch for
-        shared = unchanged & others
-        if shared:
-            # An unchanged file's digest vouches for its clusters only if nothing else
-            # writes there: a guest can point a file's runs at the MFT, $LogFile or another
-            # file's data, and every write there would be missed.
-            raise Rejected(f"{len(shared)} pages are claimed both by an unchanged file and by "
-                           f"metadata or another file (the first at byte {shared.min() * PAGE_SIZE}): "
-                           "the file system's mapping cannot vouch for them")
+        refuse_shared(unchanged, others, "byte", 1)
         # Everything no unchanged file vouches for: free space and whatever lies past
         # the file system too (free space is left out later, if it is skipped).
         everything = pagesets.span(0, pagesets.pages_of(self.reader.size))
