@@ -140,7 +140,7 @@ def hundred_k(work: Path, repeat: int) -> dict:
 
 
 def median_of(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+    return float(statistics.median(r[key] for r in runs))
 
 
 def main() -> int:

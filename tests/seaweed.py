@@ -75,6 +75,7 @@ class Seaweed:
     procs: list[Proc] = field(default_factory=list)
     https_port: int = 0  # TLS with a certificate of a private CA (ca_file)
     ca_file: Path | None = None
+    ports: set[int] = field(default_factory=set)  # every port its processes were given
     _n: int = 0
 
     @property
@@ -115,6 +116,11 @@ class Seaweed:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.kill()
+        # Killed, weed leaves the Unix sockets of its local gRPC in /tmp, named by port (four
+        # per server, with no option to put them elsewhere): a test run left hundreds.
+        for port in self.ports:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def make_tls(d: Path) -> tuple[Path, Path, Path]:
@@ -221,7 +227,7 @@ def server(d: Path) -> Iterator[Seaweed]:
                 "-master.telemetry=false", "-master.volumeSizeLimitMB=128", "-volume.max=2000",
                 f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}"]
         sw = Seaweed(d, p["s3"], [Proc("server", argv, d / f"weed-{attempt}.log")],
-                     https_port=p["https"], ca_file=ca)
+                     https_port=p["https"], ca_file=ca, ports=taken)
         sw.procs[0].start()
         try:
             _wait_ready(sw)
@@ -263,7 +269,7 @@ def cluster(d: Path, *, replication: str = "001") -> Iterator[Seaweed]:
                                 "-s3", f"-s3.port={s3p}", f"-s3.port.grpc={s3p + 10000}",
                                 "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={_s3_config(d)}",
                                 f"-localSocket={d / 'filer.sock'}"], d / "filer.log"))
-    sw = Seaweed(d, s3p, procs)
+    sw = Seaweed(d, s3p, procs, ports=taken)
     for proc in procs:
         proc.start()
         if proc.name == "master":
