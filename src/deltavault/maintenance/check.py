@@ -3,7 +3,9 @@
 Structure: index files parse, every indexed pack exists, every snapshot parses and every
 blob its trees refer to is indexed. With ``read_data``: every pack is read whole, its
 name (a BLAKE3 of its bytes) checked, its header compared with the index, and every blob
-decrypted and checked against its id. Damage is traced to the snapshots and files it hits.
+decrypted and checked against its id and its indexed length, and every patch blob parsed as
+restore parses it (patchcheck.py). ``subset`` does the same for the packs it chooses, and
+reads no other. Damage is traced to the snapshots and files it hits.
 """
 
 from __future__ import annotations
@@ -76,14 +78,21 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset: DataS
         rep.add(CheckIssue("orphan", f"pack {pid.hex()[:16]} is not in any index (an interrupted run; "
                                       "the next backup adopts it, prune removes it)", severity="warning"))
     missing_blobs: set[bytes] = set()
+    read: dict[bytes, int] = {}  # the packs the data pass reads: every one, or the subset's
     if read_data or subset is not None:
-        _read_all_packs(repo, subset.choose(packs_on_disk) if subset else packs_on_disk, indexed, rep, progress)
+        read = subset.choose(packs_on_disk) if subset else packs_on_disk
+        _read_all_packs(repo, read, indexed, rep, progress)
     for pid in indexed - packs_on_disk.keys():
         missing_blobs.update(e.id for e in repo.index.entries_by_pack().get(pid, []))
     bad = rep.damaged_blobs | missing_blobs
-    # Every pack read: patches are parsed as restore parses them (patchcheck.py).
-    _check_snapshots(repo, rep, bad, PatchCheck(repo, bad) if read_data and subset is None else None)
+    # The patches in the packs read are parsed as restore parses them (patchcheck.py).
+    _check_snapshots(repo, rep, bad, PatchCheck(repo, bad, lambda b: _pack_of(repo, b) in read) if read else None)
     return rep
+
+
+def _pack_of(repo: Repository, blob_id: bytes) -> bytes | None:
+    loc = repo.index.lookup(blob_id)
+    return None if loc is None else loc.pack_id
 
 
 def check_record(rep: CheckReport, *, read_data: bool, start_ns: int) -> StatusRecord:
