@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--read-data-subset", type=_subset, metavar="N/M|P%|SIZE",
                    help="read and verify only some packs: slice N of M (1/5 to 5/5 read each pack once), "
                         "a random P%% of them, or random packs up to SIZE (e.g. 10G)")
+    p.add_argument("--read-headers", action="store_true",
+                   help="also read each pack's header (a small read at its end) and compare it with the index")
     p.set_defaults(func=run)
 
 
@@ -52,7 +54,7 @@ def run(ctx: Context) -> int:
     repo = ctx.open_repo(use_cache=False, tolerant=True)
     start_ns = time.time_ns()
     with ctx.read_lock(repo, "check"):
-        rep = check_repository(repo, read_data=a.read_data, subset=a.read_data_subset)
+        rep = check_repository(repo, read_data=a.read_data, subset=a.read_data_subset, headers=a.read_headers)
         if repo.config.retention:
             _check_retention(repo, rep)
         # Reports show the last result. Only under a lock: --no-lock is for a repository
@@ -70,6 +72,7 @@ def run(ctx: Context) -> int:
     text = (f"checked {rep.snapshots} snapshots, {rep.packs} packs"
             + (f", {rep.blobs_checked} blobs in {rep.packs_read} pack(s) ({human(rep.bytes_read)} read)"
                if a.read_data or a.read_data_subset else "")
+            + (f", {rep.headers_read} pack header(s) read" if a.read_headers else "")
             + (": no errors found" if not errors else f": {len(errors)} error(s)"))
     if affected:
         text += "\naffected snapshots and paths:\n" + "\n".join(
@@ -77,6 +80,7 @@ def run(ctx: Context) -> int:
             for s, p in sorted(affected.items()))
     ctx.emit({"type": "check_summary", "snapshots": rep.snapshots, "packs": rep.packs,
               "blobs_checked": rep.blobs_checked, "packs_read": rep.packs_read, "bytes_read": rep.bytes_read,
+              "headers_read": rep.headers_read,
               "errors": len(errors),
               "damaged_blobs": len(rep.damaged_blobs), "affected": rep.affected}, text)
     return int(ExitCode.CORRUPT) if errors else 0

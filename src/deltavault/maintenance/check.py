@@ -3,7 +3,10 @@
 Structure: index files parse, every indexed pack exists, every snapshot parses and every
 blob its trees refer to is indexed. With ``read_data``: every pack is read whole, its
 name (a BLAKE3 of its bytes) checked, its header compared with the index, and every blob
-decrypted and checked against its id. Damage is traced to the snapshots and files it hits.
+decrypted and checked against its id and its indexed length, and every patch blob parsed as
+restore parses it (patchcheck.py). ``subset`` does the same for the packs it chooses, and
+reads no other. With ``headers``, the packs not read are checked by their header alone.
+Damage is traced to the snapshots and files it hits.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
@@ -26,10 +30,12 @@ from deltavault.model.content import content_size, ref_blob_ids
 from deltavault.model.nodes import Node, NodeType
 from deltavault.model.status import CHECK, StatusRecord
 from deltavault.objects.trees import load_nodes
-from deltavault.repository.pack import pack_name, read_pack_entries
+from deltavault.repository.pack import PackEntry, pack_name, read_pack_entries
 from deltavault.repository.repository import Repository
 from deltavault.repository.snapshots import short_id
 from deltavault.repository.status import rfc3339
+
+_HEADER_THREADS = 8  # header reads in flight (one small request each)
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,9 @@ class DataSubset:
 
 
 def check_repository(repo: Repository, *, read_data: bool = False, subset: DataSubset | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> CheckReport:
-    """``subset``: read only those packs (implies reading data)."""
+                     headers: bool = False, progress: Callable[[int, int], None] | None = None) -> CheckReport:
+    """``subset``: read only those packs (implies reading data). ``headers``: read the
+    header of every indexed pack the data pass does not read (a ranged read at its end)."""
     rep = CheckReport()
     for name, msg in repo.index_errors:
         rep.add(CheckIssue("index", f"{name}: {msg}"))
@@ -76,14 +83,23 @@ def check_repository(repo: Repository, *, read_data: bool = False, subset: DataS
         rep.add(CheckIssue("orphan", f"pack {pid.hex()[:16]} is not in any index (an interrupted run; "
                                       "the next backup adopts it, prune removes it)", severity="warning"))
     missing_blobs: set[bytes] = set()
+    read: dict[bytes, int] = {}  # the packs the data pass reads: every one, or the subset's
     if read_data or subset is not None:
-        _read_all_packs(repo, subset.choose(packs_on_disk) if subset else packs_on_disk, indexed, rep, progress)
+        read = subset.choose(packs_on_disk) if subset else packs_on_disk
+        _read_all_packs(repo, read, indexed, rep, progress)
+    if headers:
+        _check_headers(repo, {p: s for p, s in packs_on_disk.items() if p in indexed and p not in read}, rep)
     for pid in indexed - packs_on_disk.keys():
         missing_blobs.update(e.id for e in repo.index.entries_by_pack().get(pid, []))
     bad = rep.damaged_blobs | missing_blobs
-    # Every pack read: patches are parsed as restore parses them (patchcheck.py).
-    _check_snapshots(repo, rep, bad, PatchCheck(repo, bad) if read_data and subset is None else None)
+    # The patches in the packs read are parsed as restore parses them (patchcheck.py).
+    _check_snapshots(repo, rep, bad, PatchCheck(repo, bad, lambda b: _pack_of(repo, b) in read) if read else None)
     return rep
+
+
+def _pack_of(repo: Repository, blob_id: bytes) -> bytes | None:
+    loc = repo.index.lookup(blob_id)
+    return None if loc is None else loc.pack_id
 
 
 def check_record(rep: CheckReport, *, read_data: bool, start_ns: int) -> StatusRecord:
@@ -123,11 +139,8 @@ def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[byte
         except DeltavaultError as exc:
             rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]}: header unreadable: {exc}"))
             header = {}
-        if pid in indexed:
-            for e in expected:
-                h = header.get(e.id)
-                if header and (h is None or (h.offset, h.length) != (e.offset, e.length)):
-                    rep.add(CheckIssue("index", f"blob {e.id.hex()[:16]}: index and pack {pid.hex()[:16]} header disagree"))
+        if pid in indexed and header:
+            _disagree(pid, expected, header, rep)
         entries = expected if pid in indexed else list(header.values())
         mv = memoryview(data)
         for e in entries:
@@ -141,6 +154,42 @@ def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[byte
             except DeltavaultError as exc:
                 rep.damaged_blobs.add(e.id)
                 rep.add(CheckIssue("blob", f"blob {e.id.hex()[:16]} in pack {pid.hex()[:16]}: {exc}"))
+
+
+def _disagree(pid: bytes, expected: list[PackEntry], header: dict[bytes, PackEntry], rep: CheckReport) -> list[bytes]:
+    """The blobs the index places in pack ``pid`` other than its ``header`` does (reported)."""
+    out = []
+    for e in expected:
+        h = header.get(e.id)
+        if h is None or (h.offset, h.length) != (e.offset, e.length):
+            rep.add(CheckIssue("index", f"blob {e.id.hex()[:16]}: index and pack {pid.hex()[:16]} header disagree"))
+            out.append(e.id)
+    return out
+
+
+def _check_headers(repo: Repository, packs: dict[bytes, int], rep: CheckReport) -> None:
+    """Each pack's header against the index, read from the pack's end (``read_pack_header``,
+    in one read of the span the index leaves after its last blob): a pack stored under
+    another's name (two packs of one size swapped), or cut short, is found without reading
+    its blobs. The blobs the header does not hold where the index says count as damaged (the
+    snapshots they hit are traced). Reads run on a few threads (one request a pack on a
+    remote store)."""
+    by_pack = repo.index.entries_by_pack()
+    ends = repo.index.pack_ends()
+
+    def read(pid: bytes) -> list[PackEntry] | str:
+        try:  # one read of what the index leaves after the blobs: the header and trailer
+            return repo.read_pack_header(pid, packs[pid], packs[pid] - ends.get(pid, 0))
+        except DeltavaultError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(_HEADER_THREADS, thread_name_prefix="check-headers") as pool:
+        for pid, got in zip(sorted(packs), pool.map(read, sorted(packs)), strict=True):
+            rep.headers_read += 1
+            if isinstance(got, str):  # its blobs may be whole: --read-data says
+                rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]}: header unreadable: {got}"))
+            else:
+                rep.damaged_blobs.update(_disagree(pid, by_pack.get(pid, []), {e.id: e for e in got}, rep))
 
 
 def _check_snapshots(repo: Repository, rep: CheckReport, bad: set[bytes], patches: PatchCheck | None) -> None:

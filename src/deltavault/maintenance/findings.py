@@ -26,6 +26,7 @@ class CheckReport:
     blobs_checked: int = 0
     bytes_read: int = 0
     packs_read: int = 0
+    headers_read: int = 0  # packs whose header alone was read (``check --read-headers``)
     damaged_blobs: set[bytes] = field(default_factory=set)
     affected: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
 

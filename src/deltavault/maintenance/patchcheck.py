@@ -13,7 +13,7 @@ each blob): a base is read back only by restore, not once per patched block by c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from deltavault.errors import DeltavaultError
 from deltavault.model.content import ContentRef, Hole, Patch, ref_blob_ids
@@ -38,19 +38,22 @@ def refused(repo: BlobReader, ref: ContentRef, bad: set[bytes], patches: PatchCh
 
 class PatchCheck:
     """Remembers the (patch, size) pairs parsed, so a chain shared by many snapshots is
-    parsed once."""
+    parsed once. ``read``: whether the data pass read a blob's pack (every pack with
+    ``--read-data``, a subset's with ``--read-data-subset``): only those patches are
+    parsed, so a subset reads no other pack."""
 
-    def __init__(self, repo: BlobReader, bad: set[bytes]) -> None:
+    def __init__(self, repo: BlobReader, bad: set[bytes], read: Callable[[bytes], bool]) -> None:
         self._repo = repo
         self._bad = bad  # blobs already reported missing or damaged: not reported twice
+        self._read = read
         self._sound: set[tuple[bytes, int]] = set()
         self._faults: dict[tuple[bytes, int], str] = {}
 
     def _todo(self, p: bytes, size: int) -> bool:
         """Whether patch ``p`` is yet to be parsed for ``size`` (not if missing or damaged:
-        reported as such)."""
+        reported as such; nor if its pack is not among those read)."""
         return ((p, size) not in self._sound and (p, size) not in self._faults and p not in self._bad
-                and self._repo.blob_size(p) is not None)
+                and self._read(p))
 
     def _parse(self, p: bytes, data: bytes, size: int) -> None:
         try:

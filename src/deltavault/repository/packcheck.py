@@ -63,14 +63,18 @@ def list_pack_names(store: IndexStore) -> dict[bytes, int]:
     return out
 
 
-def read_pack_header(store: IndexStore, pack_id: bytes, size: int | None = None) -> list[PackEntry]:
+def read_pack_header(store: IndexStore, pack_id: bytes, size: int | None = None,
+                     guess: int = 64 * 1024) -> list[PackEntry]:
+    """``guess``: the bytes read first from the end (a second read follows if the header is
+    longer). ``check`` passes what the index implies (the pack's size less the end of its
+    last blob), so a sound pack's header comes in one read of exactly its bytes: on S3, a
+    second read of a pack is taken by the read-ahead as a scan and fetches the pack whole."""
     name = pack_name(pack_id)
     if size is None:
         size = store.backend.stat(name).size
     if size < len(MAGIC) + tail_size():
         raise FormatError(f"pack {name}: truncated ({size} bytes)")
-    # One ranged read usually covers trailer and header.
-    guess = min(size, 64 * 1024)
+    guess = min(size, max(guess, tail_size()))
     tail = store.backend.get(name, size - guess, guess)
     hlen = parse_tail(tail, size, name)
     need = hlen + tail_size()

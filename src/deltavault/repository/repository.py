@@ -147,8 +147,8 @@ class Repository:
     def list_pack_names(self) -> dict[bytes, int]:
         return packcheck.list_pack_names(self.indexes)
 
-    def read_pack_header(self, pack_id: bytes, size: int | None = None) -> list[PackEntry]:
-        return packcheck.read_pack_header(self.indexes, pack_id, size)
+    def read_pack_header(self, pack_id: bytes, size: int | None = None, guess: int = 64 * 1024) -> list[PackEntry]:
+        return packcheck.read_pack_header(self.indexes, pack_id, size, guess)
 
     def adopt_orphan_packs(self) -> int:
         return packcheck.adopt_orphan_packs(self.indexes)
