@@ -1,6 +1,7 @@
-"""The compressed-grain check of VMDK extents (tracking/volume/vmdkgrains.py) on hand-made
+"""The bounded walk of VMDK sparse extents (tracking/volume/vmdkgrains.py) on hand-made
 extent files: grains, grain tables and the grain directory past the end are named; a header
-qemu would not open either is refused, not read at its word. (Real images cut with
+qemu would not open, or one claiming grains too small or too many, is refused, not read at
+its word. (Real images cut with
 ``truncate``: tests/integration/volume/test_volume_truncated.py.)"""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deltavault.errors import SourceError
-from deltavault.tracking.volume.vmdkgrains import check_compressed_grains
+from deltavault.tracking.volume.vmdkgrains import MAX_GRAINS, check_sparse_extent
 
 GRAIN = 128  # sectors: 64 KiB
 
@@ -36,7 +37,7 @@ def extent(tmp: Path, *, per_gt: int = 512, grain: int = GRAIN, gd: int = 2, gt:
 
 
 def test_whole_extent_passes(tmp_path: Path) -> None:
-    check_compressed_grains("img", str(extent(tmp_path, grains=[(8, 1000), (11, 65_600)])))
+    assert check_sparse_extent("img", str(extent(tmp_path, grains=[(8, 1000), (11, 65_600)])))
 
 
 WHOLE = 11 * 512 + 12 + 65_600  # the end of the last grain of the extent below
@@ -49,7 +50,7 @@ WHOLE = 11 * 512 + 12 + 65_600  # the end of the last grain of the extent below
 def test_cut_extent_is_refused(tmp_path: Path, left: int, what: str) -> None:
     p = extent(tmp_path, grains=[(8, 1000), (11, 65_600)], size=left)
     with pytest.raises(SourceError, match="truncated") as e:
-        check_compressed_grains("img", str(p))
+        check_sparse_extent("img", str(p))
     assert what in e.value.message and f"is {left} bytes long" in e.value.message
 
 
@@ -58,8 +59,48 @@ def test_header_qemu_would_refuse_is_damaged(tmp_path: Path, per_gt: int, grain:
     p = tmp_path / "x.vmdk"
     p.write_bytes(struct.pack("<4sIIQQQQIQQQ", b"KDMV", 3, 0x30003, 2048, grain, 0, 0, per_gt, 0, 2, 0).ljust(8192, b"\0"))
     with pytest.raises(SourceError, match="damaged header"):
-        check_compressed_grains("img", str(p))
+        check_sparse_extent("img", str(p))
 
 
-def test_uncompressed_extent_is_left_to_the_map(tmp_path: Path) -> None:
-    check_compressed_grains("img", str(extent(tmp_path, flags=0x3, grains=[(8, 1 << 30)], size=8192)))
+def test_uncompressed_extent_cut_in_a_grain_is_refused(tmp_path: Path) -> None:
+    p = extent(tmp_path, flags=0x3, grains=[(8, 0), (20, 0)], size=20 * 512 + GRAIN * 512 - 1)
+    with pytest.raises(SourceError, match="truncated") as e:
+        check_sparse_extent("img", str(p))
+    assert "the grain holding the disk's bytes 65536..131072 ends at byte 75776" in e.value.message
+    assert check_sparse_extent("img", str(extent(tmp_path, flags=0x3, grains=[(8, 0), (20, 0)],
+                                                 size=20 * 512 + GRAIN * 512)))
+
+
+def test_not_a_kdmv_extent_is_left_to_the_map(tmp_path: Path) -> None:
+    p = tmp_path / "x.vmdk"
+    p.write_bytes(b"COWD".ljust(8192, b"\0"))
+    assert not check_sparse_extent("img", str(p))
+
+
+def hostile(tmp: Path, grain: int, capacity: int, per_gt: int = 512) -> Path:
+    """A compressed extent whose grain directory names one (empty) grain table everywhere."""
+    tables = -(-capacity // (grain * per_gt))
+    gt = 2 + -(-4 * tables // 512)
+    p = tmp / "h.vmdk"
+    with open(p, "wb") as f:
+        f.write(struct.pack("<4sIIQQQQIQQQ", b"KDMV", 3, 0x30003, capacity, grain, 0, 0, per_gt, 0, 2, gt + 4))
+        f.seek(1024)
+        f.write(struct.pack("<I", gt) * tables)
+        f.truncate((gt + 5) * 512)
+    return p
+
+
+def test_grains_below_eight_sectors_are_refused_before_the_directory_is_read(tmp_path: Path) -> None:
+    """1 TiB of 512-byte grains: 4,194,304 directory entries naming one table, 2^31 grains."""
+    with pytest.raises(SourceError, match="has grains of 512 bytes; a VMDK's grain is at least 4096 bytes"):
+        check_sparse_extent("img", str(hostile(tmp_path, 1, 1 << 31)))
+
+
+def test_more_grains_than_an_8_tib_disk_holds_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=f"claims {2 * MAX_GRAINS} grains"):
+        check_sparse_extent("img", str(hostile(tmp_path, 8, 8 * 2 * MAX_GRAINS)))
+
+
+def test_a_table_named_by_every_directory_entry_is_read_once(tmp_path: Path) -> None:
+    """The most grains allowed, all through one table: a walk of the directory, not of them."""
+    assert check_sparse_extent("img", str(hostile(tmp_path, 8, 8 * MAX_GRAINS)))

@@ -23,7 +23,7 @@ from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
 from deltavault.tracking.volume.access import ReadOnlyAccess
 from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info, image_map
-from deltavault.tracking.volume.vmdkgrains import check_compressed_grains
+from deltavault.tracking.volume.vmdkgrains import check_grains, check_sparse_extent
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
 QEMU_ONLY = ("vhdx", "vmdk")
@@ -70,41 +70,47 @@ def check_info(path: str, fmt: str, info: dict[str, Any], *, probed: bool) -> No
                           "read only with --source-format given explicitly")
 
 
-def check_extents(path: str, info: dict[str, Any], mapped: list[dict[str, Any]]) -> None:
-    """Refuse a VMDK whose extent files are cut short. qemu reads what lies past the end of
-    an extent file as zeros, silently (a sparse extent's last grains, a flat extent's tail),
-    and ``qemu-img info`` and ``check`` say nothing when only the last grain is cut; so each
-    guest range ``qemu-img map`` places in an extent file must end within that file. (VHDX:
-    qemu refuses such an image when it opens it. Compressed grains, streamOptimized, have no
-    place in the map: ``vmdkgrains`` reads their markers.)"""
+def check_extents(path: str, info: dict[str, Any]) -> None:
+    """Refuse a VMDK whose extent files are cut short, or whose sparse extents claim more
+    grains than can be served in bounded time. qemu reads what lies past the end of an extent
+    file as zeros, silently (a sparse extent's last grains, a flat extent's tail), and
+    ``qemu-img info`` and ``check`` say nothing when only the last grain is cut; so each
+    guest range must end within its file. A sparse extent (KDMV) is walked by ``vmdkgrains``
+    (bounded by its file); any other is checked with ``qemu-img map`` over its own guest
+    range, a sparse one only once its grain count is within bounds (the map costs a call per
+    grain). (VHDX: qemu refuses such an image when it opens it.)"""
     home = os.path.dirname(os.path.realpath(path))
-    extents: list[tuple[int, int, str]] = []  # (first guest byte, end, file)
     start = 0
     for e in info.get("format-specific", {}).get("data", {}).get("extents", []):
-        end = start + int(e.get("virtual-size", 0))
-        extents.append((start, end, os.path.join(home, str(e.get("filename", "")))))
-        start = end
-        if e.get("compressed"):
-            check_compressed_grains(path, extents[-1][2])
-    sizes: dict[str, int] = {}
+        size = int(e.get("virtual-size", 0))
+        name = os.path.join(home, str(e.get("filename", "")))
+        first, start = start, start + size
+        if e.get("cluster-size") is not None:  # sparse (qemu gives a flat extent none): parsed as such
+            if check_sparse_extent(path, name):
+                continue
+            check_grains(path, name, int(e.get("cluster-size") or 0), size)
+        if size:
+            _check_mapped(path, name, first, start, image_map(path, "vmdk", first, size))
+
+
+def _check_mapped(path: str, name: str, first: int, end: int, mapped: list[dict[str, Any]]) -> None:
+    """Each range ``qemu-img map`` places in the extent file ``name`` (the guest's bytes
+    ``first``..``end``) ends within that file."""
+    file_size: int | None = None
     for m in mapped:
         if "offset" not in m:
             continue
         g, n, off = int(m["start"]), int(m["length"]), int(m["offset"])
-        for first, end, name in extents:
-            if not (first <= g < end):
-                continue
-            if name not in sizes:
-                try:
-                    sizes[name] = os.stat(name).st_size
-                except OSError as exc:
-                    raise SourceError(f"{path}: its extent {name}: {exc.strerror or exc}") from None
-            if off + min(n, end - g) > sizes[name]:
-                raise SourceError(
-                    f"{path}: truncated: its extent file {name} is {sizes[name]} bytes long, but holds the "
-                    f"disk's bytes {g}..{g + min(n, end - g)} at {off}..{off + min(n, end - g)} "
-                    "(what lies past its end would be read as zeros)")
-            break
+        n = min(n, end - g)
+        if file_size is None:
+            try:
+                file_size = os.stat(name).st_size
+            except OSError as exc:
+                raise SourceError(f"{path}: its extent {name}: {exc.strerror or exc}") from None
+        if off + n > file_size:
+            raise SourceError(
+                f"{path}: truncated: its extent file {name} is {file_size} bytes long, but holds the "
+                f"disk's bytes {g}..{g + n} at {off}..{off + n} (what lies past its end would be read as zeros)")
 
 
 class ImageAccess(ReadOnlyAccess, NbdHeld):
@@ -127,7 +133,7 @@ class ImageAccess(ReadOnlyAccess, NbdHeld):
         check_info(self.path, self.source_format, info, probed=self.probed)
         if self.source_format == "vmdk":
             try:
-                check_extents(self.path, info, image_map(self.path, "vmdk"))
+                check_extents(self.path, info)
             except SourceError as exc:
                 raise self._unreadable(exc) from None
         self.server = NbdServer(self.path, None, fmt=self.source_format)

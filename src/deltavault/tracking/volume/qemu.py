@@ -40,10 +40,17 @@ STATUS_SPAN = 1 << 30
 START_TIMEOUT = 20.0
 
 
-def _run(args: list[str], what: str) -> str:
+INSPECT_TIMEOUT = 120.0  # seconds for qemu-img info or map: each is bounded work, checked before it runs
+
+
+def _run(args: list[str], what: str, timeout: float = 300) -> str:
+    """``args``' output; SourceError if it fails, or if it runs longer than ``timeout``
+    seconds (then it is killed and reaped: nothing is left running)."""
     try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"{what}: did not finish within {timeout:g} s (stopped)") from None
+    except OSError as exc:
         raise SourceError(f"{what}: {exc}") from exc
     if p.returncode != 0:
         msg = (p.stderr or p.stdout).strip()
@@ -55,14 +62,18 @@ def _run(args: list[str], what: str) -> str:
 
 def image_info(path: str) -> dict[str, Any]:
     info: dict[str, Any] = json.loads(_run(["qemu-img", "info", "--output=json", path],
-                                           f"qemu-img info {path}"))
+                                           f"qemu-img info {path}", INSPECT_TIMEOUT))
     return info
 
 
-def image_map(path: str, fmt: str) -> list[dict[str, Any]]:
-    """``qemu-img map``: the image's guest ranges, those stored with their place in the file."""
-    out: list[dict[str, Any]] = json.loads(_run(["qemu-img", "map", "--output=json", "-f", fmt, path],
-                                                f"qemu-img map {path}"))
+def image_map(path: str, fmt: str, start: int, length: int, *,
+              timeout: float = INSPECT_TIMEOUT) -> list[dict[str, Any]]:
+    """``qemu-img map`` of the guest bytes ``start``.. ``start + length``: the image's ranges
+    there, those stored with their place in the file. qemu asks the format for each range, a
+    grain or cluster at a time where it is sparse: callers bound that count first."""
+    out: list[dict[str, Any]] = json.loads(_run(
+        ["qemu-img", "map", "--output=json", "-f", fmt, f"--start-offset={start}", f"--max-length={length}", path],
+        f"qemu-img map {path}", timeout))
     return out
 
 
