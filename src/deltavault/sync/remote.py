@@ -2,23 +2,23 @@
 version (the seed) and recursive signatures (chunking/rdc.py), so that only the chunks
 the seed lacks, plus a little signature, cross the wire.
 
-Protocol: msgpack frames (sync/wire.py) over any byte stream: a pipe to
-``python -m deltavault.sync.remote serve ROOT`` (locally, or through ssh). The client
-speaks first.
+Protocol: msgpack frames (sync/wire.py) over any byte stream: in a sync, the channel between
+the sender and the receiving agent, where the sender serves the one file it has opened
+(sync/sender). The client speaks first.
 
     {"op": "open", "path": p, "pages": bool} -> {"size", "levels", "top", "digest"}
     {"op": "get", "level": k, "ranges": [[offset, length], ...]}  -> {"data": [bytes, ...]}
     {"op": "bye"}                        -> the server exits
 
 ``levels`` counts signature levels; ``top`` is the highest one, sent whole; level 0 is the
-file's bytes. The server holds the open file's streams in memory (it is meant for files
-that fit; a streaming server is not written).
+file's bytes. The server holds the open file's streams in memory: the sender serves only
+files up to ``DELTA_MAX``, read through the fd it opened and checked. (A standalone
+``serve ROOT`` that opened paths below a directory, following symlinks and reading files
+whole, is gone: nothing used it but a test.)
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,17 +28,9 @@ import blake3
 from deltavault.chunking import rdc
 from deltavault.errors import CorruptionError, SourceError
 from deltavault.fs.clone import pread_full
-from deltavault.fs.paths import check_name
-from deltavault.sync.wire import Channel, Frames
+from deltavault.sync.wire import Frames
 
 DELTA_MAX = 2 << 30  # both versions are held in memory while a file is rebuilt by delta
-
-
-def _resolve(root: bytes, path: bytes) -> bytes:
-    parts = [p for p in path.split(b"/") if p and p != b"."]
-    for p in parts:
-        check_name(p)
-    return os.path.join(root, *parts) if parts else root
 
 
 class Served:
@@ -66,10 +58,10 @@ def load_seed(fd: int, size: int) -> memoryview:
     return memoryview(data)[:pread_full(fd, memoryview(data), 0)]
 
 
-def serve(chan: Frames, root: bytes | None, data: Loader | None = None) -> None:
-    """Answer requests until "bye" or the end of the stream. With ``data``, every "open"
-    is of that one file (a push: the sender has opened it), loaded when first asked for;
-    a load that returns None means the file changed while read, and the fetcher is told."""
+def serve(chan: Frames, data: Loader) -> None:
+    """Answer requests until "bye" or the end of the stream. Every "open" is of the one file
+    ``data`` loads (the sender has opened it), loaded when first asked for; a load that
+    returns None means the file changed while read, and the fetcher is told."""
     current: Served | None = None
     loaded: bytes | memoryview | None = None
     while True:
@@ -82,17 +74,11 @@ def serve(chan: Frames, root: bytes | None, data: Loader | None = None) -> None:
             return
         try:
             if op == "open":
-                pages = bool(req.get("pages"))
-                if data is None:
-                    assert root is not None
-                    with open(_resolve(root, req["path"]), "rb") as f:
-                        current = Served(f.read(), pages=pages)
-                else:
-                    loaded = loaded if loaded is not None else data()
-                    if loaded is None:
-                        chan.send({"error": "the file changed while it was read", "changed": True})
-                        continue
-                    current = Served(loaded, pages=pages)
+                loaded = loaded if loaded is not None else data()
+                if loaded is None:
+                    chan.send({"error": "the file changed while it was read", "changed": True})
+                    continue
+                current = Served(loaded, pages=bool(req.get("pages")))
                 chan.send(current.head)
             elif op == "get" and current is not None:
                 chan.send(current.get(req))
@@ -191,15 +177,3 @@ def fetch(chan: Frames, path: bytes, seed: bytes | memoryview, *,
     """The remote file's new content, rebuilt from the seed and the chunks it lacks."""
     r = fetch_rebuilt(chan, path, seed, pages=pages)
     return b"".join(r.buffers()), r.stats
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "serve":
-        sys.stderr.write("usage: python -m deltavault.sync.remote serve ROOT\n")
-        return 2
-    serve(Channel(sys.stdin.buffer, sys.stdout.buffer), os.fsencode(argv[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

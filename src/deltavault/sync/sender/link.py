@@ -57,7 +57,7 @@ class AgentLink:
     def serve(self, load: Loader) -> None:
         """Answer the agent's remote-delta requests for one file until it says "bye"."""
         try:
-            serve(self.chan, None, load)
+            serve(self.chan, load)
         except (BrokenPipeError, ConnectionError) as exc:
             raise Lost from exc
 
