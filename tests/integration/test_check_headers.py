@@ -74,3 +74,40 @@ def test_check_read_headers_on_s3_gets_each_header_alone(scli: Cli, s3proxy: Pro
     assert len(pack_gets) == r.last("check_summary")["headers_read"], pack_gets
     assert all(n == 1 for n in pack_gets.values()), pack_gets
     assert t.received < 4 * MiB, t.received  # the data pack alone is 24 MB
+
+
+def test_a_pack_longer_than_its_index_implies_is_not_read_whole(cli: Cli) -> None:
+    """The first read of a header is the span the index leaves after the blobs, up to
+    GUESS_MAX: a 12 MiB pack swapped under a small one's name was read whole (as its
+    "header"), eight at a time: 8 GiB for packs of 1 GiB."""
+    from deltavault.maintenance.check import check_repository
+    from deltavault.repository.packcheck import GUESS_MAX
+
+    repo = _repo(cli)
+    small = repo.save_blob(BlobType.DATA, os.urandom(1000), compress=False)[0]
+    repo.flush()
+    big = repo.save_blob(BlobType.DATA, os.urandom(12 * MiB), compress=False)[0]
+    repo.flush()
+    paths = []
+    for b in (small, big):
+        loc = repo.index.lookup(b)
+        assert loc is not None
+        paths.append(cli.repo / "data" / loc.pack_id.hex()[:2] / loc.pack_id.hex())
+    tmp = paths[0].with_name("swap")
+    paths[0].rename(tmp)
+    paths[1].rename(paths[0])
+    tmp.rename(paths[1])
+    repo = _repo(cli)  # opened again: the index as stored
+    reads: list[int] = []
+    get = repo.backend.get
+
+    def counted(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = get(name, offset, length)
+        if "/data/" in name or name.startswith("data/"):
+            reads.append(len(data))
+        return data
+
+    repo.backend.get = counted  # type: ignore[method-assign]
+    rep = check_repository(repo, headers=True)
+    assert sum("header disagree" in i.message for i in rep.errors) == 2
+    assert reads and max(reads) <= GUESS_MAX, reads

@@ -63,6 +63,9 @@ def list_pack_names(store: IndexStore) -> dict[bytes, int]:
     return out
 
 
+GUESS_MAX = 4 * 1024 * 1024  # the most read_pack_header reads first (a header of ~60,000 blobs)
+
+
 def read_pack_header(store: IndexStore, pack_id: bytes, size: int | None = None,
                      guess: int = 64 * 1024) -> list[PackEntry]:
     """``guess``: the bytes read first from the end (a second read follows if the header is
@@ -74,7 +77,10 @@ def read_pack_header(store: IndexStore, pack_id: bytes, size: int | None = None,
         size = store.backend.stat(name).size
     if size < len(MAGIC) + tail_size():
         raise FormatError(f"pack {name}: truncated ({size} bytes)")
-    guess = min(size, max(guess, tail_size()))
+    # At most GUESS_MAX first: a pack longer than its index implies (another swapped in, bytes
+    # appended, a store misreporting its size) must not be read whole; its header then comes
+    # in a second read, bounded by MAX_HEADER, as it always did.
+    guess = min(size, max(min(guess, GUESS_MAX), tail_size()))
     tail = store.backend.get(name, size - guess, guess)
     hlen = parse_tail(tail, size, name)
     need = hlen + tail_size()

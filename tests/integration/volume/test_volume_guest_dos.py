@@ -154,3 +154,38 @@ def test_a_gpt_of_two_billion_entries_of_size_zero_is_not_used(cli: Cli, tmp_pat
     s = _backups(cli, img, 1)
     assert any("reads to parse" in n for n in s["notes"]), s
     assert _restored(cli, s, tmp_path) == sha256(img)
+
+
+def test_a_base_record_with_too_many_extension_records_is_refused(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base record's attributes are held together with its extension records' while it is
+    digested (about 27 KB parsed each): a guest naming one base from every slot of a huge
+    MFT grew that without bound. Past MAX_EXTENSIONS (lowered to 2 here: three records are
+    made extensions of a fourth) fs-digests is refused, and the volume read block by block."""
+    from dissect.ntfs import NTFS
+
+    from deltavault.tracking.volume import ntfs as ntfs_tracking
+    from deltavault.tracking.volume.base import Rejected
+    from deltavault.tracking.volume.readers import FileReader
+
+    img = tmp_path / "n.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    run("mkntfs", "-F", "-Q", "-q", "-c", str(BS), str(img))
+    for name in ("base", "x1", "x2", "x3"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+        run("ntfscp", "-q", str(img), str(tmp_path / name), name)
+    with open(img, "r+b") as f:
+        ntfs = NTFS(f)
+        mft_at = ntfs.mft.get(0).attributes[0x80][0].header.dataruns()[0][0] * ntfs.cluster_size
+        base = ntfs.mft.get("base").segment
+        records = [ntfs.mft.get(n).offset for n in ("x1", "x2", "x3")]
+        for off in records:
+            f.seek(mft_at + off + 0x20)  # BaseFileRecordSegment
+            f.write(struct.pack("<Q", base))
+    monkeypatch.setattr(ntfs_tracking, "MAX_EXTENSIONS", 2)
+    scanner = ntfs_tracking.NtfsScanner(FileReader(str(img)))
+    with pytest.raises(Rejected, match=f"MFT record {base} has more than 2 extension records"):
+        scanner.digest_scan(None)
+    monkeypatch.setattr(ntfs_tracking, "MAX_EXTENSIONS", 3)
+    scanner.digest_scan(None)  # within the bound: digested

@@ -151,3 +151,70 @@ def test_a_flat_extent_opening_with_a_sparse_header_is_the_guests_data(cli: Cli,
     out = tmp_path / "back.raw"
     assert bounded(cli, "restore", "--volume", "latest", "--target", str(out)).returncode == 0
     assert sha256(out) == sha256(raw)  # (qemu-img compare would probe it as a VMDK)
+
+
+def footer_vmdk(path: Path) -> Path:
+    """A monolithicSparse VMDK whose header is a sane 1 MiB disk of 64 KiB grains with its
+    grain directory "at the end", and whose footer (which qemu then reads whole, header
+    fields and all) claims 1 TiB of 512-byte grains: 17 MiB, sparse."""
+    ref = path.with_name("ref.vmdk")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(ref), "1M"], check=True)
+    desc = ref.read_bytes()[512:512 * 21]  # its embedded descriptor (sectors 1 to 20)
+    ref.unlink()
+
+    def header(capacity: int, grain: int, gd: int) -> bytes:
+        h = struct.pack("<4sIIQQQQIQQQ", b"KDMV", 1, 3, capacity, grain, 1, 20, 512, 0, gd, 128)
+        return (h + b"\0\n \r\n").ljust(512, b"\0")
+
+    size = 17 * MiB
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(header(2048, 128, 0xFFFFFFFFFFFFFFFF) + desc)
+        f.seek(size - 1536)  # the footer: its marker, the header qemu uses, end of stream
+        f.write(struct.pack("<QII", 1, 0, 3).ljust(512, b"\0") + header(1 << 31, 1, 64)
+                + struct.pack("<QII", 0, 0, 0).ljust(512, b"\0"))
+    return path
+
+
+def test_a_vmdk_whose_footer_claims_a_terabyte_of_tiny_grains_is_refused_at_once(cli: Cli, tmp_path: Path) -> None:
+    """qemu takes the whole header from the footer when the first says the grain directory
+    is at the end: bounding the first header's grains alone let this one spin."""
+    img = footer_vmdk(tmp_path / "vm.vmdk")
+    assert cli("init").returncode == 0
+    r = bounded(cli, "--json", "backup", "--volume", str(img))
+    assert r.returncode == ExitCode.SOURCE, (r.stdout, r.stderr)
+    assert "has grains of 512 bytes" in r.last("error")["message"]
+    assert qemu_processes(img) == []
+
+
+def flat_vmdk(path: Path, extents: list[int]) -> Path:
+    """A monolithicFlat VMDK of one-sector extents of the file data.raw (1 MiB), at the
+    sectors ``extents``."""
+    (path.parent / "data.raw").write_bytes(b"\1" * MiB)
+    lines = ["# Disk DescriptorFile", "version=1", "CID=12345678", "parentCID=ffffffff",
+             'createType="monolithicFlat"', "", *[f'RW 1 FLAT "data.raw" {s}' for s in extents], "",
+             'ddb.adapterType = "ide"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_vmdk_of_many_flat_extents_is_mapped_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``qemu-img map`` opens every extent: one per extent made a descriptor of a few
+    hundred lines take minutes (quadratic). One map serves them all, and still finds an
+    extent whose range ends past its file's end."""
+    from deltavault.tracking.volume import images
+    from deltavault.tracking.volume.qemu import image_info
+
+    calls: list[tuple[int, int]] = []
+
+    def counted(path: str, fmt: str, start: int, length: int, **kw: float) -> list[dict[str, object]]:
+        calls.append((start, length))
+        return image_map(path, fmt, start, length, **kw)
+
+    monkeypatch.setattr(images, "image_map", counted)
+    img = flat_vmdk(tmp_path / "many.vmdk", list(range(400)))
+    images.check_extents(str(img), image_info(str(img)))
+    assert len(calls) == 1 and calls[0][0] == 0  # one map, from the first extent on
+    cut = flat_vmdk(tmp_path / "cut.vmdk", [*range(300), 2047, 2048])  # the last one past the 1 MiB file
+    with pytest.raises(SourceError, match=r"truncated: its extent file .*data\.raw is 1048576 bytes long"):
+        images.check_extents(str(cut), image_info(str(cut)))

@@ -15,6 +15,7 @@ host files.
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 from typing import Any
@@ -23,7 +24,7 @@ from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
 from deltavault.tracking.volume.access import ReadOnlyAccess
 from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info, image_map
-from deltavault.tracking.volume.vmdkgrains import check_grains, check_sparse_extent
+from deltavault.tracking.volume.vmdkgrains import MAX_GRAINS, check_grains, check_sparse_extent
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
 QEMU_ONLY = ("vhdx", "vmdk")
@@ -75,41 +76,59 @@ def check_extents(path: str, info: dict[str, Any]) -> None:
     grains than can be served in bounded time. qemu reads what lies past the end of an extent
     file as zeros, silently (a sparse extent's last grains, a flat extent's tail), and
     ``qemu-img info`` and ``check`` say nothing when only the last grain is cut; so each
-    guest range must end within its file. A sparse extent (KDMV) is walked by ``vmdkgrains``
-    (bounded by its file); any other is checked with ``qemu-img map`` over its own guest
-    range, a sparse one only once its grain count is within bounds (the map costs a call per
-    grain). (VHDX: qemu refuses such an image when it opens it.)"""
+    guest range must end within its file.
+
+    First every sparse extent's grains, as qemu reads its header (``qemu-img info``: from the
+    footer when the header says so), and their sum, are bounded (``check_grains``): what
+    qemu will do per grain, the map below and every NBD status call after, is bounded by
+    that. A sparse extent (KDMV) is then walked by ``vmdkgrains``, bounded by its file; the
+    others (flat, other sparse kinds) are checked with one ``qemu-img map`` of the image,
+    whatever their number (one map per extent opened every extent each time: quadratic in
+    a descriptor of thousands of extents). (VHDX: qemu refuses such an image when it
+    opens it.)"""
     home = os.path.dirname(os.path.realpath(path))
-    start = 0
+    extents: list[tuple[int, int, str]] = []  # (first guest byte, end, file) of those to map
+    start = total = 0
     for e in info.get("format-specific", {}).get("data", {}).get("extents", []):
         size = int(e.get("virtual-size", 0))
         name = os.path.join(home, str(e.get("filename", "")))
         first, start = start, start + size
-        if e.get("cluster-size") is not None:  # sparse (qemu gives a flat extent none): parsed as such
+        if e.get("cluster-size") is not None:  # sparse (qemu gives a flat extent none)
+            grain = int(e.get("cluster-size") or 0)
+            check_grains(path, name, grain, size)
+            total += -(-size // grain)
+            if total > MAX_GRAINS:
+                raise SourceError(f"{path}: its extents claim {total} grains in all; more than {MAX_GRAINS}, "
+                                  "an 8 TiB disk of 64 KiB grains, are refused")
             if check_sparse_extent(path, name):
                 continue
-            check_grains(path, name, int(e.get("cluster-size") or 0), size)
         if size:
-            _check_mapped(path, name, first, start, image_map(path, "vmdk", first, size))
+            extents.append((first, start, name))
+    if extents:
+        _check_mapped(path, extents, image_map(path, "vmdk", extents[0][0], extents[-1][1] - extents[0][0]))
 
 
-def _check_mapped(path: str, name: str, first: int, end: int, mapped: list[dict[str, Any]]) -> None:
-    """Each range ``qemu-img map`` places in the extent file ``name`` (the guest's bytes
-    ``first``..``end``) ends within that file."""
-    file_size: int | None = None
+def _check_mapped(path: str, extents: list[tuple[int, int, str]], mapped: list[dict[str, Any]]) -> None:
+    """Each range ``qemu-img map`` places in one of ``extents`` (first guest byte, end,
+    file) ends within that file."""
+    sizes: dict[str, int] = {}
     for m in mapped:
         if "offset" not in m:
             continue
         g, n, off = int(m["start"]), int(m["length"]), int(m["offset"])
-        n = min(n, end - g)
-        if file_size is None:
+        i = bisect.bisect_right(extents, g, key=lambda x: x[0]) - 1
+        if i < 0 or g >= extents[i][1]:
+            continue  # in an extent walked by vmdkgrains
+        _first, end, name = extents[i]
+        if name not in sizes:
             try:
-                file_size = os.stat(name).st_size
+                sizes[name] = os.stat(name).st_size
             except OSError as exc:
                 raise SourceError(f"{path}: its extent {name}: {exc.strerror or exc}") from None
-        if off + n > file_size:
+        n = min(n, end - g)
+        if off + n > sizes[name]:
             raise SourceError(
-                f"{path}: truncated: its extent file {name} is {file_size} bytes long, but holds the "
+                f"{path}: truncated: its extent file {name} is {sizes[name]} bytes long, but holds the "
                 f"disk's bytes {g}..{g + n} at {off}..{off + n} (what lies past its end would be read as zeros)")
 
 

@@ -46,6 +46,9 @@ _SI_CHANGE_TIME = slice(16, 24)  # STANDARD_INFORMATION.ChangeTime (of the MFT r
 _FILETIME_UNIX = 11644473600  # seconds from 1601 (FILETIME's epoch) to 1970
 _VOLUME_FLAGS = slice(10, 12)  # VOLUME_INFORMATION.Flags
 CHUNK_RECORDS = 4096  # MFT records read at a time (4 MiB of 1 KiB records)
+# Extension records one base may have: its attributes are held together while it is digested.
+# A heavily fragmented file needs one per ~100 runs; NTFS's attribute list names at most ~8,000.
+MAX_EXTENSIONS = 1024
 # Attribute type codes as ints: the keys of dissect's AttributeMap (its enum does not hash as one).
 _STANDARD_INFORMATION = ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION.value
 _FILE_NAME = ATTRIBUTE_TYPE_CODE.FILE_NAME.value
@@ -133,12 +136,19 @@ class NtfsScanner:
         """Base records in use, each with its attributes and its extension records', by
         type code (the base record's first, then each extension's in record order). An
         extension record is read again when its base is reached, not kept from the first
-        pass: a guest can make every slot of a huge MFT one, and memory stays one chunk."""
+        pass: a guest can make every slot of a huge MFT one. A base's attributes, its
+        extensions' included, are held together (about 27 KB parsed per extension record):
+        a base with more than MAX_EXTENSIONS is refused (Rejected: the volume is read block
+        by block), so that stays within about 28 MB."""
         extensions: dict[int, list[int]] = {}
         for n, raw in self._slots():
             rec = self._parse(n, raw)
             if rec is not None and (base := segment_reference(rec.header.BaseFileRecordSegment)):
-                extensions.setdefault(base, []).append(n)
+                named = extensions.setdefault(base, [])
+                named.append(n)
+                if len(named) > MAX_EXTENSIONS:
+                    raise Rejected(f"MFT record {base} has more than {MAX_EXTENSIONS} extension records "
+                                   "(their attributes are held together)")
         rs = self.ntfs._record_size
         fh = self.ntfs.mft.fh
         for n, raw in self._slots():

@@ -98,14 +98,17 @@ def _check(path: str, extent: str, fd: int, size: int) -> bool:
     head = _read(fd, _HEADER.size, 0)
     if len(head) < _HEADER.size:
         raise cut("its header", _HEADER.size)
-    magic, _version, flags, capacity, grain, _d_off, _d_size, per_gt, _rgd, gd, _over = _HEADER.unpack(head)
-    if magic != b"KDMV":
+    if head[:4] != b"KDMV":
         return False
-    if gd == _GD_AT_END:  # the footer, a copy of the header 1024 bytes before the end, has it
-        foot = _read(fd, _HEADER.size, size - 1024) if size >= 1024 else b""
-        if len(foot) < _HEADER.size or foot[:4] != b"KDMV":
+    if _HEADER.unpack(head)[9] == _GD_AT_END:
+        # As qemu: the whole header is then the footer's, 1024 bytes before the end of the
+        # file counted in whole sectors (a header that claims little and a footer that
+        # claims 1 TiB of one-sector grains are read by qemu as the footer says).
+        at = -(-size // _SECTOR) * _SECTOR - 1024
+        head = _read(fd, _HEADER.size, at) if at >= _SECTOR else b""
+        if len(head) < _HEADER.size or head[:4] != b"KDMV":
             raise cut("its footer", size + 1)
-        gd = _HEADER.unpack(foot)[9]
+    _magic, _version, flags, capacity, grain, _d_off, _d_size, per_gt, _rgd, gd, _over = _HEADER.unpack(head)
     if not 0 < grain <= _MAX_GRAIN or not 0 < per_gt <= _MAX_GTES or -(-capacity // (grain * per_gt)) > _MAX_TABLES:
         raise SourceError(f"{path}: its extent file {extent} has a damaged header")
     grain_bytes = grain * _SECTOR
