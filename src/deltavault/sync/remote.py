@@ -12,9 +12,7 @@ the sender and the receiving agent, where the sender serves the one file it has 
 
 ``levels`` counts signature levels; ``top`` is the highest one, sent whole; level 0 is the
 file's bytes. The server holds the open file's streams in memory: the sender serves only
-files up to ``DELTA_MAX``, read through the fd it opened and checked. (A standalone
-``serve ROOT`` that opened paths below a directory, following symlinks and reading files
-whole, is gone: nothing used it but a test.)
+files up to ``DELTA_MAX``, read through the fd it opened and checked.
 """
 
 from __future__ import annotations

@@ -94,9 +94,7 @@ def check_extents(path: str, info: dict[str, Any]) -> None:
         name = os.path.join(home, str(e.get("filename", "")))
         first, start = start, start + size
         if e.get("cluster-size") is not None:  # sparse (qemu gives a flat extent none)
-            grain = int(e.get("cluster-size") or 0)
-            check_grains(path, name, grain, size)
-            total += -(-size // grain)
+            total += check_grains(path, name, int(e.get("cluster-size") or 0), size)
             if total > MAX_GRAINS:
                 raise SourceError(f"{path}: its extents claim {total} grains in all; more than {MAX_GRAINS}, "
                                   "an 8 TiB disk of 64 KiB grains, are refused")

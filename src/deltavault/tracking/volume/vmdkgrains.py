@@ -42,9 +42,9 @@ MIN_GRAIN = 8  # sectors: VMware's specification asks a grain of at least 4 KiB;
 MAX_GRAINS = 1 << 27
 
 
-def check_grains(path: str, extent: str, grain_bytes: int, capacity: int) -> None:
-    """SourceError when an extent of ``capacity`` bytes in grains of ``grain_bytes`` has
-    grains too small, or too many of them, to be served in bounded time."""
+def check_grains(path: str, extent: str, grain_bytes: int, capacity: int) -> int:
+    """The number of grains of an extent of ``capacity`` bytes in grains of ``grain_bytes``;
+    SourceError when they are too small, or too many, to be served in bounded time."""
     if grain_bytes < MIN_GRAIN * _SECTOR:
         raise SourceError(f"{path}: its extent {extent} has grains of {grain_bytes} bytes; a VMDK's grain is "
                           f"at least {MIN_GRAIN * _SECTOR} bytes (VMware's specification), and reading one "
@@ -53,6 +53,7 @@ def check_grains(path: str, extent: str, grain_bytes: int, capacity: int) -> Non
     if grains > MAX_GRAINS:
         raise SourceError(f"{path}: its extent {extent} claims {grains} grains ({capacity} bytes in grains of "
                           f"{grain_bytes}); more than {MAX_GRAINS}, an 8 TiB disk of 64 KiB grains, are refused")
+    return grains
 
 
 def check_sparse_extent(path: str, extent: str) -> bool:
