@@ -1,9 +1,10 @@
-"""Process-level tuning that depends on the platform."""
+"""Process-level tuning that depends on the platform, and whether a process still runs."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # glibc mallopt parameters
@@ -51,3 +52,38 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def proc_start(pid: int) -> int:
+    """The start time of process ``pid`` in clock ticks after boot (0 if unknown): with
+    the pid, it names one process, not whichever later reuses the number."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def process_alive(pid: int, start: int) -> bool:
+    """Whether process ``pid``, started at ``start`` (0: any start), still runs."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if _is_zombie(pid):
+        return False  # killed, not yet reaped: it holds nothing any more
+    return start == 0 or proc_start(pid) in (0, start)

@@ -29,6 +29,7 @@ from deltavault.errors import (
 )
 from deltavault.framing import decode_json
 from deltavault.fs.paths import shown
+from deltavault.platform import proc_start, process_alive
 from deltavault.repository.envelope import Envelope
 
 LOCK_AAD = b"lock"
@@ -55,38 +56,6 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def _proc_start(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def process_alive(pid: int, start: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if _is_zombie(pid):
-        return False  # killed, not yet reaped: it holds nothing any more
-    return start == 0 or _proc_start(pid) in (0, start)
 
 
 class LockManager:
@@ -140,7 +109,7 @@ class LockManager:
         delay = 0.2
         while True:
             now = self.clock()
-            info = LockInfo(hostname=self.hostname, pid=os.getpid(), pid_start=_proc_start(os.getpid()),
+            info = LockInfo(hostname=self.hostname, pid=os.getpid(), pid_start=proc_start(os.getpid()),
                             exclusive=exclusive, created=now, refreshed=now, command=command,
                             boot_id=self.boot_id)
             name = self._write(info)

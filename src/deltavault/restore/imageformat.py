@@ -28,6 +28,7 @@ from deltavault.fs.dirfd import created_dir, identity, lstat_at
 from deltavault.fs.paths import display
 from deltavault.restore.voltarget import TargetDir
 from deltavault.restore.volume import VolumeRestoreStats
+from deltavault.tracking.volume import qemuproc
 
 FORMATS = ("raw", "qcow2", "vhdx", "vmdk")
 CHOICES = (*FORMATS, "original")
@@ -59,10 +60,8 @@ def target_format(target: str, asked: str | None, recorded: str) -> str:
 
 
 def _qemu_img(args: list[str], what: str, fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(["qemu-img", *args], capture_output=True, text=True, pass_fds=fds)
-    except OSError as exc:
-        raise TargetError(f"{what}: {exc}") from exc
+    # No timeout: converting the volume is work that follows its size, of our own raw file.
+    return qemuproc.run(["qemu-img", *args], what, TargetError, timeout=None, fds=fds)
 
 
 def _fsync_at(dir_fd: int, name: str) -> None:

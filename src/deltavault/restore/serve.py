@@ -9,13 +9,13 @@ qemu, ``qemu-img commit`` or ``qemu-img convert`` can use later. Its backing fil
 records the snapshot (``deltavault-volume-<id>``), so an overlay is reused only with the
 snapshot it was made for; the real path is given at run time.
 
-qemu-nbd runs as our child and dies with us (PR_SET_PDEATHSIG); on every exit path it is
-stopped before the FUSE mount goes.
+qemu-nbd runs as our child and dies with us (tracking/volume/qemuproc.py: SIGTERM here, so
+it closes a written overlay cleanly); on every exit path it is stopped before the FUSE
+mount goes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -37,11 +37,12 @@ from deltavault.repository.snapshots import short_id
 from deltavault.restore.mount.blobs import DEFAULT_CACHE, MountBlobs
 from deltavault.restore.mount.namespace import Namespace
 from deltavault.restore.mount.session import BackgroundMount
+from deltavault.tracking.volume import qemuproc
+from deltavault.tracking.volume.qemuproc import INSPECT_TIMEOUT
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
 READY_WAIT = 30.0
 CLIENTS = 16  # connections qemu-nbd accepts at once
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -97,25 +98,21 @@ def _overlay(path: str, sid: str, size: int) -> None:
     """Create the overlay, or check that an existing one was made for this snapshot."""
     mark = f"deltavault-volume-{sid}"
     if os.path.exists(path):
-        p = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True)
+        p = qemuproc.run(["qemu-img", "info", "--output=json", path], f"qemu-img info {path}", TargetError,
+                         timeout=INSPECT_TIMEOUT)
         info = json.loads(p.stdout) if p.returncode == 0 else {}
         if info.get("format") != "qcow2" or info.get("backing-filename") != mark:
             raise UsageError(f"the overlay {path} was not made for volume snapshot {short_id(sid)} "
                              "(a deltavault qcow2 overlay names its snapshot); use another file")
         return
-    p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", mark, "-F", "raw", path,
-                        str(size)], capture_output=True, text=True)
+    p = qemuproc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", mark, "-F", "raw", path, str(size)],
+                     f"creating the overlay {path}", TargetError, timeout=INSPECT_TIMEOUT)
     if p.returncode != 0:
         raise TargetError(f"cannot create the overlay {path}: {p.stderr.strip()}")
 
 
 def _escape(path: str) -> str:
     return path.replace(",", ",,")  # qemu's option syntax doubles a comma
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _reachable(opts: ServeOptions) -> bool:
@@ -157,8 +154,8 @@ def serve_volume(repo: Repository, sid: str, snap: Snapshot, opts: ServeOptions,
                      ["--bind", parse_listen(opts.listen or DEFAULT_LISTEN)[0],
                       "--port", str(parse_listen(opts.listen or DEFAULT_LISTEN)[1])])
             log = _log_file()
-            child = subprocess.Popen([*argv, *where, "--persistent", f"--shared={CLIENTS}"],
-                                     stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent)
+            child = qemuproc.spawn([*argv, *where, "--persistent", f"--shared={CLIENTS}"], stderr=log,
+                                   death_signal=signal.SIGTERM)
             deadline = time.monotonic() + READY_WAIT
             while not _reachable(opts):
                 if child.poll() is not None or time.monotonic() > deadline:

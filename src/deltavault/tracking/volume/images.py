@@ -22,6 +22,7 @@ from typing import Any
 
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint
+from deltavault.tracking.volume import qemuproc
 from deltavault.tracking.volume.access import ReadOnlyAccess
 from deltavault.tracking.volume.qemu import NbdHeld, NbdReader, NbdServer, image_info, image_map
 from deltavault.tracking.volume.vmdkgrains import MAX_GRAINS, check_grains, check_sparse_extent
@@ -159,7 +160,7 @@ class ImageAccess(ReadOnlyAccess, NbdHeld):
         return self.reader
 
     def _unreadable(self, exc: SourceError) -> SourceError:
-        why = "in use" if "lock" in exc.message.lower() else "damaged, truncated, or a file it names is missing"
+        why = "in use" if qemuproc.in_use(exc.message) else "damaged, truncated, or a file it names is missing"
         return SourceError(f"cannot open {self.path} as a {self.source_format} image ({why}): {exc.message}")
 
     def close(self) -> None:

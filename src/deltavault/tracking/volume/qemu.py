@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,10 +25,11 @@ from pyroaring import BitMap
 
 from deltavault.errors import SourceError
 from deltavault.model.volume import Checkpoint, VolumeManifest
-from deltavault.tracking.volume import pagesets
+from deltavault.tracking.volume import nbdsock, pagesets, qemuproc
 from deltavault.tracking.volume.access import Pending, sweep
 from deltavault.tracking.volume.base import Changes, Rejected, find_checkpoint
 from deltavault.tracking.volume.nbdlib import load_nbd
+from deltavault.tracking.volume.qemuproc import INSPECT_TIMEOUT
 
 NAME = "qemu-bitmap"
 PREFIX = "dv-"
@@ -40,23 +40,12 @@ STATUS_SPAN = 1 << 30
 START_TIMEOUT = 20.0
 
 
-INSPECT_TIMEOUT = 120.0  # seconds for qemu-img info or map: each is bounded work, checked before it runs
-
-
 def _run(args: list[str], what: str, timeout: float = 300) -> str:
     """``args``' output; SourceError if it fails, or if it runs longer than ``timeout``
-    seconds (then it is killed and reaped: nothing is left running)."""
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SourceError(f"{what}: did not finish within {timeout:g} s (stopped)") from None
-    except OSError as exc:
-        raise SourceError(f"{what}: {exc}") from exc
+    seconds or its CPU bound (qemuproc.run)."""
+    p = qemuproc.run(args, what, SourceError, timeout=timeout)
     if p.returncode != 0:
-        msg = (p.stderr or p.stdout).strip()
-        if "lock" in msg.lower():
-            msg += " (the image is in use: a running VM or another qemu-nbd holds it)"
-        raise SourceError(f"{what}: {msg}")
+        raise SourceError(f"{what}: {qemuproc.explained(p.stderr or p.stdout)}")
     return p.stdout
 
 
@@ -163,14 +152,15 @@ class NbdServer:
     """A read-only qemu-nbd export of one image (of format ``fmt``) on a private unix socket."""
 
     def __init__(self, image: str, bitmap: str | None, *, fmt: str = "qcow2") -> None:
-        self.dir = tempfile.mkdtemp(prefix="dv-nbd-")
+        nbdsock.sweep_stale()  # those of runs killed before they could remove theirs
+        self.dir = nbdsock.make_dir()
         self.sock = os.path.join(self.dir, "sock")
         args = ["qemu-nbd", "--read-only", "--persistent", "-f", fmt, "-k", self.sock]
         if bitmap:
             args += ["-B", bitmap]
         args.append(image)
         try:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            self.proc = qemuproc.spawn(args, stderr=subprocess.PIPE)
         except OSError as exc:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise SourceError(f"cannot start qemu-nbd: {exc}") from exc
@@ -189,8 +179,8 @@ class NbdServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise SourceError(f"qemu-nbd exited: {err.strip()}")
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise SourceError(f"qemu-nbd exited: {qemuproc.explained(err)}")
             if os.path.exists(self.sock):
                 h = nbd.NBD()
                 for c in contexts:
