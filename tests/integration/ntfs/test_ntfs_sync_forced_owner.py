@@ -20,7 +20,8 @@ from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.temps import TEMP_PREFIX
 from tests.conftest import needs_root, needs_tools
 from tests.integration.ntfs.ntfsutil import ntfs
-from tests.integration.sync.conftest import dv, write
+from tests.integration.sync.conftest import REMOTE, dv, write
+from tests.sshd import missing_tools
 
 pytestmark = [needs_root(), needs_tools("mkntfs", "ntfs-3g")]
 
@@ -40,13 +41,21 @@ def _temps(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(TEMP_PREFIX.decode())]
 
 
-def test_sync_into_a_mount_that_forces_owners(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["local", pytest.param("push", marks=pytest.mark.skipif(
+    missing_tools() is not None, reason=missing_tools() or ""))])
+def test_sync_into_a_mount_that_forces_owners(tmp_path: Path, how: str, request: pytest.FixtureRequest) -> None:
     src = tmp_path / "src"
     _tree(src)
     with ntfs(tmp_path, "dst", streams=None, options=FORCED) as mnt:
         dst = mnt / "mirror"
+        if how == "push":  # the agent's receiver, through the sshd
+            server = request.getfixturevalue("server")
+            args = ["--remote-command", REMOTE, str(src), f"dvtest:{dst}"]
+            env = {"DELTAVAULT_SSH_CONFIG": str(server.ssh_config)}
+        else:
+            args, env = [str(src), str(dst)], {}
         for run in (1, 2):  # the second finds what the first made, owned by 1234
-            r = dv("sync", str(src), str(dst))
+            r = dv("sync", *args, env=env)
             assert r.returncode == 0, (run, r.stdout + r.stderr)
             assert "replaced during the run" not in r.stdout + r.stderr
             assert _temps(mnt) == []
