@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 HANDLE_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -83,19 +84,50 @@ def handle_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
         raise
 
 
-def created_handle(dir_fd: int, name: bytes, fmt: int) -> tuple[int, os.stat_result]:
+def created_handle(dir_fd: int, name: bytes, fmt: int,
+                   probe: Callable[[], int] | None = None) -> tuple[int, os.stat_result]:
     """The handle of an entry this process has just made under ``name`` (mkfifo, mknod,
     symlink, mkdir), refused with ``Replaced`` unless it has the file type ``fmt``
-    (``stat.S_IFIFO``...), our effective uid as owner and, for a non-directory, one link.
-    Another user cannot make an object with all three: theirs are owned by them, and a
-    hard link to an object outside the tree has two links."""
+    (``stat.S_IFIFO``...), the owner our new entries get (``made_by_us``) and, for a
+    non-directory, one link. Another user cannot make an object with all three where the
+    file system records creators: theirs are owned by them, and a hard link to an object
+    outside the tree has two links."""
     h, st = handle_at(dir_fd, name)
-    ok = stat.S_IFMT(st.st_mode) == fmt and st.st_uid == os.geteuid() and (
-        fmt == stat.S_IFDIR or st.st_nlink == 1)
-    if not ok:
+    try:
+        ok = stat.S_IFMT(st.st_mode) == fmt and (fmt == stat.S_IFDIR or st.st_nlink == 1)
+        if not ok or not made_by_us(st, probe):
+            raise Replaced("not the entry just created")
+    except BaseException:
         os.close(h)
-        raise Replaced("not the entry just created")
+        raise
     return h, st
+
+
+def made_by_us(st: os.stat_result, probe: Callable[[], int] | None) -> bool:
+    """Is ``st``'s owner the one an entry we make gets? Our effective uid, unless the file
+    system gives new entries another owner (NFS with root squash, an ntfs-3g mount with
+    ``uid=``): then ``probe`` (see ``new_entry_owner``) tells which, and only when asked."""
+    if st.st_uid == os.geteuid():
+        return True
+    return probe is not None and st.st_uid == probe()
+
+
+def new_entry_owner(dir_fd: int, name: bytes) -> int:
+    """The owner the file system gives an entry we make in ``dir_fd``: that of a regular
+    file made as ``name`` (a free temp name), read through the fd it was made with, which
+    no other user can swap. The file is removed again if ``name`` still names it (else
+    ``Replaced``: what stands there is left alone)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    now = lstat_at(dir_fd, name)
+    if now is None or identity(now) != identity(st):
+        raise Replaced("the owner probe was swapped for another entry")
+    os.unlink(name, dir_fd=dir_fd)
+    return st.st_uid
 
 
 def expect_identity(dir_fd: int, name: bytes, want: Identity) -> tuple[int, os.stat_result]:
@@ -173,14 +205,15 @@ def raise_nofile_limit() -> int:
 
 # ---------------------------------------------------------------------------- added for sync
 
-def created_dir(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+def created_dir(dir_fd: int, name: bytes, probe: Callable[[], int] | None = None) -> tuple[int, os.stat_result]:
     """Open the directory ``name`` that this process has just made (mkdir): refused with
-    ``Replaced`` unless it is a directory owned by our effective uid, which another user
-    cannot make (a directory of theirs swapped in between the mkdir and this open)."""
+    ``Replaced`` unless it is a directory with the owner our new entries get
+    (``made_by_us``), which another user cannot make where the file system records
+    creators (a directory of theirs swapped in between the mkdir and this open)."""
     fd = open_dir_at(dir_fd, name)
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
+        if not made_by_us(st, probe):
             raise Replaced("not the directory just created")
         return fd, st
     except BaseException:

@@ -49,6 +49,7 @@ class DataSubset:
     m: int = 0
     share: float = 0.0
     size: int = 0
+    text: str = ""  # as the user gave it: how output and status records name the subset
 
     def choose(self, packs: dict[bytes, int], rnd: random.Random | None = None) -> dict[bytes, int]:
         if self.kind == "slice":
@@ -102,14 +103,20 @@ def _pack_of(repo: Repository, blob_id: bytes) -> bytes | None:
     return None if loc is None else loc.pack_id
 
 
-def check_record(rep: CheckReport, *, read_data: bool, start_ns: int) -> StatusRecord:
-    """The status record of a check that started at ``start_ns`` (for reports)."""
+def check_record(rep: CheckReport, *, read_data: bool, start_ns: int,
+                 subset: DataSubset | None = None) -> StatusRecord:
+    """The status record of a check that started at ``start_ns`` (for reports). ``read_data``
+    is recorded only for a full read: a subset (which wins over ``read_data``, as in
+    ``check_repository``) is named in ``read_data_subset``."""
     errors = len(rep.errors)
-    text = (f"{rep.snapshots} snapshots, {rep.packs} packs" + (f", {rep.blobs_checked} blobs read" if read_data else "")
+    read = ("" if not read_data and subset is None else f", {rep.blobs_checked} blobs read"
+            + (f" in {rep.packs_read} pack(s) of subset {subset.text}" if subset is not None else ""))
+    text = (f"{rep.snapshots} snapshots, {rep.packs} packs" + read
             + (": no errors found" if not errors else f": {errors} error(s)"))
     return StatusRecord(kind=CHECK, time=rfc3339(start_ns), time_ns=start_ns, hostname=socket.gethostname(),
                         ok=not errors, message=text, seconds=round((time.time_ns() - start_ns) / 1e9, 3),
-                        errors=errors, warnings=len(rep.issues) - errors, read_data=read_data,
+                        errors=errors, warnings=len(rep.issues) - errors, read_data=read_data and subset is None,
+                        read_data_subset=subset.text if subset is not None else "",
                         snapshots=rep.snapshots, packs=rep.packs, blobs_checked=rep.blobs_checked)
 
 
@@ -129,6 +136,7 @@ def _read_all_packs(repo: Repository, packs: dict[bytes, int], indexed: set[byte
             continue
         rep.bytes_read += len(data)
         rep.packs_read += 1
+        rep.headers_checked += pid in indexed  # (compared below, or found unreadable)
         done += size
         if progress:
             progress(done, total)
@@ -186,6 +194,7 @@ def _check_headers(repo: Repository, packs: dict[bytes, int], rep: CheckReport) 
     with ThreadPoolExecutor(_HEADER_THREADS, thread_name_prefix="check-headers") as pool:
         for pid, got in zip(sorted(packs), pool.map(read, sorted(packs)), strict=True):
             rep.headers_read += 1
+            rep.headers_checked += 1
             if isinstance(got, str):  # its blobs may be whole: --read-data says
                 rep.add(CheckIssue("pack", f"pack {pid.hex()[:16]}: header unreadable: {got}"))
             else:

@@ -27,6 +27,7 @@ class CheckReport:
     bytes_read: int = 0
     packs_read: int = 0
     headers_read: int = 0  # packs whose header alone was read (``check --read-headers``)
+    headers_checked: int = 0  # indexed packs whose header was compared with the index: alone or read whole
     damaged_blobs: set[bytes] = field(default_factory=set)
     affected: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> paths
 

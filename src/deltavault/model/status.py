@@ -24,7 +24,8 @@ class StatusRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     # check
     errors: int = 0
     warnings: int = 0
-    read_data: bool = False
+    read_data: bool = False  # every pack read (not a subset)
+    read_data_subset: str = ""  # check --read-data-subset: the subset read, as given (e.g. 1/5, 10%, 50G)
     snapshots: int = 0
     packs: int = 0
     blobs_checked: int = 0

@@ -21,6 +21,7 @@ from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.temps import TEMP_PREFIX
 from deltavault.sync.report import SyncLog
 from tests.conftest import needs_root, needs_tools
+from tests.hostileutil import fork_as_nobody
 from tests.integration.sync.conftest import write
 from tests.integration.sync.test_sync_planted import EVIL, _plant_as_nobody, _swap_as_nobody
 
@@ -123,3 +124,33 @@ def test_a_swapped_temp_name_of_a_detached_copy_is_left_alone(shared_dir: Path,
     _left_alone(dst, swapped, evil)
     assert os.stat(dst / "g1").st_ino == outside.stat().st_ino  # as it was: nothing linked to it
     assert outside.stat().st_nlink == 2
+
+
+def test_a_special_file_swapped_right_after_it_was_made_is_refused(shared_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the mkfifo and the handle opened on it, nobody swaps the temp name for a FIFO
+    of theirs. Their entry shows their owner, not the one our entries get here (ours,
+    which the owner probe confirms): refused, left alone, and no probe file left behind."""
+    src, dst, _ = _dirs(shared_dir)
+    os.mkfifo(src / "fifo", 0o640)
+    _, status = os.waitpid(fork_as_nobody(lambda: os.mkfifo(dst / "theirs", 0o666)), 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    theirs = (dst / "theirs").stat().st_ino
+    real = specials_mod.created_handle
+    swapped: list[bytes] = []
+
+    def created_handle(dir_fd: int, tmp: bytes, fmt: int, *rest: Any) -> Any:
+        def swap() -> None:
+            os.rename(dst / os.fsdecode(tmp), dst / "stolen")
+            os.rename(dst / "theirs", dst / os.fsdecode(tmp))
+
+        _, st = os.waitpid(fork_as_nobody(swap), 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+        swapped.append(tmp)
+        return real(dir_fd, tmp, fmt, *rest)
+
+    monkeypatch.setattr(specials_mod, "created_handle", created_handle)
+    got = _run_refused(src, dst, shared_dir / "sync.log")
+    assert list(got) == ["fifo"] and "not the entry just created" in got["fifo"]
+    assert [(p.name.encode(), p.stat().st_ino) for p in dst.glob(".dv-sync-*")] == [(swapped[0], theirs)]
+    assert not (dst / "fifo").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from typing import Any
 
 from deltavault.maintenance.report import charts
 from deltavault.maintenance.report.data import (
@@ -152,6 +153,14 @@ def _where(wb: WhereBytes, i: int) -> str:
     return "".join(parts) + "</div>"
 
 
+def _check_scope(chk: dict[str, Any]) -> str:
+    if chk["read_data"]:
+        return "reading all data"
+    if chk.get("read_data_subset"):
+        return f"reading data subset {_t(chk['read_data_subset'])}"
+    return "structure only"
+
+
 def _health(h: Health, rep: Report) -> str:
     chk = h.last_check
     if chk is None:
@@ -159,7 +168,7 @@ def _health(h: Health, rep: Report) -> str:
     else:
         verdict = "<span class='ok'>passed</span>" if chk["ok"] else "<span class='bad'>found errors</span>"
         check = (f"<p id='last-check' data-result='{'ok' if chk['ok'] else 'errors'}'>Last check: {_time(chk['time'])} "
-                 f"UTC on {_t(chk['hostname'])}, {'reading all data' if chk['read_data'] else 'structure only'}: "
+                 f"UTC on {_t(chk['hostname'])}, {_check_scope(chk)}: "
                  f"{verdict} ({_t(chk['message'])}).</p>")
     stats = _table(["packs", "stored", "blobs", "before compression", "compression now", "deduplication now"], [
         f"<tr><td class='n'>{h.packs:,}</td><td class='n'>{human(h.pack_bytes)}</td><td class='n'>{h.blobs:,}</td>"

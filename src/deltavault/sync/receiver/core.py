@@ -145,7 +145,7 @@ class Receiver:
         if dst is None:
             os.mkdir(name, 0o700, dir_fd=dfd)
             self.out.count(dirs_created=1)
-            fd, st = created_dir(dfd, name)
+            fd, st = created_dir(dfd, name, self.temps.owner_probe((rel.rpartition(b"/")[0], None), dfd))
             return fd, st, True, parent_mnt
         fd = open_dir_checked(dfd, name, identity(dst))
         try:

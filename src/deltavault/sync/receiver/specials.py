@@ -1,7 +1,7 @@
 """Symlinks, FIFOs and device nodes in DST: kept when DST has the same (its metadata
 corrected through a handle to it, if DST holds its one link), else made under a temp
-name, checked to be the entry just made (``created_handle``: its type, owned by us, one
-link), given their metadata through that handle, and renamed into place."""
+name, checked to be the entry just made (``created_handle``: its type, the owner our new
+entries get, one link), given their metadata through that handle, and renamed into place."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def place_special(dfd: int, where: Where, name: bytes, st: os.stat_result, targe
             os.mkfifo(tmp, 0o600, dir_fd=dfd)
         else:
             os.mknod(tmp, fmt | 0o600, st.st_rdev, dir_fd=dfd)
-        h, made = created_handle(dfd, tmp, fmt)
+        h, made = created_handle(dfd, tmp, fmt, temps.owner_probe(where, dfd))
         try:
             probs = meta.apply_handle(h, st, xattrs)
         finally:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from deltavault.fs.dirfd import Identity, Replaced, identity, open_dir_path
+from deltavault.fs.dirfd import Identity, Replaced, identity, new_entry_owner, open_dir_path
 
 TEMP_PREFIX = b".dv-sync-"
 
@@ -69,6 +69,15 @@ class Temps:
             self.done(where, tmp)
             raise
         self.done(where, tmp)
+
+    def owner_probe(self, where: Where, dfd: int) -> Callable[[], int]:
+        """For ``created_handle``/``created_dir``: the owner the file system gives an entry
+        we make in ``dfd`` (``where``), found when asked with a probe file under a
+        registered temp name (an interrupt cannot leave it behind)."""
+        def probe() -> int:
+            with self.made(where, dfd, b"owner") as name:
+                return new_entry_owner(dfd, name)
+        return probe
 
     def remove_all(self, root: int) -> None:
         """Remove what is left (an interrupted run). Each directory is found again from DST's
