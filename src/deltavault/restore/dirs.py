@@ -14,7 +14,7 @@ import threading
 from deltavault.fs.dirfd import Identity, Replaced, identity, open_dir_at
 from deltavault.model.nodes import Node
 from deltavault.restore.options import RestoreLog
-from deltavault.restore.target import MetaOptions, apply_node_meta
+from deltavault.restore.target import MadeIn, MetaOptions, apply_node_meta
 
 
 class Dir:
@@ -23,12 +23,13 @@ class Dir:
     finished; the last release sets its metadata. ``fd`` is -1 while the walk is far below
     (or once it was found moved: ``lost``)."""
 
-    __slots__ = ("fd", "files", "fresh", "ident", "left", "lost", "node", "parent", "relpath")
+    __slots__ = ("fd", "files", "fresh", "ident", "left", "lost", "made", "node", "parent", "relpath")
 
     def __init__(self, fd: int, ident: Identity, relpath: bytes, node: Node | None,
                  parent: Dir | None, fresh: bool) -> None:
         self.fd, self.ident, self.relpath, self.node, self.parent = fd, ident, relpath, node, parent
         self.fresh = fresh  # made 0700 by this run: nobody else can have put anything in it
+        self.made: MadeIn | None = None  # when fresh: what a file made in it is given
         self.left = 1
         self.files = 0  # files queued or being written in it (its fd must stay open)
         self.lost = False

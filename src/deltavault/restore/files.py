@@ -48,6 +48,7 @@ from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
     final_of,
+    made_in,
     make_dir,
     place_special,
 )
@@ -305,9 +306,11 @@ class FileRestorer:
     def _entry(self, parent: Dir, relpath: bytes, node: Node, sel: Selection) -> _Frame | None:
         """Restore one entry of ``parent``; a directory is made and returned as a frame to list."""
         if node.type == NodeType.DIR:
-            fd, ident, made = make_dir(parent.fd, node.name, final_of(node, self._meta))
+            fd, dst, made = make_dir(parent.fd, node.name, final_of(node, self._meta))
             self.holds.opened()
-            sub = Dir(fd, ident, relpath, node, parent, fresh=made)
+            sub = Dir(fd, identity(dst), relpath, node, parent, fresh=made)
+            if made:
+                sub.made = made_in(fd, dst)
             if self._ntfs is not None:  # its named streams ("dir:stream"), before its times are set, last
                 self._ntfs.streams(parent.fd, node.name, fd, node, relpath)
             self.holds.hold(parent)

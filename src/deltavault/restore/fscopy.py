@@ -136,7 +136,7 @@ class TreeCopier:
                 node = _node(s, comp, st, self.ntfs, b"/".join(parts[:i + 1]), self.problem)
                 ns = open_dir_at(s, comp)
                 try:
-                    nd, _ident, _made = make_dir(d, comp, final_of(node, self.meta))
+                    nd, _st, _made = make_dir(d, comp, final_of(node, self.meta))
                 except BaseException:
                     os.close(ns)
                     raise
@@ -188,7 +188,7 @@ class TreeCopier:
         node = _node(s, name, st, self.ntfs, path, self.problem)
         shared = True  # the target may be anybody's
         if node.type == NodeType.DIR:
-            nd, _ident, _made = make_dir(d, name, final_of(node, self.meta))
+            nd, _st, _made = make_dir(d, name, final_of(node, self.meta))
             self.stats.dirs += 1
             return open_dir_at(s, name), nd, node
         if node.type != NodeType.FILE:

@@ -235,7 +235,7 @@ class RegularFiles:
                                        pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
                 if self._ntfs is not None:
                     self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
-                for m in apply_node_meta(fd, node, self._meta):
+                for m in apply_node_meta(fd, node, self._meta, made=parent.made):
                     self.log.problem(relpath, "metadata", m)
                 if self.opts.verify:
                     n, bad = verify_fd(self.repo, fd, node.size, expect)

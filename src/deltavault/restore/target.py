@@ -71,8 +71,10 @@ def final_of(node: Node, opts: MetaOptions) -> tuple[int, int | None]:
     return node.mode, node.gid if opts.owner else None
 
 
-def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False) -> list[str]:
+def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False,
+                    made: MadeIn | None = None) -> list[str]:
     """Metadata of ``node`` onto the object ``fd`` (an open fd, or an ``O_PATH`` handle).
+    ``made``: ``fd`` was just created by this run in a directory it made, which gave it that.
     Returns what could not be applied."""
     probs = ApplyProblems([])
     if node.type == NodeType.SYMLINK:
@@ -83,21 +85,24 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = file_mode(node, opts)
     # An ACL the snapshot's entry lacks was inherited from a default ACL of the directory it
     # was made in, which another user may have planted: it goes (symlinks have none).
+    owner = opts.owner and (made is None or made.owner != (node.uid, node.gid))
+    inherited = node.type != NodeType.SYMLINK and (made is None or made.acl)
     apply_meta_fd(fd, probs, mode=mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
-                  mtime_ns=node.mtime, xattrs=node.xattrs, owner=opts.owner, handle=handle,
-                  drop_xattr=None if node.type == NodeType.SYMLINK else ACL_XATTRS.__contains__)
+                  mtime_ns=node.mtime, xattrs=node.xattrs, owner=owner, handle=handle,
+                  drop_xattr=ACL_XATTRS.__contains__ if inherited else None)
     if opts.last is not None and node.win is not None:
         probs.messages.extend(opts.last(fd, node, handle))
     return probs.messages
 
 
-def make_dir(parent: int, name: bytes, final: tuple[int, int | None] | None = None) -> tuple[int, Identity, bool]:
+def make_dir(parent: int, name: bytes,
+             final: tuple[int, int | None] | None = None) -> tuple[int, os.stat_result, bool]:
     """The directory ``name`` in ``parent``, made 0700 (nobody else may enter it until its
     metadata is set, last) or, when one is already there, that one, made ours and 0700 the
     same way (``fs.meta.take_dir``) when others may have made or reach it, or it lets group
     or others further in than its ``final`` (mode, gid: None for left as it is) will
     (``fs.meta.widens``); anything else in the way is removed first. Returns its fd, its
-    identity and whether this call made it. A directory this call made must still be ours
+    fstat and whether this call made it. A directory this call made must still be ours
     when opened: another user cannot make one owned by us, so a swap is ``Replaced``."""
     made = True
     try:
@@ -120,7 +125,32 @@ def make_dir(parent: int, name: bytes, final: tuple[int, int | None] | None = No
     except BaseException:
         os.close(fd)
         raise
-    return fd, identity(st), made
+    return fd, st, made
+
+
+@dataclass(frozen=True, slots=True)
+class MadeIn:
+    """What a file made in a directory this run made (0700, ours: nobody else can change
+    its group or ACLs meanwhile) is given by the file system: its owner, None where not
+    known for certain, and whether the directory's default ACL gives it an ACL. Metadata
+    that is already so is not set again: flistxattr and fchown per file were a twentieth
+    of a restore's walk, on its critical path (py-spy, issue #17)."""
+
+    owner: tuple[int, int] | None
+    acl: bool
+
+
+def made_in(fd: int, st: os.stat_result) -> MadeIn:
+    """``MadeIn`` of the directory ``fd`` (``st``: its fstat), which make_dir just made."""
+    # A new file's group is the directory's where it is setgid (or the file system is
+    # mounted grpid), else ours: where the two agree it is known.
+    gid = st.st_gid if st.st_mode & stat.S_ISGID or st.st_gid == os.getegid() else None
+    try:
+        os.getxattr(fd, ACL_XATTRS[1])
+        acl = True
+    except OSError as exc:
+        acl = exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)  # else: not known, so listed
+    return MadeIn(None if gid is None else (st.st_uid, gid), acl)
 
 
 
