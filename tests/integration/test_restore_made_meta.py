@@ -130,7 +130,8 @@ def test_file_capabilities_survive_the_owner_being_set(cli: Cli, tmp_path: Path)
 @needs_tools("strace")
 def test_files_made_in_directories_made_are_not_given_what_they_have(cli: Cli, tmp_path: Path) -> None:
     """A file made in a directory the restore made already has the owner the file system
-    gives it and no ACL the directory did not pass on: no fchown, no flistxattr for it
+    gives it, the mode it was created with and no ACL the directory did not pass on: no
+    fchown, fchmod or flistxattr for it
     (they were a twentieth of an S3 restore's walk, issue #17), and it still ends as the
     snapshot has it (the tests above: setgid target, default ACL)."""
     src = tmp_path / "src"
@@ -145,9 +146,10 @@ def test_files_made_in_directories_made_are_not_given_what_they_have(cli: Cli, t
     want = _meta(src)
     trace = tmp_path / "trace"
     target = tmp_path / "target"
-    p = subprocess.run(["strace", "-f", "-qq", "-e", "trace=flistxattr,fchown", "-o", str(trace),
-                        sys.executable, "-m", "deltavault", "restore", "latest", "--target", str(target)],
-                       env=cli.env, capture_output=True, text=True, timeout=300)
+    with _umask(0o022):
+        p = subprocess.run(["strace", "-f", "-qq", "-e", "trace=flistxattr,fchown,fchmod", "-o", str(trace),
+                            sys.executable, "-m", "deltavault", "restore", "latest", "--target", str(target)],
+                           env=cli.env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert _meta(target / "src") == want
     calls = trace.read_text().splitlines()
@@ -155,3 +157,4 @@ def test_files_made_in_directories_made_are_not_given_what_they_have(cli: Cli, t
     # one file whose owner differs
     assert len([c for c in calls if "flistxattr(" in c]) <= 3, calls
     assert len([c for c in calls if "fchown(" in c]) <= 4, calls
+    assert len([c for c in calls if "fchmod(" in c]) <= 3, calls  # created with their modes

@@ -29,6 +29,7 @@ from deltavault.restore.target import (
     LinkSources,
     MetaOptions,
     apply_node_meta,
+    file_mode,
     install,
     temp_name,
     unlink_quiet,
@@ -228,14 +229,15 @@ class RegularFiles:
     def _write_file(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
                     key: tuple[int, int] | None) -> None:
         tmp = temp_name(node.name)
-        fd = os.open(tmp, _FILE_FLAGS, 0o600, dir_fd=parent.fd)
+        made, mode = parent.made, file_mode(node, self._meta)
+        fd = os.open(tmp, _FILE_FLAGS, mode if made is not None and made.exact(mode) else 0o600, dir_fd=parent.fd)
         try:
             try:
                 expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify,
                                        pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
                 if self._ntfs is not None:
                     self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
-                for m in apply_node_meta(fd, node, self._meta, made=parent.made):
+                for m in apply_node_meta(fd, node, self._meta, made=made):
                     self.log.problem(relpath, "metadata", m)
                 if self.opts.verify:
                     n, bad = verify_fd(self.repo, fd, node.size, expect)

@@ -85,6 +85,8 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = file_mode(node, opts)
     # An ACL the snapshot's entry lacks was inherited from a default ACL of the directory it
     # was made in, which another user may have planted: it goes (symlinks have none).
+    if made is not None and mode is not None and made.exact(mode):
+        mode = None  # created so (regular.py)
     owner = opts.owner and (made is None or made.owner != (node.uid, node.gid))
     inherited = node.type != NodeType.SYMLINK and (made is None or made.acl)
     apply_meta_fd(fd, probs, mode=mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
@@ -134,10 +136,35 @@ class MadeIn:
     its group or ACLs meanwhile) is given by the file system: its owner, None where not
     known for certain, and whether the directory's default ACL gives it an ACL. Metadata
     that is already so is not set again: flistxattr and fchown per file were a twentieth
-    of a restore's walk, on its critical path (py-spy, issue #17)."""
+    of a restore's walk, on its critical path (py-spy, issue #17). ``umask``: the process's,
+    None where not known."""
 
     owner: tuple[int, int] | None
     acl: bool
+    umask: int | None = None
+
+    def exact(self, final: int) -> bool:
+        """Whether a file created with mode ``final`` comes out with it, and so needs no
+        chmod (nobody else can reach the directory to read it meanwhile): not with bits the
+        umask clears, nor set-id bits, which chown clears, nor where a default ACL makes
+        the mode the ACL's mask. Otherwise it is created 0600 and chmodded."""
+        return self.umask is not None and not self.acl and not final & ~0o777 and not final & self.umask
+
+
+def _umask() -> int | None:
+    """The process's umask, read without setting it (os.umask would change it for every
+    thread meanwhile): Linux's /proc/self/status, 4.7 and later."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_UMASK: list[int | None] = []  # read once: nothing in a run changes it
 
 
 def made_in(fd: int, st: os.stat_result) -> MadeIn:
@@ -150,7 +177,9 @@ def made_in(fd: int, st: os.stat_result) -> MadeIn:
         acl = True
     except OSError as exc:
         acl = exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)  # else: not known, so listed
-    return MadeIn(None if gid is None else (st.st_uid, gid), acl)
+    if not _UMASK:
+        _UMASK.append(_umask())
+    return MadeIn(None if gid is None else (st.st_uid, gid), acl, _UMASK[0])
 
 
 
