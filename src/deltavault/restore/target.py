@@ -147,8 +147,11 @@ class MadeIn:
         """Whether a file created with mode ``final`` comes out with it, and so needs no
         chmod (nobody else can reach the directory to read it meanwhile): not with bits the
         umask clears, nor set-id bits, which chown clears, nor where a default ACL makes
-        the mode the ACL's mask. Otherwise it is created 0600 and chmodded."""
-        return self.umask is not None and not self.acl and not final & ~0o777 and not final & self.umask
+        the mode the ACL's mask, nor without read and write for us (NTFS streams are
+        written by name, after the content: a 0444 file would refuse them to a user other
+        than root). Otherwise it is created 0600 and chmodded."""
+        return (self.umask is not None and not self.acl and final & 0o600 == 0o600 and not final & ~0o777
+                and not final & self.umask)
 
 
 def _umask() -> int | None:
