@@ -18,6 +18,7 @@ import pytest
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli, needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody
+from tests.loopdev import loop, mounted, run
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
@@ -158,3 +159,27 @@ def test_files_made_in_directories_made_are_not_given_what_they_have(cli: Cli, t
     assert len([c for c in calls if "flistxattr(" in c]) <= 3, calls
     assert len([c for c in calls if "fchown(" in c]) <= 4, calls
     assert len([c for c in calls if "fchmod(" in c]) <= 3, calls  # created with their modes
+
+
+@pytest.mark.parametrize("fs,option", [("ext4", "grpid"), ("ext4", "bsdgroups"), ("xfs", "grpid")])
+def test_owners_are_the_snapshots_on_a_file_system_mounted_grpid(cli: Cli, tmp_path: Path, fs: str,
+                                                                 option: str) -> None:
+    """Mounted grpid (bsdgroups), a new entry takes its directory's group without the setgid
+    bit: the directories the restore makes get the target's group (4242), and so do the
+    files made in them, which must still end with the snapshot's group."""
+    want = _backup(cli, tmp_path / "src")
+    mkfs = ["mkfs.ext4", "-q", "-F"] if fs == "ext4" else ["mkfs.xfs", "-q", "-f"]
+    img = tmp_path / "fs.img"
+    run("truncate", "-s", "320M", str(img))
+    run(*mkfs, str(img))
+    with loop(img) as dev, mounted(dev, tmp_path / "mnt", "-o", option) as mnt:
+        target = mnt / "target"
+        target.mkdir()
+        os.chown(target, 0, 4242)
+        probe = target / "probe"
+        probe.mkdir()
+        assert probe.stat().st_gid == 4242 and not probe.stat().st_mode & stat.S_ISGID  # the option holds
+        probe.rmdir()
+        r = cli("restore", "latest", "--target", str(target))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _meta(target / "src") == want

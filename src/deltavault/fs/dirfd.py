@@ -109,7 +109,17 @@ def made_by_us(st: os.stat_result, probe: Callable[[], int] | None) -> bool:
     ``uid=``): then ``probe`` (see ``new_entry_owner``) tells which, and only when asked."""
     if st.st_uid == os.geteuid():
         return True
-    return probe is not None and st.st_uid == probe()
+    if probe is None:
+        return False
+    try:
+        return st.st_uid == probe()
+    except Replaced:
+        raise
+    except OSError as exc:
+        # Not known to be ours (another user may have filled the file system to make the
+        # probe fail): refused as a swap, so that the caller leaves it alone, never removes it.
+        raise Replaced(f"owner {st.st_uid} is not ours, and the owner our entries get here is "
+                       f"unknown: {exc.strerror or exc}") from exc
 
 
 def new_entry_owner(dir_fd: int, name: bytes) -> int:

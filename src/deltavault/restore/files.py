@@ -131,7 +131,8 @@ class FileRestorer:
         self._links = LinkSources(fd)
         ntfs = NtfsTarget(fd, self.repo, self.log, verify=self.opts.verify)
         self._ntfs = ntfs
-        self._meta = self.holds.meta = MetaOptions(owner=self.opts.owner, setuid=self.opts.setuid, last=ntfs.meta)
+        self._meta = self.holds.meta = MetaOptions(owner=self.opts.owner, setuid=self.opts.setuid, last=ntfs.meta,
+                                                   unlisted_acls=ntfs.view is not None)
         files = self.files = RegularFiles(self.repo, self.opts, self.log, self.holds, self.reporter, self._meta,
                                           self._links, ntfs)
         self.reporter.start("restore")

@@ -59,6 +59,9 @@ class MetaOptions:
     setuid: bool = True  # False (--no-setuid): setuid and setgid bits are cleared on files
     # Metadata set after all the rest (fd, node, fd is an O_PATH handle): NTFS (ntfsmeta.py)
     last: Callable[[int, Node, bool], list[str]] | None = None
+    # The target's file system has ACLs it does not list (ntfs-3g with ``acl``): one an
+    # entry lacks is removed by name, as listxattr cannot show it inherited
+    unlisted_acls: bool = False
 
 
 def file_mode(node: Node, opts: MetaOptions) -> int:
@@ -89,12 +92,28 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = None  # created so (regular.py)
     owner = opts.owner and (made is None or made.owner != (node.uid, node.gid))
     inherited = node.type != NodeType.SYMLINK and (made is None or made.acl)
+    if inherited and opts.unlisted_acls:
+        _drop_unlisted_acls(fd_path(fd) if handle else fd, node, probs)
     apply_meta_fd(fd, probs, mode=mode, uid=node.uid, gid=node.gid, atime_ns=node.atime,
                   mtime_ns=node.mtime, xattrs=node.xattrs, owner=owner, handle=handle,
                   drop_xattr=ACL_XATTRS.__contains__ if inherited else None)
     if opts.last is not None and node.win is not None:
         probs.messages.extend(opts.last(fd, node, handle))
     return probs.messages
+
+
+def _drop_unlisted_acls(target: int | bytes, node: Node, probs: ApplyProblems) -> None:
+    """The ACLs ``node`` lacks, removed by name: ntfs-3g gives an ACL inherited from a default
+    ACL (which another user may have set) but lists none, so the listing never drops it."""
+    has = {name for name, _ in node.xattrs}
+    for name in ACL_XATTRS:
+        if name in has:
+            continue
+        try:
+            os.removexattr(target, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                probs.add(f"remove xattr {name.decode()}", exc)
 
 
 def make_dir(parent: int, name: bytes,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import deltavault.sync.receiver.specials as specials_mod
+import deltavault.sync.receiver.temps as temps_mod
 from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.temps import TEMP_PREFIX
@@ -99,3 +100,31 @@ def test_a_swapped_in_link_is_still_refused_where_owners_are_forced(tmp_path: Pa
         assert (after.st_mode, after.st_mtime_ns, outside.read_bytes()) == (before.st_mode, before.st_mtime_ns,
                                                                             b"not DST's\n")
         assert not (dst / "fifo").exists()
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_the_owner_is_probed_once_per_file_system_not_per_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                forced: bool) -> None:
+    """The owner a file system gives our entries is the mount's: one probe file for a run,
+    not a create, stat and unlink more for each directory, symlink and FIFO made; none
+    where the file system records creators (our entries are ours)."""
+    src = tmp_path / "src"
+    for i in range(10):
+        (src / f"d{i}").mkdir(parents=True)
+        os.mkfifo(src / f"d{i}" / "fifo", 0o640)
+        os.symlink("fifo", src / f"d{i}" / "sym")
+    real = temps_mod.new_entry_owner
+    probes: list[bytes] = []
+
+    def new_entry_owner(dir_fd: int, name: bytes) -> int:
+        probes.append(name)
+        return real(dir_fd, name)
+
+    monkeypatch.setattr(temps_mod, "new_entry_owner", new_entry_owner)
+    with ntfs(tmp_path, "dst", streams=None, options=FORCED if forced else "") as mnt:
+        dst = mnt / "mirror"
+        problems = Syncer(src, dst, SyncOptions(processes=1)).run().problems
+        assert problems == []
+        assert _temps(mnt) == []
+        assert all(stat.S_ISFIFO((dst / f"d{i}" / "fifo").lstat().st_mode) for i in range(10))
+    assert len(probes) == (1 if forced else 0), probes

@@ -8,7 +8,9 @@ name is now left alone, and the refusal is named in the log."""
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 
 import deltavault.sync.receiver.links as links_mod
 import deltavault.sync.receiver.specials as specials_mod
+from deltavault.errors import NoSpace
 from deltavault.sync.local.engine import Syncer
 from deltavault.sync.options import SyncOptions
 from deltavault.sync.receiver.temps import TEMP_PREFIX
@@ -24,6 +27,7 @@ from tests.conftest import needs_root, needs_tools
 from tests.hostileutil import fork_as_nobody
 from tests.integration.sync.conftest import write
 from tests.integration.sync.test_sync_planted import EVIL, _plant_as_nobody, _swap_as_nobody
+from tests.loopdev import run, umount
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setpriv")]
 
@@ -126,16 +130,12 @@ def test_a_swapped_temp_name_of_a_detached_copy_is_left_alone(shared_dir: Path,
     assert outside.stat().st_nlink == 2
 
 
-def test_a_special_file_swapped_right_after_it_was_made_is_refused(shared_dir: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between the mkfifo and the handle opened on it, nobody swaps the temp name for a FIFO
-    of theirs. Their entry shows their owner, not the one our entries get here (ours,
-    which the owner probe confirms): refused, left alone, and no probe file left behind."""
-    src, dst, _ = _dirs(shared_dir)
-    os.mkfifo(src / "fifo", 0o640)
+def _swap_when_made(monkeypatch: pytest.MonkeyPatch, dst: Path, then: Callable[[], None] = lambda: None) -> list[bytes]:
+    """Between a new special file's mkfifo and the handle opened on it, nobody moves it away
+    and puts their FIFO "theirs" (made here) under its temp name, then runs ``then``.
+    Returns the temp names swapped."""
     _, status = os.waitpid(fork_as_nobody(lambda: os.mkfifo(dst / "theirs", 0o666)), 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    theirs = (dst / "theirs").stat().st_ino
     real = specials_mod.created_handle
     swapped: list[bytes] = []
 
@@ -143,6 +143,7 @@ def test_a_special_file_swapped_right_after_it_was_made_is_refused(shared_dir: P
         def swap() -> None:
             os.rename(dst / os.fsdecode(tmp), dst / "stolen")
             os.rename(dst / "theirs", dst / os.fsdecode(tmp))
+            then()
 
         _, st = os.waitpid(fork_as_nobody(swap), 0)
         assert os.waitstatus_to_exitcode(st) == 0
@@ -150,7 +151,53 @@ def test_a_special_file_swapped_right_after_it_was_made_is_refused(shared_dir: P
         return real(dir_fd, tmp, fmt, *rest)
 
     monkeypatch.setattr(specials_mod, "created_handle", created_handle)
+    return swapped
+
+
+def test_a_special_file_swapped_right_after_it_was_made_is_refused(shared_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the mkfifo and the handle opened on it, nobody swaps the temp name for a FIFO
+    of theirs. Their entry shows their owner, not the one our entries get here (ours,
+    which the owner probe confirms): refused, left alone, and no probe file left behind."""
+    src, dst, _ = _dirs(shared_dir)
+    os.mkfifo(src / "fifo", 0o640)
+    swapped = _swap_when_made(monkeypatch, dst)
+    theirs = (dst / "theirs").stat().st_ino
     got = _run_refused(src, dst, shared_dir / "sync.log")
     assert list(got) == ["fifo"] and "not the entry just created" in got["fifo"]
     assert [(p.name.encode(), p.stat().st_ino) for p in dst.glob(".dv-sync-*")] == [(swapped[0], theirs)]
     assert not (dst / "fifo").exists()
+
+
+def test_a_swapped_special_file_is_left_alone_when_the_owner_probe_fails(shared_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """nobody swaps the temp name of a new FIFO for theirs, then takes the file system's last
+    inodes, so the owner probe (a file made to learn the owner our entries get) fails with
+    ENOSPC. Their entry is not known to be ours: it is left alone, as a refused swap is; the
+    probe's error used to make ``Temps.made`` unlink the temp name, deleting their entry."""
+    src, dst = shared_dir / "src", shared_dir / "dst"
+    src.mkdir()
+    dst.mkdir()
+    src.chmod(0o777)  # DST as SRC: not taken, nobody may write in it
+    os.mkfifo(src / "fifo", 0o640)
+    run("mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=64,mode=0777", "tmpfs", str(dst))
+    try:
+        def fill() -> None:
+            for i in range(1000):  # every inode left: nothing more can be made
+                try:
+                    (dst / f"fill{i}").touch()
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    return
+
+        swapped = _swap_when_made(monkeypatch, dst, fill)
+        theirs = (dst / "theirs").stat().st_ino
+        try:
+            Syncer(src, dst, SyncOptions(processes=1), log=SyncLog(shared_dir / "sync.log")).run()
+        except NoSpace:
+            pass  # the file system is full: whether the run goes on is not the point
+        assert len(swapped) == 1
+        assert [(p.name.encode(), p.stat().st_ino) for p in dst.glob(".dv-sync-*")] == [(swapped[0], theirs)]
+        assert not (dst / "fifo").exists()
+    finally:
+        umount(dst)

@@ -39,6 +39,7 @@ class Temps:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._names: set[tuple[bytes, Identity | None, bytes]] = set()
+        self._owners: dict[int, int] = {}  # st_dev -> the owner its file system gives our new entries
 
     def new(self, where: Where, name: bytes) -> bytes:
         """A temp name for ``name`` in the DST directory ``where``, registered."""
@@ -73,10 +74,20 @@ class Temps:
     def owner_probe(self, where: Where, dfd: int) -> Callable[[], int]:
         """For ``created_handle``/``created_dir``: the owner the file system gives an entry
         we make in ``dfd`` (``where``), found when asked with a probe file under a
-        registered temp name (an interrupt cannot leave it behind)."""
+        registered temp name (an interrupt cannot leave it behind). Asked only where an
+        entry's owner is not ours; once per file system (it is the mount's: ntfs-3g
+        ``uid=``, NFS root squash), not once per entry there."""
         def probe() -> int:
+            dev = os.fstat(dfd).st_dev
+            with self._lock:
+                known = self._owners.get(dev)
+            if known is not None:
+                return known
             with self.made(where, dfd, b"owner") as name:
-                return new_entry_owner(dfd, name)
+                uid = new_entry_owner(dfd, name)
+            with self._lock:
+                self._owners[dev] = uid
+            return uid
         return probe
 
     def remove_all(self, root: int) -> None:
