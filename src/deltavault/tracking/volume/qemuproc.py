@@ -68,9 +68,9 @@ def cpu_bound(timeout: float | None) -> int | None:
 
 
 def spawn(args: list[str], *, stderr: int | IO[bytes], death_signal: int = signal.SIGKILL,
-          timeout: float | None = None) -> subprocess.Popen[bytes]:
+          timeout: float | None = None, cwd: str | None = None) -> subprocess.Popen[bytes]:
     """Start a long-running qemu child (qemu-nbd); OSError if it cannot be started."""
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd,
                             preexec_fn=_child_setup(death_signal, cpu_bound(timeout)))
 
 
