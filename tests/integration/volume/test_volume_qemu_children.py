@@ -315,3 +315,14 @@ def test_an_image_named_relative_to_our_directory_is_served(tmp_path: Path, monk
     finally:
         server.stop()
     assert not os.path.exists(server.dir)
+
+
+def test_qemus_error_naming_a_path_not_in_utf_8_is_reported(tmp_path: Path) -> None:
+    """qemu-img's error names the image in its bytes: decoded strictly as UTF-8, a damaged
+    image under such a name ended in a UnicodeDecodeError (a traceback) instead of its error.
+    (backup --volume of such a name stops before, naming its state file: not qemu's part.)"""
+    img = os.path.join(os.fsencode(tmp_path), b"disk\xff.qcow2")
+    with open(img, "wb") as f:
+        f.write(b"QFI\xfb\x00\x00\x00\x09" + bytes(4096))  # a qcow2 of a version that is none
+    with pytest.raises(SourceError, match="Unsupported qcow2 version 9"):
+        image_map(os.fsdecode(img), "qcow2", 0, 4096)

@@ -81,8 +81,9 @@ def run(args: list[str], what: str, error: type[DeltavaultError], *, timeout: fl
     bound; a command that fails is returned for the caller to judge (``explained``)."""
     cpu = cpu_bound(timeout)
     try:
-        p = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                           pass_fds=fds, preexec_fn=_child_setup(signal.SIGKILL, cpu))
+        # errors="replace": qemu's messages name files in their bytes, which need not be UTF-8
+        p = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                           timeout=timeout, pass_fds=fds, preexec_fn=_child_setup(signal.SIGKILL, cpu))
     except subprocess.TimeoutExpired:
         raise error(f"{what}: did not finish within {timeout:g} s (stopped)") from None
     except OSError as exc:
