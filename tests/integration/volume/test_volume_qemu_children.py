@@ -326,3 +326,18 @@ def test_qemus_error_naming_a_path_not_in_utf_8_is_reported(tmp_path: Path) -> N
         f.write(b"QFI\xfb\x00\x00\x00\x09" + bytes(4096))  # a qcow2 of a version that is none
     with pytest.raises(SourceError, match="Unsupported qcow2 version 9"):
         image_map(os.fsdecode(img), "qcow2", 0, 4096)
+
+
+@needs_root()
+@needs_tools("prlimit", "setpriv")
+def test_a_run_under_a_lower_cpu_limit_keeps_it(cli: Cli, tmp_path: Path) -> None:
+    """Under `ulimit -t 60` (hard) a user cannot raise the limit to qemu-img's 120 s: setting
+    it failed in the child, and every image backup ended in "Exception occurred in
+    preexec_fn" (a traceback). The lower limit now stands. (Root, without CAP_SYS_RESOURCE,
+    is such a user.)"""
+    img, _ = random_image(tmp_path, "qcow2", 4 * MiB)
+    assert cli("init").returncode == 0
+    r = subprocess.run(["prlimit", "--cpu=60:60", "setpriv", "--bounding-set", "-sys_resource", "--inh-caps",
+                        "-sys_resource", sys.executable, "-m", "deltavault", *cli.options, "--json", "backup",
+                        "--volume", str(img)], env=cli.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -63,8 +63,14 @@ def _child_setup(death_signal: int, cpu: int | None) -> Callable[[], None]:
 
 
 def cpu_bound(timeout: float | None) -> int | None:
-    """The CPU seconds a child with this wall-clock timeout may use (None: no bound)."""
-    return None if timeout is None else max(1, math.ceil(timeout))
+    """The CPU seconds a child with this wall-clock timeout may use (None: no bound); never
+    above the hard limit we run under (``ulimit -t``): only root may raise it, and a failed
+    setrlimit in the child had been an exception, the run's end."""
+    if timeout is None:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    bound = max(1, math.ceil(timeout))
+    return bound if hard == resource.RLIM_INFINITY else min(bound, hard)
 
 
 def spawn(args: list[str], *, stderr: int | IO[bytes], death_signal: int = signal.SIGKILL,
