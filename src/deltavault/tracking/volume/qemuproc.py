@@ -35,8 +35,9 @@ IN_USE = "the image is in use: a running VM or another qemu-nbd holds it"
 
 # qemu's words when another process holds the image (block/file-posix.c): a bare "lock"
 # also matched "block" (node names such as '#block194' in bitmap errors) and file names.
-_LOCKED = re.compile(r'Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image'
-                     r'|Failed to lock byte \d+')
+# Only a conflict (EAGAIN) gets the hint and no errno; a file system that cannot lock (NFS
+# without lockd: "Failed to lock byte 100: No locks available") is no one holding the image.
+_LOCKED = re.compile(r'Is another process using the image|Failed to get (?:shared )?"[a-z ]+" lock(?!:)')
 
 
 def in_use(message: str) -> bool:
