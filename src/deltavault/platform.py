@@ -54,6 +54,9 @@ def release_free_memory() -> None:
         pass
 
 
+PID_MAX = 1 << 22  # the kernel's limit on pid_max (PID_MAX_LIMIT)
+
+
 def proc_start(pid: int) -> int:
     """The start time of process ``pid`` in clock ticks after boot (0 if unknown): with
     the pid, it names one process, not whichever later reuses the number."""
@@ -76,7 +79,7 @@ def _is_zombie(pid: int) -> bool:
 
 def process_alive(pid: int, start: int) -> bool:
     """Whether process ``pid``, started at ``start`` (0: any start), still runs."""
-    if pid <= 0:
+    if not 0 < pid <= PID_MAX:  # (a larger one, from a name anyone may make, overflows os.kill)
         return False
     try:
         os.kill(pid, 0)

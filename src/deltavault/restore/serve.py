@@ -100,6 +100,8 @@ def _overlay(path: str, sid: str, size: int) -> None:
     if os.path.exists(path):
         p = qemuproc.run(["qemu-img", "info", "--output=json", path], f"qemu-img info {path}", TargetError,
                          timeout=INSPECT_TIMEOUT)
+        if p.returncode != 0 and qemuproc.in_use(p.stderr):  # not to be called another's overlay
+            raise TargetError(f"cannot open the overlay {path}: {qemuproc.explained(p.stderr)}")
         info = json.loads(p.stdout) if p.returncode == 0 else {}
         if info.get("format") != "qcow2" or info.get("backing-filename") != mark:
             raise UsageError(f"the overlay {path} was not made for volume snapshot {short_id(sid)} "

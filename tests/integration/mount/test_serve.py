@@ -96,3 +96,26 @@ def test_a_port_in_use_and_a_foreign_overlay_are_refused(cli: Cli, tmp_path: Pat
     assert r.returncode == 2 and "no snapshot matches" in r.stderr
     assert leftovers() == []
     assert not os.path.exists(tmp_path / "nbd.sock")
+
+
+def test_an_overlay_another_process_holds_is_in_use_not_foreign(cli: Cli, tmp_path: Path, backed_up: Path) -> None:
+    """qemu-img info of an overlay a VM (or another serve) has open fails on its lock: that
+    had been called an overlay "not made for volume snapshot ..." (exit 2)."""
+    overlay = tmp_path / "vm-overlay.qcow2"
+    with serving(cli, "--volume", "latest", "--socket", str(tmp_path / "nbd.sock"), "--writable-overlay",
+                 str(overlay)):
+        pass
+    spec = (f"driver=qcow2,file.driver=file,file.filename={overlay},"
+            f"backing.driver=raw,backing.file.driver=file,backing.file.filename={backed_up}")
+    holder = subprocess.Popen(["qemu-io", "--image-opts", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:  # its answer to a read says it holds the overlay (write lock), as a VM would
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write(b"read 0 512\n")
+        holder.stdin.flush()
+        assert b"read 512/512 bytes" in holder.stdout.readline()
+        r = cli("serve", "--volume", "latest", "--listen", f"127.0.0.1:{free_port()}",
+                "--writable-overlay", str(overlay))
+    finally:
+        holder.communicate(b"quit\n", timeout=30)
+    assert r.returncode == 17 and "in use" in r.stderr and "not made for" not in r.stderr, r.stderr
+    assert leftovers() == []

@@ -89,10 +89,14 @@ def test_an_error_naming_a_block_node_is_not_called_in_use(cli: Cli, tmp_path: P
 def test_an_image_another_process_holds_is_in_use(cli: Cli, tmp_path: Path, fmt: str) -> None:
     img, _ = random_image(tmp_path, fmt, 8 * MiB)
     assert cli("init").returncode == 0
-    holder = subprocess.Popen(["qemu-io", "-f", fmt, str(img)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    holder = subprocess.Popen(["qemu-io", "-f", fmt, str(img)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:  # qemu-io holds the image (write lock) until its stdin closes, as a VM would
-        until(lambda: subprocess.run(["qemu-img", "info", str(img)], capture_output=True).returncode != 0,
-              "qemu-io holding the image", holder)
+        # Its answer to a read says it has the image open. (Probing with qemu-img info raced
+        # its start: an info holding the image first made qemu-io fail to take its lock.)
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write(b"read 0 512\n")
+        holder.stdin.flush()
+        assert b"read 512/512 bytes" in holder.stdout.readline()
         r = cli("--json", "backup", "--volume", str(img))
         assert r.returncode == ExitCode.SOURCE, r.stdout
         error = r.last("error")["message"]
@@ -134,6 +138,7 @@ def test_a_qemu_img_child_has_its_cpu_time_bounded(tmp_path: Path) -> None:
         assert [line.split()[3:5] for line in limits if line.startswith("Max cpu time")] == [["3", "3"]], limits
         os.kill(run.pid, signal.SIGSTOP)
         until(lambda: proc_field(child, 3) in ("Z", ""), "qemu-img killed at its CPU bound")
+        assert proc_field(child, 3) == "Z"  # died while its parent was stopped: not reaped
         assert int(proc_field(child, 52)) & 0x7F == signal.SIGKILL  # its exit status: killed
     finally:
         run.kill()  # SIGKILL ends a stopped process too
@@ -210,8 +215,8 @@ def test_only_our_own_dead_runs_socket_dirs_are_removed(tmp_path: Path, monkeypa
     from deltavault.tracking.volume import nbdsock
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    me, start = os.getpid(), proc_start(os.getpid())
-    dead = f"dv-nbd-{me}-{start + 1}-"  # our pid, another start time: a run that is gone
+    me, start, ns = os.getpid(), proc_start(os.getpid()), os.stat("/proc/self/ns/pid").st_ino
+    dead = f"dv-nbd-{me}-{start + 1}-{ns}-"  # our pid, another start time: a run that is gone
 
     def made(name: str, uid: int = os.geteuid()) -> Path:
         d = tmp_path / name
@@ -221,15 +226,118 @@ def test_only_our_own_dead_runs_socket_dirs_are_removed(tmp_path: Path, monkeypa
         return d
 
     made(dead + "ours")
-    alive = made(f"dv-nbd-{me}-{start}-alive")
+    alive = made(f"dv-nbd-{me}-{start}-{ns}-alive")
     theirs = made(dead + "theirs", 65534)
     nested = made(dead + "nested")
     (nested / "sub").mkdir()
     target = made("elsewhere")
     (tmp_path / (dead + "link")).symlink_to(target)
     legacy = made("dv-nbd-abc123")
+    unnamespaced = made(f"dv-nbd-{me}-{start + 1}-abc123")  # this version's first names
     assert nbdsock.sweep_stale() == [dead + "ours"]
     assert not (tmp_path / (dead + "ours")).exists()
-    for kept in (alive, theirs, nested, legacy):
+    for kept in (alive, theirs, nested, legacy, unnamespaced):
         assert (kept / "sock").exists(), kept
     assert (tmp_path / (dead + "link")).is_symlink() and (target / "sock").exists()
+
+
+@needs_root()
+@needs_tools("unshare")
+def test_a_live_runs_socket_dir_in_another_pid_namespace_is_kept(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run in a container sharing TMPDIR names its directory with the pid it sees (1 in a
+    new pid namespace): here that pid is another process, of another start time, so the run
+    looked gone and its live socket directory was removed."""
+    from deltavault.tracking.volume import nbdsock
+
+    code = ("import sys, tempfile; from deltavault.tracking.volume import nbdsock; "
+            "print(nbdsock.make_dir(), flush=True); sys.stdin.read()")
+    src = os.path.dirname(os.path.dirname(deltavault.__file__))
+    env = {**os.environ, "PYTHONPATH": src, "TMPDIR": str(tmp_path)}
+    inner = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert inner.stdout is not None
+        made = Path(inner.stdout.readline().strip())
+        assert made.parent == tmp_path and made.name.startswith("dv-nbd-1-"), made  # pid 1 in there
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        assert nbdsock.sweep_stale() == []
+        assert made.is_dir()
+    finally:
+        inner.communicate("", timeout=30)
+    assert inner.returncode == 0
+
+
+def test_a_socket_dir_name_with_an_impossible_pid_does_not_stop_the_run(cli: Cli, tmp_path: Path) -> None:
+    """Anyone may make a name in a shared TMPDIR: one whose pid is past what os.kill takes
+    (a C int) made every run that reads an image fail with an OverflowError."""
+    img, _ = random_image(tmp_path, "qcow2", 4 * MiB)
+    assert cli("init").returncode == 0
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    planted = tmpdir / f"dv-nbd-{1 << 40}-1-{ns}-planted"
+    planted.mkdir()
+    left = {f"dv-nbd-{10 ** 30}-1-{ns}-file", f"dv-nbd-{1 << 40}-1-nonamespace"}  # a file; no namespace
+    (tmpdir / f"dv-nbd-{10 ** 30}-1-{ns}-file").write_bytes(b"")
+    (tmpdir / f"dv-nbd-{1 << 40}-1-nonamespace").mkdir()
+    r = cli("--json", "backup", "--volume", str(img), env={"TMPDIR": str(tmpdir)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not planted.exists()  # ours, and no run can have that pid
+    assert {p.name for p in tmpdir.glob("dv-nbd-*")} == left
+
+
+def test_a_long_tmpdir_still_serves_the_image(cli: Cli, tmp_path: Path) -> None:
+    """A unix socket's path has at most 107 bytes: the socket had been $TMPDIR/dv-nbd-.../sock,
+    so a TMPDIR longer than 87 bytes (69 once the run's pid and start time were in the name)
+    failed every image backup with "UNIX socket path ... is too long"."""
+    img, _ = random_image(tmp_path, "qcow2", 4 * MiB)
+    assert cli("init").returncode == 0
+    tmpdir = tmp_path / ("t" * max(1, 110 - len(str(tmp_path))))
+    tmpdir.mkdir()
+    assert len(str(tmpdir)) >= 110
+    r = cli("--json", "backup", "--volume", str(img), env={"TMPDIR": str(tmpdir)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list(tmpdir.glob("dv-nbd-*")) == []
+
+
+def test_an_image_named_relative_to_our_directory_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-nbd runs in its socket's directory: a relative image name is ours, not its."""
+    from deltavault.tracking.volume.qemu import NbdServer
+
+    img, raw = random_image(tmp_path, "qcow2", 4 * MiB)
+    monkeypatch.chdir(tmp_path)
+    server = NbdServer(img.name, None)
+    try:
+        h = server.connect(["base:allocation"])
+        assert h.get_size() == 4 * MiB and h.pread(MiB, 0) == raw.read_bytes()[:MiB]
+        h.shutdown()
+    finally:
+        server.stop()
+    assert not os.path.exists(server.dir)
+
+
+def test_qemus_error_naming_a_path_not_in_utf_8_is_reported(tmp_path: Path) -> None:
+    """qemu-img's error names the image in its bytes: decoded strictly as UTF-8, a damaged
+    image under such a name ended in a UnicodeDecodeError (a traceback) instead of its error.
+    (backup --volume of such a name stops before, naming its state file: not qemu's part.)"""
+    img = os.path.join(os.fsencode(tmp_path), b"disk\xff.qcow2")
+    with open(img, "wb") as f:
+        f.write(b"QFI\xfb\x00\x00\x00\x09" + bytes(4096))  # a qcow2 of a version that is none
+    with pytest.raises(SourceError, match="Unsupported qcow2 version 9"):
+        image_map(os.fsdecode(img), "qcow2", 0, 4096)
+
+
+@needs_root()
+@needs_tools("prlimit", "setpriv")
+def test_a_run_under_a_lower_cpu_limit_keeps_it(cli: Cli, tmp_path: Path) -> None:
+    """Under `ulimit -t 60` (hard) a user cannot raise the limit to qemu-img's 120 s: setting
+    it failed in the child, and every image backup ended in "Exception occurred in
+    preexec_fn" (a traceback). The lower limit now stands. (Root, without CAP_SYS_RESOURCE,
+    is such a user.)"""
+    img, _ = random_image(tmp_path, "qcow2", 4 * MiB)
+    assert cli("init").returncode == 0
+    r = subprocess.run(["prlimit", "--cpu=60:60", "setpriv", "--bounding-set", "-sys_resource", "--inh-caps",
+                        "-sys_resource", sys.executable, "-m", "deltavault", *cli.options, "--json", "backup",
+                        "--volume", str(img)], env=cli.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr

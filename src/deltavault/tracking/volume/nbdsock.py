@@ -1,13 +1,15 @@
 """The private directory of a qemu-nbd's socket, and those a killed run left behind.
 
-Each is made in the temporary directory (``TMPDIR``), 0700, named ``dv-nbd-PID-START-XXXX``:
-the pid and start time (clock ticks) of the run that made it. A run that is SIGKILLed
+Each is made in the temporary directory (``TMPDIR``), 0700, named ``dv-nbd-PID-START-NS-XXXX``:
+the pid and start time (clock ticks) of the run that made it, and its pid namespace (the
+inode of /proc/self/ns/pid). A run that is SIGKILLed
 cannot remove its own (its qemu-nbd dies with it: qemuproc.py), so each run that starts a
 qemu-nbd first removes those whose run is gone. Only this user's directories are touched:
 the owner is checked on the entry itself (no symlink followed), it is opened by fd
 relative to the temporary directory and checked to be the entry seen, and emptied only of
-what qemu-nbd leaves (a socket: no directories). Names without a pid (older versions made
-them) are left alone: nothing tells whether their run still lives.
+what qemu-nbd leaves (a socket: no directories). Names of another pid namespace (a
+container sharing TMPDIR: its pid names another process here), or without one (older
+versions made them) are left alone: nothing tells whether their run still lives.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ from deltavault.fs.dirfd import identity, open_dir_checked
 from deltavault.platform import proc_start, process_alive
 
 PREFIX = "dv-nbd-"
-_NAME = re.compile(PREFIX + r"(\d+)-(\d+)-[A-Za-z0-9_]+\Z")
+_NAME = re.compile(PREFIX + r"(\d+)-(\d+)-(\d+)-[A-Za-z0-9_]+\Z")
+
+
+def _pid_namespace() -> int:
+    """Our pid namespace's inode (0 if unknown): a pid means a process only within it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def make_dir() -> str:
     """A new socket directory of this run (mkdtemp: 0700, a random name)."""
     pid = os.getpid()
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{pid}-{proc_start(pid)}-")
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{pid}-{proc_start(pid)}-{_pid_namespace()}-")
 
 
 def sweep_stale() -> list[str]:
@@ -37,11 +47,11 @@ def sweep_stale() -> list[str]:
         tmp = os.open(tempfile.gettempdir(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return []
-    removed = []
+    removed, ns = [], _pid_namespace()
     try:
         for name in os.listdir(tmp):
             m = _NAME.match(name)
-            if m and not process_alive(int(m[1]), int(m[2])):
+            if m and ns and int(m[3]) == ns and not process_alive(int(m[1]), int(m[2])):
                 with contextlib.suppress(OSError):  # raced, replaced or not ours: left alone
                     if _remove(tmp, name):
                         removed.append(name)

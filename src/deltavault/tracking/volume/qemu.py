@@ -154,14 +154,19 @@ class NbdServer:
     def __init__(self, image: str, bitmap: str | None, *, fmt: str = "qcow2") -> None:
         nbdsock.sweep_stale()  # those of runs killed before they could remove theirs
         self.dir = nbdsock.make_dir()
-        self.sock = os.path.join(self.dir, "sock")
-        args = ["qemu-nbd", "--read-only", "--persistent", "-f", fmt, "-k", self.sock]
+        # A unix socket's path has at most 107 bytes, and TMPDIR may be longer: qemu-nbd binds
+        # "sock" in its working directory (this one; it wants an absolute path), we connect
+        # through our fd of it.
+        self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.sock = f"/proc/self/fd/{self.dir_fd}/sock"
+        args = ["qemu-nbd", "--read-only", "--persistent", "-f", fmt, "-k", "/proc/self/cwd/sock"]
         if bitmap:
             args += ["-B", bitmap]
-        args.append(image)
+        args.append(image if os.path.isabs(image) else os.path.join(os.getcwd(), image))  # (its cwd is not ours)
         try:
-            self.proc = qemuproc.spawn(args, stderr=subprocess.PIPE)
+            self.proc = qemuproc.spawn(args, stderr=subprocess.PIPE, cwd=self.dir)
         except OSError as exc:
+            os.close(self.dir_fd)
             shutil.rmtree(self.dir, ignore_errors=True)
             raise SourceError(f"cannot start qemu-nbd: {exc}") from exc
 
@@ -204,6 +209,9 @@ class NbdServer:
                 self.proc.wait()
         if self.proc.stderr:
             self.proc.stderr.close()
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -35,8 +35,9 @@ IN_USE = "the image is in use: a running VM or another qemu-nbd holds it"
 
 # qemu's words when another process holds the image (block/file-posix.c): a bare "lock"
 # also matched "block" (node names such as '#block194' in bitmap errors) and file names.
-_LOCKED = re.compile(r'Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image'
-                     r'|Failed to lock byte \d+')
+# Only a conflict (EAGAIN) gets the hint and no errno; a file system that cannot lock (NFS
+# without lockd: "Failed to lock byte 100: No locks available") is no one holding the image.
+_LOCKED = re.compile(r'Is another process using the image|Failed to get (?:shared )?"[a-z ]+" lock(?!:)')
 
 
 def in_use(message: str) -> bool:
@@ -63,14 +64,20 @@ def _child_setup(death_signal: int, cpu: int | None) -> Callable[[], None]:
 
 
 def cpu_bound(timeout: float | None) -> int | None:
-    """The CPU seconds a child with this wall-clock timeout may use (None: no bound)."""
-    return None if timeout is None else max(1, math.ceil(timeout))
+    """The CPU seconds a child with this wall-clock timeout may use (None: no bound); never
+    above the hard limit we run under (``ulimit -t``): only root may raise it, and a failed
+    setrlimit in the child had been an exception, the run's end."""
+    if timeout is None:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    bound = max(1, math.ceil(timeout))
+    return bound if hard == resource.RLIM_INFINITY else min(bound, hard)
 
 
 def spawn(args: list[str], *, stderr: int | IO[bytes], death_signal: int = signal.SIGKILL,
-          timeout: float | None = None) -> subprocess.Popen[bytes]:
+          timeout: float | None = None, cwd: str | None = None) -> subprocess.Popen[bytes]:
     """Start a long-running qemu child (qemu-nbd); OSError if it cannot be started."""
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd,
                             preexec_fn=_child_setup(death_signal, cpu_bound(timeout)))
 
 
@@ -81,8 +88,9 @@ def run(args: list[str], what: str, error: type[DeltavaultError], *, timeout: fl
     bound; a command that fails is returned for the caller to judge (``explained``)."""
     cpu = cpu_bound(timeout)
     try:
-        p = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                           pass_fds=fds, preexec_fn=_child_setup(signal.SIGKILL, cpu))
+        # errors="replace": qemu's messages name files in their bytes, which need not be UTF-8
+        p = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                           timeout=timeout, pass_fds=fds, preexec_fn=_child_setup(signal.SIGKILL, cpu))
     except subprocess.TimeoutExpired:
         raise error(f"{what}: did not finish within {timeout:g} s (stopped)") from None
     except OSError as exc:
