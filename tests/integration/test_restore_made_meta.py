@@ -201,6 +201,7 @@ def _maskfs(tmp_path: Path, mask: int) -> Iterator[Path]:
                 break
             assert server.poll() is None, server.communicate()[1]
             time.sleep(0.05)
+        assert os.path.ismount(mnt), "maskfs did not mount"
         yield mnt
     finally:
         umount(mnt)
