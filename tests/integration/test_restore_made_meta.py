@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from deltavault.testing.hostile import NOBODY
 from tests.conftest import Cli, needs_root, needs_tools
 from tests.hostileutil import acl_names, as_nobody
-from tests.loopdev import loop, mounted, run
+from tests.loopdev import loop, mounted, run, umount
 
 pytestmark = [needs_root(), pytest.mark.root, needs_tools("setfacl", "setpriv")]
 
@@ -183,3 +184,46 @@ def test_owners_are_the_snapshots_on_a_file_system_mounted_grpid(cli: Cli, tmp_p
         r = cli("restore", "latest", "--target", str(target))
         assert r.returncode == 0, r.stdout + r.stderr
         assert _meta(target / "src") == want
+
+
+@contextmanager
+def _maskfs(tmp_path: Path, mask: int) -> Iterator[Path]:
+    """tests/fusefs/maskfs.py mounted at tmp_path/mnt: new files get their mode less ``mask``."""
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    server = subprocess.Popen([sys.executable, "-m", "tests.fusefs.maskfs", str(backing), str(mnt), f"{mask:o}"],
+                              env=env, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if os.path.ismount(mnt):
+                break
+            assert server.poll() is None, server.communicate()[1]
+            time.sleep(0.05)
+        assert os.path.ismount(mnt), "maskfs did not mount"
+        yield mnt
+    finally:
+        umount(mnt)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_modes_are_the_snapshots_where_the_file_system_masks_new_files(cli: Cli, tmp_path: Path) -> None:
+    """A file system may give a new file less than mode & ~umask (an sshfs server's own
+    umask, an NFS or ZFS server's inherited ACL) and still take chmod: a file created with
+    its final mode, its chmod skipped, kept what the file system gave it (0600, not 0644)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for name, mode in (("f644", 0o644), ("f755", 0o755), ("f600", 0o600)):
+        (src / "d" / name).write_bytes(name.encode())
+        (src / "d" / name).chmod(mode)
+    assert cli("init").returncode == 0 and cli("backup", str(src)).returncode == 0
+    with _maskfs(tmp_path, 0o077) as mnt, _umask(0o022):
+        r = cli("restore", "latest", "--target", str(mnt / "target"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = {n: stat.S_IMODE((mnt / "target" / "src" / "d" / n).stat().st_mode) for n in ("f644", "f755", "f600")}
+    assert got == {"f644": 0o644, "f755": 0o755, "f600": 0o600}

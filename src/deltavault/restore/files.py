@@ -51,6 +51,7 @@ from deltavault.restore.target import (
     made_in,
     make_dir,
     place_special,
+    read_umask,
 )
 
 # Directory fds the walk keeps open at most (besides those with files in flight), so any
@@ -117,6 +118,7 @@ class FileRestorer:
         self._excluded = Excluded(options.exclude, options.paths)
         self._links: LinkSources | None = None
         self._ntfs: NtfsTarget | None = None  # set by run, once the target is open
+        self._umask: int | None = None  # set by run: what files are created with (target.MadeIn)
         self.files: RegularFiles | None = None  # set by run, once the target is open
 
     # ------------------------------------------------------------------ entry
@@ -128,6 +130,7 @@ class FileRestorer:
     def _run(self, target: TargetRoot, root_tree: bytes) -> RestoreStats:
         fd = target.fd
         root = Dir(fd, identity(os.fstat(fd)), b"", None, None, fresh=False)
+        self._umask = read_umask()
         self._links = LinkSources(fd)
         ntfs = NtfsTarget(fd, self.repo, self.log, verify=self.opts.verify)
         self._ntfs = ntfs
@@ -311,7 +314,7 @@ class FileRestorer:
             self.holds.opened()
             sub = Dir(fd, identity(dst), relpath, node, parent, fresh=made)
             if made:
-                sub.made = made_in(fd, dst)
+                sub.made = made_in(fd, dst, self._umask)
             if self._ntfs is not None:  # its named streams ("dir:stream"), before its times are set, last
                 self._ntfs.streams(parent.fd, node.name, fd, node, relpath)
             self.holds.hold(parent)

@@ -9,6 +9,7 @@ its content and metadata through its own fd, and renamed into place (target.py).
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -229,15 +230,19 @@ class RegularFiles:
     def _write_file(self, parent: Dir, relpath: bytes, node: Node, loaded: dict[bytes, bytes],
                     key: tuple[int, int] | None) -> None:
         tmp = temp_name(node.name)
-        made, mode = parent.made, file_mode(node, self._meta)
-        fd = os.open(tmp, _FILE_FLAGS, mode if made is not None and made.exact(mode) else 0o600, dir_fd=parent.fd)
+        mode = file_mode(node, self._meta)
+        exact = parent.made is not None and parent.made.exact(mode)
+        fd = os.open(tmp, _FILE_FLAGS, mode if exact else 0o600, dir_fd=parent.fd)
         try:
             try:
+                # The file system may give less than mode & ~umask (an sshfs server's umask, an
+                # NFS server's inherited ACL): then it is chmodded. (fstat: cheaper than fchmod.)
+                exact = exact and stat.S_IMODE(os.fstat(fd).st_mode) == mode
                 expect = write_content(self.repo, fd, node, loaded, digests=self.opts.verify,
                                        pool=self._segments, window=max(2, self.opts.workers) + 1, fresh=True)
                 if self._ntfs is not None:
                     self._ntfs.streams(parent.fd, tmp, fd, node, relpath)
-                for m in apply_node_meta(fd, node, self._meta, made=made):
+                for m in apply_node_meta(fd, node, self._meta, made=parent.made, moded=exact):
                     self.log.problem(relpath, "metadata", m)
                 if self.opts.verify:
                     n, bad = verify_fd(self.repo, fd, node.size, expect)

@@ -75,9 +75,10 @@ def final_of(node: Node, opts: MetaOptions) -> tuple[int, int | None]:
 
 
 def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = False,
-                    made: MadeIn | None = None) -> list[str]:
+                    made: MadeIn | None = None, moded: bool = False) -> list[str]:
     """Metadata of ``node`` onto the object ``fd`` (an open fd, or an ``O_PATH`` handle).
     ``made``: ``fd`` was just created by this run in a directory it made, which gave it that.
+    ``moded``: it was created with its final mode and has it (``MadeIn.exact``, checked).
     Returns what could not be applied."""
     probs = ApplyProblems([])
     if node.type == NodeType.SYMLINK:
@@ -88,7 +89,7 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = file_mode(node, opts)
     # An ACL the snapshot's entry lacks was inherited from a default ACL of the directory it
     # was made in, which another user may have planted: it goes (symlinks have none).
-    if made is not None and mode is not None and made.exact(mode):
+    if moded:
         mode = None  # created so (regular.py)
     owner = opts.owner and (made is None or made.owner != (node.uid, node.gid))
     inherited = node.type != NodeType.SYMLINK and (made is None or made.acl)
@@ -173,9 +174,10 @@ class MadeIn:
                 and not final & self.umask)
 
 
-def _umask() -> int | None:
+def read_umask() -> int | None:
     """The process's umask, read without setting it (os.umask would change it for every
-    thread meanwhile): Linux's /proc/self/status, 4.7 and later."""
+    thread meanwhile): Linux's /proc/self/status, 4.7 and later. Read once per run (its
+    files are created with it), not once per process, whose umask may change between runs."""
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
@@ -186,11 +188,9 @@ def _umask() -> int | None:
     return None
 
 
-_UMASK: list[int | None] = []  # read once: nothing in a run changes it
-
-
-def made_in(fd: int, st: os.stat_result) -> MadeIn:
-    """``MadeIn`` of the directory ``fd`` (``st``: its fstat), which make_dir just made."""
+def made_in(fd: int, st: os.stat_result, umask: int | None) -> MadeIn:
+    """``MadeIn`` of the directory ``fd`` (``st``: its fstat), which make_dir just made;
+    ``umask``: the run's (``read_umask``)."""
     # A new file's group is the directory's where it is setgid (or the file system is
     # mounted grpid), else ours: where the two agree it is known.
     gid = st.st_gid if st.st_mode & stat.S_ISGID or st.st_gid == os.getegid() else None
@@ -199,9 +199,7 @@ def made_in(fd: int, st: os.stat_result) -> MadeIn:
         acl = True
     except OSError as exc:
         acl = exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)  # else: not known, so listed
-    if not _UMASK:
-        _UMASK.append(_umask())
-    return MadeIn(None if gid is None else (st.st_uid, gid), acl, _UMASK[0])
+    return MadeIn(None if gid is None else (st.st_uid, gid), acl, umask)
 
 
 
