@@ -8,9 +8,12 @@ access here, restore's conversion and serve), so every child is bounded alike.
   serve's FUSE mount runs on a thread of its own, qemu-nbd is started from the main one),
   whose end is the process's. A child started from a thread that ends first would be killed
   then.
-- A command given a wall-clock ``timeout`` also gets as many seconds of CPU time
-  (``RLIMIT_CPU``, soft and hard alike: SIGKILL at the bound), so a hostile image cannot
-  make it spin beyond the bound even when we cannot stop it (stopped, or gone).
+- A command given a wall-clock ``timeout`` also gets that many seconds of CPU time and one
+  more (``RLIMIT_CPU``, soft and hard alike: SIGKILL at the bound), so a hostile image cannot
+  make it spin beyond the bound even when we cannot stop it (stopped, or gone). The second
+  more lets a child spinning on one thread meet its deadline first, with that reason: at
+  the same bound, which came first was a race (CI: "killed (signal 9)" where the test
+  expected "did not finish within 2 s").
 - Its error is "in use" only when qemu says it could not take the image's lock.
 """
 
@@ -70,7 +73,7 @@ def cpu_bound(timeout: float | None) -> int | None:
     if timeout is None:
         return None
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    bound = max(1, math.ceil(timeout))
+    bound = max(1, math.ceil(timeout)) + 1
     return bound if hard == resource.RLIM_INFINITY else min(bound, hard)
 
 
