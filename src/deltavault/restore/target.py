@@ -87,11 +87,11 @@ def apply_node_meta(fd: int, node: Node, opts: MetaOptions, *, handle: bool = Fa
         mode = node.mode
     else:
         mode = file_mode(node, opts)
-    # An ACL the snapshot's entry lacks was inherited from a default ACL of the directory it
-    # was made in, which another user may have planted: it goes (symlinks have none).
     if moded:
         mode = None  # created so (regular.py)
     owner = opts.owner and (made is None or made.owner != (node.uid, node.gid))
+    # An ACL the snapshot's entry lacks was inherited from a default ACL of the directory it
+    # was made in, which another user may have planted: it goes (symlinks have none).
     inherited = node.type != NodeType.SYMLINK and (made is None or made.acl)
     if inherited and opts.unlisted_acls:
         _drop_unlisted_acls(fd_path(fd) if handle else fd, node, probs)
